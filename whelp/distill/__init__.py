@@ -1,0 +1,1 @@
+"""Distillation: chunked KD losses, teacher-logit cache, training loop."""

