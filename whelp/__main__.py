@@ -1,0 +1,3 @@
+from whelp.cli import app
+
+app(prog_name="whelp")

@@ -1,0 +1,104 @@
+"""Process-group setup and the FSDP2 wrapping of the student for ``torchrun`` launches.
+
+One process (plain ``python``/``whelp``) runs unchanged: no process group, no sharding. Under
+``torchrun --nproc_per_node N`` (``WORLD_SIZE`` > 1) the student's decoder layers and the root are
+sharded with FSDP2 (``fully_shard``); live teachers are frozen and replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from whelp.errors import WhelpError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    device: torch.device
+    owns_group: bool  # this run created the process group and destroys it at the end
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world() -> World:
+    """Join the torchrun process group if launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if size == 1:
+        return World(0, 1, device, owns_group=False)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), device, owns_group=owns)
+
+
+def close_world(world: World) -> None:
+    if world.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(world: World, values: torch.Tensor) -> torch.Tensor:
+    """Sum a float64 tensor over ranks (identity on one process)."""
+    if world.size > 1:
+        values = values.to(world.device)
+        dist.all_reduce(values)
+    return values.cpu()
+
+
+class KDStudent(torch.nn.Module):
+    """The student whose forward ends in the fused KD loss instead of logits.
+
+    FSDP2 unshards the root's parameters (embeddings, final norm, lm_head) in the root module's
+    forward hooks; routing hidden states -> loss through this forward keeps the lm_head weight
+    unsharded while ``kd_loss`` uses it and its gradient reduce-scattered afterwards. With
+    ``kd=None`` the forward returns the plain HF output (logits), used by held-out perplexity.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    def forward(self, input_ids: torch.Tensor, kd: dict | None = None):
+        if kd is None:
+            return self.lm(input_ids=input_ids)
+        from whelp.distill.losses import kd_loss
+
+        hidden = self.lm.model(input_ids=input_ids).last_hidden_state.flatten(0, 1)  # [N, Hs]
+        result = kd_loss(hidden, self.lm.get_output_embeddings().weight, **kd)
+        per_teacher = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach() for v in result.per_teacher])
+        ce = torch.as_tensor(0.0 if result.ce is None else result.ce, dtype=torch.float64).detach()
+        return result.loss, per_teacher.cpu(), ce.cpu()
+
+
+def shard_student(student: KDStudent, world: World) -> KDStudent:
+    """FSDP2: shard every decoder layer, then the root (which holds embeddings, norm and a tied lm_head)."""
+    if world.size == 1:
+        return student
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(student.lm, "model", None), "layers", None)
+    if layers is None:
+        raise WhelpError(f"{type(student.lm).__name__} has no .model.layers: FSDP2 sharding supports decoder-only "
+                         "models laid out like Llama; run on one process instead")
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    return student

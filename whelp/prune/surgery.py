@@ -1,0 +1,203 @@
+"""Structured surgery as a pure function on state-dict entries, plus the one place the config changes.
+
+``slice_tensor`` maps ONE source tensor to its target entries, so the same code prunes an
+in-memory model (apply to every entry of ``state_dict()``) and streams shard to shard
+(streaming.py). Index conventions follow HF ``repeat_kv``: query head ``h = g * n_rep + r`` belongs
+to KV head ``g``; row ``h * head_dim + j`` of ``q_proj`` is dimension ``j`` of head ``h``.
+
+RoPE-exact head_dim (DESIGN.md 3): HF rotates dim ``j`` with ``j + d/2`` at frequency
+``theta^(-2j/d)``. Keeping pairs ``j = s*k`` (``s = d/d'``) gives the new pair ``k`` frequency
+``theta^(-2k/d')`` = the old one, so the target's own rotary embedding reproduces the original
+rotation exactly (llama3 scaling included: it depends only on the frequency). The logits
+``q.k / sqrt(d)`` restricted to the kept dims are kept by scaling the kept q rows by
+``sqrt(d'/d)`` (the target divides by ``sqrt(d')``); with per-head q_norm (Qwen3) the scale goes
+into ``q_norm.weight`` instead, since the norm would cancel it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from whelp.errors import WhelpError
+from whelp.prune.arch import Family, axes_of
+
+TIE_CHOICES = ("embedding", "lm_head", "mean")
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Kept source indices per axis, all sorted ascending (so kept structures keep their order).
+
+    layers:   kept source layer indices; target layer ``i`` is source layer ``layers[i]``.
+    hidden:   LongTensor [H'] kept residual channels.
+    mlp:      one LongTensor [I'] per KEPT layer.
+    kv_heads: one LongTensor [G'] per kept layer (source KV head ids).
+    q_heads:  one LongTensor [G', Q'] per kept layer: kept query heads within each kept KV group
+              (``0 <= r < n_rep``), the same count Q' per group.
+    head_dims: LongTensor [d'] kept dims within a head (RoPE-exact: pairs s*k and s*k + d/2).
+    tie:      "embedding" | "lm_head" | "mean" when an untied teacher becomes tied, else None.
+    """
+
+    layers: tuple[int, ...]
+    hidden: Tensor
+    mlp: tuple[Tensor, ...]
+    kv_heads: tuple[Tensor, ...]
+    q_heads: tuple[Tensor, ...]
+    head_dims: Tensor
+    tie: str | None = None
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def head_dim_of(config) -> int:
+    cfg = text_config(config)
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def rope_exact_dims(head_dim: int, target_head_dim: int) -> Tensor:
+    """Dims kept when shrinking head_dim d -> d' with RoPE intact: {s*k} then {s*k + d/2}, k < d'/2."""
+    if target_head_dim > head_dim or head_dim % target_head_dim or target_head_dim % 2:
+        raise WhelpError(f"head_dim {head_dim} -> {target_head_dim} is not RoPE-exact: the target must be an even "
+                         f"divisor of {head_dim} (e.g. {head_dim // 2}); choose head_dim = {head_dim}/s for integer s")
+    s = head_dim // target_head_dim
+    first = torch.arange(0, head_dim // 2, s)
+    return torch.cat([first, first + head_dim // 2])
+
+
+def identity_keep(config) -> Keep:
+    """The Keep of a no-op prune: every index of every axis."""
+    cfg = text_config(config)
+    kv, n_rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    layers = tuple(range(cfg.num_hidden_layers))
+    return Keep(layers=layers, hidden=torch.arange(cfg.hidden_size),
+                mlp=tuple(torch.arange(cfg.intermediate_size) for _ in layers),
+                kv_heads=tuple(torch.arange(kv) for _ in layers),
+                q_heads=tuple(torch.arange(n_rep).repeat(kv, 1) for _ in layers),
+                head_dims=torch.arange(head_dim_of(cfg)))
+
+
+def q_rows(kv_heads: Tensor, q_heads: Tensor, n_rep: int, head_dims: Tensor, head_dim: int) -> Tensor:
+    """Source q_proj rows (= o_proj columns) of the kept heads, in target order: LongTensor [G'*Q'*d']."""
+    heads = (kv_heads[:, None] * n_rep + q_heads).reshape(-1)
+    return (heads[:, None] * head_dim + head_dims[None, :]).reshape(-1)
+
+
+def kv_rows(kv_heads: Tensor, head_dims: Tensor, head_dim: int) -> Tensor:
+    """Source k/v_proj rows of the kept KV heads: LongTensor [G'*d']."""
+    return (kv_heads[:, None] * head_dim + head_dims[None, :]).reshape(-1)
+
+
+def _axis_index(axis: str, layer: int | None, keep: Keep, source_cfg) -> Tensor | None:
+    cfg = text_config(source_cfg)
+    if axis == "vocab":
+        return None
+    if axis == "hidden":
+        return keep.hidden
+    if axis == "head_dim":
+        return keep.head_dims
+    i = keep.layers.index(layer)
+    if axis == "mlp":
+        return keep.mlp[i]
+    d = head_dim_of(cfg)
+    if axis == "kv":
+        return kv_rows(keep.kv_heads[i], keep.head_dims, d)
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    return q_rows(keep.kv_heads[i], keep.q_heads[i], n_rep, keep.head_dims, d)
+
+
+def _slice(tensor: Tensor, indices: list[Tensor | None]) -> Tensor:
+    for dim, index in enumerate(indices):
+        if index is not None:
+            tensor = tensor.index_select(dim, index.to(tensor.device))
+    return tensor.contiguous()
+
+
+def slice_tensor(name: str, tensor: Tensor, keep: Keep, family: Family, source_cfg, target_cfg) -> dict[str, Tensor]:
+    """One source state-dict entry -> its target entries (empty for a dropped layer).
+
+    Embeddings: with ``keep.tie`` set, the embedding and lm_head are both returned sliced under
+    their own names; ``tie_embeddings`` then merges them (the "mean" choice needs both).
+    """
+    try:
+        layer, suffix, axes = axes_of(name, family)
+    except KeyError:
+        raise WhelpError(f"tensor '{name}' is not in the {family.name} table of whelp/prune/arch.py; "
+                         "this checkpoint's layout differs from the family it claims") from None
+    if layer is not None and layer not in keep.layers:
+        return {}
+    out = _slice(tensor, [_axis_index(axis, layer, keep, source_cfg) for axis in axes])
+    d, d_new = head_dim_of(source_cfg), head_dim_of(target_cfg)
+    scaled = f"{family.q_norm}.weight" if family.q_norm else (f"{family.q_proj}.weight", f"{family.q_proj}.bias")
+    if d_new != d and layer is not None and suffix in scaled:
+        out = out * math.sqrt(d_new / d)
+    if layer is not None:
+        name = f"{family.layers}.{keep.layers.index(layer)}.{suffix}"
+    return {name: out}
+
+
+def tie_embeddings(embedding: Tensor, lm_head: Tensor, how: str) -> Tensor:
+    """The one matrix [V, H'] an untied teacher's embedding and lm_head become when tied."""
+    if how == "embedding":
+        return embedding
+    if how == "lm_head":
+        return lm_head
+    if how == "mean":
+        return (embedding + lm_head) / 2
+    raise WhelpError(f"unknown tie init '{how}'; choose one of {', '.join(TIE_CHOICES)}")
+
+
+def prune_state_dict(state: dict[str, Tensor], keep: Keep, family: Family, source_cfg, target_cfg) -> dict[str, Tensor]:
+    """``slice_tensor`` over a whole state dict; tied targets get one shared embedding matrix."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        out.update(slice_tensor(name, tensor, keep, family, source_cfg, target_cfg))
+    if text_config(target_cfg).tie_word_embeddings:
+        how = keep.tie or "embedding"
+        shared = tie_embeddings(out[family.embed], out.get(family.lm_head, out[family.embed]), how)
+        out[family.embed] = out[family.lm_head] = shared
+    return out
+
+
+def target_config(source_cfg, keep: Keep, rope_parameters: dict | None = None):
+    """The target HF config: the source config with every pruned axis (and optionally RoPE) updated.
+
+    ``rope_parameters`` None keeps the teacher's RoPE (policy "teacher"); a dict replaces it
+    (policy "target", e.g. the llama3 factor 8 -> 32 of Llama 3.2).
+    """
+    cfg = copy.deepcopy(text_config(source_cfg))
+    q_per_group = keep.q_heads[0].shape[1] if keep.q_heads else cfg.num_attention_heads // cfg.num_key_value_heads
+    kv = len(keep.kv_heads[0]) if keep.kv_heads else cfg.num_key_value_heads
+    cfg.num_hidden_layers = len(keep.layers)
+    cfg.hidden_size = len(keep.hidden)
+    cfg.intermediate_size = len(keep.mlp[0]) if keep.mlp else cfg.intermediate_size
+    cfg.num_key_value_heads = kv
+    cfg.num_attention_heads = kv * q_per_group
+    cfg.head_dim = len(keep.head_dims)
+    if keep.tie is not None:
+        cfg.tie_word_embeddings = True
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[i] for i in keep.layers]
+    if rope_parameters is not None:
+        cfg.rope_parameters = copy.deepcopy(rope_parameters)
+    return cfg
+
+
+def prune_model(model, keep: Keep, family: Family, target_cfg):
+    """A new fp32/bf16 model of ``target_cfg`` holding the sliced weights of ``model`` (strict load)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    state = prune_state_dict(model.state_dict(), keep, family, model.config, target_cfg)
+    with no_init_weights():  # every parameter is overwritten below; random init would only cost time
+        pruned = AutoModelForCausalLM.from_config(target_cfg, dtype=model.dtype)
+    pruned.load_state_dict(state, strict=True)
+    if text_config(target_cfg).tie_word_embeddings:
+        pruned.tie_weights()
+    return pruned.eval()

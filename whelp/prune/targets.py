@@ -1,0 +1,147 @@
+"""Target shapes: presets, HF config files and ``key=value`` overrides, validated against the teacher.
+
+A target is the teacher's shape (``models.SHAPE_KEYS``) with some axes reduced. Presets hold the
+exact Llama 3.2 shapes of DESIGN.md section 2 (pruned from Llama 3.1 8B) and two shapes of the demo
+teacher SmolLM2-135M with half and a quarter of its 106.2M non-embedding parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from whelp import models
+from whelp.errors import WhelpError
+from whelp.prune.surgery import Keep, rope_exact_dims, target_config, text_config
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+_SMOL = dict(vocab_size=49152, tie_word_embeddings=True)
+
+PRESETS = {
+    "llama-3.2-1b": (dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+                          num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+                     _LLAMA3_ROPE),
+    "llama-3.2-3b": (dict(hidden_size=3072, num_hidden_layers=28, intermediate_size=8192, num_attention_heads=24,
+                          num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True),
+                     _LLAMA3_ROPE),
+    # 53,112,960 non-embedding params (50.01% of SmolLM2-135M): depth and MLP only.
+    "smollm2-half": (dict(hidden_size=576, num_hidden_layers=24, intermediate_size=768, num_attention_heads=9,
+                          num_key_value_heads=3, head_dim=64, **_SMOL), None),
+    # 26,560,896 non-embedding params (25.01%): every axis but the KV groups.
+    "smollm2-quarter": (dict(hidden_size=384, num_hidden_layers=24, intermediate_size=768, num_attention_heads=6,
+                             num_key_value_heads=3, head_dim=32, **_SMOL), None),
+}
+_AXES = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A validated target: its shape under ``models.SHAPE_KEYS`` and the RoPE it asks for (None: the teacher's)."""
+
+    name: str
+    shape: dict
+    rope_parameters: dict | None = None
+
+
+def _parse_value(key: str, text: str):
+    if key == "tie_word_embeddings":
+        if text.lower() not in ("true", "false"):
+            raise WhelpError(f"tie_word_embeddings={text}: write true or false")
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        raise WhelpError(f"{key}={text}: expected a positive integer") from None
+
+
+def _overrides(spec: str, source_shape: dict) -> dict:
+    shape = dict(source_shape)
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise WhelpError(f"target item '{item}' is not key=value; write e.g. intermediate_size=768,num_hidden_layers=24")
+        if key not in models.SHAPE_KEYS:
+            raise WhelpError(f"unknown target key '{key}'; valid keys: {', '.join(models.SHAPE_KEYS)}")
+        shape[key] = _parse_value(key, value.strip())
+    return shape
+
+
+def _from_config_file(path: Path) -> tuple[dict, dict | None]:
+    cfg = text_config(models.load_config(str(path)))
+    return models.shape(cfg), getattr(cfg, "rope_parameters", None)
+
+
+def validate(source: dict, target: dict) -> None:
+    """Raise WhelpError naming the first axis of ``target`` that the teacher ``source`` cannot be pruned to."""
+    for key in _AXES:
+        if not isinstance(target[key], int) or not 1 <= target[key] <= source[key]:
+            raise WhelpError(f"target {key}={target[key]} is out of range: must be an integer in 1..{source[key]} "
+                             f"(the teacher's {key} is {source[key]}; pruning only removes)")
+    if target["vocab_size"] != source["vocab_size"]:
+        raise WhelpError(f"target vocab_size={target['vocab_size']} differs from the teacher's {source['vocab_size']}: "
+                         "whelp does not prune the vocabulary; use a target with the teacher's vocab_size")
+    if source["tie_word_embeddings"] and not target["tie_word_embeddings"]:
+        raise WhelpError("target tie_word_embeddings=false but the teacher is tied: untying adds parameters; "
+                         "set tie_word_embeddings=true")
+    heads, kv = target["num_attention_heads"], target["num_key_value_heads"]
+    if heads % kv:
+        raise WhelpError(f"target num_attention_heads={heads} is not divisible by num_key_value_heads={kv}: "
+                         "every KV group keeps the same number of query heads")
+    per_group = source["num_attention_heads"] // source["num_key_value_heads"]
+    if heads // kv > per_group:
+        raise WhelpError(f"target keeps {heads // kv} query heads per KV group but the teacher has {per_group}: "
+                         f"num_attention_heads must be in {kv}..{kv * per_group} for num_key_value_heads={kv}")
+    rope_exact_dims(source["head_dim"], target["head_dim"])
+
+
+def parse_target(source_cfg, spec: str) -> Target:
+    """A preset name, a path to an HF ``config.json``, or ``key=value,...`` overrides of the teacher's shape."""
+    source = models.shape(source_cfg)
+    rope = None
+    if spec in PRESETS:
+        shape, rope = PRESETS[spec]
+        shape = dict(shape)
+    elif spec.endswith(".json") or Path(spec).expanduser().is_file():
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise WhelpError(f"target config {spec} does not exist; pass a preset ({', '.join(PRESETS)}), "
+                             "a config.json path or key=value overrides")
+        shape, rope = _from_config_file(path)
+    elif "=" in spec:
+        shape = _overrides(spec, source)
+    else:
+        raise WhelpError(f"unknown target '{spec}': use a preset ({', '.join(PRESETS)}), a config.json path, "
+                         "or key=value overrides such as intermediate_size=768,num_hidden_layers=24")
+    validate(source, shape)
+    return Target(name=spec, shape=shape, rope_parameters=rope)
+
+
+def first_keep(source_cfg, shape: dict, tie: str | None = "embedding") -> Keep:
+    """A Keep of ``shape`` taking the first indices of every axis: for configs and counts without scores."""
+    src = models.shape(source_cfg)
+    layers = tuple(range(shape["num_hidden_layers"]))
+    kv, per_group = shape["num_key_value_heads"], shape["num_attention_heads"] // shape["num_key_value_heads"]
+    untied_to_tied = not src["tie_word_embeddings"] and shape["tie_word_embeddings"]
+    return Keep(layers=layers, hidden=torch.arange(shape["hidden_size"]),
+                mlp=tuple(torch.arange(shape["intermediate_size"]) for _ in layers),
+                kv_heads=tuple(torch.arange(kv) for _ in layers),
+                q_heads=tuple(torch.arange(per_group).repeat(kv, 1) for _ in layers),
+                head_dims=rope_exact_dims(src["head_dim"], shape["head_dim"]),
+                tie=tie if untied_to_tied else None)
+
+
+def plan_target(source_cfg, target: str, rope: str = "teacher") -> dict:
+    """Source and target shape + total params of pruning ``source_cfg`` to ``target``; no weights loaded."""
+    parsed = parse_target(source_cfg, target)
+    cfg = target_config(source_cfg, first_keep(source_cfg, parsed.shape),
+                        parsed.rope_parameters if rope == "target" else None)
+    out = {}
+    for side, config in (("source", source_cfg), ("target", cfg)):
+        total, non_embedding = models.count_params(config)
+        out[side] = {**models.shape(config), "params": total, "non_embedding_params": non_embedding}
+    return out
+

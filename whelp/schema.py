@@ -1,0 +1,136 @@
+"""Strict construction of frozen dataclasses from YAML-like data, naming the key path on every error.
+
+Recipes are frozen data; this is the one place raw mappings become typed values. Unknown keys,
+wrong types and values outside a ``Literal`` raise ``WhelpError`` with the full key path and the valid
+choices; range checks live in each dataclass's ``__post_init__`` and get the path prefixed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+from whelp.errors import WhelpError
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, path: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except WhelpError as exc:
+                errors.append(str(exc))
+        raise WhelpError(errors[0] if len(errors) == 1 else f"{path}: expected one of "
+                         f"{' | '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise WhelpError(f"{path}: {value!r} is not valid; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise WhelpError(f"{path}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise WhelpError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1] if args else Any, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise WhelpError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise WhelpError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WhelpError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise WhelpError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} at {path}")
+
+
+def build(cls, raw: Any, path: str = "recipe"):
+    """An instance of dataclass ``cls`` from mapping ``raw``: unknown keys, missing required keys, wrong
+    types and invalid values raise ``WhelpError`` naming ``path.key`` and what is valid."""
+    if isinstance(raw, cls):
+        return raw
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise WhelpError(f"{path}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(map(str, raw)) - set(fields))
+    if unknown:
+        raise WhelpError(f"{path}.{unknown[0]}: unknown key; valid keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, field in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], f"{path}.{name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise WhelpError(f"{path}.{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except (WhelpError, ValueError) as exc:
+        message = str(exc)
+        raise WhelpError(message if message.startswith(path) else f"{path}: {message}") from None
+
+
+def to_dict(obj) -> Any:
+    """Plain YAML-safe data of a (nested) dataclass: the resolved recipe as written to recipe.yaml."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_override(raw: dict, assignment: str) -> dict:
+    """Apply one ``--set a.b.c=value`` (value parsed as YAML; list items by index: ``stages.1.x=3``)."""
+    import yaml
+
+    if "=" not in assignment:
+        raise WhelpError(f"--set {assignment!r}: write key.path=value")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise WhelpError(f"--set {key}: '{where}' is a list of {len(node)}; use an index below {len(node)}")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise WhelpError(f"--set {key}: '{where}' is not a mapping")
+    last = parts[-1]
+    value = yaml.safe_load(text)
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise WhelpError(f"--set {key}: index {last} out of range for a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return raw
