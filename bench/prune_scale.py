@@ -2,7 +2,8 @@
 
 The 8B checkpoint (~16 GB of safetensors shards) is generated tensor by tensor and written shard by
 shard, so the generator itself never holds more than one shard (``--shard-gb``). It is re-used when
-it already exists (its index is written last, so an interrupted generation is regenerated). The
+it already exists (it is written to a temporary sibling and renamed, so an interrupted generation is
+regenerated). The
 prune runs as ``whelp prune ... --stream`` in a child process; its peak resident memory is the
 child's ``ru_maxrss`` from ``os.wait4`` (Linux reports KiB), and a poller samples /proc meanwhile
 so the report also says when the peak happened. Target from issue 3: peak RSS <= 4 GiB.
@@ -25,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,42 +56,27 @@ def random_tensor(name: str, shape: tuple[int, ...], generator):
 
 
 def make_checkpoint(config_path: Path, out: Path, shard_bytes: int, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Write a random bf16 checkpoint of ``config_path``'s shape to ``out`` one shard at a time."""
+    """Write a random bf16 checkpoint of ``config_path``'s shape to ``out``, one shard resident at a time."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    index_path = out / "model.safetensors.index.json"
-    if index_path.exists():
+    from whelp.prune.shards import INDEX, write_shards
+
+    if (out / INDEX).exists():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     config = AutoConfig.for_model(**json.loads(config_path.read_text()))
     config.dtype = torch.bfloat16
-    specs = tensor_specs(config)
-    groups, current, size = [], [], 0
-    for name, shape in specs:
-        nbytes = 2 * math.prod(shape)
-        if current and size + nbytes > shard_bytes:
-            groups.append(current)
-            current, size = [], 0
-        current.append((name, shape))
-        size += nbytes
-    groups.append(current)
     generator = torch.Generator().manual_seed(seed)
-    weight_map, total = {}, 0
-    for i, group in enumerate(groups, 1):
-        fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        shard = {name: random_tensor(name, shape, generator) for name, shape in group}
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in shard.values())
-        weight_map.update({name: fname for name in shard})
-        del shard
-        print(f"  wrote {fname} ({i}/{len(groups)})", flush=True)
-    config.save_pretrained(out)
+    tensors = ((name, random_tensor(name, shape, generator)) for name, shape in tensor_specs(config))
+    write_shards(tensors, tmp, shard_bytes)
+    config.save_pretrained(tmp)
     for f in tokenizer_dir.glob("tokenizer*"):
-        shutil.copy(f, out / f.name)
-    index_path.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        shutil.copy(f, tmp / f.name)
+    tmp.rename(out)
     return out
 
 
@@ -106,10 +93,10 @@ def poll_rss(pid: int, samples: list, stop: threading.Event) -> None:
         stop.wait(0.5)
 
 
-def run_measured(cmd: list[str]) -> dict:
+def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
     """Run ``cmd``; return its exit code, wall time, peak RSS (wait4 ru_maxrss) and the time of the peak."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **env})
     samples: list = []
     stop = threading.Event()
     poller = threading.Thread(target=poll_rss, args=(proc.pid, samples, stop), daemon=True)
@@ -123,8 +110,27 @@ def run_measured(cmd: list[str]) -> dict:
             "peak_at_s": peak_at, "polled_peak": max((s[1] for s in samples), default=0)}
 
 
+def check_output(out: Path) -> tuple[str, int]:
+    """Parameters the output's config.json describes, checked against the tensors in its shards; shard bytes."""
+    from safetensors import safe_open
+
+    from whelp import models
+
+    from whelp.prune.shards import weight_map
+
+    stored = 0
+    for path in set(weight_map(out).values()):
+        with safe_open(str(path), framework="pt") as f:
+            stored += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    total, _ = models.count_params(models.load_config(str(out)))
+    if stored != total:
+        raise SystemExit(f"{out}: config.json describes {total:,} params but the shards hold {stored:,}")
+    return f"{total:,} params (config.json = shards)", sum(p.stat().st_size for p in set(weight_map(out).values()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=CONFIG, help="shape of the random source checkpoint")
     parser.add_argument("--ckpt", type=Path, default=Path("/tmp/whelp-llama8b-random"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/whelp-llama8b-pruned-1b"))
     parser.add_argument("--target", default="llama-3.2-1b")
@@ -132,34 +138,43 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--shard-gb", type=float, default=4.0, help="source shard size (Meta ships ~5 GB shards)")
     parser.add_argument("--keep", action="store_true", help="keep the 16 GB source checkpoint afterwards")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args()
 
     from whelp.models import registered_dir
 
+    reused = args.ckpt.exists()
     t0 = time.monotonic()
-    make_checkpoint(CONFIG, args.ckpt, int(args.shard_gb * 1e9), registered_dir("smollm2-135m"))
-    gen_s = time.monotonic() - t0
+    make_checkpoint(args.config, args.ckpt, int(args.shard_gb * 1e9), registered_dir("smollm2-135m"))
+    made = "re-used from an earlier run" if reused else f"generated in {time.monotonic() - t0:.0f} s"
     src_bytes = sum(p.stat().st_size for p in args.ckpt.glob("*.safetensors"))
-    cmd = [sys.executable, "-m", "whelp.cli", "prune", str(args.ckpt), "--target", args.target, "--out", str(args.out),
-           "--force", "--stream", "--calib", "pydoc:calib", "--calib-samples", str(args.calib_samples),
-           "--seq-len", str(args.seq_len)]
-    result = run_measured(cmd)
-    out_bytes = sum(p.stat().st_size for p in args.out.glob("*.safetensors")) if args.out.exists() else 0
+    cmd = [str(Path(sys.executable).with_name("whelp")), "prune", str(args.ckpt), "--target", args.target,
+           "--out", str(args.out), "--force", "--stream", "--calib-samples", str(args.calib_samples),
+           "--seq-len", str(args.seq_len), "--batch-size", str(args.calib_samples)]
+    with tempfile.TemporaryDirectory() as home:  # a fresh score cache: the run calibrates
+        result = run_measured(cmd, {"WHELP_HOME": home})
+    report = json.loads((args.out / "prune_report.json").read_text()) if result["rc"] == 0 else {"timings": {}}
+    params, out_bytes = check_output(args.out) if result["rc"] == 0 else ("no output", 0)
     lines = [
         f"\n## Streaming prune at scale ({datetime.date.today()})\n",
-        f"- command: `python bench/prune_scale.py` -> `{' '.join(['whelp'] + cmd[3:])}`",
+        f"- command: `python bench/prune_scale.py` -> `{' '.join(['whelp'] + cmd[1:])}` (child process; "
+        "activation importance, fp32 compute)",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM, OMP threads 2, shared with other jobs",
-        f"- source: random Llama-3.1-8B shape, bf16, {src_bytes / 1e9:.1f} GB in {len(list(args.ckpt.glob('*.safetensors')))} "
-        f"shards (generated in {gen_s:.0f} s, or re-used); calibration {args.calib_samples} x {args.seq_len} tokens",
-        f"- exit code {result['rc']}; wall time {result['wall_s']:.0f} s; output {out_bytes / 1e9:.2f} GB",
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM, OMP threads 2, "
+        "shared with other jobs",
+        f"- source: random {args.config.stem} shape, bf16, {src_bytes / 1e9:.1f} GB in "
+        f"{len(list(args.ckpt.glob('*.safetensors')))} shards ({made}); calibration {args.calib_samples} x "
+        f"{args.seq_len} tokens",
+        f"- exit code {result['rc']}; wall time {result['wall_s']:.0f} s (prune_report.json timings: "
+        f"{', '.join(f'{k} {v:.0f} s' for k, v in report['timings'].items())}); "
+        f"output {out_bytes / 1e9:.2f} GB, {params}",
         f"- **peak RSS {result['peak_rss'] / GIB:.2f} GiB** (wait4 ru_maxrss; /proc poll peak "
         f"{result['polled_peak'] / GIB:.2f} GiB at {result['peak_at_s']:.0f} s) vs target 4 GiB; "
         f"source/peak = {src_bytes / max(result['peak_rss'], 1):.1f}x",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+    with open(args.results, "a") as f:
         f.write(text)
     shutil.rmtree(args.out, ignore_errors=True)
     if not args.keep:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
@@ -63,3 +63,18 @@ def test_overrides_parse_yaml_values_and_index_lists():
         apply_override(raw, "teachers.5.weight=1")
     with pytest.raises(WhelpError, match="key.path=value"):
         apply_override(raw, "steps")
+
+
+@dataclass(frozen=True)
+class Step:
+    target: str
+    options: Inner = field(default=Inner("x"), metadata={"flatten": True})
+
+
+def test_flattened_fields_share_the_mapping_and_round_trip():
+    step = build(Step, {"target": "half", "name": "n", "weight": 3})
+    assert step == Step("half", Inner("n", 3.0))
+    assert to_dict(step) == {"target": "half", "name": "n", "weight": 3.0}
+    assert build(Step, to_dict(step)) == step
+    with pytest.raises(WhelpError, match="recipe.bogus: unknown key; valid keys: target, name, weight"):
+        build(Step, {"target": "t", "bogus": 1})

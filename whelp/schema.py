@@ -70,7 +70,11 @@ def _coerce(value: Any, tp, path: str):
 
 def build(cls, raw: Any, path: str = "recipe"):
     """An instance of dataclass ``cls`` from mapping ``raw``: unknown keys, missing required keys, wrong
-    types and invalid values raise ``WhelpError`` naming ``path.key`` and what is valid."""
+    types and invalid values raise ``WhelpError`` naming ``path.key`` and what is valid.
+
+    A field declared with ``metadata={"flatten": True}`` holds a dataclass whose keys are written at
+    this level of the mapping (a prune step is ``{target: ..., importance: ...}``, not nested).
+    """
     if isinstance(raw, cls):
         return raw
     if raw is None:
@@ -78,13 +82,18 @@ def build(cls, raw: Any, path: str = "recipe"):
     if not isinstance(raw, dict):
         raise WhelpError(f"{path}: expected a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(map(str, raw)) - set(fields))
-    if unknown:
-        raise WhelpError(f"{path}.{unknown[0]}: unknown key; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
+    flat = {name: hints[name] for name, f in fields.items() if f.metadata.get("flatten")}
+    inner_keys = {name: [f.name for f in dataclasses.fields(tp) if f.init] for name, tp in flat.items()}
+    valid = [k for name in fields for k in (inner_keys.get(name) or [name])]
+    unknown = sorted(set(map(str, raw)) - set(valid))
+    if unknown:
+        raise WhelpError(f"{path}.{unknown[0]}: unknown key; valid keys: {', '.join(valid)}")
     kwargs = {}
     for name, field in fields.items():
-        if name in raw:
+        if name in flat:
+            kwargs[name] = build(flat[name], {k: raw[k] for k in inner_keys[name] if k in raw}, path)
+        elif name in raw:
             kwargs[name] = _coerce(raw[name], hints[name], f"{path}.{name}")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise WhelpError(f"{path}.{name}: required key is missing")
@@ -98,7 +107,11 @@ def build(cls, raw: Any, path: str = "recipe"):
 def to_dict(obj) -> Any:
     """Plain YAML-safe data of a (nested) dataclass: the resolved recipe as written to recipe.yaml."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = to_dict(getattr(obj, f.name))
+            out.update(value if f.metadata.get("flatten") else {f.name: value})
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -13,7 +13,6 @@ tensorboard/); the final student is written atomically to ``OUT`` as a vanilla H
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -25,9 +24,11 @@ from pathlib import Path
 import torch
 
 from whelp.distill import checkpoint, parallel, schedule
+from whelp.distill import metrics as metrics_log
 from whelp.errors import WhelpError
 
 DTYPES = ("auto", "float32", "bfloat16")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,12 @@ def run_dir(out: Path) -> Path:
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CPU and on CUDA devices that support it, else fp32."""
+    """``auto``: bf16 on CUDA devices that support it, else fp32 (a bf16 training step measured 1.9x slower
+    than fp32 on this project's 2-core CPU: bf16 backward kernels are slow there)."""
     if name not in DTYPES:
         raise WhelpError(f"unknown --dtype '{name}'; choose one of {', '.join(DTYPES)}")
     if name == "auto":
-        ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if ok else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
 
 
@@ -104,11 +105,11 @@ def _prepare_run(out: Path, identity: dict, force: bool, resume: bool, main: boo
 
 
 def _load_data(spec: DistillSpec, tokenizer, caches, student_vocab: int) -> tuple[torch.Tensor, list]:
-    """Token blocks [n, seq_len] in source order (the per-epoch permutation shuffles them) and the
-    opened caches, each verified to hold targets for exactly these blocks."""
+    """Token blocks [n, seq_len] and the opened caches, each verified to hold targets for exactly these
+    blocks. Blocks come in ``load_blocks``' default order, the one ``whelp cache-logits`` caches."""
     from whelp.data import fingerprint, load_blocks
 
-    blocks = load_blocks(spec.data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens, seed=None).tokens
+    blocks = load_blocks(spec.data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens).tokens
     opened = []
     if caches:
         from whelp.distill.cache import open_cache
@@ -156,8 +157,8 @@ def _evaluate(student, ids, spec: DistillSpec, autocast) -> dict:
 
 
 def _stop_flag(world, stop: dict) -> bool:
-    """True on every rank if any rank saw SIGINT (ranks must stop at the same step)."""
-    return bool(parallel.all_sum(world, torch.tensor([float(stop["sigint"])], dtype=torch.float64)).item() > 0)
+    """True on every rank if any rank got SIGINT/SIGTERM (ranks must stop at the same step)."""
+    return bool(parallel.all_sum(world, torch.tensor([float(stop["requested"])], dtype=torch.float64)).item() > 0)
 
 
 def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[str, float], ...] = (),
@@ -166,8 +167,8 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
     """Distil ``student`` from weighted live ``teachers`` and/or teacher-logit ``caches``; returns the report.
 
     Writes the final student to ``out`` (vanilla HF checkpoint + ``distill_report.json``). Re-running
-    the same call resumes from the newest checkpoint in ``OUT.distill/checkpoints``. SIGINT writes a
-    checkpoint and raises WhelpError; a NaN/inf loss raises WhelpError naming the step and keeps the
+    the same call resumes from the newest checkpoint in ``OUT.distill/checkpoints``. SIGINT/SIGTERM write a
+    checkpoint at the end of the current step and raise WhelpError; a NaN/inf loss raises WhelpError naming the step and keeps the
     last good checkpoint.
     """
     from transformers import get_cosine_schedule_with_warmup
@@ -177,6 +178,8 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
     from whelp.models import check_writable, load_model
 
     _check(spec, teachers, caches)
+    loss_spec = LossSpec(name=spec.loss, temperature=spec.temperature, ce_weight=spec.ce_weight,
+                         chunk_size=spec.chunk_size)
     out = check_writable(out, force)
     world = parallel.init_world()
     try:
@@ -187,7 +190,9 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
             torch.distributed.barrier()
         torch.manual_seed(spec.seed)
         lm, tokenizer = load_model(student, device=str(world.device))
-        teacher_models = [load_model(name, device=str(world.device))[0].requires_grad_(False) for name, _ in teachers]
+        dtype = compute_dtype(spec.dtype, world.device)  # frozen teachers are stored in it: half the memory in bf16
+        teacher_models = [load_model(name, dtype=str(dtype).replace("torch.", ""), device=str(world.device))[0]
+                          .requires_grad_(False) for name, _ in teachers]
         vocab = lm.get_output_embeddings().weight.shape[0]
         blocks, opened = _load_data(spec, tokenizer, caches, vocab)
         eval_ids = token_stream(read_documents(spec.eval_data), tokenizer, spec.eval_tokens)
@@ -197,9 +202,6 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
         names = [name for name, _ in teachers] + [path for path, _ in caches]
         base_weights = tuple(w for _, w in teachers) + tuple(w for _, w in caches)
         sched = schedule.parse_schedule(spec.schedule)
-        loss_spec = LossSpec(name=spec.loss, temperature=spec.temperature, ce_weight=spec.ce_weight,
-                             chunk_size=spec.chunk_size)
-        dtype = compute_dtype(spec.dtype, world.device)
         autocast = torch.autocast(world.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
         if spec.grad_checkpointing:
@@ -218,7 +220,7 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
             kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() else [])
                     if json.loads(line)["step"] <= start]
             metrics.write_text("".join(line + "\n" for line in kept))
-        writer = _tensorboard(rdir) if spec.tensorboard and world.main else None
+        writer = metrics_log.tensorboard(rdir) if spec.tensorboard and world.main else None
 
         def save(step: int) -> Path:
             return checkpoint.save_checkpoint(rdir / "checkpoints", step, model, optimizer, scheduler,
@@ -226,13 +228,15 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
                                               spec.keep_last)
 
         first_eval = _evaluate(model, eval_ids, spec, autocast) if start == 0 else None
-        stop = {"sigint": False}
-        previous = signal.signal(signal.SIGINT, lambda *_: stop.update(sigint=True))
+        stop = {"requested": False}
+        # Ctrl-C, and the SIGTERM that torchrun and cluster schedulers send: checkpoint at the step's end, exit
+        previous = {sig: signal.signal(sig, lambda *_: stop.update(requested=True)) for sig in STOP_SIGNALS}
         last_good = found[-1] if found else None
-        bar = _progress(steps, start, progress and world.main)
+        bar = metrics_log.progress(steps, start, progress and world.main)
         t0, last = time.perf_counter(), {}
         try:
             for step in range(start, steps):
+                t_step = time.perf_counter()
                 weights = schedule.teacher_weights(sched, base_weights, step)
                 idx = schedule.step_blocks(step, len(blocks), per_step, spec.seed)
                 idx = idx.view(spec.grad_accum, world.size, spec.batch_size)[:, world.rank]
@@ -254,7 +258,7 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
                 last = {"step": step + 1, "loss": sums[0].item(), "ce": sums[-1].item(),
                         **{f"kl/{n}": v.item() for n, v in zip(names, sums[1:-1])},
                         "teacher_weights": list(weights), "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                        "grad_norm": float(grad_norm), "tokens": tokens_seen, "step_s": time.perf_counter() - t_step,
                         "tokens_per_s": (step + 1 - start) * per_step * spec.seq_len / elapsed}
                 if spec.eval_every and (step + 1) % spec.eval_every == 0 and step + 1 < steps:
                     last.update(_evaluate(model, eval_ids, spec, autocast))
@@ -262,12 +266,13 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
                 if (spec.save_every and (step + 1) % spec.save_every == 0) or interrupted or step + 1 == steps:
                     last_good = save(step + 1)
                 if world.main:
-                    _log(metrics, writer, bar, last)
+                    metrics_log.log(metrics, writer, bar, last)
                 if interrupted:
                     raise WhelpError(f"interrupted at step {step + 1}/{steps}; checkpoint saved to {last_good}. "
                                      "Re-run the same command to resume")
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if bar is not None:
                 bar.stop()
             if writer is not None:
@@ -301,36 +306,3 @@ def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, wo
                    extra={"distill_report.json": json.dumps(report, indent=2)})
     if world.size > 1:
         torch.distributed.barrier()
-
-
-def _tensorboard(rdir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise WhelpError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(rdir / "tensorboard"))
-
-
-def _progress(total: int, done: int, enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[info]}"))
-    bar.add_task("distill", total=total, completed=done, info="")
-    bar.start()
-    return bar
-
-
-def _log(metrics: Path, writer, bar, row: dict) -> None:
-    with metrics.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    scalars = {k: v for k, v in row.items() if isinstance(v, float)}
-    if writer is not None:
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, row["step"])
-    if bar is not None:
-        kl = " ".join(f"{k}={v:.3f}" for k, v in scalars.items() if k.startswith("kl/"))
-        bar.update(0, completed=row["step"], info=f"loss={row['loss']:.4f} {kl} ce={row['ce']:.3f} "
-                                                     f"{row['tokens_per_s']:.0f} tok/s")

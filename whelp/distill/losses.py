@@ -178,33 +178,36 @@ def _check_sparse(target: SparseTarget, spec: LossSpec, vocab: int, i: int) -> N
                          f"of {vocab}")
 
 
-def _teacher_logp(target, vocab: int, spec: LossSpec, z: Tensor) -> tuple[Tensor, Tensor]:
-    """(student, teacher) log-probs at temperature T on a common support: [c, vocab] or [c, k (+1)].
+def _support(target, s_full: Tensor, scaled: Tensor, vocab: int, T: float) -> tuple[Tensor, Tensor | None]:
+    """(student, teacher) log-probs on a common support: [c, vocab] for a live teacher, [c, k + 1] buckets for
+    a top-k target (k listed ids + the tail), [c, S] student log-probs of the draws (teacher None) when sampled.
 
-    ``z`` is the chunk's fp32 student logits [c, vocab] (requires grad)."""
-    T = spec.temperature
-    s_full = torch.log_softmax(z / T, dim=-1)
+    ``s_full`` [c, vocab] is log_softmax of ``scaled`` = student logits / T (fp32, requires grad)."""
     if isinstance(target, LiveTarget):
-        t_z = (target.hidden @ target.weight[:vocab].T).float()
-        return s_full, torch.log_softmax(t_z / T, dim=-1)
-    s_ids = s_full.gather(1, target.ids)
+        t_z = target.hidden.float() @ target.weight.T
+        return s_full, torch.log_softmax(t_z / T if T != 1 else t_z, dim=-1)
+    ids = target.ids.to(s_full.device)
+    s_ids = s_full.gather(1, ids)
     if target.mode == "sample":
         return s_ids, None
-    if target.ids.shape[1] >= vocab:  # every id is listed: no tail bucket
-        return s_ids, target.logp
-    outside = (z / T).scatter(1, target.ids, NEG_INF)
-    s_tail = torch.logsumexp(outside, dim=-1) - torch.logsumexp(z / T, dim=-1)
-    t_tail = target.tail.clamp_min(0).log()
-    return torch.cat([s_ids, s_tail[:, None]], 1), torch.cat([target.logp, t_tail[:, None]], 1)
+    logp = target.logp.to(s_full.device)
+    if ids.shape[1] >= vocab:  # every id is listed: no tail bucket
+        return s_ids, logp
+    s_tail = torch.logsumexp(scaled.scatter(1, ids, NEG_INF), dim=-1) - torch.logsumexp(scaled, dim=-1)
+    # a tail stored as 0 is below fp16 resolution, not impossible: flooring it keeps reverse KL finite
+    t_tail = target.tail.to(s_full.device).clamp_min(torch.finfo(torch.float32).tiny).log()
+    return torch.cat([s_ids, s_tail[:, None]], 1), torch.cat([logp, t_tail[:, None]], 1)
 
 
 def chunk_terms(z: Tensor, targets, spec: LossSpec, vocab: int, labels: Tensor | None):
     """Per-teacher divergence sums [n_teachers] and CE sum of one chunk from its fp32 student logits ``z``."""
+    scaled = z / spec.temperature if spec.temperature != 1 else z
+    s_full = torch.log_softmax(scaled, dim=-1)
     per = []
     for target in targets:
-        s, t = _teacher_logp(target, vocab, spec, z)
+        s, t = _support(target, s_full, scaled, vocab, spec.temperature)
         if t is None:  # sampled: cross-entropy on the draws minus the teacher entropy
-            per.append((-s.mean(-1) - target.entropy).sum())
+            per.append((-s.mean(-1) - target.entropy.to(z.device)).sum())
         else:
             per.append(LOSSES[spec.name](s, t, spec).sum())
     ce = None
@@ -226,36 +229,43 @@ class _FusedKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, weights, spec, labels, vocab):
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits even inside a bf16 autocast region
+            return _FusedKD._forward(ctx, hidden, weight, targets, weights, spec, labels, vocab)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, weights, spec, labels, vocab):
         want = any(ctx.needs_input_grad[:2])
-        w = weight[:vocab]
-        grad_h = torch.zeros_like(hidden) if want else None
+        w = weight[:vocab].float()  # no copy in fp32; bf16 logits alone move the KD gradient by ~0.5%
+        targets = [LiveTarget(t.hidden, t.weight[:vocab].float()) if isinstance(t, LiveTarget) else t
+                   for t in targets]
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want else None
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        per_sum = torch.zeros(len(targets), dtype=torch.float64, device=hidden.device)
-        ce_sum = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        total, per_sum, ce_sum = (torch.zeros(size, dtype=torch.float64, device=hidden.device)
+                                  for size in ((), len(targets), ()))
         for start in range(0, hidden.shape[0], spec.chunk_size):
             rows = slice(start, start + spec.chunk_size)
-            h = hidden[rows]
+            h = hidden[rows].float()
             with torch.enable_grad():
-                z = (h @ w.T).float().requires_grad_(want)
+                z = (h @ w.T).requires_grad_(want)
                 chunk = [_target_rows(t, rows) for t in targets]
                 per, ce = chunk_terms(z, chunk, spec, vocab, None if labels is None else labels[rows])
                 loss = _combine(per, ce, weights, spec)
                 if want:
                     (dz,) = torch.autograd.grad(loss, z)
             if want:
-                grad_h[rows] = dz.to(w.dtype) @ w
-                grad_w.addmm_(dz.T, h.float())
+                grad_h[rows] = dz @ w
+                grad_w.addmm_(dz.T, h)
             total += loss.detach().double()
             per_sum += per.detach().double()
             if ce is not None:
                 ce_sum += ce.detach().double()
         if want:
             full_w = torch.zeros_like(weight)
-            full_w[:vocab] = grad_w.to(weight.dtype)
-            ctx.save_for_backward(grad_h, full_w)
-        out_dtype = torch.float32
-        return total.to(out_dtype), per_sum.to(out_dtype), ce_sum.to(out_dtype)
+            full_w[:vocab] = grad_w
+            ctx.save_for_backward(grad_h.to(hidden.dtype), full_w)
+        per_sum, ce_sum = per_sum.float(), ce_sum.float()
+        ctx.mark_non_differentiable(per_sum, ce_sum)
+        return total.float(), per_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_total, _grad_per, _grad_ce):

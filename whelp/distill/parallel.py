@@ -79,11 +79,15 @@ class KDStudent(torch.nn.Module):
             return self.lm(input_ids=input_ids)
         from whelp.distill.losses import kd_loss
 
-        hidden = self.lm.model(input_ids=input_ids).last_hidden_state.flatten(0, 1)  # [N, Hs]
-        result = kd_loss(hidden, self.lm.get_output_embeddings().weight, **kd)
-        per_teacher = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach() for v in result.per_teacher])
-        ce = torch.as_tensor(0.0 if result.ce is None else result.ce, dtype=torch.float64).detach()
-        return result.loss, per_teacher.cpu(), ce.cpu()
+        hidden = self.lm.model(input_ids=input_ids).last_hidden_state.flatten(0, 1)  # [N, Hs], autocast dtype
+        weight = self.lm.get_output_embeddings().weight
+        # the fused loss runs its own chunked matmuls: outside autocast, in the hidden states' dtype (the cast's
+        # backward hands the fp32 master weight an fp32 gradient, as autocast would)
+        with torch.autocast(hidden.device.type, enabled=False):
+            result = kd_loss(hidden, weight.to(hidden.dtype), **kd)
+        per_teacher = torch.tensor([float(v) for v in result.per_teacher], dtype=torch.float64)
+        ce = torch.tensor(0.0 if result.ce is None else float(result.ce), dtype=torch.float64)
+        return result.loss, per_teacher, ce
 
 
 def shard_student(student: KDStudent, world: World) -> KDStudent:

@@ -18,20 +18,27 @@ SHIPPED_TASKS = Path(__file__).resolve().parent / "tasks"
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 
 
-def task_manager(include_paths: tuple[str, ...] = ()):
-    """lm-eval's TaskManager over its registered tasks, whelp's shipped tasks and the user's include paths."""
+def task_manager(tasks: tuple[str, ...], include_paths: tuple[str, ...] = ()):
+    """lm-eval's TaskManager over whelp's shipped tasks and the user's include paths, plus lm-eval's registered
+    tasks only when a requested name is not local (indexing those takes ~30 s on a slow CPU).
+
+    Unknown names fail here, naming the closest known ones.
+    """
     from lm_eval.tasks import TaskManager
 
     for path in include_paths:
         if not Path(path).expanduser().is_dir():
             raise WhelpError(f"--include-path {path} is not a directory of lm-eval task YAMLs")
     paths = [str(SHIPPED_TASKS), *(str(Path(p).expanduser()) for p in include_paths)]
-    return TaskManager(include_path=paths, verbosity="ERROR")
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if not set(tasks) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=paths)
+    check_tasks(tasks, manager.all_tasks)
+    return manager
 
 
-def check_tasks(names: tuple[str, ...], manager) -> None:
-    """Fail on task names lm-eval does not know, naming the closest known ones."""
-    known = manager.all_tasks
+def check_tasks(names: tuple[str, ...], known: list[str]) -> None:
+    """Fail on task names not in ``known``, naming the closest known ones."""
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
@@ -57,8 +64,9 @@ def flatten_results(results: dict) -> dict[str, float]:
 
 
 def run_tasks(model, tokenizer, tasks: tuple[str, ...], manager, limit: int | None = None,
-              max_length: int = 512, batch_size: int = 4) -> dict[str, float]:
-    """Scores of ``model`` on lm-eval ``tasks`` as ``{"task/metric": value}``.
+              max_length: int = 512, batch_size: int = 4) -> dict:
+    """Scores of ``model`` on lm-eval ``tasks`` (names checked by ``task_manager``):
+    ``{"scores": {"task/metric": value}, "higher_is_better": {"task/metric": bool}}``.
 
     ``max_length`` is HFLM's context window (rolling-loglikelihood windows have this many tokens);
     ``limit`` caps the documents per task (lm-eval marks such results as not for reporting).
@@ -66,9 +74,10 @@ def run_tasks(model, tokenizer, tasks: tuple[str, ...], manager, limit: int | No
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    check_tasks(tasks, manager)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
               device=str(model.device))
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
                           bootstrap_iters=1000, verbosity="ERROR", **SEEDS)
-    return flatten_results(out["results"])
+    higher = {f"{task}/{metric}": bool(better) for task, metrics in out["higher_is_better"].items()
+              for metric, better in metrics.items() if better is not None}
+    return {"scores": flatten_results(out["results"]), "higher_is_better": higher}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 class Perplexity:
     nll: float  # mean negative log-likelihood, nats per scored token
     tokens: int  # number of scored tokens
-    bytes: int  # UTF-8 bytes of the text of the scored tokens
+    bytes: int  # UTF-8 bytes of the text of the scored tokens (special tokens such as EOS count 0 bytes)
     ppl: float  # exp(nll)
     bits_per_byte: float  # total NLL in bits / bytes: comparable across tokenizers
 
@@ -65,7 +65,8 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, stride: int | None = None
             total_nll += float(window_nll(model, torch.stack(rows), n_scored).sum())
             total_tokens += n_scored * len(rows)
             if tokenizer is not None:
-                total_bytes += sum(len(tokenizer.decode(r[-n_scored:]).encode("utf-8")) for r in rows)
+                total_bytes += sum(len(tokenizer.decode(r[-n_scored:], skip_special_tokens=True).encode("utf-8"))
+                                   for r in rows)
         if progress is not None:
             progress(len(group))
     nll = total_nll / total_tokens

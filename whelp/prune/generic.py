@@ -122,7 +122,7 @@ def find_blocks(model, graph) -> tuple[Block, ...]:
     blocks = []
     for index, layer in enumerate(decoder_layers(model)):
         readers = [m for m in layer.modules() if isinstance(m, nn.Linear) and m.in_features == hidden]
-        groups = {id(g[0][0]): g for g in (_coupled(graph, m) for m in readers)}.values()
+        groups = {frozenset(map(id, g[0])): g for g in (_coupled(graph, m) for m in readers)}.values()
         groups = [(outs, ins) for outs, ins in groups if len(ins) == 1]
         attn = [g for g in groups if len(g[0]) == 3]
         mlp = [g for g in groups if len(g[0]) in (1, 2) and g[1][0].out_features == hidden]
@@ -136,14 +136,6 @@ def find_blocks(model, graph) -> tuple[Block, ...]:
     return tuple(blocks)
 
 
-def aggregate(act: torch.Tensor) -> torch.Tensor:
-    """Minitron aggregation of activations [B, T, C]: mean of |x| over T, then sum of squares over B: [C].
-
-    Returned as a sum of squares so batches can be accumulated; take the sqrt for the L2 norm.
-    """
-    return act.detach().float().abs().mean(dim=1).pow(2).sum(dim=0)
-
-
 def _norms(model, hidden: int) -> list[nn.Module]:
     return [m for m in model.modules() if "norm" in type(m).__name__.lower()
             and getattr(m, "weight", None) is not None and m.weight.shape == (hidden,)]
@@ -151,12 +143,18 @@ def _norms(model, hidden: int) -> list[nn.Module]:
 
 @torch.no_grad()
 def activation_scores(model, blocks, calib_tokens: torch.Tensor, batch_size: int = 4) -> Scores:
-    """Minitron activation importance from a forward pass over ``calib_tokens`` [N, T]."""
-    hidden = model.get_input_embeddings().weight.shape[1]
-    sums: dict[str, torch.Tensor] = {}
+    """Minitron activation importance (importance.minitron_sq, .head_norms) from a forward pass over ``calib_tokens`` [N, T]."""
+    from whelp.prune.importance import head_norms, minitron_sq
 
-    def add(key, act):
-        sums[key] = sums.get(key, 0) + aggregate(act)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    n_heads = model.config.get_text_config().num_attention_heads
+    head_dim = blocks[0].qkv[0].out_features // n_heads if blocks[0].qkv else None
+    sums: dict[str, torch.Tensor] = {}
+    batch: list[torch.Tensor] = []
+
+    def add(key, act):  # some architectures (OPT) flatten [B, T, C] to [B * T, C] inside a layer
+        act = act.reshape(*batch[0].shape, -1)
+        sums[key] = sums.get(key, 0) + minitron_sq(head_norms(act, head_dim) if key[0] == "o" else act)
 
     hooks = [m.register_forward_hook(lambda _m, _i, out: add("hidden", out)) for m in _norms(model, hidden)]
     for i, block in enumerate(blocks):
@@ -165,14 +163,14 @@ def activation_scores(model, blocks, calib_tokens: torch.Tensor, batch_size: int
             hooks.append(block.o.register_forward_pre_hook(lambda _m, args, i=i: add(f"o{i}", args[0])))
     try:
         for start in range(0, len(calib_tokens), batch_size):
-            model(input_ids=calib_tokens[start:start + batch_size].to(model.device))
+            batch[:] = [calib_tokens[start:start + batch_size].to(model.device)]
+            model(input_ids=batch[0])
     finally:
         for hook in hooks:
             hook.remove()
     heads = None
-    if all(b.o is not None for b in blocks):  # head score: L2 over its channels' aggregated activations
-        n_heads = model.config.get_text_config().num_attention_heads
-        heads = tuple(sums[f"o{i}"].view(n_heads, -1).sum(1).sqrt() for i in range(len(blocks)))
+    if all(b.o is not None for b in blocks):
+        heads = tuple(sums[f"o{i}"].sqrt() for i in range(len(blocks)))
     return Scores(hidden=sums["hidden"].sqrt(), mlp=tuple(sums[f"mlp{i}"].sqrt() for i in range(len(blocks))),
                   heads=heads)
 
@@ -214,3 +212,188 @@ def random_scores(blocks, hidden: int, n_heads: int, seed: int = 0) -> Scores:
     heads = None if any(b.o is None for b in blocks) else tuple(torch.rand(n_heads, generator=gen) for _ in blocks)
     return Scores(hidden=torch.rand(hidden, generator=gen),
                   mlp=tuple(torch.rand(b.mlp_out.in_features, generator=gen) for b in blocks), heads=heads)
+
+
+def generic_scores(model, importance: str = "activation", calib_tokens: torch.Tensor | None = None,
+                   seed: int = 0, batch_size: int = 4, graph=None) -> Scores:
+    """Importance of every hidden channel, MLP neuron and query head of ``model`` (not modified).
+
+    ``graph``: ``build_graph(model)`` when the caller already has it (tracing a 30-layer model takes seconds).
+    """
+    if importance not in IMPORTANCE:
+        raise WhelpError(f"unknown importance '{importance}'; choose one of {', '.join(IMPORTANCE)}")
+    if importance == "activation" and calib_tokens is None:
+        raise WhelpError("activation importance needs calibration tokens; pass calib_tokens [N, T]")
+    graph = graph or build_graph(model)
+    blocks = find_blocks(model, graph)
+    if importance == "activation":
+        return activation_scores(model, blocks, calib_tokens, batch_size)
+    if importance == "random":
+        text = model.config.get_text_config()
+        return random_scores(blocks, model.get_input_embeddings().weight.shape[1], text.num_attention_heads, seed)
+    return weight_scores(model, graph, blocks, importance, calib_tokens, batch_size)
+
+
+def top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores, in ascending index order: LongTensor [k]."""
+    return scores.topk(k).indices.sort().values
+
+
+def select_heads(scores: torch.Tensor, n_kv: int, keep: int) -> torch.Tensor:
+    """Kept query heads [keep]: the same number ranked within each of the ``n_kv`` KV groups.
+
+    With one query head per KV head (MHA) the KV heads go with them, so heads are ranked globally.
+    """
+    n_heads = len(scores)
+    if n_kv == n_heads:
+        return top(scores, keep)
+    if keep % n_kv:
+        raise WhelpError(f"num_attention_heads={keep} must be a multiple of num_key_value_heads={n_kv} "
+                         "(the same number of query heads is kept in every KV group)")
+    group = n_heads // n_kv
+    within = scores.view(n_kv, group).topk(keep // n_kv, dim=1).indices.sort(dim=1).values
+    return (within + torch.arange(n_kv).unsqueeze(1) * group).flatten()
+
+
+def width_of(model) -> dict:
+    """Shape of ``model`` under HF key names (``whelp.models.shape``), the MLP width under intermediate_size."""
+    from whelp.models import shape
+
+    return {**shape(model.config), **width_of_config(model.config.get_text_config())}
+
+
+def width_of_config(text) -> dict:
+    key = next((k for k in INTERMEDIATE_KEYS if getattr(text, k, None) is not None), None)
+    if key is None:
+        raise WhelpError(f"{type(model).__name__}'s config names its MLP width none of {', '.join(INTERMEDIATE_KEYS)}")
+    return {"hidden_size": text.hidden_size, "intermediate_size": getattr(text, key),
+            "num_attention_heads": text.num_attention_heads,
+            "num_key_value_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads}
+
+
+def check_target(source: dict, target: dict) -> dict:
+    """The width target, refusing keys the generic path cannot change and widths above the source."""
+    width = {**{k: source[k] for k in WIDTH_KEYS}, **{k: v for k, v in target.items() if k in WIDTH_KEYS and v is not None}}
+    other = {k: v for k, v in target.items() if k not in WIDTH_KEYS and v is not None and source.get(k, v) != v}
+    if other:
+        raise WhelpError(f"the generic pruning path (architectures outside the family table) changes only "
+                         f"{', '.join(WIDTH_KEYS)}; drop {', '.join(f'{k}={v}' for k, v in other.items())} from the target")
+    for key in WIDTH_KEYS:
+        if not 1 <= width[key] <= source[key]:
+            raise WhelpError(f"{key}={width[key]} must be in [1, {source[key]}] (the source's width)")
+    return width
+
+
+def select_generic(scores: Scores, source: dict, target: dict) -> GenericKeep:
+    """Kept indices for a width target (``check_target``) from the source's scores."""
+    width = check_target(source, target)
+    heads = None
+    if width["num_attention_heads"] != source["num_attention_heads"]:
+        if scores.heads is None:
+            raise WhelpError("this architecture's attention (fused or unrecognised q/k/v) cannot be head-pruned by "
+                             "the generic path; keep num_attention_heads unchanged")
+        heads = tuple(select_heads(s, source["num_key_value_heads"], width["num_attention_heads"]) for s in scores.heads)
+    return GenericKeep(hidden=top(scores.hidden, width["hidden_size"]),
+                       mlp=tuple(top(s, width["intermediate_size"]) for s in scores.mlp), heads=heads)
+
+
+def _dropped(n: int, kept: torch.Tensor) -> list[int]:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[kept] = False
+    return mask.nonzero().flatten().tolist()
+
+
+def _prune_heads(block: Block, kept: torch.Tensor, n_heads: int, head_dim: int, mha: bool) -> None:
+    """Remove query heads (and their KV heads under MHA): q (k, v) rows and o columns."""
+    import torch_pruning as tp
+
+    drop = [h * head_dim + j for h in _dropped(n_heads, kept) for j in range(head_dim)]
+    for linear in block.qkv if mha else block.qkv[:1]:
+        tp.prune_linear_out_channels(linear, drop)
+    tp.prune_linear_in_channels(block.o, drop)
+
+
+def generic_config(config, width: dict, mha: bool):
+    """The HF config of the pruned model: the one place the generic path updates a config."""
+    new = copy.deepcopy(config)
+    text = new.get_text_config()
+    if getattr(text, "word_embed_proj_dim", None) == text.hidden_size:  # OPT: no projection when equal
+        text.word_embed_proj_dim = width["hidden_size"]
+    old_mlp = width_of_config(text)["intermediate_size"]
+    text.hidden_size = width["hidden_size"]
+    for key in INTERMEDIATE_KEYS:
+        if getattr(text, key, None) == old_mlp:
+            setattr(text, key, width["intermediate_size"])
+    text.num_attention_heads = width["num_attention_heads"]
+    if mha and getattr(text, "num_key_value_heads", None) is not None:
+        text.num_key_value_heads = width["num_attention_heads"]
+    return new
+
+
+def rebuild(pruned, config):
+    """A fresh model from ``config`` holding ``pruned``'s weights (strict), so config and weights agree.
+
+    Raises WhelpError naming the first tensor whose shape the config cannot express.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    try:  # transformers validates configs on load (e.g. hidden_size % num_attention_heads == 0)
+        type(config).from_dict(config.to_dict())
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises a validation error per rule
+        raise WhelpError(f"the pruned {config.model_type} config would not load back: "
+                         f"{str(exc).splitlines()[-1].strip()}; choose widths that satisfy it") from None
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    state = pruned.state_dict()
+    for name, tensor in state.items():
+        if name in expected and expected[name] != tensor.shape:
+            raise WhelpError(f"{config.model_type} cannot express this pruned shape: {name} is {tuple(tensor.shape)} "
+                             f"but its config gives {tuple(expected[name])} (the architecture ties this width to "
+                             "another, e.g. head_dim = hidden_size / num_attention_heads); prune fewer axes")
+    with no_init_weights():  # every parameter is overwritten below
+        model = AutoModelForCausalLM.from_config(config, dtype=pruned.dtype).to(pruned.device)
+    model.load_state_dict(state, strict=True)
+    if config.get_text_config().tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def apply_generic(model, keep: GenericKeep, graph=None):
+    """Prune ``model`` in place to ``keep`` and return the rebuilt model (new config, re-tied embeddings).
+
+    ``graph``: ``build_graph(model)`` if already built (a graph holds autograd nodes: it cannot be copied).
+    """
+    import torch_pruning as tp
+
+    source = width_of(model)
+    mha = source["num_key_value_heads"] == source["num_attention_heads"]
+    graph = graph or build_graph(model)
+    blocks = find_blocks(model, graph)
+    head_dim = blocks[0].qkv[0].out_features // source["num_attention_heads"] if blocks[0].qkv else None
+    for block, kept in zip(blocks, keep.mlp):
+        if len(kept) < block.mlp_out.in_features:
+            graph.get_pruning_group(block.mlp_in[0], tp.prune_linear_out_channels,
+                                    _dropped(block.mlp_out.in_features, kept)).prune()
+    for block, kept in zip(blocks, keep.heads or ()):
+        _prune_heads(block, kept, source["num_attention_heads"], head_dim, mha)
+    if len(keep.hidden) < source["hidden_size"]:
+        embed = model.get_input_embeddings()
+        graph.get_pruning_group(embed, tp.prune_embedding_out_channels, _dropped(source["hidden_size"], keep.hidden)).prune()
+    width = {"hidden_size": len(keep.hidden), "intermediate_size": len(keep.mlp[0]),
+             "num_attention_heads": len(keep.heads[0]) if keep.heads else source["num_attention_heads"]}
+    return rebuild(model, generic_config(model.config, width, mha))
+
+
+def prune_generic(model, target_shape: dict, importance: str = "activation",
+                  calib_tokens: torch.Tensor | None = None, seed: int = 0) -> tuple[object, GenericKeep]:
+    """Width-prune a model of any architecture torch-pruning can trace to ``target_shape``.
+
+    ``target_shape`` uses HF config names (``whelp.models.shape`` keys); only hidden_size,
+    intermediate_size and num_attention_heads may differ from the source. ``calib_tokens`` [N, T]
+    are needed for ``activation`` and ``taylor``. ``model`` is consumed (pruned in place); the
+    returned model is a fresh instance built from the updated config, with the kept indices.
+    """
+    scores = generic_scores(model, importance, calib_tokens, seed)
+    keep = select_generic(scores, width_of(model), target_shape)
+    return apply_generic(model, keep), keep

@@ -8,107 +8,34 @@ recorded, and the layer goes back to the meta device. Surgery then maps the sour
 one through ``surgery.slice_tensor`` into target shards of at most ``shard_bytes``.
 
 Peak memory ~ one decoder layer in the compute dtype + the activations [N, T, H] (a few copies) +
-one target shard being filled: for Llama-3.1-8B in bf16 -> llama-3.2-1b, about 0.9 GB of layer
-(fp32) + 1 GB of shard + one source tensor, measured by bench/prune_scale.py.
+one target shard being filled (``shard_bytes``) + one source tensor. bench/prune_scale.py measured
+Llama-3.1-8B (bf16, 16 GB) -> llama-3.2-1b at 2.8 GiB peak RSS (bench/RESULTS.md).
 
-Each tensor is read by opening its shard for that read only: safetensors memory-maps the file and
-the returned tensor is backed by the mapping, so touched file pages count towards resident memory
-until the tensor is dropped; never holding a shard open keeps that to one tensor.
+When to stream (``should_stream``): the checkpoint's bytes at the compute dtype times
+MEMORY_FACTOR = 2.5 (teacher + pruned copy + calibration activations) exceed ``MemAvailable``.
+
+Tensors are read and shards written one tensor at a time by shards.py.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from whelp.errors import WhelpError
-from whelp.models import check_writable, commit_dir
-from whelp.prune.surgery import slice_tensor, text_config, tie_embeddings
+from whelp.models import check_writable, commit_dir, load_config, stored_dtype
+from whelp.prune.arch import family_of
+from whelp.prune.importance import attach, finish, minitron_sq, select, weight_scores
+from whelp.prune.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
+from whelp.prune.surgery import head_dim_of, slice_tensor, target_config, text_config, tie_embeddings
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-COPIED = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt",
-          "*.model", "chat_template.*", "added_tokens.json")
-EMBED_CHUNK_ROWS = 16384
 MEMORY_FACTOR = 2.5  # in-memory prune holds the model at load dtype + pruned copy + calibration activations
-
-
-def weight_map(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> shard file, from ``model.safetensors.index.json`` or a single ``model.safetensors``."""
-    model_dir = Path(model_dir)
-    index = model_dir / INDEX
-    if index.exists():
-        try:
-            files = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise WhelpError(f"{index} is not a valid safetensors index ({exc!r}); re-download the checkpoint") from None
-        shards = {name: model_dir / file for name, file in files.items()}
-        missing = sorted({p.name for p in shards.values() if not p.exists()})
-        if missing:
-            raise WhelpError(f"{index} lists shards missing from {model_dir}: {', '.join(missing)}; "
-                             "the download is incomplete - fetch the missing files")
-        return shards
-    single = model_dir / SINGLE
-    if not single.exists():
-        raise WhelpError(f"{model_dir} has neither {INDEX} nor {SINGLE}: streaming needs safetensors weights")
-    return {name: single for name in _shard_keys(single)}
-
-
-def _shard_keys(path: Path) -> list[str]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as exc:
-        raise WhelpError(f"cannot read safetensors shard {path} ({exc}); it is corrupt or truncated - "
-                         "re-download it") from None
-
-
-def read_tensor(shards: dict[str, Path], name: str) -> Tensor:
-    """One tensor from its shard, opening the shard for this read only (see the module docstring)."""
-    from safetensors import SafetensorError, safe_open
-
-    if name not in shards:
-        raise WhelpError(f"tensor '{name}' is not in the checkpoint's weight map; the checkpoint is incomplete "
-                         "or of another architecture than its config.json says")
-    path = shards[name]
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if name not in f.keys():
-                raise WhelpError(f"the index puts tensor '{name}' in {path.name}, which does not hold it; "
-                                 "the index and shards disagree - re-download the checkpoint")
-            return f.get_tensor(name)
-    except (SafetensorError, OSError) as exc:
-        raise WhelpError(f"cannot read '{name}' from {path} ({exc}); the shard is corrupt or truncated - "
-                         "re-download it") from None
-
-
-def embed_rows(shards: dict[str, Path], name: str, ids: Tensor, dtype: torch.dtype) -> Tensor:
-    """``embedding[ids]`` [*ids.shape, H] in ``dtype``, reading the [V, H] matrix EMBED_CHUNK_ROWS rows at a time."""
-    from safetensors import safe_open
-
-    flat = ids.reshape(-1)
-    with safe_open(str(shards[name]), framework="pt") as f:
-        view = f.get_slice(name)
-        vocab, hidden = view.get_shape()
-        if int(flat.max()) >= vocab:
-            raise WhelpError(f"calibration token id {int(flat.max())} >= vocab size {vocab}: "
-                             "the tokenizer does not belong to this checkpoint")
-        out = torch.empty(flat.numel(), hidden, dtype=dtype)
-        for start in range(0, vocab, EMBED_CHUNK_ROWS):
-            hit = (flat >= start) & (flat < start + EMBED_CHUNK_ROWS)
-            if hit.any():
-                out[hit] = view[start:start + EMBED_CHUNK_ROWS][flat[hit] - start].to(dtype)
-    return out.view(*ids.shape, hidden)
 
 
 def skeleton(config):
@@ -123,7 +50,11 @@ def load_layer(model, family, index: int, shards: dict[str, Path], dtype: torch.
     """Decoder layer ``index`` of a meta skeleton with its tensors (and only those) loaded, in ``dtype``."""
     layer = model.get_submodule(family.layers)[index]
     prefix = f"{family.layers}.{index}."
-    state = {name[len(prefix):]: read_tensor(shards, name).to(dtype) for name in shards if name.startswith(prefix)}
+    state = {key: read_tensor(shards, prefix + key).to(dtype) for key in layer.state_dict()}
+    unknown = sorted(name for name in shards if name.startswith(prefix) and name[len(prefix):] not in state)
+    if unknown:
+        raise WhelpError(f"the checkpoint holds tensors its config.json does not describe: {', '.join(unknown)}; "
+                         "the config and the weights are of different models")
     try:
         layer.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -150,72 +81,28 @@ def rope_and_mask(model, family, config, hidden: Tensor) -> tuple[tuple[Tensor, 
     return (cos.to(hidden.dtype), sin.to(hidden.dtype)), mask
 
 
-def write_shards(tensors: Iterable[tuple[str, Tensor]], out_dir: Path, shard_bytes: int) -> list[str]:
-    """Write ``(name, tensor)`` pairs into safetensors shards of at most ``shard_bytes`` (one
-    oversized tensor gets a shard of its own), HF names and index; returns the file names."""
-    from safetensors.torch import save_file
-
-    parts: list[dict[str, str]] = []
-    shard: dict[str, Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        nonlocal shard, size
-        part = f"part-{len(parts):05d}.safetensors"
-        save_file(shard, str(out_dir / part), metadata={"format": "pt"})
-        parts.append({name: part for name in shard})
-        shard, size = {}, 0
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > shard_bytes:
-            flush()
-        shard[name] = tensor.contiguous()
-        size += nbytes
-        total += nbytes
-    if shard or not parts:
-        flush()
-    if len(parts) == 1:
-        (out_dir / "part-00000.safetensors").rename(out_dir / SINGLE)
-        return [SINGLE]
-    names = [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
-    weight_map_out = {}
-    for i, part in enumerate(parts):
-        (out_dir / f"part-{i:05d}.safetensors").rename(out_dir / names[i])
-        weight_map_out.update({name: names[i] for name in part})
-    (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map_out},
-                                            indent=2))
-    return names
-
-
 def sliced_tensors(shards: dict[str, Path], keep, family, source_cfg, target_cfg) -> Iterator[tuple[str, Tensor]]:
-    """Target ``(name, tensor)`` pairs, one source tensor resident at a time (shard order).
+    """Target ``(name, tensor)`` pairs, one source tensor resident at a time.
 
-    A tied target stores one embedding matrix: with an untied source, the sliced embedding and
-    lm_head are held until both are read and merged by ``surgery.tie_embeddings`` (keep.tie).
+    The embedding and lm_head come first: a tied target stores one matrix, which for an untied
+    source is ``surgery.tie_embeddings`` of both sliced [V, H'] matrices (``keep.tie``), so both are
+    held briefly - before any target shard has started filling. The rest follows in shard order.
     """
     tied = text_config(target_cfg).tie_word_embeddings
+    if tied and family.embed not in shards:
+        raise WhelpError(f"the checkpoint has no '{family.embed}'; it cannot be pruned to a tied model")
+    embeddings = [name for name in (family.embed, family.lm_head) if name in shards]
     held: dict[str, Tensor] = {}
-    for name in sorted(shards, key=lambda n: (shards[n].name, n)):
+    for name in embeddings + sorted(set(shards) - set(embeddings), key=lambda n: (shards[n].name, n)):
         for target_name, tensor in slice_tensor(name, read_tensor(shards, name), keep, family,
                                                 source_cfg, target_cfg).items():
             if tied and target_name in (family.embed, family.lm_head):
                 held[target_name] = tensor
-                continue
-            yield target_name, tensor
-    if tied:
-        if family.embed not in held:
-            raise WhelpError(f"the checkpoint has no '{family.embed}'; it cannot be pruned to a tied model")
-        embedding = held.pop(family.embed)
-        yield family.embed, tie_embeddings(embedding, held.pop(family.lm_head, embedding), keep.tie or "embedding")
-
-
-def copy_side_files(source_dir: Path, out_dir: Path) -> None:
-    """Tokenizer and generation config of the source, unchanged (pruning never touches the vocabulary)."""
-    for pattern in COPIED:
-        for path in Path(source_dir).glob(pattern):
-            if path.is_file():
-                shutil.copy2(path, out_dir / path.name)
+            else:
+                yield target_name, tensor
+        if tied and name == embeddings[-1]:
+            embedding = held.pop(family.embed)
+            yield family.embed, tie_embeddings(embedding, held.pop(family.lm_head, embedding), keep.tie or "embedding")
 
 
 def write_pruned(source_dir: Path, out_dir: Path, keep, family, source_cfg, target_cfg, force: bool = False,
@@ -248,12 +135,125 @@ def available_memory() -> int:
 
 
 def should_stream(source_dir: Path, dtype: torch.dtype) -> bool:
-    """Stream when an in-memory prune would not fit: the weights at the compute ``dtype`` times
-    MEMORY_FACTOR (model + pruned copy + calibration activations) exceed ``MemAvailable``."""
-    from safetensors import safe_open
+    """Stream when an in-memory prune would not fit: the checkpoint's bytes on disk, scaled from the
+    stored to the compute ``dtype``, times MEMORY_FACTOR (model + pruned copy + calibration
+    activations) exceed ``MemAvailable``. Streaming reads local safetensors shards, so a hub id or a
+    pickle-only directory is never streamed."""
+    if not any(Path(source_dir).glob("*.safetensors")):
+        return False
+    files = set(weight_map(Path(source_dir)).values())
+    stored = getattr(torch, stored_dtype(Path(source_dir)), dtype)
+    n_bytes = sum(p.stat().st_size for p in files) * dtype.itemsize / stored.itemsize
+    return n_bytes * MEMORY_FACTOR > available_memory()
 
-    total = 0
-    for path in set(weight_map(Path(source_dir)).values()):
-        with safe_open(str(path), framework="pt") as f:
-            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
-    return total * torch.empty((), dtype=dtype).element_size() * MEMORY_FACTOR > available_memory()
+
+def final_norm(model, family, shards: dict[str, Path], dtype: torch.dtype):
+    """The model's final RMSNorm with its weight loaded (its output feeds the hidden-channel score)."""
+    norm = model.get_submodule(family.final_norm.rsplit(".", 1)[0])
+    norm.load_state_dict({"weight": read_tensor(shards, family.final_norm).to(dtype)}, strict=True, assign=True)
+    return norm
+
+
+@torch.no_grad()
+def calibrate_streaming(source_dir: Path, config, family, tokens: Tensor, batch_size: int = 4,
+                        dtype: torch.dtype = torch.float32, progress=None) -> dict[str, Tensor]:
+    """Activation scores (the keys and values of ``importance.calibrate``) with one decoder layer resident.
+
+    ``tokens`` [N, T] are embedded once; the hidden states [N, T, H] in ``dtype`` then go through
+    layer after layer in the same batches as the in-memory pass, each batch with its own hook
+    statistics, summed over batches at the end. Every per-layer score is thereby summed in the
+    in-memory order exactly; the cross-layer ``hidden`` score too for a single batch, and to
+    fp32 rounding otherwise. ``progress(1)`` is called after each layer.
+    """
+    cfg = text_config(config)
+    shards = weight_map(Path(source_dir))
+    model = skeleton(config)
+    hidden = embed_rows(shards, family.embed, tokens, dtype)
+    batches = [slice(i, i + batch_size) for i in range(0, len(tokens), batch_size)]
+    rope_mask = [rope_and_mask(model, family, cfg, hidden[b]) for b in batches]
+    per_batch: list[dict] = [{} for _ in batches]
+    for index in range(cfg.num_hidden_layers):
+        layer = load_layer(model, family, index, shards, dtype)
+        for b, (rope, mask), stats in zip(batches, rope_mask, per_batch):
+            handles = attach(layer, family, head_dim_of(cfg), stats, index)
+            try:
+                out = layer(hidden[b], position_embeddings=rope, attention_mask=mask)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            hidden[b] = out[0] if isinstance(out, tuple) else out
+        unload_layer(layer)
+        if progress is not None:
+            progress(1)
+    norm = final_norm(model, family, shards, dtype)
+    total: dict = {}
+    for b, stats in zip(batches, per_batch):
+        stats["hidden"] = stats["hidden"] + minitron_sq(norm(hidden[b]))
+        for key, value in stats.items():
+            total[key] = total[key] + value if key in total else value
+    return finish(total, cfg.num_hidden_layers)
+
+
+def magnitude_streaming(source_dir: Path, config, family, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """``importance.weight_scores`` of w^2 over every parameter, read one tensor at a time in the
+    model's parameter order (the in-memory order, so the sums are identical)."""
+    shards = weight_map(Path(source_dir))
+    scores: dict[str, Tensor] = {}
+    for name, _ in skeleton(config).named_parameters():
+        for key, value in weight_scores({name: read_tensor(shards, name).to(dtype).float() ** 2}, family,
+                                        config).items():
+            scores[key] = scores[key] + value if key in scores else value
+    return scores
+
+
+def streamable_family(config):
+    """The arch.py table entry of ``config``; streaming knows no other layout."""
+    family = family_of(config)
+    if family is None:
+        raise WhelpError(f"streaming supports the families of whelp/prune/arch.py, not '{config.model_type}'; "
+                         "prune this model in memory (without --stream)")
+    return family
+
+
+def streaming_scores(source_dir: Path, config, tokens: Tensor, method: str = "activation", batch_size: int = 4,
+                     dtype: torch.dtype = torch.float32, progress=None) -> dict[str, Tensor]:
+    """Scores of ``importance.calibrate`` computed from the shards: ``activation`` (default) or
+    ``magnitude`` widths, block influence for the layers either way.
+
+    Taylor needs gradients through the whole model and random is an in-memory baseline; both are
+    refused rather than silently replaced.
+    """
+    family = streamable_family(config)
+    if method not in ("activation", "magnitude"):
+        raise WhelpError(f"importance '{method}' cannot stream (taylor needs a backward pass through the whole "
+                         "model; random is an in-memory baseline); use activation or magnitude, or drop --stream")
+    scores = calibrate_streaming(source_dir, config, family, tokens, batch_size, dtype, progress)
+    if method == "magnitude":
+        scores = {**magnitude_streaming(source_dir, config, family, dtype), "layers.block": scores["layers.block"]}
+    return scores
+
+
+def prune_streaming(source_dir: str | Path, out_dir: str | Path, target, tokens: Tensor | None = None, *,
+                    method: str = "activation", layer_method: str = "block", tie: str | None = None,
+                    rope: str = "teacher", scores: dict[str, Tensor] | None = None, batch_size: int = 4,
+                    dtype: torch.dtype = torch.float32, force: bool = False, shard_bytes: int = 1 << 30,
+                    extra: dict[str, str] | None = None, progress=None):
+    """Prune the checkpoint in ``source_dir`` to ``target`` (a ``targets.Target``) without loading it.
+
+    ``scores`` (e.g. a saved importance.safetensors) skip calibration; otherwise ``tokens`` [N, T]
+    are the calibration blocks. Returns ``(keep, target_config, scores)``; the checkpoint (weights in
+    the source's stored dtype) lands in ``out_dir`` atomically with ``extra`` text files.
+    """
+    if layer_method != "block" and f"layers.{layer_method}" not in (scores or {}):
+        raise WhelpError(f"layer importance '{layer_method}' runs the whole model once per layer and cannot stream; "
+                         "use --layer-importance block, or drop --stream")
+    config = load_config(str(source_dir))
+    family = streamable_family(config)
+    if scores is None:
+        if tokens is None:
+            raise WhelpError("streaming prune needs calibration tokens or saved importance scores")
+        scores = streaming_scores(Path(source_dir), config, tokens, method, batch_size, dtype, progress)
+    keep = select(scores, config, target.shape, layer_method, tie)
+    target_cfg = target_config(config, keep, target.rope_parameters if rope == "target" else None)
+    write_pruned(Path(source_dir), Path(out_dir), keep, family, config, target_cfg, force, shard_bytes, extra)
+    return keep, target_cfg, scores

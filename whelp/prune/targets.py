@@ -27,7 +27,7 @@ PRESETS = {
     "llama-3.2-3b": (dict(hidden_size=3072, num_hidden_layers=28, intermediate_size=8192, num_attention_heads=24,
                           num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True),
                      _LLAMA3_ROPE),
-    # 53,112,960 non-embedding params (50.01% of SmolLM2-135M): depth and MLP only.
+    # 53,112,384 non-embedding params (50.01% of SmolLM2-135M): depth and MLP only.
     "smollm2-half": (dict(hidden_size=576, num_hidden_layers=24, intermediate_size=768, num_attention_heads=9,
                           num_key_value_heads=3, head_dim=64, **_SMOL), None),
     # 26,560,896 non-embedding params (25.01%): every axis but the KV groups.
@@ -117,7 +117,20 @@ def parse_target(source_cfg, spec: str) -> Target:
         raise WhelpError(f"unknown target '{spec}': use a preset ({', '.join(PRESETS)}), a config.json path, "
                          "or key=value overrides such as intermediate_size=768,num_hidden_layers=24")
     validate(source, shape)
+    _check_config(source_cfg, shape, spec)
     return Target(name=spec, shape=shape, rope_parameters=rope)
+
+
+def _check_config(source_cfg, shape: dict, spec: str) -> None:
+    """Run transformers' own config validation on the target (e.g. Llama needs hidden_size % heads == 0)."""
+    cfg = target_config(source_cfg, first_keep(source_cfg, shape))
+    if hasattr(cfg, "validate"):
+        try:
+            cfg.validate()
+        except Exception as exc:  # huggingface_hub's strict-dataclass error wraps the ValueError
+            cause = str(getattr(exc, "__cause__", None) or exc).strip().splitlines()[-1]
+            raise WhelpError(f"target '{spec}' is not a valid {cfg.model_type} config: {cause} "
+                             "Adjust hidden_size or num_attention_heads.") from None
 
 
 def first_keep(source_cfg, shape: dict, tie: str | None = "embedding") -> Keep:

@@ -2,7 +2,7 @@
 
 * ``whelp_pydoc`` - loglikelihood_rolling over the ``pydoc:eval`` split of the Python language reference
   (word/byte perplexity, bits per byte).
-* ``whelp_licenses`` - loglikelihood_rolling over the GPL-3 and Apache-2.0 licence texts (``licenses.jsonl``,
+* ``whelp_licenses`` - loglikelihood_rolling over the Apache-2.0 and GPL-3 licence texts (``licenses.jsonl``,
   copied verbatim from Debian's ``/usr/share/common-licenses``, which both licences permit).
 * ``whelp_pydoc_next`` - multiple choice: the true next sentence of a ``pydoc:eval`` paragraph against three
   sentences drawn from other paragraphs (acc, acc_norm; chance is 25%).

@@ -30,7 +30,7 @@ def pydoc_eval(**_metadata):
 
 
 def licenses(**_metadata):
-    """The GPL-3 and Apache-2.0 licence texts: ``{"name": str, "text": str}``."""
+    """The Apache-2.0 and GPL-3 licence texts: ``{"name": str, "text": str}``."""
     return _dataset([json.loads(line) for line in LICENSES.read_text(encoding="utf-8").splitlines()])
 
 

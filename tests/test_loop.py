@@ -1,0 +1,267 @@
+"""The distillation loop on tiny models: it learns, resumes exactly, stops on NaN, never clobbers outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from whelp.distill import loop, schedule
+from whelp.distill.loop import DistillSpec, distill
+from whelp.errors import WhelpError
+
+SPEC = DistillSpec(data="pydoc:train", steps=6, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, warmup=2,
+                   max_grad_norm=1.0, eval_data="pydoc:eval", eval_tokens=256, seed=0, dtype="float32",
+                   save_every=2, keep_last=2, chunk_size=16)
+
+
+def tiny_tokenizer():
+    """A 512-token byte-level BPE trained on the pydoc train split (about a second), with an EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from whelp.data import read_documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(read_documents("pydoc:train")[:80], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def make_models(root: Path) -> tuple[str, str, str]:
+    """Saved tiny (teacher, second teacher, student) directories sharing one tokenizer and vocab 512.
+
+    Teacher lm_heads are scaled up so their next-token distributions are far from uniform (a random
+    init with std 0.02 is nearly uniform, which would make the KL trivially small)."""
+    tokenizer = tiny_tokenizer()
+    dirs = []
+    for name, seed, scale, overrides in [("teacher", 1, 40.0, {}), ("teacher2", 3, 40.0, {}),
+                                         ("student", 2, 1.0, dict(intermediate_size=64, num_hidden_layers=1))]:
+        model = tiny_model(seed=seed, **overrides)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        dirs.append(str(root / name))
+    return tuple(dirs)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    return make_models(tmp_path_factory.mktemp("models"))
+
+
+def load_weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(Path(path) / "model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def heldout_kl(student_dir, teacher_dir, blocks) -> float:
+    """Naive fp32 reference: mean forward KL(teacher || student) over full logits of held-out blocks."""
+    from whelp.models import load_model
+
+    with torch.no_grad():
+        zs = load_model(student_dir)[0](input_ids=blocks).logits.float()
+        zt = load_model(teacher_dir)[0](input_ids=blocks).logits.float()
+    return F.kl_div(zs.log_softmax(-1).flatten(0, 1), zt.log_softmax(-1).flatten(0, 1), log_target=True,
+                    reduction="batchmean").item()
+
+
+def test_distill_lowers_kd_loss_and_heldout_kl(tiny_dirs, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from whelp.data import load_blocks
+    from whelp.models import load_model
+
+    teacher, _, student = tiny_dirs
+    loaded = []
+
+    def spy(*args, **kwargs):
+        loaded.append(load_model(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr("whelp.models.load_model", spy)
+    spec = replace(SPEC, steps=40, grad_accum=1, batch_size=4, lr=1e-2, warmup=4, save_every=0, eval_every=20)
+    report = distill(student, tmp_path / "out", spec, teachers=((teacher, 1.0),), progress=False)
+    monkeypatch.undo()
+
+    rows = [json.loads(line) for line in (tmp_path / "out.distill" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.75 * first
+    # held-out perplexity is logged (it rises here: the random teacher is a poor language model)
+    assert "eval_ppl" in rows[19] and all(torch.isfinite(torch.tensor(report[k]["eval_ppl"]))
+                                          for k in ("eval_start", "eval_end"))
+    eval_blocks = load_blocks("pydoc:eval", loaded[0][1], 32, n_blocks=8).tokens
+    assert heldout_kl(tmp_path / "out", teacher, eval_blocks) < 0.8 * heldout_kl(student, teacher, eval_blocks)
+    # the teacher object used for training was never updated
+    teacher_model = loaded[1][0]
+    assert max_diff(dict(teacher_model.state_dict()), load_weights(teacher)) == 0
+    # the output is a vanilla HF checkpoint plus the report
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "distill_report.json").read_text())["steps"] == 40
+    assert plain.config.num_hidden_layers == 1
+
+
+class Crash(Exception):
+    pass
+
+
+def fail_at(monkeypatch, call: int, action):
+    """Make the ``call``-th kd_loss call (1-based, one per micro-batch) run ``action(result)``."""
+    from whelp.distill import losses
+
+    real, count = losses.kd_loss, {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        result = real(*args, **kwargs)
+        count["n"] += 1
+        return action(result) if count["n"] == call else result
+
+    monkeypatch.setattr(losses, "kd_loss", wrapped)
+
+
+def test_exact_resume_after_crash_and_after_sigint(tiny_dirs, tmp_path, monkeypatch):
+    teacher, teacher2, student = tiny_dirs
+    teachers = ((teacher, 0.0), (teacher2, 1.0))
+    spec = replace(SPEC, schedule="linear:4")
+    distill(student, tmp_path / "ref", spec, teachers=teachers, progress=False)
+
+    def crash(result):
+        raise Crash
+
+    fail_at(monkeypatch, 2 * 5, crash)  # dies inside step 5 (2 micro-batches per step); checkpoint of step 4
+    with pytest.raises(Crash):
+        distill(student, tmp_path / "crash", spec, teachers=teachers, progress=False)
+    monkeypatch.undo()
+    steps = sorted(p.name for p in (tmp_path / "crash.distill" / "checkpoints").iterdir())
+    assert steps == ["step-00000002", "step-00000004"]
+    distill(student, tmp_path / "crash", spec, teachers=teachers, progress=False)
+    assert max_diff(load_weights(tmp_path / "crash"), load_weights(tmp_path / "ref")) <= 1e-6
+
+    def interrupt(result):
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    fail_at(monkeypatch, 2 * 3, interrupt)
+    with pytest.raises(WhelpError, match="interrupted at step 3/6"):
+        distill(student, tmp_path / "sig", spec, teachers=teachers, progress=False)
+    monkeypatch.undo()
+    assert (tmp_path / "sig.distill" / "checkpoints" / "step-00000003" / "state.json").exists()
+    assert not (tmp_path / "sig").exists()
+    distill(student, tmp_path / "sig", spec, teachers=teachers, progress=False, resume=True)
+    assert max_diff(load_weights(tmp_path / "sig"), load_weights(tmp_path / "ref")) <= 1e-6
+    ref_rows = (tmp_path / "ref.distill" / "metrics.jsonl").read_text().splitlines()
+    sig_rows = (tmp_path / "sig.distill" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in sig_rows] == list(range(1, 7))
+    assert [json.loads(r)["loss"] for r in sig_rows] == pytest.approx([json.loads(r)["loss"] for r in ref_rows],
+                                                                      abs=1e-6)
+
+
+def test_nan_stops_with_last_good_checkpoint(tiny_dirs, tmp_path, monkeypatch):
+    teacher, _, student = tiny_dirs
+    fail_at(monkeypatch, 2 * 4, lambda r: replace(r, loss=r.loss * float("nan")))
+    with pytest.raises(WhelpError, match="at step 4.*step-00000002"):
+        distill(student, tmp_path / "out", SPEC, teachers=((teacher, 1.0),), progress=False)
+    ckpts = tmp_path / "out.distill" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]
+    weights = load_weights(ckpts / "step-00000002")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert json.loads((ckpts / "step-00000002" / "state.json").read_text())["step"] == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_existing_output_and_changed_settings(tiny_dirs, tmp_path):
+    teacher, _, student = tiny_dirs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(WhelpError, match="already exists"):
+        distill(student, out, SPEC, teachers=((teacher, 1.0),), progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with pytest.raises(WhelpError, match="--resume: no run"):
+        distill(student, tmp_path / "new", SPEC, teachers=((teacher, 1.0),), resume=True, progress=False)
+    loop.run_dir(tmp_path / "b").mkdir()
+    (loop.run_dir(tmp_path / "b") / "run.json").write_text(json.dumps({"student": "other"}))
+    with pytest.raises(WhelpError, match="different settings"):
+        distill(student, tmp_path / "b", SPEC, teachers=((teacher, 1.0),), progress=False)
+    with pytest.raises(WhelpError, match="exactly one training budget"):
+        distill(student, tmp_path / "c", replace(SPEC, max_tokens=100), teachers=((teacher, 1.0),))
+
+
+def test_teacher_weight_schedule_and_data_order():
+    linear = schedule.parse_schedule("linear:4")
+    assert schedule.teacher_weights(linear, (0.0, 1.0), 0) == (1.0, 0.0)
+    assert schedule.teacher_weights(linear, (0.0, 1.0), 2) == (0.5, 0.5)
+    assert schedule.teacher_weights(linear, (0.0, 1.0), 9) == (0.0, 1.0)
+    cosine = schedule.parse_schedule("cosine:10")
+    assert schedule.teacher_weights(cosine, (0.2, 0.8), 5) == pytest.approx((0.6, 0.4))
+    assert schedule.teacher_weights(schedule.parse_schedule("constant"), (0.3, 0.7), 50) == (0.3, 0.7)
+    with pytest.raises(WhelpError, match="positive step count"):
+        schedule.parse_schedule("linear")
+    assert schedule.parse_weighted("pydoc:x:0.5") == ("pydoc:x", 0.5)
+    assert schedule.parse_weighted("/m/teacher") == ("/m/teacher", 1.0)
+    # every block exactly once per epoch, epochs differ, wrap-around across the epoch boundary
+    order = torch.cat([schedule.step_blocks(s, 10, 4, seed=0) for s in range(5)])
+    assert sorted(order[:10].tolist()) == list(range(10)) and sorted(order[10:20].tolist()) == list(range(10))
+    assert not torch.equal(order[:10], order[10:20])
+    assert torch.equal(schedule.step_blocks(3, 10, 4, seed=0), order[12:16])
+
+
+def test_cached_teacher_matches_live_and_mixes(tiny_dirs, tmp_path):
+    from whelp.data import load_blocks
+    from whelp.distill.cache import write_cache
+    from whelp.models import load_model
+
+    teacher, teacher2, student = tiny_dirs
+    spec = replace(SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0)  # 3 steps of 4 blocks; 12 blocks read
+    model, tokenizer = load_model(teacher)
+    blocks = load_blocks(spec.data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
+    write_cache(model, tokenizer, blocks, tmp_path / "cache", "topk", 512, 1.0, teacher)  # k = V: dense
+    distill(student, tmp_path / "live", spec, teachers=((teacher, 1.0),), progress=False)
+    distill(student, tmp_path / "cached", spec, caches=((str(tmp_path / "cache"), 1.0),), progress=False)
+    live, cached = (tmp_path / "live.distill" / "metrics.jsonl"), (tmp_path / "cached.distill" / "metrics.jsonl")
+    live_loss = [json.loads(r)["loss"] for r in live.read_text().splitlines()]
+    cached_loss = [json.loads(r)["loss"] for r in cached.read_text().splitlines()]
+    assert cached_loss == pytest.approx(live_loss, rel=2e-3)  # fp16 log-probs in the cache
+    report = distill(student, tmp_path / "mixed", spec, teachers=((teacher2, 0.5),),
+                     caches=((str(tmp_path / "cache"), 0.5),), progress=False)
+    assert set(report["final"]) >= {f"kl/{teacher2}", f"kl/{tmp_path / 'cache'}"}
+    with pytest.raises(WhelpError, match="other data"):
+        distill(student, tmp_path / "bad", replace(spec, seq_len=16), caches=((str(tmp_path / "cache"), 1.0),))
+
+
+def test_cli_distill(tiny_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from whelp.cli import app
+
+    teacher, _, student = tiny_dirs
+    args = ["distill", student, "--out", str(tmp_path / "out"), "--teacher", f"{teacher}:1", "--data", "pydoc:train",
+            "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--dtype", "float32", "--tensorboard", "--ce-weight", "0.5"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "distilled 128 tokens in 2 steps" in done.output
+    report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
+    assert report["teachers"] == [[teacher, 1.0]] and report["spec"]["ce_weight"] == 0.5
+    assert any((tmp_path / "out.distill" / "tensorboard").glob("events.out.tfevents.*"))
+    done = CliRunner().invoke(app, args)  # CliRunner bypasses the one-line error printer: see the exception
+    assert isinstance(done.exception, WhelpError) and "already exists" in str(done.exception)
+    done = CliRunner().invoke(app, args[:-2] + ["--loss", "nope", "--force"])
+    assert isinstance(done.exception, WhelpError) and "unknown loss 'nope'" in str(done.exception)

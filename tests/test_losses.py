@@ -1,0 +1,275 @@
+"""Chunked fused KD losses against a naive fp32 reference on full logits (torch.nn.functional)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from whelp.distill.losses import LOSSES, LiveTarget, LossSpec, SparseTarget, kd_loss
+from whelp.errors import WhelpError
+
+N, HS, HT, V = 21, 16, 24, 300
+
+
+def naive_divergence(name: str, s: torch.Tensor, t: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """Per-token divergence from full log-probs [n, V] with torch.nn.functional: [n]."""
+    kl = lambda logp, logq: F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)  # KL(p || q)
+    if name == "forward_kl":
+        return kl(t, s)
+    if name == "reverse_kl":
+        return kl(s, t)
+    p, q = t.exp(), s.exp()
+    if name == "jsd":
+        m = (spec.beta * p + (1 - spec.beta) * q).log()
+        return spec.beta * kl(t, m) + (1 - spec.beta) * kl(s, m)
+    if name == "skew_kl":
+        return kl(t, (spec.alpha * p + (1 - spec.alpha) * q).log())
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def naive_loss(h, w, teacher_logits, weights, spec, labels=None, mask=None):
+    """The full-logits reference: loss SUM over unmasked tokens, as kd_loss defines it."""
+    z = h.float() @ w.float().T
+    mask = torch.ones(len(h), dtype=torch.bool) if mask is None else mask
+    T = spec.temperature
+    s = F.log_softmax(z / T, -1)
+    kd = sum(wt * naive_divergence(spec.name, s, F.log_softmax(tz.float() / T, -1), spec)[mask].sum()
+             for wt, tz in zip(weights, teacher_logits))
+    loss = (1 - spec.ce_weight) * (T * T if spec.t2_scale else 1) * kd
+    if spec.ce_weight:
+        loss = loss + spec.ce_weight * F.cross_entropy(z[mask], labels[mask], ignore_index=-100, reduction="sum")
+    return loss
+
+
+def make(seed=0, dtype=torch.float32, n=N, n_teachers=2):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, HS, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, HS, generator=g) / 2).to(dtype).requires_grad_()
+    teachers = [LiveTarget(torch.randn(n, HT, generator=g).to(dtype), (torch.randn(V, HT, generator=g) / 2).to(dtype))
+                for _ in range(n_teachers)]
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[3] = -100
+    mask = torch.rand(n, generator=g) > 0.25
+    return h, w, teachers, labels, mask
+
+
+def grads(loss, *xs):
+    return torch.autograd.grad(loss, xs)
+
+
+SPECS = [LossSpec(name=name, chunk_size=5) for name in LOSSES] + [
+    LossSpec(name="forward_kl", temperature=2.0, t2_scale=True, ce_weight=0.3, chunk_size=8),
+    LossSpec(name="jsd", beta=0.9, temperature=0.7, chunk_size=4),
+    LossSpec(name="skew_kl", alpha=0.3, ce_weight=0.5, chunk_size=64),
+    LossSpec(name="reverse_kl", temperature=1.5, t2_scale=True, chunk_size=1)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}-c{s.chunk_size}")
+def test_fused_equals_naive_fp32(spec):
+    h, w, teachers, labels, mask = make()
+    weights = (0.7, 0.3)
+    got = kd_loss(h, w, teachers, weights, spec, labels=labels, mask=mask)
+    ref = naive_loss(h, w, [t.hidden @ t.weight.T for t in teachers], weights, spec, labels, mask)
+    assert got.tokens == int(mask.sum())
+    assert got.ce.grad_fn is None and all(p.grad_fn is None for p in got.per_teacher)
+    assert abs(float(got.loss) - float(ref)) <= 1e-5
+    for a, b in zip(grads(got.loss, h, w), grads(ref, h, w)):
+        assert (a - b).abs().max() <= 1e-5
+    per = [naive_loss(h, w, [t.hidden @ t.weight.T], (1.0,), LossSpec(name=spec.name, temperature=spec.temperature,
+                                                                          beta=spec.beta, alpha=spec.alpha), mask=mask)
+           for t in teachers]
+    assert torch.allclose(torch.stack(got.per_teacher), torch.stack(per).detach(), atol=1e-5)
+    ce = F.cross_entropy((h @ w.T)[mask], labels[mask], ignore_index=-100, reduction="sum")
+    assert abs(float(got.ce) - float(ce)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_bf16_within_2e3_relative(name):
+    h, w, teachers, labels, mask = make(dtype=torch.bfloat16)
+    spec = LossSpec(name=name, chunk_size=6)
+    got = kd_loss(h, w, teachers, (0.5, 0.5), spec, labels=labels, mask=mask)
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = naive_loss(h32, w32, [(t.hidden.float() @ t.weight.float().T) for t in teachers], (0.5, 0.5), spec, mask=mask)
+    assert got.loss.dtype == torch.float32
+    assert abs(float(got.loss) / float(ref) - 1) <= 2e-3
+    for a, b in zip(grads(got.loss, h, w), grads(ref, h32, w32)):
+        assert float((a.float() - b).norm() / b.norm()) <= 2e-3
+
+
+def test_gradient_accumulation_invariance():
+    h, w, teachers, labels, mask = make(n=32)
+    spec = LossSpec(name="jsd", ce_weight=0.2, chunk_size=3)
+    full = kd_loss(h, w, teachers, (0.6, 0.4), spec, labels=labels, mask=mask)
+    g_full = grads(full.loss / full.tokens, h, w)
+    total, parts = int(mask.sum()), []
+    for rows in torch.arange(32).chunk(4):
+        micro = [LiveTarget(t.hidden[rows], t.weight) for t in teachers]
+        parts.append(kd_loss(h[rows], w, micro, (0.6, 0.4), spec, labels=labels[rows], mask=mask[rows]).loss / total)
+    g_acc = grads(sum(parts), h, w)
+    for a, b in zip(g_full, g_acc):
+        assert (a - b).abs().max() <= 1e-6
+
+
+def test_masked_positions_get_exactly_zero_gradient():
+    h, w, teachers, labels, mask = make()
+    spec = LossSpec(name="tvd", ce_weight=0.5, chunk_size=4)
+    got = kd_loss(h, w, teachers, (1.0, 1.0), spec, labels=labels, mask=mask)
+    g_h, _ = grads(got.loss, h, w)
+    assert torch.all(g_h[~mask] == 0) and torch.all(g_h[mask].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_divergence_of_a_distribution_with_itself_is_zero(name):
+    h, w, _, _, _ = make()
+    got = kd_loss(h, w, [LiveTarget(h.detach(), w.detach())], (1.0,), LossSpec(name=name, chunk_size=4))
+    assert abs(float(got.loss)) <= 1e-6
+    assert all(float(g.abs().max()) <= 1e-6 for g in grads(got.loss, h, w))
+
+
+def test_weights_one_zero_equal_single_teacher():
+    h, w, teachers, labels, mask = make()
+    spec = LossSpec(name="skew_kl", chunk_size=7)
+    both = kd_loss(h, w, teachers, (1.0, 0.0), spec, mask=mask)
+    one = kd_loss(h, w, teachers[:1], (1.0,), spec, mask=mask)
+    assert float(both.loss) == float(one.loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads(both.loss, h, w), grads(one.loss, h, w)))
+    assert float(both.per_teacher[1]) > 0  # the zero-weight teacher is still measured
+
+
+def test_padded_teacher_vocab_is_masked_not_zero_padded():
+    h, w, teachers, _, _ = make(n_teachers=1)
+    padded = LiveTarget(teachers[0].hidden, torch.cat([teachers[0].weight, torch.randn(12, HT) * 5]))
+    spec = LossSpec(chunk_size=4, vocab_size=V)
+    got = kd_loss(h, w, [padded], (1.0,), spec)
+    masked = padded.hidden @ padded.weight.T
+    masked[:, V:] = float("-inf")  # the extra ids carry no teacher mass
+    student = torch.cat([h @ w.T, torch.full((N, 12), float("-inf"))], 1)
+    s_logp, t_logp = F.log_softmax(student, -1)[:, :V], F.log_softmax(masked, -1)[:, :V]
+    ref = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum")
+    assert abs(float(got.loss) - float(ref)) <= 1e-5
+    with pytest.raises(WhelpError, match="padded, set LossSpec.vocab_size"):
+        kd_loss(h, w, [padded], (1.0,), LossSpec())
+    with pytest.raises(WhelpError, match="vocabularies differ"):
+        kd_loss(h, w, [LiveTarget(padded.hidden, padded.weight[: V - 1])], (1.0,), LossSpec())
+
+
+def bucketed(t_logits, k):
+    """Top-k target as SparseTarget (exact fp32) and the teacher's [n, k+1] bucket log-probs."""
+    logp = F.log_softmax(t_logits, -1)
+    values, ids = logp.topk(k, -1)
+    tail = 1 - values.exp().sum(-1)
+    return SparseTarget("topk", ids, 1.0, V, logp=values, tail=tail.clamp_min(0)), ids
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_topk_with_k_equal_v_is_dense_and_smaller_k_uses_a_tail_bucket(name):
+    h, w, teachers, _, mask = make(n_teachers=1)
+    t_logits = teachers[0].hidden @ teachers[0].weight.T
+    spec = LossSpec(name=name, chunk_size=6)
+    dense = kd_loss(h, w, teachers, (1.0,), spec, mask=mask)
+    full, _ = bucketed(t_logits, V)
+    sparse = kd_loss(h, w, [full], (1.0,), spec, mask=mask)
+    assert abs(float(sparse.loss) - float(dense.loss)) <= 1e-5
+    for a, b in zip(grads(sparse.loss, h, w), grads(dense.loss, h, w)):
+        assert (a - b).abs().max() <= 1e-5
+    target, ids = bucketed(t_logits, 10)
+    got = kd_loss(h, w, [target], (1.0,), spec, mask=mask)
+    s = F.log_softmax(h @ w.T, -1)
+    s_b = torch.cat([s.gather(1, ids), torch.log1p(-s.gather(1, ids).exp().sum(-1, keepdim=True))], 1)
+    t_b = torch.cat([target.logp, target.tail.log()[:, None]], 1)
+    ref = naive_divergence(name, s_b, t_b, spec)[mask].sum()
+    assert abs(float(got.loss) - float(ref)) <= 1e-5
+    for a, b in zip(grads(got.loss, h, w), grads(ref, h, w)):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_sampled_estimator_is_unbiased():
+    from whelp.distill.cache import sparse_targets
+
+    h, w, teachers, _, _ = make(n_teachers=1, n=6)
+    t_logits = teachers[0].hidden @ teachers[0].weight.T
+    spec = LossSpec(temperature=1.5, chunk_size=4)
+    dense = kd_loss(h, w, teachers, (1.0,), spec)
+    g_dense = grads(dense.loss, h, w)
+    losses, g_sum = [], [torch.zeros_like(h), torch.zeros_like(w)]
+    for seed in range(300):
+        target = sparse_targets(t_logits, "sample", 16, 1.5, torch.Generator().manual_seed(seed))
+        got = kd_loss(h, w, [target], (1.0,), spec)
+        losses.append(float(got.loss))
+        g_sum = [a + b for a, b in zip(g_sum, grads(got.loss, h, w))]
+    mean, sem = sum(losses) / len(losses), torch.tensor(losses).std().item() / math.sqrt(len(losses))
+    assert abs(mean - float(dense.loss)) <= 4 * sem and sem < 0.05 * float(dense.loss)
+    g_mean = [g / len(losses) for g in g_sum]
+    assert all(float((a - b).norm() / b.norm()) < 0.1 for a, b in zip(g_mean, g_dense))
+    with pytest.raises(WhelpError, match="only forward_kl"):
+        kd_loss(h, w, [target], (1.0,), LossSpec(name="reverse_kl", temperature=1.5))
+    with pytest.raises(WhelpError, match="temperature 1.5"):
+        kd_loss(h, w, [target], (1.0,), LossSpec())
+
+
+def test_mixed_live_and_cached_teachers():
+    h, w, teachers, _, mask = make()
+    spec = LossSpec(chunk_size=5)
+    cached, _ = bucketed(teachers[1].hidden @ teachers[1].weight.T, V)
+    mixed = kd_loss(h, w, [teachers[0], cached], (0.25, 0.75), spec, mask=mask)
+    live = kd_loss(h, w, teachers, (0.25, 0.75), spec, mask=mask)
+    assert abs(float(mixed.loss) - float(live.loss)) <= 1e-5
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_tensor_of_n_by_v_in_forward_or_backward():
+    h, w, teachers, labels, mask = make(n=64)
+    spec = LossSpec(name="jsd", ce_weight=0.1, chunk_size=8)
+    with _LargestTensor() as seen:
+        got = kd_loss(h, w, teachers, (0.5, 0.5), spec, labels=labels, mask=mask)
+        got.loss.backward()
+    assert seen.largest <= max(spec.chunk_size * V * 2, V * HT)
+
+
+def test_spec_and_argument_errors():
+    with pytest.raises(WhelpError, match="unknown loss"):
+        LossSpec(name="kl")
+    with pytest.raises(WhelpError, match="beta"):
+        LossSpec(name="jsd", beta=1.0)
+    h, w, teachers, _, _ = make()
+    with pytest.raises(WhelpError, match="one weight per teacher"):
+        kd_loss(h, w, teachers, (1.0,), LossSpec())
+    with pytest.raises(WhelpError, match="needs labels"):
+        kd_loss(h, w, teachers, (1.0, 1.0), LossSpec(ce_weight=0.5))
+
+
+def test_plain_cross_entropy_without_teachers_and_under_no_grad():
+    h, w, _, labels, mask = make()
+    got = kd_loss(h, w, [], [], LossSpec(ce_weight=1.0, chunk_size=4), labels=labels, mask=mask)
+    ref = F.cross_entropy((h @ w.T)[mask], labels[mask], ignore_index=-100, reduction="sum")
+    assert abs(float(got.loss.detach()) - float(ref)) <= 1e-5
+    for a, b in zip(grads(got.loss, h, w), grads(ref, h, w)):
+        assert (a - b).abs().max() <= 1e-5
+    with torch.no_grad():
+        assert float(kd_loss(h, w, [], [], LossSpec(ce_weight=1.0), labels=labels, mask=mask).loss) == pytest.approx(
+            float(ref), abs=1e-5)
+
+
+def test_autocast_region_keeps_fp32_logits():
+    h, w, teachers, _, mask = make()
+    spec = LossSpec(name="jsd", chunk_size=8)
+    plain = kd_loss(h, w, teachers, (0.5, 0.5), spec, mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = kd_loss(h, w, teachers, (0.5, 0.5), spec, mask=mask)
+    assert abs(float(mixed.loss.detach()) - float(plain.loss.detach())) <= 1e-5

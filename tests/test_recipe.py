@@ -1,0 +1,93 @@
+"""Recipes: shipped ones validate and plan offline; bad ones fail with their key path."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from whelp import plan, recipe
+from whelp.errors import WhelpError
+
+SHIPPED = sorted(p.stem for p in recipe.RECIPES_DIR.glob("*.yaml"))
+
+
+def test_shipped_recipes_are_the_documented_ones():
+    assert SHIPPED == ["llama-3.2-1b", "llama-3.2-3b", "smollm2-demo", "tiny"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipes_validate_plan_and_round_trip(name):
+    loaded = recipe.load(name)
+    planned = plan.plan_recipe(loaded)
+    assert planned["student"]["params"] < planned["teacher"]["shape"]["params"]
+    assert recipe.build(recipe.Recipe, yaml.safe_load(recipe.dump(loaded))) == loaded
+
+
+@pytest.mark.parametrize("name, params", [("llama-3.2-1b", 1_235_814_400), ("llama-3.2-3b", 3_212_749_824)])
+def test_llama_recipes_plan_the_published_sizes_offline(name, params, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    planned = plan.plan_recipe(recipe.load(name))
+    assert planned["student"]["params"] == params
+    assert planned["teacher"]["shape"]["params"] == 8_030_261_248
+    distill = planned["stages"][1]
+    assert distill["flops_per_token"]["student_train"] == 6 * params
+    assert distill["flops_per_token"]["cache_teachers_once"] == 2 * 70_553_706_496
+    cache = distill["caches"][0]
+    assert cache["bytes_per_token"] <= (48 if cache["mode"] == "sample" else 264)
+    assert cache["bytes"] == cache["bytes_per_token"] * distill["tokens"]
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BASE = """
+name: t
+teacher: {model: %s}
+prune: {target: %s}
+distill: {steps: 2%s}
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", stepz: 3"), r"recipe.distill\[0\].stepz: unknown key; valid keys: teachers"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", lr: fast"), r"recipe.distill\[0\].lr: expected a number, got 'fast'"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {seq_len: 1}\n", "recipe.data: seq_len must be at least 2"),
+    (BASE % ("llama-3.1-8b", "hidden_size=9000", ""), r"recipe.prune\[0\].target: .*hidden_size=9000 is out of range"),
+    (BASE % ("/no/such/teacher", "llama-3.2-1b", ""), "recipe.teacher: no such model directory: /no/such/teacher"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "colour: red\n", "recipe.colour: unknown key"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "eval: {tasks: mmlu}\n", "recipe.eval.tasks: expected a list"),
+    ("name: t\nteacher: {model: llama-3.1-8b}\n", "needs at least one prune step"),
+    ("- just\n- a list\n", "a recipe is a mapping"),
+    ("name: [unclosed\n", "not valid YAML"),
+])
+def test_bad_recipes_name_the_problem(tmp_path, text, message):
+    with pytest.raises(WhelpError, match=message):
+        plan.plan_recipe(recipe.load(_write(tmp_path, text)))
+
+
+def test_overrides_and_stage_defaults(tmp_path):
+    path = _write(tmp_path, BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {train: pydoc:eval, seq_len: 128}\n")
+    loaded = recipe.load(path, ("distill.0.lr=0.01", "seed=7"))
+    step = loaded.distill[0].options
+    assert (step.lr, step.seed, step.data, step.seq_len) == (0.01, 7, "pydoc:eval", 128)
+    assert loaded.prune[0].options.seq_len == 128 and loaded.prune[0].options.seed == 7
+    with pytest.raises(WhelpError, match="no recipe file"):
+        recipe.load(str(tmp_path / "missing.yaml"))
+
+
+def test_chained_steps_plan_through_the_intermediate_shape(tmp_path):
+    text = """
+name: chain
+teacher: {model: llama-3.1-8b}
+prune: [{target: llama-3.2-3b}, {target: "hidden_size=2048,num_hidden_layers=16,head_dim=64,num_attention_heads=16"}]
+distill: [{steps: 1}, {steps: 1}]
+"""
+    planned = plan.plan_recipe(recipe.load(_write(tmp_path, text)))
+    assert [s["stage"] for s in planned["stages"]] == ["prune[0]", "distill[0]", "prune[1]", "distill[1]"]
+    assert planned["stages"][0]["shape"]["params"] == 3_212_749_824
+    assert planned["student"]["hidden_size"] == 2048 and planned["student"]["intermediate_size"] == 8192
+    with pytest.raises(WhelpError, match="one distill step per prune step"):
+        recipe.load(_write(tmp_path, text.replace("distill: [{steps: 1}, {steps: 1}]", "distill: [{steps: 1}]")))

@@ -1,0 +1,304 @@
+"""Offline teacher-logit cache: sparse per-token targets written once, read by the distillation loop.
+
+A teacher too big to run beside the student (a 70B next to a 1B) is run once over the packed data and its
+next-token distribution is stored per position, either as
+
+* ``topk``: the k most likely ids with their log-probs plus the tail mass outside them (biased: Anshumann
+  et al., ACL 2025 show top-k KD under-weights the tail), or
+* ``sample``: S ids drawn from the teacher distribution (repeats are the counts) plus the teacher entropy:
+  an unbiased estimate of forward KL and of its gradient (Anshumann et al., ACL 2025).
+
+Layout: ``DIR/manifest.json`` and ``DIR/shard-NNNNN.safetensors``, each shard holding ``tokens`` int32
+[b, seq_len] and per position (flattened [b * seq_len]) a bit-packed ``entries`` uint8 row plus ``tail``
+or ``entropy`` (fp16). A top-k entry is ``id << 15 | fp16(-logp) without its sign bit`` in
+``id_bits + 15`` bits (32 bits at vocab 128256: 4 bytes per entry); a sample is its id in ``id_bits`` bits.
+Bytes per token at vocab 128256: top-64 4 + 256 + 2 = 262; S = 16: 4 + 34 + 2 = 40.
+
+Each shard is written to a temporary file and renamed into place, then recorded with its sha256 in the
+manifest (itself replaced atomically), so an interrupted run resumes at the first missing shard and a
+truncated or corrupted shard is named on read and never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from whelp.distill.losses import SparseTarget
+from whelp.errors import WhelpError
+from whelp.models import sha256_file
+
+FORMAT = 1
+MAG_BITS = 15  # an fp16 of -logp >= 0 has its sign bit clear
+MANIFEST = "manifest.json"
+
+
+def pack_bits(values: Tensor, bits: int) -> Tensor:
+    """Non-negative ints [n, m] (< 2^bits) -> uint8 [n, ceil(m * bits / 8)], little-endian bit order."""
+    n, m = values.shape
+    v = values.numpy().astype(np.uint64)
+    planes = ((v[..., None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(planes.reshape(n, m * bits), axis=1, bitorder="little"))
+
+
+def unpack_bits(packed: Tensor, m: int, bits: int) -> Tensor:
+    """Inverse of ``pack_bits``: uint8 [n, nbytes] -> int64 [n, m]."""
+    n = packed.shape[0]
+    if bits in (8, 16, 32):
+        dtype = {8: "u1", 16: "<u2", 32: "<u4"}[bits]
+        return torch.from_numpy(packed.numpy()[:, : m * bits // 8].copy().view(dtype).astype(np.int64))
+    planes = np.unpackbits(packed.numpy(), axis=1, count=m * bits, bitorder="little").reshape(n, m, bits)
+    width = 64 if bits > 32 else 32
+    padded = np.zeros((n, m, width), dtype=np.uint8)
+    padded[..., :bits] = planes
+    words = np.packbits(padded, axis=-1, bitorder="little").view("<u8" if width == 64 else "<u4")
+    return torch.from_numpy(words.reshape(n, m).astype(np.int64))
+
+
+def id_bits(vocab: int) -> int:
+    return max(1, (vocab - 1).bit_length())
+
+
+def sparse_targets(logits: Tensor, mode: str, k: int, temperature: float,
+                   generator: torch.Generator | None = None) -> SparseTarget:
+    """Sparse targets of teacher logits [n, V] at temperature T: top-k (+ tail mass) or k samples (+ entropy)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    vocab = logits.shape[-1]
+    if mode == "topk":
+        values, ids = logp.topk(min(k, vocab), dim=-1)
+        tail = (-torch.expm1(torch.logsumexp(values, -1))).clamp_min(0)
+        return SparseTarget("topk", ids, temperature, vocab, logp=values, tail=tail)
+    if mode == "sample":
+        draws = torch.multinomial(logp.exp(), k, replacement=True, generator=generator).sort(-1).values
+        entropy = -(logp.exp() * logp).sum(-1)
+        return SparseTarget("sample", draws, temperature, vocab, entropy=entropy)
+    raise WhelpError(f"unknown cache mode '{mode}'; choose topk or sample")
+
+
+def encode(target: SparseTarget) -> dict[str, Tensor]:
+    """Storage tensors of a sparse target (see the module docstring for the bit layout)."""
+    bits = id_bits(target.vocab_size)
+    if target.mode == "sample":
+        return {"entries": pack_bits(target.ids, bits), "entropy": target.entropy.half()}
+    mag = target.logp.neg().clamp_min(0).half().view(torch.int16).long() & 0x7FFF
+    return {"entries": pack_bits(target.ids << MAG_BITS | mag, bits + MAG_BITS), "tail": target.tail.half()}
+
+
+def decode(tensors: dict[str, Tensor], mode: str, k: int, temperature: float, vocab: int) -> SparseTarget:
+    """Inverse of ``encode``: fp32 log-probs, tail and entropy."""
+    bits = id_bits(vocab)
+    if mode == "sample":
+        ids = unpack_bits(tensors["entries"], k, bits)
+        return SparseTarget("sample", ids, temperature, vocab, entropy=tensors["entropy"].float())
+    words = unpack_bits(tensors["entries"], k, bits + MAG_BITS)
+    logp = -(words & 0x7FFF).to(torch.int16).view(torch.float16).float()
+    return SparseTarget("topk", words >> MAG_BITS, temperature, vocab, logp=logp, tail=tensors["tail"].float())
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_hash(config) -> str:
+    """sha256 of a model config without bookkeeping keys (paths, versions, dtype): the architecture's identity."""
+    skip = {"transformers_version", "dtype", "torch_dtype", "architectures"}
+    return _sha256_json({k: v for k, v in config.to_dict().items() if k not in skip and not k.startswith("_")})
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the token -> id map and the special ids: equal hashes mean identical token ids."""
+    specials = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return _sha256_json([sorted(tokenizer.get_vocab().items()), specials])
+
+
+def _identity(model, tokenizer, blocks, mode: str, k: int, temperature: float, teacher_name: str, seed: int) -> dict:
+    width = model.get_output_embeddings().weight.shape[0]
+    return {"format": FORMAT, "teacher": teacher_name, "teacher_config_sha256": config_hash(model.config),
+            "tokenizer_sha256": tokenizer_hash(tokenizer), "vocab_size": min(width, len(tokenizer)),
+            "temperature": float(temperature), "mode": mode, "k": int(k), "seq_len": int(blocks.tokens.shape[1]),
+            "n_blocks": int(blocks.tokens.shape[0]), "data_fingerprint": blocks.fingerprint,
+            "data_source": blocks.source, "seed": seed}
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    if not file.exists():
+        raise WhelpError(f"{path} is not a teacher-logit cache (no {MANIFEST}); build one with whelp cache-logits")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError:
+        raise WhelpError(f"{file} is corrupted (not JSON); rebuild the cache with whelp cache-logits --force") from None
+
+
+def shard_problem(path: Path, shard: dict) -> str | None:
+    """Why a recorded shard cannot be used (missing, truncated, corrupted), or None if it is intact."""
+    file = path / shard["file"]
+    if not file.exists():
+        return "is missing"
+    if file.stat().st_size != shard["bytes"]:
+        return f"is truncated or altered ({file.stat().st_size} of {shard['bytes']} bytes)"
+    if sha256_file(file) != shard["sha256"]:
+        return "is corrupted (sha256 differs from the manifest)"
+    return None
+
+
+def _teacher_shard(model, tokens: Tensor, spec: dict, first_block: int, batch_size: int) -> dict[str, Tensor]:
+    """Storage tensors of one shard: teacher targets for every position of ``tokens`` [b, seq_len]."""
+    parts = []
+    device = next(model.parameters()).device
+    for s in range(0, len(tokens), batch_size):
+        with torch.no_grad():
+            logits = model(input_ids=tokens[s : s + batch_size].to(device)).logits[..., : spec["vocab_size"]]
+        for j, row in enumerate(logits.float().cpu()):
+            gen = torch.Generator().manual_seed(spec["seed"] * 1_000_003 + first_block + s + j)
+            parts.append(encode(sparse_targets(row, spec["mode"], spec["k"], spec["temperature"], gen)))
+    out = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
+    out["tokens"] = tokens.to(torch.int32).contiguous()
+    return out
+
+
+def _resume_manifest(out: Path, identity: dict) -> dict:
+    """The manifest of an interrupted run of the same cache, with unusable shards dropped."""
+    if not (out / MANIFEST).exists():
+        raise WhelpError(f"{out} already exists and is not a teacher-logit cache; pass --force to replace it "
+                         "or choose another --out")
+    old = _read_manifest(out)
+    diff = [key for key in identity if old.get(key) != identity[key]]
+    if diff:
+        key = diff[0]
+        raise WhelpError(f"{out} holds a cache of a different run ({key}: {old.get(key)!r} there, "
+                         f"{identity[key]!r} now); pass --force to replace it or choose another --out")
+    shards = [s for s in old["shards"] if shard_problem(out, s) is None]
+    if old.get("complete") and len(shards) == len(old["shards"]):
+        raise WhelpError(f"{out} already holds this complete cache; pass --force to rebuild it")
+    return {**old, "shards": shards, "complete": False}
+
+
+def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, temperature: float,
+                teacher_name: str, force: bool = False, batch_size: int = 4, shard_tokens: int = 65536,
+                seed: int = 0, progress=None) -> Path:
+    """Run the teacher over ``blocks`` (whelp.data.Blocks) and write a sparse-target cache to ``out``.
+
+    Resumable: rerunning the same call after an interruption keeps every intact shard and writes the rest
+    (sampling is seeded per block, so the result equals an uninterrupted run). ``progress(n_blocks)`` is
+    called after each shard.
+    """
+    if mode not in ("topk", "sample") or k < 1:
+        raise WhelpError(f"cache mode must be topk or sample with k >= 1, got {mode} k={k}")
+    if temperature <= 0:
+        raise WhelpError(f"temperature must be > 0, got {temperature}")
+    out = Path(out).expanduser()
+    identity = _identity(teacher_model, tokenizer, blocks, mode, k, temperature, teacher_name, seed)
+    if out.exists() and force:
+        shutil.rmtree(out)
+    if out.exists():
+        manifest = _resume_manifest(out, identity)
+    else:
+        out.mkdir(parents=True)
+        manifest = {**identity, "shards": [], "complete": False}
+        _write_manifest(out, manifest)
+    per_shard = max(1, shard_tokens // identity["seq_len"])
+    done = {s["file"] for s in manifest["shards"]}
+    for index, start in enumerate(range(0, identity["n_blocks"], per_shard)):
+        stop = min(start + per_shard, identity["n_blocks"])
+        name = f"shard-{index:05d}.safetensors"
+        if name not in done:
+            tensors = _teacher_shard(teacher_model, blocks.tokens[start:stop], identity, start, batch_size)
+            tmp = out / f".{name}.tmp"
+            save_file(tensors, str(tmp))
+            os.replace(tmp, out / name)
+            manifest["shards"].append({"file": name, "start": start, "stop": stop,
+                                       "bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)})
+            _write_manifest(out, manifest)
+        if progress is not None:
+            progress(stop - start)
+    manifest["shards"].sort(key=lambda s: s["start"])
+    manifest["bytes_per_token"] = sum(s["bytes"] for s in manifest["shards"]) / blocks.tokens.numel()
+    _write_manifest(out, {**manifest, "complete": True})
+    return out
+
+
+class TeacherCache:
+    """A verified cache. ``tokens`` LongTensor [n_blocks, seq_len]; ``targets(block_idx)`` gives the teacher
+    targets of those blocks flattened to [len(block_idx) * seq_len] positions, block-major, where position t
+    of a block holds the teacher's distribution of token t + 1 (its logits at t), exactly aligned with the
+    student's logits at t. The last position of a block predicts the token after the block."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self._shards = manifest["shards"]
+        self._files = {s["file"]: safe_open(str(path / s["file"]), framework="pt") for s in self._shards}
+        self.tokens = torch.cat([self._files[s["file"]].get_tensor("tokens") for s in self._shards]).long()
+
+    def _shard_of(self, block: int) -> dict:
+        for shard in self._shards:
+            if shard["start"] <= block < shard["stop"]:
+                return shard
+        raise WhelpError(f"block {block} is outside the cache's {self.manifest['n_blocks']} blocks")
+
+    def targets(self, block_idx: Tensor) -> SparseTarget:
+        m, L = self.manifest, self.manifest["seq_len"]
+        keys = ("entries", "tail") if m["mode"] == "topk" else ("entries", "entropy")
+        parts: dict[str, list[Tensor]] = {key: [] for key in keys}
+        for block in block_idx.tolist():
+            shard = self._shard_of(block)
+            row = (block - shard["start"]) * L
+            for key in keys:
+                parts[key].append(self._files[shard["file"]].get_slice(key)[row : row + L])
+        tensors = {key: torch.cat(parts[key]) for key in keys}
+        return decode(tensors, m["mode"], m["k"], m["temperature"], m["vocab_size"])
+
+
+def open_cache(path, *, student_vocab_size: int | None = None, tokenizer=None,
+               data_fingerprint: str | None = None) -> TeacherCache:
+    """Open a cache after checking its manifest against the student, tokenizer and data, and every shard's
+    size and sha256; any mismatch or damage raises a WhelpError that names it."""
+    path = Path(path).expanduser()
+    m = _read_manifest(path)
+    if m.get("format") != FORMAT:
+        raise WhelpError(f"{path} has cache format {m.get('format')}, this whelp reads {FORMAT}; rebuild it")
+    if not m.get("complete"):
+        raise WhelpError(f"{path} is incomplete ({len(m['shards'])} shards written, interrupted); rerun the same "
+                         "whelp cache-logits command to resume it")
+    if student_vocab_size is not None and student_vocab_size < m["vocab_size"]:
+        raise WhelpError(f"{path} holds teacher targets over {m['vocab_size']} ids but the student has "
+                         f"{student_vocab_size}: the vocabularies differ; cache a teacher with the student's tokenizer")
+    if tokenizer is not None and tokenizer_hash(tokenizer) != m["tokenizer_sha256"]:
+        raise WhelpError(f"{path} was built with a different tokenizer (sha256 {m['tokenizer_sha256'][:12]}, the "
+                         f"student's is {tokenizer_hash(tokenizer)[:12]}); token ids would not match")
+    if data_fingerprint is not None and data_fingerprint != m["data_fingerprint"]:
+        raise WhelpError(f"{path} was built on other data (fingerprint {m['data_fingerprint'][:12]}, given "
+                         f"{data_fingerprint[:12]}); use the cache's tokens or rebuild it on this data")
+    for shard in m["shards"]:
+        problem = shard_problem(path, shard)
+        if problem:
+            raise WhelpError(f"cache shard {path / shard['file']} {problem}; rerun the same whelp cache-logits "
+                             "command to rewrite it")
+    return TeacherCache(path, m)
+
+
+def cache_teacher(teacher: str, data: str, out: Path, mode: str, k: int, temperature: float = 1.0,
+                  seq_len: int = 512, max_tokens: int | None = None, dtype: str = "float32", batch_size: int = 4,
+                  force: bool = False) -> Path:
+    """Load ``teacher``, pack ``data`` exactly as ``whelp distill`` does (``load_blocks`` defaults) and cache it."""
+    from whelp.data import load_blocks
+    from whelp.models import load_model
+
+    model, tokenizer = load_model(teacher, dtype=dtype)
+    blocks = load_blocks(data, tokenizer, seq_len, max_tokens=max_tokens)
+    return write_cache(model, tokenizer, blocks, out, mode, k, temperature, teacher, force=force, batch_size=batch_size)

@@ -1,0 +1,42 @@
+"""Run logging: ``metrics.jsonl`` (one JSON object per optimizer step), TensorBoard, the rich progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from whelp.errors import WhelpError
+
+
+def tensorboard(rdir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise WhelpError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(rdir / "tensorboard"))
+
+
+def progress(total: int, done: int, enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"))
+    bar.add_task("distill", total=total, completed=done, info="")
+    bar.start()
+    return bar
+
+
+def log(metrics: Path, writer, bar, row: dict) -> None:
+    """Append ``row`` to metrics.jsonl and mirror its float fields to TensorBoard and the progress bar."""
+    with metrics.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    scalars = {k: v for k, v in row.items() if isinstance(v, float)}
+    if writer is not None:
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, row["step"])
+    if bar is not None:
+        kl = " ".join(f"kl:{Path(k[3:]).name}={v:.3f}" for k, v in scalars.items() if k.startswith("kl/"))
+        bar.update(0, completed=row["step"], info=f"loss={row['loss']:.4f} {kl} ce={row['ce']:.3f} "
+                                                     f"{row['tokens_per_s']:.0f} tok/s")

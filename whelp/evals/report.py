@@ -1,0 +1,137 @@
+"""Teacher-vs-student report: ``metrics.json``, ``report.md`` (one table) and ``report.png`` (a chart of it).
+
+**% recovered** (quality rows) is the share of the reference's quality a model keeps, measured in loss so that it is
+linear in what a model learns: ``ref NLL / model NLL`` for perplexity-type metrics (= ``ln ref_ppl / ln model_ppl``
+= the bits-per-byte ratio on the same text), ``ref / model`` for bits per byte, ``model / ref`` for accuracy-type
+metrics (higher is better). 100% means as good as the reference; above 100% means better. Size and speed rows show
+``model / ref`` as a plain % of the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+SIZE_SPEED = ("params", "non_embedding_params", "memory_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
+              "peak_memory_bytes")
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """The table's numbers of one model result: size, speed, ``ppl:SOURCE`` / ``bpb:SOURCE``, lm-eval scores
+    (stderrs and sample counts stay in metrics.json only)."""
+    flat = {**result["size"], **{k: v for k, v in result["speed"].items() if k in SIZE_SPEED and v is not None}}
+    for source, ppl in result["perplexity"].items():
+        flat[f"ppl:{source}"] = ppl["ppl"]
+        flat[f"bpb:{source}"] = ppl["bits_per_byte"]
+    flat.update({k: v for k, v in result["lm_eval"]["scores"].items()
+                 if not k.endswith(("_stderr", "/sample_len")) and "_stderr," not in k})
+    return flat
+
+
+def direction(name: str, higher_is_better: dict[str, bool]) -> str:
+    """How a metric is compared: ``size`` (plain ratio), ``log`` (perplexity: NLL ratio), ``lower``, ``higher``."""
+    if name in SIZE_SPEED:
+        return "size"
+    if name.startswith("ppl:") or name.endswith("perplexity"):
+        return "log"
+    if name.startswith("bpb:") or not higher_is_better.get(name, True):
+        return "lower"
+    return "higher"
+
+
+def percent(kind: str, ref: float, value: float) -> float:
+    """% recovered (quality) or % of the reference (size and speed); see the module docstring."""
+    if kind == "log":
+        return 100 * math.log(ref) / math.log(value) if value > 1 and ref > 1 else float("nan")
+    if kind == "lower":
+        return 100 * ref / value if value else float("nan")
+    return 100 * value / ref if ref else float("nan")
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, int) or (abs(value) >= 1000 and float(value).is_integer()):
+        return f"{int(value):,}"
+    return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+
+
+def table(metrics: dict) -> tuple[list[str], list[str], list[list[str]], dict[str, list[float]]]:
+    """``(names, labels, cells, percents)``: one row per metric, one column per model; non-reference cells read
+    ``value (delta, pct%)``. ``percents[name]`` holds each model's % (the reference is 100)."""
+    models = metrics["models"]
+    flats = [flat_metrics(m) for m in models]
+    higher = {k: v for m in models for k, v in m["lm_eval"]["higher_is_better"].items()}
+    names = [n for n in flats[0] if all(n in f for f in flats)]
+    cells, percents = [], {}
+    for name in names:
+        kind, ref = direction(name, higher), flats[0][name]
+        row, pcts = [_fmt(ref)], [100.0]
+        for flat in flats[1:]:
+            pct = percent(kind, ref, flat[name])
+            pcts.append(pct)
+            row.append(f"{_fmt(flat[name])} ({'+' if flat[name] >= ref else '-'}{_fmt(abs(flat[name] - ref))}, "
+                       f"{pct:.1f}%)")
+        cells.append(row)
+        percents[name] = pcts
+    return names, [m["label"] for m in models], cells, percents
+
+
+def markdown(metrics: dict) -> str:
+    names, labels, cells, _ = table(metrics)
+    higher = {k: v for m in metrics["models"] for k, v in m["lm_eval"]["higher_is_better"].items()}
+    meaning = {"size": "% of ref", "log": "% recovered (NLL ratio)", "lower": "% recovered (ref/model)",
+               "higher": "% recovered (model/ref)"}
+    head = ["metric", "%", f"{labels[0]} (reference)", *labels[1:]]
+    lines = [f"# whelp eval: {', '.join(labels)}", "",
+             f"Reference: **{labels[0]}**. Cells: value (delta vs reference, %). Settings: "
+             f"`{json.dumps(metrics['settings'], sort_keys=True)}`.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in zip(names, cells):
+        lines.append(f"| {name} | {meaning[direction(name, higher)]} | " + " | ".join(row) + " |")
+    reused = [m["label"] for m in metrics["models"] if m.get("reused")]
+    lines += ["", "% recovered is measured in loss: reference NLL / model NLL for perplexities (equivalently the "
+              "bits-per-byte ratio), model / reference for accuracies; 100% = as good as the reference.",
+              f"Reused from the cache: {', '.join(reused) or 'none'}."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(metrics: dict, path: Path) -> None:
+    """Grouped horizontal bars: each model's % of the reference per metric, with the 100% line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, labels, _, percents = table(metrics)
+    height = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(names) * max(1, len(labels) / 2)))
+    for j, label in enumerate(labels):
+        values = [percents[n][j] for n in names]  # NaN (reference 0) draws no bar
+        ax.barh([i + j * height for i in range(len(names))], values, height, label=label)
+    ax.axvline(100, color="black", linewidth=0.8)
+    ax.set_yticks([i + height * (len(labels) - 1) / 2 for i in range(len(names))], names)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"% of reference ({labels[0]}): quality recovered, or size/speed ratio")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(metrics: dict, out: Path) -> Path:
+    """Write metrics.json, report.md and report.png into ``out`` atomically (temp dir + rename)."""
+    from whelp.models import commit_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "report.md").write_text(markdown(metrics))
+        chart(metrics, tmp / "report.png")
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

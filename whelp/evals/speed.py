@@ -1,0 +1,131 @@
+"""Size and speed, measured the same way for every model, each in a fresh process.
+
+Prefill is one forward over ``batch x prompt_len`` tokens; decode is ``new_tokens`` greedy steps of one token per
+row through the KV cache that prefill built (generation's inner loop, without sampling or stopping). Both report the
+median over ``repeats`` runs after one warm-up run. Token ids are drawn from a seeded generator, so every model sees
+the same inputs when the vocabularies match.
+
+Peak memory comes from the measuring process alone, so earlier work in the caller cannot inflate it, and counts
+what holding and running the model costs (loading transients such as dtype conversion are excluded): on CUDA,
+``torch.cuda.max_memory_allocated`` with the peak reset after loading; on Linux CPUs, the kernel's peak resident set
+(VmHWM, reset through ``/proc/self/clear_refs`` after loading) minus the resident set before loading, i.e. weights +
+activations + KV cache + allocator overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from whelp.errors import WhelpError
+
+
+@dataclass(frozen=True)
+class SpeedSpec:
+    batch_size: int = 1
+    prompt_len: int = 128
+    new_tokens: int = 32
+    repeats: int = 3
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def _run_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds of prefill over ``ids`` [B, L] and of ``new_tokens`` cached greedy decode steps."""
+    _sync(ids.device)
+    start = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    _sync(ids.device)
+    prefill = time.perf_counter() - start
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
+    return prefill, time.perf_counter() - start
+
+
+def measure_speed(model, spec: SpeedSpec) -> dict:
+    """Prefill and decode throughput of an in-memory model, in tokens per second (batch rows x tokens / s)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(spec.seed)
+    ids = torch.randint(vocab, (spec.batch_size, spec.prompt_len), generator=generator).to(model.device)
+    _run_once(model, ids, min(spec.new_tokens, 2))
+    runs = [_run_once(model, ids, spec.new_tokens) for _ in range(spec.repeats)]
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    return {"prefill_tokens_per_s": spec.batch_size * spec.prompt_len / prefill,
+            "decode_tokens_per_s": spec.batch_size * spec.new_tokens / decode}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; Linux >= 4.0 only."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _measure(model_name: str, spec: SpeedSpec) -> dict:
+    """Load ``model_name`` in this process and measure it (the body of the child process)."""
+    from transformers import AutoModelForCausalLM
+
+    from whelp.models import load_config, load_model
+
+    with torch.device("meta"):  # import the model's code first, so that its import is not counted
+        AutoModelForCausalLM.from_config(load_config(model_name))
+    cuda = spec.device.startswith("cuda")
+    baseline = 0 if cuda or not os.path.exists("/proc/self/status") else _status_kib("VmRSS")
+    model, _ = load_model(model_name, dtype=spec.dtype, device=spec.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss_ok = baseline > 0 and _reset_peak_rss()  # after loading: dtype-conversion transients are not counted
+    result = measure_speed(model, spec)
+    if cuda:
+        peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    elif rss_ok:
+        peak, how = (_status_kib("VmHWM") - baseline) * 1024, "peak RSS while running (VmHWM) - RSS before loading"
+    else:
+        peak, how = None, "unavailable: needs Linux /proc/self/clear_refs"
+    return {**result, "peak_memory_bytes": peak, "peak_memory_method": how, "torch_threads": torch.get_num_threads()}
+
+
+def measure_in_subprocess(model_name: str, spec: SpeedSpec) -> dict:
+    """Speed and peak memory of a model measured by a fresh Python process (``python -m whelp.evals.speed``)."""
+    cmd = [sys.executable, "-m", "whelp.evals.speed", model_name, json.dumps(asdict(spec))]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise WhelpError(f"speed measurement of {model_name} failed in its subprocess: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Measure one model's speed and peak memory; prints one JSON line.")
+    parser.add_argument("model")
+    parser.add_argument("spec", help="SpeedSpec as JSON")
+    args = parser.parse_args()
+    print(json.dumps(_measure(args.model, SpeedSpec(**json.loads(args.spec)))))

@@ -1,0 +1,102 @@
+"""``whelp plan RECIPE``: what a build will make and cost, before anything runs.
+
+Per stage: shapes and parameters (from configs on the meta device; no weights), training FLOPs per
+token (6 N for the student's forward + backward, 2 N per live teacher's forward: Kaplan et al. 2020,
+with N the total parameters including embeddings as DESIGN.md section 4 counts the 70B's 141
+GFLOP/token), tokens, cache bytes, and peak memory estimates:
+  student training = N * (4 fp32 weights + 4 grads + 8 AdamW moments) bytes,
+  live teachers    = N_t * bytes of the teacher dtype,
+  activations and chunked-loss buffers are extra (they scale with batch * seq_len, not with vocab).
+"""
+
+from __future__ import annotations
+
+from whelp import models
+from whelp.errors import WhelpError
+from whelp.recipe import TEACHER, Recipe
+
+TRAIN_BYTES_PER_PARAM = 16
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def teacher_config(recipe: Recipe):
+    """The teacher's config (``teacher.config`` when given, else from the model) - a missing teacher fails here."""
+    source = recipe.teacher.config or recipe.teacher.model
+    try:
+        return models.load_config(source)
+    except WhelpError as exc:
+        raise WhelpError(f"recipe.teacher: {exc}") from None
+
+
+def cache_bytes_per_token(mode: str, k: int, vocab: int) -> int:
+    """Bytes one cached token takes (whelp.distill.cache layout: int32 token, packed entries, fp16 tail/entropy)."""
+    from whelp.distill.cache import MAG_BITS, id_bits
+
+    bits = id_bits(vocab) + (MAG_BITS if mode == "topk" else 0)
+    return 4 + -(-k * bits // 8) + 2
+
+
+def _params(config) -> dict:
+    total, non_embedding = models.count_params(config)
+    return {**models.shape(config), "params": total, "non_embedding_params": non_embedding}
+
+
+def _prune_stage(step, source_cfg, index: int) -> tuple[dict, object]:
+    from whelp.prune.surgery import target_config
+    from whelp.prune.targets import first_keep, parse_target
+
+    try:
+        parsed = parse_target(source_cfg, step.target)
+    except WhelpError as exc:
+        raise WhelpError(f"recipe.prune[{index}].target: {exc}") from None
+    rope = parsed.rope_parameters if step.options.rope == "target" else None
+    cfg = target_config(source_cfg, first_keep(source_cfg, parsed.shape, step.options.tie), rope)
+    return {"stage": f"prune[{index}]", "target": step.target, "shape": _params(cfg)}, cfg
+
+
+def _teacher_params(ref, teacher_cfg, path: str) -> int:
+    if ref.model == TEACHER:
+        return models.count_params(teacher_cfg)[0]
+    try:
+        return models.count_params(models.load_config(ref.config or ref.model))[0]
+    except WhelpError as exc:
+        raise WhelpError(f"{path}: {exc}") from None
+
+
+def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int) -> dict:
+    spec = step.options
+    n_student = models.count_params(student_cfg)[0]
+    tokens_per_step = spec.batch_size * spec.grad_accum * spec.seq_len
+    tokens = spec.max_tokens if spec.max_tokens is not None else spec.steps * tokens_per_step
+    live = [(t.model, t.weight, _teacher_params(t, teacher_cfg, f"recipe.distill[{index}].teachers[{i}]"))
+            for i, t in enumerate(step.teachers)]
+    cached = [(c, _teacher_params(c, teacher_cfg, f"recipe.distill[{index}].caches[{i}]"))
+              for i, c in enumerate(step.caches)]
+    teacher_bytes = DTYPE_BYTES[recipe.teacher.dtype]
+    return {
+        "stage": f"distill[{index}]", "tokens": tokens, "steps": spec.steps,
+        "flops_per_token": {"student_train": 6 * n_student, "live_teachers": sum(2 * n for _, _, n in live),
+                            "cache_teachers_once": sum(2 * n for _, n in cached)},
+        "teachers": [{"model": m, "weight": w, "params": n} for m, w, n in live],
+        "caches": [{"model": c.model, "weight": c.weight, "mode": c.mode, "k": c.k, "params": n,
+                    "bytes_per_token": cache_bytes_per_token(c.mode, c.k, student_cfg.vocab_size),
+                    "bytes": tokens * cache_bytes_per_token(c.mode, c.k, student_cfg.vocab_size)}
+                   for c, n in cached],
+        "memory_bytes": {"student_training": TRAIN_BYTES_PER_PARAM * n_student,
+                         "live_teachers": sum(teacher_bytes * n for _, _, n in live)},
+    }
+
+
+def plan_recipe(recipe: Recipe) -> dict:
+    """Every stage's shapes, params, FLOPs per token, tokens, cache bytes and memory estimates."""
+    teacher_cfg = teacher_config(recipe)
+    stages, current = [], teacher_cfg
+    for kind, step in recipe.stages():
+        index = sum(1 for s in stages if s["stage"].startswith(kind))
+        if kind == "prune":
+            entry, current = _prune_stage(step, current, index)
+        else:
+            entry = _distill_stage(step, current, recipe, teacher_cfg, index)
+        stages.append(entry)
+    return {"recipe": recipe.name, "teacher": {"model": recipe.teacher.model, "shape": _params(teacher_cfg)},
+            "stages": stages, "student": _params(current)}

@@ -1,0 +1,176 @@
+"""Recipes: one YAML file describing a whole student build, loaded strictly into frozen data.
+
+Sections: ``teacher``, ``data`` (defaults for every stage), ``prune`` and ``distill`` (one mapping each,
+or lists of equal length to chain steps as Minitron's iterative 8B -> ~3B -> 1B: prune[0], distill[0],
+prune[1], distill[1], ...), ``eval``, ``seed``, ``out``. Loaded with ``yaml.safe_load``; every unknown
+key, wrong type or bad value raises with its key path (``whelp.schema``). ``--set a.b=c`` overrides are
+applied to the raw mapping first. Stage options a recipe leaves out are filled from ``data`` and
+``seed``, so the resolved recipe (``whelp show``) states every value a build used.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from whelp.distill.loop import DistillSpec
+from whelp.errors import WhelpError
+from whelp.evals.api import EvalSpec
+from whelp.prune.api import PruneSpec
+from whelp.schema import apply_override, build, to_dict
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+TEACHER = "teacher"  # in distill.teachers / distill.caches: the recipe's teacher
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    model: str  # model directory, registered name or hub id
+    config: str | None = None  # config.json path or shipped name (llama-3.1-8b) to plan without the weights
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass(frozen=True)
+class DataSection:
+    calib: str = "pydoc:calib"
+    train: str = "pydoc:train"
+    eval: str = "pydoc:eval"
+    seq_len: int = 512
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise WhelpError(f"seq_len must be at least 2, got {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class PruneStep:
+    target: str  # preset, config.json path or key=value overrides (whelp plan --target)
+    options: PruneSpec = field(default=PruneSpec(), metadata={"flatten": True})
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    model: str = TEACHER
+    weight: float = 1.0
+    config: str | None = None  # config.json path or shipped name, to plan without the weights
+
+    def __post_init__(self):
+        if self.weight < 0:
+            raise WhelpError(f"weight must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class CacheRef:
+    """A teacher whose logits are cached offline before the distill step (e.g. a 70B)."""
+
+    model: str = TEACHER
+    weight: float = 1.0
+    mode: Literal["topk", "sample"] = "topk"
+    k: int = 64  # top-k size, or number of samples S
+    temperature: float = 1.0
+    config: str | None = None  # config.json path or shipped name (llama-3.1-70b), to plan without the weights
+
+    def __post_init__(self):
+        if self.weight < 0 or self.k < 1 or self.temperature <= 0:
+            raise WhelpError(f"need weight >= 0, k >= 1 and temperature > 0; got {self.weight}, {self.k}, "
+                             f"{self.temperature}")
+
+
+@dataclass(frozen=True)
+class DistillStep:
+    teachers: tuple[TeacherRef, ...] = (TeacherRef(),)
+    caches: tuple[CacheRef, ...] = ()
+    options: DistillSpec = field(default=DistillSpec(), metadata={"flatten": True})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    teacher: TeacherSection
+    data: DataSection = DataSection()
+    prune: tuple[PruneStep, ...] = ()
+    distill: tuple[DistillStep, ...] = ()
+    eval: EvalSpec = EvalSpec()
+    seed: int = 0
+    out: str | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.prune:
+            raise WhelpError("prune: a recipe needs at least one prune step (the student starts as a pruned teacher)")
+        if self.distill and len(self.distill) != len(self.prune):
+            raise WhelpError(f"distill: {len(self.distill)} steps for {len(self.prune)} prune steps; give one distill "
+                             "step per prune step (they alternate), or none")
+
+    def stages(self) -> list[tuple[str, PruneStep | DistillStep]]:
+        """``[("prune", step), ("distill", step), ...]`` in the order they run."""
+        out: list = []
+        for i, prune in enumerate(self.prune):
+            out.append(("prune", prune))
+            if self.distill:
+                out.append(("distill", self.distill[i]))
+        return out
+
+
+def find(name_or_path: str) -> Path:
+    """A recipe file by path, or a shipped recipe by name (``smollm2-demo``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file() and "/" not in name_or_path:
+        return shipped
+    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise WhelpError(f"no recipe file {name_or_path}; pass a YAML path or a shipped recipe name ({names})")
+
+
+def _as_list(value, key: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise WhelpError(f"recipe.{key}: expected a mapping or a list of mappings, got {value!r}")
+
+
+def _fill_defaults(raw: dict) -> dict:
+    """Stage options the recipe leaves out take the ``data`` section's and the top-level ``seed``."""
+    data = {"calib": "pydoc:calib", "train": "pydoc:train", "eval": "pydoc:eval", "seq_len": 512,
+            **(raw.get("data") or {})}
+    seed = raw.get("seed", 0)
+    raw["prune"] = [{"calib": data["calib"], "seq_len": data["seq_len"], "seed": seed, **(s or {})}
+                    for s in raw["prune"]]
+    raw["distill"] = [{"data": data["train"], "eval_data": data["eval"], "seq_len": data["seq_len"], "seed": seed,
+                       **(s or {})} for s in raw["distill"]]
+    if isinstance(raw.get("eval", {}), dict):
+        raw["eval"] = {"ppl": [data["eval"]], "seq_len": data["seq_len"], **(raw.get("eval") or {})}
+    return raw
+
+
+def load(name_or_path: str, overrides: tuple[str, ...] = ()) -> Recipe:
+    """Read, override (``a.b=c``), fill defaults and strictly validate a recipe."""
+    import yaml
+
+    path = find(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise WhelpError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise WhelpError(f"{path}: a recipe is a mapping with sections teacher, data, prune, distill, eval")
+    raw = copy.deepcopy(raw)
+    for key in ("prune", "distill"):  # one step or a list of steps: always a list, so --set indexes it
+        raw[key] = _as_list(raw.get(key), key)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return build(Recipe, _fill_defaults(raw), "recipe")
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every value explicit); loading it gives the same Recipe."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
