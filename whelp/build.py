@@ -108,7 +108,7 @@ def plan_stages(recipe: Recipe, out: Path) -> tuple[list[Stage], list[tuple[str,
     stages: list[Stage] = []
     for kind, step in recipe.stages():
         index = sum(1 for s in stages if s.kind == kind)
-        label = kind + "d" if kind == "distill" else "pruned"
+        label = "distilled" if kind == "distill" else "pruned"
         label = label if counts[kind] == 1 else f"{label}-{index + 1}"
         if kind == "prune":
             n += 1
