@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,12 +136,11 @@ def _eval_stage(recipe: Recipe, models: list[tuple[str, Path]], keys: list[str],
 
 def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, models) -> None:
     from whelp.card import model_card
-    from whelp.models import commit_dir
+    from whelp.models import atomic_dir
 
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     lineage = [{"label": label, "path": str(path), "report": _stage_report(path)} for label, path in models]
-    tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=out))
-    try:
+    with atomic_dir(out / "final", force=True) as tmp:
         for item in student.iterdir():
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
@@ -151,10 +149,6 @@ def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, model
         (tmp / "recipe.yaml").write_text(dump(recipe))
         (tmp / "metrics.json").write_text(json.dumps({**metrics, "lineage": lineage}, indent=2))
         (tmp / "README.md").write_text(model_card(recipe, metrics, lineage, tmp))
-        commit_dir(tmp, out / "final")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _stage_report(path: Path) -> dict | None:

@@ -117,12 +117,17 @@ def eval_(models: List[str] = typer.Argument(..., help="MODEL or LABEL=MODEL (di
 
 
 @app.command()
-def plan(model: str = typer.Argument(..., help="Teacher: model directory, registered name, hub id or config.json"),
-         target: str = typer.Option(..., "--target", help="Preset (llama-3.2-1b, llama-3.2-3b, smollm2-half, "
-                                    "smollm2-quarter), a config.json, or key=value,... overrides"),
+def plan(model: str = typer.Argument(..., help="Teacher (model directory, registered name, hub id, config.json) "
+                                     "or a recipe (YAML path or shipped name)"),
+         target: Optional[str] = typer.Option(None, "--target", help="Preset (llama-3.2-1b, llama-3.2-3b, "
+                                              "smollm2-half, smollm2-quarter), a config.json, or key=value,... overrides"),
          rope: str = typer.Option("teacher", "--rope", help="RoPE of the target: teacher or target (preset's)"),
+         set_: Optional[List[str]] = typer.Option(None, "--set", help="Recipe override key.path=value (repeatable)"),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object")):
-    """Source and target shapes and parameter counts of a prune; no weights loaded."""
+    """Shapes and parameter counts of a prune (MODEL --target T), or of every stage of a recipe with FLOPs,
+    cache bytes and memory estimates; no weights loaded."""
+    if target is None:
+        return _plan_recipe(model, tuple(set_ or ()), as_json)
     from whelp.models import load_config
     from whelp.prune.targets import plan_target
 
@@ -214,6 +219,25 @@ def distill(student: str = typer.Argument(..., help="Student model directory (e.
 
 # --- recipes and builds (whelp.recipe, whelp.plan, whelp.build) ---
 SetOption = typer.Option(None, "--set", help="Override a recipe value: key.path=value (repeatable)")
+
+
+def _plan_recipe(name: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    from whelp import plan as planning, recipe as recipes
+
+    if not name.endswith((".yaml", ".yml")) and not (recipes.RECIPES_DIR / f"{name}.yaml").exists():
+        raise WhelpError(f"'{name}' is not a recipe; to plan a prune of a model, pass --target")
+    result = planning.plan_recipe(recipes.load(name, overrides))
+    if as_json:
+        return _print_json(result)
+    from rich.table import Table
+
+    table = Table(title=f"recipe {result['recipe']}")
+    for column in ("stage", "shape / work", "params / FLOPs per token", "bytes"):
+        table.add_column(column)
+    table.add_row("teacher", result["teacher"]["model"], f"{result['teacher']['shape']['params']:,}", "")
+    for stage in result["stages"]:
+        table.add_row(*planning.describe(stage))
+    _console().print(table)
 
 
 @app.command()

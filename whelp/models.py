@@ -6,6 +6,7 @@ Safe by default: only safetensors weights are read unless the caller allows pick
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -232,26 +233,34 @@ def commit_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, force: bool = False):
+    """Yield a fresh temporary sibling of ``out_dir`` to fill; on success it replaces ``out_dir`` in one
+    rename, on any failure (Ctrl-C included) it is deleted and ``out_dir`` is left as it was."""
+    out = check_writable(out_dir, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model(model, tokenizer, out_dir: str | Path, force: bool = False, extra: dict[str, str] | None = None) -> Path:
     """Write a vanilla HF checkpoint (safetensors, config, generation config, tokenizer) atomically.
 
     Everything goes to a temporary sibling directory first and is renamed into place, so an
     interrupted save never leaves a half-written ``out_dir``. ``extra`` maps file names to text.
     """
-    out = check_writable(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser()
 
 
 def shape(config) -> dict:

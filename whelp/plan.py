@@ -100,3 +100,20 @@ def plan_recipe(recipe: Recipe) -> dict:
         stages.append(entry)
     return {"recipe": recipe.name, "teacher": {"model": recipe.teacher.model, "shape": _params(teacher_cfg)},
             "stages": stages, "student": _params(current)}
+
+
+def describe(stage: dict) -> tuple[str, str, str, str]:
+    """One table row of a planned stage: name, what it makes, params or FLOPs/token, bytes (cache, memory)."""
+    if "shape" in stage:
+        shape = stage["shape"]
+        dims = (f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']} "
+                f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}")
+        return stage["stage"], f"-> {stage['target']}: {dims}", f"{shape['params']:,}", ""
+    flops = stage["flops_per_token"]
+    cache = sum(c["bytes"] for c in stage["caches"])
+    memory = stage["memory_bytes"]
+    return (stage["stage"], f"{stage['tokens']:,} tokens",
+            f"student {flops['student_train'] / 1e9:.1f} G, live teachers {flops['live_teachers'] / 1e9:.1f} G, "
+            f"cached teachers {flops['cache_teachers_once'] / 1e9:.1f} G once",
+            f"cache {cache / 1e9:,.1f} GB; training {memory['student_training'] / 2**30:.1f} GiB + live teachers "
+            f"{memory['live_teachers'] / 2**30:.1f} GiB")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 SIZE_SPEED = ("params", "non_embedding_params", "memory_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
@@ -122,16 +120,10 @@ def chart(metrics: dict, path: Path) -> None:
 
 def write_report(metrics: dict, out: Path) -> Path:
     """Write metrics.json, report.md and report.png into ``out`` atomically (temp dir + rename)."""
-    from whelp.models import commit_dir
+    from whelp.models import atomic_dir
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, force=True) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "report.md").write_text(markdown(metrics))
         chart(metrics, tmp / "report.png")
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

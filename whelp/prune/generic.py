@@ -265,7 +265,8 @@ def width_of(model) -> dict:
 def width_of_config(text) -> dict:
     key = next((k for k in INTERMEDIATE_KEYS if getattr(text, k, None) is not None), None)
     if key is None:
-        raise WhelpError(f"{type(model).__name__}'s config names its MLP width none of {', '.join(INTERMEDIATE_KEYS)}")
+        raise WhelpError(f"{type(text).__name__} names its MLP width none of {', '.join(INTERMEDIATE_KEYS)}; "
+                         "this architecture cannot be width-pruned by whelp")
     return {"hidden_size": text.hidden_size, "intermediate_size": getattr(text, key),
             "num_attention_heads": text.num_attention_heads,
             "num_key_value_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads}

@@ -20,8 +20,6 @@ Tensors are read and shards written one tensor at a time by shards.py.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch
 from torch import Tensor
 
 from whelp.errors import WhelpError
-from whelp.models import check_writable, commit_dir, load_config, stored_dtype
+from whelp.models import atomic_dir, load_config, stored_dtype
 from whelp.prune.arch import family_of
 from whelp.prune.importance import attach, finish, minitron_sq, select, weight_scores
 from whelp.prune.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
@@ -109,21 +107,14 @@ def write_pruned(source_dir: Path, out_dir: Path, keep, family, source_cfg, targ
                  shard_bytes: int = 1 << 30, extra: dict[str, str] | None = None) -> Path:
     """Surgery shard to shard: the pruned checkpoint (shards, index, config, tokenizer, ``extra`` text
     files) written to a temporary sibling of ``out_dir`` and renamed into place."""
-    out = check_writable(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
     shards = weight_map(Path(source_dir))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir, force) as tmp:
         write_shards(sliced_tensors(shards, keep, family, source_cfg, target_cfg), tmp, shard_bytes)
         target_cfg.save_pretrained(tmp)
         copy_side_files(Path(source_dir), tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser()
 
 
 def available_memory() -> int:
