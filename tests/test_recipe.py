@@ -52,7 +52,7 @@ distill: {steps: 2%s}
 
 
 @pytest.mark.parametrize("text, message", [
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", stepz: 3"), r"recipe.distill\[0\].stepz: unknown key; valid keys: teachers"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", stepz: 3"), r"recipe.distill\[0\].stepz: unknown key; valid keys: data, steps, max_tokens"),
     (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", lr: fast"), r"recipe.distill\[0\].lr: expected a number, got 'fast'"),
     (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {seq_len: 1}\n", "recipe.data: seq_len must be at least 2"),
     (BASE % ("llama-3.1-8b", "hidden_size=9000", ""), r"recipe.prune\[0\].target: .*hidden_size=9000 is out of range"),
@@ -60,6 +60,10 @@ distill: {steps: 2%s}
     (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "colour: red\n", "recipe.colour: unknown key"),
     (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "eval: {tasks: mmlu}\n", "recipe.eval.tasks: expected a list"),
     ("name: t\nteacher: {model: llama-3.1-8b}\n", "needs at least one prune step"),
+    (BASE.replace("steps: 2", "lr: 0.1") % ("llama-3.1-8b", "llama-3.2-1b", ""), r"recipe.distill\[0\]: give exactly one training budget"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", loss: kl"), r"recipe.distill\[0\]: unknown loss 'kl'; choose one of forward_kl"),
+    (BASE.replace("prune: {target: %s}", "prune: {target: %s, importance: fisher}") % ("llama-3.1-8b", "llama-3.2-1b", ""),
+     r"recipe.prune\[0\]: unknown importance 'fisher'; choose one of activation"),
     ("- just\n- a list\n", "a recipe is a mapping"),
     ("name: [unclosed\n", "not valid YAML"),
 ])
@@ -91,3 +95,22 @@ distill: [{steps: 1}, {steps: 1}]
     assert planned["student"]["hidden_size"] == 2048 and planned["student"]["intermediate_size"] == 8192
     with pytest.raises(WhelpError, match="one distill step per prune step"):
         recipe.load(_write(tmp_path, text.replace("distill: [{steps: 1}, {steps: 1}]", "distill: [{steps: 1}]")))
+
+
+def test_cli_validate_show_and_plan_a_recipe(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def whelp(*args):
+        return subprocess.run([sys.executable, "-m", "whelp", *args], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    assert whelp("validate", "llama-3.2-3b").stdout.startswith("ok: llama-3.2-3b")
+    shown = whelp("show", "tiny", "--set", "distill.0.lr=0.5")
+    assert yaml.safe_load(shown.stdout)["distill"][0]["lr"] == 0.5
+    planned = json.loads(whelp("plan", "llama-3.2-1b", "--json").stdout)
+    assert planned["student"]["params"] == 1_235_814_400
+    bad = whelp("validate", _write(tmp_path, BASE % ("llama-3.1-8b", "llama-3.2-1b", ", stepz: 3")))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "recipe.distill[0].stepz" in bad.stderr

@@ -80,9 +80,9 @@ class CacheRef:
 
 @dataclass(frozen=True)
 class DistillStep:
+    options: DistillSpec = field(metadata={"flatten": True})  # steps or max_tokens is required
     teachers: tuple[TeacherRef, ...] = (TeacherRef(),)
     caches: tuple[CacheRef, ...] = ()
-    options: DistillSpec = field(default=DistillSpec(), metadata={"flatten": True})
 
 
 @dataclass(frozen=True)

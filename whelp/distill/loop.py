@@ -60,6 +60,9 @@ class DistillSpec:
     keep_last: int = 2
     tensorboard: bool = False
 
+    def __post_init__(self):
+        _check_spec(self)
+
 
 def run_dir(out: Path) -> Path:
     return out.with_name(out.name + ".distill")
@@ -75,16 +78,28 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _check(spec: DistillSpec, teachers, caches) -> None:
+def _check_spec(spec: DistillSpec) -> None:
+    """Values wrong on their own, caught when the spec is made (CLI flags or a recipe's distill step)."""
+    from whelp.distill.losses import LossSpec
+
     if (spec.steps is None) == (spec.max_tokens is None):
-        raise WhelpError("give exactly one training budget: --steps N or --max-tokens N")
+        raise WhelpError("give exactly one training budget: --steps N or --max-tokens N (recipe: steps or max_tokens)")
+    for name in ("steps", "max_tokens", "batch_size", "grad_accum", "seq_len", "keep_last", "eval_tokens"):
+        if getattr(spec, name) is not None and getattr(spec, name) < 1:
+            raise WhelpError(f"{name} must be positive, got {getattr(spec, name)}")
+    for name in ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "save_every"):
+        if getattr(spec, name) < 0:
+            raise WhelpError(f"{name} must be >= 0, got {getattr(spec, name)}")
+    if spec.dtype not in DTYPES:
+        raise WhelpError(f"unknown dtype '{spec.dtype}'; choose one of {', '.join(DTYPES)}")
+    schedule.parse_schedule(spec.schedule)
+    LossSpec(name=spec.loss, temperature=spec.temperature, ce_weight=spec.ce_weight, chunk_size=spec.chunk_size)
+
+
+def _check(spec: DistillSpec, teachers, caches) -> None:
     if not teachers and not caches and spec.ce_weight != 1:
         raise WhelpError("nothing to distil from: pass --teacher MODEL[:WEIGHT] and/or --cache DIR[:WEIGHT] "
                          "(or --ce-weight 1 for a plain CE baseline)")
-    for name in ("batch_size", "grad_accum", "seq_len", "keep_last", "eval_tokens"):
-        if getattr(spec, name) < 1:
-            raise WhelpError(f"{name} must be positive, got {getattr(spec, name)}")
-    schedule.parse_schedule(spec.schedule)
 
 
 def _prepare_run(out: Path, identity: dict, force: bool, resume: bool, main: bool) -> Path:

@@ -48,6 +48,9 @@ class PruneSpec:
     scores: str | None = None  # a saved importance.safetensors to reuse
     seed: int = 0
 
+    def __post_init__(self):
+        check_spec(self)
+
 
 def check_spec(spec: PruneSpec) -> None:
     for name, value, valid in (("importance", spec.importance, importance.METHODS),
