@@ -13,9 +13,11 @@ from transformers import AutoModelForCausalLM
 from whelp import models
 from whelp.errors import WhelpError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "configs"
-if not SHARED.exists():  # a checkout with shared/ inside it
-    SHARED = Path(__file__).resolve().parents[1] / "shared" / "configs"
+# The reference configs of DESIGN.md section 2 in ../shared/configs beside the checkout (or shared/ inside
+# it); whelp ships identical copies (whelp/configs), which test_shipped_configs_match_the_shared_ones checks.
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = next((p for p in (ROOT.parent / "shared" / "configs", ROOT / "shared" / "configs") if p.exists()),
+              models.CONFIGS_DIR)
 
 EXACT = {
     "llama-3.1-8b": 8_030_261_248,
@@ -32,6 +34,12 @@ def test_count_params_matches_published_llama_sizes(name):
     assert total == EXACT[name]
     embed = config.vocab_size * config.hidden_size
     assert non_embedding == total - embed * (1 if config.tie_word_embeddings else 2)
+
+
+def test_shipped_configs_match_the_shared_ones():
+    for name in EXACT:
+        assert json.loads((models.CONFIGS_DIR / f"{name}.json").read_text()) == json.loads(
+            (SHARED / f"{name}.json").read_text())
 
 
 def test_count_params_equals_instantiated_model_and_counts_tied_once():
