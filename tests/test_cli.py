@@ -16,7 +16,8 @@ def whelp(*args):
 def test_help_lists_the_verbs():
     out = whelp("--help")
     assert out.returncode == 0
-    assert "inspect" in out.stdout
+    for verb in ("inspect", "plan", "prune", "cache-logits", "distill", "eval", "build", "validate", "show"):
+        assert f" {verb} " in out.stdout, verb
 
 
 def test_inspect_json_of_a_config_file(tmp_path):
