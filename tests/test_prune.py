@@ -123,7 +123,9 @@ def test_activation_scores_match_naive_minitron_aggregation():
     layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: captured.setdefault("o", args[0]))
     scores = importance.calibrate(model, arch.family_of(model.config), IDS, "activation", batch_size=2)
     naive_mlp = torch.stack([captured["mlp"][b].abs().mean(0) for b in range(2)]).pow(2).sum(0)
-    heads = captured["o"].view(2, 12, 4, 16).norm(dim=-1)  # [B, T, heads]
+    o_weight = layer.self_attn.o_proj.weight.detach()  # [H, heads * head_dim]
+    heads = torch.stack([captured["o"][..., h * 16:(h + 1) * 16] @ o_weight[:, h * 16:(h + 1) * 16].T
+                         for h in range(4)], dim=2).norm(dim=-1)  # each head's share of o_proj's output [B, T, heads]
     torch.testing.assert_close(scores["mlp.0"], naive_mlp)
     torch.testing.assert_close(scores["heads.0"], heads.mean(1).pow(2).sum(0))
     assert scores["layers.block"].shape == (2,) and bool((scores["layers.block"] > 0).all())

@@ -83,7 +83,7 @@ def load_scores(path: Path, meta: dict) -> dict[str, torch.Tensor]:
         raise WhelpError(f"scores file {path} does not exist; drop --scores to calibrate")
     with safe_open(str(path), "pt") as f:
         saved = f.metadata() or {}
-        for key in ("fingerprint", "importance"):
+        for key in ("fingerprint", "importance", "version"):
             if saved.get(key) != meta[key]:
                 raise WhelpError(f"{path} was computed with {key}={saved.get(key)}, this prune uses {meta[key]}; "
                                  "use the same --importance/--calib/--calib-samples/--seq-len or drop --scores")
@@ -173,7 +173,8 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
     family = arch.family_of(source_cfg)
     tokenizer = models.load_tokenizer(str(source_dir))
     calib = data.load_blocks(spec.calib, tokenizer, spec.seq_len, n_blocks=spec.calib_samples, seed=spec.seed)
-    meta = {"fingerprint": calib.fingerprint, "importance": spec.importance, "teacher": teacher_id(source_dir)}
+    meta = {"fingerprint": calib.fingerprint, "importance": spec.importance, "teacher": teacher_id(source_dir),
+            "version": str(importance.SCORES_VERSION)}
     cache = scores_cache() / f"{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]}.safetensors"
     saved = Path(spec.scores).expanduser() if spec.scores else cache
     scores = load_scores(saved, meta) if spec.scores or cache.is_file() else None

@@ -143,8 +143,8 @@ def _norms(model, hidden: int) -> list[nn.Module]:
 
 @torch.no_grad()
 def activation_scores(model, blocks, calib_tokens: torch.Tensor, batch_size: int = 4) -> Scores:
-    """Minitron activation importance (importance.minitron_sq, .head_norms) from a forward pass over ``calib_tokens`` [N, T]."""
-    from whelp.prune.importance import head_norms, minitron_sq
+    """Minitron activation importance (importance.minitron_sq, .head_outputs) from a forward pass over ``calib_tokens`` [N, T]."""
+    from whelp.prune.importance import head_outputs, minitron_sq
 
     hidden = model.get_input_embeddings().weight.shape[1]
     n_heads = model.config.get_text_config().num_attention_heads
@@ -152,15 +152,15 @@ def activation_scores(model, blocks, calib_tokens: torch.Tensor, batch_size: int
     sums: dict[str, torch.Tensor] = {}
     batch: list[torch.Tensor] = []
 
-    def add(key, act):  # some architectures (OPT) flatten [B, T, C] to [B * T, C] inside a layer
+    def add(key, act, o_weight=None):  # some architectures (OPT) flatten [B, T, C] to [B * T, C] inside a layer
         act = act.reshape(*batch[0].shape, -1)
-        sums[key] = sums.get(key, 0) + minitron_sq(head_norms(act, head_dim) if key[0] == "o" else act)
+        sums[key] = sums.get(key, 0) + minitron_sq(act if o_weight is None else head_outputs(act, o_weight, head_dim))
 
     hooks = [m.register_forward_hook(lambda _m, _i, out: add("hidden", out)) for m in _norms(model, hidden)]
     for i, block in enumerate(blocks):
         hooks.append(block.mlp_out.register_forward_pre_hook(lambda _m, args, i=i: add(f"mlp{i}", args[0])))
         if block.o is not None:
-            hooks.append(block.o.register_forward_pre_hook(lambda _m, args, i=i: add(f"o{i}", args[0])))
+            hooks.append(block.o.register_forward_pre_hook(lambda m, args, i=i: add(f"o{i}", args[0], m.weight)))
     try:
         for start in range(0, len(calib_tokens), batch_size):
             batch[:] = [calib_tokens[start:start + batch_size].to(model.device)]

@@ -2,7 +2,7 @@
 
 Default (Minitron, Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge
 Distillation"): forward-only activation statistics. MLP neurons: |input of down_proj|; query heads:
-L2 norm over head_dim of each head's slice of the input of o_proj; hidden channels: |output| of every
+L2 norm of each head's share of the o_proj output (``head_outputs``); hidden channels: |output| of every
 RMSNorm. Each is aggregated as the mean over the sequence, then L2 over the batch. Layers: block
 influence ``1 - cos(x_in, x_out)`` averaged over tokens (ShortGPT, Men et al. 2024), or the LM-loss
 increase when the layer is skipped. Baselines: weight magnitude (sum of w^2 of every weight of the
@@ -27,6 +27,7 @@ from whelp.prune.arch import Family, axes_of
 from whelp.prune.surgery import Keep, head_dim_of, rope_exact_dims, text_config
 
 METHODS = ("activation", "magnitude", "taylor", "random")
+SCORES_VERSION = 2  # part of every saved score's identity; bumped when a definition changes (2: heads after o_proj)
 LAYER_METHODS = ("block", "loss")
 
 
@@ -35,9 +36,18 @@ def minitron_sq(acts: Tensor) -> Tensor:
     return acts.detach().float().abs().mean(dim=1).pow(2).sum(dim=0)
 
 
-def head_norms(acts: Tensor, head_dim: int) -> Tensor:
-    """Input of o_proj [B, T, heads * head_dim] -> per-head L2 norm [B, T, heads]."""
-    return acts.unflatten(-1, (-1, head_dim)).float().norm(dim=-1)
+def head_outputs(acts: Tensor, o_weight: Tensor, head_dim: int) -> Tensor:
+    """Per-head L2 norm of each head's share of the o_proj output: [B, T, heads].
+
+    ``acts`` is the input of o_proj [B, T, heads * head_dim], ``o_weight`` its weight [H, heads * head_dim].
+    Minitron scores a head by its attention output; measured here after o_proj (what the head adds to the
+    residual stream), because the raw output norm ignores o_proj's scaling: on SmolLM2-135M, keeping 6 of 9
+    heads by the raw norm gave ppl 232 on pydoc:eval, worse than random (129); by the projected norm 124
+    (bench/RESULTS.md). One head at a time bounds the temporary to [B, T, H].
+    """
+    a = acts.detach().float().unflatten(-1, (-1, head_dim))
+    w = o_weight.detach().float().unflatten(-1, (-1, head_dim))  # [H, heads, head_dim]
+    return torch.stack([(a[..., h, :] @ w[:, h, :].T).norm(dim=-1) for h in range(a.shape[-2])], dim=-1)
 
 
 def block_influence(x_in: Tensor, x_out: Tensor) -> Tensor:
@@ -59,7 +69,7 @@ def attach(layer, family: Family, head_dim: int, stats: dict, index: int) -> lis
         modules[family.down_proj].register_forward_pre_hook(
             lambda m, args: _add(stats, f"mlp.{index}", minitron_sq(args[0]))),
         modules[family.o_proj].register_forward_pre_hook(
-            lambda m, args: _add(stats, f"heads.{index}", minitron_sq(head_norms(args[0], head_dim)))),
+            lambda m, args: _add(stats, f"heads.{index}", minitron_sq(head_outputs(args[0], m.weight, head_dim)))),
     ]
     for norm in family.norms:
         handles.append(modules[norm].register_forward_hook(lambda m, args, out: _add(stats, "hidden", minitron_sq(out))))
