@@ -114,6 +114,17 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
     assert model == str(d)
 
 
+def test_command_line_opt_in_loads_a_trusted_pickle_checkpoint(tmp_path, monkeypatch, demo_tokenizer):
+    d = _pickle_checkpoint(tmp_path)
+    demo_tokenizer.save_pretrained(d)
+    with pytest.raises(WhelpError, match="pickle"):
+        models.load_model(str(d))
+    monkeypatch.setenv("WHELP_ALLOW_PICKLE", "1")  # what `whelp --allow-pickle VERB ...` sets
+    model, _ = models.load_model(str(d))
+    reference = tiny_model().state_dict()
+    assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
+
+
 def test_missing_paths_are_clear_errors(tmp_path):
     with pytest.raises(WhelpError, match="no such model directory"):
         models.load_model(str(tmp_path / "nope"))

@@ -31,8 +31,17 @@ app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", help="Print the version and exit")):
+def _main(version: bool = typer.Option(False, "--version", help="Print the version and exit"),
+          allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickle (.bin/.pt) checkpoints: "
+                                            "only for files you trust, pickle can run arbitrary code"),
+          trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run model code shipped "
+                                                 "with a checkpoint (off by default)")):
     """Build small language models from big ones: prune, distill, evaluate."""
+    import os
+
+    for name, on in (("WHELP_ALLOW_PICKLE", allow_pickle), ("WHELP_TRUST_REMOTE_CODE", trust_remote_code)):
+        if on:
+            os.environ[name] = "1"
     if version:
         from whelp import __version__
 

@@ -152,7 +152,7 @@ def resolve(name_or_path: str, allow_pickle: bool = False) -> str:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not has_safe and pickles and not allow_pickle:
             raise WhelpError(f"{path} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code; "
-                             "convert them to safetensors or pass --allow-pickle if you trust them")
+                             "convert them to safetensors, or pass `whelp --allow-pickle ...` if you trust them")
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path:
         raise WhelpError(f"no such model directory: {name_or_path}")
@@ -199,11 +199,21 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(resolve(name_or_path, allow_pickle=True), trust_remote_code=trust_remote_code)
 
 
+def opted_in(name: str) -> bool:
+    """A safety opt-in given on the command line (``whelp --allow-pickle`` / ``--trust-remote-code`` set
+    ``WHELP_ALLOW_PICKLE`` / ``WHELP_TRUST_REMOTE_CODE``), so every verb's model loads honour it."""
+    return os.environ.get(f"WHELP_{name.upper()}") == "1"
+
+
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
-               allow_pickle: bool = False, trust_remote_code: bool = False):
-    """Load ``(model, tokenizer)`` in eval mode. ``dtype`` is a torch dtype name ("float32", "bfloat16")."""
+               allow_pickle: bool | None = None, trust_remote_code: bool | None = None):
+    """Load ``(model, tokenizer)`` in eval mode. ``dtype`` is a torch dtype name ("float32", "bfloat16").
+    ``allow_pickle`` / ``trust_remote_code`` default to the command line's opt-ins (off)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    allow_pickle = opted_in("allow_pickle") if allow_pickle is None else allow_pickle
+    trust_remote_code = opted_in("trust_remote_code") if trust_remote_code is None else trust_remote_code
 
     target = resolve(name_or_path, allow_pickle=allow_pickle)
     try:
