@@ -61,6 +61,18 @@ def test_rerun_of_a_finished_build_does_nothing(finished):
     assert (final.stat().st_mtime_ns, (finished / "state.json").read_text()) == before
 
 
+def test_stage_killed_after_its_output_but_before_state_is_not_redone(finished):
+    state_file = finished / "state.json"
+    state = json.loads(state_file.read_text())
+    for name in ("02-cache-0", "03-distill"):  # as if killed between the atomic output and the state update
+        state["stages"][name]["done"] = False
+    state_file.write_text(json.dumps(state))
+    again = run_build(finished)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to do" in again.stderr and "> 03-distill" not in again.stderr
+    assert all(record["done"] for record in json.loads(state_file.read_text())["stages"].values())
+
+
 def test_killed_build_resumes_to_the_same_student(finished, tmp_path):
     out = tmp_path / "tiny"
     cmd = [sys.executable, "-m", "whelp", "build", "tiny", "--out", str(out), *SETTINGS]

@@ -158,6 +158,14 @@ def _stage_report(path: Path) -> dict | None:
     return None
 
 
+def _finished_on_disk(stage: Stage, stage_dir: Path) -> bool:
+    """Whether a resumable stage (cache, distill) already wrote its whole output (both write atomically)."""
+    if stage.kind == "cache":
+        manifest = stage_dir / "manifest.json"
+        return manifest.exists() and json.loads(manifest.read_text()).get("complete", False)
+    return stage.kind == "distill" and (stage_dir / "distill_report.json").exists()
+
+
 def build(recipe: Recipe, out: str | Path | None = None, force: bool = False) -> Path:
     """Run every stage not already done with the same inputs; return the ``final/`` directory."""
     out = Path(out or recipe.out or Path("runs") / recipe.name).expanduser()
@@ -176,8 +184,11 @@ def build(recipe: Recipe, out: str | Path | None = None, force: bool = False) ->
         if state.done(stage, stage_dir):
             console.print(f"[dim]= {stage.name}: up to date[/]")
             continue
-        console.print(f"[bold]> {stage.name}[/]")
         force_stage = state.changed(stage) or stage.kind in ("prune", "eval")  # cache and distill resume
+        if not force_stage and _finished_on_disk(stage, stage_dir):  # stopped after its output, before state.json
+            state.mark(stage.name, stage.key, done=True)
+            continue
+        console.print(f"[bold]> {stage.name}[/]")
         state.mark(stage.name, stage.key, done=False)
         stage.run(stage_dir, force_stage)
         state.mark(stage.name, stage.key, done=True)
