@@ -2,10 +2,12 @@
 
 Same student (the demo teacher's shape cut to ~50% parameters: 15 layers, MLP 1024), same token
 blocks, same optimizer, each configuration a full ``whelp.distill.loop.distill`` run in its own
-process (so its peak RSS is its own). The teacher forward alone is timed on the same blocks.
+process (so its peak RSS is its own). The teacher forward (to its logits, as a teacher is used) is
+timed alone on the same blocks. The machine is shared, so the four configurations run in ``--rounds``
+interleaved rounds; ratios are taken within a round and the median over rounds is reported.
 Targets (issue 5): live KD step <= 1.15 x (CE step + teacher forward); cached KD step <= 1.10 x CE step.
 
-    python bench/kd_step.py [--steps 6] [--batch-size 2] [--seq-len 256] [--dtype auto]
+    python bench/kd_step.py [--steps 6] [--batch-size 2] [--seq-len 256] [--dtype auto] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def teacher_forward(root: Path, teacher: str, args) -> float:
     for start in range(0, len(blocks), args.batch_size):
         t0 = time.perf_counter()
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            model.model(input_ids=blocks[start : start + args.batch_size])
+            model(input_ids=blocks[start : start + args.batch_size])
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", choices=CONFIGS)
     parser.add_argument("--root")
     parser.add_argument("--dry", action="store_true", help="print, do not append to bench/RESULTS.md")
@@ -103,33 +106,46 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare(root, args)
-        results = {}
-        for config in CONFIGS:
-            cmd = [sys.executable, __file__, "--worker", config, "--root", tmp, "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
-            results[config] = json.loads(line[0][7:])
-            print(config, results[config], flush=True)
-    report(results, args)
+        rounds = []
+        for r in range(args.rounds):
+            rounds.append({config: run_worker(tmp, config, args) for config in CONFIGS})
+            print(f"round {r + 1}:", {c: round(v["step_s"], 3) for c, v in rounds[-1].items()}, flush=True)
+    report(rounds, args)
 
 
-def report(results: dict, args) -> None:
-    ce, live, cache, fwd = (results[c]["step_s"] for c in CONFIGS)
-    ratios = {"live_over_ce_plus_teacher": live / (ce + fwd), "cache_over_ce": cache / ce}
+def run_worker(tmp: str, config: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", config, "--root", tmp, "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
+def report(rounds: list[dict], args) -> None:
+    def ratios_of(r: dict) -> dict:
+        ce, live, cache, fwd = (r[c]["step_s"] for c in CONFIGS)
+        return {"live_over_ce_plus_teacher": live / (ce + fwd), "cache_over_ce": cache / ce}
+
+    per_round = [ratios_of(r) for r in rounds]
+    ratios = {key: statistics.median(x[key] for x in per_round) for key in per_round[0]}
+    ratios["rounds"] = per_round
+    med = {c: statistics.median(r[c]["step_s"] for r in rounds) for c in CONFIGS}
+    rss = {c: max(r[c]["peak_rss_mb"] for r in rounds) for c in CONFIGS}
     tokens = args.batch_size * args.seq_len
-    rows = "\n".join(f"| {c} | {results[c]['step_s']:.3f} | {tokens / results[c]['step_s']:.0f} | "
-                     f"{results[c]['peak_rss_mb']:.0f} |" for c in CONFIGS)
+    rows = "\n".join(f"| {c} | {med[c]:.3f} | {tokens / med[c]:.0f} | {rss[c]:.0f} |" for c in CONFIGS)
+    spread = ", ".join(f"{x['live_over_ce_plus_teacher']:.3f} / {x['cache_over_ce']:.3f}" for x in per_round)
     text = f"""
 ## Distillation step throughput (bench/kd_step.py)
 
-`python bench/kd_step.py --steps {args.steps} --batch-size {args.batch_size} --seq-len {args.seq_len} --dtype {args.dtype}`
+`python bench/kd_step.py --steps {args.steps} --batch-size {args.batch_size} --seq-len {args.seq_len} --dtype {args.dtype} --rounds {args.rounds}`
 on {platform.machine()} ({torch.get_num_threads()} threads, shared, noisy), {datetime.now(timezone.utc):%Y-%m-%d},
-torch {torch.__version__}, compute dtype {results['ce']['dtype']}. Student: SmolLM2-135M shape cut to 15 layers /
-MLP 1024 (~68M params); teacher: SmolLM2-135M; cache: top-64 + tail. Median step time over steps 2..N, each
-configuration a separate process (peak RSS is that process's).
+torch {torch.__version__}, compute dtype {rounds[0]['ce']['dtype']}. Student: SmolLM2-135M shape cut to 15 layers /
+MLP 1024 (~68M params); teacher: SmolLM2-135M; cache: top-64 + tail. Step time: median over steps 2..N of a
+run, then median over {args.rounds} interleaved rounds; each run a separate process (peak RSS is the largest of
+its runs); teacher forward = the full forward to logits. Ratios: median over rounds of the in-round ratio
+(per round, live / cached: {spread}).
 
 | config | s / step | tokens / s | peak RSS MB |
 |---|---|---|---|
