@@ -254,14 +254,37 @@ def test_cli_distill(tiny_dirs, tmp_path):
 
     teacher, _, student = tiny_dirs
     args = ["distill", student, "--out", str(tmp_path / "out"), "--teacher", f"{teacher}:1", "--data", "pydoc:train",
-            "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--dtype", "float32", "--tensorboard", "--ce-weight", "0.5"]
+            "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--dtype", "float32", "--tensorboard", "--chunk-size", "24",
+            "--ce-weight", "0.5"]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     assert "distilled 128 tokens in 2 steps" in done.output
     report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
     assert report["teachers"] == [[teacher, 1.0]] and report["spec"]["ce_weight"] == 0.5
+    assert report["spec"]["chunk_size"] == 24
     assert any((tmp_path / "out.distill" / "tensorboard").glob("events.out.tfevents.*"))
     done = CliRunner().invoke(app, args)  # CliRunner bypasses the one-line error printer: see the exception
     assert isinstance(done.exception, WhelpError) and "already exists" in str(done.exception)
     done = CliRunner().invoke(app, args[:-2] + ["--loss", "nope", "--force"])
     assert isinstance(done.exception, WhelpError) and "unknown loss 'nope'" in str(done.exception)
+
+
+def test_padded_student_lm_head_is_masked_to_the_tokenizer(tiny_dirs, tmp_path):
+    """A student whose lm_head has 16 padding rows beyond the shared 512-token tokenizer (as Llama-style
+    checkpoints pad to a multiple of 64) distils from the unpadded teacher: the padded ids are masked, so
+    the first step's loss equals the unpadded student's exactly, however large the padded logits are."""
+    from whelp.models import load_model
+
+    teacher, _, student = tiny_dirs
+    model, tokenizer = load_model(student)
+    model.resize_token_embeddings(len(tokenizer) + 16)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(tokenizer):] = 3.0
+    model.save_pretrained(tmp_path / "padded")
+    tokenizer.save_pretrained(tmp_path / "padded")
+    spec = replace(SPEC, steps=1, grad_accum=1, save_every=0)
+    losses = []
+    for name, path in (("plain", student), ("padded", tmp_path / "padded")):
+        distill(str(path), tmp_path / name, spec, teachers=((teacher, 1.0),), progress=False)
+        losses.append(json.loads((tmp_path / f"{name}.distill" / "metrics.jsonl").read_text())["loss"])
+    assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0])

@@ -276,13 +276,14 @@ def test_autocast_region_keeps_fp32_logits():
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}")
-def test_closed_form_sparse_gradient_equals_autograd(spec):
-    """sparse_chunk (closed-form d loss / d logits, fp32) against fp64 autograd over the full log-softmax, with a
-    top-k, a full-vocabulary top-k and a sampled target on the same rows, CE labels with an ignored row, and
+def test_closed_form_gradient_equals_fp64_autograd(spec):
+    """closed_form_chunk (d loss / d logits, fp32) against fp64 autograd over the full log-softmax, with a top-k
+    and a full-vocabulary top-k target (plus a sampled one and two live teachers under forward KL) on the same
+    rows, CE labels with an ignored row, and
     a peaked row whose top-k holds all but ~1e-30 of the student mass (the tail is summed, not 1 - listed)."""
     from whelp.distill.cache import sparse_targets
     from whelp.distill.losses import _autograd_chunk
-    from whelp.distill.sparse import sparse_chunk
+    from whelp.distill.closed_form import closed_form_chunk
 
     g = torch.Generator().manual_seed(1)
     z = torch.randn(9, V, generator=g) * 3
@@ -292,17 +293,22 @@ def test_closed_form_sparse_gradient_equals_autograd(spec):
     z[2, t_logits[2].topk(7).indices] += 80 * spec.temperature
     targets = [sparse_targets(t_logits, "topk", 7, spec.temperature),
                sparse_targets(t_logits, "topk", V, spec.temperature)]
-    if spec.name == "forward_kl":
+    if spec.name == "forward_kl":  # sampled targets and live teachers take the closed form under forward KL only
         targets.append(sparse_targets(t_logits, "sample", 5, spec.temperature, g))
+        targets += [LiveTarget(torch.randn(9, HT, generator=g), torch.randn(V, HT, generator=g)) for _ in range(2)]
     weights = torch.linspace(0.2, 1.0, len(targets))
-    got = sparse_chunk(z.clone(), targets, weights, spec, labels, True)
+    got = closed_form_chunk(z.clone(), targets, weights, spec, labels, True)
     as64 = lambda x: None if x is None else x.double()
-    targets64 = [SparseTarget(t.mode, t.ids, t.temperature, V, as64(t.logp), as64(t.tail), as64(t.entropy))
+    every_id = torch.arange(V).expand(9, V)  # a live teacher as its exact dense distribution, in fp64
+    dense64 = lambda t: SparseTarget("topk", every_id, spec.temperature, V, logp=F.log_softmax(
+        t.hidden.double() @ t.weight.double().T / spec.temperature, -1), tail=torch.zeros(9, dtype=torch.float64))
+    targets64 = [dense64(t) if isinstance(t, LiveTarget) else
+                 SparseTarget(t.mode, t.ids, t.temperature, V, as64(t.logp), as64(t.tail), as64(t.entropy))
                  for t in targets]
     ref = _autograd_chunk(z.double(), targets64, weights.double(), spec, labels, True)  # fp64 autograd
     assert abs(float(got[0]) - float(ref[0])) <= 1e-5 * max(1.0, abs(float(ref[0])))
     assert torch.allclose(got[1].double(), ref[1], rtol=1e-5, atol=1e-5)
     assert abs(float(got[2]) - float(ref[2])) <= 1e-5 * abs(float(ref[2]))
     assert (got[3] - ref[3]).abs().max() <= 1e-6
-    no_grad = sparse_chunk(z.clone(), targets, weights, spec, labels, False)
+    no_grad = closed_form_chunk(z.clone(), targets, weights, spec, labels, False)
     assert no_grad[3] is None and float(no_grad[0]) == pytest.approx(float(got[0]), abs=1e-6)

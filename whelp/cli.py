@@ -197,6 +197,8 @@ def distill(student: str = typer.Argument(..., help="Student model directory (e.
             loss: str = typer.Option("forward_kl", "--loss", help="forward_kl|reverse_kl|jsd|skew_kl|tvd"),
             temperature: float = typer.Option(1.0, "--temperature"),
             ce_weight: float = typer.Option(0.0, "--ce-weight", help="Weight of the next-token CE in [0, 1]"),
+            chunk_size: int = typer.Option(1024, "--chunk-size",
+                                           help="Tokens per loss chunk: loss memory ~ 3 x chunk x vocab x 4 bytes"),
             schedule: str = typer.Option("constant", "--schedule",
                                          help="Teacher weights: constant | linear:N | cosine:N (first teacher -> given weights)"),
             eval_every: int = typer.Option(0, "--eval-every", help="Held-out perplexity every N steps"),
@@ -216,9 +218,9 @@ def distill(student: str = typer.Argument(..., help="Student model directory (e.
 
     spec = loop.DistillSpec(data=data, steps=steps, max_tokens=max_tokens, batch_size=batch_size, grad_accum=grad_accum,
                             seq_len=seq_len, lr=lr, warmup=warmup, loss=loss, temperature=temperature,
-                            ce_weight=ce_weight, schedule=schedule, eval_every=eval_every, eval_data=eval_data,
-                            seed=seed, dtype=dtype, grad_checkpointing=grad_checkpointing, save_every=save_every,
-                            keep_last=keep_last, tensorboard=tensorboard)
+                            ce_weight=ce_weight, chunk_size=chunk_size, schedule=schedule, eval_every=eval_every,
+                            eval_data=eval_data, seed=seed, dtype=dtype, grad_checkpointing=grad_checkpointing,
+                            save_every=save_every, keep_last=keep_last, tensorboard=tensorboard)
     report = loop.distill(student, Path(out), spec, teachers=tuple(map(parse_weighted, teacher)),
                           caches=tuple(map(parse_weighted, cache)), force=force, resume=resume)
     typer.echo(f"distilled {report['tokens']:,} tokens in {report['steps']} steps -> {out} "

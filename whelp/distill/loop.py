@@ -18,7 +18,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -139,6 +139,15 @@ def _load_data(spec: DistillSpec, tokenizer, caches, student_vocab: int) -> tupl
     return blocks, opened
 
 
+def _vocab_masked(loss_spec, tokenizer, widths: list[int]):
+    """Student and teacher lm_heads padded to different widths (e.g. 49152 vs 49216 rows) share the tokenizer's
+    ids: softmax over those alone (ids beyond it masked), rather than refusing the run. Vocabularies that really
+    differ (a width below the tokenizer's) are still refused by the loss."""
+    if len(set(widths)) == 1:
+        return loss_spec
+    return replace(loss_spec, vocab_size=len(tokenizer))
+
+
 def _train_step(model, teachers: list, caches: list, blocks: torch.Tensor, idx: torch.Tensor, kd: dict,
                 autocast, world, loss_tokens: int) -> torch.Tensor:
     """Forward + backward of one optimizer step's micro-batches ``idx`` [grad_accum, batch_size] on this rank.
@@ -210,6 +219,9 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
                           .requires_grad_(False) for name, _ in teachers]
         vocab = lm.get_output_embeddings().weight.shape[0]
         blocks, opened = _load_data(spec, tokenizer, caches, vocab)
+        loss_spec = _vocab_masked(loss_spec, tokenizer, [vocab] + [t.get_output_embeddings().weight.shape[0]
+                                                                   for t in teacher_models]
+                                  + [c.manifest["vocab_size"] for c in opened])
         eval_ids = token_stream(read_documents(spec.eval_data), tokenizer, spec.eval_tokens)
         per_step = spec.batch_size * spec.grad_accum * world.size
         steps = spec.steps or math.ceil(spec.max_tokens / (per_step * spec.seq_len))

@@ -8,10 +8,8 @@ losses, Hsu et al. 2024). Gradients are formed in the forward pass rather than r
 recomputation would run every teacher's lm_head twice (1.6x the matmul FLOPs of a naive step instead of 1.0x).
 Peak extra memory is a few [chunk_size, V] fp32 tensors, independent of N.
 
-With a live teacher d loss / d logits comes from autograd over the [c, V] log-softmax. When every target is
-sparse (cached top-k or samples) or there is none (plain CE), the loss depends on the student only through a
-few log-probs per row, so ``sparse_chunk`` takes autograd over those [c, k + 1] buckets alone and assembles
-d loss / d logits in closed form: one exp pass over [c, V] instead of autograd's half-dozen.
+d loss / d logits comes in closed form (``whelp.distill.closed_form``) for cached targets, CE and live teachers
+under forward KL; other divergences with a live teacher take autograd over the chunk's [c, V] log-softmax.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import torch
 from torch import Tensor
 
 from whelp.distill.divergences import LOSSES, NEG_INF, LiveTarget, LossSpec, SparseTarget, combine
-from whelp.distill.sparse import sparse_chunk
+from whelp.distill import closed_form
 from whelp.errors import WhelpError
 
 __all__ = ["LOSSES", "KDResult", "LiveTarget", "LossSpec", "SparseTarget", "kd_loss"]
@@ -140,17 +138,17 @@ class _FusedKD(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want else None
         total, per_sum, ce_sum = (torch.zeros(size, dtype=torch.float64, device=hidden.device)
                                   for size in ((), len(targets), ()))
-        sparse = all(isinstance(t, SparseTarget) for t in targets)
+        terms = closed_form.closed_form_chunk if closed_form.supported(targets, spec) else _autograd_chunk
         for start in range(0, hidden.shape[0], spec.chunk_size):
             rows = slice(start, start + spec.chunk_size)
             h = hidden[rows].float()
             chunk = [_target_rows(t, rows) for t in targets]
             chunk_labels = None if labels is None else labels[rows]
-            terms = sparse_chunk if sparse else _autograd_chunk
             loss, per, ce, dz = terms(h @ w.T, chunk, weights, spec, chunk_labels, want)
             if want:
                 grad_h[rows] = dz @ w
                 grad_w.addmm_(dz.T, h)
+            del dz  # else it outlives the next chunk's logits: one more [chunk, V] tensor at the peak
             total += loss.detach().double()
             per_sum += per.detach().double()
             if ce is not None:
@@ -168,9 +166,11 @@ class _FusedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_per, _grad_ce):
+        # scaled in place: a copy of d weight [V, Hs] would double the loss's peak memory (1 GB at V=128256,
+        # Hs=2048); a second backward through the same graph is refused by autograd's version check
         grad_h, grad_w = ctx.saved_tensors
         g = grad_total.to(grad_h.dtype)
-        return grad_h * g, grad_w * g, None, None, None, None, None
+        return grad_h.mul_(g), grad_w.mul_(g), None, None, None, None, None
 
 
 def kd_loss(student_hidden: Tensor, student_weight: Tensor, targets: Sequence[LiveTarget | SparseTarget],
