@@ -1,6 +1,7 @@
 """Does distillation beat plain CE at matched tokens? The demo teacher pruned to ~50% parameters, then trained.
 
-1. Prune SmolLM2-135M to 15 layers / MLP 1024 (~68M params, ~50%) with ``whelp.prune.api.prune_checkpoint``.
+1. Prune SmolLM2-135M to the demo recipe's shape, ``smollm2-half`` (24 layers, MLP 768: half the non-embedding
+   parameters), with the demo's settings (activation importance, 32 x 256 calibration tokens).
 2. "Teacher correction" (Minitron, Sreenivas et al. 2024): fine-tune the teacher briefly on the train split
    (a CE-only ``distill`` run of the teacher itself) to get a second teacher.
 3. Train the pruned student at the same token budget with (a) CE only, (b) KD from the teacher,
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 GPL = "/usr/share/common-licenses/GPL-3"
-TARGET = "num_hidden_layers=15,intermediate_size=1024"
+TARGET = "smollm2-half"
 
 
 def heldout(model_dir: str, texts: dict[str, torch.Tensor], seq_len: int) -> dict[str, float]:
@@ -63,10 +64,10 @@ def main() -> None:
     texts = {"pydoc:eval": token_stream(read_documents("pydoc:eval"), tokenizer, args.eval_tokens),
              "GPL-3": token_stream([Path(GPL).read_text()], tokenizer, args.eval_tokens)}
     spec = DistillSpec(data="pydoc:train", steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                       lr=args.lr, warmup=args.warmup, eval_tokens=args.seq_len, seed=0)
+                       lr=args.lr, warmup=args.warmup, eval_tokens=2048, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        pruned = prune_checkpoint(teacher, TARGET, root / "pruned", PruneSpec(calib_samples=16, seq_len=256))
+        pruned = prune_checkpoint(teacher, TARGET, root / "pruned", PruneSpec(calib_samples=32, seq_len=256))
         corrected = root / "teacher_ft"
         distill(teacher, corrected, replace(spec, steps=args.teacher_steps, ce_weight=1.0, lr=args.teacher_lr, seed=1),
                 progress=False)
@@ -95,7 +96,7 @@ def record(ppl: dict, timings: dict, params: dict, args, wall: float) -> None:
 --warmup {args.warmup} --teacher-steps {args.teacher_steps} --teacher-lr {args.teacher_lr} --eval-tokens {args.eval_tokens}` on {platform.machine()} (shared 2 cores),
 {datetime.now(timezone.utc):%Y-%m-%d}, torch {torch.__version__}, total {wall / 60:.1f} min.
 SmolLM2-135M pruned to `{TARGET}` ({params['after']:,} of {params['before']:,} params,
-{params['after'] / params['before']:.0%}; activation importance, 16 x 256 calibration tokens), then
+{params['after'] / params['before']:.0%}; activation importance, 32 x 256 calibration tokens), then
 {tokens:,} training tokens of pydoc:train for every student (dtype auto = fp32 on CPU, AdamW lr {args.lr}, warmup {args.warmup} +
 cosine). Second teacher: the teacher fine-tuned with CE for {args.teacher_steps} steps (lr {args.teacher_lr}). Perplexity over
 the first {args.eval_tokens} tokens of each text, windows of {args.seq_len}, fp32.

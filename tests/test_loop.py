@@ -280,11 +280,11 @@ def test_padded_student_lm_head_is_masked_to_the_tokenizer(tiny_dirs, tmp_path):
     model.resize_token_embeddings(len(tokenizer) + 16)
     with torch.no_grad():
         model.get_output_embeddings().weight[len(tokenizer):] = 3.0
-    model.save_pretrained(tmp_path / "padded")
-    tokenizer.save_pretrained(tmp_path / "padded")
+    model.save_pretrained(tmp_path / "padded-student")
+    tokenizer.save_pretrained(tmp_path / "padded-student")
     spec = replace(SPEC, steps=1, grad_accum=1, save_every=0)
     losses = []
-    for name, path in (("plain", student), ("padded", tmp_path / "padded")):
+    for name, path in (("plain", student), ("padded", tmp_path / "padded-student")):
         distill(str(path), tmp_path / name, spec, teachers=((teacher, 1.0),), progress=False)
         losses.append(json.loads((tmp_path / f"{name}.distill" / "metrics.jsonl").read_text())["loss"])
     assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0])

@@ -162,8 +162,10 @@ def _assemble(p: Tensor, ids: list, dense: list, terms: list, grads: tuple, labe
     if g_label is not None and label_ids is not None:
         g_sum += g_label
         adds.append((label_ids, g_label[:, None]))
-    dz = torch.zeros_like(p) if dz is None else dz
-    dz.addcmul_(p, g_sum[:, None], value=-1)
+    if dz is None:  # no tail bucket and no live teacher: p itself becomes the gradient
+        dz = p.mul_(-g_sum[:, None])
+    else:
+        dz.addcmul_(p, g_sum[:, None], value=-1)
     for i, g in adds:
         dz.scatter_add_(1, i, g)
     return dz
