@@ -69,8 +69,9 @@ def _tail_mass(p: Tensor, ids: Tensor) -> Tensor:
     return mass.clamp_min(torch.finfo(p.dtype).tiny)
 
 
-def _bucket_terms(p: Tensor, target: SparseTarget, s_ids: Tensor, spec: LossSpec, want: bool):
-    """(divergence sum, leaf bucket log-probs [c, k(+1)], tail mass [c] or None) of one sparse target."""
+def _bucket_terms(p: Tensor, target: SparseTarget, ids: Tensor, s_ids: Tensor, spec: LossSpec, want: bool):
+    """(divergence sum, leaf bucket log-probs [c, k(+1)], tail mass [c] or None) of one sparse target whose
+    ids [c, k] are already on p's device."""
     if target.mode == "sample":  # cross-entropy on the draws minus the teacher entropy: unbiased forward KL
         s = s_ids.requires_grad_(want)
         return (-s.mean(-1) - target.entropy.to(p.device)).sum(), s, None
@@ -78,7 +79,7 @@ def _bucket_terms(p: Tensor, target: SparseTarget, s_ids: Tensor, spec: LossSpec
     if target.ids.shape[1] >= p.shape[1]:  # every id listed: no tail bucket
         s = s_ids.requires_grad_(want)
         return LOSSES[spec.name](s, logp, spec).sum(), s, None
-    tail = _tail_mass(p, target.ids.to(p.device))
+    tail = _tail_mass(p, ids)
     s = torch.cat([s_ids, tail.log()[:, None]], 1).requires_grad_(want)
     t_tail = target.tail.to(p.device).clamp_min(torch.finfo(torch.float32).tiny).log()
     return LOSSES[spec.name](s, torch.cat([logp, t_tail[:, None]], 1), spec).sum(), s, tail
@@ -121,9 +122,9 @@ def closed_form_chunk(z: Tensor, targets: list, weights: Tensor, spec: LossSpec,
     if labels is not None and T == 1:
         s_label, p_ce = s_label - log_z, x
     with torch.enable_grad():
-        terms = [_bucket_terms(x, t, g - log_z, spec, want) if d is None
+        terms = [_bucket_terms(x, t, i, g - log_z, spec, want) if d is None
                  else ((d[0] + log_z.view(-1)).sum().requires_grad_(want),) * 2 + (None,)
-                 for t, g, d in zip(targets, gathered, dense)]
+                 for t, i, g, d in zip(targets, ids, gathered, dense)]
         per = torch.stack([term[0] for term in terms]) if terms else z.new_zeros(0)
         ce = None
         if labels is not None:

@@ -35,6 +35,7 @@ class KDResult:
     ce: Tensor | None  # detached CE sum over unmasked tokens with a label (if labels given)
     tokens: int  # unmasked tokens
 
+
 def _target_rows(target, index):
     if isinstance(target, LiveTarget):
         return LiveTarget(target.hidden[index], target.weight)
