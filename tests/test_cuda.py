@@ -1,0 +1,82 @@
+"""The CUDA and bf16-autocast paths against the CPU fp32/fp64 references.
+
+They need an NVIDIA GPU, so they run on GPU machines (``pytest tests/test_cuda.py``) and are skipped on CPU-only
+ones such as CI; every other test covers the same code on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from test_losses import SPECS, grads, make, naive_loss
+from test_loop import SPEC, Crash, fail_at, load_weights, max_diff
+
+from whelp.distill.loop import distill
+from whelp.distill.losses import LiveTarget, LossSpec, kd_loss
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def to_cuda(h, w, teachers, labels, mask, dtype=torch.float32):
+    move = lambda x: x.detach().to("cuda", dtype).requires_grad_()
+    return (move(h), move(w), [LiveTarget(t.hidden.to("cuda", dtype), t.weight.to("cuda", dtype)) for t in teachers],
+            labels.cuda(), mask.cuda())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}")
+def test_fused_loss_on_cuda_equals_cpu_fp64_reference(spec):
+    h, w, teachers, labels, mask = make()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = naive_loss(h64, w64, [t.hidden.double() @ t.weight.double().T for t in teachers], (0.7, 0.3), spec,
+                     labels, mask)
+    hc, wc, tc, lc, mc = to_cuda(h, w, teachers, labels, mask)
+    got = kd_loss(hc, wc, tc, (0.7, 0.3), spec, labels=lc, mask=mc)
+    assert abs(got.loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
+    for a, b in zip(grads(got.loss, hc, wc), grads(ref, h64, w64)):
+        assert float((a.double().cpu() - b).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd"])
+def test_bf16_autocast_on_cuda_within_1e2_of_fp32(name):
+    """What the loop does on a GPU: bf16 hidden states and lm_head under autocast; the loss math stays fp32."""
+    h, w, teachers, labels, mask = make()
+    spec = LossSpec(name=name, ce_weight=0.2, chunk_size=6)
+    ref = naive_loss(h, w, [t.hidden @ t.weight.T for t in teachers], (0.5, 0.5), spec, labels, mask)
+    hc, wc, tc, lc, mc = to_cuda(h, w, teachers, labels, mask, torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = kd_loss(hc, wc, tc, (0.5, 0.5), spec, labels=lc, mask=mc)
+    assert got.loss.dtype == torch.float32
+    assert abs(got.loss.item() / ref.item() - 1) <= 1e-2
+    for a, b in zip(grads(got.loss, hc, wc), grads(ref, h, w)):
+        assert float((a.float().cpu() - b).norm() / b.norm()) <= 1e-2
+
+
+def test_distill_on_cuda_in_bf16_learns_and_resumes(tiny_dirs, tmp_path, monkeypatch):
+    """dtype auto = bf16 autocast on the GPU, fp32 master weights; a crash after step 4 resumes to the same weights."""
+    import json
+
+    teacher, teacher2, student = tiny_dirs
+    teachers = ((teacher, 0.5), (teacher2, 0.5))
+    spec = replace(SPEC, steps=6, dtype="auto")
+    report = distill(student, tmp_path / "ref", spec, teachers=teachers, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "ref.distill" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert report["eval_end"]["eval_ppl"] < float("inf")
+    weights = load_weights(tmp_path / "ref")
+    assert all(v.dtype == torch.float32 for v in weights.values())  # master weights, not the bf16 compute copies
+
+    fail_at(monkeypatch, 2 * 5, lambda result: (_ for _ in ()).throw(Crash()))
+    with pytest.raises(Crash):
+        distill(student, tmp_path / "crash", spec, teachers=teachers, progress=False)
+    monkeypatch.undo()
+    distill(student, tmp_path / "crash", spec, teachers=teachers, progress=False)
+    assert max_diff(load_weights(tmp_path / "crash"), weights) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    from test_loop import make_models
+
+    return make_models(tmp_path_factory.mktemp("models"))
