@@ -86,16 +86,16 @@ def main() -> None:
     tokenizer = load_tokenizer(teacher)
     texts = {"pydoc:eval": token_stream(read_documents("pydoc:eval"), tokenizer, args.eval_tokens),
              "GPL-3": token_stream([Path(GPL).read_text()], tokenizer, args.eval_tokens)}
-    spec = DistillSpec(data="pydoc:train", steps=args.steps[0], batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                       warmup=args.warmup, eval_tokens=2048, seed=args.seed)
+    spec = DistillSpec(data="pydoc:train", steps=args.steps[0], batch_size=args.batch_size, seq_len=args.seq_len,
+                       lr=args.lr, warmup=args.warmup, eval_tokens=2048, seed=args.seed)
     kd = dict(temperature=args.temperature, ce_weight=args.kd_ce_weight)
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "budgets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         pruned = prune_checkpoint(teacher, TARGET, root / "pruned", PruneSpec(calib_samples=32, seq_len=256))
         corrected = root / "teacher_ft"
-        distill(teacher, corrected, replace(spec, steps=args.teacher_steps, ce_weight=1.0, lr=args.teacher_lr, seed=args.seed + 1),
-                progress=False)
+        correction = replace(spec, steps=args.teacher_steps, ce_weight=1.0, lr=args.teacher_lr, seed=args.seed + 1)
+        distill(teacher, corrected, correction, progress=False)
         results["params"] = pruned["params"]
         results["references"] = {name: heldout(path, texts, args.seq_len) for name, path in
                                  {"teacher": teacher, "corrected teacher": str(corrected),
@@ -166,8 +166,8 @@ def record(results: dict, args) -> None:
 ## KD vs CE at matched tokens on the pruned demo teacher (bench/kd_quality.py)
 
 `python bench/kd_quality.py --steps {' '.join(map(str, args.steps))} --batch-size {args.batch_size} --seq-len \
-{args.seq_len} --lr {args.lr} --warmup {args.warmup} --teacher-steps {args.teacher_steps} --teacher-lr {args.teacher_lr} \
---temperature {args.temperature} --kd-ce-weight {args.kd_ce_weight} --corrected-weight {args.corrected_weight} \
+{args.seq_len} --lr {args.lr} --warmup {args.warmup} --teacher-steps {args.teacher_steps} \
+--teacher-lr {args.teacher_lr} --seed {args.seed} --temperature {args.temperature} --kd-ce-weight {args.kd_ce_weight} --corrected-weight {args.corrected_weight} \
 --eval-tokens {args.eval_tokens}` on {machine()}, {datetime.now(timezone.utc):%Y-%m-%d}, torch {torch.__version__},
 total {results['wall_min']:.1f} min. SmolLM2-135M pruned to `{TARGET}` ({params['after']:,} of {params['before']:,}
 params, {params['after'] / params['before']:.0%}; activation importance, 32 x 256 calibration tokens); every
