@@ -167,7 +167,8 @@ def record(results: dict, args) -> None:
 
 `python bench/kd_quality.py --steps {' '.join(map(str, args.steps))} --batch-size {args.batch_size} --seq-len \
 {args.seq_len} --lr {args.lr} --warmup {args.warmup} --teacher-steps {args.teacher_steps} \
---teacher-lr {args.teacher_lr} --seed {args.seed} --temperature {args.temperature} --kd-ce-weight {args.kd_ce_weight} --corrected-weight {args.corrected_weight} \
+--teacher-lr {args.teacher_lr} --seed {args.seed} --temperature {args.temperature} --kd-ce-weight {args.kd_ce_weight} \
+--corrected-weight {args.corrected_weight} \
 --eval-tokens {args.eval_tokens}` on {machine()}, {datetime.now(timezone.utc):%Y-%m-%d}, torch {torch.__version__},
 total {results['wall_min']:.1f} min. SmolLM2-135M pruned to `{TARGET}` ({params['after']:,} of {params['before']:,}
 params, {params['after'] / params['before']:.0%}; activation importance, 32 x 256 calibration tokens); every
