@@ -35,6 +35,7 @@ import torch
 GPL = "/usr/share/common-licenses/GPL-3"
 TARGET = "smollm2-half"
 TEXTS = ("pydoc:eval", "GPL-3")
+CE = "(a) CE only"
 
 
 def heldout(model_dir: str, texts: dict[str, torch.Tensor], seq_len: int) -> dict[str, float]:
@@ -48,7 +49,7 @@ def heldout(model_dir: str, texts: dict[str, torch.Tensor], seq_len: int) -> dic
 
 def students(teacher: str, corrected: str, w: float, kd: dict) -> dict[str, dict]:
     """The four ways to spend the same tokens: keyword arguments of ``distill`` for each."""
-    return {"(a) CE only": dict(ce_weight=1.0, teachers=()),
+    return {CE: dict(ce_weight=1.0, teachers=()),
             "(b) KD teacher": dict(kd, teachers=((teacher, 1.0),)),
             "(c) KD teacher + corrected": dict(kd, teachers=((teacher, 1 - w), (corrected, w))),
             "(d) KD corrected teacher": dict(kd, teachers=((corrected, 1.0),))}
@@ -124,8 +125,8 @@ def machine() -> str:
 
 def verdict(rows: dict) -> str:
     """Which KD runs beat CE on each text (lower perplexity)."""
-    ce = rows["(a) CE only"]
-    wins = {text: [name[:3] for name, v in rows.items() if name != "(a) CE only" and v[text] < ce[text]]
+    ce = rows[CE]
+    wins = {text: [name[:3] for name, v in rows.items() if name != CE and v[text] < ce[text]]
             for text in TEXTS}
     return "; ".join(f"{text}: {', '.join(w) or 'none'} beat CE" for text, w in wins.items())
 
@@ -145,9 +146,9 @@ def summarize(runs: list[dict]) -> str:
             cells = []
             for text in TEXTS:
                 v = [rows[name][text] for rows in seeds]
-                wins = sum(rows[name][text] < rows["(a) CE only"][text] for rows in seeds)
+                wins = sum(rows[name][text] < rows[CE][text] for rows in seeds)
                 cells.append(f"{sum(v) / len(v):.2f} ({min(v):.2f}-{max(v):.2f}) | "
-                             + ("-" if name == "(a) CE only" else f"{wins}/{len(v)}"))
+                             + ("-" if name == CE else f"{wins}/{len(v)}"))
             lines.append(f"| {steps} | {name} | " + " | ".join(cells) + " |")
     return f"{next(iter(configs))}, seeds {sorted(r['args'].get('seed', 0) for r in runs)}\n\n" + "\n".join(lines)
 

@@ -6,17 +6,20 @@ ones such as CI; every other test covers the same code on the CPU.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 import torch
 from test_losses import SPECS, grads, make, naive_loss
+import test_loop
 from test_loop import SPEC, Crash, fail_at, load_weights, max_diff
 
 from whelp.distill.loop import distill
 from whelp.distill.losses import LiveTarget, LossSpec, kd_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+tiny_dirs = test_loop.tiny_dirs  # the tiny teacher / second teacher / student of the CPU loop tests
 
 
 def to_cuda(h, w, teachers, labels, mask, dtype=torch.float32):
@@ -55,8 +58,6 @@ def test_bf16_autocast_on_cuda_within_1e2_of_fp32(name):
 
 def test_distill_on_cuda_in_bf16_learns_and_resumes(tiny_dirs, tmp_path, monkeypatch):
     """dtype auto = bf16 autocast on the GPU, fp32 master weights; a crash after step 4 resumes to the same weights."""
-    import json
-
     teacher, teacher2, student = tiny_dirs
     teachers = ((teacher, 0.5), (teacher2, 0.5))
     spec = replace(SPEC, steps=6, dtype="auto")
@@ -67,16 +68,13 @@ def test_distill_on_cuda_in_bf16_learns_and_resumes(tiny_dirs, tmp_path, monkeyp
     weights = load_weights(tmp_path / "ref")
     assert all(v.dtype == torch.float32 for v in weights.values())  # master weights, not the bf16 compute copies
 
-    fail_at(monkeypatch, 2 * 5, lambda result: (_ for _ in ()).throw(Crash()))
+    def crash(result):
+        raise Crash
+
+    fail_at(monkeypatch, 2 * 5, crash)  # dies inside step 5; resumes from the checkpoint of step 4
     with pytest.raises(Crash):
         distill(student, tmp_path / "crash", spec, teachers=teachers, progress=False)
     monkeypatch.undo()
     distill(student, tmp_path / "crash", spec, teachers=teachers, progress=False)
     assert max_diff(load_weights(tmp_path / "crash"), weights) <= 1e-6
 
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    from test_loop import make_models
-
-    return make_models(tmp_path_factory.mktemp("models"))
