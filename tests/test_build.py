@@ -1,9 +1,11 @@
-"""``whelp build``: the tiny recipe end to end, exact resume after a kill, a no-op re-run, card and metrics."""
+"""``whelp build``: the tiny recipe end to end, a no-op re-run, card and metrics; a changed-then-interrupted build
+ships the new recipe's model; SIGKILL at every stage resumes exactly and leaves no temporaries."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.demo, pytest.mark.slow]
@@ -41,7 +44,7 @@ def test_final_directory_holds_student_card_metrics_and_report(finished):
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 192
     metrics = json.loads((final / "metrics.json").read_text())
-    eval_metrics = json.loads(next((finished / "stages").glob("*-eval/metrics.json")).read_text())
+    eval_metrics = json.loads(next((finished / "stages").glob("*-eval-*/metrics.json")).read_text())
     assert metrics["models"] == eval_metrics["models"]
     assert [m["label"] for m in metrics["models"]] == ["teacher", "pruned", "distilled"]
     card = ModelCard.load(final / "README.md")
@@ -53,42 +56,72 @@ def test_final_directory_holds_student_card_metrics_and_report(finished):
 
 
 def test_rerun_of_a_finished_build_does_nothing(finished):
-    final = finished / "final" / "model.safetensors"
-    before = (final.stat().st_mtime_ns, (finished / "state.json").read_text())
+    final = finished / "final"
+    before = ((final / "model.safetensors").stat().st_mtime_ns, (final / "whelp.json").read_text())
     again = run_build(finished)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to do" in again.stderr
-    assert (final.stat().st_mtime_ns, (finished / "state.json").read_text()) == before
+    assert ((final / "model.safetensors").stat().st_mtime_ns, (final / "whelp.json").read_text()) == before
 
 
-def test_stage_killed_after_its_output_but_before_state_is_not_redone(finished):
-    state_file = finished / "state.json"
-    state = json.loads(state_file.read_text())
-    for name in ("02-cache-0", "03-distill"):  # as if killed between the atomic output and the state update
-        state["stages"][name]["done"] = False
-    state_file.write_text(json.dumps(state))
-    again = run_build(finished)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "nothing to do" in again.stderr and "> 03-distill" not in again.stderr
-    assert all(record["done"] for record in json.loads(state_file.read_text())["stages"].values())
+def hidden(root: Path) -> list[str]:
+    """Every dot-named entry under ``root``: whelp's temporaries (the only hidden names it writes)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".*"))
 
 
-def test_killed_build_resumes_to_the_same_student(finished, tmp_path):
+def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp_path):
+    """Issue 18, case 1: Ctrl-C in the distil stage of a changed recipe, then the same command again."""
+    out = tmp_path / "changed"
+    shutil.copytree(finished, out, symlinks=True)
+    changed = ("--set", "distill.0.lr=0.005")
+    cmd = [sys.executable, "-m", "whelp", "build", "tiny", "--out", str(out), *SETTINGS, *changed]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    old_checkpoints = set(out.glob("stages/03-*.distill/checkpoints/step-*"))
+    assert next(line for line in proc.stderr if "> 03-distill" in line)  # prune and cache are reused
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and \
+            not set(out.glob("stages/03-*.distill/checkpoints/step-*")) - old_checkpoints:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate()
+    assert proc.returncode == 2, "the build finished before it could be interrupted"
+    resumed = run_build(out, *changed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "= 01-prune: up to date" in resumed.stderr and "> 03-distill" in resumed.stderr
+    clean = tmp_path / "clean"
+    assert run_build(clean, *changed).returncode == 0
+    got, want = load_file(out / "final" / "model.safetensors"), load_file(clean / "final" / "model.safetensors")
+    old = load_file(finished / "final" / "model.safetensors")
+    assert max(float((got[k] - want[k]).abs().max()) for k in got) <= 1e-6
+    assert max(float((got[k] - old[k]).abs().max()) for k in got) > 1e-3
+    assert yaml.safe_load((out / "final" / "recipe.yaml").read_text())["distill"][0]["lr"] == 0.005
+    report = json.loads((out / "final" / "distill_report.json").read_text())
+    assert report["spec"]["lr"] == 0.005
+    assert sorted(p.name for p in (out / "stages").iterdir()) == sorted(p.name for p in (clean / "stages").iterdir())
+    assert hidden(out) == []
+
+
+def test_sigkill_at_each_stage_resumes_to_the_same_student_and_leaves_no_temporaries(finished, tmp_path):
     out = tmp_path / "tiny"
     cmd = [sys.executable, "-m", "whelp", "build", "tiny", "--out", str(out), *SETTINGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    checkpoints = out / "stages" / "03-distill.distill" / "checkpoints"
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline and not any(checkpoints.glob("step-*")):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = json.loads((out / "state.json").read_text())["stages"]
-    assert state["03-distill"]["done"] is False, "the build finished before it could be killed"
+    stages, killed = ("01-prune", "02-cache-0", "03-distill", "04-eval"), []
+    for i in range(len(stages)):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:  # kill the moment a stage has a temporary open
+            open_now = [name for name in hidden(out) if any(stage in name for stage in stages[i:])]
+            if open_now:
+                proc.send_signal(signal.SIGKILL)
+                killed.append(open_now)
+                break
+            time.sleep(0.005)
+        proc.wait()
+    assert len(killed) >= 3, f"too few kills landed inside a write: {killed}"
     resumed = run_build(out)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "01-prune: up to date" in resumed.stderr
+    assert hidden(out) == [] and not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     a = load_file(finished / "final" / "model.safetensors")
     b = load_file(out / "final" / "model.safetensors")
     assert a.keys() == b.keys()

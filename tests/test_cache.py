@@ -141,7 +141,48 @@ def test_resume_after_interrupt_equals_uninterrupted_run(teacher, tmp_path):
     idx = torch.arange(5)
     assert torch.equal(resumed.targets(idx).ids, whole.targets(idx).ids)
     assert [s["sha256"] for s in resumed.manifest["shards"]] == [s["sha256"] for s in whole.manifest["shards"]]
-    assert not list((tmp_path / "c").glob(".*tmp"))
+    assert not list((tmp_path / "c").glob(".*"))  # no temporaries left behind
+
+
+def test_edited_manifest_is_refused_not_trained_on(teacher, tmp_path):
+    import json
+
+    path = write_cache(teacher, StubTokenizer(), blocks(), tmp_path / "c", "topk", 8, 1.0, "tiny")
+    manifest = path / "manifest.json"
+    original = manifest.read_text()
+    for edit in ('"k": 16', '"temperature": 2.0', '"complete": false'):
+        key = edit.split(":")[0]
+        raw = json.loads(original)
+        raw[key.strip('"')] = json.loads(edit.split(": ")[1])
+        manifest.write_text(json.dumps(raw))
+        with pytest.raises(WhelpError, match="manifest.json was edited or is corrupted.*--force"):
+            open_cache(path)
+    manifest.write_text(original)
+    assert open_cache(path).manifest["k"] == 8
+
+
+def test_force_replaces_only_a_cache_and_keeps_it_until_the_new_one_is_complete(teacher, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.json").write_text("{}")  # a user's file of the same name is not whelp's manifest
+    for force in (False, True):
+        with pytest.raises(WhelpError, match="not made by whelp"):
+            write_cache(teacher, StubTokenizer(), blocks(), mine, "topk", 4, 1.0, "tiny", force=force)
+    assert [p.name for p in mine.iterdir()] == ["manifest.json"]
+    path = write_cache(teacher, StubTokenizer(), blocks(), tmp_path / "c", "topk", 4, 1.0, "tiny", shard_tokens=SEQ)
+    old = open_cache(path).targets(torch.arange(5)).ids
+
+    def interrupt(n):
+        raise KeyboardInterrupt
+
+    other = blocks(seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(teacher, StubTokenizer(), other, path, "topk", 4, 1.0, "tiny", shard_tokens=SEQ, force=True,
+                    progress=interrupt)
+    assert torch.equal(open_cache(path).targets(torch.arange(5)).ids, old)  # the old cache is intact
+    write_cache(teacher, StubTokenizer(), other, path, "topk", 4, 1.0, "tiny", shard_tokens=SEQ, force=True)
+    assert open_cache(path, data_fingerprint=other.fingerprint).manifest["complete"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "mine"]
 
 
 def test_cache_logits_cli_on_demo_teacher(demo, tmp_path):

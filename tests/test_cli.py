@@ -38,3 +38,15 @@ def test_bad_model_path_is_one_clear_line(tmp_path, make_bad, message):
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_saying_what_to_do():
+    code = ("import sys, whelp.models, whelp.cli\n"
+            "def interrupted(*a, **k): raise KeyboardInterrupt\n"
+            "whelp.models.inspect = interrupted\n"
+            "sys.argv = ['whelp', 'inspect', 'smollm2-135m']\n"
+            "whelp.cli.app()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 130
+    assert out.stderr.strip().startswith("error: interrupted") and "Re-run the same command" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

@@ -187,22 +187,55 @@ def test_nan_stops_with_last_good_checkpoint(tiny_dirs, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_existing_output_and_changed_settings(tiny_dirs, tmp_path):
+def test_never_touches_a_directory_it_did_not_make(tiny_dirs, tmp_path):
     teacher, _, student = tiny_dirs
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(WhelpError, match="already exists"):
-        distill(student, out, SPEC, teachers=((teacher, 1.0),), progress=False)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    with pytest.raises(WhelpError, match="--resume: no run"):
-        distill(student, tmp_path / "new", SPEC, teachers=((teacher, 1.0),), resume=True, progress=False)
     loop.run_dir(tmp_path / "b").mkdir()
-    (loop.run_dir(tmp_path / "b") / "run.json").write_text(json.dumps({"student": "other"}))
-    with pytest.raises(WhelpError, match="different settings"):
-        distill(student, tmp_path / "b", SPEC, teachers=((teacher, 1.0),), progress=False)
+    (loop.run_dir(tmp_path / "b") / "notes.txt").write_text("mine too")
+    for force in (False, True):
+        with pytest.raises(WhelpError, match="not made by whelp.*with or without --force"):
+            distill(student, out, SPEC, teachers=((teacher, 1.0),), progress=False, force=force)
+        with pytest.raises(WhelpError, match="b.distill exists and was not made by whelp"):
+            distill(student, tmp_path / "b", SPEC, teachers=((teacher, 1.0),), progress=False, force=force)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in loop.run_dir(tmp_path / "b").iterdir()] == ["notes.txt"]
+    with pytest.raises(WhelpError, match="--resume: no checkpoint"):
+        distill(student, tmp_path / "new", SPEC, teachers=((teacher, 1.0),), resume=True, progress=False)
     with pytest.raises(WhelpError, match="exactly one training budget"):
         distill(student, tmp_path / "c", replace(SPEC, max_tokens=100), teachers=((teacher, 1.0),))
+
+
+def test_failed_start_does_not_block_the_corrected_command(tiny_dirs, tmp_path):
+    teacher, _, student = tiny_dirs
+    with pytest.raises(WhelpError, match="not a teacher-logit cache"):
+        distill(student, tmp_path / "out", SPEC, caches=((str(tmp_path / "nocache"), 1.0),), progress=False)
+    assert not (tmp_path / "out").exists()
+    report = distill(student, tmp_path / "out", replace(SPEC, steps=2), teachers=((teacher, 1.0),), progress=False)
+    assert report["steps"] == 2 and report["history"] == []
+
+
+def test_resume_refuses_other_data_settings_but_takes_a_lower_lr_after_nan(tiny_dirs, tmp_path, monkeypatch):
+    from transformers import get_cosine_schedule_with_warmup
+
+    teacher, _, student = tiny_dirs
+    fail_at(monkeypatch, 2 * 3, lambda r: replace(r, loss=r.loss * float("nan")))  # step 3; checkpoint of step 2
+    with pytest.raises(WhelpError, match="step 3.*re-run with a lower --lr to resume from .*step-00000002"):
+        distill(student, tmp_path / "out", SPEC, teachers=((teacher, 1.0),), progress=False)
+    monkeypatch.undo()
+    with pytest.raises(WhelpError, match=r"other settings \(seq_len: 32 there, 16 now\) at step-00000002"):
+        distill(student, tmp_path / "out", replace(SPEC, seq_len=16), teachers=((teacher, 1.0),), progress=False)
+    lower = replace(SPEC, lr=SPEC.lr / 10)
+    report = distill(student, tmp_path / "out", lower, teachers=((teacher, 1.0),), progress=False)
+    assert report["history"] == [{"from_step": 2, "changed": {"lr": [SPEC.lr, lower.lr]}}]
+    rows = [json.loads(r) for r in (tmp_path / "out.distill" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    factor = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1.0), SPEC.warmup,
+                                             SPEC.steps).lr_lambdas[0]
+    factors = [factor(step) for step in range(1, SPEC.steps + 1)]  # the lr logged after step s
+    expected = [SPEC.lr * f for f in factors[:2]] + [lower.lr * f for f in factors[2:]]
+    assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
 
 
 def test_teacher_weight_schedule_and_data_order():
@@ -264,7 +297,7 @@ def test_cli_distill(tiny_dirs, tmp_path):
     assert report["spec"]["chunk_size"] == 24
     assert any((tmp_path / "out.distill" / "tensorboard").glob("events.out.tfevents.*"))
     done = CliRunner().invoke(app, args)  # CliRunner bypasses the one-line error printer: see the exception
-    assert isinstance(done.exception, WhelpError) and "already exists" in str(done.exception)
+    assert isinstance(done.exception, WhelpError) and "already holds a whelp model" in str(done.exception)
     done = CliRunner().invoke(app, args[:-2] + ["--loss", "nope", "--force"])
     assert isinstance(done.exception, WhelpError) and "unknown loss 'nope'" in str(done.exception)
 

@@ -72,15 +72,20 @@ def test_save_load_round_trip_identical_logits(tmp_path):
     assert not list(tmp_path.glob(".m.tmp-*"))
 
 
-def test_save_refuses_existing_directory_unless_forced(tmp_path):
+def test_save_replaces_only_its_own_output_and_only_with_force(tmp_path):
     out = tmp_path / "m"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(WhelpError, match="already exists.*--force"):
-        models.save_model(tiny_model(), None, out)
-    assert (out / "keep.txt").read_text() == "precious"
-    models.save_model(tiny_model(), None, out, force=True, extra={"note.txt": "x"})
-    assert not (out / "keep.txt").exists() and (out / "note.txt").read_text() == "x"
+    for force in (False, True):
+        with pytest.raises(WhelpError, match="not made by whelp.*with or without --force"):
+            models.save_model(tiny_model(), None, out, force=force)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    mine = models.save_model(tiny_model(), None, tmp_path / "mine")
+    with pytest.raises(WhelpError, match="already holds a whelp model; pass --force"):
+        models.save_model(tiny_model(), None, mine)
+    models.save_model(tiny_model(seed=1), None, mine, force=True, extra={"note.txt": "x"})
+    assert (mine / "note.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "mine"]  # no temporaries, no old copy left
 
 
 def test_interrupted_save_leaves_no_output(tmp_path, monkeypatch):

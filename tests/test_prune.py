@@ -218,8 +218,13 @@ def test_second_prune_reuses_scores_and_mismatched_scores_are_refused(tmp_path, 
     other = PruneSpec(calib_samples=1, seq_len=16, scores=str(tmp_path / "a" / api.SCORES_FILE))
     with pytest.raises(WhelpError, match="was computed with fingerprint="):
         prune_checkpoint(str(tmp_path / "teacher"), "num_hidden_layers=1", tmp_path / "c", other)
-    with pytest.raises(WhelpError, match="already exists; pass --force"):
+    with pytest.raises(WhelpError, match="already holds a whelp model; pass --force"):
         prune_checkpoint(str(tmp_path / "teacher"), "num_hidden_layers=1", tmp_path / "b", spec)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(WhelpError, match="not made by whelp"):  # before any calibration or loading
+        prune_checkpoint(str(tmp_path / "teacher"), "num_hidden_layers=1", tmp_path / "mine", spec, force=True)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_cli_prune_writes_checkpoint_and_report(tmp_path, demo_tokenizer, monkeypatch):

@@ -1,68 +1,67 @@
 """``whelp build RECIPE``: prune -> (cache) -> distill -> ... -> eval -> final, resumable by stage.
 
-Layout of OUT: ``state.json`` (what finished, with which inputs), ``stages/NN-kind/`` (each stage's
-output, e.g. a pruned checkpoint), ``final/`` (the student checkpoint, the resolved ``recipe.yaml``,
-``metrics.json``, ``report.md``/``report.png`` and a ``README.md`` model card).
+Layout of OUT: ``whelp.json`` (the build's marker), ``stages/NN-kind-KEY/`` (each stage's output, e.g. a pruned
+checkpoint), ``final/`` (the student checkpoint, the resolved ``recipe.yaml``, ``metrics.json``,
+``report.md``/``report.png`` and a ``README.md`` model card).
 
-Each stage has a key: a hash of its resolved options and the keys of the stages it reads. A stage
-whose key is recorded as done is skipped; a stage that started but did not finish runs again with
-the same key (distillation resumes from its last checkpoint); a stage whose key changed (the recipe
-changed) starts over, and so does everything downstream, whose keys change with it.
+Each stage has a key: a hash of its resolved options, of the identity of the files it reads (teacher, data) and
+of the keys of the stages it reads. The key is part of the stage's directory name and is sealed into the
+marker its verb writes last, inside the same atomic commit as the output. So a stage is done exactly when its
+directory holds a complete output whose marker carries its key: an output made from other inputs (an earlier
+recipe, a changed data file) is never reused, an interrupted stage resumes in its own directory (distillation
+from its last checkpoint, a cache from its last shard), and ``final/`` is rewritten whenever its key (the eval
+stage's key and the resolved recipe) changes. Stages that the finished recipe no longer uses are removed at
+the end, so a changed recipe keeps the old outputs only until the new ones are complete.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from whelp import store
 from whelp.errors import WhelpError
 from whelp.recipe import TEACHER, Recipe, dump
 from whelp.schema import to_dict
 
-STATE = "state.json"
-
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # directory name under stages/, e.g. "02-distill"
+    name: str  # e.g. "03-distill"
     kind: str  # prune | cache | distill | eval
     key: str
-    run: object  # callable(out_dir: Path, force: bool) -> dict
+    run: object  # callable(out_dir: Path, force: bool) -> object; writes out_dir with marker stage_key=key
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.name}-{self.key}"
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return store.content_id(parts)[:16]
+
+
+def input_identity(source: str) -> object:
+    """What a model or data source is, for a stage key: the files' names, sizes and mtimes for local paths and
+    the built-in corpus (a file edited in place changes it), the registry entry of a registered model, or the
+    name itself for a hub id / dataset (online: its revision is the hub's)."""
+    from whelp.models import REGISTRY
+
+    if source in REGISTRY:
+        return [source, REGISTRY[source].gguf_sha256]
+    if source.startswith("pydoc:"):
+        import pydoc_data.topics
+
+        return [source, store.path_identity(Path(pydoc_data.topics.__file__))]
+    path = Path(source).expanduser()
+    return [source, store.path_identity(path)] if path.exists() else source
 
 
 def _console():
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-class _State:
-    """``state.json``: {stage name: {"key": ..., "done": bool}}, rewritten atomically after every change."""
-
-    def __init__(self, out: Path):
-        self.path = out / STATE
-        self.stages = json.loads(self.path.read_text())["stages"] if self.path.exists() else {}
-
-    def mark(self, name: str, key: str, done: bool) -> None:
-        self.stages[name] = {"key": key, "done": done}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stages": self.stages}, indent=2))
-        tmp.replace(self.path)
-
-    def done(self, stage: Stage, out_dir: Path) -> bool:
-        record = self.stages.get(stage.name)
-        return bool(record and record["key"] == stage.key and record["done"] and out_dir.exists())
-
-    def changed(self, stage: Stage) -> bool:
-        record = self.stages.get(stage.name)
-        return record is None or record["key"] != stage.key
 
 
 def _teacher_path(model: str, recipe: Recipe) -> str:
@@ -72,9 +71,9 @@ def _teacher_path(model: str, recipe: Recipe) -> str:
 def _prune_stage(step, source: str, key_in: str, n: int) -> Stage:
     from whelp.prune.api import prune_checkpoint
 
-    key = _key("prune", to_dict(step), key_in)
-    return Stage(f"{n:02d}-prune", "prune", key,
-                 lambda out, force: prune_checkpoint(source, step.target, out, step.options, force=force))
+    key = _key("prune", to_dict(step), input_identity(step.options.calib), key_in)
+    return Stage(f"{n:02d}-prune", "prune", key, lambda out, force: prune_checkpoint(
+        source, step.target, out, step.options, force=force, stage_key=key))
 
 
 def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int) -> Stage:
@@ -82,10 +81,11 @@ def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int) -> Stag
 
     teacher = _teacher_path(ref.model, recipe)
     spec = step.options
-    key = _key("cache", to_dict(ref), teacher, spec.data, spec.seq_len, spec.max_tokens, key_in)
+    key = _key("cache", to_dict(ref), input_identity(teacher), input_identity(spec.data), spec.seq_len,
+               spec.max_tokens, recipe.teacher.dtype, key_in)
     return Stage(f"{n:02d}-cache-{j}", "cache", key, lambda out, force: cache_teacher(
         teacher, spec.data, out, mode=ref.mode, k=ref.k, temperature=ref.temperature, seq_len=spec.seq_len,
-        max_tokens=spec.max_tokens, dtype=recipe.teacher.dtype, force=force))
+        max_tokens=spec.max_tokens, dtype=recipe.teacher.dtype, force=force, stage_key=key))
 
 
 def _distill_stage(step, student: str, recipe: Recipe, caches: list[Path], keys: list[str], n: int) -> Stage:
@@ -93,16 +93,18 @@ def _distill_stage(step, student: str, recipe: Recipe, caches: list[Path], keys:
 
     teachers = tuple((_teacher_path(t.model, recipe), t.weight) for t in step.teachers)
     cached = tuple((str(path), ref.weight) for path, ref in zip(caches, step.caches))
-    key = _key("distill", to_dict(step), teachers, keys)
+    data = [input_identity(step.options.data), input_identity(step.options.eval_data)]
+    key = _key("distill", to_dict(step), [(input_identity(t), w) for t, w in teachers], data, keys)
     return Stage(f"{n:02d}-distill", "distill", key, lambda out, force: distill(
-        student, out, step.options, teachers=teachers, caches=cached, force=force))
+        student, out, step.options, teachers=teachers, caches=cached, force=force, stage_key=key))
 
 
 def plan_stages(recipe: Recipe, out: Path) -> tuple[list[Stage], list[tuple[str, Path]]]:
     """The stages in run order, and the ``(label, directory)`` of every model the report compares."""
     stages_dir = out / "stages"
     models = [("teacher", Path(recipe.teacher.model))]
-    current, key, n = recipe.teacher.model, _key("teacher", recipe.teacher.model, recipe.teacher.dtype), 0
+    current = recipe.teacher.model
+    key = _key("teacher", input_identity(recipe.teacher.model), recipe.teacher.dtype)
     counts = {"prune": len(recipe.prune), "distill": len(recipe.distill)}
     stages: list[Stage] = []
     for kind, step in recipe.stages():
@@ -110,18 +112,15 @@ def plan_stages(recipe: Recipe, out: Path) -> tuple[list[Stage], list[tuple[str,
         label = "distilled" if kind == "distill" else "pruned"
         label = label if counts[kind] == 1 else f"{label}-{index + 1}"
         if kind == "prune":
-            n += 1
-            stages.append(_prune_stage(step, current, key, n))
+            stages.append(_prune_stage(step, current, key, len(stages) + 1))
         else:
             caches, keys = [], [key]
             for j, ref in enumerate(step.caches):
-                n += 1
-                stages.append(_cache_stage(ref, recipe, step, key, n, j))
-                caches.append(stages_dir / stages[-1].name)
+                stages.append(_cache_stage(ref, recipe, step, key, len(stages) + 1, j))
+                caches.append(stages_dir / stages[-1].dirname)
                 keys.append(stages[-1].key)
-            n += 1
-            stages.append(_distill_stage(step, current, recipe, caches, keys, n))
-        key, current = stages[-1].key, str(stages_dir / stages[-1].name)
+            stages.append(_distill_stage(step, current, recipe, caches, keys, len(stages) + 1))
+        key, current = stages[-1].key, str(stages_dir / stages[-1].dirname)
         models.append((label, Path(current)))
     return stages, models
 
@@ -130,19 +129,22 @@ def _eval_stage(recipe: Recipe, models: list[tuple[str, Path]], keys: list[str],
     from whelp.evals.api import evaluate
 
     args = [f"{label}={path}" for label, path in models]
-    key = _key("eval", to_dict(recipe.eval), keys, recipe.teacher.model)
-    return Stage(f"{n:02d}-eval", "eval", key, lambda out, force: evaluate(args, out, recipe.eval, force=True))
+    key = _key("eval", to_dict(recipe.eval), [input_identity(s) for s in recipe.eval.ppl], keys,
+               input_identity(recipe.teacher.model))
+    return Stage(f"{n:02d}-eval", "eval", key, lambda out, force: evaluate(
+        args, out, recipe.eval, force=force, stage_key=key))
 
 
-def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, models) -> None:
+def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, models, key: str) -> None:
+    import json
+
     from whelp.card import model_card
-    from whelp.models import atomic_dir
 
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     lineage = [{"label": label, "path": str(path), "report": _stage_report(path)} for label, path in models]
-    with atomic_dir(out / "final", force=True) as tmp:
+    with store.atomic_dir(out / "final", force=True, kind="model", stage_key=key) as tmp:
         for item in student.iterdir():
-            if item.is_file():
+            if item.is_file() and item.name != store.MARKER:
                 shutil.copy2(item, tmp / item.name)
         for name in ("report.md", "report.png"):
             shutil.copy2(eval_dir / name, tmp / name)
@@ -152,51 +154,93 @@ def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, model
 
 
 def _stage_report(path: Path) -> dict | None:
+    import json
+
     for name in ("distill_report.json", "prune_report.json"):
         if (path / name).exists():
             return json.loads((path / name).read_text())
     return None
 
 
-def _finished_on_disk(stage: Stage, stage_dir: Path) -> bool:
-    """Whether a resumable stage (cache, distill) already wrote its whole output (both write atomically)."""
-    if stage.kind == "cache":
-        manifest = stage_dir / "manifest.json"
-        return manifest.exists() and json.loads(manifest.read_text()).get("complete", False)
-    return stage.kind == "distill" and (stage_dir / "distill_report.json").exists()
+def done(stage: Stage, stage_dir: Path) -> bool:
+    """Whether ``stage_dir`` holds the complete output of exactly this stage's inputs (its marker's key)."""
+    found = store.marker(stage_dir)
+    if found is None or found.get("stage_key") != stage.key:
+        return False
+    if stage.kind != "cache":  # prune, distill and eval outputs are committed whole, marker included
+        return True
+    from whelp.distill.cache import MANIFEST
+
+    try:
+        manifest = store.read_record(stage_dir / MANIFEST, "")
+    except WhelpError:
+        return False
+    return manifest.get("complete", False) and all(
+        (stage_dir / s["file"]).is_file() and (stage_dir / s["file"]).stat().st_size == s["bytes"]
+        for s in manifest["shards"])
+
+
+def build_dir(recipe: Recipe, out: str | Path | None) -> Path:
+    """The build directory: ``--out``, else the recipe's ``out``, else ``runs/NAME`` (which must stay in runs/)."""
+    if out is not None or recipe.out is not None:
+        return Path(out if out is not None else recipe.out).expanduser()
+    return store.inside(Path("runs"), Path("runs") / store.check_name(recipe.name, "recipe name"), "runs/NAME")
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` a build directory, or reopen one; a directory whelp did not build is never touched."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        found = store.marker(out)
+        if found is None or found["kind"] != "build":
+            what = f"a whelp {found['kind']}" if found else f"not a whelp build (no valid {store.MARKER})"
+            raise WhelpError(f"{out} exists and is {what}; whelp never deletes or overwrites it, with or without "
+                             "--force: choose another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_marker(out, "build")
+
+
+def _remove_unused(stages_dir: Path, stages: list[Stage]) -> None:
+    """Delete the whelp-made stage outputs (and their run state) that this recipe no longer uses."""
+    keep = {s.dirname for s in stages} | {f"{s.dirname}.distill" for s in stages}
+    for item in stages_dir.iterdir():
+        if item.name not in keep and item.is_dir() and not item.name.startswith(".") and store.marker(item):
+            shutil.rmtree(item)
+    store.clean_stale(stages_dir)
 
 
 def build(recipe: Recipe, out: str | Path | None = None, force: bool = False) -> Path:
-    """Run every stage not already done with the same inputs; return the ``final/`` directory."""
-    out = Path(out or recipe.out or Path("runs") / recipe.name).expanduser()
-    if force and out.exists():
-        shutil.rmtree(out)
-    if out.exists() and not (out / STATE).exists():
-        raise WhelpError(f"{out} exists but is not a whelp build (no {STATE}); choose another --out or pass --force")
-    (out / "stages").mkdir(parents=True, exist_ok=True)
-    state = _State(out)
+    """Run every stage not already done with the same inputs; return the ``final/`` directory.
+
+    ``force`` runs every stage again; each output (only ever whelp's own) is replaced when its new version is
+    complete.
+    """
+    out = build_dir(recipe, out)
+    _claim(out)
+    stages_dir = out / "stages"
+    stages_dir.mkdir(exist_ok=True)
+    store.inside(out, stages_dir, "the stages directory")
     stages, models = plan_stages(recipe, out)
     stages.append(_eval_stage(recipe, models, [s.key for s in stages], len(stages) + 1))
     final_key = _key("final", stages[-1].key, dump(recipe))
     console, ran = _console(), False
     for stage in stages:
-        stage_dir = out / "stages" / stage.name
-        if state.done(stage, stage_dir):
+        stage_dir = stages_dir / stage.dirname
+        if not force and done(stage, stage_dir):
             console.print(f"[dim]= {stage.name}: up to date[/]")
             continue
-        force_stage = state.changed(stage) or stage.kind in ("prune", "eval")  # cache and distill resume
-        if not force_stage and _finished_on_disk(stage, stage_dir):  # stopped after its output, before state.json
-            state.mark(stage.name, stage.key, done=True)
-            continue
-        console.print(f"[bold]> {stage.name}[/]")
-        state.mark(stage.name, stage.key, done=False)
-        stage.run(stage_dir, force_stage)
-        state.mark(stage.name, stage.key, done=True)
+        console.print(f"[bold]> {stage.name}[/] [dim]({stage_dir.name})[/]")
+        try:
+            stage.run(stage_dir, force)
+        except WhelpError as exc:
+            hint = " (then drop --force, or this stage starts over)" if force else ""
+            raise WhelpError(f"{stage.name}: {exc}{hint}") from None
         ran = True
     final = out / "final"
-    if ran or state.changed(Stage("final", "final", final_key, None)) or not final.exists():
-        _write_final(recipe, out, models[-1][1], out / "stages" / stages[-1].name, models)
-        state.mark("final", final_key, done=True)
+    found = store.marker(final)
+    if ran or force or found is None or found.get("stage_key") != final_key:
+        _write_final(recipe, out, models[-1][1], stages_dir / stages[-1].dirname, models, final_key)
+        _remove_unused(stages_dir, stages)
         console.print(f"[green]done[/]: {final}")
     else:
         console.print(f"[green]nothing to do[/]: {final} is up to date")

@@ -24,6 +24,12 @@ class _App(typer.Typer):
         except WhelpError as exc:
             typer.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(2)
+        except SystemExit as exc:
+            if exc.code == 130:  # typer's exit on KeyboardInterrupt (Ctrl-C outside a training loop)
+                typer.secho("error: interrupted; outputs are written atomically, so nothing half-written was kept. "
+                            "Re-run the same command to continue (distil runs, caches and builds resume)",
+                            fg="red", err=True)
+            raise
 
 
 app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -275,7 +281,8 @@ def show(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped rec
 def build(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name"),
           out: Optional[str] = typer.Option(None, "--out", help="Build directory (default: the recipe's out, or runs/NAME)"),
           set_: Optional[List[str]] = SetOption,
-          force: bool = typer.Option(False, "--force", help="Delete the build directory and start over")):
+          force: bool = typer.Option(False, "--force", help="Run every stage again; only whelp's own outputs are "
+                                     "replaced, each once its new version is complete")):
     """Run a recipe: prune -> distill -> eval -> final student with report and model card; resumable."""
     from whelp import build as builder, recipe as recipes
 

@@ -6,11 +6,8 @@ Safe by default: only safetensors weights are read unless the caller allows pick
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from whelp.errors import WhelpError
+from whelp.store import atomic_dir, sha256_file, whelp_home
 
 SHAPE_KEYS = (
     "hidden_size",
@@ -55,19 +53,6 @@ REGISTRY = {
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     )
 }
-
-
-def whelp_home() -> Path:
-    """User cache for converted registered models: ``$WHELP_HOME``, default ``~/.cache/whelp``."""
-    return Path(os.environ.get("WHELP_HOME", Path.home() / ".cache" / "whelp")).expanduser()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_gguf(name: str) -> Path:
@@ -226,50 +211,22 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
     return model.to(device).eval(), tokenizer
 
 
-def check_writable(out_dir: str | Path, force: bool) -> Path:
-    """Refuse to clobber an existing output directory unless ``force``; return the resolved path."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and not force:
-        raise WhelpError(f"{out} already exists; pass --force to overwrite it or choose another --out")
-    return out
+def write_model(model, tokenizer, directory: Path, extra: dict[str, str] | None = None) -> None:
+    """Write a vanilla HF checkpoint (safetensors, config, generation config, tokenizer) into ``directory``;
+    ``extra`` maps file names to text. Callers write into ``store.atomic_dir``'s temporary directory."""
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    for name, text in (extra or {}).items():
+        (directory / name).write_text(text)
 
 
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a fully written temporary directory into place; an old ``out`` is replaced only at the end."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | Path, force: bool = False):
-    """Yield a fresh temporary sibling of ``out_dir`` to fill; on success it replaces ``out_dir`` in one
-    rename, on any failure (Ctrl-C included) it is deleted and ``out_dir`` is left as it was."""
-    out = check_writable(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_model(model, tokenizer, out_dir: str | Path, force: bool = False, extra: dict[str, str] | None = None) -> Path:
-    """Write a vanilla HF checkpoint (safetensors, config, generation config, tokenizer) atomically.
-
-    Everything goes to a temporary sibling directory first and is renamed into place, so an
-    interrupted save never leaves a half-written ``out_dir``. ``extra`` maps file names to text.
-    """
-    with atomic_dir(out_dir, force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra or {}).items():
-            (tmp / name).write_text(text)
+def save_model(model, tokenizer, out_dir: str | Path, force: bool = False, extra: dict[str, str] | None = None,
+               **marker) -> Path:
+    """``write_model`` into ``out_dir`` atomically: an interrupted save never leaves a half-written ``out_dir``,
+    and the directory gets whelp's marker (with ``marker`` fields, e.g. a build stage's key)."""
+    with atomic_dir(out_dir, force, "model", **marker) as tmp:
+        write_model(model, tokenizer, tmp, extra)
     return Path(out_dir).expanduser()
 
 

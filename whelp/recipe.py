@@ -20,6 +20,7 @@ from whelp.errors import WhelpError
 from whelp.evals.api import EvalSpec
 from whelp.prune.api import PruneSpec
 from whelp.schema import apply_override, build, to_dict
+from whelp.store import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 TEACHER = "teacher"  # in distill.teachers / distill.caches: the recipe's teacher
@@ -98,6 +99,7 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self):
+        check_name(self.name, "recipe.name")  # it becomes the directory runs/NAME
         if not self.prune:
             raise WhelpError("prune: a recipe needs at least one prune step (the student starts as a pruned teacher)")
         if self.distill and len(self.distill) != len(self.prune):

@@ -21,8 +21,6 @@ truncated or corrupted shard is named on read and never used.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -35,7 +33,8 @@ from safetensors.torch import save_file
 
 from whelp.distill.losses import SparseTarget
 from whelp.errors import WhelpError
-from whelp.models import sha256_file
+from whelp import store
+from whelp.store import sha256_file
 
 FORMAT = 1
 MAG_BITS = 15  # an fp16 of -logp >= 0 has its sign bit clear
@@ -104,20 +103,16 @@ def decode(tensors: dict[str, Tensor], mode: str, k: int, temperature: float, vo
     return SparseTarget("topk", words >> MAG_BITS, temperature, vocab, logp=logp, tail=tensors["tail"].float())
 
 
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def config_hash(config) -> str:
     """sha256 of a model config without bookkeeping keys (paths, versions, dtype): the architecture's identity."""
     skip = {"transformers_version", "dtype", "torch_dtype", "architectures"}
-    return _sha256_json({k: v for k, v in config.to_dict().items() if k not in skip and not k.startswith("_")})
+    return store.content_id({k: v for k, v in config.to_dict().items() if k not in skip and not k.startswith("_")})
 
 
 def tokenizer_hash(tokenizer) -> str:
     """sha256 of the token -> id map and the special ids: equal hashes mean identical token ids."""
     specials = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return _sha256_json([sorted(tokenizer.get_vocab().items()), specials])
+    return store.content_id([sorted(tokenizer.get_vocab().items()), specials])
 
 
 def _identity(model, tokenizer, blocks, mode: str, k: int, temperature: float, teacher_name: str, seed: int) -> dict:
@@ -130,19 +125,14 @@ def _identity(model, tokenizer, blocks, mode: str, k: int, temperature: float, t
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    store.write_record(out / MANIFEST, manifest)
 
 
 def _read_manifest(path: Path) -> dict:
-    file = path / MANIFEST
-    if not file.exists():
+    """The sealed manifest: an edited one (a changed ``k``, say) is refused, never trained on."""
+    if not (path / MANIFEST).exists():
         raise WhelpError(f"{path} is not a teacher-logit cache (no {MANIFEST}); build one with whelp cache-logits")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError:
-        raise WhelpError(f"{file} is corrupted (not JSON); rebuild the cache with whelp cache-logits --force") from None
+    return store.read_record(path / MANIFEST, "rebuild the cache with whelp cache-logits --force")
 
 
 def shard_problem(path: Path, shard: dict) -> str | None:
@@ -172,31 +162,62 @@ def _teacher_shard(model, tokens: Tensor, spec: dict, first_block: int, batch_si
     return out
 
 
-def _resume_manifest(out: Path, identity: dict) -> dict:
-    """The manifest of an interrupted run of the same cache, with unusable shards dropped."""
-    if not (out / MANIFEST).exists():
-        raise WhelpError(f"{out} already exists and is not a teacher-logit cache; pass --force to replace it "
-                         "or choose another --out")
+def _continued(out: Path, identity: dict) -> tuple[dict, bool]:
+    """The manifest to continue ``out`` with (intact shards kept, damaged ones dropped) and whether ``out`` was
+    already complete and intact. WhelpError if ``out`` holds a cache of another run."""
     old = _read_manifest(out)
     diff = [key for key in identity if old.get(key) != identity[key]]
     if diff:
         key = diff[0]
         raise WhelpError(f"{out} holds a cache of a different run ({key}: {old.get(key)!r} there, "
                          f"{identity[key]!r} now); pass --force to replace it or choose another --out")
+    store.clean_stale(out)
     shards = [s for s in old["shards"] if shard_problem(out, s) is None]
-    if old.get("complete") and len(shards) == len(old["shards"]):
-        raise WhelpError(f"{out} already holds this complete cache; pass --force to rebuild it")
-    return {**old, "shards": shards, "complete": False}
+    return {**old, "shards": shards, "complete": False}, bool(old.get("complete")) and shards == old["shards"]
+
+
+def _claim(out: Path) -> bool:
+    """Whether ``out`` holds a whelp cache with shards to resume or replace (a cache stopped before its first
+    shard holds nothing to lose); WhelpError if it holds anything else."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return False
+    store.check_writable(out, True, "cache")
+    return (out / MANIFEST).exists() and bool(_read_manifest(out)["shards"])
+
+
+def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> tuple[Path, dict]:
+    """Where the shards go and the manifest to continue: ``out`` itself (new or resumed), or with ``force`` on
+    an existing cache a staging sibling ``.OUT.rebuild`` (resumed by the same forced command) that replaces
+    ``out`` only when complete. A directory that is not a whelp cache is never written into or deleted."""
+    work = out
+    if _claim(out):
+        if not force:
+            manifest, complete = _continued(out, identity)
+            if complete:
+                raise WhelpError(f"{out} already holds this complete cache; pass --force to rebuild it")
+            return out, manifest
+        work = out.with_name(f".{out.name}.rebuild")
+        if work.exists() and store.marker(work) is None:
+            raise WhelpError(f"{work} is in the way of rebuilding {out} and was not made by whelp; move it away")
+        try:
+            return work, _continued(work, identity)[0]
+        except WhelpError:
+            shutil.rmtree(work, ignore_errors=True)  # absent, or another rebuild's leftovers: ours to start again
+    work.mkdir(parents=True, exist_ok=True)
+    store.write_marker(work, "cache", stage_key=stage_key)
+    manifest = {**identity, "shards": [], "complete": False}
+    _write_manifest(work, manifest)
+    return work, manifest
 
 
 def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, temperature: float,
                 teacher_name: str, force: bool = False, batch_size: int = 4, shard_tokens: int = 65536,
-                seed: int = 0, progress=None) -> Path:
+                seed: int = 0, progress=None, stage_key: str | None = None) -> Path:
     """Run the teacher over ``blocks`` (whelp.data.Blocks) and write a sparse-target cache to ``out``.
 
     Resumable: rerunning the same call after an interruption keeps every intact shard and writes the rest
     (sampling is seeded per block, so the result equals an uninterrupted run). ``progress(n_blocks)`` is
-    called after each shard.
+    called after each shard. ``stage_key`` (a build's key of this cache's inputs) goes into its marker.
     """
     if mode not in ("topk", "sample") or k < 1:
         raise WhelpError(f"cache mode must be topk or sample with k >= 1, got {mode} k={k}")
@@ -204,14 +225,7 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
         raise WhelpError(f"temperature must be > 0, got {temperature}")
     out = Path(out).expanduser()
     identity = _identity(teacher_model, tokenizer, blocks, mode, k, temperature, teacher_name, seed)
-    if out.exists() and force:
-        shutil.rmtree(out)
-    if out.exists():
-        manifest = _resume_manifest(out, identity)
-    else:
-        out.mkdir(parents=True)
-        manifest = {**identity, "shards": [], "complete": False}
-        _write_manifest(out, manifest)
+    work, manifest = _workdir(out, identity, force, stage_key)
     per_shard = max(1, shard_tokens // identity["seq_len"])
     done = {s["file"] for s in manifest["shards"]}
     for index, start in enumerate(range(0, identity["n_blocks"], per_shard)):
@@ -219,17 +233,19 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
         name = f"shard-{index:05d}.safetensors"
         if name not in done:
             tensors = _teacher_shard(teacher_model, blocks.tokens[start:stop], identity, start, batch_size)
-            tmp = out / f".{name}.tmp"
+            tmp = work / f".{name}.tmp-{store.tag()}"
             save_file(tensors, str(tmp))
-            os.replace(tmp, out / name)
+            os.replace(tmp, work / name)
             manifest["shards"].append({"file": name, "start": start, "stop": stop,
-                                       "bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)})
-            _write_manifest(out, manifest)
+                                       "bytes": (work / name).stat().st_size, "sha256": sha256_file(work / name)})
+            _write_manifest(work, manifest)
         if progress is not None:
             progress(stop - start)
     manifest["shards"].sort(key=lambda s: s["start"])
     manifest["bytes_per_token"] = sum(s["bytes"] for s in manifest["shards"]) / blocks.tokens.numel()
-    _write_manifest(out, {**manifest, "complete": True})
+    _write_manifest(work, {**manifest, "complete": True})
+    if work != out:
+        store.commit_dir(work, out)
     return out
 
 
@@ -294,11 +310,13 @@ def open_cache(path, *, student_vocab_size: int | None = None, tokenizer=None,
 
 def cache_teacher(teacher: str, data: str, out: Path, mode: str, k: int, temperature: float = 1.0,
                   seq_len: int = 512, max_tokens: int | None = None, dtype: str = "float32", batch_size: int = 4,
-                  force: bool = False) -> Path:
+                  force: bool = False, stage_key: str | None = None) -> Path:
     """Load ``teacher``, pack ``data`` exactly as ``whelp distill`` does (``load_blocks`` defaults) and cache it."""
     from whelp.data import load_blocks
     from whelp.models import load_model
 
+    _claim(Path(out).expanduser())  # before minutes of loading: a user's directory is refused at once
     model, tokenizer = load_model(teacher, dtype=dtype)
     blocks = load_blocks(data, tokenizer, seq_len, max_tokens=max_tokens)
-    return write_cache(model, tokenizer, blocks, out, mode, k, temperature, teacher, force=force, batch_size=batch_size)
+    return write_cache(model, tokenizer, blocks, out, mode, k, temperature, teacher, force=force, batch_size=batch_size,
+                       stage_key=stage_key)

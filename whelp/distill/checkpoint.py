@@ -9,7 +9,6 @@ files are the same whether the run used one process or FSDP2 over many.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -24,9 +23,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from whelp import store
 from whelp.errors import WhelpError
 
 PREFIX = "step-"
+STATE = "state.json"
 
 
 def _distributed() -> bool:
@@ -38,9 +39,10 @@ def _rank() -> int:
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints (final names only), oldest first."""
+    """Complete checkpoints (final names only), oldest first; dead writers' temporaries are removed."""
     if not ckpt_dir.is_dir():
         return []
+    store.clean_stale(ckpt_dir)
     return sorted(p for p in ckpt_dir.iterdir() if p.name.startswith(PREFIX) and p.is_dir())
 
 
@@ -81,19 +83,15 @@ def save_checkpoint(ckpt_dir: Path, step: int, module, optimizer, scheduler, sta
         rng = [_rng_state()]
     final = ckpt_dir / f"{PREFIX}{step:08d}"
     if _rank() == 0:
-        tmp = ckpt_dir / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        weights, aliases = _dedupe(model_sd)
-        save_file(weights, tmp / "model.safetensors")
-        flat = {f"{fqn}/{k}": v for fqn, s in optim_sd["state"].items() for k, v in s.items()}
-        flat.update({f"rng/{r}/{k}": v for r, states in enumerate(rng) for k, v in states.items()})
-        save_file({k: v.contiguous() for k, v in flat.items()}, tmp / "optimizer.safetensors")
-        meta = {"step": step, "aliases": aliases, "param_groups": optim_sd["param_groups"],
-                "scheduler": scheduler.state_dict(), "world_size": len(rng), **state}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        with store.atomic_dir(final, force=True, kind="checkpoint") as tmp:
+            weights, aliases = _dedupe(model_sd)
+            save_file(weights, tmp / "model.safetensors")
+            flat = {f"{fqn}/{k}": v for fqn, s in optim_sd["state"].items() for k, v in s.items()}
+            flat.update({f"rng/{r}/{k}": v for r, states in enumerate(rng) for k, v in states.items()})
+            save_file({k: v.contiguous() for k, v in flat.items()}, tmp / "optimizer.safetensors")
+            meta = {"step": step, "aliases": aliases, "param_groups": optim_sd["param_groups"],
+                    "scheduler": scheduler.state_dict(), "world_size": len(rng), **state}
+            store.write_record(tmp / STATE, meta)
         for old in list_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old)
     if _distributed():
@@ -103,7 +101,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, module, optimizer, scheduler, sta
 
 def load_checkpoint(path: Path, module, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns ``state.json``."""
-    meta = json.loads((path / "state.json").read_text())
+    meta = store.read_record(path / STATE, f"delete {path} to resume from the checkpoint before it")
     world = dist.get_world_size() if _distributed() else 1
     if meta["world_size"] != world:
         raise WhelpError(f"checkpoint {path} was written by {meta['world_size']} processes, this run has {world}: "

@@ -102,21 +102,63 @@ def _check(spec: DistillSpec, teachers, caches) -> None:
                          "(or --ce-weight 1 for a plain CE baseline)")
 
 
-def _prepare_run(out: Path, identity: dict, force: bool, resume: bool, main: bool) -> Path:
-    """Create or reopen ``OUT.distill``; a different run there is refused unless ``force``."""
-    rdir = run_dir(out)
-    saved = rdir / "run.json"
-    if saved.exists() and not force:
-        if json.loads(saved.read_text()) != identity:
-            raise WhelpError(f"{rdir} holds a run with different settings (see its run.json); re-run the same "
-                             "command to resume it, or pass --force to start over")
-    elif resume:
-        raise WhelpError(f"--resume: no run to resume in {rdir}; drop --resume to start one")
-    if main and (force or not saved.exists()):
+# Settings that may change when a run resumes (after a NaN stop, to lower --lr): they steer the optimiser and
+# the bookkeeping, not which tokens each step reads or what the loss is, so the run stays one well-defined run.
+ADJUSTABLE = ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "eval_data", "eval_tokens", "save_every",
+              "keep_last", "tensorboard", "chunk_size", "grad_checkpointing", "dtype")
+RUN_FILE = "run.json"
+
+
+def _changes(old: dict, new: dict) -> tuple[dict, dict]:
+    """``(adjustable, fixed)`` differences between two run identities, as {name: [old, new]}."""
+    flat_old = {**{k: v for k, v in old.items() if k not in ("spec", "history")}, **old["spec"]}
+    flat_new = {**{k: v for k, v in new.items() if k not in ("spec", "history")}, **new["spec"]}
+    diff = {k: [flat_old.get(k), flat_new.get(k)] for k in flat_new if flat_old.get(k) != flat_new.get(k)}
+    return ({k: v for k, v in diff.items() if k in ADJUSTABLE}, {k: v for k, v in diff.items() if k not in ADJUSTABLE})
+
+
+def _prepare_run(out: Path, identity: dict, force: bool, resume: bool) -> tuple[Path, dict]:
+    """Create or reopen ``OUT.distill`` (rank 0); returns it and the settings that changed since its last start.
+
+    A run with checkpoints resumes when only ADJUSTABLE settings differ (the change is recorded in run.json);
+    other differences are refused unless ``force``. A run without checkpoints holds nothing to lose and is
+    started afresh, so a command corrected after a failed start is never blocked by it.
+    """
+    from whelp import store
+
+    rdir = store.check_writable(run_dir(out), True, "run")  # whelp's own run state only, never a user's dir
+    saved = rdir / RUN_FILE
+    found = checkpoint.list_checkpoints(rdir / "checkpoints") if saved.exists() and not force else []
+    if resume and not found:
+        raise WhelpError(f"--resume: no checkpoint to resume in {rdir}; drop --resume to start the run")
+    if not found:
         shutil.rmtree(rdir, ignore_errors=True)
         (rdir / "checkpoints").mkdir(parents=True)
-        saved.write_text(json.dumps(identity, indent=1))
-    return rdir
+        store.write_marker(rdir, "run")
+        store.write_record(saved, {**identity, "history": []})
+        return rdir, {}
+    old = store.read_record(saved, f"pass --force to start the run in {rdir} over")
+    adjustable, fixed = _changes(old, identity)
+    if fixed:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in fixed.items())
+        raise WhelpError(f"{rdir} holds a run with other settings ({shown}) at {found[-1].name}; re-run with its "
+                         "settings to resume it, or pass --force to start over")
+    if adjustable:
+        history = old["history"] + [{"from_step": int(found[-1].name.removeprefix(checkpoint.PREFIX)),
+                                     "changed": adjustable}]
+        store.write_record(saved, {**identity, "history": history})
+    return rdir, adjustable
+
+
+def _adjust(optimizer, spec: DistillSpec, steps: int, start: int):
+    """The scheduler of a resumed optimiser: lr, warmup and weight decay as given now, at position ``start`` of
+    the warmup + cosine schedule. With unchanged settings this is exactly the restored scheduler (LambdaLR sets
+    lr = base_lr * lambda(step) afresh each step), so an unchanged resume stays bit-identical."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    for group in optimizer.param_groups:
+        group.update(initial_lr=spec.lr, weight_decay=spec.weight_decay)
+    return get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps, last_epoch=start - 1)
 
 
 def _load_data(spec: DistillSpec, tokenizer, caches, student_vocab: int) -> tuple[torch.Tensor, list]:
@@ -187,29 +229,31 @@ def _stop_flag(world, stop: dict) -> bool:
 
 def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[str, float], ...] = (),
             caches: tuple[tuple[str, float], ...] = (), force: bool = False, resume: bool = False,
-            progress: bool = True) -> dict:
+            progress: bool = True, stage_key: str | None = None) -> dict:
     """Distil ``student`` from weighted live ``teachers`` and/or teacher-logit ``caches``; returns the report.
 
     Writes the final student to ``out`` (vanilla HF checkpoint + ``distill_report.json``). Re-running
     the same call resumes from the newest checkpoint in ``OUT.distill/checkpoints``. SIGINT/SIGTERM write a
     checkpoint at the end of the current step and raise WhelpError; a NaN/inf loss raises WhelpError naming the step and keeps the
-    last good checkpoint.
+    last good checkpoint; re-running with a lower ``lr`` (or other ADJUSTABLE settings) resumes from it.
+    ``stage_key`` (a build's key of this step's inputs) is recorded in ``out``'s marker.
     """
     from transformers import get_cosine_schedule_with_warmup
 
     from whelp.data import read_documents, token_stream
     from whelp.distill.losses import LossSpec
-    from whelp.models import check_writable, load_model
+    from whelp.models import load_model
+    from whelp.store import check_writable, write_text
 
     _check(spec, teachers, caches)
     loss_spec = LossSpec(name=spec.loss, temperature=spec.temperature, ce_weight=spec.ce_weight,
                          chunk_size=spec.chunk_size)
-    out = check_writable(out, force)
+    out = check_writable(out, force, "model")
     world = parallel.init_world()
     try:
         identity = {"student": student, "teachers": [list(t) for t in teachers], "caches": [list(c) for c in caches],
                     "spec": asdict(spec), "world_size": world.size}
-        rdir = _prepare_run(out, identity, force, resume, world.main)
+        rdir, changed = _prepare_run(out, identity, force, resume) if world.main else (run_dir(out), {})
         if world.size > 1:
             torch.distributed.barrier()
         torch.manual_seed(spec.seed)
@@ -242,11 +286,16 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
         if found:
             meta = checkpoint.load_checkpoint(found[-1], model, optimizer, scheduler)
             start, tokens_seen = meta["step"], meta["tokens_seen"]
+            scheduler = _adjust(optimizer, spec, steps, start)  # every rank: the same lr as an unbroken run
+            if changed:
+                shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                metrics_log.note(f"resuming {rdir} from step {start} with changed settings: {shown} "
+                                 f"(recorded in {RUN_FILE})")
         metrics = rdir / "metrics.jsonl"
         if world.main:
             kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() else [])
                     if json.loads(line)["step"] <= start]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            write_text(metrics, "".join(line + "\n" for line in kept))
         writer = metrics_log.tensorboard(rdir) if spec.tensorboard and world.main else None
 
         def save(step: int) -> Path:
@@ -273,10 +322,10 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 sums = parallel.all_sum(world, sums) / loss_tokens
                 if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
-                    where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
+                    where = (f"re-run with a lower --lr to resume from the last good checkpoint, {last_good}"
+                             if last_good else "no checkpoint was written yet: re-run with a lower --lr to start over")
                     raise WhelpError(f"non-finite loss ({sums[0].item()}) or gradient norm at step {step + 1}; "
-                                     f"stopped without updating ({where}). Lower --lr or check the data, then "
-                                     "re-run to resume from that checkpoint")
+                                     f"stopped without updating; {where} (or check the data)")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -309,13 +358,21 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
                   "spec": asdict(spec), "world_size": world.size, "steps": steps, "tokens": tokens_seen,
                   "compute_dtype": str(dtype).replace("torch.", ""), "final": last, "eval_start": first_eval,
                   "eval_end": final_eval, "run_dir": str(rdir), "wall_s": time.perf_counter() - t0}
-        _save_student(model, lm, tokenizer, out, force, report, world)
+        report["history"] = _history(rdir) if world.main else []
+        _save_student(model, lm, tokenizer, out, force, report, world, stage_key)
         return report
     finally:
         parallel.close_world(world)
 
 
-def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, world) -> None:
+def _history(rdir: Path) -> list:
+    """The settings changes this run resumed under (run.json's history), for the report's provenance."""
+    from whelp.store import read_record
+
+    return read_record(rdir / RUN_FILE, f"pass --force to start the run in {rdir} over")["history"]
+
+
+def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, world, stage_key) -> None:
     """Gather the full fp32 weights and write ``out`` from rank 0 as a plain (unsharded) HF model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM
@@ -329,7 +386,7 @@ def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, wo
         plain.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()}, assign=True)
         plain.tie_weights()
         plain.config.use_cache = True
-        save_model(plain.eval(), tokenizer, out, force=force,
+        save_model(plain.eval(), tokenizer, out, force=force, stage_key=stage_key,
                    extra={"distill_report.json": json.dumps(report, indent=2)})
     if world.size > 1:
         torch.distributed.barrier()

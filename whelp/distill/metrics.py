@@ -40,3 +40,10 @@ def log(metrics: Path, writer, bar, row: dict) -> None:
         kl = " ".join(f"kl:{Path(k[3:]).name}={v:.3f}" for k, v in scalars.items() if k.startswith("kl/"))
         bar.update(0, completed=row["step"], info=f"loss={row['loss']:.4f} {kl} ce={row['ce']:.3f} "
                                                      f"{row['tokens_per_s']:.0f} tok/s")
+
+
+def note(message: str) -> None:
+    """One line for the user on stderr (a resumed run's changed settings), apart from the progress bar."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[yellow]whelp[/]: {message}", markup=True, highlight=False)

@@ -8,8 +8,6 @@ setting that changes a number, so a teacher scored once is not scored again by t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -65,11 +63,12 @@ def parse_model(arg: str) -> tuple[str, str]:
 def model_identity(name: str) -> dict:
     """Identity of a model's files: name, size and mtime of each file of its directory (the hub id if remote)."""
     from whelp.models import resolve
+    from whelp.store import path_identity
 
     path = Path(resolve(name)).expanduser()
     if not path.is_dir():
         return {"hub_id": name}
-    return {"files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir()) if p.is_file()]}
+    return {"files": path_identity(path)}
 
 
 def versions() -> dict:
@@ -84,9 +83,10 @@ def versions() -> dict:
 
 
 def cache_key(name: str, spec: EvalSpec) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "model": model_identity(name), "spec": asdict(spec), "versions": versions()},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    from whelp.store import content_id
+
+    return content_id({"v": CACHE_VERSION, "model": model_identity(name), "spec": asdict(spec),
+                       "versions": versions()})[:20]
 
 
 def _perplexities(model, tokenizer, spec: EvalSpec) -> dict:
@@ -125,17 +125,17 @@ def measure(name: str, spec: EvalSpec, manager) -> dict:
 
 
 def _cached(name: str, spec: EvalSpec, manager) -> dict:
-    from whelp.models import whelp_home
+    """Results of a model from ``$WHELP_HOME/eval-cache`` (a sealed record; an edited or damaged one is a miss
+    and is measured again), else measured and stored."""
+    from whelp import store
 
     key = cache_key(name, spec)
-    path = whelp_home() / "eval-cache" / f"{key}.json"
-    if path.exists():
-        return {**json.loads(path.read_text()), "cache_key": key, "reused": True}
-    result = measure(name, spec, manager)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.rename(path)
+    path = store.whelp_home() / "eval-cache" / f"{key}.json"
+    try:
+        return {**store.read_record(path, ""), "cache_key": key, "reused": True}
+    except WhelpError:
+        result = measure(name, spec, manager)
+    store.write_record(path, result)
     return {**result, "cache_key": key, "reused": False}
 
 
@@ -146,14 +146,16 @@ def order_models(models: Sequence[str], baseline: str | None) -> list[str]:
     return [baseline, *(m for m in models if parse_model(m) != parse_model(baseline))]
 
 
-def evaluate(models: Sequence[str], out: str | Path, spec: EvalSpec, force: bool = False) -> dict:
+def evaluate(models: Sequence[str], out: str | Path, spec: EvalSpec, force: bool = False,
+             stage_key: str | None = None) -> dict:
     """Evaluate ``models`` (``MODEL`` or ``LABEL=MODEL``; the first is the reference) and write ``metrics.json``,
-    ``report.md`` and ``report.png`` to ``out`` atomically. Returns the metrics.json content."""
+    ``report.md`` and ``report.png`` to ``out`` atomically (marked with ``stage_key``, a build's key of its
+    inputs). Returns the metrics.json content."""
     from whelp.evals.harness import SEEDS, task_manager
     from whelp.evals.report import write_report
-    from whelp.models import check_writable
+    from whelp.store import check_writable
 
-    out = check_writable(out, force)
+    out = check_writable(out, force, "eval")
     parsed = [parse_model(m) for m in models]
     if not parsed:
         raise WhelpError("give at least one model to evaluate")
@@ -164,5 +166,5 @@ def evaluate(models: Sequence[str], out: str | Path, spec: EvalSpec, force: bool
     results = [{"label": label, "model": name, **_cached(name, spec, manager)} for label, name in parsed]
     metrics = {"reference": labels[0], "settings": asdict(spec), "seeds": {"lm_eval": SEEDS, "speed_inputs": 0},
                "versions": versions(), "models": results}
-    write_report(metrics, out)
+    write_report(metrics, out, force, stage_key)
     return metrics

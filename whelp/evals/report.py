@@ -118,11 +118,11 @@ def chart(metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(metrics: dict, out: Path) -> Path:
+def write_report(metrics: dict, out: Path, force: bool = False, stage_key: str | None = None) -> Path:
     """Write metrics.json, report.md and report.png into ``out`` atomically (temp dir + rename)."""
-    from whelp.models import atomic_dir
+    from whelp.store import atomic_dir
 
-    with atomic_dir(out, force=True) as tmp:
+    with atomic_dir(out, force, "eval", stage_key=stage_key) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "report.md").write_text(markdown(metrics))
         chart(metrics, tmp / "report.png")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from whelp import data, models
+from whelp import data, models, store
 from whelp.errors import WhelpError
 from whelp.prune import arch, importance, surgery
 from whelp.prune.targets import Target, parse_target
@@ -65,7 +65,7 @@ def check_spec(spec: PruneSpec) -> None:
 
 def scores_cache() -> Path:
     """Where scores are kept for reuse across prunes: ``$WHELP_HOME/scores``."""
-    return models.whelp_home() / "scores"
+    return store.whelp_home() / "scores"
 
 
 def teacher_id(source_dir: Path) -> str:
@@ -95,7 +95,8 @@ def save_scores(path: Path, scores: dict[str, torch.Tensor], meta: dict) -> None
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    store.clean_stale(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.tmp-{store.tag()}")
     save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     os.replace(tmp, path)
 
@@ -150,19 +151,16 @@ def kept_report(keep: surgery.Keep) -> dict:
             "head_dims": keep.head_dims.tolist()}
 
 
-def _write_report(out: Path, report: dict) -> None:
-    tmp = out / f".{REPORT_FILE}.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / REPORT_FILE)
-
-
-def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec = PruneSpec(), force: bool = False) -> dict:
+def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec = PruneSpec(), force: bool = False,
+                     stage_key: str | None = None) -> dict:
     """Prune ``source`` (directory, registered name) to ``target`` (preset, config.json, key=value) into ``out``.
 
-    Returns the report also written to ``out/prune_report.json``.
+    Returns the report also written to ``out/prune_report.json``. The checkpoint, scores and report are
+    written into one temporary directory renamed into place at the end, marked with ``stage_key`` (a
+    build's key of this prune's inputs) so a build can prove which inputs made it.
     """
     check_spec(spec)
-    out = models.check_writable(out, force)
+    out = store.check_writable(out, force, "model")
     timings, t0 = {}, time.perf_counter()
     source_dir = Path(models.resolve(source))
     if not source_dir.is_dir():
@@ -186,21 +184,22 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
     if family is None and spec.stream:
         raise WhelpError(f"streaming supports the families {', '.join(arch.FAMILIES)}, not '{source_cfg.model_type}'; "
                          "drop --stream to width-prune it in memory through torch-pruning")
-    if family is None:
-        scores, keep_report, extra = _prune_generic(source_dir, parsed, calib.tokens, spec, out, force, timings)
-    else:
-        stream = spec.stream if spec.stream is not None else _should_stream(source_dir)
-        run = _prune_streaming if stream else _prune_in_memory
-        scores, keep_report, extra = run(source_dir, parsed, family, calib.tokens, spec, scores, out, force, timings)
-    if scores is not None:
-        save_scores(cache, scores, meta)
-        save_scores(out / SCORES_FILE, scores, meta)
-    total_before, _ = models.count_params(source_cfg)
-    total_after, _ = models.count_params(models.load_config(str(out)))
-    report.update(extra, kept=keep_report, params={"before": total_before, "after": total_after},
-                  shape={"source": models.shape(source_cfg), "target": models.shape(models.load_config(str(out)))},
-                  timings={**timings, "total_s": time.perf_counter() - t0})
-    _write_report(out, report)
+    with store.atomic_dir(out, force, "model", stage_key=stage_key) as tmp:
+        if family is None:
+            scores, keep_report, extra = _prune_generic(source_dir, parsed, calib.tokens, spec, tmp, timings)
+        else:
+            stream = spec.stream if spec.stream is not None else _should_stream(source_dir)
+            run = _prune_streaming if stream else _prune_in_memory
+            scores, keep_report, extra = run(source_dir, parsed, family, calib.tokens, spec, scores, tmp, timings)
+        if scores is not None:
+            save_scores(cache, scores, meta)
+            save_scores(tmp / SCORES_FILE, scores, meta)
+        target_cfg = models.load_config(str(tmp))
+        report.update(extra, kept=keep_report, params={"before": models.count_params(source_cfg)[0],
+                                                       "after": models.count_params(target_cfg)[0]},
+                      shape={"source": models.shape(source_cfg), "target": models.shape(target_cfg)},
+                      timings={**timings, "total_s": time.perf_counter() - t0})
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -210,7 +209,7 @@ def _should_stream(source_dir: Path) -> bool:
     return streaming.should_stream(source_dir, torch.float32)
 
 
-def _prune_in_memory(source_dir, parsed: Target, family, tokens, spec, scores, out, force, timings):
+def _prune_in_memory(source_dir, parsed: Target, family, tokens, spec, scores, out: Path, timings):
     t = time.perf_counter()
     model, tokenizer = models.load_model(str(source_dir))
     timings["load_s"] = time.perf_counter() - t
@@ -228,12 +227,12 @@ def _prune_in_memory(source_dir, parsed: Target, family, tokens, spec, scores, o
         tie = {"init": keep.tie, "kl": tie_kls(model, pruned, keep, family, tokens[: spec.batch_size])}
         timings["tie_kl_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    models.save_model(pruned, tokenizer, out, force=force)
+    models.write_model(pruned, tokenizer, out)
     timings["save_s"] = time.perf_counter() - t
     return scores, kept_report(keep), {"path": "in-memory", "tie": tie, "rope": spec.rope}
 
 
-def _prune_streaming(source_dir, parsed: Target, family, tokens, spec, scores, out, force, timings):
+def _prune_streaming(source_dir, parsed: Target, family, tokens, spec, scores, out: Path, timings):
     from whelp.prune import streaming
 
     t = time.perf_counter()
@@ -242,20 +241,20 @@ def _prune_streaming(source_dir, parsed: Target, family, tokens, spec, scores, o
     with bar:
         keep, _, scores = streaming.prune_streaming(
             source_dir, out, parsed, tokens, method=spec.importance, layer_method=spec.layer_importance,
-            tie=spec.tie, rope=spec.rope, scores=scores, batch_size=spec.batch_size, force=force, progress=advance)
+            tie=spec.tie, rope=spec.rope, scores=scores, batch_size=spec.batch_size, progress=advance)
     timings["stream_s"] = time.perf_counter() - t
     tie = {"init": keep.tie, "kl": None} if keep.tie else None  # KL needs the whole teacher in memory
     return scores, kept_report(keep), {"path": "streaming", "tie": tie, "rope": spec.rope}
 
 
-def _prune_generic(source_dir, parsed: Target, tokens, spec, out, force, timings):
+def _prune_generic(source_dir, parsed: Target, tokens, spec, out: Path, timings):
     from whelp.prune import generic
 
     t = time.perf_counter()
     model, tokenizer = models.load_model(str(source_dir))
     pruned, keep = generic.prune_generic(model, parsed.shape, spec.importance, tokens, spec.seed)
     timings["generic_s"] = time.perf_counter() - t
-    models.save_model(pruned, tokenizer, out, force=force)
+    models.write_model(pruned, tokenizer, out)
     kept = {"hidden": keep.hidden.tolist(), "mlp": [m.tolist() for m in keep.mlp],
             "heads": [h.tolist() for h in keep.heads] if keep.heads else None}
     return None, kept, {"path": "generic", "tie": None, "rope": "teacher"}

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from whelp.errors import WhelpError
-from whelp.models import atomic_dir, load_config, stored_dtype
+from whelp.models import load_config, stored_dtype
+from whelp.store import atomic_dir
 from whelp.prune.arch import family_of
 from whelp.prune.importance import attach, finish, minitron_sq, select, weight_scores
 from whelp.prune.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards

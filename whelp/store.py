@@ -1,0 +1,241 @@
+"""The one room that touches disk for outputs: ``whelp_home``, whelp's own marker, sealed records, atomic writes.
+
+Three rules keep a user's data safe whatever happens to a run (Ctrl-C, SIGKILL, a full disk, a bad flag):
+
+* **whelp deletes only what it made.** Every directory whelp writes carries a marker, ``whelp.json``, a sealed
+  record naming its kind (model, build, cache, run, eval) and, for a build's stages, the key of the inputs it
+  was made from. ``--force`` replaces a directory only if it holds a valid marker of the same kind; a
+  directory without one is never deleted, with or without ``--force``. An empty directory counts as absent.
+* **Records are sealed.** A record (marker, cache manifest, run identity, checkpoint state, eval-cache
+  entry) holds a sha256 over its own content; an edited or truncated record is refused on read, so a
+  hand-edited manifest can never make whelp train on garbage.
+* **Writes are atomic.** Files are written to a temporary sibling and renamed; a directory is filled as a
+  temporary sibling and renamed into place, the old one renamed aside first and deleted last. Temporaries
+  carry the host and PID of their writer, so the next run of the same output removes those whose writer is
+  dead (and puts back an old output that a kill caught between the two renames).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from whelp.errors import WhelpError
+
+MARKER = "whelp.json"
+KINDS = ("model", "build", "cache", "run", "eval", "checkpoint")
+SEAL = "record_sha256"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def whelp_home() -> Path:
+    """User cache for converted registered models, scores and eval results: ``$WHELP_HOME``, default
+    ``~/.cache/whelp``."""
+    return Path(os.environ.get("WHELP_HOME", Path.home() / ".cache" / "whelp")).expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_id(obj) -> str:
+    """sha256 of a JSON-able object (sorted keys): the one content identity of specs, records and keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_name(name: str, what: str) -> str:
+    """A name that becomes a path must be one plain path component: letters, digits, ``. _ -``, not starting
+    with a dot or a dash (no ``/``, ``..``, empty or hidden names)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise WhelpError(f"{what}: {name!r} cannot name a directory: use 1-128 letters, digits, '.', '_' or '-', "
+                         "not starting with '.' or '-' (no '/' or '..')")
+    return name
+
+
+def inside(parent: Path, child: Path, what: str) -> Path:
+    """``child`` resolved; WhelpError unless it lies inside ``parent`` (symlinks followed)."""
+    resolved, root = child.expanduser().resolve(), parent.expanduser().resolve()
+    if resolved == root or root not in resolved.parents:
+        raise WhelpError(f"{what} {child} resolves to {resolved}, outside {root}; choose a path inside it")
+    return resolved
+
+
+# --- atomic files and sealed records -------------------------------------------------------------------------
+
+def tag() -> str:
+    """Host and PID of this process, in temporary names, so a later run can tell a dead writer's leftovers."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``path`` atomically: a temporary sibling, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.tmp-{tag()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_record(path: Path, record: dict) -> Path:
+    """Write a sealed JSON record atomically: ``record`` plus the sha256 of its content."""
+    body = {k: v for k, v in record.items() if k != SEAL}
+    return write_text(path, json.dumps({**body, SEAL: content_id(body)}, indent=1))
+
+
+def read_record(path: Path, fix: str) -> dict:
+    """A sealed record, verified; WhelpError naming the file and ``fix`` if it is missing, not JSON or edited."""
+    path = Path(path)
+    if not path.is_file():
+        raise WhelpError(f"{path} is missing; {fix}")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise WhelpError(f"{path} is corrupted (not JSON); {fix}") from None
+    if not isinstance(record, dict) or SEAL not in record:
+        raise WhelpError(f"{path} is not a whelp record (no {SEAL}); {fix}")
+    body = {k: v for k, v in record.items() if k != SEAL}
+    if content_id(body) != record[SEAL]:
+        raise WhelpError(f"{path} was edited or is corrupted (its content does not match its {SEAL}); whelp's "
+                         f"records are not edited by hand: {fix}")
+    return body
+
+
+# --- whelp's marker and output directories ---------------------------------------------------------------------
+
+def marker(path: Path) -> dict | None:
+    """The marker of a directory whelp made, or None (no marker, or one that is not a valid record)."""
+    try:
+        record = read_record(Path(path) / MARKER, "")
+    except WhelpError:
+        return None
+    return record if record.get("kind") in KINDS else None
+
+
+def write_marker(path: Path, kind: str, **fields) -> None:
+    from whelp import __version__
+
+    write_record(Path(path) / MARKER, {"kind": kind, "whelp": __version__, **fields})
+
+
+def check_writable(out_dir: str | Path, force: bool, kind: str) -> Path:
+    """May a ``kind`` output be written at ``out_dir``? Returns the path; WhelpError if it would clobber anything.
+
+    Absent or empty: yes. A whelp output of the same kind: only with ``force``. Anything else (a file, a
+    directory whelp did not make, a whelp output of another kind): never, whatever ``force`` says.
+    """
+    out = Path(out_dir).expanduser()
+    clean_stale(out.parent, out.name)
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not out.is_dir():
+        raise WhelpError(f"--out {out} is a file, not a directory; choose another --out")
+    if not any(out.iterdir()):
+        return out
+    found = marker(out)
+    if found is None:
+        raise WhelpError(f"--out {out} exists and was not made by whelp (no valid {MARKER}); whelp never deletes "
+                         "or overwrites it, with or without --force: choose another --out")
+    if found["kind"] != kind:
+        raise WhelpError(f"--out {out} holds a whelp {found['kind']}, not a {kind}; choose another --out")
+    if not force:
+        raise WhelpError(f"--out {out} already holds a whelp {kind}; pass --force to replace it (the old one stays "
+                         "until the new one is complete) or choose another --out")
+    return out
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    """Move a fully written temporary directory into place; an old ``out`` is renamed aside, deleted last."""
+    old = out.with_name(f".{out.name}.old-{tag()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, force: bool = False, kind: str = "model", **fields):
+    """Yield a fresh temporary sibling of ``out_dir`` to fill; on success it gets whelp's marker (``kind`` and
+    ``fields``, e.g. a build stage's key) and replaces ``out_dir`` in one rename; on any failure (Ctrl-C
+    included) it is deleted and ``out_dir`` is left as it was."""
+    out = check_writable(out_dir, force, kind)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag()}-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        write_marker(tmp, kind, **fields)
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _dead(tag: str) -> bool:
+    """Whether the writer named by a ``HOST-PID`` tag is gone (only this host's PIDs can be checked)."""
+    host, _, pid = tag.rpartition("-")
+    if host != socket.gethostname().replace("-", "_") or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def clean_stale(parent: Path, name: str | None = None) -> None:
+    """Remove the temporaries that killed writers left in ``parent`` (of output ``name``, or of any output), and
+    put back an output that a kill caught between the two renames of ``commit_dir``."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    names = re.escape(name) if name is not None else r"[^/]+?"
+    pattern = re.compile(rf"\.({names})\.(tmp|old)-([^-]+-\d+)(-.*)?")
+    for item in parent.iterdir():
+        match = pattern.fullmatch(item.name)
+        if not match or not _dead(match.group(3)):
+            continue
+        out = parent / match.group(1)
+        if match.group(2) == "old" and not out.exists():
+            item.rename(out)  # the new output never arrived: the old one is the good one
+        elif item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+
+
+def path_identity(path: Path) -> list:
+    """Identity of the files at ``path`` without reading them: (relative name, bytes, mtime ns) of each file,
+    sorted; a changed, added or removed file changes it. Hidden files (whelp's temporaries) are left out."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
