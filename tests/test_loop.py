@@ -15,6 +15,7 @@ from conftest import tiny_model
 
 from whelp.distill import loop, schedule
 from whelp.distill.loop import DistillSpec, distill
+from whelp.distill.run import run_dir
 from whelp.errors import WhelpError
 
 SPEC = DistillSpec(data="pydoc:train", steps=6, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, warmup=2,
@@ -192,15 +193,15 @@ def test_never_touches_a_directory_it_did_not_make(tiny_dirs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    loop.run_dir(tmp_path / "b").mkdir()
-    (loop.run_dir(tmp_path / "b") / "notes.txt").write_text("mine too")
+    run_dir(tmp_path / "b").mkdir()
+    (run_dir(tmp_path / "b") / "notes.txt").write_text("mine too")
     for force in (False, True):
         with pytest.raises(WhelpError, match="not made by whelp.*with or without --force"):
             distill(student, out, SPEC, teachers=((teacher, 1.0),), progress=False, force=force)
         with pytest.raises(WhelpError, match="b.distill exists and was not made by whelp"):
             distill(student, tmp_path / "b", SPEC, teachers=((teacher, 1.0),), progress=False, force=force)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert [p.name for p in loop.run_dir(tmp_path / "b").iterdir()] == ["notes.txt"]
+    assert [p.name for p in run_dir(tmp_path / "b").iterdir()] == ["notes.txt"]
     with pytest.raises(WhelpError, match="--resume: no checkpoint"):
         distill(student, tmp_path / "new", SPEC, teachers=((teacher, 1.0),), resume=True, progress=False)
     with pytest.raises(WhelpError, match="exactly one training budget"):

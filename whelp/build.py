@@ -196,8 +196,8 @@ def _claim(out: Path) -> None:
             raise WhelpError(f"{out} exists and is {what}; whelp never deletes or overwrites it, with or without "
                              "--force: choose another --out")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_marker(out, "build")
+    with store.atomic_dir(out, kind="build"):  # born whole, marker included
+        pass
 
 
 def _remove_unused(stages_dir: Path, stages: list[Stage]) -> None:

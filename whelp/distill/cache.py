@@ -203,10 +203,9 @@ def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> t
             return work, _continued(work, identity)[0]
         except WhelpError:
             shutil.rmtree(work, ignore_errors=True)  # absent, or another rebuild's leftovers: ours to start again
-    work.mkdir(parents=True, exist_ok=True)
-    store.write_marker(work, "cache", stage_key=stage_key)
     manifest = {**identity, "shards": [], "complete": False}
-    _write_manifest(work, manifest)
+    with store.atomic_dir(work, force=True, kind="cache", stage_key=stage_key) as tmp:  # born whole, marked
+        _write_manifest(tmp, manifest)
     return work, manifest
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from whelp.distill import checkpoint, parallel, schedule
+from whelp.distill import run as run_state
 from whelp.distill import metrics as metrics_log
 from whelp.errors import WhelpError
 
@@ -64,10 +64,6 @@ class DistillSpec:
         _check_spec(self)
 
 
-def run_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".distill")
-
-
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on CUDA devices that support it, else fp32 (a bf16 training step measured 1.9x slower
     than fp32 on this project's 2-core CPU: bf16 backward kernels are slow there)."""
@@ -100,65 +96,6 @@ def _check(spec: DistillSpec, teachers, caches) -> None:
     if not teachers and not caches and spec.ce_weight != 1:
         raise WhelpError("nothing to distil from: pass --teacher MODEL[:WEIGHT] and/or --cache DIR[:WEIGHT] "
                          "(or --ce-weight 1 for a plain CE baseline)")
-
-
-# Settings that may change when a run resumes (after a NaN stop, to lower --lr): they steer the optimiser and
-# the bookkeeping, not which tokens each step reads or what the loss is, so the run stays one well-defined run.
-ADJUSTABLE = ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "eval_data", "eval_tokens", "save_every",
-              "keep_last", "tensorboard", "chunk_size", "grad_checkpointing", "dtype")
-RUN_FILE = "run.json"
-
-
-def _changes(old: dict, new: dict) -> tuple[dict, dict]:
-    """``(adjustable, fixed)`` differences between two run identities, as {name: [old, new]}."""
-    flat_old = {**{k: v for k, v in old.items() if k not in ("spec", "history")}, **old["spec"]}
-    flat_new = {**{k: v for k, v in new.items() if k not in ("spec", "history")}, **new["spec"]}
-    diff = {k: [flat_old.get(k), flat_new.get(k)] for k in flat_new if flat_old.get(k) != flat_new.get(k)}
-    return ({k: v for k, v in diff.items() if k in ADJUSTABLE}, {k: v for k, v in diff.items() if k not in ADJUSTABLE})
-
-
-def _prepare_run(out: Path, identity: dict, force: bool, resume: bool) -> tuple[Path, dict]:
-    """Create or reopen ``OUT.distill`` (rank 0); returns it and the settings that changed since its last start.
-
-    A run with checkpoints resumes when only ADJUSTABLE settings differ (the change is recorded in run.json);
-    other differences are refused unless ``force``. A run without checkpoints holds nothing to lose and is
-    started afresh, so a command corrected after a failed start is never blocked by it.
-    """
-    from whelp import store
-
-    rdir = store.check_writable(run_dir(out), True, "run")  # whelp's own run state only, never a user's dir
-    saved = rdir / RUN_FILE
-    found = checkpoint.list_checkpoints(rdir / "checkpoints") if saved.exists() and not force else []
-    if resume and not found:
-        raise WhelpError(f"--resume: no checkpoint to resume in {rdir}; drop --resume to start the run")
-    if not found:
-        shutil.rmtree(rdir, ignore_errors=True)
-        (rdir / "checkpoints").mkdir(parents=True)
-        store.write_marker(rdir, "run")
-        store.write_record(saved, {**identity, "history": []})
-        return rdir, {}
-    old = store.read_record(saved, f"pass --force to start the run in {rdir} over")
-    adjustable, fixed = _changes(old, identity)
-    if fixed:
-        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in fixed.items())
-        raise WhelpError(f"{rdir} holds a run with other settings ({shown}) at {found[-1].name}; re-run with its "
-                         "settings to resume it, or pass --force to start over")
-    if adjustable:
-        history = old["history"] + [{"from_step": int(found[-1].name.removeprefix(checkpoint.PREFIX)),
-                                     "changed": adjustable}]
-        store.write_record(saved, {**identity, "history": history})
-    return rdir, adjustable
-
-
-def _adjust(optimizer, spec: DistillSpec, steps: int, start: int):
-    """The scheduler of a resumed optimiser: lr, warmup and weight decay as given now, at position ``start`` of
-    the warmup + cosine schedule. With unchanged settings this is exactly the restored scheduler (LambdaLR sets
-    lr = base_lr * lambda(step) afresh each step), so an unchanged resume stays bit-identical."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    for group in optimizer.param_groups:
-        group.update(initial_lr=spec.lr, weight_decay=spec.weight_decay)
-    return get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps, last_epoch=start - 1)
 
 
 def _load_data(spec: DistillSpec, tokenizer, caches, student_vocab: int) -> tuple[torch.Tensor, list]:
@@ -235,7 +172,7 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
     Writes the final student to ``out`` (vanilla HF checkpoint + ``distill_report.json``). Re-running
     the same call resumes from the newest checkpoint in ``OUT.distill/checkpoints``. SIGINT/SIGTERM write a
     checkpoint at the end of the current step and raise WhelpError; a NaN/inf loss raises WhelpError naming the step and keeps the
-    last good checkpoint; re-running with a lower ``lr`` (or other ADJUSTABLE settings) resumes from it.
+    last good checkpoint; re-running with a lower ``lr`` (or other ``run.ADJUSTABLE`` settings) resumes from it.
     ``stage_key`` (a build's key of this step's inputs) is recorded in ``out``'s marker.
     """
     from transformers import get_cosine_schedule_with_warmup
@@ -253,9 +190,7 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
     try:
         identity = {"student": student, "teachers": [list(t) for t in teachers], "caches": [list(c) for c in caches],
                     "spec": asdict(spec), "world_size": world.size}
-        rdir, changed = _prepare_run(out, identity, force, resume) if world.main else (run_dir(out), {})
-        if world.size > 1:
-            torch.distributed.barrier()
+        rdir, changed = run_state.prepare(out, identity, force, resume, world)
         torch.manual_seed(spec.seed)
         lm, tokenizer = load_model(student, device=str(world.device))
         dtype = compute_dtype(spec.dtype, world.device)  # frozen teachers are stored in it: half the memory in bf16
@@ -286,11 +221,11 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
         if found:
             meta = checkpoint.load_checkpoint(found[-1], model, optimizer, scheduler)
             start, tokens_seen = meta["step"], meta["tokens_seen"]
-            scheduler = _adjust(optimizer, spec, steps, start)  # every rank: the same lr as an unbroken run
+            scheduler = run_state.adjusted_scheduler(optimizer, spec, steps, start)  # every rank: the same lr as an unbroken run
             if changed:
                 shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
                 metrics_log.note(f"resuming {rdir} from step {start} with changed settings: {shown} "
-                                 f"(recorded in {RUN_FILE})")
+                                 f"(recorded in {run_state.RUN_FILE})")
         metrics = rdir / "metrics.jsonl"
         if world.main:
             kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() else [])
@@ -358,18 +293,11 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
                   "spec": asdict(spec), "world_size": world.size, "steps": steps, "tokens": tokens_seen,
                   "compute_dtype": str(dtype).replace("torch.", ""), "final": last, "eval_start": first_eval,
                   "eval_end": final_eval, "run_dir": str(rdir), "wall_s": time.perf_counter() - t0}
-        report["history"] = _history(rdir) if world.main else []
+        report["history"] = run_state.history(rdir) if world.main else []
         _save_student(model, lm, tokenizer, out, force, report, world, stage_key)
         return report
     finally:
         parallel.close_world(world)
-
-
-def _history(rdir: Path) -> list:
-    """The settings changes this run resumed under (run.json's history), for the report's provenance."""
-    from whelp.store import read_record
-
-    return read_record(rdir / RUN_FILE, f"pass --force to start the run in {rdir} over")["history"]
 
 
 def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, world, stage_key) -> None:
