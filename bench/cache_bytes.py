@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import tiny_model  # noqa: E402
 
-from whelp.data import Blocks, fingerprint  # noqa: E402
+from whelp.data import TensorBlocks  # noqa: E402
 from whelp.distill.cache import open_cache, write_cache  # noqa: E402
 
 VOCAB = 128256
@@ -71,7 +71,7 @@ def main():
     teacher = tiny_model(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=16)
     tokens = torch.randint(0, VOCAB, (args.blocks, args.seq_len), generator=torch.Generator().manual_seed(0))
-    blocks = Blocks(tokens=tokens, source="random", fingerprint=fingerprint(tokens))
+    blocks = TensorBlocks(tokens, source="random")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode, k, limit in (("topk", 64, 264), ("sample", 16, 48)):

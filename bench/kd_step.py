@@ -33,7 +33,7 @@ def prepare(root: Path, args) -> None:
     """Student (demo shape cut to 15 layers / MLP 1024, random init) and a top-64 cache of the teacher."""
     from transformers import AutoModelForCausalLM
 
-    from whelp.data import load_blocks
+    from whelp.data import open_blocks
     from whelp.distill.cache import write_cache
     from whelp.models import load_model, registered_dir
 
@@ -43,7 +43,7 @@ def prepare(root: Path, args) -> None:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "student")
     tokenizer.save_pretrained(root / "student")
-    blocks = load_blocks("pydoc:train", tokenizer, args.seq_len, max_tokens=budget(args))
+    blocks = open_blocks("pydoc:train", tokenizer, args.seq_len, max_tokens=budget(args))
     write_cache(teacher, tokenizer, blocks, root / "cache", "topk", 64, 1.0, "smollm2-135m")
 
 
@@ -71,12 +71,12 @@ def worker(root: Path, config: str, args) -> dict:
 
 
 def teacher_forward(root: Path, teacher: str, args) -> float:
-    from whelp.data import load_blocks
+    from whelp.data import open_blocks
     from whelp.distill.loop import compute_dtype
     from whelp.models import load_model
 
     model, tokenizer = load_model(teacher)
-    blocks = load_blocks("pydoc:train", tokenizer, args.seq_len, max_tokens=budget(args)).tokens
+    blocks = open_blocks("pydoc:train", tokenizer, args.seq_len, max_tokens=budget(args)).head()
     dtype = compute_dtype(args.dtype, torch.device("cpu"))
     times = []
     for start in range(0, len(blocks), args.batch_size):

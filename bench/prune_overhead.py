@@ -46,7 +46,7 @@ def main() -> None:
 
     model, tokenizer = models.load_model("smollm2-135m")
     family = arch.family_of(model.config)
-    tokens = data.load_blocks("pydoc:calib", tokenizer, args.seq_len, n_blocks=args.blocks).tokens
+    tokens = data.open_blocks("pydoc:calib", tokenizer, args.seq_len).head(args.blocks)
     plain_forward(model, tokens[: args.batch_size], args.batch_size)  # warm-up
     forward_s, calib_s = [], []
     for _ in range(args.repeats):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from whelp.data import load_blocks, read_documents, token_stream
+from whelp.data import open_blocks, read_documents, token_stream
 from whelp.evals.perplexity import perplexity
 from whelp.models import count_params, load_model, shape
 from whelp.prune.arch import family_of
@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
     teacher, tokenizer = load_model(args.model)
-    calib = load_blocks("pydoc:calib", tokenizer, args.seq_len, n_blocks=args.calib_blocks).tokens
+    calib = open_blocks("pydoc:calib", tokenizer, args.seq_len).head(args.calib_blocks)
     eval_ids = token_stream(read_documents("pydoc:eval"), tokenizer, args.eval_tokens)
     source = shape(teacher.config)
 

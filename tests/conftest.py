@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -23,6 +25,23 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A 512-token byte-level BPE trained on the pydoc train split (about a second), with an EOS; cached."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from whelp.data import read_documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(read_documents("pydoc:train")[:80], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 @pytest.fixture(scope="session")

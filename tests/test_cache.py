@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from whelp.data import Blocks, fingerprint
+from whelp.data import TensorBlocks
 from whelp.distill.cache import (decode, encode, open_cache, pack_bits, sparse_targets, unpack_bits,
                                  write_cache)
 from whelp.distill.losses import LiveTarget, LossSpec, kd_loss
@@ -36,8 +36,7 @@ def teacher():
 
 
 def blocks(n=5, seed=0):
-    tokens = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
-    return Blocks(tokens=tokens, source="random", fingerprint=fingerprint(tokens))
+    return TensorBlocks(torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed)), "random")
 
 
 @pytest.mark.parametrize("bits", [1, 7, 16, 17, 31, 32, 40])
@@ -78,7 +77,7 @@ def test_cache_targets_align_with_teacher_logits(teacher, tmp_path):
     data = blocks()
     cache = open_cache(write_cache(teacher, StubTokenizer(), data, tmp_path / "c", "topk", 4, 1.0, "tiny",
                                    shard_tokens=2 * SEQ), student_vocab_size=VOCAB, data_fingerprint=data.fingerprint)
-    assert torch.equal(cache.tokens, data.tokens) and len(cache.manifest["shards"]) == 3
+    assert torch.equal(cache.tokens(torch.arange(5)), data.tokens) and len(cache.manifest["shards"]) == 3
     idx = torch.tensor([4, 0, 3])
     got = cache.targets(idx)
     with torch.no_grad():
@@ -202,7 +201,7 @@ def test_cache_logits_cli_on_demo_teacher(demo, tmp_path):
         ("smollm2-135m", "topk", 8, 32, 3, 49152)
     target = cache.targets(torch.tensor([1]))
     with torch.no_grad():
-        logits = model(input_ids=cache.tokens[1:2]).logits[0]
+        logits = model(input_ids=cache.tokens(torch.tensor([1]))).logits[0]
     assert torch.equal(target.ids[:, 0], logits.argmax(-1))
     again = CliRunner().invoke(app, args)
     assert isinstance(again.exception, WhelpError) and "--force" in str(again.exception)

@@ -54,15 +54,15 @@ def test_local_formats_and_directories(tmp_path):
 
 
 def test_blocks_are_deterministic_for_a_seed():
-    tok = CharTokenizer()
-    a = data.load_blocks("pydoc:eval", tok, seq_len=64, seed=3)
-    b = data.load_blocks("pydoc:eval", tok, seq_len=64, seed=3)
-    c = data.load_blocks("pydoc:eval", tok, seq_len=64, seed=4)
-    assert torch.equal(a.tokens, b.tokens) and a.fingerprint == b.fingerprint
-    assert not torch.equal(a.tokens, c.tokens)
-    assert torch.equal(a.tokens.sort(dim=0).values, c.tokens.sort(dim=0).values) or sorted(
-        map(tuple, a.tokens.tolist())) == sorted(map(tuple, c.tokens.tolist()))
-    assert data.load_blocks("pydoc:eval", tok, seq_len=64, n_blocks=5).tokens.shape == (5, 64)
+    from conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    a, b, c = (data.open_blocks("pydoc:eval", tok, seq_len=64, seed=s).head() for s in (3, 3, 4))
+    assert torch.equal(a, b) and data.open_blocks("pydoc:eval", tok, 64, seed=3).fingerprint == \
+        data.open_blocks("pydoc:eval", tok, 64, seed=3).fingerprint
+    assert not torch.equal(a, c)
+    assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, c.tolist()))
+    assert data.open_blocks("pydoc:eval", tok, seq_len=64).head(5).shape == (5, 64)
 
 
 def test_bad_sources_are_clear_errors(tmp_path):
@@ -87,8 +87,8 @@ def test_bad_sources_are_clear_errors(tmp_path):
 
 @pytest.mark.demo
 def test_demo_tokenizer_packs_pydoc_eval(demo_tokenizer):
-    blocks = data.load_blocks("pydoc:eval", demo_tokenizer, seq_len=256)
-    assert blocks.tokens.shape[1] == 256 and blocks.tokens.shape[0] >= 40
+    blocks = data.open_blocks("pydoc:eval", demo_tokenizer, seq_len=256).head()
+    assert blocks.shape[1] == 256 and blocks.shape[0] >= 40
     eos = demo_tokenizer.eos_token_id
-    assert (blocks.tokens == eos).any()
-    assert int(blocks.tokens.max()) < demo_tokenizer.vocab_size
+    assert (blocks == eos).any()
+    assert int(blocks.max()) < demo_tokenizer.vocab_size

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import tiny_model, tiny_tokenizer
 
 from whelp.distill import loop, schedule
 from whelp.distill.loop import DistillSpec, distill
@@ -21,22 +21,6 @@ from whelp.errors import WhelpError
 SPEC = DistillSpec(data="pydoc:train", steps=6, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, warmup=2,
                    max_grad_norm=1.0, eval_data="pydoc:eval", eval_tokens=256, seed=0, dtype="float32",
                    save_every=2, keep_last=2, chunk_size=16)
-
-
-def tiny_tokenizer():
-    """A 512-token byte-level BPE trained on the pydoc train split (about a second), with an EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from whelp.data import read_documents
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(read_documents("pydoc:train")[:80], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 def make_models(root: Path) -> tuple[str, str, str]:
@@ -87,7 +71,7 @@ def heldout_kl(student_dir, teacher_dir, blocks) -> float:
 def test_distill_lowers_kd_loss_and_heldout_kl(tiny_dirs, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from whelp.data import load_blocks
+    from whelp.data import open_blocks
     from whelp.models import load_model
 
     teacher, _, student = tiny_dirs
@@ -109,7 +93,7 @@ def test_distill_lowers_kd_loss_and_heldout_kl(tiny_dirs, tmp_path, monkeypatch)
     # held-out perplexity is logged (it rises here: the random teacher is a poor language model)
     assert "eval_ppl" in rows[19] and all(torch.isfinite(torch.tensor(report[k]["eval_ppl"]))
                                           for k in ("eval_start", "eval_end"))
-    eval_blocks = load_blocks("pydoc:eval", loaded[0][1], 32, n_blocks=8).tokens
+    eval_blocks = open_blocks("pydoc:eval", loaded[0][1], 32).head(8)
     assert heldout_kl(tmp_path / "out", teacher, eval_blocks) < 0.8 * heldout_kl(student, teacher, eval_blocks)
     # the teacher object used for training was never updated
     teacher_model = loaded[1][0]
@@ -259,14 +243,14 @@ def test_teacher_weight_schedule_and_data_order():
 
 
 def test_cached_teacher_matches_live_and_mixes(tiny_dirs, tmp_path):
-    from whelp.data import load_blocks
+    from whelp.data import open_blocks
     from whelp.distill.cache import write_cache
     from whelp.models import load_model
 
     teacher, teacher2, student = tiny_dirs
     spec = replace(SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0)  # 3 steps of 4 blocks; 12 blocks read
     model, tokenizer = load_model(teacher)
-    blocks = load_blocks(spec.data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
+    blocks = open_blocks(spec.data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
     write_cache(model, tokenizer, blocks, tmp_path / "cache", "topk", 512, 1.0, teacher)  # k = V: dense
     distill(student, tmp_path / "live", spec, teachers=((teacher, 1.0),), progress=False)
     distill(student, tmp_path / "cached", spec, caches=((str(tmp_path / "cache"), 1.0),), progress=False)
@@ -277,7 +261,7 @@ def test_cached_teacher_matches_live_and_mixes(tiny_dirs, tmp_path):
     report = distill(student, tmp_path / "mixed", spec, teachers=((teacher2, 0.5),),
                      caches=((str(tmp_path / "cache"), 0.5),), progress=False)
     assert set(report["final"]) >= {f"kl/{teacher2}", f"kl/{tmp_path / 'cache'}"}
-    with pytest.raises(WhelpError, match="other data"):
+    with pytest.raises(WhelpError, match="holds other token blocks .*12 blocks of 32.* than --data pydoc:train"):
         distill(student, tmp_path / "bad", replace(spec, seq_len=16), caches=((str(tmp_path / "cache"), 1.0),))
 
 

@@ -43,19 +43,15 @@ def _key(*parts) -> str:
 
 
 def input_identity(source: str) -> object:
-    """What a model or data source is, for a stage key: the files' names, sizes and mtimes for local paths and
-    the built-in corpus (a file edited in place changes it), the registry entry of a registered model, or the
-    name itself for a hub id / dataset (online: its revision is the hub's)."""
+    """What a model or data source is, for a stage key: the registry entry of a registered model, else the
+    identity of each source of the (mixture) spec: file names, sizes and mtimes for local paths, stores and the
+    built-in corpus (a file edited in place changes it), the name of a hub model or dataset."""
+    from whelp.data import parse_mixture, source_identity
     from whelp.models import REGISTRY
 
     if source in REGISTRY:
         return [source, REGISTRY[source].gguf_sha256]
-    if source.startswith("pydoc:"):
-        import pydoc_data.topics
-
-        return [source, store.path_identity(Path(pydoc_data.topics.__file__))]
-    path = Path(source).expanduser()
-    return [source, store.path_identity(path)] if path.exists() else source
+    return [[source_identity(part), weight] for part, weight in parse_mixture(source)]
 
 
 def _console():

@@ -103,6 +103,27 @@ def cache_logits(teacher: str = typer.Argument(..., help="Teacher model director
     typer.echo(f"wrote the {teacher} targets of {data} to {path}")
 
 
+@app.command()
+def tokenize(data: str = typer.Argument(..., help="Text source: file, directory, pydoc:train, hf:NAME[:CONFIG]:SPLIT"),
+             tokenizer: str = typer.Option(..., "--tokenizer", help="Model whose tokenizer to use (dir or registered)"),
+             out: str = typer.Option(..., "--out", help="Token-store directory to write"),
+             num_proc: Optional[int] = typer.Option(None, "--num-proc", help="Tokenizer processes (default: all cores)"),
+             max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Keep at most N tokens"),
+             text_column: str = typer.Option("text", "--text-column", help="Column of .jsonl/.parquet/hf rows"),
+             force: bool = typer.Option(False, "--force", help="Replace an existing token store at --out")):
+    """Tokenize a corpus once into a token store (uint16/uint32 shards + manifest) that every stage reads."""
+    from whelp.data import check_source, tokenstore
+    from whelp.models import load_tokenizer
+
+    if "," in data:
+        raise WhelpError("tokenize one source into one store; mix stores when you use them (--data a:0.7,b:0.3)")
+    check_source(data)
+    path = tokenstore.tokenize(data, load_tokenizer(tokenizer), out, num_proc, max_tokens, text_column, force=force)
+    m = tokenstore.open_store(path).manifest
+    typer.echo(f"wrote {m['total_tokens']:,} tokens of {m['documents']:,} documents ({m['dtype']}, "
+               f"{len(m['shards'])} shards) to {path}")
+
+
 @app.command("eval")
 def eval_(models: List[str] = typer.Argument(..., help="MODEL or LABEL=MODEL (dir, registered name, hub id); "
                                              "the first is the reference"),

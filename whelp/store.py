@@ -30,7 +30,7 @@ from pathlib import Path
 from whelp.errors import WhelpError
 
 MARKER = "whelp.json"
-KINDS = ("model", "build", "cache", "run", "eval", "checkpoint")
+KINDS = ("model", "build", "cache", "run", "eval", "checkpoint", "store")
 SEAL = "record_sha256"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
@@ -78,15 +78,15 @@ def tag() -> str:
     return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
 
 
-def write_text(path: Path, text: str) -> Path:
+def write_bytes(path: Path, data: bytes) -> Path:
     """Write ``path`` atomically: a temporary sibling, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.tmp-{tag()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -94,6 +94,10 @@ def write_text(path: Path, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    return write_bytes(path, text.encode())
 
 
 def write_record(path: Path, record: dict) -> Path:

@@ -119,8 +119,8 @@ def _identity(model, tokenizer, blocks, mode: str, k: int, temperature: float, t
     width = model.get_output_embeddings().weight.shape[0]
     return {"format": FORMAT, "teacher": teacher_name, "teacher_config_sha256": config_hash(model.config),
             "tokenizer_sha256": tokenizer_hash(tokenizer), "vocab_size": min(width, len(tokenizer)),
-            "temperature": float(temperature), "mode": mode, "k": int(k), "seq_len": int(blocks.tokens.shape[1]),
-            "n_blocks": int(blocks.tokens.shape[0]), "data_fingerprint": blocks.fingerprint,
+            "temperature": float(temperature), "mode": mode, "k": int(k), "seq_len": int(blocks.seq_len),
+            "n_blocks": len(blocks), "data_fingerprint": blocks.fingerprint,
             "data_source": blocks.source, "seed": seed}
 
 
@@ -212,7 +212,8 @@ def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> t
 def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, temperature: float,
                 teacher_name: str, force: bool = False, batch_size: int = 4, shard_tokens: int = 65536,
                 seed: int = 0, progress=None, stage_key: str | None = None) -> Path:
-    """Run the teacher over ``blocks`` (whelp.data.Blocks) and write a sparse-target cache to ``out``.
+    """Run the teacher over the rows of ``blocks`` (``whelp.data.Blocks``: ``len``, ``blocks[idx]``, ``seq_len``,
+    ``fingerprint``, ``source``) and write a sparse-target cache to ``out``.
 
     Resumable: rerunning the same call after an interruption keeps every intact shard and writes the rest
     (sampling is seeded per block, so the result equals an uninterrupted run). ``progress(n_blocks)`` is
@@ -231,7 +232,7 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
         stop = min(start + per_shard, identity["n_blocks"])
         name = f"shard-{index:05d}.safetensors"
         if name not in done:
-            tensors = _teacher_shard(teacher_model, blocks.tokens[start:stop], identity, start, batch_size)
+            tensors = _teacher_shard(teacher_model, blocks[torch.arange(start, stop)], identity, start, batch_size)
             tmp = work / f".{name}.tmp-{store.tag()}"
             save_file(tensors, str(tmp))
             os.replace(tmp, work / name)
@@ -241,7 +242,7 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
         if progress is not None:
             progress(stop - start)
     manifest["shards"].sort(key=lambda s: s["start"])
-    manifest["bytes_per_token"] = sum(s["bytes"] for s in manifest["shards"]) / blocks.tokens.numel()
+    manifest["bytes_per_token"] = sum(s["bytes"] for s in manifest["shards"]) / (len(blocks) * blocks.seq_len)
     _write_manifest(work, {**manifest, "complete": True})
     if work != out:
         store.commit_dir(work, out)
@@ -249,16 +250,23 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
 
 
 class TeacherCache:
-    """A verified cache. ``tokens`` LongTensor [n_blocks, seq_len]; ``targets(block_idx)`` gives the teacher
-    targets of those blocks flattened to [len(block_idx) * seq_len] positions, block-major, where position t
-    of a block holds the teacher's distribution of token t + 1 (its logits at t), exactly aligned with the
-    student's logits at t. The last position of a block predicts the token after the block."""
+    """A verified cache. ``tokens(block_idx)`` gives the cached blocks' tokens [len(block_idx), seq_len] (the cache
+    keeps its own copy, read per block, never all at once); ``targets(block_idx)`` gives the teacher targets of
+    those blocks flattened to [len(block_idx) * seq_len] positions, block-major, where position t of a block
+    holds the teacher's distribution of token t + 1 (its logits at t), exactly aligned with the student's logits
+    at t. The last position of a block predicts the token after the block."""
 
     def __init__(self, path: Path, manifest: dict):
         self.path, self.manifest = path, manifest
         self._shards = manifest["shards"]
         self._files = {s["file"]: safe_open(str(path / s["file"]), framework="pt") for s in self._shards}
-        self.tokens = torch.cat([self._files[s["file"]].get_tensor("tokens") for s in self._shards]).long()
+
+    def tokens(self, block_idx: Tensor) -> Tensor:
+        rows = []
+        for block in block_idx.tolist():
+            shard = self._shard_of(block)
+            rows.append(self._files[shard["file"]].get_slice("tokens")[block - shard["start"]: block - shard["start"] + 1])
+        return torch.cat(rows).long()
 
     def _shard_of(self, block: int) -> dict:
         for shard in self._shards:
@@ -310,12 +318,13 @@ def open_cache(path, *, student_vocab_size: int | None = None, tokenizer=None,
 def cache_teacher(teacher: str, data: str, out: Path, mode: str, k: int, temperature: float = 1.0,
                   seq_len: int = 512, max_tokens: int | None = None, dtype: str = "float32", batch_size: int = 4,
                   force: bool = False, stage_key: str | None = None) -> Path:
-    """Load ``teacher``, pack ``data`` exactly as ``whelp distill`` does (``load_blocks`` defaults) and cache it."""
-    from whelp.data import load_blocks
+    """Load ``teacher``, read ``data`` exactly as ``whelp distill`` does (``open_blocks`` defaults) and cache it."""
+    from whelp.data import check_data, open_blocks
     from whelp.models import load_model
 
-    _claim(Path(out).expanduser())  # before minutes of loading: a user's directory is refused at once
+    _claim(Path(out).expanduser())  # before minutes of loading: a user's directory or a bad source, at once
+    check_data(data)
     model, tokenizer = load_model(teacher, dtype=dtype)
-    blocks = load_blocks(data, tokenizer, seq_len, max_tokens=max_tokens)
+    blocks = open_blocks(data, tokenizer, seq_len, max_tokens=max_tokens)
     return write_cache(model, tokenizer, blocks, out, mode, k, temperature, teacher, force=force, batch_size=batch_size,
                        stage_key=stage_key)

@@ -98,22 +98,24 @@ def _check(spec: DistillSpec, teachers, caches) -> None:
                          "(or --ce-weight 1 for a plain CE baseline)")
 
 
-def _load_data(spec: DistillSpec, tokenizer, caches, student_vocab: int) -> tuple[torch.Tensor, list]:
-    """Token blocks [n, seq_len] and the opened caches, each verified to hold targets for exactly these
-    blocks. Blocks come in ``load_blocks``' default order, the one ``whelp cache-logits`` caches."""
-    from whelp.data import fingerprint, load_blocks
+def _load_data(spec: DistillSpec, tokenizer, caches, student_vocab: int) -> tuple:
+    """The data's rows (``whelp.data.Blocks``, read from token stores; nothing per token in RAM) and the opened
+    caches, each verified to hold targets for exactly these rows: same data fingerprint (stores, seq_len, seed,
+    budget), hence the same blocks in the same order, the one ``whelp cache-logits`` caches."""
+    from whelp.data import open_blocks
 
-    blocks = load_blocks(spec.data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens).tokens
+    blocks = open_blocks(spec.data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
     opened = []
     if caches:
         from whelp.distill.cache import open_cache
 
         for path, _ in caches:
-            cache = open_cache(path, student_vocab_size=student_vocab, tokenizer=tokenizer,
-                               data_fingerprint=fingerprint(blocks))
-            if not torch.equal(cache.tokens, blocks):
-                raise WhelpError(f"cache {path} holds other token blocks than --data {spec.data} at seq_len "
-                                 f"{spec.seq_len}; pass the data and seq_len the cache was made with")
+            cache = open_cache(path, student_vocab_size=student_vocab, tokenizer=tokenizer)
+            m = cache.manifest
+            if (m["data_fingerprint"], m["seq_len"], m["n_blocks"]) != (blocks.fingerprint, spec.seq_len, len(blocks)):
+                raise WhelpError(f"cache {path} holds other token blocks ({m['n_blocks']} blocks of {m['seq_len']} "
+                                 f"from {m['data_source']}) than --data {spec.data} ({len(blocks)} of {spec.seq_len}); "
+                                 "pass the data, seq_len and max_tokens the cache was made with")
             opened.append(cache)
     return blocks, opened
 
@@ -127,7 +129,7 @@ def _vocab_masked(loss_spec, tokenizer, widths: list[int]):
     return replace(loss_spec, vocab_size=len(tokenizer))
 
 
-def _train_step(model, teachers: list, caches: list, blocks: torch.Tensor, idx: torch.Tensor, kd: dict,
+def _train_step(model, teachers: list, caches: list, blocks, idx: torch.Tensor, kd: dict,
                 autocast, world, loss_tokens: int) -> torch.Tensor:
     """Forward + backward of one optimizer step's micro-batches ``idx`` [grad_accum, batch_size] on this rank.
 
@@ -177,12 +179,14 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    from whelp.data import read_documents, token_stream
+    from whelp.data import check_data, stream_tokens
     from whelp.distill.losses import LossSpec
     from whelp.models import load_model
     from whelp.store import check_writable, write_text
 
     _check(spec, teachers, caches)
+    for source in (spec.data, spec.eval_data):  # before any model is loaded
+        check_data(source)
     loss_spec = LossSpec(name=spec.loss, temperature=spec.temperature, ce_weight=spec.ce_weight,
                          chunk_size=spec.chunk_size)
     out = check_writable(out, force, "model")
@@ -201,7 +205,7 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
         loss_spec = _vocab_masked(loss_spec, tokenizer, [vocab] + [t.get_output_embeddings().weight.shape[0]
                                                                    for t in teacher_models]
                                   + [c.manifest["vocab_size"] for c in opened])
-        eval_ids = token_stream(read_documents(spec.eval_data), tokenizer, spec.eval_tokens)
+        eval_ids = stream_tokens(spec.eval_data, tokenizer, spec.eval_tokens)
         per_step = spec.batch_size * spec.grad_accum * world.size
         steps = spec.steps or math.ceil(spec.max_tokens / (per_step * spec.seq_len))
         loss_tokens = per_step * (spec.seq_len - 1)  # the last position of a block has no next-token label

@@ -6,6 +6,8 @@ checkpoint only has to store the step.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +78,13 @@ def step_blocks(step: int, n_blocks: int, per_step: int, seed: int) -> torch.Ten
     """
     first = step * per_step
     out = []
-    while len(out) < per_step:
-        epoch, offset = divmod(first + len(out), n_blocks)
-        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out.extend(perm[offset : offset + per_step - len(out)].tolist())
-    return torch.tensor(out, dtype=torch.long)
+    while sum(map(len, out)) < per_step:
+        epoch, offset = divmod(first + sum(map(len, out)), n_blocks)
+        out.append(_epoch_order(n_blocks, seed, epoch)[offset : offset + per_step - sum(map(len, out))])
+    return torch.cat(out)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    """The block order of one epoch (8 bytes per block), computed once per epoch, not once per step."""
+    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100003 + epoch))

@@ -90,12 +90,12 @@ def cache_key(name: str, spec: EvalSpec) -> str:
 
 
 def _perplexities(model, tokenizer, spec: EvalSpec) -> dict:
-    from whelp.data import read_documents, token_stream
+    from whelp.data import stream_tokens
     from whelp.evals.perplexity import perplexity
 
     out = {}
     for source in spec.ppl:
-        ids = token_stream(read_documents(source), tokenizer, spec.max_tokens)
+        ids = stream_tokens(source, tokenizer, spec.max_tokens)
         if len(ids) < 2:
             raise WhelpError(f"perplexity source '{source}' gives fewer than 2 tokens; give it more text")
         out[source] = asdict(perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size, tokenizer))

@@ -12,7 +12,6 @@ teacher on the same calibration data, to any shape, skips calibration.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -72,7 +71,7 @@ def teacher_id(source_dir: Path) -> str:
     """sha256 over the teacher's config and the names, sizes and mtimes of its weight files (no reads)."""
     files = sorted(source_dir.glob("*.safetensors")) + [source_dir / "config.json"]
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+    return store.content_id(stamp)
 
 
 def load_scores(path: Path, meta: dict) -> dict[str, torch.Tensor]:
@@ -170,27 +169,29 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
     parsed = parse_target(source_cfg, target)
     family = arch.family_of(source_cfg)
     tokenizer = models.load_tokenizer(str(source_dir))
-    calib = data.load_blocks(spec.calib, tokenizer, spec.seq_len, n_blocks=spec.calib_samples, seed=spec.seed)
-    meta = {"fingerprint": calib.fingerprint, "importance": spec.importance, "teacher": teacher_id(source_dir),
+    rows = data.open_blocks(spec.calib, tokenizer, spec.seq_len, seed=spec.seed)
+    calib_tokens = rows.head(spec.calib_samples)  # [calib_samples, seq_len]
+    fingerprint = store.content_id([rows.fingerprint, len(calib_tokens)])
+    meta = {"fingerprint": fingerprint, "importance": spec.importance, "teacher": teacher_id(source_dir),
             "version": str(importance.SCORES_VERSION)}
-    cache = scores_cache() / f"{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]}.safetensors"
+    cache = scores_cache() / f"{store.content_id(meta)[:32]}.safetensors"
     saved = Path(spec.scores).expanduser() if spec.scores else cache
     scores = load_scores(saved, meta) if spec.scores or cache.is_file() else None
     timings["prepare_s"] = time.perf_counter() - t0
     report = {"source": source, "target": target, "importance": spec.importance,
               "layer_importance": spec.layer_importance, "spec": asdict(spec), "scores_reused": scores is not None,
-              "calibration": {"source": spec.calib, "samples": len(calib.tokens), "seq_len": spec.seq_len,
-                              "fingerprint": calib.fingerprint}}
+              "calibration": {"source": spec.calib, "samples": len(calib_tokens), "seq_len": spec.seq_len,
+                              "fingerprint": fingerprint}}
     if family is None and spec.stream:
         raise WhelpError(f"streaming supports the families {', '.join(arch.FAMILIES)}, not '{source_cfg.model_type}'; "
                          "drop --stream to width-prune it in memory through torch-pruning")
     with store.atomic_dir(out, force, "model", stage_key=stage_key) as tmp:
         if family is None:
-            scores, keep_report, extra = _prune_generic(source_dir, parsed, calib.tokens, spec, tmp, timings)
+            scores, keep_report, extra = _prune_generic(source_dir, parsed, calib_tokens, spec, tmp, timings)
         else:
             stream = spec.stream if spec.stream is not None else _should_stream(source_dir)
             run = _prune_streaming if stream else _prune_in_memory
-            scores, keep_report, extra = run(source_dir, parsed, family, calib.tokens, spec, scores, tmp, timings)
+            scores, keep_report, extra = run(source_dir, parsed, family, calib_tokens, spec, scores, tmp, timings)
         if scores is not None:
             save_scores(cache, scores, meta)
             save_scores(tmp / SCORES_FILE, scores, meta)

@@ -1,18 +1,19 @@
-"""Text sources -> tokenized, packed blocks of ``seq_len`` tokens.
+"""Text sources: where documents come from, read lazily in a fixed order (never the whole corpus in RAM).
 
 A source spec is one of:
   * a local ``.txt`` / ``.jsonl`` / ``.parquet`` file, or a directory of them (read in sorted order);
   * ``pydoc:calib`` | ``pydoc:train`` | ``pydoc:eval`` - the Python language reference shipped with
     CPython (``pydoc_data.topics``), split by topic into three parts that never overlap;
   * ``hf:NAME[:CONFIG]:SPLIT[:COLUMN]`` - a Hugging Face dataset (online users; streamed).
-Documents are joined with the tokenizer's EOS and packed; blocks are shuffled by ``seed`` only.
+``whelp.data.tokenstore`` tokenizes a source once into a token store; ``token_stream`` / ``pack`` are the small
+in-memory path (a few thousand tokens: tests, the reference the store is checked against).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 from whelp.errors import WhelpError
@@ -46,33 +47,36 @@ def _pydoc_documents(split: str) -> list[str]:
     return [topics[name] for name in sorted(pydoc_split()[split])]
 
 
-def _file_documents(path: Path, text_column: str) -> list[str]:
+def _file_documents(path: Path, text_column: str) -> Iterator[str]:
+    """The documents of one file, streamed: a .txt is one document, a .jsonl one per line, a .parquet one per row."""
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        yield path.read_text(encoding="utf-8", errors="replace")
+        return
     if path.suffix == ".jsonl":
-        docs = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise WhelpError(f"{path}:{lineno} is not valid JSON") from None
-            if text_column not in row:
-                raise WhelpError(f"{path}:{lineno} has no '{text_column}' column (has: {', '.join(row)}); "
-                                 "pass the right text column")
-            docs.append(str(row[text_column]))
-        return docs
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise WhelpError(f"{path}:{lineno} is not valid JSON") from None
+                if text_column not in row:
+                    raise WhelpError(f"{path}:{lineno} has no '{text_column}' column (has: {', '.join(row)}); "
+                                     "pass the right text column")
+                yield str(row[text_column])
+        return
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    if text_column not in table.column_names:
-        raise WhelpError(f"{path} has no '{text_column}' column (has: {', '.join(table.column_names)}); "
+    table = pq.ParquetFile(path)
+    if text_column not in table.schema_arrow.names:
+        raise WhelpError(f"{path} has no '{text_column}' column (has: {', '.join(table.schema_arrow.names)}); "
                          "pass the right text column")
-    return [str(v) for v in table.column(text_column).to_pylist()]
+    for batch in table.iter_batches(columns=[text_column], batch_size=1024):
+        yield from (str(v) for v in batch.column(0).to_pylist())
 
 
-def _hf_documents(spec: str, max_chars: int | None) -> list[str]:
+def _hf_documents(spec: str, max_chars: int | None) -> Iterator[str]:
     parts = spec.split(":")[1:]
     if len(parts) not in (2, 3, 4):
         raise WhelpError(f"bad dataset spec '{spec}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
@@ -88,36 +92,70 @@ def _hf_documents(spec: str, max_chars: int | None) -> list[str]:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:  # datasets raises many types for offline / missing datasets
         raise WhelpError(f"could not open dataset '{spec}': {str(exc).splitlines()[0]}") from None
-    docs, chars = [], 0
+    chars = 0
     for row in stream:
         if column not in row:
             raise WhelpError(f"dataset '{name}' has no '{column}' column (has: {', '.join(row)})")
-        docs.append(str(row[column]))
-        chars += len(docs[-1])
+        yield str(row[column])
+        chars += len(str(row[column]))
         if max_chars is not None and chars >= max_chars:
-            break
-    return docs
+            return
 
 
-def read_documents(spec: str, text_column: str = "text", max_chars: int | None = None) -> list[str]:
-    """The documents of a source spec, in a fixed order. Raises WhelpError if missing or empty."""
+def _local_files(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise WhelpError(f"no such data file or directory: {spec} "
+                         "(use a .txt/.jsonl/.parquet path, pydoc:calib|train|eval, or hf:NAME:SPLIT)")
+    if path.is_file() and path.suffix not in TEXT_SUFFIXES:
+        raise WhelpError(f"unsupported data file {path}: expected one of {', '.join(TEXT_SUFFIXES)}")
+    return sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
+
+
+def check_source(spec: str) -> None:
+    """Refuse a source that cannot be read (missing path, unknown format or pydoc split) without reading it."""
     if spec.startswith("pydoc:"):
-        docs = _pydoc_documents(spec.split(":", 1)[1])
+        if spec.split(":", 1)[1] not in PYDOC_SPLITS:
+            raise WhelpError(f"unknown pydoc split '{spec.split(':', 1)[1]}'; choose one of {', '.join(PYDOC_SPLITS)}")
+    elif spec.startswith("hf:"):
+        if len(spec.split(":")) not in (3, 4, 5):
+            raise WhelpError(f"bad dataset spec '{spec}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
+                             "hf:NAME:CONFIG:SPLIT:COLUMN (CONFIG may be empty)")
+    else:
+        _local_files(spec)
+
+
+def iter_documents(spec: str, text_column: str = "text", max_chars: int | None = None) -> Iterator[str]:
+    """The non-empty documents of a source spec, streamed in a fixed order."""
+    check_source(spec)
+    if spec.startswith("pydoc:"):
+        docs: Iterator[str] = iter(_pydoc_documents(spec.split(":", 1)[1]))
     elif spec.startswith("hf:"):
         docs = _hf_documents(spec, max_chars)
     else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise WhelpError(f"no such data file or directory: {spec} "
-                             "(use a .txt/.jsonl/.parquet path, pydoc:calib|train|eval, or hf:NAME:SPLIT)")
-        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
-        if path.is_file() and path.suffix not in TEXT_SUFFIXES:
-            raise WhelpError(f"unsupported data file {path}: expected one of {', '.join(TEXT_SUFFIXES)}")
-        docs = [doc for f in files for doc in _file_documents(f, text_column)]
-    docs = [d for d in docs if d.strip()]
+        docs = (doc for f in _local_files(spec) for doc in _file_documents(f, text_column))
+    return (d for d in docs if d.strip())
+
+
+def read_documents(spec: str, text_column: str = "text", max_chars: int | None = None) -> list[str]:
+    """The documents of a small source as a list. Raises WhelpError if missing or empty."""
+    docs = list(iter_documents(spec, text_column, max_chars))
     if not docs:
         raise WhelpError(f"data source '{spec}' holds no text")
     return docs
+
+
+def source_identity(spec: str) -> object:
+    """What a source is, without reading it: file names, sizes and mtimes for local paths and the built-in corpus
+    (an edit changes it), the spec itself otherwise (a hub dataset or model: its revision is the hub's)."""
+    from whelp.store import path_identity
+
+    if spec.startswith("pydoc:"):
+        import pydoc_data.topics
+
+        return [spec, path_identity(Path(pydoc_data.topics.__file__))]
+    path = Path(spec).expanduser()
+    return [spec, path_identity(path)] if path.exists() else spec  # a hub dataset, or model
 
 
 def pack(docs: list[str], tokenizer, seq_len: int, max_tokens: int | None = None):
@@ -149,33 +187,3 @@ def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None):
             ids = ids[:max_tokens]
             break
     return torch.tensor(ids, dtype=torch.long)
-
-
-@dataclass(frozen=True)
-class Blocks:
-    """Packed token blocks [n, seq_len] plus the fingerprint that identifies exactly these tokens."""
-
-    tokens: "object"  # torch.LongTensor [n, seq_len]
-    source: str
-    fingerprint: str
-
-
-def fingerprint(tokens) -> str:
-    """sha256 of the token ids (int64, row-major): identifies data independent of where it came from."""
-    return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()
-
-
-def load_blocks(spec: str, tokenizer, seq_len: int, n_blocks: int | None = None, max_tokens: int | None = None,
-                seed: int | None = 0, text_column: str = "text") -> Blocks:
-    """Packed blocks of a source, shuffled by ``seed`` (None keeps the text order), first ``n_blocks`` kept."""
-    import torch
-
-    max_chars = None if max_tokens is None else 8 * max_tokens
-    tokens = pack(read_documents(spec, text_column, max_chars), tokenizer, seq_len, max_tokens)
-    if seed is not None:
-        tokens = tokens[torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))]
-    if n_blocks is not None:
-        if n_blocks < 1:
-            raise WhelpError(f"the number of blocks must be positive, got {n_blocks}")
-        tokens = tokens[:n_blocks]
-    return Blocks(tokens=tokens, source=spec, fingerprint=fingerprint(tokens))

@@ -1,0 +1,167 @@
+"""Token stores: the same blocks as the in-memory path bit for bit, identical shards for 1 and 2 workers, resume,
+damage named on read, tokenizer mismatch refused, mixtures drawn by weight, rank slices of every global batch."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_tokenizer
+
+from whelp import data
+from whelp.data import tokenstore
+from whelp.distill import schedule
+from whelp.errors import WhelpError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A jsonl of pydoc's documents, each cut into paragraphs: a few hundred documents of varied length."""
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    docs = [p for d in data.read_documents("pydoc:train") for p in d.split("\n\n") if p.strip()]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def in_memory(spec, tok, seq_len, seed, max_tokens=None):
+    """The reference: every document tokenized, joined with EOS, packed, blocks shuffled by ``seed``."""
+    blocks = data.pack(data.read_documents(spec), tok, seq_len, max_tokens)
+    return blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))]
+
+
+@pytest.mark.parametrize("seq_len, seed, max_tokens", [(32, 0, None), (100, 3, 5000), (256, 1, None)])
+def test_store_blocks_equal_the_in_memory_path_bit_for_bit(tok, corpus, tmp_path, seq_len, seed, max_tokens):
+    store = tokenstore.tokenize(str(corpus), tok, tmp_path / "s", num_proc=1, shard_tokens=4096, progress=False)
+    rows = data.open_blocks(str(store), tok, seq_len, seed=seed, max_tokens=max_tokens)
+    assert torch.equal(rows.head(), in_memory(str(corpus), tok, seq_len, seed, max_tokens))
+    assert len(tokenstore.open_store(store).manifest["shards"]) > 3
+    raw = data.open_blocks(str(corpus), tok, seq_len, seed=seed, max_tokens=max_tokens)  # tokenized once, cached
+    assert torch.equal(raw.head(), rows.head())
+    assert torch.equal(data.stream_tokens(str(store), tok, 3000),
+                       data.token_stream(data.read_documents(str(corpus)), tok, 3000))
+
+
+def test_one_and_two_workers_write_identical_shards_and_max_tokens_cuts_exactly(tok, corpus, tmp_path):
+    one = tokenstore.tokenize(str(corpus), tok, tmp_path / "one", num_proc=1, shard_tokens=4096, progress=False)
+    two = tokenstore.tokenize(str(corpus), tok, tmp_path / "two", num_proc=2, shard_tokens=4096, progress=False)
+    a, b = tokenstore.open_store(one).manifest, tokenstore.open_store(two).manifest
+    assert a["shards"] == b["shards"] and a["fingerprint"] == b["fingerprint"]
+    for s in a["shards"]:
+        assert (one / s["file"]).read_bytes() == (two / s["file"]).read_bytes()
+    assert a["dtype"] == "uint16" and all(s["bytes"] == 2 * s["tokens"] for s in a["shards"])
+    cut = tokenstore.tokenize(str(corpus), tok, tmp_path / "cut", num_proc=2, max_tokens=10_001, shard_tokens=4096,
+                              progress=False)
+    assert len(tokenstore.open_store(cut)) == 10_001
+    assert np.array_equal(tokenstore.open_store(cut).read(0, 10_001), tokenstore.open_store(one).read(0, 10_001))
+
+
+def test_interrupted_tokenize_resumes_to_the_same_store(tok, corpus, tmp_path, monkeypatch):
+    whole = tokenstore.tokenize(str(corpus), tok, tmp_path / "whole", num_proc=1, shard_tokens=4096, progress=False)
+    real, calls = tokenstore._flush, []
+
+    def killed_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(tokenstore, "_flush", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        tokenstore.tokenize(str(corpus), tok, tmp_path / "r", num_proc=2, shard_tokens=4096, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(WhelpError, match="incomplete .*2 shards.*resume"):
+        tokenstore.open_store(tmp_path / "r")
+    first = (tmp_path / "r" / "tokens-00000.bin").stat().st_mtime_ns
+    resumed = tokenstore.tokenize(str(corpus), tok, tmp_path / "r", num_proc=2, shard_tokens=4096, progress=False)
+    assert (resumed / "tokens-00000.bin").stat().st_mtime_ns == first
+    assert tokenstore.open_store(resumed).manifest["shards"] == tokenstore.open_store(whole).manifest["shards"]
+    with pytest.raises(WhelpError, match="already holds this complete token store"):
+        tokenstore.tokenize(str(corpus), tok, tmp_path / "r", num_proc=1, shard_tokens=4096, progress=False)
+
+
+def test_damage_and_mismatches_are_one_clear_line_and_nothing_is_overwritten(tok, corpus, tmp_path):
+    path = tokenstore.tokenize(str(corpus), tok, tmp_path / "s", num_proc=1, shard_tokens=4096, progress=False)
+    shard = path / "tokens-00001.bin"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[:-2])
+    with pytest.raises(WhelpError, match="tokens-00001.bin is truncated"):
+        data.open_blocks(str(path), tok, 32)
+    shard.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    rows = data.open_blocks(str(path), tok, 32)  # sizes are right: the sha256 is checked when the shard is read
+    with pytest.raises(WhelpError, match="tokens-00001.bin is corrupted"):
+        rows.head()
+    shard.unlink()
+    with pytest.raises(WhelpError, match="tokens-00001.bin is missing"):
+        data.open_blocks(str(path), tok, 32)
+    tokenstore.tokenize(str(corpus), tok, path, num_proc=1, shard_tokens=4096, progress=False)  # rewrites from there
+    assert shard.read_bytes() == raw
+    manifest = path / "manifest.json"
+    original = manifest.read_text()
+    edited = json.loads(original)
+    edited["dtype"] = "uint32"
+    manifest.write_text(json.dumps(edited))
+    with pytest.raises(WhelpError, match="manifest.json was edited or is corrupted"):
+        data.open_blocks(str(path), tok, 32)
+    manifest.write_text(original)
+    with pytest.raises(WhelpError, match="was tokenized with .* not with .*tokenize the source with the model's"):
+        data.open_blocks(str(path), tiny_other_tokenizer(), 32)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(WhelpError, match="not made by whelp"):
+            tokenstore.tokenize(str(corpus), tok, mine, num_proc=1, force=force, progress=False)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def tiny_other_tokenizer():
+    """The tiny BPE with two ids swapped: the same vocabulary size, other ids."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    base = tiny_tokenizer()
+    spec = json.loads(base.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab)[100], sorted(vocab)[200]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<eos>")
+
+
+def test_a_mixture_draws_each_source_by_weight_deterministically(tok, corpus, tmp_path):
+    a = tokenstore.tokenize(str(corpus), tok, tmp_path / "a", num_proc=1, progress=False)
+    b = tokenstore.tokenize("pydoc:eval", tok, tmp_path / "b", num_proc=1, progress=False)
+    spec = f"{a}:0.7,{b}:0.3"
+    rows = data.open_blocks(spec, tok, 8, seed=0)
+    n = min(len(rows), 10_000)
+    assert n == 10_000
+    located = rows.locate(torch.arange(n))
+    share = collections.Counter(i for i, _ in located)
+    assert abs(share[0] / n - 0.7) <= 0.02 and abs(share[1] / n - 0.3) <= 0.02
+    again = data.open_blocks(spec, tok, 8, seed=0)
+    assert again.locate(torch.arange(n)) == located and torch.equal(again[torch.arange(50)], rows[torch.arange(50)])
+    assert data.open_blocks(spec, tok, 8, seed=1).locate(torch.arange(n)) != located
+    blocks_of_a = [blk for i, blk in located if i == 0]
+    assert len(set(blocks_of_a)) == len(blocks_of_a)  # within one pass no block is drawn twice
+    with pytest.raises(WhelpError, match="bad data mixture"):
+        data.open_blocks(f"{a}:0.7,{b}:0", tok, 8)
+
+
+def test_ranks_read_disjoint_slices_that_cover_each_global_batch_and_epochs_differ():
+    n_blocks, batch, accum, world = 37, 3, 2, 2
+    per_step = batch * accum * world
+    for step in range(8):
+        idx = schedule.step_blocks(step, n_blocks, per_step, seed=5).view(accum, world, batch)
+        ranks = [set(idx[:, r].flatten().tolist()) for r in range(world)]
+        assert not ranks[0] & ranks[1]
+        assert ranks[0] | ranks[1] == set(schedule.step_blocks(step, n_blocks, per_step, seed=5).tolist())
+    order = torch.cat([schedule.step_blocks(s, n_blocks, per_step, 5) for s in range(7)])  # 84 rows: 2+ epochs
+    assert sorted(order[:n_blocks].tolist()) == list(range(n_blocks))
+    assert not torch.equal(order[:n_blocks], order[n_blocks : 2 * n_blocks])

@@ -1,0 +1,195 @@
+"""Fixed-length blocks over token stores: the one way every stage reads data (calibration, caches, training, eval).
+
+Block *b* of length L of a store is tokens ``[b·L, (b+1)·L)`` of its concatenated shards (the tail that does not
+fill a block is dropped), read from memory maps; nothing per token is ever held in RAM. ``Blocks`` presents
+*rows*: for one source, row r is block ``perm[r]`` with ``perm = randperm(n_blocks, seed)`` (8 bytes per block),
+exactly the order of the in-memory ``pack`` + shuffle path, so results stay comparable. For a weighted mixture
+``a:0.7,b:0.3`` (Llama pretraining is a mix of sources) rows come in windows of ``WINDOW`` rows (or all rows, if
+fewer): each window holds
+each source's share of rows by largest remainder, in a seeded order, and the k-th row of source i is its block
+``perm_i[k]``; so the share of every source is exact to one row per window, the order is a function of the seed,
+and any row is computed from its index alone (resume state is the step). ``max_tokens`` bounds the tokens read
+from each source (its weight's share of them for a mixture). The training loop visits rows in a fresh seeded
+permutation per epoch (``schedule.step_blocks``).
+
+A raw source (a file, a directory, ``pydoc:``, ``hf:``) is tokenized once into ``$WHELP_HOME/stores``, keyed by the
+source's identity, the tokenizer and the options, and reused afterwards, so small runs stay one command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from whelp import store
+from whelp.data import tokenstore
+from whelp.data.sources import check_source, source_identity
+from whelp.errors import WhelpError
+
+WINDOW = 8192
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """``a:0.7,b:0.3`` -> ``[("a", 0.7), ("b", 0.3)]`` normalised to sum 1; a single source has weight 1."""
+    from whelp.distill.schedule import parse_weighted
+
+    parts = [parse_weighted(part.strip()) for part in spec.split(",")] if "," in spec else [(spec, 1.0)]
+    if any(w <= 0 for _, w in parts) or any(not s for s, _ in parts):
+        raise WhelpError(f"bad data mixture '{spec}': write SOURCE:WEIGHT,SOURCE:WEIGHT with positive weights")
+    total = sum(w for _, w in parts)
+    return [(s, w / total) for s, w in parts]
+
+
+def check_data(spec: str) -> None:
+    """Refuse a bad mixture or an unreadable source before anything is loaded."""
+    for source, _ in parse_mixture(spec):
+        check_source(source)
+
+
+def _allocation(weights: list[float], total: int) -> list[int]:
+    """Largest-remainder split of ``total`` rows by ``weights`` (sums to ``total`` exactly)."""
+    raw = [w * total for w in weights]
+    counts = [math.floor(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: counts[i] - raw[i])[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class Blocks:
+    """Rows of ``seq_len`` tokens from weighted token stores; ``blocks[idx]`` -> LongTensor [len(idx), seq_len]."""
+
+    def __init__(self, sources: list[tuple[tokenstore.TokenStore, float]], seq_len: int, seed: int,
+                 max_tokens: int | None, spec: str):
+        if seq_len < 2:
+            raise WhelpError(f"seq_len must be at least 2, got {seq_len}")
+        self.sources, self.seq_len, self.seed, self.source = sources, seq_len, seed, spec
+        self.n_blocks = []
+        for st, weight in sources:
+            usable = len(st) if max_tokens is None else min(len(st), math.ceil(max_tokens * weight))
+            if usable // seq_len == 0:
+                raise WhelpError(f"only {usable} tokens of {st.manifest['source']}: not enough for one block of "
+                                 f"seq_len={seq_len}")
+            self.n_blocks.append(usable // seq_len)
+        self.perms = [torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_003 * i))
+                      for i, n in enumerate(self.n_blocks)]
+        weights = [w for _, w in sources]
+        self.rows = self.n_blocks[0] if len(sources) == 1 else min(math.floor(n / w) for n, w in
+                                                                   zip(self.n_blocks, weights))
+        self.window = min(WINDOW, self.rows)  # one window when the rows are fewer: exact shares, no repeats
+        self.window_counts = _allocation(weights, self.window)
+        self.fingerprint = store.content_id([[st.fingerprint, w] for st, w in sources] + [seq_len, seed, max_tokens])
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def _window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source of each row of window ``w`` and the row's rank among that source's rows in the window."""
+        order = np.repeat(np.arange(len(self.sources)), self.window_counts)
+        order = order[torch.randperm(self.window, generator=torch.Generator().manual_seed(self.seed * 7919 + w)).numpy()]
+        rank = np.zeros(self.window, dtype=np.int64)
+        for i in range(len(self.sources)):
+            rank[order == i] = np.arange(int((order == i).sum()))
+        return order, rank
+
+    def locate(self, rows: torch.Tensor) -> list[tuple[int, int]]:
+        """``(source, block)`` of each row."""
+        if len(self.sources) == 1:
+            return [(0, int(self.perms[0][r])) for r in rows.tolist()]
+        out, cache = [], {}
+        for r in rows.tolist():
+            w, p = divmod(r, self.window)
+            if w not in cache:
+                cache = {w: self._window(w)}
+            order, rank = cache[w]
+            i = int(order[p])
+            k = w * self.window_counts[i] + int(rank[p])
+            out.append((i, int(self.perms[i][k % self.n_blocks[i]])))
+        return out
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(self)):
+            raise WhelpError(f"rows outside the data's {len(self)} blocks")
+        L = self.seq_len
+        out = [self.sources[i][0].read(b * L, (b + 1) * L) for i, b in self.locate(rows)]
+        return torch.from_numpy(np.stack(out)) if out else torch.zeros(0, L, dtype=torch.long)
+
+    def head(self, n: int | None = None) -> torch.Tensor:
+        """The first ``n`` rows (all when None) as one tensor: for small uses (calibration)."""
+        if n is not None and n < 1:
+            raise WhelpError(f"the number of blocks must be positive, got {n}")
+        return self[torch.arange(len(self) if n is None else min(n, len(self)))]
+
+
+class TensorBlocks:
+    """Rows given as a tensor [n, seq_len] (a notebook's own tokens, random tokens in a benchmark) with the
+    interface of ``Blocks``; the fingerprint is the sha256 of the token ids."""
+
+    def __init__(self, tokens: torch.Tensor, source: str = "tensor"):
+        self.tokens, self.seq_len, self.source = tokens.long(), tokens.shape[1], source
+        self.fingerprint = hashlib.sha256(self.tokens.contiguous().numpy().tobytes()).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return self.tokens[torch.as_tensor(rows, dtype=torch.long)]
+
+    def head(self, n: int | None = None) -> torch.Tensor:
+        return self.tokens[:n]
+
+
+def store_for(spec: str, tokenizer, max_tokens: int | None = None, text_column: str = "text"):
+    """The token store of one source: the directory itself if it is a store, else the store of the raw source
+    in ``$WHELP_HOME/stores`` (tokenized on first use, resumably). A hub dataset is read only up to
+    ``max_tokens``; local sources are tokenized whole, once, for every budget."""
+    if tokenstore.is_store(spec):
+        return tokenstore.open_store(spec, tokenizer)
+    check_source(spec)
+    bound = max_tokens if spec.startswith("hf:") else None
+    key = store.content_id([source_identity(spec), tokenstore.tokenizer_hash(tokenizer), text_column, bound])
+    path = store.whelp_home() / "stores" / key[:24]
+    try:
+        return tokenstore.open_store(path, tokenizer)
+    except WhelpError:  # absent, interrupted or damaged: (re)tokenize; resumes an interrupted one
+        pass
+    small = not spec.startswith("hf:") and _local_bytes(spec) < 32 << 20
+    tokenstore.tokenize(spec, tokenizer, path, num_proc=1 if small else None, max_tokens=bound,
+                        text_column=text_column, force=_unreadable(path), progress=not small)
+    return tokenstore.open_store(path, tokenizer)
+
+
+def _unreadable(path: Path) -> bool:
+    """A store of whelp's own cache whose manifest cannot be read: rebuilt rather than resumed."""
+    try:
+        store.read_record(path / tokenstore.MANIFEST, "")
+    except WhelpError:
+        return path.exists()
+    return False
+
+
+def _local_bytes(spec: str) -> int:
+    if spec.startswith("pydoc:"):
+        return 0
+    path = Path(spec).expanduser()
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def open_blocks(spec: str, tokenizer, seq_len: int, seed: int = 0, max_tokens: int | None = None,
+                text_column: str = "text") -> Blocks:
+    """The rows of a source or a weighted mixture of sources (store directories or raw sources)."""
+    parts = parse_mixture(spec)
+    sources = [(store_for(s, tokenizer, None if max_tokens is None else math.ceil(max_tokens * w), text_column), w)
+               for s, w in parts]
+    return Blocks(sources, seq_len, seed, max_tokens, spec)
+
+
+def stream_tokens(spec: str, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """The first ``max_tokens`` tokens of one source's stream (documents joined with EOS): LongTensor [T]."""
+    st = store_for(spec, tokenizer, max_tokens)
+    n = len(st) if max_tokens is None else min(len(st), max_tokens)
+    return torch.from_numpy(st.read(0, n))

@@ -1,0 +1,280 @@
+"""Token stores: a corpus tokenized once into contiguous little-endian token shards, read through memory maps.
+
+The pre-tokenized layout of torchtitan (``PreTokenizedTextDataset``), Megatron (``.bin``/``.idx``), OLMo-core and
+datatrove: documents are tokenized, each followed by EOS, and concatenated; the stream is cut into shards at
+document boundaries once a shard holds ``shard_tokens`` tokens (so the cut depends on the text alone, not on the
+number of workers). A store directory holds ``whelp.json`` (its marker), ``manifest.json`` (sealed: tokenizer
+identity and hash, vocab size, EOS id, dtype, source, per-shard token and document counts and sha256, totals,
+fingerprint) and ``tokens-NNNNN.bin`` (uint16 when the vocabulary fits in 65,536 ids, else uint32: 2 or 4
+bytes per token on disk, nothing else).
+
+Tokenizing streams the source (memory independent of its size) through N worker processes that run the fast
+tokenizer's batch encoding on chunks of documents, in order; each shard is written to a temporary name,
+fsynced, renamed and then recorded in the manifest, so an interrupted run resumes at the first missing shard.
+Reading checks every shard's size when the store is opened and its sha256 the first time a shard is touched, so
+a truncated or altered shard is named and never used. The fingerprint is the sha256 of the shards' sha256s: the
+corpus is never hashed in RAM.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from whelp import store
+from whelp.data.sources import iter_documents, source_identity
+from whelp.errors import WhelpError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB at uint16
+CHUNK_DOCS = 64  # documents per worker task
+_TOKENIZER = None  # the worker processes' tokenizer (inherited through fork)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the token -> id map and the special ids: equal hashes mean identical token ids."""
+    specials = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return store.content_id([sorted(tokenizer.get_vocab().items()), specials])
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def _encode(docs: list[str], tokenizer=None) -> tuple[int, np.ndarray]:
+    """``(len(docs), ids)``: the token ids of ``docs``, each followed by EOS, concatenated (int64)."""
+    tokenizer = tokenizer or _TOKENIZER
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    out = np.empty(sum(map(len, ids)) + len(ids), dtype=np.int64)
+    at = 0
+    for row in ids:
+        out[at : at + len(row)] = row
+        out[at + len(row)] = tokenizer.eos_token_id
+        at += len(row) + 1
+    return len(docs), out
+
+
+def _chunks(docs, size: int):
+    while chunk := list(itertools.islice(docs, size)):
+        yield chunk
+
+
+def _encoded(docs, tokenizer, num_proc: int):
+    """``(n_docs, ids)`` per chunk of documents, in document order, tokenized by ``num_proc`` processes."""
+    if num_proc == 1:
+        yield from (_encode(chunk, tokenizer) for chunk in _chunks(docs, CHUNK_DOCS))
+        return
+    import multiprocessing
+
+    global _TOKENIZER
+    _TOKENIZER = tokenizer
+    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+        yield from pool.imap(_encode, _chunks(docs, CHUNK_DOCS), chunksize=4)
+
+
+def _identity(spec: str, tokenizer, max_tokens: int | None, text_column: str, shard_tokens: int) -> dict:
+    vocab = len(tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise WhelpError("the tokenizer has no EOS token to separate documents")
+    return {"format": FORMAT, "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
+            "tokenizer_sha256": tokenizer_hash(tokenizer), "vocab_size": vocab, "eos_id": tokenizer.eos_token_id,
+            "dtype": token_dtype(vocab).name, "source": spec, "source_identity": source_identity(spec),
+            "max_tokens": max_tokens, "text_column": text_column, "shard_tokens": shard_tokens}
+
+
+def _write_shard(out: Path, index: int, tokens: np.ndarray, n_docs: int, dtype: np.dtype) -> dict:
+    data = tokens.astype(dtype).tobytes()
+    name = f"tokens-{index:05d}.bin"
+    store.write_bytes(out / name, data)
+    return {"file": name, "tokens": len(tokens), "documents": n_docs, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _resumable(out: Path, identity: dict, force: bool) -> dict | None:
+    """The manifest to continue an interrupted (or damaged) store of the same source with, or None to start
+    afresh. A directory that is not a whelp store is refused, with or without ``force``."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    store.check_writable(out, True, "store")
+    if force:
+        return None
+    old = store.read_record(out / MANIFEST, f"re-run whelp tokenize with --force to rebuild {out}")
+    diff = [k for k in identity if k != "tokenizer" and old.get(k) != identity[k]]  # the hash decides
+    if diff:
+        raise WhelpError(f"{out} holds a token store of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
+                         f"{identity[diff[0]]!r} now); pass --force to replace it or choose another --out")
+    store.clean_stale(out)
+    good = list(itertools.takewhile(lambda s: _shard_problem(out, s, identity["dtype"]) is None, old["shards"]))
+    if old["complete"] and len(good) == len(old["shards"]):
+        raise WhelpError(f"{out} already holds this complete token store; pass --force to rebuild it")
+    return {**identity, "shards": good, "complete": False}
+
+
+def tokenize(spec: str, tokenizer, out: str | Path, num_proc: int | None = None, max_tokens: int | None = None,
+             text_column: str = "text", force: bool = False, shard_tokens: int = SHARD_TOKENS,
+             progress: bool = True) -> Path:
+    """Tokenize source ``spec`` once into a token store at ``out``; resumes an interrupted run of the same call.
+
+    ``num_proc`` worker processes (default: every core) tokenize chunks of documents in order, so 1 and N
+    workers write identical shards. ``max_tokens`` bounds the tokens kept (the stream is cut exactly there).
+    With ``force`` an existing store is replaced only once the new one is complete.
+    """
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism is the workers'; one core each
+    out = Path(out).expanduser()
+    num_proc = num_proc or os.cpu_count() or 1
+    if num_proc < 1 or shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
+        raise WhelpError(f"--num-proc, shard tokens and --max-tokens must be positive; got {num_proc}, "
+                         f"{shard_tokens}, {max_tokens}")
+    identity = _identity(spec, tokenizer, max_tokens, text_column, shard_tokens)
+    manifest = _resumable(out, identity, force)
+    work = out.with_name(f".{out.name}.rebuild") if manifest is None and force and out.exists() else out
+    if manifest is None:
+        manifest = {**identity, "shards": [], "complete": False}
+        with store.atomic_dir(work, force=True, kind="store") as tmp:
+            store.write_record(tmp / MANIFEST, manifest)
+    _fill(work, manifest, tokenizer, num_proc, progress)
+    if work != out:
+        store.commit_dir(work, out)
+    return out
+
+
+def _fill(out: Path, manifest: dict, tokenizer, num_proc: int, progress: bool) -> None:
+    """Tokenize the documents after the recorded shards into new shards, then seal the manifest complete."""
+    dtype, limit = np.dtype(manifest["dtype"]), manifest["max_tokens"]
+    done_docs = sum(s["documents"] for s in manifest["shards"])
+    total = sum(s["tokens"] for s in manifest["shards"])
+    max_chars = None if limit is None else 8 * limit
+    docs = itertools.islice(iter_documents(manifest["source"], manifest["text_column"], max_chars), done_docs, None)
+    parts, n_docs, held, t0 = [], 0, 0, time.perf_counter()
+    bar = _Progress(progress, total)
+    for count, ids in _encoded(docs, tokenizer, num_proc):
+        if limit is not None and total + held >= limit:
+            break
+        if limit is not None:
+            ids = ids[: limit - total - held]
+        parts.append(ids)
+        n_docs, held = n_docs + count, held + len(ids)
+        if held >= manifest["shard_tokens"] or (limit is not None and total + held >= limit):
+            total += _flush(out, manifest, parts, n_docs, dtype)
+            parts, n_docs, held = [], 0, 0
+            bar.update(total, time.perf_counter() - t0)
+    if held:
+        total += _flush(out, manifest, parts, n_docs, dtype)
+    bar.close()
+    if total == 0:
+        raise WhelpError(f"data source '{manifest['source']}' holds no text")
+    shas = [s["sha256"] for s in manifest["shards"]]
+    store.write_record(out / MANIFEST, {**manifest, "complete": True, "total_tokens": total,
+                                        "documents": sum(s["documents"] for s in manifest["shards"]),
+                                        "fingerprint": store.content_id([manifest["dtype"], shas])})
+
+
+def _flush(out: Path, manifest: dict, parts: list, n_docs: int, dtype: np.dtype) -> int:
+    tokens = np.concatenate(parts)
+    manifest["shards"].append(_write_shard(out, len(manifest["shards"]), tokens, n_docs, dtype))
+    store.write_record(out / MANIFEST, manifest)
+    return len(tokens)
+
+
+class _Progress:
+    """A rich bar: tokens written and tokens per second (quiet when not a terminal or not wanted)."""
+
+    def __init__(self, enabled: bool, start: int):
+        self.bar = None
+        if enabled:
+            from rich.progress import Progress, SpinnerColumn, TextColumn
+
+            self.bar = Progress(SpinnerColumn(), TextColumn("tokenizing {task.fields[info]}"), transient=True)
+            self.task = self.bar.add_task("tokenize", info=f"{start:,} tokens")
+            self.bar.start()
+
+    def update(self, tokens: int, seconds: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, info=f"{tokens:,} tokens, {tokens / max(seconds, 1e-9):,.0f} tok/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _shard_problem(path: Path, shard: dict, dtype: str, full: bool = True) -> str | None:
+    """Why a recorded shard cannot be used (missing, truncated, altered), or None if it is intact."""
+    file = path / shard["file"]
+    if not file.is_file():
+        return "is missing"
+    if file.stat().st_size != shard["bytes"] or shard["bytes"] != shard["tokens"] * np.dtype(dtype).itemsize:
+        return f"is truncated or altered ({file.stat().st_size} of {shard['bytes']} bytes)"
+    if full and store.sha256_file(file) != shard["sha256"]:
+        return "is corrupted (its sha256 differs from the manifest)"
+    return None
+
+
+class TokenStore:
+    """A complete, verified store: ``len(store)`` tokens; ``store.read(a, b)`` gives tokens [a, b) as int64."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self.dtype = np.dtype(manifest["dtype"])
+        self.starts = list(itertools.accumulate((s["tokens"] for s in manifest["shards"]), initial=0))
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def _shard(self, i: int) -> np.ndarray:
+        if i not in self._maps:  # sha256 on first touch: a damaged shard is never used
+            shard = self.manifest["shards"][i]
+            problem = _shard_problem(self.path, shard, self.manifest["dtype"])
+            if problem:
+                raise WhelpError(f"token store shard {self.path / shard['file']} {problem}; re-run the whelp "
+                                 "tokenize command that made it (it rewrites damaged shards)")
+            self._maps[i] = np.memmap(self.path / shard["file"], dtype=self.dtype, mode="r")
+        return self._maps[i]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if not 0 <= start <= stop <= len(self):
+            raise WhelpError(f"tokens [{start}, {stop}) are outside the store's {len(self)} tokens")
+        out, i = [], bisect.bisect_right(self.starts, start) - 1
+        while start < stop:
+            end = min(stop, self.starts[i + 1])
+            out.append(self._shard(i)[start - self.starts[i] : end - self.starts[i]])
+            start, i = end, i + 1
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+
+
+def is_store(path: str | Path) -> bool:
+    found = store.marker(Path(path).expanduser())
+    return found is not None and found["kind"] == "store"
+
+
+def open_store(path: str | Path, tokenizer=None) -> TokenStore:
+    """A complete store after checking its manifest (sealed), every shard's size and the tokenizer."""
+    path = Path(path).expanduser()
+    m = store.read_record(path / MANIFEST, f"re-run whelp tokenize with --force to rebuild {path}")
+    if m.get("format") != FORMAT:
+        raise WhelpError(f"{path} has token-store format {m.get('format')}, this whelp reads {FORMAT}; re-tokenize")
+    if not m["complete"]:
+        raise WhelpError(f"{path} is incomplete ({len(m['shards'])} shards written, interrupted); re-run the same "
+                         "whelp tokenize command to resume it")
+    if tokenizer is not None and tokenizer_hash(tokenizer) != m["tokenizer_sha256"]:
+        mine = getattr(tokenizer, "name_or_path", "") or "the model's tokenizer"
+        raise WhelpError(f"{path} was tokenized with {m['tokenizer'] or 'another tokenizer'} (sha256 "
+                         f"{m['tokenizer_sha256'][:12]}), not with {mine} ({tokenizer_hash(tokenizer)[:12]}): token ids "
+                         "would not match; tokenize the source with the model's tokenizer")
+    for shard in m["shards"]:
+        problem = _shard_problem(path, shard, m["dtype"], full=False)
+        if problem:
+            raise WhelpError(f"token store shard {path / shard['file']} {problem}; re-run the whelp tokenize "
+                             "command that made it (it rewrites damaged shards)")
+    return TokenStore(path, m)
