@@ -65,8 +65,13 @@ def test_rerun_of_a_finished_build_does_nothing(finished):
 
 
 def hidden(root: Path) -> list[str]:
-    """Every dot-named entry under ``root``: whelp's temporaries (the only hidden names it writes)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob(".*"))
+    """Every dot-named entry under ``root``: whelp's temporaries (the only hidden names it writes). A running
+    build renames and deletes them while we look: a listing that races with it is simply taken again."""
+    while True:
+        try:
+            return sorted(str(p.relative_to(root)) for p in root.rglob(".*"))
+        except FileNotFoundError:
+            continue
 
 
 def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp_path):

@@ -58,7 +58,7 @@ def _main(version: bool = typer.Option(False, "--version", help="Print the versi
 def _console():
     from rich.console import Console
 
-    return Console()
+    return Console(emoji=False)  # ":train:" in pydoc:train is data, not an emoji
 
 
 def _print_json(obj) -> None:

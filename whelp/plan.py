@@ -7,6 +7,9 @@ GFLOP/token), tokens, cache bytes, and peak memory estimates:
   student training = N * (4 fp32 weights + 4 grads + 8 AdamW moments) bytes,
   live teachers    = N_t * bytes of the teacher dtype,
   activations and chunked-loss buffers are extra (they scale with batch * seq_len, not with vocab).
+And per stage the data: tokens it needs, tokens its sources hold (when their token stores exist: a store
+directory, or the store a raw source was tokenized into) and the resulting epochs, and the store's bytes on disk
+(2 bytes per token at vocab <= 65,536, else 4).
 """
 
 from __future__ import annotations
@@ -41,6 +44,29 @@ def _params(config) -> dict:
     return {**models.shape(config), "params": total, "non_embedding_params": non_embedding}
 
 
+def _local_tokenizer(recipe: Recipe):
+    """The teacher's tokenizer when it is on this machine (never downloads or converts anything), else None."""
+    from pathlib import Path
+
+    from whelp.store import whelp_home
+
+    local = whelp_home() / "models" / recipe.teacher.model
+    path = local if recipe.teacher.model in models.REGISTRY else Path(recipe.teacher.model).expanduser()
+    return models.load_tokenizer(str(path)) if (path / "config.json").is_file() else None
+
+
+def data_plan(spec: str, needed: int, vocab: int, tokenizer) -> dict:
+    """Tokens a stage needs from ``spec``, tokens available in its stores (None when not tokenized yet), epochs,
+    and the store's bytes on disk."""
+    from whelp.data import available_tokens
+
+    available = available_tokens(spec, tokenizer)
+    per_token = 2 if vocab <= 1 << 16 else 4
+    return {"source": spec, "tokens_needed": needed, "tokens_available": available,
+            "epochs": None if not available else needed / available,
+            "store_bytes": per_token * (available if available is not None else needed)}
+
+
 def _prune_stage(step, source_cfg, index: int) -> tuple[dict, object]:
     from whelp.prune.surgery import target_config
     from whelp.prune.targets import first_keep, parse_target
@@ -54,6 +80,10 @@ def _prune_stage(step, source_cfg, index: int) -> tuple[dict, object]:
     return {"stage": f"prune[{index}]", "target": step.target, "shape": _params(cfg)}, cfg
 
 
+def _calib_plan(step, vocab: int, tokenizer) -> dict:
+    return data_plan(step.options.calib, step.options.calib_samples * step.options.seq_len, vocab, tokenizer)
+
+
 def _teacher_params(ref, teacher_cfg, path: str) -> int:
     if ref.model == TEACHER:
         return models.count_params(teacher_cfg)[0]
@@ -63,7 +93,7 @@ def _teacher_params(ref, teacher_cfg, path: str) -> int:
         raise WhelpError(f"{path}: {exc}") from None
 
 
-def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int) -> dict:
+def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int, tokenizer) -> dict:
     spec = step.options
     n_student = models.count_params(student_cfg)[0]
     tokens_per_step = spec.batch_size * spec.grad_accum * spec.seq_len
@@ -75,6 +105,7 @@ def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int) -
     teacher_bytes = DTYPE_BYTES[recipe.teacher.dtype]
     return {
         "stage": f"distill[{index}]", "tokens": tokens, "steps": spec.steps,
+        "data": data_plan(spec.data, tokens, student_cfg.vocab_size, tokenizer),
         "flops_per_token": {"student_train": 6 * n_student, "live_teachers": sum(2 * n for _, _, n in live),
                             "cache_teachers_once": sum(2 * n for _, n in cached)},
         "teachers": [{"model": m, "weight": w, "params": n} for m, w, n in live],
@@ -90,30 +121,39 @@ def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int) -
 def plan_recipe(recipe: Recipe) -> dict:
     """Every stage's shapes, params, FLOPs per token, tokens, cache bytes and memory estimates."""
     teacher_cfg = teacher_config(recipe)
+    tokenizer = _local_tokenizer(recipe)
     stages, current = [], teacher_cfg
     for kind, step in recipe.stages():
         index = sum(1 for s in stages if s["stage"].startswith(kind))
         if kind == "prune":
             entry, current = _prune_stage(step, current, index)
+            entry["data"] = _calib_plan(step, teacher_cfg.vocab_size, tokenizer)
         else:
-            entry = _distill_stage(step, current, recipe, teacher_cfg, index)
+            entry = _distill_stage(step, current, recipe, teacher_cfg, index, tokenizer)
         stages.append(entry)
     return {"recipe": recipe.name, "teacher": {"model": recipe.teacher.model, "shape": _params(teacher_cfg)},
             "stages": stages, "student": _params(current)}
 
 
+def describe_data(d: dict) -> str:
+    """``needs N tokens of SOURCE: M available (E epochs), store B GB`` for a table cell."""
+    have = "not tokenized yet" if d["tokens_available"] is None else (
+        f"{d['tokens_available']:,} available ({d['epochs']:.2f} epochs)")
+    return f"data {d['source']}: needs {d['tokens_needed']:,} tokens, {have}; store {d['store_bytes'] / 1e9:,.3f} GB"
+
+
 def describe(stage: dict) -> tuple[str, str, str, str]:
-    """One table row of a planned stage: name, what it makes, params or FLOPs/token, bytes (cache, memory)."""
+    """One table row of a planned stage: name, what it makes, params or FLOPs/token, bytes (data, cache, memory)."""
     if "shape" in stage:
         shape = stage["shape"]
         dims = (f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']} "
                 f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}")
-        return stage["stage"], f"-> {stage['target']}: {dims}", f"{shape['params']:,}", ""
+        return stage["stage"], f"-> {stage['target']}: {dims}", f"{shape['params']:,}", describe_data(stage["data"])
     flops = stage["flops_per_token"]
     cache = sum(c["bytes"] for c in stage["caches"])
     memory = stage["memory_bytes"]
     return (stage["stage"], f"{stage['tokens']:,} tokens",
             f"student {flops['student_train'] / 1e9:.1f} G, live teachers {flops['live_teachers'] / 1e9:.1f} G, "
             f"cached teachers {flops['cache_teachers_once'] / 1e9:.1f} G once",
-            f"cache {cache / 1e9:,.1f} GB; training {memory['student_training'] / 2**30:.1f} GiB + live teachers "
-            f"{memory['live_teachers'] / 2**30:.1f} GiB")
+            f"{describe_data(stage['data'])}; cache {cache / 1e9:,.1f} GB; training "
+            f"{memory['student_training'] / 2**30:.1f} GiB + live teachers {memory['live_teachers'] / 2**30:.1f} GiB")

@@ -138,10 +138,36 @@ def _as_list(value, key: str) -> list:
     raise WhelpError(f"recipe.{key}: expected a mapping or a list of mappings, got {value!r}")
 
 
+DATA_KEYS = ("calib", "train", "eval", "data", "eval_data")
+
+
+def _mixtures(section: dict, path: str) -> dict:
+    """A data value written as a list ``[{source: a, weight: 0.7}, {source: b, weight: 0.3}]`` becomes the
+    mixture spec ``a:0.7,b:0.3`` that every verb reads."""
+    out = dict(section)
+    for key in DATA_KEYS:
+        value = out.get(key)
+        if isinstance(value, list):
+            parts = []
+            for i, item in enumerate(value):
+                if not isinstance(item, dict) or set(item) - {"source", "weight"} or "source" not in item:
+                    raise WhelpError(f"{path}.{key}[{i}]: write {{source: DATA, weight: W}}, got {item!r}")
+                weight = item.get("weight", 1.0)
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                    raise WhelpError(f"{path}.{key}[{i}].weight: expected a positive number, got {weight!r}")
+                parts.append(f"{item['source']}:{weight}")
+            out[key] = ",".join(parts)
+    return out
+
+
 def _fill_defaults(raw: dict) -> dict:
     """Stage options the recipe leaves out take the ``data`` section's and the top-level ``seed``."""
+    if isinstance(raw.get("data"), dict):
+        raw["data"] = _mixtures(raw["data"], "recipe.data")
+    for key in ("prune", "distill"):
+        raw[key] = [_mixtures(s, f"recipe.{key}[{i}]") if isinstance(s, dict) else s for i, s in enumerate(raw[key])]
     data = {"calib": "pydoc:calib", "train": "pydoc:train", "eval": "pydoc:eval", "seq_len": 512,
-            **(raw.get("data") or {})}
+            **(raw.get("data") if isinstance(raw.get("data"), dict) else {})}
     seed = raw.get("seed", 0)
     raw["prune"] = [{"calib": data["calib"], "seq_len": data["seq_len"], "seed": seed, **(s or {})}
                     for s in raw["prune"]]

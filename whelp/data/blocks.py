@@ -143,6 +143,29 @@ class TensorBlocks:
         return self.tokens[:n]
 
 
+def _auto_store(spec: str, tokenizer, max_tokens: int | None, text_column: str) -> Path:
+    """Where a raw source's store lives in ``$WHELP_HOME/stores``: keyed by the source's identity, the
+    tokenizer, the text column and (hub datasets only, read up to it) the token bound."""
+    bound = max_tokens if spec.startswith("hf:") else None
+    key = store.content_id([source_identity(spec), tokenstore.tokenizer_hash(tokenizer), text_column, bound])
+    return store.whelp_home() / "stores" / key[:24]
+
+
+def available_tokens(spec: str, tokenizer=None) -> int | None:
+    """Tokens the stores of a (mixture) spec hold, or None when one is not tokenized yet (or no tokenizer)."""
+    total = 0
+    for source, _ in parse_mixture(spec):
+        path = Path(source).expanduser() if tokenstore.is_store(source) else (
+            None if tokenizer is None else _auto_store(source, tokenizer, None, "text"))
+        try:
+            total += store.read_record(path / tokenstore.MANIFEST, "")["total_tokens"] if path else 0
+        except (WhelpError, KeyError):
+            return None
+        if path is None:
+            return None
+    return total
+
+
 def store_for(spec: str, tokenizer, max_tokens: int | None = None, text_column: str = "text"):
     """The token store of one source: the directory itself if it is a store, else the store of the raw source
     in ``$WHELP_HOME/stores`` (tokenized on first use, resumably). A hub dataset is read only up to
@@ -151,25 +174,18 @@ def store_for(spec: str, tokenizer, max_tokens: int | None = None, text_column: 
         return tokenstore.open_store(spec, tokenizer)
     check_source(spec)
     bound = max_tokens if spec.startswith("hf:") else None
-    key = store.content_id([source_identity(spec), tokenstore.tokenizer_hash(tokenizer), text_column, bound])
-    path = store.whelp_home() / "stores" / key[:24]
+    path = _auto_store(spec, tokenizer, max_tokens, text_column)
     try:
         return tokenstore.open_store(path, tokenizer)
     except WhelpError:  # absent, interrupted or damaged: (re)tokenize; resumes an interrupted one
         pass
     small = not spec.startswith("hf:") and _local_bytes(spec) < 32 << 20
-    tokenstore.tokenize(spec, tokenizer, path, num_proc=1 if small else None, max_tokens=bound,
-                        text_column=text_column, force=_unreadable(path), progress=not small)
-    return tokenstore.open_store(path, tokenizer)
-
-
-def _unreadable(path: Path) -> bool:
-    """A store of whelp's own cache whose manifest cannot be read: rebuilt rather than resumed."""
+    options = dict(num_proc=1 if small else None, max_tokens=bound, text_column=text_column, progress=not small)
     try:
-        store.read_record(path / tokenstore.MANIFEST, "")
-    except WhelpError:
-        return path.exists()
-    return False
+        tokenstore.tokenize(spec, tokenizer, path, **options)  # resumes an interrupted one
+    except WhelpError:  # whelp's own cache, of an older format or damaged beyond resuming: made again
+        tokenstore.tokenize(spec, tokenizer, path, force=True, **options)
+    return tokenstore.open_store(path, tokenizer)
 
 
 def _local_bytes(spec: str) -> int:

@@ -109,7 +109,12 @@ def _local_files(spec: str) -> list[Path]:
                          "(use a .txt/.jsonl/.parquet path, pydoc:calib|train|eval, or hf:NAME:SPLIT)")
     if path.is_file() and path.suffix not in TEXT_SUFFIXES:
         raise WhelpError(f"unsupported data file {path}: expected one of {', '.join(TEXT_SUFFIXES)}")
-    return sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    if not files and not (path / "whelp.json").exists():
+        raise WhelpError(f"directory {spec} holds no {', '.join(TEXT_SUFFIXES)} files (nor is it a token store)")
+    return files
 
 
 def check_source(spec: str) -> None:

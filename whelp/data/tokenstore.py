@@ -11,8 +11,9 @@ bytes per token on disk, nothing else).
 Tokenizing streams the source (memory independent of its size) through N worker processes that run the fast
 tokenizer's batch encoding on chunks of documents, in order; each shard is written to a temporary name,
 fsynced, renamed and then recorded in the manifest, so an interrupted run resumes at the first missing shard.
-Reading checks every shard's size when the store is opened and its sha256 the first time a shard is touched, so
-a truncated or altered shard is named and never used. The fingerprint is the sha256 of the shards' sha256s: the
+Reading checks every shard's size when the store is opened and the sha256 of each 1M-token chunk the first time
+a read touches it (a random batch at 20B tokens touches a few MiB, not whole shards), so a truncated or altered
+shard is named and never used. The fingerprint is the sha256 of the shards' sha256s: the
 corpus is never hashed in RAM.
 """
 
@@ -31,9 +32,10 @@ from whelp import store
 from whelp.data.sources import iter_documents, source_identity
 from whelp.errors import WhelpError
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB at uint16
+CHUNK_TOKENS = 1 << 20  # a sha256 per 1M tokens: a read verifies only the chunks it touches
 CHUNK_DOCS = 64  # documents per worker task
 _TOKENIZER = None  # the worker processes' tokenizer (inherited through fork)
 
@@ -93,8 +95,10 @@ def _write_shard(out: Path, index: int, tokens: np.ndarray, n_docs: int, dtype: 
     data = tokens.astype(dtype).tobytes()
     name = f"tokens-{index:05d}.bin"
     store.write_bytes(out / name, data)
+    step = CHUNK_TOKENS * dtype.itemsize
     return {"file": name, "tokens": len(tokens), "documents": n_docs, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "chunk_sha256": [hashlib.sha256(data[i : i + step]).hexdigest() for i in range(0, len(data), step)]}
 
 
 def _resumable(out: Path, identity: dict, force: bool) -> dict | None:
@@ -224,6 +228,7 @@ class TokenStore:
         self.dtype = np.dtype(manifest["dtype"])
         self.starts = list(itertools.accumulate((s["tokens"] for s in manifest["shards"]), initial=0))
         self._maps: dict[int, np.ndarray] = {}
+        self._verified: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -232,15 +237,20 @@ class TokenStore:
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
-    def _shard(self, i: int) -> np.ndarray:
-        if i not in self._maps:  # sha256 on first touch: a damaged shard is never used
-            shard = self.manifest["shards"][i]
-            problem = _shard_problem(self.path, shard, self.manifest["dtype"])
-            if problem:
-                raise WhelpError(f"token store shard {self.path / shard['file']} {problem}; re-run the whelp "
-                                 "tokenize command that made it (it rewrites damaged shards)")
-            self._maps[i] = np.memmap(self.path / shard["file"], dtype=self.dtype, mode="r")
-        return self._maps[i]
+    def _slice(self, i: int, a: int, b: int) -> np.ndarray:
+        """Tokens [a, b) of shard ``i``, each 1M-token chunk they touch verified once (sha256)."""
+        if i not in self._maps:
+            self._maps[i] = np.memmap(self.path / self.manifest["shards"][i]["file"], dtype=self.dtype, mode="r")
+        tokens, shard = self._maps[i], self.manifest["shards"][i]
+        for c in range(a // CHUNK_TOKENS, (b - 1) // CHUNK_TOKENS + 1):
+            if (i, c) not in self._verified:
+                chunk = tokens[c * CHUNK_TOKENS : (c + 1) * CHUNK_TOKENS].tobytes()
+                if hashlib.sha256(chunk).hexdigest() != shard["chunk_sha256"][c]:
+                    raise WhelpError(f"token store shard {self.path / shard['file']} is corrupted (sha256 of its "
+                                     f"chunk {c} differs from the manifest); re-run the whelp tokenize command that "
+                                     "made it (it rewrites damaged shards)")
+                self._verified.add((i, c))
+        return tokens[a:b]
 
     def read(self, start: int, stop: int) -> np.ndarray:
         if not 0 <= start <= stop <= len(self):
@@ -248,7 +258,7 @@ class TokenStore:
         out, i = [], bisect.bisect_right(self.starts, start) - 1
         while start < stop:
             end = min(stop, self.starts[i + 1])
-            out.append(self._shard(i)[start - self.starts[i] : end - self.starts[i]])
+            out.append(self._slice(i, start - self.starts[i], end - self.starts[i]))
             start, i = end, i + 1
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
 
