@@ -132,3 +132,21 @@ def test_sigkill_at_each_stage_resumes_to_the_same_student_and_leaves_no_tempora
     b = load_file(out / "final" / "model.safetensors")
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_only_the_builds_own_unused_stage_outputs_are_removed(tmp_path):
+    from whelp import store
+    from whelp.build import Stage, _remove_unused
+
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    kept = Stage("01-prune", "prune", "a" * 16, None)
+    for name, kind in ((kept.dirname, "model"), ("01-prune-" + "b" * 16, "model"), ("02-eval-" + "c" * 16, "eval"),
+                       ("03-distill-" + "d" * 16 + ".distill", "run"), ("mymodel", "model"),
+                       ("01-prune-" + "e" * 16, "eval")):
+        with store.atomic_dir(stages / name, kind=kind):
+            pass
+    (stages / ("04-prune-" + "f" * 16)).symlink_to(tmp_path / "stages" / "mymodel")
+    _remove_unused(stages, [kept])
+    assert sorted(p.name for p in stages.iterdir()) == sorted(
+        [kept.dirname, "mymodel", "01-prune-" + "e" * 16, "04-prune-" + "f" * 16])

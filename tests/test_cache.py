@@ -158,6 +158,9 @@ def test_edited_manifest_is_refused_not_trained_on(teacher, tmp_path):
             open_cache(path)
     manifest.write_text(original)
     assert open_cache(path).manifest["k"] == 8
+    manifest.write_text(original.replace('"k": 8', '"k": 16'))
+    write_cache(teacher, StubTokenizer(), blocks(), path, "topk", 8, 1.0, "tiny", force=True)  # --force mends it
+    assert open_cache(path).manifest["k"] == 8
 
 
 def test_force_replaces_only_a_cache_and_keeps_it_until_the_new_one_is_complete(teacher, tmp_path):

@@ -92,3 +92,15 @@ def test_demo_tokenizer_packs_pydoc_eval(demo_tokenizer):
     eos = demo_tokenizer.eos_token_id
     assert (blocks == eos).any()
     assert int(blocks.max()) < demo_tokenizer.vocab_size
+
+
+def test_hidden_files_are_not_data_and_a_directory_without_text_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("visible")
+    (tmp_path / ".extra.txt").write_text("hidden")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "notes.txt").write_text("hidden too")
+    assert data.read_documents(str(tmp_path)) == ["visible"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README").write_text("no suffix")
+    with pytest.raises(WhelpError, match="holds no .txt, .jsonl, .parquet files"):
+        data.check_source(str(tmp_path / "empty"))

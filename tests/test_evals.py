@@ -205,3 +205,21 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
     assert all(m["reused"] for m in again["models"])
     assert [report.flat_metrics(m) for m in again["models"]] == flats
     assert "Reused from the cache: teacher, student." in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_eval_cache_key_follows_the_content_of_perplexity_files(tmp_path):
+    import time
+
+    from conftest import tiny_model
+
+    from whelp.evals.api import EvalSpec, cache_key
+    from whelp.models import save_model
+
+    model = save_model(tiny_model(), None, tmp_path / "m")
+    text = tmp_path / "ppl.txt"
+    text.write_text("some text")
+    spec = EvalSpec(ppl=(str(text),))
+    before = cache_key(str(model), spec)
+    time.sleep(0.01)
+    text.write_text("other text, other numbers")
+    assert cache_key(str(model), spec) != before

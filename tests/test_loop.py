@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model, tiny_tokenizer
 
-from whelp.distill import loop, schedule
+from whelp.data import read_documents
+from whelp.distill import schedule
 from whelp.distill.loop import DistillSpec, distill
 from whelp.distill.run import run_dir
 from whelp.errors import WhelpError
@@ -306,3 +307,39 @@ def test_padded_student_lm_head_is_masked_to_the_tokenizer(tiny_dirs, tmp_path):
         distill(str(path), tmp_path / name, spec, teachers=((teacher, 1.0),), progress=False)
         losses.append(json.loads((tmp_path / f"{name}.distill" / "metrics.jsonl").read_text())["loss"])
     assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0])
+
+
+def test_resume_refuses_changed_data_and_damaged_checkpoint_weights(tiny_dirs, tmp_path, monkeypatch):
+    teacher, _, student = tiny_dirs
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(read_documents("pydoc:train")[:20]))
+    spec = replace(SPEC, data=str(text))
+    fail_at(monkeypatch, 2 * 3, lambda r: (_ for _ in ()).throw(Crash()))  # dies in step 3; checkpoint of step 2
+    with pytest.raises(Crash):
+        distill(student, tmp_path / "out", spec, teachers=((teacher, 1.0),), progress=False)
+    monkeypatch.undo()
+    text.write_text("\n\n".join(read_documents("pydoc:train")[20:40]))
+    with pytest.raises(WhelpError, match="data files changed since it started.*--force to start over"):
+        distill(student, tmp_path / "out", spec, teachers=((teacher, 1.0),), progress=False)
+    fail_at(monkeypatch, 2 * 3, lambda r: (_ for _ in ()).throw(Crash()))  # a second run, on pydoc
+    with pytest.raises(Crash):
+        distill(student, tmp_path / "o2", SPEC, teachers=((teacher, 1.0),), progress=False)
+    monkeypatch.undo()
+    ckpt = tmp_path / "o2.distill" / "checkpoints" / "step-00000002" / "model.safetensors"
+    raw = bytearray(ckpt.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, one byte flipped
+    ckpt.write_bytes(bytes(raw))
+    with pytest.raises(WhelpError, match="model.safetensors is missing or corrupted.*delete .*step-00000002"):
+        distill(student, tmp_path / "o2", SPEC, teachers=((teacher, 1.0),), progress=False)
+
+
+def test_a_damaged_metrics_log_is_named(tmp_path):
+    from whelp.distill import metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2,\n{"step": 3}\n')
+    with pytest.raises(WhelpError, match="metrics.jsonl:2 is not JSON; delete that line"):
+        metrics.trim(log, 2)
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    metrics.trim(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'

@@ -165,8 +165,8 @@ def test_select_keeps_top_scores_per_group_with_equal_counts():
     assert keep.kv_heads[0].tolist() == [1, 2] and keep.q_heads[0].tolist() == [[0], [0]]
 
 
-def save_tiny(family, path, tokenizer, **overrides):
-    model = tiny_model(family, vocab_size=len(tokenizer), **overrides)
+def save_tiny(family, path, tokenizer, seed=0, **overrides):
+    model = tiny_model(family, seed=seed, vocab_size=len(tokenizer), **overrides)
     models.save_model(model, tokenizer, path)
     return model
 
@@ -218,6 +218,12 @@ def test_second_prune_reuses_scores_and_mismatched_scores_are_refused(tmp_path, 
     other = PruneSpec(calib_samples=1, seq_len=16, scores=str(tmp_path / "a" / api.SCORES_FILE))
     with pytest.raises(WhelpError, match="was computed with fingerprint="):
         prune_checkpoint(str(tmp_path / "teacher"), "num_hidden_layers=1", tmp_path / "c", other)
+    save_tiny("llama", tmp_path / "other", demo_tokenizer, seed=5)
+    foreign = PruneSpec(calib_samples=2, seq_len=16, scores=str(tmp_path / "a" / api.SCORES_FILE))
+    cached = sorted((tmp_path / "cache").iterdir())
+    with pytest.raises(WhelpError, match="computed with another teacher"):
+        prune_checkpoint(str(tmp_path / "other"), "num_hidden_layers=1", tmp_path / "d", foreign)
+    assert sorted((tmp_path / "cache").iterdir()) == cached  # the shared cache holds no foreign scores
     with pytest.raises(WhelpError, match="already holds a whelp model; pass --force"):
         prune_checkpoint(str(tmp_path / "teacher"), "num_hidden_layers=1", tmp_path / "b", spec)
     (tmp_path / "mine").mkdir()

@@ -103,3 +103,38 @@ def test_inside_refuses_paths_that_escape(tmp_path):
     for bad in (tmp_path / "runs" / "..", tmp_path / "runs" / "link", tmp_path / "runs"):
         with pytest.raises(WhelpError, match="outside"):
             store.inside(tmp_path / "runs", bad, "x")
+
+
+def test_a_directory_that_appears_during_a_write_is_never_replaced(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(WhelpError, match="not made by whelp"):
+        with store.atomic_dir(out) as tmp:
+            (tmp / "model.safetensors").write_text("new")
+            out.mkdir()  # the user made it while whelp was writing (a prune can take hours)
+            (out / "thesis.tex").write_text("mine")
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_symlinks_and_the_current_directory_are_refused_as_outputs(tmp_path, monkeypatch):
+    with store.atomic_dir(tmp_path / "real") as tmp:
+        (tmp / "a.txt").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(WhelpError, match="is a symbolic link"):
+        store.check_writable(tmp_path / "link", True, "model")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "a.txt").exists()
+    monkeypatch.chdir(tmp_path / "real")
+    for out in (".", "..", "/"):
+        with pytest.raises(WhelpError, match="the current directory or holds it"):
+            store.check_writable(out, True, "model")
+
+
+def test_path_identity_changes_with_any_data_file_it_reads(tmp_path):
+    (tmp_path / "a.txt").write_text("one")
+    before = store.path_identity(tmp_path)
+    (tmp_path / "b.txt").write_text("two")
+    added = store.path_identity(tmp_path)
+    (tmp_path / "a.txt").write_text("one, longer")
+    assert len({json.dumps(x) for x in (before, added, store.path_identity(tmp_path))}) == 3
+    (tmp_path / ".hidden.txt").write_text("neither read as data nor counted")
+    assert store.path_identity(tmp_path) == store.path_identity(tmp_path)

@@ -165,3 +165,29 @@ def test_ranks_read_disjoint_slices_that_cover_each_global_batch_and_epochs_diff
     order = torch.cat([schedule.step_blocks(s, n_blocks, per_step, 5) for s in range(7)])  # 84 rows: 2+ epochs
     assert sorted(order[:n_blocks].tolist()) == list(range(n_blocks))
     assert not torch.equal(order[:n_blocks], order[n_blocks : 2 * n_blocks])
+
+
+def test_cli_tokenize_then_plan_counts_the_store(tok, corpus, tmp_path):
+    from conftest import tiny_model
+    from typer.testing import CliRunner
+
+    from whelp.cli import app
+    from whelp.plan import data_plan
+
+    model_dir = tmp_path / "m"
+    tiny_model().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    args = ["tokenize", str(corpus), "--tokenizer", str(model_dir), "--out", str(tmp_path / "s"), "--num-proc", "2"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    total = tokenstore.open_store(tmp_path / "s").manifest["total_tokens"]
+    assert f"wrote {total:,} tokens" in done.output
+    again = CliRunner().invoke(app, args)
+    assert isinstance(again.exception, WhelpError) and "already holds this complete token store" in str(again.exception)
+    mixed = CliRunner().invoke(app, ["tokenize", f"{corpus}:0.5,pydoc:eval:0.5", "--tokenizer", str(model_dir),
+                                     "--out", str(tmp_path / "x")])
+    assert isinstance(mixed.exception, WhelpError) and "one source into one store" in str(mixed.exception)
+    planned = data_plan(str(tmp_path / "s"), 3 * total, 512, None)
+    assert planned["tokens_available"] == total and planned["epochs"] == 3 and planned["store_bytes"] == 2 * total
+    assert data_plan("pydoc:train", 10, 128_256, None) == {
+        "source": "pydoc:train", "tokens_needed": 10, "tokens_available": None, "epochs": None, "store_bytes": 40}

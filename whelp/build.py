@@ -4,7 +4,8 @@ Layout of OUT: ``whelp.json`` (the build's marker), ``stages/NN-kind-KEY/`` (eac
 checkpoint), ``final/`` (the student checkpoint, the resolved ``recipe.yaml``, ``metrics.json``,
 ``report.md``/``report.png`` and a ``README.md`` model card).
 
-Each stage has a key: a hash of its resolved options, of the identity of the files it reads (teacher, data) and
+Each stage has a key: a hash of its resolved options, of the identity of the files it reads (teacher, data:
+``whelp.data.source_identity``) and
 of the keys of the stages it reads. The key is part of the stage's directory name and is sealed into the
 marker its verb writes last, inside the same atomic commit as the output. So a stage is done exactly when its
 directory holds a complete output whose marker carries its key: an output made from other inputs (an earlier
@@ -16,11 +17,13 @@ the end, so a changed recipe keeps the old outputs only until the new ones are c
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from whelp import store
+from whelp.data import data_identity, source_identity
 from whelp.errors import WhelpError
 from whelp.recipe import TEACHER, Recipe, dump
 from whelp.schema import to_dict
@@ -42,18 +45,6 @@ def _key(*parts) -> str:
     return store.content_id(parts)[:16]
 
 
-def input_identity(source: str) -> object:
-    """What a model or data source is, for a stage key: the registry entry of a registered model, else the
-    identity of each source of the (mixture) spec: file names, sizes and mtimes for local paths, stores and the
-    built-in corpus (a file edited in place changes it), the name of a hub model or dataset."""
-    from whelp.data import parse_mixture, source_identity
-    from whelp.models import REGISTRY
-
-    if source in REGISTRY:
-        return [source, REGISTRY[source].gguf_sha256]
-    return [[source_identity(part), weight] for part, weight in parse_mixture(source)]
-
-
 def _console():
     from rich.console import Console
 
@@ -67,7 +58,7 @@ def _teacher_path(model: str, recipe: Recipe) -> str:
 def _prune_stage(step, source: str, key_in: str, n: int) -> Stage:
     from whelp.prune.api import prune_checkpoint
 
-    key = _key("prune", to_dict(step), input_identity(step.options.calib), key_in)
+    key = _key("prune", to_dict(step), data_identity(step.options.calib), key_in)
     return Stage(f"{n:02d}-prune", "prune", key, lambda out, force: prune_checkpoint(
         source, step.target, out, step.options, force=force, stage_key=key))
 
@@ -77,7 +68,7 @@ def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int) -> Stag
 
     teacher = _teacher_path(ref.model, recipe)
     spec = step.options
-    key = _key("cache", to_dict(ref), input_identity(teacher), input_identity(spec.data), spec.seq_len,
+    key = _key("cache", to_dict(ref), source_identity(teacher), data_identity(spec.data), spec.seq_len,
                spec.max_tokens, recipe.teacher.dtype, key_in)
     return Stage(f"{n:02d}-cache-{j}", "cache", key, lambda out, force: cache_teacher(
         teacher, spec.data, out, mode=ref.mode, k=ref.k, temperature=ref.temperature, seq_len=spec.seq_len,
@@ -89,8 +80,8 @@ def _distill_stage(step, student: str, recipe: Recipe, caches: list[Path], keys:
 
     teachers = tuple((_teacher_path(t.model, recipe), t.weight) for t in step.teachers)
     cached = tuple((str(path), ref.weight) for path, ref in zip(caches, step.caches))
-    data = [input_identity(step.options.data), input_identity(step.options.eval_data)]
-    key = _key("distill", to_dict(step), [(input_identity(t), w) for t, w in teachers], data, keys)
+    data = [data_identity(step.options.data), data_identity(step.options.eval_data)]
+    key = _key("distill", to_dict(step), [(source_identity(t), w) for t, w in teachers], data, keys)
     return Stage(f"{n:02d}-distill", "distill", key, lambda out, force: distill(
         student, out, step.options, teachers=teachers, caches=cached, force=force, stage_key=key))
 
@@ -100,7 +91,7 @@ def plan_stages(recipe: Recipe, out: Path) -> tuple[list[Stage], list[tuple[str,
     stages_dir = out / "stages"
     models = [("teacher", Path(recipe.teacher.model))]
     current = recipe.teacher.model
-    key = _key("teacher", input_identity(recipe.teacher.model), recipe.teacher.dtype)
+    key = _key("teacher", source_identity(recipe.teacher.model), recipe.teacher.dtype)
     counts = {"prune": len(recipe.prune), "distill": len(recipe.distill)}
     stages: list[Stage] = []
     for kind, step in recipe.stages():
@@ -125,8 +116,8 @@ def _eval_stage(recipe: Recipe, models: list[tuple[str, Path]], keys: list[str],
     from whelp.evals.api import evaluate
 
     args = [f"{label}={path}" for label, path in models]
-    key = _key("eval", to_dict(recipe.eval), [input_identity(s) for s in recipe.eval.ppl], keys,
-               input_identity(recipe.teacher.model))
+    key = _key("eval", to_dict(recipe.eval), [data_identity(s) for s in recipe.eval.ppl], keys,
+               source_identity(recipe.teacher.model))
     return Stage(f"{n:02d}-eval", "eval", key, lambda out, force: evaluate(
         args, out, recipe.eval, force=force, stage_key=key))
 
@@ -196,11 +187,21 @@ def _claim(out: Path) -> None:
         pass
 
 
+STAGE_DIR = re.compile(r"\d\d-(prune|cache-\d+|distill|eval)-[0-9a-f]{16}(\.distill)?")
+STAGE_KINDS = {"prune": "model", "distill": "model", "eval": "eval", "cache": "cache"}
+
+
 def _remove_unused(stages_dir: Path, stages: list[Stage]) -> None:
-    """Delete the whelp-made stage outputs (and their run state) that this recipe no longer uses."""
+    """Delete the stage outputs (and their run state) that this recipe no longer uses: only directories named as
+    a build names its stages and marked by whelp as that stage's kind; anything else in stages/ is left alone."""
     keep = {s.dirname for s in stages} | {f"{s.dirname}.distill" for s in stages}
     for item in stages_dir.iterdir():
-        if item.name not in keep and item.is_dir() and not item.name.startswith(".") and store.marker(item):
+        match = STAGE_DIR.fullmatch(item.name)
+        if item.name in keep or not match or item.is_symlink() or not item.is_dir():
+            continue
+        kind = "run" if match.group(2) else STAGE_KINDS[match.group(1).split("-")[0]]
+        found = store.marker(item)
+        if found is not None and found["kind"] == kind:
             shutil.rmtree(item)
     store.clean_stale(stages_dir)
 
@@ -225,6 +226,9 @@ def build(recipe: Recipe, out: str | Path | None = None, force: bool = False) ->
         if not force and done(stage, stage_dir):
             console.print(f"[dim]= {stage.name}: up to date[/]")
             continue
+        if stage_dir.exists() and any(stage_dir.iterdir()) and store.marker(stage_dir) is None:
+            raise WhelpError(f"{stage.name}: {stage_dir} has a damaged or missing {store.MARKER}, so whelp cannot "
+                             "tell it is its own; delete that directory and re-run the build")
         console.print(f"[bold]> {stage.name}[/] [dim]({stage_dir.name})[/]")
         try:
             stage.run(stage_dir, force)

@@ -36,7 +36,11 @@ app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=
            help="Build small language models from big ones: prune, distill, evaluate.")
 
 
-@app.callback()
+def _terminate(*_):
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`): the same clean stop and message as Ctrl-C
+
+
+@app.callback(invoke_without_command=True)
 def _main(version: bool = typer.Option(False, "--version", help="Print the version and exit"),
           allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickle (.bin/.pt) checkpoints: "
                                             "only for files you trust, pickle can run arbitrary code"),
@@ -44,7 +48,9 @@ def _main(version: bool = typer.Option(False, "--version", help="Print the versi
                                                  "with a checkpoint (off by default)")):
     """Build small language models from big ones: prune, distill, evaluate."""
     import os
+    import signal
 
+    signal.signal(signal.SIGTERM, _terminate)
     for name, on in (("WHELP_ALLOW_PICKLE", allow_pickle), ("WHELP_TRUST_REMOTE_CODE", trust_remote_code)):
         if on:
             os.environ[name] = "1"

@@ -147,9 +147,14 @@ def check_writable(out_dir: str | Path, force: bool, kind: str) -> Path:
     Absent or empty: yes. A whelp output of the same kind: only with ``force``. Anything else (a file, a
     directory whelp did not make, a whelp output of another kind): never, whatever ``force`` says.
     """
-    out = Path(out_dir).expanduser()
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    if out.is_symlink():
+        raise WhelpError(f"--out {out} is a symbolic link; whelp writes real directories: pass the directory it "
+                         f"points to ({out.resolve()}) or another --out")
+    if out == Path.cwd() or out in Path.cwd().parents or out.parent == out:
+        raise WhelpError(f"--out {out} is the current directory or holds it; choose another --out")
     clean_stale(out.parent, out.name)
-    if not out.exists() and not out.is_symlink():
+    if not out.exists():
         return out
     if not out.is_dir():
         raise WhelpError(f"--out {out} is a file, not a directory; choose another --out")
@@ -167,8 +172,11 @@ def check_writable(out_dir: str | Path, force: bool, kind: str) -> Path:
     return out
 
 
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a fully written temporary directory into place; an old ``out`` is renamed aside, deleted last."""
+def commit_dir(tmp: Path, out: Path, kind: str, force: bool = True) -> None:
+    """Move a fully written temporary directory into place; an old ``out`` is renamed aside, deleted last.
+    ``out`` is checked again first: a directory that appeared there while whelp wrote (hours, for a large prune)
+    is never replaced unless it is whelp's own of the same ``kind`` and ``force``."""
+    check_writable(out, force, kind)
     old = out.with_name(f".{out.name}.old-{tag()}")
     if out.exists():
         out.rename(old)
@@ -188,7 +196,7 @@ def atomic_dir(out_dir: str | Path, force: bool = False, kind: str = "model", **
     try:
         yield tmp
         write_marker(tmp, kind, **fields)
-        commit_dir(tmp, out)
+        commit_dir(tmp, out, kind, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -237,9 +245,11 @@ def clean_stale(parent: Path, name: str | None = None) -> None:
 
 def path_identity(path: Path) -> list:
     """Identity of the files at ``path`` without reading them: (relative name, bytes, mtime ns) of each file,
-    sorted; a changed, added or removed file changes it. Hidden files (whelp's temporaries) are left out."""
+    sorted; a changed, added or removed file changes it. Hidden files and folders (whelp's temporaries; data
+    sources skip them too) are left out."""
     path = Path(path).expanduser()
     if path.is_file():
         return [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
     return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]

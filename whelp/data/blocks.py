@@ -50,6 +50,12 @@ def check_data(spec: str) -> None:
         check_source(source)
 
 
+def data_identity(spec: str) -> list:
+    """What a (mixture) data spec reads, without reading it: each source's identity (files, sizes, mtimes) and
+    weight. A file edited in place changes it."""
+    return [[source_identity(source), weight] for source, weight in parse_mixture(spec)]
+
+
 def _allocation(weights: list[float], total: int) -> list[int]:
     """Largest-remainder split of ``total`` rows by ``weights`` (sums to ``total`` exactly)."""
     raw = [w * total for w in weights]

@@ -111,7 +111,8 @@ def _local_files(spec: str) -> list[Path]:
         raise WhelpError(f"unsupported data file {path}: expected one of {', '.join(TEXT_SUFFIXES)}")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES  # hidden files are not data
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files and not (path / "whelp.json").exists():
         raise WhelpError(f"directory {spec} holds no {', '.join(TEXT_SUFFIXES)} files (nor is it a token store)")
     return files

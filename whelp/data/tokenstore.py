@@ -145,7 +145,7 @@ def tokenize(spec: str, tokenizer, out: str | Path, num_proc: int | None = None,
             store.write_record(tmp / MANIFEST, manifest)
     _fill(work, manifest, tokenizer, num_proc, progress)
     if work != out:
-        store.commit_dir(work, out)
+        store.commit_dir(work, out, "store")
     return out
 
 

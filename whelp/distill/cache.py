@@ -176,13 +176,13 @@ def _continued(out: Path, identity: dict) -> tuple[dict, bool]:
     return {**old, "shards": shards, "complete": False}, bool(old.get("complete")) and shards == old["shards"]
 
 
-def _claim(out: Path) -> bool:
-    """Whether ``out`` holds a whelp cache with shards to resume or replace (a cache stopped before its first
-    shard holds nothing to lose); WhelpError if it holds anything else."""
+def _claim(out: Path, force: bool) -> bool:
+    """Whether ``out`` holds a whelp cache to resume, or with ``force`` to replace, whatever its manifest says (a
+    cache stopped before its first shard holds nothing to lose); WhelpError if it holds anything else."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
     store.check_writable(out, True, "cache")
-    return (out / MANIFEST).exists() and bool(_read_manifest(out)["shards"])
+    return force or ((out / MANIFEST).exists() and bool(_read_manifest(out)["shards"]))
 
 
 def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> tuple[Path, dict]:
@@ -190,7 +190,7 @@ def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> t
     an existing cache a staging sibling ``.OUT.rebuild`` (resumed by the same forced command) that replaces
     ``out`` only when complete. A directory that is not a whelp cache is never written into or deleted."""
     work = out
-    if _claim(out):
+    if _claim(out, force):
         if not force:
             manifest, complete = _continued(out, identity)
             if complete:
@@ -245,7 +245,7 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
     manifest["bytes_per_token"] = sum(s["bytes"] for s in manifest["shards"]) / (len(blocks) * blocks.seq_len)
     _write_manifest(work, {**manifest, "complete": True})
     if work != out:
-        store.commit_dir(work, out)
+        store.commit_dir(work, out, "cache")
     return out
 
 
@@ -322,7 +322,7 @@ def cache_teacher(teacher: str, data: str, out: Path, mode: str, k: int, tempera
     from whelp.data import check_data, open_blocks
     from whelp.models import load_model
 
-    _claim(Path(out).expanduser())  # before minutes of loading: a user's directory or a bad source, at once
+    _claim(Path(out).expanduser(), force)  # before minutes of loading: a user's directory or a bad source, at once
     check_data(data)
     model, tokenizer = load_model(teacher, dtype=dtype)
     blocks = open_blocks(data, tokenizer, seq_len, max_tokens=max_tokens)

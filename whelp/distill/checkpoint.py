@@ -28,6 +28,7 @@ from whelp.errors import WhelpError
 
 PREFIX = "step-"
 STATE = "state.json"
+FILES = ("model.safetensors", "optimizer.safetensors")
 
 
 def _distributed() -> bool:
@@ -90,7 +91,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, module, optimizer, scheduler, sta
             flat.update({f"rng/{r}/{k}": v for r, states in enumerate(rng) for k, v in states.items()})
             save_file({k: v.contiguous() for k, v in flat.items()}, tmp / "optimizer.safetensors")
             meta = {"step": step, "aliases": aliases, "param_groups": optim_sd["param_groups"],
-                    "scheduler": scheduler.state_dict(), "world_size": len(rng), **state}
+                    "scheduler": scheduler.state_dict(), "world_size": len(rng), **state,
+                    "sha256": {name: store.sha256_file(tmp / name) for name in FILES}}
             store.write_record(tmp / STATE, meta)
         for old in list_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old)
@@ -101,7 +103,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, module, optimizer, scheduler, sta
 
 def load_checkpoint(path: Path, module, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns ``state.json``."""
-    meta = store.read_record(path / STATE, f"delete {path} to resume from the checkpoint before it")
+    fix = f"delete {path} to resume from the checkpoint before it"
+    meta = store.read_record(path / STATE, fix)
+    for name, digest in meta["sha256"].items():  # weights damaged on disk would train on silently
+        if not (path / name).is_file() or store.sha256_file(path / name) != digest:
+            raise WhelpError(f"checkpoint file {path / name} is missing or corrupted (sha256 differs); {fix}")
     world = dist.get_world_size() if _distributed() else 1
     if meta["world_size"] != world:
         raise WhelpError(f"checkpoint {path} was written by {meta['world_size']} processes, this run has {world}: "

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from whelp import store
 from whelp.distill import checkpoint, parallel, schedule
-from whelp.distill import run as run_state
 from whelp.distill import metrics as metrics_log
+from whelp.distill import run as run_state
 from whelp.errors import WhelpError
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -120,6 +121,15 @@ def _load_data(spec: DistillSpec, tokenizer, caches, student_vocab: int) -> tupl
     return blocks, opened
 
 
+def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
+    """Identity of the files the run trains from (student, teachers, caches, training data): a run whose inputs
+    changed on disk is a different run, never resumed."""
+    from whelp.data import data_identity, source_identity
+
+    return store.content_id([source_identity(student), [source_identity(t) for t, _ in teachers],
+                             [source_identity(c) for c, _ in caches], data_identity(spec.data)])
+
+
 def _vocab_masked(loss_spec, tokenizer, widths: list[int]):
     """Student and teacher lm_heads padded to different widths (e.g. 49152 vs 49216 rows) share the tokenizer's
     ids: softmax over those alone (ids beyond it masked), rather than refusing the run. Vocabularies that really
@@ -182,7 +192,7 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
     from whelp.data import check_data, stream_tokens
     from whelp.distill.losses import LossSpec
     from whelp.models import load_model
-    from whelp.store import check_writable, write_text
+    from whelp.store import check_writable
 
     _check(spec, teachers, caches)
     for source in (spec.data, spec.eval_data):  # before any model is loaded
@@ -193,7 +203,7 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
     world = parallel.init_world()
     try:
         identity = {"student": student, "teachers": [list(t) for t in teachers], "caches": [list(c) for c in caches],
-                    "spec": asdict(spec), "world_size": world.size}
+                    "spec": asdict(spec), "world_size": world.size, "inputs": _inputs(student, teachers, caches, spec)}
         rdir, changed = run_state.prepare(out, identity, force, resume, world)
         torch.manual_seed(spec.seed)
         lm, tokenizer = load_model(student, device=str(world.device))
@@ -232,9 +242,7 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
                                  f"(recorded in {run_state.RUN_FILE})")
         metrics = rdir / "metrics.jsonl"
         if world.main:
-            kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() else [])
-                    if json.loads(line)["step"] <= start]
-            write_text(metrics, "".join(line + "\n" for line in kept))
+            metrics_log.trim(metrics, start)
         writer = metrics_log.tensorboard(rdir) if spec.tensorboard and world.main else None
 
         def save(step: int) -> Path:

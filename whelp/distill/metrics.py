@@ -28,6 +28,22 @@ def progress(total: int, done: int, enabled: bool):
     return bar
 
 
+def trim(metrics: Path, step: int) -> None:
+    """Keep the rows of steps <= ``step`` (a resumed run logs the rest again); a damaged row is named."""
+    from whelp.store import write_text
+
+    kept = []
+    for lineno, line in enumerate(metrics.read_text().splitlines() if metrics.exists() else [], 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise WhelpError(f"{metrics}:{lineno} is not JSON; delete that line (the log is rewritten from the "
+                             "checkpoint on) and re-run") from None
+        if row["step"] <= step:
+            kept.append(line)
+    write_text(metrics, "".join(line + "\n" for line in kept))
+
+
 def log(metrics: Path, writer, bar, row: dict) -> None:
     """Append ``row`` to metrics.jsonl and mirror its float fields to TensorBoard and the progress bar."""
     with metrics.open("a") as f:

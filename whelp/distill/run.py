@@ -58,7 +58,8 @@ def _prepare(out: Path, identity: dict, force: bool, resume: bool) -> tuple[Path
     old = store.read_record(saved, f"pass --force to start the run in {rdir} over")
     adjustable, fixed = _changes(old, identity)
     if fixed:
-        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in fixed.items())
+        shown = "; ".join("the student, teacher, cache or data files changed since it started" if k == "inputs"
+                          else f"{k}: {a!r} there, {b!r} now" for k, (a, b) in fixed.items())
         raise WhelpError(f"{rdir} holds a run with other settings ({shown}) at {found[-1].name}; re-run with its "
                          "settings to resume it, or pass --force to start over")
     if adjustable:

@@ -83,9 +83,11 @@ def versions() -> dict:
 
 
 def cache_key(name: str, spec: EvalSpec) -> str:
+    from whelp.data import data_identity, source_identity
     from whelp.store import content_id
 
-    return content_id({"v": CACHE_VERSION, "model": model_identity(name), "spec": asdict(spec),
+    inputs = [data_identity(s) for s in spec.ppl] + [source_identity(p) for p in spec.include_paths]
+    return content_id({"v": CACHE_VERSION, "model": model_identity(name), "spec": asdict(spec), "inputs": inputs,
                        "versions": versions()})[:20]
 
 

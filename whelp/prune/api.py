@@ -82,10 +82,11 @@ def load_scores(path: Path, meta: dict) -> dict[str, torch.Tensor]:
         raise WhelpError(f"scores file {path} does not exist; drop --scores to calibrate")
     with safe_open(str(path), "pt") as f:
         saved = f.metadata() or {}
-        for key in ("fingerprint", "importance", "version"):
+        for key in ("teacher", "fingerprint", "importance", "version"):
             if saved.get(key) != meta[key]:
-                raise WhelpError(f"{path} was computed with {key}={saved.get(key)}, this prune uses {meta[key]}; "
-                                 "use the same --importance/--calib/--calib-samples/--seq-len or drop --scores")
+                what = "another teacher (or changed teacher files)" if key == "teacher" else f"{key}={saved.get(key)}"
+                raise WhelpError(f"{path} was computed with {what}, this prune uses {meta[key]}; use the same "
+                                 "teacher and --importance/--calib/--calib-samples/--seq-len, or drop --scores")
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
@@ -192,7 +193,7 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
             stream = spec.stream if spec.stream is not None else _should_stream(source_dir)
             run = _prune_streaming if stream else _prune_in_memory
             scores, keep_report, extra = run(source_dir, parsed, family, calib_tokens, spec, scores, tmp, timings)
-        if scores is not None:
+        if scores is not None and not spec.scores:  # the shared cache holds only what this teacher computed
             save_scores(cache, scores, meta)
             save_scores(tmp / SCORES_FILE, scores, meta)
         target_cfg = models.load_config(str(tmp))
