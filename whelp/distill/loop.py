@@ -211,11 +211,11 @@ def distill(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[st
         teacher_models = [load_model(name, dtype=str(dtype).replace("torch.", ""), device=str(world.device))[0]
                           .requires_grad_(False) for name, _ in teachers]
         vocab = lm.get_output_embeddings().weight.shape[0]
-        blocks, opened = _load_data(spec, tokenizer, caches, vocab)
+        blocks, opened = parallel.main_first(world, lambda: _load_data(spec, tokenizer, caches, vocab))
         loss_spec = _vocab_masked(loss_spec, tokenizer, [vocab] + [t.get_output_embeddings().weight.shape[0]
                                                                    for t in teacher_models]
                                   + [c.manifest["vocab_size"] for c in opened])
-        eval_ids = stream_tokens(spec.eval_data, tokenizer, spec.eval_tokens)
+        eval_ids = parallel.main_first(world, lambda: stream_tokens(spec.eval_data, tokenizer, spec.eval_tokens))
         per_step = spec.batch_size * spec.grad_accum * world.size
         steps = spec.steps or math.ceil(spec.max_tokens / (per_step * spec.seq_len))
         loss_tokens = per_step * (spec.seq_len - 1)  # the last position of a block has no next-token label

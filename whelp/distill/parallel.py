@@ -49,6 +49,23 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
+def main_first(world: World, fn):
+    """``fn()`` on rank 0, then on the other ranks: work with a shared side effect (tokenizing a source into a
+    store every rank then reads) happens once. Every rank learns whether rank 0 failed, so none waits forever."""
+    result, failed = None, None
+    if world.main:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below, after the other ranks heard of it
+            failed = exc
+    if world.size > 1 and all_sum(world, torch.tensor([float(failed is not None)], dtype=torch.float64)).item():
+        if failed is None:
+            raise WhelpError("rank 0 failed to prepare the run; its message says why")
+    if failed is not None:
+        raise failed
+    return result if world.main else fn()
+
+
 def all_sum(world: World, values: torch.Tensor) -> torch.Tensor:
     """Sum a float64 tensor over ranks (identity on one process)."""
     if world.size > 1:

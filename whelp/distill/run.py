@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from whelp import store
 from whelp.distill import checkpoint, parallel
 from whelp.errors import WhelpError
@@ -70,19 +68,10 @@ def _prepare(out: Path, identity: dict, force: bool, resume: bool) -> tuple[Path
 
 
 def prepare(out: Path, identity: dict, force: bool, resume: bool, world) -> tuple[Path, dict]:
-    """``_prepare`` on rank 0 alone; every rank learns whether it refused (and raises), so none waits forever."""
-    refused, prepared = None, (run_dir(out), {})
-    if world.main:
-        try:
-            prepared = _prepare(out, identity, force, resume)
-        except WhelpError as exc:
-            refused = exc
-    failed = parallel.all_sum(world, torch.tensor([float(refused is not None)], dtype=torch.float64)).item()
-    if refused is not None:
-        raise refused
-    if failed:
-        raise WhelpError(f"rank 0 refused to start the run in {run_dir(out)}; its message says why")
-    return prepared
+    """``_prepare`` on rank 0 alone (the others only learn whether it refused): returns the run directory and
+    the settings changed since the run's last start (empty on the other ranks)."""
+    prepared = parallel.main_first(world, lambda: _prepare(out, identity, force, resume) if world.main else None)
+    return prepared if world.main else (run_dir(out), {})
 
 
 def adjusted_scheduler(optimizer, spec, steps: int, start: int):
