@@ -191,3 +191,14 @@ def test_cli_tokenize_then_plan_counts_the_store(tok, corpus, tmp_path):
     assert planned["tokens_available"] == total and planned["epochs"] == 3 and planned["store_bytes"] == 2 * total
     assert data_plan("pydoc:train", 10, 128_256, None) == {
         "source": "pydoc:train", "tokens_needed": 10, "tokens_available": None, "epochs": None, "store_bytes": 40}
+
+
+def test_huge_documents_are_encoded_in_pieces_cut_at_line_breaks(tok, monkeypatch):
+    monkeypatch.setattr(tokenstore, "MAX_DOC_CHARS", 1000)
+    doc = "\n".join(f"line {i} of a long document" for i in range(400))  # ~10,000 characters
+    pieces = tokenstore._pieces(doc)
+    assert "".join(pieces) == doc and len(pieces) > 5 and all(len(p) <= 1000 for p in pieces)
+    assert all(p.endswith("\n") for p in pieces[:-1])
+    _, ids = tokenstore._encode(["short", doc], "uint16", tok)
+    whole = tok(doc, add_special_tokens=False)["input_ids"]
+    assert list(ids[-len(whole) - 1 : -1]) == whole  # cut at line breaks: this tokenizer gives the same ids

@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB at uint16
 CHUNK_TOKENS = 1 << 20  # a sha256 per 1M tokens: a read verifies only the chunks it touches
 CHUNK_DOCS = 128  # documents per worker task
+MAX_DOC_CHARS = 1 << 20  # longer documents are encoded in pieces cut at line breaks (bounded memory)
 _TOKENIZER = None  # the worker processes' tokenizer (inherited through fork)
 
 
@@ -50,6 +51,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
+def _pieces(doc: str) -> list[str]:
+    """A document cut at line breaks into pieces of at most MAX_DOC_CHARS characters (one piece if it is shorter):
+    the Rust tokenizer holds ~150 bytes per character of what it encodes at once, so a 15 MB document would
+    take 2.4 GB. Tokens can differ from whole-document encoding only across a cut (never for shorter documents)."""
+    pieces = []
+    while len(doc) > MAX_DOC_CHARS:
+        cut = doc.rfind("\n", 0, MAX_DOC_CHARS) + 1 or MAX_DOC_CHARS
+        pieces.append(doc[:cut])
+        doc = doc[cut:]
+    return pieces + [doc]
+
+
 def _encode(docs: list[str], dtype: str, tokenizer=None) -> tuple[int, np.ndarray]:
     """``(len(docs), ids)``: the token ids of ``docs``, each followed by EOS, concatenated, in the store's dtype
     (2 bytes a token back from a worker, not 8). A fast tokenizer's Rust batch encoding is called directly: the
@@ -58,9 +71,15 @@ def _encode(docs: list[str], dtype: str, tokenizer=None) -> tuple[int, np.ndarra
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets (tokenizers >= 0.21)
-        ids = [e.ids for e in encode(docs, add_special_tokens=False)]
+
+        def batch(texts):
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
     else:
-        ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+        def batch(texts):
+            return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    short = iter(batch([d for d in docs if len(d) <= MAX_DOC_CHARS]))
+    ids = [next(short) if len(d) <= MAX_DOC_CHARS else list(itertools.chain.from_iterable(
+        batch([piece])[0] for piece in _pieces(d))) for d in docs]
     out = np.empty(sum(map(len, ids)) + len(ids), dtype=dtype)
     at = 0
     for row in ids:
