@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -149,3 +151,12 @@ def test_build_never_deletes_a_directory_it_did_not_make(tmp_path):
         assert "not a whelp build" in message and "with or without --force" in message
         assert "pass --force" not in message
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("key, value, where", [("data.train", "pydoc:trian", "recipe.distill[0].data"),
+                                               ("data.calib", "/no/such/dir", "recipe.prune[0].calib"),
+                                               ("eval.ppl", "[pydoc:evl]", "recipe.eval.ppl[0]")])
+def test_validate_refuses_an_unreadable_data_source_before_anything_runs(key, value, where):
+    loaded = recipe.load("tiny", (f"{key}={value}",))
+    with pytest.raises(WhelpError, match=re.escape(where) + r": .*(unknown pydoc split|no such)"):
+        plan.plan_recipe(loaded)

@@ -55,11 +55,15 @@ def _local_tokenizer(recipe: Recipe):
     return models.load_tokenizer(str(path)) if (path / "config.json").is_file() else None
 
 
-def data_plan(spec: str, needed: int, vocab: int, tokenizer) -> dict:
+def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data") -> dict:
     """Tokens a stage needs from ``spec``, tokens available in its stores (None when not tokenized yet), epochs,
-    and the store's bytes on disk."""
-    from whelp.data import available_tokens
+    and the store's bytes on disk. An unreadable source fails here, naming the recipe key ``where``."""
+    from whelp.data import available_tokens, check_data
 
+    try:
+        check_data(spec)
+    except WhelpError as exc:
+        raise WhelpError(f"{where}: {exc}") from None
     available = available_tokens(spec, tokenizer)
     per_token = 2 if vocab <= 1 << 16 else 4
     return {"source": spec, "tokens_needed": needed, "tokens_available": available,
@@ -80,8 +84,9 @@ def _prune_stage(step, source_cfg, index: int) -> tuple[dict, object]:
     return {"stage": f"prune[{index}]", "target": step.target, "shape": _params(cfg)}, cfg
 
 
-def _calib_plan(step, vocab: int, tokenizer) -> dict:
-    return data_plan(step.options.calib, step.options.calib_samples * step.options.seq_len, vocab, tokenizer)
+def _calib_plan(step, vocab: int, tokenizer, index: int) -> dict:
+    return data_plan(step.options.calib, step.options.calib_samples * step.options.seq_len, vocab, tokenizer,
+                     f"recipe.prune[{index}].calib")
 
 
 def _teacher_params(ref, teacher_cfg, path: str) -> int:
@@ -105,7 +110,7 @@ def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int, t
     teacher_bytes = DTYPE_BYTES[recipe.teacher.dtype]
     return {
         "stage": f"distill[{index}]", "tokens": tokens, "steps": spec.steps,
-        "data": data_plan(spec.data, tokens, student_cfg.vocab_size, tokenizer),
+        "data": data_plan(spec.data, tokens, student_cfg.vocab_size, tokenizer, f"recipe.distill[{index}].data"),
         "flops_per_token": {"student_train": 6 * n_student, "live_teachers": sum(2 * n for _, _, n in live),
                             "cache_teachers_once": sum(2 * n for _, n in cached)},
         "teachers": [{"model": m, "weight": w, "params": n} for m, w, n in live],
@@ -127,10 +132,17 @@ def plan_recipe(recipe: Recipe) -> dict:
         index = sum(1 for s in stages if s["stage"].startswith(kind))
         if kind == "prune":
             entry, current = _prune_stage(step, current, index)
-            entry["data"] = _calib_plan(step, teacher_cfg.vocab_size, tokenizer)
+            entry["data"] = _calib_plan(step, teacher_cfg.vocab_size, tokenizer, index)
         else:
             entry = _distill_stage(step, current, recipe, teacher_cfg, index, tokenizer)
         stages.append(entry)
+    from whelp.data import check_data
+
+    for i, source in enumerate(recipe.eval.ppl):
+        try:
+            check_data(source)
+        except WhelpError as exc:
+            raise WhelpError(f"recipe.eval.ppl[{i}]: {exc}") from None
     return {"recipe": recipe.name, "teacher": {"model": recipe.teacher.model, "shape": _params(teacher_cfg)},
             "stages": stages, "student": _params(current)}
 
