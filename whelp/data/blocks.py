@@ -149,25 +149,28 @@ class TensorBlocks:
         return self.tokens[:n]
 
 
-def _auto_store(spec: str, tokenizer, max_tokens: int | None, text_column: str) -> Path:
-    """Where a raw source's store lives in ``$WHELP_HOME/stores``: keyed by the source's identity, the
-    tokenizer, the text column and (hub datasets only, read up to it) the token bound."""
+def _auto_store(spec: str, tokenizer, max_tokens: int | None, text_column: str) -> tuple[Path, int | None]:
+    """Where a raw source's store lives in ``$WHELP_HOME/stores``, and the token bound it is read up to (hub
+    datasets only; local sources are tokenized whole): keyed by the source's identity, the tokenizer, the text
+    column and that bound."""
     bound = max_tokens if spec.startswith("hf:") else None
     key = store.content_id([source_identity(spec), tokenstore.tokenizer_hash(tokenizer), text_column, bound])
-    return store.whelp_home() / "stores" / key[:24]
+    return store.whelp_home() / "stores" / key[:24], bound
 
 
 def available_tokens(spec: str, tokenizer=None) -> int | None:
     """Tokens the stores of a (mixture) spec hold, or None when one is not tokenized yet (or no tokenizer)."""
     total = 0
     for source, _ in parse_mixture(spec):
-        path = Path(source).expanduser() if tokenstore.is_store(source) else (
-            None if tokenizer is None else _auto_store(source, tokenizer, None, "text"))
-        try:
-            total += store.read_record(path / tokenstore.MANIFEST, "")["total_tokens"] if path else 0
-        except (WhelpError, KeyError):
+        if tokenstore.is_store(source):
+            path = Path(source).expanduser()
+        elif tokenizer is not None:
+            path = _auto_store(source, tokenizer, None, "text")[0]
+        else:
             return None
-        if path is None:
+        try:
+            total += store.read_record(path / tokenstore.MANIFEST, "")["total_tokens"]
+        except (WhelpError, KeyError):  # not tokenized yet, or interrupted (no total)
             return None
     return total
 
@@ -179,8 +182,7 @@ def store_for(spec: str, tokenizer, max_tokens: int | None = None, text_column: 
     if tokenstore.is_store(spec):
         return tokenstore.open_store(spec, tokenizer)
     check_source(spec)
-    bound = max_tokens if spec.startswith("hf:") else None
-    path = _auto_store(spec, tokenizer, max_tokens, text_column)
+    path, bound = _auto_store(spec, tokenizer, max_tokens, text_column)
     try:
         return tokenstore.open_store(path, tokenizer)
     except WhelpError:  # absent, interrupted or damaged: (re)tokenize; resumes an interrupted one
