@@ -49,6 +49,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def shard_problem(path: Path, shard: dict, full: bool = True) -> str | None:
+    """Why a file recorded in a manifest as ``{"file", "bytes", "sha256"}`` under ``path`` cannot be used (missing,
+    truncated, corrupted), or None if it is intact; ``full=False`` checks only its size (no read)."""
+    file = Path(path) / shard["file"]
+    if not file.is_file():
+        return "is missing"
+    if file.stat().st_size != shard["bytes"]:
+        return f"is truncated or altered ({file.stat().st_size} of {shard['bytes']} bytes)"
+    if full and sha256_file(file) != shard["sha256"]:
+        return "is corrupted (its sha256 differs from the manifest)"
+    return None
+
+
 def content_id(obj) -> str:
     """sha256 of a JSON-able object (sorted keys): the one content identity of specs, records and keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -236,15 +236,10 @@ class _Progress:
 
 
 def _shard_problem(path: Path, shard: dict, dtype: str, full: bool = True) -> str | None:
-    """Why a recorded shard cannot be used (missing, truncated, altered), or None if it is intact."""
-    file = path / shard["file"]
-    if not file.is_file():
-        return "is missing"
-    if file.stat().st_size != shard["bytes"] or shard["bytes"] != shard["tokens"] * np.dtype(dtype).itemsize:
-        return f"is truncated or altered ({file.stat().st_size} of {shard['bytes']} bytes)"
-    if full and store.sha256_file(file) != shard["sha256"]:
-        return "is corrupted (its sha256 differs from the manifest)"
-    return None
+    """``store.shard_problem``, and the recorded size must hold exactly the recorded tokens."""
+    if shard["bytes"] != shard["tokens"] * np.dtype(dtype).itemsize:
+        return f"is recorded as {shard['bytes']} bytes for {shard['tokens']} tokens of {dtype}"
+    return store.shard_problem(path, shard, full)
 
 
 class TokenStore:

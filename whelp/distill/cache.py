@@ -31,9 +31,10 @@ from torch import Tensor
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from whelp import store
+from whelp.data.tokenstore import tokenizer_hash
 from whelp.distill.losses import SparseTarget
 from whelp.errors import WhelpError
-from whelp import store
 from whelp.store import sha256_file
 
 FORMAT = 1
@@ -109,12 +110,6 @@ def config_hash(config) -> str:
     return store.content_id({k: v for k, v in config.to_dict().items() if k not in skip and not k.startswith("_")})
 
 
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the token -> id map and the special ids: equal hashes mean identical token ids."""
-    specials = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return store.content_id([sorted(tokenizer.get_vocab().items()), specials])
-
-
 def _identity(model, tokenizer, blocks, mode: str, k: int, temperature: float, teacher_name: str, seed: int) -> dict:
     width = model.get_output_embeddings().weight.shape[0]
     return {"format": FORMAT, "teacher": teacher_name, "teacher_config_sha256": config_hash(model.config),
@@ -133,18 +128,6 @@ def _read_manifest(path: Path) -> dict:
     if not (path / MANIFEST).exists():
         raise WhelpError(f"{path} is not a teacher-logit cache (no {MANIFEST}); build one with whelp cache-logits")
     return store.read_record(path / MANIFEST, "rebuild the cache with whelp cache-logits --force")
-
-
-def shard_problem(path: Path, shard: dict) -> str | None:
-    """Why a recorded shard cannot be used (missing, truncated, corrupted), or None if it is intact."""
-    file = path / shard["file"]
-    if not file.exists():
-        return "is missing"
-    if file.stat().st_size != shard["bytes"]:
-        return f"is truncated or altered ({file.stat().st_size} of {shard['bytes']} bytes)"
-    if sha256_file(file) != shard["sha256"]:
-        return "is corrupted (sha256 differs from the manifest)"
-    return None
 
 
 def _teacher_shard(model, tokens: Tensor, spec: dict, first_block: int, batch_size: int) -> dict[str, Tensor]:
@@ -172,7 +155,7 @@ def _continued(out: Path, identity: dict) -> tuple[dict, bool]:
         raise WhelpError(f"{out} holds a cache of a different run ({key}: {old.get(key)!r} there, "
                          f"{identity[key]!r} now); pass --force to replace it or choose another --out")
     store.clean_stale(out)
-    shards = [s for s in old["shards"] if shard_problem(out, s) is None]
+    shards = [s for s in old["shards"] if store.shard_problem(out, s) is None]
     return {**old, "shards": shards, "complete": False}, bool(old.get("complete")) and shards == old["shards"]
 
 
@@ -308,7 +291,7 @@ def open_cache(path, *, student_vocab_size: int | None = None, tokenizer=None,
         raise WhelpError(f"{path} was built on other data (fingerprint {m['data_fingerprint'][:12]}, given "
                          f"{data_fingerprint[:12]}); use the cache's tokens or rebuild it on this data")
     for shard in m["shards"]:
-        problem = shard_problem(path, shard)
+        problem = store.shard_problem(path, shard)
         if problem:
             raise WhelpError(f"cache shard {path / shard['file']} {problem}; rerun the same whelp cache-logits "
                              "command to rewrite it")
