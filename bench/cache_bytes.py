@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import tiny_model  # noqa: E402
 
 from whelp.data import TensorBlocks  # noqa: E402
-from whelp.distill.cache import open_cache, write_cache  # noqa: E402
+from whelp.distillation.cache import open_cache, write_cache  # noqa: E402
 
 VOCAB = 128256
 

@@ -79,7 +79,7 @@ def child(config: str, corpus: str, store: str, seq_len: int, batch: int) -> dic
 
     from whelp import data
     from whelp.data import tokenstore
-    from whelp.distill import schedule
+    from whelp.distillation import schedule
     from whelp.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")

@@ -34,7 +34,7 @@ def naive(h, w, teachers, chunk):
 
 
 def fused(h, w, teachers, chunk):
-    from whelp.distill.losses import LiveTarget, LossSpec, kd_loss
+    from whelp.distillation.losses import LiveTarget, LossSpec, kd_loss
 
     targets = [LiveTarget(th, tw) for th, tw in teachers]
     return kd_loss(h, w, targets, [1.0] * len(targets), LossSpec(chunk_size=chunk)).loss

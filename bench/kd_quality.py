@@ -78,9 +78,9 @@ def main() -> None:
         return
 
     from whelp.data import read_documents, token_stream
-    from whelp.distill.loop import DistillSpec, distill
+    from whelp.distillation.loop import DistillSpec, distill
     from whelp.models import load_tokenizer, registered_dir
-    from whelp.prune.api import PruneSpec, prune_checkpoint
+    from whelp.pruning.api import PruneSpec, prune_checkpoint
 
     t_start = time.perf_counter()
     teacher = str(registered_dir("smollm2-135m"))

@@ -1,7 +1,7 @@
 """Training-step throughput of the distillation loop: CE-only vs KD from a live teacher vs KD from a cache.
 
 Same student (the demo teacher's shape cut to ~50% parameters: 15 layers, MLP 1024), same token
-blocks, same optimizer, each configuration a full ``whelp.distill.loop.distill`` run in its own
+blocks, same optimizer, each configuration a full ``whelp.distillation.loop.distill`` run in its own
 process (so its peak RSS is its own). The teacher forward (to its logits, as a teacher is used) is
 timed alone on the same blocks. The machine is shared, so the four configurations run in ``--rounds``
 interleaved rounds; ratios are taken within a round and the median over rounds is reported.
@@ -34,7 +34,7 @@ def prepare(root: Path, args) -> None:
     from transformers import AutoModelForCausalLM
 
     from whelp.data import open_blocks
-    from whelp.distill.cache import write_cache
+    from whelp.distillation.cache import write_cache
     from whelp.models import load_model, registered_dir
 
     teacher, tokenizer = load_model(str(registered_dir("smollm2-135m")))
@@ -53,7 +53,7 @@ def budget(args) -> int:
 
 def worker(root: Path, config: str, args) -> dict:
     """One configuration in this process: median seconds per optimizer step (first step excluded)."""
-    from whelp.distill.loop import DistillSpec, compute_dtype, distill
+    from whelp.distillation.loop import DistillSpec, compute_dtype, distill
     from whelp.models import registered_dir
 
     teacher = str(registered_dir("smollm2-135m"))
@@ -72,7 +72,7 @@ def worker(root: Path, config: str, args) -> dict:
 
 def teacher_forward(root: Path, teacher: str, args) -> float:
     from whelp.data import open_blocks
-    from whelp.distill.loop import compute_dtype
+    from whelp.distillation.loop import compute_dtype
     from whelp.models import load_model
 
     model, tokenizer = load_model(teacher)

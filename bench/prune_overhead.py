@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from whelp import data, models
-from whelp.prune import arch, importance
+from whelp.pruning import arch, importance
 
 
 @torch.no_grad()

@@ -24,10 +24,10 @@ import torch
 from whelp.data import open_blocks, read_documents, token_stream
 from whelp.evals.perplexity import perplexity
 from whelp.models import count_params, load_model, shape
-from whelp.prune.arch import family_of
-from whelp.prune.generic import apply_generic, generic_scores, select_generic, width_of
-from whelp.prune.importance import calibrate, select
-from whelp.prune.surgery import prune_model, target_config
+from whelp.pruning.arch import family_of
+from whelp.pruning.generic import apply_generic, generic_scores, select_generic
+from whelp.pruning.importance import calibrate, select
+from whelp.pruning.surgery import prune_model, target_config
 
 SHAPES = {
     "mlp 50%": {"intermediate_size": 768},
@@ -72,7 +72,7 @@ def main() -> None:
         scores = generic_scores(teacher, method, calib)
         rows[f"torch-pruning {method}"] = {}
         for name, overrides in SHAPES.items():
-            keep = select_generic(scores, width_of(teacher), overrides)
+            keep = select_generic(scores, teacher.config, overrides)
             rows[f"torch-pruning {method}"][name] = ppl(apply_generic(copy.deepcopy(teacher), keep))
             print(f"tp {method:10s} {name:13s} {rows[f'torch-pruning {method}'][name]:10.2f}", file=sys.stderr)
     report(args, base, params, rows, time.time() - start)

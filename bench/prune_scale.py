@@ -60,7 +60,7 @@ def make_checkpoint(config_path: Path, out: Path, shard_bytes: int, tokenizer_di
     import torch
     from transformers import AutoConfig
 
-    from whelp.prune.shards import INDEX, write_shards
+    from whelp.pruning.shards import INDEX, write_shards
 
     if (out / INDEX).exists():
         return out
@@ -116,7 +116,7 @@ def check_output(out: Path) -> tuple[str, int]:
 
     from whelp import models
 
-    from whelp.prune.shards import weight_map
+    from whelp.pruning.shards import weight_map
 
     stored = 0
     for path in set(weight_map(out).values()):

@@ -16,6 +16,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     links=(); [ -d /opt/wheels ] && links=(--find-links /opt/wheels)
     pipq "${links[@]}" torch==2.13.0
   fi
-  pipq -e ".[test]"
+  pipq -e ".[test,generic]"
   echo "$want" > "$stamp"
 fi

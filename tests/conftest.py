@@ -1,11 +1,32 @@
-"""Shared fixtures: tiny in-process models (seconds on CPU) and the real demo teacher (cached)."""
+"""Shared fixtures and helpers: tiny in-process models (seconds on CPU), the real demo teacher (cached), and
+the two ways of running the command line (in this process, or as a real ``python -m whelp`` process)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+
+DEMO_FIXTURES = ("demo_dir", "demo", "demo_tokenizer")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep the ``demo`` marker honest: a test that asks for the demo teacher through a fixture must carry it
+    (``-m "not demo"`` promises no download). Tests that reach it by name ("smollm2-135m", or a recipe whose
+    teacher it is) are marked by hand."""
+    unmarked = [item.nodeid for item in items
+                if set(DEMO_FIXTURES) & set(item.fixturenames) and item.get_closest_marker("demo") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests use the demo teacher but lack @pytest.mark.demo: " + ", ".join(unmarked))
 
 
 def tiny_config(family: str = "llama", **overrides):
@@ -27,6 +48,18 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
 
 
+def save_tiny(path, tokenizer=None, family: str = "llama", seed: int = 0, **overrides):
+    """``tiny_model`` (over ``tokenizer``'s vocabulary when one is given) saved with ``whelp.models.save_model``
+    to ``path``; returns the in-memory model."""
+    from whelp.models import save_model
+
+    if tokenizer is not None:
+        overrides.setdefault("vocab_size", len(tokenizer))
+    model = tiny_model(family, seed=seed, **overrides)
+    save_model(model, tokenizer, path)
+    return model
+
+
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer():
     """A 512-token byte-level BPE trained on the pydoc train split (about a second), with an EOS; cached."""
@@ -42,6 +75,69 @@ def tiny_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(read_documents("pydoc:train")[:80], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``ids`` [batch, seq], without autograd."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def load_weights(path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path/model.safetensors``."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(path) / "model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> CliResult:
+    """``whelp ARGS`` in this process, through ``whelp.cli.app`` itself: the exit code and what it printed.
+
+    Unlike ``typer.testing.CliRunner`` (which calls the click command and so bypasses the app), this goes
+    through the app's own ``__call__``, so a WhelpError comes out as it does for a user: one ``error: ...``
+    line on stderr and exit status 2."""
+    from whelp.cli import app
+
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)  # the app installs its own SIGTERM handler
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            app(args=list(args), prog_name="whelp")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def whelp_command(*args: str) -> list[str]:
+    """The argv of a real ``python -m whelp ARGS`` process."""
+    return [sys.executable, "-m", "whelp", *args]
+
+
+def whelp_env() -> dict[str, str]:
+    """This process's environment (as it is now), offline: for real ``whelp`` processes."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run_whelp(*args: str) -> subprocess.CompletedProcess:
+    """``whelp ARGS`` as a real process (offline), its output captured as text: for what needs one (the
+    ``python -m whelp`` entry point, exit statuses, signals)."""
+    return subprocess.run(whelp_command(*args), capture_output=True, text=True, env=whelp_env())
 
 
 @pytest.fixture(scope="session")

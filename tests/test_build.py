@@ -4,25 +4,22 @@ ships the new recipe's model; SIGKILL at every stage resumes exactly and leaves 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
+from conftest import load_weights, max_diff, run_whelp, whelp_command, whelp_env
 
 pytestmark = [pytest.mark.demo, pytest.mark.slow]
 SETTINGS = ("--set", "distill.0.save_every=1")
 
 
 def run_build(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "whelp", "build", "tiny", "--out", str(out), *SETTINGS, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return run_whelp("build", "tiny", "--out", str(out), *SETTINGS, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +76,8 @@ def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp
     out = tmp_path / "changed"
     shutil.copytree(finished, out, symlinks=True)
     changed = ("--set", "distill.0.lr=0.005")
-    cmd = [sys.executable, "-m", "whelp", "build", "tiny", "--out", str(out), *SETTINGS, *changed]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = whelp_command("build", "tiny", "--out", str(out), *SETTINGS, *changed)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=whelp_env())
     old_checkpoints = set(out.glob("stages/03-*.distill/checkpoints/step-*"))
     assert next(line for line in proc.stderr if "> 03-distill" in line)  # prune and cache are reused
     deadline = time.time() + 300
@@ -96,10 +92,9 @@ def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp
     assert "= 01-prune: up to date" in resumed.stderr and "> 03-distill" in resumed.stderr
     clean = tmp_path / "clean"
     assert run_build(clean, *changed).returncode == 0
-    got, want = load_file(out / "final" / "model.safetensors"), load_file(clean / "final" / "model.safetensors")
-    old = load_file(finished / "final" / "model.safetensors")
-    assert max(float((got[k] - want[k]).abs().max()) for k in got) <= 1e-6
-    assert max(float((got[k] - old[k]).abs().max()) for k in got) > 1e-3
+    got, want, old = (load_weights(d / "final") for d in (out, clean, finished))
+    assert max_diff(got, want) <= 1e-6
+    assert max_diff(got, old) > 1e-3
     assert yaml.safe_load((out / "final" / "recipe.yaml").read_text())["distill"][0]["lr"] == 0.005
     report = json.loads((out / "final" / "distill_report.json").read_text())
     assert report["spec"]["lr"] == 0.005
@@ -109,12 +104,11 @@ def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp
 
 def test_sigkill_at_each_stage_resumes_to_the_same_student_and_leaves_no_temporaries(finished, tmp_path):
     out = tmp_path / "tiny"
-    cmd = [sys.executable, "-m", "whelp", "build", "tiny", "--out", str(out), *SETTINGS]
+    cmd = whelp_command("build", "tiny", "--out", str(out), *SETTINGS)
     stages, killed = ("01-prune", "02-cache-0", "03-distill", "04-eval"), []
     for i in range(len(stages)):
         left = set(hidden(out)) if out.exists() else set()  # the killed runs' leftovers so far
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=whelp_env())
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:  # kill the moment a stage has a temporary open
             open_now = [name for name in set(hidden(out)) - left if any(stage in name for stage in stages[i:])]
@@ -128,10 +122,7 @@ def test_sigkill_at_each_stage_resumes_to_the_same_student_and_leaves_no_tempora
     resumed = run_build(out)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert hidden(out) == [] and not [p for p in out.parent.iterdir() if p.name.startswith(".")]
-    a = load_file(finished / "final" / "model.safetensors")
-    b = load_file(out / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert max_diff(load_weights(finished / "final"), load_weights(out / "final")) <= 1e-6  # same keys, too
 
 
 def test_only_the_builds_own_unused_stage_outputs_are_removed(tmp_path):

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from whelp.data import TensorBlocks
-from whelp.distill.cache import (decode, encode, open_cache, pack_bits, sparse_targets, unpack_bits,
+from whelp.distillation.cache import (decode, encode, open_cache, pack_bits, sparse_targets, unpack_bits,
                                  write_cache)
-from whelp.distill.losses import LiveTarget, LossSpec, kd_loss
+from whelp.distillation.losses import LiveTarget, LossSpec, kd_loss
 from whelp.errors import WhelpError
 
 VOCAB, SEQ = 512, 16
@@ -187,6 +187,7 @@ def test_force_replaces_only_a_cache_and_keeps_it_until_the_new_one_is_complete(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "mine"]
 
 
+@pytest.mark.demo
 def test_cache_logits_cli_on_demo_teacher(demo, tmp_path):
     from typer.testing import CliRunner
 

@@ -7,14 +7,11 @@ import subprocess
 import sys
 
 import pytest
-
-
-def whelp(*args):
-    return subprocess.run([sys.executable, "-m", "whelp", *args], capture_output=True, text=True)
+from conftest import run_whelp
 
 
 def test_help_lists_the_verbs():
-    out = whelp("--help")
+    out = run_whelp("--help")
     assert out.returncode == 0
     for verb in ("inspect", "plan", "prune", "cache-logits", "distill", "eval", "build", "validate", "show"):
         assert f" {verb} " in out.stdout, verb
@@ -24,7 +21,7 @@ def test_inspect_json_of_a_config_file(tmp_path):
     from conftest import tiny_config
 
     tiny_config().save_pretrained(tmp_path)
-    out = whelp("inspect", str(tmp_path / "config.json"), "--json")
+    out = run_whelp("inspect", str(tmp_path / "config.json"), "--json")
     info = json.loads(out.stdout)
     assert info["hidden_size"] == 64 and info["params"] > 0 and info["bytes"] is None
 
@@ -34,7 +31,7 @@ def test_inspect_json_of_a_config_file(tmp_path):
     (lambda p: (p / "cfg").mkdir() or str(p / "cfg"), "no config.json"),
 ])
 def test_bad_model_path_is_one_clear_line(tmp_path, make_bad, message):
-    out = whelp("inspect", make_bad(tmp_path))
+    out = run_whelp("inspect", make_bad(tmp_path))
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

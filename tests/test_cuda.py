@@ -11,12 +11,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import load_weights, max_diff
 from test_losses import SPECS, grads, make, naive_loss
 import test_loop
-from test_loop import SPEC, Crash, fail_at, load_weights, max_diff
+from test_loop import SPEC, Crash, fail_at
 
-from whelp.distill.loop import distill
-from whelp.distill.losses import LiveTarget, LossSpec, kd_loss
+from whelp.distillation.api import distill_run as distill
+from whelp.distillation.losses import LiveTarget, LossSpec, kd_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 tiny_dirs = test_loop.tiny_dirs  # the tiny teacher / second teacher / student of the CPU loop tests

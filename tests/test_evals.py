@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import save_tiny, tiny_model
 
 from whelp.errors import WhelpError
 from whelp.evals import api, harness, report
+from whelp.schema import build
 from whelp.evals.perplexity import perplexity, windows
 from whelp.evals.tasks import whelp_data
 
@@ -73,6 +74,7 @@ def test_windows_score_each_token_once(n, seq_len, stride):
     assert all(end - begin <= seq_len and k <= end - begin - 1 for begin, end, k in windows(n, seq_len, stride))
 
 
+@pytest.mark.demo
 def test_bits_per_byte_is_the_token_nll_over_the_text_bytes(tiny_vocab_model, demo_tokenizer):
     from whelp.data import token_stream
 
@@ -110,6 +112,7 @@ def test_unknown_tasks_name_the_close_matches():
         harness.task_manager(("whelp_pydoc",), ("/no/such/dir",))
 
 
+@pytest.mark.demo
 def test_lm_eval_offline_shipped_tasks_agree_with_whelp_perplexity(tiny_vocab_model, demo_tokenizer, monkeypatch):
     """lm-eval's rolling loglikelihood of a document that fits one window of max_length predicts all its tokens
     after a prefix token (BOS, else EOS): whelp's perplexity over [prefix] + document in one window is the same
@@ -150,22 +153,25 @@ def test_percent_recovered_definitions():
 def test_parse_and_order_models(tmp_path):
     assert api.parse_model("teacher=smollm2-135m") == ("teacher", "smollm2-135m")
     assert api.parse_model(str(tmp_path) + "/") == (tmp_path.name, str(tmp_path) + "/")
-    assert api.order_models(["a=x", "b=y"], "b=y") == ["b=y", "a=x"]
-    assert api.order_models(["a=x"], "t=z") == ["t=z", "a=x"]
+    assert list(api.labelled(["a=x", "b=y"], "b=y").items()) == [("b", "y"), ("a", "x")]
+    assert list(api.labelled(["a=x"], "t=z").items()) == [("t", "z"), ("a", "x")]
+    with pytest.raises(WhelpError, match="unique"):
+        api.labelled(["a=x", "a=y"])
     with pytest.raises(WhelpError, match="stride"):
         api.EvalSpec(seq_len=8, stride=9)
 
 
+@pytest.mark.demo
 def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, monkeypatch):
     from typer.testing import CliRunner
 
     from whelp.cli import app
-    from whelp.models import save_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
-    dirs = [save_model(tiny_model(seed=s, vocab_size=len(demo_tokenizer), num_hidden_layers=n), demo_tokenizer,
-                       tmp_path / f"m{s}") for s, n in ((0, 2), (1, 1))]
+    dirs = [tmp_path / f"m{s}" for s in (0, 1)]
+    for s, n in ((0, 2), (1, 1)):
+        save_tiny(dirs[s], demo_tokenizer, seed=s, num_hidden_layers=n)
     licenses = str(whelp_data.LICENSES)
     args = ["eval", f"student={dirs[1]}", "--baseline", f"teacher={dirs[0]}", "--out", str(tmp_path / "out"),
             "--ppl", licenses, "--ppl", "pydoc:eval", "--max-tokens", "300", "--seq-len", "64",
@@ -199,9 +205,8 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
         raise AssertionError("re-measured a model whose results are cached")
 
     monkeypatch.setattr(api, "measure", fail)
-    spec = api.EvalSpec(**{**metrics["settings"], **{k: tuple(v) for k, v in metrics["settings"].items()
-                                                     if isinstance(v, list)}})
-    again = api.evaluate([f"teacher={dirs[0]}", f"student={dirs[1]}"], tmp_path / "out", spec, force=True)
+    spec = build(api.EvalSpec, metrics["settings"], "settings")
+    again = api.evaluate_to(tmp_path / "out", {"teacher": str(dirs[0]), "student": str(dirs[1])}, spec, force=True)
     assert all(m["reused"] for m in again["models"])
     assert [report.flat_metrics(m) for m in again["models"]] == flats
     assert "Reused from the cache: teacher, student." in (tmp_path / "out" / "report.md").read_text()
@@ -210,12 +215,10 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
 def test_eval_cache_key_follows_the_content_of_perplexity_files(tmp_path):
     import time
 
-    from conftest import tiny_model
-
     from whelp.evals.api import EvalSpec, cache_key
-    from whelp.models import save_model
 
-    model = save_model(tiny_model(), None, tmp_path / "m")
+    model = tmp_path / "m"
+    save_tiny(model)
     text = tmp_path / "ppl.txt"
     text.write_text("some text")
     spec = EvalSpec(ppl=(str(text),))

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, tiny_tokenizer
+from conftest import load_weights, max_diff, tiny_model, tiny_tokenizer
 
 from whelp.data import read_documents
-from whelp.distill import schedule
-from whelp.distill.loop import DistillSpec, distill
-from whelp.distill.run import run_dir
+from whelp.distillation import schedule
+from whelp.distillation.api import distill_run as distill
+from whelp.specs import DistillSpec, Schedule, parse_weighted
+from whelp.distillation.run import run_dir
 from whelp.errors import WhelpError
 
 SPEC = DistillSpec(data="pydoc:train", steps=6, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, warmup=2,
@@ -45,17 +46,6 @@ def make_models(root: Path) -> tuple[str, str, str]:
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     return make_models(tmp_path_factory.mktemp("models"))
-
-
-def load_weights(path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(Path(path) / "model.safetensors")
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def heldout_kl(student_dir, teacher_dir, blocks) -> float:
@@ -111,7 +101,7 @@ class Crash(Exception):
 
 def fail_at(monkeypatch, call: int, action):
     """Make the ``call``-th kd_loss call (1-based, one per micro-batch) run ``action(result)``."""
-    from whelp.distill import losses
+    from whelp.distillation import losses
 
     real, count = losses.kd_loss, {"n": 0}
 
@@ -225,17 +215,17 @@ def test_resume_refuses_other_data_settings_but_takes_a_lower_lr_after_nan(tiny_
 
 
 def test_teacher_weight_schedule_and_data_order():
-    linear = schedule.parse_schedule("linear:4")
+    linear = Schedule.parse("linear:4")
     assert schedule.teacher_weights(linear, (0.0, 1.0), 0) == (1.0, 0.0)
     assert schedule.teacher_weights(linear, (0.0, 1.0), 2) == (0.5, 0.5)
     assert schedule.teacher_weights(linear, (0.0, 1.0), 9) == (0.0, 1.0)
-    cosine = schedule.parse_schedule("cosine:10")
+    cosine = Schedule.parse("cosine:10")
     assert schedule.teacher_weights(cosine, (0.2, 0.8), 5) == pytest.approx((0.6, 0.4))
-    assert schedule.teacher_weights(schedule.parse_schedule("constant"), (0.3, 0.7), 50) == (0.3, 0.7)
+    assert schedule.teacher_weights(Schedule.parse("constant"), (0.3, 0.7), 50) == (0.3, 0.7)
     with pytest.raises(WhelpError, match="positive step count"):
-        schedule.parse_schedule("linear")
-    assert schedule.parse_weighted("pydoc:x:0.5") == ("pydoc:x", 0.5)
-    assert schedule.parse_weighted("/m/teacher") == ("/m/teacher", 1.0)
+        Schedule.parse("linear")
+    assert parse_weighted("pydoc:x:0.5") == ("pydoc:x", 0.5)
+    assert parse_weighted("/m/teacher") == ("/m/teacher", 1.0)
     # every block exactly once per epoch, epochs differ, wrap-around across the epoch boundary
     order = torch.cat([schedule.step_blocks(s, 10, 4, seed=0) for s in range(5)])
     assert sorted(order[:10].tolist()) == list(range(10)) and sorted(order[10:20].tolist()) == list(range(10))
@@ -245,7 +235,7 @@ def test_teacher_weight_schedule_and_data_order():
 
 def test_cached_teacher_matches_live_and_mixes(tiny_dirs, tmp_path):
     from whelp.data import open_blocks
-    from whelp.distill.cache import write_cache
+    from whelp.distillation.cache import write_cache
     from whelp.models import load_model
 
     teacher, teacher2, student = tiny_dirs
@@ -262,7 +252,7 @@ def test_cached_teacher_matches_live_and_mixes(tiny_dirs, tmp_path):
     report = distill(student, tmp_path / "mixed", spec, teachers=((teacher2, 0.5),),
                      caches=((str(tmp_path / "cache"), 0.5),), progress=False)
     assert set(report["final"]) >= {f"kl/{teacher2}", f"kl/{tmp_path / 'cache'}"}
-    with pytest.raises(WhelpError, match="holds other token blocks .*12 blocks of 32.* than --data pydoc:train"):
+    with pytest.raises(WhelpError, match="holds other token blocks .*12 blocks of 32.* than the data pydoc:train"):
         distill(student, tmp_path / "bad", replace(spec, seq_len=16), caches=((str(tmp_path / "cache"), 1.0),))
 
 
@@ -334,7 +324,7 @@ def test_resume_refuses_changed_data_and_damaged_checkpoint_weights(tiny_dirs, t
 
 
 def test_a_damaged_metrics_log_is_named(tmp_path):
-    from whelp.distill import metrics
+    from whelp.distillation import metrics
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1}\n{"step": 2,\n{"step": 3}\n')

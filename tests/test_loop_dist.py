@@ -10,21 +10,26 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_loop import SPEC, load_weights, make_models, max_diff
+from conftest import load_weights, max_diff
+from test_loop import SPEC, make_models
 
-from whelp.distill.loop import DistillSpec, distill
+from whelp.distillation.api import distill_run as distill
+from whelp.schema import to_dict
+from whelp.specs import DistillSpec
 
 pytestmark = pytest.mark.slow
 
 DRIVER = """
 import json, os, signal, sys
 from pathlib import Path
-from whelp.distill import losses
-from whelp.distill.loop import DistillSpec, distill
+from whelp.distillation import losses
+from whelp.distillation.api import distill_run as distill
+from whelp.specs import DistillSpec
+from whelp.schema import build
 from whelp.errors import WhelpError
 
 args = json.loads(sys.argv[1])
@@ -37,7 +42,7 @@ if args["sigint_at_call"]:
         return real(*a, **k)
     losses.kd_loss = wrapped
 try:
-    distill(args["student"], Path(args["out"]), DistillSpec(**args["spec"]),
+    distill(args["student"], Path(args["out"]), build(DistillSpec, args["spec"], "spec"),
             teachers=tuple(map(tuple, args["teachers"])), progress=False)
 except WhelpError as exc:
     print("WhelpError:", exc, flush=True)
@@ -47,7 +52,7 @@ except WhelpError as exc:
 def torchrun(tmp: Path, student: str, teachers, out: Path, spec: DistillSpec, sigint_at_call: int = 0) -> str:
     script = tmp / "driver.py"
     script.write_text(DRIVER)
-    args = json.dumps({"student": student, "teachers": teachers, "out": str(out), "spec": asdict(spec),
+    args = json.dumps({"student": student, "teachers": teachers, "out": str(out), "spec": to_dict(spec),
                        "sigint_at_call": sigint_at_call})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from whelp.distill.losses import LOSSES, LiveTarget, LossSpec, SparseTarget, kd_loss
+from whelp.distillation.losses import LOSSES, LiveTarget, LossSpec, SparseTarget, kd_loss
 from whelp.errors import WhelpError
 
 N, HS, HT, V = 21, 16, 24, 300
@@ -188,7 +188,7 @@ def test_topk_with_k_equal_v_is_dense_and_smaller_k_uses_a_tail_bucket(name):
 
 
 def test_sampled_estimator_is_unbiased():
-    from whelp.distill.cache import sparse_targets
+    from whelp.distillation.cache import sparse_targets
 
     h, w, teachers, _, _ = make(n_teachers=1, n=6)
     t_logits = teachers[0].hidden @ teachers[0].weight.T
@@ -281,9 +281,9 @@ def test_closed_form_gradient_equals_fp64_autograd(spec):
     and a full-vocabulary top-k target (plus a sampled one and two live teachers under forward KL) on the same
     rows, CE labels with an ignored row, and
     a peaked row whose top-k holds all but ~1e-30 of the student mass (the tail is summed, not 1 - listed)."""
-    from whelp.distill.cache import sparse_targets
-    from whelp.distill.losses import _autograd_chunk
-    from whelp.distill.closed_form import closed_form_chunk
+    from whelp.distillation.cache import sparse_targets
+    from whelp.distillation.losses import _autograd_chunk
+    from whelp.distillation.closed_form import closed_form_chunk
 
     g = torch.Generator().manual_seed(1)
     z = torch.randn(9, V, generator=g) * 3

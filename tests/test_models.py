@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,14 +11,8 @@ import torch
 from conftest import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
-from whelp import models
+from whelp import models, registry
 from whelp.errors import WhelpError
-
-# The reference configs of DESIGN.md section 2 in ../shared/configs beside the checkout (or shared/ inside
-# it); whelp ships identical copies (whelp/configs), which test_shipped_configs_match_the_shared_ones checks.
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = next((p for p in (ROOT.parent / "shared" / "configs", ROOT / "shared" / "configs") if p.exists()),
-              models.CONFIGS_DIR)
 
 EXACT = {
     "llama-3.1-8b": 8_030_261_248,
@@ -25,21 +20,32 @@ EXACT = {
     "llama-3.2-3b": 3_212_749_824,
     "llama-3.2-1b": 1_235_814_400,
 }
+# sha256 of each reference config of docs/design.md section 2 (its JSON with sorted keys), taken from the copies the
+# project was given: the shipped ones (whelp/configs) must stay exactly those
+REFERENCE_SHA256 = {
+    "llama-3.1-8b": "1262452fc8b4de25727c884a28e42b45a69f8e9bbb0ce11f035940b6ccf3c60c",
+    "llama-3.1-70b": "5eee1399af0a1db7a3283a3507d6bde77cebeeb794167019dfc1e0bca9e3e5f4",
+    "llama-3.2-3b": "7f8e5828a52aa802c324e7567bf7bc2d3e95088440ef116dfd50ce55cf8f9e5e",
+    "llama-3.2-1b": "2606deffa9c89a12f3ffdcb8c7cbfea7f36f6d8546edabc1e715e56e9d45df3a",
+}
 
 
 @pytest.mark.parametrize("name", sorted(EXACT))
 def test_count_params_matches_published_llama_sizes(name):
-    config = models.load_config(str(SHARED / f"{name}.json"))
+    config = models.load_config(str(models.CONFIGS_DIR / f"{name}.json"))
     total, non_embedding = models.count_params(config)
     assert total == EXACT[name]
     embed = config.vocab_size * config.hidden_size
     assert non_embedding == total - embed * (1 if config.tie_word_embeddings else 2)
 
 
-def test_shipped_configs_match_the_shared_ones():
-    for name in EXACT:
-        assert json.loads((models.CONFIGS_DIR / f"{name}.json").read_text()) == json.loads(
-            (SHARED / f"{name}.json").read_text())
+def test_shipped_configs_are_the_published_references_and_load_by_name():
+    assert models.known_configs() == sorted(EXACT)
+    for name, digest in REFERENCE_SHA256.items():
+        data = json.loads((models.CONFIGS_DIR / f"{name}.json").read_text())
+        assert hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest() == digest, name
+        by_name, by_path = models.load_config(name), models.load_config(str(models.CONFIGS_DIR / f"{name}.json"))
+        assert by_name.to_dict() == by_path.to_dict()
 
 
 def test_count_params_equals_instantiated_model_and_counts_tied_once():
@@ -113,19 +119,20 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
     d = _pickle_checkpoint(tmp_path)
     with pytest.raises(WhelpError, match="pickle.*--allow-pickle"):
         models.load_model(str(d))
-    with pytest.raises(WhelpError, match="pickle"):
-        models.resolve(str(d / "pytorch_model.bin"))
-    model = models.resolve(str(d), allow_pickle=True)
-    assert model == str(d)
+    with pytest.raises(WhelpError, match="pickle checkpoint file; pass the model directory"):
+        models.locate(str(d / "pytorch_model.bin"))
+    with pytest.raises(WhelpError, match="only pickle weights"):
+        models.check_weights(models.locate(str(d)), models.LoadPolicy())
+    models.check_weights(models.locate(str(d)), models.LoadPolicy(allow_pickle=True))
 
 
-def test_command_line_opt_in_loads_a_trusted_pickle_checkpoint(tmp_path, monkeypatch, demo_tokenizer):
+@pytest.mark.demo
+def test_the_policy_opt_in_loads_a_trusted_pickle_checkpoint(tmp_path, demo_tokenizer):
     d = _pickle_checkpoint(tmp_path)
     demo_tokenizer.save_pretrained(d)
     with pytest.raises(WhelpError, match="pickle"):
         models.load_model(str(d))
-    monkeypatch.setenv("WHELP_ALLOW_PICKLE", "1")  # what `whelp --allow-pickle VERB ...` sets
-    model, _ = models.load_model(str(d))
+    model, _ = models.load_model(str(d), policy=models.LoadPolicy(allow_pickle=True))
     reference = tiny_model().state_dict()
     assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
 
@@ -160,13 +167,13 @@ def test_demo_teacher_inspect_numbers(demo_dir):
         "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "num_attention_heads": 9,
         "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
     source = json.loads((demo_dir / "whelp_source.json").read_text())
-    assert source["gguf_sha256"] == models.REGISTRY["smollm2-135m"].gguf_sha256
+    assert source["gguf_sha256"] == registry.REGISTRY["smollm2-135m"].gguf_sha256
 
 
 @pytest.mark.demo
 @pytest.mark.slow
 def test_demo_conversion_reproduces_gguf_logits(demo, demo_dir):
-    gguf_model, gguf_tokenizer = models.load_gguf(models.fetch_gguf("smollm2-135m"))
+    gguf_model, gguf_tokenizer = registry.load_gguf(registry.fetch_gguf("smollm2-135m"))
     model, tokenizer = demo
     ids = tokenizer("Knowledge distillation trains a small model", return_tensors="pt").input_ids
     assert ids.tolist() == gguf_tokenizer("Knowledge distillation trains a small model", return_tensors="pt").input_ids.tolist()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import logits, save_tiny, tiny_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -16,18 +16,15 @@ from typer.testing import CliRunner
 from whelp import data, models
 from whelp.cli import app
 from whelp.errors import WhelpError
-from whelp.prune import api, arch, importance, surgery
-from whelp.prune.api import PruneSpec, prune_checkpoint
+from whelp.pruning import arch, importance, surgery
+from whelp.pruning import scores as saved
+from whelp.pruning.api import prune_checkpoint
+from whelp.specs import PruneSpec
 
 FAMILIES = tuple(arch.FAMILIES)
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64, "rope_theta": 10000.0}
-
-
-def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def pruned(model, keep, rope=None):
@@ -50,7 +47,7 @@ def test_noop_prune_reproduces_logits_exactly(family):
     model = tiny_model(family)
     scores = importance.calibrate(model, arch.family_of(model.config), IDS, "activation")
     keep = importance.select(scores, model.config, models.shape(model.config))
-    assert torch.equal(logits(pruned(model, keep)), logits(model))
+    assert torch.equal(logits(pruned(model, keep), IDS), logits(model, IDS))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,7 +65,7 @@ def test_pruning_heads_groups_and_neurons_equals_zeroing_them(family):
             layer.self_attn.o_proj.weight[:, complement(6 * d, kept_cols)] = 0
             layer.mlp.down_proj.weight[:, complement(96, mlp[i])] = 0
     assert small.config.num_attention_heads == 2 and small.config.num_key_value_heads == 2
-    torch.testing.assert_close(logits(small), logits(zeroed), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(small, IDS), logits(zeroed, IDS), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family,rope", [("llama", None), ("llama", LLAMA3_ROPE), ("mistral", None), ("qwen2", None)])
@@ -86,7 +83,7 @@ def test_rope_exact_head_dim_equals_attention_restricted_to_kept_dims(family, ro
                     proj.bias[dropped.flatten()] = 0
     small = pruned(model, with_keep(model, head_dims=kept))
     assert small.config.head_dim == 4
-    torch.testing.assert_close(logits(small), logits(restricted), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(small, IDS), logits(restricted, IDS), rtol=1e-5, atol=1e-5)
 
 
 def test_qwen3_head_dim_scale_goes_into_q_norm():
@@ -107,7 +104,7 @@ def test_dropping_a_layer_equals_skipping_it_and_matches_skip_loss():
     small = pruned(model, with_keep(model, layers=(0, 2), mlp=surgery.identity_keep(model.config).mlp[:2],
                                     kv_heads=surgery.identity_keep(model.config).kv_heads[:2],
                                     q_heads=surgery.identity_keep(model.config).q_heads[:2]))
-    torch.testing.assert_close(logits(small), logits(skipped), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(small, IDS), logits(skipped, IDS), rtol=1e-5, atol=1e-5)
     losses = importance.skip_losses(model, IDS, batch_size=2)
     with torch.no_grad():
         base = model(input_ids=IDS, labels=IDS).loss
@@ -165,20 +162,15 @@ def test_select_keeps_top_scores_per_group_with_equal_counts():
     assert keep.kv_heads[0].tolist() == [1, 2] and keep.q_heads[0].tolist() == [[0], [0]]
 
 
-def save_tiny(family, path, tokenizer, seed=0, **overrides):
-    model = tiny_model(family, seed=seed, vocab_size=len(tokenizer), **overrides)
-    models.save_model(model, tokenizer, path)
-    return model
-
-
 ALL_AXES = ("hidden_size=48,num_hidden_layers=1,intermediate_size=64,num_attention_heads=2,num_key_value_heads=1,"
             "head_dim=8,tie_word_embeddings=true")
 
 
+@pytest.mark.demo
 @pytest.mark.parametrize("family", FAMILIES)
 def test_checkpoint_loads_in_stock_transformers_with_identical_logits(family, tmp_path, demo_tokenizer, monkeypatch):
-    monkeypatch.setattr(api, "scores_cache", lambda: tmp_path / "cache")
-    teacher = save_tiny(family, tmp_path / "teacher", demo_tokenizer)
+    monkeypatch.setattr(saved, "cache_path", lambda meta, real=saved.cache_path: tmp_path / "cache" / real(meta).name)
+    teacher = save_tiny(tmp_path / "teacher", demo_tokenizer, family=family)
     spec = PruneSpec(calib_samples=2, seq_len=16, tie="mean")
     report = prune_checkpoint(str(tmp_path / "teacher"), ALL_AXES, tmp_path / "out", spec)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
@@ -188,7 +180,7 @@ def test_checkpoint_loads_in_stock_transformers_with_identical_logits(family, tm
                         q_heads=tuple(map(torch.tensor, kept["q_heads"])), head_dims=torch.tensor(kept["head_dims"]),
                         tie="mean")
     in_memory = pruned(teacher, keep)
-    assert torch.equal(logits(loaded), logits(in_memory))
+    assert torch.equal(logits(loaded, IDS), logits(in_memory, IDS))
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(loaded.config).state_dict().items()}
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
@@ -202,9 +194,10 @@ def test_checkpoint_loads_in_stock_transformers_with_identical_logits(family, tm
     assert json.loads((tmp_path / "out" / "prune_report.json").read_text())["kept"] == kept
 
 
+@pytest.mark.demo
 def test_second_prune_reuses_scores_and_mismatched_scores_are_refused(tmp_path, demo_tokenizer, monkeypatch):
-    monkeypatch.setattr(api, "scores_cache", lambda: tmp_path / "cache")
-    save_tiny("llama", tmp_path / "teacher", demo_tokenizer)
+    monkeypatch.setattr(saved, "cache_path", lambda meta, real=saved.cache_path: tmp_path / "cache" / real(meta).name)
+    save_tiny(tmp_path / "teacher", demo_tokenizer, family="llama")
     spec = PruneSpec(calib_samples=2, seq_len=16)
     first = prune_checkpoint(str(tmp_path / "teacher"), "intermediate_size=64", tmp_path / "a", spec)
     assert not first["scores_reused"]
@@ -215,11 +208,11 @@ def test_second_prune_reuses_scores_and_mismatched_scores_are_refused(tmp_path, 
     monkeypatch.setattr(importance, "calibrate", no_calibration)
     second = prune_checkpoint(str(tmp_path / "teacher"), "num_hidden_layers=1", tmp_path / "b", spec)
     assert second["scores_reused"] and second["calibration"]["fingerprint"] == first["calibration"]["fingerprint"]
-    other = PruneSpec(calib_samples=1, seq_len=16, scores=str(tmp_path / "a" / api.SCORES_FILE))
+    other = PruneSpec(calib_samples=1, seq_len=16, scores=str(tmp_path / "a" / saved.SCORES_FILE))
     with pytest.raises(WhelpError, match="was computed with fingerprint="):
         prune_checkpoint(str(tmp_path / "teacher"), "num_hidden_layers=1", tmp_path / "c", other)
-    save_tiny("llama", tmp_path / "other", demo_tokenizer, seed=5)
-    foreign = PruneSpec(calib_samples=2, seq_len=16, scores=str(tmp_path / "a" / api.SCORES_FILE))
+    save_tiny(tmp_path / "other", demo_tokenizer, family="llama", seed=5)
+    foreign = PruneSpec(calib_samples=2, seq_len=16, scores=str(tmp_path / "a" / saved.SCORES_FILE))
     cached = sorted((tmp_path / "cache").iterdir())
     with pytest.raises(WhelpError, match="computed with another teacher"):
         prune_checkpoint(str(tmp_path / "other"), "num_hidden_layers=1", tmp_path / "d", foreign)
@@ -233,9 +226,10 @@ def test_second_prune_reuses_scores_and_mismatched_scores_are_refused(tmp_path, 
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.demo
 def test_cli_prune_writes_checkpoint_and_report(tmp_path, demo_tokenizer, monkeypatch):
-    monkeypatch.setattr(api, "scores_cache", lambda: tmp_path / "cache")
-    save_tiny("qwen2", tmp_path / "teacher", demo_tokenizer)
+    monkeypatch.setattr(saved, "cache_path", lambda meta, real=saved.cache_path: tmp_path / "cache" / real(meta).name)
+    save_tiny(tmp_path / "teacher", demo_tokenizer, family="qwen2")
     result = CliRunner().invoke(app, ["prune", str(tmp_path / "teacher"), "--target", "num_attention_heads=2",
                                       "--out", str(tmp_path / "out"), "--importance", "random",
                                       "--layer-importance", "loss", "--calib-samples", "2", "--seq-len", "16"])
@@ -245,11 +239,12 @@ def test_cli_prune_writes_checkpoint_and_report(tmp_path, demo_tokenizer, monkey
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_attention_heads == 2
 
 
+@pytest.mark.demo
 @pytest.mark.slow
 def test_demo_teacher_pruned_to_preset_keeps_finite_perplexity(demo_dir, demo_tokenizer, tmp_path, monkeypatch):
     from whelp.evals.perplexity import perplexity
 
-    monkeypatch.setattr(api, "scores_cache", lambda: tmp_path / "cache")
+    monkeypatch.setattr(saved, "cache_path", lambda meta, real=saved.cache_path: tmp_path / "cache" / real(meta).name)
     spec = PruneSpec(calib_samples=4, seq_len=128)
     report = prune_checkpoint(str(demo_dir), "smollm2-half", tmp_path / "half", spec)
     assert report["shape"]["target"]["num_hidden_layers"] == 24 and report["path"] == "in-memory"

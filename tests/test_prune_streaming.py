@@ -1,4 +1,4 @@
-"""Streaming pruning (whelp/prune/streaming.py) against in-memory pruning, and its failure modes."""
+"""Streaming pruning (whelp/pruning/streaming.py) against in-memory pruning, and its failure modes."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from whelp.errors import WhelpError
 from whelp.models import save_model
-from whelp.prune import shards, streaming
-from whelp.prune.arch import family_of
-from whelp.prune.importance import calibrate, select
-from whelp.prune.surgery import prune_model, target_config
-from whelp.prune.targets import parse_target
+from whelp.pruning import shards, streaming
+from whelp.pruning.arch import family_of
+from whelp.pruning.importance import calibrate, select
+from whelp.pruning.surgery import prune_model, target_config
+from whelp.pruning.targets import parse_target
 
 # depth 4 -> 3, hidden 64 -> 48, MLP 128 -> 96, KV groups 2 -> 1 with 1 of 2 query heads, head_dim 16 -> 8, tied
 TARGET = ("num_hidden_layers=3,hidden_size=48,intermediate_size=96,num_attention_heads=1,"
@@ -171,9 +171,10 @@ def test_should_stream_compares_weights_with_available_memory(sharded, monkeypat
     assert not streaming.should_stream(src / "no-such-dir", torch.float32)  # a hub id: loaded in memory
 
 
+@pytest.mark.demo
 def test_prune_checkpoint_stream_and_in_memory_write_the_same_checkpoint(tmp_path, demo_tokenizer, monkeypatch):
     """The user-level path (api.prune_checkpoint) with --stream and without, on the same calibration blocks."""
-    from whelp.prune.api import PruneSpec, prune_checkpoint
+    from whelp.pruning.api import PruneSpec, prune_checkpoint
 
     monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))  # a fresh score cache: both runs calibrate
     model = tiny_model(num_hidden_layers=4, vocab_size=len(demo_tokenizer))

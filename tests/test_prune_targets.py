@@ -7,20 +7,26 @@ import re
 
 import pytest
 import torch
+from conftest import run_cli
 from typer.testing import CliRunner
 
 from whelp import models
 from whelp.cli import app
 from whelp.errors import WhelpError
-from whelp.prune.surgery import rope_exact_dims, target_config
-from whelp.prune.targets import PRESETS, first_keep, parse_target, plan_target
+from whelp.models import CONFIGS_DIR
+from whelp.pruning.surgery import rope_exact_dims, target_config
+from whelp.pruning.targets import PRESETS, first_keep, parse_target, plan_target
 
-CONFIGS = "/work/shared/configs"
+
+
+def reference(name: str) -> str:
+    """Path of a shipped reference config (whelp/configs/NAME.json, docs/design.md section 2)."""
+    return str(CONFIGS_DIR / f"{name}.json")
 
 
 @pytest.fixture(scope="module")
 def llama8b():
-    return models.load_config(f"{CONFIGS}/llama-3.1-8b.json")
+    return models.load_config(reference("llama-3.1-8b"))
 
 
 @pytest.mark.parametrize("preset,params", [("llama-3.2-1b", 1_235_814_400), ("llama-3.2-3b", 3_212_749_824)])
@@ -28,12 +34,12 @@ def test_plan_llama_presets_match_published_counts(llama8b, preset, params):
     result = plan_target(llama8b, preset)
     assert result["source"]["params"] == 8_030_261_248
     assert result["target"]["params"] == params
-    published = models.shape(models.load_config(f"{CONFIGS}/{preset}.json"))
+    published = models.shape(models.load_config(reference(preset)))
     assert {k: result["target"][k] for k in models.SHAPE_KEYS} == published
 
 
 def test_config_file_target_equals_preset(llama8b):
-    from_file = parse_target(llama8b, f"{CONFIGS}/llama-3.2-3b.json")
+    from_file = parse_target(llama8b, reference("llama-3.2-3b"))
     assert from_file.shape == PRESETS["llama-3.2-3b"][0]
     assert from_file.rope_parameters["factor"] == 32.0
 
@@ -45,6 +51,7 @@ def test_rope_policy_teacher_keeps_factor_8_target_takes_32(llama8b):
     assert target_config(llama8b, keep, parsed.rope_parameters).rope_parameters["factor"] == 32.0
 
 
+@pytest.mark.demo
 def test_demo_presets_halve_and_quarter_non_embedding_params(demo_dir):
     source = models.load_config(str(demo_dir))
     _, non_embedding = models.count_params(source)
@@ -81,7 +88,7 @@ def test_validation_names_key_and_range(llama8b, spec, message):
 
 
 def test_untying_a_tied_teacher_is_refused():
-    tied = models.load_config(f"{CONFIGS}/llama-3.2-3b.json")
+    tied = models.load_config(reference("llama-3.2-3b"))
     with pytest.raises(WhelpError, match="tie_word_embeddings=false but the teacher is tied"):
         parse_target(tied, "tie_word_embeddings=false")
 
@@ -93,7 +100,7 @@ def test_rope_exact_dims_keep_every_s_th_frequency_pair():
 
 
 def test_cli_plan_json(tmp_path):
-    result = CliRunner().invoke(app, ["plan", f"{CONFIGS}/llama-3.1-8b.json", "--target", "llama-3.2-1b", "--json"])
+    result = CliRunner().invoke(app, ["plan", reference("llama-3.1-8b"), "--target", "llama-3.2-1b", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert set(data) == {"source", "target"}
@@ -101,9 +108,8 @@ def test_cli_plan_json(tmp_path):
     assert data["target"]["params"] == 1_235_814_400 and data["target"]["head_dim"] == 64
 
 
-def test_cli_plan_reports_validation_error_in_one_line(capsys):
-    with pytest.raises(SystemExit) as exited:
-        app(["plan", f"{CONFIGS}/llama-3.1-8b.json", "--target", "hidden_size=9999"])
-    err = capsys.readouterr().err
-    assert exited.value.code == 2
+def test_cli_plan_reports_validation_error_in_one_line():
+    done = run_cli("plan", reference("llama-3.1-8b"), "--target", "hidden_size=9999")
+    assert done.exit_code == 2 and done.stdout == ""
+    err = done.stderr
     assert err.count("\n") == 1 and "hidden_size=9999 is out of range: must be an integer in 1..4096" in err

@@ -13,7 +13,7 @@ from conftest import tiny_tokenizer
 
 from whelp import data
 from whelp.data import tokenstore
-from whelp.distill import schedule
+from whelp.distillation import schedule
 from whelp.errors import WhelpError
 
 
@@ -168,15 +168,14 @@ def test_ranks_read_disjoint_slices_that_cover_each_global_batch_and_epochs_diff
 
 
 def test_cli_tokenize_then_plan_counts_the_store(tok, corpus, tmp_path):
-    from conftest import tiny_model
+    from conftest import save_tiny
     from typer.testing import CliRunner
 
     from whelp.cli import app
     from whelp.plan import data_plan
 
     model_dir = tmp_path / "m"
-    tiny_model().save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    save_tiny(model_dir, tok)
     args = ["tokenize", str(corpus), "--tokenizer", str(model_dir), "--out", str(tmp_path / "s"), "--num-proc", "2"]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output

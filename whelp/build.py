@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from whelp import store
 from whelp.data import data_identity, source_identity
 from whelp.errors import WhelpError
-from whelp.recipe import TEACHER, Recipe, dump
+from whelp.recipe import Recipe, dump
 from whelp.schema import to_dict
+from whelp.specs import TEACHER, LoadPolicy
 
 
 @dataclass(frozen=True)
@@ -55,71 +56,67 @@ def _teacher_path(model: str, recipe: Recipe) -> str:
     return recipe.teacher.model if model == TEACHER else model
 
 
-def _prune_stage(step, source: str, key_in: str, n: int) -> Stage:
-    from whelp.prune.api import prune_checkpoint
+def _prune_stage(step, source: str, key_in: str, n: int, policy: LoadPolicy) -> Stage:
+    from whelp.pruning.api import prune_checkpoint
 
     key = _key("prune", to_dict(step), data_identity(step.options.calib), key_in)
     return Stage(f"{n:02d}-prune", "prune", key, lambda out, force: prune_checkpoint(
-        source, step.target, out, step.options, force=force, stage_key=key))
+        source, step.target, out, step.options, force=force, stage_key=key, policy=policy))
 
 
-def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int) -> Stage:
-    from whelp.distill.cache import cache_teacher
+def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, policy: LoadPolicy) -> Stage:
+    from whelp.distillation.cache import cache_teacher
 
     teacher = _teacher_path(ref.model, recipe)
-    spec = step.options
-    key = _key("cache", to_dict(ref), source_identity(teacher), data_identity(spec.data), spec.seq_len,
-               spec.max_tokens, recipe.teacher.dtype, key_in)
+    spec = replace(ref.spec(step.options), dtype=recipe.teacher.dtype)
+    key = _key("cache", to_dict(ref), source_identity(teacher), data_identity(step.options.data), to_dict(spec),
+               key_in)
     return Stage(f"{n:02d}-cache-{j}", "cache", key, lambda out, force: cache_teacher(
-        teacher, spec.data, out, mode=ref.mode, k=ref.k, temperature=ref.temperature, seq_len=spec.seq_len,
-        max_tokens=spec.max_tokens, dtype=recipe.teacher.dtype, force=force, stage_key=key))
+        teacher, step.options.data, out, spec, force=force, stage_key=key, policy=policy))
 
 
-def _distill_stage(step, student: str, recipe: Recipe, caches: list[Path], keys: list[str], n: int) -> Stage:
-    from whelp.distill.loop import distill
+def _distill_stage(step, student: str, recipe: Recipe, caches: list[Path], keys: list[str], n: int,
+                   policy: LoadPolicy) -> Stage:
+    from whelp.distillation.api import distill_run
 
     teachers = tuple((_teacher_path(t.model, recipe), t.weight) for t in step.teachers)
     cached = tuple((str(path), ref.weight) for path, ref in zip(caches, step.caches))
     data = [data_identity(step.options.data), data_identity(step.options.eval_data)]
     key = _key("distill", to_dict(step), [(source_identity(t), w) for t, w in teachers], data, keys)
-    return Stage(f"{n:02d}-distill", "distill", key, lambda out, force: distill(
-        student, out, step.options, teachers=teachers, caches=cached, force=force, stage_key=key))
+    return Stage(f"{n:02d}-distill", "distill", key, lambda out, force: distill_run(
+        student, out, step.options, teachers=teachers, caches=cached, force=force, stage_key=key, policy=policy))
 
 
-def plan_stages(recipe: Recipe, out: Path) -> tuple[list[Stage], list[tuple[str, Path]]]:
-    """The stages in run order, and the ``(label, directory)`` of every model the report compares."""
+def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) -> tuple[list[Stage], dict[str, Path]]:
+    """The stages in run order, and ``{label: directory}`` of every model the report compares."""
     stages_dir = out / "stages"
-    models = [("teacher", Path(recipe.teacher.model))]
+    models = {"teacher": Path(recipe.teacher.model)}
     current = recipe.teacher.model
     key = _key("teacher", source_identity(recipe.teacher.model), recipe.teacher.dtype)
-    counts = {"prune": len(recipe.prune), "distill": len(recipe.distill)}
     stages: list[Stage] = []
-    for kind, step in recipe.stages():
-        index = sum(1 for s in stages if s.kind == kind)
-        label = "distilled" if kind == "distill" else "pruned"
-        label = label if counts[kind] == 1 else f"{label}-{index + 1}"
-        if kind == "prune":
-            stages.append(_prune_stage(step, current, key, len(stages) + 1))
+    for ref in recipe.stages():
+        if ref.kind == "prune":
+            stages.append(_prune_stage(ref.step, current, key, len(stages) + 1, policy))
         else:
             caches, keys = [], [key]
-            for j, ref in enumerate(step.caches):
-                stages.append(_cache_stage(ref, recipe, step, key, len(stages) + 1, j))
+            for j, cache in enumerate(ref.step.caches):
+                stages.append(_cache_stage(cache, recipe, ref.step, key, len(stages) + 1, j, policy))
                 caches.append(stages_dir / stages[-1].dirname)
                 keys.append(stages[-1].key)
-            stages.append(_distill_stage(step, current, recipe, caches, keys, len(stages) + 1))
+            stages.append(_distill_stage(ref.step, current, recipe, caches, keys, len(stages) + 1, policy))
         key, current = stages[-1].key, str(stages_dir / stages[-1].dirname)
-        models.append((label, Path(current)))
+        models[ref.label] = Path(current)
     return stages, models
 
 
-def _eval_stage(recipe: Recipe, models: list[tuple[str, Path]], keys: list[str], n: int) -> Stage:
-    from whelp.evals.api import evaluate
+def _eval_stage(recipe: Recipe, models: dict[str, Path], keys: list[str], n: int, policy: LoadPolicy) -> Stage:
+    from whelp.evals.api import evaluate_to
 
-    args = [f"{label}={path}" for label, path in models]
     key = _key("eval", to_dict(recipe.eval), [data_identity(s) for s in recipe.eval.ppl], keys,
                source_identity(recipe.teacher.model))
-    return Stage(f"{n:02d}-eval", "eval", key, lambda out, force: evaluate(
-        args, out, recipe.eval, force=force, stage_key=key))
+    named = {label: str(path) for label, path in models.items()}
+    return Stage(f"{n:02d}-eval", "eval", key, lambda out, force: evaluate_to(
+        out, named, recipe.eval, force=force, stage_key=key, policy=policy))
 
 
 def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, models, key: str) -> None:
@@ -128,7 +125,7 @@ def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, model
     from whelp.card import model_card
 
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    lineage = [{"label": label, "path": str(path), "report": _stage_report(path)} for label, path in models]
+    lineage = [{"label": label, "path": str(path), "report": _stage_report(path)} for label, path in models.items()]
     with store.atomic_dir(out / "final", force=True, kind="model", stage_key=key) as tmp:
         for item in student.iterdir():
             if item.is_file() and item.name != store.MARKER:
@@ -156,7 +153,7 @@ def done(stage: Stage, stage_dir: Path) -> bool:
         return False
     if stage.kind != "cache":  # prune, distill and eval outputs are committed whole, marker included
         return True
-    from whelp.distill.cache import MANIFEST
+    from whelp.distillation.cache import MANIFEST
 
     try:
         manifest = store.read_record(stage_dir / MANIFEST, "")
@@ -206,7 +203,8 @@ def _remove_unused(stages_dir: Path, stages: list[Stage]) -> None:
     store.clean_stale(stages_dir)
 
 
-def build(recipe: Recipe, out: str | Path | None = None, force: bool = False) -> Path:
+def build(recipe: Recipe, out: str | Path | None = None, force: bool = False,
+          policy: LoadPolicy = LoadPolicy()) -> Path:
     """Run every stage not already done with the same inputs; return the ``final/`` directory.
 
     ``force`` runs every stage again; each output (only ever whelp's own) is replaced when its new version is
@@ -217,8 +215,8 @@ def build(recipe: Recipe, out: str | Path | None = None, force: bool = False) ->
     stages_dir = out / "stages"
     stages_dir.mkdir(exist_ok=True)
     store.inside(out, stages_dir, "the stages directory")
-    stages, models = plan_stages(recipe, out)
-    stages.append(_eval_stage(recipe, models, [s.key for s in stages], len(stages) + 1))
+    stages, models = plan_stages(recipe, out, policy)
+    stages.append(_eval_stage(recipe, models, [s.key for s in stages], len(stages) + 1, policy))
     final_key = _key("final", stages[-1].key, dump(recipe))
     console, ran = _console(), False
     for stage in stages:
@@ -239,7 +237,7 @@ def build(recipe: Recipe, out: str | Path | None = None, force: bool = False) ->
     final = out / "final"
     found = store.marker(final)
     if ran or force or found is None or found.get("stage_key") != final_key:
-        _write_final(recipe, out, models[-1][1], stages_dir / stages[-1].dirname, models, final_key)
+        _write_final(recipe, out, list(models.values())[-1], stages_dir / stages[-1].dirname, models, final_key)
         _remove_unused(stages_dir, stages)
         console.print(f"[green]done[/]: {final}")
     else:

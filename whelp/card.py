@@ -12,11 +12,12 @@ from pathlib import Path
 
 from whelp import models
 from whelp.recipe import Recipe
+from whelp.registry import REGISTRY
 
 
 def _hub_id(model: str) -> str | None:
-    if model in models.REGISTRY:
-        return models.REGISTRY[model].hub_id
+    if model in REGISTRY:
+        return REGISTRY[model].hub_id
     return model if model.count("/") == 1 and not Path(model).exists() else None
 
 
@@ -26,7 +27,7 @@ def _card_data(recipe: Recipe, metrics: dict, student: dict):
     results = [EvalResult(task_type="text-generation", dataset_type=source, dataset_name=source,
                           metric_type="perplexity", metric_value=round(value["ppl"], 4))
                for source, value in student["perplexity"].items()]
-    entry = models.REGISTRY.get(recipe.teacher.model)
+    entry = REGISTRY.get(recipe.teacher.model)
     return ModelCardData(model_name=recipe.name, library_name="transformers", pipeline_tag="text-generation",
                          license=entry.license.lower() if entry else None, base_model=_hub_id(recipe.teacher.model),
                          tags=["whelp", "pruning", "knowledge-distillation"], eval_results=results or None)
@@ -44,20 +45,19 @@ def _shapes_table(lineage: list[dict], final_dir: Path) -> list[str]:
     return rows
 
 
-def _lineage(recipe: Recipe, lineage: list[dict]) -> list[str]:
+def _lineage(recipe: Recipe) -> list[str]:
     lines = [f"1. **teacher**: `{recipe.teacher.model}`"]
-    kinds = iter(recipe.stages())
-    for item in lineage[1:]:
-        kind, step = next(kinds)
-        if kind == "prune":
-            lines.append(f"1. **{item['label']}**: pruned to `{step.target}` with {step.options.importance} "
+    for ref in recipe.stages():
+        step = ref.step
+        if ref.kind == "prune":
+            lines.append(f"1. **{ref.label}**: pruned to `{step.target}` with {step.options.importance} "
                          f"importance ({step.options.layer_importance} for depth), calibrated on "
                          f"`{step.options.calib}` ({step.options.calib_samples} x {step.options.seq_len} tokens)")
         else:
             teachers = ", ".join(f"`{t.model}` (w={t.weight:g})" for t in step.teachers)
             caches = ", ".join(f"`{c.model}` cached {c.mode}-{c.k} (w={c.weight:g})" for c in step.caches)
             budget = f"{step.options.steps} steps" if step.options.steps else f"{step.options.max_tokens:,} tokens"
-            lines.append(f"1. **{item['label']}**: distilled on `{step.options.data}` for {budget} with "
+            lines.append(f"1. **{ref.label}**: distilled on `{step.options.data}` for {budget} with "
                          f"{step.options.loss} (T={step.options.temperature:g}) from {', '.join(filter(None, [teachers, caches]))}")
     return lines
 
@@ -72,7 +72,7 @@ def model_card(recipe: Recipe, metrics: dict, lineage: list[dict], final_dir: Pa
     body = [f"# {recipe.name}", "", recipe.description or "A student model built with whelp.", "",
             "Built with whelp (structured pruning + knowledge distillation) from the resolved recipe in "
             "`recipe.yaml`; `whelp build recipe.yaml` reproduces it.", "",
-            "## Lineage", "", *_lineage(recipe, lineage), "",
+            "## Lineage", "", *_lineage(recipe), "",
             "## Shapes", "", *_shapes_table(lineage, final_dir), "",
             "## Data", "", f"- calibration: `{recipe.data.calib}`", f"- training: `{recipe.data.train}`",
             f"- evaluation: `{recipe.data.eval}`", f"- sequence length: {recipe.data.seq_len}", "",

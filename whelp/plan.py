@@ -2,7 +2,7 @@
 
 Per stage: shapes and parameters (from configs on the meta device; no weights), training FLOPs per
 token (6 N for the student's forward + backward, 2 N per live teacher's forward: Kaplan et al. 2020,
-with N the total parameters including embeddings as DESIGN.md section 4 counts the 70B's 141
+with N the total parameters including embeddings as docs/design.md section 4 counts the 70B's 141
 GFLOP/token), tokens, cache bytes, and peak memory estimates:
   student training = N * (4 fp32 weights + 4 grads + 8 AdamW moments) bytes,
   live teachers    = N_t * bytes of the teacher dtype,
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.recipe import TEACHER, Recipe
+from whelp.recipe import Recipe
+from whelp.registry import REGISTRY
+from whelp.specs import TEACHER
 
 TRAIN_BYTES_PER_PARAM = 16
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -32,8 +34,8 @@ def teacher_config(recipe: Recipe):
 
 
 def cache_bytes_per_token(mode: str, k: int, vocab: int) -> int:
-    """Bytes one cached token takes (whelp.distill.cache layout: int32 token, packed entries, fp16 tail/entropy)."""
-    from whelp.distill.cache import MAG_BITS, id_bits
+    """Bytes one cached token takes (whelp.distillation.cache layout: int32 token, packed entries, fp16 tail/entropy)."""
+    from whelp.distillation.cache import MAG_BITS, id_bits
 
     bits = id_bits(vocab) + (MAG_BITS if mode == "topk" else 0)
     return 4 + -(-k * bits // 8) + 2
@@ -51,7 +53,7 @@ def _local_tokenizer(recipe: Recipe):
     from whelp.store import whelp_home
 
     local = whelp_home() / "models" / recipe.teacher.model
-    path = local if recipe.teacher.model in models.REGISTRY else Path(recipe.teacher.model).expanduser()
+    path = local if recipe.teacher.model in REGISTRY else Path(recipe.teacher.model).expanduser()
     return models.load_tokenizer(str(path)) if (path / "config.json").is_file() else None
 
 
@@ -72,8 +74,8 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
 
 
 def _prune_stage(step, source_cfg, index: int) -> tuple[dict, object]:
-    from whelp.prune.surgery import target_config
-    from whelp.prune.targets import first_keep, parse_target
+    from whelp.pruning.surgery import target_config
+    from whelp.pruning.targets import first_keep, parse_target
 
     try:
         parsed = parse_target(source_cfg, step.target)
@@ -128,23 +130,33 @@ def plan_recipe(recipe: Recipe) -> dict:
     teacher_cfg = teacher_config(recipe)
     tokenizer = _local_tokenizer(recipe)
     stages, current = [], teacher_cfg
-    for kind, step in recipe.stages():
-        index = sum(1 for s in stages if s["stage"].startswith(kind))
-        if kind == "prune":
-            entry, current = _prune_stage(step, current, index)
-            entry["data"] = _calib_plan(step, teacher_cfg.vocab_size, tokenizer, index)
+    for ref in recipe.stages():
+        if ref.kind == "prune":
+            entry, current = _prune_stage(ref.step, current, ref.index)
+            entry["data"] = _calib_plan(ref.step, teacher_cfg.vocab_size, tokenizer, ref.index)
         else:
-            entry = _distill_stage(step, current, recipe, teacher_cfg, index, tokenizer)
+            entry = _distill_stage(ref.step, current, recipe, teacher_cfg, ref.index, tokenizer)
         stages.append(entry)
+    _check_eval(recipe)
+    return {"recipe": recipe.name, "teacher": {"model": recipe.teacher.model, "shape": _params(teacher_cfg)},
+            "stages": stages, "student": _params(current)}
+
+
+def _check_eval(recipe: Recipe) -> None:
+    """The eval section's sources and lm-eval task names, so a build never fails on them after pruning."""
     from whelp.data import check_data
+    from whelp.evals.harness import check_task_names
 
     for i, source in enumerate(recipe.eval.ppl):
         try:
             check_data(source)
         except WhelpError as exc:
             raise WhelpError(f"recipe.eval.ppl[{i}]: {exc}") from None
-    return {"recipe": recipe.name, "teacher": {"model": recipe.teacher.model, "shape": _params(teacher_cfg)},
-            "stages": stages, "student": _params(current)}
+    if recipe.eval.tasks:
+        try:
+            check_task_names(recipe.eval.tasks, recipe.eval.include_paths)
+        except WhelpError as exc:
+            raise WhelpError(f"recipe.eval.tasks: {exc}") from None
 
 
 def describe_data(d: dict) -> str:

@@ -15,15 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from whelp.distill.loop import DistillSpec
 from whelp.errors import WhelpError
-from whelp.evals.api import EvalSpec
-from whelp.prune.api import PruneSpec
-from whelp.schema import apply_override, build, to_dict
+from whelp.schema import apply_override, build, load_yaml, to_dict
+from whelp.specs import TEACHER, CacheSpec, DistillSpec, EvalSpec, PruneSpec, parse_mixture
 from whelp.store import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-TEACHER = "teacher"  # in distill.teachers / distill.caches: the recipe's teacher
 
 
 @dataclass(frozen=True)
@@ -43,6 +40,8 @@ class DataSection:
     def __post_init__(self):
         if self.seq_len < 2:
             raise WhelpError(f"seq_len must be at least 2, got {self.seq_len}")
+        for source in (self.calib, self.train, self.eval):
+            parse_mixture(source)
 
 
 @dataclass(frozen=True)
@@ -74,9 +73,13 @@ class CacheRef:
     config: str | None = None  # config.json path or shipped name (llama-3.1-70b), to plan without the weights
 
     def __post_init__(self):
-        if self.weight < 0 or self.k < 1 or self.temperature <= 0:
-            raise WhelpError(f"need weight >= 0, k >= 1 and temperature > 0; got {self.weight}, {self.k}, "
-                             f"{self.temperature}")
+        if self.weight < 0:
+            raise WhelpError(f"weight must be >= 0, got {self.weight}")
+        self.spec(DistillSpec(steps=1))
+
+    def spec(self, step: DistillSpec) -> CacheSpec:
+        """What ``whelp cache-logits`` makes for this teacher on ``step``'s data (the one range check of k, T)."""
+        return CacheSpec(self.mode, self.k, self.temperature, step.seq_len, step.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -106,14 +109,34 @@ class Recipe:
             raise WhelpError(f"distill: {len(self.distill)} steps for {len(self.prune)} prune steps; give one distill "
                              "step per prune step (they alternate), or none")
 
-    def stages(self) -> list[tuple[str, PruneStep | DistillStep]]:
-        """``[("prune", step), ("distill", step), ...]`` in the order they run."""
-        out: list = []
+    def stages(self) -> list["StageRef"]:
+        """The prune and distill steps in the order they run (prune[0], distill[0], prune[1], ...), each with its
+        recipe key and the label its model has in reports (``pruned``, ``distilled``; ``pruned-2`` when chained)."""
+        out: list[StageRef] = []
         for i, prune in enumerate(self.prune):
-            out.append(("prune", prune))
+            out.append(StageRef("prune", i, _label("pruned", i, len(self.prune)), prune))
             if self.distill:
-                out.append(("distill", self.distill[i]))
+                out.append(StageRef("distill", i, _label("distilled", i, len(self.distill)), self.distill[i]))
         return out
+
+
+def _label(base: str, index: int, count: int) -> str:
+    return base if count == 1 else f"{base}-{index + 1}"
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """One step of a recipe as it runs: ``kind`` prune | distill, its ``index`` among the steps of its kind."""
+
+    kind: Literal["prune", "distill"]
+    index: int
+    label: str
+    step: PruneStep | DistillStep
+
+    @property
+    def key(self) -> str:
+        """Its key path in the recipe, ``prune[0]``, for messages and plans."""
+        return f"{self.kind}[{self.index}]"
 
 
 def find(name_or_path: str) -> Path:
@@ -180,13 +203,12 @@ def _fill_defaults(raw: dict) -> dict:
 
 def load(name_or_path: str, overrides: tuple[str, ...] = ()) -> Recipe:
     """Read, override (``a.b=c``), fill defaults and strictly validate a recipe."""
-    import yaml
-
     path = find(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise WhelpError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WhelpError(f"cannot read recipe {path}: {exc}") from None
+    raw = load_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise WhelpError(f"{path}: a recipe is a mapping with sections teacher, data, prune, distill, eval")
     raw = copy.deepcopy(raw)

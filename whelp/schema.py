@@ -8,11 +8,14 @@ choices; range checks live in each dataclass's ``__post_init__`` and get the pat
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union
 
 from whelp.errors import WhelpError
+
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp) -> str:
@@ -47,6 +50,11 @@ def _coerce(value: Any, tp, path: str):
         if not isinstance(value, dict):
             raise WhelpError(f"{path}: expected a mapping, got {value!r}")
         return {str(k): _coerce(v, args[1] if args else Any, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and hasattr(tp, "parse") and isinstance(value, str):  # a spec written as text
+        try:
+            return tp.parse(value)
+        except WhelpError as exc:
+            raise WhelpError(f"{path}: {exc}") from None
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path)
     if tp is bool:
@@ -58,6 +66,8 @@ def _coerce(value: Any, tp, path: str):
             raise WhelpError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as a string
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise WhelpError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -106,6 +116,8 @@ def build(cls, raw: Any, path: str = "recipe"):
 
 def to_dict(obj) -> Any:
     """Plain YAML-safe data of a (nested) dataclass: the resolved recipe as written to recipe.yaml."""
+    if hasattr(type(obj), "parse"):  # a spec with a text form (Schedule): written as that text
+        return str(obj)
     if dataclasses.is_dataclass(obj):
         out = {}
         for f in dataclasses.fields(obj):
@@ -119,10 +131,29 @@ def to_dict(obj) -> Any:
     return obj
 
 
-def apply_override(raw: dict, assignment: str) -> dict:
-    """Apply one ``--set a.b.c=value`` (value parsed as YAML; list items by index: ``stages.1.x=3``)."""
+def load_yaml(text: str, where: str):
+    """``yaml.safe_load`` that refuses a key written twice in one mapping (PyYAML keeps the last, silently)."""
     import yaml
 
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise WhelpError(f"{where}: key '{key}' is written twice (line {node.start_mark.line + 1}); keep one")
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(text, Strict)
+    except yaml.YAMLError as exc:
+        raise WhelpError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+def apply_override(raw: dict, assignment: str) -> dict:
+    """Apply one ``--set a.b.c=value`` (value parsed as YAML; list items by index: ``stages.1.x=3``)."""
     if "=" not in assignment:
         raise WhelpError(f"--set {assignment!r}: write key.path=value")
     key, text = assignment.split("=", 1)
@@ -130,6 +161,8 @@ def apply_override(raw: dict, assignment: str) -> dict:
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         where = ".".join(parts[: i + 1])
+        if isinstance(node, list) and len(node) == 1 and not part.isdigit():
+            node = node[0]  # one step: distill.lr means distill.0.lr
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise WhelpError(f"--set {key}: '{where}' is a list of {len(node)}; use an index below {len(node)}")
@@ -139,10 +172,15 @@ def apply_override(raw: dict, assignment: str) -> dict:
         else:
             raise WhelpError(f"--set {key}: '{where}' is not a mapping")
     last = parts[-1]
-    value = yaml.safe_load(text)
+    value = load_yaml(text, f"--set {key}")
+    if isinstance(node, list) and len(node) == 1 and not last.isdigit():
+        node = node[0]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            raise WhelpError(f"--set {key}: index {last} out of range for a list of {len(node)}")
+            where = ".".join(parts[:-1])
+            raise WhelpError(f"--set {key}: '{where}' is a list of {len(node)} steps; write {where}.I.{last} with I "
+                             f"below {len(node)}" if not last.isdigit() else
+                             f"--set {key}: index {last} out of range for a list of {len(node)}")
         node[int(last)] = value
     else:
         node[last] = value

@@ -166,6 +166,12 @@ def check_writable(out_dir: str | Path, force: bool, kind: str) -> Path:
                          f"points to ({out.resolve()}) or another --out")
     if out == Path.cwd() or out in Path.cwd().parents or out.parent == out:
         raise WhelpError(f"--out {out} is the current directory or holds it; choose another --out")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise WhelpError(f"--out {out} is below {blocking}, which is a file; choose another --out")
+    writable = next(p for p in out.parents if p.exists())
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise WhelpError(f"--out {out}: cannot write in {writable} (permission denied); choose another --out")
     clean_stale(out.parent, out.name)
     if not out.exists():
         return out

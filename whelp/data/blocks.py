@@ -29,19 +29,9 @@ from whelp import store
 from whelp.data import tokenstore
 from whelp.data.sources import check_source, source_identity
 from whelp.errors import WhelpError
+from whelp.specs import parse_mixture
 
 WINDOW = 8192
-
-
-def parse_mixture(spec: str) -> list[tuple[str, float]]:
-    """``a:0.7,b:0.3`` -> ``[("a", 0.7), ("b", 0.3)]`` normalised to sum 1; a single source has weight 1."""
-    from whelp.distill.schedule import parse_weighted
-
-    parts = [parse_weighted(part.strip()) for part in spec.split(",")] if "," in spec else [(spec, 1.0)]
-    if any(w <= 0 for _, w in parts) or any(not s for s, _ in parts):
-        raise WhelpError(f"bad data mixture '{spec}': write SOURCE:WEIGHT,SOURCE:WEIGHT with positive weights")
-    total = sum(w for _, w in parts)
-    return [(s, w / total) for s, w in parts]
 
 
 def check_data(spec: str) -> None:
@@ -217,3 +207,12 @@ def stream_tokens(spec: str, tokenizer, max_tokens: int | None = None) -> torch.
     st = store_for(spec, tokenizer, max_tokens)
     n = len(st) if max_tokens is None else min(len(st), max_tokens)
     return torch.from_numpy(st.read(0, n))
+
+
+def blocks(data: str, tokenizer, seq_len: int, n: int | None = None, seed: int = 0,
+           max_tokens: int | None = None):
+    """The rows of ``seq_len`` tokens of ``data`` (a store, a raw source or a mixture ``a:0.7,b:0.3``), read lazily
+    from token stores; with ``n``, only the first ``n`` rows, held as one tensor (calibration, a notebook's batch).
+    The Python API's way to give data to ``prune`` and ``distill``."""
+    rows = open_blocks(data, tokenizer, seq_len, seed=seed, max_tokens=max_tokens)
+    return rows if n is None else TensorBlocks(rows.head(n), source=data)

@@ -1,9 +1,11 @@
-"""``evaluate(models, out, spec)``: score teachers and students the same way and write a comparison report.
+"""``evaluate({label: model})``: score teachers and students the same way; ``evaluate_to`` also writes the report.
 
-Each model gets size (parameters, bytes), speed (prefill / decode tokens per second, peak memory; measured in a
-fresh process), perplexity and bits per byte on every ``spec.ppl`` source, and lm-eval scores on ``spec.tasks``.
-Per-model results are cached under ``$WHELP_HOME/eval-cache`` keyed by the identity of the model's files and every
-setting that changes a number, so a teacher scored once is not scored again by the next build.
+Each model gets size (parameters, bytes), speed (prefill / decode tokens per second, peak memory), perplexity and
+bits per byte on every ``spec.ppl`` source, and lm-eval scores on ``spec.tasks``. A model given as a directory or
+name is measured with its speed and peak memory in a fresh process, and its results are cached under
+``$WHELP_HOME/eval-cache`` keyed by the identity of its files and every setting that changes a number, so a teacher
+scored once is not scored again by the next build. A model given in memory is measured in this process (its peak
+memory is not, since this process holds other things) and not cached.
 """
 
 from __future__ import annotations
@@ -12,63 +14,38 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping
 
 from whelp.errors import WhelpError
+from whelp.specs import EvalSpec, LoadPolicy
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
-class EvalSpec:
-    """What to measure. ``stride`` None means non-overlapping windows of ``seq_len``; ``max_tokens`` bounds the
-    tokens read from each perplexity source; ``limit`` caps the documents of each lm-eval task."""
+class EvalResult:
+    """The metrics of one evaluation (``metrics.json``): the first model is the reference of every comparison."""
 
-    ppl: tuple[str, ...] = ("pydoc:eval",)
-    tasks: tuple[str, ...] = ()
-    include_paths: tuple[str, ...] = ()
-    limit: int | None = None
-    seq_len: int = 512
-    stride: int | None = None
-    max_tokens: int | None = None
-    batch_size: int = 4
-    speed_batch_size: int = 1
-    speed_prompt_len: int = 128
-    speed_new_tokens: int = 32
-    speed_repeats: int = 3
-    device: str = "cpu"
-    dtype: str = "float32"
+    metrics: dict
 
-    def __post_init__(self):
-        if self.seq_len < 2:
-            raise WhelpError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.stride is not None and not 1 <= self.stride <= self.seq_len:
-            raise WhelpError(f"--stride must be between 1 and --seq-len ({self.seq_len}), got {self.stride}")
-        if self.limit is not None and self.limit < 1:
-            raise WhelpError(f"--limit must be positive, got {self.limit}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise WhelpError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype}")
+    def markdown(self) -> str:
+        from whelp.evals.report import markdown
+
+        return markdown(self.metrics)
+
+    def to_dict(self) -> dict:
+        return dict(self.metrics)
 
 
 def parse_model(arg: str) -> tuple[str, str]:
-    """``LABEL=MODEL`` or ``MODEL`` -> ``(label, model)``; the default label is the directory or registered name."""
+    """``LABEL=MODEL`` or ``MODEL`` (the CLI's syntax) -> ``(label, model)``; the default label is the directory or
+    registered name."""
     label, sep, model = arg.partition("=")
     if not sep or Path(arg).expanduser().exists():
         label, model = Path(arg.rstrip("/")).name or arg, arg
     if not label or not model:
         raise WhelpError(f"bad model argument '{arg}': write MODEL or LABEL=MODEL (e.g. teacher=smollm2-135m)")
     return label, model
-
-
-def model_identity(name: str) -> dict:
-    """Identity of a model's files: name, size and mtime of each file of its directory (the hub id if remote)."""
-    from whelp.models import resolve
-    from whelp.store import path_identity
-
-    path = Path(resolve(name)).expanduser()
-    if not path.is_dir():
-        return {"hub_id": name}
-    return {"files": path_identity(path)}
 
 
 def versions() -> dict:
@@ -84,89 +61,128 @@ def versions() -> dict:
 
 def cache_key(name: str, spec: EvalSpec) -> str:
     from whelp.data import data_identity, source_identity
+    from whelp.models import locate
     from whelp.store import content_id
 
     inputs = [data_identity(s) for s in spec.ppl] + [source_identity(p) for p in spec.include_paths]
-    return content_id({"v": CACHE_VERSION, "model": model_identity(name), "spec": asdict(spec), "inputs": inputs,
-                       "versions": versions()})[:20]
+    return content_id({"v": CACHE_VERSION, "model": source_identity(locate(name)), "spec": asdict(spec),
+                       "inputs": inputs, "versions": versions()})[:20]
 
 
-def _perplexities(model, tokenizer, spec: EvalSpec) -> dict:
+def _ppl_tokens(tokenizer, spec: EvalSpec) -> dict:
+    """Every perplexity source's tokens [T], refused if it has fewer than 2 (before any model is loaded)."""
     from whelp.data import stream_tokens
-    from whelp.evals.perplexity import perplexity
 
     out = {}
     for source in spec.ppl:
-        ids = stream_tokens(source, tokenizer, spec.max_tokens)
-        if len(ids) < 2:
+        out[source] = stream_tokens(source, tokenizer, spec.max_tokens)
+        if len(out[source]) < 2:
             raise WhelpError(f"perplexity source '{source}' gives fewer than 2 tokens; give it more text")
-        out[source] = asdict(perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size, tokenizer))
     return out
 
 
-def measure(name: str, spec: EvalSpec, manager) -> dict:
-    """All numbers of one model (the uncached path)."""
+def measure(model, tokenizer, spec: EvalSpec, manager, speed: dict | None = None) -> dict:
+    """All numbers of one in-memory model; ``speed`` as measured elsewhere (a fresh process), else here."""
     from whelp.evals.harness import run_tasks
-    from whelp.evals.speed import SpeedSpec, measure_in_subprocess
-    from whelp.models import count_params, load_model
+    from whelp.evals.perplexity import perplexity
+    from whelp.evals.speed import measure_speed
+    from whelp.models import count_params
 
     start = time.perf_counter()
-    speed = measure_in_subprocess(name, SpeedSpec(
-        batch_size=spec.speed_batch_size, prompt_len=spec.speed_prompt_len, new_tokens=spec.speed_new_tokens,
-        repeats=spec.speed_repeats, device=spec.device, dtype=spec.dtype))
-    model, tokenizer = load_model(name, dtype=spec.dtype, device=spec.device)
+    if speed is None:
+        speed = {**measure_speed(model, spec.speed), "peak_memory_bytes": None,
+                 "peak_memory_method": "not measured: the model was given in memory (evaluate its directory)"}
     total, non_embedding = count_params(model.config)
+    ppl = {source: asdict(perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size, tokenizer))
+           for source, ids in _ppl_tokens(tokenizer, spec).items()}
     result = {"size": {"params": total, "non_embedding_params": non_embedding,
                        "memory_bytes": model.get_memory_footprint()},
-              "speed": speed, "perplexity": _perplexities(model, tokenizer, spec),
-              "lm_eval": {"scores": {}, "higher_is_better": {}}}
+              "speed": speed, "perplexity": ppl, "lm_eval": {"scores": {}, "higher_is_better": {}}}
     if spec.tasks:
         result["lm_eval"] = run_tasks(model, tokenizer, spec.tasks, manager, spec.limit, spec.seq_len, spec.batch_size)
     result["seconds"] = time.perf_counter() - start
     return result
 
 
-def _cached(name: str, spec: EvalSpec, manager) -> dict:
-    """Results of a model from ``$WHELP_HOME/eval-cache`` (a sealed record; an edited or damaged one is a miss
-    and is measured again), else measured and stored."""
+def _cached(name: str, spec: EvalSpec, manager, policy: LoadPolicy) -> dict:
+    """Results of a model directory from ``$WHELP_HOME/eval-cache`` (a sealed record; an edited or damaged one is a
+    miss and is measured again), else measured (speed in a fresh process) and stored."""
     from whelp import store
+    from whelp.evals.speed import measure_in_subprocess
+    from whelp.models import load_model
 
     key = cache_key(name, spec)
     path = store.whelp_home() / "eval-cache" / f"{key}.json"
     try:
         return {**store.read_record(path, ""), "cache_key": key, "reused": True}
     except WhelpError:
-        result = measure(name, spec, manager)
+        speed = measure_in_subprocess(name, spec, policy)
+        model, tokenizer = load_model(name, dtype=spec.dtype, device=spec.device, policy=policy)
+        result = measure(model, tokenizer, spec, manager, speed)
     store.write_record(path, result)
     return {**result, "cache_key": key, "reused": False}
 
 
-def order_models(models: Sequence[str], baseline: str | None) -> list[str]:
-    """Put ``baseline`` (a ``MODEL`` or ``LABEL=MODEL`` argument) first, adding it if it is not among ``models``."""
-    if baseline is None:
-        return list(models)
-    return [baseline, *(m for m in models if parse_model(m) != parse_model(baseline))]
+def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
+    """Labels, model names, tasks and perplexity sources, before any model is loaded; returns the task manager."""
+    from whelp.data import check_data
+    from whelp.evals.harness import task_manager
+    from whelp.models import load_tokenizer
+
+    if not models:
+        raise WhelpError("give at least one model to evaluate")
+    for source in spec.ppl:
+        check_data(source)
+    manager = task_manager(spec.tasks, spec.include_paths) if spec.tasks else None
+    for label, model in models.items():
+        if isinstance(model, (str, Path)):
+            _ppl_tokens(load_tokenizer(str(model), policy), spec)
+        elif tokenizer is None:
+            raise WhelpError(f"model '{label}' is given in memory: pass its tokenizer")
+    if tokenizer is not None:
+        _ppl_tokens(tokenizer, spec)
+    return manager
 
 
-def evaluate(models: Sequence[str], out: str | Path, spec: EvalSpec, force: bool = False,
-             stage_key: str | None = None) -> dict:
-    """Evaluate ``models`` (``MODEL`` or ``LABEL=MODEL``; the first is the reference) and write ``metrics.json``,
-    ``report.md`` and ``report.png`` to ``out`` atomically (marked with ``stage_key``, a build's key of its
-    inputs). Returns the metrics.json content."""
-    from whelp.evals.harness import SEEDS, task_manager
+def evaluate(models: Mapping[str, object], tokenizer=None, spec: EvalSpec = EvalSpec(),
+             policy: LoadPolicy = LoadPolicy()) -> EvalResult:
+    """Evaluate ``{label: model}`` (in-memory models with ``tokenizer``, or directories / registered names); the first
+    is the reference every other model is compared with."""
+    from whelp.evals.harness import SEEDS
+
+    models = {str(label): model for label, model in models.items()}
+    manager = _check(models, tokenizer, spec, policy)
+    results = []
+    for label, model in models.items():
+        if isinstance(model, (str, Path)):
+            results.append({"label": label, "model": str(model), **_cached(str(model), spec, manager, policy)})
+        else:
+            results.append({"label": label, "model": type(model).__name__, "reused": False,
+                            **measure(model.eval(), tokenizer, spec, manager)})
+    return EvalResult({"reference": next(iter(models)), "settings": asdict(spec),
+                       "seeds": {"lm_eval": SEEDS, "speed_inputs": spec.speed.seed}, "versions": versions(),
+                       "models": results})
+
+
+def evaluate_to(out: str | Path, models: Mapping[str, str], spec: EvalSpec, force: bool = False,
+                stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> dict:
+    """``evaluate`` model directories and write ``metrics.json``, ``report.md`` and ``report.png`` to ``out``
+    atomically (marked with ``stage_key``, a build's key of its inputs). Returns the metrics."""
     from whelp.evals.report import write_report
     from whelp.store import check_writable
 
     out = check_writable(out, force, "eval")
-    parsed = [parse_model(m) for m in models]
-    if not parsed:
-        raise WhelpError("give at least one model to evaluate")
-    labels = [label for label, _ in parsed]
-    if len(set(labels)) != len(labels):
-        raise WhelpError(f"model labels must be unique, got {', '.join(labels)}; name them with LABEL=MODEL")
-    manager = task_manager(spec.tasks, spec.include_paths) if spec.tasks else None
-    results = [{"label": label, "model": name, **_cached(name, spec, manager)} for label, name in parsed]
-    metrics = {"reference": labels[0], "settings": asdict(spec), "seeds": {"lm_eval": SEEDS, "speed_inputs": 0},
-               "versions": versions(), "models": results}
+    metrics = evaluate(models, None, spec, policy).metrics
     write_report(metrics, out, force, stage_key)
     return metrics
+
+
+def labelled(args: list[str], baseline: str | None = None) -> dict[str, str]:
+    """The CLI's ``MODEL`` / ``LABEL=MODEL`` arguments as ``{label: model}``, ``baseline`` first (added if absent)."""
+    pairs = [parse_model(a) for a in ([baseline] if baseline else []) + list(args)]
+    out: dict[str, str] = {}
+    for label, model in pairs:
+        if label in out and out[label] != model:
+            raise WhelpError(f"model labels must be unique, got '{label}' twice; name them with LABEL=MODEL")
+        out[label] = model
+    return out

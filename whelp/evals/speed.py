@@ -21,22 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
 from whelp.errors import WhelpError
-
-
-@dataclass(frozen=True)
-class SpeedSpec:
-    batch_size: int = 1
-    prompt_len: int = 128
-    new_tokens: int = 32
-    repeats: int = 3
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0
+from whelp.models import kv_cache_name
+from whelp.specs import EvalSpec, LoadPolicy, SpeedSpec
 
 
 def _sync(device: torch.device) -> None:
@@ -52,11 +43,12 @@ def _run_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     out = model(input_ids=ids, use_cache=True)
     _sync(ids.device)
     prefill = time.perf_counter() - start
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    name = kv_cache_name(model.forward)
+    past, token = out[name], out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{name: past})
+        past, token = out[name], out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     return prefill, time.perf_counter() - start
 
@@ -89,21 +81,21 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _measure(model_name: str, spec: SpeedSpec) -> dict:
+def _measure(model_name: str, spec: EvalSpec, policy: LoadPolicy) -> dict:
     """Load ``model_name`` in this process and measure it (the body of the child process)."""
     from transformers import AutoModelForCausalLM
 
     from whelp.models import load_config, load_model
 
     with torch.device("meta"):  # import the model's code first, so that its import is not counted
-        AutoModelForCausalLM.from_config(load_config(model_name))
+        AutoModelForCausalLM.from_config(load_config(model_name, policy), trust_remote_code=policy.trust_remote_code)
     cuda = spec.device.startswith("cuda")
     baseline = 0 if cuda or not os.path.exists("/proc/self/status") else _status_kib("VmRSS")
-    model, _ = load_model(model_name, dtype=spec.dtype, device=spec.device)
+    model, _ = load_model(model_name, dtype=spec.dtype, device=spec.device, policy=policy)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_ok = baseline > 0 and _reset_peak_rss()  # after loading: dtype-conversion transients are not counted
-    result = measure_speed(model, spec)
+    result = measure_speed(model, spec.speed)
     if cuda:
         peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     elif rss_ok:
@@ -113,10 +105,12 @@ def _measure(model_name: str, spec: SpeedSpec) -> dict:
     return {**result, "peak_memory_bytes": peak, "peak_memory_method": how, "torch_threads": torch.get_num_threads()}
 
 
-def measure_in_subprocess(model_name: str, spec: SpeedSpec) -> dict:
+def measure_in_subprocess(model_name: str, spec: EvalSpec, policy: LoadPolicy = LoadPolicy()) -> dict:
     """Speed and peak memory of a model measured by a fresh Python process (``python -m whelp.evals.speed``)."""
-    cmd = [sys.executable, "-m", "whelp.evals.speed", model_name, json.dumps(asdict(spec))]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    from whelp.schema import to_dict
+
+    arg = json.dumps({"eval": to_dict(spec), "policy": asdict(policy)})
+    done = subprocess.run([sys.executable, "-m", "whelp.evals.speed", model_name, arg], capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise WhelpError(f"speed measurement of {model_name} failed in its subprocess: {tail}")
@@ -124,8 +118,11 @@ def measure_in_subprocess(model_name: str, spec: SpeedSpec) -> dict:
 
 
 if __name__ == "__main__":
+    from whelp.schema import build
+
     parser = argparse.ArgumentParser(description="Measure one model's speed and peak memory; prints one JSON line.")
     parser.add_argument("model")
-    parser.add_argument("spec", help="SpeedSpec as JSON")
+    parser.add_argument("spec", help='{"eval": EvalSpec, "policy": LoadPolicy} as JSON')
     args = parser.parse_args()
-    print(json.dumps(_measure(args.model, SpeedSpec(**json.loads(args.spec)))))
+    given = json.loads(args.spec)
+    print(json.dumps(_measure(args.model, build(EvalSpec, given["eval"], "eval"), LoadPolicy(**given["policy"]))))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from whelp.distill.divergences import LOSSES, LiveTarget, LossSpec, SparseTarget, combine
+from whelp.distillation.divergences import LOSSES, LiveTarget, LossSpec, SparseTarget, combine
 
 
 def supported(targets, spec: LossSpec) -> bool:

@@ -21,7 +21,6 @@ truncated or corrupted shard is named on read and never used.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -29,11 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from whelp import store
 from whelp.data.tokenstore import tokenizer_hash
-from whelp.distill.losses import SparseTarget
+from whelp.specs import CacheSpec, LoadPolicy
+from whelp.distillation.losses import SparseTarget
 from whelp.errors import WhelpError
 from whelp.store import sha256_file
 
@@ -202,10 +202,7 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
     (sampling is seeded per block, so the result equals an uninterrupted run). ``progress(n_blocks)`` is
     called after each shard. ``stage_key`` (a build's key of this cache's inputs) goes into its marker.
     """
-    if mode not in ("topk", "sample") or k < 1:
-        raise WhelpError(f"cache mode must be topk or sample with k >= 1, got {mode} k={k}")
-    if temperature <= 0:
-        raise WhelpError(f"temperature must be > 0, got {temperature}")
+    CacheSpec(mode, k, temperature)  # the one range check of these values
     out = Path(out).expanduser()
     identity = _identity(teacher_model, tokenizer, blocks, mode, k, temperature, teacher_name, seed)
     work, manifest = _workdir(out, identity, force, stage_key)
@@ -216,9 +213,7 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
         name = f"shard-{index:05d}.safetensors"
         if name not in done:
             tensors = _teacher_shard(teacher_model, blocks[torch.arange(start, stop)], identity, start, batch_size)
-            tmp = work / f".{name}.tmp-{store.tag()}"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, work / name)
+            store.write_bytes(work / name, save(tensors))
             manifest["shards"].append({"file": name, "start": start, "stop": stop,
                                        "bytes": (work / name).stat().st_size, "sha256": sha256_file(work / name)})
             _write_manifest(work, manifest)
@@ -243,6 +238,15 @@ class TeacherCache:
         self.path, self.manifest = path, manifest
         self._shards = manifest["shards"]
         self._files = {s["file"]: safe_open(str(path / s["file"]), framework="pt") for s in self._shards}
+
+    def check_blocks(self, blocks) -> None:
+        """Refuse data whose rows are not the ones cached: same fingerprint (stores, seq_len, seed, budget), hence
+        the same blocks in the same order."""
+        m = self.manifest
+        if (m["data_fingerprint"], m["seq_len"], m["n_blocks"]) != (blocks.fingerprint, blocks.seq_len, len(blocks)):
+            raise WhelpError(f"cache {self.path} holds other token blocks ({m['n_blocks']} blocks of {m['seq_len']} "
+                             f"from {m['data_source']}) than the data {blocks.source} ({len(blocks)} of "
+                             f"{blocks.seq_len}); pass the data, seq_len and max_tokens the cache was made with")
 
     def tokens(self, block_idx: Tensor) -> Tensor:
         rows = []
@@ -298,16 +302,15 @@ def open_cache(path, *, student_vocab_size: int | None = None, tokenizer=None,
     return TeacherCache(path, m)
 
 
-def cache_teacher(teacher: str, data: str, out: Path, mode: str, k: int, temperature: float = 1.0,
-                  seq_len: int = 512, max_tokens: int | None = None, dtype: str = "float32", batch_size: int = 4,
-                  force: bool = False, stage_key: str | None = None) -> Path:
+def cache_teacher(teacher: str, data: str, out: Path, spec: CacheSpec, force: bool = False,
+                  stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> Path:
     """Load ``teacher``, read ``data`` exactly as ``whelp distill`` does (``open_blocks`` defaults) and cache it."""
     from whelp.data import check_data, open_blocks
     from whelp.models import load_model
 
     _claim(Path(out).expanduser(), force)  # before minutes of loading: a user's directory or a bad source, at once
     check_data(data)
-    model, tokenizer = load_model(teacher, dtype=dtype)
-    blocks = open_blocks(data, tokenizer, seq_len, max_tokens=max_tokens)
-    return write_cache(model, tokenizer, blocks, out, mode, k, temperature, teacher, force=force, batch_size=batch_size,
-                       stage_key=stage_key)
+    model, tokenizer = load_model(teacher, dtype=spec.dtype, policy=policy)
+    blocks = open_blocks(data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
+    return write_cache(model, tokenizer, blocks, out, spec.mode, spec.k, spec.temperature, teacher, force=force,
+                       batch_size=spec.batch_size, stage_key=stage_key)

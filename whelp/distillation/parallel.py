@@ -94,7 +94,7 @@ class KDStudent(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, kd: dict | None = None):
         if kd is None:
             return self.lm(input_ids=input_ids)
-        from whelp.distill.losses import kd_loss
+        from whelp.distillation.losses import kd_loss
 
         hidden = self.lm.model(input_ids=input_ids).last_hidden_state.flatten(0, 1)  # [N, Hs], autocast dtype
         weight = self.lm.get_output_embeddings().weight

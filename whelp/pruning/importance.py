@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from whelp.errors import WhelpError
-from whelp.prune.arch import Family, axes_of
-from whelp.prune.surgery import Keep, head_dim_of, rope_exact_dims, text_config
+from whelp.pruning.arch import Family, axes_of
+from whelp.pruning.surgery import Keep, head_dim_of, rope_exact_dims, text_config
+from whelp.specs import IMPORTANCE
 
-METHODS = ("activation", "magnitude", "taylor", "random")
 SCORES_VERSION = 2  # part of every saved score's identity; bumped when a definition changes (2: heads after o_proj)
-LAYER_METHODS = ("block", "loss")
 
 
 def minitron_sq(acts: Tensor) -> Tensor:
@@ -108,7 +107,7 @@ def layer_stats(layer, hidden_in: Tensor, family: Family, head_dim: int, index: 
     return stats, out[0] if isinstance(out, tuple) else out
 
 
-def _batches(tokens: Tensor, batch_size: int):
+def batches(tokens: Tensor, batch_size: int):
     return [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
 
 
@@ -118,8 +117,8 @@ def calibrate(model, family: Family, tokens: Tensor, method: str = "activation",
 
     Block influence is recorded in the same pass whatever the width method.
     """
-    if method not in METHODS:
-        raise WhelpError(f"unknown importance '{method}'; choose one of {', '.join(METHODS)}")
+    if method not in IMPORTANCE:
+        raise WhelpError(f"unknown importance '{method}'; choose one of {', '.join(IMPORTANCE)}")
     cfg = text_config(model.config)
     stats: dict = {}
     layers = model.model.layers
@@ -127,7 +126,7 @@ def calibrate(model, family: Family, tokens: Tensor, method: str = "activation",
     final_norm = dict(model.named_modules())[family.final_norm.rsplit(".", 1)[0]]
     handles.append(final_norm.register_forward_hook(lambda m, args, out: _add(stats, "hidden", minitron_sq(out))))
     try:
-        for batch in _batches(tokens, batch_size):
+        for batch in batches(tokens, batch_size):
             with torch.set_grad_enabled(method == "taylor"):
                 out = model(input_ids=batch.to(model.device), labels=batch.to(model.device) if method == "taylor" else None)
             if method == "taylor":
@@ -176,7 +175,7 @@ def weight_scores(values: dict[str, Tensor], family: Family, config) -> dict[str
 def skip_losses(model, tokens: Tensor, batch_size: int = 4, progress: Callable[[int], None] | None = None) -> Tensor:
     """LM-loss increase (nats/token) when each decoder layer alone is skipped (its output := its input): [L]."""
     def mean_loss():
-        losses = [model(input_ids=b.to(model.device), labels=b.to(model.device)).loss for b in _batches(tokens, batch_size)]
+        losses = [model(input_ids=b.to(model.device), labels=b.to(model.device)).loss for b in batches(tokens, batch_size)]
         return torch.stack(losses).float().mean()
 
     base = mean_loss()
@@ -193,7 +192,7 @@ def skip_losses(model, tokens: Tensor, batch_size: int = 4, progress: Callable[[
     return torch.stack(increases).cpu()
 
 
-def _top(scores: Tensor, k: int) -> Tensor:
+def top_indices(scores: Tensor, k: int) -> Tensor:
     """Indices of the ``k`` largest scores, ascending (ties broken by the lower index)."""
     order = torch.sort(scores.float(), descending=True, stable=True).indices
     return torch.sort(order[:k]).values
@@ -210,17 +209,17 @@ def select(scores: dict[str, Tensor], source_cfg, shape: dict, layer_method: str
     key = f"layers.{layer_method}"
     if key not in scores:
         raise WhelpError(f"the scores hold no '{key}'; recompute them with layer importance '{layer_method}'")
-    layers = tuple(_top(scores[key], shape["num_hidden_layers"]).tolist())
+    layers = tuple(top_indices(scores[key], shape["num_hidden_layers"]).tolist())
     kv, per_group = shape["num_key_value_heads"], shape["num_attention_heads"] // shape["num_key_value_heads"]
     kv_heads, q_heads = [], []
     for layer in layers:
         heads = scores[f"heads.{layer}"].float().view(cfg.num_key_value_heads, -1)
-        groups = _top(heads.sum(dim=1), kv)
+        groups = top_indices(heads.sum(dim=1), kv)
         kv_heads.append(groups)
-        q_heads.append(torch.stack([_top(heads[g], per_group) for g in groups.tolist()]))
+        q_heads.append(torch.stack([top_indices(heads[g], per_group) for g in groups.tolist()]))
     untied_to_tied = not cfg.tie_word_embeddings and shape["tie_word_embeddings"]
-    return Keep(layers=layers, hidden=_top(scores["hidden"], shape["hidden_size"]),
-                mlp=tuple(_top(scores[f"mlp.{layer}"], shape["intermediate_size"]) for layer in layers),
+    return Keep(layers=layers, hidden=top_indices(scores["hidden"], shape["hidden_size"]),
+                mlp=tuple(top_indices(scores[f"mlp.{layer}"], shape["intermediate_size"]) for layer in layers),
                 kv_heads=tuple(kv_heads), q_heads=tuple(q_heads),
                 head_dims=rope_exact_dims(head_dim_of(cfg), shape["head_dim"]),
                 tie=(tie or "embedding") if untied_to_tied else None)

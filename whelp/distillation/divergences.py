@@ -9,7 +9,7 @@ teacher log-probs ``t`` of shape [n, V] (or [n, k + 1] buckets of a cached top-k
 * ``skew_kl``     KL(p_t || alpha p_t + (1 - alpha) p_s)    Ko et al. 2024, DistiLLM
 * ``tvd``         0.5 sum |p_t - p_s|                       (Wen et al. 2023, f-divergence KD)
 
-``whelp.distill.losses`` evaluates them in token chunks from hidden states.
+``whelp.distillation.losses`` evaluates them in token chunks from hidden states.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from whelp.errors import WhelpError
+from whelp.specs import LOSSES as LOSS_NAMES, LossSpec
 
 NEG_INF = float("-inf")
 
@@ -57,40 +57,7 @@ def tvd(s: Tensor, t: Tensor, spec: "LossSpec") -> Tensor:
 
 
 LOSSES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl, "tvd": tvd}
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """How student and teacher distributions are compared.
-
-    loss = (1 - ce_weight) * sum_i w_i * c * KD_i + ce_weight * CE, with c = T^2 if ``t2_scale`` (Hinton et al.
-    2015: keeps gradient magnitudes comparable across temperatures) else 1. CE uses the untempered student.
-    ``vocab_size``: the tokenizer's vocabulary when an lm_head is padded (e.g. 49152 real ids in 49216 rows);
-    ids at or above it are excluded from every softmax, which is exactly masking their logits to -inf.
-    """
-
-    name: str = "forward_kl"
-    temperature: float = 1.0
-    t2_scale: bool = False
-    beta: float = 0.5
-    alpha: float = 0.1
-    ce_weight: float = 0.0
-    chunk_size: int = 1024
-    vocab_size: int | None = None
-
-    def __post_init__(self):
-        checks = [
-            (self.name in LOSSES, f"unknown loss '{self.name}'; choose one of {', '.join(LOSSES)}"),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-            (0 < self.beta < 1, f"jsd beta must be in (0, 1), got {self.beta}"),
-            (0 <= self.alpha < 1, f"skew_kl alpha must be in [0, 1), got {self.alpha}"),
-            (0 <= self.ce_weight <= 1, f"ce_weight must be in [0, 1], got {self.ce_weight}"),
-            (self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}"),
-            (self.vocab_size is None or self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise WhelpError(message)
+assert tuple(LOSSES) == LOSS_NAMES  # the spec validates names against the same list
 
 
 def combine(per: Tensor, ce: Tensor | None, weights: Tensor, spec: "LossSpec") -> Tensor:
@@ -112,7 +79,7 @@ class LiveTarget:
 
 @dataclass(frozen=True)
 class SparseTarget:
-    """Cached teacher targets for N positions, at the cache's ``temperature`` (see whelp.distill.cache).
+    """Cached teacher targets for N positions, at the cache's ``temperature`` (see whelp.distillation.cache).
 
     ``topk``:   ids [N, k] top-k token ids, ``logp`` [N, k] their teacher log-probs, ``tail`` [N] the teacher
                 mass outside them, used as one extra bucket (student: its mass outside the same ids).

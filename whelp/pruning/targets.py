@@ -1,7 +1,7 @@
 """Target shapes: presets, HF config files and ``key=value`` overrides, validated against the teacher.
 
 A target is the teacher's shape (``models.SHAPE_KEYS``) with some axes reduced. Presets hold the
-exact Llama 3.2 shapes of DESIGN.md section 2 (pruned from Llama 3.1 8B) and two shapes of the demo
+exact Llama 3.2 shapes of docs/design.md section 2 (pruned from Llama 3.1 8B) and two shapes of the demo
 teacher SmolLM2-135M with half and a quarter of its 106.2M non-embedding parameters.
 """
 
@@ -14,7 +14,8 @@ import torch
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.prune.surgery import Keep, rope_exact_dims, target_config, text_config
+from whelp.pruning import arch, generic
+from whelp.pruning.surgery import Keep, rope_exact_dims, target_config, text_config
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
@@ -116,8 +117,12 @@ def parse_target(source_cfg, spec: str) -> Target:
     else:
         raise WhelpError(f"unknown target '{spec}': use a preset ({', '.join(PRESETS)}), a config.json path, "
                          "or key=value overrides such as intermediate_size=768,num_hidden_layers=24")
+    family = arch.family_of(source_cfg)
+    if family is None:  # first: it names the axes the generic path (width only) cannot change, and checks the config
+        shape = generic.check_target(source_cfg, shape)
     validate(source, shape)
-    _check_config(source_cfg, shape, spec)
+    if family is not None:
+        _check_config(source_cfg, shape, spec)
     return Target(name=spec, shape=shape, rope_parameters=rope)
 
 
@@ -150,8 +155,11 @@ def first_keep(source_cfg, shape: dict, tie: str | None = "embedding") -> Keep:
 def plan_target(source_cfg, target: str, rope: str = "teacher") -> dict:
     """Source and target shape + total params of pruning ``source_cfg`` to ``target``; no weights loaded."""
     parsed = parse_target(source_cfg, target)
-    cfg = target_config(source_cfg, first_keep(source_cfg, parsed.shape),
-                        parsed.rope_parameters if rope == "target" else None)
+    if arch.family_of(source_cfg) is None:
+        cfg = generic.generic_config(source_cfg, parsed.shape)
+    else:
+        cfg = target_config(source_cfg, first_keep(source_cfg, parsed.shape),
+                            parsed.rope_parameters if rope == "target" else None)
     out = {}
     for side, config in (("source", source_cfg), ("target", cfg)):
         total, non_embedding = models.count_params(config)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from whelp import store
-from whelp.distill import checkpoint, parallel
+from whelp.distillation import checkpoint, parallel
 from whelp.errors import WhelpError
 
 

@@ -5,7 +5,7 @@ in-memory model (apply to every entry of ``state_dict()``) and streams shard to 
 (streaming.py). Index conventions follow HF ``repeat_kv``: query head ``h = g * n_rep + r`` belongs
 to KV head ``g``; row ``h * head_dim + j`` of ``q_proj`` is dimension ``j`` of head ``h``.
 
-RoPE-exact head_dim (DESIGN.md 3): HF rotates dim ``j`` with ``j + d/2`` at frequency
+RoPE-exact head_dim (docs/design.md section 3): HF rotates dim ``j`` with ``j + d/2`` at frequency
 ``theta^(-2j/d)``. Keeping pairs ``j = s*k`` (``s = d/d'``) gives the new pair ``k`` frequency
 ``theta^(-2k/d')`` = the old one, so the target's own rotary embedding reproduces the original
 rotation exactly (llama3 scaling included: it depends only on the frequency). The logits
@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from whelp.errors import WhelpError
-from whelp.prune.arch import Family, axes_of
+from whelp.pruning.arch import Family, axes_of
+from whelp.specs import TIE
 
-TIE_CHOICES = ("embedding", "lm_head", "mean")
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def slice_tensor(name: str, tensor: Tensor, keep: Keep, family: Family, source_c
     try:
         layer, suffix, axes = axes_of(name, family)
     except KeyError:
-        raise WhelpError(f"tensor '{name}' is not in the {family.name} table of whelp/prune/arch.py; "
+        raise WhelpError(f"tensor '{name}' is not in the {family.name} table of whelp/pruning/arch.py; "
                          "this checkpoint's layout differs from the family it claims") from None
     if layer is not None and layer not in keep.layers:
         return {}
@@ -150,7 +150,7 @@ def tie_embeddings(embedding: Tensor, lm_head: Tensor, how: str) -> Tensor:
         return lm_head
     if how == "mean":
         return (embedding + lm_head) / 2
-    raise WhelpError(f"unknown tie init '{how}'; choose one of {', '.join(TIE_CHOICES)}")
+    raise WhelpError(f"unknown tie init '{how}'; choose one of {', '.join(TIE)}")
 
 
 def prune_state_dict(state: dict[str, Tensor], keep: Keep, family: Family, source_cfg, target_cfg) -> dict[str, Tensor]:

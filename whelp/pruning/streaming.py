@@ -1,4 +1,4 @@
-"""Prune a checkpoint larger than memory, straight from its safetensors shards (DESIGN.md 3, Streaming).
+"""Prune a checkpoint larger than memory, straight from its safetensors shards (docs/design.md section 3, Streaming).
 
 Calibration runs layer by layer: the calibration tokens are embedded (reading the embedding in row
 chunks), then each decoder layer's tensors alone are loaded into that layer of a meta-device
@@ -29,10 +29,10 @@ from torch import Tensor
 from whelp.errors import WhelpError
 from whelp.models import load_config, stored_dtype
 from whelp.store import atomic_dir
-from whelp.prune.arch import family_of
-from whelp.prune.importance import attach, finish, minitron_sq, select, weight_scores
-from whelp.prune.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
-from whelp.prune.surgery import head_dim_of, slice_tensor, target_config, text_config, tie_embeddings
+from whelp.pruning.arch import family_of
+from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
+from whelp.pruning.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
+from whelp.pruning.surgery import head_dim_of, slice_tensor, target_config, text_config, tie_embeddings
 
 MEMORY_FACTOR = 2.5  # in-memory prune holds the model at load dtype + pruned copy + calibration activations
 
@@ -71,11 +71,14 @@ def rope_and_mask(model, family, config, hidden: Tensor) -> tuple[tuple[Tensor, 
     """``(cos, sin)`` [1, T, d] and the causal mask the model's own forward would pass its layers."""
     from transformers.masking_utils import create_causal_mask
 
+    from whelp.models import kv_cache_name
+
     rotary = model.get_submodule(family.layers.rsplit(".", 1)[0]).rotary_emb
     rotary = type(rotary)(config=config)  # a fresh one on CPU: the skeleton's inv_freq buffer is on meta
     positions = torch.arange(hidden.shape[1])[None]
-    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                              position_ids=positions)
+    no_cache = {kv_cache_name(create_causal_mask): None}
+    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=positions,
+                              **no_cache)
     cos, sin = rotary(hidden, positions)
     return (cos.to(hidden.dtype), sin.to(hidden.dtype)), mask
 
@@ -202,7 +205,7 @@ def streamable_family(config):
     """The arch.py table entry of ``config``; streaming knows no other layout."""
     family = family_of(config)
     if family is None:
-        raise WhelpError(f"streaming supports the families of whelp/prune/arch.py, not '{config.model_type}'; "
+        raise WhelpError(f"streaming supports the families of whelp/pruning/arch.py, not '{config.model_type}'; "
                          "prune this model in memory (without --stream)")
     return family
 

@@ -44,18 +44,23 @@ def trim(metrics: Path, step: int) -> None:
     write_text(metrics, "".join(line + "\n" for line in kept))
 
 
-def log(metrics: Path, writer, bar, row: dict) -> None:
-    """Append ``row`` to metrics.jsonl and mirror its float fields to TensorBoard and the progress bar."""
+def log(metrics: Path, writer, row: dict) -> None:
+    """Append ``row`` to metrics.jsonl and mirror its float fields to TensorBoard."""
     with metrics.open("a") as f:
         f.write(json.dumps(row) + "\n")
-    scalars = {k: v for k, v in row.items() if isinstance(v, float)}
     if writer is not None:
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, row["step"])
-    if bar is not None:
-        kl = " ".join(f"kl:{Path(k[3:]).name}={v:.3f}" for k, v in scalars.items() if k.startswith("kl/"))
-        bar.update(0, completed=row["step"], info=f"loss={row['loss']:.4f} {kl} ce={row['ce']:.3f} "
-                                                     f"{row['tokens_per_s']:.0f} tok/s")
+        for key, value in row.items():
+            if isinstance(value, float):
+                writer.add_scalar(key, value, row["step"])
+
+
+def show(bar, row: dict) -> None:
+    """The step's loss, per-teacher KL, CE and throughput on the progress bar (if any)."""
+    if bar is None:
+        return
+    kl = " ".join(f"kl:{Path(k[3:]).name}={v:.3f}" for k, v in row.items() if k.startswith("kl/"))
+    bar.update(0, completed=row["step"], info=f"loss={row['loss']:.4f} {kl} ce={row['ce']:.3f} "
+                                             f"{row['tokens_per_s']:.0f} tok/s")
 
 
 def note(message: str) -> None:

@@ -1,6 +1,6 @@
 """Knowledge-distillation losses computed in token chunks, so no [N, V] tensor ever exists.
 
-``kd_loss`` evaluates the divergences of ``whelp.distill.divergences`` from the student's final hidden states
+``kd_loss`` evaluates the divergences of ``whelp.distillation.divergences`` from the student's final hidden states
 and lm_head weight. A custom autograd function walks over chunks of ``chunk_size`` tokens: each chunk's student
 logits (and each live teacher's) are formed, the loss and d loss / d logits are taken, and the chunk's gradient
 is pushed at once into d hidden [N, Hs] and d weight [V, Hs] (the approach of Liger-Kernel's fused linear
@@ -8,7 +8,7 @@ losses, Hsu et al. 2024). Gradients are formed in the forward pass rather than r
 recomputation would run every teacher's lm_head twice (1.6x the matmul FLOPs of a naive step instead of 1.0x).
 Peak extra memory is a few [chunk_size, V] fp32 tensors, independent of N.
 
-d loss / d logits comes in closed form (``whelp.distill.closed_form``) for cached targets, CE and live teachers
+d loss / d logits comes in closed form (``whelp.distillation.closed_form``) for cached targets, CE and live teachers
 under forward KL; other divergences with a live teacher take autograd over the chunk's [c, V] log-softmax.
 """
 
@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from whelp.distill.divergences import LOSSES, NEG_INF, LiveTarget, LossSpec, SparseTarget, combine
-from whelp.distill import closed_form
+from whelp.distillation.divergences import LOSSES, NEG_INF, LiveTarget, LossSpec, SparseTarget, combine
+from whelp.distillation import closed_form
 from whelp.errors import WhelpError
 
 __all__ = ["LOSSES", "KDResult", "LiveTarget", "LossSpec", "SparseTarget", "kd_loss"]

@@ -1,0 +1,162 @@
+"""Bad inputs and safety opt-ins through the verbs as a user runs them (in-process CLI): one line, before any model
+is loaded where none is needed, nothing written; ``--allow-pickle`` / ``--trust-remote-code`` reach every verb."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli, save_tiny, tiny_config, tiny_model, tiny_tokenizer
+
+from whelp import models
+
+SMALL = ("--seq-len", "16")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A safetensors checkpoint, the same weights as pickle only, and a checkpoint that needs its own code."""
+    root = tmp_path_factory.mktemp("inputs")
+    tok = tiny_tokenizer()
+    save_tiny(root / "safe", tok)
+    pickled = root / "pickled"
+    shutil.copytree(root / "safe", pickled)
+    (pickled / "model.safetensors").unlink()
+    (pickled / "whelp.json").unlink()
+    torch.save(tiny_model(vocab_size=len(tok)).state_dict(), pickled / "pytorch_model.bin")
+    remote = root / "remote"
+    remote.mkdir()
+    (remote / "configuration_x.py").write_text("from transformers import LlamaConfig\n\n\nclass XConfig(LlamaConfig):\n"
+                                               "    model_type = 'xllama'\n")
+    (remote / "modeling_x.py").write_text("from transformers import LlamaForCausalLM\n\nfrom .configuration_x import "
+                                          "XConfig\n\n\nclass XForCausalLM(LlamaForCausalLM):\n"
+                                          "    config_class = XConfig\n")
+    config = {**tiny_config(vocab_size=len(tok)).to_dict(), "model_type": "xllama", "architectures": ["XForCausalLM"],
+              "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    (remote / "config.json").write_text(json.dumps(config))
+    tok.save_pretrained(remote)
+    shutil.copy(root / "safe" / "model.safetensors", remote)
+    return root
+
+
+def verb(name: str, model: str, out: str) -> list[str]:
+    """The cheapest complete run of each verb that loads ``model``."""
+    return {
+        "prune": ["prune", model, "--target", "intermediate_size=64", "--out", out, "--calib-samples", "1", *SMALL],
+        "eval": ["eval", model, "--out", out, "--max-tokens", "128", *SMALL, "--speed-prompt-len", "4",
+                 "--speed-new-tokens", "1", "--speed-repeats", "1"],
+        "distill": ["distill", model, "--teacher", model, "--out", out, "--steps", "1", "--batch-size", "1", *SMALL,
+                    "--eval-tokens", "32"],
+        "cache-logits": ["cache-logits", model, "--data", "pydoc:train", "--out", out, "--topk", "2", *SMALL,
+                         "--max-tokens", "64"],
+        "inspect": ["inspect", model, "--json"],
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["prune", "eval", "distill", "cache-logits"])
+def test_allow_pickle_reaches_every_verb_that_loads_weights(dirs, tmp_path, name):
+    refused = run_cli(*verb(name, str(dirs / "pickled"), str(tmp_path / "a")))
+    assert refused.exit_code == 2 and "pickle" in refused.stderr and "--allow-pickle" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+    done = run_cli("--allow-pickle", *verb(name, str(dirs / "pickled"), str(tmp_path / "b")))
+    assert done.exit_code == 0, done.stderr
+
+
+@pytest.mark.parametrize("name", ["inspect", "prune"])
+def test_trust_remote_code_reaches_the_verbs(dirs, tmp_path, name):
+    refused = run_cli(*verb(name, str(dirs / "remote"), str(tmp_path / "a")))
+    assert refused.exit_code == 2 and "--trust-remote-code" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    done = run_cli("--trust-remote-code", *verb(name, str(dirs / "remote"), str(tmp_path / "b")))
+    assert done.exit_code == 0, done.stderr
+    if name == "inspect":
+        assert json.loads(done.stdout)["model_type"] == "xllama"
+
+
+def no_model_loads(monkeypatch):
+    def refuse(*_a, **_k):
+        raise AssertionError("a model was loaded before an input that needs none was checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda d, t: ["cache-logits", d, "--data", "pydoc:train", "--out", t, "--topk", "0"], "--topk must be at least 1"),
+    (lambda d, t: ["cache-logits", d, "--data", "pydoc:train", "--out", t, "--sample", "0"],
+     "--sample must be at least 1"),
+    (lambda d, t: ["eval", d, "--out", t, "--batch-size", "0"], "batch_size must be positive"),
+    (lambda d, t: ["eval", d, "--out", t, "--tasks", "whelp_pydocc"], "unknown lm-eval task 'whelp_pydocc'"),
+    (lambda d, t: ["prune", d, "--target", "intermediate_size=64", "--out", t, "--scores", f"{d}/config.json"],
+     "is not a safetensors scores file"),
+    (lambda d, t: ["prune", d, "--target", "intermediate_size=64", "--out", f"{d}/config.json/x"],
+     "which is a file"),
+    (lambda d, t: ["prune", d, "--target", "intermediate_size=9999", "--out", t], "intermediate_size"),
+    (lambda d, t: ["distill", d, "--teacher", d, "--out", t, "--steps", "1", "--loss", "kl"], "unknown loss 'kl'"),
+    (lambda d, t: ["distill", d, "--teacher", d, "--out", t, "--steps", "1", "--schedule", "linear"],
+     "positive step count"),
+    (lambda d, t: ["distill", d, "--out", t, "--steps", "1"], "nothing to distil from"),
+    (lambda d, t: ["distill", d, "--teacher", d, "--out", t, "--steps", "1", "--data", "pydoc:trian"],
+     "unknown pydoc split 'trian'"),
+])
+def test_bad_flags_are_one_line_before_any_model_loads(dirs, tmp_path, monkeypatch, args, message):
+    no_model_loads(monkeypatch)
+    result = run_cli(*args(str(dirs / "safe"), str(tmp_path / "out")))
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_perplexity_file_is_refused_before_any_model_loads(dirs, tmp_path, monkeypatch):
+    (tmp_path / "empty.txt").write_text("")
+    no_model_loads(monkeypatch)
+    result = run_cli("eval", str(dirs / "safe"), "--out", str(tmp_path / "o"), "--ppl", str(tmp_path / "empty.txt"))
+    assert result.exit_code == 2 and "empty.txt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("same_size", [True, False])
+def test_a_teacher_with_another_tokenizer_is_refused_before_loading(dirs, tmp_path, monkeypatch, same_size):
+    """Same vocabulary size but other ids (a shuffled vocabulary) is as wrong as another size."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = tiny_tokenizer()
+    state = json.loads(tok.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    names = sorted(vocab, key=vocab.get)
+    if same_size:  # swap two ids
+        vocab[names[300]], vocab[names[301]] = vocab[names[301]], vocab[names[300]]
+    else:
+        state["model"]["merges"] = state["model"]["merges"][:-10]
+        for name in names[-10:]:
+            del vocab[name]
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)), eos_token="<eos>")
+    save_tiny(tmp_path / "teacher", other)
+    no_model_loads(monkeypatch)
+    result = run_cli("distill", str(dirs / "safe"), "--teacher", str(tmp_path / "teacher"), "--out",
+                     str(tmp_path / "o"), "--steps", "1", *SMALL)
+    assert result.exit_code == 2 and "another tokenizer" in result.stderr, result.stderr
+    assert ("other ids" in result.stderr) == same_size
+
+
+def test_a_cache_at_another_temperature_is_refused_before_loading(dirs, tmp_path, monkeypatch):
+    from whelp.distillation.cache import write_cache
+    from whelp.data import open_blocks
+
+    model, tok = models.load_model(str(dirs / "safe"))
+    write_cache(model, tok, open_blocks("pydoc:train", tok, 16, max_tokens=64), tmp_path / "c", "topk", 2, 2.0, "t")
+    no_model_loads(monkeypatch)
+    result = run_cli("distill", str(dirs / "safe"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
+                     *SMALL, "--max-tokens", "64")
+    assert result.exit_code == 2 and "temperature 2.0" in result.stderr and "--temperature 2.0" in result.stderr
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(dirs, tmp_path, monkeypatch):
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(models, "write_model", full)
+    result = run_cli(*verb("prune", str(dirs / "safe"), str(tmp_path / "o")))
+    assert result.exit_code == 2 and "No space left on device" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,176 @@
+"""``distill_run``: the directory verb of ``whelp distill``, a thin wrapper over ``whelp.distillation.loop``.
+
+It validates every input before loading a model (data sources, tokenizers of every teacher and cache against the
+student's, each cache's temperature and blocks), then loads the models, resumes from the newest checkpoint in
+``OUT.distill/checkpoints`` (run state: ``whelp.distillation.run``), trains, and writes the final student atomically to
+``OUT`` as a vanilla HF checkpoint with ``distill_report.json``. SIGINT/SIGTERM checkpoint at the end of the current
+step; a NaN/inf loss stops before the update, keeping the last good checkpoint; re-running with a lower ``lr`` (or
+another ``run.ADJUSTABLE`` setting) resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from whelp import store
+from whelp.distillation import checkpoint, loop, parallel
+from whelp.distillation import metrics as metrics_log
+from whelp.distillation import run as run_state
+from whelp.errors import WhelpError
+from whelp.specs import DistillSpec, LoadPolicy
+
+
+def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
+    """Identity of the files the run trains from (student, teachers, caches, training data): a run whose inputs
+    changed on disk is a different run, never resumed."""
+    from whelp.data import data_identity, source_identity
+
+    return store.content_id([source_identity(student), [source_identity(t) for t, _ in teachers],
+                             [source_identity(c) for c, _ in caches], data_identity(spec.data)])
+
+
+def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: LoadPolicy):
+    """Everything that needs no model, before any is loaded: data sources, that every teacher shares the student's
+    tokenizer (same ids, not only the same size), and each cache's tokenizer, vocabulary and temperature.
+    Returns ``(tokenizer, opened caches)``."""
+    from whelp.data import check_data
+    from whelp.data.tokenstore import tokenizer_hash
+    from whelp.distillation.cache import open_cache
+    from whelp.models import load_config, load_tokenizer
+
+    if not teachers and not caches and spec.ce_weight != 1:
+        raise WhelpError("nothing to distil from: pass --teacher MODEL[:WEIGHT] and/or --cache DIR[:WEIGHT] "
+                         "(or --ce-weight 1 for a plain CE baseline)")
+    for source in (spec.data, spec.eval_data):
+        check_data(source)
+    tokenizer = load_tokenizer(student, policy)
+    mine = tokenizer_hash(tokenizer)
+    for name, _ in teachers:
+        theirs = load_tokenizer(name, policy)
+        if tokenizer_hash(theirs) != mine:
+            raise WhelpError(f"teacher {name} has another tokenizer than the student {student} ({len(theirs):,} vs "
+                             f"{len(tokenizer):,} tokens{', other ids' if len(theirs) == len(tokenizer) else ''}): "
+                             "token-level distillation needs the same token ids; use a teacher of the student's family")
+    vocab = load_config(student, policy).get_text_config().vocab_size
+    opened = []
+    for path, _ in caches:
+        cache = open_cache(path, student_vocab_size=vocab, tokenizer=tokenizer)
+        if not math.isclose(cache.manifest["temperature"], spec.temperature):
+            raise WhelpError(f"cache {path} was made at temperature {cache.manifest['temperature']} but the loss "
+                             f"uses {spec.temperature}; pass --temperature {cache.manifest['temperature']} or rebuild")
+        if cache.manifest["mode"] == "sample" and spec.loss != "forward_kl":
+            raise WhelpError(f"cache {path} holds teacher samples, which estimate only forward_kl without bias "
+                             f"(Anshumann et al. 2025), not {spec.loss}; use --loss forward_kl or a top-k cache")
+        opened.append(cache)
+    return tokenizer, opened
+
+
+def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[str, float], ...] = (),
+                caches: tuple[tuple[str, float], ...] = (), force: bool = False, resume: bool = False,
+                progress: bool = True, stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> dict:
+    """Distil ``student`` from weighted live ``teachers`` and/or teacher-logit ``caches``; returns the report.
+    ``stage_key`` (a build's key of this step's inputs) is recorded in ``out``'s marker."""
+    from whelp.data import open_blocks, stream_tokens
+    from whelp.models import load_model
+
+    out = store.check_writable(out, force, "model")
+    tokenizer, opened = check_inputs(student, teachers, caches, spec, policy)
+    world = parallel.init_world()
+    try:
+        identity = {"student": student, "teachers": [list(t) for t in teachers], "caches": [list(c) for c in caches],
+                    "spec": asdict(spec), "world_size": world.size, "inputs": _inputs(student, teachers, caches, spec)}
+        rdir, changed = run_state.prepare(out, identity, force, resume, world)
+        blocks = parallel.main_first(world, lambda: open_blocks(spec.data, tokenizer, spec.seq_len,
+                                                                max_tokens=spec.max_tokens))
+        for cache in opened:
+            cache.check_blocks(blocks)
+        eval_ids = parallel.main_first(world, lambda: stream_tokens(spec.eval_data, tokenizer, spec.eval_tokens))
+        torch.manual_seed(spec.seed)
+        dtype = str(loop.compute_dtype(spec.dtype, world.device)).replace("torch.", "")
+        lm = load_model(student, device=str(world.device), policy=policy)[0]
+        live = [load_model(name, dtype=dtype, device=str(world.device), policy=policy)[0].requires_grad_(False)
+                for name, _ in teachers]  # frozen teachers are stored in the compute dtype: half the memory in bf16
+        t = loop.setup(lm, live, opened, [w for _, w in teachers] + [w for _, w in caches],
+                       [n for n, _ in teachers] + [p for p, _ in caches], blocks, spec, world, eval_ids, len(tokenizer))
+        start, last_good = _resume(t, rdir, changed)
+        report = _train(t, rdir, start, last_good, progress)
+        report.update(student=student, teachers=identity["teachers"], caches=identity["caches"], spec=asdict(spec),
+                      world_size=world.size, run_dir=str(rdir),
+                      history=run_state.history(rdir) if world.main else [])
+        _save_student(t.model, lm, tokenizer, out, force, report, world, stage_key)
+        return report
+    finally:
+        parallel.close_world(world)
+
+
+def _resume(t: loop.Training, rdir: Path, changed: dict) -> tuple[int, Path | None]:
+    """Restore the newest checkpoint (model, optimizer, scheduler, RNG, counters): ``(start step, its path)``."""
+    found = checkpoint.list_checkpoints(rdir / "checkpoints")
+    if not found:
+        return 0, None
+    meta = checkpoint.load_checkpoint(found[-1], t.model, t.optimizer, t.scheduler)
+    t.tokens_seen = meta["tokens_seen"]
+    t.scheduler = run_state.adjusted_scheduler(t.optimizer, t.spec, t.steps, meta["step"])  # same lr as unbroken
+    if changed:
+        shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        metrics_log.note(f"resuming {rdir} from step {meta['step']} with changed settings: {shown} "
+                         f"(recorded in {run_state.RUN_FILE})")
+    return meta["step"], found[-1]
+
+
+def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, progress: bool) -> dict:
+    """The loop with checkpoints, metrics.jsonl, TensorBoard and a progress bar (rank 0 logs)."""
+    metrics = rdir / "metrics.jsonl"
+    main = t.world.main
+    if main:
+        metrics_log.trim(metrics, start)
+    writer = metrics_log.tensorboard(rdir) if t.spec.tensorboard and main else None
+    bar = metrics_log.progress(t.steps, start, progress and main)
+
+    def save(step: int) -> Path:
+        return checkpoint.save_checkpoint(rdir / "checkpoints", step, t.model, t.optimizer, t.scheduler,
+                                          {"tokens_seen": t.tokens_seen, "data_position": step * t.per_step},
+                                          t.spec.keep_last)
+
+    def on_step(row: dict) -> None:
+        if main:
+            metrics_log.log(metrics, writer, row)
+            metrics_log.show(bar, row)
+
+    t0 = time.perf_counter()
+    first_eval = loop.held_out(t) if start == 0 else None
+    try:
+        last = loop.train(t, start, save=save, on_step=on_step, last_good=last_good)
+    finally:
+        if bar is not None:
+            bar.stop()
+        if writer is not None:
+            writer.close()
+    return {"steps": t.steps, "tokens": t.tokens_seen, "compute_dtype": str(t.dtype).replace("torch.", ""),
+            "final": last, "eval_start": first_eval, "eval_end": loop.held_out(t), "wall_s": time.perf_counter() - t0}
+
+
+def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, world, stage_key) -> None:
+    """Gather the full fp32 weights and write ``out`` from rank 0 as a plain (unsharded) HF model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from whelp.models import save_model
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world.main:
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(lm.config)
+        plain.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()}, assign=True)
+        plain.tie_weights()
+        plain.config.use_cache = True
+        save_model(plain.eval(), tokenizer, out, force=force, stage_key=stage_key,
+                   extra={"distill_report.json": json.dumps(report, indent=2)})
+    if world.size > 1:
+        torch.distributed.barrier()

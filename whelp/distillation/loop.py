@@ -1,0 +1,244 @@
+"""The distillation loop: ``setup`` -> ``train`` (one optimizer step at a time, each a sum of ``loss_step``s) -> done.
+
+Per optimizer step (torchtune's KD recipe is the model): for each micro-batch, frozen teachers give final hidden
+states under ``no_grad`` (or a cache gives sparse targets), the student gives its final hidden states, and the fused
+chunked loss of ``whelp.distillation.losses`` returns a SUM over tokens; that sum is divided by the number of loss tokens
+in the whole optimizer step (all micro-batches, all ranks), which makes gradient accumulation and data parallelism
+exact. Then clipping, AdamW, warmup + cosine. Minitron (Muralidharan et al. 2024) and Llama 3.2 distil pruned
+students exactly so.
+
+``distill(student, teachers, data, spec)`` runs it in memory and returns the student; ``whelp.distillation.api`` wraps
+the same loop with checkpoints, resume, signals and logs for ``whelp distill``, on one process or FSDP2 under
+torchrun. Everything a step reads is a function of ``(seed, step)``, so resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from whelp.distillation import parallel, schedule
+from whelp.errors import WhelpError
+from whelp.specs import DistillSpec, LossSpec
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA devices that support it, else fp32 (a bf16 training step measured 1.9x slower
+    than fp32 on this project's 2-core CPU: bf16 backward kernels are slow there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def backbone(lm):
+    """The decoder stack under the lm_head (``model`` for Llama, ``transformer`` for GPT-2, ``gpt_neox``...)."""
+    return lm.base_model
+
+
+@dataclass
+class Training:
+    """Everything one run holds (plain state, not a trainer class): the models, data, optimizer and counters."""
+
+    model: parallel.KDStudent  # FSDP2-sharded under torchrun
+    teachers: list  # frozen live teacher models
+    caches: list  # opened teacher-logit caches (whelp.distillation.cache.TeacherCache)
+    weights: tuple[float, ...]  # per-teacher weights, live teachers first
+    names: list[str]
+    blocks: object  # whelp.data.Blocks / TensorBlocks: rows [n, seq_len]
+    spec: DistillSpec
+    loss: LossSpec
+    world: parallel.World
+    dtype: torch.dtype
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    steps: int
+    eval_ids: torch.Tensor | None = None
+    tokens_seen: int = 0
+    log: list = field(default_factory=list)  # one row per step
+
+    @property
+    def per_step(self) -> int:
+        return self.spec.batch_size * self.spec.grad_accum * self.world.size
+
+    @property
+    def loss_tokens(self) -> int:  # the last position of a block has no next-token label
+        return self.per_step * (self.spec.seq_len - 1)
+
+    def autocast(self):
+        return torch.autocast(self.world.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def vocab_spec(spec: DistillSpec, widths: list[int], tokenizer_size: int | None) -> LossSpec:
+    """Student and teacher lm_heads padded to different widths (e.g. 49152 vs 49216 rows) share the tokenizer's
+    ids: softmax over those alone (ids beyond it masked). Vocabularies that really differ are refused by the loss
+    (and by ``whelp.distillation.api`` before any model loads, from the tokenizers)."""
+    if len(set(widths)) == 1:
+        return spec.loss_spec()
+    if tokenizer_size is None:
+        raise WhelpError(f"the student and teachers have lm_heads of {sorted(set(widths))} rows; pass the shared "
+                         "tokenizer so that only its ids are compared")
+    return spec.loss_spec(vocab_size=tokenizer_size)
+
+
+def setup(lm, teachers: list, caches: list, weights, names, blocks, spec: DistillSpec, world, eval_ids=None,
+          tokenizer_size: int | None = None) -> Training:
+    """Wrap (and under torchrun shard) the student, build AdamW and the warmup + cosine schedule."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    if blocks.seq_len != spec.seq_len:
+        raise WhelpError(f"the data has blocks of {blocks.seq_len} tokens, the spec seq_len={spec.seq_len}")
+    widths = [lm.get_output_embeddings().weight.shape[0]] + [t.get_output_embeddings().weight.shape[0]
+                                                             for t in teachers] + [c.manifest["vocab_size"]
+                                                                                   for c in caches]
+    loss = vocab_spec(spec, widths, tokenizer_size)
+    if not teachers and not caches and spec.ce_weight != 1:
+        raise WhelpError("nothing to distil from: give a teacher or a cache (or ce_weight=1 for a CE baseline)")
+    if spec.grad_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = parallel.shard_student(parallel.KDStudent(lm).train(), world)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    per_step = spec.batch_size * spec.grad_accum * world.size
+    steps = spec.steps or math.ceil(spec.max_tokens / (per_step * spec.seq_len))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps)
+    return Training(model, teachers, caches, tuple(weights), list(names), blocks, spec, loss, world,
+                    compute_dtype(spec.dtype, world.device), optimizer, scheduler, steps, eval_ids)
+
+
+def loss_step(t: Training, micro: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+    """Forward + backward of one micro-batch of rows ``micro`` [batch_size]; returns the float64 SUMS
+    [loss, per-teacher KL..., CE] over its loss tokens (the gradient is already scaled by the step's token count)."""
+    from whelp.distillation.losses import LiveTarget
+
+    ids = t.blocks[micro].to(t.world.device)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
+    with torch.no_grad(), t.autocast():
+        live = [LiveTarget(hidden=backbone(m)(input_ids=ids).last_hidden_state.flatten(0, 1),
+                           weight=m.get_output_embeddings().weight) for m in t.teachers]
+    targets = live + [cache.targets(micro) for cache in t.caches]
+    kd = dict(targets=targets, weights=weights, spec=t.loss, labels=labels, mask=labels != -100)
+    with t.autocast():
+        loss, per_teacher, ce = t.model(ids, kd=kd)
+    (loss * (t.world.size / t.loss_tokens)).backward()  # FSDP2 averages gradients over ranks: undo it
+    return torch.cat([loss.detach().double().cpu().view(1), per_teacher, ce.view(1)])
+
+
+def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
+    """One optimizer step (0-based ``step``): every micro-batch of this rank, clip, a finiteness check, AdamW.
+    Returns the step's log row (means over loss tokens of all ranks)."""
+    t_step = time.perf_counter()
+    weights = schedule.teacher_weights(t.spec.schedule, t.weights, step)
+    idx = schedule.step_blocks(step, len(t.blocks), t.per_step, t.spec.seed)
+    idx = idx.view(t.spec.grad_accum, t.world.size, t.spec.batch_size)[:, t.world.rank]
+    sums = sum(loss_step(t, micro, weights) for micro in idx)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.spec.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    sums = parallel.all_sum(t.world, sums) / t.loss_tokens
+    if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
+        where = (f"re-run with a lower --lr to resume from the last good checkpoint, {last_good}" if last_good
+                 else "lower the learning rate and start again")
+        raise WhelpError(f"non-finite loss ({sums[0].item()}) or gradient norm at step {step + 1}; stopped without "
+                         f"updating; {where} (or check the data)")
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.tokens_seen += t.per_step * t.spec.seq_len
+    return {"step": step + 1, "loss": sums[0].item(), "ce": sums[-1].item(),
+            **{f"kl/{n}": v.item() for n, v in zip(t.names, sums[1:-1])}, "teacher_weights": list(weights),
+            "lr": t.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": t.tokens_seen,
+            "step_s": time.perf_counter() - t_step}
+
+
+def held_out(t: Training) -> dict | None:
+    """Perplexity of the student on the held-out tokens (None without them)."""
+    if t.eval_ids is None:
+        return None
+    from whelp.evals.perplexity import perplexity
+
+    with t.autocast():
+        result = perplexity(t.model, t.eval_ids, t.spec.seq_len, batch_size=t.spec.batch_size)
+    t.model.train()
+    return {"eval_ppl": result.ppl, "eval_nll": result.nll}
+
+
+def _stop_flag(world, stop: dict) -> bool:
+    """True on every rank if any rank got SIGINT/SIGTERM (ranks must stop at the same step)."""
+    return bool(parallel.all_sum(world, torch.tensor([float(stop["requested"])], dtype=torch.float64)).item() > 0)
+
+
+def train(t: Training, start: int = 0, save=None, on_step=None, last_good: Path | None = None) -> dict:
+    """Steps ``start`` .. ``t.steps``; returns the last step's row.
+
+    ``save(step) -> Path`` (checkpointing runs) is called every ``save_every`` steps, at the end and when SIGINT /
+    SIGTERM asked to stop (the signal is honoured at the end of the current step, on every rank); without ``save``
+    a Ctrl-C raises at once. ``on_step(row)`` sees every row (logs, progress).
+    """
+    stop = {"requested": False}
+    handlers = {sig: signal.signal(sig, lambda *_: stop.update(requested=True)) for sig in STOP_SIGNALS} if save else {}
+    t0, last = time.perf_counter(), {}
+    try:
+        for step in range(start, t.steps):
+            last = optimizer_step(t, step, last_good)
+            last["tokens_per_s"] = (step + 1 - start) * t.per_step * t.spec.seq_len / (time.perf_counter() - t0)
+            if t.spec.eval_every and (step + 1) % t.spec.eval_every == 0 and step + 1 < t.steps:
+                last.update(held_out(t) or {})
+            interrupted = save is not None and _stop_flag(t.world, stop)
+            if save is not None and ((t.spec.save_every and (step + 1) % t.spec.save_every == 0)
+                                     or interrupted or step + 1 == t.steps):
+                last_good = save(step + 1)
+            t.log.append(last)
+            if on_step is not None:
+                on_step(last)
+            if interrupted:
+                raise WhelpError(f"interrupted at step {step + 1}/{t.steps}; checkpoint saved to {last_good}. "
+                                 "Re-run the same command to resume")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return last
+
+
+def _weighted(items) -> list[tuple[object, float]]:
+    return [item if isinstance(item, tuple) else (item, 1.0) for item in items]
+
+
+def distill(student, teachers, data, spec: DistillSpec, eval_ids: torch.Tensor | None = None,
+            tokenizer=None, progress: bool = True):
+    """Distil ``student`` (an HF causal LM, trained in place and returned in eval mode) from ``teachers`` on
+    ``data`` (``whelp.blocks(...)`` rows or a LongTensor [n, seq_len]) for ``spec``'s budget.
+
+    ``teachers``: models, opened caches (``whelp.open_cache``), or ``(teacher, weight)`` pairs. ``eval_ids`` [T]:
+    held-out tokens for the perplexity logged at the start and end (``student.whelp_distill`` holds the log).
+    ``tokenizer``: needed only when the lm_heads are padded to different widths. No checkpoints are written: for
+    resumable runs use ``whelp distill`` (``whelp.distillation.api.distill_run``).
+    """
+    from whelp.data import TensorBlocks
+    from whelp.distillation import metrics as metrics_log
+
+    blocks = data if hasattr(data, "head") else TensorBlocks(torch.as_tensor(data))
+    pairs = _weighted(teachers)
+    live = [(m.eval().requires_grad_(False), w) for m, w in pairs if isinstance(m, torch.nn.Module)]
+    cached = [(c, w) for c, w in pairs if not isinstance(c, torch.nn.Module)]
+    for cache, _ in cached:
+        cache.check_blocks(blocks)
+    names = [f"teacher{i}" for i in range(len(live))] + [str(c.path) for c, _ in cached]
+    world = parallel.World(0, 1, student.device, owns_group=False)
+    torch.manual_seed(spec.seed)
+    t = setup(student, [m for m, _ in live], [c for c, _ in cached], [w for _, w in live + cached], names, blocks,
+              spec, world, None if eval_ids is None else eval_ids.long(), tokenizer and len(tokenizer))
+    start = held_out(t)
+    bar = metrics_log.progress(t.steps, 0, progress)
+    try:
+        train(t, on_step=lambda row: metrics_log.show(bar, row))
+    finally:
+        if bar is not None:
+            bar.stop()
+    student.whelp_distill = {"steps": t.steps, "tokens": t.tokens_seen, "log": t.log, "eval_start": start,
+                             "eval_end": held_out(t)}
+    return student.eval()

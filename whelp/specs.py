@@ -1,0 +1,283 @@
+"""Every frozen spec of whelp, in one module that imports no torch: the one source of defaults, ranges and help.
+
+A spec holds parsed values (``Schedule``, not ``"linear:100"``); its ``__post_init__`` is the only range check of
+its fields. The CLI builds its options from these fields (``help`` in each field's metadata), recipes are built
+from them by ``whelp.schema``, and the library verbs take them as arguments, so a knob is spelled once. Importing
+this module costs milliseconds, which keeps ``whelp show`` and ``whelp validate`` as fast as ``whelp --help``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from whelp.errors import WhelpError
+
+IMPORTANCE = ("activation", "magnitude", "taylor", "random")
+LAYER_IMPORTANCE = ("block", "loss")
+TIE = ("embedding", "lm_head", "mean")
+ROPE = ("teacher", "target")
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+SCHEDULES = ("constant", "linear", "cosine")
+TEACHER = "teacher"  # in a recipe's distill.teachers / distill.caches: the recipe's teacher
+
+
+def opt(default, help: str, **meta):
+    """A field with its CLI help (and ``flag``/``cli`` metadata read by ``whelp.cli``)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _require(checks) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise WhelpError(message)
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> tuple[bool, str]:
+    return value in valid, f"unknown {name} '{value}'; choose one of {', '.join(valid)}"
+
+
+def _positive(spec, names) -> list:
+    return [(getattr(spec, n) is None or getattr(spec, n) >= 1, f"{n} must be positive, got {getattr(spec, n)}")
+            for n in names]
+
+
+def _non_negative(spec, names) -> list:
+    return [(getattr(spec, n) >= 0, f"{n} must be >= 0, got {getattr(spec, n)}") for n in names]
+
+
+def parse_weighted(text: str) -> tuple[str, float]:
+    """``NAME[:WEIGHT]`` -> (name, weight); the weight defaults to 1 (names may contain ':' e.g. pydoc:...)."""
+    name, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            value = float(weight)
+        except ValueError:
+            return text, 1.0
+        if value < 0 or value != value:
+            raise WhelpError(f"weight must be a number >= 0 in '{text}'")
+        return name, value
+    return text, 1.0
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """``a:0.7,b:0.3`` -> ``[("a", 0.7), ("b", 0.3)]`` normalised to sum 1; a single source has weight 1."""
+    parts = [parse_weighted(part.strip()) for part in spec.split(",")] if "," in spec else [(spec, 1.0)]
+    if any(w <= 0 for _, w in parts) or any(not s for s, _ in parts):
+        raise WhelpError(f"bad data mixture '{spec}': write SOURCE:WEIGHT,SOURCE:WEIGHT with positive weights")
+    total = sum(w for _, w in parts)
+    return [(s, w / total) for s, w in parts]
+
+
+@dataclass(frozen=True)
+class LoadPolicy:
+    """What loading a model may do; passed explicitly from the CLI to every verb that loads one."""
+
+    allow_pickle: bool = False  # read .bin/.pt weights: pickle can run arbitrary code
+    trust_remote_code: bool = False  # run model code shipped with a checkpoint
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How teacher weights move over optimizer steps.
+
+    ``constant``: the given weights throughout. ``linear:N`` / ``cosine:N``: all weight on the FIRST teacher at
+    step 0, moving (linearly / along a half cosine) to the given weights at step N and staying there: "8B first,
+    annealing toward the 70B" is ``--teacher 8b:0 --teacher 70b:1 --schedule linear:N``.
+    """
+
+    kind: str = "constant"
+    steps: int = 0
+
+    def __post_init__(self):
+        _require([_choice("teacher-weight schedule", self.kind, SCHEDULES),
+                  (self.kind != "constant" or self.steps == 0, "'constant' takes no step count; write constant"),
+                  (self.kind == "constant" or self.steps >= 1,
+                   f"schedule '{self.kind}' needs a positive step count, e.g. {self.kind}:100")])
+
+    @classmethod
+    def parse(cls, text: str) -> "Schedule":
+        """``constant`` | ``linear:N`` | ``cosine:N``."""
+        kind, _, steps = text.partition(":")
+        if kind not in SCHEDULES or (steps and not steps.isdigit()):
+            raise WhelpError(f"unknown teacher-weight schedule '{text}'; write constant, linear:N or cosine:N")
+        return cls(kind, int(steps or 0))
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "constant" else f"{self.kind}:{self.steps}"
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """How to prune: importance method, calibration data, tie init, RoPE policy, execution path."""
+
+    importance: Literal["activation", "magnitude", "taylor", "random"] = opt(
+        "activation", "Neuron/head/channel importance: activation | magnitude | taylor | random")
+    layer_importance: Literal["block", "loss"] = opt("block", "Layer importance: block (1 - cos) | loss (skip a layer)")
+    calib: str = opt("pydoc:calib", "Calibration data (store, file, dir, pydoc:calib, hf:..., a:0.7,b:0.3)")
+    calib_samples: int = opt(16, "Calibration blocks")
+    seq_len: int = opt(256, "Tokens per calibration block")
+    batch_size: int = opt(4, "Calibration blocks per forward")
+    tie: Literal["embedding", "lm_head", "mean"] = opt(
+        "embedding", "Init of the shared matrix when an untied teacher becomes tied: embedding | lm_head | mean")
+    rope: Literal["teacher", "target"] = opt("teacher", "RoPE of the target: teacher or target (preset's)")
+    stream: bool | None = opt(None, "Prune from the shards layer by layer (default: only when the teacher does not "
+                              "fit in memory)")
+    scores: str | None = opt(None, "Reuse a saved importance.safetensors")
+    seed: int = opt(0, "Seed of the calibration blocks and of random importance")
+
+    def __post_init__(self):
+        _require([_choice("importance", self.importance, IMPORTANCE),
+                  _choice("layer importance", self.layer_importance, LAYER_IMPORTANCE),
+                  _choice("tie", self.tie, TIE), _choice("rope", self.rope, ROPE),
+                  *_positive(self, ("calib_samples", "batch_size")),
+                  (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}")])
+        parse_mixture(self.calib)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """How student and teacher distributions are compared (``whelp.distillation.divergences``).
+
+    loss = (1 - ce_weight) * sum_i w_i * c * KD_i + ce_weight * CE, with c = T^2 if ``t2_scale`` (Hinton et al.
+    2015: keeps gradient magnitudes comparable across temperatures) else 1. CE uses the untempered student.
+    ``vocab_size``: the tokenizer's vocabulary when an lm_head is padded (e.g. 49152 real ids in 49216 rows);
+    ids at or above it are excluded from every softmax, which is exactly masking their logits to -inf.
+    """
+
+    name: str = "forward_kl"
+    temperature: float = 1.0
+    t2_scale: bool = False
+    beta: float = 0.5
+    alpha: float = 0.1
+    ce_weight: float = 0.0
+    chunk_size: int = 1024
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        _require([_choice("loss", self.name, LOSSES),
+                  (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+                  (0 < self.beta < 1, f"jsd beta must be in (0, 1), got {self.beta}"),
+                  (0 <= self.alpha < 1, f"skew_kl alpha must be in [0, 1), got {self.alpha}"),
+                  (0 <= self.ce_weight <= 1, f"ce_weight must be in [0, 1], got {self.ce_weight}"),
+                  *_positive(self, ("chunk_size", "vocab_size"))])
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """Hyper-parameters of a distillation run. Budget: exactly one of ``steps`` / ``max_tokens``."""
+
+    data: str = opt("pydoc:train", "Training data (store, file, dir, pydoc:train, hf:..., a:0.7,b:0.3)")
+    steps: int | None = opt(None, "Optimizer steps (or --max-tokens)")
+    max_tokens: int | None = opt(None, "Training tokens (or --steps); also bounds how much of the data is read")
+    batch_size: int = opt(8, "Sequences per micro-batch per process")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step")
+    seq_len: int = opt(512, "Tokens per block")
+    lr: float = opt(1e-4, "Peak learning rate (AdamW)")
+    warmup: int = opt(0, "Linear warmup steps before cosine decay to 0")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm")
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = opt(
+        "forward_kl", "Divergence: forward_kl | reverse_kl | jsd | skew_kl | tvd")
+    temperature: float = opt(1.0, "Softmax temperature of student and teachers")
+    t2_scale: bool = opt(False, "Scale the KD term by T^2 (Hinton et al. 2015)")
+    beta: float = opt(0.5, "jsd: mixture weight of the teacher, in (0, 1)")
+    alpha: float = opt(0.1, "skew_kl: skew toward the teacher, in [0, 1)")
+    ce_weight: float = opt(0.0, "Weight of the next-token CE in [0, 1]")
+    chunk_size: int = opt(1024, "Tokens per loss chunk: loss memory ~ 3 x chunk x vocab x 4 bytes")
+    schedule: Schedule = opt(Schedule(), "Teacher weights: constant | linear:N | cosine:N (first teacher -> given "
+                             "weights)")
+    eval_every: int = opt(0, "Held-out perplexity every N steps (0: at the start and end only)")
+    eval_data: str = opt("pydoc:eval", "Held-out data for the perplexity")
+    eval_tokens: int = opt(16384, "Held-out tokens")
+    seed: int = opt(0, "Seed of the data order")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "Autocast dtype: auto (bf16 on CUDA, else fp32) | float32 | bfloat16; master weights stay fp32")
+    grad_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower)")
+    save_every: int = opt(0, "Checkpoint every N steps (0: only at the end)")
+    keep_last: int = opt(2, "Checkpoints kept")
+    tensorboard: bool = opt(False, "Also log to OUT.distill/tensorboard")
+
+    def __post_init__(self):
+        if isinstance(self.schedule, str):  # DistillSpec(schedule="linear:100") in Python, as in YAML and the CLI
+            object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
+        _require([((self.steps is None) != (self.max_tokens is None),
+                   "give exactly one training budget: --steps N or --max-tokens N (recipe: steps or max_tokens)"),
+                  *_positive(self, ("steps", "max_tokens", "batch_size", "grad_accum", "keep_last", "eval_tokens")),
+                  (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+                  *_non_negative(self, ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "save_every")),
+                  _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))])
+        self.loss_spec()
+        for data in (self.data, self.eval_data):
+            parse_mixture(data)
+
+    def loss_spec(self, vocab_size: int | None = None) -> LossSpec:
+        return LossSpec(self.loss, self.temperature, self.t2_scale, self.beta, self.alpha, self.ce_weight,
+                        self.chunk_size, vocab_size)
+
+
+@dataclass(frozen=True)
+class SpeedSpec:
+    """Prefill over ``batch_size x prompt_len`` tokens and ``new_tokens`` cached greedy decode steps, median of
+    ``repeats`` after one warm-up (``whelp.evals.speed``)."""
+
+    batch_size: int = opt(1, "Speed: sequences per forward")
+    prompt_len: int = opt(128, "Speed: prompt tokens")
+    new_tokens: int = opt(32, "Speed: decoded tokens")
+    repeats: int = opt(3, "Speed: timed repeats (median)")
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(_positive(self, ("batch_size", "prompt_len", "new_tokens", "repeats")))
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to measure. ``stride`` None means non-overlapping windows of ``seq_len``; ``max_tokens`` bounds the
+    tokens read from each perplexity source; ``limit`` caps the documents of each lm-eval task."""
+
+    ppl: tuple[str, ...] = opt(("pydoc:eval",), "Perplexity source(s) (store, file, dir, pydoc:eval, hf:...)")
+    tasks: tuple[str, ...] = opt((), "lm-eval tasks, comma-separated (offline: whelp_pydoc, whelp_licenses, "
+                                 "whelp_pydoc_next)", cli="csv")
+    include_paths: tuple[str, ...] = opt((), "Directory of extra lm-eval task YAMLs", flag="--include-path")
+    limit: int | None = opt(None, "At most N documents per lm-eval task")
+    seq_len: int = opt(512, "Perplexity window and lm-eval context, in tokens")
+    stride: int | None = opt(None, "Sliding-window stride (default: --seq-len)")
+    max_tokens: int | None = opt(None, "Read at most N tokens per perplexity source")
+    batch_size: int = opt(4, "Windows / lm-eval requests per forward")
+    speed: SpeedSpec = SpeedSpec()
+    device: str = opt("cpu", "cpu, cuda or cuda:N")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "float32 | bfloat16 | float16")
+
+    def __post_init__(self):
+        _require([(self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+                  (self.stride is None or 1 <= self.stride <= self.seq_len,
+                   f"stride must be between 1 and seq_len ({self.seq_len}), got {self.stride}"),
+                  *_positive(self, ("limit", "max_tokens", "batch_size")),
+                  _choice("dtype", self.dtype, ("float32", "bfloat16", "float16")),
+                  (self.device == "cpu" or self.device.split(":")[0] == "cuda",
+                   f"unknown device '{self.device}'; choose cpu, cuda or cuda:N")])
+        for source in self.ppl:
+            if "," in source:
+                raise WhelpError(f"perplexity is measured per source; give '{source}' as separate sources")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What ``whelp cache-logits`` stores per position: the top-``k`` log-probs + tail mass, or ``k`` samples."""
+
+    mode: Literal["topk", "sample"] = "topk"
+    k: int = 64
+    temperature: float = opt(1.0, "Teacher softmax temperature")
+    seq_len: int = opt(512, "Tokens per packed block")
+    max_tokens: int | None = opt(None, "Read at most this many tokens")
+    batch_size: int = opt(4, "Blocks per teacher forward")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "Teacher dtype: float32 | bfloat16")
+
+    def __post_init__(self):
+        _require([_choice("cache mode", self.mode, ("topk", "sample")),
+                  (self.k >= 1, f"{'--topk' if self.mode == 'topk' else '--sample'} must be at least 1, got {self.k}"),
+                  (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+                  (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+                  *_positive(self, ("max_tokens", "batch_size")),
+                  _choice("dtype", self.dtype, ("float32", "bfloat16"))])
