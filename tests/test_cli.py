@@ -47,3 +47,22 @@ def test_ctrl_c_outside_a_training_loop_is_one_line_saying_what_to_do():
     assert out.returncode == 130
     assert out.stderr.strip().startswith("error: interrupted") and "Re-run the same command" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_happy_path_is_quiet_and_verbose_shows_the_third_party_output(tmp_path):
+    """No loading bars, lm-eval progress bars or warnings around whelp's own output; ``--verbose`` brings them
+    back (here: lm-eval's request bars)."""
+    from conftest import save_tiny, tiny_tokenizer
+
+    save_tiny(tmp_path / "tiny", tiny_tokenizer())
+    args = ["eval", str(tmp_path / "tiny"), "--tasks", "whelp_pydoc_next", "--limit", "2", "--max-tokens", "128",
+            "--seq-len", "64", "--speed-prompt-len", "4", "--speed-new-tokens", "1", "--speed-repeats", "1"]
+    quiet = run_whelp(*args, "--out", str(tmp_path / "a"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "" and quiet.stdout.startswith("# whelp eval")
+    import shutil
+
+    shutil.copytree(tmp_path / "tiny", tmp_path / "again")  # another directory: not served from the eval cache
+    loud = run_whelp("--verbose", *[str(tmp_path / "again") if a == args[1] else a for a in args],
+                     "--out", str(tmp_path / "b"))
+    assert loud.returncode == 0 and "it/s" in loud.stderr

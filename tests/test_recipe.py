@@ -71,12 +71,37 @@ distill: {steps: 2%s}
     (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", loss: kl"), r"recipe.distill\[0\].loss: 'kl' is not valid; choose one of forward_kl"),
     (BASE.replace("prune: {target: %s}", "prune: {target: %s, importance: fisher}") % ("llama-3.1-8b", "llama-3.2-1b", ""),
      r"recipe.prune\[0\].importance: 'fisher' is not valid; choose one of activation"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "eval: {tasks: [whelp_pydocc]}\n",
+     "recipe.eval.tasks: unknown lm-eval task 'whelp_pydocc': did you mean whelp_pydoc"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", steps: 3"), "key 'steps' is written twice"),
+    ("name: t\nname: u\nteacher: {model: llama-3.1-8b}\nprune: {target: llama-3.2-1b}\n", "key 'name' is written twice"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", schedule: linear"), r"recipe.distill\[0\].schedule: .*positive step count"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", beta: 1.5, loss: jsd"), r"recipe.distill\[0\]: jsd beta must be in \(0, 1\)"),
+    (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {train: 'a:0,b:1'}\n", "bad data mixture"),
     ("- just\n- a list\n", "a recipe is a mapping"),
     ("name: [unclosed\n", "not valid YAML"),
 ])
 def test_bad_recipes_name_the_problem(tmp_path, text, message):
     with pytest.raises(WhelpError, match=message):
         plan.plan_recipe(recipe.load(_write(tmp_path, text)))
+
+
+def test_yaml_1_1_floats_loss_parameters_and_one_step_overrides(tmp_path):
+    """``lr: 1e-3`` is a string to YAML 1.1 and a number to every user; every loss parameter is a recipe key; with
+    one distill step, ``--set distill.lr`` means its only step."""
+    path = _write(tmp_path, BASE % ("llama-3.1-8b", "llama-3.2-1b", ", lr: 1e-3, loss: jsd, beta: 0.3, "
+                                    "alpha: 0.2, t2_scale: true, schedule: 'cosine:10'"))
+    step = recipe.load(path).distill[0].options
+    assert (step.lr, step.beta, step.alpha, step.t2_scale, str(step.schedule)) == (1e-3, 0.3, 0.2, True, "cosine:10")
+    assert step.loss_spec().beta == 0.3
+    assert recipe.load(path, ("distill.lr=2e-4",)).distill[0].options.lr == 2e-4
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(recipe.dump(recipe.load(path)))
+    assert recipe.load(str(dumped)) == recipe.load(path)
+    chained = _write(tmp_path, "name: c\nteacher: {model: llama-3.1-8b}\nprune: [{target: llama-3.2-3b}, "
+                               "{target: llama-3.2-1b}]\ndistill: [{steps: 1}, {steps: 1}]\n")
+    with pytest.raises(WhelpError, match=r"'distill' is a list of 2 steps; write distill.I.lr"):
+        recipe.load(chained, ("distill.lr=1",))
 
 
 def test_overrides_and_stage_defaults(tmp_path):

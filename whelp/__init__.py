@@ -29,7 +29,7 @@ _VERBS = {
     "prune_checkpoint": ("whelp.pruning.api", "prune_checkpoint"),
     "distill_run": ("whelp.distillation.api", "distill_run"),
     "evaluate_to": ("whelp.evals.api", "evaluate_to"),
-    "cache_teacher": ("whelp.distillation.cache", "cache_teacher"),
+    "cache_teacher": ("whelp.distillation.api", "cache_teacher"),
 }
 
 __all__ = ["CacheSpec", "DistillSpec", "EvalSpec", "LoadPolicy", "LossSpec", "PruneSpec", "Schedule", "SpeedSpec",

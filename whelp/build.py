@@ -65,7 +65,7 @@ def _prune_stage(step, source: str, key_in: str, n: int, policy: LoadPolicy) -> 
 
 
 def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, policy: LoadPolicy) -> Stage:
-    from whelp.distillation.cache import cache_teacher
+    from whelp.distillation.api import cache_teacher
 
     teacher = _teacher_path(ref.model, recipe)
     spec = replace(ref.spec(step.options), dtype=recipe.teacher.dtype)

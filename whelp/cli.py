@@ -120,7 +120,7 @@ def cache_logits(teacher: str = typer.Argument(..., help="Teacher model director
     """Run a teacher over packed data once and cache sparse per-token targets (resumes if interrupted)."""
     from dataclasses import replace
 
-    from whelp.distillation.cache import cache_teacher
+    from whelp.distillation.api import cache_teacher
 
     if (topk is None) == (sample is None):
         raise WhelpError("pass exactly one of --topk K or --sample S")

@@ -134,7 +134,8 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", p
 def write_model(model, tokenizer, directory: Path, extra: dict[str, str] | None = None) -> None:
     """Write a vanilla HF checkpoint (safetensors, config, generation config, tokenizer) into ``directory``;
     ``extra`` maps file names to text. Callers write into ``store.atomic_dir``'s temporary directory."""
-    model.save_pretrained(directory, safe_serialization=True)
+    with quiet_loading():
+        model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     for name, text in (extra or {}).items():

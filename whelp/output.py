@@ -8,7 +8,10 @@ once by the CLI (library users may call it too); ``quiet_loading()`` wraps each 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
+import sys
 import warnings
 
 _STATE = {"verbose": False}
@@ -46,3 +49,22 @@ def quiet_loading():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_streams():
+    """Third-party progress bars and the stderr of the subprocesses they start (lm-eval's ``git describe``) off for
+    the block, unless verbose. Errors still arrive: as exceptions, which this does not touch."""
+    if _STATE["verbose"]:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stderr(io.StringIO()), quiet_loading():
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -1,4 +1,6 @@
-"""``distill_run``: the directory verb of ``whelp distill``, a thin wrapper over ``whelp.distillation.loop``.
+"""``distill_run`` and ``cache_teacher``: the directory verbs of ``whelp distill`` and ``whelp cache-logits``.
+
+``distill_run`` is a thin wrapper over ``whelp.distillation.loop``.
 
 It validates every input before loading a model (data sources, tokenizers of every teacher and cache against the
 student's, each cache's temperature and blocks), then loads the models, resumes from the newest checkpoint in
@@ -23,7 +25,7 @@ from whelp.distillation import checkpoint, loop, parallel
 from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
 from whelp.errors import WhelpError
-from whelp.specs import DistillSpec, LoadPolicy
+from whelp.specs import CacheSpec, DistillSpec, LoadPolicy
 
 
 def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
@@ -174,3 +176,18 @@ def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, wo
                    extra={"distill_report.json": json.dumps(report, indent=2)})
     if world.size > 1:
         torch.distributed.barrier()
+
+
+def cache_teacher(teacher: str, data: str, out: Path, spec: CacheSpec, force: bool = False,
+                  stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> Path:
+    """Load ``teacher``, read ``data`` exactly as ``whelp distill`` does (``open_blocks`` defaults) and cache it."""
+    from whelp.data import check_data, open_blocks
+    from whelp.distillation.cache import claim, write_cache
+    from whelp.models import load_model
+
+    claim(Path(out).expanduser(), force)  # before minutes of loading: a user's directory or a bad source, at once
+    check_data(data)
+    model, tokenizer = load_model(teacher, dtype=spec.dtype, policy=policy)
+    blocks = open_blocks(data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
+    return write_cache(model, tokenizer, blocks, out, spec.mode, spec.k, spec.temperature, teacher, force=force,
+                       batch_size=spec.batch_size, stage_key=stage_key)

@@ -32,7 +32,7 @@ from safetensors.torch import save
 
 from whelp import store
 from whelp.data.tokenstore import tokenizer_hash
-from whelp.specs import CacheSpec, LoadPolicy
+from whelp.specs import CacheSpec
 from whelp.distillation.losses import SparseTarget
 from whelp.errors import WhelpError
 from whelp.store import sha256_file
@@ -159,7 +159,7 @@ def _continued(out: Path, identity: dict) -> tuple[dict, bool]:
     return {**old, "shards": shards, "complete": False}, bool(old.get("complete")) and shards == old["shards"]
 
 
-def _claim(out: Path, force: bool) -> bool:
+def claim(out: Path, force: bool) -> bool:
     """Whether ``out`` holds a whelp cache to resume, or with ``force`` to replace, whatever its manifest says (a
     cache stopped before its first shard holds nothing to lose); WhelpError if it holds anything else."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
@@ -173,7 +173,7 @@ def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> t
     an existing cache a staging sibling ``.OUT.rebuild`` (resumed by the same forced command) that replaces
     ``out`` only when complete. A directory that is not a whelp cache is never written into or deleted."""
     work = out
-    if _claim(out, force):
+    if claim(out, force):
         if not force:
             manifest, complete = _continued(out, identity)
             if complete:
@@ -300,17 +300,3 @@ def open_cache(path, *, student_vocab_size: int | None = None, tokenizer=None,
             raise WhelpError(f"cache shard {path / shard['file']} {problem}; rerun the same whelp cache-logits "
                              "command to rewrite it")
     return TeacherCache(path, m)
-
-
-def cache_teacher(teacher: str, data: str, out: Path, spec: CacheSpec, force: bool = False,
-                  stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> Path:
-    """Load ``teacher``, read ``data`` exactly as ``whelp distill`` does (``open_blocks`` defaults) and cache it."""
-    from whelp.data import check_data, open_blocks
-    from whelp.models import load_model
-
-    _claim(Path(out).expanduser(), force)  # before minutes of loading: a user's directory or a bad source, at once
-    check_data(data)
-    model, tokenizer = load_model(teacher, dtype=spec.dtype, policy=policy)
-    blocks = open_blocks(data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
-    return write_cache(model, tokenizer, blocks, out, spec.mode, spec.k, spec.temperature, teacher, force=force,
-                       batch_size=spec.batch_size, stage_key=stage_key)

@@ -98,10 +98,13 @@ def run_tasks(model, tokenizer, tasks: tuple[str, ...], manager, limit: int | No
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-              device=str(model.device))
-    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
-                          bootstrap_iters=1000, verbosity="ERROR", **SEEDS)
+    from whelp.output import quiet_streams
+
+    with quiet_streams():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                  device=str(model.device))
+        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
+                              bootstrap_iters=1000, verbosity="ERROR", **SEEDS)
     higher = {f"{task}/{metric}": bool(better) for task, metrics in out["higher_is_better"].items()
               for metric, better in metrics.items() if better is not None}
     return {"scores": flatten_results(out["results"]), "higher_is_better": higher}

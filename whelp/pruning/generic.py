@@ -72,7 +72,7 @@ def traceable(model):
 def require(model_type: str) -> None:
     """torch-pruning is an optional extra: say how to get it, before any model is loaded."""
     try:
-        import torch_pruning  # noqa: F401
+        import torch_pruning  # noqa: F401  (only whether it is there)
     except ImportError:
         raise WhelpError(f"pruning a {model_type} model (outside whelp's family table) needs torch-pruning: "
                          "pip install 'whelp[generic]'") from None

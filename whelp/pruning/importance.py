@@ -90,23 +90,6 @@ def finish(stats: dict, n_layers: int) -> dict[str, Tensor]:
     return scores
 
 
-def layer_stats(layer, hidden_in: Tensor, family: Family, head_dim: int, index: int, **layer_kwargs) -> tuple[dict, Tensor]:
-    """Statistics of ONE decoder layer on ``hidden_in`` [B, T, H] and its output (for streaming calibration).
-
-    ``layer_kwargs`` are what the model passes the layer: ``position_embeddings`` (cos, sin) and the
-    ``attention_mask`` (4D causal, or None under sdpa).
-    """
-    stats: dict = {}
-    handles = attach(layer, family, head_dim, stats, index)
-    try:
-        with torch.no_grad():
-            out = layer(hidden_in, **layer_kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats, out[0] if isinstance(out, tuple) else out
-
-
 def batches(tokens: Tensor, batch_size: int):
     return [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
 
