@@ -66,3 +66,34 @@ def test_the_happy_path_is_quiet_and_verbose_shows_the_third_party_output(tmp_pa
     loud = run_whelp("--verbose", *[str(tmp_path / "again") if a == args[1] else a for a in args],
                      "--out", str(tmp_path / "b"))
     assert loud.returncode == 0 and "it/s" in loud.stderr
+
+
+def _parsed(cls, *args: str):
+    """The spec a command decorated with ``with_spec`` receives for ``args``."""
+    import typer
+    from typer.testing import CliRunner
+
+    from whelp.flags import with_spec
+
+    app, seen = typer.Typer(), {}
+
+    @app.command()
+    @with_spec("spec", cls)
+    def command(spec=None):
+        seen["spec"] = spec
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return seen["spec"]
+
+
+def test_every_option_is_a_spec_field_with_the_specs_defaults():
+    from whelp.specs import DistillSpec, EvalSpec, PruneSpec, Schedule, SpeedSpec
+
+    assert _parsed(PruneSpec) == PruneSpec()
+    assert _parsed(PruneSpec, "--no-stream").stream is False and _parsed(PruneSpec, "--stream").stream is True
+    assert _parsed(DistillSpec, "--steps", "3") == DistillSpec(steps=3)
+    got = _parsed(DistillSpec, "--max-tokens", "64", "--schedule", "cosine:5", "--beta", "0.25", "--t2-scale")
+    assert got == DistillSpec(max_tokens=64, schedule=Schedule("cosine", 5), beta=0.25, t2_scale=True)
+    got = _parsed(EvalSpec, "--tasks", "a, b", "--ppl", "x", "--ppl", "y", "--include-path", "d", "--speed-repeats", "5")
+    assert got == EvalSpec(tasks=("a", "b"), ppl=("x", "y"), include_paths=("d",), speed=SpeedSpec(repeats=5))

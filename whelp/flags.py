@@ -45,6 +45,8 @@ def _fields(cls, prefix: str = ""):
 
 def _option(name: str, f, tp) -> inspect.Parameter:
     flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
+    if _cli_type(tp) in (bool, Optional[bool]):
+        flag = f"{flag}/--no-{flag[2:]}"  # --stream / --no-stream: an unset Optional[bool] keeps its None
     default = f.default
     if f.metadata.get("cli") == "csv":
         cli_tp, default = str, ",".join(default)
