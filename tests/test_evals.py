@@ -155,7 +155,7 @@ def test_parse_and_order_models(tmp_path):
     assert api.parse_model(str(tmp_path) + "/") == (tmp_path.name, str(tmp_path) + "/")
     assert list(api.labelled(["a=x", "b=y"], "b=y").items()) == [("b", "y"), ("a", "x")]
     assert list(api.labelled(["a=x"], "t=z").items()) == [("t", "z"), ("a", "x")]
-    with pytest.raises(WhelpError, match="unique"):
+    with pytest.raises(WhelpError, match="given twice"):
         api.labelled(["a=x", "a=y"])
     with pytest.raises(WhelpError, match="stride"):
         api.EvalSpec(seq_len=8, stride=9)

@@ -160,3 +160,62 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(dirs, tmp_path, monkeypatch)
     result = run_cli(*verb("prune", str(dirs / "safe"), str(tmp_path / "o")))
     assert result.exit_code == 2 and "No space left on device" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda d, t: ["prune", d, "--target", "intermediate_size=64", "--out", d, "--force"], "would overwrite or nest"),
+    (lambda d, t: ["prune", d, "--target", "intermediate_size=64", "--out", f"{d}/student"], "would overwrite or nest"),
+    (lambda d, t: ["distill", d, "--teacher", d, "--out", d, "--force", "--steps", "1"], "would overwrite or nest"),
+    (lambda d, t: ["eval", d, "--out", d, "--force"], "holds a whelp model output, not an eval output"),
+    (lambda d, t: ["eval", d, "--out", f"{d}/report"], "would overwrite or nest"),
+    (lambda d, t: ["prune", d, "--target", "intermediate_size=64,intermediate_size=32", "--out", t], "given twice"),
+    (lambda d, t: ["prune", d, "--target", "intermediate_size=64", "--rope", "target", "--out", t],
+     "--rope target takes the RoPE of a preset"),
+    (lambda d, t: ["prune", d, "--target", "intermediate_size=64", "--seq-len", "100000", "--out", t],
+     "longer than the model's 256 positions"),
+    (lambda d, t: ["prune", d, "--target", "x", "--out", t, "--calib-samples", "abc"], "Invalid value for '--calib-samples'"),
+    (lambda d, t: ["prun", d], "No such command 'prun'"),
+    (lambda d, t: ["distill", d, "--teacher", f"{d}:0", "--out", t, "--steps", "1"], "every teacher weight is 0"),
+    (lambda d, t: ["distill", d, "--teacher", f"{d}:inf", "--out", t, "--steps", "1"], "finite number"),
+    (lambda d, t: ["distill", d, "--teacher", d, "--out", t, "--steps", "1", "--lr", "inf"], "lr must be float (finite)"),
+    (lambda d, t: ["eval", d, d, "--out", t], "given twice"),
+])
+def test_inputs_that_would_destroy_or_mislead_are_refused(dirs, tmp_path, monkeypatch, args, message):
+    no_model_loads(monkeypatch)
+    before = sorted(p.name for p in (dirs / "safe").iterdir())
+    result = run_cli(*args(str(dirs / "safe"), str(tmp_path / "out")))
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (dirs / "safe").iterdir()) == before
+
+
+def test_a_config_with_values_of_the_wrong_type_is_one_line(tmp_path):
+    config = {**tiny_config().to_dict(), "hidden_size": "abc"}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    result = run_cli("inspect", str(tmp_path / "m"))
+    assert result.exit_code == 2 and "not a valid model config" in result.stderr and "hidden_size" in result.stderr
+
+
+def test_the_python_api_refuses_what_the_cli_would(dirs):
+    import whelp
+
+    model, tok = models.load_model(str(dirs / "safe"))
+    with pytest.raises(whelp.WhelpError, match="token ids"):
+        whelp.prune(model, "intermediate_size=64", torch.full((1, 16), 10_000), whelp.PruneSpec(calib_samples=1))
+    with pytest.raises(whelp.WhelpError, match="integers"):
+        whelp.prune(model, "intermediate_size=64", torch.zeros(1, 16), whelp.PruneSpec(calib_samples=1))
+    with pytest.raises(whelp.WhelpError, match="target is a preset name"):
+        whelp.prune(model, 64, torch.zeros(1, 16, dtype=torch.long))
+    with pytest.raises(whelp.WhelpError, match="pass whelp.blocks"):
+        whelp.distill(model, [model], "pydoc:train", whelp.DistillSpec(steps=1, seq_len=16))
+    with pytest.raises(whelp.WhelpError, match="finite numbers >= 0"):
+        whelp.distill(model, [(model, -1.0)], torch.zeros(2, 16, dtype=torch.long), whelp.DistillSpec(steps=1, seq_len=16))
+    for bad in (dict(allow_pickle="no"), dict(trust_remote_code=1)):
+        with pytest.raises(whelp.WhelpError, match="must be bool"):
+            whelp.LoadPolicy(**bad)
+    for bad in (dict(steps=1.5), dict(steps=1, lr="1e-3"), dict(steps=1, lr=float("inf"))):
+        with pytest.raises(whelp.WhelpError):
+            whelp.DistillSpec(**bad)
+    with pytest.raises(whelp.WhelpError, match="ppl must be tuple"):
+        whelp.EvalSpec(ppl="pydoc:eval")

@@ -63,7 +63,7 @@ distill: {steps: 2%s}
     (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", lr: fast"), r"recipe.distill\[0\].lr: expected a number, got 'fast'"),
     (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {seq_len: 1}\n", "recipe.data: seq_len must be at least 2"),
     (BASE % ("llama-3.1-8b", "hidden_size=9000", ""), r"recipe.prune\[0\].target: .*hidden_size=9000 is out of range"),
-    (BASE % ("/no/such/teacher", "llama-3.2-1b", ""), "recipe.teacher: no such model directory: /no/such/teacher"),
+    (BASE % ("/no/such/teacher", "llama-3.2-1b", ""), "recipe.teacher.model: no such model directory: /no/such/teacher"),
     (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "colour: red\n", "recipe.colour: unknown key"),
     (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "eval: {tasks: mmlu}\n", "recipe.eval.tasks: expected a list"),
     ("name: t\nteacher: {model: llama-3.1-8b}\n", "needs at least one prune step"),

@@ -53,7 +53,7 @@ def test_check_writable_by_marker_kind_and_force(tmp_path):
     with store.atomic_dir(tmp_path / "mine", kind="eval", stage_key="abc") as tmp:
         (tmp / "metrics.json").write_text("{}")
     assert store.marker(tmp_path / "mine")["stage_key"] == "abc"
-    with pytest.raises(WhelpError, match="holds a whelp eval, not a model"):
+    with pytest.raises(WhelpError, match="holds a whelp eval output, not a model output"):
         store.check_writable(tmp_path / "mine", True, "model")
     with pytest.raises(WhelpError, match="already holds a whelp eval; pass --force"):
         store.check_writable(tmp_path / "mine", False, "eval")

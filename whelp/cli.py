@@ -19,25 +19,44 @@ from whelp.specs import CacheSpec, DistillSpec, EvalSpec, LoadPolicy, PruneSpec
 
 
 class _App(typer.Typer):
-    """Typer app whose user-facing errors print as one line, not a traceback."""
+    """Typer app whose user-facing errors print as one line, not a traceback or a usage box."""
 
     def __call__(self, *args, **kwargs):
+        try:  # typer >= 0.26 vendors click as typer._click; older typer raises click's own
+            from typer._click.exceptions import UsageError
+        except ImportError:
+            from click.exceptions import UsageError
+
         try:
-            return super().__call__(*args, **kwargs)
+            code = super().__call__(*args, standalone_mode=False, **kwargs)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `whelp` or `whelp VERB`: the help, as asked
+                exc.show()
+                sys.exit(0)
+            where = exc.ctx.command_path if exc.ctx else "whelp"
+            _fail(f"{exc.format_message()} (see `{where} --help`)")
+        except typer.Abort:  # Ctrl-C outside a training loop
+            _fail(INTERRUPTED, 130)
         except WhelpError as exc:
-            typer.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(2)
+            _fail(str(exc))
         except OSError as exc:  # a full disk, a read-only --out, a path below a regular file
             where = f" ({exc.filename})" if exc.filename else ""
-            typer.secho(f"error: {exc.strerror or exc}{where}; nothing half-written was kept: free space or choose "
-                        "another path, then re-run", fg="red", err=True)
-            sys.exit(2)
-        except SystemExit as exc:
-            if exc.code == 130:  # typer's exit on KeyboardInterrupt (Ctrl-C outside a training loop)
-                typer.secho("error: interrupted; outputs are written atomically, so nothing half-written was kept. "
-                            "Re-run the same command to continue (distil runs, caches and builds resume)",
-                            fg="red", err=True)
-            raise
+            _fail(f"{exc.strerror or exc}{where}; nothing half-written was kept: free space or choose another path, "
+                  "then re-run")
+        if code == 130:  # typer turns a KeyboardInterrupt into exit code 130
+            _fail(INTERRUPTED, 130)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+        return code
+
+
+INTERRUPTED = ("interrupted; outputs are written atomically, so nothing half-written was kept. Re-run the same "
+               "command to continue (distil runs, caches and builds resume)")
+
+
+def _fail(message: str, code: int = 2):
+    typer.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
 
 
 app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -234,6 +253,11 @@ SetOption = typer.Option(None, "--set", help="Override a recipe value: key.path=
 def _plan_recipe(name: str, overrides: tuple[str, ...], as_json: bool) -> None:
     from whelp import plan as planning, recipe as recipes
 
+    from pathlib import Path
+
+    if Path(name).expanduser().is_dir():
+        raise WhelpError(f"'{name}' is a directory here, not a recipe; to plan a prune of that model pass --target T "
+                         f"(for the shipped recipe of that name, write {recipes.RECIPES_DIR / name}.yaml)")
     if not name.endswith((".yaml", ".yml")) and not (recipes.RECIPES_DIR / f"{name}.yaml").exists():
         raise WhelpError(f"'{name}' is not a recipe; to plan a prune of a model, pass --target")
     result = planning.plan_recipe(recipes.load(name, overrides))

@@ -93,14 +93,26 @@ def load_config(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
             raise WhelpError(f"{path} is not valid JSON ({exc})") from None
         if not isinstance(data, dict) or "model_type" not in data:
             raise WhelpError(f"{path} has no 'model_type': not a Hugging Face config.json")
-        try:
-            return AutoConfig.for_model(**data)
-        except ValueError as exc:
-            raise WhelpError(f"{path}: {str(exc).splitlines()[0]}") from None
+        return _checked(lambda: AutoConfig.for_model(**data), str(path))
+    return _checked(lambda: AutoConfig.from_pretrained(locate(name_or_path), trust_remote_code=policy.trust_remote_code),
+                    name_or_path)
+
+
+def _checked(make, name: str):
+    """A config from transformers, its own validation included: values of the wrong type (``"hidden_size": "abc"``)
+    or impossible ones (0 heads) are one line naming the file, not a traceback from inside transformers."""
     try:
-        return AutoConfig.from_pretrained(locate(name_or_path), trust_remote_code=policy.trust_remote_code)
+        config = make()
+        text = config.get_text_config()
+        text.hidden_size // text.num_attention_heads  # a zero raises here, before any division of whelp's
+        return config
+    except WhelpError:
+        raise
     except (OSError, ValueError) as exc:
-        raise _hub_error(name_or_path, exc) from None
+        raise _hub_error(name, exc) from None
+    except Exception as exc:  # huggingface_hub strict validation, a zero head count, ...: the input is at fault
+        cause = str(getattr(exc, "__cause__", None) or exc).strip().splitlines() or [type(exc).__name__]
+        raise WhelpError(f"{name}: not a valid model config ({cause[-1]}); fix its config.json") from None
 
 
 def load_tokenizer(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
@@ -175,6 +187,15 @@ def shape(config) -> dict:
     if out["head_dim"] is None:
         out["head_dim"] = text.hidden_size // text.num_attention_heads
     return out
+
+
+def check_positions(config, tokens: int, what: str) -> None:
+    """Refuse sequences longer than the model has positions for (its RoPE scaling and masks end there)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if limit is not None and tokens > limit:
+        raise WhelpError(f"{what} {tokens} is longer than the model's {limit} positions (max_position_embeddings); "
+                         f"use at most {limit}")
 
 
 def count_params(config, policy: LoadPolicy = LoadPolicy()) -> tuple[int, int]:

@@ -14,6 +14,8 @@ directory, or the store a raw source was tokenized into) and the resulting epoch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from whelp import models
 from whelp.errors import WhelpError
 from whelp.recipe import Recipe
@@ -30,7 +32,7 @@ def teacher_config(recipe: Recipe):
     try:
         return models.load_config(source)
     except WhelpError as exc:
-        raise WhelpError(f"recipe.teacher: {exc}") from None
+        raise WhelpError(f"recipe.teacher.{'config' if recipe.teacher.config else 'model'}: {exc}") from None
 
 
 def cache_bytes_per_token(mode: str, k: int, vocab: int) -> int:
@@ -48,8 +50,6 @@ def _params(config) -> dict:
 
 def _local_tokenizer(recipe: Recipe):
     """The teacher's tokenizer when it is on this machine (never downloads or converts anything), else None."""
-    from pathlib import Path
-
     from whelp.store import whelp_home
 
     local = whelp_home() / "models" / recipe.teacher.model
@@ -75,15 +75,41 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
 
 def _prune_stage(step, source_cfg, index: int) -> tuple[dict, object]:
     from whelp.pruning.surgery import target_config
-    from whelp.pruning.targets import first_keep, parse_target
+    from whelp.pruning.targets import first_keep, parse_target, target_rope
 
+    from whelp.pruning.scores import check_scores_file
+
+    where = f"recipe.prune[{index}]"
     try:
         parsed = parse_target(source_cfg, step.target)
+        rope = target_rope(parsed, step.options.rope)
     except WhelpError as exc:
-        raise WhelpError(f"recipe.prune[{index}].target: {exc}") from None
-    rope = parsed.rope_parameters if step.options.rope == "target" else None
+        raise WhelpError(f"{where}.target: {exc}") from None
+    _at(f"{where}.seq_len", lambda: models.check_positions(source_cfg, step.options.seq_len, "seq_len"))
+    if step.options.scores:
+        _at(f"{where}.scores", lambda: check_scores_file(Path(step.options.scores).expanduser()))
     cfg = target_config(source_cfg, first_keep(source_cfg, parsed.shape, step.options.tie), rope)
     return {"stage": f"prune[{index}]", "target": step.target, "shape": _params(cfg)}, cfg
+
+
+def _at(where: str, check) -> None:
+    """Run ``check``; its WhelpError names the recipe key ``where``."""
+    try:
+        check()
+    except WhelpError as exc:
+        raise WhelpError(f"{where}: {exc}") from None
+
+
+def _same_tokenizer(model: str, tokenizer, where: str) -> None:
+    """A local distill teacher must share the recipe teacher's tokenizer (checked from its files; no weights)."""
+    from whelp.data.tokenstore import tokenizer_hash
+
+    if tokenizer is None or not (Path(model).expanduser() / "config.json").is_file():
+        return
+    theirs = models.load_tokenizer(model)
+    if tokenizer_hash(theirs) != tokenizer_hash(tokenizer):
+        raise WhelpError(f"{where}: {model} has another tokenizer than the recipe's teacher ({len(theirs):,} vs "
+                         f"{len(tokenizer):,} tokens): token-level distillation needs the same token ids")
 
 
 def _calib_plan(step, vocab: int, tokenizer, index: int) -> dict:
@@ -105,6 +131,10 @@ def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int, t
     n_student = models.count_params(student_cfg)[0]
     tokens_per_step = spec.batch_size * spec.grad_accum * spec.seq_len
     tokens = spec.max_tokens if spec.max_tokens is not None else spec.steps * tokens_per_step
+    _at(f"recipe.distill[{index}].seq_len", lambda: models.check_positions(student_cfg, spec.seq_len, "seq_len"))
+    for i, t in enumerate(step.teachers):
+        if t.model != TEACHER:
+            _same_tokenizer(t.model, tokenizer, f"recipe.distill[{index}].teachers[{i}]")
     live = [(t.model, t.weight, _teacher_params(t, teacher_cfg, f"recipe.distill[{index}].teachers[{i}]"))
             for i, t in enumerate(step.teachers)]
     cached = [(c, _teacher_params(c, teacher_cfg, f"recipe.distill[{index}].caches[{i}]"))
@@ -145,13 +175,17 @@ def plan_recipe(recipe: Recipe) -> dict:
 def _check_eval(recipe: Recipe) -> None:
     """The eval section's sources and lm-eval task names, so a build never fails on them after pruning."""
     from whelp.data import check_data
-    from whelp.evals.harness import check_task_names
+    from whelp.evals.harness import check_include_paths, check_task_names
 
     for i, source in enumerate(recipe.eval.ppl):
         try:
             check_data(source)
         except WhelpError as exc:
             raise WhelpError(f"recipe.eval.ppl[{i}]: {exc}") from None
+    try:
+        check_include_paths(recipe.eval.include_paths)
+    except WhelpError as exc:
+        raise WhelpError(f"recipe.eval.include_paths: {exc}") from None
     if recipe.eval.tasks:
         try:
             check_task_names(recipe.eval.tasks, recipe.eval.include_paths)

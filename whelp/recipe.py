@@ -17,7 +17,7 @@ from typing import Literal
 
 from whelp.errors import WhelpError
 from whelp.schema import apply_override, build, load_yaml, to_dict
-from whelp.specs import TEACHER, CacheSpec, DistillSpec, EvalSpec, PruneSpec, parse_mixture
+from whelp.specs import TEACHER, CacheSpec, DistillSpec, check_weights, EvalSpec, PruneSpec, parse_mixture
 from whelp.store import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -57,8 +57,8 @@ class TeacherRef:
     config: str | None = None  # config.json path or shipped name, to plan without the weights
 
     def __post_init__(self):
-        if self.weight < 0:
-            raise WhelpError(f"weight must be >= 0, got {self.weight}")
+        if not 0 <= self.weight < float("inf"):
+            raise WhelpError(f"weight must be a finite number >= 0, got {self.weight}")
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ class CacheRef:
     config: str | None = None  # config.json path or shipped name (llama-3.1-70b), to plan without the weights
 
     def __post_init__(self):
-        if self.weight < 0:
-            raise WhelpError(f"weight must be >= 0, got {self.weight}")
+        if not 0 <= self.weight < float("inf"):
+            raise WhelpError(f"weight must be a finite number >= 0, got {self.weight}")
         self.spec(DistillSpec(steps=1))
 
     def spec(self, step: DistillSpec) -> CacheSpec:
@@ -87,6 +87,14 @@ class DistillStep:
     options: DistillSpec = field(metadata={"flatten": True})  # steps or max_tokens is required
     teachers: tuple[TeacherRef, ...] = (TeacherRef(),)
     caches: tuple[CacheRef, ...] = ()
+
+    def __post_init__(self):
+        """What ``whelp distill`` would refuse after the stages before it ran: caught by ``validate``."""
+        check_weights([t.weight for t in self.teachers] + [c.weight for c in self.caches], self.options)
+        for i, cache in enumerate(self.caches):
+            if cache.temperature != self.options.temperature:
+                raise WhelpError(f"caches[{i}].temperature {cache.temperature} differs from the loss temperature "
+                                 f"{self.options.temperature}; cache at the temperature the step distils at")
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,9 @@ def _as_list(value, key: str) -> list:
     if isinstance(value, dict):
         return [value]
     if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise WhelpError(f"recipe.{key}[{i}]: expected a mapping (a step's keys), got {item!r}")
         return value
     raise WhelpError(f"recipe.{key}: expected a mapping or a list of mappings, got {value!r}")
 
@@ -183,15 +194,19 @@ def _mixtures(section: dict, path: str) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class SeedOnly:
+    seed: int = 0
+
+
 def _fill_defaults(raw: dict) -> dict:
     """Stage options the recipe leaves out take the ``data`` section's and the top-level ``seed``."""
     if isinstance(raw.get("data"), dict):
         raw["data"] = _mixtures(raw["data"], "recipe.data")
     for key in ("prune", "distill"):
         raw[key] = [_mixtures(s, f"recipe.{key}[{i}]") if isinstance(s, dict) else s for i, s in enumerate(raw[key])]
-    data = {"calib": "pydoc:calib", "train": "pydoc:train", "eval": "pydoc:eval", "seq_len": 512,
-            **(raw.get("data") if isinstance(raw.get("data"), dict) else {})}
-    seed = raw.get("seed", 0)
+    data = to_dict(build(DataSection, raw.get("data"), "recipe.data"))  # its errors name recipe.data, not a stage
+    seed = build(SeedOnly, {"seed": raw.get("seed", 0)}, "recipe").seed
     raw["prune"] = [{"calib": data["calib"], "seq_len": data["seq_len"], "seed": seed, **(s or {})}
                     for s in raw["prune"]]
     raw["distill"] = [{"data": data["train"], "eval_data": data["eval"], "seq_len": data["seq_len"], "seed": seed,

@@ -139,17 +139,23 @@ def load_yaml(text: str, where: str):
         pass
 
     def mapping(loader, node, deep=False):
-        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
-        for key in keys:
-            if keys.count(key) > 1:
-                raise WhelpError(f"{where}: key '{key}' is written twice (line {node.start_mark.line + 1}); keep one")
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise WhelpError(f"{where}: key '{key}' is written twice (again on line {key_node.start_mark.line + 1}); "
+                                 "keep one")
+            seen.add(key)
         return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
     Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
         return yaml.load(text, Strict)
     except yaml.YAMLError as exc:
-        raise WhelpError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise WhelpError(f"{where} is not valid YAML{at}: {problem}") from None
 
 
 def apply_override(raw: dict, assignment: str) -> dict:
@@ -158,6 +164,8 @@ def apply_override(raw: dict, assignment: str) -> dict:
         raise WhelpError(f"--set {assignment!r}: write key.path=value")
     key, text = assignment.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise WhelpError(f"--set {assignment!r}: the key path has an empty part; write key.path=value")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         where = ".".join(parts[: i + 1])
@@ -175,6 +183,8 @@ def apply_override(raw: dict, assignment: str) -> dict:
     value = load_yaml(text, f"--set {key}")
     if isinstance(node, list) and len(node) == 1 and not last.isdigit():
         node = node[0]
+    if not isinstance(node, (dict, list)):
+        raise WhelpError(f"--set {key}: '{'.'.join(parts[:-1])}' is a value, not a mapping")
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             where = ".".join(parts[:-1])

@@ -184,11 +184,25 @@ def check_writable(out_dir: str | Path, force: bool, kind: str) -> Path:
         raise WhelpError(f"--out {out} exists and was not made by whelp (no valid {MARKER}); whelp never deletes "
                          "or overwrites it, with or without --force: choose another --out")
     if found["kind"] != kind:
-        raise WhelpError(f"--out {out} holds a whelp {found['kind']}, not a {kind}; choose another --out")
+        raise WhelpError(f"--out {out} holds a whelp {found['kind']} output, not {_a(kind)} output; choose another --out")
     if not force:
         raise WhelpError(f"--out {out} already holds a whelp {kind}; pass --force to replace it (the old one stays "
                          "until the new one is complete) or choose another --out")
     return out
+
+
+def check_apart(out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an ``--out`` that is, holds or lies inside one of the verb's inputs (``{what: directory}``): replacing
+    it would destroy the model being read (``whelp prune TEACHER --out TEACHER --force``)."""
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    for what, path in inputs.items():
+        path = Path(os.path.abspath(Path(path).expanduser()))
+        if out == path or path in out.parents or out in path.parents:
+            raise WhelpError(f"--out {out} would overwrite or nest in {what} ({path}); choose a separate --out")
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def commit_dir(tmp: Path, out: Path, kind: str, force: bool = True) -> None:

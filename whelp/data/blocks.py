@@ -215,4 +215,7 @@ def blocks(data: str, tokenizer, seq_len: int, n: int | None = None, seed: int =
     from token stores; with ``n``, only the first ``n`` rows, held as one tensor (calibration, a notebook's batch).
     The Python API's way to give data to ``prune`` and ``distill``."""
     rows = open_blocks(data, tokenizer, seq_len, seed=seed, max_tokens=max_tokens)
+    if n is not None and n > len(rows):
+        raise WhelpError(f"{data} has {len(rows)} blocks of {seq_len} tokens, fewer than n={n}; ask for at most "
+                         f"{len(rows)} or give more data")
     return rows if n is None else TensorBlocks(rows.head(n), source=data)

@@ -66,9 +66,13 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
                                      "pass the right text column")
                 yield str(row[text_column])
         return
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise WhelpError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0]})") from None
     if text_column not in table.schema_arrow.names:
         raise WhelpError(f"{path} has no '{text_column}' column (has: {', '.join(table.schema_arrow.names)}); "
                          "pass the right text column")

@@ -23,6 +23,8 @@ import bisect
 import hashlib
 import itertools
 import os
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -94,6 +96,11 @@ def _chunks(docs, size: int):
         yield chunk
 
 
+def _quiet_worker() -> None:
+    """Workers leave Ctrl-C to the parent (which stops the pool and reports once): one line, not a traceback each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _encoded(docs, tokenizer, num_proc: int, dtype: str):
     """``(n_docs, ids)`` per chunk of documents, in document order, tokenized by ``num_proc`` processes."""
     if num_proc == 1:
@@ -104,7 +111,12 @@ def _encoded(docs, tokenizer, num_proc: int, dtype: str):
 
     global _TOKENIZER
     _TOKENIZER = tokenizer
-    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+    handler = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # workers are forked with the default SIGTERM: the
+    try:  # pool's own terminate() then ends them at once, never through the CLI's Ctrl-C handler
+        pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_quiet_worker)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    with pool:
         yield from pool.imap(functools.partial(_encode, dtype=dtype), _chunks(docs, CHUNK_DOCS), chunksize=4)
 
 
@@ -159,10 +171,10 @@ def tokenize(spec: str, tokenizer, out: str | Path, num_proc: int | None = None,
     """
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism is the workers'; one core each
     out = Path(out).expanduser()
+    for name, value in (("--num-proc", num_proc), ("--max-tokens", max_tokens), ("shard_tokens", shard_tokens)):
+        if value is not None and value < 1:
+            raise WhelpError(f"{name} must be positive, got {value}")
     num_proc = num_proc or os.cpu_count() or 1
-    if num_proc < 1 or shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
-        raise WhelpError(f"--num-proc, shard tokens and --max-tokens must be positive; got {num_proc}, "
-                         f"{shard_tokens}, {max_tokens}")
     identity = _identity(spec, tokenizer, max_tokens, text_column, shard_tokens)
     manifest = _resumable(out, identity, force)
     work = out.with_name(f".{out.name}.rebuild") if manifest is None and force and out.exists() else out
@@ -170,7 +182,12 @@ def tokenize(spec: str, tokenizer, out: str | Path, num_proc: int | None = None,
         manifest = {**identity, "shards": [], "complete": False}
         with store.atomic_dir(work, force=True, kind="store") as tmp:
             store.write_record(tmp / MANIFEST, manifest)
-    _fill(work, manifest, tokenizer, num_proc, progress)
+    try:
+        _fill(work, manifest, tokenizer, num_proc, progress)
+    except WhelpError:
+        if not manifest["shards"]:  # nothing to resume: leave nothing that would block the corrected command
+            shutil.rmtree(work)
+        raise
     if work != out:
         store.commit_dir(work, out, "store")
     return out

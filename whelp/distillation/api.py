@@ -25,7 +25,7 @@ from whelp.distillation import checkpoint, loop, parallel
 from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
 from whelp.errors import WhelpError
-from whelp.specs import CacheSpec, DistillSpec, LoadPolicy
+from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, check_weights
 
 
 def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
@@ -44,11 +44,9 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
     from whelp.data import check_data
     from whelp.data.tokenstore import tokenizer_hash
     from whelp.distillation.cache import open_cache
-    from whelp.models import load_config, load_tokenizer
+    from whelp.models import check_positions, load_config, load_tokenizer
 
-    if not teachers and not caches and spec.ce_weight != 1:
-        raise WhelpError("nothing to distil from: pass --teacher MODEL[:WEIGHT] and/or --cache DIR[:WEIGHT] "
-                         "(or --ce-weight 1 for a plain CE baseline)")
+    check_weights([w for _, w in teachers] + [w for _, w in caches], spec)
     for source in (spec.data, spec.eval_data):
         check_data(source)
     tokenizer = load_tokenizer(student, policy)
@@ -59,7 +57,9 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
             raise WhelpError(f"teacher {name} has another tokenizer than the student {student} ({len(theirs):,} vs "
                              f"{len(tokenizer):,} tokens{', other ids' if len(theirs) == len(tokenizer) else ''}): "
                              "token-level distillation needs the same token ids; use a teacher of the student's family")
-    vocab = load_config(student, policy).get_text_config().vocab_size
+    config = load_config(student, policy)
+    check_positions(config, spec.seq_len, "--seq-len")
+    vocab = config.get_text_config().vocab_size
     opened = []
     for path, _ in caches:
         cache = open_cache(path, student_vocab_size=vocab, tokenizer=tokenizer)
@@ -82,6 +82,7 @@ def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tupl
     from whelp.models import load_model
 
     out = store.check_writable(out, force, "model")
+    _apart(out, [student] + [t for t, _ in teachers] + [c for c, _ in caches])
     tokenizer, opened = check_inputs(student, teachers, caches, spec, policy)
     world = parallel.init_world()
     try:
@@ -109,6 +110,13 @@ def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tupl
         return report
     finally:
         parallel.close_world(world)
+
+
+def _apart(out: Path, inputs: list[str]) -> None:
+    """``--out`` (and its run state) apart from every local input: the student, teachers, caches."""
+    local = {name: Path(name).expanduser() for name in inputs if Path(name).expanduser().exists()}
+    store.check_apart(out, {f"the input {name}": path for name, path in local.items()})
+    store.check_apart(run_state.run_dir(out), {f"the input {name}": path for name, path in local.items()})
 
 
 def _resume(t: loop.Training, rdir: Path, changed: dict) -> tuple[int, Path | None]:
@@ -186,6 +194,7 @@ def cache_teacher(teacher: str, data: str, out: Path, spec: CacheSpec, force: bo
     from whelp.models import load_model
 
     claim(Path(out).expanduser(), force)  # before minutes of loading: a user's directory or a bad source, at once
+    _apart(Path(out), [teacher])
     check_data(data)
     model, tokenizer = load_model(teacher, dtype=spec.dtype, policy=policy)
     blocks = open_blocks(data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)

@@ -205,6 +205,9 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
     CacheSpec(mode, k, temperature)  # the one range check of these values
     out = Path(out).expanduser()
     identity = _identity(teacher_model, tokenizer, blocks, mode, k, temperature, teacher_name, seed)
+    if mode == "topk" and k > identity["vocab_size"]:
+        raise WhelpError(f"--topk {k} exceeds the teacher's {identity['vocab_size']}-token vocabulary; use at most "
+                         f"{identity['vocab_size']} (that is the whole distribution)")
     work, manifest = _workdir(out, identity, force, stage_key)
     per_shard = max(1, shard_tokens // identity["seq_len"])
     done = {s["file"] for s in manifest["shards"]}

@@ -24,7 +24,7 @@ import torch
 
 from whelp.distillation import parallel, schedule
 from whelp.errors import WhelpError
-from whelp.specs import DistillSpec, LossSpec
+from whelp.specs import DistillSpec, LossSpec, check_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -82,8 +82,9 @@ def vocab_spec(spec: DistillSpec, widths: list[int], tokenizer_size: int | None)
     if len(set(widths)) == 1:
         return spec.loss_spec()
     if tokenizer_size is None:
-        raise WhelpError(f"the student and teachers have lm_heads of {sorted(set(widths))} rows; pass the shared "
-                         "tokenizer so that only its ids are compared")
+        raise WhelpError(f"the student and teachers have lm_heads of {sorted(set(widths))} rows: if they share one "
+                         "tokenizer padded to other widths, pass it (tokenizer=) so only its ids are compared; models "
+                         "with different tokenizers cannot be distilled token by token")
     return spec.loss_spec(vocab_size=tokenizer_size)
 
 
@@ -98,8 +99,7 @@ def setup(lm, teachers: list, caches: list, weights, names, blocks, spec: Distil
                                                              for t in teachers] + [c.manifest["vocab_size"]
                                                                                    for c in caches]
     loss = vocab_spec(spec, widths, tokenizer_size)
-    if not teachers and not caches and spec.ce_weight != 1:
-        raise WhelpError("nothing to distil from: give a teacher or a cache (or ce_weight=1 for a CE baseline)")
+    check_weights(list(weights), spec)
     if spec.grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = parallel.shard_student(parallel.KDStudent(lm).train(), world)
@@ -221,6 +221,8 @@ def distill(student, teachers, data, spec: DistillSpec, eval_ids: torch.Tensor |
     from whelp.data import TensorBlocks
     from whelp.distillation import metrics as metrics_log
 
+    if isinstance(data, str):
+        raise WhelpError(f"data is rows of tokens: pass whelp.blocks('{data}', tokenizer, seq_len), not the name")
     blocks = data if hasattr(data, "head") else TensorBlocks(torch.as_tensor(data))
     pairs = _weighted(teachers)
     live = [(m.eval().requires_grad_(False), w) for m, w in pairs if isinstance(m, torch.nn.Module)]

@@ -129,16 +129,30 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
     from whelp.evals.harness import task_manager
     from whelp.models import load_tokenizer
 
+    from whelp.evals.harness import check_include_paths
+    from whelp.models import check_positions, load_config
+
     if not models:
         raise WhelpError("give at least one model to evaluate")
+    if spec.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise WhelpError(f"--device {spec.device}, but this torch sees no CUDA device; use --device cpu")
     for source in spec.ppl:
         check_data(source)
+    check_include_paths(spec.include_paths)
     manager = task_manager(spec.tasks, spec.include_paths) if spec.tasks else None
     for label, model in models.items():
         if isinstance(model, (str, Path)):
+            config = load_config(str(model), policy)
             _ppl_tokens(load_tokenizer(str(model), policy), spec)
         elif tokenizer is None:
             raise WhelpError(f"model '{label}' is given in memory: pass its tokenizer")
+        else:
+            config = model.config
+        check_positions(config, spec.seq_len, "--seq-len")
+        check_positions(config, spec.speed.prompt_len + spec.speed.new_tokens, "--speed-prompt-len + new tokens")
     if tokenizer is not None:
         _ppl_tokens(tokenizer, spec)
     return manager
@@ -171,7 +185,10 @@ def evaluate_to(out: str | Path, models: Mapping[str, str], spec: EvalSpec, forc
     from whelp.evals.report import write_report
     from whelp.store import check_writable
 
+    from whelp.store import check_apart
+
     out = check_writable(out, force, "eval")
+    check_apart(out, {f"the model {m}": Path(m) for m in models.values() if Path(m).expanduser().exists()})
     metrics = evaluate(models, None, spec, policy).metrics
     write_report(metrics, out, force, stage_key)
     return metrics
@@ -179,10 +196,13 @@ def evaluate_to(out: str | Path, models: Mapping[str, str], spec: EvalSpec, forc
 
 def labelled(args: list[str], baseline: str | None = None) -> dict[str, str]:
     """The CLI's ``MODEL`` / ``LABEL=MODEL`` arguments as ``{label: model}``, ``baseline`` first (added if absent)."""
-    pairs = [parse_model(a) for a in ([baseline] if baseline else []) + list(args)]
-    out: dict[str, str] = {}
-    for label, model in pairs:
-        if label in out and out[label] != model:
-            raise WhelpError(f"model labels must be unique, got '{label}' twice; name them with LABEL=MODEL")
+    first = parse_model(baseline) if baseline else None
+    out: dict[str, str] = dict([first]) if first else {}
+    for label, model in map(parse_model, args):
+        if (label, model) == first:
+            continue  # the baseline, also listed among the models
+        if label in out:
+            raise WhelpError(f"model label '{label}' is given twice; each model once, named with LABEL=MODEL if "
+                             "two share a directory name")
         out[label] = model
     return out

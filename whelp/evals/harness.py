@@ -18,10 +18,14 @@ SHIPPED_TASKS = Path(__file__).resolve().parent / "tasks"
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 
 
-def _task_paths(include_paths: tuple[str, ...]) -> list[str]:
+def check_include_paths(include_paths: tuple[str, ...]) -> None:
     for path in include_paths:
         if not Path(path).expanduser().is_dir():
             raise WhelpError(f"--include-path {path} is not a directory of lm-eval task YAMLs")
+
+
+def _task_paths(include_paths: tuple[str, ...]) -> list[str]:
+    check_include_paths(include_paths)
     return [str(SHIPPED_TASKS), *(str(Path(p).expanduser()) for p in include_paths)]
 
 
@@ -70,6 +74,12 @@ def check_tasks(names: tuple[str, ...], known: list[str]) -> None:
             raise WhelpError(f"unknown lm-eval task '{name}': {hint} (local YAMLs go in --include-path DIR)")
 
 
+def traceback_text(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(exc))
+
+
 def flatten_results(results: dict) -> dict[str, float]:
     """``{"task/metric": value}`` from simple_evaluate's ``results`` (filter suffix ``,none`` dropped).
 
@@ -103,8 +113,14 @@ def run_tasks(model, tokenizer, tasks: tuple[str, ...], manager, limit: int | No
     with quiet_streams():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                   device=str(model.device))
-        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
-                              bootstrap_iters=1000, verbosity="ERROR", **SEEDS)
+        try:
+            out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
+                                  bootstrap_iters=1000, verbosity="ERROR", **SEEDS)
+        except AssertionError as exc:  # lm-eval asserts that each request fits its context
+            if "max_length" not in str(exc) and "continuation" not in traceback_text(exc):
+                raise
+            raise WhelpError(f"a request of {', '.join(tasks)} is longer than the {max_length}-token context; "
+                             "raise --seq-len (lm-eval's context)") from None
     higher = {f"{task}/{metric}": bool(better) for task, metrics in out["higher_is_better"].items()
               for metric, better in metrics.items() if better is not None}
     return {"scores": flatten_results(out["results"]), "higher_is_better": higher}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from whelp import data, models, store
 from whelp.errors import WhelpError
 from whelp.pruning import arch, importance, scores as saved, surgery
-from whelp.pruning.targets import Target, parse_target
+from whelp.pruning.targets import Target, parse_target, target_rope
 from whelp.specs import TIE, LoadPolicy, PruneSpec
 
 REPORT_FILE = "prune_report.json"
@@ -77,11 +77,18 @@ def kept_report(keep: surgery.Keep) -> dict:
             "head_dims": keep.head_dims.tolist()}
 
 
-def calibration_tokens(calib, n: int) -> torch.Tensor:
-    """The first ``n`` rows of ``calib``: ``whelp.blocks(...)`` rows or a LongTensor [N, T]."""
+def calibration_tokens(calib, n: int, vocab: int | None = None) -> torch.Tensor:
+    """The first ``n`` rows of ``calib``: ``whelp.blocks(...)`` rows or a LongTensor [N, T] of ids below ``vocab``."""
+    if isinstance(calib, str):
+        raise WhelpError(f"calibration data is rows of tokens: pass whelp.blocks('{calib}', tokenizer, seq_len)")
     tokens = calib.head(n) if hasattr(calib, "head") else torch.as_tensor(calib)[:n]
     if tokens.ndim != 2 or len(tokens) == 0:
         raise WhelpError(f"calibration data must be blocks [N, T] with N >= 1, got shape {list(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise WhelpError(f"calibration blocks must hold token ids (integers), got {tokens.dtype}")
+    if vocab is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise WhelpError(f"calibration token ids must be in 0..{vocab - 1} (the model's vocabulary), got "
+                         f"{int(tokens.min())}..{int(tokens.max())}")
     return tokens.long()
 
 
@@ -101,7 +108,7 @@ def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores:
     timings["calibrate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     keep = importance.select(scores, model.config, target.shape, spec.layer_importance, spec.tie)
-    target_cfg = surgery.target_config(model.config, keep, target.rope_parameters if spec.rope == "target" else None)
+    target_cfg = surgery.target_config(model.config, keep, target_rope(target, spec.rope))
     pruned = surgery.prune_model(model, keep, family, target_cfg)
     timings["surgery_s"] = time.perf_counter() - t
     tie = None
@@ -120,8 +127,11 @@ def prune(model, target: str | Target, calib, spec: PruneSpec = PruneSpec(), sco
     channels, MLP neurons, KV and query heads, head dims), ``pruned.whelp_scores`` the importance scores (pass them
     back as ``scores`` to prune the same teacher to another shape without calibrating again).
     """
+    if not isinstance(target, (str, Target)):
+        raise WhelpError(f"target is a preset name, a config.json path or key=value overrides, got {target!r}")
     parsed = target if isinstance(target, Target) else parse_target(model.config, target)
-    pruned, scores, kept, _ = _prune(model, parsed, calibration_tokens(calib, spec.calib_samples), spec, scores)
+    vocab = model.get_input_embeddings().num_embeddings
+    pruned, scores, kept, _ = _prune(model, parsed, calibration_tokens(calib, spec.calib_samples, vocab), spec, scores)
     pruned.whelp_kept, pruned.whelp_scores = kept, scores
     return pruned
 
@@ -143,6 +153,9 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
     models.check_weights(str(source_dir), policy)
     source_cfg = models.load_config(str(source_dir), policy)
     parsed = parse_target(source_cfg, target)
+    target_rope(parsed, spec.rope)
+    store.check_apart(out, {"the teacher": source_dir})
+    models.check_positions(source_cfg, spec.seq_len, "--seq-len")
     family = arch.family_of(source_cfg)
     if family is None and spec.stream:
         raise WhelpError(f"streaming supports the families {', '.join(arch.FAMILIES)}, not '{source_cfg.model_type}'; "

@@ -48,6 +48,9 @@ def load_scores(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     check_scores_file(path)
     with safe_open(str(path), "pt") as f:
         saved = f.metadata() or {}
+        if not {"teacher", "fingerprint", "importance"} <= set(saved):
+            raise WhelpError(f"{path} is a safetensors file but not importance scores written by whelp prune "
+                             f"(its {SCORES_FILE}); pass that file, or drop --scores")
         for key in ("teacher", "fingerprint", "importance", "version"):
             if saved.get(key) != meta[key]:
                 what = "another teacher (or changed teacher files)" if key == "teacher" else f"{key}={saved.get(key)}"

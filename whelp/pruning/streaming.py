@@ -33,6 +33,7 @@ from whelp.pruning.arch import family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
 from whelp.pruning.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
 from whelp.pruning.surgery import head_dim_of, slice_tensor, target_config, text_config, tie_embeddings
+from whelp.pruning.targets import target_rope
 
 MEMORY_FACTOR = 2.5  # in-memory prune holds the model at load dtype + pruned copy + calibration activations
 
@@ -249,6 +250,6 @@ def prune_streaming(source_dir: str | Path, out_dir: str | Path, target, tokens:
             raise WhelpError("streaming prune needs calibration tokens or saved importance scores")
         scores = streaming_scores(Path(source_dir), config, tokens, method, batch_size, dtype, progress)
     keep = select(scores, config, target.shape, layer_method, tie)
-    target_cfg = target_config(config, keep, target.rope_parameters if rope == "target" else None)
+    target_cfg = target_config(config, keep, target_rope(target, rope))
     write_pruned(Path(source_dir), Path(out_dir), keep, family, config, target_cfg, force, shard_bytes, extra)
     return keep, target_cfg, scores

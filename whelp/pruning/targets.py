@@ -67,12 +67,17 @@ def _overrides(spec: str, source_shape: dict) -> dict:
             raise WhelpError(f"target item '{item}' is not key=value; write e.g. intermediate_size=768,num_hidden_layers=24")
         if key not in models.SHAPE_KEYS:
             raise WhelpError(f"unknown target key '{key}'; valid keys: {', '.join(models.SHAPE_KEYS)}")
+        if f"{key}=" in spec.split(item, 1)[0].replace(" ", ""):
+            raise WhelpError(f"target key '{key}' is given twice in '{spec}'; give each key once")
         shape[key] = _parse_value(key, value.strip())
     return shape
 
 
-def _from_config_file(path: Path) -> tuple[dict, dict | None]:
+def _from_config_file(path: Path, model_type: str) -> tuple[dict, dict | None]:
     cfg = text_config(models.load_config(str(path)))
+    if cfg.model_type != model_type:
+        raise WhelpError(f"target {path} describes a {cfg.model_type} model but the teacher is {model_type}: pruning "
+                         "keeps the architecture; give a config.json of the teacher's model_type")
     return models.shape(cfg), getattr(cfg, "rope_parameters", None)
 
 
@@ -111,7 +116,7 @@ def parse_target(source_cfg, spec: str) -> Target:
         if not path.is_file():
             raise WhelpError(f"target config {spec} does not exist; pass a preset ({', '.join(PRESETS)}), "
                              "a config.json path or key=value overrides")
-        shape, rope = _from_config_file(path)
+        shape, rope = _from_config_file(path, text_config(source_cfg).model_type)
     elif "=" in spec:
         shape = _overrides(spec, source)
     else:
@@ -152,6 +157,16 @@ def first_keep(source_cfg, shape: dict, tie: str | None = "embedding") -> Keep:
                 tie=tie if untied_to_tied else None)
 
 
+def target_rope(target: Target, policy: str) -> dict | None:
+    """The RoPE parameters the pruned config gets: the target's for ``rope: target``, None (the teacher's) else."""
+    if policy != "target":
+        return None
+    if target.rope_parameters is None:
+        raise WhelpError(f"--rope target takes the RoPE of a preset or config.json target, and '{target.name}' has "
+                         "none; use --rope teacher (the default)")
+    return target.rope_parameters
+
+
 def plan_target(source_cfg, target: str, rope: str = "teacher") -> dict:
     """Source and target shape + total params of pruning ``source_cfg`` to ``target``; no weights loaded."""
     parsed = parse_target(source_cfg, target)
@@ -159,7 +174,7 @@ def plan_target(source_cfg, target: str, rope: str = "teacher") -> dict:
         cfg = generic.generic_config(source_cfg, parsed.shape)
     else:
         cfg = target_config(source_cfg, first_keep(source_cfg, parsed.shape),
-                            parsed.rope_parameters if rope == "target" else None)
+                            target_rope(parsed, rope))
     out = {}
     for side, config in (("source", source_cfg), ("target", cfg)):
         total, non_embedding = models.count_params(config)
