@@ -8,6 +8,8 @@ choices; range checks live in each dataclass's ``__post_init__`` and get the pat
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
 import types
 import typing
@@ -76,6 +78,40 @@ def _coerce(value: Any, tp, path: str):
             raise WhelpError(f"{path}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {tp} at {path}")
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is Literal or tp is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(v, args[0]) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, tp)
+
+
+def check_types(spec) -> None:
+    """Every field holds a value of its declared type (numbers finite): what the CLI and recipes get from parsing,
+    checked here for Python callers (``DistillSpec(lr="1e-3")``, ``steps=1.5``, ``allow_pickle="no"``)."""
+    for f in dataclasses.fields(spec):
+        value, tp = getattr(spec, f.name), _hints(type(spec))[f.name]
+        if not _fits(value, tp):
+            raise WhelpError(f"{f.name} must be {getattr(tp, '__name__', str(tp).replace('typing.', ''))}"
+                             f"{' (finite)' if tp is float else ''}, got {value!r}")
 
 
 def build(cls, raw: Any, path: str = "recipe"):

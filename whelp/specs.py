@@ -8,14 +8,12 @@ this module costs milliseconds, which keeps ``whelp show`` and ``whelp validate`
 
 from __future__ import annotations
 
-import functools
 import math
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 from whelp.errors import WhelpError
+from whelp.schema import check_types
 
 IMPORTANCE = ("activation", "magnitude", "taylor", "random")
 LAYER_IMPORTANCE = ("block", "loss")
@@ -29,40 +27,6 @@ TEACHER = "teacher"  # in a recipe's distill.teachers / distill.caches: the reci
 def opt(default, help: str, **meta):
     """A field with its CLI help (and ``flag``/``cli`` metadata read by ``whelp.cli``)."""
     return field(default=default, metadata={"help": help, **meta})
-
-
-@functools.cache
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _fits(value, tp) -> bool:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if origin is Literal or tp is str:
-        return isinstance(value, str)
-    if origin is tuple:
-        return isinstance(value, tuple) and all(_fits(v, args[0]) for v in value)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, tp)
-
-
-def _typed(spec) -> None:
-    """Every field holds a value of its declared type (numbers finite): what the CLI and recipes get from parsing,
-    checked here for Python callers (``DistillSpec(lr="1e-3")``, ``steps=1.5``, ``allow_pickle="no"``)."""
-    for f in fields(spec):
-        value, tp = getattr(spec, f.name), _hints(type(spec))[f.name]
-        if not _fits(value, tp):
-            raise WhelpError(f"{f.name} must be {getattr(tp, '__name__', str(tp).replace('typing.', ''))}"
-                             f"{' (finite)' if tp is float else ''}, got {value!r}")
 
 
 def _require(checks) -> None:
@@ -115,7 +79,7 @@ class LoadPolicy:
     trust_remote_code: bool = False  # run model code shipped with a checkpoint
 
     def __post_init__(self):
-        _typed(self)
+        check_types(self)
 
 
 @dataclass(frozen=True)
@@ -131,7 +95,7 @@ class Schedule:
     steps: int = 0
 
     def __post_init__(self):
-        _typed(self)
+        check_types(self)
         _require([_choice("teacher-weight schedule", self.kind, SCHEDULES),
                   (self.kind != "constant" or self.steps == 0, "'constant' takes no step count; write constant"),
                   (self.kind == "constant" or self.steps >= 1,
@@ -169,7 +133,7 @@ class PruneSpec:
     seed: int = opt(0, "Seed of the calibration blocks and of random importance")
 
     def __post_init__(self):
-        _typed(self)
+        check_types(self)
         _require([_choice("importance", self.importance, IMPORTANCE),
                   _choice("layer importance", self.layer_importance, LAYER_IMPORTANCE),
                   _choice("tie", self.tie, TIE), _choice("rope", self.rope, ROPE),
@@ -198,7 +162,7 @@ class LossSpec:
     vocab_size: int | None = None
 
     def __post_init__(self):
-        _typed(self)
+        check_types(self)
         _require([_choice("loss", self.name, LOSSES),
                   (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
                   (0 < self.beta < 1, f"jsd beta must be in (0, 1), got {self.beta}"),
@@ -245,7 +209,7 @@ class DistillSpec:
     def __post_init__(self):
         if isinstance(self.schedule, str):  # DistillSpec(schedule="linear:100") in Python, as in YAML and the CLI
             object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
-        _typed(self)
+        check_types(self)
         _require([((self.steps is None) != (self.max_tokens is None),
                    "give exactly one training budget: --steps N or --max-tokens N (recipe: steps or max_tokens)"),
                   *_positive(self, ("steps", "max_tokens", "batch_size", "grad_accum", "keep_last", "eval_tokens")),
@@ -283,7 +247,7 @@ class SpeedSpec:
     seed: int = 0
 
     def __post_init__(self):
-        _typed(self)
+        check_types(self)
         _require(_positive(self, ("batch_size", "prompt_len", "new_tokens", "repeats")))
 
 
@@ -306,7 +270,7 @@ class EvalSpec:
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "float32 | bfloat16 | float16")
 
     def __post_init__(self):
-        _typed(self)
+        check_types(self)
         _require([(self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
                   (self.stride is None or 1 <= self.stride <= self.seq_len,
                    f"stride must be between 1 and seq_len ({self.seq_len}), got {self.stride}"),
@@ -332,7 +296,7 @@ class CacheSpec:
     dtype: Literal["float32", "bfloat16"] = opt("float32", "Teacher dtype: float32 | bfloat16")
 
     def __post_init__(self):
-        _typed(self)
+        check_types(self)
         _require([_choice("cache mode", self.mode, ("topk", "sample")),
                   (self.k >= 1, f"{'--topk' if self.mode == 'topk' else '--sample'} must be at least 1, got {self.k}"),
                   (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
