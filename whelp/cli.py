@@ -135,7 +135,7 @@ def cache_logits(teacher: str = typer.Argument(..., help="Teacher model director
                  topk: Optional[int] = typer.Option(None, "--topk", help="Store the top-K log-probs + tail mass"),
                  sample: Optional[int] = typer.Option(None, "--sample", help="Store S teacher samples (unbiased)"),
                  force: bool = typer.Option(False, "--force", help="Replace an existing cache at --out"),
-                 spec: CacheSpec = CacheSpec()):
+                 spec: CacheSpec | None = None):  # built from the options by @with_spec
     """Run a teacher over packed data once and cache sparse per-token targets (resumes if interrupted)."""
     from dataclasses import replace
 
@@ -177,7 +177,7 @@ def eval_(models: List[str] = typer.Argument(..., help="MODEL or LABEL=MODEL (di
           out: str = typer.Option(..., "--out", help="Report directory (metrics.json, report.md, report.png)"),
           baseline: Optional[str] = typer.Option(None, "--baseline", help="Reference model (default: the first)"),
           force: bool = typer.Option(False, "--force", help="Replace an existing --out directory"),
-          spec: EvalSpec = EvalSpec()):
+          spec: EvalSpec | None = None):  # built from the options by @with_spec
     """Score models on perplexity, lm-eval tasks, size and speed; write a report comparing them to the reference."""
     from whelp.evals.api import EvalResult, evaluate_to, labelled
 
@@ -214,7 +214,7 @@ def prune(model: str = typer.Argument(..., help="Teacher: model directory, regis
           target: str = typer.Option(..., "--target", help="Preset, config.json, or key=value,... overrides"),
           out: str = typer.Option(..., "--out", help="Output directory (HF checkpoint + prune_report.json)"),
           force: bool = typer.Option(False, "--force", help="Replace an existing --out directory"),
-          spec: PruneSpec = PruneSpec()):
+          spec: PruneSpec | None = None):  # built from the options by @with_spec
     """Prune a teacher to a target shape in one pass; write a vanilla HF checkpoint and prune_report.json."""
     from whelp.pruning.api import prune_checkpoint
 
@@ -232,7 +232,7 @@ def distill(student: str = typer.Argument(..., help="Student model directory (e.
             cache: List[str] = typer.Option([], "--cache", help="Teacher-logit cache DIR[:WEIGHT] (repeatable)"),
             resume: bool = typer.Option(False, "--resume", help="Require a run to resume in OUT.distill"),
             force: bool = typer.Option(False, "--force", help="Start over and overwrite --out"),
-            spec: DistillSpec = DistillSpec(steps=1)):
+            spec: DistillSpec | None = None):  # built from the options by @with_spec
     """Distil a student from live teachers and/or logit caches (resumes; works under torchrun with FSDP2)."""
     from pathlib import Path
 
