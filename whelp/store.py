@@ -191,14 +191,17 @@ def check_writable(out_dir: str | Path, force: bool, kind: str) -> Path:
     return out
 
 
-def check_apart(out: Path, inputs: dict[str, Path]) -> None:
-    """Refuse an ``--out`` that is, holds or lies inside one of the verb's inputs (``{what: directory}``): replacing
-    it would destroy the model being read (``whelp prune TEACHER --out TEACHER --force``)."""
+def check_apart(out: Path, inputs) -> None:
+    """Refuse an ``--out`` that is, holds or lies inside one of the verb's local inputs (model or cache directories;
+    names that are no path, such as registered models, are skipped): replacing it would destroy what is being read
+    (``whelp prune TEACHER --out TEACHER --force``)."""
     out = Path(os.path.abspath(Path(out).expanduser()))
-    for what, path in inputs.items():
-        path = Path(os.path.abspath(Path(path).expanduser()))
+    for name in inputs:
+        if not Path(name).expanduser().exists():
+            continue
+        path = Path(os.path.abspath(Path(name).expanduser()))
         if out == path or path in out.parents or out in path.parents:
-            raise WhelpError(f"--out {out} would overwrite or nest in {what} ({path}); choose a separate --out")
+            raise WhelpError(f"--out {out} would overwrite or nest in the input {path}; choose a separate --out")
 
 
 def _a(kind: str) -> str:

@@ -113,10 +113,9 @@ def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tupl
 
 
 def _apart(out: Path, inputs: list[str]) -> None:
-    """``--out`` (and its run state) apart from every local input: the student, teachers, caches."""
-    local = {name: Path(name).expanduser() for name in inputs if Path(name).expanduser().exists()}
-    store.check_apart(out, {f"the input {name}": path for name, path in local.items()})
-    store.check_apart(run_state.run_dir(out), {f"the input {name}": path for name, path in local.items()})
+    """``--out`` and its run state apart from every local input: the student, teachers, caches."""
+    for path in (out, run_state.run_dir(out)):
+        store.check_apart(path, inputs)
 
 
 def _resume(t: loop.Training, rdir: Path, changed: dict) -> tuple[int, Path | None]:

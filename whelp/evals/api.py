@@ -81,8 +81,9 @@ def _ppl_tokens(tokenizer, spec: EvalSpec) -> dict:
     return out
 
 
-def measure(model, tokenizer, spec: EvalSpec, manager, speed: dict | None = None) -> dict:
-    """All numbers of one in-memory model; ``speed`` as measured elsewhere (a fresh process), else here."""
+def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict, speed: dict | None = None) -> dict:
+    """All numbers of one in-memory model on the perplexity tokens ``ppl_ids`` ({source: [T]}); ``speed`` as
+    measured elsewhere (a fresh process), else here."""
     from whelp.evals.harness import run_tasks
     from whelp.evals.perplexity import perplexity
     from whelp.evals.speed import measure_speed
@@ -94,7 +95,7 @@ def measure(model, tokenizer, spec: EvalSpec, manager, speed: dict | None = None
                  "peak_memory_method": "not measured: the model was given in memory (evaluate its directory)"}
     total, non_embedding = count_params(model.config)
     ppl = {source: asdict(perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size, tokenizer))
-           for source, ids in _ppl_tokens(tokenizer, spec).items()}
+           for source, ids in ppl_ids.items()}
     result = {"size": {"params": total, "non_embedding_params": non_embedding,
                        "memory_bytes": model.get_memory_footprint()},
               "speed": speed, "perplexity": ppl, "lm_eval": {"scores": {}, "higher_is_better": {}}}
@@ -104,7 +105,7 @@ def measure(model, tokenizer, spec: EvalSpec, manager, speed: dict | None = None
     return result
 
 
-def _cached(name: str, spec: EvalSpec, manager, policy: LoadPolicy) -> dict:
+def _cached(name: str, spec: EvalSpec, manager, policy: LoadPolicy, ppl_ids: dict) -> dict:
     """Results of a model directory from ``$WHELP_HOME/eval-cache`` (a sealed record; an edited or damaged one is a
     miss and is measured again), else measured (speed in a fresh process) and stored."""
     from whelp import store
@@ -118,19 +119,17 @@ def _cached(name: str, spec: EvalSpec, manager, policy: LoadPolicy) -> dict:
     except WhelpError:
         speed = measure_in_subprocess(name, spec, policy)
         model, tokenizer = load_model(name, dtype=spec.dtype, device=spec.device, policy=policy)
-        result = measure(model, tokenizer, spec, manager, speed)
+        result = measure(model, tokenizer, spec, manager, ppl_ids, speed)
     store.write_record(path, result)
     return {**result, "cache_key": key, "reused": False}
 
 
 def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
-    """Labels, model names, tasks and perplexity sources, before any model is loaded; returns the task manager."""
+    """Labels, model names, tasks, positions and perplexity sources, before any model is loaded: returns the task
+    manager and each model's perplexity tokens ({label: {source: [T]}}, read once here)."""
     from whelp.data import check_data
-    from whelp.evals.harness import task_manager
-    from whelp.models import load_tokenizer
-
-    from whelp.evals.harness import check_include_paths
-    from whelp.models import check_positions, load_config
+    from whelp.evals.harness import check_include_paths, task_manager
+    from whelp.models import check_positions, load_config, load_tokenizer
 
     if not models:
         raise WhelpError("give at least one model to evaluate")
@@ -143,19 +142,19 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
         check_data(source)
     check_include_paths(spec.include_paths)
     manager = task_manager(spec.tasks, spec.include_paths) if spec.tasks else None
+    shared = _ppl_tokens(tokenizer, spec) if tokenizer is not None else None  # the in-memory models' tokenizer
+    tokens = {}
     for label, model in models.items():
         if isinstance(model, (str, Path)):
             config = load_config(str(model), policy)
-            _ppl_tokens(load_tokenizer(str(model), policy), spec)
+            tokens[label] = _ppl_tokens(load_tokenizer(str(model), policy), spec)
         elif tokenizer is None:
             raise WhelpError(f"model '{label}' is given in memory: pass its tokenizer")
         else:
-            config = model.config
+            config, tokens[label] = model.config, shared
         check_positions(config, spec.seq_len, "--seq-len")
         check_positions(config, spec.speed.prompt_len + spec.speed.new_tokens, "--speed-prompt-len + new tokens")
-    if tokenizer is not None:
-        _ppl_tokens(tokenizer, spec)
-    return manager
+    return manager, tokens
 
 
 def evaluate(models: Mapping[str, object], tokenizer=None, spec: EvalSpec = EvalSpec(),
@@ -165,14 +164,15 @@ def evaluate(models: Mapping[str, object], tokenizer=None, spec: EvalSpec = Eval
     from whelp.evals.harness import SEEDS
 
     models = {str(label): model for label, model in models.items()}
-    manager = _check(models, tokenizer, spec, policy)
+    manager, tokens = _check(models, tokenizer, spec, policy)
     results = []
     for label, model in models.items():
         if isinstance(model, (str, Path)):
-            results.append({"label": label, "model": str(model), **_cached(str(model), spec, manager, policy)})
+            results.append({"label": label, "model": str(model),
+                            **_cached(str(model), spec, manager, policy, tokens[label])})
         else:
             results.append({"label": label, "model": type(model).__name__, "reused": False,
-                            **measure(model.eval(), tokenizer, spec, manager)})
+                            **measure(model.eval(), tokenizer, spec, manager, tokens[label])})
     return EvalResult({"reference": next(iter(models)), "settings": asdict(spec),
                        "seeds": {"lm_eval": SEEDS, "speed_inputs": spec.speed.seed}, "versions": versions(),
                        "models": results})
@@ -188,7 +188,7 @@ def evaluate_to(out: str | Path, models: Mapping[str, str], spec: EvalSpec, forc
     from whelp.store import check_apart
 
     out = check_writable(out, force, "eval")
-    check_apart(out, {f"the model {m}": Path(m) for m in models.values() if Path(m).expanduser().exists()})
+    check_apart(out, models.values())
     metrics = evaluate(models, None, spec, policy).metrics
     write_report(metrics, out, force, stage_key)
     return metrics

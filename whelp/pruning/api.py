@@ -154,7 +154,7 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
     source_cfg = models.load_config(str(source_dir), policy)
     parsed = parse_target(source_cfg, target)
     target_rope(parsed, spec.rope)
-    store.check_apart(out, {"the teacher": source_dir})
+    store.check_apart(out, [source_dir])
     models.check_positions(source_cfg, spec.seq_len, "--seq-len")
     family = arch.family_of(source_cfg)
     if family is None and spec.stream:
