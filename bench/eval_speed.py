@@ -1,7 +1,7 @@
 """Speed and peak memory of the demo teacher as `whelp eval` measures them, side by side per configuration.
 
-Each configuration runs in its own fresh process (whelp.evals.speed.measure_in_subprocess), so peak memory is
-that configuration's alone. Appends a section to bench/RESULTS.md.
+Each configuration runs in its own process (a child of whelp.evals.speed.SpeedProcess, as in `whelp eval`), so
+peak memory is that configuration's alone. Appends a section to bench/RESULTS.md.
 
     python bench/eval_speed.py [--model smollm2-135m] [--results bench/RESULTS.md]
 """
@@ -13,7 +13,8 @@ import datetime
 import os
 import platform
 
-from whelp.evals.speed import SpeedSpec, measure_in_subprocess
+from whelp.evals.speed import SpeedProcess
+from whelp.specs import EvalSpec, SpeedSpec
 
 CONFIGS = [("float32", 1), ("float32", 4), ("bfloat16", 1), ("bfloat16", 4)]
 
@@ -26,15 +27,16 @@ def main() -> None:
     parser.add_argument("--results", default="bench/RESULTS.md")
     args = parser.parse_args()
     rows = []
-    for dtype, batch in CONFIGS:
-        spec = SpeedSpec(batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=dtype)
-        rows.append((dtype, batch, measure_in_subprocess(args.model, spec)))
-        print(rows[-1])
+    with SpeedProcess() as process:
+        for dtype, batch in CONFIGS:
+            speed = SpeedSpec(batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+            rows.append((dtype, batch, process.measure(args.model, EvalSpec(dtype=dtype, speed=speed))))
+            print(rows[-1])
     base = rows[0][2]
     lines = [f"\n## Eval speed and peak memory ({datetime.date.today()}, {platform.machine()}, "
              f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})", "",
              f"`python bench/eval_speed.py --model {args.model}` - prompt {args.prompt_len} tokens, "
-             f"{args.new_tokens} greedy decode steps, median of 3 after a warm-up, one fresh process per row; "
+             f"{args.new_tokens} greedy decode steps, median of 3 after a warm-up, one process of its own per row; "
              f"peak = {base['peak_memory_method']}. Shared machine: compare ratios.", "",
              "| dtype | batch | prefill tok/s | decode tok/s | peak MiB | prefill x fp32/b1 | decode x fp32/b1 |",
              "|---|---|---|---|---|---|---|"]

@@ -4,6 +4,7 @@ ships the new recipe's model; SIGKILL at every stage resumes exactly and leaves 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import load_weights, max_diff, run_whelp, whelp_command, whelp_env
+
+from whelp import store
 
 pytestmark = [pytest.mark.demo, pytest.mark.slow]
 SETTINGS = ("--set", "distill.0.save_every=1")
@@ -24,9 +27,14 @@ def run_build(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, demo_dir):
-    out = tmp_path_factory.mktemp("build") / "tiny"
-    done = run_build(out)
-    assert done.returncode == 0, done.stderr[-2000:]
+    """The tiny build, made once per session: under pytest-xdist the first worker to ask makes it while the others
+    wait (the lock whelp takes for its own shared caches); tests copy it before they change it."""
+    root = tmp_path_factory.getbasetemp()
+    out = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "tiny-build"
+    with store.locked(out, "to build the tiny recipe"):
+        if not (out / "final").is_dir():
+            done = run_build(out)
+            assert done.returncode == 0, done.stderr[-2000:]
     return out
 
 
@@ -90,7 +98,8 @@ def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp
     resumed = run_build(out, *changed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "= 01-prune: up to date" in resumed.stderr and "> 03-distill" in resumed.stderr
-    clean = tmp_path / "clean"
+    clean = tmp_path / "clean"  # the same change, uninterrupted
+    shutil.copytree(finished, clean, symlinks=True)
     assert run_build(clean, *changed).returncode == 0
     got, want, old = (load_weights(d / "final") for d in (out, clean, finished))
     assert max_diff(got, want) <= 1e-6

@@ -201,3 +201,29 @@ def test_huge_documents_are_encoded_in_pieces_cut_at_line_breaks(tok, monkeypatc
     _, ids = tokenstore._encode(["short", doc], "uint16", tok)
     whole = tok(doc, add_special_tokens=False)["input_ids"]
     assert list(ids[-len(whole) - 1 : -1]) == whole  # cut at line breaks: this tokenizer gives the same ids
+
+
+def test_a_second_process_waits_for_the_store_being_made_and_reuses_it(tok, corpus, tmp_path, monkeypatch):
+    """Two whelp processes sharing $WHELP_HOME make a raw source's store once: while this test holds the lock (as a
+    process tokenizing would), another process asking for the store says it waits, then opens the store made here."""
+    import subprocess
+    import sys
+
+    from whelp import store
+    from whelp.data import blocks
+
+    monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
+    tok.save_pretrained(tmp_path / "tok")
+    path, _ = blocks._auto_store(str(corpus), tok, None, "text")
+    script = ("import sys; from transformers import AutoTokenizer; from whelp.data import blocks; "
+              "s = blocks.store_for(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[2])); print(s.fingerprint)")
+    with store.locked(path, "to tokenize"):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(corpus), str(tmp_path / "tok")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr.readline().startswith(f"whelp: waiting for another whelp process to tokenize {corpus}")
+        made = tokenstore.open_store(tokenstore.tokenize(str(corpus), tok, path, num_proc=1, progress=False), tok)
+        shards = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.strip() == made.fingerprint
+    assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == shards  # opened, not tokenized again

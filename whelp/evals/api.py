@@ -10,6 +10,7 @@ memory is not, since this process holds other things) and not cached.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -81,47 +82,59 @@ def _ppl_tokens(tokenizer, spec: EvalSpec) -> dict:
     return out
 
 
-def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict, speed: dict | None = None) -> dict:
-    """All numbers of one in-memory model on the perplexity tokens ``ppl_ids`` ({source: [T]}); ``speed`` as
-    measured elsewhere (a fresh process), else here."""
+def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
+    """Size, perplexity on the tokens ``ppl_ids`` ({source: [T]}) and lm-eval scores of one in-memory model (its
+    speed is measured apart: ``whelp.evals.speed``)."""
     from whelp.evals.harness import run_tasks
     from whelp.evals.perplexity import perplexity
-    from whelp.evals.speed import measure_speed
     from whelp.models import count_params
 
     start = time.perf_counter()
-    if speed is None:
-        speed = {**measure_speed(model, spec.speed), "peak_memory_bytes": None,
-                 "peak_memory_method": "not measured: the model was given in memory (evaluate its directory)"}
     total, non_embedding = count_params(model.config)
     ppl = {source: asdict(perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size, tokenizer))
            for source, ids in ppl_ids.items()}
     result = {"size": {"params": total, "non_embedding_params": non_embedding,
                        "memory_bytes": model.get_memory_footprint()},
-              "speed": speed, "perplexity": ppl, "lm_eval": {"scores": {}, "higher_is_better": {}}}
+              "perplexity": ppl, "lm_eval": {"scores": {}, "higher_is_better": {}}}
     if spec.tasks:
         result["lm_eval"] = run_tasks(model, tokenizer, spec.tasks, manager, spec.limit, spec.seq_len, spec.batch_size)
     result["seconds"] = time.perf_counter() - start
     return result
 
 
-def _cached(name: str, spec: EvalSpec, manager, policy: LoadPolicy, ppl_ids: dict) -> dict:
-    """Results of a model directory from ``$WHELP_HOME/eval-cache`` (a sealed record; an edited or damaged one is a
-    miss and is measured again), else measured (speed in a fresh process) and stored."""
+def _in_memory(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
+    """``measure`` plus speed measured in this process (peak memory is not: this process holds other things)."""
+    from whelp.evals.speed import measure_speed
+
+    speed = {**measure_speed(model, spec.speed), "peak_memory_bytes": None,
+             "peak_memory_method": "not measured: the model was given in memory (evaluate its directory)"}
+    return {**measure(model, tokenizer, spec, manager, ppl_ids), "speed": speed}
+
+
+def _cache_path(name: str, spec: EvalSpec) -> Path:
     from whelp import store
-    from whelp.evals.speed import measure_in_subprocess
+
+    return store.whelp_home() / "eval-cache" / f"{cache_key(name, spec)}.json"
+
+
+def _cached(name: str, spec: EvalSpec) -> dict | None:
+    """A model directory's results from ``$WHELP_HOME/eval-cache`` (a sealed record), or None: absent, or edited or
+    damaged, which is a miss and is measured again."""
+    from whelp import store
+
+    path = _cache_path(name, spec)
+    try:
+        return {**store.read_record(path, ""), "cache_key": path.stem, "reused": True}
+    except WhelpError:
+        return None
+
+
+def _loaded_and_measured(name: str, spec: EvalSpec, manager, policy: LoadPolicy, ppl_ids: dict) -> dict:
+    """``measure`` of a model directory, loaded here and released on return (before its speed is measured)."""
     from whelp.models import load_model
 
-    key = cache_key(name, spec)
-    path = store.whelp_home() / "eval-cache" / f"{key}.json"
-    try:
-        return {**store.read_record(path, ""), "cache_key": key, "reused": True}
-    except WhelpError:
-        speed = measure_in_subprocess(name, spec, policy)
-        model, tokenizer = load_model(name, dtype=spec.dtype, device=spec.device, policy=policy)
-        result = measure(model, tokenizer, spec, manager, ppl_ids, speed)
-    store.write_record(path, result)
-    return {**result, "cache_key": key, "reused": False}
+    model, tokenizer = load_model(name, dtype=spec.dtype, device=spec.device, policy=policy)
+    return measure(model, tokenizer, spec, manager, ppl_ids)
 
 
 def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
@@ -160,22 +173,36 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
 def evaluate(models: Mapping[str, object], tokenizer=None, spec: EvalSpec = EvalSpec(),
              policy: LoadPolicy = LoadPolicy()) -> EvalResult:
     """Evaluate ``{label: model}`` (in-memory models with ``tokenizer``, or directories / registered names); the first
-    is the reference every other model is compared with."""
+    is the reference every other model is compared with.
+
+    Directories not in the cache are loaded and measured one at a time while a speed process imports torch; their
+    speed is measured after all of them, each by a child of that process, and then they are cached."""
+    from whelp import store
     from whelp.evals.harness import SEEDS
+    from whelp.evals.speed import SpeedProcess
 
     models = {str(label): model for label, model in models.items()}
     manager, tokens = _check(models, tokenizer, spec, policy)
-    results = []
-    for label, model in models.items():
-        if isinstance(model, (str, Path)):
-            results.append({"label": label, "model": str(model),
-                            **_cached(str(model), spec, manager, policy, tokens[label])})
-        else:
-            results.append({"label": label, "model": type(model).__name__, "reused": False,
-                            **measure(model.eval(), tokenizer, spec, manager, tokens[label])})
+    on_disk = {label: str(m) for label, m in models.items() if isinstance(m, (str, Path))}
+    results = {label: _cached(name, spec) for label, name in on_disk.items()}
+    missing = [label for label, hit in results.items() if hit is None]
+    with contextlib.ExitStack() as stack:
+        speed = stack.enter_context(SpeedProcess(policy)) if missing else None
+        for label, model in models.items():
+            if label in missing:
+                results[label] = _loaded_and_measured(on_disk[label], spec, manager, policy, tokens[label])
+            elif label not in on_disk:
+                results[label] = {"reused": False, **_in_memory(model.eval(), tokenizer, spec, manager, tokens[label])}
+        for label in missing:
+            results[label]["speed"] = speed.measure(on_disk[label], spec)
+            path = _cache_path(on_disk[label], spec)
+            store.write_record(path, results[label])
+            results[label] = {**results[label], "cache_key": path.stem, "reused": False}
+    rows = [{"label": label, "model": on_disk.get(label, type(model).__name__), **results[label]}
+            for label, model in models.items()]
     return EvalResult({"reference": next(iter(models)), "settings": asdict(spec),
                        "seeds": {"lm_eval": SEEDS, "speed_inputs": spec.speed.seed}, "versions": versions(),
-                       "models": results})
+                       "models": rows})
 
 
 def evaluate_to(out: str | Path, models: Mapping[str, str], spec: EvalSpec, force: bool = False,

@@ -1,4 +1,4 @@
-"""Size and speed, measured the same way for every model, each in a fresh process.
+"""Speed and peak memory, measured the same way for every model, each in a process of its own.
 
 Prefill is one forward over ``batch x prompt_len`` tokens; decode is ``new_tokens`` greedy steps of one token per
 row through the KV cache that prefill built (generation's inner loop, without sampling or stopping). Both report the
@@ -14,12 +14,13 @@ activations + KV cache + allocator overhead.
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -105,24 +106,75 @@ def _measure(model_name: str, spec: EvalSpec, policy: LoadPolicy) -> dict:
     return {**result, "peak_memory_bytes": peak, "peak_memory_method": how, "torch_threads": torch.get_num_threads()}
 
 
-def measure_in_subprocess(model_name: str, spec: EvalSpec, policy: LoadPolicy = LoadPolicy()) -> dict:
-    """Speed and peak memory of a model measured by a fresh Python process (``python -m whelp.evals.speed``)."""
-    from whelp.schema import to_dict
+class SpeedProcess:
+    """A measuring process shared by many models. It imports torch and transformers once, while the caller goes on
+    with other work, then forks a fresh child per model, so that each model's speed and peak memory are measured
+    alone (the child's peak counts from its own baseline) and no model pays the imports again.
 
-    arg = json.dumps({"eval": to_dict(spec), "policy": asdict(policy)})
-    done = subprocess.run([sys.executable, "-m", "whelp.evals.speed", model_name, arg], capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise WhelpError(f"speed measurement of {model_name} failed in its subprocess: {tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    Used as a context manager; ``measure`` blocks until that model's child is done, so the caller should be idle
+    by then (its work would slow the timed runs)."""
+
+    def __init__(self, policy: LoadPolicy = LoadPolicy()):
+        self._errors = tempfile.TemporaryFile("w+")
+        self._proc = subprocess.Popen([sys.executable, "-m", "whelp.evals.speed", json.dumps(asdict(policy))],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._errors, text=True)
+
+    def measure(self, model_name: str, spec: EvalSpec) -> dict:
+        """Speed and peak memory of ``model_name`` loaded as ``spec`` says, in a forked child of the process."""
+        from whelp.schema import to_dict
+
+        try:
+            self._proc.stdin.write(json.dumps({"model": model_name, "eval": to_dict(spec)}) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the process is gone: readline says so below
+        reply = json.loads(self._proc.stdout.readline() or "{}")
+        if "speed" not in reply:
+            self._errors.seek(0)
+            tail = reply.get("error") or (self._errors.read().strip().splitlines() or ["no output"])[-1]
+            raise WhelpError(f"speed measurement of {model_name} failed in its subprocess: {tail}")
+        return reply["speed"]
+
+    def __enter__(self) -> "SpeedProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=None if exc[0] is None else 5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._errors.close()
+
+
+def _serve(policy: LoadPolicy) -> None:
+    """The measuring process: one JSON request per stdin line, one JSON reply per stdout line. Each model is measured
+    by a forked child, which inherits the imports but none of the other models' memory."""
+    from whelp.schema import build
+
+    for module in ("transformers.modeling_utils", "transformers.models.auto.modeling_auto"):
+        importlib.import_module(module)  # what every child needs, imported once before any fork
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, reply through the pipe, exit without running the parent's cleanup
+            os.close(read_end)
+            try:
+                reply = {"speed": _measure(request["model"], build(EvalSpec, request["eval"], "eval"), policy)}
+            except BaseException as exc:  # noqa: BLE001  (every failure becomes the reply's one line)
+                reply = {"error": str(exc) or type(exc).__name__}
+            with os.fdopen(write_end, "w") as out:
+                out.write(json.dumps(reply))
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as answer:
+            reply = answer.read()
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        print(reply or json.dumps({"error": f"the measuring process died (status {status})"}), flush=True)
 
 
 if __name__ == "__main__":
-    from whelp.schema import build
-
-    parser = argparse.ArgumentParser(description="Measure one model's speed and peak memory; prints one JSON line.")
-    parser.add_argument("model")
-    parser.add_argument("spec", help='{"eval": EvalSpec, "policy": LoadPolicy} as JSON')
-    args = parser.parse_args()
-    given = json.loads(args.spec)
-    print(json.dumps(_measure(args.model, build(EvalSpec, given["eval"], "eval"), LoadPolicy(**given["policy"]))))
+    _serve(LoadPolicy(**json.loads(sys.argv[1])))
