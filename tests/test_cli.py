@@ -68,6 +68,49 @@ def test_the_happy_path_is_quiet_and_verbose_shows_the_third_party_output(tmp_pa
     assert loud.returncode == 0 and "it/s" in loud.stderr
 
 
+def test_progress_off_a_terminal_is_silent_for_short_work_and_a_line_per_interval_for_long(capsys):
+    from whelp.output import Progress
+
+    with Progress("work", total=10, every=3600) as bar:
+        bar.advance(5)
+    with Progress("work", total=10, every=0, enabled=False) as bar:
+        bar.advance(5)
+    assert capsys.readouterr().err == ""
+    with Progress("work", total=10, every=0) as bar:
+        bar.update(advance=4, info="1,000 tok/s")
+        bar.update(completed=9)
+    with Progress("tokenizing", every=0) as bar:
+        bar.update(info="12 tokens")
+    assert capsys.readouterr().err == "work: 4/10 1,000 tok/s\nwork: 9/10 1,000 tok/s\ntokenizing: 12 tokens\n"
+
+
+def test_progress_on_a_terminal_is_a_bar_that_is_gone_when_done():
+    import os
+    import pty
+
+    code = ("import time; from whelp.output import Progress\n"
+            "with Progress('work', total=4) as bar:\n"
+            "    for _ in range(4):\n"
+            "        bar.update(advance=1, info='busy'); time.sleep(0.3)\n"
+            "print('after')\n")
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert "work" in text and "busy" in text and "━" in text  # a rich bar was drawn
+    assert text.rstrip().endswith("after") and "\x1b[2K" in text  # and erased (transient) before the next line
+
+
 def _parsed(cls, *args: str):
     """The spec a command decorated with ``with_spec`` receives for ``args``."""
     import typer

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import sys
+import time
 import warnings
 
 _STATE = {"verbose": False}
@@ -68,3 +69,50 @@ def quiet_streams():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+class Progress:
+    """whelp's one progress display, on stderr: a rich bar on a terminal (removed when done), and on anything else
+    (a log file, CI) a plain line every ``every`` seconds, so a short run prints nothing and a long one shows it is
+    alive. ``total`` None shows no bar, only ``info``: free text (loss, tokens per second).
+
+        with Progress("calibrating", total=len(rows)) as bar:
+            bar.update(advance=n, info="...")
+    """
+
+    def __init__(self, description: str, total: int | None = None, completed: int = 0, enabled: bool = True,
+                 every: float = 30.0):
+        self.description, self.total, self.completed, self.info = description, total, completed, ""
+        self.enabled, self.every, self._last, self._bar = enabled, every, time.monotonic(), None
+        if enabled and sys.stderr.isatty():
+            from rich import progress as rp
+
+            counts = [rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeRemainingColumn()] if total else []
+            self._bar = rp.Progress(rp.TextColumn(description), *counts, rp.TextColumn("{task.fields[info]}"),
+                                    transient=True)
+            self._task = self._bar.add_task(description, total=total, completed=completed, info="")
+            self._bar.start()
+
+    def update(self, completed: int | None = None, advance: int = 0, info: str | None = None) -> None:
+        self.completed = (self.completed if completed is None else completed) + advance
+        self.info = self.info if info is None else info
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.completed, info=self.info)
+        elif self.enabled and time.monotonic() - self._last >= self.every:
+            self._last = time.monotonic()
+            count = f"{self.completed:,}/{self.total:,} " if self.total else ""
+            print(f"{self.description}: {count}{self.info}".rstrip(), file=sys.stderr, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        self.update(advance=n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

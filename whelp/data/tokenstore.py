@@ -33,6 +33,7 @@ import numpy as np
 from whelp import store
 from whelp.data.sources import iter_documents, source_identity
 from whelp.errors import WhelpError
+from whelp.output import Progress
 
 FORMAT = 2
 MANIFEST = "manifest.json"
@@ -200,22 +201,22 @@ def _fill(out: Path, manifest: dict, tokenizer, num_proc: int, progress: bool) -
     total = sum(s["tokens"] for s in manifest["shards"])
     max_chars = None if limit is None else 8 * limit
     docs = itertools.islice(iter_documents(manifest["source"], manifest["text_column"], max_chars), done_docs, None)
-    parts, n_docs, held, t0 = [], 0, 0, time.perf_counter()
-    bar = _Progress(progress, total)
-    for count, ids in _encoded(docs, tokenizer, num_proc, manifest["dtype"]):
-        if limit is not None and total + held >= limit:
-            break
-        if limit is not None:
-            ids = ids[: limit - total - held]
-        parts.append(ids)
-        n_docs, held = n_docs + count, held + len(ids)
-        if held >= manifest["shard_tokens"] or (limit is not None and total + held >= limit):
-            total += _flush(out, manifest, parts, n_docs, dtype)
-            parts, n_docs, held = [], 0, 0
-            bar.update(total, time.perf_counter() - t0)
+    parts, n_docs, held, first, t0 = [], 0, 0, total, time.perf_counter()
+    with Progress("tokenizing", enabled=progress) as bar:
+        for count, ids in _encoded(docs, tokenizer, num_proc, manifest["dtype"]):
+            if limit is not None and total + held >= limit:
+                break
+            if limit is not None:
+                ids = ids[: limit - total - held]
+            parts.append(ids)
+            n_docs, held = n_docs + count, held + len(ids)
+            if held >= manifest["shard_tokens"] or (limit is not None and total + held >= limit):
+                total += _flush(out, manifest, parts, n_docs, dtype)
+                parts, n_docs, held = [], 0, 0
+                rate = (total - first) / max(time.perf_counter() - t0, 1e-9)
+                bar.update(info=f"{total:,} tokens, {rate:,.0f} tok/s")
     if held:
         total += _flush(out, manifest, parts, n_docs, dtype)
-    bar.close()
     if total == 0:
         raise WhelpError(f"data source '{manifest['source']}' holds no text")
     shas = [s["sha256"] for s in manifest["shards"]]
@@ -229,27 +230,6 @@ def _flush(out: Path, manifest: dict, parts: list, n_docs: int, dtype: np.dtype)
     manifest["shards"].append(_write_shard(out, len(manifest["shards"]), tokens, n_docs, dtype))
     store.write_record(out / MANIFEST, manifest)
     return len(tokens)
-
-
-class _Progress:
-    """A rich bar: tokens written and tokens per second (quiet when not a terminal or not wanted)."""
-
-    def __init__(self, enabled: bool, start: int):
-        self.bar = None
-        if enabled:
-            from rich.progress import Progress, SpinnerColumn, TextColumn
-
-            self.bar = Progress(SpinnerColumn(), TextColumn("tokenizing {task.fields[info]}"), transient=True)
-            self.task = self.bar.add_task("tokenize", info=f"{start:,} tokens")
-            self.bar.start()
-
-    def update(self, tokens: int, seconds: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, info=f"{tokens:,} tokens, {tokens / max(seconds, 1e-9):,.0f} tok/s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _shard_problem(path: Path, shard: dict, dtype: str, full: bool = True) -> str | None:

@@ -25,6 +25,7 @@ from whelp.distillation import checkpoint, loop, parallel
 from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
 from whelp.errors import WhelpError
+from whelp.output import Progress
 from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, check_weights
 
 
@@ -140,7 +141,7 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
     if main:
         metrics_log.trim(metrics, start)
     writer = metrics_log.tensorboard(rdir) if t.spec.tensorboard and main else None
-    bar = metrics_log.progress(t.steps, start, progress and main)
+    bar = Progress("distill", t.steps, start, enabled=progress and main)
 
     def save(step: int) -> Path:
         return checkpoint.save_checkpoint(rdir / "checkpoints", step, t.model, t.optimizer, t.scheduler,
@@ -155,10 +156,9 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
     t0 = time.perf_counter()
     first_eval = loop.held_out(t) if start == 0 else None
     try:
-        last = loop.train(t, start, save=save, on_step=on_step, last_good=last_good)
+        with bar:
+            last = loop.train(t, start, save=save, on_step=on_step, last_good=last_good)
     finally:
-        if bar is not None:
-            bar.stop()
         if writer is not None:
             writer.close()
     return {"steps": t.steps, "tokens": t.tokens_seen, "compute_dtype": str(t.dtype).replace("torch.", ""),
@@ -197,5 +197,6 @@ def cache_teacher(teacher: str, data: str, out: Path, spec: CacheSpec, force: bo
     check_data(data)
     model, tokenizer = load_model(teacher, dtype=spec.dtype, policy=policy)
     blocks = open_blocks(data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
-    return write_cache(model, tokenizer, blocks, out, spec.mode, spec.k, spec.temperature, teacher, force=force,
-                       batch_size=spec.batch_size, stage_key=stage_key)
+    with Progress("caching teacher logits (blocks)", len(blocks)) as bar:
+        return write_cache(model, tokenizer, blocks, out, spec.mode, spec.k, spec.temperature, teacher, force=force,
+                           batch_size=spec.batch_size, progress=bar.advance, stage_key=stage_key)

@@ -24,6 +24,7 @@ import torch
 
 from whelp.distillation import parallel, schedule
 from whelp.errors import WhelpError
+from whelp.output import Progress
 from whelp.specs import DistillSpec, LossSpec, check_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -235,12 +236,8 @@ def distill(student, teachers, data, spec: DistillSpec, eval_ids: torch.Tensor |
     t = setup(student, [m for m, _ in live], [c for c, _ in cached], [w for _, w in live + cached], names, blocks,
               spec, world, None if eval_ids is None else eval_ids.long(), tokenizer and len(tokenizer))
     start = held_out(t)
-    bar = metrics_log.progress(t.steps, 0, progress)
-    try:
+    with Progress("distill", t.steps, enabled=progress) as bar:
         train(t, on_step=lambda row: metrics_log.show(bar, row))
-    finally:
-        if bar is not None:
-            bar.stop()
     student.whelp_distill = {"steps": t.steps, "tokens": t.tokens_seen, "log": t.log, "eval_start": start,
                              "eval_end": held_out(t)}
     return student.eval()

@@ -1,4 +1,4 @@
-"""Run logging: ``metrics.jsonl`` (one JSON object per optimizer step), TensorBoard, the rich progress bar."""
+"""Run logging: ``metrics.jsonl`` (one JSON object per optimizer step), TensorBoard, the progress display."""
 
 from __future__ import annotations
 
@@ -14,18 +14,6 @@ def tensorboard(rdir: Path):
     except ImportError:
         raise WhelpError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(rdir / "tensorboard"))
-
-
-def progress(total: int, done: int, enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[info]}"))
-    bar.add_task("distill", total=total, completed=done, info="")
-    bar.start()
-    return bar
 
 
 def trim(metrics: Path, step: int) -> None:
@@ -55,12 +43,10 @@ def log(metrics: Path, writer, row: dict) -> None:
 
 
 def show(bar, row: dict) -> None:
-    """The step's loss, per-teacher KL, CE and throughput on the progress bar (if any)."""
-    if bar is None:
-        return
+    """The step's loss, per-teacher KL, CE and throughput on the progress display (``whelp.output.Progress``)."""
     kl = " ".join(f"kl:{Path(k[3:]).name}={v:.3f}" for k, v in row.items() if k.startswith("kl/"))
-    bar.update(0, completed=row["step"], info=f"loss={row['loss']:.4f} {kl} ce={row['ce']:.3f} "
-                                             f"{row['tokens_per_s']:.0f} tok/s")
+    bar.update(completed=row["step"], info=f"loss={row['loss']:.4f} {kl} ce={row['ce']:.3f} "
+                                          f"{row['tokens_per_s']:.0f} tok/s")
 
 
 def note(message: str) -> None:

@@ -82,17 +82,25 @@ def _ppl_tokens(tokenizer, spec: EvalSpec) -> dict:
     return out
 
 
+def _perplexity(model, ids, spec: EvalSpec, tokenizer, source: str) -> dict:
+    """``perplexity`` of ``model`` on the tokens ``ids`` [T] of ``source``, with a progress display over windows."""
+    from whelp.evals.perplexity import perplexity, windows
+    from whelp.output import Progress
+
+    n_windows = len(windows(len(ids), spec.seq_len, spec.stride or spec.seq_len))
+    with Progress(f"perplexity on {source} (windows)", n_windows) as bar:
+        return asdict(perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size, tokenizer, bar.advance))
+
+
 def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
     """Size, perplexity on the tokens ``ppl_ids`` ({source: [T]}) and lm-eval scores of one in-memory model (its
     speed is measured apart: ``whelp.evals.speed``)."""
     from whelp.evals.harness import run_tasks
-    from whelp.evals.perplexity import perplexity
     from whelp.models import count_params
 
     start = time.perf_counter()
     total, non_embedding = count_params(model.config)
-    ppl = {source: asdict(perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size, tokenizer))
-           for source, ids in ppl_ids.items()}
+    ppl = {source: _perplexity(model, ids, spec, tokenizer, source) for source, ids in ppl_ids.items()}
     result = {"size": {"params": total, "non_embedding_params": non_embedding,
                        "memory_bytes": model.get_memory_footprint()},
               "perplexity": ppl, "lm_eval": {"scores": {}, "higher_is_better": {}}}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from whelp import data, models, store
 from whelp.errors import WhelpError
+from whelp.output import Progress
 from whelp.pruning import arch, importance, scores as saved, surgery
 from whelp.pruning.targets import Target, parse_target, target_rope
 from whelp.specs import TIE, LoadPolicy, PruneSpec
@@ -27,24 +28,15 @@ from whelp.specs import TIE, LoadPolicy, PruneSpec
 REPORT_FILE = "prune_report.json"
 
 
-def _progress(description: str, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
-    task = bar.add_task(description, total=total)
-    return bar, lambda n: bar.advance(task, n)
-
-
 def _calibrate(model, family, tokens, spec: PruneSpec, scores: dict | None) -> dict:
     """Scores of the spec's method; ``layers.loss`` added when the layer importance asks for it."""
     if scores is None:
-        bar, advance = _progress(f"calibrating ({spec.importance})", len(tokens))
-        with bar:
-            scores = importance.calibrate(model, family, tokens, spec.importance, spec.batch_size, advance, spec.seed)
+        with Progress(f"calibrating ({spec.importance})", len(tokens)) as bar:
+            scores = importance.calibrate(model, family, tokens, spec.importance, spec.batch_size, bar.advance,
+                                          spec.seed)
     if spec.layer_importance == "loss" and "layers.loss" not in scores:
-        bar, advance = _progress("layer skip losses", surgery.text_config(model.config).num_hidden_layers)
-        with bar:
-            scores = {**scores, "layers.loss": importance.skip_losses(model, tokens, spec.batch_size, advance)}
+        with Progress("layer skip losses", surgery.text_config(model.config).num_hidden_layers) as bar:
+            scores = {**scores, "layers.loss": importance.skip_losses(model, tokens, spec.batch_size, bar.advance)}
     return scores
 
 
@@ -217,11 +209,10 @@ def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timi
 
     t = time.perf_counter()
     n_layers = surgery.text_config(models.load_config(str(source_dir), policy)).num_hidden_layers
-    bar, advance = _progress(f"streaming calibration ({spec.importance})", n_layers)
-    with bar:
+    with Progress(f"streaming calibration ({spec.importance})", n_layers) as bar:
         keep, _, scores = streaming.prune_streaming(
             source_dir, out, parsed, tokens, method=spec.importance, layer_method=spec.layer_importance,
-            tie=spec.tie, rope=spec.rope, scores=scores, batch_size=spec.batch_size, progress=advance)
+            tie=spec.tie, rope=spec.rope, scores=scores, batch_size=spec.batch_size, progress=bar.advance)
     timings["stream_s"] = time.perf_counter() - t
     tie = {"init": keep.tie, "kl": None} if keep.tie else None  # KL needs the whole teacher in memory
     return scores, kept_report(keep), {"path": "streaming", "tie": tie, "rope": spec.rope}
