@@ -78,6 +78,10 @@ def test_bad_sources_are_clear_errors(tmp_path):
         data.read_documents("pydoc:test")
     with pytest.raises(WhelpError, match="hf:NAME:SPLIT"):
         data.read_documents("hf:only-a-name")
+    for name, raw in (("latin1.txt", "café\n".encode("latin-1")), ("latin1.jsonl", b'{"text": "caf\xe9"}\n')):
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(WhelpError, match=rf"{name} is not UTF-8 text \(byte 0xe9 .*iconv"):
+            data.read_documents(str(tmp_path / name))
     (tmp_path / "notes.md").write_text("x")
     with pytest.raises(WhelpError, match="unsupported data file"):
         data.read_documents(str(tmp_path / "notes.md"))

@@ -226,3 +226,26 @@ def test_eval_cache_key_follows_the_content_of_perplexity_files(tmp_path):
     time.sleep(0.01)
     text.write_text("other text, other numbers")
     assert cache_key(str(model), spec) != before
+
+
+def test_perplexities_of_another_tokenizer_get_no_percent_and_bits_per_byte_do(tmp_path, monkeypatch):
+    """Perplexity counts tokens, so two tokenizers' perplexities are not comparable; bits per byte is."""
+    import copy
+
+    from conftest import tiny_tokenizer
+
+    from whelp.specs import SpeedSpec
+
+    monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
+    other = copy.deepcopy(tiny_tokenizer())
+    other.add_tokens(["<extra>"])
+    for name, tok in (("ref", tiny_tokenizer()), ("same", tiny_tokenizer()), ("other", other)):
+        save_tiny(tmp_path / name, tok, vocab_size=len(other))
+    spec = api.EvalSpec(max_tokens=200, seq_len=32, speed=SpeedSpec(prompt_len=4, new_tokens=1, repeats=1))
+    result = api.evaluate({name: str(tmp_path / name) for name in ("ref", "same", "other")}, spec=spec)
+    assert len({m["tokenizer_sha256"] for m in result.metrics["models"]}) == 2
+    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in result.markdown().splitlines()
+                                          if line.startswith("| "))}
+    assert rows["ppl:pydoc:eval"][3].endswith("%)") and rows["ppl:pydoc:eval"][4].endswith("(other tokenizer)")
+    assert rows["bpb:pydoc:eval"][4].endswith("%)")
+    assert "other tokenize differently from ref" in result.markdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +100,10 @@ def no_model_loads(monkeypatch):
     (lambda d, t: ["distill", d, "--out", t, "--steps", "1"], "nothing to distil from"),
     (lambda d, t: ["distill", d, "--teacher", d, "--out", t, "--steps", "1", "--data", "pydoc:trian"],
      "unknown pydoc split 'trian'"),
+    (lambda d, t: ["distill", d, "--teacher", d, "--out", t, "--steps", "4", "--warmup", "4"],
+     "warmup=4 is not below the run's 4 steps"),
+    (lambda d, t: ["eval", d, "--out", t, "--tasks", "mine", "--include-path", str(Path(t).parent)],
+     "holds no lm-eval task YAMLs"),
 ])
 def test_bad_flags_are_one_line_before_any_model_loads(dirs, tmp_path, monkeypatch, args, message):
     no_model_loads(monkeypatch)

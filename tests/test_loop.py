@@ -188,7 +188,8 @@ def test_failed_start_does_not_block_the_corrected_command(tiny_dirs, tmp_path):
     with pytest.raises(WhelpError, match="not a teacher-logit cache"):
         distill(student, tmp_path / "out", SPEC, caches=((str(tmp_path / "nocache"), 1.0),), progress=False)
     assert not (tmp_path / "out").exists()
-    report = distill(student, tmp_path / "out", replace(SPEC, steps=2), teachers=((teacher, 1.0),), progress=False)
+    report = distill(student, tmp_path / "out", replace(SPEC, steps=2, warmup=0), teachers=((teacher, 1.0),),
+                     progress=False)
     assert report["steps"] == 2 and report["history"] == []
 
 
@@ -291,7 +292,7 @@ def test_padded_student_lm_head_is_masked_to_the_tokenizer(tiny_dirs, tmp_path):
         model.get_output_embeddings().weight[len(tokenizer):] = 3.0
     model.save_pretrained(tmp_path / "padded-student")
     tokenizer.save_pretrained(tmp_path / "padded-student")
-    spec = replace(SPEC, steps=1, grad_accum=1, save_every=0)
+    spec = replace(SPEC, steps=1, warmup=0, grad_accum=1, save_every=0)
     losses = []
     for name, path in (("plain", student), ("padded", tmp_path / "padded-student")):
         distill(str(path), tmp_path / name, spec, teachers=((teacher, 1.0),), progress=False)

@@ -177,6 +177,10 @@ def test_build_never_deletes_a_directory_it_did_not_make(tmp_path):
         assert "not a whelp build" in message and "with or without --force" in message
         assert "pass --force" not in message
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    (tmp_path / "notes.txt").write_text("mine")
+    for taken in (out, tmp_path / "notes.txt"):  # validate says so too, before any build
+        refused = run_cli("validate", "llama-3.2-1b", "--set", f"out={taken}")
+        assert refused.exit_code == 2 and "not a whelp build" in refused.stderr, refused.stderr
 
 
 @pytest.mark.demo  # the tiny recipe's teacher is resolved first
@@ -187,3 +191,17 @@ def test_validate_refuses_an_unreadable_data_source_before_anything_runs(key, va
     loaded = recipe.load("tiny", (f"{key}={value}",))
     with pytest.raises(WhelpError, match=re.escape(where) + r": .*(unknown pydoc split|no such)"):
         plan.plan_recipe(loaded)
+
+
+def test_a_teacher_config_of_another_shape_than_the_local_teacher_is_refused(tmp_path):
+    from conftest import save_tiny, tiny_tokenizer
+
+    save_tiny(tmp_path / "teacher", tiny_tokenizer())
+    text = ("name: t\nteacher: {model: %s, config: %s}\ndata: {seq_len: 64}\n"
+            "prune: {target: num_hidden_layers=1, calib_samples: 2}\n")
+    ok = recipe.load(_write(tmp_path, text % (tmp_path / "teacher", tmp_path / "teacher" / "config.json")))
+    assert plan.plan_recipe(ok)["student"]["num_hidden_layers"] == 1
+    wrong = recipe.load(_write(tmp_path, text % (tmp_path / "teacher", "llama-3.1-8b")))
+    with pytest.raises(WhelpError, match=r"recipe.teacher.config \(llama-3.1-8b\) is not the shape of the teacher "
+                                         r".*hidden_size=4096 vs 64"):
+        plan.plan_recipe(wrong)

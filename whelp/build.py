@@ -171,17 +171,24 @@ def build_dir(recipe: Recipe, out: str | Path | None) -> Path:
     return store.inside(Path("runs"), Path("runs") / store.check_name(recipe.name, "recipe name"), "runs/NAME")
 
 
+def check_out(out: Path) -> bool:
+    """Whether ``out`` is a build already (False: absent or empty); anything else (a file, a user's directory,
+    another whelp output) is refused, since whelp never deletes or overwrites it."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return False
+    found = store.marker(out)
+    if found is None or found["kind"] != "build":
+        what = f"a whelp {found['kind']}" if found else f"not a whelp build (no valid {store.MARKER})"
+        raise WhelpError(f"{out} exists and is {what}; whelp never deletes or overwrites it, with or without "
+                         "--force: choose another --out")
+    return True
+
+
 def _claim(out: Path) -> None:
     """Make ``out`` a build directory, or reopen one; a directory whelp did not build is never touched."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        found = store.marker(out)
-        if found is None or found["kind"] != "build":
-            what = f"a whelp {found['kind']}" if found else f"not a whelp build (no valid {store.MARKER})"
-            raise WhelpError(f"{out} exists and is {what}; whelp never deletes or overwrites it, with or without "
-                             "--force: choose another --out")
-        return
-    with store.atomic_dir(out, kind="build"):  # born whole, marker included
-        pass
+    if not check_out(out):
+        with store.atomic_dir(out, kind="build"):  # born whole, marker included
+            pass
 
 
 STAGE_DIR = re.compile(r"\d\d-(prune|cache-\d+|distill|eval)-[0-9a-f]{16}(\.distill)?")

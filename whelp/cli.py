@@ -271,11 +271,13 @@ def _plan_recipe(name: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @app.command()
 def validate(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name"),
              set_: Optional[List[str]] = SetOption):
-    """Check a recipe strictly: keys, types, ranges, data sources, eval tasks, the teacher and every target shape."""
-    from whelp import plan as planning, recipe as recipes
+    """Check a recipe strictly: keys, types, ranges, data sources, eval tasks, the teacher, every target shape and
+    the build directory."""
+    from whelp import build as builder, plan as planning, recipe as recipes
 
     loaded = recipes.load(recipe, tuple(set_ or ()))
     planning.plan_recipe(loaded)
+    builder.check_out(builder.build_dir(loaded, None))
     typer.echo(f"ok: {loaded.name} ({len(loaded.stages())} stages)")
 
 

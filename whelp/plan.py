@@ -14,6 +14,7 @@ directory, or the store a raw source was tokenized into) and the resulting epoch
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from whelp import models
@@ -27,12 +28,30 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def teacher_config(recipe: Recipe):
-    """The teacher's config (``teacher.config`` when given, else from the model) - a missing teacher fails here."""
+    """The teacher's config (``teacher.config`` when given, else from the model) - a missing teacher fails here,
+    and so does a ``teacher.config`` of another shape than the teacher on this machine."""
     source = recipe.teacher.config or recipe.teacher.model
     try:
-        return models.load_config(source)
+        config = models.load_config(source)
     except WhelpError as exc:
         raise WhelpError(f"recipe.teacher.{'config' if recipe.teacher.config else 'model'}: {exc}") from None
+    local = _local_teacher(recipe)
+    if recipe.teacher.config and local is not None:
+        planned, actual = models.shape(config), models.shape(models.load_config(str(local)))
+        if planned != actual:
+            diff = ", ".join(f"{k}={planned[k]} vs {actual[k]}" for k in planned if planned[k] != actual.get(k))
+            raise WhelpError(f"recipe.teacher.config ({recipe.teacher.config}) is not the shape of the teacher "
+                             f"{recipe.teacher.model} on this machine ({diff}); fix it or drop it")
+    return config
+
+
+def _local_teacher(recipe: Recipe) -> Path | None:
+    """The teacher's directory when it is on this machine (never downloads or converts anything), else None."""
+    from whelp.store import whelp_home
+
+    model = recipe.teacher.model
+    path = whelp_home() / "models" / model if model in REGISTRY else Path(model).expanduser()
+    return path if (path / "config.json").is_file() else None
 
 
 def cache_bytes_per_token(mode: str, k: int, vocab: int) -> int:
@@ -49,12 +68,9 @@ def _params(config) -> dict:
 
 
 def _local_tokenizer(recipe: Recipe):
-    """The teacher's tokenizer when it is on this machine (never downloads or converts anything), else None."""
-    from whelp.store import whelp_home
-
-    local = whelp_home() / "models" / recipe.teacher.model
-    path = local if recipe.teacher.model in REGISTRY else Path(recipe.teacher.model).expanduser()
-    return models.load_tokenizer(str(path)) if (path / "config.json").is_file() else None
+    """The teacher's tokenizer when it is on this machine, else None."""
+    local = _local_teacher(recipe)
+    return models.load_tokenizer(str(local)) if local is not None else None
 
 
 def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data") -> dict:
@@ -131,7 +147,9 @@ def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int, t
     n_student = models.count_params(student_cfg)[0]
     tokens_per_step = spec.batch_size * spec.grad_accum * spec.seq_len
     tokens = spec.max_tokens if spec.max_tokens is not None else spec.steps * tokens_per_step
+    steps = math.ceil(tokens / tokens_per_step)  # on one process
     _at(f"recipe.distill[{index}].seq_len", lambda: models.check_positions(student_cfg, spec.seq_len, "seq_len"))
+    _at(f"recipe.distill[{index}].warmup", lambda: spec.check_steps(steps))
     for i, t in enumerate(step.teachers):
         if t.model != TEACHER:
             _same_tokenizer(t.model, tokenizer, f"recipe.distill[{index}].teachers[{i}]")
@@ -141,7 +159,7 @@ def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int, t
               for i, c in enumerate(step.caches)]
     teacher_bytes = DTYPE_BYTES[recipe.teacher.dtype]
     return {
-        "stage": f"distill[{index}]", "tokens": tokens, "steps": spec.steps,
+        "stage": f"distill[{index}]", "tokens": tokens, "steps": steps,
         "data": data_plan(spec.data, tokens, student_cfg.vocab_size, tokenizer, f"recipe.distill[{index}].data"),
         "flops_per_token": {"student_train": 6 * n_student, "live_teachers": sum(2 * n for _, _, n in live),
                             "cache_teachers_once": sum(2 * n for _, n in cached)},

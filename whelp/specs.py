@@ -217,8 +217,15 @@ class DistillSpec:
                   *_non_negative(self, ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "save_every")),
                   _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))])
         self.loss_spec()
+        if self.steps is not None:
+            self.check_steps(self.steps)
         for data in (self.data, self.eval_data):
             parse_mixture(data)
+
+    def check_steps(self, steps: int) -> None:
+        """Refuse a warmup not below the run's ``steps`` (for a --max-tokens budget known once the processes are)."""
+        _require([(self.warmup < steps, f"warmup={self.warmup} is not below the run's {steps} steps: the learning "
+                                        "rate would only rise; lower --warmup (or train longer)")])
 
     def loss_spec(self, vocab_size: int | None = None) -> LossSpec:
         return LossSpec(self.loss, self.temperature, self.t2_scale, self.beta, self.alpha, self.ce_weight,

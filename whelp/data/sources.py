@@ -47,25 +47,33 @@ def _pydoc_documents(split: str) -> list[str]:
     return [topics[name] for name in sorted(pydoc_split()[split])]
 
 
+def _jsonl_documents(path: Path, text_column: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise WhelpError(f"{path}:{lineno} is not valid JSON") from None
+            if text_column not in row:
+                raise WhelpError(f"{path}:{lineno} has no '{text_column}' column (has: {', '.join(row)}); "
+                                 "pass the right text column")
+            yield str(row[text_column])
+
+
 def _file_documents(path: Path, text_column: str) -> Iterator[str]:
     """The documents of one file, streamed: a .txt is one document, a .jsonl one per line, a .parquet one per row."""
-    if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
-        return
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise WhelpError(f"{path}:{lineno} is not valid JSON") from None
-                if text_column not in row:
-                    raise WhelpError(f"{path}:{lineno} has no '{text_column}' column (has: {', '.join(row)}); "
-                                     "pass the right text column")
-                yield str(row[text_column])
-        return
+    try:
+        if path.suffix == ".txt":
+            yield path.read_text(encoding="utf-8")
+            return
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, text_column)
+            return
+    except UnicodeDecodeError as exc:
+        raise WhelpError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start} of a "
+                         "chunk); convert it, e.g. iconv -f latin1 -t utf-8") from None
     import pyarrow as pa
     import pyarrow.parquet as pq
 

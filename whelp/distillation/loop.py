@@ -107,6 +107,7 @@ def setup(lm, teachers: list, caches: list, weights, names, blocks, spec: Distil
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     per_step = spec.batch_size * spec.grad_accum * world.size
     steps = spec.steps or math.ceil(spec.max_tokens / (per_step * spec.seq_len))
+    spec.check_steps(steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps)
     return Training(model, teachers, caches, tuple(weights), list(names), blocks, spec, loss, world,
                     compute_dtype(spec.dtype, world.device), optimizer, scheduler, steps, eval_ids)

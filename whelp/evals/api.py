@@ -147,8 +147,10 @@ def _loaded_and_measured(name: str, spec: EvalSpec, manager, policy: LoadPolicy,
 
 def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
     """Labels, model names, tasks, positions and perplexity sources, before any model is loaded: returns the task
-    manager and each model's perplexity tokens ({label: {source: [T]}}, read once here)."""
+    manager, each model's perplexity tokens ({label: {source: [T]}}, read once here) and tokenizer hash (perplexities
+    of different tokenizers count different tokens: the report compares them by bits per byte only)."""
     from whelp.data import check_data
+    from whelp.data.tokenstore import tokenizer_hash
     from whelp.evals.harness import check_include_paths, task_manager
     from whelp.models import check_positions, load_config, load_tokenizer
 
@@ -164,18 +166,19 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
     check_include_paths(spec.include_paths)
     manager = task_manager(spec.tasks, spec.include_paths) if spec.tasks else None
     shared = _ppl_tokens(tokenizer, spec) if tokenizer is not None else None  # the in-memory models' tokenizer
-    tokens = {}
+    tokens, tokenizers = {}, {}
     for label, model in models.items():
         if isinstance(model, (str, Path)):
-            config = load_config(str(model), policy)
-            tokens[label] = _ppl_tokens(load_tokenizer(str(model), policy), spec)
+            config, own = load_config(str(model), policy), load_tokenizer(str(model), policy)
+            tokens[label] = _ppl_tokens(own, spec)
         elif tokenizer is None:
             raise WhelpError(f"model '{label}' is given in memory: pass its tokenizer")
         else:
-            config, tokens[label] = model.config, shared
+            config, own, tokens[label] = model.config, tokenizer, shared
+        tokenizers[label] = tokenizer_hash(own)
         check_positions(config, spec.seq_len, "--seq-len")
         check_positions(config, spec.speed.prompt_len + spec.speed.new_tokens, "--speed-prompt-len + new tokens")
-    return manager, tokens
+    return manager, tokens, tokenizers
 
 
 def evaluate(models: Mapping[str, object], tokenizer=None, spec: EvalSpec = EvalSpec(),
@@ -190,7 +193,7 @@ def evaluate(models: Mapping[str, object], tokenizer=None, spec: EvalSpec = Eval
     from whelp.evals.speed import SpeedProcess
 
     models = {str(label): model for label, model in models.items()}
-    manager, tokens = _check(models, tokenizer, spec, policy)
+    manager, tokens, tokenizers = _check(models, tokenizer, spec, policy)
     on_disk = {label: str(m) for label, m in models.items() if isinstance(m, (str, Path))}
     results = {label: _cached(name, spec) for label, name in on_disk.items()}
     missing = [label for label, hit in results.items() if hit is None]
@@ -206,8 +209,8 @@ def evaluate(models: Mapping[str, object], tokenizer=None, spec: EvalSpec = Eval
             path = _cache_path(on_disk[label], spec)
             store.write_record(path, results[label])
             results[label] = {**results[label], "cache_key": path.stem, "reused": False}
-    rows = [{"label": label, "model": on_disk.get(label, type(model).__name__), **results[label]}
-            for label, model in models.items()]
+    rows = [{"label": label, "model": on_disk.get(label, type(model).__name__), **results[label],
+             "tokenizer_sha256": tokenizers[label]} for label, model in models.items()]
     return EvalResult({"reference": next(iter(models)), "settings": asdict(spec),
                        "seeds": {"lm_eval": SEEDS, "speed_inputs": spec.speed.seed}, "versions": versions(),
                        "models": rows})

@@ -19,9 +19,13 @@ SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234,
 
 
 def check_include_paths(include_paths: tuple[str, ...]) -> None:
+    """Each path a directory with task YAMLs somewhere below it (where lm-eval looks)."""
     for path in include_paths:
         if not Path(path).expanduser().is_dir():
             raise WhelpError(f"--include-path {path} is not a directory of lm-eval task YAMLs")
+        if not any(Path(path).expanduser().rglob("*.yaml")):
+            raise WhelpError(f"--include-path {path} holds no lm-eval task YAMLs (*.yaml); point it at the directory "
+                             "of your task files")
 
 
 def _task_paths(include_paths: tuple[str, ...]) -> list[str]:

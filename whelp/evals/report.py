@@ -55,6 +55,11 @@ def _fmt(value: float) -> str:
     return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
 
 
+def _same_tokenizer(ref: dict, model: dict) -> bool:
+    """Whether two results' perplexities count the same tokens (results from before the hash was kept: assumed)."""
+    return ref.get("tokenizer_sha256") == model.get("tokenizer_sha256")
+
+
 def table(metrics: dict) -> tuple[list[str], list[str], list[list[str]], dict[str, list[float]]]:
     """``(names, labels, cells, percents)``: one row per metric, one column per model; non-reference cells read
     ``value (delta, pct%)``. ``percents[name]`` holds each model's % (the reference is 100)."""
@@ -66,7 +71,11 @@ def table(metrics: dict) -> tuple[list[str], list[str], list[list[str]], dict[st
     for name in names:
         kind, ref = direction(name, higher), flats[0][name]
         row, pcts = [_fmt(ref)], [100.0]
-        for flat in flats[1:]:
+        for model, flat in zip(models[1:], flats[1:]):
+            if kind == "log" and not _same_tokenizer(models[0], model):
+                pcts.append(float("nan"))
+                row.append(f"{_fmt(flat[name])} (other tokenizer)")
+                continue
             pct = percent(kind, ref, flat[name])
             pcts.append(pct)
             row.append(f"{_fmt(flat[name])} ({'+' if flat[name] >= ref else '-'}{_fmt(abs(flat[name] - ref))}, "
@@ -89,9 +98,13 @@ def markdown(metrics: dict) -> str:
     for name, row in zip(names, cells):
         lines.append(f"| {name} | {meaning[direction(name, higher)]} | " + " | ".join(row) + " |")
     reused = [m["label"] for m in metrics["models"] if m.get("reused")]
+    other = [m["label"] for m in metrics["models"][1:] if not _same_tokenizer(metrics["models"][0], m)]
     lines += ["", "% recovered is measured in loss: reference NLL / model NLL for perplexities (equivalently the "
-              "bits-per-byte ratio), model / reference for accuracies; 100% = as good as the reference.",
-              f"Reused from the cache: {', '.join(reused) or 'none'}."]
+              "bits-per-byte ratio), model / reference for accuracies; 100% = as good as the reference."]
+    if other:
+        lines.append(f"{', '.join(other)} tokenize differently from {labels[0]}: their perplexities count other tokens "
+                     "and get no %; compare them by bits per byte (bpb rows).")
+    lines.append(f"Reused from the cache: {', '.join(reused) or 'none'}.")
     return "\n".join(lines) + "\n"
 
 
