@@ -65,7 +65,7 @@ def test_one_and_two_workers_write_identical_shards_and_max_tokens_cuts_exactly(
 
 def test_interrupted_tokenize_resumes_to_the_same_store(tok, corpus, tmp_path, monkeypatch):
     whole = tokenstore.tokenize(str(corpus), tok, tmp_path / "whole", num_proc=1, shard_tokens=4096, progress=False)
-    real, calls = tokenstore._flush, []
+    real, calls = tokenstore.flush, []
 
     def killed_after_two(*args):
         if len(calls) == 2:
@@ -73,7 +73,7 @@ def test_interrupted_tokenize_resumes_to_the_same_store(tok, corpus, tmp_path, m
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(tokenstore, "_flush", killed_after_two)
+    monkeypatch.setattr(tokenstore, "flush", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         tokenstore.tokenize(str(corpus), tok, tmp_path / "r", num_proc=2, shard_tokens=4096, progress=False)
     monkeypatch.undo()

@@ -15,7 +15,7 @@ import typer
 
 from whelp.errors import WhelpError
 from whelp.flags import with_spec
-from whelp.specs import CacheSpec, DistillSpec, EvalSpec, LoadPolicy, PruneSpec
+from whelp.specs import CacheSpec, DistillSpec, EvalSpec, GenerateSpec, LoadPolicy, PruneSpec
 
 
 class _App(typer.Typer):
@@ -168,6 +168,21 @@ def tokenize(data: str = typer.Argument(..., help="Text source: file, directory,
     m = tokenstore.open_store(path).manifest
     typer.echo(f"wrote {m['total_tokens']:,} tokens of {m['documents']:,} documents ({m['dtype']}, "
                f"{len(m['shards'])} shards) to {path}")
+
+
+@app.command()
+@with_spec("spec", GenerateSpec)
+def generate(teacher: str = typer.Argument(..., help="Teacher model directory or registered name"),
+             out: str = typer.Option(..., "--out", help="Token-store directory to write"),
+             force: bool = typer.Option(False, "--force", help="Replace an existing token store at --out"),
+             spec: GenerateSpec | None = None):  # built from the options by @with_spec
+    """Sample text from a teacher into a token store (usable wherever DATA is; resumes if interrupted)."""
+    from whelp.data import tokenstore
+    from whelp.data.generate import generate_store
+
+    path = generate_store(teacher, out, spec, force=force, policy=_policy())
+    m = tokenstore.open_store(path).manifest
+    typer.echo(f"wrote {m['total_tokens']:,} tokens of {m['documents']:,} sequences sampled from {teacher} to {path}")
 
 
 @app.command("eval")

@@ -310,3 +310,35 @@ class CacheSpec:
                   (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
                   *_positive(self, ("max_tokens", "batch_size")),
                   _choice("dtype", self.dtype, ("float32", "bfloat16"))])
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """What ``whelp generate`` samples: ``max_tokens`` tokens of the teacher's own text, as sequences of up to
+    ``prompt_tokens`` tokens cut from the start of a document of ``prompts`` (or a lone BOS) and up to
+    ``new_tokens`` sampled ones (Kim & Rush 2016's sequence-level KD data; Qwen3's strong-to-weak stage 1)."""
+
+    max_tokens: int | None = opt(None, "Tokens to write (prompts, samples and one EOS per sequence)")
+    prompts: str | None = opt(None, "DATA whose documents' first tokens prompt the teacher (default: BOS alone)")
+    prompt_tokens: int = opt(32, "Prompt tokens cut from each document")
+    new_tokens: int = opt(256, "Sampled tokens per sequence at most (EOS ends one sooner)")
+    temperature: float = opt(1.0, "Sampling temperature; 0 is greedy decoding")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens of this probability (1: all)")
+    top_k: int = opt(0, "Keep the k most likely tokens (0: all)")
+    batch_size: int = opt(8, "Sequences sampled together")
+    seed: int = opt(0, "Sampling seed (each batch is seeded from it and its index)")
+    device: str = opt("cpu", "cpu, cuda or cuda:N")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "Teacher dtype: float32 | bfloat16")
+
+    def __post_init__(self):
+        check_types(self)
+        _require([(self.max_tokens is not None, "give --max-tokens N: how many tokens to generate"),
+                  *_positive(self, ("max_tokens", "prompt_tokens", "new_tokens", "batch_size")),
+                  (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+                  (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+                  *_non_negative(self, ("top_k",)),
+                  _choice("dtype", self.dtype, ("float32", "bfloat16")),
+                  (self.device == "cpu" or self.device.split(":")[0] == "cuda",
+                   f"unknown device '{self.device}'; choose cpu, cuda or cuda:N")])
+        if self.prompts is not None:
+            parse_mixture(self.prompts)

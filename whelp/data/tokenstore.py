@@ -177,6 +177,13 @@ def tokenize(spec: str, tokenizer, out: str | Path, num_proc: int | None = None,
             raise WhelpError(f"{name} must be positive, got {value}")
     num_proc = num_proc or os.cpu_count() or 1
     identity = _identity(spec, tokenizer, max_tokens, text_column, shard_tokens)
+    return write(out, identity, force, lambda work, manifest: _fill(work, manifest, tokenizer, num_proc, progress))
+
+
+def write(out: Path, identity: dict, force: bool, fill) -> Path:
+    """Make (or resume) the store of ``identity`` at ``out`` with ``fill(work_dir, manifest)``, which appends shards
+    (``flush``) and seals the manifest (``seal``). With ``force`` an existing store is replaced only once the new
+    one is complete; a failure before the first shard leaves nothing that would block the corrected command."""
     manifest = _resumable(out, identity, force)
     work = out.with_name(f".{out.name}.rebuild") if manifest is None and force and out.exists() else out
     if manifest is None:
@@ -184,9 +191,9 @@ def tokenize(spec: str, tokenizer, out: str | Path, num_proc: int | None = None,
         with store.atomic_dir(work, force=True, kind="store") as tmp:
             store.write_record(tmp / MANIFEST, manifest)
     try:
-        _fill(work, manifest, tokenizer, num_proc, progress)
+        fill(work, manifest)
     except WhelpError:
-        if not manifest["shards"]:  # nothing to resume: leave nothing that would block the corrected command
+        if not manifest["shards"]:
             shutil.rmtree(work)
         raise
     if work != out:
@@ -196,7 +203,7 @@ def tokenize(spec: str, tokenizer, out: str | Path, num_proc: int | None = None,
 
 def _fill(out: Path, manifest: dict, tokenizer, num_proc: int, progress: bool) -> None:
     """Tokenize the documents after the recorded shards into new shards, then seal the manifest complete."""
-    dtype, limit = np.dtype(manifest["dtype"]), manifest["max_tokens"]
+    limit = manifest["max_tokens"]
     done_docs = sum(s["documents"] for s in manifest["shards"])
     total = sum(s["tokens"] for s in manifest["shards"])
     max_chars = None if limit is None else 8 * limit
@@ -211,25 +218,33 @@ def _fill(out: Path, manifest: dict, tokenizer, num_proc: int, progress: bool) -
             parts.append(ids)
             n_docs, held = n_docs + count, held + len(ids)
             if held >= manifest["shard_tokens"] or (limit is not None and total + held >= limit):
-                total += _flush(out, manifest, parts, n_docs, dtype)
+                total += flush(out, manifest, parts, n_docs)
                 parts, n_docs, held = [], 0, 0
                 rate = (total - first) / max(time.perf_counter() - t0, 1e-9)
                 bar.update(info=f"{total:,} tokens, {rate:,.0f} tok/s")
     if held:
-        total += _flush(out, manifest, parts, n_docs, dtype)
+        total += flush(out, manifest, parts, n_docs)
     if total == 0:
         raise WhelpError(f"data source '{manifest['source']}' holds no text")
+    seal(out, manifest, total)
+
+
+def flush(out: Path, manifest: dict, parts: list, n_docs: int, **extra) -> int:
+    """Write ``parts`` (token arrays) as the next shard of ``n_docs`` documents (``extra`` goes into its record)
+    and record it in the manifest; returns its token count."""
+    tokens = np.concatenate(parts)
+    shard = _write_shard(out, len(manifest["shards"]), tokens, n_docs, np.dtype(manifest["dtype"]))
+    manifest["shards"].append({**shard, **extra})
+    store.write_record(out / MANIFEST, manifest)
+    return len(tokens)
+
+
+def seal(out: Path, manifest: dict, total: int) -> None:
+    """Mark the store complete: totals and the fingerprint (the sha256 of the shards' sha256s)."""
     shas = [s["sha256"] for s in manifest["shards"]]
     store.write_record(out / MANIFEST, {**manifest, "complete": True, "total_tokens": total,
                                         "documents": sum(s["documents"] for s in manifest["shards"]),
                                         "fingerprint": store.content_id([manifest["dtype"], shas])})
-
-
-def _flush(out: Path, manifest: dict, parts: list, n_docs: int, dtype: np.dtype) -> int:
-    tokens = np.concatenate(parts)
-    manifest["shards"].append(_write_shard(out, len(manifest["shards"]), tokens, n_docs, dtype))
-    store.write_record(out / MANIFEST, manifest)
-    return len(tokens)
 
 
 def _shard_problem(path: Path, shard: dict, dtype: str, full: bool = True) -> str | None:
@@ -290,12 +305,13 @@ def is_store(path: str | Path) -> bool:
 def open_store(path: str | Path, tokenizer=None) -> TokenStore:
     """A complete store after checking its manifest (sealed), every shard's size and the tokenizer."""
     path = Path(path).expanduser()
-    m = store.read_record(path / MANIFEST, f"re-run whelp tokenize with --force to rebuild {path}")
+    m = store.read_record(path / MANIFEST, f"re-run the whelp command that made {path} with --force to rebuild it")
+    maker = "whelp generate" if "generation" in m else "whelp tokenize"
     if m.get("format") != FORMAT:
         raise WhelpError(f"{path} has token-store format {m.get('format')}, this whelp reads {FORMAT}; re-tokenize")
     if not m["complete"]:
         raise WhelpError(f"{path} is incomplete ({len(m['shards'])} shards written, interrupted); re-run the same "
-                         "whelp tokenize command to resume it")
+                         f"{maker} command to resume it")
     if tokenizer is not None and tokenizer_hash(tokenizer) != m["tokenizer_sha256"]:
         mine = getattr(tokenizer, "name_or_path", "") or "the model's tokenizer"
         raise WhelpError(f"{path} was tokenized with {m['tokenizer'] or 'another tokenizer'} (sha256 "
@@ -304,6 +320,6 @@ def open_store(path: str | Path, tokenizer=None) -> TokenStore:
     for shard in m["shards"]:
         problem = _shard_problem(path, shard, m["dtype"], full=False)
         if problem:
-            raise WhelpError(f"token store shard {path / shard['file']} {problem}; re-run the whelp tokenize "
-                             "command that made it (it rewrites damaged shards)")
+            raise WhelpError(f"token store shard {path / shard['file']} {problem}; re-run the {maker} command "
+                             "that made it (it rewrites damaged shards)")
     return TokenStore(path, m)

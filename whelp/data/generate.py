@@ -1,0 +1,155 @@
+"""``whelp generate``: a token store of the teacher's own text, usable wherever DATA is.
+
+Sequence-level KD (Kim & Rush 2016; stage 1 of Qwen3's strong-to-weak distillation) trains the student on what the
+teacher says rather than on one corpus: the student then learns the teacher's general language, not the domain of
+whatever text was at hand, and no dataset is needed.
+
+Batch ``b`` holds ``batch_size`` sequences, each a prompt (the first ``prompt_tokens`` tokens of the next document
+of ``prompts``, cycled; or a lone BOS, EOS when the tokenizer has no BOS) followed by up to ``new_tokens`` tokens
+sampled with transformers' ``generate`` (left padding, KV cache, stopping at EOS) and one EOS. The RNG is seeded
+from ``(seed, b)`` before each batch, so every batch depends on the spec and its index alone: a run resumed after an
+interruption writes exactly the store an uninterrupted one does. Shards (the token-store format of
+``whelp.data.tokenstore``) are cut at batch boundaries once they hold ``shard_tokens`` tokens and record how many
+batches they hold; the last one is cut at exactly ``max_tokens``. Memory is one batch plus one shard.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from whelp import store
+from whelp.data import tokenstore
+from whelp.data.sources import iter_documents, source_identity
+from whelp.errors import WhelpError
+from whelp.output import Progress
+from whelp.specs import GenerateSpec, LoadPolicy
+
+SHARD_TOKENS = 1 << 18  # 256K tokens a shard: a resumed run loses at most this much sampling
+
+
+def prompt_ids(spec: GenerateSpec, tokenizer) -> Iterator[list[int]]:
+    """Prompts as token ids, endless: each document's first ``prompt_tokens`` tokens (``prompts`` read again from
+    its start when it ends), or ``[BOS]`` for every sequence when there are no prompts."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if spec.prompts is None:
+        yield from itertools.repeat([start])
+        return
+    for _ in itertools.count():
+        found = False
+        for doc in iter_documents(spec.prompts, "text", None):
+            ids = tokenizer(doc[: 64 * spec.prompt_tokens], add_special_tokens=False).input_ids[: spec.prompt_tokens]
+            if ids:
+                found = True
+                yield ids
+        if not found:
+            raise WhelpError(f"--prompts {spec.prompts} holds no text to prompt with")
+
+
+def generation_config(spec: GenerateSpec, tokenizer):
+    """Every setting ``generate`` samples with, explicit: a checkpoint's generation_config.json and transformers'
+    defaults (top_k=50) must not change what the spec says."""
+    from transformers import GenerationConfig
+
+    sample = spec.temperature > 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(max_new_tokens=spec.new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1,
+                            temperature=spec.temperature if sample else 1.0, top_p=spec.top_p if sample else 1.0,
+                            top_k=spec.top_k if sample else 0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], config, seed: int) -> list[np.ndarray]:
+    """One batch: the prompts left-padded into ``[B, P]`` with their attention mask, continued by ``generate`` with
+    the RNG seeded by ``seed``; each sequence is prompt + continuation up to (without) its first EOS + one EOS."""
+    width, eos, pad = max(map(len, prompts)), config.eos_token_id, config.pad_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                         generation_config=config).cpu()[:, width:]
+    ended = out == eos
+    lengths = torch.where(ended.any(1), ended.int().argmax(1), torch.tensor(out.shape[1])).tolist()
+    return [np.concatenate([prompt, out[row, :n].numpy(), [eos]])
+            for row, (prompt, n) in enumerate(zip(prompts, lengths))]
+
+
+def _identity(spec: GenerateSpec, tokenizer, teacher_name: str, teacher_dir: Path, shard_tokens: int) -> dict:
+    if tokenizer.eos_token_id is None:
+        raise WhelpError("the teacher's tokenizer has no EOS token to end sequences with")
+    vocab = len(tokenizer)
+    settings = {k: v for k, v in asdict(spec).items() if k != "max_tokens"}
+    return {"format": tokenstore.FORMAT, "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
+            "tokenizer_sha256": tokenstore.tokenizer_hash(tokenizer), "vocab_size": vocab,
+            "eos_id": tokenizer.eos_token_id, "dtype": tokenstore.token_dtype(vocab).name,
+            "source": f"generate:{teacher_name}", "source_identity": store.content_id(store.path_identity(teacher_dir)),
+            "max_tokens": spec.max_tokens, "text_column": "text", "shard_tokens": shard_tokens,
+            "generation": {**settings, "teacher": teacher_name,
+                           "prompts_identity": source_identity(spec.prompts) if spec.prompts else None}}
+
+
+def generate(model, tokenizer, out: str | Path, spec: GenerateSpec, teacher_name: str, teacher_dir: Path,
+             force: bool = False, progress: bool = True, shard_tokens: int = SHARD_TOKENS) -> Path:
+    """Write ``spec.max_tokens`` tokens sampled from ``model`` (the teacher ``teacher_name``, files at
+    ``teacher_dir``; or a function that loads it, called only once ``out`` is known to need work) to the token store
+    ``out``; resumes an interrupted run of the same call."""
+    identity = _identity(spec, tokenizer, teacher_name, Path(teacher_dir), shard_tokens)
+    config = generation_config(spec, tokenizer)
+
+    def fill(work: Path, manifest: dict) -> None:
+        loaded = model if isinstance(model, torch.nn.Module) else model()
+        _fill(work, manifest, loaded.eval(), tokenizer, spec, config, progress)
+
+    return tokenstore.write(Path(out).expanduser(), identity, force, fill)
+
+
+def generate_store(teacher: str, out: str | Path, spec: GenerateSpec, force: bool = False,
+                   policy: LoadPolicy = LoadPolicy()) -> Path:
+    """``whelp generate``: check the inputs, then sample from the teacher directory or registered name."""
+    from whelp.data import check_source
+    from whelp.models import load_model, load_tokenizer, locate
+
+    out = Path(out).expanduser()
+    store.check_apart(out, [teacher])
+    if spec.prompts is not None:
+        if "," in spec.prompts:
+            raise WhelpError("--prompts takes one text source (its documents' first tokens prompt the teacher)")
+        check_source(spec.prompts)
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise WhelpError(f"--device {spec.device}, but this torch sees no CUDA device; use --device cpu")
+    loader = lambda: load_model(teacher, dtype=spec.dtype, device=spec.device, policy=policy)[0]  # noqa: E731
+    return generate(loader, load_tokenizer(teacher, policy), out, spec, teacher, Path(locate(teacher)), force)
+
+
+def _fill(out: Path, manifest: dict, model, tokenizer, spec: GenerateSpec, config, progress: bool) -> None:
+    done = sum(s["batches"] for s in manifest["shards"])
+    total = first = sum(s["tokens"] for s in manifest["shards"])
+    prompts = itertools.islice(prompt_ids(spec, tokenizer), done * spec.batch_size, None)
+    parts, held, batches, t0 = [], 0, 0, time.perf_counter()
+    with Progress("generating (tokens)", spec.max_tokens, total, enabled=progress) as bar:
+        for index in itertools.count(done):
+            seqs = sample(model, list(itertools.islice(prompts, spec.batch_size)), config, spec.seed * 1_000_003 + index)
+            parts, held, batches = parts + seqs, held + sum(map(len, seqs)), batches + 1
+            last = total + held >= spec.max_tokens
+            if last:  # the stream ends at exactly max_tokens, inside the sequence that crosses it
+                ends = np.cumsum([len(p) for p in parts])
+                parts = parts[: int(np.searchsorted(ends, spec.max_tokens - total)) + 1]
+                parts[-1] = parts[-1][: len(parts[-1]) - (int(ends[len(parts) - 1]) - (spec.max_tokens - total))]
+            if held >= manifest["shard_tokens"] or last:
+                total += tokenstore.flush(out, manifest, parts, len(parts), batches=batches)
+                parts, held, batches = [], 0, 0
+            rate = (total + held - first) / max(time.perf_counter() - t0, 1e-9)
+            bar.update(completed=total + held, info=f"{rate:,.0f} tok/s")
+            if last:
+                break
+    tokenstore.seal(out, manifest, total)
