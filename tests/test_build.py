@@ -57,6 +57,9 @@ def test_final_directory_holds_student_card_metrics_and_report(finished):
     ppl = {r.dataset_name: r.metric_value for r in card.data.eval_results}
     assert ppl == {"pydoc:eval": round(metrics["models"][-1]["perplexity"]["pydoc:eval"]["ppl"], 4)}
     assert (final / "report.md").read_text().split("\n", 1)[1].strip() in card.text
+    ppl_teacher = metrics["models"][0]["perplexity"]["pydoc:eval"]["ppl"]
+    assert f"- evaluation `pydoc:eval` (never trained on): perplexity {ppl['pydoc:eval']:,.2f}, teacher " \
+           f"{ppl_teacher:,.2f}" in card.text
     assert (final / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

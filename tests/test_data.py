@@ -65,6 +65,15 @@ def test_blocks_are_deterministic_for_a_seed():
     assert data.open_blocks("pydoc:eval", tok, seq_len=64).head(5).shape == (5, 64)
 
 
+def test_the_builtin_general_english_source_is_the_licence_texts():
+    from whelp.evals.tasks import whelp_data
+
+    docs = data.read_documents("licenses")
+    assert docs == [row["text"] for row in map(json.loads, whelp_data.LICENSES.read_text().splitlines())]
+    assert "Apache License" in docs[0] and sum(map(len, docs)) > 40_000
+    assert data.source_identity("licenses")[0] == "licenses" and data.source_identity("licenses")[1]
+
+
 def test_bad_sources_are_clear_errors(tmp_path):
     with pytest.raises(WhelpError, match="no such data file"):
         data.read_documents(str(tmp_path / "missing.txt"))

@@ -62,6 +62,22 @@ def _lineage(recipe: Recipe) -> list[str]:
     return lines
 
 
+def _domains(recipe: Recipe, metrics: dict) -> list[str]:
+    """One line per perplexity source: the student against the teacher, and whether the build trained on it (a
+    student is judged on the text it never saw as much as on its training domain)."""
+    from whelp.specs import parse_mixture
+
+    trained = {source for ref in recipe.stages()
+               for source, _ in parse_mixture(ref.step.options.data if ref.kind == "distill" else ref.step.options.calib)}
+    teacher, student = metrics["models"][0], metrics["models"][-1]
+    lines = []
+    for source in metrics["settings"]["ppl"]:
+        t, s = teacher["perplexity"][source]["ppl"], student["perplexity"][source]["ppl"]
+        seen = "a training source" if source in trained else "never trained on"
+        lines.append(f"- evaluation `{source}` ({seen}): perplexity {s:,.2f}, teacher {t:,.2f} ({s / t:.2f}x)")
+    return lines
+
+
 def model_card(recipe: Recipe, metrics: dict, lineage: list[dict], final_dir: Path) -> str:
     """README.md text for ``final_dir`` (which already holds config.json, report.md and report.png)."""
     from huggingface_hub import ModelCard
@@ -75,7 +91,7 @@ def model_card(recipe: Recipe, metrics: dict, lineage: list[dict], final_dir: Pa
             "## Lineage", "", *_lineage(recipe), "",
             "## Shapes", "", *_shapes_table(lineage, final_dir), "",
             "## Data", "", f"- calibration: `{recipe.data.calib}`", f"- training: `{recipe.data.train}`",
-            f"- evaluation: `{recipe.data.eval}`", f"- sequence length: {recipe.data.seq_len}", "",
+            *_domains(recipe, metrics), f"- sequence length: {recipe.data.seq_len}", "",
             "## Evaluation", "", report, "", "![report](report.png)", "",
             "## Versions", "", "```json", json.dumps(versions, indent=1, sort_keys=True), "```", ""]
     card = ModelCard(f"---\n{_card_data(recipe, metrics, student).to_yaml()}\n---\n\n" + "\n".join(body))

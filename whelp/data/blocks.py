@@ -27,7 +27,7 @@ import torch
 
 from whelp import store
 from whelp.data import tokenstore
-from whelp.data.sources import check_source, source_identity
+from whelp.data.sources import BUILTIN, check_source, source_identity
 from whelp.errors import WhelpError
 from whelp.specs import parse_mixture
 
@@ -192,7 +192,7 @@ def store_for(spec: str, tokenizer, max_tokens: int | None = None, text_column: 
 
 
 def _local_bytes(spec: str) -> int:
-    if spec.startswith("pydoc:"):
+    if spec.startswith("pydoc:") or spec in BUILTIN:
         return 0
     path = Path(spec).expanduser()
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

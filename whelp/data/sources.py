@@ -4,6 +4,8 @@ A source spec is one of:
   * a local ``.txt`` / ``.jsonl`` / ``.parquet`` file, or a directory of them (read in sorted order);
   * ``pydoc:calib`` | ``pydoc:train`` | ``pydoc:eval`` - the Python language reference shipped with
     CPython (``pydoc_data.topics``), split by topic into three parts that never overlap;
+  * ``licenses`` - general English that no recipe trains on: the licence texts Debian ships (Apache-2.0, the GPLs,
+    ...; in whelp's lm-eval task data), for perplexity next to the training domain;
   * ``hf:NAME[:CONFIG]:SPLIT[:COLUMN]`` - a Hugging Face dataset (online users; streamed).
 ``whelp.data.tokenstore`` tokenizes a source once into a token store; ``token_stream`` / ``pack`` are the small
 in-memory path (a few thousand tokens: tests, the reference the store is checked against).
@@ -21,6 +23,12 @@ from whelp.errors import WhelpError
 PYDOC_SPLITS = ("calib", "train", "eval")
 PYDOC_FRACTIONS = {"eval": 0.10, "calib": 0.10}  # the rest is train
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+BUILTIN = {"licenses": Path(__file__).resolve().parent.parent / "evals" / "tasks" / "licenses.jsonl"}
+
+
+def _local(spec: str) -> str:
+    """The file a built-in source name stands for; any other spec as it is."""
+    return str(BUILTIN[spec]) if spec in BUILTIN else spec
 
 
 def pydoc_split() -> dict[str, list[str]]:
@@ -140,7 +148,7 @@ def check_source(spec: str) -> None:
             raise WhelpError(f"bad dataset spec '{spec}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
                              "hf:NAME:CONFIG:SPLIT:COLUMN (CONFIG may be empty)")
     else:
-        _local_files(spec)
+        _local_files(_local(spec))
 
 
 def iter_documents(spec: str, text_column: str = "text", max_chars: int | None = None) -> Iterator[str]:
@@ -151,7 +159,7 @@ def iter_documents(spec: str, text_column: str = "text", max_chars: int | None =
     elif spec.startswith("hf:"):
         docs = _hf_documents(spec, max_chars)
     else:
-        docs = (doc for f in _local_files(spec) for doc in _file_documents(f, text_column))
+        docs = (doc for f in _local_files(_local(spec)) for doc in _file_documents(f, text_column))
     return (d for d in docs if d.strip())
 
 
@@ -172,7 +180,7 @@ def source_identity(spec: str) -> object:
         import pydoc_data.topics
 
         return [spec, path_identity(Path(pydoc_data.topics.__file__))]
-    path = Path(spec).expanduser()
+    path = Path(_local(spec)).expanduser()
     return [spec, path_identity(path)] if path.exists() else spec  # a hub dataset, or model
 
 
