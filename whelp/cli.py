@@ -163,10 +163,15 @@ def tokenize(data: str = typer.Argument(..., help="Text source: file, directory,
     if "," in data:
         raise WhelpError("tokenize one source into one store; mix stores when you use them (--data a:0.7,b:0.3)")
     check_source(data)
-    path = tokenstore.tokenize(data, load_tokenizer(tokenizer, _policy()), out, num_proc, max_tokens, text_column,
-                               force=force)
+    _wrote_store(tokenstore.tokenize(data, load_tokenizer(tokenizer, _policy()), out, num_proc, max_tokens,
+                                     text_column, force=force), "documents")
+
+
+def _wrote_store(path, what: str) -> None:
+    from whelp.data import tokenstore
+
     m = tokenstore.open_store(path).manifest
-    typer.echo(f"wrote {m['total_tokens']:,} tokens of {m['documents']:,} documents ({m['dtype']}, "
+    typer.echo(f"wrote {m['total_tokens']:,} tokens of {m['documents']:,} {what} ({m['dtype']}, "
                f"{len(m['shards'])} shards) to {path}")
 
 
@@ -177,12 +182,9 @@ def generate(teacher: str = typer.Argument(..., help="Teacher model directory or
              force: bool = typer.Option(False, "--force", help="Replace an existing token store at --out"),
              spec: GenerateSpec | None = None):  # built from the options by @with_spec
     """Sample text from a teacher into a token store (usable wherever DATA is; resumes if interrupted)."""
-    from whelp.data import tokenstore
     from whelp.data.generate import generate_store
 
-    path = generate_store(teacher, out, spec, force=force, policy=_policy())
-    m = tokenstore.open_store(path).manifest
-    typer.echo(f"wrote {m['total_tokens']:,} tokens of {m['documents']:,} sequences sampled from {teacher} to {path}")
+    _wrote_store(generate_store(teacher, out, spec, force=force, policy=_policy()), f"sequences sampled from {teacher}")
 
 
 @app.command("eval")
