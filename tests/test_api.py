@@ -29,7 +29,8 @@ def pair(tmp_path_factory):
 
 def test_api_exports_the_verbs_and_torch_free_specs():
     for name in ("load_model", "blocks", "prune", "distill", "evaluate", "prune_checkpoint", "distill_run",
-                 "evaluate_to", "PruneSpec", "DistillSpec", "EvalSpec", "LossSpec", "LoadPolicy"):
+                 "evaluate_to", "generate_store", "PruneSpec", "DistillSpec", "EvalSpec", "LossSpec", "LoadPolicy",
+                 "GenerateSpec"):
         assert callable(getattr(whelp, name)), name
     for module in ("whelp.distillation.cache", "whelp.pruning.api"):  # importing subpackages must not shadow verbs
         importlib.import_module(module)

@@ -15,7 +15,8 @@ The specs are torch-free and imported eagerly; the verbs (and torch) load on fir
 """
 
 from whelp.errors import WhelpError
-from whelp.specs import CacheSpec, DistillSpec, EvalSpec, LoadPolicy, LossSpec, PruneSpec, Schedule, SpeedSpec
+from whelp.specs import (CacheSpec, DistillSpec, EvalSpec, GenerateSpec, LoadPolicy, LossSpec, PruneSpec, Schedule,
+                         SpeedSpec)
 
 __version__ = "0.1.0"
 
@@ -30,9 +31,10 @@ _VERBS = {
     "distill_run": ("whelp.distillation.api", "distill_run"),
     "evaluate_to": ("whelp.evals.api", "evaluate_to"),
     "cache_teacher": ("whelp.distillation.api", "cache_teacher"),
+    "generate_store": ("whelp.data.generate", "generate_store"),
 }
 
-__all__ = ["CacheSpec", "DistillSpec", "EvalSpec", "LoadPolicy", "LossSpec", "PruneSpec", "Schedule", "SpeedSpec",
+__all__ = ["CacheSpec", "DistillSpec", "EvalSpec", "GenerateSpec", "LoadPolicy", "LossSpec", "PruneSpec", "Schedule", "SpeedSpec",
            "WhelpError", "__version__", *_VERBS]
 
 
