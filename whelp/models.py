@@ -189,6 +189,14 @@ def shape(config) -> dict:
     return out
 
 
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this torch cannot see, before any model is loaded."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise WhelpError(f"--device {device}, but this torch sees no CUDA device; use --device cpu")
+
+
 def check_positions(config, tokens: int, what: str) -> None:
     """Refuse sequences longer than the model has positions for (its RoPE scaling and masks end there)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -31,10 +31,7 @@ def teacher_config(recipe: Recipe):
     """The teacher's config (``teacher.config`` when given, else from the model) - a missing teacher fails here,
     and so does a ``teacher.config`` of another shape than the teacher on this machine."""
     source = recipe.teacher.config or recipe.teacher.model
-    try:
-        config = models.load_config(source)
-    except WhelpError as exc:
-        raise WhelpError(f"recipe.teacher.{'config' if recipe.teacher.config else 'model'}: {exc}") from None
+    config = _at(f"recipe.teacher.{'config' if recipe.teacher.config else 'model'}", lambda: models.load_config(source))
     local = _local_teacher(recipe)
     if recipe.teacher.config and local is not None:
         planned, actual = models.shape(config), models.shape(models.load_config(str(local)))
@@ -78,10 +75,7 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
     and the store's bytes on disk. An unreadable source fails here, naming the recipe key ``where``."""
     from whelp.data import available_tokens, check_data
 
-    try:
-        check_data(spec)
-    except WhelpError as exc:
-        raise WhelpError(f"{where}: {exc}") from None
+    _at(where, lambda: check_data(spec))
     available = available_tokens(spec, tokenizer)
     per_token = 2 if vocab <= 1 << 16 else 4
     return {"source": spec, "tokens_needed": needed, "tokens_available": available,
@@ -90,17 +84,13 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
 
 
 def _prune_stage(step, source_cfg, index: int) -> tuple[dict, object]:
+    from whelp.pruning.scores import check_scores_file
     from whelp.pruning.surgery import target_config
     from whelp.pruning.targets import first_keep, parse_target, target_rope
 
-    from whelp.pruning.scores import check_scores_file
-
     where = f"recipe.prune[{index}]"
-    try:
-        parsed = parse_target(source_cfg, step.target)
-        rope = target_rope(parsed, step.options.rope)
-    except WhelpError as exc:
-        raise WhelpError(f"{where}.target: {exc}") from None
+    parsed = _at(f"{where}.target", lambda: parse_target(source_cfg, step.target))
+    rope = _at(f"{where}.target", lambda: target_rope(parsed, step.options.rope))
     _at(f"{where}.seq_len", lambda: models.check_positions(source_cfg, step.options.seq_len, "seq_len"))
     if step.options.scores:
         _at(f"{where}.scores", lambda: check_scores_file(Path(step.options.scores).expanduser()))
@@ -108,10 +98,10 @@ def _prune_stage(step, source_cfg, index: int) -> tuple[dict, object]:
     return {"stage": f"prune[{index}]", "target": step.target, "shape": _params(cfg)}, cfg
 
 
-def _at(where: str, check) -> None:
-    """Run ``check``; its WhelpError names the recipe key ``where``."""
+def _at(where: str, check):
+    """``check()``, whose WhelpError names the recipe key ``where``."""
     try:
-        check()
+        return check()
     except WhelpError as exc:
         raise WhelpError(f"{where}: {exc}") from None
 
@@ -136,10 +126,7 @@ def _calib_plan(step, vocab: int, tokenizer, index: int) -> dict:
 def _teacher_params(ref, teacher_cfg, path: str) -> int:
     if ref.model == TEACHER:
         return models.count_params(teacher_cfg)[0]
-    try:
-        return models.count_params(models.load_config(ref.config or ref.model))[0]
-    except WhelpError as exc:
-        raise WhelpError(f"{path}: {exc}") from None
+    return _at(path, lambda: models.count_params(models.load_config(ref.config or ref.model))[0])
 
 
 def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int, tokenizer) -> dict:
@@ -196,19 +183,10 @@ def _check_eval(recipe: Recipe) -> None:
     from whelp.evals.harness import check_include_paths, check_task_names
 
     for i, source in enumerate(recipe.eval.ppl):
-        try:
-            check_data(source)
-        except WhelpError as exc:
-            raise WhelpError(f"recipe.eval.ppl[{i}]: {exc}") from None
-    try:
-        check_include_paths(recipe.eval.include_paths)
-    except WhelpError as exc:
-        raise WhelpError(f"recipe.eval.include_paths: {exc}") from None
+        _at(f"recipe.eval.ppl[{i}]", lambda: check_data(source))
+    _at("recipe.eval.include_paths", lambda: check_include_paths(recipe.eval.include_paths))
     if recipe.eval.tasks:
-        try:
-            check_task_names(recipe.eval.tasks, recipe.eval.include_paths)
-        except WhelpError as exc:
-            raise WhelpError(f"recipe.eval.tasks: {exc}") from None
+        _at("recipe.eval.tasks", lambda: check_task_names(recipe.eval.tasks, recipe.eval.include_paths))
 
 
 def describe_data(d: dict) -> str:

@@ -39,6 +39,10 @@ def _choice(name: str, value: str, valid: tuple[str, ...]) -> tuple[bool, str]:
     return value in valid, f"unknown {name} '{value}'; choose one of {', '.join(valid)}"
 
 
+def _device(device: str) -> tuple[bool, str]:
+    return device == "cpu" or device.split(":")[0] == "cuda", f"unknown device '{device}'; choose cpu, cuda or cuda:N"
+
+
 def _positive(spec, names) -> list:
     return [(getattr(spec, n) is None or getattr(spec, n) >= 1, f"{n} must be positive, got {getattr(spec, n)}")
             for n in names]
@@ -283,8 +287,7 @@ class EvalSpec:
                    f"stride must be between 1 and seq_len ({self.seq_len}), got {self.stride}"),
                   *_positive(self, ("limit", "max_tokens", "batch_size")),
                   _choice("dtype", self.dtype, ("float32", "bfloat16", "float16")),
-                  (self.device == "cpu" or self.device.split(":")[0] == "cuda",
-                   f"unknown device '{self.device}'; choose cpu, cuda or cuda:N")])
+                  _device(self.device)])
         for source in self.ppl:
             if "," in source:
                 raise WhelpError(f"perplexity is measured per source; give '{source}' as separate sources")
@@ -337,8 +340,6 @@ class GenerateSpec:
                   (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
                   (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
                   *_non_negative(self, ("top_k",)),
-                  _choice("dtype", self.dtype, ("float32", "bfloat16")),
-                  (self.device == "cpu" or self.device.split(":")[0] == "cuda",
-                   f"unknown device '{self.device}'; choose cpu, cuda or cuda:N")])
-        if self.prompts is not None:
-            parse_mixture(self.prompts)
+                  _choice("dtype", self.dtype, ("float32", "bfloat16")), _device(self.device),
+                  (self.prompts is None or "," not in self.prompts,
+                   "--prompts takes one text source (its documents' first tokens prompt the teacher)")])

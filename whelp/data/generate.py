@@ -85,17 +85,13 @@ def sample(model, prompts: list[list[int]], config, seed: int) -> list[np.ndarra
 
 
 def _identity(spec: GenerateSpec, tokenizer, teacher_name: str, teacher_dir: Path, shard_tokens: int) -> dict:
-    if tokenizer.eos_token_id is None:
-        raise WhelpError("the teacher's tokenizer has no EOS token to end sequences with")
-    vocab = len(tokenizer)
+    """A token store's identity whose source is the teacher's files, with every sampling setting."""
     settings = {k: v for k, v in asdict(spec).items() if k != "max_tokens"}
-    return {"format": tokenstore.FORMAT, "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
-            "tokenizer_sha256": tokenstore.tokenizer_hash(tokenizer), "vocab_size": vocab,
-            "eos_id": tokenizer.eos_token_id, "dtype": tokenstore.token_dtype(vocab).name,
-            "source": f"generate:{teacher_name}", "source_identity": store.content_id(store.path_identity(teacher_dir)),
-            "max_tokens": spec.max_tokens, "text_column": "text", "shard_tokens": shard_tokens,
-            "generation": {**settings, "teacher": teacher_name,
-                           "prompts_identity": source_identity(spec.prompts) if spec.prompts else None}}
+    generation = {**settings, "teacher": teacher_name,
+                  "prompts_identity": source_identity(spec.prompts) if spec.prompts else None}
+    return tokenstore.manifest_identity(tokenizer, f"generate:{teacher_name}",
+                                        store.content_id(store.path_identity(teacher_dir)), spec.max_tokens,
+                                        shard_tokens, generation=generation)
 
 
 def generate(model, tokenizer, out: str | Path, spec: GenerateSpec, teacher_name: str, teacher_dir: Path,
@@ -117,16 +113,13 @@ def generate_store(teacher: str, out: str | Path, spec: GenerateSpec, force: boo
                    policy: LoadPolicy = LoadPolicy()) -> Path:
     """``whelp generate``: check the inputs, then sample from the teacher directory or registered name."""
     from whelp.data import check_source
-    from whelp.models import load_model, load_tokenizer, locate
+    from whelp.models import check_device, load_model, load_tokenizer, locate
 
     out = Path(out).expanduser()
     store.check_apart(out, [teacher])
     if spec.prompts is not None:
-        if "," in spec.prompts:
-            raise WhelpError("--prompts takes one text source (its documents' first tokens prompt the teacher)")
         check_source(spec.prompts)
-    if spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise WhelpError(f"--device {spec.device}, but this torch sees no CUDA device; use --device cpu")
+    check_device(spec.device)
     loader = lambda: load_model(teacher, dtype=spec.dtype, device=spec.device, policy=policy)[0]  # noqa: E731
     return generate(loader, load_tokenizer(teacher, policy), out, spec, teacher, Path(locate(teacher)), force)
 
@@ -139,12 +132,14 @@ def _fill(out: Path, manifest: dict, model, tokenizer, spec: GenerateSpec, confi
     with Progress("generating (tokens)", spec.max_tokens, total, enabled=progress) as bar:
         for index in itertools.count(done):
             seqs = sample(model, list(itertools.islice(prompts, spec.batch_size)), config, spec.seed * 1_000_003 + index)
-            parts, held, batches = parts + seqs, held + sum(map(len, seqs)), batches + 1
+            parts.extend(seqs)
+            held, batches = held + sum(map(len, seqs)), batches + 1
             last = total + held >= spec.max_tokens
             if last:  # the stream ends at exactly max_tokens, inside the sequence that crosses it
+                keep = spec.max_tokens - total
                 ends = np.cumsum([len(p) for p in parts])
-                parts = parts[: int(np.searchsorted(ends, spec.max_tokens - total)) + 1]
-                parts[-1] = parts[-1][: len(parts[-1]) - (int(ends[len(parts) - 1]) - (spec.max_tokens - total))]
+                crossing = int(np.searchsorted(ends, keep))  # the first sequence that ends at or past the cut
+                parts = parts[:crossing] + [parts[crossing][: keep - (int(ends[crossing - 1]) if crossing else 0)]]
             if held >= manifest["shard_tokens"] or last:
                 total += tokenstore.flush(out, manifest, parts, len(parts), batches=batches)
                 parts, held, batches = [], 0, 0

@@ -121,14 +121,22 @@ def _encoded(docs, tokenizer, num_proc: int, dtype: str):
         yield from pool.imap(functools.partial(_encode, dtype=dtype), _chunks(docs, CHUNK_DOCS), chunksize=4)
 
 
-def _identity(spec: str, tokenizer, max_tokens: int | None, text_column: str, shard_tokens: int) -> dict:
+def manifest_identity(tokenizer, source: str, source_id, max_tokens: int | None, shard_tokens: int,
+                      text_column: str = "text", **extra) -> dict:
+    """What a store holds, for its manifest and for resuming: the tokenizer (hash, vocabulary, EOS, token dtype),
+    the source and its identity, the token bound, the shard size, and ``extra`` (a generated store's settings)."""
     vocab = len(tokenizer)
     if tokenizer.eos_token_id is None:
         raise WhelpError("the tokenizer has no EOS token to separate documents")
     return {"format": FORMAT, "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
             "tokenizer_sha256": tokenizer_hash(tokenizer), "vocab_size": vocab, "eos_id": tokenizer.eos_token_id,
-            "dtype": token_dtype(vocab).name, "source": spec, "source_identity": source_identity(spec),
-            "max_tokens": max_tokens, "text_column": text_column, "shard_tokens": shard_tokens}
+            "dtype": token_dtype(vocab).name, "source": source, "source_identity": source_id,
+            "max_tokens": max_tokens, "text_column": text_column, "shard_tokens": shard_tokens, **extra}
+
+
+def _maker(manifest: dict) -> str:
+    """The command that made (and resumes, and repairs) a store."""
+    return "whelp generate" if "generation" in manifest else "whelp tokenize"
 
 
 def _write_shard(out: Path, index: int, tokens: np.ndarray, n_docs: int, dtype: np.dtype) -> dict:
@@ -149,7 +157,7 @@ def _resumable(out: Path, identity: dict, force: bool) -> dict | None:
     store.check_writable(out, True, "store")
     if force:
         return None
-    old = store.read_record(out / MANIFEST, f"re-run whelp tokenize with --force to rebuild {out}")
+    old = store.read_record(out / MANIFEST, f"re-run {_maker(identity)} with --force to rebuild {out}")
     diff = [k for k in identity if k != "tokenizer" and old.get(k) != identity[k]]  # the hash decides
     if diff:
         raise WhelpError(f"{out} holds a token store of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
@@ -176,8 +184,8 @@ def tokenize(spec: str, tokenizer, out: str | Path, num_proc: int | None = None,
         if value is not None and value < 1:
             raise WhelpError(f"{name} must be positive, got {value}")
     num_proc = num_proc or os.cpu_count() or 1
-    identity = _identity(spec, tokenizer, max_tokens, text_column, shard_tokens)
-    return write(out, identity, force, lambda work, manifest: _fill(work, manifest, tokenizer, num_proc, progress))
+    made = manifest_identity(tokenizer, spec, source_identity(spec), max_tokens, shard_tokens, text_column)
+    return write(out, made, force, lambda work, manifest: _fill(work, manifest, tokenizer, num_proc, progress))
 
 
 def write(out: Path, identity: dict, force: bool, fill) -> Path:
@@ -281,8 +289,8 @@ class TokenStore:
                 chunk = tokens[c * CHUNK_TOKENS : (c + 1) * CHUNK_TOKENS].tobytes()
                 if hashlib.sha256(chunk).hexdigest() != shard["chunk_sha256"][c]:
                     raise WhelpError(f"token store shard {self.path / shard['file']} is corrupted (sha256 of its "
-                                     f"chunk {c} differs from the manifest); re-run the whelp tokenize command that "
-                                     "made it (it rewrites damaged shards)")
+                                     f"chunk {c} differs from the manifest); re-run the {_maker(self.manifest)} "
+                                     "command that made it (it rewrites damaged shards)")
                 self._verified.add((i, c))
         return tokens[a:b]
 
@@ -306,7 +314,7 @@ def open_store(path: str | Path, tokenizer=None) -> TokenStore:
     """A complete store after checking its manifest (sealed), every shard's size and the tokenizer."""
     path = Path(path).expanduser()
     m = store.read_record(path / MANIFEST, f"re-run the whelp command that made {path} with --force to rebuild it")
-    maker = "whelp generate" if "generation" in m else "whelp tokenize"
+    maker = _maker(m)
     if m.get("format") != FORMAT:
         raise WhelpError(f"{path} has token-store format {m.get('format')}, this whelp reads {FORMAT}; re-tokenize")
     if not m["complete"]:

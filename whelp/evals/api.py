@@ -152,15 +152,11 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
     from whelp.data import check_data
     from whelp.data.tokenstore import tokenizer_hash
     from whelp.evals.harness import check_include_paths, task_manager
-    from whelp.models import check_positions, load_config, load_tokenizer
+    from whelp.models import check_device, check_positions, load_config, load_tokenizer
 
     if not models:
         raise WhelpError("give at least one model to evaluate")
-    if spec.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise WhelpError(f"--device {spec.device}, but this torch sees no CUDA device; use --device cpu")
+    check_device(spec.device)
     for source in spec.ppl:
         check_data(source)
     check_include_paths(spec.include_paths)
@@ -221,9 +217,7 @@ def evaluate_to(out: str | Path, models: Mapping[str, str], spec: EvalSpec, forc
     """``evaluate`` model directories and write ``metrics.json``, ``report.md`` and ``report.png`` to ``out``
     atomically (marked with ``stage_key``, a build's key of its inputs). Returns the metrics."""
     from whelp.evals.report import write_report
-    from whelp.store import check_writable
-
-    from whelp.store import check_apart
+    from whelp.store import check_apart, check_writable
 
     out = check_writable(out, force, "eval")
     check_apart(out, models.values())
