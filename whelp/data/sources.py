@@ -126,7 +126,7 @@ def _local_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if not path.exists():
         raise WhelpError(f"no such data file or directory: {spec} "
-                         "(use a .txt/.jsonl/.parquet path, pydoc:calib|train|eval, or hf:NAME:SPLIT)")
+                         "(use a .txt/.jsonl/.parquet path, pydoc:calib|train|eval, licenses, or hf:NAME:SPLIT)")
     if path.is_file() and path.suffix not in TEXT_SUFFIXES:
         raise WhelpError(f"unsupported data file {path}: expected one of {', '.join(TEXT_SUFFIXES)}")
     if path.is_file():
