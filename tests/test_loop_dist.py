@@ -98,3 +98,15 @@ def test_two_process_run_resumes_exactly_after_sigint(setup, tmp_path):
     torchrun(tmp_path, student, teachers, tmp_path / "cut", SPEC2)
     assert max_diff(load_weights(tmp_path / "cut"), load_weights(root / "two")) <= 1e-6
     assert losses_of(tmp_path / "cut") == pytest.approx(losses_of(root / "two"), abs=1e-6)
+
+
+def test_fsdp2_on_policy_samples_through_the_sharded_student(setup, tmp_path):
+    """Student sampling runs inside the FSDP2 root's forward; 2 ranks x 2 micro-batches draw exactly what one
+    process drawing 4 micro-batches does (the sampling RNG follows the global micro-batch index)."""
+    root, student, teachers = setup
+    spec = replace(SPEC2, on_policy=1.0, gen_tokens=8, save_every=0)
+    torchrun(tmp_path, student, teachers, tmp_path / "two", spec)
+    distill(student, tmp_path / "one", replace(spec, grad_accum=4), teachers=tuple(map(tuple, teachers)),
+            progress=False)
+    assert losses_of(tmp_path / "two") == pytest.approx(losses_of(tmp_path / "one"), abs=1e-5)
+    assert max_diff(load_weights(tmp_path / "two"), load_weights(tmp_path / "one")) <= 1e-4

@@ -17,7 +17,7 @@ from typing import Literal
 
 from whelp.errors import WhelpError
 from whelp.schema import apply_override, build, load_yaml, to_dict
-from whelp.specs import TEACHER, CacheSpec, DistillSpec, check_weights, EvalSpec, PruneSpec, parse_mixture
+from whelp.specs import TEACHER, CacheSpec, DistillSpec, check_on_policy, check_weights, EvalSpec, PruneSpec, parse_mixture
 from whelp.store import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -91,6 +91,7 @@ class DistillStep:
     def __post_init__(self):
         """What ``whelp distill`` would refuse after the stages before it ran: caught by ``validate``."""
         check_weights([t.weight for t in self.teachers] + [c.weight for c in self.caches], self.options)
+        check_on_policy([t.weight for t in self.teachers], self.options)
         for i, cache in enumerate(self.caches):
             if cache.temperature != self.options.temperature:
                 raise WhelpError(f"caches[{i}].temperature {cache.temperature} differs from the loss temperature "

@@ -20,6 +20,7 @@ LAYER_IMPORTANCE = ("block", "loss")
 TIE = ("embedding", "lm_head", "mean")
 ROPE = ("teacher", "target")
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+ON_POLICY_LOSSES = ("reverse_kl", "jsd", "forward_kl")  # GKD's divergences
 SCHEDULES = ("constant", "linear", "cosine")
 TEACHER = "teacher"  # in a recipe's distill.teachers / distill.caches: the recipe's teacher
 
@@ -196,6 +197,13 @@ class DistillSpec:
     beta: float = opt(0.5, "jsd: mixture weight of the teacher, in (0, 1)")
     alpha: float = opt(0.1, "skew_kl: skew toward the teacher, in [0, 1)")
     ce_weight: float = opt(0.0, "Weight of the next-token CE in [0, 1]")
+    on_policy: float = opt(0.0, "Fraction of micro-batches in [0, 1] whose continuations the student samples and "
+                           "the live teachers score (GKD)")
+    gen_tokens: int = opt(64, "On-policy: tokens the student samples after each prompt")
+    prompt_tokens: int | None = opt(None, "On-policy: prompt tokens cut from each block (default: seq_len - "
+                                    "gen_tokens)")
+    on_policy_loss: Literal["reverse_kl", "jsd", "forward_kl"] = opt(
+        "reverse_kl", "On-policy divergence: reverse_kl | jsd | forward_kl")
     chunk_size: int = opt(1024, "Tokens per loss chunk: loss memory ~ 3 x chunk x vocab x 4 bytes")
     schedule: Schedule = opt(Schedule(), "Teacher weights: constant | linear:N | cosine:N (first teacher -> given "
                              "weights)")
@@ -220,11 +228,27 @@ class DistillSpec:
                   (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
                   *_non_negative(self, ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "save_every")),
                   _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))])
+        self._check_on_policy()
         self.loss_spec()
         if self.steps is not None:
             self.check_steps(self.steps)
         for data in (self.data, self.eval_data):
             parse_mixture(data)
+
+    def _check_on_policy(self) -> None:
+        prompt = self.prompt_tokens if self.prompt_tokens is not None else self.seq_len - self.gen_tokens
+        _require([(0 <= self.on_policy <= 1, f"on_policy is the fraction of on-policy micro-batches, in [0, 1]; got "
+                                             f"{self.on_policy}"),
+                  *_positive(self, ("gen_tokens", "prompt_tokens")),
+                  _choice("on_policy_loss", self.on_policy_loss, ON_POLICY_LOSSES),
+                  (not self.on_policy or (prompt >= 1 and prompt + self.gen_tokens <= self.seq_len),
+                   f"on-policy rows are prompt_tokens + gen_tokens = {prompt} + {self.gen_tokens} tokens, which must "
+                   f"fit in seq_len={self.seq_len} with a prompt of at least 1; lower --gen-tokens or --prompt-tokens")])
+
+    def on_policy_spec(self, vocab_size: int | None = None) -> LossSpec:
+        """The loss of on-policy micro-batches: ``on_policy_loss``, KD alone (student samples have no labels)."""
+        return LossSpec(self.on_policy_loss, self.temperature, self.t2_scale, self.beta, self.alpha, 0.0,
+                        self.chunk_size, vocab_size)
 
     def check_steps(self, steps: int) -> None:
         """Refuse a warmup not below the run's ``steps`` (for a --max-tokens budget known once the processes are)."""
@@ -234,6 +258,15 @@ class DistillSpec:
     def loss_spec(self, vocab_size: int | None = None) -> LossSpec:
         return LossSpec(self.loss, self.temperature, self.t2_scale, self.beta, self.alpha, self.ce_weight,
                         self.chunk_size, vocab_size)
+
+
+def check_on_policy(live_weights: list[float], spec: DistillSpec) -> None:
+    """On-policy micro-batches need a live teacher with a positive weight: a cache holds logits of the data's tokens
+    and cannot score the student's samples."""
+    if spec.on_policy and not any(live_weights):
+        raise WhelpError(f"on_policy={spec.on_policy} needs a live teacher (--teacher MODEL) with a positive weight: "
+                         "cached logits score only the data's tokens, not the student's samples; add a live teacher "
+                         "(caches still serve the off-policy micro-batches) or set --on-policy 0")
 
 
 def check_weights(weights: list[float], spec: DistillSpec) -> None:

@@ -26,7 +26,7 @@ from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, check_weights
+from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, check_on_policy, check_weights
 
 
 def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
@@ -48,6 +48,7 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
     from whelp.models import check_positions, load_config, load_tokenizer
 
     check_weights([w for _, w in teachers] + [w for _, w in caches], spec)
+    check_on_policy([w for _, w in teachers], spec)
     for source in (spec.data, spec.eval_data):
         check_data(source)
     tokenizer = load_tokenizer(student, policy)

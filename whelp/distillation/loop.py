@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from whelp.distillation import parallel, schedule
+from whelp.distillation import onpolicy, parallel, schedule
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.specs import DistillSpec, LossSpec, check_weights
+from whelp.specs import DistillSpec, LossSpec, check_on_policy, check_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -55,6 +55,7 @@ class Training:
     blocks: object  # whelp.data.Blocks / TensorBlocks: rows [n, seq_len]
     spec: DistillSpec
     loss: LossSpec
+    on_loss: LossSpec  # on-policy micro-batches (whelp.distillation.onpolicy)
     world: parallel.World
     dtype: torch.dtype
     optimizer: torch.optim.Optimizer
@@ -67,10 +68,6 @@ class Training:
     @property
     def per_step(self) -> int:
         return self.spec.batch_size * self.spec.grad_accum * self.world.size
-
-    @property
-    def loss_tokens(self) -> int:  # the last position of a block has no next-token label
-        return self.per_step * (self.spec.seq_len - 1)
 
     def autocast(self):
         return torch.autocast(self.world.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -101,6 +98,7 @@ def setup(lm, teachers: list, caches: list, weights, names, blocks, spec: Distil
                                                                                    for c in caches]
     loss = vocab_spec(spec, widths, tokenizer_size)
     check_weights(list(weights), spec)
+    check_on_policy(list(weights)[: len(teachers)], spec)
     if spec.grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = parallel.shard_student(parallel.KDStudent(lm).train(), world)
@@ -109,26 +107,39 @@ def setup(lm, teachers: list, caches: list, weights, names, blocks, spec: Distil
     steps = spec.steps or math.ceil(spec.max_tokens / (per_step * spec.seq_len))
     spec.check_steps(steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps)
-    return Training(model, teachers, caches, tuple(weights), list(names), blocks, spec, loss, world,
+    on_loss = spec.on_policy_spec(loss.vocab_size or widths[0])
+    return Training(model, teachers, caches, tuple(weights), list(names), blocks, spec, loss, on_loss, world,
                     compute_dtype(spec.dtype, world.device), optimizer, scheduler, steps, eval_ids)
 
 
-def loss_step(t: Training, micro: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
-    """Forward + backward of one micro-batch of rows ``micro`` [batch_size]; returns the float64 SUMS
-    [loss, per-teacher KL..., CE] over its loss tokens (the gradient is already scaled by the step's token count)."""
+def loss_step(t: Training, micro: torch.Tensor, weights: tuple[float, ...], rng: torch.Generator | None,
+              tokens: int) -> torch.Tensor:
+    """Forward + backward of one micro-batch of rows ``micro`` [batch_size], on-policy when given its sampling
+    ``rng``, in a step of ``tokens`` loss tokens over all ranks; returns the float64 SUMS [loss, per-teacher
+    divergence..., CE, per-live-teacher on-policy divergence...] (the gradient is already scaled by ``tokens``)."""
     from whelp.distillation.losses import LiveTarget
 
     ids = t.blocks[micro].to(t.world.device)
-    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
+    on = rng is not None
+    if on:  # the student continues each block's prompt; the teachers score its samples
+        prompt = onpolicy.prompt_len(t.spec)
+        with t.autocast():
+            ids = t.model(ids[:, :prompt], rollout=(t.spec.gen_tokens, t.on_loss.vocab_size, rng))
+        kd = dict(labels=None, mask=onpolicy.generated_mask(len(ids), prompt, t.spec.gen_tokens, ids.device),
+                  spec=t.on_loss, weights=weights[: len(t.teachers)])
+    else:
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
+        kd = dict(labels=labels, mask=labels != -100, spec=t.loss, weights=weights)
     with torch.no_grad(), t.autocast():
         live = [LiveTarget(hidden=backbone(m)(input_ids=ids).last_hidden_state.flatten(0, 1),
                            weight=m.get_output_embeddings().weight) for m in t.teachers]
-    targets = live + [cache.targets(micro) for cache in t.caches]
-    kd = dict(targets=targets, weights=weights, spec=t.loss, labels=labels, mask=labels != -100)
+    kd["targets"] = live if on else live + [cache.targets(micro) for cache in t.caches]
     with t.autocast():
         loss, per_teacher, ce = t.model(ids, kd=kd)
-    (loss * (t.world.size / t.loss_tokens)).backward()  # FSDP2 averages gradients over ranks: undo it
-    return torch.cat([loss.detach().double().cpu().view(1), per_teacher, ce.view(1)])
+    (loss * (t.world.size / tokens)).backward()  # FSDP2 averages gradients over ranks: undo it
+    off, on_live = torch.zeros(len(t.weights), dtype=torch.float64), torch.zeros(len(t.teachers), dtype=torch.float64)
+    (on_live if on else off)[: len(per_teacher)] = per_teacher
+    return torch.cat([loss.detach().double().cpu().view(1), off, ce.view(1), on_live])
 
 
 def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
@@ -138,10 +149,13 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     weights = schedule.teacher_weights(t.spec.schedule, t.weights, step)
     idx = schedule.step_blocks(step, len(t.blocks), t.per_step, t.spec.seed)
     idx = idx.view(t.spec.grad_accum, t.world.size, t.spec.batch_size)[:, t.world.rank]
-    sums = sum(loss_step(t, micro, weights) for micro in idx)
+    off_tokens, on_tokens = onpolicy.step_tokens(step, t.spec, t.world.size)
+    sums = sum(loss_step(t, micro, weights, onpolicy.generator(step, a, t.world.rank, t.spec, t.world.size,
+                                                               t.world.device), off_tokens + on_tokens)
+               for a, micro in enumerate(idx))
     grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.spec.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    sums = parallel.all_sum(t.world, sums) / t.loss_tokens
+    sums = parallel.all_sum(t.world, sums)
     if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
         where = (f"re-run with a lower --lr to resume from the last good checkpoint, {last_good}" if last_good
                  else "lower the learning rate and start again")
@@ -151,10 +165,24 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.tokens_seen += t.per_step * t.spec.seq_len
-    return {"step": step + 1, "loss": sums[0].item(), "ce": sums[-1].item(),
-            **{f"kl/{n}": v.item() for n, v in zip(t.names, sums[1:-1])}, "teacher_weights": list(weights),
+    return {"step": step + 1, "loss": sums[0].item() / (off_tokens + on_tokens),
+            **_means(t, sums, off_tokens, on_tokens), "teacher_weights": list(weights),
             "lr": t.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": t.tokens_seen,
             "step_s": time.perf_counter() - t_step}
+
+
+def _means(t: Training, sums: torch.Tensor, off_tokens: int, on_tokens: int) -> dict:
+    """The log row's means: CE and each teacher's divergence over the data's tokens (``kl/NAME``, the chosen
+    loss) and, in steps with on-policy micro-batches, each live teacher's over the sampled ones (``on/NAME``)."""
+    n = len(t.weights)
+    row = {}
+    if off_tokens:
+        row["ce"] = sums[1 + n].item() / off_tokens
+        row.update({f"kl/{name}": v.item() / off_tokens for name, v in zip(t.names, sums[1: 1 + n])})
+    if on_tokens:
+        row["on_policy_tokens"] = on_tokens
+        row.update({f"on/{name}": v.item() / on_tokens for name, v in zip(t.names, sums[2 + n:])})
+    return row
 
 
 def held_out(t: Training) -> dict | None:

@@ -43,10 +43,12 @@ def log(metrics: Path, writer, row: dict) -> None:
 
 
 def show(bar, row: dict) -> None:
-    """The step's loss, per-teacher KL, CE and throughput on the progress display (``whelp.output.Progress``)."""
-    kl = " ".join(f"kl:{Path(k[3:]).name}={v:.3f}" for k, v in row.items() if k.startswith("kl/"))
-    bar.update(completed=row["step"], info=f"loss={row['loss']:.4f} {kl} ce={row['ce']:.3f} "
-                                          f"{row['tokens_per_s']:.0f} tok/s")
+    """The step's loss, per-teacher divergences (``kl:`` on the data, ``on:`` on the student's samples), CE and
+    throughput on the progress display (``whelp.output.Progress``)."""
+    terms = [f"{k[:2]}:{Path(k[3:]).name}={v:.3f}" for k, v in row.items() if k.startswith(("kl/", "on/"))]
+    if "ce" in row:
+        terms.append(f"ce={row['ce']:.3f}")
+    bar.update(completed=row["step"], info=f"loss={row['loss']:.4f} {' '.join(terms)} {row['tokens_per_s']:.0f} tok/s")
 
 
 def note(message: str) -> None:

@@ -80,7 +80,9 @@ class KDStudent(torch.nn.Module):
     FSDP2 unshards the root's parameters (embeddings, final norm, lm_head) in the root module's
     forward hooks; routing hidden states -> loss through this forward keeps the lm_head weight
     unsharded while ``kd_loss`` uses it and its gradient reduce-scattered afterwards. With
-    ``kd=None`` the forward returns the plain HF output (logits), used by held-out perplexity.
+    ``kd=None`` the forward returns the plain HF output (logits), used by held-out perplexity; with
+    ``rollout=(new_tokens, vocab, generator)`` the prompts ``input_ids`` continued by the student's samples
+    (``whelp.distillation.onpolicy.sample``).
     """
 
     def __init__(self, lm):
@@ -91,7 +93,11 @@ class KDStudent(torch.nn.Module):
     def device(self) -> torch.device:
         return self.lm.get_input_embeddings().weight.device
 
-    def forward(self, input_ids: torch.Tensor, kd: dict | None = None):
+    def forward(self, input_ids: torch.Tensor, kd: dict | None = None, rollout: tuple | None = None):
+        if rollout is not None:  # on-policy sampling, inside the root's forward so FSDP2 unshards the root once
+            from whelp.distillation.onpolicy import sample
+
+            return sample(self.lm, input_ids, *rollout)
         if kd is None:
             return self.lm(input_ids=input_ids)
         from whelp.distillation.losses import kd_loss
