@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import load_weights, max_diff, tiny_model
 from test_loop import SPEC, Crash, fail_at, make_models
 

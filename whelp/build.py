@@ -1,4 +1,4 @@
-"""``whelp build RECIPE``: prune -> (cache) -> distill -> ... -> eval -> final, resumable by stage.
+"""``whelp build RECIPE``: (generate) -> prune -> (cache) -> distill -> ... -> eval -> final, resumable by stage.
 
 Layout of OUT: ``whelp.json`` (the build's marker), ``stages/NN-kind-KEY/`` (each stage's output, e.g. a pruned
 checkpoint), ``final/`` (the student checkpoint, the resolved ``recipe.yaml``, ``metrics.json``,
@@ -25,9 +25,9 @@ from pathlib import Path
 from whelp import store
 from whelp.data import data_identity, source_identity
 from whelp.errors import WhelpError
-from whelp.recipe import Recipe, dump
+from whelp.recipe import GENERATED, Recipe, dump
 from whelp.schema import to_dict
-from whelp.specs import TEACHER, LoadPolicy
+from whelp.specs import TEACHER, LoadPolicy, parse_mixture
 
 
 @dataclass(frozen=True)
@@ -56,35 +56,70 @@ def _teacher_path(model: str, recipe: Recipe) -> str:
     return recipe.teacher.model if model == TEACHER else model
 
 
-def _prune_stage(step, source: str, key_in: str, n: int, policy: LoadPolicy) -> Stage:
+@dataclass(frozen=True)
+class Generated:
+    """Where the data source ``generated`` of a recipe lives: the generate stage's token store and its key."""
+
+    path: str | None = None
+    key: str | None = None
+
+    def spec(self, spec: str) -> str:
+        """``spec`` with ``generated`` replaced by the store's directory (what the verbs read)."""
+        parts = parse_mixture(spec)
+        if self.path is None or GENERATED not in (source for source, _ in parts):
+            return spec
+        if len(parts) == 1:
+            return self.path
+        return ",".join(f"{self.path if source == GENERATED else source}:{w}" for source, w in parts)
+
+    def identity(self, spec: str) -> list:
+        """``data_identity`` in which ``generated`` is the generate stage's key: known before the store exists, and
+        independent of where the build directory is."""
+        return [[self.key if source == GENERATED else source_identity(source), w] for source, w in parse_mixture(spec)]
+
+
+def _generate_stage(recipe: Recipe, key_in: str, policy: LoadPolicy) -> Stage:
+    from whelp.data.generate import generate_store
+
+    step = recipe.generate
+    teacher = _teacher_path(step.model, recipe)
+    prompts = data_identity(step.options.prompts) if step.options.prompts else None
+    key = _key("generate", to_dict(step), source_identity(teacher), prompts, key_in)
+    return Stage("01-generate", "generate", key, lambda out, force: generate_store(
+        teacher, out, step.options, force=force, policy=policy))
+
+
+def _prune_stage(step, source: str, key_in: str, n: int, gen: Generated, policy: LoadPolicy) -> Stage:
     from whelp.pruning.api import prune_checkpoint
 
-    key = _key("prune", to_dict(step), data_identity(step.options.calib), key_in)
+    key = _key("prune", to_dict(step), gen.identity(step.options.calib), key_in)
+    options = replace(step.options, calib=gen.spec(step.options.calib))
     return Stage(f"{n:02d}-prune", "prune", key, lambda out, force: prune_checkpoint(
-        source, step.target, out, step.options, force=force, stage_key=key, policy=policy))
+        source, step.target, out, options, force=force, stage_key=key, policy=policy))
 
 
-def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, policy: LoadPolicy) -> Stage:
+def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, gen: Generated, policy: LoadPolicy) -> Stage:
     from whelp.distillation.api import cache_teacher
 
     teacher = _teacher_path(ref.model, recipe)
     spec = replace(ref.spec(step.options), dtype=recipe.teacher.dtype)
-    key = _key("cache", to_dict(ref), source_identity(teacher), data_identity(step.options.data), to_dict(spec),
+    key = _key("cache", to_dict(ref), source_identity(teacher), gen.identity(step.options.data), to_dict(spec),
                key_in)
     return Stage(f"{n:02d}-cache-{j}", "cache", key, lambda out, force: cache_teacher(
-        teacher, step.options.data, out, spec, force=force, stage_key=key, policy=policy))
+        teacher, gen.spec(step.options.data), out, spec, force=force, stage_key=key, policy=policy))
 
 
-def _distill_stage(step, student: str, recipe: Recipe, caches: list[Path], keys: list[str], n: int,
+def _distill_stage(step, student: str, recipe: Recipe, caches: list[Path], keys: list[str], n: int, gen: Generated,
                    policy: LoadPolicy) -> Stage:
     from whelp.distillation.api import distill_run
 
     teachers = tuple((_teacher_path(t.model, recipe), t.weight) for t in step.teachers)
     cached = tuple((str(path), ref.weight) for path, ref in zip(caches, step.caches))
-    data = [data_identity(step.options.data), data_identity(step.options.eval_data)]
+    data = [gen.identity(step.options.data), gen.identity(step.options.eval_data)]
     key = _key("distill", to_dict(step), [(source_identity(t), w) for t, w in teachers], data, keys)
+    options = replace(step.options, data=gen.spec(step.options.data), eval_data=gen.spec(step.options.eval_data))
     return Stage(f"{n:02d}-distill", "distill", key, lambda out, force: distill_run(
-        student, out, step.options, teachers=teachers, caches=cached, force=force, stage_key=key, policy=policy))
+        student, out, options, teachers=teachers, caches=cached, force=force, stage_key=key, policy=policy))
 
 
 def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) -> tuple[list[Stage], dict[str, Path]]:
@@ -94,16 +129,20 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
     current = recipe.teacher.model
     key = _key("teacher", source_identity(recipe.teacher.model), recipe.teacher.dtype)
     stages: list[Stage] = []
+    gen = Generated()
+    if recipe.generate is not None:
+        stages.append(_generate_stage(recipe, key, policy))
+        gen = Generated(str(stages_dir / stages[-1].dirname), stages[-1].key)
     for ref in recipe.stages():
         if ref.kind == "prune":
-            stages.append(_prune_stage(ref.step, current, key, len(stages) + 1, policy))
+            stages.append(_prune_stage(ref.step, current, key, len(stages) + 1, gen, policy))
         else:
             caches, keys = [], [key]
             for j, cache in enumerate(ref.step.caches):
-                stages.append(_cache_stage(cache, recipe, ref.step, key, len(stages) + 1, j, policy))
+                stages.append(_cache_stage(cache, recipe, ref.step, key, len(stages) + 1, j, gen, policy))
                 caches.append(stages_dir / stages[-1].dirname)
                 keys.append(stages[-1].key)
-            stages.append(_distill_stage(ref.step, current, recipe, caches, keys, len(stages) + 1, policy))
+            stages.append(_distill_stage(ref.step, current, recipe, caches, keys, len(stages) + 1, gen, policy))
         key, current = stages[-1].key, str(stages_dir / stages[-1].dirname)
         models[ref.label] = Path(current)
     return stages, models
@@ -147,7 +186,15 @@ def _stage_report(path: Path) -> dict | None:
 
 
 def done(stage: Stage, stage_dir: Path) -> bool:
-    """Whether ``stage_dir`` holds the complete output of exactly this stage's inputs (its marker's key)."""
+    """Whether ``stage_dir`` holds the complete output of exactly this stage's inputs (its marker's key; for the
+    generate stage, whose settings and key its directory's name carries, a complete token store)."""
+    if stage.kind == "generate":
+        from whelp.data.tokenstore import is_store, open_store
+
+        try:
+            return is_store(stage_dir) and open_store(stage_dir) is not None
+        except WhelpError:
+            return False
     found = store.marker(stage_dir)
     if found is None or found.get("stage_key") != stage.key:
         return False
@@ -191,8 +238,8 @@ def _claim(out: Path) -> None:
             pass
 
 
-STAGE_DIR = re.compile(r"\d\d-(prune|cache-\d+|distill|eval)-[0-9a-f]{16}(\.distill)?")
-STAGE_KINDS = {"prune": "model", "distill": "model", "eval": "eval", "cache": "cache"}
+STAGE_DIR = re.compile(r"\d\d-(generate|prune|cache-\d+|distill|eval)-[0-9a-f]{16}(\.distill)?")
+STAGE_KINDS = {"generate": "store", "prune": "model", "distill": "model", "eval": "eval", "cache": "cache"}
 
 
 def _remove_unused(stages_dir: Path, stages: list[Stage]) -> None:

@@ -47,6 +47,12 @@ def _shapes_table(lineage: list[dict], final_dir: Path) -> list[str]:
 
 def _lineage(recipe: Recipe) -> list[str]:
     lines = [f"1. **teacher**: `{recipe.teacher.model}`"]
+    if recipe.generate is not None:
+        g = recipe.generate.options
+        prompts = f"the first {g.prompt_tokens} tokens of `{g.prompts}` documents" if g.prompts else "BOS alone"
+        lines.append(f"1. **teacher text** (the data source `generated`): {g.max_tokens:,} tokens sampled from "
+                     f"`{recipe.generate.model}` after {prompts}, T={g.temperature:g}, top-p {g.top_p:g}, "
+                     f"up to {g.new_tokens} tokens a sequence, seed {g.seed}")
     for ref in recipe.stages():
         step = ref.step
         if ref.kind == "prune":

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.recipe import Recipe
+from whelp.recipe import GENERATED, Recipe
 from whelp.registry import REGISTRY
-from whelp.specs import TEACHER
+from whelp.specs import TEACHER, parse_mixture
 
 TRAIN_BYTES_PER_PARAM = 16
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -75,8 +75,11 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
     and the store's bytes on disk. An unreadable source fails here, naming the recipe key ``where``."""
     from whelp.data import available_tokens, check_data
 
-    _at(where, lambda: check_data(spec))
-    available = available_tokens(spec, tokenizer)
+    made = GENERATED in (source for source, _ in parse_mixture(spec))  # by the build's generate stage
+    for source, _ in parse_mixture(spec):
+        if source != GENERATED:
+            _at(where, lambda: check_data(source))
+    available = None if made else available_tokens(spec, tokenizer)
     per_token = 2 if vocab <= 1 << 16 else 4
     return {"source": spec, "tokens_needed": needed, "tokens_available": available,
             "epochs": None if not available else needed / available,
@@ -148,7 +151,9 @@ def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int, t
     return {
         "stage": f"distill[{index}]", "tokens": tokens, "steps": steps,
         "data": data_plan(spec.data, tokens, student_cfg.vocab_size, tokenizer, f"recipe.distill[{index}].data"),
-        "flops_per_token": {"student_train": 6 * n_student, "live_teachers": sum(2 * n for _, _, n in live),
+        # on-policy rows are also run through the student once more, token by token, to sample them (no grad)
+        "flops_per_token": {"student_train": 6 * n_student, "student_sampling": round(spec.on_policy * 2 * n_student),
+                            "live_teachers": sum(2 * n for _, _, n in live),
                             "cache_teachers_once": sum(2 * n for _, n in cached)},
         "teachers": [{"model": m, "weight": w, "params": n} for m, w, n in live],
         "caches": [{"model": c.model, "weight": c.weight, "mode": c.mode, "k": c.k, "params": n,
@@ -160,11 +165,27 @@ def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int, t
     }
 
 
+def _generate_stage(recipe: Recipe, teacher_cfg) -> dict:
+    """Teacher text: its tokens, the sampling FLOPs (2 x params per token, prompts included) and store bytes."""
+    from whelp.data import check_data
+
+    step = recipe.generate
+    n = models.count_params(teacher_cfg if step.model == TEACHER else
+                            _at("recipe.generate.model", lambda: models.load_config(step.model)))[0]
+    if step.options.prompts:
+        _at("recipe.generate.prompts", lambda: check_data(step.options.prompts))
+    tokens = step.options.max_tokens
+    return {"stage": "generate", "tokens": tokens, "flops_per_token": {"teacher_sampling": 2 * n},
+            "store_bytes": (2 if teacher_cfg.vocab_size <= 1 << 16 else 4) * tokens}
+
+
 def plan_recipe(recipe: Recipe) -> dict:
     """Every stage's shapes, params, FLOPs per token, tokens, cache bytes and memory estimates."""
     teacher_cfg = teacher_config(recipe)
     tokenizer = _local_tokenizer(recipe)
     stages, current = [], teacher_cfg
+    if recipe.generate is not None:
+        stages.append(_generate_stage(recipe, teacher_cfg))
     for ref in recipe.stages():
         if ref.kind == "prune":
             entry, current = _prune_stage(ref.step, current, ref.index)
@@ -198,6 +219,10 @@ def describe_data(d: dict) -> str:
 
 def describe(stage: dict) -> tuple[str, str, str, str]:
     """One table row of a planned stage: name, what it makes, params or FLOPs/token, bytes (data, cache, memory)."""
+    if stage["stage"] == "generate":
+        return ("generate", f"{stage['tokens']:,} tokens of teacher text",
+                f"teacher sampling {stage['flops_per_token']['teacher_sampling'] / 1e9:.1f} G",
+                f"store {stage['store_bytes'] / 1e9:,.3f} GB (the data source 'generated')")
     if "shape" in stage:
         shape = stage["shape"]
         dims = (f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']} "
@@ -207,7 +232,9 @@ def describe(stage: dict) -> tuple[str, str, str, str]:
     cache = sum(c["bytes"] for c in stage["caches"])
     memory = stage["memory_bytes"]
     return (stage["stage"], f"{stage['tokens']:,} tokens",
-            f"student {flops['student_train'] / 1e9:.1f} G, live teachers {flops['live_teachers'] / 1e9:.1f} G, "
+            f"student {flops['student_train'] / 1e9:.1f} G"
+            + (f" + on-policy sampling {flops['student_sampling'] / 1e9:.1f} G" if flops["student_sampling"] else "")
+            + f", live teachers {flops['live_teachers'] / 1e9:.1f} G, "
             f"cached teachers {flops['cache_teachers_once'] / 1e9:.1f} G once",
             f"{describe_data(stage['data'])}; cache {cache / 1e9:,.1f} GB; training "
             f"{memory['student_training'] / 2**30:.1f} GiB + live teachers {memory['live_teachers'] / 2**30:.1f} GiB")

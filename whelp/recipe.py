@@ -1,6 +1,7 @@
 """Recipes: one YAML file describing a whole student build, loaded strictly into frozen data.
 
-Sections: ``teacher``, ``data`` (defaults for every stage), ``prune`` and ``distill`` (one mapping each,
+Sections: ``teacher``, ``data`` (defaults for every stage), ``generate`` (teacher text, read as the data source
+``generated``), ``prune`` and ``distill`` (one mapping each,
 or lists of equal length to chain steps as Minitron's iterative 8B -> ~3B -> 1B: prune[0], distill[0],
 prune[1], distill[1], ...), ``eval``, ``seed``, ``out``. Loaded with ``yaml.safe_load``; every unknown
 key, wrong type or bad value raises with its key path (``whelp.schema``). ``--set a.b=c`` overrides are
@@ -17,10 +18,12 @@ from typing import Literal
 
 from whelp.errors import WhelpError
 from whelp.schema import apply_override, build, load_yaml, to_dict
-from whelp.specs import TEACHER, CacheSpec, DistillSpec, check_on_policy, check_weights, EvalSpec, PruneSpec, parse_mixture
+from whelp.specs import (TEACHER, CacheSpec, DistillSpec, EvalSpec, GenerateSpec, PruneSpec, check_on_policy,
+                         check_weights, parse_mixture)
 from whelp.store import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+GENERATED = "generated"  # in a recipe's data: the token store of teacher text its generate section makes
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,15 @@ class DataSection:
             raise WhelpError(f"seq_len must be at least 2, got {self.seq_len}")
         for source in (self.calib, self.train, self.eval):
             parse_mixture(source)
+
+
+@dataclass(frozen=True)
+class GenerateStep:
+    """Teacher text the build samples first (``whelp generate``), read wherever the recipe's data says
+    ``generated``: sequence-level KD data (Kim & Rush 2016) that covers what the teacher knows, not one corpus."""
+
+    options: GenerateSpec = field(metadata={"flatten": True})  # max_tokens is required
+    model: str = TEACHER  # the recipe's teacher, or another model directory / registered name
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,7 @@ class Recipe:
     name: str
     teacher: TeacherSection
     data: DataSection = DataSection()
+    generate: GenerateStep | None = None
     prune: tuple[PruneStep, ...] = ()
     distill: tuple[DistillStep, ...] = ()
     eval: EvalSpec = EvalSpec()
@@ -117,6 +130,25 @@ class Recipe:
         if self.distill and len(self.distill) != len(self.prune):
             raise WhelpError(f"distill: {len(self.distill)} steps for {len(self.prune)} prune steps; give one distill "
                              "step per prune step (they alternate), or none")
+        self._check_generated()
+
+    def data_keys(self) -> list[tuple[str, str]]:
+        """``(recipe key, data spec)`` of every source a stage reads."""
+        out = [(f"prune[{i}].calib", step.options.calib) for i, step in enumerate(self.prune)]
+        for i, step in enumerate(self.distill):
+            out += [(f"distill[{i}].data", step.options.data), (f"distill[{i}].eval_data", step.options.eval_data)]
+        return out + [(f"eval.ppl[{i}]", source) for i, source in enumerate(self.eval.ppl)]
+
+    def _check_generated(self) -> None:
+        for where, spec in self.data_keys():
+            if GENERATED not in (source for source, _ in parse_mixture(spec)):
+                continue
+            if where.startswith("eval."):
+                raise WhelpError(f"recipe.{where}: '{GENERATED}' is the teacher text the build trains on, not held-out "
+                                 "text; evaluate on sources no stage trains on (pydoc:eval, licenses, a file)")
+            if self.generate is None:
+                raise WhelpError(f"recipe.{where}: '{GENERATED}' reads the teacher text of the recipe's generate section, "
+                                 "which is missing; add generate: {max_tokens: N} (whelp generate's options)")
 
     def stages(self) -> list["StageRef"]:
         """The prune and distill steps in the order they run (prune[0], distill[0], prune[1], ...), each with its
@@ -210,6 +242,8 @@ def _fill_defaults(raw: dict) -> dict:
     seed = build(SeedOnly, {"seed": raw.get("seed", 0)}, "recipe").seed
     raw["prune"] = [{"calib": data["calib"], "seq_len": data["seq_len"], "seed": seed, **(s or {})}
                     for s in raw["prune"]]
+    if isinstance(raw.get("generate"), dict):
+        raw["generate"] = {"seed": seed, **raw["generate"]}
     raw["distill"] = [{"data": data["train"], "eval_data": data["eval"], "seq_len": data["seq_len"], "seed": seed,
                        **(s or {})} for s in raw["distill"]]
     if isinstance(raw.get("eval", {}), dict):

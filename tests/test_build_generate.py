@@ -1,0 +1,89 @@
+"""A recipe whose first stage samples teacher text that calibration and distillation then read as ``generated``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import save_tiny, tiny_tokenizer
+
+from whelp import build, recipe
+from whelp.data.generate import generate_store
+from whelp.errors import WhelpError
+from whelp.plan import plan_recipe
+
+RECIPE = """
+name: gen
+teacher: {model: %s}
+data:
+  seq_len: 16
+  calib: generated
+  train: [{source: generated, weight: 0.5}, {source: pydoc:train, weight: 0.5}]
+generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}
+prune: {target: "num_hidden_layers=1", calib_samples: 2}
+distill: {steps: 2, batch_size: 2, eval_tokens: 64, on_policy: 0.5, gen_tokens: 4}
+eval: {max_tokens: 256, ppl: [pydoc:eval, licenses], speed: {prompt_len: 4, new_tokens: 1, repeats: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    save_tiny(root / "teacher", tiny_tokenizer())
+    (root / "gen.yaml").write_text(RECIPE % (root / "teacher"))
+    final = build.build(recipe.load(str(root / "gen.yaml")), root / "out")
+    return root, final
+
+
+def stage(root, name: str):
+    return next((root / "out" / "stages").glob(f"{name}-*[0-9a-f]"))
+
+
+def test_the_generate_stage_is_whelp_generate_and_feeds_calibration_and_training(built, tmp_path):
+    root, final = built
+    names = sorted(p.name.rsplit("-", 1)[0] for p in (root / "out" / "stages").iterdir() if p.suffix != ".distill")
+    assert names == ["01-generate", "02-prune", "03-distill", "04-eval"]
+    store = stage(root, "01-generate")
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["total_tokens"] == 600 and manifest["generation"]["new_tokens"] == 24
+    direct = generate_store(str(root / "teacher"), tmp_path / "direct", recipe.load(str(root / "gen.yaml")).generate.options)
+    assert json.loads((direct / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
+    pruned = json.loads((stage(root, "02-prune") / "prune_report.json").read_text())
+    assert pruned["spec"]["calib"] == str(store)
+    distilled = json.loads((stage(root, "03-distill") / "distill_report.json").read_text())
+    assert distilled["spec"]["data"] == f"{store}:0.5,pydoc:train:0.5" and distilled["spec"]["on_policy"] == 0.5
+    card = (final / "README.md").read_text()
+    assert "**teacher text** (the data source `generated`): 600 tokens sampled from `teacher`" in card
+    assert "evaluation `licenses` (never trained on)" in card
+
+
+def test_a_second_build_reuses_everything_and_a_changed_seed_samples_again(built, capsys):
+    root, _ = built
+    capsys.readouterr()
+    build.build(recipe.load(str(root / "gen.yaml")), root / "out")
+    assert "nothing to do" in capsys.readouterr().err
+    old = stage(root, "01-generate").name
+    build.build(recipe.load(str(root / "gen.yaml"), ("generate.seed=1",)), root / "out")
+    log = capsys.readouterr().err
+    assert all(f"> {name}" in log for name in ("01-generate", "02-prune", "03-distill", "04-eval"))
+    assert stage(root, "01-generate").name != old and not (root / "out" / "stages" / old).exists()
+
+
+def test_plan_prices_the_teacher_text_and_bad_uses_are_refused(built, tmp_path):
+    root, _ = built
+    planned = plan_recipe(recipe.load(str(root / "gen.yaml")))
+    first = planned["stages"][0]
+    assert first["stage"] == "generate" and first["tokens"] == 600 and first["store_bytes"] == 1200
+    assert planned["stages"][1]["data"]["tokens_available"] is None  # made by the build
+    text = (root / "gen.yaml").read_text()
+    cases = [(text.replace("generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}\n", ""),
+              r"recipe.prune\[0\].calib: 'generated' reads the teacher text .* add generate: \{max_tokens: N\}"),
+             (text.replace("ppl: [pydoc:eval, licenses]", "ppl: [generated]"),
+              r"recipe.eval.ppl\[0\]: 'generated' is the teacher text the build trains on"),
+             (text.replace("batch_size: 8}", "batch_size: 8, temprature: 1}"), r"recipe.generate.temprature: unknown key"),
+             (text.replace("max_tokens: 600, ", ""), r"give --max-tokens N")]
+    for i, (bad, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(bad)
+        with pytest.raises(WhelpError, match=message):
+            recipe.load(str(path))
