@@ -6,7 +6,7 @@ and distilled with the demo recipe's batch, length, lr and loss, the same number
   (a) the demo recipe today: calibration and training on pydoc (the Python reference)
   (b) teacher-generated text (``whelp generate`` from BOS: what the teacher itself says; sequence-level KD)
   (c) on-policy distillation on pydoc prompts, F = 0.5 and F = 1.0 (the student samples, the teacher scores)
-  (d) the mixture: teacher text + pydoc, 50/50, for calibration and training
+  (d) the mixtures: teacher text + pydoc, 25/75 and 50/50, for calibration and training
   (e) CE only (no teacher) on the same mixture
 
 Every run is scored every ``--eval-every`` steps on pydoc:eval (the training domain, held out) and on general
@@ -15,6 +15,8 @@ runtime, when present). Matched tokens: every run's last score. Matched wall tim
 evaluation within the wall time of the cheapest run, counting the generation that (b), (d) and (e) need.
 
     python bench/generalize.py [--steps 16] [--gen-tokens 32768] [--json FILE] [--dry]
+    python bench/generalize.py --only "(d) mixture 25" --merge FILE --json FILE   # add runs to a saved result
+    python bench/generalize.py --only - --merge FILE --dry                        # only print a saved result
 
 Cost: generation is O(tokens x length) (KV cache), training O(steps); on-policy micro-batches add ``G`` cached decode
 steps of the student per micro-batch. Memory is one teacher and one student (the loop is the product's).
@@ -53,11 +55,12 @@ def configs(gen: str, args) -> dict[str, dict]:
     """name -> (pruned student's calibration key, DistillSpec changes, with a teacher?)."""
     mix = f"{gen}:0.5,pydoc:train:0.5"
     return {"(a) pydoc (today)": dict(calib="pydoc", data="pydoc:train"),
+            "(d) mixture 25/75": dict(calib="mix25", data=f"{gen}:0.25,pydoc:train:0.75"),
             "(b) teacher text": dict(calib="pydoc", data=gen),
             "(c) on-policy F=0.5": dict(calib="pydoc", data="pydoc:train", on_policy=0.5, gen_tokens=args.gen_len),
             "(c) on-policy F=1.0": dict(calib="pydoc", data="pydoc:train", on_policy=1.0, gen_tokens=args.gen_len),
-            "(d) mixture": dict(calib="mix", data=mix),
-            "(e) CE only, mixture": dict(calib="mix", data=mix, ce_weight=1.0, teacher=False)}
+            "(d) mixture 50/50": dict(calib="mix", data=mix),
+            "(e) CE only, mixture 50/50": dict(calib="mix", data=mix, ce_weight=1.0, teacher=False)}
 
 
 def scores(model, texts: dict[str, torch.Tensor], seq_len: int) -> dict[str, float]:
@@ -101,13 +104,18 @@ def run(name: str, cfg: dict, student_dir: Path, teacher, texts, spec, offset_s:
     return {"curve": curve, "train_s": clock["train"], "final": curve[-1]}
 
 
-def matched_wall(results: dict) -> float:
-    return min(r["final"]["wall_s"] for r in results.values())
+def matched_wall(results: dict, generation: bool) -> float:
+    return min(_wall(r, r["final"], generation) for r in results.values())
 
 
-def at_wall(result: dict, wall: float) -> dict | None:
+def _wall(result: dict, point: dict, generation: bool) -> float:
+    """Seconds to reach ``point``, with or without the generation its data needed (the curve's first wall)."""
+    return point["wall_s"] - (0.0 if generation else result["curve"][0]["wall_s"])
+
+
+def at_wall(result: dict, wall: float, generation: bool) -> dict | None:
     """The run's last evaluation within ``wall`` seconds (None: its generation alone took longer)."""
-    within = [point for point in result["curve"] if point["wall_s"] <= wall + 1e-6]
+    within = [point for point in result["curve"] if _wall(result, point, generation) <= wall + 1e-6]
     return within[-1] if within else None
 
 
@@ -123,6 +131,9 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=32768, help="teacher-generated tokens for (b), (d), (e)")
     parser.add_argument("--gen-len", type=int, default=64, help="on-policy: tokens the student samples per row")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", nargs="+", help="run only these configurations (their letters and words, as named)")
+    parser.add_argument("--merge", type=Path, help="add the runs to the results in this --json file (same settings; "
+                        "its teacher text is reused)")
     parser.add_argument("--dry", action="store_true", help="print, do not append to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -144,30 +155,38 @@ def main() -> None:
     if vim:
         texts["vim manual"] = stream_tokens(vim, tokenizer, args.eval_tokens)
     gen = WORK / "teacher-text"
+    previous = json.loads(args.merge.read_text()) if args.merge else None
     t0 = time.perf_counter()
-    generate_store(teacher_dir, gen, GenerateSpec(max_tokens=args.gen_tokens, batch_size=64, new_tokens=256),
-                   force=True)
-    gen_s = time.perf_counter() - t0
+    if previous is None:
+        generate_store(teacher_dir, gen, GenerateSpec(max_tokens=args.gen_tokens, batch_size=64, new_tokens=256),
+                       force=True)
+    gen_s = previous["generate_s"] if previous else time.perf_counter() - t0
+    chosen = {name: cfg for name, cfg in configs(str(gen), args).items()
+              if not args.only or any(name.startswith(prefix) for prefix in args.only)}
     pruned, prune_s = {}, {}
-    for key, calib in (("pydoc", "pydoc:calib"), ("mix", f"{gen}:0.5,pydoc:calib:0.5")):
+    calibs = {"pydoc": "pydoc:calib", "mix": f"{gen}:0.5,pydoc:calib:0.5", "mix25": f"{gen}:0.25,pydoc:calib:0.75"}
+    for key, calib in calibs.items():
+        if key not in {cfg["calib"] for cfg in chosen.values()}:
+            continue
         t0 = time.perf_counter()
         report = prune_checkpoint(teacher_dir, "smollm2-half", WORK / f"pruned-{key}",
                                   PruneSpec(calib=calib, calib_samples=32, seq_len=args.seq_len), force=True)
         pruned[key], prune_s[key] = WORK / f"pruned-{key}", time.perf_counter() - t0
     spec = DistillSpec(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                        warmup=args.warmup, eval_every=args.eval_every, dtype="float32")
-    results = {"teacher": scores(teacher, texts, args.seq_len), "params": report["params"], "generate_s": gen_s,
-               "prune_s": prune_s, "runs": {}}
-    for name, cfg in configs(str(gen), args).items():
+    results = previous or {"teacher": scores(teacher, texts, args.seq_len), "params": report["params"],
+                           "generate_s": gen_s, "prune_s": {}, "runs": {}, "wall_min": 0.0}
+    results["prune_s"].update(prune_s)
+    for name, cfg in chosen.items():
         offset = gen_s if str(gen) in cfg["data"] else 0.0
         results["runs"][name] = run(name, cfg, pruned[cfg["calib"]], teacher, texts, spec, offset)
-    results["wall_min"] = (time.perf_counter() - t_start) / 60
+    results["runs"] = {name: results["runs"][name] for name in configs(str(gen), args) if name in results["runs"]}
+    results["wall_min"] += (time.perf_counter() - t_start) / 60
     record(results, args, list(texts))
 
 
 def record(results: dict, args, names: list[str]) -> None:
     teacher = results["teacher"]
-    wall = matched_wall(results["runs"])
 
     def cells(point: dict) -> str:
         return " | ".join(f"{point[n]:.1f} ({point[n] / teacher[n]:.2f}x)" for n in names)
@@ -175,17 +194,23 @@ def record(results: dict, args, names: list[str]) -> None:
     header = "| run | " + " | ".join(f"ppl {n} (x teacher)" for n in names) + " | wall s |"
     rule = "|---|" + "---|" * (len(names) + 1)
     tokens = [header, rule, f"| teacher | {cells(teacher)} | - |"]
-    walls = [header, rule]
     for name, r in results["runs"].items():
-        if name.startswith("(a)") or name.startswith("(d)"):
-            tokens.append(f"| pruned, calibrated on {'pydoc' if name.startswith('(a)') else 'the mixture'} | "
-                          f"{cells(r['curve'][0])} | - |")
+        if name.startswith(("(a)", "(d)")):
+            calib = "pydoc" if name.startswith("(a)") else f"the {name.split()[-1]} mixture"
+            tokens.append(f"| pruned, calibrated on {calib} | {cells(r['curve'][0])} | - |")
         tokens.append(f"| {name} | {cells(r['final'])} | {r['final']['wall_s']:.0f} |")
-        point = at_wall(r, wall)
-        if point is None:
-            walls.append(f"| {name} | not started: generating its data took longer | - |")
-        else:
-            walls.append(f"| {name} (step {point['step']}) | {cells(point)} | {point['wall_s']:.0f} |")
+    walls = {}
+    for generation in (True, False):
+        wall = matched_wall(results["runs"], generation)
+        rows = [header, rule]
+        for name, r in results["runs"].items():
+            point = at_wall(r, wall, generation)
+            if point is None:
+                rows.append(f"| {name} | " + " | ".join(["not started: generating its data took longer"] * len(names))
+                            + " | - |")
+            else:
+                rows.append(f"| {name} (step {point['step']}) | {cells(point)} | {_wall(r, point, generation):.0f} |")
+        walls[generation] = (wall, "\n".join(rows))
     text = f"""
 ## Generalization: which lever keeps general English (bench/generalize.py)
 
@@ -202,9 +227,15 @@ Matched training tokens ({args.steps * args.batch_size * args.seq_len:,} each):
 
 {chr(10).join(tokens)}
 
-Matched wall time ({wall:.0f} s, the cheapest run's; each run at its last evaluation within it):
+Matched wall time, generation counted ({walls[True][0]:.0f} s, the cheapest run's; each run at its last
+evaluation within it):
 
-{chr(10).join(walls)}
+{walls[True][1]}
+
+Matched training wall time, generation not counted (a one-off that every run on the same text reuses;
+{walls[False][0]:.0f} s):
+
+{walls[False][1]}
 """
     print(text)
     if args.json:

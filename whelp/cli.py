@@ -295,7 +295,7 @@ def validate(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped
     loaded = recipes.load(recipe, tuple(set_ or ()))
     planning.plan_recipe(loaded)
     builder.check_out(builder.build_dir(loaded, None))
-    typer.echo(f"ok: {loaded.name} ({len(loaded.stages())} stages)")
+    typer.echo(f"ok: {loaded.name} ({len(loaded.stages()) + (loaded.generate is not None)} stages)")
 
 
 @app.command()
