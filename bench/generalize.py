@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from publish import publish
 
 VIM = Path("/usr/share/vim")
 WORK = Path(__file__).resolve().parent / "results" / "generalize"
@@ -237,12 +238,7 @@ Matched training wall time, generation not counted (a one-off that every run on 
 
 {walls[False][1]}
 """
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    if not args.dry:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(text)
+    publish(text, results, args.json, args.dry)
 
 
 if __name__ == "__main__":

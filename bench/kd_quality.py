@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from publish import publish
 
 GPL = "/usr/share/common-licenses/GPL-3"
 TARGET = "smollm2-half"
@@ -184,12 +185,7 @@ the teacher fine-tuned with CE for {args.teacher_steps} steps (lr {args.teacher_
 
 {verdicts}
 """
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    if not args.dry:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(text)
+    publish(text, results, args.json, args.dry)
 
 
 if __name__ == "__main__":
