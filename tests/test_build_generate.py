@@ -53,7 +53,7 @@ def test_the_generate_stage_is_whelp_generate_and_feeds_calibration_and_training
     distilled = json.loads((stage(root, "03-distill") / "distill_report.json").read_text())
     assert distilled["spec"]["data"] == f"{store}:0.5,pydoc:train:0.5" and distilled["spec"]["on_policy"] == 0.5
     card = (final / "README.md").read_text()
-    assert "**teacher text** (the data source `generated`): 600 tokens sampled from `teacher`" in card
+    assert f"**teacher text** (the data source `generated`): 600 tokens sampled from `{root / 'teacher'}`" in card
     assert "evaluation `licenses` (never trained on)" in card
 
 
@@ -87,3 +87,18 @@ def test_plan_prices_the_teacher_text_and_bad_uses_are_refused(built, tmp_path):
         path.write_text(bad)
         with pytest.raises(WhelpError, match=message):
             recipe.load(str(path))
+
+
+def test_a_one_source_list_is_that_source_and_a_comma_in_the_build_path_is_refused(built, tmp_path):
+    root, _ = built
+    text = (root / "gen.yaml").read_text().replace(
+        "train: [{source: generated, weight: 0.5}, {source: pydoc:train, weight: 0.5}]",
+        "train: [{source: generated, weight: 1}]")
+    (tmp_path / "one.yaml").write_text(text)
+    assert recipe.load(str(tmp_path / "one.yaml")).distill[0].options.data == "generated"
+    (tmp_path / "none.yaml").write_text(text.replace("generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}\n",
+                                                     "").replace("calib: generated", "calib: pydoc:calib"))
+    with pytest.raises(WhelpError, match=r"recipe.distill\[0\].data: 'generated' reads the teacher text"):
+        recipe.load(str(tmp_path / "none.yaml"))
+    with pytest.raises(WhelpError, match="has a ',' in its path"):
+        build.plan_stages(recipe.load(str(tmp_path / "one.yaml")), tmp_path / "a,b")

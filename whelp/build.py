@@ -131,6 +131,9 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
     stages: list[Stage] = []
     gen = Generated()
     if recipe.generate is not None:
+        if "," in str(stages_dir):
+            raise WhelpError(f"the build directory {out} has a ',' in its path, which data mixtures use to separate "
+                             f"sources, so the stage reading '{GENERATED}' could not name its store; choose another --out")
         stages.append(_generate_stage(recipe, key, policy))
         gen = Generated(str(stages_dir / stages[-1].dirname), stages[-1].key)
     for ref in recipe.stages():

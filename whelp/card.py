@@ -13,6 +13,7 @@ from pathlib import Path
 from whelp import models
 from whelp.recipe import Recipe
 from whelp.registry import REGISTRY
+from whelp.specs import TEACHER
 
 
 def _hub_id(model: str) -> str | None:
@@ -51,7 +52,8 @@ def _lineage(recipe: Recipe) -> list[str]:
         g = recipe.generate.options
         prompts = f"the first {g.prompt_tokens} tokens of `{g.prompts}` documents" if g.prompts else "BOS alone"
         lines.append(f"1. **teacher text** (the data source `generated`): {g.max_tokens:,} tokens sampled from "
-                     f"`{recipe.generate.model}` after {prompts}, T={g.temperature:g}, top-p {g.top_p:g}, "
+                     f"`{recipe.teacher.model if recipe.generate.model == TEACHER else recipe.generate.model}` "
+                     f"after {prompts}, T={g.temperature:g}, top-p {g.top_p:g}, "
                      f"up to {g.new_tokens} tokens a sequence, seed {g.seed}")
     for ref in recipe.stages():
         step = ref.step
@@ -75,6 +77,8 @@ def _domains(recipe: Recipe, metrics: dict) -> list[str]:
 
     trained = {source for ref in recipe.stages()
                for source, _ in parse_mixture(ref.step.options.data if ref.kind == "distill" else ref.step.options.calib)}
+    if recipe.generate is not None and recipe.generate.options.prompts:  # the teacher text starts with them
+        trained.add(recipe.generate.options.prompts)
     teacher, student = metrics["models"][0], metrics["models"][-1]
     lines = []
     for source in metrics["settings"]["ppl"]:

@@ -223,7 +223,7 @@ def _mixtures(section: dict, path: str) -> dict:
                 if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
                     raise WhelpError(f"{path}.{key}[{i}].weight: expected a positive number, got {weight!r}")
                 parts.append(f"{item['source']}:{weight}")
-            out[key] = ",".join(parts)
+            out[key] = ",".join(parts) if len(parts) > 1 else value[0]["source"]  # one source: its weight is 1
     return out
 
 

@@ -246,7 +246,8 @@ class DistillSpec:
                    f"fit in seq_len={self.seq_len} with a prompt of at least 1; lower --gen-tokens or --prompt-tokens")])
 
     def on_policy_spec(self, vocab_size: int | None = None) -> LossSpec:
-        """The loss of on-policy micro-batches: ``on_policy_loss``, KD alone (student samples have no labels)."""
+        """The loss of on-policy micro-batches: ``on_policy_loss``, KD alone (student samples have no labels), so a
+        sampled position carries the divergence at full weight where a data position carries ``1 - ce_weight``."""
         return LossSpec(self.on_policy_loss, self.temperature, self.t2_scale, self.beta, self.alpha, 0.0,
                         self.chunk_size, vocab_size)
 

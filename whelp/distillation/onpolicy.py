@@ -72,7 +72,8 @@ def sample(lm, prompts: torch.Tensor, new_tokens: int, vocab: int, rng: torch.Ge
         for _ in range(new_tokens):
             out = body(input_ids=ids, use_cache=True, **({name: past} if past is not None else {}))
             past = out[name]
-            logits = out.last_hidden_state[:, -1].float() @ weight.T
+            with torch.autocast(prompts.device.type, enabled=False):  # fp32 logits, as the loss's
+                logits = out.last_hidden_state[:, -1].float() @ weight.T
             ids = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
             seqs.append(ids)
         return torch.cat(seqs, dim=1)
