@@ -27,7 +27,7 @@ from whelp.data import data_identity, source_identity
 from whelp.errors import WhelpError
 from whelp.recipe import GENERATED, Recipe, dump
 from whelp.schema import to_dict
-from whelp.specs import TEACHER, LoadPolicy, parse_mixture
+from whelp.specs import LoadPolicy, parse_mixture
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,6 @@ def _console():
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-def _teacher_path(model: str, recipe: Recipe) -> str:
-    return recipe.teacher.model if model == TEACHER else model
 
 
 @dataclass(frozen=True)
@@ -82,7 +78,7 @@ def _generate_stage(recipe: Recipe, key_in: str, policy: LoadPolicy) -> Stage:
     from whelp.data.generate import generate_store
 
     step = recipe.generate
-    teacher = _teacher_path(step.model, recipe)
+    teacher = recipe.model_path(step.model)
     prompts = data_identity(step.options.prompts) if step.options.prompts else None
     key = _key("generate", to_dict(step), source_identity(teacher), prompts, key_in)
     return Stage("01-generate", "generate", key, lambda out, force: generate_store(
@@ -101,7 +97,7 @@ def _prune_stage(step, source: str, key_in: str, n: int, gen: Generated, policy:
 def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, gen: Generated, policy: LoadPolicy) -> Stage:
     from whelp.distillation.api import cache_teacher
 
-    teacher = _teacher_path(ref.model, recipe)
+    teacher = recipe.model_path(ref.model)
     spec = replace(ref.spec(step.options), dtype=recipe.teacher.dtype)
     key = _key("cache", to_dict(ref), source_identity(teacher), gen.identity(step.options.data), to_dict(spec),
                key_in)
@@ -113,7 +109,7 @@ def _distill_stage(step, student: str, recipe: Recipe, caches: list[Path], keys:
                    policy: LoadPolicy) -> Stage:
     from whelp.distillation.api import distill_run
 
-    teachers = tuple((_teacher_path(t.model, recipe), t.weight) for t in step.teachers)
+    teachers = tuple((recipe.model_path(t.model), t.weight) for t in step.teachers)
     cached = tuple((str(path), ref.weight) for path, ref in zip(caches, step.caches))
     data = [gen.identity(step.options.data), gen.identity(step.options.eval_data)]
     key = _key("distill", to_dict(step), [(source_identity(t), w) for t, w in teachers], data, keys)
@@ -133,7 +129,8 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
     if recipe.generate is not None:
         if "," in str(stages_dir):
             raise WhelpError(f"the build directory {out} has a ',' in its path, which data mixtures use to separate "
-                             f"sources, so the stage reading '{GENERATED}' could not name its store; choose another --out")
+                             f"sources, so the stage reading '{GENERATED}' could not name its store; choose another "
+                             "--out")
         stages.append(_generate_stage(recipe, key, policy))
         gen = Generated(str(stages_dir / stages[-1].dirname), stages[-1].key)
     for ref in recipe.stages():

@@ -13,7 +13,6 @@ from pathlib import Path
 from whelp import models
 from whelp.recipe import Recipe
 from whelp.registry import REGISTRY
-from whelp.specs import TEACHER
 
 
 def _hub_id(model: str) -> str | None:
@@ -52,7 +51,7 @@ def _lineage(recipe: Recipe) -> list[str]:
         g = recipe.generate.options
         prompts = f"the first {g.prompt_tokens} tokens of `{g.prompts}` documents" if g.prompts else "BOS alone"
         lines.append(f"1. **teacher text** (the data source `generated`): {g.max_tokens:,} tokens sampled from "
-                     f"`{recipe.teacher.model if recipe.generate.model == TEACHER else recipe.generate.model}` "
+                     f"`{recipe.model_path(recipe.generate.model)}` "
                      f"after {prompts}, T={g.temperature:g}, top-p {g.top_p:g}, "
                      f"up to {g.new_tokens} tokens a sequence, seed {g.seed}")
     for ref in recipe.stages():

@@ -75,11 +75,11 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
     and the store's bytes on disk. An unreadable source fails here, naming the recipe key ``where``."""
     from whelp.data import available_tokens, check_data
 
-    made = GENERATED in (source for source, _ in parse_mixture(spec))  # by the build's generate stage
-    for source, _ in parse_mixture(spec):
-        if source != GENERATED:
+    sources = [source for source, _ in parse_mixture(spec)]
+    for source in sources:
+        if source != GENERATED:  # the build's generate stage makes that one
             _at(where, lambda: check_data(source))
-    available = None if made else available_tokens(spec, tokenizer)
+    available = None if GENERATED in sources else available_tokens(spec, tokenizer)
     per_token = 2 if vocab <= 1 << 16 else 4
     return {"source": spec, "tokens_needed": needed, "tokens_available": available,
             "epochs": None if not available else needed / available,

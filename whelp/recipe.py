@@ -132,6 +132,10 @@ class Recipe:
                              "step per prune step (they alternate), or none")
         self._check_generated()
 
+    def model_path(self, model: str) -> str:
+        """A stage's ``model`` field as a path or name: ``teacher`` is the recipe's teacher."""
+        return self.teacher.model if model == TEACHER else model
+
     def data_keys(self) -> list[tuple[str, str]]:
         """``(recipe key, data spec)`` of every source a stage reads."""
         out = [(f"prune[{i}].calib", step.options.calib) for i, step in enumerate(self.prune)]

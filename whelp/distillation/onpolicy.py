@@ -9,14 +9,15 @@ mode-seeking, as in those works; JSD(beta) and forward KL are allowed.
 A fraction ``F`` of the micro-batches is on-policy, picked by their slot ``j = step * grad_accum + a`` (``a`` the
 accumulation index) as ``floor((j + 1) F) > floor(j F)``: exactly ``F`` of them in the long run, evenly spread, and
 the same on every rank, since FSDP2's collectives need every rank to run the same forwards. In such a micro-batch
-every data block gives its first ``P`` tokens as a prompt and the student
-samples ``G`` tokens after it at temperature 1 (its own distribution, the whole vocabulary, no gradient; EOS does
-not stop a row, as packed training blocks run on across documents). The loss covers the ``G`` positions whose next
+every data block gives its first ``P`` tokens as a prompt and the student samples ``G`` tokens after it at
+temperature 1 (its own distribution, the whole vocabulary, no gradient; EOS does not stop a row, as packed training
+blocks run on across documents). The loss covers the ``G`` positions whose next
 token was sampled (positions ``P-1 .. P+G-2`` of the ``[B, P+G]`` sequence), through the same fused chunked loss as
 off-policy batches. Cached teachers hold logits of the data's tokens, so they score only the off-policy batches.
 
-The sampling RNG of a micro-batch is a generator seeded from ``seed`` and its global index ``g = j * ranks + rank``: the checkpoint's step fixes it, so a
-resumed run samples exactly what an uninterrupted one does, on any device, without saving generator states.
+The sampling RNG of a micro-batch is a generator seeded from ``seed`` and its global index ``g = j * ranks + rank``:
+the checkpoint's step fixes it, so a resumed run samples exactly what an uninterrupted one does, on any device,
+without saving generator states.
 """
 
 from __future__ import annotations
@@ -67,8 +68,7 @@ def sample(lm, prompts: torch.Tensor, new_tokens: int, vocab: int, rng: torch.Ge
     was_training = lm.training
     lm.eval()  # gradient checkpointing turns the KV cache off in train mode
     try:
-        out, ids, past = None, prompts, None
-        seqs = [prompts]
+        ids, past, seqs = prompts, None, [prompts]
         for _ in range(new_tokens):
             out = body(input_ids=ids, use_cache=True, **({name: past} if past is not None else {}))
             past = out[name]
