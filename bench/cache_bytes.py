@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import tiny_model  # noqa: E402
 
 from whelp.data import TensorBlocks  # noqa: E402
-from whelp.distillation.cache import open_cache, write_cache  # noqa: E402
+from whelp.distillation.cache import open_cache  # noqa: E402
+from whelp.distillation.capture import write_cache  # noqa: E402
 
 VOCAB = 128256
 

@@ -34,7 +34,7 @@ def prepare(root: Path, args) -> None:
     from transformers import AutoModelForCausalLM
 
     from whelp.data import open_blocks
-    from whelp.distillation.cache import write_cache
+    from whelp.distillation.capture import write_cache
     from whelp.models import load_model, registered_dir
 
     teacher, tokenizer = load_model(str(registered_dir("smollm2-135m")))

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from whelp.data import TensorBlocks
-from whelp.distillation.cache import (decode, encode, open_cache, pack_bits, sparse_targets, unpack_bits,
-                                 write_cache)
+from whelp.distillation.cache import decode, encode, open_cache, pack_bits, sparse_targets, unpack_bits
+from whelp.distillation.capture import write_cache
 from whelp.distillation.losses import LiveTarget, LossSpec, kd_loss
 from whelp.errors import WhelpError
 
@@ -108,13 +108,13 @@ def test_manifest_mismatch_is_named(teacher, tmp_path):
 def test_truncated_and_corrupted_shards_are_named(teacher, tmp_path):
     path = write_cache(teacher, StubTokenizer(), blocks(), tmp_path / "c", "topk", 4, 1.0, "tiny",
                        shard_tokens=2 * SEQ)
-    shard = path / "shard-00001.safetensors"
+    shard = path / "blocks-000000000002-000000000004.safetensors"
     raw = shard.read_bytes()
     shard.write_bytes(raw[:-10])
-    with pytest.raises(WhelpError, match="shard-00001.safetensors is truncated"):
+    with pytest.raises(WhelpError, match="blocks-000000000002-000000000004.safetensors is truncated"):
         open_cache(path)
     shard.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
-    with pytest.raises(WhelpError, match="shard-00001.safetensors is corrupted"):
+    with pytest.raises(WhelpError, match="blocks-000000000002-000000000004.safetensors is corrupted"):
         open_cache(path)
     write_cache(teacher, StubTokenizer(), blocks(), path, "topk", 4, 1.0, "tiny", shard_tokens=2 * SEQ)
     assert shard.read_bytes() == raw  # rerunning rewrote exactly the damaged shard
@@ -133,9 +133,9 @@ def test_resume_after_interrupt_equals_uninterrupted_run(teacher, tmp_path):
         write_cache(*args, tmp_path / "c", "sample", 8, 1.0, "tiny", shard_tokens=SEQ, progress=interrupt)
     with pytest.raises(WhelpError, match="incomplete"):
         open_cache(tmp_path / "c")
-    first = (tmp_path / "c" / "shard-00000.safetensors").stat().st_mtime_ns
+    first = (tmp_path / "c" / "blocks-000000000000-000000000001.safetensors").stat().st_mtime_ns
     resumed = open_cache(write_cache(*args, tmp_path / "c", "sample", 8, 1.0, "tiny", shard_tokens=SEQ))
-    assert (tmp_path / "c" / "shard-00000.safetensors").stat().st_mtime_ns == first
+    assert (tmp_path / "c" / "blocks-000000000000-000000000001.safetensors").stat().st_mtime_ns == first
     whole = open_cache(write_cache(*args, tmp_path / "w", "sample", 8, 1.0, "tiny", shard_tokens=SEQ))
     idx = torch.arange(5)
     assert torch.equal(resumed.targets(idx).ids, whole.targets(idx).ids)

@@ -6,7 +6,9 @@ ones such as CI; every other test covers the same code on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import unittest.mock
 from dataclasses import replace
 
 import pytest
@@ -79,3 +81,53 @@ def test_distill_on_cuda_in_bf16_learns_and_resumes(tiny_dirs, tmp_path, monkeyp
     distill(student, tmp_path / "crash", spec, teachers=teachers, progress=False)
     assert max_diff(load_weights(tmp_path / "crash"), weights) <= 1e-6
 
+
+
+def test_capture_on_cuda_in_bf16_matches_the_cpu_fp32_cache(tiny_dirs, tmp_path):
+    """``whelp cache-logits`` on the GPU (bf16 teacher, chunked fp32 logits on the device) against fp32 on the CPU:
+    the same top-k ids wherever the CPU's k-th and (k+1)-th log-probs are apart, log-probs within bf16 noise."""
+    from whelp.data import open_blocks
+    from whelp.distillation.cache import open_cache
+    from whelp.distillation.capture import write_cache
+    from whelp.models import load_model
+
+    teacher = tiny_dirs[0]
+    caches = []
+    for name, dtype, device in (("cpu", "float32", "cpu"), ("cuda", "bfloat16", "cuda")):
+        model, tokenizer = load_model(teacher, dtype=dtype, device=device)
+        blocks = open_blocks("pydoc:train", tokenizer, 32, max_tokens=1024)
+        caches.append(open_cache(write_cache(model, tokenizer, blocks, tmp_path / name, "topk", 8, 1.0, "t")))
+    rows = torch.arange(len(blocks))
+    ref, got = caches[0].targets(rows), caches[1].targets(rows)
+    assert float((ref.ids == got.ids).float().mean()) >= 0.95
+    same = (ref.ids == got.ids).all(-1)
+    assert float((ref.logp[same] - got.logp[same]).abs().max()) <= 0.1
+    assert float((ref.tail - got.tail).abs().max()) <= 0.02
+
+
+def test_distill_on_cuda_in_bf16_follows_the_cpu_fp32_losses(tiny_dirs, tmp_path):
+    teacher, teacher2, student = tiny_dirs
+    teachers = ((teacher, 0.5), (teacher2, 0.5))
+    spec = replace(SPEC, steps=3, save_every=0)
+    losses = []
+    cpu_only = unittest.mock.patch("torch.cuda.is_available", return_value=False)  # the reference: fp32 on the CPU
+    for name, dtype, where in (("cpu", "float32", cpu_only), ("cuda", "bfloat16", contextlib.nullcontext())):
+        with where:
+            distill(student, tmp_path / name, replace(spec, dtype=dtype), teachers=teachers, progress=False)
+        rows = (tmp_path / f"{name}.distill" / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(r)["loss"] for r in rows])
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+
+@pytest.mark.parametrize("name", ["jsd", "forward_kl"])
+def test_bf16_gradient_error_of_the_fused_loss(name):
+    """Liger issue #1432 reports 4-23% gradient error for its fused JSD in bf16. whelp's fused loss keeps the softmax
+    math in fp32 over bf16 matmuls; its relative gradient error against fp32 is printed and bounded at 1%."""
+    h, w, teachers, labels, mask = make()
+    spec = LossSpec(name=name, chunk_size=6)
+    ref = naive_loss(h, w, [t.hidden @ t.weight.T for t in teachers], (0.5, 0.5), spec, labels, mask)
+    hc, wc, tc, lc, mc = to_cuda(h, w, teachers, labels, mask, torch.bfloat16)
+    got = kd_loss(hc, wc, tc, (0.5, 0.5), spec, labels=lc, mask=mc)
+    errors = [float((a.float().cpu() - b).norm() / b.norm()) for a, b in zip(grads(got.loss, hc, wc), grads(ref, h, w))]
+    print(f"{name} bf16 relative gradient error: hidden {errors[0]:.2%}, lm_head {errors[1]:.2%}")
+    assert max(errors) <= 1e-2

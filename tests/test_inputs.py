@@ -146,7 +146,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_loading(dirs, tmp_pa
 
 
 def test_a_cache_at_another_temperature_is_refused_before_loading(dirs, tmp_path, monkeypatch):
-    from whelp.distillation.cache import write_cache
+    from whelp.distillation.capture import write_cache
     from whelp.data import open_blocks
 
     model, tok = models.load_model(str(dirs / "safe"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_weights, max_diff, tiny_model, tiny_tokenizer
+from safetensors.torch import load_file
 
 from whelp.data import read_documents
 from whelp.distillation import schedule
@@ -157,7 +158,7 @@ def test_nan_stops_with_last_good_checkpoint(tiny_dirs, tmp_path, monkeypatch):
         distill(student, tmp_path / "out", SPEC, teachers=((teacher, 1.0),), progress=False)
     ckpts = tmp_path / "out.distill" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]
-    weights = load_weights(ckpts / "step-00000002")
+    weights = load_file(ckpts / "step-00000002" / "shard-00001-model-00001-of-00001.safetensors")  # DCP, rank 0
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((ckpts / "step-00000002" / "state.json").read_text())["step"] == 2
     assert not (tmp_path / "out").exists()
@@ -236,7 +237,7 @@ def test_teacher_weight_schedule_and_data_order():
 
 def test_cached_teacher_matches_live_and_mixes(tiny_dirs, tmp_path):
     from whelp.data import open_blocks
-    from whelp.distillation.cache import write_cache
+    from whelp.distillation.capture import write_cache
     from whelp.models import load_model
 
     teacher, teacher2, student = tiny_dirs
@@ -316,11 +317,12 @@ def test_resume_refuses_changed_data_and_damaged_checkpoint_weights(tiny_dirs, t
     with pytest.raises(Crash):
         distill(student, tmp_path / "o2", SPEC, teachers=((teacher, 1.0),), progress=False)
     monkeypatch.undo()
-    ckpt = tmp_path / "o2.distill" / "checkpoints" / "step-00000002" / "model.safetensors"
+    ckpt = tmp_path / "o2.distill" / "checkpoints" / "step-00000002" / "shard-00001-model-00001-of-00001.safetensors"
     raw = bytearray(ckpt.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # same size, one byte flipped
     ckpt.write_bytes(bytes(raw))
-    with pytest.raises(WhelpError, match="model.safetensors is missing or corrupted.*delete .*step-00000002"):
+    with pytest.raises(WhelpError, match="shard-00001-model-00001-of-00001.safetensors is missing or corrupted.*delete "
+                                         ".*step-00000002"):
         distill(student, tmp_path / "o2", SPEC, teachers=((teacher, 1.0),), progress=False)
 
 

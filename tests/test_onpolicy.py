@@ -155,7 +155,7 @@ def test_killed_and_resumed_equals_uninterrupted_with_mixed_batches(tiny_dirs, t
 
 def test_caches_alone_cannot_score_samples_but_mix_with_a_live_teacher(tiny_dirs, tmp_path):
     from whelp.data import open_blocks
-    from whelp.distillation.cache import write_cache
+    from whelp.distillation.capture import write_cache
     from whelp.models import load_model
 
     teacher, teacher2, student = tiny_dirs

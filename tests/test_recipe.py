@@ -30,20 +30,6 @@ def test_shipped_recipes_validate_plan_and_round_trip(name):
     assert recipe.build(recipe.Recipe, yaml.safe_load(recipe.dump(loaded))) == loaded
 
 
-@pytest.mark.parametrize("name, params", [("llama-3.2-1b", 1_235_814_400), ("llama-3.2-3b", 3_212_749_824)])
-def test_llama_recipes_plan_the_published_sizes_offline(name, params, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    planned = plan.plan_recipe(recipe.load(name))
-    assert planned["student"]["params"] == params
-    assert planned["teacher"]["shape"]["params"] == 8_030_261_248
-    distill = planned["stages"][1]
-    assert distill["flops_per_token"]["student_train"] == 6 * params
-    assert distill["flops_per_token"]["cache_teachers_once"] == 2 * 70_553_706_496
-    cache = distill["caches"][0]
-    assert cache["bytes_per_token"] <= (48 if cache["mode"] == "sample" else 264)
-    assert cache["bytes"] == cache["bytes_per_token"] * distill["tokens"]
-
-
 def _write(tmp_path, text: str) -> str:
     path = tmp_path / "r.yaml"
     path.write_text(text)

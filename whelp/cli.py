@@ -8,6 +8,7 @@ its fields (``whelp.flags``); the safety opt-ins become one ``LoadPolicy`` hande
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -100,6 +101,12 @@ def _console():
     return Console(emoji=False)  # ":train:" in pydoc:train is data, not an emoji
 
 
+def _say(line: str) -> None:
+    """A closing line, once: under torchrun only rank 0 prints it."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(line)
+
+
 def _print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
@@ -145,7 +152,7 @@ def cache_logits(teacher: str = typer.Argument(..., help="Teacher model director
         raise WhelpError("pass exactly one of --topk K or --sample S")
     spec = replace(spec, mode="topk" if topk is not None else "sample", k=topk if topk is not None else sample)
     path = cache_teacher(teacher, data, out, spec, force=force, policy=_policy())
-    typer.echo(f"wrote the {teacher} targets of {data} to {path}")
+    _say(f"wrote the {teacher} targets of {data} to {path}")
 
 
 @app.command()
@@ -209,11 +216,19 @@ def plan(model: str = typer.Argument(..., help="Teacher (model directory, regist
                                               "smollm2-half, smollm2-quarter), a config.json, or key=value,... overrides"),
          rope: str = typer.Option("teacher", "--rope", help="RoPE of the target: teacher or target (preset's)"),
          set_: Optional[List[str]] = typer.Option(None, "--set", help="Recipe override key.path=value (repeatable)"),
+         gpus: Optional[int] = typer.Option(None, "--gpus", help="Recipe: price on N GPUs (default 1)"),
+         gpu: Optional[str] = typer.Option(None, "--gpu", help="Recipe: GPU kind h100 | a100 | h200, or its peak "
+                                           "FLOP/s (e.g. 989e12; memory then unknown) (default h100)"),
+         mfu: Optional[float] = typer.Option(None, "--mfu", help="Recipe: model FLOPs utilization in (0, 1] "
+                                             "(default 0.4)"),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object")):
-    """Shapes and parameter counts of a prune (MODEL --target T), or of every stage of a recipe with FLOPs,
-    cache bytes and memory estimates; no weights loaded."""
+    """Shapes and parameter counts of a prune (MODEL --target T), or of every stage of a recipe with its FLOPs,
+    GPU-hours, wall-clock hours on N GPUs, memory per GPU and disk; no weights loaded."""
     if target is None:
-        return _plan_recipe(model, tuple(set_ or ()), as_json)
+        return _plan_recipe(model, tuple(set_ or ()), as_json, gpu, gpus, mfu)
+    if (gpus, gpu, mfu) != (None, None, None):
+        raise WhelpError("--gpus, --gpu and --mfu price a recipe (whelp plan RECIPE); a prune plan (--target) has no "
+                         "GPU work to price")
     from whelp.models import load_config
     from whelp.pruning.targets import plan_target
 
@@ -259,7 +274,7 @@ def distill(student: str = typer.Argument(..., help="Student model directory (e.
     report = distill_run(student, Path(out), spec, teachers=tuple(map(parse_weighted, teacher)),
                          caches=tuple(map(parse_weighted, cache)), force=force, resume=resume, policy=_policy())
     start = report["eval_start"]["eval_ppl"] if report["eval_start"] else float("nan")
-    typer.echo(f"distilled {report['tokens']:,} tokens in {report['steps']} steps -> {out} "
+    _say(f"distilled {report['tokens']:,} tokens in {report['steps']} steps -> {out} "
                f"(held-out ppl {start:.2f} -> {report['eval_end']['eval_ppl']:.2f})")
 
 
@@ -267,22 +282,37 @@ def distill(student: str = typer.Argument(..., help="Student model directory (e.
 SetOption = typer.Option(None, "--set", help="Override a recipe value: key.path=value (repeatable)")
 
 
-def _plan_recipe(name: str, overrides: tuple[str, ...], as_json: bool) -> None:
-    from whelp import plan as planning, recipe as recipes
-
+def _plan_recipe(name: str, overrides: tuple[str, ...], as_json: bool, gpu: str | None, gpus: int | None,
+                 mfu: float | None) -> None:
     from pathlib import Path
 
+    from whelp import plan as planning, pricing, recipe as recipes
+
+    default = " (the default; choose with --gpus N --gpu KIND)" if gpu is None and gpus is None else ""
+    kind = pricing.parse_gpu(gpu or "h100")
+    gpus, mfu = 1 if gpus is None else gpus, pricing.MFU if mfu is None else mfu
+    pricing.check_pricing(gpus, mfu)  # the pricing options first: no config is read for a typo
     if Path(name).expanduser().is_dir():
         raise WhelpError(f"'{name}' is a directory here, not a recipe; to plan a prune of that model pass --target T "
                          f"(for the shipped recipe of that name, write {recipes.RECIPES_DIR / name}.yaml)")
     if not name.endswith((".yaml", ".yml")) and not (recipes.RECIPES_DIR / f"{name}.yaml").exists():
         raise WhelpError(f"'{name}' is not a recipe; to plan a prune of a model, pass --target")
-    result = planning.plan_recipe(recipes.load(name, overrides))
+    result = pricing.price(planning.plan_recipe(recipes.load(name, overrides)), kind, gpus, mfu)
     if as_json:
         return _print_json(result)
     rows = [("teacher", result["teacher"]["model"], result["teacher"]["shape"]["params"], "")]
     _table(f"recipe {result['recipe']}", rows + [planning.describe(s) for s in result["stages"]],
            ("stage", "shape / work", "params / FLOPs per token", "bytes"))
+    p = result["pricing"]
+    memory = "memory unknown: fit not checked" if p["gpu_memory_bytes"] is None else (
+        f"{p['gpu_memory_bytes'] / 1e9:,.0f} GB")
+    _table(f"cost on {p['gpus']} x {p['gpu']} ({p['peak_flops'] / 1e12:,.0f} TFLOP/s, {memory}) at MFU {p['mfu']:g}"
+           + default, [pricing.describe_cost(s) for s in result["stages"]] + [pricing.describe_total(result["totals"])],
+           ("stage", "FLOPs", "GPU-hours", "wall hours", "memory per GPU", "disk"))
+    typer.echo("GPU-hours = FLOPs / (peak x MFU) / 3600; a CPU stage's hours are at one GPU's rate (a CPU takes "
+               "far longer); `--json` lists every memory part")
+    for warning in result["warnings"]:
+        typer.secho(f"warning: {warning}", fg="yellow")
 
 
 @app.command()

@@ -124,23 +124,47 @@ def load_tokenizer(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
         raise _hub_error(name_or_path, exc) from None
 
 
-def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", policy: LoadPolicy = LoadPolicy()):
+def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", policy: LoadPolicy = LoadPolicy(),
+               tp_mesh=None):
     """Load ``(model, tokenizer)`` in eval mode. ``dtype`` is a torch dtype name ("float32", "bfloat16");
-    ``policy`` says whether pickle weights and shipped model code may be used (both off by default)."""
+    ``policy`` says whether pickle weights and shipped model code may be used (both off by default). With a
+    ``tp_mesh`` (a 1-D DeviceMesh under torchrun) the weights are sharded tensor-parallel over it by the model's
+    own ``tp_plan`` (transformers' DistributedConfig), each rank loading only its slices."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DistributedConfig
 
     target = locate(name_or_path)
     check_weights(target, policy)
     tokenizer = load_tokenizer(name_or_path, policy)
+    sharded = {} if tp_mesh is None else {"distributed_config": DistributedConfig(tp_plan="auto"),
+                                          "device_mesh": tp_mesh}
     try:
         with quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
                 target, dtype=getattr(torch, dtype), use_safetensors=None if policy.allow_pickle else True,
-                trust_remote_code=policy.trust_remote_code)
+                trust_remote_code=policy.trust_remote_code, **sharded)
     except (OSError, ValueError) as exc:
         raise _hub_error(name_or_path, exc) from None
-    return model.to(device).eval(), tokenizer
+    return (model if tp_mesh is not None else model.to(device)).eval(), tokenizer
+
+
+def logit_transform(config):
+    """What the family's forward applies to ``lm_head(hidden)`` (fp32 [N, V] -> [N, V]): Granite divides by
+    ``logits_scaling``, Cohere multiplies by ``logit_scale``, Gemma 2/3 soft-cap at ``final_logit_softcapping``
+    (cap * tanh(z / cap)). Fused losses and logit capture need the real logits, not the matmul alone."""
+    import torch
+
+    text = config.get_text_config()
+    divide = getattr(text, "logits_scaling", None) or 1.0
+    multiply = getattr(text, "logit_scale", None) or 1.0
+    cap = getattr(text, "final_logit_softcapping", None)
+
+    def apply(logits):
+        if divide != 1.0 or multiply != 1.0:
+            logits = logits * (multiply / divide)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return apply
 
 
 def write_model(model, tokenizer, directory: Path, extra: dict[str, str] | None = None) -> None:

@@ -1,12 +1,10 @@
 """``whelp plan RECIPE``: what a build will make and cost, before anything runs.
 
-Per stage: shapes and parameters (from configs on the meta device; no weights), training FLOPs per
-token (6 N for the student's forward + backward, 2 N per live teacher's forward: Kaplan et al. 2020,
-with N the total parameters including embeddings as docs/design.md section 4 counts the 70B's 141
-GFLOP/token), tokens, cache bytes, and peak memory estimates:
-  student training = N * (4 fp32 weights + 4 grads + 8 AdamW moments) bytes,
-  live teachers    = N_t * bytes of the teacher dtype,
-  activations and chunked-loss buffers are extra (they scale with batch * seq_len, not with vocab).
+Per stage (generate, prune, one capture per cached teacher, distill): shapes and parameters (from configs on the
+meta device; no weights), FLOPs per token and in total, tokens, the parts of its memory and its bytes on disk; the
+formulas (Kaplan et al. 2020's 2 N per token forward and 6 N training, N the total parameters including embeddings,
+as docs/design.md section 8 counts the 70B's 141 GFLOP/token; memory and disk) are in ``whelp.pricing``, which turns
+a plan into GPU-hours, wall-clock hours and bytes per GPU on a chosen kind and number of GPUs.
 And per stage the data: tokens it needs, tokens its sources hold (when their token stores exist: a store
 directory, or the store a raw source was tokenized into) and the resulting epochs, and the store's bytes on disk
 (2 bytes per token at vocab <= 65,536, else 4).
@@ -17,14 +15,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from whelp import models
+from whelp import models, pricing
 from whelp.errors import WhelpError
 from whelp.recipe import GENERATED, Recipe
 from whelp.registry import REGISTRY
 from whelp.specs import TEACHER, parse_mixture
-
-TRAIN_BYTES_PER_PARAM = 16
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def teacher_config(recipe: Recipe):
@@ -59,9 +54,15 @@ def cache_bytes_per_token(mode: str, k: int, vocab: int) -> int:
     return 4 + -(-k * bits // 8) + 2
 
 
-def _params(config) -> dict:
+def _sized(config, name: str) -> dict:
+    """Model ``name``'s config with its total and non-embedding parameter counts (counted once: a 70B takes
+    seconds)."""
     total, non_embedding = models.count_params(config)
-    return {**models.shape(config), "params": total, "non_embedding_params": non_embedding}
+    return {"name": name, "config": config, "params": total, "non_embedding": non_embedding}
+
+
+def _params(model: dict) -> dict:
+    return {**models.shape(model["config"]), "params": model["params"], "non_embedding_params": model["non_embedding"]}
 
 
 def _local_tokenizer(recipe: Recipe):
@@ -86,19 +87,25 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
             "store_bytes": per_token * (available if available is not None else needed)}
 
 
-def _prune_stage(step, source_cfg, index: int) -> tuple[dict, object]:
+def _prune_stage(step, source: dict, index: int) -> tuple[dict, dict]:
+    """A prune step's target shape and its costs (whelp.pricing.prune_memory), and the target's sized config."""
     from whelp.pruning.scores import check_scores_file
     from whelp.pruning.surgery import target_config
     from whelp.pruning.targets import first_keep, parse_target, target_rope
 
-    where = f"recipe.prune[{index}]"
+    where, source_cfg = f"recipe.prune[{index}]", source["config"]
     parsed = _at(f"{where}.target", lambda: parse_target(source_cfg, step.target))
     rope = _at(f"{where}.target", lambda: target_rope(parsed, step.options.rope))
     _at(f"{where}.seq_len", lambda: models.check_positions(source_cfg, step.options.seq_len, "seq_len"))
     if step.options.scores:
         _at(f"{where}.scores", lambda: check_scores_file(Path(step.options.scores).expanduser()))
-    cfg = target_config(source_cfg, first_keep(source_cfg, parsed.shape, step.options.tie), rope)
-    return {"stage": f"prune[{index}]", "target": step.target, "shape": _params(cfg)}, cfg
+    spec = step.options
+    target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope), step.target)
+    return {"stage": f"prune[{index}]", "kind": "prune", "target": step.target, "shape": _params(target),
+            "tokens": spec.calib_samples * spec.seq_len,
+            "flops": pricing.prune_flops(spec, source["params"], source_cfg.num_hidden_layers),
+            "parallel": False, "device": "cpu", "memory": pricing.prune_memory(source["params"]),
+            "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]}}, target
 
 
 def _at(where: str, check):
@@ -126,15 +133,36 @@ def _calib_plan(step, vocab: int, tokenizer, index: int) -> dict:
                      f"recipe.prune[{index}].calib")
 
 
-def _teacher_params(ref, teacher_cfg, path: str) -> int:
+def _model(ref, teacher: dict, path: str) -> dict:
+    """The sized config of a stage's ``model`` (``teacher``: the recipe's; else its ``config`` or its files)."""
     if ref.model == TEACHER:
-        return models.count_params(teacher_cfg)[0]
-    return _at(path, lambda: models.count_params(models.load_config(ref.config or ref.model))[0])
+        return teacher
+    return _sized(_at(path, lambda: models.load_config(getattr(ref, "config", None) or ref.model)), ref.model)
 
 
-def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int, tokenizer) -> dict:
-    spec = step.options
-    n_student = models.count_params(student_cfg)[0]
+def _capture_tokens(spec, data: dict) -> int:
+    """Tokens ``whelp cache-logits`` reads for a step: its max_tokens (all the data for a steps budget), no more than
+    the stores hold when that is known; the step's tokens when it is not."""
+    available = data["tokens_available"]
+    if available is None:
+        return data["tokens_needed"]
+    return available if spec.max_tokens is None else min(spec.max_tokens, available)
+
+
+def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, where: str, number: int) -> dict:
+    """A teacher-logit capture that runs before its distil step: one forward (2 N per token) over the step's tokens."""
+    per_token = cache_bytes_per_token(ref.mode, ref.k, vocab)
+    positions = ref.spec(step.options).batch_size * step.options.seq_len
+    return {"stage": f"capture[{number}]", "kind": "capture", "for": where, "teacher": model["name"],
+            "mode": ref.mode, "k": ref.k, "params": model["params"], "tokens": tokens,
+            "flops": 2 * model["params"] * tokens, "parallel": True, "device": "gpu", "bytes_per_token": per_token,
+            "memory": pricing.capture_memory(model, dtype, positions, step.options.chunk_size, vocab),
+            "disk_bytes": {"cache": per_token * tokens}}
+
+
+def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) -> tuple[dict, list]:
+    """A distil step's tokens, data, FLOPs, memory parts and disk, and the (CacheRef, sized config) it caches."""
+    spec, student_cfg, n_student = step.options, student["config"], student["params"]
     tokens_per_step = spec.batch_size * spec.grad_accum * spec.seq_len
     tokens = spec.max_tokens if spec.max_tokens is not None else spec.steps * tokens_per_step
     steps = math.ceil(tokens / tokens_per_step)  # on one process
@@ -143,58 +171,76 @@ def _distill_stage(step, student_cfg, recipe: Recipe, teacher_cfg, index: int, t
     for i, t in enumerate(step.teachers):
         if t.model != TEACHER:
             _same_tokenizer(t.model, tokenizer, f"recipe.distill[{index}].teachers[{i}]")
-    live = [(t.model, t.weight, _teacher_params(t, teacher_cfg, f"recipe.distill[{index}].teachers[{i}]"))
-            for i, t in enumerate(step.teachers)]
-    cached = [(c, _teacher_params(c, teacher_cfg, f"recipe.distill[{index}].caches[{i}]"))
-              for i, c in enumerate(step.caches)]
-    teacher_bytes = DTYPE_BYTES[recipe.teacher.dtype]
+    live = [(t, _model(t, teacher, f"recipe.distill[{index}].teachers[{i}]")) for i, t in enumerate(step.teachers)]
+    cached = [(c, _model(c, teacher, f"recipe.distill[{index}].caches[{i}]")) for i, c in enumerate(step.caches)]
+    vocab = student_cfg.vocab_size
+    data = data_plan(spec.data, tokens, vocab, tokenizer, f"recipe.distill[{index}].data")
+    # on-policy rows are also run through the student once more, token by token, to sample them (no grad)
+    per_token = {"student_train": 6 * n_student, "student_sampling": round(spec.on_policy * 2 * n_student),
+                 "live_teachers": sum(2 * m["params"] for _, m in live),
+                 "cache_teachers_once": sum(2 * m["params"] for _, m in cached)}
+    memory = pricing.distill_memory(spec, student, [m for _, m in live])
     return {
-        "stage": f"distill[{index}]", "tokens": tokens, "steps": steps,
-        "data": data_plan(spec.data, tokens, student_cfg.vocab_size, tokenizer, f"recipe.distill[{index}].data"),
-        # on-policy rows are also run through the student once more, token by token, to sample them (no grad)
-        "flops_per_token": {"student_train": 6 * n_student, "student_sampling": round(spec.on_policy * 2 * n_student),
-                            "live_teachers": sum(2 * n for _, _, n in live),
-                            "cache_teachers_once": sum(2 * n for _, n in cached)},
-        "teachers": [{"model": m, "weight": w, "params": n} for m, w, n in live],
-        "caches": [{"model": c.model, "weight": c.weight, "mode": c.mode, "k": c.k, "params": n,
-                    "bytes_per_token": cache_bytes_per_token(c.mode, c.k, student_cfg.vocab_size),
-                    "bytes": tokens * cache_bytes_per_token(c.mode, c.k, student_cfg.vocab_size)}
-                   for c, n in cached],
-        "memory_bytes": {"student_training": TRAIN_BYTES_PER_PARAM * n_student,
-                         "live_teachers": sum(teacher_bytes * n for _, _, n in live)},
-    }
+        "stage": f"distill[{index}]", "kind": "distill", "tokens": tokens, "steps": steps, "data": data,
+        "flops_per_token": per_token,
+        "teachers": [{"model": t.model, "weight": t.weight, "params": m["params"]} for t, m in live],
+        "caches": [{"model": c.model, "weight": c.weight, "mode": c.mode, "k": c.k, "params": m["params"],
+                    "bytes_per_token": cache_bytes_per_token(c.mode, c.k, vocab),
+                    "bytes": _capture_tokens(spec, data) * cache_bytes_per_token(c.mode, c.k, vocab)}
+                   for c, m in cached],
+        "memory_bytes": {"student_training": pricing.TRAIN_BYTES_PER_PARAM * n_student,
+                         "live_teachers": sum(p["bytes"] for p in memory if "teacher" in p)},
+        "flops": (per_token["student_train"] + per_token["student_sampling"] + per_token["live_teachers"]) * tokens,
+        "parallel": True, "device": "gpu", "memory": memory,
+        "disk_bytes": {"store": data["store_bytes"],
+                       "checkpoints": spec.keep_last * pricing.CHECKPOINT_BYTES_PER_PARAM * n_student,
+                       "model": pricing.MODEL_BYTES_PER_PARAM * n_student},
+    }, cached
 
 
-def _generate_stage(recipe: Recipe, teacher_cfg) -> dict:
-    """Teacher text: its tokens, the sampling FLOPs (2 x params per token, prompts included) and store bytes."""
+def _generate_stage(recipe: Recipe, teacher: dict) -> dict:
+    """Teacher text: its tokens, the sampling FLOPs (2 x params per token, prompts included; decoding is bound by
+    memory bandwidth, so expect an MFU well below training's), one process's memory and the store's bytes."""
     from whelp.data import check_data
 
     step = recipe.generate
-    n = models.count_params(teacher_cfg if step.model == TEACHER else
-                            _at("recipe.generate.model", lambda: models.load_config(step.model)))[0]
-    if step.options.prompts:
-        _at("recipe.generate.prompts", lambda: check_data(step.options.prompts))
-    tokens = step.options.max_tokens
-    return {"stage": "generate", "tokens": tokens, "flops_per_token": {"teacher_sampling": 2 * n},
-            "store_bytes": (2 if teacher_cfg.vocab_size <= 1 << 16 else 4) * tokens}
+    spec, model = step.options, _model(step, teacher, "recipe.generate.model")
+    if spec.prompts:
+        _at("recipe.generate.prompts", lambda: check_data(spec.prompts))
+    tokens = spec.max_tokens
+    store = (2 if teacher["config"].vocab_size <= 1 << 16 else 4) * tokens
+    return {"stage": "generate", "kind": "generate", "tokens": tokens,
+            "flops_per_token": {"teacher_sampling": 2 * model["params"]}, "flops": 2 * model["params"] * tokens,
+            "parallel": False, "device": "gpu" if spec.device.startswith("cuda") else "cpu",
+            "memory": pricing.generate_memory(model, spec), "store_bytes": store,
+            "disk_bytes": {"store": store}}
 
 
 def plan_recipe(recipe: Recipe) -> dict:
-    """Every stage's shapes, params, FLOPs per token, tokens, cache bytes and memory estimates."""
-    teacher_cfg = teacher_config(recipe)
+    """Every stage's shapes, params, FLOPs (per token and total), tokens, memory parts and disk bytes, before a GPU
+    is chosen (``whelp.pricing.price`` adds the hours, bytes per GPU and fit warnings). Each entry of a distil step's
+    ``caches`` is a capture stage that runs just before it."""
+    teacher = _sized(teacher_config(recipe), recipe.teacher.model)
     tokenizer = _local_tokenizer(recipe)
-    stages, current = [], teacher_cfg
+    stages, current, vocab = [], teacher, teacher["config"].vocab_size
     if recipe.generate is not None:
-        stages.append(_generate_stage(recipe, teacher_cfg))
+        stages.append(_generate_stage(recipe, teacher))
     for ref in recipe.stages():
         if ref.kind == "prune":
             entry, current = _prune_stage(ref.step, current, ref.index)
-            entry["data"] = _calib_plan(ref.step, teacher_cfg.vocab_size, tokenizer, ref.index)
-        else:
-            entry = _distill_stage(ref.step, current, recipe, teacher_cfg, ref.index, tokenizer)
+            entry["data"] = _calib_plan(ref.step, vocab, tokenizer, ref.index)
+            entry["disk_bytes"] = {"store": entry["data"]["store_bytes"], **entry["disk_bytes"]}
+            stages.append(entry)
+            continue
+        entry, cached = _distill_stage(ref.step, current, teacher, ref.index, tokenizer)
+        tokens = _capture_tokens(ref.step.options, entry["data"])
+        for j, (cache, model) in enumerate(cached):
+            number = sum(s["kind"] == "capture" for s in stages)
+            stages.append(_capture_stage(cache, model, ref.step, recipe.teacher.dtype, current["config"].vocab_size,
+                                         tokens, f"{ref.key}.caches[{j}]", number))
         stages.append(entry)
     _check_eval(recipe)
-    return {"recipe": recipe.name, "teacher": {"model": recipe.teacher.model, "shape": _params(teacher_cfg)},
+    return {"recipe": recipe.name, "teacher": {"model": recipe.teacher.model, "shape": _params(teacher)},
             "stages": stages, "student": _params(current)}
 
 
@@ -219,22 +265,24 @@ def describe_data(d: dict) -> str:
 
 def describe(stage: dict) -> tuple[str, str, str, str]:
     """One table row of a planned stage: name, what it makes, params or FLOPs/token, bytes (data, cache, memory)."""
-    if stage["stage"] == "generate":
+    if stage["kind"] == "generate":
         return ("generate", f"{stage['tokens']:,} tokens of teacher text",
                 f"teacher sampling {stage['flops_per_token']['teacher_sampling'] / 1e9:.1f} G",
                 f"store {stage['store_bytes'] / 1e9:,.3f} GB (the data source 'generated')")
-    if "shape" in stage:
+    if stage["kind"] == "prune":
         shape = stage["shape"]
         dims = (f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']} "
                 f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}")
         return stage["stage"], f"-> {stage['target']}: {dims}", f"{shape['params']:,}", describe_data(stage["data"])
+    if stage["kind"] == "capture":
+        return (stage["stage"], f"{stage['tokens']:,} tokens of {stage['teacher']} logits ({stage['mode']} "
+                f"{stage['k']}) for {stage['for']}", f"teacher {2 * stage['params'] / 1e9:.1f} G",
+                f"cache {stage['disk_bytes']['cache'] / 1e9:,.1f} GB ({stage['bytes_per_token']} B/token)")
     flops = stage["flops_per_token"]
-    cache = sum(c["bytes"] for c in stage["caches"])
     memory = stage["memory_bytes"]
     return (stage["stage"], f"{stage['tokens']:,} tokens",
             f"student {flops['student_train'] / 1e9:.1f} G"
             + (f" + on-policy sampling {flops['student_sampling'] / 1e9:.1f} G" if flops["student_sampling"] else "")
-            + f", live teachers {flops['live_teachers'] / 1e9:.1f} G, "
-            f"cached teachers {flops['cache_teachers_once'] / 1e9:.1f} G once",
-            f"{describe_data(stage['data'])}; cache {cache / 1e9:,.1f} GB; training "
-            f"{memory['student_training'] / 2**30:.1f} GiB + live teachers {memory['live_teachers'] / 2**30:.1f} GiB")
+            + f", live teachers {flops['live_teachers'] / 1e9:.1f} G",
+            f"{describe_data(stage['data'])}; training {memory['student_training'] / 1e9:.1f} GB + live teachers "
+            f"{memory['live_teachers'] / 1e9:.1f} GB")

@@ -204,6 +204,8 @@ class DistillSpec:
                                     "gen_tokens)")
     on_policy_loss: Literal["reverse_kl", "jsd", "forward_kl"] = opt(
         "reverse_kl", "On-policy divergence: reverse_kl | jsd | forward_kl")
+    shard_teachers: bool = opt(False, "Under torchrun: FSDP2-shard the live teachers across ranks (forward only) "
+                               "instead of a full copy on every rank")
     chunk_size: int = opt(1024, "Tokens per loss chunk: loss memory ~ 3 x chunk x vocab x 4 bytes")
     schedule: Schedule = opt(Schedule(), "Teacher weights: constant | linear:N | cosine:N (first teacher -> given "
                              "weights)")
@@ -338,6 +340,9 @@ class CacheSpec:
     max_tokens: int | None = opt(None, "Read at most this many tokens")
     batch_size: int = opt(4, "Blocks per teacher forward")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "Teacher dtype: float32 | bfloat16")
+    shard_tokens: int = opt(65536, "Tokens per cache shard file: the unit of work per process and of resume")
+    tp_size: int = opt(1, "Under torchrun: processes sharing one tensor-parallel teacher (a teacher larger than "
+                       "one device); 1: a whole teacher per process")
 
     def __post_init__(self):
         check_types(self)
@@ -345,7 +350,7 @@ class CacheSpec:
                   (self.k >= 1, f"{'--topk' if self.mode == 'topk' else '--sample'} must be at least 1, got {self.k}"),
                   (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
                   (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
-                  *_positive(self, ("max_tokens", "batch_size")),
+                  *_positive(self, ("max_tokens", "batch_size", "shard_tokens", "tp_size")),
                   _choice("dtype", self.dtype, ("float32", "bfloat16"))])
 
 

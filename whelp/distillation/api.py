@@ -90,7 +90,7 @@ def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tupl
     try:
         identity = {"student": student, "teachers": [list(t) for t in teachers], "caches": [list(c) for c in caches],
                     "spec": asdict(spec), "world_size": world.size, "inputs": _inputs(student, teachers, caches, spec)}
-        rdir, changed = run_state.prepare(out, identity, force, resume, world)
+        rdir, changed, spec = run_state.prepare(out, identity, force, resume, world, spec)  # grad_accum for world
         blocks = parallel.main_first(world, lambda: open_blocks(spec.data, tokenizer, spec.seq_len,
                                                                 max_tokens=spec.max_tokens))
         for cache in opened:
@@ -99,8 +99,7 @@ def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tupl
         torch.manual_seed(spec.seed)
         dtype = str(loop.compute_dtype(spec.dtype, world.device)).replace("torch.", "")
         lm = load_model(student, device=str(world.device), policy=policy)[0]
-        live = [load_model(name, dtype=dtype, device=str(world.device), policy=policy)[0].requires_grad_(False)
-                for name, _ in teachers]  # frozen teachers are stored in the compute dtype: half the memory in bf16
+        live = [_load_teacher(name, dtype, world, spec, policy) for name, _ in teachers]
         t = loop.setup(lm, live, opened, [w for _, w in teachers] + [w for _, w in caches],
                        [n for n, _ in teachers] + [p for p, _ in caches], blocks, spec, world, eval_ids, len(tokenizer))
         start, last_good = _resume(t, rdir, changed)
@@ -112,6 +111,18 @@ def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tupl
         return report
     finally:
         parallel.close_world(world)
+
+
+def _load_teacher(name: str, dtype: str, world, spec: DistillSpec, policy: LoadPolicy):
+    """A frozen live teacher, stored in the compute dtype (half the memory in bf16). With ``shard_teachers`` its
+    decoder layers are FSDP2-sharded; it is read through host memory (safetensors pages the node's ranks share)
+    so that only this rank's shard reaches the device."""
+    from whelp.models import load_model
+
+    if not spec.shard_teachers:
+        return load_model(name, dtype=dtype, device=str(world.device), policy=policy)[0].requires_grad_(False)
+    model = load_model(name, dtype=dtype, device="cpu", policy=policy)[0].requires_grad_(False)
+    return parallel.shard_teacher(model, world).to(world.device)
 
 
 def _apart(out: Path, inputs: list[str]) -> None:
@@ -130,7 +141,9 @@ def _resume(t: loop.Training, rdir: Path, changed: dict) -> tuple[int, Path | No
     t.scheduler = run_state.adjusted_scheduler(t.optimizer, t.spec, t.steps, meta["step"])  # same lr as unbroken
     if changed:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        metrics_log.note(f"resuming {rdir} from step {meta['step']} with changed settings: {shown} "
+        kept = (f"; grad_accum rescaled to keep the global batch of {t.per_step} sequences per step"
+                if "world_size" in changed else "")
+        metrics_log.note(f"resuming {rdir} from step {meta['step']} with changed settings: {shown}{kept} "
                          f"(recorded in {run_state.RUN_FILE})")
     return meta["step"], found[-1]
 
@@ -188,16 +201,30 @@ def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, wo
 
 def cache_teacher(teacher: str, data: str, out: Path, spec: CacheSpec, force: bool = False,
                   stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> Path:
-    """Load ``teacher``, read ``data`` exactly as ``whelp distill`` does (``open_blocks`` defaults) and cache it."""
+    """Load ``teacher``, read ``data`` exactly as ``whelp distill`` does (``open_blocks`` defaults) and cache it.
+    Under torchrun every process captures its share of the blocks (``whelp.distillation.capture``); with
+    ``spec.tp_size`` T > 1, groups of T processes share one tensor-parallel teacher."""
     from whelp.data import check_data, open_blocks
-    from whelp.distillation.cache import claim, write_cache
+    from whelp.distillation.cache import claim
+    from whelp.distillation.capture import write_cache
     from whelp.models import load_model
 
-    claim(Path(out).expanduser(), force)  # before minutes of loading: a user's directory or a bad source, at once
-    _apart(Path(out), [teacher])
-    check_data(data)
-    model, tokenizer = load_model(teacher, dtype=spec.dtype, policy=policy)
-    blocks = open_blocks(data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
-    with Progress("caching teacher logits (blocks)", len(blocks)) as bar:
-        return write_cache(model, tokenizer, blocks, out, spec.mode, spec.k, spec.temperature, teacher, force=force,
-                           batch_size=spec.batch_size, progress=bar.advance, stage_key=stage_key)
+    def early() -> None:  # before minutes of loading: a user's directory or a bad source, at once
+        claim(out, force)
+        _apart(out, [teacher])
+        check_data(data)
+
+    out = Path(out).expanduser()
+    world = parallel.init_world()
+    try:
+        parallel.from_main(world, early)
+        model, tokenizer = load_model(teacher, dtype=spec.dtype, device=str(world.device), policy=policy,
+                                      tp_mesh=parallel.tp_mesh(world, spec.tp_size))
+        blocks = parallel.main_first(world, lambda: open_blocks(data, tokenizer, spec.seq_len,
+                                                                max_tokens=spec.max_tokens))
+        with Progress("caching teacher logits (blocks)", len(blocks), enabled=world.main) as bar:
+            return write_cache(model, tokenizer, blocks, out, spec.mode, spec.k, spec.temperature, teacher,
+                               force=force, batch_size=spec.batch_size, shard_tokens=spec.shard_tokens,
+                               progress=bar.advance, stage_key=stage_key, world=world, tp_size=spec.tp_size)
+    finally:
+        parallel.close_world(world)

@@ -1,22 +1,42 @@
-"""Training checkpoints: full (gathered) model and optimizer state, scheduler, RNG and data position.
+"""Training checkpoints: sharded model and optimizer state (torch.distributed.checkpoint), run state and RNG.
 
-A checkpoint is a directory ``step-NNNNNNNN/`` holding ``model.safetensors``, ``optimizer.safetensors``
-and ``state.json``. It is written by rank 0 into a temporary sibling and renamed, so a directory with
-the final name is always complete; the newest K are kept. Model and optimizer states are gathered to
-full tensors with ``torch.distributed.checkpoint.state_dict`` (a no-op gather on one process), so the
-files are the same whether the run used one process or FSDP2 over many.
+Why DCP: gathering a 3B student's weights and AdamW moments (~38 GB) through rank 0 at every save takes that rank's
+memory and one process's write speed. With ``torch.distributed.checkpoint`` every rank writes only its own FSDP2
+shards, in parallel, and a load maps the saved slices onto whatever shards the loading run has: a run stopped on N
+processes resumes on M (``whelp.distillation.run`` keeps its global batch).
+
+A checkpoint is a directory ``step-NNNNNNNN/`` (NNNNNNNN: optimizer steps done) holding
+
+* ``shard-RRRRR-model-00001-of-00001.safetensors``, one per writing rank (DCP's ``HuggingFaceStorageWriter``): that
+  rank's slices of ``model/FQN`` (the fp32 master weights; a tied lm_head is stored once, as the embedding) and
+  ``optim/FQN/{step,exp_avg,exp_avg_sq}`` (AdamW), each slice's offset in its tensor kept in the safetensors
+  header (JSON). DCP's default writer would add a pickled ``.metadata``; this layout holds no pickle at all.
+* ``rng.safetensors``: each rank's CPU (and CUDA) generator state, ``rng/RANK/{cpu,cuda}``. Everything the loop
+  reads is a function of (seed, step), so only dropout draws from it; resumed on another number of processes,
+  rank r takes old rank r % old world's.
+* ``state.json``, a sealed record: format, step, AdamW param_groups, scheduler, world size, tokens seen, data
+  position, and the sha256 of every file above; ``whelp.json``, whelp's marker.
+
+Complete or absent: every rank writes into one temporary sibling that rank 0 creates and names to the others (its
+host and PID in the name, so ``list_checkpoints`` removes a dead writer's); rank 0 renames it into place once every
+rank's files are written and hashed. The newest ``keep_last`` are kept. Checkpoints of whelp before this layout
+(a gathered ``model.safetensors`` + ``optimizer.safetensors``) are refused, not read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -28,15 +48,33 @@ from whelp.errors import WhelpError
 
 PREFIX = "step-"
 STATE = "state.json"
-FILES = ("model.safetensors", "optimizer.safetensors")
+RNG = "rng.safetensors"
+FORMAT = 2  # state.json's "format"; the gathered checkpoints before it had none
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def _world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
+def _gather(obj) -> list:
+    """Every rank's ``obj``, in rank order (small JSON-like objects and tensors)."""
+    world = _world()[1]
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns at every save and load without a process group that it assumes one process: here it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -47,18 +85,17 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if p.name.startswith(PREFIX) and p.is_dir())
 
 
-def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop keys sharing storage with an earlier key (tied embeddings): safetensors refuses aliases."""
-    seen: dict[tuple, str] = {}
-    kept, aliases = {}, {}
-    for name, tensor in tensors.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:
-            aliases[name] = seen[key]
-        else:
-            seen[key] = name
-            kept[name] = tensor.contiguous()
-    return kept, aliases
+def _state(module, optimizer) -> tuple[dict, dict, dict]:
+    """``(flat, model, optim)``: the sharded model and optimizer state dicts (DTensors under FSDP2, plain tensors on
+    one process) and the one flat dict of their tensors that DCP writes or loads into, in place."""
+    model = get_model_state_dict(module)
+    optim = get_optimizer_state_dict(module, optimizer)
+    first: dict[int, str] = {}  # a tied parameter's later names: safetensors refuses aliases
+    tied = {name for name, param in module.named_parameters(remove_duplicate=False)
+            if first.setdefault(id(param), name) != name}
+    flat = {f"model/{fqn}": v for fqn, v in model.items() if fqn not in tied}
+    flat.update({f"optim/{fqn}/{k}": v for fqn, s in optim["state"].items() for k, v in s.items()})
+    return flat, model, optim
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -68,65 +105,82 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, module, optimizer, scheduler, state: dict, keep_last: int) -> Path:
-    """Write the checkpoint of optimizer ``step`` (collective: every rank calls it); returns its path.
+@contextlib.contextmanager
+def _staging(final: Path):
+    """The one temporary sibling of ``final`` that every rank writes into: rank 0 makes it (``store.atomic_dir``)
+    and names it to the others; leaving the block on rank 0 renames it into place (or removes it on failure)."""
+    rank, world = _world()
+    if rank:
+        name = [None]
+        dist.broadcast_object_list(name, src=0)
+        yield Path(name[0])
+        return
+    with store.atomic_dir(final, force=True, kind="checkpoint") as tmp:
+        if world > 1:
+            dist.broadcast_object_list([str(tmp)], src=0)
+        yield tmp
 
-    ``module`` is the (possibly FSDP2-sharded) model; ``state`` is JSON-serialisable run state
-    (data position, tokens seen, ...). Keeps the newest ``keep_last`` checkpoints.
+
+def save_checkpoint(ckpt_dir: Path, step: int, module, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+    """Write the checkpoint of optimizer ``step`` (collective: every rank calls it, and writes its own shards);
+    returns its path.
+
+    ``module`` is the (possibly FSDP2-sharded) model; ``state`` is JSON-serialisable run state (data position,
+    tokens seen, ...). Keeps the newest ``keep_last`` checkpoints.
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(module, options=options)
-    optim_sd = get_optimizer_state_dict(module, optimizer, options=options)
-    rng = [None] * dist.get_world_size() if _distributed() else None
-    if _distributed():
-        dist.all_gather_object(rng, _rng_state())
-    else:
-        rng = [_rng_state()]
+    rank, world = _world()
+    flat, _, optim = _state(module, optimizer)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
-    if _rank() == 0:
-        with store.atomic_dir(final, force=True, kind="checkpoint") as tmp:
-            weights, aliases = _dedupe(model_sd)
-            save_file(weights, tmp / "model.safetensors")
-            flat = {f"{fqn}/{k}": v for fqn, s in optim_sd["state"].items() for k, v in s.items()}
-            flat.update({f"rng/{r}/{k}": v for r, states in enumerate(rng) for k, v in states.items()})
-            save_file({k: v.contiguous() for k, v in flat.items()}, tmp / "optimizer.safetensors")
-            meta = {"step": step, "aliases": aliases, "param_groups": optim_sd["param_groups"],
-                    "scheduler": scheduler.state_dict(), "world_size": len(rng), **state,
-                    "sha256": {name: store.sha256_file(tmp / name) for name in FILES}}
-            store.write_record(tmp / STATE, meta)
+    with _staging(final) as tmp:
+        with _quiet():
+            dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        mine = [p.name for p in tmp.glob(f"shard-{rank + 1:05d}-*.safetensors")]  # DCP's name for rank r's file
+        gathered = _gather({"rng": _rng_state(), "sha256": {name: store.sha256_file(tmp / name) for name in mine}})
+        if rank == 0:
+            save_file({f"rng/{r}/{k}": v for r, g in enumerate(gathered) for k, v in g["rng"].items()}, tmp / RNG)
+            digests = {RNG: store.sha256_file(tmp / RNG)}
+            for g in gathered:
+                digests.update(g["sha256"])
+            store.write_record(tmp / STATE, {"format": FORMAT, "step": step, "param_groups": optim["param_groups"],
+                                             "scheduler": scheduler.state_dict(), "world_size": world, **state,
+                                             "sha256": digests})
+    if rank == 0:
         for old in list_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old)
-    if _distributed():
+    if world > 1:
         dist.barrier()
     return final
 
 
+def _verify(path: Path, digests: dict[str, str], fix: str) -> None:
+    """Every file's sha256, the files split over the ranks (weights damaged on disk would train on silently)."""
+    rank, world = _world()
+    bad = [name for name in sorted(digests)[rank::world]
+           if not (path / name).is_file() or store.sha256_file(path / name) != digests[name]]
+    bad = sorted(name for names in _gather(bad) for name in names)
+    if bad:
+        raise WhelpError(f"checkpoint file {path / bad[0]} is missing or corrupted (sha256 differs); {fix}")
+
+
 def load_checkpoint(path: Path, module, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns ``state.json``."""
+    """Restore model, optimizer, scheduler and this rank's RNG from ``path`` (collective), whatever number of
+    processes wrote it; returns ``state.json``."""
     fix = f"delete {path} to resume from the checkpoint before it"
     meta = store.read_record(path / STATE, fix)
-    for name, digest in meta["sha256"].items():  # weights damaged on disk would train on silently
-        if not (path / name).is_file() or store.sha256_file(path / name) != digest:
-            raise WhelpError(f"checkpoint file {path / name} is missing or corrupted (sha256 differs); {fix}")
-    world = dist.get_world_size() if _distributed() else 1
-    if meta["world_size"] != world:
-        raise WhelpError(f"checkpoint {path} was written by {meta['world_size']} processes, this run has {world}: "
-                         "the global batch would change; relaunch with the same --nproc_per_node")
-    weights = load_file(path / "model.safetensors")
-    weights.update({name: weights[target] for name, target in meta["aliases"].items()})
-    flat = load_file(path / "optimizer.safetensors")
-    optim_state: dict[str, dict] = {}
-    for key, value in flat.items():
-        if not key.startswith("rng/"):
-            fqn, _, name = key.rpartition("/")
-            optim_state.setdefault(fqn, {})[name] = value
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    set_model_state_dict(module, weights, options=options)
-    set_optimizer_state_dict(module, optimizer, {"state": optim_state, "param_groups": meta["param_groups"]},
-                             options=options)
+    if meta.get("format") != FORMAT:
+        raise WhelpError(f"checkpoint {path} was written by an earlier whelp (one gathered model.safetensors and "
+                         "optimizer.safetensors); checkpoints are sharded now and that format is not read: pass "
+                         "--force to start the run over")
+    _verify(path, meta["sha256"], fix)
+    flat, model, optim = _state(module, optimizer)
+    with _quiet():
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path)))
+    set_model_state_dict(module, model)
+    set_optimizer_state_dict(module, optimizer, {"state": optim["state"], "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
-    rank = _rank()
-    torch.set_rng_state(flat[f"rng/{rank}/cpu"])
-    if torch.cuda.is_available() and f"rng/{rank}/cuda" in flat:
-        torch.cuda.set_rng_state(flat[f"rng/{rank}/cuda"])
+    old = _world()[0] % meta["world_size"]
+    with safe_open(path / RNG, framework="pt") as rng:
+        torch.set_rng_state(rng.get_tensor(f"rng/{old}/cpu"))
+        if torch.cuda.is_available() and f"rng/{old}/cuda" in rng.keys():
+            torch.cuda.set_rng_state(rng.get_tensor(f"rng/{old}/cuda"))
     return meta

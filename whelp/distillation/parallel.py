@@ -2,7 +2,8 @@
 
 One process (plain ``python``/``whelp``) runs unchanged: no process group, no sharding. Under
 ``torchrun --nproc_per_node N`` (``WORLD_SIZE`` > 1) the student's decoder layers and the root are
-sharded with FSDP2 (``fully_shard``); live teachers are frozen and replicated on every rank.
+sharded with FSDP2 (``fully_shard``); live teachers are frozen and replicated on every rank, or with
+``shard_teachers`` their decoder layers FSDP2-sharded too, forward only.
 """
 
 from __future__ import annotations
@@ -66,6 +67,52 @@ def main_first(world: World, fn):
     return result if world.main else fn()
 
 
+def tp_mesh(world: World, tp_size: int):
+    """The 1-D mesh of this rank's tensor-parallel group (``tp_size`` consecutive ranks), or None for tp_size 1."""
+    if tp_size == 1:
+        return None
+    if world.size % tp_size:
+        raise WhelpError(f"--tp-size {tp_size} needs a multiple of {tp_size} processes (torchrun --nproc_per_node), "
+                         f"this run has {world.size}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(world.device.type, (world.size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))["tp"]
+
+
+def from_main(world: World, fn):
+    """``fn()`` on rank 0 alone, its result (a picklable value) sent to every rank; if it raised, rank 0 re-raises
+    and the others raise a WhelpError with its message, so none waits forever."""
+    if world.size == 1:
+        return fn()
+    box: list = [None]
+    if world.main:
+        try:
+            box = [("ok", fn())]
+        except WhelpError as exc:
+            box = [("failed", str(exc))]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "failed":
+        raise WhelpError(value)
+    return value
+
+
+def gather(world: World, value) -> list:
+    """Every rank's ``value`` (small, picklable), in rank order, on every rank."""
+    if world.size == 1:
+        return [value]
+    values: list = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
 def all_sum(world: World, values: torch.Tensor) -> torch.Tensor:
     """Sum a float64 tensor over ranks (identity on one process)."""
     if world.size > 1:
@@ -113,6 +160,30 @@ class KDStudent(torch.nn.Module):
         return result.loss, per_teacher, ce
 
 
+def _layers(lm, what: str):
+    layers = getattr(getattr(lm, "model", None), "layers", None)
+    if layers is None:
+        raise WhelpError(f"{type(lm).__name__} has no .model.layers: FSDP2 sharding of the {what} supports "
+                         "decoder-only models laid out like Llama; run on one process instead")
+    return layers
+
+
+def shard_teacher(teacher, world: World):
+    """``--shard-teachers``: FSDP2-shard a frozen teacher's decoder layers over the ranks, forward only. Each rank
+    keeps 1/N of the layers' weights and gathers one layer at a time during the forward (resharded after it);
+    embeddings, final norm and lm_head (a few % of a 70B, used whole by the fused loss) stay replicated. The
+    gathered weights are the original ones, so the teacher computes exactly what a replicated one does."""
+    if world.size == 1:
+        return teacher
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    for layer in _layers(teacher, "teacher"):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    return teacher
+
+
 def shard_student(student: KDStudent, world: World) -> KDStudent:
     """FSDP2: shard every decoder layer, then the root (which holds embeddings, norm and a tied lm_head)."""
     if world.size == 1:
@@ -120,12 +191,8 @@ def shard_student(student: KDStudent, world: World) -> KDStudent:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    layers = getattr(getattr(student.lm, "model", None), "layers", None)
-    if layers is None:
-        raise WhelpError(f"{type(student.lm).__name__} has no .model.layers: FSDP2 sharding supports decoder-only "
-                         "models laid out like Llama; run on one process instead")
     mesh = init_device_mesh(world.device.type, (world.size,))
-    for layer in layers:
+    for layer in _layers(student.lm, "student"):
         fully_shard(layer, mesh=mesh)
     fully_shard(student, mesh=mesh)
     return student

@@ -6,15 +6,23 @@ matches; settings that only steer the optimiser and the bookkeeping (ADJUSTABLE:
 may differ, the change is recorded; any other difference is refused, naming it. A run without checkpoints holds
 nothing to lose, so the next command starts it afresh: a command corrected after a failed start is never
 blocked. Only rank 0 touches the directory; every rank learns its verdict.
+
+The number of processes may change too: what fixes the tokens a step reads is its global micro-batches,
+``grad_accum x world_size`` (``loop.optimizer_step`` splits them as (grad_accum, world, batch_size)), so a run
+resumed on another number of processes keeps that product by rescaling ``grad_accum`` (``rescale_grad_accum``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from whelp import store
 from whelp.distillation import checkpoint, parallel
 from whelp.errors import WhelpError
+from whelp.specs import DistillSpec
 
 
 def run_dir(out: Path) -> Path:
@@ -23,21 +31,58 @@ def run_dir(out: Path) -> Path:
 
 # Settings that may change when a run resumes (after a NaN stop, to lower --lr): they steer the optimiser and
 # the bookkeeping, not which tokens each step reads or what the loss is, so the run stays one well-defined run.
+# world_size and grad_accum split a step's micro-batches; their product, micro_batches_per_step, is fixed.
 ADJUSTABLE = ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "eval_data", "eval_tokens", "save_every",
-              "keep_last", "tensorboard", "chunk_size", "grad_checkpointing", "dtype")
+              "keep_last", "tensorboard", "chunk_size", "grad_checkpointing", "dtype", "shard_teachers", "world_size",
+              "grad_accum")
 RUN_FILE = "run.json"
+
+
+def _settings(identity: dict) -> dict:
+    """A run identity's settings in one dict, with its global micro-batches per step."""
+    flat = {**{k: v for k, v in identity.items() if k not in ("spec", "history")}, **identity["spec"]}
+    return {**flat, "micro_batches_per_step": flat["grad_accum"] * flat["world_size"]}
 
 
 def _changes(old: dict, new: dict) -> tuple[dict, dict]:
     """``(adjustable, fixed)`` differences between two run identities, as {name: [old, new]}."""
-    flat_old = {**{k: v for k, v in old.items() if k not in ("spec", "history")}, **old["spec"]}
-    flat_new = {**{k: v for k, v in new.items() if k not in ("spec", "history")}, **new["spec"]}
+    flat_old, flat_new = _settings(old), _settings(new)
     diff = {k: [flat_old.get(k), flat_new.get(k)] for k in flat_new if flat_old.get(k) != flat_new.get(k)}
     return ({k: v for k, v in diff.items() if k in ADJUSTABLE}, {k: v for k, v in diff.items() if k not in ADJUSTABLE})
 
 
-def _prepare(out: Path, identity: dict, force: bool, resume: bool) -> tuple[Path, dict]:
-    """Create or reopen ``OUT.distill`` (rank 0); returns it and the settings that changed since its last start.
+def rescale_grad_accum(grad_accum: int, old_world: int, world: int, on_policy: float) -> int:
+    """The ``grad_accum`` that keeps a run's global batch, ``grad_accum x old_world`` micro-batches per step, on
+    ``world`` processes. Refused when ``world`` does not divide them, and for on-policy runs (which micro-batches
+    sample, and their generators, follow the accumulation index: ``whelp.distillation.onpolicy``)."""
+    if world == old_world:
+        return grad_accum
+    micro = grad_accum * old_world
+    if on_policy:
+        raise WhelpError(f"this run samples on-policy (on_policy={on_policy}), and which micro-batches sample follows "
+                         f"--grad-accum, so it cannot resume on {world} processes: relaunch it on {old_world} "
+                         f"(torchrun --nproc_per_node {old_world}) as it started")
+    if micro % world:
+        raise WhelpError(f"this run's steps hold {micro} micro-batches (--grad-accum {grad_accum} x {old_world} "
+                         f"processes), which {world} processes cannot split evenly: relaunch it on {old_world} "
+                         f"processes (or another divisor of {micro}) to keep its global batch")
+    return micro // world
+
+
+def _reshaped(old: dict, identity: dict) -> dict:
+    """``identity`` with the ``grad_accum`` that keeps ``old``'s global batch on its number of processes, when the
+    command repeats the old --grad-accum; another one is the user's choice, left for ``_changes`` to judge."""
+    spec = identity["spec"]
+    grad_accum = rescale_grad_accum(old["spec"]["grad_accum"], old["world_size"], identity["world_size"],
+                                    old["spec"].get("on_policy", 0.0))
+    if spec["grad_accum"] != old["spec"]["grad_accum"]:
+        return identity
+    return {**identity, "spec": {**spec, "grad_accum": grad_accum}}
+
+
+def _prepare(out: Path, identity: dict, force: bool, resume: bool) -> tuple[Path, dict, int]:
+    """Create or reopen ``OUT.distill`` (rank 0); returns it, the settings that changed since its last start and
+    the run's ``grad_accum`` on this number of processes.
 
     A run with checkpoints resumes when only ADJUSTABLE settings differ (the change is recorded in run.json);
     other differences are refused unless ``force``. A run without checkpoints holds nothing to lose and is
@@ -52,8 +97,9 @@ def _prepare(out: Path, identity: dict, force: bool, resume: bool) -> tuple[Path
         with store.atomic_dir(rdir, force=True, kind="run") as tmp:
             (tmp / "checkpoints").mkdir()
             store.write_record(tmp / RUN_FILE, {**identity, "history": []})
-        return rdir, {}
+        return rdir, {}, identity["spec"]["grad_accum"]
     old = store.read_record(saved, f"pass --force to start the run in {rdir} over")
+    identity = _reshaped(old, identity)
     adjustable, fixed = _changes(old, identity)
     if fixed:
         shown = "; ".join("the student, teacher, cache or data files changed since it started" if k == "inputs"
@@ -64,14 +110,18 @@ def _prepare(out: Path, identity: dict, force: bool, resume: bool) -> tuple[Path
         history = old["history"] + [{"from_step": int(found[-1].name.removeprefix(checkpoint.PREFIX)),
                                      "changed": adjustable}]
         store.write_record(saved, {**identity, "history": history})
-    return rdir, adjustable
+    return rdir, adjustable, identity["spec"]["grad_accum"]
 
 
-def prepare(out: Path, identity: dict, force: bool, resume: bool, world) -> tuple[Path, dict]:
-    """``_prepare`` on rank 0 alone (the others only learn whether it refused): returns the run directory and
-    the settings changed since the run's last start (empty on the other ranks)."""
+def prepare(out: Path, identity: dict, force: bool, resume: bool, world,
+            spec: DistillSpec) -> tuple[Path, dict, DistillSpec]:
+    """``_prepare`` on rank 0 alone (the others learn whether it refused, and the grad_accum): returns the run
+    directory, the settings changed since the run's last start (empty on the other ranks) and ``spec`` with the
+    run's grad_accum on this number of processes."""
     prepared = parallel.main_first(world, lambda: _prepare(out, identity, force, resume) if world.main else None)
-    return prepared if world.main else (run_dir(out), {})
+    rdir, changed, grad_accum = prepared if world.main else (run_dir(out), {}, 0)
+    grad_accum = parallel.all_sum(world, torch.tensor([float(grad_accum)], dtype=torch.float64))  # rank 0's alone
+    return rdir, changed, replace(spec, grad_accum=int(grad_accum.item()))
 
 
 def adjusted_scheduler(optimizer, spec, steps: int, start: int):

@@ -1,0 +1,183 @@
+"""``whelp plan RECIPE``: every stage priced (FLOPs, GPU-hours, wall hours, memory per GPU, disk) from closed forms,
+offline for the Llama recipes (shipped configs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import yaml
+from conftest import run_cli
+
+from whelp import models, plan, pricing, recipe
+
+N_70B, N_8B = 70_553_706_496, 8_030_261_248
+H100 = 989e12
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_wide(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps table cells at the terminal's width
+
+
+def _json(*args: str) -> dict:
+    done = run_cli("plan", *args, "--json")
+    assert done.exit_code == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _stage(planned: dict, name: str) -> dict:
+    return next(s for s in planned["stages"] if s["stage"] == name)
+
+
+def _part(stage: dict, what: str) -> dict:
+    return next(p for p in stage["memory"] if p["what"].startswith(what))
+
+
+@pytest.mark.parametrize("name, params", [("llama-3.2-1b", 1_235_814_400), ("llama-3.2-3b", 3_212_749_824)])
+def test_llama_recipes_plan_the_published_sizes_offline(name, params):
+    planned = plan.plan_recipe(recipe.load(name))
+    assert planned["student"]["params"] == params
+    assert planned["teacher"]["shape"]["params"] == N_8B
+    assert [s["stage"] for s in planned["stages"]] == ["prune[0]", "capture[0]", "distill[0]"]
+    distill = _stage(planned, "distill[0]")
+    assert distill["flops_per_token"]["student_train"] == 6 * params
+    assert distill["flops_per_token"]["cache_teachers_once"] == 2 * N_70B
+    cache = distill["caches"][0]
+    assert cache["bytes_per_token"] <= (48 if cache["mode"] == "sample" else 264)
+    assert cache["bytes"] == cache["bytes_per_token"] * distill["tokens"] == _stage(planned, "capture[0]")["disk_bytes"]["cache"]
+
+
+def test_the_70b_capture_is_priced_at_the_closed_form_on_8_h100():
+    """Kaplan et al.'s 2 N per token forward: 2 x 70.6e9 x 20e9 FLOPs at 40% of 989 TFLOP/s is ~1,983 GPU-hours."""
+    done = run_cli("plan", "llama-3.2-1b", "--gpus", "8", "--gpu", "h100")
+    assert done.exit_code == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if "capture[0]" in line and "on 8 GPUs" in line)
+    printed = float(row.split("│")[3].replace(",", ""))
+    closed_form = 2 * 70.6e9 * 20e9 / (0.4 * 989e12) / 3600
+    assert abs(printed - closed_form) / closed_form < 0.10 and 1900 < closed_form < 2000
+
+    planned = _json("llama-3.2-1b", "--gpus", "8", "--gpu", "h100")
+    n_70b = models.count_params(models.load_config("llama-3.1-70b"))[0]
+    assert n_70b == N_70B
+    capture = _stage(planned, "capture[0]")
+    assert capture["teacher"] == "meta-llama/Llama-3.1-70B" and capture["for"] == "distill[0].caches[0]"
+    assert capture["tokens"] == 20_000_000_000 and capture["flops"] == 2 * n_70b * 20_000_000_000
+    assert capture["gpu_hours"] == capture["flops"] / (H100 * 0.4) / 3600
+    assert capture["wall_hours"] == capture["gpu_hours"] / 8 and capture["gpus"] == 8
+    assert capture["disk_bytes"]["cache"] == capture["bytes_per_token"] * capture["tokens"]
+    assert _part(capture, "teacher weights")["per_gpu_bytes"] == 2 * n_70b  # each data-parallel GPU holds it
+    assert planned["pricing"] == {"gpu": "h100", "peak_flops": H100, "gpu_memory_bytes": 80 * 10**9, "gpus": 8,
+                                  "mfu": 0.4}
+
+
+def test_distill_memory_and_disk_are_the_formulas_sharded_over_n():
+    planned = _json("llama-3.2-1b", "--gpus", "8")
+    student = planned["student"]["params"]
+    distill = _stage(planned, "distill[0]")
+    flops = distill["flops_per_token"]
+    assert distill["flops"] == (6 * student + 2 * N_8B) * 20_000_000_000
+    assert flops["student_train"] + flops["live_teachers"] == 6 * student + 2 * N_8B
+    state = _part(distill, "student weights + grads + AdamW")
+    assert state["bytes"] == 16 * student and state["per_gpu_bytes"] == math.ceil(16 * student / 8)
+    assert _part(distill, "live teacher meta-llama/Llama-3.1-8B")["per_gpu_bytes"] == 2 * N_8B  # replicated bf16
+    b, s, h, layers = 4, 8192, 2048, 16  # the recipe's batch_size, seq_len; the 1B's hidden size and layers
+    kept = layers * s * b * h * 2 + 34 * s * b * h  # Korthikanti et al. 2022: each layer's input + one layer's all
+    teacher_layer = 34 * s * b * 4096  # the 8B's forward under no_grad, done before the student's
+    assert _part(distill, "activations (grad_checkpointing)")["bytes"] == max(kept, teacher_layer) == teacher_layer
+    assert _part(distill, "loss chunks")["bytes"] == 3 * 1024 * 128_256 * 4
+    assert distill["memory_per_gpu_bytes"] == sum(p["per_gpu_bytes"] for p in distill["memory"])
+    assert distill["fits"] is True and not any("distill" in w for w in planned["warnings"])  # the 70B is cached
+    assert distill["disk_bytes"] == {"store": 4 * 20_000_000_000, "checkpoints": 2 * 12 * student, "model": 4 * student}
+    one = _stage(_json("llama-3.2-1b", "--gpus", "1"), "distill[0]")
+    assert one["gpu_hours"] == distill["gpu_hours"] and one["wall_hours"] == 8 * distill["wall_hours"]
+    assert _part(one, "student FSDP2 gathers")["per_gpu_bytes"] == 0  # one process: nothing is sharded
+    assert _part(one, "student weights + grads + AdamW")["per_gpu_bytes"] == 16 * student
+
+
+def _live_70b(tmp_path, **step) -> str:
+    raw = yaml.safe_load((recipe.RECIPES_DIR / "llama-3.2-1b.yaml").read_text())
+    raw["distill"]["teachers"].append({"model": "meta-llama/Llama-3.1-70B", "config": "llama-3.1-70b", "weight": 0.5})
+    raw["distill"].update(caches=[], **step)
+    path = tmp_path / "live-70b.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_a_live_70b_is_warned_about_on_h100_and_fits_sharded_over_8(tmp_path):
+    done = run_cli("plan", _live_70b(tmp_path), "--gpus", "8", "--gpu", "h100")
+    assert done.exit_code == 0, done.stderr
+    warning = next(line for line in done.stdout.splitlines() if line.startswith("warning: "))
+    for needed in ("meta-llama/Llama-3.1-70B (141.1 GB)", "h100 (80 GB", "caches:", "shard_teachers: true"):
+        assert needed in warning, warning
+    planned = _json(_live_70b(tmp_path), "--gpus", "8", "--gpu", "h100")
+    distill = _stage(planned, "distill[0]")
+    assert [s["kind"] for s in planned["stages"]] == ["prune", "distill"] and distill["fits"] is False
+    assert planned["warnings"] == [warning.removeprefix("warning: ")]
+    assert _part(distill, "live teacher meta-llama/Llama-3.1-70B")["per_gpu_bytes"] == 2 * N_70B
+    assert distill["flops_per_token"]["live_teachers"] == 2 * (N_8B + N_70B)
+
+    sharded = _json(_live_70b(tmp_path, shard_teachers=True), "--gpus", "8", "--gpu", "h100")
+    distill = _stage(sharded, "distill[0]")
+    big = _part(distill, "live teacher meta-llama/Llama-3.1-70B")
+    assert big["per_gpu"] == "sharded" and big["per_gpu_bytes"] == math.ceil(2 * N_70B / 8)
+    assert _part(distill, "live teacher meta-llama/Llama-3.1-70B FSDP2 gathers")["per_gpu_bytes"] > 0
+    assert distill["fits"] is True and distill["memory_per_gpu_bytes"] < 80e9 and sharded["warnings"] == []
+    assert run_cli("plan", _live_70b(tmp_path), "--gpu", "h200").stdout.count("warning: ") == 1  # 141 GB: no room for a live 70B either
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--gpu", "h1000"), "--gpu 'h1000' is not valid; choose h100, a100, h200, or a GPU's peak dense bf16 FLOP/s"),
+    (("--gpu", "989"), "at least 1e9"),
+    (("--gpu", "nan"), "choose h100, a100, h200"),
+    (("--gpus", "0"), "--gpus must be at least 1, got 0"),
+    (("--mfu", "0"), r"--mfu is the model FLOPs utilization, in (0, 1]"),
+    (("--mfu", "1.5"), "got 1.5"),
+])
+def test_bad_pricing_options_are_one_line_naming_the_valid_values(args, message):
+    done = run_cli("plan", "llama-3.2-1b", *args)
+    assert done.exit_code == 2 and done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: ") and message in done.stderr
+
+
+def test_pricing_options_are_refused_for_a_prune_plan_and_a_flops_gpu_skips_the_fit_check():
+    done = run_cli("plan", "llama-3.1-8b", "--target", "llama-3.2-1b", "--gpus", "8")
+    assert done.exit_code == 2 and "price a recipe" in done.stderr
+    planned = _json("llama-3.2-1b", "--gpu", "500e12", "--mfu", "0.5")
+    capture = _stage(planned, "capture[0]")
+    assert planned["pricing"]["gpu_memory_bytes"] is None and capture["fits"] is None and planned["warnings"] == []
+    assert capture["gpu_hours"] == capture["flops"] / (500e12 * 0.5) / 3600
+    assert "memory unknown: fit not checked" in run_cli("plan", "llama-3.2-1b", "--gpu", "500e12").stdout
+
+
+def test_the_default_is_today_s_table_plus_a_price_on_one_h100():
+    done = run_cli("plan", "llama-3.2-3b")
+    assert done.exit_code == 0, done.stderr
+    assert "params / FLOPs per token" in done.stdout and "cost on 1 x h100" in done.stdout
+    assert "the default; choose with --gpus N --gpu KIND" in done.stdout
+    assert re.search(r"warning: capture\[0\] needs 151\.8 GB per GPU, more than one h100's 80 GB.*tensor-parallel",
+                     done.stdout)
+    planned = _json("llama-3.2-3b")
+    assert planned["totals"]["gpu_hours"] == sum(s["gpu_hours"] for s in planned["stages"])
+    stores = 4 * 10_000_000_000  # calib and train read one source: its store counts once
+    assert planned["totals"]["disk_bytes"] == stores + sum(b for s in planned["stages"]
+                                                           for k, b in s["disk_bytes"].items() if k != "store")
+
+
+@pytest.mark.demo  # the tiny recipe's teacher is smollm2-135m
+def test_tiny_recipe_prices_every_stage_in_fp32():
+    planned = _json("tiny", "--gpu", "a100")
+    assert [s["stage"] for s in planned["stages"]] == ["prune[0]", "capture[0]", "distill[0]"]
+    teacher, student = planned["teacher"]["shape"]["params"], planned["student"]["params"]
+    prune, capture, distill = planned["stages"]
+    assert prune["flops"] == 2 * teacher * 4 * 64 and prune["device"] == "cpu" and prune["fits"] is None
+    assert capture["tokens"] == 1024 and capture["flops"] == 2 * teacher * 1024
+    assert distill["flops"] == (6 * student + 2 * teacher) * 1024
+    assert _part(distill, "live teacher smollm2-135m")["per_gpu_bytes"] == 4 * teacher  # dtype float32
+    assert _part(capture, "teacher weights (float32)")["bytes"] == 4 * teacher
+    assert all(s["gpu_hours"] == s["flops"] / (312e12 * 0.4) / 3600 for s in planned["stages"])
+    assert planned["warnings"] == [] and capture["fits"] is distill["fits"] is True
+    assert pricing.memory_per_gpu(distill["memory"], 1) == distill["memory_per_gpu_bytes"]

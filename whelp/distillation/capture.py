@@ -1,0 +1,229 @@
+"""Teacher-logit capture (``whelp cache-logits``): one process, or data- and tensor-parallel under torchrun.
+
+The work unit is a *shard*: a fixed range of blocks ``[start, stop)`` of the data (``shard_tokens // seq_len``
+blocks, whatever the number of processes), written once to ``blocks-START-STOP.safetensors`` (the format is in
+``whelp.distillation.cache``). Rank r of R data-parallel ranks takes the r-th, (r+R)-th, ... missing shard; in
+each round every rank writes at most one shard (to a temporary file, renamed into place) and rank 0 gathers the
+round's records (file, block range, bytes, sha256) into the sealed manifest, replaced atomically. A capture killed
+on any rank loses at most the round in flight; rerun on any number of processes, it lists the missing ranges
+afresh (the ranges are fixed by the data, so 4 processes resume what 8 started).
+
+Fingerprint: each shard stores ``block_sha256`` uint8 [b, 32], the sha256 of each block's tokens and targets; the
+manifest's ``content_sha256`` is the sha256 of all of them in block order, so a cache made by 1 process and by N
+processes is identical and shows it in one field.
+
+Extraction: the teacher's backbone gives hidden states [b, L, H]; its lm_head and the family's own logit transform
+(``whelp.models.logit_transform``) run on ``CHUNK`` positions at a time on the teacher's device, in fp32, and only
+the sparse targets (k ids and values per position) reach the host, never an [N, V] logits tensor (at V = 128,256 a
+block of 8,192 positions is 4.2 GB in fp32). The chunked logits are checked once against ``model(...).logits``
+on the first block, so a family with a transform whelp does not know fails at once instead of caching wrong targets.
+
+Tensor parallel (``tp_size`` T > 1): groups of T consecutive ranks hold one teacher sharded by transformers'
+``tp_plan`` (Megatron-style column/row splits); group g is data-parallel rank g and its first rank writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import Tensor
+
+from whelp import store
+from whelp.data.tokenstore import tokenizer_hash
+from whelp.distillation import parallel
+from whelp.distillation.cache import FORMAT, MANIFEST, claim, config_hash, encode, read_manifest, sparse_targets
+from whelp.errors import WhelpError
+from whelp.specs import CacheSpec
+
+CHUNK = 1024  # positions per on-device logits chunk: [1024, 128256] fp32 is 0.5 GB
+
+
+def shard_ranges(n_blocks: int, per_shard: int) -> list[tuple[int, int]]:
+    return [(start, min(start + per_shard, n_blocks)) for start in range(0, n_blocks, per_shard)]
+
+
+def shard_name(start: int, stop: int) -> str:
+    return f"blocks-{start:012d}-{stop:012d}.safetensors"
+
+
+def chunk_logits(model, hidden: Tensor, vocab: int) -> Tensor:
+    """fp32 logits [c, vocab] of hidden states [c, H]: the lm_head, then the family's logit transform."""
+    from whelp.models import logit_transform
+
+    return logit_transform(model.config)(model.get_output_embeddings()(hidden).float())[..., :vocab]
+
+
+def _device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def check_logits(model, tokens: Tensor, vocab: int) -> None:
+    """The chunked path against the model's own forward on a few positions of ``tokens`` [L]: a family whose
+    logits are more than ``lm_head(hidden)`` (scaled, soft-capped) must be known to ``logit_transform``."""
+    from whelp.distillation.loop import backbone
+
+    ids = tokens[: min(len(tokens), 64)].view(1, -1).to(_device(model))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[0, :, :vocab].float()
+        mine = chunk_logits(model, backbone(model)(input_ids=ids).last_hidden_state[0], vocab)
+    tol = (1e-4 if ref.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2) * max(1.0, ref.abs().max())
+    if (mine - ref).abs().max() > tol:
+        raise WhelpError(f"{type(model).__name__} ({model.config.model_type}) computes its logits in a way whelp "
+                         "does not know (lm_head(hidden) differs from its forward's logits); it cannot be cached")
+
+
+def teacher_shard(model, tokens: Tensor, spec: dict, first_block: int, batch_size: int) -> dict[str, Tensor]:
+    """Storage tensors of one shard: teacher targets for every position of ``tokens`` [b, seq_len] (block
+    ``first_block + i`` is row i; sampling is seeded per block, so any split of the blocks draws the same)."""
+    from whelp.distillation.loop import backbone
+
+    device, L = _device(model), tokens.shape[1]
+    parts = []
+    for s in range(0, len(tokens), batch_size):
+        with torch.no_grad():
+            hidden = backbone(model)(input_ids=tokens[s: s + batch_size].to(device)).last_hidden_state
+            for j, row in enumerate(hidden):
+                gen = torch.Generator(device=device).manual_seed(spec["seed"] * 1_000_003 + first_block + s + j)
+                for c in range(0, L, CHUNK):
+                    logits = chunk_logits(model, row[c: c + CHUNK], spec["vocab_size"])
+                    parts.append(encode(sparse_targets(logits, spec["mode"], spec["k"], spec["temperature"], gen)))
+    out = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
+    out["tokens"] = tokens.to(torch.int32).contiguous()
+    out["block_sha256"] = block_digests(out, L)
+    return out
+
+
+def block_digests(tensors: dict[str, Tensor], seq_len: int) -> Tensor:
+    """uint8 [b, 32]: the sha256 of each block's tokens and per-position targets, in a fixed key order."""
+    keys = sorted(k for k in tensors if k not in ("tokens", "block_sha256"))
+    rows = []
+    for b in range(len(tensors["tokens"])):
+        digest = hashlib.sha256(tensors["tokens"][b].numpy().tobytes())
+        for key in keys:
+            digest.update(tensors[key][b * seq_len: (b + 1) * seq_len].numpy().tobytes())
+        rows.append(torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8))
+    return torch.stack(rows)
+
+
+def content_sha256(path: Path, shards: list[dict]) -> str:
+    """sha256 over every block's digest in block order (reads only the 32-byte digests, not the targets)."""
+    digest = hashlib.sha256()
+    for shard in sorted(shards, key=lambda s: s["start"]):
+        with safe_open(str(path / shard["file"]), framework="pt") as f:
+            digest.update(f.get_tensor("block_sha256").numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _identity(model, tokenizer, blocks, mode: str, k: int, temperature: float, teacher_name: str, seed: int,
+              per_shard: int) -> dict:
+    width = model.get_output_embeddings().weight.shape[0]
+    return {"format": FORMAT, "teacher": teacher_name, "teacher_config_sha256": config_hash(model.config),
+            "tokenizer_sha256": tokenizer_hash(tokenizer), "vocab_size": min(width, len(tokenizer)),
+            "temperature": float(temperature), "mode": mode, "k": int(k), "seq_len": int(blocks.seq_len),
+            "n_blocks": len(blocks), "shard_blocks": per_shard, "data_fingerprint": blocks.fingerprint,
+            "data_source": blocks.source, "seed": seed}
+
+
+def _continued(out: Path, identity: dict) -> tuple[dict, bool]:
+    """The manifest to continue ``out`` with (intact shards kept, damaged ones dropped) and whether ``out`` was
+    already complete and intact. WhelpError if ``out`` holds a cache of another run."""
+    old = read_manifest(out)
+    diff = [key for key in identity if old.get(key) != identity[key]]
+    if diff:
+        key = diff[0]
+        raise WhelpError(f"{out} holds a cache of a different run ({key}: {old.get(key)!r} there, "
+                         f"{identity[key]!r} now); pass --force to replace it or choose another --out")
+    store.clean_stale(out)
+    shards = [s for s in old["shards"] if store.shard_problem(out, s) is None]
+    return {**old, "shards": shards, "complete": False}, bool(old.get("complete")) and shards == old["shards"]
+
+
+def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> tuple[Path, dict]:
+    """Where the shards go and the manifest to continue: ``out`` itself (new or resumed), or with ``force`` on
+    an existing cache a staging sibling ``.OUT.rebuild`` (resumed by the same forced command) that replaces
+    ``out`` only when complete. A directory that is not a whelp cache is never written into or deleted."""
+    work = out
+    if claim(out, force):
+        if not force:
+            manifest, complete = _continued(out, identity)
+            if complete:
+                raise WhelpError(f"{out} already holds this complete cache; pass --force to rebuild it")
+            return out, manifest
+        work = out.with_name(f".{out.name}.rebuild")
+        if work.exists() and store.marker(work) is None:
+            raise WhelpError(f"{work} is in the way of rebuilding {out} and was not made by whelp; move it away")
+        try:
+            return work, _continued(work, identity)[0]
+        except WhelpError:
+            shutil.rmtree(work, ignore_errors=True)  # absent, or another rebuild's leftovers: ours to start again
+    manifest = {**identity, "shards": [], "complete": False}
+    with store.atomic_dir(work, force=True, kind="cache", stage_key=stage_key) as tmp:  # born whole, marked
+        store.write_record(tmp / MANIFEST, manifest)
+    return work, manifest
+
+
+def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, temperature: float,
+                teacher_name: str, force: bool = False, batch_size: int = 4, shard_tokens: int = 65536,
+                seed: int = 0, progress=None, stage_key: str | None = None, world: parallel.World | None = None,
+                tp_size: int = 1) -> Path:
+    """Run the teacher over the rows of ``blocks`` (``whelp.data.Blocks``: ``len``, ``blocks[idx]``, ``seq_len``,
+    ``fingerprint``, ``source``) and write a sparse-target cache to ``out``; every rank of ``world`` calls it
+    (collective), groups of ``tp_size`` ranks sharing one tensor-parallel teacher.
+
+    Resumable on any number of processes: rerunning after an interruption keeps every intact shard and writes the
+    rest (the result is identical to an uninterrupted run). ``progress(n_blocks)`` is called on rank 0 after each
+    round. ``stage_key`` (a build's key of this cache's inputs) goes into its marker.
+    """
+    CacheSpec(mode, k, temperature)  # the one range check of these values
+    world = world or parallel.World(0, 1, _device(teacher_model), owns_group=False)
+    out = Path(out).expanduser()
+    per_shard = max(1, shard_tokens // blocks.seq_len)
+    identity = _identity(teacher_model, tokenizer, blocks, mode, k, temperature, teacher_name, seed, per_shard)
+    if mode == "topk" and k > identity["vocab_size"]:
+        raise WhelpError(f"--topk {k} exceeds the teacher's {identity['vocab_size']}-token vocabulary; use at most "
+                         f"{identity['vocab_size']} (that is the whole distribution)")
+    if world.size % tp_size:
+        raise WhelpError(f"--tp-size {tp_size} does not divide the {world.size} processes; use a divisor")
+    work, manifest = parallel.from_main(world, lambda: _workdir(out, identity, force, stage_key))
+    work = Path(work)
+    check_logits(teacher_model, blocks[torch.arange(1)][0], identity["vocab_size"])
+    done = {s["file"] for s in manifest["shards"]}
+    todo = [r for r in shard_ranges(len(blocks), per_shard) if shard_name(*r) not in done]
+    dp_rank, dp_size, writer = world.rank // tp_size, world.size // tp_size, world.rank % tp_size == 0
+    mine = todo[dp_rank::dp_size]
+    for i in range(-(-len(todo) // dp_size)):
+        record = None
+        if i < len(mine):
+            start, stop = mine[i]
+            tensors = teacher_shard(teacher_model, blocks[torch.arange(start, stop)], identity, start, batch_size)
+            if writer:
+                name = shard_name(start, stop)
+                store.write_bytes(work / name, save(tensors))
+                record = {"file": name, "start": start, "stop": stop, "bytes": (work / name).stat().st_size,
+                          "sha256": store.sha256_file(work / name)}
+        records = [r for r in parallel.gather(world, record) if r is not None]
+        if world.main:
+            manifest["shards"] += records
+            store.write_record(work / MANIFEST, manifest)
+            if progress is not None:
+                progress(sum(r["stop"] - r["start"] for r in records))
+    if world.main:
+        _seal(work, out, manifest, len(blocks) * blocks.seq_len)
+    parallel.barrier(world)
+    return out
+
+
+def _seal(work: Path, out: Path, manifest: dict, n_tokens: int) -> None:
+    """Rank 0: the complete manifest (shards in block order, bytes per token, content fingerprint), then a rebuild
+    replaces the old cache."""
+    shards = sorted(manifest["shards"], key=lambda s: s["start"])
+    store.write_record(work / MANIFEST, {**manifest, "shards": shards, "complete": True,
+                                         "bytes_per_token": sum(s["bytes"] for s in shards) / n_tokens,
+                                         "content_sha256": content_sha256(work, shards)})
+    if work != out:
+        store.commit_dir(work, out, "cache")

@@ -1,0 +1,273 @@
+"""What a planned recipe costs on N GPUs of one kind: FLOPs, GPU-hours, wall-clock hours, memory per GPU, disk.
+
+Compute (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", section 2.1): a forward costs 2 N FLOPs
+per token and a training step (forward + backward) 6 N, N the total parameters including the embeddings.
+GPU-hours = FLOPs / (peak FLOP/s x MFU) / 3600, whatever the number of GPUs. MFU is model FLOPs utilization as
+PaLM defines it (Chowdhery et al. 2022, appendix B): it counts the model's FLOPs, not the hardware's, so
+recomputation (``grad_checkpointing``) lowers the MFU a run reaches rather than adding FLOPs here. Wall-clock hours
+= GPU-hours / the GPUs a stage runs on: all N for capture and distill (data-parallel under torchrun), one for
+generate (one process). Prune runs in one host process on the CPU: its hours are shown at one GPU's rate.
+
+Memory per GPU is a sum of parts, each ``replicated`` (every GPU holds it), ``sharded`` (FSDP2 splits it over the
+stage's GPUs: bytes / N) or ``gathered`` (FSDP2's unsharded working set, held only when N > 1). The formulas,
+b sequences of s tokens per GPU, hidden size h, L layers, V vocabulary ids, bytes in the activation dtype d:
+  training state   16 B/param: fp32 weights 4 + fp32 grads 4 + AdamW's two fp32 moments 8 (the 16 bytes/param of
+                   mixed-precision Adam in Rajbhandari et al. 2020, "ZeRO", section 3.1);
+  activations      Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+                   section 4.1, eq. 1): s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit; flash/SDPA attention keeps
+                   no [a, s, s] scores, leaving 34*s*b*h (scaled by d/2). With full recomputation (section 5) each
+                   layer keeps only its input, s*b*h*d, and the layer being recomputed holds all 34*s*b*h*d/2. A
+                   forward without grad frees each layer's activations as the next runs: at most one layer's;
+  loss chunks      ~3 * chunk_size * V * 4 bytes (DistillSpec.chunk_size); for capture the same [chunk, V] fp32
+                   logits at the distil step's chunk_size;
+  KV cache         2 * L * b * s * kv_heads * head_dim * d bytes (keys and values of every layer: Pope et al. 2022,
+                   "Efficiently Scaling Transformer Inference", section 2);
+  FSDP2 gathers    the root module's parameters (embeddings, final norm) stay unsharded through forward and
+                   backward, and one decoder layer is gathered while the next is prefetched (the ``reshard_after_
+                   forward`` and prefetch defaults of torch.distributed.fsdp.fully_shard): (root + 2 layers) params.
+GPU memory is the nominal capacity (80 GB = 80e9 bytes), a few GB below what the device reports, which leaves room
+for the CUDA context, NCCL buffers and allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from whelp.errors import WhelpError
+from whelp.recipe import GENERATED
+
+MFU = 0.4
+TRAIN_BYTES_PER_PARAM = 16
+CHECKPOINT_BYTES_PER_PARAM = 12  # a DCP checkpoint: fp32 weights 4 + AdamW moments 8
+MODEL_BYTES_PER_PARAM = 4  # whelp saves the fp32 weights it pruned or trained
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s (no 2:4 sparsity)
+    memory_bytes: int | None  # None: a GPU given by its FLOP/s alone, whose memory is unknown (no fit check)
+
+
+# NVIDIA datasheets: H100 SXM5 989.4 TFLOP/s dense bf16, 80 GB; A100 SXM4 312 TFLOP/s, 80 GB; H200 SXM: H100's
+# compute with 141 GB of HBM3e.
+GPUS = {"h100": Gpu("h100", 989e12, 80 * 10**9), "a100": Gpu("a100", 312e12, 80 * 10**9),
+        "h200": Gpu("h200", 989e12, 141 * 10**9)}
+
+
+def parse_gpu(text: str) -> Gpu:
+    """A preset name (h100, a100, h200) or a peak FLOP/s number such as ``989e12`` (its memory then unknown)."""
+    if text.lower() in GPUS:
+        return GPUS[text.lower()]
+    try:
+        peak = float(text)
+    except ValueError:
+        peak = math.nan
+    if not math.isfinite(peak) or peak < 1e9:
+        raise WhelpError(f"--gpu {text!r} is not valid; choose {', '.join(GPUS)}, or a GPU's peak dense bf16 FLOP/s "
+                         "as a number of at least 1e9 (e.g. 989e12, not 989)")
+    return Gpu(f"{peak:.4g} FLOP/s", peak, None)
+
+
+def check_pricing(gpus: int, mfu: float) -> None:
+    if gpus < 1:
+        raise WhelpError(f"--gpus must be at least 1, got {gpus}")
+    if not 0 < mfu <= 1:
+        raise WhelpError(f"--mfu is the model FLOPs utilization, in (0, 1] (e.g. 0.4 for 40%); got {mfu}")
+
+
+def part(what: str, nbytes: int, per_gpu: str = "replicated", teacher: str | None = None) -> dict:
+    """One part of a stage's memory: ``per_gpu`` replicated | sharded (FSDP2: / N) | gathered (only when N > 1);
+    ``teacher`` names the model when the part is a teacher's weights."""
+    if per_gpu not in ("replicated", "sharded", "gathered"):
+        raise ValueError(f"per_gpu {per_gpu!r}")
+    return {"what": what, "bytes": int(nbytes), "per_gpu": per_gpu, **({"teacher": teacher} if teacher else {})}
+
+
+def layer_activation_bytes(tokens: int, hidden: int, dtype_bytes: int) -> int:
+    """One decoder layer's activations over ``tokens`` = b * s positions: 34 * s*b*h bytes in 16-bit (Korthikanti
+    et al. 2022, eq. 1 without the attention-score term, which flash/SDPA attention never stores)."""
+    return 34 * tokens * hidden * dtype_bytes // 2
+
+
+def training_activation_bytes(tokens: int, hidden: int, layers: int, dtype_bytes: int, checkpointing: bool) -> int:
+    """Activations kept for backward: every layer's (34 s*b*h in 16-bit), or with full recomputation each layer's
+    input (s*b*h*d) plus the one layer being recomputed (Korthikanti et al. 2022, sections 4.1 and 5)."""
+    layer = layer_activation_bytes(tokens, hidden, dtype_bytes)
+    return layers * tokens * hidden * dtype_bytes + layer if checkpointing else layers * layer
+
+
+def loss_chunk_bytes(chunk_size: int, vocab: int) -> int:
+    """The chunked loss's [chunk, V] fp32 buffers: ~3 of them (DistillSpec.chunk_size)."""
+    return 3 * chunk_size * vocab * 4
+
+
+def kv_cache_bytes(tokens: int, shape: dict, dtype_bytes: int) -> int:
+    """Keys and values of every layer for ``tokens`` = b * s positions (Pope et al. 2022, section 2)."""
+    return 2 * shape["num_hidden_layers"] * tokens * shape["num_key_value_heads"] * shape["head_dim"] * dtype_bytes
+
+
+def gathered_bytes(model: dict, dtype_bytes: int) -> int:
+    """FSDP2's unsharded working set of ``model`` ({"config", "params", "non_embedding"}): the root's parameters (all
+    but the decoder layers) and two decoder layers (the one running, the next prefetched), a layer counted as the
+    non-embedding params / layers."""
+    layers = model["config"].num_hidden_layers
+    layer = model["non_embedding"] // layers
+    return (model["params"] - layers * layer + 2 * layer) * dtype_bytes
+
+
+def prune_flops(spec, params: int, layers: int) -> int:
+    """A prune's calibration: a forward (2 N per token) over calib_samples x seq_len tokens, 3 x that for Taylor
+    importance (the backward too: 6 N), plus L + 1 forwards (the base and each layer skipped) for
+    ``layer_importance: loss``; nothing when saved ``scores`` are reused."""
+    if spec.scores:
+        return 0
+    passes = (3 if spec.importance == "taylor" else 1) + (layers + 1 if spec.layer_importance == "loss" else 0)
+    return 2 * params * spec.calib_samples * spec.seq_len * passes
+
+
+def prune_memory(params: int) -> list[dict]:
+    """Prune runs in one host process in fp32: in memory it holds MEMORY_FACTOR x the weights (teacher, pruned copy,
+    calibration activations), else it streams the shards layer by layer (whelp.pruning.streaming)."""
+    from whelp.pruning.streaming import MEMORY_FACTOR
+
+    return [part(f"host RAM in memory: {MEMORY_FACTOR} x fp32 weights (streams layer by layer when short of it)",
+                 MEMORY_FACTOR * 4 * params)]
+
+
+def capture_memory(model: dict, dtype: str, positions: int, chunk_size: int, vocab: int) -> list[dict]:
+    """A capture's GPU: the teacher's weights in ``dtype``, one layer's activations over ``positions`` = blocks per
+    forward x seq_len (a forward without grad frees each layer's as the next runs), the [chunk, V] fp32 logits."""
+    d = DTYPE_BYTES[dtype]
+    return [part(f"teacher weights ({dtype})", d * model["params"], teacher=model["name"]),
+            part(f"one layer's activations, {positions:,} positions",
+                 layer_activation_bytes(positions, model["config"].hidden_size, d)),
+            part("logit chunks", loss_chunk_bytes(chunk_size, vocab))]
+
+
+def generate_memory(model: dict, spec) -> list[dict]:
+    """One generating process: the model in the GenerateSpec dtype and the KV cache of a batch of full sequences."""
+    from whelp.models import shape
+
+    d, positions = DTYPE_BYTES[spec.dtype], spec.batch_size * (spec.prompt_tokens + spec.new_tokens)
+    return [part(f"weights ({spec.dtype})", d * model["params"], teacher=model["name"]),
+            part(f"KV cache, {positions:,} positions", kv_cache_bytes(positions, shape(model["config"]), d))]
+
+
+def distill_memory(spec, student: dict, live: list[dict]) -> list[dict]:
+    """A distil step's GPU: the student's training state sharded by FSDP2, the live teachers replicated (sharded with
+    ``shard_teachers``) in the compute dtype, activations, the teachers' final hidden states, the loss chunks.
+    ``student`` and each live model are ``{"name", "config", "params", "non_embedding"}``; the teachers run first under
+    no_grad and free their activations before the student's forward, so the larger of the two counts."""
+    d = DTYPE_BYTES["float32" if spec.dtype == "float32" else "bfloat16"]  # auto: bf16 on GPUs
+    cfg, positions = student["config"], spec.batch_size * spec.seq_len
+    parts = [part("student weights + grads + AdamW (16 B/param)", TRAIN_BYTES_PER_PARAM * student["params"],
+                  "sharded"),
+             part("student FSDP2 gathers (fp32)", gathered_bytes(student, 4), "gathered")]  # no MixedPrecisionPolicy
+    for m in live:
+        parts.append(part(f"live teacher {m['name']}", d * m["params"],
+                          "sharded" if spec.shard_teachers else "replicated", teacher=m["name"]))
+        if spec.shard_teachers:
+            parts.append(part(f"live teacher {m['name']} FSDP2 gathers", gathered_bytes(m, d), "gathered"))
+    acts = max([training_activation_bytes(positions, cfg.hidden_size, cfg.num_hidden_layers, d,
+                                          spec.grad_checkpointing)]
+               + [layer_activation_bytes(positions, m["config"].hidden_size, d) for m in live])
+    what = "activations" + (" (grad_checkpointing)" if spec.grad_checkpointing else "")
+    return parts + [part(f"{what}, {positions:,} positions", acts),
+                    part("live teachers' final hidden states", sum(positions * m["config"].hidden_size * d
+                                                                   for m in live)),
+                    part("loss chunks", loss_chunk_bytes(spec.chunk_size, cfg.vocab_size))]
+
+
+def memory_per_gpu(parts: list[dict], gpus: int) -> int:
+    """Bytes on each of ``gpus`` GPUs: replicated parts whole, sharded parts / gpus (rounded up), gathered parts
+    only when sharding happens (gpus > 1)."""
+    share = {"replicated": lambda b: b, "sharded": lambda b: -(-b // gpus), "gathered": lambda b: b if gpus > 1 else 0}
+    return sum(share[p["per_gpu"]](p["bytes"]) for p in parts)
+
+
+def price(planned: dict, gpu: Gpu, gpus: int, mfu: float = MFU) -> dict:
+    """``planned`` (whelp.plan.plan_recipe) with each stage's gpu_hours, wall_hours, its parts' per-GPU bytes,
+    memory_per_gpu_bytes and fits; the totals; and a warning for every stage that does not fit one GPU."""
+    check_pricing(gpus, mfu)
+    stages, warnings = [], []
+    for stage in planned["stages"]:
+        n = gpus if stage["parallel"] else 1
+        memory = memory_per_gpu(stage["memory"], n)
+        fits = None if gpu.memory_bytes is None or stage["device"] == "cpu" else memory <= gpu.memory_bytes
+        hours = stage["flops"] / (gpu.peak_flops * mfu) / 3600
+        stages.append({**stage, "gpus": n, "gpu_hours": hours, "wall_hours": hours / n,
+                       "memory": [{**p, "per_gpu_bytes": memory_per_gpu([p], n)} for p in stage["memory"]],
+                       "memory_per_gpu_bytes": memory, "fits": fits})
+        if fits is False:
+            warnings.append(_misfit(stages[-1], gpu))
+    return {**planned, "stages": stages, "warnings": warnings, "totals": _totals(stages),
+            "pricing": {"gpu": gpu.name, "peak_flops": gpu.peak_flops, "gpu_memory_bytes": gpu.memory_bytes,
+                        "gpus": gpus, "mfu": mfu}}
+
+
+def _totals(stages: list[dict]) -> dict:
+    """Sums over the stages (they run one after another); each token store counted once, at its largest."""
+    stores: dict[str, int] = {}
+    for s in stages:
+        if "store" in s["disk_bytes"]:
+            source = s["data"]["source"] if "data" in s else GENERATED
+            stores[source] = max(stores.get(source, 0), s["disk_bytes"]["store"])
+    disk = sum(stores.values()) + sum(b for s in stages for k, b in s["disk_bytes"].items() if k != "store")
+    return {"flops": sum(s["flops"] for s in stages), "gpu_hours": sum(s["gpu_hours"] for s in stages),
+            "wall_hours": sum(s["wall_hours"] for s in stages),
+            "memory_per_gpu_bytes": max((s["memory_per_gpu_bytes"] for s in stages if s["device"] == "gpu"),
+                                        default=None), "disk_bytes": disk}
+
+
+def _misfit(stage: dict, gpu: Gpu) -> str:
+    """The warning of a stage over one GPU's memory: what it needs, who is too big, and the fixes."""
+    need, have = stage["memory_per_gpu_bytes"] / 1e9, gpu.memory_bytes / 1e9
+    head = f"{stage['stage']} needs {need:,.1f} GB per GPU, more than one {gpu.name}'s {have:,.0f} GB"
+    if stage["kind"] == "distill":
+        whole = [p for p in stage["memory"] if p.get("teacher") and p["per_gpu"] == "replicated"]
+        if whole:
+            names = ", ".join(f"{p['teacher']} ({p['bytes'] / 1e9:,.1f} GB)" for p in whole)
+            return (f"{stage['stage']}: the live teacher{'s' * (len(whole) > 1)} {names} will not fit beside the "
+                    f"student on one {gpu.name} ({have:,.0f} GB; the step needs {need:,.1f} GB per GPU): cache it "
+                    "(move it to the step's caches:) or set shard_teachers: true")
+        return f"{head}: use more GPUs (--gpus), a lower batch_size (raise grad_accum to keep the step) or " \
+               "grad_checkpointing: true"
+    if stage["kind"] == "capture":
+        weights = sum(p["bytes"] for p in stage["memory"] if p.get("teacher"))
+        rest = stage["memory_per_gpu_bytes"] - weights
+        split = 2 ** math.ceil(math.log2(weights / (gpu.memory_bytes - rest))) if rest < gpu.memory_bytes else None
+        how = (f"split it tensor-parallel over at least {split} GPUs (whelp cache-logits --tp-size {split} under "
+               "torchrun)" if split else "lower its batch")
+        return f"{head}: the teacher {stage['teacher']} alone is {weights / 1e9:,.1f} GB; {how}, or use GPUs with " \
+               "more memory"
+    return f"{head}: lower its batch_size, or use GPUs with more memory"
+
+
+def gb(nbytes: float) -> str:
+    """Bytes as GB (1e9) for a table: one decimal, or three significant digits below 1 GB."""
+    return f"{nbytes / 1e9:,.1f}" if nbytes >= 1e9 else f"{nbytes / 1e9:.3g}"
+
+
+def _hours(h: float) -> str:
+    """Hours for a table: one decimal, or minutes or seconds below an hour."""
+    return f"{h:,.1f}" if h >= 1 else f"{h * 60:.2g} min" if h >= 1 / 60 else f"{h * 3600:.2g} s"
+
+
+def describe_cost(stage: dict) -> tuple[str, ...]:
+    """One row of the cost table: stage, FLOPs, GPU-hours, wall hours on its GPUs, memory per GPU, disk (GB)."""
+    host = stage["device"] == "cpu"
+    where = "(CPU stage)" if host else f"on {stage['gpus']} GPU{'s' * (stage['gpus'] > 1)}"
+    memory = f"{gb(stage['memory_per_gpu_bytes'])} GB" + (" host" if host else "") + (
+        " (does not fit)" if stage["fits"] is False else "")
+    disk = ", ".join(f"{k} {gb(b)}" for k, b in stage["disk_bytes"].items() if b)
+    return (stage["stage"], f"{stage['flops']:.3g}", _hours(stage["gpu_hours"]),
+            f"{_hours(stage['wall_hours'])} {where}", memory, f"{disk} GB" if disk else "0 GB")
+
+
+def describe_total(totals: dict) -> tuple[str, ...]:
+    peak = totals["memory_per_gpu_bytes"]
+    return ("total", f"{totals['flops']:.3g}", _hours(totals["gpu_hours"]), _hours(totals["wall_hours"]),
+            "-" if peak is None else f"{gb(peak)} GB peak", f"{gb(totals['disk_bytes'])} GB")
