@@ -36,6 +36,8 @@ def tiny_config(family: str = "llama", **overrides):
     base = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=256,
                 tie_word_embeddings=False, attn_implementation="eager")
+    if family == "phi3":  # its default pad_token_id (32000) is outside the tiny vocabulary
+        base["pad_token_id"] = 0
     base.update(overrides)
     return AutoConfig.for_model(family, **base)
 

@@ -50,7 +50,8 @@ def test_noop_prune_reproduces_logits_exactly(family):
     assert torch.equal(logits(pruned(model, keep), IDS), logits(model, IDS))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES  # OLMo 2: heads are not exact (tests/test_prune_families.py)
+                                    if {"num_attention_heads", "num_key_value_heads"} <= arch.FAMILIES[f].exact])
 def test_pruning_heads_groups_and_neurons_equals_zeroing_them(family):
     model = tiny_model(family, hidden_size=96, num_attention_heads=6, num_key_value_heads=3, intermediate_size=96)
     d = surgery.head_dim_of(model.config)
@@ -187,7 +188,8 @@ def test_checkpoint_loads_in_stock_transformers_with_identical_logits(family, tm
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert stored == {k: v for k, v in expected.items() if k != "lm_head.weight"}
     embed, head = teacher.model.embed_tokens.weight, teacher.lm_head.weight
-    torch.testing.assert_close(loaded.lm_head.weight, ((embed + head) / 2)[:, keep.hidden])
+    scale = math.sqrt(64 / 48) if arch.FAMILIES[family].embed_multiplier == arch.SQRT_HIDDEN else 1.0  # surgery.py
+    torch.testing.assert_close(loaded.lm_head.weight, ((embed + head) / 2)[:, keep.hidden] * scale)
     assert report["params"]["after"] == models.count_params(loaded.config)[0]
     assert set(report["tie"]["kl"]) == {"embedding", "lm_head", "mean"}
     assert all(math.isfinite(v) and v >= 0 for v in report["tie"]["kl"].values())

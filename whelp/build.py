@@ -1,7 +1,9 @@
-"""``whelp build RECIPE``: (generate) -> prune -> (cache) -> distill -> ... -> eval -> final, resumable by stage.
+"""``whelp build RECIPE``: (generate) -> (search) -> prune -> (cache) -> distill -> ... -> eval -> final, resumable
+by stage.
 
 Layout of OUT: ``whelp.json`` (the build's marker), ``stages/NN-kind-KEY/`` (each stage's output, e.g. a pruned
-checkpoint), ``final/`` (the student checkpoint, the resolved ``recipe.yaml``, ``metrics.json``,
+checkpoint; a search stage's is ``whelp search``'s directory, whose ``target.json`` the prune after it reads),
+``final/`` (the student checkpoint, the resolved ``recipe.yaml``, ``metrics.json``,
 ``report.md``/``report.png`` and a ``README.md`` model card).
 
 Each stage has a key: a hash of its resolved options, of the identity of the files it reads (teacher, data:
@@ -25,15 +27,17 @@ from pathlib import Path
 from whelp import store
 from whelp.data import data_identity, source_identity
 from whelp.errors import WhelpError
-from whelp.recipe import GENERATED, Recipe, dump
+from whelp.recipe import GENERATED, SEARCH_DATA, Recipe, SearchTarget, dump
 from whelp.schema import to_dict
 from whelp.specs import LoadPolicy, parse_mixture
+
+SEARCH_TARGET = "target.json"  # in a search stage's directory: the winner's config, the next prune's target
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str  # e.g. "03-distill"
-    kind: str  # prune | cache | distill | eval
+    kind: str  # generate | search | prune | cache | distill | eval
     key: str
     run: object  # callable(out_dir: Path, force: bool) -> object; writes out_dir with marker stage_key=key
 
@@ -85,13 +89,28 @@ def _generate_stage(recipe: Recipe, key_in: str, policy: LoadPolicy) -> Stage:
         teacher, out, step.options, force=force, policy=policy))
 
 
-def _prune_stage(step, source: str, key_in: str, n: int, gen: Generated, policy: LoadPolicy) -> Stage:
+def _search_stage(recipe: Recipe, key_in: str, n: int, gen: Generated, policy: LoadPolicy) -> Stage:
+    """``whelp search`` from the teacher into the stage directory; its ``target.json`` is prune[0]'s target."""
+    from whelp.pruning.search import search_run
+
+    spec, teacher = recipe.search(), recipe.teacher.model
+    data = [gen.identity(getattr(spec, name)) for name in SEARCH_DATA]
+    key = _key("search", to_dict(spec), source_identity(teacher), data, key_in)
+    options = replace(spec, **{name: gen.spec(getattr(spec, name)) for name in SEARCH_DATA})
+    return Stage(f"{n:02d}-search", "search", key, lambda out, force: search_run(
+        teacher, options, out, force=force, stage_key=key, policy=policy))
+
+
+def _prune_stage(step, source: str, key_in, n: int, gen: Generated, policy: LoadPolicy,
+                 target: str | None = None) -> Stage:
+    """``whelp prune`` of ``source`` to the step's target, or to ``target`` (a search stage's target.json)."""
     from whelp.pruning.api import prune_checkpoint
 
     key = _key("prune", to_dict(step), gen.identity(step.options.calib), key_in)
     options = replace(step.options, calib=gen.spec(step.options.calib))
+    target = step.target if target is None else target
     return Stage(f"{n:02d}-prune", "prune", key, lambda out, force: prune_checkpoint(
-        source, step.target, out, options, force=force, stage_key=key, policy=policy))
+        source, target, out, options, force=force, stage_key=key, policy=policy))
 
 
 def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, gen: Generated, policy: LoadPolicy) -> Stage:
@@ -134,7 +153,11 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
         stages.append(_generate_stage(recipe, key, policy))
         gen = Generated(str(stages_dir / stages[-1].dirname), stages[-1].key)
     for ref in recipe.stages():
-        if ref.kind == "prune":
+        if ref.kind == "prune" and isinstance(ref.step.target, SearchTarget):  # prune[0] only (Recipe checks)
+            stages.append(_search_stage(recipe, key, len(stages) + 1, gen, policy))
+            target = str(stages_dir / stages[-1].dirname / SEARCH_TARGET)
+            stages.append(_prune_stage(ref.step, current, [key, stages[-1].key], len(stages) + 1, gen, policy, target))
+        elif ref.kind == "prune":
             stages.append(_prune_stage(ref.step, current, key, len(stages) + 1, gen, policy))
         else:
             caches, keys = [], [key]
@@ -198,7 +221,7 @@ def done(stage: Stage, stage_dir: Path) -> bool:
     found = store.marker(stage_dir)
     if found is None or found.get("stage_key") != stage.key:
         return False
-    if stage.kind != "cache":  # prune, distill and eval outputs are committed whole, marker included
+    if stage.kind != "cache":  # search, prune, distill and eval outputs are committed whole, marker included
         return True
     from whelp.distillation.cache import MANIFEST
 
@@ -238,14 +261,16 @@ def _claim(out: Path) -> None:
             pass
 
 
-STAGE_DIR = re.compile(r"\d\d-(generate|prune|cache-\d+|distill|eval)-[0-9a-f]{16}(\.distill)?")
-STAGE_KINDS = {"generate": "store", "prune": "model", "distill": "model", "eval": "eval", "cache": "cache"}
+STAGE_DIR = re.compile(r"\d\d-(generate|search|prune|cache-\d+|distill|eval)-[0-9a-f]{16}(\.distill|\.search)?")
+RUN_STATE = (".distill", ".search")  # a distil or search stage's resumable run state, beside its output
+STAGE_KINDS = {"generate": "store", "search": "search", "prune": "model", "distill": "model", "eval": "eval",
+               "cache": "cache"}
 
 
 def _remove_unused(stages_dir: Path, stages: list[Stage]) -> None:
     """Delete the stage outputs (and their run state) that this recipe no longer uses: only directories named as
     a build names its stages and marked by whelp as that stage's kind; anything else in stages/ is left alone."""
-    keep = {s.dirname for s in stages} | {f"{s.dirname}.distill" for s in stages}
+    keep = {s.dirname for s in stages} | {f"{s.dirname}{suffix}" for s in stages for suffix in RUN_STATE}
     for item in stages_dir.iterdir():
         match = STAGE_DIR.fullmatch(item.name)
         if item.name in keep or not match or item.is_symlink() or not item.is_dir():

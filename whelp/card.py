@@ -78,6 +78,10 @@ def _domains(recipe: Recipe, metrics: dict) -> list[str]:
                for source, _ in parse_mixture(ref.step.options.data if ref.kind == "distill" else ref.step.options.calib)}
     if recipe.generate is not None and recipe.generate.options.prompts:  # the teacher text starts with them
         trained.add(recipe.generate.options.prompts)
+    for ref in recipe.stages():  # a shape search calibrates and distils its candidates too
+        search = getattr(ref.step.target, "search", None) if ref.kind == "prune" else None
+        if search is not None:
+            trained.update(source for data in (search.calib, search.data) for source, _ in parse_mixture(data))
     teacher, student = metrics["models"][0], metrics["models"][-1]
     lines = []
     for source in metrics["settings"]["ppl"]:

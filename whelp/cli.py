@@ -16,7 +16,7 @@ import typer
 
 from whelp.errors import WhelpError
 from whelp.flags import with_spec
-from whelp.specs import CacheSpec, DistillSpec, EvalSpec, GenerateSpec, LoadPolicy, PruneSpec
+from whelp.specs import CacheSpec, DistillSpec, EvalSpec, GenerateSpec, LoadPolicy, PruneSpec, SearchSpec
 
 
 class _App(typer.Typer):
@@ -257,6 +257,46 @@ def prune(model: str = typer.Argument(..., help="Teacher: model directory, regis
 
 
 @app.command()
+@with_spec("spec", SearchSpec)
+def search(teacher: str = typer.Argument(..., help="Teacher: model directory or registered name"),
+           out: str = typer.Option(..., "--out", help="Output directory (leaderboard, plot, winner/, target.json)"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="List the candidates and the cost; load no weights"),
+           as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object"),
+           force: bool = typer.Option(False, "--force", help="Start the search over and replace --out"),
+           spec: SearchSpec | None = None):  # built from the options by @with_spec
+    """Find the best student shape for a budget: enumerate, prune a pool one-shot, distil the best K, rank."""
+    from pathlib import Path
+
+    from whelp.pruning.search import search_run
+
+    result = search_run(teacher, spec, Path(out), force=force, dry_run=dry_run, policy=_policy())
+    if as_json:
+        return _print_json(result)
+    if dry_run:
+        return _search_plan(result)
+    w = result["winner"]
+    typer.echo(f"wrote {out}: winner {_shape_text(w['shape'])} ({w['params'][1]:,} non-embedding params), KL "
+               f"{w['one_shot']['kl']:.4f} one-shot -> {w['trained']['kl']:.4f} after {spec.score_steps} steps; "
+               f"prune to it with --target {Path(out) / 'target.json'}")
+
+
+def _shape_text(shape: dict) -> str:
+    return ",".join(f"{k}={shape[k]}" for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                                "num_attention_heads", "num_key_value_heads", "head_dim"))
+
+
+def _search_plan(result: dict) -> None:
+    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "head_dim")
+    _table(f"{len(result['candidates']):,} shapes meet the budget; the one-shot pool",
+           [[row["shape"][k] for k in keys] + [row["params"][1]] for row in result["pool"]],
+           ("layers", "hidden", "mlp", "heads", "kv heads", "head dim", "non-embedding"))
+    cost = result["cost"]
+    typer.echo(f"cost: {cost['total']:.3g} FLOPs (calibration {cost['calibration']:.3g}, one-shot "
+               f"{cost['one_shot']:.3g}, distillation {cost['distillation']:.3g} at most)")
+
+
+@app.command()
 @with_spec("spec", DistillSpec)
 def distill(student: str = typer.Argument(..., help="Student model directory (e.g. a pruned checkpoint)"),
             out: str = typer.Option(..., "--out", help="Output directory of the distilled student"),
@@ -325,7 +365,8 @@ def validate(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped
     loaded = recipes.load(recipe, tuple(set_ or ()))
     planning.plan_recipe(loaded)
     builder.check_out(builder.build_dir(loaded, None))
-    typer.echo(f"ok: {loaded.name} ({len(loaded.stages()) + (loaded.generate is not None)} stages)")
+    searches = sum(ref.kind == "prune" and not isinstance(ref.step.target, str) for ref in loaded.stages())
+    typer.echo(f"ok: {loaded.name} ({len(loaded.stages()) + (loaded.generate is not None) + searches} stages)")
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """``whelp plan RECIPE``: what a build will make and cost, before anything runs.
 
-Per stage (generate, prune, one capture per cached teacher, distill): shapes and parameters (from configs on the
+Per stage (generate, search, prune, one capture per cached teacher, distill): shapes and parameters (from configs on the
 meta device; no weights), FLOPs per token and in total, tokens, the parts of its memory and its bytes on disk; the
 formulas (Kaplan et al. 2020's 2 N per token forward and 6 N training, N the total parameters including embeddings,
 as docs/design.md section 8 counts the 70B's 141 GFLOP/token; memory and disk) are in ``whelp.pricing``, which turns
@@ -8,6 +8,9 @@ a plan into GPU-hours, wall-clock hours and bytes per GPU on a chosen kind and n
 And per stage the data: tokens it needs, tokens its sources hold (when their token stores exist: a store
 directory, or the store a raw source was tokenized into) and the resulting epochs, and the store's bytes on disk
 (2 bytes per token at vocab <= 65,536, else 4).
+A prune target that is a shape search (``target: {search: ...}``) plans a search stage (the shapes it enumerates,
+its one-shot pool and its cost, ``whelp.pruning.search.plan_search``); the winner is known only once it ran, so
+the stages after it are planned at the largest shape the search may pick, an upper bound marked ``estimate``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from pathlib import Path
 
 from whelp import models, pricing
 from whelp.errors import WhelpError
-from whelp.recipe import GENERATED, Recipe
+from whelp.recipe import GENERATED, Recipe, SearchTarget
 from whelp.registry import REGISTRY
-from whelp.specs import TEACHER, parse_mixture
+from whelp.specs import TEACHER, DistillSpec, parse_mixture
+
+ESTIMATE = "planned at the largest shape the search may pick; the build uses its winner"
 
 
 def teacher_config(recipe: Recipe):
@@ -62,7 +67,10 @@ def _sized(config, name: str) -> dict:
 
 
 def _params(model: dict) -> dict:
-    return {**models.shape(model["config"]), "params": model["params"], "non_embedding_params": model["non_embedding"]}
+    from whelp.pruning import moe
+
+    shape = moe.moe_shape(model["config"]) if moe.moe_family_of(model["config"]) else models.shape(model["config"])
+    return {**shape, "params": model["params"], "non_embedding_params": model["non_embedding"]}
 
 
 def _local_tokenizer(recipe: Recipe):
@@ -87,21 +95,30 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
             "store_bytes": per_token * (available if available is not None else needed)}
 
 
-def _prune_stage(step, source: dict, index: int) -> tuple[dict, dict]:
-    """A prune step's target shape and its costs (whelp.pricing.prune_memory), and the target's sized config."""
+def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> tuple[dict, dict]:
+    """A prune step's target shape (``shape``: a search's, for its target) and its costs
+    (whelp.pricing.prune_memory), and the target's sized config."""
     from whelp.pruning.scores import check_scores_file
     from whelp.pruning.surgery import target_config
     from whelp.pruning.targets import first_keep, parse_target, target_rope
 
     where, source_cfg = f"recipe.prune[{index}]", source["config"]
-    parsed = _at(f"{where}.target", lambda: parse_target(source_cfg, step.target))
-    rope = _at(f"{where}.target", lambda: target_rope(parsed, step.options.rope))
+    text = step.target if shape is None else ",".join(f"{k}={str(shape[k]).lower()}" for k in models.SHAPE_KEYS)
+    parsed = _at(f"{where}.target", lambda: parse_target(source_cfg, text))
+    # a search's target.json is a pruned teacher config, so either rope policy keeps the teacher's RoPE
+    rope = None if shape is not None else _at(f"{where}.target", lambda: target_rope(parsed, step.options.rope))
     _at(f"{where}.seq_len", lambda: models.check_positions(source_cfg, step.options.seq_len, "seq_len"))
     if step.options.scores:
         _at(f"{where}.scores", lambda: check_scores_file(Path(step.options.scores).expanduser()))
     spec = step.options
-    target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope), step.target)
-    return {"stage": f"prune[{index}]", "kind": "prune", "target": step.target, "shape": _params(target),
+    from whelp.pruning import moe
+
+    if moe.moe_family_of(source_cfg) is not None:  # expert pruning: the expert axes change, nothing else
+        target = _sized(moe.moe_config(source_cfg, parsed.shape), str(step.target))
+    else:
+        target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope),
+                        str(step.target))
+    return {"stage": f"prune[{index}]", "kind": "prune", "target": str(step.target), "shape": _params(target),
             "tokens": spec.calib_samples * spec.seq_len,
             "flops": pricing.prune_flops(spec, source["params"], source_cfg.num_hidden_layers),
             "parallel": False, "device": "cpu", "memory": pricing.prune_memory(source["params"]),
@@ -198,6 +215,39 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) ->
     }, cached
 
 
+def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
+    """The shape search before prune[0]: how many shapes meet the budget, its one-shot pool, the FLOPs of its
+    calibration, of the pool's one-shot scores and of the short distillations (``plan_search``'s closed forms), the
+    memory of distilling its largest shape from the fp32 teacher (an upper bound), its disk (the K candidates and the
+    winner, at the largest shape), and the largest shape it may pick."""
+    from whelp.data import check_data
+    from whelp.pruning.search import plan_search
+    from whelp.pruning.surgery import target_config
+    from whelp.pruning.targets import first_keep
+
+    spec, where, config = recipe.search(), "recipe.prune[0].target.search", teacher["config"]
+    planned = _at(where, lambda: plan_search(config, spec))
+    _at(f"{where}.seq_len", lambda: models.check_positions(config, spec.seq_len, "seq_len"))
+    for key in ("calib", "eval_data"):
+        for source, _ in parse_mixture(getattr(spec, key)):
+            if source != GENERATED:
+                _at(f"{where}.{key}", lambda: check_data(source))
+    cost, shape = planned["cost"], {k: planned["largest"][k] for k in models.SHAPE_KEYS}
+    data = data_plan(spec.data, cost["distillation_tokens_per_candidate"], config.vocab_size, tokenizer,
+                     f"{where}.data")
+    largest = _sized(target_config(config, first_keep(config, shape)), "the largest searched shape")
+    run = DistillSpec(steps=spec.score_steps, batch_size=spec.batch_size, seq_len=spec.seq_len, lr=spec.lr,
+                      dtype="float32")
+    return {"stage": "search", "kind": "search", "for": "prune[0]", "budget": spec.budget,
+            "candidates": planned["candidates"], "pool": planned["pool"], "scored": spec.candidates,
+            "score_steps": spec.score_steps, "largest": _params(largest),
+            "tokens": cost["distillation_tokens_per_candidate"], "data": data,
+            "flops_parts": {k: cost[k] for k in ("calibration", "one_shot", "distillation")}, "flops": cost["total"],
+            "parallel": False, "device": "gpu", "memory": pricing.distill_memory(run, largest, [teacher]),
+            "disk_bytes": {"store": data["store_bytes"],
+                           "models": (spec.candidates + 1) * pricing.MODEL_BYTES_PER_PARAM * largest["params"]}}
+
+
 def _generate_stage(recipe: Recipe, teacher: dict) -> dict:
     """Teacher text: its tokens, the sampling FLOPs (2 x params per token, prompts included; decoding is bound by
     memory bandwidth, so expect an MFU well below training's), one process's memory and the store's bytes."""
@@ -225,9 +275,14 @@ def plan_recipe(recipe: Recipe) -> dict:
     stages, current, vocab = [], teacher, teacher["config"].vocab_size
     if recipe.generate is not None:
         stages.append(_generate_stage(recipe, teacher))
+    searched = None
+    if recipe.search() is not None:
+        stages.append(_search_stage(recipe, teacher, tokenizer))
+        searched = stages[-1]["largest"], len(stages)
     for ref in recipe.stages():
         if ref.kind == "prune":
-            entry, current = _prune_stage(ref.step, current, ref.index)
+            shape = searched[0] if searched and isinstance(ref.step.target, SearchTarget) else None
+            entry, current = _prune_stage(ref.step, current, ref.index, shape)
             entry["data"] = _calib_plan(ref.step, vocab, tokenizer, ref.index)
             entry["disk_bytes"] = {"store": entry["data"]["store_bytes"], **entry["disk_bytes"]}
             stages.append(entry)
@@ -240,8 +295,11 @@ def plan_recipe(recipe: Recipe) -> dict:
                                          tokens, f"{ref.key}.caches[{j}]", number))
         stages.append(entry)
     _check_eval(recipe)
+    for stage in stages[searched[1] if searched else len(stages):]:
+        if stage["kind"] in ("prune", "distill"):  # the student's stages; a capture runs the teacher alone
+            stage["estimate"] = ESTIMATE
     return {"recipe": recipe.name, "teacher": {"model": recipe.teacher.model, "shape": _params(teacher)},
-            "stages": stages, "student": _params(current)}
+            "stages": stages, "student": _params(current), **({"estimate": ESTIMATE} if searched else {})}
 
 
 def _check_eval(recipe: Recipe) -> None:
@@ -264,16 +322,33 @@ def describe_data(d: dict) -> str:
 
 
 def describe(stage: dict) -> tuple[str, str, str, str]:
-    """One table row of a planned stage: name, what it makes, params or FLOPs/token, bytes (data, cache, memory)."""
+    """One table row of a planned stage: name, what it makes, params or FLOPs/token, bytes (data, cache, memory);
+    a stage planned at the search's largest shape says it is an estimate."""
+    row = _describe(stage)
+    return (row[0], f"{row[1]} (estimate: the largest searched shape)", *row[2:]) if stage.get("estimate") else row
+
+
+def _dims(shape: dict) -> str:
+    return (f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']} "
+            f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}")
+
+
+def _describe(stage: dict) -> tuple[str, str, str, str]:
+    if stage["kind"] == "search":
+        parts = stage["flops_parts"]
+        return ("search", f"{stage['candidates']:,} shapes within {stage['budget']}: a pool of {len(stage['pool'])} "
+                f"one-shot, the best {stage['scored']} distilled {stage['score_steps']} steps each; largest "
+                f"{_dims(stage['largest'])}",
+                f"calibration {parts['calibration']:.3g}, one-shot {parts['one_shot']:.3g}, distillation "
+                f"{parts['distillation']:.3g} at most", describe_data(stage["data"]))
     if stage["kind"] == "generate":
         return ("generate", f"{stage['tokens']:,} tokens of teacher text",
                 f"teacher sampling {stage['flops_per_token']['teacher_sampling'] / 1e9:.1f} G",
                 f"store {stage['store_bytes'] / 1e9:,.3f} GB (the data source 'generated')")
     if stage["kind"] == "prune":
         shape = stage["shape"]
-        dims = (f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']} "
-                f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}")
-        return stage["stage"], f"-> {stage['target']}: {dims}", f"{shape['params']:,}", describe_data(stage["data"])
+        return (stage["stage"], f"-> {stage['target']}: {_dims(shape)}", f"{shape['params']:,}",
+                describe_data(stage["data"]))
     if stage["kind"] == "capture":
         return (stage["stage"], f"{stage['tokens']:,} tokens of {stage['teacher']} logits ({stage['mode']} "
                 f"{stage['k']}) for {stage['for']}", f"teacher {2 * stage['params'] / 1e9:.1f} G",

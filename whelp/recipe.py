@@ -3,8 +3,9 @@
 Sections: ``teacher``, ``data`` (defaults for every stage), ``generate`` (teacher text, read as the data source
 ``generated``), ``prune`` and ``distill`` (one mapping each,
 or lists of equal length to chain steps as Minitron's iterative 8B -> ~3B -> 1B: prune[0], distill[0],
-prune[1], distill[1], ...), ``eval``, ``seed``, ``out``. Loaded with ``yaml.safe_load``; every unknown
-key, wrong type or bad value raises with its key path (``whelp.schema``). ``--set a.b=c`` overrides are
+prune[1], distill[1], ...; the first prune step's target may be ``{search: {...}}``, a shape search the build runs
+from the teacher first: ``SearchTarget``), ``eval``, ``seed``, ``out``. Loaded with ``yaml.safe_load``; every
+unknown key, wrong type or bad value raises with its key path (``whelp.schema``). ``--set a.b=c`` overrides are
 applied to the raw mapping first. Stage options a recipe leaves out are filled from ``data`` and
 ``seed``, so the resolved recipe (``whelp show``) states every value a build used.
 """
@@ -18,8 +19,8 @@ from typing import Literal
 
 from whelp.errors import WhelpError
 from whelp.schema import apply_override, build, load_yaml, to_dict
-from whelp.specs import (TEACHER, CacheSpec, DistillSpec, EvalSpec, GenerateSpec, PruneSpec, check_on_policy,
-                         check_weights, parse_mixture)
+from whelp.specs import (TEACHER, CacheSpec, DistillSpec, EvalSpec, GenerateSpec, PruneSpec, SearchSpec,
+                         check_on_policy, check_weights, parse_mixture)
 from whelp.store import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -57,8 +58,21 @@ class GenerateStep:
 
 
 @dataclass(frozen=True)
+class SearchTarget:
+    """A prune target found by ``whelp search``: the build searches first (from the teacher), then prunes the
+    teacher to the winner's shape. Its options the recipe leaves out are the prune step's (calibration, importance,
+    seq_len, seed) and the data section's (``train`` as ``data``, ``eval`` as ``eval_data``)."""
+
+    search: SearchSpec
+
+    def __str__(self) -> str:  # what reports and the model card call the target
+        s = self.search
+        return f"the winner of a shape search ({s.budget}; best {s.candidates} of {s.pool}, {s.score_steps} steps each)"
+
+
+@dataclass(frozen=True)
 class PruneStep:
-    target: str  # preset, config.json path or key=value overrides (whelp plan --target)
+    target: str | SearchTarget  # preset, config.json path, key=value overrides (whelp plan --target), or {search: ...}
     options: PruneSpec = field(default=PruneSpec(), metadata={"flatten": True})
 
 
@@ -130,7 +144,16 @@ class Recipe:
         if self.distill and len(self.distill) != len(self.prune):
             raise WhelpError(f"distill: {len(self.distill)} steps for {len(self.prune)} prune steps; give one distill "
                              "step per prune step (they alternate), or none")
+        for i, step in enumerate(self.prune[1:], 1):
+            if isinstance(step.target, SearchTarget):
+                raise WhelpError(f"recipe.prune[{i}].target: a search runs from the teacher, so only prune[0] may "
+                                 "search; give this step a preset, config.json or key=value target")
         self._check_generated()
+
+    def search(self) -> SearchSpec | None:
+        """The shape search the build runs before prune[0], if its target is one."""
+        target = self.prune[0].target
+        return target.search if isinstance(target, SearchTarget) else None
 
     def model_path(self, model: str) -> str:
         """A stage's ``model`` field as a path or name: ``teacher`` is the recipe's teacher."""
@@ -139,6 +162,8 @@ class Recipe:
     def data_keys(self) -> list[tuple[str, str]]:
         """``(recipe key, data spec)`` of every source a stage reads."""
         out = [(f"prune[{i}].calib", step.options.calib) for i, step in enumerate(self.prune)]
+        if self.search() is not None:
+            out += [(f"prune[0].target.search.{key}", getattr(self.search(), key)) for key in SEARCH_DATA]
         for i, step in enumerate(self.distill):
             out += [(f"distill[{i}].data", step.options.data), (f"distill[{i}].eval_data", step.options.eval_data)]
         return out + [(f"eval.ppl[{i}]", source) for i, source in enumerate(self.eval.ppl)]
@@ -210,6 +235,8 @@ def _as_list(value, key: str) -> list:
 
 
 DATA_KEYS = ("calib", "train", "eval", "data", "eval_data")
+SEARCH_DATA = ("calib", "data", "eval_data")  # the data keys of a SearchSpec
+SEARCH_FROM_STEP = ("importance", "layer_importance", "calib", "calib_samples", "seq_len", "batch_size", "seed")
 
 
 def _mixtures(section: dict, path: str) -> dict:
@@ -244,8 +271,8 @@ def _fill_defaults(raw: dict) -> dict:
         raw[key] = [_mixtures(s, f"recipe.{key}[{i}]") if isinstance(s, dict) else s for i, s in enumerate(raw[key])]
     data = to_dict(build(DataSection, raw.get("data"), "recipe.data"))  # its errors name recipe.data, not a stage
     seed = build(SeedOnly, {"seed": raw.get("seed", 0)}, "recipe").seed
-    raw["prune"] = [{"calib": data["calib"], "seq_len": data["seq_len"], "seed": seed, **(s or {})}
-                    for s in raw["prune"]]
+    raw["prune"] = [_search_target({"calib": data["calib"], "seq_len": data["seq_len"], "seed": seed, **(s or {})},
+                                   data, f"recipe.prune[{i}]") for i, s in enumerate(raw["prune"])]
     if isinstance(raw.get("generate"), dict):
         raw["generate"] = {"seed": seed, **raw["generate"]}
     raw["distill"] = [{"data": data["train"], "eval_data": data["eval"], "seq_len": data["seq_len"], "seed": seed,
@@ -253,6 +280,23 @@ def _fill_defaults(raw: dict) -> dict:
     if isinstance(raw.get("eval", {}), dict):
         raw["eval"] = {"ppl": [data["eval"]], "seq_len": data["seq_len"], **(raw.get("eval") or {})}
     return raw
+
+
+def _search_target(step: dict, data: dict, path: str) -> dict:
+    """A prune step whose target is a mapping, with that target built as a ``SearchTarget`` here, so an error inside
+    it names its key path (``recipe.prune[0].target.search.budgett: unknown key``) where the ``str | SearchTarget``
+    union could only say that neither fits. The search's options it leaves out are the step's and the data's."""
+    target = step.get("target")
+    if not isinstance(target, dict):
+        return step
+    search = target.get("search")
+    if isinstance(search, dict):
+        options = build(PruneSpec, {k: step[k] for k in SEARCH_FROM_STEP if k in step}, path)
+        inherited = {k: getattr(options, k) for k in SEARCH_FROM_STEP}
+        search = {**inherited, "data": data["train"], "eval_data": data["eval"],
+                  **_mixtures(search, f"{path}.target.search")}
+        target = {**target, "search": search}
+    return {**step, "target": build(SearchTarget, target, f"{path}.target")}
 
 
 def load(name_or_path: str, overrides: tuple[str, ...] = ()) -> Recipe:

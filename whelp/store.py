@@ -31,7 +31,7 @@ from pathlib import Path
 from whelp.errors import WhelpError
 
 MARKER = "whelp.json"
-KINDS = ("model", "build", "cache", "run", "eval", "checkpoint", "store")
+KINDS = ("model", "build", "cache", "run", "eval", "checkpoint", "store", "search")
 SEAL = "record_sha256"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 

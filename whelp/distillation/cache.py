@@ -69,7 +69,7 @@ def sparse_targets(logits: Tensor, mode: str, k: int, temperature: float,
                    generator: torch.Generator | None = None) -> SparseTarget:
     """Sparse targets of teacher logits [n, V] at temperature T: top-k (+ tail mass) or k samples (+ entropy).
     Top-k never writes a full [n, V] log-softmax: its log-probs are the top logits minus their logsumexp."""
-    z = logits.float() / temperature
+    z = logits.float() if temperature == 1 else logits.float() / temperature
     vocab = logits.shape[-1]
     if mode == "topk":
         values, ids = z.topk(min(k, vocab), dim=-1)

@@ -52,7 +52,7 @@ def _dense_forward_kl(x: Tensor, target: LiveTarget, T: float, block: int = 4096
     and student logits / T: KL(p_t || p_s) is that plus the student's log normaliser. The sum runs over column
     blocks of ``block`` ids, so only the teacher's [c, V] tensor exists beside the student's; differencing the
     logits before normalising makes KL(p || p) exactly 0."""
-    t = target.hidden.float() @ target.weight.T
+    t = target.logits()
     t = _shift_(t.div_(T) if T != 1 else t)
     cross = sum(_rowdot(t[:, v : v + block].exp(), t[:, v : v + block] - x[:, v : v + block])
                 for v in range(0, t.shape[1], block))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -69,12 +70,28 @@ def combine(per: Tensor, ce: Tensor | None, weights: Tensor, spec: "LossSpec") -
     return total
 
 
+Transform = Callable[[Tensor], Tensor]  # fp32 [c, V] -> [c, V], elementwise: whelp.models.logit_transform
+
+
+def head_logits(hidden: Tensor, weight: Tensor, transform: Transform | None = None) -> Tensor:
+    """The logits of one chunk as the model's own forward makes them: fp32 ``hidden`` [c, H] @ ``weight`` [V, H]^T,
+    then the family's ``transform`` (Granite's logits_scaling, Cohere's logit_scale, Gemma 2/3's final soft-capping;
+    None: the matmul alone). Differentiable; every logit of the fused losses (students, live teachers) is made here."""
+    z = hidden.float() @ weight.float().T
+    return z if transform is None else transform(z)
+
+
 @dataclass(frozen=True)
 class LiveTarget:
     """A teacher run live on the same tokens."""
 
     hidden: Tensor  # [N, Ht] teacher final hidden states (after the final norm), no grad
     weight: Tensor  # [Vt, Ht] teacher lm_head weight
+    transform: Transform | None = None  # the teacher family's logit transform (``head_logits``), None: identity
+
+    def logits(self) -> Tensor:
+        """fp32 [N, Vt] teacher logits, the family's transform applied."""
+        return head_logits(self.hidden, self.weight, self.transform)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,46 @@ def backbone(lm):
     return lm.base_model
 
 
+def live_target(teacher, ids: torch.Tensor):
+    """A live teacher's targets for ``ids`` [B, L]: its final hidden states [B * L, H] (final norm included, as its
+    backbone returns them), its lm_head weight and its family's logit transform."""
+    from whelp.distillation.losses import LiveTarget, model_transform
+
+    return LiveTarget(hidden=backbone(teacher)(input_ids=ids).last_hidden_state.flatten(0, 1),
+                      weight=teacher.get_output_embeddings().weight, transform=model_transform(teacher))
+
+
+@torch.no_grad()
+def check_head(lm, ids: torch.Tensor, what: str) -> None:
+    """The fused loss's view of ``lm`` (backbone hidden states, lm_head weight, the family's logit transform) against
+    its own ``forward(...).logits`` on ``ids`` [1, L]: a family whose logits are made otherwise (a head bias, a
+    backbone that is not its base model, a transform whelp does not know) is refused in one line before training."""
+    from whelp.distillation.losses import head_logits, model_transform
+
+    family, head = f"{type(lm).__name__} ({lm.config.model_type})", lm.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise WhelpError(f"the {what} {family} has no output embeddings (lm_head) whelp can read; whelp distils "
+                         "causal LMs whose logits are lm_head(hidden states)")
+    if getattr(head, "bias", None) is not None:
+        raise WhelpError(f"the {what} {family} has an lm_head bias, which whelp's fused loss does not apply; whelp "
+                         "distils causal LMs whose logits are lm_head(hidden states) without a bias")
+    was = lm.training
+    lm.eval()
+    try:
+        ref = lm(input_ids=ids).logits[0].float()
+        body = backbone(lm)
+        hidden = getattr(body(input_ids=ids) if body is not lm else None, "last_hidden_state", None)
+        mine = None if hidden is None else head_logits(hidden[0], head.weight, model_transform(lm))
+    finally:
+        lm.train(was)
+    exact = ref.dtype == torch.float32 and head.weight.dtype == torch.float32
+    if mine is None or mine.shape != ref.shape or (mine - ref).abs().max() > (1e-4 if exact else 3e-2) * max(
+            1.0, float(ref.abs().max())):
+        raise WhelpError(f"the {what} {family} computes its logits in a way whelp does not know (lm_head of its "
+                         "base model's hidden states, with the family's logit scaling or soft-capping, differs from "
+                         "its forward's logits); it cannot be distilled")
+
+
 @dataclass
 class Training:
     """Everything one run holds (plain state, not a trainer class): the models, data, optimizer and counters."""
@@ -99,6 +139,9 @@ def setup(lm, teachers: list, caches: list, weights, names, blocks, spec: Distil
     loss = vocab_spec(spec, widths, tokenizer_size)
     check_weights(list(weights), spec)
     check_on_policy(list(weights)[: len(teachers)], spec)
+    probe = blocks[torch.arange(1)][:, :16].to(world.device)
+    for model, what in [(lm, "student")] + [(m, "teacher") for m in teachers]:
+        check_head(model, probe, what)
     if spec.grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = parallel.shard_student(parallel.KDStudent(lm).train(), world)
@@ -117,8 +160,6 @@ def loss_step(t: Training, micro: torch.Tensor, weights: tuple[float, ...], rng:
     """Forward + backward of one micro-batch of rows ``micro`` [batch_size], on-policy when given its sampling
     ``rng``, in a step of ``tokens`` loss tokens over all ranks; returns the float64 SUMS [loss, per-teacher
     divergence..., CE, per-live-teacher on-policy divergence...] (the gradient is already scaled by ``tokens``)."""
-    from whelp.distillation.losses import LiveTarget
-
     ids = t.blocks[micro].to(t.world.device)
     on = rng is not None
     if on:  # the student continues each block's prompt; the teachers score its samples
@@ -131,8 +172,7 @@ def loss_step(t: Training, micro: torch.Tensor, weights: tuple[float, ...], rng:
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
         kd = dict(labels=labels, mask=labels != -100, spec=t.loss, weights=weights)
     with torch.no_grad(), t.autocast():
-        live = [LiveTarget(hidden=backbone(m)(input_ids=ids).last_hidden_state.flatten(0, 1),
-                           weight=m.get_output_embeddings().weight) for m in t.teachers]
+        live = [live_target(m, ids) for m in t.teachers]
     kd["targets"] = live if on else live + [cache.targets(micro) for cache in t.caches]
     with t.autocast():
         loss, per_teacher, ce = t.model(ids, kd=kd)

@@ -10,10 +10,16 @@ Peak extra memory is a few [chunk_size, V] fp32 tensors, independent of N.
 
 d loss / d logits comes in closed form (``whelp.distillation.closed_form``) for cached targets, CE and live teachers
 under forward KL; other divergences with a live teacher take autograd over the chunk's [c, V] log-softmax.
+
+Logits are the model's own (``head_logits``): the matmul, then the family's logit transform (Granite's
+logits_scaling, Cohere's logit_scale, Gemma 2/3's final soft-capping; ``model_transform``), for the student (its
+gradient taken back through the transform by autograd over the chunk) and for every live teacher, as a cache
+stores them. tests/test_families.py checks both against ``model(...).logits`` and a naive KL for every family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -21,11 +27,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from whelp.distillation.divergences import LOSSES, NEG_INF, LiveTarget, LossSpec, SparseTarget, combine
+from whelp.distillation.divergences import (LOSSES, NEG_INF, LiveTarget, LossSpec, SparseTarget, Transform, combine,
+                                            head_logits)
 from whelp.distillation import closed_form
 from whelp.errors import WhelpError
 
-__all__ = ["LOSSES", "KDResult", "LiveTarget", "LossSpec", "SparseTarget", "kd_loss"]
+__all__ = ["LOSSES", "KDResult", "LiveTarget", "LossSpec", "SparseTarget", "head_logits", "kd_loss", "model_transform"]
 
 
 @dataclass(frozen=True)
@@ -36,9 +43,19 @@ class KDResult:
     tokens: int  # unmasked tokens
 
 
+def model_transform(model) -> Transform | None:
+    """The logit transform of ``model``'s family (``whelp.models.logit_transform``: what its forward applies to
+    ``lm_head(hidden)``), or None where that is the identity, so plain families pay nothing for it."""
+    from whelp.models import logit_transform
+
+    transform = logit_transform(model.config)
+    probe = torch.linspace(-40.0, 40.0, 9)
+    return None if torch.equal(transform(probe.clone()), probe) else transform
+
+
 def _target_rows(target, index):
     if isinstance(target, LiveTarget):
-        return LiveTarget(target.hidden[index], target.weight)
+        return dataclasses.replace(target, hidden=target.hidden[index])
     return target.rows(index)
 
 
@@ -79,7 +96,7 @@ def _support(target, s_full: Tensor, scaled: Tensor, vocab: int, T: float) -> tu
 
     ``s_full`` [c, vocab] is log_softmax of ``scaled`` = student logits / T (fp32, requires grad)."""
     if isinstance(target, LiveTarget):
-        t_z = target.hidden.float() @ target.weight.T
+        t_z = target.logits()
         return s_full, torch.log_softmax(t_z / T if T != 1 else t_z, dim=-1)
     ids = target.ids.to(s_full.device)
     s_ids = s_full.gather(1, ids)
@@ -125,15 +142,15 @@ class _FusedKD(torch.autograd.Function):
     """Chunked loss over tokens; saves d loss / d hidden [N, Hs] and d loss / d weight [V, Hs] for backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, spec, labels, vocab):
+    def forward(ctx, hidden, weight, targets, weights, spec, labels, vocab, transform):
         with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits even inside a bf16 autocast region
-            return _FusedKD._forward(ctx, hidden, weight, targets, weights, spec, labels, vocab)
+            return _FusedKD._forward(ctx, hidden, weight, targets, weights, spec, labels, vocab, transform)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, weights, spec, labels, vocab):
+    def _forward(ctx, hidden, weight, targets, weights, spec, labels, vocab, transform):
         want = any(ctx.needs_input_grad[:2])
         w = weight[:vocab].float()  # no copy in fp32; bf16 logits alone move the KD gradient by ~0.5%
-        targets = [LiveTarget(t.hidden, t.weight[:vocab].float()) if isinstance(t, LiveTarget) else t
+        targets = [dataclasses.replace(t, weight=t.weight[:vocab].float()) if isinstance(t, LiveTarget) else t
                    for t in targets]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want else None
@@ -145,7 +162,11 @@ class _FusedKD(torch.autograd.Function):
             h = hidden[rows].float()
             chunk = [_target_rows(t, rows) for t in targets]
             chunk_labels = None if labels is None else labels[rows]
-            loss, per, ce, dz = terms(h @ w.T, chunk, weights, spec, chunk_labels, want)
+            z, raw = _student_logits(h, w, transform, want)
+            loss, per, ce, dz = terms(z, chunk, weights, spec, chunk_labels, want)
+            if want and raw is not None:  # through the transform: d loss / d (h @ w^T)
+                dz = torch.autograd.grad(raw[1], raw[0], dz)[0]
+            del z, raw
             if want:
                 grad_h[rows] = dz @ w
                 grad_w.addmm_(dz.T, h)
@@ -171,19 +192,37 @@ class _FusedKD(torch.autograd.Function):
         # Hs=2048); a second backward through the same graph is refused by autograd's version check
         grad_h, grad_w = ctx.saved_tensors
         g = grad_total.to(grad_h.dtype)
-        return grad_h.mul_(g), grad_w.mul_(g), None, None, None, None, None
+        return grad_h.mul_(g), grad_w.mul_(g), None, None, None, None, None, None
+
+
+def _student_logits(h: Tensor, w: Tensor, transform: Transform | None, want: bool):
+    """(fp32 logits [c, V] the chunk's terms may overwrite, (matmul, transformed) autograd pair or None).
+
+    Without a transform the matmul itself is returned. With one (scaling, soft-capping) the loss's gradient
+    d loss / d logits goes back through it by autograd over the chunk: soft-capping multiplies it by
+    1 - tanh^2(z / cap), which a gradient taken at the capped logits alone would miss."""
+    if transform is None:
+        return h @ w.T, None
+    if not want:
+        return head_logits(h, w, transform), None
+    with torch.enable_grad():
+        raw = (h @ w.T).requires_grad_(True)
+        out = transform(raw)
+    return out.detach().clone(), (raw, out)  # the terms overwrite their logits in place: not the graph's
 
 
 def kd_loss(student_hidden: Tensor, student_weight: Tensor, targets: Sequence[LiveTarget | SparseTarget],
             weights: Sequence[float], spec: LossSpec, labels: Tensor | None = None,
-            mask: Tensor | None = None) -> KDResult:
+            mask: Tensor | None = None, transform: Transform | None = None) -> KDResult:
     """Weighted multi-teacher KD (+ optional CE) summed over unmasked tokens, without [N, V] tensors.
 
     student_hidden [N, Hs] final hidden states (after the final norm), student_weight [V, Hs] lm_head weight;
     each target holds N positions aligned with the student's (position t predicts token t + 1); ``weights``
     one fixed float per target (a schedule over steps is the caller's: it passes the current weights);
     labels [N] next-token ids (-100 = ignore); mask [N] bool, True = the position counts. Masked positions
-    never enter the computation, so their gradient is exactly zero.
+    never enter the computation, so their gradient is exactly zero. ``transform``: the student family's logit
+    transform (``model_transform``), applied to every chunk's ``hidden @ weight^T`` as its forward does; live
+    teachers carry their own (``LiveTarget.transform``), caches hold transformed logits already.
     """
     if len(targets) != len(weights):
         raise WhelpError(f"{len(targets)} teachers but {len(weights)} weights; give one weight per teacher")
@@ -200,6 +239,6 @@ def kd_loss(student_hidden: Tensor, student_weight: Tensor, targets: Sequence[Li
     else:
         student_rows = student_hidden
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=student_hidden.device)
-    total, per, ce = _FusedKD.apply(student_rows, student_weight, tuple(targets), w, spec, labels, vocab)
+    total, per, ce = _FusedKD.apply(student_rows, student_weight, tuple(targets), w, spec, labels, vocab, transform)
     return KDResult(loss=total, per_teacher=tuple(per.unbind(0)), ce=None if labels is None else ce,
                     tokens=int(student_rows.shape[0]))

@@ -59,10 +59,12 @@ def generator(step: int, accum: int, rank: int, spec: DistillSpec, world_size: i
 @torch.no_grad()
 def sample(lm, prompts: torch.Tensor, new_tokens: int, vocab: int, rng: torch.Generator) -> torch.Tensor:
     """``prompts`` [B, P] continued by ``new_tokens`` tokens drawn from ``lm``'s next-token distribution (fp32
-    softmax over the first ``vocab`` lm_head rows) with the KV cache: LongTensor [B, P + new_tokens]."""
+    softmax over the first ``vocab`` lm_head rows, the family's logit transform applied) with the KV cache:
+    LongTensor [B, P + new_tokens]."""
+    from whelp.distillation.losses import head_logits, model_transform
     from whelp.models import kv_cache_name
 
-    body = lm.base_model
+    body, transform = lm.base_model, model_transform(lm)
     name = kv_cache_name(body.forward)
     weight = lm.get_output_embeddings().weight[:vocab].float()
     was_training = lm.training
@@ -73,7 +75,7 @@ def sample(lm, prompts: torch.Tensor, new_tokens: int, vocab: int, rng: torch.Ge
             out = body(input_ids=ids, use_cache=True, **({name: past} if past is not None else {}))
             past = out[name]
             with torch.autocast(prompts.device.type, enabled=False):  # fp32 logits, as the loss's
-                logits = out.last_hidden_state[:, -1].float() @ weight.T
+                logits = head_logits(out.last_hidden_state[:, -1], weight, transform)  # the family's transform too
             ids = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
             seqs.append(ids)
         return torch.cat(seqs, dim=1)

@@ -147,25 +147,35 @@ class KDStudent(torch.nn.Module):
             return sample(self.lm, input_ids, *rollout)
         if kd is None:
             return self.lm(input_ids=input_ids)
-        from whelp.distillation.losses import kd_loss
+        from whelp.distillation.loop import backbone
+        from whelp.distillation.losses import kd_loss, model_transform
 
-        hidden = self.lm.model(input_ids=input_ids).last_hidden_state.flatten(0, 1)  # [N, Hs], autocast dtype
+        hidden = backbone(self.lm)(input_ids=input_ids).last_hidden_state.flatten(0, 1)  # [N, Hs], autocast dtype
         weight = self.lm.get_output_embeddings().weight
         # the fused loss runs its own chunked matmuls: outside autocast, in the hidden states' dtype (the cast's
         # backward hands the fp32 master weight an fp32 gradient, as autocast would)
         with torch.autocast(hidden.device.type, enabled=False):
-            result = kd_loss(hidden, weight.to(hidden.dtype), **kd)
+            result = kd_loss(hidden, weight.to(hidden.dtype), transform=model_transform(self.lm), **kd)
         per_teacher = torch.tensor([float(v) for v in result.per_teacher], dtype=torch.float64)
         ce = torch.tensor(0.0 if result.ce is None else float(result.ce), dtype=torch.float64)
         return result.loss, per_teacher, ce
 
 
-def _layers(lm, what: str):
-    layers = getattr(getattr(lm, "model", None), "layers", None)
-    if layers is None:
-        raise WhelpError(f"{type(lm).__name__} has no .model.layers: FSDP2 sharding of the {what} supports "
-                         "decoder-only models laid out like Llama; run on one process instead")
-    return layers
+def decoder_layers(lm, what: str = "model") -> torch.nn.ModuleList:
+    """The decoder layers FSDP2 shards one by one: the one list of ``num_hidden_layers`` modules directly under the
+    model's backbone (``base_model``: Llama ``model.layers``, GPT-2 ``transformer.h``, GPT-NeoX ``gpt_neox.layers``);
+    WhelpError naming the family otherwise."""
+    from whelp.distillation.loop import backbone
+    from whelp.models import shape
+
+    n, body = shape(lm.config)["num_hidden_layers"], backbone(lm)
+    found = [name for name, m in body.named_children() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if body is lm or len(found) != 1:
+        raise WhelpError(f"{type(lm).__name__} ({lm.config.model_type}): found {len(found) if body is not lm else 'no'}"
+                         f" list of its {n} decoder layers under its backbone ({type(body).__name__}); FSDP2 sharding "
+                         f"of the {what} supports backbones holding them in one list (Llama .model.layers, GPT-2 "
+                         ".transformer.h, GPT-NeoX .gpt_neox.layers); run on one process instead")
+    return getattr(body, found[0])
 
 
 def shard_teacher(teacher, world: World):
@@ -179,7 +189,7 @@ def shard_teacher(teacher, world: World):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(world.device.type, (world.size,))
-    for layer in _layers(teacher, "teacher"):
+    for layer in decoder_layers(teacher, "teacher"):
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
     return teacher
 
@@ -192,7 +202,7 @@ def shard_student(student: KDStudent, world: World) -> KDStudent:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(world.device.type, (world.size,))
-    for layer in _layers(student.lm, "student"):
+    for layer in decoder_layers(student.lm, "student"):
         fully_shard(layer, mesh=mesh)
     fully_shard(student, mesh=mesh)
     return student

@@ -67,6 +67,27 @@ def measure_speed(model, spec: SpeedSpec) -> dict:
             "decode_tokens_per_s": spec.batch_size * spec.new_tokens / decode}
 
 
+def shape_speed(config, device: str, spec: SpeedSpec) -> dict:
+    """``measure_speed`` of the model ``config`` describes, with random weights (speed does not depend on their
+    values), cached in ``$WHELP_HOME/speed`` per architecture, device, torch version and spec: a shape search
+    times each candidate shape once."""
+    from transformers import AutoModelForCausalLM
+
+    from whelp import store
+    from whelp.distillation.cache import config_hash
+
+    key = store.content_id([config_hash(config), device, torch.__version__, asdict(spec),
+                            torch.cuda.get_device_name(device) if device.startswith("cuda") else os.cpu_count()])
+    path = store.whelp_home() / "speed" / f"{key}.json"
+    if path.is_file():
+        return store.read_record(path, f"delete {path}")
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(config).to(device).eval()
+    result = measure_speed(model, spec)
+    store.write_record(path, result)
+    return result
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith(field + ":")).split()[1])

@@ -86,6 +86,10 @@ def calibration_tokens(calib, n: int, vocab: int | None = None) -> torch.Tensor:
 
 def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores: dict | None):
     """``(pruned, scores, kept, details)``; ``model`` is left as it was."""
+    from whelp.pruning import moe
+
+    if moe.moe_family_of(model.config) is not None:  # expert pruning (moe.py)
+        return moe.prune_moe(model, target, tokens, spec, scores)
     family = arch.family_of(model.config)
     if family is None:
         from whelp.pruning import generic
@@ -149,10 +153,14 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
     store.check_apart(out, [source_dir])
     models.check_positions(source_cfg, spec.seq_len, "--seq-len")
     family = arch.family_of(source_cfg)
+    from whelp.pruning import moe
+
+    if moe.moe_family_of(source_cfg) is not None:
+        moe.check_spec(source_cfg, spec)
     if family is None and spec.stream:
         raise WhelpError(f"streaming supports the families {', '.join(arch.FAMILIES)}, not '{source_cfg.model_type}'; "
                          "drop --stream to width-prune it in memory through torch-pruning")
-    if family is None:
+    if family is None and moe.moe_family_of(source_cfg) is None:
         from whelp.pruning import generic
 
         generic.require(source_cfg.model_type)

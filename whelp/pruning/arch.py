@@ -8,7 +8,14 @@ decoder family with the Llama layout is one entry here. Axis names:
   ``kv``       a key/value row: KV head g, dim j -> row g * head_dim + j
   ``mlp``      an MLP neuron (size intermediate_size)
   ``head_dim`` a dimension within one head (per-head q_norm / k_norm of Qwen3)
+  ``qkv``      a row of a fused q/k/v projection (Phi-3 ``qkv_proj``): the q block, then the k and v blocks
+  ``gate_up``  a row of a fused gate/up projection (Phi-3 ``gate_up_proj``): the gate block, then the up block
   ``vocab``    a token id (never pruned)
+
+Every row prunes every axis of ``AXES``; ``Family.exact`` names those where pruning equals zeroing the removed
+units in the teacher (layers: skipping them; heads: zeroing their o_proj columns; head_dim: attention restricted
+to the kept dims). Hidden channels are never exact (each RMSNorm then averages over fewer channels).
+``families_table`` renders the table the README shows (tests/test_prune_families.py checks they agree).
 """
 
 from __future__ import annotations
@@ -31,6 +38,21 @@ _MLP = {
 _BIAS_MLP = {"mlp.gate_proj.bias": ("mlp",), "mlp.up_proj.bias": ("mlp",), "mlp.down_proj.bias": ("hidden",)}
 _NORMS = {"input_layernorm.weight": ("hidden",), "post_attention_layernorm.weight": ("hidden",)}
 _QK_NORM = {"self_attn.q_norm.weight": ("head_dim",), "self_attn.k_norm.weight": ("head_dim",)}
+# OLMo 2: q_norm / k_norm over the whole projection ([heads * head_dim], [kv * head_dim]), and post-norms only
+_QK_NORM_FULL = {"self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": ("kv",)}
+_POST_NORMS = {"post_attention_layernorm.weight": ("hidden",), "post_feedforward_layernorm.weight": ("hidden",)}
+# Gemma 2 / 3: sandwich norms, pre- and post- both sub-blocks
+_FF_NORMS = {"pre_feedforward_layernorm.weight": ("hidden",), "post_feedforward_layernorm.weight": ("hidden",)}
+_GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+# Phi-3: fused projections, each sliced as its blocks (surgery.py)
+_FUSED = {"self_attn.qkv_proj.weight": ("qkv", "hidden"), "self_attn.o_proj.weight": ("hidden", "q"),
+          "mlp.gate_up_proj.weight": ("gate_up", "hidden"), "mlp.down_proj.weight": ("hidden", "mlp")}
+SQRT_HIDDEN = "sqrt(hidden_size)"  # Family.embed_multiplier of Gemma: its embedding module scales by hidden_size ** 0.5
+
+# the axes of a target (models.SHAPE_KEYS) as the README names them
+AXES = {"num_hidden_layers": "layers", "hidden_size": "hidden", "intermediate_size": "MLP",
+        "num_attention_heads": "query heads", "num_key_value_heads": "KV heads", "head_dim": "head_dim"}
+_EXACT = frozenset(AXES) - {"hidden_size"}
 
 
 @dataclass(frozen=True)
@@ -38,8 +60,13 @@ class Family:
     """State-dict layout of one decoder family (Llama layout: pre-norm, GQA attention, gated MLP).
 
     ``layer_tensors`` maps a name inside ``{layers}.{i}.`` to the axis of each dimension;
-    ``q_norm`` is set when per-head RMSNorms follow q/k (Qwen3), which changes where the
-    head_dim scale is folded (surgery.py).
+    ``q_norm`` is set when RMSNorms follow q/k (Qwen3 per head, OLMo 2 over the projection), which changes
+    where the head_dim scale is folded (surgery.py). ``head_dim_scaling`` False: the attention scale is a
+    config constant (Granite's ``attention_multiplier``), not ``head_dim ** -0.5``, so a smaller head_dim
+    needs no fold. ``embed_multiplier``: the config scalar the model multiplies its embeddings by (Granite),
+    which streaming calibration applies too; ``SQRT_HIDDEN`` (Gemma) is ``hidden_size ** 0.5``, which changes
+    with hidden_size, so surgery compensates it (surgery.py). ``norm_offset``: RMSNorms scale by
+    ``norm_offset + weight`` (Gemma: 1). ``exact``: the axes (``AXES`` keys) where pruning equals zeroing.
     """
 
     name: str
@@ -53,6 +80,11 @@ class Family:
     down_proj: str = "mlp.down_proj"
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     q_norm: str | None = None
+    head_dim_scaling: bool = True
+    embed_multiplier: str | None = None
+    norm_offset: float = 0.0
+    exact: frozenset = _EXACT
+    note: str = ""
 
     def global_tensors(self) -> dict:
         return {self.embed: ("vocab", "hidden"), self.lm_head: ("vocab", "hidden"), self.final_norm: ("hidden",)}
@@ -65,14 +97,66 @@ FAMILIES = {
     "mistral": Family("mistral", {**_ATTN, **_MLP, **_NORMS}),
     "qwen2": Family("qwen2", {**_ATTN, **_BIAS_QKV, **_MLP, **_NORMS}),
     "qwen3": Family("qwen3", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_QK_NORM},
-                    q_norm="self_attn.q_norm"),
+                    q_norm="self_attn.q_norm", exact=_EXACT - {"head_dim"},
+                    note="per-head q/k norms: head_dim changes their statistics"),
+    # Granite: the Llama layout with scalar multipliers (embedding_multiplier, residual_multiplier,
+    # attention_multiplier, logits_scaling) that the pruned config keeps unchanged; attention_multiplier is the
+    # attention scale, so the kept q rows are not rescaled when head_dim shrinks.
+    "granite": Family("granite", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_BIAS_MLP, **_NORMS},
+                      head_dim_scaling=False, embed_multiplier="embedding_multiplier",
+                      note="multipliers kept (scalars)"),
+    # OLMo 2: post-norms (no input_layernorm) and q/k RMSNorms over the full projection, which follow the q / kv
+    # axes. Removing heads (or head dims) changes the statistics of those norms, so query heads, KV heads and
+    # head_dim are pruned but not exact; layers and MLP neurons are.
+    "olmo2": Family("olmo2", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_POST_NORMS, **_QK_NORM_FULL},
+                    norms=("post_attention_layernorm", "post_feedforward_layernorm"), q_norm="self_attn.q_norm",
+                    exact=frozenset({"num_hidden_layers", "intermediate_size"}),
+                    note="q/k norms over the full projection: heads change their statistics"),
+    # Gemma: head_dim independent of hidden / heads, (1 + weight) RMSNorms, embeddings scaled by sqrt(hidden_size)
+    # inside the model (compensated in the kept embedding rows when hidden_size shrinks, surgery.py).
+    "gemma": Family("gemma", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS},
+                    embed_multiplier=SQRT_HIDDEN, norm_offset=1.0,
+                    note="sqrt(hidden) embedding scale compensated"),
+    # Gemma 2: + pre/post feed-forward norms, attention scale query_pre_attn_scalar ** -0.5 (a config constant, kept,
+    # so head_dim needs no q rescale), attention / final logit soft-capping (scalars, kept), sliding-window layers
+    # (layer_types follows the kept layers).
+    "gemma2": Family("gemma2", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_FF_NORMS},
+                     norms=_GEMMA_NORMS, head_dim_scaling=False, embed_multiplier=SQRT_HIDDEN, norm_offset=1.0,
+                     note="query_pre_attn_scalar, soft-caps kept; layer_types follow the kept layers"),
+    # Gemma 3 (text, Gemma3ForCausalLM): Gemma 2 + per-head (1 + weight) q/k norms and a RoPE per layer type.
+    "gemma3_text": Family("gemma3_text", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_FF_NORMS, **_QK_NORM},
+                          norms=_GEMMA_NORMS, q_norm="self_attn.q_norm", head_dim_scaling=False,
+                          embed_multiplier=SQRT_HIDDEN, norm_offset=1.0, exact=_EXACT - {"head_dim"},
+                          note="as gemma2; per-head q/k norms: head_dim changes their statistics"),
+    # Phi-3: qkv_proj = [q; k; v] and gate_up_proj = [gate; up], each block sliced like its unfused projection.
+    "phi3": Family("phi3", {**_FUSED, **_NORMS}, q_proj="self_attn.qkv_proj",
+                   note="fused qkv_proj, gate_up_proj sliced as blocks; head_dim needs full rotary, no longrope"),
 }
 
 
 def family_of(config) -> Family | None:
     """The table entry for a config's ``model_type``, or None (then only the generic path applies)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config and text.model_type != config.model_type and config.model_type not in FAMILIES:
+        return None  # a composite (e.g. multimodal gemma3) model: its text layers live under other names
     return FAMILIES.get(text.model_type)
+
+
+def families_table() -> str:
+    """The README's families x axes table (markdown), rendered from ``FAMILIES``: "exact" where pruning equals
+    zeroing the removed units, "yes" where the axis prunes without that equivalence, "-" where it does not prune;
+    the last row is the generic path (generic.py) that serves every other decoder torch-pruning can trace."""
+    from whelp.pruning.generic import WIDTH_KEYS
+
+    head = "| family | " + " | ".join(AXES.values()) + " | notes |"
+    lines = [head, "|" + "---|" * (len(AXES) + 2)]
+    for name, family in FAMILIES.items():
+        cells = ["exact" if key in family.exact else "yes" for key in AXES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {family.note} |")
+    cells = [("exact" if key != "hidden_size" else "yes") if key in WIDTH_KEYS else "-" for key in AXES]
+    lines.append("| any other (generic path, `whelp[generic]`) | " + " | ".join(cells)
+                 + " | torch-pruning's dependency graph, in memory only; no streaming |")
+    return "\n".join(lines) + "\n"
 
 
 def split_name(name: str, family: Family) -> tuple[int | None, str]:

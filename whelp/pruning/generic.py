@@ -6,7 +6,9 @@ here (q rows, o columns, k/v too under MHA): with transformers 5.x and GQA a hea
 Workarounds for torch-pruning 1.6.1 (docs/design.md section 3):
   * tracing RoPE's ``rotate_half`` never ends and sdpa with uneven GQA heads fails: ``traceable`` swaps in an
     identity ``apply_rotary_pos_emb`` and eager attention while tracing, and restores both even on error;
-  * a pruned tied embedding leaves two matrices: the model is rebuilt from the new config and loaded strictly.
+  * a pruned tied embedding leaves two matrices: the model is rebuilt from the new config and loaded strictly;
+  * transformers' Conv1D (GPT-2) has no channel rule: traced and pruned as the equivalent nn.Linear, written back
+    transposed; the KV cache's concatenations have none either: tracing runs without a cache.
 Importance: ``activation`` (Minitron, arXiv:2407.14679, as in importance.py), ``magnitude`` and ``taylor``
 (torch-pruning's group L2 and |w * dL/dw|, Molchanov et al. 2019) and ``random``.
 """
@@ -72,21 +74,48 @@ def traceable(model):
 def require(model_type: str) -> None:
     """torch-pruning is an optional extra: say how to get it, before any model is loaded."""
     try:
-        import torch_pruning  # noqa: F401  (only whether it is there)
+        importlib.import_module("torch_pruning")  # only whether it is there
     except ImportError:
         raise WhelpError(f"pruning a {model_type} model (outside whelp's family table) needs torch-pruning: "
                          "pip install 'whelp[generic]'") from None
 
 
 def build_graph(model):
-    """torch-pruning's DependencyGraph of ``model`` (traced on 8 dummy tokens)."""
+    """torch-pruning's DependencyGraph of ``model`` (traced on 8 dummy tokens, no KV cache); its Conv1D layers
+    become the equivalent nn.Linear first (``linearize_``: the same function); WhelpError if tracing fails."""
     require(model.config.model_type)
     import torch_pruning as tp
 
-    example = {"input_ids": torch.zeros(1, 8, dtype=torch.long, device=model.device)}
-    with traceable(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                     output_transform=lambda out: out.logits)
+    linearize_(model)
+    # no KV cache: its concatenations (GPT-2's) have no channels torch-pruning can size, and pruning needs none
+    example = {"input_ids": torch.zeros(1, 8, dtype=torch.long, device=model.device), "use_cache": False}
+    try:
+        with traceable(model), torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                         output_transform=lambda out: out.logits)
+    except Exception as exc:  # noqa: BLE001 - torch-pruning fails inside its tracer on layers it cannot follow
+        raise WhelpError(f"torch-pruning could not trace {type(model).__name__} ({model.config.model_type}): "
+                         f"{type(exc).__name__} in its dependency graph; whelp's generic path prunes only models it "
+                         "can trace (whelp distil and eval still take this model)") from None
+
+
+def linearize_(model):
+    """Swap transformers' ``Conv1D`` (GPT-2 and its kin: y = x @ W + b, W [in, out]), whose channels torch-pruning
+    1.6 cannot follow, for the equivalent ``nn.Linear`` (W^T) in place: the same function, traceable.
+    ``apply_generic`` transposes them back into the pruned model's Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1], bias=child.bias is not None,
+                                   device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.T)
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+    return model
 
 
 def find_blocks(model, graph) -> tuple[Block, ...]:
@@ -101,6 +130,7 @@ def find_blocks(model, graph) -> tuple[Block, ...]:
                 [d.target.module for d in group if graph.is_in_channel_pruning_fn(d.handler)])
 
     hidden, n = model.get_input_embeddings().weight.shape[1], models.shape(model.config)["num_hidden_layers"]
+    intermediate = models.shape(model.config)["intermediate_size"]
     layers = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n), None)
     if layers is None:
         raise WhelpError(f"found no list of {n} decoder layers in {type(model).__name__}; "
@@ -113,6 +143,12 @@ def find_blocks(model, graph) -> tuple[Block, ...]:
         # q is the projection with the most rows (GQA); equal rows for MHA
         attn = [(tuple(sorted(outs, key=lambda m: -m.out_features)), ins[0]) for outs, ins in groups if len(outs) == 3]
         mlp = [g for g in groups if len(g[0]) in (1, 2) and g[1][0].out_features == hidden]
+        if len(mlp) > 1:  # a fused qkv (GPT-NeoX, Phi-3) also reads and writes the residual: the MLP is the I-wide one
+            mlp = [g for g in mlp if g[1][0].in_features == intermediate]
+        if len(mlp) == 1 and any(m.out_features != mlp[0][1][0].in_features for m in mlp[0][0]):
+            raise WhelpError(f"layer {index} of {type(model).__name__}: its MLP input projection is fused (e.g. "
+                             "gate_up_proj), which the generic path does not split; it prunes one MLP of separate "
+                             "(optionally gated) linears per layer")
         if len(mlp) != 1:
             raise WhelpError(f"layer {index} of {type(model).__name__}: found {len(mlp)} MLP groups, expected 1; "
                              "the generic path supports one (optionally gated) MLP per layer")
@@ -212,7 +248,10 @@ def generic_config(config, shape: dict):
     if getattr(text, "word_embed_proj_dim", None) == text.hidden_size:  # OPT: no projection when equal
         text.word_embed_proj_dim = shape["hidden_size"]
     for key in WIDTH_KEYS + ("num_key_value_heads",):
-        name = next((k for k in (key,) + models.SHAPE_ALIASES.get(key, ()) if getattr(text, k, None) is not None), None)
+        keys = (key,) + models.SHAPE_ALIASES.get(key, ())
+        name = next((k for k in keys if getattr(text, k, None) is not None), None)
+        if name is None and key == "intermediate_size":  # GPT-2's n_inner=None (4 x hidden) becomes explicit
+            name = next((k for k in keys if k in text.to_dict()), None)
         if shape[key] != old[key] and name is not None:
             setattr(text, name, shape[key])
     return new
@@ -290,7 +329,13 @@ def apply_generic(model, keep: GenericKeep, graph=None):
     config = generic_config(model.config, want)
     with no_init_weights():  # every parameter is overwritten below
         pruned = AutoModelForCausalLM.from_config(config, dtype=model.dtype).to(model.device)
-    pruned.load_state_dict(model.state_dict(), strict=True)
+    from transformers.pytorch_utils import Conv1D
+
+    state, linears = model.state_dict(), dict(model.named_modules())
+    for name, module in pruned.named_modules():  # Conv1D traced as nn.Linear (linearize_): W^T back
+        if isinstance(module, Conv1D) and isinstance(linears.get(name), nn.Linear):
+            state[f"{name}.weight"] = state[f"{name}.weight"].T.contiguous()
+    pruned.load_state_dict(state, strict=True)
     if config.get_text_config().tie_word_embeddings:
         pruned.tie_weights()
     return pruned.eval()

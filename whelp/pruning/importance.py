@@ -139,12 +139,16 @@ def weight_scores(values: dict[str, Tensor], family: Family, config) -> dict[str
     ``values`` maps state-dict names to tensors of the parameters' shapes. Query heads collect their
     q_proj rows and o_proj columns; KV groups are ranked later by the sum of their query heads.
     """
-    d = head_dim_of(config)
+    d, cfg = head_dim_of(config), text_config(config)
     scores: dict[str, Tensor] = {}
     for name, value in values.items():
         layer, _, axes = axes_of(name, family)
         for dim, axis in enumerate(axes):
             per_index = value.sum(dim=[i for i in range(value.dim()) if i != dim]) if value.dim() > 1 else value
+            if axis == "qkv":  # fused (Phi-3): its q block counts for the query heads, as q_proj would
+                axis, per_index = "q", per_index[: cfg.num_attention_heads * d]
+            elif axis == "gate_up":  # fused: the gate and the up row of each neuron
+                axis, per_index = "mlp", per_index[: cfg.intermediate_size] + per_index[cfg.intermediate_size:]
             if axis == "hidden":
                 _add(scores, "hidden", per_index)
             elif axis == "mlp":

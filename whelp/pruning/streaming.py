@@ -29,7 +29,7 @@ from torch import Tensor
 from whelp.errors import WhelpError
 from whelp.models import load_config, stored_dtype
 from whelp.store import atomic_dir
-from whelp.pruning.arch import family_of
+from whelp.pruning.arch import SQRT_HIDDEN, family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
 from whelp.pruning.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
 from whelp.pruning.surgery import head_dim_of, slice_tensor, target_config, text_config, tie_embeddings
@@ -68,19 +68,25 @@ def unload_layer(layer) -> None:
     layer.to("meta")
 
 
-def rope_and_mask(model, family, config, hidden: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
-    """``(cos, sin)`` [1, T, d] and the causal mask the model's own forward would pass its layers."""
-    from transformers.masking_utils import create_causal_mask
+def rope_and_mask(model, family, config, hidden: Tensor,
+                  layer_type: str | None = None) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+    """``(cos, sin)`` [1, T, d] and the causal mask the model's own forward would pass its layers of
+    ``layer_type`` (``config.layer_types``: a sliding-window mask for "sliding_attention", and Gemma 3's RoPE
+    of that type)."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     from whelp.models import kv_cache_name
 
     rotary = model.get_submodule(family.layers.rsplit(".", 1)[0]).rotary_emb
     rotary = type(rotary)(config=config)  # a fresh one on CPU: the skeleton's inv_freq buffer is on meta
     positions = torch.arange(hidden.shape[1])[None]
-    no_cache = {kv_cache_name(create_causal_mask): None}
-    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=positions,
-                              **no_cache)
-    cos, sin = rotary(hidden, positions)
+    make = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
+    no_cache = {kv_cache_name(make): None}
+    mask = make(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=positions, **no_cache)
+    per_type = layer_type is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+    cos, sin = rotary(hidden, positions, layer_type) if per_type else rotary(hidden, positions)
     return (cos.to(hidden.dtype), sin.to(hidden.dtype)), mask
 
 
@@ -165,12 +171,21 @@ def calibrate_streaming(source_dir: Path, config, family, tokens: Tensor, batch_
     shards = weight_map(Path(source_dir))
     model = skeleton(config)
     hidden = embed_rows(shards, family.embed, tokens, dtype)
+    if family.embed_multiplier == SQRT_HIDDEN:  # Gemma's scaled embedding module, in its own arithmetic
+        hidden = hidden * torch.tensor(cfg.hidden_size ** 0.5).to(dtype)
+    elif family.embed_multiplier is not None:  # Granite: the model scales its embeddings by a config scalar
+        hidden = hidden * getattr(cfg, family.embed_multiplier)
     batches = [slice(i, i + batch_size) for i in range(0, len(tokens), batch_size)]
-    rope_mask = [rope_and_mask(model, family, cfg, hidden[b]) for b in batches]
+    # as the models' forwards: layer_types when the config has them, else one sliding-window mask for all layers
+    # when it sets a window (Mistral, Phi-3), else the causal mask
+    window = "sliding_attention" if getattr(cfg, "sliding_window", None) is not None else None
+    types = list(getattr(cfg, "layer_types", None) or [window] * cfg.num_hidden_layers)
+    rope_mask = [{t: rope_and_mask(model, family, cfg, hidden[b], t) for t in set(types)} for b in batches]
     per_batch: list[dict] = [{} for _ in batches]
     for index in range(cfg.num_hidden_layers):
         layer = load_layer(model, family, index, shards, dtype)
-        for b, (rope, mask), stats in zip(batches, rope_mask, per_batch):
+        for b, per_type, stats in zip(batches, rope_mask, per_batch):
+            rope, mask = per_type[types[index]]
             handles = attach(layer, family, head_dim_of(cfg), stats, index)
             try:
                 out = layer(hidden[b], position_embeddings=rope, attention_mask=mask)
@@ -208,6 +223,9 @@ def streamable_family(config):
     if family is None:
         raise WhelpError(f"streaming supports the families of whelp/pruning/arch.py, not '{config.model_type}'; "
                          "prune this model in memory (without --stream)")
+    if getattr(text_config(config), "use_bidirectional_attention", False):  # EmbeddingGemma: not a causal mask
+        raise WhelpError(f"streaming calibrates with causal masks and this {config.model_type} model attends "
+                         "bidirectionally (use_bidirectional_attention); prune it in memory (without --stream)")
     return family
 
 

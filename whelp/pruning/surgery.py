@@ -10,8 +10,16 @@ RoPE-exact head_dim (docs/design.md section 3): HF rotates dim ``j`` with ``j + 
 ``theta^(-2k/d')`` = the old one, so the target's own rotary embedding reproduces the original
 rotation exactly (llama3 scaling included: it depends only on the frequency). The logits
 ``q.k / sqrt(d)`` restricted to the kept dims are kept by scaling the kept q rows by
-``sqrt(d'/d)`` (the target divides by ``sqrt(d')``); with per-head q_norm (Qwen3) the scale goes
-into ``q_norm.weight`` instead, since the norm would cancel it.
+``sqrt(d'/d)`` (the target divides by ``sqrt(d')``); with q_norm (Qwen3, OLMo 2) the scale goes
+into ``q_norm.weight`` instead, since the norm would cancel it. A family whose attention scale is a
+config constant (Granite's ``attention_multiplier``: ``Family.head_dim_scaling`` False) keeps it, and
+the restricted logits need no scale.
+
+Gemma scales its embeddings by ``sqrt(hidden_size)`` inside the model, so a pruned hidden_size H' would
+shrink the embedding's share of the residual stream by ``sqrt(H'/H)``; the kept embedding columns are
+multiplied by ``c = sqrt(H/H')`` to keep the residual stream's values. A tied target reads the same
+matrix as lm_head, so its final (1 + w) RMSNorm is divided by ``c`` to keep the logits
+(``embed_compensation``).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch
 from torch import Tensor
 
 from whelp.errors import WhelpError
-from whelp.pruning.arch import Family, axes_of
+from whelp.pruning.arch import SQRT_HIDDEN, Family, axes_of
 from whelp.specs import TIE
 
 
@@ -105,11 +113,18 @@ def _axis_index(axis: str, layer: int | None, keep: Keep, source_cfg) -> Tensor 
     i = keep.layers.index(layer)
     if axis == "mlp":
         return keep.mlp[i]
+    if axis == "gate_up":  # fused [gate; up] rows: the kept neurons of each block
+        return torch.cat([keep.mlp[i], cfg.intermediate_size + keep.mlp[i]])
     d = head_dim_of(cfg)
+    kv = kv_rows(keep.kv_heads[i], keep.head_dims, d)
     if axis == "kv":
-        return kv_rows(keep.kv_heads[i], keep.head_dims, d)
+        return kv
     n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
-    return q_rows(keep.kv_heads[i], keep.q_heads[i], n_rep, keep.head_dims, d)
+    q = q_rows(keep.kv_heads[i], keep.q_heads[i], n_rep, keep.head_dims, d)
+    if axis == "qkv":  # fused [q; k; v] rows: the kept rows of each block, offset by the blocks before it
+        n_q, n_kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+        return torch.cat([q, n_q + kv, n_q + n_kv + kv])
+    return q
 
 
 def _slice(tensor: Tensor, indices: list[Tensor | None]) -> Tensor:
@@ -135,11 +150,30 @@ def slice_tensor(name: str, tensor: Tensor, keep: Keep, family: Family, source_c
     out = _slice(tensor, [_axis_index(axis, layer, keep, source_cfg) for axis in axes])
     d, d_new = head_dim_of(source_cfg), head_dim_of(target_cfg)
     scaled = f"{family.q_norm}.weight" if family.q_norm else (f"{family.q_proj}.weight", f"{family.q_proj}.bias")
-    if d_new != d and layer is not None and suffix in scaled:
-        out = out * math.sqrt(d_new / d)
+    if d_new != d and family.head_dim_scaling and layer is not None and suffix in scaled:
+        if axes[0] == "qkv":  # only the q block of a fused projection
+            n_q = text_config(target_cfg).num_attention_heads * d_new
+            out = torch.cat([out[:n_q] * math.sqrt(d_new / d), out[n_q:]])
+        else:
+            out = out * math.sqrt(d_new / d)
     if layer is not None:
         name = f"{family.layers}.{keep.layers.index(layer)}.{suffix}"
+    else:
+        out = embed_compensation(name, out, family, source_cfg, target_cfg)
     return {name: out}
+
+
+def embed_compensation(name: str, tensor: Tensor, family: Family, source_cfg, target_cfg) -> Tensor:
+    """A sliced global tensor with Gemma's ``sqrt(hidden_size)`` embedding scale compensated (module docstring)."""
+    hidden, target = text_config(source_cfg).hidden_size, text_config(target_cfg)
+    if family.embed_multiplier != SQRT_HIDDEN or target.hidden_size == hidden:
+        return tensor
+    c = math.sqrt(hidden / target.hidden_size)
+    if name == family.embed or (name == family.lm_head and target.tie_word_embeddings):
+        return tensor * c  # tied: both are scaled, so tie_embeddings of the two is the scaled matrix
+    if name == family.final_norm and target.tie_word_embeddings:
+        return (tensor + family.norm_offset) / c - family.norm_offset
+    return tensor
 
 
 def tie_embeddings(embedding: Tensor, lm_head: Tensor, how: str) -> Tensor:

@@ -106,6 +106,10 @@ def validate(source: dict, target: dict) -> None:
 
 def parse_target(source_cfg, spec: str) -> Target:
     """A preset name, a path to an HF ``config.json``, or ``key=value,...`` overrides of the teacher's shape."""
+    from whelp.pruning import moe
+
+    if moe.moe_family_of(source_cfg) is not None:  # the expert axes (moe.py)
+        return moe.parse_moe_target(source_cfg, spec)
     source = models.shape(source_cfg)
     rope = None
     if spec in PRESETS:
@@ -127,8 +131,25 @@ def parse_target(source_cfg, spec: str) -> Target:
         shape = generic.check_target(source_cfg, shape)
     validate(source, shape)
     if family is not None:
+        _check_rope_head_dim(source_cfg, source, shape)
         _check_config(source_cfg, shape, spec)
     return Target(name=spec, shape=shape, rope_parameters=rope)
+
+
+def _check_rope_head_dim(source_cfg, source: dict, shape: dict) -> None:
+    """A smaller head_dim is RoPE-exact (surgery.py) only when RoPE rotates the whole head with one frequency per
+    pair: refuse partial rotary (Phi-3 ``partial_rotary_factor``) and longrope's per-pair factor lists."""
+    if shape["head_dim"] == source["head_dim"]:
+        return
+    params = getattr(text_config(source_cfg), "rope_parameters", None) or {}
+    for rope in [params] + [v for v in params.values() if isinstance(v, dict)]:  # Gemma 3: one per layer type
+        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise WhelpError(f"target head_dim={shape['head_dim']}: this teacher rotates only part of each head "
+                             f"(partial_rotary_factor={rope['partial_rotary_factor']}), so head_dim cannot be pruned "
+                             f"RoPE-exactly; keep head_dim={source['head_dim']}")
+        if rope.get("rope_type") == "longrope":
+            raise WhelpError(f"target head_dim={shape['head_dim']}: this teacher's longrope RoPE has one factor per "
+                             f"frequency, which whelp does not re-slice; keep head_dim={source['head_dim']}")
 
 
 def _check_config(source_cfg, shape: dict, spec: str) -> None:
@@ -169,6 +190,10 @@ def target_rope(target: Target, policy: str) -> dict | None:
 
 def plan_target(source_cfg, target: str, rope: str = "teacher") -> dict:
     """Source and target shape + total params of pruning ``source_cfg`` to ``target``; no weights loaded."""
+    from whelp.pruning import moe
+
+    if moe.moe_family_of(source_cfg) is not None:  # + active params and the expert axes
+        return moe.plan_moe_target(source_cfg, target)
     parsed = parse_target(source_cfg, target)
     if arch.family_of(source_cfg) is None:
         cfg = generic.generic_config(source_cfg, parsed.shape)

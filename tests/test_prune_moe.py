@@ -1,0 +1,217 @@
+"""MoE expert pruning (whelp/pruning/moe.py): stock loading, exactness for never-routed experts, REAP against a naive
+reference, top-k validity, and plan's total / active parameter counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import logits, run_cli, save_tiny, tiny_model, tiny_tokenizer
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from whelp.errors import WhelpError
+from whelp.pruning import moe
+from whelp.pruning import scores as saved
+from whelp.pruning.api import prune, prune_checkpoint
+from whelp.pruning.targets import parse_target
+from whelp.specs import PruneSpec
+
+IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+MOE = {  # 8 experts, top-2; Qwen2-MoE with a shared expert and one dense layer, Qwen3-MoE with renormalized top-k
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                      num_hidden_layers=3, mlp_only_layers=[1]),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+}
+FAMILIES = tuple(MOE)
+
+
+def experts_key(family):
+    return moe.MOE_FAMILIES[family].experts_key
+
+
+def stored_shapes(path) -> dict:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+@pytest.fixture
+def scores_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(saved, "cache_path", lambda meta, real=saved.cache_path: tmp_path / "cache" / real(meta).name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("ffn", [False, True])
+def test_pruned_checkpoint_loads_in_stock_transformers_and_config_matches_tensors(family, ffn, tmp_path,
+                                                                                 scores_cache):
+    save_tiny(tmp_path / "teacher", tiny_tokenizer(), family=family, **MOE[family])
+    ffn_key = moe.MOE_FAMILIES[family].ffn_key
+    target = "num_local_experts=3" + (f",{ffn_key}=16" if ffn else "")
+    report = prune_checkpoint(str(tmp_path / "teacher"), target, tmp_path / "out",
+                              PruneSpec(calib_samples=2, seq_len=16))
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    cfg = loaded.config
+    assert getattr(cfg, experts_key(family)) == 3 and cfg.num_experts_per_tok == 2
+    assert getattr(cfg, ffn_key) == (16 if ffn else 32)
+    # the config describes exactly the stored tensors: a fresh model of it saves the same names and shapes
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "fresh")
+    assert stored_shapes(tmp_path / "out") == stored_shapes(tmp_path / "fresh")
+    layers = moe.moe_blocks(loaded)
+    assert list(map(int, report["kept"]["experts"])) == list(layers)
+    assert all(len(v) == 3 for v in report["kept"]["experts"].values())
+    assert report["params"]["after"] == sum(p.numel() for p in loaded.parameters())
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher").eval()
+    for index, block in layers.items():  # the router's rows follow the kept experts
+        kept = torch.tensor(report["kept"]["experts"][str(index)])
+        torch.testing.assert_close(block.gate.weight, moe.moe_blocks(teacher)[index].gate.weight[kept])
+    assert torch.isfinite(logits(loaded.eval(), IDS)).all()
+
+
+def kill_experts(model, dead: list[int], ids: torch.Tensor) -> None:
+    """Make ``dead`` experts of every MoE layer unreachable on ``ids``: their router rows give logit -1000 for
+    every token there (solved layer by layer on the router inputs, fewer tokens than hidden channels)."""
+    for index, block in moe.moe_blocks(model).items():
+        captured = []
+        handle = block.gate.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, 64)))
+        with torch.no_grad():
+            model(input_ids=ids)
+        handle.remove()
+        x = captured[0].double()
+        u = torch.linalg.pinv(x) @ torch.ones(len(x), dtype=torch.double)  # x @ u == 1 for every token
+        with torch.no_grad():
+            block.gate.weight[dead] = (-1000 * u).float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropping_experts_the_router_never_selects_leaves_logits_unchanged(family):
+    model = tiny_model(family, **MOE[family])
+    dead = [1, 4, 6]
+    kill_experts(model, dead, IDS)
+    small = prune(model, "num_local_experts=5", IDS, PruneSpec(calib_samples=2, batch_size=2))
+    for index, kept in small.whelp_kept["experts"].items():
+        routed = small.whelp_scores[f"experts.{index}.tokens"]
+        assert routed[dead].sum() == 0 and set(routed.nonzero().flatten().tolist()) <= set(kept), index
+    assert getattr(small.config, experts_key(family)) == 5
+    torch.testing.assert_close(logits(small, IDS), logits(model, IDS), rtol=1e-5, atol=1e-5)
+
+
+def naive_reap(block, x: torch.Tensor, norm_topk: bool, k: int, width: int):
+    """Per token, per chosen expert, by hand: REAP sums and routed-token counts [E]."""
+    w = block.gate.weight.detach()
+    n = w.shape[0]
+    reap, count = torch.zeros(n), torch.zeros(n)
+    for token in x:
+        probs = torch.softmax(w @ token, dim=-1)
+        values, chosen = torch.topk(probs, k)
+        if norm_topk:
+            values = values / values.sum()
+        for g, e in zip(values.tolist(), chosen.tolist()):
+            gate_up, down = block.experts.gate_up_proj[e].detach(), block.experts.down_proj[e].detach()
+            out = down @ (F.silu(gate_up[:width] @ token) * (gate_up[width:] @ token))
+            reap[e] += g * out.norm()
+            count[e] += 1
+    return reap, count
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reap_saliency_equals_a_naive_per_token_reference(family):
+    model = tiny_model(family, **MOE[family])
+    blocks = moe.moe_blocks(model)
+    inputs = {}
+    for index, block in blocks.items():
+        block.register_forward_pre_hook(lambda m, args, index=index: inputs.setdefault(index, []).append(args[0]))
+    scores = moe.calibrate_experts(model, IDS, "activation", batch_size=1)
+    freq = moe.calibrate_experts(model, IDS, "frequency", batch_size=2)
+    norm_topk = family == "mixtral" or model.config.norm_topk_prob
+    for index, block in blocks.items():
+        x = torch.cat([t.reshape(-1, 64) for t in inputs[index][:2]])  # the two batches of the REAP pass
+        reap, count = naive_reap(block, x, norm_topk, 2, 32)
+        expected = torch.where(count > 0, reap / count.clamp(min=1), torch.zeros(()))
+        torch.testing.assert_close(scores[f"experts.{index}"], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(scores[f"experts.{index}.tokens"], count)
+        torch.testing.assert_close(freq[f"experts.{index}"], count)
+        assert count.sum() == 2 * IDS.numel()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fewer_experts_than_top_k_is_refused_in_one_line(family, tmp_path):
+    cfg = tiny_model(family, **MOE[family]).config
+    with pytest.raises(WhelpError, match="fewer than num_experts_per_tok=2") as err:
+        parse_target(cfg, f"{experts_key(family)}=1")
+    assert "\n" not in str(err.value)
+    assert parse_target(cfg, "num_local_experts=1,num_experts_per_tok=1").shape[experts_key(family)] == 1
+    with pytest.raises(WhelpError, match="changes the experts only"):
+        parse_target(cfg, "num_local_experts=4,hidden_size=32")
+    cfg.save_pretrained(tmp_path)
+    result = run_cli("plan", str(tmp_path / "config.json"), "--target", "num_local_experts=1")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "num_experts_per_tok=2" in result.stderr
+
+
+def counted(model) -> tuple[int, int]:
+    """Total and active (per token) parameters counted on a real model's tensors."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for block in moe.moe_blocks(model).values():
+        per_expert = (block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel())
+        idle += (block.experts.gate_up_proj.shape[0] - model.config.num_experts_per_tok) * per_expert
+    return total, total - idle
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_reports_total_and_active_params_of_the_pruned_checkpoint(family, tmp_path, scores_cache):
+    teacher = save_tiny(tmp_path / "teacher", tiny_tokenizer(), family=family, **MOE[family])
+    result = run_cli("plan", str(tmp_path / "teacher"), "--target", "num_local_experts=4", "--json")
+    assert result.exit_code == 0, result.stderr
+    planned = json.loads(result.stdout)
+    prune_checkpoint(str(tmp_path / "teacher"), "num_local_experts=4", tmp_path / "out",
+                     PruneSpec(calib_samples=2, seq_len=16))
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (planned["source"]["params"], planned["source"]["active_params"]) == counted(teacher)
+    assert (planned["target"]["params"], planned["target"]["active_params"]) == counted(student)
+    assert planned["target"][experts_key(family)] == 4 and planned["source"][experts_key(family)] == 8
+    routers = 4 * 64 * len(moe.moe_blocks(student))  # top-2 either way: only the dropped router rows differ
+    assert planned["source"]["active_params"] - planned["target"]["active_params"] == routers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shrinking_expert_ffns_equals_zeroing_the_dropped_neurons(family):
+    model = tiny_model(family, **MOE[family])
+    gen = torch.Generator().manual_seed(1)
+    blocks = moe.moe_blocks(model)
+    ffn = {i: torch.sort(torch.rand(8, 32, generator=gen).argsort(dim=1)[:, :12], dim=1).values for i in blocks}
+    keep = moe.ExpertKeep(experts={i: torch.arange(8) for i in blocks}, ffn=ffn)
+    shape = {**moe.moe_shape(model.config), moe.MOE_FAMILIES[family].ffn_key: 12}
+    small = moe.prune_moe_model(model, keep, moe.moe_config(model.config, shape))
+    zeroed = tiny_model(family, **MOE[family])
+    with torch.no_grad():
+        for i, block in moe.moe_blocks(zeroed).items():
+            for e in range(8):
+                dropped = torch.ones(32, dtype=torch.bool)
+                dropped[ffn[i][e]] = False
+                block.experts.down_proj[e][:, dropped] = 0
+    torch.testing.assert_close(logits(small, IDS), logits(zeroed, IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_a_recipe_plan_prunes_the_experts_of_an_moe_teacher(tmp_path):
+    import yaml
+
+    from whelp import recipe
+
+    save_tiny(tmp_path / "teacher", tiny_tokenizer(), family="mixtral", **MOE["mixtral"])
+    raw = yaml.safe_load((recipe.RECIPES_DIR / "tiny.yaml").read_text())
+    raw["teacher"]["model"] = str(tmp_path / "teacher")
+    raw["prune"]["target"] = "num_local_experts=4"
+    raw["distill"]["caches"] = []
+    raw.pop("eval", None)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    result = run_cli("plan", str(tmp_path / "recipe.yaml"), "--json")
+    assert result.exit_code == 0, result.stderr
+    planned = json.loads(result.stdout)
+    target = moe.moe_config(tiny_model("mixtral", **MOE["mixtral"]).config,
+                            {**moe.moe_shape(tiny_model("mixtral", **MOE["mixtral"]).config), "num_local_experts": 4})
+    assert planned["stages"][0]["shape"]["num_local_experts"] == planned["student"]["num_local_experts"] == 4
+    assert planned["student"]["params"] == moe.count_moe_params(target)["params"]

@@ -1,0 +1,258 @@
+"""``whelp search``: the best student shape of a teacher for a parameter, memory or latency budget.
+
+Minitron (Muralidharan et al. 2024) found that which shape is best flips after distillation (depth pruning looks
+fine one-shot and loses after retraining); ModelOpt's search scores the top K subnets of a budget and keeps the
+best, and DarwinLM (2025) ranks candidates after short training. whelp does both, in order:
+
+1. enumerate every shape on the grid within the size budget (``space.enumerate_shapes``: exact counts, nothing
+   missed) and draw a pool diverse over the depth/width trade-off (``space.proxy_pool``);
+2. one calibration pass of the teacher (the importance scores, cached by teacher + data like ``whelp prune``'s);
+3. prune every pool shape from those scores and score it one-shot: KL(teacher || candidate) in nats per token on
+   held-out blocks; with a latency budget, measure each pool shape's decode speed (random weights, the eval
+   harness's speed code, cached per shape and device) and drop those over it;
+4. distil the best K one-shot candidates for S steps each from the teacher on the same tokens, and rank by held-out
+   KL after that short training (perplexity beside it); the winner is the best. Spearman between the one-shot and
+   post-training rankings says how far the zero-shot ranking misled.
+
+Every candidate is a stage: the one-shot scores and each trained candidate are written atomically to ``OUT.search/``
+as they finish, keyed by the search's identity (teacher files, spec, data), so a killed search resumes where it
+stopped and ends exactly where an uninterrupted one does. ``OUT`` (leaderboard, plot, winner, target.json) is
+written atomically at the end (``search_report``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from whelp import models, store
+from whelp.errors import WhelpError
+from whelp.output import Progress
+from whelp.pruning import arch, space
+from whelp.specs import DistillSpec, LoadPolicy, PruneSpec, SearchSpec, SpeedSpec
+
+WORK = ".search"
+PROXY = "proxy.json"
+
+
+def work_dir(out: Path) -> Path:
+    return out.with_name(out.name + WORK)
+
+
+def _space(config, spec: SearchSpec) -> tuple[list[dict], list[dict], space.Budget, space.Counter]:
+    """``(every shape within budget, the one-shot pool, the budget, the counter)``: configs only, no weights."""
+    counter = space.Counter(config)
+    budget = space.parse_budget(spec.budget, models.shape(config), counter, spec.context)
+    shapes = space.enumerate_shapes(config, budget, space.parse_axes(spec.axes), spec.tolerance, spec.multiple,
+                                    spec.context)
+    return shapes, space.proxy_pool(shapes, spec.pool), budget, counter
+
+
+def cost(config, spec: SearchSpec, pool: list[dict], counter: space.Counter) -> dict:
+    """FLOPs of the search (2 N per forward token, 6 N per trained one: Kaplan et al. 2020): calibration, the pool's
+    one-shot scores (teacher once + each candidate), and K short distillations (each step a teacher forward and a
+    student forward + backward); K is charged at the pool's largest candidates, an upper bound."""
+    teacher = counter.params(models.shape(config))[0]
+    held_out = spec.eval_blocks * spec.seq_len
+    sizes = sorted((counter.params(s)[0] for s in pool), reverse=True)
+    trained = spec.score_steps * spec.batch_size * spec.seq_len
+    parts = {"calibration": 2 * teacher * spec.calib_samples * spec.seq_len,
+             "one_shot": 2 * held_out * (teacher + sum(sizes)),
+             "distillation": sum((6 * n + 2 * teacher) * trained for n in sizes[: spec.candidates])}
+    return {**parts, "total": sum(parts.values()), "distillation_tokens_per_candidate": trained}
+
+
+def plan_search(teacher_config, spec: SearchSpec) -> dict:
+    """What a search would try and cost, from the config alone (``--dry-run``, ``whelp plan``)."""
+    shapes, pool, _, counter = _space(teacher_config, spec)
+    return {"candidates": len(shapes), "shapes": shapes, "pool": pool, "largest": shapes[0],
+            "cost": cost(teacher_config, spec, pool, counter)}
+
+
+def _identity(teacher_dir: Path, spec: SearchSpec) -> str:
+    from whelp.data import data_identity, source_identity
+
+    return store.content_id([source_identity(str(teacher_dir)), asdict(spec), data_identity(spec.calib),
+                             data_identity(spec.data), data_identity(spec.eval_data)])
+
+
+def _work(out: Path, key: str, force: bool) -> Path:
+    """``OUT.search/`` of this search: made, or reopened when its key matches; another search's is refused."""
+    work = work_dir(out)
+    mark = store.marker(work) if work.exists() else None
+    if mark is not None and mark.get("stage_key") != key:
+        if not force:
+            raise WhelpError(f"{work} holds a search with other settings or inputs; pass --force to start over, "
+                             "or choose another --out")
+        work = store.check_writable(work, True, "run")
+        mark = None
+    if mark is None:
+        with store.atomic_dir(work, force=True, kind="run", stage_key=key) as tmp:
+            (tmp / "candidates").mkdir()
+    return work
+
+
+@torch.no_grad()
+def _log_probs(model, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """fp32 log-probs [n, L, V] of ``model`` on ``blocks`` [n, L]."""
+    return torch.cat([F.log_softmax(model(input_ids=blocks[i: i + batch_size]).logits.float(), -1)
+                      for i in range(0, len(blocks), batch_size)])
+
+
+def held_out(teacher_logp: torch.Tensor, model, blocks: torch.Tensor, batch_size: int) -> dict:
+    """``kl``: mean KL(teacher || model) in nats per token; ``ppl``: the model's perplexity of the next tokens."""
+    logp = _log_probs(model.eval(), blocks, batch_size)
+    kl = F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+    nll = F.nll_loss(logp[:, :-1].flatten(0, 1), blocks[:, 1:].flatten())
+    return {"kl": float(kl), "ppl": float(nll.exp())}
+
+
+def _latency(config, shape: dict, device: str) -> float:
+    """Decode milliseconds per token of ``shape`` (random weights), measured once per shape and device."""
+    from whelp.evals.speed import shape_speed
+    from whelp.pruning import surgery
+    from whelp.pruning.targets import first_keep
+
+    speed = shape_speed(surgery.target_config(config, first_keep(config, shape)), device, SpeedSpec())
+    return 1000.0 / speed["decode_tokens_per_s"]
+
+
+@dataclass
+class Trial:
+    """What every candidate is tried against: the teacher and its scores, the held-out blocks and the teacher's
+    log-probs on them [n, L, V], the short runs' blocks, and where results go."""
+
+    spec: SearchSpec
+    work: Path
+    teacher: object
+    tokenizer: object
+    scores: dict
+    counter: space.Counter
+    held: torch.Tensor
+    teacher_logp: torch.Tensor
+    train_blocks: object
+    progress: bool = True
+
+    def prune(self, shape: dict):
+        from whelp.pruning import importance, surgery
+
+        cfg = self.teacher.config
+        keep = importance.select(self.scores, cfg, shape, self.spec.layer_importance, "embedding")
+        return surgery.prune_model(self.teacher, keep, arch.family_of(cfg), surgery.target_config(cfg, keep))
+
+    def score(self, model) -> dict:
+        return held_out(self.teacher_logp, model, self.held, self.spec.batch_size)
+
+
+def _one_shot(t: Trial, pool: list[dict], budget: space.Budget) -> list[dict]:
+    """Each pool shape pruned and scored one-shot (and timed, for a latency budget); recorded as each finishes."""
+    path = t.work / PROXY
+    done = store.read_record(path, f"delete {path} to score the pool again")["rows"] if path.exists() else []
+    device = str(t.held.device)
+    with Progress("search: one-shot KL of the pool", len(pool), completed=len(done), enabled=t.progress) as bar:
+        for shape in pool[len(done):]:
+            row = {"shape": shape, "params": list(t.counter.params(shape)), "one_shot": t.score(t.prune(shape))}
+            if budget.latency_ms is not None:
+                row["latency_ms"] = _latency(t.teacher.config, shape, device)
+            done.append(row)
+            store.write_record(path, {"rows": done})
+            bar.update(advance=1)
+    return done
+
+
+def _train(t: Trial, index: int, row: dict) -> dict:
+    """Candidate ``index``: its S-step distillation from the teacher (a stage of its own), scored on held-out."""
+    from whelp.distillation.loop import distill
+
+    stage = t.work / "candidates" / f"{index:02d}"
+    if (stage / "result.json").is_file():
+        return json.loads((stage / "result.json").read_text())
+    spec = t.spec
+    dspec = DistillSpec(steps=spec.score_steps, batch_size=spec.batch_size, seq_len=spec.seq_len, lr=spec.lr,
+                        data=spec.data, seed=spec.seed)
+    torch.manual_seed(spec.seed)
+    start = time.perf_counter()
+    student = distill(t.prune(row["shape"]), [t.teacher], t.train_blocks, dspec, tokenizer=t.tokenizer,
+                      progress=False)
+    result = {**row, "train_s": time.perf_counter() - start, "trained": t.score(student)}
+    with store.atomic_dir(stage, force=True, kind="model") as tmp:
+        models.write_model(student, t.tokenizer, tmp / "model")
+        (tmp / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _scores(teacher, teacher_dir: Path, tokenizer, spec: SearchSpec):
+    """The importance scores of one calibration pass, from ``whelp prune``'s cache when it holds them."""
+    from whelp import data
+    from whelp.pruning import scores as saved
+    from whelp.pruning.api import _calibrate, calibration_tokens
+
+    rows = data.open_blocks(spec.calib, tokenizer, spec.seq_len, seed=spec.seed)
+    tokens = calibration_tokens(rows, spec.calib_samples)
+    meta = saved.scores_meta(teacher_dir, store.content_id([rows.fingerprint, len(tokens)]), spec.importance)
+    cached = saved.cache_path(meta)
+    found = saved.load_scores(cached, meta) if cached.is_file() else None
+    prune = PruneSpec(importance=spec.importance, layer_importance=spec.layer_importance, calib=spec.calib,
+                      calib_samples=spec.calib_samples, seq_len=spec.seq_len, batch_size=spec.batch_size,
+                      seed=spec.seed)
+    scores = _calibrate(teacher, arch.family_of(teacher.config), tokens, prune, found)
+    if found is None:
+        saved.save_scores(cached, scores, meta)
+    return scores
+
+
+def search_run(teacher: str, spec: SearchSpec, out: Path, force: bool = False, dry_run: bool = False,
+               progress: bool = True, stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> dict:
+    """Search ``teacher``'s shapes for ``spec.budget`` into ``out`` (see the module docstring); returns the report
+    (``search.json``). ``dry_run``: the candidates and the cost, from the config alone (no weights, nothing written).
+    """
+    from whelp import data
+    from whelp.pruning.search_report import report, write_outputs
+
+    teacher_dir = Path(models.locate(teacher))
+    config = models.load_config(str(teacher_dir), policy)
+    if arch.family_of(config) is None:
+        raise WhelpError(f"whelp search prunes the families {', '.join(arch.FAMILIES)}, not '{config.model_type}'")
+    shapes, pool, budget, counter = _space(config, spec)
+    if dry_run:
+        return {"candidates": shapes, "pool": [{"shape": s, "params": list(counter.params(s))} for s in pool],
+                "cost": cost(config, spec, pool, counter)}
+    out = store.check_writable(out, force, "search")
+    store.check_apart(out, [teacher_dir])
+    for source in (spec.calib, spec.data, spec.eval_data):
+        data.check_data(source)
+    work = _work(out, _identity(teacher_dir, spec), force)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = models.load_model(str(teacher_dir), device=device, policy=policy)
+    model.requires_grad_(False)
+    held = data.open_blocks(spec.eval_data, tokenizer, spec.seq_len, seed=spec.seed).head(spec.eval_blocks)
+    held = held.to(device)
+    start = time.perf_counter()
+    scores = _scores(model, teacher_dir, tokenizer, spec)
+    timings = {"calibrate_s": time.perf_counter() - start}
+    t = Trial(spec, work, model, tokenizer, scores, counter, held,
+              _log_probs(model, held, spec.batch_size),
+              data.open_blocks(spec.data, tokenizer, spec.seq_len, seed=spec.seed,
+                               max_tokens=spec.score_steps * spec.batch_size * spec.seq_len), progress)
+    start = time.perf_counter()
+    rows = _one_shot(t, pool, budget)
+    timings["one_shot_s"] = time.perf_counter() - start
+    fitting = [r for r in rows if budget.latency_ms is None or r["latency_ms"] <= budget.latency_ms]
+    if not fitting:
+        fastest = min(r["latency_ms"] for r in rows)
+        raise WhelpError(f"no pool shape decodes within {budget.latency_ms:g} ms/token on this device (the fastest "
+                         f"takes {fastest:.2f} ms); raise latency= or lower the size budget")
+    best = sorted(fitting, key=lambda r: r["one_shot"]["kl"])[: spec.candidates]
+    trained = []
+    with Progress("search: distilling candidates", len(best), enabled=progress) as bar:
+        for i, row in enumerate(best):
+            trained.append(_train(t, i, row))
+            bar.update(advance=1, info=f"candidate {i + 1}: KL {trained[-1]['trained']['kl']:.3f}")
+    result = {**report(teacher, spec, shapes, rows, trained), "timings": timings}
+    write_outputs(result, work, out, force, stage_key)
+    return result

@@ -1,0 +1,336 @@
+"""The space of ``whelp search``: budgets, per-axis grids, exact closed-form sizes and every shape within budget.
+
+Like NVIDIA ModelOpt's NAS-based pruning and Minitron (Muralidharan et al. 2024, Sreenivas et al. 2024), the
+search lists every student shape on a hardware-friendly grid that fits a size budget, prunes a diverse pool of
+them one-shot, and ranks those by their distance to the teacher. Everything here is pure: no weights are read;
+the teacher is built once on the meta device to learn its tensor list, after which a shape's size is a sum of
+products of axis sizes (arch.FAMILIES), cheap enough to evaluate on millions of shapes with numpy.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+import numpy as np
+
+from whelp import models
+from whelp.errors import WhelpError
+from whelp.pruning import arch, targets
+from whelp.pruning.surgery import text_config
+from whelp.specs import SEARCH_AXES
+
+AXIS_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "mlp": "intermediate_size",
+             "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
+BUDGET_KEYS = ("params", "non_embedding", "memory", "latency")
+SIZE_KEYS = ("params", "non_embedding", "memory")
+_UNITS = {"count": {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9},
+          "bytes": {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30},
+          "ms": {"": 1, "ms": 1, "s": 1000}}
+_KIND = {"params": "count", "non_embedding": "count", "memory": "bytes", "latency": "ms"}
+_HOW = {"count": "a count as 60000000, 60M or 1.2B (units k, M, B/G) or 50% (of the teacher's)",
+        "bytes": "bytes as 300000000, 300MB or 2GiB (units B, KB, MB, GB, KiB, MiB, GiB) or 50% (of the teacher's)",
+        "ms": "milliseconds per decoded token as 20ms or 0.02s"}
+_NUMBER = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*([A-Za-z%]*)\s*")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Upper bounds a student must meet; None: unconstrained. Sizes are met from below within a tolerance."""
+
+    params: int | None = None          # total parameters (tied lm_head counted once)
+    non_embedding: int | None = None   # total minus token embedding and an untied lm_head (Kaplan et al. 2020)
+    memory: int | None = None          # bytes: bf16 weights (2 B/param) + bf16 KV cache of `context` tokens, batch 1
+    latency_ms: float | None = None    # decode ms per token, measured by the caller (not used by enumerate_shapes)
+
+    def sizes(self) -> dict[str, int]:
+        """The size budgets that are set, by key: what enumerate_shapes solves for."""
+        return {key: getattr(self, key) for key in SIZE_KEYS if getattr(self, key) is not None}
+
+
+class Counter:
+    """Exact ``(total, non_embedding)`` parameters and memory of any target shape of one teacher, in closed form.
+
+    The teacher is built once on the meta device; each of its parameters is mapped to its axes by the family table,
+    so a shape's count is sum over tensors of prod(axis sizes), layer tensors times num_hidden_layers, with
+    q = heads * head_dim and kv = kv_heads * head_dim. The embedding (and an untied lm_head) are counted from the
+    shape's ``tie_word_embeddings``, as models.count_params does. Every method takes ints or numpy arrays.
+    """
+
+    def __init__(self, teacher_config):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        cfg = text_config(teacher_config)
+        family = arch.family_of(cfg)
+        if family is None:
+            raise WhelpError(f"whelp search supports the {', '.join(arch.FAMILIES)} families, not {cfg.model_type}; "
+                             "prune this model to a fixed --target instead")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        self.teacher = models.shape(cfg)
+        layer, rest = collections.Counter(), collections.Counter()
+        for name, _ in model.named_parameters():
+            try:
+                index, suffix, axes = arch.axes_of(name, family)
+            except KeyError:
+                raise WhelpError(f"tensor '{name}' of this {family.name} config is not in the family table of "
+                                 "whelp/pruning/arch.py, so its size cannot be counted; add it there") from None
+            if index == 0:
+                layer[axes] += 1
+            elif index is None and suffix not in (family.embed, family.lm_head):
+                rest[axes] += 1
+        self.layer_terms, self.global_terms = tuple(layer.items()), tuple(rest.items())
+        actual = sum(p.numel() for p in model.parameters())  # models.count_params' total: tied lm_head once
+        if self.params(self.teacher)[0] != actual:  # the closed form must reproduce the teacher, or the table is off
+            raise WhelpError(f"closed-form count {self.params(self.teacher)[0]} of the {family.name} teacher differs "
+                             f"from its model's {actual}: its layers are not uniform or the family table is incomplete")
+
+    @staticmethod
+    def _sum(terms, sizes):
+        return sum(n * math.prod(sizes[axis] for axis in axes) for axes, n in terms)
+
+    def parts(self, hidden, mlp, heads, kv_heads, head_dim):
+        """``(per_layer, non_layer_non_embedding)`` parameters: linear in ``mlp``, as no tensor has two mlp axes."""
+        sizes = {"hidden": hidden, "mlp": mlp, "q": heads * head_dim, "kv": kv_heads * head_dim,
+                 "head_dim": head_dim, "vocab": self.teacher["vocab_size"],
+                 "qkv": (heads + 2 * kv_heads) * head_dim, "gate_up": 2 * mlp}  # Phi-3's fused projections
+        return self._sum(self.layer_terms, sizes), self._sum(self.global_terms, sizes)
+
+    def embedding(self, hidden, tied: bool):
+        """Token embedding parameters, plus the lm_head's when untied."""
+        return self.teacher["vocab_size"] * hidden * (1 if tied else 2)
+
+    def params(self, shape: dict) -> tuple[int, int]:
+        """``(total, non_embedding)`` of ``shape``: equals models.count_params of its pruned config."""
+        per_layer, rest = self.parts(*(shape[AXIS_KEYS[a]] for a in ("hidden", "mlp", "heads", "kv_heads", "head_dim")))
+        non_embedding = shape["num_hidden_layers"] * per_layer + rest
+        return non_embedding + self.embedding(shape["hidden_size"], shape["tie_word_embeddings"]), non_embedding
+
+    @staticmethod
+    def kv_bytes(layers, kv_heads, head_dim, context: int):
+        """bf16 KV cache of ``context`` tokens at batch 1: k and v, 2 bytes each."""
+        return 2 * layers * kv_heads * head_dim * context * 2
+
+    def memory(self, shape: dict, context: int) -> int:
+        """Bytes of bf16 weights plus the KV cache of ``context`` tokens (batch 1, bf16)."""
+        return 2 * self.params(shape)[0] + self.kv_bytes(shape["num_hidden_layers"], shape["num_key_value_heads"],
+                                                         shape["head_dim"], context)
+
+
+def parse_budget(text: str, teacher_shape: dict, counter: Counter, context: int = 2048) -> Budget:
+    """``"non_embedding=50%,latency=20ms"`` -> Budget. % is of the teacher's own value (``context`` tokens of KV
+    cache for memory); counts and bytes are floored to integers, which keeps an upper bound on integers exact."""
+    total, non_embedding = counter.params(teacher_shape)
+    own = {"params": total, "non_embedding": non_embedding, "memory": counter.memory(teacher_shape, context)}
+    seen: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise WhelpError(f"budget item '{item}' is not key=value; write e.g. non_embedding=50%,latency=20ms")
+        if key not in BUDGET_KEYS:
+            raise WhelpError(f"unknown budget key '{key}'; valid keys: {', '.join(BUDGET_KEYS)}")
+        if key in seen:
+            raise WhelpError(f"budget key '{key}' is given twice in '{text}'; give each key once")
+        kind, match = _KIND[key], _NUMBER.fullmatch(value)
+        if match is None or (match[2] != "%" and match[2] not in _UNITS[kind]):
+            raise WhelpError(f"budget {key}={value} is not a valid number; write {_HOW[kind]}")
+        if match[2] == "%" and kind == "ms":
+            raise WhelpError(f"budget latency={value}: latency is measured, not known beforehand, so it cannot be a "
+                             f"percentage of the teacher's; write {_HOW[kind]}")
+        number = Decimal(match[1])  # exact: 1.2B is 1,200,000,000, not a float's neighbour of it
+        if number <= 0:
+            raise WhelpError(f"budget {key}={value} must be > 0")
+        if kind == "ms":
+            seen[key] = float(number * _UNITS[kind][match[2]])
+            continue
+        teacher = own[key]
+        bound = int(number * teacher / 100 if match[2] == "%" else number * _UNITS[kind][match[2]])
+        if bound >= teacher:
+            raise WhelpError(f"budget {key}={value} ({bound:,}) is one the teacher already meets: the teacher itself "
+                             f"has {teacher:,}; a search shrinks — give less than {teacher:,}")
+        seen[key] = bound
+    if not seen:
+        raise WhelpError("give a budget: params=N, non_embedding=N, memory=BYTES or latency=MS, comma-separated")
+    if "latency" in seen and len(seen) == 1:
+        raise WhelpError("budget latency alone cannot be searched: shapes are enumerated by size, then filtered "
+                         "by measured latency; add params=, non_embedding= or memory= "
+                         "(e.g. non_embedding=50%,latency=20ms)")
+    return Budget(latency_ms=seen.pop("latency", None), **seen)
+
+
+def parse_axes(text: str) -> tuple[str, ...]:
+    """``"layers,mlp"`` -> ``("layers", "mlp")``, ordered as SEARCH_AXES."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in SEARCH_AXES:
+            raise WhelpError(f"unknown search axis '{name}'; choose from {', '.join(SEARCH_AXES)}")
+        if names.count(name) > 1:
+            raise WhelpError(f"search axis '{name}' is given twice in '{text}'; give each axis once")
+    if not names:
+        raise WhelpError(f"give at least one search axis of {', '.join(SEARCH_AXES)}")
+    return tuple(axis for axis in SEARCH_AXES if axis in names)
+
+
+def axis_values(teacher_shape: dict, axes: tuple[str, ...], multiple: int) -> dict[str, list[int]]:
+    """Allowed values per axis, ascending; an axis not in ``axes`` keeps the teacher's value.
+
+    hidden / mlp: multiples of ``multiple`` (tensor-core friendly, as ModelOpt's channel divisor) and the teacher's.
+    head_dim: even divisors d/s, the RoPE-exact ones (surgery.rope_exact_dims). heads: kv * g, g query heads per KV
+    group up to the teacher's (groups stay even); kv_heads: the counts some heads value pairs with.
+    """
+    teacher = {axis: teacher_shape[key] for axis, key in AXIS_KEYS.items()}
+    per_group = teacher["heads"] // teacher["kv_heads"]
+    grid = {"layers": list(range(1, teacher["layers"] + 1)),
+            "hidden": sorted({*range(multiple, teacher["hidden"] + 1, multiple), teacher["hidden"]}),
+            "mlp": sorted({*range(multiple, teacher["mlp"] + 1, multiple), teacher["mlp"]}),
+            "head_dim": [d for d in range(2, teacher["head_dim"] + 1, 2) if teacher["head_dim"] % d == 0]}
+    values = {axis: grid[axis] if axis in axes else [teacher[axis]] for axis in grid}
+    kv = range(1, teacher["kv_heads"] + 1) if "kv_heads" in axes else [teacher["kv_heads"]]
+    values["heads"] = (sorted({k * g for k in kv for g in range(1, per_group + 1)}) if "heads" in axes
+                       else [teacher["heads"]])
+    values["kv_heads"] = [k for k in kv if any(_pairs(h, k, per_group) for h in values["heads"])]
+    return {axis: values[axis] for axis in SEARCH_AXES}
+
+
+def _pairs(heads: int, kv_heads: int, per_group: int) -> bool:
+    return heads % kv_heads == 0 and heads // kv_heads <= per_group
+
+
+def _widths(teacher_config, teacher: dict, values: dict) -> np.ndarray:
+    """Rows (hidden, heads, kv_heads, head_dim) of the grid that targets.validate and transformers' own config
+    validation accept (Llama: hidden % heads == 0). The config check runs once per (hidden, heads, kv_heads), at
+    the teacher's head_dim: transformers' checks of these families read no other axis."""
+    per_group = teacher["num_attention_heads"] // teacher["num_key_value_heads"]
+    rows = []
+    for hidden in values["hidden"]:
+        for kv in values["kv_heads"]:
+            for heads in (h for h in values["heads"] if _pairs(h, kv, per_group)):
+                probe = {**teacher, "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
+                         "num_hidden_layers": 1}
+                try:
+                    targets._check_config(teacher_config, probe, "search")
+                except WhelpError:
+                    continue
+                for head_dim in values["head_dim"]:
+                    targets.validate(teacher, {**probe, "head_dim": head_dim})  # holds by construction: a bug if not
+                    rows.append((hidden, heads, kv, head_dim))
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def enumerate_shapes(teacher_config, budget: Budget, axes, tolerance: float, multiple: int, context: int) -> list[dict]:
+    """Every grid shape whose size budgets all hold: ``(1 - tolerance) * b <= value <= b`` for each budget b.
+
+    Full models.shape dicts, largest non_embedding first, ties by the shape tuple. Per (widths, layers) every size
+    is linear in mlp, so numpy solves each budget for an mlp index range instead of looping over the mlp grid.
+    """
+    counter = Counter(teacher_config)
+    teacher, sizes = counter.teacher, budget.sizes()
+    if not sizes:
+        raise WhelpError("enumerating shapes needs a size budget: params=, non_embedding= or memory=")
+    values = axis_values(teacher, axes, multiple)
+    widths = _widths(teacher_config, teacher, values)
+    hidden, heads, kv, head_dim = (widths[:, i, None] for i in range(4))
+    layers, mlp = np.array(values["layers"], dtype=np.int64)[None, :], np.array(values["mlp"], dtype=np.int64)
+    tied = teacher["tie_word_embeddings"]
+    at0, rest = counter.parts(hidden, 0, heads, kv, head_dim)
+    slope = layers * (counter.parts(hidden, 1, heads, kv, head_dim)[0] - at0)  # [widths, layers]: per mlp unit
+    base = layers * at0 + rest  # [widths, layers]: non_embedding at mlp = 0
+    total = base + counter.embedding(hidden, tied)
+    lines = {"non_embedding": (base, slope), "params": (total, slope),
+             "memory": (2 * total + counter.kv_bytes(layers, kv, head_dim, context), 2 * slope)}
+    lines = {key: (c0.ravel(), c1.ravel()) for key, (c0, c1) in lines.items()}
+
+    def hits(keys):
+        """(cell, mlp index) of every shape meeting the budgets ``keys``: a float range per cell, then exact."""
+        start, end = np.zeros(len(lines["params"][0]), dtype=np.int64), np.full(len(lines["params"][0]), len(mlp))
+        for key in keys:
+            c0, c1 = lines[key]
+            start = np.maximum(start, np.searchsorted(mlp, ((1 - tolerance) * sizes[key] - c0) / c1) - 1)
+            end = np.minimum(end, np.searchsorted(mlp, (sizes[key] - c0) / c1, side="right") + 1)
+        counts = np.clip(end - start, 0, None)
+        cell = np.repeat(np.arange(len(counts)), counts)
+        index = start[cell] + np.arange(len(cell)) - np.repeat(np.cumsum(counts) - counts, counts)
+        keep = np.ones(len(cell), dtype=bool)
+        for key in keys:
+            value = lines[key][0][cell] + lines[key][1][cell] * mlp[index]
+            keep &= ((1 - tolerance) * sizes[key] <= value) & (value <= sizes[key])
+        return cell[keep], index[keep]
+
+    cell, index = hits(list(sizes))
+    if not len(cell):
+        raise WhelpError(_nothing(sizes, hits, lines, widths, values, axes, tolerance, mlp))
+    w, layer = np.divmod(cell, len(values["layers"]))
+    size = lines["non_embedding"][0][cell] + lines["non_embedding"][1][cell] * mlp[index]
+    columns = [widths[w, 0], layers[0, layer], mlp[index], widths[w, 1], widths[w, 2], widths[w, 3]]
+    order = np.lexsort(tuple(reversed([-size, *columns])))
+    rows = np.stack(columns, axis=1)[order].tolist()
+    fixed = {"vocab_size": teacher["vocab_size"], "tie_word_embeddings": tied}
+    return [dict(zip(models.SHAPE_KEYS[:6], row), **fixed) for row in rows]
+
+
+def _nothing(sizes, hits, lines, widths, values, axes, tolerance, mlp) -> str:
+    """The one line for an empty search: which budget no shape reaches and the range it could, or a contradiction."""
+    where = f"over axes {','.join(axes)}"
+    for key, bound in sizes.items():
+        if len(hits([key])[0]):
+            continue
+        c0, c1 = lines[key]
+        low, high = c0 + c1 * mlp[0], c0 + c1 * mlp[-1]
+        w, layer = divmod(int(np.argmin(low)), len(values["layers"]))
+        at = dict(zip(("hidden", "heads", "kv_heads", "head_dim"), widths[w].tolist()),
+                  layers=values["layers"][layer], mlp=int(mlp[0]))
+        smallest = ", ".join(f"{axis}={at[axis]}" for axis in axes)
+        finer = ", lower --multiple" if {"hidden", "mlp"} & set(axes) else ""  # a gap in the grid, not a floor
+        fix = ("raise the budget, widen --tolerance" if bound < low.min() else f"widen --tolerance{finer}")
+        fix += " or allow more --axes"
+        return (f"no shape {where} has {key} within {tolerance * 100:g}% below {bound:,}: they range from "
+                f"{int(low.min()):,} ({smallest}) to {int(high.max()):,}; {fix}")
+    given = ", ".join(f"{key}={bound:,}" for key, bound in sizes.items())
+    return (f"the budgets {given} contradict: each is met by some shape {where}, but none meets all within "
+            f"{tolerance * 100:g}% below; drop or loosen one of them, or widen --tolerance")
+
+
+def proxy_pool(shapes: list[dict], n: int) -> list[dict]:
+    """``n`` shapes to prune one-shot, spread over the depth/width trade-off (Minitron: depth and width prune
+    differently): grouped by num_hidden_layers, each turn taking the next shape (in ``shapes``' order,
+    enumerate_shapes': largest first) of groups at evenly spaced depths, deepest and shallowest included, so a pool
+    smaller than the number of depths still spans them. Deterministic; all if len <= n."""
+    groups: dict[int, list[dict]] = {}
+    for shape in shapes:
+        groups.setdefault(shape["num_hidden_layers"], []).append(shape)
+    queues = [groups[depth] for depth in sorted(groups, reverse=True)]
+    pool: list[dict] = []
+    for turn in range(max(map(len, queues), default=0)):
+        live = [queue for queue in queues if turn < len(queue)]
+        want = min(len(live), n - len(pool))
+        picks = sorted({round(i * (len(live) - 1) / max(1, want - 1)) for i in range(want)})
+        pool.extend(live[i][turn] for i in picks)
+        if len(pool) >= n:
+            break
+    return pool[:n]
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, tied values sharing the mean of the positions they occupy."""
+    first, count = {}, collections.Counter(values)
+    for position, value in enumerate(sorted(values)):
+        first.setdefault(value, position)
+    return [first[value] + (count[value] + 1) / 2 for value in values]
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties): how well a proxy score (one-shot KL) orders candidates
+    as their post-distillation score does. nan for fewer than 2 pairs or a constant side."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman needs two equally long lists, got {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return math.nan
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var else math.nan
