@@ -98,6 +98,7 @@ CAPTURE = ["--data", "pydoc:train", "--seq-len", "16", "--max-tokens", "512", "-
 KILL_DRIVER = """
 import os, signal, sys
 from whelp.distillation import capture
+capture.MANIFEST_EVERY_S = 0.0  # record every round, so the kill lands after exactly two recorded rounds
 real, calls = capture.teacher_shard, {"n": 0}
 def dying(*a, **k):
     calls["n"] += 1

@@ -4,8 +4,9 @@ The work unit is a *shard*: a fixed range of blocks ``[start, stop)`` of the dat
 blocks, whatever the number of processes), written once to ``blocks-START-STOP.safetensors`` (the format is in
 ``whelp.distillation.cache``). Rank r of R data-parallel ranks takes the r-th, (r+R)-th, ... missing shard; in
 each round every rank writes at most one shard (to a temporary file, renamed into place) and rank 0 gathers the
-round's records (file, block range, bytes, sha256) into the sealed manifest, replaced atomically. A capture killed
-on any rank loses at most the round in flight; rerun on any number of processes, it lists the missing ranges
+round's records (file, block range, bytes, sha256) into the sealed manifest, replaced atomically at most every
+``MANIFEST_EVERY_S`` seconds (it grows to 305K records at 20B tokens). A capture killed on any rank loses at most
+that long's work; rerun on any number of processes, it lists the missing ranges
 afresh (the ranges are fixed by the data, so 4 processes resume what 8 started).
 
 Fingerprint: each shard stores ``block_sha256`` uint8 [b, 32], the sha256 of each block's tokens and targets; the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +43,7 @@ from whelp.errors import WhelpError
 from whelp.specs import CacheSpec
 
 CHUNK = 1024  # positions per on-device logits chunk: [1024, 128256] fp32 is 0.5 GB
+MANIFEST_EVERY_S = 30.0  # rank 0 rewrites the manifest at most this often (and at the end)
 
 
 def shard_ranges(n_blocks: int, per_shard: int) -> list[tuple[int, int]]:
@@ -196,22 +199,29 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
     todo = [r for r in shard_ranges(len(blocks), per_shard) if shard_name(*r) not in done]
     dp_rank, dp_size, writer = world.rank // tp_size, world.size // tp_size, world.rank % tp_size == 0
     mine = todo[dp_rank::dp_size]
-    for i in range(-(-len(todo) // dp_size)):
-        record = None
-        if i < len(mine):
-            start, stop = mine[i]
-            tensors = teacher_shard(teacher_model, blocks[torch.arange(start, stop)], identity, start, batch_size)
-            if writer:
-                name = shard_name(start, stop)
-                store.write_bytes(work / name, save(tensors))
-                record = {"file": name, "start": start, "stop": stop, "bytes": (work / name).stat().st_size,
-                          "sha256": store.sha256_file(work / name)}
-        records = [r for r in parallel.gather(world, record) if r is not None]
+    saved = time.monotonic()
+    try:
+        for i in range(-(-len(todo) // dp_size)):
+            record = None
+            if i < len(mine):
+                start, stop = mine[i]
+                tensors = teacher_shard(teacher_model, blocks[torch.arange(start, stop)], identity, start, batch_size)
+                if writer:
+                    name = shard_name(start, stop)
+                    store.write_bytes(work / name, save(tensors))
+                    record = {"file": name, "start": start, "stop": stop, "bytes": (work / name).stat().st_size,
+                              "sha256": store.sha256_file(work / name)}
+            records = [r for r in parallel.gather(world, record) if r is not None]
+            if world.main:
+                manifest["shards"] += records
+                if time.monotonic() - saved >= MANIFEST_EVERY_S:  # at 20B tokens the manifest holds 305K records
+                    store.write_record(work / MANIFEST, manifest)
+                    saved = time.monotonic()
+                if progress is not None:
+                    progress(sum(r["stop"] - r["start"] for r in records))
+    finally:  # Ctrl-C or an error: the shards recorded so far are kept (only a SIGKILL loses the unsaved ones)
         if world.main:
-            manifest["shards"] += records
             store.write_record(work / MANIFEST, manifest)
-            if progress is not None:
-                progress(sum(r["stop"] - r["start"] for r in records))
     if world.main:
         _seal(work, out, manifest, len(blocks) * blocks.seq_len)
     parallel.barrier(world)
