@@ -127,7 +127,8 @@ def main() -> None:
     for name, shape in shapes(search, load_config(teacher_dir), spec).items():
         same = next((c for c in compared.values() if c["shape"] == shape), None)  # the search found a named shape
         compared[name] = dict(same) if same else train_and_score(name, shape, teacher, teacher_dir, texts, args)
-    results = {"search": search, "search_s": search_s, "compared": compared, "args": vars(args),
+    results = {"search": search, "search_s": search_s, "compared": compared,
+               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "spearman_four": space.spearman([c["one_shot_ppl"] for c in compared.values()],
                                                [c["ppl"]["pydoc:eval"] for c in compared.values()])}
     publish(report(results, list(texts)), results, args.json, args.dry)
