@@ -249,3 +249,42 @@ def test_perplexities_of_another_tokenizer_get_no_percent_and_bits_per_byte_do(t
     assert rows["ppl:pydoc:eval"][3].endswith("%)") and rows["ppl:pydoc:eval"][4].endswith("(other tokenizer)")
     assert rows["bpb:pydoc:eval"][4].endswith("%)")
     assert "other tokenize differently from ref" in result.markdown()
+
+
+@pytest.mark.demo
+def test_stock_lm_eval_cli_reproduces_whelp_eval_on_a_saved_student(tmp_path, demo_tokenizer):
+    """The stock ``lm_eval run`` CLI on a saved model with whelp's own task YAMLs gives the numbers ``whelp eval``
+    records, though whelp's perplexity window (16 tokens here) is far shorter: lm-eval's context is the model's
+    own unless --max-length says otherwise (it was the perplexity window, and bits per byte disagreed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from whelp.evals.tasks import __file__ as tasks_init
+
+    save_tiny(tmp_path / "student", demo_tokenizer, vocab_size=len(demo_tokenizer), initializer_range=0.2,
+              max_position_embeddings=1024)
+    tasks = ("whelp_pydoc", "whelp_pydoc_next")
+    ours = api.evaluate({"student": str(tmp_path / "student")}, spec=build(api.EvalSpec, {
+        "tasks": list(tasks), "limit": 2, "seq_len": 16, "max_tokens": 64,
+        "speed": {"prompt_len": 4, "new_tokens": 1, "repeats": 1}}, "spec")).metrics["models"][0]["lm_eval"]["scores"]
+    cmd = [str(Path(sys.executable).with_name("lm_eval")), "run", "--model", "hf", "--model_args",
+           f"pretrained={tmp_path / 'student'},dtype=float32", "--tasks", ",".join(tasks), "--include_path",
+           str(Path(tasks_init).parent), "--limit", "2", "--batch_size", "4", "--output_path", str(tmp_path / "lm"),
+           "--seed", "0,1234,1234,1234"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                                  "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    stock = json.loads(next((tmp_path / "lm").rglob("results_*.json")).read_text())["results"]
+    for key in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
+        assert ours[f"whelp_pydoc/{key}"] == pytest.approx(stock["whelp_pydoc"][f"{key},none"], rel=1e-6)
+    assert ours["whelp_pydoc_next/acc"] == stock["whelp_pydoc_next"]["acc,none"]
+
+
+@pytest.mark.demo
+def test_a_task_longer_than_the_lm_eval_context_names_max_length(tiny_vocab_model, demo_tokenizer):
+    with pytest.raises(WhelpError, match=r"longer than the 8-token lm-eval context; raise --max-length"):
+        harness.run_tasks(tiny_vocab_model, demo_tokenizer, ("whelp_pydoc_next",),
+                          harness.task_manager(("whelp_pydoc_next",)), limit=1, max_length=8)
+    with pytest.raises(WhelpError, match="max_length must be"):
+        build(api.EvalSpec, {"max_length": 0}, "spec")

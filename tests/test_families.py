@@ -274,3 +274,26 @@ def test_gpt2_mlp_prunes_exactly_through_its_conv1d_layers(extra, tmp_path):
         with pytest.raises(WhelpError, match="gpt2 cannot express this pruned shape") as err:
             prune_generic(gpt2(), axis, "magnitude")
         assert "\n" not in str(err.value)
+
+
+MOE_TARGETS = ["num_local_experts=2", "num_experts=2", "num_experts_per_tok=1", "moe_intermediate_size=16"]
+SAME = "num_hidden_layers=2"  # these tiny models have 2 layers: a no-op target every family accepts
+ACCEPTED = {  # beyond these, plan and prune refuse alike (test_prune_families covers the dense rows)
+    "llama": [SAME, "hidden_size=48", "intermediate_size=96", "num_attention_heads=2",
+              "num_key_value_heads=1,num_attention_heads=2", "head_dim=8",
+              "num_hidden_layers=2,hidden_size=48,intermediate_size=96,num_attention_heads=1,num_key_value_heads=1,"
+              "head_dim=8,tie_word_embeddings=true", "tie_word_embeddings=true"],
+    "cohere": [SAME, "hidden_size=48", "intermediate_size=96", "num_attention_heads=2"],
+    "mixtral": [SAME, "intermediate_size=96", "num_local_experts=2", "num_experts=2", "num_experts_per_tok=1"],
+    "qwen3_moe": [SAME, "num_local_experts=2", "num_experts=2", "num_experts_per_tok=1", "moe_intermediate_size=16"],
+    "gpt2": [SAME, "intermediate_size=96"], "gpt_neox": [SAME, "intermediate_size=96"]}
+
+
+@pytest.mark.parametrize("family", ACCEPTED)
+def test_plan_and_prune_accept_and_refuse_the_same_targets_off_the_dense_rows(family, tmp_path):
+    """Llama (a row since the start), Cohere, the MoE families and the generic path (GPT-2, GPT-NeoX: MLP width
+    only) answer every target alike in plan and prune."""
+    from test_prune_families import PLAN_TARGETS, accepted_alike_by_plan_and_prune
+
+    accepted = accepted_alike_by_plan_and_prune(model(family), tmp_path, PLAN_TARGETS + MOE_TARGETS)
+    assert accepted == ACCEPTED[family]

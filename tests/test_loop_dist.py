@@ -131,7 +131,8 @@ def test_a_two_process_checkpoint_resumes_on_one_process(setup, cut, tmp_path, c
     assert ("world_size 2 -> 1, grad_accum 2 -> 4; grad_accum rescaled to keep the global batch of 8 sequences "
             "per step") in " ".join(capsys.readouterr().err.split())
     assert losses_of(out) == pytest.approx(losses_of(root / "two"), abs=1e-6)
-    assert max_diff(load_weights(out), load_weights(root / "two")) <= 1e-6
+    # steps 4-6 reduce over another world size: Adam's reduction-order noise, as in the 1-vs-2 test above
+    assert max_diff(load_weights(out), load_weights(root / "two")) <= 1e-4
 
 
 def test_a_one_process_checkpoint_resumes_on_two_processes(setup, tmp_path, monkeypatch):
@@ -145,7 +146,8 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(setup, tmp_path, monk
     printed = torchrun(tmp_path, student, teachers, tmp_path / "out", spec)
     assert "world_size 1 -> 2, grad_accum 4 -> 2; grad_accum rescaled" in " ".join(printed.split())
     assert losses_of(tmp_path / "out") == pytest.approx(losses_of(root / "two"), abs=1e-6)
-    assert max_diff(load_weights(tmp_path / "out"), load_weights(root / "two")) <= 1e-6
+    # steps 1-3 ran on one process: the same reduction-order bound (7e-5 on one machine, 4e-8 on another)
+    assert max_diff(load_weights(tmp_path / "out"), load_weights(root / "two")) <= 1e-4
 
 
 def test_fsdp2_on_policy_samples_through_the_sharded_student(setup, tmp_path):

@@ -12,6 +12,7 @@ import yaml
 from conftest import run_cli
 
 from whelp import models, plan, pricing, recipe
+from whelp.errors import WhelpError
 
 N_70B, N_8B = 70_553_706_496, 8_030_261_248
 H100 = 989e12
@@ -181,3 +182,23 @@ def test_tiny_recipe_prices_every_stage_in_fp32():
     assert all(s["gpu_hours"] == s["flops"] / (312e12 * 0.4) / 3600 for s in planned["stages"])
     assert planned["warnings"] == [] and capture["fits"] is distill["fits"] is True
     assert pricing.memory_per_gpu(distill["memory"], 1) == distill["memory_per_gpu_bytes"]
+
+
+def test_rope_follows_the_preset_by_default_and_plan_shows_both(capsys):
+    """Llama-3.1-8B -> the llama-3.2-1b preset: Meta's 1B has llama3 factor 32 where the 8B has 8; the default
+    (auto) gives the preset's, `teacher` keeps the 8B's, and a key=value target (no RoPE of its own) keeps it too."""
+    from whelp.pruning.targets import plan_target
+
+    source = models.load_config("llama-3.1-8b")
+    assert source.rope_parameters["factor"] == 8.0
+    auto = plan_target(source, "llama-3.2-1b")
+    assert auto["source"]["rope"] == "llama3 theta=500000 factor=8 low=1 high=4 original=8192"
+    assert auto["target"]["rope"] == "llama3 theta=500000 factor=32 low=1 high=4 original=8192"
+    assert plan_target(source, "llama-3.2-1b", "teacher")["target"]["rope"] == auto["source"]["rope"]
+    assert plan_target(source, "num_hidden_layers=16")["target"]["rope"] == auto["source"]["rope"]
+    with pytest.raises(WhelpError, match="--rope target takes the RoPE of a preset"):
+        plan_target(source, "num_hidden_layers=16", "target")
+    stage = plan.plan_recipe(recipe.load("llama-3.2-1b"))["stages"][0]
+    assert stage["rope"] == {"source": auto["source"]["rope"], "target": auto["target"]["rope"]}
+    assert "RoPE llama3 theta=500000 factor=32" in plan.describe(stage)[1]
+    assert "(teacher: llama3 theta=500000 factor=8" in plan.describe(stage)[1]

@@ -203,6 +203,9 @@ def test_second_prune_reuses_scores_and_mismatched_scores_are_refused(tmp_path, 
     spec = PruneSpec(calib_samples=2, seq_len=16)
     first = prune_checkpoint(str(tmp_path / "teacher"), "intermediate_size=64", tmp_path / "a", spec)
     assert not first["scores_reused"]
+    # the scores are beside the model, not among the files a loader that globs *.safetensors reads as weights
+    assert [p.name for p in (tmp_path / "a").glob("*.safetensors")] == ["model.safetensors"]
+    assert (tmp_path / "a" / "scores" / "importance.safetensors").is_file()
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibrated again")

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.pruning import arch, importance, shards, streaming, surgery
+from whelp.pruning import arch, importance, moe, shards, streaming, surgery
 from whelp.pruning.api import prune
 from whelp.pruning.targets import parse_target
 
@@ -304,12 +304,12 @@ PLAN_TARGETS = list(AXIS_TARGETS.values()) + [
     "num_key_value_heads=1"]
 
 
-@pytest.mark.parametrize("family", ROWS)
-def test_plan_accepts_exactly_the_targets_prune_accepts(family, tmp_path):
-    model = teacher(family)
+def accepted_alike_by_plan_and_prune(model, tmp_path, targets) -> list[str]:
+    """The targets ``whelp plan`` accepts for ``model`` (saved to ``tmp_path``), asserting that ``whelp prune``
+    accepts the same ones with the same shape and refuses the others with the very message plan prints."""
     model.save_pretrained(tmp_path / "src")
     accepted = []
-    for target in PLAN_TARGETS:
+    for target in targets:
         try:
             small = prune(model, target, TOKENS[:2])
         except WhelpError as exc:
@@ -320,9 +320,16 @@ def test_plan_accepts_exactly_the_targets_prune_accepts(family, tmp_path):
         assert (result.exit_code == 0) == pruned_ok, (target, result.stderr, message)
         if pruned_ok:
             accepted.append(target)
-            assert models.shape(small.config) == parse_target(model.config, target).shape
+            shape = moe.moe_shape if moe.moe_family_of(model.config) else models.shape
+            assert shape(small.config) == parse_target(model.config, target).shape
         else:
             assert result.stderr == f"error: {message}\n"
+    return accepted
+
+
+@pytest.mark.parametrize("family", ROWS)
+def test_plan_accepts_exactly_the_targets_prune_accepts(family, tmp_path):
+    accepted = accepted_alike_by_plan_and_prune(teacher(family), tmp_path, PLAN_TARGETS)
     assert accepted == list(AXIS_TARGETS.values()) + [ALL_AXES, "tie_word_embeddings=true"]
 
 

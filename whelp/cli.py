@@ -214,7 +214,8 @@ def plan(model: str = typer.Argument(..., help="Teacher (model directory, regist
                                      "or a recipe (YAML path or shipped name)"),
          target: Optional[str] = typer.Option(None, "--target", help="Preset (llama-3.2-1b, llama-3.2-3b, "
                                               "smollm2-half, smollm2-quarter), a config.json, or key=value,... overrides"),
-         rope: str = typer.Option("teacher", "--rope", help="RoPE of the target: teacher or target (preset's)"),
+         rope: str = typer.Option("auto", "--rope", help="RoPE of the target: auto (a preset's or config.json "
+                                  "target's own, else the teacher's) | teacher | target"),
          set_: Optional[List[str]] = typer.Option(None, "--set", help="Recipe override key.path=value (repeatable)"),
          gpus: Optional[int] = typer.Option(None, "--gpus", help="Recipe: price on N GPUs (default 1)"),
          gpu: Optional[str] = typer.Option(None, "--gpu", help="Recipe: GPU kind h100 | a100 | h200, or its peak "

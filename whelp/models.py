@@ -13,7 +13,7 @@ from pathlib import Path
 from whelp.errors import WhelpError
 from whelp.output import quiet_loading
 from whelp.registry import REGISTRY, registered_dir
-from whelp.specs import LoadPolicy
+from whelp.specs import SAVE_DTYPES, LoadPolicy
 from whelp.store import atomic_dir
 
 SHAPE_KEYS = (
@@ -270,6 +270,22 @@ def stored_dtype(model_dir: Path) -> str:
         header = json.loads(f.read(header_len))
     names = sorted(k for k in header if k != "__metadata__")
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(header[names[0]]["dtype"], header[names[0]]["dtype"]) if names else "unknown"
+
+
+def save_dtype(choice: str, source: str | Path, config) -> str:
+    """The dtype an output's weights are written in: ``choice``, or for ``auto`` the dtype ``source`` (the model it
+    was made from) stores, so a bf16 teacher gives bf16 students (training itself keeps fp32 master weights).
+    Without safetensors to read, the config's ``dtype`` says; a source that stores neither a float dtype nor names
+    one is refused rather than guessed."""
+    if choice != "auto":
+        return choice
+    stored = stored_dtype(Path(source)) if Path(source).is_dir() else "unknown"
+    named = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "").replace("torch.", "")
+    for dtype in (stored, named):
+        if dtype in SAVE_DTYPES[1:]:
+            return dtype
+    raise WhelpError(f"cannot tell the dtype of {source} (stored {stored}, config {named or 'none'}); pass "
+                     "--save-dtype float32|bfloat16|float16")
 
 
 def inspect(name_or_path: str, policy: LoadPolicy = LoadPolicy()) -> dict:

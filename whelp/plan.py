@@ -100,7 +100,7 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
     (whelp.pricing.prune_memory), and the target's sized config."""
     from whelp.pruning.scores import check_scores_file
     from whelp.pruning.surgery import target_config
-    from whelp.pruning.targets import first_keep, parse_target, target_rope
+    from whelp.pruning.targets import first_keep, parse_target, rope_summary, target_rope
 
     where, source_cfg = f"recipe.prune[{index}]", source["config"]
     text = step.target if shape is None else ",".join(f"{k}={str(shape[k]).lower()}" for k in models.SHAPE_KEYS)
@@ -119,6 +119,7 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope),
                         str(step.target))
     return {"stage": f"prune[{index}]", "kind": "prune", "target": str(step.target), "shape": _params(target),
+            "rope": {"source": rope_summary(source_cfg), "target": rope_summary(target["config"])},
             "tokens": spec.calib_samples * spec.seq_len,
             "flops": pricing.prune_flops(spec, source["params"], source_cfg.num_hidden_layers),
             "parallel": False, "device": "cpu", "memory": pricing.prune_memory(source["params"]),
@@ -347,7 +348,9 @@ def _describe(stage: dict) -> tuple[str, str, str, str]:
                 f"store {stage['store_bytes'] / 1e9:,.3f} GB (the data source 'generated')")
     if stage["kind"] == "prune":
         shape = stage["shape"]
-        return (stage["stage"], f"-> {stage['target']}: {_dims(shape)}", f"{shape['params']:,}",
+        rope = stage["rope"]["target"] + ("" if stage["rope"]["target"] == stage["rope"]["source"] else
+                                          f" (teacher: {stage['rope']['source']})")
+        return (stage["stage"], f"-> {stage['target']}: {_dims(shape)}; RoPE {rope}", f"{shape['params']:,}",
                 describe_data(stage["data"]))
     if stage["kind"] == "capture":
         return (stage["stage"], f"{stage['tokens']:,} tokens of {stage['teacher']} logits ({stage['mode']} "

@@ -18,7 +18,8 @@ from whelp.schema import check_types
 IMPORTANCE = ("activation", "magnitude", "taylor", "random")
 LAYER_IMPORTANCE = ("block", "loss")
 TIE = ("embedding", "lm_head", "mean")
-ROPE = ("teacher", "target")
+ROPE = ("auto", "teacher", "target")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 ON_POLICY_LOSSES = ("reverse_kl", "jsd", "forward_kl")  # GKD's divergences
 SCHEDULES = ("constant", "linear", "cosine")
@@ -131,10 +132,14 @@ class PruneSpec:
     batch_size: int = opt(4, "Calibration blocks per forward")
     tie: Literal["embedding", "lm_head", "mean"] = opt(
         "embedding", "Init of the shared matrix when an untied teacher becomes tied: embedding | lm_head | mean")
-    rope: Literal["teacher", "target"] = opt("teacher", "RoPE of the target: teacher or target (preset's)")
+    rope: Literal["auto", "teacher", "target"] = opt(
+        "auto", "RoPE of the pruned model: auto (a preset's or config.json target's own, else the teacher's) | "
+        "teacher | target")
     stream: bool | None = opt(None, "Prune from the shards layer by layer (default: only when the teacher does not "
                               "fit in memory)")
-    scores: str | None = opt(None, "Reuse a saved importance.safetensors")
+    scores: str | None = opt(None, "Reuse saved scores (a pruned model's scores/importance.safetensors)")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype of the written weights: auto (what the source model stores) | float32 | bfloat16 | float16")
     seed: int = opt(0, "Seed of the calibration blocks and of random importance")
 
     def __post_init__(self):
@@ -142,6 +147,7 @@ class PruneSpec:
         _require([_choice("importance", self.importance, IMPORTANCE),
                   _choice("layer importance", self.layer_importance, LAYER_IMPORTANCE),
                   _choice("tie", self.tie, TIE), _choice("rope", self.rope, ROPE),
+                  _choice("save_dtype", self.save_dtype, SAVE_DTYPES),
                   *_positive(self, ("calib_samples", "batch_size")),
                   (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}")])
         parse_mixture(self.calib)
@@ -266,6 +272,8 @@ class DistillSpec:
     seed: int = opt(0, "Seed of the data order")
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
         "auto", "Autocast dtype: auto (bf16 on CUDA, else fp32) | float32 | bfloat16; master weights stay fp32")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype of the written weights: auto (what the source model stores) | float32 | bfloat16 | float16")
     grad_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower)")
     save_every: int = opt(0, "Checkpoint every N steps (0: only at the end)")
     keep_last: int = opt(2, "Checkpoints kept")
@@ -280,7 +288,8 @@ class DistillSpec:
                   *_positive(self, ("steps", "max_tokens", "batch_size", "grad_accum", "keep_last", "eval_tokens")),
                   (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
                   *_non_negative(self, ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "save_every")),
-                  _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))])
+                  _choice("dtype", self.dtype, ("auto", "float32", "bfloat16")),
+                  _choice("save_dtype", self.save_dtype, SAVE_DTYPES)])
         self._check_on_policy()
         self.loss_spec()
         if self.steps is not None:
@@ -359,7 +368,8 @@ class EvalSpec:
                                  "whelp_pydoc_next)", cli="csv")
     include_paths: tuple[str, ...] = opt((), "Directory of extra lm-eval task YAMLs", flag="--include-path")
     limit: int | None = opt(None, "At most N documents per lm-eval task")
-    seq_len: int = opt(512, "Perplexity window and lm-eval context, in tokens")
+    seq_len: int = opt(512, "Perplexity window, in tokens")
+    max_length: int | None = opt(None, "lm-eval context in tokens (default: the model's, as stock lm-eval)")
     stride: int | None = opt(None, "Sliding-window stride (default: --seq-len)")
     max_tokens: int | None = opt(None, "Read at most N tokens per perplexity source")
     batch_size: int = opt(4, "Windows / lm-eval requests per forward")
@@ -372,7 +382,7 @@ class EvalSpec:
         _require([(self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
                   (self.stride is None or 1 <= self.stride <= self.seq_len,
                    f"stride must be between 1 and seq_len ({self.seq_len}), got {self.stride}"),
-                  *_positive(self, ("limit", "max_tokens", "batch_size")),
+                  *_positive(self, ("limit", "max_tokens", "batch_size", "max_length")),
                   _choice("dtype", self.dtype, ("float32", "bfloat16", "float16")),
                   _device(self.device)])
         for source in self.ppl:

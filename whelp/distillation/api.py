@@ -107,7 +107,7 @@ def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tupl
         report.update(student=student, teachers=identity["teachers"], caches=identity["caches"], spec=asdict(spec),
                       world_size=world.size, run_dir=str(rdir),
                       history=run_state.history(rdir) if world.main else [])
-        _save_student(t.model, lm, tokenizer, out, force, report, world, stage_key)
+        _save_student(t.model, lm, tokenizer, out, force, report, world, stage_key, student, spec)
         return report
     finally:
         parallel.close_world(world)
@@ -179,12 +179,14 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
             "final": last, "eval_start": first_eval, "eval_end": loop.held_out(t), "wall_s": time.perf_counter() - t0}
 
 
-def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, world, stage_key) -> None:
-    """Gather the full fp32 weights and write ``out`` from rank 0 as a plain (unsharded) HF model."""
+def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, world, stage_key, student: str,
+                  spec: DistillSpec) -> None:
+    """Gather the full fp32 weights and write ``out`` from rank 0 as a plain (unsharded) HF model, in the
+    ``save_dtype`` of ``spec`` (auto: the dtype the ``student`` it started from stores)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from whelp.models import save_model
+    from whelp.models import save_dtype, save_model
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.main:
@@ -193,7 +195,8 @@ def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, wo
         plain.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()}, assign=True)
         plain.tie_weights()
         plain.config.use_cache = True
-        save_model(plain.eval(), tokenizer, out, force=force, stage_key=stage_key,
+        dtype = getattr(torch, save_dtype(spec.save_dtype, student, lm.config))
+        save_model(plain.eval().to(dtype), tokenizer, out, force=force, stage_key=stage_key,
                    extra={"distill_report.json": json.dumps(report, indent=2)})
     if world.size > 1:
         torch.distributed.barrier()

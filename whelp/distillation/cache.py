@@ -65,23 +65,44 @@ def id_bits(vocab: int) -> int:
     return max(1, (vocab - 1).bit_length())
 
 
+ROWS = 8  # positions per pass of the [n, V] reductions on a CPU: an [8, V] block stays in cache (1.5 MB at V = 49K)
+
+
+def _row_blocks(z: Tensor) -> list[slice]:
+    """Row blocks of ``z`` [n, V]: ROWS rows on a CPU, where a full [n, V] temporary costs more in page faults and
+    memory traffic than the exp itself (measured: 94 ms vs 34 ms for the exp of [1024, 49152]), all rows on an
+    accelerator (one kernel a reduction)."""
+    step = ROWS if z.device.type == "cpu" else max(1, len(z))
+    return [slice(s, s + step) for s in range(0, len(z), step)]
+
+
+def _logsumexp(z: Tensor, top: Tensor) -> Tensor:
+    """logsumexp [n, 1] of ``z`` [n, V] around its row maxima ``top`` [n, 1] (top-k has found them)."""
+    return top + torch.cat([(z[b] - top[b]).exp_().sum(-1, keepdim=True) for b in _row_blocks(z)]).log_()
+
+
 def sparse_targets(logits: Tensor, mode: str, k: int, temperature: float,
                    generator: torch.Generator | None = None) -> SparseTarget:
     """Sparse targets of teacher logits [n, V] at temperature T: top-k (+ tail mass) or k samples (+ entropy).
-    Top-k never writes a full [n, V] log-softmax: its log-probs are the top logits minus their logsumexp."""
+    Neither writes a full [n, V] log-softmax: top-k log-probs are the top logits minus their logsumexp; samples
+    are drawn from the unnormalised exp(z - max) and the entropy is log S - sum(e (z - max)) / S."""
     z = logits.float() if temperature == 1 else logits.float() / temperature
     vocab = logits.shape[-1]
     if mode == "topk":
         values, ids = z.topk(min(k, vocab), dim=-1)
-        values = values - torch.logsumexp(z, -1, keepdim=True)
+        values = values - _logsumexp(z, values[:, :1])
         tail = (-torch.expm1(torch.logsumexp(values, -1))).clamp_min(0)
         return SparseTarget("topk", ids, temperature, vocab, logp=values, tail=tail)
     if mode == "sample":
-        logp = torch.log_softmax(z, dim=-1)
-        p = logp.exp()
-        draws = torch.multinomial(p, k, replacement=True, generator=generator).sort(-1).values
-        entropy = -(p * logp).sum(-1)
-        return SparseTarget("sample", draws, temperature, vocab, entropy=entropy)
+        draws, entropy = [], []
+        for b in _row_blocks(z):
+            block = z[b] - z[b].amax(-1, keepdim=True)
+            e = block.exp()
+            total = e.sum(-1)
+            draws.append(torch.multinomial(e, k, replacement=True, generator=generator))
+            entropy.append(total.log() - (e * block).sum(-1) / total)
+        return SparseTarget("sample", torch.cat(draws).sort(-1).values, temperature, vocab,
+                            entropy=torch.cat(entropy))
     raise WhelpError(f"unknown cache mode '{mode}'; choose topk or sample")
 
 

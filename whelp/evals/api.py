@@ -105,7 +105,7 @@ def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
                        "memory_bytes": model.get_memory_footprint()},
               "perplexity": ppl, "lm_eval": {"scores": {}, "higher_is_better": {}}}
     if spec.tasks:
-        result["lm_eval"] = run_tasks(model, tokenizer, spec.tasks, manager, spec.limit, spec.seq_len, spec.batch_size)
+        result["lm_eval"] = run_tasks(model, tokenizer, spec.tasks, manager, spec.limit, spec.max_length, spec.batch_size)
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -173,6 +173,8 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
             config, own, tokens[label] = model.config, tokenizer, shared
         tokenizers[label] = tokenizer_hash(own)
         check_positions(config, spec.seq_len, "--seq-len")
+        if spec.max_length is not None:
+            check_positions(config, spec.max_length, "--max-length")
         check_positions(config, spec.speed.prompt_len + spec.speed.new_tokens, "--speed-prompt-len + new tokens")
     return manager, tokens, tokenizers
 

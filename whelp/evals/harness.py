@@ -102,11 +102,13 @@ def flatten_results(results: dict) -> dict[str, float]:
 
 
 def run_tasks(model, tokenizer, tasks: tuple[str, ...], manager, limit: int | None = None,
-              max_length: int = 512, batch_size: int = 4) -> dict:
+              max_length: int | None = None, batch_size: int = 4) -> dict:
     """Scores of ``model`` on lm-eval ``tasks`` (names checked by ``task_manager``):
     ``{"scores": {"task/metric": value}, "higher_is_better": {"task/metric": bool}}``.
 
-    ``max_length`` is HFLM's context window (rolling-loglikelihood windows have this many tokens);
+    ``max_length`` is HFLM's context window (rolling-loglikelihood windows have this many tokens); None lets lm-eval
+    take the model's own (``max_position_embeddings``...), so the numbers equal the stock ``lm_eval`` CLI's. It is
+    independent of whelp's perplexity window: a short window must not truncate a task's long answers.
     ``limit`` caps the documents per task (lm-eval marks such results as not for reporting).
     """
     from lm_eval import simple_evaluate
@@ -123,8 +125,8 @@ def run_tasks(model, tokenizer, tasks: tuple[str, ...], manager, limit: int | No
         except AssertionError as exc:  # lm-eval asserts that each request fits its context
             if "max_length" not in str(exc) and "continuation" not in traceback_text(exc):
                 raise
-            raise WhelpError(f"a request of {', '.join(tasks)} is longer than the {max_length}-token context; "
-                             "raise --seq-len (lm-eval's context)") from None
+            raise WhelpError(f"a request of {', '.join(tasks)} is longer than the {lm.max_length}-token lm-eval "
+                             "context; raise --max-length (or drop it: the model's own context)") from None
     higher = {f"{task}/{metric}": bool(better) for task, metrics in out["higher_is_better"].items()
               for metric, better in metrics.items() if better is not None}
     return {"scores": flatten_results(out["results"]), "higher_is_better": higher}

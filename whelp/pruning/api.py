@@ -207,7 +207,8 @@ def _prune_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timin
     timings["load_s"] = time.perf_counter() - t
     pruned, scores, kept, details = _prune(model, parsed, tokens, spec, scores)
     t = time.perf_counter()
-    models.write_model(pruned, tokenizer, out)
+    dtype = models.save_dtype(spec.save_dtype, source_dir, model.config)
+    models.write_model(pruned.to(getattr(torch, dtype)), tokenizer, out)
     timings["save_s"] = time.perf_counter() - t
     return scores, kept, details
 
@@ -220,7 +221,8 @@ def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timi
     with Progress(f"streaming calibration ({spec.importance})", n_layers) as bar:
         keep, _, scores = streaming.prune_streaming(
             source_dir, out, parsed, tokens, method=spec.importance, layer_method=spec.layer_importance,
-            tie=spec.tie, rope=spec.rope, scores=scores, batch_size=spec.batch_size, progress=bar.advance)
+            tie=spec.tie, rope=spec.rope, scores=scores, batch_size=spec.batch_size, progress=bar.advance,
+            save_dtype=models.save_dtype(spec.save_dtype, source_dir, models.load_config(str(source_dir), policy)))
     timings["stream_s"] = time.perf_counter() - t
     tie = {"init": keep.tie, "kl": None} if keep.tie else None  # KL needs the whole teacher in memory
     return scores, kept_report(keep), {"path": "streaming", "tie": tie, "rope": spec.rope}

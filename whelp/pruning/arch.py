@@ -145,7 +145,8 @@ def family_of(config) -> Family | None:
 def families_table() -> str:
     """The README's families x axes table (markdown), rendered from ``FAMILIES``: "exact" where pruning equals
     zeroing the removed units, "yes" where the axis prunes without that equivalence, "-" where it does not prune;
-    the last row is the generic path (generic.py) that serves every other decoder torch-pruning can trace."""
+    then the mixture-of-experts families (moe.py), and last the generic path (generic.py) that serves every other
+    decoder torch-pruning can trace."""
     from whelp.pruning.generic import WIDTH_KEYS
 
     head = "| family | " + " | ".join(AXES.values()) + " | notes |"
@@ -153,6 +154,13 @@ def families_table() -> str:
     for name, family in FAMILIES.items():
         cells = ["exact" if key in family.exact else "yes" for key in AXES]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {family.note} |")
+    from whelp.pruning.moe import MOE_FAMILIES
+
+    for name, moe in MOE_FAMILIES.items():  # moe.py: the expert axis, and each expert's FFN as the MLP
+        cells = ["exact" if key == "intermediate_size" else "-" for key in AXES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | experts (`{moe.experts_key}`): whole experts by REAP "
+                     f"saliency, exact where the router renormalises its top-k; MLP: each expert's `{moe.ffn_key}`; "
+                     "in memory only |")
     cells = [("exact" if key != "hidden_size" else "yes") if key in WIDTH_KEYS else "-" for key in AXES]
     lines.append("| any other (generic path, `whelp[generic]`) | " + " | ".join(cells)
                  + " | torch-pruning's dependency graph, in memory only; no streaming |")

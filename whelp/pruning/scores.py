@@ -1,7 +1,9 @@
 """Saved importance scores: safetensors files keyed by (teacher files, calibration data, method), reused across prunes.
 
-Scores are cached under ``$WHELP_HOME/scores`` and copied next to each output as ``importance.safetensors``, so a
-second prune of the same teacher on the same calibration data, to any shape, skips calibration.
+Scores are cached under ``$WHELP_HOME/scores`` and copied into each output as ``scores/importance.safetensors``, so a
+second prune of the same teacher on the same calibration data, to any shape, skips calibration. They sit in a
+subdirectory because serving loaders (vLLM, TGI, llama.cpp's converter) read every top-level ``*.safetensors`` of a
+model directory as weights.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from whelp import store
 from whelp.errors import WhelpError
 from whelp.pruning import importance
 
-SCORES_FILE = "importance.safetensors"
+SCORES_FILE = "scores/importance.safetensors"  # relative to a pruned model directory
 
 
 def scores_meta(source_dir: Path, fingerprint: str, method: str) -> dict:

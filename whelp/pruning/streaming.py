@@ -115,12 +115,15 @@ def sliced_tensors(shards: dict[str, Path], keep, family, source_cfg, target_cfg
 
 
 def write_pruned(source_dir: Path, out_dir: Path, keep, family, source_cfg, target_cfg, force: bool = False,
-                 shard_bytes: int = 1 << 30, extra: dict[str, str] | None = None) -> Path:
+                 shard_bytes: int = 1 << 30, extra: dict[str, str] | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
     """Surgery shard to shard: the pruned checkpoint (shards, index, config, tokenizer, ``extra`` text
-    files) written to a temporary sibling of ``out_dir`` and renamed into place."""
+    files) written to a temporary sibling of ``out_dir`` and renamed into place; tensors cast to ``dtype`` if
+    given, else as stored."""
     shards = weight_map(Path(source_dir))
+    tensors = sliced_tensors(shards, keep, family, source_cfg, target_cfg)
     with atomic_dir(out_dir, force) as tmp:
-        write_shards(sliced_tensors(shards, keep, family, source_cfg, target_cfg), tmp, shard_bytes)
+        write_shards(((n, t.to(dtype)) for n, t in tensors) if dtype is not None else tensors, tmp, shard_bytes)
         target_cfg.save_pretrained(tmp)
         copy_side_files(Path(source_dir), tmp)
         for name, text in (extra or {}).items():
@@ -249,14 +252,14 @@ def streaming_scores(source_dir: Path, config, tokens: Tensor, method: str = "ac
 
 def prune_streaming(source_dir: str | Path, out_dir: str | Path, target, tokens: Tensor | None = None, *,
                     method: str = "activation", layer_method: str = "block", tie: str | None = None,
-                    rope: str = "teacher", scores: dict[str, Tensor] | None = None, batch_size: int = 4,
+                    rope: str = "auto", scores: dict[str, Tensor] | None = None, batch_size: int = 4,
                     dtype: torch.dtype = torch.float32, force: bool = False, shard_bytes: int = 1 << 30,
-                    extra: dict[str, str] | None = None, progress=None):
+                    extra: dict[str, str] | None = None, progress=None, save_dtype: str | None = None):
     """Prune the checkpoint in ``source_dir`` to ``target`` (a ``targets.Target``) without loading it.
 
     ``scores`` (e.g. a saved importance.safetensors) skip calibration; otherwise ``tokens`` [N, T]
     are the calibration blocks. Returns ``(keep, target_config, scores)``; the checkpoint (weights in
-    the source's stored dtype) lands in ``out_dir`` atomically with ``extra`` text files.
+    ``save_dtype``, default the source's stored dtype) lands in ``out_dir`` atomically with ``extra`` text files.
     """
     if layer_method != "block" and f"layers.{layer_method}" not in (scores or {}):
         raise WhelpError(f"layer importance '{layer_method}' runs the whole model once per layer and cannot stream; "
@@ -269,5 +272,8 @@ def prune_streaming(source_dir: str | Path, out_dir: str | Path, target, tokens:
         scores = streaming_scores(Path(source_dir), config, tokens, method, batch_size, dtype, progress)
     keep = select(scores, config, target.shape, layer_method, tie)
     target_cfg = target_config(config, keep, target_rope(target, rope))
-    write_pruned(Path(source_dir), Path(out_dir), keep, family, config, target_cfg, force, shard_bytes, extra)
+    if save_dtype is not None:
+        target_cfg.dtype = save_dtype
+    write_pruned(Path(source_dir), Path(out_dir), keep, family, config, target_cfg, force, shard_bytes, extra,
+                 getattr(torch, save_dtype) if save_dtype is not None else None)
     return keep, target_cfg, scores

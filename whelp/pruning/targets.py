@@ -179,8 +179,11 @@ def first_keep(source_cfg, shape: dict, tie: str | None = "embedding") -> Keep:
 
 
 def target_rope(target: Target, policy: str) -> dict | None:
-    """The RoPE parameters the pruned config gets: the target's for ``rope: target``, None (the teacher's) else."""
-    if policy != "target":
+    """The RoPE parameters the pruned config gets: None (the teacher's) for ``teacher``; the target's for
+    ``target`` (refused when it has none) and for ``auto`` when it has one. ``auto`` is the default because a
+    preset names the model it stands for: Llama-3.2-1B's llama3 RoPE factor is 32 where its teacher Llama-3.1-8B
+    has 8 (Meta's configs), and ``key=value`` targets have no RoPE of their own."""
+    if policy == "teacher" or (policy == "auto" and target.rope_parameters is None):
         return None
     if target.rope_parameters is None:
         raise WhelpError(f"--rope target takes the RoPE of a preset or config.json target, and '{target.name}' has "
@@ -188,7 +191,25 @@ def target_rope(target: Target, policy: str) -> dict | None:
     return target.rope_parameters
 
 
-def plan_target(source_cfg, target: str, rope: str = "teacher") -> dict:
+def rope_summary(config) -> str:
+    """The RoPE of a config in one line (``default theta=100000``, ``llama3 theta=500000 factor=32``; Gemma 3:
+    one entry per layer type), for plans and tables."""
+    params = getattr(text_config(config), "rope_parameters", None) or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return "; ".join(f"{kind}: {rope_summary_of(v)}" for kind, v in params.items())
+    return rope_summary_of(params)
+
+
+def rope_summary_of(params: dict) -> str:
+    if not params:
+        return "none"
+    short = {"rope_theta": "theta", "factor": "factor", "low_freq_factor": "low", "high_freq_factor": "high",
+             "original_max_position_embeddings": "original"}
+    return " ".join([params.get("rope_type", "default")]
+                    + [f"{name}={params[key]:g}" for key, name in short.items() if params.get(key) is not None])
+
+
+def plan_target(source_cfg, target: str, rope: str = "auto") -> dict:
     """Source and target shape + total params of pruning ``source_cfg`` to ``target``; no weights loaded."""
     from whelp.pruning import moe
 
@@ -203,6 +224,7 @@ def plan_target(source_cfg, target: str, rope: str = "teacher") -> dict:
     out = {}
     for side, config in (("source", source_cfg), ("target", cfg)):
         total, non_embedding = models.count_params(config)
-        out[side] = {**models.shape(config), "params": total, "non_embedding_params": non_embedding}
+        out[side] = {**models.shape(config), "params": total, "non_embedding_params": non_embedding,
+                     "rope": rope_summary(config)}
     return out
 
