@@ -54,7 +54,7 @@ def test_final_directory_holds_student_card_metrics_and_report(finished):
     assert [m["label"] for m in metrics["models"]] == ["teacher", "pruned", "distilled"]
     card = ModelCard.load(final / "README.md")
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    ppl = {r.dataset_name: r.metric_value for r in card.data.eval_results}
+    ppl = {r.dataset_name: r.metric_value for r in card.data.eval_results if r.metric_type == "perplexity"}
     assert ppl == {"pydoc:eval": round(metrics["models"][-1]["perplexity"]["pydoc:eval"]["ppl"], 4)}
     assert (final / "report.md").read_text().split("\n", 1)[1].strip() in card.text
     ppl_teacher = metrics["models"][0]["perplexity"]["pydoc:eval"]["ppl"]
@@ -153,3 +153,29 @@ def test_only_the_builds_own_unused_stage_outputs_are_removed(tmp_path):
     _remove_unused(stages, [kept])
     assert sorted(p.name for p in stages.iterdir()) == sorted(
         [kept.dirname, "mymodel", "01-prune-" + "e" * 16, "04-prune-" + "f" * 16])
+
+
+def test_every_output_kind_loads_in_stock_transformers_with_a_config_that_matches_its_tensors(finished):
+    """The pruned stage, the distilled stage and the final student: no missing, unexpected or mismatched keys, the
+    config's shape and dtype are the tensors', and the only top-level safetensors are weights (pruning scores sit
+    in scores/, where no loader globs)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from whelp import models
+
+    stages = finished / "stages"
+    outputs = {kind: next(p for p in stages.glob(f"*-{stage}-*") if not p.suffix)  # not the run's NN-distill-K.distill
+               for kind, stage in (("pruned", "prune"), ("distilled", "distill"))} | {"final": finished / "final"}
+    for kind, directory in outputs.items():
+        model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, dtype="auto")
+        assert {k: v for k, v in info.items() if v} == {}, (kind, info)
+        config = AutoConfig.from_pretrained(directory)
+        assert models.shape(model.config) == models.shape(config) == {
+            "num_hidden_layers": 4, "hidden_size": 192, "intermediate_size": 256, "num_attention_heads": 3,
+            "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}, kind
+        assert model.dtype == getattr(torch, str(config.dtype).replace("torch.", "")) == torch.float32, kind
+        assert [p.name for p in directory.glob("*.safetensors")] == ["model.safetensors"], kind
+        weights = load_weights(directory)
+        layer = weights["model.layers.0.mlp.up_proj.weight"]
+        assert layer.shape == (256, 192) and weights["model.embed_tokens.weight"].shape == (49152, 192), kind

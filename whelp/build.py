@@ -289,6 +289,9 @@ def build(recipe: Recipe, out: str | Path | None = None, force: bool = False,
     ``force`` runs every stage again; each output (only ever whelp's own) is replaced when its new version is
     complete.
     """
+    from whelp.card import license_of
+
+    license_of(recipe)  # a model card the build could not write (a gated teacher, no licence) fails now, not last
     out = build_dir(recipe, out)
     _claim(out)
     stages_dir = out / "stages"

