@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from whelp.errors import WhelpError
+from whelp.hf_compat import write_legacy_fields
 from whelp.output import quiet_loading
 from whelp.registry import REGISTRY, registered_dir
 from whelp.specs import SAVE_DTYPES, LoadPolicy
@@ -174,6 +175,7 @@ def write_model(model, tokenizer, directory: Path, extra: dict[str, str] | None 
         model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    write_legacy_fields(directory)
     for name, text in (extra or {}).items():
         (directory / name).write_text(text)
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from whelp.errors import WhelpError
+from whelp.hf_compat import write_legacy_fields
 from whelp.models import load_config, stored_dtype
 from whelp.store import atomic_dir
 from whelp.pruning.arch import SQRT_HIDDEN, family_of
@@ -126,6 +127,7 @@ def write_pruned(source_dir: Path, out_dir: Path, keep, family, source_cfg, targ
         write_shards(((n, t.to(dtype)) for n, t in tensors) if dtype is not None else tensors, tmp, shard_bytes)
         target_cfg.save_pretrained(tmp)
         copy_side_files(Path(source_dir), tmp)
+        write_legacy_fields(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
     return Path(out_dir).expanduser()
