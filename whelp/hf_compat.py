@@ -14,9 +14,9 @@ beside the new fields, the ones 4.x reads (``rope_theta``, ``rope_scaling``, ``p
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from whelp import store
 from whelp.errors import WhelpError
 
 # 5.x class names -> the 4.x class that reads the same files (tokenizer.json, verbatim)
@@ -42,9 +42,7 @@ def _rewrite(path: Path, convert) -> None:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise WhelpError(f"cannot add transformers 4.x fields to {path} ({exc}); re-save the checkpoint") from None
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(convert(data), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    store.write_text(path, json.dumps(convert(data), indent=2, sort_keys=True) + "\n")
 
 
 def legacy_config(config: dict) -> dict:

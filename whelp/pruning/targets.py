@@ -196,11 +196,11 @@ def rope_summary(config) -> str:
     one entry per layer type), for plans and tables."""
     params = getattr(text_config(config), "rope_parameters", None) or {}
     if params and all(isinstance(v, dict) for v in params.values()):
-        return "; ".join(f"{kind}: {rope_summary_of(v)}" for kind, v in params.items())
-    return rope_summary_of(params)
+        return "; ".join(f"{kind}: {_rope_line(v)}" for kind, v in params.items())
+    return _rope_line(params)
 
 
-def rope_summary_of(params: dict) -> str:
+def _rope_line(params: dict) -> str:
     if not params:
         return "none"
     short = {"rope_theta": "theta", "factor": "factor", "low_freq_factor": "low", "high_freq_factor": "high",
