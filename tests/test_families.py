@@ -23,6 +23,8 @@ FAMILIES = {
     "granite": {"logits_scaling": 0.25}, "cohere": {"logit_scale": 4.0}, "olmo2": {}, "phi3": {"pad_token_id": 0},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48, "mlp_only_layers": [1]},
     "gpt2": None, "gpt_neox": None,
 }
 TRANSFORMED = ("gemma2", "gemma3_text", "granite", "cohere")
@@ -159,7 +161,7 @@ def test_in_memory_distill_with_a_live_teacher_and_a_cache(family, tmp_path):
 
 # --- every verb through the CLI: exit 0 or one `error:` line, never a traceback ----------------------------------
 
-TARGETS = {"qwen3_moe": "moe_intermediate_size=16"}
+TARGETS = {"qwen3_moe": "moe_intermediate_size=16", "qwen2_moe": "num_experts=2,hidden_size=48"}
 SMALL = ("--seq-len", "16", "--batch-size", "4", "--eval-tokens", "64")
 
 
@@ -278,14 +280,17 @@ def test_gpt2_mlp_prunes_exactly_through_its_conv1d_layers(extra, tmp_path):
 
 MOE_TARGETS = ["num_local_experts=2", "num_experts=2", "num_experts_per_tok=1", "moe_intermediate_size=16"]
 SAME = "num_hidden_layers=2"  # these tiny models have 2 layers: a no-op target every family accepts
+_EVERY_AXIS = [SAME, "hidden_size=48", "intermediate_size=96", "num_attention_heads=2",
+               "num_key_value_heads=1,num_attention_heads=2", "head_dim=8",
+               "num_hidden_layers=2,hidden_size=48,intermediate_size=96,num_attention_heads=1,num_key_value_heads=1,"
+               "head_dim=8,tie_word_embeddings=true", "tie_word_embeddings=true"]
 ACCEPTED = {  # beyond these, plan and prune refuse alike (test_prune_families covers the dense rows)
-    "llama": [SAME, "hidden_size=48", "intermediate_size=96", "num_attention_heads=2",
-              "num_key_value_heads=1,num_attention_heads=2", "head_dim=8",
-              "num_hidden_layers=2,hidden_size=48,intermediate_size=96,num_attention_heads=1,num_key_value_heads=1,"
-              "head_dim=8,tie_word_embeddings=true", "tie_word_embeddings=true"],
+    "llama": _EVERY_AXIS,
     "cohere": [SAME, "hidden_size=48", "intermediate_size=96", "num_attention_heads=2"],
-    "mixtral": [SAME, "intermediate_size=96", "num_local_experts=2", "num_experts=2", "num_experts_per_tok=1"],
-    "qwen3_moe": [SAME, "num_local_experts=2", "num_experts=2", "num_experts_per_tok=1", "moe_intermediate_size=16"],
+    # MoE: every dense axis too (Mixtral's MLP is each expert's FFN; it has no moe_intermediate_size)
+    "mixtral": _EVERY_AXIS + ["num_local_experts=2", "num_experts=2", "num_experts_per_tok=1"],
+    "qwen3_moe": _EVERY_AXIS + ["num_local_experts=2", "num_experts=2", "num_experts_per_tok=1",
+                                "moe_intermediate_size=16"],
     "gpt2": [SAME, "intermediate_size=96"], "gpt_neox": [SAME, "intermediate_size=96"]}
 
 

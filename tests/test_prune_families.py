@@ -146,7 +146,7 @@ def zeroed_equivalents(model):
                 if proj.bias is not None:
                     proj.bias[dropped] = 0
     out["head_dim"] = (with_keep(model, head_dims=dims), restricted)
-    assert set(out) == set(arch.AXES) - {"hidden_size"}
+    assert set(out) == set(arch.AXES) - {"hidden_size", "num_experts"}
     return out
 
 

@@ -12,6 +12,7 @@ from conftest import logits, run_cli, save_tiny, tiny_model, tiny_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from whelp import models
 from whelp.errors import WhelpError
 from whelp.pruning import moe
 from whelp.pruning import scores as saved
@@ -144,8 +145,9 @@ def test_fewer_experts_than_top_k_is_refused_in_one_line(family, tmp_path):
         parse_target(cfg, f"{experts_key(family)}=1")
     assert "\n" not in str(err.value)
     assert parse_target(cfg, "num_local_experts=1,num_experts_per_tok=1").shape[experts_key(family)] == 1
-    with pytest.raises(WhelpError, match="changes the experts only"):
-        parse_target(cfg, "num_local_experts=4,hidden_size=32")
+    with pytest.raises(WhelpError, match="is a dense Llama shape and this teacher is") as err:
+        parse_target(cfg, "llama-3.2-1b")
+    assert "\n" not in str(err.value)
     cfg.save_pretrained(tmp_path)
     result = run_cli("plan", str(tmp_path / "config.json"), "--target", "num_local_experts=1")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "num_experts_per_tok=2" in result.stderr
@@ -215,3 +217,194 @@ def test_a_recipe_plan_prunes_the_experts_of_an_moe_teacher(tmp_path):
                             {**moe.moe_shape(tiny_model("mixtral", **MOE["mixtral"]).config), "num_local_experts": 4})
     assert planned["stages"][0]["shape"]["num_local_experts"] == planned["student"]["num_local_experts"] == 4
     assert planned["student"]["params"] == moe.count_moe_params(target)["params"]
+
+
+# --- the dense axes of MoE teachers (the family table rows of arch.py), in memory and streaming -------------------
+
+TOKENS = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+def deep(family, **extra):
+    """A 3-layer MoE teacher (Qwen2-MoE: layer 1 dense, ``mlp_only_layers``) with attention biases where the family
+    has them."""
+    kw = {**MOE[family], "num_hidden_layers": 3, **extra}
+    if family != "mixtral":
+        kw["attention_bias"] = family == "qwen3_moe" or kw.get("attention_bias", False)
+    return tiny_model(family, **kw)
+
+
+def axis_targets(family) -> dict[str, str]:
+    ffn = moe.MOE_FAMILIES[family].ffn_key
+    every = (f"num_hidden_layers=2,hidden_size=48,num_attention_heads=1,num_key_value_heads=1,head_dim=8,"
+             f"num_local_experts=3,num_experts_per_tok=1,{ffn}=16,tie_word_embeddings=true")
+    out = {"layers": "num_hidden_layers=2", "hidden": "hidden_size=48", "heads": "num_attention_heads=2",
+           "kv_heads": "num_key_value_heads=1,num_attention_heads=2", "head_dim": "head_dim=8",
+           "experts": "num_local_experts=3", "top_k": "num_experts_per_tok=1", "expert_ffn": f"{ffn}=16",
+           "every": every}
+    if family == "qwen2_moe":  # its dense layer's MLP
+        out["mlp"] = "intermediate_size=96"
+        out["every"] += ",intermediate_size=96"
+    return out
+
+
+@pytest.mark.parametrize("family,axis", [(f, axis) for f in FAMILIES for axis in axis_targets(f)])
+def test_every_axis_loads_in_stock_transformers_with_a_config_that_matches_its_tensors(family, axis, tmp_path):
+    targets = axis_targets(family)
+    teacher = deep(family)
+    small = prune(teacher, targets[axis], TOKENS)
+    want = parse_target(teacher.config, targets[axis]).shape
+    assert moe.shape_of(small.config) == want
+    small.save_pretrained(tmp_path / "out")
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True,
+                                                        attn_implementation="eager")
+    assert {k: v for k, v in info.items() if v} == {}
+    assert moe.shape_of(loaded.config) == want
+    assert torch.equal(logits(loaded.eval(), IDS), logits(small, IDS))
+    AutoModelForCausalLM.from_config(loaded.config).save_pretrained(tmp_path / "fresh")
+    assert stored_shapes(tmp_path / "out") == stored_shapes(tmp_path / "fresh")  # config == tensors, on disk
+    if family == "qwen2_moe":  # the dense layer stays dense where it is kept
+        dense = [small.whelp_kept["layers"].index(1)] if 1 in small.whelp_kept["layers"] else []
+        assert [i for i, layer in enumerate(loaded.model.layers) if not hasattr(layer.mlp, "experts")] == dense
+
+
+def complement(n, kept):
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[kept] = False
+    return mask.nonzero().flatten()
+
+
+def zeroed_equivalents(model) -> dict:
+    """``{axis: (keep, teacher with those units zeroed)}`` for the dense axes of a 3-layer MoE teacher."""
+    import copy
+    from dataclasses import replace
+
+    from whelp.pruning import surgery
+
+    ident, d = surgery.identity_keep(model.config), 16
+    out = {}
+    q_heads = (torch.tensor([[1], [0]]), torch.tensor([[0], [0]]), torch.tensor([[1], [1]]))
+    kv_heads = (torch.tensor([1]), torch.tensor([0]), torch.tensor([1]))
+    for axis, keep in (("num_attention_heads", replace(ident, q_heads=q_heads)),
+                       ("num_key_value_heads", replace(ident, kv_heads=kv_heads, q_heads=tuple(
+                           torch.arange(2)[None] for _ in range(3))))):
+        zeroed = copy.deepcopy(model)
+        with torch.no_grad():
+            for i, layer in enumerate(zeroed.model.layers):
+                kept = surgery.q_rows(keep.kv_heads[i], keep.q_heads[i], 2, torch.arange(d), d)
+                layer.self_attn.o_proj.weight[:, complement(4 * d, kept)] = 0
+        out[axis] = (keep, zeroed)
+    skipped = copy.deepcopy(model)
+    skipped.model.layers[1].register_forward_hook(lambda m, args, kwargs, o: args[0], with_kwargs=True)
+    out["num_hidden_layers"] = (replace(ident, layers=(0, 2), mlp=ident.mlp[:2], kv_heads=ident.kv_heads[:2],
+                                        q_heads=ident.q_heads[:2]), skipped)
+    dims = surgery.rope_exact_dims(d, 4)
+    restricted = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in restricted.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                dropped = (complement(d, dims) + torch.arange(0, proj.out_features, d)[:, None]).flatten()
+                proj.weight[dropped] = 0
+                if proj.bias is not None:
+                    proj.bias[dropped] = 0
+    out["head_dim"] = (replace(ident, head_dims=dims), restricted)
+    if not hasattr(model.model.layers[1].mlp, "experts"):  # Qwen2-MoE's dense layer: its MLP neurons
+        mlp = (torch.tensor([3, 7, 50, 90]),) * 3  # the sparse layers' entries are unused (importance.select)
+        zeroed = copy.deepcopy(model)
+        with torch.no_grad():
+            zeroed.model.layers[1].mlp.down_proj.weight[:, complement(128, mlp[1])] = 0
+        out["intermediate_size"] = (replace(ident, mlp=mlp), zeroed)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_equals_zeroing_on_every_exact_axis(family):
+    from whelp.pruning import arch, surgery
+
+    model = deep(family)
+    row = arch.family_of(model.config)
+    cases = zeroed_equivalents(model)
+    assert set(cases) == (row.exact & set(cases)) | ({"head_dim"} - row.exact)  # every axis but hidden and experts
+    for axis, (keep, zeroed) in cases.items():
+        small = surgery.prune_model(model, keep, row, surgery.target_config(model.config, keep))
+        small_logits, reference = logits(small, IDS), logits(zeroed, IDS)
+        if axis in row.exact:
+            torch.testing.assert_close(small_logits, reference, rtol=1e-5, atol=1e-5, msg=f"{family} {axis}")
+        else:  # Qwen3-MoE's per-head q/k norms: head_dim is not exact, and the table says so
+            assert not torch.allclose(small_logits, reference, rtol=1e-5, atol=1e-5), f"{family} {axis} is exact"
+
+
+def test_dense_layers_follow_the_kept_layers_whatever_the_sparse_step():
+    """Qwen2-MoE with decoder_sparse_step 2 (layers 1, 3 sparse) and layer 3 in mlp_only_layers: dropping layer 0
+    keeps the function of the other three exactly, their dense / sparse kinds said by mlp_only_layers alone."""
+    from dataclasses import replace
+
+    from whelp.pruning import arch, surgery
+
+    model = tiny_model("qwen2_moe", **{**MOE["qwen2_moe"], "num_hidden_layers": 4, "decoder_sparse_step": 2,
+                                       "mlp_only_layers": [3]})
+    assert [hasattr(layer.mlp, "experts") for layer in model.model.layers] == [False, True, False, False]
+    ident = surgery.identity_keep(model.config)
+    keep = replace(ident, layers=(1, 2, 3), mlp=ident.mlp[1:], kv_heads=ident.kv_heads[1:], q_heads=ident.q_heads[1:])
+    cfg = surgery.target_config(model.config, keep)
+    assert (cfg.mlp_only_layers, cfg.decoder_sparse_step) == ([1, 2], 1)
+    small = surgery.prune_model(model, keep, arch.family_of(model.config), cfg)
+    assert [hasattr(layer.mlp, "experts") for layer in small.model.layers] == [True, False, False]
+    model.model.layers[0].register_forward_hook(lambda m, args, kwargs, o: args[0], with_kwargs=True)
+    torch.testing.assert_close(logits(small, IDS), logits(model, IDS), rtol=1e-5, atol=1e-5)
+
+
+def tensors(model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from whelp.pruning import shards
+
+    out = {}
+    for path in sorted(set(shards.weight_map(model_dir).values())):
+        out.update(load_file(path))
+    return out
+
+
+@pytest.mark.parametrize("method", ["activation", "magnitude"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streaming_equals_in_memory(family, method, tmp_path):
+    """Every axis at once, from a checkpoint whose per-expert tensors spread over many shards."""
+    from whelp.pruning import arch, importance, streaming, surgery
+
+    deep(family).save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 5
+    src = AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    row = arch.family_of(src.config)
+    target = parse_target(src.config, axis_targets(family)["every"])
+    scores_mem = importance.calibrate(src, row, TOKENS, method=method, batch_size=8)
+    keep_mem = importance.select(scores_mem, src.config, target.shape, tie="mean")
+    models.save_model(surgery.prune_model(src, keep_mem, row, surgery.target_config(src.config, keep_mem)), None,
+                      tmp_path / "mem")
+    keep, _, scores = streaming.prune_streaming(tmp_path / "src", tmp_path / "stream", target, TOKENS, method=method,
+                                                tie="mean", batch_size=8, shard_bytes=20_000)
+    assert scores.keys() == scores_mem.keys() and any(k.startswith("experts.") for k in scores)
+    assert [k for k in scores if not torch.equal(scores[k], scores_mem[k])] == []
+    assert keep.layers == keep_mem.layers and keep.experts.experts.keys() == keep_mem.experts.experts.keys()
+    got, want = tensors(tmp_path / "stream"), tensors(tmp_path / "mem")
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    assert (json.loads((tmp_path / "stream" / "config.json").read_text())
+            == json.loads((tmp_path / "mem" / "config.json").read_text()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_prune_streams_to_the_checkpoint_it_writes_in_memory(family, tmp_path, monkeypatch):
+    monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
+    kw = {**MOE[family], "num_hidden_layers": 3}
+    save_tiny(tmp_path / "src", tiny_tokenizer(), family=family, **kw)
+    reports = {}
+    for mode in ("memory", "stream"):
+        result = run_cli("prune", str(tmp_path / "src"), "--target", axis_targets(family)["every"], "--out",
+                         str(tmp_path / mode), "--calib", "pydoc:calib", "--calib-samples", "2", "--seq-len", "16",
+                         *(["--stream"] if mode == "stream" else []))
+        assert result.exit_code == 0, result.stderr
+        reports[mode] = json.loads((tmp_path / mode / "prune_report.json").read_text())
+    assert reports["stream"]["path"] == "streaming" and reports["memory"]["path"] == "in-memory"
+    assert reports["stream"]["kept"] == reports["memory"]["kept"] and reports["memory"]["kept"]["experts"]
+    got, want = tensors(tmp_path / "stream"), tensors(tmp_path / "memory")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert reports["memory"]["shape"]["target"][experts_key(family)] == 3

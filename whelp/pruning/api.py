@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from whelp import data, models, store
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.pruning import arch, importance, scores as saved, surgery
+from whelp.pruning import arch, importance, moe, scores as saved, surgery
 from whelp.pruning.targets import Target, parse_target, target_rope
 from whelp.specs import TIE, LoadPolicy, PruneSpec
 
@@ -64,9 +64,10 @@ def tie_kls(teacher, pruned, keep, family, tokens: torch.Tensor) -> dict[str, fl
 
 
 def kept_report(keep: surgery.Keep) -> dict:
+    experts = {} if keep.experts is None else moe.kept_report(keep.experts)
     return {"layers": list(keep.layers), "hidden": keep.hidden.tolist(), "mlp": [m.tolist() for m in keep.mlp],
             "kv_heads": [k.tolist() for k in keep.kv_heads], "q_heads": [q.tolist() for q in keep.q_heads],
-            "head_dims": keep.head_dims.tolist()}
+            "head_dims": keep.head_dims.tolist(), **experts}
 
 
 def calibration_tokens(calib, n: int, vocab: int | None = None) -> torch.Tensor:
@@ -86,10 +87,6 @@ def calibration_tokens(calib, n: int, vocab: int | None = None) -> torch.Tensor:
 
 def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores: dict | None):
     """``(pruned, scores, kept, details)``; ``model`` is left as it was."""
-    from whelp.pruning import moe
-
-    if moe.moe_family_of(model.config) is not None:  # expert pruning (moe.py)
-        return moe.prune_moe(model, target, tokens, spec, scores)
     family = arch.family_of(model.config)
     if family is None:
         from whelp.pruning import generic
@@ -153,14 +150,12 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
     store.check_apart(out, [source_dir])
     models.check_positions(source_cfg, spec.seq_len, "--seq-len")
     family = arch.family_of(source_cfg)
-    from whelp.pruning import moe
-
     if moe.moe_family_of(source_cfg) is not None:
         moe.check_spec(source_cfg, spec)
     if family is None and spec.stream:
         raise WhelpError(f"streaming supports the families {', '.join(arch.FAMILIES)}, not '{source_cfg.model_type}'; "
                          "drop --stream to width-prune it in memory through torch-pruning")
-    if family is None and moe.moe_family_of(source_cfg) is None:
+    if family is None:
         from whelp.pruning import generic
 
         generic.require(source_cfg.model_type)
@@ -190,7 +185,7 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
         timings.update(details.pop("timings", {}), total_s=time.perf_counter() - t0)
         report.update(details, kept=kept, params={"before": models.count_params(source_cfg, policy)[0],
                                                   "after": models.count_params(target_cfg, policy)[0]},
-                      shape={"source": models.shape(source_cfg), "target": models.shape(target_cfg)}, timings=timings)
+                      shape={"source": moe.shape_of(source_cfg), "target": moe.shape_of(target_cfg)}, timings=timings)
         store.write_text(tmp / REPORT_FILE, json.dumps(report, indent=2))
     return report
 

@@ -11,8 +11,12 @@ decoder family with the Llama layout is one entry here. Axis names:
   ``qkv``      a row of a fused q/k/v projection (Phi-3 ``qkv_proj``): the q block, then the k and v blocks
   ``gate_up``  a row of a fused gate/up projection (Phi-3 ``gate_up_proj``): the gate block, then the up block
   ``vocab``    a token id (never pruned)
+  ``expert``, ``expert_ffn``  an expert, a neuron of one expert's FFN (MoE rows: the router ``mlp.gate`` [E, H] and
+               the fused ``mlp.experts.gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I] of transformers 5's memory
+               layout); sliced by moe.py before the other axes, since each kept expert keeps its own neurons
+  ``shared``   a neuron of Qwen2-MoE's shared expert (kept whole); ``unit``: the one row of its sigmoid gate
 
-Every row prunes every axis of ``AXES``; ``Family.exact`` names those where pruning equals zeroing the removed
+Every row prunes every axis of ``AXES`` (experts: the MoE rows); ``Family.exact`` names those where pruning equals zeroing the removed
 units in the teacher (layers: skipping them; heads: zeroing their o_proj columns; head_dim: attention restricted
 to the kept dims). Hidden channels are never exact (each RMSNorm then averages over fewer channels).
 ``families_table`` renders the table the README shows (tests/test_prune_families.py checks they agree).
@@ -47,12 +51,19 @@ _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
 # Phi-3: fused projections, each sliced as its blocks (surgery.py)
 _FUSED = {"self_attn.qkv_proj.weight": ("qkv", "hidden"), "self_attn.o_proj.weight": ("hidden", "q"),
           "mlp.gate_up_proj.weight": ("gate_up", "hidden"), "mlp.down_proj.weight": ("hidden", "mlp")}
+# MoE: the router and the fused experts in memory; Qwen2-MoE's shared expert and its sigmoid gate
+_MOE = {"mlp.gate.weight": ("expert", "hidden"), "mlp.experts.gate_up_proj": ("expert", "expert_ffn", "hidden"),
+        "mlp.experts.down_proj": ("expert", "hidden", "expert_ffn")}
+_SHARED = {"mlp.shared_expert.gate_proj.weight": ("shared", "hidden"),
+           "mlp.shared_expert.up_proj.weight": ("shared", "hidden"),
+           "mlp.shared_expert.down_proj.weight": ("hidden", "shared"), "mlp.shared_expert_gate.weight": ("unit", "hidden")}
 SQRT_HIDDEN = "sqrt(hidden_size)"  # Family.embed_multiplier of Gemma: its embedding module scales by hidden_size ** 0.5
 
 # the axes of a target (models.SHAPE_KEYS) as the README names them
 AXES = {"num_hidden_layers": "layers", "hidden_size": "hidden", "intermediate_size": "MLP",
-        "num_attention_heads": "query heads", "num_key_value_heads": "KV heads", "head_dim": "head_dim"}
-_EXACT = frozenset(AXES) - {"hidden_size"}
+        "num_attention_heads": "query heads", "num_key_value_heads": "KV heads", "head_dim": "head_dim",
+        "num_experts": "experts"}
+_EXACT = frozenset(AXES) - {"hidden_size", "num_experts"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,11 @@ class Family:
     which streaming calibration applies too; ``SQRT_HIDDEN`` (Gemma) is ``hidden_size ** 0.5``, which changes
     with hidden_size, so surgery compensates it (surgery.py). ``norm_offset``: RMSNorms scale by
     ``norm_offset + weight`` (Gemma: 1). ``exact``: the axes (``AXES`` keys) where pruning equals zeroing.
+
+    Mixture-of-experts rows (moe.py) name the config keys of their expert count (``experts_key``: Mixtral's
+    ``num_local_experts``, Qwen's ``num_experts``) and of one expert's FFN width (``ffn_key``), and where the
+    per-expert tensors live on disk, which is not where transformers 5 holds them in memory: ``save_pretrained``
+    writes ``{disk_block}.experts.{j}.{gate,up,down}.weight`` (``expert_parts``) for the fused ``mlp.experts``.
     """
 
     name: str
@@ -85,6 +101,10 @@ class Family:
     norm_offset: float = 0.0
     exact: frozenset = _EXACT
     note: str = ""
+    experts_key: str | None = None
+    ffn_key: str | None = None
+    disk_block: str = "mlp"
+    expert_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     def global_tensors(self) -> dict:
         return {self.embed: ("vocab", "hidden"), self.lm_head: ("vocab", "hidden"), self.final_norm: ("hidden",)}
@@ -131,6 +151,21 @@ FAMILIES = {
     # Phi-3: qkv_proj = [q; k; v] and gate_up_proj = [gate; up], each block sliced like its unfused projection.
     "phi3": Family("phi3", {**_FUSED, **_NORMS}, q_proj="self_attn.qkv_proj",
                    note="fused qkv_proj, gate_up_proj sliced as blocks; head_dim needs full rotary, no longrope"),
+    # Mixture of experts (moe.py): whole experts by REAP saliency; the MLP axis of Mixtral is each expert's FFN.
+    # Removing an expert is never the same as zeroing it (the router then picks another), so experts are "yes";
+    # where the router renormalises its top-k (Mixtral; Qwen with norm_topk_prob), never-routed experts drop exactly.
+    "mixtral": Family("mixtral", {**_ATTN, **_NORMS, **_MOE}, experts_key="num_local_experts",
+                      ffn_key="intermediate_size", disk_block="block_sparse_moe", expert_parts=("w1", "w3", "w2"),
+                      note="MLP: each expert's FFN; never-routed experts drop exactly (renormalised top-k)"),
+    # Qwen2-MoE: + a shared expert (kept whole) and dense layers (mlp_only_layers / decoder_sparse_step, whose MLP
+    # is the MLP axis); the expert FFN is moe_intermediate_size. Routing weights are softmax over all experts.
+    "qwen2_moe": Family("qwen2_moe", {**_ATTN, **_BIAS_QKV, **_NORMS, **_MOE, **_SHARED, **_MLP},
+                        experts_key="num_experts", ffn_key="moe_intermediate_size",
+                        note="shared expert kept whole; MLP: the dense layers (`moe_intermediate_size`: each expert's)"),
+    "qwen3_moe": Family("qwen3_moe", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_NORMS, **_QK_NORM, **_MOE, **_MLP},
+                        q_norm="self_attn.q_norm", exact=_EXACT - {"head_dim"}, experts_key="num_experts",
+                        ffn_key="moe_intermediate_size",
+                        note="per-head q/k norms; MLP: the dense layers (`moe_intermediate_size`: each expert's)"),
 }
 
 
@@ -144,23 +179,17 @@ def family_of(config) -> Family | None:
 
 def families_table() -> str:
     """The README's families x axes table (markdown), rendered from ``FAMILIES``: "exact" where pruning equals
-    zeroing the removed units, "yes" where the axis prunes without that equivalence, "-" where it does not prune;
-    then the mixture-of-experts families (moe.py), and last the generic path (generic.py) that serves every other
-    decoder torch-pruning can trace."""
+    zeroing the removed units, "yes" where the axis prunes without that equivalence, "-" where it does not prune
+    (the experts of a dense family); last the generic path (generic.py) that serves every other decoder
+    torch-pruning can trace."""
     from whelp.pruning.generic import WIDTH_KEYS
 
     head = "| family | " + " | ".join(AXES.values()) + " | notes |"
     lines = [head, "|" + "---|" * (len(AXES) + 2)]
     for name, family in FAMILIES.items():
-        cells = ["exact" if key in family.exact else "yes" for key in AXES]
+        cells = ["exact" if key in family.exact else "-" if key == "num_experts" and not family.experts_key
+                 else "yes" for key in AXES]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {family.note} |")
-    from whelp.pruning.moe import MOE_FAMILIES
-
-    for name, moe in MOE_FAMILIES.items():  # moe.py: the expert axis, and each expert's FFN as the MLP
-        cells = ["exact" if key == "intermediate_size" else "-" for key in AXES]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | experts (`{moe.experts_key}`): whole experts by REAP "
-                     f"saliency, exact where the router renormalises its top-k; MLP: each expert's `{moe.ffn_key}`; "
-                     "in memory only |")
     cells = [("exact" if key != "hidden_size" else "yes") if key in WIDTH_KEYS else "-" for key in AXES]
     lines.append("| any other (generic path, `whelp[generic]`) | " + " | ".join(cells)
                  + " | torch-pruning's dependency graph, in memory only; no streaming |")

@@ -27,7 +27,8 @@ from whelp.pruning.arch import Family, axes_of
 from whelp.pruning.surgery import Keep, head_dim_of, rope_exact_dims, text_config
 from whelp.specs import IMPORTANCE
 
-SCORES_VERSION = 2  # part of every saved score's identity; bumped when a definition changes (2: heads after o_proj)
+SCORES_VERSION = 3  # part of every saved score's identity; bumped when a definition changes (2: heads after o_proj;
+# 3: an MoE teacher's scores hold its dense axes beside its experts')
 
 
 def minitron_sq(acts: Tensor) -> Tensor:
@@ -61,15 +62,19 @@ def _add(stats: dict, key: str, value: Tensor) -> None:
 def attach(layer, family: Family, head_dim: int, stats: dict, index: int) -> list:
     """Hooks on one decoder layer adding its statistics into ``stats`` on every forward; returns the handles.
 
-    Keys: ``mlp.{index}``, ``heads.{index}``, ``hidden``, ``influence.{index}`` (sum) and ``tokens.{index}``.
+    Keys: ``mlp.{index}`` (a dense MLP: not an MoE layer), ``heads.{index}``, ``hidden``, ``influence.{index}``
+    (sum) and ``tokens.{index}``; an MoE layer's experts add ``moe.*`` (moe.attach_experts).
     """
     modules = dict(layer.named_modules())
-    handles = [
-        modules[family.down_proj].register_forward_pre_hook(
-            lambda m, args: _add(stats, f"mlp.{index}", minitron_sq(args[0]))),
-        modules[family.o_proj].register_forward_pre_hook(
-            lambda m, args: _add(stats, f"heads.{index}", minitron_sq(head_outputs(args[0], m.weight, head_dim)))),
-    ]
+    handles = [modules[family.o_proj].register_forward_pre_hook(
+        lambda m, args: _add(stats, f"heads.{index}", minitron_sq(head_outputs(args[0], m.weight, head_dim))))]
+    if family.down_proj in modules:
+        handles.append(modules[family.down_proj].register_forward_pre_hook(
+            lambda m, args: _add(stats, f"mlp.{index}", minitron_sq(args[0]))))
+    if family.experts_key and hasattr(layer.mlp, "experts"):
+        from whelp.pruning import moe
+
+        handles += moe.attach_experts({index: layer.mlp}, stats)
     for norm in family.norms:
         handles.append(modules[norm].register_forward_hook(lambda m, args, out: _add(stats, "hidden", minitron_sq(out))))
 
@@ -98,7 +103,8 @@ def calibrate(model, family: Family, tokens: Tensor, method: str = "activation",
               progress: Callable[[int], None] | None = None, seed: int = 0) -> dict[str, Tensor]:
     """Scores of ``method`` for every axis from one pass over ``tokens`` [N, T] (forward; + backward for Taylor).
 
-    Block influence is recorded in the same pass whatever the width method.
+    Block influence is recorded in the same pass whatever the width method; so are the experts' scores of an MoE
+    teacher (moe.expert_scores: REAP for activation; Taylor is refused there).
     """
     if method not in IMPORTANCE:
         raise WhelpError(f"unknown importance '{method}'; choose one of {', '.join(IMPORTANCE)}")
@@ -120,17 +126,22 @@ def calibrate(model, family: Family, tokens: Tensor, method: str = "activation",
         for h in handles:
             h.remove()
     scores = finish(stats, len(layers))
+    if family.experts_key:
+        from whelp.pruning import moe
+
+        scores.update(moe.expert_scores({**stats, **moe.expert_magnitudes(moe.moe_blocks(model))}, method, seed))
     if method == "activation":
         return scores
     if method == "random":
         gen = torch.Generator().manual_seed(seed)
-        width = {k: torch.rand(v.shape, generator=gen) for k, v in scores.items() if k != "layers.block"}
+        width = {k: torch.rand(v.shape, generator=gen) for k, v in scores.items()
+                 if k.startswith(("mlp.", "heads.", "hidden"))}
     else:
         values = {n: (p.detach().float() ** 2 if method == "magnitude" else (p.detach() * p.grad).float().abs())
                   for n, p in model.named_parameters()}
         width = weight_scores(values, family, model.config)
         model.zero_grad(set_to_none=True)
-    return {**width, "layers.block": scores["layers.block"]}
+    return {**{k: v for k, v in scores.items() if k.startswith(("experts.", "ffn.", "layers."))}, **width}
 
 
 def weight_scores(values: dict[str, Tensor], family: Family, config) -> dict[str, Tensor]:
@@ -187,11 +198,16 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
 
 def select(scores: dict[str, Tensor], source_cfg, shape: dict, layer_method: str = "block",
            tie: str | None = None) -> Keep:
-    """The Keep of target ``shape`` (``models.SHAPE_KEYS``) that retains the highest-scoring structures.
+    """The Keep of target ``shape`` (``models.SHAPE_KEYS``, and an MoE teacher's expert axes) that retains the
+    highest-scoring structures.
 
     Layers are ranked first; widths are then chosen per kept layer. KV groups rank by the summed
     scores of their query heads; query heads rank within their group, the same count per group.
+    An MoE layer has no dense MLP to slice: its ``mlp`` entry is the first neurons (unused), and its experts
+    are chosen by moe.select_experts.
     """
+    from whelp.pruning import moe
+
     cfg = text_config(source_cfg)
     key = f"layers.{layer_method}"
     if key not in scores:
@@ -204,9 +220,12 @@ def select(scores: dict[str, Tensor], source_cfg, shape: dict, layer_method: str
         groups = top_indices(heads.sum(dim=1), kv)
         kv_heads.append(groups)
         q_heads.append(torch.stack([top_indices(heads[g], per_group) for g in groups.tolist()]))
+    width = shape["intermediate_size"]
+    mlp = tuple(top_indices(scores[f"mlp.{layer}"], width) if f"mlp.{layer}" in scores else torch.arange(width)
+                for layer in layers)
     untied_to_tied = not cfg.tie_word_embeddings and shape["tie_word_embeddings"]
-    return Keep(layers=layers, hidden=top_indices(scores["hidden"], shape["hidden_size"]),
-                mlp=tuple(top_indices(scores[f"mlp.{layer}"], shape["intermediate_size"]) for layer in layers),
+    return Keep(layers=layers, hidden=top_indices(scores["hidden"], shape["hidden_size"]), mlp=mlp,
                 kv_heads=tuple(kv_heads), q_heads=tuple(q_heads),
                 head_dims=rope_exact_dims(head_dim_of(cfg), shape["head_dim"]),
-                tie=(tie or "embedding") if untied_to_tied else None)
+                tie=(tie or "embedding") if untied_to_tied else None,
+                experts=moe.select_experts(scores, source_cfg, shape, layers) if moe.moe_family_of(cfg) else None)

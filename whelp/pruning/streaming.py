@@ -32,6 +32,7 @@ from whelp.models import load_config, stored_dtype
 from whelp.store import atomic_dir
 from whelp.pruning.arch import SQRT_HIDDEN, family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
+from whelp.pruning import moe_layout
 from whelp.pruning.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
 from whelp.pruning.surgery import head_dim_of, slice_tensor, target_config, text_config, tie_embeddings
 from whelp.pruning.targets import target_rope
@@ -47,12 +48,18 @@ def skeleton(config):
         return AutoModelForCausalLM.from_config(config).eval()
 
 
+def n_experts(config, family) -> int:
+    return getattr(text_config(config), family.experts_key) if family.experts_key else 0
+
+
 def load_layer(model, family, index: int, shards: dict[str, Path], dtype: torch.dtype):
-    """Decoder layer ``index`` of a meta skeleton with its tensors (and only those) loaded, in ``dtype``."""
+    """Decoder layer ``index`` of a meta skeleton with its tensors (and only those) loaded, in ``dtype`` (an MoE
+    layer's experts stacked from their per-expert tensors, moe_layout.py)."""
     layer = model.get_submodule(family.layers)[index]
-    prefix = f"{family.layers}.{index}."
-    state = {key: read_tensor(shards, prefix + key).to(dtype) for key in layer.state_dict()}
-    unknown = sorted(name for name in shards if name.startswith(prefix) and name[len(prefix):] not in state)
+    prefix, n = f"{family.layers}.{index}.", n_experts(model.config, family)
+    state = {key: moe_layout.read(shards, prefix + key, family, n).to(dtype) for key in layer.state_dict()}
+    expected = {disk for key in state for disk in moe_layout.disk_suffixes(key, family, n)}
+    unknown = sorted(name for name in shards if name.startswith(prefix) and name[len(prefix):] not in expected)
     if unknown:
         raise WhelpError(f"the checkpoint holds tensors its config.json does not describe: {', '.join(unknown)}; "
                          "the config and the weights are of different models")
@@ -92,7 +99,8 @@ def rope_and_mask(model, family, config, hidden: Tensor,
 
 
 def sliced_tensors(shards: dict[str, Path], keep, family, source_cfg, target_cfg) -> Iterator[tuple[str, Tensor]]:
-    """Target ``(name, tensor)`` pairs, one source tensor resident at a time.
+    """Target ``(name, tensor)`` pairs, one source tensor resident at a time (an MoE layer's fused experts: one
+    fused tensor, moe_layout.py).
 
     The embedding and lm_head come first: a tied target stores one matrix, which for an untied
     source is ``surgery.tie_embeddings`` of both sliced [V, H'] matrices (``keep.tie``), so both are
@@ -103,13 +111,15 @@ def sliced_tensors(shards: dict[str, Path], keep, family, source_cfg, target_cfg
         raise WhelpError(f"the checkpoint has no '{family.embed}'; it cannot be pruned to a tied model")
     embeddings = [name for name in (family.embed, family.lm_head) if name in shards]
     held: dict[str, Tensor] = {}
-    for name in embeddings + sorted(set(shards) - set(embeddings), key=lambda n: (shards[n].name, n)):
-        for target_name, tensor in slice_tensor(name, read_tensor(shards, name), keep, family,
+    n = n_experts(source_cfg, family)
+    names = moe_layout.memory_names(sorted(set(shards) - set(embeddings), key=lambda k: (shards[k].name, k)), family)
+    for name in embeddings + names:
+        for target_name, tensor in slice_tensor(name, moe_layout.read(shards, name, family, n), keep, family,
                                                 source_cfg, target_cfg).items():
             if tied and target_name in (family.embed, family.lm_head):
                 held[target_name] = tensor
             else:
-                yield target_name, tensor
+                yield from moe_layout.to_disk(target_name, tensor, family)
         if tied and name == embeddings[-1]:
             embedding = held.pop(family.embed)
             yield family.embed, tie_embeddings(embedding, held.pop(family.lm_head, embedding), keep.tie or "embedding")
@@ -163,14 +173,16 @@ def final_norm(model, family, shards: dict[str, Path], dtype: torch.dtype):
 
 @torch.no_grad()
 def calibrate_streaming(source_dir: Path, config, family, tokens: Tensor, batch_size: int = 4,
-                        dtype: torch.dtype = torch.float32, progress=None) -> dict[str, Tensor]:
+                        dtype: torch.dtype = torch.float32, progress=None, method: str = "activation",
+                        seed: int = 0) -> dict[str, Tensor]:
     """Activation scores (the keys and values of ``importance.calibrate``) with one decoder layer resident.
 
     ``tokens`` [N, T] are embedded once; the hidden states [N, T, H] in ``dtype`` then go through
     layer after layer in the same batches as the in-memory pass, each batch with its own hook
     statistics, summed over batches at the end. Every per-layer score is thereby summed in the
     in-memory order exactly; the cross-layer ``hidden`` score too for a single batch, and to
-    fp32 rounding otherwise. ``progress(1)`` is called after each layer.
+    fp32 rounding otherwise. ``progress(1)`` is called after each layer. An MoE teacher's expert scores
+    (moe.expert_scores of ``method``) come from the same pass.
     """
     cfg = text_config(config)
     shards = weight_map(Path(source_dir))
@@ -187,8 +199,13 @@ def calibrate_streaming(source_dir: Path, config, family, tokens: Tensor, batch_
     types = list(getattr(cfg, "layer_types", None) or [window] * cfg.num_hidden_layers)
     rope_mask = [{t: rope_and_mask(model, family, cfg, hidden[b], t) for t in set(types)} for b in batches]
     per_batch: list[dict] = [{} for _ in batches]
+    magnitudes: dict = {}  # the experts' weight magnitudes, read once per layer (not per batch)
     for index in range(cfg.num_hidden_layers):
         layer = load_layer(model, family, index, shards, dtype)
+        if family.experts_key and hasattr(layer.mlp, "experts"):
+            from whelp.pruning.moe import expert_magnitudes
+
+            magnitudes.update(expert_magnitudes({index: layer.mlp}))
         for b, per_type, stats in zip(batches, rope_mask, per_batch):
             rope, mask = per_type[types[index]]
             handles = attach(layer, family, head_dim_of(cfg), stats, index)
@@ -207,7 +224,12 @@ def calibrate_streaming(source_dir: Path, config, family, tokens: Tensor, batch_
         stats["hidden"] = stats["hidden"] + minitron_sq(norm(hidden[b]))
         for key, value in stats.items():
             total[key] = total[key] + value if key in total else value
-    return finish(total, cfg.num_hidden_layers)
+    scores = finish(total, cfg.num_hidden_layers)
+    if family.experts_key:
+        from whelp.pruning.moe import expert_scores
+
+        scores.update(expert_scores({**total, **magnitudes}, method, seed))
+    return scores
 
 
 def magnitude_streaming(source_dir: Path, config, family, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -215,9 +237,10 @@ def magnitude_streaming(source_dir: Path, config, family, dtype: torch.dtype = t
     model's parameter order (the in-memory order, so the sums are identical)."""
     shards = weight_map(Path(source_dir))
     scores: dict[str, Tensor] = {}
+    n = n_experts(config, family)
     for name, _ in skeleton(config).named_parameters():
-        for key, value in weight_scores({name: read_tensor(shards, name).to(dtype).float() ** 2}, family,
-                                        config).items():
+        value = moe_layout.read(shards, name, family, n).to(dtype).float() ** 2
+        for key, value in weight_scores({name: value}, family, config).items():
             scores[key] = scores[key] + value if key in scores else value
     return scores
 
@@ -246,9 +269,10 @@ def streaming_scores(source_dir: Path, config, tokens: Tensor, method: str = "ac
     if method not in ("activation", "magnitude"):
         raise WhelpError(f"importance '{method}' cannot stream (taylor needs a backward pass through the whole "
                          "model; random is an in-memory baseline); use activation or magnitude, or drop --stream")
-    scores = calibrate_streaming(source_dir, config, family, tokens, batch_size, dtype, progress)
+    scores = calibrate_streaming(source_dir, config, family, tokens, batch_size, dtype, progress, method)
     if method == "magnitude":
-        scores = {**magnitude_streaming(source_dir, config, family, dtype), "layers.block": scores["layers.block"]}
+        kept = {k: v for k, v in scores.items() if k.startswith(("experts.", "ffn.", "layers."))}
+        scores = {**kept, **magnitude_streaming(source_dir, config, family, dtype)}
     return scores
 
 

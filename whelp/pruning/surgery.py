@@ -49,6 +49,7 @@ class Keep:
               (``0 <= r < n_rep``), the same count Q' per group.
     head_dims: LongTensor [d'] kept dims within a head (RoPE-exact: pairs s*k and s*k + d/2).
     tie:      "embedding" | "lm_head" | "mean" when an untied teacher becomes tied, else None.
+    experts:  moe.ExpertKeep of an MoE teacher whose experts change (kept experts and their FFN neurons), else None.
     """
 
     layers: tuple[int, ...]
@@ -58,6 +59,7 @@ class Keep:
     q_heads: tuple[Tensor, ...]
     head_dims: Tensor
     tie: str | None = None
+    experts: object = None  # moe.ExpertKeep | None
 
 
 def text_config(config):
@@ -104,7 +106,7 @@ def kv_rows(kv_heads: Tensor, head_dims: Tensor, head_dim: int) -> Tensor:
 
 def _axis_index(axis: str, layer: int | None, keep: Keep, source_cfg) -> Tensor | None:
     cfg = text_config(source_cfg)
-    if axis == "vocab":
+    if axis in ("vocab", "shared", "unit", "expert", "expert_ffn"):  # never pruned, or sliced first by moe.slice_experts
         return None
     if axis == "hidden":
         return keep.hidden
@@ -147,6 +149,10 @@ def slice_tensor(name: str, tensor: Tensor, keep: Keep, family: Family, source_c
                          "this checkpoint's layout differs from the family it claims") from None
     if layer is not None and layer not in keep.layers:
         return {}
+    if keep.experts is not None and axes[0] == "expert":
+        from whelp.pruning.moe import slice_experts
+
+        tensor = slice_experts(suffix, tensor, layer, keep.experts, getattr(text_config(source_cfg), family.ffn_key))
     out = _slice(tensor, [_axis_index(axis, layer, keep, source_cfg) for axis in axes])
     d, d_new = head_dim_of(source_cfg), head_dim_of(target_cfg)
     scaled = f"{family.q_norm}.weight" if family.q_norm else (f"{family.q_proj}.weight", f"{family.q_proj}.bias")
@@ -218,6 +224,10 @@ def target_config(source_cfg, keep: Keep, rope_parameters: dict | None = None):
         cfg.tie_word_embeddings = True
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = [cfg.layer_types[i] for i in keep.layers]
+    from whelp.pruning.moe import expert_config, moe_family_of
+
+    if moe_family_of(source_cfg) is not None:
+        expert_config(cfg, keep.experts, keep.layers, source_cfg)
     if rope_parameters is not None:
         cfg.rope_parameters = copy.deepcopy(rope_parameters)
     return cfg

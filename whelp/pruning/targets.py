@@ -14,7 +14,7 @@ import torch
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.pruning import arch, generic
+from whelp.pruning import arch, generic, moe
 from whelp.pruning.surgery import Keep, rope_exact_dims, target_config, text_config
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -58,17 +58,18 @@ def _parse_value(key: str, text: str):
         raise WhelpError(f"{key}={text}: expected a positive integer") from None
 
 
-def _overrides(spec: str, source_shape: dict) -> dict:
-    shape = dict(source_shape)
+def _overrides(spec: str, source_shape: dict, source_cfg) -> dict:
+    shape, seen = dict(source_shape), set()
     for item in filter(None, (part.strip() for part in spec.split(","))):
         key, sep, value = item.partition("=")
-        key = key.strip()
+        key = moe.canonical_key(key.strip(), source_cfg)
         if not sep:
             raise WhelpError(f"target item '{item}' is not key=value; write e.g. intermediate_size=768,num_hidden_layers=24")
-        if key not in models.SHAPE_KEYS:
-            raise WhelpError(f"unknown target key '{key}'; valid keys: {', '.join(models.SHAPE_KEYS)}")
-        if f"{key}=" in spec.split(item, 1)[0].replace(" ", ""):
+        if key not in source_shape:
+            raise WhelpError(f"unknown target key '{key}'; valid keys: {', '.join(source_shape)}")
+        if key in seen:
             raise WhelpError(f"target key '{key}' is given twice in '{spec}'; give each key once")
+        seen.add(key)
         shape[key] = _parse_value(key, value.strip())
     return shape
 
@@ -78,7 +79,7 @@ def _from_config_file(path: Path, model_type: str) -> tuple[dict, dict | None]:
     if cfg.model_type != model_type:
         raise WhelpError(f"target {path} describes a {cfg.model_type} model but the teacher is {model_type}: pruning "
                          "keeps the architecture; give a config.json of the teacher's model_type")
-    return models.shape(cfg), getattr(cfg, "rope_parameters", None)
+    return moe.shape_of(cfg), getattr(cfg, "rope_parameters", None)
 
 
 def validate(source: dict, target: dict) -> None:
@@ -105,13 +106,15 @@ def validate(source: dict, target: dict) -> None:
 
 
 def parse_target(source_cfg, spec: str) -> Target:
-    """A preset name, a path to an HF ``config.json``, or ``key=value,...`` overrides of the teacher's shape."""
-    from whelp.pruning import moe
-
-    if moe.moe_family_of(source_cfg) is not None:  # the expert axes (moe.py)
-        return moe.parse_moe_target(source_cfg, spec)
-    source = models.shape(source_cfg)
+    """A preset name, a path to an HF ``config.json``, or ``key=value,...`` overrides of the teacher's shape (an MoE
+    teacher's shape includes its expert axes, moe.moe_shape)."""
+    experts = moe.moe_family_of(source_cfg)
+    source = moe.shape_of(source_cfg)
     rope = None
+    if spec in PRESETS and experts is not None:
+        raise WhelpError(f"preset '{spec}' is a dense Llama shape and this teacher is {experts.name} (MoE); give "
+                         f"key=value targets such as {experts.experts_key}={max(1, source[experts.experts_key] // 2)} "
+                         "or a config.json of a smaller model of its type")
     if spec in PRESETS:
         shape, rope = PRESETS[spec]
         shape = dict(shape)
@@ -122,7 +125,7 @@ def parse_target(source_cfg, spec: str) -> Target:
                              "a config.json path or key=value overrides")
         shape, rope = _from_config_file(path, text_config(source_cfg).model_type)
     elif "=" in spec:
-        shape = _overrides(spec, source)
+        shape = _overrides(spec, source, source_cfg)
     else:
         raise WhelpError(f"unknown target '{spec}': use a preset ({', '.join(PRESETS)}), a config.json path, "
                          "or key=value overrides such as intermediate_size=768,num_hidden_layers=24")
@@ -130,6 +133,8 @@ def parse_target(source_cfg, spec: str) -> Target:
     if family is None:  # first: it names the axes the generic path (width only) cannot change, and checks the config
         shape = generic.check_target(source_cfg, shape)
     validate(source, shape)
+    if experts is not None:
+        moe.validate_moe(source, shape, experts)
     if family is not None:
         _check_rope_head_dim(source_cfg, source, shape)
         _check_config(source_cfg, shape, spec)
@@ -175,7 +180,8 @@ def first_keep(source_cfg, shape: dict, tie: str | None = "embedding") -> Keep:
                 kv_heads=tuple(torch.arange(kv) for _ in layers),
                 q_heads=tuple(torch.arange(per_group).repeat(kv, 1) for _ in layers),
                 head_dims=rope_exact_dims(src["head_dim"], shape["head_dim"]),
-                tie=tie if untied_to_tied else None)
+                tie=tie if untied_to_tied else None,
+                experts=moe.first_experts(source_cfg, shape) if moe.moe_family_of(source_cfg) else None)
 
 
 def target_rope(target: Target, policy: str) -> dict | None:
@@ -210,11 +216,8 @@ def _rope_line(params: dict) -> str:
 
 
 def plan_target(source_cfg, target: str, rope: str = "auto") -> dict:
-    """Source and target shape + total params of pruning ``source_cfg`` to ``target``; no weights loaded."""
-    from whelp.pruning import moe
-
-    if moe.moe_family_of(source_cfg) is not None:  # + active params and the expert axes
-        return moe.plan_moe_target(source_cfg, target)
+    """Source and target shape + total params (and an MoE's active params per token) of pruning ``source_cfg`` to
+    ``target``; no weights loaded."""
     parsed = parse_target(source_cfg, target)
     if arch.family_of(source_cfg) is None:
         cfg = generic.generic_config(source_cfg, parsed.shape)
@@ -223,8 +226,9 @@ def plan_target(source_cfg, target: str, rope: str = "auto") -> dict:
                             target_rope(parsed, rope))
     out = {}
     for side, config in (("source", source_cfg), ("target", cfg)):
-        total, non_embedding = models.count_params(config)
-        out[side] = {**models.shape(config), "params": total, "non_embedding_params": non_embedding,
-                     "rope": rope_summary(config)}
+        if moe.moe_family_of(config) is not None:
+            counts = moe.count_moe_params(config)
+        else:
+            counts = dict(zip(("params", "non_embedding_params"), models.count_params(config)))
+        out[side] = {**moe.shape_of(config), **counts, "rope": rope_summary(config)}
     return out
-
