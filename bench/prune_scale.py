@@ -1,5 +1,13 @@
 """Scale benchmark: stream-prune a random Llama-3.1-8B-shaped bf16 checkpoint to the llama-3.2-1b shape.
 
+Any config of the family table works (``--config``, ``--layers`` keeps the first N decoder layers of it): e.g. the
+Qwen3-30B-A3B MoE shape (bench/configs/qwen3-30b-a3b.json, 128 experts of 768, top-8) is written per expert, as
+Hub checkpoints are, and streamed one decoder layer at a time (whelp/pruning/moe_layout.py), so the peak grows with
+one layer's experts, not with the model:
+
+    python bench/prune_scale.py --config bench/configs/qwen3-30b-a3b.json --layers 8 \
+        --target num_experts=64,num_hidden_layers=6 --ckpt /tmp/whelp-qwen3moe-random --out /tmp/whelp-qwen3moe-pruned
+
 The 8B checkpoint (~16 GB of safetensors shards) is generated tensor by tensor and written shard by
 shard, so the generator itself never holds more than one shard (``--shard-gb``). It is re-used when
 it already exists (it is written to a temporary sibling and renamed, so an interrupted generation is
@@ -37,13 +45,23 @@ GIB = 1024**3
 
 
 def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every state-dict entry of the model ``config`` describes, from a meta-device build."""
+    """(name, shape) of every tensor a checkpoint of ``config`` stores, from a meta-device build: an MoE's fused
+    experts as the per-expert tensors save_pretrained writes (moe_layout.to_disk)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from whelp.pruning import arch, moe_layout
+
+    family = arch.family_of(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
+    return [(disk, tuple(part.shape)) for name, t in model.state_dict().items()
+            for disk, part in (moe_layout.to_disk(name, t, family) if family else [(name, t)])]
+
+
+def layer_bytes(config, dtype_bytes: int = 4) -> int:
+    """Bytes of decoder layer 0 at the compute dtype (fp32): what streaming holds resident besides activations."""
+    return dtype_bytes * sum(math.prod(shape) for name, shape in tensor_specs(config) if ".layers.0." in name)
 
 
 def random_tensor(name: str, shape: tuple[int, ...], generator):
@@ -55,10 +73,21 @@ def random_tensor(name: str, shape: tuple[int, ...], generator):
     return torch.empty(shape, dtype=torch.bfloat16).uniform_(-bound, bound, generator=generator)
 
 
-def make_checkpoint(config_path: Path, out: Path, shard_bytes: int, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Write a random bf16 checkpoint of ``config_path``'s shape to ``out``, one shard resident at a time."""
+def load_shape(config_path: Path, layers: int | None):
+    """The config of ``config_path`` in bf16, with its first ``layers`` decoder layers only when given."""
     import torch
     from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**json.loads(config_path.read_text()))
+    config.dtype = torch.bfloat16
+    if layers is not None:
+        config.num_hidden_layers = layers
+    return config
+
+
+def make_checkpoint(config, out: Path, shard_bytes: int, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Write a random bf16 checkpoint of ``config``'s shape to ``out``, one shard resident at a time."""
+    import torch
 
     from whelp.pruning.shards import INDEX, write_shards
 
@@ -68,8 +97,6 @@ def make_checkpoint(config_path: Path, out: Path, shard_bytes: int, tokenizer_di
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = AutoConfig.for_model(**json.loads(config_path.read_text()))
-    config.dtype = torch.bfloat16
     generator = torch.Generator().manual_seed(seed)
     tensors = ((name, random_tensor(name, shape, generator)) for name, shape in tensor_specs(config))
     write_shards(tensors, tmp, shard_bytes)
@@ -131,6 +158,7 @@ def check_output(out: Path) -> tuple[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=CONFIG, help="shape of the random source checkpoint")
+    parser.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers of --config")
     parser.add_argument("--ckpt", type=Path, default=Path("/tmp/whelp-llama8b-random"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/whelp-llama8b-pruned-1b"))
     parser.add_argument("--target", default="llama-3.2-1b")
@@ -145,7 +173,8 @@ def main() -> None:
 
     reused = args.ckpt.exists()
     t0 = time.monotonic()
-    make_checkpoint(args.config, args.ckpt, int(args.shard_gb * 1e9), registered_dir("smollm2-135m"))
+    config = load_shape(args.config, args.layers)
+    make_checkpoint(config, args.ckpt, int(args.shard_gb * 1e9), registered_dir("smollm2-135m"))
     made = "re-used from an earlier run" if reused else f"generated in {time.monotonic() - t0:.0f} s"
     src_bytes = sum(p.stat().st_size for p in args.ckpt.glob("*.safetensors"))
     cmd = [str(Path(sys.executable).with_name("whelp")), "prune", str(args.ckpt), "--target", args.target,
@@ -162,7 +191,8 @@ def main() -> None:
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM, OMP threads 2, "
         "shared with other jobs",
-        f"- source: random {args.config.stem} shape, bf16, {src_bytes / 1e9:.1f} GB in "
+        f"- source: random {args.config.stem} shape"
+        f"{f' (its first {args.layers} layers)' if args.layers else ''}, bf16, {src_bytes / 1e9:.1f} GB in "
         f"{len(list(args.ckpt.glob('*.safetensors')))} shards ({made}); calibration {args.calib_samples} x "
         f"{args.seq_len} tokens",
         f"- exit code {result['rc']}; wall time {result['wall_s']:.0f} s (prune_report.json timings: "
@@ -170,7 +200,9 @@ def main() -> None:
         f"output {out_bytes / 1e9:.2f} GB, {params}",
         f"- **peak RSS {result['peak_rss'] / GIB:.2f} GiB** (wait4 ru_maxrss; /proc poll peak "
         f"{result['polled_peak'] / GIB:.2f} GiB at {result['peak_at_s']:.0f} s) vs target 4 GiB; "
-        f"source/peak = {src_bytes / max(result['peak_rss'], 1):.1f}x",
+        f"source/peak = {src_bytes / max(result['peak_rss'], 1):.1f}x; one decoder layer at the fp32 compute dtype is "
+        f"{layer_bytes(config) / GIB:.2f} GiB (peak ~ a layer + activations + a shard: it grows with the layer, not "
+        "with the number of layers)",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -217,6 +217,13 @@ def test_a_recipe_plan_prunes_the_experts_of_an_moe_teacher(tmp_path):
                             {**moe.moe_shape(tiny_model("mixtral", **MOE["mixtral"]).config), "num_local_experts": 4})
     assert planned["stages"][0]["shape"]["num_local_experts"] == planned["student"]["num_local_experts"] == 4
     assert planned["student"]["params"] == moe.count_moe_params(target)["params"]
+    # FLOPs are priced at the parameters a token runs through: the top-2 of 4 experts, not all of them
+    active = moe.count_moe_params(target)["active_params"]
+    assert planned["student"]["active_params"] == active < planned["student"]["params"]
+    distill = next(stage for stage in planned["stages"] if stage["kind"] == "distill")
+    assert distill["flops_per_token"]["student_train"] == 6 * active
+    teacher_active = moe.count_moe_params(tiny_model("mixtral", **MOE["mixtral"]).config)["active_params"]
+    assert distill["flops_per_token"]["live_teachers"] == 2 * teacher_active
 
 
 # --- the dense axes of MoE teachers (the family table rows of arch.py), in memory and streaming -------------------

@@ -15,6 +15,8 @@ from whelp.pruning import arch, space, surgery, targets
 from whelp.pruning.space import Budget, Counter
 from whelp.specs import SEARCH_AXES
 
+DENSE_AXES = tuple(a for a in SEARCH_AXES if a != "experts")  # experts: tests/test_search_moe.py
+
 KEYS = models.SHAPE_KEYS[:6]
 
 
@@ -99,7 +101,7 @@ def test_enumerate_equals_brute_force(brute, fractions):
     budget = {key: int(f * top[key]) for key, f in fractions.items()}
     want = expected(sizes, budget, 0.25)
     assert want
-    got = space.enumerate_shapes(cfg, Budget(**budget), SEARCH_AXES, 0.25, MULTIPLE, 64)
+    got = space.enumerate_shapes(cfg, Budget(**budget), DENSE_AXES, 0.25, MULTIPLE, 64)
     assert [tuple(s[k] for k in KEYS) for s in got] == want
     for shape in got:
         assert shape["vocab_size"] == 512 and shape["tie_word_embeddings"] is False
@@ -145,7 +147,7 @@ def test_enumerate_contradicting_budgets():
 def test_enumerate_8b_is_fast(capsys):
     cfg = models.load_config("llama-3.1-8b")
     start = time.perf_counter()
-    shapes = space.enumerate_shapes(cfg, Budget(non_embedding=1_000_000_000), SEARCH_AXES, 0.02, 128, 2048)
+    shapes = space.enumerate_shapes(cfg, Budget(non_embedding=1_000_000_000), DENSE_AXES, 0.02, 128, 2048)
     seconds = time.perf_counter() - start
     with capsys.disabled():
         print(f"\n8B enumeration (multiple=128, non_embedding=1.0B, 2%): {len(shapes):,} shapes in {seconds:.2f} s")
@@ -158,7 +160,7 @@ def test_enumerate_8b_is_fast(capsys):
 
 def test_axis_values():
     teacher = models.shape(tiny_config(**BRUTE))
-    assert space.axis_values(teacher, SEARCH_AXES, 32) == {
+    assert space.axis_values(teacher, DENSE_AXES, 32) == {
         "layers": [1, 2], "hidden": [32, 48], "mlp": [32, 48], "heads": [1, 2, 3, 4, 6],
         "kv_heads": [1, 2], "head_dim": [2, 4, 8]}
     # heads kept at the teacher's 6: only 2 KV heads keep 3 query heads per group, so kv_heads cannot shrink

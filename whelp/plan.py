@@ -61,16 +61,21 @@ def cache_bytes_per_token(mode: str, k: int, vocab: int) -> int:
 
 def _sized(config, name: str) -> dict:
     """Model ``name``'s config with its total and non-embedding parameter counts (counted once: a 70B takes
-    seconds)."""
+    seconds) and the parameters one token runs through (``active``: an MoE's top-k experts, else the total), which
+    FLOPs are priced at (2 N per forward token, 6 N per trained one)."""
+    from whelp.pruning import moe
+
     total, non_embedding = models.count_params(config)
-    return {"name": name, "config": config, "params": total, "non_embedding": non_embedding}
+    active = moe.count_moe_params(config)["active_params"] if moe.moe_family_of(config) else total
+    return {"name": name, "config": config, "params": total, "non_embedding": non_embedding, "active": active}
 
 
 def _params(model: dict) -> dict:
-    from whelp.pruning import moe
+    from whelp.pruning.moe import shape_of
 
-    shape = moe.moe_shape(model["config"]) if moe.moe_family_of(model["config"]) else models.shape(model["config"])
-    return {**shape, "params": model["params"], "non_embedding_params": model["non_embedding"]}
+    active = {"active_params": model["active"]} if model["active"] != model["params"] else {}
+    return {**shape_of(model["config"]), "params": model["params"], "non_embedding_params": model["non_embedding"],
+            **active}
 
 
 def _local_tokenizer(recipe: Recipe):
@@ -98,12 +103,13 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
 def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> tuple[dict, dict]:
     """A prune step's target shape (``shape``: a search's, for its target) and its costs
     (whelp.pricing.prune_memory), and the target's sized config."""
+    from whelp.pruning.moe import shape_of
     from whelp.pruning.scores import check_scores_file
     from whelp.pruning.surgery import target_config
     from whelp.pruning.targets import first_keep, parse_target, rope_summary, target_rope
 
     where, source_cfg = f"recipe.prune[{index}]", source["config"]
-    text = step.target if shape is None else ",".join(f"{k}={str(shape[k]).lower()}" for k in models.SHAPE_KEYS)
+    text = step.target if shape is None else ",".join(f"{k}={str(shape[k]).lower()}" for k in shape_of(source_cfg))
     parsed = _at(f"{where}.target", lambda: parse_target(source_cfg, text))
     # a search's target.json is a pruned teacher config, so either rope policy keeps the teacher's RoPE
     rope = None if shape is not None else _at(f"{where}.target", lambda: target_rope(parsed, step.options.rope))
@@ -111,17 +117,11 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
     if step.options.scores:
         _at(f"{where}.scores", lambda: check_scores_file(Path(step.options.scores).expanduser()))
     spec = step.options
-    from whelp.pruning import moe
-
-    if moe.moe_family_of(source_cfg) is not None:  # expert pruning: the expert axes change, nothing else
-        target = _sized(moe.moe_config(source_cfg, parsed.shape), str(step.target))
-    else:
-        target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope),
-                        str(step.target))
+    target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope), str(step.target))
     return {"stage": f"prune[{index}]", "kind": "prune", "target": str(step.target), "shape": _params(target),
             "rope": {"source": rope_summary(source_cfg), "target": rope_summary(target["config"])},
             "tokens": spec.calib_samples * spec.seq_len,
-            "flops": pricing.prune_flops(spec, source["params"], source_cfg.num_hidden_layers),
+            "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers),
             "parallel": False, "device": "cpu", "memory": pricing.prune_memory(source["params"]),
             "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]}}, target
 
@@ -173,7 +173,7 @@ def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, 
     positions = ref.spec(step.options).batch_size * step.options.seq_len
     return {"stage": f"capture[{number}]", "kind": "capture", "for": where, "teacher": model["name"],
             "mode": ref.mode, "k": ref.k, "params": model["params"], "tokens": tokens,
-            "flops": 2 * model["params"] * tokens, "parallel": True, "device": "gpu", "bytes_per_token": per_token,
+            "flops": 2 * model["active"] * tokens, "parallel": True, "device": "gpu", "bytes_per_token": per_token,
             "memory": pricing.capture_memory(model, dtype, positions, step.options.chunk_size, vocab),
             "disk_bytes": {"cache": per_token * tokens}}
 
@@ -194,9 +194,10 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) ->
     vocab = student_cfg.vocab_size
     data = data_plan(spec.data, tokens, vocab, tokenizer, f"recipe.distill[{index}].data")
     # on-policy rows are also run through the student once more, token by token, to sample them (no grad)
-    per_token = {"student_train": 6 * n_student, "student_sampling": round(spec.on_policy * 2 * n_student),
-                 "live_teachers": sum(2 * m["params"] for _, m in live),
-                 "cache_teachers_once": sum(2 * m["params"] for _, m in cached)}
+    n_active = student["active"]
+    per_token = {"student_train": 6 * n_active, "student_sampling": round(spec.on_policy * 2 * n_active),
+                 "live_teachers": sum(2 * m["active"] for _, m in live),
+                 "cache_teachers_once": sum(2 * m["active"] for _, m in cached)}
     memory = pricing.distill_memory(spec, student, [m for _, m in live])
     return {
         "stage": f"distill[{index}]", "kind": "distill", "tokens": tokens, "steps": steps, "data": data,
@@ -233,7 +234,7 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
         for source, _ in parse_mixture(getattr(spec, key)):
             if source != GENERATED:
                 _at(f"{where}.{key}", lambda: check_data(source))
-    cost, shape = planned["cost"], {k: planned["largest"][k] for k in models.SHAPE_KEYS}
+    cost, shape = planned["cost"], dict(planned["largest"])
     data = data_plan(spec.data, cost["distillation_tokens_per_candidate"], config.vocab_size, tokenizer,
                      f"{where}.data")
     largest = _sized(target_config(config, first_keep(config, shape)), "the largest searched shape")
@@ -261,7 +262,7 @@ def _generate_stage(recipe: Recipe, teacher: dict) -> dict:
     tokens = spec.max_tokens
     store = (2 if teacher["config"].vocab_size <= 1 << 16 else 4) * tokens
     return {"stage": "generate", "kind": "generate", "tokens": tokens,
-            "flops_per_token": {"teacher_sampling": 2 * model["params"]}, "flops": 2 * model["params"] * tokens,
+            "flops_per_token": {"teacher_sampling": 2 * model["active"]}, "flops": 2 * model["active"] * tokens,
             "parallel": False, "device": "gpu" if spec.device.startswith("cuda") else "cpu",
             "memory": pricing.generate_memory(model, spec), "store_bytes": store,
             "disk_bytes": {"store": store}}

@@ -153,7 +153,7 @@ class PruneSpec:
         parse_mixture(self.calib)
 
 
-SEARCH_AXES = ("layers", "hidden", "mlp", "heads", "kv_heads", "head_dim")
+SEARCH_AXES = ("layers", "hidden", "mlp", "heads", "kv_heads", "head_dim", "experts")  # experts: MoE teachers
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ decoder family with the Llama layout is one entry here. Axis names:
   ``qkv``      a row of a fused q/k/v projection (Phi-3 ``qkv_proj``): the q block, then the k and v blocks
   ``gate_up``  a row of a fused gate/up projection (Phi-3 ``gate_up_proj``): the gate block, then the up block
   ``vocab``    a token id (never pruned)
-  ``expert``, ``expert_ffn``  an expert, a neuron of one expert's FFN (MoE rows: the router ``mlp.gate`` [E, H] and
-               the fused ``mlp.experts.gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I] of transformers 5's memory
-               layout); sliced by moe.py before the other axes, since each kept expert keeps its own neurons
+  ``expert``, ``expert_ffn``, ``expert_gate_up``  an expert, a neuron of one expert's FFN, a row of its fused
+               [gate; up] (MoE rows: the router ``mlp.gate`` [E, H] and the fused ``mlp.experts.gate_up_proj``
+               [E, 2I, H] / ``down_proj`` [E, H, I] of transformers 5's memory layout); sliced by moe.py before the
+               other axes, since each kept expert keeps its own neurons
   ``shared``   a neuron of Qwen2-MoE's shared expert (kept whole); ``unit``: the one row of its sigmoid gate
 
 Every row prunes every axis of ``AXES`` (experts: the MoE rows); ``Family.exact`` names those where pruning equals zeroing the removed
@@ -52,11 +53,12 @@ _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
 _FUSED = {"self_attn.qkv_proj.weight": ("qkv", "hidden"), "self_attn.o_proj.weight": ("hidden", "q"),
           "mlp.gate_up_proj.weight": ("gate_up", "hidden"), "mlp.down_proj.weight": ("hidden", "mlp")}
 # MoE: the router and the fused experts in memory; Qwen2-MoE's shared expert and its sigmoid gate
-_MOE = {"mlp.gate.weight": ("expert", "hidden"), "mlp.experts.gate_up_proj": ("expert", "expert_ffn", "hidden"),
+_MOE = {"mlp.gate.weight": ("expert", "hidden"), "mlp.experts.gate_up_proj": ("expert", "expert_gate_up", "hidden"),
         "mlp.experts.down_proj": ("expert", "hidden", "expert_ffn")}
 _SHARED = {"mlp.shared_expert.gate_proj.weight": ("shared", "hidden"),
            "mlp.shared_expert.up_proj.weight": ("shared", "hidden"),
-           "mlp.shared_expert.down_proj.weight": ("hidden", "shared"), "mlp.shared_expert_gate.weight": ("unit", "hidden")}
+           "mlp.shared_expert.down_proj.weight": ("hidden", "shared"),
+           "mlp.shared_expert_gate.weight": ("unit", "hidden")}
 SQRT_HIDDEN = "sqrt(hidden_size)"  # Family.embed_multiplier of Gemma: its embedding module scales by hidden_size ** 0.5
 
 # the axes of a target (models.SHAPE_KEYS) as the README names them

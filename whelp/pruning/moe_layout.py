@@ -41,7 +41,8 @@ def memory_suffix(suffix: str, family: Family) -> str:
 
 
 def disk_suffixes(suffix: str, family: Family, n_experts: int) -> list[str]:
-    """The disk names inside a layer that make up in-memory tensor ``suffix`` (fused: expert by expert; gate then up)."""
+    """The disk names inside a layer that make up in-memory tensor ``suffix`` (fused: expert by expert, gate then
+    up)."""
     if not family.experts_key or suffix not in (ROUTER, GATE_UP, DOWN):
         return [suffix]
     if suffix == ROUTER:

@@ -47,7 +47,7 @@ def work_dir(out: Path) -> Path:
 def _space(config, spec: SearchSpec) -> tuple[list[dict], list[dict], space.Budget, space.Counter]:
     """``(every shape within budget, the one-shot pool, the budget, the counter)``: configs only, no weights."""
     counter = space.Counter(config)
-    budget = space.parse_budget(spec.budget, models.shape(config), counter, spec.context)
+    budget = space.parse_budget(spec.budget, counter.teacher, counter, spec.context)
     shapes = space.enumerate_shapes(config, budget, space.parse_axes(spec.axes), spec.tolerance, spec.multiple,
                                     spec.context)
     return shapes, space.proxy_pool(shapes, spec.pool), budget, counter
@@ -57,7 +57,7 @@ def cost(config, spec: SearchSpec, pool: list[dict], counter: space.Counter) -> 
     """FLOPs of the search (2 N per forward token, 6 N per trained one: Kaplan et al. 2020): calibration, the pool's
     one-shot scores (teacher once + each candidate), and K short distillations (each step a teacher forward and a
     student forward + backward); K is charged at the pool's largest candidates, an upper bound."""
-    teacher = counter.params(models.shape(config))[0]
+    teacher = counter.params(counter.teacher)[0]
     held_out = spec.eval_blocks * spec.seq_len
     sizes = sorted((counter.params(s)[0] for s in pool), reverse=True)
     trained = spec.score_steps * spec.batch_size * spec.seq_len

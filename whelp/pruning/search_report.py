@@ -10,13 +10,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from whelp import __version__, store
-from whelp.pruning import space
+from whelp.pruning import moe, space
 from whelp.specs import SearchSpec
 
 
 def _dims(shape: dict) -> str:
-    return (f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']} "
-            f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}")
+    experts = next((f" E{shape[k]}" for k in moe.EXPERT_KEYS if k in shape), "")
+    ffn = f" I_e{shape['moe_intermediate_size']}" if "moe_intermediate_size" in shape else ""
+    return (f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']}{ffn} "
+            f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}{experts}")
 
 
 def report(teacher: str, spec: SearchSpec, shapes: list[dict], pool: list[dict], trained: list[dict]) -> dict:

@@ -17,9 +17,8 @@ from decimal import Decimal
 
 import numpy as np
 
-from whelp import models
 from whelp.errors import WhelpError
-from whelp.pruning import arch, targets
+from whelp.pruning import arch, moe, targets
 from whelp.pruning.surgery import text_config
 from whelp.specs import SEARCH_AXES
 
@@ -58,6 +57,10 @@ class Counter:
     so a shape's count is sum over tensors of prod(axis sizes), layer tensors times num_hidden_layers, with
     q = heads * head_dim and kv = kv_heads * head_dim. The embedding (and an untied lm_head) are counted from the
     shape's ``tie_word_embeddings``, as models.count_params does. Every method takes ints or numpy arrays.
+
+    MoE teachers (moe.py): each expert tensor is one more factor, the expert count; the expert FFN width is the mlp
+    axis where the family names it ``intermediate_size`` (Mixtral) and the teacher's otherwise (Qwen, whose mlp is
+    its dense layers'), so every count stays linear in mlp. ``num_experts_per_tok`` stays the teacher's.
     """
 
     def __init__(self, teacher_config):
@@ -71,7 +74,12 @@ class Counter:
                              "prune this model to a fixed --target instead")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
-        self.teacher = models.shape(cfg)
+        self.teacher, self.family = moe.shape_of(cfg), family
+        self.fixed = {"vocab": self.teacher["vocab_size"], "unit": 1,
+                      "shared": getattr(cfg, "shared_expert_intermediate_size", 0) or 0}
+        if family.experts_key:
+            width = self.teacher[family.ffn_key]
+            self.fixed.update(expert_ffn=width, expert_gate_up=2 * width)
         layer, rest = collections.Counter(), collections.Counter()
         for name, _ in model.named_parameters():
             try:
@@ -84,6 +92,11 @@ class Counter:
             elif index is None and suffix not in (family.embed, family.lm_head):
                 rest[axes] += 1
         self.layer_terms, self.global_terms = tuple(layer.items()), tuple(rest.items())
+        # the search's axis -> shape key; an MoE teacher without dense layers searches its experts' FFN as mlp
+        dense_mlp = any("mlp" in axes for axes, _ in self.layer_terms) or not family.experts_key
+        self.keys = {**AXIS_KEYS, "mlp": "intermediate_size" if dense_mlp else family.ffn_key}
+        if family.experts_key:
+            self.keys["experts"] = family.experts_key
         actual = sum(p.numel() for p in model.parameters())  # models.count_params' total: tied lm_head once
         if self.params(self.teacher)[0] != actual:  # the closed form must reproduce the teacher, or the table is off
             raise WhelpError(f"closed-form count {self.params(self.teacher)[0]} of the {family.name} teacher differs "
@@ -93,12 +106,20 @@ class Counter:
     def _sum(terms, sizes):
         return sum(n * math.prod(sizes[axis] for axis in axes) for axes, n in terms)
 
-    def parts(self, hidden, mlp, heads, kv_heads, head_dim):
-        """``(per_layer, non_layer_non_embedding)`` parameters: linear in ``mlp``, as no tensor has two mlp axes."""
-        sizes = {"hidden": hidden, "mlp": mlp, "q": heads * head_dim, "kv": kv_heads * head_dim,
-                 "head_dim": head_dim, "vocab": self.teacher["vocab_size"],
-                 "qkv": (heads + 2 * kv_heads) * head_dim, "gate_up": 2 * mlp}  # Phi-3's fused projections
+    def parts(self, hidden, mlp, heads, kv_heads, head_dim, experts=None):
+        """``(per_layer, non_layer_non_embedding)`` parameters: linear in ``mlp``, as no tensor has two mlp axes
+        (``experts``: an MoE teacher's expert count, None: the teacher's)."""
+        sizes = {**self.fixed, "hidden": hidden, "mlp": mlp, "q": heads * head_dim, "kv": kv_heads * head_dim,
+                 "head_dim": head_dim, "qkv": (heads + 2 * kv_heads) * head_dim, "gate_up": 2 * mlp}  # Phi-3's fused
+        if self.family.experts_key:
+            sizes["expert"] = self.teacher[self.family.experts_key] if experts is None else experts
+            if self.keys["mlp"] == self.family.ffn_key:
+                sizes.update(expert_ffn=mlp, expert_gate_up=2 * mlp)
         return self._sum(self.layer_terms, sizes), self._sum(self.global_terms, sizes)
+
+    def experts_of(self, shape: dict):
+        """The expert count of ``shape`` (None for a dense teacher)."""
+        return shape[self.family.experts_key] if self.family.experts_key else None
 
     def embedding(self, hidden, tied: bool):
         """Token embedding parameters, plus the lm_head's when untied."""
@@ -106,7 +127,8 @@ class Counter:
 
     def params(self, shape: dict) -> tuple[int, int]:
         """``(total, non_embedding)`` of ``shape``: equals models.count_params of its pruned config."""
-        per_layer, rest = self.parts(*(shape[AXIS_KEYS[a]] for a in ("hidden", "mlp", "heads", "kv_heads", "head_dim")))
+        per_layer, rest = self.parts(*(shape[self.keys[a]] for a in ("hidden", "mlp", "heads", "kv_heads", "head_dim")),
+                                     self.experts_of(shape))
         non_embedding = shape["num_hidden_layers"] * per_layer + rest
         return non_embedding + self.embedding(shape["hidden_size"], shape["tie_word_embeddings"]), non_embedding
 
@@ -175,25 +197,32 @@ def parse_axes(text: str) -> tuple[str, ...]:
     return tuple(axis for axis in SEARCH_AXES if axis in names)
 
 
-def axis_values(teacher_shape: dict, axes: tuple[str, ...], multiple: int) -> dict[str, list[int]]:
+def axis_values(teacher_shape: dict, axes: tuple[str, ...], multiple: int,
+                keys: dict[str, str] = AXIS_KEYS) -> dict[str, list[int]]:
     """Allowed values per axis, ascending; an axis not in ``axes`` keeps the teacher's value.
 
     hidden / mlp: multiples of ``multiple`` (tensor-core friendly, as ModelOpt's channel divisor) and the teacher's.
     head_dim: even divisors d/s, the RoPE-exact ones (surgery.rope_exact_dims). heads: kv * g, g query heads per KV
-    group up to the teacher's (groups stay even); kv_heads: the counts some heads value pairs with.
+    group up to the teacher's (groups stay even); kv_heads: the counts some heads value pairs with. experts (an MoE
+    teacher's, ``keys`` naming its config key, Counter.keys): every count from num_experts_per_tok up.
     """
-    teacher = {axis: teacher_shape[key] for axis, key in AXIS_KEYS.items()}
+    if "experts" in axes and "experts" not in keys:
+        raise WhelpError("search axis 'experts' needs a mixture-of-experts teacher (mixtral, qwen2_moe, qwen3_moe); "
+                         "drop it from --axes")
+    teacher = {axis: teacher_shape[key] for axis, key in keys.items()}
     per_group = teacher["heads"] // teacher["kv_heads"]
     grid = {"layers": list(range(1, teacher["layers"] + 1)),
             "hidden": sorted({*range(multiple, teacher["hidden"] + 1, multiple), teacher["hidden"]}),
             "mlp": sorted({*range(multiple, teacher["mlp"] + 1, multiple), teacher["mlp"]}),
             "head_dim": [d for d in range(2, teacher["head_dim"] + 1, 2) if teacher["head_dim"] % d == 0]}
+    if "experts" in keys:
+        grid["experts"] = list(range(teacher_shape["num_experts_per_tok"], teacher["experts"] + 1))
     values = {axis: grid[axis] if axis in axes else [teacher[axis]] for axis in grid}
     kv = range(1, teacher["kv_heads"] + 1) if "kv_heads" in axes else [teacher["kv_heads"]]
     values["heads"] = (sorted({k * g for k in kv for g in range(1, per_group + 1)}) if "heads" in axes
                        else [teacher["heads"]])
     values["kv_heads"] = [k for k in kv if any(_pairs(h, k, per_group) for h in values["heads"])]
-    return {axis: values[axis] for axis in SEARCH_AXES}
+    return {axis: values[axis] for axis in SEARCH_AXES if axis in values}
 
 
 def _pairs(heads: int, kv_heads: int, per_group: int) -> bool:
@@ -224,33 +253,41 @@ def _widths(teacher_config, teacher: dict, values: dict) -> np.ndarray:
 def enumerate_shapes(teacher_config, budget: Budget, axes, tolerance: float, multiple: int, context: int) -> list[dict]:
     """Every grid shape whose size budgets all hold: ``(1 - tolerance) * b <= value <= b`` for each budget b.
 
-    Full models.shape dicts, largest non_embedding first, ties by the shape tuple. Per (widths, layers) every size
-    is linear in mlp, so numpy solves each budget for an mlp index range instead of looping over the mlp grid.
+    Full shape dicts (moe.shape_of's keys), largest non_embedding first, ties by the shape tuple. Per (widths,
+    layers, experts) cell every size is linear in mlp, so numpy solves each budget for an mlp index range instead of
+    looping over the mlp grid: memory and time grow with the number of cells, widths x layers x expert counts.
     """
     counter = Counter(teacher_config)
     teacher, sizes = counter.teacher, budget.sizes()
     if not sizes:
         raise WhelpError("enumerating shapes needs a size budget: params=, non_embedding= or memory=")
-    values = axis_values(teacher, axes, multiple)
+    values = axis_values(teacher, axes, multiple, counter.keys)
     widths = _widths(teacher_config, teacher, values)
-    hidden, heads, kv, head_dim = (widths[:, i, None] for i in range(4))
-    layers, mlp = np.array(values["layers"], dtype=np.int64)[None, :], np.array(values["mlp"], dtype=np.int64)
+    hidden, heads, kv, head_dim = (widths[:, i, None, None] for i in range(4))
+    layers = np.array(values["layers"], dtype=np.int64)[None, :, None]
+    experts = np.array(values.get("experts", [0]), dtype=np.int64)[None, None, :]
+    mlp = np.array(values["mlp"], dtype=np.int64)
+    grid = (len(widths), layers.shape[1], experts.shape[2])
     tied = teacher["tie_word_embeddings"]
-    at0, rest = counter.parts(hidden, 0, heads, kv, head_dim)
-    slope = layers * (counter.parts(hidden, 1, heads, kv, head_dim)[0] - at0)  # [widths, layers]: per mlp unit
-    base = layers * at0 + rest  # [widths, layers]: non_embedding at mlp = 0
+    moe_experts = experts if "experts" in values else None
+    at0, rest = counter.parts(hidden, 0, heads, kv, head_dim, moe_experts)
+    slope = layers * (counter.parts(hidden, 1, heads, kv, head_dim, moe_experts)[0] - at0)  # per mlp unit
+    base = layers * at0 + rest  # non_embedding at mlp = 0
     total = base + counter.embedding(hidden, tied)
     lines = {"non_embedding": (base, slope), "params": (total, slope),
              "memory": (2 * total + counter.kv_bytes(layers, kv, head_dim, context), 2 * slope)}
-    lines = {key: (c0.ravel(), c1.ravel()) for key, (c0, c1) in lines.items()}
+    lines = {key: (np.broadcast_to(c0, grid).ravel(), np.broadcast_to(c1, grid).ravel())
+             for key, (c0, c1) in lines.items()}
 
     def hits(keys):
         """(cell, mlp index) of every shape meeting the budgets ``keys``: a float range per cell, then exact."""
         start, end = np.zeros(len(lines["params"][0]), dtype=np.int64), np.full(len(lines["params"][0]), len(mlp))
         for key in keys:
             c0, c1 = lines[key]
+            c1 = np.where(c1 > 0, c1, 1)  # a size that mlp does not change: the exact check below decides
             start = np.maximum(start, np.searchsorted(mlp, ((1 - tolerance) * sizes[key] - c0) / c1) - 1)
             end = np.minimum(end, np.searchsorted(mlp, (sizes[key] - c0) / c1, side="right") + 1)
+        start, end = np.clip(start, 0, len(mlp)), np.clip(end, 0, len(mlp))
         counts = np.clip(end - start, 0, None)
         cell = np.repeat(np.arange(len(counts)), counts)
         index = start[cell] + np.arange(len(cell)) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -262,17 +299,20 @@ def enumerate_shapes(teacher_config, budget: Budget, axes, tolerance: float, mul
 
     cell, index = hits(list(sizes))
     if not len(cell):
-        raise WhelpError(_nothing(sizes, hits, lines, widths, values, axes, tolerance, mlp))
-    w, layer = np.divmod(cell, len(values["layers"]))
+        raise WhelpError(_nothing(sizes, hits, lines, widths, values, axes, tolerance, mlp, grid))
+    w, layer, expert = np.unravel_index(cell, grid)
     size = lines["non_embedding"][0][cell] + lines["non_embedding"][1][cell] * mlp[index]
-    columns = [widths[w, 0], layers[0, layer], mlp[index], widths[w, 1], widths[w, 2], widths[w, 3]]
+    columns = [widths[w, 0], layers[0, layer, 0], mlp[index], widths[w, 1], widths[w, 2], widths[w, 3]]
+    if "experts" in values:
+        columns.append(experts[0, 0, expert])
     order = np.lexsort(tuple(reversed([-size, *columns])))
     rows = np.stack(columns, axis=1)[order].tolist()
-    fixed = {"vocab_size": teacher["vocab_size"], "tie_word_embeddings": tied}
-    return [dict(zip(models.SHAPE_KEYS[:6], row), **fixed) for row in rows]
+    names = [counter.keys[a] for a in ("hidden", "layers", "mlp", "heads", "kv_heads", "head_dim", "experts")
+             if a in counter.keys]
+    return [{**teacher, **dict(zip(names, row))} for row in rows]
 
 
-def _nothing(sizes, hits, lines, widths, values, axes, tolerance, mlp) -> str:
+def _nothing(sizes, hits, lines, widths, values, axes, tolerance, mlp, grid) -> str:
     """The one line for an empty search: which budget no shape reaches and the range it could, or a contradiction."""
     where = f"over axes {','.join(axes)}"
     for key, bound in sizes.items():
@@ -280,9 +320,9 @@ def _nothing(sizes, hits, lines, widths, values, axes, tolerance, mlp) -> str:
             continue
         c0, c1 = lines[key]
         low, high = c0 + c1 * mlp[0], c0 + c1 * mlp[-1]
-        w, layer = divmod(int(np.argmin(low)), len(values["layers"]))
+        w, layer, expert = np.unravel_index(int(np.argmin(low)), grid)
         at = dict(zip(("hidden", "heads", "kv_heads", "head_dim"), widths[w].tolist()),
-                  layers=values["layers"][layer], mlp=int(mlp[0]))
+                  layers=values["layers"][layer], mlp=int(mlp[0]), experts=values.get("experts", [0])[expert])
         smallest = ", ".join(f"{axis}={at[axis]}" for axis in axes)
         finer = ", lower --multiple" if {"hidden", "mlp"} & set(axes) else ""  # a gap in the grid, not a floor
         fix = ("raise the budget, widen --tolerance" if bound < low.min() else f"widen --tolerance{finer}")
