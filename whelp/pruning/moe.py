@@ -111,9 +111,13 @@ def _add(stats: dict, key: str, value: Tensor) -> None:
 
 
 def expert_magnitudes(blocks: dict[int, torch.nn.Module]) -> dict[str, Tensor]:
-    """``moe.magnitude.{layer}`` [E]: the sum of w^2 over each expert's weights (read once, not per batch)."""
-    return {f"moe.magnitude.{index}": (block.experts.gate_up_proj.detach().float() ** 2).sum(dim=(1, 2)).cpu()
-            + (block.experts.down_proj.detach().float() ** 2).sum(dim=(1, 2)).cpu() for index, block in blocks.items()}
+    """``moe.magnitude.{layer}`` [E]: the sum of w^2 over each expert's weights (read once, not per batch), one
+    expert at a time so the temporary is one expert's, not the layer's."""
+    def sq(weight: Tensor) -> Tensor:
+        return torch.stack([weight[j].detach().float().pow(2).sum() for j in range(weight.shape[0])]).cpu()
+
+    return {f"moe.magnitude.{index}": sq(block.experts.gate_up_proj) + sq(block.experts.down_proj)
+            for index, block in blocks.items()}
 
 
 def attach_experts(blocks: dict[int, torch.nn.Module], stats: dict) -> list:

@@ -61,17 +61,27 @@ def memory_names(names: Iterable[str], family: Family) -> list[str]:
     return list(out)
 
 
-def read(shards: dict[str, Path], name: str, family: Family, n_experts: int) -> Tensor:
-    """In-memory tensor ``name`` read from the shards: a fused expert tensor is stacked from its per-expert parts."""
+def read(shards: dict[str, Path], name: str, family: Family, n_experts: int,
+         dtype: torch.dtype | None = None) -> Tensor:
+    """In-memory tensor ``name`` read from the shards in ``dtype`` (None: as stored). A fused expert tensor is
+    filled expert by expert into one preallocated tensor, so besides it only one expert's part is resident."""
     layer, suffix = split_name(name, family)
     if layer is None or suffix not in (GATE_UP, DOWN) or not family.experts_key:
         disk = disk_suffixes(suffix, family, n_experts)[0] if layer is not None else name
-        return read_tensor(shards, name if layer is None else f"{family.layers}.{layer}.{disk}")
+        tensor = read_tensor(shards, name if layer is None else f"{family.layers}.{layer}.{disk}")
+        return tensor if dtype is None else tensor.to(dtype)
     prefix = f"{family.layers}.{layer}."
-    parts = [read_tensor(shards, prefix + disk) for disk in disk_suffixes(suffix, family, n_experts)]
-    if suffix == GATE_UP:  # [gate_j; up_j] -> [2I, H] per expert
-        parts = [torch.cat(parts[i: i + 2]) for i in range(0, len(parts), 2)]
-    return torch.stack(parts)
+    names = disk_suffixes(suffix, family, n_experts)
+    per_expert = len(names) // n_experts  # [gate_j; up_j] or down_j
+    out = None
+    for i, disk in enumerate(names):
+        part = read_tensor(shards, prefix + disk)
+        if out is None:
+            rows = part.shape[0]
+            out = torch.empty((n_experts, per_expert * rows, *part.shape[1:]), dtype=dtype or part.dtype)
+        j, k = divmod(i, per_expert)
+        out[j, k * rows: (k + 1) * rows] = part
+    return out
 
 
 def to_disk(name: str, tensor: Tensor, family: Family) -> Iterator[tuple[str, Tensor]]:

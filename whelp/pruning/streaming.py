@@ -57,7 +57,7 @@ def load_layer(model, family, index: int, shards: dict[str, Path], dtype: torch.
     layer's experts stacked from their per-expert tensors, moe_layout.py)."""
     layer = model.get_submodule(family.layers)[index]
     prefix, n = f"{family.layers}.{index}.", n_experts(model.config, family)
-    state = {key: moe_layout.read(shards, prefix + key, family, n).to(dtype) for key in layer.state_dict()}
+    state = {key: moe_layout.read(shards, prefix + key, family, n, dtype) for key in layer.state_dict()}
     expected = {disk for key in state for disk in moe_layout.disk_suffixes(key, family, n)}
     unknown = sorted(name for name in shards if name.startswith(prefix) and name[len(prefix):] not in expected)
     if unknown:
@@ -239,7 +239,7 @@ def magnitude_streaming(source_dir: Path, config, family, dtype: torch.dtype = t
     scores: dict[str, Tensor] = {}
     n = n_experts(config, family)
     for name, _ in skeleton(config).named_parameters():
-        value = moe_layout.read(shards, name, family, n).to(dtype).float() ** 2
+        value = moe_layout.read(shards, name, family, n, dtype).float() ** 2
         for key, value in weight_scores({name: value}, family, config).items():
             scores[key] = scores[key] + value if key in scores else value
     return scores
