@@ -110,7 +110,8 @@ def test_each_axis_loads_in_stock_transformers_with_a_config_that_matches_its_te
 
 
 def zeroed_equivalents(model):
-    """``{axis: (keep, zeroed teacher)}`` for every axis where removing units equals zeroing them in the teacher."""
+    """``{axis: (keep, zeroed teacher)}`` for every axis where removing units equals zeroing them in the teacher
+    (of a 3-layer teacher; MLP neurons where it has dense MLPs: an MoE's sparse layers leave their entries unused)."""
     ident = surgery.identity_keep(model.config)
     d, n_rep = 16, 2
     out = {}
@@ -118,8 +119,10 @@ def zeroed_equivalents(model):
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         for i, layer in enumerate(zeroed.model.layers):
-            layer.mlp.down_proj.weight[:, complement(128, mlp[i])] = 0
-    out["intermediate_size"] = (with_keep(model, mlp=mlp), zeroed)
+            if hasattr(layer.mlp, "down_proj"):
+                layer.mlp.down_proj.weight[:, complement(128, mlp[i])] = 0
+    if any(hasattr(layer.mlp, "down_proj") for layer in model.model.layers):
+        out["intermediate_size"] = (with_keep(model, mlp=mlp), zeroed)
     q_heads = (torch.tensor([[1], [0]]), torch.tensor([[0], [0]]), torch.tensor([[1], [1]]))
     kv_heads = (torch.tensor([1]), torch.tensor([0]), torch.tensor([1]))
     for axis, keep in (("num_attention_heads", with_keep(model, q_heads=q_heads)),
@@ -146,7 +149,7 @@ def zeroed_equivalents(model):
                 if proj.bias is not None:
                     proj.bias[dropped] = 0
     out["head_dim"] = (with_keep(model, head_dims=dims), restricted)
-    assert set(out) == set(arch.AXES) - {"hidden_size", "num_experts"}
+    assert set(out) | {"intermediate_size"} == set(arch.AXES) - {"hidden_size", "num_experts"}
     return out
 
 
