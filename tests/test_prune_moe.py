@@ -368,3 +368,16 @@ def test_cli_prune_streams_to_the_checkpoint_it_writes_in_memory(family, tmp_pat
     got, want = tensors(tmp_path / "stream"), tensors(tmp_path / "memory")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert reports["memory"]["shape"]["target"][experts_key(family)] == 3
+
+
+def test_taylor_importance_is_refused_before_any_pass(tmp_path, monkeypatch):
+    model = tiny_model("mixtral", **MOE["mixtral"])
+    monkeypatch.setattr(type(model), "forward", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    with pytest.raises(WhelpError, match=r"mixtral \(MoE\) experts are scored by --importance activation \(REAP\), "
+                                         "magnitude or random, not taylor"):
+        prune(model, "num_local_experts=4", IDS, PruneSpec(importance="taylor"))
+    monkeypatch.undo()
+    save_tiny(tmp_path / "teacher", tiny_tokenizer(), family="mixtral", **MOE["mixtral"])
+    result = run_cli("prune", str(tmp_path / "teacher"), "--target", "num_local_experts=4", "--out",
+                     str(tmp_path / "out"), "--importance", "taylor")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "not taylor" in result.stderr

@@ -108,6 +108,10 @@ def calibrate(model, family: Family, tokens: Tensor, method: str = "activation",
     """
     if method not in IMPORTANCE:
         raise WhelpError(f"unknown importance '{method}'; choose one of {', '.join(IMPORTANCE)}")
+    if family.experts_key:  # before the pass, not after it
+        from whelp.pruning import moe
+
+        moe.check_method(method, f"{family.name} (MoE)")
     cfg = text_config(model.config)
     stats: dict = {}
     layers = model.model.layers

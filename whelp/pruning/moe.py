@@ -144,8 +144,7 @@ def expert_scores(stats: dict, method: str, seed: int = 0) -> dict[str, Tensor]:
     """Hook sums -> per MoE layer ``l``: ``experts.{l}`` [E] (the method's expert score: REAP for "activation"),
     ``experts.{l}.tokens`` [E] (routed calibration tokens) and ``ffn.{l}`` [E, I] (router-weighted |activation| of
     each expert's FFN neurons)."""
-    if method not in METHODS:
-        raise WhelpError(f"MoE experts are scored by activation (REAP), frequency, magnitude or random, not '{method}'")
+    check_method(method)
     layers = sorted(int(key.rsplit(".", 1)[1]) for key in stats if key.startswith("moe.magnitude."))
     gen = torch.Generator().manual_seed(seed)
     scores = {}
@@ -293,9 +292,14 @@ def kept_report(keep: ExpertKeep) -> dict:
 
 def check_spec(source_cfg, spec) -> None:
     """Refuse, before any weights load, what expert pruning does not do."""
-    if spec.importance not in METHODS:
-        raise WhelpError(f"{_text(source_cfg).model_type} (MoE) experts are scored by --importance activation (REAP), "
-                         f"magnitude or random, not {spec.importance}")
+    check_method(spec.importance, f"{_text(source_cfg).model_type} (MoE)")
+
+
+def check_method(method: str, who: str = "MoE") -> None:
+    """``method`` scores experts (``frequency`` too: a benchmark baseline of calibrate_experts), or a WhelpError."""
+    if method not in METHODS:
+        raise WhelpError(f"{who} experts are scored by --importance activation (REAP), magnitude or random, "
+                         f"not {method}")
 
 
 # ---------------------------------------------------------------- targets and counts

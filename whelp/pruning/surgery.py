@@ -106,8 +106,8 @@ def kv_rows(kv_heads: Tensor, head_dims: Tensor, head_dim: int) -> Tensor:
 
 def _axis_index(axis: str, layer: int | None, keep: Keep, source_cfg) -> Tensor | None:
     cfg = text_config(source_cfg)
-    if axis in ("vocab", "shared", "unit", "expert", "expert_ffn", "expert_gate_up"):  # never pruned, or sliced first by moe.slice_experts
-        return None
+    if axis in ("vocab", "shared", "unit", "expert", "expert_ffn", "expert_gate_up"):
+        return None  # never pruned, or sliced before by moe.slice_experts
     if axis == "hidden":
         return keep.hidden
     if axis == "head_dim":
