@@ -35,6 +35,7 @@ from torch import Tensor
 from whelp import models
 from whelp.errors import WhelpError
 from whelp.pruning.arch import FAMILIES, Family
+from whelp.pruning.importance import top_indices
 
 EXPERT_KEYS = ("num_local_experts", "num_experts")  # both spellings are accepted on the command line
 METHODS = ("activation", "magnitude", "random", "frequency")  # frequency: a baseline of calibrate_experts only
@@ -199,12 +200,6 @@ class ExpertKeep:
     top_k: int | None = None
     count: int | None = None
     width: int | None = None
-
-
-def top_indices(scores: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` largest scores, ascending (ties broken by the lower index)."""
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
-    return torch.sort(order[:k]).values
 
 
 def select_experts(scores: dict[str, Tensor], source_cfg, shape: dict,
