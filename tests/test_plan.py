@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
 import yaml
@@ -70,9 +69,34 @@ def test_the_70b_capture_is_priced_at_the_closed_form_on_8_h100():
     assert capture["gpu_hours"] == capture["flops"] / (H100 * 0.4) / 3600
     assert capture["wall_hours"] == capture["gpu_hours"] / 8 and capture["gpus"] == 8
     assert capture["disk_bytes"]["cache"] == capture["bytes_per_token"] * capture["tokens"]
-    assert _part(capture, "teacher weights")["per_gpu_bytes"] == 2 * n_70b  # each data-parallel GPU holds it
+    # the recipe's tp_size 4: each group of 4 GPUs holds one bf16 70B, a quarter of it on each
+    assert capture["tp_size"] == 4 and _part(capture, "teacher weights")["per_gpu_bytes"] == -(-2 * n_70b // 4)
+    assert capture["fits"] and planned["warnings"] == []
     assert planned["pricing"] == {"gpu": "h100", "peak_flops": H100, "gpu_memory_bytes": 80 * 10**9, "gpus": 8,
                                   "mfu": 0.4}
+
+
+def test_a_70b_cache_without_tensor_parallelism_is_warned_about_and_tp_size_reaches_the_capture(tmp_path):
+    import yaml
+
+    from whelp import recipe
+
+    raw = yaml.safe_load((recipe.RECIPES_DIR / "llama-3.2-1b.yaml").read_text())
+    raw["distill"]["caches"][0].pop("tp_size")
+    (tmp_path / "whole.yaml").write_text(yaml.safe_dump(raw))
+    whole = _json(str(tmp_path / "whole.yaml"), "--gpus", "8", "--gpu", "h100")
+    assert _stage(whole, "capture[0]")["fits"] is False
+    assert any("split it tensor-parallel over at least 4 GPUs (tp_size: 4 on the recipe's cache entry" in w
+               for w in whole["warnings"])
+    odd = _json("llama-3.2-1b", "--gpus", "6", "--gpu", "h100")
+    assert odd["warnings"] == ["capture[0]: tp_size 4 needs a multiple of 4 GPUs, not 6 (the run refuses it); price "
+                               "it with --gpus 4 or another multiple of 4"]
+    raw["distill"]["caches"][0]["tp_size"] = 0
+    (tmp_path / "zero.yaml").write_text(yaml.safe_dump(raw))
+    done = run_cli("plan", str(tmp_path / "zero.yaml"))
+    assert done.exit_code == 2 and done.stderr.count("\n") == 1 and "tp_size" in done.stderr
+    step = next(r.step for r in recipe.load("llama-3.2-1b").stages() if r.kind == "distill")
+    assert step.caches[0].spec(step.options).tp_size == 4  # what the build's capture stage runs with
 
 
 def test_distill_memory_and_disk_are_the_formulas_sharded_over_n():
@@ -149,7 +173,9 @@ def test_pricing_options_are_refused_for_a_prune_plan_and_a_flops_gpu_skips_the_
     assert done.exit_code == 2 and "price a recipe" in done.stderr
     planned = _json("llama-3.2-1b", "--gpu", "500e12", "--mfu", "0.5")
     capture = _stage(planned, "capture[0]")
-    assert planned["pricing"]["gpu_memory_bytes"] is None and capture["fits"] is None and planned["warnings"] == []
+    assert planned["pricing"]["gpu_memory_bytes"] is None and capture["fits"] is None
+    assert planned["warnings"] == ["capture[0]: tp_size 4 needs a multiple of 4 GPUs, not 1 (the run refuses it); "
+                                   "price it with --gpus 4 or another multiple of 4"]  # the only one: no fit check
     assert capture["gpu_hours"] == capture["flops"] / (500e12 * 0.5) / 3600
     assert "memory unknown: fit not checked" in run_cli("plan", "llama-3.2-1b", "--gpu", "500e12").stdout
 
@@ -159,8 +185,7 @@ def test_the_default_is_today_s_table_plus_a_price_on_one_h100():
     assert done.exit_code == 0, done.stderr
     assert "params / FLOPs per token" in done.stdout and "cost on 1 x h100" in done.stdout
     assert "the default; choose with --gpus N --gpu KIND" in done.stdout
-    assert re.search(r"warning: capture\[0\] needs 151\.8 GB per GPU, more than one h100's 80 GB.*tensor-parallel",
-                     done.stdout)
+    assert "warning: capture[0]: tp_size 4 needs a multiple of 4 GPUs, not 1" in done.stdout
     planned = _json("llama-3.2-3b")
     assert planned["totals"]["gpu_hours"] == sum(s["gpu_hours"] for s in planned["stages"])
     stores = 4 * 10_000_000_000  # calib and train read one source: its store counts once

@@ -174,7 +174,8 @@ def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, 
     return {"stage": f"capture[{number}]", "kind": "capture", "for": where, "teacher": model["name"],
             "mode": ref.mode, "k": ref.k, "params": model["params"], "tokens": tokens,
             "flops": 2 * model["active"] * tokens, "parallel": True, "device": "gpu", "bytes_per_token": per_token,
-            "memory": pricing.capture_memory(model, dtype, positions, step.options.chunk_size, vocab),
+            "memory": pricing.capture_memory(model, dtype, positions, step.options.chunk_size, vocab, ref.tp_size),
+            "tp_size": ref.tp_size,
             "disk_bytes": {"cache": per_token * tokens}}
 
 

@@ -78,12 +78,14 @@ def check_pricing(gpus: int, mfu: float) -> None:
         raise WhelpError(f"--mfu is the model FLOPs utilization, in (0, 1] (e.g. 0.4 for 40%); got {mfu}")
 
 
-def part(what: str, nbytes: int, per_gpu: str = "replicated", teacher: str | None = None) -> dict:
-    """One part of a stage's memory: ``per_gpu`` replicated | sharded (FSDP2: / N) | gathered (only when N > 1);
-    ``teacher`` names the model when the part is a teacher's weights."""
-    if per_gpu not in ("replicated", "sharded", "gathered"):
+def part(what: str, nbytes: int, per_gpu: str = "replicated", teacher: str | None = None, ways: int = 1) -> dict:
+    """One part of a stage's memory: ``per_gpu`` replicated | sharded (FSDP2: / N) | gathered (only when N > 1) |
+    split (tensor parallel: / ``ways``, whatever N); ``teacher`` names the model when the part is a teacher's
+    weights."""
+    if per_gpu not in ("replicated", "sharded", "gathered", "split"):
         raise ValueError(f"per_gpu {per_gpu!r}")
-    return {"what": what, "bytes": int(nbytes), "per_gpu": per_gpu, **({"teacher": teacher} if teacher else {})}
+    return {"what": what, "bytes": int(nbytes), "per_gpu": per_gpu, **({"teacher": teacher} if teacher else {}),
+            **({"ways": ways} if per_gpu == "split" else {})}
 
 
 def layer_activation_bytes(tokens: int, hidden: int, dtype_bytes: int) -> int:
@@ -137,11 +139,16 @@ def prune_memory(params: int) -> list[dict]:
                  MEMORY_FACTOR * 4 * params)]
 
 
-def capture_memory(model: dict, dtype: str, positions: int, chunk_size: int, vocab: int) -> list[dict]:
-    """A capture's GPU: the teacher's weights in ``dtype``, one layer's activations over ``positions`` = blocks per
-    forward x seq_len (a forward without grad frees each layer's as the next runs), the [chunk, V] fp32 logits."""
+def capture_memory(model: dict, dtype: str, positions: int, chunk_size: int, vocab: int,
+                   tp_size: int = 1) -> list[dict]:
+    """A capture's GPU: the teacher's weights in ``dtype`` (split over ``tp_size`` GPUs when tensor parallel), one
+    layer's activations over ``positions`` = blocks per forward x seq_len (a forward without grad frees each layer's
+    as the next runs; counted whole, an upper bound under tensor parallelism), the [chunk, V] fp32 logits."""
     d = DTYPE_BYTES[dtype]
-    return [part(f"teacher weights ({dtype})", d * model["params"], teacher=model["name"]),
+    weights = (part(f"teacher weights ({dtype}), tensor parallel over {tp_size}", d * model["params"], "split",
+                    teacher=model["name"], ways=tp_size) if tp_size > 1
+               else part(f"teacher weights ({dtype})", d * model["params"], teacher=model["name"]))
+    return [weights,
             part(f"one layer's activations, {positions:,} positions",
                  layer_activation_bytes(positions, model["config"].hidden_size, d)),
             part("logit chunks", loss_chunk_bytes(chunk_size, vocab))]
@@ -184,8 +191,9 @@ def distill_memory(spec, student: dict, live: list[dict]) -> list[dict]:
 def memory_per_gpu(parts: list[dict], gpus: int) -> int:
     """Bytes on each of ``gpus`` GPUs: replicated parts whole, sharded parts / gpus (rounded up), gathered parts
     only when sharding happens (gpus > 1)."""
-    share = {"replicated": lambda b: b, "sharded": lambda b: -(-b // gpus), "gathered": lambda b: b if gpus > 1 else 0}
-    return sum(share[p["per_gpu"]](p["bytes"]) for p in parts)
+    share = {"replicated": lambda p: p["bytes"], "sharded": lambda p: -(-p["bytes"] // gpus),
+             "gathered": lambda p: p["bytes"] if gpus > 1 else 0, "split": lambda p: -(-p["bytes"] // p["ways"])}
+    return sum(share[p["per_gpu"]](p) for p in parts)
 
 
 def price(planned: dict, gpu: Gpu, gpus: int, mfu: float = MFU) -> dict:
@@ -203,6 +211,10 @@ def price(planned: dict, gpu: Gpu, gpus: int, mfu: float = MFU) -> dict:
                        "memory_per_gpu_bytes": memory, "fits": fits})
         if fits is False:
             warnings.append(_misfit(stages[-1], gpu))
+        if stage.get("tp_size", 1) > 1 and n % stage["tp_size"]:
+            t = stage["tp_size"]
+            warnings.append(f"{stage['stage']}: tp_size {t} needs a multiple of {t} GPUs, not {n} (the run refuses "
+                            f"it); price it with --gpus {t} or another multiple of {t}")
     return {**planned, "stages": stages, "warnings": warnings, "totals": _totals(stages),
             "pricing": {"gpu": gpu.name, "peak_flops": gpu.peak_flops, "gpu_memory_bytes": gpu.memory_bytes,
                         "gpus": gpus, "mfu": mfu}}
@@ -239,8 +251,8 @@ def _misfit(stage: dict, gpu: Gpu) -> str:
         weights = sum(p["bytes"] for p in stage["memory"] if p.get("teacher"))
         rest = stage["memory_per_gpu_bytes"] - weights
         split = 2 ** math.ceil(math.log2(weights / (gpu.memory_bytes - rest))) if rest < gpu.memory_bytes else None
-        how = (f"split it tensor-parallel over at least {split} GPUs (whelp cache-logits --tp-size {split} under "
-               "torchrun)" if split else "lower its batch")
+        how = (f"split it tensor-parallel over at least {split} GPUs (tp_size: {split} on the recipe's cache entry, "
+               f"or whelp cache-logits --tp-size {split}, under torchrun)" if split else "lower its batch")
         return f"{head}: the teacher {stage['teacher']} alone is {weights / 1e9:,.1f} GB; {how}, or use GPUs with " \
                "more memory"
     return f"{head}: lower its batch_size, or use GPUs with more memory"

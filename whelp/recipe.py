@@ -101,6 +101,7 @@ class CacheRef:
     k: int = 64  # top-k size, or number of samples S
     temperature: float = 1.0
     config: str | None = None  # config.json path or shipped name (llama-3.1-70b), to plan without the weights
+    tp_size: int = 1  # under torchrun: processes sharing one tensor-parallel teacher (one larger than a GPU)
 
     def __post_init__(self):
         if not 0 <= self.weight < float("inf"):
@@ -109,7 +110,7 @@ class CacheRef:
 
     def spec(self, step: DistillSpec) -> CacheSpec:
         """What ``whelp cache-logits`` makes for this teacher on ``step``'s data (the one range check of k, T)."""
-        return CacheSpec(self.mode, self.k, self.temperature, step.seq_len, step.max_tokens)
+        return CacheSpec(self.mode, self.k, self.temperature, step.seq_len, step.max_tokens, tp_size=self.tp_size)
 
 
 @dataclass(frozen=True)
