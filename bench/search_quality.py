@@ -33,12 +33,12 @@ WORK = Path(__file__).resolve().parent / "results" / "search_quality"
 
 
 def shapes(search: dict, teacher_cfg, spec) -> dict[str, dict]:
-    from whelp import models
     from whelp.pruning import space
+    from whelp.pruning.budget import parse_budget
     from whelp.pruning.targets import PRESETS
 
     counter = space.Counter(teacher_cfg)
-    budget = space.parse_budget(spec.budget, models.shape(teacher_cfg), counter, spec.context)
+    budget = parse_budget(spec.budget, counter.teacher, counter, spec.context)
 
     def largest(axes: str) -> dict:
         return space.enumerate_shapes(teacher_cfg, budget, space.parse_axes(axes), spec.tolerance, spec.multiple,

@@ -11,7 +11,8 @@ from conftest import run_cli, save_tiny, tiny_config, tiny_tokenizer
 
 from whelp.errors import WhelpError
 from whelp.pruning import moe, space, targets
-from whelp.pruning.space import Budget, Counter
+from whelp.pruning.budget import Budget, parse_budget
+from whelp.pruning.space import Counter
 
 MOE = {"mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
        "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)}
@@ -28,39 +29,57 @@ def brute_force(cfg, multiple: int) -> dict[tuple, tuple[int, int]]:
         shape = {**teacher, keys["layers"]: layers, keys["hidden"]: hidden, keys["mlp"]: mlp,
                  keys["experts"]: experts}
         counts = moe.count_moe_params(moe.moe_config(cfg, shape))
-        sizes[(layers, hidden, mlp, experts)] = (counts["params"], counts["non_embedding_params"])
+        sizes[(layers, hidden, mlp, experts)] = (counts["params"], counts["non_embedding_params"],
+                                                 counts["active_params"])
     return sizes
 
 
-@pytest.mark.parametrize("family", MOE)
-def test_enumerate_equals_brute_force_over_experts(family):
-    cfg = tiny_config(family, **MOE[family])
+@pytest.fixture(scope="module", params=list(MOE))
+def brute(request):
+    cfg = tiny_config(request.param, **MOE[request.param])
+    return request.param, cfg, brute_force(cfg, 16)
+
+
+@pytest.mark.parametrize("kind", ["non_embedding", "active"])
+def test_enumerate_equals_brute_force_over_experts(brute, kind):
+    family, cfg, sizes = brute
     counter = Counter(cfg)
     assert counter.keys["experts"] == moe.MOE_FAMILIES[family].experts_key
     assert counter.keys["mlp"] == moe.MOE_FAMILIES[family].ffn_key  # no dense layers: the experts' FFN is mlp
-    sizes = brute_force(cfg, 16)
     assert len({k[3] for k in sizes}) == 7  # 2..8 experts: never below num_experts_per_tok
-    budget = int(0.6 * counter.params(counter.teacher)[1])
-    # largest first, ties by enumerate_shapes' column order (hidden, layers, mlp, ..., experts)
-    want = sorted((k for k, v in sizes.items() if 0.8 * budget <= v[1] <= budget),
+    column = {"non_embedding": 1, "active": 2}[kind]
+    budget = int(0.6 * max(v[column] for v in sizes.values()))
+    # largest non-embedding first, ties by enumerate_shapes' column order (hidden, layers, mlp, ..., experts)
+    want = sorted((k for k, v in sizes.items() if 0.8 * budget <= v[column] <= budget),
                   key=lambda k: (-sizes[k][1], k[1], k[0], k[2], k[3]))
-    got = space.enumerate_shapes(cfg, Budget(non_embedding=budget), AXES, 0.2, 16, 64)
+    assert want
+    got = space.enumerate_shapes(cfg, Budget(**{kind: budget}), AXES, 0.2, 16, 64)
     keys = counter.keys
     assert [(s[keys["layers"]], s[keys["hidden"]], s[keys["mlp"]], s[keys["experts"]]) for s in got] == want
     assert len({s[keys["experts"]] for s in got}) > 1
     for shape in got:
-        assert list(counter.params(shape)) == list(sizes[(shape[keys["layers"]], shape[keys["hidden"]],
-                                                           shape[keys["mlp"]], shape[keys["experts"]])])
+        key = (shape[keys["layers"]], shape[keys["hidden"]], shape[keys["mlp"]], shape[keys["experts"]])
+        assert (*counter.params(shape), counter.active(shape)) == sizes[key]
         spec = ",".join(f"{k}={str(v).lower()}" for k, v in shape.items())
         assert targets.parse_target(cfg, spec).shape == shape
 
 
-def test_experts_axis_on_a_dense_teacher_is_refused_in_one_line(tmp_path):
+def test_experts_axis_and_active_budget_on_a_dense_teacher_are_refused_in_one_line(tmp_path):
     save_tiny(tmp_path / "dense", tiny_tokenizer())
-    result = run_cli("search", str(tmp_path / "dense"), "--out", str(tmp_path / "o"), "--budget",
-                     "non_embedding=60%", "--axes", "layers,experts", "--dry-run")
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1
-    assert "search axis 'experts' needs a mixture-of-experts teacher" in result.stderr
+    for budget, axes, message in (("non_embedding=60%", "layers,experts",
+                                   "search axis 'experts' needs a mixture-of-experts teacher"),
+                                  ("active=60%", "layers", "budget active counts the parameters an MoE's router")):
+        result = run_cli("search", str(tmp_path / "dense"), "--out", str(tmp_path / "o"), "--budget", budget,
+                         "--axes", axes, "--dry-run")
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_an_active_budget_is_a_percentage_of_the_teachers_active_params():
+    cfg = tiny_config("mixtral", **MOE["mixtral"])
+    counter = Counter(cfg)
+    active = moe.count_moe_params(cfg)["active_params"]
+    assert counter.active(counter.teacher) == active < counter.params(counter.teacher)[0]
+    assert parse_budget("active=50%", counter.teacher, counter) == Budget(active=active // 2)
 
 
 def test_uneven_moe_layers_are_refused_in_one_line():

@@ -12,7 +12,8 @@ from conftest import tiny_config
 from whelp import models
 from whelp.errors import WhelpError
 from whelp.pruning import arch, space, surgery, targets
-from whelp.pruning.space import Budget, Counter
+from whelp.pruning.budget import Budget, parse_budget
+from whelp.pruning.space import Counter
 from whelp.specs import SEARCH_AXES
 
 DENSE_AXES = tuple(a for a in SEARCH_AXES if a != "experts")  # experts: tests/test_search_moe.py
@@ -199,19 +200,19 @@ def big():
     ("params=1B,latency=7.5", Budget(params=10**9, latency_ms=7.5))])
 def test_parse_budget(big, text, budget):
     teacher, counter = big
-    assert space.parse_budget(text, teacher, counter) == budget
+    assert parse_budget(text, teacher, counter) == budget
 
 
 def test_parse_budget_memory_percent_counts_the_given_context(big):
     teacher, counter = big
-    assert space.parse_budget("memory=50%", teacher, counter, context=0) == Budget(memory=8_030_261_248)
+    assert parse_budget("memory=50%", teacher, counter, context=0) == Budget(memory=8_030_261_248)
 
 
 COUNT = "a count as 60000000, 60M or 1.2B (units k, M, B/G) or 50% (of the teacher's)"
 
 
 @pytest.mark.parametrize("text, message", [
-    ("size=1B", "unknown budget key 'size'; valid keys: params, non_embedding, memory, latency"),
+    ("size=1B", "unknown budget key 'size'; valid keys: params, non_embedding, active, memory, latency"),
     ("params=1B,params=2B", "budget key 'params' is given twice in 'params=1B,params=2B'; give each key once"),
     ("params", "budget item 'params' is not key=value; write e.g. non_embedding=50%,latency=20ms"),
     ("params=lots", f"budget params=lots is not a valid number; write {COUNT}"),
@@ -230,11 +231,11 @@ COUNT = "a count as 60000000, 60M or 1.2B (units k, M, B/G) or 50% (of the teach
                               "percentage of the teacher's; write milliseconds per decoded token as 20ms or 0.02s"),
     ("latency=20ms", "budget latency alone cannot be searched: shapes are enumerated by size, then filtered by "
                      "measured latency; add params=, non_embedding= or memory= (e.g. non_embedding=50%,latency=20ms)"),
-    (" , ", "give a budget: params=N, non_embedding=N, memory=BYTES or latency=MS, comma-separated")])
+    (" , ", "give a budget: params=N, non_embedding=N, active=N (MoE), memory=BYTES or latency=MS, comma-separated")])
 def test_parse_budget_refuses(big, text, message):
     teacher, counter = big
     with pytest.raises(WhelpError) as err:
-        space.parse_budget(text, teacher, counter)
+        parse_budget(text, teacher, counter)
     assert str(err.value) == message and "\n" not in message
 
 

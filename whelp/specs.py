@@ -161,8 +161,8 @@ class SearchSpec:
     """How ``whelp search`` looks for a student shape: the budget, the space of shapes, and how hard it tries each
     (one-shot KL for a pool, then short distillation for the best K: ModelOpt's and DarwinLM's two-step ranking)."""
 
-    budget: str = opt("", "params=N | non_embedding=N | memory=BYTES | latency=MS, comma-separated; N as 60M, 1.2B "
-                      "or 50% (of the teacher's), BYTES as 300MB or 2GiB, MS as 20ms")
+    budget: str = opt("", "params=N | non_embedding=N | active=N (MoE: params per token) | memory=BYTES | latency=MS, "
+                      "comma-separated; N as 60M, 1.2B or 50% (of the teacher's), BYTES as 300MB or 2GiB, MS as 20ms")
     axes: str = opt("layers,hidden,mlp,heads", "Axes the search may shrink, of " + ",".join(SEARCH_AXES) + "; the "
                     "others keep the teacher's size (default: Minitron's depth and width axes; KV heads and head_dim "
                     "are opt-in)")

@@ -34,6 +34,7 @@ from whelp import models, store
 from whelp.errors import WhelpError
 from whelp.output import Progress
 from whelp.pruning import arch, space
+from whelp.pruning.budget import Budget, parse_budget
 from whelp.specs import DistillSpec, LoadPolicy, PruneSpec, SearchSpec, SpeedSpec
 
 WORK = ".search"
@@ -44,10 +45,10 @@ def work_dir(out: Path) -> Path:
     return out.with_name(out.name + WORK)
 
 
-def _space(config, spec: SearchSpec) -> tuple[list[dict], list[dict], space.Budget, space.Counter]:
+def _space(config, spec: SearchSpec) -> tuple[list[dict], list[dict], Budget, space.Counter]:
     """``(every shape within budget, the one-shot pool, the budget, the counter)``: configs only, no weights."""
     counter = space.Counter(config)
-    budget = space.parse_budget(spec.budget, counter.teacher, counter, spec.context)
+    budget = parse_budget(spec.budget, counter.teacher, counter, spec.context)
     shapes = space.enumerate_shapes(config, budget, space.parse_axes(spec.axes), spec.tolerance, spec.multiple,
                                     spec.context)
     return shapes, space.proxy_pool(shapes, spec.pool), budget, counter
@@ -56,10 +57,11 @@ def _space(config, spec: SearchSpec) -> tuple[list[dict], list[dict], space.Budg
 def cost(config, spec: SearchSpec, pool: list[dict], counter: space.Counter) -> dict:
     """FLOPs of the search (2 N per forward token, 6 N per trained one: Kaplan et al. 2020): calibration, the pool's
     one-shot scores (teacher once + each candidate), and K short distillations (each step a teacher forward and a
-    student forward + backward); K is charged at the pool's largest candidates, an upper bound."""
-    teacher = counter.params(counter.teacher)[0]
+    student forward + backward); K is charged at the pool's largest candidates, an upper bound. N is the parameters
+    a token runs through: all of them, or an MoE's active ones."""
+    teacher = counter.active(counter.teacher)
     held_out = spec.eval_blocks * spec.seq_len
-    sizes = sorted((counter.params(s)[0] for s in pool), reverse=True)
+    sizes = sorted((counter.active(s) for s in pool), reverse=True)
     trained = spec.score_steps * spec.batch_size * spec.seq_len
     parts = {"calibration": 2 * teacher * spec.calib_samples * spec.seq_len,
              "one_shot": 2 * held_out * (teacher + sum(sizes)),
@@ -149,7 +151,7 @@ class Trial:
         return held_out(self.teacher_logp, model, self.held, self.spec.batch_size)
 
 
-def _one_shot(t: Trial, pool: list[dict], budget: space.Budget) -> list[dict]:
+def _one_shot(t: Trial, pool: list[dict], budget: Budget) -> list[dict]:
     """Each pool shape pruned and scored one-shot (and timed, for a latency budget); recorded as each finishes."""
     path = t.work / PROXY
     done = store.read_record(path, f"delete {path} to score the pool again")["rows"] if path.exists() else []

@@ -11,45 +11,17 @@ from __future__ import annotations
 
 import collections
 import math
-import re
-from dataclasses import dataclass
-from decimal import Decimal
 
 import numpy as np
 
 from whelp.errors import WhelpError
 from whelp.pruning import arch, moe, targets
+from whelp.pruning.budget import Budget
 from whelp.pruning.surgery import text_config
 from whelp.specs import SEARCH_AXES
 
 AXIS_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "mlp": "intermediate_size",
              "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
-BUDGET_KEYS = ("params", "non_embedding", "memory", "latency")
-SIZE_KEYS = ("params", "non_embedding", "memory")
-_UNITS = {"count": {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9},
-          "bytes": {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30},
-          "ms": {"": 1, "ms": 1, "s": 1000}}
-_KIND = {"params": "count", "non_embedding": "count", "memory": "bytes", "latency": "ms"}
-_HOW = {"count": "a count as 60000000, 60M or 1.2B (units k, M, B/G) or 50% (of the teacher's)",
-        "bytes": "bytes as 300000000, 300MB or 2GiB (units B, KB, MB, GB, KiB, MiB, GiB) or 50% (of the teacher's)",
-        "ms": "milliseconds per decoded token as 20ms or 0.02s"}
-_NUMBER = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*([A-Za-z%]*)\s*")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Upper bounds a student must meet; None: unconstrained. Sizes are met from below within a tolerance."""
-
-    params: int | None = None          # total parameters (tied lm_head counted once)
-    non_embedding: int | None = None   # total minus token embedding and an untied lm_head (Kaplan et al. 2020)
-    memory: int | None = None          # bytes: bf16 weights (2 B/param) + bf16 KV cache of `context` tokens, batch 1
-    latency_ms: float | None = None    # decode ms per token, measured by the caller (not used by enumerate_shapes)
-
-    def sizes(self) -> dict[str, int]:
-        """The size budgets that are set, by key: what enumerate_shapes solves for."""
-        return {key: getattr(self, key) for key in SIZE_KEYS if getattr(self, key) is not None}
-
-
 class Counter:
     """Exact ``(total, non_embedding)`` parameters and memory of any target shape of one teacher, in closed form.
 
@@ -106,20 +78,46 @@ class Counter:
     def _sum(terms, sizes):
         return sum(n * math.prod(sizes[axis] for axis in axes) for axes, n in terms)
 
-    def parts(self, hidden, mlp, heads, kv_heads, head_dim, experts=None):
-        """``(per_layer, non_layer_non_embedding)`` parameters: linear in ``mlp``, as no tensor has two mlp axes
-        (``experts``: an MoE teacher's expert count, None: the teacher's)."""
+    def parts_sizes(self, hidden, mlp, heads, kv_heads, head_dim, experts=None) -> dict:
+        """The size of every axis of the family table at these axis values (``experts``: None, the teacher's)."""
         sizes = {**self.fixed, "hidden": hidden, "mlp": mlp, "q": heads * head_dim, "kv": kv_heads * head_dim,
                  "head_dim": head_dim, "qkv": (heads + 2 * kv_heads) * head_dim, "gate_up": 2 * mlp}  # Phi-3's fused
         if self.family.experts_key:
             sizes["expert"] = self.teacher[self.family.experts_key] if experts is None else experts
             if self.keys["mlp"] == self.family.ffn_key:
                 sizes.update(expert_ffn=mlp, expert_gate_up=2 * mlp)
+        return sizes
+
+    def parts(self, hidden, mlp, heads, kv_heads, head_dim, experts=None):
+        """``(per_layer, non_layer_non_embedding)`` parameters: linear in ``mlp``, as no tensor has two mlp axes
+        (``experts``: an MoE teacher's expert count, None: the teacher's)."""
+        sizes = self.parts_sizes(hidden, mlp, heads, kv_heads, head_dim, experts)
         return self._sum(self.layer_terms, sizes), self._sum(self.global_terms, sizes)
 
     def experts_of(self, shape: dict):
         """The expert count of ``shape`` (None for a dense teacher)."""
         return shape[self.family.experts_key] if self.family.experts_key else None
+
+    def per_expert(self, hidden, mlp):
+        """Parameters of one expert of one layer (its FFN; 0 for a dense teacher): linear in ``mlp``."""
+        terms = [(axes, n) for axes, n in self.layer_terms if "expert_ffn" in axes or "expert_gate_up" in axes]
+        sizes = self.parts_sizes(hidden, mlp, 0, 0, 0, 1)
+        return self._sum(terms, sizes)
+
+    def idle(self, layers, hidden, mlp, experts):
+        """Parameters a token does not run through: the E - k experts its router leaves out, in every layer (the
+        teacher's k, ``num_experts_per_tok``); moe.count_moe_params' total - active."""
+        if not self.family.experts_key:
+            return 0
+        return layers * (experts - self.teacher["num_experts_per_tok"]) * self.per_expert(hidden, mlp)
+
+    def active(self, shape: dict) -> int:
+        """Parameters per token of ``shape``: all but the idle experts (``params`` for a dense teacher)."""
+        total = self.params(shape)[0]
+        if not self.family.experts_key:
+            return total
+        return total - self.idle(shape["num_hidden_layers"], shape["hidden_size"], shape[self.keys["mlp"]],
+                                 self.experts_of(shape))
 
     def embedding(self, hidden, tied: bool):
         """Token embedding parameters, plus the lm_head's when untied."""
@@ -141,47 +139,6 @@ class Counter:
         """Bytes of bf16 weights plus the KV cache of ``context`` tokens (batch 1, bf16)."""
         return 2 * self.params(shape)[0] + self.kv_bytes(shape["num_hidden_layers"], shape["num_key_value_heads"],
                                                          shape["head_dim"], context)
-
-
-def parse_budget(text: str, teacher_shape: dict, counter: Counter, context: int = 2048) -> Budget:
-    """``"non_embedding=50%,latency=20ms"`` -> Budget. % is of the teacher's own value (``context`` tokens of KV
-    cache for memory); counts and bytes are floored to integers, which keeps an upper bound on integers exact."""
-    total, non_embedding = counter.params(teacher_shape)
-    own = {"params": total, "non_embedding": non_embedding, "memory": counter.memory(teacher_shape, context)}
-    seen: dict = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep:
-            raise WhelpError(f"budget item '{item}' is not key=value; write e.g. non_embedding=50%,latency=20ms")
-        if key not in BUDGET_KEYS:
-            raise WhelpError(f"unknown budget key '{key}'; valid keys: {', '.join(BUDGET_KEYS)}")
-        if key in seen:
-            raise WhelpError(f"budget key '{key}' is given twice in '{text}'; give each key once")
-        kind, match = _KIND[key], _NUMBER.fullmatch(value)
-        if match is None or (match[2] != "%" and match[2] not in _UNITS[kind]):
-            raise WhelpError(f"budget {key}={value} is not a valid number; write {_HOW[kind]}")
-        if match[2] == "%" and kind == "ms":
-            raise WhelpError(f"budget latency={value}: latency is measured, not known beforehand, so it cannot be a "
-                             f"percentage of the teacher's; write {_HOW[kind]}")
-        number = Decimal(match[1])  # exact: 1.2B is 1,200,000,000, not a float's neighbour of it
-        if number <= 0:
-            raise WhelpError(f"budget {key}={value} must be > 0")
-        if kind == "ms":
-            seen[key] = float(number * _UNITS[kind][match[2]])
-            continue
-        teacher = own[key]
-        bound = int(number * teacher / 100 if match[2] == "%" else number * _UNITS[kind][match[2]])
-        if bound >= teacher:
-            raise WhelpError(f"budget {key}={value} ({bound:,}) is one the teacher already meets: the teacher itself "
-                             f"has {teacher:,}; a search shrinks — give less than {teacher:,}")
-        seen[key] = bound
-    if not seen:
-        raise WhelpError("give a budget: params=N, non_embedding=N, memory=BYTES or latency=MS, comma-separated")
-    if "latency" in seen and len(seen) == 1:
-        raise WhelpError("budget latency alone cannot be searched: shapes are enumerated by size, then filtered "
-                         "by measured latency; add params=, non_embedding= or memory= "
-                         "(e.g. non_embedding=50%,latency=20ms)")
-    return Budget(latency_ms=seen.pop("latency", None), **seen)
 
 
 def parse_axes(text: str) -> tuple[str, ...]:
@@ -274,7 +231,9 @@ def enumerate_shapes(teacher_config, budget: Budget, axes, tolerance: float, mul
     slope = layers * (counter.parts(hidden, 1, heads, kv, head_dim, moe_experts)[0] - at0)  # per mlp unit
     base = layers * at0 + rest  # non_embedding at mlp = 0
     total = base + counter.embedding(hidden, tied)
-    lines = {"non_embedding": (base, slope), "params": (total, slope),
+    idle0 = counter.idle(layers, hidden, 0, experts)
+    idle1 = counter.idle(layers, hidden, 1, experts) - idle0  # per mlp unit
+    lines = {"non_embedding": (base, slope), "params": (total, slope), "active": (total - idle0, slope - idle1),
              "memory": (2 * total + counter.kv_bytes(layers, kv, head_dim, context), 2 * slope)}
     lines = {key: (np.broadcast_to(c0, grid).ravel(), np.broadcast_to(c1, grid).ravel())
              for key, (c0, c1) in lines.items()}
