@@ -65,9 +65,13 @@ def _sized(config, name: str) -> dict:
     FLOPs are priced at (2 N per forward token, 6 N per trained one)."""
     from whelp.pruning import moe
 
-    total, non_embedding = models.count_params(config)
-    active = moe.count_moe_params(config)["active_params"] if moe.moe_family_of(config) else total
-    return {"name": name, "config": config, "params": total, "non_embedding": non_embedding, "active": active}
+    if moe.moe_family_of(config) is not None:  # one meta build counts all three
+        counts = moe.count_moe_params(config)
+        total, non_embedding, active = counts["params"], counts["non_embedding_params"], counts["active_params"]
+    else:
+        (total, non_embedding), active = models.count_params(config), None
+    return {"name": name, "config": config, "params": total, "non_embedding": non_embedding,
+            "active": total if active is None else active}
 
 
 def _params(model: dict) -> dict:

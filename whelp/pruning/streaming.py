@@ -239,8 +239,8 @@ def magnitude_streaming(source_dir: Path, config, family, dtype: torch.dtype = t
     scores: dict[str, Tensor] = {}
     n = n_experts(config, family)
     for name, _ in skeleton(config).named_parameters():
-        value = moe_layout.read(shards, name, family, n, dtype).float() ** 2
-        for key, value in weight_scores({name: value}, family, config).items():
+        squared = moe_layout.read(shards, name, family, n, dtype).float() ** 2
+        for key, value in weight_scores({name: squared}, family, config).items():
             scores[key] = scores[key] + value if key in scores else value
     return scores
 

@@ -108,13 +108,14 @@ def validate(source: dict, target: dict) -> None:
 def parse_target(source_cfg, spec: str) -> Target:
     """A preset name, a path to an HF ``config.json``, or ``key=value,...`` overrides of the teacher's shape (an MoE
     teacher's shape includes its expert axes, moe.moe_shape)."""
-    experts = moe.moe_family_of(source_cfg)
+    moe_family = moe.moe_family_of(source_cfg)
     source = moe.shape_of(source_cfg)
     rope = None
-    if spec in PRESETS and experts is not None:
-        raise WhelpError(f"preset '{spec}' is a dense Llama shape and this teacher is {experts.name} (MoE); give "
-                         f"key=value targets such as {experts.experts_key}={max(1, source[experts.experts_key] // 2)} "
-                         "or a config.json of a smaller model of its type")
+    if spec in PRESETS and moe_family is not None:
+        n_key = moe_family.experts_key
+        raise WhelpError(f"preset '{spec}' is a dense Llama shape and this teacher is {moe_family.name} (MoE); give "
+                         f"key=value targets such as {n_key}={max(1, source[n_key] // 2)} or a config.json of a "
+                         "smaller model of its type")
     if spec in PRESETS:
         shape, rope = PRESETS[spec]
         shape = dict(shape)
@@ -133,8 +134,8 @@ def parse_target(source_cfg, spec: str) -> Target:
     if family is None:  # first: it names the axes the generic path (width only) cannot change, and checks the config
         shape = generic.check_target(source_cfg, shape)
     validate(source, shape)
-    if experts is not None:
-        moe.validate_moe(source, shape, experts)
+    if moe_family is not None:
+        moe.validate_moe(source, shape, moe_family)
     if family is not None:
         _check_rope_head_dim(source_cfg, source, shape)
         _check_config(source_cfg, shape, spec)
