@@ -15,11 +15,20 @@ per shard of ``shard_tokens``) and is independent of the corpus size in memory (
 logits chunks and one shard of targets at a time).
 
     python bench/capture_scale.py [--tokens 16384] [--seq-len 256] [--batch-size 4] [--rounds 3] [--json F] [--dry]
+
+On a GPU (issue 15), the same at V = 128,256: a random teacher of Llama-3.2-1B's shape (whelp/configs), in bf16, one
+process on the one GPU, the peak GPU memory beside the RSS (scripts/gpu_checks.sh runs it). Its blocks are random
+ids under a word-level tokenizer of the teacher's whole vocabulary (``synthetic``), so top-k and sampling run over
+all 128,256 logits and nothing has to be carried to the machine:
+
+    python bench/capture_scale.py --teacher llama-3.2-1b --device cuda --dtype bfloat16 --procs 1 --tokens 262144 \
+        --seq-len 2048 --batch-size 8
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -38,6 +47,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from publish import publish  # noqa: E402
 
 CONFIGS = ("forward", "topk", "sample")
+DEFAULTS = {"teacher": "demo", "device": "cpu", "dtype": "float32"}
+
+
+class RandomBlocks:
+    """``whelp.data.Blocks`` of random ids (rows [N, T]): what capture reads, for a teacher without its text."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids, self.seq_len, self.source = ids, ids.shape[1], "random"
+        self.fingerprint = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        return self.ids[index]
+
+
+def synthetic(vocab: int, tokens: int, seq_len: int):
+    """A word-level tokenizer of ``vocab`` tokens and random blocks of its ids (throughput does not depend on them)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {f"t{i}": i for i in range(vocab)}, unk_token="t0")))
+    ids = torch.randint(0, vocab, (tokens // seq_len, seq_len), generator=torch.Generator().manual_seed(0))
+    return tokenizer, RandomBlocks(ids)
 
 
 def worker(config: str, out: Path, args) -> None:
@@ -48,9 +83,20 @@ def worker(config: str, out: Path, args) -> None:
     from whelp.models import load_model, registered_dir
 
     world = parallel.init_world()
-    model, tokenizer = load_model(str(registered_dir("smollm2-135m")))
-    blocks = parallel.main_first(world, lambda: open_blocks("pydoc:train", tokenizer, args.seq_len,
-                                                            max_tokens=args.tokens))
+    if args.teacher == "demo":
+        model, tokenizer = load_model(str(registered_dir("smollm2-135m")))
+        blocks = parallel.main_first(world, lambda: open_blocks("pydoc:train", tokenizer, args.seq_len,
+                                                                max_tokens=args.tokens))
+    else:  # a random teacher of that shipped shape, over random ids of its whole vocabulary
+        from transformers import AutoModelForCausalLM
+
+        from whelp.models import load_config
+
+        torch.manual_seed(0)
+        shape = load_config(args.teacher)
+        model = AutoModelForCausalLM.from_config(shape, dtype=getattr(torch, args.dtype)).eval()
+        tokenizer, blocks = synthetic(shape.vocab_size, args.tokens, args.seq_len)
+    model = model.to(device=world.device, dtype=getattr(torch, args.dtype))
     parallel.barrier(world)
     marks = [(time.perf_counter(), 0)]  # (time, blocks done by all ranks) after each round
 
@@ -62,33 +108,40 @@ def worker(config: str, out: Path, args) -> None:
         with torch.no_grad():
             for start in starts:
                 mine = start + world.rank * args.batch_size
-                model(input_ids=blocks[torch.arange(mine, min(mine + args.batch_size, len(blocks)))]).logits
+                ids = blocks[torch.arange(mine, min(mine + args.batch_size, len(blocks)))].to(world.device)
+                model(input_ids=ids).logits
                 parallel.barrier(world)
                 mark(min(world.size * args.batch_size, len(blocks) - start))
     else:
         write_cache(model, tokenizer, blocks, out / f"cache-{config}", config, 64 if config == "topk" else 16, 1.0,
-                    "smollm2-135m", batch_size=args.batch_size, shard_tokens=args.batch_size * args.seq_len,
+                    args.teacher, batch_size=args.batch_size, shard_tokens=args.batch_size * args.seq_len,
                     world=world, progress=mark)
         parallel.barrier(world)
         mark(0)
+    if world.device.type == "cuda":
+        torch.cuda.synchronize()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # MiB (Linux reports KiB)
     rows = parallel.gather(world, rss)
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if world.device.type == "cuda" else None
     if world.main:
         (t0, _), (t1, n1), (t_end, n_end) = marks[0], marks[1], marks[-1]
         (out / "result.json").write_text(json.dumps({
             "tokens_per_s": n_end * args.seq_len / (t_end - t0),
             # after the first round: what each further token costs (no warm-up, no one-time checks)
-            "steady_tokens_per_s": (n_end - n1) * args.seq_len / (t_end - t1), "peak_rss_mib": rows}))
+            "steady_tokens_per_s": (n_end - n1) * args.seq_len / (t_end - t1), "peak_rss_mib": rows,
+            "peak_gpu_mib": gpu, "vocab_size": model.config.vocab_size}))
     parallel.close_world(world)
 
 
 def launch(config: str, nproc: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         flags = [config, "--worker-out", tmp, "--tokens", str(args.tokens), "--seq-len", str(args.seq_len),
-                 "--batch-size", str(args.batch_size)]
+                 "--batch-size", str(args.batch_size), "--teacher", args.teacher, "--device", args.device,
+                 "--dtype", args.dtype]
         launcher = ([sys.executable] if nproc == 1 else
                     [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc)])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+               **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
         done = subprocess.run(launcher + [__file__, "--worker", *flags], capture_output=True, text=True, env=env)
         if done.returncode:
             raise SystemExit(done.stderr[-3000:])
@@ -98,40 +151,52 @@ def launch(config: str, nproc: int, args) -> dict:
 def run(args) -> dict:
     rounds = []
     for _ in range(args.rounds):
-        rounds.append({f"{c}@{n}": launch(c, n, args) for n in (1, 2) for c in CONFIGS})
+        rounds.append({f"{c}@{n}": launch(c, n, args) for n in args.procs for c in CONFIGS})
     return {"rounds": rounds, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
 
 
 def report(results: dict) -> str:
-    rounds = results["rounds"]
+    rounds, a = results["rounds"], results["args"]
+    procs = [int(n) for n in a["procs"]]
+    keys = ("tokens_per_s", "steady_tokens_per_s")
 
     def median(fn):
         return statistics.median(fn(r) for r in rounds)
 
-    a = results["args"]
-    lines = [f"\n## Logit capture at 1 and 2 processes ({datetime.now(timezone.utc):%Y-%m-%d})\n",
-             f"`python bench/capture_scale.py --tokens {a['tokens']} --seq-len {a['seq_len']} --batch-size "
-             f"{a['batch_size']} --rounds {a['rounds']}` on {platform.machine()}, {os.cpu_count()} cores, torch "
-             f"{torch.__version__}, one thread per process; demo teacher (V = 49,152); medians over rounds.\n",
+    def rate(fn) -> str:  # tokens/s: whole run (steady state)
+        whole, steady = (median(lambda r: fn(r, k)) for k in keys)
+        return f"{whole:,.0f} ({steady:,.0f})"
+
+    def ratio(fn) -> str:
+        whole, steady = (median(lambda r: fn(r, k)) for k in keys)
+        return f"{whole:.2f}x ({steady:.2f}x)"
+
+    vocab, gpu = rounds[0][f"forward@{procs[0]}"]["vocab_size"], a["device"] == "cuda"
+    teacher = "demo teacher" if a["teacher"] == "demo" else f"a random {a['teacher']}-shaped teacher"
+    command = (f"`python bench/capture_scale.py --tokens {a['tokens']} --seq-len {a['seq_len']} --batch-size "
+               f"{a['batch_size']} --rounds {a['rounds']}"
+               + "".join(f" --{k} {a[k]}" for k in ("teacher", "device", "dtype") if a[k] != DEFAULTS[k])
+               + (f" --procs {','.join(map(str, procs))}" if procs != [1, 2] else "") + "`")
+    where = (torch.cuda.get_device_name() if gpu else f"{platform.machine()}, {os.cpu_count()} cores")
+    head = ["config"] + [f"tokens/s {n} proc (steady)" for n in procs] + (["2 / 1 (steady)"] if procs == [1, 2] else [])
+    head += [f"vs forward, {n} proc (steady)" for n in procs] + ["peak RSS per process, MiB"]
+    head += ["peak GPU memory, MiB"] if gpu else []
+    lines = [f"\n## Logit capture at {' and '.join(map(str, procs))} process{'es' * (procs != [1])} "
+             f"({datetime.now(timezone.utc):%Y-%m-%d})\n",
+             f"{command} on {where}, torch {torch.__version__}, {a['dtype']}, one thread per process; {teacher} "
+             f"(V = {vocab:,}); medians over rounds.\n",
              "Whole run (from after loading) and steady state (after the first round: what each further token "
              "costs, without warm-up and the one-time logit check).\n",
-             "| config | tokens/s 1 proc (steady) | tokens/s 2 proc (steady) | 2 / 1 (steady) "
-             "| vs forward, 1 proc (steady) | vs forward, 2 proc (steady) | peak RSS per process, MiB (1 / 2 proc) |",
-             "|---|---|---|---|---|---|---|"]
-
-    def cell(c: str, key: str, n: int, over: str | None = None) -> float:
-        return median(lambda r: r[f"{c}@{n}"][key] / (r[over][key] if over else 1.0))
-
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in CONFIGS:
-        both = {key: (cell(c, key, 1), cell(c, key, 2)) for key in ("tokens_per_s", "steady_tokens_per_s")}
-        scale = [median(lambda r: r[f"{c}@2"][k] / r[f"{c}@1"][k]) for k in ("tokens_per_s", "steady_tokens_per_s")]
-        vs = [[median(lambda r: r[f"{c}@{n}"][k] / r[f"forward@{n}"][k]) for k in ("tokens_per_s",
-                                                                               "steady_tokens_per_s")] for n in (1, 2)]
-        rss = [median(lambda r: max(r[f"{c}@{n}"]["peak_rss_mib"])) for n in (1, 2)]
-        whole, steady = both["tokens_per_s"], both["steady_tokens_per_s"]
-        lines.append(f"| {c} | {whole[0]:,.0f} ({steady[0]:,.0f}) | {whole[1]:,.0f} ({steady[1]:,.0f}) | "
-                     f"{scale[0]:.2f}x ({scale[1]:.2f}x) | {vs[0][0]:.2f}x ({vs[0][1]:.2f}x) | "
-                     f"{vs[1][0]:.2f}x ({vs[1][1]:.2f}x) | {rss[0]:,.0f} / {rss[1]:,.0f} |")
+        cells = [rate(lambda r, k, n=n: r[f"{c}@{n}"][k]) for n in procs]
+        if procs == [1, 2]:
+            cells.append(ratio(lambda r, k: r[f"{c}@2"][k] / r[f"{c}@1"][k]))
+        cells += [ratio(lambda r, k, n=n: r[f"{c}@{n}"][k] / r[f"forward@{n}"][k]) for n in procs]
+        cells.append(" / ".join(f"{median(lambda r, n=n: max(r[f'{c}@{n}']['peak_rss_mib'])):,.0f}" for n in procs))
+        if gpu:
+            cells.append(" / ".join(f"{median(lambda r, n=n: r[f'{c}@{n}']['peak_gpu_mib']):,.0f}" for n in procs))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +211,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry", action="store_true", help="print, do not append to RESULTS.md")
+    parser.add_argument("--teacher", default=DEFAULTS["teacher"],
+                        help="demo, or a shipped config (llama-3.2-1b: V = 128,256) built with random weights")
+    parser.add_argument("--device", default=DEFAULTS["device"], choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default=DEFAULTS["dtype"], choices=("float32", "bfloat16"))
+    parser.add_argument("--procs", type=lambda t: [int(n) for n in t.split(",")], default=[1, 2],
+                        help="process counts to run, comma-separated (one GPU: 1)")
     args = parser.parse_args()
     if args.worker:
         return worker(args.config, args.worker_out, args)
