@@ -13,6 +13,7 @@ import torch
 from conftest import run_cli, save_tiny, tiny_config, tiny_model, tiny_tokenizer
 
 from whelp import models
+from whelp.errors import WhelpError
 
 SMALL = ("--seq-len", "16")
 
@@ -224,3 +225,50 @@ def test_the_python_api_refuses_what_the_cli_would(dirs):
             whelp.DistillSpec(**bad)
     with pytest.raises(whelp.WhelpError, match="ppl must be tuple"):
         whelp.EvalSpec(ppl="pydoc:eval")
+
+
+def _damaged(tmp_path, family: str, edit, **config) -> Path:
+    """A tiny checkpoint of ``family`` whose safetensors ``edit`` (a function of the tensor dict) changed."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / family
+    save_tiny(path, tiny_tokenizer(), family=family, **config)
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+MOE = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)
+
+
+@pytest.mark.parametrize("case,family,stream,message", [
+    ("missing", "llama", False, "lacks tensors its config.json describes (model.layers.1.mlp.up_proj.weight)"),
+    ("missing", "llama", True, "tensor 'model.layers.1.mlp.up_proj.weight' is not in the checkpoint's weight map"),
+    ("reshaped", "llama", False, "do not fit its config.json: transformers could not load them"),
+    ("missing", "mixtral", False, "do not fit its config.json: transformers could not load them"),
+    ("missing", "mixtral", True, "'model.layers.1.block_sparse_moe.experts.2.w3.weight' is not in the checkpoint"),
+    ("reshaped", "mixtral", True, "has shape [16, 64] but 'model.layers.1.block_sparse_moe.experts.0.w1.weight' has "
+                                  "[32, 64]: the experts of a layer share one shape"),
+])
+def test_a_damaged_checkpoint_is_one_line_never_random_weights(tmp_path, monkeypatch, case, family, stream, message):
+    """transformers fills a missing tensor with random weights and carries on; whelp refuses, naming it."""
+    monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
+    name = ("model.layers.1.mlp.up_proj.weight" if family == "llama"
+            else "model.layers.1.block_sparse_moe.experts.2.w3.weight")
+
+    def edit(tensors):
+        if case == "missing":
+            tensors.pop(name)
+        else:
+            tensors[name] = torch.zeros(16, 64)
+
+    source = _damaged(tmp_path, family, edit, **(MOE if family == "mixtral" else {}))
+    target = "num_local_experts=2" if family == "mixtral" else "intermediate_size=64"
+    done = run_cli("prune", str(source), "--target", target, "--out", str(tmp_path / "out"), "--calib-samples", "2",
+                   "--seq-len", "16", *(["--stream"] if stream else []))
+    assert done.exit_code == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
+    if not stream:  # every verb loads through the same check
+        with pytest.raises(WhelpError, match="config.json"):
+            models.load_model(str(source))

@@ -141,12 +141,30 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", p
                                           "device_mesh": tp_mesh}
     try:
         with quiet_loading():
-            model = AutoModelForCausalLM.from_pretrained(
+            model, info = AutoModelForCausalLM.from_pretrained(
                 target, dtype=getattr(torch, dtype), use_safetensors=None if policy.allow_pickle else True,
-                trust_remote_code=policy.trust_remote_code, **sharded)
+                trust_remote_code=policy.trust_remote_code, output_loading_info=True, **sharded)
     except (OSError, ValueError) as exc:
         raise _hub_error(name_or_path, exc) from None
+    except RuntimeError:  # transformers' load report (kept quiet): tensors it could not convert or load
+        raise WhelpError(f"the weights of {name_or_path} do not fit its config.json: transformers could not load "
+                         "them into that model (a tensor is missing or of another shape); re-download the checkpoint "
+                         "or use the config.json it was saved with") from None
+    check_loaded(name_or_path, info)
     return (model if tp_mesh is not None else model.to(device)).eval(), tokenizer
+
+
+def check_loaded(name_or_path: str, info: dict) -> None:
+    """Refuse a checkpoint whose tensors do not cover its config's model: transformers would fill missing ones with
+    random weights and carry on, so a truncated download would prune or distil from noise."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        names = ", ".join((missing + mismatched)[:3]) + (", ..." if len(missing) + len(mismatched) > 3 else "")
+        what = ("lacks tensors its config.json describes" if missing
+                else "holds tensors of other shapes than its config.json")
+        raise WhelpError(f"{name_or_path} {what} ({names}); the download is incomplete or the config is of another "
+                         "model: re-download the checkpoint")
 
 
 def logit_transform(config):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from whelp.errors import WhelpError
 from whelp.pruning.arch import Family, split_name
 from whelp.pruning.shards import read_tensor
 
@@ -77,8 +78,12 @@ def read(shards: dict[str, Path], name: str, family: Family, n_experts: int,
     for i, disk in enumerate(names):
         part = read_tensor(shards, prefix + disk)
         if out is None:
-            rows = part.shape[0]
+            rows, first = part.shape[0], (disk, tuple(part.shape))
             out = torch.empty((n_experts, per_expert * rows, *part.shape[1:]), dtype=dtype or part.dtype)
+        elif tuple(part.shape) != first[1]:
+            raise WhelpError(f"tensor '{prefix + disk}' has shape {list(part.shape)} but '{prefix + first[0]}' has "
+                             f"{list(first[1])}: the experts of a layer share one shape; the checkpoint is damaged or "
+                             "of another model than its config.json - re-download it")
         j, k = divmod(i, per_expert)
         out[j, k * rows: (k + 1) * rows] = part
     return out
