@@ -99,10 +99,9 @@ class Counter:
         return shape[self.family.experts_key] if self.family.experts_key else None
 
     def per_expert(self, hidden, mlp):
-        """Parameters of one expert of one layer (its FFN; 0 for a dense teacher): linear in ``mlp``."""
+        """Parameters of one expert of one layer (its FFN): linear in ``mlp``."""
         terms = [(axes, n) for axes, n in self.layer_terms if "expert_ffn" in axes or "expert_gate_up" in axes]
-        sizes = self.parts_sizes(hidden, mlp, 0, 0, 0, 1)
-        return self._sum(terms, sizes)
+        return self._sum(terms, self.parts_sizes(hidden, mlp, 0, 0, 0, 1))
 
     def idle(self, layers, hidden, mlp, experts):
         """Parameters a token does not run through: the E - k experts its router leaves out, in every layer (the
@@ -113,11 +112,8 @@ class Counter:
 
     def active(self, shape: dict) -> int:
         """Parameters per token of ``shape``: all but the idle experts (``params`` for a dense teacher)."""
-        total = self.params(shape)[0]
-        if not self.family.experts_key:
-            return total
-        return total - self.idle(shape["num_hidden_layers"], shape["hidden_size"], shape[self.keys["mlp"]],
-                                 self.experts_of(shape))
+        return self.params(shape)[0] - self.idle(shape["num_hidden_layers"], shape["hidden_size"],
+                                                 shape[self.keys["mlp"]], self.experts_of(shape))
 
     def embedding(self, hidden, tied: bool):
         """Token embedding parameters, plus the lm_head's when untied."""
