@@ -88,6 +88,11 @@ def test_a_70b_cache_without_tensor_parallelism_is_warned_about_and_tp_size_reac
     assert _stage(whole, "capture[0]")["fits"] is False
     assert any("split it tensor-parallel over at least 4 GPUs (tp_size: 4 on the recipe's cache entry" in w
                for w in whole["warnings"])
+    raw["distill"]["caches"][0]["tp_size"] = 2  # still too big: the advice counts the whole teacher, not its half
+    (tmp_path / "half.yaml").write_text(yaml.safe_dump(raw))
+    half = _json(str(tmp_path / "half.yaml"), "--gpus", "8", "--gpu", "h100")
+    assert _stage(half, "capture[0]")["fits"] is False
+    assert any("alone is 141.1 GB; split it tensor-parallel over at least 4 GPUs" in w for w in half["warnings"])
     odd = _json("llama-3.2-1b", "--gpus", "6", "--gpu", "h100")
     assert odd["warnings"] == ["capture[0]: tp_size 4 needs a multiple of 4 GPUs, not 6 (the run refuses it); price "
                                "it with --gpus 4 or another multiple of 4"]

@@ -190,7 +190,7 @@ def distill_memory(spec, student: dict, live: list[dict]) -> list[dict]:
 
 def memory_per_gpu(parts: list[dict], gpus: int) -> int:
     """Bytes on each of ``gpus`` GPUs: replicated parts whole, sharded parts / gpus (rounded up), gathered parts
-    only when sharding happens (gpus > 1)."""
+    only when sharding happens (gpus > 1), split parts / their tensor-parallel ways."""
     share = {"replicated": lambda p: p["bytes"], "sharded": lambda p: -(-p["bytes"] // gpus),
              "gathered": lambda p: p["bytes"] if gpus > 1 else 0, "split": lambda p: -(-p["bytes"] // p["ways"])}
     return sum(share[p["per_gpu"]](p) for p in parts)
@@ -248,8 +248,9 @@ def _misfit(stage: dict, gpu: Gpu) -> str:
         return f"{head}: use more GPUs (--gpus), a lower batch_size (raise grad_accum to keep the step) or " \
                "grad_checkpointing: true"
     if stage["kind"] == "capture":
-        weights = sum(p["bytes"] for p in stage["memory"] if p.get("teacher"))
-        rest = stage["memory_per_gpu_bytes"] - weights
+        teacher = [p for p in stage["memory"] if p.get("teacher")]
+        weights = sum(p["bytes"] for p in teacher)  # whole, whatever tp_size the stage has now
+        rest = stage["memory_per_gpu_bytes"] - sum(p["per_gpu_bytes"] for p in teacher)
         split = 2 ** math.ceil(math.log2(weights / (gpu.memory_bytes - rest))) if rest < gpu.memory_bytes else None
         how = (f"split it tensor-parallel over at least {split} GPUs (tp_size: {split} on the recipe's cache entry, "
                f"or whelp cache-logits --tp-size {split}, under torchrun)" if split else "lower its batch")
