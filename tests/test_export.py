@@ -178,3 +178,42 @@ def test_only_the_converters_regular_files_are_extracted(tmp_path):
     _extract(sdist, tmp_path / "tool")
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() or p.is_symlink())
     assert written == sorted(["sdist.tar.gz", f"tool/{SCRIPT}", "tool/conversion/llama.py"])
+
+
+@pytest.mark.demo
+@pytest.mark.parametrize("family,config", [
+    ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+])
+def test_a_pruned_moe_converts_with_its_kept_experts(family, config, tmp_path, demo_tokenizer, monkeypatch):
+    """The GGUF holds the pruned expert count, top-k and expert FFN width, read with the converter's own gguf-py
+    (transformers' GGUF loader reads no MoE back: it takes a Mixtral GGUF for a dense Llama)."""
+    import os
+    import subprocess
+    import sys
+
+    from whelp.pruning.api import prune_checkpoint
+    from whelp.specs import PruneSpec
+
+    monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
+    save_tiny(tmp_path / "teacher", demo_tokenizer, family=family, hidden_size=48, num_hidden_layers=2, **config)
+    ffn = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    prune_checkpoint(str(tmp_path / "teacher"), f"num_local_experts=2,num_experts_per_tok=1,{ffn}=16",
+                     tmp_path / "pruned", PruneSpec(calib_samples=2, seq_len=16))
+    monkeypatch.undo()  # the converter lives in the shared $WHELP_HOME, fetched once
+    out = export_gguf(str(tmp_path / "pruned"), str(tmp_path / "moe.gguf"), outtype="f32")
+    read = ("import json, sys; from gguf import GGUFReader; r = GGUFReader(sys.argv[1]); "
+            "arch = bytes(r.fields['general.architecture'].parts[-1]).decode(); "
+            "print(json.dumps({'experts': r.fields[arch + '.expert_count'].parts[-1].tolist(), "
+            "'used': r.fields[arch + '.expert_used_count'].parts[-1].tolist(), "
+            "'shapes': {t.name: [int(n) for n in t.shape] for t in r.tensors}}))")
+    done = subprocess.run([sys.executable, "-c", read, str(out)], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(converter() / "gguf-py")})  # its gguf, in its process
+    gguf = json.loads(done.stdout)
+    assert gguf["experts"] == [2] and gguf["used"] == [1]
+    shapes = gguf["shapes"]
+    for layer in range(2):
+        assert shapes[f"blk.{layer}.ffn_gate_inp.weight"] == [48, 2]  # the router's rows follow the kept experts
+        for part in ("gate", "up"):
+            assert shapes[f"blk.{layer}.ffn_{part}_exps.weight"] == [48, 16, 2]
+        assert shapes[f"blk.{layer}.ffn_down_exps.weight"] == [16, 48, 2]
