@@ -77,6 +77,25 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
     return [(s, w / total) for s, w in parts]
 
 
+def key_values(text: str, what: str, valid, example: str, canonical=lambda key: key) -> list[tuple[str, str]]:
+    """``"a=1, b=2"`` -> ``[("a", "1"), ("b", "2")]`` (stripped; keys through ``canonical``): the one parser of
+    ``--target`` overrides and ``--budget``, refusing an item without ``=``, a key not in ``valid`` and a key given
+    twice, each in one line naming ``what`` ("target", "budget")."""
+    pairs, seen = [], set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = canonical(key.strip())
+        if not sep:
+            raise WhelpError(f"{what} item '{item}' is not key=value; write e.g. {example}")
+        if key not in valid:
+            raise WhelpError(f"unknown {what} key '{key}'; valid keys: {', '.join(valid)}")
+        if key in seen:
+            raise WhelpError(f"{what} key '{key}' is given twice in '{text}'; give each key once")
+        seen.add(key)
+        pairs.append((key, value.strip()))
+    return pairs
+
+
 @dataclass(frozen=True)
 class LoadPolicy:
     """What loading a model may do; passed explicitly from the CLI to every verb that loads one."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from whelp.errors import WhelpError
+from whelp.specs import key_values
 
 BUDGET_KEYS = ("params", "non_embedding", "active", "memory", "latency")
 SIZE_KEYS = ("params", "non_embedding", "active", "memory")
@@ -47,14 +48,7 @@ def parse_budget(text: str, teacher_shape: dict, counter, context: int = 2048) -
     own = {"params": total, "non_embedding": non_embedding, "active": counter.active(teacher_shape),
            "memory": counter.memory(teacher_shape, context)}
     seen: dict = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep:
-            raise WhelpError(f"budget item '{item}' is not key=value; write e.g. non_embedding=50%,latency=20ms")
-        if key not in BUDGET_KEYS:
-            raise WhelpError(f"unknown budget key '{key}'; valid keys: {', '.join(BUDGET_KEYS)}")
-        if key in seen:
-            raise WhelpError(f"budget key '{key}' is given twice in '{text}'; give each key once")
+    for key, value in key_values(text, "budget", BUDGET_KEYS, "non_embedding=50%,latency=20ms"):
         if key == "active" and own["active"] == total:
             raise WhelpError("budget active counts the parameters an MoE's router picks per token, and this teacher "
                              "is dense (its active parameters are all of them); use params= or non_embedding=")

@@ -16,6 +16,7 @@ from whelp import models
 from whelp.errors import WhelpError
 from whelp.pruning import arch, generic, moe
 from whelp.pruning.surgery import Keep, rope_exact_dims, target_config, text_config
+from whelp.specs import key_values
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
@@ -59,19 +60,9 @@ def _parse_value(key: str, text: str):
 
 
 def _overrides(spec: str, source_shape: dict, source_cfg) -> dict:
-    shape, seen = dict(source_shape), set()
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        key, sep, value = item.partition("=")
-        key = moe.canonical_key(key.strip(), source_cfg)
-        if not sep:
-            raise WhelpError(f"target item '{item}' is not key=value; write e.g. intermediate_size=768,num_hidden_layers=24")
-        if key not in source_shape:
-            raise WhelpError(f"unknown target key '{key}'; valid keys: {', '.join(source_shape)}")
-        if key in seen:
-            raise WhelpError(f"target key '{key}' is given twice in '{spec}'; give each key once")
-        seen.add(key)
-        shape[key] = _parse_value(key, value.strip())
-    return shape
+    pairs = key_values(spec, "target", source_shape, "intermediate_size=768,num_hidden_layers=24",
+                       lambda key: moe.canonical_key(key, source_cfg))
+    return {**source_shape, **{key: _parse_value(key, value) for key, value in pairs}}
 
 
 def _from_config_file(path: Path, model_type: str) -> tuple[dict, dict | None]:
