@@ -69,32 +69,50 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="blocks per read (= a training micro-batch)")
     args = p.parse_args()
-    teacher = tiny_model(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16)
+    teacher = tiny_model(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     tokens = torch.randint(0, VOCAB, (args.blocks, args.seq_len), generator=torch.Generator().manual_seed(0))
     blocks = TensorBlocks(tokens, source="random")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode, k, limit in (("topk", 64, 264), ("sample", 16, 48)):
             start = time.perf_counter()
-            path = write_cache(teacher, Vocab(VOCAB), blocks, Path(tmp) / mode, mode, k, 1.0, "tiny-128256",
-                               batch_size=1)
+            path = write_cache(
+                teacher, Vocab(VOCAB), blocks, Path(tmp) / mode, mode, k, 1.0, "tiny-128256", batch_size=1
+            )
             write_s = time.perf_counter() - start
             cache = open_cache(path)
-            rows.append({"mode": mode, "k": k, "bytes_per_token": round(cache.manifest["bytes_per_token"], 1),
-                         "target": limit, "write_tok_s": round(tokens.numel() / write_s),
-                         "read_tok_s": round(read_rate(cache, args.batch))})
+            rows.append(
+                {
+                    "mode": mode,
+                    "k": k,
+                    "bytes_per_token": round(cache.manifest["bytes_per_token"], 1),
+                    "target": limit,
+                    "write_tok_s": round(tokens.numel() / write_s),
+                    "read_tok_s": round(read_rate(cache, args.batch)),
+                }
+            )
     student = round(train_rate(args.seq_len, 2))
     when = f"{datetime.date.today()}, {platform.node()}, {torch.get_num_threads()} threads"
-    lines = [f"\n## Teacher-logit cache ({when})\n",
-             f"`python bench/cache_bytes.py {' '.join(sys.argv[1:])}` - V={VOCAB}, {args.blocks} blocks x "
-             f"{args.seq_len} tokens; bytes/token = shard files (incl. safetensors headers and the int32 token) / "
-             f"tokens. Student training throughput (smollm2-135m fwd+bwd, fp32 CPU): {student} tok/s.\n",
-             "| mode | bytes/token | target | write tok/s | read tok/s | read / student train |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"\n## Teacher-logit cache ({when})\n",
+        f"`python bench/cache_bytes.py {' '.join(sys.argv[1:])}` - V={VOCAB}, {args.blocks} blocks x "
+        f"{args.seq_len} tokens; bytes/token = shard files (incl. safetensors headers and the int32 token) / "
+        f"tokens. Student training throughput (smollm2-135m fwd+bwd, fp32 CPU): {student} tok/s.\n",
+        "| mode | bytes/token | target | write tok/s | read tok/s | read / student train |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']}-{r['k']} | {r['bytes_per_token']} | <= {r['target']} | {r['write_tok_s']} | "
-                     f"{r['read_tok_s']} | {r['read_tok_s'] / student:.0f}x |")
+        lines.append(
+            f"| {r['mode']}-{r['k']} | {r['bytes_per_token']} | <= {r['target']} | {r['write_tok_s']} | "
+            f"{r['read_tok_s']} | {r['read_tok_s'] / student:.0f}x |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     with open(Path(__file__).with_name("RESULTS.md"), "a") as f:

@@ -69,8 +69,9 @@ def synthetic(vocab: int, tokens: int, seq_len: int):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
-        {f"t{i}": i for i in range(vocab)}, unk_token="t0")))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    )
     ids = torch.randint(0, vocab, (tokens // seq_len, seq_len), generator=torch.Generator().manual_seed(0))
     return tokenizer, RandomBlocks(ids)
 
@@ -85,8 +86,9 @@ def worker(config: str, out: Path, args) -> None:
     world = parallel.init_world()
     if args.teacher == "demo":
         model, tokenizer = load_model(str(registered_dir("smollm2-135m")))
-        blocks = parallel.main_first(world, lambda: open_blocks("pydoc:train", tokenizer, args.seq_len,
-                                                                max_tokens=args.tokens))
+        blocks = parallel.main_first(
+            world, lambda: open_blocks("pydoc:train", tokenizer, args.seq_len, max_tokens=args.tokens)
+        )
     else:  # a random teacher of that shipped shape, over random ids of its whole vocabulary
         from transformers import AutoModelForCausalLM
 
@@ -113,9 +115,20 @@ def worker(config: str, out: Path, args) -> None:
                 parallel.barrier(world)
                 mark(min(world.size * args.batch_size, len(blocks) - start))
     else:
-        write_cache(model, tokenizer, blocks, out / f"cache-{config}", config, 64 if config == "topk" else 16, 1.0,
-                    args.teacher, batch_size=args.batch_size, shard_tokens=args.batch_size * args.seq_len,
-                    world=world, progress=mark)
+        write_cache(
+            model,
+            tokenizer,
+            blocks,
+            out / f"cache-{config}",
+            config,
+            64 if config == "topk" else 16,
+            1.0,
+            args.teacher,
+            batch_size=args.batch_size,
+            shard_tokens=args.batch_size * args.seq_len,
+            world=world,
+            progress=mark,
+        )
         parallel.barrier(world)
         mark(0)
     if world.device.type == "cuda":
@@ -125,23 +138,51 @@ def worker(config: str, out: Path, args) -> None:
     gpu = torch.cuda.max_memory_allocated() / 2**20 if world.device.type == "cuda" else None
     if world.main:
         (t0, _), (t1, n1), (t_end, n_end) = marks[0], marks[1], marks[-1]
-        (out / "result.json").write_text(json.dumps({
-            "tokens_per_s": n_end * args.seq_len / (t_end - t0),
-            # after the first round: what each further token costs (no warm-up, no one-time checks)
-            "steady_tokens_per_s": (n_end - n1) * args.seq_len / (t_end - t1), "peak_rss_mib": rows,
-            "peak_gpu_mib": gpu, "vocab_size": model.config.vocab_size}))
+        (out / "result.json").write_text(
+            json.dumps(
+                {
+                    "tokens_per_s": n_end * args.seq_len / (t_end - t0),
+                    # after the first round: what each further token costs (no warm-up, no one-time checks)
+                    "steady_tokens_per_s": (n_end - n1) * args.seq_len / (t_end - t1),
+                    "peak_rss_mib": rows,
+                    "peak_gpu_mib": gpu,
+                    "vocab_size": model.config.vocab_size,
+                }
+            )
+        )
     parallel.close_world(world)
 
 
 def launch(config: str, nproc: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        flags = [config, "--worker-out", tmp, "--tokens", str(args.tokens), "--seq-len", str(args.seq_len),
-                 "--batch-size", str(args.batch_size), "--teacher", args.teacher, "--device", args.device,
-                 "--dtype", args.dtype]
-        launcher = ([sys.executable] if nproc == 1 else
-                    [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc)])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-               **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
+        flags = [
+            config,
+            "--worker-out",
+            tmp,
+            "--tokens",
+            str(args.tokens),
+            "--seq-len",
+            str(args.seq_len),
+            "--batch-size",
+            str(args.batch_size),
+            "--teacher",
+            args.teacher,
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+        ]
+        launcher = (
+            [sys.executable]
+            if nproc == 1
+            else [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc)]
+        )
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}),
+        }
         done = subprocess.run(launcher + [__file__, "--worker", *flags], capture_output=True, text=True, env=env)
         if done.returncode:
             raise SystemExit(done.stderr[-3000:])
@@ -173,21 +214,27 @@ def report(results: dict) -> str:
 
     vocab, gpu = rounds[0][f"forward@{procs[0]}"]["vocab_size"], a["device"] == "cuda"
     teacher = "demo teacher" if a["teacher"] == "demo" else f"a random {a['teacher']}-shaped teacher"
-    command = (f"`python bench/capture_scale.py --tokens {a['tokens']} --seq-len {a['seq_len']} --batch-size "
-               f"{a['batch_size']} --rounds {a['rounds']}"
-               + "".join(f" --{k} {a[k]}" for k in ("teacher", "device", "dtype") if a[k] != DEFAULTS[k])
-               + (f" --procs {','.join(map(str, procs))}" if procs != [1, 2] else "") + "`")
-    where = (torch.cuda.get_device_name() if gpu else f"{platform.machine()}, {os.cpu_count()} cores")
+    command = (
+        f"`python bench/capture_scale.py --tokens {a['tokens']} --seq-len {a['seq_len']} --batch-size "
+        f"{a['batch_size']} --rounds {a['rounds']}"
+        + "".join(f" --{k} {a[k]}" for k in ("teacher", "device", "dtype") if a[k] != DEFAULTS[k])
+        + (f" --procs {','.join(map(str, procs))}" if procs != [1, 2] else "")
+        + "`"
+    )
+    where = torch.cuda.get_device_name() if gpu else f"{platform.machine()}, {os.cpu_count()} cores"
     head = ["config"] + [f"tokens/s {n} proc (steady)" for n in procs] + (["2 / 1 (steady)"] if procs == [1, 2] else [])
     head += [f"vs forward, {n} proc (steady)" for n in procs] + ["peak RSS per process, MiB"]
     head += ["peak GPU memory, MiB"] if gpu else []
-    lines = [f"\n## Logit capture at {' and '.join(map(str, procs))} process{'es' * (procs != [1])} "
-             f"({datetime.now(timezone.utc):%Y-%m-%d})\n",
-             f"{command} on {where}, torch {torch.__version__}, {a['dtype']}, one thread per process; {teacher} "
-             f"(V = {vocab:,}); medians over rounds.\n",
-             "Whole run (from after loading) and steady state (after the first round: what each further token "
-             "costs, without warm-up and the one-time logit check).\n",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"\n## Logit capture at {' and '.join(map(str, procs))} process{'es' * (procs != [1])} "
+        f"({datetime.now(timezone.utc):%Y-%m-%d})\n",
+        f"{command} on {where}, torch {torch.__version__}, {a['dtype']}, one thread per process; {teacher} "
+        f"(V = {vocab:,}); medians over rounds.\n",
+        "Whole run (from after loading) and steady state (after the first round: what each further token "
+        "costs, without warm-up and the one-time logit check).\n",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for c in CONFIGS:
         cells = [rate(lambda r, k, n=n: r[f"{c}@{n}"][k]) for n in procs]
         if procs == [1, 2]:
@@ -211,12 +258,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry", action="store_true", help="print, do not append to RESULTS.md")
-    parser.add_argument("--teacher", default=DEFAULTS["teacher"],
-                        help="demo, or a shipped config (llama-3.2-1b: V = 128,256) built with random weights")
+    parser.add_argument(
+        "--teacher",
+        default=DEFAULTS["teacher"],
+        help="demo, or a shipped config (llama-3.2-1b: V = 128,256) built with random weights",
+    )
     parser.add_argument("--device", default=DEFAULTS["device"], choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default=DEFAULTS["dtype"], choices=("float32", "bfloat16"))
-    parser.add_argument("--procs", type=lambda t: [int(n) for n in t.split(",")], default=[1, 2],
-                        help="process counts to run, comma-separated (one GPU: 1)")
+    parser.add_argument(
+        "--procs",
+        type=lambda t: [int(n) for n in t.split(",")],
+        default=[1, 2],
+        help="process counts to run, comma-separated (one GPU: 1)",
+    )
     args = parser.parse_args()
     if args.worker:
         return worker(args.config, args.worker_out, args)

@@ -21,8 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-COMMANDS = {"help": ["--help"], "show tiny": ["show", "tiny"], "show llama-3.2-3b": ["show", "llama-3.2-3b"],
-            "validate llama-3.2-3b": ["validate", "llama-3.2-3b"]}
+COMMANDS = {
+    "help": ["--help"],
+    "show tiny": ["show", "tiny"],
+    "show llama-3.2-3b": ["show", "llama-3.2-3b"],
+    "validate llama-3.2-3b": ["validate", "llama-3.2-3b"],
+}
 
 
 def seconds(args: list[str]) -> float:
@@ -46,15 +50,19 @@ def main() -> None:
         for name, cmd in COMMANDS.items():  # alternating: every command sees the same load
             times[name].append(seconds(cmd))
     help_median = statistics.median(times["help"])
-    rows = [f"| `whelp {' '.join(COMMANDS[n])}` | {statistics.median(t):.2f} | {statistics.median(t) / help_median:.2f}x |"
-            for n, t in times.items()]
+    rows = [
+        f"| `whelp {' '.join(COMMANDS[n])}` | {statistics.median(t):.2f} | {statistics.median(t) / help_median:.2f}x |"
+        for n, t in times.items()
+    ]
     table = "\n".join(["| command | median s | vs --help |", "|---|---|---|", *rows])
     print(table)
     if args.write:
         stamp = datetime.date.today().isoformat()
-        text = (f"\n## CLI start-up ({stamp}, {platform.machine()}, {os.cpu_count()} cores)\n\n"
-                f"`python bench/cli_startup.py --runs {args.runs} --write`: median of {args.runs} alternating fresh "
-                f"processes each.\n\n{table}\n")
+        text = (
+            f"\n## CLI start-up ({stamp}, {platform.machine()}, {os.cpu_count()} cores)\n\n"
+            f"`python bench/cli_startup.py --runs {args.runs} --write`: median of {args.runs} alternating fresh "
+            f"processes each.\n\n{table}\n"
+        )
         with open(Path(__file__).parent / "RESULTS.md", "a") as f:
             f.write(text)
 

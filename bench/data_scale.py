@@ -106,8 +106,15 @@ def child(config: str, corpus: str, store: str, seq_len: int, batch: int) -> dic
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest tokenizer worker
-    out = {"config": config, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-           "peak_rss": peak, "rss_above_base": peak - base, "worker_peak_rss": workers}
+    out = {
+        "config": config,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_rss": peak,
+        "rss_above_base": peak - base,
+        "worker_peak_rss": workers,
+    }
     if config.startswith("tokenize"):
         out["bytes_per_token"] = disk / tokens
     return out
@@ -154,31 +161,44 @@ def main():
 
 
 def report(results: list[dict], args) -> None:
-    rows = ["| corpus | configuration | tokens | seconds | tokens/s | peak RSS | RSS above base | worker peak RSS | "
-            "bytes/token |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| corpus | configuration | tokens | seconds | tokens/s | peak RSS | RSS above base | worker peak RSS | "
+        "bytes/token |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        rows.append(f"| {r['size_M']}M | {r['config']} | {r['tokens']:,} | {r['seconds']:.2f} | "
-                    f"{r['tokens_per_s']:,.0f} | {r['peak_rss'] / 2**20:,.0f} MiB | {r['rss_above_base'] / 2**20:,.1f} MiB"
-                    f" | {r['worker_peak_rss'] / 2**20:,.0f} MiB | {r.get('bytes_per_token', '')} |")
+        rows.append(
+            f"| {r['size_M']}M | {r['config']} | {r['tokens']:,} | {r['seconds']:.2f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['peak_rss'] / 2**20:,.0f} MiB | {r['rss_above_base'] / 2**20:,.1f} MiB"
+            f" | {r['worker_peak_rss'] / 2**20:,.0f} MiB | {r.get('bytes_per_token', '')} |"
+        )
     by = {(r["size_M"], r["config"]): r for r in results}
     lines = []
     for size in args.sizes:
         one, two = by[(size, "tokenize-1")], by[(size, "tokenize-2")]
-        lines.append(f"- {size}M tokens: 2 workers / 1 worker = {two['tokens_per_s'] / one['tokens_per_s']:.2f}x; "
-                     f"first batch in {by[(size, 'startup')]['seconds']:.2f} s")
+        lines.append(
+            f"- {size}M tokens: 2 workers / 1 worker = {two['tokens_per_s'] / one['tokens_per_s']:.2f}x; "
+            f"first batch in {by[(size, 'startup')]['seconds']:.2f} s"
+        )
     if len(args.sizes) > 1:
         small, large = by[(args.sizes[0], "startup")], by[(args.sizes[-1], "startup")]
-        lines.append(f"- reader peak RSS growth {args.sizes[0]}M -> {args.sizes[-1]}M tokens: "
-                     f"{(large['rss_above_base'] - small['rss_above_base']) / 2**20:.1f} MiB")
+        lines.append(
+            f"- reader peak RSS growth {args.sizes[0]}M -> {args.sizes[-1]}M tokens: "
+            f"{(large['rss_above_base'] - small['rss_above_base']) / 2**20:.1f} MiB"
+        )
     if (args.sizes[0], "memory") in by:
         mem, st = by[(args.sizes[0], "memory")], by[(args.sizes[0], "startup")]
-        lines.append(f"- in-memory path at {args.sizes[0]}M tokens: {mem['seconds']:.1f} s, "
-                     f"{mem['rss_above_base'] / mem['tokens']:.1f} bytes/token of RSS; the store's start-up: "
-                     f"{st['seconds']:.2f} s, {st['rss_above_base'] / 2**20:.1f} MiB")
+        lines.append(
+            f"- in-memory path at {args.sizes[0]}M tokens: {mem['seconds']:.1f} s, "
+            f"{mem['rss_above_base'] / mem['tokens']:.1f} bytes/token of RSS; the store's start-up: "
+            f"{st['seconds']:.2f} s, {st['rss_above_base'] / 2**20:.1f} MiB"
+        )
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    text = (f"\n## Data at scale: token stores (issue 12)\n\n`python bench/data_scale.py --sizes {' '.join(map(str, args.sizes))}`"
-            f" on {platform.machine()} with {os.cpu_count()} cores, {when}; seq_len {args.seq_len}, first batch of "
-            f"{args.batch} blocks; each row its own process.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n")
+    text = (
+        f"\n## Data at scale: token stores (issue 12)\n\n`python bench/data_scale.py --sizes {' '.join(map(str, args.sizes))}`"
+        f" on {platform.machine()} with {os.cpu_count()} cores, {when}; seq_len {args.seq_len}, first batch of "
+        f"{args.batch} blocks; each row its own process.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n"
+    )
     with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
         f.write(text)
     print(text)

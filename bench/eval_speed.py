@@ -33,18 +33,24 @@ def main() -> None:
             rows.append((dtype, batch, process.measure(args.model, EvalSpec(dtype=dtype, speed=speed))))
             print(rows[-1])
     base = rows[0][2]
-    lines = [f"\n## Eval speed and peak memory ({datetime.date.today()}, {platform.machine()}, "
-             f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})", "",
-             f"`python bench/eval_speed.py --model {args.model}` - prompt {args.prompt_len} tokens, "
-             f"{args.new_tokens} greedy decode steps, median of 3 after a warm-up, one process of its own per row; "
-             f"peak = {base['peak_memory_method']}. Shared machine: compare ratios.", "",
-             "| dtype | batch | prefill tok/s | decode tok/s | peak MiB | prefill x fp32/b1 | decode x fp32/b1 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\n## Eval speed and peak memory ({datetime.date.today()}, {platform.machine()}, "
+        f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
+        "",
+        f"`python bench/eval_speed.py --model {args.model}` - prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} greedy decode steps, median of 3 after a warm-up, one process of its own per row; "
+        f"peak = {base['peak_memory_method']}. Shared machine: compare ratios.",
+        "",
+        "| dtype | batch | prefill tok/s | decode tok/s | peak MiB | prefill x fp32/b1 | decode x fp32/b1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for dtype, batch, r in rows:
-        lines.append(f"| {dtype} | {batch} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['peak_memory_bytes'] / 2**20:.0f} | "
-                     f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f} | "
-                     f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} |")
+        lines.append(
+            f"| {dtype} | {batch} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f} | "
+            f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} |"
+        )
     with open(args.results, "a") as f:
         f.write("\n".join(lines) + "\n")
 

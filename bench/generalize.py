@@ -55,13 +55,15 @@ def vim_manual(work: Path) -> str | None:
 def configs(gen: str, args) -> dict[str, dict]:
     """name -> (pruned student's calibration key, DistillSpec changes, with a teacher?)."""
     mix = f"{gen}:0.5,pydoc:train:0.5"
-    return {"(a) pydoc (today)": dict(calib="pydoc", data="pydoc:train"),
-            "(d) mixture 25/75": dict(calib="mix25", data=f"{gen}:0.25,pydoc:train:0.75"),
-            "(b) teacher text": dict(calib="pydoc", data=gen),
-            "(c) on-policy F=0.5": dict(calib="pydoc", data="pydoc:train", on_policy=0.5, gen_tokens=args.gen_len),
-            "(c) on-policy F=1.0": dict(calib="pydoc", data="pydoc:train", on_policy=1.0, gen_tokens=args.gen_len),
-            "(d) mixture 50/50": dict(calib="mix", data=mix),
-            "(e) CE only, mixture 50/50": dict(calib="mix", data=mix, ce_weight=1.0, teacher=False)}
+    return {
+        "(a) pydoc (today)": dict(calib="pydoc", data="pydoc:train"),
+        "(d) mixture 25/75": dict(calib="mix25", data=f"{gen}:0.25,pydoc:train:0.75"),
+        "(b) teacher text": dict(calib="pydoc", data=gen),
+        "(c) on-policy F=0.5": dict(calib="pydoc", data="pydoc:train", on_policy=0.5, gen_tokens=args.gen_len),
+        "(c) on-policy F=1.0": dict(calib="pydoc", data="pydoc:train", on_policy=1.0, gen_tokens=args.gen_len),
+        "(d) mixture 50/50": dict(calib="mix", data=mix),
+        "(e) CE only, mixture 50/50": dict(calib="mix", data=mix, ce_weight=1.0, teacher=False),
+    }
 
 
 def scores(model, texts: dict[str, torch.Tensor], seq_len: int) -> dict[str, float]:
@@ -95,8 +97,9 @@ def run(name: str, cfg: dict, student_dir: Path, teacher, texts, spec, offset_s:
     def on_step(row: dict) -> None:
         clock["train"] += time.perf_counter() - clock["mark"]
         if row["step"] % spec.eval_every == 0 or row["step"] == t.steps:
-            curve.append({"step": row["step"], "wall_s": offset_s + clock["train"],
-                          **scores(t.model, texts, spec.seq_len)})
+            curve.append(
+                {"step": row["step"], "wall_s": offset_s + clock["train"], **scores(t.model, texts, spec.seq_len)}
+            )
             t.model.train()
             print(json.dumps({name: curve[-1]}), flush=True)
         clock["mark"] = time.perf_counter()
@@ -133,8 +136,11 @@ def main() -> None:
     parser.add_argument("--gen-len", type=int, default=64, help="on-policy: tokens the student samples per row")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", nargs="+", help="run only these configurations (their letters and words, as named)")
-    parser.add_argument("--merge", type=Path, help="add the runs to the results in this --json file (same settings; "
-                        "its teacher text is reused)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="add the runs to the results in this --json file (same settings; its teacher text is reused)",
+    )
     parser.add_argument("--dry", action="store_true", help="print, do not append to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -150,8 +156,10 @@ def main() -> None:
     teacher_dir = str(registered_dir("smollm2-135m"))
     teacher, tokenizer = load_model(teacher_dir)
     teacher.requires_grad_(False)
-    texts = {"pydoc:eval": stream_tokens("pydoc:eval", tokenizer, args.eval_tokens),
-             "licenses": stream_tokens("licenses", tokenizer, args.eval_tokens)}
+    texts = {
+        "pydoc:eval": stream_tokens("pydoc:eval", tokenizer, args.eval_tokens),
+        "licenses": stream_tokens("licenses", tokenizer, args.eval_tokens),
+    }
     vim = vim_manual(WORK)
     if vim:
         texts["vim manual"] = stream_tokens(vim, tokenizer, args.eval_tokens)
@@ -159,24 +167,46 @@ def main() -> None:
     previous = json.loads(args.merge.read_text()) if args.merge else None
     t0 = time.perf_counter()
     if previous is None:
-        generate_store(teacher_dir, gen, GenerateSpec(max_tokens=args.gen_tokens, batch_size=64, new_tokens=256),
-                       force=True)
+        generate_store(
+            teacher_dir, gen, GenerateSpec(max_tokens=args.gen_tokens, batch_size=64, new_tokens=256), force=True
+        )
     gen_s = previous["generate_s"] if previous else time.perf_counter() - t0
-    chosen = {name: cfg for name, cfg in configs(str(gen), args).items()
-              if not args.only or any(name.startswith(prefix) for prefix in args.only)}
+    chosen = {
+        name: cfg
+        for name, cfg in configs(str(gen), args).items()
+        if not args.only or any(name.startswith(prefix) for prefix in args.only)
+    }
     pruned, prune_s = {}, {}
     calibs = {"pydoc": "pydoc:calib", "mix": f"{gen}:0.5,pydoc:calib:0.5", "mix25": f"{gen}:0.25,pydoc:calib:0.75"}
     for key, calib in calibs.items():
         if key not in {cfg["calib"] for cfg in chosen.values()}:
             continue
         t0 = time.perf_counter()
-        report = prune_checkpoint(teacher_dir, "smollm2-half", WORK / f"pruned-{key}",
-                                  PruneSpec(calib=calib, calib_samples=32, seq_len=args.seq_len), force=True)
+        report = prune_checkpoint(
+            teacher_dir,
+            "smollm2-half",
+            WORK / f"pruned-{key}",
+            PruneSpec(calib=calib, calib_samples=32, seq_len=args.seq_len),
+            force=True,
+        )
         pruned[key], prune_s[key] = WORK / f"pruned-{key}", time.perf_counter() - t0
-    spec = DistillSpec(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                       warmup=args.warmup, eval_every=args.eval_every, dtype="float32")
-    results = previous or {"teacher": scores(teacher, texts, args.seq_len), "params": report["params"],
-                           "generate_s": gen_s, "prune_s": {}, "runs": {}, "wall_min": 0.0}
+    spec = DistillSpec(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup=args.warmup,
+        eval_every=args.eval_every,
+        dtype="float32",
+    )
+    results = previous or {
+        "teacher": scores(teacher, texts, args.seq_len),
+        "params": report["params"],
+        "generate_s": gen_s,
+        "prune_s": {},
+        "runs": {},
+        "wall_min": 0.0,
+    }
     results["prune_s"].update(prune_s)
     for name, cfg in chosen.items():
         offset = gen_s if str(gen) in cfg["data"] else 0.0
@@ -207,8 +237,11 @@ def record(results: dict, args, names: list[str]) -> None:
         for name, r in results["runs"].items():
             point = at_wall(r, wall, generation)
             if point is None:
-                rows.append(f"| {name} | " + " | ".join(["not started: generating its data took longer"] * len(names))
-                            + " | - |")
+                rows.append(
+                    f"| {name} | "
+                    + " | ".join(["not started: generating its data took longer"] * len(names))
+                    + " | - |"
+                )
             else:
                 rows.append(f"| {name} (step {point['step']}) | {cells(point)} | {_wall(r, point, generation):.0f} |")
         walls[generation] = (wall, "\n".join(rows))
@@ -217,11 +250,11 @@ def record(results: dict, args, names: list[str]) -> None:
 
 `python bench/generalize.py --steps {args.steps} --gen-tokens {args.gen_tokens} --gen-len {args.gen_len} \
 --eval-tokens {args.eval_tokens}` on {platform.machine()} CPU (fp32), {datetime.now(timezone.utc):%Y-%m-%d}, torch \
-{torch.__version__}, total {results['wall_min']:.1f} min. SmolLM2-135M pruned to `smollm2-half` \
-({results['params']['after']:,} of {results['params']['before']:,} params), {args.steps} steps of {args.batch_size} \
+{torch.__version__}, total {results["wall_min"]:.1f} min. SmolLM2-135M pruned to `smollm2-half` \
+({results["params"]["after"]:,} of {results["params"]["before"]:,} params), {args.steps} steps of {args.batch_size} \
 x {args.seq_len} tokens each run (AdamW lr {args.lr}, warmup {args.warmup} + cosine, forward KL on data, reverse KL \
 on the student's samples, G = {args.gen_len}). Teacher text: {args.gen_tokens:,} tokens sampled from BOS at T = 1 \
-in {results['generate_s']:.0f} s (counted in the wall time of the runs that train on it). Perplexity over the first \
+in {results["generate_s"]:.0f} s (counted in the wall time of the runs that train on it). Perplexity over the first \
 {args.eval_tokens} tokens of each text; licenses and the vim manual are general English no run trains on.
 
 Matched training tokens ({args.steps * args.batch_size * args.seq_len:,} each):

@@ -76,13 +76,31 @@ def one(impl: str, n: int, n_teachers: int, args) -> dict:
     loss.backward()
     seconds = time.perf_counter() - start
     peak = status_mb("VmHWM") - base
-    return {"impl": impl, "n": n, "teachers": n_teachers, "s": round(seconds, 2), "peak_mb": round(peak),
-            "loss_per_token": float(loss.detach()) / n}
+    return {
+        "impl": impl,
+        "n": n,
+        "teachers": n_teachers,
+        "s": round(seconds, 2),
+        "peak_mb": round(peak),
+        "loss_per_token": float(loss.detach()) / n,
+    }
 
 
 def run_child(impl, n, n_teachers, args) -> dict:
-    cmd = [sys.executable, __file__, "--one", f"{impl},{n},{n_teachers}", "--vocab", str(args.vocab),
-           "--hs", str(args.hs), "--ht", str(args.ht), "--chunk", str(args.chunk)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        f"{impl},{n},{n_teachers}",
+        "--vocab",
+        str(args.vocab),
+        "--hs",
+        str(args.hs),
+        "--ht",
+        str(args.ht),
+        "--chunk",
+        str(args.chunk),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         return {"impl": impl, "n": n, "teachers": n_teachers, "error": done.stderr.strip().splitlines()[-1]}
@@ -90,21 +108,29 @@ def run_child(impl, n, n_teachers, args) -> dict:
 
 
 def report(rows: list[dict], args) -> str:
-    lines = [f"\n## KD loss forward+backward ({datetime.date.today()}, {platform.node()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__})\n",
-             f"`python bench/kd_loss.py {' '.join(sys.argv[1:])}` - V={args.vocab}, Hs={args.hs}, Ht={args.ht}, "
-             f"chunk={args.chunk}, forward KL, fp32, CPU. Peak = VmHWM growth over the inputs.\n",
-             "| N | teachers | naive s | fused s | liger s | naive MB | fused MB | liger MB | fused/naive time "
-             "| fused/naive mem |", "|" + "---|" * 10]
+    lines = [
+        f"\n## KD loss forward+backward ({datetime.date.today()}, {platform.node()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__})\n",
+        f"`python bench/kd_loss.py {' '.join(sys.argv[1:])}` - V={args.vocab}, Hs={args.hs}, Ht={args.ht}, "
+        f"chunk={args.chunk}, forward KL, fp32, CPU. Peak = VmHWM growth over the inputs.\n",
+        "| N | teachers | naive s | fused s | liger s | naive MB | fused MB | liger MB | fused/naive time "
+        "| fused/naive mem |",
+        "|" + "---|" * 10,
+    ]
     groups = sorted({(r["n"], r["teachers"]) for r in rows})
     for n, t in groups:
         by = {r["impl"]: r for r in rows if (r["n"], r["teachers"]) == (n, t)}
         cell = lambda impl, key: str(by[impl].get(key, by[impl].get("error", "-"))) if impl in by else "-"
-        ratio = lambda key: (f"{by['fused'][key] / by['naive'][key]:.2f}"
-                             if key in by.get("fused", {}) and key in by.get("naive", {}) else "-")
-        lines.append(f"| {n} | {t} | {cell('naive', 's')} | {cell('fused', 's')} | {cell('liger', 's')} | "
-                     f"{cell('naive', 'peak_mb')} | {cell('fused', 'peak_mb')} | {cell('liger', 'peak_mb')} | "
-                     f"{ratio('s')} | {ratio('peak_mb')} |")
+        ratio = lambda key: (
+            f"{by['fused'][key] / by['naive'][key]:.2f}"
+            if key in by.get("fused", {}) and key in by.get("naive", {})
+            else "-"
+        )
+        lines.append(
+            f"| {n} | {t} | {cell('naive', 's')} | {cell('fused', 's')} | {cell('liger', 's')} | "
+            f"{cell('naive', 'peak_mb')} | {cell('fused', 'peak_mb')} | {cell('liger', 'peak_mb')} | "
+            f"{ratio('s')} | {ratio('peak_mb')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -142,9 +168,19 @@ def main():
     n = max(args.n)
     by = {r["impl"]: r for r in rows if r["n"] == n and r["teachers"] == 1}
     get = lambda impl, key: by.get(impl, {}).get(key)
-    print(json.dumps({"n": n, "naive_peak_mb": get("naive", "peak_mb"), "fused_peak_mb": get("fused", "peak_mb"),
-                      "liger_peak_mb": get("liger", "peak_mb"), "naive_s": get("naive", "s"),
-                      "fused_s": get("fused", "s"), "liger_s": get("liger", "s")}))
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "naive_peak_mb": get("naive", "peak_mb"),
+                "fused_peak_mb": get("fused", "peak_mb"),
+                "liger_peak_mb": get("liger", "peak_mb"),
+                "naive_s": get("naive", "s"),
+                "fused_s": get("fused", "s"),
+                "liger_s": get("liger", "s"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -50,10 +50,12 @@ def heldout(model_dir: str, texts: dict[str, torch.Tensor], seq_len: int) -> dic
 
 def students(teacher: str, corrected: str, w: float, kd: dict) -> dict[str, dict]:
     """The four ways to spend the same tokens: keyword arguments of ``distill`` for each."""
-    return {CE: dict(ce_weight=1.0, teachers=()),
-            "(b) KD teacher": dict(kd, teachers=((teacher, 1.0),)),
-            "(c) KD teacher + corrected": dict(kd, teachers=((teacher, 1 - w), (corrected, w))),
-            "(d) KD corrected teacher": dict(kd, teachers=((corrected, 1.0),))}
+    return {
+        CE: dict(ce_weight=1.0, teachers=()),
+        "(b) KD teacher": dict(kd, teachers=((teacher, 1.0),)),
+        "(c) KD teacher + corrected": dict(kd, teachers=((teacher, 1 - w), (corrected, w))),
+        "(d) KD corrected teacher": dict(kd, teachers=((corrected, 1.0),)),
+    }
 
 
 def main() -> None:
@@ -86,10 +88,20 @@ def main() -> None:
     t_start = time.perf_counter()
     teacher = str(registered_dir("smollm2-135m"))
     tokenizer = load_tokenizer(teacher)
-    texts = {"pydoc:eval": token_stream(read_documents("pydoc:eval"), tokenizer, args.eval_tokens),
-             "GPL-3": token_stream([Path(GPL).read_text()], tokenizer, args.eval_tokens)}
-    spec = DistillSpec(data="pydoc:train", steps=args.steps[0], batch_size=args.batch_size, seq_len=args.seq_len,
-                       lr=args.lr, warmup=args.warmup, eval_tokens=2048, seed=args.seed)
+    texts = {
+        "pydoc:eval": token_stream(read_documents("pydoc:eval"), tokenizer, args.eval_tokens),
+        "GPL-3": token_stream([Path(GPL).read_text()], tokenizer, args.eval_tokens),
+    }
+    spec = DistillSpec(
+        data="pydoc:train",
+        steps=args.steps[0],
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup=args.warmup,
+        eval_tokens=2048,
+        seed=args.seed,
+    )
     kd = dict(temperature=args.temperature, ce_weight=args.kd_ce_weight)
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "budgets": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,16 +111,22 @@ def main() -> None:
         correction = replace(spec, steps=args.teacher_steps, ce_weight=1.0, lr=args.teacher_lr, seed=args.seed + 1)
         distill(teacher, corrected, correction, progress=False)
         results["params"] = pruned["params"]
-        results["references"] = {name: heldout(path, texts, args.seq_len) for name, path in
-                                 {"teacher": teacher, "corrected teacher": str(corrected),
-                                  "pruned (no training)": str(root / "pruned")}.items()}
+        results["references"] = {
+            name: heldout(path, texts, args.seq_len)
+            for name, path in {
+                "teacher": teacher,
+                "corrected teacher": str(corrected),
+                "pruned (no training)": str(root / "pruned"),
+            }.items()
+        }
         for steps in args.steps:
             rows = {}
             for name, kwargs in students(teacher, str(corrected), args.corrected_weight, kd).items():
                 out, t0 = root / "student", time.perf_counter()
                 teachers = kwargs.pop("teachers")
-                distill(str(root / "pruned"), out, replace(spec, steps=steps, **kwargs), teachers=teachers,
-                        progress=False)
+                distill(
+                    str(root / "pruned"), out, replace(spec, steps=steps, **kwargs), teachers=teachers, progress=False
+                )
                 rows[name] = dict(heldout(str(out), texts, args.seq_len), train_s=time.perf_counter() - t0)
                 shutil.rmtree(out)
                 shutil.rmtree(out.with_name(out.name + ".distill"), ignore_errors=True)
@@ -127,20 +145,23 @@ def machine() -> str:
 def verdict(rows: dict) -> str:
     """Which KD runs beat CE on each text (lower perplexity)."""
     ce = rows[CE]
-    wins = {text: [name[:3] for name, v in rows.items() if name != CE and v[text] < ce[text]]
-            for text in TEXTS}
+    wins = {text: [name[:3] for name, v in rows.items() if name != CE and v[text] < ce[text]] for text in TEXTS}
     return "; ".join(f"{text}: {', '.join(w) or 'none'} beat CE" for text, w in wins.items())
 
 
 def summarize(runs: list[dict]) -> str:
     """Markdown table over runs that differ only in ``seed``: per budget and student, the mean (min-max)
     perplexity of each text and on how many seeds it beat that seed's CE run."""
-    configs = {json.dumps({k: v for k, v in r["args"].items() if k not in ("seed", "json", "dry", "steps")},
-                          sort_keys=True) for r in runs}
+    configs = {
+        json.dumps({k: v for k, v in r["args"].items() if k not in ("seed", "json", "dry", "steps")}, sort_keys=True)
+        for r in runs
+    }
     if len(configs) != 1:
         raise SystemExit(f"--summarize takes runs of one configuration (seeds apart), got {len(configs)}")
-    lines = ["| training steps | student | " + " | ".join(f"ppl {t} mean (min-max) | beats CE" for t in TEXTS) + " |",
-             "|---|---|" + "---|---|" * len(TEXTS)]
+    lines = [
+        "| training steps | student | " + " | ".join(f"ppl {t} mean (min-max) | beats CE" for t in TEXTS) + " |",
+        "|---|---|" + "---|---|" * len(TEXTS),
+    ]
     for steps in sorted({s for r in runs for s in r["budgets"]}, key=int):
         seeds = [r["budgets"][steps] for r in runs if steps in r["budgets"]]
         for name in seeds[0]:
@@ -148,32 +169,37 @@ def summarize(runs: list[dict]) -> str:
             for text in TEXTS:
                 v = [rows[name][text] for rows in seeds]
                 wins = sum(rows[name][text] < rows[CE][text] for rows in seeds)
-                cells.append(f"{sum(v) / len(v):.2f} ({min(v):.2f}-{max(v):.2f}) | "
-                             + ("-" if name == CE else f"{wins}/{len(v)}"))
+                cells.append(
+                    f"{sum(v) / len(v):.2f} ({min(v):.2f}-{max(v):.2f}) | "
+                    + ("-" if name == CE else f"{wins}/{len(v)}")
+                )
             lines.append(f"| {steps} | {name} | " + " | ".join(cells) + " |")
     return f"{next(iter(configs))}, seeds {sorted(r['args'].get('seed', 0) for r in runs)}\n\n" + "\n".join(lines)
 
 
 def record(results: dict, args) -> None:
-    refs = "\n".join(f"| {name} | - | {v['pydoc:eval']:.2f} | {v['GPL-3']:.2f} | - |"
-                     for name, v in results["references"].items())
+    refs = "\n".join(
+        f"| {name} | - | {v['pydoc:eval']:.2f} | {v['GPL-3']:.2f} | - |" for name, v in results["references"].items()
+    )
     lines = []
     for steps, rows in results["budgets"].items():
         tokens = steps * args.batch_size * args.seq_len
-        lines += [f"| {name} | {tokens:,} | {v['pydoc:eval']:.2f} | {v['GPL-3']:.2f} | {v['train_s']:.0f} |"
-                  for name, v in rows.items()]
+        lines += [
+            f"| {name} | {tokens:,} | {v['pydoc:eval']:.2f} | {v['GPL-3']:.2f} | {v['train_s']:.0f} |"
+            for name, v in rows.items()
+        ]
     verdicts = "\n".join(f"- {steps} steps: {verdict(rows)}" for steps, rows in results["budgets"].items())
     params = results["params"]
     text = f"""
 ## KD vs CE at matched tokens on the pruned demo teacher (bench/kd_quality.py)
 
-`python bench/kd_quality.py --steps {' '.join(map(str, args.steps))} --batch-size {args.batch_size} --seq-len \
+`python bench/kd_quality.py --steps {" ".join(map(str, args.steps))} --batch-size {args.batch_size} --seq-len \
 {args.seq_len} --lr {args.lr} --warmup {args.warmup} --teacher-steps {args.teacher_steps} \
 --teacher-lr {args.teacher_lr} --seed {args.seed} --temperature {args.temperature} --kd-ce-weight {args.kd_ce_weight} \
 --corrected-weight {args.corrected_weight} \
 --eval-tokens {args.eval_tokens}` on {machine()}, {datetime.now(timezone.utc):%Y-%m-%d}, torch {torch.__version__},
-total {results['wall_min']:.1f} min. SmolLM2-135M pruned to `{TARGET}` ({params['after']:,} of {params['before']:,}
-params, {params['after'] / params['before']:.0%}; activation importance, 32 x 256 calibration tokens); every
+total {results["wall_min"]:.1f} min. SmolLM2-135M pruned to `{TARGET}` ({params["after"]:,} of {params["before"]:,}
+params, {params["after"] / params["before"]:.0%}; activation importance, 32 x 256 calibration tokens); every
 student trains on the same pydoc:train tokens (AdamW lr {args.lr}, warmup {args.warmup} + cosine). Second teacher:
 the teacher fine-tuned with CE for {args.teacher_steps} steps (lr {args.teacher_lr}). Perplexity over the first
 {args.eval_tokens} tokens of each text, windows of {args.seq_len}, fp32.

@@ -38,8 +38,9 @@ def prepare(root: Path, args) -> None:
     from whelp.models import load_model, registered_dir
 
     teacher, tokenizer = load_model(str(registered_dir("smollm2-135m")))
-    config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": 15,
-                                                  "intermediate_size": 1024})
+    config = teacher.config.__class__.from_dict(
+        {**teacher.config.to_dict(), "num_hidden_layers": 15, "intermediate_size": 1024}
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "student")
     tokenizer.save_pretrained(root / "student")
@@ -59,15 +60,27 @@ def worker(root: Path, config: str, args) -> dict:
     teacher = str(registered_dir("smollm2-135m"))
     if config == "teacher_forward":
         return {"step_s": teacher_forward(root, teacher, args)}
-    spec = DistillSpec(data="pydoc:train", max_tokens=budget(args), batch_size=args.batch_size,
-                       seq_len=args.seq_len, lr=1e-4, eval_tokens=args.seq_len, dtype=args.dtype,
-                       ce_weight=1.0 if config == "ce" else 0.0)
-    kwargs = {"ce": {}, "kd_live": {"teachers": ((teacher, 1.0),)},
-              "kd_cache": {"caches": ((str(root / "cache"), 1.0),)}}[config]
+    spec = DistillSpec(
+        data="pydoc:train",
+        max_tokens=budget(args),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=1e-4,
+        eval_tokens=args.seq_len,
+        dtype=args.dtype,
+        ce_weight=1.0 if config == "ce" else 0.0,
+    )
+    kwargs = {
+        "ce": {},
+        "kd_live": {"teachers": ((teacher, 1.0),)},
+        "kd_cache": {"caches": ((str(root / "cache"), 1.0),)},
+    }[config]
     distill(str(root / "student"), root / f"out-{config}", spec, force=True, progress=False, **kwargs)
     rows = [json.loads(line) for line in (root / f"out-{config}.distill" / "metrics.jsonl").read_text().splitlines()]
-    return {"step_s": statistics.median(r["step_s"] for r in rows[1:]),
-            "dtype": str(compute_dtype(args.dtype, torch.device("cpu"))).replace("torch.", "")}
+    return {
+        "step_s": statistics.median(r["step_s"] for r in rows[1:]),
+        "dtype": str(compute_dtype(args.dtype, torch.device("cpu"))).replace("torch.", ""),
+    }
 
 
 def teacher_forward(root: Path, teacher: str, args) -> float:
@@ -114,8 +127,22 @@ def main() -> None:
 
 
 def run_worker(tmp: str, config: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", config, "--root", tmp, "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        config,
+        "--root",
+        tmp,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--dtype",
+        args.dtype,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
@@ -141,7 +168,7 @@ def report(rounds: list[dict], args) -> None:
 
 `python bench/kd_step.py --steps {args.steps} --batch-size {args.batch_size} --seq-len {args.seq_len} --dtype {args.dtype} --rounds {args.rounds}`
 on {platform.machine()} ({torch.get_num_threads()} threads, shared, noisy), {datetime.now(timezone.utc):%Y-%m-%d},
-torch {torch.__version__}, compute dtype {rounds[0]['ce']['dtype']}. Student: SmolLM2-135M shape cut to 15 layers /
+torch {torch.__version__}, compute dtype {rounds[0]["ce"]["dtype"]}. Student: SmolLM2-135M shape cut to 15 layers /
 MLP 1024 (~68M params); teacher: SmolLM2-135M; cache: top-64 + tail. Step time: median over steps 2..N of a
 run, then median over {args.rounds} interleaved rounds; each run a separate process (peak RSS is the largest of
 its runs); teacher forward = the full forward to logits. Ratios: median over rounds of the in-round ratio
@@ -151,8 +178,8 @@ its runs); teacher forward = the full forward to logits. Ratios: median over rou
 |---|---|---|---|
 {rows}
 
-live KD / (CE + teacher forward) = **{ratios['live_over_ce_plus_teacher']:.3f}** (target <= 1.15);
-cached KD / CE = **{ratios['cache_over_ce']:.3f}** (target <= 1.10).
+live KD / (CE + teacher forward) = **{ratios["live_over_ce_plus_teacher"]:.3f}** (target <= 1.15);
+cached KD / CE = **{ratios["cache_over_ce"]:.3f}** (target <= 1.10).
 """
     print(text)
     print(json.dumps(ratios))

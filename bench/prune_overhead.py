@@ -68,8 +68,7 @@ def main() -> None:
         "|---|---|---|---|",
         *(f"| {i + 1} | {f:.2f} | {c:.2f} | {c / f:.3f} |" for i, (f, c) in enumerate(zip(forward_s, calib_s))),
         "",
-        f"Median ratio calibration / forward: **{ratio:.3f}** (target <= 1.3): "
-        f"{'met' if ratio <= 1.3 else 'NOT met'}.",
+        f"Median ratio calibration / forward: **{ratio:.3f}** (target <= 1.3): {'met' if ratio <= 1.3 else 'NOT met'}.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -67,8 +67,10 @@ def main() -> None:
         return perplexity(model, eval_ids, seq_len=args.seq_len).ppl
 
     base = ppl(teacher)
-    params = {name: count_params(type(teacher.config).from_dict({**teacher.config.to_dict(), **overrides}))[1]
-              for name, overrides in SHAPES.items()}
+    params = {
+        name: count_params(type(teacher.config).from_dict({**teacher.config.to_dict(), **overrides}))[1]
+        for name, overrides in SHAPES.items()
+    }
     rows: dict[str, dict[str, float]] = {}
     family = family_of(teacher.config)
     for method in WHELP:
@@ -94,19 +96,22 @@ def report(args, base: float, params: dict, rows: dict, seconds: float) -> None:
     lines += [f"| {row} | " + " | ".join(f"{vals[n]:.1f}" for n in SHAPES) + " |" for row, vals in rows.items()]
     act = rows["whelp activation"]
     wins = {n: act[n] < min(rows["whelp magnitude"][n], rows["whelp random"][n]) for n in SHAPES}
-    text = "\n".join([
-        f"\n## Pruning quality: one-shot perplexity on pydoc:eval ({datetime.date.today()})\n",
-        f"`python bench/prune_quality.py --seq-len {args.seq_len} --calib-blocks {args.calib_blocks} "
-        f"--eval-tokens {args.eval_tokens}` on {platform.node()} ({platform.machine()}, CPU, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads); {args.model}, fp32, no training after "
-        f"pruning. Calibration: {args.calib_blocks} x {args.seq_len} tokens of pydoc:calib; eval: first "
-        f"{args.eval_tokens} tokens of pydoc:eval in windows of {args.seq_len}. Teacher ppl {base:.2f}. Column "
-        f"headers give non-embedding params (teacher 106.2M). Wall time {seconds / 60:.1f} min.\n",
-        *lines,
-        "",
-        "Activation beats magnitude and random: " + ", ".join(f"{n}: {'yes' if w else 'NO'}" for n, w in wins.items()),
-        "",
-    ])
+    text = "\n".join(
+        [
+            f"\n## Pruning quality: one-shot perplexity on pydoc:eval ({datetime.date.today()})\n",
+            f"`python bench/prune_quality.py --seq-len {args.seq_len} --calib-blocks {args.calib_blocks} "
+            f"--eval-tokens {args.eval_tokens}` on {platform.node()} ({platform.machine()}, CPU, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads); {args.model}, fp32, no training after "
+            f"pruning. Calibration: {args.calib_blocks} x {args.seq_len} tokens of pydoc:calib; eval: first "
+            f"{args.eval_tokens} tokens of pydoc:eval in windows of {args.seq_len}. Teacher ppl {base:.2f}. Column "
+            f"headers give non-embedding params (teacher 106.2M). Wall time {seconds / 60:.1f} min.\n",
+            *lines,
+            "",
+            "Activation beats magnitude and random: "
+            + ", ".join(f"{n}: {'yes' if w else 'NO'}" for n, w in wins.items()),
+            "",
+        ]
+    )
     print(text)
     with open(args.results, "a") as f:
         f.write(text)
@@ -122,8 +127,9 @@ def _bpe(docs: list[str], vocab: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(docs, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
@@ -140,11 +146,24 @@ def moe_main(args) -> None:
     tokenizer = _bpe(train_docs, 1024)
     train_ids = token_stream(train_docs, tokenizer)
     eval_ids = token_stream(read_documents("pydoc:eval"), tokenizer, args.eval_tokens)
-    cfg = AutoConfig.for_model("qwen3_moe", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=32, intermediate_size=256, moe_intermediate_size=128,
-                               num_experts=16, num_experts_per_tok=2, norm_topk_prob=True, vocab_size=len(tokenizer),
-                               max_position_embeddings=512, tie_word_embeddings=True, output_router_logits=True,
-                               router_aux_loss_coef=0.01)
+    cfg = AutoConfig.for_model(
+        "qwen3_moe",
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_experts=16,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.moe_steps, pct_start=0.1)
@@ -180,16 +199,20 @@ def moe_main(args) -> None:
     params = moe.count_moe_params(moe.moe_config(model.config, shape))
     lines = ["| expert score | held-out ppl at 8/16 experts |", "|---|---|"]
     lines += [f"| {'REAP (activation)' if m == 'activation' else m} | {v:.2f} |" for m, v in rows.items()]
-    text = "\n".join([
-        f"\n## MoE expert pruning: one-shot perplexity on pydoc:eval ({datetime.date.today()})\n",
-        f"`python bench/prune_quality.py --moe --moe-steps {args.moe_steps} --seq-len {args.seq_len} --calib-blocks "
-        f"{args.calib_blocks} --eval-tokens {args.eval_tokens}` on {platform.node()} (CPU, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads). A Qwen3-MoE of 4 layers, hidden 128, 16 experts of FFN 128, top-2 "
-        f"(renormalized), trained {args.moe_steps} steps of 16 x {args.seq_len} tokens of pydoc:train from random "
-        f"init (1024-token BPE, load-balancing loss 0.01), teacher ppl {base:.2f}; pruned one-shot to 8 experts per "
-        f"layer ({params['params'] / 1e6:.2f}M params, {params['active_params'] / 1e6:.2f}M active), no training after. "
-        f"Calibration: {args.calib_blocks} blocks of pydoc:train. Wall time {(time.time() - start) / 60:.1f} min.\n",
-        *lines, ""])
+    text = "\n".join(
+        [
+            f"\n## MoE expert pruning: one-shot perplexity on pydoc:eval ({datetime.date.today()})\n",
+            f"`python bench/prune_quality.py --moe --moe-steps {args.moe_steps} --seq-len {args.seq_len} --calib-blocks "
+            f"{args.calib_blocks} --eval-tokens {args.eval_tokens}` on {platform.node()} (CPU, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads). A Qwen3-MoE of 4 layers, hidden 128, 16 experts of FFN 128, top-2 "
+            f"(renormalized), trained {args.moe_steps} steps of 16 x {args.seq_len} tokens of pydoc:train from random "
+            f"init (1024-token BPE, load-balancing loss 0.01), teacher ppl {base:.2f}; pruned one-shot to 8 experts per "
+            f"layer ({params['params'] / 1e6:.2f}M params, {params['active_params'] / 1e6:.2f}M active), no training after. "
+            f"Calibration: {args.calib_blocks} blocks of pydoc:train. Wall time {(time.time() - start) / 60:.1f} min.\n",
+            *lines,
+            "",
+        ]
+    )
     print(text)
     with open(args.results, "a") as f:
         f.write(text)

@@ -55,8 +55,11 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     family = arch.family_of(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return [(disk, tuple(part.shape)) for name, t in model.state_dict().items()
-            for disk, part in (moe_layout.to_disk(name, t, family) if family else [(name, t)])]
+    return [
+        (disk, tuple(part.shape))
+        for name, t in model.state_dict().items()
+        for disk, part in (moe_layout.to_disk(name, t, family) if family else [(name, t)])
+    ]
 
 
 def layer_bytes(config, dtype_bytes: int = 4) -> int:
@@ -133,8 +136,13 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
     stop.set()
     poller.join()
     peak_at = max(samples, key=lambda s: s[1])[0] if samples else float("nan")
-    return {"rc": os.waitstatus_to_exitcode(status), "wall_s": wall, "peak_rss": usage.ru_maxrss * 1024,
-            "peak_at_s": peak_at, "polled_peak": max((s[1] for s in samples), default=0)}
+    return {
+        "rc": os.waitstatus_to_exitcode(status),
+        "wall_s": wall,
+        "peak_rss": usage.ru_maxrss * 1024,
+        "peak_at_s": peak_at,
+        "polled_peak": max((s[1] for s in samples), default=0),
+    }
 
 
 def check_output(out: Path) -> tuple[str, int]:
@@ -142,7 +150,6 @@ def check_output(out: Path) -> tuple[str, int]:
     from safetensors import safe_open
 
     from whelp import models
-
     from whelp.pruning.shards import weight_map
 
     stored = 0
@@ -177,9 +184,23 @@ def main() -> None:
     make_checkpoint(config, args.ckpt, int(args.shard_gb * 1e9), registered_dir("smollm2-135m"))
     made = "re-used from an earlier run" if reused else f"generated in {time.monotonic() - t0:.0f} s"
     src_bytes = sum(p.stat().st_size for p in args.ckpt.glob("*.safetensors"))
-    cmd = [str(Path(sys.executable).with_name("whelp")), "prune", str(args.ckpt), "--target", args.target,
-           "--out", str(args.out), "--force", "--stream", "--calib-samples", str(args.calib_samples),
-           "--seq-len", str(args.seq_len), "--batch-size", str(args.calib_samples)]
+    cmd = [
+        str(Path(sys.executable).with_name("whelp")),
+        "prune",
+        str(args.ckpt),
+        "--target",
+        args.target,
+        "--out",
+        str(args.out),
+        "--force",
+        "--stream",
+        "--calib-samples",
+        str(args.calib_samples),
+        "--seq-len",
+        str(args.seq_len),
+        "--batch-size",
+        str(args.calib_samples),
+    ]
     with tempfile.TemporaryDirectory() as home:  # a fresh score cache: the run calibrates
         result = run_measured(cmd, {"WHELP_HOME": home})
     report = json.loads((args.out / "prune_report.json").read_text()) if result["rc"] == 0 else {"timings": {}}

@@ -53,14 +53,21 @@ def main() -> None:
             walls[way].append(wall)
             peaks[way] += [r["peak_memory_bytes"] / 2**20 for r in results]
     med = {way: statistics.median(w) for way, w in walls.items()}
-    lines = [f"\n## Speed measurement of {args.models} model directories ({datetime.date.today()}, "
-             f"{platform.machine()}, {os.cpu_count()} cores)", "",
-             f"`python bench/speed_process.py --model {args.model} --models {args.models} --rounds {args.rounds}`: "
-             f"median wall of {args.rounds} alternating rounds (prompt 16, 4 decode steps, 1 repeat).", "",
-             "| way | median wall s | per model s | peak MiB (min-max over models) | vs fresh |", "|---|---|---|---|---|"]
+    lines = [
+        f"\n## Speed measurement of {args.models} model directories ({datetime.date.today()}, "
+        f"{platform.machine()}, {os.cpu_count()} cores)",
+        "",
+        f"`python bench/speed_process.py --model {args.model} --models {args.models} --rounds {args.rounds}`: "
+        f"median wall of {args.rounds} alternating rounds (prompt 16, 4 decode steps, 1 repeat).",
+        "",
+        "| way | median wall s | per model s | peak MiB (min-max over models) | vs fresh |",
+        "|---|---|---|---|---|",
+    ]
     for way in ("fresh", "shared"):
-        lines.append(f"| {way} | {med[way]:.2f} | {med[way] / args.models:.2f} | "
-                     f"{min(peaks[way]):.0f}-{max(peaks[way]):.0f} | {med['fresh'] / med[way]:.2f}x |")
+        lines.append(
+            f"| {way} | {med[way]:.2f} | {med[way] / args.models:.2f} | "
+            f"{min(peaks[way]):.0f}-{max(peaks[way]):.0f} | {med['fresh'] / med[way]:.2f}x |"
+        )
     print("\n".join(lines))
     if args.write:
         with open("bench/RESULTS.md", "a") as f:

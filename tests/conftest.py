@@ -23,8 +23,11 @@ def pytest_collection_modifyitems(config, items):
     """Keep the ``demo`` marker honest: a test that asks for the demo teacher through a fixture must carry it
     (``-m "not demo"`` promises no download). Tests that reach it by name ("smollm2-135m", or a recipe whose
     teacher it is) are marked by hand."""
-    unmarked = [item.nodeid for item in items
-                if set(DEMO_FIXTURES) & set(item.fixturenames) and item.get_closest_marker("demo") is None]
+    unmarked = [
+        item.nodeid
+        for item in items
+        if set(DEMO_FIXTURES) & set(item.fixturenames) and item.get_closest_marker("demo") is None
+    ]
     if unmarked:
         raise pytest.UsageError("these tests use the demo teacher but lack @pytest.mark.demo: " + ", ".join(unmarked))
 
@@ -33,9 +36,18 @@ def tiny_config(family: str = "llama", **overrides):
     """A tiny random decoder config: hidden 64, 2 layers, 4 query heads in 2 KV groups, head_dim 16."""
     from transformers import AutoConfig
 
-    base = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=256,
-                tie_word_embeddings=False, attn_implementation="eager")
+    base = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     if family == "phi3":  # its default pad_token_id (32000) is outside the tiny vocabulary
         base["pad_token_id"] = 0
     base.update(overrides)
@@ -73,8 +85,9 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(read_documents("pydoc:train")[:80], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 

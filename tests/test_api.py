@@ -28,9 +28,23 @@ def pair(tmp_path_factory):
 
 
 def test_api_exports_the_verbs_and_torch_free_specs():
-    for name in ("load_model", "blocks", "prune", "distill", "evaluate", "prune_checkpoint", "distill_run",
-                 "evaluate_to", "generate_store", "PruneSpec", "DistillSpec", "EvalSpec", "LossSpec", "LoadPolicy",
-                 "GenerateSpec"):
+    for name in (
+        "load_model",
+        "blocks",
+        "prune",
+        "distill",
+        "evaluate",
+        "prune_checkpoint",
+        "distill_run",
+        "evaluate_to",
+        "generate_store",
+        "PruneSpec",
+        "DistillSpec",
+        "EvalSpec",
+        "LossSpec",
+        "LoadPolicy",
+        "GenerateSpec",
+    ):
         assert callable(getattr(whelp, name)), name
     for module in ("whelp.distillation.cache", "whelp.pruning.api"):  # importing subpackages must not shadow verbs
         importlib.import_module(module)
@@ -51,15 +65,30 @@ def test_prune_in_memory_equals_the_directory_verb_and_leaves_the_teacher(pair, 
     text.write_text("\n\n".join(read_documents("pydoc:train")[:40]))
     rows = whelp.blocks(str(text), tok, 32, n=4)
     in_memory = whelp.prune(teacher, "intermediate_size=64,num_hidden_layers=1", rows, spec)
-    whelp.prune_checkpoint(str(root / "teacher"), "intermediate_size=64,num_hidden_layers=1", tmp_path / "p",
-                           whelp.PruneSpec(calib=str(text), calib_samples=4, seq_len=32, batch_size=2))
+    whelp.prune_checkpoint(
+        str(root / "teacher"),
+        "intermediate_size=64,num_hidden_layers=1",
+        tmp_path / "p",
+        whelp.PruneSpec(calib=str(text), calib_samples=4, seq_len=32, batch_size=2),
+    )
     assert max_diff(load_weights(tmp_path / "p"), in_memory.state_dict()) == 0.0
 
 
 def test_distill_in_memory_equals_the_directory_verb(pair, tmp_path):
     root, teacher, tok, blocks = pair
-    spec = whelp.DistillSpec(steps=3, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, warmup=1, loss="jsd",
-                             beta=0.3, ce_weight=0.2, t2_scale=True, temperature=1.5)
+    spec = whelp.DistillSpec(
+        steps=3,
+        batch_size=2,
+        grad_accum=2,
+        seq_len=32,
+        lr=3e-3,
+        warmup=1,
+        loss="jsd",
+        beta=0.3,
+        ce_weight=0.2,
+        t2_scale=True,
+        temperature=1.5,
+    )
     student_dir = root / "student"
     student = save_tiny(student_dir, tok, seed=2, intermediate_size=64)
     trained = whelp.distill(student, [teacher], TensorBlocks(blocks), spec, progress=False)
@@ -73,16 +102,22 @@ def test_distill_in_memory_equals_the_directory_verb(pair, tmp_path):
     rows = whelp.blocks(str(store), tok, 32)
     loaded = [whelp.load_model(str(d))[0] for d in (student_dir, root / "teacher")]  # the verb's attention kernel
     again = whelp.distill(loaded[0], [(loaded[1], 1.0)], rows, spec, progress=False)
-    report = whelp.distill_run(str(student_dir), tmp_path / "out", replace(spec, data=str(store)),
-                               teachers=((str(root / "teacher"), 1.0),), progress=False)
+    report = whelp.distill_run(
+        str(student_dir),
+        tmp_path / "out",
+        replace(spec, data=str(store)),
+        teachers=((str(root / "teacher"), 1.0),),
+        progress=False,
+    )
     assert max_diff(load_weights(tmp_path / "out"), again.state_dict()) == 0.0
     assert report["final"]["loss"] == pytest.approx(again.whelp_distill["log"][-1]["loss"], abs=0)
 
 
 def test_evaluate_in_memory_matches_the_directory_and_speaks_markdown(pair, tmp_path):
     root, teacher, tok, _ = pair
-    spec = whelp.EvalSpec(ppl=("pydoc:eval",), max_tokens=512, seq_len=32,
-                          speed=whelp.SpeedSpec(prompt_len=8, new_tokens=2, repeats=1))
+    spec = whelp.EvalSpec(
+        ppl=("pydoc:eval",), max_tokens=512, seq_len=32, speed=whelp.SpeedSpec(prompt_len=8, new_tokens=2, repeats=1)
+    )
     result = whelp.evaluate({"mem": teacher}, tok, spec)
     disk = whelp.evaluate({"disk": str(root / "teacher")}, spec=spec)
     a, b = (r.to_dict()["models"][0]["perplexity"]["pydoc:eval"]["ppl"] for r in (result, disk))

@@ -43,8 +43,16 @@ def test_final_directory_holds_student_card_metrics_and_report(finished):
     from transformers import AutoModelForCausalLM
 
     final = finished / "final"
-    for name in ("config.json", "model.safetensors", "recipe.yaml", "metrics.json", "report.md", "report.png",
-                 "README.md", "tokenizer.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "recipe.yaml",
+        "metrics.json",
+        "report.md",
+        "report.png",
+        "README.md",
+        "tokenizer.json",
+    ):
         assert (final / name).is_file(), name
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 192
@@ -58,8 +66,10 @@ def test_final_directory_holds_student_card_metrics_and_report(finished):
     assert ppl == {"pydoc:eval": round(metrics["models"][-1]["perplexity"]["pydoc:eval"]["ppl"], 4)}
     assert (final / "report.md").read_text().split("\n", 1)[1].strip() in card.text
     ppl_teacher = metrics["models"][0]["perplexity"]["pydoc:eval"]["ppl"]
-    assert f"- evaluation `pydoc:eval` (never trained on): perplexity {ppl['pydoc:eval']:,.2f}, teacher " \
-           f"{ppl_teacher:,.2f}" in card.text
+    assert (
+        f"- evaluation `pydoc:eval` (never trained on): perplexity {ppl['pydoc:eval']:,.2f}, teacher "
+        f"{ppl_teacher:,.2f}" in card.text
+    )
     assert (final / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -92,8 +102,11 @@ def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp
     old_checkpoints = set(out.glob("stages/03-*.distill/checkpoints/step-*"))
     assert next(line for line in proc.stderr if "> 03-distill" in line)  # prune and cache are reused
     deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline and \
-            not set(out.glob("stages/03-*.distill/checkpoints/step-*")) - old_checkpoints:
+    while (
+        proc.poll() is None
+        and time.time() < deadline
+        and not set(out.glob("stages/03-*.distill/checkpoints/step-*")) - old_checkpoints
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     proc.communicate()
@@ -144,15 +157,21 @@ def test_only_the_builds_own_unused_stage_outputs_are_removed(tmp_path):
     stages = tmp_path / "stages"
     stages.mkdir()
     kept = Stage("01-prune", "prune", "a" * 16, None)
-    for name, kind in ((kept.dirname, "model"), ("01-prune-" + "b" * 16, "model"), ("02-eval-" + "c" * 16, "eval"),
-                       ("03-distill-" + "d" * 16 + ".distill", "run"), ("mymodel", "model"),
-                       ("01-prune-" + "e" * 16, "eval")):
+    for name, kind in (
+        (kept.dirname, "model"),
+        ("01-prune-" + "b" * 16, "model"),
+        ("02-eval-" + "c" * 16, "eval"),
+        ("03-distill-" + "d" * 16 + ".distill", "run"),
+        ("mymodel", "model"),
+        ("01-prune-" + "e" * 16, "eval"),
+    ):
         with store.atomic_dir(stages / name, kind=kind):
             pass
     (stages / ("04-prune-" + "f" * 16)).symlink_to(tmp_path / "stages" / "mymodel")
     _remove_unused(stages, [kept])
     assert sorted(p.name for p in stages.iterdir()) == sorted(
-        [kept.dirname, "mymodel", "01-prune-" + "e" * 16, "04-prune-" + "f" * 16])
+        [kept.dirname, "mymodel", "01-prune-" + "e" * 16, "04-prune-" + "f" * 16]
+    )
 
 
 def test_every_output_kind_loads_in_stock_transformers_with_a_config_that_matches_its_tensors(finished):
@@ -165,15 +184,28 @@ def test_every_output_kind_loads_in_stock_transformers_with_a_config_that_matche
     from whelp import models
 
     stages = finished / "stages"
-    outputs = {kind: next(p for p in stages.glob(f"*-{stage}-*") if not p.suffix)  # not the run's NN-distill-K.distill
-               for kind, stage in (("pruned", "prune"), ("distilled", "distill"))} | {"final": finished / "final"}
+    outputs = {
+        kind: next(p for p in stages.glob(f"*-{stage}-*") if not p.suffix)  # not the run's NN-distill-K.distill
+        for kind, stage in (("pruned", "prune"), ("distilled", "distill"))
+    } | {"final": finished / "final"}
     for kind, directory in outputs.items():
         model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, dtype="auto")
         assert {k: v for k, v in info.items() if v} == {}, (kind, info)
         config = AutoConfig.from_pretrained(directory)
-        assert models.shape(model.config) == models.shape(config) == {
-            "num_hidden_layers": 4, "hidden_size": 192, "intermediate_size": 256, "num_attention_heads": 3,
-            "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}, kind
+        assert (
+            models.shape(model.config)
+            == models.shape(config)
+            == {
+                "num_hidden_layers": 4,
+                "hidden_size": 192,
+                "intermediate_size": 256,
+                "num_attention_heads": 3,
+                "num_key_value_heads": 3,
+                "head_dim": 64,
+                "vocab_size": 49152,
+                "tie_word_embeddings": True,
+            }
+        ), kind
         assert model.dtype == getattr(torch, str(config.dtype).replace("torch.", "")) == torch.float32, kind
         assert [p.name for p in directory.glob("*.safetensors")] == ["model.safetensors"], kind
         weights = load_weights(directory)

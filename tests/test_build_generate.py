@@ -46,7 +46,9 @@ def test_the_generate_stage_is_whelp_generate_and_feeds_calibration_and_training
     store = stage(root, "01-generate")
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["complete"] and manifest["total_tokens"] == 600 and manifest["generation"]["new_tokens"] == 24
-    direct = generate_store(str(root / "teacher"), tmp_path / "direct", recipe.load(str(root / "gen.yaml")).generate.options)
+    direct = generate_store(
+        str(root / "teacher"), tmp_path / "direct", recipe.load(str(root / "gen.yaml")).generate.options
+    )
     assert json.loads((direct / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
     pruned = json.loads((stage(root, "02-prune") / "prune_report.json").read_text())
     assert pruned["spec"]["calib"] == str(store)
@@ -76,12 +78,18 @@ def test_plan_prices_the_teacher_text_and_bad_uses_are_refused(built, tmp_path):
     assert first["stage"] == "generate" and first["tokens"] == 600 and first["store_bytes"] == 1200
     assert planned["stages"][1]["data"]["tokens_available"] is None  # made by the build
     text = (root / "gen.yaml").read_text()
-    cases = [(text.replace("generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}\n", ""),
-              r"recipe.prune\[0\].calib: 'generated' reads the teacher text .* add generate: \{max_tokens: N\}"),
-             (text.replace("ppl: [pydoc:eval, licenses]", "ppl: [generated]"),
-              r"recipe.eval.ppl\[0\]: 'generated' is the teacher text the build trains on"),
-             (text.replace("batch_size: 8}", "batch_size: 8, temprature: 1}"), r"recipe.generate.temprature: unknown key"),
-             (text.replace("max_tokens: 600, ", ""), r"give --max-tokens N")]
+    cases = [
+        (
+            text.replace("generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}\n", ""),
+            r"recipe.prune\[0\].calib: 'generated' reads the teacher text .* add generate: \{max_tokens: N\}",
+        ),
+        (
+            text.replace("ppl: [pydoc:eval, licenses]", "ppl: [generated]"),
+            r"recipe.eval.ppl\[0\]: 'generated' is the teacher text the build trains on",
+        ),
+        (text.replace("batch_size: 8}", "batch_size: 8, temprature: 1}"), r"recipe.generate.temprature: unknown key"),
+        (text.replace("max_tokens: 600, ", ""), r"give --max-tokens N"),
+    ]
     for i, (bad, message) in enumerate(cases):
         path = tmp_path / f"bad{i}.yaml"
         path.write_text(bad)
@@ -91,13 +99,21 @@ def test_plan_prices_the_teacher_text_and_bad_uses_are_refused(built, tmp_path):
 
 def test_a_one_source_list_is_that_source_and_a_comma_in_the_build_path_is_refused(built, tmp_path):
     root, _ = built
-    text = (root / "gen.yaml").read_text().replace(
-        "train: [{source: generated, weight: 0.5}, {source: pydoc:train, weight: 0.5}]",
-        "train: [{source: generated, weight: 1}]")
+    text = (
+        (root / "gen.yaml")
+        .read_text()
+        .replace(
+            "train: [{source: generated, weight: 0.5}, {source: pydoc:train, weight: 0.5}]",
+            "train: [{source: generated, weight: 1}]",
+        )
+    )
     (tmp_path / "one.yaml").write_text(text)
     assert recipe.load(str(tmp_path / "one.yaml")).distill[0].options.data == "generated"
-    (tmp_path / "none.yaml").write_text(text.replace("generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}\n",
-                                                     "").replace("calib: generated", "calib: pydoc:calib"))
+    (tmp_path / "none.yaml").write_text(
+        text.replace("generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}\n", "").replace(
+            "calib: generated", "calib: pydoc:calib"
+        )
+    )
     with pytest.raises(WhelpError, match=r"recipe.distill\[0\].data: 'generated' reads the teacher text"):
         recipe.load(str(tmp_path / "none.yaml"))
     with pytest.raises(WhelpError, match="has a ',' in its path"):

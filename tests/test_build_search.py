@@ -12,8 +12,9 @@ from conftest import run_cli, save_tiny, tiny_tokenizer
 from whelp import build, models, plan, recipe
 from whelp.errors import WhelpError
 
-SEARCH = ("{budget: non_embedding=50%, pool: 2, candidates: 2, score_steps: 1, multiple: 16, tolerance: 0.1, "
-          "eval_blocks: 2}")
+SEARCH = (
+    "{budget: non_embedding=50%, pool: 2, candidates: 2, score_steps: 1, multiple: 16, tolerance: 0.1, eval_blocks: 2}"
+)
 RECIPE = f"""
 name: searched
 teacher: {{model: TEACHER}}
@@ -95,8 +96,13 @@ def test_a_search_target_takes_the_steps_defaults_and_round_trips(built, tmp_pat
     root, _ = built
     loaded = recipe.load(str(root / "searched.yaml"))
     spec = loaded.search()
-    assert (spec.seq_len, spec.calib_samples, spec.data, spec.eval_data, spec.pool) == (16, 2, "pydoc:train",
-                                                                                       "pydoc:eval", 2)
+    assert (spec.seq_len, spec.calib_samples, spec.data, spec.eval_data, spec.pool) == (
+        16,
+        2,
+        "pydoc:train",
+        "pydoc:eval",
+        2,
+    )
     assert recipe.build(recipe.Recipe, yaml.safe_load(recipe.dump(loaded))) == loaded
     monkeypatch.chdir(tmp_path)
     shown = run_cli("show", str(root / "searched.yaml"), "--set", "prune.target.search.pool=3")
@@ -105,19 +111,35 @@ def test_a_search_target_takes_the_steps_defaults_and_round_trips(built, tmp_pat
     assert ok.exit_code == 0 and ok.stdout.startswith("ok: searched"), ok.stderr
 
 
-@pytest.mark.parametrize("old, new, message", [
-    ("prune:\n  target:\n    search: " + SEARCH + "\n  calib_samples: 2\ndistill: {steps: 2, batch_size: 2, "
-     "eval_tokens: 64}", "prune: [{target: 'num_hidden_layers=1'}, {target: {search: " + SEARCH + "}}]\n"
-     "distill: [{steps: 1}, {steps: 1}]",
-     r"recipe.prune\[1\].target: a search runs from the teacher, so only prune\[0\] may search"),
-    ("eval_blocks: 2}", "eval_blocks: 2, pooll: 3}",
-     r"recipe.prune\[0\].target.search.pooll: unknown key; valid keys: budget, axes"),
-    ("    search:", "    serch:", r"recipe.prune\[0\].target.serch: unknown key; valid keys: search"),
-    ("budget: non_embedding=50%, ", "", r"recipe.prune\[0\].target.search: give a budget"),
-    ("candidates: 2", "candidates: 3", r"recipe.prune\[0\].target.search: candidates \(3\) are the best of the pool"),
-    ("eval_blocks: 2}", "eval_blocks: 2, data: generated}",
-     r"recipe.prune\[0\].target.search.data: 'generated' reads the teacher text"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        (
+            "prune:\n  target:\n    search: " + SEARCH + "\n  calib_samples: 2\ndistill: {steps: 2, batch_size: 2, "
+            "eval_tokens: 64}",
+            "prune: [{target: 'num_hidden_layers=1'}, {target: {search: " + SEARCH + "}}]\n"
+            "distill: [{steps: 1}, {steps: 1}]",
+            r"recipe.prune\[1\].target: a search runs from the teacher, so only prune\[0\] may search",
+        ),
+        (
+            "eval_blocks: 2}",
+            "eval_blocks: 2, pooll: 3}",
+            r"recipe.prune\[0\].target.search.pooll: unknown key; valid keys: budget, axes",
+        ),
+        ("    search:", "    serch:", r"recipe.prune\[0\].target.serch: unknown key; valid keys: search"),
+        ("budget: non_embedding=50%, ", "", r"recipe.prune\[0\].target.search: give a budget"),
+        (
+            "candidates: 2",
+            "candidates: 3",
+            r"recipe.prune\[0\].target.search: candidates \(3\) are the best of the pool",
+        ),
+        (
+            "eval_blocks: 2}",
+            "eval_blocks: 2, data: generated}",
+            r"recipe.prune\[0\].target.search.data: 'generated' reads the teacher text",
+        ),
+    ],
+)
 def test_bad_search_targets_are_one_line_naming_the_key(tmp_path, old, new, message):
     text = RECIPE.replace("TEACHER", str(tmp_path / "teacher"))
     assert old in text

@@ -41,7 +41,7 @@ def blocks(n=5, seed=0):
 
 @pytest.mark.parametrize("bits", [1, 7, 16, 17, 31, 32, 40])
 def test_pack_bits_round_trip(bits):
-    values = torch.randint(0, 2 ** bits, (9, 13), generator=torch.Generator().manual_seed(bits))
+    values = torch.randint(0, 2**bits, (9, 13), generator=torch.Generator().manual_seed(bits))
     packed = pack_bits(values, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (9, (13 * bits + 7) // 8)
     assert torch.equal(unpack_bits(packed, 13, bits), values)
@@ -75,8 +75,11 @@ def test_cached_topk_with_k_equal_v_reproduces_dense_loss():
 
 def test_cache_targets_align_with_teacher_logits(teacher, tmp_path):
     data = blocks()
-    cache = open_cache(write_cache(teacher, StubTokenizer(), data, tmp_path / "c", "topk", 4, 1.0, "tiny",
-                                   shard_tokens=2 * SEQ), student_vocab_size=VOCAB, data_fingerprint=data.fingerprint)
+    cache = open_cache(
+        write_cache(teacher, StubTokenizer(), data, tmp_path / "c", "topk", 4, 1.0, "tiny", shard_tokens=2 * SEQ),
+        student_vocab_size=VOCAB,
+        data_fingerprint=data.fingerprint,
+    )
     assert torch.equal(cache.tokens(torch.arange(5)), data.tokens) and len(cache.manifest["shards"]) == 3
     idx = torch.tensor([4, 0, 3])
     got = cache.targets(idx)
@@ -106,8 +109,7 @@ def test_manifest_mismatch_is_named(teacher, tmp_path):
 
 
 def test_truncated_and_corrupted_shards_are_named(teacher, tmp_path):
-    path = write_cache(teacher, StubTokenizer(), blocks(), tmp_path / "c", "topk", 4, 1.0, "tiny",
-                       shard_tokens=2 * SEQ)
+    path = write_cache(teacher, StubTokenizer(), blocks(), tmp_path / "c", "topk", 4, 1.0, "tiny", shard_tokens=2 * SEQ)
     shard = path / "blocks-000000000002-000000000004.safetensors"
     raw = shard.read_bytes()
     shard.write_bytes(raw[:-10])
@@ -179,8 +181,19 @@ def test_force_replaces_only_a_cache_and_keeps_it_until_the_new_one_is_complete(
 
     other = blocks(seed=1)
     with pytest.raises(KeyboardInterrupt):
-        write_cache(teacher, StubTokenizer(), other, path, "topk", 4, 1.0, "tiny", shard_tokens=SEQ, force=True,
-                    progress=interrupt)
+        write_cache(
+            teacher,
+            StubTokenizer(),
+            other,
+            path,
+            "topk",
+            4,
+            1.0,
+            "tiny",
+            shard_tokens=SEQ,
+            force=True,
+            progress=interrupt,
+        )
     assert torch.equal(open_cache(path).targets(torch.arange(5)).ids, old)  # the old cache is intact
     write_cache(teacher, StubTokenizer(), other, path, "topk", 4, 1.0, "tiny", shard_tokens=SEQ, force=True)
     assert open_cache(path, data_fingerprint=other.fingerprint).manifest["complete"]
@@ -194,15 +207,33 @@ def test_cache_logits_cli_on_demo_teacher(demo, tmp_path):
     from whelp.cli import app
 
     out = tmp_path / "cache"
-    args = ["cache-logits", "smollm2-135m", "--data", "pydoc:calib", "--out", str(out), "--topk", "8",
-            "--seq-len", "32", "--max-tokens", "96"]
+    args = [
+        "cache-logits",
+        "smollm2-135m",
+        "--data",
+        "pydoc:calib",
+        "--out",
+        str(out),
+        "--topk",
+        "8",
+        "--seq-len",
+        "32",
+        "--max-tokens",
+        "96",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     model, tokenizer = demo
     cache = open_cache(out, student_vocab_size=model.config.vocab_size, tokenizer=tokenizer)
     m = cache.manifest
-    assert (m["teacher"], m["mode"], m["k"], m["seq_len"], m["n_blocks"], m["vocab_size"]) == \
-        ("smollm2-135m", "topk", 8, 32, 3, 49152)
+    assert (m["teacher"], m["mode"], m["k"], m["seq_len"], m["n_blocks"], m["vocab_size"]) == (
+        "smollm2-135m",
+        "topk",
+        8,
+        32,
+        3,
+        49152,
+    )
     target = cache.targets(torch.tensor([1]))
     with torch.no_grad():
         logits = model(input_ids=cache.tokens(torch.tensor([1]))).logits[0]

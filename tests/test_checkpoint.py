@@ -55,8 +55,11 @@ def test_a_checkpoint_is_safetensors_and_json_only_and_restores_everything(tmp_p
         assert "model/lm.lm_head.weight" not in f.keys()  # tied to the embedding: stored once
         assert json.loads(f.metadata()["DCP_SHARDING_INFO"])["model/lm.model.embed_tokens.weight"]
     meta = json.loads((path / checkpoint.STATE).read_text())
-    assert meta["format"] == checkpoint.FORMAT and meta["world_size"] == 1 and set(meta["sha256"]) == {SHARD,
-                                                                                                  checkpoint.RNG}
+    assert (
+        meta["format"] == checkpoint.FORMAT
+        and meta["world_size"] == 1
+        and set(meta["sha256"]) == {SHARD, checkpoint.RNG}
+    )
 
     fresh, fresh_opt, fresh_sched = trained(seed=2)
     torch.manual_seed(0)
@@ -104,8 +107,12 @@ save(Path(sys.argv[1]), step=2)
 
 def test_a_killed_write_is_cleaned_and_never_resumed_from(tmp_path, monkeypatch):
     save(tmp_path, step=1)
-    done = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path), str(Path(__file__).parent)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED, str(tmp_path), str(Path(__file__).parent)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 9, done.stderr[-2000:]
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".step-00000002.tmp-")]
     assert len(left) == 1 and (tmp_path / left[0] / SHARD).is_file()  # the dead writer's half-written temporary
@@ -127,8 +134,11 @@ def test_a_checkpoint_of_the_old_gathered_format_is_refused(tmp_path):
     for name in ("model.safetensors", "optimizer.safetensors"):
         (path / name).write_bytes(b"")
     store.write_record(path / checkpoint.STATE, {"step": 4, "world_size": 1, "sha256": {}})
-    with pytest.raises(WhelpError, match=r"earlier whelp \(one gathered model.safetensors.*--force to start the run "
-                                         "over"):
+    with pytest.raises(
+        WhelpError,
+        match=r"earlier whelp \(one gathered model.safetensors.*--force to start the run "
+        "over",
+    ):
         checkpoint.load_checkpoint(path, *trained(seed=2))
 
 
@@ -136,11 +146,17 @@ def test_grad_accum_is_rescaled_to_keep_the_global_batch():
     assert run.rescale_grad_accum(1, 2, 1, 0.0) == 2
     assert run.rescale_grad_accum(4, 1, 2, 0.0) == 2
     assert run.rescale_grad_accum(3, 2, 2, 0.5) == 3  # the same number of processes: on-policy resumes
-    with pytest.raises(WhelpError, match=r"6 micro-batches \(--grad-accum 3 x 2 processes\), which 4 processes "
-                                         "cannot split evenly: relaunch it on 2 processes"):
+    with pytest.raises(
+        WhelpError,
+        match=r"6 micro-batches \(--grad-accum 3 x 2 processes\), which 4 processes "
+        "cannot split evenly: relaunch it on 2 processes",
+    ):
         run.rescale_grad_accum(3, 2, 4, 0.0)
-    with pytest.raises(WhelpError, match=r"on-policy \(on_policy=0.5\).*cannot resume on 1 processes: relaunch "
-                                         "it on 2 .*--nproc_per_node 2"):
+    with pytest.raises(
+        WhelpError,
+        match=r"on-policy \(on_policy=0.5\).*cannot resume on 1 processes: relaunch "
+        "it on 2 .*--nproc_per_node 2",
+    ):
         run.rescale_grad_accum(1, 2, 1, 0.5)
 
 
@@ -158,8 +174,10 @@ def test_a_run_resumed_on_another_number_of_processes_compares_its_global_micro_
     assert grad_accum == 4 and changed == {"world_size": [2, 1], "grad_accum": [2, 4]}
     assert run.history(rdir)[-1] == {"from_step": 2, "changed": changed}
     # the rescaled run is the one compared next: back on 2 processes with the command's grad_accum 2 (or 4 on 1)
-    assert run._prepare(out, identity(SPEC, 2), force=False, resume=False)[1:] == ({"world_size": [1, 2],
-                                                                                    "grad_accum": [4, 2]}, 2)
+    assert run._prepare(out, identity(SPEC, 2), force=False, resume=False)[1:] == (
+        {"world_size": [1, 2], "grad_accum": [4, 2]},
+        2,
+    )
     assert run._prepare(out, identity(replace(SPEC, grad_accum=4), 1), force=False, resume=False)[2] == 4
     with pytest.raises(WhelpError, match=r"other settings \(micro_batches_per_step: 4 there, 8 now\)"):
         run._prepare(out, identity(replace(SPEC, grad_accum=8), 1), force=False, resume=False)

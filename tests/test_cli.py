@@ -26,10 +26,13 @@ def test_inspect_json_of_a_config_file(tmp_path):
     assert info["hidden_size"] == 64 and info["params"] > 0 and info["bytes"] is None
 
 
-@pytest.mark.parametrize("make_bad, message", [
-    (lambda p: str(p / "nope"), "no such model directory"),
-    (lambda p: (p / "cfg").mkdir() or str(p / "cfg"), "no config.json"),
-])
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda p: str(p / "nope"), "no such model directory"),
+        (lambda p: (p / "cfg").mkdir() or str(p / "cfg"), "no config.json"),
+    ],
+)
 def test_bad_model_path_is_one_clear_line(tmp_path, make_bad, message):
     out = run_whelp("inspect", make_bad(tmp_path))
     assert out.returncode == 2
@@ -38,11 +41,13 @@ def test_bad_model_path_is_one_clear_line(tmp_path, make_bad, message):
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line_saying_what_to_do():
-    code = ("import sys, whelp.models, whelp.cli\n"
-            "def interrupted(*a, **k): raise KeyboardInterrupt\n"
-            "whelp.models.inspect = interrupted\n"
-            "sys.argv = ['whelp', 'inspect', 'smollm2-135m']\n"
-            "whelp.cli.app()\n")
+    code = (
+        "import sys, whelp.models, whelp.cli\n"
+        "def interrupted(*a, **k): raise KeyboardInterrupt\n"
+        "whelp.models.inspect = interrupted\n"
+        "sys.argv = ['whelp', 'inspect', 'smollm2-135m']\n"
+        "whelp.cli.app()\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 130
     assert out.stderr.strip().startswith("error: interrupted") and "Re-run the same command" in out.stderr
@@ -55,16 +60,33 @@ def test_the_happy_path_is_quiet_and_verbose_shows_the_third_party_output(tmp_pa
     from conftest import save_tiny, tiny_tokenizer
 
     save_tiny(tmp_path / "tiny", tiny_tokenizer())
-    args = ["eval", str(tmp_path / "tiny"), "--tasks", "whelp_pydoc_next", "--limit", "2", "--max-tokens", "128",
-            "--seq-len", "64", "--speed-prompt-len", "4", "--speed-new-tokens", "1", "--speed-repeats", "1"]
+    args = [
+        "eval",
+        str(tmp_path / "tiny"),
+        "--tasks",
+        "whelp_pydoc_next",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "128",
+        "--seq-len",
+        "64",
+        "--speed-prompt-len",
+        "4",
+        "--speed-new-tokens",
+        "1",
+        "--speed-repeats",
+        "1",
+    ]
     quiet = run_whelp(*args, "--out", str(tmp_path / "a"))
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == "" and quiet.stdout.startswith("# whelp eval")
     import shutil
 
     shutil.copytree(tmp_path / "tiny", tmp_path / "again")  # another directory: not served from the eval cache
-    loud = run_whelp("--verbose", *[str(tmp_path / "again") if a == args[1] else a for a in args],
-                     "--out", str(tmp_path / "b"))
+    loud = run_whelp(
+        "--verbose", *[str(tmp_path / "again") if a == args[1] else a for a in args], "--out", str(tmp_path / "b")
+    )
     assert loud.returncode == 0 and "it/s" in loud.stderr
 
 
@@ -88,11 +110,13 @@ def test_progress_on_a_terminal_is_a_bar_that_is_gone_when_done():
     import os
     import pty
 
-    code = ("import time; from whelp.output import Progress\n"
-            "with Progress('work', total=4) as bar:\n"
-            "    for _ in range(4):\n"
-            "        bar.update(advance=1, info='busy'); time.sleep(0.3)\n"
-            "print('after')\n")
+    code = (
+        "import time; from whelp.output import Progress\n"
+        "with Progress('work', total=4) as bar:\n"
+        "    for _ in range(4):\n"
+        "        bar.update(advance=1, info='busy'); time.sleep(0.3)\n"
+        "print('after')\n"
+    )
     pid, fd = pty.fork()
     if pid == 0:
         os.execv(sys.executable, [sys.executable, "-c", code])
@@ -138,5 +162,7 @@ def test_every_option_is_a_spec_field_with_the_specs_defaults():
     assert _parsed(DistillSpec, "--steps", "3") == DistillSpec(steps=3)
     got = _parsed(DistillSpec, "--max-tokens", "64", "--schedule", "cosine:5", "--beta", "0.25", "--t2-scale")
     assert got == DistillSpec(max_tokens=64, schedule=Schedule("cosine", 5), beta=0.25, t2_scale=True)
-    got = _parsed(EvalSpec, "--tasks", "a, b", "--ppl", "x", "--ppl", "y", "--include-path", "d", "--speed-repeats", "5")
+    got = _parsed(
+        EvalSpec, "--tasks", "a, b", "--ppl", "x", "--ppl", "y", "--include-path", "d", "--speed-repeats", "5"
+    )
     assert got == EvalSpec(tasks=("a", "b"), ppl=("x", "y"), include_paths=("d",), speed=SpeedSpec(repeats=5))

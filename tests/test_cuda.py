@@ -12,11 +12,11 @@ import unittest.mock
 from dataclasses import replace
 
 import pytest
+import test_loop
 import torch
 from conftest import load_weights, max_diff
-from test_losses import SPECS, grads, make, naive_loss
-import test_loop
 from test_loop import SPEC, Crash, fail_at
+from test_losses import SPECS, grads, make, naive_loss
 
 from whelp.distillation.api import distill_run as distill
 from whelp.distillation.losses import LiveTarget, LossSpec, kd_loss
@@ -27,16 +27,22 @@ tiny_dirs = test_loop.tiny_dirs  # the tiny teacher / second teacher / student o
 
 def to_cuda(h, w, teachers, labels, mask, dtype=torch.float32):
     move = lambda x: x.detach().to("cuda", dtype).requires_grad_()
-    return (move(h), move(w), [LiveTarget(t.hidden.to("cuda", dtype), t.weight.to("cuda", dtype)) for t in teachers],
-            labels.cuda(), mask.cuda())
+    return (
+        move(h),
+        move(w),
+        [LiveTarget(t.hidden.to("cuda", dtype), t.weight.to("cuda", dtype)) for t in teachers],
+        labels.cuda(),
+        mask.cuda(),
+    )
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}")
 def test_fused_loss_on_cuda_equals_cpu_fp64_reference(spec):
     h, w, teachers, labels, mask = make()
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = naive_loss(h64, w64, [t.hidden.double() @ t.weight.double().T for t in teachers], (0.7, 0.3), spec,
-                     labels, mask)
+    ref = naive_loss(
+        h64, w64, [t.hidden.double() @ t.weight.double().T for t in teachers], (0.7, 0.3), spec, labels, mask
+    )
     hc, wc, tc, lc, mc = to_cuda(h, w, teachers, labels, mask)
     got = kd_loss(hc, wc, tc, (0.7, 0.3), spec, labels=lc, mask=mc)
     assert abs(got.loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
@@ -80,7 +86,6 @@ def test_distill_on_cuda_in_bf16_learns_and_resumes(tiny_dirs, tmp_path, monkeyp
     monkeypatch.undo()
     distill(student, tmp_path / "crash", spec, teachers=teachers, progress=False)
     assert max_diff(load_weights(tmp_path / "crash"), weights) <= 1e-6
-
 
 
 def test_capture_on_cuda_in_bf16_matches_the_cpu_fp32_cache(tiny_dirs, tmp_path):

@@ -58,8 +58,11 @@ def test_blocks_are_deterministic_for_a_seed():
 
     tok = tiny_tokenizer()
     a, b, c = (data.open_blocks("pydoc:eval", tok, seq_len=64, seed=s).head() for s in (3, 3, 4))
-    assert torch.equal(a, b) and data.open_blocks("pydoc:eval", tok, 64, seed=3).fingerprint == \
-        data.open_blocks("pydoc:eval", tok, 64, seed=3).fingerprint
+    assert (
+        torch.equal(a, b)
+        and data.open_blocks("pydoc:eval", tok, 64, seed=3).fingerprint
+        == data.open_blocks("pydoc:eval", tok, 64, seed=3).fingerprint
+    )
     assert not torch.equal(a, c)
     assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, c.tolist()))
     assert data.open_blocks("pydoc:eval", tok, seq_len=64).head(5).shape == (5, 64)

@@ -11,9 +11,9 @@ from conftest import save_tiny, tiny_model
 
 from whelp.errors import WhelpError
 from whelp.evals import api, harness, report
-from whelp.schema import build
 from whelp.evals.perplexity import perplexity, windows
 from whelp.evals.tasks import whelp_data
+from whelp.schema import build
 
 SHIPPED = ("whelp_pydoc", "whelp_licenses", "whelp_pydoc_next")
 
@@ -121,8 +121,9 @@ def test_lm_eval_offline_shipped_tasks_agree_with_whelp_perplexity(tiny_vocab_mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from whelp.data import read_documents
 
-    got = harness.run_tasks(tiny_vocab_model, demo_tokenizer, SHIPPED, harness.task_manager(SHIPPED), limit=1,
-                            max_length=512)
+    got = harness.run_tasks(
+        tiny_vocab_model, demo_tokenizer, SHIPPED, harness.task_manager(SHIPPED), limit=1, max_length=512
+    )
     scores = got["scores"]
     assert 0 <= scores["whelp_pydoc_next/acc"] <= 1 and got["higher_is_better"]["whelp_pydoc_next/acc"]
     assert not got["higher_is_better"]["whelp_licenses/bits_per_byte"]
@@ -146,8 +147,9 @@ def test_percent_recovered_definitions():
     assert report.percent("higher", 0.8, 0.4) == pytest.approx(50)
     assert report.percent("size", 200, 50) == pytest.approx(25)
     hib = {"t/acc": True, "t/bits_per_byte": False}
-    assert [report.direction(n, hib) for n in ("params", "ppl:x", "t/word_perplexity", "bpb:x", "t/bits_per_byte",
-                                                "t/acc")] == ["size", "log", "log", "lower", "lower", "higher"]
+    assert [
+        report.direction(n, hib) for n in ("params", "ppl:x", "t/word_perplexity", "bpb:x", "t/bits_per_byte", "t/acc")
+    ] == ["size", "log", "log", "lower", "lower", "higher"]
 
 
 def test_parse_and_order_models(tmp_path):
@@ -173,9 +175,26 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
     for s, n in ((0, 2), (1, 1)):
         save_tiny(dirs[s], demo_tokenizer, seed=s, num_hidden_layers=n)
     licenses = str(whelp_data.LICENSES)
-    args = ["eval", f"student={dirs[1]}", "--baseline", f"teacher={dirs[0]}", "--out", str(tmp_path / "out"),
-            "--ppl", licenses, "--ppl", "pydoc:eval", "--max-tokens", "300", "--seq-len", "64",
-            "--tasks", "whelp_pydoc_next,whelp_pydoc", "--limit", "2"]
+    args = [
+        "eval",
+        f"student={dirs[1]}",
+        "--baseline",
+        f"teacher={dirs[0]}",
+        "--out",
+        str(tmp_path / "out"),
+        "--ppl",
+        licenses,
+        "--ppl",
+        "pydoc:eval",
+        "--max-tokens",
+        "300",
+        "--seq-len",
+        "64",
+        "--tasks",
+        "whelp_pydoc_next,whelp_pydoc",
+        "--limit",
+        "2",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -185,8 +204,14 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
     assert flats[0]["params"] > flats[1]["params"] and flats[1]["peak_memory_bytes"] > 0
     assert flats[0]["prefill_tokens_per_s"] > 0 and flats[0]["decode_tokens_per_s"] > 0
     names = set(flats[0])
-    assert {f"ppl:{licenses}", "bpb:pydoc:eval", "whelp_pydoc_next/acc", "whelp_pydoc/bits_per_byte",
-            "non_embedding_params", "memory_bytes"} <= names
+    assert {
+        f"ppl:{licenses}",
+        "bpb:pydoc:eval",
+        "whelp_pydoc_next/acc",
+        "whelp_pydoc/bits_per_byte",
+        "non_embedding_params",
+        "memory_bytes",
+    } <= names
     text = (tmp_path / "out" / "report.md").read_text()
     assert all(name in text for name in names) and "| metric | % | teacher (reference) | student |" in text
     row = next(line for line in text.splitlines() if line.startswith("| params |"))
@@ -244,8 +269,10 @@ def test_perplexities_of_another_tokenizer_get_no_percent_and_bits_per_byte_do(t
     spec = api.EvalSpec(max_tokens=200, seq_len=32, speed=SpeedSpec(prompt_len=4, new_tokens=1, repeats=1))
     result = api.evaluate({name: str(tmp_path / name) for name in ("ref", "same", "other")}, spec=spec)
     assert len({m["tokenizer_sha256"] for m in result.metrics["models"]}) == 2
-    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in result.markdown().splitlines()
-                                          if line.startswith("| "))}
+    rows = {
+        cells[0]: cells
+        for cells in (line.strip("| ").split(" | ") for line in result.markdown().splitlines() if line.startswith("| "))
+    }
     assert rows["ppl:pydoc:eval"][3].endswith("%)") and rows["ppl:pydoc:eval"][4].endswith("(other tokenizer)")
     assert rows["bpb:pydoc:eval"][4].endswith("%)")
     assert "other tokenize differently from ref" in result.markdown()
@@ -262,18 +289,51 @@ def test_stock_lm_eval_cli_reproduces_whelp_eval_on_a_saved_student(tmp_path, de
 
     from whelp.evals.tasks import __file__ as tasks_init
 
-    save_tiny(tmp_path / "student", demo_tokenizer, vocab_size=len(demo_tokenizer), initializer_range=0.2,
-              max_position_embeddings=1024)
+    save_tiny(
+        tmp_path / "student",
+        demo_tokenizer,
+        vocab_size=len(demo_tokenizer),
+        initializer_range=0.2,
+        max_position_embeddings=1024,
+    )
     tasks = ("whelp_pydoc", "whelp_pydoc_next")
-    ours = api.evaluate({"student": str(tmp_path / "student")}, spec=build(api.EvalSpec, {
-        "tasks": list(tasks), "limit": 2, "seq_len": 16, "max_tokens": 64,
-        "speed": {"prompt_len": 4, "new_tokens": 1, "repeats": 1}}, "spec")).metrics["models"][0]["lm_eval"]["scores"]
-    cmd = [str(Path(sys.executable).with_name("lm_eval")), "run", "--model", "hf", "--model_args",
-           f"pretrained={tmp_path / 'student'},dtype=float32", "--tasks", ",".join(tasks), "--include_path",
-           str(Path(tasks_init).parent), "--limit", "2", "--batch_size", "4", "--output_path", str(tmp_path / "lm"),
-           "--seed", "0,1234,1234,1234"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                                                  "HF_HUB_OFFLINE": "1"})
+    ours = api.evaluate(
+        {"student": str(tmp_path / "student")},
+        spec=build(
+            api.EvalSpec,
+            {
+                "tasks": list(tasks),
+                "limit": 2,
+                "seq_len": 16,
+                "max_tokens": 64,
+                "speed": {"prompt_len": 4, "new_tokens": 1, "repeats": 1},
+            },
+            "spec",
+        ),
+    ).metrics["models"][0]["lm_eval"]["scores"]
+    cmd = [
+        str(Path(sys.executable).with_name("lm_eval")),
+        "run",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={tmp_path / 'student'},dtype=float32",
+        "--tasks",
+        ",".join(tasks),
+        "--include_path",
+        str(Path(tasks_init).parent),
+        "--limit",
+        "2",
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(tmp_path / "lm"),
+        "--seed",
+        "0,1234,1234,1234",
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     stock = json.loads(next((tmp_path / "lm").rglob("results_*.json")).read_text())["results"]
     for key in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
@@ -284,7 +344,13 @@ def test_stock_lm_eval_cli_reproduces_whelp_eval_on_a_saved_student(tmp_path, de
 @pytest.mark.demo
 def test_a_task_longer_than_the_lm_eval_context_names_max_length(tiny_vocab_model, demo_tokenizer):
     with pytest.raises(WhelpError, match=r"longer than the 8-token lm-eval context; raise --max-length"):
-        harness.run_tasks(tiny_vocab_model, demo_tokenizer, ("whelp_pydoc_next",),
-                          harness.task_manager(("whelp_pydoc_next",)), limit=1, max_length=8)
+        harness.run_tasks(
+            tiny_vocab_model,
+            demo_tokenizer,
+            ("whelp_pydoc_next",),
+            harness.task_manager(("whelp_pydoc_next",)),
+            limit=1,
+            max_length=8,
+        )
     with pytest.raises(WhelpError, match="max_length must be"):
         build(api.EvalSpec, {"max_length": 0}, "spec")

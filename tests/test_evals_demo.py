@@ -32,7 +32,8 @@ def test_lm_eval_offline_on_demo_teacher_agrees_with_whelp(demo, monkeypatch):
     tasks = ("whelp_pydoc", "whelp_pydoc_next")
     got = harness.run_tasks(model, tokenizer, tasks, harness.task_manager(tasks), limit=1, max_length=256)["scores"]
     assert got["whelp_pydoc_next/acc"] in (0.0, 1.0)
-    ours = perplexity(model, token_stream(read_documents("pydoc:eval")[:1], tokenizer), seq_len=256,
-                      tokenizer=tokenizer)
+    ours = perplexity(
+        model, token_stream(read_documents("pydoc:eval")[:1], tokenizer), seq_len=256, tokenizer=tokenizer
+    )
     assert got["whelp_pydoc/bits_per_byte"] == pytest.approx(ours.bits_per_byte, rel=0.05)
     assert 0.3 < got["whelp_pydoc/bits_per_byte"] < 2

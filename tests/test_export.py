@@ -22,8 +22,12 @@ from whelp.export import SCRIPT, VENDOR, _extract, converter, export_gguf
 
 IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
 # outtype -> (the dtype its weights are rounded to, max |logit difference| to the fp32 source / max |logit|)
-OUTTYPES = {"f32": (torch.float32, 1e-6), "f16": (torch.float16, 1e-3), "bf16": (torch.bfloat16, 1e-2),
-            "q8_0": (None, 2e-2)}
+OUTTYPES = {
+    "f32": (torch.float32, 1e-6),
+    "f16": (torch.float16, 1e-3),
+    "bf16": (torch.bfloat16, 1e-2),
+    "q8_0": (None, 2e-2),
+}
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +120,9 @@ def test_every_family_whelp_prunes_converts():
     from whelp.pruning.arch import FAMILIES
     from whelp.pruning.moe import MOE_FAMILIES
 
-    listed = subprocess.run([sys.executable, str(converter() / SCRIPT), "--print-supported-models", "x"],
-                            capture_output=True, text=True).stderr
+    listed = subprocess.run(
+        [sys.executable, str(converter() / SCRIPT), "--print-supported-models", "x"], capture_output=True, text=True
+    ).stderr
     for family in [*FAMILIES, *MOE_FAMILIES]:
         assert f"  - {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family]}\n" in listed, family
 
@@ -140,14 +145,20 @@ def _bad_json(p):
     return p / "c"
 
 
-@pytest.mark.parametrize("make_bad, message", [
-    (lambda p: p / "nope", "no such model directory"),
-    (lambda p: p.joinpath("cfg").mkdir() or p / "cfg", "no config.json"),
-    (_bad_json, "not valid JSON"),
-    (_without_weights, "has no weights"),
-    (_shipping_code, "ships its own model or tokenizer code, which llama.cpp's converter may run; pass `whelp "
-                     "--trust-remote-code"),
-])
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda p: p / "nope", "no such model directory"),
+        (lambda p: p.joinpath("cfg").mkdir() or p / "cfg", "no config.json"),
+        (_bad_json, "not valid JSON"),
+        (_without_weights, "has no weights"),
+        (
+            _shipping_code,
+            "ships its own model or tokenizer code, which llama.cpp's converter may run; pass `whelp "
+            "--trust-remote-code",
+        ),
+    ],
+)
 def test_a_missing_incomplete_or_untrusted_dir_is_refused_before_converting(tmp_path, make_bad, message):
     done = run_cli("export", str(make_bad(tmp_path)), "--gguf", str(tmp_path / "out.gguf"))
     assert done.exit_code == 2 and message in done.stderr and "Traceback" not in done.stderr
@@ -169,9 +180,14 @@ def test_only_the_converters_regular_files_are_extracted(tmp_path):
     """A link, a name escaping the folder or an unrelated file in the source package is never written."""
     sdist = tmp_path / "sdist.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
-        for name, kind in [(SCRIPT, tarfile.REGTYPE), ("conversion/llama.py", tarfile.REGTYPE),
-                           ("conversion/evil.py", tarfile.SYMTYPE), ("conversion/../../escape.py", tarfile.REGTYPE),
-                           ("setup.py", tarfile.REGTYPE), ("gguf-py/tests/test_x.py", tarfile.REGTYPE)]:
+        for name, kind in [
+            (SCRIPT, tarfile.REGTYPE),
+            ("conversion/llama.py", tarfile.REGTYPE),
+            ("conversion/evil.py", tarfile.SYMTYPE),
+            ("conversion/../../escape.py", tarfile.REGTYPE),
+            ("setup.py", tarfile.REGTYPE),
+            ("gguf-py/tests/test_x.py", tarfile.REGTYPE),
+        ]:
             member = tarfile.TarInfo(VENDOR + name)
             member.type, member.linkname, member.size = kind, "/etc/passwd" if kind == tarfile.SYMTYPE else "", 2
             tar.addfile(member, io.BytesIO(b"ok") if kind == tarfile.REGTYPE else None)
@@ -181,10 +197,13 @@ def test_only_the_converters_regular_files_are_extracted(tmp_path):
 
 
 @pytest.mark.demo
-@pytest.mark.parametrize("family,config", [
-    ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
-    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
-])
+@pytest.mark.parametrize(
+    "family,config",
+    [
+        ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+        ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    ],
+)
 def test_a_pruned_moe_converts_with_its_kept_experts(family, config, tmp_path, demo_tokenizer, monkeypatch):
     """The GGUF holds the pruned expert count, top-k and expert FFN width, read with the converter's own gguf-py
     (transformers' GGUF loader reads no MoE back: it takes a Mixtral GGUF for a dense Llama)."""
@@ -198,17 +217,28 @@ def test_a_pruned_moe_converts_with_its_kept_experts(family, config, tmp_path, d
     monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
     save_tiny(tmp_path / "teacher", demo_tokenizer, family=family, hidden_size=48, num_hidden_layers=2, **config)
     ffn = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
-    prune_checkpoint(str(tmp_path / "teacher"), f"num_local_experts=2,num_experts_per_tok=1,{ffn}=16",
-                     tmp_path / "pruned", PruneSpec(calib_samples=2, seq_len=16))
+    prune_checkpoint(
+        str(tmp_path / "teacher"),
+        f"num_local_experts=2,num_experts_per_tok=1,{ffn}=16",
+        tmp_path / "pruned",
+        PruneSpec(calib_samples=2, seq_len=16),
+    )
     monkeypatch.undo()  # the converter lives in the shared $WHELP_HOME, fetched once
     out = export_gguf(str(tmp_path / "pruned"), str(tmp_path / "moe.gguf"), outtype="f32")
-    read = ("import json, sys; from gguf import GGUFReader; r = GGUFReader(sys.argv[1]); "
-            "arch = bytes(r.fields['general.architecture'].parts[-1]).decode(); "
-            "print(json.dumps({'experts': r.fields[arch + '.expert_count'].parts[-1].tolist(), "
-            "'used': r.fields[arch + '.expert_used_count'].parts[-1].tolist(), "
-            "'shapes': {t.name: [int(n) for n in t.shape] for t in r.tensors}}))")
-    done = subprocess.run([sys.executable, "-c", read, str(out)], capture_output=True, text=True, check=True,
-                          env={**os.environ, "PYTHONPATH": str(converter() / "gguf-py")})  # its gguf, in its process
+    read = (
+        "import json, sys; from gguf import GGUFReader; r = GGUFReader(sys.argv[1]); "
+        "arch = bytes(r.fields['general.architecture'].parts[-1]).decode(); "
+        "print(json.dumps({'experts': r.fields[arch + '.expert_count'].parts[-1].tolist(), "
+        "'used': r.fields[arch + '.expert_used_count'].parts[-1].tolist(), "
+        "'shapes': {t.name: [int(n) for n in t.shape] for t in r.tensors}}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", read, str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(converter() / "gguf-py")},
+    )  # its gguf, in its process
     gguf = json.loads(done.stdout)
     assert gguf["experts"] == [2] and gguf["used"] == [1]
     shapes = gguf["shapes"]

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_cli, tiny_config, tiny_tokenizer
+
 from whelp.distillation import loop, parallel
 from whelp.distillation.losses import LossSpec, head_logits, model_transform
 from whelp.errors import WhelpError
@@ -18,14 +18,28 @@ from whelp.specs import DistillSpec
 # family -> tiny_config overrides; None: a family whose config spells the shape otherwise (own_config below).
 # Transforms are set large enough to move the logits well beyond 1e-5 (the test checks it does).
 FAMILIES = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {},
-    "gemma2": {"final_logit_softcapping": 0.1}, "gemma3_text": {"final_logit_softcapping": 0.1},
-    "granite": {"logits_scaling": 0.25}, "cohere": {"logit_scale": 4.0}, "olmo2": {}, "phi3": {"pad_token_id": 0},
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma": {},
+    "gemma2": {"final_logit_softcapping": 0.1},
+    "gemma3_text": {"final_logit_softcapping": 0.1},
+    "granite": {"logits_scaling": 0.25},
+    "cohere": {"logit_scale": 4.0},
+    "olmo2": {},
+    "phi3": {"pad_token_id": 0},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
-    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "shared_expert_intermediate_size": 48, "mlp_only_layers": [1]},
-    "gpt2": None, "gpt_neox": None,
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+        "mlp_only_layers": [1],
+    },
+    "gpt2": None,
+    "gpt_neox": None,
 }
 TRANSFORMED = ("gemma2", "gemma3_text", "granite", "cohere")
 LAYERS = {"llama": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "qwen3_moe": "model.layers"}
@@ -35,12 +49,37 @@ def config(family: str, **extra):
     from transformers import AutoConfig
 
     if family == "gpt2":  # n_embd, n_layer, n_head, n_inner: no KV heads, no head_dim
-        return AutoConfig.for_model("gpt2", **{**dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=256,
-                                                      vocab_size=512, tie_word_embeddings=False), **extra})
+        return AutoConfig.for_model(
+            "gpt2",
+            **{
+                **dict(
+                    n_embd=64,
+                    n_layer=2,
+                    n_head=4,
+                    n_inner=128,
+                    n_positions=256,
+                    vocab_size=512,
+                    tie_word_embeddings=False,
+                ),
+                **extra,
+            },
+        )
     if family == "gpt_neox":
-        return AutoConfig.for_model("gpt_neox", **{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                          intermediate_size=128, max_position_embeddings=256,
-                                                          vocab_size=512, tie_word_embeddings=False), **extra})
+        return AutoConfig.for_model(
+            "gpt_neox",
+            **{
+                **dict(
+                    hidden_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=128,
+                    max_position_embeddings=256,
+                    vocab_size=512,
+                    tie_word_embeddings=False,
+                ),
+                **extra,
+            },
+        )
     return tiny_config(family, **FAMILIES[family], **extra)
 
 
@@ -106,8 +145,9 @@ def test_fused_loss_and_gradient_equal_a_naive_kl_on_the_models_logits(family, s
     ref.backward()
     want = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad()
-    loss, _, _ = parallel.KDStudent(student)(tokens, kd=dict(targets=[target], weights=(1.0,), spec=spec,
-                                                             labels=labels, mask=mask))
+    loss, _, _ = parallel.KDStudent(student)(
+        tokens, kd=dict(targets=[target], weights=(1.0,), spec=spec, labels=labels, mask=mask)
+    )
     loss.backward()
     assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
     for name, grad in want.items():
@@ -155,8 +195,9 @@ def test_in_memory_distill_with_a_live_teacher_and_a_cache(family, tmp_path):
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in student.whelp_distill["log"])
     if family == "gemma2":  # on-policy: the student samples from its soft-capped distribution
         on = DistillSpec(steps=1, batch_size=2, seq_len=16, on_policy=1.0, gen_tokens=4)
-        assert torch.isfinite(torch.tensor(loop.distill(student, [teacher], data, on, progress=False)
-                                           .whelp_distill["log"][0]["loss"]))
+        assert torch.isfinite(
+            torch.tensor(loop.distill(student, [teacher], data, on, progress=False).whelp_distill["log"][0]["loss"])
+        )
 
 
 # --- every verb through the CLI: exit 0 or one `error:` line, never a traceback ----------------------------------
@@ -169,13 +210,43 @@ def verbs(src, out) -> dict[str, tuple[str, ...]]:
     target = TARGETS.get(src.name, "intermediate_size=64")
     return {
         "plan": ("plan", str(src), "--target", target),
-        "prune": ("prune", str(src), "--target", target, "--out", str(out / "pruned"), "--calib-samples", "2",
-                  "--seq-len", "16"),
-        "cache-logits": ("cache-logits", str(src), "--data", "pydoc:train", "--out", str(out / "cache"), "--topk", "4",
-                         "--max-tokens", "128", *SMALL[:4]),
+        "prune": (
+            "prune",
+            str(src),
+            "--target",
+            target,
+            "--out",
+            str(out / "pruned"),
+            "--calib-samples",
+            "2",
+            "--seq-len",
+            "16",
+        ),
+        "cache-logits": (
+            "cache-logits",
+            str(src),
+            "--data",
+            "pydoc:train",
+            "--out",
+            str(out / "cache"),
+            "--topk",
+            "4",
+            "--max-tokens",
+            "128",
+            *SMALL[:4],
+        ),
         "distill": ("distill", str(src), "--teacher", str(src), "--out", str(out / "live"), "--steps", "2", *SMALL),
-        "distill-cache": ("distill", str(src), "--cache", str(out / "cache"), "--out", str(out / "cached"),
-                          "--max-tokens", "128", *SMALL),
+        "distill-cache": (
+            "distill",
+            str(src),
+            "--cache",
+            str(out / "cache"),
+            "--out",
+            str(out / "cached"),
+            "--max-tokens",
+            "128",
+            *SMALL,
+        ),
     }
 
 
@@ -189,16 +260,23 @@ def saved(tmp_path_factory):
     root, out = tmp_path_factory.mktemp("families"), {}
     for family in FAMILIES:
         torch.manual_seed(0)
-        out[family] = save_model(AutoModelForCausalLM.from_config(config(family, vocab_size=len(tiny_tokenizer()))),
-                                 tiny_tokenizer(), root / family)
+        out[family] = save_model(
+            AutoModelForCausalLM.from_config(config(family, vocab_size=len(tiny_tokenizer()))),
+            tiny_tokenizer(),
+            root / family,
+        )
     return out
 
 
 def one_line_or_done(done, names) -> None:
     assert "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert done.exit_code == 0 or (done.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
-                                   and any(n in lines[0].lower() for n in names)), (done.exit_code, done.stderr)
+    assert done.exit_code == 0 or (
+        done.exit_code == 2
+        and len(lines) == 1
+        and lines[0].startswith("error: ")
+        and any(n in lines[0].lower() for n in names)
+    ), (done.exit_code, done.stderr)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -206,7 +284,7 @@ def test_every_verb_works_or_refuses_in_one_line(family, saved, tmp_path, monkey
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
-    names = (family, type(AutoModelForCausalLM.from_config(config(family))).__name__[:-len("ForCausalLM")].lower())
+    names = (family, type(AutoModelForCausalLM.from_config(config(family))).__name__[: -len("ForCausalLM")].lower())
     results = {}
     for verb, args in verbs(saved[family], tmp_path / "out").items():
         done = run_cli(*args)
@@ -214,7 +292,8 @@ def test_every_verb_works_or_refuses_in_one_line(family, saved, tmp_path, monkey
         results[verb] = done.exit_code
     # distillation works for every family, from a live teacher and from a cache alike
     assert {v: results[v] for v in ("cache-logits", "distill", "distill-cache")} == dict.fromkeys(
-        ("cache-logits", "distill", "distill-cache"), 0)
+        ("cache-logits", "distill", "distill-cache"), 0
+    )
 
 
 def test_eval_scores_every_family(saved, tmp_path, monkeypatch):
@@ -222,9 +301,24 @@ def test_eval_scores_every_family(saved, tmp_path, monkeypatch):
     import json
 
     monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
-    done = run_cli("eval", *(f"{f}={d}" for f, d in saved.items()), "--out", str(tmp_path / "eval"), "--ppl",
-                   "pydoc:eval", "--max-tokens", "128", "--seq-len", "16", "--speed-prompt-len", "8",
-                   "--speed-new-tokens", "2", "--speed-repeats", "1")
+    done = run_cli(
+        "eval",
+        *(f"{f}={d}" for f, d in saved.items()),
+        "--out",
+        str(tmp_path / "eval"),
+        "--ppl",
+        "pydoc:eval",
+        "--max-tokens",
+        "128",
+        "--seq-len",
+        "16",
+        "--speed-prompt-len",
+        "8",
+        "--speed-new-tokens",
+        "2",
+        "--speed-repeats",
+        "1",
+    )
     assert done.exit_code == 0, done.stderr
     rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["models"]
     assert [r["label"] for r in rows] == list(FAMILIES)
@@ -280,18 +374,27 @@ def test_gpt2_mlp_prunes_exactly_through_its_conv1d_layers(extra, tmp_path):
 
 MOE_TARGETS = ["num_local_experts=2", "num_experts=2", "num_experts_per_tok=1", "moe_intermediate_size=16"]
 SAME = "num_hidden_layers=2"  # these tiny models have 2 layers: a no-op target every family accepts
-_EVERY_AXIS = [SAME, "hidden_size=48", "intermediate_size=96", "num_attention_heads=2",
-               "num_key_value_heads=1,num_attention_heads=2", "head_dim=8",
-               "num_hidden_layers=2,hidden_size=48,intermediate_size=96,num_attention_heads=1,num_key_value_heads=1,"
-               "head_dim=8,tie_word_embeddings=true", "tie_word_embeddings=true"]
+_EVERY_AXIS = [
+    SAME,
+    "hidden_size=48",
+    "intermediate_size=96",
+    "num_attention_heads=2",
+    "num_key_value_heads=1,num_attention_heads=2",
+    "head_dim=8",
+    "num_hidden_layers=2,hidden_size=48,intermediate_size=96,num_attention_heads=1,num_key_value_heads=1,"
+    "head_dim=8,tie_word_embeddings=true",
+    "tie_word_embeddings=true",
+]
 ACCEPTED = {  # beyond these, plan and prune refuse alike (test_prune_families covers the dense rows)
     "llama": _EVERY_AXIS,
     "cohere": [SAME, "hidden_size=48", "intermediate_size=96", "num_attention_heads=2"],
     # MoE: every dense axis too (Mixtral's MLP is each expert's FFN; it has no moe_intermediate_size)
     "mixtral": _EVERY_AXIS + ["num_local_experts=2", "num_experts=2", "num_experts_per_tok=1"],
-    "qwen3_moe": _EVERY_AXIS + ["num_local_experts=2", "num_experts=2", "num_experts_per_tok=1",
-                                "moe_intermediate_size=16"],
-    "gpt2": [SAME, "intermediate_size=96"], "gpt_neox": [SAME, "intermediate_size=96"]}
+    "qwen3_moe": _EVERY_AXIS
+    + ["num_local_experts=2", "num_experts=2", "num_experts_per_tok=1", "moe_intermediate_size=16"],
+    "gpt2": [SAME, "intermediate_size=96"],
+    "gpt_neox": [SAME, "intermediate_size=96"],
+}
 
 
 @pytest.mark.parametrize("family", ACCEPTED)

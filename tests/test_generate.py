@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import run_cli, tiny_model, tiny_tokenizer
 
-from whelp.data import generate as gen, open_blocks, tokenstore
+from whelp.data import generate as gen
+from whelp.data import open_blocks, tokenstore
 from whelp.errors import WhelpError
 from whelp.specs import GenerateSpec
 
@@ -35,8 +36,20 @@ def teacher(tmp_path_factory):
 
 def run(teacher, out, spec=SPEC, **kw):
     model, path = teacher
-    return tokenstore.open_store(gen.generate(model, tiny_tokenizer(), out, spec, "teacher", path, progress=False,
-                                              shard_tokens=kw.pop("shard_tokens", 150), **kw), tiny_tokenizer())
+    return tokenstore.open_store(
+        gen.generate(
+            model,
+            tiny_tokenizer(),
+            out,
+            spec,
+            "teacher",
+            path,
+            progress=False,
+            shard_tokens=kw.pop("shard_tokens", 150),
+            **kw,
+        ),
+        tiny_tokenizer(),
+    )
 
 
 def stream(s) -> np.ndarray:
@@ -96,26 +109,54 @@ def test_temperature_zero_is_stock_greedy_generate_of_each_prompt_alone(teacher,
     for seq in sequences(ids, eos)[:8]:  # left-padded batches of 4 against one prompt at a time, no padding
         prompt = next(prompts)
         with torch.no_grad():
-            want = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=spec.new_tokens,
-                                  eos_token_id=eos, pad_token_id=eos)[0, len(prompt):].tolist()
-        got = seq[len(prompt):].tolist()
+            want = model.generate(
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=spec.new_tokens,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )[0, len(prompt) :].tolist()
+        got = seq[len(prompt) :].tolist()
         assert got == (want[: want.index(eos) + 1] if eos in want else want + [eos])
 
 
 def test_cli_generates_from_bos_and_refuses_bad_settings_before_loading(teacher, tmp_path):
     _, path = teacher
-    done = run_cli("generate", str(path), "--out", str(tmp_path / "s"), "--max-tokens", "64", "--new-tokens", "8",
-                   "--batch-size", "2")
+    done = run_cli(
+        "generate",
+        str(path),
+        "--out",
+        str(tmp_path / "s"),
+        "--max-tokens",
+        "64",
+        "--new-tokens",
+        "8",
+        "--batch-size",
+        "2",
+    )
     assert done.exit_code == 0 and "wrote 64 tokens" in done.stdout, done.stderr
     first = stream(tokenstore.open_store(tmp_path / "s"))[0]
     assert first == tiny_tokenizer().eos_token_id  # no BOS in this tokenizer: sequences start from EOS
-    again = run_cli("generate", str(path), "--out", str(tmp_path / "s"), "--max-tokens", "64", "--new-tokens", "8",
-                    "--batch-size", "2")
+    again = run_cli(
+        "generate",
+        str(path),
+        "--out",
+        str(tmp_path / "s"),
+        "--max-tokens",
+        "64",
+        "--new-tokens",
+        "8",
+        "--batch-size",
+        "2",
+    )
     assert again.exit_code == 2 and "already holds this complete token store" in again.stderr
-    for args, message in ((["--max-tokens", "0"], "max_tokens must be positive"), ([], "give --max-tokens N"),
-                          (["--max-tokens", "9", "--top-p", "0"], "top_p must be in (0, 1]"),
-                          (["--max-tokens", "9", "--prompts", "pydoc:trian"], "unknown pydoc split"),
-                          (["--max-tokens", "9", "--temperature", "-1"], "temperature must be >= 0")):
+    for args, message in (
+        (["--max-tokens", "0"], "max_tokens must be positive"),
+        ([], "give --max-tokens N"),
+        (["--max-tokens", "9", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--max-tokens", "9", "--prompts", "pydoc:trian"], "unknown pydoc split"),
+        (["--max-tokens", "9", "--temperature", "-1"], "temperature must be >= 0"),
+    ):
         bad = run_cli("generate", str(path), "--out", str(tmp_path / "t"), *args)
         assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
     assert not (tmp_path / "t").exists()

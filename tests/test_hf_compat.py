@@ -27,23 +27,44 @@ from whelp.hf_compat import legacy_config, legacy_tokenizer_config
 from whelp.store import clean_stale, locked, tag, whelp_home
 
 OLDEST, LATEST = "4.46.3", "4.57.3"
-DEPS = {OLDEST: ("tokenizers==0.20.3", "huggingface_hub==0.36.2"),
-        LATEST: ("tokenizers==0.22.2", "huggingface_hub==0.36.2")}
+DEPS = {
+    OLDEST: ("tokenizers==0.20.3", "huggingface_hub==0.36.2"),
+    LATEST: ("tokenizers==0.22.2", "huggingface_hub==0.36.2"),
+}
 # what each release has, of the families whelp prunes (OLMo 2 came in 4.47, Phi-3's partial rotary factor of
 # Phi-4-mini ("phi4_mini") in 4.49, Gemma 3 in 4.50, Qwen3 in 4.51)
-FAMILIES = {OLDEST: ("llama", "mistral", "qwen2", "granite", "gemma", "gemma2", "phi3"),
-            LATEST: ("llama", "mistral", "qwen2", "granite", "gemma", "gemma2", "phi3", "phi4_mini", "olmo2",
-                     "gemma3_text", "qwen3")}
-LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=64)
+FAMILIES = {
+    OLDEST: ("llama", "mistral", "qwen2", "granite", "gemma", "gemma2", "phi3"),
+    LATEST: (
+        "llama",
+        "mistral",
+        "qwen2",
+        "granite",
+        "gemma",
+        "gemma2",
+        "phi3",
+        "phi4_mini",
+        "olmo2",
+        "gemma3_text",
+        "qwen3",
+    ),
+}
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+)
 # non-default RoPE everywhere, so a field 4.x does not read shows as different logits
 FAMILY_OVERRIDES = {
     "llama": dict(rope_theta=100000.0, rope_scaling=LLAMA3_ROPE),
     "phi4_mini": dict(rope_theta=100000.0, partial_rotary_factor=0.5),
     "gemma2": dict(rope_theta=100000.0, sliding_window=8),
-    "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], rope_parameters={
-        "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=500000.0),
-        "sliding_attention": dict(rope_type="default", rope_theta=20000.0)}),
+    "gemma3_text": dict(
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=500000.0),
+            "sliding_attention": dict(rope_type="default", rope_theta=20000.0),
+        },
+    ),
 }
 TARGET = "num_hidden_layers=3,hidden_size=48,intermediate_size=96,num_attention_heads=2,num_key_value_heads=1"
 TEXT = "def f(x):\n    return x  # ünïcode <eos> done"
@@ -76,9 +97,23 @@ def legacy_transformers(version: str) -> Path:
         clean_stale(dest.parent, dest.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{tag()}-", dir=dest.parent))
         try:
-            done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet",
-                                   "--disable-pip-version-check", "--target", str(tmp / "lib"),
-                                   f"transformers=={version}", *DEPS[version]], capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-deps",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--target",
+                    str(tmp / "lib"),
+                    f"transformers=={version}",
+                    *DEPS[version],
+                ],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 pytest.fail(f"pip could not install transformers=={version}: {done.stderr[-2000:]}")
             os.replace(tmp / "lib", dest)
@@ -92,8 +127,12 @@ def load_in(version: str, dirs: list[Path], tmp: Path) -> dict:
     of ``TEXT``, as transformers ``version`` loads each directory."""
     torch.save(IDS, tmp / "ids.pt")
     env = {**os.environ, "PYTHONPATH": str(legacy_transformers(version)), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", LOADER, json.dumps([str(d) for d in dirs]), TEXT,
-                           str(tmp / "ids.pt")], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER, json.dumps([str(d) for d in dirs]), TEXT, str(tmp / "ids.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result.pop("version") == version
@@ -121,11 +160,26 @@ def outputs(tmp_path_factory):
     src = root / "teacher+tok"
     save_tiny(src, tiny_tokenizer(), num_hidden_layers=4, **FAMILY_OVERRIDES["llama"])
     for name, flags in (("pruned+tok", ()), ("streamed+tok", ("--stream",))):
-        result = run_cli("prune", str(src), "--target", TARGET, "--out", str(root / name), "--importance",
-                         "magnitude", *flags)
+        result = run_cli(
+            "prune", str(src), "--target", TARGET, "--out", str(root / name), "--importance", "magnitude", *flags
+        )
         assert result.exit_code == 0, result.stderr
-    result = run_cli("distill", str(root / "pruned+tok"), "--teacher", str(src), "--out", str(root / "distilled+tok"),
-                     "--data", "pydoc:train", "--steps", "1", "--batch-size", "1", "--seq-len", "16")
+    result = run_cli(
+        "distill",
+        str(root / "pruned+tok"),
+        "--teacher",
+        str(src),
+        "--out",
+        str(root / "distilled+tok"),
+        "--data",
+        "pydoc:train",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--seq-len",
+        "16",
+    )
     assert result.exit_code == 0, result.stderr
     return [root / name for name in ("teacher+tok", "pruned+tok", "streamed+tok", "distilled+tok")]
 
@@ -135,8 +189,11 @@ def families(tmp_path_factory):
     """One tiny model of each family, saved by whelp (``save_model``)."""
     root = tmp_path_factory.mktemp("families")
     for name in FAMILIES[LATEST]:
-        save_tiny(root / name, family=name.replace("phi4_mini", "phi3"),
-                  **FAMILY_OVERRIDES.get(name, dict(rope_theta=100000.0)))
+        save_tiny(
+            root / name,
+            family=name.replace("phi4_mini", "phi3"),
+            **FAMILY_OVERRIDES.get(name, dict(rope_theta=100000.0)),
+        )
     return root
 
 
@@ -163,8 +220,9 @@ def test_every_family_loads_in_transformers_4(families, version, tmp_path):
 def test_pruned_demo_loads_in_transformers_4(demo_dir, tmp_path):
     """The issue's case: a student of the demo teacher (RoPE base 100,000) under the last 4.x."""
     out = tmp_path / "demo+tok"
-    result = run_cli("prune", str(demo_dir), "--target", "smollm2-quarter", "--importance", "magnitude", "--out",
-                     str(out))
+    result = run_cli(
+        "prune", str(demo_dir), "--target", "smollm2-quarter", "--importance", "magnitude", "--out", str(out)
+    )
     assert result.exit_code == 0, result.stderr
     check_same(out, load_in(LATEST, [out], tmp_path))
 
@@ -185,28 +243,52 @@ def test_transformers_5_reads_the_legacy_fields_back_the_same(tmp_path):
     raw_cfg, fixed_cfg = (AutoConfig.from_pretrained(tmp_path / name) for name in ("raw", "fixed"))
     assert {**fixed_cfg.to_dict(), "_name_or_path": ""} == {**raw_cfg.to_dict(), "_name_or_path": ""}
     with torch.no_grad():
-        raw_logits, fixed_logits = (AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()(IDS).logits
-                                    for name in ("raw", "fixed"))
+        raw_logits, fixed_logits = (
+            AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()(IDS).logits for name in ("raw", "fixed")
+        )
     assert torch.equal(raw_logits, fixed_logits)
     raw_tok, fixed_tok = (AutoTokenizer.from_pretrained(tmp_path / name) for name in ("raw", "fixed"))
     assert type(fixed_tok) is type(raw_tok) and fixed_tok(TEXT)["input_ids"] == raw_tok(TEXT)["input_ids"]
 
 
 def test_legacy_fields():
-    config = legacy_config({"model_type": "phi3", "dtype": "bfloat16", "rope_parameters": {
-        "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75, "short_factor": [1.0]}})
+    config = legacy_config(
+        {
+            "model_type": "phi3",
+            "dtype": "bfloat16",
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "partial_rotary_factor": 0.75,
+                "short_factor": [1.0],
+            },
+        }
+    )
     assert (config["rope_theta"], config["partial_rotary_factor"], config["torch_dtype"]) == (1e4, 0.75, "bfloat16")
     assert config["rope_scaling"] == {"rope_type": "longrope", "short_factor": [1.0]}
     plain = legacy_config({"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}})
     assert plain["text_config"]["rope_theta"] == 5e5 and plain["text_config"]["rope_scaling"] is None
-    gemma3 = legacy_config({"model_type": "gemma3_text", "rope_parameters": {
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
+    gemma3 = legacy_config(
+        {
+            "model_type": "gemma3_text",
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        }
+    )
     assert (gemma3["rope_theta"], gemma3["rope_local_base_freq"]) == (1e6, 1e4)
     assert gemma3["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
     with pytest.raises(WhelpError, match="sliding-attention"):
-        legacy_config({"model_type": "gemma3_text", "rope_parameters": {
-            "full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}})
+        legacy_config(
+            {
+                "model_type": "gemma3_text",
+                "rope_parameters": {
+                    "full_attention": {"rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "linear", "factor": 2.0},
+                },
+            }
+        )
     tok = legacy_tokenizer_config({"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<a>"]})
     assert tok == {"tokenizer_class": "PreTrainedTokenizerFast", "additional_special_tokens": ["<a>"]}
     assert legacy_tokenizer_config({"tokenizer_class": "LlamaTokenizer"}) == {"tokenizer_class": "LlamaTokenizer"}

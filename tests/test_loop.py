@@ -17,13 +17,27 @@ from safetensors.torch import load_file
 from whelp.data import read_documents
 from whelp.distillation import schedule
 from whelp.distillation.api import distill_run as distill
-from whelp.specs import DistillSpec, Schedule, parse_weighted
 from whelp.distillation.run import run_dir
 from whelp.errors import WhelpError
+from whelp.specs import DistillSpec, Schedule, parse_weighted
 
-SPEC = DistillSpec(data="pydoc:train", steps=6, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, warmup=2,
-                   max_grad_norm=1.0, eval_data="pydoc:eval", eval_tokens=256, seed=0, dtype="float32",
-                   save_every=2, keep_last=2, chunk_size=16)
+SPEC = DistillSpec(
+    data="pydoc:train",
+    steps=6,
+    batch_size=2,
+    grad_accum=2,
+    seq_len=32,
+    lr=3e-3,
+    warmup=2,
+    max_grad_norm=1.0,
+    eval_data="pydoc:eval",
+    eval_tokens=256,
+    seed=0,
+    dtype="float32",
+    save_every=2,
+    keep_last=2,
+    chunk_size=16,
+)
 
 
 def make_models(root: Path) -> tuple[str, str, str]:
@@ -33,8 +47,11 @@ def make_models(root: Path) -> tuple[str, str, str]:
     init with std 0.02 is nearly uniform, which would make the KL trivially small)."""
     tokenizer = tiny_tokenizer()
     dirs = []
-    for name, seed, scale, overrides in [("teacher", 1, 40.0, {}), ("teacher2", 3, 40.0, {}),
-                                         ("student", 2, 1.0, dict(intermediate_size=64, num_hidden_layers=1))]:
+    for name, seed, scale, overrides in [
+        ("teacher", 1, 40.0, {}),
+        ("teacher2", 3, 40.0, {}),
+        ("student", 2, 1.0, dict(intermediate_size=64, num_hidden_layers=1)),
+    ]:
         model = tiny_model(seed=seed, **overrides)
         with torch.no_grad():
             model.lm_head.weight.mul_(scale)
@@ -56,8 +73,9 @@ def heldout_kl(student_dir, teacher_dir, blocks) -> float:
     with torch.no_grad():
         zs = load_model(student_dir)[0](input_ids=blocks).logits.float()
         zt = load_model(teacher_dir)[0](input_ids=blocks).logits.float()
-    return F.kl_div(zs.log_softmax(-1).flatten(0, 1), zt.log_softmax(-1).flatten(0, 1), log_target=True,
-                    reduction="batchmean").item()
+    return F.kl_div(
+        zs.log_softmax(-1).flatten(0, 1), zt.log_softmax(-1).flatten(0, 1), log_target=True, reduction="batchmean"
+    ).item()
 
 
 def test_distill_lowers_kd_loss_and_heldout_kl(tiny_dirs, tmp_path, monkeypatch):
@@ -83,8 +101,9 @@ def test_distill_lowers_kd_loss_and_heldout_kl(tiny_dirs, tmp_path, monkeypatch)
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
     assert last < 0.75 * first
     # held-out perplexity is logged (it rises here: the random teacher is a poor language model)
-    assert "eval_ppl" in rows[19] and all(torch.isfinite(torch.tensor(report[k]["eval_ppl"]))
-                                          for k in ("eval_start", "eval_end"))
+    assert "eval_ppl" in rows[19] and all(
+        torch.isfinite(torch.tensor(report[k]["eval_ppl"])) for k in ("eval_start", "eval_end")
+    )
     eval_blocks = open_blocks("pydoc:eval", loaded[0][1], 32).head(8)
     assert heldout_kl(tmp_path / "out", teacher, eval_blocks) < 0.8 * heldout_kl(student, teacher, eval_blocks)
     # the teacher object used for training was never updated
@@ -147,8 +166,9 @@ def test_exact_resume_after_crash_and_after_sigint(tiny_dirs, tmp_path, monkeypa
     ref_rows = (tmp_path / "ref.distill" / "metrics.jsonl").read_text().splitlines()
     sig_rows = (tmp_path / "sig.distill" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in sig_rows] == list(range(1, 7))
-    assert [json.loads(r)["loss"] for r in sig_rows] == pytest.approx([json.loads(r)["loss"] for r in ref_rows],
-                                                                      abs=1e-6)
+    assert [json.loads(r)["loss"] for r in sig_rows] == pytest.approx(
+        [json.loads(r)["loss"] for r in ref_rows], abs=1e-6
+    )
 
 
 def test_nan_stops_with_last_good_checkpoint(tiny_dirs, tmp_path, monkeypatch):
@@ -189,8 +209,9 @@ def test_failed_start_does_not_block_the_corrected_command(tiny_dirs, tmp_path):
     with pytest.raises(WhelpError, match="not a teacher-logit cache"):
         distill(student, tmp_path / "out", SPEC, caches=((str(tmp_path / "nocache"), 1.0),), progress=False)
     assert not (tmp_path / "out").exists()
-    report = distill(student, tmp_path / "out", replace(SPEC, steps=2, warmup=0), teachers=((teacher, 1.0),),
-                     progress=False)
+    report = distill(
+        student, tmp_path / "out", replace(SPEC, steps=2, warmup=0), teachers=((teacher, 1.0),), progress=False
+    )
     assert report["steps"] == 2 and report["history"] == []
 
 
@@ -209,8 +230,9 @@ def test_resume_refuses_other_data_settings_but_takes_a_lower_lr_after_nan(tiny_
     assert report["history"] == [{"from_step": 2, "changed": {"lr": [SPEC.lr, lower.lr]}}]
     rows = [json.loads(r) for r in (tmp_path / "out.distill" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
-    factor = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1.0), SPEC.warmup,
-                                             SPEC.steps).lr_lambdas[0]
+    factor = get_cosine_schedule_with_warmup(
+        torch.optim.SGD([torch.zeros(1)], lr=1.0), SPEC.warmup, SPEC.steps
+    ).lr_lambdas[0]
     factors = [factor(step) for step in range(1, SPEC.steps + 1)]  # the lr logged after step s
     expected = [SPEC.lr * f for f in factors[:2]] + [lower.lr * f for f in factors[2:]]
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
@@ -251,8 +273,14 @@ def test_cached_teacher_matches_live_and_mixes(tiny_dirs, tmp_path):
     live_loss = [json.loads(r)["loss"] for r in live.read_text().splitlines()]
     cached_loss = [json.loads(r)["loss"] for r in cached.read_text().splitlines()]
     assert cached_loss == pytest.approx(live_loss, rel=2e-3)  # fp16 log-probs in the cache
-    report = distill(student, tmp_path / "mixed", spec, teachers=((teacher2, 0.5),),
-                     caches=((str(tmp_path / "cache"), 0.5),), progress=False)
+    report = distill(
+        student,
+        tmp_path / "mixed",
+        spec,
+        teachers=((teacher2, 0.5),),
+        caches=((str(tmp_path / "cache"), 0.5),),
+        progress=False,
+    )
     assert set(report["final"]) >= {f"kl/{teacher2}", f"kl/{tmp_path / 'cache'}"}
     with pytest.raises(WhelpError, match="holds other token blocks .*12 blocks of 32.* than the data pydoc:train"):
         distill(student, tmp_path / "bad", replace(spec, seq_len=16), caches=((str(tmp_path / "cache"), 1.0),))
@@ -264,9 +292,29 @@ def test_cli_distill(tiny_dirs, tmp_path):
     from whelp.cli import app
 
     teacher, _, student = tiny_dirs
-    args = ["distill", student, "--out", str(tmp_path / "out"), "--teacher", f"{teacher}:1", "--data", "pydoc:train",
-            "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--dtype", "float32", "--tensorboard", "--chunk-size", "24",
-            "--ce-weight", "0.5"]
+    args = [
+        "distill",
+        student,
+        "--out",
+        str(tmp_path / "out"),
+        "--teacher",
+        f"{teacher}:1",
+        "--data",
+        "pydoc:train",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--dtype",
+        "float32",
+        "--tensorboard",
+        "--chunk-size",
+        "24",
+        "--ce-weight",
+        "0.5",
+    ]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     assert "distilled 128 tokens in 2 steps" in done.output
@@ -290,7 +338,7 @@ def test_padded_student_lm_head_is_masked_to_the_tokenizer(tiny_dirs, tmp_path):
     model, tokenizer = load_model(student)
     model.resize_token_embeddings(len(tokenizer) + 16)
     with torch.no_grad():
-        model.get_output_embeddings().weight[len(tokenizer):] = 3.0
+        model.get_output_embeddings().weight[len(tokenizer) :] = 3.0
     model.save_pretrained(tmp_path / "padded-student")
     tokenizer.save_pretrained(tmp_path / "padded-student")
     spec = replace(SPEC, steps=1, warmup=0, grad_accum=1, save_every=0)
@@ -321,8 +369,9 @@ def test_resume_refuses_changed_data_and_damaged_checkpoint_weights(tiny_dirs, t
     raw = bytearray(ckpt.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # same size, one byte flipped
     ckpt.write_bytes(bytes(raw))
-    with pytest.raises(WhelpError, match="shard-00001-model-00001-of-00001.safetensors is missing or corrupted.*delete "
-                                         ".*step-00000002"):
+    with pytest.raises(
+        WhelpError, match="shard-00001-model-00001-of-00001.safetensors is missing or corrupted.*delete .*step-00000002"
+    ):
         distill(student, tmp_path / "o2", SPEC, teachers=((teacher, 1.0),), progress=False)
 
 

@@ -59,11 +59,17 @@ def torchrun(tmp: Path, student: str, teachers, out: Path, spec: DistillSpec, si
     code path, since torchrun with one process makes no process group either."""
     script = tmp / "driver.py"
     script.write_text(DRIVER)
-    args = json.dumps({"student": student, "teachers": teachers, "out": str(out), "spec": to_dict(spec),
-                       "sigint_at_call": sigint_at_call})
+    args = json.dumps(
+        {
+            "student": student,
+            "teachers": teachers,
+            "out": str(out),
+            "spec": to_dict(spec),
+            "sigint_at_call": sigint_at_call,
+        }
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
-           str(script), args]
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", str(script), args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
@@ -128,8 +134,9 @@ def test_a_two_process_checkpoint_resumes_on_one_process(setup, cut, tmp_path, c
     root, student, teachers = setup
     out = resumed(tmp_path, cut, "one")
     distill(student, out, SPEC2, teachers=tuple(map(tuple, teachers)), progress=False)
-    assert ("world_size 2 -> 1, grad_accum 2 -> 4; grad_accum rescaled to keep the global batch of 8 sequences "
-            "per step") in " ".join(capsys.readouterr().err.split())
+    assert (
+        "world_size 2 -> 1, grad_accum 2 -> 4; grad_accum rescaled to keep the global batch of 8 sequences per step"
+    ) in " ".join(capsys.readouterr().err.split())
     assert losses_of(out) == pytest.approx(losses_of(root / "two"), abs=1e-6)
     # steps 4-6 reduce over another world size: Adam's reduction-order noise, as in the 1-vs-2 test above
     assert max_diff(load_weights(out), load_weights(root / "two")) <= 1e-4
@@ -156,8 +163,9 @@ def test_fsdp2_on_policy_samples_through_the_sharded_student(setup, tmp_path):
     root, student, teachers = setup
     spec = replace(SPEC2, on_policy=1.0, gen_tokens=8, save_every=0)
     torchrun(tmp_path, student, teachers, tmp_path / "two", spec)
-    distill(student, tmp_path / "one", replace(spec, grad_accum=4), teachers=tuple(map(tuple, teachers)),
-            progress=False)
+    distill(
+        student, tmp_path / "one", replace(spec, grad_accum=4), teachers=tuple(map(tuple, teachers)), progress=False
+    )
     assert losses_of(tmp_path / "two") == pytest.approx(losses_of(tmp_path / "one"), abs=1e-5)
     assert max_diff(load_weights(tmp_path / "two"), load_weights(tmp_path / "one")) <= 1e-4
 

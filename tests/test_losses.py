@@ -37,8 +37,10 @@ def naive_loss(h, w, teacher_logits, weights, spec, labels=None, mask=None):
     mask = torch.ones(len(h), dtype=torch.bool) if mask is None else mask
     T = spec.temperature
     s = F.log_softmax(z / T, -1)
-    kd = sum(wt * naive_divergence(spec.name, s, F.log_softmax(tz.float() / T, -1), spec)[mask].sum()
-             for wt, tz in zip(weights, teacher_logits))
+    kd = sum(
+        wt * naive_divergence(spec.name, s, F.log_softmax(tz.float() / T, -1), spec)[mask].sum()
+        for wt, tz in zip(weights, teacher_logits)
+    )
     loss = (1 - spec.ce_weight) * (T * T if spec.t2_scale else 1) * kd
     if spec.ce_weight:
         loss = loss + spec.ce_weight * F.cross_entropy(z[mask], labels[mask], ignore_index=-100, reduction="sum")
@@ -49,8 +51,10 @@ def make(seed=0, dtype=torch.float32, n=N, n_teachers=2):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, HS, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(V, HS, generator=g) / 2).to(dtype).requires_grad_()
-    teachers = [LiveTarget(torch.randn(n, HT, generator=g).to(dtype), (torch.randn(V, HT, generator=g) / 2).to(dtype))
-                for _ in range(n_teachers)]
+    teachers = [
+        LiveTarget(torch.randn(n, HT, generator=g).to(dtype), (torch.randn(V, HT, generator=g) / 2).to(dtype))
+        for _ in range(n_teachers)
+    ]
     labels = torch.randint(0, V, (n,), generator=g)
     labels[3] = -100
     mask = torch.rand(n, generator=g) > 0.25
@@ -65,7 +69,8 @@ SPECS = [LossSpec(name=name, chunk_size=5) for name in LOSSES] + [
     LossSpec(name="forward_kl", temperature=2.0, t2_scale=True, ce_weight=0.3, chunk_size=8),
     LossSpec(name="jsd", beta=0.9, temperature=0.7, chunk_size=4),
     LossSpec(name="skew_kl", alpha=0.3, ce_weight=0.5, chunk_size=64),
-    LossSpec(name="reverse_kl", temperature=1.5, t2_scale=True, chunk_size=1)]
+    LossSpec(name="reverse_kl", temperature=1.5, t2_scale=True, chunk_size=1),
+]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}-c{s.chunk_size}")
@@ -79,9 +84,17 @@ def test_fused_equals_naive_fp32(spec):
     assert abs(float(got.loss) - float(ref)) <= 1e-5
     for a, b in zip(grads(got.loss, h, w), grads(ref, h, w)):
         assert (a - b).abs().max() <= 1e-5
-    per = [naive_loss(h, w, [t.hidden @ t.weight.T], (1.0,), LossSpec(name=spec.name, temperature=spec.temperature,
-                                                                          beta=spec.beta, alpha=spec.alpha), mask=mask)
-           for t in teachers]
+    per = [
+        naive_loss(
+            h,
+            w,
+            [t.hidden @ t.weight.T],
+            (1.0,),
+            LossSpec(name=spec.name, temperature=spec.temperature, beta=spec.beta, alpha=spec.alpha),
+            mask=mask,
+        )
+        for t in teachers
+    ]
     assert torch.allclose(torch.stack(got.per_teacher), torch.stack(per).detach(), atol=1e-5)
     ce = F.cross_entropy((h @ w.T)[mask], labels[mask], ignore_index=-100, reduction="sum")
     assert abs(float(got.ce) - float(ce)) <= 1e-5
@@ -263,7 +276,8 @@ def test_plain_cross_entropy_without_teachers_and_under_no_grad():
         assert (a - b).abs().max() <= 1e-5
     with torch.no_grad():
         assert float(kd_loss(h, w, [], [], LossSpec(ce_weight=1.0), labels=labels, mask=mask).loss) == pytest.approx(
-            float(ref), abs=1e-5)
+            float(ref), abs=1e-5
+        )
 
 
 def test_autocast_region_keeps_fp32_logits():
@@ -282,8 +296,8 @@ def test_closed_form_gradient_equals_fp64_autograd(spec):
     rows, CE labels with an ignored row, and
     a peaked row whose top-k holds all but ~1e-30 of the student mass (the tail is summed, not 1 - listed)."""
     from whelp.distillation.cache import sparse_targets
-    from whelp.distillation.losses import _autograd_chunk
     from whelp.distillation.closed_form import closed_form_chunk
+    from whelp.distillation.losses import _autograd_chunk
 
     g = torch.Generator().manual_seed(1)
     z = torch.randn(9, V, generator=g) * 3
@@ -291,8 +305,10 @@ def test_closed_form_gradient_equals_fp64_autograd(spec):
     labels[4] = -100
     t_logits = torch.randn(9, V, generator=g) * 2
     z[2, t_logits[2].topk(7).indices] += 80 * spec.temperature
-    targets = [sparse_targets(t_logits, "topk", 7, spec.temperature),
-               sparse_targets(t_logits, "topk", V, spec.temperature)]
+    targets = [
+        sparse_targets(t_logits, "topk", 7, spec.temperature),
+        sparse_targets(t_logits, "topk", V, spec.temperature),
+    ]
     if spec.name == "forward_kl":  # sampled targets and live teachers take the closed form under forward KL only
         targets.append(sparse_targets(t_logits, "sample", 5, spec.temperature, g))
         targets += [LiveTarget(torch.randn(9, HT, generator=g), torch.randn(V, HT, generator=g)) for _ in range(2)]
@@ -300,11 +316,20 @@ def test_closed_form_gradient_equals_fp64_autograd(spec):
     got = closed_form_chunk(z.clone(), targets, weights, spec, labels, True)
     as64 = lambda x: None if x is None else x.double()
     every_id = torch.arange(V).expand(9, V)  # a live teacher as its exact dense distribution, in fp64
-    dense64 = lambda t: SparseTarget("topk", every_id, spec.temperature, V, logp=F.log_softmax(
-        t.hidden.double() @ t.weight.double().T / spec.temperature, -1), tail=torch.zeros(9, dtype=torch.float64))
-    targets64 = [dense64(t) if isinstance(t, LiveTarget) else
-                 SparseTarget(t.mode, t.ids, t.temperature, V, as64(t.logp), as64(t.tail), as64(t.entropy))
-                 for t in targets]
+    dense64 = lambda t: SparseTarget(
+        "topk",
+        every_id,
+        spec.temperature,
+        V,
+        logp=F.log_softmax(t.hidden.double() @ t.weight.double().T / spec.temperature, -1),
+        tail=torch.zeros(9, dtype=torch.float64),
+    )
+    targets64 = [
+        dense64(t)
+        if isinstance(t, LiveTarget)
+        else SparseTarget(t.mode, t.ids, t.temperature, V, as64(t.logp), as64(t.tail), as64(t.entropy))
+        for t in targets
+    ]
     ref = _autograd_chunk(z.double(), targets64, weights.double(), spec, labels, True)  # fp64 autograd
     assert abs(float(got[0]) - float(ref[0])) <= 1e-5 * max(1.0, abs(float(ref[0])))
     assert torch.allclose(got[1].double(), ref[1], rtol=1e-5, atol=1e-5)

@@ -156,7 +156,10 @@ def test_inspect_reports_shape_params_dtype_and_bytes(tmp_path):
     assert info["bytes"] == (out / "model.safetensors").stat().st_size
     assert info["params"] == models.count_params(tiny_config())[0]
     assert {k: info[k] for k in ("hidden_size", "num_key_value_heads", "head_dim")} == {
-        "hidden_size": 64, "num_key_value_heads": 2, "head_dim": 16}
+        "hidden_size": 64,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    }
 
 
 @pytest.mark.demo
@@ -164,8 +167,15 @@ def test_demo_teacher_inspect_numbers(demo_dir):
     info = models.inspect("smollm2-135m")
     assert info["params"] == 134_515_008
     assert {k: info[k] for k in models.SHAPE_KEYS} == {
-        "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "intermediate_size": 1536,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    }
     source = json.loads((demo_dir / "whelp_source.json").read_text())
     assert source["gguf_sha256"] == registry.REGISTRY["smollm2-135m"].gguf_sha256
 
@@ -176,7 +186,10 @@ def test_demo_conversion_reproduces_gguf_logits(demo, demo_dir):
     gguf_model, gguf_tokenizer = registry.load_gguf(registry.fetch_gguf("smollm2-135m"))
     model, tokenizer = demo
     ids = tokenizer("Knowledge distillation trains a small model", return_tensors="pt").input_ids
-    assert ids.tolist() == gguf_tokenizer("Knowledge distillation trains a small model", return_tensors="pt").input_ids.tolist()
+    assert (
+        ids.tolist()
+        == gguf_tokenizer("Knowledge distillation trains a small model", return_tensors="pt").input_ids.tolist()
+    )
     with torch.no_grad():
         assert torch.equal(gguf_model.eval()(ids).logits, model(ids).logits)
 
@@ -187,7 +200,7 @@ def test_demo_teacher_continues_english_in_english(demo):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in text
     words = [w.strip(".,:;!?\"'()").lower() for w in text.split()]
     common = {"the", "is", "of", "and", "a", "paris", "capital", "city", "france", "in", "it", "to"}

@@ -44,8 +44,8 @@ def naive_sample(lm, prompts: torch.Tensor, new_tokens: int, rng: torch.Generato
 
 def reverse_kl_sum(student, teacher, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     """Naive fp32 reverse KL(p_s || p_t) summed over the positions that predict sampled tokens."""
-    zs = student(input_ids=ids).logits.float()[:, prompt - 1: -1]
-    zt = teacher(input_ids=ids).logits.float()[:, prompt - 1: -1]
+    zs = student(input_ids=ids).logits.float()[:, prompt - 1 : -1]
+    zt = teacher(input_ids=ids).logits.float()[:, prompt - 1 : -1]
     s, t = zs.log_softmax(-1), zt.log_softmax(-1)
     return (s.exp() * (s - t)).sum()
 
@@ -58,7 +58,9 @@ def test_the_fraction_is_exact_and_evenly_spread():
     spec = replace(ON, on_policy=0.5, grad_accum=2, batch_size=3)
     assert onpolicy.step_tokens(0, spec, 4) == (3 * 4 * 31, 3 * 4 * 8)  # the same slot on every rank
     assert onpolicy.generator(0, 0, 1, spec, 4, torch.device("cpu")) is None
-    draws = {float(torch.rand(1, generator=onpolicy.generator(0, 1, r, spec, 4, torch.device("cpu")))) for r in range(4)}
+    draws = {
+        float(torch.rand(1, generator=onpolicy.generator(0, 1, r, spec, 4, torch.device("cpu")))) for r in range(4)
+    }
     assert len(draws) == 4  # every rank samples its own rows with its own RNG
 
 
@@ -125,8 +127,9 @@ def test_on_policy_distillation_lowers_reverse_kl_on_fresh_samples():
             return float(reverse_kl_sum(model, teacher, ids, 8)) / (16 * 16)
 
     before = fresh_reverse_kl(student)
-    spec = replace(ON, steps=80, batch_size=4, grad_accum=1, lr=3e-3, warmup=3, eval_every=0, gen_tokens=16,
-                   prompt_tokens=8)
+    spec = replace(
+        ON, steps=80, batch_size=4, grad_accum=1, lr=3e-3, warmup=3, eval_every=0, gen_tokens=16, prompt_tokens=8
+    )
     loop.distill(student, [teacher], rows, spec, progress=False)
     log = student.whelp_distill["log"]
     assert all("on/teacher0" in row and "kl/teacher0" not in row for row in log)
@@ -137,6 +140,7 @@ def test_killed_and_resumed_equals_uninterrupted_with_mixed_batches(tiny_dirs, t
     teacher, _, student = tiny_dirs
     spec = replace(SPEC, on_policy=0.5, gen_tokens=8, save_every=2)  # 2 micro-batches a step: one of each
     distill_run(student, tmp_path / "ref", spec, teachers=((teacher, 1.0),), progress=False)
+
     def crash(result):
         raise Crash
 
@@ -146,8 +150,10 @@ def test_killed_and_resumed_equals_uninterrupted_with_mixed_batches(tiny_dirs, t
     monkeypatch.undo()
     distill_run(student, tmp_path / "crash", spec, teachers=((teacher, 1.0),), progress=False)
     assert max_diff(load_weights(tmp_path / "crash"), load_weights(tmp_path / "ref")) <= 1e-6
-    rows = {name: [json.loads(r) for r in (tmp_path / f"{name}.distill" / "metrics.jsonl").read_text().splitlines()]
-            for name in ("ref", "crash")}
+    rows = {
+        name: [json.loads(r) for r in (tmp_path / f"{name}.distill" / "metrics.jsonl").read_text().splitlines()]
+        for name in ("ref", "crash")
+    }
     assert [r["loss"] for r in rows["crash"]] == pytest.approx([r["loss"] for r in rows["ref"]], abs=1e-6)
     assert all(r["on_policy_tokens"] == 2 * 8 and f"kl/{teacher}" in r and f"on/{teacher}" in r for r in rows["ref"])
     assert max_diff(load_weights(tmp_path / "ref"), load_weights(student)) > 0
@@ -161,23 +167,41 @@ def test_caches_alone_cannot_score_samples_but_mix_with_a_live_teacher(tiny_dirs
     teacher, teacher2, student = tiny_dirs
     spec = replace(SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0, on_policy=0.5, gen_tokens=8)
     model, tokenizer = load_model(teacher)
-    write_cache(model, tokenizer, open_blocks(spec.data, tokenizer, 32, max_tokens=spec.max_tokens),
-                tmp_path / "cache", "topk", 16, 1.0, teacher)
+    write_cache(
+        model,
+        tokenizer,
+        open_blocks(spec.data, tokenizer, 32, max_tokens=spec.max_tokens),
+        tmp_path / "cache",
+        "topk",
+        16,
+        1.0,
+        teacher,
+    )
     with pytest.raises(WhelpError, match="needs a live teacher .*cached logits score only the data's tokens"):
         distill_run(student, tmp_path / "out", spec, caches=((str(tmp_path / "cache"), 1.0),), progress=False)
     assert not (tmp_path / "out.distill").exists()  # refused before anything was made
-    report = distill_run(student, tmp_path / "out", spec, teachers=((teacher2, 1.0),),
-                         caches=((str(tmp_path / "cache"), 1.0),), progress=False)
+    report = distill_run(
+        student,
+        tmp_path / "out",
+        spec,
+        teachers=((teacher2, 1.0),),
+        caches=((str(tmp_path / "cache"), 1.0),),
+        progress=False,
+    )
     assert {f"kl/{tmp_path / 'cache'}", f"kl/{teacher2}", f"on/{teacher2}"} <= set(report["final"])
     assert f"on/{tmp_path / 'cache'}" not in report["final"]  # the cache never scores a sample
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(on_policy=1.5), r"on_policy is the fraction .* in \[0, 1\]; got 1.5"),
-    (dict(on_policy=0.5, gen_tokens=40), r"prompt_tokens \+ gen_tokens = -8 \+ 40 .* seq_len=32"),
-    (dict(on_policy=0.5, prompt_tokens=30, gen_tokens=4), r"30 \+ 4 tokens, which must fit in seq_len=32"),
-    (dict(on_policy_loss="tvd"), "unknown on_policy_loss 'tvd'; choose one of reverse_kl, jsd, forward_kl"),
-    (dict(gen_tokens=0), "gen_tokens must be positive")])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(on_policy=1.5), r"on_policy is the fraction .* in \[0, 1\]; got 1.5"),
+        (dict(on_policy=0.5, gen_tokens=40), r"prompt_tokens \+ gen_tokens = -8 \+ 40 .* seq_len=32"),
+        (dict(on_policy=0.5, prompt_tokens=30, gen_tokens=4), r"30 \+ 4 tokens, which must fit in seq_len=32"),
+        (dict(on_policy_loss="tvd"), "unknown on_policy_loss 'tvd'; choose one of reverse_kl, jsd, forward_kl"),
+        (dict(gen_tokens=0), "gen_tokens must be positive"),
+    ],
+)
 def test_bad_on_policy_settings_are_one_clear_line(changes, message):
     with pytest.raises(WhelpError, match=message):
         replace(SPEC, **changes)
@@ -189,19 +213,45 @@ def test_recipe_keys_and_cli_flags(tmp_path, tiny_dirs):
     from whelp.cli import app
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: r\nteacher: {model: t}\nprune: {target: smollm2-half}\n"
-                      "distill: {steps: 4, on_policy: 0.25, gen_tokens: 16, on_policy_loss: jsd, beta: 0.9}\n")
+    recipe.write_text(
+        "name: r\nteacher: {model: t}\nprune: {target: smollm2-half}\n"
+        "distill: {steps: 4, on_policy: 0.25, gen_tokens: 16, on_policy_loss: jsd, beta: 0.9}\n"
+    )
     step = load_recipe(str(recipe)).distill[0].options
     assert (step.on_policy, step.gen_tokens, step.on_policy_loss, step.beta) == (0.25, 16, "jsd", 0.9)
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: r\nteacher: {model: t}\nprune: {target: smollm2-half}\n"
-                   "distill: {steps: 4, on_policy: 1, teachers: [], caches: [{model: teacher}]}\n")
+    bad.write_text(
+        "name: r\nteacher: {model: t}\nprune: {target: smollm2-half}\n"
+        "distill: {steps: 4, on_policy: 1, teachers: [], caches: [{model: teacher}]}\n"
+    )
     with pytest.raises(WhelpError, match="needs a live teacher"):
         load_recipe(str(bad))
     teacher, _, student = tiny_dirs
-    done = CliRunner().invoke(app, ["distill", student, "--out", str(tmp_path / "out"), "--teacher", teacher,
-                                    "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--dtype", "float32",
-                                    "--on-policy", "1", "--gen-tokens", "4", "--prompt-tokens", "6"])
+    done = CliRunner().invoke(
+        app,
+        [
+            "distill",
+            student,
+            "--out",
+            str(tmp_path / "out"),
+            "--teacher",
+            teacher,
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--dtype",
+            "float32",
+            "--on-policy",
+            "1",
+            "--gen-tokens",
+            "4",
+            "--prompt-tokens",
+            "6",
+        ],
+    )
     assert done.exit_code == 0, done.output
     report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
     assert report["spec"]["on_policy"] == 1.0 and report["final"]["on_policy_tokens"] == 2 * 4

@@ -48,7 +48,11 @@ def test_llama_recipes_plan_the_published_sizes_offline(name, params):
     assert distill["flops_per_token"]["cache_teachers_once"] == 2 * N_70B
     cache = distill["caches"][0]
     assert cache["bytes_per_token"] <= (48 if cache["mode"] == "sample" else 264)
-    assert cache["bytes"] == cache["bytes_per_token"] * distill["tokens"] == _stage(planned, "capture[0]")["disk_bytes"]["cache"]
+    assert (
+        cache["bytes"]
+        == cache["bytes_per_token"] * distill["tokens"]
+        == _stage(planned, "capture[0]")["disk_bytes"]["cache"]
+    )
 
 
 def test_the_70b_capture_is_priced_at_the_closed_form_on_8_h100():
@@ -72,8 +76,13 @@ def test_the_70b_capture_is_priced_at_the_closed_form_on_8_h100():
     # the recipe's tp_size 4: each group of 4 GPUs holds one bf16 70B, a quarter of it on each
     assert capture["tp_size"] == 4 and _part(capture, "teacher weights")["per_gpu_bytes"] == -(-2 * n_70b // 4)
     assert capture["fits"] and planned["warnings"] == []
-    assert planned["pricing"] == {"gpu": "h100", "peak_flops": H100, "gpu_memory_bytes": 80 * 10**9, "gpus": 8,
-                                  "mfu": 0.4}
+    assert planned["pricing"] == {
+        "gpu": "h100",
+        "peak_flops": H100,
+        "gpu_memory_bytes": 80 * 10**9,
+        "gpus": 8,
+        "mfu": 0.4,
+    }
 
 
 def test_a_70b_cache_without_tensor_parallelism_is_warned_about_and_tp_size_reaches_the_capture(tmp_path):
@@ -86,16 +95,20 @@ def test_a_70b_cache_without_tensor_parallelism_is_warned_about_and_tp_size_reac
     (tmp_path / "whole.yaml").write_text(yaml.safe_dump(raw))
     whole = _json(str(tmp_path / "whole.yaml"), "--gpus", "8", "--gpu", "h100")
     assert _stage(whole, "capture[0]")["fits"] is False
-    assert any("split it tensor-parallel over at least 4 GPUs (tp_size: 4 on the recipe's cache entry" in w
-               for w in whole["warnings"])
+    assert any(
+        "split it tensor-parallel over at least 4 GPUs (tp_size: 4 on the recipe's cache entry" in w
+        for w in whole["warnings"]
+    )
     raw["distill"]["caches"][0]["tp_size"] = 2  # still too big: the advice counts the whole teacher, not its half
     (tmp_path / "half.yaml").write_text(yaml.safe_dump(raw))
     half = _json(str(tmp_path / "half.yaml"), "--gpus", "8", "--gpu", "h100")
     assert _stage(half, "capture[0]")["fits"] is False
     assert any("alone is 141.1 GB; split it tensor-parallel over at least 4 GPUs" in w for w in half["warnings"])
     odd = _json("llama-3.2-1b", "--gpus", "6", "--gpu", "h100")
-    assert odd["warnings"] == ["capture[0]: tp_size 4 needs a multiple of 4 GPUs, not 6 (the run refuses it); price "
-                               "it with --gpus 4 or another multiple of 4"]
+    assert odd["warnings"] == [
+        "capture[0]: tp_size 4 needs a multiple of 4 GPUs, not 6 (the run refuses it); price "
+        "it with --gpus 4 or another multiple of 4"
+    ]
     raw["distill"]["caches"][0]["tp_size"] = 0
     (tmp_path / "zero.yaml").write_text(yaml.safe_dump(raw))
     done = run_cli("plan", str(tmp_path / "zero.yaml"))
@@ -156,17 +169,22 @@ def test_a_live_70b_is_warned_about_on_h100_and_fits_sharded_over_8(tmp_path):
     assert big["per_gpu"] == "sharded" and big["per_gpu_bytes"] == math.ceil(2 * N_70B / 8)
     assert _part(distill, "live teacher meta-llama/Llama-3.1-70B FSDP2 gathers")["per_gpu_bytes"] > 0
     assert distill["fits"] is True and distill["memory_per_gpu_bytes"] < 80e9 and sharded["warnings"] == []
-    assert run_cli("plan", _live_70b(tmp_path), "--gpu", "h200").stdout.count("warning: ") == 1  # 141 GB: no room for a live 70B either
+    assert (
+        run_cli("plan", _live_70b(tmp_path), "--gpu", "h200").stdout.count("warning: ") == 1
+    )  # 141 GB: no room for a live 70B either
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--gpu", "h1000"), "--gpu 'h1000' is not valid; choose h100, a100, h200, or a GPU's peak dense bf16 FLOP/s"),
-    (("--gpu", "989"), "at least 1e9"),
-    (("--gpu", "nan"), "choose h100, a100, h200"),
-    (("--gpus", "0"), "--gpus must be at least 1, got 0"),
-    (("--mfu", "0"), r"--mfu is the model FLOPs utilization, in (0, 1]"),
-    (("--mfu", "1.5"), "got 1.5"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--gpu", "h1000"), "--gpu 'h1000' is not valid; choose h100, a100, h200, or a GPU's peak dense bf16 FLOP/s"),
+        (("--gpu", "989"), "at least 1e9"),
+        (("--gpu", "nan"), "choose h100, a100, h200"),
+        (("--gpus", "0"), "--gpus must be at least 1, got 0"),
+        (("--mfu", "0"), r"--mfu is the model FLOPs utilization, in (0, 1]"),
+        (("--mfu", "1.5"), "got 1.5"),
+    ],
+)
 def test_bad_pricing_options_are_one_line_naming_the_valid_values(args, message):
     done = run_cli("plan", "llama-3.2-1b", *args)
     assert done.exit_code == 2 and done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
@@ -179,8 +197,10 @@ def test_pricing_options_are_refused_for_a_prune_plan_and_a_flops_gpu_skips_the_
     planned = _json("llama-3.2-1b", "--gpu", "500e12", "--mfu", "0.5")
     capture = _stage(planned, "capture[0]")
     assert planned["pricing"]["gpu_memory_bytes"] is None and capture["fits"] is None
-    assert planned["warnings"] == ["capture[0]: tp_size 4 needs a multiple of 4 GPUs, not 1 (the run refuses it); "
-                                   "price it with --gpus 4 or another multiple of 4"]  # the only one: no fit check
+    assert planned["warnings"] == [
+        "capture[0]: tp_size 4 needs a multiple of 4 GPUs, not 1 (the run refuses it); "
+        "price it with --gpus 4 or another multiple of 4"
+    ]  # the only one: no fit check
     assert capture["gpu_hours"] == capture["flops"] / (500e12 * 0.5) / 3600
     assert "memory unknown: fit not checked" in run_cli("plan", "llama-3.2-1b", "--gpu", "500e12").stdout
 
@@ -194,8 +214,9 @@ def test_the_default_is_today_s_table_plus_a_price_on_one_h100():
     planned = _json("llama-3.2-3b")
     assert planned["totals"]["gpu_hours"] == sum(s["gpu_hours"] for s in planned["stages"])
     stores = 4 * 10_000_000_000  # calib and train read one source: its store counts once
-    assert planned["totals"]["disk_bytes"] == stores + sum(b for s in planned["stages"]
-                                                           for k, b in s["disk_bytes"].items() if k != "store")
+    assert planned["totals"]["disk_bytes"] == stores + sum(
+        b for s in planned["stages"] for k, b in s["disk_bytes"].items() if k != "store"
+    )
 
 
 @pytest.mark.demo  # the tiny recipe's teacher is smollm2-135m

@@ -23,8 +23,14 @@ from whelp.specs import PruneSpec
 
 FAMILIES = tuple(f for f, row in arch.FAMILIES.items() if not row.experts_key)  # MoE rows: test_prune_moe.py
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 10000.0,
+}
 
 
 def pruned(model, keep, rope=None):
@@ -50,8 +56,14 @@ def test_noop_prune_reproduces_logits_exactly(family):
     assert torch.equal(logits(pruned(model, keep), IDS), logits(model, IDS))
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES  # OLMo 2: heads are not exact (tests/test_prune_families.py)
-                                    if {"num_attention_heads", "num_key_value_heads"} <= arch.FAMILIES[f].exact])
+@pytest.mark.parametrize(
+    "family",
+    [
+        f
+        for f in FAMILIES  # OLMo 2: heads are not exact (tests/test_prune_families.py)
+        if {"num_attention_heads", "num_key_value_heads"} <= arch.FAMILIES[f].exact
+    ],
+)
 def test_pruning_heads_groups_and_neurons_equals_zeroing_them(family):
     model = tiny_model(family, hidden_size=96, num_attention_heads=6, num_key_value_heads=3, intermediate_size=96)
     d = surgery.head_dim_of(model.config)
@@ -93,18 +105,28 @@ def test_qwen3_head_dim_scale_goes_into_q_norm():
     for big, little in zip(model.model.layers, small.model.layers):
         expected = big.self_attn.q_norm.weight[surgery.rope_exact_dims(16, 8)] * math.sqrt(8 / 16)
         torch.testing.assert_close(little.self_attn.q_norm.weight, expected)
-        torch.testing.assert_close(little.self_attn.q_proj.weight,
-                                   big.self_attn.q_proj.weight[surgery.q_rows(torch.arange(2), torch.arange(2).repeat(2, 1), 2,
-                                                                              surgery.rope_exact_dims(16, 8), 16)])
+        torch.testing.assert_close(
+            little.self_attn.q_proj.weight,
+            big.self_attn.q_proj.weight[
+                surgery.q_rows(torch.arange(2), torch.arange(2).repeat(2, 1), 2, surgery.rope_exact_dims(16, 8), 16)
+            ],
+        )
 
 
 def test_dropping_a_layer_equals_skipping_it_and_matches_skip_loss():
     model = tiny_model("llama", num_hidden_layers=3)
     skipped = copy.deepcopy(model)
     skipped.model.layers[1].register_forward_hook(lambda m, args, kwargs, out: args[0], with_kwargs=True)
-    small = pruned(model, with_keep(model, layers=(0, 2), mlp=surgery.identity_keep(model.config).mlp[:2],
-                                    kv_heads=surgery.identity_keep(model.config).kv_heads[:2],
-                                    q_heads=surgery.identity_keep(model.config).q_heads[:2]))
+    small = pruned(
+        model,
+        with_keep(
+            model,
+            layers=(0, 2),
+            mlp=surgery.identity_keep(model.config).mlp[:2],
+            kv_heads=surgery.identity_keep(model.config).kv_heads[:2],
+            q_heads=surgery.identity_keep(model.config).q_heads[:2],
+        ),
+    )
     torch.testing.assert_close(logits(small, IDS), logits(skipped, IDS), rtol=1e-5, atol=1e-5)
     losses = importance.skip_losses(model, IDS, batch_size=2)
     with torch.no_grad():
@@ -122,8 +144,9 @@ def test_activation_scores_match_naive_minitron_aggregation():
     scores = importance.calibrate(model, arch.family_of(model.config), IDS, "activation", batch_size=2)
     naive_mlp = torch.stack([captured["mlp"][b].abs().mean(0) for b in range(2)]).pow(2).sum(0)
     o_weight = layer.self_attn.o_proj.weight.detach()  # [H, heads * head_dim]
-    heads = torch.stack([captured["o"][..., h * 16:(h + 1) * 16] @ o_weight[:, h * 16:(h + 1) * 16].T
-                         for h in range(4)], dim=2).norm(dim=-1)  # each head's share of o_proj's output [B, T, heads]
+    heads = torch.stack(
+        [captured["o"][..., h * 16 : (h + 1) * 16] @ o_weight[:, h * 16 : (h + 1) * 16].T for h in range(4)], dim=2
+    ).norm(dim=-1)  # each head's share of o_proj's output [B, T, heads]
     torch.testing.assert_close(scores["mlp.0"], naive_mlp)
     torch.testing.assert_close(scores["heads.0"], heads.mean(1).pow(2).sum(0))
     assert scores["layers.block"].shape == (2,) and bool((scores["layers.block"] > 0).all())
@@ -133,10 +156,10 @@ def test_magnitude_scores_sum_every_weight_of_a_structure():
     model = tiny_model("llama")
     scores = importance.calibrate(model, arch.family_of(model.config), IDS, "magnitude")
     mlp = model.model.layers[1].mlp
-    expected = (mlp.gate_proj.weight ** 2).sum(1) + (mlp.up_proj.weight ** 2).sum(1) + (mlp.down_proj.weight ** 2).sum(0)
+    expected = (mlp.gate_proj.weight**2).sum(1) + (mlp.up_proj.weight**2).sum(1) + (mlp.down_proj.weight**2).sum(0)
     torch.testing.assert_close(scores["mlp.1"], expected.detach())
     attn = model.model.layers[0].self_attn
-    q = (attn.q_proj.weight ** 2).sum(1).view(4, 16).sum(1) + (attn.o_proj.weight ** 2).sum(0).view(4, 16).sum(1)
+    q = (attn.q_proj.weight**2).sum(1).view(4, 16).sum(1) + (attn.o_proj.weight**2).sum(0).view(4, 16).sum(1)
     torch.testing.assert_close(scores["heads.0"], q.detach())
 
 
@@ -154,17 +177,29 @@ def test_taylor_scores_are_weight_times_gradient():
 
 def test_select_keeps_top_scores_per_group_with_equal_counts():
     model = tiny_model("llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
-    scores = {"hidden": torch.arange(96.0), "layers.block": torch.tensor([0.5, 0.1]),
-              "mlp.0": -torch.arange(128.0), "heads.0": torch.tensor([1.0, 2.0, 9.0, 0.0, 5.0, 4.0])}
-    shape = {**models.shape(model.config), "num_hidden_layers": 1, "hidden_size": 3, "intermediate_size": 2,
-             "num_attention_heads": 2, "num_key_value_heads": 2}
+    scores = {
+        "hidden": torch.arange(96.0),
+        "layers.block": torch.tensor([0.5, 0.1]),
+        "mlp.0": -torch.arange(128.0),
+        "heads.0": torch.tensor([1.0, 2.0, 9.0, 0.0, 5.0, 4.0]),
+    }
+    shape = {
+        **models.shape(model.config),
+        "num_hidden_layers": 1,
+        "hidden_size": 3,
+        "intermediate_size": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+    }
     keep = importance.select(scores, model.config, shape)
     assert keep.layers == (0,) and keep.hidden.tolist() == [93, 94, 95] and keep.mlp[0].tolist() == [0, 1]
     assert keep.kv_heads[0].tolist() == [1, 2] and keep.q_heads[0].tolist() == [[0], [0]]
 
 
-ALL_AXES = ("hidden_size=48,num_hidden_layers=1,intermediate_size=64,num_attention_heads=2,num_key_value_heads=1,"
-            "head_dim=8,tie_word_embeddings=true")
+ALL_AXES = (
+    "hidden_size=48,num_hidden_layers=1,intermediate_size=64,num_attention_heads=2,num_key_value_heads=1,"
+    "head_dim=8,tie_word_embeddings=true"
+)
 
 
 @pytest.mark.demo
@@ -176,10 +211,15 @@ def test_checkpoint_loads_in_stock_transformers_with_identical_logits(family, tm
     report = prune_checkpoint(str(tmp_path / "teacher"), ALL_AXES, tmp_path / "out", spec)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     kept = report["kept"]
-    keep = surgery.Keep(layers=tuple(kept["layers"]), hidden=torch.tensor(kept["hidden"]),
-                        mlp=tuple(map(torch.tensor, kept["mlp"])), kv_heads=tuple(map(torch.tensor, kept["kv_heads"])),
-                        q_heads=tuple(map(torch.tensor, kept["q_heads"])), head_dims=torch.tensor(kept["head_dims"]),
-                        tie="mean")
+    keep = surgery.Keep(
+        layers=tuple(kept["layers"]),
+        hidden=torch.tensor(kept["hidden"]),
+        mlp=tuple(map(torch.tensor, kept["mlp"])),
+        kv_heads=tuple(map(torch.tensor, kept["kv_heads"])),
+        q_heads=tuple(map(torch.tensor, kept["q_heads"])),
+        head_dims=torch.tensor(kept["head_dims"]),
+        tie="mean",
+    )
     in_memory = pruned(teacher, keep)
     assert torch.equal(logits(loaded, IDS), logits(in_memory, IDS))
     with torch.device("meta"):
@@ -235,9 +275,25 @@ def test_second_prune_reuses_scores_and_mismatched_scores_are_refused(tmp_path, 
 def test_cli_prune_writes_checkpoint_and_report(tmp_path, demo_tokenizer, monkeypatch):
     monkeypatch.setattr(saved, "cache_path", lambda meta, real=saved.cache_path: tmp_path / "cache" / real(meta).name)
     save_tiny(tmp_path / "teacher", demo_tokenizer, family="qwen2")
-    result = CliRunner().invoke(app, ["prune", str(tmp_path / "teacher"), "--target", "num_attention_heads=2",
-                                      "--out", str(tmp_path / "out"), "--importance", "random",
-                                      "--layer-importance", "loss", "--calib-samples", "2", "--seq-len", "16"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            str(tmp_path / "teacher"),
+            "--target",
+            "num_attention_heads=2",
+            "--out",
+            str(tmp_path / "out"),
+            "--importance",
+            "random",
+            "--layer-importance",
+            "loss",
+            "--calib-samples",
+            "2",
+            "--seq-len",
+            "16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
     assert report["importance"] == "random" and report["layer_importance"] == "loss"

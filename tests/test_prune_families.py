@@ -26,10 +26,14 @@ ROWS = ("granite", "olmo2", "gemma", "gemma2", "gemma3_text", "phi3")
 # non-trivial multipliers, soft-caps, attention scalars and a sliding window shorter than the calibration rows,
 # so that keeping them (and not rescaling q for head_dim where the scale is a config constant) is tested
 _GEMMA2 = dict(attn_logit_softcapping=5.0, final_logit_softcapping=3.0, query_pre_attn_scalar=20, sliding_window=8)
-OVERRIDES = {"granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3,
-                             logits_scaling=4.0),
-             "olmo2": {}, "gemma": {}, "gemma2": _GEMMA2, "gemma3_text": dict(_GEMMA2, sliding_window_pattern=2),
-             "phi3": dict(sliding_window=8)}
+OVERRIDES = {
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=4.0),
+    "olmo2": {},
+    "gemma": {},
+    "gemma2": _GEMMA2,
+    "gemma3_text": dict(_GEMMA2, sliding_window_pattern=2),
+    "phi3": dict(sliding_window=8),
+}
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
 TOKENS = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
 AXIS_TARGETS = {
@@ -40,8 +44,10 @@ AXIS_TARGETS = {
     "num_key_value_heads": "num_key_value_heads=1,num_attention_heads=2",
     "head_dim": "head_dim=8",
 }
-ALL_AXES = ("num_hidden_layers=2,hidden_size=48,intermediate_size=96,num_attention_heads=1,num_key_value_heads=1,"
-            "head_dim=8,tie_word_embeddings=true")
+ALL_AXES = (
+    "num_hidden_layers=2,hidden_size=48,intermediate_size=96,num_attention_heads=1,num_key_value_heads=1,"
+    "head_dim=8,tie_word_embeddings=true"
+)
 
 
 def teacher(family, **extra):
@@ -88,8 +94,9 @@ def test_each_axis_loads_in_stock_transformers_with_a_config_that_matches_its_te
     want = parse_target(model.config, target).shape
     assert models.shape(small.config) == want
     models.write_model(small, None, tmp_path / "out")
-    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True,
-                                                        attn_implementation="eager")
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True, attn_implementation="eager"
+    )
     assert {k: v for k, v in info.items() if v} == {}  # no missing, unexpected or mismatched keys, no errors
     assert models.shape(loaded.config) == want
     assert torch.equal(logits(loaded.eval(), IDS), logits(small, IDS))
@@ -99,14 +106,23 @@ def test_each_axis_loads_in_stock_transformers_with_a_config_that_matches_its_te
     if loaded.config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     assert stored == expected
-    for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
-                "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window"):
+    for key in (
+        "embedding_multiplier",
+        "residual_multiplier",
+        "attention_multiplier",
+        "logits_scaling",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "query_pre_attn_scalar",
+        "sliding_window",
+    ):
         assert getattr(loaded.config, key, None) == getattr(model.config, key, None)  # scalars stay
     if getattr(model.config, "layer_types", None) is not None:  # each kept layer keeps its attention type
         types = [model.config.layer_types[i] for i in small.whelp_kept["layers"]]
         assert loaded.config.layer_types == types and len(set(model.config.layer_types)) == 2
         assert [layer.self_attn.sliding_window for layer in loaded.model.layers] == [
-            8 if t == "sliding_attention" else None for t in types]
+            8 if t == "sliding_attention" else None for t in types
+        ]
 
 
 def zeroed_equivalents(model):
@@ -125,9 +141,13 @@ def zeroed_equivalents(model):
         out["intermediate_size"] = (with_keep(model, mlp=mlp), zeroed)
     q_heads = (torch.tensor([[1], [0]]), torch.tensor([[0], [0]]), torch.tensor([[1], [1]]))
     kv_heads = (torch.tensor([1]), torch.tensor([0]), torch.tensor([1]))
-    for axis, keep in (("num_attention_heads", with_keep(model, q_heads=q_heads)),
-                       ("num_key_value_heads", with_keep(model, kv_heads=kv_heads, q_heads=tuple(
-                           torch.arange(n_rep)[None] for _ in range(3))))):
+    for axis, keep in (
+        ("num_attention_heads", with_keep(model, q_heads=q_heads)),
+        (
+            "num_key_value_heads",
+            with_keep(model, kv_heads=kv_heads, q_heads=tuple(torch.arange(n_rep)[None] for _ in range(3))),
+        ),
+    ):
         zeroed = copy.deepcopy(model)
         with torch.no_grad():
             for i, layer in enumerate(zeroed.model.layers):
@@ -136,8 +156,10 @@ def zeroed_equivalents(model):
         out[axis] = (keep, zeroed)
     skipped = copy.deepcopy(model)
     skipped.model.layers[1].register_forward_hook(lambda m, args, kwargs, o: args[0], with_kwargs=True)
-    out["num_hidden_layers"] = (with_keep(model, layers=(0, 2), mlp=ident.mlp[:2], kv_heads=ident.kv_heads[:2],
-                                          q_heads=ident.q_heads[:2]), skipped)
+    out["num_hidden_layers"] = (
+        with_keep(model, layers=(0, 2), mlp=ident.mlp[:2], kv_heads=ident.kv_heads[:2], q_heads=ident.q_heads[:2]),
+        skipped,
+    )
     dims = surgery.rope_exact_dims(d, 4)
     restricted = copy.deepcopy(model)
     with torch.no_grad():
@@ -167,13 +189,19 @@ def test_pruning_equals_zeroing_on_every_exact_axis(family):
 
 def test_olmo2_q_and_k_norms_follow_the_q_and_kv_rows():
     model = teacher("olmo2")
-    keep = with_keep(model, kv_heads=tuple(torch.tensor([1]) for _ in range(3)),
-                     q_heads=tuple(torch.tensor([[0]]) for _ in range(3)), head_dims=surgery.rope_exact_dims(16, 8))
+    keep = with_keep(
+        model,
+        kv_heads=tuple(torch.tensor([1]) for _ in range(3)),
+        q_heads=tuple(torch.tensor([[0]]) for _ in range(3)),
+        head_dims=surgery.rope_exact_dims(16, 8),
+    )
     small = pruned(model, keep)
     rows_q = surgery.q_rows(torch.tensor([1]), torch.tensor([[0]]), 2, keep.head_dims, 16)
     rows_kv = surgery.kv_rows(torch.tensor([1]), keep.head_dims, 16)
     for big, little in zip(model.model.layers, small.model.layers):
-        torch.testing.assert_close(little.self_attn.q_norm.weight, big.self_attn.q_norm.weight[rows_q] * (8 / 16) ** 0.5)
+        torch.testing.assert_close(
+            little.self_attn.q_norm.weight, big.self_attn.q_norm.weight[rows_q] * (8 / 16) ** 0.5
+        )
         torch.testing.assert_close(little.self_attn.k_norm.weight, big.self_attn.k_norm.weight[rows_kv])
         torch.testing.assert_close(little.self_attn.q_proj.weight, big.self_attn.q_proj.weight[rows_q])
 
@@ -219,23 +247,33 @@ def test_phi3_fused_projections_are_sliced_as_blocks():
     gate_up = big.mlp.gate_up_proj.weight
     torch.testing.assert_close(little.mlp.gate_up_proj.weight, torch.cat([gate_up[mlp[0]], gate_up[128 + mlp[0]]]))
     scores = importance.calibrate(model, arch.family_of(model.config), IDS, "magnitude")
-    expected_mlp = (gate_up[:128] ** 2).sum(1) + (gate_up[128:] ** 2).sum(1) + (big.mlp.down_proj.weight ** 2).sum(0)
+    expected_mlp = (gate_up[:128] ** 2).sum(1) + (gate_up[128:] ** 2).sum(1) + (big.mlp.down_proj.weight**2).sum(0)
     torch.testing.assert_close(scores["mlp.0"], expected_mlp.detach())
-    heads = (w[:64] ** 2).sum(1).view(4, 16).sum(1) + (big.self_attn.o_proj.weight ** 2).sum(0).view(4, 16).sum(1)
+    heads = (w[:64] ** 2).sum(1).view(4, 16).sum(1) + (big.self_attn.o_proj.weight**2).sum(0).view(4, 16).sum(1)
     torch.testing.assert_close(scores["heads.0"], heads.detach())
 
 
 def test_head_dim_is_refused_alike_by_plan_and_prune_without_full_rotary(tmp_path):
-    for rope in ({"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-                 {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-                  "original_max_position_embeddings": 64}):
+    for rope in (
+        {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0] * 8,
+            "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 64,
+        },
+    ):
         model = teacher("phi3", rope_parameters=rope)
         with pytest.raises(WhelpError, match="head_dim=8: this teacher"):
             prune(model, "head_dim=8", TOKENS[:2])
         model.save_pretrained(tmp_path / rope["rope_type"])
         # transformers validates Phi-3's longrope factors against hidden_size / num_attention_heads: heads refused too
-        for target, ok in (("head_dim=8", False), ("intermediate_size=64", True),
-                           ("num_attention_heads=2", rope["rope_type"] != "longrope")):
+        for target, ok in (
+            ("head_dim=8", False),
+            ("intermediate_size=64", True),
+            ("num_attention_heads=2", rope["rope_type"] != "longrope"),
+        ):
             result = run_cli("plan", str(tmp_path / rope["rope_type"]), "--target", target)
             try:
                 prune(model, target, TOKENS[:2])
@@ -251,8 +289,9 @@ def test_granite_head_dim_keeps_its_attention_multiplier_and_q_rows():
     small = pruned(model, with_keep(model, head_dims=dims))
     rows = surgery.q_rows(torch.arange(2), torch.arange(2).repeat(2, 1), 2, dims, 16)
     assert small.config.attention_multiplier == 0.3 and small.config.head_dim == 8
-    torch.testing.assert_close(small.model.layers[0].self_attn.q_proj.weight,
-                               model.model.layers[0].self_attn.q_proj.weight[rows])
+    torch.testing.assert_close(
+        small.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight[rows]
+    )
 
 
 @pytest.mark.parametrize("method", ["activation", "magnitude"])
@@ -266,18 +305,28 @@ def test_streaming_equals_in_memory(family, method, tmp_path):
     target = parse_target(src.config, ALL_AXES)
     scores_mem = importance.calibrate(src, fam, TOKENS, method=method, batch_size=8)
     keep_mem = importance.select(scores_mem, src.config, target.shape, tie="mean")
-    models.save_model(surgery.prune_model(src, keep_mem, fam, surgery.target_config(src.config, keep_mem)), None,
-                      tmp_path / "mem")
-    keep, _, scores = streaming.prune_streaming(tmp_path / "src", tmp_path / "stream", target, TOKENS, method=method,
-                                                tie="mean", batch_size=8, shard_bytes=20_000)
+    models.save_model(
+        surgery.prune_model(src, keep_mem, fam, surgery.target_config(src.config, keep_mem)), None, tmp_path / "mem"
+    )
+    keep, _, scores = streaming.prune_streaming(
+        tmp_path / "src",
+        tmp_path / "stream",
+        target,
+        TOKENS,
+        method=method,
+        tie="mean",
+        batch_size=8,
+        shard_bytes=20_000,
+    )
     assert scores.keys() == scores_mem.keys()
     assert [k for k in scores if not torch.equal(scores[k], scores_mem[k])] == []
     assert keep.layers == keep_mem.layers
     got, want = tensors(tmp_path / "stream"), tensors(tmp_path / "mem")
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
-    assert (json.loads((tmp_path / "stream" / "config.json").read_text())
-            == json.loads((tmp_path / "mem" / "config.json").read_text()))
+    assert json.loads((tmp_path / "stream" / "config.json").read_text()) == json.loads(
+        (tmp_path / "mem" / "config.json").read_text()
+    )
 
 
 @pytest.mark.parametrize("family", ROWS)
@@ -288,23 +337,47 @@ def test_cli_prune_streams_to_the_checkpoint_it_writes_in_memory(family, tmp_pat
     save_tiny(tmp_path / "src", tiny_tokenizer(), family, **{"num_hidden_layers": 3, **OVERRIDES[family]})
     reports = {}
     for mode in ("memory", "stream"):
-        result = run_cli("prune", str(tmp_path / "src"), "--target", ALL_AXES, "--out", str(tmp_path / mode),
-                         "--calib", "pydoc:calib", "--calib-samples", "2", "--seq-len", "16", "--tie", "mean",
-                         *(["--stream"] if mode == "stream" else []))
+        result = run_cli(
+            "prune",
+            str(tmp_path / "src"),
+            "--target",
+            ALL_AXES,
+            "--out",
+            str(tmp_path / mode),
+            "--calib",
+            "pydoc:calib",
+            "--calib-samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--tie",
+            "mean",
+            *(["--stream"] if mode == "stream" else []),
+        )
         assert result.exit_code == 0, result.stderr
         reports[mode] = json.loads((tmp_path / mode / "prune_report.json").read_text())
     assert reports["stream"]["path"] == "streaming" and reports["memory"]["path"] == "in-memory"
     assert reports["stream"]["kept"] == reports["memory"]["kept"]
     got, want = tensors(tmp_path / "stream"), tensors(tmp_path / "memory")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert (json.loads((tmp_path / "stream" / "config.json").read_text())
-            == json.loads((tmp_path / "memory" / "config.json").read_text()))
+    assert json.loads((tmp_path / "stream" / "config.json").read_text()) == json.loads(
+        (tmp_path / "memory" / "config.json").read_text()
+    )
 
 
 PLAN_TARGETS = list(AXIS_TARGETS.values()) + [
-    ALL_AXES, "head_dim=6", "head_dim=12", "num_attention_heads=3", "num_key_value_heads=2,num_attention_heads=6",
-    "hidden_size=65", "num_hidden_layers=0", "tie_word_embeddings=true", "vocab_size=100", "llama-3.2-1b",
-    "num_key_value_heads=1"]
+    ALL_AXES,
+    "head_dim=6",
+    "head_dim=12",
+    "num_attention_heads=3",
+    "num_key_value_heads=2,num_attention_heads=6",
+    "hidden_size=65",
+    "num_hidden_layers=0",
+    "tie_word_embeddings=true",
+    "vocab_size=100",
+    "llama-3.2-1b",
+    "num_key_value_heads=1",
+]
 
 
 def accepted_alike_by_plan_and_prune(model, tmp_path, targets) -> list[str]:
@@ -338,11 +411,14 @@ def test_plan_accepts_exactly_the_targets_prune_accepts(family, tmp_path):
 
 def test_readme_families_table_is_the_rendered_family_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    begin, end = "<!-- families-table: begin (generated by whelp.pruning.arch.families_table) -->\n", \
-        "<!-- families-table: end -->"
+    begin, end = (
+        "<!-- families-table: begin (generated by whelp.pruning.arch.families_table) -->\n",
+        "<!-- families-table: end -->",
+    )
     assert begin in readme and end in readme, "README.md lacks the families table markers"
     assert readme.split(begin, 1)[1].split(end, 1)[0] == arch.families_table(), (
         "README.md's families table is stale: replace the lines between its markers with the output of "
-        "python -c 'from whelp.pruning.arch import families_table; print(families_table(), end=\"\")'")
+        "python -c 'from whelp.pruning.arch import families_table; print(families_table(), end=\"\")'"
+    )
     for name in arch.FAMILIES:
         assert f"| {name} |" in arch.families_table()

@@ -42,8 +42,9 @@ def gqa():
 def round_trip(model, tmp_path):
     """Save, then stock from_pretrained (same attention kernel, so logits can be compared bit for bit)."""
     model.save_pretrained(tmp_path, safe_serialization=True)
-    return AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
-                                                attn_implementation=model.config._attn_implementation).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation=model.config._attn_implementation
+    ).eval()
 
 
 def test_opt_mlp_equals_zeroed_neurons_and_round_trips(tmp_path):
@@ -79,7 +80,7 @@ def test_gqa_heads_equal_zeroed_heads_and_rope_is_restored():
         assert attn.q_proj.weight.shape == (32, 64) and attn.k_proj.weight.shape == (32, 64)
         assert attn.o_proj.weight.shape == (64, 32)
         for head in set(range(4)) - {int(h) for h in kept}:
-            zeroed.model.layers[i].self_attn.o_proj.weight.data[:, head * 16:(head + 1) * 16] = 0
+            zeroed.model.layers[i].self_attn.o_proj.weight.data[:, head * 16 : (head + 1) * 16] = 0
     torch.testing.assert_close(logits(pruned, TOKENS), logits(zeroed, TOKENS), rtol=1e-5, atol=1e-5)
 
 
@@ -108,8 +109,11 @@ def test_gqa_hidden_keeps_exactly_the_selected_channels_of_every_tensor():
     for name, tensor in src.items():
         expected = tensor
         for dim, size in enumerate(tensor.shape):
-            if size == 64 and not (name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")) and dim == 0) \
-                    and not (name.endswith("o_proj.weight") and dim == 1):
+            if (
+                size == 64
+                and not (name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")) and dim == 0)
+                and not (name.endswith("o_proj.weight") and dim == 1)
+            ):
                 expected = expected.index_select(dim, h)
         assert torch.equal(dst[name], expected), name
 
@@ -170,15 +174,25 @@ def test_targets_of_opt_and_gqa_configs(tmp_path):
     assert target == {**shape(gqa_cfg), "intermediate_size": 64, "num_attention_heads": 2}
 
 
-@pytest.mark.parametrize("family, spec, axis", [
-    ("opt", "num_hidden_layers=1", "num_hidden_layers=1"), ("opt", "num_key_value_heads=2", "num_key_value_heads=2"),
-    ("opt", "head_dim=8", "head_dim=8"), (GQA, "num_key_value_heads=1", "num_key_value_heads=1"),
-    (GQA, "llama-3.2-1b", "num_hidden_layers=16"), (GQA, "tie_word_embeddings=false", "tie_word_embeddings")])
+@pytest.mark.parametrize(
+    "family, spec, axis",
+    [
+        ("opt", "num_hidden_layers=1", "num_hidden_layers=1"),
+        ("opt", "num_key_value_heads=2", "num_key_value_heads=2"),
+        ("opt", "head_dim=8", "head_dim=8"),
+        (GQA, "num_key_value_heads=1", "num_key_value_heads=1"),
+        (GQA, "llama-3.2-1b", "num_hidden_layers=16"),
+        (GQA, "tie_word_embeddings=false", "tie_word_embeddings"),
+    ],
+)
 def test_targets_outside_the_generic_path_name_the_axis(family, spec, axis):
     cfg = tiny_config(family, **(OPT if family == "opt" else TIED))
-    with pytest.raises(WhelpError, match=rf"cannot prune .*{axis}.*: {family} is outside whelp's family table; its "
-                                         r"generic pruning path changes only hidden_size, intermediate_size, "
-                                         r"num_attention_heads") as err:
+    with pytest.raises(
+        WhelpError,
+        match=rf"cannot prune .*{axis}.*: {family} is outside whelp's family table; its "
+        r"generic pruning path changes only hidden_size, intermediate_size, "
+        r"num_attention_heads",
+    ) as err:
         parse_target(cfg, spec)
     assert "\n" not in str(err.value)
 
@@ -187,13 +201,27 @@ def test_targets_outside_the_generic_path_name_the_axis(family, spec, axis):
 def saved(tmp_path_factory):
     """Tiny OPT and Ministral checkpoints on disk (weights + tokenizer) and their in-memory models."""
     root = tmp_path_factory.mktemp("generic")
-    return {family: (root / family, save_tiny(root / family, tiny_tokenizer(), family, **overrides))
-            for family, overrides in (("opt", OPT), (GQA, TIED))}
+    return {
+        family: (root / family, save_tiny(root / family, tiny_tokenizer(), family, **overrides))
+        for family, overrides in (("opt", OPT), (GQA, TIED))
+    }
 
 
 def prune_cli(src, target: str, out):
-    return run_cli("prune", str(src), "--target", target, "--out", str(out), "--calib", "pydoc:calib",
-                   "--calib-samples", "2", "--seq-len", "16")
+    return run_cli(
+        "prune",
+        str(src),
+        "--target",
+        target,
+        "--out",
+        str(out),
+        "--calib",
+        "pydoc:calib",
+        "--calib-samples",
+        "2",
+        "--seq-len",
+        "16",
+    )
 
 
 def test_cli_prunes_opt_mlp_to_a_stock_checkpoint(saved, tmp_path, monkeypatch):
@@ -232,7 +260,7 @@ def test_cli_prunes_gqa_heads_and_mlp_to_a_config_json_target(saved, tmp_path, m
         layer = zeroed.model.layers[i]
         layer.mlp.down_proj.weight.data[:, sorted(set(range(128)) - set(neurons))] = 0
         for head in set(range(4)) - set(heads):
-            layer.self_attn.o_proj.weight.data[:, head * 16:(head + 1) * 16] = 0
+            layer.self_attn.o_proj.weight.data[:, head * 16 : (head + 1) * 16] = 0
     torch.testing.assert_close(logits(pruned, TOKENS), logits(zeroed, TOKENS), rtol=1e-5, atol=1e-5)
 
 
@@ -246,5 +274,6 @@ def test_cli_refusals_are_one_line(saved, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import torch_pruning now raises ImportError
     result = prune_cli(src, "intermediate_size=48", tmp_path / "missing")
     assert result.exit_code == 2 and not (tmp_path / "missing").exists()
-    assert result.stderr == ("error: pruning a opt model (outside whelp's family table) needs torch-pruning: "
-                             "pip install 'whelp[generic]'\n")
+    assert result.stderr == (
+        "error: pruning a opt model (outside whelp's family table) needs torch-pruning: pip install 'whelp[generic]'\n"
+    )

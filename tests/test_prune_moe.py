@@ -23,8 +23,14 @@ from whelp.specs import PruneSpec
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
 MOE = {  # 8 experts, top-2; Qwen2-MoE with a shared expert and one dense layer, Qwen3-MoE with renormalized top-k
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
-    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                      num_hidden_layers=3, mlp_only_layers=[1]),
+    "qwen2_moe": dict(
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=3,
+        mlp_only_layers=[1],
+    ),
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
 }
 FAMILIES = tuple(MOE)
@@ -46,13 +52,13 @@ def scores_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("ffn", [False, True])
-def test_pruned_checkpoint_loads_in_stock_transformers_and_config_matches_tensors(family, ffn, tmp_path,
-                                                                                 scores_cache):
+def test_pruned_checkpoint_loads_in_stock_transformers_and_config_matches_tensors(family, ffn, tmp_path, scores_cache):
     save_tiny(tmp_path / "teacher", tiny_tokenizer(), family=family, **MOE[family])
     ffn_key = moe.MOE_FAMILIES[family].ffn_key
     target = "num_local_experts=3" + (f",{ffn_key}=16" if ffn else "")
-    report = prune_checkpoint(str(tmp_path / "teacher"), target, tmp_path / "out",
-                              PruneSpec(calib_samples=2, seq_len=16))
+    report = prune_checkpoint(
+        str(tmp_path / "teacher"), target, tmp_path / "out", PruneSpec(calib_samples=2, seq_len=16)
+    )
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     cfg = loaded.config
@@ -158,7 +164,7 @@ def counted(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     idle = 0
     for block in moe.moe_blocks(model).values():
-        per_expert = (block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel())
+        per_expert = block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel()
         idle += (block.experts.gate_up_proj.shape[0] - model.config.num_experts_per_tok) * per_expert
     return total, total - idle
 
@@ -169,8 +175,9 @@ def test_plan_reports_total_and_active_params_of_the_pruned_checkpoint(family, t
     result = run_cli("plan", str(tmp_path / "teacher"), "--target", "num_local_experts=4", "--json")
     assert result.exit_code == 0, result.stderr
     planned = json.loads(result.stdout)
-    prune_checkpoint(str(tmp_path / "teacher"), "num_local_experts=4", tmp_path / "out",
-                     PruneSpec(calib_samples=2, seq_len=16))
+    prune_checkpoint(
+        str(tmp_path / "teacher"), "num_local_experts=4", tmp_path / "out", PruneSpec(calib_samples=2, seq_len=16)
+    )
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert (planned["source"]["params"], planned["source"]["active_params"]) == counted(teacher)
     assert (planned["target"]["params"], planned["target"]["active_params"]) == counted(student)
@@ -213,8 +220,10 @@ def test_a_recipe_plan_prunes_the_experts_of_an_moe_teacher(tmp_path):
     result = run_cli("plan", str(tmp_path / "recipe.yaml"), "--json")
     assert result.exit_code == 0, result.stderr
     planned = json.loads(result.stdout)
-    target = moe.moe_config(tiny_model("mixtral", **MOE["mixtral"]).config,
-                            {**moe.moe_shape(tiny_model("mixtral", **MOE["mixtral"]).config), "num_local_experts": 4})
+    target = moe.moe_config(
+        tiny_model("mixtral", **MOE["mixtral"]).config,
+        {**moe.moe_shape(tiny_model("mixtral", **MOE["mixtral"]).config), "num_local_experts": 4},
+    )
     assert planned["stages"][0]["shape"]["num_local_experts"] == planned["student"]["num_local_experts"] == 4
     assert planned["student"]["params"] == moe.count_moe_params(target)["params"]
     # FLOPs are priced at the parameters a token runs through: the top-2 of 4 experts, not all of them
@@ -242,12 +251,21 @@ def deep(family, **extra):
 
 def axis_targets(family) -> dict[str, str]:
     ffn = moe.MOE_FAMILIES[family].ffn_key
-    every = (f"num_hidden_layers=2,hidden_size=48,num_attention_heads=1,num_key_value_heads=1,head_dim=8,"
-             f"num_local_experts=3,num_experts_per_tok=1,{ffn}=16,tie_word_embeddings=true")
-    out = {"layers": "num_hidden_layers=2", "hidden": "hidden_size=48", "heads": "num_attention_heads=2",
-           "kv_heads": "num_key_value_heads=1,num_attention_heads=2", "head_dim": "head_dim=8",
-           "experts": "num_local_experts=3", "top_k": "num_experts_per_tok=1", "expert_ffn": f"{ffn}=16",
-           "every": every}
+    every = (
+        f"num_hidden_layers=2,hidden_size=48,num_attention_heads=1,num_key_value_heads=1,head_dim=8,"
+        f"num_local_experts=3,num_experts_per_tok=1,{ffn}=16,tie_word_embeddings=true"
+    )
+    out = {
+        "layers": "num_hidden_layers=2",
+        "hidden": "hidden_size=48",
+        "heads": "num_attention_heads=2",
+        "kv_heads": "num_key_value_heads=1,num_attention_heads=2",
+        "head_dim": "head_dim=8",
+        "experts": "num_local_experts=3",
+        "top_k": "num_experts_per_tok=1",
+        "expert_ffn": f"{ffn}=16",
+        "every": every,
+    }
     if family == "qwen2_moe":  # its dense layer's MLP
         out["mlp"] = "intermediate_size=96"
         out["every"] += ",intermediate_size=96"
@@ -262,8 +280,9 @@ def test_every_axis_loads_in_stock_transformers_with_a_config_that_matches_its_t
     want = parse_target(teacher.config, targets[axis]).shape
     assert moe.shape_of(small.config) == want
     small.save_pretrained(tmp_path / "out")
-    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True,
-                                                        attn_implementation="eager")
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True, attn_implementation="eager"
+    )
     assert {k: v for k, v in info.items() if v} == {}
     assert moe.shape_of(loaded.config) == want
     assert torch.equal(logits(loaded.eval(), IDS), logits(small, IDS))
@@ -300,8 +319,9 @@ def test_dense_layers_follow_the_kept_layers_whatever_the_sparse_step():
 
     from whelp.pruning import arch, surgery
 
-    model = tiny_model("qwen2_moe", **{**MOE["qwen2_moe"], "num_hidden_layers": 4, "decoder_sparse_step": 2,
-                                       "mlp_only_layers": [3]})
+    model = tiny_model(
+        "qwen2_moe", **{**MOE["qwen2_moe"], "num_hidden_layers": 4, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    )
     assert [hasattr(layer.mlp, "experts") for layer in model.model.layers] == [False, True, False, False]
     ident = surgery.identity_keep(model.config)
     keep = replace(ident, layers=(1, 2, 3), mlp=ident.mlp[1:], kv_heads=ident.kv_heads[1:], q_heads=ident.q_heads[1:])
@@ -337,18 +357,28 @@ def test_streaming_equals_in_memory(family, method, tmp_path):
     target = parse_target(src.config, axis_targets(family)["every"])
     scores_mem = importance.calibrate(src, row, TOKENS, method=method, batch_size=8)
     keep_mem = importance.select(scores_mem, src.config, target.shape, tie="mean")
-    models.save_model(surgery.prune_model(src, keep_mem, row, surgery.target_config(src.config, keep_mem)), None,
-                      tmp_path / "mem")
-    keep, _, scores = streaming.prune_streaming(tmp_path / "src", tmp_path / "stream", target, TOKENS, method=method,
-                                                tie="mean", batch_size=8, shard_bytes=20_000)
+    models.save_model(
+        surgery.prune_model(src, keep_mem, row, surgery.target_config(src.config, keep_mem)), None, tmp_path / "mem"
+    )
+    keep, _, scores = streaming.prune_streaming(
+        tmp_path / "src",
+        tmp_path / "stream",
+        target,
+        TOKENS,
+        method=method,
+        tie="mean",
+        batch_size=8,
+        shard_bytes=20_000,
+    )
     assert scores.keys() == scores_mem.keys() and any(k.startswith("experts.") for k in scores)
     assert [k for k in scores if not torch.equal(scores[k], scores_mem[k])] == []
     assert keep.layers == keep_mem.layers and keep.experts.experts.keys() == keep_mem.experts.experts.keys()
     got, want = tensors(tmp_path / "stream"), tensors(tmp_path / "mem")
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
-    assert (json.loads((tmp_path / "stream" / "config.json").read_text())
-            == json.loads((tmp_path / "mem" / "config.json").read_text()))
+    assert json.loads((tmp_path / "stream" / "config.json").read_text()) == json.loads(
+        (tmp_path / "mem" / "config.json").read_text()
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -358,9 +388,21 @@ def test_cli_prune_streams_to_the_checkpoint_it_writes_in_memory(family, tmp_pat
     save_tiny(tmp_path / "src", tiny_tokenizer(), family=family, **kw)
     reports = {}
     for mode in ("memory", "stream"):
-        result = run_cli("prune", str(tmp_path / "src"), "--target", axis_targets(family)["every"], "--out",
-                         str(tmp_path / mode), "--calib", "pydoc:calib", "--calib-samples", "2", "--seq-len", "16",
-                         *(["--stream"] if mode == "stream" else []))
+        result = run_cli(
+            "prune",
+            str(tmp_path / "src"),
+            "--target",
+            axis_targets(family)["every"],
+            "--out",
+            str(tmp_path / mode),
+            "--calib",
+            "pydoc:calib",
+            "--calib-samples",
+            "2",
+            "--seq-len",
+            "16",
+            *(["--stream"] if mode == "stream" else []),
+        )
         assert result.exit_code == 0, result.stderr
         reports[mode] = json.loads((tmp_path / mode / "prune_report.json").read_text())
     assert reports["stream"]["path"] == "streaming" and reports["memory"]["path"] == "in-memory"
@@ -373,11 +415,22 @@ def test_cli_prune_streams_to_the_checkpoint_it_writes_in_memory(family, tmp_pat
 def test_taylor_importance_is_refused_before_any_pass(tmp_path, monkeypatch):
     model = tiny_model("mixtral", **MOE["mixtral"])
     monkeypatch.setattr(type(model), "forward", lambda *a, **k: pytest.fail("calibrated before refusing"))
-    with pytest.raises(WhelpError, match=r"mixtral \(MoE\) experts are scored by --importance activation \(REAP\), "
-                                         "magnitude or random, not taylor"):
+    with pytest.raises(
+        WhelpError,
+        match=r"mixtral \(MoE\) experts are scored by --importance activation \(REAP\), "
+        "magnitude or random, not taylor",
+    ):
         prune(model, "num_local_experts=4", IDS, PruneSpec(importance="taylor"))
     monkeypatch.undo()
     save_tiny(tmp_path / "teacher", tiny_tokenizer(), family="mixtral", **MOE["mixtral"])
-    result = run_cli("prune", str(tmp_path / "teacher"), "--target", "num_local_experts=4", "--out",
-                     str(tmp_path / "out"), "--importance", "taylor")
+    result = run_cli(
+        "prune",
+        str(tmp_path / "teacher"),
+        "--target",
+        "num_local_experts=4",
+        "--out",
+        str(tmp_path / "out"),
+        "--importance",
+        "taylor",
+    )
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "not taylor" in result.stderr

@@ -19,8 +19,10 @@ from whelp.pruning.surgery import prune_model, target_config
 from whelp.pruning.targets import parse_target
 
 # depth 4 -> 3, hidden 64 -> 48, MLP 128 -> 96, KV groups 2 -> 1 with 1 of 2 query heads, head_dim 16 -> 8, tied
-TARGET = ("num_hidden_layers=3,hidden_size=48,intermediate_size=96,num_attention_heads=1,"
-          "num_key_value_heads=1,head_dim=8,tie_word_embeddings=true")
+TARGET = (
+    "num_hidden_layers=3,hidden_size=48,intermediate_size=96,num_attention_heads=1,"
+    "num_key_value_heads=1,head_dim=8,tie_word_embeddings=true"
+)
 
 
 def tensors(model_dir) -> dict[str, torch.Tensor]:
@@ -34,11 +36,13 @@ def tensors(model_dir) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def sharded(tmp_path):
     """A tiny random 4-layer model saved as several safetensors shards, and calibration tokens [6, 32]."""
+
     def make(family="llama", max_shard_size="60KB"):
         model = tiny_model(family, num_hidden_layers=4)
         model.save_pretrained(tmp_path / "src", max_shard_size=max_shard_size)
         tokens = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
         return model, tmp_path / "src", tokens
+
     return make
 
 
@@ -62,8 +66,9 @@ def test_streaming_equals_in_memory(sharded, tmp_path, family, method):
     assert len(list(src.glob("*.safetensors"))) > 3
     keep_mem, scores_mem = in_memory(src, tokens, method, tmp_path / "mem")
     target = parse_target(model.config, TARGET)
-    keep, _, scores = streaming.prune_streaming(src, tmp_path / "stream", target, tokens, method=method, tie="mean",
-                                                batch_size=8, shard_bytes=20_000)
+    keep, _, scores = streaming.prune_streaming(
+        src, tmp_path / "stream", target, tokens, method=method, tie="mean", batch_size=8, shard_bytes=20_000
+    )
     assert scores.keys() == scores_mem.keys()
     assert [k for k in scores if not torch.equal(scores[k], scores_mem[k])] == []
     assert keep.layers == keep_mem.layers and len(keep.layers) == 3

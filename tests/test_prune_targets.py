@@ -18,7 +18,6 @@ from whelp.pruning.surgery import rope_exact_dims, target_config
 from whelp.pruning.targets import PRESETS, first_keep, parse_target, plan_target
 
 
-
 def reference(name: str) -> str:
     """Path of a shipped reference config (whelp/configs/NAME.json, docs/design.md section 2)."""
     return str(CONFIGS_DIR / f"{name}.json")
@@ -66,22 +65,25 @@ def test_overrides_change_only_named_axes(llama8b):
     assert parsed.shape == expected and parsed.rope_parameters is None
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("hidden_size=5000", "hidden_size=5000 is out of range: must be an integer in 1..4096"),
-    ("num_hidden_layers=0", "num_hidden_layers=0 is out of range"),
-    ("num_attention_heads=30", "num_attention_heads=30 is not divisible by num_key_value_heads=8"),
-    ("num_key_value_heads=4", "keeps 8 query heads per KV group but the teacher has 4"),
-    ("head_dim=96", "head_dim 128 -> 96 is not RoPE-exact"),
-    ("head_dim=1", "head_dim 128 -> 1 is not RoPE-exact"),
-    ("hidden_size=4090", "is not a valid llama config: The hidden size (4090) is not a multiple of the number"),
-    ("vocab_size=1000", "does not prune the vocabulary"),
-    ("rope_theta=10", "unknown target key 'rope_theta'; valid keys: hidden_size, num_hidden_layers"),
-    ("intermediate_size=768,num_hidden_layers", "item 'num_hidden_layers' is not key=value"),
-    ("intermediate_size=big", "intermediate_size=big: expected a positive integer"),
-    ("tie_word_embeddings=maybe", "write true or false"),
-    ("llama-9b", "unknown target 'llama-9b'"),
-    ("/nonexistent/config.json", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("hidden_size=5000", "hidden_size=5000 is out of range: must be an integer in 1..4096"),
+        ("num_hidden_layers=0", "num_hidden_layers=0 is out of range"),
+        ("num_attention_heads=30", "num_attention_heads=30 is not divisible by num_key_value_heads=8"),
+        ("num_key_value_heads=4", "keeps 8 query heads per KV group but the teacher has 4"),
+        ("head_dim=96", "head_dim 128 -> 96 is not RoPE-exact"),
+        ("head_dim=1", "head_dim 128 -> 1 is not RoPE-exact"),
+        ("hidden_size=4090", "is not a valid llama config: The hidden size (4090) is not a multiple of the number"),
+        ("vocab_size=1000", "does not prune the vocabulary"),
+        ("rope_theta=10", "unknown target key 'rope_theta'; valid keys: hidden_size, num_hidden_layers"),
+        ("intermediate_size=768,num_hidden_layers", "item 'num_hidden_layers' is not key=value"),
+        ("intermediate_size=big", "intermediate_size=big: expected a positive integer"),
+        ("tie_word_embeddings=maybe", "write true or false"),
+        ("llama-9b", "unknown target 'llama-9b'"),
+        ("/nonexistent/config.json", "does not exist"),
+    ],
+)
 def test_validation_names_key_and_range(llama8b, spec, message):
     with pytest.raises(WhelpError, match=re.escape(message)):
         parse_target(llama8b, spec)

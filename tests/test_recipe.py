@@ -12,8 +12,11 @@ from whelp import plan, recipe
 from whelp.errors import WhelpError
 
 SHIPPED = sorted(p.stem for p in recipe.RECIPES_DIR.glob("*.yaml"))
-DEMO_TEACHER = sorted(p.stem for p in recipe.RECIPES_DIR.glob("*.yaml")  # planning these resolves smollm2-135m
-                      if yaml.safe_load(p.read_text())["teacher"]["model"] == "smollm2-135m")
+DEMO_TEACHER = sorted(
+    p.stem
+    for p in recipe.RECIPES_DIR.glob("*.yaml")  # planning these resolves smollm2-135m
+    if yaml.safe_load(p.read_text())["teacher"]["model"] == "smollm2-135m"
+)
 
 
 def test_shipped_recipes_are_the_documented_ones():
@@ -21,8 +24,7 @@ def test_shipped_recipes_are_the_documented_ones():
     assert DEMO_TEACHER == ["smollm2-demo", "tiny"]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.demo) if n in DEMO_TEACHER else n
-                                  for n in SHIPPED])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.demo) if n in DEMO_TEACHER else n for n in SHIPPED])
 def test_shipped_recipes_validate_plan_and_round_trip(name):
     loaded = recipe.load(name)
     planned = plan.plan_recipe(loaded)
@@ -44,29 +46,67 @@ distill: {steps: 2%s}
 """
 
 
-@pytest.mark.parametrize("text, message", [
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", stepz: 3"), r"recipe.distill\[0\].stepz: unknown key; valid keys: data, steps, max_tokens"),
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", lr: fast"), r"recipe.distill\[0\].lr: expected a number, got 'fast'"),
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {seq_len: 1}\n", "recipe.data: seq_len must be at least 2"),
-    (BASE % ("llama-3.1-8b", "hidden_size=9000", ""), r"recipe.prune\[0\].target: .*hidden_size=9000 is out of range"),
-    (BASE % ("/no/such/teacher", "llama-3.2-1b", ""), "recipe.teacher.model: no such model directory: /no/such/teacher"),
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "colour: red\n", "recipe.colour: unknown key"),
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "eval: {tasks: mmlu}\n", "recipe.eval.tasks: expected a list"),
-    ("name: t\nteacher: {model: llama-3.1-8b}\n", "needs at least one prune step"),
-    (BASE.replace("steps: 2", "lr: 0.1") % ("llama-3.1-8b", "llama-3.2-1b", ""), r"recipe.distill\[0\]: give exactly one training budget"),
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", loss: kl"), r"recipe.distill\[0\].loss: 'kl' is not valid; choose one of forward_kl"),
-    (BASE.replace("prune: {target: %s}", "prune: {target: %s, importance: fisher}") % ("llama-3.1-8b", "llama-3.2-1b", ""),
-     r"recipe.prune\[0\].importance: 'fisher' is not valid; choose one of activation"),
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "eval: {tasks: [whelp_pydocc]}\n",
-     "recipe.eval.tasks: unknown lm-eval task 'whelp_pydocc': did you mean whelp_pydoc"),
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", steps: 3"), "key 'steps' is written twice"),
-    ("name: t\nname: u\nteacher: {model: llama-3.1-8b}\nprune: {target: llama-3.2-1b}\n", "key 'name' is written twice"),
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", schedule: linear"), r"recipe.distill\[0\].schedule: .*positive step count"),
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", beta: 1.5, loss: jsd"), r"recipe.distill\[0\]: jsd beta must be in \(0, 1\)"),
-    (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {train: 'a:0,b:1'}\n", "bad data mixture"),
-    ("- just\n- a list\n", "a recipe is a mapping"),
-    ("name: [unclosed\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            BASE % ("llama-3.1-8b", "llama-3.2-1b", ", stepz: 3"),
+            r"recipe.distill\[0\].stepz: unknown key; valid keys: data, steps, max_tokens",
+        ),
+        (
+            BASE % ("llama-3.1-8b", "llama-3.2-1b", ", lr: fast"),
+            r"recipe.distill\[0\].lr: expected a number, got 'fast'",
+        ),
+        (
+            BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {seq_len: 1}\n",
+            "recipe.data: seq_len must be at least 2",
+        ),
+        (
+            BASE % ("llama-3.1-8b", "hidden_size=9000", ""),
+            r"recipe.prune\[0\].target: .*hidden_size=9000 is out of range",
+        ),
+        (
+            BASE % ("/no/such/teacher", "llama-3.2-1b", ""),
+            "recipe.teacher.model: no such model directory: /no/such/teacher",
+        ),
+        (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "colour: red\n", "recipe.colour: unknown key"),
+        (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "eval: {tasks: mmlu}\n", "recipe.eval.tasks: expected a list"),
+        ("name: t\nteacher: {model: llama-3.1-8b}\n", "needs at least one prune step"),
+        (
+            BASE.replace("steps: 2", "lr: 0.1") % ("llama-3.1-8b", "llama-3.2-1b", ""),
+            r"recipe.distill\[0\]: give exactly one training budget",
+        ),
+        (
+            BASE % ("llama-3.1-8b", "llama-3.2-1b", ", loss: kl"),
+            r"recipe.distill\[0\].loss: 'kl' is not valid; choose one of forward_kl",
+        ),
+        (
+            BASE.replace("prune: {target: %s}", "prune: {target: %s, importance: fisher}")
+            % ("llama-3.1-8b", "llama-3.2-1b", ""),
+            r"recipe.prune\[0\].importance: 'fisher' is not valid; choose one of activation",
+        ),
+        (
+            BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "eval: {tasks: [whelp_pydocc]}\n",
+            "recipe.eval.tasks: unknown lm-eval task 'whelp_pydocc': did you mean whelp_pydoc",
+        ),
+        (BASE % ("llama-3.1-8b", "llama-3.2-1b", ", steps: 3"), "key 'steps' is written twice"),
+        (
+            "name: t\nname: u\nteacher: {model: llama-3.1-8b}\nprune: {target: llama-3.2-1b}\n",
+            "key 'name' is written twice",
+        ),
+        (
+            BASE % ("llama-3.1-8b", "llama-3.2-1b", ", schedule: linear"),
+            r"recipe.distill\[0\].schedule: .*positive step count",
+        ),
+        (
+            BASE % ("llama-3.1-8b", "llama-3.2-1b", ", beta: 1.5, loss: jsd"),
+            r"recipe.distill\[0\]: jsd beta must be in \(0, 1\)",
+        ),
+        (BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {train: 'a:0,b:1'}\n", "bad data mixture"),
+        ("- just\n- a list\n", "a recipe is a mapping"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
 def test_bad_recipes_name_the_problem(tmp_path, text, message):
     with pytest.raises(WhelpError, match=message):
         plan.plan_recipe(recipe.load(_write(tmp_path, text)))
@@ -75,8 +115,15 @@ def test_bad_recipes_name_the_problem(tmp_path, text, message):
 def test_yaml_1_1_floats_loss_parameters_and_one_step_overrides(tmp_path):
     """``lr: 1e-3`` is a string to YAML 1.1 and a number to every user; every loss parameter is a recipe key; with
     one distill step, ``--set distill.lr`` means its only step."""
-    path = _write(tmp_path, BASE % ("llama-3.1-8b", "llama-3.2-1b", ", lr: 1e-3, loss: jsd, beta: 0.3, "
-                                    "alpha: 0.2, t2_scale: true, schedule: 'cosine:10'"))
+    path = _write(
+        tmp_path,
+        BASE
+        % (
+            "llama-3.1-8b",
+            "llama-3.2-1b",
+            ", lr: 1e-3, loss: jsd, beta: 0.3, alpha: 0.2, t2_scale: true, schedule: 'cosine:10'",
+        ),
+    )
     step = recipe.load(path).distill[0].options
     assert (step.lr, step.beta, step.alpha, step.t2_scale, str(step.schedule)) == (1e-3, 0.3, 0.2, True, "cosine:10")
     assert step.loss_spec().beta == 0.3
@@ -84,8 +131,11 @@ def test_yaml_1_1_floats_loss_parameters_and_one_step_overrides(tmp_path):
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(recipe.dump(recipe.load(path)))
     assert recipe.load(str(dumped)) == recipe.load(path)
-    chained = _write(tmp_path, "name: c\nteacher: {model: llama-3.1-8b}\nprune: [{target: llama-3.2-3b}, "
-                               "{target: llama-3.2-1b}]\ndistill: [{steps: 1}, {steps: 1}]\n")
+    chained = _write(
+        tmp_path,
+        "name: c\nteacher: {model: llama-3.1-8b}\nprune: [{target: llama-3.2-3b}, "
+        "{target: llama-3.2-1b}]\ndistill: [{steps: 1}, {steps: 1}]\n",
+    )
     with pytest.raises(WhelpError, match=r"'distill' is a list of 2 steps; write distill.I.lr"):
         recipe.load(chained, ("distill.lr=1",))
 
@@ -131,8 +181,7 @@ def test_cli_validate_show_and_plan_a_recipe(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["..", "../../x", "a/b", ".hidden", ""])
-def test_a_recipe_name_that_is_not_one_path_component_is_refused_by_validate_and_build(tmp_path, name,
-                                                                                       monkeypatch):
+def test_a_recipe_name_that_is_not_one_path_component_is_refused_by_validate_and_build(tmp_path, name, monkeypatch):
     from typer.testing import CliRunner
 
     from whelp.cli import app
@@ -170,9 +219,14 @@ def test_build_never_deletes_a_directory_it_did_not_make(tmp_path):
 
 
 @pytest.mark.demo  # the tiny recipe's teacher is resolved first
-@pytest.mark.parametrize("key, value, where", [("data.train", "pydoc:trian", "recipe.distill[0].data"),
-                                               ("data.calib", "/no/such/dir", "recipe.prune[0].calib"),
-                                               ("eval.ppl", "[pydoc:evl]", "recipe.eval.ppl[0]")])
+@pytest.mark.parametrize(
+    "key, value, where",
+    [
+        ("data.train", "pydoc:trian", "recipe.distill[0].data"),
+        ("data.calib", "/no/such/dir", "recipe.prune[0].calib"),
+        ("eval.ppl", "[pydoc:evl]", "recipe.eval.ppl[0]"),
+    ],
+)
 def test_validate_refuses_an_unreadable_data_source_before_anything_runs(key, value, where):
     loaded = recipe.load("tiny", (f"{key}={value}",))
     with pytest.raises(WhelpError, match=re.escape(where) + r": .*(unknown pydoc split|no such)"):
@@ -183,11 +237,16 @@ def test_a_teacher_config_of_another_shape_than_the_local_teacher_is_refused(tmp
     from conftest import save_tiny, tiny_tokenizer
 
     save_tiny(tmp_path / "teacher", tiny_tokenizer())
-    text = ("name: t\nteacher: {model: %s, config: %s}\ndata: {seq_len: 64}\n"
-            "prune: {target: num_hidden_layers=1, calib_samples: 2}\n")
+    text = (
+        "name: t\nteacher: {model: %s, config: %s}\ndata: {seq_len: 64}\n"
+        "prune: {target: num_hidden_layers=1, calib_samples: 2}\n"
+    )
     ok = recipe.load(_write(tmp_path, text % (tmp_path / "teacher", tmp_path / "teacher" / "config.json")))
     assert plan.plan_recipe(ok)["student"]["num_hidden_layers"] == 1
     wrong = recipe.load(_write(tmp_path, text % (tmp_path / "teacher", "llama-3.1-8b")))
-    with pytest.raises(WhelpError, match=r"recipe.teacher.config \(llama-3.1-8b\) is not the shape of the teacher "
-                                         r".*hidden_size=4096 vs 64"):
+    with pytest.raises(
+        WhelpError,
+        match=r"recipe.teacher.config \(llama-3.1-8b\) is not the shape of the teacher "
+        r".*hidden_size=4096 vs 64",
+    ):
         plan.plan_recipe(wrong)

@@ -64,8 +64,13 @@ def test_a_distilled_student_keeps_the_dtype_its_start_stores(bf16_teacher, tmp_
     spec = replace(SPEC, steps=1, warmup=0, save_every=0, eval_tokens=64)
     distill_run(str(bf16_teacher), tmp_path / "auto", spec, teachers=((str(bf16_teacher), 1.0),), progress=False)
     assert stored(tmp_path / "auto") == {"BF16", "config:bfloat16"}
-    distill_run(str(bf16_teacher), tmp_path / "f16", replace(spec, save_dtype="float16"),
-                teachers=((str(bf16_teacher), 1.0),), progress=False)
+    distill_run(
+        str(bf16_teacher),
+        tmp_path / "f16",
+        replace(spec, save_dtype="float16"),
+        teachers=((str(bf16_teacher), 1.0),),
+        progress=False,
+    )
     assert stored(tmp_path / "f16") == {"F16", "config:float16"}
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "f16", dtype="auto").dtype == torch.float16
 

@@ -38,16 +38,19 @@ def test_builds_nested_values_and_round_trips():
     assert build(Outer, to_dict(built)) == built
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"stepz": 1}, "recipe.stepz: unknown key; valid keys: steps, loss, teachers, note, flag"),
-    ({"steps": "ten"}, "recipe.steps: expected an integer, got 'ten'"),
-    ({"steps": True}, "recipe.steps: expected an integer"),
-    ({"loss": "kl"}, "recipe.loss: 'kl' is not valid; choose one of forward_kl, reverse_kl"),
-    ({"teachers": [{"weight": 1}]}, r"recipe.teachers\[0\].name: required key is missing"),
-    ({"teachers": [{"name": "t", "weight": -1}]}, r"recipe.teachers\[0\]: weight must be >= 0, got -1.0"),
-    ({"flag": "yes"}, "recipe.flag: expected true or false"),
-    ({"teachers": "t"}, "recipe.teachers: expected a list"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"stepz": 1}, "recipe.stepz: unknown key; valid keys: steps, loss, teachers, note, flag"),
+        ({"steps": "ten"}, "recipe.steps: expected an integer, got 'ten'"),
+        ({"steps": True}, "recipe.steps: expected an integer"),
+        ({"loss": "kl"}, "recipe.loss: 'kl' is not valid; choose one of forward_kl, reverse_kl"),
+        ({"teachers": [{"weight": 1}]}, r"recipe.teachers\[0\].name: required key is missing"),
+        ({"teachers": [{"name": "t", "weight": -1}]}, r"recipe.teachers\[0\]: weight must be >= 0, got -1.0"),
+        ({"flag": "yes"}, "recipe.flag: expected true or false"),
+        ({"teachers": "t"}, "recipe.teachers: expected a list"),
+    ],
+)
 def test_errors_name_the_key_path(raw, message):
     with pytest.raises(WhelpError, match=message):
         build(Outer, raw)

@@ -14,8 +14,19 @@ from whelp.pruning import search as search_mod
 from whelp.pruning.search import search_run
 from whelp.specs import SearchSpec
 
-SPEC = SearchSpec(budget="non_embedding=60%", tolerance=0.2, multiple=16, pool=3, candidates=2, score_steps=2, calib_samples=4,
-                  eval_blocks=2, seq_len=16, batch_size=2, lr=1e-3)
+SPEC = SearchSpec(
+    budget="non_embedding=60%",
+    tolerance=0.2,
+    multiple=16,
+    pool=3,
+    candidates=2,
+    score_steps=2,
+    calib_samples=4,
+    eval_blocks=2,
+    seq_len=16,
+    batch_size=2,
+    lr=1e-3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +46,14 @@ def test_search_writes_a_leaderboard_a_winner_and_a_target(teacher, searched, tm
     from transformers import AutoModelForCausalLM
 
     out, result = searched
-    assert sorted(p.name for p in out.iterdir()) == ["search.json", "search.md", "search.png", "target.json",
-                                                      "whelp.json", "winner"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "search.json",
+        "search.md",
+        "search.png",
+        "target.json",
+        "whelp.json",
+        "winner",
+    ]
     board = result["leaderboard"]
     assert [c["rank"] for c in board] == [1, 2] and board[0]["trained"]["kl"] <= board[1]["trained"]["kl"]
     assert sorted(c["one_shot_rank"] for c in board) == [1, 2]
@@ -47,12 +64,21 @@ def test_search_writes_a_leaderboard_a_winner_and_a_target(teacher, searched, tm
         assert 0.8 * 0.6 * teacher_ne <= row["params"][1] <= 0.6 * teacher_ne
     winner = AutoModelForCausalLM.from_pretrained(out / "winner")
     total, non_embedding = models.count_params(winner.config)
-    assert [total, non_embedding] == board[0]["params"] == [sum(p.numel() for p in winner.parameters()),
-                                                             non_embedding]
+    assert [total, non_embedding] == board[0]["params"] == [sum(p.numel() for p in winner.parameters()), non_embedding]
     assert models.shape(winner.config) == board[0]["shape"]
     pruned = tmp_path / "pruned"
-    result_cli = run_cli("prune", str(teacher), "--target", str(out / "target.json"), "--out", str(pruned),
-                         "--calib-samples", "4", "--seq-len", "16")
+    result_cli = run_cli(
+        "prune",
+        str(teacher),
+        "--target",
+        str(out / "target.json"),
+        "--out",
+        str(pruned),
+        "--calib-samples",
+        "4",
+        "--seq-len",
+        "16",
+    )
     assert result_cli.exit_code == 0, result_cli.stderr
     assert models.shape(models.load_config(str(pruned))) == board[0]["shape"]
 
@@ -77,8 +103,9 @@ def test_a_killed_search_resumes_to_the_uninterrupted_result(teacher, searched, 
     assert not out.exists() and (search_mod.work_dir(out) / "candidates" / "00" / "result.json").is_file()
     monkeypatch.setattr(loop, "distill", real)
     pool_scores = []
-    monkeypatch.setattr(search_mod.Trial, "score", lambda self, m, f=search_mod.Trial.score: pool_scores.append(1)
-                        or f(self, m))
+    monkeypatch.setattr(
+        search_mod.Trial, "score", lambda self, m, f=search_mod.Trial.score: pool_scores.append(1) or f(self, m)
+    )
     resumed = search_run(str(teacher), SPEC, out, progress=False)
     assert len(pool_scores) == 1  # only the second candidate was trained (and scored) again
     untimed = lambda board: [{k: v for k, v in c.items() if k != "train_s"} for c in board]  # noqa: E731
@@ -101,8 +128,24 @@ def test_dry_run_lists_candidates_and_cost_without_loading_weights(teacher, monk
         raise AssertionError("a dry run loaded weights")
 
     monkeypatch.setattr(models, "load_model", no)
-    result = run_cli("search", str(teacher), "--out", str(tmp_path / "o"), "--budget", "non_embedding=60%",
-                     "--tolerance", "0.2", "--multiple", "16", "--pool", "3", "--candidates", "2", "--dry-run", "--json")
+    result = run_cli(
+        "search",
+        str(teacher),
+        "--out",
+        str(tmp_path / "o"),
+        "--budget",
+        "non_embedding=60%",
+        "--tolerance",
+        "0.2",
+        "--multiple",
+        "16",
+        "--pool",
+        "3",
+        "--candidates",
+        "2",
+        "--dry-run",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     shown = json.loads(result.stdout)
     assert len(shown["pool"]) == 3 and len(shown["candidates"]) >= 3 and shown["cost"]["total"] > 0
@@ -111,9 +154,11 @@ def test_dry_run_lists_candidates_and_cost_without_loading_weights(teacher, monk
 
 
 def test_bad_budgets_are_one_line(teacher, tmp_path):
-    for budget, message in [("weight=5", "unknown budget key 'weight'"),
-                            ("latency=5ms", "latency"),
-                            ("non_embedding=1", "no shape")]:
+    for budget, message in [
+        ("weight=5", "unknown budget key 'weight'"),
+        ("latency=5ms", "latency"),
+        ("non_embedding=1", "no shape"),
+    ]:
         result = run_cli("search", str(teacher), "--out", str(tmp_path / "o"), "--budget", budget, "--dry-run")
         assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert message in result.stderr, result.stderr
@@ -131,5 +176,6 @@ def test_a_latency_budget_is_measured_per_shape_and_cached(teacher, tmp_path, mo
     search_run(str(teacher), spec, tmp_path / "b", progress=False)
     assert len(timed) == 3  # the second search found every shape's speed in the cache
     with pytest.raises(WhelpError, match="no pool shape decodes within 1e-06 ms/token"):
-        search_run(str(teacher), replace(spec, budget="non_embedding=60%,latency=0.000001ms"), tmp_path / "c",
-                   progress=False)
+        search_run(
+            str(teacher), replace(spec, budget="non_embedding=60%,latency=0.000001ms"), tmp_path / "c", progress=False
+        )

@@ -45,8 +45,9 @@ def test_store_blocks_equal_the_in_memory_path_bit_for_bit(tok, corpus, tmp_path
     assert len(tokenstore.open_store(store).manifest["shards"]) > 3
     raw = data.open_blocks(str(corpus), tok, seq_len, seed=seed, max_tokens=max_tokens)  # tokenized once, cached
     assert torch.equal(raw.head(), rows.head())
-    assert torch.equal(data.stream_tokens(str(store), tok, 3000),
-                       data.token_stream(data.read_documents(str(corpus)), tok, 3000))
+    assert torch.equal(
+        data.stream_tokens(str(store), tok, 3000), data.token_stream(data.read_documents(str(corpus)), tok, 3000)
+    )
 
 
 def test_one_and_two_workers_write_identical_shards_and_max_tokens_cuts_exactly(tok, corpus, tmp_path):
@@ -57,8 +58,9 @@ def test_one_and_two_workers_write_identical_shards_and_max_tokens_cuts_exactly(
     for s in a["shards"]:
         assert (one / s["file"]).read_bytes() == (two / s["file"]).read_bytes()
     assert a["dtype"] == "uint16" and all(s["bytes"] == 2 * s["tokens"] for s in a["shards"])
-    cut = tokenstore.tokenize(str(corpus), tok, tmp_path / "cut", num_proc=2, max_tokens=10_001, shard_tokens=4096,
-                              progress=False)
+    cut = tokenstore.tokenize(
+        str(corpus), tok, tmp_path / "cut", num_proc=2, max_tokens=10_001, shard_tokens=4096, progress=False
+    )
     assert len(tokenstore.open_store(cut)) == 10_001
     assert np.array_equal(tokenstore.open_store(cut).read(0, 10_001), tokenstore.open_store(one).read(0, 10_001))
 
@@ -183,13 +185,19 @@ def test_cli_tokenize_then_plan_counts_the_store(tok, corpus, tmp_path):
     assert f"wrote {total:,} tokens" in done.output
     again = CliRunner().invoke(app, args)
     assert isinstance(again.exception, WhelpError) and "already holds this complete token store" in str(again.exception)
-    mixed = CliRunner().invoke(app, ["tokenize", f"{corpus}:0.5,pydoc:eval:0.5", "--tokenizer", str(model_dir),
-                                     "--out", str(tmp_path / "x")])
+    mixed = CliRunner().invoke(
+        app, ["tokenize", f"{corpus}:0.5,pydoc:eval:0.5", "--tokenizer", str(model_dir), "--out", str(tmp_path / "x")]
+    )
     assert isinstance(mixed.exception, WhelpError) and "one source into one store" in str(mixed.exception)
     planned = data_plan(str(tmp_path / "s"), 3 * total, 512, None)
     assert planned["tokens_available"] == total and planned["epochs"] == 3 and planned["store_bytes"] == 2 * total
     assert data_plan("pydoc:train", 10, 128_256, None) == {
-        "source": "pydoc:train", "tokens_needed": 10, "tokens_available": None, "epochs": None, "store_bytes": 40}
+        "source": "pydoc:train",
+        "tokens_needed": 10,
+        "tokens_available": None,
+        "epochs": None,
+        "store_bytes": 40,
+    }
 
 
 def test_huge_documents_are_encoded_in_pieces_cut_at_line_breaks(tok, monkeypatch):
@@ -215,11 +223,17 @@ def test_a_second_process_waits_for_the_store_being_made_and_reuses_it(tok, corp
     monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
     tok.save_pretrained(tmp_path / "tok")
     path, _ = blocks._auto_store(str(corpus), tok, None, "text")
-    script = ("import sys; from transformers import AutoTokenizer; from whelp.data import blocks; "
-              "s = blocks.store_for(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[2])); print(s.fingerprint)")
+    script = (
+        "import sys; from transformers import AutoTokenizer; from whelp.data import blocks; "
+        "s = blocks.store_for(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[2])); print(s.fingerprint)"
+    )
     with store.locked(path, "to tokenize"):
-        proc = subprocess.Popen([sys.executable, "-c", script, str(corpus), str(tmp_path / "tok")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(corpus), str(tmp_path / "tok")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stderr.readline().startswith(f"whelp: waiting for another whelp process to tokenize {corpus}")
         made = tokenstore.open_store(tokenstore.tokenize(str(corpus), tok, path, num_proc=1, progress=False), tok)
         shards = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}

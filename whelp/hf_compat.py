@@ -77,8 +77,10 @@ def _legacy_gemma3_rope(rope: dict) -> dict:
     and gives the sliding ones plain RoPE of base ``rope_local_base_freq``."""
     full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
     if set(local) - {"rope_type", "rope_theta"} or local.get("rope_type", "default") != "default":
-        raise WhelpError(f"Gemma 3 rope_parameters scale the sliding-attention layers ({local}), which transformers "
-                         "4.x cannot express; keep the teacher's RoPE (--rope teacher)")
+        raise WhelpError(
+            f"Gemma 3 rope_parameters scale the sliding-attention layers ({local}), which transformers "
+            "4.x cannot express; keep the teacher's RoPE (--rope teacher)"
+        )
     fields = _legacy_rope(full) if "rope_theta" in full else {}
     if "rope_theta" in local:
         fields["rope_local_base_freq"] = local["rope_theta"]

@@ -54,21 +54,29 @@ def check_weights(target: str, policy: LoadPolicy) -> None:
         return
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise WhelpError(f"{path} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code; "
-                         "convert them to safetensors, or pass `whelp --allow-pickle ...` if you trust them")
+        raise WhelpError(
+            f"{path} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code; "
+            "convert them to safetensors, or pass `whelp --allow-pickle ...` if you trust them"
+        )
 
 
 def _hub_error(name: str, exc: Exception) -> WhelpError:
     """One line for what transformers raises on a model it cannot load (missing files, remote code refused)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "trust_remote_code" in str(exc):
-        return WhelpError(f"'{name}' needs the model code shipped with it, which whelp does not run by default; "
-                          "pass `whelp --trust-remote-code ...` if you trust it")
+        return WhelpError(
+            f"'{name}' needs the model code shipped with it, which whelp does not run by default; "
+            "pass `whelp --trust-remote-code ...` if you trust it"
+        )
     if Path(name).expanduser().is_dir() or name in REGISTRY:
-        return WhelpError(f"could not load '{name}': {text.rstrip(': ')}; is it a complete Hugging Face checkpoint "
-                          "(config.json, weights, tokenizer files)?")
-    return WhelpError(f"could not load '{name}': not a local directory, not a registered model "
-                      f"({', '.join(REGISTRY)}), and transformers gave: {text}")
+        return WhelpError(
+            f"could not load '{name}': {text.rstrip(': ')}; is it a complete Hugging Face checkpoint "
+            "(config.json, weights, tokenizer files)?"
+        )
+    return WhelpError(
+        f"could not load '{name}': not a local directory, not a registered model "
+        f"({', '.join(REGISTRY)}), and transformers gave: {text}"
+    )
 
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -95,8 +103,10 @@ def load_config(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
         if not isinstance(data, dict) or "model_type" not in data:
             raise WhelpError(f"{path} has no 'model_type': not a Hugging Face config.json")
         return _checked(lambda: AutoConfig.for_model(**data), str(path))
-    return _checked(lambda: AutoConfig.from_pretrained(locate(name_or_path), trust_remote_code=policy.trust_remote_code),
-                    name_or_path)
+    return _checked(
+        lambda: AutoConfig.from_pretrained(locate(name_or_path), trust_remote_code=policy.trust_remote_code),
+        name_or_path,
+    )
 
 
 def _checked(make, name: str):
@@ -125,8 +135,9 @@ def load_tokenizer(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
         raise _hub_error(name_or_path, exc) from None
 
 
-def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", policy: LoadPolicy = LoadPolicy(),
-               tp_mesh=None):
+def load_model(
+    name_or_path: str, dtype: str = "float32", device: str = "cpu", policy: LoadPolicy = LoadPolicy(), tp_mesh=None
+):
     """Load ``(model, tokenizer)`` in eval mode. ``dtype`` is a torch dtype name ("float32", "bfloat16");
     ``policy`` says whether pickle weights and shipped model code may be used (both off by default). With a
     ``tp_mesh`` (a 1-D DeviceMesh under torchrun) the weights are sharded tensor-parallel over it by the model's
@@ -137,19 +148,27 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu", p
     target = locate(name_or_path)
     check_weights(target, policy)
     tokenizer = load_tokenizer(name_or_path, policy)
-    sharded = {} if tp_mesh is None else {"distributed_config": DistributedConfig(tp_plan="auto"),
-                                          "device_mesh": tp_mesh}
+    sharded = (
+        {} if tp_mesh is None else {"distributed_config": DistributedConfig(tp_plan="auto"), "device_mesh": tp_mesh}
+    )
     try:
         with quiet_loading():
             model, info = AutoModelForCausalLM.from_pretrained(
-                target, dtype=getattr(torch, dtype), use_safetensors=None if policy.allow_pickle else True,
-                trust_remote_code=policy.trust_remote_code, output_loading_info=True, **sharded)
+                target,
+                dtype=getattr(torch, dtype),
+                use_safetensors=None if policy.allow_pickle else True,
+                trust_remote_code=policy.trust_remote_code,
+                output_loading_info=True,
+                **sharded,
+            )
     except (OSError, ValueError) as exc:
         raise _hub_error(name_or_path, exc) from None
     except RuntimeError:  # transformers' load report (kept quiet): tensors it could not convert or load
-        raise WhelpError(f"the weights of {name_or_path} do not fit its config.json: transformers could not load "
-                         "them into that model (a tensor is missing or of another shape); re-download the checkpoint "
-                         "or use the config.json it was saved with") from None
+        raise WhelpError(
+            f"the weights of {name_or_path} do not fit its config.json: transformers could not load "
+            "them into that model (a tensor is missing or of another shape); re-download the checkpoint "
+            "or use the config.json it was saved with"
+        ) from None
     check_loaded(name_or_path, info)
     return (model if tp_mesh is not None else model.to(device)).eval(), tokenizer
 
@@ -161,10 +180,15 @@ def check_loaded(name_or_path: str, info: dict) -> None:
     mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or [])
     if missing or mismatched:
         names = ", ".join((missing + mismatched)[:3]) + (", ..." if len(missing) + len(mismatched) > 3 else "")
-        what = ("lacks tensors its config.json describes" if missing
-                else "holds tensors of other shapes than its config.json")
-        raise WhelpError(f"{name_or_path} {what} ({names}); the download is incomplete or the config is of another "
-                         "model: re-download the checkpoint")
+        what = (
+            "lacks tensors its config.json describes"
+            if missing
+            else "holds tensors of other shapes than its config.json"
+        )
+        raise WhelpError(
+            f"{name_or_path} {what} ({names}); the download is incomplete or the config is of another "
+            "model: re-download the checkpoint"
+        )
 
 
 def logit_transform(config):
@@ -198,8 +222,9 @@ def write_model(model, tokenizer, directory: Path, extra: dict[str, str] | None 
         (directory / name).write_text(text)
 
 
-def save_model(model, tokenizer, out_dir: str | Path, force: bool = False, extra: dict[str, str] | None = None,
-               **marker) -> Path:
+def save_model(
+    model, tokenizer, out_dir: str | Path, force: bool = False, extra: dict[str, str] | None = None, **marker
+) -> Path:
     """``write_model`` into ``out_dir`` atomically: an interrupted save never leaves a half-written ``out_dir``,
     and the directory gets whelp's marker (with ``marker`` fields, e.g. a build stage's key)."""
     with atomic_dir(out_dir, force, "model", **marker) as tmp:
@@ -246,8 +271,10 @@ def check_positions(config, tokens: int, what: str) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     if limit is not None and tokens > limit:
-        raise WhelpError(f"{what} {tokens} is longer than the model's {limit} positions (max_position_embeddings); "
-                         f"use at most {limit}")
+        raise WhelpError(
+            f"{what} {tokens} is longer than the model's {limit} positions (max_position_embeddings); "
+            f"use at most {limit}"
+        )
 
 
 def count_params(config, policy: LoadPolicy = LoadPolicy()) -> tuple[int, int]:
@@ -289,7 +316,13 @@ def stored_dtype(model_dir: Path) -> str:
         f.seek(8)
         header = json.loads(f.read(header_len))
     names = sorted(k for k in header if k != "__metadata__")
-    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(header[names[0]]["dtype"], header[names[0]]["dtype"]) if names else "unknown"
+    return (
+        {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
+            header[names[0]]["dtype"], header[names[0]]["dtype"]
+        )
+        if names
+        else "unknown"
+    )
 
 
 def save_dtype(choice: str, source: str | Path, config) -> str:
@@ -304,16 +337,17 @@ def save_dtype(choice: str, source: str | Path, config) -> str:
     for dtype in (stored, named):
         if dtype in SAVE_DTYPES[1:]:
             return dtype
-    raise WhelpError(f"cannot tell the dtype of {source} (stored {stored}, config {named or 'none'}); pass "
-                     "--save-dtype float32|bfloat16|float16")
+    raise WhelpError(
+        f"cannot tell the dtype of {source} (stored {stored}, config {named or 'none'}); pass "
+        "--save-dtype float32|bfloat16|float16"
+    )
 
 
 def inspect(name_or_path: str, policy: LoadPolicy = LoadPolicy()) -> dict:
     """Shape, parameter counts, stored dtype and bytes on disk of a model, from its files alone."""
     config = load_config(name_or_path, policy)
     total, non_embedding = count_params(config, policy)
-    info = {**shape(config), "params": total, "non_embedding_params": non_embedding,
-            "model_type": config.model_type}
+    info = {**shape(config), "params": total, "non_embedding_params": non_embedding, "model_type": config.model_type}
     is_config_file = Path(name_or_path).expanduser().is_file()
     local = None if is_config_file else Path(locate(name_or_path)).expanduser()
     if local is not None and local.is_dir():

@@ -80,16 +80,18 @@ class Progress:
             bar.update(advance=n, info="...")
     """
 
-    def __init__(self, description: str, total: int | None = None, completed: int = 0, enabled: bool = True,
-                 every: float = 30.0):
+    def __init__(
+        self, description: str, total: int | None = None, completed: int = 0, enabled: bool = True, every: float = 30.0
+    ):
         self.description, self.total, self.completed, self.info = description, total, completed, ""
         self.enabled, self.every, self._last, self._bar = enabled, every, time.monotonic(), None
         if enabled and sys.stderr.isatty():
             from rich import progress as rp
 
             counts = [rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeRemainingColumn()] if total else []
-            self._bar = rp.Progress(rp.TextColumn(description), *counts, rp.TextColumn("{task.fields[info]}"),
-                                    transient=True)
+            self._bar = rp.Progress(
+                rp.TextColumn(description), *counts, rp.TextColumn("{task.fields[info]}"), transient=True
+            )
             self._task = self._bar.add_task(description, total=total, completed=completed, info="")
             self._bar.start()
 
@@ -111,7 +113,7 @@ class Progress:
             self._bar.stop()
             self._bar = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -37,8 +37,10 @@ def teacher_config(recipe: Recipe):
         planned, actual = models.shape(config), models.shape(models.load_config(str(local)))
         if planned != actual:
             diff = ", ".join(f"{k}={planned[k]} vs {actual[k]}" for k in planned if planned[k] != actual.get(k))
-            raise WhelpError(f"recipe.teacher.config ({recipe.teacher.config}) is not the shape of the teacher "
-                             f"{recipe.teacher.model} on this machine ({diff}); fix it or drop it")
+            raise WhelpError(
+                f"recipe.teacher.config ({recipe.teacher.config}) is not the shape of the teacher "
+                f"{recipe.teacher.model} on this machine ({diff}); fix it or drop it"
+            )
     return config
 
 
@@ -70,16 +72,25 @@ def _sized(config, name: str) -> dict:
         total, non_embedding, active = counts["params"], counts["non_embedding_params"], counts["active_params"]
     else:
         (total, non_embedding), active = models.count_params(config), None
-    return {"name": name, "config": config, "params": total, "non_embedding": non_embedding,
-            "active": total if active is None else active}
+    return {
+        "name": name,
+        "config": config,
+        "params": total,
+        "non_embedding": non_embedding,
+        "active": total if active is None else active,
+    }
 
 
 def _params(model: dict) -> dict:
     from whelp.pruning.moe import shape_of
 
     active = {"active_params": model["active"]} if model["active"] != model["params"] else {}
-    return {**shape_of(model["config"]), "params": model["params"], "non_embedding_params": model["non_embedding"],
-            **active}
+    return {
+        **shape_of(model["config"]),
+        "params": model["params"],
+        "non_embedding_params": model["non_embedding"],
+        **active,
+    }
 
 
 def _local_tokenizer(recipe: Recipe):
@@ -99,9 +110,13 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
             _at(where, lambda: check_data(source))
     available = None if GENERATED in sources else available_tokens(spec, tokenizer)
     per_token = 2 if vocab <= 1 << 16 else 4
-    return {"source": spec, "tokens_needed": needed, "tokens_available": available,
-            "epochs": None if not available else needed / available,
-            "store_bytes": per_token * (available if available is not None else needed)}
+    return {
+        "source": spec,
+        "tokens_needed": needed,
+        "tokens_available": available,
+        "epochs": None if not available else needed / available,
+        "store_bytes": per_token * (available if available is not None else needed),
+    }
 
 
 def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> tuple[dict, dict]:
@@ -122,12 +137,19 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         _at(f"{where}.scores", lambda: check_scores_file(Path(step.options.scores).expanduser()))
     spec = step.options
     target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope), str(step.target))
-    return {"stage": f"prune[{index}]", "kind": "prune", "target": str(step.target), "shape": _params(target),
-            "rope": {"source": rope_summary(source_cfg), "target": rope_summary(target["config"])},
-            "tokens": spec.calib_samples * spec.seq_len,
-            "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers),
-            "parallel": False, "device": "cpu", "memory": pricing.prune_memory(source["params"]),
-            "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]}}, target
+    return {
+        "stage": f"prune[{index}]",
+        "kind": "prune",
+        "target": str(step.target),
+        "shape": _params(target),
+        "rope": {"source": rope_summary(source_cfg), "target": rope_summary(target["config"])},
+        "tokens": spec.calib_samples * spec.seq_len,
+        "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers),
+        "parallel": False,
+        "device": "cpu",
+        "memory": pricing.prune_memory(source["params"]),
+        "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]},
+    }, target
 
 
 def _at(where: str, check):
@@ -146,13 +168,20 @@ def _same_tokenizer(model: str, tokenizer, where: str) -> None:
         return
     theirs = models.load_tokenizer(model)
     if tokenizer_hash(theirs) != tokenizer_hash(tokenizer):
-        raise WhelpError(f"{where}: {model} has another tokenizer than the recipe's teacher ({len(theirs):,} vs "
-                         f"{len(tokenizer):,} tokens): token-level distillation needs the same token ids")
+        raise WhelpError(
+            f"{where}: {model} has another tokenizer than the recipe's teacher ({len(theirs):,} vs "
+            f"{len(tokenizer):,} tokens): token-level distillation needs the same token ids"
+        )
 
 
 def _calib_plan(step, vocab: int, tokenizer, index: int) -> dict:
-    return data_plan(step.options.calib, step.options.calib_samples * step.options.seq_len, vocab, tokenizer,
-                     f"recipe.prune[{index}].calib")
+    return data_plan(
+        step.options.calib,
+        step.options.calib_samples * step.options.seq_len,
+        vocab,
+        tokenizer,
+        f"recipe.prune[{index}].calib",
+    )
 
 
 def _model(ref, teacher: dict, path: str) -> dict:
@@ -175,12 +204,23 @@ def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, 
     """A teacher-logit capture that runs before its distil step: one forward (2 N per token) over the step's tokens."""
     per_token = cache_bytes_per_token(ref.mode, ref.k, vocab)
     positions = ref.spec(step.options).batch_size * step.options.seq_len
-    return {"stage": f"capture[{number}]", "kind": "capture", "for": where, "teacher": model["name"],
-            "mode": ref.mode, "k": ref.k, "params": model["params"], "tokens": tokens,
-            "flops": 2 * model["active"] * tokens, "parallel": True, "device": "gpu", "bytes_per_token": per_token,
-            "memory": pricing.capture_memory(model, dtype, positions, step.options.chunk_size, vocab, ref.tp_size),
-            "tp_size": ref.tp_size,
-            "disk_bytes": {"cache": per_token * tokens}}
+    return {
+        "stage": f"capture[{number}]",
+        "kind": "capture",
+        "for": where,
+        "teacher": model["name"],
+        "mode": ref.mode,
+        "k": ref.k,
+        "params": model["params"],
+        "tokens": tokens,
+        "flops": 2 * model["active"] * tokens,
+        "parallel": True,
+        "device": "gpu",
+        "bytes_per_token": per_token,
+        "memory": pricing.capture_memory(model, dtype, positions, step.options.chunk_size, vocab, ref.tp_size),
+        "tp_size": ref.tp_size,
+        "disk_bytes": {"cache": per_token * tokens},
+    }
 
 
 def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) -> tuple[dict, list]:
@@ -200,25 +240,46 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) ->
     data = data_plan(spec.data, tokens, vocab, tokenizer, f"recipe.distill[{index}].data")
     # on-policy rows are also run through the student once more, token by token, to sample them (no grad)
     n_active = student["active"]
-    per_token = {"student_train": 6 * n_active, "student_sampling": round(spec.on_policy * 2 * n_active),
-                 "live_teachers": sum(2 * m["active"] for _, m in live),
-                 "cache_teachers_once": sum(2 * m["active"] for _, m in cached)}
+    per_token = {
+        "student_train": 6 * n_active,
+        "student_sampling": round(spec.on_policy * 2 * n_active),
+        "live_teachers": sum(2 * m["active"] for _, m in live),
+        "cache_teachers_once": sum(2 * m["active"] for _, m in cached),
+    }
     memory = pricing.distill_memory(spec, student, [m for _, m in live])
     return {
-        "stage": f"distill[{index}]", "kind": "distill", "tokens": tokens, "steps": steps, "data": data,
+        "stage": f"distill[{index}]",
+        "kind": "distill",
+        "tokens": tokens,
+        "steps": steps,
+        "data": data,
         "flops_per_token": per_token,
         "teachers": [{"model": t.model, "weight": t.weight, "params": m["params"]} for t, m in live],
-        "caches": [{"model": c.model, "weight": c.weight, "mode": c.mode, "k": c.k, "params": m["params"],
-                    "bytes_per_token": cache_bytes_per_token(c.mode, c.k, vocab),
-                    "bytes": _capture_tokens(spec, data) * cache_bytes_per_token(c.mode, c.k, vocab)}
-                   for c, m in cached],
-        "memory_bytes": {"student_training": pricing.TRAIN_BYTES_PER_PARAM * n_student,
-                         "live_teachers": sum(p["bytes"] for p in memory if "teacher" in p)},
+        "caches": [
+            {
+                "model": c.model,
+                "weight": c.weight,
+                "mode": c.mode,
+                "k": c.k,
+                "params": m["params"],
+                "bytes_per_token": cache_bytes_per_token(c.mode, c.k, vocab),
+                "bytes": _capture_tokens(spec, data) * cache_bytes_per_token(c.mode, c.k, vocab),
+            }
+            for c, m in cached
+        ],
+        "memory_bytes": {
+            "student_training": pricing.TRAIN_BYTES_PER_PARAM * n_student,
+            "live_teachers": sum(p["bytes"] for p in memory if "teacher" in p),
+        },
         "flops": (per_token["student_train"] + per_token["student_sampling"] + per_token["live_teachers"]) * tokens,
-        "parallel": True, "device": "gpu", "memory": memory,
-        "disk_bytes": {"store": data["store_bytes"],
-                       "checkpoints": spec.keep_last * pricing.CHECKPOINT_BYTES_PER_PARAM * n_student,
-                       "model": pricing.MODEL_BYTES_PER_PARAM * n_student},
+        "parallel": True,
+        "device": "gpu",
+        "memory": memory,
+        "disk_bytes": {
+            "store": data["store_bytes"],
+            "checkpoints": spec.keep_last * pricing.CHECKPOINT_BYTES_PER_PARAM * n_student,
+            "model": pricing.MODEL_BYTES_PER_PARAM * n_student,
+        },
     }, cached
 
 
@@ -240,19 +301,35 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
             if source != GENERATED:
                 _at(f"{where}.{key}", lambda: check_data(source))
     cost, shape = planned["cost"], dict(planned["largest"])
-    data = data_plan(spec.data, cost["distillation_tokens_per_candidate"], config.vocab_size, tokenizer,
-                     f"{where}.data")
+    data = data_plan(
+        spec.data, cost["distillation_tokens_per_candidate"], config.vocab_size, tokenizer, f"{where}.data"
+    )
     largest = _sized(target_config(config, first_keep(config, shape)), "the largest searched shape")
-    run = DistillSpec(steps=spec.score_steps, batch_size=spec.batch_size, seq_len=spec.seq_len, lr=spec.lr,
-                      dtype="float32")
-    return {"stage": "search", "kind": "search", "for": "prune[0]", "budget": spec.budget,
-            "candidates": planned["candidates"], "pool": planned["pool"], "scored": spec.candidates,
-            "score_steps": spec.score_steps, "largest": _params(largest),
-            "tokens": cost["distillation_tokens_per_candidate"], "data": data,
-            "flops_parts": {k: cost[k] for k in ("calibration", "one_shot", "distillation")}, "flops": cost["total"],
-            "parallel": False, "device": "gpu", "memory": pricing.distill_memory(run, largest, [teacher]),
-            "disk_bytes": {"store": data["store_bytes"],
-                           "models": (spec.candidates + 1) * pricing.MODEL_BYTES_PER_PARAM * largest["params"]}}
+    run = DistillSpec(
+        steps=spec.score_steps, batch_size=spec.batch_size, seq_len=spec.seq_len, lr=spec.lr, dtype="float32"
+    )
+    return {
+        "stage": "search",
+        "kind": "search",
+        "for": "prune[0]",
+        "budget": spec.budget,
+        "candidates": planned["candidates"],
+        "pool": planned["pool"],
+        "scored": spec.candidates,
+        "score_steps": spec.score_steps,
+        "largest": _params(largest),
+        "tokens": cost["distillation_tokens_per_candidate"],
+        "data": data,
+        "flops_parts": {k: cost[k] for k in ("calibration", "one_shot", "distillation")},
+        "flops": cost["total"],
+        "parallel": False,
+        "device": "gpu",
+        "memory": pricing.distill_memory(run, largest, [teacher]),
+        "disk_bytes": {
+            "store": data["store_bytes"],
+            "models": (spec.candidates + 1) * pricing.MODEL_BYTES_PER_PARAM * largest["params"],
+        },
+    }
 
 
 def _generate_stage(recipe: Recipe, teacher: dict) -> dict:
@@ -266,11 +343,18 @@ def _generate_stage(recipe: Recipe, teacher: dict) -> dict:
         _at("recipe.generate.prompts", lambda: check_data(spec.prompts))
     tokens = spec.max_tokens
     store = (2 if teacher["config"].vocab_size <= 1 << 16 else 4) * tokens
-    return {"stage": "generate", "kind": "generate", "tokens": tokens,
-            "flops_per_token": {"teacher_sampling": 2 * model["active"]}, "flops": 2 * model["active"] * tokens,
-            "parallel": False, "device": "gpu" if spec.device.startswith("cuda") else "cpu",
-            "memory": pricing.generate_memory(model, spec), "store_bytes": store,
-            "disk_bytes": {"store": store}}
+    return {
+        "stage": "generate",
+        "kind": "generate",
+        "tokens": tokens,
+        "flops_per_token": {"teacher_sampling": 2 * model["active"]},
+        "flops": 2 * model["active"] * tokens,
+        "parallel": False,
+        "device": "gpu" if spec.device.startswith("cuda") else "cpu",
+        "memory": pricing.generate_memory(model, spec),
+        "store_bytes": store,
+        "disk_bytes": {"store": store},
+    }
 
 
 def plan_recipe(recipe: Recipe) -> dict:
@@ -298,15 +382,30 @@ def plan_recipe(recipe: Recipe) -> dict:
         tokens = _capture_tokens(ref.step.options, entry["data"])
         for j, (cache, model) in enumerate(cached):
             number = sum(s["kind"] == "capture" for s in stages)
-            stages.append(_capture_stage(cache, model, ref.step, recipe.teacher.dtype, current["config"].vocab_size,
-                                         tokens, f"{ref.key}.caches[{j}]", number))
+            stages.append(
+                _capture_stage(
+                    cache,
+                    model,
+                    ref.step,
+                    recipe.teacher.dtype,
+                    current["config"].vocab_size,
+                    tokens,
+                    f"{ref.key}.caches[{j}]",
+                    number,
+                )
+            )
         stages.append(entry)
     _check_eval(recipe)
-    for stage in stages[searched[1] if searched else len(stages):]:
+    for stage in stages[searched[1] if searched else len(stages) :]:
         if stage["kind"] in ("prune", "distill"):  # the student's stages; a capture runs the teacher alone
             stage["estimate"] = ESTIMATE
-    return {"recipe": recipe.name, "teacher": {"model": recipe.teacher.model, "shape": _params(teacher)},
-            "stages": stages, "student": _params(current), **({"estimate": ESTIMATE} if searched else {})}
+    return {
+        "recipe": recipe.name,
+        "teacher": {"model": recipe.teacher.model, "shape": _params(teacher)},
+        "stages": stages,
+        "student": _params(current),
+        **({"estimate": ESTIMATE} if searched else {}),
+    }
 
 
 def _check_eval(recipe: Recipe) -> None:
@@ -323,8 +422,11 @@ def _check_eval(recipe: Recipe) -> None:
 
 def describe_data(d: dict) -> str:
     """``needs N tokens of SOURCE: M available (E epochs), store B GB`` for a table cell."""
-    have = "not tokenized yet" if d["tokens_available"] is None else (
-        f"{d['tokens_available']:,} available ({d['epochs']:.2f} epochs)")
+    have = (
+        "not tokenized yet"
+        if d["tokens_available"] is None
+        else (f"{d['tokens_available']:,} available ({d['epochs']:.2f} epochs)")
+    )
     return f"data {d['source']}: needs {d['tokens_needed']:,} tokens, {have}; store {d['store_bytes'] / 1e9:,.3f} GB"
 
 
@@ -336,37 +438,58 @@ def describe(stage: dict) -> tuple[str, str, str, str]:
 
 
 def _dims(shape: dict) -> str:
-    return (f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']} "
-            f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}")
+    return (
+        f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']} "
+        f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}"
+    )
 
 
 def _describe(stage: dict) -> tuple[str, str, str, str]:
     if stage["kind"] == "search":
         parts = stage["flops_parts"]
-        return ("search", f"{stage['candidates']:,} shapes within {stage['budget']}: a pool of {len(stage['pool'])} "
-                f"one-shot, the best {stage['scored']} distilled {stage['score_steps']} steps each; largest "
-                f"{_dims(stage['largest'])}",
-                f"calibration {parts['calibration']:.3g}, one-shot {parts['one_shot']:.3g}, distillation "
-                f"{parts['distillation']:.3g} at most", describe_data(stage["data"]))
+        return (
+            "search",
+            f"{stage['candidates']:,} shapes within {stage['budget']}: a pool of {len(stage['pool'])} "
+            f"one-shot, the best {stage['scored']} distilled {stage['score_steps']} steps each; largest "
+            f"{_dims(stage['largest'])}",
+            f"calibration {parts['calibration']:.3g}, one-shot {parts['one_shot']:.3g}, distillation "
+            f"{parts['distillation']:.3g} at most",
+            describe_data(stage["data"]),
+        )
     if stage["kind"] == "generate":
-        return ("generate", f"{stage['tokens']:,} tokens of teacher text",
-                f"teacher sampling {stage['flops_per_token']['teacher_sampling'] / 1e9:.1f} G",
-                f"store {stage['store_bytes'] / 1e9:,.3f} GB (the data source 'generated')")
+        return (
+            "generate",
+            f"{stage['tokens']:,} tokens of teacher text",
+            f"teacher sampling {stage['flops_per_token']['teacher_sampling'] / 1e9:.1f} G",
+            f"store {stage['store_bytes'] / 1e9:,.3f} GB (the data source 'generated')",
+        )
     if stage["kind"] == "prune":
         shape = stage["shape"]
-        rope = stage["rope"]["target"] + ("" if stage["rope"]["target"] == stage["rope"]["source"] else
-                                          f" (teacher: {stage['rope']['source']})")
-        return (stage["stage"], f"-> {stage['target']}: {_dims(shape)}; RoPE {rope}", f"{shape['params']:,}",
-                describe_data(stage["data"]))
+        rope = stage["rope"]["target"] + (
+            "" if stage["rope"]["target"] == stage["rope"]["source"] else f" (teacher: {stage['rope']['source']})"
+        )
+        return (
+            stage["stage"],
+            f"-> {stage['target']}: {_dims(shape)}; RoPE {rope}",
+            f"{shape['params']:,}",
+            describe_data(stage["data"]),
+        )
     if stage["kind"] == "capture":
-        return (stage["stage"], f"{stage['tokens']:,} tokens of {stage['teacher']} logits ({stage['mode']} "
-                f"{stage['k']}) for {stage['for']}", f"teacher {2 * stage['params'] / 1e9:.1f} G",
-                f"cache {stage['disk_bytes']['cache'] / 1e9:,.1f} GB ({stage['bytes_per_token']} B/token)")
+        return (
+            stage["stage"],
+            f"{stage['tokens']:,} tokens of {stage['teacher']} logits ({stage['mode']} "
+            f"{stage['k']}) for {stage['for']}",
+            f"teacher {2 * stage['params'] / 1e9:.1f} G",
+            f"cache {stage['disk_bytes']['cache'] / 1e9:,.1f} GB ({stage['bytes_per_token']} B/token)",
+        )
     flops = stage["flops_per_token"]
     memory = stage["memory_bytes"]
-    return (stage["stage"], f"{stage['tokens']:,} tokens",
-            f"student {flops['student_train'] / 1e9:.1f} G"
-            + (f" + on-policy sampling {flops['student_sampling'] / 1e9:.1f} G" if flops["student_sampling"] else "")
-            + f", live teachers {flops['live_teachers'] / 1e9:.1f} G",
-            f"{describe_data(stage['data'])}; training {memory['student_training'] / 1e9:.1f} GB + live teachers "
-            f"{memory['live_teachers'] / 1e9:.1f} GB")
+    return (
+        stage["stage"],
+        f"{stage['tokens']:,} tokens",
+        f"student {flops['student_train'] / 1e9:.1f} G"
+        + (f" + on-policy sampling {flops['student_sampling'] / 1e9:.1f} G" if flops["student_sampling"] else "")
+        + f", live teachers {flops['live_teachers'] / 1e9:.1f} G",
+        f"{describe_data(stage['data'])}; training {memory['student_training'] / 1e9:.1f} GB + live teachers "
+        f"{memory['live_teachers'] / 1e9:.1f} GB",
+    )

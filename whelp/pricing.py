@@ -53,8 +53,11 @@ class Gpu:
 
 # NVIDIA datasheets: H100 SXM5 989.4 TFLOP/s dense bf16, 80 GB; A100 SXM4 312 TFLOP/s, 80 GB; H200 SXM: H100's
 # compute with 141 GB of HBM3e.
-GPUS = {"h100": Gpu("h100", 989e12, 80 * 10**9), "a100": Gpu("a100", 312e12, 80 * 10**9),
-        "h200": Gpu("h200", 989e12, 141 * 10**9)}
+GPUS = {
+    "h100": Gpu("h100", 989e12, 80 * 10**9),
+    "a100": Gpu("a100", 312e12, 80 * 10**9),
+    "h200": Gpu("h200", 989e12, 141 * 10**9),
+}
 
 
 def parse_gpu(text: str) -> Gpu:
@@ -66,8 +69,10 @@ def parse_gpu(text: str) -> Gpu:
     except ValueError:
         peak = math.nan
     if not math.isfinite(peak) or peak < 1e9:
-        raise WhelpError(f"--gpu {text!r} is not valid; choose {', '.join(GPUS)}, or a GPU's peak dense bf16 FLOP/s "
-                         "as a number of at least 1e9 (e.g. 989e12, not 989)")
+        raise WhelpError(
+            f"--gpu {text!r} is not valid; choose {', '.join(GPUS)}, or a GPU's peak dense bf16 FLOP/s "
+            "as a number of at least 1e9 (e.g. 989e12, not 989)"
+        )
     return Gpu(f"{peak:.4g} FLOP/s", peak, None)
 
 
@@ -84,8 +89,13 @@ def part(what: str, nbytes: int, per_gpu: str = "replicated", teacher: str | Non
     weights."""
     if per_gpu not in ("replicated", "sharded", "gathered", "split"):
         raise ValueError(f"per_gpu {per_gpu!r}")
-    return {"what": what, "bytes": int(nbytes), "per_gpu": per_gpu, **({"teacher": teacher} if teacher else {}),
-            **({"ways": ways} if per_gpu == "split" else {})}
+    return {
+        "what": what,
+        "bytes": int(nbytes),
+        "per_gpu": per_gpu,
+        **({"teacher": teacher} if teacher else {}),
+        **({"ways": ways} if per_gpu == "split" else {}),
+    }
 
 
 def layer_activation_bytes(tokens: int, hidden: int, dtype_bytes: int) -> int:
@@ -135,23 +145,40 @@ def prune_memory(params: int) -> list[dict]:
     calibration activations), else it streams the shards layer by layer (whelp.pruning.streaming)."""
     from whelp.pruning.streaming import MEMORY_FACTOR
 
-    return [part(f"host RAM in memory: {MEMORY_FACTOR} x fp32 weights (streams layer by layer when short of it)",
-                 MEMORY_FACTOR * 4 * params)]
+    return [
+        part(
+            f"host RAM in memory: {MEMORY_FACTOR} x fp32 weights (streams layer by layer when short of it)",
+            MEMORY_FACTOR * 4 * params,
+        )
+    ]
 
 
-def capture_memory(model: dict, dtype: str, positions: int, chunk_size: int, vocab: int,
-                   tp_size: int = 1) -> list[dict]:
+def capture_memory(
+    model: dict, dtype: str, positions: int, chunk_size: int, vocab: int, tp_size: int = 1
+) -> list[dict]:
     """A capture's GPU: the teacher's weights in ``dtype`` (split over ``tp_size`` GPUs when tensor parallel), one
     layer's activations over ``positions`` = blocks per forward x seq_len (a forward without grad frees each layer's
     as the next runs; counted whole, an upper bound under tensor parallelism), the [chunk, V] fp32 logits."""
     d = DTYPE_BYTES[dtype]
-    weights = (part(f"teacher weights ({dtype}), tensor parallel over {tp_size}", d * model["params"], "split",
-                    teacher=model["name"], ways=tp_size) if tp_size > 1
-               else part(f"teacher weights ({dtype})", d * model["params"], teacher=model["name"]))
-    return [weights,
-            part(f"one layer's activations, {positions:,} positions",
-                 layer_activation_bytes(positions, model["config"].hidden_size, d)),
-            part("logit chunks", loss_chunk_bytes(chunk_size, vocab))]
+    weights = (
+        part(
+            f"teacher weights ({dtype}), tensor parallel over {tp_size}",
+            d * model["params"],
+            "split",
+            teacher=model["name"],
+            ways=tp_size,
+        )
+        if tp_size > 1
+        else part(f"teacher weights ({dtype})", d * model["params"], teacher=model["name"])
+    )
+    return [
+        weights,
+        part(
+            f"one layer's activations, {positions:,} positions",
+            layer_activation_bytes(positions, model["config"].hidden_size, d),
+        ),
+        part("logit chunks", loss_chunk_bytes(chunk_size, vocab)),
+    ]
 
 
 def generate_memory(model: dict, spec) -> list[dict]:
@@ -159,8 +186,10 @@ def generate_memory(model: dict, spec) -> list[dict]:
     from whelp.models import shape
 
     d, positions = DTYPE_BYTES[spec.dtype], spec.batch_size * (spec.prompt_tokens + spec.new_tokens)
-    return [part(f"weights ({spec.dtype})", d * model["params"], teacher=model["name"]),
-            part(f"KV cache, {positions:,} positions", kv_cache_bytes(positions, shape(model["config"]), d))]
+    return [
+        part(f"weights ({spec.dtype})", d * model["params"], teacher=model["name"]),
+        part(f"KV cache, {positions:,} positions", kv_cache_bytes(positions, shape(model["config"]), d)),
+    ]
 
 
 def distill_memory(spec, student: dict, live: list[dict]) -> list[dict]:
@@ -170,29 +199,42 @@ def distill_memory(spec, student: dict, live: list[dict]) -> list[dict]:
     no_grad and free their activations before the student's forward, so the larger of the two counts."""
     d = DTYPE_BYTES["float32" if spec.dtype == "float32" else "bfloat16"]  # auto: bf16 on GPUs
     cfg, positions = student["config"], spec.batch_size * spec.seq_len
-    parts = [part("student weights + grads + AdamW (16 B/param)", TRAIN_BYTES_PER_PARAM * student["params"],
-                  "sharded"),
-             part("student FSDP2 gathers (fp32)", gathered_bytes(student, 4), "gathered")]  # no MixedPrecisionPolicy
+    parts = [
+        part("student weights + grads + AdamW (16 B/param)", TRAIN_BYTES_PER_PARAM * student["params"], "sharded"),
+        part("student FSDP2 gathers (fp32)", gathered_bytes(student, 4), "gathered"),
+    ]  # no MixedPrecisionPolicy
     for m in live:
-        parts.append(part(f"live teacher {m['name']}", d * m["params"],
-                          "sharded" if spec.shard_teachers else "replicated", teacher=m["name"]))
+        parts.append(
+            part(
+                f"live teacher {m['name']}",
+                d * m["params"],
+                "sharded" if spec.shard_teachers else "replicated",
+                teacher=m["name"],
+            )
+        )
         if spec.shard_teachers:
             parts.append(part(f"live teacher {m['name']} FSDP2 gathers", gathered_bytes(m, d), "gathered"))
-    acts = max([training_activation_bytes(positions, cfg.hidden_size, cfg.num_hidden_layers, d,
-                                          spec.grad_checkpointing)]
-               + [layer_activation_bytes(positions, m["config"].hidden_size, d) for m in live])
+    acts = max(
+        [training_activation_bytes(positions, cfg.hidden_size, cfg.num_hidden_layers, d, spec.grad_checkpointing)]
+        + [layer_activation_bytes(positions, m["config"].hidden_size, d) for m in live]
+    )
     what = "activations" + (" (grad_checkpointing)" if spec.grad_checkpointing else "")
-    return parts + [part(f"{what}, {positions:,} positions", acts),
-                    part("live teachers' final hidden states", sum(positions * m["config"].hidden_size * d
-                                                                   for m in live)),
-                    part("loss chunks", loss_chunk_bytes(spec.chunk_size, cfg.vocab_size))]
+    return parts + [
+        part(f"{what}, {positions:,} positions", acts),
+        part("live teachers' final hidden states", sum(positions * m["config"].hidden_size * d for m in live)),
+        part("loss chunks", loss_chunk_bytes(spec.chunk_size, cfg.vocab_size)),
+    ]
 
 
 def memory_per_gpu(parts: list[dict], gpus: int) -> int:
     """Bytes on each of ``gpus`` GPUs: replicated parts whole, sharded parts / gpus (rounded up), gathered parts
     only when sharding happens (gpus > 1), split parts / their tensor-parallel ways."""
-    share = {"replicated": lambda p: p["bytes"], "sharded": lambda p: -(-p["bytes"] // gpus),
-             "gathered": lambda p: p["bytes"] if gpus > 1 else 0, "split": lambda p: -(-p["bytes"] // p["ways"])}
+    share = {
+        "replicated": lambda p: p["bytes"],
+        "sharded": lambda p: -(-p["bytes"] // gpus),
+        "gathered": lambda p: p["bytes"] if gpus > 1 else 0,
+        "split": lambda p: -(-p["bytes"] // p["ways"]),
+    }
     return sum(share[p["per_gpu"]](p) for p in parts)
 
 
@@ -206,18 +248,38 @@ def price(planned: dict, gpu: Gpu, gpus: int, mfu: float = MFU) -> dict:
         memory = memory_per_gpu(stage["memory"], n)
         fits = None if gpu.memory_bytes is None or stage["device"] == "cpu" else memory <= gpu.memory_bytes
         hours = stage["flops"] / (gpu.peak_flops * mfu) / 3600
-        stages.append({**stage, "gpus": n, "gpu_hours": hours, "wall_hours": hours / n,
-                       "memory": [{**p, "per_gpu_bytes": memory_per_gpu([p], n)} for p in stage["memory"]],
-                       "memory_per_gpu_bytes": memory, "fits": fits})
+        stages.append(
+            {
+                **stage,
+                "gpus": n,
+                "gpu_hours": hours,
+                "wall_hours": hours / n,
+                "memory": [{**p, "per_gpu_bytes": memory_per_gpu([p], n)} for p in stage["memory"]],
+                "memory_per_gpu_bytes": memory,
+                "fits": fits,
+            }
+        )
         if fits is False:
             warnings.append(_misfit(stages[-1], gpu))
         if stage.get("tp_size", 1) > 1 and n % stage["tp_size"]:
             t = stage["tp_size"]
-            warnings.append(f"{stage['stage']}: tp_size {t} needs a multiple of {t} GPUs, not {n} (the run refuses "
-                            f"it); price it with --gpus {t} or another multiple of {t}")
-    return {**planned, "stages": stages, "warnings": warnings, "totals": _totals(stages),
-            "pricing": {"gpu": gpu.name, "peak_flops": gpu.peak_flops, "gpu_memory_bytes": gpu.memory_bytes,
-                        "gpus": gpus, "mfu": mfu}}
+            warnings.append(
+                f"{stage['stage']}: tp_size {t} needs a multiple of {t} GPUs, not {n} (the run refuses "
+                f"it); price it with --gpus {t} or another multiple of {t}"
+            )
+    return {
+        **planned,
+        "stages": stages,
+        "warnings": warnings,
+        "totals": _totals(stages),
+        "pricing": {
+            "gpu": gpu.name,
+            "peak_flops": gpu.peak_flops,
+            "gpu_memory_bytes": gpu.memory_bytes,
+            "gpus": gpus,
+            "mfu": mfu,
+        },
+    }
 
 
 def _totals(stages: list[dict]) -> dict:
@@ -228,10 +290,13 @@ def _totals(stages: list[dict]) -> dict:
             source = s["data"]["source"] if "data" in s else GENERATED
             stores[source] = max(stores.get(source, 0), s["disk_bytes"]["store"])
     disk = sum(stores.values()) + sum(b for s in stages for k, b in s["disk_bytes"].items() if k != "store")
-    return {"flops": sum(s["flops"] for s in stages), "gpu_hours": sum(s["gpu_hours"] for s in stages),
-            "wall_hours": sum(s["wall_hours"] for s in stages),
-            "memory_per_gpu_bytes": max((s["memory_per_gpu_bytes"] for s in stages if s["device"] == "gpu"),
-                                        default=None), "disk_bytes": disk}
+    return {
+        "flops": sum(s["flops"] for s in stages),
+        "gpu_hours": sum(s["gpu_hours"] for s in stages),
+        "wall_hours": sum(s["wall_hours"] for s in stages),
+        "memory_per_gpu_bytes": max((s["memory_per_gpu_bytes"] for s in stages if s["device"] == "gpu"), default=None),
+        "disk_bytes": disk,
+    }
 
 
 def _misfit(stage: dict, gpu: Gpu) -> str:
@@ -242,20 +307,30 @@ def _misfit(stage: dict, gpu: Gpu) -> str:
         whole = [p for p in stage["memory"] if p.get("teacher") and p["per_gpu"] == "replicated"]
         if whole:
             names = ", ".join(f"{p['teacher']} ({p['bytes'] / 1e9:,.1f} GB)" for p in whole)
-            return (f"{stage['stage']}: the live teacher{'s' * (len(whole) > 1)} {names} will not fit beside the "
-                    f"student on one {gpu.name} ({have:,.0f} GB; the step needs {need:,.1f} GB per GPU): cache it "
-                    "(move it to the step's caches:) or set shard_teachers: true")
-        return f"{head}: use more GPUs (--gpus), a lower batch_size (raise grad_accum to keep the step) or " \
-               "grad_checkpointing: true"
+            return (
+                f"{stage['stage']}: the live teacher{'s' * (len(whole) > 1)} {names} will not fit beside the "
+                f"student on one {gpu.name} ({have:,.0f} GB; the step needs {need:,.1f} GB per GPU): cache it "
+                "(move it to the step's caches:) or set shard_teachers: true"
+            )
+        return (
+            f"{head}: use more GPUs (--gpus), a lower batch_size (raise grad_accum to keep the step) or "
+            "grad_checkpointing: true"
+        )
     if stage["kind"] == "capture":
         teacher = [p for p in stage["memory"] if p.get("teacher")]
         weights = sum(p["bytes"] for p in teacher)  # whole, whatever tp_size the stage has now
         rest = stage["memory_per_gpu_bytes"] - sum(p["per_gpu_bytes"] for p in teacher)
         split = 2 ** math.ceil(math.log2(weights / (gpu.memory_bytes - rest))) if rest < gpu.memory_bytes else None
-        how = (f"split it tensor-parallel over at least {split} GPUs (tp_size: {split} on the recipe's cache entry, "
-               f"or whelp cache-logits --tp-size {split}, under torchrun)" if split else "lower its batch")
-        return f"{head}: the teacher {stage['teacher']} alone is {weights / 1e9:,.1f} GB; {how}, or use GPUs with " \
-               "more memory"
+        how = (
+            f"split it tensor-parallel over at least {split} GPUs (tp_size: {split} on the recipe's cache entry, "
+            f"or whelp cache-logits --tp-size {split}, under torchrun)"
+            if split
+            else "lower its batch"
+        )
+        return (
+            f"{head}: the teacher {stage['teacher']} alone is {weights / 1e9:,.1f} GB; {how}, or use GPUs with "
+            "more memory"
+        )
     return f"{head}: lower its batch_size, or use GPUs with more memory"
 
 
@@ -273,14 +348,29 @@ def describe_cost(stage: dict) -> tuple[str, ...]:
     """One row of the cost table: stage, FLOPs, GPU-hours, wall hours on its GPUs, memory per GPU, disk (GB)."""
     host = stage["device"] == "cpu"
     where = "(CPU stage)" if host else f"on {stage['gpus']} GPU{'s' * (stage['gpus'] > 1)}"
-    memory = f"{gb(stage['memory_per_gpu_bytes'])} GB" + (" host" if host else "") + (
-        " (does not fit)" if stage["fits"] is False else "")
+    memory = (
+        f"{gb(stage['memory_per_gpu_bytes'])} GB"
+        + (" host" if host else "")
+        + (" (does not fit)" if stage["fits"] is False else "")
+    )
     disk = ", ".join(f"{k} {gb(b)}" for k, b in stage["disk_bytes"].items() if b)
-    return (stage["stage"], f"{stage['flops']:.3g}", _hours(stage["gpu_hours"]),
-            f"{_hours(stage['wall_hours'])} {where}", memory, f"{disk} GB" if disk else "0 GB")
+    return (
+        stage["stage"],
+        f"{stage['flops']:.3g}",
+        _hours(stage["gpu_hours"]),
+        f"{_hours(stage['wall_hours'])} {where}",
+        memory,
+        f"{disk} GB" if disk else "0 GB",
+    )
 
 
 def describe_total(totals: dict) -> tuple[str, ...]:
     peak = totals["memory_per_gpu_bytes"]
-    return ("total", f"{totals['flops']:.3g}", _hours(totals["gpu_hours"]), _hours(totals["wall_hours"]),
-            "-" if peak is None else f"{gb(peak)} GB peak", f"{gb(totals['disk_bytes'])} GB")
+    return (
+        "total",
+        f"{totals['flops']:.3g}",
+        _hours(totals["gpu_hours"]),
+        _hours(totals["wall_hours"]),
+        "-" if peak is None else f"{gb(peak)} GB peak",
+        f"{gb(totals['disk_bytes'])} GB",
+    )

@@ -21,8 +21,18 @@ from typing import Literal
 
 from whelp.errors import WhelpError
 from whelp.schema import apply_override, build, load_yaml, to_dict
-from whelp.specs import (TEACHER, CacheSpec, DistillSpec, EvalSpec, GenerateSpec, PruneSpec, SearchSpec,
-                         check_on_policy, check_weights, parse_mixture)
+from whelp.specs import (
+    TEACHER,
+    CacheSpec,
+    DistillSpec,
+    EvalSpec,
+    GenerateSpec,
+    PruneSpec,
+    SearchSpec,
+    check_on_policy,
+    check_weights,
+    parse_mixture,
+)
 from whelp.store import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -125,8 +135,10 @@ class DistillStep:
         check_on_policy([t.weight for t in self.teachers], self.options)
         for i, cache in enumerate(self.caches):
             if cache.temperature != self.options.temperature:
-                raise WhelpError(f"caches[{i}].temperature {cache.temperature} differs from the loss temperature "
-                                 f"{self.options.temperature}; cache at the temperature the step distils at")
+                raise WhelpError(
+                    f"caches[{i}].temperature {cache.temperature} differs from the loss temperature "
+                    f"{self.options.temperature}; cache at the temperature the step distils at"
+                )
 
 
 @dataclass(frozen=True)
@@ -147,20 +159,26 @@ class Recipe:
     def __post_init__(self):
         check_name(self.name, "recipe.name")  # it becomes the directory runs/NAME
         if self.license is not None and not LICENSE_ID.fullmatch(self.license):
-            raise WhelpError(f"recipe.license: {self.license!r} is not a Hub licence id; write one of "
-                             "https://huggingface.co/docs/hub/repositories-licenses (apache-2.0, mit, llama3.1, other)")
+            raise WhelpError(
+                f"recipe.license: {self.license!r} is not a Hub licence id; write one of "
+                "https://huggingface.co/docs/hub/repositories-licenses (apache-2.0, mit, llama3.1, other)"
+            )
         for i, code in enumerate(self.language):
             if not LANGUAGE_CODE.fullmatch(code):
                 raise WhelpError(f"recipe.language[{i}]: {code!r} is not an ISO 639 language code (en, fr, pt-BR)")
         if not self.prune:
             raise WhelpError("prune: a recipe needs at least one prune step (the student starts as a pruned teacher)")
         if self.distill and len(self.distill) != len(self.prune):
-            raise WhelpError(f"distill: {len(self.distill)} steps for {len(self.prune)} prune steps; give one distill "
-                             "step per prune step (they alternate), or none")
+            raise WhelpError(
+                f"distill: {len(self.distill)} steps for {len(self.prune)} prune steps; give one distill "
+                "step per prune step (they alternate), or none"
+            )
         for i, step in enumerate(self.prune[1:], 1):
             if isinstance(step.target, SearchTarget):
-                raise WhelpError(f"recipe.prune[{i}].target: a search runs from the teacher, so only prune[0] may "
-                                 "search; give this step a preset, config.json or key=value target")
+                raise WhelpError(
+                    f"recipe.prune[{i}].target: a search runs from the teacher, so only prune[0] may "
+                    "search; give this step a preset, config.json or key=value target"
+                )
         self._check_generated()
 
     def search(self) -> SearchSpec | None:
@@ -186,13 +204,17 @@ class Recipe:
             if GENERATED not in (source for source, _ in parse_mixture(spec)):
                 continue
             if where.startswith("eval."):
-                raise WhelpError(f"recipe.{where}: '{GENERATED}' is the teacher text the build trains on, not held-out "
-                                 "text; evaluate on sources no stage trains on (pydoc:eval, licenses, a file)")
+                raise WhelpError(
+                    f"recipe.{where}: '{GENERATED}' is the teacher text the build trains on, not held-out "
+                    "text; evaluate on sources no stage trains on (pydoc:eval, licenses, a file)"
+                )
             if self.generate is None:
-                raise WhelpError(f"recipe.{where}: '{GENERATED}' reads the teacher text of the recipe's generate section, "
-                                 "which is missing; add generate: {max_tokens: N} (whelp generate's options)")
+                raise WhelpError(
+                    f"recipe.{where}: '{GENERATED}' reads the teacher text of the recipe's generate section, "
+                    "which is missing; add generate: {max_tokens: N} (whelp generate's options)"
+                )
 
-    def stages(self) -> list["StageRef"]:
+    def stages(self) -> list[StageRef]:
         """The prune and distill steps in the order they run (prune[0], distill[0], prune[1], ...), each with its
         recipe key and the label its model has in reports (``pruned``, ``distilled``; ``pruned-2`` when chained)."""
         out: list[StageRef] = []
@@ -284,12 +306,18 @@ def _fill_defaults(raw: dict) -> dict:
         raw[key] = [_mixtures(s, f"recipe.{key}[{i}]") if isinstance(s, dict) else s for i, s in enumerate(raw[key])]
     data = to_dict(build(DataSection, raw.get("data"), "recipe.data"))  # its errors name recipe.data, not a stage
     seed = build(SeedOnly, {"seed": raw.get("seed", 0)}, "recipe").seed
-    raw["prune"] = [_search_target({"calib": data["calib"], "seq_len": data["seq_len"], "seed": seed, **(s or {})},
-                                   data, f"recipe.prune[{i}]") for i, s in enumerate(raw["prune"])]
+    raw["prune"] = [
+        _search_target(
+            {"calib": data["calib"], "seq_len": data["seq_len"], "seed": seed, **(s or {})}, data, f"recipe.prune[{i}]"
+        )
+        for i, s in enumerate(raw["prune"])
+    ]
     if isinstance(raw.get("generate"), dict):
         raw["generate"] = {"seed": seed, **raw["generate"]}
-    raw["distill"] = [{"data": data["train"], "eval_data": data["eval"], "seq_len": data["seq_len"], "seed": seed,
-                       **(s or {})} for s in raw["distill"]]
+    raw["distill"] = [
+        {"data": data["train"], "eval_data": data["eval"], "seq_len": data["seq_len"], "seed": seed, **(s or {})}
+        for s in raw["distill"]
+    ]
     if isinstance(raw.get("eval", {}), dict):
         raw["eval"] = {"ppl": [data["eval"]], "seq_len": data["seq_len"], **(raw.get("eval") or {})}
     return raw
@@ -306,8 +334,12 @@ def _search_target(step: dict, data: dict, path: str) -> dict:
     if isinstance(search, dict):
         options = build(PruneSpec, {k: step[k] for k in SEARCH_FROM_STEP if k in step}, path)
         inherited = {k: getattr(options, k) for k in SEARCH_FROM_STEP}
-        search = {**inherited, "data": data["train"], "eval_data": data["eval"],
-                  **_mixtures(search, f"{path}.target.search")}
+        search = {
+            **inherited,
+            "data": data["train"],
+            "eval_data": data["eval"],
+            **_mixtures(search, f"{path}.target.search"),
+        }
         target = {**target, "search": search}
     return {**step, "target": build(SearchTarget, target, f"{path}.target")}
 

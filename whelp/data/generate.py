@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -59,10 +59,20 @@ def generation_config(spec: GenerateSpec, tokenizer):
 
     sample = spec.temperature > 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return GenerationConfig(max_new_tokens=spec.new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1,
-                            temperature=spec.temperature if sample else 1.0, top_p=spec.top_p if sample else 1.0,
-                            top_k=spec.top_k if sample else 0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    return GenerationConfig(
+        max_new_tokens=spec.new_tokens,
+        min_new_tokens=0,
+        do_sample=sample,
+        num_beams=1,
+        temperature=spec.temperature if sample else 1.0,
+        top_p=spec.top_p if sample else 1.0,
+        top_k=spec.top_k if sample else 0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
 
 
 @torch.no_grad()
@@ -73,29 +83,48 @@ def sample(model, prompts: list[list[int]], config, seed: int) -> list[np.ndarra
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
     torch.manual_seed(seed)
-    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                         generation_config=config).cpu()[:, width:]
+    out = model.generate(
+        input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config
+    ).cpu()[:, width:]
     ended = out == eos
     lengths = torch.where(ended.any(1), ended.int().argmax(1), torch.tensor(out.shape[1])).tolist()
-    return [np.concatenate([prompt, out[row, :n].numpy(), [eos]])
-            for row, (prompt, n) in enumerate(zip(prompts, lengths))]
+    return [
+        np.concatenate([prompt, out[row, :n].numpy(), [eos]]) for row, (prompt, n) in enumerate(zip(prompts, lengths))
+    ]
 
 
 def _identity(spec: GenerateSpec, tokenizer, teacher_name: str, teacher_dir: Path, shard_tokens: int) -> dict:
     """A token store's identity whose source is the teacher's files, with every sampling setting."""
     settings = {k: v for k, v in asdict(spec).items() if k != "max_tokens"}
-    generation = {**settings, "teacher": teacher_name,
-                  "prompts_identity": source_identity(spec.prompts) if spec.prompts else None}
-    return tokenstore.manifest_identity(tokenizer, f"generate:{teacher_name}",
-                                        store.content_id(store.path_identity(teacher_dir)), spec.max_tokens,
-                                        shard_tokens, generation=generation)
+    generation = {
+        **settings,
+        "teacher": teacher_name,
+        "prompts_identity": source_identity(spec.prompts) if spec.prompts else None,
+    }
+    return tokenstore.manifest_identity(
+        tokenizer,
+        f"generate:{teacher_name}",
+        store.content_id(store.path_identity(teacher_dir)),
+        spec.max_tokens,
+        shard_tokens,
+        generation=generation,
+    )
 
 
-def generate(model, tokenizer, out: str | Path, spec: GenerateSpec, teacher_name: str, teacher_dir: Path,
-             force: bool = False, progress: bool = True, shard_tokens: int = SHARD_TOKENS) -> Path:
+def generate(
+    model,
+    tokenizer,
+    out: str | Path,
+    spec: GenerateSpec,
+    teacher_name: str,
+    teacher_dir: Path,
+    force: bool = False,
+    progress: bool = True,
+    shard_tokens: int = SHARD_TOKENS,
+) -> Path:
     """Write ``spec.max_tokens`` tokens sampled from ``model`` (the teacher ``teacher_name``, files at
     ``teacher_dir``; or a function that loads it, called only once ``out`` is known to need work) to the token store
     ``out``; resumes an interrupted run of the same call."""
@@ -109,8 +138,9 @@ def generate(model, tokenizer, out: str | Path, spec: GenerateSpec, teacher_name
     return tokenstore.write(Path(out).expanduser(), identity, force, fill)
 
 
-def generate_store(teacher: str, out: str | Path, spec: GenerateSpec, force: bool = False,
-                   policy: LoadPolicy = LoadPolicy()) -> Path:
+def generate_store(
+    teacher: str, out: str | Path, spec: GenerateSpec, force: bool = False, policy: LoadPolicy = LoadPolicy()
+) -> Path:
     """``whelp generate``: check the inputs, then sample from the teacher directory or registered name."""
     from whelp.data import check_source
     from whelp.models import check_device, load_model, load_tokenizer, locate
@@ -131,7 +161,9 @@ def _fill(out: Path, manifest: dict, model, tokenizer, spec: GenerateSpec, confi
     parts, held, batches, t0 = [], 0, 0, time.perf_counter()
     with Progress("generating (tokens)", spec.max_tokens, total, enabled=progress) as bar:
         for index in itertools.count(done):
-            seqs = sample(model, list(itertools.islice(prompts, spec.batch_size)), config, spec.seed * 1_000_003 + index)
+            seqs = sample(
+                model, list(itertools.islice(prompts, spec.batch_size)), config, spec.seed * 1_000_003 + index
+            )
             parts.extend(seqs)
             held, batches = held + sum(map(len, seqs)), batches + 1
             last = total + held >= spec.max_tokens

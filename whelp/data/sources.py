@@ -65,8 +65,9 @@ def _jsonl_documents(path: Path, text_column: str) -> Iterator[str]:
             except json.JSONDecodeError:
                 raise WhelpError(f"{path}:{lineno} is not valid JSON") from None
             if text_column not in row:
-                raise WhelpError(f"{path}:{lineno} has no '{text_column}' column (has: {', '.join(row)}); "
-                                 "pass the right text column")
+                raise WhelpError(
+                    f"{path}:{lineno} has no '{text_column}' column (has: {', '.join(row)}); pass the right text column"
+                )
             yield str(row[text_column])
 
 
@@ -80,8 +81,10 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
             yield from _jsonl_documents(path, text_column)
             return
     except UnicodeDecodeError as exc:
-        raise WhelpError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start} of a "
-                         "chunk); convert it, e.g. iconv -f latin1 -t utf-8") from None
+        raise WhelpError(
+            f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start} of a "
+            "chunk); convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -90,8 +93,10 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
     except (pa.ArrowException, OSError) as exc:
         raise WhelpError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0]})") from None
     if text_column not in table.schema_arrow.names:
-        raise WhelpError(f"{path} has no '{text_column}' column (has: {', '.join(table.schema_arrow.names)}); "
-                         "pass the right text column")
+        raise WhelpError(
+            f"{path} has no '{text_column}' column (has: {', '.join(table.schema_arrow.names)}); "
+            "pass the right text column"
+        )
     for batch in table.iter_batches(columns=[text_column], batch_size=1024):
         yield from (str(v) for v in batch.column(0).to_pylist())
 
@@ -99,8 +104,10 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
 def _hf_documents(spec: str, max_chars: int | None) -> Iterator[str]:
     parts = spec.split(":")[1:]
     if len(parts) not in (2, 3, 4):
-        raise WhelpError(f"bad dataset spec '{spec}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
-                         "hf:NAME:CONFIG:SPLIT:COLUMN (CONFIG may be empty)")
+        raise WhelpError(
+            f"bad dataset spec '{spec}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
+            "hf:NAME:CONFIG:SPLIT:COLUMN (CONFIG may be empty)"
+        )
     if len(parts) == 2:
         parts = [parts[0], "", parts[1]]
     name, config, split = parts[:3]
@@ -125,14 +132,20 @@ def _hf_documents(spec: str, max_chars: int | None) -> Iterator[str]:
 def _local_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if not path.exists():
-        raise WhelpError(f"no such data file or directory: {spec} "
-                         "(use a .txt/.jsonl/.parquet path, pydoc:calib|train|eval, licenses, or hf:NAME:SPLIT)")
+        raise WhelpError(
+            f"no such data file or directory: {spec} "
+            "(use a .txt/.jsonl/.parquet path, pydoc:calib|train|eval, licenses, or hf:NAME:SPLIT)"
+        )
     if path.is_file() and path.suffix not in TEXT_SUFFIXES:
         raise WhelpError(f"unsupported data file {path}: expected one of {', '.join(TEXT_SUFFIXES)}")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES  # hidden files are not data
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.suffix in TEXT_SUFFIXES  # hidden files are not data
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     if not files and not (path / "whelp.json").exists():
         raise WhelpError(f"directory {spec} holds no {', '.join(TEXT_SUFFIXES)} files (nor is it a token store)")
     return files
@@ -145,8 +158,10 @@ def check_source(spec: str) -> None:
             raise WhelpError(f"unknown pydoc split '{spec.split(':', 1)[1]}'; choose one of {', '.join(PYDOC_SPLITS)}")
     elif spec.startswith("hf:"):
         if len(spec.split(":")) not in (3, 4, 5):
-            raise WhelpError(f"bad dataset spec '{spec}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
-                             "hf:NAME:CONFIG:SPLIT:COLUMN (CONFIG may be empty)")
+            raise WhelpError(
+                f"bad dataset spec '{spec}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
+                "hf:NAME:CONFIG:SPLIT:COLUMN (CONFIG may be empty)"
+            )
     else:
         _local_files(_local(spec))
 

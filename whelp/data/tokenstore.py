@@ -78,11 +78,17 @@ def _encode(docs: list[str], dtype: str, tokenizer=None) -> tuple[int, np.ndarra
         def batch(texts):
             return [e.ids for e in encode(texts, add_special_tokens=False)]
     else:
+
         def batch(texts):
             return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
     short = iter(batch([d for d in docs if len(d) <= MAX_DOC_CHARS]))
-    ids = [next(short) if len(d) <= MAX_DOC_CHARS else list(itertools.chain.from_iterable(
-        batch([piece])[0] for piece in _pieces(d))) for d in docs]
+    ids = [
+        next(short)
+        if len(d) <= MAX_DOC_CHARS
+        else list(itertools.chain.from_iterable(batch([piece])[0] for piece in _pieces(d)))
+        for d in docs
+    ]
     out = np.empty(sum(map(len, ids)) + len(ids), dtype=dtype)
     at = 0
     for row in ids:
@@ -121,17 +127,28 @@ def _encoded(docs, tokenizer, num_proc: int, dtype: str):
         yield from pool.imap(functools.partial(_encode, dtype=dtype), _chunks(docs, CHUNK_DOCS), chunksize=4)
 
 
-def manifest_identity(tokenizer, source: str, source_id, max_tokens: int | None, shard_tokens: int,
-                      text_column: str = "text", **extra) -> dict:
+def manifest_identity(
+    tokenizer, source: str, source_id, max_tokens: int | None, shard_tokens: int, text_column: str = "text", **extra
+) -> dict:
     """What a store holds, for its manifest and for resuming: the tokenizer (hash, vocabulary, EOS, token dtype),
     the source and its identity, the token bound, the shard size, and ``extra`` (a generated store's settings)."""
     vocab = len(tokenizer)
     if tokenizer.eos_token_id is None:
         raise WhelpError("the tokenizer has no EOS token to separate documents")
-    return {"format": FORMAT, "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
-            "tokenizer_sha256": tokenizer_hash(tokenizer), "vocab_size": vocab, "eos_id": tokenizer.eos_token_id,
-            "dtype": token_dtype(vocab).name, "source": source, "source_identity": source_id,
-            "max_tokens": max_tokens, "text_column": text_column, "shard_tokens": shard_tokens, **extra}
+    return {
+        "format": FORMAT,
+        "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
+        "tokenizer_sha256": tokenizer_hash(tokenizer),
+        "vocab_size": vocab,
+        "eos_id": tokenizer.eos_token_id,
+        "dtype": token_dtype(vocab).name,
+        "source": source,
+        "source_identity": source_id,
+        "max_tokens": max_tokens,
+        "text_column": text_column,
+        "shard_tokens": shard_tokens,
+        **extra,
+    }
 
 
 def _maker(manifest: dict) -> str:
@@ -144,9 +161,14 @@ def _write_shard(out: Path, index: int, tokens: np.ndarray, n_docs: int, dtype: 
     name = f"tokens-{index:05d}.bin"
     store.write_bytes(out / name, data)
     step = CHUNK_TOKENS * dtype.itemsize
-    return {"file": name, "tokens": len(tokens), "documents": n_docs, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "chunk_sha256": [hashlib.sha256(data[i : i + step]).hexdigest() for i in range(0, len(data), step)]}
+    return {
+        "file": name,
+        "tokens": len(tokens),
+        "documents": n_docs,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "chunk_sha256": [hashlib.sha256(data[i : i + step]).hexdigest() for i in range(0, len(data), step)],
+    }
 
 
 def _resumable(out: Path, identity: dict, force: bool) -> dict | None:
@@ -160,8 +182,10 @@ def _resumable(out: Path, identity: dict, force: bool) -> dict | None:
     old = store.read_record(out / MANIFEST, f"re-run {_maker(identity)} with --force to rebuild {out}")
     diff = [k for k in identity if k != "tokenizer" and old.get(k) != identity[k]]  # the hash decides
     if diff:
-        raise WhelpError(f"{out} holds a token store of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
-                         f"{identity[diff[0]]!r} now); pass --force to replace it or choose another --out")
+        raise WhelpError(
+            f"{out} holds a token store of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
+            f"{identity[diff[0]]!r} now); pass --force to replace it or choose another --out"
+        )
     store.clean_stale(out)
     good = list(itertools.takewhile(lambda s: _shard_problem(out, s, identity["dtype"]) is None, old["shards"]))
     if old["complete"] and len(good) == len(old["shards"]):
@@ -169,9 +193,17 @@ def _resumable(out: Path, identity: dict, force: bool) -> dict | None:
     return {**identity, "shards": good, "complete": False}
 
 
-def tokenize(spec: str, tokenizer, out: str | Path, num_proc: int | None = None, max_tokens: int | None = None,
-             text_column: str = "text", force: bool = False, shard_tokens: int = SHARD_TOKENS,
-             progress: bool = True) -> Path:
+def tokenize(
+    spec: str,
+    tokenizer,
+    out: str | Path,
+    num_proc: int | None = None,
+    max_tokens: int | None = None,
+    text_column: str = "text",
+    force: bool = False,
+    shard_tokens: int = SHARD_TOKENS,
+    progress: bool = True,
+) -> Path:
     """Tokenize source ``spec`` once into a token store at ``out``; resumes an interrupted run of the same call.
 
     ``num_proc`` worker processes (default: every core) tokenize chunks of documents in order, so 1 and N
@@ -250,9 +282,16 @@ def flush(out: Path, manifest: dict, parts: list, n_docs: int, **extra) -> int:
 def seal(out: Path, manifest: dict, total: int) -> None:
     """Mark the store complete: totals and the fingerprint (the sha256 of the shards' sha256s)."""
     shas = [s["sha256"] for s in manifest["shards"]]
-    store.write_record(out / MANIFEST, {**manifest, "complete": True, "total_tokens": total,
-                                        "documents": sum(s["documents"] for s in manifest["shards"]),
-                                        "fingerprint": store.content_id([manifest["dtype"], shas])})
+    store.write_record(
+        out / MANIFEST,
+        {
+            **manifest,
+            "complete": True,
+            "total_tokens": total,
+            "documents": sum(s["documents"] for s in manifest["shards"]),
+            "fingerprint": store.content_id([manifest["dtype"], shas]),
+        },
+    )
 
 
 def _shard_problem(path: Path, shard: dict, dtype: str, full: bool = True) -> str | None:
@@ -288,9 +327,11 @@ class TokenStore:
             if (i, c) not in self._verified:
                 chunk = tokens[c * CHUNK_TOKENS : (c + 1) * CHUNK_TOKENS].tobytes()
                 if hashlib.sha256(chunk).hexdigest() != shard["chunk_sha256"][c]:
-                    raise WhelpError(f"token store shard {self.path / shard['file']} is corrupted (sha256 of its "
-                                     f"chunk {c} differs from the manifest); re-run the {_maker(self.manifest)} "
-                                     "command that made it (it rewrites damaged shards)")
+                    raise WhelpError(
+                        f"token store shard {self.path / shard['file']} is corrupted (sha256 of its "
+                        f"chunk {c} differs from the manifest); re-run the {_maker(self.manifest)} "
+                        "command that made it (it rewrites damaged shards)"
+                    )
                 self._verified.add((i, c))
         return tokens[a:b]
 
@@ -318,16 +359,22 @@ def open_store(path: str | Path, tokenizer=None) -> TokenStore:
     if m.get("format") != FORMAT:
         raise WhelpError(f"{path} has token-store format {m.get('format')}, this whelp reads {FORMAT}; re-tokenize")
     if not m["complete"]:
-        raise WhelpError(f"{path} is incomplete ({len(m['shards'])} shards written, interrupted); re-run the same "
-                         f"{maker} command to resume it")
+        raise WhelpError(
+            f"{path} is incomplete ({len(m['shards'])} shards written, interrupted); re-run the same "
+            f"{maker} command to resume it"
+        )
     if tokenizer is not None and tokenizer_hash(tokenizer) != m["tokenizer_sha256"]:
         mine = getattr(tokenizer, "name_or_path", "") or "the model's tokenizer"
-        raise WhelpError(f"{path} was tokenized with {m['tokenizer'] or 'another tokenizer'} (sha256 "
-                         f"{m['tokenizer_sha256'][:12]}), not with {mine} ({tokenizer_hash(tokenizer)[:12]}): token ids "
-                         "would not match; tokenize the source with the model's tokenizer")
+        raise WhelpError(
+            f"{path} was tokenized with {m['tokenizer'] or 'another tokenizer'} (sha256 "
+            f"{m['tokenizer_sha256'][:12]}), not with {mine} ({tokenizer_hash(tokenizer)[:12]}): token ids "
+            "would not match; tokenize the source with the model's tokenizer"
+        )
     for shard in m["shards"]:
         problem = _shard_problem(path, shard, m["dtype"], full=False)
         if problem:
-            raise WhelpError(f"token store shard {path / shard['file']} {problem}; re-run the {maker} command "
-                             "that made it (it rewrites damaged shards)")
+            raise WhelpError(
+                f"token store shard {path / shard['file']} {problem}; re-run the {maker} command "
+                "that made it (it rewrites damaged shards)"
+            )
     return TokenStore(path, m)

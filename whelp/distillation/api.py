@@ -34,8 +34,14 @@ def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
     changed on disk is a different run, never resumed."""
     from whelp.data import data_identity, source_identity
 
-    return store.content_id([source_identity(student), [source_identity(t) for t, _ in teachers],
-                             [source_identity(c) for c, _ in caches], data_identity(spec.data)])
+    return store.content_id(
+        [
+            source_identity(student),
+            [source_identity(t) for t, _ in teachers],
+            [source_identity(c) for c, _ in caches],
+            data_identity(spec.data),
+        ]
+    )
 
 
 def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: LoadPolicy):
@@ -56,9 +62,11 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
     for name, _ in teachers:
         theirs = load_tokenizer(name, policy)
         if tokenizer_hash(theirs) != mine:
-            raise WhelpError(f"teacher {name} has another tokenizer than the student {student} ({len(theirs):,} vs "
-                             f"{len(tokenizer):,} tokens{', other ids' if len(theirs) == len(tokenizer) else ''}): "
-                             "token-level distillation needs the same token ids; use a teacher of the student's family")
+            raise WhelpError(
+                f"teacher {name} has another tokenizer than the student {student} ({len(theirs):,} vs "
+                f"{len(tokenizer):,} tokens{', other ids' if len(theirs) == len(tokenizer) else ''}): "
+                "token-level distillation needs the same token ids; use a teacher of the student's family"
+            )
     config = load_config(student, policy)
     check_positions(config, spec.seq_len, "--seq-len")
     vocab = config.get_text_config().vocab_size
@@ -66,18 +74,31 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
     for path, _ in caches:
         cache = open_cache(path, student_vocab_size=vocab, tokenizer=tokenizer)
         if not math.isclose(cache.manifest["temperature"], spec.temperature):
-            raise WhelpError(f"cache {path} was made at temperature {cache.manifest['temperature']} but the loss "
-                             f"uses {spec.temperature}; pass --temperature {cache.manifest['temperature']} or rebuild")
+            raise WhelpError(
+                f"cache {path} was made at temperature {cache.manifest['temperature']} but the loss "
+                f"uses {spec.temperature}; pass --temperature {cache.manifest['temperature']} or rebuild"
+            )
         if cache.manifest["mode"] == "sample" and spec.loss != "forward_kl":
-            raise WhelpError(f"cache {path} holds teacher samples, which estimate only forward_kl without bias "
-                             f"(Anshumann et al. 2025), not {spec.loss}; use --loss forward_kl or a top-k cache")
+            raise WhelpError(
+                f"cache {path} holds teacher samples, which estimate only forward_kl without bias "
+                f"(Anshumann et al. 2025), not {spec.loss}; use --loss forward_kl or a top-k cache"
+            )
         opened.append(cache)
     return tokenizer, opened
 
 
-def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tuple[str, float], ...] = (),
-                caches: tuple[tuple[str, float], ...] = (), force: bool = False, resume: bool = False,
-                progress: bool = True, stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> dict:
+def distill_run(
+    student: str,
+    out: Path,
+    spec: DistillSpec,
+    teachers: tuple[tuple[str, float], ...] = (),
+    caches: tuple[tuple[str, float], ...] = (),
+    force: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    stage_key: str | None = None,
+    policy: LoadPolicy = LoadPolicy(),
+) -> dict:
     """Distil ``student`` from weighted live ``teachers`` and/or teacher-logit ``caches``; returns the report.
     ``stage_key`` (a build's key of this step's inputs) is recorded in ``out``'s marker."""
     from whelp.data import open_blocks, stream_tokens
@@ -88,11 +109,18 @@ def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tupl
     tokenizer, opened = check_inputs(student, teachers, caches, spec, policy)
     world = parallel.init_world()
     try:
-        identity = {"student": student, "teachers": [list(t) for t in teachers], "caches": [list(c) for c in caches],
-                    "spec": asdict(spec), "world_size": world.size, "inputs": _inputs(student, teachers, caches, spec)}
+        identity = {
+            "student": student,
+            "teachers": [list(t) for t in teachers],
+            "caches": [list(c) for c in caches],
+            "spec": asdict(spec),
+            "world_size": world.size,
+            "inputs": _inputs(student, teachers, caches, spec),
+        }
         rdir, changed, spec = run_state.prepare(out, identity, force, resume, world, spec)  # grad_accum for world
-        blocks = parallel.main_first(world, lambda: open_blocks(spec.data, tokenizer, spec.seq_len,
-                                                                max_tokens=spec.max_tokens))
+        blocks = parallel.main_first(
+            world, lambda: open_blocks(spec.data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
+        )
         for cache in opened:
             cache.check_blocks(blocks)
         eval_ids = parallel.main_first(world, lambda: stream_tokens(spec.eval_data, tokenizer, spec.eval_tokens))
@@ -100,13 +128,29 @@ def distill_run(student: str, out: Path, spec: DistillSpec, teachers: tuple[tupl
         dtype = str(loop.compute_dtype(spec.dtype, world.device)).replace("torch.", "")
         lm = load_model(student, device=str(world.device), policy=policy)[0]
         live = [_load_teacher(name, dtype, world, spec, policy) for name, _ in teachers]
-        t = loop.setup(lm, live, opened, [w for _, w in teachers] + [w for _, w in caches],
-                       [n for n, _ in teachers] + [p for p, _ in caches], blocks, spec, world, eval_ids, len(tokenizer))
+        t = loop.setup(
+            lm,
+            live,
+            opened,
+            [w for _, w in teachers] + [w for _, w in caches],
+            [n for n, _ in teachers] + [p for p, _ in caches],
+            blocks,
+            spec,
+            world,
+            eval_ids,
+            len(tokenizer),
+        )
         start, last_good = _resume(t, rdir, changed)
         report = _train(t, rdir, start, last_good, progress)
-        report.update(student=student, teachers=identity["teachers"], caches=identity["caches"], spec=asdict(spec),
-                      world_size=world.size, run_dir=str(rdir),
-                      history=run_state.history(rdir) if world.main else [])
+        report.update(
+            student=student,
+            teachers=identity["teachers"],
+            caches=identity["caches"],
+            spec=asdict(spec),
+            world_size=world.size,
+            run_dir=str(rdir),
+            history=run_state.history(rdir) if world.main else [],
+        )
         _save_student(t.model, lm, tokenizer, out, force, report, world, stage_key, student, spec)
         return report
     finally:
@@ -141,10 +185,15 @@ def _resume(t: loop.Training, rdir: Path, changed: dict) -> tuple[int, Path | No
     t.scheduler = run_state.adjusted_scheduler(t.optimizer, t.spec, t.steps, meta["step"])  # same lr as unbroken
     if changed:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        kept = (f"; grad_accum rescaled to keep the global batch of {t.per_step} sequences per step"
-                if "world_size" in changed else "")
-        metrics_log.note(f"resuming {rdir} from step {meta['step']} with changed settings: {shown}{kept} "
-                         f"(recorded in {run_state.RUN_FILE})")
+        kept = (
+            f"; grad_accum rescaled to keep the global batch of {t.per_step} sequences per step"
+            if "world_size" in changed
+            else ""
+        )
+        metrics_log.note(
+            f"resuming {rdir} from step {meta['step']} with changed settings: {shown}{kept} "
+            f"(recorded in {run_state.RUN_FILE})"
+        )
     return meta["step"], found[-1]
 
 
@@ -158,9 +207,15 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
     bar = Progress("distill", t.steps, start, enabled=progress and main)
 
     def save(step: int) -> Path:
-        return checkpoint.save_checkpoint(rdir / "checkpoints", step, t.model, t.optimizer, t.scheduler,
-                                          {"tokens_seen": t.tokens_seen, "data_position": step * t.per_step},
-                                          t.spec.keep_last)
+        return checkpoint.save_checkpoint(
+            rdir / "checkpoints",
+            step,
+            t.model,
+            t.optimizer,
+            t.scheduler,
+            {"tokens_seen": t.tokens_seen, "data_position": step * t.per_step},
+            t.spec.keep_last,
+        )
 
     def on_step(row: dict) -> None:
         if main:
@@ -175,12 +230,20 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
     finally:
         if writer is not None:
             writer.close()
-    return {"steps": t.steps, "tokens": t.tokens_seen, "compute_dtype": str(t.dtype).replace("torch.", ""),
-            "final": last, "eval_start": first_eval, "eval_end": loop.held_out(t), "wall_s": time.perf_counter() - t0}
+    return {
+        "steps": t.steps,
+        "tokens": t.tokens_seen,
+        "compute_dtype": str(t.dtype).replace("torch.", ""),
+        "final": last,
+        "eval_start": first_eval,
+        "eval_end": loop.held_out(t),
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
-def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, world, stage_key, student: str,
-                  spec: DistillSpec) -> None:
+def _save_student(
+    model, lm, tokenizer, out: Path, force: bool, report: dict, world, stage_key, student: str, spec: DistillSpec
+) -> None:
     """Gather the full fp32 weights and write ``out`` from rank 0 as a plain (unsharded) HF model, in the
     ``save_dtype`` of ``spec`` (auto: the dtype the ``student`` it started from stores)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -196,14 +259,27 @@ def _save_student(model, lm, tokenizer, out: Path, force: bool, report: dict, wo
         plain.tie_weights()
         plain.config.use_cache = True
         dtype = getattr(torch, save_dtype(spec.save_dtype, student, lm.config))
-        save_model(plain.eval().to(dtype), tokenizer, out, force=force, stage_key=stage_key,
-                   extra={"distill_report.json": json.dumps(report, indent=2)})
+        save_model(
+            plain.eval().to(dtype),
+            tokenizer,
+            out,
+            force=force,
+            stage_key=stage_key,
+            extra={"distill_report.json": json.dumps(report, indent=2)},
+        )
     if world.size > 1:
         torch.distributed.barrier()
 
 
-def cache_teacher(teacher: str, data: str, out: Path, spec: CacheSpec, force: bool = False,
-                  stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> Path:
+def cache_teacher(
+    teacher: str,
+    data: str,
+    out: Path,
+    spec: CacheSpec,
+    force: bool = False,
+    stage_key: str | None = None,
+    policy: LoadPolicy = LoadPolicy(),
+) -> Path:
     """Load ``teacher``, read ``data`` exactly as ``whelp distill`` does (``open_blocks`` defaults) and cache it.
     Under torchrun every process captures its share of the blocks (``whelp.distillation.capture``); with
     ``spec.tp_size`` T > 1, groups of T processes share one tensor-parallel teacher."""
@@ -221,13 +297,33 @@ def cache_teacher(teacher: str, data: str, out: Path, spec: CacheSpec, force: bo
     world = parallel.init_world()
     try:
         parallel.from_main(world, early)
-        model, tokenizer = load_model(teacher, dtype=spec.dtype, device=str(world.device), policy=policy,
-                                      tp_mesh=parallel.tp_mesh(world, spec.tp_size))
-        blocks = parallel.main_first(world, lambda: open_blocks(data, tokenizer, spec.seq_len,
-                                                                max_tokens=spec.max_tokens))
+        model, tokenizer = load_model(
+            teacher,
+            dtype=spec.dtype,
+            device=str(world.device),
+            policy=policy,
+            tp_mesh=parallel.tp_mesh(world, spec.tp_size),
+        )
+        blocks = parallel.main_first(
+            world, lambda: open_blocks(data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
+        )
         with Progress("caching teacher logits (blocks)", len(blocks), enabled=world.main) as bar:
-            return write_cache(model, tokenizer, blocks, out, spec.mode, spec.k, spec.temperature, teacher,
-                               force=force, batch_size=spec.batch_size, shard_tokens=spec.shard_tokens,
-                               progress=bar.advance, stage_key=stage_key, world=world, tp_size=spec.tp_size)
+            return write_cache(
+                model,
+                tokenizer,
+                blocks,
+                out,
+                spec.mode,
+                spec.k,
+                spec.temperature,
+                teacher,
+                force=force,
+                batch_size=spec.batch_size,
+                shard_tokens=spec.shard_tokens,
+                progress=bar.advance,
+                stage_key=stage_key,
+                world=world,
+                tp_size=spec.tp_size,
+            )
     finally:
         parallel.close_world(world)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 from safetensors import safe_open
+from torch import Tensor
 
 from whelp import store
 from whelp.data.tokenstore import tokenizer_hash
@@ -81,8 +81,9 @@ def _logsumexp(z: Tensor, top: Tensor) -> Tensor:
     return top + torch.cat([(z[b] - top[b]).exp_().sum(-1, keepdim=True) for b in _row_blocks(z)]).log_()
 
 
-def sparse_targets(logits: Tensor, mode: str, k: int, temperature: float,
-                   generator: torch.Generator | None = None) -> SparseTarget:
+def sparse_targets(
+    logits: Tensor, mode: str, k: int, temperature: float, generator: torch.Generator | None = None
+) -> SparseTarget:
     """Sparse targets of teacher logits [n, V] at temperature T: top-k (+ tail mass) or k samples (+ entropy).
     Neither writes a full [n, V] log-softmax: top-k log-probs are the top logits minus their logsumexp; samples
     are drawn from the unnormalised exp(z - max) and the entropy is log S - sum(e (z - max)) / S."""
@@ -101,8 +102,7 @@ def sparse_targets(logits: Tensor, mode: str, k: int, temperature: float,
             total = e.sum(-1)
             draws.append(torch.multinomial(e, k, replacement=True, generator=generator))
             entropy.append(total.log() - (e * block).sum(-1) / total)
-        return SparseTarget("sample", torch.cat(draws).sort(-1).values, temperature, vocab,
-                            entropy=torch.cat(entropy))
+        return SparseTarget("sample", torch.cat(draws).sort(-1).values, temperature, vocab, entropy=torch.cat(entropy))
     raise WhelpError(f"unknown cache mode '{mode}'; choose topk or sample")
 
 
@@ -166,15 +166,19 @@ class TeacherCache:
         the same blocks in the same order."""
         m = self.manifest
         if (m["data_fingerprint"], m["seq_len"], m["n_blocks"]) != (blocks.fingerprint, blocks.seq_len, len(blocks)):
-            raise WhelpError(f"cache {self.path} holds other token blocks ({m['n_blocks']} blocks of {m['seq_len']} "
-                             f"from {m['data_source']}) than the data {blocks.source} ({len(blocks)} of "
-                             f"{blocks.seq_len}); pass the data, seq_len and max_tokens the cache was made with")
+            raise WhelpError(
+                f"cache {self.path} holds other token blocks ({m['n_blocks']} blocks of {m['seq_len']} "
+                f"from {m['data_source']}) than the data {blocks.source} ({len(blocks)} of "
+                f"{blocks.seq_len}); pass the data, seq_len and max_tokens the cache was made with"
+            )
 
     def tokens(self, block_idx: Tensor) -> Tensor:
         rows = []
         for block in block_idx.tolist():
             shard = self._shard_of(block)
-            rows.append(self._files[shard["file"]].get_slice("tokens")[block - shard["start"]: block - shard["start"] + 1])
+            rows.append(
+                self._files[shard["file"]].get_slice("tokens")[block - shard["start"] : block - shard["start"] + 1]
+            )
         return torch.cat(rows).long()
 
     def _shard_of(self, block: int) -> dict:
@@ -196,8 +200,9 @@ class TeacherCache:
         return decode(tensors, m["mode"], m["k"], m["temperature"], m["vocab_size"])
 
 
-def open_cache(path, *, student_vocab_size: int | None = None, tokenizer=None,
-               data_fingerprint: str | None = None) -> TeacherCache:
+def open_cache(
+    path, *, student_vocab_size: int | None = None, tokenizer=None, data_fingerprint: str | None = None
+) -> TeacherCache:
     """Open a cache after checking its manifest against the student, tokenizer and data, and every shard's
     size and sha256; any mismatch or damage raises a WhelpError that names it."""
     path = Path(path).expanduser()
@@ -205,20 +210,29 @@ def open_cache(path, *, student_vocab_size: int | None = None, tokenizer=None,
     if m.get("format") != FORMAT:
         raise WhelpError(f"{path} has cache format {m.get('format')}, this whelp reads {FORMAT}; rebuild it")
     if not m.get("complete"):
-        raise WhelpError(f"{path} is incomplete ({len(m['shards'])} shards written, interrupted); rerun the same "
-                         "whelp cache-logits command to resume it")
+        raise WhelpError(
+            f"{path} is incomplete ({len(m['shards'])} shards written, interrupted); rerun the same "
+            "whelp cache-logits command to resume it"
+        )
     if student_vocab_size is not None and student_vocab_size < m["vocab_size"]:
-        raise WhelpError(f"{path} holds teacher targets over {m['vocab_size']} ids but the student has "
-                         f"{student_vocab_size}: the vocabularies differ; cache a teacher with the student's tokenizer")
+        raise WhelpError(
+            f"{path} holds teacher targets over {m['vocab_size']} ids but the student has "
+            f"{student_vocab_size}: the vocabularies differ; cache a teacher with the student's tokenizer"
+        )
     if tokenizer is not None and tokenizer_hash(tokenizer) != m["tokenizer_sha256"]:
-        raise WhelpError(f"{path} was built with a different tokenizer (sha256 {m['tokenizer_sha256'][:12]}, the "
-                         f"student's is {tokenizer_hash(tokenizer)[:12]}); token ids would not match")
+        raise WhelpError(
+            f"{path} was built with a different tokenizer (sha256 {m['tokenizer_sha256'][:12]}, the "
+            f"student's is {tokenizer_hash(tokenizer)[:12]}); token ids would not match"
+        )
     if data_fingerprint is not None and data_fingerprint != m["data_fingerprint"]:
-        raise WhelpError(f"{path} was built on other data (fingerprint {m['data_fingerprint'][:12]}, given "
-                         f"{data_fingerprint[:12]}); use the cache's tokens or rebuild it on this data")
+        raise WhelpError(
+            f"{path} was built on other data (fingerprint {m['data_fingerprint'][:12]}, given "
+            f"{data_fingerprint[:12]}); use the cache's tokens or rebuild it on this data"
+        )
     for shard in m["shards"]:
         problem = store.shard_problem(path, shard)
         if problem:
-            raise WhelpError(f"cache shard {path / shard['file']} {problem}; rerun the same whelp cache-logits "
-                             "command to rewrite it")
+            raise WhelpError(
+                f"cache shard {path / shard['file']} {problem}; rerun the same whelp cache-logits command to rewrite it"
+            )
     return TeacherCache(path, m)

@@ -76,8 +76,10 @@ def check_logits(model, tokens: Tensor, vocab: int) -> None:
         mine = chunk_logits(model, backbone(model)(input_ids=ids).last_hidden_state[0], vocab)
     tol = (1e-4 if ref.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2) * max(1.0, ref.abs().max())
     if (mine - ref).abs().max() > tol:
-        raise WhelpError(f"{type(model).__name__} ({model.config.model_type}) computes its logits in a way whelp "
-                         "does not know (lm_head(hidden) differs from its forward's logits); it cannot be cached")
+        raise WhelpError(
+            f"{type(model).__name__} ({model.config.model_type}) computes its logits in a way whelp "
+            "does not know (lm_head(hidden) differs from its forward's logits); it cannot be cached"
+        )
 
 
 def teacher_shard(model, tokens: Tensor, spec: dict, first_block: int, batch_size: int) -> dict[str, Tensor]:
@@ -89,11 +91,11 @@ def teacher_shard(model, tokens: Tensor, spec: dict, first_block: int, batch_siz
     parts = []
     for s in range(0, len(tokens), batch_size):
         with torch.no_grad():
-            hidden = backbone(model)(input_ids=tokens[s: s + batch_size].to(device)).last_hidden_state
+            hidden = backbone(model)(input_ids=tokens[s : s + batch_size].to(device)).last_hidden_state
             for j, row in enumerate(hidden):
                 gen = torch.Generator(device=device).manual_seed(spec["seed"] * 1_000_003 + first_block + s + j)
                 for c in range(0, L, CHUNK):
-                    logits = chunk_logits(model, row[c: c + CHUNK], spec["vocab_size"])
+                    logits = chunk_logits(model, row[c : c + CHUNK], spec["vocab_size"])
                     parts.append(encode(sparse_targets(logits, spec["mode"], spec["k"], spec["temperature"], gen)))
     out = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
     out["tokens"] = tokens.to(torch.int32).contiguous()
@@ -108,7 +110,7 @@ def block_digests(tensors: dict[str, Tensor], seq_len: int) -> Tensor:
     for b in range(len(tensors["tokens"])):
         digest = hashlib.sha256(tensors["tokens"][b].numpy().tobytes())
         for key in keys:
-            digest.update(tensors[key][b * seq_len: (b + 1) * seq_len].numpy().tobytes())
+            digest.update(tensors[key][b * seq_len : (b + 1) * seq_len].numpy().tobytes())
         rows.append(torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8))
     return torch.stack(rows)
 
@@ -122,14 +124,26 @@ def content_sha256(path: Path, shards: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def _identity(model, tokenizer, blocks, mode: str, k: int, temperature: float, teacher_name: str, seed: int,
-              per_shard: int) -> dict:
+def _identity(
+    model, tokenizer, blocks, mode: str, k: int, temperature: float, teacher_name: str, seed: int, per_shard: int
+) -> dict:
     width = model.get_output_embeddings().weight.shape[0]
-    return {"format": FORMAT, "teacher": teacher_name, "teacher_config_sha256": config_hash(model.config),
-            "tokenizer_sha256": tokenizer_hash(tokenizer), "vocab_size": min(width, len(tokenizer)),
-            "temperature": float(temperature), "mode": mode, "k": int(k), "seq_len": int(blocks.seq_len),
-            "n_blocks": len(blocks), "shard_blocks": per_shard, "data_fingerprint": blocks.fingerprint,
-            "data_source": blocks.source, "seed": seed}
+    return {
+        "format": FORMAT,
+        "teacher": teacher_name,
+        "teacher_config_sha256": config_hash(model.config),
+        "tokenizer_sha256": tokenizer_hash(tokenizer),
+        "vocab_size": min(width, len(tokenizer)),
+        "temperature": float(temperature),
+        "mode": mode,
+        "k": int(k),
+        "seq_len": int(blocks.seq_len),
+        "n_blocks": len(blocks),
+        "shard_blocks": per_shard,
+        "data_fingerprint": blocks.fingerprint,
+        "data_source": blocks.source,
+        "seed": seed,
+    }
 
 
 def _continued(out: Path, identity: dict) -> tuple[dict, bool]:
@@ -139,8 +153,10 @@ def _continued(out: Path, identity: dict) -> tuple[dict, bool]:
     diff = [key for key in identity if old.get(key) != identity[key]]
     if diff:
         key = diff[0]
-        raise WhelpError(f"{out} holds a cache of a different run ({key}: {old.get(key)!r} there, "
-                         f"{identity[key]!r} now); pass --force to replace it or choose another --out")
+        raise WhelpError(
+            f"{out} holds a cache of a different run ({key}: {old.get(key)!r} there, "
+            f"{identity[key]!r} now); pass --force to replace it or choose another --out"
+        )
     store.clean_stale(out)
     shards = [s for s in old["shards"] if store.shard_problem(out, s) is None]
     return {**old, "shards": shards, "complete": False}, bool(old.get("complete")) and shards == old["shards"]
@@ -170,10 +186,24 @@ def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> t
     return work, manifest
 
 
-def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, temperature: float,
-                teacher_name: str, force: bool = False, batch_size: int = 4, shard_tokens: int = 65536,
-                seed: int = 0, progress=None, stage_key: str | None = None, world: parallel.World | None = None,
-                tp_size: int = 1) -> Path:
+def write_cache(
+    teacher_model,
+    tokenizer,
+    blocks,
+    out: Path,
+    mode: str,
+    k: int,
+    temperature: float,
+    teacher_name: str,
+    force: bool = False,
+    batch_size: int = 4,
+    shard_tokens: int = 65536,
+    seed: int = 0,
+    progress=None,
+    stage_key: str | None = None,
+    world: parallel.World | None = None,
+    tp_size: int = 1,
+) -> Path:
     """Run the teacher over the rows of ``blocks`` (``whelp.data.Blocks``: ``len``, ``blocks[idx]``, ``seq_len``,
     ``fingerprint``, ``source``) and write a sparse-target cache to ``out``; every rank of ``world`` calls it
     (collective), groups of ``tp_size`` ranks sharing one tensor-parallel teacher.
@@ -188,8 +218,10 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
     per_shard = max(1, shard_tokens // blocks.seq_len)
     identity = _identity(teacher_model, tokenizer, blocks, mode, k, temperature, teacher_name, seed, per_shard)
     if mode == "topk" and k > identity["vocab_size"]:
-        raise WhelpError(f"--topk {k} exceeds the teacher's {identity['vocab_size']}-token vocabulary; use at most "
-                         f"{identity['vocab_size']} (that is the whole distribution)")
+        raise WhelpError(
+            f"--topk {k} exceeds the teacher's {identity['vocab_size']}-token vocabulary; use at most "
+            f"{identity['vocab_size']} (that is the whole distribution)"
+        )
     if world.size % tp_size:
         raise WhelpError(f"--tp-size {tp_size} does not divide the {world.size} processes; use a divisor")
     work, manifest = parallel.from_main(world, lambda: _workdir(out, identity, force, stage_key))
@@ -209,8 +241,13 @@ def write_cache(teacher_model, tokenizer, blocks, out: Path, mode: str, k: int, 
                 if writer:
                     name = shard_name(start, stop)
                     store.write_bytes(work / name, save(tensors))
-                    record = {"file": name, "start": start, "stop": stop, "bytes": (work / name).stat().st_size,
-                              "sha256": store.sha256_file(work / name)}
+                    record = {
+                        "file": name,
+                        "start": start,
+                        "stop": stop,
+                        "bytes": (work / name).stat().st_size,
+                        "sha256": store.sha256_file(work / name),
+                    }
             records = [r for r in parallel.gather(world, record) if r is not None]
             if world.main:
                 manifest["shards"] += records
@@ -232,8 +269,15 @@ def _seal(work: Path, out: Path, manifest: dict, n_tokens: int) -> None:
     """Rank 0: the complete manifest (shards in block order, bytes per token, content fingerprint), then a rebuild
     replaces the old cache."""
     shards = sorted(manifest["shards"], key=lambda s: s["start"])
-    store.write_record(work / MANIFEST, {**manifest, "shards": shards, "complete": True,
-                                         "bytes_per_token": sum(s["bytes"] for s in shards) / n_tokens,
-                                         "content_sha256": content_sha256(work, shards)})
+    store.write_record(
+        work / MANIFEST,
+        {
+            **manifest,
+            "shards": shards,
+            "complete": True,
+            "bytes_per_token": sum(s["bytes"] for s in shards) / n_tokens,
+            "content_sha256": content_sha256(work, shards),
+        },
+    )
     if work != out:
         store.commit_dir(work, out, "cache")

@@ -91,8 +91,11 @@ def _state(module, optimizer) -> tuple[dict, dict, dict]:
     model = get_model_state_dict(module)
     optim = get_optimizer_state_dict(module, optimizer)
     first: dict[int, str] = {}  # a tied parameter's later names: safetensors refuses aliases
-    tied = {name for name, param in module.named_parameters(remove_duplicate=False)
-            if first.setdefault(id(param), name) != name}
+    tied = {
+        name
+        for name, param in module.named_parameters(remove_duplicate=False)
+        if first.setdefault(id(param), name) != name
+    }
     flat = {f"model/{fqn}": v for fqn, v in model.items() if fqn not in tied}
     flat.update({f"optim/{fqn}/{k}": v for fqn, s in optim["state"].items() for k, v in s.items()})
     return flat, model, optim
@@ -141,9 +144,18 @@ def save_checkpoint(ckpt_dir: Path, step: int, module, optimizer, scheduler, sta
             digests = {RNG: store.sha256_file(tmp / RNG)}
             for g in gathered:
                 digests.update(g["sha256"])
-            store.write_record(tmp / STATE, {"format": FORMAT, "step": step, "param_groups": optim["param_groups"],
-                                             "scheduler": scheduler.state_dict(), "world_size": world, **state,
-                                             "sha256": digests})
+            store.write_record(
+                tmp / STATE,
+                {
+                    "format": FORMAT,
+                    "step": step,
+                    "param_groups": optim["param_groups"],
+                    "scheduler": scheduler.state_dict(),
+                    "world_size": world,
+                    **state,
+                    "sha256": digests,
+                },
+            )
     if rank == 0:
         for old in list_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old)
@@ -155,8 +167,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, module, optimizer, scheduler, sta
 def _verify(path: Path, digests: dict[str, str], fix: str) -> None:
     """Every file's sha256, the files split over the ranks (weights damaged on disk would train on silently)."""
     rank, world = _world()
-    bad = [name for name in sorted(digests)[rank::world]
-           if not (path / name).is_file() or store.sha256_file(path / name) != digests[name]]
+    bad = [
+        name
+        for name in sorted(digests)[rank::world]
+        if not (path / name).is_file() or store.sha256_file(path / name) != digests[name]
+    ]
     bad = sorted(name for names in _gather(bad) for name in names)
     if bad:
         raise WhelpError(f"checkpoint file {path / bad[0]} is missing or corrupted (sha256 differs); {fix}")
@@ -168,9 +183,11 @@ def load_checkpoint(path: Path, module, optimizer, scheduler) -> dict:
     fix = f"delete {path} to resume from the checkpoint before it"
     meta = store.read_record(path / STATE, fix)
     if meta.get("format") != FORMAT:
-        raise WhelpError(f"checkpoint {path} was written by an earlier whelp (one gathered model.safetensors and "
-                         "optimizer.safetensors); checkpoints are sharded now and that format is not read: pass "
-                         "--force to start the run over")
+        raise WhelpError(
+            f"checkpoint {path} was written by an earlier whelp (one gathered model.safetensors and "
+            "optimizer.safetensors); checkpoints are sharded now and that format is not read: pass "
+            "--force to start the run over"
+        )
     _verify(path, meta["sha256"], fix)
     flat, model, optim = _state(module, optimizer)
     with _quiet():

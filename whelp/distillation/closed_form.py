@@ -54,8 +54,10 @@ def _dense_forward_kl(x: Tensor, target: LiveTarget, T: float, block: int = 4096
     logits before normalising makes KL(p || p) exactly 0."""
     t = target.logits()
     t = _shift_(t.div_(T) if T != 1 else t)
-    cross = sum(_rowdot(t[:, v : v + block].exp(), t[:, v : v + block] - x[:, v : v + block])
-                for v in range(0, t.shape[1], block))
+    cross = sum(
+        _rowdot(t[:, v : v + block].exp(), t[:, v : v + block] - x[:, v : v + block])
+        for v in range(0, t.shape[1], block)
+    )
     total = t.exp_().sum(-1)
     return cross / total - total.log(), t.div_(total[:, None])
 
@@ -122,9 +124,12 @@ def closed_form_chunk(z: Tensor, targets: list, weights: Tensor, spec: LossSpec,
     if labels is not None and T == 1:
         s_label, p_ce = s_label - log_z, x
     with torch.enable_grad():
-        terms = [_bucket_terms(x, t, i, g - log_z, spec, want) if d is None
-                 else ((d[0] + log_z.view(-1)).sum().requires_grad_(want),) * 2 + (None,)
-                 for t, i, g, d in zip(targets, ids, gathered, dense)]
+        terms = [
+            _bucket_terms(x, t, i, g - log_z, spec, want)
+            if d is None
+            else ((d[0] + log_z.view(-1)).sum().requires_grad_(want),) * 2 + (None,)
+            for t, i, g, d in zip(targets, ids, gathered, dense)
+        ]
         per = torch.stack([term[0] for term in terms]) if terms else z.new_zeros(0)
         ce = None
         if labels is not None:
@@ -147,8 +152,9 @@ def closed_form_chunk(z: Tensor, targets: list, weights: Tensor, spec: LossSpec,
 def _assemble(p: Tensor, ids: list, dense: list, terms: list, grads: tuple, label_ids, g_label) -> Tensor:
     """d loss / dx [c, V] from the student probabilities p (consumed) and the per-target gradients (module
     docstring); the label enters like a one-id bucket when CE shares the tempered softmax (T = 1)."""
-    dz = _tail_gradient(p, [(i, g[:, -1] / term[2]) for i, term, g in zip(ids, terms, grads)
-                            if g is not None and term[2] is not None])
+    dz = _tail_gradient(
+        p, [(i, g[:, -1] / term[2]) for i, term, g in zip(ids, terms, grads) if g is not None and term[2] is not None]
+    )
     g_sum = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
     adds = []
     for i, d, g in zip(ids, dense, grads):

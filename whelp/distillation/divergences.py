@@ -15,13 +15,14 @@ teacher log-probs ``t`` of shape [n, V] (or [n, k + 1] buckets of a cached top-k
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from whelp.specs import LOSSES as LOSS_NAMES, LossSpec
+from whelp.specs import LOSSES as LOSS_NAMES
+from whelp.specs import LossSpec
 
 NEG_INF = float("-inf")
 
@@ -32,28 +33,28 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     return torch.where(logp == NEG_INF, torch.zeros((), dtype=terms.dtype), terms).sum(-1)
 
 
-def forward_kl(s: Tensor, t: Tensor, spec: "LossSpec") -> Tensor:
+def forward_kl(s: Tensor, t: Tensor, spec: LossSpec) -> Tensor:
     return _kl(t, s)
 
 
-def reverse_kl(s: Tensor, t: Tensor, spec: "LossSpec") -> Tensor:
+def reverse_kl(s: Tensor, t: Tensor, spec: LossSpec) -> Tensor:
     return _kl(s, t)
 
 
-def jsd(s: Tensor, t: Tensor, spec: "LossSpec") -> Tensor:
+def jsd(s: Tensor, t: Tensor, spec: LossSpec) -> Tensor:
     b = spec.beta
     m = torch.logaddexp(t + math.log(b), s + math.log(1 - b))
     return b * _kl(t, m) + (1 - b) * _kl(s, m)
 
 
-def skew_kl(s: Tensor, t: Tensor, spec: "LossSpec") -> Tensor:
+def skew_kl(s: Tensor, t: Tensor, spec: LossSpec) -> Tensor:
     if spec.alpha == 0:
         return _kl(t, s)
     m = torch.logaddexp(t + math.log(spec.alpha), s + math.log(1 - spec.alpha))
     return _kl(t, m)
 
 
-def tvd(s: Tensor, t: Tensor, spec: "LossSpec") -> Tensor:
+def tvd(s: Tensor, t: Tensor, spec: LossSpec) -> Tensor:
     return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
 
 
@@ -61,9 +62,9 @@ LOSSES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_
 assert tuple(LOSSES) == LOSS_NAMES  # the spec validates names against the same list
 
 
-def combine(per: Tensor, ce: Tensor | None, weights: Tensor, spec: "LossSpec") -> Tensor:
+def combine(per: Tensor, ce: Tensor | None, weights: Tensor, spec: LossSpec) -> Tensor:
     """The scalar loss from per-teacher divergence sums ``per`` [n_teachers] and the CE sum (see LossSpec)."""
-    scale = spec.temperature ** 2 if spec.t2_scale else 1.0
+    scale = spec.temperature**2 if spec.t2_scale else 1.0
     total = (1 - spec.ce_weight) * scale * (weights * per).sum()
     if spec.ce_weight:
         total = total + spec.ce_weight * ce
@@ -113,7 +114,14 @@ class SparseTarget:
     tail: Tensor | None = None  # topk: fp32 [N]
     entropy: Tensor | None = None  # sample: fp32 [N]
 
-    def rows(self, index) -> "SparseTarget":
-        pick = (lambda x: None if x is None else x[index])
-        return SparseTarget(self.mode, self.ids[index], self.temperature, self.vocab_size,
-                            pick(self.logp), pick(self.tail), pick(self.entropy))
+    def rows(self, index) -> SparseTarget:
+        pick = lambda x: None if x is None else x[index]
+        return SparseTarget(
+            self.mode,
+            self.ids[index],
+            self.temperature,
+            self.vocab_size,
+            pick(self.logp),
+            pick(self.tail),
+            pick(self.entropy),
+        )

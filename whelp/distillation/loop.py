@@ -48,8 +48,11 @@ def live_target(teacher, ids: torch.Tensor):
     backbone returns them), its lm_head weight and its family's logit transform."""
     from whelp.distillation.losses import LiveTarget, model_transform
 
-    return LiveTarget(hidden=backbone(teacher)(input_ids=ids).last_hidden_state.flatten(0, 1),
-                      weight=teacher.get_output_embeddings().weight, transform=model_transform(teacher))
+    return LiveTarget(
+        hidden=backbone(teacher)(input_ids=ids).last_hidden_state.flatten(0, 1),
+        weight=teacher.get_output_embeddings().weight,
+        transform=model_transform(teacher),
+    )
 
 
 @torch.no_grad()
@@ -61,11 +64,15 @@ def check_head(lm, ids: torch.Tensor, what: str) -> None:
 
     family, head = f"{type(lm).__name__} ({lm.config.model_type})", lm.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
-        raise WhelpError(f"the {what} {family} has no output embeddings (lm_head) whelp can read; whelp distils "
-                         "causal LMs whose logits are lm_head(hidden states)")
+        raise WhelpError(
+            f"the {what} {family} has no output embeddings (lm_head) whelp can read; whelp distils "
+            "causal LMs whose logits are lm_head(hidden states)"
+        )
     if getattr(head, "bias", None) is not None:
-        raise WhelpError(f"the {what} {family} has an lm_head bias, which whelp's fused loss does not apply; whelp "
-                         "distils causal LMs whose logits are lm_head(hidden states) without a bias")
+        raise WhelpError(
+            f"the {what} {family} has an lm_head bias, which whelp's fused loss does not apply; whelp "
+            "distils causal LMs whose logits are lm_head(hidden states) without a bias"
+        )
     was = lm.training
     lm.eval()
     try:
@@ -76,11 +83,16 @@ def check_head(lm, ids: torch.Tensor, what: str) -> None:
     finally:
         lm.train(was)
     exact = ref.dtype == torch.float32 and head.weight.dtype == torch.float32
-    if mine is None or mine.shape != ref.shape or (mine - ref).abs().max() > (1e-4 if exact else 3e-2) * max(
-            1.0, float(ref.abs().max())):
-        raise WhelpError(f"the {what} {family} computes its logits in a way whelp does not know (lm_head of its "
-                         "base model's hidden states, with the family's logit scaling or soft-capping, differs from "
-                         "its forward's logits); it cannot be distilled")
+    if (
+        mine is None
+        or mine.shape != ref.shape
+        or (mine - ref).abs().max() > (1e-4 if exact else 3e-2) * max(1.0, float(ref.abs().max()))
+    ):
+        raise WhelpError(
+            f"the {what} {family} computes its logits in a way whelp does not know (lm_head of its "
+            "base model's hidden states, with the family's logit scaling or soft-capping, differs from "
+            "its forward's logits); it cannot be distilled"
+        )
 
 
 @dataclass
@@ -120,22 +132,36 @@ def vocab_spec(spec: DistillSpec, widths: list[int], tokenizer_size: int | None)
     if len(set(widths)) == 1:
         return spec.loss_spec()
     if tokenizer_size is None:
-        raise WhelpError(f"the student and teachers have lm_heads of {sorted(set(widths))} rows: if they share one "
-                         "tokenizer padded to other widths, pass it (tokenizer=) so only its ids are compared; models "
-                         "with different tokenizers cannot be distilled token by token")
+        raise WhelpError(
+            f"the student and teachers have lm_heads of {sorted(set(widths))} rows: if they share one "
+            "tokenizer padded to other widths, pass it (tokenizer=) so only its ids are compared; models "
+            "with different tokenizers cannot be distilled token by token"
+        )
     return spec.loss_spec(vocab_size=tokenizer_size)
 
 
-def setup(lm, teachers: list, caches: list, weights, names, blocks, spec: DistillSpec, world, eval_ids=None,
-          tokenizer_size: int | None = None) -> Training:
+def setup(
+    lm,
+    teachers: list,
+    caches: list,
+    weights,
+    names,
+    blocks,
+    spec: DistillSpec,
+    world,
+    eval_ids=None,
+    tokenizer_size: int | None = None,
+) -> Training:
     """Wrap (and under torchrun shard) the student, build AdamW and the warmup + cosine schedule."""
     from transformers import get_cosine_schedule_with_warmup
 
     if blocks.seq_len != spec.seq_len:
         raise WhelpError(f"the data has blocks of {blocks.seq_len} tokens, the spec seq_len={spec.seq_len}")
-    widths = [lm.get_output_embeddings().weight.shape[0]] + [t.get_output_embeddings().weight.shape[0]
-                                                             for t in teachers] + [c.manifest["vocab_size"]
-                                                                                   for c in caches]
+    widths = (
+        [lm.get_output_embeddings().weight.shape[0]]
+        + [t.get_output_embeddings().weight.shape[0] for t in teachers]
+        + [c.manifest["vocab_size"] for c in caches]
+    )
     loss = vocab_spec(spec, widths, tokenizer_size)
     check_weights(list(weights), spec)
     check_on_policy(list(weights)[: len(teachers)], spec)
@@ -151,12 +177,28 @@ def setup(lm, teachers: list, caches: list, weights, names, blocks, spec: Distil
     spec.check_steps(steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps)
     on_loss = spec.on_policy_spec(loss.vocab_size or widths[0])
-    return Training(model, teachers, caches, tuple(weights), list(names), blocks, spec, loss, on_loss, world,
-                    compute_dtype(spec.dtype, world.device), optimizer, scheduler, steps, eval_ids)
+    return Training(
+        model,
+        teachers,
+        caches,
+        tuple(weights),
+        list(names),
+        blocks,
+        spec,
+        loss,
+        on_loss,
+        world,
+        compute_dtype(spec.dtype, world.device),
+        optimizer,
+        scheduler,
+        steps,
+        eval_ids,
+    )
 
 
-def loss_step(t: Training, micro: torch.Tensor, weights: tuple[float, ...], rng: torch.Generator | None,
-              tokens: int) -> torch.Tensor:
+def loss_step(
+    t: Training, micro: torch.Tensor, weights: tuple[float, ...], rng: torch.Generator | None, tokens: int
+) -> torch.Tensor:
     """Forward + backward of one micro-batch of rows ``micro`` [batch_size], on-policy when given its sampling
     ``rng``, in a step of ``tokens`` loss tokens over all ranks; returns the float64 SUMS [loss, per-teacher
     divergence..., CE, per-live-teacher on-policy divergence...] (the gradient is already scaled by ``tokens``)."""
@@ -166,8 +208,12 @@ def loss_step(t: Training, micro: torch.Tensor, weights: tuple[float, ...], rng:
         prompt = onpolicy.prompt_len(t.spec)
         with t.autocast():
             ids = t.model(ids[:, :prompt], rollout=(t.spec.gen_tokens, t.on_loss.vocab_size, rng))
-        kd = dict(labels=None, mask=onpolicy.generated_mask(len(ids), prompt, t.spec.gen_tokens, ids.device),
-                  spec=t.on_loss, weights=weights[: len(t.teachers)])
+        kd = dict(
+            labels=None,
+            mask=onpolicy.generated_mask(len(ids), prompt, t.spec.gen_tokens, ids.device),
+            spec=t.on_loss,
+            weights=weights[: len(t.teachers)],
+        )
     else:
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
         kd = dict(labels=labels, mask=labels != -100, spec=t.loss, weights=weights)
@@ -190,25 +236,43 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     idx = schedule.step_blocks(step, len(t.blocks), t.per_step, t.spec.seed)
     idx = idx.view(t.spec.grad_accum, t.world.size, t.spec.batch_size)[:, t.world.rank]
     off_tokens, on_tokens = onpolicy.step_tokens(step, t.spec, t.world.size)
-    sums = sum(loss_step(t, micro, weights, onpolicy.generator(step, a, t.world.rank, t.spec, t.world.size,
-                                                               t.world.device), off_tokens + on_tokens)
-               for a, micro in enumerate(idx))
+    sums = sum(
+        loss_step(
+            t,
+            micro,
+            weights,
+            onpolicy.generator(step, a, t.world.rank, t.spec, t.world.size, t.world.device),
+            off_tokens + on_tokens,
+        )
+        for a, micro in enumerate(idx)
+    )
     grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.spec.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     sums = parallel.all_sum(t.world, sums)
     if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
-        where = (f"re-run with a lower --lr to resume from the last good checkpoint, {last_good}" if last_good
-                 else "lower the learning rate and start again")
-        raise WhelpError(f"non-finite loss ({sums[0].item()}) or gradient norm at step {step + 1}; stopped without "
-                         f"updating; {where} (or check the data)")
+        where = (
+            f"re-run with a lower --lr to resume from the last good checkpoint, {last_good}"
+            if last_good
+            else "lower the learning rate and start again"
+        )
+        raise WhelpError(
+            f"non-finite loss ({sums[0].item()}) or gradient norm at step {step + 1}; stopped without "
+            f"updating; {where} (or check the data)"
+        )
     t.optimizer.step()
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.tokens_seen += t.per_step * t.spec.seq_len
-    return {"step": step + 1, "loss": sums[0].item() / (off_tokens + on_tokens),
-            **_means(t, sums, off_tokens, on_tokens), "teacher_weights": list(weights),
-            "lr": t.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": t.tokens_seen,
-            "step_s": time.perf_counter() - t_step}
+    return {
+        "step": step + 1,
+        "loss": sums[0].item() / (off_tokens + on_tokens),
+        **_means(t, sums, off_tokens, on_tokens),
+        "teacher_weights": list(weights),
+        "lr": t.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "tokens": t.tokens_seen,
+        "step_s": time.perf_counter() - t_step,
+    }
 
 
 def _means(t: Training, sums: torch.Tensor, off_tokens: int, on_tokens: int) -> dict:
@@ -218,10 +282,10 @@ def _means(t: Training, sums: torch.Tensor, off_tokens: int, on_tokens: int) -> 
     row = {}
     if off_tokens:
         row["ce"] = sums[1 + n].item() / off_tokens
-        row.update({f"kl/{name}": v.item() / off_tokens for name, v in zip(t.names, sums[1: 1 + n])})
+        row.update({f"kl/{name}": v.item() / off_tokens for name, v in zip(t.names, sums[1 : 1 + n])})
     if on_tokens:
         row["on_policy_tokens"] = on_tokens
-        row.update({f"on/{name}": v.item() / on_tokens for name, v in zip(t.names, sums[2 + n:])})
+        row.update({f"on/{name}": v.item() / on_tokens for name, v in zip(t.names, sums[2 + n :])})
     return row
 
 
@@ -259,15 +323,18 @@ def train(t: Training, start: int = 0, save=None, on_step=None, last_good: Path 
             if t.spec.eval_every and (step + 1) % t.spec.eval_every == 0 and step + 1 < t.steps:
                 last.update(held_out(t) or {})
             interrupted = save is not None and _stop_flag(t.world, stop)
-            if save is not None and ((t.spec.save_every and (step + 1) % t.spec.save_every == 0)
-                                     or interrupted or step + 1 == t.steps):
+            if save is not None and (
+                (t.spec.save_every and (step + 1) % t.spec.save_every == 0) or interrupted or step + 1 == t.steps
+            ):
                 last_good = save(step + 1)
             t.log.append(last)
             if on_step is not None:
                 on_step(last)
             if interrupted:
-                raise WhelpError(f"interrupted at step {step + 1}/{t.steps}; checkpoint saved to {last_good}. "
-                                 "Re-run the same command to resume")
+                raise WhelpError(
+                    f"interrupted at step {step + 1}/{t.steps}; checkpoint saved to {last_good}. "
+                    "Re-run the same command to resume"
+                )
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -278,8 +345,15 @@ def _weighted(items) -> list[tuple[object, float]]:
     return [item if isinstance(item, tuple) else (item, 1.0) for item in items]
 
 
-def distill(student, teachers, data, spec: DistillSpec, eval_ids: torch.Tensor | None = None,
-            tokenizer=None, progress: bool = True):
+def distill(
+    student,
+    teachers,
+    data,
+    spec: DistillSpec,
+    eval_ids: torch.Tensor | None = None,
+    tokenizer=None,
+    progress: bool = True,
+):
     """Distil ``student`` (an HF causal LM, trained in place and returned in eval mode) from ``teachers`` on
     ``data`` (``whelp.blocks(...)`` rows or a LongTensor [n, seq_len]) for ``spec``'s budget.
 
@@ -302,11 +376,26 @@ def distill(student, teachers, data, spec: DistillSpec, eval_ids: torch.Tensor |
     names = [f"teacher{i}" for i in range(len(live))] + [str(c.path) for c, _ in cached]
     world = parallel.World(0, 1, student.device, owns_group=False)
     torch.manual_seed(spec.seed)
-    t = setup(student, [m for m, _ in live], [c for c, _ in cached], [w for _, w in live + cached], names, blocks,
-              spec, world, None if eval_ids is None else eval_ids.long(), tokenizer and len(tokenizer))
+    t = setup(
+        student,
+        [m for m, _ in live],
+        [c for c, _ in cached],
+        [w for _, w in live + cached],
+        names,
+        blocks,
+        spec,
+        world,
+        None if eval_ids is None else eval_ids.long(),
+        tokenizer and len(tokenizer),
+    )
     start = held_out(t)
     with Progress("distill", t.steps, enabled=progress) as bar:
         train(t, on_step=lambda row: metrics_log.show(bar, row))
-    student.whelp_distill = {"steps": t.steps, "tokens": t.tokens_seen, "log": t.log, "eval_start": start,
-                             "eval_end": held_out(t)}
+    student.whelp_distill = {
+        "steps": t.steps,
+        "tokens": t.tokens_seen,
+        "log": t.log,
+        "eval_start": start,
+        "eval_end": held_out(t),
+    }
     return student.eval()

@@ -21,15 +21,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from whelp.distillation.divergences import (LOSSES, NEG_INF, LiveTarget, LossSpec, SparseTarget, Transform, combine,
-                                            head_logits)
 from whelp.distillation import closed_form
+from whelp.distillation.divergences import (
+    LOSSES,
+    NEG_INF,
+    LiveTarget,
+    LossSpec,
+    SparseTarget,
+    Transform,
+    combine,
+    head_logits,
+)
 from whelp.errors import WhelpError
 
 __all__ = ["LOSSES", "KDResult", "LiveTarget", "LossSpec", "SparseTarget", "head_logits", "kd_loss", "model_transform"]
@@ -67,12 +75,16 @@ def _effective_vocab(student_rows: int, targets, spec: LossSpec) -> int:
     for i, target in enumerate(targets):
         width = target.weight.shape[0] if isinstance(target, LiveTarget) else target.vocab_size
         if width < vocab:
-            raise WhelpError(f"teacher {i} has a {width}-token vocabulary but the student uses {vocab}: the "
-                             "vocabularies differ, so token-level distillation is undefined; use a teacher "
-                             "with the student's tokenizer")
+            raise WhelpError(
+                f"teacher {i} has a {width}-token vocabulary but the student uses {vocab}: the "
+                "vocabularies differ, so token-level distillation is undefined; use a teacher "
+                "with the student's tokenizer"
+            )
         if width != student_rows and spec.vocab_size is None:
-            raise WhelpError(f"teacher {i} has {width} vocabulary rows, the student {student_rows}; if one lm_head "
-                             "is padded, set LossSpec.vocab_size to the tokenizer's vocabulary size")
+            raise WhelpError(
+                f"teacher {i} has {width} vocabulary rows, the student {student_rows}; if one lm_head "
+                "is padded, set LossSpec.vocab_size to the tokenizer's vocabulary size"
+            )
         if isinstance(target, SparseTarget):
             _check_sparse(target, spec, vocab, i)
     return vocab
@@ -80,14 +92,19 @@ def _effective_vocab(student_rows: int, targets, spec: LossSpec) -> int:
 
 def _check_sparse(target: SparseTarget, spec: LossSpec, vocab: int, i: int) -> None:
     if target.mode == "sample" and spec.name != "forward_kl":
-        raise WhelpError(f"teacher {i} is a sampled cache, which estimates only forward_kl without bias "
-                         f"(Anshumann et al. 2025), not '{spec.name}'; use forward_kl or a top-k cache")
+        raise WhelpError(
+            f"teacher {i} is a sampled cache, which estimates only forward_kl without bias "
+            f"(Anshumann et al. 2025), not '{spec.name}'; use forward_kl or a top-k cache"
+        )
     if not math.isclose(target.temperature, spec.temperature):
-        raise WhelpError(f"teacher {i} was cached at temperature {target.temperature} but the loss uses "
-                         f"{spec.temperature}; use the cache's temperature or rebuild the cache")
+        raise WhelpError(
+            f"teacher {i} was cached at temperature {target.temperature} but the loss uses "
+            f"{spec.temperature}; use the cache's temperature or rebuild the cache"
+        )
     if target.ids.numel() and int(target.ids.max()) >= vocab:
-        raise WhelpError(f"teacher {i} targets token id {int(target.ids.max())} outside the student's vocabulary "
-                         f"of {vocab}")
+        raise WhelpError(
+            f"teacher {i} targets token id {int(target.ids.max())} outside the student's vocabulary of {vocab}"
+        )
 
 
 def _support(target, s_full: Tensor, scaled: Tensor, vocab: int, T: float) -> tuple[Tensor, Tensor | None]:
@@ -150,12 +167,14 @@ class _FusedKD(torch.autograd.Function):
     def _forward(ctx, hidden, weight, targets, weights, spec, labels, vocab, transform):
         want = any(ctx.needs_input_grad[:2])
         w = weight[:vocab].float()  # no copy in fp32; bf16 logits alone move the KD gradient by ~0.5%
-        targets = [dataclasses.replace(t, weight=t.weight[:vocab].float()) if isinstance(t, LiveTarget) else t
-                   for t in targets]
+        targets = [
+            dataclasses.replace(t, weight=t.weight[:vocab].float()) if isinstance(t, LiveTarget) else t for t in targets
+        ]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want else None
-        total, per_sum, ce_sum = (torch.zeros(size, dtype=torch.float64, device=hidden.device)
-                                  for size in ((), len(targets), ()))
+        total, per_sum, ce_sum = (
+            torch.zeros(size, dtype=torch.float64, device=hidden.device) for size in ((), len(targets), ())
+        )
         terms = closed_form.closed_form_chunk if closed_form.supported(targets, spec) else _autograd_chunk
         for start in range(0, hidden.shape[0], spec.chunk_size):
             rows = slice(start, start + spec.chunk_size)
@@ -211,9 +230,16 @@ def _student_logits(h: Tensor, w: Tensor, transform: Transform | None, want: boo
     return out.detach().clone(), (raw, out)  # the terms overwrite their logits in place: not the graph's
 
 
-def kd_loss(student_hidden: Tensor, student_weight: Tensor, targets: Sequence[LiveTarget | SparseTarget],
-            weights: Sequence[float], spec: LossSpec, labels: Tensor | None = None,
-            mask: Tensor | None = None, transform: Transform | None = None) -> KDResult:
+def kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    targets: Sequence[LiveTarget | SparseTarget],
+    weights: Sequence[float],
+    spec: LossSpec,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    transform: Transform | None = None,
+) -> KDResult:
     """Weighted multi-teacher KD (+ optional CE) summed over unmasked tokens, without [N, V] tensors.
 
     student_hidden [N, Hs] final hidden states (after the final norm), student_weight [V, Hs] lm_head weight;
@@ -240,5 +266,9 @@ def kd_loss(student_hidden: Tensor, student_weight: Tensor, targets: Sequence[Li
         student_rows = student_hidden
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=student_hidden.device)
     total, per, ce = _FusedKD.apply(student_rows, student_weight, tuple(targets), w, spec, labels, vocab, transform)
-    return KDResult(loss=total, per_teacher=tuple(per.unbind(0)), ce=None if labels is None else ce,
-                    tokens=int(student_rows.shape[0]))
+    return KDResult(
+        loss=total,
+        per_teacher=tuple(per.unbind(0)),
+        ce=None if labels is None else ce,
+        tokens=int(student_rows.shape[0]),
+    )

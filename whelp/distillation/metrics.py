@@ -25,8 +25,10 @@ def trim(metrics: Path, step: int) -> None:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise WhelpError(f"{metrics}:{lineno} is not JSON; delete that line (the log is rewritten from the "
-                             "checkpoint on) and re-run") from None
+            raise WhelpError(
+                f"{metrics}:{lineno} is not JSON; delete that line (the log is rewritten from the "
+                "checkpoint on) and re-run"
+            ) from None
         if row["step"] <= step:
             kept.append(line)
     write_text(metrics, "".join(line + "\n" for line in kept))

@@ -86,5 +86,5 @@ def sample(lm, prompts: torch.Tensor, new_tokens: int, vocab: int, rng: torch.Ge
 def generated_mask(batch: int, prompt: int, new_tokens: int, device: torch.device) -> torch.Tensor:
     """Bool [B * (P + G)]: the positions whose next token was sampled, ``P-1 .. P+G-2`` of each row."""
     row = torch.zeros(prompt + new_tokens, dtype=torch.bool, device=device)
-    row[prompt - 1: prompt + new_tokens - 1] = True
+    row[prompt - 1 : prompt + new_tokens - 1] = True
     return row.repeat(batch)

@@ -72,8 +72,10 @@ def tp_mesh(world: World, tp_size: int):
     if tp_size == 1:
         return None
     if world.size % tp_size:
-        raise WhelpError(f"--tp-size {tp_size} needs a multiple of {tp_size} processes (torchrun --nproc_per_node), "
-                         f"this run has {world.size}")
+        raise WhelpError(
+            f"--tp-size {tp_size} needs a multiple of {tp_size} processes (torchrun --nproc_per_node), "
+            f"this run has {world.size}"
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(world.device.type, (world.size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))["tp"]
@@ -171,10 +173,12 @@ def decoder_layers(lm, what: str = "model") -> torch.nn.ModuleList:
     n, body = shape(lm.config)["num_hidden_layers"], backbone(lm)
     found = [name for name, m in body.named_children() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
     if body is lm or len(found) != 1:
-        raise WhelpError(f"{type(lm).__name__} ({lm.config.model_type}): found {len(found) if body is not lm else 'no'}"
-                         f" list of its {n} decoder layers under its backbone ({type(body).__name__}); FSDP2 sharding "
-                         f"of the {what} supports backbones holding them in one list (Llama .model.layers, GPT-2 "
-                         ".transformer.h, GPT-NeoX .gpt_neox.layers); run on one process instead")
+        raise WhelpError(
+            f"{type(lm).__name__} ({lm.config.model_type}): found {len(found) if body is not lm else 'no'}"
+            f" list of its {n} decoder layers under its backbone ({type(body).__name__}); FSDP2 sharding "
+            f"of the {what} supports backbones holding them in one list (Llama .model.layers, GPT-2 "
+            ".transformer.h, GPT-NeoX .gpt_neox.layers); run on one process instead"
+        )
     return getattr(body, found[0])
 
 

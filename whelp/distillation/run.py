@@ -32,9 +32,24 @@ def run_dir(out: Path) -> Path:
 # Settings that may change when a run resumes (after a NaN stop, to lower --lr): they steer the optimiser and
 # the bookkeeping, not which tokens each step reads or what the loss is, so the run stays one well-defined run.
 # world_size and grad_accum split a step's micro-batches; their product, micro_batches_per_step, is fixed.
-ADJUSTABLE = ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "eval_data", "eval_tokens", "save_every",
-              "keep_last", "tensorboard", "chunk_size", "grad_checkpointing", "dtype", "shard_teachers", "world_size",
-              "grad_accum")
+ADJUSTABLE = (
+    "lr",
+    "warmup",
+    "weight_decay",
+    "max_grad_norm",
+    "eval_every",
+    "eval_data",
+    "eval_tokens",
+    "save_every",
+    "keep_last",
+    "tensorboard",
+    "chunk_size",
+    "grad_checkpointing",
+    "dtype",
+    "shard_teachers",
+    "world_size",
+    "grad_accum",
+)
 RUN_FILE = "run.json"
 
 
@@ -59,13 +74,17 @@ def rescale_grad_accum(grad_accum: int, old_world: int, world: int, on_policy: f
         return grad_accum
     micro = grad_accum * old_world
     if on_policy:
-        raise WhelpError(f"this run samples on-policy (on_policy={on_policy}), and which micro-batches sample follows "
-                         f"--grad-accum, so it cannot resume on {world} processes: relaunch it on {old_world} "
-                         f"(torchrun --nproc_per_node {old_world}) as it started")
+        raise WhelpError(
+            f"this run samples on-policy (on_policy={on_policy}), and which micro-batches sample follows "
+            f"--grad-accum, so it cannot resume on {world} processes: relaunch it on {old_world} "
+            f"(torchrun --nproc_per_node {old_world}) as it started"
+        )
     if micro % world:
-        raise WhelpError(f"this run's steps hold {micro} micro-batches (--grad-accum {grad_accum} x {old_world} "
-                         f"processes), which {world} processes cannot split evenly: relaunch it on {old_world} "
-                         f"processes (or another divisor of {micro}) to keep its global batch")
+        raise WhelpError(
+            f"this run's steps hold {micro} micro-batches (--grad-accum {grad_accum} x {old_world} "
+            f"processes), which {world} processes cannot split evenly: relaunch it on {old_world} "
+            f"processes (or another divisor of {micro}) to keep its global batch"
+        )
     return micro // world
 
 
@@ -73,8 +92,9 @@ def _reshaped(old: dict, identity: dict) -> dict:
     """``identity`` with the ``grad_accum`` that keeps ``old``'s global batch on its number of processes, when the
     command repeats the old --grad-accum; another one is the user's choice, left for ``_changes`` to judge."""
     spec = identity["spec"]
-    grad_accum = rescale_grad_accum(old["spec"]["grad_accum"], old["world_size"], identity["world_size"],
-                                    old["spec"].get("on_policy", 0.0))
+    grad_accum = rescale_grad_accum(
+        old["spec"]["grad_accum"], old["world_size"], identity["world_size"], old["spec"].get("on_policy", 0.0)
+    )
     if spec["grad_accum"] != old["spec"]["grad_accum"]:
         return identity
     return {**identity, "spec": {**spec, "grad_accum": grad_accum}}
@@ -102,19 +122,27 @@ def _prepare(out: Path, identity: dict, force: bool, resume: bool) -> tuple[Path
     identity = _reshaped(old, identity)
     adjustable, fixed = _changes(old, identity)
     if fixed:
-        shown = "; ".join("the student, teacher, cache or data files changed since it started" if k == "inputs"
-                          else f"{k}: {a!r} there, {b!r} now" for k, (a, b) in fixed.items())
-        raise WhelpError(f"{rdir} holds a run with other settings ({shown}) at {found[-1].name}; re-run with its "
-                         "settings to resume it, or pass --force to start over")
+        shown = "; ".join(
+            "the student, teacher, cache or data files changed since it started"
+            if k == "inputs"
+            else f"{k}: {a!r} there, {b!r} now"
+            for k, (a, b) in fixed.items()
+        )
+        raise WhelpError(
+            f"{rdir} holds a run with other settings ({shown}) at {found[-1].name}; re-run with its "
+            "settings to resume it, or pass --force to start over"
+        )
     if adjustable:
-        history = old["history"] + [{"from_step": int(found[-1].name.removeprefix(checkpoint.PREFIX)),
-                                     "changed": adjustable}]
+        history = old["history"] + [
+            {"from_step": int(found[-1].name.removeprefix(checkpoint.PREFIX)), "changed": adjustable}
+        ]
         store.write_record(saved, {**identity, "history": history})
     return rdir, adjustable, identity["spec"]["grad_accum"]
 
 
-def prepare(out: Path, identity: dict, force: bool, resume: bool, world,
-            spec: DistillSpec) -> tuple[Path, dict, DistillSpec]:
+def prepare(
+    out: Path, identity: dict, force: bool, resume: bool, world, spec: DistillSpec
+) -> tuple[Path, dict, DistillSpec]:
     """``_prepare`` on rank 0 alone (the others learn whether it refused, and the grad_accum): returns the run
     directory, the settings changed since the run's last start (empty on the other ranks) and ``spec`` with the
     run's grad_accum on this number of processes."""

@@ -12,6 +12,7 @@ import torch
 
 from whelp.specs import Schedule
 
+
 def teacher_weights(schedule: Schedule, weights: tuple[float, ...], step: int) -> tuple[float, ...]:
     """Per-teacher weights at optimizer ``step`` (0-based); the start point keeps the weights' total mass."""
     if schedule.kind == "constant" or len(weights) < 2:

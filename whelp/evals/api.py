@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
 
 from whelp.errors import WhelpError
 from whelp.specs import EvalSpec, LoadPolicy
@@ -56,8 +56,14 @@ def versions() -> dict:
 
     import whelp
 
-    return {"whelp": whelp.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "lm_eval": lm_eval.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "whelp": whelp.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lm_eval": lm_eval.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def cache_key(name: str, spec: EvalSpec) -> str:
@@ -66,8 +72,15 @@ def cache_key(name: str, spec: EvalSpec) -> str:
     from whelp.store import content_id
 
     inputs = [data_identity(s) for s in spec.ppl] + [source_identity(p) for p in spec.include_paths]
-    return content_id({"v": CACHE_VERSION, "model": source_identity(locate(name)), "spec": asdict(spec),
-                       "inputs": inputs, "versions": versions()})[:20]
+    return content_id(
+        {
+            "v": CACHE_VERSION,
+            "model": source_identity(locate(name)),
+            "spec": asdict(spec),
+            "inputs": inputs,
+            "versions": versions(),
+        }
+    )[:20]
 
 
 def _ppl_tokens(tokenizer, spec: EvalSpec) -> dict:
@@ -101,11 +114,15 @@ def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
     start = time.perf_counter()
     total, non_embedding = count_params(model.config)
     ppl = {source: _perplexity(model, ids, spec, tokenizer, source) for source, ids in ppl_ids.items()}
-    result = {"size": {"params": total, "non_embedding_params": non_embedding,
-                       "memory_bytes": model.get_memory_footprint()},
-              "perplexity": ppl, "lm_eval": {"scores": {}, "higher_is_better": {}}}
+    result = {
+        "size": {"params": total, "non_embedding_params": non_embedding, "memory_bytes": model.get_memory_footprint()},
+        "perplexity": ppl,
+        "lm_eval": {"scores": {}, "higher_is_better": {}},
+    }
     if spec.tasks:
-        result["lm_eval"] = run_tasks(model, tokenizer, spec.tasks, manager, spec.limit, spec.max_length, spec.batch_size)
+        result["lm_eval"] = run_tasks(
+            model, tokenizer, spec.tasks, manager, spec.limit, spec.max_length, spec.batch_size
+        )
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -114,8 +131,11 @@ def _in_memory(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict
     """``measure`` plus speed measured in this process (peak memory is not: this process holds other things)."""
     from whelp.evals.speed import measure_speed
 
-    speed = {**measure_speed(model, spec.speed), "peak_memory_bytes": None,
-             "peak_memory_method": "not measured: the model was given in memory (evaluate its directory)"}
+    speed = {
+        **measure_speed(model, spec.speed),
+        "peak_memory_bytes": None,
+        "peak_memory_method": "not measured: the model was given in memory (evaluate its directory)",
+    }
     return {**measure(model, tokenizer, spec, manager, ppl_ids), "speed": speed}
 
 
@@ -179,8 +199,9 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
     return manager, tokens, tokenizers
 
 
-def evaluate(models: Mapping[str, object], tokenizer=None, spec: EvalSpec = EvalSpec(),
-             policy: LoadPolicy = LoadPolicy()) -> EvalResult:
+def evaluate(
+    models: Mapping[str, object], tokenizer=None, spec: EvalSpec = EvalSpec(), policy: LoadPolicy = LoadPolicy()
+) -> EvalResult:
     """Evaluate ``{label: model}`` (in-memory models with ``tokenizer``, or directories / registered names); the first
     is the reference every other model is compared with.
 
@@ -207,15 +228,34 @@ def evaluate(models: Mapping[str, object], tokenizer=None, spec: EvalSpec = Eval
             path = _cache_path(on_disk[label], spec)
             store.write_record(path, results[label])
             results[label] = {**results[label], "cache_key": path.stem, "reused": False}
-    rows = [{"label": label, "model": on_disk.get(label, type(model).__name__), **results[label],
-             "tokenizer_sha256": tokenizers[label]} for label, model in models.items()]
-    return EvalResult({"reference": next(iter(models)), "settings": asdict(spec),
-                       "seeds": {"lm_eval": SEEDS, "speed_inputs": spec.speed.seed}, "versions": versions(),
-                       "models": rows})
+    rows = [
+        {
+            "label": label,
+            "model": on_disk.get(label, type(model).__name__),
+            **results[label],
+            "tokenizer_sha256": tokenizers[label],
+        }
+        for label, model in models.items()
+    ]
+    return EvalResult(
+        {
+            "reference": next(iter(models)),
+            "settings": asdict(spec),
+            "seeds": {"lm_eval": SEEDS, "speed_inputs": spec.speed.seed},
+            "versions": versions(),
+            "models": rows,
+        }
+    )
 
 
-def evaluate_to(out: str | Path, models: Mapping[str, str], spec: EvalSpec, force: bool = False,
-                stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> dict:
+def evaluate_to(
+    out: str | Path,
+    models: Mapping[str, str],
+    spec: EvalSpec,
+    force: bool = False,
+    stage_key: str | None = None,
+    policy: LoadPolicy = LoadPolicy(),
+) -> dict:
     """``evaluate`` model directories and write ``metrics.json``, ``report.md`` and ``report.png`` to ``out``
     atomically (marked with ``stage_key``, a build's key of its inputs). Returns the metrics."""
     from whelp.evals.report import write_report
@@ -236,7 +276,9 @@ def labelled(args: list[str], baseline: str | None = None) -> dict[str, str]:
         if (label, model) == first:
             continue  # the baseline, also listed among the models
         if label in out:
-            raise WhelpError(f"model label '{label}' is given twice; each model once, named with LABEL=MODEL if "
-                             "two share a directory name")
+            raise WhelpError(
+                f"model label '{label}' is given twice; each model once, named with LABEL=MODEL if "
+                "two share a directory name"
+            )
         out[label] = model
     return out

@@ -24,8 +24,10 @@ def check_include_paths(include_paths: tuple[str, ...]) -> None:
         if not Path(path).expanduser().is_dir():
             raise WhelpError(f"--include-path {path} is not a directory of lm-eval task YAMLs")
         if not any(Path(path).expanduser().rglob("*.yaml")):
-            raise WhelpError(f"--include-path {path} holds no lm-eval task YAMLs (*.yaml); point it at the directory "
-                             "of your task files")
+            raise WhelpError(
+                f"--include-path {path} holds no lm-eval task YAMLs (*.yaml); point it at the directory "
+                "of your task files"
+            )
 
 
 def _task_paths(include_paths: tuple[str, ...]) -> list[str]:
@@ -101,8 +103,15 @@ def flatten_results(results: dict) -> dict[str, float]:
     return flat
 
 
-def run_tasks(model, tokenizer, tasks: tuple[str, ...], manager, limit: int | None = None,
-              max_length: int | None = None, batch_size: int = 4) -> dict:
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: tuple[str, ...],
+    manager,
+    limit: int | None = None,
+    max_length: int | None = None,
+    batch_size: int = 4,
+) -> dict:
     """Scores of ``model`` on lm-eval ``tasks`` (names checked by ``task_manager``):
     ``{"scores": {"task/metric": value}, "higher_is_better": {"task/metric": bool}}``.
 
@@ -117,16 +126,35 @@ def run_tasks(model, tokenizer, tasks: tuple[str, ...], manager, limit: int | No
     from whelp.output import quiet_streams
 
     with quiet_streams():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                  device=str(model.device))
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            device=str(model.device),
+        )
         try:
-            out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
-                                  bootstrap_iters=1000, verbosity="ERROR", **SEEDS)
+            out = simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=manager,
+                limit=limit,
+                log_samples=False,
+                bootstrap_iters=1000,
+                verbosity="ERROR",
+                **SEEDS,
+            )
         except AssertionError as exc:  # lm-eval asserts that each request fits its context
             if "max_length" not in str(exc) and "continuation" not in traceback_text(exc):
                 raise
-            raise WhelpError(f"a request of {', '.join(tasks)} is longer than the {lm.max_length}-token lm-eval "
-                             "context; raise --max-length (or drop it: the model's own context)") from None
-    higher = {f"{task}/{metric}": bool(better) for task, metrics in out["higher_is_better"].items()
-              for metric, better in metrics.items() if better is not None}
+            raise WhelpError(
+                f"a request of {', '.join(tasks)} is longer than the {lm.max_length}-token lm-eval "
+                "context; raise --max-length (or drop it: the model's own context)"
+            ) from None
+    higher = {
+        f"{task}/{metric}": bool(better)
+        for task, metrics in out["higher_is_better"].items()
+        for metric, better in metrics.items()
+        if better is not None
+    }
     return {"scores": flatten_results(out["results"]), "higher_is_better": higher}

@@ -47,8 +47,15 @@ def window_nll(model, ids: torch.Tensor, n_scored: int) -> torch.Tensor:
     return nll.sum(dim=1).cpu()
 
 
-def perplexity(model, ids: torch.Tensor, seq_len: int, stride: int | None = None, batch_size: int = 4,
-               tokenizer=None, progress=None) -> Perplexity:
+def perplexity(
+    model,
+    ids: torch.Tensor,
+    seq_len: int,
+    stride: int | None = None,
+    batch_size: int = 4,
+    tokenizer=None,
+    progress=None,
+) -> Perplexity:
     """Perplexity of ``model`` on the token stream ``ids`` [T]. ``tokenizer`` is needed for bits per byte.
 
     Windows of equal length and score count are batched ``batch_size`` at a time.
@@ -65,8 +72,9 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, stride: int | None = None
             total_nll += float(window_nll(model, torch.stack(rows), n_scored).sum())
             total_tokens += n_scored * len(rows)
             if tokenizer is not None:
-                total_bytes += sum(len(tokenizer.decode(r[-n_scored:], skip_special_tokens=True).encode("utf-8"))
-                                   for r in rows)
+                total_bytes += sum(
+                    len(tokenizer.decode(r[-n_scored:], skip_special_tokens=True).encode("utf-8")) for r in rows
+                )
         if progress is not None:
             progress(len(group))
     nll = total_nll / total_tokens

@@ -13,8 +13,14 @@ import json
 import math
 from pathlib import Path
 
-SIZE_SPEED = ("params", "non_embedding_params", "memory_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
-              "peak_memory_bytes")
+SIZE_SPEED = (
+    "params",
+    "non_embedding_params",
+    "memory_bytes",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "peak_memory_bytes",
+)
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
@@ -24,8 +30,13 @@ def flat_metrics(result: dict) -> dict[str, float]:
     for source, ppl in result["perplexity"].items():
         flat[f"ppl:{source}"] = ppl["ppl"]
         flat[f"bpb:{source}"] = ppl["bits_per_byte"]
-    flat.update({k: v for k, v in result["lm_eval"]["scores"].items()
-                 if not k.endswith(("_stderr", "/sample_len")) and "_stderr," not in k})
+    flat.update(
+        {
+            k: v
+            for k, v in result["lm_eval"]["scores"].items()
+            if not k.endswith(("_stderr", "/sample_len")) and "_stderr," not in k
+        }
+    )
     return flat
 
 
@@ -78,8 +89,9 @@ def table(metrics: dict) -> tuple[list[str], list[str], list[list[str]], dict[st
                 continue
             pct = percent(kind, ref, flat[name])
             pcts.append(pct)
-            row.append(f"{_fmt(flat[name])} ({'+' if flat[name] >= ref else '-'}{_fmt(abs(flat[name] - ref))}, "
-                       f"{pct:.1f}%)")
+            row.append(
+                f"{_fmt(flat[name])} ({'+' if flat[name] >= ref else '-'}{_fmt(abs(flat[name] - ref))}, {pct:.1f}%)"
+            )
         cells.append(row)
         percents[name] = pcts
     return names, [m["label"] for m in models], cells, percents
@@ -88,22 +100,36 @@ def table(metrics: dict) -> tuple[list[str], list[str], list[list[str]], dict[st
 def markdown(metrics: dict) -> str:
     names, labels, cells, _ = table(metrics)
     higher = {k: v for m in metrics["models"] for k, v in m["lm_eval"]["higher_is_better"].items()}
-    meaning = {"size": "% of ref", "log": "% recovered (NLL ratio)", "lower": "% recovered (ref/model)",
-               "higher": "% recovered (model/ref)"}
+    meaning = {
+        "size": "% of ref",
+        "log": "% recovered (NLL ratio)",
+        "lower": "% recovered (ref/model)",
+        "higher": "% recovered (model/ref)",
+    }
     head = ["metric", "%", f"{labels[0]} (reference)", *labels[1:]]
-    lines = [f"# whelp eval: {', '.join(labels)}", "",
-             f"Reference: **{labels[0]}**. Cells: value (delta vs reference, %). Settings: "
-             f"`{json.dumps(metrics['settings'], sort_keys=True)}`.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"# whelp eval: {', '.join(labels)}",
+        "",
+        f"Reference: **{labels[0]}**. Cells: value (delta vs reference, %). Settings: "
+        f"`{json.dumps(metrics['settings'], sort_keys=True)}`.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for name, row in zip(names, cells):
         lines.append(f"| {name} | {meaning[direction(name, higher)]} | " + " | ".join(row) + " |")
     reused = [m["label"] for m in metrics["models"] if m.get("reused")]
     other = [m["label"] for m in metrics["models"][1:] if not _same_tokenizer(metrics["models"][0], m)]
-    lines += ["", "% recovered is measured in loss: reference NLL / model NLL for perplexities (equivalently the "
-              "bits-per-byte ratio), model / reference for accuracies; 100% = as good as the reference."]
+    lines += [
+        "",
+        "% recovered is measured in loss: reference NLL / model NLL for perplexities (equivalently the "
+        "bits-per-byte ratio), model / reference for accuracies; 100% = as good as the reference.",
+    ]
     if other:
-        lines.append(f"{', '.join(other)} tokenize differently from {labels[0]}: their perplexities count other tokens "
-                     "and get no %; compare them by bits per byte (bpb rows).")
+        lines.append(
+            f"{', '.join(other)} tokenize differently from {labels[0]}: their perplexities count other tokens "
+            "and get no %; compare them by bits per byte (bpb rows)."
+        )
     lines.append(f"Reused from the cache: {', '.join(reused) or 'none'}.")
     return "\n".join(lines) + "\n"
 

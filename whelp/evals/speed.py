@@ -63,8 +63,10 @@ def measure_speed(model, spec: SpeedSpec) -> dict:
     runs = [_run_once(model, ids, spec.new_tokens) for _ in range(spec.repeats)]
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
-    return {"prefill_tokens_per_s": spec.batch_size * spec.prompt_len / prefill,
-            "decode_tokens_per_s": spec.batch_size * spec.new_tokens / decode}
+    return {
+        "prefill_tokens_per_s": spec.batch_size * spec.prompt_len / prefill,
+        "decode_tokens_per_s": spec.batch_size * spec.new_tokens / decode,
+    }
 
 
 def shape_speed(config, device: str, spec: SpeedSpec) -> dict:
@@ -76,8 +78,15 @@ def shape_speed(config, device: str, spec: SpeedSpec) -> dict:
     from whelp import store
     from whelp.distillation.cache import config_hash
 
-    key = store.content_id([config_hash(config), device, torch.__version__, asdict(spec),
-                            torch.cuda.get_device_name(device) if device.startswith("cuda") else os.cpu_count()])
+    key = store.content_id(
+        [
+            config_hash(config),
+            device,
+            torch.__version__,
+            asdict(spec),
+            torch.cuda.get_device_name(device) if device.startswith("cuda") else os.cpu_count(),
+        ]
+    )
     path = store.whelp_home() / "speed" / f"{key}.json"
     if path.is_file():
         return store.read_record(path, f"delete {path}")
@@ -137,8 +146,13 @@ class SpeedProcess:
 
     def __init__(self, policy: LoadPolicy = LoadPolicy()):
         self._errors = tempfile.TemporaryFile("w+")
-        self._proc = subprocess.Popen([sys.executable, "-m", "whelp.evals.speed", json.dumps(asdict(policy))],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._errors, text=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "whelp.evals.speed", json.dumps(asdict(policy))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._errors,
+            text=True,
+        )
 
     def measure(self, model_name: str, spec: EvalSpec) -> dict:
         """Speed and peak memory of ``model_name`` loaded as ``spec`` says, in a forked child of the process."""
@@ -156,7 +170,7 @@ class SpeedProcess:
             raise WhelpError(f"speed measurement of {model_name} failed in its subprocess: {tail}")
         return reply["speed"]
 
-    def __enter__(self) -> "SpeedProcess":
+    def __enter__(self) -> SpeedProcess:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from whelp import data, models, store
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.pruning import arch, importance, moe, scores as saved, surgery
+from whelp.pruning import arch, importance, moe, surgery
+from whelp.pruning import scores as saved
 from whelp.pruning.targets import Target, parse_target, target_rope
 from whelp.specs import TIE, LoadPolicy, PruneSpec
 
@@ -32,8 +33,9 @@ def _calibrate(model, family, tokens, spec: PruneSpec, scores: dict | None) -> d
     """Scores of the spec's method; ``layers.loss`` added when the layer importance asks for it."""
     if scores is None:
         with Progress(f"calibrating ({spec.importance})", len(tokens)) as bar:
-            scores = importance.calibrate(model, family, tokens, spec.importance, spec.batch_size, bar.advance,
-                                          spec.seed)
+            scores = importance.calibrate(
+                model, family, tokens, spec.importance, spec.batch_size, bar.advance, spec.seed
+            )
     if spec.layer_importance == "loss" and "layers.loss" not in scores:
         with Progress("layer skip losses", surgery.text_config(model.config).num_hidden_layers) as bar:
             scores = {**scores, "layers.loss": importance.skip_losses(model, tokens, spec.batch_size, bar.advance)}
@@ -65,9 +67,15 @@ def tie_kls(teacher, pruned, keep, family, tokens: torch.Tensor) -> dict[str, fl
 
 def kept_report(keep: surgery.Keep) -> dict:
     experts = {} if keep.experts is None else moe.kept_report(keep.experts)
-    return {"layers": list(keep.layers), "hidden": keep.hidden.tolist(), "mlp": [m.tolist() for m in keep.mlp],
-            "kv_heads": [k.tolist() for k in keep.kv_heads], "q_heads": [q.tolist() for q in keep.q_heads],
-            "head_dims": keep.head_dims.tolist(), **experts}
+    return {
+        "layers": list(keep.layers),
+        "hidden": keep.hidden.tolist(),
+        "mlp": [m.tolist() for m in keep.mlp],
+        "kv_heads": [k.tolist() for k in keep.kv_heads],
+        "q_heads": [q.tolist() for q in keep.q_heads],
+        "head_dims": keep.head_dims.tolist(),
+        **experts,
+    }
 
 
 def calibration_tokens(calib, n: int, vocab: int | None = None) -> torch.Tensor:
@@ -80,8 +88,10 @@ def calibration_tokens(calib, n: int, vocab: int | None = None) -> torch.Tensor:
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
         raise WhelpError(f"calibration blocks must hold token ids (integers), got {tokens.dtype}")
     if vocab is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-        raise WhelpError(f"calibration token ids must be in 0..{vocab - 1} (the model's vocabulary), got "
-                         f"{int(tokens.min())}..{int(tokens.max())}")
+        raise WhelpError(
+            f"calibration token ids must be in 0..{vocab - 1} (the model's vocabulary), got "
+            f"{int(tokens.min())}..{int(tokens.max())}"
+        )
     return tokens.long()
 
 
@@ -92,8 +102,11 @@ def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores:
         from whelp.pruning import generic
 
         pruned, keep = generic.prune_generic(copy.deepcopy(model), target.shape, spec.importance, tokens, spec.seed)
-        kept = {"hidden": keep.hidden.tolist(), "mlp": [m.tolist() for m in keep.mlp],
-                "heads": [h.tolist() for h in keep.heads] if keep.heads else None}
+        kept = {
+            "hidden": keep.hidden.tolist(),
+            "mlp": [m.tolist() for m in keep.mlp],
+            "heads": [h.tolist() for h in keep.heads] if keep.heads else None,
+        }
         return pruned, None, kept, {"path": "generic", "tie": None, "rope": "teacher"}
     timings = {}
     t = time.perf_counter()
@@ -129,8 +142,15 @@ def prune(model, target: str | Target, calib, spec: PruneSpec = PruneSpec(), sco
     return pruned
 
 
-def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec = PruneSpec(), force: bool = False,
-                     stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> dict:
+def prune_checkpoint(
+    source: str,
+    target: str,
+    out: str | Path,
+    spec: PruneSpec = PruneSpec(),
+    force: bool = False,
+    stage_key: str | None = None,
+    policy: LoadPolicy = LoadPolicy(),
+) -> dict:
     """Prune ``source`` (directory, registered name) to ``target`` (preset, config.json, key=value) into ``out``.
 
     Returns the report also written to ``out/prune_report.json``. The checkpoint, scores and report are
@@ -141,8 +161,10 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
     t0 = time.perf_counter()
     source_dir = Path(models.locate(source))
     if not source_dir.is_dir():
-        raise WhelpError(f"prune reads a local checkpoint and '{source}' is not one; download it first "
-                         f"(huggingface-cli download {source} --local-dir DIR) and pass DIR")
+        raise WhelpError(
+            f"prune reads a local checkpoint and '{source}' is not one; download it first "
+            f"(huggingface-cli download {source} --local-dir DIR) and pass DIR"
+        )
     models.check_weights(str(source_dir), policy)
     source_cfg = models.load_config(str(source_dir), policy)
     parsed = parse_target(source_cfg, target)
@@ -153,8 +175,10 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
     if moe.moe_family_of(source_cfg) is not None:
         moe.check_spec(source_cfg, spec)
     if family is None and spec.stream:
-        raise WhelpError(f"streaming supports the families {', '.join(arch.FAMILIES)}, not '{source_cfg.model_type}'; "
-                         "drop --stream to width-prune it in memory through torch-pruning")
+        raise WhelpError(
+            f"streaming supports the families {', '.join(arch.FAMILIES)}, not '{source_cfg.model_type}'; "
+            "drop --stream to width-prune it in memory through torch-pruning"
+        )
     if family is None:
         from whelp.pruning import generic
 
@@ -169,10 +193,20 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
     cache = saved.cache_path(meta)
     scores_path = Path(spec.scores).expanduser() if spec.scores else cache
     scores = saved.load_scores(scores_path, meta) if spec.scores or cache.is_file() else None
-    report = {"source": source, "target": target, "importance": spec.importance,
-              "layer_importance": spec.layer_importance, "spec": asdict(spec), "scores_reused": scores is not None,
-              "calibration": {"source": spec.calib, "samples": len(tokens), "seq_len": spec.seq_len,
-                              "fingerprint": fingerprint}}
+    report = {
+        "source": source,
+        "target": target,
+        "importance": spec.importance,
+        "layer_importance": spec.layer_importance,
+        "spec": asdict(spec),
+        "scores_reused": scores is not None,
+        "calibration": {
+            "source": spec.calib,
+            "samples": len(tokens),
+            "seq_len": spec.seq_len,
+            "fingerprint": fingerprint,
+        },
+    }
     timings = {"prepare_s": time.perf_counter() - t0}
     with store.atomic_dir(out, force, "model", stage_key=stage_key) as tmp:
         stream = family is not None and (spec.stream if spec.stream is not None else _should_stream(source_dir))
@@ -183,9 +217,16 @@ def prune_checkpoint(source: str, target: str, out: str | Path, spec: PruneSpec 
             saved.save_scores(tmp / saved.SCORES_FILE, scores, meta)
         target_cfg = models.load_config(str(tmp), policy)
         timings.update(details.pop("timings", {}), total_s=time.perf_counter() - t0)
-        report.update(details, kept=kept, params={"before": models.count_params(source_cfg, policy)[0],
-                                                  "after": models.count_params(target_cfg, policy)[0]},
-                      shape={"source": moe.shape_of(source_cfg), "target": moe.shape_of(target_cfg)}, timings=timings)
+        report.update(
+            details,
+            kept=kept,
+            params={
+                "before": models.count_params(source_cfg, policy)[0],
+                "after": models.count_params(target_cfg, policy)[0],
+            },
+            shape={"source": moe.shape_of(source_cfg), "target": moe.shape_of(target_cfg)},
+            timings=timings,
+        )
         store.write_text(tmp / REPORT_FILE, json.dumps(report, indent=2))
     return report
 
@@ -215,9 +256,19 @@ def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timi
     config = models.load_config(str(source_dir), policy)
     with Progress(f"streaming calibration ({spec.importance})", surgery.text_config(config).num_hidden_layers) as bar:
         keep, _, scores = streaming.prune_streaming(
-            source_dir, out, parsed, tokens, method=spec.importance, layer_method=spec.layer_importance,
-            tie=spec.tie, rope=spec.rope, scores=scores, batch_size=spec.batch_size, progress=bar.advance,
-            save_dtype=models.save_dtype(spec.save_dtype, source_dir, config))
+            source_dir,
+            out,
+            parsed,
+            tokens,
+            method=spec.importance,
+            layer_method=spec.layer_importance,
+            tie=spec.tie,
+            rope=spec.rope,
+            scores=scores,
+            batch_size=spec.batch_size,
+            progress=bar.advance,
+            save_dtype=models.save_dtype(spec.save_dtype, source_dir, config),
+        )
     timings["stream_s"] = time.perf_counter() - t
     tie = {"init": keep.tie, "kl": None} if keep.tie else None  # KL needs the whole teacher in memory
     return scores, kept_report(keep), {"path": "streaming", "tie": tie, "rope": spec.rope}

@@ -48,23 +48,43 @@ _QK_NORM_FULL = {"self_attn.q_norm.weight": ("q",), "self_attn.k_norm.weight": (
 _POST_NORMS = {"post_attention_layernorm.weight": ("hidden",), "post_feedforward_layernorm.weight": ("hidden",)}
 # Gemma 2 / 3: sandwich norms, pre- and post- both sub-blocks
 _FF_NORMS = {"pre_feedforward_layernorm.weight": ("hidden",), "post_feedforward_layernorm.weight": ("hidden",)}
-_GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+_GEMMA_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
 # Phi-3: fused projections, each sliced as its blocks (surgery.py)
-_FUSED = {"self_attn.qkv_proj.weight": ("qkv", "hidden"), "self_attn.o_proj.weight": ("hidden", "q"),
-          "mlp.gate_up_proj.weight": ("gate_up", "hidden"), "mlp.down_proj.weight": ("hidden", "mlp")}
+_FUSED = {
+    "self_attn.qkv_proj.weight": ("qkv", "hidden"),
+    "self_attn.o_proj.weight": ("hidden", "q"),
+    "mlp.gate_up_proj.weight": ("gate_up", "hidden"),
+    "mlp.down_proj.weight": ("hidden", "mlp"),
+}
 # MoE: the router and the fused experts in memory; Qwen2-MoE's shared expert and its sigmoid gate
-_MOE = {"mlp.gate.weight": ("expert", "hidden"), "mlp.experts.gate_up_proj": ("expert", "expert_gate_up", "hidden"),
-        "mlp.experts.down_proj": ("expert", "hidden", "expert_ffn")}
-_SHARED = {"mlp.shared_expert.gate_proj.weight": ("shared", "hidden"),
-           "mlp.shared_expert.up_proj.weight": ("shared", "hidden"),
-           "mlp.shared_expert.down_proj.weight": ("hidden", "shared"),
-           "mlp.shared_expert_gate.weight": ("unit", "hidden")}
+_MOE = {
+    "mlp.gate.weight": ("expert", "hidden"),
+    "mlp.experts.gate_up_proj": ("expert", "expert_gate_up", "hidden"),
+    "mlp.experts.down_proj": ("expert", "hidden", "expert_ffn"),
+}
+_SHARED = {
+    "mlp.shared_expert.gate_proj.weight": ("shared", "hidden"),
+    "mlp.shared_expert.up_proj.weight": ("shared", "hidden"),
+    "mlp.shared_expert.down_proj.weight": ("hidden", "shared"),
+    "mlp.shared_expert_gate.weight": ("unit", "hidden"),
+}
 SQRT_HIDDEN = "sqrt(hidden_size)"  # Family.embed_multiplier of Gemma: its embedding module scales by hidden_size ** 0.5
 
 # the axes of a target (models.SHAPE_KEYS) as the README names them
-AXES = {"num_hidden_layers": "layers", "hidden_size": "hidden", "intermediate_size": "MLP",
-        "num_attention_heads": "query heads", "num_key_value_heads": "KV heads", "head_dim": "head_dim",
-        "num_experts": "experts"}
+AXES = {
+    "num_hidden_layers": "layers",
+    "hidden_size": "hidden",
+    "intermediate_size": "MLP",
+    "num_attention_heads": "query heads",
+    "num_key_value_heads": "KV heads",
+    "head_dim": "head_dim",
+    "num_experts": "experts",
+}
 _EXACT = frozenset(AXES) - {"hidden_size", "num_experts"}
 
 
@@ -118,56 +138,104 @@ FAMILIES = {
     "llama": Family("llama", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_BIAS_MLP, **_NORMS}),
     "mistral": Family("mistral", {**_ATTN, **_MLP, **_NORMS}),
     "qwen2": Family("qwen2", {**_ATTN, **_BIAS_QKV, **_MLP, **_NORMS}),
-    "qwen3": Family("qwen3", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_QK_NORM},
-                    q_norm="self_attn.q_norm", exact=_EXACT - {"head_dim"},
-                    note="per-head q/k norms: head_dim changes their statistics"),
+    "qwen3": Family(
+        "qwen3",
+        {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_QK_NORM},
+        q_norm="self_attn.q_norm",
+        exact=_EXACT - {"head_dim"},
+        note="per-head q/k norms: head_dim changes their statistics",
+    ),
     # Granite: the Llama layout with scalar multipliers (embedding_multiplier, residual_multiplier,
     # attention_multiplier, logits_scaling) that the pruned config keeps unchanged; attention_multiplier is the
     # attention scale, so the kept q rows are not rescaled when head_dim shrinks.
-    "granite": Family("granite", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_BIAS_MLP, **_NORMS},
-                      head_dim_scaling=False, embed_multiplier="embedding_multiplier",
-                      note="multipliers kept (scalars)"),
+    "granite": Family(
+        "granite",
+        {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_BIAS_MLP, **_NORMS},
+        head_dim_scaling=False,
+        embed_multiplier="embedding_multiplier",
+        note="multipliers kept (scalars)",
+    ),
     # OLMo 2: post-norms (no input_layernorm) and q/k RMSNorms over the full projection, which follow the q / kv
     # axes. Removing heads (or head dims) changes the statistics of those norms, so query heads, KV heads and
     # head_dim are pruned but not exact; layers and MLP neurons are.
-    "olmo2": Family("olmo2", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_POST_NORMS, **_QK_NORM_FULL},
-                    norms=("post_attention_layernorm", "post_feedforward_layernorm"), q_norm="self_attn.q_norm",
-                    exact=frozenset({"num_hidden_layers", "intermediate_size"}),
-                    note="q/k norms over the full projection: heads change their statistics"),
+    "olmo2": Family(
+        "olmo2",
+        {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_POST_NORMS, **_QK_NORM_FULL},
+        norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        q_norm="self_attn.q_norm",
+        exact=frozenset({"num_hidden_layers", "intermediate_size"}),
+        note="q/k norms over the full projection: heads change their statistics",
+    ),
     # Gemma: head_dim independent of hidden / heads, (1 + weight) RMSNorms, embeddings scaled by sqrt(hidden_size)
     # inside the model (compensated in the kept embedding rows when hidden_size shrinks, surgery.py).
-    "gemma": Family("gemma", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS},
-                    embed_multiplier=SQRT_HIDDEN, norm_offset=1.0,
-                    note="sqrt(hidden) embedding scale compensated"),
+    "gemma": Family(
+        "gemma",
+        {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS},
+        embed_multiplier=SQRT_HIDDEN,
+        norm_offset=1.0,
+        note="sqrt(hidden) embedding scale compensated",
+    ),
     # Gemma 2: + pre/post feed-forward norms, attention scale query_pre_attn_scalar ** -0.5 (a config constant, kept,
     # so head_dim needs no q rescale), attention / final logit soft-capping (scalars, kept), sliding-window layers
     # (layer_types follows the kept layers).
-    "gemma2": Family("gemma2", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_FF_NORMS},
-                     norms=_GEMMA_NORMS, head_dim_scaling=False, embed_multiplier=SQRT_HIDDEN, norm_offset=1.0,
-                     note="query_pre_attn_scalar, soft-caps kept; layer_types follow the kept layers"),
+    "gemma2": Family(
+        "gemma2",
+        {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_FF_NORMS},
+        norms=_GEMMA_NORMS,
+        head_dim_scaling=False,
+        embed_multiplier=SQRT_HIDDEN,
+        norm_offset=1.0,
+        note="query_pre_attn_scalar, soft-caps kept; layer_types follow the kept layers",
+    ),
     # Gemma 3 (text, Gemma3ForCausalLM): Gemma 2 + per-head (1 + weight) q/k norms and a RoPE per layer type.
-    "gemma3_text": Family("gemma3_text", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_FF_NORMS, **_QK_NORM},
-                          norms=_GEMMA_NORMS, q_norm="self_attn.q_norm", head_dim_scaling=False,
-                          embed_multiplier=SQRT_HIDDEN, norm_offset=1.0, exact=_EXACT - {"head_dim"},
-                          note="as gemma2; per-head q/k norms: head_dim changes their statistics"),
+    "gemma3_text": Family(
+        "gemma3_text",
+        {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_FF_NORMS, **_QK_NORM},
+        norms=_GEMMA_NORMS,
+        q_norm="self_attn.q_norm",
+        head_dim_scaling=False,
+        embed_multiplier=SQRT_HIDDEN,
+        norm_offset=1.0,
+        exact=_EXACT - {"head_dim"},
+        note="as gemma2; per-head q/k norms: head_dim changes their statistics",
+    ),
     # Phi-3: qkv_proj = [q; k; v] and gate_up_proj = [gate; up], each block sliced like its unfused projection.
-    "phi3": Family("phi3", {**_FUSED, **_NORMS}, q_proj="self_attn.qkv_proj",
-                   note="fused qkv_proj, gate_up_proj sliced as blocks; head_dim needs full rotary, no longrope"),
+    "phi3": Family(
+        "phi3",
+        {**_FUSED, **_NORMS},
+        q_proj="self_attn.qkv_proj",
+        note="fused qkv_proj, gate_up_proj sliced as blocks; head_dim needs full rotary, no longrope",
+    ),
     # Mixture of experts (moe.py): whole experts by REAP saliency; the MLP axis of Mixtral is each expert's FFN.
     # Removing an expert is never the same as zeroing it (the router then picks another), so experts are "yes";
     # where the router renormalises its top-k (Mixtral; Qwen with norm_topk_prob), never-routed experts drop exactly.
-    "mixtral": Family("mixtral", {**_ATTN, **_NORMS, **_MOE}, experts_key="num_local_experts",
-                      ffn_key="intermediate_size", disk_block="block_sparse_moe", expert_parts=("w1", "w3", "w2"),
-                      note="MLP: each expert's FFN; never-routed experts drop exactly (renormalised top-k)"),
+    "mixtral": Family(
+        "mixtral",
+        {**_ATTN, **_NORMS, **_MOE},
+        experts_key="num_local_experts",
+        ffn_key="intermediate_size",
+        disk_block="block_sparse_moe",
+        expert_parts=("w1", "w3", "w2"),
+        note="MLP: each expert's FFN; never-routed experts drop exactly (renormalised top-k)",
+    ),
     # Qwen2-MoE: + a shared expert (kept whole) and dense layers (mlp_only_layers / decoder_sparse_step, whose MLP
     # is the MLP axis); the expert FFN is moe_intermediate_size. Routing weights are softmax over all experts.
-    "qwen2_moe": Family("qwen2_moe", {**_ATTN, **_BIAS_QKV, **_NORMS, **_MOE, **_SHARED, **_MLP},
-                        experts_key="num_experts", ffn_key="moe_intermediate_size",
-                        note="shared expert kept whole; MLP: the dense layers (`moe_intermediate_size`: each expert's)"),
-    "qwen3_moe": Family("qwen3_moe", {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_NORMS, **_QK_NORM, **_MOE, **_MLP},
-                        q_norm="self_attn.q_norm", exact=_EXACT - {"head_dim"}, experts_key="num_experts",
-                        ffn_key="moe_intermediate_size",
-                        note="per-head q/k norms; MLP: the dense layers (`moe_intermediate_size`: each expert's)"),
+    "qwen2_moe": Family(
+        "qwen2_moe",
+        {**_ATTN, **_BIAS_QKV, **_NORMS, **_MOE, **_SHARED, **_MLP},
+        experts_key="num_experts",
+        ffn_key="moe_intermediate_size",
+        note="shared expert kept whole; MLP: the dense layers (`moe_intermediate_size`: each expert's)",
+    ),
+    "qwen3_moe": Family(
+        "qwen3_moe",
+        {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_NORMS, **_QK_NORM, **_MOE, **_MLP},
+        q_norm="self_attn.q_norm",
+        exact=_EXACT - {"head_dim"},
+        experts_key="num_experts",
+        ffn_key="moe_intermediate_size",
+        note="per-head q/k norms; MLP: the dense layers (`moe_intermediate_size`: each expert's)",
+    ),
 }
 
 
@@ -189,12 +257,17 @@ def families_table() -> str:
     head = "| family | " + " | ".join(AXES.values()) + " | notes |"
     lines = [head, "|" + "---|" * (len(AXES) + 2)]
     for name, family in FAMILIES.items():
-        cells = ["exact" if key in family.exact else "-" if key == "num_experts" and not family.experts_key
-                 else "yes" for key in AXES]
+        cells = [
+            "exact" if key in family.exact else "-" if key == "num_experts" and not family.experts_key else "yes"
+            for key in AXES
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {family.note} |")
     cells = [("exact" if key != "hidden_size" else "yes") if key in WIDTH_KEYS else "-" for key in AXES]
-    lines.append("| any other (generic path, `whelp[generic]`) | " + " | ".join(cells)
-                 + " | torch-pruning's dependency graph, in memory only; no streaming |")
+    lines.append(
+        "| any other (generic path, `whelp[generic]`) | "
+        + " | ".join(cells)
+        + " | torch-pruning's dependency graph, in memory only; no streaming |"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +276,7 @@ def split_name(name: str, family: Family) -> tuple[int | None, str]:
     prefix = family.layers + "."
     if not name.startswith(prefix):
         return None, name
-    index, _, rest = name[len(prefix):].partition(".")
+    index, _, rest = name[len(prefix) :].partition(".")
     return int(index), rest
 
 

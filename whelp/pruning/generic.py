@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.pruning.importance import batches, top_indices, head_outputs, minitron_sq
+from whelp.pruning.importance import batches, head_outputs, minitron_sq, top_indices
 from whelp.specs import IMPORTANCE
 
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads")  # all the generic path changes
@@ -57,8 +57,11 @@ Scores = GenericKeep  # the same axes holding importance per channel (heads None
 def traceable(model):
     """Eager attention and identity RoPE while torch-pruning traces ``model``; both restored on exit, even on error."""
     names = {type(m).__module__ for m in model.modules()}  # a subclass (remote code) runs its parents' attention
-    ropes = {mod: mod.apply_rotary_pos_emb for mod in map(importlib.import_module, names)
-             if hasattr(mod, "apply_rotary_pos_emb")}
+    ropes = {
+        mod: mod.apply_rotary_pos_emb
+        for mod in map(importlib.import_module, names)
+        if hasattr(mod, "apply_rotary_pos_emb")
+    }
     attn = model.config._attn_implementation
     try:
         model.set_attn_implementation("eager")
@@ -76,8 +79,10 @@ def require(model_type: str) -> None:
     try:
         importlib.import_module("torch_pruning")  # only whether it is there
     except ImportError:
-        raise WhelpError(f"pruning a {model_type} model (outside whelp's family table) needs torch-pruning: "
-                         "pip install 'whelp[generic]'") from None
+        raise WhelpError(
+            f"pruning a {model_type} model (outside whelp's family table) needs torch-pruning: "
+            "pip install 'whelp[generic]'"
+        ) from None
 
 
 def build_graph(model):
@@ -91,12 +96,15 @@ def build_graph(model):
     example = {"input_ids": torch.zeros(1, 8, dtype=torch.long, device=model.device), "use_cache": False}
     try:
         with traceable(model), torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                         output_transform=lambda out: out.logits)
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, verbose=False, output_transform=lambda out: out.logits
+            )
     except Exception as exc:  # noqa: BLE001 - torch-pruning fails inside its tracer on layers it cannot follow
-        raise WhelpError(f"torch-pruning could not trace {type(model).__name__} ({model.config.model_type}): "
-                         f"{type(exc).__name__} in its dependency graph; whelp's generic path prunes only models it "
-                         "can trace (whelp distil and eval still take this model)") from None
+        raise WhelpError(
+            f"torch-pruning could not trace {type(model).__name__} ({model.config.model_type}): "
+            f"{type(exc).__name__} in its dependency graph; whelp's generic path prunes only models it "
+            "can trace (whelp distil and eval still take this model)"
+        ) from None
 
 
 def linearize_(model):
@@ -108,8 +116,13 @@ def linearize_(model):
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Conv1D):
-                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1], bias=child.bias is not None,
-                                   device=child.weight.device, dtype=child.weight.dtype)
+                linear = nn.Linear(
+                    child.weight.shape[0],
+                    child.weight.shape[1],
+                    bias=child.bias is not None,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                )
                 with torch.no_grad():
                     linear.weight.copy_(child.weight.T)
                     if child.bias is not None:
@@ -124,17 +137,24 @@ def find_blocks(model, graph) -> tuple[Block, ...]:
     import torch_pruning as tp
 
     def coupled(linear):  # linears whose output rows / input columns go with output row 0 of ``linear``
-        group = [d for d, _ in graph.get_pruning_group(linear, tp.prune_linear_out_channels, [0])
-                 if isinstance(d.target.module, nn.Linear)]
-        return ([d.target.module for d in group if graph.is_out_channel_pruning_fn(d.handler)],
-                [d.target.module for d in group if graph.is_in_channel_pruning_fn(d.handler)])
+        group = [
+            d
+            for d, _ in graph.get_pruning_group(linear, tp.prune_linear_out_channels, [0])
+            if isinstance(d.target.module, nn.Linear)
+        ]
+        return (
+            [d.target.module for d in group if graph.is_out_channel_pruning_fn(d.handler)],
+            [d.target.module for d in group if graph.is_in_channel_pruning_fn(d.handler)],
+        )
 
     hidden, n = model.get_input_embeddings().weight.shape[1], models.shape(model.config)["num_hidden_layers"]
     intermediate = models.shape(model.config)["intermediate_size"]
     layers = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n), None)
     if layers is None:
-        raise WhelpError(f"found no list of {n} decoder layers in {type(model).__name__}; "
-                         "this architecture cannot be pruned by the generic path")
+        raise WhelpError(
+            f"found no list of {n} decoder layers in {type(model).__name__}; "
+            "this architecture cannot be pruned by the generic path"
+        )
     blocks = []
     for index, layer in enumerate(layers):
         readers = [m for m in layer.modules() if isinstance(m, nn.Linear) and m.in_features == hidden]
@@ -146,12 +166,16 @@ def find_blocks(model, graph) -> tuple[Block, ...]:
         if len(mlp) > 1:  # a fused qkv (GPT-NeoX, Phi-3) also reads and writes the residual: the MLP is the I-wide one
             mlp = [g for g in mlp if g[1][0].in_features == intermediate]
         if len(mlp) == 1 and any(m.out_features != mlp[0][1][0].in_features for m in mlp[0][0]):
-            raise WhelpError(f"layer {index} of {type(model).__name__}: its MLP input projection is fused (e.g. "
-                             "gate_up_proj), which the generic path does not split; it prunes one MLP of separate "
-                             "(optionally gated) linears per layer")
+            raise WhelpError(
+                f"layer {index} of {type(model).__name__}: its MLP input projection is fused (e.g. "
+                "gate_up_proj), which the generic path does not split; it prunes one MLP of separate "
+                "(optionally gated) linears per layer"
+            )
         if len(mlp) != 1:
-            raise WhelpError(f"layer {index} of {type(model).__name__}: found {len(mlp)} MLP groups, expected 1; "
-                             "the generic path supports one (optionally gated) MLP per layer")
+            raise WhelpError(
+                f"layer {index} of {type(model).__name__}: found {len(mlp)} MLP groups, expected 1; "
+                "the generic path supports one (optionally gated) MLP per layer"
+            )
         qkv, o = attn[0] if len(attn) == 1 else (None, None)
         blocks.append(Block(mlp_in=tuple(mlp[0][0]), mlp_out=mlp[0][1][0], qkv=qkv, o=o))
     return tuple(blocks)
@@ -167,8 +191,11 @@ def activation_scores(model, blocks, calib_tokens: torch.Tensor, batch_size: int
         act = act.reshape(*batch[0].shape, -1)
         sums[key] = sums.get(key, 0) + minitron_sq(act if o_weight is None else head_outputs(act, o_weight, head_dim))
 
-    norms = [m for m in model.modules() if "norm" in type(m).__name__.lower()
-             and getattr(m, "weight", None) is not None and m.weight.shape == (hidden,)]
+    norms = [
+        m
+        for m in model.modules()
+        if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.shape == (hidden,)
+    ]
     hooks = [m.register_forward_hook(lambda _m, _i, out: add("hidden", out)) for m in norms]
     for i, block in enumerate(blocks):
         hooks.append(block.mlp_out.register_forward_pre_hook(lambda _m, args, i=i: add(f"mlp{i}", args[0])))
@@ -201,16 +228,32 @@ def weight_scores(model, graph, blocks, method: str, calib_tokens: torch.Tensor 
     term = (lambda w: w.detach().pow(2)) if magnitude else (lambda w: (w.detach() * w.grad).abs())
     n_heads, embed = models.shape(model.config)["num_attention_heads"], model.get_input_embeddings()
     hidden = imp(graph.get_pruning_group(embed, tp.prune_embedding_out_channels, list(range(embed.weight.shape[1]))))
-    mlp = tuple(imp(graph.get_pruning_group(b.mlp_in[0], tp.prune_linear_out_channels,
-                                            list(range(b.mlp_in[0].out_features)))).detach() for b in blocks)
-    heads = None if any(b.o is None for b in blocks) else tuple(
-        term(b.qkv[0].weight).view(n_heads, -1).sum(1) + term(b.o.weight).T.reshape(n_heads, -1).sum(1) for b in blocks)
+    mlp = tuple(
+        imp(
+            graph.get_pruning_group(b.mlp_in[0], tp.prune_linear_out_channels, list(range(b.mlp_in[0].out_features)))
+        ).detach()
+        for b in blocks
+    )
+    heads = (
+        None
+        if any(b.o is None for b in blocks)
+        else tuple(
+            term(b.qkv[0].weight).view(n_heads, -1).sum(1) + term(b.o.weight).T.reshape(n_heads, -1).sum(1)
+            for b in blocks
+        )
+    )
     model.zero_grad(set_to_none=True)
     return Scores(hidden=hidden.detach(), mlp=mlp, heads=heads)
 
 
-def generic_scores(model, importance: str = "activation", calib_tokens: torch.Tensor | None = None,
-                   seed: int = 0, batch_size: int = 4, graph=None) -> Scores:
+def generic_scores(
+    model,
+    importance: str = "activation",
+    calib_tokens: torch.Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    graph=None,
+) -> Scores:
     """Importance of every hidden channel, MLP neuron and query head of ``model`` (not modified); ``graph``:
     ``build_graph(model)`` when the caller has it (tracing a 30-layer model takes seconds; graphs cannot be copied)."""
     if importance not in IMPORTANCE:
@@ -225,8 +268,11 @@ def generic_scores(model, importance: str = "activation", calib_tokens: torch.Te
         return weight_scores(model, graph, blocks, importance, calib_tokens, batch_size)
     gen, n_heads = torch.Generator().manual_seed(seed), models.shape(model.config)["num_attention_heads"]
     heads = None if any(b.o is None for b in blocks) else tuple(torch.rand(n_heads, generator=gen) for _ in blocks)
-    return Scores(hidden=torch.rand(model.get_input_embeddings().weight.shape[1], generator=gen),
-                  mlp=tuple(torch.rand(b.mlp_out.in_features, generator=gen) for b in blocks), heads=heads)
+    return Scores(
+        hidden=torch.rand(model.get_input_embeddings().weight.shape[1], generator=gen),
+        mlp=tuple(torch.rand(b.mlp_out.in_features, generator=gen) for b in blocks),
+        heads=heads,
+    )
 
 
 def select_heads(scores: torch.Tensor, n_kv: int, keep: int) -> torch.Tensor:
@@ -234,8 +280,10 @@ def select_heads(scores: torch.Tensor, n_kv: int, keep: int) -> torch.Tensor:
     if n_kv == len(scores):
         return top_indices(scores, keep)
     if keep % n_kv:
-        raise WhelpError(f"num_attention_heads={keep} must be a multiple of num_key_value_heads={n_kv} "
-                         "(the same number of query heads is kept in every KV group)")
+        raise WhelpError(
+            f"num_attention_heads={keep} must be a multiple of num_key_value_heads={n_kv} "
+            "(the same number of query heads is kept in every KV group)"
+        )
     group = len(scores) // n_kv
     return torch.cat([top_indices(s, keep // n_kv) + g * group for g, s in enumerate(scores.view(n_kv, group))])
 
@@ -267,22 +315,28 @@ def check_target(config, target: dict) -> dict:
     if mha and want["num_key_value_heads"] == source["num_key_value_heads"]:
         want.update(follow)
     if other := {k: v for k, v in want.items() if k not in WIDTH_KEYS and v != {**source, **follow}.get(k)}:
-        raise WhelpError(f"cannot prune {', '.join(f'{k}={v}' for k, v in other.items())}: {config.model_type} is "
-                         f"outside whelp's family table; its generic pruning path changes only {', '.join(WIDTH_KEYS)}"
-                         f"{' (num_key_value_heads follows num_attention_heads)' if follow else ''}; drop it")
+        raise WhelpError(
+            f"cannot prune {', '.join(f'{k}={v}' for k, v in other.items())}: {config.model_type} is "
+            f"outside whelp's family table; its generic pruning path changes only {', '.join(WIDTH_KEYS)}"
+            f"{' (num_key_value_heads follows num_attention_heads)' if follow else ''}; drop it"
+        )
     for key in WIDTH_KEYS:
         if not isinstance(want[key], int) or not 1 <= want[key] <= source[key]:
             raise WhelpError(f"{key}={want[key]} must be in [1, {source[key]}] (the source's width)")
     got = models.shape(new := generic_config(config, want))
     if bad := [f"{k}={got[k]} (not {want[k]})" for k in models.SHAPE_KEYS if got[k] != want[k]]:
-        raise WhelpError(f"{config.model_type} cannot express this pruned shape: its config would give "
-                         f"{', '.join(bad)} (it ties that width to others, e.g. head_dim = hidden_size / "
-                         "num_attention_heads); prune fewer axes")
+        raise WhelpError(
+            f"{config.model_type} cannot express this pruned shape: its config would give "
+            f"{', '.join(bad)} (it ties that width to others, e.g. head_dim = hidden_size / "
+            "num_attention_heads); prune fewer axes"
+        )
     try:  # transformers validates configs on load (e.g. hidden_size % num_attention_heads == 0)
         type(new).from_dict(new.to_dict())
     except Exception as exc:  # noqa: BLE001 - huggingface_hub raises a validation error per rule
-        raise WhelpError(f"the pruned {config.model_type} config would not load back: "
-                         f"{str(exc).splitlines()[-1].strip()}; choose widths that satisfy it") from None
+        raise WhelpError(
+            f"the pruned {config.model_type} config would not load back: "
+            f"{str(exc).splitlines()[-1].strip()}; choose widths that satisfy it"
+        ) from None
     return want
 
 
@@ -290,12 +344,20 @@ def select_generic(scores: Scores, config, target: dict) -> GenericKeep:
     """Kept indices of a width target (``check_target``) from the scores of the source (of ``config``)."""
     source, want = models.shape(config), check_target(config, target)
     if (prune_heads := want["num_attention_heads"] != source["num_attention_heads"]) and scores.heads is None:
-        raise WhelpError("this architecture's attention (fused or unrecognised q/k/v) cannot be head-pruned by "
-                         "the generic path; keep num_attention_heads unchanged")
-    heads = tuple(select_heads(s, source["num_key_value_heads"], want["num_attention_heads"])
-                  for s in scores.heads) if prune_heads else None
-    return GenericKeep(hidden=top_indices(scores.hidden, want["hidden_size"]),
-                       mlp=tuple(top_indices(s, want["intermediate_size"]) for s in scores.mlp), heads=heads)
+        raise WhelpError(
+            "this architecture's attention (fused or unrecognised q/k/v) cannot be head-pruned by "
+            "the generic path; keep num_attention_heads unchanged"
+        )
+    heads = (
+        tuple(select_heads(s, source["num_key_value_heads"], want["num_attention_heads"]) for s in scores.heads)
+        if prune_heads
+        else None
+    )
+    return GenericKeep(
+        hidden=top_indices(scores.hidden, want["hidden_size"]),
+        mlp=tuple(top_indices(s, want["intermediate_size"]) for s in scores.mlp),
+        heads=heads,
+    )
 
 
 def _dropped(n: int, kept: torch.Tensor) -> list[int]:
@@ -310,8 +372,14 @@ def apply_generic(model, keep: GenericKeep, graph=None):
 
     source = models.shape(model.config)
     n_heads, head_dim = source["num_attention_heads"], source["head_dim"]
-    want = check_target(model.config, {"hidden_size": len(keep.hidden), "intermediate_size": len(keep.mlp[0]),
-                                       "num_attention_heads": len(keep.heads[0]) if keep.heads else n_heads})
+    want = check_target(
+        model.config,
+        {
+            "hidden_size": len(keep.hidden),
+            "intermediate_size": len(keep.mlp[0]),
+            "num_attention_heads": len(keep.heads[0]) if keep.heads else n_heads,
+        },
+    )
     graph = graph or build_graph(model)
     import torch_pruning as tp
 
@@ -341,8 +409,9 @@ def apply_generic(model, keep: GenericKeep, graph=None):
     return pruned.eval()
 
 
-def prune_generic(model, target_shape: dict, importance: str = "activation",
-                  calib_tokens: torch.Tensor | None = None, seed: int = 0) -> tuple[object, GenericKeep]:
+def prune_generic(
+    model, target_shape: dict, importance: str = "activation", calib_tokens: torch.Tensor | None = None, seed: int = 0
+) -> tuple[object, GenericKeep]:
     """Width-prune a model torch-pruning can trace to ``target_shape`` (``models.shape`` keys, any subset; only
     ``WIDTH_KEYS`` may differ); ``calib_tokens`` [N, T] for ``activation`` and ``taylor``. ``model`` is consumed
     (pruned in place); returns a fresh model built from the updated config and the kept indices."""

@@ -66,17 +66,25 @@ def attach(layer, family: Family, head_dim: int, stats: dict, index: int) -> lis
     (sum) and ``tokens.{index}``; an MoE layer's experts add ``moe.*`` (moe.attach_experts).
     """
     modules = dict(layer.named_modules())
-    handles = [modules[family.o_proj].register_forward_pre_hook(
-        lambda m, args: _add(stats, f"heads.{index}", minitron_sq(head_outputs(args[0], m.weight, head_dim))))]
+    handles = [
+        modules[family.o_proj].register_forward_pre_hook(
+            lambda m, args: _add(stats, f"heads.{index}", minitron_sq(head_outputs(args[0], m.weight, head_dim)))
+        )
+    ]
     if family.down_proj in modules:
-        handles.append(modules[family.down_proj].register_forward_pre_hook(
-            lambda m, args: _add(stats, f"mlp.{index}", minitron_sq(args[0]))))
+        handles.append(
+            modules[family.down_proj].register_forward_pre_hook(
+                lambda m, args: _add(stats, f"mlp.{index}", minitron_sq(args[0]))
+            )
+        )
     if family.experts_key and hasattr(layer.mlp, "experts"):
         from whelp.pruning import moe
 
         handles += moe.attach_experts({index: layer.mlp}, stats)
     for norm in family.norms:
-        handles.append(modules[norm].register_forward_hook(lambda m, args, out: _add(stats, "hidden", minitron_sq(out))))
+        handles.append(
+            modules[norm].register_forward_hook(lambda m, args, out: _add(stats, "hidden", minitron_sq(out)))
+        )
 
     def on_layer(module, args, kwargs, out):
         x_in = args[0] if args else kwargs["hidden_states"]
@@ -99,8 +107,15 @@ def batches(tokens: Tensor, batch_size: int):
     return [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
 
 
-def calibrate(model, family: Family, tokens: Tensor, method: str = "activation", batch_size: int = 4,
-              progress: Callable[[int], None] | None = None, seed: int = 0) -> dict[str, Tensor]:
+def calibrate(
+    model,
+    family: Family,
+    tokens: Tensor,
+    method: str = "activation",
+    batch_size: int = 4,
+    progress: Callable[[int], None] | None = None,
+    seed: int = 0,
+) -> dict[str, Tensor]:
     """Scores of ``method`` for every axis from one pass over ``tokens`` [N, T] (forward; + backward for Taylor).
 
     Block influence is recorded in the same pass whatever the width method; so are the experts' scores of an MoE
@@ -121,7 +136,9 @@ def calibrate(model, family: Family, tokens: Tensor, method: str = "activation",
     try:
         for batch in batches(tokens, batch_size):
             with torch.set_grad_enabled(method == "taylor"):
-                out = model(input_ids=batch.to(model.device), labels=batch.to(model.device) if method == "taylor" else None)
+                out = model(
+                    input_ids=batch.to(model.device), labels=batch.to(model.device) if method == "taylor" else None
+                )
             if method == "taylor":
                 out.loss.backward()
             if progress is not None:
@@ -138,11 +155,16 @@ def calibrate(model, family: Family, tokens: Tensor, method: str = "activation",
         return scores
     if method == "random":
         gen = torch.Generator().manual_seed(seed)
-        width = {k: torch.rand(v.shape, generator=gen) for k, v in scores.items()
-                 if k.startswith(("mlp.", "heads.", "hidden"))}
+        width = {
+            k: torch.rand(v.shape, generator=gen)
+            for k, v in scores.items()
+            if k.startswith(("mlp.", "heads.", "hidden"))
+        }
     else:
-        values = {n: (p.detach().float() ** 2 if method == "magnitude" else (p.detach() * p.grad).float().abs())
-                  for n, p in model.named_parameters()}
+        values = {
+            n: (p.detach().float() ** 2 if method == "magnitude" else (p.detach() * p.grad).float().abs())
+            for n, p in model.named_parameters()
+        }
         width = weight_scores(values, family, model.config)
         model.zero_grad(set_to_none=True)
     return {**{k: v for k, v in scores.items() if k.startswith(("experts.", "ffn.", "layers."))}, **width}
@@ -163,7 +185,7 @@ def weight_scores(values: dict[str, Tensor], family: Family, config) -> dict[str
             if axis == "qkv":  # fused (Phi-3): its q block counts for the query heads, as q_proj would
                 axis, per_index = "q", per_index[: cfg.num_attention_heads * d]
             elif axis == "gate_up":  # fused: the gate and the up row of each neuron
-                axis, per_index = "mlp", per_index[: cfg.intermediate_size] + per_index[cfg.intermediate_size:]
+                axis, per_index = "mlp", per_index[: cfg.intermediate_size] + per_index[cfg.intermediate_size :]
             if axis == "hidden":
                 _add(scores, "hidden", per_index)
             elif axis == "mlp":
@@ -176,15 +198,19 @@ def weight_scores(values: dict[str, Tensor], family: Family, config) -> dict[str
 @torch.no_grad()
 def skip_losses(model, tokens: Tensor, batch_size: int = 4, progress: Callable[[int], None] | None = None) -> Tensor:
     """LM-loss increase (nats/token) when each decoder layer alone is skipped (its output := its input): [L]."""
+
     def mean_loss():
-        losses = [model(input_ids=b.to(model.device), labels=b.to(model.device)).loss for b in batches(tokens, batch_size)]
+        losses = [
+            model(input_ids=b.to(model.device), labels=b.to(model.device)).loss for b in batches(tokens, batch_size)
+        ]
         return torch.stack(losses).float().mean()
 
     base = mean_loss()
     increases = []
     for layer in model.model.layers:
         handle = layer.register_forward_hook(
-            lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
+            lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True
+        )
         try:
             increases.append(mean_loss() - base)
         finally:
@@ -200,8 +226,9 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
     return torch.sort(order[:k]).values
 
 
-def select(scores: dict[str, Tensor], source_cfg, shape: dict, layer_method: str = "block",
-           tie: str | None = None) -> Keep:
+def select(
+    scores: dict[str, Tensor], source_cfg, shape: dict, layer_method: str = "block", tie: str | None = None
+) -> Keep:
     """The Keep of target ``shape`` (``models.SHAPE_KEYS``, and an MoE teacher's expert axes) that retains the
     highest-scoring structures.
 
@@ -225,11 +252,18 @@ def select(scores: dict[str, Tensor], source_cfg, shape: dict, layer_method: str
         kv_heads.append(groups)
         q_heads.append(torch.stack([top_indices(heads[g], per_group) for g in groups.tolist()]))
     width = shape["intermediate_size"]
-    mlp = tuple(top_indices(scores[f"mlp.{layer}"], width) if f"mlp.{layer}" in scores else torch.arange(width)
-                for layer in layers)
+    mlp = tuple(
+        top_indices(scores[f"mlp.{layer}"], width) if f"mlp.{layer}" in scores else torch.arange(width)
+        for layer in layers
+    )
     untied_to_tied = not cfg.tie_word_embeddings and shape["tie_word_embeddings"]
-    return Keep(layers=layers, hidden=top_indices(scores["hidden"], shape["hidden_size"]), mlp=mlp,
-                kv_heads=tuple(kv_heads), q_heads=tuple(q_heads),
-                head_dims=rope_exact_dims(head_dim_of(cfg), shape["head_dim"]),
-                tie=(tie or "embedding") if untied_to_tied else None,
-                experts=moe.select_experts(scores, source_cfg, shape, layers) if moe.moe_family_of(cfg) else None)
+    return Keep(
+        layers=layers,
+        hidden=top_indices(scores["hidden"], shape["hidden_size"]),
+        mlp=mlp,
+        kv_heads=tuple(kv_heads),
+        q_heads=tuple(q_heads),
+        head_dims=rope_exact_dims(head_dim_of(cfg), shape["head_dim"]),
+        tie=(tie or "embedding") if untied_to_tied else None,
+        experts=moe.select_experts(scores, source_cfg, shape, layers) if moe.moe_family_of(cfg) else None,
+    )

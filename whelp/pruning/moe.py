@@ -53,8 +53,12 @@ def moe_family_of(config) -> Family | None:
 def moe_shape(config) -> dict:
     """``models.shape`` plus the expert axes under the family's HF names (and ``num_experts_per_tok``)."""
     family, cfg = moe_family_of(config), _text(config)
-    return {**models.shape(cfg), family.experts_key: getattr(cfg, family.experts_key),
-            "num_experts_per_tok": cfg.num_experts_per_tok, family.ffn_key: getattr(cfg, family.ffn_key)}
+    return {
+        **models.shape(cfg),
+        family.experts_key: getattr(cfg, family.experts_key),
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        family.ffn_key: getattr(cfg, family.ffn_key),
+    }
 
 
 def shape_of(config) -> dict:
@@ -74,8 +78,7 @@ def moe_blocks(model) -> dict[int, torch.nn.Module]:
     """Decoder layer index -> its sparse MoE block (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step`` layers are
     dense and absent)."""
     family = moe_family_of(model.config)
-    return {i: layer.mlp for i, layer in enumerate(model.get_submodule(family.layers))
-            if hasattr(layer.mlp, "experts")}
+    return {i: layer.mlp for i, layer in enumerate(model.get_submodule(family.layers)) if hasattr(layer.mlp, "experts")}
 
 
 # ---------------------------------------------------------------- saliency
@@ -114,11 +117,14 @@ def _add(stats: dict, key: str, value: Tensor) -> None:
 def expert_magnitudes(blocks: dict[int, torch.nn.Module]) -> dict[str, Tensor]:
     """``moe.magnitude.{layer}`` [E]: the sum of w^2 over each expert's weights (read once, not per batch), one
     expert at a time so the temporary is one expert's, not the layer's."""
+
     def sq(weight: Tensor) -> Tensor:
         return torch.stack([weight[j].detach().float().pow(2).sum() for j in range(weight.shape[0])]).cpu()
 
-    return {f"moe.magnitude.{index}": sq(block.experts.gate_up_proj) + sq(block.experts.down_proj)
-            for index, block in blocks.items()}
+    return {
+        f"moe.magnitude.{index}": sq(block.experts.gate_up_proj) + sq(block.experts.down_proj)
+        for index, block in blocks.items()
+    }
 
 
 def attach_experts(blocks: dict[int, torch.nn.Module], stats: dict) -> list:
@@ -128,8 +134,11 @@ def attach_experts(blocks: dict[int, torch.nn.Module], stats: dict) -> list:
     for index, block in blocks.items():
         experts = block.experts
         n_experts, width = experts.gate_up_proj.shape[0], experts.down_proj.shape[-1]
-        for key, value in {"reap": torch.zeros(n_experts), "tokens": torch.zeros(n_experts),
-                           "ffn": torch.zeros(n_experts, width)}.items():
+        for key, value in {
+            "reap": torch.zeros(n_experts),
+            "tokens": torch.zeros(n_experts),
+            "ffn": torch.zeros(n_experts, width),
+        }.items():
             stats.setdefault(f"moe.{key}.{index}", value)
 
         def hook(module, args, kwargs, index=index):
@@ -137,6 +146,7 @@ def attach_experts(blocks: dict[int, torch.nn.Module], stats: dict) -> list:
             x, top_k_index, top_k_weights = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
             for key, value in reap_sums(module, x, top_k_index, top_k_weights).items():
                 _add(stats, f"moe.{key}.{index}", value)
+
         handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
 
@@ -166,8 +176,9 @@ def expert_scores(stats: dict, method: str, seed: int = 0) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def calibrate_experts(model, tokens: Tensor, method: str = "activation", batch_size: int = 4,
-                      progress=None, seed: int = 0) -> dict[str, Tensor]:
+def calibrate_experts(
+    model, tokens: Tensor, method: str = "activation", batch_size: int = 4, progress=None, seed: int = 0
+) -> dict[str, Tensor]:
     """``expert_scores`` from one forward pass over ``tokens`` [N, T] with only the experts' hooks (the dense axes'
     statistics come from importance.calibrate, which attaches these hooks too)."""
     blocks = moe_blocks(model)
@@ -175,7 +186,7 @@ def calibrate_experts(model, tokens: Tensor, method: str = "activation", batch_s
     handles = attach_experts(blocks, stats)
     try:
         for i in range(0, len(tokens), batch_size):
-            batch = tokens[i: i + batch_size]
+            batch = tokens[i : i + batch_size]
             model(input_ids=batch.to(model.device))
             if progress is not None:
                 progress(len(batch))
@@ -202,22 +213,26 @@ class ExpertKeep:
     width: int | None = None
 
 
-def select_experts(scores: dict[str, Tensor], source_cfg, shape: dict,
-                   kept_layers: tuple[int, ...] | None = None) -> ExpertKeep:
+def select_experts(
+    scores: dict[str, Tensor], source_cfg, shape: dict, kept_layers: tuple[int, ...] | None = None
+) -> ExpertKeep:
     """The experts (and FFN neurons) of the highest scores, the same count in every MoE layer (of ``kept_layers``,
     source indices, when given)."""
     family, cfg = moe_family_of(source_cfg), _text(source_cfg)
     n, width = shape[family.experts_key], shape[family.ffn_key]
     layers = sorted(int(k.split(".")[1]) for k in scores if k.startswith("experts.") and k.count(".") == 1)
     if not layers and any(is_sparse(cfg, i) for i in range(cfg.num_hidden_layers)):
-        raise WhelpError("the scores hold no expert scores (experts.{layer}); recompute them on this MoE teacher "
-                         "(drop --scores)")
+        raise WhelpError(
+            "the scores hold no expert scores (experts.{layer}); recompute them on this MoE teacher (drop --scores)"
+        )
     layers = [layer for layer in layers if kept_layers is None or layer in kept_layers]
     experts = {layer: top_indices(scores[f"experts.{layer}"], n) for layer in layers}
     ffn = None
     if width != getattr(cfg, family.ffn_key):
-        ffn = {layer: torch.stack([top_indices(scores[f"ffn.{layer}"][e], width) for e in experts[layer].tolist()])
-               for layer in layers}
+        ffn = {
+            layer: torch.stack([top_indices(scores[f"ffn.{layer}"][e], width) for e in experts[layer].tolist()])
+            for layer in layers
+        }
     return ExpertKeep(experts=experts, ffn=ffn, top_k=shape["num_experts_per_tok"], count=n, width=width)
 
 
@@ -227,8 +242,9 @@ def first_experts(source_cfg, shape: dict) -> ExpertKeep:
     n, width = shape[family.experts_key], shape[family.ffn_key]
     layers = [i for i in range(cfg.num_hidden_layers) if is_sparse(cfg, i)]
     ffn = None if width == getattr(cfg, family.ffn_key) else {i: torch.arange(width).repeat(n, 1) for i in layers}
-    return ExpertKeep(experts={i: torch.arange(n) for i in layers}, ffn=ffn, top_k=shape["num_experts_per_tok"],
-                      count=n, width=width)
+    return ExpertKeep(
+        experts={i: torch.arange(n) for i in layers}, ffn=ffn, top_k=shape["num_experts_per_tok"], count=n, width=width
+    )
 
 
 def slice_experts(suffix: str, tensor: Tensor, layer: int, keep: ExpertKeep, width: int) -> Tensor:
@@ -254,8 +270,11 @@ def expert_config(cfg, keep: ExpertKeep | None, layers: tuple[int, ...], source_
     family, source = moe_family_of(source_cfg), _text(source_cfg)
     if keep is not None:
         count = keep.count if keep.count is not None else len(next(iter(keep.experts.values())))
-        width = keep.width if keep.width is not None else (
-            next(iter(keep.ffn.values())).shape[1] if keep.ffn else getattr(source, family.ffn_key))
+        width = (
+            keep.width
+            if keep.width is not None
+            else (next(iter(keep.ffn.values())).shape[1] if keep.ffn else getattr(source, family.ffn_key))
+        )
         setattr(cfg, family.experts_key, count)
         setattr(cfg, family.ffn_key, width)
         cfg.num_experts_per_tok = keep.top_k or source.num_experts_per_tok
@@ -281,8 +300,10 @@ def prune_moe_model(model, keep: ExpertKeep, target_cfg):
 
 
 def kept_report(keep: ExpertKeep) -> dict:
-    return {"experts": {str(k): v.tolist() for k, v in keep.experts.items()},
-            "expert_ffn": None if keep.ffn is None else {str(k): v.tolist() for k, v in keep.ffn.items()}}
+    return {
+        "experts": {str(k): v.tolist() for k, v in keep.experts.items()},
+        "expert_ffn": None if keep.ffn is None else {str(k): v.tolist() for k, v in keep.ffn.items()},
+    }
 
 
 def check_spec(source_cfg, spec) -> None:
@@ -293,8 +314,9 @@ def check_spec(source_cfg, spec) -> None:
 def check_method(method: str, who: str = "MoE") -> None:
     """``method`` scores experts (``frequency`` too: a benchmark baseline of calibrate_experts), or a WhelpError."""
     if method not in METHODS:
-        raise WhelpError(f"{who} experts are scored by --importance activation (REAP), magnitude or random, "
-                         f"not {method}")
+        raise WhelpError(
+            f"{who} experts are scored by --importance activation (REAP), magnitude or random, not {method}"
+        )
 
 
 # ---------------------------------------------------------------- targets and counts
@@ -310,12 +332,16 @@ def validate_moe(source: dict, shape: dict, family: Family) -> None:
     n, k = shape[family.experts_key], shape["num_experts_per_tok"]
     for key in (family.experts_key, "num_experts_per_tok", family.ffn_key):
         if not isinstance(shape[key], int) or not 1 <= shape[key] <= source[key]:
-            raise WhelpError(f"target {key}={shape[key]} is out of range: must be an integer in 1..{source[key]} "
-                             f"(the teacher's {key} is {source[key]}; pruning only removes)")
+            raise WhelpError(
+                f"target {key}={shape[key]} is out of range: must be an integer in 1..{source[key]} "
+                f"(the teacher's {key} is {source[key]}; pruning only removes)"
+            )
     if k > n:
-        raise WhelpError(f"target {family.experts_key}={n} is fewer than num_experts_per_tok={k}: top-{k} routing "
-                         f"needs at least {k} experts per layer; keep {k}..{source[family.experts_key]} experts or "
-                         f"also lower num_experts_per_tok")
+        raise WhelpError(
+            f"target {family.experts_key}={n} is fewer than num_experts_per_tok={k}: top-{k} routing "
+            f"needs at least {k} experts per layer; keep {k}..{source[family.experts_key]} experts or "
+            f"also lower num_experts_per_tok"
+        )
 
 
 def count_moe_params(config) -> dict:

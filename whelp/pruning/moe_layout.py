@@ -62,8 +62,9 @@ def memory_names(names: Iterable[str], family: Family) -> list[str]:
     return list(out)
 
 
-def read(shards: dict[str, Path], name: str, family: Family, n_experts: int,
-         dtype: torch.dtype | None = None) -> Tensor:
+def read(
+    shards: dict[str, Path], name: str, family: Family, n_experts: int, dtype: torch.dtype | None = None
+) -> Tensor:
     """In-memory tensor ``name`` read from the shards in ``dtype`` (None: as stored). A fused expert tensor is
     filled expert by expert into one preallocated tensor, so besides it only one expert's part is resident."""
     layer, suffix = split_name(name, family)
@@ -81,11 +82,13 @@ def read(shards: dict[str, Path], name: str, family: Family, n_experts: int,
             rows, first = part.shape[0], (disk, tuple(part.shape))
             out = torch.empty((n_experts, per_expert * rows, *part.shape[1:]), dtype=dtype or part.dtype)
         elif tuple(part.shape) != first[1]:
-            raise WhelpError(f"tensor '{prefix + disk}' has shape {list(part.shape)} but '{prefix + first[0]}' has "
-                             f"{list(first[1])}: the experts of a layer share one shape; the checkpoint is damaged or "
-                             "of another model than its config.json - re-download it")
+            raise WhelpError(
+                f"tensor '{prefix + disk}' has shape {list(part.shape)} but '{prefix + first[0]}' has "
+                f"{list(first[1])}: the experts of a layer share one shape; the checkpoint is damaged or "
+                "of another model than its config.json - re-download it"
+            )
         j, k = divmod(i, per_expert)
-        out[j, k * rows: (k + 1) * rows] = part
+        out[j, k * rows : (k + 1) * rows] = part
     return out
 
 

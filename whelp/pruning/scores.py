@@ -21,8 +21,12 @@ SCORES_FILE = "scores/importance.safetensors"  # relative to a pruned model dire
 
 def scores_meta(source_dir: Path, fingerprint: str, method: str) -> dict:
     """What a score file must match to be reused: teacher files, calibration fingerprint, method, definition."""
-    return {"fingerprint": fingerprint, "importance": method, "version": str(importance.SCORES_VERSION),
-            "teacher": store.content_id(store.path_identity(source_dir))}
+    return {
+        "fingerprint": fingerprint,
+        "importance": method,
+        "version": str(importance.SCORES_VERSION),
+        "teacher": store.content_id(store.path_identity(source_dir)),
+    }
 
 
 def cache_path(meta: dict) -> Path:
@@ -39,8 +43,10 @@ def check_scores_file(path: Path) -> None:
         with safe_open(str(path), "pt"):
             pass
     except (SafetensorError, OSError, ValueError) as exc:
-        raise WhelpError(f"{path} is not a safetensors scores file ({str(exc).splitlines()[0]}); pass the "
-                         f"{SCORES_FILE} a prune wrote, or drop --scores") from None
+        raise WhelpError(
+            f"{path} is not a safetensors scores file ({str(exc).splitlines()[0]}); pass the "
+            f"{SCORES_FILE} a prune wrote, or drop --scores"
+        ) from None
 
 
 def load_scores(path: Path, meta: dict) -> dict[str, torch.Tensor]:
@@ -51,13 +57,17 @@ def load_scores(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
         saved = f.metadata() or {}
         if not {"teacher", "fingerprint", "importance"} <= set(saved):
-            raise WhelpError(f"{path} is a safetensors file but not importance scores written by whelp prune "
-                             f"(its {SCORES_FILE}); pass that file, or drop --scores")
+            raise WhelpError(
+                f"{path} is a safetensors file but not importance scores written by whelp prune "
+                f"(its {SCORES_FILE}); pass that file, or drop --scores"
+            )
         for key in ("teacher", "fingerprint", "importance", "version"):
             if saved.get(key) != meta[key]:
                 what = "another teacher (or changed teacher files)" if key == "teacher" else f"{key}={saved.get(key)}"
-                raise WhelpError(f"{path} was computed with {what}, this prune uses {meta[key]}; use the same "
-                                 "teacher and --importance/--calib/--calib-samples/--seq-len, or drop --scores")
+                raise WhelpError(
+                    f"{path} was computed with {what}, this prune uses {meta[key]}; use the same "
+                    "teacher and --importance/--calib/--calib-samples/--seq-len, or drop --scores"
+                )
         return {k: f.get_tensor(k) for k in f.keys()}
 
 

@@ -49,8 +49,9 @@ def _space(config, spec: SearchSpec) -> tuple[list[dict], list[dict], Budget, sp
     """``(every shape within budget, the one-shot pool, the budget, the counter)``: configs only, no weights."""
     counter = space.Counter(config)
     budget = parse_budget(spec.budget, counter.teacher, counter, spec.context)
-    shapes = space.enumerate_shapes(config, budget, space.parse_axes(spec.axes), spec.tolerance, spec.multiple,
-                                    spec.context)
+    shapes = space.enumerate_shapes(
+        config, budget, space.parse_axes(spec.axes), spec.tolerance, spec.multiple, spec.context
+    )
     return shapes, space.proxy_pool(shapes, spec.pool), budget, counter
 
 
@@ -63,24 +64,38 @@ def cost(config, spec: SearchSpec, pool: list[dict], counter: space.Counter) -> 
     held_out = spec.eval_blocks * spec.seq_len
     sizes = sorted((counter.active(s) for s in pool), reverse=True)
     trained = spec.score_steps * spec.batch_size * spec.seq_len
-    parts = {"calibration": 2 * teacher * spec.calib_samples * spec.seq_len,
-             "one_shot": 2 * held_out * (teacher + sum(sizes)),
-             "distillation": sum((6 * n + 2 * teacher) * trained for n in sizes[: spec.candidates])}
+    parts = {
+        "calibration": 2 * teacher * spec.calib_samples * spec.seq_len,
+        "one_shot": 2 * held_out * (teacher + sum(sizes)),
+        "distillation": sum((6 * n + 2 * teacher) * trained for n in sizes[: spec.candidates]),
+    }
     return {**parts, "total": sum(parts.values()), "distillation_tokens_per_candidate": trained}
 
 
 def plan_search(teacher_config, spec: SearchSpec) -> dict:
     """What a search would try and cost, from the config alone (``--dry-run``, ``whelp plan``)."""
     shapes, pool, _, counter = _space(teacher_config, spec)
-    return {"candidates": len(shapes), "shapes": shapes, "pool": pool, "largest": shapes[0],
-            "cost": cost(teacher_config, spec, pool, counter)}
+    return {
+        "candidates": len(shapes),
+        "shapes": shapes,
+        "pool": pool,
+        "largest": shapes[0],
+        "cost": cost(teacher_config, spec, pool, counter),
+    }
 
 
 def _identity(teacher_dir: Path, spec: SearchSpec) -> str:
     from whelp.data import data_identity, source_identity
 
-    return store.content_id([source_identity(str(teacher_dir)), asdict(spec), data_identity(spec.calib),
-                             data_identity(spec.data), data_identity(spec.eval_data)])
+    return store.content_id(
+        [
+            source_identity(str(teacher_dir)),
+            asdict(spec),
+            data_identity(spec.calib),
+            data_identity(spec.data),
+            data_identity(spec.eval_data),
+        ]
+    )
 
 
 def _work(out: Path, key: str, force: bool) -> Path:
@@ -89,8 +104,10 @@ def _work(out: Path, key: str, force: bool) -> Path:
     mark = store.marker(work) if work.exists() else None
     if mark is not None and mark.get("stage_key") != key:
         if not force:
-            raise WhelpError(f"{work} holds a search with other settings or inputs; pass --force to start over, "
-                             "or choose another --out")
+            raise WhelpError(
+                f"{work} holds a search with other settings or inputs; pass --force to start over, "
+                "or choose another --out"
+            )
         work = store.check_writable(work, True, "run")
         mark = None
     if mark is None:
@@ -102,8 +119,12 @@ def _work(out: Path, key: str, force: bool) -> Path:
 @torch.no_grad()
 def _log_probs(model, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
     """fp32 log-probs [n, L, V] of ``model`` on ``blocks`` [n, L]."""
-    return torch.cat([F.log_softmax(model(input_ids=blocks[i: i + batch_size]).logits.float(), -1)
-                      for i in range(0, len(blocks), batch_size)])
+    return torch.cat(
+        [
+            F.log_softmax(model(input_ids=blocks[i : i + batch_size]).logits.float(), -1)
+            for i in range(0, len(blocks), batch_size)
+        ]
+    )
 
 
 def held_out(teacher_logp: torch.Tensor, model, blocks: torch.Tensor, batch_size: int) -> dict:
@@ -157,7 +178,7 @@ def _one_shot(t: Trial, pool: list[dict], budget: Budget) -> list[dict]:
     done = store.read_record(path, f"delete {path} to score the pool again")["rows"] if path.exists() else []
     device = str(t.held.device)
     with Progress("search: one-shot KL of the pool", len(pool), completed=len(done), enabled=t.progress) as bar:
-        for shape in pool[len(done):]:
+        for shape in pool[len(done) :]:
             row = {"shape": shape, "params": list(t.counter.params(shape)), "one_shot": t.score(t.prune(shape))}
             if budget.latency_ms is not None:
                 row["latency_ms"] = _latency(t.teacher.config, shape, device)
@@ -175,12 +196,17 @@ def _train(t: Trial, index: int, row: dict) -> dict:
     if (stage / "result.json").is_file():
         return json.loads((stage / "result.json").read_text())
     spec = t.spec
-    dspec = DistillSpec(steps=spec.score_steps, batch_size=spec.batch_size, seq_len=spec.seq_len, lr=spec.lr,
-                        data=spec.data, seed=spec.seed)
+    dspec = DistillSpec(
+        steps=spec.score_steps,
+        batch_size=spec.batch_size,
+        seq_len=spec.seq_len,
+        lr=spec.lr,
+        data=spec.data,
+        seed=spec.seed,
+    )
     torch.manual_seed(spec.seed)
     start = time.perf_counter()
-    student = distill(t.prune(row["shape"]), [t.teacher], t.train_blocks, dspec, tokenizer=t.tokenizer,
-                      progress=False)
+    student = distill(t.prune(row["shape"]), [t.teacher], t.train_blocks, dspec, tokenizer=t.tokenizer, progress=False)
     result = {**row, "train_s": time.perf_counter() - start, "trained": t.score(student)}
     with store.atomic_dir(stage, force=True, kind="model") as tmp:
         models.write_model(student, t.tokenizer, tmp / "model")
@@ -199,17 +225,31 @@ def _scores(teacher, teacher_dir: Path, tokenizer, spec: SearchSpec):
     meta = saved.scores_meta(teacher_dir, store.content_id([rows.fingerprint, len(tokens)]), spec.importance)
     cached = saved.cache_path(meta)
     found = saved.load_scores(cached, meta) if cached.is_file() else None
-    prune = PruneSpec(importance=spec.importance, layer_importance=spec.layer_importance, calib=spec.calib,
-                      calib_samples=spec.calib_samples, seq_len=spec.seq_len, batch_size=spec.batch_size,
-                      seed=spec.seed)
+    prune = PruneSpec(
+        importance=spec.importance,
+        layer_importance=spec.layer_importance,
+        calib=spec.calib,
+        calib_samples=spec.calib_samples,
+        seq_len=spec.seq_len,
+        batch_size=spec.batch_size,
+        seed=spec.seed,
+    )
     scores = _calibrate(teacher, arch.family_of(teacher.config), tokens, prune, found)
     if found is None:
         saved.save_scores(cached, scores, meta)
     return scores
 
 
-def search_run(teacher: str, spec: SearchSpec, out: Path, force: bool = False, dry_run: bool = False,
-               progress: bool = True, stage_key: str | None = None, policy: LoadPolicy = LoadPolicy()) -> dict:
+def search_run(
+    teacher: str,
+    spec: SearchSpec,
+    out: Path,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    stage_key: str | None = None,
+    policy: LoadPolicy = LoadPolicy(),
+) -> dict:
     """Search ``teacher``'s shapes for ``spec.budget`` into ``out`` (see the module docstring); returns the report
     (``search.json``). ``dry_run``: the candidates and the cost, from the config alone (no weights, nothing written).
     """
@@ -222,8 +262,11 @@ def search_run(teacher: str, spec: SearchSpec, out: Path, force: bool = False, d
         raise WhelpError(f"whelp search prunes the families {', '.join(arch.FAMILIES)}, not '{config.model_type}'")
     shapes, pool, budget, counter = _space(config, spec)
     if dry_run:
-        return {"candidates": shapes, "pool": [{"shape": s, "params": list(counter.params(s))} for s in pool],
-                "cost": cost(config, spec, pool, counter)}
+        return {
+            "candidates": shapes,
+            "pool": [{"shape": s, "params": list(counter.params(s))} for s in pool],
+            "cost": cost(config, spec, pool, counter),
+        }
     out = store.check_writable(out, force, "search")
     store.check_apart(out, [teacher_dir])
     for source in (spec.calib, spec.data, spec.eval_data):
@@ -237,18 +280,34 @@ def search_run(teacher: str, spec: SearchSpec, out: Path, force: bool = False, d
     start = time.perf_counter()
     scores = _scores(model, teacher_dir, tokenizer, spec)
     timings = {"calibrate_s": time.perf_counter() - start}
-    t = Trial(spec, work, model, tokenizer, scores, counter, held,
-              _log_probs(model, held, spec.batch_size),
-              data.open_blocks(spec.data, tokenizer, spec.seq_len, seed=spec.seed,
-                               max_tokens=spec.score_steps * spec.batch_size * spec.seq_len), progress)
+    t = Trial(
+        spec,
+        work,
+        model,
+        tokenizer,
+        scores,
+        counter,
+        held,
+        _log_probs(model, held, spec.batch_size),
+        data.open_blocks(
+            spec.data,
+            tokenizer,
+            spec.seq_len,
+            seed=spec.seed,
+            max_tokens=spec.score_steps * spec.batch_size * spec.seq_len,
+        ),
+        progress,
+    )
     start = time.perf_counter()
     rows = _one_shot(t, pool, budget)
     timings["one_shot_s"] = time.perf_counter() - start
     fitting = [r for r in rows if budget.latency_ms is None or r["latency_ms"] <= budget.latency_ms]
     if not fitting:
         fastest = min(r["latency_ms"] for r in rows)
-        raise WhelpError(f"no pool shape decodes within {budget.latency_ms:g} ms/token on this device (the fastest "
-                         f"takes {fastest:.2f} ms); raise latency= or lower the size budget")
+        raise WhelpError(
+            f"no pool shape decodes within {budget.latency_ms:g} ms/token on this device (the fastest "
+            f"takes {fastest:.2f} ms); raise latency= or lower the size budget"
+        )
     best = sorted(fitting, key=lambda r: r["one_shot"]["kl"])[: spec.candidates]
     trained = []
     with Progress("search: distilling candidates", len(best), enabled=progress) as bar:

@@ -17,8 +17,10 @@ from whelp.specs import SearchSpec
 def _dims(shape: dict) -> str:
     experts = next((f" E{shape[k]}" for k in moe.EXPERT_KEYS if k in shape), "")
     ffn = f" I_e{shape['moe_intermediate_size']}" if "moe_intermediate_size" in shape else ""
-    return (f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']}{ffn} "
-            f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}{experts}")
+    return (
+        f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']}{ffn} "
+        f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}{experts}"
+    )
 
 
 def report(teacher: str, spec: SearchSpec, shapes: list[dict], pool: list[dict], trained: list[dict]) -> dict:
@@ -27,32 +29,53 @@ def report(teacher: str, spec: SearchSpec, shapes: list[dict], pool: list[dict],
     ranked = sorted(range(len(trained)), key=lambda i: trained[i]["trained"]["kl"])
     board = [{**trained[i], "candidate": i, "rank": r + 1, "one_shot_rank": i + 1} for r, i in enumerate(ranked)]
     rho = space.spearman([c["one_shot"]["kl"] for c in trained], [c["trained"]["kl"] for c in trained])
-    return {"teacher": teacher, "spec": asdict(spec), "enumerated": len(shapes), "pool": pool,
-            "leaderboard": board, "winner": board[0], "spearman_one_shot_vs_trained": rho,
-            "whelp_version": __version__}
+    return {
+        "teacher": teacher,
+        "spec": asdict(spec),
+        "enumerated": len(shapes),
+        "pool": pool,
+        "leaderboard": board,
+        "winner": board[0],
+        "spearman_one_shot_vs_trained": rho,
+        "whelp_version": __version__,
+    }
 
 
 def markdown(result: dict) -> str:
     spec = result["spec"]
-    lines = [f"# whelp search: {result['teacher']} at {spec['budget']}", "",
-             f"{result['enumerated']:,} shapes meet the budget (axes {spec['axes']}, tolerance "
-             f"{spec['tolerance']:.0%}); {len(result['pool'])} pruned one-shot; the best {spec['candidates']} "
-             f"distilled {spec['score_steps']} steps each on {spec['data']} and ranked on {spec['eval_data']}.", "",
-             "| rank | shape | params | non-embedding | one-shot KL (rank) | KL after training | ppl after |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# whelp search: {result['teacher']} at {spec['budget']}",
+        "",
+        f"{result['enumerated']:,} shapes meet the budget (axes {spec['axes']}, tolerance "
+        f"{spec['tolerance']:.0%}); {len(result['pool'])} pruned one-shot; the best {spec['candidates']} "
+        f"distilled {spec['score_steps']} steps each on {spec['data']} and ranked on {spec['eval_data']}.",
+        "",
+        "| rank | shape | params | non-embedding | one-shot KL (rank) | KL after training | ppl after |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in result["leaderboard"]:
-        lines.append(f"| {c['rank']} | {_dims(c['shape'])} | {c['params'][0]:,} | {c['params'][1]:,} | "
-                     f"{c['one_shot']['kl']:.4f} ({c['one_shot_rank']}) | {c['trained']['kl']:.4f} | "
-                     f"{c['trained']['ppl']:.2f} |")
+        lines.append(
+            f"| {c['rank']} | {_dims(c['shape'])} | {c['params'][0]:,} | {c['params'][1]:,} | "
+            f"{c['one_shot']['kl']:.4f} ({c['one_shot_rank']}) | {c['trained']['kl']:.4f} | "
+            f"{c['trained']['ppl']:.2f} |"
+        )
     rho = result["spearman_one_shot_vs_trained"]
     timed = bool(result["pool"]) and "latency_ms" in result["pool"][0]
-    lines += ["", f"Spearman(one-shot rank, post-training rank) = {rho:.2f}"
-              + (": the one-shot ranking misled" if rho < 0.5 else ""), "", "## One-shot pool", "",
-              "| shape | non-embedding | one-shot KL | ppl |" + (" decode ms/token |" if timed else ""),
-              "|---|---|---|---|" + ("---|" if timed else "")]
+    lines += [
+        "",
+        f"Spearman(one-shot rank, post-training rank) = {rho:.2f}"
+        + (": the one-shot ranking misled" if rho < 0.5 else ""),
+        "",
+        "## One-shot pool",
+        "",
+        "| shape | non-embedding | one-shot KL | ppl |" + (" decode ms/token |" if timed else ""),
+        "|---|---|---|---|" + ("---|" if timed else ""),
+    ]
     for row in result["pool"]:
-        lines.append(f"| {_dims(row['shape'])} | {row['params'][1]:,} | {row['one_shot']['kl']:.4f} | "
-                     f"{row['one_shot']['ppl']:.2f} |" + (f" {row['latency_ms']:.2f} |" if timed else ""))
+        lines.append(
+            f"| {_dims(row['shape'])} | {row['params'][1]:,} | {row['one_shot']['kl']:.4f} | "
+            f"{row['one_shot']['ppl']:.2f} |" + (f" {row['latency_ms']:.2f} |" if timed else "")
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -21,8 +21,16 @@ from whelp.errors import WhelpError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-COPIED = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt",
-          "*.model", "chat_template.*", "added_tokens.json")
+COPIED = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+    "added_tokens.json",
+)
 EMBED_CHUNK_ROWS = 16384
 
 
@@ -34,13 +42,16 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
         try:
             files = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise WhelpError(f"{index} is not a valid safetensors index ({exc!r}); "
-                             "re-download the checkpoint") from None
+            raise WhelpError(
+                f"{index} is not a valid safetensors index ({exc!r}); re-download the checkpoint"
+            ) from None
         shards = {name: model_dir / file for name, file in files.items()}
         missing = sorted({p.name for p in shards.values() if not p.exists()})
         if missing:
-            raise WhelpError(f"{index} lists shards missing from {model_dir}: {', '.join(missing)}; "
-                             "the download is incomplete - fetch the missing files")
+            raise WhelpError(
+                f"{index} lists shards missing from {model_dir}: {', '.join(missing)}; "
+                "the download is incomplete - fetch the missing files"
+            )
         return shards
     single = model_dir / SINGLE
     if not single.exists():
@@ -59,18 +70,23 @@ def read_tensor(shards: dict[str, Path], name: str) -> Tensor:
     from safetensors import SafetensorError, safe_open
 
     if name not in shards:
-        raise WhelpError(f"tensor '{name}' is not in the checkpoint's weight map; the checkpoint is incomplete "
-                         "or of another architecture than its config.json says")
+        raise WhelpError(
+            f"tensor '{name}' is not in the checkpoint's weight map; the checkpoint is incomplete "
+            "or of another architecture than its config.json says"
+        )
     path = shards[name]
     try:
         with safe_open(str(path), framework="pt") as f:
             if name not in f.keys():
-                raise WhelpError(f"the index puts tensor '{name}' in {path.name}, which does not hold it; "
-                                 "the index and shards disagree - re-download the checkpoint")
+                raise WhelpError(
+                    f"the index puts tensor '{name}' in {path.name}, which does not hold it; "
+                    "the index and shards disagree - re-download the checkpoint"
+                )
             return f.get_tensor(name)
     except (SafetensorError, OSError) as exc:
-        raise WhelpError(f"cannot read '{name}' from {path} ({exc}); the shard is corrupt or truncated - "
-                         "re-download it") from None
+        raise WhelpError(
+            f"cannot read '{name}' from {path} ({exc}); the shard is corrupt or truncated - re-download it"
+        ) from None
 
 
 def embed_rows(shards: dict[str, Path], name: str, ids: Tensor, dtype: torch.dtype) -> Tensor:
@@ -82,13 +98,15 @@ def embed_rows(shards: dict[str, Path], name: str, ids: Tensor, dtype: torch.dty
         view = f.get_slice(name)
         vocab, hidden = view.get_shape()
         if int(flat.max()) >= vocab:
-            raise WhelpError(f"calibration token id {int(flat.max())} >= vocab size {vocab}: "
-                             "the tokenizer does not belong to this checkpoint")
+            raise WhelpError(
+                f"calibration token id {int(flat.max())} >= vocab size {vocab}: "
+                "the tokenizer does not belong to this checkpoint"
+            )
         out = torch.empty(flat.numel(), hidden, dtype=dtype)
         for start in range(0, vocab, EMBED_CHUNK_ROWS):
             hit = (flat >= start) & (flat < start + EMBED_CHUNK_ROWS)
             if hit.any():
-                out[hit] = view[start:start + EMBED_CHUNK_ROWS][flat[hit] - start].to(dtype)
+                out[hit] = view[start : start + EMBED_CHUNK_ROWS][flat[hit] - start].to(dtype)
     return out.view(*ids.shape, hidden)
 
 
@@ -125,8 +143,9 @@ def write_shards(tensors: Iterable[tuple[str, Tensor]], out_dir: Path, shard_byt
     for i, part in enumerate(parts):
         (out_dir / f"part-{i:05d}.safetensors").rename(out_dir / names[i])
         weight_map_out.update({name: names[i] for name in part})
-    (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map_out},
-                                            indent=2))
+    (out_dir / INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map_out}, indent=2)
+    )
     return names
 
 

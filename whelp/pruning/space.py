@@ -20,8 +20,16 @@ from whelp.pruning.budget import Budget
 from whelp.pruning.surgery import text_config
 from whelp.specs import SEARCH_AXES
 
-AXIS_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "mlp": "intermediate_size",
-             "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
+AXIS_KEYS = {
+    "layers": "num_hidden_layers",
+    "hidden": "hidden_size",
+    "mlp": "intermediate_size",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+}
+
+
 class Counter:
     """Exact ``(total, non_embedding)`` parameters and memory of any target shape of one teacher, in closed form.
 
@@ -42,13 +50,18 @@ class Counter:
         cfg = text_config(teacher_config)
         family = arch.family_of(cfg)
         if family is None:
-            raise WhelpError(f"whelp search supports the {', '.join(arch.FAMILIES)} families, not {cfg.model_type}; "
-                             "prune this model to a fixed --target instead")
+            raise WhelpError(
+                f"whelp search supports the {', '.join(arch.FAMILIES)} families, not {cfg.model_type}; "
+                "prune this model to a fixed --target instead"
+            )
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         self.teacher, self.family = moe.shape_of(cfg), family
-        self.fixed = {"vocab": self.teacher["vocab_size"], "unit": 1,
-                      "shared": getattr(cfg, "shared_expert_intermediate_size", 0) or 0}
+        self.fixed = {
+            "vocab": self.teacher["vocab_size"],
+            "unit": 1,
+            "shared": getattr(cfg, "shared_expert_intermediate_size", 0) or 0,
+        }
         if family.experts_key:
             width = self.teacher[family.ffn_key]
             self.fixed.update(expert_ffn=width, expert_gate_up=2 * width)
@@ -57,8 +70,10 @@ class Counter:
             try:
                 index, suffix, axes = arch.axes_of(name, family)
             except KeyError:
-                raise WhelpError(f"tensor '{name}' of this {family.name} config is not in the family table of "
-                                 "whelp/pruning/arch.py, so its size cannot be counted; add it there") from None
+                raise WhelpError(
+                    f"tensor '{name}' of this {family.name} config is not in the family table of "
+                    "whelp/pruning/arch.py, so its size cannot be counted; add it there"
+                ) from None
             if index == 0:
                 layer[axes] += 1
             elif index is None and suffix not in (family.embed, family.lm_head):
@@ -71,8 +86,10 @@ class Counter:
             self.keys["experts"] = family.experts_key
         actual = sum(p.numel() for p in model.parameters())  # models.count_params' total: tied lm_head once
         if self.params(self.teacher)[0] != actual:  # the closed form must reproduce the teacher, or the table is off
-            raise WhelpError(f"closed-form count {self.params(self.teacher)[0]} of the {family.name} teacher differs "
-                             f"from its model's {actual}: its layers are not uniform or the family table is incomplete")
+            raise WhelpError(
+                f"closed-form count {self.params(self.teacher)[0]} of the {family.name} teacher differs "
+                f"from its model's {actual}: its layers are not uniform or the family table is incomplete"
+            )
 
     @staticmethod
     def _sum(terms, sizes):
@@ -80,8 +97,16 @@ class Counter:
 
     def parts_sizes(self, hidden, mlp, heads, kv_heads, head_dim, experts=None) -> dict:
         """The size of every axis of the family table at these axis values (``experts``: None, the teacher's)."""
-        sizes = {**self.fixed, "hidden": hidden, "mlp": mlp, "q": heads * head_dim, "kv": kv_heads * head_dim,
-                 "head_dim": head_dim, "qkv": (heads + 2 * kv_heads) * head_dim, "gate_up": 2 * mlp}  # Phi-3's fused
+        sizes = {
+            **self.fixed,
+            "hidden": hidden,
+            "mlp": mlp,
+            "q": heads * head_dim,
+            "kv": kv_heads * head_dim,
+            "head_dim": head_dim,
+            "qkv": (heads + 2 * kv_heads) * head_dim,
+            "gate_up": 2 * mlp,
+        }  # Phi-3's fused
         if self.family.experts_key:
             sizes["expert"] = self.teacher[self.family.experts_key] if experts is None else experts
             if self.keys["mlp"] == self.family.ffn_key:
@@ -112,8 +137,9 @@ class Counter:
 
     def active(self, shape: dict) -> int:
         """Parameters per token of ``shape``: all but the idle experts (``params`` for a dense teacher)."""
-        return self.params(shape)[0] - self.idle(shape["num_hidden_layers"], shape["hidden_size"],
-                                                 shape[self.keys["mlp"]], self.experts_of(shape))
+        return self.params(shape)[0] - self.idle(
+            shape["num_hidden_layers"], shape["hidden_size"], shape[self.keys["mlp"]], self.experts_of(shape)
+        )
 
     def embedding(self, hidden, tied: bool):
         """Token embedding parameters, plus the lm_head's when untied."""
@@ -121,8 +147,9 @@ class Counter:
 
     def params(self, shape: dict) -> tuple[int, int]:
         """``(total, non_embedding)`` of ``shape``: equals models.count_params of its pruned config."""
-        per_layer, rest = self.parts(*(shape[self.keys[a]] for a in ("hidden", "mlp", "heads", "kv_heads", "head_dim")),
-                                     self.experts_of(shape))
+        per_layer, rest = self.parts(
+            *(shape[self.keys[a]] for a in ("hidden", "mlp", "heads", "kv_heads", "head_dim")), self.experts_of(shape)
+        )
         non_embedding = shape["num_hidden_layers"] * per_layer + rest
         return non_embedding + self.embedding(shape["hidden_size"], shape["tie_word_embeddings"]), non_embedding
 
@@ -133,8 +160,9 @@ class Counter:
 
     def memory(self, shape: dict, context: int) -> int:
         """Bytes of bf16 weights plus the KV cache of ``context`` tokens (batch 1, bf16)."""
-        return 2 * self.params(shape)[0] + self.kv_bytes(shape["num_hidden_layers"], shape["num_key_value_heads"],
-                                                         shape["head_dim"], context)
+        return 2 * self.params(shape)[0] + self.kv_bytes(
+            shape["num_hidden_layers"], shape["num_key_value_heads"], shape["head_dim"], context
+        )
 
 
 def parse_axes(text: str) -> tuple[str, ...]:
@@ -150,8 +178,9 @@ def parse_axes(text: str) -> tuple[str, ...]:
     return tuple(axis for axis in SEARCH_AXES if axis in names)
 
 
-def axis_values(teacher_shape: dict, axes: tuple[str, ...], multiple: int,
-                keys: dict[str, str] = AXIS_KEYS) -> dict[str, list[int]]:
+def axis_values(
+    teacher_shape: dict, axes: tuple[str, ...], multiple: int, keys: dict[str, str] = AXIS_KEYS
+) -> dict[str, list[int]]:
     """Allowed values per axis, ascending; an axis not in ``axes`` keeps the teacher's value.
 
     hidden / mlp: multiples of ``multiple`` (tensor-core friendly, as ModelOpt's channel divisor) and the teacher's.
@@ -160,20 +189,25 @@ def axis_values(teacher_shape: dict, axes: tuple[str, ...], multiple: int,
     teacher's, ``keys`` naming its config key, Counter.keys): every count from num_experts_per_tok up.
     """
     if "experts" in axes and "experts" not in keys:
-        raise WhelpError("search axis 'experts' needs a mixture-of-experts teacher (mixtral, qwen2_moe, qwen3_moe); "
-                         "drop it from --axes")
+        raise WhelpError(
+            "search axis 'experts' needs a mixture-of-experts teacher (mixtral, qwen2_moe, qwen3_moe); "
+            "drop it from --axes"
+        )
     teacher = {axis: teacher_shape[key] for axis, key in keys.items()}
     per_group = teacher["heads"] // teacher["kv_heads"]
-    grid = {"layers": list(range(1, teacher["layers"] + 1)),
-            "hidden": sorted({*range(multiple, teacher["hidden"] + 1, multiple), teacher["hidden"]}),
-            "mlp": sorted({*range(multiple, teacher["mlp"] + 1, multiple), teacher["mlp"]}),
-            "head_dim": [d for d in range(2, teacher["head_dim"] + 1, 2) if teacher["head_dim"] % d == 0]}
+    grid = {
+        "layers": list(range(1, teacher["layers"] + 1)),
+        "hidden": sorted({*range(multiple, teacher["hidden"] + 1, multiple), teacher["hidden"]}),
+        "mlp": sorted({*range(multiple, teacher["mlp"] + 1, multiple), teacher["mlp"]}),
+        "head_dim": [d for d in range(2, teacher["head_dim"] + 1, 2) if teacher["head_dim"] % d == 0],
+    }
     if "experts" in keys:
         grid["experts"] = list(range(teacher_shape["num_experts_per_tok"], teacher["experts"] + 1))
     values = {axis: grid[axis] if axis in axes else [teacher[axis]] for axis in grid}
     kv = range(1, teacher["kv_heads"] + 1) if "kv_heads" in axes else [teacher["kv_heads"]]
-    values["heads"] = (sorted({k * g for k in kv for g in range(1, per_group + 1)}) if "heads" in axes
-                       else [teacher["heads"]])
+    values["heads"] = (
+        sorted({k * g for k in kv for g in range(1, per_group + 1)}) if "heads" in axes else [teacher["heads"]]
+    )
     values["kv_heads"] = [k for k in kv if any(_pairs(h, k, per_group) for h in values["heads"])]
     return {axis: values[axis] for axis in SEARCH_AXES if axis in values}
 
@@ -191,8 +225,13 @@ def _widths(teacher_config, teacher: dict, values: dict) -> np.ndarray:
     for hidden in values["hidden"]:
         for kv in values["kv_heads"]:
             for heads in (h for h in values["heads"] if _pairs(h, kv, per_group)):
-                probe = {**teacher, "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
-                         "num_hidden_layers": 1}
+                probe = {
+                    **teacher,
+                    "hidden_size": hidden,
+                    "num_attention_heads": heads,
+                    "num_key_value_heads": kv,
+                    "num_hidden_layers": 1,
+                }
                 try:
                     targets._check_config(teacher_config, probe, "search")
                 except WhelpError:
@@ -229,10 +268,15 @@ def enumerate_shapes(teacher_config, budget: Budget, axes, tolerance: float, mul
     total = base + counter.embedding(hidden, tied)
     idle0 = counter.idle(layers, hidden, 0, experts)
     idle1 = counter.idle(layers, hidden, 1, experts) - idle0  # per mlp unit
-    lines = {"non_embedding": (base, slope), "params": (total, slope), "active": (total - idle0, slope - idle1),
-             "memory": (2 * total + counter.kv_bytes(layers, kv, head_dim, context), 2 * slope)}
-    lines = {key: (np.broadcast_to(c0, grid).ravel(), np.broadcast_to(c1, grid).ravel())
-             for key, (c0, c1) in lines.items()}
+    lines = {
+        "non_embedding": (base, slope),
+        "params": (total, slope),
+        "active": (total - idle0, slope - idle1),
+        "memory": (2 * total + counter.kv_bytes(layers, kv, head_dim, context), 2 * slope),
+    }
+    lines = {
+        key: (np.broadcast_to(c0, grid).ravel(), np.broadcast_to(c1, grid).ravel()) for key, (c0, c1) in lines.items()
+    }
 
     def hits(keys):
         """(cell, mlp index) of every shape meeting the budgets ``keys``: a float range per cell, then exact."""
@@ -262,8 +306,11 @@ def enumerate_shapes(teacher_config, budget: Budget, axes, tolerance: float, mul
         columns.append(experts[0, 0, expert])
     order = np.lexsort(tuple(reversed([-size, *columns])))
     rows = np.stack(columns, axis=1)[order].tolist()
-    names = [counter.keys[a] for a in ("hidden", "layers", "mlp", "heads", "kv_heads", "head_dim", "experts")
-             if a in counter.keys]
+    names = [
+        counter.keys[a]
+        for a in ("hidden", "layers", "mlp", "heads", "kv_heads", "head_dim", "experts")
+        if a in counter.keys
+    ]
     return [{**teacher, **dict(zip(names, row))} for row in rows]
 
 
@@ -276,17 +323,25 @@ def _nothing(sizes, hits, lines, widths, values, axes, tolerance, mlp, grid) -> 
         c0, c1 = lines[key]
         low, high = c0 + c1 * mlp[0], c0 + c1 * mlp[-1]
         w, layer, expert = np.unravel_index(int(np.argmin(low)), grid)
-        at = dict(zip(("hidden", "heads", "kv_heads", "head_dim"), widths[w].tolist()),
-                  layers=values["layers"][layer], mlp=int(mlp[0]), experts=values.get("experts", [0])[expert])
+        at = dict(
+            zip(("hidden", "heads", "kv_heads", "head_dim"), widths[w].tolist()),
+            layers=values["layers"][layer],
+            mlp=int(mlp[0]),
+            experts=values.get("experts", [0])[expert],
+        )
         smallest = ", ".join(f"{axis}={at[axis]}" for axis in axes)
         finer = ", lower --multiple" if {"hidden", "mlp"} & set(axes) else ""  # a gap in the grid, not a floor
-        fix = ("raise the budget, widen --tolerance" if bound < low.min() else f"widen --tolerance{finer}")
+        fix = "raise the budget, widen --tolerance" if bound < low.min() else f"widen --tolerance{finer}"
         fix += " or allow more --axes"
-        return (f"no shape {where} has {key} within {tolerance * 100:g}% below {bound:,}: they range from "
-                f"{int(low.min()):,} ({smallest}) to {int(high.max()):,}; {fix}")
+        return (
+            f"no shape {where} has {key} within {tolerance * 100:g}% below {bound:,}: they range from "
+            f"{int(low.min()):,} ({smallest}) to {int(high.max()):,}; {fix}"
+        )
     given = ", ".join(f"{key}={bound:,}" for key, bound in sizes.items())
-    return (f"the budgets {given} contradict: each is met by some shape {where}, but none meets all within "
-            f"{tolerance * 100:g}% below; drop or loosen one of them, or widen --tolerance")
+    return (
+        f"the budgets {given} contradict: each is met by some shape {where}, but none meets all within "
+        f"{tolerance * 100:g}% below; drop or loosen one of them, or widen --tolerance"
+    )
 
 
 def proxy_pool(shapes: list[dict], n: int) -> list[dict]:

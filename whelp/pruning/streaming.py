@@ -29,13 +29,13 @@ from torch import Tensor
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
 from whelp.models import load_config, stored_dtype
-from whelp.store import atomic_dir
+from whelp.pruning import moe_layout
 from whelp.pruning.arch import SQRT_HIDDEN, family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
-from whelp.pruning import moe_layout
 from whelp.pruning.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
 from whelp.pruning.surgery import head_dim_of, slice_tensor, target_config, text_config, tie_embeddings
 from whelp.pruning.targets import target_rope
+from whelp.store import atomic_dir
 
 MEMORY_FACTOR = 2.5  # in-memory prune holds the model at load dtype + pruned copy + calibration activations
 
@@ -59,15 +59,18 @@ def load_layer(model, family, index: int, shards: dict[str, Path], dtype: torch.
     prefix, n = f"{family.layers}.{index}.", n_experts(model.config, family)
     state = {key: moe_layout.read(shards, prefix + key, family, n, dtype) for key in layer.state_dict()}
     expected = {disk for key in state for disk in moe_layout.disk_suffixes(key, family, n)}
-    unknown = sorted(name for name in shards if name.startswith(prefix) and name[len(prefix):] not in expected)
+    unknown = sorted(name for name in shards if name.startswith(prefix) and name[len(prefix) :] not in expected)
     if unknown:
-        raise WhelpError(f"the checkpoint holds tensors its config.json does not describe: {', '.join(unknown)}; "
-                         "the config and the weights are of different models")
+        raise WhelpError(
+            f"the checkpoint holds tensors its config.json does not describe: {', '.join(unknown)}; "
+            "the config and the weights are of different models"
+        )
     try:
         layer.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise WhelpError(f"layer {index} of the checkpoint does not match its config.json: "
-                         f"{str(exc).splitlines()[-1].strip()}") from None
+        raise WhelpError(
+            f"layer {index} of the checkpoint does not match its config.json: {str(exc).splitlines()[-1].strip()}"
+        ) from None
     return layer
 
 
@@ -76,8 +79,9 @@ def unload_layer(layer) -> None:
     layer.to("meta")
 
 
-def rope_and_mask(model, family, config, hidden: Tensor,
-                  layer_type: str | None = None) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+def rope_and_mask(
+    model, family, config, hidden: Tensor, layer_type: str | None = None
+) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
     """``(cos, sin)`` [1, T, d] and the causal mask the model's own forward would pass its layers of
     ``layer_type`` (``config.layer_types``: a sliding-window mask for "sliding_attention", and Gemma 3's RoPE
     of that type)."""
@@ -114,8 +118,9 @@ def sliced_tensors(shards: dict[str, Path], keep, family, source_cfg, target_cfg
     n = n_experts(source_cfg, family)
     names = moe_layout.memory_names(sorted(set(shards) - set(embeddings), key=lambda k: (shards[k].name, k)), family)
     for name in embeddings + names:
-        for target_name, tensor in slice_tensor(name, moe_layout.read(shards, name, family, n), keep, family,
-                                                source_cfg, target_cfg).items():
+        for target_name, tensor in slice_tensor(
+            name, moe_layout.read(shards, name, family, n), keep, family, source_cfg, target_cfg
+        ).items():
             if tied and target_name in (family.embed, family.lm_head):
                 held[target_name] = tensor
             else:
@@ -125,9 +130,18 @@ def sliced_tensors(shards: dict[str, Path], keep, family, source_cfg, target_cfg
             yield family.embed, tie_embeddings(embedding, held.pop(family.lm_head, embedding), keep.tie or "embedding")
 
 
-def write_pruned(source_dir: Path, out_dir: Path, keep, family, source_cfg, target_cfg, force: bool = False,
-                 shard_bytes: int = 1 << 30, extra: dict[str, str] | None = None,
-                 dtype: torch.dtype | None = None) -> Path:
+def write_pruned(
+    source_dir: Path,
+    out_dir: Path,
+    keep,
+    family,
+    source_cfg,
+    target_cfg,
+    force: bool = False,
+    shard_bytes: int = 1 << 30,
+    extra: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Surgery shard to shard: the pruned checkpoint (shards, index, config, tokenizer, ``extra`` text
     files) written to a temporary sibling of ``out_dir`` and renamed into place; tensors cast to ``dtype`` if
     given, else as stored."""
@@ -172,9 +186,17 @@ def final_norm(model, family, shards: dict[str, Path], dtype: torch.dtype):
 
 
 @torch.no_grad()
-def calibrate_streaming(source_dir: Path, config, family, tokens: Tensor, batch_size: int = 4,
-                        dtype: torch.dtype = torch.float32, progress=None, method: str = "activation",
-                        seed: int = 0) -> dict[str, Tensor]:
+def calibrate_streaming(
+    source_dir: Path,
+    config,
+    family,
+    tokens: Tensor,
+    batch_size: int = 4,
+    dtype: torch.dtype = torch.float32,
+    progress=None,
+    method: str = "activation",
+    seed: int = 0,
+) -> dict[str, Tensor]:
     """Activation scores (the keys and values of ``importance.calibrate``) with one decoder layer resident.
 
     ``tokens`` [N, T] are embedded once; the hidden states [N, T, H] in ``dtype`` then go through
@@ -189,7 +211,7 @@ def calibrate_streaming(source_dir: Path, config, family, tokens: Tensor, batch_
     model = skeleton(config)
     hidden = embed_rows(shards, family.embed, tokens, dtype)
     if family.embed_multiplier == SQRT_HIDDEN:  # Gemma's scaled embedding module, in its own arithmetic
-        hidden = hidden * torch.tensor(cfg.hidden_size ** 0.5).to(dtype)
+        hidden = hidden * torch.tensor(cfg.hidden_size**0.5).to(dtype)
     elif family.embed_multiplier is not None:  # Granite: the model scales its embeddings by a config scalar
         hidden = hidden * getattr(cfg, family.embed_multiplier)
     batches = [slice(i, i + batch_size) for i in range(0, len(tokens), batch_size)]
@@ -249,16 +271,27 @@ def streamable_family(config):
     """The arch.py table entry of ``config``; streaming knows no other layout."""
     family = family_of(config)
     if family is None:
-        raise WhelpError(f"streaming supports the families of whelp/pruning/arch.py, not '{config.model_type}'; "
-                         "prune this model in memory (without --stream)")
+        raise WhelpError(
+            f"streaming supports the families of whelp/pruning/arch.py, not '{config.model_type}'; "
+            "prune this model in memory (without --stream)"
+        )
     if getattr(text_config(config), "use_bidirectional_attention", False):  # EmbeddingGemma: not a causal mask
-        raise WhelpError(f"streaming calibrates with causal masks and this {config.model_type} model attends "
-                         "bidirectionally (use_bidirectional_attention); prune it in memory (without --stream)")
+        raise WhelpError(
+            f"streaming calibrates with causal masks and this {config.model_type} model attends "
+            "bidirectionally (use_bidirectional_attention); prune it in memory (without --stream)"
+        )
     return family
 
 
-def streaming_scores(source_dir: Path, config, tokens: Tensor, method: str = "activation", batch_size: int = 4,
-                     dtype: torch.dtype = torch.float32, progress=None) -> dict[str, Tensor]:
+def streaming_scores(
+    source_dir: Path,
+    config,
+    tokens: Tensor,
+    method: str = "activation",
+    batch_size: int = 4,
+    dtype: torch.dtype = torch.float32,
+    progress=None,
+) -> dict[str, Tensor]:
     """Scores of ``importance.calibrate`` computed from the shards: ``activation`` (default) or
     ``magnitude`` widths, block influence for the layers either way.
 
@@ -267,8 +300,10 @@ def streaming_scores(source_dir: Path, config, tokens: Tensor, method: str = "ac
     """
     family = streamable_family(config)
     if method not in ("activation", "magnitude"):
-        raise WhelpError(f"importance '{method}' cannot stream (taylor needs a backward pass through the whole "
-                         "model; random is an in-memory baseline); use activation or magnitude, or drop --stream")
+        raise WhelpError(
+            f"importance '{method}' cannot stream (taylor needs a backward pass through the whole "
+            "model; random is an in-memory baseline); use activation or magnitude, or drop --stream"
+        )
     scores = calibrate_streaming(source_dir, config, family, tokens, batch_size, dtype, progress, method)
     if method == "magnitude":
         kept = {k: v for k, v in scores.items() if k.startswith(("experts.", "ffn.", "layers."))}
@@ -276,11 +311,25 @@ def streaming_scores(source_dir: Path, config, tokens: Tensor, method: str = "ac
     return scores
 
 
-def prune_streaming(source_dir: str | Path, out_dir: str | Path, target, tokens: Tensor | None = None, *,
-                    method: str = "activation", layer_method: str = "block", tie: str | None = None,
-                    rope: str = "auto", scores: dict[str, Tensor] | None = None, batch_size: int = 4,
-                    dtype: torch.dtype = torch.float32, force: bool = False, shard_bytes: int = 1 << 30,
-                    extra: dict[str, str] | None = None, progress=None, save_dtype: str | None = None):
+def prune_streaming(
+    source_dir: str | Path,
+    out_dir: str | Path,
+    target,
+    tokens: Tensor | None = None,
+    *,
+    method: str = "activation",
+    layer_method: str = "block",
+    tie: str | None = None,
+    rope: str = "auto",
+    scores: dict[str, Tensor] | None = None,
+    batch_size: int = 4,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+    shard_bytes: int = 1 << 30,
+    extra: dict[str, str] | None = None,
+    progress=None,
+    save_dtype: str | None = None,
+):
     """Prune the checkpoint in ``source_dir`` to ``target`` (a ``targets.Target``) without loading it.
 
     ``scores`` (e.g. a saved importance.safetensors) skip calibration; otherwise ``tokens`` [N, T]
@@ -288,8 +337,10 @@ def prune_streaming(source_dir: str | Path, out_dir: str | Path, target, tokens:
     ``save_dtype``, default the source's stored dtype) lands in ``out_dir`` atomically with ``extra`` text files.
     """
     if layer_method != "block" and f"layers.{layer_method}" not in (scores or {}):
-        raise WhelpError(f"layer importance '{layer_method}' runs the whole model once per layer and cannot stream; "
-                         "use --layer-importance block, or drop --stream")
+        raise WhelpError(
+            f"layer importance '{layer_method}' runs the whole model once per layer and cannot stream; "
+            "use --layer-importance block, or drop --stream"
+        )
     config = load_config(str(source_dir))
     family = streamable_family(config)
     if scores is None:
@@ -300,6 +351,16 @@ def prune_streaming(source_dir: str | Path, out_dir: str | Path, target, tokens:
     target_cfg = target_config(config, keep, target_rope(target, rope))
     if save_dtype is not None:
         target_cfg.dtype = save_dtype
-    write_pruned(Path(source_dir), Path(out_dir), keep, family, config, target_cfg, force, shard_bytes, extra,
-                 getattr(torch, save_dtype) if save_dtype is not None else None)
+    write_pruned(
+        Path(source_dir),
+        Path(out_dir),
+        keep,
+        family,
+        config,
+        target_cfg,
+        force,
+        shard_bytes,
+        extra,
+        getattr(torch, save_dtype) if save_dtype is not None else None,
+    )
     return keep, target_cfg, scores

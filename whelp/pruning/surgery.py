@@ -36,7 +36,6 @@ from whelp.pruning.arch import SQRT_HIDDEN, Family, axes_of
 from whelp.specs import TIE
 
 
-
 @dataclass(frozen=True)
 class Keep:
     """Kept source indices per axis, all sorted ascending (so kept structures keep their order).
@@ -74,8 +73,10 @@ def head_dim_of(config) -> int:
 def rope_exact_dims(head_dim: int, target_head_dim: int) -> Tensor:
     """Dims kept when shrinking head_dim d -> d' with RoPE intact: {s*k} then {s*k + d/2}, k < d'/2."""
     if target_head_dim > head_dim or head_dim % target_head_dim or target_head_dim % 2:
-        raise WhelpError(f"head_dim {head_dim} -> {target_head_dim} is not RoPE-exact: the target must be an even "
-                         f"divisor of {head_dim} (e.g. {head_dim // 2}); choose head_dim = {head_dim}/s for integer s")
+        raise WhelpError(
+            f"head_dim {head_dim} -> {target_head_dim} is not RoPE-exact: the target must be an even "
+            f"divisor of {head_dim} (e.g. {head_dim // 2}); choose head_dim = {head_dim}/s for integer s"
+        )
     s = head_dim // target_head_dim
     first = torch.arange(0, head_dim // 2, s)
     return torch.cat([first, first + head_dim // 2])
@@ -86,11 +87,14 @@ def identity_keep(config) -> Keep:
     cfg = text_config(config)
     kv, n_rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     layers = tuple(range(cfg.num_hidden_layers))
-    return Keep(layers=layers, hidden=torch.arange(cfg.hidden_size),
-                mlp=tuple(torch.arange(cfg.intermediate_size) for _ in layers),
-                kv_heads=tuple(torch.arange(kv) for _ in layers),
-                q_heads=tuple(torch.arange(n_rep).repeat(kv, 1) for _ in layers),
-                head_dims=torch.arange(head_dim_of(cfg)))
+    return Keep(
+        layers=layers,
+        hidden=torch.arange(cfg.hidden_size),
+        mlp=tuple(torch.arange(cfg.intermediate_size) for _ in layers),
+        kv_heads=tuple(torch.arange(kv) for _ in layers),
+        q_heads=tuple(torch.arange(n_rep).repeat(kv, 1) for _ in layers),
+        head_dims=torch.arange(head_dim_of(cfg)),
+    )
 
 
 def q_rows(kv_heads: Tensor, q_heads: Tensor, n_rep: int, head_dims: Tensor, head_dim: int) -> Tensor:
@@ -145,8 +149,10 @@ def slice_tensor(name: str, tensor: Tensor, keep: Keep, family: Family, source_c
     try:
         layer, suffix, axes = axes_of(name, family)
     except KeyError:
-        raise WhelpError(f"tensor '{name}' is not in the {family.name} table of whelp/pruning/arch.py; "
-                         "this checkpoint's layout differs from the family it claims") from None
+        raise WhelpError(
+            f"tensor '{name}' is not in the {family.name} table of whelp/pruning/arch.py; "
+            "this checkpoint's layout differs from the family it claims"
+        ) from None
     if layer is not None and layer not in keep.layers:
         return {}
     if keep.experts is not None and axes[0] == "expert":

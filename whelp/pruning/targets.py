@@ -18,25 +18,78 @@ from whelp.pruning import arch, generic, moe
 from whelp.pruning.surgery import Keep, rope_exact_dims, target_config, text_config
 from whelp.specs import key_values
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
 _SMOL = dict(vocab_size=49152, tie_word_embeddings=True)
 
 PRESETS = {
-    "llama-3.2-1b": (dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
-                          num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
-                     _LLAMA3_ROPE),
-    "llama-3.2-3b": (dict(hidden_size=3072, num_hidden_layers=28, intermediate_size=8192, num_attention_heads=24,
-                          num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True),
-                     _LLAMA3_ROPE),
+    "llama-3.2-1b": (
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+        ),
+        _LLAMA3_ROPE,
+    ),
+    "llama-3.2-3b": (
+        dict(
+            hidden_size=3072,
+            num_hidden_layers=28,
+            intermediate_size=8192,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+        ),
+        _LLAMA3_ROPE,
+    ),
     # 53,112,384 non-embedding params (50.01% of SmolLM2-135M): depth and MLP only.
-    "smollm2-half": (dict(hidden_size=576, num_hidden_layers=24, intermediate_size=768, num_attention_heads=9,
-                          num_key_value_heads=3, head_dim=64, **_SMOL), None),
+    "smollm2-half": (
+        dict(
+            hidden_size=576,
+            num_hidden_layers=24,
+            intermediate_size=768,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            **_SMOL,
+        ),
+        None,
+    ),
     # 26,560,896 non-embedding params (25.01%): every axis but the KV groups.
-    "smollm2-quarter": (dict(hidden_size=384, num_hidden_layers=24, intermediate_size=768, num_attention_heads=6,
-                             num_key_value_heads=3, head_dim=32, **_SMOL), None),
+    "smollm2-quarter": (
+        dict(
+            hidden_size=384,
+            num_hidden_layers=24,
+            intermediate_size=768,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            head_dim=32,
+            **_SMOL,
+        ),
+        None,
+    ),
 }
-_AXES = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+_AXES = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 
 
 @dataclass(frozen=True)
@@ -60,16 +113,23 @@ def _parse_value(key: str, text: str):
 
 
 def _overrides(spec: str, source_shape: dict, source_cfg) -> dict:
-    pairs = key_values(spec, "target", source_shape, "intermediate_size=768,num_hidden_layers=24",
-                       lambda key: moe.canonical_key(key, source_cfg))
+    pairs = key_values(
+        spec,
+        "target",
+        source_shape,
+        "intermediate_size=768,num_hidden_layers=24",
+        lambda key: moe.canonical_key(key, source_cfg),
+    )
     return {**source_shape, **{key: _parse_value(key, value) for key, value in pairs}}
 
 
 def _from_config_file(path: Path, model_type: str) -> tuple[dict, dict | None]:
     cfg = text_config(models.load_config(str(path)))
     if cfg.model_type != model_type:
-        raise WhelpError(f"target {path} describes a {cfg.model_type} model but the teacher is {model_type}: pruning "
-                         "keeps the architecture; give a config.json of the teacher's model_type")
+        raise WhelpError(
+            f"target {path} describes a {cfg.model_type} model but the teacher is {model_type}: pruning "
+            "keeps the architecture; give a config.json of the teacher's model_type"
+        )
     return moe.shape_of(cfg), getattr(cfg, "rope_parameters", None)
 
 
@@ -77,22 +137,32 @@ def validate(source: dict, target: dict) -> None:
     """Raise WhelpError naming the first axis of ``target`` that the teacher ``source`` cannot be pruned to."""
     for key in _AXES:
         if not isinstance(target[key], int) or not 1 <= target[key] <= source[key]:
-            raise WhelpError(f"target {key}={target[key]} is out of range: must be an integer in 1..{source[key]} "
-                             f"(the teacher's {key} is {source[key]}; pruning only removes)")
+            raise WhelpError(
+                f"target {key}={target[key]} is out of range: must be an integer in 1..{source[key]} "
+                f"(the teacher's {key} is {source[key]}; pruning only removes)"
+            )
     if target["vocab_size"] != source["vocab_size"]:
-        raise WhelpError(f"target vocab_size={target['vocab_size']} differs from the teacher's {source['vocab_size']}: "
-                         "whelp does not prune the vocabulary; use a target with the teacher's vocab_size")
+        raise WhelpError(
+            f"target vocab_size={target['vocab_size']} differs from the teacher's {source['vocab_size']}: "
+            "whelp does not prune the vocabulary; use a target with the teacher's vocab_size"
+        )
     if source["tie_word_embeddings"] and not target["tie_word_embeddings"]:
-        raise WhelpError("target tie_word_embeddings=false but the teacher is tied: untying adds parameters; "
-                         "set tie_word_embeddings=true")
+        raise WhelpError(
+            "target tie_word_embeddings=false but the teacher is tied: untying adds parameters; "
+            "set tie_word_embeddings=true"
+        )
     heads, kv = target["num_attention_heads"], target["num_key_value_heads"]
     if heads % kv:
-        raise WhelpError(f"target num_attention_heads={heads} is not divisible by num_key_value_heads={kv}: "
-                         "every KV group keeps the same number of query heads")
+        raise WhelpError(
+            f"target num_attention_heads={heads} is not divisible by num_key_value_heads={kv}: "
+            "every KV group keeps the same number of query heads"
+        )
     per_group = source["num_attention_heads"] // source["num_key_value_heads"]
     if heads // kv > per_group:
-        raise WhelpError(f"target keeps {heads // kv} query heads per KV group but the teacher has {per_group}: "
-                         f"num_attention_heads must be in {kv}..{kv * per_group} for num_key_value_heads={kv}")
+        raise WhelpError(
+            f"target keeps {heads // kv} query heads per KV group but the teacher has {per_group}: "
+            f"num_attention_heads must be in {kv}..{kv * per_group} for num_key_value_heads={kv}"
+        )
     rope_exact_dims(source["head_dim"], target["head_dim"])
 
 
@@ -104,23 +174,29 @@ def parse_target(source_cfg, spec: str) -> Target:
     rope = None
     if spec in PRESETS and moe_family is not None:
         n_key = moe_family.experts_key
-        raise WhelpError(f"preset '{spec}' is a dense Llama shape and this teacher is {moe_family.name} (MoE); give "
-                         f"key=value targets such as {n_key}={max(1, source[n_key] // 2)} or a config.json of a "
-                         "smaller model of its type")
+        raise WhelpError(
+            f"preset '{spec}' is a dense Llama shape and this teacher is {moe_family.name} (MoE); give "
+            f"key=value targets such as {n_key}={max(1, source[n_key] // 2)} or a config.json of a "
+            "smaller model of its type"
+        )
     if spec in PRESETS:
         shape, rope = PRESETS[spec]
         shape = dict(shape)
     elif spec.endswith(".json") or Path(spec).expanduser().is_file():
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise WhelpError(f"target config {spec} does not exist; pass a preset ({', '.join(PRESETS)}), "
-                             "a config.json path or key=value overrides")
+            raise WhelpError(
+                f"target config {spec} does not exist; pass a preset ({', '.join(PRESETS)}), "
+                "a config.json path or key=value overrides"
+            )
         shape, rope = _from_config_file(path, text_config(source_cfg).model_type)
     elif "=" in spec:
         shape = _overrides(spec, source, source_cfg)
     else:
-        raise WhelpError(f"unknown target '{spec}': use a preset ({', '.join(PRESETS)}), a config.json path, "
-                         "or key=value overrides such as intermediate_size=768,num_hidden_layers=24")
+        raise WhelpError(
+            f"unknown target '{spec}': use a preset ({', '.join(PRESETS)}), a config.json path, "
+            "or key=value overrides such as intermediate_size=768,num_hidden_layers=24"
+        )
     family = arch.family_of(source_cfg)
     if family is None:  # first: it names the axes the generic path (width only) cannot change, and checks the config
         shape = generic.check_target(source_cfg, shape)
@@ -141,12 +217,16 @@ def _check_rope_head_dim(source_cfg, source: dict, shape: dict) -> None:
     params = getattr(text_config(source_cfg), "rope_parameters", None) or {}
     for rope in [params] + [v for v in params.values() if isinstance(v, dict)]:  # Gemma 3: one per layer type
         if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise WhelpError(f"target head_dim={shape['head_dim']}: this teacher rotates only part of each head "
-                             f"(partial_rotary_factor={rope['partial_rotary_factor']}), so head_dim cannot be pruned "
-                             f"RoPE-exactly; keep head_dim={source['head_dim']}")
+            raise WhelpError(
+                f"target head_dim={shape['head_dim']}: this teacher rotates only part of each head "
+                f"(partial_rotary_factor={rope['partial_rotary_factor']}), so head_dim cannot be pruned "
+                f"RoPE-exactly; keep head_dim={source['head_dim']}"
+            )
         if rope.get("rope_type") == "longrope":
-            raise WhelpError(f"target head_dim={shape['head_dim']}: this teacher's longrope RoPE has one factor per "
-                             f"frequency, which whelp does not re-slice; keep head_dim={source['head_dim']}")
+            raise WhelpError(
+                f"target head_dim={shape['head_dim']}: this teacher's longrope RoPE has one factor per "
+                f"frequency, which whelp does not re-slice; keep head_dim={source['head_dim']}"
+            )
 
 
 def _check_config(source_cfg, shape: dict, spec: str) -> None:
@@ -157,8 +237,10 @@ def _check_config(source_cfg, shape: dict, spec: str) -> None:
             cfg.validate()
         except Exception as exc:  # huggingface_hub's strict-dataclass error wraps the ValueError
             cause = str(getattr(exc, "__cause__", None) or exc).strip().splitlines()[-1]
-            raise WhelpError(f"target '{spec}' is not a valid {cfg.model_type} config: {cause} "
-                             "Adjust hidden_size or num_attention_heads.") from None
+            raise WhelpError(
+                f"target '{spec}' is not a valid {cfg.model_type} config: {cause} "
+                "Adjust hidden_size or num_attention_heads."
+            ) from None
 
 
 def first_keep(source_cfg, shape: dict, tie: str | None = "embedding") -> Keep:
@@ -167,13 +249,16 @@ def first_keep(source_cfg, shape: dict, tie: str | None = "embedding") -> Keep:
     layers = tuple(range(shape["num_hidden_layers"]))
     kv, per_group = shape["num_key_value_heads"], shape["num_attention_heads"] // shape["num_key_value_heads"]
     untied_to_tied = not src["tie_word_embeddings"] and shape["tie_word_embeddings"]
-    return Keep(layers=layers, hidden=torch.arange(shape["hidden_size"]),
-                mlp=tuple(torch.arange(shape["intermediate_size"]) for _ in layers),
-                kv_heads=tuple(torch.arange(kv) for _ in layers),
-                q_heads=tuple(torch.arange(per_group).repeat(kv, 1) for _ in layers),
-                head_dims=rope_exact_dims(src["head_dim"], shape["head_dim"]),
-                tie=tie if untied_to_tied else None,
-                experts=moe.first_experts(source_cfg, shape) if moe.moe_family_of(source_cfg) else None)
+    return Keep(
+        layers=layers,
+        hidden=torch.arange(shape["hidden_size"]),
+        mlp=tuple(torch.arange(shape["intermediate_size"]) for _ in layers),
+        kv_heads=tuple(torch.arange(kv) for _ in layers),
+        q_heads=tuple(torch.arange(per_group).repeat(kv, 1) for _ in layers),
+        head_dims=rope_exact_dims(src["head_dim"], shape["head_dim"]),
+        tie=tie if untied_to_tied else None,
+        experts=moe.first_experts(source_cfg, shape) if moe.moe_family_of(source_cfg) else None,
+    )
 
 
 def target_rope(target: Target, policy: str) -> dict | None:
@@ -184,8 +269,10 @@ def target_rope(target: Target, policy: str) -> dict | None:
     if policy == "teacher" or (policy == "auto" and target.rope_parameters is None):
         return None
     if target.rope_parameters is None:
-        raise WhelpError(f"--rope target takes the RoPE of a preset or config.json target, and '{target.name}' has "
-                         "none; use --rope teacher (the default)")
+        raise WhelpError(
+            f"--rope target takes the RoPE of a preset or config.json target, and '{target.name}' has "
+            "none; use --rope teacher (the default)"
+        )
     return target.rope_parameters
 
 
@@ -201,10 +288,17 @@ def rope_summary(config) -> str:
 def _rope_line(params: dict) -> str:
     if not params:
         return "none"
-    short = {"rope_theta": "theta", "factor": "factor", "low_freq_factor": "low", "high_freq_factor": "high",
-             "original_max_position_embeddings": "original"}
-    return " ".join([params.get("rope_type", "default")]
-                    + [f"{name}={params[key]:g}" for key, name in short.items() if params.get(key) is not None])
+    short = {
+        "rope_theta": "theta",
+        "factor": "factor",
+        "low_freq_factor": "low",
+        "high_freq_factor": "high",
+        "original_max_position_embeddings": "original",
+    }
+    return " ".join(
+        [params.get("rope_type", "default")]
+        + [f"{name}={params[key]:g}" for key, name in short.items() if params.get(key) is not None]
+    )
 
 
 def plan_target(source_cfg, target: str, rope: str = "auto") -> dict:
@@ -214,8 +308,7 @@ def plan_target(source_cfg, target: str, rope: str = "auto") -> dict:
     if arch.family_of(source_cfg) is None:
         cfg = generic.generic_config(source_cfg, parsed.shape)
     else:
-        cfg = target_config(source_cfg, first_keep(source_cfg, parsed.shape),
-                            target_rope(parsed, rope))
+        cfg = target_config(source_cfg, first_keep(source_cfg, parsed.shape), target_rope(parsed, rope))
     out = {}
     for side, config in (("source", source_cfg), ("target", cfg)):
         if moe.moe_family_of(config) is not None:
