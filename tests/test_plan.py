@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import yaml
@@ -59,8 +60,9 @@ def test_the_70b_capture_is_priced_at_the_closed_form_on_8_h100():
     """Kaplan et al.'s 2 N per token forward: 2 x 70.6e9 x 20e9 FLOPs at 40% of 989 TFLOP/s is ~1,983 GPU-hours."""
     done = run_cli("plan", "llama-3.2-1b", "--gpus", "8", "--gpu", "h100")
     assert done.exit_code == 0, done.stderr
-    row = next(line for line in done.stdout.splitlines() if "capture[0]" in line and "on 8 GPUs" in line)
-    printed = float(row.split("│")[3].replace(",", ""))
+    capture = done.stdout.split("\ncapture[0]\n")[1].split("\n\n")[0]
+    row = next(line for line in capture.splitlines() if line.startswith("  GPU time "))
+    printed = float(row.split()[-2].replace(",", ""))
     closed_form = 2 * 70.6e9 * 20e9 / (0.4 * 989e12) / 3600
     assert abs(printed - closed_form) / closed_form < 0.10 and 1900 < closed_form < 2000
 
@@ -153,13 +155,13 @@ def _live_70b(tmp_path, **step) -> str:
 def test_a_live_70b_is_warned_about_on_h100_and_fits_sharded_over_8(tmp_path):
     done = run_cli("plan", _live_70b(tmp_path), "--gpus", "8", "--gpu", "h100")
     assert done.exit_code == 0, done.stderr
-    warning = next(line for line in done.stdout.splitlines() if line.startswith("warning: "))
+    warning = " ".join(done.stdout.split("\nwarning: ")[1].split())  # wrapped at the width: one line again
     for needed in ("meta-llama/Llama-3.1-70B (141.1 GB)", "h100 (80 GB", "caches:", "shard_teachers: true"):
         assert needed in warning, warning
     planned = _json(_live_70b(tmp_path), "--gpus", "8", "--gpu", "h100")
     distill = _stage(planned, "distill[0]")
     assert [s["kind"] for s in planned["stages"]] == ["prune", "distill"] and distill["fits"] is False
-    assert planned["warnings"] == [warning.removeprefix("warning: ")]
+    assert planned["warnings"] == [warning]
     assert _part(distill, "live teacher meta-llama/Llama-3.1-70B")["per_gpu_bytes"] == 2 * N_70B
     assert distill["flops_per_token"]["live_teachers"] == 2 * (N_8B + N_70B)
 
@@ -208,9 +210,9 @@ def test_pricing_options_are_refused_for_a_prune_plan_and_a_flops_gpu_skips_the_
 def test_the_default_is_today_s_table_plus_a_price_on_one_h100():
     done = run_cli("plan", "llama-3.2-3b")
     assert done.exit_code == 0, done.stderr
-    assert "params / FLOPs per token" in done.stdout and "cost on 1 x h100" in done.stdout
+    assert "\n  FLOPs/token " in done.stdout and "cost on 1 x h100" in done.stdout
     assert "the default; choose with --gpus N --gpu KIND" in done.stdout
-    assert "warning: capture[0]: tp_size 4 needs a multiple of 4 GPUs, not 1" in done.stdout
+    assert "warning: capture[0]: tp_size 4 needs a multiple of 4 GPUs, not 1" in " ".join(done.stdout.split())
     planned = _json("llama-3.2-3b")
     assert planned["totals"]["gpu_hours"] == sum(s["gpu_hours"] for s in planned["stages"])
     stores = 4 * 10_000_000_000  # calib and train read one source: its store counts once
@@ -251,5 +253,76 @@ def test_rope_follows_the_preset_by_default_and_plan_shows_both(capsys):
         plan_target(source, "num_hidden_layers=16", "target")
     stage = plan.plan_recipe(recipe.load("llama-3.2-1b"))["stages"][0]
     assert stage["rope"] == {"source": auto["source"]["rope"], "target": auto["target"]["rope"]}
-    assert "RoPE llama3 theta=500000 factor=32" in plan.describe(stage)[1]
-    assert "(teacher: llama3 theta=500000 factor=8" in plan.describe(stage)[1]
+    rope = dict(plan.describe(stage))["RoPE"]
+    assert rope.startswith("llama3 theta=500000 factor=32") and "(teacher: llama3 theta=500000 factor=8" in rope
+
+
+def test_sizes_and_times_print_in_their_unit_with_three_significant_digits():
+    from whelp.output import duration, size
+
+    assert [size(b) for b in (0, 40, 16_384, 131_072, 33_554_432, 326e6, 1.95e9, 80e9, 800e9, 919.5e9, 2.7628e12)] == [
+        "0 B",
+        "40 B",
+        "16.4 KB",
+        "131 KB",
+        "33.6 MB",
+        "326 MB",
+        "1.95 GB",
+        "80.0 GB",
+        "800 GB",
+        "920 GB",
+        "2.76 TB",
+    ]
+    assert size(999_999) == "1.00 MB" and "e" not in size(1.64e-05 * 1e9)
+    assert [duration(h) for h in (1981.6, 1.0, 0.095, 5.6e-3, 2e-4, 1.5e-6)] == [
+        "1,981.6 h",
+        "1.0 h",
+        "5.7 min",
+        "20 s",
+        "under 1 s",
+        "under 1 s",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("smollm2-demo",), ("llama-3.2-1b", "--gpus", "8", "--gpu", "h100"), ("llama-3.1-8b", "--target", "llama-3.2-1b")],
+)
+def test_the_plan_fits_80_columns_with_no_wrapped_cells(args, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    done = run_cli("plan", *args)
+    assert done.exit_code == 0, done.stderr
+    assert max(map(len, done.stdout.splitlines())) <= 80, done.stdout
+    assert not any(c in done.stdout for c in "│┃━"), done.stdout  # no table cells to wrap
+    assert not re.search(r"\de-\d|\b0\.0\d* s\b", done.stdout), done.stdout  # no 1.64e-05 GB, no 0.0056 s
+
+
+def test_the_llama_plan_reads_in_hours_and_bytes(monkeypatch):
+    """The exact block of a known stage: hours in hours, bytes in MB/GB with three significant digits."""
+    monkeypatch.setenv("COLUMNS", "80")
+    done = run_cli("plan", "llama-3.2-1b", "--gpus", "8", "--gpu", "h100")
+    blocks = done.stdout.split("\n\n")
+    assert blocks[0] == "recipe llama-3.2-1b\ncost on 8 x h100 (989 TFLOP/s, 80.0 GB) at MFU 0.4"
+    assert "\n".join(next(b for b in blocks if b.startswith("capture[0]\n")).splitlines()[-5:]) == (
+        "  FLOPs         2.82e+21\n"
+        "  GPU time      1,981.6 h\n"
+        "  wall time     247.7 h on 8 GPUs\n"
+        "  memory        46.0 GB per GPU\n"
+        "  disk          cache 800 GB"
+    )
+    prune = next(b for b in blocks if b.startswith("prune[0]\n"))
+    assert "  GPU time      5.7 min\n" in prune and "  disk          store 33.6 MB, model 4.94 GB" in prune
+    assert next(b for b in blocks if b.startswith("total\n")) == (
+        "total\n"
+        "  FLOPs         3.29e+21\n"
+        "  GPU time      2,311.4 h\n"
+        "  wall time     289.0 h\n"
+        "  memory        46.0 GB per GPU at the peak\n"
+        "  disk          920 GB"
+    )
+
+
+def test_the_json_plan_keeps_raw_numbers():
+    planned = _json("llama-3.2-1b", "--gpus", "8", "--gpu", "h100")
+    capture = _stage(planned, "capture[0]")
+    assert isinstance(capture["gpu_hours"], float) and capture["disk_bytes"]["cache"] == 800_000_000_000

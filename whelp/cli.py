@@ -297,6 +297,7 @@ def plan(
             "--gpus, --gpu and --mfu price a recipe (whelp plan RECIPE); a prune plan (--target) has no "
             "GPU work to price"
         )
+    from whelp import output
     from whelp.models import load_config
     from whelp.pruning.targets import plan_target
 
@@ -304,11 +305,8 @@ def plan(
     result = plan_target(load_config(model, _policy()), target, rope)
     if as_json:
         return _print_json(result)
-    _table(
-        f"{model} -> {target}",
-        [(key, result["source"][key], result["target"][key]) for key in result["source"]],
-        ("", "source", "target"),
-    )
+    rows = [(key, result["source"][key], result["target"][key]) for key in result["source"]]
+    typer.echo("\n".join(output.columns(f"{model} -> {target}", ("", "source", "target"), rows)))
 
 
 @app.command()
@@ -437,8 +435,8 @@ def _plan_recipe(
 ) -> None:
     from pathlib import Path
 
+    from whelp import output, pricing
     from whelp import plan as planning
-    from whelp import pricing
     from whelp import recipe as recipes
 
     default = " (the default; choose with --gpus N --gpu KIND)" if gpu is None and gpus is None else ""
@@ -455,30 +453,32 @@ def _plan_recipe(
     result = pricing.price(planning.plan_recipe(recipes.load(name, overrides)), kind, gpus, mfu)
     if as_json:
         return _print_json(result)
-    rows = [("teacher", result["teacher"]["model"], result["teacher"]["shape"]["params"], "")]
-    _table(
-        f"recipe {result['recipe']}",
-        rows + [planning.describe(s) for s in result["stages"]],
-        ("stage", "shape / work", "params / FLOPs per token", "bytes"),
-    )
     p = result["pricing"]
-    memory = (
-        "memory unknown: fit not checked"
-        if p["gpu_memory_bytes"] is None
-        else (f"{p['gpu_memory_bytes'] / 1e9:,.0f} GB")
-    )
-    _table(
-        f"cost on {p['gpus']} x {p['gpu']} ({p['peak_flops'] / 1e12:,.0f} TFLOP/s, {memory}) at MFU {p['mfu']:g}"
-        + default,
-        [pricing.describe_cost(s) for s in result["stages"]] + [pricing.describe_total(result["totals"])],
-        ("stage", "FLOPs", "GPU-hours", "wall hours", "memory per GPU", "disk"),
-    )
-    typer.echo(
-        "GPU-hours = FLOPs / (peak x MFU) / 3600; a CPU stage's hours are at one GPU's rate (a CPU takes "
-        "far longer); `--json` lists every memory part"
-    )
+    memory = "memory unknown: fit not checked" if p["gpu_memory_bytes"] is None else output.size(p["gpu_memory_bytes"])
+    blocks = [
+        ("teacher", [("model", result["teacher"]["model"]), ("params", f"{result['teacher']['shape']['params']:,}")]),
+        *((s["stage"], planning.describe(s) + pricing.describe_cost(s)) for s in result["stages"]),
+        ("total", pricing.describe_total(result["totals"])),
+    ]
+    lines = [
+        f"recipe {result['recipe']}",
+        *output.wrap(
+            f"cost on {p['gpus']} x {p['gpu']} ({p['peak_flops'] / 1e12:,.0f} TFLOP/s, {memory}) at MFU {p['mfu']:g}"
+            + default
+        ),
+    ]
+    for name, pairs in blocks:
+        lines += ["", name, *output.key_values(pairs)]
+    lines += [
+        "",
+        *output.wrap(
+            "GPU time = FLOPs / (peak x MFU) / 3600; a CPU stage's time is at one GPU's rate (a CPU takes far "
+            "longer); `--json` lists every memory part and gives raw numbers"
+        ),
+    ]
+    typer.echo("\n".join(lines))
     for warning in result["warnings"]:
-        typer.secho(f"warning: {warning}", fg="yellow")
+        typer.secho("\n".join(output.wrap(warning, "  ", "warning: ")), fg="yellow")
 
 
 @app.command()

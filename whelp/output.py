@@ -11,7 +11,9 @@ import contextlib
 import io
 import logging
 import os
+import shutil
 import sys
+import textwrap
 import time
 import warnings
 
@@ -69,6 +71,70 @@ def quiet_streams():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def size(nbytes: float) -> str:
+    """Bytes for a person: B, KB, MB, GB or TB (powers of 1000) with three significant digits ("16.4 KB",
+    "326 MB", "2.00 GB", "1,000 TB"); never scientific notation. ``--json`` keeps the raw byte counts."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale * 0.9995:
+            value = nbytes / scale
+            return f"{value:,.0f} {unit}" if value >= 99.95 else f"{value:#.3g} {unit}"
+    return f"{nbytes:,.0f} B"
+
+
+def duration(hours: float) -> str:
+    """A time for a person, in the unit that suits it: hours from one hour ("1,981.6 h"), minutes below ("5.7 min"),
+    seconds below a minute ("12 s"), and "under 1 s" below a second. ``--json`` keeps the raw hours."""
+    if hours >= 1:
+        return f"{hours:,.1f} h"
+    if hours * 60 >= 1:
+        return f"{hours * 60:.2g} min"
+    return f"{hours * 3600:.2g} s" if hours * 3600 >= 1 else "under 1 s"
+
+
+def width() -> int:
+    """Columns to lay text out in: the terminal's (or $COLUMNS), 80 when not a terminal (a log, a pipe)."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def wrap(text: str, indent: str = "", first: str = "") -> list[str]:
+    """``text`` as lines of at most ``width()`` characters: ``first`` before the first, ``indent`` before the rest."""
+    return textwrap.wrap(
+        text, max(width(), 40), initial_indent=first, subsequent_indent=indent, break_on_hyphens=False
+    ) or [first.rstrip()]
+
+
+def key_values(pairs, key_width: int = 12, indent: str = "  ") -> list[str]:
+    """``key  value`` lines, the values in one column and wrapped under themselves: a layout that fits any width
+    (a table's cells wrap at 80 columns, and a log is read at 80)."""
+    pad = indent + " " * (key_width + 2)
+    return [line for key, value in pairs for line in wrap(str(value), pad, f"{indent}{key:<{key_width}}  ")]
+
+
+def columns(title: str, header, rows) -> list[str]:
+    """A plain table (no box drawing) in ``width()`` columns: the rows too wide for it (widest first) are written
+    as one ``key (column)  value`` line per value instead."""
+    cells = [[f"{v:,}" if type(v) is int else str(v) for v in row] for row in rows]
+    keep = list(range(len(cells)))
+
+    def sizes():
+        return [max([len(str(h))] + [len(cells[r][i]) for r in keep]) for i, h in enumerate(header)]
+
+    while keep and sum(sizes()) + 2 * (len(header) - 1) > width():
+        keep.remove(max(keep, key=lambda r: sum(map(len, cells[r]))))
+    n = sizes()
+    lines = [title, "  ".join(str(h).ljust(w) for h, w in zip(header, n)).rstrip()]
+    for r, row in enumerate(cells):
+        if r in keep:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, n)).rstrip())
+        else:
+            lines += [
+                line
+                for h, c in zip(header[1:], row[1:])
+                for line in wrap(c, " " * (n[0] + 2), f"{row[0] + ' (' + str(h) + ')':<{n[0]}}  ")
+            ]
+    return lines
 
 
 class Progress:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from whelp import models, pricing
+from whelp import models, output, pricing
 from whelp.errors import WhelpError
 from whelp.recipe import GENERATED, Recipe, SearchTarget
 from whelp.registry import REGISTRY
@@ -421,20 +421,20 @@ def _check_eval(recipe: Recipe) -> None:
 
 
 def describe_data(d: dict) -> str:
-    """``needs N tokens of SOURCE: M available (E epochs), store B GB`` for a table cell."""
+    """``SOURCE: needs N tokens, M available (E epochs)`` (its store's bytes are the stage's disk)."""
     have = (
         "not tokenized yet"
         if d["tokens_available"] is None
         else (f"{d['tokens_available']:,} available ({d['epochs']:.2f} epochs)")
     )
-    return f"data {d['source']}: needs {d['tokens_needed']:,} tokens, {have}; store {d['store_bytes'] / 1e9:,.3f} GB"
+    return f"{d['source']}: needs {d['tokens_needed']:,} tokens, {have}"
 
 
-def describe(stage: dict) -> tuple[str, str, str, str]:
-    """One table row of a planned stage: name, what it makes, params or FLOPs/token, bytes (data, cache, memory);
-    a stage planned at the search's largest shape says it is an estimate."""
-    row = _describe(stage)
-    return (row[0], f"{row[1]} (estimate: the largest searched shape)", *row[2:]) if stage.get("estimate") else row
+def describe(stage: dict) -> list[tuple[str, str]]:
+    """A planned stage as ``(key, value)`` lines: what it makes, its params or FLOPs per token, its data and
+    memory; a stage planned at the search's largest shape says it is an estimate."""
+    lines = _describe(stage)
+    return [("estimate", "planned at the largest searched shape")] + lines if stage.get("estimate") else lines
 
 
 def _dims(shape: dict) -> str:
@@ -444,52 +444,68 @@ def _dims(shape: dict) -> str:
     )
 
 
-def _describe(stage: dict) -> tuple[str, str, str, str]:
+def _giga(flops: float) -> str:
+    return f"{flops / 1e9:,.3g} G"
+
+
+def _describe(stage: dict) -> list[tuple[str, str]]:
     if stage["kind"] == "search":
         parts = stage["flops_parts"]
-        return (
-            "search",
-            f"{stage['candidates']:,} shapes within {stage['budget']}: a pool of {len(stage['pool'])} "
-            f"one-shot, the best {stage['scored']} distilled {stage['score_steps']} steps each; largest "
-            f"{_dims(stage['largest'])}",
-            f"calibration {parts['calibration']:.3g}, one-shot {parts['one_shot']:.3g}, distillation "
-            f"{parts['distillation']:.3g} at most",
-            describe_data(stage["data"]),
-        )
+        return [
+            ("shapes", f"{stage['candidates']:,} within {stage['budget']}"),
+            (
+                "work",
+                f"a pool of {len(stage['pool'])} one-shot, the best {stage['scored']} distilled "
+                f"{stage['score_steps']} steps each",
+            ),
+            ("largest", _dims(stage["largest"])),
+            (
+                "FLOPs parts",
+                f"calibration {parts['calibration']:.3g}, one-shot {parts['one_shot']:.3g}, distillation "
+                f"{parts['distillation']:.3g} at most",
+            ),
+            ("data", describe_data(stage["data"])),
+        ]
     if stage["kind"] == "generate":
-        return (
-            "generate",
-            f"{stage['tokens']:,} tokens of teacher text",
-            f"teacher sampling {stage['flops_per_token']['teacher_sampling'] / 1e9:.1f} G",
-            f"store {stage['store_bytes'] / 1e9:,.3f} GB (the data source 'generated')",
-        )
+        return [
+            ("work", f"{stage['tokens']:,} tokens of teacher text (the data source 'generated')"),
+            ("FLOPs/token", f"teacher sampling {_giga(stage['flops_per_token']['teacher_sampling'])}"),
+        ]
     if stage["kind"] == "prune":
         shape = stage["shape"]
         rope = stage["rope"]["target"] + (
             "" if stage["rope"]["target"] == stage["rope"]["source"] else f" (teacher: {stage['rope']['source']})"
         )
-        return (
-            stage["stage"],
-            f"-> {stage['target']}: {_dims(shape)}; RoPE {rope}",
-            f"{shape['params']:,}",
-            describe_data(stage["data"]),
-        )
+        return [
+            ("target", f"{stage['target']}: {_dims(shape)}"),
+            ("RoPE", rope),
+            ("params", f"{shape['params']:,}"),
+            ("data", describe_data(stage["data"])),
+        ]
     if stage["kind"] == "capture":
-        return (
-            stage["stage"],
-            f"{stage['tokens']:,} tokens of {stage['teacher']} logits ({stage['mode']} "
-            f"{stage['k']}) for {stage['for']}",
-            f"teacher {2 * stage['params'] / 1e9:.1f} G",
-            f"cache {stage['disk_bytes']['cache'] / 1e9:,.1f} GB ({stage['bytes_per_token']} B/token)",
-        )
+        return [
+            (
+                "work",
+                f"{stage['tokens']:,} tokens of {stage['teacher']} logits ({stage['mode']} {stage['k']}) "
+                f"for {stage['for']}",
+            ),
+            ("FLOPs/token", f"teacher {_giga(2 * stage['params'])}"),
+            ("cache", f"{stage['bytes_per_token']} B/token"),
+        ]
     flops = stage["flops_per_token"]
     memory = stage["memory_bytes"]
-    return (
-        stage["stage"],
-        f"{stage['tokens']:,} tokens",
-        f"student {flops['student_train'] / 1e9:.1f} G"
-        + (f" + on-policy sampling {flops['student_sampling'] / 1e9:.1f} G" if flops["student_sampling"] else "")
-        + f", live teachers {flops['live_teachers'] / 1e9:.1f} G",
-        f"{describe_data(stage['data'])}; training {memory['student_training'] / 1e9:.1f} GB + live teachers "
-        f"{memory['live_teachers'] / 1e9:.1f} GB",
-    )
+    return [
+        ("work", f"{stage['tokens']:,} tokens"),
+        (
+            "FLOPs/token",
+            f"student {_giga(flops['student_train'])}"
+            + (f" + on-policy sampling {_giga(flops['student_sampling'])}" if flops["student_sampling"] else "")
+            + f", live teachers {_giga(flops['live_teachers'])}",
+        ),
+        ("data", describe_data(stage["data"])),
+        (
+            "memory parts",
+            f"training {output.size(memory['student_training'])} + live teachers "
+            f"{output.size(memory['live_teachers'])}",
+        ),
+    ]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from whelp import output
 from whelp.errors import WhelpError
 from whelp.recipe import GENERATED
 
@@ -334,43 +335,31 @@ def _misfit(stage: dict, gpu: Gpu) -> str:
     return f"{head}: lower its batch_size, or use GPUs with more memory"
 
 
-def gb(nbytes: float) -> str:
-    """Bytes as GB (1e9) for a table: one decimal, or three significant digits below 1 GB."""
-    return f"{nbytes / 1e9:,.1f}" if nbytes >= 1e9 else f"{nbytes / 1e9:.3g}"
-
-
-def _hours(h: float) -> str:
-    """Hours for a table: one decimal, or minutes or seconds below an hour."""
-    return f"{h:,.1f}" if h >= 1 else f"{h * 60:.2g} min" if h >= 1 / 60 else f"{h * 3600:.2g} s"
-
-
-def describe_cost(stage: dict) -> tuple[str, ...]:
-    """One row of the cost table: stage, FLOPs, GPU-hours, wall hours on its GPUs, memory per GPU, disk (GB)."""
+def describe_cost(stage: dict) -> list[tuple[str, str]]:
+    """A priced stage as ``(key, value)`` lines: FLOPs, GPU time, wall time on its GPUs, memory per GPU, disk."""
     host = stage["device"] == "cpu"
-    where = "(CPU stage)" if host else f"on {stage['gpus']} GPU{'s' * (stage['gpus'] > 1)}"
+    where = " (CPU stage, at one GPU's rate)" if host else f" on {stage['gpus']} GPU{'s' * (stage['gpus'] > 1)}"
     memory = (
-        f"{gb(stage['memory_per_gpu_bytes'])} GB"
-        + (" host" if host else "")
+        output.size(stage["memory_per_gpu_bytes"])
+        + (" host" if host else " per GPU")
         + (" (does not fit)" if stage["fits"] is False else "")
     )
-    disk = ", ".join(f"{k} {gb(b)}" for k, b in stage["disk_bytes"].items() if b)
-    return (
-        stage["stage"],
-        f"{stage['flops']:.3g}",
-        _hours(stage["gpu_hours"]),
-        f"{_hours(stage['wall_hours'])} {where}",
-        memory,
-        f"{disk} GB" if disk else "0 GB",
-    )
+    disk = ", ".join(f"{k} {output.size(b)}" for k, b in stage["disk_bytes"].items() if b)
+    return [
+        ("FLOPs", f"{stage['flops']:.3g}"),
+        ("GPU time", output.duration(stage["gpu_hours"])),
+        ("wall time", output.duration(stage["wall_hours"]) + where),
+        ("memory", memory),
+        ("disk", disk or "0 B"),
+    ]
 
 
-def describe_total(totals: dict) -> tuple[str, ...]:
+def describe_total(totals: dict) -> list[tuple[str, str]]:
     peak = totals["memory_per_gpu_bytes"]
-    return (
-        "total",
-        f"{totals['flops']:.3g}",
-        _hours(totals["gpu_hours"]),
-        _hours(totals["wall_hours"]),
-        "-" if peak is None else f"{gb(peak)} GB peak",
-        f"{gb(totals['disk_bytes'])} GB",
-    )
+    return [
+        ("FLOPs", f"{totals['flops']:.3g}"),
+        ("GPU time", output.duration(totals["gpu_hours"])),
+        ("wall time", output.duration(totals["wall_hours"])),
+        ("memory", "-" if peak is None else f"{output.size(peak)} per GPU at the peak"),
+        ("disk", output.size(totals["disk_bytes"])),
+    ]
