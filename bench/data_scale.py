@@ -122,7 +122,7 @@ def child(config: str, corpus: str, store: str, seq_len: int, batch: int) -> dic
 
 def _status(field: str) -> int:
     """A memory field of /proc/self/status in bytes (VmRSS now, VmHWM the peak since the last reset)."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
     return int(line.split()[1]) * 1024
 
 

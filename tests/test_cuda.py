@@ -26,7 +26,9 @@ tiny_dirs = test_loop.tiny_dirs  # the tiny teacher / second teacher / student o
 
 
 def to_cuda(h, w, teachers, labels, mask, dtype=torch.float32):
-    move = lambda x: x.detach().to("cuda", dtype).requires_grad_()
+    def move(x):
+        return x.detach().to("cuda", dtype).requires_grad_()
+
     return (
         move(h),
         move(w),
