@@ -9,14 +9,14 @@ own launch (``python`` for 1 process, ``torchrun --nproc_per_node 2`` for 2, one
 is per process. Rounds interleave the configurations on this shared machine; ratios are taken within a round and
 the median over rounds is reported.
 
-Targets (issue 15): capture >= 0.9 x the plain forward's tokens/s (extraction <= 10% overhead); 2 processes >= 1.8 x
+Targets: capture >= 0.9 x the plain forward's tokens/s (extraction <= 10% overhead); 2 processes >= 1.8 x
 one. Cost grows linearly with tokens (each block is read, run and written once; the manifest grows by one record
 per shard of ``shard_tokens``) and is independent of the corpus size in memory (a process holds one batch of
 logits chunks and one shard of targets at a time).
 
     python bench/capture_scale.py [--tokens 16384] [--seq-len 256] [--batch-size 4] [--rounds 3] [--json F] [--dry]
 
-On a GPU (issue 15), the same at V = 128,256: a random teacher of Llama-3.2-1B's shape (whelp/configs), in bf16, one
+On a GPU, the same at V = 128,256: a random teacher of Llama-3.2-1B's shape (whelp/configs), in bf16, one
 process on the one GPU, the peak GPU memory beside the RSS (scripts/gpu_checks.sh runs it). Its blocks are random
 ids under a word-level tokenizer of the teacher's whole vocabulary (``synthetic``), so top-k and sampling run over
 all 128,256 logits and nothing has to be carried to the machine:

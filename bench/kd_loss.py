@@ -5,7 +5,7 @@ it takes one teacher, so two teachers call it twice). Every configuration runs i
 memory is the growth of the peak RSS (VmHWM, reset after warm-up) over the RSS once the inputs exist (so W.grad
 and all loss temporaries count, the inputs do not). One timed run per configuration after a short warm-up on 64 tokens.
 
-    python bench/kd_loss.py                          # the shapes (V=128256, Hs=2048, Ht=4096)
+    python bench/kd_loss.py                          # Llama-3 1B student, 8B teacher (V=128256, Hs=2048, Ht=4096)
     python bench/kd_loss.py --hs 256 --ht 512        # same V and N, 8x fewer matmul FLOPs
 
 Appends a table to bench/RESULTS.md and ends by printing one JSON line for the largest N with one teacher.
