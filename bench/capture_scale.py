@@ -9,14 +9,14 @@ own launch (``python`` for 1 process, ``torchrun --nproc_per_node 2`` for 2, one
 is per process. Rounds interleave the configurations on this shared machine; ratios are taken within a round and
 the median over rounds is reported.
 
-Targets (issue 15): capture >= 0.9 x the plain forward's tokens/s (extraction <= 10% overhead); 2 processes >= 1.8 x
+Targets: capture >= 0.9 x the plain forward's tokens/s (extraction <= 10% overhead); 2 processes >= 1.8 x
 one. Cost grows linearly with tokens (each block is read, run and written once; the manifest grows by one record
 per shard of ``shard_tokens``) and is independent of the corpus size in memory (a process holds one batch of
 logits chunks and one shard of targets at a time).
 
     python bench/capture_scale.py [--tokens 16384] [--seq-len 256] [--batch-size 4] [--rounds 3] [--json F] [--dry]
 
-On a GPU (issue 15), the same at V = 128,256: a random teacher of Llama-3.2-1B's shape (whelp/configs), in bf16, one
+On a GPU, the same at V = 128,256: a random teacher of Llama-3.2-1B's shape (whelp/configs), in bf16, one
 process on the one GPU, the peak GPU memory beside the RSS (scripts/gpu_checks.sh runs it). Its blocks are random
 ids under a word-level tokenizer of the teacher's whole vocabulary (``synthetic``), so top-k and sampling run over
 all 128,256 logits and nothing has to be carried to the machine:
@@ -111,7 +111,7 @@ def worker(config: str, out: Path, args) -> None:
             for start in starts:
                 mine = start + world.rank * args.batch_size
                 ids = blocks[torch.arange(mine, min(mine + args.batch_size, len(blocks)))].to(world.device)
-                model(input_ids=ids).logits
+                model(input_ids=ids)
                 parallel.barrier(world)
                 mark(min(world.size * args.batch_size, len(blocks) - start))
     else:
@@ -201,16 +201,26 @@ def report(results: dict) -> str:
     procs = [int(n) for n in a["procs"]]
     keys = ("tokens_per_s", "steady_tokens_per_s")
 
-    def median(fn):
-        return statistics.median(fn(r) for r in rounds)
+    def median(fn, *args):
+        return statistics.median(fn(r, *args) for r in rounds)
 
     def rate(fn) -> str:  # tokens/s: whole run (steady state)
-        whole, steady = (median(lambda r: fn(r, k)) for k in keys)
+        whole, steady = (median(fn, k) for k in keys)
         return f"{whole:,.0f} ({steady:,.0f})"
 
     def ratio(fn) -> str:
-        whole, steady = (median(lambda r: fn(r, k)) for k in keys)
+        whole, steady = (median(fn, k) for k in keys)
         return f"{whole:.2f}x ({steady:.2f}x)"
+
+    def row(c: str) -> str:
+        cells = [rate(lambda r, k, n=n: r[f"{c}@{n}"][k]) for n in procs]
+        if procs == [1, 2]:
+            cells.append(ratio(lambda r, k: r[f"{c}@2"][k] / r[f"{c}@1"][k]))
+        cells += [ratio(lambda r, k, n=n: r[f"{c}@{n}"][k] / r[f"forward@{n}"][k]) for n in procs]
+        cells.append(" / ".join(f"{median(lambda r, n=n: max(r[f'{c}@{n}']['peak_rss_mib'])):,.0f}" for n in procs))
+        if gpu:
+            cells.append(" / ".join(f"{median(lambda r, n=n: r[f'{c}@{n}']['peak_gpu_mib']):,.0f}" for n in procs))
+        return f"| {c} | " + " | ".join(cells) + " |"
 
     vocab, gpu = rounds[0][f"forward@{procs[0]}"]["vocab_size"], a["device"] == "cuda"
     teacher = "demo teacher" if a["teacher"] == "demo" else f"a random {a['teacher']}-shaped teacher"
@@ -235,15 +245,7 @@ def report(results: dict) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    for c in CONFIGS:
-        cells = [rate(lambda r, k, n=n: r[f"{c}@{n}"][k]) for n in procs]
-        if procs == [1, 2]:
-            cells.append(ratio(lambda r, k: r[f"{c}@2"][k] / r[f"{c}@1"][k]))
-        cells += [ratio(lambda r, k, n=n: r[f"{c}@{n}"][k] / r[f"forward@{n}"][k]) for n in procs]
-        cells.append(" / ".join(f"{median(lambda r, n=n: max(r[f'{c}@{n}']['peak_rss_mib'])):,.0f}" for n in procs))
-        if gpu:
-            cells.append(" / ".join(f"{median(lambda r, n=n: r[f'{c}@{n}']['peak_gpu_mib']):,.0f}" for n in procs))
-        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines += [row(c) for c in CONFIGS]
     return "\n".join(lines) + "\n"
 
 

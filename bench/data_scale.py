@@ -13,7 +13,7 @@ paragraph-group per document). Side by side, each configuration in its own proce
 Cost grows linearly with the corpus for tokenizing (once) and not at all for start-up: the reader maps the shards
 and keeps 8 bytes per block (the shuffled block order) plus one window of mixture state, so its memory grows by
 8 bytes per ``seq_len`` tokens (0.6 MiB from 20M to 200M tokens at seq_len 512) while the in-memory path holds
-~40 bytes per token. Targets (issue 12): tokenization >= 1.8x faster on 2 workers than on 1; the reader's peak
+~40 bytes per token. Targets: tokenization >= 1.8x faster on 2 workers than on 1; the reader's peak
 RSS grows <= 64 MiB from 20M to 200M tokens; time to the first batch <= 2 s on either size; 2 bytes/token.
 
     python bench/data_scale.py [--sizes 20 200] [--skip-memory-above 20] [--work DIR]
@@ -122,7 +122,7 @@ def child(config: str, corpus: str, store: str, seq_len: int, batch: int) -> dic
 
 def _status(field: str) -> int:
     """A memory field of /proc/self/status in bytes (VmRSS now, VmHWM the peak since the last reset)."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
     return int(line.split()[1]) * 1024
 
 
@@ -195,7 +195,7 @@ def report(results: list[dict], args) -> None:
         )
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     text = (
-        f"\n## Data at scale: token stores (issue 12)\n\n`python bench/data_scale.py --sizes {' '.join(map(str, args.sizes))}`"
+        f"\n## Data at scale: token stores\n\n`python bench/data_scale.py --sizes {' '.join(map(str, args.sizes))}`"
         f" on {platform.machine()} with {os.cpu_count()} cores, {when}; seq_len {args.seq_len}, first batch of "
         f"{args.batch} blocks; each row its own process.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n"
     )

@@ -5,7 +5,7 @@ it takes one teacher, so two teachers call it twice). Every configuration runs i
 memory is the growth of the peak RSS (VmHWM, reset after warm-up) over the RSS once the inputs exist (so W.grad
 and all loss temporaries count, the inputs do not). One timed run per configuration after a short warm-up on 64 tokens.
 
-    python bench/kd_loss.py                          # the issue's shapes (V=128256, Hs=2048, Ht=4096)
+    python bench/kd_loss.py                          # Llama-3 1B student, 8B teacher (V=128256, Hs=2048, Ht=4096)
     python bench/kd_loss.py --hs 256 --ht 512        # same V and N, 8x fewer matmul FLOPs
 
 Appends a table to bench/RESULTS.md and ends by printing one JSON line for the largest N with one teacher.
@@ -107,6 +107,24 @@ def run_child(impl, n, n_teachers, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _row(n: int, t: int, by: dict) -> str:
+    """One table row from ``by``, the results of one (N, teachers) group by implementation."""
+
+    def cell(impl, key):
+        return str(by[impl].get(key, by[impl].get("error", "-"))) if impl in by else "-"
+
+    def ratio(key):
+        if key in by.get("fused", {}) and key in by.get("naive", {}):
+            return f"{by['fused'][key] / by['naive'][key]:.2f}"
+        return "-"
+
+    return (
+        f"| {n} | {t} | {cell('naive', 's')} | {cell('fused', 's')} | {cell('liger', 's')} | "
+        f"{cell('naive', 'peak_mb')} | {cell('fused', 'peak_mb')} | {cell('liger', 'peak_mb')} | "
+        f"{ratio('s')} | {ratio('peak_mb')} |"
+    )
+
+
 def report(rows: list[dict], args) -> str:
     lines = [
         f"\n## KD loss forward+backward ({datetime.date.today()}, {platform.node()}, "
@@ -117,20 +135,9 @@ def report(rows: list[dict], args) -> str:
         "| fused/naive mem |",
         "|" + "---|" * 10,
     ]
-    groups = sorted({(r["n"], r["teachers"]) for r in rows})
-    for n, t in groups:
+    for n, t in sorted({(r["n"], r["teachers"]) for r in rows}):
         by = {r["impl"]: r for r in rows if (r["n"], r["teachers"]) == (n, t)}
-        cell = lambda impl, key: str(by[impl].get(key, by[impl].get("error", "-"))) if impl in by else "-"
-        ratio = lambda key: (
-            f"{by['fused'][key] / by['naive'][key]:.2f}"
-            if key in by.get("fused", {}) and key in by.get("naive", {})
-            else "-"
-        )
-        lines.append(
-            f"| {n} | {t} | {cell('naive', 's')} | {cell('fused', 's')} | {cell('liger', 's')} | "
-            f"{cell('naive', 'peak_mb')} | {cell('fused', 'peak_mb')} | {cell('liger', 'peak_mb')} | "
-            f"{ratio('s')} | {ratio('peak_mb')} |"
-        )
+        lines.append(_row(n, t, by))
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +174,10 @@ def main():
             f.write(text)
     n = max(args.n)
     by = {r["impl"]: r for r in rows if r["n"] == n and r["teachers"] == 1}
-    get = lambda impl, key: by.get(impl, {}).get(key)
+
+    def get(impl, key):
+        return by.get(impl, {}).get(key)
+
     print(
         json.dumps(
             {

@@ -5,7 +5,7 @@ blocks, same optimizer, each configuration a full ``whelp.distillation.loop.dist
 process (so its peak RSS is its own). The teacher forward (to its logits, as a teacher is used) is
 timed alone on the same blocks. The machine is shared, so the four configurations run in ``--rounds``
 interleaved rounds; ratios are taken within a round and the median over rounds is reported.
-Targets (issue 5): live KD step <= 1.15 x (CE step + teacher forward); cached KD step <= 1.10 x CE step.
+Targets: live KD step <= 1.15 x (CE step + teacher forward); cached KD step <= 1.10 x CE step.
 
     python bench/kd_step.py [--steps 6] [--batch-size 2] [--seq-len 256] [--dtype auto] [--rounds 3]
 """

@@ -14,7 +14,7 @@ it already exists (it is written to a temporary sibling and renamed, so an inter
 regenerated). The
 prune runs as ``whelp prune ... --stream`` in a child process; its peak resident memory is the
 child's ``ru_maxrss`` from ``os.wait4`` (Linux reports KiB), and a poller samples /proc meanwhile
-so the report also says when the peak happened. Target from issue 3: peak RSS <= 4 GiB.
+so the report also says when the peak happened. Target: peak RSS <= 4 GiB.
 
     python bench/prune_scale.py [--ckpt /tmp/whelp-llama8b-random] [--keep]
 
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = Path("/work/shared/configs/llama-3.1-8b.json")
+CONFIG = ROOT / "whelp" / "configs" / "llama-3.1-8b.json"  # the shipped reference config
 GIB = 1024**3
 
 

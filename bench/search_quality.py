@@ -6,7 +6,7 @@ On the demo teacher (SmolLM2-135M) at 50% of its non-embedding parameters (exact
 32 pydoc:calib blocks) and distilled with the demo recipe's distillation budget (32 steps of 8 x 256 tokens, lr
 4e-4, warmup 4, forward KL + 0.5 CE) on the same pydoc:train tokens, then scored by perplexity on pydoc:eval (the
 training domain, held out) and on general English that nothing here trains on: the built-in ``licenses`` corpus
-and vim's user manual (when present). Target (issue 16): the winner is the best or within 2% of the best on both.
+and vim's user manual (when present). Target: the winner is the best or within 2% of the best on both.
 Also reported: Spearman of one-shot vs post-training rank (within the search, and over the four shapes), and the
 search's cost against K x (S-step distillation) + one calibration.
 

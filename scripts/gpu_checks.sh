@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15's GPU checks, as one prepared run on a lent GPU machine (the device tool's `run`, in the repo root):
+# The GPU checks, as one prepared run on a machine with an NVIDIA GPU (from the repository root):
 #
 #   bash scripts/gpu_checks.sh          # about 5 minutes on one H200; logs and results under $OUT
 #

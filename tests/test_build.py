@@ -93,7 +93,7 @@ def hidden(root: Path) -> list[str]:
 
 
 def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp_path):
-    """Issue 18, case 1: Ctrl-C in the distil stage of a changed recipe, then the same command again."""
+    """Ctrl-C in the distil stage of a changed recipe, then the same command again."""
     out = tmp_path / "changed"
     shutil.copytree(finished, out, symlinks=True)
     changed = ("--set", "distill.0.lr=0.005")

@@ -26,7 +26,9 @@ tiny_dirs = test_loop.tiny_dirs  # the tiny teacher / second teacher / student o
 
 
 def to_cuda(h, w, teachers, labels, mask, dtype=torch.float32):
-    move = lambda x: x.detach().to("cuda", dtype).requires_grad_()
+    def move(x):
+        return x.detach().to("cuda", dtype).requires_grad_()
+
     return (
         move(h),
         move(w),
@@ -126,8 +128,9 @@ def test_distill_on_cuda_in_bf16_follows_the_cpu_fp32_losses(tiny_dirs, tmp_path
 
 @pytest.mark.parametrize("name", ["jsd", "forward_kl"])
 def test_bf16_gradient_error_of_the_fused_loss(name):
-    """Liger issue #1432 reports 4-23% gradient error for its fused JSD in bf16. whelp's fused loss keeps the softmax
-    math in fp32 over bf16 matmuls; its relative gradient error against fp32 is printed and bounded at 1%."""
+    """Liger-Kernel's GitHub issue #1432 reports 4-23% gradient error for its fused JSD in bf16. whelp's fused loss
+    keeps the softmax math in fp32 over bf16 matmuls; its relative gradient error against fp32 is printed and
+    bounded at 1%."""
     h, w, teachers, labels, mask = make()
     spec = LossSpec(name=name, chunk_size=6)
     ref = naive_loss(h, w, [t.hidden @ t.weight.T for t in teachers], (0.5, 0.5), spec, labels, mask)

@@ -218,7 +218,7 @@ def test_every_family_loads_in_transformers_4(families, version, tmp_path):
 
 @pytest.mark.demo
 def test_pruned_demo_loads_in_transformers_4(demo_dir, tmp_path):
-    """The issue's case: a student of the demo teacher (RoPE base 100,000) under the last 4.x."""
+    """The case 4.x got silently wrong: a student of the demo teacher (RoPE base 100,000) under the last 4.x."""
     out = tmp_path / "demo+tok"
     result = run_cli(
         "prune", str(demo_dir), "--target", "smollm2-quarter", "--importance", "magnitude", "--out", str(out)

@@ -17,7 +17,10 @@ N, HS, HT, V = 21, 16, 24, 300
 
 def naive_divergence(name: str, s: torch.Tensor, t: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """Per-token divergence from full log-probs [n, V] with torch.nn.functional: [n]."""
-    kl = lambda logp, logq: F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)  # KL(p || q)
+
+    def kl(logp, logq):
+        return F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)  # KL(p || q)
+
     if name == "forward_kl":
         return kl(t, s)
     if name == "reverse_kl":
@@ -314,16 +317,22 @@ def test_closed_form_gradient_equals_fp64_autograd(spec):
         targets += [LiveTarget(torch.randn(9, HT, generator=g), torch.randn(V, HT, generator=g)) for _ in range(2)]
     weights = torch.linspace(0.2, 1.0, len(targets))
     got = closed_form_chunk(z.clone(), targets, weights, spec, labels, True)
-    as64 = lambda x: None if x is None else x.double()
+
+    def as64(x):
+        return None if x is None else x.double()
+
     every_id = torch.arange(V).expand(9, V)  # a live teacher as its exact dense distribution, in fp64
-    dense64 = lambda t: SparseTarget(
-        "topk",
-        every_id,
-        spec.temperature,
-        V,
-        logp=F.log_softmax(t.hidden.double() @ t.weight.double().T / spec.temperature, -1),
-        tail=torch.zeros(9, dtype=torch.float64),
-    )
+
+    def dense64(t):
+        return SparseTarget(
+            "topk",
+            every_id,
+            spec.temperature,
+            V,
+            logp=F.log_softmax(t.hidden.double() @ t.weight.double().T / spec.temperature, -1),
+            tail=torch.zeros(9, dtype=torch.float64),
+        )
+
     targets64 = [
         dense64(t)
         if isinstance(t, LiveTarget)

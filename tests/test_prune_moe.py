@@ -78,16 +78,21 @@ def test_pruned_checkpoint_loads_in_stock_transformers_and_config_matches_tensor
     assert torch.isfinite(logits(loaded.eval(), IDS)).all()
 
 
+def router_inputs(model, block, ids: torch.Tensor) -> torch.Tensor:
+    """What ``block``'s router sees when ``model`` runs on ``ids``: [tokens, 64]."""
+    captured = []
+    handle = block.gate.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, 64)))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    return captured[0]
+
+
 def kill_experts(model, dead: list[int], ids: torch.Tensor) -> None:
     """Make ``dead`` experts of every MoE layer unreachable on ``ids``: their router rows give logit -1000 for
     every token there (solved layer by layer on the router inputs, fewer tokens than hidden channels)."""
-    for index, block in moe.moe_blocks(model).items():
-        captured = []
-        handle = block.gate.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, 64)))
-        with torch.no_grad():
-            model(input_ids=ids)
-        handle.remove()
-        x = captured[0].double()
+    for block in moe.moe_blocks(model).values():
+        x = router_inputs(model, block, ids).double()
         u = torch.linalg.pinv(x) @ torch.ones(len(x), dtype=torch.double)  # x @ u == 1 for every token
         with torch.no_grad():
             block.gate.weight[dead] = (-1000 * u).float()

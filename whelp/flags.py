@@ -13,7 +13,7 @@ import functools
 import inspect
 import types
 import typing
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 import typer
 
@@ -23,7 +23,7 @@ def _cli_type(tp):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return Optional[_cli_type(inner[0])]
+        return _cli_type(inner[0]) | None
     if origin is Literal or hasattr(tp, "parse"):
         return str
     if origin in (tuple, list):
@@ -45,7 +45,7 @@ def _fields(cls, prefix: str = ""):
 
 def _option(name: str, f, tp) -> inspect.Parameter:
     flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
-    if _cli_type(tp) in (bool, Optional[bool]):
+    if _cli_type(tp) in (bool, bool | None):
         flag = f"{flag}/--no-{flag[2:]}"  # --stream / --no-stream: an unset Optional[bool] keeps its None
     default = f.default
     if f.metadata.get("cli") == "csv":

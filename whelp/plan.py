@@ -107,7 +107,7 @@ def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data"
     sources = [source for source, _ in parse_mixture(spec)]
     for source in sources:
         if source != GENERATED:  # the build's generate stage makes that one
-            _at(where, lambda: check_data(source))
+            _at(where, check_data, source)
     available = None if GENERATED in sources else available_tokens(spec, tokenizer)
     per_token = 2 if vocab <= 1 << 16 else 4
     return {
@@ -152,10 +152,10 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
     }, target
 
 
-def _at(where: str, check):
-    """``check()``, whose WhelpError names the recipe key ``where``."""
+def _at(where: str, check, *args):
+    """``check(*args)``, whose WhelpError names the recipe key ``where``."""
     try:
-        return check()
+        return check(*args)
     except WhelpError as exc:
         raise WhelpError(f"{where}: {exc}") from None
 
@@ -299,7 +299,7 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     for key in ("calib", "eval_data"):
         for source, _ in parse_mixture(getattr(spec, key)):
             if source != GENERATED:
-                _at(f"{where}.{key}", lambda: check_data(source))
+                _at(f"{where}.{key}", check_data, source)
     cost, shape = planned["cost"], dict(planned["largest"])
     data = data_plan(
         spec.data, cost["distillation_tokens_per_candidate"], config.vocab_size, tokenizer, f"{where}.data"
@@ -414,7 +414,7 @@ def _check_eval(recipe: Recipe) -> None:
     from whelp.evals.harness import check_include_paths, check_task_names
 
     for i, source in enumerate(recipe.eval.ppl):
-        _at(f"recipe.eval.ppl[{i}]", lambda: check_data(source))
+        _at(f"recipe.eval.ppl[{i}]", check_data, source)
     _at("recipe.eval.include_paths", lambda: check_include_paths(recipe.eval.include_paths))
     if recipe.eval.tasks:
         _at("recipe.eval.tasks", lambda: check_task_names(recipe.eval.tasks, recipe.eval.include_paths))

@@ -13,7 +13,7 @@ With x = z / T the student's tempered logits, s = log_softmax(x) and p = exp(s):
 
 That is an exp pass and a few multiply-adds over [c, V] where autograd over log_softmax, the divergence and
 their backward takes a dozen, and it keeps two [c, V] fp32 tensors alive instead of about eight: a cached KD
-step costs what a CE step does, and a live one what CE plus the teacher forward does (issue 5's targets). Other
+step costs what a CE step does, and a live one what CE plus the teacher forward does (bench/kd_step.py measures both). Other
 divergences with live teachers go through autograd (``losses.chunk_terms``). Values match that reference and a
 fp64 one (tests/test_losses.py). CE uses the untempered logits, so at T != 1 its softmax is a second pass.
 """

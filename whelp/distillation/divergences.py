@@ -115,7 +115,9 @@ class SparseTarget:
     entropy: Tensor | None = None  # sample: fp32 [N]
 
     def rows(self, index) -> SparseTarget:
-        pick = lambda x: None if x is None else x[index]
+        def pick(x):
+            return None if x is None else x[index]
+
         return SparseTarget(
             self.mode,
             self.ids[index],
