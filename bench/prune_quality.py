@@ -33,7 +33,8 @@ from whelp.models import count_params, load_model, shape
 from whelp.pruning.arch import family_of
 from whelp.pruning.generic import apply_generic, generic_scores, select_generic
 from whelp.pruning.importance import calibrate, select
-from whelp.pruning.surgery import prune_model, target_config
+from whelp.pruning.surgery import prune_model, prune_moe_model, target_config
+from whelp.pruning.targets import moe_config
 
 SHAPES = {
     "mlp 50%": {"intermediate_size": 768},
@@ -194,9 +195,9 @@ def moe_main(args) -> None:
     for method in MOE_METHODS:
         scores = moe.calibrate_experts(model, calib, method, batch_size=8)
         keep = moe.select_experts(scores, model.config, shape)
-        rows[method] = ppl(moe.prune_moe_model(model, keep, moe.moe_config(model.config, shape)))
+        rows[method] = ppl(prune_moe_model(model, keep, moe_config(model.config, shape)))
         print(f"moe {method:10s} {rows[method]:10.2f}", file=sys.stderr)
-    params = moe.count_moe_params(moe.moe_config(model.config, shape))
+    total, _, active = count_params(moe_config(model.config, shape), active=True)
     lines = ["| expert score | held-out ppl at 8/16 experts |", "|---|---|"]
     lines += [f"| {'REAP (activation)' if m == 'activation' else m} | {v:.2f} |" for m, v in rows.items()]
     text = "\n".join(
@@ -207,7 +208,7 @@ def moe_main(args) -> None:
             f"{torch.get_num_threads()} threads). A Qwen3-MoE of 4 layers, hidden 128, 16 experts of FFN 128, top-2 "
             f"(renormalized), trained {args.moe_steps} steps of 16 x {args.seq_len} tokens of pydoc:train from random "
             f"init (1024-token BPE, load-balancing loss 0.01), teacher ppl {base:.2f}; pruned one-shot to 8 experts per "
-            f"layer ({params['params'] / 1e6:.2f}M params, {params['active_params'] / 1e6:.2f}M active), no training after. "
+            f"layer ({total / 1e6:.2f}M params, {active / 1e6:.2f}M active), no training after. "
             f"Calibration: {args.calib_blocks} blocks of pydoc:train. Wall time {(time.time() - start) / 60:.1f} min.\n",
             *lines,
             "",

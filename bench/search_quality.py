@@ -33,9 +33,9 @@ WORK = Path(__file__).resolve().parent / "results" / "search_quality"
 
 
 def shapes(search: dict, teacher_cfg, spec) -> dict[str, dict]:
-    from whelp.pruning import space
-    from whelp.pruning.budget import parse_budget
     from whelp.pruning.targets import PRESETS
+    from whelp.search import space
+    from whelp.search.budget import parse_budget
 
     counter = space.Counter(teacher_cfg)
     budget = parse_budget(spec.budget, counter.teacher, counter, spec.context)
@@ -123,10 +123,10 @@ def main() -> None:
 
     from whelp.data import stream_tokens
     from whelp.models import load_config, load_model
-    from whelp.pruning import space
-    from whelp.pruning.search import search_run
     from whelp.pruning.targets import PRESETS
     from whelp.registry import registered_dir
+    from whelp.search import space
+    from whelp.search.run import search_run
     from whelp.specs import SearchSpec
 
     WORK.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def test_a_rerun_does_nothing_and_a_changed_search_reruns_it_and_what_follows(bu
 
 
 def test_plan_shows_the_search_row_and_estimates_what_follows(built, monkeypatch):
-    from whelp.pruning.search import plan_search
+    from whelp.search.run import plan_search
 
     root, _ = built
     loaded = recipe.load(str(root / "searched.yaml"))

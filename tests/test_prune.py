@@ -19,6 +19,7 @@ from whelp.errors import WhelpError
 from whelp.pruning import arch, importance, surgery
 from whelp.pruning import scores as saved
 from whelp.pruning.api import prune_checkpoint
+from whelp.pruning.keep import Keep, head_dim_of, identity_keep, rope_exact_dims
 from whelp.specs import PruneSpec
 
 FAMILIES = tuple(f for f, row in arch.FAMILIES.items() if not row.experts_key)  # MoE rows: test_prune_moe.py
@@ -39,7 +40,7 @@ def pruned(model, keep, rope=None):
 
 
 def with_keep(model, **axes):
-    return surgery.Keep(**{**surgery.identity_keep(model.config).__dict__, **axes})
+    return Keep(**{**identity_keep(model.config).__dict__, **axes})
 
 
 def complement(n, kept):
@@ -66,7 +67,7 @@ def test_noop_prune_reproduces_logits_exactly(family):
 )
 def test_pruning_heads_groups_and_neurons_equals_zeroing_them(family):
     model = tiny_model(family, hidden_size=96, num_attention_heads=6, num_key_value_heads=3, intermediate_size=96)
-    d = surgery.head_dim_of(model.config)
+    d = head_dim_of(model.config)
     kv_heads = (torch.tensor([0, 2]), torch.tensor([1, 2]))  # drop one KV group (with its 2 query heads)
     q_heads = (torch.tensor([[1], [0]]), torch.tensor([[0], [1]]))  # one query head per kept group
     mlp = (torch.tensor([3, 7, 50, 90]), torch.arange(0, 96, 24))
@@ -85,7 +86,7 @@ def test_pruning_heads_groups_and_neurons_equals_zeroing_them(family):
 def test_rope_exact_head_dim_equals_attention_restricted_to_kept_dims(family, rope):
     overrides = {"rope_parameters": rope} if rope else {}
     model = tiny_model(family, **overrides)
-    d, kept = 16, surgery.rope_exact_dims(16, 4)  # s = 4: pairs 0, 4 -> frequencies of pairs 0, 1 of d' = 4
+    d, kept = 16, rope_exact_dims(16, 4)  # s = 4: pairs 0, 4 -> frequencies of pairs 0, 1 of d' = 4
     restricted = copy.deepcopy(model)
     with torch.no_grad():
         for layer in restricted.model.layers:
@@ -101,14 +102,14 @@ def test_rope_exact_head_dim_equals_attention_restricted_to_kept_dims(family, ro
 
 def test_qwen3_head_dim_scale_goes_into_q_norm():
     model = tiny_model("qwen3")
-    small = pruned(model, with_keep(model, head_dims=surgery.rope_exact_dims(16, 8)))
+    small = pruned(model, with_keep(model, head_dims=rope_exact_dims(16, 8)))
     for big, little in zip(model.model.layers, small.model.layers):
-        expected = big.self_attn.q_norm.weight[surgery.rope_exact_dims(16, 8)] * math.sqrt(8 / 16)
+        expected = big.self_attn.q_norm.weight[rope_exact_dims(16, 8)] * math.sqrt(8 / 16)
         torch.testing.assert_close(little.self_attn.q_norm.weight, expected)
         torch.testing.assert_close(
             little.self_attn.q_proj.weight,
             big.self_attn.q_proj.weight[
-                surgery.q_rows(torch.arange(2), torch.arange(2).repeat(2, 1), 2, surgery.rope_exact_dims(16, 8), 16)
+                surgery.q_rows(torch.arange(2), torch.arange(2).repeat(2, 1), 2, rope_exact_dims(16, 8), 16)
             ],
         )
 
@@ -122,9 +123,9 @@ def test_dropping_a_layer_equals_skipping_it_and_matches_skip_loss():
         with_keep(
             model,
             layers=(0, 2),
-            mlp=surgery.identity_keep(model.config).mlp[:2],
-            kv_heads=surgery.identity_keep(model.config).kv_heads[:2],
-            q_heads=surgery.identity_keep(model.config).q_heads[:2],
+            mlp=identity_keep(model.config).mlp[:2],
+            kv_heads=identity_keep(model.config).kv_heads[:2],
+            q_heads=identity_keep(model.config).q_heads[:2],
         ),
     )
     torch.testing.assert_close(logits(small, IDS), logits(skipped, IDS), rtol=1e-5, atol=1e-5)
@@ -211,7 +212,7 @@ def test_checkpoint_loads_in_stock_transformers_with_identical_logits(family, tm
     report = prune_checkpoint(str(tmp_path / "teacher"), ALL_AXES, tmp_path / "out", spec)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     kept = report["kept"]
-    keep = surgery.Keep(
+    keep = Keep(
         layers=tuple(kept["layers"]),
         hidden=torch.tensor(kept["hidden"]),
         mlp=tuple(map(torch.tensor, kept["mlp"])),

@@ -20,6 +20,7 @@ from whelp import models
 from whelp.errors import WhelpError
 from whelp.pruning import arch, importance, moe, shards, streaming, surgery
 from whelp.pruning.api import prune
+from whelp.pruning.keep import Keep, identity_keep, rope_exact_dims
 from whelp.pruning.targets import parse_target
 
 ROWS = ("granite", "olmo2", "gemma", "gemma2", "gemma3_text", "phi3")
@@ -55,7 +56,7 @@ def teacher(family, **extra):
 
 
 def with_keep(model, **axes):
-    return surgery.Keep(**{**surgery.identity_keep(model.config).__dict__, **axes})
+    return Keep(**{**identity_keep(model.config).__dict__, **axes})
 
 
 def pruned(model, keep):
@@ -128,7 +129,7 @@ def test_each_axis_loads_in_stock_transformers_with_a_config_that_matches_its_te
 def zeroed_equivalents(model):
     """``{axis: (keep, zeroed teacher)}`` for every axis where removing units equals zeroing them in the teacher
     (of a 3-layer teacher; MLP neurons where it has dense MLPs: an MoE's sparse layers leave their entries unused)."""
-    ident = surgery.identity_keep(model.config)
+    ident = identity_keep(model.config)
     d, n_rep = 16, 2
     out = {}
     mlp = (torch.tensor([3, 7, 50, 90]), torch.arange(0, 128, 32), torch.tensor([1, 5, 9, 100]))
@@ -160,7 +161,7 @@ def zeroed_equivalents(model):
         with_keep(model, layers=(0, 2), mlp=ident.mlp[:2], kv_heads=ident.kv_heads[:2], q_heads=ident.q_heads[:2]),
         skipped,
     )
-    dims = surgery.rope_exact_dims(d, 4)
+    dims = rope_exact_dims(d, 4)
     restricted = copy.deepcopy(model)
     with torch.no_grad():
         for layer in restricted.model.layers:
@@ -193,7 +194,7 @@ def test_olmo2_q_and_k_norms_follow_the_q_and_kv_rows():
         model,
         kv_heads=tuple(torch.tensor([1]) for _ in range(3)),
         q_heads=tuple(torch.tensor([[0]]) for _ in range(3)),
-        head_dims=surgery.rope_exact_dims(16, 8),
+        head_dims=rope_exact_dims(16, 8),
     )
     small = pruned(model, keep)
     rows_q = surgery.q_rows(torch.tensor([1]), torch.tensor([[0]]), 2, keep.head_dims, 16)
@@ -236,7 +237,7 @@ def test_phi3_fused_projections_are_sliced_as_blocks():
     model = teacher("phi3")
     mlp = tuple(torch.tensor([2, 9, 40, 127]) for _ in range(3))
     kv, q = tuple(torch.tensor([1]) for _ in range(3)), tuple(torch.tensor([[0]]) for _ in range(3))
-    dims = surgery.rope_exact_dims(16, 8)
+    dims = rope_exact_dims(16, 8)
     small = pruned(model, with_keep(model, mlp=mlp, kv_heads=kv, q_heads=q, head_dims=dims))
     big, little = model.model.layers[0], small.model.layers[0]
     rows_q = surgery.q_rows(kv[0], q[0], 2, dims, 16)
@@ -285,7 +286,7 @@ def test_head_dim_is_refused_alike_by_plan_and_prune_without_full_rotary(tmp_pat
 
 def test_granite_head_dim_keeps_its_attention_multiplier_and_q_rows():
     model = teacher("granite")
-    dims = surgery.rope_exact_dims(16, 8)
+    dims = rope_exact_dims(16, 8)
     small = pruned(model, with_keep(model, head_dims=dims))
     rows = surgery.q_rows(torch.arange(2), torch.arange(2).repeat(2, 1), 2, dims, 16)
     assert small.config.attention_multiplier == 0.3 and small.config.head_dim == 8

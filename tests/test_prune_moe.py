@@ -17,7 +17,9 @@ from whelp.errors import WhelpError
 from whelp.pruning import moe
 from whelp.pruning import scores as saved
 from whelp.pruning.api import prune, prune_checkpoint
-from whelp.pruning.targets import parse_target
+from whelp.pruning.keep import identity_keep
+from whelp.pruning.surgery import prune_moe_model
+from whelp.pruning.targets import moe_config, parse_target
 from whelp.specs import PruneSpec
 
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -199,7 +201,7 @@ def test_shrinking_expert_ffns_equals_zeroing_the_dropped_neurons(family):
     ffn = {i: torch.sort(torch.rand(8, 32, generator=gen).argsort(dim=1)[:, :12], dim=1).values for i in blocks}
     keep = moe.ExpertKeep(experts={i: torch.arange(8) for i in blocks}, ffn=ffn)
     shape = {**moe.moe_shape(model.config), moe.MOE_FAMILIES[family].ffn_key: 12}
-    small = moe.prune_moe_model(model, keep, moe.moe_config(model.config, shape))
+    small = prune_moe_model(model, keep, moe_config(model.config, shape))
     zeroed = tiny_model(family, **MOE[family])
     with torch.no_grad():
         for i, block in moe.moe_blocks(zeroed).items():
@@ -225,18 +227,18 @@ def test_a_recipe_plan_prunes_the_experts_of_an_moe_teacher(tmp_path):
     result = run_cli("plan", str(tmp_path / "recipe.yaml"), "--json")
     assert result.exit_code == 0, result.stderr
     planned = json.loads(result.stdout)
-    target = moe.moe_config(
+    target = moe_config(
         tiny_model("mixtral", **MOE["mixtral"]).config,
         {**moe.moe_shape(tiny_model("mixtral", **MOE["mixtral"]).config), "num_local_experts": 4},
     )
     assert planned["stages"][0]["shape"]["num_local_experts"] == planned["student"]["num_local_experts"] == 4
-    assert planned["student"]["params"] == moe.count_moe_params(target)["params"]
+    assert planned["student"]["params"] == models.count_params(target, active=True)[0]
     # FLOPs are priced at the parameters a token runs through: the top-2 of 4 experts, not all of them
-    active = moe.count_moe_params(target)["active_params"]
+    active = models.count_params(target, active=True)[2]
     assert planned["student"]["active_params"] == active < planned["student"]["params"]
     distill = next(stage for stage in planned["stages"] if stage["kind"] == "distill")
     assert distill["flops_per_token"]["student_train"] == 6 * active
-    teacher_active = moe.count_moe_params(tiny_model("mixtral", **MOE["mixtral"]).config)["active_params"]
+    teacher_active = models.count_params(tiny_model("mixtral", **MOE["mixtral"]).config, active=True)[2]
     assert distill["flops_per_token"]["live_teachers"] == 2 * teacher_active
 
 
@@ -328,7 +330,7 @@ def test_dense_layers_follow_the_kept_layers_whatever_the_sparse_step():
         "qwen2_moe", **{**MOE["qwen2_moe"], "num_hidden_layers": 4, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
     )
     assert [hasattr(layer.mlp, "experts") for layer in model.model.layers] == [False, True, False, False]
-    ident = surgery.identity_keep(model.config)
+    ident = identity_keep(model.config)
     keep = replace(ident, layers=(1, 2, 3), mlp=ident.mlp[1:], kv_heads=ident.kv_heads[1:], q_heads=ident.q_heads[1:])
     cfg = surgery.target_config(model.config, keep)
     assert (cfg.mlp_only_layers, cfg.decoder_sparse_step) == ([1, 2], 1)

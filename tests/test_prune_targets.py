@@ -14,7 +14,8 @@ from whelp import models
 from whelp.cli import app
 from whelp.errors import WhelpError
 from whelp.models import CONFIGS_DIR
-from whelp.pruning.surgery import rope_exact_dims, target_config
+from whelp.pruning.keep import rope_exact_dims
+from whelp.pruning.surgery import target_config
 from whelp.pruning.targets import PRESETS, first_keep, parse_target, plan_target
 
 

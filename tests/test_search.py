@@ -10,8 +10,8 @@ from conftest import run_cli, save_tiny, tiny_tokenizer
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.pruning import search as search_mod
-from whelp.pruning.search import search_run
+from whelp.search import run as search_mod
+from whelp.search.run import search_run
 from whelp.specs import SearchSpec
 
 SPEC = SearchSpec(

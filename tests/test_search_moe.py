@@ -1,4 +1,4 @@
-"""``whelp search`` over an MoE teacher's experts (whelp/pruning/space.py): the closed-form count against stock
+"""``whelp search`` over an MoE teacher's experts (whelp/search/space.py): the closed-form count against stock
 transformers' models, enumeration against brute force, refusals, and a whole search on a tiny Mixtral."""
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ import json
 import pytest
 from conftest import run_cli, save_tiny, tiny_config, tiny_tokenizer
 
+from whelp import models
 from whelp.errors import WhelpError
-from whelp.pruning import moe, space, targets
-from whelp.pruning.budget import Budget, parse_budget
-from whelp.pruning.space import Counter
+from whelp.pruning import moe, targets
+from whelp.search import space
+from whelp.search.budget import Budget, parse_budget
+from whelp.search.space import Counter
 
 MOE = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
@@ -22,19 +24,14 @@ AXES = ("layers", "hidden", "mlp", "experts")
 
 
 def brute_force(cfg, multiple: int) -> dict[tuple, tuple[int, int]]:
-    """Every shape of the grid over AXES, sized by building its pruned config's model (moe.count_moe_params)."""
+    """Every shape of the grid over AXES, sized by building its pruned config's model (models.count_params)."""
     counter = Counter(cfg)
     teacher, keys = counter.teacher, counter.keys
     values = space.axis_values(teacher, AXES, multiple, keys)
     sizes = {}
     for layers, hidden, mlp, experts in itertools.product(*(values[a] for a in AXES)):
         shape = {**teacher, keys["layers"]: layers, keys["hidden"]: hidden, keys["mlp"]: mlp, keys["experts"]: experts}
-        counts = moe.count_moe_params(moe.moe_config(cfg, shape))
-        sizes[(layers, hidden, mlp, experts)] = (
-            counts["params"],
-            counts["non_embedding_params"],
-            counts["active_params"],
-        )
+        sizes[(layers, hidden, mlp, experts)] = models.count_params(targets.moe_config(cfg, shape), active=True)
     return sizes
 
 
@@ -93,7 +90,7 @@ def test_experts_axis_and_active_budget_on_a_dense_teacher_are_refused_in_one_li
 def test_an_active_budget_is_a_percentage_of_the_teachers_active_params():
     cfg = tiny_config("mixtral", **MOE["mixtral"])
     counter = Counter(cfg)
-    active = moe.count_moe_params(cfg)["active_params"]
+    active = models.count_params(cfg, active=True)[2]
     assert counter.active(counter.teacher) == active < counter.params(counter.teacher)[0]
     assert parse_budget("active=50%", counter.teacher, counter) == Budget(active=active // 2)
 
@@ -116,7 +113,7 @@ def test_uneven_moe_layers_are_refused_in_one_line():
 def test_a_search_over_experts_picks_a_winner_that_loads_in_stock_transformers(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from whelp.pruning.search import search_run
+    from whelp.search.run import search_run
     from whelp.specs import SearchSpec
 
     monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))

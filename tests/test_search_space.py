@@ -1,4 +1,4 @@
-"""whelp.pruning.space: exact closed-form counts, the budget grammar, and enumeration checked against brute force."""
+"""whelp.search.space: exact closed-form counts, the budget grammar, and enumeration checked against brute force."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from conftest import tiny_config
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.pruning import arch, space, surgery, targets
-from whelp.pruning.budget import Budget, parse_budget
-from whelp.pruning.space import Counter
+from whelp.pruning import arch, surgery, targets
+from whelp.search import space
+from whelp.search.budget import Budget, parse_budget
+from whelp.search.space import Counter
 from whelp.specs import SEARCH_AXES
 
 DENSE_AXES = tuple(a for a in SEARCH_AXES if a != "experts")  # experts: tests/test_search_moe.py

@@ -41,6 +41,8 @@ _VERBS = {
     "evaluate_to": ("whelp.evals.api", "evaluate_to"),
     "cache_teacher": ("whelp.distillation.api", "cache_teacher"),
     "generate_store": ("whelp.data.generate", "generate_store"),
+    # not "search": that name is the subpackage whelp.search, which importing it binds on this module
+    "search_run": ("whelp.search.run", "search_run"),
 }
 
 __all__ = [

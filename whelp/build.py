@@ -95,7 +95,7 @@ def _generate_stage(recipe: Recipe, key_in: str, policy: LoadPolicy) -> Stage:
 
 def _search_stage(recipe: Recipe, key_in: str, n: int, gen: Generated, policy: LoadPolicy) -> Stage:
     """``whelp search`` from the teacher into the stage directory; its ``target.json`` is prune[0]'s target."""
-    from whelp.pruning.search import search_run
+    from whelp.search.run import search_run
 
     spec, teacher = recipe.search(), recipe.teacher.model
     data = [gen.identity(getattr(spec, name)) for name in SEARCH_DATA]

@@ -342,7 +342,7 @@ def search(
     """Find the best student shape for a budget: enumerate, prune a pool one-shot, distil the best K, rank."""
     from pathlib import Path
 
-    from whelp.pruning.search import search_run
+    from whelp.search.run import search_run
 
     result = search_run(teacher, spec, Path(out), force=force, dry_run=dry_run, policy=_policy())
     if as_json:

@@ -277,12 +277,16 @@ def check_positions(config, tokens: int, what: str) -> None:
         )
 
 
-def count_params(config, policy: LoadPolicy = LoadPolicy()) -> tuple[int, int]:
-    """``(total, non_embedding)`` parameters of the model a config describes, without any weights.
+def count_params(config, policy: LoadPolicy = LoadPolicy(), active: bool = False) -> tuple[int, ...]:
+    """``(total, non_embedding)`` parameters of the model a config describes, without any weights; with ``active``,
+    ``(total, non_embedding, active)``: the parameters one token runs through, i.e. all but the experts a
+    mixture-of-experts router leaves out (E - k of each MoE layer, k = ``num_experts_per_tok``; the total for a
+    dense model), which FLOPs are priced at.
 
     The model is built on the meta device, so the count is exact for every architecture
     transformers knows (biases, q/k norms, ...) and costs no memory; a tied lm_head is counted
     once. Non-embedding excludes the token embedding and an untied lm_head (Kaplan et al. 2020).
+    Experts are found as transformers 5 holds them: a module's ``experts`` with fused ``gate_up_proj`` [E, 2I, H].
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -291,7 +295,16 @@ def count_params(config, policy: LoadPolicy = LoadPolicy()) -> tuple[int, int]:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=policy.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     embedding = {id(p): p.numel() for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
-    return total, total - sum(embedding.values())
+    if not active:
+        return total, total - sum(embedding.values())
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    idle = 0
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, torch.nn.Module) and hasattr(experts, "gate_up_proj"):
+            n = experts.gate_up_proj.shape[0]
+            idle += (n - text.num_experts_per_tok) * (sum(p.numel() for p in experts.parameters()) // n)
+    return total, total - sum(embedding.values()), total - idle
 
 
 def kv_cache_name(fn) -> str:

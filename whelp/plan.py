@@ -9,7 +9,7 @@ And per stage the data: tokens it needs, tokens its sources hold (when their tok
 directory, or the store a raw source was tokenized into) and the resulting epochs, and the store's bytes on disk
 (2 bytes per token at vocab <= 65,536, else 4).
 A prune target that is a shape search (``target: {search: ...}``) plans a search stage (the shapes it enumerates,
-its one-shot pool and its cost, ``whelp.pruning.search.plan_search``); the winner is known only once it ran, so
+its one-shot pool and its cost, ``whelp.search.run.plan_search``); the winner is known only once it ran, so
 the stages after it are planned at the largest shape the search may pick, an upper bound marked ``estimate``.
 """
 
@@ -68,8 +68,7 @@ def _sized(config, name: str) -> dict:
     from whelp.pruning import moe
 
     if moe.moe_family_of(config) is not None:  # one meta build counts all three
-        counts = moe.count_moe_params(config)
-        total, non_embedding, active = counts["params"], counts["non_embedding_params"], counts["active_params"]
+        total, non_embedding, active = models.count_params(config, active=True)
     else:
         (total, non_embedding), active = models.count_params(config), None
     return {
@@ -289,9 +288,9 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     memory of distilling its largest shape from the fp32 teacher (an upper bound), its disk (the K candidates and the
     winner, at the largest shape), and the largest shape it may pick."""
     from whelp.data import check_data
-    from whelp.pruning.search import plan_search
     from whelp.pruning.surgery import target_config
     from whelp.pruning.targets import first_keep
+    from whelp.search.run import plan_search
 
     spec, where, config = recipe.search(), "recipe.prune[0].target.search", teacher["config"]
     planned = _at(where, lambda: plan_search(config, spec))

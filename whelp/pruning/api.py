@@ -21,33 +21,49 @@ import torch.nn.functional as F
 from whelp import data, models, store
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.pruning import arch, importance, moe, surgery
+from whelp.pruning import arch, generic, importance, moe, streaming, surgery
 from whelp.pruning import scores as saved
+from whelp.pruning.keep import Keep, text_config
 from whelp.pruning.targets import Target, parse_target, target_rope
 from whelp.specs import TIE, LoadPolicy, PruneSpec
 
 REPORT_FILE = "prune_report.json"
 
 
-def _calibrate(model, family, tokens, spec: PruneSpec, scores: dict | None) -> dict:
-    """Scores of the spec's method; ``layers.loss`` added when the layer importance asks for it."""
+def calibrate_scores(model, family, tokens, spec: PruneSpec, scores: dict | None) -> dict:
+    """Scores of the spec's method (``scores``, when given, are reused); ``layers.loss`` added when the layer
+    importance asks for it. Shared with whelp search's one calibration pass."""
     if scores is None:
         with Progress(f"calibrating ({spec.importance})", len(tokens)) as bar:
             scores = importance.calibrate(
                 model, family, tokens, spec.importance, spec.batch_size, bar.advance, spec.seed
             )
     if spec.layer_importance == "loss" and "layers.loss" not in scores:
-        with Progress("layer skip losses", surgery.text_config(model.config).num_hidden_layers) as bar:
+        with Progress("layer skip losses", text_config(model.config).num_hidden_layers) as bar:
             scores = {**scores, "layers.loss": importance.skip_losses(model, tokens, spec.batch_size, bar.advance)}
     return scores
 
 
 @torch.no_grad()
-def kl_to_teacher(teacher, student, tokens: torch.Tensor) -> float:
-    """Mean per-token KL(teacher || student) in nats on ``tokens`` [B, T]."""
-    log_t = F.log_softmax(teacher(input_ids=tokens).logits.float(), dim=-1)
-    log_s = F.log_softmax(student(input_ids=tokens).logits.float(), dim=-1)
-    return float(F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1).mean())
+def log_probs(model, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """fp32 log-probs [n, L, V] of ``model`` on ``blocks`` [n, L] of token ids, ``batch_size`` blocks a forward."""
+    return torch.cat(
+        [
+            F.log_softmax(model(input_ids=blocks[i : i + batch_size]).logits.float(), -1)
+            for i in range(0, len(blocks), batch_size)
+        ]
+    )
+
+
+def kl_to_teacher(teacher_logp: torch.Tensor, model, blocks: torch.Tensor, batch_size: int) -> dict:
+    """How far ``model`` is from its teacher on ``blocks`` [n, L]: ``kl``, the mean KL(teacher || model) in nats per
+    token, and ``ppl``, the model's perplexity of the next tokens. ``teacher_logp`` [n, L, V] is ``log_probs`` of
+    the teacher on the same blocks, computed once for every candidate it is compared with (tie inits, a search's
+    pool)."""
+    logp = log_probs(model.eval(), blocks, batch_size)
+    kl = F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+    nll = F.nll_loss(logp[:, :-1].flatten(0, 1), blocks[:, 1:].flatten())
+    return {"kl": float(kl), "ppl": float(nll.exp())}
 
 
 def tie_kls(teacher, pruned, keep, family, tokens: torch.Tensor) -> dict[str, float]:
@@ -58,14 +74,15 @@ def tie_kls(teacher, pruned, keep, family, tokens: torch.Tensor) -> dict[str, fl
         sliced.update(surgery.slice_tensor(name, state[name], keep, family, teacher.config, pruned.config))
     kls = {}
     weight = pruned.get_input_embeddings().weight
+    teacher_logp = log_probs(teacher, tokens, len(tokens))
     for how in TIE + (keep.tie,):  # the last pass restores the chosen init
         weight.data.copy_(surgery.tie_embeddings(sliced[family.embed], sliced[family.lm_head], how))
         if how not in kls:
-            kls[how] = kl_to_teacher(teacher, pruned, tokens)
+            kls[how] = kl_to_teacher(teacher_logp, pruned, tokens, len(tokens))["kl"]
     return kls
 
 
-def kept_report(keep: surgery.Keep) -> dict:
+def kept_report(keep: Keep) -> dict:
     experts = {} if keep.experts is None else moe.kept_report(keep.experts)
     return {
         "layers": list(keep.layers),
@@ -99,8 +116,6 @@ def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores:
     """``(pruned, scores, kept, details)``; ``model`` is left as it was."""
     family = arch.family_of(model.config)
     if family is None:
-        from whelp.pruning import generic
-
         pruned, keep = generic.prune_generic(copy.deepcopy(model), target.shape, spec.importance, tokens, spec.seed)
         kept = {
             "hidden": keep.hidden.tolist(),
@@ -110,7 +125,7 @@ def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores:
         return pruned, None, kept, {"path": "generic", "tie": None, "rope": "teacher"}
     timings = {}
     t = time.perf_counter()
-    scores = _calibrate(model, family, tokens, spec, scores)
+    scores = calibrate_scores(model, family, tokens, spec, scores)
     timings["calibrate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     keep = importance.select(scores, model.config, target.shape, spec.layer_importance, spec.tie)
@@ -180,8 +195,6 @@ def prune_checkpoint(
             "drop --stream to width-prune it in memory through torch-pruning"
         )
     if family is None:
-        from whelp.pruning import generic
-
         generic.require(source_cfg.model_type)
     if spec.scores:
         saved.check_scores_file(Path(spec.scores).expanduser())
@@ -232,8 +245,6 @@ def prune_checkpoint(
 
 
 def _should_stream(source_dir: Path) -> bool:
-    from whelp.pruning import streaming
-
     return streaming.should_stream(source_dir, torch.float32)
 
 
@@ -250,11 +261,9 @@ def _prune_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timin
 
 
 def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timings, policy):
-    from whelp.pruning import streaming
-
     t = time.perf_counter()
     config = models.load_config(str(source_dir), policy)
-    with Progress(f"streaming calibration ({spec.importance})", surgery.text_config(config).num_hidden_layers) as bar:
+    with Progress(f"streaming calibration ({spec.importance})", text_config(config).num_hidden_layers) as bar:
         keep, _, scores = streaming.prune_streaming(
             source_dir,
             out,

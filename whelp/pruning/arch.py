@@ -86,6 +86,9 @@ AXES = {
     "num_experts": "experts",
 }
 _EXACT = frozenset(AXES) - {"hidden_size", "num_experts"}
+# all the generic path (generic.py: torch-pruning, for models outside FAMILIES) changes; here beside the table it
+# completes, so the table and the target rules read it without importing the optional torch-pruning path
+WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -252,8 +255,6 @@ def families_table() -> str:
     zeroing the removed units, "yes" where the axis prunes without that equivalence, "-" where it does not prune
     (the experts of a dense family); last the generic path (generic.py) that serves every other decoder
     torch-pruning can trace."""
-    from whelp.pruning.generic import WIDTH_KEYS
-
     head = "| family | " + " | ".join(AXES.values()) + " | notes |"
     lines = [head, "|" + "---|" * (len(AXES) + 2)]
     for name, family in FAMILIES.items():

@@ -16,19 +16,21 @@ Importance: ``activation`` (Minitron, arXiv:2407.14679, as in importance.py), ``
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+from transformers.pytorch_utils import Conv1D
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.pruning.importance import batches, head_outputs, minitron_sq, top_indices
+from whelp.pruning.importance import batches, head_outputs, minitron_sq
+from whelp.pruning.keep import top_indices
+from whelp.pruning.targets import check_target, generic_config
 from whelp.specs import IMPORTANCE
-
-WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads")  # all the generic path changes
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def build_graph(model):
     """torch-pruning's DependencyGraph of ``model`` (traced on 8 dummy tokens, no KV cache); its Conv1D layers
     become the equivalent nn.Linear first (``linearize_``: the same function); WhelpError if tracing fails."""
     require(model.config.model_type)
-    import torch_pruning as tp
+    import torch_pruning as tp  # noqa: PLC0415 - optional extra whelp[generic], needed only by this path
 
     linearize_(model)
     # no KV cache: its concatenations (GPT-2's) have no channels torch-pruning can size, and pruning needs none
@@ -111,8 +113,6 @@ def linearize_(model):
     """Swap transformers' ``Conv1D`` (GPT-2 and its kin: y = x @ W + b, W [in, out]), whose channels torch-pruning
     1.6 cannot follow, for the equivalent ``nn.Linear`` (W^T) in place: the same function, traceable.
     ``apply_generic`` transposes them back into the pruned model's Conv1D."""
-    from transformers.pytorch_utils import Conv1D
-
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Conv1D):
@@ -134,7 +134,7 @@ def linearize_(model):
 def find_blocks(model, graph) -> tuple[Block, ...]:
     """Per decoder layer (of the ModuleList of ``num_hidden_layers`` modules): the MLP (1-2 row-coupled linears
     read by one linear writing the residual stream) and attention (q/k/v read by o)."""
-    import torch_pruning as tp
+    import torch_pruning as tp  # noqa: PLC0415 - optional extra whelp[generic], needed only by this path
 
     def coupled(linear):  # linears whose output rows / input columns go with output row 0 of ``linear``
         group = [
@@ -216,7 +216,7 @@ def activation_scores(model, blocks, calib_tokens: torch.Tensor, batch_size: int
 def weight_scores(model, graph, blocks, method: str, calib_tokens: torch.Tensor | None, batch_size: int = 4) -> Scores:
     """torch-pruning's group importance (L2 magnitude or Taylor) of hidden channels and MLP neurons; query heads
     by the sum of w^2 (or |w * grad|) of their q rows and o columns."""
-    import torch_pruning as tp
+    import torch_pruning as tp  # noqa: PLC0415 - optional extra whelp[generic], needed only by this path
 
     if method == "taylor":
         model.zero_grad()
@@ -288,58 +288,6 @@ def select_heads(scores: torch.Tensor, n_kv: int, keep: int) -> torch.Tensor:
     return torch.cat([top_indices(s, keep // n_kv) + g * group for g, s in enumerate(scores.view(n_kv, group))])
 
 
-def generic_config(config, shape: dict):
-    """The HF config of a generic prune of ``config`` to ``shape``; each width goes to the first of its key and its
-    ``models.SHAPE_ALIASES`` the config sets (OPT: ffn_dim); implicit KV heads stay implicit."""
-    new = copy.deepcopy(config)
-    text, old = new.get_text_config(), models.shape(config)
-    if getattr(text, "word_embed_proj_dim", None) == text.hidden_size:  # OPT: no projection when equal
-        text.word_embed_proj_dim = shape["hidden_size"]
-    for key in WIDTH_KEYS + ("num_key_value_heads",):
-        keys = (key,) + models.SHAPE_ALIASES.get(key, ())
-        name = next((k for k in keys if getattr(text, k, None) is not None), None)
-        if name is None and key == "intermediate_size":  # GPT-2's n_inner=None (4 x hidden) becomes explicit
-            name = next((k for k in keys if k in text.to_dict()), None)
-        if shape[key] != old[key] and name is not None:
-            setattr(text, name, shape[key])
-    return new
-
-
-def check_target(config, target: dict) -> dict:
-    """The full shape (``models.shape`` keys) of a generic prune of ``config`` to ``target`` (any subset; under MHA
-    KV heads follow query heads); WhelpError for an axis it cannot change or a shape the config cannot express."""
-    source = models.shape(config)
-    mha = source["num_key_value_heads"] == source["num_attention_heads"]
-    want = {**source, **{k: v for k, v in target.items() if v is not None}}
-    follow = {"num_key_value_heads": want["num_attention_heads"]} if mha else {}  # MHA: KV heads follow query heads
-    if mha and want["num_key_value_heads"] == source["num_key_value_heads"]:
-        want.update(follow)
-    if other := {k: v for k, v in want.items() if k not in WIDTH_KEYS and v != {**source, **follow}.get(k)}:
-        raise WhelpError(
-            f"cannot prune {', '.join(f'{k}={v}' for k, v in other.items())}: {config.model_type} is "
-            f"outside whelp's family table; its generic pruning path changes only {', '.join(WIDTH_KEYS)}"
-            f"{' (num_key_value_heads follows num_attention_heads)' if follow else ''}; drop it"
-        )
-    for key in WIDTH_KEYS:
-        if not isinstance(want[key], int) or not 1 <= want[key] <= source[key]:
-            raise WhelpError(f"{key}={want[key]} must be in [1, {source[key]}] (the source's width)")
-    got = models.shape(new := generic_config(config, want))
-    if bad := [f"{k}={got[k]} (not {want[k]})" for k in models.SHAPE_KEYS if got[k] != want[k]]:
-        raise WhelpError(
-            f"{config.model_type} cannot express this pruned shape: its config would give "
-            f"{', '.join(bad)} (it ties that width to others, e.g. head_dim = hidden_size / "
-            "num_attention_heads); prune fewer axes"
-        )
-    try:  # transformers validates configs on load (e.g. hidden_size % num_attention_heads == 0)
-        type(new).from_dict(new.to_dict())
-    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises a validation error per rule
-        raise WhelpError(
-            f"the pruned {config.model_type} config would not load back: "
-            f"{str(exc).splitlines()[-1].strip()}; choose widths that satisfy it"
-        ) from None
-    return want
-
-
 def select_generic(scores: Scores, config, target: dict) -> GenericKeep:
     """Kept indices of a width target (``check_target``) from the scores of the source (of ``config``)."""
     source, want = models.shape(config), check_target(config, target)
@@ -367,9 +315,6 @@ def _dropped(n: int, kept: torch.Tensor) -> list[int]:
 def apply_generic(model, keep: GenericKeep, graph=None):
     """Prune ``model`` in place to ``keep``; returns a fresh model of the new config holding its weights (strict
     load, re-tied embeddings). ``graph``: ``build_graph(model)`` if already built."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
     source = models.shape(model.config)
     n_heads, head_dim = source["num_attention_heads"], source["head_dim"]
     want = check_target(
@@ -381,7 +326,7 @@ def apply_generic(model, keep: GenericKeep, graph=None):
         },
     )
     graph = graph or build_graph(model)
-    import torch_pruning as tp
+    import torch_pruning as tp  # noqa: PLC0415 - optional extra whelp[generic], needed only by this path
 
     blocks = find_blocks(model, graph)
     for block, kept in zip(blocks, keep.mlp):
@@ -397,8 +342,6 @@ def apply_generic(model, keep: GenericKeep, graph=None):
     config = generic_config(model.config, want)
     with no_init_weights():  # every parameter is overwritten below
         pruned = AutoModelForCausalLM.from_config(config, dtype=model.dtype).to(model.device)
-    from transformers.pytorch_utils import Conv1D
-
     state, linears = model.state_dict(), dict(model.named_modules())
     for name, module in pruned.named_modules():  # Conv1D traced as nn.Linear (linearize_): W^T back
         if isinstance(module, Conv1D) and isinstance(linears.get(name), nn.Linear):

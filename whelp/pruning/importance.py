@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from whelp.errors import WhelpError
+from whelp.pruning import moe
 from whelp.pruning.arch import Family, axes_of
-from whelp.pruning.surgery import Keep, head_dim_of, rope_exact_dims, text_config
+from whelp.pruning.keep import Keep, head_dim_of, rope_exact_dims, text_config, top_indices
 from whelp.specs import IMPORTANCE
 
 SCORES_VERSION = 3  # part of every saved score's identity; bumped when a definition changes (2: heads after o_proj;
@@ -78,8 +79,6 @@ def attach(layer, family: Family, head_dim: int, stats: dict, index: int) -> lis
             )
         )
     if family.experts_key and hasattr(layer.mlp, "experts"):
-        from whelp.pruning import moe
-
         handles += moe.attach_experts({index: layer.mlp}, stats)
     for norm in family.norms:
         handles.append(
@@ -124,8 +123,6 @@ def calibrate(
     if method not in IMPORTANCE:
         raise WhelpError(f"unknown importance '{method}'; choose one of {', '.join(IMPORTANCE)}")
     if family.experts_key:  # before the pass, not after it
-        from whelp.pruning import moe
-
         moe.check_method(method, f"{family.name} (MoE)")
     cfg = text_config(model.config)
     stats: dict = {}
@@ -148,8 +145,6 @@ def calibrate(
             h.remove()
     scores = finish(stats, len(layers))
     if family.experts_key:
-        from whelp.pruning import moe
-
         scores.update(moe.expert_scores({**stats, **moe.expert_magnitudes(moe.moe_blocks(model))}, method, seed))
     if method == "activation":
         return scores
@@ -220,12 +215,6 @@ def skip_losses(model, tokens: Tensor, batch_size: int = 4, progress: Callable[[
     return torch.stack(increases).cpu()
 
 
-def top_indices(scores: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` largest scores, ascending (ties broken by the lower index)."""
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
-    return torch.sort(order[:k]).values
-
-
 def select(
     scores: dict[str, Tensor], source_cfg, shape: dict, layer_method: str = "block", tie: str | None = None
 ) -> Keep:
@@ -237,8 +226,6 @@ def select(
     An MoE layer has no dense MLP to slice: its ``mlp`` entry is the first neurons (unused), and its experts
     are chosen by moe.select_experts.
     """
-    from whelp.pruning import moe
-
     cfg = text_config(source_cfg)
     key = f"layers.{layer_method}"
     if key not in scores:

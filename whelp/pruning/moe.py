@@ -26,7 +26,7 @@ negligible router mass). ``num_experts_per_tok`` may be lowered, never raised.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,24 +35,20 @@ from torch import Tensor
 from whelp import models
 from whelp.errors import WhelpError
 from whelp.pruning.arch import FAMILIES, Family
-from whelp.pruning.importance import top_indices
+from whelp.pruning.keep import text_config, top_indices
 
 EXPERT_KEYS = ("num_local_experts", "num_experts")  # both spellings are accepted on the command line
 METHODS = ("activation", "magnitude", "random", "frequency")  # frequency: a baseline of calibrate_experts only
 MOE_FAMILIES = {name: family for name, family in FAMILIES.items() if family.experts_key}
 
 
-def _text(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def moe_family_of(config) -> Family | None:
-    return MOE_FAMILIES.get(_text(config).model_type)
+    return MOE_FAMILIES.get(text_config(config).model_type)
 
 
 def moe_shape(config) -> dict:
     """``models.shape`` plus the expert axes under the family's HF names (and ``num_experts_per_tok``)."""
-    family, cfg = moe_family_of(config), _text(config)
+    family, cfg = moe_family_of(config), text_config(config)
     return {
         **models.shape(cfg),
         family.experts_key: getattr(cfg, family.experts_key),
@@ -69,7 +65,7 @@ def shape_of(config) -> dict:
 def is_sparse(config, layer: int) -> bool:
     """Whether decoder layer ``layer`` is an MoE block (Qwen: not in ``mlp_only_layers`` and on the
     ``decoder_sparse_step``), as the families' decoder layers decide it."""
-    cfg = _text(config)
+    cfg = text_config(config)
     step = getattr(cfg, "decoder_sparse_step", 1) or 1
     return layer not in (getattr(cfg, "mlp_only_layers", None) or []) and (layer + 1) % step == 0
 
@@ -218,7 +214,7 @@ def select_experts(
 ) -> ExpertKeep:
     """The experts (and FFN neurons) of the highest scores, the same count in every MoE layer (of ``kept_layers``,
     source indices, when given)."""
-    family, cfg = moe_family_of(source_cfg), _text(source_cfg)
+    family, cfg = moe_family_of(source_cfg), text_config(source_cfg)
     n, width = shape[family.experts_key], shape[family.ffn_key]
     layers = sorted(int(k.split(".")[1]) for k in scores if k.startswith("experts.") and k.count(".") == 1)
     if not layers and any(is_sparse(cfg, i) for i in range(cfg.num_hidden_layers)):
@@ -238,7 +234,7 @@ def select_experts(
 
 def first_experts(source_cfg, shape: dict) -> ExpertKeep:
     """The ExpertKeep of ``shape`` taking the first experts and neurons: for configs and counts without scores."""
-    family, cfg = moe_family_of(source_cfg), _text(source_cfg)
+    family, cfg = moe_family_of(source_cfg), text_config(source_cfg)
     n, width = shape[family.experts_key], shape[family.ffn_key]
     layers = [i for i in range(cfg.num_hidden_layers) if is_sparse(cfg, i)]
     ffn = None if width == getattr(cfg, family.ffn_key) else {i: torch.arange(width).repeat(n, 1) for i in layers}
@@ -267,7 +263,7 @@ def expert_config(cfg, keep: ExpertKeep | None, layers: tuple[int, ...], source_
     """Set the expert axes of the target config ``cfg`` (in place) from ``keep`` (None: the teacher's), and where
     source ``layers`` were dropped, say which kept layers are dense as the decoder reads it: ``mlp_only_layers``
     (target indices) with ``decoder_sparse_step`` 1, since a step pattern rarely survives dropped layers."""
-    family, source = moe_family_of(source_cfg), _text(source_cfg)
+    family, source = moe_family_of(source_cfg), text_config(source_cfg)
     if keep is not None:
         count = keep.count if keep.count is not None else len(next(iter(keep.experts.values())))
         width = (
@@ -283,22 +279,6 @@ def expert_config(cfg, keep: ExpertKeep | None, layers: tuple[int, ...], source_
         cfg.decoder_sparse_step = 1
 
 
-def moe_config(source_cfg, shape: dict):
-    """The target HF config of an MoE ``shape`` (targets.first_keep's, as ``whelp plan`` counts it)."""
-    from whelp.pruning.surgery import target_config
-    from whelp.pruning.targets import first_keep
-
-    return target_config(source_cfg, first_keep(source_cfg, shape))
-
-
-def prune_moe_model(model, keep: ExpertKeep, target_cfg):
-    """A new model of ``target_cfg`` holding ``model``'s kept experts, every dense axis whole (strict load)."""
-    from whelp.pruning import surgery
-
-    full = replace(surgery.identity_keep(model.config), experts=keep)
-    return surgery.prune_model(model, full, moe_family_of(model.config), target_cfg)
-
-
 def kept_report(keep: ExpertKeep) -> dict:
     return {
         "experts": {str(k): v.tolist() for k, v in keep.experts.items()},
@@ -308,7 +288,7 @@ def kept_report(keep: ExpertKeep) -> dict:
 
 def check_spec(source_cfg, spec) -> None:
     """Refuse, before any weights load, what expert pruning does not do."""
-    check_method(spec.importance, f"{_text(source_cfg).model_type} (MoE)")
+    check_method(spec.importance, f"{text_config(source_cfg).model_type} (MoE)")
 
 
 def check_method(method: str, who: str = "MoE") -> None:
@@ -342,21 +322,3 @@ def validate_moe(source: dict, shape: dict, family: Family) -> None:
             f"needs at least {k} experts per layer; keep {k}..{source[family.experts_key]} experts or "
             f"also lower num_experts_per_tok"
         )
-
-
-def count_moe_params(config) -> dict:
-    """Total, non-embedding and active parameters (per token: every parameter but the experts its router does not
-    pick, i.e. E - k experts of each MoE layer) of the model ``config`` describes, on the meta device."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = _text(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    total = sum(p.numel() for p in model.parameters())
-    embedding = {id(p): p.numel() for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
-    idle = 0
-    for block in moe_blocks(model).values():
-        n = block.experts.gate_up_proj.shape[0]
-        per_expert = sum(p.numel() for p in block.experts.parameters()) // n
-        idle += (n - cfg.num_experts_per_tok) * per_expert
-    return {"params": total, "non_embedding_params": total - sum(embedding.values()), "active_params": total - idle}

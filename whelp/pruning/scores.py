@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from whelp import store
 from whelp.errors import WhelpError
@@ -35,8 +37,6 @@ def cache_path(meta: dict) -> Path:
 
 def check_scores_file(path: Path) -> None:
     """Refuse a ``--scores`` path that is not a readable safetensors file, before any model is loaded."""
-    from safetensors import SafetensorError, safe_open
-
     if not path.is_file():
         raise WhelpError(f"scores file {path} does not exist; drop --scores to calibrate")
     try:
@@ -51,8 +51,6 @@ def check_scores_file(path: Path) -> None:
 
 def load_scores(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     """Scores saved by ``save_scores``; WhelpError if they came from another teacher, data or method."""
-    from safetensors import safe_open
-
     check_scores_file(path)
     with safe_open(str(path), "pt") as f:
         saved = f.metadata() or {}
@@ -73,6 +71,4 @@ def load_scores(path: Path, meta: dict) -> dict[str, torch.Tensor]:
 
 def save_scores(path: Path, scores: dict[str, torch.Tensor], meta: dict) -> None:
     """Scores + metadata (calibration fingerprint, method, teacher) as one safetensors file, written atomically."""
-    from safetensors.torch import save
-
     store.write_bytes(path, save({k: v.contiguous() for k, v in scores.items()}, {k: str(v) for k, v in meta.items()}))

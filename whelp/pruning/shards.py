@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from whelp.errors import WhelpError
@@ -56,8 +58,6 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
     single = model_dir / SINGLE
     if not single.exists():
         raise WhelpError(f"{model_dir} has neither {INDEX} nor {SINGLE}: streaming needs safetensors weights")
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(single), framework="pt") as f:
             return {name: single for name in f.keys()}
@@ -67,8 +67,6 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
 
 def read_tensor(shards: dict[str, Path], name: str) -> Tensor:
     """One tensor from its shard, opening the shard for this read only (see the module docstring)."""
-    from safetensors import SafetensorError, safe_open
-
     if name not in shards:
         raise WhelpError(
             f"tensor '{name}' is not in the checkpoint's weight map; the checkpoint is incomplete "
@@ -91,8 +89,6 @@ def read_tensor(shards: dict[str, Path], name: str) -> Tensor:
 
 def embed_rows(shards: dict[str, Path], name: str, ids: Tensor, dtype: torch.dtype) -> Tensor:
     """``embedding[ids]`` [*ids.shape, H] in ``dtype``, reading the [V, H] matrix EMBED_CHUNK_ROWS rows at a time."""
-    from safetensors import safe_open
-
     flat = ids.reshape(-1)
     with safe_open(str(shards[name]), framework="pt") as f:
         view = f.get_slice(name)
@@ -113,8 +109,6 @@ def embed_rows(shards: dict[str, Path], name: str, ids: Tensor, dtype: torch.dty
 def write_shards(tensors: Iterable[tuple[str, Tensor]], out_dir: Path, shard_bytes: int) -> list[str]:
     """Write ``(name, tensor)`` pairs into safetensors shards of at most ``shard_bytes`` (one
     oversized tensor gets a shard of its own), HF names and index; returns the file names."""
-    from safetensors.torch import save_file
-
     parts: list[dict[str, str]] = []
     shard: dict[str, Tensor] = {}
     size = total = 0

@@ -19,21 +19,26 @@ Tensors are read and shards written one tensor at a time by shards.py.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from transformers import AutoModelForCausalLM
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
-from whelp.models import load_config, stored_dtype
+from whelp.models import kv_cache_name, load_config, stored_dtype
 from whelp.pruning import moe_layout
 from whelp.pruning.arch import SQRT_HIDDEN, family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
+from whelp.pruning.keep import head_dim_of, text_config
+from whelp.pruning.moe import expert_magnitudes, expert_scores
 from whelp.pruning.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
-from whelp.pruning.surgery import head_dim_of, slice_tensor, target_config, text_config, tie_embeddings
+from whelp.pruning.surgery import slice_tensor, target_config, tie_embeddings
 from whelp.pruning.targets import target_rope
 from whelp.store import atomic_dir
 
@@ -42,8 +47,6 @@ MEMORY_FACTOR = 2.5  # in-memory prune holds the model at load dtype + pruned co
 
 def skeleton(config):
     """The full model on the meta device: module structure and names, no memory."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config).eval()
 
@@ -85,12 +88,6 @@ def rope_and_mask(
     """``(cos, sin)`` [1, T, d] and the causal mask the model's own forward would pass its layers of
     ``layer_type`` (``config.layer_types``: a sliding-window mask for "sliding_attention", and Gemma 3's RoPE
     of that type)."""
-    import inspect
-
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    from whelp.models import kv_cache_name
-
     rotary = model.get_submodule(family.layers.rsplit(".", 1)[0]).rotary_emb
     rotary = type(rotary)(config=config)  # a fresh one on CPU: the skeleton's inv_freq buffer is on meta
     positions = torch.arange(hidden.shape[1])[None]
@@ -225,8 +222,6 @@ def calibrate_streaming(
     for index in range(cfg.num_hidden_layers):
         layer = load_layer(model, family, index, shards, dtype)
         if family.experts_key and hasattr(layer.mlp, "experts"):
-            from whelp.pruning.moe import expert_magnitudes
-
             magnitudes.update(expert_magnitudes({index: layer.mlp}))
         for b, per_type, stats in zip(batches, rope_mask, per_batch):
             rope, mask = per_type[types[index]]
@@ -248,8 +243,6 @@ def calibrate_streaming(
             total[key] = total[key] + value if key in total else value
     scores = finish(total, cfg.num_hidden_layers)
     if family.experts_key:
-        from whelp.pruning.moe import expert_scores
-
         scores.update(expert_scores({**total, **magnitudes}, method, seed))
     return scores
 

@@ -26,75 +26,18 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 from torch import Tensor
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
 from whelp.errors import WhelpError
 from whelp.pruning.arch import SQRT_HIDDEN, Family, axes_of
+from whelp.pruning.keep import Keep, head_dim_of, identity_keep, text_config
+from whelp.pruning.moe import ExpertKeep, expert_config, moe_family_of, slice_experts
 from whelp.specs import TIE
-
-
-@dataclass(frozen=True)
-class Keep:
-    """Kept source indices per axis, all sorted ascending (so kept structures keep their order).
-
-    layers:   kept source layer indices; target layer ``i`` is source layer ``layers[i]``.
-    hidden:   LongTensor [H'] kept residual channels.
-    mlp:      one LongTensor [I'] per KEPT layer.
-    kv_heads: one LongTensor [G'] per kept layer (source KV head ids).
-    q_heads:  one LongTensor [G', Q'] per kept layer: kept query heads within each kept KV group
-              (``0 <= r < n_rep``), the same count Q' per group.
-    head_dims: LongTensor [d'] kept dims within a head (RoPE-exact: pairs s*k and s*k + d/2).
-    tie:      "embedding" | "lm_head" | "mean" when an untied teacher becomes tied, else None.
-    experts:  moe.ExpertKeep of an MoE teacher whose experts change (kept experts and their FFN neurons), else None.
-    """
-
-    layers: tuple[int, ...]
-    hidden: Tensor
-    mlp: tuple[Tensor, ...]
-    kv_heads: tuple[Tensor, ...]
-    q_heads: tuple[Tensor, ...]
-    head_dims: Tensor
-    tie: str | None = None
-    experts: object = None  # moe.ExpertKeep | None
-
-
-def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def head_dim_of(config) -> int:
-    cfg = text_config(config)
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-def rope_exact_dims(head_dim: int, target_head_dim: int) -> Tensor:
-    """Dims kept when shrinking head_dim d -> d' with RoPE intact: {s*k} then {s*k + d/2}, k < d'/2."""
-    if target_head_dim > head_dim or head_dim % target_head_dim or target_head_dim % 2:
-        raise WhelpError(
-            f"head_dim {head_dim} -> {target_head_dim} is not RoPE-exact: the target must be an even "
-            f"divisor of {head_dim} (e.g. {head_dim // 2}); choose head_dim = {head_dim}/s for integer s"
-        )
-    s = head_dim // target_head_dim
-    first = torch.arange(0, head_dim // 2, s)
-    return torch.cat([first, first + head_dim // 2])
-
-
-def identity_keep(config) -> Keep:
-    """The Keep of a no-op prune: every index of every axis."""
-    cfg = text_config(config)
-    kv, n_rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    layers = tuple(range(cfg.num_hidden_layers))
-    return Keep(
-        layers=layers,
-        hidden=torch.arange(cfg.hidden_size),
-        mlp=tuple(torch.arange(cfg.intermediate_size) for _ in layers),
-        kv_heads=tuple(torch.arange(kv) for _ in layers),
-        q_heads=tuple(torch.arange(n_rep).repeat(kv, 1) for _ in layers),
-        head_dims=torch.arange(head_dim_of(cfg)),
-    )
 
 
 def q_rows(kv_heads: Tensor, q_heads: Tensor, n_rep: int, head_dims: Tensor, head_dim: int) -> Tensor:
@@ -156,8 +99,6 @@ def slice_tensor(name: str, tensor: Tensor, keep: Keep, family: Family, source_c
     if layer is not None and layer not in keep.layers:
         return {}
     if keep.experts is not None and axes[0] == "expert":
-        from whelp.pruning.moe import slice_experts
-
         tensor = slice_experts(suffix, tensor, layer, keep.experts, getattr(text_config(source_cfg), family.ffn_key))
     out = _slice(tensor, [_axis_index(axis, layer, keep, source_cfg) for axis in axes])
     d, d_new = head_dim_of(source_cfg), head_dim_of(target_cfg)
@@ -230,8 +171,6 @@ def target_config(source_cfg, keep: Keep, rope_parameters: dict | None = None):
         cfg.tie_word_embeddings = True
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = [cfg.layer_types[i] for i in keep.layers]
-    from whelp.pruning.moe import expert_config, moe_family_of
-
     if moe_family_of(source_cfg) is not None:
         expert_config(cfg, keep.experts, keep.layers, source_cfg)
     if rope_parameters is not None:
@@ -241,9 +180,6 @@ def target_config(source_cfg, keep: Keep, rope_parameters: dict | None = None):
 
 def prune_model(model, keep: Keep, family: Family, target_cfg):
     """A new fp32/bf16 model of ``target_cfg`` holding the sliced weights of ``model`` (strict load)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
     state = prune_state_dict(model.state_dict(), keep, family, model.config, target_cfg)
     with no_init_weights():  # every parameter is overwritten below; random init would only cost time
         pruned = AutoModelForCausalLM.from_config(target_cfg, dtype=model.dtype)
@@ -251,3 +187,9 @@ def prune_model(model, keep: Keep, family: Family, target_cfg):
     if text_config(target_cfg).tie_word_embeddings:
         pruned.tie_weights()
     return pruned.eval()
+
+
+def prune_moe_model(model, keep: ExpertKeep, target_cfg):
+    """A new model of ``target_cfg`` holding ``model``'s kept experts, every dense axis whole (strict load)."""
+    full = replace(identity_keep(model.config), experts=keep)
+    return prune_model(model, full, moe_family_of(model.config), target_cfg)

@@ -7,6 +7,7 @@ teacher SmolLM2-135M with half and a quarter of its 106.2M non-embedding paramet
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import torch
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.pruning import arch, generic, moe
-from whelp.pruning.surgery import Keep, rope_exact_dims, target_config, text_config
+from whelp.pruning import arch, moe
+from whelp.pruning.arch import WIDTH_KEYS
+from whelp.pruning.keep import Keep, rope_exact_dims, text_config
+from whelp.pruning.surgery import target_config
 from whelp.specs import key_values
 
 _LLAMA3_ROPE = {
@@ -199,7 +202,7 @@ def parse_target(source_cfg, spec: str) -> Target:
         )
     family = arch.family_of(source_cfg)
     if family is None:  # first: it names the axes the generic path (width only) cannot change, and checks the config
-        shape = generic.check_target(source_cfg, shape)
+        shape = check_target(source_cfg, shape)
     validate(source, shape)
     if moe_family is not None:
         moe.validate_moe(source, shape, moe_family)
@@ -261,6 +264,11 @@ def first_keep(source_cfg, shape: dict, tie: str | None = "embedding") -> Keep:
     )
 
 
+def moe_config(source_cfg, shape: dict):
+    """The target HF config of an MoE ``shape`` (``first_keep``'s, as ``whelp plan`` counts it)."""
+    return target_config(source_cfg, first_keep(source_cfg, shape))
+
+
 def target_rope(target: Target, policy: str) -> dict | None:
     """The RoPE parameters the pruned config gets: None (the teacher's) for ``teacher``; the target's for
     ``target`` (refused when it has none) and for ``auto`` when it has one. ``auto`` is the default because a
@@ -306,14 +314,70 @@ def plan_target(source_cfg, target: str, rope: str = "auto") -> dict:
     ``target``; no weights loaded."""
     parsed = parse_target(source_cfg, target)
     if arch.family_of(source_cfg) is None:
-        cfg = generic.generic_config(source_cfg, parsed.shape)
+        cfg = generic_config(source_cfg, parsed.shape)
     else:
         cfg = target_config(source_cfg, first_keep(source_cfg, parsed.shape), target_rope(parsed, rope))
     out = {}
     for side, config in (("source", source_cfg), ("target", cfg)):
+        keys = ("params", "non_embedding_params", "active_params")
         if moe.moe_family_of(config) is not None:
-            counts = moe.count_moe_params(config)
+            counts = dict(zip(keys, models.count_params(config, active=True)))
         else:
-            counts = dict(zip(("params", "non_embedding_params"), models.count_params(config)))
+            counts = dict(zip(keys[:2], models.count_params(config)))
         out[side] = {**moe.shape_of(config), **counts, "rope": rope_summary(config)}
     return out
+
+
+# ---------------------------------------------------------------- the generic path's targets (generic.py)
+
+
+def generic_config(config, shape: dict):
+    """The HF config of a generic prune of ``config`` to ``shape``; each width goes to the first of its key and its
+    ``models.SHAPE_ALIASES`` the config sets (OPT: ffn_dim); implicit KV heads stay implicit."""
+    new = copy.deepcopy(config)
+    text, old = new.get_text_config(), models.shape(config)
+    if getattr(text, "word_embed_proj_dim", None) == text.hidden_size:  # OPT: no projection when equal
+        text.word_embed_proj_dim = shape["hidden_size"]
+    for key in WIDTH_KEYS + ("num_key_value_heads",):
+        keys = (key,) + models.SHAPE_ALIASES.get(key, ())
+        name = next((k for k in keys if getattr(text, k, None) is not None), None)
+        if name is None and key == "intermediate_size":  # GPT-2's n_inner=None (4 x hidden) becomes explicit
+            name = next((k for k in keys if k in text.to_dict()), None)
+        if shape[key] != old[key] and name is not None:
+            setattr(text, name, shape[key])
+    return new
+
+
+def check_target(config, target: dict) -> dict:
+    """The full shape (``models.shape`` keys) of a generic prune of ``config`` to ``target`` (any subset; under MHA
+    KV heads follow query heads); WhelpError for an axis it cannot change or a shape the config cannot express."""
+    source = models.shape(config)
+    mha = source["num_key_value_heads"] == source["num_attention_heads"]
+    want = {**source, **{k: v for k, v in target.items() if v is not None}}
+    follow = {"num_key_value_heads": want["num_attention_heads"]} if mha else {}  # MHA: KV heads follow query heads
+    if mha and want["num_key_value_heads"] == source["num_key_value_heads"]:
+        want.update(follow)
+    if other := {k: v for k, v in want.items() if k not in WIDTH_KEYS and v != {**source, **follow}.get(k)}:
+        raise WhelpError(
+            f"cannot prune {', '.join(f'{k}={v}' for k, v in other.items())}: {config.model_type} is "
+            f"outside whelp's family table; its generic pruning path changes only {', '.join(WIDTH_KEYS)}"
+            f"{' (num_key_value_heads follows num_attention_heads)' if follow else ''}; drop it"
+        )
+    for key in WIDTH_KEYS:
+        if not isinstance(want[key], int) or not 1 <= want[key] <= source[key]:
+            raise WhelpError(f"{key}={want[key]} must be in [1, {source[key]}] (the source's width)")
+    got = models.shape(new := generic_config(config, want))
+    if bad := [f"{k}={got[k]} (not {want[k]})" for k in models.SHAPE_KEYS if got[k] != want[k]]:
+        raise WhelpError(
+            f"{config.model_type} cannot express this pruned shape: its config would give "
+            f"{', '.join(bad)} (it ties that width to others, e.g. head_dim = hidden_size / "
+            "num_attention_heads); prune fewer axes"
+        )
+    try:  # transformers validates configs on load (e.g. hidden_size % num_attention_heads == 0)
+        type(new).from_dict(new.to_dict())
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises a validation error per rule
+        raise WhelpError(
+            f"the pruned {config.model_type} config would not load back: "
+            f"{str(exc).splitlines()[-1].strip()}; choose widths that satisfy it"
+        ) from None
+    return want

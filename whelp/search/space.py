@@ -13,11 +13,13 @@ import collections
 import math
 
 import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
 
 from whelp.errors import WhelpError
 from whelp.pruning import arch, moe, targets
-from whelp.pruning.budget import Budget
-from whelp.pruning.surgery import text_config
+from whelp.pruning.keep import text_config
+from whelp.search.budget import Budget
 from whelp.specs import SEARCH_AXES
 
 AXIS_KEYS = {
@@ -44,9 +46,6 @@ class Counter:
     """
 
     def __init__(self, teacher_config):
-        import torch
-        from transformers import AutoModelForCausalLM
-
         cfg = text_config(teacher_config)
         family = arch.family_of(cfg)
         if family is None:
@@ -130,7 +129,7 @@ class Counter:
 
     def idle(self, layers, hidden, mlp, experts):
         """Parameters a token does not run through: the E - k experts its router leaves out, in every layer (the
-        teacher's k, ``num_experts_per_tok``); moe.count_moe_params' total - active."""
+        teacher's k, ``num_experts_per_tok``); models.count_params(..., active=True)'s total - active."""
         if not self.family.experts_key:
             return 0
         return layers * (experts - self.teacher["num_experts_per_tok"]) * self.per_expert(hidden, mlp)
@@ -184,7 +183,7 @@ def axis_values(
     """Allowed values per axis, ascending; an axis not in ``axes`` keeps the teacher's value.
 
     hidden / mlp: multiples of ``multiple`` (tensor-core friendly, as ModelOpt's channel divisor) and the teacher's.
-    head_dim: even divisors d/s, the RoPE-exact ones (surgery.rope_exact_dims). heads: kv * g, g query heads per KV
+    head_dim: even divisors d/s, the RoPE-exact ones (keep.rope_exact_dims). heads: kv * g, g query heads per KV
     group up to the teacher's (groups stay even); kv_heads: the counts some heads value pairs with. experts (an MoE
     teacher's, ``keys`` naming its config key, Counter.keys): every count from num_experts_per_tok up.
     """

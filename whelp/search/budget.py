@@ -1,7 +1,7 @@
 """The budgets of ``whelp search``: what a student must not exceed, parsed from ``--budget`` against its teacher.
 
 Sizes (total, non-embedding and, for an MoE teacher, active parameters; bytes of bf16 weights + KV cache) are
-solved for exactly by space.enumerate_shapes; latency is measured per pool shape by search.py.
+solved for exactly by space.enumerate_shapes; latency is measured per pool shape by run.py.
 """
 
 from __future__ import annotations

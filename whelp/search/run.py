@@ -17,7 +17,7 @@ best, and DarwinLM (2025) ranks candidates after short training. whelp does both
 Every candidate is a stage: the one-shot scores and each trained candidate are written atomically to ``OUT.search/``
 as they finish, keyed by the search's identity (teacher files, spec, data), so a killed search resumes where it
 stopped and ends exactly where an uninterrupted one does. ``OUT`` (leaderboard, plot, winner, target.json) is
-written atomically at the end (``search_report``).
+written atomically at the end (report.py).
 """
 
 from __future__ import annotations
@@ -28,13 +28,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from whelp import models, store
+from whelp import data, models, store
+from whelp.data import data_identity, source_identity
+from whelp.distillation import loop
 from whelp.errors import WhelpError
+from whelp.evals.speed import shape_speed
 from whelp.output import Progress
-from whelp.pruning import arch, space
-from whelp.pruning.budget import Budget, parse_budget
+from whelp.pruning import arch, importance, surgery
+from whelp.pruning import scores as saved
+from whelp.pruning.api import calibrate_scores, calibration_tokens, kl_to_teacher, log_probs
+from whelp.pruning.targets import first_keep
+from whelp.search import space
+from whelp.search.budget import Budget, parse_budget
+from whelp.search.report import report, write_outputs
 from whelp.specs import DistillSpec, LoadPolicy, PruneSpec, SearchSpec, SpeedSpec
 
 WORK = ".search"
@@ -85,8 +92,6 @@ def plan_search(teacher_config, spec: SearchSpec) -> dict:
 
 
 def _identity(teacher_dir: Path, spec: SearchSpec) -> str:
-    from whelp.data import data_identity, source_identity
-
     return store.content_id(
         [
             source_identity(str(teacher_dir)),
@@ -116,31 +121,8 @@ def _work(out: Path, key: str, force: bool) -> Path:
     return work
 
 
-@torch.no_grad()
-def _log_probs(model, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """fp32 log-probs [n, L, V] of ``model`` on ``blocks`` [n, L]."""
-    return torch.cat(
-        [
-            F.log_softmax(model(input_ids=blocks[i : i + batch_size]).logits.float(), -1)
-            for i in range(0, len(blocks), batch_size)
-        ]
-    )
-
-
-def held_out(teacher_logp: torch.Tensor, model, blocks: torch.Tensor, batch_size: int) -> dict:
-    """``kl``: mean KL(teacher || model) in nats per token; ``ppl``: the model's perplexity of the next tokens."""
-    logp = _log_probs(model.eval(), blocks, batch_size)
-    kl = F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
-    nll = F.nll_loss(logp[:, :-1].flatten(0, 1), blocks[:, 1:].flatten())
-    return {"kl": float(kl), "ppl": float(nll.exp())}
-
-
 def _latency(config, shape: dict, device: str) -> float:
     """Decode milliseconds per token of ``shape`` (random weights), measured once per shape and device."""
-    from whelp.evals.speed import shape_speed
-    from whelp.pruning import surgery
-    from whelp.pruning.targets import first_keep
-
     speed = shape_speed(surgery.target_config(config, first_keep(config, shape)), device, SpeedSpec())
     return 1000.0 / speed["decode_tokens_per_s"]
 
@@ -162,14 +144,12 @@ class Trial:
     progress: bool = True
 
     def prune(self, shape: dict):
-        from whelp.pruning import importance, surgery
-
         cfg = self.teacher.config
         keep = importance.select(self.scores, cfg, shape, self.spec.layer_importance, "embedding")
         return surgery.prune_model(self.teacher, keep, arch.family_of(cfg), surgery.target_config(cfg, keep))
 
     def score(self, model) -> dict:
-        return held_out(self.teacher_logp, model, self.held, self.spec.batch_size)
+        return kl_to_teacher(self.teacher_logp, model, self.held, self.spec.batch_size)
 
 
 def _one_shot(t: Trial, pool: list[dict], budget: Budget) -> list[dict]:
@@ -190,8 +170,6 @@ def _one_shot(t: Trial, pool: list[dict], budget: Budget) -> list[dict]:
 
 def _train(t: Trial, index: int, row: dict) -> dict:
     """Candidate ``index``: its S-step distillation from the teacher (a stage of its own), scored on held-out."""
-    from whelp.distillation.loop import distill
-
     stage = t.work / "candidates" / f"{index:02d}"
     if (stage / "result.json").is_file():
         return json.loads((stage / "result.json").read_text())
@@ -206,7 +184,9 @@ def _train(t: Trial, index: int, row: dict) -> dict:
     )
     torch.manual_seed(spec.seed)
     start = time.perf_counter()
-    student = distill(t.prune(row["shape"]), [t.teacher], t.train_blocks, dspec, tokenizer=t.tokenizer, progress=False)
+    student = loop.distill(
+        t.prune(row["shape"]), [t.teacher], t.train_blocks, dspec, tokenizer=t.tokenizer, progress=False
+    )
     result = {**row, "train_s": time.perf_counter() - start, "trained": t.score(student)}
     with store.atomic_dir(stage, force=True, kind="model") as tmp:
         models.write_model(student, t.tokenizer, tmp / "model")
@@ -216,10 +196,6 @@ def _train(t: Trial, index: int, row: dict) -> dict:
 
 def _scores(teacher, teacher_dir: Path, tokenizer, spec: SearchSpec):
     """The importance scores of one calibration pass, from ``whelp prune``'s cache when it holds them."""
-    from whelp import data
-    from whelp.pruning import scores as saved
-    from whelp.pruning.api import _calibrate, calibration_tokens
-
     rows = data.open_blocks(spec.calib, tokenizer, spec.seq_len, seed=spec.seed)
     tokens = calibration_tokens(rows, spec.calib_samples)
     meta = saved.scores_meta(teacher_dir, store.content_id([rows.fingerprint, len(tokens)]), spec.importance)
@@ -234,7 +210,7 @@ def _scores(teacher, teacher_dir: Path, tokenizer, spec: SearchSpec):
         batch_size=spec.batch_size,
         seed=spec.seed,
     )
-    scores = _calibrate(teacher, arch.family_of(teacher.config), tokens, prune, found)
+    scores = calibrate_scores(teacher, arch.family_of(teacher.config), tokens, prune, found)
     if found is None:
         saved.save_scores(cached, scores, meta)
     return scores
@@ -253,9 +229,6 @@ def search_run(
     """Search ``teacher``'s shapes for ``spec.budget`` into ``out`` (see the module docstring); returns the report
     (``search.json``). ``dry_run``: the candidates and the cost, from the config alone (no weights, nothing written).
     """
-    from whelp import data
-    from whelp.pruning.search_report import report, write_outputs
-
     teacher_dir = Path(models.locate(teacher))
     config = models.load_config(str(teacher_dir), policy)
     if arch.family_of(config) is None:
@@ -288,7 +261,7 @@ def search_run(
         scores,
         counter,
         held,
-        _log_probs(model, held, spec.batch_size),
+        log_probs(model, held, spec.batch_size),
         data.open_blocks(
             spec.data,
             tokenizer,

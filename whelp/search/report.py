@@ -10,7 +10,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from whelp import __version__, store
-from whelp.pruning import moe, space
+from whelp.pruning import moe
+from whelp.search import space
 from whelp.specs import SearchSpec
 
 
@@ -81,10 +82,10 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """One-shot KL (x) against KL after training (y) per trained candidate, labelled with its shape."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - heavy (about a second), and only a finished search plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after matplotlib.use("Agg"), which must come first
 
     board = result["leaderboard"]
     fig, ax = plt.subplots(figsize=(7, 5))
