@@ -231,10 +231,10 @@ def test_resume_refuses_other_data_settings_but_takes_a_lower_lr_after_nan(tiny_
     rows = [json.loads(r) for r in (tmp_path / "out.distill" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     factor = get_cosine_schedule_with_warmup(
-        torch.optim.SGD([torch.zeros(1)], lr=1.0), SPEC.warmup, SPEC.steps
+        torch.optim.SGD([torch.zeros(1)], lr=1.0), SPEC.optim.warmup, SPEC.steps
     ).lr_lambdas[0]
     factors = [factor(step) for step in range(1, SPEC.steps + 1)]  # the lr logged after step s
-    expected = [SPEC.lr * f for f in factors[:2]] + [lower.lr * f for f in factors[2:]]
+    expected = [SPEC.optim.lr * f for f in factors[:2]] + [lower.optim.lr * f for f in factors[2:]]
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
 
 
