@@ -27,7 +27,8 @@ from conftest import tiny_model  # noqa: E402
 
 from whelp.data import TensorBlocks  # noqa: E402
 from whelp.distillation.cache import open_cache  # noqa: E402
-from whelp.distillation.capture import write_cache  # noqa: E402
+from whelp.distillation.capture import Teacher, write_cache  # noqa: E402
+from whelp.specs import CacheSpec  # noqa: E402
 
 VOCAB = 128256
 
@@ -84,7 +85,10 @@ def main():
         for mode, k, limit in (("topk", 64, 264), ("sample", 16, 48)):
             start = time.perf_counter()
             path = write_cache(
-                teacher, Vocab(VOCAB), blocks, Path(tmp) / mode, mode, k, 1.0, "tiny-128256", batch_size=1
+                Teacher(teacher, Vocab(VOCAB), "tiny-128256"),
+                blocks,
+                Path(tmp) / mode,
+                CacheSpec(mode, k, 1.0, batch_size=1),
             )
             write_s = time.perf_counter() - start
             cache = open_cache(path)

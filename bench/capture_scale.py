@@ -80,8 +80,9 @@ def worker(config: str, out: Path, args) -> None:
     """One configuration on this rank: tokens/s of its share (timed after loading) and its peak RSS."""
     from whelp.data import open_blocks
     from whelp.distillation import parallel
-    from whelp.distillation.capture import write_cache
+    from whelp.distillation.capture import Teacher, write_cache
     from whelp.models import load_model, registered_dir
+    from whelp.specs import CacheSpec
 
     world = parallel.init_world()
     if args.teacher == "demo":
@@ -116,16 +117,16 @@ def worker(config: str, out: Path, args) -> None:
                 mark(min(world.size * args.batch_size, len(blocks) - start))
     else:
         write_cache(
-            model,
-            tokenizer,
+            Teacher(model, tokenizer, args.teacher),
             blocks,
             out / f"cache-{config}",
-            config,
-            64 if config == "topk" else 16,
-            1.0,
-            args.teacher,
-            batch_size=args.batch_size,
-            shard_tokens=args.batch_size * args.seq_len,
+            CacheSpec(
+                config,
+                64 if config == "topk" else 16,
+                1.0,
+                batch_size=args.batch_size,
+                shard_tokens=args.batch_size * args.seq_len,
+            ),
             world=world,
             progress=mark,
         )

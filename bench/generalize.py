@@ -96,7 +96,7 @@ def run(name: str, cfg: dict, student_dir: Path, teacher, texts, spec, offset_s:
 
     def on_step(row: dict) -> None:
         clock["train"] += time.perf_counter() - clock["mark"]
-        if row["step"] % spec.eval_every == 0 or row["step"] == t.steps:
+        if row["step"] % spec.monitor.eval_every == 0 or row["step"] == t.steps:
             curve.append(
                 {"step": row["step"], "wall_s": offset_s + clock["train"], **scores(t.model, texts, spec.seq_len)}
             )

@@ -34,8 +34,9 @@ def prepare(root: Path, args) -> None:
     from transformers import AutoModelForCausalLM
 
     from whelp.data import open_blocks
-    from whelp.distillation.capture import write_cache
+    from whelp.distillation.capture import Teacher, write_cache
     from whelp.models import load_model, registered_dir
+    from whelp.specs import CacheSpec
 
     teacher, tokenizer = load_model(str(registered_dir("smollm2-135m")))
     config = teacher.config.__class__.from_dict(
@@ -45,7 +46,7 @@ def prepare(root: Path, args) -> None:
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "student")
     tokenizer.save_pretrained(root / "student")
     blocks = open_blocks("pydoc:train", tokenizer, args.seq_len, max_tokens=budget(args))
-    write_cache(teacher, tokenizer, blocks, root / "cache", "topk", 64, 1.0, "smollm2-135m")
+    write_cache(Teacher(teacher, tokenizer, "smollm2-135m"), blocks, root / "cache", CacheSpec("topk", 64, 1.0))
 
 
 def budget(args) -> int:

@@ -9,9 +9,10 @@ from conftest import tiny_model
 
 from whelp.data import TensorBlocks
 from whelp.distillation.cache import decode, encode, open_cache, pack_bits, sparse_targets, unpack_bits
-from whelp.distillation.capture import write_cache
+from whelp.distillation.capture import Teacher, write_cache
 from whelp.distillation.losses import LiveTarget, LossSpec, kd_loss
 from whelp.errors import WhelpError
+from whelp.specs import CacheSpec
 
 VOCAB, SEQ = 512, 16
 
@@ -76,7 +77,12 @@ def test_cached_topk_with_k_equal_v_reproduces_dense_loss():
 def test_cache_targets_align_with_teacher_logits(teacher, tmp_path):
     data = blocks()
     cache = open_cache(
-        write_cache(teacher, StubTokenizer(), data, tmp_path / "c", "topk", 4, 1.0, "tiny", shard_tokens=2 * SEQ),
+        write_cache(
+            Teacher(teacher, StubTokenizer(), "tiny"),
+            data,
+            tmp_path / "c",
+            CacheSpec("topk", 4, 1.0, shard_tokens=2 * SEQ),
+        ),
         student_vocab_size=VOCAB,
         data_fingerprint=data.fingerprint,
     )
@@ -92,7 +98,7 @@ def test_cache_targets_align_with_teacher_logits(teacher, tmp_path):
 
 def test_manifest_mismatch_is_named(teacher, tmp_path):
     data = blocks()
-    path = write_cache(teacher, StubTokenizer(), data, tmp_path / "c", "sample", 8, 1.0, "tiny")
+    path = write_cache(Teacher(teacher, StubTokenizer(), "tiny"), data, tmp_path / "c", CacheSpec("sample", 8, 1.0))
     with pytest.raises(WhelpError, match="vocabularies differ"):
         open_cache(path, student_vocab_size=VOCAB - 1)
     with pytest.raises(WhelpError, match="different tokenizer"):
@@ -100,16 +106,21 @@ def test_manifest_mismatch_is_named(teacher, tmp_path):
     with pytest.raises(WhelpError, match="other data"):
         open_cache(path, data_fingerprint=blocks(seed=1).fingerprint)
     with pytest.raises(WhelpError, match="temperature: 1.0 there, 2.0 now"):
-        write_cache(teacher, StubTokenizer(), data, path, "sample", 8, 2.0, "tiny")
+        write_cache(Teacher(teacher, StubTokenizer(), "tiny"), data, path, CacheSpec("sample", 8, 2.0))
     with pytest.raises(WhelpError, match="already holds this complete cache"):
-        write_cache(teacher, StubTokenizer(), data, path, "sample", 8, 1.0, "tiny")
+        write_cache(Teacher(teacher, StubTokenizer(), "tiny"), data, path, CacheSpec("sample", 8, 1.0))
     target = open_cache(path).targets(torch.tensor([1]))
     with pytest.raises(WhelpError, match="cached at temperature 1.0"):
         kd_loss(torch.randn(SEQ, 8), torch.randn(VOCAB, 8), [target], (1.0,), LossSpec(temperature=2.0))
 
 
 def test_truncated_and_corrupted_shards_are_named(teacher, tmp_path):
-    path = write_cache(teacher, StubTokenizer(), blocks(), tmp_path / "c", "topk", 4, 1.0, "tiny", shard_tokens=2 * SEQ)
+    path = write_cache(
+        Teacher(teacher, StubTokenizer(), "tiny"),
+        blocks(),
+        tmp_path / "c",
+        CacheSpec("topk", 4, 1.0, shard_tokens=2 * SEQ),
+    )
     shard = path / "blocks-000000000002-000000000004.safetensors"
     raw = shard.read_bytes()
     shard.write_bytes(raw[:-10])
@@ -118,7 +129,9 @@ def test_truncated_and_corrupted_shards_are_named(teacher, tmp_path):
     shard.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
     with pytest.raises(WhelpError, match="blocks-000000000002-000000000004.safetensors is corrupted"):
         open_cache(path)
-    write_cache(teacher, StubTokenizer(), blocks(), path, "topk", 4, 1.0, "tiny", shard_tokens=2 * SEQ)
+    write_cache(
+        Teacher(teacher, StubTokenizer(), "tiny"), blocks(), path, CacheSpec("topk", 4, 1.0, shard_tokens=2 * SEQ)
+    )
     assert shard.read_bytes() == raw  # rerunning rewrote exactly the damaged shard
 
 
@@ -132,13 +145,27 @@ def test_resume_after_interrupt_equals_uninterrupted_run(teacher, tmp_path):
 
     args = (teacher, StubTokenizer(), data)
     with pytest.raises(KeyboardInterrupt):
-        write_cache(*args, tmp_path / "c", "sample", 8, 1.0, "tiny", shard_tokens=SEQ, progress=interrupt)
+        write_cache(
+            Teacher(args[0], args[1], "tiny"),
+            args[2],
+            tmp_path / "c",
+            CacheSpec("sample", 8, 1.0, shard_tokens=SEQ),
+            progress=interrupt,
+        )
     with pytest.raises(WhelpError, match="incomplete"):
         open_cache(tmp_path / "c")
     first = (tmp_path / "c" / "blocks-000000000000-000000000001.safetensors").stat().st_mtime_ns
-    resumed = open_cache(write_cache(*args, tmp_path / "c", "sample", 8, 1.0, "tiny", shard_tokens=SEQ))
+    resumed = open_cache(
+        write_cache(
+            Teacher(args[0], args[1], "tiny"), args[2], tmp_path / "c", CacheSpec("sample", 8, 1.0, shard_tokens=SEQ)
+        )
+    )
     assert (tmp_path / "c" / "blocks-000000000000-000000000001.safetensors").stat().st_mtime_ns == first
-    whole = open_cache(write_cache(*args, tmp_path / "w", "sample", 8, 1.0, "tiny", shard_tokens=SEQ))
+    whole = open_cache(
+        write_cache(
+            Teacher(args[0], args[1], "tiny"), args[2], tmp_path / "w", CacheSpec("sample", 8, 1.0, shard_tokens=SEQ)
+        )
+    )
     idx = torch.arange(5)
     assert torch.equal(resumed.targets(idx).ids, whole.targets(idx).ids)
     assert [s["sha256"] for s in resumed.manifest["shards"]] == [s["sha256"] for s in whole.manifest["shards"]]
@@ -148,7 +175,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(teacher, tmp_path):
 def test_edited_manifest_is_refused_not_trained_on(teacher, tmp_path):
     import json
 
-    path = write_cache(teacher, StubTokenizer(), blocks(), tmp_path / "c", "topk", 8, 1.0, "tiny")
+    path = write_cache(Teacher(teacher, StubTokenizer(), "tiny"), blocks(), tmp_path / "c", CacheSpec("topk", 8, 1.0))
     manifest = path / "manifest.json"
     original = manifest.read_text()
     for edit in ('"k": 16', '"temperature": 2.0', '"complete": false'):
@@ -161,7 +188,9 @@ def test_edited_manifest_is_refused_not_trained_on(teacher, tmp_path):
     manifest.write_text(original)
     assert open_cache(path).manifest["k"] == 8
     manifest.write_text(original.replace('"k": 8', '"k": 16'))
-    write_cache(teacher, StubTokenizer(), blocks(), path, "topk", 8, 1.0, "tiny", force=True)  # --force mends it
+    write_cache(
+        Teacher(teacher, StubTokenizer(), "tiny"), blocks(), path, CacheSpec("topk", 8, 1.0), force=True
+    )  # --force mends it
     assert open_cache(path).manifest["k"] == 8
 
 
@@ -171,9 +200,13 @@ def test_force_replaces_only_a_cache_and_keeps_it_until_the_new_one_is_complete(
     (mine / "manifest.json").write_text("{}")  # a user's file of the same name is not whelp's manifest
     for force in (False, True):
         with pytest.raises(WhelpError, match="not made by whelp"):
-            write_cache(teacher, StubTokenizer(), blocks(), mine, "topk", 4, 1.0, "tiny", force=force)
+            write_cache(
+                Teacher(teacher, StubTokenizer(), "tiny"), blocks(), mine, CacheSpec("topk", 4, 1.0), force=force
+            )
     assert [p.name for p in mine.iterdir()] == ["manifest.json"]
-    path = write_cache(teacher, StubTokenizer(), blocks(), tmp_path / "c", "topk", 4, 1.0, "tiny", shard_tokens=SEQ)
+    path = write_cache(
+        Teacher(teacher, StubTokenizer(), "tiny"), blocks(), tmp_path / "c", CacheSpec("topk", 4, 1.0, shard_tokens=SEQ)
+    )
     old = open_cache(path).targets(torch.arange(5)).ids
 
     def interrupt(n):
@@ -182,20 +215,17 @@ def test_force_replaces_only_a_cache_and_keeps_it_until_the_new_one_is_complete(
     other = blocks(seed=1)
     with pytest.raises(KeyboardInterrupt):
         write_cache(
-            teacher,
-            StubTokenizer(),
+            Teacher(teacher, StubTokenizer(), "tiny"),
             other,
             path,
-            "topk",
-            4,
-            1.0,
-            "tiny",
-            shard_tokens=SEQ,
+            CacheSpec("topk", 4, 1.0, shard_tokens=SEQ),
             force=True,
             progress=interrupt,
         )
     assert torch.equal(open_cache(path).targets(torch.arange(5)).ids, old)  # the old cache is intact
-    write_cache(teacher, StubTokenizer(), other, path, "topk", 4, 1.0, "tiny", shard_tokens=SEQ, force=True)
+    write_cache(
+        Teacher(teacher, StubTokenizer(), "tiny"), other, path, CacheSpec("topk", 4, 1.0, shard_tokens=SEQ), force=True
+    )
     assert open_cache(path, data_fingerprint=other.fingerprint).manifest["complete"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "mine"]
 

@@ -18,6 +18,7 @@ from whelp.distillation import capture
 from whelp.distillation.cache import open_cache
 from whelp.distillation.loop import backbone
 from whelp.errors import WhelpError
+from whelp.specs import CacheSpec
 
 FAMILIES = [
     ("llama", {}),
@@ -77,11 +78,19 @@ def test_content_fingerprint_is_over_blocks_not_shards(tmp_path):
     digests = []
     for name, per in (("a", 16), ("b", 48)):
         path = capture.write_cache(
-            model, tiny_tokenizer(), data, tmp_path / name, "sample", 4, 1.0, "t", shard_tokens=per
+            capture.Teacher(model, tiny_tokenizer(), "t"),
+            data,
+            tmp_path / name,
+            CacheSpec("sample", 4, 1.0, shard_tokens=per),
         )
         digests.append(open_cache(path).manifest["content_sha256"])
     other = TensorBlocks(data.tokens.roll(1, 0))
-    path = capture.write_cache(model, tiny_tokenizer(), other, tmp_path / "c", "sample", 4, 1.0, "t", shard_tokens=16)
+    path = capture.write_cache(
+        capture.Teacher(model, tiny_tokenizer(), "t"),
+        other,
+        tmp_path / "c",
+        CacheSpec("sample", 4, 1.0, shard_tokens=16),
+    )
     assert len(list((tmp_path / "a").glob("blocks-*"))) == 6 and len(list((tmp_path / "b").glob("blocks-*"))) == 2
     assert digests[0] == digests[1] != open_cache(path).manifest["content_sha256"]
 

@@ -95,15 +95,18 @@ def test_capture_on_cuda_in_bf16_matches_the_cpu_fp32_cache(tiny_dirs, tmp_path)
     the same top-k ids wherever the CPU's k-th and (k+1)-th log-probs are apart, log-probs within bf16 noise."""
     from whelp.data import open_blocks
     from whelp.distillation.cache import open_cache
-    from whelp.distillation.capture import write_cache
+    from whelp.distillation.capture import Teacher, write_cache
     from whelp.models import load_model
+    from whelp.specs import CacheSpec
 
     teacher = tiny_dirs[0]
     caches = []
     for name, dtype, device in (("cpu", "float32", "cpu"), ("cuda", "bfloat16", "cuda")):
         model, tokenizer = load_model(teacher, dtype=dtype, device=device)
         blocks = open_blocks("pydoc:train", tokenizer, 32, max_tokens=1024)
-        caches.append(open_cache(write_cache(model, tokenizer, blocks, tmp_path / name, "topk", 8, 1.0, "t")))
+        caches.append(
+            open_cache(write_cache(Teacher(model, tokenizer, "t"), blocks, tmp_path / name, CacheSpec("topk", 8, 1.0)))
+        )
     rows = torch.arange(len(blocks))
     ref, got = caches[0].targets(rows), caches[1].targets(rows)
     assert float((ref.ids == got.ids).float().mean()) >= 0.95

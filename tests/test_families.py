@@ -184,11 +184,14 @@ def test_a_head_with_a_bias_is_refused_in_one_line():
 def test_in_memory_distill_with_a_live_teacher_and_a_cache(family, tmp_path):
     from whelp.data import TensorBlocks
     from whelp.distillation.cache import open_cache
-    from whelp.distillation.capture import write_cache
+    from whelp.distillation.capture import Teacher, write_cache
+    from whelp.specs import CacheSpec
 
     data = TensorBlocks(ids(3, (8, 16)))
     teacher = model(family, 1)
-    cache = open_cache(write_cache(teacher, tiny_tokenizer(), data, tmp_path / "c", "topk", 8, 1.0, "t"))
+    cache = open_cache(
+        write_cache(Teacher(teacher, tiny_tokenizer(), "t"), data, tmp_path / "c", CacheSpec("topk", 8, 1.0))
+    )
     spec = DistillSpec(steps=2, batch_size=2, seq_len=16, lr=1e-3, eval_tokens=64)
     student = loop.distill(model(family, 0), [(teacher, 0.5), (cache, 0.5)], data, spec, progress=False)
     assert [row["step"] for row in student.whelp_distill["log"]] == [1, 2]

@@ -225,10 +225,16 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_loading(dirs, tmp_pa
 
 def test_a_cache_at_another_temperature_is_refused_before_loading(dirs, tmp_path, monkeypatch):
     from whelp.data import open_blocks
-    from whelp.distillation.capture import write_cache
+    from whelp.distillation.capture import Teacher, write_cache
+    from whelp.specs import CacheSpec
 
     model, tok = models.load_model(str(dirs / "safe"))
-    write_cache(model, tok, open_blocks("pydoc:train", tok, 16, max_tokens=64), tmp_path / "c", "topk", 2, 2.0, "t")
+    write_cache(
+        Teacher(model, tok, "t"),
+        open_blocks("pydoc:train", tok, 16, max_tokens=64),
+        tmp_path / "c",
+        CacheSpec("topk", 2, 2.0),
+    )
     no_model_loads(monkeypatch)
     result = run_cli(
         "distill",

@@ -225,16 +225,16 @@ def test_resume_refuses_other_data_settings_but_takes_a_lower_lr_after_nan(tiny_
     monkeypatch.undo()
     with pytest.raises(WhelpError, match=r"other settings \(seq_len: 32 there, 16 now\) at step-00000002"):
         distill(student, tmp_path / "out", replace(SPEC, seq_len=16), teachers=((teacher, 1.0),), progress=False)
-    lower = replace(SPEC, lr=SPEC.lr / 10)
+    lower = replace(SPEC, lr=SPEC.optim.lr / 10)
     report = distill(student, tmp_path / "out", lower, teachers=((teacher, 1.0),), progress=False)
-    assert report["history"] == [{"from_step": 2, "changed": {"lr": [SPEC.lr, lower.lr]}}]
+    assert report["history"] == [{"from_step": 2, "changed": {"lr": [SPEC.optim.lr, lower.optim.lr]}}]
     rows = [json.loads(r) for r in (tmp_path / "out.distill" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     factor = get_cosine_schedule_with_warmup(
-        torch.optim.SGD([torch.zeros(1)], lr=1.0), SPEC.warmup, SPEC.steps
+        torch.optim.SGD([torch.zeros(1)], lr=1.0), SPEC.optim.warmup, SPEC.steps
     ).lr_lambdas[0]
     factors = [factor(step) for step in range(1, SPEC.steps + 1)]  # the lr logged after step s
-    expected = [SPEC.lr * f for f in factors[:2]] + [lower.lr * f for f in factors[2:]]
+    expected = [SPEC.optim.lr * f for f in factors[:2]] + [lower.optim.lr * f for f in factors[2:]]
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
 
 
@@ -259,14 +259,16 @@ def test_teacher_weight_schedule_and_data_order():
 
 def test_cached_teacher_matches_live_and_mixes(tiny_dirs, tmp_path):
     from whelp.data import open_blocks
-    from whelp.distillation.capture import write_cache
+    from whelp.distillation.capture import Teacher, write_cache
     from whelp.models import load_model
+    from whelp.specs import CacheSpec
 
     teacher, teacher2, student = tiny_dirs
     spec = replace(SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0)  # 3 steps of 4 blocks; 12 blocks read
     model, tokenizer = load_model(teacher)
     blocks = open_blocks(spec.data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
-    write_cache(model, tokenizer, blocks, tmp_path / "cache", "topk", 512, 1.0, teacher)  # k = V: dense
+    dense = CacheSpec("topk", 512, 1.0)  # k = V
+    write_cache(Teacher(model, tokenizer, teacher), blocks, tmp_path / "cache", dense)
     distill(student, tmp_path / "live", spec, teachers=((teacher, 1.0),), progress=False)
     distill(student, tmp_path / "cached", spec, caches=((str(tmp_path / "cache"), 1.0),), progress=False)
     live, cached = (tmp_path / "live.distill" / "metrics.jsonl"), (tmp_path / "cached.distill" / "metrics.jsonl")

@@ -88,9 +88,9 @@ def test_an_on_policy_step_equals_the_naive_reference_without_grad_through_sampl
     t = loop.setup(student, [teacher], [], [1.0], ["t"], TensorBlocks(rows), spec, world)
     grad_modes = []
     student.model.layers[0].register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
-    micro, tokens = torch.tensor([4, 1]), 2 * spec.gen_tokens
+    micro, tokens = torch.tensor([4, 1]), 2 * spec.gkd.gen_tokens
     sums = loop.loss_step(t, micro, (1.0,), onpolicy.generator(3, 0, 0, spec, 1, world.device), tokens)
-    assert grad_modes == [False] * spec.gen_tokens + [True]  # prefill + G-1 cached steps, then the trained forward
+    assert grad_modes == [False] * spec.gkd.gen_tokens + [True]  # prefill + G-1 cached steps, then the trained forward
 
     ids = onpolicy.sample(ref_student, rows[micro][:, :10], 8, 512, torch.Generator().manual_seed(3))  # seed 0, slot 3
     zs = ref_student(input_ids=ids).logits.float()[:, 9:-1].flatten(0, 1)
@@ -98,7 +98,7 @@ def test_an_on_policy_step_equals_the_naive_reference_without_grad_through_sampl
         zt = teacher(input_ids=ids).logits.float()[:, 9:-1].flatten(0, 1)
     from test_losses import naive_divergence
 
-    ref = naive_divergence(name, zs.log_softmax(-1), zt.log_softmax(-1), spec.on_policy_spec()).sum()
+    ref = naive_divergence(name, zs.log_softmax(-1), zt.log_softmax(-1), spec.gkd.loss_spec(spec.kd)).sum()
     (ref / tokens).backward()
     ref = ref.detach()
     assert abs(float(sums[0]) - float(ref)) <= 1e-5 * max(1.0, abs(float(ref)))
@@ -161,21 +161,18 @@ def test_killed_and_resumed_equals_uninterrupted_with_mixed_batches(tiny_dirs, t
 
 def test_caches_alone_cannot_score_samples_but_mix_with_a_live_teacher(tiny_dirs, tmp_path):
     from whelp.data import open_blocks
-    from whelp.distillation.capture import write_cache
+    from whelp.distillation.capture import Teacher, write_cache
     from whelp.models import load_model
+    from whelp.specs import CacheSpec
 
     teacher, teacher2, student = tiny_dirs
     spec = replace(SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0, on_policy=0.5, gen_tokens=8)
     model, tokenizer = load_model(teacher)
     write_cache(
-        model,
-        tokenizer,
+        Teacher(model, tokenizer, teacher),
         open_blocks(spec.data, tokenizer, 32, max_tokens=spec.max_tokens),
         tmp_path / "cache",
-        "topk",
-        16,
-        1.0,
-        teacher,
+        CacheSpec("topk", 16, 1.0),
     )
     with pytest.raises(WhelpError, match="needs a live teacher .*cached logits score only the data's tokens"):
         distill_run(student, tmp_path / "out", spec, caches=((str(tmp_path / "cache"), 1.0),), progress=False)
@@ -218,7 +215,7 @@ def test_recipe_keys_and_cli_flags(tmp_path, tiny_dirs):
         "distill: {steps: 4, on_policy: 0.25, gen_tokens: 16, on_policy_loss: jsd, beta: 0.9}\n"
     )
     step = load_recipe(str(recipe)).distill[0].options
-    assert (step.on_policy, step.gen_tokens, step.on_policy_loss, step.beta) == (0.25, 16, "jsd", 0.9)
+    assert (step.gkd.fraction, step.gkd.gen_tokens, step.gkd.loss, step.kd.beta) == (0.25, 16, "jsd", 0.9)
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "name: r\nteacher: {model: t}\nprune: {target: smollm2-half}\n"
@@ -255,4 +252,4 @@ def test_recipe_keys_and_cli_flags(tmp_path, tiny_dirs):
     assert done.exit_code == 0, done.output
     report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
     assert report["spec"]["on_policy"] == 1.0 and report["final"]["on_policy_tokens"] == 2 * 4
-    assert DistillSpec(steps=1).on_policy == 0  # off by default: a plain run is unchanged
+    assert DistillSpec(steps=1).gkd.fraction == 0  # off by default: a plain run is unchanged

@@ -125,9 +125,15 @@ def test_yaml_1_1_floats_loss_parameters_and_one_step_overrides(tmp_path):
         ),
     )
     step = recipe.load(path).distill[0].options
-    assert (step.lr, step.beta, step.alpha, step.t2_scale, str(step.schedule)) == (1e-3, 0.3, 0.2, True, "cosine:10")
-    assert step.loss_spec().beta == 0.3
-    assert recipe.load(path, ("distill.lr=2e-4",)).distill[0].options.lr == 2e-4
+    assert (step.optim.lr, step.kd.name, step.kd.beta, step.kd.alpha, step.kd.t2_scale, str(step.schedule)) == (
+        1e-3,
+        "jsd",
+        0.3,
+        0.2,
+        True,
+        "cosine:10",
+    )
+    assert recipe.load(path, ("distill.lr=2e-4",)).distill[0].options.optim.lr == 2e-4
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(recipe.dump(recipe.load(path)))
     assert recipe.load(str(dumped)) == recipe.load(path)
@@ -144,7 +150,7 @@ def test_overrides_and_stage_defaults(tmp_path):
     path = _write(tmp_path, BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {train: pydoc:eval, seq_len: 128}\n")
     loaded = recipe.load(path, ("distill.0.lr=0.01", "seed=7"))
     step = loaded.distill[0].options
-    assert (step.lr, step.seed, step.data, step.seq_len) == (0.01, 7, "pydoc:eval", 128)
+    assert (step.optim.lr, step.seed, step.data, step.seq_len) == (0.01, 7, "pydoc:eval", 128)
     assert loaded.prune[0].options.seq_len == 128 and loaded.prune[0].options.seed == 7
     with pytest.raises(WhelpError, match="no recipe file"):
         recipe.load(str(tmp_path / "missing.yaml"))

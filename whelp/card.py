@@ -269,7 +269,7 @@ def _lineage(recipe: Recipe) -> list[str]:
             budget = f"{step.options.steps} steps" if step.options.steps else f"{step.options.max_tokens:,} tokens"
             lines.append(
                 f"1. **{ref.label}**: distilled on `{step.options.data}` for {budget} with "
-                f"{step.options.loss} (T={step.options.temperature:g}) from {', '.join(filter(None, [teachers, caches]))}"
+                f"{step.options.kd.name} (T={step.options.kd.temperature:g}) from {', '.join(filter(None, [teachers, caches]))}"
             )
     return lines
 

@@ -17,6 +17,8 @@ from typing import Literal, Union
 
 import typer
 
+from whelp.schema import flat_keys, leaf
+
 
 def _cli_type(tp):
     """The type typer parses a field's text into (Literal and text-form specs as str; the spec checks them)."""
@@ -32,15 +34,16 @@ def _cli_type(tp):
 
 
 def _fields(cls, prefix: str = ""):
-    """``(cli name, field, type, nested path)`` of every CLI-visible field of ``cls``, nested specs flattened."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
+    """``(cli name, field, type, nested path)`` of every CLI-visible field of ``cls``, by the keys of
+    ``whelp.schema.flat_keys`` (a ``DistillSpec``'s ``--lr`` sets ``optim.lr``); a nested spec that is not
+    flattened gives its fields with its name as prefix (``--speed-repeats``)."""
+    for key, where in flat_keys(cls).items():
+        f, tp = leaf(cls, where)
         if dataclasses.is_dataclass(tp) and not hasattr(tp, "parse"):
-            for name, inner, inner_tp, path in _fields(tp, f"{prefix}{f.name}_"):
-                yield name, inner, inner_tp, (f.name, *path)
+            for name, inner, inner_tp, path in _fields(tp, f"{prefix}{key}_"):
+                yield name, inner, inner_tp, (*where, *path)
         elif "help" in f.metadata:
-            yield prefix + f.name, f, tp, (f.name,)
+            yield prefix + key, f, tp, where
 
 
 def _option(name: str, f, tp) -> inspect.Parameter:
@@ -81,8 +84,12 @@ def build_spec(cls, given: dict, path: tuple[str, ...] = ()):
         for part in where[:-1]:
             node = node.setdefault(part, {})
         node[where[-1]] = _value(f, tp, given[name])
+    return _built(cls, kwargs)
+
+
+def _built(cls, kwargs: dict):
     hints = typing.get_type_hints(cls)
-    return cls(**{k: hints[k](**v) if isinstance(v, dict) else v for k, v in kwargs.items()})
+    return cls(**{k: _built(hints[k], v) if isinstance(v, dict) else v for k, v in kwargs.items()})
 
 
 def with_spec(arg: str, cls, skip: tuple[str, ...] = ()):

@@ -216,7 +216,7 @@ def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, 
         "parallel": True,
         "device": "gpu",
         "bytes_per_token": per_token,
-        "memory": pricing.capture_memory(model, dtype, positions, step.options.chunk_size, vocab, ref.tp_size),
+        "memory": pricing.capture_memory(model, dtype, positions, step.options.kd.chunk_size, vocab, ref.tp_size),
         "tp_size": ref.tp_size,
         "disk_bytes": {"cache": per_token * tokens},
     }
@@ -229,7 +229,7 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) ->
     tokens = spec.max_tokens if spec.max_tokens is not None else spec.steps * tokens_per_step
     steps = math.ceil(tokens / tokens_per_step)  # on one process
     _at(f"recipe.distill[{index}].seq_len", lambda: models.check_positions(student_cfg, spec.seq_len, "seq_len"))
-    _at(f"recipe.distill[{index}].warmup", lambda: spec.check_steps(steps))
+    _at(f"recipe.distill[{index}].warmup", lambda: spec.optim.check_steps(steps))
     for i, t in enumerate(step.teachers):
         if t.model != TEACHER:
             _same_tokenizer(t.model, tokenizer, f"recipe.distill[{index}].teachers[{i}]")
@@ -241,7 +241,7 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) ->
     n_active = student["active"]
     per_token = {
         "student_train": 6 * n_active,
-        "student_sampling": round(spec.on_policy * 2 * n_active),
+        "student_sampling": round(spec.gkd.fraction * 2 * n_active),
         "live_teachers": sum(2 * m["active"] for _, m in live),
         "cache_teachers_once": sum(2 * m["active"] for _, m in cached),
     }
@@ -276,7 +276,7 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) ->
         "memory": memory,
         "disk_bytes": {
             "store": data["store_bytes"],
-            "checkpoints": spec.keep_last * pricing.CHECKPOINT_BYTES_PER_PARAM * n_student,
+            "checkpoints": spec.save.keep_last * pricing.CHECKPOINT_BYTES_PER_PARAM * n_student,
             "model": pricing.MODEL_BYTES_PER_PARAM * n_student,
         },
     }, cached

@@ -18,7 +18,7 @@ b sequences of s tokens per GPU, hidden size h, L layers, V vocabulary ids, byte
                    no [a, s, s] scores, leaving 34*s*b*h (scaled by d/2). With full recomputation (section 5) each
                    layer keeps only its input, s*b*h*d, and the layer being recomputed holds all 34*s*b*h*d/2. A
                    forward without grad frees each layer's activations as the next runs: at most one layer's;
-  loss chunks      ~3 * chunk_size * V * 4 bytes (DistillSpec.chunk_size); for capture the same [chunk, V] fp32
+  loss chunks      ~3 * chunk_size * V * 4 bytes (DistillSpec.kd.chunk_size); for capture the same [chunk, V] fp32
                    logits at the distil step's chunk_size;
   KV cache         2 * L * b * s * kv_heads * head_dim * d bytes (keys and values of every layer: Pope et al. 2022,
                    "Efficiently Scaling Transformer Inference", section 2);
@@ -113,7 +113,7 @@ def training_activation_bytes(tokens: int, hidden: int, layers: int, dtype_bytes
 
 
 def loss_chunk_bytes(chunk_size: int, vocab: int) -> int:
-    """The chunked loss's [chunk, V] fp32 buffers: ~3 of them (DistillSpec.chunk_size)."""
+    """The chunked loss's [chunk, V] fp32 buffers: ~3 of them (DistillSpec.kd.chunk_size)."""
     return 3 * chunk_size * vocab * 4
 
 
@@ -198,7 +198,7 @@ def distill_memory(spec, student: dict, live: list[dict]) -> list[dict]:
     ``shard_teachers``) in the compute dtype, activations, the teachers' final hidden states, the loss chunks.
     ``student`` and each live model are ``{"name", "config", "params", "non_embedding"}``; the teachers run first under
     no_grad and free their activations before the student's forward, so the larger of the two counts."""
-    d = DTYPE_BYTES["float32" if spec.dtype == "float32" else "bfloat16"]  # auto: bf16 on GPUs
+    d = DTYPE_BYTES["float32" if spec.compute.dtype == "float32" else "bfloat16"]  # auto: bf16 on GPUs
     cfg, positions = student["config"], spec.batch_size * spec.seq_len
     parts = [
         part("student weights + grads + AdamW (16 B/param)", TRAIN_BYTES_PER_PARAM * student["params"], "sharded"),
@@ -209,21 +209,25 @@ def distill_memory(spec, student: dict, live: list[dict]) -> list[dict]:
             part(
                 f"live teacher {m['name']}",
                 d * m["params"],
-                "sharded" if spec.shard_teachers else "replicated",
+                "sharded" if spec.compute.shard_teachers else "replicated",
                 teacher=m["name"],
             )
         )
-        if spec.shard_teachers:
+        if spec.compute.shard_teachers:
             parts.append(part(f"live teacher {m['name']} FSDP2 gathers", gathered_bytes(m, d), "gathered"))
     acts = max(
-        [training_activation_bytes(positions, cfg.hidden_size, cfg.num_hidden_layers, d, spec.grad_checkpointing)]
+        [
+            training_activation_bytes(
+                positions, cfg.hidden_size, cfg.num_hidden_layers, d, spec.compute.grad_checkpointing
+            )
+        ]
         + [layer_activation_bytes(positions, m["config"].hidden_size, d) for m in live]
     )
-    what = "activations" + (" (grad_checkpointing)" if spec.grad_checkpointing else "")
+    what = "activations" + (" (grad_checkpointing)" if spec.compute.grad_checkpointing else "")
     return parts + [
         part(f"{what}, {positions:,} positions", acts),
         part("live teachers' final hidden states", sum(positions * m["config"].hidden_size * d for m in live)),
-        part("loss chunks", loss_chunk_bytes(spec.chunk_size, cfg.vocab_size)),
+        part("loss chunks", loss_chunk_bytes(spec.kd.chunk_size, cfg.vocab_size)),
     ]
 
 

@@ -134,10 +134,10 @@ class DistillStep:
         check_weights([t.weight for t in self.teachers] + [c.weight for c in self.caches], self.options)
         check_on_policy([t.weight for t in self.teachers], self.options)
         for i, cache in enumerate(self.caches):
-            if cache.temperature != self.options.temperature:
+            if cache.temperature != self.options.kd.temperature:
                 raise WhelpError(
                     f"caches[{i}].temperature {cache.temperature} differs from the loss temperature "
-                    f"{self.options.temperature}; cache at the temperature the step distils at"
+                    f"{self.options.kd.temperature}; cache at the temperature the step distils at"
                 )
 
 

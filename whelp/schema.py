@@ -119,37 +119,93 @@ def check_types(spec) -> None:
             )
 
 
+@functools.cache
+def flat_keys(cls) -> dict[str, tuple[str, ...]]:
+    """``{key: field path}`` of every key ``cls`` is written with at one level of a mapping (a recipe section, the
+    CLI's options, flat keywords), in the order it is written: the one flattening map of nested specs.
+
+    A class lists its keys itself in a ``KEYS`` class attribute (``DistillSpec``: ``lr`` sets ``optim.lr``), or
+    they are its init fields, a field declared with ``metadata={"flatten": True}`` giving its type's keys in its
+    place (a prune step is ``{target: ..., importance: ...}``, not nested).
+    """
+    own = getattr(cls, "KEYS", None)
+    if own is not None:
+        return dict(own)
+    out: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(cls):
+        if f.init and f.metadata.get("flatten"):
+            out.update({key: (f.name, *where) for key, where in flat_keys(_hints(cls)[f.name]).items()})
+        elif f.init:
+            out[f.name] = (f.name,)
+    return out
+
+
+def leaf(cls, where: tuple[str, ...]) -> tuple[dataclasses.Field, Any]:
+    """The field at path ``where`` of ``cls`` and its type."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == where[0])
+    tp = _hints(cls)[f.name]
+    return (f, tp) if len(where) == 1 else leaf(tp, where[1:])
+
+
+def flatten(obj) -> dict:
+    """``{key: value}`` of a (nested) dataclass by its flat keys (``flat_keys``), values as they are."""
+    out = {}
+    for key, where in flat_keys(type(obj)).items():
+        value = obj
+        for part in where:
+            value = getattr(value, part)
+        out[key] = value
+    return out
+
+
+def unflatten(cls, given: dict, where: str) -> dict:
+    """The init arguments of ``cls`` from ``given`` flat keys and/or whole fields: each key moves into the field
+    its path names, built as that field's type over its default (or over the value given whole). An unknown key
+    raises one line naming ``where.key`` and the valid keys."""
+    keys = flat_keys(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [key for key in given if key not in keys and key not in fields]
+    if unknown:
+        raise WhelpError(f"{where}.{unknown[0]}: unknown key; valid keys: {', '.join(keys)}")
+    out = {name: value for name, value in given.items() if name in fields and keys.get(name, (name,)) == (name,)}
+    nested: dict[str, dict] = {}
+    for key, value in given.items():
+        if key in keys and len(keys[key]) > 1:
+            nested.setdefault(keys[key][0], {})[keys[key][1:]] = value
+    for name, parts in nested.items():
+        tp, inner = _hints(cls)[name], {path: key for key, path in flat_keys(_hints(cls)[name]).items()}
+        args = unflatten(tp, {inner[path]: value for path, value in parts.items()}, where)
+        base = out.get(name, fields[name].default)
+        out[name] = tp(**args) if base is dataclasses.MISSING else dataclasses.replace(base, **args)
+    for name, f in fields.items():  # a required flattened field none of whose keys is given: its own defaults
+        if name not in out and f.default is dataclasses.MISSING and any(p[0] == name for p in keys.values() if p[1:]):
+            out[name] = _hints(cls)[name]()
+    return out
+
+
 def build(cls, raw: Any, path: str = "recipe"):
     """An instance of dataclass ``cls`` from mapping ``raw``: unknown keys, missing required keys, wrong
-    types and invalid values raise ``WhelpError`` naming ``path.key`` and what is valid.
-
-    A field declared with ``metadata={"flatten": True}`` holds a dataclass whose keys are written at
-    this level of the mapping (a prune step is ``{target: ..., importance: ...}``, not nested).
-    """
+    types and invalid values raise ``WhelpError`` naming ``path.key`` and what is valid. The keys are those of
+    ``flat_keys`` (a nested spec's fields written at this level)."""
     if isinstance(raw, cls):
         return raw
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise WhelpError(f"{path}: expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    flat = {name: hints[name] for name, f in fields.items() if f.metadata.get("flatten")}
-    inner_keys = {name: [f.name for f in dataclasses.fields(tp) if f.init] for name, tp in flat.items()}
-    valid = [k for name in fields for k in (inner_keys.get(name) or [name])]
-    unknown = sorted(set(map(str, raw)) - set(valid))
+    keys = flat_keys(cls)
+    unknown = sorted(set(map(str, raw)) - set(keys))
     if unknown:
-        raise WhelpError(f"{path}.{unknown[0]}: unknown key; valid keys: {', '.join(valid)}")
-    kwargs = {}
-    for name, field in fields.items():
-        if name in flat:
-            kwargs[name] = build(flat[name], {k: raw[k] for k in inner_keys[name] if k in raw}, path)
-        elif name in raw:
-            kwargs[name] = _coerce(raw[name], hints[name], f"{path}.{name}")
+        raise WhelpError(f"{path}.{unknown[0]}: unknown key; valid keys: {', '.join(keys)}")
+    values = {}
+    for key, where in keys.items():
+        field, tp = leaf(cls, where)
+        if key in raw:
+            values[key] = _coerce(raw[key], tp, f"{path}.{key}")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise WhelpError(f"{path}.{name}: required key is missing")
+            raise WhelpError(f"{path}.{key}: required key is missing")
     try:
-        return cls(**kwargs)
+        return cls(**unflatten(cls, values, path))
     except (WhelpError, ValueError) as exc:
         message = str(exc)
         raise WhelpError(message if message.startswith(path) else f"{path}: {message}") from None
@@ -160,11 +216,7 @@ def to_dict(obj) -> Any:
     if hasattr(type(obj), "parse"):  # a spec with a text form (Schedule): written as that text
         return str(obj)
     if dataclasses.is_dataclass(obj):
-        out = {}
-        for f in dataclasses.fields(obj):
-            value = to_dict(getattr(obj, f.name))
-            out.update(value if f.metadata.get("flatten") else {f.name: value})
-        return out
+        return {key: to_dict(value) for key, value in flatten(obj).items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -9,11 +9,11 @@ this module costs milliseconds, which keeps ``whelp show`` and ``whelp validate`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import ClassVar, Literal
 
 from whelp.errors import WhelpError
-from whelp.schema import check_types
+from whelp.schema import check_types, flatten, unflatten
 
 IMPORTANCE = ("activation", "magnitude", "taylor", "random")
 LAYER_IMPORTANCE = ("block", "loss")
@@ -279,13 +279,15 @@ class LossSpec:
     ids at or above it are excluded from every softmax, which is exactly masking their logits to -inf.
     """
 
-    name: str = "forward_kl"
-    temperature: float = 1.0
-    t2_scale: bool = False
-    beta: float = 0.5
-    alpha: float = 0.1
-    ce_weight: float = 0.0
-    chunk_size: int = 1024
+    name: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = opt(
+        "forward_kl", "Divergence: forward_kl | reverse_kl | jsd | skew_kl | tvd"
+    )
+    temperature: float = opt(1.0, "Softmax temperature of student and teachers")
+    t2_scale: bool = opt(False, "Scale the KD term by T^2 (Hinton et al. 2015)")
+    beta: float = opt(0.5, "jsd: mixture weight of the teacher, in (0, 1)")
+    alpha: float = opt(0.1, "skew_kl: skew toward the teacher, in [0, 1)")
+    ce_weight: float = opt(0.0, "Weight of the next-token CE in [0, 1]")
+    chunk_size: int = opt(1024, "Tokens per loss chunk: loss memory ~ 3 x chunk x vocab x 4 bytes")
     vocab_size: int | None = None
 
     def __post_init__(self):
@@ -303,117 +305,17 @@ class LossSpec:
 
 
 @dataclass(frozen=True)
-class DistillSpec:
-    """Hyper-parameters of a distillation run. Budget: exactly one of ``steps`` / ``max_tokens``."""
+class OptimSpec:
+    """AdamW and its learning-rate schedule (linear warmup, then cosine decay to 0): what may change on resume."""
 
-    data: str = opt("pydoc:train", "Training data (store, file, dir, pydoc:train, hf:..., a:0.7,b:0.3)")
-    steps: int | None = opt(None, "Optimizer steps (or --max-tokens)")
-    max_tokens: int | None = opt(None, "Training tokens (or --steps); also bounds how much of the data is read")
-    batch_size: int = opt(8, "Sequences per micro-batch per process")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step")
-    seq_len: int = opt(512, "Tokens per block")
     lr: float = opt(1e-4, "Peak learning rate (AdamW)")
     warmup: int = opt(0, "Linear warmup steps before cosine decay to 0")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm")
-    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = opt(
-        "forward_kl", "Divergence: forward_kl | reverse_kl | jsd | skew_kl | tvd"
-    )
-    temperature: float = opt(1.0, "Softmax temperature of student and teachers")
-    t2_scale: bool = opt(False, "Scale the KD term by T^2 (Hinton et al. 2015)")
-    beta: float = opt(0.5, "jsd: mixture weight of the teacher, in (0, 1)")
-    alpha: float = opt(0.1, "skew_kl: skew toward the teacher, in [0, 1)")
-    ce_weight: float = opt(0.0, "Weight of the next-token CE in [0, 1]")
-    on_policy: float = opt(
-        0.0,
-        "Fraction of micro-batches in [0, 1] whose continuations the student samples and the live teachers score (GKD)",
-    )
-    gen_tokens: int = opt(64, "On-policy: tokens the student samples after each prompt")
-    prompt_tokens: int | None = opt(
-        None, "On-policy: prompt tokens cut from each block (default: seq_len - gen_tokens)"
-    )
-    on_policy_loss: Literal["reverse_kl", "jsd", "forward_kl"] = opt(
-        "reverse_kl", "On-policy divergence: reverse_kl | jsd | forward_kl"
-    )
-    shard_teachers: bool = opt(
-        False,
-        "Under torchrun: FSDP2-shard the live teachers across ranks (forward only) "
-        "instead of a full copy on every rank",
-    )
-    chunk_size: int = opt(1024, "Tokens per loss chunk: loss memory ~ 3 x chunk x vocab x 4 bytes")
-    schedule: Schedule = opt(
-        Schedule(), "Teacher weights: constant | linear:N | cosine:N (first teacher -> given weights)"
-    )
-    eval_every: int = opt(0, "Held-out perplexity every N steps (0: at the start and end only)")
-    eval_data: str = opt("pydoc:eval", "Held-out data for the perplexity")
-    eval_tokens: int = opt(16384, "Held-out tokens")
-    seed: int = opt(0, "Seed of the data order")
-    dtype: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto", "Autocast dtype: auto (bf16 on CUDA, else fp32) | float32 | bfloat16; master weights stay fp32"
-    )
-    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "dtype of the written weights: auto (what the source model stores) | float32 | bfloat16 | float16"
-    )
-    grad_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower)")
-    save_every: int = opt(0, "Checkpoint every N steps (0: only at the end)")
-    keep_last: int = opt(2, "Checkpoints kept")
-    tensorboard: bool = opt(False, "Also log to OUT.distill/tensorboard")
 
     def __post_init__(self):
-        if isinstance(self.schedule, str):  # DistillSpec(schedule="linear:100") in Python, as in YAML and the CLI
-            object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
         check_types(self)
-        _require(
-            [
-                (
-                    (self.steps is None) != (self.max_tokens is None),
-                    "give exactly one training budget: --steps N or --max-tokens N (recipe: steps or max_tokens)",
-                ),
-                *_positive(self, ("steps", "max_tokens", "batch_size", "grad_accum", "keep_last", "eval_tokens")),
-                (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
-                *_non_negative(self, ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "save_every")),
-                _choice("dtype", self.dtype, ("auto", "float32", "bfloat16")),
-                _choice("save_dtype", self.save_dtype, SAVE_DTYPES),
-            ]
-        )
-        self._check_on_policy()
-        self.loss_spec()
-        if self.steps is not None:
-            self.check_steps(self.steps)
-        for data in (self.data, self.eval_data):
-            parse_mixture(data)
-
-    def _check_on_policy(self) -> None:
-        prompt = self.prompt_tokens if self.prompt_tokens is not None else self.seq_len - self.gen_tokens
-        _require(
-            [
-                (
-                    0 <= self.on_policy <= 1,
-                    f"on_policy is the fraction of on-policy micro-batches, in [0, 1]; got {self.on_policy}",
-                ),
-                *_positive(self, ("gen_tokens", "prompt_tokens")),
-                _choice("on_policy_loss", self.on_policy_loss, ON_POLICY_LOSSES),
-                (
-                    not self.on_policy or (prompt >= 1 and prompt + self.gen_tokens <= self.seq_len),
-                    f"on-policy rows are prompt_tokens + gen_tokens = {prompt} + {self.gen_tokens} tokens, which must "
-                    f"fit in seq_len={self.seq_len} with a prompt of at least 1; lower --gen-tokens or --prompt-tokens",
-                ),
-            ]
-        )
-
-    def on_policy_spec(self, vocab_size: int | None = None) -> LossSpec:
-        """The loss of on-policy micro-batches: ``on_policy_loss``, KD alone (student samples have no labels), so a
-        sampled position carries the divergence at full weight where a data position carries ``1 - ce_weight``."""
-        return LossSpec(
-            self.on_policy_loss,
-            self.temperature,
-            self.t2_scale,
-            self.beta,
-            self.alpha,
-            0.0,
-            self.chunk_size,
-            vocab_size,
-        )
+        _require(_non_negative(self, ("lr", "warmup", "weight_decay", "max_grad_norm")))
 
     def check_steps(self, steps: int) -> None:
         """Refuse a warmup not below the run's ``steps`` (for a --max-tokens budget known once the processes are)."""
@@ -427,25 +329,223 @@ class DistillSpec:
             ]
         )
 
-    def loss_spec(self, vocab_size: int | None = None) -> LossSpec:
-        return LossSpec(
-            self.loss,
-            self.temperature,
-            self.t2_scale,
-            self.beta,
-            self.alpha,
-            self.ce_weight,
-            self.chunk_size,
-            vocab_size,
+
+@dataclass(frozen=True)
+class OnPolicySpec:
+    """On-policy distillation (GKD, ``whelp.distillation.onpolicy``): the ``fraction`` of micro-batches in which the
+    student samples ``gen_tokens`` tokens after each block's first ``prompt_tokens`` and the live teachers score
+    them with the divergence ``loss``."""
+
+    fraction: float = opt(
+        0.0,
+        "Fraction of micro-batches in [0, 1] whose continuations the student samples and the live teachers score (GKD)",
+    )
+    gen_tokens: int = opt(64, "On-policy: tokens the student samples after each prompt")
+    prompt_tokens: int | None = opt(
+        None, "On-policy: prompt tokens cut from each block (default: seq_len - gen_tokens)"
+    )
+    loss: Literal["reverse_kl", "jsd", "forward_kl"] = opt(
+        "reverse_kl", "On-policy divergence: reverse_kl | jsd | forward_kl"
+    )
+
+    def __post_init__(self):
+        check_types(self)
+        _require(
+            [
+                (
+                    0 <= self.fraction <= 1,
+                    f"on_policy is the fraction of on-policy micro-batches, in [0, 1]; got {self.fraction}",
+                ),
+                *_positive(self, ("gen_tokens", "prompt_tokens")),
+                _choice("on_policy_loss", self.loss, ON_POLICY_LOSSES),
+            ]
         )
+
+    def prompt_len(self, seq_len: int) -> int:
+        """Prompt tokens cut from each block of ``seq_len``: ``prompt_tokens``, or the rest after ``gen_tokens``."""
+        return self.prompt_tokens if self.prompt_tokens is not None else seq_len - self.gen_tokens
+
+    def loss_spec(self, loss: LossSpec) -> LossSpec:
+        """The loss of on-policy micro-batches: ``loss`` with this divergence, KD alone (student samples have no
+        labels), so a sampled position carries the divergence at full weight where a data position carries
+        ``1 - ce_weight``."""
+        return replace(loss, name=self.loss, ce_weight=0.0)
+
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    """How the run uses the hardware (not what it trains): autocast dtype, recomputation, teacher sharding."""
+
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "Autocast dtype: auto (bf16 on CUDA, else fp32) | float32 | bfloat16; master weights stay fp32"
+    )
+    grad_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower)")
+    shard_teachers: bool = opt(
+        False,
+        "Under torchrun: FSDP2-shard the live teachers across ranks (forward only) "
+        "instead of a full copy on every rank",
+    )
+
+    def __post_init__(self):
+        check_types(self)
+        _require([_choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))])
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    """What the run measures and logs as it goes: held-out perplexity cadence and size, TensorBoard."""
+
+    eval_every: int = opt(0, "Held-out perplexity every N steps (0: at the start and end only)")
+    eval_tokens: int = opt(16384, "Held-out tokens")
+    tensorboard: bool = opt(False, "Also log to OUT.distill/tensorboard")
+
+    def __post_init__(self):
+        check_types(self)
+        _require([*_positive(self, ("eval_tokens",)), *_non_negative(self, ("eval_every",))])
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    """What the run writes: checkpoints (cadence, how many kept) and the dtype of the final weights."""
+
+    save_every: int = opt(0, "Checkpoint every N steps (0: only at the end)")
+    keep_last: int = opt(2, "Checkpoints kept")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype of the written weights: auto (what the source model stores) | float32 | bfloat16 | float16"
+    )
+
+    def __post_init__(self):
+        check_types(self)
+        _require(
+            [
+                *_positive(self, ("keep_last",)),
+                *_non_negative(self, ("save_every",)),
+                _choice("save_dtype", self.save_dtype, SAVE_DTYPES),
+            ]
+        )
+
+
+@dataclass(frozen=True, init=False)
+class DistillSpec:
+    """Hyper-parameters of a distillation run. Budget: exactly one of ``steps`` / ``max_tokens``.
+
+    The run's own fields (budget, batch, data, schedule, seed) and one frozen sub-spec per concern, each handed to
+    the code that acts on it: ``optim`` (AdamW and warmup), ``kd`` (the ``LossSpec``), ``gkd`` (on-policy, GKD),
+    ``compute``, ``monitor`` and ``save``. Users write the flat keys of ``KEYS`` (``--lr``, recipe ``lr:``,
+    ``DistillSpec(steps=2, lr=1e-3)``); sub-specs may also be given whole (``DistillSpec(steps=2, optim=...)``).
+    """
+
+    # Every key a user writes (CLI flag, recipe key, keyword) -> the field it sets, in the order they are shown.
+    KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("data",),
+        "steps": ("steps",),
+        "max_tokens": ("max_tokens",),
+        "batch_size": ("batch_size",),
+        "grad_accum": ("grad_accum",),
+        "seq_len": ("seq_len",),
+        "lr": ("optim", "lr"),
+        "warmup": ("optim", "warmup"),
+        "weight_decay": ("optim", "weight_decay"),
+        "max_grad_norm": ("optim", "max_grad_norm"),
+        "loss": ("kd", "name"),
+        "temperature": ("kd", "temperature"),
+        "t2_scale": ("kd", "t2_scale"),
+        "beta": ("kd", "beta"),
+        "alpha": ("kd", "alpha"),
+        "ce_weight": ("kd", "ce_weight"),
+        "on_policy": ("gkd", "fraction"),
+        "gen_tokens": ("gkd", "gen_tokens"),
+        "prompt_tokens": ("gkd", "prompt_tokens"),
+        "on_policy_loss": ("gkd", "loss"),
+        "shard_teachers": ("compute", "shard_teachers"),
+        "chunk_size": ("kd", "chunk_size"),
+        "schedule": ("schedule",),
+        "eval_every": ("monitor", "eval_every"),
+        "eval_data": ("eval_data",),
+        "eval_tokens": ("monitor", "eval_tokens"),
+        "seed": ("seed",),
+        "dtype": ("compute", "dtype"),
+        "save_dtype": ("save", "save_dtype"),
+        "grad_checkpointing": ("compute", "grad_checkpointing"),
+        "save_every": ("save", "save_every"),
+        "keep_last": ("save", "keep_last"),
+        "tensorboard": ("monitor", "tensorboard"),
+    }
+
+    data: str = opt("pydoc:train", "Training data (store, file, dir, pydoc:train, hf:..., a:0.7,b:0.3)")
+    steps: int | None = opt(None, "Optimizer steps (or --max-tokens)")
+    max_tokens: int | None = opt(None, "Training tokens (or --steps); also bounds how much of the data is read")
+    batch_size: int = opt(8, "Sequences per micro-batch per process")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step")
+    seq_len: int = opt(512, "Tokens per block")
+    schedule: Schedule = opt(
+        Schedule(), "Teacher weights: constant | linear:N | cosine:N (first teacher -> given weights)"
+    )
+    eval_data: str = opt("pydoc:eval", "Held-out data for the perplexity")
+    seed: int = opt(0, "Seed of the data order")
+    optim: OptimSpec = OptimSpec()
+    kd: LossSpec = LossSpec()
+    gkd: OnPolicySpec = OnPolicySpec()
+    compute: ComputeSpec = ComputeSpec()
+    monitor: MonitorSpec = MonitorSpec()
+    save: SaveSpec = SaveSpec()
+
+    def __init__(self, **given):
+        """From flat keys (``lr=1e-3``), whole sub-specs (``optim=OptimSpec(...)``) or both; an unknown key is one
+        line naming it and the valid keys."""
+        values = unflatten(DistillSpec, given, "DistillSpec")
+        for f in fields(self):
+            object.__setattr__(self, f.name, values.get(f.name, f.default))
+        self.__post_init__()
+
+    def __post_init__(self):
+        if isinstance(self.schedule, str):  # DistillSpec(schedule="linear:100") in Python, as in YAML and the CLI
+            object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
+        check_types(self)
+        _require(
+            [
+                (
+                    (self.steps is None) != (self.max_tokens is None),
+                    "give exactly one training budget: --steps N or --max-tokens N (recipe: steps or max_tokens)",
+                ),
+                *_positive(self, ("steps", "max_tokens", "batch_size", "grad_accum")),
+                (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+            ]
+        )
+        self._check_on_policy()
+        if self.steps is not None:
+            self.optim.check_steps(self.steps)
+        for data in (self.data, self.eval_data):
+            parse_mixture(data)
+
+    def _check_on_policy(self) -> None:
+        on, prompt = self.gkd, self.gkd.prompt_len(self.seq_len)
+        _require(
+            [
+                (
+                    not on.fraction or (prompt >= 1 and prompt + on.gen_tokens <= self.seq_len),
+                    f"on-policy rows are prompt_tokens + gen_tokens = {prompt} + {on.gen_tokens} tokens, which must "
+                    f"fit in seq_len={self.seq_len} with a prompt of at least 1; lower --gen-tokens or --prompt-tokens",
+                )
+            ]
+        )
+
+    def flat(self) -> dict:
+        """``{key: value}`` by the flat keys of ``KEYS`` (a sub-spec-valued key as ``asdict``): what a run's
+        identity (``run.json``) and report record, as they did before the sub-specs."""
+        return {key: _plain(value) for key, value in flatten(self).items()}
+
+
+def _plain(value):
+    return asdict(value) if is_dataclass(value) else value
 
 
 def check_on_policy(live_weights: list[float], spec: DistillSpec) -> None:
     """On-policy micro-batches need a live teacher with a positive weight: a cache holds logits of the data's tokens
     and cannot score the student's samples."""
-    if spec.on_policy and not any(live_weights):
+    if spec.gkd.fraction and not any(live_weights):
         raise WhelpError(
-            f"on_policy={spec.on_policy} needs a live teacher (--teacher MODEL) with a positive weight: "
+            f"on_policy={spec.gkd.fraction} needs a live teacher (--teacher MODEL) with a positive weight: "
             "cached logits score only the data's tokens, not the student's samples; add a live teacher "
             "(caches still serve the off-policy micro-batches) or set --on-policy 0"
         )
@@ -455,7 +555,7 @@ def check_weights(weights: list[float], spec: DistillSpec) -> None:
     """Teacher weights: finite, >= 0, and not all zero unless the CE term carries the loss."""
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise WhelpError(f"teacher weights must be finite numbers >= 0, got {weights}")
-    if not any(weights) and spec.ce_weight == 0:
+    if not any(weights) and spec.kd.ce_weight == 0:
         what = "every teacher weight is 0" if weights else "no teacher or cache is given"
         raise WhelpError(
             f"nothing to distil from: {what}; pass --teacher MODEL[:WEIGHT] and/or --cache DIR[:WEIGHT] "

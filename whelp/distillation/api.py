@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, check_on_policy, check_weights
+from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, SaveSpec, check_on_policy, check_weights
 
 
 def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
@@ -73,15 +72,15 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
     opened = []
     for path, _ in caches:
         cache = open_cache(path, student_vocab_size=vocab, tokenizer=tokenizer)
-        if not math.isclose(cache.manifest["temperature"], spec.temperature):
+        if not math.isclose(cache.manifest["temperature"], spec.kd.temperature):
             raise WhelpError(
                 f"cache {path} was made at temperature {cache.manifest['temperature']} but the loss "
-                f"uses {spec.temperature}; pass --temperature {cache.manifest['temperature']} or rebuild"
+                f"uses {spec.kd.temperature}; pass --temperature {cache.manifest['temperature']} or rebuild"
             )
-        if cache.manifest["mode"] == "sample" and spec.loss != "forward_kl":
+        if cache.manifest["mode"] == "sample" and spec.kd.name != "forward_kl":
             raise WhelpError(
                 f"cache {path} holds teacher samples, which estimate only forward_kl without bias "
-                f"(Anshumann et al. 2025), not {spec.loss}; use --loss forward_kl or a top-k cache"
+                f"(Anshumann et al. 2025), not {spec.kd.name}; use --loss forward_kl or a top-k cache"
             )
         opened.append(cache)
     return tokenizer, opened
@@ -113,7 +112,7 @@ def distill_run(
             "student": student,
             "teachers": [list(t) for t in teachers],
             "caches": [list(c) for c in caches],
-            "spec": asdict(spec),
+            "spec": spec.flat(),
             "world_size": world.size,
             "inputs": _inputs(student, teachers, caches, spec),
         }
@@ -123,11 +122,13 @@ def distill_run(
         )
         for cache in opened:
             cache.check_blocks(blocks)
-        eval_ids = parallel.main_first(world, lambda: stream_tokens(spec.eval_data, tokenizer, spec.eval_tokens))
+        eval_ids = parallel.main_first(
+            world, lambda: stream_tokens(spec.eval_data, tokenizer, spec.monitor.eval_tokens)
+        )
         torch.manual_seed(spec.seed)
-        dtype = str(loop.compute_dtype(spec.dtype, world.device)).replace("torch.", "")
+        dtype = str(loop.compute_dtype(spec.compute.dtype, world.device)).replace("torch.", "")
         lm = load_model(student, device=str(world.device), policy=policy)[0]
-        live = [_load_teacher(name, dtype, world, spec, policy) for name, _ in teachers]
+        live = [_load_teacher(name, dtype, world, spec.compute.shard_teachers, policy) for name, _ in teachers]
         t = loop.setup(
             lm,
             live,
@@ -146,24 +147,24 @@ def distill_run(
             student=student,
             teachers=identity["teachers"],
             caches=identity["caches"],
-            spec=asdict(spec),
+            spec=spec.flat(),
             world_size=world.size,
             run_dir=str(rdir),
             history=run_state.history(rdir) if world.main else [],
         )
-        _save_student(t.model, lm, tokenizer, out, force, report, world, stage_key, student, spec)
+        _save_student(t.model, lm, tokenizer, out, force, report, world, stage_key, student, spec.save)
         return report
     finally:
         parallel.close_world(world)
 
 
-def _load_teacher(name: str, dtype: str, world, spec: DistillSpec, policy: LoadPolicy):
-    """A frozen live teacher, stored in the compute dtype (half the memory in bf16). With ``shard_teachers`` its
+def _load_teacher(name: str, dtype: str, world, shard: bool, policy: LoadPolicy):
+    """A frozen live teacher, stored in the compute dtype (half the memory in bf16). With ``shard`` its
     decoder layers are FSDP2-sharded; it is read through host memory (safetensors pages the node's ranks share)
     so that only this rank's shard reaches the device."""
     from whelp.models import load_model
 
-    if not spec.shard_teachers:
+    if not shard:
         return load_model(name, dtype=dtype, device=str(world.device), policy=policy)[0].requires_grad_(False)
     model = load_model(name, dtype=dtype, device="cpu", policy=policy)[0].requires_grad_(False)
     return parallel.shard_teacher(model, world).to(world.device)
@@ -182,7 +183,7 @@ def _resume(t: loop.Training, rdir: Path, changed: dict) -> tuple[int, Path | No
         return 0, None
     meta = checkpoint.load_checkpoint(found[-1], t.model, t.optimizer, t.scheduler)
     t.tokens_seen = meta["tokens_seen"]
-    t.scheduler = run_state.adjusted_scheduler(t.optimizer, t.spec, t.steps, meta["step"])  # same lr as unbroken
+    t.scheduler = run_state.adjusted_scheduler(t.optimizer, t.spec.optim, t.steps, meta["step"])  # same lr as unbroken
     if changed:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
         kept = (
@@ -203,7 +204,7 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
     main = t.world.main
     if main:
         metrics_log.trim(metrics, start)
-    writer = metrics_log.tensorboard(rdir) if t.spec.tensorboard and main else None
+    writer = metrics_log.tensorboard(rdir) if t.spec.monitor.tensorboard and main else None
     bar = Progress("distill", t.steps, start, enabled=progress and main)
 
     def save(step: int) -> Path:
@@ -214,7 +215,7 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
             t.optimizer,
             t.scheduler,
             {"tokens_seen": t.tokens_seen, "data_position": step * t.per_step},
-            t.spec.keep_last,
+            t.spec.save.keep_last,
         )
 
     def on_step(row: dict) -> None:
@@ -242,7 +243,7 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
 
 
 def _save_student(
-    model, lm, tokenizer, out: Path, force: bool, report: dict, world, stage_key, student: str, spec: DistillSpec
+    model, lm, tokenizer, out: Path, force: bool, report: dict, world, stage_key, student: str, spec: SaveSpec
 ) -> None:
     """Gather the full fp32 weights and write ``out`` from rank 0 as a plain (unsharded) HF model, in the
     ``save_dtype`` of ``spec`` (auto: the dtype the ``student`` it started from stores)."""
@@ -285,7 +286,7 @@ def cache_teacher(
     ``spec.tp_size`` T > 1, groups of T processes share one tensor-parallel teacher."""
     from whelp.data import check_data, open_blocks
     from whelp.distillation.cache import claim
-    from whelp.distillation.capture import write_cache
+    from whelp.distillation.capture import Teacher, write_cache
     from whelp.models import load_model
 
     def early() -> None:  # before minutes of loading: a user's directory or a bad source, at once
@@ -309,21 +310,14 @@ def cache_teacher(
         )
         with Progress("caching teacher logits (blocks)", len(blocks), enabled=world.main) as bar:
             return write_cache(
-                model,
-                tokenizer,
+                Teacher(model, tokenizer, teacher),
                 blocks,
                 out,
-                spec.mode,
-                spec.k,
-                spec.temperature,
-                teacher,
+                spec,
                 force=force,
-                batch_size=spec.batch_size,
-                shard_tokens=spec.shard_tokens,
                 progress=bar.advance,
                 stage_key=stage_key,
                 world=world,
-                tp_size=spec.tp_size,
             )
     finally:
         parallel.close_world(world)

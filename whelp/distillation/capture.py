@@ -28,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -124,19 +126,27 @@ def content_sha256(path: Path, shards: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def _identity(
-    model, tokenizer, blocks, mode: str, k: int, temperature: float, teacher_name: str, seed: int, per_shard: int
-) -> dict:
-    width = model.get_output_embeddings().weight.shape[0]
+@dataclass(frozen=True)
+class Teacher:
+    """The teacher a cache is captured from: the loaded model, its tokenizer, and the name the manifest records
+    (a build's or a user's name for it: resuming a cache needs the same one)."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+
+
+def _identity(teacher: Teacher, blocks, spec: CacheSpec, seed: int, per_shard: int) -> dict:
+    width = teacher.model.get_output_embeddings().weight.shape[0]
     return {
         "format": FORMAT,
-        "teacher": teacher_name,
-        "teacher_config_sha256": config_hash(model.config),
-        "tokenizer_sha256": tokenizer_hash(tokenizer),
-        "vocab_size": min(width, len(tokenizer)),
-        "temperature": float(temperature),
-        "mode": mode,
-        "k": int(k),
+        "teacher": teacher.name,
+        "teacher_config_sha256": config_hash(teacher.model.config),
+        "tokenizer_sha256": tokenizer_hash(teacher.tokenizer),
+        "vocab_size": min(width, len(teacher.tokenizer)),
+        "temperature": float(spec.temperature),
+        "mode": spec.mode,
+        "k": int(spec.k),
         "seq_len": int(blocks.seq_len),
         "n_blocks": len(blocks),
         "shard_blocks": per_shard,
@@ -187,49 +197,44 @@ def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> t
 
 
 def write_cache(
-    teacher_model,
-    tokenizer,
+    teacher: Teacher,
     blocks,
     out: Path,
-    mode: str,
-    k: int,
-    temperature: float,
-    teacher_name: str,
+    spec: CacheSpec,
+    *,
     force: bool = False,
-    batch_size: int = 4,
-    shard_tokens: int = 65536,
     seed: int = 0,
     progress=None,
     stage_key: str | None = None,
     world: parallel.World | None = None,
-    tp_size: int = 1,
 ) -> Path:
     """Run the teacher over the rows of ``blocks`` (``whelp.data.Blocks``: ``len``, ``blocks[idx]``, ``seq_len``,
-    ``fingerprint``, ``source``) and write a sparse-target cache to ``out``; every rank of ``world`` calls it
-    (collective), groups of ``tp_size`` ranks sharing one tensor-parallel teacher.
+    ``fingerprint``, ``source``) and write a sparse-target cache to ``out``, as ``spec`` says (``mode``, ``k``,
+    ``temperature``, ``batch_size``, ``shard_tokens``, ``tp_size``; its ``seq_len``, ``max_tokens`` and ``dtype``
+    are how ``blocks`` and the teacher were loaded, e.g. by ``whelp.distillation.api.cache_teacher``). Every rank of
+    ``world`` calls it (collective), groups of ``spec.tp_size`` ranks sharing one tensor-parallel teacher.
 
     Resumable on any number of processes: rerunning after an interruption keeps every intact shard and writes the
     rest (the result is identical to an uninterrupted run). ``progress(n_blocks)`` is called on rank 0 after each
     round. ``stage_key`` (a build's key of this cache's inputs) goes into its marker.
     """
-    CacheSpec(mode, k, temperature)  # the one range check of these values
-    world = world or parallel.World(0, 1, _device(teacher_model), owns_group=False)
+    world = world or parallel.World(0, 1, _device(teacher.model), owns_group=False)
     out = Path(out).expanduser()
-    per_shard = max(1, shard_tokens // blocks.seq_len)
-    identity = _identity(teacher_model, tokenizer, blocks, mode, k, temperature, teacher_name, seed, per_shard)
-    if mode == "topk" and k > identity["vocab_size"]:
+    per_shard = max(1, spec.shard_tokens // blocks.seq_len)
+    identity = _identity(teacher, blocks, spec, seed, per_shard)
+    if spec.mode == "topk" and spec.k > identity["vocab_size"]:
         raise WhelpError(
-            f"--topk {k} exceeds the teacher's {identity['vocab_size']}-token vocabulary; use at most "
+            f"--topk {spec.k} exceeds the teacher's {identity['vocab_size']}-token vocabulary; use at most "
             f"{identity['vocab_size']} (that is the whole distribution)"
         )
-    if world.size % tp_size:
-        raise WhelpError(f"--tp-size {tp_size} does not divide the {world.size} processes; use a divisor")
+    if world.size % spec.tp_size:
+        raise WhelpError(f"--tp-size {spec.tp_size} does not divide the {world.size} processes; use a divisor")
     work, manifest = parallel.from_main(world, lambda: _workdir(out, identity, force, stage_key))
     work = Path(work)
-    check_logits(teacher_model, blocks[torch.arange(1)][0], identity["vocab_size"])
+    check_logits(teacher.model, blocks[torch.arange(1)][0], identity["vocab_size"])
     done = {s["file"] for s in manifest["shards"]}
     todo = [r for r in shard_ranges(len(blocks), per_shard) if shard_name(*r) not in done]
-    dp_rank, dp_size, writer = world.rank // tp_size, world.size // tp_size, world.rank % tp_size == 0
+    dp_rank, dp_size, writer = world.rank // spec.tp_size, world.size // spec.tp_size, world.rank % spec.tp_size == 0
     mine = todo[dp_rank::dp_size]
     saved = time.monotonic()
     try:
@@ -237,7 +242,9 @@ def write_cache(
             record = None
             if i < len(mine):
                 start, stop = mine[i]
-                tensors = teacher_shard(teacher_model, blocks[torch.arange(start, stop)], identity, start, batch_size)
+                tensors = teacher_shard(
+                    teacher.model, blocks[torch.arange(start, stop)], identity, start, spec.batch_size
+                )
                 if writer:
                     name = shard_name(start, stop)
                     store.write_bytes(work / name, save(tensors))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ import torch
 from whelp.distillation import onpolicy, parallel, schedule
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.specs import DistillSpec, LossSpec, check_on_policy, check_weights
+from whelp.specs import DistillSpec, LossSpec, OptimSpec, check_on_policy, check_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -125,19 +125,29 @@ class Training:
         return torch.autocast(self.world.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
 
-def vocab_spec(spec: DistillSpec, widths: list[int], tokenizer_size: int | None) -> LossSpec:
+def vocab_spec(spec: LossSpec, widths: list[int], tokenizer_size: int | None) -> LossSpec:
     """Student and teacher lm_heads padded to different widths (e.g. 49152 vs 49216 rows) share the tokenizer's
     ids: softmax over those alone (ids beyond it masked). Vocabularies that really differ are refused by the loss
     (and by ``whelp.distillation.api`` before any model loads, from the tokenizers)."""
     if len(set(widths)) == 1:
-        return spec.loss_spec()
+        return spec
     if tokenizer_size is None:
         raise WhelpError(
             f"the student and teachers have lm_heads of {sorted(set(widths))} rows: if they share one "
             "tokenizer padded to other widths, pass it (tokenizer=) so only its ids are compared; models "
             "with different tokenizers cannot be distilled token by token"
         )
-    return spec.loss_spec(vocab_size=tokenizer_size)
+    return replace(spec, vocab_size=tokenizer_size)
+
+
+def optimiser(model, spec: OptimSpec, steps: int):
+    """AdamW over ``model``'s parameters and its schedule: ``spec.warmup`` linear warmup steps, then cosine decay to
+    0 at ``steps`` (a warmup not below ``steps`` is refused)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    spec.check_steps(steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps)
 
 
 def setup(
@@ -153,8 +163,6 @@ def setup(
     tokenizer_size: int | None = None,
 ) -> Training:
     """Wrap (and under torchrun shard) the student, build AdamW and the warmup + cosine schedule."""
-    from transformers import get_cosine_schedule_with_warmup
-
     if blocks.seq_len != spec.seq_len:
         raise WhelpError(f"the data has blocks of {blocks.seq_len} tokens, the spec seq_len={spec.seq_len}")
     widths = (
@@ -162,21 +170,19 @@ def setup(
         + [t.get_output_embeddings().weight.shape[0] for t in teachers]
         + [c.manifest["vocab_size"] for c in caches]
     )
-    loss = vocab_spec(spec, widths, tokenizer_size)
+    loss = vocab_spec(spec.kd, widths, tokenizer_size)
     check_weights(list(weights), spec)
     check_on_policy(list(weights)[: len(teachers)], spec)
     probe = blocks[torch.arange(1)][:, :16].to(world.device)
     for model, what in [(lm, "student")] + [(m, "teacher") for m in teachers]:
         check_head(model, probe, what)
-    if spec.grad_checkpointing:
+    if spec.compute.grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = parallel.shard_student(parallel.KDStudent(lm).train(), world)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     per_step = spec.batch_size * spec.grad_accum * world.size
     steps = spec.steps or math.ceil(spec.max_tokens / (per_step * spec.seq_len))
-    spec.check_steps(steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps)
-    on_loss = spec.on_policy_spec(loss.vocab_size or widths[0])
+    optimizer, scheduler = optimiser(model, spec.optim, steps)
+    on_loss = spec.gkd.loss_spec(replace(loss, vocab_size=loss.vocab_size or widths[0]))
     return Training(
         model,
         teachers,
@@ -188,7 +194,7 @@ def setup(
         loss,
         on_loss,
         world,
-        compute_dtype(spec.dtype, world.device),
+        compute_dtype(spec.compute.dtype, world.device),
         optimizer,
         scheduler,
         steps,
@@ -205,12 +211,12 @@ def loss_step(
     ids = t.blocks[micro].to(t.world.device)
     on = rng is not None
     if on:  # the student continues each block's prompt; the teachers score its samples
-        prompt = onpolicy.prompt_len(t.spec)
+        prompt = t.spec.gkd.prompt_len(t.spec.seq_len)
         with t.autocast():
-            ids = t.model(ids[:, :prompt], rollout=(t.spec.gen_tokens, t.on_loss.vocab_size, rng))
+            ids = t.model(ids[:, :prompt], rollout=(t.spec.gkd.gen_tokens, t.on_loss.vocab_size, rng))
         kd = dict(
             labels=None,
-            mask=onpolicy.generated_mask(len(ids), prompt, t.spec.gen_tokens, ids.device),
+            mask=onpolicy.generated_mask(len(ids), prompt, t.spec.gkd.gen_tokens, ids.device),
             spec=t.on_loss,
             weights=weights[: len(t.teachers)],
         )
@@ -246,7 +252,7 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
         )
         for a, micro in enumerate(idx)
     )
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.spec.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.spec.optim.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     sums = parallel.all_sum(t.world, sums)
     if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
@@ -320,11 +326,13 @@ def train(t: Training, start: int = 0, save=None, on_step=None, last_good: Path 
         for step in range(start, t.steps):
             last = optimizer_step(t, step, last_good)
             last["tokens_per_s"] = (step + 1 - start) * t.per_step * t.spec.seq_len / (time.perf_counter() - t0)
-            if t.spec.eval_every and (step + 1) % t.spec.eval_every == 0 and step + 1 < t.steps:
+            if t.spec.monitor.eval_every and (step + 1) % t.spec.monitor.eval_every == 0 and step + 1 < t.steps:
                 last.update(held_out(t) or {})
             interrupted = save is not None and _stop_flag(t.world, stop)
             if save is not None and (
-                (t.spec.save_every and (step + 1) % t.spec.save_every == 0) or interrupted or step + 1 == t.steps
+                (t.spec.save.save_every and (step + 1) % t.spec.save.save_every == 0)
+                or interrupted
+                or step + 1 == t.steps
             ):
                 last_good = save(step + 1)
             t.log.append(last)

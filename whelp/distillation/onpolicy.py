@@ -29,11 +29,6 @@ import torch
 from whelp.specs import DistillSpec
 
 
-def prompt_len(spec: DistillSpec) -> int:
-    """Prompt tokens cut from each block: ``prompt_tokens``, or the rest of the block after ``gen_tokens``."""
-    return spec.prompt_tokens if spec.prompt_tokens is not None else spec.seq_len - spec.gen_tokens
-
-
 def is_on_policy(slot: int, fraction: float) -> bool:
     """Whether micro-batch slot ``slot`` is on-policy: ``fraction`` of them, evenly spread (Bresenham)."""
     return math.floor((slot + 1) * fraction) > math.floor(slot * fraction)
@@ -42,16 +37,16 @@ def is_on_policy(slot: int, fraction: float) -> bool:
 def step_tokens(step: int, spec: DistillSpec, world_size: int) -> tuple[int, int]:
     """(off-policy, on-policy) loss tokens of optimizer ``step`` over all ranks: the step's loss is their sum's
     mean. Every rank computes the same numbers, with no communication."""
-    on = sum(is_on_policy(step * spec.grad_accum + a, spec.on_policy) for a in range(spec.grad_accum))
+    on = sum(is_on_policy(step * spec.grad_accum + a, spec.gkd.fraction) for a in range(spec.grad_accum))
     rows = spec.batch_size * world_size
-    return (spec.grad_accum - on) * rows * (spec.seq_len - 1), on * rows * spec.gen_tokens
+    return (spec.grad_accum - on) * rows * (spec.seq_len - 1), on * rows * spec.gkd.gen_tokens
 
 
 def generator(step: int, accum: int, rank: int, spec: DistillSpec, world_size: int, device: torch.device):
     """The sampling RNG of micro-batch ``accum`` of ``rank`` in optimizer ``step`` (0-based), or None when that
     micro-batch is off-policy."""
     slot = step * spec.grad_accum + accum
-    if not is_on_policy(slot, spec.on_policy):
+    if not is_on_policy(slot, spec.gkd.fraction):
         return None
     return torch.Generator(device=device).manual_seed(spec.seed * 1_000_003 + slot * world_size + rank)
 

@@ -22,7 +22,7 @@ import torch
 from whelp import store
 from whelp.distillation import checkpoint, parallel
 from whelp.errors import WhelpError
-from whelp.specs import DistillSpec
+from whelp.specs import DistillSpec, OptimSpec
 
 
 def run_dir(out: Path) -> Path:
@@ -152,7 +152,7 @@ def prepare(
     return rdir, changed, replace(spec, grad_accum=int(grad_accum.item()))
 
 
-def adjusted_scheduler(optimizer, spec, steps: int, start: int):
+def adjusted_scheduler(optimizer, spec: OptimSpec, steps: int, start: int):
     """The scheduler of a resumed optimiser: lr, warmup and weight decay as given now, at position ``start`` of
     the warmup + cosine schedule. With unchanged settings this is exactly the restored scheduler (LambdaLR sets
     lr = base_lr * lambda(step) afresh each step), so an unchanged resume stays bit-identical."""
