@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, check_on_policy, check_weights
+from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, Mixture, check_on_policy, check_weights, record
 
 
 def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
@@ -113,7 +112,7 @@ def distill_run(
             "student": student,
             "teachers": [list(t) for t in teachers],
             "caches": [list(c) for c in caches],
-            "spec": asdict(spec),
+            "spec": record(spec),
             "world_size": world.size,
             "inputs": _inputs(student, teachers, caches, spec),
         }
@@ -146,7 +145,7 @@ def distill_run(
             student=student,
             teachers=identity["teachers"],
             caches=identity["caches"],
-            spec=asdict(spec),
+            spec=record(spec),
             world_size=world.size,
             run_dir=str(rdir),
             history=run_state.history(rdir) if world.main else [],
@@ -273,7 +272,7 @@ def _save_student(
 
 def cache_teacher(
     teacher: str,
-    data: str,
+    data: str | Mixture,
     out: Path,
     spec: CacheSpec,
     force: bool = False,
@@ -282,7 +281,8 @@ def cache_teacher(
 ) -> Path:
     """Load ``teacher``, read ``data`` exactly as ``whelp distill`` does (``open_blocks`` defaults) and cache it.
     Under torchrun every process captures its share of the blocks (``whelp.distillation.capture``); with
-    ``spec.tp_size`` T > 1, groups of T processes share one tensor-parallel teacher."""
+    ``spec.tp_size`` T > 1, groups of T processes share one tensor-parallel teacher. ``data`` given as text (the
+    Python API's, ``a:0.7,b:0.3``) is parsed here, once."""
     from whelp.data import check_data, open_blocks
     from whelp.distillation.cache import claim
     from whelp.distillation.capture import write_cache
@@ -293,6 +293,7 @@ def cache_teacher(
         _apart(out, [teacher])
         check_data(data)
 
+    data = Mixture.parse(data) if isinstance(data, str) else data
     out = Path(out).expanduser()
     world = parallel.init_world()
     try:

@@ -141,7 +141,7 @@ def _identity(
         "n_blocks": len(blocks),
         "shard_blocks": per_shard,
         "data_fingerprint": blocks.fingerprint,
-        "data_source": blocks.source,
+        "data_source": str(blocks.source),
         "seed": seed,
     }
 
