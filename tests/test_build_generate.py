@@ -108,7 +108,7 @@ def test_a_one_source_list_is_that_source_and_a_comma_in_the_build_path_is_refus
         )
     )
     (tmp_path / "one.yaml").write_text(text)
-    assert recipe.load(str(tmp_path / "one.yaml")).distill[0].options.data == "generated"
+    assert str(recipe.load(str(tmp_path / "one.yaml")).distill[0].options.data) == "generated"
     (tmp_path / "none.yaml").write_text(
         text.replace("generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}\n", "").replace(
             "calib: generated", "calib: pydoc:calib"

@@ -131,6 +131,11 @@ class Mixture:
         return cls(_normalised(parts, text), text)
 
     @classmethod
+    def of(cls, data: str | Mixture) -> Mixture:
+        """``data`` as a mixture: a Python caller's text parsed (an edge, like a spec's ``__post_init__``)."""
+        return cls.parse(data) if isinstance(data, str) else data
+
+    @classmethod
     def from_yaml(cls, value, path: str) -> Mixture:
         """A recipe's data value: text (``parse``) or a list ``[{source: S, weight: W}, ...]``; errors name ``path``."""
         if isinstance(value, cls):
@@ -201,7 +206,7 @@ def as_mixtures(spec, names: tuple[str, ...]) -> None:
         if isinstance(value, str):
             object.__setattr__(spec, name, Mixture.parse(value))
         elif isinstance(value, (tuple, list)):
-            object.__setattr__(spec, name, tuple(Mixture.parse(v) if isinstance(v, str) else v for v in value))
+            object.__setattr__(spec, name, tuple(Mixture.of(v) for v in value))
 
 
 def record(spec) -> dict:

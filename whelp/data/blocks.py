@@ -211,9 +211,16 @@ def _local_bytes(source: str) -> int:
 
 
 def open_blocks(
-    mixture: Mixture, tokenizer, seq_len: int, seed: int = 0, max_tokens: int | None = None, text_column: str = "text"
+    mixture: str | Mixture,
+    tokenizer,
+    seq_len: int,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    text_column: str = "text",
 ) -> Blocks:
-    """The rows of a source or a weighted mixture of sources (store directories or raw sources)."""
+    """The rows of a source or a weighted mixture of sources (store directories or raw sources); text from a Python
+    caller (``"pydoc:eval"``) is parsed here, the only parse of this module."""
+    mixture = Mixture.of(mixture)
     sources = [
         (store_for(s, tokenizer, None if max_tokens is None else math.ceil(max_tokens * w), text_column), w)
         for s, w in mixture.sources
@@ -221,9 +228,9 @@ def open_blocks(
     return Blocks(sources, seq_len, seed, max_tokens, mixture)
 
 
-def stream_tokens(mixture: Mixture, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+def stream_tokens(mixture: str | Mixture, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """The first ``max_tokens`` tokens of one source's stream (documents joined with EOS): LongTensor [T]."""
-    st = store_for(mixture.name, tokenizer, max_tokens)
+    st = store_for(Mixture.of(mixture).name, tokenizer, max_tokens)
     n = len(st) if max_tokens is None else min(len(st), max_tokens)
     return torch.from_numpy(st.read(0, n))
 
@@ -234,7 +241,7 @@ def blocks(
     """The rows of ``seq_len`` tokens of ``data`` (a store, a raw source or a mixture ``a:0.7,b:0.3``, as text or a
     ``Mixture``), read lazily from token stores; with ``n``, only the first ``n`` rows, held as one tensor
     (calibration, a notebook's batch). The Python API's way to give data to ``prune`` and ``distill``."""
-    data = Mixture.parse(data) if isinstance(data, str) else data
+    data = Mixture.of(data)
     rows = open_blocks(data, tokenizer, seq_len, seed=seed, max_tokens=max_tokens)
     if n is not None and n > len(rows):
         raise WhelpError(

@@ -293,7 +293,7 @@ def cache_teacher(
         _apart(out, [teacher])
         check_data(data)
 
-    data = Mixture.parse(data) if isinstance(data, str) else data
+    data = Mixture.of(data)
     out = Path(out).expanduser()
     world = parallel.init_world()
     try:
