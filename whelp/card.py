@@ -296,9 +296,10 @@ def _domains(recipe: Recipe, metrics: dict) -> list[str]:
     trained = _trained(recipe)
     teacher, student = metrics["models"][0], metrics["models"][-1]
     lines = []
-    for source in metrics["settings"]["ppl"]:
+    for mixture in recipe.eval.ppl:  # keyed in the metrics by its text, as whelp.evals reads it
+        source = str(mixture)
         t, s = teacher["perplexity"][source]["ppl"], student["perplexity"][source]["ppl"]
-        seen = "a training source" if source in trained else "never trained on"
+        seen = "a training source" if mixture.name in trained else "never trained on"
         lines.append(f"- evaluation `{source}` ({seen}): perplexity {s:,.2f}, teacher {t:,.2f} ({s / t:.2f}x)")
     return lines
 
