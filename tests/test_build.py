@@ -211,3 +211,26 @@ def test_every_output_kind_loads_in_stock_transformers_with_a_config_that_matche
         weights = load_weights(directory)
         layer = weights["model.layers.0.mlp.up_proj.weight"]
         assert layer.shape == (256, 192) and weights["model.embed_tokens.weight"].shape == (49152, 192), kind
+
+
+def test_a_build_reads_calibration_training_and_eval_data_at_paths_with_commas(tmp_path):
+    """An existing file is one source, whole, whatever its name holds: calibration, training (in the list form of
+    a mixture) and eval data at a path with ',' build, into a build directory with ',' in its path."""
+    from whelp.data import read_documents
+
+    corpus = tmp_path / "corpus, v1" / "a,b.txt"
+    corpus.parent.mkdir()
+    corpus.write_text("\n\n".join(read_documents("pydoc:eval"))[:200_000])
+    out = tmp_path / "build, 2"
+    train = f"[{{source: '{corpus}', weight: 0.5}}, {{source: pydoc:train, weight: 0.5}}]"
+    done = run_build(
+        out, "--set", f"data.calib='{corpus}'", "--set", f"data.train={train}", "--set", f"data.eval='{corpus}'"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    resolved = yaml.safe_load((out / "final" / "recipe.yaml").read_text())
+    assert resolved["prune"][0]["calib"] == resolved["eval"]["ppl"][0] == [{"source": str(corpus), "weight": 1.0}]
+    assert resolved["distill"][0]["data"] == [
+        {"source": str(corpus), "weight": 0.5},
+        {"source": "pydoc:train", "weight": 0.5},
+    ]
+    assert str(corpus) in json.loads((out / "final" / "metrics.json").read_text())["models"][0]["perplexity"]

@@ -11,6 +11,7 @@ from whelp import build, recipe
 from whelp.data.generate import generate_store
 from whelp.errors import WhelpError
 from whelp.plan import plan_recipe
+from whelp.specs import Mixture
 
 RECIPE = """
 name: gen
@@ -97,7 +98,7 @@ def test_plan_prices_the_teacher_text_and_bad_uses_are_refused(built, tmp_path):
             recipe.load(str(path))
 
 
-def test_a_one_source_list_is_that_source_and_a_comma_in_the_build_path_is_refused(built, tmp_path):
+def test_a_one_source_list_is_that_source_and_a_comma_in_the_build_path_is_read_whole(built, tmp_path):
     root, _ = built
     text = (
         (root / "gen.yaml")
@@ -108,7 +109,7 @@ def test_a_one_source_list_is_that_source_and_a_comma_in_the_build_path_is_refus
         )
     )
     (tmp_path / "one.yaml").write_text(text)
-    assert recipe.load(str(tmp_path / "one.yaml")).distill[0].options.data == "generated"
+    assert str(recipe.load(str(tmp_path / "one.yaml")).distill[0].options.data) == "generated"
     (tmp_path / "none.yaml").write_text(
         text.replace("generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}\n", "").replace(
             "calib: generated", "calib: pydoc:calib"
@@ -116,5 +117,9 @@ def test_a_one_source_list_is_that_source_and_a_comma_in_the_build_path_is_refus
     )
     with pytest.raises(WhelpError, match=r"recipe.distill\[0\].data: 'generated' reads the teacher text"):
         recipe.load(str(tmp_path / "none.yaml"))
-    with pytest.raises(WhelpError, match="has a ',' in its path"):
-        build.plan_stages(recipe.load(str(tmp_path / "one.yaml")), tmp_path / "a,b")
+    stages, _ = build.plan_stages(recipe.load(str(tmp_path / "one.yaml")), tmp_path / "a,b")  # no refusal
+    store = str(tmp_path / "a,b" / "stages" / stages[0].dirname)
+    gen = build.Generated(store, stages[0].key)
+    mixture = Mixture.parse("generated:0.5,pydoc:train:0.5")
+    assert gen.resolve(mixture).names == (store, "pydoc:train")  # the store's directory, whole
+    assert gen.identity(mixture)[0] == [stages[0].key, 0.5]  # keyed by the stage, not by where the build is

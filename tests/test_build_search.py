@@ -96,7 +96,7 @@ def test_a_search_target_takes_the_steps_defaults_and_round_trips(built, tmp_pat
     root, _ = built
     loaded = recipe.load(str(root / "searched.yaml"))
     spec = loaded.search()
-    assert (spec.seq_len, spec.calib_samples, spec.data, spec.eval_data, spec.pool) == (
+    assert (spec.seq_len, spec.calib_samples, str(spec.data), str(spec.eval_data), spec.pool) == (
         16,
         2,
         "pydoc:train",

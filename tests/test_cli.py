@@ -166,3 +166,26 @@ def test_every_option_is_a_spec_field_with_the_specs_defaults():
         EvalSpec, "--tasks", "a, b", "--ppl", "x", "--ppl", "y", "--include-path", "d", "--speed-repeats", "5"
     )
     assert got == EvalSpec(tasks=("a", "b"), ppl=("x", "y"), include_paths=("d",), speed=SpeedSpec(repeats=5))
+
+
+def test_data_options_take_a_path_with_a_comma_whole(tmp_path):
+    """A DATA option that names an existing file or directory is that one source, commas included: parsed into the
+    spec's ``Mixture`` once (in-process), and read as such by a real ``whelp eval --ppl``."""
+    from conftest import save_tiny, tiny_tokenizer
+
+    from whelp.specs import Mixture, PruneSpec
+
+    path = tmp_path / "held out, v2" / "a,b.txt"
+    path.parent.mkdir()
+    path.write_text("The quick brown fox jumps over the lazy dog.\n" * 40)
+    assert _parsed(PruneSpec, "--calib", str(path)).calib == Mixture.parse(str(path))
+    assert _parsed(PruneSpec, "--calib", str(path)).calib.names == (str(path),)
+    assert _parsed(PruneSpec, "--calib", "a:0.7,b:0.3").calib.names == ("a", "b")
+    save_tiny(tmp_path / "tiny", tiny_tokenizer())
+    speed = ("--speed-prompt-len", "4", "--speed-new-tokens", "1", "--speed-repeats", "1")
+    args = ("eval", str(tmp_path / "tiny"), "--ppl", str(path), "--max-tokens", "256", "--seq-len", "32", *speed)
+    done = run_whelp(*args, "--out", str(tmp_path / "report"))
+    assert done.returncode == 0, done.stderr
+    assert str(path) in json.loads((tmp_path / "report" / "metrics.json").read_text())["models"][0]["perplexity"]
+    bad = run_whelp("eval", str(tmp_path / "tiny"), "--ppl", "a:0.5,b:0.5", "--out", str(tmp_path / "r2"))
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("give 'a:0.5,b:0.5' as separate sources")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -120,3 +121,59 @@ def test_hidden_files_are_not_data_and_a_directory_without_text_is_refused(tmp_p
     (tmp_path / "empty" / "README").write_text("no suffix")
     with pytest.raises(WhelpError, match="holds no .txt, .jsonl, .parquet files"):
         data.check_source(str(tmp_path / "empty"))
+
+
+def test_a_mixture_is_parsed_once_and_round_trips_as_text():
+    from dataclasses import replace
+
+    from whelp.specs import DistillSpec, EvalSpec, Mixture, PruneSpec, Source, record
+
+    mixture = Mixture.parse("generated:0.25,pydoc:calib:0.75")
+    assert mixture.sources == (Source("generated", 0.25), Source("pydoc:calib", 0.75))
+    assert mixture.names == ("generated", "pydoc:calib")
+    spec = DistillSpec(steps=1, data=mixture)
+    assert spec.data is mixture and replace(spec, lr=1e-3).data is mixture  # carried, never parsed again
+    assert DistillSpec(steps=1, data="generated:0.25,pydoc:calib:0.75").data == mixture  # the Python edge parses
+    assert PruneSpec(calib="a:7,b:3").calib == Mixture.parse("a:0.7,b:0.3") == Mixture((Source("a", 7), Source("b", 3)))
+    assert EvalSpec(ppl=("pydoc:eval",)).ppl == (Mixture.parse("pydoc:eval"),)
+    for text in ("pydoc:train", "a:0.7,b:0.3", "generated:0.25,pydoc:calib:0.75", "a:7,b:3", "x.txt:0.5"):
+        assert str(Mixture.parse(text)) == text and Mixture.parse(str(Mixture.parse(text))) == Mixture.parse(text)
+    canonical = Mixture((Source("a", 7), Source("b", 3)))
+    assert str(canonical) == "a:0.7,b:0.3" and Mixture.parse(str(canonical)) == canonical
+    assert record(DistillSpec(steps=1, data="a:7,b:3"))["data"] == "a:7,b:3"  # run identities record the text
+
+
+def test_a_path_with_a_comma_is_one_source(tmp_path):
+    from conftest import tiny_tokenizer
+
+    from whelp.specs import DistillSpec, Mixture, PruneSpec
+
+    path = tmp_path / "notes, part 1" / "a,b.txt"
+    path.parent.mkdir()
+    path.write_text("def f(x):\n    return x + 1\n" * 400)
+    for given in (str(path), str(path.parent)):
+        assert Mixture.parse(given).names == (given,) and str(Mixture.parse(given)) == given
+    assert PruneSpec(calib=str(path)).calib.names == (str(path),)
+    # not a path as a whole: split at every ','; such a path joins a mixture through the recipes' list form
+    assert len(Mixture.parse(f"{path}:0.5,pydoc:train:0.5").sources) == 4
+    data.check_data(Mixture.parse(str(path)))
+    rows = data.open_blocks(DistillSpec(steps=1, data=str(path)).data, tiny_tokenizer(), seq_len=16)
+    assert rows.head(2).shape == (2, 16) and data.stream_tokens(Mixture.parse(str(path)), tiny_tokenizer(), 64).numel()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a:-1,b:1", "weight must be a finite number >= 0 in 'a:-1'"),
+        ("a:0,b:1", "bad data mixture 'a:0,b:1': write SOURCE:WEIGHT,SOURCE:WEIGHT with positive weights"),
+        (",pydoc:train", "bad data mixture ',pydoc:train'"),
+        ("", "bad data mixture ''"),
+    ],
+)
+def test_a_bad_mixture_is_one_line(text, message):
+    from whelp.specs import Mixture, PruneSpec
+
+    for parse in (Mixture.parse, lambda t: PruneSpec(calib=t)):
+        with pytest.raises(WhelpError, match=re.escape(message)) as info:
+            parse(text)
+        assert "\n" not in str(info.value)

@@ -150,7 +150,7 @@ def test_overrides_and_stage_defaults(tmp_path):
     path = _write(tmp_path, BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + "data: {train: pydoc:eval, seq_len: 128}\n")
     loaded = recipe.load(path, ("distill.0.lr=0.01", "seed=7"))
     step = loaded.distill[0].options
-    assert (step.optim.lr, step.seed, step.data, step.seq_len) == (0.01, 7, "pydoc:eval", 128)
+    assert (step.optim.lr, step.seed, str(step.data), step.seq_len) == (0.01, 7, "pydoc:eval", 128)
     assert loaded.prune[0].options.seq_len == 128 and loaded.prune[0].options.seed == 7
     with pytest.raises(WhelpError, match="no recipe file"):
         recipe.load(str(tmp_path / "missing.yaml"))
@@ -256,3 +256,52 @@ def test_a_teacher_config_of_another_shape_than_the_local_teacher_is_refused(tmp
         r".*hidden_size=4096 vs 64",
     ):
         plan.plan_recipe(wrong)
+
+
+def test_the_list_form_of_a_mixture_equals_its_text_and_takes_paths_whole(tmp_path):
+    from whelp.specs import Mixture
+
+    text = BASE % ("llama-3.1-8b", "llama-3.2-1b", "")
+    listed = _write(
+        tmp_path, text + "data: {train: [{source: pydoc:train, weight: 7}, {source: licenses, weight: 3}]}\n"
+    )
+    loaded = recipe.load(listed)
+    assert (
+        loaded.distill[0].options.data
+        == recipe.load(_write(tmp_path, text + "data: {train: 'pydoc:train:0.7,licenses:0.3'}\n"))
+        .distill[0]
+        .options.data
+    )
+    assert str(loaded.data.train) == "pydoc:train:7,licenses:3"  # the text recipes recorded for this form
+    path = tmp_path / "a,b" / "notes, v2.txt"
+    path.parent.mkdir()
+    path.write_text("some text\n")
+    data = f"data: {{calib: '{path}', train: [{{source: '{path}', weight: 0.7}}, {{source: pydoc:train, weight: 0.3}}], eval: '{path}'}}\n"
+    loaded = recipe.load(_write(tmp_path, text + data))
+    assert loaded.prune[0].options.calib == Mixture.parse(str(path)) and loaded.eval.ppl == (Mixture.parse(str(path)),)
+    assert loaded.distill[0].options.data.names == (str(path), "pydoc:train")
+    dumped = recipe.dump(loaded)
+    assert yaml.safe_load(dumped)["data"]["train"] == [
+        {"source": str(path), "weight": 0.7},
+        {"source": "pydoc:train", "weight": 0.3},
+    ]  # a name with a ',' is written back in the list form
+    assert recipe.build(recipe.Recipe, yaml.safe_load(dumped)) == loaded
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[{source: pydoc:train, weight: -1}]", r"recipe.data.train\[0\].weight: expected a positive number, got -1"),
+        ("[{source: '', weight: 1}]", r"recipe.data.train\[0\].source: expected a data source \(text\), got ''"),
+        ("[{source: a, wieght: 1}]", r"recipe.data.train\[0\].wieght: unknown key; valid keys: source, weight"),
+        ("[]", r"recipe.data.train: expected a data source \(text\) or a list of \{source: DATA, weight: W\}"),
+        ("{a: 1}", r"recipe.data.train: expected a data source \(text\) or a list"),
+        ("'a:-1,b:1'", r"recipe.data.train: weight must be a finite number >= 0 in 'a:-1'"),
+        ("',b'", r"recipe.data.train: bad data mixture ',b'"),
+    ],
+)
+def test_a_bad_mixture_in_a_recipe_is_one_line_naming_its_key(tmp_path, value, message):
+    path = _write(tmp_path, BASE % ("llama-3.1-8b", "llama-3.2-1b", "") + f"data: {{train: {value}}}\n")
+    with pytest.raises(WhelpError, match=message) as info:
+        recipe.load(path)
+    assert "\n" not in str(info.value)

@@ -81,3 +81,14 @@ def test_flattened_fields_share_the_mapping_and_round_trip():
     assert build(Step, to_dict(step)) == step
     with pytest.raises(WhelpError, match="recipe.bogus: unknown key; valid keys: target, name, weight"):
         build(Step, {"target": "t", "bogus": 1})
+
+
+def test_a_mixture_field_is_built_from_text_or_the_list_form_and_dumped_back():
+    from whelp.specs import DistillSpec, Mixture
+
+    text = build(DistillSpec, {"steps": 1, "data": "a:0.7,b:0.3"}, "step")
+    listed = build(DistillSpec, {"steps": 1, "data": [{"source": "a", "weight": 0.7}, {"source": "b", "weight": 0.3}]})
+    assert text == listed and isinstance(text.data, Mixture) and text.data.names == ("a", "b")
+    assert to_dict(text)["data"] == "a:0.7,b:0.3" and to_dict(listed)["data"] == "a:0.7,b:0.3"
+    with pytest.raises(WhelpError, match=r"^step.data\[1\].weight: expected a positive number, got 0$"):
+        build(DistillSpec, {"steps": 1, "data": [{"source": "a"}, {"source": "b", "weight": 0}]}, "step")

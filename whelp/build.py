@@ -29,7 +29,7 @@ from whelp.data import data_identity, source_identity
 from whelp.errors import WhelpError
 from whelp.recipe import GENERATED, SEARCH_DATA, Recipe, SearchTarget, dump
 from whelp.schema import to_dict
-from whelp.specs import LoadPolicy, parse_mixture
+from whelp.specs import LoadPolicy, Mixture
 
 SEARCH_TARGET = "target.json"  # in a search stage's directory: the winner's config, the next prune's target
 
@@ -63,19 +63,16 @@ class Generated:
     path: str | None = None
     key: str | None = None
 
-    def spec(self, spec: str) -> str:
-        """``spec`` with ``generated`` replaced by the store's directory (what the verbs read)."""
-        parts = parse_mixture(spec)
-        if self.path is None or GENERATED not in (source for source, _ in parts):
-            return spec
-        if len(parts) == 1:
-            return self.path
-        return ",".join(f"{self.path if source == GENERATED else source}:{w}" for source, w in parts)
+    def resolve(self, mixture: Mixture) -> Mixture:
+        """``mixture`` with ``generated`` read from the store's directory (what the verbs read)."""
+        if self.path is None or GENERATED not in mixture.names:
+            return mixture
+        return mixture.with_source(GENERATED, self.path)
 
-    def identity(self, spec: str) -> list:
+    def identity(self, mixture: Mixture) -> list:
         """``data_identity`` in which ``generated`` is the generate stage's key: known before the store exists, and
         independent of where the build directory is."""
-        return [[self.key if source == GENERATED else source_identity(source), w] for source, w in parse_mixture(spec)]
+        return [[self.key if source == GENERATED else source_identity(source), w] for source, w in mixture.sources]
 
 
 def _generate_stage(recipe: Recipe, key_in: str, policy: LoadPolicy) -> Stage:
@@ -100,7 +97,7 @@ def _search_stage(recipe: Recipe, key_in: str, n: int, gen: Generated, policy: L
     spec, teacher = recipe.search(), recipe.teacher.model
     data = [gen.identity(getattr(spec, name)) for name in SEARCH_DATA]
     key = _key("search", to_dict(spec), source_identity(teacher), data, key_in)
-    options = replace(spec, **{name: gen.spec(getattr(spec, name)) for name in SEARCH_DATA})
+    options = replace(spec, **{name: gen.resolve(getattr(spec, name)) for name in SEARCH_DATA})
     return Stage(
         f"{n:02d}-search",
         "search",
@@ -116,7 +113,7 @@ def _prune_stage(
     from whelp.pruning.api import prune_checkpoint
 
     key = _key("prune", to_dict(step), gen.identity(step.options.calib), key_in)
-    options = replace(step.options, calib=gen.spec(step.options.calib))
+    options = replace(step.options, calib=gen.resolve(step.options.calib))
     target = step.target if target is None else target
     return Stage(
         f"{n:02d}-prune",
@@ -137,7 +134,7 @@ def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, gen: Ge
         "cache",
         key,
         lambda out, force: cache_teacher(
-            teacher, gen.spec(step.options.data), out, spec, force=force, stage_key=key, policy=policy
+            teacher, gen.resolve(step.options.data), out, spec, force=force, stage_key=key, policy=policy
         ),
     )
 
@@ -151,7 +148,7 @@ def _distill_stage(
     cached = tuple((str(path), ref.weight) for path, ref in zip(caches, step.caches))
     data = [gen.identity(step.options.data), gen.identity(step.options.eval_data)]
     key = _key("distill", to_dict(step), [(source_identity(t), w) for t, w in teachers], data, keys)
-    options = replace(step.options, data=gen.spec(step.options.data), eval_data=gen.spec(step.options.eval_data))
+    options = replace(step.options, data=gen.resolve(step.options.data), eval_data=gen.resolve(step.options.eval_data))
     return Stage(
         f"{n:02d}-distill",
         "distill",
@@ -171,12 +168,6 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
     stages: list[Stage] = []
     gen = Generated()
     if recipe.generate is not None:
-        if "," in str(stages_dir):
-            raise WhelpError(
-                f"the build directory {out} has a ',' in its path, which data mixtures use to separate "
-                f"sources, so the stage reading '{GENERATED}' could not name its store; choose another "
-                "--out"
-            )
         stages.append(_generate_stage(recipe, key, policy))
         gen = Generated(str(stages_dir / stages[-1].dirname), stages[-1].key)
     for ref in recipe.stages():

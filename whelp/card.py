@@ -276,19 +276,17 @@ def _lineage(recipe: Recipe) -> list[str]:
 
 def _trained(recipe: Recipe) -> set[str]:
     """Every data source a stage calibrates or trains on (the card's ``datasets`` and its never-seen marks)."""
-    from whelp.specs import parse_mixture
-
     trained = {
         source
         for ref in recipe.stages()
-        for source, _ in parse_mixture(ref.step.options.data if ref.kind == "distill" else ref.step.options.calib)
+        for source in (ref.step.options.data if ref.kind == "distill" else ref.step.options.calib).names
     }
     if recipe.generate is not None and recipe.generate.options.prompts:  # the teacher text starts with them
-        trained.add(recipe.generate.options.prompts)
+        trained.add(recipe.generate.options.prompts.name)
     for ref in recipe.stages():  # a shape search calibrates and distils its candidates too
         search = getattr(ref.step.target, "search", None) if ref.kind == "prune" else None
         if search is not None:
-            trained.update(source for data in (search.calib, search.data) for source, _ in parse_mixture(data))
+            trained.update(source for mixture in (search.calib, search.data) for source in mixture.names)
     return trained
 
 
@@ -298,9 +296,10 @@ def _domains(recipe: Recipe, metrics: dict) -> list[str]:
     trained = _trained(recipe)
     teacher, student = metrics["models"][0], metrics["models"][-1]
     lines = []
-    for source in metrics["settings"]["ppl"]:
+    for mixture in recipe.eval.ppl:  # keyed in the metrics by its text, as whelp.evals reads it
+        source = str(mixture)
         t, s = teacher["perplexity"][source]["ppl"], student["perplexity"][source]["ppl"]
-        seen = "a training source" if source in trained else "never trained on"
+        seen = "a training source" if mixture.name in trained else "never trained on"
         lines.append(f"- evaluation `{source}` ({seen}): perplexity {s:,.2f}, teacher {t:,.2f} ({s / t:.2f}x)")
     return lines
 

@@ -15,7 +15,7 @@ import typer
 
 from whelp.errors import WhelpError
 from whelp.flags import with_spec
-from whelp.specs import CacheSpec, DistillSpec, EvalSpec, GenerateSpec, LoadPolicy, PruneSpec, SearchSpec
+from whelp.specs import CacheSpec, DistillSpec, EvalSpec, GenerateSpec, LoadPolicy, Mixture, PruneSpec, SearchSpec
 
 
 class _App(typer.Typer):
@@ -207,7 +207,7 @@ def tokenize(
     from whelp.data import check_source, tokenstore
     from whelp.models import load_tokenizer
 
-    if "," in data:
+    if len(Mixture.parse(data).sources) > 1:  # an existing path with a ',' is one source
         raise WhelpError("tokenize one source into one store; mix stores when you use them (--data a:0.7,b:0.3)")
     check_source(data)
     _wrote_store(

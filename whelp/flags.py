@@ -56,7 +56,11 @@ def _option(name: str, f, tp) -> inspect.Parameter:
     else:
         cli_tp = _cli_type(tp)
         default = (
-            list(default) if isinstance(default, tuple) else str(default) if hasattr(default, "parse") else default
+            [str(v) for v in default]
+            if isinstance(default, tuple)
+            else str(default)
+            if hasattr(default, "parse")
+            else default
         )
     return inspect.Parameter(
         name,

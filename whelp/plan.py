@@ -22,7 +22,7 @@ from whelp import models, output, pricing
 from whelp.errors import WhelpError
 from whelp.recipe import GENERATED, Recipe, SearchTarget
 from whelp.registry import REGISTRY
-from whelp.specs import TEACHER, DistillSpec, parse_mixture
+from whelp.specs import TEACHER, DistillSpec, Mixture
 
 ESTIMATE = "planned at the largest shape the search may pick; the build uses its winner"
 
@@ -98,19 +98,19 @@ def _local_tokenizer(recipe: Recipe):
     return models.load_tokenizer(str(local)) if local is not None else None
 
 
-def data_plan(spec: str, needed: int, vocab: int, tokenizer, where: str = "data") -> dict:
-    """Tokens a stage needs from ``spec``, tokens available in its stores (None when not tokenized yet), epochs,
+def data_plan(mixture: Mixture, needed: int, vocab: int, tokenizer, where: str = "data") -> dict:
+    """Tokens a stage needs from ``mixture``, tokens available in its stores (None when not tokenized yet), epochs,
     and the store's bytes on disk. An unreadable source fails here, naming the recipe key ``where``."""
-    from whelp.data import available_tokens, check_data
+    from whelp.data import available_tokens, check_source
 
-    sources = [source for source, _ in parse_mixture(spec)]
+    sources = mixture.names
     for source in sources:
         if source != GENERATED:  # the build's generate stage makes that one
-            _at(where, check_data, source)
-    available = None if GENERATED in sources else available_tokens(spec, tokenizer)
+            _at(where, check_source, source)
+    available = None if GENERATED in sources else available_tokens(mixture, tokenizer)
     per_token = 2 if vocab <= 1 << 16 else 4
     return {
-        "source": spec,
+        "source": str(mixture),
         "tokens_needed": needed,
         "tokens_available": available,
         "epochs": None if not available else needed / available,
@@ -287,7 +287,7 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     calibration, of the pool's one-shot scores and of the short distillations (``plan_search``'s closed forms), the
     memory of distilling its largest shape from the fp32 teacher (an upper bound), its disk (the K candidates and the
     winner, at the largest shape), and the largest shape it may pick."""
-    from whelp.data import check_data
+    from whelp.data import check_source
     from whelp.pruning.surgery import target_config
     from whelp.pruning.targets import first_keep
     from whelp.search.run import plan_search
@@ -296,9 +296,9 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     planned = _at(where, lambda: plan_search(config, spec))
     _at(f"{where}.seq_len", lambda: models.check_positions(config, spec.seq_len, "seq_len"))
     for key in ("calib", "eval_data"):
-        for source, _ in parse_mixture(getattr(spec, key)):
+        for source in getattr(spec, key).names:
             if source != GENERATED:
-                _at(f"{where}.{key}", check_data, source)
+                _at(f"{where}.{key}", check_source, source)
     cost, shape = planned["cost"], dict(planned["largest"])
     data = data_plan(
         spec.data, cost["distillation_tokens_per_candidate"], config.vocab_size, tokenizer, f"{where}.data"

@@ -27,11 +27,12 @@ from whelp.specs import (
     DistillSpec,
     EvalSpec,
     GenerateSpec,
+    Mixture,
     PruneSpec,
     SearchSpec,
+    as_mixtures,
     check_on_policy,
     check_weights,
-    parse_mixture,
 )
 from whelp.store import check_name
 
@@ -50,16 +51,15 @@ class TeacherSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    calib: str = "pydoc:calib"
-    train: str = "pydoc:train"
-    eval: str = "pydoc:eval"
+    calib: Mixture = Mixture.parse("pydoc:calib")
+    train: Mixture = Mixture.parse("pydoc:train")
+    eval: Mixture = Mixture.parse("pydoc:eval")
     seq_len: int = 512
 
     def __post_init__(self):
+        as_mixtures(self, ("calib", "train", "eval"))
         if self.seq_len < 2:
             raise WhelpError(f"seq_len must be at least 2, got {self.seq_len}")
-        for source in (self.calib, self.train, self.eval):
-            parse_mixture(source)
 
 
 @dataclass(frozen=True)
@@ -190,8 +190,8 @@ class Recipe:
         """A stage's ``model`` field as a path or name: ``teacher`` is the recipe's teacher."""
         return self.teacher.model if model == TEACHER else model
 
-    def data_keys(self) -> list[tuple[str, str]]:
-        """``(recipe key, data spec)`` of every source a stage reads."""
+    def data_keys(self) -> list[tuple[str, Mixture]]:
+        """``(recipe key, mixture)`` of every source a stage reads."""
         out = [(f"prune[{i}].calib", step.options.calib) for i, step in enumerate(self.prune)]
         if self.search() is not None:
             out += [(f"prune[0].target.search.{key}", getattr(self.search(), key)) for key in SEARCH_DATA]
@@ -200,8 +200,8 @@ class Recipe:
         return out + [(f"eval.ppl[{i}]", source) for i, source in enumerate(self.eval.ppl)]
 
     def _check_generated(self) -> None:
-        for where, spec in self.data_keys():
-            if GENERATED not in (source for source, _ in parse_mixture(spec)):
+        for where, mixture in self.data_keys():
+            if GENERATED not in mixture.names:
                 continue
             if where.startswith("eval."):
                 raise WhelpError(
@@ -269,28 +269,8 @@ def _as_list(value, key: str) -> list:
     raise WhelpError(f"recipe.{key}: expected a mapping or a list of mappings, got {value!r}")
 
 
-DATA_KEYS = ("calib", "train", "eval", "data", "eval_data")
 SEARCH_DATA = ("calib", "data", "eval_data")  # the data keys of a SearchSpec
 SEARCH_FROM_STEP = ("importance", "layer_importance", "calib", "calib_samples", "seq_len", "batch_size", "seed")
-
-
-def _mixtures(section: dict, path: str) -> dict:
-    """A data value written as a list ``[{source: a, weight: 0.7}, {source: b, weight: 0.3}]`` becomes the
-    mixture spec ``a:0.7,b:0.3`` that every verb reads."""
-    out = dict(section)
-    for key in DATA_KEYS:
-        value = out.get(key)
-        if isinstance(value, list):
-            parts = []
-            for i, item in enumerate(value):
-                if not isinstance(item, dict) or set(item) - {"source", "weight"} or "source" not in item:
-                    raise WhelpError(f"{path}.{key}[{i}]: write {{source: DATA, weight: W}}, got {item!r}")
-                weight = item.get("weight", 1.0)
-                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-                    raise WhelpError(f"{path}.{key}[{i}].weight: expected a positive number, got {weight!r}")
-                parts.append(f"{item['source']}:{weight}")
-            out[key] = ",".join(parts) if len(parts) > 1 else value[0]["source"]  # one source: its weight is 1
-    return out
 
 
 @dataclass(frozen=True)
@@ -299,12 +279,10 @@ class SeedOnly:
 
 
 def _fill_defaults(raw: dict) -> dict:
-    """Stage options the recipe leaves out take the ``data`` section's and the top-level ``seed``."""
-    if isinstance(raw.get("data"), dict):
-        raw["data"] = _mixtures(raw["data"], "recipe.data")
-    for key in ("prune", "distill"):
-        raw[key] = [_mixtures(s, f"recipe.{key}[{i}]") if isinstance(s, dict) else s for i, s in enumerate(raw[key])]
-    data = to_dict(build(DataSection, raw.get("data"), "recipe.data"))  # its errors name recipe.data, not a stage
+    """Stage options the recipe leaves out take the ``data`` section's and the top-level ``seed``. The data section
+    is built here, once (its mixtures parsed), and its ``Mixture``s are the stages' defaults."""
+    raw["data"] = build(DataSection, raw.get("data"), "recipe.data")  # its errors name recipe.data, not a stage
+    data = {key: getattr(raw["data"], key) for key in ("calib", "train", "eval", "seq_len")}
     seed = build(SeedOnly, {"seed": raw.get("seed", 0)}, "recipe").seed
     raw["prune"] = [
         _search_target(
@@ -334,12 +312,7 @@ def _search_target(step: dict, data: dict, path: str) -> dict:
     if isinstance(search, dict):
         options = build(PruneSpec, {k: step[k] for k in SEARCH_FROM_STEP if k in step}, path)
         inherited = {k: getattr(options, k) for k in SEARCH_FROM_STEP}
-        search = {
-            **inherited,
-            "data": data["train"],
-            "eval_data": data["eval"],
-            **_mixtures(search, f"{path}.target.search"),
-        }
+        search = {**inherited, "data": data["train"], "eval_data": data["eval"], **search}
         target = {**target, "search": search}
     return {**step, "target": build(SearchTarget, target, f"{path}.target")}
 

@@ -55,6 +55,8 @@ def _coerce(value: Any, tp, path: str):
         if not isinstance(value, dict):
             raise WhelpError(f"{path}: expected a mapping, got {value!r}")
         return {str(k): _coerce(v, args[1] if args else Any, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and hasattr(tp, "from_yaml"):  # data: text or a list of {source, weight}
+        return tp.from_yaml(value, path)
     if isinstance(tp, type) and hasattr(tp, "parse") and isinstance(value, str):  # a spec written as text
         try:
             return tp.parse(value)
@@ -213,6 +215,8 @@ def build(cls, raw: Any, path: str = "recipe"):
 
 def to_dict(obj) -> Any:
     """Plain YAML-safe data of a (nested) dataclass: the resolved recipe as written to recipe.yaml."""
+    if hasattr(type(obj), "to_yaml"):  # a mixture: its text, or its list form
+        return obj.to_yaml()
     if hasattr(type(obj), "parse"):  # a spec with a text form (Schedule): written as that text
         return str(obj)
     if dataclasses.is_dataclass(obj):

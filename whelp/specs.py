@@ -9,8 +9,9 @@ this module costs milliseconds, which keeps ``whelp show`` and ``whelp validate`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import ClassVar, Literal, NamedTuple
 
 from whelp.errors import WhelpError
 from whelp.schema import check_types, flatten, unflatten
@@ -70,13 +71,161 @@ def parse_weighted(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def parse_mixture(spec: str) -> list[tuple[str, float]]:
-    """``a:0.7,b:0.3`` -> ``[("a", 0.7), ("b", 0.3)]`` normalised to sum 1; a single source has weight 1."""
-    parts = [parse_weighted(part.strip()) for part in spec.split(",")] if "," in spec else [(spec, 1.0)]
-    if any(w <= 0 for _, w in parts) or any(not s for s, _ in parts):
-        raise WhelpError(f"bad data mixture '{spec}': write SOURCE:WEIGHT,SOURCE:WEIGHT with positive weights")
+class Source(NamedTuple):
+    """One source of a ``Mixture``: a token store, a file or directory, ``pydoc:SPLIT``, ``licenses``, ``hf:...``,
+    or a recipe's ``generated``; ``weight`` is its share of the mixture (normalised)."""
+
+    name: str
+    weight: float = 1.0
+
+
+def _is_path(text: str) -> bool:
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte: not a path
+        return False
+
+
+def _normalised(parts: list[tuple[str, float]], text: str) -> tuple[Source, ...]:
+    if not parts or any(w <= 0 for _, w in parts) or any(not s for s, _ in parts):
+        raise WhelpError(f"bad data mixture '{text}': write SOURCE:WEIGHT,SOURCE:WEIGHT with positive weights")
     total = sum(w for _, w in parts)
-    return [(s, w / total) for s, w in parts]
+    return tuple(Source(s, w / total) for s, w in parts)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """The data a stage reads: one source, or weighted sources whose weights sum to 1. Parsed once where data enters
+    (a CLI option, a recipe, a spec's ``__post_init__`` given text) and carried as this object by every function that
+    reads data, so nothing below those edges parses text again.
+
+    Text form (``parse``): ``SOURCE`` or ``SOURCE:WEIGHT,SOURCE:WEIGHT,...``; a text that names an existing file or
+    directory is that one source, whole, commas included. Recipes may also write a list
+    ``[{source: SOURCE, weight: W}, ...]`` (``from_yaml``), whose sources are taken whole. ``str()`` is the text as
+    written (else the canonical ``a:0.7,b:0.3``), which recipes, stage keys and reports record; ``to_yaml`` gives the
+    list form instead when a source's name holds a comma, so a dumped recipe loads back to the same mixture.
+    """
+
+    sources: tuple[Source, ...]
+    text: str = field(default="", compare=False, repr=False)  # as written; "" for the canonical form
+
+    def __post_init__(self):
+        sources = tuple(Source(*s) for s in self.sources)
+        bad = any(not isinstance(s.name, str) or isinstance(s.weight, bool) for s in sources) or any(
+            not isinstance(s.weight, (int, float)) or not math.isfinite(s.weight) for s in sources
+        )
+        if bad:
+            raise WhelpError(f"bad data mixture {sources!r}: each source is a name (text) and a finite weight")
+        total = sum(s.weight for s in sources)
+        if not sources or any(s.weight <= 0 or not s.name for s in sources) or abs(total - 1) > 1e-9:
+            sources = _normalised(list(sources), str(self))  # Mixture((Source("a", 7), Source("b", 3)))
+        object.__setattr__(self, "sources", sources)
+
+    @classmethod
+    def parse(cls, text: str) -> Mixture:
+        """``a:0.7,b:0.3`` (weights normalised to sum 1); a single source, or an existing path, has weight 1."""
+        if "," in text and not _is_path(text):
+            parts = [parse_weighted(part.strip()) for part in text.split(",")]
+        else:
+            parts = [(text, 1.0)]
+        return cls(_normalised(parts, text), text)
+
+    @classmethod
+    def of(cls, data: str | Mixture) -> Mixture:
+        """``data`` as a mixture: a Python caller's text parsed (an edge, like a spec's ``__post_init__``)."""
+        return cls.parse(data) if isinstance(data, str) else data
+
+    @classmethod
+    def from_yaml(cls, value, path: str) -> Mixture:
+        """A recipe's data value: text (``parse``) or a list ``[{source: S, weight: W}, ...]``; errors name ``path``."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls.parse(value)
+            except WhelpError as exc:
+                raise WhelpError(f"{path}: {exc}") from None
+        if not isinstance(value, list) or not value:
+            raise WhelpError(
+                f"{path}: expected a data source (text) or a list of {{source: DATA, weight: W}}, got {value!r}"
+            )
+        parts = []
+        for i, item in enumerate(value):
+            where = f"{path}[{i}]"
+            if not isinstance(item, dict) or "source" not in item:
+                raise WhelpError(f"{where}: write {{source: DATA, weight: W}}, got {item!r}")
+            for key in item:
+                if key not in ("source", "weight"):
+                    raise WhelpError(f"{where}.{key}: unknown key; valid keys: source, weight")
+            source, weight = item["source"], item.get("weight", 1.0)
+            if not isinstance(source, str) or not source:
+                raise WhelpError(f"{where}.source: expected a data source (text), got {source!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+                raise WhelpError(f"{where}.weight: expected a positive number, got {weight!r}")
+            parts.append((source, weight))
+        # the text recipes have always recorded for this form (their stage keys hold it); one source: weight 1
+        text = ",".join(f"{s}:{w}" for s, w in parts) if len(parts) > 1 else parts[0][0]
+        whole = any("," in s for s, _ in parts)
+        return cls(_normalised(parts if len(parts) > 1 else [(parts[0][0], 1.0)], text), "" if whole else text)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sources)
+
+    @property
+    def name(self) -> str:
+        """The source of a one-source mixture (perplexity and prompts read one source each)."""
+        if len(self.sources) != 1:
+            raise WhelpError(f"'{self}' mixes {len(self.sources)} sources; give one source here")
+        return self.sources[0].name
+
+    def with_source(self, old: str, new: str) -> Mixture:
+        """This mixture with source ``old`` read from ``new`` (a recipe's ``generated``: its store's directory)."""
+        return Mixture(tuple(Source(new if s.name == old else s.name, s.weight) for s in self.sources))
+
+    def __str__(self) -> str:
+        if self.text:
+            return self.text
+        if len(self.sources) == 1:
+            return self.sources[0].name
+        return ",".join(f"{s.name}:{s.weight}" for s in self.sources)
+
+    def to_yaml(self):
+        """The recipe form: the text, or the list form when a source's name holds a comma (the text could not say
+        where it ends)."""
+        if not any("," in name for name in self.names):
+            return str(self)
+        return [{"source": s.name, "weight": s.weight} for s in self.sources]
+
+
+def as_mixtures(spec, names: tuple[str, ...]) -> None:
+    """Parse the data fields ``names`` of ``spec`` given as text (``PruneSpec(calib="a:0.7,b:0.3")`` in Python, as
+    in YAML and on the CLI), once, into ``Mixture``s; a tuple field's text items each."""
+    for name in names:
+        value = getattr(spec, name)
+        if isinstance(value, str):
+            object.__setattr__(spec, name, Mixture.parse(value))
+        elif isinstance(value, (tuple, list)):
+            object.__setattr__(spec, name, tuple(Mixture.of(v) for v in value))
+
+
+def _plain(value):
+    if isinstance(value, Mixture):
+        return value.to_yaml()
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def record(spec) -> dict:
+    """``dataclasses.asdict`` with each ``Mixture`` as its recipe form (``to_yaml``): the plain data that run
+    identities, manifests and reports record (the same as when data was text)."""
+
+    return _plain(spec)
 
 
 def key_values(text: str, what: str, valid, example: str, canonical=lambda key: key) -> list[tuple[str, str]]:
@@ -154,7 +303,9 @@ class PruneSpec:
         "activation", "Neuron/head/channel importance: activation | magnitude | taylor | random"
     )
     layer_importance: Literal["block", "loss"] = opt("block", "Layer importance: block (1 - cos) | loss (skip a layer)")
-    calib: str = opt("pydoc:calib", "Calibration data (store, file, dir, pydoc:calib, hf:..., a:0.7,b:0.3)")
+    calib: Mixture = opt(
+        Mixture.parse("pydoc:calib"), "Calibration data (store, file, dir, pydoc:calib, hf:..., a:0.7,b:0.3)"
+    )
     calib_samples: int = opt(16, "Calibration blocks")
     seq_len: int = opt(256, "Tokens per calibration block")
     batch_size: int = opt(4, "Calibration blocks per forward")
@@ -176,6 +327,7 @@ class PruneSpec:
     seed: int = opt(0, "Seed of the calibration blocks and of random importance")
 
     def __post_init__(self):
+        as_mixtures(self, ("calib",))
         check_types(self)
         _require(
             [
@@ -188,7 +340,6 @@ class PruneSpec:
                 (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
             ]
         )
-        parse_mixture(self.calib)
 
 
 SEARCH_AXES = ("layers", "hidden", "mlp", "heads", "kv_heads", "head_dim", "experts")  # experts: MoE teachers
@@ -216,10 +367,12 @@ class SearchSpec:
     pool: int = opt(16, "Candidates pruned one-shot and scored by their KL to the teacher")
     candidates: int = opt(4, "The best K of the pool, each distilled --score-steps steps and ranked after")
     score_steps: int = opt(8, "Distillation steps per candidate")
-    calib: str = opt("pydoc:calib", "Calibration data of the one importance pass")
+    calib: Mixture = opt(Mixture.parse("pydoc:calib"), "Calibration data of the one importance pass")
     calib_samples: int = opt(16, "Calibration blocks")
-    data: str = opt("pydoc:train", "Distillation data of the short runs (the same tokens for every candidate)")
-    eval_data: str = opt("pydoc:eval", "Held-out data of the one-shot and post-training scores")
+    data: Mixture = opt(
+        Mixture.parse("pydoc:train"), "Distillation data of the short runs (the same tokens for every candidate)"
+    )
+    eval_data: Mixture = opt(Mixture.parse("pydoc:eval"), "Held-out data of the one-shot and post-training scores")
     eval_blocks: int = opt(8, "Held-out blocks scored per candidate")
     seq_len: int = opt(256, "Tokens per block")
     batch_size: int = opt(4, "Blocks per calibration forward and per distillation step")
@@ -231,6 +384,7 @@ class SearchSpec:
     seed: int = opt(0, "Seed of calibration, data order and ties")
 
     def __post_init__(self):
+        as_mixtures(self, ("calib", "data", "eval_data"))
         check_types(self)
         _require(
             [
@@ -265,8 +419,6 @@ class SearchSpec:
         )
         for axis in self.axes.split(","):
             _require([_choice("search axis", axis.strip(), SEARCH_AXES)])
-        for data in (self.calib, self.data, self.eval_data):
-            parse_mixture(data)
 
 
 @dataclass(frozen=True)
@@ -472,7 +624,9 @@ class DistillSpec:
         "tensorboard": ("monitor", "tensorboard"),
     }
 
-    data: str = opt("pydoc:train", "Training data (store, file, dir, pydoc:train, hf:..., a:0.7,b:0.3)")
+    data: Mixture = opt(
+        Mixture.parse("pydoc:train"), "Training data (store, file, dir, pydoc:train, hf:..., a:0.7,b:0.3)"
+    )
     steps: int | None = opt(None, "Optimizer steps (or --max-tokens)")
     max_tokens: int | None = opt(None, "Training tokens (or --steps); also bounds how much of the data is read")
     batch_size: int = opt(8, "Sequences per micro-batch per process")
@@ -481,7 +635,7 @@ class DistillSpec:
     schedule: Schedule = opt(
         Schedule(), "Teacher weights: constant | linear:N | cosine:N (first teacher -> given weights)"
     )
-    eval_data: str = opt("pydoc:eval", "Held-out data for the perplexity")
+    eval_data: Mixture = opt(Mixture.parse("pydoc:eval"), "Held-out data for the perplexity")
     seed: int = opt(0, "Seed of the data order")
     optim: OptimSpec = OptimSpec()
     kd: LossSpec = LossSpec()
@@ -501,6 +655,7 @@ class DistillSpec:
     def __post_init__(self):
         if isinstance(self.schedule, str):  # DistillSpec(schedule="linear:100") in Python, as in YAML and the CLI
             object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
+        as_mixtures(self, ("data", "eval_data"))
         check_types(self)
         _require(
             [
@@ -515,8 +670,6 @@ class DistillSpec:
         self._check_on_policy()
         if self.steps is not None:
             self.optim.check_steps(self.steps)
-        for data in (self.data, self.eval_data):
-            parse_mixture(data)
 
     def _check_on_policy(self) -> None:
         on, prompt = self.gkd, self.gkd.prompt_len(self.seq_len)
@@ -534,10 +687,6 @@ class DistillSpec:
         """``{key: value}`` by the flat keys of ``KEYS`` (a sub-spec-valued key as ``asdict``): what a run's
         identity (``run.json``) and report record, as they did before the sub-specs."""
         return {key: _plain(value) for key, value in flatten(self).items()}
-
-
-def _plain(value):
-    return asdict(value) if is_dataclass(value) else value
 
 
 def check_on_policy(live_weights: list[float], spec: DistillSpec) -> None:
@@ -584,7 +733,9 @@ class EvalSpec:
     """What to measure. ``stride`` None means non-overlapping windows of ``seq_len``; ``max_tokens`` bounds the
     tokens read from each perplexity source; ``limit`` caps the documents of each lm-eval task."""
 
-    ppl: tuple[str, ...] = opt(("pydoc:eval",), "Perplexity source(s) (store, file, dir, pydoc:eval, hf:...)")
+    ppl: tuple[Mixture, ...] = opt(
+        (Mixture.parse("pydoc:eval"),), "Perplexity source(s) (store, file, dir, pydoc:eval, hf:...)"
+    )
     tasks: tuple[str, ...] = opt(
         (), "lm-eval tasks, comma-separated (offline: whelp_pydoc, whelp_licenses, whelp_pydoc_next)", cli="csv"
     )
@@ -600,6 +751,7 @@ class EvalSpec:
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "float32 | bfloat16 | float16")
 
     def __post_init__(self):
+        as_mixtures(self, ("ppl",))
         check_types(self)
         _require(
             [
@@ -614,7 +766,7 @@ class EvalSpec:
             ]
         )
         for source in self.ppl:
-            if "," in source:
+            if len(source.sources) > 1:
                 raise WhelpError(f"perplexity is measured per source; give '{source}' as separate sources")
 
 
@@ -657,7 +809,7 @@ class GenerateSpec:
     ``new_tokens`` sampled ones (Kim & Rush 2016's sequence-level KD data; Qwen3's strong-to-weak stage 1)."""
 
     max_tokens: int | None = opt(None, "Tokens to write (prompts, samples and one EOS per sequence)")
-    prompts: str | None = opt(None, "DATA whose documents' first tokens prompt the teacher (default: BOS alone)")
+    prompts: Mixture | None = opt(None, "DATA whose documents' first tokens prompt the teacher (default: BOS alone)")
     prompt_tokens: int = opt(32, "Prompt tokens cut from each document")
     new_tokens: int = opt(256, "Sampled tokens per sequence at most (EOS ends one sooner)")
     temperature: float = opt(1.0, "Sampling temperature; 0 is greedy decoding")
@@ -669,6 +821,7 @@ class GenerateSpec:
     dtype: Literal["float32", "bfloat16"] = opt("float32", "Teacher dtype: float32 | bfloat16")
 
     def __post_init__(self):
+        as_mixtures(self, ("prompts",))
         check_types(self)
         _require(
             [
@@ -680,7 +833,7 @@ class GenerateSpec:
                 _choice("dtype", self.dtype, ("float32", "bfloat16")),
                 _device(self.device),
                 (
-                    self.prompts is None or "," not in self.prompts,
+                    self.prompts is None or len(self.prompts.sources) == 1,
                     "--prompts takes one text source (its documents' first tokens prompt the teacher)",
                 ),
             ]

@@ -8,7 +8,6 @@ from whelp.data.blocks import (
     check_data,
     data_identity,
     open_blocks,
-    parse_mixture,
     stream_tokens,
 )
 from whelp.data.sources import (
@@ -21,6 +20,7 @@ from whelp.data.sources import (
     source_identity,
     token_stream,
 )
+from whelp.specs import Mixture, Source
 
 __all__ = [
     "Blocks",
@@ -33,7 +33,8 @@ __all__ = [
     "iter_documents",
     "open_blocks",
     "pack",
-    "parse_mixture",
+    "Mixture",
+    "Source",
     "pydoc_split",
     "read_documents",
     "source_identity",

@@ -29,21 +29,21 @@ from whelp import store
 from whelp.data import tokenstore
 from whelp.data.sources import BUILTIN, check_source, source_identity
 from whelp.errors import WhelpError
-from whelp.specs import parse_mixture
+from whelp.specs import Mixture
 
 WINDOW = 8192
 
 
-def check_data(spec: str) -> None:
-    """Refuse a bad mixture or an unreadable source before anything is loaded."""
-    for source, _ in parse_mixture(spec):
+def check_data(mixture: Mixture) -> None:
+    """Refuse an unreadable source before anything is loaded."""
+    for source in mixture.names:
         check_source(source)
 
 
-def data_identity(spec: str) -> list:
-    """What a (mixture) data spec reads, without reading it: each source's identity (files, sizes, mtimes) and
-    weight. A file edited in place changes it."""
-    return [[source_identity(source), weight] for source, weight in parse_mixture(spec)]
+def data_identity(mixture: Mixture) -> list:
+    """What a mixture reads, without reading it: each source's identity (files, sizes, mtimes) and weight. A file
+    edited in place changes it."""
+    return [[source_identity(source), weight] for source, weight in mixture.sources]
 
 
 def _allocation(weights: list[float], total: int) -> list[int]:
@@ -64,11 +64,11 @@ class Blocks:
         seq_len: int,
         seed: int,
         max_tokens: int | None,
-        spec: str,
+        mixture: Mixture,
     ):
         if seq_len < 2:
             raise WhelpError(f"seq_len must be at least 2, got {seq_len}")
-        self.sources, self.seq_len, self.seed, self.source = sources, seq_len, seed, spec
+        self.sources, self.seq_len, self.seed, self.source = sources, seq_len, seed, mixture
         self.n_blocks = []
         for st, weight in sources:
             usable = len(st) if max_tokens is None else min(len(st), math.ceil(max_tokens * weight))
@@ -151,19 +151,19 @@ class TensorBlocks:
         return self.tokens[:n]
 
 
-def _auto_store(spec: str, tokenizer, max_tokens: int | None, text_column: str) -> tuple[Path, int | None]:
+def _auto_store(source: str, tokenizer, max_tokens: int | None, text_column: str) -> tuple[Path, int | None]:
     """Where a raw source's store lives in ``$WHELP_HOME/stores``, and the token bound it is read up to (hub
     datasets only; local sources are tokenized whole): keyed by the source's identity, the tokenizer, the text
     column and that bound."""
-    bound = max_tokens if spec.startswith("hf:") else None
-    key = store.content_id([source_identity(spec), tokenstore.tokenizer_hash(tokenizer), text_column, bound])
+    bound = max_tokens if source.startswith("hf:") else None
+    key = store.content_id([source_identity(source), tokenstore.tokenizer_hash(tokenizer), text_column, bound])
     return store.whelp_home() / "stores" / key[:24], bound
 
 
-def available_tokens(spec: str, tokenizer=None) -> int | None:
-    """Tokens the stores of a (mixture) spec hold, or None when one is not tokenized yet (or no tokenizer)."""
+def available_tokens(mixture: Mixture, tokenizer=None) -> int | None:
+    """Tokens the stores of a mixture hold, or None when one is not tokenized yet (or no tokenizer)."""
     total = 0
-    for source, _ in parse_mixture(spec):
+    for source in mixture.names:
         if tokenstore.is_store(source):
             path = Path(source).expanduser()
         elif tokenizer is not None:
@@ -177,66 +177,75 @@ def available_tokens(spec: str, tokenizer=None) -> int | None:
     return total
 
 
-def store_for(spec: str, tokenizer, max_tokens: int | None = None, text_column: str = "text"):
+def store_for(source: str, tokenizer, max_tokens: int | None = None, text_column: str = "text"):
     """The token store of one source: the directory itself if it is a store, else the store of the raw source
     in ``$WHELP_HOME/stores`` (tokenized on first use, resumably). A hub dataset is read only up to
     ``max_tokens``; local sources are tokenized whole, once, for every budget."""
-    if tokenstore.is_store(spec):
-        return tokenstore.open_store(spec, tokenizer)
-    check_source(spec)
-    path, bound = _auto_store(spec, tokenizer, max_tokens, text_column)
+    if tokenstore.is_store(source):
+        return tokenstore.open_store(source, tokenizer)
+    check_source(source)
+    path, bound = _auto_store(source, tokenizer, max_tokens, text_column)
     try:
         return tokenstore.open_store(path, tokenizer)
     except WhelpError:  # absent, interrupted or damaged: (re)tokenize; resumes an interrupted one
         pass
-    with store.locked(path, f"to tokenize {spec}"):
+    with store.locked(path, f"to tokenize {source}"):
         try:
             return tokenstore.open_store(path, tokenizer)  # tokenized while this process waited
         except WhelpError:
             pass
-        small = not spec.startswith("hf:") and _local_bytes(spec) < 32 << 20
+        small = not source.startswith("hf:") and _local_bytes(source) < 32 << 20
         options = dict(num_proc=1 if small else None, max_tokens=bound, text_column=text_column, progress=not small)
         try:
-            tokenstore.tokenize(spec, tokenizer, path, **options)  # resumes an interrupted one
+            tokenstore.tokenize(source, tokenizer, path, **options)  # resumes an interrupted one
         except WhelpError:  # whelp's own cache, of an older format or damaged beyond resuming: made again
-            tokenstore.tokenize(spec, tokenizer, path, force=True, **options)
+            tokenstore.tokenize(source, tokenizer, path, force=True, **options)
     return tokenstore.open_store(path, tokenizer)
 
 
-def _local_bytes(spec: str) -> int:
-    if spec.startswith("pydoc:") or spec in BUILTIN:
+def _local_bytes(source: str) -> int:
+    if source.startswith("pydoc:") or source in BUILTIN:
         return 0
-    path = Path(spec).expanduser()
+    path = Path(source).expanduser()
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def open_blocks(
-    spec: str, tokenizer, seq_len: int, seed: int = 0, max_tokens: int | None = None, text_column: str = "text"
+    mixture: str | Mixture,
+    tokenizer,
+    seq_len: int,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    text_column: str = "text",
 ) -> Blocks:
-    """The rows of a source or a weighted mixture of sources (store directories or raw sources)."""
-    parts = parse_mixture(spec)
+    """The rows of a source or a weighted mixture of sources (store directories or raw sources); text from a Python
+    caller (``"pydoc:eval"``) is parsed here, the only parse of this module."""
+    mixture = Mixture.of(mixture)
     sources = [
         (store_for(s, tokenizer, None if max_tokens is None else math.ceil(max_tokens * w), text_column), w)
-        for s, w in parts
+        for s, w in mixture.sources
     ]
-    return Blocks(sources, seq_len, seed, max_tokens, spec)
+    return Blocks(sources, seq_len, seed, max_tokens, mixture)
 
 
-def stream_tokens(spec: str, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+def stream_tokens(mixture: str | Mixture, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """The first ``max_tokens`` tokens of one source's stream (documents joined with EOS): LongTensor [T]."""
-    st = store_for(spec, tokenizer, max_tokens)
+    st = store_for(Mixture.of(mixture).name, tokenizer, max_tokens)
     n = len(st) if max_tokens is None else min(len(st), max_tokens)
     return torch.from_numpy(st.read(0, n))
 
 
-def blocks(data: str, tokenizer, seq_len: int, n: int | None = None, seed: int = 0, max_tokens: int | None = None):
-    """The rows of ``seq_len`` tokens of ``data`` (a store, a raw source or a mixture ``a:0.7,b:0.3``), read lazily
-    from token stores; with ``n``, only the first ``n`` rows, held as one tensor (calibration, a notebook's batch).
-    The Python API's way to give data to ``prune`` and ``distill``."""
+def blocks(
+    data: str | Mixture, tokenizer, seq_len: int, n: int | None = None, seed: int = 0, max_tokens: int | None = None
+):
+    """The rows of ``seq_len`` tokens of ``data`` (a store, a raw source or a mixture ``a:0.7,b:0.3``, as text or a
+    ``Mixture``), read lazily from token stores; with ``n``, only the first ``n`` rows, held as one tensor
+    (calibration, a notebook's batch). The Python API's way to give data to ``prune`` and ``distill``."""
+    data = Mixture.of(data)
     rows = open_blocks(data, tokenizer, seq_len, seed=seed, max_tokens=max_tokens)
     if n is not None and n > len(rows):
         raise WhelpError(
             f"{data} has {len(rows)} blocks of {seq_len} tokens, fewer than n={n}; ask for at most "
             f"{len(rows)} or give more data"
         )
-    return rows if n is None else TensorBlocks(rows.head(n), source=data)
+    return rows if n is None else TensorBlocks(rows.head(n), source=str(data))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from whelp.data import tokenstore
 from whelp.data.sources import iter_documents, source_identity
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.specs import GenerateSpec, LoadPolicy
+from whelp.specs import GenerateSpec, LoadPolicy, record
 
 SHARD_TOKENS = 1 << 18  # 256K tokens a shard: a resumed run loses at most this much sampling
 
@@ -43,7 +42,7 @@ def prompt_ids(spec: GenerateSpec, tokenizer) -> Iterator[list[int]]:
         return
     for _ in itertools.count():
         found = False
-        for doc in iter_documents(spec.prompts, "text", None):
+        for doc in iter_documents(spec.prompts.name, "text", None):
             ids = tokenizer(doc[: 64 * spec.prompt_tokens], add_special_tokens=False).input_ids[: spec.prompt_tokens]
             if ids:
                 found = True
@@ -98,11 +97,11 @@ def sample(model, prompts: list[list[int]], config, seed: int) -> list[np.ndarra
 
 def _identity(spec: GenerateSpec, tokenizer, teacher_name: str, teacher_dir: Path, shard_tokens: int) -> dict:
     """A token store's identity whose source is the teacher's files, with every sampling setting."""
-    settings = {k: v for k, v in asdict(spec).items() if k != "max_tokens"}
+    settings = {k: v for k, v in record(spec).items() if k != "max_tokens"}
     generation = {
         **settings,
         "teacher": teacher_name,
-        "prompts_identity": source_identity(spec.prompts) if spec.prompts else None,
+        "prompts_identity": source_identity(spec.prompts.name) if spec.prompts else None,
     }
     return tokenstore.manifest_identity(
         tokenizer,
@@ -148,7 +147,7 @@ def generate_store(
     out = Path(out).expanduser()
     store.check_apart(out, [teacher])
     if spec.prompts is not None:
-        check_source(spec.prompts)
+        check_source(spec.prompts.name)
     check_device(spec.device)
     loader = lambda: load_model(teacher, dtype=spec.dtype, device=spec.device, policy=policy)[0]  # noqa: E731
     return generate(loader, load_tokenizer(teacher, policy), out, spec, teacher, Path(locate(teacher)), force)

@@ -1,6 +1,6 @@
 """Text sources: where documents come from, read lazily in a fixed order (never the whole corpus in RAM).
 
-A source spec is one of:
+A source is one of:
   * a local ``.txt`` / ``.jsonl`` / ``.parquet`` file, or a directory of them (read in sorted order);
   * ``pydoc:calib`` | ``pydoc:train`` | ``pydoc:eval`` - the Python language reference shipped with
     CPython (``pydoc_data.topics``), split by topic into three parts that never overlap;
@@ -26,9 +26,9 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 BUILTIN = {"licenses": Path(__file__).resolve().parent.parent / "evals" / "tasks" / "licenses.jsonl"}
 
 
-def _local(spec: str) -> str:
-    """The file a built-in source name stands for; any other spec as it is."""
-    return str(BUILTIN[spec]) if spec in BUILTIN else spec
+def _local(source: str) -> str:
+    """The file a built-in source name stands for; any other source as it is."""
+    return str(BUILTIN[source]) if source in BUILTIN else source
 
 
 def pydoc_split() -> dict[str, list[str]]:
@@ -101,11 +101,11 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
         yield from (str(v) for v in batch.column(0).to_pylist())
 
 
-def _hf_documents(spec: str, max_chars: int | None) -> Iterator[str]:
-    parts = spec.split(":")[1:]
+def _hf_documents(source: str, max_chars: int | None) -> Iterator[str]:
+    parts = source.split(":")[1:]
     if len(parts) not in (2, 3, 4):
         raise WhelpError(
-            f"bad dataset spec '{spec}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
+            f"bad dataset spec '{source}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
             "hf:NAME:CONFIG:SPLIT:COLUMN (CONFIG may be empty)"
         )
     if len(parts) == 2:
@@ -118,7 +118,7 @@ def _hf_documents(spec: str, max_chars: int | None) -> Iterator[str]:
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:  # datasets raises many types for offline / missing datasets
-        raise WhelpError(f"could not open dataset '{spec}': {str(exc).splitlines()[0]}") from None
+        raise WhelpError(f"could not open dataset '{source}': {str(exc).splitlines()[0]}") from None
     chars = 0
     for row in stream:
         if column not in row:
@@ -129,11 +129,11 @@ def _hf_documents(spec: str, max_chars: int | None) -> Iterator[str]:
             return
 
 
-def _local_files(spec: str) -> list[Path]:
-    path = Path(spec).expanduser()
+def _local_files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
     if not path.exists():
         raise WhelpError(
-            f"no such data file or directory: {spec} "
+            f"no such data file or directory: {source} "
             "(use a .txt/.jsonl/.parquet path, pydoc:calib|train|eval, licenses, or hf:NAME:SPLIT)"
         )
     if path.is_file() and path.suffix not in TEXT_SUFFIXES:
@@ -147,56 +147,58 @@ def _local_files(spec: str) -> list[Path]:
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files and not (path / "whelp.json").exists():
-        raise WhelpError(f"directory {spec} holds no {', '.join(TEXT_SUFFIXES)} files (nor is it a token store)")
+        raise WhelpError(f"directory {source} holds no {', '.join(TEXT_SUFFIXES)} files (nor is it a token store)")
     return files
 
 
-def check_source(spec: str) -> None:
+def check_source(source: str) -> None:
     """Refuse a source that cannot be read (missing path, unknown format or pydoc split) without reading it."""
-    if spec.startswith("pydoc:"):
-        if spec.split(":", 1)[1] not in PYDOC_SPLITS:
-            raise WhelpError(f"unknown pydoc split '{spec.split(':', 1)[1]}'; choose one of {', '.join(PYDOC_SPLITS)}")
-    elif spec.startswith("hf:"):
-        if len(spec.split(":")) not in (3, 4, 5):
+    if source.startswith("pydoc:"):
+        if source.split(":", 1)[1] not in PYDOC_SPLITS:
             raise WhelpError(
-                f"bad dataset spec '{spec}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
+                f"unknown pydoc split '{source.split(':', 1)[1]}'; choose one of {', '.join(PYDOC_SPLITS)}"
+            )
+    elif source.startswith("hf:"):
+        if len(source.split(":")) not in (3, 4, 5):
+            raise WhelpError(
+                f"bad dataset spec '{source}'; write hf:NAME:SPLIT, hf:NAME:CONFIG:SPLIT or "
                 "hf:NAME:CONFIG:SPLIT:COLUMN (CONFIG may be empty)"
             )
     else:
-        _local_files(_local(spec))
+        _local_files(_local(source))
 
 
-def iter_documents(spec: str, text_column: str = "text", max_chars: int | None = None) -> Iterator[str]:
-    """The non-empty documents of a source spec, streamed in a fixed order."""
-    check_source(spec)
-    if spec.startswith("pydoc:"):
-        docs: Iterator[str] = iter(_pydoc_documents(spec.split(":", 1)[1]))
-    elif spec.startswith("hf:"):
-        docs = _hf_documents(spec, max_chars)
+def iter_documents(source: str, text_column: str = "text", max_chars: int | None = None) -> Iterator[str]:
+    """The non-empty documents of a source, streamed in a fixed order."""
+    check_source(source)
+    if source.startswith("pydoc:"):
+        docs: Iterator[str] = iter(_pydoc_documents(source.split(":", 1)[1]))
+    elif source.startswith("hf:"):
+        docs = _hf_documents(source, max_chars)
     else:
-        docs = (doc for f in _local_files(_local(spec)) for doc in _file_documents(f, text_column))
+        docs = (doc for f in _local_files(_local(source)) for doc in _file_documents(f, text_column))
     return (d for d in docs if d.strip())
 
 
-def read_documents(spec: str, text_column: str = "text", max_chars: int | None = None) -> list[str]:
+def read_documents(source: str, text_column: str = "text", max_chars: int | None = None) -> list[str]:
     """The documents of a small source as a list. Raises WhelpError if missing or empty."""
-    docs = list(iter_documents(spec, text_column, max_chars))
+    docs = list(iter_documents(source, text_column, max_chars))
     if not docs:
-        raise WhelpError(f"data source '{spec}' holds no text")
+        raise WhelpError(f"data source '{source}' holds no text")
     return docs
 
 
-def source_identity(spec: str) -> object:
+def source_identity(source: str) -> object:
     """What a source is, without reading it: file names, sizes and mtimes for local paths and the built-in corpus
-    (an edit changes it), the spec itself otherwise (a hub dataset or model: its revision is the hub's)."""
+    (an edit changes it), the source itself otherwise (a hub dataset or model: its revision is the hub's)."""
     from whelp.store import path_identity
 
-    if spec.startswith("pydoc:"):
+    if source.startswith("pydoc:"):
         import pydoc_data.topics
 
-        return [spec, path_identity(Path(pydoc_data.topics.__file__))]
-    path = Path(_local(spec)).expanduser()
-    return [spec, path_identity(path)] if path.exists() else spec  # a hub dataset, or model
+        return [source, path_identity(Path(pydoc_data.topics.__file__))]
+    path = Path(_local(source)).expanduser()
+    return [source, path_identity(path)] if path.exists() else source  # a hub dataset, or model
 
 
 def pack(docs: list[str], tokenizer, seq_len: int, max_tokens: int | None = None):

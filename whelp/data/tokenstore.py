@@ -194,7 +194,7 @@ def _resumable(out: Path, identity: dict, force: bool) -> dict | None:
 
 
 def tokenize(
-    spec: str,
+    source: str,
     tokenizer,
     out: str | Path,
     num_proc: int | None = None,
@@ -204,7 +204,7 @@ def tokenize(
     shard_tokens: int = SHARD_TOKENS,
     progress: bool = True,
 ) -> Path:
-    """Tokenize source ``spec`` once into a token store at ``out``; resumes an interrupted run of the same call.
+    """Tokenize source ``source`` once into a token store at ``out``; resumes an interrupted run of the same call.
 
     ``num_proc`` worker processes (default: every core) tokenize chunks of documents in order, so 1 and N
     workers write identical shards. ``max_tokens`` bounds the tokens kept (the stream is cut exactly there).
@@ -216,7 +216,7 @@ def tokenize(
         if value is not None and value < 1:
             raise WhelpError(f"{name} must be positive, got {value}")
     num_proc = num_proc or os.cpu_count() or 1
-    made = manifest_identity(tokenizer, spec, source_identity(spec), max_tokens, shard_tokens, text_column)
+    made = manifest_identity(tokenizer, source, source_identity(source), max_tokens, shard_tokens, text_column)
     return write(out, made, force, lambda work, manifest: _fill(work, manifest, tokenizer, num_proc, progress))
 
 

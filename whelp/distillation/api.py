@@ -25,7 +25,7 @@ from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, SaveSpec, check_on_policy, check_weights
+from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, Mixture, SaveSpec, check_on_policy, check_weights
 
 
 def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
@@ -274,7 +274,7 @@ def _save_student(
 
 def cache_teacher(
     teacher: str,
-    data: str,
+    data: str | Mixture,
     out: Path,
     spec: CacheSpec,
     force: bool = False,
@@ -283,7 +283,8 @@ def cache_teacher(
 ) -> Path:
     """Load ``teacher``, read ``data`` exactly as ``whelp distill`` does (``open_blocks`` defaults) and cache it.
     Under torchrun every process captures its share of the blocks (``whelp.distillation.capture``); with
-    ``spec.tp_size`` T > 1, groups of T processes share one tensor-parallel teacher."""
+    ``spec.tp_size`` T > 1, groups of T processes share one tensor-parallel teacher. ``data`` given as text (the
+    Python API's, ``a:0.7,b:0.3``) is parsed here, once."""
     from whelp.data import check_data, open_blocks
     from whelp.distillation.cache import claim
     from whelp.distillation.capture import Teacher, write_cache
@@ -294,6 +295,7 @@ def cache_teacher(
         _apart(out, [teacher])
         check_data(data)
 
+    data = Mixture.of(data)
     out = Path(out).expanduser()
     world = parallel.init_world()
     try:

@@ -151,7 +151,7 @@ def _identity(teacher: Teacher, blocks, spec: CacheSpec, seed: int, per_shard: i
         "n_blocks": len(blocks),
         "shard_blocks": per_shard,
         "data_fingerprint": blocks.fingerprint,
-        "data_source": blocks.source,
+        "data_source": str(blocks.source),
         "seed": seed,
     }
 

@@ -25,7 +25,7 @@ import torch
 from whelp.distillation import onpolicy, parallel, schedule
 from whelp.errors import WhelpError
 from whelp.output import Progress
-from whelp.specs import DistillSpec, LossSpec, OptimSpec, check_on_policy, check_weights
+from whelp.specs import DistillSpec, LossSpec, Mixture, OptimSpec, check_on_policy, check_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -373,7 +373,7 @@ def distill(
     from whelp.data import TensorBlocks
     from whelp.distillation import metrics as metrics_log
 
-    if isinstance(data, str):
+    if isinstance(data, (str, Mixture)):
         raise WhelpError(f"data is rows of tokens: pass whelp.blocks('{data}', tokenizer, seq_len), not the name")
     blocks = data if hasattr(data, "head") else TensorBlocks(torch.as_tensor(data))
     pairs = _weighted(teachers)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from whelp.errors import WhelpError
-from whelp.specs import EvalSpec, LoadPolicy
+from whelp.specs import EvalSpec, LoadPolicy, record
 
 CACHE_VERSION = 2
 
@@ -76,7 +76,7 @@ def cache_key(name: str, spec: EvalSpec) -> str:
         {
             "v": CACHE_VERSION,
             "model": source_identity(locate(name)),
-            "spec": asdict(spec),
+            "spec": record(spec),
             "inputs": inputs,
             "versions": versions(),
         }
@@ -88,8 +88,9 @@ def _ppl_tokens(tokenizer, spec: EvalSpec) -> dict:
     from whelp.data import stream_tokens
 
     out = {}
-    for source in spec.ppl:
-        out[source] = stream_tokens(source, tokenizer, spec.max_tokens)
+    for mixture in spec.ppl:
+        source = str(mixture)
+        out[source] = stream_tokens(mixture, tokenizer, spec.max_tokens)
         if len(out[source]) < 2:
             raise WhelpError(f"perplexity source '{source}' gives fewer than 2 tokens; give it more text")
     return out
@@ -240,7 +241,7 @@ def evaluate(
     return EvalResult(
         {
             "reference": next(iter(models)),
-            "settings": asdict(spec),
+            "settings": record(spec),
             "seeds": {"lm_eval": SEEDS, "speed_inputs": spec.speed.seed},
             "versions": versions(),
             "models": rows,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from whelp.pruning import arch, generic, importance, moe, streaming, surgery
 from whelp.pruning import scores as saved
 from whelp.pruning.keep import Keep, text_config
 from whelp.pruning.targets import Target, parse_target, target_rope
-from whelp.specs import TIE, LoadPolicy, PruneSpec
+from whelp.specs import TIE, LoadPolicy, Mixture, PruneSpec, record
 
 REPORT_FILE = "prune_report.json"
 
@@ -97,7 +96,7 @@ def kept_report(keep: Keep) -> dict:
 
 def calibration_tokens(calib, n: int, vocab: int | None = None) -> torch.Tensor:
     """The first ``n`` rows of ``calib``: ``whelp.blocks(...)`` rows or a LongTensor [N, T] of ids below ``vocab``."""
-    if isinstance(calib, str):
+    if isinstance(calib, (str, Mixture)):
         raise WhelpError(f"calibration data is rows of tokens: pass whelp.blocks('{calib}', tokenizer, seq_len)")
     tokens = calib.head(n) if hasattr(calib, "head") else torch.as_tensor(calib)[:n]
     if tokens.ndim != 2 or len(tokens) == 0:
@@ -211,10 +210,10 @@ def prune_checkpoint(
         "target": target,
         "importance": spec.importance,
         "layer_importance": spec.layer_importance,
-        "spec": asdict(spec),
+        "spec": record(spec),
         "scores_reused": scores is not None,
         "calibration": {
-            "source": spec.calib,
+            "source": str(spec.calib),
             "samples": len(tokens),
             "seq_len": spec.seq_len,
             "fingerprint": fingerprint,

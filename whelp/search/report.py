@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 from whelp import __version__, store
 from whelp.pruning import moe
 from whelp.search import space
-from whelp.specs import SearchSpec
+from whelp.specs import SearchSpec, record
 
 
 def _dims(shape: dict) -> str:
@@ -32,7 +31,7 @@ def report(teacher: str, spec: SearchSpec, shapes: list[dict], pool: list[dict],
     rho = space.spearman([c["one_shot"]["kl"] for c in trained], [c["trained"]["kl"] for c in trained])
     return {
         "teacher": teacher,
-        "spec": asdict(spec),
+        "spec": record(spec),
         "enumerated": len(shapes),
         "pool": pool,
         "leaderboard": board,

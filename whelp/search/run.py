@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from whelp.pruning.targets import first_keep
 from whelp.search import space
 from whelp.search.budget import Budget, parse_budget
 from whelp.search.report import report, write_outputs
-from whelp.specs import DistillSpec, LoadPolicy, PruneSpec, SearchSpec, SpeedSpec
+from whelp.specs import DistillSpec, LoadPolicy, PruneSpec, SearchSpec, SpeedSpec, record
 
 WORK = ".search"
 PROXY = "proxy.json"
@@ -95,7 +95,7 @@ def _identity(teacher_dir: Path, spec: SearchSpec) -> str:
     return store.content_id(
         [
             source_identity(str(teacher_dir)),
-            asdict(spec),
+            record(spec),
             data_identity(spec.calib),
             data_identity(spec.data),
             data_identity(spec.eval_data),
