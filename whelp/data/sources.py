@@ -18,7 +18,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from whelp.errors import WhelpError
+from whelp.store import path_identity
 
 PYDOC_SPLITS = ("calib", "train", "eval")
 PYDOC_FRACTIONS = {"eval": 0.10, "calib": 0.10}  # the rest is train
@@ -189,8 +192,6 @@ def read_documents(spec: str, text_column: str = "text", max_chars: int | None =
 def source_identity(spec: str) -> object:
     """What a source is, without reading it: file names, sizes and mtimes for local paths and the built-in corpus
     (an edit changes it), the spec itself otherwise (a hub dataset or model: its revision is the hub's)."""
-    from whelp.store import path_identity
-
     if spec.startswith("pydoc:"):
         import pydoc_data.topics
 
@@ -215,8 +216,6 @@ def pack(docs: list[str], tokenizer, seq_len: int, max_tokens: int | None = None
 
 def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None):
     """All documents tokenized, each followed by EOS: LongTensor [T], at most ``max_tokens`` long."""
-    import torch
-
     eos = tokenizer.eos_token_id
     if eos is None:
         raise WhelpError("the tokenizer has no EOS token to separate documents")

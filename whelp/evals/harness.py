@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import traceback
 from pathlib import Path
 
+from whelp import store
 from whelp.errors import WhelpError
+from whelp.output import quiet_streams
 
 SHIPPED_TASKS = Path(__file__).resolve().parent / "tasks"
 # simple_evaluate's seeds, passed explicitly so that metrics.json records them
@@ -57,8 +60,6 @@ def check_task_names(tasks: tuple[str, ...], include_paths: tuple[str, ...] = ()
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from whelp import store
-
     local = TaskManager(include_path=_task_paths(include_paths), include_defaults=False).all_tasks
     if set(tasks) <= set(local):
         return
@@ -81,8 +82,6 @@ def check_tasks(names: tuple[str, ...], known: list[str]) -> None:
 
 
 def traceback_text(exc: BaseException) -> str:
-    import traceback
-
     return "".join(traceback.format_exception(exc))
 
 
@@ -122,8 +121,6 @@ def run_tasks(
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-
-    from whelp.output import quiet_streams
 
     with quiet_streams():
         lm = HFLM(

@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+from whelp.store import atomic_dir
+
 SIZE_SPEED = (
     "params",
     "non_embedding_params",
@@ -159,8 +161,6 @@ def chart(metrics: dict, path: Path) -> None:
 
 def write_report(metrics: dict, out: Path, force: bool = False, stage_key: str | None = None) -> Path:
     """Write metrics.json, report.md and report.png into ``out`` atomically (temp dir + rename)."""
-    from whelp.store import atomic_dir
-
     with atomic_dir(out, force, "eval", stage_key=stage_key) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "report.md").write_text(markdown(metrics))
