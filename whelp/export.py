@@ -223,8 +223,8 @@ def _failure(model: Path, lines: list[str], code: int) -> str:
     """One line: the converter's last error and what to do about it."""
     error = _error_line(lines, code)
     if "not supported" in error:
-        from whelp.pruning.arch import FAMILIES
-        from whelp.pruning.moe import MOE_FAMILIES
+        from whelp.pruning.arch import FAMILIES  # noqa: PLC0415 - heavy: torch, only to name the prunable families in an error
+        from whelp.pruning.moe import MOE_FAMILIES  # noqa: PLC0415 - heavy: torch, only to name the prunable families in an error
 
         fix = (
             f"llama.cpp converts the families whelp prunes ({', '.join([*FAMILIES, *MOE_FAMILIES])}) and many "

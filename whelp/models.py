@@ -52,7 +52,7 @@ def locate(name_or_path: str) -> str:
 
 def load_gguf(gguf: Path):
     """Load a GGUF checkpoint with transformers (dequantized to fp32) as a plain, saveable HF model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy: locate and load_config need no torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -142,7 +142,7 @@ def known_configs() -> list[str]:
 def load_config(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
     """The HF config of a model (registered name, directory, hub id), of a ``config.json`` file, or of a
     shipped reference config by name (``llama-3.1-8b``: plans offline, no weights anywhere)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     if name_or_path in known_configs():
         name_or_path = str(CONFIGS_DIR / f"{name_or_path}.json")
@@ -179,7 +179,7 @@ def _checked(make, name: str):
 
 
 def load_tokenizer(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     try:
         return AutoTokenizer.from_pretrained(locate(name_or_path), trust_remote_code=policy.trust_remote_code)
@@ -194,8 +194,8 @@ def load_model(
     ``policy`` says whether pickle weights and shipped model code may be used (both off by default). With a
     ``tp_mesh`` (a 1-D DeviceMesh under torchrun) the weights are sharded tensor-parallel over it by the model's
     own ``tp_plan`` (transformers' DistributedConfig), each rank loading only its slices."""
-    import torch
-    from transformers import AutoModelForCausalLM, DistributedConfig
+    import torch  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
+    from transformers import AutoModelForCausalLM, DistributedConfig  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     target = locate(name_or_path)
     check_weights(target, policy)
@@ -247,7 +247,7 @@ def logit_transform(config):
     """What the family's forward applies to ``lm_head(hidden)`` (fp32 [N, V] -> [N, V]): Granite divides by
     ``logits_scaling``, Cohere multiplies by ``logit_scale``, Gemma 2/3 soft-cap at ``final_logit_softcapping``
     (cap * tanh(z / cap)). Fused losses and logit capture need the real logits, not the matmul alone."""
-    import torch
+    import torch  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     text = config.get_text_config()
     divide = getattr(text, "logits_scaling", None) or 1.0
@@ -318,7 +318,7 @@ def config_hash(config) -> str:
 
 def check_device(device: str) -> None:
     """Refuse a CUDA device this torch cannot see, before any model is loaded."""
-    import torch
+    import torch  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WhelpError(f"--device {device}, but this torch sees no CUDA device; use --device cpu")
@@ -342,8 +342,8 @@ def count_params(config, policy: LoadPolicy = LoadPolicy()) -> tuple[int, int]:
     transformers knows (biases, q/k norms, ...) and costs no memory; a tied lm_head is counted
     once. Non-embedding excludes the token embedding and an untied lm_head (Kaplan et al. 2020).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=policy.trust_remote_code)

@@ -13,7 +13,7 @@ from whelp.store import write_text
 
 def tensorboard(rdir: Path):
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional: only --tensorboard needs it
     except ImportError:
         raise WhelpError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(rdir / "tensorboard"))

@@ -63,7 +63,7 @@ def parse_model(arg: str) -> tuple[str, str]:
 
 
 def versions() -> dict:
-    import lm_eval
+    import lm_eval  # noqa: PLC0415 - heavy: lm-eval loads only for its version in a report
 
     return {
         "whelp": whelp.__version__,

@@ -138,10 +138,10 @@ def markdown(metrics: dict) -> str:
 
 def chart(metrics: dict, path: Path) -> None:
     """Grouped horizontal bars: each model's % of the reference per metric, with the 100% line."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - heavy: only the report plot needs matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - heavy: only the report plot needs matplotlib
 
     names, labels, _, percents = table(metrics)
     height = 0.8 / len(labels)
