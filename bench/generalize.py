@@ -146,9 +146,8 @@ def main() -> None:
 
     from whelp.data import stream_tokens
     from whelp.data.generate import generate_store
-    from whelp.models import load_model
+    from whelp.models import load_model, registered_dir
     from whelp.pruning.api import prune_checkpoint
-    from whelp.registry import registered_dir
     from whelp.specs import DistillSpec, GenerateSpec, PruneSpec
 
     t_start = time.perf_counter()

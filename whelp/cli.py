@@ -9,24 +9,38 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import typer
 
+try:  # typer >= 0.26 vendors click as typer._click; older typer raises click's own
+    from typer._click.exceptions import UsageError
+except ImportError:
+    from click.exceptions import UsageError
+
+from whelp import __version__, output
 from whelp.errors import WhelpError
 from whelp.flags import with_spec
-from whelp.specs import CacheSpec, DistillSpec, EvalSpec, GenerateSpec, LoadPolicy, Mixture, PruneSpec, SearchSpec
+from whelp.specs import (
+    CacheSpec,
+    DistillSpec,
+    EvalSpec,
+    GenerateSpec,
+    LoadPolicy,
+    Mixture,
+    PruneSpec,
+    SearchSpec,
+    parse_weighted,
+)
 
 
 class _App(typer.Typer):
     """Typer app whose user-facing errors print as one line, not a traceback or a usage box."""
 
     def __call__(self, *args, **kwargs):
-        try:  # typer >= 0.26 vendors click as typer._click; older typer raises click's own
-            from typer._click.exceptions import UsageError
-        except ImportError:
-            from click.exceptions import UsageError
-
         try:
             code = super().__call__(*args, standalone_mode=False, **kwargs)
         except UsageError as exc:
@@ -90,16 +104,10 @@ def _main(
     verbose: bool = typer.Option(False, "--verbose", help="Show third-party warnings and loading bars"),
 ):
     """Build small language models from big ones: prune, distill, evaluate."""
-    import signal
-
-    from whelp import output
-
     signal.signal(signal.SIGTERM, _terminate)
     output.configure(verbose)
     POLICY["policy"] = LoadPolicy(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if version:
-        from whelp import __version__
-
         typer.echo(__version__)
         raise typer.Exit()
 
@@ -109,7 +117,7 @@ def _policy() -> LoadPolicy:
 
 
 def _console():
-    from rich.console import Console
+    from rich.console import Console  # noqa: PLC0415 - start-up: only a printed table needs rich
 
     return Console(emoji=False)  # ":train:" in pydoc:train is data, not an emoji
 
@@ -125,7 +133,7 @@ def _print_json(obj) -> None:
 
 
 def _table(title: str, rows, columns=None) -> None:
-    from rich.table import Table
+    from rich.table import Table  # noqa: PLC0415 - start-up: only a printed table needs rich
 
     table = Table(title=title, show_header=columns is not None)
     for column in columns or ("", ""):
@@ -141,7 +149,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ):
     """Shape (HF config names), parameters, stored dtype and bytes on disk of a model; no weights loaded."""
-    from whelp import models
+    from whelp import models  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     info = models.inspect(model, _policy())
     if as_json:
@@ -161,7 +169,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing GGUF file at --gguf"),
 ):
     """Export a checkpoint to one GGUF file through llama.cpp's own converter (fetched once from PyPI)."""
-    from whelp.export import LLAMA_CPP_PYTHON, export_gguf
+    from whelp.export import LLAMA_CPP_PYTHON, export_gguf  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     path = export_gguf(model, gguf, outtype, force=force, policy=_policy())
     typer.echo(
@@ -182,9 +190,7 @@ def cache_logits(
     spec: CacheSpec | None = None,
 ):  # built from the options by @with_spec
     """Run a teacher over packed data once and cache sparse per-token targets (resumes if interrupted)."""
-    from dataclasses import replace
-
-    from whelp.distillation.api import cache_teacher
+    from whelp.distillation.api import cache_teacher  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     if (topk is None) == (sample is None):
         raise WhelpError("pass exactly one of --topk K or --sample S")
@@ -204,8 +210,8 @@ def tokenize(
     force: bool = typer.Option(False, "--force", help="Replace an existing token store at --out"),
 ):
     """Tokenize a corpus once into a token store (uint16/uint32 shards + manifest) that every stage reads."""
-    from whelp.data import check_source, tokenstore
-    from whelp.models import load_tokenizer
+    from whelp.data import check_source, tokenstore  # noqa: PLC0415 - start-up: --help and show load no verb module
+    from whelp.models import load_tokenizer  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     if len(Mixture.parse(data).sources) > 1:  # an existing path with a ',' is one source
         raise WhelpError("tokenize one source into one store; mix stores when you use them (--data a:0.7,b:0.3)")
@@ -219,7 +225,7 @@ def tokenize(
 
 
 def _wrote_store(path, what: str) -> None:
-    from whelp.data import tokenstore
+    from whelp.data import tokenstore  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     m = tokenstore.open_store(path).manifest
     typer.echo(
@@ -237,7 +243,7 @@ def generate(
     spec: GenerateSpec | None = None,
 ):  # built from the options by @with_spec
     """Sample text from a teacher into a token store (usable wherever DATA is; resumes if interrupted)."""
-    from whelp.data.generate import generate_store
+    from whelp.data.generate import generate_store  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     _wrote_store(generate_store(teacher, out, spec, force=force, policy=_policy()), f"sequences sampled from {teacher}")
 
@@ -254,7 +260,7 @@ def eval_(
     spec: EvalSpec | None = None,
 ):  # built from the options by @with_spec
     """Score models on perplexity, lm-eval tasks, size and speed; write a report comparing them to the reference."""
-    from whelp.evals.api import EvalResult, evaluate_to, labelled
+    from whelp.evals.api import EvalResult, evaluate_to, labelled  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     metrics = evaluate_to(out, labelled(models, baseline), spec, force=force, policy=_policy())
     typer.echo(EvalResult(metrics).markdown() + f"\nwrote {out}/metrics.json, report.md, report.png")
@@ -297,9 +303,8 @@ def plan(
             "--gpus, --gpu and --mfu price a recipe (whelp plan RECIPE); a prune plan (--target) has no "
             "GPU work to price"
         )
-    from whelp import output
-    from whelp.models import load_config
-    from whelp.pruning.targets import plan_target
+    from whelp.models import load_config  # noqa: PLC0415 - start-up: --help and show load no verb module
+    from whelp.pruning.targets import plan_target  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     PruneSpec(rope=rope)  # the one check of the value
     result = plan_target(load_config(model, _policy()), target, rope)
@@ -319,7 +324,7 @@ def prune(
     spec: PruneSpec | None = None,
 ):  # built from the options by @with_spec
     """Prune a teacher to a target shape in one pass; write a vanilla HF checkpoint and prune_report.json."""
-    from whelp.pruning.api import prune_checkpoint
+    from whelp.pruning.api import prune_checkpoint  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     report = prune_checkpoint(model, target, out, spec, force=force, policy=_policy())
     p = report["params"]
@@ -340,9 +345,7 @@ def search(
     spec: SearchSpec | None = None,
 ):  # built from the options by @with_spec
     """Find the best student shape for a budget: enumerate, prune a pool one-shot, distil the best K, rank."""
-    from pathlib import Path
-
-    from whelp.search.run import search_run
+    from whelp.pruning.search import search_run  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     result = search_run(teacher, spec, Path(out), force=force, dry_run=dry_run, policy=_policy())
     if as_json:
@@ -404,10 +407,7 @@ def distill(
     spec: DistillSpec | None = None,
 ):  # built from the options by @with_spec
     """Distil a student from live teachers and/or logit caches (resumes; works under torchrun with FSDP2)."""
-    from pathlib import Path
-
-    from whelp.distillation.api import distill_run
-    from whelp.specs import parse_weighted
+    from whelp.distillation.api import distill_run  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     report = distill_run(
         student,
@@ -433,11 +433,9 @@ SetOption = typer.Option(None, "--set", help="Override a recipe value: key.path=
 def _plan_recipe(
     name: str, overrides: tuple[str, ...], as_json: bool, gpu: str | None, gpus: int | None, mfu: float | None
 ) -> None:
-    from pathlib import Path
-
-    from whelp import output, pricing
-    from whelp import plan as planning
-    from whelp import recipe as recipes
+    from whelp import plan as planning  # noqa: PLC0415 - start-up: --help and show load no verb module
+    from whelp import pricing  # noqa: PLC0415 - start-up: --help and show load no verb module
+    from whelp import recipe as recipes  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     default = " (the default; choose with --gpus N --gpu KIND)" if gpu is None and gpus is None else ""
     kind = pricing.parse_gpu(gpu or "h100")
@@ -488,10 +486,10 @@ def validate(
 ):
     """Check a recipe strictly: keys, types, ranges, data sources, eval tasks, the teacher, every target shape and
     the build directory."""
-    from whelp import build as builder
-    from whelp import plan as planning
-    from whelp import recipe as recipes
-    from whelp.card import license_of
+    from whelp import build as builder  # noqa: PLC0415 - start-up: --help and show load no verb module
+    from whelp import plan as planning  # noqa: PLC0415 - start-up: --help and show load no verb module
+    from whelp import recipe as recipes  # noqa: PLC0415 - start-up: --help and show load no verb module
+    from whelp.card import license_of  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     loaded = recipes.load(recipe, tuple(set_ or ()))
     planning.plan_recipe(loaded)
@@ -507,7 +505,7 @@ def show(
     set_: list[str] | None = SetOption,
 ):
     """Print the resolved recipe: every value a build would use."""
-    from whelp import recipe as recipes
+    from whelp import recipe as recipes  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     typer.echo(recipes.dump(recipes.load(recipe, tuple(set_ or ()))), nl=False)
 
@@ -524,8 +522,8 @@ def build(
     ),
 ):
     """Run a recipe: prune -> distill -> eval -> final student with report and model card; resumable."""
-    from whelp import build as builder
-    from whelp import recipe as recipes
+    from whelp import build as builder  # noqa: PLC0415 - start-up: --help and show load no verb module
+    from whelp import recipe as recipes  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     final = builder.build(recipes.load(recipe, tuple(set_ or ())), out, force=force, policy=_policy())
     typer.echo(str(final))

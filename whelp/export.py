@@ -34,7 +34,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from whelp import output
 from whelp.errors import WhelpError
+from whelp.models import check_weights, locate
 from whelp.specs import LoadPolicy
 from whelp.store import clean_stale, locked, sha256_file, tag, whelp_home
 
@@ -73,8 +75,6 @@ def export_gguf(
 
 def _check_model(model_dir: str, policy: LoadPolicy) -> Path:
     """The local checkpoint directory, refused up front for what the converter would fail on or whelp never runs."""
-    from whelp.models import check_weights, locate
-
     path = Path(locate(model_dir))
     if not path.is_dir():
         raise WhelpError(f"no such model directory: {model_dir} (export reads a local checkpoint, not a hub id)")
@@ -192,8 +192,6 @@ def _extract(sdist: Path, dest: Path) -> None:
 
 def _convert(script: Path, model: Path, out: Path, outtype: str) -> None:
     """Run the converter; its output is kept (the last lines, for the error) and streamed when verbose."""
-    from whelp import output
-
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # its own gguf-py, not PyPI's gguf
     env["PYTHONPATH"] = os.pathsep.join([str(script.parent / "gguf-py"), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, str(script), str(model), "--outfile", str(out), "--outtype", outtype]
@@ -225,8 +223,8 @@ def _failure(model: Path, lines: list[str], code: int) -> str:
     """One line: the converter's last error and what to do about it."""
     error = _error_line(lines, code)
     if "not supported" in error:
-        from whelp.pruning.arch import FAMILIES
-        from whelp.pruning.moe import MOE_FAMILIES
+        from whelp.pruning.arch import FAMILIES  # noqa: PLC0415 - heavy: torch, only to name the prunable families in an error
+        from whelp.pruning.moe import MOE_FAMILIES  # noqa: PLC0415 - heavy: torch, only to name the prunable families in an error
 
         fix = (
             f"llama.cpp converts the families whelp prunes ({', '.join([*FAMILIES, *MOE_FAMILIES])}) and many "

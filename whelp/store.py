@@ -18,6 +18,7 @@ Three rules keep a user's data safe whatever happens to a run (Ctrl-C, SIGKILL, 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from whelp import __version__
 from whelp.errors import WhelpError
 
 MARKER = "whelp.json"
@@ -156,8 +158,6 @@ def marker(path: Path) -> dict | None:
 
 
 def write_marker(path: Path, kind: str, **fields) -> None:
-    from whelp import __version__
-
     write_record(Path(path) / MARKER, {"kind": kind, "whelp": __version__, **fields})
 
 
@@ -299,8 +299,6 @@ def locked(path: Path, what: str):
     """Hold an exclusive lock on ``path``, a cache entry made on first use (a converted model, a token store), for
     the block: two whelp processes sharing ``$WHELP_HOME`` make it once, the second waiting, then finding it made.
     An advisory ``flock`` of ``.NAME.lock`` beside it, which the kernel releases when its holder dies."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         try:

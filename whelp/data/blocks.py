@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import whelp.data.tokenstore as tokenstore
 from whelp import store
-from whelp.data import tokenstore
 from whelp.data.sources import BUILTIN, check_source, source_identity
 from whelp.errors import WhelpError
 from whelp.specs import Mixture

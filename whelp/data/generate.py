@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import GenerationConfig
 
-from whelp import store
-from whelp.data import tokenstore
-from whelp.data.sources import iter_documents, source_identity
+import whelp.data.tokenstore as tokenstore
+from whelp import models, store
+from whelp.data.sources import check_source, iter_documents, source_identity
 from whelp.errors import WhelpError
+from whelp.models import check_device, load_tokenizer, locate
 from whelp.output import Progress
 from whelp.specs import GenerateSpec, LoadPolicy, record
 
@@ -54,8 +56,6 @@ def prompt_ids(spec: GenerateSpec, tokenizer) -> Iterator[list[int]]:
 def generation_config(spec: GenerateSpec, tokenizer):
     """Every setting ``generate`` samples with, explicit: a checkpoint's generation_config.json and transformers'
     defaults (top_k=50) must not change what the spec says."""
-    from transformers import GenerationConfig
-
     sample = spec.temperature > 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return GenerationConfig(
@@ -141,15 +141,12 @@ def generate_store(
     teacher: str, out: str | Path, spec: GenerateSpec, force: bool = False, policy: LoadPolicy = LoadPolicy()
 ) -> Path:
     """``whelp generate``: check the inputs, then sample from the teacher directory or registered name."""
-    from whelp.data import check_source
-    from whelp.models import check_device, load_model, load_tokenizer, locate
-
     out = Path(out).expanduser()
     store.check_apart(out, [teacher])
     if spec.prompts is not None:
         check_source(spec.prompts.name)
     check_device(spec.device)
-    loader = lambda: load_model(teacher, dtype=spec.dtype, device=spec.device, policy=policy)[0]  # noqa: E731
+    loader = lambda: models.load_model(teacher, dtype=spec.dtype, device=spec.device, policy=policy)[0]  # noqa: E731
     return generate(loader, load_tokenizer(teacher, policy), out, spec, teacher, Path(locate(teacher)), force)
 
 

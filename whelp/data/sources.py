@@ -18,7 +18,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from whelp.errors import WhelpError
+from whelp.store import path_identity
 
 PYDOC_SPLITS = ("calib", "train", "eval")
 PYDOC_FRACTIONS = {"eval": 0.10, "calib": 0.10}  # the rest is train
@@ -34,7 +37,7 @@ def _local(source: str) -> str:
 def pydoc_split() -> dict[str, list[str]]:
     """Topic names of each pydoc split: topics ordered by sha256 of their name, then filled greedily
     into eval (10% of characters), calib (10%) and train (the rest). Deterministic, disjoint."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # noqa: PLC0415 - heavy: the built-in corpus (1 MB of text), read by pydoc: sources only
 
     total = sum(len(v) for v in topics.values())
     order = sorted(topics, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
@@ -50,7 +53,7 @@ def pydoc_split() -> dict[str, list[str]]:
 def _pydoc_documents(split: str) -> list[str]:
     if split not in PYDOC_SPLITS:
         raise WhelpError(f"unknown pydoc split '{split}'; choose one of {', '.join(PYDOC_SPLITS)}")
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # noqa: PLC0415 - heavy: the built-in corpus (1 MB of text), read by pydoc: sources only
 
     return [topics[name] for name in sorted(pydoc_split()[split])]
 
@@ -85,8 +88,8 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
             f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start} of a "
             "chunk); convert it, e.g. iconv -f latin1 -t utf-8"
         ) from None
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # noqa: PLC0415 - optional: only .parquet sources need pyarrow
+    import pyarrow.parquet as pq  # noqa: PLC0415 - optional: only .parquet sources need pyarrow
 
     try:
         table = pq.ParquetFile(path)
@@ -113,7 +116,7 @@ def _hf_documents(source: str, max_chars: int | None) -> Iterator[str]:
     name, config, split = parts[:3]
     column = parts[3] if len(parts) == 4 else "text"
     config = config or None
-    import datasets
+    import datasets  # noqa: PLC0415 - heavy: only hf: sources need datasets
 
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
@@ -191,10 +194,8 @@ def read_documents(source: str, text_column: str = "text", max_chars: int | None
 def source_identity(source: str) -> object:
     """What a source is, without reading it: file names, sizes and mtimes for local paths and the built-in corpus
     (an edit changes it), the source itself otherwise (a hub dataset or model: its revision is the hub's)."""
-    from whelp.store import path_identity
-
     if source.startswith("pydoc:"):
-        import pydoc_data.topics
+        import pydoc_data.topics  # noqa: PLC0415 - heavy: the built-in corpus (1 MB of text), read by pydoc: sources only
 
         return [source, path_identity(Path(pydoc_data.topics.__file__))]
     path = Path(_local(source)).expanduser()
@@ -217,8 +218,6 @@ def pack(docs: list[str], tokenizer, seq_len: int, max_tokens: int | None = None
 
 def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None):
     """All documents tokenized, each followed by EOS: LongTensor [T], at most ``max_tokens`` long."""
-    import torch
-
     eos = tokenizer.eos_token_id
     if eos is None:
         raise WhelpError("the tokenizer has no EOS token to separate documents")

@@ -20,8 +20,10 @@ corpus is never hashed in RAM.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import itertools
+import multiprocessing
 import os
 import shutil
 import signal
@@ -113,8 +115,6 @@ def _encoded(docs, tokenizer, num_proc: int, dtype: str):
     if num_proc == 1:
         yield from (_encode(chunk, dtype, tokenizer) for chunk in _chunks(docs, CHUNK_DOCS))
         return
-    import functools
-    import multiprocessing
 
     global _TOKENIZER
     _TOKENIZER = tokenizer

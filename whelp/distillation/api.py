@@ -18,12 +18,19 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM
 
-from whelp import store
+from whelp import models, store
+from whelp.data import check_data, data_identity, open_blocks, source_identity, stream_tokens
+from whelp.data.tokenstore import tokenizer_hash
 from whelp.distillation import checkpoint, loop, parallel
 from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
+from whelp.distillation.cache import claim, open_cache
+from whelp.distillation.capture import Teacher, write_cache
 from whelp.errors import WhelpError
+from whelp.models import check_positions, load_config, load_tokenizer, save_dtype, save_model
 from whelp.output import Progress
 from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, Mixture, SaveSpec, check_on_policy, check_weights
 
@@ -31,8 +38,6 @@ from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, Mixture, SaveSpec, c
 def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
     """Identity of the files the run trains from (student, teachers, caches, training data): a run whose inputs
     changed on disk is a different run, never resumed."""
-    from whelp.data import data_identity, source_identity
-
     return store.content_id(
         [
             source_identity(student),
@@ -47,11 +52,6 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
     """Everything that needs no model, before any is loaded: data sources, that every teacher shares the student's
     tokenizer (same ids, not only the same size), and each cache's tokenizer, vocabulary and temperature.
     Returns ``(tokenizer, opened caches)``."""
-    from whelp.data import check_data
-    from whelp.data.tokenstore import tokenizer_hash
-    from whelp.distillation.cache import open_cache
-    from whelp.models import check_positions, load_config, load_tokenizer
-
     check_weights([w for _, w in teachers] + [w for _, w in caches], spec)
     check_on_policy([w for _, w in teachers], spec)
     for source in (spec.data, spec.eval_data):
@@ -100,9 +100,6 @@ def distill_run(
 ) -> dict:
     """Distil ``student`` from weighted live ``teachers`` and/or teacher-logit ``caches``; returns the report.
     ``stage_key`` (a build's key of this step's inputs) is recorded in ``out``'s marker."""
-    from whelp.data import open_blocks, stream_tokens
-    from whelp.models import load_model
-
     out = store.check_writable(out, force, "model")
     _apart(out, [student] + [t for t, _ in teachers] + [c for c, _ in caches])
     tokenizer, opened = check_inputs(student, teachers, caches, spec, policy)
@@ -127,7 +124,7 @@ def distill_run(
         )
         torch.manual_seed(spec.seed)
         dtype = str(loop.compute_dtype(spec.compute.dtype, world.device)).replace("torch.", "")
-        lm = load_model(student, device=str(world.device), policy=policy)[0]
+        lm = models.load_model(student, device=str(world.device), policy=policy)[0]
         live = [_load_teacher(name, dtype, world, spec.compute.shard_teachers, policy) for name, _ in teachers]
         t = loop.setup(
             lm,
@@ -162,11 +159,9 @@ def _load_teacher(name: str, dtype: str, world, shard: bool, policy: LoadPolicy)
     """A frozen live teacher, stored in the compute dtype (half the memory in bf16). With ``shard`` its
     decoder layers are FSDP2-sharded; it is read through host memory (safetensors pages the node's ranks share)
     so that only this rank's shard reaches the device."""
-    from whelp.models import load_model
-
     if not shard:
-        return load_model(name, dtype=dtype, device=str(world.device), policy=policy)[0].requires_grad_(False)
-    model = load_model(name, dtype=dtype, device="cpu", policy=policy)[0].requires_grad_(False)
+        return models.load_model(name, dtype=dtype, device=str(world.device), policy=policy)[0].requires_grad_(False)
+    model = models.load_model(name, dtype=dtype, device="cpu", policy=policy)[0].requires_grad_(False)
     return parallel.shard_teacher(model, world).to(world.device)
 
 
@@ -247,11 +242,6 @@ def _save_student(
 ) -> None:
     """Gather the full fp32 weights and write ``out`` from rank 0 as a plain (unsharded) HF model, in the
     ``save_dtype`` of ``spec`` (auto: the dtype the ``student`` it started from stores)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoModelForCausalLM
-
-    from whelp.models import save_dtype, save_model
-
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.main:
         with torch.device("meta"):
@@ -285,10 +275,6 @@ def cache_teacher(
     Under torchrun every process captures its share of the blocks (``whelp.distillation.capture``); with
     ``spec.tp_size`` T > 1, groups of T processes share one tensor-parallel teacher. ``data`` given as text (the
     Python API's, ``a:0.7,b:0.3``) is parsed here, once."""
-    from whelp.data import check_data, open_blocks
-    from whelp.distillation.cache import claim
-    from whelp.distillation.capture import Teacher, write_cache
-    from whelp.models import load_model
 
     def early() -> None:  # before minutes of loading: a user's directory or a bad source, at once
         claim(out, force)
@@ -300,7 +286,7 @@ def cache_teacher(
     world = parallel.init_world()
     try:
         parallel.from_main(world, early)
-        model, tokenizer = load_model(
+        model, tokenizer = models.load_model(
             teacher,
             dtype=spec.dtype,
             device=str(world.device),

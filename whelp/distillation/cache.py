@@ -126,12 +126,6 @@ def decode(tensors: dict[str, Tensor], mode: str, k: int, temperature: float, vo
     return SparseTarget("topk", words >> MAG_BITS, temperature, vocab, logp=logp, tail=tensors["tail"].float())
 
 
-def config_hash(config) -> str:
-    """sha256 of a model config without bookkeeping keys (paths, versions, dtype): the architecture's identity."""
-    skip = {"transformers_version", "dtype", "torch_dtype", "architectures"}
-    return store.content_id({k: v for k, v in config.to_dict().items() if k not in skip and not k.startswith("_")})
-
-
 def read_manifest(path: Path) -> dict:
     """The sealed manifest: an edited one (a changed ``k``, say) is refused, never trained on."""
     if not (path / MANIFEST).exists():

@@ -37,11 +37,13 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 
-from whelp import store
+from whelp import models, store
 from whelp.data.tokenstore import tokenizer_hash
 from whelp.distillation import parallel
-from whelp.distillation.cache import FORMAT, MANIFEST, claim, config_hash, encode, read_manifest, sparse_targets
+from whelp.distillation.cache import FORMAT, MANIFEST, claim, encode, read_manifest, sparse_targets
+from whelp.distillation.losses import backbone
 from whelp.errors import WhelpError
+from whelp.models import config_hash
 from whelp.specs import CacheSpec
 
 CHUNK = 1024  # positions per on-device logits chunk: [1024, 128256] fp32 is 0.5 GB
@@ -58,9 +60,7 @@ def shard_name(start: int, stop: int) -> str:
 
 def chunk_logits(model, hidden: Tensor, vocab: int) -> Tensor:
     """fp32 logits [c, vocab] of hidden states [c, H]: the lm_head, then the family's logit transform."""
-    from whelp.models import logit_transform
-
-    return logit_transform(model.config)(model.get_output_embeddings()(hidden).float())[..., :vocab]
+    return models.logit_transform(model.config)(model.get_output_embeddings()(hidden).float())[..., :vocab]
 
 
 def _device(model) -> torch.device:
@@ -70,8 +70,6 @@ def _device(model) -> torch.device:
 def check_logits(model, tokens: Tensor, vocab: int) -> None:
     """The chunked path against the model's own forward on a few positions of ``tokens`` [L]: a family whose
     logits are more than ``lm_head(hidden)`` (scaled, soft-capped) must be known to ``logit_transform``."""
-    from whelp.distillation.loop import backbone
-
     ids = tokens[: min(len(tokens), 64)].view(1, -1).to(_device(model))
     with torch.no_grad():
         ref = model(input_ids=ids).logits[0, :, :vocab].float()
@@ -87,8 +85,6 @@ def check_logits(model, tokens: Tensor, vocab: int) -> None:
 def teacher_shard(model, tokens: Tensor, spec: dict, first_block: int, batch_size: int) -> dict[str, Tensor]:
     """Storage tensors of one shard: teacher targets for every position of ``tokens`` [b, seq_len] (block
     ``first_block + i`` is row i; sampling is seeded per block, so any split of the blocks draws the same)."""
-    from whelp.distillation.loop import backbone
-
     device, L = _device(model), tokens.shape[1]
     parts = []
     for s in range(0, len(tokens), batch_size):

@@ -21,9 +21,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
+from whelp.data import TensorBlocks
+from whelp.distillation import metrics as metrics_log
 from whelp.distillation import onpolicy, parallel, schedule
+from whelp.distillation.losses import LiveTarget, backbone, head_logits, model_transform
 from whelp.errors import WhelpError
+from whelp.evals.perplexity import perplexity
 from whelp.output import Progress
 from whelp.specs import DistillSpec, LossSpec, Mixture, OptimSpec, check_on_policy, check_weights
 
@@ -38,16 +43,9 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def backbone(lm):
-    """The decoder stack under the lm_head (``model`` for Llama, ``transformer`` for GPT-2, ``gpt_neox``...)."""
-    return lm.base_model
-
-
 def live_target(teacher, ids: torch.Tensor):
     """A live teacher's targets for ``ids`` [B, L]: its final hidden states [B * L, H] (final norm included, as its
     backbone returns them), its lm_head weight and its family's logit transform."""
-    from whelp.distillation.losses import LiveTarget, model_transform
-
     return LiveTarget(
         hidden=backbone(teacher)(input_ids=ids).last_hidden_state.flatten(0, 1),
         weight=teacher.get_output_embeddings().weight,
@@ -60,8 +58,6 @@ def check_head(lm, ids: torch.Tensor, what: str) -> None:
     """The fused loss's view of ``lm`` (backbone hidden states, lm_head weight, the family's logit transform) against
     its own ``forward(...).logits`` on ``ids`` [1, L]: a family whose logits are made otherwise (a head bias, a
     backbone that is not its base model, a transform whelp does not know) is refused in one line before training."""
-    from whelp.distillation.losses import head_logits, model_transform
-
     family, head = f"{type(lm).__name__} ({lm.config.model_type})", lm.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise WhelpError(
@@ -143,7 +139,6 @@ def vocab_spec(spec: LossSpec, widths: list[int], tokenizer_size: int | None) ->
 def optimiser(model, spec: OptimSpec, steps: int):
     """AdamW over ``model``'s parameters and its schedule: ``spec.warmup`` linear warmup steps, then cosine decay to
     0 at ``steps`` (a warmup not below ``steps`` is refused)."""
-    from transformers import get_cosine_schedule_with_warmup
 
     spec.check_steps(steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -299,7 +294,6 @@ def held_out(t: Training) -> dict | None:
     """Perplexity of the student on the held-out tokens (None without them)."""
     if t.eval_ids is None:
         return None
-    from whelp.evals.perplexity import perplexity
 
     with t.autocast():
         result = perplexity(t.model, t.eval_ids, t.spec.seq_len, batch_size=t.spec.batch_size)
@@ -370,9 +364,6 @@ def distill(
     ``tokenizer``: needed only when the lm_heads are padded to different widths. No checkpoints are written: for
     resumable runs use ``whelp distill`` (``whelp.distillation.api.distill_run``).
     """
-    from whelp.data import TensorBlocks
-    from whelp.distillation import metrics as metrics_log
-
     if isinstance(data, (str, Mixture)):
         raise WhelpError(f"data is rows of tokens: pass whelp.blocks('{data}', tokenizer, seq_len), not the name")
     blocks = data if hasattr(data, "head") else TensorBlocks(torch.as_tensor(data))

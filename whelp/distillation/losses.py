@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from whelp import models
 from whelp.distillation import closed_form
 from whelp.distillation.divergences import (
     LOSSES,
@@ -40,7 +41,17 @@ from whelp.distillation.divergences import (
 )
 from whelp.errors import WhelpError
 
-__all__ = ["LOSSES", "KDResult", "LiveTarget", "LossSpec", "SparseTarget", "head_logits", "kd_loss", "model_transform"]
+__all__ = [
+    "LOSSES",
+    "KDResult",
+    "LiveTarget",
+    "LossSpec",
+    "SparseTarget",
+    "backbone",
+    "head_logits",
+    "kd_loss",
+    "model_transform",
+]
 
 
 @dataclass(frozen=True)
@@ -51,12 +62,15 @@ class KDResult:
     tokens: int  # unmasked tokens
 
 
+def backbone(lm):
+    """The decoder stack under the lm_head (``model`` for Llama, ``transformer`` for GPT-2, ``gpt_neox``...)."""
+    return lm.base_model
+
+
 def model_transform(model) -> Transform | None:
     """The logit transform of ``model``'s family (``whelp.models.logit_transform``: what its forward applies to
     ``lm_head(hidden)``), or None where that is the identity, so plain families pay nothing for it."""
-    from whelp.models import logit_transform
-
-    transform = logit_transform(model.config)
+    transform = models.logit_transform(model.config)
     probe = torch.linspace(-40.0, 40.0, 9)
     return None if torch.equal(transform(probe.clone()), probe) else transform
 

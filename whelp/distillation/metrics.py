@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.console import Console
+
 from whelp.errors import WhelpError
+from whelp.store import write_text
 
 
 def tensorboard(rdir: Path):
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional: only --tensorboard needs it
     except ImportError:
         raise WhelpError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(rdir / "tensorboard"))
@@ -18,8 +21,6 @@ def tensorboard(rdir: Path):
 
 def trim(metrics: Path, step: int) -> None:
     """Keep the rows of steps <= ``step`` (a resumed run logs the rest again); a damaged row is named."""
-    from whelp.store import write_text
-
     kept = []
     for lineno, line in enumerate(metrics.read_text().splitlines() if metrics.exists() else [], 1):
         try:
@@ -55,6 +56,4 @@ def show(bar, row: dict) -> None:
 
 def note(message: str) -> None:
     """One line for the user on stderr (a resumed run's changed settings), apart from the progress bar."""
-    from rich.console import Console
-
     Console(stderr=True).print(f"[yellow]whelp[/]: {message}", markup=True, highlight=False)

@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from whelp.distillation.losses import head_logits, model_transform
+from whelp.models import kv_cache_name
 from whelp.specs import DistillSpec
 
 
@@ -56,9 +58,6 @@ def sample(lm, prompts: torch.Tensor, new_tokens: int, vocab: int, rng: torch.Ge
     """``prompts`` [B, P] continued by ``new_tokens`` tokens drawn from ``lm``'s next-token distribution (fp32
     softmax over the first ``vocab`` lm_head rows, the family's logit transform applied) with the KV cache:
     LongTensor [B, P + new_tokens]."""
-    from whelp.distillation.losses import head_logits, model_transform
-    from whelp.models import kv_cache_name
-
     body, transform = lm.base_model, model_transform(lm)
     name = kv_cache_name(body.forward)
     weight = lm.get_output_embeddings().weight[:vocab].float()

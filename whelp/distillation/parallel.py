@@ -13,8 +13,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
+from whelp.distillation import losses
+from whelp.distillation.losses import backbone, model_transform
+from whelp.distillation.onpolicy import sample
 from whelp.errors import WhelpError
+from whelp.models import shape
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,6 @@ def tp_mesh(world: World, tp_size: int):
             f"--tp-size {tp_size} needs a multiple of {tp_size} processes (torchrun --nproc_per_node), "
             f"this run has {world.size}"
         )
-    from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(world.device.type, (world.size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))["tp"]
 
@@ -144,20 +149,16 @@ class KDStudent(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, kd: dict | None = None, rollout: tuple | None = None):
         if rollout is not None:  # on-policy sampling, inside the root's forward so FSDP2 unshards the root once
-            from whelp.distillation.onpolicy import sample
-
             return sample(self.lm, input_ids, *rollout)
         if kd is None:
             return self.lm(input_ids=input_ids)
-        from whelp.distillation.loop import backbone
-        from whelp.distillation.losses import kd_loss, model_transform
 
         hidden = backbone(self.lm)(input_ids=input_ids).last_hidden_state.flatten(0, 1)  # [N, Hs], autocast dtype
         weight = self.lm.get_output_embeddings().weight
         # the fused loss runs its own chunked matmuls: outside autocast, in the hidden states' dtype (the cast's
         # backward hands the fp32 master weight an fp32 gradient, as autocast would)
         with torch.autocast(hidden.device.type, enabled=False):
-            result = kd_loss(hidden, weight.to(hidden.dtype), transform=model_transform(self.lm), **kd)
+            result = losses.kd_loss(hidden, weight.to(hidden.dtype), transform=model_transform(self.lm), **kd)
         per_teacher = torch.tensor([float(v) for v in result.per_teacher], dtype=torch.float64)
         ce = torch.tensor(0.0 if result.ce is None else float(result.ce), dtype=torch.float64)
         return result.loss, per_teacher, ce
@@ -167,9 +168,6 @@ def decoder_layers(lm, what: str = "model") -> torch.nn.ModuleList:
     """The decoder layers FSDP2 shards one by one: the one list of ``num_hidden_layers`` modules directly under the
     model's backbone (``base_model``: Llama ``model.layers``, GPT-2 ``transformer.h``, GPT-NeoX ``gpt_neox.layers``);
     WhelpError naming the family otherwise."""
-    from whelp.distillation.loop import backbone
-    from whelp.models import shape
-
     n, body = shape(lm.config)["num_hidden_layers"], backbone(lm)
     found = [name for name, m in body.named_children() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
     if body is lm or len(found) != 1:
@@ -189,8 +187,6 @@ def shard_teacher(teacher, world: World):
     gathered weights are the original ones, so the teacher computes exactly what a replicated one does."""
     if world.size == 1:
         return teacher
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(world.device.type, (world.size,))
     for layer in decoder_layers(teacher, "teacher"):
@@ -202,8 +198,6 @@ def shard_student(student: KDStudent, world: World) -> KDStudent:
     """FSDP2: shard every decoder layer, then the root (which holds embeddings, norm and a tied lm_head)."""
     if world.size == 1:
         return student
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(world.device.type, (world.size,))
     for layer in decoder_layers(student.lm, "student"):

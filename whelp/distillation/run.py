@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
 from whelp import store
 from whelp.distillation import checkpoint, parallel
@@ -156,8 +157,6 @@ def adjusted_scheduler(optimizer, spec: OptimSpec, steps: int, start: int):
     """The scheduler of a resumed optimiser: lr, warmup and weight decay as given now, at position ``start`` of
     the warmup + cosine schedule. With unchanged settings this is exactly the restored scheduler (LambdaLR sets
     lr = base_lr * lambda(step) afresh each step), so an unchanged resume stays bit-identical."""
-    from transformers import get_cosine_schedule_with_warmup
-
     for group in optimizer.param_groups:
         group.update(initial_lr=spec.lr, weight_decay=spec.weight_decay)
     return get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps, last_epoch=start - 1)

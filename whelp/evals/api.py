@@ -17,8 +17,23 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+import transformers
+
+import whelp
+import whelp.models
+from whelp import store
+from whelp.data import check_data, data_identity, source_identity, stream_tokens
+from whelp.data.tokenstore import tokenizer_hash
 from whelp.errors import WhelpError
+from whelp.evals.harness import SEEDS, check_include_paths, run_tasks, task_manager
+from whelp.evals.perplexity import perplexity, windows
+from whelp.evals.report import markdown, write_report
+from whelp.evals.speed import SpeedProcess, measure_speed
+from whelp.models import check_device, check_positions, count_params, load_config, load_tokenizer, locate
+from whelp.output import Progress
 from whelp.specs import EvalSpec, LoadPolicy, record
+from whelp.store import check_apart, check_writable, content_id
 
 CACHE_VERSION = 2
 
@@ -30,8 +45,6 @@ class EvalResult:
     metrics: dict
 
     def markdown(self) -> str:
-        from whelp.evals.report import markdown
-
         return markdown(self.metrics)
 
     def to_dict(self) -> dict:
@@ -50,11 +63,7 @@ def parse_model(arg: str) -> tuple[str, str]:
 
 
 def versions() -> dict:
-    import lm_eval
-    import torch
-    import transformers
-
-    import whelp
+    import lm_eval  # noqa: PLC0415 - heavy: lm-eval loads only for its version in a report
 
     return {
         "whelp": whelp.__version__,
@@ -67,10 +76,6 @@ def versions() -> dict:
 
 
 def cache_key(name: str, spec: EvalSpec) -> str:
-    from whelp.data import data_identity, source_identity
-    from whelp.models import locate
-    from whelp.store import content_id
-
     inputs = [data_identity(s) for s in spec.ppl] + [source_identity(p) for p in spec.include_paths]
     return content_id(
         {
@@ -85,8 +90,6 @@ def cache_key(name: str, spec: EvalSpec) -> str:
 
 def _ppl_tokens(tokenizer, spec: EvalSpec) -> dict:
     """Every perplexity source's tokens [T], refused if it has fewer than 2 (before any model is loaded)."""
-    from whelp.data import stream_tokens
-
     out = {}
     for mixture in spec.ppl:
         source = str(mixture)
@@ -98,9 +101,6 @@ def _ppl_tokens(tokenizer, spec: EvalSpec) -> dict:
 
 def _perplexity(model, ids, spec: EvalSpec, tokenizer, source: str) -> dict:
     """``perplexity`` of ``model`` on the tokens ``ids`` [T] of ``source``, with a progress display over windows."""
-    from whelp.evals.perplexity import perplexity, windows
-    from whelp.output import Progress
-
     n_windows = len(windows(len(ids), spec.seq_len, spec.stride or spec.seq_len))
     with Progress(f"perplexity on {source} (windows)", n_windows) as bar:
         return asdict(perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size, tokenizer, bar.advance))
@@ -109,9 +109,6 @@ def _perplexity(model, ids, spec: EvalSpec, tokenizer, source: str) -> dict:
 def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
     """Size, perplexity on the tokens ``ppl_ids`` ({source: [T]}) and lm-eval scores of one in-memory model (its
     speed is measured apart: ``whelp.evals.speed``)."""
-    from whelp.evals.harness import run_tasks
-    from whelp.models import count_params
-
     start = time.perf_counter()
     total, non_embedding = count_params(model.config)
     ppl = {source: _perplexity(model, ids, spec, tokenizer, source) for source, ids in ppl_ids.items()}
@@ -130,8 +127,6 @@ def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
 
 def _in_memory(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
     """``measure`` plus speed measured in this process (peak memory is not: this process holds other things)."""
-    from whelp.evals.speed import measure_speed
-
     speed = {
         **measure_speed(model, spec.speed),
         "peak_memory_bytes": None,
@@ -141,16 +136,12 @@ def _in_memory(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict
 
 
 def _cache_path(name: str, spec: EvalSpec) -> Path:
-    from whelp import store
-
     return store.whelp_home() / "eval-cache" / f"{cache_key(name, spec)}.json"
 
 
 def _cached(name: str, spec: EvalSpec) -> dict | None:
     """A model directory's results from ``$WHELP_HOME/eval-cache`` (a sealed record), or None: absent, or edited or
     damaged, which is a miss and is measured again."""
-    from whelp import store
-
     path = _cache_path(name, spec)
     try:
         return {**store.read_record(path, ""), "cache_key": path.stem, "reused": True}
@@ -160,9 +151,7 @@ def _cached(name: str, spec: EvalSpec) -> dict | None:
 
 def _loaded_and_measured(name: str, spec: EvalSpec, manager, policy: LoadPolicy, ppl_ids: dict) -> dict:
     """``measure`` of a model directory, loaded here and released on return (before its speed is measured)."""
-    from whelp.models import load_model
-
-    model, tokenizer = load_model(name, dtype=spec.dtype, device=spec.device, policy=policy)
+    model, tokenizer = whelp.models.load_model(name, dtype=spec.dtype, device=spec.device, policy=policy)
     return measure(model, tokenizer, spec, manager, ppl_ids)
 
 
@@ -170,11 +159,6 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
     """Labels, model names, tasks, positions and perplexity sources, before any model is loaded: returns the task
     manager, each model's perplexity tokens ({label: {source: [T]}}, read once here) and tokenizer hash (perplexities
     of different tokenizers count different tokens: the report compares them by bits per byte only)."""
-    from whelp.data import check_data
-    from whelp.data.tokenstore import tokenizer_hash
-    from whelp.evals.harness import check_include_paths, task_manager
-    from whelp.models import check_device, check_positions, load_config, load_tokenizer
-
     if not models:
         raise WhelpError("give at least one model to evaluate")
     check_device(spec.device)
@@ -208,10 +192,6 @@ def evaluate(
 
     Directories not in the cache are loaded and measured one at a time while a speed process imports torch; their
     speed is measured after all of them, each by a child of that process, and then they are cached."""
-    from whelp import store
-    from whelp.evals.harness import SEEDS
-    from whelp.evals.speed import SpeedProcess
-
     models = {str(label): model for label, model in models.items()}
     manager, tokens, tokenizers = _check(models, tokenizer, spec, policy)
     on_disk = {label: str(m) for label, m in models.items() if isinstance(m, (str, Path))}
@@ -259,9 +239,6 @@ def evaluate_to(
 ) -> dict:
     """``evaluate`` model directories and write ``metrics.json``, ``report.md`` and ``report.png`` to ``out``
     atomically (marked with ``stage_key``, a build's key of its inputs). Returns the metrics."""
-    from whelp.evals.report import write_report
-    from whelp.store import check_apart, check_writable
-
     out = check_writable(out, force, "eval")
     check_apart(out, models.values())
     metrics = evaluate(models, None, spec, policy).metrics

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import traceback
 from pathlib import Path
 
+from whelp import store
 from whelp.errors import WhelpError
+from whelp.output import quiet_streams
 
 SHIPPED_TASKS = Path(__file__).resolve().parent / "tasks"
 # simple_evaluate's seeds, passed explicitly so that metrics.json records them
@@ -41,7 +44,7 @@ def task_manager(tasks: tuple[str, ...], include_paths: tuple[str, ...] = ()):
 
     Unknown names fail here, naming the closest known ones.
     """
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # noqa: PLC0415 - heavy: lm-eval loads only when tasks are run or checked
 
     paths = _task_paths(include_paths)
     manager = TaskManager(include_path=paths, include_defaults=False)
@@ -54,10 +57,8 @@ def task_manager(tasks: tuple[str, ...], include_paths: tuple[str, ...] = ()):
 def check_task_names(tasks: tuple[str, ...], include_paths: tuple[str, ...] = ()) -> None:
     """``task_manager``'s name check without building it: whelp's and the include paths' tasks, then the names of
     lm-eval's registry, indexed once per lm-eval version (about 13 s on a slow CPU) into ``$WHELP_HOME/lm-eval``."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    from whelp import store
+    import lm_eval  # noqa: PLC0415 - heavy: lm-eval loads only when tasks are run or checked
+    from lm_eval.tasks import TaskManager  # noqa: PLC0415 - heavy: lm-eval loads only when tasks are run or checked
 
     local = TaskManager(include_path=_task_paths(include_paths), include_defaults=False).all_tasks
     if set(tasks) <= set(local):
@@ -81,8 +82,6 @@ def check_tasks(names: tuple[str, ...], known: list[str]) -> None:
 
 
 def traceback_text(exc: BaseException) -> str:
-    import traceback
-
     return "".join(traceback.format_exception(exc))
 
 
@@ -120,10 +119,8 @@ def run_tasks(
     independent of whelp's perplexity window: a short window must not truncate a task's long answers.
     ``limit`` caps the documents per task (lm-eval marks such results as not for reporting).
     """
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    from whelp.output import quiet_streams
+    from lm_eval import simple_evaluate  # noqa: PLC0415 - heavy: lm-eval loads only when tasks are run or checked
+    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415 - heavy: lm-eval loads only when tasks are run or checked
 
     with quiet_streams():
         lm = HFLM(

@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+from whelp.store import atomic_dir
+
 SIZE_SPEED = (
     "params",
     "non_embedding_params",
@@ -136,10 +138,10 @@ def markdown(metrics: dict) -> str:
 
 def chart(metrics: dict, path: Path) -> None:
     """Grouped horizontal bars: each model's % of the reference per metric, with the 100% line."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - heavy: only the report plot needs matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - heavy: only the report plot needs matplotlib
 
     names, labels, _, percents = table(metrics)
     height = 0.8 / len(labels)
@@ -159,8 +161,6 @@ def chart(metrics: dict, path: Path) -> None:
 
 def write_report(metrics: dict, out: Path, force: bool = False, stage_key: str | None = None) -> Path:
     """Write metrics.json, report.md and report.png into ``out`` atomically (temp dir + rename)."""
-    from whelp.store import atomic_dir
-
     with atomic_dir(out, force, "eval", stage_key=stage_key) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "report.md").write_text(markdown(metrics))

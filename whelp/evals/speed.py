@@ -25,9 +25,13 @@ import time
 from dataclasses import asdict
 
 import torch
+from transformers import AutoModelForCausalLM
 
+import whelp.models
+from whelp import store
 from whelp.errors import WhelpError
-from whelp.models import kv_cache_name
+from whelp.models import config_hash, kv_cache_name, load_config
+from whelp.schema import build, to_dict
 from whelp.specs import EvalSpec, LoadPolicy, SpeedSpec
 
 
@@ -73,11 +77,6 @@ def shape_speed(config, device: str, spec: SpeedSpec) -> dict:
     """``measure_speed`` of the model ``config`` describes, with random weights (speed does not depend on their
     values), cached in ``$WHELP_HOME/speed`` per architecture, device, torch version and spec: a shape search
     times each candidate shape once."""
-    from transformers import AutoModelForCausalLM
-
-    from whelp import store
-    from whelp.distillation.cache import config_hash
-
     key = store.content_id(
         [
             config_hash(config),
@@ -114,15 +113,11 @@ def _reset_peak_rss() -> bool:
 
 def _measure(model_name: str, spec: EvalSpec, policy: LoadPolicy) -> dict:
     """Load ``model_name`` in this process and measure it (the body of the child process)."""
-    from transformers import AutoModelForCausalLM
-
-    from whelp.models import load_config, load_model
-
     with torch.device("meta"):  # import the model's code first, so that its import is not counted
         AutoModelForCausalLM.from_config(load_config(model_name, policy), trust_remote_code=policy.trust_remote_code)
     cuda = spec.device.startswith("cuda")
     baseline = 0 if cuda or not os.path.exists("/proc/self/status") else _status_kib("VmRSS")
-    model, _ = load_model(model_name, dtype=spec.dtype, device=spec.device, policy=policy)
+    model, _ = whelp.models.load_model(model_name, dtype=spec.dtype, device=spec.device, policy=policy)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_ok = baseline > 0 and _reset_peak_rss()  # after loading: dtype-conversion transients are not counted
@@ -156,8 +151,6 @@ class SpeedProcess:
 
     def measure(self, model_name: str, spec: EvalSpec) -> dict:
         """Speed and peak memory of ``model_name`` loaded as ``spec`` says, in a forked child of the process."""
-        from whelp.schema import to_dict
-
         try:
             self._proc.stdin.write(json.dumps({"model": model_name, "eval": to_dict(spec)}) + "\n")
             self._proc.stdin.flush()
@@ -186,8 +179,6 @@ class SpeedProcess:
 def _serve(policy: LoadPolicy) -> None:
     """The measuring process: one JSON request per stdin line, one JSON reply per stdout line. Each model is measured
     by a forked child, which inherits the imports but none of the other models' memory."""
-    from whelp.schema import build
-
     for module in ("transformers.modeling_utils", "transformers.models.auto.modeling_auto"):
         importlib.import_module(module)  # what every child needs, imported once before any fork
 

@@ -11,21 +11,21 @@ import random
 import re
 from pathlib import Path
 
+import datasets
+
+from whelp.data import read_documents
+
 HERE = Path(__file__).resolve().parent
 LICENSES = HERE / "licenses.jsonl"
 SENTENCE_END = re.compile(r"(?<=[a-z0-9)][.!?])\s+(?=[A-Z])")
 
 
 def _dataset(rows: list[dict]):
-    import datasets
-
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
 def pydoc_eval(**_metadata):
     """One row per topic of the ``pydoc:eval`` split: ``{"text": str}``."""
-    from whelp.data import read_documents
-
     return _dataset([{"text": doc} for doc in read_documents("pydoc:eval")])
 
 
@@ -64,6 +64,4 @@ def next_sentence_items(docs: list[str], n_choices: int = 4, seed: int = 0) -> l
 
 
 def pydoc_next(**_metadata):
-    from whelp.data import read_documents
-
     return _dataset(next_sentence_items(read_documents("pydoc:eval")))
