@@ -19,6 +19,6 @@ check() {  # check HINT COMMAND...: run COMMAND; if it fails, name it and the fi
 }
 check "'.venv/bin/ruff check --fix .' fixes some; fix the rest by hand" .venv/bin/ruff check .
 check "'.venv/bin/ruff format .' formats the tree" .venv/bin/ruff format --check .
-check "a module imports only from the layers below it ([tool.importlinter] in pyproject.toml)" .venv/bin/lint-imports
+check "a module imports only from the layers below it ([tool.importlinter] in pyproject.toml)" .venv/bin/lint-imports --no-logo --no-cache
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/python -m pytest -q --durations=15 -n auto --maxprocesses=4 --dist worksteal "$@"
