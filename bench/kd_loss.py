@@ -7,6 +7,11 @@ and all loss temporaries count, the inputs do not). One timed run per configurat
 
     python bench/kd_loss.py                          # Llama-3 1B student, 8B teacher (V=128256, Hs=2048, Ht=4096)
     python bench/kd_loss.py --hs 256 --ht 512        # same V and N, 8x fewer matmul FLOPs
+    python bench/kd_loss.py --softcap 30             # the student's logits soft-capped (Gemma 2/3's transform path)
+
+The default chunk (128) is the setting that keeps the fused peak within 1/8 of naive's at V = 128,256 (RESULTS.md).
+With ``--softcap CAP`` the student's logits are ``CAP * tanh(z / CAP)`` (``whelp.models.logit_transform`` of a
+config with ``final_logit_softcapping=CAP``) in naive and fused; Liger has no such option and is not run.
 
 Appends a table to bench/RESULTS.md and ends by printing one JSON line for the largest N with one teacher.
 """
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -28,21 +34,37 @@ import torch.nn.functional as F
 IMPLS = ("naive", "fused", "liger")
 
 
-def naive(h, w, teachers, chunk):
-    s = F.log_softmax(h @ w.T, -1)
+def softcap(args):
+    """The student's logit transform: Gemma 2/3's final soft-capping at ``--softcap``, or None."""
+    from whelp.models import logit_transform
+
+    if not args.softcap:
+        return None
+    text = SimpleNamespace(final_logit_softcapping=args.softcap)
+    return logit_transform(SimpleNamespace(get_text_config=lambda: text))
+
+
+def naive(h, w, teachers, args):
+    transform = softcap(args)
+    z = h @ w.T
+    s = F.log_softmax(z if transform is None else transform(z), -1)
     return sum(F.kl_div(s, F.log_softmax(th @ tw.T, -1), log_target=True, reduction="sum") for th, tw in teachers)
 
 
-def fused(h, w, teachers, chunk):
+def fused(h, w, teachers, args):
     from whelp.distillation.losses import LiveTarget, LossSpec, kd_loss
 
     targets = [LiveTarget(th, tw) for th, tw in teachers]
-    return kd_loss(h, w, targets, [1.0] * len(targets), LossSpec(chunk_size=chunk)).loss
+    spec = LossSpec(chunk_size=args.chunk)
+    return kd_loss(h, w, targets, [1.0] * len(targets), spec, transform=softcap(args)).loss
 
 
-def liger(h, w, teachers, chunk):
+def liger(h, w, teachers, args):
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
+    if args.softcap:
+        raise SystemExit("liger: no logit soft-capping")
+    chunk = args.chunk
     fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=False, chunk_size=chunk)
     labels = torch.zeros(len(h), dtype=torch.long)
     return sum(fn(h, w, th, tw, labels) * len(h) for th, tw in teachers)  # Liger averages over tokens
@@ -67,12 +89,12 @@ def one(impl: str, n: int, n_teachers: int, args) -> dict:
     h = torch.randn(n, args.hs).requires_grad_()
     w = (torch.randn(args.vocab, args.hs) / args.hs**0.5).requires_grad_()
     teachers = [(torch.randn(n, args.ht), torch.randn(args.vocab, args.ht) / args.ht**0.5) for _ in range(n_teachers)]
-    fn(h[:64], w, [(th[:64], tw) for th, tw in teachers], args.chunk).backward()  # warm-up, allocates w.grad
+    fn(h[:64], w, [(th[:64], tw) for th, tw in teachers], args).backward()  # warm-up, allocates w.grad
     w.grad, h.grad = None, None
     reset_peak()
     base = status_mb("VmRSS")
     start = time.perf_counter()
-    loss = fn(h, w, teachers, args.chunk)
+    loss = fn(h, w, teachers, args)
     loss.backward()
     seconds = time.perf_counter() - start
     peak = status_mb("VmHWM") - base
@@ -100,6 +122,8 @@ def run_child(impl, n, n_teachers, args) -> dict:
         str(args.ht),
         "--chunk",
         str(args.chunk),
+        "--softcap",
+        str(args.softcap),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -130,7 +154,9 @@ def report(rows: list[dict], args) -> str:
         f"\n## KD loss forward+backward ({datetime.date.today()}, {platform.node()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__})\n",
         f"`python bench/kd_loss.py {' '.join(sys.argv[1:])}` - V={args.vocab}, Hs={args.hs}, Ht={args.ht}, "
-        f"chunk={args.chunk}, forward KL, fp32, CPU. Peak = VmHWM growth over the inputs.\n",
+        f"chunk={args.chunk}, forward KL, fp32, CPU"
+        + (f", student logits soft-capped at {args.softcap}" if args.softcap else "")
+        + ". Peak = VmHWM growth over the inputs.\n",
         "| N | teachers | naive s | fused s | liger s | naive MB | fused MB | liger MB | fused/naive time "
         "| fused/naive mem |",
         "|" + "---|" * 10,
@@ -149,7 +175,8 @@ def main():
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--hs", type=int, default=2048)
     p.add_argument("--ht", type=int, default=4096)
-    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--softcap", type=float, default=0.0, help="soft-cap the student's logits at CAP (0: none)")
     p.add_argument("--skip", nargs="*", default=[], help="configurations IMPL,N,TEACHERS not to run (e.g. too big)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")

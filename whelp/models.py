@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from inspect import signature
 from pathlib import Path
 
@@ -248,23 +249,47 @@ def check_loaded(name_or_path: str, info: dict) -> None:
         )
 
 
-def logit_transform(config):
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a family's forward applies to ``lm_head(hidden)``, elementwise on fp32 logits: a multiplication by
+    ``scale``, then soft-capping ``cap * tanh(z / cap)`` where ``cap`` is set (``logit_transform``)."""
+
+    scale: float = 1.0
+    cap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and not self.cap
+
+    def __call__(self, logits):
+        """The transformed logits, a new tensor (differentiable)."""
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        return (logits / self.cap).tanh() * self.cap if self.cap else logits
+
+    def apply_(self, logits):
+        """``self(logits)`` in place (the same values): no second [N, V] tensor."""
+        if self.scale != 1.0:
+            logits.mul_(self.scale)
+        return logits.div_(self.cap).tanh_().mul_(self.cap) if self.cap else logits
+
+    def grad_(self, out, dz):
+        """d loss / d raw logits from ``dz`` = d loss / d ``out``, where ``out`` = ``self(raw)``, in place in
+        ``dz``; the derivative in closed form from ``out`` alone: ``scale * (1 - (out / cap)^2)`` (a constant
+        without a cap, when ``out`` may be None). ``out`` is overwritten."""
+        if self.cap:
+            dz.mul_(out.div_(self.cap).square_().neg_().add_(1))
+        return dz.mul_(self.scale) if self.scale != 1.0 else dz
+
+
+def logit_transform(config) -> LogitTransform:
     """What the family's forward applies to ``lm_head(hidden)`` (fp32 [N, V] -> [N, V]): Granite divides by
     ``logits_scaling``, Cohere multiplies by ``logit_scale``, Gemma 2/3 soft-cap at ``final_logit_softcapping``
     (cap * tanh(z / cap)). Fused losses and logit capture need the real logits, not the matmul alone."""
-    import torch  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
-
     text = config.get_text_config()
     divide = getattr(text, "logits_scaling", None) or 1.0
     multiply = getattr(text, "logit_scale", None) or 1.0
-    cap = getattr(text, "final_logit_softcapping", None)
-
-    def apply(logits):
-        if divide != 1.0 or multiply != 1.0:
-            logits = logits * (multiply / divide)
-        return torch.tanh(logits / cap) * cap if cap else logits
-
-    return apply
+    return LogitTransform(scale=multiply / divide, cap=getattr(text, "final_logit_softcapping", None) or None)
 
 
 def write_model(model, tokenizer, directory: Path, extra: dict[str, str] | None = None) -> None:

@@ -12,9 +12,10 @@ d loss / d logits comes in closed form (``whelp.distillation.closed_form``) for 
 under forward KL; other divergences with a live teacher take autograd over the chunk's [c, V] log-softmax.
 
 Logits are the model's own (``head_logits``): the matmul, then the family's logit transform (Granite's
-logits_scaling, Cohere's logit_scale, Gemma 2/3's final soft-capping; ``model_transform``), for the student (its
-gradient taken back through the transform by autograd over the chunk) and for every live teacher, as a cache
-stores them. tests/test_families.py checks both against ``model(...).logits`` and a naive KL for every family.
+logits_scaling, Cohere's logit_scale, Gemma 2/3's final soft-capping; ``model_transform``), for the student and for
+every live teacher, as a cache stores them. The student's is applied in place and its gradient taken back through
+it in closed form (``_through_transform``), so a transformed student holds no more [chunk_size, V] tensors than a
+plain one. tests/test_families.py checks both against ``model(...).logits`` and a naive KL for every family.
 """
 
 from __future__ import annotations
@@ -29,16 +30,7 @@ from torch import Tensor
 
 from whelp import models
 from whelp.distillation import closed_form
-from whelp.distillation.divergences import (
-    LOSSES,
-    NEG_INF,
-    LiveTarget,
-    LossSpec,
-    SparseTarget,
-    Transform,
-    combine,
-    head_logits,
-)
+from whelp.distillation.divergences import LOSSES, NEG_INF, LiveTarget, LossSpec, SparseTarget, combine, head_logits
 from whelp.errors import WhelpError
 
 __all__ = [
@@ -67,12 +59,11 @@ def backbone(lm):
     return lm.base_model
 
 
-def model_transform(model) -> Transform | None:
+def model_transform(model) -> models.LogitTransform | None:
     """The logit transform of ``model``'s family (``whelp.models.logit_transform``: what its forward applies to
     ``lm_head(hidden)``), or None where that is the identity, so plain families pay nothing for it."""
     transform = models.logit_transform(model.config)
-    probe = torch.linspace(-40.0, 40.0, 9)
-    return None if torch.equal(transform(probe.clone()), probe) else transform
+    return None if transform.identity else transform
 
 
 def _target_rows(target, index):
@@ -195,11 +186,11 @@ class _FusedKD(torch.autograd.Function):
             h = hidden[rows].float()
             chunk = [_target_rows(t, rows) for t in targets]
             chunk_labels = None if labels is None else labels[rows]
-            z, raw = _student_logits(h, w, transform, want)
+            z = h @ w.T if transform is None else transform.apply_(h @ w.T)  # the terms may overwrite it
             loss, per, ce, dz = terms(z, chunk, weights, spec, chunk_labels, want)
-            if want and raw is not None:  # through the transform: d loss / d (h @ w^T)
-                dz = torch.autograd.grad(raw[1], raw[0], dz)[0]
-            del z, raw
+            if want and transform is not None:  # d loss / d (h @ w^T); autograd's terms leave z intact
+                _through_transform(dz, z if terms is _autograd_chunk else None, h, w, transform)
+            del z
             if want:
                 grad_h[rows] = dz @ w
                 grad_w.addmm_(dz.T, h)
@@ -228,20 +219,23 @@ class _FusedKD(torch.autograd.Function):
         return grad_h.mul_(g), grad_w.mul_(g), None, None, None, None, None, None
 
 
-def _student_logits(h: Tensor, w: Tensor, transform: Transform | None, want: bool):
-    """(fp32 logits [c, V] the chunk's terms may overwrite, (matmul, transformed) autograd pair or None).
+TRANSFORM_BLOCK = 4096  # lm_head rows per matmul when soft-capped logits are made again for their derivative
 
-    Without a transform the matmul itself is returned. With one (scaling, soft-capping) the loss's gradient
-    d loss / d logits goes back through it by autograd over the chunk: soft-capping multiplies it by
-    1 - tanh^2(z / cap), which a gradient taken at the capped logits alone would miss."""
-    if transform is None:
-        return h @ w.T, None
-    if not want:
-        return head_logits(h, w, transform), None
-    with torch.enable_grad():
-        raw = (h @ w.T).requires_grad_(True)
-        out = transform(raw)
-    return out.detach().clone(), (raw, out)  # the terms overwrite their logits in place: not the graph's
+
+def _through_transform(dz: Tensor, logits: Tensor | None, h: Tensor, w: Tensor, transform: models.LogitTransform):
+    """d loss / d (h @ w^T) in place in ``dz`` = d loss / d logits [c, V], the transform's derivative in closed form
+    from the transformed logits (``LogitTransform.grad_``): a constant for scaling, scale * (1 - (logits / cap)^2)
+    for soft-capping, which a gradient taken at the capped logits alone would miss. ``logits``: the chunk's
+    transformed logits if the terms left them intact (overwritten here), else None; soft-capped ones are then made
+    again over column blocks of ``TRANSFORM_BLOCK`` ids, so the transform adds no [c, V] tensor (one more
+    [c, Hs] x [Hs, V] matmul per chunk instead, for soft-capped students whose terms take the closed form, which
+    consumes its logits)."""
+    if logits is not None or not transform.cap:
+        return transform.grad_(logits, dz)
+    for v in range(0, dz.shape[1], TRANSFORM_BLOCK):
+        rows = slice(v, v + TRANSFORM_BLOCK)
+        transform.grad_(transform.apply_(h @ w[rows].T), dz[:, rows])
+    return dz
 
 
 def kd_loss(
@@ -252,7 +246,7 @@ def kd_loss(
     spec: LossSpec,
     labels: Tensor | None = None,
     mask: Tensor | None = None,
-    transform: Transform | None = None,
+    transform: models.LogitTransform | None = None,
 ) -> KDResult:
     """Weighted multi-teacher KD (+ optional CE) summed over unmasked tokens, without [N, V] tensors.
 
