@@ -3,9 +3,7 @@ the two ways of running the command line (in this process, or as a real ``python
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import os
 import signal
 import subprocess
@@ -119,40 +117,52 @@ class CliResult:
 
 
 def run_cli(*args: str) -> CliResult:
-    """``whelp ARGS`` in this process, through ``whelp.cli.app`` itself: the exit code and what it printed.
+    """``whelp ARGS`` in this process, the one way tests drive the command line: the exit code and what it printed
+    on stdout and on stderr, kept apart.
 
-    Unlike ``typer.testing.CliRunner`` (which calls the click command and so bypasses the app), this goes
-    through the app's own ``__call__``, so a WhelpError comes out as it does for a user: one ``error: ...``
-    line on stderr and exit status 2."""
+    It runs inside ``typer.testing.CliRunner``'s isolation (stdin, stdout and stderr swapped for buffers, colour
+    stripped) but calls ``whelp.cli.app`` itself rather than ``CliRunner.invoke``, which calls the click command
+    underneath and so bypasses the app: here a WhelpError comes out as it does for a user, one ``error: ...`` line
+    on stderr and exit status 2. Any other exception propagates with its traceback, as a bug should."""
+    from typer.testing import CliRunner
+
     from whelp.cli import app
 
-    out, err = io.StringIO(), io.StringIO()
     sigterm = signal.getsignal(signal.SIGTERM)  # the app installs its own SIGTERM handler
     code = 0
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            app(args=list(args), prog_name="whelp")
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        with CliRunner().isolation() as (out, err, _):
+            try:
+                app(args=list(args), prog_name="whelp")
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
     finally:
         signal.signal(signal.SIGTERM, sigterm)
-    return CliResult(code, out.getvalue(), err.getvalue())
+    return CliResult(code, stdout, stderr)
 
 
-def whelp_command(*args: str) -> list[str]:
-    """The argv of a real ``python -m whelp ARGS`` process."""
-    return [sys.executable, "-m", "whelp", *args]
+def whelp_env(**extra: str) -> dict[str, str]:
+    """This process's environment (as it is now), offline, plus ``extra``: for real whelp processes."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
 
 
-def whelp_env() -> dict[str, str]:
-    """This process's environment (as it is now), offline: for real ``whelp`` processes."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+def whelp_process(*args: str, **popen) -> subprocess.Popen:
+    """``whelp ARGS`` as a real ``python -m whelp`` process (offline, this process's environment as it is now), for
+    the few tests where the process boundary is the point: signals and kill-resume, torchrun, start-up, the output
+    of a fresh interpreter. ``popen``: ``subprocess.Popen``'s own options (stdout, stderr, text, env additions as
+    ``env``)."""
+    return subprocess.Popen([sys.executable, "-m", "whelp", *args], env=whelp_env(**popen.pop("env", {})), **popen)
 
 
-def run_whelp(*args: str) -> subprocess.CompletedProcess:
-    """``whelp ARGS`` as a real process (offline), its output captured as text: for what needs one (the
-    ``python -m whelp`` entry point, exit statuses, signals)."""
-    return subprocess.run(whelp_command(*args), capture_output=True, text=True, env=whelp_env())
+def run_whelp(*args: str) -> CliResult:
+    """``whelp ARGS`` as a real process run to its end (``whelp_process``), its output captured as text."""
+    proc = whelp_process(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate()
+    return CliResult(proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="session")

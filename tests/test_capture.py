@@ -140,7 +140,7 @@ def torchrun(*args: str, nproc: int = 2, driver: Path | None = None) -> subproce
         capture_output=True,
         text=True,
         timeout=300,
-        env={**whelp_env(), "OMP_NUM_THREADS": "1"},
+        env=whelp_env(OMP_NUM_THREADS="1"),
     )
 
 
