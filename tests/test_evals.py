@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_model
+from conftest import run_cli, save_tiny, tiny_model
 
 from whelp.errors import WhelpError
 from whelp.evals import api, harness, report
@@ -165,10 +165,6 @@ def test_parse_and_order_models(tmp_path):
 
 @pytest.mark.demo
 def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, monkeypatch):
-    from typer.testing import CliRunner
-
-    from whelp.cli import app
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
     dirs = [tmp_path / f"m{s}" for s in (0, 1)]
@@ -195,8 +191,8 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
         "--limit",
         "2",
     ]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["reference"] == "teacher" and [m["label"] for m in metrics["models"]] == ["teacher", "student"]
     assert metrics["versions"]["lm_eval"] and metrics["seeds"]["lm_eval"]["random_seed"] == 0
@@ -223,8 +219,8 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
 
     assert plt.imread(png).shape[2] in (3, 4)
 
-    refused = CliRunner().invoke(app, args)  # exists, no --force
-    assert isinstance(refused.exception, WhelpError) and "--force" in str(refused.exception)
+    refused = run_cli(*args)  # exists, no --force
+    assert refused.exit_code == 2 and refused.stderr.startswith("error: ") and "--force" in refused.stderr
 
     def fail(*_args):
         raise AssertionError("re-measured a model whose results are cached")

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import load_weights, max_diff, tiny_model
+from conftest import load_weights, max_diff, run_cli, tiny_model
 from test_loop import SPEC, Crash, fail_at, make_models
 
 from whelp.data import TensorBlocks
@@ -208,10 +208,6 @@ def test_bad_on_policy_settings_are_one_clear_line(changes, message):
 
 
 def test_recipe_keys_and_cli_flags(tmp_path, tiny_dirs):
-    from typer.testing import CliRunner
-
-    from whelp.cli import app
-
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "name: r\nteacher: {model: t}\nprune: {target: smollm2-half}\n"
@@ -227,9 +223,8 @@ def test_recipe_keys_and_cli_flags(tmp_path, tiny_dirs):
     with pytest.raises(WhelpError, match="needs a live teacher"):
         load_recipe(str(bad))
     teacher, _, student = tiny_dirs
-    done = CliRunner().invoke(
-        app,
-        [
+    done = run_cli(
+        *[
             "distill",
             student,
             "--out",
@@ -250,9 +245,9 @@ def test_recipe_keys_and_cli_flags(tmp_path, tiny_dirs):
             "4",
             "--prompt-tokens",
             "6",
-        ],
+        ]
     )
-    assert done.exit_code == 0, done.output
+    assert done.exit_code == 0, done.stderr
     report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
     assert report["spec"]["on_policy"] == 1.0 and report["final"]["on_policy_tokens"] == 2 * 4
     assert DistillSpec(steps=1).on_policy == 0  # off by default: a plain run is unchanged

@@ -8,13 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import logits, save_tiny, tiny_model
+from conftest import logits, run_cli, save_tiny, tiny_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
 from whelp import data, models
-from whelp.cli import app
 from whelp.errors import WhelpError
 from whelp.pruning import arch, importance, surgery
 from whelp.pruning import scores as saved
@@ -275,9 +273,8 @@ def test_second_prune_reuses_scores_and_mismatched_scores_are_refused(tmp_path, 
 def test_cli_prune_writes_checkpoint_and_report(tmp_path, demo_tokenizer, monkeypatch):
     monkeypatch.setattr(saved, "cache_path", lambda meta, real=saved.cache_path: tmp_path / "cache" / real(meta).name)
     save_tiny(tmp_path / "teacher", demo_tokenizer, family="qwen2")
-    result = CliRunner().invoke(
-        app,
-        [
+    result = run_cli(
+        *[
             "prune",
             str(tmp_path / "teacher"),
             "--target",
@@ -292,9 +289,9 @@ def test_cli_prune_writes_checkpoint_and_report(tmp_path, demo_tokenizer, monkey
             "2",
             "--seq-len",
             "16",
-        ],
+        ]
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
     assert report["importance"] == "random" and report["layer_importance"] == "loss"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_attention_heads == 2
