@@ -109,6 +109,27 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def naive_multiple_choice(model, tokenizer, item: dict, max_length: int) -> dict[str, float]:
+    """``acc`` and ``acc_norm`` of one multiple-choice ``item`` (``context``, ``choices``, ``gold``) the way lm-eval
+    defines them, from the model's logits directly: each choice is scored as the summed log-probability of the
+    tokens of ``context + " " + choice`` after those of ``context`` (trailing spaces of the context moved to the
+    continuation, the sequence cut to its last ``max_length + 1`` tokens); ``acc``: the best choice is the gold one,
+    ``acc_norm``: the same over log-probability per character of the choice."""
+    context = item["context"].rstrip()
+    spaces = item["context"][len(context) :]
+    scores = []
+    for choice in item["choices"]:
+        context_ids = tokenizer.encode(context)
+        continuation_ids = tokenizer.encode(context + spaces + " " + choice)[len(context_ids) :]
+        ids = torch.tensor((context_ids + continuation_ids)[-(max_length + 1) :])
+        logp = torch.log_softmax(logits(model, ids[None, :-1])[0].double(), -1)
+        picked = logp[-len(continuation_ids) :].gather(1, ids[-len(continuation_ids) :, None])
+        scores.append(float(picked.sum()))
+    best = max(range(len(scores)), key=scores.__getitem__)
+    best_norm = max(range(len(scores)), key=lambda i: scores[i] / len(item["choices"][i]))
+    return {"acc": float(best == item["gold"]), "acc_norm": float(best_norm == item["gold"])}
+
+
 @dataclass(frozen=True)
 class CliResult:
     exit_code: int

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli, save_tiny, tiny_model
+from conftest import naive_multiple_choice, run_cli, save_tiny, tiny_model
 
 from whelp.errors import WhelpError
 from whelp.evals import api, harness, report
@@ -125,7 +125,10 @@ def test_lm_eval_offline_shipped_tasks_agree_with_whelp_perplexity(tiny_vocab_mo
         tiny_vocab_model, demo_tokenizer, SHIPPED, harness.task_manager(SHIPPED), limit=1, max_length=512
     )
     scores = got["scores"]
-    assert 0 <= scores["whelp_pydoc_next/acc"] <= 1 and got["higher_is_better"]["whelp_pydoc_next/acc"]
+    first = whelp_data.next_sentence_items(read_documents("pydoc:eval"))[0]  # limit=1: the task's first item
+    want = naive_multiple_choice(tiny_vocab_model, demo_tokenizer, first, max_length=512)
+    assert scores["whelp_pydoc_next/acc"] == want["acc"] and scores["whelp_pydoc_next/acc_norm"] == want["acc_norm"]
+    assert got["higher_is_better"]["whelp_pydoc_next/acc"]
     assert not got["higher_is_better"]["whelp_licenses/bits_per_byte"]
     assert scores["whelp_pydoc/sample_len"] == scores["whelp_licenses/sample_len"] == 1
     docs = read_documents("pydoc:eval")[:1]
