@@ -7,8 +7,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import load_weights, max_diff, run_cli, tiny_model
-from test_loop import SPEC, Crash, fail_at, make_models
+from conftest import (
+    LOOP_SPEC,
+    Crash,
+    fail_at,
+    load_weights,
+    make_models,
+    max_diff,
+    naive_divergence,
+    run_cli,
+    tiny_model,
+)
 
 from whelp.data import TensorBlocks
 from whelp.distillation import loop, onpolicy, parallel
@@ -17,7 +26,7 @@ from whelp.errors import WhelpError
 from whelp.recipe import load as load_recipe
 from whelp.specs import DistillSpec
 
-ON = replace(SPEC, on_policy=1.0, gen_tokens=8, loss="forward_kl", save_every=0)
+ON = replace(LOOP_SPEC, on_policy=1.0, gen_tokens=8, loss="forward_kl", save_every=0)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +105,6 @@ def test_an_on_policy_step_equals_the_naive_reference_without_grad_through_sampl
     zs = ref_student(input_ids=ids).logits.float()[:, 9:-1].flatten(0, 1)
     with torch.no_grad():
         zt = teacher(input_ids=ids).logits.float()[:, 9:-1].flatten(0, 1)
-    from test_losses import naive_divergence
-
     ref = naive_divergence(name, zs.log_softmax(-1), zt.log_softmax(-1), spec.on_policy_spec()).sum()
     (ref / tokens).backward()
     ref = ref.detach()
@@ -138,7 +145,7 @@ def test_on_policy_distillation_lowers_reverse_kl_on_fresh_samples():
 
 def test_killed_and_resumed_equals_uninterrupted_with_mixed_batches(tiny_dirs, tmp_path, monkeypatch):
     teacher, _, student = tiny_dirs
-    spec = replace(SPEC, on_policy=0.5, gen_tokens=8, save_every=2)  # 2 micro-batches a step: one of each
+    spec = replace(LOOP_SPEC, on_policy=0.5, gen_tokens=8, save_every=2)  # 2 micro-batches a step: one of each
     distill_run(student, tmp_path / "ref", spec, teachers=((teacher, 1.0),), progress=False)
 
     def crash(result):
@@ -165,7 +172,7 @@ def test_caches_alone_cannot_score_samples_but_mix_with_a_live_teacher(tiny_dirs
     from whelp.models import load_model
 
     teacher, teacher2, student = tiny_dirs
-    spec = replace(SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0, on_policy=0.5, gen_tokens=8)
+    spec = replace(LOOP_SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0, on_policy=0.5, gen_tokens=8)
     model, tokenizer = load_model(teacher)
     write_cache(
         model,
@@ -204,7 +211,7 @@ def test_caches_alone_cannot_score_samples_but_mix_with_a_live_teacher(tiny_dirs
 )
 def test_bad_on_policy_settings_are_one_clear_line(changes, message):
     with pytest.raises(WhelpError, match=message):
-        replace(SPEC, **changes)
+        replace(LOOP_SPEC, **changes)
 
 
 def test_recipe_keys_and_cli_flags(tmp_path, tiny_dirs):
