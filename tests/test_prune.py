@@ -313,7 +313,7 @@ def test_demo_teacher_pruned_to_preset_keeps_finite_perplexity(demo_dir, demo_to
         stock = [
             float(student(input_ids=w[None], labels=w[None]).loss) for w in ids[: len(ids) // 256 * 256].split(256)
         ]
-    assert ppl == pytest.approx(math.exp(sum(stock) / len(stock)), rel=1e-4)
+    assert ppl == pytest.approx(math.exp(sum(stock) / len(stock)), rel=1e-3)  # fp32, batched vs one by one
     teacher_ppl = perplexity(models.load_model(str(demo_dir))[0], ids, seq_len=256).ppl
     # finite, worse than the teacher it lost half its weights from, better than a uniform guess over the vocabulary
     assert math.isfinite(ppl) and teacher_ppl < ppl < student.config.vocab_size
