@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import load_weights, max_diff, run_whelp, whelp_command, whelp_env
+from conftest import CliResult, load_weights, max_diff, run_whelp, whelp_process
 
 from whelp import store
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.demo, pytest.mark.slow]
 SETTINGS = ("--set", "distill.0.save_every=1")
 
 
-def run_build(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_build(out: Path, *extra: str) -> CliResult:
     return run_whelp("build", "tiny", "--out", str(out), *SETTINGS, *extra)
 
 
@@ -34,7 +34,7 @@ def finished(tmp_path_factory, demo_dir):
     with store.locked(out, "to build the tiny recipe"):
         if not (out / "final").is_dir():
             done = run_build(out)
-            assert done.returncode == 0, done.stderr[-2000:]
+            assert done.exit_code == 0, done.stderr[-2000:]
     return out
 
 
@@ -77,7 +77,7 @@ def test_rerun_of_a_finished_build_does_nothing(finished):
     final = finished / "final"
     before = ((final / "model.safetensors").stat().st_mtime_ns, (final / "whelp.json").read_text())
     again = run_build(finished)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.exit_code == 0, again.stderr[-2000:]
     assert "nothing to do" in again.stderr
     assert ((final / "model.safetensors").stat().st_mtime_ns, (final / "whelp.json").read_text()) == before
 
@@ -97,8 +97,8 @@ def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp
     out = tmp_path / "changed"
     shutil.copytree(finished, out, symlinks=True)
     changed = ("--set", "distill.0.lr=0.005")
-    cmd = whelp_command("build", "tiny", "--out", str(out), *SETTINGS, *changed)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=whelp_env())
+    args = ("build", "tiny", "--out", str(out), *SETTINGS, *changed)
+    proc = whelp_process(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     old_checkpoints = set(out.glob("stages/03-*.distill/checkpoints/step-*"))
     assert next(line for line in proc.stderr if "> 03-distill" in line)  # prune and cache are reused
     deadline = time.time() + 300
@@ -112,11 +112,11 @@ def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp
     proc.communicate()
     assert proc.returncode == 2, "the build finished before it could be interrupted"
     resumed = run_build(out, *changed)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.exit_code == 0, resumed.stderr[-2000:]
     assert "= 01-prune: up to date" in resumed.stderr and "> 03-distill" in resumed.stderr
     clean = tmp_path / "clean"  # the same change, uninterrupted
     shutil.copytree(finished, clean, symlinks=True)
-    assert run_build(clean, *changed).returncode == 0
+    assert run_build(clean, *changed).exit_code == 0
     got, want, old = (load_weights(d / "final") for d in (out, clean, finished))
     assert max_diff(got, want) <= 1e-6
     assert max_diff(got, old) > 1e-3
@@ -129,11 +129,11 @@ def test_changed_then_interrupted_build_ships_the_new_recipe_model(finished, tmp
 
 def test_sigkill_at_each_stage_resumes_to_the_same_student_and_leaves_no_temporaries(finished, tmp_path):
     out = tmp_path / "tiny"
-    cmd = whelp_command("build", "tiny", "--out", str(out), *SETTINGS)
+    args = ("build", "tiny", "--out", str(out), *SETTINGS)
     stages, killed = ("01-prune", "02-cache-0", "03-distill", "04-eval"), []
     for i in range(len(stages)):
         left = set(hidden(out)) if out.exists() else set()  # the killed runs' leftovers so far
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=whelp_env())
+        proc = whelp_process(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:  # kill the moment a stage has a temporary open
             open_now = [name for name in set(hidden(out)) - left if any(stage in name for stage in stages[i:])]
@@ -145,7 +145,7 @@ def test_sigkill_at_each_stage_resumes_to_the_same_student_and_leaves_no_tempora
         proc.wait()
     assert len(killed) >= 3, f"too few kills landed inside a write: {killed}"
     resumed = run_build(out)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.exit_code == 0, resumed.stderr[-2000:]
     assert hidden(out) == [] and not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     assert max_diff(load_weights(finished / "final"), load_weights(out / "final")) <= 1e-6  # same keys, too
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import run_cli, tiny_model
 
 from whelp.data import TensorBlocks
 from whelp.distillation.cache import decode, encode, open_cache, pack_bits, sparse_targets, unpack_bits
@@ -232,10 +232,6 @@ def test_force_replaces_only_a_cache_and_keeps_it_until_the_new_one_is_complete(
 
 @pytest.mark.demo
 def test_cache_logits_cli_on_demo_teacher(demo, tmp_path):
-    from typer.testing import CliRunner
-
-    from whelp.cli import app
-
     out = tmp_path / "cache"
     args = [
         "cache-logits",
@@ -251,8 +247,8 @@ def test_cache_logits_cli_on_demo_teacher(demo, tmp_path):
         "--max-tokens",
         "96",
     ]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
     model, tokenizer = demo
     cache = open_cache(out, student_vocab_size=model.config.vocab_size, tokenizer=tokenizer)
     m = cache.manifest
@@ -268,5 +264,5 @@ def test_cache_logits_cli_on_demo_teacher(demo, tmp_path):
     with torch.no_grad():
         logits = model(input_ids=cache.tokens(torch.tensor([1]))).logits[0]
     assert torch.equal(target.ids[:, 0], logits.argmax(-1))
-    again = CliRunner().invoke(app, args)
-    assert isinstance(again.exception, WhelpError) and "--force" in str(again.exception)
+    again = run_cli(*args)
+    assert again.exit_code == 2 and again.stderr.startswith("error: ") and "--force" in again.stderr

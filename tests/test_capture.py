@@ -145,11 +145,7 @@ def torchrun(*args: str, nproc: int = 2, driver: Path | None = None) -> subproce
     launcher = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc)]
     target = [str(driver)] if driver else ["-m", "whelp"]
     return subprocess.run(
-        launcher + target + list(args),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**whelp_env(), "OMP_NUM_THREADS": "1"},
+        launcher + target + list(args), capture_output=True, text=True, timeout=300, env=whelp_env(OMP_NUM_THREADS="1")
     )
 
 

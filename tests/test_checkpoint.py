@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import LOOP_SPEC, tiny_model
 from safetensors import safe_open
 
 from whelp import store
@@ -165,21 +165,19 @@ def identity(spec, world: int) -> dict:
 
 
 def test_a_run_resumed_on_another_number_of_processes_compares_its_global_micro_batches(tmp_path):
-    from test_loop import SPEC  # here: the killed writer's process imports this module, and quickly
-
     out = tmp_path / "out"
-    run._prepare(out, identity(SPEC, 2), force=False, resume=False)  # grad_accum 2 x 2 processes
+    run._prepare(out, identity(LOOP_SPEC, 2), force=False, resume=False)  # grad_accum 2 x 2 processes
     (run.run_dir(out) / "checkpoints" / "step-00000002").mkdir()
-    rdir, changed, grad_accum = run._prepare(out, identity(SPEC, 1), force=False, resume=False)
+    rdir, changed, grad_accum = run._prepare(out, identity(LOOP_SPEC, 1), force=False, resume=False)
     assert grad_accum == 4 and changed == {"world_size": [2, 1], "grad_accum": [2, 4]}
     assert run.history(rdir)[-1] == {"from_step": 2, "changed": changed}
     # the rescaled run is the one compared next: back on 2 processes with the command's grad_accum 2 (or 4 on 1)
-    assert run._prepare(out, identity(SPEC, 2), force=False, resume=False)[1:] == (
+    assert run._prepare(out, identity(LOOP_SPEC, 2), force=False, resume=False)[1:] == (
         {"world_size": [1, 2], "grad_accum": [4, 2]},
         2,
     )
-    assert run._prepare(out, identity(replace(SPEC, grad_accum=4), 1), force=False, resume=False)[2] == 4
+    assert run._prepare(out, identity(replace(LOOP_SPEC, grad_accum=4), 1), force=False, resume=False)[2] == 4
     with pytest.raises(WhelpError, match=r"other settings \(micro_batches_per_step: 4 there, 8 now\)"):
-        run._prepare(out, identity(replace(SPEC, grad_accum=8), 1), force=False, resume=False)
+        run._prepare(out, identity(replace(LOOP_SPEC, grad_accum=8), 1), force=False, resume=False)
     with pytest.raises(WhelpError, match="cannot split evenly"):
-        run._prepare(out, identity(SPEC, 3), force=False, resume=False)
+        run._prepare(out, identity(LOOP_SPEC, 3), force=False, resume=False)

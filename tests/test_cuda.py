@@ -12,17 +12,13 @@ import unittest.mock
 from dataclasses import replace
 
 import pytest
-import test_loop
 import torch
-from conftest import load_weights, max_diff
-from test_loop import SPEC, Crash, fail_at
-from test_losses import SPECS, grads, make, naive_loss
+from conftest import KD_SPECS, LOOP_SPEC, Crash, fail_at, grads, kd_inputs, load_weights, max_diff, naive_kd_loss
 
 from whelp.distillation.api import distill_run as distill
 from whelp.distillation.losses import LiveTarget, LossSpec, kd_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-tiny_dirs = test_loop.tiny_dirs  # the tiny teacher / second teacher / student of the CPU loop tests
 
 
 def to_cuda(h, w, teachers, labels, mask, dtype=torch.float32):
@@ -38,11 +34,11 @@ def to_cuda(h, w, teachers, labels, mask, dtype=torch.float32):
     )
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}")
+@pytest.mark.parametrize("spec", KD_SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}")
 def test_fused_loss_on_cuda_equals_cpu_fp64_reference(spec):
-    h, w, teachers, labels, mask = make()
+    h, w, teachers, labels, mask = kd_inputs()
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = naive_loss(
+    ref = naive_kd_loss(
         h64, w64, [t.hidden.double() @ t.weight.double().T for t in teachers], (0.7, 0.3), spec, labels, mask
     )
     hc, wc, tc, lc, mc = to_cuda(h, w, teachers, labels, mask)
@@ -55,9 +51,9 @@ def test_fused_loss_on_cuda_equals_cpu_fp64_reference(spec):
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd"])
 def test_bf16_autocast_on_cuda_within_1e2_of_fp32(name):
     """What the loop does on a GPU: bf16 hidden states and lm_head under autocast; the loss math stays fp32."""
-    h, w, teachers, labels, mask = make()
+    h, w, teachers, labels, mask = kd_inputs()
     spec = LossSpec(name=name, ce_weight=0.2, chunk_size=6)
-    ref = naive_loss(h, w, [t.hidden @ t.weight.T for t in teachers], (0.5, 0.5), spec, labels, mask)
+    ref = naive_kd_loss(h, w, [t.hidden @ t.weight.T for t in teachers], (0.5, 0.5), spec, labels, mask)
     hc, wc, tc, lc, mc = to_cuda(h, w, teachers, labels, mask, torch.bfloat16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got = kd_loss(hc, wc, tc, (0.5, 0.5), spec, labels=lc, mask=mc)
@@ -71,7 +67,7 @@ def test_distill_on_cuda_in_bf16_learns_and_resumes(tiny_dirs, tmp_path, monkeyp
     """dtype auto = bf16 autocast on the GPU, fp32 master weights; a crash after step 4 resumes to the same weights."""
     teacher, teacher2, student = tiny_dirs
     teachers = ((teacher, 0.5), (teacher2, 0.5))
-    spec = replace(SPEC, steps=6, dtype="auto")
+    spec = replace(LOOP_SPEC, steps=6, dtype="auto")
     report = distill(student, tmp_path / "ref", spec, teachers=teachers, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "ref.distill" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -118,7 +114,7 @@ def test_capture_on_cuda_in_bf16_matches_the_cpu_fp32_cache(tiny_dirs, tmp_path)
 def test_distill_on_cuda_in_bf16_follows_the_cpu_fp32_losses(tiny_dirs, tmp_path):
     teacher, teacher2, student = tiny_dirs
     teachers = ((teacher, 0.5), (teacher2, 0.5))
-    spec = replace(SPEC, steps=3, save_every=0)
+    spec = replace(LOOP_SPEC, steps=3, save_every=0)
     losses = []
     cpu_only = unittest.mock.patch("torch.cuda.is_available", return_value=False)  # the reference: fp32 on the CPU
     for name, dtype, where in (("cpu", "float32", cpu_only), ("cuda", "bfloat16", contextlib.nullcontext())):
@@ -134,9 +130,9 @@ def test_bf16_gradient_error_of_the_fused_loss(name):
     """Liger-Kernel's GitHub issue #1432 reports 4-23% gradient error for its fused JSD in bf16. whelp's fused loss
     keeps the softmax math in fp32 over bf16 matmuls; its relative gradient error against fp32 is printed and
     bounded at 1%."""
-    h, w, teachers, labels, mask = make()
+    h, w, teachers, labels, mask = kd_inputs()
     spec = LossSpec(name=name, chunk_size=6)
-    ref = naive_loss(h, w, [t.hidden @ t.weight.T for t in teachers], (0.5, 0.5), spec, labels, mask)
+    ref = naive_kd_loss(h, w, [t.hidden @ t.weight.T for t in teachers], (0.5, 0.5), spec, labels, mask)
     hc, wc, tc, lc, mc = to_cuda(h, w, teachers, labels, mask, torch.bfloat16)
     got = kd_loss(hc, wc, tc, (0.5, 0.5), spec, labels=lc, mask=mc)
     errors = [float((a.float().cpu() - b).norm() / b.norm()) for a, b in zip(grads(got.loss, hc, wc), grads(ref, h, w))]

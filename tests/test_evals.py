@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_model
+from conftest import naive_multiple_choice, run_cli, save_tiny, tiny_model
 
 from whelp.errors import WhelpError
 from whelp.evals import api, harness, report
@@ -125,7 +125,10 @@ def test_lm_eval_offline_shipped_tasks_agree_with_whelp_perplexity(tiny_vocab_mo
         tiny_vocab_model, demo_tokenizer, SHIPPED, harness.task_manager(SHIPPED), limit=1, max_length=512
     )
     scores = got["scores"]
-    assert 0 <= scores["whelp_pydoc_next/acc"] <= 1 and got["higher_is_better"]["whelp_pydoc_next/acc"]
+    first = whelp_data.next_sentence_items(read_documents("pydoc:eval"))[0]  # limit=1: the task's first item
+    want = naive_multiple_choice(tiny_vocab_model, demo_tokenizer, first, max_length=512)
+    assert scores["whelp_pydoc_next/acc"] == want["acc"] and scores["whelp_pydoc_next/acc_norm"] == want["acc_norm"]
+    assert got["higher_is_better"]["whelp_pydoc_next/acc"]
     assert not got["higher_is_better"]["whelp_licenses/bits_per_byte"]
     assert scores["whelp_pydoc/sample_len"] == scores["whelp_licenses/sample_len"] == 1
     docs = read_documents("pydoc:eval")[:1]
@@ -165,10 +168,6 @@ def test_parse_and_order_models(tmp_path):
 
 @pytest.mark.demo
 def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, monkeypatch):
-    from typer.testing import CliRunner
-
-    from whelp.cli import app
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
     dirs = [tmp_path / f"m{s}" for s in (0, 1)]
@@ -195,8 +194,8 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
         "--limit",
         "2",
     ]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["reference"] == "teacher" and [m["label"] for m in metrics["models"]] == ["teacher", "student"]
     assert metrics["versions"]["lm_eval"] and metrics["seeds"]["lm_eval"]["random_seed"] == 0
@@ -223,8 +222,8 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
 
     assert plt.imread(png).shape[2] in (3, 4)
 
-    refused = CliRunner().invoke(app, args)  # exists, no --force
-    assert isinstance(refused.exception, WhelpError) and "--force" in str(refused.exception)
+    refused = run_cli(*args)  # exists, no --force
+    assert refused.exit_code == 2 and refused.stderr.startswith("error: ") and "--force" in refused.stderr
 
     def fail(*_args):
         raise AssertionError("re-measured a model whose results are cached")

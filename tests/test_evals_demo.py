@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import naive_multiple_choice
 
 from whelp.data import read_documents, token_stream
 from whelp.evals import harness
 from whelp.evals.perplexity import perplexity
+from whelp.evals.tasks import whelp_data
 
 pytestmark = pytest.mark.demo
 
@@ -31,7 +33,9 @@ def test_lm_eval_offline_on_demo_teacher_agrees_with_whelp(demo, monkeypatch):
     model, tokenizer = demo
     tasks = ("whelp_pydoc", "whelp_pydoc_next")
     got = harness.run_tasks(model, tokenizer, tasks, harness.task_manager(tasks), limit=1, max_length=256)["scores"]
-    assert got["whelp_pydoc_next/acc"] in (0.0, 1.0)
+    first = whelp_data.next_sentence_items(read_documents("pydoc:eval"))[0]  # limit=1: the task's first item
+    want = naive_multiple_choice(model, tokenizer, first, max_length=256)
+    assert got["whelp_pydoc_next/acc"] == want["acc"] and got["whelp_pydoc_next/acc_norm"] == want["acc_norm"]
     ours = perplexity(
         model, token_stream(read_documents("pydoc:eval")[:1], tokenizer), seq_len=256, tokenizer=tokenizer
     )

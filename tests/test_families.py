@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config, tiny_tokenizer
+from conftest import PLAN_TARGETS, accepted_alike_by_plan_and_prune, run_cli, tiny_config, tiny_tokenizer
 
 from whelp.distillation import loop, parallel
 from whelp.distillation.losses import LossSpec, head_logits, model_transform
@@ -404,7 +404,5 @@ ACCEPTED = {  # beyond these, plan and prune refuse alike (test_prune_families c
 def test_plan_and_prune_accept_and_refuse_the_same_targets_off_the_dense_rows(family, tmp_path):
     """Llama (a row since the start), Cohere, the MoE families and the generic path (GPT-2, GPT-NeoX: MLP width
     only) answer every target alike in plan and prune."""
-    from test_prune_families import PLAN_TARGETS, accepted_alike_by_plan_and_prune
-
     accepted = accepted_alike_by_plan_and_prune(model(family), tmp_path, PLAN_TARGETS + MOE_TARGETS)
     assert accepted == ACCEPTED[family]

@@ -6,12 +6,11 @@ import json
 import os
 import signal
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_weights, max_diff, tiny_model, tiny_tokenizer
+from conftest import LOOP_SPEC, Crash, fail_at, load_weights, max_diff, run_cli
 from safetensors.torch import load_file
 
 from whelp.data import read_documents
@@ -19,51 +18,7 @@ from whelp.distillation import schedule
 from whelp.distillation.api import distill_run as distill
 from whelp.distillation.run import run_dir
 from whelp.errors import WhelpError
-from whelp.specs import DistillSpec, Schedule, parse_weighted
-
-SPEC = DistillSpec(
-    data="pydoc:train",
-    steps=6,
-    batch_size=2,
-    grad_accum=2,
-    seq_len=32,
-    lr=3e-3,
-    warmup=2,
-    max_grad_norm=1.0,
-    eval_data="pydoc:eval",
-    eval_tokens=256,
-    seed=0,
-    dtype="float32",
-    save_every=2,
-    keep_last=2,
-    chunk_size=16,
-)
-
-
-def make_models(root: Path) -> tuple[str, str, str]:
-    """Saved tiny (teacher, second teacher, student) directories sharing one tokenizer and vocab 512.
-
-    Teacher lm_heads are scaled up so their next-token distributions are far from uniform (a random
-    init with std 0.02 is nearly uniform, which would make the KL trivially small)."""
-    tokenizer = tiny_tokenizer()
-    dirs = []
-    for name, seed, scale, overrides in [
-        ("teacher", 1, 40.0, {}),
-        ("teacher2", 3, 40.0, {}),
-        ("student", 2, 1.0, dict(intermediate_size=64, num_hidden_layers=1)),
-    ]:
-        model = tiny_model(seed=seed, **overrides)
-        with torch.no_grad():
-            model.lm_head.weight.mul_(scale)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        dirs.append(str(root / name))
-    return tuple(dirs)
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    return make_models(tmp_path_factory.mktemp("models"))
+from whelp.specs import Schedule, parse_weighted
 
 
 def heldout_kl(student_dir, teacher_dir, blocks) -> float:
@@ -92,7 +47,7 @@ def test_distill_lowers_kd_loss_and_heldout_kl(tiny_dirs, tmp_path, monkeypatch)
         return loaded[-1]
 
     monkeypatch.setattr("whelp.models.load_model", spy)
-    spec = replace(SPEC, steps=40, grad_accum=1, batch_size=4, lr=1e-2, warmup=4, save_every=0, eval_every=20)
+    spec = replace(LOOP_SPEC, steps=40, grad_accum=1, batch_size=4, lr=1e-2, warmup=4, save_every=0, eval_every=20)
     report = distill(student, tmp_path / "out", spec, teachers=((teacher, 1.0),), progress=False)
     monkeypatch.undo()
 
@@ -115,28 +70,10 @@ def test_distill_lowers_kd_loss_and_heldout_kl(tiny_dirs, tmp_path, monkeypatch)
     assert plain.config.num_hidden_layers == 1
 
 
-class Crash(Exception):
-    pass
-
-
-def fail_at(monkeypatch, call: int, action):
-    """Make the ``call``-th kd_loss call (1-based, one per micro-batch) run ``action(result)``."""
-    from whelp.distillation import losses
-
-    real, count = losses.kd_loss, {"n": 0}
-
-    def wrapped(*args, **kwargs):
-        result = real(*args, **kwargs)
-        count["n"] += 1
-        return action(result) if count["n"] == call else result
-
-    monkeypatch.setattr(losses, "kd_loss", wrapped)
-
-
 def test_exact_resume_after_crash_and_after_sigint(tiny_dirs, tmp_path, monkeypatch):
     teacher, teacher2, student = tiny_dirs
     teachers = ((teacher, 0.0), (teacher2, 1.0))
-    spec = replace(SPEC, schedule="linear:4")
+    spec = replace(LOOP_SPEC, schedule="linear:4")
     distill(student, tmp_path / "ref", spec, teachers=teachers, progress=False)
 
     def crash(result):
@@ -175,7 +112,7 @@ def test_nan_stops_with_last_good_checkpoint(tiny_dirs, tmp_path, monkeypatch):
     teacher, _, student = tiny_dirs
     fail_at(monkeypatch, 2 * 4, lambda r: replace(r, loss=r.loss * float("nan")))
     with pytest.raises(WhelpError, match="at step 4.*step-00000002"):
-        distill(student, tmp_path / "out", SPEC, teachers=((teacher, 1.0),), progress=False)
+        distill(student, tmp_path / "out", LOOP_SPEC, teachers=((teacher, 1.0),), progress=False)
     ckpts = tmp_path / "out.distill" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]
     weights = load_file(ckpts / "step-00000002" / "shard-00001-model-00001-of-00001.safetensors")  # DCP, rank 0
@@ -193,24 +130,24 @@ def test_never_touches_a_directory_it_did_not_make(tiny_dirs, tmp_path):
     (run_dir(tmp_path / "b") / "notes.txt").write_text("mine too")
     for force in (False, True):
         with pytest.raises(WhelpError, match="not made by whelp.*with or without --force"):
-            distill(student, out, SPEC, teachers=((teacher, 1.0),), progress=False, force=force)
+            distill(student, out, LOOP_SPEC, teachers=((teacher, 1.0),), progress=False, force=force)
         with pytest.raises(WhelpError, match="b.distill exists and was not made by whelp"):
-            distill(student, tmp_path / "b", SPEC, teachers=((teacher, 1.0),), progress=False, force=force)
+            distill(student, tmp_path / "b", LOOP_SPEC, teachers=((teacher, 1.0),), progress=False, force=force)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert [p.name for p in run_dir(tmp_path / "b").iterdir()] == ["notes.txt"]
     with pytest.raises(WhelpError, match="--resume: no checkpoint"):
-        distill(student, tmp_path / "new", SPEC, teachers=((teacher, 1.0),), resume=True, progress=False)
+        distill(student, tmp_path / "new", LOOP_SPEC, teachers=((teacher, 1.0),), resume=True, progress=False)
     with pytest.raises(WhelpError, match="exactly one training budget"):
-        distill(student, tmp_path / "c", replace(SPEC, max_tokens=100), teachers=((teacher, 1.0),))
+        distill(student, tmp_path / "c", replace(LOOP_SPEC, max_tokens=100), teachers=((teacher, 1.0),))
 
 
 def test_failed_start_does_not_block_the_corrected_command(tiny_dirs, tmp_path):
     teacher, _, student = tiny_dirs
     with pytest.raises(WhelpError, match="not a teacher-logit cache"):
-        distill(student, tmp_path / "out", SPEC, caches=((str(tmp_path / "nocache"), 1.0),), progress=False)
+        distill(student, tmp_path / "out", LOOP_SPEC, caches=((str(tmp_path / "nocache"), 1.0),), progress=False)
     assert not (tmp_path / "out").exists()
     report = distill(
-        student, tmp_path / "out", replace(SPEC, steps=2, warmup=0), teachers=((teacher, 1.0),), progress=False
+        student, tmp_path / "out", replace(LOOP_SPEC, steps=2, warmup=0), teachers=((teacher, 1.0),), progress=False
     )
     assert report["steps"] == 2 and report["history"] == []
 
@@ -221,20 +158,20 @@ def test_resume_refuses_other_data_settings_but_takes_a_lower_lr_after_nan(tiny_
     teacher, _, student = tiny_dirs
     fail_at(monkeypatch, 2 * 3, lambda r: replace(r, loss=r.loss * float("nan")))  # step 3; checkpoint of step 2
     with pytest.raises(WhelpError, match="step 3.*re-run with a lower --lr to resume from .*step-00000002"):
-        distill(student, tmp_path / "out", SPEC, teachers=((teacher, 1.0),), progress=False)
+        distill(student, tmp_path / "out", LOOP_SPEC, teachers=((teacher, 1.0),), progress=False)
     monkeypatch.undo()
     with pytest.raises(WhelpError, match=r"other settings \(seq_len: 32 there, 16 now\) at step-00000002"):
-        distill(student, tmp_path / "out", replace(SPEC, seq_len=16), teachers=((teacher, 1.0),), progress=False)
-    lower = replace(SPEC, lr=SPEC.optim.lr / 10)
+        distill(student, tmp_path / "out", replace(LOOP_SPEC, seq_len=16), teachers=((teacher, 1.0),), progress=False)
+    lower = replace(LOOP_SPEC, lr=LOOP_SPEC.optim.lr / 10)
     report = distill(student, tmp_path / "out", lower, teachers=((teacher, 1.0),), progress=False)
-    assert report["history"] == [{"from_step": 2, "changed": {"lr": [SPEC.optim.lr, lower.optim.lr]}}]
+    assert report["history"] == [{"from_step": 2, "changed": {"lr": [LOOP_SPEC.optim.lr, lower.optim.lr]}}]
     rows = [json.loads(r) for r in (tmp_path / "out.distill" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     factor = get_cosine_schedule_with_warmup(
-        torch.optim.SGD([torch.zeros(1)], lr=1.0), SPEC.optim.warmup, SPEC.steps
+        torch.optim.SGD([torch.zeros(1)], lr=1.0), LOOP_SPEC.optim.warmup, LOOP_SPEC.steps
     ).lr_lambdas[0]
-    factors = [factor(step) for step in range(1, SPEC.steps + 1)]  # the lr logged after step s
-    expected = [SPEC.optim.lr * f for f in factors[:2]] + [lower.optim.lr * f for f in factors[2:]]
+    factors = [factor(step) for step in range(1, LOOP_SPEC.steps + 1)]  # the lr logged after step s
+    expected = [LOOP_SPEC.optim.lr * f for f in factors[:2]] + [lower.optim.lr * f for f in factors[2:]]
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
 
 
@@ -264,7 +201,7 @@ def test_cached_teacher_matches_live_and_mixes(tiny_dirs, tmp_path):
     from whelp.specs import CacheSpec
 
     teacher, teacher2, student = tiny_dirs
-    spec = replace(SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0)  # 3 steps of 4 blocks; 12 blocks read
+    spec = replace(LOOP_SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0)  # 3 steps of 4 blocks; 12 blocks read
     model, tokenizer = load_model(teacher)
     blocks = open_blocks(spec.data, tokenizer, spec.seq_len, max_tokens=spec.max_tokens)
     dense = CacheSpec("topk", 512, 1.0)  # k = V
@@ -289,10 +226,6 @@ def test_cached_teacher_matches_live_and_mixes(tiny_dirs, tmp_path):
 
 
 def test_cli_distill(tiny_dirs, tmp_path):
-    from typer.testing import CliRunner
-
-    from whelp.cli import app
-
     teacher, _, student = tiny_dirs
     args = [
         "distill",
@@ -317,17 +250,17 @@ def test_cli_distill(tiny_dirs, tmp_path):
         "--ce-weight",
         "0.5",
     ]
-    done = CliRunner().invoke(app, args)
-    assert done.exit_code == 0, done.output
-    assert "distilled 128 tokens in 2 steps" in done.output
+    done = run_cli(*args)
+    assert done.exit_code == 0, done.stderr
+    assert "distilled 128 tokens in 2 steps" in done.stdout
     report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
     assert report["teachers"] == [[teacher, 1.0]] and report["spec"]["ce_weight"] == 0.5
     assert report["spec"]["chunk_size"] == 24
     assert any((tmp_path / "out.distill" / "tensorboard").glob("events.out.tfevents.*"))
-    done = CliRunner().invoke(app, args)  # CliRunner bypasses the one-line error printer: see the exception
-    assert isinstance(done.exception, WhelpError) and "already holds a whelp model" in str(done.exception)
-    done = CliRunner().invoke(app, args[:-2] + ["--loss", "nope", "--force"])
-    assert isinstance(done.exception, WhelpError) and "unknown loss 'nope'" in str(done.exception)
+    done = run_cli(*args)
+    assert done.exit_code == 2 and done.stderr.startswith("error: ") and "already holds a whelp model" in done.stderr
+    done = run_cli(*args[:-2], "--loss", "nope", "--force")
+    assert done.exit_code == 2 and done.stderr.startswith("error: ") and "unknown loss 'nope'" in done.stderr
 
 
 def test_padded_student_lm_head_is_masked_to_the_tokenizer(tiny_dirs, tmp_path):
@@ -343,7 +276,7 @@ def test_padded_student_lm_head_is_masked_to_the_tokenizer(tiny_dirs, tmp_path):
         model.get_output_embeddings().weight[len(tokenizer) :] = 3.0
     model.save_pretrained(tmp_path / "padded-student")
     tokenizer.save_pretrained(tmp_path / "padded-student")
-    spec = replace(SPEC, steps=1, warmup=0, grad_accum=1, save_every=0)
+    spec = replace(LOOP_SPEC, steps=1, warmup=0, grad_accum=1, save_every=0)
     losses = []
     for name, path in (("plain", student), ("padded", tmp_path / "padded-student")):
         distill(str(path), tmp_path / name, spec, teachers=((teacher, 1.0),), progress=False)
@@ -355,7 +288,7 @@ def test_resume_refuses_changed_data_and_damaged_checkpoint_weights(tiny_dirs, t
     teacher, _, student = tiny_dirs
     text = tmp_path / "train.txt"
     text.write_text("\n\n".join(read_documents("pydoc:train")[:20]))
-    spec = replace(SPEC, data=str(text))
+    spec = replace(LOOP_SPEC, data=str(text))
     fail_at(monkeypatch, 2 * 3, lambda r: (_ for _ in ()).throw(Crash()))  # dies in step 3; checkpoint of step 2
     with pytest.raises(Crash):
         distill(student, tmp_path / "out", spec, teachers=((teacher, 1.0),), progress=False)
@@ -365,7 +298,7 @@ def test_resume_refuses_changed_data_and_damaged_checkpoint_weights(tiny_dirs, t
         distill(student, tmp_path / "out", spec, teachers=((teacher, 1.0),), progress=False)
     fail_at(monkeypatch, 2 * 3, lambda r: (_ for _ in ()).throw(Crash()))  # a second run, on pydoc
     with pytest.raises(Crash):
-        distill(student, tmp_path / "o2", SPEC, teachers=((teacher, 1.0),), progress=False)
+        distill(student, tmp_path / "o2", LOOP_SPEC, teachers=((teacher, 1.0),), progress=False)
     monkeypatch.undo()
     ckpt = tmp_path / "o2.distill" / "checkpoints" / "step-00000002" / "shard-00001-model-00001-of-00001.safetensors"
     raw = bytearray(ckpt.read_bytes())
@@ -374,7 +307,7 @@ def test_resume_refuses_changed_data_and_damaged_checkpoint_weights(tiny_dirs, t
     with pytest.raises(
         WhelpError, match="shard-00001-model-00001-of-00001.safetensors is missing or corrupted.*delete .*step-00000002"
     ):
-        distill(student, tmp_path / "o2", SPEC, teachers=((teacher, 1.0),), progress=False)
+        distill(student, tmp_path / "o2", LOOP_SPEC, teachers=((teacher, 1.0),), progress=False)
 
 
 def test_a_damaged_metrics_log_is_named(tmp_path):

@@ -17,8 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import load_weights, max_diff
-from test_loop import SPEC, fail_at, make_models
+from conftest import LOOP_SPEC, fail_at, load_weights, make_models, max_diff
 
 from whelp.distillation.api import distill_run as distill
 from whelp.errors import WhelpError
@@ -80,7 +79,7 @@ def losses_of(out: Path) -> list[float]:
     return [json.loads(r)["loss"] for r in rows]
 
 
-SPEC2 = replace(SPEC, batch_size=2, grad_accum=2, ce_weight=0.2, schedule="linear:4")  # global batch 8, 2 ranks
+SPEC2 = replace(LOOP_SPEC, batch_size=2, grad_accum=2, ce_weight=0.2, schedule="linear:4")  # global batch 8, 2 ranks
 
 
 @pytest.fixture(scope="module")

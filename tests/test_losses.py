@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import KD_HS, KD_HT, KD_N, KD_SPECS, KD_V, grads, kd_inputs, naive_divergence, naive_kd_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from whelp.distillation import losses
@@ -15,84 +16,22 @@ from whelp.distillation.losses import LOSSES, LiveTarget, LossSpec, SparseTarget
 from whelp.errors import WhelpError
 from whelp.models import logit_transform
 
-N, HS, HT, V = 21, 16, 24, 300
+N, HS, HT, V = KD_N, KD_HS, KD_HT, KD_V
 
 
-def naive_divergence(name: str, s: torch.Tensor, t: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """Per-token divergence from full log-probs [n, V] with torch.nn.functional: [n]."""
-
-    def kl(logp, logq):
-        return F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)  # KL(p || q)
-
-    if name == "forward_kl":
-        return kl(t, s)
-    if name == "reverse_kl":
-        return kl(s, t)
-    p, q = t.exp(), s.exp()
-    if name == "jsd":
-        m = (spec.beta * p + (1 - spec.beta) * q).log()
-        return spec.beta * kl(t, m) + (1 - spec.beta) * kl(s, m)
-    if name == "skew_kl":
-        return kl(t, (spec.alpha * p + (1 - spec.alpha) * q).log())
-    return 0.5 * (p - q).abs().sum(-1)
-
-
-def naive_loss(h, w, teacher_logits, weights, spec, labels=None, mask=None, transform=None):
-    """The full-logits reference: loss SUM over unmasked tokens, as kd_loss defines it."""
-    z = h.float() @ w.float().T
-    z = z if transform is None else transform(z)
-    mask = torch.ones(len(h), dtype=torch.bool) if mask is None else mask
-    T = spec.temperature
-    s = F.log_softmax(z / T, -1)
-    kd = sum(
-        wt * naive_divergence(spec.name, s, F.log_softmax(tz.float() / T, -1), spec)[mask].sum()
-        for wt, tz in zip(weights, teacher_logits)
-    )
-    loss = (1 - spec.ce_weight) * (T * T if spec.t2_scale else 1) * kd
-    if spec.ce_weight:
-        loss = loss + spec.ce_weight * F.cross_entropy(z[mask], labels[mask], ignore_index=-100, reduction="sum")
-    return loss
-
-
-def make(seed=0, dtype=torch.float32, n=N, n_teachers=2):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, HS, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(V, HS, generator=g) / 2).to(dtype).requires_grad_()
-    teachers = [
-        LiveTarget(torch.randn(n, HT, generator=g).to(dtype), (torch.randn(V, HT, generator=g) / 2).to(dtype))
-        for _ in range(n_teachers)
-    ]
-    labels = torch.randint(0, V, (n,), generator=g)
-    labels[3] = -100
-    mask = torch.rand(n, generator=g) > 0.25
-    return h, w, teachers, labels, mask
-
-
-def grads(loss, *xs):
-    return torch.autograd.grad(loss, xs)
-
-
-SPECS = [LossSpec(name=name, chunk_size=5) for name in LOSSES] + [
-    LossSpec(name="forward_kl", temperature=2.0, t2_scale=True, ce_weight=0.3, chunk_size=8),
-    LossSpec(name="jsd", beta=0.9, temperature=0.7, chunk_size=4),
-    LossSpec(name="skew_kl", alpha=0.3, ce_weight=0.5, chunk_size=64),
-    LossSpec(name="reverse_kl", temperature=1.5, t2_scale=True, chunk_size=1),
-]
-
-
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}-c{s.chunk_size}")
+@pytest.mark.parametrize("spec", KD_SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}-c{s.chunk_size}")
 def test_fused_equals_naive_fp32(spec):
-    h, w, teachers, labels, mask = make()
+    h, w, teachers, labels, mask = kd_inputs()
     weights = (0.7, 0.3)
     got = kd_loss(h, w, teachers, weights, spec, labels=labels, mask=mask)
-    ref = naive_loss(h, w, [t.hidden @ t.weight.T for t in teachers], weights, spec, labels, mask)
+    ref = naive_kd_loss(h, w, [t.hidden @ t.weight.T for t in teachers], weights, spec, labels, mask)
     assert got.tokens == int(mask.sum())
     assert got.ce.grad_fn is None and all(p.grad_fn is None for p in got.per_teacher)
     assert abs(float(got.loss) - float(ref)) <= 1e-5
     for a, b in zip(grads(got.loss, h, w), grads(ref, h, w)):
         assert (a - b).abs().max() <= 1e-5
     per = [
-        naive_loss(
+        naive_kd_loss(
             h,
             w,
             [t.hidden @ t.weight.T],
@@ -109,11 +48,13 @@ def test_fused_equals_naive_fp32(spec):
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_bf16_within_2e3_relative(name):
-    h, w, teachers, labels, mask = make(dtype=torch.bfloat16)
+    h, w, teachers, labels, mask = kd_inputs(dtype=torch.bfloat16)
     spec = LossSpec(name=name, chunk_size=6)
     got = kd_loss(h, w, teachers, (0.5, 0.5), spec, labels=labels, mask=mask)
     h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    ref = naive_loss(h32, w32, [(t.hidden.float() @ t.weight.float().T) for t in teachers], (0.5, 0.5), spec, mask=mask)
+    ref = naive_kd_loss(
+        h32, w32, [(t.hidden.float() @ t.weight.float().T) for t in teachers], (0.5, 0.5), spec, mask=mask
+    )
     assert got.loss.dtype == torch.float32
     assert abs(float(got.loss) / float(ref) - 1) <= 2e-3
     for a, b in zip(grads(got.loss, h, w), grads(ref, h32, w32)):
@@ -121,7 +62,7 @@ def test_bf16_within_2e3_relative(name):
 
 
 def test_gradient_accumulation_invariance():
-    h, w, teachers, labels, mask = make(n=32)
+    h, w, teachers, labels, mask = kd_inputs(n=32)
     spec = LossSpec(name="jsd", ce_weight=0.2, chunk_size=3)
     full = kd_loss(h, w, teachers, (0.6, 0.4), spec, labels=labels, mask=mask)
     g_full = grads(full.loss / full.tokens, h, w)
@@ -135,7 +76,7 @@ def test_gradient_accumulation_invariance():
 
 
 def test_masked_positions_get_exactly_zero_gradient():
-    h, w, teachers, labels, mask = make()
+    h, w, teachers, labels, mask = kd_inputs()
     spec = LossSpec(name="tvd", ce_weight=0.5, chunk_size=4)
     got = kd_loss(h, w, teachers, (1.0, 1.0), spec, labels=labels, mask=mask)
     g_h, _ = grads(got.loss, h, w)
@@ -144,14 +85,14 @@ def test_masked_positions_get_exactly_zero_gradient():
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_divergence_of_a_distribution_with_itself_is_zero(name):
-    h, w, _, _, _ = make()
+    h, w, _, _, _ = kd_inputs()
     got = kd_loss(h, w, [LiveTarget(h.detach(), w.detach())], (1.0,), LossSpec(name=name, chunk_size=4))
     assert abs(float(got.loss)) <= 1e-6
     assert all(float(g.abs().max()) <= 1e-6 for g in grads(got.loss, h, w))
 
 
 def test_weights_one_zero_equal_single_teacher():
-    h, w, teachers, labels, mask = make()
+    h, w, teachers, labels, mask = kd_inputs()
     spec = LossSpec(name="skew_kl", chunk_size=7)
     both = kd_loss(h, w, teachers, (1.0, 0.0), spec, mask=mask)
     one = kd_loss(h, w, teachers[:1], (1.0,), spec, mask=mask)
@@ -161,7 +102,7 @@ def test_weights_one_zero_equal_single_teacher():
 
 
 def test_padded_teacher_vocab_is_masked_not_zero_padded():
-    h, w, teachers, _, _ = make(n_teachers=1)
+    h, w, teachers, _, _ = kd_inputs(n_teachers=1)
     padded = LiveTarget(teachers[0].hidden, torch.cat([teachers[0].weight, torch.randn(12, HT) * 5]))
     spec = LossSpec(chunk_size=4, vocab_size=V)
     got = kd_loss(h, w, [padded], (1.0,), spec)
@@ -187,7 +128,7 @@ def bucketed(t_logits, k):
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_topk_with_k_equal_v_is_dense_and_smaller_k_uses_a_tail_bucket(name):
-    h, w, teachers, _, mask = make(n_teachers=1)
+    h, w, teachers, _, mask = kd_inputs(n_teachers=1)
     t_logits = teachers[0].hidden @ teachers[0].weight.T
     spec = LossSpec(name=name, chunk_size=6)
     dense = kd_loss(h, w, teachers, (1.0,), spec, mask=mask)
@@ -210,7 +151,7 @@ def test_topk_with_k_equal_v_is_dense_and_smaller_k_uses_a_tail_bucket(name):
 def test_sampled_estimator_is_unbiased():
     from whelp.distillation.cache import sparse_targets
 
-    h, w, teachers, _, _ = make(n_teachers=1, n=6)
+    h, w, teachers, _, _ = kd_inputs(n_teachers=1, n=6)
     t_logits = teachers[0].hidden @ teachers[0].weight.T
     spec = LossSpec(temperature=1.5, chunk_size=4)
     dense = kd_loss(h, w, teachers, (1.0,), spec)
@@ -232,7 +173,7 @@ def test_sampled_estimator_is_unbiased():
 
 
 def test_mixed_live_and_cached_teachers():
-    h, w, teachers, _, mask = make()
+    h, w, teachers, _, mask = kd_inputs()
     spec = LossSpec(chunk_size=5)
     cached, _ = bucketed(teachers[1].hidden @ teachers[1].weight.T, V)
     mixed = kd_loss(h, w, [teachers[0], cached], (0.25, 0.75), spec, mask=mask)
@@ -254,7 +195,7 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def test_no_tensor_of_n_by_v_in_forward_or_backward():
-    h, w, teachers, labels, mask = make(n=64)
+    h, w, teachers, labels, mask = kd_inputs(n=64)
     spec = LossSpec(name="jsd", ce_weight=0.1, chunk_size=8)
     with _LargestTensor() as seen:
         got = kd_loss(h, w, teachers, (0.5, 0.5), spec, labels=labels, mask=mask)
@@ -267,7 +208,7 @@ def test_spec_and_argument_errors():
         LossSpec(name="kl")
     with pytest.raises(WhelpError, match="beta"):
         LossSpec(name="jsd", beta=1.0)
-    h, w, teachers, _, _ = make()
+    h, w, teachers, _, _ = kd_inputs()
     with pytest.raises(WhelpError, match="one weight per teacher"):
         kd_loss(h, w, teachers, (1.0,), LossSpec())
     with pytest.raises(WhelpError, match="needs labels"):
@@ -275,7 +216,7 @@ def test_spec_and_argument_errors():
 
 
 def test_plain_cross_entropy_without_teachers_and_under_no_grad():
-    h, w, _, labels, mask = make()
+    h, w, _, labels, mask = kd_inputs()
     got = kd_loss(h, w, [], [], LossSpec(ce_weight=1.0, chunk_size=4), labels=labels, mask=mask)
     ref = F.cross_entropy((h @ w.T)[mask], labels[mask], ignore_index=-100, reduction="sum")
     assert abs(float(got.loss.detach()) - float(ref)) <= 1e-5
@@ -288,7 +229,7 @@ def test_plain_cross_entropy_without_teachers_and_under_no_grad():
 
 
 def test_autocast_region_keeps_fp32_logits():
-    h, w, teachers, _, mask = make()
+    h, w, teachers, _, mask = kd_inputs()
     spec = LossSpec(name="jsd", chunk_size=8)
     plain = kd_loss(h, w, teachers, (0.5, 0.5), spec, mask=mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -296,7 +237,7 @@ def test_autocast_region_keeps_fp32_logits():
     assert abs(float(mixed.loss.detach()) - float(plain.loss.detach())) <= 1e-5
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}")
+@pytest.mark.parametrize("spec", KD_SPECS, ids=lambda s: f"{s.name}-T{s.temperature}-ce{s.ce_weight}")
 def test_closed_form_gradient_equals_fp64_autograd(spec):
     """closed_form_chunk (d loss / d logits, fp32) against fp64 autograd over the full log-softmax, with a top-k
     and a full-vocabulary top-k target (plus a sampled one and two live teachers under forward KL) on the same
@@ -380,7 +321,7 @@ def test_transformed_student_gradient_equals_autograd_through_the_transform(fiel
     teachers (closed form and autograd terms) and a top-k cache; the transform moves the result well beyond 1e-5.
     Soft-capped logits made again for their derivative run over 3 column blocks here (the last one partial)."""
     monkeypatch.setattr(losses, "TRANSFORM_BLOCK", 128)
-    h, w, teachers, labels, mask = make()
+    h, w, teachers, labels, mask = kd_inputs()
     transform = family_transform(**fields)
     raw = (h @ w.T).detach()
     assert (transform(raw) - raw).abs().max() > 0.5 and transform.apply_(raw.clone()).equal(transform(raw))
@@ -393,7 +334,7 @@ def test_transformed_student_gradient_equals_autograd_through_the_transform(fiel
                 continue  # the bucketed reference below is forward KL at T = 1
             t_logits = t_logits[:1]
         got = kd_loss(h, w, targets, weights, spec, labels=labels, mask=mask, transform=transform)
-        ref = naive_loss(h, w, t_logits, weights, spec, labels, mask, transform=transform)
+        ref = naive_kd_loss(h, w, t_logits, weights, spec, labels, mask, transform=transform)
         if targets[1] is cached:  # the top-k cache's term: forward KL on its k + 1 buckets
             s = F.log_softmax(transform(h @ w.T), -1)
             ids = cached.ids

@@ -7,8 +7,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import load_weights, max_diff, tiny_model
-from test_loop import SPEC, Crash, fail_at, make_models
+from conftest import (
+    LOOP_SPEC,
+    Crash,
+    fail_at,
+    load_weights,
+    make_models,
+    max_diff,
+    naive_divergence,
+    run_cli,
+    tiny_model,
+)
 
 from whelp.data import TensorBlocks
 from whelp.distillation import loop, onpolicy, parallel
@@ -17,7 +26,7 @@ from whelp.errors import WhelpError
 from whelp.recipe import load as load_recipe
 from whelp.specs import DistillSpec
 
-ON = replace(SPEC, on_policy=1.0, gen_tokens=8, loss="forward_kl", save_every=0)
+ON = replace(LOOP_SPEC, on_policy=1.0, gen_tokens=8, loss="forward_kl", save_every=0)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +105,6 @@ def test_an_on_policy_step_equals_the_naive_reference_without_grad_through_sampl
     zs = ref_student(input_ids=ids).logits.float()[:, 9:-1].flatten(0, 1)
     with torch.no_grad():
         zt = teacher(input_ids=ids).logits.float()[:, 9:-1].flatten(0, 1)
-    from test_losses import naive_divergence
-
     ref = naive_divergence(name, zs.log_softmax(-1), zt.log_softmax(-1), spec.gkd.loss_spec(spec.kd)).sum()
     (ref / tokens).backward()
     ref = ref.detach()
@@ -138,7 +145,7 @@ def test_on_policy_distillation_lowers_reverse_kl_on_fresh_samples():
 
 def test_killed_and_resumed_equals_uninterrupted_with_mixed_batches(tiny_dirs, tmp_path, monkeypatch):
     teacher, _, student = tiny_dirs
-    spec = replace(SPEC, on_policy=0.5, gen_tokens=8, save_every=2)  # 2 micro-batches a step: one of each
+    spec = replace(LOOP_SPEC, on_policy=0.5, gen_tokens=8, save_every=2)  # 2 micro-batches a step: one of each
     distill_run(student, tmp_path / "ref", spec, teachers=((teacher, 1.0),), progress=False)
 
     def crash(result):
@@ -166,7 +173,7 @@ def test_caches_alone_cannot_score_samples_but_mix_with_a_live_teacher(tiny_dirs
     from whelp.specs import CacheSpec
 
     teacher, teacher2, student = tiny_dirs
-    spec = replace(SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0, on_policy=0.5, gen_tokens=8)
+    spec = replace(LOOP_SPEC, steps=None, max_tokens=3 * 4 * 32, save_every=0, on_policy=0.5, gen_tokens=8)
     model, tokenizer = load_model(teacher)
     write_cache(
         Teacher(model, tokenizer, teacher),
@@ -201,14 +208,10 @@ def test_caches_alone_cannot_score_samples_but_mix_with_a_live_teacher(tiny_dirs
 )
 def test_bad_on_policy_settings_are_one_clear_line(changes, message):
     with pytest.raises(WhelpError, match=message):
-        replace(SPEC, **changes)
+        replace(LOOP_SPEC, **changes)
 
 
 def test_recipe_keys_and_cli_flags(tmp_path, tiny_dirs):
-    from typer.testing import CliRunner
-
-    from whelp.cli import app
-
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "name: r\nteacher: {model: t}\nprune: {target: smollm2-half}\n"
@@ -224,9 +227,8 @@ def test_recipe_keys_and_cli_flags(tmp_path, tiny_dirs):
     with pytest.raises(WhelpError, match="needs a live teacher"):
         load_recipe(str(bad))
     teacher, _, student = tiny_dirs
-    done = CliRunner().invoke(
-        app,
-        [
+    done = run_cli(
+        *[
             "distill",
             student,
             "--out",
@@ -247,9 +249,9 @@ def test_recipe_keys_and_cli_flags(tmp_path, tiny_dirs):
             "4",
             "--prompt-tokens",
             "6",
-        ],
+        ]
     )
-    assert done.exit_code == 0, done.output
+    assert done.exit_code == 0, done.stderr
     report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
     assert report["spec"]["on_policy"] == 1.0 and report["final"]["on_policy_tokens"] == 2 * 4
     assert DistillSpec(steps=1).gkd.fraction == 0  # off by default: a plain run is unchanged

@@ -6,21 +6,31 @@ families x axes table rendered from the table itself."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, run_cli, tiny_model
+from conftest import (
+    ALL_AXES,
+    AXIS_TARGETS,
+    PLAN_TARGETS,
+    TOKENS,
+    accepted_alike_by_plan_and_prune,
+    logits,
+    run_cli,
+    tiny_model,
+    with_keep,
+    zeroed_equivalents,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from whelp import models
 from whelp.errors import WhelpError
-from whelp.pruning import arch, importance, moe, shards, streaming, surgery
+from whelp.pruning import arch, importance, shards, streaming, surgery
 from whelp.pruning.api import prune
-from whelp.pruning.keep import Keep, identity_keep, rope_exact_dims
+from whelp.pruning.keep import rope_exact_dims
 from whelp.pruning.targets import parse_target
 
 ROWS = ("granite", "olmo2", "gemma", "gemma2", "gemma3_text", "phi3")
@@ -36,38 +46,15 @@ OVERRIDES = {
     "phi3": dict(sliding_window=8),
 }
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-TOKENS = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
-AXIS_TARGETS = {
-    "num_hidden_layers": "num_hidden_layers=2",
-    "hidden_size": "hidden_size=48",
-    "intermediate_size": "intermediate_size=96",
-    "num_attention_heads": "num_attention_heads=2",
-    "num_key_value_heads": "num_key_value_heads=1,num_attention_heads=2",
-    "head_dim": "head_dim=8",
-}
-ALL_AXES = (
-    "num_hidden_layers=2,hidden_size=48,intermediate_size=96,num_attention_heads=1,num_key_value_heads=1,"
-    "head_dim=8,tie_word_embeddings=true"
-)
 
 
 def teacher(family, **extra):
     return tiny_model(family, **{"num_hidden_layers": 3, **OVERRIDES[family], **extra})
 
 
-def with_keep(model, **axes):
-    return Keep(**{**identity_keep(model.config).__dict__, **axes})
-
-
 def pruned(model, keep):
     family = arch.family_of(model.config)
     return surgery.prune_model(model, keep, family, surgery.target_config(model.config, keep))
-
-
-def complement(n, kept):
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[kept] = False
-    return mask.nonzero().flatten()
 
 
 def tensors(model_dir) -> dict[str, torch.Tensor]:
@@ -124,56 +111,6 @@ def test_each_axis_loads_in_stock_transformers_with_a_config_that_matches_its_te
         assert [layer.self_attn.sliding_window for layer in loaded.model.layers] == [
             8 if t == "sliding_attention" else None for t in types
         ]
-
-
-def zeroed_equivalents(model):
-    """``{axis: (keep, zeroed teacher)}`` for every axis where removing units equals zeroing them in the teacher
-    (of a 3-layer teacher; MLP neurons where it has dense MLPs: an MoE's sparse layers leave their entries unused)."""
-    ident = identity_keep(model.config)
-    d, n_rep = 16, 2
-    out = {}
-    mlp = (torch.tensor([3, 7, 50, 90]), torch.arange(0, 128, 32), torch.tensor([1, 5, 9, 100]))
-    zeroed = copy.deepcopy(model)
-    with torch.no_grad():
-        for i, layer in enumerate(zeroed.model.layers):
-            if hasattr(layer.mlp, "down_proj"):
-                layer.mlp.down_proj.weight[:, complement(128, mlp[i])] = 0
-    if any(hasattr(layer.mlp, "down_proj") for layer in model.model.layers):
-        out["intermediate_size"] = (with_keep(model, mlp=mlp), zeroed)
-    q_heads = (torch.tensor([[1], [0]]), torch.tensor([[0], [0]]), torch.tensor([[1], [1]]))
-    kv_heads = (torch.tensor([1]), torch.tensor([0]), torch.tensor([1]))
-    for axis, keep in (
-        ("num_attention_heads", with_keep(model, q_heads=q_heads)),
-        (
-            "num_key_value_heads",
-            with_keep(model, kv_heads=kv_heads, q_heads=tuple(torch.arange(n_rep)[None] for _ in range(3))),
-        ),
-    ):
-        zeroed = copy.deepcopy(model)
-        with torch.no_grad():
-            for i, layer in enumerate(zeroed.model.layers):
-                kept = surgery.q_rows(keep.kv_heads[i], keep.q_heads[i], n_rep, torch.arange(d), d)
-                layer.self_attn.o_proj.weight[:, complement(4 * d, kept)] = 0
-        out[axis] = (keep, zeroed)
-    skipped = copy.deepcopy(model)
-    skipped.model.layers[1].register_forward_hook(lambda m, args, kwargs, o: args[0], with_kwargs=True)
-    out["num_hidden_layers"] = (
-        with_keep(model, layers=(0, 2), mlp=ident.mlp[:2], kv_heads=ident.kv_heads[:2], q_heads=ident.q_heads[:2]),
-        skipped,
-    )
-    dims = rope_exact_dims(d, 4)
-    restricted = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer in restricted.model.layers:
-            attn = layer.self_attn  # Phi-3's fused [q; k; v] is d-row blocks too
-            for proj in [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]:
-                dropped = (complement(d, dims) + torch.arange(0, proj.out_features, d)[:, None]).flatten()
-                proj.weight[dropped] = 0
-                if proj.bias is not None:
-                    proj.bias[dropped] = 0
-    out["head_dim"] = (with_keep(model, head_dims=dims), restricted)
-    assert set(out) | {"intermediate_size"} == set(arch.AXES) - {"hidden_size", "num_experts"}
-    return out
 
 
 @pytest.mark.parametrize("family", ROWS)
@@ -364,44 +301,6 @@ def test_cli_prune_streams_to_the_checkpoint_it_writes_in_memory(family, tmp_pat
     assert json.loads((tmp_path / "stream" / "config.json").read_text()) == json.loads(
         (tmp_path / "memory" / "config.json").read_text()
     )
-
-
-PLAN_TARGETS = list(AXIS_TARGETS.values()) + [
-    ALL_AXES,
-    "head_dim=6",
-    "head_dim=12",
-    "num_attention_heads=3",
-    "num_key_value_heads=2,num_attention_heads=6",
-    "hidden_size=65",
-    "num_hidden_layers=0",
-    "tie_word_embeddings=true",
-    "vocab_size=100",
-    "llama-3.2-1b",
-    "num_key_value_heads=1",
-]
-
-
-def accepted_alike_by_plan_and_prune(model, tmp_path, targets) -> list[str]:
-    """The targets ``whelp plan`` accepts for ``model`` (saved to ``tmp_path``), asserting that ``whelp prune``
-    accepts the same ones with the same shape and refuses the others with the very message plan prints."""
-    model.save_pretrained(tmp_path / "src")
-    accepted = []
-    for target in targets:
-        try:
-            small = prune(model, target, TOKENS[:2])
-        except WhelpError as exc:
-            pruned_ok, message = False, str(exc)
-        else:
-            pruned_ok, message = True, None
-        result = run_cli("plan", str(tmp_path / "src"), "--target", target)
-        assert (result.exit_code == 0) == pruned_ok, (target, result.stderr, message)
-        if pruned_ok:
-            accepted.append(target)
-            shape = moe.moe_shape if moe.moe_family_of(model.config) else models.shape
-            assert shape(small.config) == parse_target(model.config, target).shape
-        else:
-            assert result.stderr == f"error: {message}\n"
-    return accepted
 
 
 @pytest.mark.parametrize("family", ROWS)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import logits, run_cli, save_tiny, tiny_model, tiny_tokenizer
+from conftest import logits, run_cli, save_tiny, tiny_model, tiny_tokenizer, zeroed_equivalents
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -302,8 +302,6 @@ def test_every_axis_loads_in_stock_transformers_with_a_config_that_matches_its_t
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruning_equals_zeroing_on_every_exact_axis(family):
-    from test_prune_families import zeroed_equivalents
-
     from whelp.pruning import arch, surgery
 
     model = deep(family)

@@ -8,10 +8,8 @@ import re
 import pytest
 import torch
 from conftest import run_cli
-from typer.testing import CliRunner
 
 from whelp import models
-from whelp.cli import app
 from whelp.errors import WhelpError
 from whelp.models import CONFIGS_DIR
 from whelp.pruning.keep import rope_exact_dims
@@ -103,9 +101,9 @@ def test_rope_exact_dims_keep_every_s_th_frequency_pair():
 
 
 def test_cli_plan_json(tmp_path):
-    result = CliRunner().invoke(app, ["plan", reference("llama-3.1-8b"), "--target", "llama-3.2-1b", "--json"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    result = run_cli("plan", reference("llama-3.1-8b"), "--target", "llama-3.2-1b", "--json")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    data = json.loads(result.stdout)
     assert set(data) == {"source", "target"}
     assert set(models.SHAPE_KEYS) | {"params"} <= set(data["target"])
     assert data["target"]["params"] == 1_235_814_400 and data["target"]["head_dim"] == 64

@@ -188,33 +188,25 @@ def test_cli_validate_show_and_plan_a_recipe(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["..", "../../x", "a/b", ".hidden", ""])
 def test_a_recipe_name_that_is_not_one_path_component_is_refused_by_validate_and_build(tmp_path, name, monkeypatch):
-    from typer.testing import CliRunner
-
-    from whelp.cli import app
-
     path = tmp_path / "r.yaml"
     path.write_text(f"name: {name!r}\nteacher: {{model: smollm2-135m}}\nprune: {{target: smollm2-half}}\n")
     (tmp_path / "keep.txt").write_text("mine")
     monkeypatch.chdir(tmp_path)
     for args in (["validate", str(path)], ["build", str(path), "--force"]):
-        done = CliRunner().invoke(app, args)
-        assert isinstance(done.exception, WhelpError), done.output
-        assert "recipe.name" in str(done.exception) and "cannot name a directory" in str(done.exception)
+        done = run_cli(*args)
+        assert done.exit_code == 2 and done.stderr.startswith("error: "), done.stderr
+        assert "recipe.name" in done.stderr and "cannot name a directory" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "r.yaml"]
 
 
 def test_build_never_deletes_a_directory_it_did_not_make(tmp_path):
-    from typer.testing import CliRunner
-
-    from whelp.cli import app
-
     out = tmp_path / "d"
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     for extra in ([], ["--force"]):
-        done = CliRunner().invoke(app, ["build", "tiny", "--out", str(out), *extra])
-        assert isinstance(done.exception, WhelpError)
-        message = str(done.exception)
+        done = run_cli("build", "tiny", "--out", str(out), *extra)
+        assert done.exit_code == 2 and done.stderr.startswith("error: "), done.stderr
+        message = done.stderr
         assert "not a whelp build" in message and "with or without --force" in message
         assert "pass --force" not in message
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]

@@ -9,8 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
-from test_loop import SPEC
+from conftest import LOOP_SPEC, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from whelp import models
@@ -61,7 +60,7 @@ def test_a_bf16_teacher_prunes_to_a_bf16_student_unless_told_otherwise(bf16_teac
 
 
 def test_a_distilled_student_keeps_the_dtype_its_start_stores(bf16_teacher, tmp_path):
-    spec = replace(SPEC, steps=1, warmup=0, save_every=0, eval_tokens=64)
+    spec = replace(LOOP_SPEC, steps=1, warmup=0, save_every=0, eval_tokens=64)
     distill_run(str(bf16_teacher), tmp_path / "auto", spec, teachers=((str(bf16_teacher), 1.0),), progress=False)
     assert stored(tmp_path / "auto") == {"BF16", "config:bfloat16"}
     distill_run(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import pytest
 from conftest import tiny_config
@@ -169,17 +168,32 @@ def test_enumerate_contradicting_budgets():
     )
 
 
-def test_enumerate_8b_is_fast(capsys):
+def test_enumerate_8b_against_brute_force_over_depth_and_mlp():
+    """At Llama-3.1-8B scale (multiple 128, non_embedding 1.0B within 2%): the grid has 76,492 such shapes; the ones
+    that keep the teacher's widths (hidden, heads, KV heads, head_dim) are exactly the brute-force list over every
+    (layers, intermediate_size) pair, in the same order, and so is an enumeration over those two axes alone."""
     cfg = models.load_config("llama-3.1-8b")
-    start = time.perf_counter()
-    shapes = space.enumerate_shapes(cfg, Budget(non_embedding=1_000_000_000), DENSE_AXES, 0.02, 128, 2048)
-    seconds = time.perf_counter() - start
-    with capsys.disabled():
-        print(f"\n8B enumeration (multiple=128, non_embedding=1.0B, 2%): {len(shapes):,} shapes in {seconds:.2f} s")
-    assert shapes
-    counter = Counter(cfg)
-    for shape in shapes[:: max(1, len(shapes) // 50)]:
-        assert 0.98e9 <= counter.params(shape)[1] <= 1e9
+    counter, teacher = Counter(cfg), models.shape(cfg)
+    budget = Budget(non_embedding=1_000_000_000)
+    mlp_grid = sorted({*range(128, teacher["intermediate_size"] + 1, 128), teacher["intermediate_size"]})
+    brute = [
+        with_(teacher, layers=layers, mlp=mlp)
+        for layers in range(1, teacher["num_hidden_layers"] + 1)
+        for mlp in mlp_grid
+        if 0.98e9 <= counter.params(with_(teacher, layers=layers, mlp=mlp))[1] <= 1e9
+    ]
+    brute.sort(key=lambda shape: (-counter.params(shape)[1], tuple(shape[k] for k in KEYS)))
+    assert len(brute) == 22
+    assert space.enumerate_shapes(cfg, budget, ("layers", "mlp"), 0.02, 128, 2048) == brute
+
+    shapes = space.enumerate_shapes(cfg, budget, DENSE_AXES, 0.02, 128, 2048)
+    assert len(shapes) == 76_492
+    widths = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    assert [s for s in shapes if all(s[k] == teacher[k] for k in widths)] == brute
+    sample = shapes[:: len(shapes) // 50]
+    sizes = [counter.params(shape)[1] for shape in sample]
+    assert all(0.98e9 <= n <= 1e9 for n in sizes) and sizes == sorted(sizes, reverse=True)
+    for shape in sample:
         assert shape["hidden_size"] % shape["num_attention_heads"] == 0 and shape["hidden_size"] % 128 == 0
 
 

@@ -170,25 +170,23 @@ def test_ranks_read_disjoint_slices_that_cover_each_global_batch_and_epochs_diff
 
 
 def test_cli_tokenize_then_plan_counts_the_store(tok, corpus, tmp_path):
-    from conftest import save_tiny
-    from typer.testing import CliRunner
+    from conftest import run_cli, save_tiny
 
-    from whelp.cli import app
     from whelp.plan import data_plan
 
     model_dir = tmp_path / "m"
     save_tiny(model_dir, tok)
     args = ["tokenize", str(corpus), "--tokenizer", str(model_dir), "--out", str(tmp_path / "s"), "--num-proc", "2"]
-    done = CliRunner().invoke(app, args)
-    assert done.exit_code == 0, done.output
+    done = run_cli(*args)
+    assert done.exit_code == 0, done.stderr
     total = tokenstore.open_store(tmp_path / "s").manifest["total_tokens"]
-    assert f"wrote {total:,} tokens" in done.output
-    again = CliRunner().invoke(app, args)
-    assert isinstance(again.exception, WhelpError) and "already holds this complete token store" in str(again.exception)
-    mixed = CliRunner().invoke(
-        app, ["tokenize", f"{corpus}:0.5,pydoc:eval:0.5", "--tokenizer", str(model_dir), "--out", str(tmp_path / "x")]
+    assert f"wrote {total:,} tokens" in done.stdout
+    again = run_cli(*args)
+    assert again.exit_code == 2 and "already holds this complete token store" in again.stderr
+    mixed = run_cli(
+        "tokenize", f"{corpus}:0.5,pydoc:eval:0.5", "--tokenizer", str(model_dir), "--out", str(tmp_path / "x")
     )
-    assert isinstance(mixed.exception, WhelpError) and "one source into one store" in str(mixed.exception)
+    assert mixed.exit_code == 2 and "one source into one store" in mixed.stderr
     planned = data_plan(str(tmp_path / "s"), 3 * total, 512, None)
     assert planned["tokens_available"] == total and planned["epochs"] == 3 and planned["store_bytes"] == 2 * total
     assert data_plan("pydoc:train", 10, 128_256, None) == {
