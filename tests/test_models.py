@@ -122,8 +122,8 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
     with pytest.raises(WhelpError, match="pickle checkpoint file; pass the model directory"):
         models.locate(str(d / "pytorch_model.bin"))
     with pytest.raises(WhelpError, match="only pickle weights"):
-        models.check_weights(models.locate(str(d)), models.LoadPolicy())
-    models.check_weights(models.locate(str(d)), models.LoadPolicy(allow_pickle=True))
+        models.check_safe_weights(models.locate(str(d)), models.LoadPolicy())
+    models.check_safe_weights(models.locate(str(d)), models.LoadPolicy(allow_pickle=True))
 
 
 @pytest.mark.demo

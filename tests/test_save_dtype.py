@@ -17,7 +17,7 @@ from whelp import models
 from whelp.distillation.api import distill_run
 from whelp.errors import WhelpError
 from whelp.pruning.api import prune_checkpoint
-from whelp.schema import build
+from whelp.schema import from_dict
 from whelp.specs import DistillSpec, PruneSpec
 
 PRUNE = PruneSpec(calib_samples=2, seq_len=16)
@@ -83,4 +83,4 @@ def test_auto_is_refused_when_the_source_names_no_float_dtype(tmp_path):
     assert models.save_dtype("bfloat16", tmp_path, config) == "bfloat16"
     for cls in (PruneSpec, DistillSpec):
         with pytest.raises(WhelpError, match="save_dtype"):
-            build(cls, {"save_dtype": "int8", **({"steps": 1} if cls is DistillSpec else {})}, "spec")
+            from_dict(cls, {"save_dtype": "int8", **({"steps": 1} if cls is DistillSpec else {})}, "spec")

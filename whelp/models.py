@@ -104,7 +104,7 @@ def registered_dir(name: str) -> Path:
     return dest
 
 
-def check_weights(target: str, policy: LoadPolicy) -> None:
+def check_safe_weights(target: str, policy: LoadPolicy) -> None:
     """Refuse a directory whose weights are pickle only (pickle can run arbitrary code) unless the policy allows."""
     path = Path(target)
     if policy.allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
@@ -203,7 +203,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, DistributedConfig  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     target = locate(name_or_path)
-    check_weights(target, policy)
+    check_safe_weights(target, policy)
     tokenizer = load_tokenizer(name_or_path, policy)
     sharded = (
         {} if tp_mesh is None else {"distributed_config": DistributedConfig(tp_plan="auto"), "device_mesh": tp_mesh}

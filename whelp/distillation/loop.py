@@ -30,7 +30,7 @@ from whelp.distillation.losses import LiveTarget, backbone, head_logits, model_t
 from whelp.errors import WhelpError
 from whelp.evals.perplexity import perplexity
 from whelp.output import Progress
-from whelp.specs import DistillSpec, LossSpec, Mixture, OptimSpec, check_on_policy, check_weights
+from whelp.specs import DistillSpec, LossSpec, Mixture, OptimSpec, check_on_policy, check_teacher_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -166,7 +166,7 @@ def setup(
         + [c.manifest["vocab_size"] for c in caches]
     )
     loss = vocab_spec(spec.kd, widths, tokenizer_size)
-    check_weights(list(weights), spec)
+    check_teacher_weights(list(weights), spec)
     check_on_policy(list(weights)[: len(teachers)], spec)
     probe = blocks[torch.arange(1)][:, :16].to(world.device)
     for model, what in [(lm, "student")] + [(m, "teacher") for m in teachers]:

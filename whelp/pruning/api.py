@@ -179,7 +179,7 @@ def prune_checkpoint(
             f"prune reads a local checkpoint and '{source}' is not one; download it first "
             f"(huggingface-cli download {source} --local-dir DIR) and pass DIR"
         )
-    models.check_weights(str(source_dir), policy)
+    models.check_safe_weights(str(source_dir), policy)
     source_cfg = models.load_config(str(source_dir), policy)
     parsed = parse_target(source_cfg, target)
     target_rope(parsed, spec.rope)

@@ -68,12 +68,12 @@ def cost(config, spec: SearchSpec, pool: list[dict], counter: space.Counter) -> 
     student forward + backward); K is charged at the pool's largest candidates, an upper bound. N is the parameters
     a token runs through: all of them, or an MoE's active ones."""
     teacher = counter.active(counter.teacher)
-    held_out = spec.eval_blocks * spec.seq_len
+    held_out_tokens = spec.eval_blocks * spec.seq_len
     sizes = sorted((counter.active(s) for s in pool), reverse=True)
     trained = spec.score_steps * spec.batch_size * spec.seq_len
     parts = {
         "calibration": 2 * teacher * spec.calib_samples * spec.seq_len,
-        "one_shot": 2 * held_out * (teacher + sum(sizes)),
+        "one_shot": 2 * held_out_tokens * (teacher + sum(sizes)),
         "distillation": sum((6 * n + 2 * teacher) * trained for n in sizes[: spec.candidates]),
     }
     return {**parts, "total": sum(parts.values()), "distillation_tokens_per_candidate": trained}
