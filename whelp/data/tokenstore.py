@@ -53,6 +53,8 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """The store's token dtype, the one place the rule is written: uint16 when every id fits (``vocab_size`` <=
+    65,536), else uint32; ``.itemsize`` is a token's bytes on disk (``whelp plan`` prices stores by it)."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
