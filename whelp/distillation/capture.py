@@ -37,10 +37,11 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 
-from whelp import models, store
+from whelp import store
 from whelp.data.tokenstore import tokenizer_hash
 from whelp.distillation import parallel
 from whelp.distillation.cache import FORMAT, MANIFEST, claim, encode, read_manifest, sparse_targets
+from whelp.distillation.head import check_logits, chunk_logits
 from whelp.distillation.losses import backbone
 from whelp.errors import WhelpError
 from whelp.models import config_hash
@@ -58,28 +59,8 @@ def shard_name(start: int, stop: int) -> str:
     return f"blocks-{start:012d}-{stop:012d}.safetensors"
 
 
-def chunk_logits(model, hidden: Tensor, vocab: int) -> Tensor:
-    """fp32 logits [c, vocab] of hidden states [c, H]: the lm_head, then the family's logit transform."""
-    return models.logit_transform(model.config)(model.get_output_embeddings()(hidden).float())[..., :vocab]
-
-
 def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
-
-
-def check_logits(model, tokens: Tensor, vocab: int) -> None:
-    """The chunked path against the model's own forward on a few positions of ``tokens`` [L]: a family whose
-    logits are more than ``lm_head(hidden)`` (scaled, soft-capped) must be known to ``logit_transform``."""
-    ids = tokens[: min(len(tokens), 64)].view(1, -1).to(_device(model))
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits[0, :, :vocab].float()
-        mine = chunk_logits(model, backbone(model)(input_ids=ids).last_hidden_state[0], vocab)
-    tol = (1e-4 if ref.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2) * max(1.0, ref.abs().max())
-    if (mine - ref).abs().max() > tol:
-        raise WhelpError(
-            f"{type(model).__name__} ({model.config.model_type}) computes its logits in a way whelp "
-            "does not know (lm_head(hidden) differs from its forward's logits); it cannot be cached"
-        )
 
 
 def teacher_shard(model, tokens: Tensor, spec: dict, first_block: int, batch_size: int) -> dict[str, Tensor]:
@@ -227,7 +208,8 @@ def write_cache(
         raise WhelpError(f"--tp-size {spec.tp_size} does not divide the {world.size} processes; use a divisor")
     work, manifest = parallel.from_main(world, lambda: _workdir(out, identity, force, stage_key))
     work = Path(work)
-    check_logits(teacher.model, blocks[torch.arange(1)][0], identity["vocab_size"])
+    probe = blocks[torch.arange(1)][0][:64].view(1, -1).to(_device(teacher.model))
+    check_logits(teacher.model, probe, "teacher", "cached", identity["vocab_size"])
     done = {s["file"] for s in manifest["shards"]}
     todo = [r for r in shard_ranges(len(blocks), per_shard) if shard_name(*r) not in done]
     dp_rank, dp_size, writer = world.rank // spec.tp_size, world.size // spec.tp_size, world.rank % spec.tp_size == 0
