@@ -26,7 +26,6 @@ Tensor parallel (``tp_size`` T > 1): groups of T consecutive ranks hold one teac
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from torch import Tensor
 from whelp import store
 from whelp.data.tokenstore import tokenizer_hash
 from whelp.distillation import parallel
-from whelp.distillation.cache import FORMAT, MANIFEST, claim, encode, read_manifest, sparse_targets
+from whelp.distillation.cache import FORMAT, MANIFEST, encode, read_manifest, sparse_targets
 from whelp.distillation.head import check_logits, chunk_logits
 from whelp.distillation.losses import backbone
 from whelp.errors import WhelpError
@@ -133,44 +132,16 @@ def _identity(teacher: Teacher, blocks, spec: CacheSpec, seed: int, per_shard: i
     }
 
 
-def _continued(out: Path, identity: dict) -> tuple[dict, bool]:
-    """The manifest to continue ``out`` with (intact shards kept, damaged ones dropped) and whether ``out`` was
-    already complete and intact. WhelpError if ``out`` holds a cache of another run."""
-    old = read_manifest(out)
-    diff = [key for key in identity if old.get(key) != identity[key]]
-    if diff:
-        key = diff[0]
-        raise WhelpError(
-            f"{out} holds a cache of a different run ({key}: {old.get(key)!r} there, "
-            f"{identity[key]!r} now); pass --force to replace it or choose another --out"
-        )
-    store.clean_stale(out)
-    shards = [s for s in old["shards"] if store.shard_problem(out, s) is None]
-    return {**old, "shards": shards, "complete": False}, bool(old.get("complete")) and shards == old["shards"]
+def _recorded(path: Path) -> dict | None:
+    """The manifest of the cache at ``path``, or None where it recorded no shard (nothing to lose)."""
+    if not (path / MANIFEST).exists():
+        return None
+    manifest = read_manifest(path)
+    return manifest if manifest["shards"] else None
 
 
-def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> tuple[Path, dict]:
-    """Where the shards go and the manifest to continue: ``out`` itself (new or resumed), or with ``force`` on
-    an existing cache a staging sibling ``.OUT.rebuild`` (resumed by the same forced command) that replaces
-    ``out`` only when complete. A directory that is not a whelp cache is never written into or deleted."""
-    work = out
-    if claim(out, force):
-        if not force:
-            manifest, complete = _continued(out, identity)
-            if complete:
-                raise WhelpError(f"{out} already holds this complete cache; pass --force to rebuild it")
-            return out, manifest
-        work = out.with_name(f".{out.name}.rebuild")
-        if work.exists() and store.marker(work) is None:
-            raise WhelpError(f"{work} is in the way of rebuilding {out} and was not made by whelp; move it away")
-        try:
-            return work, _continued(work, identity)[0]
-        except WhelpError:
-            shutil.rmtree(work, ignore_errors=True)  # absent, or another rebuild's leftovers: ours to start again
-    manifest = {**identity, "shards": [], "complete": False}
-    with store.atomic_dir(work, force=True, kind="cache", stage_key=stage_key) as tmp:  # born whole, marked
-        store.write_record(tmp / MANIFEST, manifest)
-    return work, manifest
+def _intact(path: Path, shards: list[dict]) -> list[dict]:
+    return [s for s in shards if store.shard_problem(path, s) is None]
 
 
 def write_cache(
@@ -206,7 +177,10 @@ def write_cache(
         )
     if world.size % spec.tp_size:
         raise WhelpError(f"--tp-size {spec.tp_size} does not divide the {world.size} processes; use a divisor")
-    work, manifest = parallel.from_main(world, lambda: _workdir(out, identity, force, stage_key))
+    work, manifest = parallel.from_main(
+        world,
+        lambda: store.resume_shards(out, identity, force, "cache", "cache", _recorded, _intact, stage_key=stage_key),
+    )
     work = Path(work)
     probe = blocks[torch.arange(1)][0][:64].view(1, -1).to(_device(teacher.model))
     check_logits(teacher.model, probe, "teacher", "cached", identity["vocab_size"])
