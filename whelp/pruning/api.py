@@ -264,18 +264,7 @@ def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timi
     config = models.load_config(str(source_dir), policy)
     with Progress(f"streaming calibration ({spec.importance})", text_config(config).num_hidden_layers) as bar:
         keep, _, scores = streaming.prune_streaming(
-            source_dir,
-            out,
-            parsed,
-            tokens,
-            method=spec.importance,
-            layer_method=spec.layer_importance,
-            tie=spec.tie,
-            rope=spec.rope,
-            scores=scores,
-            batch_size=spec.batch_size,
-            progress=bar.advance,
-            save_dtype=models.save_dtype(spec.save_dtype, source_dir, config),
+            source_dir, out, parsed, spec, tokens, scores=scores, progress=bar.advance
         )
     timings["stream_s"] = time.perf_counter() - t
     tie = {"init": keep.tie, "kl": None} if keep.tie else None  # KL needs the whole teacher in memory
