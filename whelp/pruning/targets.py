@@ -85,14 +85,7 @@ PRESETS = {
         None,
     ),
 }
-_AXES = (
-    "hidden_size",
-    "num_hidden_layers",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-)
+_AXES = models.SHAPE_KEYS[:6]  # the widths and counts a target shrinks (not vocab_size or tie_word_embeddings)
 
 
 @dataclass(frozen=True)
