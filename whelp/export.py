@@ -36,9 +36,10 @@ from pathlib import Path
 
 from whelp import output
 from whelp.errors import WhelpError
-from whelp.models import check_safe_weights, locate
+from whelp.models import locate
 from whelp.specs import LoadPolicy
 from whelp.store import clean_stale, locked, sha256_file, tag, whelp_home
+from whelp.weights import check_safe_weights
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"

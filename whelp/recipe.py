@@ -9,6 +9,8 @@ unknown key, wrong type or bad value raises with its key path (``whelp.schema``)
 applied to the raw mapping first. Stage options a recipe leaves out are filled from ``data`` and
 ``seed``, so the resolved recipe (``whelp show``) states every value a build used. ``license`` and ``language``
 (optional) go into the model card's metadata, over what the teacher's card says (``whelp.card``).
+
+One module: the Recipe dataclasses, their defaults and the YAML loading are the recipe's one schema.
 """
 
 from __future__ import annotations

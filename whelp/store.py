@@ -13,6 +13,8 @@ Three rules keep a user's data safe whatever happens to a run (Ctrl-C, SIGKILL, 
   temporary sibling and renamed into place, the old one renamed aside first and deleted last. Temporaries
   carry the host and PID of their writer, so the next run of the same output removes those whose writer is
   dead (and puts back an old output that a kill caught between the two renames).
+
+One module on purpose: it is the one room that touches disk for outputs, so every write rule lives in one place.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ Reading checks every shard's size when the store is opened and the sha256 of eac
 a read touches it (a random batch at 20B tokens touches a few MiB, not whole shards), so a truncated or altered
 shard is named and never used. The fingerprint is the sha256 of the shards' sha256s: the
 corpus is never hashed in RAM.
+
+One module: writing and reading are both the on-disk format (manifest keys, shard names, dtype, chunk hashes), which
+must change in one place.
 """
 
 from __future__ import annotations

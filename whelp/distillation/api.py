@@ -30,9 +30,10 @@ from whelp.distillation import run as run_state
 from whelp.distillation.cache import claim, open_cache
 from whelp.distillation.capture import Teacher, write_cache
 from whelp.errors import WhelpError
-from whelp.models import check_positions, load_config, load_tokenizer, save_dtype, save_model
+from whelp.models import check_positions, load_config, load_tokenizer, save_model
 from whelp.output import Progress
 from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, Mixture, SaveSpec, check_on_policy, check_teacher_weights
+from whelp.weights import save_dtype
 
 
 def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:

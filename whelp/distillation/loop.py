@@ -10,6 +10,9 @@ students exactly so.
 ``distill(student, teachers, data, spec)`` runs it in memory and returns the student; ``whelp.distillation.api`` wraps
 the same loop with checkpoints, resume, signals and logs for ``whelp distill``, on one process or FSDP2 under
 torchrun. Everything a step reads is a function of ``(seed, step)``, so resuming needs only the step.
+
+One module though near 400 lines: setup, loss_step and train share the Training state and one invariant (a step's
+loss is divided by the tokens of the whole step), which a split would scatter.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ When to stream (``should_stream``): the checkpoint's bytes at the compute dtype 
 MEMORY_FACTOR = 2.5 (teacher + pruned copy + calibration activations) exceed ``MemAvailable``.
 
 Tensors are read and shards written one tensor at a time by shards.py.
+
+One module: calibration and writing both walk the same shard map one layer at a time; their pairing is the streaming
+path.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
-from whelp.models import kv_cache_name, load_config, save_dtype, stored_dtype
+from whelp.models import kv_cache_name, load_config
 from whelp.pruning import moe_layout
 from whelp.pruning.arch import SQRT_HIDDEN, family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
@@ -42,6 +45,7 @@ from whelp.pruning.surgery import slice_tensor, target_config, tie_embeddings
 from whelp.pruning.targets import target_rope
 from whelp.specs import PruneSpec
 from whelp.store import atomic_dir
+from whelp.weights import save_dtype, stored_dtype
 
 MEMORY_FACTOR = 2.5  # in-memory prune holds the model at load dtype + pruned copy + calibration activations
 
