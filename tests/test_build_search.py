@@ -103,7 +103,7 @@ def test_a_search_target_takes_the_steps_defaults_and_round_trips(built, tmp_pat
         "pydoc:eval",
         2,
     )
-    assert recipe.build(recipe.Recipe, yaml.safe_load(recipe.dump(loaded))) == loaded
+    assert recipe.from_dict(recipe.Recipe, yaml.safe_load(recipe.dump(loaded))) == loaded
     monkeypatch.chdir(tmp_path)
     shown = run_cli("show", str(root / "searched.yaml"), "--set", "prune.target.search.pool=3")
     assert shown.exit_code == 0 and yaml.safe_load(shown.stdout)["prune"][0]["target"]["search"]["pool"] == 3

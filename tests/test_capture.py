@@ -14,7 +14,7 @@ import torch
 from conftest import run_cli, save_tiny, tiny_model, tiny_tokenizer, whelp_env
 
 from whelp.data import TensorBlocks
-from whelp.distillation import capture
+from whelp.distillation import capture, head
 from whelp.distillation.cache import open_cache
 from whelp.distillation.loop import backbone
 from whelp.errors import WhelpError
@@ -36,10 +36,10 @@ def test_chunked_logits_equal_the_models_own(family, extra):
         ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
         ref = model(input_ids=ids).logits.flatten(0, 1)
         hidden = backbone(model)(input_ids=ids).last_hidden_state.flatten(0, 1)
-        mine = torch.cat([capture.chunk_logits(model, hidden[c : c + 5], 512) for c in range(0, len(hidden), 5)])
+        mine = torch.cat([head.chunk_logits(model, hidden[c : c + 5], 512) for c in range(0, len(hidden), 5)])
     assert ref.abs().max() > 2.5
     torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-5)
-    capture.check_logits(model, ids[0], 512)
+    head.check_logits(model, ids[:1], "teacher", "cached", 512)
 
 
 def test_a_family_with_an_unknown_logit_transform_is_refused(monkeypatch):
@@ -48,7 +48,7 @@ def test_a_family_with_an_unknown_logit_transform_is_refused(monkeypatch):
     model = tiny_model("granite", seed=1, logits_scaling=4.0)
     monkeypatch.setattr(whelp.models, "logit_transform", lambda config: lambda z: z)
     with pytest.raises(WhelpError, match=r"GraniteForCausalLM \(granite\) computes its logits in a way whelp"):
-        capture.check_logits(model, torch.arange(10), 512)
+        head.check_logits(model, torch.arange(10).view(1, -1), "teacher", "cached", 512)
 
 
 def test_targets_come_back_per_chunk_and_do_not_depend_on_its_size(monkeypatch):

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from whelp.errors import WhelpError
-from whelp.schema import build, flat_keys, to_dict
+from whelp.schema import flat_keys, from_dict, to_dict
 from whelp.specs import DistillSpec, LossSpec, OnPolicySpec, OptimSpec
 
 # The options of `whelp distill --help` before DistillSpec was grouped (the CLI's own and the spec's).
@@ -51,7 +51,10 @@ def _at(spec, where):
 def test_flat_keywords_and_recipe_keys_set_their_sub_spec_field(key):
     value, where = FLAT[key]
     assert flat_keys(DistillSpec)[key] == where
-    for spec in (DistillSpec(steps=2, **{key: value}), build(DistillSpec, {"steps": 2, key: value}, "recipe.distill")):
+    for spec in (
+        DistillSpec(steps=2, **{key: value}),
+        from_dict(DistillSpec, {"steps": 2, key: value}, "recipe.distill"),
+    ):
         assert _at(spec, where) == value
         assert spec.flat()[key] == value and to_dict(spec)[key] == value
     assert replace(DistillSpec(steps=2), **{key: value}) == DistillSpec(steps=2, **{key: value})
@@ -83,10 +86,10 @@ def test_a_bad_key_is_one_line_naming_it():
         err.value
     )
     with pytest.raises(WhelpError, match=r"^recipe\.distill\[0\]\.fraction: unknown key; valid keys: .*on_policy"):
-        build(DistillSpec, {"steps": 1, "fraction": 0.5}, "recipe.distill[0]")  # a sub-spec's own name is no key
+        from_dict(DistillSpec, {"steps": 1, "fraction": 0.5}, "recipe.distill[0]")  # a sub-spec's own name is no key
     with pytest.raises(WhelpError, match=r"^recipe\.distill\[0\]\.on_policy_loss: 'tvd' is not valid; choose one of"):
-        build(DistillSpec, {"steps": 1, "on_policy_loss": "tvd"}, "recipe.distill[0]")
+        from_dict(DistillSpec, {"steps": 1, "on_policy_loss": "tvd"}, "recipe.distill[0]")
     with pytest.raises(WhelpError, match=r"^recipe\.distill\[0\]\.lr: expected a number"):
-        build(DistillSpec, {"steps": 1, "lr": "fast"}, "recipe.distill[0]")
+        from_dict(DistillSpec, {"steps": 1, "lr": "fast"}, "recipe.distill[0]")
     with pytest.raises(WhelpError, match=r"^recipe\.distill\[0\]: temperature must be > 0, got -1.0$"):
-        build(DistillSpec, {"steps": 1, "temperature": -1}, "recipe.distill[0]")
+        from_dict(DistillSpec, {"steps": 1, "temperature": -1}, "recipe.distill[0]")

@@ -13,7 +13,7 @@ from whelp.errors import WhelpError
 from whelp.evals import api, harness, report
 from whelp.evals.perplexity import perplexity, windows
 from whelp.evals.tasks import whelp_data
-from whelp.schema import build
+from whelp.schema import from_dict
 
 SHIPPED = ("whelp_pydoc", "whelp_licenses", "whelp_pydoc_next")
 
@@ -229,7 +229,7 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
         raise AssertionError("re-measured a model whose results are cached")
 
     monkeypatch.setattr(api, "measure", fail)
-    spec = build(api.EvalSpec, metrics["settings"], "settings")
+    spec = from_dict(api.EvalSpec, metrics["settings"], "settings")
     again = api.evaluate_to(tmp_path / "out", {"teacher": str(dirs[0]), "student": str(dirs[1])}, spec, force=True)
     assert all(m["reused"] for m in again["models"])
     assert [report.flat_metrics(m) for m in again["models"]] == flats
@@ -298,7 +298,7 @@ def test_stock_lm_eval_cli_reproduces_whelp_eval_on_a_saved_student(tmp_path, de
     tasks = ("whelp_pydoc", "whelp_pydoc_next")
     ours = api.evaluate(
         {"student": str(tmp_path / "student")},
-        spec=build(
+        spec=from_dict(
             api.EvalSpec,
             {
                 "tasks": list(tasks),
@@ -352,4 +352,4 @@ def test_a_task_longer_than_the_lm_eval_context_names_max_length(tiny_vocab_mode
             max_length=8,
         )
     with pytest.raises(WhelpError, match="max_length must be"):
-        build(api.EvalSpec, {"max_length": 0}, "spec")
+        from_dict(api.EvalSpec, {"max_length": 0}, "spec")

@@ -32,7 +32,7 @@ from pathlib import Path
 from whelp.distillation import losses
 from whelp.distillation.api import distill_run as distill
 from whelp.specs import DistillSpec
-from whelp.schema import build
+from whelp.schema import from_dict
 from whelp.errors import WhelpError
 
 args = json.loads(sys.argv[1])
@@ -45,7 +45,7 @@ if args["sigint_at_call"]:
         return real(*a, **k)
     losses.kd_loss = wrapped
 try:
-    distill(args["student"], Path(args["out"]), build(DistillSpec, args["spec"], "spec"),
+    distill(args["student"], Path(args["out"]), from_dict(DistillSpec, args["spec"], "spec"),
             teachers=tuple(map(tuple, args["teachers"])), progress=False)
 except WhelpError as exc:
     print("WhelpError:", exc, flush=True)

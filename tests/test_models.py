@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
-from whelp import models, registry
+from whelp import models, registry, weights
 from whelp.errors import WhelpError
 
 EXACT = {
@@ -122,8 +122,8 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
     with pytest.raises(WhelpError, match="pickle checkpoint file; pass the model directory"):
         models.locate(str(d / "pytorch_model.bin"))
     with pytest.raises(WhelpError, match="only pickle weights"):
-        models.check_weights(models.locate(str(d)), models.LoadPolicy())
-    models.check_weights(models.locate(str(d)), models.LoadPolicy(allow_pickle=True))
+        weights.check_safe_weights(models.locate(str(d)), models.LoadPolicy())
+    weights.check_safe_weights(models.locate(str(d)), models.LoadPolicy(allow_pickle=True))
 
 
 @pytest.mark.demo

@@ -32,6 +32,7 @@ from whelp.pruning import arch, importance, shards, streaming, surgery
 from whelp.pruning.api import prune
 from whelp.pruning.keep import rope_exact_dims
 from whelp.pruning.targets import parse_target
+from whelp.specs import PruneSpec
 
 ROWS = ("granite", "olmo2", "gemma", "gemma2", "gemma3_text", "phi3")
 # non-trivial multipliers, soft-caps, attention scalars and a sliding window shorter than the calibration rows,
@@ -250,10 +251,8 @@ def test_streaming_equals_in_memory(family, method, tmp_path):
         tmp_path / "src",
         tmp_path / "stream",
         target,
+        PruneSpec(importance=method, tie="mean", batch_size=8),
         TOKENS,
-        method=method,
-        tie="mean",
-        batch_size=8,
         shard_bytes=20_000,
     )
     assert scores.keys() == scores_mem.keys()

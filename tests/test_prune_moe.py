@@ -369,10 +369,8 @@ def test_streaming_equals_in_memory(family, method, tmp_path):
         tmp_path / "src",
         tmp_path / "stream",
         target,
+        PruneSpec(importance=method, tie="mean", batch_size=8),
         TOKENS,
-        method=method,
-        tie="mean",
-        batch_size=8,
         shard_bytes=20_000,
     )
     assert scores.keys() == scores_mem.keys() and any(k.startswith("experts.") for k in scores)

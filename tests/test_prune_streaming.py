@@ -17,6 +17,7 @@ from whelp.pruning.arch import family_of
 from whelp.pruning.importance import calibrate, select
 from whelp.pruning.surgery import prune_model, target_config
 from whelp.pruning.targets import parse_target
+from whelp.specs import PruneSpec
 
 # depth 4 -> 3, hidden 64 -> 48, MLP 128 -> 96, KV groups 2 -> 1 with 1 of 2 query heads, head_dim 16 -> 8, tied
 TARGET = (
@@ -67,7 +68,12 @@ def test_streaming_equals_in_memory(sharded, tmp_path, family, method):
     keep_mem, scores_mem = in_memory(src, tokens, method, tmp_path / "mem")
     target = parse_target(model.config, TARGET)
     keep, _, scores = streaming.prune_streaming(
-        src, tmp_path / "stream", target, tokens, method=method, tie="mean", batch_size=8, shard_bytes=20_000
+        src,
+        tmp_path / "stream",
+        target,
+        PruneSpec(importance=method, tie="mean", batch_size=8),
+        tokens,
+        shard_bytes=20_000,
     )
     assert scores.keys() == scores_mem.keys()
     assert [k for k in scores if not torch.equal(scores[k], scores_mem[k])] == []
@@ -90,7 +96,7 @@ def test_streaming_output_loads_in_stock_transformers(sharded, tmp_path, max_sha
     assert (src / shards.SINGLE).exists() == (max_shard_size == "1GB")
     family = family_of(model.config)
     target = parse_target(model.config, TARGET)
-    keep, cfg, _ = streaming.prune_streaming(src, tmp_path / "out", target, tokens, batch_size=8)
+    keep, cfg, _ = streaming.prune_streaming(src, tmp_path / "out", target, PruneSpec(batch_size=8), tokens)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         want = prune_model(model, keep, family, cfg)(tokens).logits
@@ -116,7 +122,7 @@ def test_existing_output_refused_and_untouched(sharded, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(WhelpError, match="--force"):
-        streaming.prune_streaming(src, out, parse_target(model.config, TARGET), tokens)
+        streaming.prune_streaming(src, out, parse_target(model.config, TARGET), PruneSpec(), tokens)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -130,7 +136,7 @@ def test_missing_tensor_is_a_clear_error(sharded, tmp_path):
     del index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
     (src / shards.INDEX).write_text(json.dumps(index))
     with pytest.raises(WhelpError, match="model.layers.2.mlp.up_proj.weight.*not in the checkpoint"):
-        streaming.prune_streaming(src, tmp_path / "out", parse_target(model.config, TARGET), tokens)
+        streaming.prune_streaming(src, tmp_path / "out", parse_target(model.config, TARGET), PruneSpec(), tokens)
     assert not (tmp_path / "out").exists()
 
 
@@ -141,7 +147,7 @@ def test_index_pointing_at_wrong_shard_is_a_clear_error(sharded, tmp_path):
     index["weight_map"][name] = next(f for f in set(index["weight_map"].values()) if f != index["weight_map"][name])
     (src / shards.INDEX).write_text(json.dumps(index))
     with pytest.raises(WhelpError, match="does not hold it"):
-        streaming.prune_streaming(src, tmp_path / "out", parse_target(model.config, TARGET), tokens)
+        streaming.prune_streaming(src, tmp_path / "out", parse_target(model.config, TARGET), PruneSpec(), tokens)
 
 
 def test_truncated_or_missing_shard_is_a_clear_error(sharded, tmp_path):
@@ -149,10 +155,10 @@ def test_truncated_or_missing_shard_is_a_clear_error(sharded, tmp_path):
     shard = src / _index(src)["weight_map"]["model.layers.3.mlp.down_proj.weight"]
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(WhelpError, match="corrupt or truncated"):
-        streaming.prune_streaming(src, tmp_path / "out", parse_target(model.config, TARGET), tokens)
+        streaming.prune_streaming(src, tmp_path / "out", parse_target(model.config, TARGET), PruneSpec(), tokens)
     shard.unlink()
     with pytest.raises(WhelpError, match=f"missing.*{shard.name}"):
-        streaming.prune_streaming(src, tmp_path / "out", parse_target(model.config, TARGET), tokens)
+        streaming.prune_streaming(src, tmp_path / "out", parse_target(model.config, TARGET), PruneSpec(), tokens)
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
@@ -160,9 +166,9 @@ def test_methods_that_cannot_stream_are_refused(sharded, tmp_path):
     model, src, tokens = sharded()
     target = parse_target(model.config, TARGET)
     with pytest.raises(WhelpError, match="taylor"):
-        streaming.prune_streaming(src, tmp_path / "out", target, tokens, method="taylor")
+        streaming.prune_streaming(src, tmp_path / "out", target, PruneSpec(importance="taylor"), tokens)
     with pytest.raises(WhelpError, match="layer importance 'loss'"):
-        streaming.prune_streaming(src, tmp_path / "out", target, tokens, layer_method="loss")
+        streaming.prune_streaming(src, tmp_path / "out", target, PruneSpec(layer_importance="loss"), tokens)
 
 
 def test_should_stream_compares_weights_with_available_memory(sharded, monkeypatch):

@@ -29,7 +29,7 @@ def test_shipped_recipes_validate_plan_and_round_trip(name):
     loaded = recipe.load(name)
     planned = plan.plan_recipe(loaded)
     assert planned["student"]["params"] < planned["teacher"]["shape"]["params"]
-    assert recipe.build(recipe.Recipe, yaml.safe_load(recipe.dump(loaded))) == loaded
+    assert recipe.from_dict(recipe.Recipe, yaml.safe_load(recipe.dump(loaded))) == loaded
 
 
 def _write(tmp_path, text: str) -> str:
@@ -277,7 +277,7 @@ def test_the_list_form_of_a_mixture_equals_its_text_and_takes_paths_whole(tmp_pa
         {"source": str(path), "weight": 0.7},
         {"source": "pydoc:train", "weight": 0.3},
     ]  # a name with a ',' is written back in the list form
-    assert recipe.build(recipe.Recipe, yaml.safe_load(dumped)) == loaded
+    assert recipe.from_dict(recipe.Recipe, yaml.safe_load(dumped)) == loaded
 
 
 @pytest.mark.parametrize(

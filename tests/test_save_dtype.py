@@ -12,11 +12,11 @@ import torch
 from conftest import LOOP_SPEC, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from whelp import models
+from whelp import weights
 from whelp.distillation.api import distill_run
 from whelp.errors import WhelpError
 from whelp.pruning.api import prune_checkpoint
-from whelp.schema import build
+from whelp.schema import from_dict
 from whelp.specs import DistillSpec, PruneSpec
 
 PRUNE = PruneSpec(calib_samples=2, seq_len=16)
@@ -78,8 +78,8 @@ def test_auto_is_refused_when_the_source_names_no_float_dtype(tmp_path):
     config = tiny_model().config
     config.dtype = None
     with pytest.raises(WhelpError, match=r"cannot tell the dtype of .* pass --save-dtype float32\|bfloat16\|float16"):
-        models.save_dtype("auto", tmp_path, config)
-    assert models.save_dtype("bfloat16", tmp_path, config) == "bfloat16"
+        weights.save_dtype("auto", tmp_path, config)
+    assert weights.save_dtype("bfloat16", tmp_path, config) == "bfloat16"
     for cls in (PruneSpec, DistillSpec):
         with pytest.raises(WhelpError, match="save_dtype"):
-            build(cls, {"save_dtype": "int8", **({"steps": 1} if cls is DistillSpec else {})}, "spec")
+            from_dict(cls, {"save_dtype": "int8", **({"steps": 1} if cls is DistillSpec else {})}, "spec")

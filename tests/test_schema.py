@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 
 from whelp.errors import WhelpError
-from whelp.schema import apply_override, build, to_dict
+from whelp.schema import apply_override, from_dict, to_dict
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,10 @@ class Outer:
 
 def test_builds_nested_values_and_round_trips():
     raw = {"steps": 5, "teachers": [{"name": "t", "weight": 2}], "flag": True}
-    built = build(Outer, raw)
+    built = from_dict(Outer, raw)
     assert built == Outer(steps=5, teachers=(Inner("t", 2.0),), flag=True)
     assert isinstance(built.teachers[0].weight, float)
-    assert build(Outer, to_dict(built)) == built
+    assert from_dict(Outer, to_dict(built)) == built
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_builds_nested_values_and_round_trips():
 )
 def test_errors_name_the_key_path(raw, message):
     with pytest.raises(WhelpError, match=message):
-        build(Outer, raw)
+        from_dict(Outer, raw)
 
 
 def test_overrides_parse_yaml_values_and_index_lists():
@@ -75,20 +75,22 @@ class Step:
 
 
 def test_flattened_fields_share_the_mapping_and_round_trip():
-    step = build(Step, {"target": "half", "name": "n", "weight": 3})
+    step = from_dict(Step, {"target": "half", "name": "n", "weight": 3})
     assert step == Step("half", Inner("n", 3.0))
     assert to_dict(step) == {"target": "half", "name": "n", "weight": 3.0}
-    assert build(Step, to_dict(step)) == step
+    assert from_dict(Step, to_dict(step)) == step
     with pytest.raises(WhelpError, match="recipe.bogus: unknown key; valid keys: target, name, weight"):
-        build(Step, {"target": "t", "bogus": 1})
+        from_dict(Step, {"target": "t", "bogus": 1})
 
 
 def test_a_mixture_field_is_built_from_text_or_the_list_form_and_dumped_back():
     from whelp.specs import DistillSpec, Mixture
 
-    text = build(DistillSpec, {"steps": 1, "data": "a:0.7,b:0.3"}, "step")
-    listed = build(DistillSpec, {"steps": 1, "data": [{"source": "a", "weight": 0.7}, {"source": "b", "weight": 0.3}]})
+    text = from_dict(DistillSpec, {"steps": 1, "data": "a:0.7,b:0.3"}, "step")
+    listed = from_dict(
+        DistillSpec, {"steps": 1, "data": [{"source": "a", "weight": 0.7}, {"source": "b", "weight": 0.3}]}
+    )
     assert text == listed and isinstance(text.data, Mixture) and text.data.names == ("a", "b")
     assert to_dict(text)["data"] == "a:0.7,b:0.3" and to_dict(listed)["data"] == "a:0.7,b:0.3"
     with pytest.raises(WhelpError, match=r"^step.data\[1\].weight: expected a positive number, got 0$"):
-        build(DistillSpec, {"steps": 1, "data": [{"source": "a"}, {"source": "b", "weight": 0}]}, "step")
+        from_dict(DistillSpec, {"steps": 1, "data": [{"source": "a"}, {"source": "b", "weight": 0}]}, "step")

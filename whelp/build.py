@@ -15,6 +15,9 @@ recipe, a changed data file) is never reused, an interrupted stage resumes in it
 from its last checkpoint, a cache from its last shard), and ``final/`` is rewritten whenever its key (the eval
 stage's key and the resolved recipe) changes. Stages that the finished recipe no longer uses are removed at
 the end, so a changed recipe keeps the old outputs only until the new ones are complete.
+
+One module: the stage table, the stage keys and the resume rules are one contract with the on-disk ``stages/NN-kind-
+KEY`` directories.
 """
 
 from __future__ import annotations

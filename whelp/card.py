@@ -14,6 +14,8 @@ renders it. Choices the Hub leaves open, made once here:
   ``licenses``, a file) is named ``whelp:SOURCE`` in ``model-index``, which no Hub id can be (they have no ``:``),
   and lm-eval tasks ``lm-eval:TASK``; ``datasets`` lists the Hub ids the build trains on (none: no key).
 * ``language``: the recipe's, else the teacher's card or registry entry; unknown: no key.
+
+One module: every section of the card reads the same build record, and the card is one file written at once.
 """
 
 from __future__ import annotations

@@ -36,9 +36,10 @@ from pathlib import Path
 
 from whelp import output
 from whelp.errors import WhelpError
-from whelp.models import check_weights, locate
+from whelp.models import locate
 from whelp.specs import LoadPolicy
 from whelp.store import clean_stale, locked, sha256_file, tag, whelp_home
+from whelp.weights import check_safe_weights
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -82,7 +83,7 @@ def _check_model(model_dir: str, policy: LoadPolicy) -> Path:
         config = json.loads((path / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise WhelpError(f"{path}/config.json is not valid JSON ({exc}); re-save the checkpoint") from None
-    check_weights(str(path), policy)
+    check_safe_weights(str(path), policy)
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise WhelpError(f"{path} has no weights (*.safetensors); pass a complete checkpoint directory")
     if not policy.trust_remote_code and (_ships_code(path) or "auto_map" in config):

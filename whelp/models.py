@@ -2,6 +2,9 @@
 
 Safe by default: only safetensors weights are read unless the caller allows pickle, and
 ``trust_remote_code`` stays off unless the caller turns it on.
+
+A checkpoint's weight files (pickle refusal, stored dtype) are ``whelp.weights``; what stays is loading, saving,
+shapes and parameter counts, which share the locate and config path.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
 from whelp.output import quiet_loading, quiet_streams
 from whelp.registry import REGISTRY, fetch_gguf
-from whelp.specs import SAVE_DTYPES, LoadPolicy
+from whelp.specs import LoadPolicy
 from whelp.store import atomic_dir, content_id, locked, whelp_home
+from whelp.weights import PICKLE_SUFFIXES, check_safe_weights, stored_dtype, weight_files
 
 SHAPE_KEYS = (
     "hidden_size",
@@ -30,7 +34,6 @@ SHAPE_KEYS = (
     "vocab_size",
     "tie_word_embeddings",
 )
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def locate(name_or_path: str) -> str:
@@ -103,19 +106,6 @@ def registered_dir(name: str) -> Path:
                 },
             )
     return dest
-
-
-def check_weights(target: str, policy: LoadPolicy) -> None:
-    """Refuse a directory whose weights are pickle only (pickle can run arbitrary code) unless the policy allows."""
-    path = Path(target)
-    if policy.allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise WhelpError(
-            f"{path} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code; "
-            "convert them to safetensors, or pass `whelp --allow-pickle ...` if you trust them"
-        )
 
 
 def _hub_error(name: str, exc: Exception) -> WhelpError:
@@ -204,7 +194,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, DistributedConfig  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
 
     target = locate(name_or_path)
-    check_weights(target, policy)
+    check_safe_weights(target, policy)
     tokenizer = load_tokenizer(name_or_path, policy)
     sharded = (
         {} if tp_mesh is None else {"distributed_config": DistributedConfig(tp_plan="auto"), "device_mesh": tp_mesh}
@@ -399,47 +389,6 @@ def kv_cache_name(fn) -> str:
     """The KV-cache argument (and output field) name: ``cache`` since transformers 5.x renamed it, formerly
     ``past_key_values`` (the old name still works there, with a deprecation warning per call)."""
     return "cache" if "cache" in signature(fn).parameters else "past_key_values"
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    return sorted(model_dir.glob("*.safetensors"))
-
-
-def stored_dtype(model_dir: Path) -> str:
-    """dtype of the first stored tensor, read from the safetensors header (no weights loaded)."""
-    files = weight_files(model_dir)
-    if not files:
-        return "unknown"
-    header_len = int.from_bytes(files[0].open("rb").read(8), "little")
-    with open(files[0], "rb") as f:
-        f.seek(8)
-        header = json.loads(f.read(header_len))
-    names = sorted(k for k in header if k != "__metadata__")
-    return (
-        {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
-            header[names[0]]["dtype"], header[names[0]]["dtype"]
-        )
-        if names
-        else "unknown"
-    )
-
-
-def save_dtype(choice: str, source: str | Path, config) -> str:
-    """The dtype an output's weights are written in: ``choice``, or for ``auto`` the dtype ``source`` (the model it
-    was made from) stores, so a bf16 teacher gives bf16 students (training itself keeps fp32 master weights).
-    Without safetensors to read, the config's ``dtype`` says; a source that stores neither a float dtype nor names
-    one is refused rather than guessed."""
-    if choice != "auto":
-        return choice
-    stored = stored_dtype(Path(source)) if Path(source).is_dir() else "unknown"
-    named = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "").replace("torch.", "")
-    for dtype in (stored, named):
-        if dtype in SAVE_DTYPES[1:]:
-            return dtype
-    raise WhelpError(
-        f"cannot tell the dtype of {source} (stored {stored}, config {named or 'none'}); pass "
-        "--save-dtype float32|bfloat16|float16"
-    )
 
 
 def inspect(name_or_path: str, policy: LoadPolicy = LoadPolicy()) -> dict:

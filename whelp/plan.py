@@ -20,7 +20,7 @@ from pathlib import Path
 
 from whelp import models, output, pricing
 from whelp.data import available_tokens, check_data, check_source
-from whelp.data.tokenstore import tokenizer_hash
+from whelp.data.tokenstore import token_dtype, tokenizer_hash
 from whelp.distillation.cache import MAG_BITS, id_bits
 from whelp.errors import WhelpError
 from whelp.evals.harness import check_include_paths, check_task_names
@@ -109,7 +109,7 @@ def data_plan(mixture: Mixture, needed: int, vocab: int, tokenizer, where: str =
         if source != GENERATED:  # the build's generate stage makes that one
             _at(where, check_source, source)
     available = None if GENERATED in sources else available_tokens(mixture, tokenizer)
-    per_token = 2 if vocab <= 1 << 16 else 4
+    per_token = token_dtype(vocab).itemsize
     return {
         "source": str(mixture),
         "tokens_needed": needed,
@@ -328,7 +328,7 @@ def _generate_stage(recipe: Recipe, teacher: dict) -> dict:
     if spec.prompts:
         _at("recipe.generate.prompts", lambda: check_data(spec.prompts))
     tokens = spec.max_tokens
-    store = (2 if teacher["config"].vocab_size <= 1 << 16 else 4) * tokens
+    store = token_dtype(teacher["config"].vocab_size).itemsize * tokens
     return {
         "stage": "generate",
         "kind": "generate",

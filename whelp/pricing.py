@@ -27,6 +27,8 @@ b sequences of s tokens per GPU, hidden size h, L layers, V vocabulary ids, byte
                    forward`` and prefetch defaults of torch.distributed.fsdp.fully_shard): (root + 2 layers) params.
 GPU memory is the nominal capacity (80 GB = 80e9 bytes), a few GB below what the device reports, which leaves room
 for the CUDA context, NCCL buffers and allocator fragmentation.
+
+One module: FLOPs, memory, time and disk are priced from one GPU table and one set of assumptions, which must agree.
 """
 
 from __future__ import annotations

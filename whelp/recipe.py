@@ -9,6 +9,8 @@ unknown key, wrong type or bad value raises with its key path (``whelp.schema``)
 applied to the raw mapping first. Stage options a recipe leaves out are filled from ``data`` and
 ``seed``, so the resolved recipe (``whelp show``) states every value a build used. ``license`` and ``language``
 (optional) go into the model card's metadata, over what the teacher's card says (``whelp.card``).
+
+One module: the Recipe dataclasses, their defaults and the YAML loading are the recipe's one schema.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Literal
 import yaml
 
 from whelp.errors import WhelpError
-from whelp.schema import apply_override, build, load_yaml, to_dict
+from whelp.schema import apply_override, from_dict, load_yaml, to_dict
 from whelp.specs import (
     TEACHER,
     CacheSpec,
@@ -34,7 +36,7 @@ from whelp.specs import (
     SearchSpec,
     as_mixtures,
     check_on_policy,
-    check_weights,
+    check_teacher_weights,
 )
 from whelp.store import check_name
 
@@ -133,7 +135,7 @@ class DistillStep:
 
     def __post_init__(self):
         """What ``whelp distill`` would refuse after the stages before it ran: caught by ``validate``."""
-        check_weights([t.weight for t in self.teachers] + [c.weight for c in self.caches], self.options)
+        check_teacher_weights([t.weight for t in self.teachers] + [c.weight for c in self.caches], self.options)
         check_on_policy([t.weight for t in self.teachers], self.options)
         for i, cache in enumerate(self.caches):
             if cache.temperature != self.options.kd.temperature:
@@ -283,9 +285,9 @@ class SeedOnly:
 def _fill_defaults(raw: dict) -> dict:
     """Stage options the recipe leaves out take the ``data`` section's and the top-level ``seed``. The data section
     is built here, once (its mixtures parsed), and its ``Mixture``s are the stages' defaults."""
-    raw["data"] = build(DataSection, raw.get("data"), "recipe.data")  # its errors name recipe.data, not a stage
+    raw["data"] = from_dict(DataSection, raw.get("data"), "recipe.data")  # its errors name recipe.data, not a stage
     data = {key: getattr(raw["data"], key) for key in ("calib", "train", "eval", "seq_len")}
-    seed = build(SeedOnly, {"seed": raw.get("seed", 0)}, "recipe").seed
+    seed = from_dict(SeedOnly, {"seed": raw.get("seed", 0)}, "recipe").seed
     raw["prune"] = [
         _search_target(
             {"calib": data["calib"], "seq_len": data["seq_len"], "seed": seed, **(s or {})}, data, f"recipe.prune[{i}]"
@@ -312,11 +314,11 @@ def _search_target(step: dict, data: dict, path: str) -> dict:
         return step
     search = target.get("search")
     if isinstance(search, dict):
-        options = build(PruneSpec, {k: step[k] for k in SEARCH_FROM_STEP if k in step}, path)
+        options = from_dict(PruneSpec, {k: step[k] for k in SEARCH_FROM_STEP if k in step}, path)
         inherited = {k: getattr(options, k) for k in SEARCH_FROM_STEP}
         search = {**inherited, "data": data["train"], "eval_data": data["eval"], **search}
         target = {**target, "search": search}
-    return {**step, "target": build(SearchTarget, target, f"{path}.target")}
+    return {**step, "target": from_dict(SearchTarget, target, f"{path}.target")}
 
 
 def load(name_or_path: str, overrides: tuple[str, ...] = ()) -> Recipe:
@@ -334,7 +336,7 @@ def load(name_or_path: str, overrides: tuple[str, ...] = ()) -> Recipe:
         raw[key] = _as_list(raw.get(key), key)
     for assignment in overrides:
         apply_override(raw, assignment)
-    return build(Recipe, _fill_defaults(raw), "recipe")
+    return from_dict(Recipe, _fill_defaults(raw), "recipe")
 
 
 def dump(recipe: Recipe) -> str:

@@ -63,7 +63,7 @@ def _coerce(value: Any, tp, path: str):
         except WhelpError as exc:
             raise WhelpError(f"{path}: {exc}") from None
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, path)
+        return from_dict(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
             raise WhelpError(f"{path}: expected true or false, got {value!r}")
@@ -185,7 +185,7 @@ def unflatten(cls, given: dict, where: str) -> dict:
     return out
 
 
-def build(cls, raw: Any, path: str = "recipe"):
+def from_dict(cls, raw: Any, path: str = "recipe"):
     """An instance of dataclass ``cls`` from mapping ``raw``: unknown keys, missing required keys, wrong
     types and invalid values raise ``WhelpError`` naming ``path.key`` and what is valid. The keys are those of
     ``flat_keys`` (a nested spec's fields written at this level)."""

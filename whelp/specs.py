@@ -700,7 +700,7 @@ def check_on_policy(live_weights: list[float], spec: DistillSpec) -> None:
         )
 
 
-def check_weights(weights: list[float], spec: DistillSpec) -> None:
+def check_teacher_weights(weights: list[float], spec: DistillSpec) -> None:
     """Teacher weights: finite, >= 0, and not all zero unless the CE term carries the loss."""
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise WhelpError(f"teacher weights must be finite numbers >= 0, got {weights}")

@@ -13,6 +13,8 @@ Three rules keep a user's data safe whatever happens to a run (Ctrl-C, SIGKILL, 
   temporary sibling and renamed into place, the old one renamed aside first and deleted last. Temporaries
   carry the host and PID of their writer, so the next run of the same output removes those whose writer is
   dead (and puts back an old output that a kill caught between the two renames).
+
+One module on purpose: it is the one room that touches disk for outputs, so every write rule lives in one place.
 """
 
 from __future__ import annotations
@@ -292,6 +294,59 @@ def clean_stale(parent: Path, name: str | None = None) -> None:
             shutil.rmtree(item, ignore_errors=True)
         else:
             item.unlink(missing_ok=True)
+
+
+SHARD_MANIFEST = "manifest.json"  # the sealed manifest of a sharded output (a logit cache, a token store)
+
+
+def resume_shards(out: Path, identity: dict, force: bool, kind: str, what: str, read, intact, ignore=(), **fields):
+    """``(work, manifest)``: where the shards of a resumable sharded output (a logit cache, a token store) go and
+    the manifest to continue. ``read(path)`` gives the manifest at ``path`` (None: nothing worth keeping);
+    ``intact(path, shards)`` the recorded shards that are kept; every key of ``identity`` but ``ignore`` must match.
+
+    ``out`` itself when new or resumed (WhelpError if it holds ``what`` of other settings, or this one complete);
+    with ``force`` on an existing output, a staging sibling ``.OUT.rebuild`` (resumed by the same forced command)
+    that the caller renames over ``out`` (``commit_dir``) only when complete. A directory whelp did not make is
+    never written into or deleted. A new work directory is born whole and marked (``kind``, ``fields``)."""
+    work, manifest = out, None
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        check_writable(out, True, kind)
+        if force:
+            work = out.with_name(f".{out.name}.rebuild")
+            if work.exists() and marker(work) is None:
+                raise WhelpError(f"{work} is in the way of rebuilding {out} and was not made by whelp; move it away")
+            try:
+                found = _continued(work, identity, what, read, intact, ignore) if work.exists() else None
+            except WhelpError:  # another rebuild's leftovers: ours to start again
+                found = None
+            if found is None:
+                shutil.rmtree(work, ignore_errors=True)
+            manifest = found and found[0]
+        elif (found := _continued(out, identity, what, read, intact, ignore)) is not None:
+            manifest, complete = found
+            if complete:
+                raise WhelpError(f"{out} already holds this complete {what}; pass --force to rebuild it")
+    if manifest is None:
+        manifest = {**identity, "shards": [], "complete": False}
+        with atomic_dir(work, force=True, kind=kind, **fields) as tmp:
+            write_record(tmp / SHARD_MANIFEST, manifest)
+    return work, manifest
+
+
+def _continued(path: Path, identity: dict, what: str, read, intact, ignore) -> tuple[dict, bool] | None:
+    """The manifest to continue ``path`` with (its intact shards) and whether it was complete and intact."""
+    old = read(path)
+    if old is None:
+        return None
+    diff = [key for key in identity if key not in ignore and old.get(key) != identity[key]]
+    if diff:
+        raise WhelpError(
+            f"{path} holds {_a(what)} of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
+            f"{identity[diff[0]]!r} now); pass --force to replace it or choose another --out"
+        )
+    clean_stale(path)
+    shards = intact(path, old["shards"])
+    return {**identity, "shards": shards, "complete": False}, bool(old.get("complete")) and shards == old["shards"]
 
 
 @contextlib.contextmanager

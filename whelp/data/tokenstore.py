@@ -15,6 +15,9 @@ Reading checks every shard's size when the store is opened and the sha256 of eac
 a read touches it (a random batch at 20B tokens touches a few MiB, not whole shards), so a truncated or altered
 shard is named and never used. The fingerprint is the sha256 of the shards' sha256s: the
 corpus is never hashed in RAM.
+
+One module: writing and reading are both the on-disk format (manifest keys, shard names, dtype, chunk hashes), which
+must change in one place.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from whelp.errors import WhelpError
 from whelp.output import Progress
 
 FORMAT = 2
-MANIFEST = "manifest.json"
+MANIFEST = store.SHARD_MANIFEST
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB at uint16
 CHUNK_TOKENS = 1 << 20  # a sha256 per 1M tokens: a read verifies only the chunks it touches
 CHUNK_DOCS = 128  # documents per worker task
@@ -53,6 +56,8 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """The store's token dtype, the one place the rule is written: uint16 when every id fits (``vocab_size`` <=
+    65,536), else uint32; ``.itemsize`` is a token's bytes on disk (``whelp plan`` prices stores by it)."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
@@ -171,28 +176,6 @@ def _write_shard(out: Path, index: int, tokens: np.ndarray, n_docs: int, dtype: 
     }
 
 
-def _resumable(out: Path, identity: dict, force: bool) -> dict | None:
-    """The manifest to continue an interrupted (or damaged) store of the same source with, or None to start
-    afresh. A directory that is not a whelp store is refused, with or without ``force``."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return None
-    store.check_writable(out, True, "store")
-    if force:
-        return None
-    old = store.read_record(out / MANIFEST, f"re-run {_maker(identity)} with --force to rebuild {out}")
-    diff = [k for k in identity if k != "tokenizer" and old.get(k) != identity[k]]  # the hash decides
-    if diff:
-        raise WhelpError(
-            f"{out} holds a token store of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
-            f"{identity[diff[0]]!r} now); pass --force to replace it or choose another --out"
-        )
-    store.clean_stale(out)
-    good = list(itertools.takewhile(lambda s: _shard_problem(out, s, identity["dtype"]) is None, old["shards"]))
-    if old["complete"] and len(good) == len(old["shards"]):
-        raise WhelpError(f"{out} already holds this complete token store; pass --force to rebuild it")
-    return {**identity, "shards": good, "complete": False}
-
-
 def tokenize(
     source: str,
     tokenizer,
@@ -224,12 +207,21 @@ def write(out: Path, identity: dict, force: bool, fill) -> Path:
     """Make (or resume) the store of ``identity`` at ``out`` with ``fill(work_dir, manifest)``, which appends shards
     (``flush``) and seals the manifest (``seal``). With ``force`` an existing store is replaced only once the new
     one is complete; a failure before the first shard leaves nothing that would block the corrected command."""
-    manifest = _resumable(out, identity, force)
-    work = out.with_name(f".{out.name}.rebuild") if manifest is None and force and out.exists() else out
-    if manifest is None:
-        manifest = {**identity, "shards": [], "complete": False}
-        with store.atomic_dir(work, force=True, kind="store") as tmp:
-            store.write_record(tmp / MANIFEST, manifest)
+    fix = f"re-run {_maker(identity)} with --force to rebuild {out}"
+
+    def intact(path: Path, shards: list[dict]) -> list[dict]:  # a stream resumes after its first damaged shard
+        return list(itertools.takewhile(lambda s: _shard_problem(path, s, identity["dtype"]) is None, shards))
+
+    work, manifest = store.resume_shards(
+        out,
+        identity,
+        force,
+        "store",
+        "token store",
+        lambda path: store.read_record(path / MANIFEST, fix),
+        intact,
+        ignore=("tokenizer",),  # the name may differ, the hash decides
+    )
     try:
         fill(work, manifest)
     except WhelpError:

@@ -30,9 +30,10 @@ from whelp.distillation import run as run_state
 from whelp.distillation.cache import claim, open_cache
 from whelp.distillation.capture import Teacher, write_cache
 from whelp.errors import WhelpError
-from whelp.models import check_positions, load_config, load_tokenizer, save_dtype, save_model
+from whelp.models import check_positions, load_config, load_tokenizer, save_model
 from whelp.output import Progress
-from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, Mixture, SaveSpec, check_on_policy, check_weights
+from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, Mixture, SaveSpec, check_on_policy, check_teacher_weights
+from whelp.weights import save_dtype
 
 
 def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
@@ -52,7 +53,7 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
     """Everything that needs no model, before any is loaded: data sources, that every teacher shares the student's
     tokenizer (same ids, not only the same size), and each cache's tokenizer, vocabulary and temperature.
     Returns ``(tokenizer, opened caches)``."""
-    check_weights([w for _, w in teachers] + [w for _, w in caches], spec)
+    check_teacher_weights([w for _, w in teachers] + [w for _, w in caches], spec)
     check_on_policy([w for _, w in teachers], spec)
     for source in (spec.data, spec.eval_data):
         check_data(source)

@@ -36,7 +36,7 @@ from whelp.errors import WhelpError
 
 FORMAT = 2  # 2: shards named by block range, per-block digests, content_sha256
 MAG_BITS = 15  # an fp16 of -logp >= 0 has its sign bit clear
-MANIFEST = "manifest.json"
+MANIFEST = store.SHARD_MANIFEST
 
 
 def pack_bits(values: Tensor, bits: int) -> Tensor:

@@ -26,7 +26,6 @@ Tensor parallel (``tp_size`` T > 1): groups of T consecutive ranks hold one teac
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +36,11 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 
-from whelp import models, store
+from whelp import store
 from whelp.data.tokenstore import tokenizer_hash
 from whelp.distillation import parallel
-from whelp.distillation.cache import FORMAT, MANIFEST, claim, encode, read_manifest, sparse_targets
+from whelp.distillation.cache import FORMAT, MANIFEST, encode, read_manifest, sparse_targets
+from whelp.distillation.head import check_logits, chunk_logits
 from whelp.distillation.losses import backbone
 from whelp.errors import WhelpError
 from whelp.models import config_hash
@@ -58,28 +58,8 @@ def shard_name(start: int, stop: int) -> str:
     return f"blocks-{start:012d}-{stop:012d}.safetensors"
 
 
-def chunk_logits(model, hidden: Tensor, vocab: int) -> Tensor:
-    """fp32 logits [c, vocab] of hidden states [c, H]: the lm_head, then the family's logit transform."""
-    return models.logit_transform(model.config)(model.get_output_embeddings()(hidden).float())[..., :vocab]
-
-
 def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
-
-
-def check_logits(model, tokens: Tensor, vocab: int) -> None:
-    """The chunked path against the model's own forward on a few positions of ``tokens`` [L]: a family whose
-    logits are more than ``lm_head(hidden)`` (scaled, soft-capped) must be known to ``logit_transform``."""
-    ids = tokens[: min(len(tokens), 64)].view(1, -1).to(_device(model))
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits[0, :, :vocab].float()
-        mine = chunk_logits(model, backbone(model)(input_ids=ids).last_hidden_state[0], vocab)
-    tol = (1e-4 if ref.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2) * max(1.0, ref.abs().max())
-    if (mine - ref).abs().max() > tol:
-        raise WhelpError(
-            f"{type(model).__name__} ({model.config.model_type}) computes its logits in a way whelp "
-            "does not know (lm_head(hidden) differs from its forward's logits); it cannot be cached"
-        )
 
 
 def teacher_shard(model, tokens: Tensor, spec: dict, first_block: int, batch_size: int) -> dict[str, Tensor]:
@@ -152,44 +132,16 @@ def _identity(teacher: Teacher, blocks, spec: CacheSpec, seed: int, per_shard: i
     }
 
 
-def _continued(out: Path, identity: dict) -> tuple[dict, bool]:
-    """The manifest to continue ``out`` with (intact shards kept, damaged ones dropped) and whether ``out`` was
-    already complete and intact. WhelpError if ``out`` holds a cache of another run."""
-    old = read_manifest(out)
-    diff = [key for key in identity if old.get(key) != identity[key]]
-    if diff:
-        key = diff[0]
-        raise WhelpError(
-            f"{out} holds a cache of a different run ({key}: {old.get(key)!r} there, "
-            f"{identity[key]!r} now); pass --force to replace it or choose another --out"
-        )
-    store.clean_stale(out)
-    shards = [s for s in old["shards"] if store.shard_problem(out, s) is None]
-    return {**old, "shards": shards, "complete": False}, bool(old.get("complete")) and shards == old["shards"]
+def _recorded(path: Path) -> dict | None:
+    """The manifest of the cache at ``path``, or None where it recorded no shard (nothing to lose)."""
+    if not (path / MANIFEST).exists():
+        return None
+    manifest = read_manifest(path)
+    return manifest if manifest["shards"] else None
 
 
-def _workdir(out: Path, identity: dict, force: bool, stage_key: str | None) -> tuple[Path, dict]:
-    """Where the shards go and the manifest to continue: ``out`` itself (new or resumed), or with ``force`` on
-    an existing cache a staging sibling ``.OUT.rebuild`` (resumed by the same forced command) that replaces
-    ``out`` only when complete. A directory that is not a whelp cache is never written into or deleted."""
-    work = out
-    if claim(out, force):
-        if not force:
-            manifest, complete = _continued(out, identity)
-            if complete:
-                raise WhelpError(f"{out} already holds this complete cache; pass --force to rebuild it")
-            return out, manifest
-        work = out.with_name(f".{out.name}.rebuild")
-        if work.exists() and store.marker(work) is None:
-            raise WhelpError(f"{work} is in the way of rebuilding {out} and was not made by whelp; move it away")
-        try:
-            return work, _continued(work, identity)[0]
-        except WhelpError:
-            shutil.rmtree(work, ignore_errors=True)  # absent, or another rebuild's leftovers: ours to start again
-    manifest = {**identity, "shards": [], "complete": False}
-    with store.atomic_dir(work, force=True, kind="cache", stage_key=stage_key) as tmp:  # born whole, marked
-        store.write_record(tmp / MANIFEST, manifest)
-    return work, manifest
+def _intact(path: Path, shards: list[dict]) -> list[dict]:
+    return [s for s in shards if store.shard_problem(path, s) is None]
 
 
 def write_cache(
@@ -225,9 +177,13 @@ def write_cache(
         )
     if world.size % spec.tp_size:
         raise WhelpError(f"--tp-size {spec.tp_size} does not divide the {world.size} processes; use a divisor")
-    work, manifest = parallel.from_main(world, lambda: _workdir(out, identity, force, stage_key))
+    work, manifest = parallel.from_main(
+        world,
+        lambda: store.resume_shards(out, identity, force, "cache", "cache", _recorded, _intact, stage_key=stage_key),
+    )
     work = Path(work)
-    check_logits(teacher.model, blocks[torch.arange(1)][0], identity["vocab_size"])
+    probe = blocks[torch.arange(1)][0][:64].view(1, -1).to(_device(teacher.model))
+    check_logits(teacher.model, probe, "teacher", "cached", identity["vocab_size"])
     done = {s["file"] for s in manifest["shards"]}
     todo = [r for r in shard_ranges(len(blocks), per_shard) if shard_name(*r) not in done]
     dp_rank, dp_size, writer = world.rank // spec.tp_size, world.size // spec.tp_size, world.rank % spec.tp_size == 0

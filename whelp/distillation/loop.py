@@ -10,6 +10,9 @@ students exactly so.
 ``distill(student, teachers, data, spec)`` runs it in memory and returns the student; ``whelp.distillation.api`` wraps
 the same loop with checkpoints, resume, signals and logs for ``whelp distill``, on one process or FSDP2 under
 torchrun. Everything a step reads is a function of ``(seed, step)``, so resuming needs only the step.
+
+One module though near 400 lines: setup, loss_step and train share the Training state and one invariant (a step's
+loss is divided by the tokens of the whole step), which a split would scatter.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from transformers import get_cosine_schedule_with_warmup
 from whelp.data import TensorBlocks
 from whelp.distillation import metrics as metrics_log
 from whelp.distillation import onpolicy, parallel, schedule
-from whelp.distillation.losses import LiveTarget, backbone, head_logits, model_transform
+from whelp.distillation.head import check_logits
+from whelp.distillation.losses import LiveTarget, backbone, model_transform
 from whelp.errors import WhelpError
 from whelp.evals.perplexity import perplexity
 from whelp.output import Progress
-from whelp.specs import DistillSpec, LossSpec, Mixture, OptimSpec, check_on_policy, check_weights
+from whelp.specs import DistillSpec, LossSpec, Mixture, OptimSpec, check_on_policy, check_teacher_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -55,40 +59,16 @@ def live_target(teacher, ids: torch.Tensor):
 
 @torch.no_grad()
 def check_head(lm, ids: torch.Tensor, what: str) -> None:
-    """The fused loss's view of ``lm`` (backbone hidden states, lm_head weight, the family's logit transform) against
-    its own ``forward(...).logits`` on ``ids`` [1, L]: a family whose logits are made otherwise (a head bias, a
-    backbone that is not its base model, a transform whelp does not know) is refused in one line before training."""
-    family, head = f"{type(lm).__name__} ({lm.config.model_type})", lm.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise WhelpError(
-            f"the {what} {family} has no output embeddings (lm_head) whelp can read; whelp distils "
-            "causal LMs whose logits are lm_head(hidden states)"
-        )
+    """``head.check_logits`` for the fused loss on ``ids`` [1, L], which also refuses an lm_head bias (the loss
+    multiplies by the head's weight alone): a family whose logits are made otherwise is refused in one line before
+    training."""
+    head = lm.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise WhelpError(
-            f"the {what} {family} has an lm_head bias, which whelp's fused loss does not apply; whelp "
-            "distils causal LMs whose logits are lm_head(hidden states) without a bias"
+            f"the {what} {type(lm).__name__} ({lm.config.model_type}) has an lm_head bias, which whelp's fused "
+            "loss does not apply; whelp distils causal LMs whose logits are lm_head(hidden states) without a bias"
         )
-    was = lm.training
-    lm.eval()
-    try:
-        ref = lm(input_ids=ids).logits[0].float()
-        body = backbone(lm)
-        hidden = getattr(body(input_ids=ids) if body is not lm else None, "last_hidden_state", None)
-        mine = None if hidden is None else head_logits(hidden[0], head.weight, model_transform(lm))
-    finally:
-        lm.train(was)
-    exact = ref.dtype == torch.float32 and head.weight.dtype == torch.float32
-    if (
-        mine is None
-        or mine.shape != ref.shape
-        or (mine - ref).abs().max() > (1e-4 if exact else 3e-2) * max(1.0, float(ref.abs().max()))
-    ):
-        raise WhelpError(
-            f"the {what} {family} computes its logits in a way whelp does not know (lm_head of its "
-            "base model's hidden states, with the family's logit scaling or soft-capping, differs from "
-            "its forward's logits); it cannot be distilled"
-        )
+    check_logits(lm, ids, what, "distilled")
 
 
 @dataclass
@@ -166,7 +146,7 @@ def setup(
         + [c.manifest["vocab_size"] for c in caches]
     )
     loss = vocab_spec(spec.kd, widths, tokenizer_size)
-    check_weights(list(weights), spec)
+    check_teacher_weights(list(weights), spec)
     check_on_policy(list(weights)[: len(teachers)], spec)
     probe = blocks[torch.arange(1)][:, :16].to(world.device)
     for model, what in [(lm, "student")] + [(m, "teacher") for m in teachers]:

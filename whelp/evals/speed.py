@@ -31,7 +31,7 @@ import whelp.models
 from whelp import store
 from whelp.errors import WhelpError
 from whelp.models import config_hash, kv_cache_name, load_config
-from whelp.schema import build, to_dict
+from whelp.schema import from_dict, to_dict
 from whelp.specs import EvalSpec, LoadPolicy, SpeedSpec
 
 
@@ -189,7 +189,7 @@ def _serve(policy: LoadPolicy) -> None:
         if pid == 0:  # the child: measure, reply through the pipe, exit without running the parent's cleanup
             os.close(read_end)
             try:
-                reply = {"speed": _measure(request["model"], build(EvalSpec, request["eval"], "eval"), policy)}
+                reply = {"speed": _measure(request["model"], from_dict(EvalSpec, request["eval"], "eval"), policy)}
             except BaseException as exc:  # noqa: BLE001  (every failure becomes the reply's one line)
                 reply = {"error": str(exc) or type(exc).__name__}
             with os.fdopen(write_end, "w") as out:

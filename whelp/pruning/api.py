@@ -25,6 +25,7 @@ from whelp.pruning import scores as saved
 from whelp.pruning.keep import Keep, text_config
 from whelp.pruning.targets import Target, parse_target, target_rope
 from whelp.specs import TIE, LoadPolicy, Mixture, PruneSpec, record
+from whelp.weights import check_safe_weights, save_dtype
 
 REPORT_FILE = "prune_report.json"
 
@@ -179,7 +180,7 @@ def prune_checkpoint(
             f"prune reads a local checkpoint and '{source}' is not one; download it first "
             f"(huggingface-cli download {source} --local-dir DIR) and pass DIR"
         )
-    models.check_weights(str(source_dir), policy)
+    check_safe_weights(str(source_dir), policy)
     source_cfg = models.load_config(str(source_dir), policy)
     parsed = parse_target(source_cfg, target)
     target_rope(parsed, spec.rope)
@@ -253,7 +254,7 @@ def _prune_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timin
     timings["load_s"] = time.perf_counter() - t
     pruned, scores, kept, details = _prune(model, parsed, tokens, spec, scores)
     t = time.perf_counter()
-    dtype = models.save_dtype(spec.save_dtype, source_dir, model.config)
+    dtype = save_dtype(spec.save_dtype, source_dir, model.config)
     models.write_model(pruned.to(getattr(torch, dtype)), tokenizer, out)
     timings["save_s"] = time.perf_counter() - t
     return scores, kept, details
@@ -264,18 +265,7 @@ def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timi
     config = models.load_config(str(source_dir), policy)
     with Progress(f"streaming calibration ({spec.importance})", text_config(config).num_hidden_layers) as bar:
         keep, _, scores = streaming.prune_streaming(
-            source_dir,
-            out,
-            parsed,
-            tokens,
-            method=spec.importance,
-            layer_method=spec.layer_importance,
-            tie=spec.tie,
-            rope=spec.rope,
-            scores=scores,
-            batch_size=spec.batch_size,
-            progress=bar.advance,
-            save_dtype=models.save_dtype(spec.save_dtype, source_dir, config),
+            source_dir, out, parsed, spec, tokens, scores=scores, progress=bar.advance
         )
     timings["stream_s"] = time.perf_counter() - t
     tie = {"init": keep.tie, "kl": None} if keep.tie else None  # KL needs the whole teacher in memory

@@ -11,6 +11,9 @@ Workarounds for torch-pruning 1.6.1 (docs/design.md section 3):
     transposed; the KV cache's concatenations have none either: tracing runs without a cache.
 Importance: ``activation`` (Minitron, arXiv:2407.14679, as in importance.py), ``magnitude`` and ``taylor``
 (torch-pruning's group L2 and |w * dL/dw|, Molchanov et al. 2019) and ``random``.
+
+One module: the torch-pruning graph, its groups and the surgery after it are one optional path (``whelp[generic]``),
+imported only by ``pruning.api``.
 """
 
 from __future__ import annotations

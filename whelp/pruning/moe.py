@@ -22,6 +22,8 @@ Exactness: Mixtral renormalizes the top-k routing weights, so dropping experts t
 function unchanged; Qwen's routing weights (``norm_topk_prob`` false) are softmax probabilities over all experts, so
 the kept experts' weights grow by the dropped experts' share of the softmax (nil for never-selected experts with
 negligible router mass). ``num_experts_per_tok`` may be lowered, never raised.
+
+One module: expert scoring (REAP, magnitude) and expert selection read the same fused-expert layout.
 """
 
 from __future__ import annotations

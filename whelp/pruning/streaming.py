@@ -15,6 +15,9 @@ When to stream (``should_stream``): the checkpoint's bytes at the compute dtype 
 MEMORY_FACTOR = 2.5 (teacher + pruned copy + calibration activations) exceed ``MemAvailable``.
 
 Tensors are read and shards written one tensor at a time by shards.py.
+
+One module: calibration and writing both walk the same shard map one layer at a time; their pairing is the streaming
+path.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
-from whelp.models import kv_cache_name, load_config, stored_dtype
+from whelp.models import kv_cache_name, load_config
 from whelp.pruning import moe_layout
 from whelp.pruning.arch import SQRT_HIDDEN, family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
@@ -40,7 +43,9 @@ from whelp.pruning.moe import expert_magnitudes, expert_scores
 from whelp.pruning.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
 from whelp.pruning.surgery import slice_tensor, target_config, tie_embeddings
 from whelp.pruning.targets import target_rope
+from whelp.specs import PruneSpec
 from whelp.store import atomic_dir
+from whelp.weights import save_dtype, stored_dtype
 
 MEMORY_FACTOR = 2.5  # in-memory prune holds the model at load dtype + pruned copy + calibration activations
 
@@ -308,30 +313,25 @@ def prune_streaming(
     source_dir: str | Path,
     out_dir: str | Path,
     target,
+    spec: PruneSpec = PruneSpec(),
     tokens: Tensor | None = None,
     *,
-    method: str = "activation",
-    layer_method: str = "block",
-    tie: str | None = None,
-    rope: str = "auto",
     scores: dict[str, Tensor] | None = None,
-    batch_size: int = 4,
-    dtype: torch.dtype = torch.float32,
-    force: bool = False,
-    shard_bytes: int = 1 << 30,
-    extra: dict[str, str] | None = None,
     progress=None,
-    save_dtype: str | None = None,
+    shard_bytes: int = 1 << 30,
 ):
-    """Prune the checkpoint in ``source_dir`` to ``target`` (a ``targets.Target``) without loading it.
+    """Prune the checkpoint in ``source_dir`` to ``target`` (a ``targets.Target``) without loading it, as ``spec``
+    says (``importance``, ``layer_importance``, ``tie``, ``rope``, ``batch_size``, ``save_dtype``; its calibration
+    data is ``tokens``).
 
-    ``scores`` (e.g. a saved importance.safetensors) skip calibration; otherwise ``tokens`` [N, T]
-    are the calibration blocks. Returns ``(keep, target_config, scores)``; the checkpoint (weights in
-    ``save_dtype``, default the source's stored dtype) lands in ``out_dir`` atomically with ``extra`` text files.
+    ``scores`` (e.g. a saved importance.safetensors) skip calibration; otherwise ``tokens`` [N, T] are the
+    calibration blocks, run in fp32. Returns ``(keep, target_config, scores)``; the checkpoint (weights in the
+    spec's ``save_dtype``, ``auto``: the source's stored dtype) lands in ``out_dir`` atomically, in shards of
+    about ``shard_bytes``. ``progress()`` is called once per calibrated layer.
     """
-    if layer_method != "block" and f"layers.{layer_method}" not in (scores or {}):
+    if spec.layer_importance != "block" and f"layers.{spec.layer_importance}" not in (scores or {}):
         raise WhelpError(
-            f"layer importance '{layer_method}' runs the whole model once per layer and cannot stream; "
+            f"layer importance '{spec.layer_importance}' runs the whole model once per layer and cannot stream; "
             "use --layer-importance block, or drop --stream"
         )
     config = load_config(str(source_dir))
@@ -339,11 +339,13 @@ def prune_streaming(
     if scores is None:
         if tokens is None:
             raise WhelpError("streaming prune needs calibration tokens or saved importance scores")
-        scores = streaming_scores(Path(source_dir), config, tokens, method, batch_size, dtype, progress)
-    keep = select(scores, config, target.shape, layer_method, tie)
-    target_cfg = target_config(config, keep, target_rope(target, rope))
-    if save_dtype is not None:
-        target_cfg.dtype = save_dtype
+        scores = streaming_scores(
+            Path(source_dir), config, tokens, spec.importance, spec.batch_size, torch.float32, progress
+        )
+    keep = select(scores, config, target.shape, spec.layer_importance, spec.tie)
+    target_cfg = target_config(config, keep, target_rope(target, spec.rope))
+    dtype = save_dtype(spec.save_dtype, source_dir, config)
+    target_cfg.dtype = dtype
     write_pruned(
         Path(source_dir),
         Path(out_dir),
@@ -351,9 +353,9 @@ def prune_streaming(
         family,
         config,
         target_cfg,
-        force,
+        False,
         shard_bytes,
-        extra,
-        getattr(torch, save_dtype) if save_dtype is not None else None,
+        None,
+        getattr(torch, dtype),
     )
     return keep, target_cfg, scores

@@ -3,6 +3,9 @@
 A target is the teacher's shape (``models.SHAPE_KEYS``) with some axes reduced. Presets hold the
 exact Llama 3.2 shapes of docs/design.md section 2 (pruned from Llama 3.1 8B) and two shapes of the demo
 teacher SmolLM2-135M with half and a quarter of its 106.2M non-embedding parameters.
+
+One module: presets, config.json targets and key=value overrides all resolve to the one ``Target`` and its checks,
+the unit its callers take.
 """
 
 from __future__ import annotations
@@ -85,14 +88,7 @@ PRESETS = {
         None,
     ),
 }
-_AXES = (
-    "hidden_size",
-    "num_hidden_layers",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-)
+_AXES = models.SHAPE_KEYS[:6]  # the widths and counts a target shrinks (not vocab_size or tie_word_embeddings)
 
 
 @dataclass(frozen=True)

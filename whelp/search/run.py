@@ -68,12 +68,12 @@ def cost(config, spec: SearchSpec, pool: list[dict], counter: space.Counter) -> 
     student forward + backward); K is charged at the pool's largest candidates, an upper bound. N is the parameters
     a token runs through: all of them, or an MoE's active ones."""
     teacher = counter.active(counter.teacher)
-    held_out = spec.eval_blocks * spec.seq_len
+    held_out_tokens = spec.eval_blocks * spec.seq_len
     sizes = sorted((counter.active(s) for s in pool), reverse=True)
     trained = spec.score_steps * spec.batch_size * spec.seq_len
     parts = {
         "calibration": 2 * teacher * spec.calib_samples * spec.seq_len,
-        "one_shot": 2 * held_out * (teacher + sum(sizes)),
+        "one_shot": 2 * held_out_tokens * (teacher + sum(sizes)),
         "distillation": sum((6 * n + 2 * teacher) * trained for n in sizes[: spec.candidates]),
     }
     return {**parts, "total": sum(parts.values()), "distillation_tokens_per_candidate": trained}
@@ -168,20 +168,18 @@ def _one_shot(t: Trial, pool: list[dict], budget: Budget) -> list[dict]:
     return done
 
 
+def _carried(cls, spec: SearchSpec, names: tuple[str, ...], **more):
+    """The ``cls`` spec (DistillSpec, PruneSpec) a search stage runs: the search spec's fields ``names``, and ``more``."""
+    return cls(**{name: getattr(spec, name) for name in names}, **more)
+
+
 def _train(t: Trial, index: int, row: dict) -> dict:
     """Candidate ``index``: its S-step distillation from the teacher (a stage of its own), scored on held-out."""
     stage = t.work / "candidates" / f"{index:02d}"
     if (stage / "result.json").is_file():
         return json.loads((stage / "result.json").read_text())
     spec = t.spec
-    dspec = DistillSpec(
-        steps=spec.score_steps,
-        batch_size=spec.batch_size,
-        seq_len=spec.seq_len,
-        lr=spec.lr,
-        data=spec.data,
-        seed=spec.seed,
-    )
+    dspec = _carried(DistillSpec, spec, ("batch_size", "seq_len", "lr", "data", "seed"), steps=spec.score_steps)
     torch.manual_seed(spec.seed)
     start = time.perf_counter()
     student = loop.distill(
@@ -201,15 +199,8 @@ def _scores(teacher, teacher_dir: Path, tokenizer, spec: SearchSpec):
     meta = saved.scores_meta(teacher_dir, store.content_id([rows.fingerprint, len(tokens)]), spec.importance)
     cached = saved.cache_path(meta)
     found = saved.load_scores(cached, meta) if cached.is_file() else None
-    prune = PruneSpec(
-        importance=spec.importance,
-        layer_importance=spec.layer_importance,
-        calib=spec.calib,
-        calib_samples=spec.calib_samples,
-        seq_len=spec.seq_len,
-        batch_size=spec.batch_size,
-        seed=spec.seed,
-    )
+    carried = ("importance", "layer_importance", "calib", "calib_samples", "seq_len", "batch_size", "seed")
+    prune = _carried(PruneSpec, spec, carried)
     scores = calibrate_scores(teacher, arch.family_of(teacher.config), tokens, prune, found)
     if found is None:
         saved.save_scores(cached, scores, meta)

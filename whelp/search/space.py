@@ -5,6 +5,8 @@ search lists every student shape on a hardware-friendly grid that fits a size bu
 them one-shot, and ranks those by their distance to the teacher. Everything here is pure: no weights are read;
 the teacher is built once on the meta device to learn its tensor list, after which a shape's size is a sum of
 products of axis sizes (arch.FAMILIES), cheap enough to evaluate on millions of shapes with numpy.
+
+One module: the candidate grid and its exact closed-form sizes are the one shape space that run and report share.
 """
 
 from __future__ import annotations
