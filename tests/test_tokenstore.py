@@ -173,6 +173,7 @@ def test_cli_tokenize_then_plan_counts_the_store(tok, corpus, tmp_path):
     from conftest import run_cli, save_tiny
 
     from whelp.plan import data_plan
+    from whelp.specs import Mixture
 
     model_dir = tmp_path / "m"
     save_tiny(model_dir, tok)
@@ -187,9 +188,9 @@ def test_cli_tokenize_then_plan_counts_the_store(tok, corpus, tmp_path):
         "tokenize", f"{corpus}:0.5,pydoc:eval:0.5", "--tokenizer", str(model_dir), "--out", str(tmp_path / "x")
     )
     assert mixed.exit_code == 2 and "one source into one store" in mixed.stderr
-    planned = data_plan(str(tmp_path / "s"), 3 * total, 512, None)
+    planned = data_plan(Mixture.parse(str(tmp_path / "s")), 3 * total, 512, None)
     assert planned["tokens_available"] == total and planned["epochs"] == 3 and planned["store_bytes"] == 2 * total
-    assert data_plan("pydoc:train", 10, 128_256, None) == {
+    assert data_plan(Mixture.parse("pydoc:train"), 10, 128_256, None) == {
         "source": "pydoc:train",
         "tokens_needed": 10,
         "tokens_available": None,

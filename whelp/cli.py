@@ -345,7 +345,7 @@ def search(
     spec: SearchSpec | None = None,
 ):  # built from the options by @with_spec
     """Find the best student shape for a budget: enumerate, prune a pool one-shot, distil the best K, rank."""
-    from whelp.pruning.search import search_run  # noqa: PLC0415 - start-up: --help and show load no verb module
+    from whelp.search.run import search_run  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     result = search_run(teacher, spec, Path(out), force=force, dry_run=dry_run, policy=_policy())
     if as_json:
