@@ -1,122 +1,37 @@
-"""``whelp plan RECIPE``: what a build will make and cost, before anything runs.
-
-Per stage (generate, search, prune, one capture per cached teacher, distill): shapes and parameters (from configs on the
-meta device; no weights), FLOPs per token and in total, tokens, the parts of its memory and its bytes on disk; the
-formulas (Kaplan et al. 2020's 2 N per token forward and 6 N training, N the total parameters including embeddings,
-as docs/design.md section 8 counts the 70B's 141 GFLOP/token; memory and disk) are in ``whelp.pricing``, which turns
-a plan into GPU-hours, wall-clock hours and bytes per GPU on a chosen kind and number of GPUs.
-And per stage the data: tokens it needs, tokens its sources hold (when their token stores exist: a store
-directory, or the store a raw source was tokenized into) and the resulting epochs, and the store's bytes on disk
-(2 bytes per token at vocab <= 65,536, else 4).
-A prune target that is a shape search (``target: {search: ...}``) plans a search stage (the shapes it enumerates,
-its one-shot pool and its cost, ``whelp.search.run.plan_search``); the winner is known only once it ran, so
-the stages after it are planned at the largest shape the search may pick, an upper bound marked ``estimate``.
-"""
+"""The stages of a recipe, planned: generate, search, prune, one capture per cached teacher and distill, each with
+its shapes, params, FLOPs (per token and in total), tokens, data, memory parts and disk bytes (``plan_recipe``)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from whelp import models, output, pricing
-from whelp.data import available_tokens, check_data, check_source
-from whelp.data.tokenstore import token_dtype, tokenizer_hash
-from whelp.distillation.cache import MAG_BITS, id_bits
-from whelp.errors import WhelpError
-from whelp.evals.harness import check_include_paths, check_task_names
-from whelp.pruning import moe
+from whelp import models, pricing
+from whelp.data import check_data, check_source
+from whelp.data.tokenstore import token_dtype
+from whelp.plan.inputs import (
+    _at,
+    _calib_plan,
+    _capture_tokens,
+    _check_eval,
+    _local_tokenizer,
+    _model,
+    _params,
+    _same_tokenizer,
+    _sized,
+    cache_bytes_per_token,
+    data_plan,
+    teacher_config,
+)
 from whelp.pruning.moe import shape_of
 from whelp.pruning.scores import check_scores_file
 from whelp.pruning.surgery import target_config
 from whelp.pruning.targets import first_keep, parse_target, rope_summary, target_rope
 from whelp.recipe import GENERATED, Recipe, SearchTarget
-from whelp.registry import REGISTRY
 from whelp.search.run import plan_search
-from whelp.specs import TEACHER, DistillSpec, Mixture
-from whelp.store import whelp_home
+from whelp.specs import TEACHER, DistillSpec
 
 ESTIMATE = "planned at the largest shape the search may pick; the build uses its winner"
-
-
-def teacher_config(recipe: Recipe):
-    """The teacher's config (``teacher.config`` when given, else from the model) - a missing teacher fails here,
-    and so does a ``teacher.config`` of another shape than the teacher on this machine."""
-    source = recipe.teacher.config or recipe.teacher.model
-    config = _at(f"recipe.teacher.{'config' if recipe.teacher.config else 'model'}", lambda: models.load_config(source))
-    local = _local_teacher(recipe)
-    if recipe.teacher.config and local is not None:
-        planned, actual = models.shape(config), models.shape(models.load_config(str(local)))
-        if planned != actual:
-            diff = ", ".join(f"{k}={planned[k]} vs {actual[k]}" for k in planned if planned[k] != actual.get(k))
-            raise WhelpError(
-                f"recipe.teacher.config ({recipe.teacher.config}) is not the shape of the teacher "
-                f"{recipe.teacher.model} on this machine ({diff}); fix it or drop it"
-            )
-    return config
-
-
-def _local_teacher(recipe: Recipe) -> Path | None:
-    """The teacher's directory when it is on this machine (never downloads or converts anything), else None."""
-    model = recipe.teacher.model
-    path = whelp_home() / "models" / model if model in REGISTRY else Path(model).expanduser()
-    return path if (path / "config.json").is_file() else None
-
-
-def cache_bytes_per_token(mode: str, k: int, vocab: int) -> int:
-    """Bytes one cached token takes (whelp.distillation.cache layout: int32 token, packed entries, fp16 tail/entropy)."""
-    bits = id_bits(vocab) + (MAG_BITS if mode == "topk" else 0)
-    return 4 + -(-k * bits // 8) + 2
-
-
-def _sized(config, name: str) -> dict:
-    """Model ``name``'s config with its total and non-embedding parameter counts (counted once: a 70B takes
-    seconds) and the parameters one token runs through (``active``: an MoE's top-k experts, else the total), which
-    FLOPs are priced at (2 N per forward token, 6 N per trained one)."""
-    if moe.moe_family_of(config) is not None:  # one meta build counts all three
-        total, non_embedding, active = models.count_params(config, active=True)
-    else:
-        (total, non_embedding), active = models.count_params(config), None
-    return {
-        "name": name,
-        "config": config,
-        "params": total,
-        "non_embedding": non_embedding,
-        "active": total if active is None else active,
-    }
-
-
-def _params(model: dict) -> dict:
-    active = {"active_params": model["active"]} if model["active"] != model["params"] else {}
-    return {
-        **shape_of(model["config"]),
-        "params": model["params"],
-        "non_embedding_params": model["non_embedding"],
-        **active,
-    }
-
-
-def _local_tokenizer(recipe: Recipe):
-    """The teacher's tokenizer when it is on this machine, else None."""
-    local = _local_teacher(recipe)
-    return models.load_tokenizer(str(local)) if local is not None else None
-
-
-def data_plan(mixture: Mixture, needed: int, vocab: int, tokenizer, where: str = "data") -> dict:
-    """Tokens a stage needs from ``mixture``, tokens available in its stores (None when not tokenized yet), epochs,
-    and the store's bytes on disk. An unreadable source fails here, naming the recipe key ``where``."""
-    sources = mixture.names
-    for source in sources:
-        if source != GENERATED:  # the build's generate stage makes that one
-            _at(where, check_source, source)
-    available = None if GENERATED in sources else available_tokens(mixture, tokenizer)
-    per_token = token_dtype(vocab).itemsize
-    return {
-        "source": str(mixture),
-        "tokens_needed": needed,
-        "tokens_available": available,
-        "epochs": None if not available else needed / available,
-        "store_bytes": per_token * (available if available is not None else needed),
-    }
 
 
 def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> tuple[dict, dict]:
@@ -145,52 +60,6 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         "memory": pricing.prune_memory(source["params"]),
         "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]},
     }, target
-
-
-def _at(where: str, check, *args):
-    """``check(*args)``, whose WhelpError names the recipe key ``where``."""
-    try:
-        return check(*args)
-    except WhelpError as exc:
-        raise WhelpError(f"{where}: {exc}") from None
-
-
-def _same_tokenizer(model: str, tokenizer, where: str) -> None:
-    """A local distill teacher must share the recipe teacher's tokenizer (checked from its files; no weights)."""
-    if tokenizer is None or not (Path(model).expanduser() / "config.json").is_file():
-        return
-    theirs = models.load_tokenizer(model)
-    if tokenizer_hash(theirs) != tokenizer_hash(tokenizer):
-        raise WhelpError(
-            f"{where}: {model} has another tokenizer than the recipe's teacher ({len(theirs):,} vs "
-            f"{len(tokenizer):,} tokens): token-level distillation needs the same token ids"
-        )
-
-
-def _calib_plan(step, vocab: int, tokenizer, index: int) -> dict:
-    return data_plan(
-        step.options.calib,
-        step.options.calib_samples * step.options.seq_len,
-        vocab,
-        tokenizer,
-        f"recipe.prune[{index}].calib",
-    )
-
-
-def _model(ref, teacher: dict, path: str) -> dict:
-    """The sized config of a stage's ``model`` (``teacher``: the recipe's; else its ``config`` or its files)."""
-    if ref.model == TEACHER:
-        return teacher
-    return _sized(_at(path, lambda: models.load_config(getattr(ref, "config", None) or ref.model)), ref.model)
-
-
-def _capture_tokens(spec, data: dict) -> int:
-    """Tokens ``whelp cache-logits`` reads for a step: its max_tokens (all the data for a steps budget), no more than
-    the stores hold when that is known; the step's tokens when it is not."""
-    available = data["tokens_available"]
-    if available is None:
-        return data["tokens_needed"]
-    return available if spec.max_tokens is None else min(spec.max_tokens, available)
 
 
 def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, where: str, number: int) -> dict:
@@ -392,103 +261,3 @@ def plan_recipe(recipe: Recipe) -> dict:
         "student": _params(current),
         **({"estimate": ESTIMATE} if searched else {}),
     }
-
-
-def _check_eval(recipe: Recipe) -> None:
-    """The eval section's sources and lm-eval task names, so a build never fails on them after pruning."""
-    for i, source in enumerate(recipe.eval.ppl):
-        _at(f"recipe.eval.ppl[{i}]", check_data, source)
-    _at("recipe.eval.include_paths", lambda: check_include_paths(recipe.eval.include_paths))
-    if recipe.eval.tasks:
-        _at("recipe.eval.tasks", lambda: check_task_names(recipe.eval.tasks, recipe.eval.include_paths))
-
-
-def describe_data(d: dict) -> str:
-    """``SOURCE: needs N tokens, M available (E epochs)`` (its store's bytes are the stage's disk)."""
-    have = (
-        "not tokenized yet"
-        if d["tokens_available"] is None
-        else (f"{d['tokens_available']:,} available ({d['epochs']:.2f} epochs)")
-    )
-    return f"{d['source']}: needs {d['tokens_needed']:,} tokens, {have}"
-
-
-def describe(stage: dict) -> list[tuple[str, str]]:
-    """A planned stage as ``(key, value)`` lines: what it makes, its params or FLOPs per token, its data and
-    memory; a stage planned at the search's largest shape says it is an estimate."""
-    lines = _describe(stage)
-    return [("estimate", "planned at the largest searched shape")] + lines if stage.get("estimate") else lines
-
-
-def _dims(shape: dict) -> str:
-    return (
-        f"L{shape['num_hidden_layers']} H{shape['hidden_size']} I{shape['intermediate_size']} "
-        f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']}x{shape['head_dim']}"
-    )
-
-
-def _giga(flops: float) -> str:
-    return f"{flops / 1e9:,.3g} G"
-
-
-def _describe(stage: dict) -> list[tuple[str, str]]:
-    if stage["kind"] == "search":
-        parts = stage["flops_parts"]
-        return [
-            ("shapes", f"{stage['candidates']:,} within {stage['budget']}"),
-            (
-                "work",
-                f"a pool of {len(stage['pool'])} one-shot, the best {stage['scored']} distilled "
-                f"{stage['score_steps']} steps each",
-            ),
-            ("largest", _dims(stage["largest"])),
-            (
-                "FLOPs parts",
-                f"calibration {parts['calibration']:.3g}, one-shot {parts['one_shot']:.3g}, distillation "
-                f"{parts['distillation']:.3g} at most",
-            ),
-            ("data", describe_data(stage["data"])),
-        ]
-    if stage["kind"] == "generate":
-        return [
-            ("work", f"{stage['tokens']:,} tokens of teacher text (the data source 'generated')"),
-            ("FLOPs/token", f"teacher sampling {_giga(stage['flops_per_token']['teacher_sampling'])}"),
-        ]
-    if stage["kind"] == "prune":
-        shape = stage["shape"]
-        rope = stage["rope"]["target"] + (
-            "" if stage["rope"]["target"] == stage["rope"]["source"] else f" (teacher: {stage['rope']['source']})"
-        )
-        return [
-            ("target", f"{stage['target']}: {_dims(shape)}"),
-            ("RoPE", rope),
-            ("params", f"{shape['params']:,}"),
-            ("data", describe_data(stage["data"])),
-        ]
-    if stage["kind"] == "capture":
-        return [
-            (
-                "work",
-                f"{stage['tokens']:,} tokens of {stage['teacher']} logits ({stage['mode']} {stage['k']}) "
-                f"for {stage['for']}",
-            ),
-            ("FLOPs/token", f"teacher {_giga(2 * stage['params'])}"),
-            ("cache", f"{stage['bytes_per_token']} B/token"),
-        ]
-    flops = stage["flops_per_token"]
-    memory = stage["memory_bytes"]
-    return [
-        ("work", f"{stage['tokens']:,} tokens"),
-        (
-            "FLOPs/token",
-            f"student {_giga(flops['student_train'])}"
-            + (f" + on-policy sampling {_giga(flops['student_sampling'])}" if flops["student_sampling"] else "")
-            + f", live teachers {_giga(flops['live_teachers'])}",
-        ),
-        ("data", describe_data(stage["data"])),
-        (
-            "memory parts",
-            f"training {output.size(memory['student_training'])} + live teachers "
-            f"{output.size(memory['live_teachers'])}",
-        ),
-    ]

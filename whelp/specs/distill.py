@@ -1,0 +1,149 @@
+"""``DistillSpec``, the hyper-parameters of a distillation run (its own fields and one sub-spec per concern, set
+by flat keys), and the checks of its teachers: ``check_on_policy`` and ``check_teacher_weights``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from whelp.errors import WhelpError
+from whelp.schema import check_types, flatten, unflatten
+from whelp.specs.base import _positive, _require, opt
+from whelp.specs.data import Mixture, _plain, as_mixtures
+from whelp.specs.training import ComputeSpec, LossSpec, MonitorSpec, OnPolicySpec, OptimSpec, SaveSpec, Schedule
+
+
+@dataclass(frozen=True, init=False)
+class DistillSpec:
+    """Hyper-parameters of a distillation run. Budget: exactly one of ``steps`` / ``max_tokens``.
+
+    The run's own fields (budget, batch, data, schedule, seed) and one frozen sub-spec per concern, each handed to
+    the code that acts on it: ``optim`` (AdamW and warmup), ``kd`` (the ``LossSpec``), ``gkd`` (on-policy, GKD),
+    ``compute``, ``monitor`` and ``save``. Users write the flat keys of ``KEYS`` (``--lr``, recipe ``lr:``,
+    ``DistillSpec(steps=2, lr=1e-3)``); sub-specs may also be given whole (``DistillSpec(steps=2, optim=...)``).
+    """
+
+    # Every key a user writes (CLI flag, recipe key, keyword) -> the field it sets, in the order they are shown.
+    KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("data",),
+        "steps": ("steps",),
+        "max_tokens": ("max_tokens",),
+        "batch_size": ("batch_size",),
+        "grad_accum": ("grad_accum",),
+        "seq_len": ("seq_len",),
+        "lr": ("optim", "lr"),
+        "warmup": ("optim", "warmup"),
+        "weight_decay": ("optim", "weight_decay"),
+        "max_grad_norm": ("optim", "max_grad_norm"),
+        "loss": ("kd", "name"),
+        "temperature": ("kd", "temperature"),
+        "t2_scale": ("kd", "t2_scale"),
+        "beta": ("kd", "beta"),
+        "alpha": ("kd", "alpha"),
+        "ce_weight": ("kd", "ce_weight"),
+        "on_policy": ("gkd", "fraction"),
+        "gen_tokens": ("gkd", "gen_tokens"),
+        "prompt_tokens": ("gkd", "prompt_tokens"),
+        "on_policy_loss": ("gkd", "loss"),
+        "shard_teachers": ("compute", "shard_teachers"),
+        "chunk_size": ("kd", "chunk_size"),
+        "schedule": ("schedule",),
+        "eval_every": ("monitor", "eval_every"),
+        "eval_data": ("eval_data",),
+        "eval_tokens": ("monitor", "eval_tokens"),
+        "seed": ("seed",),
+        "dtype": ("compute", "dtype"),
+        "save_dtype": ("save", "save_dtype"),
+        "grad_checkpointing": ("compute", "grad_checkpointing"),
+        "save_every": ("save", "save_every"),
+        "keep_last": ("save", "keep_last"),
+        "tensorboard": ("monitor", "tensorboard"),
+    }
+
+    data: Mixture = opt(
+        Mixture.parse("pydoc:train"), "Training data (store, file, dir, pydoc:train, hf:..., a:0.7,b:0.3)"
+    )
+    steps: int | None = opt(None, "Optimizer steps (or --max-tokens)")
+    max_tokens: int | None = opt(None, "Training tokens (or --steps); also bounds how much of the data is read")
+    batch_size: int = opt(8, "Sequences per micro-batch per process")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step")
+    seq_len: int = opt(512, "Tokens per block")
+    schedule: Schedule = opt(
+        Schedule(), "Teacher weights: constant | linear:N | cosine:N (first teacher -> given weights)"
+    )
+    eval_data: Mixture = opt(Mixture.parse("pydoc:eval"), "Held-out data for the perplexity")
+    seed: int = opt(0, "Seed of the data order")
+    optim: OptimSpec = OptimSpec()
+    kd: LossSpec = LossSpec()
+    gkd: OnPolicySpec = OnPolicySpec()
+    compute: ComputeSpec = ComputeSpec()
+    monitor: MonitorSpec = MonitorSpec()
+    save: SaveSpec = SaveSpec()
+
+    def __init__(self, **given):
+        """From flat keys (``lr=1e-3``), whole sub-specs (``optim=OptimSpec(...)``) or both; an unknown key is one
+        line naming it and the valid keys."""
+        values = unflatten(DistillSpec, given, "DistillSpec")
+        for f in fields(self):
+            object.__setattr__(self, f.name, values.get(f.name, f.default))
+        self.__post_init__()
+
+    def __post_init__(self):
+        if isinstance(self.schedule, str):  # DistillSpec(schedule="linear:100") in Python, as in YAML and the CLI
+            object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
+        as_mixtures(self, ("data", "eval_data"))
+        check_types(self)
+        _require(
+            [
+                (
+                    (self.steps is None) != (self.max_tokens is None),
+                    "give exactly one training budget: --steps N or --max-tokens N (recipe: steps or max_tokens)",
+                ),
+                *_positive(self, ("steps", "max_tokens", "batch_size", "grad_accum")),
+                (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+            ]
+        )
+        self._check_on_policy()
+        if self.steps is not None:
+            self.optim.check_steps(self.steps)
+
+    def _check_on_policy(self) -> None:
+        on, prompt = self.gkd, self.gkd.prompt_len(self.seq_len)
+        _require(
+            [
+                (
+                    not on.fraction or (prompt >= 1 and prompt + on.gen_tokens <= self.seq_len),
+                    f"on-policy rows are prompt_tokens + gen_tokens = {prompt} + {on.gen_tokens} tokens, which must "
+                    f"fit in seq_len={self.seq_len} with a prompt of at least 1; lower --gen-tokens or --prompt-tokens",
+                )
+            ]
+        )
+
+    def flat(self) -> dict:
+        """``{key: value}`` by the flat keys of ``KEYS`` (a sub-spec-valued key as ``asdict``): what a run's
+        identity (``run.json``) and report record, as they did before the sub-specs."""
+        return {key: _plain(value) for key, value in flatten(self).items()}
+
+
+def check_on_policy(live_weights: list[float], spec: DistillSpec) -> None:
+    """On-policy micro-batches need a live teacher with a positive weight: a cache holds logits of the data's tokens
+    and cannot score the student's samples."""
+    if spec.gkd.fraction and not any(live_weights):
+        raise WhelpError(
+            f"on_policy={spec.gkd.fraction} needs a live teacher (--teacher MODEL) with a positive weight: "
+            "cached logits score only the data's tokens, not the student's samples; add a live teacher "
+            "(caches still serve the off-policy micro-batches) or set --on-policy 0"
+        )
+
+
+def check_teacher_weights(weights: list[float], spec: DistillSpec) -> None:
+    """Teacher weights: finite, >= 0, and not all zero unless the CE term carries the loss."""
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise WhelpError(f"teacher weights must be finite numbers >= 0, got {weights}")
+    if not any(weights) and spec.kd.ce_weight == 0:
+        what = "every teacher weight is 0" if weights else "no teacher or cache is given"
+        raise WhelpError(
+            f"nothing to distil from: {what}; pass --teacher MODEL[:WEIGHT] and/or --cache DIR[:WEIGHT] "
+            "with a positive weight (or --ce-weight 1 for a plain CE baseline)"
+        )

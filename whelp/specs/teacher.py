@@ -1,0 +1,81 @@
+"""What a teacher writes once, before any student trains on it: a logit cache (``CacheSpec``, ``whelp
+cache-logits``) and a token store of its own text (``GenerateSpec``, ``whelp generate``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from whelp.schema import check_types
+from whelp.specs.base import _choice, _device, _non_negative, _positive, _require, opt
+from whelp.specs.data import Mixture, as_mixtures
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What ``whelp cache-logits`` stores per position: the top-``k`` log-probs + tail mass, or ``k`` samples."""
+
+    mode: Literal["topk", "sample"] = "topk"
+    k: int = 64
+    temperature: float = opt(1.0, "Teacher softmax temperature")
+    seq_len: int = opt(512, "Tokens per packed block")
+    max_tokens: int | None = opt(None, "Read at most this many tokens")
+    batch_size: int = opt(4, "Blocks per teacher forward")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "Teacher dtype: float32 | bfloat16")
+    shard_tokens: int = opt(65536, "Tokens per cache shard file: the unit of work per process and of resume")
+    tp_size: int = opt(
+        1,
+        "Under torchrun: processes sharing one tensor-parallel teacher (a teacher larger than "
+        "one device); 1: a whole teacher per process",
+    )
+
+    def __post_init__(self):
+        check_types(self)
+        _require(
+            [
+                _choice("cache mode", self.mode, ("topk", "sample")),
+                (self.k >= 1, f"{'--topk' if self.mode == 'topk' else '--sample'} must be at least 1, got {self.k}"),
+                (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+                (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+                *_positive(self, ("max_tokens", "batch_size", "shard_tokens", "tp_size")),
+                _choice("dtype", self.dtype, ("float32", "bfloat16")),
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """What ``whelp generate`` samples: ``max_tokens`` tokens of the teacher's own text, as sequences of up to
+    ``prompt_tokens`` tokens cut from the start of a document of ``prompts`` (or a lone BOS) and up to
+    ``new_tokens`` sampled ones (Kim & Rush 2016's sequence-level KD data; Qwen3's strong-to-weak stage 1)."""
+
+    max_tokens: int | None = opt(None, "Tokens to write (prompts, samples and one EOS per sequence)")
+    prompts: Mixture | None = opt(None, "DATA whose documents' first tokens prompt the teacher (default: BOS alone)")
+    prompt_tokens: int = opt(32, "Prompt tokens cut from each document")
+    new_tokens: int = opt(256, "Sampled tokens per sequence at most (EOS ends one sooner)")
+    temperature: float = opt(1.0, "Sampling temperature; 0 is greedy decoding")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens of this probability (1: all)")
+    top_k: int = opt(0, "Keep the k most likely tokens (0: all)")
+    batch_size: int = opt(8, "Sequences sampled together")
+    seed: int = opt(0, "Sampling seed (each batch is seeded from it and its index)")
+    device: str = opt("cpu", "cpu, cuda or cuda:N")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "Teacher dtype: float32 | bfloat16")
+
+    def __post_init__(self):
+        as_mixtures(self, ("prompts",))
+        check_types(self)
+        _require(
+            [
+                (self.max_tokens is not None, "give --max-tokens N: how many tokens to generate"),
+                *_positive(self, ("max_tokens", "prompt_tokens", "new_tokens", "batch_size")),
+                (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+                (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+                *_non_negative(self, ("top_k",)),
+                _choice("dtype", self.dtype, ("float32", "bfloat16")),
+                _device(self.device),
+                (
+                    self.prompts is None or len(self.prompts.sources) == 1,
+                    "--prompts takes one text source (its documents' first tokens prompt the teacher)",
+                ),
+            ]
+        )
