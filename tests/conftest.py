@@ -345,9 +345,9 @@ ALL_AXES = (
 
 def with_keep(model, **axes):
     """The identity Keep of ``model`` with ``axes`` replaced."""
-    from whelp.pruning import surgery
+    from whelp.pruning import keep
 
-    return surgery.Keep(**{**surgery.identity_keep(model.config).__dict__, **axes})
+    return keep.Keep(**{**keep.identity_keep(model.config).__dict__, **axes})
 
 
 def complement(n, kept):
@@ -361,8 +361,9 @@ def zeroed_equivalents(model):
     """``{axis: (keep, zeroed teacher)}`` for every axis where removing units equals zeroing them in the teacher
     (of a 3-layer teacher; MLP neurons where it has dense MLPs: an MoE's sparse layers leave their entries unused)."""
     from whelp.pruning import arch, surgery
+    from whelp.pruning.keep import identity_keep, rope_exact_dims
 
-    ident = surgery.identity_keep(model.config)
+    ident = identity_keep(model.config)
     d, n_rep = 16, 2
     out = {}
     mlp = (torch.tensor([3, 7, 50, 90]), torch.arange(0, 128, 32), torch.tensor([1, 5, 9, 100]))
@@ -394,7 +395,7 @@ def zeroed_equivalents(model):
         with_keep(model, layers=(0, 2), mlp=ident.mlp[:2], kv_heads=ident.kv_heads[:2], q_heads=ident.q_heads[:2]),
         skipped,
     )
-    dims = surgery.rope_exact_dims(d, 4)
+    dims = rope_exact_dims(d, 4)
     restricted = copy.deepcopy(model)
     with torch.no_grad():
         for layer in restricted.model.layers:

@@ -226,7 +226,7 @@ def test_a_build_reads_calibration_training_and_eval_data_at_paths_with_commas(t
     done = run_build(
         out, "--set", f"data.calib='{corpus}'", "--set", f"data.train={train}", "--set", f"data.eval='{corpus}'"
     )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.exit_code == 0, done.stderr[-2000:]
     resolved = yaml.safe_load((out / "final" / "recipe.yaml").read_text())
     assert resolved["prune"][0]["calib"] == resolved["eval"]["ppl"][0] == [{"source": str(corpus), "weight": 1.0}]
     assert resolved["distill"][0]["data"] == [

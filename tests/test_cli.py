@@ -186,7 +186,7 @@ def test_data_options_take_a_path_with_a_comma_whole(tmp_path):
     speed = ("--speed-prompt-len", "4", "--speed-new-tokens", "1", "--speed-repeats", "1")
     args = ("eval", str(tmp_path / "tiny"), "--ppl", str(path), "--max-tokens", "256", "--seq-len", "32", *speed)
     done = run_whelp(*args, "--out", str(tmp_path / "report"))
-    assert done.returncode == 0, done.stderr
+    assert done.exit_code == 0, done.stderr
     assert str(path) in json.loads((tmp_path / "report" / "metrics.json").read_text())["models"][0]["perplexity"]
     bad = run_whelp("eval", str(tmp_path / "tiny"), "--ppl", "a:0.5,b:0.5", "--out", str(tmp_path / "r2"))
-    assert bad.returncode == 2 and bad.stderr.strip().endswith("give 'a:0.5,b:0.5' as separate sources")
+    assert bad.exit_code == 2 and bad.stderr.strip().endswith("give 'a:0.5,b:0.5' as separate sources")

@@ -4,7 +4,8 @@ Safe by default: only safetensors weights are read unless the caller allows pick
 ``trust_remote_code`` stays off unless the caller turns it on.
 
 A checkpoint's weight files (pickle refusal, stored dtype) are ``whelp.weights``; what stays is loading, saving,
-shapes and parameter counts, which share the locate and config path.
+shapes, parameter counts and each family's logit transform, which share the locate and config path (one module
+on purpose, though near 400 lines: every verb's one load policy lives here).
 """
 
 from __future__ import annotations

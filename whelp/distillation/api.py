@@ -7,7 +7,8 @@ student's, each cache's temperature and blocks), then loads the models, resumes 
 ``OUT.distill/checkpoints`` (run state: ``whelp.distillation.run``), trains, and writes the final student atomically to
 ``OUT`` as a vanilla HF checkpoint with ``distill_report.json``. SIGINT/SIGTERM checkpoint at the end of the current
 step; a NaN/inf loss stops before the update, keeping the last good checkpoint; re-running with a lower ``lr`` (or
-another ``run.ADJUSTABLE`` setting) resumes from it.
+another ``run.ADJUSTABLE`` setting) resumes from it. One module: both verbs share the input checks, the teacher
+loading and the atomic write of their output.
 """
 
 from __future__ import annotations
