@@ -76,13 +76,13 @@ def test_the_fraction_is_exact_and_evenly_spread():
 def test_the_sampler_equals_a_naive_loop_and_keeps_the_prompt():
     _, student = teacher_and_student()
     prompts = torch.randint(0, 512, (3, 5), generator=torch.Generator().manual_seed(0))
-    got = onpolicy.sample(student, prompts, 12, 512, torch.Generator().manual_seed(7))
+    got = onpolicy.sample(student, prompts, 12, 512, torch.Generator().manual_seed(7))[0]
     ref = naive_sample(student, prompts, 12, torch.Generator().manual_seed(7))
     assert got.shape == (3, 17) and torch.equal(got, ref) and torch.equal(got[:, :5], prompts)
     assert int(got.max()) < 512
-    other = onpolicy.sample(student, prompts, 12, 512, torch.Generator().manual_seed(8))
+    other = onpolicy.sample(student, prompts, 12, 512, torch.Generator().manual_seed(8))[0]
     assert not torch.equal(other, got)
-    assert onpolicy.sample(student, prompts, 12, 100, torch.Generator().manual_seed(7))[:, 5:].max() < 100
+    assert onpolicy.sample(student, prompts, 12, 100, torch.Generator().manual_seed(7))[0][:, 5:].max() < 100
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd", "forward_kl"])
@@ -101,7 +101,7 @@ def test_an_on_policy_step_equals_the_naive_reference_without_grad_through_sampl
     sums = loop.loss_step(t, micro, (1.0,), onpolicy.generator(3, 0, 0, spec, 1, world.device), tokens)
     assert grad_modes == [False] * spec.gkd.gen_tokens + [True]  # prefill + G-1 cached steps, then the trained forward
 
-    ids = onpolicy.sample(ref_student, rows[micro][:, :10], 8, 512, torch.Generator().manual_seed(3))  # seed 0, slot 3
+    ids = onpolicy.sample(ref_student, rows[micro][:, :10], 8, 512, torch.Generator().manual_seed(3))[0]  # seed 0, slot 3
     zs = ref_student(input_ids=ids).logits.float()[:, 9:-1].flatten(0, 1)
     with torch.no_grad():
         zt = teacher(input_ids=ids).logits.float()[:, 9:-1].flatten(0, 1)
@@ -129,7 +129,7 @@ def test_on_policy_distillation_lowers_reverse_kl_on_fresh_samples():
     prompts = torch.randint(0, 512, (16, 8), generator=torch.Generator().manual_seed(99))
 
     def fresh_reverse_kl(model) -> float:  # samples no training step drew (another seed, other prompts)
-        ids = onpolicy.sample(model.eval(), prompts, 16, 512, torch.Generator().manual_seed(12345))
+        ids = onpolicy.sample(model.eval(), prompts, 16, 512, torch.Generator().manual_seed(12345))[0]
         with torch.no_grad():
             return float(reverse_kl_sum(model, teacher, ids, 8)) / (16 * 16)
 

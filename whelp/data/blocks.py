@@ -118,13 +118,34 @@ class Blocks:
             out.append((i, int(self.perms[i][k % self.n_blocks[i]])))
         return out
 
-    def __getitem__(self, rows) -> torch.Tensor:
+    def _rows(self, rows) -> list[tuple[int, int]]:
         rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
         if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(self)):
             raise WhelpError(f"rows outside the data's {len(self)} blocks")
+        return self.locate(rows)
+
+    def __getitem__(self, rows) -> torch.Tensor:
         L = self.seq_len
-        out = [self.sources[i][0].read(b * L, (b + 1) * L) for i, b in self.locate(rows)]
+        out = [self.sources[i][0].read(b * L, (b + 1) * L) for i, b in self._rows(rows)]
         return torch.from_numpy(np.stack(out)) if out else torch.zeros(0, L, dtype=torch.long)
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether a source carries a loss mask (a chat store's assistant turns, ``whelp generate --chat``)."""
+        return any(st.has_mask for st, _ in self.sources)
+
+    def mask(self, rows) -> torch.Tensor | None:
+        """BoolTensor [len(rows), seq_len], True where the token is a training target (the loss at the position
+        before it counts): a masked store's own mask, every token of a source without one; None when no source has
+        a mask. 1 bit per token on disk, read like the tokens (a conversation cut at a block edge keeps its mask)."""
+        if not self.has_mask:
+            return None
+        L = self.seq_len
+        out = [
+            self.sources[i][0].read_mask(b * L, (b + 1) * L) if self.sources[i][0].has_mask else np.ones(L, bool)
+            for i, b in self._rows(rows)
+        ]
+        return torch.from_numpy(np.stack(out)) if out else torch.zeros(0, L, dtype=torch.bool)
 
     def head(self, n: int | None = None) -> torch.Tensor:
         """The first ``n`` rows (all when None) as one tensor: for small uses (calibration)."""
@@ -134,18 +155,34 @@ class Blocks:
 
 
 class TensorBlocks:
-    """Rows given as a tensor [n, seq_len] (a notebook's own tokens, random tokens in a benchmark) with the
-    interface of ``Blocks``; the fingerprint is the sha256 of the token ids."""
+    """Rows given as a tensor [n, seq_len] (a notebook's own tokens, random tokens in a benchmark) and optionally
+    their loss mask (bool, same shape) with the interface of ``Blocks``; the fingerprint is the sha256 of the token
+    ids (and mask)."""
 
-    def __init__(self, tokens: torch.Tensor, source: str = "tensor"):
+    def __init__(self, tokens: torch.Tensor, source: str = "tensor", mask: torch.Tensor | None = None):
         self.tokens, self.seq_len, self.source = tokens.long(), tokens.shape[1], source
-        self.fingerprint = hashlib.sha256(self.tokens.contiguous().numpy().tobytes()).hexdigest()
+        if mask is not None and mask.shape != tokens.shape:
+            raise WhelpError(
+                f"the mask has shape {list(mask.shape)}, the tokens {list(tokens.shape)}; give one per token"
+            )
+        self._mask = None if mask is None else mask.bool()
+        digest = hashlib.sha256(self.tokens.contiguous().numpy().tobytes())
+        if self._mask is not None:
+            digest.update(self._mask.contiguous().numpy().tobytes())
+        self.fingerprint = digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __getitem__(self, rows) -> torch.Tensor:
         return self.tokens[torch.as_tensor(rows, dtype=torch.long)]
+
+    @property
+    def has_mask(self) -> bool:
+        return self._mask is not None
+
+    def mask(self, rows) -> torch.Tensor | None:
+        return None if self._mask is None else self._mask[torch.as_tensor(rows, dtype=torch.long)]
 
     def head(self, n: int | None = None) -> torch.Tensor:
         return self.tokens[:n]
@@ -248,4 +285,6 @@ def blocks(
             f"{data} has {len(rows)} blocks of {seq_len} tokens, fewer than n={n}; ask for at most "
             f"{len(rows)} or give more data"
         )
-    return rows if n is None else TensorBlocks(rows.head(n), source=str(data))
+    if n is None:
+        return rows
+    return TensorBlocks(rows.head(n), source=str(data), mask=rows.mask(torch.arange(min(n, len(rows)))))

@@ -47,11 +47,12 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def live_target(teacher, ids: torch.Tensor):
-    """A live teacher's targets for ``ids`` [B, L]: its final hidden states [B * L, H] (final norm included, as its
-    backbone returns them), its lm_head weight and its family's logit transform."""
+def live_target(teacher, ids: torch.Tensor, attention: torch.Tensor | None = None):
+    """A live teacher's targets for ``ids`` [B, L] (left-padded where ``attention`` [B, L] is given): its final
+    hidden states [B * L, H] (final norm included, as its backbone returns them), its lm_head weight and its
+    family's logit transform."""
     return LiveTarget(
-        hidden=backbone(teacher)(input_ids=ids).last_hidden_state.flatten(0, 1),
+        hidden=backbone(teacher)(input_ids=ids, **onpolicy.positions(attention)).last_hidden_state.flatten(0, 1),
         weight=teacher.get_output_embeddings().weight,
         transform=model_transform(teacher),
     )
@@ -177,36 +178,63 @@ def setup(
     )
 
 
+def next_token_labels(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """LongTensor [B * L]: position t's label is token t + 1, -100 (no loss) at each row's last position and, with a
+    loss ``mask`` [B, L] (chat data), where token t + 1 is not a target (system, user and template tokens)."""
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    if mask is not None:
+        labels = labels.masked_fill(~torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1), -100)
+    return labels.flatten()
+
+
 def loss_step(
     t: Training, micro: torch.Tensor, weights: tuple[float, ...], rng: torch.Generator | None, tokens: int
 ) -> torch.Tensor:
     """Forward + backward of one micro-batch of rows ``micro`` [batch_size], on-policy when given its sampling
     ``rng``, in a step of ``tokens`` loss tokens over all ranks; returns the float64 SUMS [loss, per-teacher
-    divergence..., CE, per-live-teacher on-policy divergence...] (the gradient is already scaled by ``tokens``)."""
+    divergence..., CE, per-live-teacher on-policy divergence...] (the gradient is already scaled by ``tokens``).
+    On chat data (a loss mask) KD and CE run only where the next token is a target."""
     ids = t.blocks[micro].to(t.world.device)
-    on = rng is not None
+    data_mask = t.blocks.mask(micro)
+    data_mask = None if data_mask is None else data_mask.to(t.world.device)
+    on, attention = rng is not None, None
     if on:  # the student continues each block's prompt; the teachers score its samples
-        prompt = t.spec.gkd.prompt_len(t.spec.seq_len)
+        gen = t.spec.gkd.gen_tokens
+        prompts = onpolicy.chat_prompts(ids, data_mask, t.spec.gkd.prompt_len(t.spec.seq_len))
+        stop = onpolicy.stop_ids(t.model.lm) if data_mask is not None else ()
+        prompts, attention = onpolicy.left_pad(prompts, stop[0] if stop else 0)
         with t.autocast():
-            ids = t.model(ids[:, :prompt], rollout=(t.spec.gkd.gen_tokens, t.on_loss.vocab_size, rng))
+            ids, attention = t.model(prompts, rollout=(gen, t.on_loss.vocab_size, rng, stop), attention=attention)
         kd = dict(
             labels=None,
-            mask=onpolicy.generated_mask(len(ids), prompt, t.spec.gkd.gen_tokens, ids.device),
+            mask=onpolicy.sampled_mask(attention, len(ids), prompts.shape[1], gen).to(ids.device),
             spec=t.on_loss,
             weights=weights[: len(t.teachers)],
         )
     else:
-        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
+        labels = next_token_labels(ids, data_mask)
         kd = dict(labels=labels, mask=labels != -100, spec=t.loss, weights=weights)
     with torch.no_grad(), t.autocast():
-        live = [live_target(m, ids) for m in t.teachers]
+        live = [live_target(m, ids, attention) for m in t.teachers]
     kd["targets"] = live if on else live + [cache.targets(micro) for cache in t.caches]
     with t.autocast():
-        loss, per_teacher, ce = t.model(ids, kd=kd)
-    (loss * (t.world.size / tokens)).backward()  # FSDP2 averages gradients over ranks: undo it
+        loss, per_teacher, ce = t.model(ids, kd=kd, attention=attention)
+    (loss * (t.world.size / max(tokens, 1))).backward()  # FSDP2 averages gradients over ranks: undo it
     off, on_live = torch.zeros(len(t.weights), dtype=torch.float64), torch.zeros(len(t.teachers), dtype=torch.float64)
     (on_live if on else off)[: len(per_teacher)] = per_teacher
     return torch.cat([loss.detach().double().cpu().view(1), off, ce.view(1), on_live])
+
+
+def step_tokens(t: Training, step: int, idx: torch.Tensor) -> tuple[int, int]:
+    """(off-policy, on-policy) loss tokens of optimizer ``step`` over all ranks, ``idx`` [grad_accum, ranks,
+    batch_size] its rows (``onpolicy.step_tokens``); on chat data the off-policy count is the target tokens of the
+    off-policy micro-batches, read from the mask on every rank alike (1 bit a token, no communication)."""
+    off, on = onpolicy.step_tokens(step, t.spec, t.world.size)
+    if not t.blocks.has_mask:
+        return off, on
+    slots = [a for a in range(t.spec.grad_accum) if not onpolicy.on_policy(step, a, t.spec)]
+    counted = sum(int(t.blocks.mask(idx[a].flatten())[:, 1:].sum()) for a in slots)
+    return counted, on
 
 
 def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
@@ -215,8 +243,9 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     t_step = time.perf_counter()
     weights = schedule.teacher_weights(t.spec.schedule, t.weights, step)
     idx = schedule.step_blocks(step, len(t.blocks), t.per_step, t.spec.seed)
-    idx = idx.view(t.spec.grad_accum, t.world.size, t.spec.batch_size)[:, t.world.rank]
-    off_tokens, on_tokens = onpolicy.step_tokens(step, t.spec, t.world.size)
+    idx = idx.view(t.spec.grad_accum, t.world.size, t.spec.batch_size)
+    off_tokens, on_tokens = step_tokens(t, step, idx)
+    idx = idx[:, t.world.rank]
     sums = sum(
         loss_step(
             t,
@@ -246,7 +275,7 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     t.tokens_seen += t.per_step * t.spec.seq_len
     return {
         "step": step + 1,
-        "loss": sums[0].item() / (off_tokens + on_tokens),
+        "loss": sums[0].item() / max(off_tokens + on_tokens, 1),
         **_means(t, sums, off_tokens, on_tokens),
         "teacher_weights": list(weights),
         "lr": t.scheduler.get_last_lr()[0],

@@ -18,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 
 from whelp.distillation import losses
 from whelp.distillation.losses import backbone, model_transform
-from whelp.distillation.onpolicy import sample
+from whelp.distillation.onpolicy import positions, sample
 from whelp.errors import WhelpError
 from whelp.models import shape
 
@@ -135,8 +135,8 @@ class KDStudent(torch.nn.Module):
     forward hooks; routing hidden states -> loss through this forward keeps the lm_head weight
     unsharded while ``kd_loss`` uses it and its gradient reduce-scattered afterwards. With
     ``kd=None`` the forward returns the plain HF output (logits), used by held-out perplexity; with
-    ``rollout=(new_tokens, vocab, generator)`` the prompts ``input_ids`` continued by the student's samples
-    (``whelp.distillation.onpolicy.sample``).
+    ``rollout=(new_tokens, vocab, generator, stop_ids)`` the prompts ``input_ids`` continued by the student's
+    samples (``whelp.distillation.onpolicy.sample``). ``attention`` [B, L]: left-padded rows (chat prompts).
     """
 
     def __init__(self, lm):
@@ -147,13 +147,20 @@ class KDStudent(torch.nn.Module):
     def device(self) -> torch.device:
         return self.lm.get_input_embeddings().weight.device
 
-    def forward(self, input_ids: torch.Tensor, kd: dict | None = None, rollout: tuple | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        kd: dict | None = None,
+        rollout: tuple | None = None,
+        attention: torch.Tensor | None = None,
+    ):
         if rollout is not None:  # on-policy sampling, inside the root's forward so FSDP2 unshards the root once
-            return sample(self.lm, input_ids, *rollout)
+            return sample(self.lm, input_ids, *rollout, attention=attention)
         if kd is None:
             return self.lm(input_ids=input_ids)
 
-        hidden = backbone(self.lm)(input_ids=input_ids).last_hidden_state.flatten(0, 1)  # [N, Hs], autocast dtype
+        body = backbone(self.lm)(input_ids=input_ids, **positions(attention))
+        hidden = body.last_hidden_state.flatten(0, 1)  # [N, Hs], autocast dtype
         weight = self.lm.get_output_embeddings().weight
         # the fused loss runs its own chunked matmuls: outside autocast, in the hidden states' dtype (the cast's
         # backward hands the fp32 master weight an fp32 gradient, as autocast would)

@@ -46,6 +46,7 @@ class DistillSpec:
         "gen_tokens": ("gkd", "gen_tokens"),
         "prompt_tokens": ("gkd", "prompt_tokens"),
         "on_policy_loss": ("gkd", "loss"),
+        "on_policy_from": ("gkd", "from_step"),
         "shard_teachers": ("compute", "shard_teachers"),
         "chunk_size": ("kd", "chunk_size"),
         "schedule": ("schedule",),

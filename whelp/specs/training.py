@@ -137,6 +137,7 @@ class OnPolicySpec:
     loss: Literal["reverse_kl", "jsd", "forward_kl"] = opt(
         "reverse_kl", "On-policy divergence: reverse_kl | jsd | forward_kl"
     )
+    from_step: int = opt(0, "On-policy micro-batches only from this optimizer step on (0: from the first)")
 
     def __post_init__(self):
         check_types(self)
@@ -147,6 +148,7 @@ class OnPolicySpec:
                     f"on_policy is the fraction of on-policy micro-batches, in [0, 1]; got {self.fraction}",
                 ),
                 *_positive(self, ("gen_tokens", "prompt_tokens")),
+                *_non_negative(self, ("from_step",)),
                 _choice("on_policy_loss", self.loss, ON_POLICY_LOSSES),
             ]
         )

@@ -1,0 +1,164 @@
+"""Distillation on chat data: KD and CE only on the assistant's tokens (the data's loss mask), and on-policy
+micro-batches whose prompts end at the assistant turn and whose samples stop at end-of-turn."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from conftest import LOOP_SPEC, naive_divergence, tiny_model
+
+from whelp.data import TensorBlocks
+from whelp.distillation import loop, onpolicy, parallel
+
+SPEC = replace(LOOP_SPEC, loss="forward_kl", ce_weight=0.5, save_every=0, batch_size=3, grad_accum=1, steps=1, warmup=0)
+WORLD = parallel.World(0, 1, torch.device("cpu"), owns_group=False)
+
+
+def models():
+    teacher, student = tiny_model(seed=1), tiny_model(seed=2, intermediate_size=64, num_hidden_layers=1)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(40.0)
+    return teacher.requires_grad_(False), student
+
+
+def chat_rows(n: int = 6, length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and a mask of one or two assistant spans per row, one starting at a different place in
+    each row, and the first row starting inside an answer (a conversation cut at the block edge)."""
+    ids = torch.randint(3, 512, (n, length), generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(n, length, dtype=torch.bool)
+    for r in range(n):
+        start = 4 + 3 * r
+        mask[r, start : start + 6] = True
+    mask[0, :3] = True
+    return ids, mask
+
+
+def naive_masked_loss(student, teacher, ids, mask, spec) -> torch.Tensor:
+    """fp32 forward KL + ce_weight x CE summed over the positions whose next token is a target."""
+    zs = student(input_ids=ids).logits.float()[:, :-1]
+    with torch.no_grad():
+        zt = teacher(input_ids=ids).logits.float()[:, :-1]
+    keep = mask[:, 1:]
+    s, t = zs[keep].log_softmax(-1), zt[keep].log_softmax(-1)
+    kd = naive_divergence("forward_kl", s, t, spec.kd).sum()
+    ce = torch.nn.functional.cross_entropy(zs[keep], ids[:, 1:][keep], reduction="sum")
+    return (1 - spec.kd.ce_weight) * kd + spec.kd.ce_weight * ce
+
+
+def test_masked_kd_equals_a_naive_reference_and_masked_tokens_get_no_gradient():
+    teacher, student = models()
+    ref_student = tiny_model(seed=2, intermediate_size=64, num_hidden_layers=1)
+    ids, mask = chat_rows()
+    blocks = TensorBlocks(ids, mask=mask)
+    t = loop.setup(student, [teacher], [], [1.0], ["t"], blocks, SPEC, WORLD)
+    micro = torch.tensor([0, 3, 5])
+    idx = micro.view(1, 1, 3)
+    tokens, on = loop.step_tokens(t, 0, idx)
+    assert on == 0 and tokens == int(mask[micro][:, 1:].sum())  # the step divides by its target tokens only
+    sums = loop.loss_step(t, micro, (1.0,), None, tokens)
+    ref = naive_masked_loss(ref_student, teacher, ids[micro], mask[micro], SPEC)
+    (ref / tokens).backward()
+    assert abs(float(sums[0]) - float(ref)) <= 1e-5 * abs(float(ref))
+    for (name, p), q in zip(student.named_parameters(), ref_student.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+    # a masked-out position's input reaches the loss only as context: changing the *label* of a non-target token
+    # (the token after a masked-out position) leaves the loss unchanged
+    labels = loop.next_token_labels(ids[micro], mask[micro])
+    assert torch.equal(labels.view(3, -1)[:, :-1] != -100, mask[micro][:, 1:])
+
+
+def test_masked_positions_get_exactly_zero_gradient():
+    """The fused loss never touches a masked-out position: d loss / d hidden is exactly 0 there."""
+    from whelp.distillation.losses import LiveTarget, LossSpec, kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(20, 16, generator=g, requires_grad=True)
+    weight, t_hidden = torch.randn(50, 16, generator=g), torch.randn(20, 16, generator=g)
+    mask = torch.rand(20, generator=g) > 0.5
+    labels = torch.randint(0, 50, (20,), generator=g).masked_fill(~mask, -100)
+    out = kd_loss(
+        hidden, weight, [LiveTarget(t_hidden, weight)], [1.0], LossSpec(ce_weight=0.5, chunk_size=7), labels, mask
+    )
+    out.loss.backward()
+    assert out.tokens == int(mask.sum())
+    assert torch.all(hidden.grad[~mask] == 0) and torch.all(hidden.grad[mask].abs().sum(1) > 0)
+
+
+def test_chat_prompts_end_at_the_assistant_turn_and_fall_back_to_the_text_prompt():
+    ids, mask = chat_rows()
+    prompts = onpolicy.chat_prompts(ids, mask, 10)
+    assert torch.equal(prompts[1], ids[1, :7])  # row 1's turn starts at token 7: the prompt is everything before
+    assert torch.equal(prompts[0], ids[0, :4])  # row 0 runs on from a cut answer; its first turn starts at 4
+    text = onpolicy.chat_prompts(ids, None, 10)
+    assert all(torch.equal(p, row[:10]) for p, row in zip(text, ids))
+    padded, attention = onpolicy.left_pad(prompts, 0)
+    assert padded.shape == (6, max(len(p) for p in prompts))
+    assert [int(a.sum()) for a in attention] == [len(p) for p in prompts]
+
+
+def naive_chat_sample(lm, prompts, new_tokens, vocab, rng, stop):
+    """Reference: every row through the model alone, unpadded and without a KV cache, one draw per step for all
+    rows at once (as the sampler draws); a row keeps its first stop id and ignores what is drawn after it."""
+    rows, done = [p.clone() for p in prompts], [False] * len(prompts)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            probs = torch.stack([lm(input_ids=r[None]).logits[0, -1, :vocab].float().softmax(-1) for r in rows])
+            draws = torch.multinomial(probs, 1, generator=rng)[:, 0]
+            for i, d in enumerate(draws.tolist()):
+                if not done[i]:
+                    rows[i] = torch.cat([rows[i], torch.tensor([d])])
+                    done[i] = d in stop
+    return rows
+
+
+def test_chat_samples_start_after_the_prompt_stop_at_end_of_turn_and_equal_a_naive_sampler():
+    _, student = models()
+    student.config.attn_implementation = "eager"
+    ids, mask = chat_rows()
+    prompts = onpolicy.chat_prompts(ids[:4], mask[:4], 10)
+    padded, attention = onpolicy.left_pad(prompts, 2)
+    stop = (2,)
+    got, live = onpolicy.sample(student, padded, 10, 4, torch.Generator().manual_seed(1), stop, attention)
+    ref = naive_chat_sample(student, prompts, 10, 4, torch.Generator().manual_seed(1), stop)
+    width = padded.shape[1]
+    stopped = 0
+    for r, row in enumerate(ref):
+        n_new = len(row) - len(prompts[r])
+        assert torch.equal(got[r][live[r]], row)  # the prompt, then the samples up to the first stop id
+        assert int(live[r, width:].sum()) == n_new
+        stopped += int(row[-1]) in stop and n_new < 10
+    assert stopped >= 1  # at least one row ended its turn early (vocab 4: the stop id is likely)
+    loss_rows = onpolicy.sampled_mask(live, 4, width, 10).view(4, -1)
+    assert [int(m.sum()) for m in loss_rows] == [len(row) - len(p) for row, p in zip(ref, prompts)]
+
+
+def test_an_on_policy_chat_micro_batch_is_scored_over_the_answer_only():
+    """A whole on-policy micro-batch on chat rows: left-padded prompts, samples stopping at the student's eos ids,
+    loss == the naive per-row reverse KL over the sampled tokens (teacher and student run unpadded)."""
+    teacher, student = models()
+    student.generation_config.eos_token_id = [2, 3]
+    ids, mask = chat_rows()
+    spec = replace(SPEC, on_policy=1.0, gen_tokens=6, ce_weight=0.0)
+    t = loop.setup(student, [teacher], [], [1.0], ["t"], TensorBlocks(ids, mask=mask), spec, WORLD)
+    micro = torch.tensor([1, 2, 4])
+    rng = onpolicy.generator(0, 0, 0, spec, 1, WORLD.device)
+    sums = loop.loss_step(t, micro, (1.0,), rng, 3 * 6)
+    prompts = onpolicy.chat_prompts(ids[micro], mask[micro], 26)
+    rows = naive_chat_sample(student, prompts, 6, 512, onpolicy.generator(0, 0, 0, spec, 1, WORLD.device), (2, 3))
+    ref = 0.0
+    with torch.no_grad():
+        for row, prompt in zip(rows, prompts):
+            zs = student(input_ids=row[None]).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            zt = teacher(input_ids=row[None]).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            ref += float(naive_divergence("reverse_kl", zs, zt, spec.gkd.loss_spec(spec.kd)).sum())
+    assert abs(float(sums[0]) - ref) <= 1e-4 * max(1.0, abs(ref))
+
+
+def test_on_policy_from_a_step_leaves_the_steps_before_it_off_policy():
+    spec = replace(SPEC, on_policy=0.5, gen_tokens=8, grad_accum=2, steps=6, on_policy_from=4)
+    cpu = torch.device("cpu")
+    picks = [[onpolicy.generator(s, a, 0, spec, 1, cpu) is not None for a in range(2)] for s in range(6)]
+    assert picks == [[False, False]] * 4 + [[False, True]] * 2
+    assert onpolicy.step_tokens(3, spec, 1) == (2 * 3 * 31, 0) and onpolicy.step_tokens(4, spec, 1) == (3 * 31, 3 * 8)
