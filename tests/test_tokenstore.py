@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_tokenizer
 
 from whelp import data
-from whelp.data import tokenstore
+from whelp.data import encode, tokenstore
 from whelp.distillation import schedule
 from whelp.errors import WhelpError
 
@@ -200,12 +200,12 @@ def test_cli_tokenize_then_plan_counts_the_store(tok, corpus, tmp_path):
 
 
 def test_huge_documents_are_encoded_in_pieces_cut_at_line_breaks(tok, monkeypatch):
-    monkeypatch.setattr(tokenstore, "MAX_DOC_CHARS", 1000)
+    monkeypatch.setattr(encode, "MAX_DOC_CHARS", 1000)
     doc = "\n".join(f"line {i} of a long document" for i in range(400))  # ~10,000 characters
-    pieces = tokenstore._pieces(doc)
+    pieces = encode._pieces(doc)
     assert "".join(pieces) == doc and len(pieces) > 5 and all(len(p) <= 1000 for p in pieces)
     assert all(p.endswith("\n") for p in pieces[:-1])
-    _, ids = tokenstore._encode(["short", doc], "uint16", tok)
+    _, ids = encode._encode(["short", doc], "uint16", tok)
     whole = tok(doc, add_special_tokens=False)["input_ids"]
     assert list(ids[-len(whole) - 1 : -1]) == whole  # cut at line breaks: this tokenizer gives the same ids
 

@@ -38,21 +38,33 @@ def tokenize(
     out: str = typer.Option(..., "--out", help="Token-store directory to write"),
     num_proc: int | None = typer.Option(None, "--num-proc", help="Tokenizer processes (default: all cores)"),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Keep at most N tokens"),
-    text_column: str = typer.Option("text", "--text-column", help="Column of .jsonl/.parquet/hf rows"),
+    text_column: str = typer.Option(
+        "text", "--text-column", help="Column of .jsonl/.parquet/hf rows (with --chat: default messages)"
+    ),
+    chat: bool = typer.Option(
+        False,
+        "--chat",
+        help="DATA is chat rows (messages: a list of {role, content} turns), rendered through the tokenizer's chat "
+        "template with a loss mask on the assistant turns",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing token store at --out"),
 ):
     """Tokenize a corpus once into a token store (uint16/uint32 shards + manifest) that every stage reads."""
+    from whelp.data import chat as chats  # noqa: PLC0415 - start-up: --help and show load no verb module
     from whelp.data import check_source, tokenstore  # noqa: PLC0415 - start-up: --help and show load no verb module
-    from whelp.models import load_tokenizer  # noqa: PLC0415 - start-up: --help and show load no verb module
+    from whelp.models import load_tokenizer, locate  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     if len(Mixture.parse(data).sources) > 1:  # an existing path with a ',' is one source
         raise WhelpError("tokenize one source into one store; mix stores when you use them (--data a:0.7,b:0.3)")
     check_source(data)
+    tok, end_of_turn = load_tokenizer(tokenizer, load_policy()), None
+    if chat:
+        chats.check_chat_template(tok, f"tokenizer {tokenizer}")
+        end_of_turn = chats.saved_end_of_turn(tok, locate(tokenizer))
+        text_column = "messages" if text_column == "text" else text_column
     _wrote_store(
-        tokenstore.tokenize(
-            data, load_tokenizer(tokenizer, load_policy()), out, num_proc, max_tokens, text_column, force=force
-        ),
-        "documents",
+        tokenstore.tokenize(data, tok, out, num_proc, max_tokens, text_column, force=force, end_of_turn=end_of_turn),
+        "conversations" if chat else "documents",
     )
 
 
@@ -64,6 +76,12 @@ def _wrote_store(path, what: str) -> None:
         f"wrote {m['total_tokens']:,} tokens of {m['documents']:,} {what} ({m['dtype']}, "
         f"{len(m['shards'])} shards) to {path}"
     )
+    if "targets" in m:
+        dropped = ", ".join(f"{n:,} {why}" for why, n in m.get("chat", {}).get("dropped", {}).items() if n)
+        typer.echo(
+            f"{m['targets']:,} tokens are training targets (assistant turns)"
+            + (f"; samples dropped: {dropped}" if dropped else "")
+        )
 
 
 @with_spec("spec", GenerateSpec)
@@ -77,5 +95,6 @@ def generate(
     from whelp.data.generate import generate_store  # noqa: PLC0415 - start-up: --help and show load no verb module
 
     _wrote_store(
-        generate_store(teacher, out, spec, force=force, policy=load_policy()), f"sequences sampled from {teacher}"
+        generate_store(teacher, out, spec, force=force, policy=load_policy()),
+        f"conversations answered by {teacher}" if spec.chat else f"sequences sampled from {teacher}",
     )

@@ -1,5 +1,6 @@
-"""Data: text sources (``sources``), token stores tokenized once (``tokenstore``), and fixed-length blocks over
-stores and weighted mixtures of them (``blocks``), which every stage reads."""
+"""Data: text sources (``sources``), token stores tokenized once (``tokenstore``, by ``encode``), and fixed-length
+blocks over stores and weighted mixtures of them (``blocks``), which every stage reads; the teacher's own text
+(``generate``) and conversations with loss masks (``chat``, ``chatgen``)."""
 
 from whelp.data.blocks import (
     Blocks,

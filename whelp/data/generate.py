@@ -11,6 +11,8 @@ from ``(seed, b)`` before each batch, so every batch depends on the spec and its
 interruption writes exactly the store an uninterrupted one does. Shards (the token-store format of
 ``whelp.data.tokenstore``) are cut at batch boundaries once they hold ``shard_tokens`` tokens and record how many
 batches they hold; the last one is cut at exactly ``max_tokens``. Memory is one batch plus one shard.
+
+With ``chat`` the store holds conversations with loss masks instead (``whelp.data.chatgen``), under the same scheme.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from transformers import GenerationConfig
 
 import whelp.data.tokenstore as tokenstore
 from whelp import models, store
+from whelp.data import chat, chatgen
 from whelp.data.sources import check_source, iter_documents, source_identity
 from whelp.errors import WhelpError
 from whelp.models import check_device, load_tokenizer, locate
 from whelp.output import Progress
 from whelp.specs import GenerateSpec, LoadPolicy, record
+from whelp.specs.teacher import CHAT_FIELDS
 
 SHARD_TOKENS = 1 << 18  # 256K tokens a shard: a resumed run loses at most this much sampling
 
@@ -74,30 +78,21 @@ def generation_config(spec: GenerateSpec, tokenizer):
     )
 
 
-@torch.no_grad()
 def sample(model, prompts: list[list[int]], config, seed: int) -> list[np.ndarray]:
-    """One batch: the prompts left-padded into ``[B, P]`` with their attention mask, continued by ``generate`` with
-    the RNG seeded by ``seed``; each sequence is prompt + continuation up to (without) its first EOS + one EOS."""
-    width, eos, pad = max(map(len, prompts)), config.eos_token_id, config.pad_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
+    """One batch: the prompts continued by ``generate`` (``chatgen.continuations``, left padding) with the RNG
+    seeded by ``seed``; each sequence is prompt + continuation up to (without) its first EOS + one EOS."""
     torch.manual_seed(seed)
-    out = model.generate(
-        input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config
-    ).cpu()[:, width:]
-    ended = out == eos
-    lengths = torch.where(ended.any(1), ended.int().argmax(1), torch.tensor(out.shape[1])).tolist()
-    return [
-        np.concatenate([prompt, out[row, :n].numpy(), [eos]]) for row, (prompt, n) in enumerate(zip(prompts, lengths))
-    ]
+    outs = chatgen.continuations(model, prompts, config)
+    return [np.concatenate([prompt, ids, [config.eos_token_id]]) for prompt, (ids, _) in zip(prompts, outs)]
 
 
-def _identity(spec: GenerateSpec, tokenizer, teacher_name: str, teacher_dir: Path, shard_tokens: int) -> dict:
-    """A token store's identity whose source is the teacher's files, with every sampling setting."""
-    settings = {k: v for k, v in record(spec).items() if k != "max_tokens"}
+def _identity(
+    spec: GenerateSpec, tokenizer, teacher_name: str, teacher_dir: Path, shard_tokens: int, end_of_turn=None
+) -> dict:
+    """A token store's identity whose source is the teacher's files, with every sampling setting (the chat ones
+    only with ``chat``, so that a text store's identity is what it was before chat); a chat store's also holds
+    its mask format, end-of-turn ids and chat template (``tokenstore.chat_identity``)."""
+    settings = {k: v for k, v in record(spec).items() if k != "max_tokens" and (spec.chat or k not in CHAT_FIELDS)}
     generation = {
         **settings,
         "teacher": teacher_name,
@@ -110,6 +105,7 @@ def _identity(spec: GenerateSpec, tokenizer, teacher_name: str, teacher_dir: Pat
         spec.max_tokens,
         shard_tokens,
         generation=generation,
+        **tokenstore.chat_identity(tokenizer, end_of_turn),
     )
 
 
@@ -126,13 +122,23 @@ def generate(
 ) -> Path:
     """Write ``spec.max_tokens`` tokens sampled from ``model`` (the teacher ``teacher_name``, files at
     ``teacher_dir``; or a function that loads it, called only once ``out`` is known to need work) to the token store
-    ``out``; resumes an interrupted run of the same call."""
-    identity = _identity(spec, tokenizer, teacher_name, Path(teacher_dir), shard_tokens)
+    ``out``; resumes an interrupted run of the same call. With ``spec.chat`` the teacher's chat template and the
+    prompts' first row are checked before it loads."""
+    end_of_turn = None
+    if spec.chat:
+        chat.check_chat_template(tokenizer, f"teacher {teacher_name}")
+        end_of_turn = chat.saved_end_of_turn(tokenizer, teacher_dir)
+        if spec.prompts is not None:
+            chatgen.check_prompts(spec)
+    identity = _identity(spec, tokenizer, teacher_name, Path(teacher_dir), shard_tokens, end_of_turn)
     config = generation_config(spec, tokenizer)
 
     def fill(work: Path, manifest: dict) -> None:
-        loaded = model if isinstance(model, torch.nn.Module) else model()
-        _fill(work, manifest, loaded.eval(), tokenizer, spec, config, progress)
+        loaded = (model if isinstance(model, torch.nn.Module) else model()).eval()
+        if spec.chat:
+            chatgen.fill(work, manifest, chatgen.Teacher(loaded, tokenizer, spec, end_of_turn, config), progress)
+        else:
+            _fill(work, manifest, loaded, tokenizer, spec, config, progress)
 
     return tokenstore.write(Path(out).expanduser(), identity, force, fill)
 

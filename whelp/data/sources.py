@@ -8,7 +8,8 @@ A source is one of:
     ...; in whelp's lm-eval task data), for perplexity next to the training domain;
   * ``hf:NAME[:CONFIG]:SPLIT[:COLUMN]`` - a Hugging Face dataset (online users; streamed).
 ``whelp.data.tokenstore`` tokenizes a source once into a token store; ``token_stream`` / ``pack`` are the small
-in-memory path (a few thousand tokens: tests, the reference the store is checked against).
+in-memory path (a few thousand tokens: tests, the reference the store is checked against). ``iter_records`` gives
+whole rows instead of texts: chat data (``messages``) for ``whelp.data.chat``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _pydoc_documents(split: str) -> list[str]:
     return [topics[name] for name in sorted(pydoc_split()[split])]
 
 
-def _jsonl_documents(path: Path, text_column: str) -> Iterator[str]:
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` of each non-blank line of a .jsonl file, ``where`` being ``PATH:LINE``."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -67,11 +69,19 @@ def _jsonl_documents(path: Path, text_column: str) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise WhelpError(f"{path}:{lineno} is not valid JSON") from None
-            if text_column not in row:
-                raise WhelpError(
-                    f"{path}:{lineno} has no '{text_column}' column (has: {', '.join(row)}); pass the right text column"
-                )
-            yield str(row[text_column])
+            if not isinstance(row, dict):
+                raise WhelpError(f"{path}:{lineno} is not a JSON object (one row per line)")
+            yield f"{path}:{lineno}", row
+
+
+def _jsonl_documents(path: Path, text_column: str) -> Iterator[str]:
+    for where, row in _jsonl_rows(path):
+        if text_column not in row:
+            hint = "; chat rows (messages) need --chat" if "messages" in row else ""
+            raise WhelpError(
+                f"{where} has no '{text_column}' column (has: {', '.join(row)}); pass the right text column{hint}"
+            )
+        yield str(row[text_column])
 
 
 def _file_documents(path: Path, text_column: str) -> Iterator[str]:
@@ -104,7 +114,8 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
         yield from (str(v) for v in batch.column(0).to_pylist())
 
 
-def _hf_documents(source: str, max_chars: int | None) -> Iterator[str]:
+def _hf_stream(source: str):
+    """``(name, column, rows)``: a Hugging Face dataset streamed, and the text column its spec names."""
     parts = source.split(":")[1:]
     if len(parts) not in (2, 3, 4):
         raise WhelpError(
@@ -122,6 +133,11 @@ def _hf_documents(source: str, max_chars: int | None) -> Iterator[str]:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:  # datasets raises many types for offline / missing datasets
         raise WhelpError(f"could not open dataset '{source}': {str(exc).splitlines()[0]}") from None
+    return name, column, stream
+
+
+def _hf_documents(source: str, max_chars: int | None) -> Iterator[str]:
+    name, column, stream = _hf_stream(source)
     chars = 0
     for row in stream:
         if column not in row:
@@ -181,6 +197,33 @@ def iter_documents(source: str, text_column: str = "text", max_chars: int | None
     else:
         docs = (doc for f in _local_files(_local(source)) for doc in _file_documents(f, text_column))
     return (d for d in docs if d.strip())
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq  # noqa: PLC0415 - optional: only .parquet sources need pyarrow
+
+    at = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield f"{path} row {at}", row
+            at += 1
+
+
+def iter_records(source: str) -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` of every row of a source of rows, in a fixed order: a .jsonl or .parquet file, a directory of
+    them, or ``hf:NAME:SPLIT``. Chat data lives in such rows (a ``messages`` list, not one text); ``where`` names the
+    row in errors (``PATH:LINE``)."""
+    check_source(source)
+    if source.startswith("hf:"):
+        yield from ((f"{source} row {i}", row) for i, row in enumerate(_hf_stream(source)[2]))
+        return
+    files = [] if source.startswith("pydoc:") or source in BUILTIN else _local_files(source)
+    if not files or any(f.suffix == ".txt" for f in files):
+        raise WhelpError(
+            f"{source} holds plain text, not rows: chat data is .jsonl or .parquet rows (or hf:NAME:SPLIT)"
+        )
+    for f in files:
+        yield from _jsonl_rows(f) if f.suffix == ".jsonl" else _parquet_rows(f)
 
 
 def read_documents(source: str, text_column: str = "text", max_chars: int | None = None) -> list[str]:

@@ -43,11 +43,20 @@ class CacheSpec:
         )
 
 
+CHAT_FIELDS = ("chat", "samples_per_prompt", "request_tokens")  # recorded in a store's identity with --chat only
+
+
 @dataclass(frozen=True)
 class GenerateSpec:
     """What ``whelp generate`` samples: ``max_tokens`` tokens of the teacher's own text, as sequences of up to
     ``prompt_tokens`` tokens cut from the start of a document of ``prompts`` (or a lone BOS) and up to
-    ``new_tokens`` sampled ones (Kim & Rush 2016's sequence-level KD data; Qwen3's strong-to-weak stage 1)."""
+    ``new_tokens`` sampled ones (Kim & Rush 2016's sequence-level KD data; Qwen3's strong-to-weak stage 1).
+
+    With ``chat``: conversations through the teacher's chat template, one document each with a loss mask on the
+    answer (``whelp.data.chatgen``): answers to the requests of ``prompts`` (rows with ``messages`` ending in a user
+    turn, or a ``prompt``; each answered once) or to requests of up to ``request_tokens`` tokens the teacher writes
+    itself (Magpie); the best of ``samples_per_prompt`` answers by the teacher's own score is kept. ``max_tokens``
+    still bounds the store (the prompts' end may come first)."""
 
     max_tokens: int | None = opt(None, "Tokens to write (prompts, samples and one EOS per sequence)")
     prompts: Mixture | None = opt(None, "DATA whose documents' first tokens prompt the teacher (default: BOS alone)")
@@ -60,6 +69,17 @@ class GenerateSpec:
     seed: int = opt(0, "Sampling seed (each batch is seeded from it and its index)")
     device: str = opt("cpu", "cpu, cuda or cuda:N")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "Teacher dtype: float32 | bfloat16")
+    chat: bool = opt(
+        False,
+        "Conversations through the teacher's chat template, loss-masked to the answers: answers to --prompts "
+        "(jsonl rows with messages or prompt), else to requests the teacher writes itself (Magpie)",
+    )
+    samples_per_prompt: int = opt(
+        1, "--chat: answers sampled per request; the one of highest mean teacher log-prob per token is kept"
+    )
+    request_tokens: int = opt(
+        48, "--chat without --prompts: tokens of a self-written request at most (a longer one is dropped)"
+    )
 
     def __post_init__(self):
         as_mixtures(self, ("prompts",))
@@ -67,7 +87,14 @@ class GenerateSpec:
         _require(
             [
                 (self.max_tokens is not None, "give --max-tokens N: how many tokens to generate"),
-                *_positive(self, ("max_tokens", "prompt_tokens", "new_tokens", "batch_size")),
+                *_positive(
+                    self,
+                    ("max_tokens", "prompt_tokens", "new_tokens", "batch_size", "samples_per_prompt", "request_tokens"),
+                ),
+                (
+                    self.chat or self.samples_per_prompt == 1,
+                    "--samples-per-prompt needs --chat (it picks the best answer to a request)",
+                ),
                 (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
                 (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
                 *_non_negative(self, ("top_k",)),
@@ -75,7 +102,8 @@ class GenerateSpec:
                 _device(self.device),
                 (
                     self.prompts is None or len(self.prompts.sources) == 1,
-                    "--prompts takes one text source (its documents' first tokens prompt the teacher)",
+                    "--prompts takes one source (its documents' first tokens, or with --chat its requests, prompt "
+                    "the teacher)",
                 ),
             ]
         )
