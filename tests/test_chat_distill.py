@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
-from conftest import LOOP_SPEC, naive_divergence, tiny_model
+from conftest import LOOP_SPEC, naive_divergence, tiny_model, tiny_tokenizer
 
-from whelp.data import TensorBlocks
+from whelp.data import Blocks, TensorBlocks, tokenstore
 from whelp.distillation import loop, onpolicy, parallel
+from whelp.specs import Mixture
 
 SPEC = replace(LOOP_SPEC, loss="forward_kl", ce_weight=0.5, save_every=0, batch_size=3, grad_accum=1, steps=1, warmup=0)
 WORLD = parallel.World(0, 1, torch.device("cpu"), owns_group=False)
@@ -162,3 +164,34 @@ def test_on_policy_from_a_step_leaves_the_steps_before_it_off_policy():
     picks = [[onpolicy.generator(s, a, 0, spec, 1, cpu) is not None for a in range(2)] for s in range(6)]
     assert picks == [[False, False]] * 4 + [[False, True]] * 2
     assert onpolicy.step_tokens(3, spec, 1) == (2 * 3 * 31, 0) and onpolicy.step_tokens(4, spec, 1) == (3 * 31, 3 * 8)
+
+
+def write_store(path, tok, parts, masks=None):
+    """A token store written with ``flush`` / ``seal``: one shard, with a loss mask when ``masks`` are given."""
+    identity = tokenstore.manifest_identity(
+        tok, str(path), None, None, 1 << 20, **tokenstore.chat_identity(tok, (0,) if masks else None)
+    )
+
+    def fill(work, manifest):
+        tokenstore.flush(work, manifest, parts, len(parts), masks)
+        tokenstore.seal(work, manifest, sum(map(len, parts)))
+
+    return tokenstore.open_store(tokenstore.write(path, identity, False, fill))
+
+
+def test_a_mixture_of_a_chat_store_and_text_reads_the_chat_mask_and_trains_every_text_token(tmp_path):
+    tok = tiny_tokenizer()
+    g = np.random.default_rng(0)
+    parts = [g.integers(1, 512, 40) for _ in range(6)]
+    masks = [np.arange(40) % 7 < 3 for _ in range(6)]
+    chat_store = write_store(tmp_path / "chat", tok, parts, masks)
+    text_store = write_store(tmp_path / "text", tok, [g.integers(1, 512, 200)])
+    rows = Blocks([(chat_store, 0.5), (text_store, 0.5)], 16, 0, None, Mixture.parse("chat:0.5,text:0.5"))
+    assert rows.has_mask
+    everything = torch.arange(len(rows))
+    got = rows.mask(everything)
+    stream = np.concatenate(masks)  # flush stores the parts as given
+    for r, (source, block) in enumerate(rows.locate(everything)):
+        want = stream[block * 16 : (block + 1) * 16] if source == 0 else np.ones(16, bool)
+        assert np.array_equal(got[r].numpy(), want), r
+    assert not Blocks([(text_store, 1.0)], 16, 0, None, Mixture.parse("text")).has_mask
