@@ -3,14 +3,17 @@ micro-batches whose prompts end at the assistant turn and whose samples stop at 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
-from conftest import LOOP_SPEC, naive_divergence, tiny_model, tiny_tokenizer
+from conftest import LOOP_SPEC, Crash, fail_at, load_weights, max_diff, naive_divergence, tiny_model, tiny_tokenizer
 
 from whelp.data import Blocks, TensorBlocks, tokenstore
 from whelp.distillation import loop, onpolicy, parallel
+from whelp.distillation.api import distill_run
 from whelp.specs import Mixture
 
 SPEC = replace(LOOP_SPEC, loss="forward_kl", ce_weight=0.5, save_every=0, batch_size=3, grad_accum=1, steps=1, warmup=0)
@@ -195,3 +198,25 @@ def test_a_mixture_of_a_chat_store_and_text_reads_the_chat_mask_and_trains_every
         want = stream[block * 16 : (block + 1) * 16] if source == 0 else np.ones(16, bool)
         assert np.array_equal(got[r].numpy(), want), r
     assert not Blocks([(text_store, 1.0)], 16, 0, None, Mixture.parse("text")).has_mask
+
+
+def test_on_policy_on_chat_data_killed_and_resumed_equals_uninterrupted(tiny_dirs, tmp_path, monkeypatch):
+    teacher, _, student = tiny_dirs
+    g = np.random.default_rng(1)
+    parts = [g.integers(1, 512, 48) for _ in range(24)]
+    masks = [(np.arange(48) >= 20) & (np.arange(48) < 40) for _ in range(24)]  # one answer per conversation
+    data = write_store(tmp_path / "chat", tiny_tokenizer(), parts, masks).path
+    spec = replace(LOOP_SPEC, data=str(data), on_policy=0.5, gen_tokens=8, save_every=2)
+    distill_run(student, tmp_path / "ref", spec, teachers=((teacher, 1.0),), progress=False)
+
+    def crash(result):
+        raise Crash
+
+    fail_at(monkeypatch, 2 * 4 + 1, crash)  # dies in step 5, after the checkpoint of step 4
+    with pytest.raises(Crash):
+        distill_run(student, tmp_path / "crash", spec, teachers=((teacher, 1.0),), progress=False)
+    monkeypatch.undo()
+    distill_run(student, tmp_path / "crash", spec, teachers=((teacher, 1.0),), progress=False)
+    assert max_diff(load_weights(tmp_path / "crash"), load_weights(tmp_path / "ref")) <= 1e-6
+    log = [json.loads(r) for r in (tmp_path / "ref.distill" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["on_policy_tokens"] == 2 * 8 and f"on/{teacher}" in r for r in log)
