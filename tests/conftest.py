@@ -475,3 +475,62 @@ def demo_tokenizer(demo_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(demo_dir))
+
+
+# ---- what keeps a student an assistant (whelp/assistant.py): test_assistant_outputs, test_search, test_build*,
+# test_export, test_hf_compat
+
+CHAT = [{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "Seven."}]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_chat_teacher(path: Path, eos_ids: list[int]) -> None:
+    """Give the checkpoint saved at ``path`` what a chat model on the Hub ships: its chat template inside
+    tokenizer_config.json (the one its tokenizer had, else ChatML), its bos and eos tokens as additional special
+    tokens too, and a generation config that stops at every id of ``eos_ids`` (Llama 3.1 Instruct stops at three;
+    ``stop_at``)."""
+    import json
+
+    template = path / "chat_template.jinja"
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = template.read_text() if template.is_file() else CHATML
+    config["additional_special_tokens"] = [config[k] for k in ("bos_token", "eos_token") if config.get(k)]
+    config.pop("extra_special_tokens", None)
+    template.unlink(missing_ok=True)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    stop_at(path, eos_ids)
+
+
+def stop_at(path: Path, eos_ids: list[int]) -> None:
+    """Edit the generation config of the checkpoint at ``path`` to stop at every id of ``eos_ids``, pad with the
+    first and sample by default."""
+    import json
+
+    generation = json.loads((path / "generation_config.json").read_text())
+    generation.update(eos_token_id=eos_ids, pad_token_id=eos_ids[0], do_sample=True, temperature=0.7, top_p=0.9)
+    (path / "generation_config.json").write_text(json.dumps(generation))
+
+
+def assistant_of(directory) -> dict:
+    """What makes the checkpoint at ``directory`` an assistant, as stock transformers loads it: its chat template(s)
+    and the token ids the default makes of a 2-turn conversation and of a prompt for the answer, its special tokens,
+    and its generation config (every eos id, as a set; bos, pad, sampling defaults)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    generation = GenerationConfig.from_pretrained(directory).to_diff_dict()
+    eos = generation.pop("eos_token_id")
+    for key in ("transformers_version", "_from_model_config"):
+        generation.pop(key, None)
+    return {
+        "templates": tok.chat_template,
+        "conversation": tok.apply_chat_template(CHAT)["input_ids"],
+        "prompt": tok.apply_chat_template(CHAT[:1], add_generation_prompt=True)["input_ids"],
+        "special_tokens": tok.special_tokens_map,
+        "additional_special_tokens": tok.extra_special_tokens,
+        "eos_token_ids": set(eos if isinstance(eos, list) else [eos]),
+        "generation": generation,
+    }

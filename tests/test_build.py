@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CliResult, load_weights, max_diff, run_whelp, whelp_process
+from conftest import CliResult, assistant_of, load_weights, max_diff, run_whelp, whelp_process
 
 from whelp import store
 
@@ -71,6 +71,16 @@ def test_final_directory_holds_student_card_metrics_and_report(finished):
         f"{ppl_teacher:,.2f}" in card.text
     )
     assert (final / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "It keeps the teacher's chat template, special tokens and stop ids" in card.text
+
+
+def test_the_pruned_and_distilled_stages_and_final_keep_the_teachers_assistant(finished, demo_dir):
+    """The demo teacher's ChatML template, special tokens and stop ids (whelp/assistant.py) in every model the build
+    writes, as stock transformers loads them."""
+    want = assistant_of(demo_dir)
+    stages = [next(p for p in (finished / "stages").glob(f"*-{s}-*") if not p.suffix) for s in ("prune", "distill")]
+    for directory in (*stages, finished / "final"):
+        assert assistant_of(directory) == want, directory
 
 
 def test_rerun_of_a_finished_build_does_nothing(finished):

@@ -3,11 +3,12 @@ distils it; a re-run is a no-op, a changed search re-runs it and everything afte
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import yaml
-from conftest import run_cli, save_tiny, tiny_tokenizer
+from conftest import CHATML, assistant_of, run_cli, save_tiny, stop_at, tiny_tokenizer
 
 from whelp import build, models, plan, recipe
 from whelp.errors import WhelpError
@@ -31,7 +32,10 @@ eval: {{max_tokens: 256, speed: {{prompt_len: 4, new_tokens: 1, repeats: 1}}}}
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
-    save_tiny(root / "teacher", tiny_tokenizer())
+    chat = copy.deepcopy(tiny_tokenizer())
+    chat.chat_template = {"default": CHATML, "tool_use": "{{ messages[0]['content'] }} <tools>"}
+    save_tiny(root / "teacher", chat)  # transformers 5's layout: additional_chat_templates/tool_use.jinja
+    stop_at(root / "teacher", [0, 5])  # <eos> and one more id
     (root / "searched.yaml").write_text(RECIPE.replace("TEACHER", str(root / "teacher")))
     final = build.build(recipe.load(str(root / "searched.yaml")), root / "out")
     return root, final
@@ -53,6 +57,16 @@ def test_the_prune_stage_prunes_to_the_search_winner(built):
     assert models.shape(models.load_config(str(stage(root, "02-prune")))) == winner == report["shape"]["target"]
     assert models.shape(models.load_config(str(final))) == winner
     assert "pruned to `the winner of a shape search (non_embedding=50%" in (final / "README.md").read_text()
+
+
+def test_the_winner_every_stage_and_the_final_student_keep_the_teachers_assistant(built):
+    """The teacher's chat templates (a named one too), special tokens and every stop id (whelp/assistant.py) through
+    search, prune and distill into final/."""
+    root, final = built
+    want = assistant_of(root / "teacher")
+    for directory in (stage(root, "01-search") / "winner", stage(root, "02-prune"), stage(root, "03-distill"), final):
+        assert assistant_of(directory) == want, directory
+        assert (directory / "additional_chat_templates" / "tool_use.jinja").is_file(), directory
 
 
 def test_a_rerun_does_nothing_and_a_changed_search_reruns_it_and_what_follows(built, capsys):

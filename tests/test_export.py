@@ -15,7 +15,7 @@ import tarfile
 
 import pytest
 import torch
-from conftest import logits, run_cli, save_tiny
+from conftest import assistant_of, logits, run_cli, save_tiny
 
 from whelp.errors import WhelpError
 from whelp.export import SCRIPT, VENDOR, _extract, converter, export_gguf
@@ -43,6 +43,18 @@ def read_back(gguf):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+def gguf_metadata(gguf) -> dict:
+    """What llama.cpp reads of an assistant from a GGUF's metadata (gguf's own reader): the chat template and the
+    bos, eos and pad ids."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    return {
+        "template": fields["tokenizer.chat_template"].contents(),
+        **{key: fields[f"tokenizer.ggml.{key}_token_id"].contents() for key in ("bos", "eos", "padding")},
+    }
 
 
 def rounded(model, dtype):
@@ -73,11 +85,23 @@ def test_gguf_reads_back_with_the_same_shape_and_logits(pruned, tmp_path, outtyp
 
 @pytest.mark.demo
 def test_the_cli_exports_quietly_and_refuses_an_existing_out_without_force(pruned, tmp_path):
+    """The CLI: quiet, an existing OUT refused without --force; its GGUF keeps the chat template and the bos, eos and
+    pad ids of the directory's tokenizer (what llama.cpp reads)."""
+    from transformers import AutoTokenizer
+
     path, _ = pruned
     out = tmp_path / "student.gguf"
     done = run_cli("export", str(path), "--gguf", str(out), "--outtype", "q8_0")
     assert done.exit_code == 0, done.stderr
     assert done.stdout.startswith(f"wrote {out} (q8_0") and done.stderr == ""
+    tok = AutoTokenizer.from_pretrained(path)  # the GGUF is the same assistant: same template over the same vocabulary
+    assert gguf_metadata(out) == {
+        "template": tok.chat_template,
+        "bos": tok.bos_token_id,
+        "eos": tok.eos_token_id,
+        "padding": tok.pad_token_id,
+    }
+    assert "<|im_start|>assistant" in tok.chat_template and tok.eos_token_id in assistant_of(path)["eos_token_ids"]
     again = run_cli("export", str(path), "--gguf", str(out))
     assert again.exit_code == 2 and "already exists; pass --force" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1

@@ -10,6 +10,7 @@ loads each output; its logits and token ids are compared with transformers 5's i
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, save_tiny, tiny_model, tiny_tokenizer
+from conftest import CHAT, CHATML, run_cli, save_tiny, tiny_model, tiny_tokenizer
 
 from whelp.errors import WhelpError
-from whelp.hf_compat import legacy_config, legacy_tokenizer_config
+from whelp.hf_compat import chat_templates, legacy_config, legacy_tokenizer_config
 from whelp.store import clean_stale, locked, tag, whelp_home
 
 OLDEST, LATEST = "4.46.3", "4.57.3"
@@ -73,14 +74,14 @@ IDS = torch.arange(60).reshape(2, 30) * 7 % 500
 LOADER = """
 import json, sys, torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
-dirs, text, ids = json.loads(sys.argv[1]), sys.argv[2], torch.load(sys.argv[3])
+dirs, text, ids, chat = json.loads(sys.argv[1]), sys.argv[2], torch.load(sys.argv[3]), json.loads(sys.argv[4])
 out = {"version": transformers.__version__}
 for d in dirs:
     model = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
     with torch.no_grad():
         torch.save(model(input_ids=ids).logits, d + ".logits4.pt")
     tok = AutoTokenizer.from_pretrained(d) if d.endswith("+tok") else None
-    out[d] = tok and [type(tok).__name__, tok(text)["input_ids"]]
+    out[d] = tok and [type(tok).__name__, tok(text)["input_ids"], tok.chat_template and tok.apply_chat_template(chat)]
 print(json.dumps(out))
 """
 
@@ -123,12 +124,13 @@ def legacy_transformers(version: str) -> Path:
 
 
 def load_in(version: str, dirs: list[Path], tmp: Path) -> dict:
-    """Logits of ``IDS`` (``DIR.logits4.pt``) and, for directories named ``*+tok``, the tokenizer's class and ids
-    of ``TEXT``, as transformers ``version`` loads each directory."""
+    """Logits of ``IDS`` (``DIR.logits4.pt``) and, for directories named ``*+tok``, the tokenizer's class, ids of
+    ``TEXT`` and of ``CHAT`` through its chat template (None without one), as transformers ``version`` loads each
+    directory."""
     torch.save(IDS, tmp / "ids.pt")
     env = {**os.environ, "PYTHONPATH": str(legacy_transformers(version)), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", LOADER, json.dumps([str(d) for d in dirs]), TEXT, str(tmp / "ids.pt")],
+        [sys.executable, "-c", LOADER, json.dumps([str(d) for d in dirs]), TEXT, str(tmp / "ids.pt"), json.dumps(CHAT)],
         capture_output=True,
         text=True,
         env=env,
@@ -149,16 +151,21 @@ def check_same(directory: Path, got: dict) -> None:
     torch.testing.assert_close(torch.load(f"{directory}.logits4.pt"), want, rtol=0, atol=1e-5)
     if directory.name.endswith("+tok"):
         tok = AutoTokenizer.from_pretrained(directory)
-        assert got[str(directory)] == ["PreTrainedTokenizerFast", tok(TEXT)["input_ids"]]
+        chat = tok.chat_template and tok.apply_chat_template(CHAT)["input_ids"]
+        assert got[str(directory)] == ["PreTrainedTokenizerFast", tok(TEXT)["input_ids"], chat]
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
     """What whelp writes from a tiny Llama (RoPE base 100,000, llama3 scaling): in-memory and streamed prunes, a
-    distilled student, each with whelp's tokenizer (``+tok``)."""
+    distilled student, each with whelp's tokenizer (``+tok``), whose chat template transformers 5 writes to
+    chat_template.jinja alone."""
     root = tmp_path_factory.mktemp("outputs")
     src = root / "teacher+tok"
-    save_tiny(src, tiny_tokenizer(), num_hidden_layers=4, **FAMILY_OVERRIDES["llama"])
+    chat = copy.deepcopy(tiny_tokenizer())
+    chat.chat_template = CHATML
+    save_tiny(src, chat, num_hidden_layers=4, **FAMILY_OVERRIDES["llama"])
+    assert (src / "chat_template.jinja").read_text() == CHATML
     for name, flags in (("pruned+tok", ()), ("streamed+tok", ("--stream",))):
         result = run_cli(
             "prune", str(src), "--target", TARGET, "--out", str(root / name), "--importance", "magnitude", *flags
@@ -289,6 +296,22 @@ def test_legacy_fields():
                 },
             }
         )
-    tok = legacy_tokenizer_config({"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<a>"]})
-    assert tok == {"tokenizer_class": "PreTrainedTokenizerFast", "additional_special_tokens": ["<a>"]}
+    tok = legacy_tokenizer_config({"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<a>"]}, "T")
+    assert tok == {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "additional_special_tokens": ["<a>"],
+        "chat_template": "T",
+    }
+    assert legacy_tokenizer_config({"chat_template": "own"}, "T") == {"chat_template": "own"}
     assert legacy_tokenizer_config({"tokenizer_class": "LlamaTokenizer"}) == {"tokenizer_class": "LlamaTokenizer"}
+
+
+def test_chat_templates_are_read_as_tokenizer_config_holds_them(tmp_path):
+    """The default template alone as its text; with named ones (transformers 5's additional_chat_templates/) the list
+    4.x reads, the default first; no chat_template.jinja: None."""
+    assert chat_templates(tmp_path) is None
+    (tmp_path / "chat_template.jinja").write_text("D")
+    assert chat_templates(tmp_path) == "D"
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("T")
+    assert chat_templates(tmp_path) == [{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}]

@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
-from conftest import run_cli, save_tiny, tiny_tokenizer
+from conftest import assistant_of, make_chat_teacher, run_cli, save_tiny, tiny_tokenizer
 
 from whelp import models
 from whelp.errors import WhelpError
@@ -33,6 +33,7 @@ SPEC = SearchSpec(
 def teacher(tmp_path_factory):
     path = tmp_path_factory.mktemp("search") / "teacher"
     save_tiny(path, tiny_tokenizer(), seed=1)
+    make_chat_teacher(path, [0, 5])  # stops at <eos> and one more id
     return path
 
 
@@ -66,6 +67,7 @@ def test_search_writes_a_leaderboard_a_winner_and_a_target(teacher, searched, tm
     total, non_embedding = models.count_params(winner.config)
     assert [total, non_embedding] == board[0]["params"] == [sum(p.numel() for p in winner.parameters()), non_embedding]
     assert models.shape(winner.config) == board[0]["shape"]
+    assert assistant_of(out / "winner") == assistant_of(teacher)  # its chat template and every stop id
     pruned = tmp_path / "pruned"
     result_cli = run_cli(
         "prune",

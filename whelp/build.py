@@ -31,6 +31,7 @@ from pathlib import Path
 from rich.console import Console
 
 from whelp import store
+from whelp.assistant import carry_assistant
 from whelp.card import license_of, model_card
 from whelp.data import data_identity, source_identity
 from whelp.data.generate import generate_store
@@ -215,6 +216,7 @@ def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, model
         for item in student.iterdir():
             if item.is_file() and item.name != store.MARKER:
                 shutil.copy2(item, tmp / item.name)
+        carry_assistant(str(student), tmp)  # with the named chat templates of its additional_chat_templates/
         for name in ("report.md", "report.png"):
             shutil.copy2(eval_dir / name, tmp / name)
         (tmp / "recipe.yaml").write_text(dump(recipe))

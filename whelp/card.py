@@ -317,6 +317,19 @@ def _provenance(recipe: Recipe) -> list[str]:
     return ["## Teacher weights", "", *lines, ""] if lines else []
 
 
+def _chat_lines(final_dir: Path) -> list[str]:
+    """One line when the student has a chat template (the teacher's, with its special tokens and stop ids, carried
+    by whelp.assistant): it is prompted and stopped as the teacher is."""
+    config = final_dir / "tokenizer_config.json"
+    if not config.is_file() or "chat_template" not in json.loads(config.read_text()):
+        return []
+    return [
+        "It keeps the teacher's chat template, special tokens and stop ids (`generation_config.json`): prompt it "
+        "as the teacher.",
+        "",
+    ]
+
+
 def _data_lines(recipe: Recipe) -> list[str]:
     """The sources the build trains on, split into Hub datasets (the metadata's ``datasets``) and the rest."""
     trained = sorted(_trained(recipe))
@@ -346,6 +359,7 @@ def model_card(recipe: Recipe, metrics: dict, lineage: list[dict], final_dir: Pa
         "",
         *_lineage(recipe),
         "",
+        *_chat_lines(final_dir),
         *_provenance(recipe),
         "## Licence",
         "",

@@ -4,9 +4,11 @@ transformers 5 writes RoPE as one ``rope_parameters`` dict (``rope_theta`` insid
 type), the weight dtype as ``dtype``, and a tokenizer_config.json naming its own ``TokenizersBackend`` class with
 extra special tokens as a list. transformers 4.x (which vLLM and many serving stacks pin) ignores
 ``rope_parameters`` and falls back to its defaults without a word: the demo student (RoPE base 100,000) loads with
-base 10,000, its logits off by up to 4.6, and its tokenizer does not load at all. ``write_legacy_fields`` adds,
-beside the new fields, the ones 4.x reads (``rope_theta``, ``rope_scaling``, ``partial_rotary_factor``, Gemma 3's
-``rope_local_base_freq``, ``torch_dtype``) and names a tokenizer class both read. Every value is derived from the
+base 10,000, its logits off by up to 4.6, and its tokenizer does not load at all; and transformers 5 writes the chat
+template to ``chat_template.jinja`` alone, which 4.x before 4.50 never reads (the student loses its template).
+``write_legacy_fields`` adds, beside the new fields, the ones 4.x reads (``rope_theta``, ``rope_scaling``,
+``partial_rotary_factor``, Gemma 3's ``rope_local_base_freq``, ``torch_dtype``), names a tokenizer class both read
+and puts the chat template into ``tokenizer_config.json`` too. Every value is derived from the
 5.x fields, so both versions build the same model (transformers 5 reads the legacy fields back into the same
 ``rope_parameters``; tests/test_hf_compat.py checks logits and token ids under both).
 """
@@ -34,7 +36,8 @@ def write_legacy_fields(directory: str | Path) -> None:
     directory = Path(directory)
     _rewrite(directory / "config.json", legacy_config)
     if (directory / "tokenizer_config.json").exists():
-        _rewrite(directory / "tokenizer_config.json", legacy_tokenizer_config)
+        templates = chat_templates(directory)
+        _rewrite(directory / "tokenizer_config.json", lambda config: legacy_tokenizer_config(config, templates))
 
 
 def _rewrite(path: Path, convert) -> None:
@@ -87,10 +90,28 @@ def _legacy_gemma3_rope(rope: dict) -> dict:
     return fields
 
 
-def legacy_tokenizer_config(config: dict) -> dict:
-    """``config`` (a tokenizer_config.json dict) readable by 4.x: a tokenizer class 4.x has, and extra special
-    tokens given as a list under the name 4.x reads for a list (5.x reads it back as the same list)."""
+def chat_templates(directory: Path) -> str | list[dict] | None:
+    """The chat template(s) of the template files in ``directory`` as ``tokenizer_config.json`` holds them: the text
+    of ``chat_template.jinja``, or with named ones in ``additional_chat_templates/`` the list of ``{"name",
+    "template"}`` (the default named ``default``); None without the file."""
+    default = directory / "chat_template.jinja"
+    if not default.is_file():
+        return None
+    named = sorted((directory / "additional_chat_templates").glob("*.jinja"))
+    if not named:
+        return default.read_text()
+    return [{"name": "default", "template": default.read_text()}] + [
+        {"name": path.stem, "template": path.read_text()} for path in named
+    ]
+
+
+def legacy_tokenizer_config(config: dict, templates: str | list[dict] | None = None) -> dict:
+    """``config`` (a tokenizer_config.json dict) readable by 4.x: a tokenizer class 4.x has, extra special tokens
+    given as a list under the name 4.x reads for a list (5.x reads it back as the same list), and the chat
+    ``templates`` of the template files (``chat_templates``) unless it holds its own."""
     out = dict(config)
+    if templates is not None:
+        out.setdefault("chat_template", templates)
     name = out.get("tokenizer_class")
     if name in TOKENIZER_CLASSES:
         out["tokenizer_class"] = TOKENIZER_CLASSES[name]

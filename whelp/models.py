@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from inspect import signature
 from pathlib import Path
 
+from whelp.assistant import carry_assistant
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
 from whelp.output import quiet_loading, quiet_streams
@@ -283,12 +284,20 @@ def logit_transform(config) -> LogitTransform:
     return LogitTransform(scale=multiply / divide, cap=getattr(text, "final_logit_softcapping", None) or None)
 
 
-def write_model(model, tokenizer, directory: Path, extra: dict[str, str] | None = None) -> None:
+def write_model(
+    model, tokenizer, directory: Path, extra: dict[str, str] | None = None, source: str | None = None
+) -> None:
     """Write a vanilla HF checkpoint (safetensors, config, generation config, tokenizer) into ``directory``;
-    ``extra`` maps file names to text. Callers write into ``store.atomic_dir``'s temporary directory."""
+    ``extra`` maps file names to text. Callers write into ``store.atomic_dir``'s temporary directory.
+
+    ``source``: the checkpoint (directory or hub id) the model was made from, its teacher, whose tokenizer files
+    and generation config the output carries (``whelp.assistant`` says why) instead of ``tokenizer`` and the
+    model's own; None for a model that is its own source (``tokenizer`` saved, if any)."""
     with quiet_loading():
         model.save_pretrained(directory, safe_serialization=True)
-    if tokenizer is not None:
+    if source is not None:
+        carry_assistant(source, directory)
+    elif tokenizer is not None:
         tokenizer.save_pretrained(directory)
     write_legacy_fields(directory)
     for name, text in (extra or {}).items():
@@ -296,12 +305,18 @@ def write_model(model, tokenizer, directory: Path, extra: dict[str, str] | None 
 
 
 def save_model(
-    model, tokenizer, out_dir: str | Path, force: bool = False, extra: dict[str, str] | None = None, **marker
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    force: bool = False,
+    extra: dict[str, str] | None = None,
+    source: str | None = None,
+    **marker,
 ) -> Path:
     """``write_model`` into ``out_dir`` atomically: an interrupted save never leaves a half-written ``out_dir``,
     and the directory gets whelp's marker (with ``marker`` fields, e.g. a build stage's key)."""
     with atomic_dir(out_dir, force, "model", **marker) as tmp:
-        write_model(model, tokenizer, tmp, extra)
+        write_model(model, tokenizer, tmp, extra, source)
     return Path(out_dir).expanduser()
 
 

@@ -151,7 +151,8 @@ def distill_run(
             run_dir=str(rdir),
             history=run_state.history(rdir) if world.main else [],
         )
-        _save_student(t.model, lm, tokenizer, out, force, report, world, stage_key, student, spec.save)
+        source = models.locate(teachers[0][0] if teachers else student)  # whose tokenizer and stop ids it carries
+        _save_student(t.model, lm, source, out, force, report, world, stage_key, student, spec.save)
         return report
     finally:
         parallel.close_world(world)
@@ -240,10 +241,11 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
 
 
 def _save_student(
-    model, lm, tokenizer, out: Path, force: bool, report: dict, world, stage_key, student: str, spec: SaveSpec
+    model, lm, source: str, out: Path, force: bool, report: dict, world, stage_key, student: str, spec: SaveSpec
 ) -> None:
     """Gather the full fp32 weights and write ``out`` from rank 0 as a plain (unsharded) HF model, in the
-    ``save_dtype`` of ``spec`` (auto: the dtype the ``student`` it started from stores)."""
+    ``save_dtype`` of ``spec`` (auto: the dtype the ``student`` it started from stores), with the tokenizer files
+    and generation config of ``source``: the first live teacher, else the student (whelp.assistant)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.main:
         with torch.device("meta"):
@@ -254,11 +256,12 @@ def _save_student(
         dtype = getattr(torch, save_dtype(spec.save_dtype, student, lm.config))
         save_model(
             plain.eval().to(dtype),
-            tokenizer,
+            None,
             out,
             force=force,
             stage_key=stage_key,
             extra={"distill_report.json": json.dumps(report, indent=2)},
+            source=source,
         )
     if world.size > 1:
         torch.distributed.barrier()

@@ -250,12 +250,12 @@ def _should_stream(source_dir: Path) -> bool:
 
 def _prune_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timings, policy):
     t = time.perf_counter()
-    model, tokenizer = models.load_model(str(source_dir), policy=policy)
+    model, _ = models.load_model(str(source_dir), policy=policy)
     timings["load_s"] = time.perf_counter() - t
     pruned, scores, kept, details = _prune(model, parsed, tokens, spec, scores)
     t = time.perf_counter()
     dtype = save_dtype(spec.save_dtype, source_dir, model.config)
-    models.write_model(pruned.to(getattr(torch, dtype)), tokenizer, out)
+    models.write_model(pruned.to(getattr(torch, dtype)), None, out, source=str(source_dir))
     timings["save_s"] = time.perf_counter() - t
     return scores, kept, details
 

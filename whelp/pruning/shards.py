@@ -10,7 +10,6 @@ stock ``from_pretrained`` loads them.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,16 +22,6 @@ from whelp.errors import WhelpError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-COPIED = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "vocab.json",
-    "merges.txt",
-    "*.model",
-    "chat_template.*",
-    "added_tokens.json",
-)
 EMBED_CHUNK_ROWS = 16384
 
 
@@ -141,11 +130,3 @@ def write_shards(tensors: Iterable[tuple[str, Tensor]], out_dir: Path, shard_byt
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map_out}, indent=2)
     )
     return names
-
-
-def copy_side_files(source_dir: Path, out_dir: Path) -> None:
-    """Tokenizer and generation config of the source, unchanged (pruning never touches the vocabulary)."""
-    for pattern in COPIED:
-        for path in Path(source_dir).glob(pattern):
-            if path.is_file():
-                shutil.copy2(path, out_dir / path.name)

@@ -32,6 +32,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from whelp.assistant import carry_assistant
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
 from whelp.models import kv_cache_name, load_config
@@ -40,7 +41,7 @@ from whelp.pruning.arch import SQRT_HIDDEN, family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
 from whelp.pruning.keep import head_dim_of, text_config
 from whelp.pruning.moe import expert_magnitudes, expert_scores
-from whelp.pruning.shards import copy_side_files, embed_rows, read_tensor, weight_map, write_shards
+from whelp.pruning.shards import embed_rows, read_tensor, weight_map, write_shards
 from whelp.pruning.surgery import slice_tensor, target_config, tie_embeddings
 from whelp.pruning.targets import target_rope
 from whelp.specs import PruneSpec
@@ -144,15 +145,15 @@ def write_pruned(
     extra: dict[str, str] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Surgery shard to shard: the pruned checkpoint (shards, index, config, tokenizer, ``extra`` text
-    files) written to a temporary sibling of ``out_dir`` and renamed into place; tensors cast to ``dtype`` if
-    given, else as stored."""
+    """Surgery shard to shard: the pruned checkpoint (shards, index, config, the source's tokenizer files and
+    generation config, ``extra`` text files) written to a temporary sibling of ``out_dir`` and renamed into place;
+    tensors cast to ``dtype`` if given, else as stored."""
     shards = weight_map(Path(source_dir))
     tensors = sliced_tensors(shards, keep, family, source_cfg, target_cfg)
     with atomic_dir(out_dir, force) as tmp:
         write_shards(((n, t.to(dtype)) for n, t in tensors) if dtype is not None else tensors, tmp, shard_bytes)
         target_cfg.save_pretrained(tmp)
-        copy_side_files(Path(source_dir), tmp)
+        carry_assistant(str(source_dir), tmp)
         write_legacy_fields(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)

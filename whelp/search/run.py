@@ -129,11 +129,13 @@ def _latency(config, shape: dict, device: str) -> float:
 
 @dataclass
 class Trial:
-    """What every candidate is tried against: the teacher and its scores, the held-out blocks and the teacher's
-    log-probs on them [n, L, V], the short runs' blocks, and where results go."""
+    """What every candidate is tried against: the teacher (``source``: its checkpoint, whose tokenizer files and
+    generation config each candidate carries) and its scores, the held-out blocks and the teacher's log-probs on
+    them [n, L, V], the short runs' blocks, and where results go."""
 
     spec: SearchSpec
     work: Path
+    source: str
     teacher: object
     tokenizer: object
     scores: dict
@@ -187,7 +189,7 @@ def _train(t: Trial, index: int, row: dict) -> dict:
     )
     result = {**row, "train_s": time.perf_counter() - start, "trained": t.score(student)}
     with store.atomic_dir(stage, force=True, kind="model") as tmp:
-        models.write_model(student, t.tokenizer, tmp / "model")
+        models.write_model(student, None, tmp / "model", source=t.source)
         (tmp / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -247,6 +249,7 @@ def search_run(
     t = Trial(
         spec,
         work,
+        str(teacher_dir),
         model,
         tokenizer,
         scores,
