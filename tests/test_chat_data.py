@@ -86,13 +86,16 @@ def run(teacher, out, spec=SPEC, shard_tokens=300):
 
 def assistant_spans(tok, ids) -> np.ndarray:
     """The reference mask: True from just after each ``<|im_start|>assistant\\n`` through the next ``<|im_end|>``
-    (to the end when the stream is cut first)."""
+    (to the end when the stream is cut first); an ``<|im_end|>`` the template's newline does not follow is the
+    document's EOS after an unfinished answer, not a target."""
     header, end = tok(HEADER, add_special_tokens=False).input_ids, tok.convert_tokens_to_ids("<|im_end|>")
+    newline = tok("\n", add_special_tokens=False).input_ids
     ids, mask = list(ids), np.zeros(len(ids), dtype=bool)
     for at in (i for i in range(len(ids)) if ids[i : i + len(header)] == header):
         start = at + len(header)
         stop = next((j for j in range(start, len(ids)) if ids[j] == end), len(ids) - 1)
-        mask[start : stop + 1] = True
+        closed = stop == len(ids) - 1 or ids[stop + 1 : stop + 1 + len(newline)] == newline
+        mask[start : stop + 1 if closed else stop] = True
     return mask
 
 
@@ -239,17 +242,22 @@ def test_self_instruct_same_seed_same_store_of_user_and_assistant_turns_with_the
     assert not np.array_equal(other.read(0, 200), a.read(0, 200))
     tok, ids = chatml(), a.read(0, len(a))
     assert np.array_equal(a.read_mask(0, len(a)), assistant_spans(tok, ids))
-    docs, requests = documents(a), []
+    docs, requests, unfinished = documents(a), [], 0
+    close = [tok.eos_token_id, *tok("\n", add_special_tokens=False).input_ids]  # ChatML's end of every turn
     for doc in docs[:-1]:  # the last is cut at max_tokens
         assert doc[-1] == tok.eos_token_id
-        turns = parsed(tok, doc)
+        body = list(doc[:-1])
+        closing = [] if body[-len(close) :] == close else close  # an unfinished answer stops without its turn's end
+        unfinished += bool(closing)
+        turns = parsed(tok, np.array(body + closing))
         assert [t["role"] for t in turns] == ["system", "user", "assistant"]
-        assert list(doc[:-1]) == tok.apply_chat_template(turns, tokenize=True, return_dict=False)
+        assert body + closing == tok.apply_chat_template(turns, tokenize=True, return_dict=False)
         assert turns[1]["content"].strip() and turns[2]["content"].strip()
         requests.append(" ".join(re.findall(r"\w+", turns[1]["content"].lower())))
     assert len(set(requests)) == len(requests)  # no request repeated
     counts = a.manifest["chat"]
     assert counts["kept"] == a.manifest["documents"] == len(docs) and counts["dropped"]["duplicate"] > 0
+    assert 0 < unfinished <= counts["unfinished"] and counts["dropped"]["no_end"] > 0  # requests still need an end
     assert a.manifest["targets"] == a.read_mask(0, len(a)).sum()
 
 
@@ -319,7 +327,7 @@ def test_answers_to_prompts_keep_the_teachers_best_of_n(teacher, tmp_path, monke
             later += best > 0
     assert [list(d) for d in documents(s)] == want and len(want) >= 3 and later >= 1  # not merely the first
     assert np.array_equal(s.read_mask(0, len(s)), assistant_spans(tok, s.read(0, len(s))))
-    assert s.manifest["chat"] == {"kept": len(want), "dropped": dropped}
+    assert s.manifest["chat"] == {"kept": len(want), "unfinished": 0, "dropped": dropped}
 
 
 # ---- the command line

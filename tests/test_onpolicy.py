@@ -101,7 +101,9 @@ def test_an_on_policy_step_equals_the_naive_reference_without_grad_through_sampl
     sums = loop.loss_step(t, micro, (1.0,), onpolicy.generator(3, 0, 0, spec, 1, world.device), tokens)
     assert grad_modes == [False] * spec.gkd.gen_tokens + [True]  # prefill + G-1 cached steps, then the trained forward
 
-    ids = onpolicy.sample(ref_student, rows[micro][:, :10], 8, 512, torch.Generator().manual_seed(3))[0]  # seed 0, slot 3
+    ids = onpolicy.sample(ref_student, rows[micro][:, :10], 8, 512, torch.Generator().manual_seed(3))[
+        0
+    ]  # seed 0, slot 3
     zs = ref_student(input_ids=ids).logits.float()[:, 9:-1].flatten(0, 1)
     with torch.no_grad():
         zt = teacher(input_ids=ids).logits.float()[:, 9:-1].flatten(0, 1)

@@ -11,7 +11,12 @@ of the whole rendered conversation per answer.
 
 Dropped (and counted in the manifest's ``chat``, by reason): self-written requests that are empty, loop
 (``chat.loops``), hit ``request_tokens`` without end of turn, or nearly repeat a kept one (``chat.Seen``); answers
-that are empty, loop, or hit ``new_tokens`` without end of turn (a request none of whose answers survives is lost).
+that are empty, loop, or (when there is a choice, ``samples_per_prompt`` > 1) hit ``new_tokens`` without end of
+turn (a request none of whose answers survives is lost). A single answer that hits ``new_tokens`` is kept as far as
+it went, without an end of turn (counted ``unfinished``): forward KL on each of its tokens still teaches the
+teacher's whole next-token distribution, its probability of ending the turn there included, and a small teacher's
+answers often run past a CPU budget (SmolLM2-135M-Instruct ends 28% of its answers within 160 tokens), so dropping
+them would throw away most of the sampling.
 
 Determinism and resume as in ``whelp.data.generate``: batch ``b`` (``batch_size`` requests) runs with the RNG seeded
 from ``(seed, b)``; shards end at batch boundaries, recording their batches and their documents' lengths. The kept
@@ -142,10 +147,14 @@ def answer(t: Teacher, requests: list[list[dict]], counts: collections.Counter) 
     for i, messages in enumerate(requests):
         best, score = None, -float("inf")
         for ids, ended in outs[i * n : (i + 1) * n]:
-            if why := _drop(t, ids, ended):
+            if (why := _drop(t, ids, ended)) and not (why == "no_end" and n == 1):
                 counts[why] += 1
                 continue
             conv = t.render([*messages, {"role": "assistant", "content": t.text(ids)}])
+            if not ended:  # an unfinished single answer: kept as far as it went, no end of turn to learn
+                counts["unfinished"] += 1
+                close = len(prompts[i]) + int(np.flatnonzero(np.isin(conv[0][len(prompts[i]) :], t.end_of_turn))[0])
+                conv = (conv[0][:close], conv[1][:close])
             mine = conv[1] & (np.arange(len(conv[0])) >= len(prompts[i]))  # this answer's tokens
             value = mean_logprob(t.model, conv[0], mine) if n > 1 else 0.0
             if best is None or value > score:
@@ -157,8 +166,9 @@ def answer(t: Teacher, requests: list[list[dict]], counts: collections.Counter) 
 
 def request_of(t: Teacher, doc: np.ndarray, prefix: list[int]) -> str:
     """The self-written request of a stored conversation: its tokens after the pre-query ``prefix`` up to the first
-    end-of-turn id, as text (what ``Seen`` holds, the same when written and when read back on resume)."""
-    end = next(j for j in range(len(prefix), len(doc)) if doc[j] in t.end_of_turn)
+    end-of-turn id (the document's end in a store's last conversation, cut at ``max_tokens``), as text (what
+    ``Seen`` holds, the same when written and when read back on resume)."""
+    end = next((j for j in range(len(prefix), len(doc)) if doc[j] in t.end_of_turn), len(doc))
     return t.text(doc[len(prefix) : end])
 
 
@@ -267,6 +277,7 @@ def _summed(records: list[dict], counts: collections.Counter) -> dict:
     """The manifest's ``chat``: kept conversations and dropped samples by reason, of ``records`` and ``counts``."""
     return {
         "kept": sum(r["kept"] for r in records) + counts["kept"],
+        "unfinished": sum(r["unfinished"] for r in records) + counts["unfinished"],
         "dropped": {why: sum(r["dropped"][why] for r in records) + counts[why] for why in REASONS},
     }
 
