@@ -40,6 +40,7 @@ from whelp.distillation.api import cache_teacher, distill_run
 from whelp.distillation.cache import MANIFEST
 from whelp.errors import WhelpError
 from whelp.evals.api import evaluate_to
+from whelp.evals.behaviour import set_identity
 from whelp.pruning.api import prune_checkpoint
 from whelp.recipe import GENERATED, SEARCH_DATA, Recipe, SearchTarget, dump
 from whelp.schema import to_dict
@@ -196,7 +197,7 @@ def _eval_stage(recipe: Recipe, models: dict[str, Path], keys: list[str], n: int
     key = _key(
         "eval",
         to_dict(recipe.eval),
-        [data_identity(s) for s in recipe.eval.ppl],
+        [data_identity(s) for s in recipe.eval.ppl] + [set_identity(name) for name in recipe.eval.chat],
         keys,
         source_identity(recipe.teacher.model),
     )
@@ -217,8 +218,9 @@ def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, model
             if item.is_file() and item.name != store.MARKER:
                 shutil.copy2(item, tmp / item.name)
         carry_assistant(str(student), tmp)  # with the named chat templates of its additional_chat_templates/
-        for name in ("report.md", "report.png"):
-            shutil.copy2(eval_dir / name, tmp / name)
+        for name in ("report.md", "report.png", "answers.jsonl"):
+            if (eval_dir / name).exists():  # answers.jsonl: only with eval.chat
+                shutil.copy2(eval_dir / name, tmp / name)
         (tmp / "recipe.yaml").write_text(dump(recipe))
         (tmp / "metrics.json").write_text(json.dumps({**metrics, "lineage": lineage}, indent=2))
         (tmp / "README.md").write_text(model_card(recipe, metrics, lineage, tmp))

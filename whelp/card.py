@@ -181,8 +181,8 @@ def _dataset(source: str) -> dict:
 
 
 def _eval_result(name: str, value: float):
-    """One ``model-index`` entry from a report metric: ``ppl:SOURCE``, ``bpb:SOURCE`` or lm-eval's
-    ``TASK/METRIC[,FILTER]``."""
+    """One ``model-index`` entry from a report metric: ``ppl:SOURCE``, ``bpb:SOURCE``, lm-eval's
+    ``TASK/METRIC[,FILTER]`` or whelp's chat behaviour ``chat:SET/METRIC``."""
     if name.startswith(("ppl:", "bpb:")):
         kind, source = name.split(":", 1)
         metric = {"ppl": "perplexity", "bpb": "bits_per_byte"}[kind]
@@ -199,7 +199,7 @@ def _eval_result(name: str, value: float):
     return EvalResult(
         task_type="text-generation",
         task_name=task,
-        dataset_type=f"lm-eval:{task}",
+        dataset_type=f"{'whelp' if task.startswith('chat:') else 'lm-eval'}:{task}",  # chat:SET: whelp's prompts
         dataset_name=task,
         metric_type=metric,
         metric_name=name,

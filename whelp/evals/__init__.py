@@ -1,1 +1,1 @@
-"""Evaluation: perplexity, lm-eval tasks, size and speed, reports."""
+"""Evaluation: perplexity, lm-eval tasks, chat behaviour, size and speed, reports."""

@@ -1,9 +1,11 @@
 """``evaluate({label: model})``: score teachers and students the same way; ``evaluate_to`` also writes the report.
 
 Each model gets size (parameters, bytes), speed (prefill / decode tokens per second, peak memory), perplexity and
-bits per byte on every ``spec.ppl`` source, and lm-eval scores on ``spec.tasks``. A model given as a directory or
-name is measured with its speed and peak memory in a fresh process, and its results are cached under
-``$WHELP_HOME/eval-cache`` keyed by the identity of its files and every setting that changes a number, so a teacher
+bits per byte on every ``spec.ppl`` source, lm-eval scores on ``spec.tasks``, and its answers to the chat prompt sets
+``spec.chat`` with their behaviour metrics (``whelp.evals.behaviour``; the reference, loaded once after every model
+has answered, scores them all). A model given as a directory or name is measured with its speed and peak memory in a
+fresh process, and its results are cached under ``$WHELP_HOME/eval-cache`` keyed by the identity of its files and
+every setting that changes a number (with ``spec.chat``, the prompt files' and the reference's too), so a teacher
 scored once is not scored again by the next build. A model given in memory is measured in this process (its peak
 memory is not, since this process holds other things) and not cached.
 """
@@ -11,6 +13,7 @@ memory is not, since this process holds other things) and not cached.
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 import time
 from collections.abc import Mapping
@@ -26,6 +29,7 @@ from whelp import store
 from whelp.data import check_data, data_identity, source_identity, stream_tokens
 from whelp.data.tokenstore import tokenizer_hash
 from whelp.errors import WhelpError
+from whelp.evals import behaviour
 from whelp.evals.harness import SEEDS, check_include_paths, run_tasks, task_manager
 from whelp.evals.perplexity import perplexity, windows
 from whelp.evals.report import markdown, write_report
@@ -35,7 +39,7 @@ from whelp.output import Progress
 from whelp.specs import EvalSpec, LoadPolicy, record
 from whelp.store import check_apart, check_writable, content_id
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,9 @@ def versions() -> dict:
     }
 
 
-def cache_key(name: str, spec: EvalSpec) -> str:
+def cache_key(name: str, spec: EvalSpec, chat: object = None) -> str:
+    """The key of a model directory's results: its files, the settings, the inputs' identities and, with
+    ``--chat``, ``chat`` (``ChatPlan.identity``: the prompt files and the reference)."""
     inputs = [data_identity(s) for s in spec.ppl] + [source_identity(p) for p in spec.include_paths]
     return content_id(
         {
@@ -83,6 +89,7 @@ def cache_key(name: str, spec: EvalSpec) -> str:
             "model": source_identity(locate(name)),
             "spec": record(spec),
             "inputs": inputs,
+            "chat": chat,
             "versions": versions(),
         }
     )[:20]
@@ -106,9 +113,10 @@ def _perplexity(model, ids, spec: EvalSpec, tokenizer, source: str) -> dict:
         return asdict(perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size, tokenizer, bar.advance))
 
 
-def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
-    """Size, perplexity on the tokens ``ppl_ids`` ({source: [T]}) and lm-eval scores of one in-memory model (its
-    speed is measured apart: ``whelp.evals.speed``)."""
+def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict, chat=None, label: str = "") -> dict:
+    """Size, perplexity on the tokens ``ppl_ids`` ({source: [T]}), lm-eval scores and, given a ``chat`` plan, the
+    answers of one in-memory model named ``label`` (its speed is measured apart: ``whelp.evals.speed``; the
+    reference's scores of its answers by ``behaviour.score_all``)."""
     start = time.perf_counter()
     total, non_embedding = count_params(model.config)
     ppl = {source: _perplexity(model, ids, spec, tokenizer, source) for source, ids in ppl_ids.items()}
@@ -119,46 +127,64 @@ def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
     }
     if spec.tasks:
         result["lm_eval"] = run_tasks(
-            model, tokenizer, spec.tasks, manager, spec.limit, spec.max_length, spec.batch_size
+            model,
+            tokenizer,
+            spec.tasks,
+            manager,
+            spec.limit,
+            spec.max_length,
+            spec.batch_size,
+            spec.apply_chat_template,
         )
+    if chat is not None:
+        result["behaviour"] = behaviour.answer(model, tokenizer, chat, label, spec)
     result["seconds"] = time.perf_counter() - start
     return result
 
 
-def _in_memory(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict) -> dict:
+def _in_memory(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict, chat, label: str) -> dict:
     """``measure`` plus speed measured in this process (peak memory is not: this process holds other things)."""
     speed = {
         **measure_speed(model, spec.speed),
         "peak_memory_bytes": None,
         "peak_memory_method": "not measured: the model was given in memory (evaluate its directory)",
     }
-    return {**measure(model, tokenizer, spec, manager, ppl_ids), "speed": speed}
+    return {**measure(model, tokenizer, spec, manager, ppl_ids, chat, label), "speed": speed}
 
 
-def _cache_path(name: str, spec: EvalSpec) -> Path:
-    return store.whelp_home() / "eval-cache" / f"{cache_key(name, spec)}.json"
+def _cache_path(name: str, spec: EvalSpec, chat: object) -> Path:
+    return store.whelp_home() / "eval-cache" / f"{cache_key(name, spec, chat)}.json"
 
 
-def _cached(name: str, spec: EvalSpec) -> dict | None:
+def _cached(name: str, spec: EvalSpec, chat: object) -> dict | None:
     """A model directory's results from ``$WHELP_HOME/eval-cache`` (a sealed record), or None: absent, or edited or
     damaged, which is a miss and is measured again."""
-    path = _cache_path(name, spec)
+    path = _cache_path(name, spec, chat)
     try:
         return {**store.read_record(path, ""), "cache_key": path.stem, "reused": True}
     except WhelpError:
         return None
 
 
-def _loaded_and_measured(name: str, spec: EvalSpec, manager, policy: LoadPolicy, ppl_ids: dict) -> dict:
+def _loaded_and_measured(name: str, spec: EvalSpec, manager, policy: LoadPolicy, ppl_ids: dict, chat, label) -> dict:
     """``measure`` of a model directory, loaded here and released on return (before its speed is measured)."""
     model, tokenizer = whelp.models.load_model(name, dtype=spec.dtype, device=spec.device, policy=policy)
-    return measure(model, tokenizer, spec, manager, ppl_ids)
+    return measure(model, tokenizer, spec, manager, ppl_ids, chat, label)
+
+
+def _reference(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy, label: str):
+    """``(model, tokenizer)`` of the reference: the one given in memory, or its directory loaded."""
+    model = models[label]
+    if isinstance(model, (str, Path)):
+        return whelp.models.load_model(str(model), dtype=spec.dtype, device=spec.device, policy=policy)
+    return model, tokenizer
 
 
 def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
-    """Labels, model names, tasks, positions and perplexity sources, before any model is loaded: returns the task
-    manager, each model's perplexity tokens ({label: {source: [T]}}, read once here) and tokenizer hash (perplexities
-    of different tokenizers count different tokens: the report compares them by bits per byte only)."""
+    """Labels, model names, tasks, chat prompts and templates, positions and perplexity sources, before any model is
+    loaded: returns the task manager, each model's perplexity tokens ({label: {source: [T]}}, read once here) and
+    tokenizer hash (perplexities of different tokenizers count different tokens: the report compares them by bits
+    per byte only), and the chat plan (None without ``spec.chat``)."""
     if not models:
         raise WhelpError("give at least one model to evaluate")
     check_device(spec.device)
@@ -166,22 +192,26 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
         check_data(source)
     check_include_paths(spec.include_paths)
     manager = task_manager(spec.tasks, spec.include_paths) if spec.tasks else None
-    shared = _ppl_tokens(tokenizer, spec) if tokenizer is not None else None  # the in-memory models' tokenizer
-    tokens, tokenizers = {}, {}
+    configs, owns = {}, {}
     for label, model in models.items():
         if isinstance(model, (str, Path)):
-            config, own = load_config(str(model), policy), load_tokenizer(str(model), policy)
-            tokens[label] = _ppl_tokens(own, spec)
+            configs[label], owns[label] = load_config(str(model), policy), load_tokenizer(str(model), policy)
         elif tokenizer is None:
             raise WhelpError(f"model '{label}' is given in memory: pass its tokenizer")
         else:
-            config, own, tokens[label] = model.config, tokenizer, shared
-        tokenizers[label] = tokenizer_hash(own)
+            configs[label], owns[label] = model.config, tokenizer
+        if spec.apply_chat_template:
+            why = "--apply-chat-template formats lm-eval requests with each model's template; drop it for this model"
+            behaviour.check_chat_template(owns[label], f"model '{label}'", why)
+    chat = behaviour.plan(spec, models, owns) if spec.chat else None
+    shared = _ppl_tokens(tokenizer, spec) if tokenizer is not None else None  # the in-memory models' tokenizer
+    tokens = {label: shared if owns[label] is tokenizer else _ppl_tokens(owns[label], spec) for label in models}
+    for config in configs.values():
         check_positions(config, spec.seq_len, "--seq-len")
         if spec.max_length is not None:
             check_positions(config, spec.max_length, "--max-length")
         check_positions(config, spec.speed.prompt_len + spec.speed.new_tokens, "--speed-prompt-len + new tokens")
-    return manager, tokens, tokenizers
+    return manager, tokens, {label: tokenizer_hash(own) for label, own in owns.items()}, chat
 
 
 def evaluate(
@@ -193,22 +223,30 @@ def evaluate(
     Directories not in the cache are loaded and measured one at a time while a speed process imports torch; their
     speed is measured after all of them, each by a child of that process, and then they are cached."""
     models = {str(label): model for label, model in models.items()}
-    manager, tokens, tokenizers = _check(models, tokenizer, spec, policy)
+    manager, tokens, tokenizers, chat = _check(models, tokenizer, spec, policy)
+    ident = None if chat is None else chat.identity
+    cached = chat is None or ident is not None  # answers scored by an in-memory reference are not cached
     on_disk = {label: str(m) for label, m in models.items() if isinstance(m, (str, Path))}
-    results = {label: _cached(name, spec) for label, name in on_disk.items()}
+    results = {label: _cached(name, spec, ident) if cached else None for label, name in on_disk.items()}
     missing = [label for label, hit in results.items() if hit is None]
     with contextlib.ExitStack() as stack:
         speed = stack.enter_context(SpeedProcess(policy)) if missing else None
         for label, model in models.items():
             if label in missing:
-                results[label] = _loaded_and_measured(on_disk[label], spec, manager, policy, tokens[label])
+                results[label] = _loaded_and_measured(on_disk[label], spec, manager, policy, tokens[label], chat, label)
             elif label not in on_disk:
-                results[label] = {"reused": False, **_in_memory(model.eval(), tokenizer, spec, manager, tokens[label])}
+                own = _in_memory(model.eval(), tokenizer, spec, manager, tokens[label], chat, label)
+                results[label] = {"reused": False, **own}
+        if chat is not None:
+            fresh = [label for label in models if label in missing or label not in on_disk]
+            reference = functools.partial(_reference, models, tokenizer, spec, policy, chat.reference)
+            results = behaviour.score_all(chat, results, fresh, reference, spec)
         for label in missing:
             results[label]["speed"] = speed.measure(on_disk[label], spec)
-            path = _cache_path(on_disk[label], spec)
-            store.write_record(path, results[label])
-            results[label] = {**results[label], "cache_key": path.stem, "reused": False}
+            path = _cache_path(on_disk[label], spec, ident)
+            if cached:
+                store.write_record(path, results[label])
+            results[label] = {**results[label], "cache_key": path.stem if cached else None, "reused": False}
     rows = [
         {
             "label": label,

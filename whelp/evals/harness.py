@@ -110,6 +110,7 @@ def run_tasks(
     limit: int | None = None,
     max_length: int | None = None,
     batch_size: int = 4,
+    apply_chat_template: bool = False,
 ) -> dict:
     """Scores of ``model`` on lm-eval ``tasks`` (names checked by ``task_manager``):
     ``{"scores": {"task/metric": value}, "higher_is_better": {"task/metric": bool}}``.
@@ -118,6 +119,7 @@ def run_tasks(
     take the model's own (``max_position_embeddings``...), so the numbers equal the stock ``lm_eval`` CLI's. It is
     independent of whelp's perplexity window: a short window must not truncate a task's long answers.
     ``limit`` caps the documents per task (lm-eval marks such results as not for reporting).
+    ``apply_chat_template`` is lm-eval's own: each request is formatted as a chat turn with the model's template.
     """
     from lm_eval import simple_evaluate  # noqa: PLC0415 - heavy: lm-eval loads only when tasks are run or checked
     from lm_eval.models.huggingface import HFLM  # noqa: PLC0415 - heavy: lm-eval loads only when tasks are run or checked
@@ -136,6 +138,7 @@ def run_tasks(
                 tasks=list(tasks),
                 task_manager=manager,
                 limit=limit,
+                apply_chat_template=apply_chat_template,
                 log_samples=False,
                 bootstrap_iters=1000,
                 verbosity="ERROR",

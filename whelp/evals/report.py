@@ -1,18 +1,23 @@
-"""Teacher-vs-student report: ``metrics.json``, ``report.md`` (one table) and ``report.png`` (a chart of it).
+"""Teacher-vs-student report: ``metrics.json``, ``report.md`` (one table, and a few chat answers side by side),
+``report.png`` (a chart of the table) and, with chat prompts, ``answers.jsonl`` (every model's answers).
 
 **% recovered** (quality rows) is the share of the reference's quality a model keeps, measured in loss so that it is
 linear in what a model learns: ``ref NLL / model NLL`` for perplexity-type metrics (= ``ln ref_ppl / ln model_ppl``
 = the bits-per-byte ratio on the same text), ``ref / model`` for bits per byte, ``model / ref`` for accuracy-type
 metrics (higher is better). 100% means as good as the reference; above 100% means better. Size and speed rows show
-``model / ref`` as a plain % of the reference.
+``model / ref`` as a plain % of the reference. Chat behaviour rows (``chat:SET/METRIC``, ``whelp.evals.chat``):
+``ref_nll`` is an NLL (``ref / model``); ``loop`` and ``empty``, shares where lower is better, compare the shares of
+good answers, ``(1 - model) / (1 - ref)``; the other shares and ``rouge_l`` are ``model / ref``.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
 
+from whelp.evals.chat import LOWER_IS_BETTER, METRICS, SHARES
 from whelp.store import atomic_dir
 
 SIZE_SPEED = (
@@ -23,11 +28,12 @@ SIZE_SPEED = (
     "decode_tokens_per_s",
     "peak_memory_bytes",
 )
+SAMPLES, SAMPLE_CHARS = 3, 240  # report.md shows the first SAMPLES answers of each chat set, cut to SAMPLE_CHARS
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
     """The table's numbers of one model result: size, speed, ``ppl:SOURCE`` / ``bpb:SOURCE``, lm-eval scores
-    (stderrs and sample counts stay in metrics.json only)."""
+    (stderrs and sample counts stay in metrics.json only), ``chat:SET/METRIC`` (those measured)."""
     flat = {**result["size"], **{k: v for k, v in result["speed"].items() if k in SIZE_SPEED and v is not None}}
     for source, ppl in result["perplexity"].items():
         flat[f"ppl:{source}"] = ppl["ppl"]
@@ -39,13 +45,20 @@ def flat_metrics(result: dict) -> dict[str, float]:
             if not k.endswith(("_stderr", "/sample_len")) and "_stderr," not in k
         }
     )
+    for name, chat in result.get("behaviour", {}).items():
+        flat.update({f"{name}/{k}": chat["metrics"][k] for k in METRICS if chat["metrics"].get(k) is not None})
     return flat
 
 
 def direction(name: str, higher_is_better: dict[str, bool]) -> str:
-    """How a metric is compared: ``size`` (plain ratio), ``log`` (perplexity: NLL ratio), ``lower``, ``higher``."""
+    """How a metric is compared: ``size`` (plain ratio), ``log`` (perplexity: NLL ratio), ``lower``, ``higher``,
+    ``share_lower`` (a share of bad answers: compared as the share of good ones)."""
     if name in SIZE_SPEED:
         return "size"
+    if name.startswith("chat:"):
+        metric = name.rsplit("/", 1)[1]
+        lower = metric in LOWER_IS_BETTER
+        return ("share_lower" if metric in SHARES else "lower") if lower else "higher"
     if name.startswith("ppl:") or name.endswith("perplexity"):
         return "log"
     if name.startswith("bpb:") or not higher_is_better.get(name, True):
@@ -59,6 +72,8 @@ def percent(kind: str, ref: float, value: float) -> float:
         return 100 * math.log(ref) / math.log(value) if value > 1 and ref > 1 else float("nan")
     if kind == "lower":
         return 100 * ref / value if value else float("nan")
+    if kind == "share_lower":
+        return 100 * (1 - value) / (1 - ref) if ref < 1 else float("nan")
     return 100 * value / ref if ref else float("nan")
 
 
@@ -107,6 +122,7 @@ def markdown(metrics: dict) -> str:
         "log": "% recovered (NLL ratio)",
         "lower": "% recovered (ref/model)",
         "higher": "% recovered (model/ref)",
+        "share_lower": "% recovered ((1-model)/(1-ref))",
     }
     head = ["metric", "%", f"{labels[0]} (reference)", *labels[1:]]
     lines = [
@@ -133,7 +149,65 @@ def markdown(metrics: dict) -> str:
             "and get no %; compare them by bits per byte (bpb rows)."
         )
     lines.append(f"Reused from the cache: {', '.join(reused) or 'none'}.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _samples(metrics)) + "\n"
+
+
+def _cell(answer: dict) -> str:
+    """One answer as a table cell: its text cut to ``SAMPLE_CHARS``, HTML-escaped, its line breaks as ``<br>``, and
+    its flags."""
+    text = "\n".join(" ".join(line.split()) for line in answer["answer"].strip().splitlines() if line.strip())
+    text = (text[:SAMPLE_CHARS].rstrip() + " ...") if len(text) > SAMPLE_CHARS else text
+    text = html.escape(text, quote=False).replace("\n", "<br>")
+    flags = [f for f, bad in (("loops", answer["loop"]), ("no end of turn", not answer["ended"])) if bad]
+    flags += [
+        f"{'right' if ok else 'wrong'} {what}"
+        for what, ok in (("answer", answer["correct"]), ("format", answer["followed"]))
+        if ok is not None
+    ]
+    return (text.replace("|", "\\|") or "(empty)") + (f" _({', '.join(flags)})_" if flags else "")
+
+
+def _samples(metrics: dict) -> list[str]:
+    """The first ``SAMPLES`` answers of each chat set, every model's side by side (none when the metrics hold no
+    answers, e.g. read back from metrics.json)."""
+    models = metrics["models"]
+    if not models[0].get("behaviour") or not all("answers" in b for m in models for b in m["behaviour"].values()):
+        return []
+    lines = ["", f"## Answers (the first {SAMPLES} of each set; every answer in answers.jsonl)"]
+    for name in models[0]["behaviour"]:
+        for i, first in enumerate(models[0]["behaviour"][name]["answers"][:SAMPLES]):
+            lines += ["", f"**{name} #{i + 1}**: {' '.join(first['prompt'].split())[:SAMPLE_CHARS]}", ""]
+            lines += ["| model | answer |", "|---|---|"]
+            lines += [f"| {m['label']} | {_cell(m['behaviour'][name]['answers'][i])} |" for m in models]
+    return lines
+
+
+def answer_rows(metrics: dict) -> list[dict]:
+    """answers.jsonl: one row per chat set and prompt, with every model's answer and its flags."""
+    models, rows = metrics["models"], []
+    for name in models[0].get("behaviour", {}):
+        for i, first in enumerate(models[0]["behaviour"][name]["answers"]):
+            answers = {m["label"]: m["behaviour"][name]["answers"][i] for m in models}
+            rows.append(
+                {
+                    "set": name,
+                    "index": i,
+                    "prompt": first["prompt"],
+                    "answers": {label: {k: v for k, v in a.items() if k != "prompt"} for label, a in answers.items()},
+                }
+            )
+    return rows
+
+
+def without_answers(metrics: dict) -> dict:
+    """metrics.json: the metrics with each chat set's numbers only (its answers go to answers.jsonl)."""
+    models = [
+        {**m, "behaviour": {name: {"metrics": b["metrics"]} for name, b in m["behaviour"].items()}}
+        if "behaviour" in m
+        else m
+        for m in metrics["models"]
+    ]
+    return {**metrics, "models": models}
 
 
 def chart(metrics: dict, path: Path) -> None:
@@ -160,9 +234,13 @@ def chart(metrics: dict, path: Path) -> None:
 
 
 def write_report(metrics: dict, out: Path, force: bool = False, stage_key: str | None = None) -> Path:
-    """Write metrics.json, report.md and report.png into ``out`` atomically (temp dir + rename)."""
+    """Write metrics.json, report.md, report.png and (with chat answers) answers.jsonl into ``out`` atomically (temp
+    dir + rename)."""
+    rows = answer_rows(metrics)
     with atomic_dir(out, force, "eval", stage_key=stage_key) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(without_answers(metrics), indent=2))
+        if rows:
+            (tmp / "answers.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         (tmp / "report.md").write_text(markdown(metrics))
         chart(metrics, tmp / "report.png")
     return out

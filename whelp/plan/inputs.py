@@ -11,6 +11,7 @@ from whelp.data import available_tokens, check_data, check_source
 from whelp.data.tokenstore import token_dtype, tokenizer_hash
 from whelp.distillation.cache import MAG_BITS, id_bits
 from whelp.errors import WhelpError
+from whelp.evals.behaviour import check_chat_template, read_prompts
 from whelp.evals.harness import check_include_paths, check_task_names
 from whelp.pruning import moe
 from whelp.pruning.moe import shape_of
@@ -148,9 +149,17 @@ def _capture_tokens(spec, data: dict) -> int:
 
 
 def _check_eval(recipe: Recipe) -> None:
-    """The eval section's sources and lm-eval task names, so a build never fails on them after pruning."""
+    """The eval section's sources, lm-eval task names and chat prompts (and the teacher's chat template, which the
+    prompts are answered through, when the teacher is on this machine), so a build never fails on them after
+    pruning."""
     for i, source in enumerate(recipe.eval.ppl):
         _at(f"recipe.eval.ppl[{i}]", check_data, source)
     _at("recipe.eval.include_paths", lambda: check_include_paths(recipe.eval.include_paths))
     if recipe.eval.tasks:
         _at("recipe.eval.tasks", lambda: check_task_names(recipe.eval.tasks, recipe.eval.include_paths))
+    for i, name in enumerate(recipe.eval.chat):
+        _at(f"recipe.eval.chat[{i}]", read_prompts, name)
+    local = _local_teacher(recipe)
+    if recipe.eval.chat and local is not None:
+        why = "eval.chat answers through the teacher's template: drop eval.chat or use an instruct teacher"
+        _at("recipe.eval.chat", lambda: check_chat_template(models.load_tokenizer(str(local)), "the teacher", why))

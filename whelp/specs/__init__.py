@@ -28,12 +28,13 @@ from whelp.specs.base import (
 )
 from whelp.specs.data import Mixture, Source, as_mixtures, record
 from whelp.specs.distill import DistillSpec, check_on_policy, check_teacher_weights
-from whelp.specs.evals import EvalSpec, SpeedSpec
+from whelp.specs.evals import CHAT_SETS, EvalSpec, SpeedSpec
 from whelp.specs.prune import SEARCH_AXES, PruneSpec, SearchSpec
 from whelp.specs.teacher import CacheSpec, GenerateSpec
 from whelp.specs.training import ComputeSpec, LossSpec, MonitorSpec, OnPolicySpec, OptimSpec, SaveSpec, Schedule
 
 __all__ = [
+    "CHAT_SETS",
     "IMPORTANCE",
     "LAYER_IMPORTANCE",
     "LOSSES",

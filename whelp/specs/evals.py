@@ -1,4 +1,5 @@
-"""What ``whelp eval`` measures: ``EvalSpec`` (perplexity, lm-eval tasks, size) and its ``SpeedSpec``."""
+"""What ``whelp eval`` measures: ``EvalSpec`` (perplexity, lm-eval tasks, chat behaviour, size) and its
+``SpeedSpec``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from whelp.errors import WhelpError
 from whelp.schema import check_types
 from whelp.specs.base import _choice, _device, _positive, _require, opt
 from whelp.specs.data import Mixture, as_mixtures
+
+CHAT_SETS = ("chat:general",)  # the built-in prompt sets (whelp/evals/data/chat_<name>.jsonl)
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,9 @@ class SpeedSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     """What to measure. ``stride`` None means non-overlapping windows of ``seq_len``; ``max_tokens`` bounds the
-    tokens read from each perplexity source; ``limit`` caps the documents of each lm-eval task."""
+    tokens read from each perplexity source; ``limit`` caps the documents of each lm-eval task. ``chat`` names prompt
+    sets every model answers greedily through the reference's chat template (``whelp.evals.behaviour``): a built-in
+    set (``CHAT_SETS``) or a jsonl file of ``{"messages": [...]}`` / ``{"prompt": "..."}`` rows."""
 
     ppl: tuple[Mixture, ...] = opt(
         (Mixture.parse("pydoc:eval"),), "Perplexity source(s) (store, file, dir, pydoc:eval, hf:...)"
@@ -44,7 +49,11 @@ class EvalSpec:
     max_length: int | None = opt(None, "lm-eval context in tokens (default: the model's, as stock lm-eval)")
     stride: int | None = opt(None, "Sliding-window stride (default: --seq-len)")
     max_tokens: int | None = opt(None, "Read at most N tokens per perplexity source")
-    batch_size: int = opt(4, "Windows / lm-eval requests per forward")
+    apply_chat_template: bool = opt(False, "lm-eval tasks: format requests with the model's chat template")
+    chat: tuple[str, ...] = opt((), "Chat prompts every model answers: chat:general or a jsonl file (repeatable)")
+    chat_new_tokens: int = opt(64, "Chat: the answer budget, in new tokens")
+    chat_limit: int | None = opt(None, "Chat: only the first N prompts of each set")
+    batch_size: int = opt(4, "Windows / lm-eval requests / chat prompts per forward")
     speed: SpeedSpec = SpeedSpec()
     device: str = opt("cpu", "cpu, cuda or cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "float32 | bfloat16 | float16")
@@ -59,7 +68,18 @@ class EvalSpec:
                     self.stride is None or 1 <= self.stride <= self.seq_len,
                     f"stride must be between 1 and seq_len ({self.seq_len}), got {self.stride}",
                 ),
-                *_positive(self, ("limit", "max_tokens", "batch_size", "max_length")),
+                *_positive(self, ("limit", "max_tokens", "batch_size", "max_length", "chat_new_tokens", "chat_limit")),
+                (
+                    not self.apply_chat_template or bool(self.tasks),
+                    "apply_chat_template formats lm-eval task requests; give --tasks too (chat prompts: --chat)",
+                ),
+                *[
+                    (
+                        not name.startswith("chat:") or name in CHAT_SETS,
+                        f"unknown chat prompt set '{name}'; choose {', '.join(CHAT_SETS)} or a jsonl file",
+                    )
+                    for name in self.chat
+                ],
                 _choice("dtype", self.dtype, ("float32", "bfloat16", "float16")),
                 _device(self.device),
             ]
