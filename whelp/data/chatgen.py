@@ -152,7 +152,6 @@ def answer(t: Teacher, requests: list[list[dict]], counts: collections.Counter) 
                 continue
             conv = t.render([*messages, {"role": "assistant", "content": t.text(ids)}])
             if not ended:  # an unfinished single answer: kept as far as it went, no end of turn to learn
-                counts["unfinished"] += 1
                 close = len(prompts[i]) + int(np.flatnonzero(np.isin(conv[0][len(prompts[i]) :], t.end_of_turn))[0])
                 conv = (conv[0][:close], conv[1][:close])
             mine = conv[1] & (np.arange(len(conv[0])) >= len(prompts[i]))  # this answer's tokens
@@ -237,14 +236,14 @@ def fill(out: Path, manifest: dict, t: Teacher, progress: bool) -> None:
                 whole, docs = len(docs), _cut(docs, spec.max_tokens - total)
                 counts["kept"] -= whole - len(docs)
             if held >= manifest["shard_tokens"] or last:
-                total += _flush(out, manifest, docs, batches, counts)
+                total += _flush(out, manifest, docs, batches, counts, t.end_of_turn)
                 docs, counts, batches = [], collections.Counter(), 0
             rate = (total + held - first) / max(time.perf_counter() - t0, 1e-9)
-            bar.update(completed=total + held, info=f"{rate:,.0f} tok/s")
+            bar.update(completed=min(total + held, spec.max_tokens), info=f"{rate:,.0f} tok/s")
             if last:
                 break
     if docs:
-        total, counts = total + _flush(out, manifest, docs, batches, counts), collections.Counter()
+        total, counts = total + _flush(out, manifest, docs, batches, counts, t.end_of_turn), collections.Counter()
     if total == 0:
         raise WhelpError(f"the teacher kept no conversation ({_said(counts)}); give other prompts or settings")
     tokenstore.seal(out, manifest, total, chat=_summed([s["chat"] for s in manifest["shards"]], counts))
@@ -258,9 +257,14 @@ def _cut(docs: list, keep: int) -> list:
     return docs[:crossing] + [(docs[crossing][0][:rest], docs[crossing][1][:rest])]
 
 
-def _flush(out: Path, manifest: dict, docs: list, batches: int, counts: collections.Counter) -> int:
-    """The documents as the next shard, which records its batches, their lengths and the batches' counts."""
+def _flush(
+    out: Path, manifest: dict, docs: list, batches: int, counts: collections.Counter, end_of_turn: tuple[int, ...]
+) -> int:
+    """The documents as the next shard, which records its batches, their lengths and the batches' counts (an answer
+    is ``unfinished`` when its last target token is no end-of-turn id)."""
     parts, masks = [ids for ids, _ in docs], [mask for _, mask in docs]
+    ends = [ids[np.flatnonzero(mask)[-1]] for ids, mask in docs if mask.any()]
+    counts["unfinished"] = int(np.sum(~np.isin(ends, end_of_turn)))
     return tokenstore.flush(
         out,
         manifest,
