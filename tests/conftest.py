@@ -77,9 +77,8 @@ def save_tiny(path, tokenizer=None, family: str = "llama", seed: int = 0, **over
     return model
 
 
-@functools.lru_cache(maxsize=1)
-def tiny_tokenizer():
-    """A 512-token byte-level BPE trained on the pydoc train split (about a second), with an EOS; cached."""
+def bpe_tokenizer(specials: list[str], **tokens):
+    """A 512-token byte-level BPE trained on the pydoc train split (about a second) with ``specials`` first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -89,10 +88,16 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(read_documents("pydoc:train")[:80], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """``bpe_tokenizer`` with an EOS; cached."""
+    return bpe_tokenizer(["<eos>"], eos_token="<eos>")
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -241,6 +246,18 @@ def tiny_dirs(tmp_path_factory):
 
 class Crash(Exception):
     pass
+
+
+def killed_and_resumed(monkeypatch, run, ref, crashed, call: int) -> None:
+    """``run(ref)`` uninterrupted; ``run(crashed)`` killed at the ``call``-th micro-batch, then run again to its end:
+    the resumed weights equal the uninterrupted ones (1e-6)."""
+    run(ref)
+    fail_at(monkeypatch, call, lambda result: (_ for _ in ()).throw(Crash()))
+    with pytest.raises(Crash):
+        run(crashed)
+    monkeypatch.undo()
+    run(crashed)
+    assert max_diff(load_weights(crashed), load_weights(ref)) <= 1e-6
 
 
 def fail_at(monkeypatch, call: int, action):

@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, tiny_model, tiny_tokenizer
+from conftest import bpe_tokenizer, run_cli, tiny_model, tiny_tokenizer
 
 from whelp import models, store
 from whelp.data import chat, chatgen, tokenstore
@@ -37,22 +37,11 @@ SPEC = GenerateSpec(max_tokens=900, chat=True, new_tokens=16, request_tokens=8, 
 @functools.lru_cache(maxsize=1)
 def chatml():
     """A 512-token byte-level BPE with ChatML's special tokens (``<|im_end|>`` its EOS) and SmolLM2's template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from whelp.data import read_documents
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(read_documents("pydoc:train")[:80], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    fast = bpe_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
     )
     fast.chat_template = CHATML
     return fast

@@ -7,9 +7,8 @@ import json
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
-from conftest import LOOP_SPEC, Crash, fail_at, load_weights, max_diff, naive_divergence, tiny_model, tiny_tokenizer
+from conftest import LOOP_SPEC, killed_and_resumed, naive_divergence, tiny_model, tiny_tokenizer
 
 from whelp.data import Blocks, TensorBlocks, tokenstore
 from whelp.distillation import loop, onpolicy, parallel
@@ -207,16 +206,12 @@ def test_on_policy_on_chat_data_killed_and_resumed_equals_uninterrupted(tiny_dir
     masks = [(np.arange(48) >= 20) & (np.arange(48) < 40) for _ in range(24)]  # one answer per conversation
     data = write_store(tmp_path / "chat", tiny_tokenizer(), parts, masks).path
     spec = replace(LOOP_SPEC, data=str(data), on_policy=0.5, gen_tokens=8, save_every=2)
-    distill_run(student, tmp_path / "ref", spec, teachers=((teacher, 1.0),), progress=False)
-
-    def crash(result):
-        raise Crash
-
-    fail_at(monkeypatch, 2 * 4 + 1, crash)  # dies in step 5, after the checkpoint of step 4
-    with pytest.raises(Crash):
-        distill_run(student, tmp_path / "crash", spec, teachers=((teacher, 1.0),), progress=False)
-    monkeypatch.undo()
-    distill_run(student, tmp_path / "crash", spec, teachers=((teacher, 1.0),), progress=False)
-    assert max_diff(load_weights(tmp_path / "crash"), load_weights(tmp_path / "ref")) <= 1e-6
+    killed_and_resumed(
+        monkeypatch,
+        lambda out: distill_run(student, out, spec, teachers=((teacher, 1.0),), progress=False),
+        tmp_path / "ref",
+        tmp_path / "crash",
+        2 * 4 + 1,  # dies in step 5, after the checkpoint of step 4
+    )
     log = [json.loads(r) for r in (tmp_path / "ref.distill" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["on_policy_tokens"] == 2 * 8 and f"on/{teacher}" in r for r in log)

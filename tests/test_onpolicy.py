@@ -9,8 +9,7 @@ import pytest
 import torch
 from conftest import (
     LOOP_SPEC,
-    Crash,
-    fail_at,
+    killed_and_resumed,
     load_weights,
     make_models,
     max_diff,
@@ -148,17 +147,13 @@ def test_on_policy_distillation_lowers_reverse_kl_on_fresh_samples():
 def test_killed_and_resumed_equals_uninterrupted_with_mixed_batches(tiny_dirs, tmp_path, monkeypatch):
     teacher, _, student = tiny_dirs
     spec = replace(LOOP_SPEC, on_policy=0.5, gen_tokens=8, save_every=2)  # 2 micro-batches a step: one of each
-    distill_run(student, tmp_path / "ref", spec, teachers=((teacher, 1.0),), progress=False)
-
-    def crash(result):
-        raise Crash
-
-    fail_at(monkeypatch, 2 * 4 + 1, crash)  # dies in step 5, after the checkpoint of step 4
-    with pytest.raises(Crash):
-        distill_run(student, tmp_path / "crash", spec, teachers=((teacher, 1.0),), progress=False)
-    monkeypatch.undo()
-    distill_run(student, tmp_path / "crash", spec, teachers=((teacher, 1.0),), progress=False)
-    assert max_diff(load_weights(tmp_path / "crash"), load_weights(tmp_path / "ref")) <= 1e-6
+    killed_and_resumed(
+        monkeypatch,
+        lambda out: distill_run(student, out, spec, teachers=((teacher, 1.0),), progress=False),
+        tmp_path / "ref",
+        tmp_path / "crash",
+        2 * 4 + 1,  # dies in step 5, after the checkpoint of step 4
+    )
     rows = {
         name: [json.loads(r) for r in (tmp_path / f"{name}.distill" / "metrics.jsonl").read_text().splitlines()]
         for name in ("ref", "crash")

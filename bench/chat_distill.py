@@ -1,0 +1,179 @@
+"""Which lever keeps the demo student an assistant? Chat data, response-only KD, on-policy on chat, CE alone.
+
+The demo teacher (SmolLM2-135M-Instruct) is pruned to the demo's shape (``smollm2-half``) and distilled at the demo's
+budget (its steps, batch, length, lr) by ``whelp build`` itself, one recipe per variant, all in one build directory
+so the variants share the prune stage (and the teacher's scores, from the eval cache):
+
+  (a) the demo recipe before chat data: a quarter the teacher's text sampled from BOS, three quarters pydoc
+  (b) (a) with self-instructed chat data (``whelp generate --chat``, Magpie) in the mixture, response-only KD
+  (c) response-only KD on the chat data alone
+  (d) (b), the last quarter of the steps on-policy at F = 0.25 and F = 0.5 (the student answers the chat prompts,
+      the teacher scores its answers)
+  (e) CE alone (no KD term) on the chat data of (c): sequence-level KD / SFT on the teacher's answers
+
+Scores: behaviour on ``chat:general`` (prompts written for whelp, none of them trained on: the chat data is the
+teacher's own requests) through the teacher's template, greedy, 64 new tokens (share looping, share ending its
+turn, accuracy on checkable answers, format instructions followed, the teacher's NLL of the answers, ROUGE-L to the
+teacher's answers); perplexity on pydoc:eval (the training domain, held out) and on general English no run trains
+on: the built-in ``licenses`` and vim's user manual (Debian's vim runtime, when present); wall time of the build.
+
+    python bench/chat_distill.py [--only NAME,...] [--json FILE] [--dry] [--chat-tokens N]
+
+Cost: generation is O(conversations x length) with the KV cache (the chat store is made once and shared); each
+variant is one distillation (O(steps)) and one evaluation (O(models x prompts x new tokens)); on-policy
+micro-batches add up to ``gen_tokens`` cached decode steps of the student each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+from generalize import vim_manual
+from publish import publish
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "work" / "chat_distill"
+WHELP = [sys.executable, "-m", "whelp"]
+
+
+def whelp(*args: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run([*WHELP, *args], check=True, env=env, cwd=ROOT)
+
+
+def stores(chat_tokens: int) -> dict[str, str]:
+    """The two generated stores every variant reads: the demo's teacher text and the self-instructed chat data."""
+    demo = yaml.safe_load((ROOT / "recipes" / "smollm2-demo.yaml").read_text())
+    text, chat = WORK / "text-store", WORK / "chat-store"
+    gen = demo["generate"]
+    if "chat" not in gen or not gen["chat"]:
+        raise SystemExit("the demo recipe's generate stage is expected to be chat data")
+    whelp("generate", "smollm2-135m", "--out", str(text), "--max-tokens", "8192", "--batch-size", "64")
+    whelp(
+        "generate",
+        "smollm2-135m",
+        "--out",
+        str(chat),
+        "--chat",
+        "--max-tokens",
+        str(chat_tokens),
+        *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in gen.items() if k not in ("chat", "max_tokens")), []),
+    )
+    return {"text": str(text), "chat": str(chat)}
+
+
+def variants(data: dict[str, str]) -> dict[str, dict]:
+    """Recipe overrides per variant (``data.train`` and ``distill`` keys)."""
+    text, chat = data["text"], data["chat"]
+    before = [{"source": text, "weight": 0.25}, {"source": "pydoc:train", "weight": 0.75}]
+    mixed = [
+        {"source": chat, "weight": 0.5},
+        {"source": text, "weight": 0.125},
+        {"source": "pydoc:train", "weight": 0.375},
+    ]
+    return {
+        "(a) text + pydoc (before)": {"train": before, "distill": {}},
+        "(b) + chat data": {"train": mixed, "distill": {}},
+        "(c) chat data alone": {"train": chat, "distill": {}},
+        "(d) (b) + on-policy 0.25, last quarter": {
+            "train": mixed,
+            "distill": {"on_policy": 0.25, "on_policy_from": 24},
+        },
+        "(d) (b) + on-policy 0.5, last quarter": {"train": mixed, "distill": {"on_policy": 0.5, "on_policy_from": 24}},
+        "(e) CE only on chat data": {"train": chat, "distill": {"ce_weight": 1.0}},
+    }
+
+
+def recipe(name: str, change: dict, data: dict[str, str], ppl: list[str]) -> Path:
+    base = yaml.safe_load((ROOT / "recipes" / "smollm2-demo.yaml").read_text())
+    base.pop("generate", None)
+    base["name"] = "chat-bench"
+    base["data"]["calib"] = [{"source": data["text"], "weight": 0.25}, {"source": "pydoc:calib", "weight": 0.75}]
+    base["data"]["train"] = change["train"]
+    base["distill"].update(change["distill"])
+    if "on_policy" in change["distill"]:
+        base["distill"]["gen_tokens"] = 64
+    base["eval"] = {"ppl": ppl, "chat": ["chat:general"], "tasks": []}
+    path = WORK / "recipes" / f"{abs(hash(name)) % 10**8}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
+    return path
+
+
+def run(name: str, path: Path) -> dict:
+    t0 = time.perf_counter()
+    whelp("build", str(path), "--out", str(WORK / "build"))
+    wall = time.perf_counter() - t0
+    metrics = json.loads((WORK / "build" / "final" / "metrics.json").read_text())
+    return {"wall_s": wall, "metrics": metrics}
+
+
+COLUMNS = [
+    ("chat:general/loop", "loop", "{:.0%}"),
+    ("chat:general/ended", "ended", "{:.0%}"),
+    ("chat:general/accuracy", "correct", "{:.0%}"),
+    ("chat:general/format", "format", "{:.0%}"),
+    ("chat:general/ref_nll", "teacher NLL", "{:.2f}"),
+    ("chat:general/rouge_l", "ROUGE-L", "{:.2f}"),
+    ("ppl:pydoc:eval", "ppl pydoc:eval", "{:.2f}"),
+    ("ppl:licenses", "ppl licences", "{:.1f}"),
+]
+
+
+def table(results: dict, vim: str | None) -> str:
+    cols = COLUMNS + ([(f"ppl:{vim}", "ppl vim manual", "{:.1f}")] if vim else [])
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " | build wall |", "|---" * (len(cols) + 2) + "|"]
+    first = next(iter(results.values()))["metrics"]["models"]
+    for label in list(first)[:2]:  # the teacher and the one-shot pruned student, the same in every run
+        row = first[label]
+        lines.append(f"| {label} | " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " | - |")
+    for name, r in results.items():
+        row = r["metrics"]["models"][list(r["metrics"]["models"])[-1]]
+        lines.append(
+            f"| {name} | " + " | ".join(_cell(row, k, f) for k, _, f in cols) + f" | {r['wall_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=None, help="comma-separated variant prefixes, e.g. '(a),(c)'")
+    parser.add_argument("--chat-tokens", type=int, default=16384)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--dry", action="store_true", help="print, do not append to RESULTS.md")
+    args = parser.parse_args()
+    data = stores(args.chat_tokens)
+    vim = vim_manual(WORK)
+    ppl = ["pydoc:eval", "licenses"] + ([vim] if vim else [])
+    chosen = variants(data)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if any(k.startswith(p) for p in args.only.split(","))}
+    results = {name: run(name, recipe(name, change, data, ppl)) for name, change in chosen.items()}
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    text = (
+        f"\n## Chat distillation: which lever keeps the demo student an assistant (bench/chat_distill.py, {stamp}, "
+        f"{platform.machine()}, {os.cpu_count()} cores)\n\n"
+        f"The demo's shape and budget; {args.chat_tokens:,} tokens of self-instructed chat data; behaviour on "
+        "chat:general (held out), greedy, 64 new tokens, through the teacher's template.\n\n"
+        + table(results, vim)
+        + "\n"
+    )
+    publish(text, results, args.json, args.dry)
+
+
+if __name__ == "__main__":
+    main()
