@@ -16,7 +16,7 @@ DISTILL_OPTIONS = set(
     "--alpha --batch-size --beta --cache --ce-weight --chunk-size --data --dtype --eval-data --eval-every "
     "--eval-tokens --force --gen-tokens --grad-accum --grad-checkpointing --help --keep-last --loss --lr "
     "--max-grad-norm --max-tokens --no-grad-checkpointing --no-shard-teachers --no-t2-scale --no-tensorboard "
-    "--on-policy --on-policy-loss --out --prompt-tokens --resume --save-dtype --save-every --schedule --seed "
+    "--on-policy --on-policy-from --on-policy-loss --out --prompt-tokens --resume --save-dtype --save-every --schedule --seed "
     "--seq-len --shard-teachers --steps --t2-scale --teacher --temperature --tensorboard --warmup "
     "--weight-decay".split()
 )

@@ -67,8 +67,13 @@ def test_installed_wheel_validates_and_builds_the_tiny_recipe(venv, tmp_path):
     assert Path(found).is_relative_to(venv) and not Path(found).is_relative_to(ROOT), found
     whelp = venv / "bin" / "whelp"  # the console script
     assert "ok: tiny" in run([whelp, "validate", "tiny"], tmp_path).stdout
+    prompts = "from importlib.resources import files; print(files('whelp.evals') / 'data' / 'chat_general.jsonl')"
+    shipped = Path(run([venv / "bin" / "python", "-c", prompts], tmp_path).stdout.strip())
+    assert shipped.is_relative_to(venv) and len(shipped.read_text().splitlines()) >= 100  # chat:general is packaged
     out = tmp_path / "tiny"
-    run([whelp, "build", "tiny", "--out", out], tmp_path)
+    run(
+        [whelp, "build", "tiny", "--out", out, "--set", "distill.0.caches=[]"], tmp_path
+    )  # the cache is no package data
     final = out / "final"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "metrics.json", "README.md"):
         assert (final / name).is_file(), name
