@@ -27,6 +27,7 @@ micro-batches add up to ``gen_tokens`` cached decode steps of the student each.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -103,7 +104,7 @@ def recipe(name: str, change: dict, data: dict[str, str], ppl: list[str]) -> Pat
     if "on_policy" in change["distill"]:
         base["distill"]["gen_tokens"] = 64
     base["eval"] = {"ppl": ppl, "chat": ["chat:general"], "tasks": []}
-    path = WORK / "recipes" / f"{abs(hash(name)) % 10**8}.yaml"
+    path = WORK / "recipes" / f"{hashlib.sha256(name.encode()).hexdigest()[:12]}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(base, sort_keys=False))
     return path

@@ -123,8 +123,11 @@ def test_summary_of_judged_answers():
         ("not json", "not JSON"),
         ('{"text": "hi"}', 'a row needs "messages"'),
         ('{"prompt": "hi", "messages": []}', 'a row needs "messages"'),
-        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', "last message"),
-        ('{"messages": [{"role": "robot", "content": "a"}]}', "each message is"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+            "last turn is 'assistant'",
+        ),
+        ('{"messages": [{"role": "robot", "content": "a"}, {"role": "user", "content": "b"}]}', "each message is"),
         ('{"prompt": "hi", "answer": "Paris"}', '"answer" must be a list'),
         ('{"prompt": "hi", "format": {"kind": "haiku"}}', "one of bullets"),
         ('{"prompt": "hi", "format": {"kind": "bullets"}}', r"format 'bullets' takes n \(int\)"),

@@ -184,7 +184,7 @@ def test_render_masks_each_assistant_turn_through_its_end_of_turn():
     system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert tok.decode(prefix) == f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
     assert chat.end_of_turn_ids(tok, {"eos_token_id": [0, 2]}) == (0, 2) and chat.end_of_turn_ids(tok) == (2,)
-    with pytest.raises(WhelpError, match="has no chat template; --chat needs an instruct model"):
+    with pytest.raises(WhelpError, match="has no chat template .*; --chat needs an instruct model"):
         chat.check_chat_template(tiny_tokenizer(), "teacher t")
 
 
@@ -364,7 +364,7 @@ def test_tokenize_chat_rows_and_bad_inputs_are_one_line_before_any_model_loads(t
         ),
         (
             ["generate", str(plain), "--out", out, "--max-tokens", "9", "--chat"],
-            "teacher .* has no chat template; --chat needs an instruct model",
+            "teacher .* has no chat template .*; --chat needs an instruct model",
         ),
         (
             [

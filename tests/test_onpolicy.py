@@ -201,6 +201,7 @@ def test_caches_alone_cannot_score_samples_but_mix_with_a_live_teacher(tiny_dirs
         (dict(on_policy=0.5, prompt_tokens=30, gen_tokens=4), r"30 \+ 4 tokens, which must fit in seq_len=32"),
         (dict(on_policy_loss="tvd"), "unknown on_policy_loss 'tvd'; choose one of reverse_kl, jsd, forward_kl"),
         (dict(gen_tokens=0), "gen_tokens must be positive"),
+        (dict(on_policy_from=-1), r"on_policy_from is the first on-policy step, >= 0; got -1"),
     ],
 )
 def test_bad_on_policy_settings_are_one_clear_line(changes, message):

@@ -9,10 +9,11 @@ import re
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import make_chat_teacher, run_cli, save_tiny, tiny_tokenizer
 
 from whelp import models, plan, pricing, recipe
 from whelp.errors import WhelpError
+from whelp.specs import GenerateSpec
 
 N_70B, N_8B = 70_553_706_496, 8_030_261_248
 H100 = 989e12
@@ -326,3 +327,49 @@ def test_the_json_plan_keeps_raw_numbers():
     planned = _json("llama-3.2-1b", "--gpus", "8", "--gpu", "h100")
     capture = _stage(planned, "capture[0]")
     assert isinstance(capture["gpu_hours"], float) and capture["disk_bytes"]["cache"] == 800_000_000_000
+
+
+def test_chat_generation_is_priced_per_conversation_by_hand():
+    """Best of 4 answers to self-written requests: every conversation token passes the teacher 4 times sampling
+    and 4 scoring, and the request (with its template) once more before it is answered."""
+    spec = GenerateSpec(max_tokens=100, chat=True, samples_per_prompt=4, request_tokens=10, new_tokens=30)
+    assert pricing.generate_flops_per_token(1000, spec, 8) == {
+        "teacher_sampling": 8000,
+        "teacher_scoring": 8000,
+        "request_writing": 2000 * 18 / 48,
+    }
+    assert pricing.generate_flops_per_token(1000, GenerateSpec(max_tokens=100), 8) == {"teacher_sampling": 2000}
+
+
+def test_a_chat_generate_stage_counts_the_teacher_template_and_needs_one(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "teacher"
+    save_tiny(path, tiny_tokenizer())
+    make_chat_teacher(path, [0])
+    text = (
+        f"name: c\nteacher: {{model: {path}}}\ndata: {{seq_len: 16, calib: generated, train: generated}}\n"
+        "generate: {max_tokens: 800, chat: true, batch_size: 4, request_tokens: 12, new_tokens: 20}\n"
+        "prune: {target: num_hidden_layers=1, calib_samples: 2}\ndistill: {steps: 1, batch_size: 1}\n"
+    )
+    (tmp_path / "c.yaml").write_text(text)
+    stage = plan.plan_recipe(recipe.load(str(tmp_path / "c.yaml")))["stages"][0]
+    exchange = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    template = len(AutoTokenizer.from_pretrained(path).apply_chat_template(exchange, tokenize=True, return_dict=False))
+    assert stage["chat"]["template_tokens"] == template > 0
+    sampling, writing = 2 * stage_params(stage), 2 * stage_params(stage) * (template + 12) / (template + 32)
+    assert stage["flops_per_token"] == {"teacher_sampling": sampling, "request_writing": writing}
+    assert stage["flops"] == round(800 * (sampling + writing))
+    assert stage["memory"][1]["what"] == f"KV cache, {4 * (template + 32):,} positions"
+    assert stage["store_bytes"] == 800 * 2 + 100  # uint16 ids and one mask bit a token
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {k: v for k, v in json.loads((path / "tokenizer_config.json").read_text()).items() if k != "chat_template"}
+        )
+    )
+    with pytest.raises(WhelpError, match=r"recipe.generate.chat: the teacher has no chat template"):
+        plan.plan_recipe(recipe.load(str(tmp_path / "c.yaml")))
+
+
+def stage_params(stage: dict) -> int:
+    return stage["memory"][0]["bytes"] // 4  # fp32 weights

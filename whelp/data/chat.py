@@ -31,12 +31,12 @@ LOOP_N, LOOP_TIMES = 4, 3  # an n-gram of 4 words (or ids) occurring 3 times is 
 JACCARD, WINDOW = 0.7, 4096  # near-duplicate requests: word 3-gram Jaccard, against the last WINDOW kept
 
 
-def check_chat_template(tokenizer, what: str) -> None:
-    """Refuse a tokenizer without a chat template (a base model's): it has no turns to render."""
+def check_chat_template(tokenizer, what: str, why: str = "--chat needs an instruct model (e.g. smollm2-135m)") -> None:
+    """Refuse a tokenizer without a chat template (a base model's: it has no turns to render), naming ``what`` model
+    and ``why`` it needs one."""
     if not getattr(tokenizer, "chat_template", None):
         raise WhelpError(
-            f"{what} has no chat template; --chat needs an instruct model (whose tokenizer has a chat_template, "
-            "e.g. smollm2-135m)"
+            f"{what} has no chat template (chat_template.jinja or tokenizer_config.json's chat_template); {why}"
         )
 
 
@@ -95,6 +95,12 @@ def render(tokenizer, messages: list[dict], end_of_turn: Sequence[int] | None = 
             raise WhelpError(f"assistant turn {i} renders without an end-of-turn token {sorted(stops)}")
         mask[start : end + 1] = True
     return ids, mask
+
+
+def template_tokens(tokenizer) -> int:
+    """Tokens a one-exchange conversation spends on its template alone: the default system turn, both headers and
+    end-of-turn ids (an empty request answered by an empty answer); what a planned chat store pays per conversation."""
+    return len(template_ids(tokenizer, [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]))
 
 
 def user_prefix(tokenizer) -> list[int]:

@@ -26,6 +26,7 @@ import transformers
 import whelp
 import whelp.models
 from whelp import store
+from whelp.data import chat as chat_data
 from whelp.data import check_data, data_identity, source_identity, stream_tokens
 from whelp.data.tokenstore import tokenizer_hash
 from whelp.errors import WhelpError
@@ -202,7 +203,7 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
             configs[label], owns[label] = model.config, tokenizer
         if spec.apply_chat_template:
             why = "--apply-chat-template formats lm-eval requests with each model's template; drop it for this model"
-            behaviour.check_chat_template(owns[label], f"model '{label}'", why)
+            chat_data.check_chat_template(owns[label], f"model '{label}'", why)
     chat = behaviour.plan(spec, models, owns) if spec.chat else None
     shared = _ppl_tokens(tokenizer, spec) if tokenizer is not None else None  # the in-memory models' tokenizer
     tokens = {label: shared if owns[label] is tokenizer else _ppl_tokens(owns[label], spec) for label in models}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
+from whelp.data import chat as chat_data
 from whelp.data import source_identity
 from whelp.errors import WhelpError
 from whelp.evals import chat
@@ -57,14 +58,6 @@ def read_prompts(name: str, limit: int | None = None) -> list[chat.Prompt]:
     except (OSError, UnicodeDecodeError) as exc:
         raise WhelpError(f"cannot read chat prompts {name}: {exc}") from None
     return chat.parse_prompts(lines, name)[:limit]
-
-
-def check_chat_template(tokenizer, what: str, why: str) -> None:
-    """Refuse a tokenizer without a chat template, naming ``what`` model and ``why`` it needs one."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise WhelpError(
-            f"{what} has no chat template (chat_template.jinja or tokenizer_config.json's chat_template); {why}"
-        )
 
 
 def generation_config(model) -> GenerationConfig | None:
@@ -120,7 +113,7 @@ def plan(spec: EvalSpec, models: Mapping[str, object], tokenizers: Mapping[str, 
     reference = next(iter(models))
     tokenizer, model = tokenizers[reference], models[reference]
     why = "--chat answers through the reference's template: make an instruct model the reference (first, or --baseline)"
-    check_chat_template(tokenizer, f"reference model '{reference}'", why)
+    chat_data.check_chat_template(tokenizer, f"reference model '{reference}'", why)
     ends = end_tokens(tokenizer, generation_config(model))
     texts = {
         label: [tokenizer.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=False) for p in ps]

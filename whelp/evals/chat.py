@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
+from whelp.data import chat
 from whelp.errors import WhelpError
 
 METRICS = ("loop", "ended", "empty", "accuracy", "format", "ref_nll", "rouge_l")
@@ -81,13 +81,10 @@ def _row(row) -> Prompt:
     unknown = set(row) - {"messages", "prompt", "answer", "format"}
     if unknown:
         raise WhelpError(f"unknown key '{sorted(unknown)[0]}'; a row has messages or prompt, answer, format")
-    messages = row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}]
-    if not isinstance(messages, list) or not messages:
-        raise WhelpError('"messages" must be a non-empty list of {"role", "content"}')
-    for m in messages:
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise WhelpError(f'each message is {{"role": {"|".join(ROLES)}, "content": text}}, got {m!r}')
-    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+    messages = chat.messages_of(row, "the row", prompt=True)
+    if bad := next((m for m in messages if m["role"] not in ROLES), None):
+        raise WhelpError(f'each message is {{"role": {"|".join(ROLES)}, "content": text}}, got {bad!r}')
+    if not messages[-1]["content"].strip():
         raise WhelpError("the last message must be a user turn with text: the request the model answers")
     answers = row.get("answer", [])
     if not (isinstance(answers, list) and all(isinstance(a, str) and a.strip() for a in answers)):
@@ -117,8 +114,7 @@ def loops(tokens: Sequence[Hashable], n: int = LOOP_N, times: int = LOOP_TIMES) 
     as a degenerate greedy answer does until its budget ends. A list of three items shares no 6-gram three times.
     On SmolLM2-135M-Instruct's answers to ``chat:general``, 4-grams also flagged plain repetitive prose (a phrase
     three times in an explanation, "- 1 tbsp" in a recipe); 6-grams flagged only the answers that do loop."""
-    grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-    return bool(grams) and max(grams.values()) >= times
+    return chat.loops(list(tokens), n, times)
 
 
 def empty(text: str) -> bool:

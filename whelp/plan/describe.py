@@ -52,10 +52,7 @@ def _describe(stage: dict) -> list[tuple[str, str]]:
             ("data", describe_data(stage["data"])),
         ]
     if stage["kind"] == "generate":
-        return [
-            ("work", f"{stage['tokens']:,} tokens of teacher text (the data source 'generated')"),
-            ("FLOPs/token", f"teacher sampling {_giga(stage['flops_per_token']['teacher_sampling'])}"),
-        ]
+        return [("work", _generated(stage)), ("FLOPs/token", _parts(stage["flops_per_token"]))]
     if stage["kind"] == "prune":
         shape = stage["shape"]
         rope = stage["rope"]["target"] + (
@@ -94,3 +91,21 @@ def _describe(stage: dict) -> list[tuple[str, str]]:
             f"{output.size(memory['live_teachers'])}",
         ),
     ]
+
+
+def _generated(stage: dict) -> str:
+    """The generate stage's work: teacher text, or chat conversations and the lengths they are priced at."""
+    if not (c := stage["chat"]):
+        return f"{stage['tokens']:,} tokens of teacher text (the data source 'generated')"
+    requests = "requests it writes itself (Magpie)" if c["self_instruct"] else "the prompts' requests"
+    template = "unknown (teacher not on this machine)" if c["template_tokens"] is None else c["template_tokens"]
+    return (
+        f"{stage['tokens']:,} tokens of chat (the data source 'generated'): {requests}, answered "
+        f"{c['samples_per_prompt']}x each; priced per conversation at {c['request_tokens']} request + "
+        f"{c['new_tokens']} answer + {template} template tokens, before drops"
+    )
+
+
+def _parts(flops: dict) -> str:
+    """FLOPs per stored token, part by part (teacher_sampling -> 'teacher sampling 1.2 G')."""
+    return ", ".join(f"{name.replace('_', ' ')} {_giga(value)}" for name, value in flops.items())

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from whelp import models
 from whelp.data import available_tokens, check_data, check_source
+from whelp.data.chat import check_chat_template
 from whelp.data.tokenstore import token_dtype, tokenizer_hash
 from whelp.distillation.cache import MAG_BITS, id_bits
 from whelp.errors import WhelpError
-from whelp.evals.behaviour import check_chat_template, read_prompts
+from whelp.evals.behaviour import read_prompts
 from whelp.evals.harness import check_include_paths, check_task_names
 from whelp.pruning import moe
 from whelp.pruning.moe import shape_of

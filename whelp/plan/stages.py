@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from whelp import models, pricing
-from whelp.data import check_data, check_source
+from whelp.data import chat, check_data, check_source
 from whelp.data.tokenstore import token_dtype
 from whelp.plan.inputs import (
     _at,
@@ -189,24 +189,41 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     }
 
 
-def _generate_stage(recipe: Recipe, teacher: dict) -> dict:
-    """Teacher text: its tokens, the sampling FLOPs (2 x params per token, prompts included; decoding is bound by
-    memory bandwidth, so expect an MFU well below training's), one process's memory and the store's bytes."""
+def _generate_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
+    """Teacher text: its tokens, the FLOPs of sampling them (``pricing.generate_flops_per_token``; decoding is bound
+    by memory bandwidth, so expect an MFU well below training's), one process's memory and the store's bytes (a chat
+    store adds one mask bit a token). A chat stage counts the teacher's template tokens when its tokenizer is on
+    this machine (``template`` None: not counted)."""
     step = recipe.generate
     spec, model = step.options, _model(step, teacher, "recipe.generate.model")
     if spec.prompts:
         _at("recipe.generate.prompts", lambda: check_data(spec.prompts))
+    template = None
+    if spec.chat and tokenizer is not None and step.model == TEACHER:
+        _at("recipe.generate.chat", lambda: chat.check_chat_template(tokenizer, "the teacher"))
+        template = chat.template_tokens(tokenizer)
+    per_token = pricing.generate_flops_per_token(model["active"], spec, template or 0)
+    sequence = (template or 0) + spec.request_tokens if spec.chat else spec.prompt_tokens
     tokens = spec.max_tokens
-    store = token_dtype(teacher["config"].vocab_size).itemsize * tokens
+    store = token_dtype(teacher["config"].vocab_size).itemsize * tokens + (-(-tokens // 8) if spec.chat else 0)
     return {
         "stage": "generate",
         "kind": "generate",
         "tokens": tokens,
-        "flops_per_token": {"teacher_sampling": 2 * model["active"]},
-        "flops": 2 * model["active"] * tokens,
+        "chat": {
+            "template_tokens": template,
+            "request_tokens": spec.request_tokens,
+            "new_tokens": spec.new_tokens,
+            "samples_per_prompt": spec.samples_per_prompt,
+            "self_instruct": not spec.prompts,
+        }
+        if spec.chat
+        else None,
+        "flops_per_token": per_token,
+        "flops": round(sum(per_token.values()) * tokens),
         "parallel": False,
         "device": "gpu" if spec.device.startswith("cuda") else "cpu",
-        "memory": pricing.generate_memory(model, spec),
+        "memory": pricing.generate_memory(model, spec, sequence + spec.new_tokens),
         "store_bytes": store,
         "disk_bytes": {"store": store},
     }
@@ -220,7 +237,7 @@ def plan_recipe(recipe: Recipe) -> dict:
     tokenizer = _local_tokenizer(recipe)
     stages, current, vocab = [], teacher, teacher["config"].vocab_size
     if recipe.generate is not None:
-        stages.append(_generate_stage(recipe, teacher))
+        stages.append(_generate_stage(recipe, teacher, tokenizer))
     searched = None
     if recipe.search() is not None:
         stages.append(_search_stage(recipe, teacher, tokenizer))

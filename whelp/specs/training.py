@@ -148,7 +148,7 @@ class OnPolicySpec:
                     f"on_policy is the fraction of on-policy micro-batches, in [0, 1]; got {self.fraction}",
                 ),
                 *_positive(self, ("gen_tokens", "prompt_tokens")),
-                *_non_negative(self, ("from_step",)),
+                (self.from_step >= 0, f"on_policy_from is the first on-policy step, >= 0; got {self.from_step}"),
                 _choice("on_policy_loss", self.loss, ON_POLICY_LOSSES),
             ]
         )
