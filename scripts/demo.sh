@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo build, end to end: set up .venv, then `whelp build smollm2-demo` (demo teacher -> pruned to half its
+# The demo build, end to end: set up .venv, then `whelp build smollm2-demo` (demo teacher -> pruned to 60% of its
 # non-embedding parameters -> distilled -> report and model card). Re-running resumes or does nothing.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
