@@ -1,8 +1,9 @@
 """Which lever keeps the demo student an assistant? Chat data, response-only KD, on-policy on chat, CE alone.
 
-The demo teacher (SmolLM2-135M-Instruct) is pruned to the demo's shape (``smollm2-half``) and distilled at the demo's
-budget (its steps, batch, length, lr) by ``whelp build`` itself, one recipe per variant, all in one build directory
-so the variants share the prune stage (and the teacher's scores, from the eval cache):
+The demo teacher (SmolLM2-135M-Instruct) is pruned to the demo's shape (its recipe's ``prune.target``), calibrated on
+the demo's calibration mixture (the chat store in place of its generated data), and distilled at the demo's budget
+(its steps, batch, length, lr) by ``whelp build`` itself, one recipe per variant, all in one build directory so the
+variants share the prune stage (and the teacher's scores, from the eval cache):
 
   (a) the demo recipe before chat data: a quarter the teacher's text sampled from BOS, three quarters pydoc
   (b) (a) with self-instructed chat data (``whelp generate --chat``, Magpie) in the mixture, response-only KD
@@ -15,7 +16,8 @@ Scores: behaviour on ``chat:general`` (prompts written for whelp, none of them t
 teacher's own requests) through the teacher's template, greedy, 64 new tokens (share looping, share ending its
 turn, accuracy on checkable answers, format instructions followed, the teacher's NLL of the answers, ROUGE-L to the
 teacher's answers); perplexity on pydoc:eval (the training domain, held out) and on general English no run trains
-on: the built-in ``licenses`` and vim's user manual (Debian's vim runtime, when present); wall time of the build.
+on: the built-in ``licenses`` and vim's user manual (Debian's vim runtime, when present; its first 16K tokens);
+wall time of the build.
 
     python bench/chat_distill.py [--only NAME,...] [--json FILE] [--dry] [--chat-tokens N]
 
@@ -42,8 +44,9 @@ from generalize import vim_manual
 from publish import publish
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "bench" / "work" / "chat_distill"
+WORK = ROOT / "bench" / "results" / "chat_distill"
 WHELP = [sys.executable, "-m", "whelp"]
+PPL_TOKENS = 16384  # per perplexity source: all of pydoc:eval and the licences, the first 16K of the vim manual
 
 
 def whelp(*args: str) -> None:
@@ -98,12 +101,14 @@ def recipe(name: str, change: dict, data: dict[str, str], ppl: list[str]) -> Pat
     base = yaml.safe_load((ROOT / "recipes" / "smollm2-demo.yaml").read_text())
     base.pop("generate", None)
     base["name"] = "chat-bench"
-    base["data"]["calib"] = [{"source": data["text"], "weight": 0.25}, {"source": "pydoc:calib", "weight": 0.75}]
+    base["data"]["calib"] = [
+        {**part, "source": data["chat"]} if part["source"] == "generated" else part for part in base["data"]["calib"]
+    ]
     base["data"]["train"] = change["train"]
     base["distill"].update(change["distill"])
     if "on_policy" in change["distill"]:
         base["distill"]["gen_tokens"] = 64
-    base["eval"] = {"ppl": ppl, "chat": ["chat:general"], "tasks": []}
+    base["eval"] = {"ppl": ppl, "chat": ["chat:general"], "tasks": [], "max_tokens": PPL_TOKENS}
     path = WORK / "recipes" / f"{hashlib.sha256(name.encode()).hexdigest()[:12]}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(base, sort_keys=False))
@@ -111,11 +116,15 @@ def recipe(name: str, change: dict, data: dict[str, str], ppl: list[str]) -> Pat
 
 
 def run(name: str, path: Path) -> dict:
+    """One variant's build: its wall time, its final ``metrics.json`` and, from ``answers.jsonl``, which checkable
+    requests each model answers correctly."""
     t0 = time.perf_counter()
     whelp("build", str(path), "--out", str(WORK / "build"))
     wall = time.perf_counter() - t0
-    metrics = json.loads((WORK / "build" / "final" / "metrics.json").read_text())
-    return {"wall_s": wall, "metrics": metrics}
+    final = WORK / "build" / "final"
+    rows = [json.loads(line) for line in (final / "answers.jsonl").read_text().splitlines()]
+    correct = {label: [r["index"] for r in rows if r["answers"][label]["correct"]] for label in rows[0]["answers"]}
+    return {"wall_s": wall, "metrics": json.loads((final / "metrics.json").read_text()), "correct": correct}
 
 
 COLUMNS = [
@@ -130,18 +139,32 @@ COLUMNS = [
 ]
 
 
+def flat(model: dict) -> dict:
+    """One model's entry of ``metrics.json`` as ``ppl:SOURCE`` and ``SET/METRIC`` keys."""
+    row = {f"ppl:{source}": v["ppl"] for source, v in model["perplexity"].items()}
+    for name, b in model.get("behaviour", {}).items():
+        row.update({f"{name}/{k}": v for k, v in b["metrics"].items()})
+    return row
+
+
+def kept(correct: dict, label: str) -> str:
+    """Of the checkable requests the teacher answers correctly, how many ``label`` also does (issue 29's target)."""
+    right = set(correct["teacher"])
+    return f"{len(right & set(correct[label]))}/{len(right)}"
+
+
 def table(results: dict, vim: str | None) -> str:
     cols = COLUMNS + ([(f"ppl:{vim}", "ppl vim manual", "{:.1f}")] if vim else [])
-    lines = ["| model | " + " | ".join(c[1] for c in cols) + " | build wall |", "|---" * (len(cols) + 2) + "|"]
-    first = next(iter(results.values()))["metrics"]["models"]
-    for label in list(first)[:2]:  # the teacher and the one-shot pruned student, the same in every run
-        row = first[label]
-        lines.append(f"| {label} | " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " | - |")
+    head = "| model | " + " | ".join(c[1] for c in cols) + " | teacher-right kept | build wall |"
+    lines = [head, "|---" * (len(cols) + 3) + "|"]
+    first = next(iter(results.values()))
+    for model in first["metrics"]["models"][:2]:  # the teacher and the one-shot pruned student, in every run
+        row, label = flat(model), model["label"]
+        lines.append(f"| {label} | " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " | - | - |")
     for name, r in results.items():
-        row = r["metrics"]["models"][list(r["metrics"]["models"])[-1]]
-        lines.append(
-            f"| {name} | " + " | ".join(_cell(row, k, f) for k, _, f in cols) + f" | {r['wall_s'] / 60:.1f} min |"
-        )
+        model = r["metrics"]["models"][-1]
+        cells = " | ".join(_cell(flat(model), k, f) for k, _, f in cols)
+        lines.append(f"| {name} | {cells} | {kept(r['correct'], model['label'])} | {r['wall_s'] / 60:.1f} min |")
     return "\n".join(lines)
 
 
