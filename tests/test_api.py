@@ -71,7 +71,8 @@ def test_prune_in_memory_equals_the_directory_verb_and_leaves_the_teacher(pair, 
         tmp_path / "p",
         whelp.PruneSpec(calib=str(text), calib_samples=4, seq_len=32, batch_size=2),
     )
-    assert max_diff(load_weights(tmp_path / "p"), in_memory.state_dict()) == 0.0
+    # equal up to the float noise the reconstruction's solves see from the two loads' attention kernels
+    assert max_diff(load_weights(tmp_path / "p"), in_memory.state_dict()) < 1e-5
 
 
 def test_distill_in_memory_equals_the_directory_verb(pair, tmp_path):

@@ -247,11 +247,11 @@ def test_streaming_equals_in_memory(family, method, tmp_path):
     models.save_model(
         surgery.prune_model(src, keep_mem, fam, surgery.target_config(src.config, keep_mem)), None, tmp_path / "mem"
     )
-    keep, _, scores = streaming.prune_streaming(
+    keep, _, scores, _ = streaming.prune_streaming(
         tmp_path / "src",
         tmp_path / "stream",
         target,
-        PruneSpec(importance=method, tie="mean", batch_size=8),
+        PruneSpec(importance=method, tie="mean", batch_size=8, reconstruct="none"),
         TOKENS,
         shard_bytes=20_000,
     )
@@ -296,7 +296,9 @@ def test_cli_prune_streams_to_the_checkpoint_it_writes_in_memory(family, tmp_pat
     assert reports["stream"]["path"] == "streaming" and reports["memory"]["path"] == "in-memory"
     assert reports["stream"]["kept"] == reports["memory"]["kept"]
     got, want = tensors(tmp_path / "stream"), tensors(tmp_path / "memory")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert got.keys() == want.keys()
+    for k in want:  # the default reconstruction: equal up to the float noise of the two paths' rotary embeddings
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
     assert json.loads((tmp_path / "stream" / "config.json").read_text()) == json.loads(
         (tmp_path / "memory" / "config.json").read_text()
     )

@@ -365,7 +365,7 @@ def test_streaming_equals_in_memory(family, method, tmp_path):
     models.save_model(
         surgery.prune_model(src, keep_mem, row, surgery.target_config(src.config, keep_mem)), None, tmp_path / "mem"
     )
-    keep, _, scores = streaming.prune_streaming(
+    keep, _, scores, _ = streaming.prune_streaming(
         tmp_path / "src",
         tmp_path / "stream",
         target,

@@ -21,6 +21,7 @@ from whelp import data, models, store
 from whelp.errors import WhelpError
 from whelp.output import Progress
 from whelp.pruning import arch, generic, importance, moe, streaming, surgery
+from whelp.pruning import reconstruct as reconstruction
 from whelp.pruning import scores as saved
 from whelp.pruning.keep import Keep, text_config
 from whelp.pruning.targets import Target, parse_target, target_rope
@@ -137,7 +138,17 @@ def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores:
         t = time.perf_counter()
         tie = {"init": keep.tie, "kl": tie_kls(model, pruned, keep, family, tokens[: spec.batch_size])}
         timings["tie_kl_s"] = time.perf_counter() - t
-    return pruned, scores, kept_report(keep), {"path": "in-memory", "tie": tie, "rope": spec.rope, "timings": timings}
+    details = {"path": "in-memory", "tie": tie, "rope": spec.rope, "timings": timings}
+    mode = reconstruction.resolve(spec.reconstruct, family)
+    if mode != "none":
+        t = time.perf_counter()
+        with Progress(f"reconstructing ({mode})", len(keep.layers)) as bar:
+            pruned, errors = reconstruction.reconstruct_model(
+                model, pruned, keep, family, tokens, spec.batch_size, mode, bar.advance
+            )
+        timings["reconstruct_s"] = time.perf_counter() - t
+        details["reconstruct"] = reconstruction.summary(mode, errors)
+    return pruned, scores, kept_report(keep), details
 
 
 def prune(model, target: str | Target, calib, spec: PruneSpec = PruneSpec(), scores: dict | None = None):
@@ -151,6 +162,8 @@ def prune(model, target: str | Target, calib, spec: PruneSpec = PruneSpec(), sco
     if not isinstance(target, (str, Target)):
         raise WhelpError(f"target is a preset name, a config.json path or key=value overrides, got {target!r}")
     parsed = target if isinstance(target, Target) else parse_target(model.config, target)
+    family = arch.family_of(model.config)
+    reconstruction.check_mode(reconstruction.resolve(spec.reconstruct, family), model.config, family, parsed.published)
     vocab = model.get_input_embeddings().num_embeddings
     pruned, scores, kept, _ = _prune(model, parsed, calibration_tokens(calib, spec.calib_samples, vocab), spec, scores)
     pruned.whelp_kept, pruned.whelp_scores = kept, scores
@@ -184,6 +197,8 @@ def prune_checkpoint(
     source_cfg = models.load_config(str(source_dir), policy)
     parsed = parse_target(source_cfg, target)
     target_rope(parsed, spec.rope)
+    family = arch.family_of(source_cfg)
+    reconstruction.check_mode(reconstruction.resolve(spec.reconstruct, family), source_cfg, family, parsed.published)
     store.check_apart(out, [source_dir])
     models.check_positions(source_cfg, spec.seq_len, "--seq-len")
     family = arch.family_of(source_cfg)
@@ -263,10 +278,16 @@ def _prune_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timin
 def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timings, policy):
     t = time.perf_counter()
     config = models.load_config(str(source_dir), policy)
-    with Progress(f"streaming calibration ({spec.importance})", text_config(config).num_hidden_layers) as bar:
-        keep, _, scores = streaming.prune_streaming(
-            source_dir, out, parsed, spec, tokens, scores=scores, progress=bar.advance
+    steps = text_config(config).num_hidden_layers
+    mode = reconstruction.resolve(spec.reconstruct, arch.family_of(config))
+    what = f"streaming calibration ({spec.importance})"
+    if mode != "none":
+        steps, what = steps + parsed.shape["num_hidden_layers"], f"{what} and reconstruction ({mode})"
+    with Progress(what, steps) as bar:
+        keep, _, scores, rebuilt = streaming.prune_streaming(
+            source_dir, out, parsed, spec, tokens, scores=scores, progress=bar.advance, refit_progress=bar.advance
         )
     timings["stream_s"] = time.perf_counter() - t
     tie = {"init": keep.tie, "kl": None} if keep.tie else None  # KL needs the whole teacher in memory
-    return scores, kept_report(keep), {"path": "streaming", "tie": tie, "rope": spec.rope}
+    details = {"path": "streaming", "tie": tie, "rope": spec.rope}
+    return scores, kept_report(keep), details if rebuilt is None else {**details, "reconstruct": rebuilt}

@@ -103,6 +103,8 @@ class Family:
     which streaming calibration applies too; ``SQRT_HIDDEN`` (Gemma) is ``hidden_size ** 0.5``, which changes
     with hidden_size, so surgery compensates it (surgery.py). ``norm_offset``: RMSNorms scale by
     ``norm_offset + weight`` (Gemma: 1). ``exact``: the axes (``AXES`` keys) where pruning equals zeroing.
+    ``mlp_residual``: the MLP's down_proj output joins the residual stream as it is (no post-norm, no multiplier),
+    which span reconstruction (reconstruct.py) needs.
 
     Mixture-of-experts rows (moe.py) name the config keys of their expert count (``experts_key``: Mixtral's
     ``num_local_experts``, Qwen's ``num_experts``) and of one expert's FFN width (``ffn_key``), and where the
@@ -125,6 +127,7 @@ class Family:
     embed_multiplier: str | None = None
     norm_offset: float = 0.0
     exact: frozenset = _EXACT
+    mlp_residual: bool = True
     note: str = ""
     experts_key: str | None = None
     ffn_key: str | None = None
@@ -156,6 +159,7 @@ FAMILIES = {
         {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_BIAS_MLP, **_NORMS},
         head_dim_scaling=False,
         embed_multiplier="embedding_multiplier",
+        mlp_residual=False,
         note="multipliers kept (scalars)",
     ),
     # OLMo 2: post-norms (no input_layernorm) and q/k RMSNorms over the full projection, which follow the q / kv
@@ -167,6 +171,7 @@ FAMILIES = {
         norms=("post_attention_layernorm", "post_feedforward_layernorm"),
         q_norm="self_attn.q_norm",
         exact=frozenset({"num_hidden_layers", "intermediate_size"}),
+        mlp_residual=False,
         note="q/k norms over the full projection: heads change their statistics",
     ),
     # Gemma: head_dim independent of hidden / heads, (1 + weight) RMSNorms, embeddings scaled by sqrt(hidden_size)
@@ -185,6 +190,7 @@ FAMILIES = {
         "gemma2",
         {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_FF_NORMS},
         norms=_GEMMA_NORMS,
+        mlp_residual=False,
         head_dim_scaling=False,
         embed_multiplier=SQRT_HIDDEN,
         norm_offset=1.0,
@@ -196,6 +202,7 @@ FAMILIES = {
         {**_ATTN, **_BIAS_QKV, **_BIAS_O, **_MLP, **_NORMS, **_FF_NORMS, **_QK_NORM},
         norms=_GEMMA_NORMS,
         q_norm="self_attn.q_norm",
+        mlp_residual=False,
         head_dim_scaling=False,
         embed_multiplier=SQRT_HIDDEN,
         norm_offset=1.0,

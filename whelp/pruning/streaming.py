@@ -22,26 +22,27 @@ path.
 
 from __future__ import annotations
 
-import inspect
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from whelp.assistant import carry_assistant
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
-from whelp.models import kv_cache_name, load_config
+from whelp.models import load_config
 from whelp.pruning import moe_layout
-from whelp.pruning.arch import SQRT_HIDDEN, family_of
+from whelp.pruning.arch import family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
 from whelp.pruning.keep import head_dim_of, text_config
+from whelp.pruning.layerwise import embedded, layer_types, load_layer, n_experts, rope_and_mask, skeleton, unload_layer
 from whelp.pruning.moe import expert_magnitudes, expert_scores
-from whelp.pruning.shards import embed_rows, read_tensor, weight_map, write_shards
+from whelp.pruning.reconstruct import resolve, summary
+from whelp.pruning.shards import read_tensor, weight_map, write_shards
+from whelp.pruning.stream_refit import refit_streaming, spilled
 from whelp.pruning.surgery import slice_tensor, target_config, tie_embeddings
 from whelp.pruning.targets import target_rope
 from whelp.specs import PruneSpec
@@ -49,60 +50,6 @@ from whelp.store import atomic_dir
 from whelp.weights import save_dtype, stored_dtype
 
 MEMORY_FACTOR = 2.5  # in-memory prune holds the model at load dtype + pruned copy + calibration activations
-
-
-def skeleton(config):
-    """The full model on the meta device: module structure and names, no memory."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config).eval()
-
-
-def n_experts(config, family) -> int:
-    return getattr(text_config(config), family.experts_key) if family.experts_key else 0
-
-
-def load_layer(model, family, index: int, shards: dict[str, Path], dtype: torch.dtype):
-    """Decoder layer ``index`` of a meta skeleton with its tensors (and only those) loaded, in ``dtype`` (an MoE
-    layer's experts stacked from their per-expert tensors, moe_layout.py)."""
-    layer = model.get_submodule(family.layers)[index]
-    prefix, n = f"{family.layers}.{index}.", n_experts(model.config, family)
-    state = {key: moe_layout.read(shards, prefix + key, family, n, dtype) for key in layer.state_dict()}
-    expected = {disk for key in state for disk in moe_layout.disk_suffixes(key, family, n)}
-    unknown = sorted(name for name in shards if name.startswith(prefix) and name[len(prefix) :] not in expected)
-    if unknown:
-        raise WhelpError(
-            f"the checkpoint holds tensors its config.json does not describe: {', '.join(unknown)}; "
-            "the config and the weights are of different models"
-        )
-    try:
-        layer.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise WhelpError(
-            f"layer {index} of the checkpoint does not match its config.json: {str(exc).splitlines()[-1].strip()}"
-        ) from None
-    return layer
-
-
-def unload_layer(layer) -> None:
-    """Free a layer's weights by moving it back to the meta device."""
-    layer.to("meta")
-
-
-def rope_and_mask(
-    model, family, config, hidden: Tensor, layer_type: str | None = None
-) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
-    """``(cos, sin)`` [1, T, d] and the causal mask the model's own forward would pass its layers of
-    ``layer_type`` (``config.layer_types``: a sliding-window mask for "sliding_attention", and Gemma 3's RoPE
-    of that type)."""
-    rotary = model.get_submodule(family.layers.rsplit(".", 1)[0]).rotary_emb
-    rotary = type(rotary)(config=config)  # a fresh one on CPU: the skeleton's inv_freq buffer is on meta
-    positions = torch.arange(hidden.shape[1])[None]
-    make = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
-    no_cache = {kv_cache_name(make): None}
-    mask = make(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=positions, **no_cache)
-    per_type = layer_type is not None and "layer_type" in inspect.signature(rotary.forward).parameters
-    cos, sin = rotary(hidden, positions, layer_type) if per_type else rotary(hidden, positions)
-    return (cos.to(hidden.dtype), sin.to(hidden.dtype)), mask
 
 
 def sliced_tensors(shards: dict[str, Path], keep, family, source_cfg, target_cfg) -> Iterator[tuple[str, Tensor]]:
@@ -144,12 +91,16 @@ def write_pruned(
     shard_bytes: int = 1 << 30,
     extra: dict[str, str] | None = None,
     dtype: torch.dtype | None = None,
+    spill: Path | None = None,
 ) -> Path:
     """Surgery shard to shard: the pruned checkpoint (shards, index, config, the source's tokenizer files and
     generation config, ``extra`` text files) written to a temporary sibling of ``out_dir`` and renamed into place;
-    tensors cast to ``dtype`` if given, else as stored."""
+    tensors cast to ``dtype`` if given, else as stored; a layer spilled by a reconstruction (``spill``,
+    stream_refit.py) is written from its spill file."""
     shards = weight_map(Path(source_dir))
     tensors = sliced_tensors(shards, keep, family, source_cfg, target_cfg)
+    if spill is not None:
+        tensors = spilled(tensors, spill)
     with atomic_dir(out_dir, force) as tmp:
         write_shards(((n, t.to(dtype)) for n, t in tensors) if dtype is not None else tensors, tmp, shard_bytes)
         target_cfg.save_pretrained(tmp)
@@ -212,16 +163,9 @@ def calibrate_streaming(
     cfg = text_config(config)
     shards = weight_map(Path(source_dir))
     model = skeleton(config)
-    hidden = embed_rows(shards, family.embed, tokens, dtype)
-    if family.embed_multiplier == SQRT_HIDDEN:  # Gemma's scaled embedding module, in its own arithmetic
-        hidden = hidden * torch.tensor(cfg.hidden_size**0.5).to(dtype)
-    elif family.embed_multiplier is not None:  # Granite: the model scales its embeddings by a config scalar
-        hidden = hidden * getattr(cfg, family.embed_multiplier)
+    hidden = embedded(shards, family, cfg, tokens, dtype)
     batches = [slice(i, i + batch_size) for i in range(0, len(tokens), batch_size)]
-    # as the models' forwards: layer_types when the config has them, else one sliding-window mask for all layers
-    # when it sets a window (Mistral, Phi-3), else the causal mask
-    window = "sliding_attention" if getattr(cfg, "sliding_window", None) is not None else None
-    types = list(getattr(cfg, "layer_types", None) or [window] * cfg.num_hidden_layers)
+    types = layer_types(cfg)
     rope_mask = [{t: rope_and_mask(model, family, cfg, hidden[b], t) for t in set(types)} for b in batches]
     per_batch: list[dict] = [{} for _ in batches]
     magnitudes: dict = {}  # the experts' weight magnitudes, read once per layer (not per batch)
@@ -319,6 +263,7 @@ def prune_streaming(
     *,
     scores: dict[str, Tensor] | None = None,
     progress=None,
+    refit_progress=None,
     shard_bytes: int = 1 << 30,
 ):
     """Prune the checkpoint in ``source_dir`` to ``target`` (a ``targets.Target``) without loading it, as ``spec``
@@ -326,9 +271,11 @@ def prune_streaming(
     data is ``tokens``).
 
     ``scores`` (e.g. a saved importance.safetensors) skip calibration; otherwise ``tokens`` [N, T] are the
-    calibration blocks, run in fp32. Returns ``(keep, target_config, scores)``; the checkpoint (weights in the
+    calibration blocks, run in fp32. Returns ``(keep, target_config, scores, reconstruction)`` (the last: the
+    report of ``spec.reconstruct`` (reconstruct.summary), or None); the checkpoint (weights in the
     spec's ``save_dtype``, ``auto``: the source's stored dtype) lands in ``out_dir`` atomically, in shards of
-    about ``shard_bytes``. ``progress()`` is called once per calibrated layer.
+    about ``shard_bytes``. ``progress()`` is called once per calibrated layer, ``refit_progress()`` once per
+    refit layer.
     """
     if spec.layer_importance != "block" and f"layers.{spec.layer_importance}" not in (scores or {}):
         raise WhelpError(
@@ -347,16 +294,37 @@ def prune_streaming(
     target_cfg = target_config(config, keep, target_rope(target, spec.rope))
     dtype = save_dtype(spec.save_dtype, source_dir, config)
     target_cfg.dtype = dtype
-    write_pruned(
-        Path(source_dir),
-        Path(out_dir),
-        keep,
-        family,
-        config,
-        target_cfg,
-        False,
-        shard_bytes,
-        None,
-        getattr(torch, dtype),
-    )
-    return keep, target_cfg, scores
+    mode = resolve(spec.reconstruct, family)
+    if mode == "bias":
+        text_config(target_cfg).attention_bias = text_config(target_cfg).mlp_bias = True
+    errors = None
+    with tempfile.TemporaryDirectory(dir=Path(out_dir).expanduser().parent, prefix=".whelp-refit-") as spill:
+        if mode != "none":
+            if tokens is None:
+                raise WhelpError(f"--reconstruct {mode} needs calibration tokens; give them, or --reconstruct none")
+            errors = refit_streaming(
+                Path(source_dir),
+                config,
+                target_cfg,
+                keep,
+                family,
+                tokens,
+                mode,
+                spec.batch_size,
+                Path(spill),
+                refit_progress,
+            )
+        write_pruned(
+            Path(source_dir),
+            Path(out_dir),
+            keep,
+            family,
+            config,
+            target_cfg,
+            False,
+            shard_bytes,
+            None,
+            getattr(torch, dtype),
+            Path(spill) if mode != "none" else None,
+        )
+    return keep, target_cfg, scores, None if errors is None else summary(mode, errors)

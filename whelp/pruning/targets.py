@@ -93,11 +93,13 @@ _AXES = models.SHAPE_KEYS[:6]  # the widths and counts a target shrinks (not voc
 
 @dataclass(frozen=True)
 class Target:
-    """A validated target: its shape under ``models.SHAPE_KEYS`` and the RoPE it asks for (None: the teacher's)."""
+    """A validated target: its shape under ``models.SHAPE_KEYS``, the RoPE it asks for (None: the teacher's) and
+    whether it names a published model's config (a preset or config.json), whose keys a prune must not add to."""
 
     name: str
     shape: dict
     rope_parameters: dict | None = None
+    published: bool = False
 
 
 def _parse_value(key: str, text: str):
@@ -205,7 +207,9 @@ def parse_target(source_cfg, spec: str) -> Target:
     if family is not None:
         _check_rope_head_dim(source_cfg, source, shape)
         _check_config(source_cfg, shape, spec)
-    return Target(name=spec, shape=shape, rope_parameters=rope)
+    return Target(
+        name=spec, shape=shape, rope_parameters=rope, published="=" not in spec or Path(spec).expanduser().is_file()
+    )
 
 
 def _check_rope_head_dim(source_cfg, source: dict, shape: dict) -> None:

@@ -6,7 +6,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 from whelp.schema import check_types
-from whelp.specs.base import IMPORTANCE, LAYER_IMPORTANCE, ROPE, SAVE_DTYPES, TIE, _choice, _positive, _require, opt
+from whelp.specs.base import (
+    IMPORTANCE,
+    LAYER_IMPORTANCE,
+    RECONSTRUCT,
+    ROPE,
+    SAVE_DTYPES,
+    TIE,
+    _choice,
+    _positive,
+    _require,
+    opt,
+)
 from whelp.specs.data import Mixture, as_mixtures
 
 
@@ -32,6 +43,13 @@ class PruneSpec:
         "RoPE of the pruned model: auto (a preset's or config.json target's own, else the teacher's) | "
         "teacher | target",
     )
+    reconstruct: Literal["auto", "none", "lsq", "span", "bias"] = opt(
+        "auto",
+        "Refit the kept weights on the calibration data, layer by layer on the student's own inputs: auto (span "
+        "where the family allows, else lsq; none for MoE) | none | lsq (o_proj, down_proj match the unpruned "
+        "layer) | span (as lsq; down_proj matches the teacher's state after the layers it replaces) | bias "
+        "(FLAP's bias compensation)",
+    )
     stream: bool | None = opt(
         None, "Prune from the shards layer by layer (default: only when the teacher does not fit in memory)"
     )
@@ -50,6 +68,7 @@ class PruneSpec:
                 _choice("layer importance", self.layer_importance, LAYER_IMPORTANCE),
                 _choice("tie", self.tie, TIE),
                 _choice("rope", self.rope, ROPE),
+                _choice("reconstruct", self.reconstruct, RECONSTRUCT),
                 _choice("save_dtype", self.save_dtype, SAVE_DTYPES),
                 *_positive(self, ("calib_samples", "batch_size")),
                 (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),

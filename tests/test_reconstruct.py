@@ -1,0 +1,199 @@
+"""Reconstruction after pruning (whelp/pruning/lsq.py, reconstruct.py, stream_refit.py): the closed forms against
+direct computation, the walk over layers in memory and streamed, what it refuses, and its effect on the demo teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import save_tiny, tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from whelp.errors import WhelpError
+from whelp.pruning import api, arch, lsq, reconstruct, shards, streaming
+from whelp.pruning.keep import identity_keep
+from whelp.pruning.scores import SCORES_FILE
+from whelp.pruning.targets import parse_target
+from whelp.specs import PruneSpec
+
+# depth 4 -> 3, hidden 64 -> 48, MLP 128 -> 96, one KV group with 1 of 2 query heads, head_dim 16 -> 8, tied (mean)
+TARGET = (
+    "num_hidden_layers=3,hidden_size=48,intermediate_size=96,num_attention_heads=1,"
+    "num_key_value_heads=1,head_dim=8,tie_word_embeddings=true"
+)
+
+
+def moments(h, x, weight):
+    m = lsq.Moments.empty(h.shape[-1], x.shape[-1])
+    m.add(h, x, weight)
+    return m
+
+
+def direct_error(weight, v, h, x, bias=None):
+    """sum ||W h - V x - b||^2 computed token by token in float64 (the reference of lsq.error)."""
+    target = h.double() @ weight.double().T if weight is not None else h.double()
+    out = x.double() @ v.double().T + (0 if bias is None else bias.double())
+    return float((target - out).square().sum())
+
+
+def test_error_and_bias_equal_their_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    h, weight = torch.randn(200, 8, generator=g), torch.randn(5, 8, generator=g)
+    x, v, b = h[:, [0, 2, 3]] + 0.1, torch.randn(5, 3, generator=g), torch.randn(5, generator=g)
+    m = moments(h, x, weight)
+    assert lsq.error(weight, v, m) == pytest.approx(direct_error(weight, v, h, x), rel=1e-9)
+    assert lsq.error(weight, v, m, b) == pytest.approx(direct_error(weight, v, h, x, b), rel=1e-9)
+    want = (h.double() @ weight.double().T - x.double() @ v.double().T).mean(0)  # FLAP: the mean of what is missed
+    torch.testing.assert_close(lsq.flap_bias(weight, v, m), want, rtol=1e-9, atol=1e-12)
+    m_id = moments(h[:, :5], x, None)  # the identity map: h is the target itself
+    assert lsq.error(None, v, m_id) == pytest.approx(direct_error(None, v, h[:, :5], x), rel=1e-9)
+
+
+def test_lsq_reproduces_pruned_channels_that_are_combinations_of_kept_ones():
+    """Removed inputs that are exact linear combinations of kept ones: the refit recovers the unpruned output."""
+    g = torch.Generator().manual_seed(1)
+    kept = torch.randn(500, 6, generator=g)
+    h = torch.cat([kept, kept @ torch.randn(6, 4, generator=g)], dim=1)  # channels 6..9 depend on 0..5
+    weight = torch.randn(7, 10, generator=g)
+    m = moments(h, kept, weight)
+    v = lsq.lsq(weight, m, damp=0.0)
+    torch.testing.assert_close((kept.double() @ v.T), h.double() @ weight.double().T, atol=1e-5, rtol=1e-5)
+    fitted, _, report = lsq.refit(weight, weight[:, :6], m, "lsq", damp=1e-9)
+    assert report["after"] < 1e-10 < report["before"]
+    assert fitted.dtype == weight.dtype
+
+
+@pytest.mark.parametrize("damp", [1e-3, 0.1, 1.0, 1e6])
+def test_refit_never_raises_the_calibration_error(damp):
+    g = torch.Generator().manual_seed(2)
+    h, weight = torch.randn(64, 12, generator=g), torch.randn(4, 12, generator=g)
+    x = h[:, :5] + 0.3 * torch.randn(64, 5, generator=g)
+    current = weight[:, :5]
+    m = moments(h, x, weight)
+    v, _, report = lsq.refit(weight, current, m, "lsq", damp)
+    assert direct_error(weight, v, h, x) <= direct_error(weight, current, h, x) * (1 + 1e-9)
+    assert report["after"] <= report["before"]
+    # a huge damp pulls the refit back to the sliced weights, not to zero
+    if damp == 1e6:
+        torch.testing.assert_close(v, current, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["lsq", "span"])
+def test_a_student_identical_to_its_teacher_is_left_unchanged(mode):
+    teacher = tiny_model("llama", num_hidden_layers=3)
+    student = tiny_model("llama", num_hidden_layers=3)
+    tokens = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(3))
+    keep = identity_keep(teacher.config)
+    refit, report = reconstruct.reconstruct_model(
+        teacher, student, keep, arch.family_of(teacher.config), tokens, 2, mode
+    )
+    for name, value in teacher.state_dict().items():
+        torch.testing.assert_close(refit.state_dict()[name], value, atol=1e-5, rtol=1e-4)
+    assert all(r[m]["before"] < 1e-10 for r in report for m in ("o_proj", "down_proj"))
+
+
+def streamed(src, out, spec, tokens):
+    target = parse_target(AutoModelForCausalLM.from_pretrained(src).config, TARGET)
+    _, _, _, report = streaming.prune_streaming(src, out, target, spec, tokens, shard_bytes=20_000)
+    got = {}
+    for path in sorted(set(shards.weight_map(out).values())):
+        got.update(load_file(path))
+    return got, report
+
+
+@pytest.mark.parametrize(
+    "family,mode", [("llama", "lsq"), ("llama", "span"), ("llama", "bias"), ("qwen3", "span"), ("gemma2", "lsq")]
+)
+def test_streaming_reconstruction_equals_in_memory(tmp_path, family, mode):
+    """Every axis pruned (head_dim too, so the wide layer has its own RoPE) and an untied teacher tied by the mean:
+    the streamed refit (layers spilled and written shard by shard) equals the in-memory one, and loads."""
+    tiny_model(family, num_hidden_layers=4).save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    tokens = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    spec = PruneSpec(tie="mean", batch_size=4, reconstruct=mode)
+    in_memory = api.prune(teacher, TARGET, tokens, spec)
+    plain = api.prune(teacher, TARGET, tokens, PruneSpec(tie="mean", batch_size=4, reconstruct="none"))
+    got, report = streamed(tmp_path / "src", tmp_path / "out", spec, tokens)
+    want = {k: v for k, v in in_memory.state_dict().items() if k in got}
+    assert set(in_memory.state_dict()) - set(got) <= {"lm_head.weight"}  # tied
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, atol=1e-6, rtol=1e-5)
+    before, after = plain.state_dict(), in_memory.state_dict()
+    changed = [k for k in after if k not in before or not torch.equal(before[k], after[k])]
+    maps = ("o_proj.bias", "down_proj.bias") if mode == "bias" else ("o_proj.weight", "down_proj.weight")
+    assert changed and all(k.endswith(maps) or not after[k].any() for k in changed)  # new zero q/k/v/MLP biases
+    assert all(after[k].abs().sum() > 0 for k in changed if k.endswith(maps))
+    assert report["mode"] == mode and report["down_proj"]["after"] < report["down_proj"]["before"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=tokens).logits, in_memory(input_ids=tokens).logits, atol=1e-4, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize(
+    "family,mode", [("llama", "span"), ("gemma2", "lsq"), ("granite", "lsq"), ("qwen2_moe", "none")]
+)
+def test_auto_picks_what_the_family_allows(family, mode):
+    assert reconstruct.resolve("auto", arch.family_of(tiny_model(family).config)) == mode
+    assert reconstruct.resolve("auto", None) == "none" and reconstruct.resolve("bias", None) == "bias"
+
+
+@pytest.mark.parametrize(
+    "family,mode,target,message",
+    [
+        ("llama", "bias", "config.json", "published shape"),
+        ("gemma2", "span", "intermediate_size=64", "normalises or scales it; use --reconstruct lsq"),
+        ("qwen3", "bias", "intermediate_size=64", "no such keys; use --reconstruct lsq"),
+        ("qwen2_moe", "lsq", "intermediate_size=64", "has experts; use --reconstruct none"),
+    ],
+)
+def test_misuse_is_one_line_before_any_weight_is_read(tmp_path, monkeypatch, family, mode, target, message):
+    save_tiny(tmp_path / "teacher", family=family)
+    if target == "config.json":  # a published shape: a smaller model's own config
+        tiny_model(family, intermediate_size=64).config.save_pretrained(tmp_path / "small")
+        target = str(tmp_path / "small" / "config.json")
+    monkeypatch.setattr("whelp.models.load_model", lambda *a, **k: pytest.fail("loaded the teacher"))
+    with pytest.raises(WhelpError, match=message):
+        api.prune_checkpoint(str(tmp_path / "teacher"), target, tmp_path / "out", PruneSpec(reconstruct=mode))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_mode_names_the_choices():
+    with pytest.raises(WhelpError, match="reconstruct.*auto, none, lsq, span, bias"):
+        PruneSpec(reconstruct="ols")
+
+
+@pytest.mark.demo
+def test_reconstruction_lowers_the_demo_students_held_out_perplexity(demo, tmp_path):
+    """On the real demo teacher at the demo's shape: lsq and span each give a lower one-shot perplexity than the
+    sliced weights on held-out text that calibration never saw (the licences), span the lowest."""
+    from whelp.data.blocks import blocks
+    from whelp.evals.perplexity import perplexity
+
+    teacher, tokenizer = demo
+    calib = blocks("pydoc:calib", tokenizer, 128, n=16)
+    ids = blocks("licenses", tokenizer, 256, max_tokens=4096)
+    ids = ids.head(len(ids)).flatten()
+    target = "num_hidden_layers=24,intermediate_size=1024"
+    ppl = {}
+    for mode in ("none", "lsq", "span"):
+        student = api.prune(teacher, target, calib, PruneSpec(reconstruct=mode, calib_samples=16, seq_len=128))
+        ppl[mode] = perplexity(student, ids, 256, batch_size=8).ppl
+    assert ppl["span"] < ppl["lsq"] < ppl["none"], ppl
+
+
+@pytest.mark.demo
+def test_prune_report_records_the_reconstruction(tmp_path, monkeypatch, demo_tokenizer):
+    from whelp.pruning import scores as saved
+
+    monkeypatch.setattr(saved, "cache_path", lambda meta, real=saved.cache_path: tmp_path / "cache" / real(meta).name)
+    save_tiny(tmp_path / "teacher", demo_tokenizer, family="llama")
+    spec = PruneSpec(calib_samples=2, seq_len=16, calib="pydoc:calib")
+    api.prune_checkpoint(str(tmp_path / "teacher"), "num_hidden_layers=1,intermediate_size=64", tmp_path / "out", spec)
+    report = json.loads((tmp_path / "out" / api.REPORT_FILE).read_text())
+    assert report["spec"]["reconstruct"] == "auto" and report["reconstruct"]["mode"] == "span"
+    assert len(report["reconstruct"]["layers"]) == 1 and (tmp_path / "out" / SCORES_FILE).is_file()
+    assert report["reconstruct"]["down_proj"]["after"] <= report["reconstruct"]["down_proj"]["before"]

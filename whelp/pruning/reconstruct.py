@@ -1,0 +1,309 @@
+"""Reconstruction after structured pruning: refit the kept weights, layer by layer, so the student's layers do what
+the teacher's did (``whelp prune --reconstruct``; the closed forms are lsq.py).
+
+The modes (``specs.RECONSTRUCT``):
+
+- ``lsq``: o_proj and down_proj refit by ridge least squares so each matches the *wide* layer's output: the teacher
+  layer sliced to the student's hidden channels only (every neuron, head and head dim), fed the *student's* own input.
+  Errors do not compound: layer ``i`` is refit on what the refit layers before it produce, attention before MLP
+  (SlimGPT, Ling et al. NeurIPS 2024; ZipLM).
+- ``span``: o_proj as ``lsq``; down_proj refit so the layer's output matches the teacher's residual stream at the end
+  of the span of teacher layers the student layer replaces (from its kept layer up to the next kept one), so the
+  removed layers' work and the drift accumulated before it are compensated too. The teacher runs beside the student
+  on the same calibration tokens. Needs an MLP that joins the residual stream as it is (``Family.mlp_residual``).
+- ``bias``: FLAP's bias compensation (An et al., AAAI 2024) on both maps; the kept weights stay.
+- ``auto`` (the default): ``span`` where the family allows it, else ``lsq``; ``none`` for MoE teachers and the
+  generic path. On the demo shape ``span`` cut one-shot perplexity on general English about in half, ``lsq`` by a
+  quarter, ``bias`` by a tenth (bench/RESULTS.md, "Reconstruction").
+
+Memory beyond the prune: the calibration hidden states of the student [N, T, H'] (and of the teacher [N, T, H] for
+``span``), one wide layer, and per map the float64 moments ([n, k] + [k, k]). Time: about three layer forwards per
+calibration token and layer, plus one k x k solve per map.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from whelp.errors import WhelpError
+from whelp.pruning.arch import Family, split_name
+from whelp.pruning.keep import Keep, head_dim_of, text_config
+from whelp.pruning.layerwise import assign_layer, layer_types, rope_and_mask, skeleton
+from whelp.pruning.lsq import DAMP, Moments, refit
+from whelp.pruning.surgery import slice_tensor, target_config
+
+
+def wide_keep(keep: Keep, source_cfg) -> Keep:
+    """The Keep of the wide model: the student's layers and hidden channels, every neuron, head and head dim."""
+    cfg = text_config(source_cfg)
+    kv, n_rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    return replace(
+        keep,
+        mlp=tuple(torch.arange(cfg.intermediate_size) for _ in keep.layers),
+        kv_heads=tuple(torch.arange(kv) for _ in keep.layers),
+        q_heads=tuple(torch.arange(n_rep).repeat(kv, 1) for _ in keep.layers),
+        head_dims=torch.arange(head_dim_of(cfg)),
+        tie=None,
+    )
+
+
+def resolve(mode: str, family: Family | None) -> str:
+    """The mode ``auto`` stands for: ``span`` where the family's MLP joins the residual stream as it is, else
+    ``lsq``; ``none`` for MoE teachers and the generic path (neither is refit). Other modes are themselves."""
+    if mode != "auto":
+        return mode
+    if family is None or family.experts_key:
+        return "none"
+    return "span" if family.mlp_residual else "lsq"
+
+
+def check_mode(mode: str, source_cfg, family: Family | None, published: bool) -> None:
+    """Refuse what a reconstruction cannot do, before any weight is read (``family`` None: the generic path)."""
+    cfg = text_config(source_cfg)
+    if mode == "none":
+        return
+    if family is None:
+        raise WhelpError(
+            f"--reconstruct {mode} walks the layers of the families in whelp/pruning/arch.py and {cfg.model_type} "
+            "is pruned by the generic path; use --reconstruct none"
+        )
+    if family.experts_key:
+        raise WhelpError(
+            f"--reconstruct {mode} refits dense layers and this {cfg.model_type} teacher has experts; "
+            "use --reconstruct none"
+        )
+    if mode == "span" and not family.mlp_residual:
+        raise WhelpError(
+            f"--reconstruct span needs an MLP whose output joins the residual stream as it is, and {family.name} "
+            "normalises or scales it; use --reconstruct lsq"
+        )
+    if mode == "bias" and published:
+        raise WhelpError(
+            "--reconstruct bias adds biases (attention_bias / mlp_bias) and the target is a published shape "
+            "(a preset or config.json) that has none; use --reconstruct lsq, or give the shape as key=value"
+        )
+    if mode == "bias" and not (hasattr(cfg, "attention_bias") and hasattr(cfg, "mlp_bias")):
+        raise WhelpError(
+            f"--reconstruct bias needs attention_bias and mlp_bias in the config and {cfg.model_type} has no "
+            "such keys; use --reconstruct lsq"
+        )
+
+
+def _capture(module, store: list):
+    """A forward pre-hook handle appending the module's first input to ``store``."""
+    return module.register_forward_pre_hook(lambda m, args: store.append(args[0]))
+
+
+def _stats(student_layer, wide_layer, family: Family, which: str, batches, kwargs, wide_rope) -> Moments:
+    """Moments of one map (``which`` = family.o_proj or family.down_proj) over every batch: the student layer runs
+    on each batch's hidden states; the wide sub-block (attention or MLP) runs on the same input beside it."""
+    block = which.split(".")[0]  # self_attn | mlp
+    s_map, w_map = student_layer.get_submodule(which), wide_layer.get_submodule(which)
+    moments = Moments.empty(w_map.in_features, s_map.in_features)
+
+    def run_wide(module, args, kw):
+        inputs = dict(kw)
+        if wide_rope is not None and "position_embeddings" in inputs:
+            inputs["position_embeddings"] = wide_rope[current[0]]
+        wide_block(*args, **inputs)
+
+    wide_block = wide_layer.get_submodule(block)
+    current = [0]
+    for b, (hidden, kw) in enumerate(zip(batches, kwargs)):
+        xs, hs = [], []
+        current[0] = b
+        handles = [
+            _capture(s_map, xs),
+            _capture(w_map, hs),
+            student_layer.get_submodule(block).register_forward_pre_hook(run_wide, with_kwargs=True),
+        ]
+        try:
+            with torch.no_grad():
+                student_layer(hidden, **kw)
+        finally:
+            for handle in handles:
+                handle.remove()
+        moments.add(hs[0], xs[0], w_map.weight)
+    return moments
+
+
+def _span_stats(student_layer, down, batches, kwargs, span_end) -> Moments:
+    """Moments of ``down`` (the student's down_proj) towards the teacher's residual stream at the span's end:
+    the target of ``V x`` is ``end - (out - V0 x)``, what the MLP must add to the layer's attention output."""
+    moments = Moments.empty(down.out_features, down.in_features)
+    for hidden, kw, end in zip(batches, kwargs, span_end):
+        xs: list = []
+        handle = _capture(down, xs)
+        try:
+            with torch.no_grad():
+                out = student_layer(hidden, **kw)
+        finally:
+            handle.remove()
+        out = out[0] if isinstance(out, tuple) else out
+        moments.add(end - out + xs[0] @ down.weight.detach().T, xs[0], None)
+    return moments
+
+
+def reconstruct_layer(
+    student_layer,
+    wide_layer,
+    family: Family,
+    batches: list[Tensor],
+    kwargs: list[dict],
+    mode: str,
+    wide_rope: list | None = None,
+    span_end: list[Tensor] | None = None,
+    damp: float = DAMP,
+) -> dict:
+    """Refit one student layer in place (o_proj, then down_proj on the refit attention's output) and advance
+    ``batches`` (hidden states [B, T, H'] entering the layer, one per batch; ``kwargs`` the layer's keyword
+    arguments per batch: mask, rotary embeddings) to the layer's output. ``wide_rope``: the wide layer's rotary
+    embeddings per batch where its head_dim differs; ``span_end`` (mode ``span``): the teacher's hidden states at
+    the end of the span, sliced to the kept channels, per batch. Returns the relative calibration error of each
+    map before and after."""
+    report = {}
+    for which in (family.o_proj, family.down_proj):
+        s_map = student_layer.get_submodule(which)
+        if mode == "span" and which == family.down_proj:
+            weight, moments = None, _span_stats(student_layer, s_map, batches, kwargs, span_end)
+        else:
+            weight = wide_layer.get_submodule(which).weight.detach()
+            moments = _stats(student_layer, wide_layer, family, which, batches, kwargs, wide_rope)
+        # a teacher's own bias is in both outputs (sliced to the kept channels) and cancels in their difference
+        how = "bias" if mode == "bias" else "lsq"
+        v, b, report[which.rsplit(".", 1)[-1]] = refit(weight, s_map.weight.detach(), moments, how, damp)
+        s_map.weight.data.copy_(v)
+        if b is not None:
+            s_map.bias.data.add_(b)
+    with torch.no_grad():
+        for i, (hidden, kw) in enumerate(zip(batches, kwargs)):
+            out = student_layer(hidden, **kw)
+            batches[i] = out[0] if isinstance(out, tuple) else out
+    return report
+
+
+def layer_inputs(model, family: Family, tokens: Tensor, batch_size: int) -> tuple[list[Tensor], list[list[dict]]]:
+    """One forward of ``model`` per batch of ``tokens`` [N, T]: the hidden states entering its first layer, one
+    [B, T, H] per batch, and the keyword arguments (mask, rotary embeddings) the model passes each layer, per layer
+    and batch: exactly what its own forward would give the layers as they are refit one by one."""
+    layers = model.get_submodule(family.layers)
+    batches: list[Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
+
+    def grab(index):
+        def hook(module, args, kw):
+            if index == 0:
+                batches.append((args[0] if args else kw["hidden_states"]).detach().clone())
+            kwargs[index].append({k: v for k, v in kw.items() if k != "hidden_states"})
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(tokens), batch_size):
+                model(input_ids=tokens[start : start + batch_size], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return batches, kwargs
+
+
+def wide_layer_state(state: dict[str, Tensor], j: int, wkeep: Keep, family: Family, source_cfg, wide_cfg) -> dict:
+    """Teacher layer ``j``'s tensors (``state``: the teacher's state dict) sliced to the wide layer, by names inside
+    the layer."""
+    prefix = f"{family.layers}.{j}."
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith(prefix):
+            for target, sliced in slice_tensor(name, tensor, wkeep, family, source_cfg, wide_cfg).items():
+                out[split_name(target, family)[1]] = sliced
+    return out
+
+
+def with_biases(model):
+    """``model`` with ``attention_bias`` and ``mlp_bias`` set and every bias they add zero (FLAP's compensation
+    goes into the o_proj and down_proj ones); a new model, ``model`` unchanged."""
+    cfg = copy.deepcopy(model.config)
+    text_config(cfg).attention_bias = text_config(cfg).mlp_bias = True
+    with no_init_weights():
+        biased = AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
+    missing, unexpected = biased.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not all(name.endswith(".bias") for name in missing):
+        raise WhelpError(f"biases could not be added to this {cfg.model_type} model: {sorted(missing)[:3]}")
+    for name in missing:
+        biased.get_parameter(name).data.zero_()
+    if text_config(cfg).tie_word_embeddings:
+        biased.tie_weights()
+    return biased.eval()
+
+
+def span_ends(keep: Keep, n_layers: int) -> list[int]:
+    """The last teacher layer of each student layer's span: up to the next kept layer, the last span to the end."""
+    return [nxt - 1 for nxt in keep.layers[1:]] + [n_layers - 1]
+
+
+def _advance(layers, batches: list[Tensor], kwargs: list[list[dict]], start: int, stop: int) -> None:
+    """Run ``batches`` through ``layers[start:stop]`` in place (the teacher beside the student)."""
+    with torch.no_grad():
+        for j in range(start, stop):
+            for b, hidden in enumerate(batches):
+                out = layers[j](hidden, **kwargs[j][b])
+                batches[b] = out[0] if isinstance(out, tuple) else out
+
+
+def reconstruct_model(
+    teacher, student, keep: Keep, family: Family, tokens: Tensor, batch_size: int, mode: str, progress=None
+):
+    """``(student, report)``: ``student`` (pruned from ``teacher`` as ``keep`` says) refit layer by layer on the
+    calibration ``tokens`` [N, T]; ``bias`` returns a new model with biases. ``report``: per layer, the relative
+    calibration error of o_proj and down_proj before and after. ``progress(1)`` after each layer."""
+    if mode == "bias":
+        student = with_biases(student)
+    wkeep = wide_keep(keep, teacher.config)
+    wide_cfg = target_config(teacher.config, wkeep, getattr(text_config(student.config), "rope_parameters", None))
+    wide = skeleton(wide_cfg)
+    state, types = teacher.state_dict(), layer_types(text_config(wide_cfg))
+    same_dims = head_dim_of(wide_cfg) == head_dim_of(student.config)
+    batches, kwargs = layer_inputs(student, family, tokens, batch_size)
+    if mode == "span":
+        t_batches, t_kwargs = layer_inputs(teacher, family, tokens, batch_size)
+        t_layers, ends, done = teacher.get_submodule(family.layers), span_ends(keep, len(t_kwargs)), 0
+    report = []
+    for i, layer in enumerate(student.get_submodule(family.layers)):
+        tensors = wide_layer_state(state, keep.layers[i], wkeep, family, teacher.config, wide_cfg)
+        wide_layer = assign_layer(wide, family, i, tensors)
+        rope = None if same_dims else [rope_and_mask(wide, family, wide_cfg, h, types[i])[0] for h in batches]
+        span_end = None
+        if mode == "span":
+            _advance(t_layers, t_batches, t_kwargs, done, ends[i] + 1)
+            done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
+        report.append(reconstruct_layer(layer, wide_layer, family, batches, kwargs[i], mode, rope, span_end))
+        wide_layer.to("meta")
+        if progress is not None:
+            progress(1)
+    return student, report
+
+
+def summary(mode: str, errors: list[dict]) -> dict:
+    """The report's record of a reconstruction: the mode, the damping, and per map the relative calibration error
+    averaged over layers before and after (and the per-layer values)."""
+    maps = sorted({name for layer in errors for name in layer})
+    return {
+        "mode": mode,
+        "damp": DAMP,
+        **{
+            name: {
+                "before": sum(layer[name]["before"] for layer in errors) / len(errors),
+                "after": sum(layer[name]["after"] for layer in errors) / len(errors),
+            }
+            for name in maps
+        },
+        "layers": errors,
+    }

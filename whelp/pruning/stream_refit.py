@@ -1,0 +1,149 @@
+"""Reconstruction in a streaming prune: the refit of reconstruct.py with one teacher layer resident at a time.
+
+The calibration tokens are embedded from the shards; then for each student layer ``i`` (teacher layer ``j``) the
+teacher layer's tensors are read once and sliced twice, to the student layer and to the wide layer (reconstruct.py),
+both loaded into meta skeletons; the student's hidden states [N, T, H'] go through with the rotary embeddings and
+masks of ``layerwise.rope_and_mask``, the layer is refit, and its whole state is spilled to ``spill/{i}.safetensors``
+so the shard writer (streaming.write_pruned) takes the refit tensors in place of the sliced ones. For ``span`` the
+teacher's hidden states [N, T, H] advance beside the student's through every teacher layer, one resident at a time.
+
+Peak memory: the streaming prune's (one layer, one shard) + the student's and (``span``) the teacher's calibration
+hidden states + one wide layer + the float64 moments of one map. The refit layers go to disk, not memory, so a
+student larger than memory streams too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from whelp.errors import WhelpError
+from whelp.pruning.arch import Family, split_name
+from whelp.pruning.keep import Keep, head_dim_of, text_config
+from whelp.pruning.layerwise import assign_layer, embedded, layer_types, load_layer, n_experts, rope_and_mask, skeleton
+from whelp.pruning.moe_layout import read
+from whelp.pruning.reconstruct import reconstruct_layer, span_ends, wide_keep
+from whelp.pruning.shards import weight_map
+from whelp.pruning.surgery import slice_tensor, target_config, tie_embeddings
+
+
+def _layer_states(shards, j: int, keeps: tuple[Keep, Keep], family: Family, source_cfg, cfgs: tuple) -> list[dict]:
+    """Teacher layer ``j`` read once and sliced to each ``(keep, target config)`` pair, by names inside the layer."""
+    prefix, n = f"{family.layers}.{j}.", n_experts(source_cfg, family)
+    states: list[dict] = [{} for _ in keeps]
+    for name in [name for name in shards if name.startswith(prefix)]:
+        tensor = read(shards, name, family, n, torch.float32)
+        for state, keep, cfg in zip(states, keeps, cfgs):
+            for target, sliced in slice_tensor(name, tensor, keep, family, source_cfg, cfg).items():
+                state[split_name(target, family)[1]] = sliced
+    return states
+
+
+def _with_zero_biases(layer, state: dict) -> dict:
+    """``state`` completed with zeros for the biases the layer has and the teacher had not (``--reconstruct bias``)."""
+    missing = {k: v for k, v in layer.state_dict().items() if k not in state}
+    if not all(k.endswith(".bias") for k in missing):
+        raise WhelpError(f"the teacher's layer lacks tensors its pruned layer needs: {sorted(missing)[:3]}")
+    return {**state, **{k: torch.zeros(v.shape) for k, v in missing.items()}}
+
+
+def _student_inputs(shards, family: Family, config, keep: Keep, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """``(teacher, student)`` hidden states entering the first layer: the student's are the teacher's kept
+    channels (Gemma's embedding compensation keeps their values), or a tied init's merged rows."""
+    cfg = text_config(config)
+    teacher = embedded(shards, family, cfg, tokens, torch.float32)
+    if keep.tie is None or keep.tie == "embedding":
+        return teacher, teacher[..., keep.hidden].clone()
+    head = embedded(shards, family, cfg, tokens, torch.float32, family.lm_head)
+    return teacher, tie_embeddings(teacher[..., keep.hidden], head[..., keep.hidden], keep.tie)
+
+
+def refit_streaming(
+    source_dir: Path,
+    config,
+    target_cfg,
+    keep: Keep,
+    family: Family,
+    tokens: Tensor,
+    mode: str,
+    batch_size: int,
+    spill: Path,
+    progress=None,
+) -> list[dict]:
+    """Refit every student layer from the shards of ``source_dir`` and spill each layer's state to ``spill``;
+    returns the per-layer relative calibration errors (reconstruct.summary makes the report of them)."""
+    shards = weight_map(Path(source_dir))
+    wkeep = wide_keep(keep, config)
+    wide_cfg = target_config(config, wkeep, getattr(text_config(target_cfg), "rope_parameters", None))
+    teacher_sk, student_sk, wide_sk = skeleton(config), skeleton(target_cfg), skeleton(wide_cfg)
+    t_hidden, s_hidden = _student_inputs(shards, family, config, keep, tokens)
+    slices = [slice(i, i + batch_size) for i in range(0, len(tokens), batch_size)]
+    batches, t_batches = [s_hidden[b] for b in slices], [t_hidden[b] for b in slices]
+    del t_hidden, s_hidden
+    s_types, t_types = layer_types(text_config(target_cfg)), layer_types(text_config(config))
+    same_dims = head_dim_of(wide_cfg) == head_dim_of(target_cfg)
+    ends, done, report = span_ends(keep, text_config(config).num_hidden_layers), 0, []
+    spill.mkdir(parents=True, exist_ok=True)
+    for i, j in enumerate(keep.layers):
+        span_end = None
+        if mode == "span":
+            for jj in range(done, ends[i] + 1):
+                _advance_teacher(teacher_sk, family, config, shards, jj, t_batches, t_types[jj])
+            done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
+        s_state, w_state = _layer_states(shards, j, (keep, wkeep), family, config, (target_cfg, wide_cfg))
+        layer = student_sk.get_submodule(family.layers)[i]
+        student = assign_layer(student_sk, family, i, _with_zero_biases(layer, s_state))
+        wide = assign_layer(wide_sk, family, i, w_state)
+        kwargs = []
+        for h in batches:
+            rope, mask = rope_and_mask(student_sk, family, target_cfg, h, s_types[i])
+            kwargs.append({"position_embeddings": rope, "attention_mask": mask})
+        rope = None if same_dims else [rope_and_mask(wide_sk, family, wide_cfg, h, s_types[i])[0] for h in batches]
+        report.append(reconstruct_layer(student, wide, family, batches, kwargs, mode, rope, span_end))
+        prefix = f"{family.layers}.{i}."
+        save_file({prefix + k: v.contiguous() for k, v in student.state_dict().items()}, spill / f"{i}.safetensors")
+        student.to("meta")
+        wide.to("meta")
+        if progress is not None:
+            progress(1)
+    return report
+
+
+def _advance_teacher(model, family: Family, config, shards, j: int, batches: list[Tensor], layer_type) -> None:
+    """Teacher layer ``j`` loaded from the shards, ``batches`` run through it in place, the layer freed."""
+    layer = load_layer(model, family, j, shards, torch.float32)
+    with torch.no_grad():
+        for b, hidden in enumerate(batches):
+            rope, mask = rope_and_mask(model, family, text_config(config), hidden, layer_type)
+            out = layer(hidden, position_embeddings=rope, attention_mask=mask)
+            batches[b] = out[0] if isinstance(out, tuple) else out
+    layer.to("meta")
+
+
+def spilled(tensors, spill: Path):
+    """``(name, tensor)`` pairs with every layer's tensors taken from its spill file (refit weights, added biases)
+    in place of the sliced ones, one spill file resident at a time; the spilled tensors slicing does not produce
+    (new biases) come last."""
+    files = {int(p.stem): p for p in spill.glob("*.safetensors")}
+    current, layer, emitted = None, {}, set()
+    for name, tensor in tensors:
+        index = _layer_index(name)
+        if index is not None and index != current:
+            current, layer = index, (load_file(files[index]) if index in files else {})
+        emitted.add(name)
+        yield name, layer.get(name, tensor)
+    for index in sorted(files):
+        for name, tensor in load_file(files[index]).items():
+            if name not in emitted:
+                yield name, tensor
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    for k, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[k + 1].isdigit():
+            return int(parts[k + 1])
+    return None
