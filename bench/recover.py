@@ -98,7 +98,7 @@ def main() -> None:
     def ppl(model):
         return {name: perplexity(model, ids, 256, batch_size=8).ppl for name, ids in texts.items()}
 
-    results = {"teacher": {"ppl": ppl(teacher), "params": count_params(teacher.config)[1]}}
+    results = {"teacher": {"ppl": ppl(teacher), "params": count_params(teacher.config)[0]}}
     for seed in args.seeds:
         calib = blocks("pydoc:calib", tokenizer, 256, n=args.calib_blocks, seed=seed).head(args.calib_blocks)
         for name, (target, changes) in ROWS.items():
@@ -120,11 +120,13 @@ def report(results: dict, args) -> str:
         f"{platform.machine()}, {torch.get_num_threads()} threads)\n",
         f"SmolLM2-135M-Instruct -> 60% of its non-embedding parameters, {args.calib_blocks} blocks x 256 tokens of "
         f"pydoc:calib, seeds {' and '.join(map(str, args.seeds))} (calibration draws); perplexity on the first "
-        f"{args.eval_tokens:,} tokens of each text (median over seeds; x: multiple of the teacher's); wall time "
+        f"{args.eval_tokens:,} tokens of each text (median over seeds, the lower of two; x: multiple of the teacher's); wall time "
         "of calibration + surgery + reconstruction.\n",
         "| one-shot | params | " + " | ".join(names) + " | x teacher (general English) | s |",
         "|---|---|" + "---|" * (len(names) + 2),
-        "| teacher | " + f"{results['teacher']['params']:,} | " + " | ".join(f"{teacher[n]:.1f}" for n in names)
+        "| teacher | "
+        + f"{results['teacher']['params']:,} | "
+        + " | ".join(f"{teacher[n]:.1f}" for n in names)
         + " | 1.00 | - |",
     ]
     for name, row in results.items():
@@ -135,7 +137,8 @@ def report(results: dict, args) -> str:
         general = [med[n] / teacher[n] for n in names if n != "pydoc:eval"]
         seconds = float(torch.tensor([r["seconds"] for r in runs]).median())
         lines.append(
-            f"| {name} | {row['params']:,} | " + " | ".join(f"{med[n]:.1f}" for n in names)
+            f"| {name} | {row['params']:,} | "
+            + " | ".join(f"{med[n]:.1f}" for n in names)
             + f" | {' / '.join(f'{g:.2f}' for g in general)} | {seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"

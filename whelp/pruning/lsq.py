@@ -11,9 +11,9 @@ accumulated and solved in float64. When ``x`` is the kept slice ``h_K`` this is 
 ``W Sigma[:, K] (Sigma[K, K] + lam I)^-1`` with the prior added; the cross-covariance form also covers kept units that
 change themselves (a pruned head_dim). Pulling towards ``V0`` rather than zero matters: on the demo shape a ridge
 towards zero at damp 1 left general-English perplexity worse than no refit, towards ``V0`` better than any damp
-towards zero (bench/RESULTS.md, "Reconstruction"). A refit is kept only where it lowers the calibration error.
-``flap_bias`` is FLAP's compensation (An et al., AAAI 2024): ``V0`` stays and ``b = mean(W h - V0 x)`` adds back the
-removed units' mean contribution.
+towards zero (bench/RESULTS.md, "Reconstruction and one-shot baselines"). A refit is kept only where it lowers the
+calibration error. ``flap_bias`` is FLAP's compensation (An et al., AAAI 2024): ``V0`` stays and
+``b = mean(W h - V0 x)`` adds back the removed units' mean contribution.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from whelp.errors import WhelpError
 
-DAMP = 0.1  # lam as a fraction of mean(diag S); measured on the demo shape (bench/RESULTS.md, "Reconstruction")
+DAMP = 0.1  # lam as a fraction of mean(diag S); 0.01 and 1 measured beside it on the demo shape (bench/RESULTS.md)
 
 
 def _times(weight: Tensor | None, t: Tensor) -> Tensor:

@@ -13,8 +13,8 @@ The modes (``specs.RECONSTRUCT``):
   on the same calibration tokens. Needs an MLP that joins the residual stream as it is (``Family.mlp_residual``).
 - ``bias``: FLAP's bias compensation (An et al., AAAI 2024) on both maps; the kept weights stay.
 - ``auto`` (the default): ``span`` where the family allows it, else ``lsq``; ``none`` for MoE teachers and the
-  generic path. On the demo shape ``span`` cut one-shot perplexity on general English about in half, ``lsq`` by a
-  quarter, ``bias`` by a tenth (bench/RESULTS.md, "Reconstruction").
+  generic path. On the demo shape ``span`` cut one-shot perplexity on general English to 0.6x of the sliced
+  weights', ``lsq`` to 0.8x, ``bias`` not at all (bench/RESULTS.md, "Reconstruction and one-shot baselines").
 
 Memory beyond the prune: the calibration hidden states of the student [N, T, H'] (and of the teacher [N, T, H] for
 ``span``), one wide layer, and per map the float64 moments ([n, k] + [k, k]). Time: about three layer forwards per
