@@ -120,7 +120,8 @@ def report(results: dict, args) -> str:
         f"{platform.machine()}, {torch.get_num_threads()} threads)\n",
         f"SmolLM2-135M-Instruct -> 60% of its non-embedding parameters, {args.calib_blocks} blocks x 256 tokens of "
         f"pydoc:calib, seeds {' and '.join(map(str, args.seeds))} (calibration draws); perplexity on the first "
-        f"{args.eval_tokens:,} tokens of each text (median over seeds, the lower of two; x: multiple of the teacher's); wall time "
+        f"{args.eval_tokens:,} tokens of each text (median over seeds, the lower of two; x: multiple of the "
+        "teacher's); wall time "
         "of calibration + surgery + reconstruction.\n",
         "| one-shot | params | " + " | ".join(names) + " | x teacher (general English) | s |",
         "|---|---|" + "---|" * (len(names) + 2),
