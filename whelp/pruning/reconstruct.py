@@ -107,17 +107,16 @@ def _stats(student_layer, wide_layer, family: Family, which: str, batches, kwarg
     s_map, w_map = student_layer.get_submodule(which), wide_layer.get_submodule(which)
     moments = Moments.empty(w_map.in_features, s_map.in_features)
 
-    def run_wide(module, args, kw):
-        inputs = dict(kw)
-        if wide_rope is not None and "position_embeddings" in inputs:
-            inputs["position_embeddings"] = wide_rope[current[0]]
-        wide_block(*args, **inputs)
-
     wide_block = wide_layer.get_submodule(block)
-    current = [0]
     for b, (hidden, kw) in enumerate(zip(batches, kwargs)):
         xs, hs = [], []
-        current[0] = b
+        rope = None if wide_rope is None else wide_rope[b]
+
+        def run_wide(module, args, kw, rope=rope):
+            if rope is not None and "position_embeddings" in kw:
+                kw = {**kw, "position_embeddings": rope}
+            wide_block(*args, **kw)
+
         handles = [
             _capture(s_map, xs),
             _capture(w_map, hs),
@@ -215,16 +214,25 @@ def layer_inputs(model, family: Family, tokens: Tensor, batch_size: int) -> tupl
     return batches, kwargs
 
 
-def wide_layer_state(state: dict[str, Tensor], j: int, wkeep: Keep, family: Family, source_cfg, wide_cfg) -> dict:
-    """Teacher layer ``j``'s tensors (``state``: the teacher's state dict) sliced to the wide layer, by names inside
-    the layer."""
-    prefix = f"{family.layers}.{j}."
-    out = {}
-    for name, tensor in state.items():
-        if name.startswith(prefix):
-            for target, sliced in slice_tensor(name, tensor, wkeep, family, source_cfg, wide_cfg).items():
-                out[split_name(target, family)[1]] = sliced
-    return out
+def layer_states(named, pairs, family: Family, source_cfg) -> list[dict]:
+    """A teacher layer's ``(name, tensor)`` pairs, each tensor taken once and sliced to every ``(keep, target
+    config)`` of ``pairs``: one state per pair, by names inside the layer (the wide and the student layer of a
+    streamed refit from one read)."""
+    states: list[dict] = [{} for _ in pairs]
+    for name, tensor in named:
+        for state, (keep, cfg) in zip(states, pairs):
+            for target, sliced in slice_tensor(name, tensor, keep, family, source_cfg, cfg).items():
+                state[split_name(target, family)[1]] = sliced
+    return states
+
+
+def with_zero_biases(module, state: dict) -> dict:
+    """``state`` completed with zeros for the biases ``module`` has and ``state`` lacks (``--reconstruct bias``
+    sets attention_bias / mlp_bias: q/k/v and gate/up biases start at zero); any other missing tensor is refused."""
+    missing = {k: v for k, v in module.state_dict().items() if k not in state}
+    if not all(k.endswith(".bias") for k in missing):
+        raise WhelpError(f"the pruned model needs tensors the teacher does not have: {sorted(missing)[:3]}")
+    return {**state, **{k: torch.zeros(v.shape, dtype=v.dtype) for k, v in missing.items()}}
 
 
 def with_biases(model):
@@ -234,14 +242,18 @@ def with_biases(model):
     text_config(cfg).attention_bias = text_config(cfg).mlp_bias = True
     with no_init_weights():
         biased = AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
-    missing, unexpected = biased.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or not all(name.endswith(".bias") for name in missing):
-        raise WhelpError(f"biases could not be added to this {cfg.model_type} model: {sorted(missing)[:3]}")
-    for name in missing:
-        biased.get_parameter(name).data.zero_()
+    biased.load_state_dict(with_zero_biases(biased, model.state_dict()), strict=True)
     if text_config(cfg).tie_word_embeddings:
         biased.tie_weights()
     return biased.eval()
+
+
+def wide_rotary(wide, family: Family, wide_cfg, student_cfg, batches: list[Tensor], types: list) -> dict | None:
+    """The wide layers' rotary embeddings per layer type and batch where their head_dim differs from the student's
+    (None where it does not): they depend on the batches' length only, so they are made once for every layer."""
+    if head_dim_of(wide_cfg) == head_dim_of(student_cfg):
+        return None
+    return {t: [rope_and_mask(wide, family, wide_cfg, h, t)[0] for h in batches] for t in set(types)}
 
 
 def span_ends(keep: Keep, n_layers: int) -> list[int]:
@@ -270,16 +282,17 @@ def reconstruct_model(
     wide_cfg = target_config(teacher.config, wkeep, getattr(text_config(student.config), "rope_parameters", None))
     wide = skeleton(wide_cfg)
     state, types = teacher.state_dict(), layer_types(text_config(wide_cfg))
-    same_dims = head_dim_of(wide_cfg) == head_dim_of(student.config)
     batches, kwargs = layer_inputs(student, family, tokens, batch_size)
+    wide_ropes = wide_rotary(wide, family, wide_cfg, student.config, batches, types)
     if mode == "span":
         t_batches, t_kwargs = layer_inputs(teacher, family, tokens, batch_size)
         t_layers, ends, done = teacher.get_submodule(family.layers), span_ends(keep, len(t_kwargs)), 0
     report = []
     for i, layer in enumerate(student.get_submodule(family.layers)):
-        tensors = wide_layer_state(state, keep.layers[i], wkeep, family, teacher.config, wide_cfg)
-        wide_layer = assign_layer(wide, family, i, tensors)
-        rope = None if same_dims else [rope_and_mask(wide, family, wide_cfg, h, types[i])[0] for h in batches]
+        prefix = f"{family.layers}.{keep.layers[i]}."
+        named = ((name, tensor) for name, tensor in state.items() if name.startswith(prefix))
+        wide_layer = assign_layer(wide, family, i, layer_states(named, [(wkeep, wide_cfg)], family, teacher.config)[0])
+        rope = None if wide_ropes is None else wide_ropes[types[i]]
         span_end = None
         if mode == "span":
             _advance(t_layers, t_batches, t_kwargs, done, ends[i] + 1)

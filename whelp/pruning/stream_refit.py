@@ -20,34 +20,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from whelp.errors import WhelpError
-from whelp.pruning.arch import Family, split_name
-from whelp.pruning.keep import Keep, head_dim_of, text_config
+from whelp.pruning.arch import Family
+from whelp.pruning.keep import Keep, text_config
 from whelp.pruning.layerwise import assign_layer, embedded, layer_types, load_layer, n_experts, rope_and_mask, skeleton
 from whelp.pruning.moe_layout import read
-from whelp.pruning.reconstruct import reconstruct_layer, span_ends, wide_keep
+from whelp.pruning.reconstruct import (
+    layer_states,
+    reconstruct_layer,
+    span_ends,
+    wide_keep,
+    wide_rotary,
+    with_zero_biases,
+)
 from whelp.pruning.shards import weight_map
-from whelp.pruning.surgery import slice_tensor, target_config, tie_embeddings
-
-
-def _layer_states(shards, j: int, keeps: tuple[Keep, Keep], family: Family, source_cfg, cfgs: tuple) -> list[dict]:
-    """Teacher layer ``j`` read once and sliced to each ``(keep, target config)`` pair, by names inside the layer."""
-    prefix, n = f"{family.layers}.{j}.", n_experts(source_cfg, family)
-    states: list[dict] = [{} for _ in keeps]
-    for name in [name for name in shards if name.startswith(prefix)]:
-        tensor = read(shards, name, family, n, torch.float32)
-        for state, keep, cfg in zip(states, keeps, cfgs):
-            for target, sliced in slice_tensor(name, tensor, keep, family, source_cfg, cfg).items():
-                state[split_name(target, family)[1]] = sliced
-    return states
-
-
-def _with_zero_biases(layer, state: dict) -> dict:
-    """``state`` completed with zeros for the biases the layer has and the teacher had not (``--reconstruct bias``)."""
-    missing = {k: v for k, v in layer.state_dict().items() if k not in state}
-    if not all(k.endswith(".bias") for k in missing):
-        raise WhelpError(f"the teacher's layer lacks tensors its pruned layer needs: {sorted(missing)[:3]}")
-    return {**state, **{k: torch.zeros(v.shape) for k, v in missing.items()}}
+from whelp.pruning.surgery import target_config, tie_embeddings
 
 
 def _student_inputs(shards, family: Family, config, keep: Keep, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,27 +70,33 @@ def refit_streaming(
     batches, t_batches = [s_hidden[b] for b in slices], [t_hidden[b] for b in slices]
     del t_hidden, s_hidden
     s_types, t_types = layer_types(text_config(target_cfg)), layer_types(text_config(config))
-    same_dims = head_dim_of(wide_cfg) == head_dim_of(target_cfg)
+    # rotary embeddings and masks depend on the batches' length only: made once per layer type, used by every layer
+    s_rope = {t: [rope_and_mask(student_sk, family, target_cfg, h, t) for h in batches] for t in set(s_types)}
+    t_rope = {  # the teacher walks beside the student only for span
+        t: [rope_and_mask(teacher_sk, family, text_config(config), h, t) for h in t_batches]
+        for t in (set(t_types) if mode == "span" else ())
+    }
+    wide_ropes = wide_rotary(wide_sk, family, wide_cfg, target_cfg, batches, s_types)
     ends, done, report = span_ends(keep, text_config(config).num_hidden_layers), 0, []
+    n = n_experts(config, family)
     spill.mkdir(parents=True, exist_ok=True)
     for i, j in enumerate(keep.layers):
         span_end = None
         if mode == "span":
             for jj in range(done, ends[i] + 1):
-                _advance_teacher(teacher_sk, family, config, shards, jj, t_batches, t_types[jj])
+                _advance_teacher(teacher_sk, family, shards, jj, t_batches, t_rope[t_types[jj]])
             done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
-        s_state, w_state = _layer_states(shards, j, (keep, wkeep), family, config, (target_cfg, wide_cfg))
+        prefix = f"{family.layers}.{j}."
+        named = ((name, read(shards, name, family, n, torch.float32)) for name in shards if name.startswith(prefix))
+        s_state, w_state = layer_states(named, [(keep, target_cfg), (wkeep, wide_cfg)], family, config)
         layer = student_sk.get_submodule(family.layers)[i]
-        student = assign_layer(student_sk, family, i, _with_zero_biases(layer, s_state))
+        student = assign_layer(student_sk, family, i, with_zero_biases(layer, s_state))
         wide = assign_layer(wide_sk, family, i, w_state)
-        kwargs = []
-        for h in batches:
-            rope, mask = rope_and_mask(student_sk, family, target_cfg, h, s_types[i])
-            kwargs.append({"position_embeddings": rope, "attention_mask": mask})
-        rope = None if same_dims else [rope_and_mask(wide_sk, family, wide_cfg, h, s_types[i])[0] for h in batches]
+        kwargs = [{"position_embeddings": rope, "attention_mask": mask} for rope, mask in s_rope[s_types[i]]]
+        rope = None if wide_ropes is None else wide_ropes[s_types[i]]
         report.append(reconstruct_layer(student, wide, family, batches, kwargs, mode, rope, span_end))
-        prefix = f"{family.layers}.{i}."
-        save_file({prefix + k: v.contiguous() for k, v in student.state_dict().items()}, spill / f"{i}.safetensors")
+        state = {f"{family.layers}.{i}.{k}": v.contiguous() for k, v in student.state_dict().items()}
+        save_file(state, spill / f"{i}.safetensors")
         student.to("meta")
         wide.to("meta")
         if progress is not None:
@@ -112,12 +104,12 @@ def refit_streaming(
     return report
 
 
-def _advance_teacher(model, family: Family, config, shards, j: int, batches: list[Tensor], layer_type) -> None:
-    """Teacher layer ``j`` loaded from the shards, ``batches`` run through it in place, the layer freed."""
+def _advance_teacher(model, family: Family, shards, j: int, batches: list[Tensor], rope_mask: list) -> None:
+    """Teacher layer ``j`` loaded from the shards, ``batches`` run through it in place (``rope_mask``: its rotary
+    embeddings and mask per batch), the layer freed."""
     layer = load_layer(model, family, j, shards, torch.float32)
     with torch.no_grad():
-        for b, hidden in enumerate(batches):
-            rope, mask = rope_and_mask(model, family, text_config(config), hidden, layer_type)
+        for b, (hidden, (rope, mask)) in enumerate(zip(batches, rope_mask)):
             out = layer(hidden, position_embeddings=rope, attention_mask=mask)
             batches[b] = out[0] if isinstance(out, tuple) else out
     layer.to("meta")

@@ -297,34 +297,24 @@ def prune_streaming(
     mode = resolve(spec.reconstruct, family)
     if mode == "bias":
         text_config(target_cfg).attention_bias = text_config(target_cfg).mlp_bias = True
-    errors = None
+    if mode != "none" and tokens is None:
+        raise WhelpError(f"--reconstruct {mode} needs calibration tokens; give them, or --reconstruct none")
+    write = (Path(source_dir), Path(out_dir), keep, family, config, target_cfg, False, shard_bytes, None)
+    if mode == "none":
+        write_pruned(*write, getattr(torch, dtype))
+        return keep, target_cfg, scores, None
     with tempfile.TemporaryDirectory(dir=Path(out_dir).expanduser().parent, prefix=".whelp-refit-") as spill:
-        if mode != "none":
-            if tokens is None:
-                raise WhelpError(f"--reconstruct {mode} needs calibration tokens; give them, or --reconstruct none")
-            errors = refit_streaming(
-                Path(source_dir),
-                config,
-                target_cfg,
-                keep,
-                family,
-                tokens,
-                mode,
-                spec.batch_size,
-                Path(spill),
-                refit_progress,
-            )
-        write_pruned(
+        errors = refit_streaming(
             Path(source_dir),
-            Path(out_dir),
-            keep,
-            family,
             config,
             target_cfg,
-            False,
-            shard_bytes,
-            None,
-            getattr(torch, dtype),
-            Path(spill) if mode != "none" else None,
+            keep,
+            family,
+            tokens,
+            mode,
+            spec.batch_size,
+            Path(spill),
+            refit_progress,
         )
-    return keep, target_cfg, scores, None if errors is None else summary(mode, errors)
+        write_pruned(*write, getattr(torch, dtype), Path(spill))
+    return keep, target_cfg, scores, summary(mode, errors)
