@@ -81,7 +81,8 @@ def main() -> None:
         return
 
     from whelp.data import read_documents, token_stream
-    from whelp.distillation.loop import DistillSpec, distill
+    from whelp.distillation.inprocess import distill
+    from whelp.distillation.loop import DistillSpec
     from whelp.models import load_tokenizer, registered_dir
     from whelp.pruning.api import PruneSpec, prune_checkpoint
 

@@ -1,7 +1,7 @@
 """Training-step throughput of the distillation loop: CE-only vs KD from a live teacher vs KD from a cache.
 
 Same student (the demo teacher's shape cut to ~50% parameters: 15 layers, MLP 1024), same token
-blocks, same optimizer, each configuration a full ``whelp.distillation.loop.distill`` run in its own
+blocks, same optimizer, each configuration a full ``whelp.distillation.inprocess.distill`` run in its own
 process (so its peak RSS is its own). The teacher forward (to its logits, as a teacher is used) is
 timed alone on the same blocks. The machine is shared, so the four configurations run in ``--rounds``
 interleaved rounds; ratios are taken within a round and the median over rounds is reported.
@@ -55,7 +55,8 @@ def budget(args) -> int:
 
 def worker(root: Path, config: str, args) -> dict:
     """One configuration in this process: median seconds per optimizer step (first step excluded)."""
-    from whelp.distillation.loop import DistillSpec, compute_dtype, distill
+    from whelp.distillation.inprocess import distill
+    from whelp.distillation.loop import DistillSpec, compute_dtype
     from whelp.models import registered_dir
 
     teacher = str(registered_dir("smollm2-135m"))

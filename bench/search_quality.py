@@ -67,7 +67,7 @@ def target_text(shape: dict) -> str:
 
 def train_and_score(name: str, shape: dict, teacher, teacher_dir: str, texts: dict, args) -> dict:
     from whelp.data import open_blocks
-    from whelp.distillation.loop import distill
+    from whelp.distillation.inprocess import distill
     from whelp.evals.perplexity import perplexity
     from whelp.models import count_params, load_model
     from whelp.pruning.api import prune_checkpoint

@@ -20,6 +20,8 @@ DISTILL_OPTIONS = set(
     "--seq-len --shard-teachers --steps --t2-scale --teacher --temperature --tensorboard --warmup "
     "--weight-decay".split()
 )
+DISTILL_OPTIONS |= {"--hidden-weight", "--hidden-loss", "--hidden-map", "--local", "--no-local"}  # added since
+DISTILL_OPTIONS |= {"--mixture", "--mixture-every", "--mixture-dev-blocks"}  # added since: the dynamic data mixture
 
 FLAT = {
     "lr": (2e-3, ("optim", "lr")),
@@ -38,6 +40,13 @@ FLAT = {
     "keep_last": (3, ("save", "keep_last")),
     "save_dtype": ("bfloat16", ("save", "save_dtype")),
     "seq_len": (64, ("seq_len",)),
+    "hidden_weight": (0.5, ("hidden", "weight")),
+    "hidden_loss": ("cosine", ("hidden", "loss")),
+    "hidden_map": ("uniform", ("hidden", "map")),
+    "local": (True, ("hidden", "local")),
+    "mixture": ("dynamic", ("mix", "kind")),
+    "mixture_every": (3, ("mix", "every")),
+    "mixture_dev_blocks": (2, ("mix", "dev_blocks")),
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import PLAN_TARGETS, accepted_alike_by_plan_and_prune, run_cli, tiny_config, tiny_tokenizer
 
-from whelp.distillation import loop, parallel
+from whelp.distillation import inprocess, loop, parallel
 from whelp.distillation.losses import LossSpec, head_logits, model_transform
 from whelp.errors import WhelpError
 from whelp.specs import DistillSpec
@@ -145,7 +145,7 @@ def test_fused_loss_and_gradient_equal_a_naive_kl_on_the_models_logits(family, s
     ref.backward()
     want = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad()
-    loss, _, _ = parallel.KDStudent(student)(
+    loss, _, _, _ = parallel.KDStudent(student)(
         tokens, kd=dict(targets=[target], weights=(1.0,), spec=spec, labels=labels, mask=mask)
     )
     loss.backward()
@@ -193,13 +193,15 @@ def test_in_memory_distill_with_a_live_teacher_and_a_cache(family, tmp_path):
         write_cache(Teacher(teacher, tiny_tokenizer(), "t"), data, tmp_path / "c", CacheSpec("topk", 8, 1.0))
     )
     spec = DistillSpec(steps=2, batch_size=2, seq_len=16, lr=1e-3, eval_tokens=64)
-    student = loop.distill(model(family, 0), [(teacher, 0.5), (cache, 0.5)], data, spec, progress=False)
+    student = inprocess.distill(model(family, 0), [(teacher, 0.5), (cache, 0.5)], data, spec, progress=False)
     assert [row["step"] for row in student.whelp_distill["log"]] == [1, 2]
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in student.whelp_distill["log"])
     if family == "gemma2":  # on-policy: the student samples from its soft-capped distribution
         on = DistillSpec(steps=1, batch_size=2, seq_len=16, on_policy=1.0, gen_tokens=4)
         assert torch.isfinite(
-            torch.tensor(loop.distill(student, [teacher], data, on, progress=False).whelp_distill["log"][0]["loss"])
+            torch.tensor(
+                inprocess.distill(student, [teacher], data, on, progress=False).whelp_distill["log"][0]["loss"]
+            )
         )
 
 

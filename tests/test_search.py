@@ -88,9 +88,9 @@ def test_search_writes_a_leaderboard_a_winner_and_a_target(teacher, searched, tm
 def test_a_killed_search_resumes_to_the_uninterrupted_result(teacher, searched, tmp_path, monkeypatch):
     """Killed in the second candidate's training, re-run: the first candidate and the pool are not redone, and the
     leaderboard equals an uninterrupted run's number for number (the search is deterministic by seed)."""
-    import whelp.distillation.loop as loop
+    import whelp.distillation.inprocess as inprocess
 
-    real, calls = loop.distill, []
+    real, calls = inprocess.distill, []
 
     def dying(*args, **kwargs):
         calls.append(1)
@@ -98,12 +98,12 @@ def test_a_killed_search_resumes_to_the_uninterrupted_result(teacher, searched, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "distill", dying)
+    monkeypatch.setattr(inprocess, "distill", dying)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         search_run(str(teacher), SPEC, out, progress=False)
     assert not out.exists() and (search_mod.work_dir(out) / "candidates" / "00" / "result.json").is_file()
-    monkeypatch.setattr(loop, "distill", real)
+    monkeypatch.setattr(inprocess, "distill", real)
     pool_scores = []
     monkeypatch.setattr(
         search_mod.Trial, "score", lambda self, m, f=search_mod.Trial.score: pool_scores.append(1) or f(self, m)

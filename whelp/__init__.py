@@ -35,7 +35,7 @@ _VERBS = {
     "load_model": ("whelp.models", "load_model"),
     "blocks": ("whelp.data.blocks", "blocks"),
     "prune": ("whelp.pruning.api", "prune"),
-    "distill": ("whelp.distillation.loop", "distill"),
+    "distill": ("whelp.distillation.inprocess", "distill"),
     "evaluate": ("whelp.evals.api", "evaluate"),
     "open_cache": ("whelp.distillation.cache", "open_cache"),
     "prune_checkpoint": ("whelp.pruning.api", "prune_checkpoint"),

@@ -145,6 +145,23 @@ def _cache_stage(ref, recipe: Recipe, step, key_in: str, n: int, j: int, gen: Ge
     )
 
 
+def _local_stage(step, student: str, recipe: Recipe, key_in: str, n: int, gen: Generated, policy: LoadPolicy) -> Stage:
+    """``whelp distill --local`` of ``student`` from the step's first live teacher (its ``local:`` stage)."""
+    teacher = recipe.model_path(step.teachers[0].model)
+    spec = step.local.options(step.options)
+    data = [gen.identity(spec.data), gen.identity(spec.eval_data)]
+    key = _key("local", to_dict(step.local), spec.flat(), source_identity(teacher), data, key_in)
+    options = replace(spec, data=gen.resolve(spec.data), eval_data=gen.resolve(spec.eval_data))
+    return Stage(
+        f"{n:02d}-local",
+        "distill",
+        key,
+        lambda out, force: distill_run(
+            student, out, options, teachers=((teacher, 1.0),), force=force, stage_key=key, policy=policy
+        ),
+    )
+
+
 def _distill_stage(
     step, student: str, recipe: Recipe, caches: list[Path], keys: list[str], n: int, gen: Generated, policy: LoadPolicy
 ) -> Stage:
@@ -182,6 +199,9 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
         elif ref.kind == "prune":
             stages.append(_prune_stage(ref.step, current, key, len(stages) + 1, gen, policy))
         else:
+            if ref.step.local is not None:  # the block-local stage, then global KD from its student
+                stages.append(_local_stage(ref.step, current, recipe, key, len(stages) + 1, gen, policy))
+                key, current = stages[-1].key, str(stages_dir / stages[-1].dirname)
             caches, keys = [], [key]
             for j, cache in enumerate(ref.step.caches):
                 stages.append(_cache_stage(cache, recipe, ref.step, key, len(stages) + 1, j, gen, policy))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,7 @@ from whelp.specs import (
     PruneSpec,
     SearchSpec,
     as_mixtures,
+    check_mixture,
     check_on_policy,
     check_teacher_weights,
 )
@@ -128,15 +129,50 @@ class CacheRef:
 
 
 @dataclass(frozen=True)
+class LocalStep:
+    """A block-local stage before a distill step's global KD (``whelp distill --local``): each student block learns
+    the teacher span it replaces from the teacher's hidden states. It reads the step's data, seq_len, batch, seed and
+    first teacher; its own are the budget (exactly one of ``steps`` / ``max_tokens``), the learning rate and warmup."""
+
+    steps: int | None = None
+    max_tokens: int | None = None
+    lr: float = 1e-3
+    warmup: int = 0
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.max_tokens is None):
+            raise WhelpError("distill.local: give exactly one budget for the block-local stage, steps or max_tokens")
+
+    def options(self, step: DistillSpec) -> DistillSpec:
+        """The stage's ``DistillSpec``: ``step``'s, with this budget and AdamW, the block-local loss and no logit
+        term (KD, CE and on-policy belong to the global stage after it)."""
+        return replace(
+            step,
+            steps=self.steps,
+            max_tokens=self.max_tokens,
+            optim=replace(step.optim, lr=self.lr, warmup=self.warmup),
+            kd=replace(step.kd, ce_weight=0.0),
+            gkd=replace(step.gkd, fraction=0.0),
+            hidden=replace(step.hidden, local=True, weight=0.0),
+        )
+
+
+@dataclass(frozen=True)
 class DistillStep:
     options: DistillSpec = field(metadata={"flatten": True})  # steps or max_tokens is required
     teachers: tuple[TeacherRef, ...] = (TeacherRef(),)
     caches: tuple[CacheRef, ...] = ()
+    local: LocalStep | None = None  # a block-local stage before this step (whelp distill --local)
 
     def __post_init__(self):
         """What ``whelp distill`` would refuse after the stages before it ran: caught by ``validate``."""
         check_teacher_weights([t.weight for t in self.teachers] + [c.weight for c in self.caches], self.options)
         check_on_policy([t.weight for t in self.teachers], self.options)
+        check_mixture(len(self.teachers), len(self.caches), len(self.options.data.sources), self.options)
+        if self.local is not None:
+            if not self.teachers:
+                raise WhelpError("distill.local: the block-local stage needs a live teacher in distill.teachers")
+            self.local.options(self.options)  # its budget and ranges, checked by DistillSpec
         for i, cache in enumerate(self.caches):
             if cache.temperature != self.options.kd.temperature:
                 raise WhelpError(

@@ -125,8 +125,12 @@ class Blocks:
         return self.locate(rows)
 
     def __getitem__(self, rows) -> torch.Tensor:
+        return self.read(self._rows(rows))
+
+    def read(self, located: list[tuple[int, int]]) -> torch.Tensor:
+        """The tokens of ``(source, block)`` pairs: LongTensor [len(located), seq_len]."""
         L = self.seq_len
-        out = [self.sources[i][0].read(b * L, (b + 1) * L) for i, b in self._rows(rows)]
+        out = [self.sources[i][0].read(b * L, (b + 1) * L) for i, b in located]
         return torch.from_numpy(np.stack(out)) if out else torch.zeros(0, L, dtype=torch.long)
 
     @property
@@ -138,12 +142,14 @@ class Blocks:
         """BoolTensor [len(rows), seq_len], True where the token is a training target (the loss at the position
         before it counts): a masked store's own mask, every token of a source without one; None when no source has
         a mask. 1 bit per token on disk, read like the tokens (a conversation cut at a block edge keeps its mask)."""
-        if not self.has_mask:
-            return None
+        return self.read_mask(self._rows(rows)) if self.has_mask else None
+
+    def read_mask(self, located: list[tuple[int, int]]) -> torch.Tensor:
+        """The loss mask of ``(source, block)`` pairs (``mask``): BoolTensor [len(located), seq_len]."""
         L = self.seq_len
         out = [
             self.sources[i][0].read_mask(b * L, (b + 1) * L) if self.sources[i][0].has_mask else np.ones(L, bool)
-            for i, b in self._rows(rows)
+            for i, b in located
         ]
         return torch.from_numpy(np.stack(out)) if out else torch.zeros(0, L, dtype=torch.bool)
 

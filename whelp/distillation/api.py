@@ -33,7 +33,16 @@ from whelp.distillation.capture import Teacher, write_cache
 from whelp.errors import WhelpError
 from whelp.models import check_positions, load_config, load_tokenizer, save_model
 from whelp.output import Progress
-from whelp.specs import CacheSpec, DistillSpec, LoadPolicy, Mixture, SaveSpec, check_on_policy, check_teacher_weights
+from whelp.specs import (
+    CacheSpec,
+    DistillSpec,
+    LoadPolicy,
+    Mixture,
+    SaveSpec,
+    check_mixture,
+    check_on_policy,
+    check_teacher_weights,
+)
 from whelp.weights import save_dtype
 
 
@@ -56,6 +65,7 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
     Returns ``(tokenizer, opened caches)``."""
     check_teacher_weights([w for _, w in teachers] + [w for _, w in caches], spec)
     check_on_policy([w for _, w in teachers], spec)
+    check_mixture(len(teachers), len(caches), len(spec.data.sources), spec)
     for source in (spec.data, spec.eval_data):
         check_data(source)
     tokenizer = load_tokenizer(student, policy)
@@ -127,6 +137,7 @@ def distill_run(
         torch.manual_seed(spec.seed)
         dtype = str(loop.compute_dtype(spec.compute.dtype, world.device)).replace("torch.", "")
         lm = models.load_model(student, device=str(world.device), policy=policy)[0]
+        kept = kept_record(student, teachers)
         live = [_load_teacher(name, dtype, world, spec.compute.shard_teachers, policy) for name, _ in teachers]
         t = loop.setup(
             lm,
@@ -139,6 +150,7 @@ def distill_run(
             world,
             eval_ids,
             len(tokenizer),
+            kept,
         )
         start, last_good = _resume(t, rdir, changed)
         report = _train(t, rdir, start, last_good, progress)
@@ -150,12 +162,41 @@ def distill_run(
             world_size=world.size,
             run_dir=str(rdir),
             history=run_state.history(rdir) if world.main else [],
+            kept=kept,
         )
         source = models.locate(teachers[0][0] if teachers else student)  # whose tokenizer and stop ids it carries
         _save_student(t.model, lm, source, out, force, report, world, stage_key, student, spec.save)
         return report
     finally:
         parallel.close_world(world)
+
+
+def kept_record(student: str, teachers) -> dict | None:
+    """The pruning's record of what ``student`` kept of its teacher (``kept`` of prune_report.json with the pruned
+    ``teacher``'s path, carried on by each distill_report.json), or None for a student whelp did not prune or one
+    pruned from another model than the first live teacher (a chained build's second pruning): its indices would
+    map the layers to the wrong teacher."""
+    for name in ("prune_report.json", "distill_report.json"):  # whelp.pruning.api.REPORT_FILE, this module's
+        path = Path(models.locate(student)) / name
+        if not path.is_file():
+            continue
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise WhelpError(f"{path} is not readable JSON ({exc}); restore it or prune the student again") from exc
+        kept = report.get("kept")
+        if kept and name == "prune_report.json":
+            kept = {**kept, "teacher": report.get("source")}
+        same = kept and teachers and _same_model(kept.get("teacher"), teachers[0][0])
+        return kept if same else None
+    return None
+
+
+def _same_model(a: str | None, b: str) -> bool:
+    try:
+        return a is not None and Path(models.locate(a)).resolve() == Path(models.locate(b)).resolve()
+    except WhelpError:  # a teacher no longer where it was pruned from
+        return False
 
 
 def _load_teacher(name: str, dtype: str, world, shard: bool, policy: LoadPolicy):
@@ -181,6 +222,8 @@ def _resume(t: loop.Training, rdir: Path, changed: dict) -> tuple[int, Path | No
         return 0, None
     meta = checkpoint.load_checkpoint(found[-1], t.model, t.optimizer, t.scheduler)
     t.tokens_seen = meta["tokens_seen"]
+    if t.mixing is not None:  # --mixture dynamic: the weights and streams where the checkpoint left them
+        t.mixing.restore(meta["mixture"])
     t.scheduler = run_state.adjusted_scheduler(t.optimizer, t.spec.optim, t.steps, meta["step"])  # same lr as unbroken
     if changed:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
@@ -212,7 +255,11 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
             t.model,
             t.optimizer,
             t.scheduler,
-            {"tokens_seen": t.tokens_seen, "data_position": step * t.per_step},
+            {
+                "tokens_seen": t.tokens_seen,
+                "data_position": step * t.per_step,
+                **({} if t.mixing is None else {"mixture": t.mixing.state()}),
+            },
             t.spec.save.keep_last,
         )
 
@@ -250,7 +297,8 @@ def _save_student(
     if world.main:
         with torch.device("meta"):
             plain = AutoModelForCausalLM.from_config(lm.config)
-        plain.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()}, assign=True)
+        # the student alone: a hidden-state projection (KDStudent.hidden_proj) is training state, not the model
+        plain.load_state_dict({k.removeprefix("lm."): v for k, v in full.items() if k.startswith("lm.")}, assign=True)
         plain.tie_weights()
         plain.config.use_cache = True
         dtype = getattr(torch, save_dtype(spec.save_dtype, student, lm.config))

@@ -9,7 +9,8 @@ students exactly so.
 
 ``distill(student, teachers, data, spec)`` runs it in memory and returns the student; ``whelp.distillation.api`` wraps
 the same loop with checkpoints, resume, signals and logs for ``whelp distill``, on one process or FSDP2 under
-torchrun. Everything a step reads is a function of ``(seed, step)``, so resuming needs only the step.
+torchrun. Everything a step reads is a function of ``(seed, step)``, so resuming needs only the step; with
+``--mixture dynamic`` also of the mixture's weights and streams, which checkpoints keep (``whelp.distillation.dynamic``).
 
 One module though near 400 lines: setup, loss_step and train share the Training state and one invariant (a step's
 loss is divided by the tokens of the whole step), which a split would scatter.
@@ -26,15 +27,13 @@ from pathlib import Path
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from whelp.data import TensorBlocks
-from whelp.distillation import metrics as metrics_log
-from whelp.distillation import onpolicy, parallel, schedule
+from whelp.distillation import dynamic, local, onpolicy, parallel, schedule
+from whelp.distillation import hidden as hidden_states
 from whelp.distillation.head import check_logits
-from whelp.distillation.losses import LiveTarget, backbone, model_transform
+from whelp.distillation.losses import LiveTarget, backbone, kd_loss, model_transform
 from whelp.errors import WhelpError
 from whelp.evals.perplexity import perplexity
-from whelp.output import Progress
-from whelp.specs import DistillSpec, LossSpec, Mixture, OptimSpec, check_on_policy, check_teacher_weights
+from whelp.specs import DistillSpec, LossSpec, OptimSpec, check_mixture, check_on_policy, check_teacher_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -91,6 +90,9 @@ class Training:
     scheduler: object
     steps: int
     eval_ids: torch.Tensor | None = None
+    hidden: hidden_states.Plan | None = None  # with spec.hidden active: the layer map and the kept channels
+    layer_kwargs: dict = field(default_factory=dict)  # --local: the student layers' kwargs per batch shape
+    mixing: dynamic.Mixing | None = None  # --mixture dynamic: the sources' weights, reference losses and streams
     tokens_seen: int = 0
     log: list = field(default_factory=list)  # one row per step
 
@@ -118,11 +120,12 @@ def vocab_spec(spec: LossSpec, widths: list[int], tokenizer_size: int | None) ->
 
 
 def optimiser(model, spec: OptimSpec, steps: int):
-    """AdamW over ``model``'s parameters and its schedule: ``spec.warmup`` linear warmup steps, then cosine decay to
+    """AdamW over ``model``'s trained parameters and its schedule: ``spec.warmup`` linear warmup steps, then cosine decay to
     0 at ``steps`` (a warmup not below ``steps`` is refused)."""
 
     spec.check_steps(steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=spec.weight_decay)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps)
 
 
@@ -137,10 +140,16 @@ def setup(
     world,
     eval_ids=None,
     tokenizer_size: int | None = None,
+    kept: dict | None = None,
 ) -> Training:
-    """Wrap (and under torchrun shard) the student, build AdamW and the warmup + cosine schedule."""
+    """Wrap (and under torchrun shard) the student, build AdamW and the warmup + cosine schedule. ``kept``: the
+    pruning's record of the student (prune_report.json ``kept``), which maps its layers to the teacher's for
+    hidden-state losses."""
     if blocks.seq_len != spec.seq_len:
         raise WhelpError(f"the data has blocks of {blocks.seq_len} tokens, the spec seq_len={spec.seq_len}")
+    check_mixture(len(teachers), len(caches), len(getattr(blocks, "sources", [blocks])), spec)
+    if spec.mix.kind == "dynamic":  # the rows come from a view holding out each source's dev blocks
+        blocks = dynamic.Reweighted(blocks, spec.mix.dev_blocks, spec.seed)
     widths = (
         [lm.get_output_embeddings().weight.shape[0]]
         + [t.get_output_embeddings().weight.shape[0] for t in teachers]
@@ -154,12 +163,19 @@ def setup(
         check_head(model, probe, what)
     if spec.compute.grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = parallel.shard_student(parallel.KDStudent(lm).train(), world)
+    matched = hidden_states.plan(lm.config, teachers, kept, spec.hidden) if spec.hidden.active else None
+    if spec.hidden.local:  # blocks alone learn (no logits): embeddings, final norm and lm_head stay as they are
+        if world.size > 1:
+            raise WhelpError("--local runs on one process for now; run the block-local stage without torchrun")
+        lm.requires_grad_(False)
+        parallel.decoder_layers(lm).requires_grad_(True)
+    proj = matched.proj if matched is not None and spec.hidden.weight else None
+    model = parallel.shard_student(parallel.KDStudent(lm, proj).train(), world)
     per_step = spec.batch_size * spec.grad_accum * world.size
     steps = spec.steps or math.ceil(spec.max_tokens / (per_step * spec.seq_len))
     optimizer, scheduler = optimiser(model, spec.optim, steps)
     on_loss = spec.gkd.loss_spec(replace(loss, vocab_size=loss.vocab_size or widths[0]))
-    return Training(
+    t = Training(
         model,
         teachers,
         caches,
@@ -175,7 +191,11 @@ def setup(
         scheduler,
         steps,
         eval_ids,
+        matched,
     )
+    if spec.mix.kind == "dynamic":  # the first live teacher's dev losses, once: the reference of every re-weighting
+        t.mixing = dynamic.Mixing(blocks, spec.mix.every, dev_ce(t, teachers[0]))
+    return t
 
 
 def next_token_labels(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -192,11 +212,14 @@ def loss_step(
 ) -> torch.Tensor:
     """Forward + backward of one micro-batch of rows ``micro`` [batch_size], on-policy when given its sampling
     ``rng``, in a step of ``tokens`` loss tokens over all ranks; returns the float64 SUMS [loss, per-teacher
-    divergence..., CE, per-live-teacher on-policy divergence...] (the gradient is already scaled by ``tokens``).
-    On chat data (a loss mask) KD and CE run only where the next token is a target."""
+    divergence..., CE, per-live-teacher on-policy divergence..., hidden-state loss] (the gradient is already scaled
+    by ``tokens``). On chat data (a loss mask) KD and CE run only where the next token is a target; the hidden-state
+    term runs on the data's micro-batches (not on the student's samples), at the same tokens."""
     ids = t.blocks[micro].to(t.world.device)
     data_mask = t.blocks.mask(micro)
     data_mask = None if data_mask is None else data_mask.to(t.world.device)
+    if t.spec.hidden.local:
+        return local_step(t, ids, data_mask, tokens)
     on, attention = rng is not None, None
     if on:  # the student continues each block's prompt; the teachers score its samples
         gen = t.spec.gkd.gen_tokens
@@ -214,15 +237,47 @@ def loss_step(
     else:
         labels = next_token_labels(ids, data_mask)
         kd = dict(labels=labels, mask=labels != -100, spec=t.loss, weights=weights)
-    with torch.no_grad(), t.autocast():
+    matched = t.hidden is not None and t.spec.hidden.weight > 0 and not on
+    layers = parallel.decoder_layers(t.teachers[0], "teacher") if matched else []
+    with torch.no_grad(), t.autocast(), hidden_states.capture(layers, t.hidden.layer_map if matched else []) as found:
         live = [live_target(m, ids, attention) for m in t.teachers]
     kd["targets"] = live if on else live + [cache.targets(micro) for cache in t.caches]
+    if matched:
+        states = [found[j].flatten(0, 1) for j in t.hidden.layer_map]
+        kd["hidden"] = (states, t.spec.hidden.loss, t.spec.hidden.weight)
     with t.autocast():
-        loss, per_teacher, ce = t.model(ids, kd=kd, attention=attention)
+        loss, per_teacher, ce, matched_sum = t.model(ids, kd=kd, attention=attention)
     (loss * (t.world.size / max(tokens, 1))).backward()  # FSDP2 averages gradients over ranks: undo it
     off, on_live = torch.zeros(len(t.weights), dtype=torch.float64), torch.zeros(len(t.teachers), dtype=torch.float64)
     (on_live if on else off)[: len(per_teacher)] = per_teacher
-    return torch.cat([loss.detach().double().cpu().view(1), off, ce.view(1), on_live])
+    return torch.cat([loss.detach().double().cpu().view(1), off, ce.view(1), on_live, matched_sum.view(1)])
+
+
+def local_step(t: Training, ids: torch.Tensor, data_mask: torch.Tensor | None, tokens: int) -> torch.Tensor:
+    """``--local``: the teacher's span boundaries on ``ids`` [B, L], then forward + backward of every student block
+    on its span (whelp.distillation.local) at the positions the KD would count; the SUMS as ``loss_step``'s, the
+    loss in the first and last entries."""
+    mask = next_token_labels(ids, data_mask) != -100
+    teacher, lm = t.teachers[0], t.model.lm
+    layers = parallel.decoder_layers(lm)
+    with t.autocast():
+        states = local.teacher_states(backbone(teacher), parallel.decoder_layers(teacher), ids, t.hidden.layer_map)
+        shape = tuple(ids.shape)
+        if shape not in t.layer_kwargs:
+            t.layer_kwargs[shape] = local.layer_kwargs(backbone(lm), layers, ids)
+        channels = None if t.hidden.channels is None else t.hidden.channels.to(ids.device)
+        loss = local.local_backward(
+            layers,
+            t.layer_kwargs[shape],
+            states,
+            t.hidden.layer_map,
+            t.spec.hidden.loss,
+            1 / max(tokens, 1),
+            mask.flatten(),
+            channels,
+        )
+    zeros = torch.zeros(len(t.weights) + 1 + len(t.teachers), dtype=torch.float64)
+    return torch.cat([loss.view(1), zeros, loss.view(1)])
 
 
 def step_tokens(t: Training, step: int, idx: torch.Tensor) -> tuple[int, int]:
@@ -237,12 +292,41 @@ def step_tokens(t: Training, step: int, idx: torch.Tensor) -> tuple[int, int]:
     return counted, on
 
 
+@torch.no_grad()
+def dev_ce(t: Training, model) -> torch.Tensor:
+    """Mean next-token CE (nats per target token) of ``model``, the student ``t.model`` or a live teacher, on each
+    source's dev blocks (``--mixture dynamic``): float64 [n_sources]. Every rank evaluates every dev block (under
+    FSDP2 each student forward is collective, so all ranks make the same calls), and the ranks' results are
+    averaged, so that float noise cannot give ranks different weights, hence different rows."""
+    spec = replace(t.loss, ce_weight=1.0)
+
+    def score(rows: torch.Tensor) -> tuple[float, int]:
+        ids, mask = t.blocks[rows].to(t.world.device), t.blocks.mask(rows)
+        labels = next_token_labels(ids, None if mask is None else mask.to(t.world.device))
+        kd = dict(labels=labels, mask=labels != -100, spec=spec, weights=(), targets=[])
+        with t.autocast():
+            if model is t.model:
+                ce = t.model(ids, kd=kd)[2]
+            else:
+                target = live_target(model, ids)
+                ce = kd_loss(target.hidden, target.weight, transform=target.transform, **kd).ce
+        return float(ce), int(kd["mask"].sum())
+
+    t.model.eval()
+    losses = dynamic.dev_losses(t.blocks, score, t.spec.batch_size)
+    t.model.train()
+    return parallel.all_sum(t.world, losses) / t.world.size
+
+
 def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     """One optimizer step (0-based ``step``): every micro-batch of this rank, clip, a finiteness check, AdamW.
     Returns the step's log row (means over loss tokens of all ranks)."""
     t_step = time.perf_counter()
     weights = schedule.teacher_weights(t.spec.schedule, t.weights, step)
-    idx = schedule.step_blocks(step, len(t.blocks), t.per_step, t.spec.seed)
+    if t.mixing is None:
+        idx, mixed = schedule.step_blocks(step, len(t.blocks), t.per_step, t.spec.seed), {}
+    else:
+        idx, mixed = t.mixing.step(step, t.per_step, lambda: dev_ce(t, t.model))
     idx = idx.view(t.spec.grad_accum, t.world.size, t.spec.batch_size)
     off_tokens, on_tokens = step_tokens(t, step, idx)
     idx = idx[:, t.world.rank]
@@ -278,6 +362,7 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
         "loss": sums[0].item() / max(off_tokens + on_tokens, 1),
         **_means(t, sums, off_tokens, on_tokens),
         "teacher_weights": list(weights),
+        **mixed,
         "lr": t.scheduler.get_last_lr()[0],
         "grad_norm": float(grad_norm),
         "tokens": t.tokens_seen,
@@ -290,12 +375,16 @@ def _means(t: Training, sums: torch.Tensor, off_tokens: int, on_tokens: int) -> 
     loss) and, in steps with on-policy micro-batches, each live teacher's over the sampled ones (``on/NAME``)."""
     n = len(t.weights)
     row = {}
+    if t.spec.hidden.local:
+        return {"hidden": sums[-1].item() / max(off_tokens, 1)}
     if off_tokens:
         row["ce"] = sums[1 + n].item() / off_tokens
         row.update({f"kl/{name}": v.item() / off_tokens for name, v in zip(t.names, sums[1 : 1 + n])})
     if on_tokens:
         row["on_policy_tokens"] = on_tokens
-        row.update({f"on/{name}": v.item() / on_tokens for name, v in zip(t.names, sums[2 + n :])})
+        row.update({f"on/{name}": v.item() / on_tokens for name, v in zip(t.names, sums[2 + n : -1])})
+    if t.spec.hidden.active and off_tokens:
+        row["hidden"] = sums[-1].item() / off_tokens
     return row
 
 
@@ -350,60 +439,3 @@ def train(t: Training, start: int = 0, save=None, on_step=None, last_good: Path 
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return last
-
-
-def _weighted(items) -> list[tuple[object, float]]:
-    return [item if isinstance(item, tuple) else (item, 1.0) for item in items]
-
-
-def distill(
-    student,
-    teachers,
-    data,
-    spec: DistillSpec,
-    eval_ids: torch.Tensor | None = None,
-    tokenizer=None,
-    progress: bool = True,
-):
-    """Distil ``student`` (an HF causal LM, trained in place and returned in eval mode) from ``teachers`` on
-    ``data`` (``whelp.blocks(...)`` rows or a LongTensor [n, seq_len]) for ``spec``'s budget.
-
-    ``teachers``: models, opened caches (``whelp.open_cache``), or ``(teacher, weight)`` pairs. ``eval_ids`` [T]:
-    held-out tokens for the perplexity logged at the start and end (``student.whelp_distill`` holds the log).
-    ``tokenizer``: needed only when the lm_heads are padded to different widths. No checkpoints are written: for
-    resumable runs use ``whelp distill`` (``whelp.distillation.api.distill_run``).
-    """
-    if isinstance(data, (str, Mixture)):
-        raise WhelpError(f"data is rows of tokens: pass whelp.blocks('{data}', tokenizer, seq_len), not the name")
-    blocks = data if hasattr(data, "head") else TensorBlocks(torch.as_tensor(data))
-    pairs = _weighted(teachers)
-    live = [(m.eval().requires_grad_(False), w) for m, w in pairs if isinstance(m, torch.nn.Module)]
-    cached = [(c, w) for c, w in pairs if not isinstance(c, torch.nn.Module)]
-    for cache, _ in cached:
-        cache.check_blocks(blocks)
-    names = [f"teacher{i}" for i in range(len(live))] + [str(c.path) for c, _ in cached]
-    world = parallel.World(0, 1, student.device, owns_group=False)
-    torch.manual_seed(spec.seed)
-    t = setup(
-        student,
-        [m for m, _ in live],
-        [c for c, _ in cached],
-        [w for _, w in live + cached],
-        names,
-        blocks,
-        spec,
-        world,
-        None if eval_ids is None else eval_ids.long(),
-        tokenizer and len(tokenizer),
-    )
-    start = held_out(t)
-    with Progress("distill", t.steps, enabled=progress) as bar:
-        train(t, on_step=lambda row: metrics_log.show(bar, row))
-    student.whelp_distill = {
-        "steps": t.steps,
-        "tokens": t.tokens_seen,
-        "log": t.log,
-        "eval_start": start,
-        "eval_end": held_out(t),
-    }
-    return student.eval()

@@ -46,11 +46,10 @@ def log(metrics: Path, writer, row: dict) -> None:
 
 
 def show(bar, row: dict) -> None:
-    """The step's loss, per-teacher divergences (``kl:`` on the data, ``on:`` on the student's samples), CE and
-    throughput on the progress display (``whelp.output.Progress``)."""
+    """The step's loss, per-teacher divergences (``kl:`` on the data, ``on:`` on the student's samples), CE, the
+    hidden-state loss and throughput on the progress display (``whelp.output.Progress``)."""
     terms = [f"{k[:2]}:{Path(k[3:]).name}={v:.3f}" for k, v in row.items() if k.startswith(("kl/", "on/"))]
-    if "ce" in row:
-        terms.append(f"ce={row['ce']:.3f}")
+    terms += [f"{k}={row[k]:.3f}" for k in ("ce", "hidden") if k in row]
     bar.update(completed=row["step"], info=f"loss={row['loss']:.4f} {' '.join(terms)} {row['tokens_per_s']:.0f} tok/s")
 
 

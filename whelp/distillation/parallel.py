@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from whelp.distillation import losses
+from whelp.distillation.hidden import capture, hidden_loss
 from whelp.distillation.losses import backbone, model_transform
 from whelp.distillation.onpolicy import positions, sample
 from whelp.errors import WhelpError
@@ -137,11 +138,16 @@ class KDStudent(torch.nn.Module):
     ``kd=None`` the forward returns the plain HF output (logits), used by held-out perplexity; with
     ``rollout=(new_tokens, vocab, generator, stop_ids)`` the prompts ``input_ids`` continued by the student's
     samples (``whelp.distillation.onpolicy.sample``). ``attention`` [B, L]: left-padded rows (chat prompts).
+    ``kd["hidden"]`` (optional): ``(teacher states, per student layer [B * L, Ht], hidden loss, weight)``, which adds
+    ``weight`` times the hidden-state loss (whelp.distillation.hidden) to the KD sum.
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, proj: torch.Tensor | None = None):
         super().__init__()
         self.lm = lm
+        # hidden-state losses between different widths: the learned student -> teacher map [Ht, Hs] (hidden.py),
+        # trained and checkpointed with the student, never saved with it
+        self.hidden_proj = None if proj is None else torch.nn.Parameter(proj.to(self.device))
 
     @property
     def device(self) -> torch.device:
@@ -159,16 +165,26 @@ class KDStudent(torch.nn.Module):
         if kd is None:
             return self.lm(input_ids=input_ids)
 
-        body = backbone(self.lm)(input_ids=input_ids, **positions(attention))
+        kd = dict(kd)
+        matched = kd.pop("hidden", None)
+        layers = decoder_layers(self.lm) if matched is not None else []
+        with capture(layers, range(len(layers))) as states:
+            body = backbone(self.lm)(input_ids=input_ids, **positions(attention))
         hidden = body.last_hidden_state.flatten(0, 1)  # [N, Hs], autocast dtype
         weight = self.lm.get_output_embeddings().weight
         # the fused loss runs its own chunked matmuls: outside autocast, in the hidden states' dtype (the cast's
         # backward hands the fp32 master weight an fp32 gradient, as autocast would)
         with torch.autocast(hidden.device.type, enabled=False):
             result = losses.kd_loss(hidden, weight.to(hidden.dtype), transform=model_transform(self.lm), **kd)
+            total, matched_sum = result.loss, torch.zeros((), dtype=torch.float64)
+            if matched is not None:
+                teacher_states, kind, w = matched
+                student_states = [states[i].flatten(0, 1) for i in range(len(layers))]
+                term = hidden_loss(student_states, teacher_states, kind, self.hidden_proj, kd.get("mask"))
+                total, matched_sum = total + w * term, term.detach().double().cpu()
         per_teacher = torch.tensor([float(v) for v in result.per_teacher], dtype=torch.float64)
         ce = torch.tensor(0.0 if result.ce is None else float(result.ce), dtype=torch.float64)
-        return result.loss, per_teacher, ce
+        return total, per_teacher, ce, matched_sum
 
 
 def decoder_layers(lm, what: str = "model") -> torch.nn.ModuleList:

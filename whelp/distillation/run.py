@@ -61,8 +61,9 @@ def _settings(identity: dict) -> dict:
 
 
 def _changes(old: dict, new: dict) -> tuple[dict, dict]:
-    """``(adjustable, fixed)`` differences between two run identities, as {name: [old, new]}."""
-    flat_old, flat_new = _settings(old), _settings(new)
+    """``(adjustable, fixed)`` differences between two run identities, as {name: [old, new]}. A setting the old run
+    did not record (one whelp added since) had its default then: a run started before it resumes."""
+    flat_old, flat_new = {**DistillSpec(steps=1).flat(), **_settings(old)}, _settings(new)
     diff = {k: [flat_old.get(k), flat_new.get(k)] for k in flat_new if flat_old.get(k) != flat_new.get(k)}
     return ({k: v for k, v in diff.items() if k in ADJUSTABLE}, {k: v for k, v in diff.items() if k not in ADJUSTABLE})
 

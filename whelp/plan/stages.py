@@ -4,6 +4,7 @@ its shapes, params, FLOPs (per token and in total), tokens, data, memory parts a
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from whelp import models, pricing
@@ -102,15 +103,17 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) ->
     data = data_plan(spec.data, tokens, vocab, tokenizer, f"recipe.distill[{index}].data")
     # on-policy rows are also run through the student once more, token by token, to sample them (no grad)
     n_active = student["active"]
+    # a block-local stage (whelp.distillation.local) runs no lm_head: the student's blocks and the teacher's body
+    head = (lambda m: m["config"].vocab_size * m["config"].hidden_size) if spec.hidden.local else (lambda m: 0)
     per_token = {
-        "student_train": 6 * n_active,
+        "student_train": 6 * (n_active - head(student)),
         "student_sampling": round(spec.gkd.fraction * 2 * n_active),
-        "live_teachers": sum(2 * m["active"] for _, m in live),
+        "live_teachers": sum(2 * (m["active"] - head(m)) for _, m in live),
         "cache_teachers_once": sum(2 * m["active"] for _, m in cached),
     }
     memory = pricing.distill_memory(spec, student, [m for _, m in live])
     return {
-        "stage": f"distill[{index}]",
+        "stage": f"{'local' if spec.hidden.local else 'distill'}[{index}]",
         "kind": "distill",
         "tokens": tokens,
         "steps": steps,
@@ -250,6 +253,9 @@ def plan_recipe(recipe: Recipe) -> dict:
             entry["disk_bytes"] = {"store": entry["data"]["store_bytes"], **entry["disk_bytes"]}
             stages.append(entry)
             continue
+        if ref.step.local is not None:  # its block-local stage first: the first teacher, no caches
+            local = replace(ref.step, options=ref.step.local.options(ref.step.options), teachers=ref.step.teachers[:1])
+            stages.append(_distill_stage(replace(local, caches=()), current, teacher, ref.index, tokenizer)[0])
         entry, cached = _distill_stage(ref.step, current, teacher, ref.index, tokenizer)
         tokens = _capture_tokens(ref.step.options, entry["data"])
         for j, (cache, model) in enumerate(cached):

@@ -31,7 +31,7 @@ import torch
 
 from whelp import data, models, store
 from whelp.data import data_identity, source_identity
-from whelp.distillation import loop
+from whelp.distillation import inprocess
 from whelp.errors import WhelpError
 from whelp.evals.speed import shape_speed
 from whelp.output import Progress
@@ -184,7 +184,7 @@ def _train(t: Trial, index: int, row: dict) -> dict:
     dspec = _carried(DistillSpec, spec, ("batch_size", "seq_len", "lr", "data", "seed"), steps=spec.score_steps)
     torch.manual_seed(spec.seed)
     start = time.perf_counter()
-    student = loop.distill(
+    student = inprocess.distill(
         t.prune(row["shape"]), [t.teacher], t.train_blocks, dspec, tokenizer=t.tokenizer, progress=False
     )
     result = {**row, "train_s": time.perf_counter() - start, "trained": t.score(student)}

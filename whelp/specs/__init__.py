@@ -12,6 +12,8 @@ Its floors (``[tool.importlinter]``): ``distill`` (``DistillSpec`` and the check
 """
 
 from whelp.specs.base import (
+    HIDDEN_LOSSES,
+    HIDDEN_MAPS,
     IMPORTANCE,
     LAYER_IMPORTANCE,
     LOSSES,
@@ -28,16 +30,28 @@ from whelp.specs.base import (
     parse_weighted,
 )
 from whelp.specs.data import Mixture, Source, as_mixtures, record
-from whelp.specs.distill import DistillSpec, check_on_policy, check_teacher_weights
+from whelp.specs.distill import DistillSpec, check_mixture, check_on_policy, check_teacher_weights
 from whelp.specs.evals import CHAT_SETS, EvalSpec, SpeedSpec
 from whelp.specs.prune import SEARCH_AXES, PruneSpec, SearchSpec
 from whelp.specs.teacher import CacheSpec, GenerateSpec
-from whelp.specs.training import ComputeSpec, LossSpec, MonitorSpec, OnPolicySpec, OptimSpec, SaveSpec, Schedule
+from whelp.specs.training import (
+    ComputeSpec,
+    HiddenSpec,
+    LossSpec,
+    MixtureSpec,
+    MonitorSpec,
+    OnPolicySpec,
+    OptimSpec,
+    SaveSpec,
+    Schedule,
+)
 
 __all__ = [
     "CHAT_SETS",
     "IMPORTANCE",
     "LAYER_IMPORTANCE",
+    "HIDDEN_LOSSES",
+    "HIDDEN_MAPS",
     "LOSSES",
     "ON_POLICY_LOSSES",
     "RECONSTRUCT",
@@ -52,9 +66,11 @@ __all__ = [
     "DistillSpec",
     "EvalSpec",
     "GenerateSpec",
+    "HiddenSpec",
     "LoadPolicy",
     "LossSpec",
     "Mixture",
+    "MixtureSpec",
     "MonitorSpec",
     "OnPolicySpec",
     "OptimSpec",
@@ -65,6 +81,7 @@ __all__ = [
     "Source",
     "SpeedSpec",
     "as_mixtures",
+    "check_mixture",
     "check_on_policy",
     "check_teacher_weights",
     "key_values",

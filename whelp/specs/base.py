@@ -18,6 +18,8 @@ SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 ON_POLICY_LOSSES = ("reverse_kl", "jsd", "forward_kl")  # GKD's divergences
 SCHEDULES = ("constant", "linear", "cosine")
+HIDDEN_LOSSES = ("nmse", "cosine")  # per-token distances of hidden states (whelp.distillation.hidden)
+HIDDEN_MAPS = ("auto", "kept", "uniform")
 TEACHER = "teacher"  # in a recipe's distill.teachers / distill.caches: the recipe's teacher
 
 

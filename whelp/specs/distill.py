@@ -11,7 +11,17 @@ from whelp.errors import WhelpError
 from whelp.schema import check_types, flatten, unflatten
 from whelp.specs.base import _positive, _require, opt
 from whelp.specs.data import Mixture, _plain, as_mixtures
-from whelp.specs.training import ComputeSpec, LossSpec, MonitorSpec, OnPolicySpec, OptimSpec, SaveSpec, Schedule
+from whelp.specs.training import (
+    ComputeSpec,
+    HiddenSpec,
+    LossSpec,
+    MixtureSpec,
+    MonitorSpec,
+    OnPolicySpec,
+    OptimSpec,
+    SaveSpec,
+    Schedule,
+)
 
 
 @dataclass(frozen=True, init=False)
@@ -20,7 +30,7 @@ class DistillSpec:
 
     The run's own fields (budget, batch, data, schedule, seed) and one frozen sub-spec per concern, each handed to
     the code that acts on it: ``optim`` (AdamW and warmup), ``kd`` (the ``LossSpec``), ``gkd`` (on-policy, GKD),
-    ``compute``, ``monitor`` and ``save``. Users write the flat keys of ``KEYS`` (``--lr``, recipe ``lr:``,
+    ``mix`` (the data mixture), ``compute``, ``monitor`` and ``save``. Users write the flat keys of ``KEYS`` (``--lr``, recipe ``lr:``,
     ``DistillSpec(steps=2, lr=1e-3)``); sub-specs may also be given whole (``DistillSpec(steps=2, optim=...)``).
     """
 
@@ -49,11 +59,18 @@ class DistillSpec:
         "on_policy_from": ("gkd", "from_step"),
         "shard_teachers": ("compute", "shard_teachers"),
         "chunk_size": ("kd", "chunk_size"),
+        "hidden_weight": ("hidden", "weight"),
+        "hidden_loss": ("hidden", "loss"),
+        "hidden_map": ("hidden", "map"),
+        "local": ("hidden", "local"),
         "schedule": ("schedule",),
         "eval_every": ("monitor", "eval_every"),
         "eval_data": ("eval_data",),
         "eval_tokens": ("monitor", "eval_tokens"),
         "seed": ("seed",),
+        "mixture": ("mix", "kind"),
+        "mixture_every": ("mix", "every"),
+        "mixture_dev_blocks": ("mix", "dev_blocks"),
         "dtype": ("compute", "dtype"),
         "save_dtype": ("save", "save_dtype"),
         "grad_checkpointing": ("compute", "grad_checkpointing"),
@@ -78,6 +95,8 @@ class DistillSpec:
     optim: OptimSpec = OptimSpec()
     kd: LossSpec = LossSpec()
     gkd: OnPolicySpec = OnPolicySpec()
+    mix: MixtureSpec = MixtureSpec()
+    hidden: HiddenSpec = HiddenSpec()
     compute: ComputeSpec = ComputeSpec()
     monitor: MonitorSpec = MonitorSpec()
     save: SaveSpec = SaveSpec()
@@ -106,6 +125,7 @@ class DistillSpec:
             ]
         )
         self._check_on_policy()
+        self._check_local()
         if self.steps is not None:
             self.optim.check_steps(self.steps)
 
@@ -117,6 +137,29 @@ class DistillSpec:
                     not on.fraction or (prompt >= 1 and prompt + on.gen_tokens <= self.seq_len),
                     f"on-policy rows are prompt_tokens + gen_tokens = {prompt} + {on.gen_tokens} tokens, which must "
                     f"fit in seq_len={self.seq_len} with a prompt of at least 1; lower --gen-tokens or --prompt-tokens",
+                )
+            ]
+        )
+
+    def _check_local(self) -> None:
+        """The block-local stage trains blocks on hidden states alone: a logit term in the same run is a mistake."""
+        if not self.hidden.local:
+            return
+        given = [
+            f"{key}={value}"
+            for key, value in (
+                ("ce_weight", self.kd.ce_weight),
+                ("on_policy", self.gkd.fraction),
+                ("hidden_weight", self.hidden.weight),
+            )
+            if value
+        ]
+        _require(
+            [
+                (
+                    not given,
+                    f"--local trains each block on the teacher's hidden states alone, without logits; drop "
+                    f"{', '.join(given)} (run global KD after it, e.g. a recipe's distill.local stage)",
                 )
             ]
         )
@@ -136,6 +179,33 @@ def check_on_policy(live_weights: list[float], spec: DistillSpec) -> None:
             "cached logits score only the data's tokens, not the student's samples; add a live teacher "
             "(caches still serve the off-policy micro-batches) or set --on-policy 0"
         )
+
+
+def check_mixture(live: int, caches: int, sources: int, spec: DistillSpec) -> None:
+    """``--mixture dynamic`` re-weights the data's ``sources`` by the student's excess loss over the first of the
+    ``live`` teachers on held-out blocks (``whelp.distillation.dynamic``): it needs two sources or more and a live
+    teacher, and refuses ``caches``, which hold the logits of the given rows in the given order only."""
+    if spec.mix.kind != "dynamic":
+        return
+    _require(
+        [
+            (
+                sources >= 2,
+                f"mixture=dynamic re-weights the sources of a mixture, and the data has {sources}; give a mixture "
+                "(--data a:0.5,b:0.5) or use --mixture static",
+            ),
+            (
+                not caches,
+                "mixture=dynamic draws other rows than a teacher-logit cache holds (its rows and order are fixed); "
+                "distil from live teachers (--teacher) or use --mixture static",
+            ),
+            (
+                live >= 1,
+                "mixture=dynamic measures the student's excess loss over the first live teacher, and none is given; "
+                "add --teacher MODEL or use --mixture static",
+            ),
+        ]
+    )
 
 
 def check_teacher_weights(weights: list[float], spec: DistillSpec) -> None:

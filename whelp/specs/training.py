@@ -1,6 +1,7 @@
 """The parts of a distillation run, one frozen spec per concern: the teacher-weight ``Schedule``, the loss
-(``LossSpec``), AdamW (``OptimSpec``), on-policy GKD (``OnPolicySpec``), the hardware (``ComputeSpec``), what is
-measured (``MonitorSpec``) and what is written (``SaveSpec``); ``whelp.specs.distill`` gathers them."""
+(``LossSpec``), AdamW (``OptimSpec``), on-policy GKD (``OnPolicySpec``), the data mixture (``MixtureSpec``), the
+hardware (``ComputeSpec``), what is measured (``MonitorSpec``) and what is written (``SaveSpec``);
+``whelp.specs.distill`` gathers them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Literal
 from whelp.errors import WhelpError
 from whelp.schema import check_types
 from whelp.specs.base import (
+    HIDDEN_LOSSES,
+    HIDDEN_MAPS,
     LOSSES,
     ON_POLICY_LOSSES,
     SAVE_DTYPES,
@@ -95,6 +98,37 @@ class LossSpec:
 
 
 @dataclass(frozen=True)
+class HiddenSpec:
+    """Intermediate states (``whelp.distillation.hidden``, ``whelp.distillation.local``): a global term on the
+    residual stream of matched layers, weighted by ``weight`` against the per-token KD, or, with ``local``, a
+    block-local stage that trains each student block on the teacher's states alone (no logits). ``map``: which
+    teacher layer each student layer matches; ``auto`` is the pruning's kept layers where the student records them
+    (prune_report.json), else uniform."""
+
+    weight: float = opt(0.0, "Weight of the hidden-state loss between matched layers (0: logits only)")
+    loss: Literal["nmse", "cosine"] = opt("nmse", "Hidden-state distance: nmse | cosine")
+    map: Literal["auto", "kept", "uniform"] = opt(
+        "auto", "Layer map: auto (kept layers from the pruning, else uniform) | kept | uniform"
+    )
+    local: bool = opt(False, "Block-local stage: each student block learns the teacher span it replaces (no logits)")
+
+    def __post_init__(self):
+        check_types(self)
+        _require(
+            [
+                (self.weight >= 0, f"hidden_weight must be >= 0, got {self.weight}"),
+                _choice("hidden_loss", self.loss, HIDDEN_LOSSES),
+                _choice("hidden_map", self.map, HIDDEN_MAPS),
+            ]
+        )
+
+    @property
+    def active(self) -> bool:
+        """Whether the run reads the teacher's hidden states."""
+        return self.local or self.weight > 0
+
+
+@dataclass(frozen=True)
 class OptimSpec:
     """AdamW and its learning-rate schedule (linear warmup, then cosine decay to 0): what may change on resume."""
 
@@ -162,6 +196,38 @@ class OnPolicySpec:
         labels), so a sampled position carries the divergence at full weight where a data position carries
         ``1 - ce_weight``."""
         return replace(loss, name=self.loss, ce_weight=0.0)
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """How a weighted data mixture's sources are drawn (``whelp.distillation.dynamic``): ``static`` keeps the given
+    weights (the rows of ``whelp.data.Blocks`` in their seeded order); ``dynamic`` re-weights the sources every
+    ``every`` optimizer steps by the student's excess loss over the teacher on ``dev_blocks`` blocks held out of each
+    source (Sheared-LLaMA's dynamic batch loading, Xia et al. 2024), so training goes where the student lags most."""
+
+    kind: Literal["static", "dynamic"] = opt(
+        "static",
+        "Data mixture: static (the given weights) | dynamic (re-weight the sources by the student's excess loss "
+        "over the first live teacher, Sheared-LLaMA)",
+    )
+    every: int = opt(8, "Dynamic mixture: optimizer steps between re-weightings")
+    dev_blocks: int = opt(4, "Dynamic mixture: blocks of each source held out of training to measure its losses")
+
+    def __post_init__(self):
+        check_types(self)
+        _require(
+            [
+                _choice("mixture", self.kind, ("static", "dynamic")),
+                (
+                    self.every >= 1,
+                    f"mixture_every is the optimizer steps between re-weightings, >= 1; got {self.every}",
+                ),
+                (
+                    self.dev_blocks >= 1,
+                    f"mixture_dev_blocks is the blocks held out of each source, >= 1; got {self.dev_blocks}",
+                ),
+            ]
+        )
 
 
 @dataclass(frozen=True)
