@@ -13,6 +13,7 @@ training + live teacher):
                                   span's start to the state at its end; no lm_head) of L steps, then global KD for
                                   the steps its FLOPs leave
   (d) dynamic mixture             (a) with ``--mixture dynamic`` (Sheared-LLaMA's rule, the teacher as reference)
+  (e) all three                   (c) with the global stage of (b) and (d)
 
 Scores: behaviour on ``chat:general`` (all its requests, none trained on), greedy, 64 new tokens (looping, ending
 the turn, accuracy on checkable requests and how many of those the teacher gets right the student keeps); perplexity
@@ -42,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from chat_distill import flat, kept
+from chat_distill import _cell, flat, kept
 from generalize import vim_manual
 from publish import publish
 
@@ -92,11 +93,14 @@ def variants(base: dict, local_steps: int) -> dict[str, dict]:
     hidden, dynamic = copy.deepcopy(base), copy.deepcopy(base)
     hidden["distill"]["hidden_weight"] = HIDDEN_WEIGHT
     dynamic["distill"]["mixture"] = "dynamic"
+    combined = copy.deepcopy(local)
+    combined["distill"].update(hidden_weight=HIDDEN_WEIGHT, mixture="dynamic")
     return {
         "(a) logit-only KD": base,
         f"(b) + hidden states (weight {HIDDEN_WEIGHT:g})": hidden,
         f"(c) local {local_steps} steps, then global {global_steps}": local,
         "(d) dynamic mixture": dynamic,
+        "(e) (c) + (b) + (d)": combined,
     }
 
 
@@ -149,11 +153,6 @@ def table(results: dict, vim: str | None) -> str:
             f"| {name} | {seed} | {cells} | {kept(r['correct'], model['label'])} | {r['train_s'] / 60:.1f} min |"
         )
     return "\n".join(lines)
-
-
-def _cell(row: dict, key: str, fmt: str) -> str:
-    value = row.get(key)
-    return "-" if value is None else fmt.format(value)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ logit_scale, Gemma 2/3's final soft-capping), FSDP2 finds its decoder layers, an
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -408,3 +409,18 @@ def test_plan_and_prune_accept_and_refuse_the_same_targets_off_the_dense_rows(fa
     only) answer every target alike in plan and prune."""
     accepted = accepted_alike_by_plan_and_prune(model(family), tmp_path, PLAN_TARGETS + MOE_TARGETS)
     assert accepted == ACCEPTED[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_states_and_the_local_stage_are_zero_for_a_student_equal_to_its_teacher(family):
+    """Every family's layers are found, hooked and (block-local) called alone with the arguments its forward passes
+    them (GPT-2 passes its mask positionally): a student equal to its teacher matches every state exactly."""
+    teacher = model(family, 0).requires_grad_(False)
+    for extra in (dict(local=True), dict(hidden_weight=1.0)):
+        student = copy.deepcopy(teacher).requires_grad_(True)
+        for m in student.modules():  # GPT-2 trains with dropout 0.1: an equal student then differs by chance
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        spec = DistillSpec(steps=1, batch_size=4, seq_len=12, **extra)
+        log = inprocess.distill(student, [teacher], ids(1, (4, 12)), spec, progress=False).whelp_distill["log"]
+        assert log[0]["hidden"] == pytest.approx(0.0, abs=1e-6), extra

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import whelp
 from whelp.distillation import hidden, inprocess, local, loop, parallel
-from whelp.distillation.api import distill_run, kept_record
+from whelp.distillation.api import _pruned_from, distill_run, kept_record
 from whelp.distillation.losses import kd_loss
 from whelp.errors import WhelpError
 from whelp.specs import DistillSpec, HiddenSpec, LossSpec, PruneSpec
@@ -165,7 +165,7 @@ def test_local_backward_equals_a_naive_per_block_reference(pruned):
     student.zero_grad()
     for i, (start, end) in enumerate(local.spans(plan.layer_map)):
         x = (t_hs[0] if start < 0 else after(start))[..., plan.channels]
-        y = student.model.layers[i](x, **kwargs[i])
+        y = student.model.layers[i](x, *kwargs[i][0], **kwargs[i][1])
         y = y[0] if isinstance(y, tuple) else y
         ref = ref + naive_term(y.flatten(0, 1), after(end)[..., plan.channels].flatten(0, 1), "nmse").sum() / 2
     ref.backward()
@@ -185,7 +185,28 @@ def test_local_trains_the_blocks_alone_and_lowers_its_loss(pruned):
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in frozen.items())  # no logits, no gradient
 
 
+def test_in_memory_local_then_global_trains_the_whole_student_again(pruned):
+    teacher, student = pruned
+    student = copy.deepcopy(student)
+    data = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(4))
+    inprocess.distill(
+        student, [teacher], data, DistillSpec(steps=1, batch_size=4, seq_len=16, local=True), progress=False
+    )
+    assert all(p.requires_grad for p in student.parameters())  # the local stage's freeze is undone
+    head = student.lm_head.weight.clone()
+    inprocess.distill(student, [teacher], data, DistillSpec(steps=1, batch_size=4, seq_len=16, lr=1e-3), progress=False)
+    assert not torch.equal(head, student.lm_head.weight)
+
+
 def test_misuse_is_one_line():
+    from whelp.specs import check_local
+
+    with pytest.raises(WhelpError, match="pass exactly one --teacher"):
+        check_local(2, 0, DistillSpec(steps=1, local=True))
+    with pytest.raises(WhelpError, match="and no --cache"):
+        check_local(1, 1, DistillSpec(steps=1, local=True))
+    with pytest.raises(WhelpError, match="on_policy=1 leaves none"):
+        DistillSpec(steps=1, seq_len=128, hidden_weight=1.0, on_policy=1.0)
     with pytest.raises(WhelpError, match="drop ce_weight=0.5"):
         DistillSpec(steps=1, local=True, ce_weight=0.5)
     with pytest.raises(WhelpError, match="hidden_loss"):
@@ -222,7 +243,13 @@ def test_distill_with_hidden_states_saves_a_plain_student_carries_the_record_and
     saved = json.loads((tmp_path / "ref" / "distill_report.json").read_text())
     assert saved["kept"]["layers"] == report["kept"]["layers"] and "hidden" in saved["final"]
     # the projection is trained and checkpointed with the student: killed mid-run, the resumed run equals this one
-    real, count = parallel.hidden_loss, {"n": 0}
+    crashed_and_resumed(monkeypatch, run, tmp_path, parallel, "hidden_loss")
+
+
+def crashed_and_resumed(monkeypatch, run, tmp_path, module, name: str) -> None:
+    """``run(tmp_path / "crashed")`` killed at the third call of ``module.name`` (one per micro-batch), then run
+    again to its end: its weights equal those of ``run(tmp_path / "ref")`` (already made) to 1e-6."""
+    real, count = getattr(module, name), {"n": 0}
 
     def crash_on_third(*args, **kwargs):
         count["n"] += 1
@@ -230,7 +257,7 @@ def test_distill_with_hidden_states_saves_a_plain_student_carries_the_record_and
             raise Crash()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(parallel, "hidden_loss", crash_on_third)
+    monkeypatch.setattr(module, name, crash_on_third)
     with pytest.raises(Crash):
         run(tmp_path / "crashed")
     monkeypatch.undo()
@@ -246,20 +273,7 @@ def test_the_local_stage_resumes_exactly(pruned_dirs, tmp_path, monkeypatch):
         return distill_run(student, out, spec, teachers=((teacher, 1.0),), progress=False)
 
     run(tmp_path / "ref")
-    real, count = local.local_backward, {"n": 0}
-
-    def crash_on_third(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] == 3:
-            raise Crash()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(local, "local_backward", crash_on_third)
-    with pytest.raises(Crash):
-        run(tmp_path / "crashed")
-    monkeypatch.undo()
-    run(tmp_path / "crashed")
-    assert max_diff(load_weights(tmp_path / "crashed"), load_weights(tmp_path / "ref")) <= 1e-6
+    crashed_and_resumed(monkeypatch, run, tmp_path, local, "local_backward")
 
 
 def test_cli_refuses_a_map_without_a_record_in_one_line(tiny_dirs, tmp_path):
@@ -275,11 +289,11 @@ def test_cli_refuses_a_map_without_a_record_in_one_line(tiny_dirs, tmp_path):
 def test_the_record_maps_layers_only_for_the_teacher_it_was_pruned_from(pruned_dirs, tiny_dirs):
     teacher, student = pruned_dirs
     other = tiny_dirs[0]
-    record = kept_record(student, ((teacher, 1.0),))
+    record = kept_record(student)
     assert record["layers"] == json.loads(open(f"{student}/prune_report.json").read())["kept"]["layers"]
-    assert record["teacher"] == teacher
-    assert kept_record(student, ((other, 1.0),)) is None  # a chained build's later teacher: not this map
-    assert kept_record(other, ((teacher, 1.0),)) is None  # a student whelp did not prune
+    assert record["teacher"] == teacher and _pruned_from(record, ((teacher, 1.0),))
+    assert not _pruned_from(record, ((other, 1.0),))  # a chained build's later teacher: not this map
+    assert kept_record(other) is None  # a student whelp did not prune
 
 
 LOCAL_RECIPE = """
@@ -331,3 +345,18 @@ def test_a_run_recorded_before_the_hidden_settings_existed_resumes_and_a_changed
         del old["spec"][key]
     assert _changes(old, identity()) == ({}, {})
     assert _changes(old, identity(hidden_weight=0.5)) == ({}, {"hidden_weight": [0.0, 0.5]})
+
+
+def test_plan_prices_the_local_stage_on_one_process_without_the_heads(tmp_path):
+    from whelp import recipe
+    from whelp.plan.stages import plan_recipe
+
+    save_tiny(tmp_path / "teacher", tiny_tokenizer(), num_hidden_layers=4)
+    (tmp_path / "r.yaml").write_text(LOCAL_RECIPE % (tmp_path / "teacher"))
+    stages = {s["stage"]: s for s in plan_recipe(recipe.load(str(tmp_path / "r.yaml")))["stages"]}
+    local, glob = stages["local[0]"], stages["distill[0]"]
+    assert not local["parallel"] and glob["parallel"]
+    assert local["tokens"] == 3 * 2 * 16  # its steps x batch x seq_len
+    head = 512 * 48  # the student's lm_head: vocabulary x hidden
+    assert glob["flops_per_token"]["student_train"] - local["flops_per_token"]["student_train"] == 6 * head
+    assert any("hidden-state loss" in p["what"] for p in glob["memory"])  # hidden_weight 0.5 in the recipe

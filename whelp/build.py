@@ -199,12 +199,13 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
         elif ref.kind == "prune":
             stages.append(_prune_stage(ref.step, current, key, len(stages) + 1, gen, policy))
         else:
+            cache_key = key  # a teacher's logits do not depend on the student, nor on its local stage
             if ref.step.local is not None:  # the block-local stage, then global KD from its student
                 stages.append(_local_stage(ref.step, current, recipe, key, len(stages) + 1, gen, policy))
                 key, current = stages[-1].key, str(stages_dir / stages[-1].dirname)
             caches, keys = [], [key]
             for j, cache in enumerate(ref.step.caches):
-                stages.append(_cache_stage(cache, recipe, ref.step, key, len(stages) + 1, j, gen, policy))
+                stages.append(_cache_stage(cache, recipe, ref.step, cache_key, len(stages) + 1, j, gen, policy))
                 caches.append(stages_dir / stages[-1].dirname)
                 keys.append(stages[-1].key)
             stages.append(_distill_stage(ref.step, current, recipe, caches, keys, len(stages) + 1, gen, policy))

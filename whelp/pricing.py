@@ -249,10 +249,27 @@ def distill_memory(spec, student: dict, live: list[dict]) -> list[dict]:
         + [layer_activation_bytes(positions, m["config"].hidden_size, d) for m in live]
     )
     what = "activations" + (" (grad_checkpointing)" if spec.compute.grad_checkpointing else "")
-    return parts + [
-        part(f"{what}, {positions:,} positions", acts),
-        part("live teachers' final hidden states", sum(positions * m["config"].hidden_size * d for m in live)),
-        part("loss chunks", loss_chunk_bytes(spec.kd.chunk_size, cfg.vocab_size)),
+    return (
+        parts
+        + [
+            part(f"{what}, {positions:,} positions", acts),
+            part("live teachers' final hidden states", sum(positions * m["config"].hidden_size * d for m in live)),
+            part("loss chunks", loss_chunk_bytes(spec.kd.chunk_size, cfg.vocab_size)),
+        ]
+        + hidden_memory(spec, cfg, live, positions, d)
+    )
+
+
+def hidden_memory(spec, cfg, live: list[dict], positions: int, d: int) -> list[dict]:
+    """``--hidden-weight``: the first teacher's states at one layer per student layer (compute dtype), and one layer's
+    fp32 loss terms at a time (the masked states, their projection and the difference, [N, Ht] each; each layer's is
+    recomputed in backward, whelp.distillation.hidden.hidden_loss)."""
+    if not spec.hidden.weight or not live:
+        return []
+    layers, width = cfg.num_hidden_layers, live[0]["config"].hidden_size
+    return [
+        part("teacher's hidden states at the mapped layers", layers * positions * width * d),
+        part("hidden-state loss terms of one layer (fp32)", 3 * positions * width * 4),
     ]
 
 

@@ -145,11 +145,13 @@ class LocalStep:
 
     def options(self, step: DistillSpec) -> DistillSpec:
         """The stage's ``DistillSpec``: ``step``'s, with this budget and AdamW, the block-local loss and no logit
-        term (KD, CE and on-policy belong to the global stage after it)."""
+        term (KD, CE and on-policy belong to the global stage after it). The budget is given as tokens, which also
+        bound what it reads of a hub dataset (as ``steps`` alone would not: the step's data is read whole)."""
+        per_step = step.batch_size * step.grad_accum * step.seq_len  # one process: the stage does not shard
         return replace(
             step,
-            steps=self.steps,
-            max_tokens=self.max_tokens,
+            steps=None,
+            max_tokens=self.max_tokens or self.steps * per_step,
             optim=replace(step.optim, lr=self.lr, warmup=self.warmup),
             kd=replace(step.kd, ce_weight=0.0),
             gkd=replace(step.gkd, fraction=0.0),

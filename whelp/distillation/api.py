@@ -39,6 +39,7 @@ from whelp.specs import (
     LoadPolicy,
     Mixture,
     SaveSpec,
+    check_local,
     check_mixture,
     check_on_policy,
     check_teacher_weights,
@@ -66,6 +67,7 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
     check_teacher_weights([w for _, w in teachers] + [w for _, w in caches], spec)
     check_on_policy([w for _, w in teachers], spec)
     check_mixture(len(teachers), len(caches), len(spec.data.sources), spec)
+    check_local(len(teachers), len(caches), spec)
     for source in (spec.data, spec.eval_data):
         check_data(source)
     tokenizer = load_tokenizer(student, policy)
@@ -137,7 +139,7 @@ def distill_run(
         torch.manual_seed(spec.seed)
         dtype = str(loop.compute_dtype(spec.compute.dtype, world.device)).replace("torch.", "")
         lm = models.load_model(student, device=str(world.device), policy=policy)[0]
-        kept = kept_record(student, teachers)
+        kept = kept_record(student)  # carried on to the report whatever this run's teacher
         live = [_load_teacher(name, dtype, world, spec.compute.shard_teachers, policy) for name, _ in teachers]
         t = loop.setup(
             lm,
@@ -150,7 +152,7 @@ def distill_run(
             world,
             eval_ids,
             len(tokenizer),
-            kept,
+            kept if _pruned_from(kept, teachers) else None,
         )
         start, last_good = _resume(t, rdir, changed)
         report = _train(t, rdir, start, last_good, progress)
@@ -171,11 +173,9 @@ def distill_run(
         parallel.close_world(world)
 
 
-def kept_record(student: str, teachers) -> dict | None:
+def kept_record(student: str) -> dict | None:
     """The pruning's record of what ``student`` kept of its teacher (``kept`` of prune_report.json with the pruned
-    ``teacher``'s path, carried on by each distill_report.json), or None for a student whelp did not prune or one
-    pruned from another model than the first live teacher (a chained build's second pruning): its indices would
-    map the layers to the wrong teacher."""
+    ``teacher``'s path, carried on by each distill_report.json), or None for a student whelp did not prune."""
     for name in ("prune_report.json", "distill_report.json"):  # whelp.pruning.api.REPORT_FILE, this module's
         path = Path(models.locate(student)) / name
         if not path.is_file():
@@ -187,14 +187,17 @@ def kept_record(student: str, teachers) -> dict | None:
         kept = report.get("kept")
         if kept and name == "prune_report.json":
             kept = {**kept, "teacher": report.get("source")}
-        same = kept and teachers and _same_model(kept.get("teacher"), teachers[0][0])
-        return kept if same else None
+        return kept or None
     return None
 
 
-def _same_model(a: str | None, b: str) -> bool:
+def _pruned_from(kept: dict | None, teachers) -> bool:
+    """Whether ``kept`` records a pruning of the first live teacher: only then do its indices map the student's
+    layers and channels to that teacher's (not after a chained build's second pruning, nor for another teacher)."""
+    if not kept or not teachers or kept.get("teacher") is None:
+        return False
     try:
-        return a is not None and Path(models.locate(a)).resolve() == Path(models.locate(b)).resolve()
+        return Path(models.locate(kept["teacher"])).resolve() == Path(models.locate(teachers[0][0])).resolve()
     except WhelpError:  # a teacher no longer where it was pruned from
         return False
 

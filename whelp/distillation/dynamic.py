@@ -145,8 +145,15 @@ class Mixing:
 
     def state(self) -> dict:
         """What a checkpoint keeps (JSON: float64 values round-trip exactly)."""
-        return {"weights": self.weights.tolist(), "positions": self.positions.tolist()}
+        return {
+            "weights": self.weights.tolist(),
+            "positions": self.positions.tolist(),
+            "reference": self.reference.tolist(),
+        }
 
     def restore(self, state: dict) -> None:
+        """The state of ``state()``; the reference as first measured, so a resumed run re-weights exactly as an
+        unbroken one even where a re-measurement would differ in the last bit (another number of processes)."""
         self.weights = torch.tensor(state["weights"], dtype=torch.float64)
         self.positions = torch.tensor(state["positions"], dtype=torch.long)
+        self.reference = torch.tensor(state["reference"], dtype=torch.float64)

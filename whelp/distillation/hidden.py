@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from whelp.errors import WhelpError
 from whelp.specs import HIDDEN_LOSSES
@@ -84,13 +85,19 @@ def hidden_loss(
 ) -> Tensor:
     """SUM over counted tokens of the mean over matched layers of ``term``: ``student[k]`` [N, Hs] against
     ``teacher[k]`` [N, Ht], the student's states mapped by ``proj`` [Ht, Hs] first when given; ``mask`` [N] bool
-    selects the tokens that count (as the KD's loss mask does)."""
+    selects the tokens that count (as the KD's loss mask does). Each layer's term is recomputed in backward rather
+    than kept (activation checkpointing): its fp32 [N, Ht] intermediates would otherwise stay alive for every layer
+    at once, 12 bytes x N x Ht a layer."""
     total = student[0].new_zeros((), dtype=torch.float32)
     for s, t in zip(student, teacher, strict=True):
-        if mask is not None:
-            s, t = s[mask], t[mask]
-        total = total + term(s if proj is None else s @ proj.to(s.dtype).T, t, kind).sum()
+        total = total + checkpoint(_layer_sum, s, t, kind, proj, mask, use_reentrant=False)
     return total / len(student)
+
+
+def _layer_sum(s: Tensor, t: Tensor, kind: str, proj: Tensor | None, mask: Tensor | None) -> Tensor:
+    if mask is not None:
+        s, t = s[mask], t[mask]
+    return term(s if proj is None else s @ proj.to(s.dtype).T, t, kind).sum()
 
 
 def layer_output(out) -> Tensor:

@@ -46,27 +46,32 @@ def distill(
     names = [f"teacher{i}" for i in range(len(live))] + [str(c.path) for c, _ in cached]
     world = parallel.World(0, 1, student.device, owns_group=False)
     torch.manual_seed(spec.seed)
-    t = loop.setup(
-        student,
-        [m for m, _ in live],
-        [c for c, _ in cached],
-        [w for _, w in live + cached],
-        names,
-        blocks,
-        spec,
-        world,
-        None if eval_ids is None else eval_ids.long(),
-        tokenizer and len(tokenizer),
-        getattr(student, "whelp_kept", None),
-    )
-    start = loop.held_out(t)
-    with Progress("distill", t.steps, enabled=progress) as bar:
-        loop.train(t, on_step=lambda row: metrics_log.show(bar, row))
-    student.whelp_distill = {
-        "steps": t.steps,
-        "tokens": t.tokens_seen,
-        "log": t.log,
-        "eval_start": start,
-        "eval_end": loop.held_out(t),
-    }
+    trainable = {p: p.requires_grad for p in student.parameters()}  # --local freezes all but the blocks
+    try:
+        t = loop.setup(
+            student,
+            [m for m, _ in live],
+            [c for c, _ in cached],
+            [w for _, w in live + cached],
+            names,
+            blocks,
+            spec,
+            world,
+            None if eval_ids is None else eval_ids.long(),
+            tokenizer and len(tokenizer),
+            getattr(student, "whelp_kept", None),
+        )
+        start = loop.held_out(t)
+        with Progress("distill", t.steps, enabled=progress) as bar:
+            loop.train(t, on_step=lambda row: metrics_log.show(bar, row))
+        student.whelp_distill = {
+            "steps": t.steps,
+            "tokens": t.tokens_seen,
+            "log": t.log,
+            "eval_start": start,
+            "eval_end": loop.held_out(t),
+        }
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
     return student.eval()

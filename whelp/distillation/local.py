@@ -27,15 +27,16 @@ def spans(layer_map: list[int]) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def layer_kwargs(body, layers, ids: Tensor) -> list[dict]:
-    """The keyword arguments (rotary embeddings, mask, positions) the model's forward passes each of ``layers`` on
-    ``ids`` [B, T], captured by pre-hooks in one forward of ``body`` (its backbone): they depend on the shape and the
-    model alone, so one probe serves every micro-batch of that shape."""
-    found: list[dict] = [{} for _ in layers]
+def layer_kwargs(body, layers, ids: Tensor) -> list[tuple[tuple, dict]]:
+    """The arguments after the hidden states (rotary embeddings, mask, positions; positional ones too, as GPT-2
+    passes its mask) that the model's forward passes each of ``layers`` on ``ids`` [B, T], captured by pre-hooks in
+    one forward of ``body`` (its backbone): they depend on the shape and the model alone, so one probe serves every
+    micro-batch of that shape."""
+    found: list[tuple[tuple, dict]] = [((), {}) for _ in layers]
 
     def grab(i):
-        def hook(_module, _args, kwargs):
-            found[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        def hook(_module, args, kwargs):
+            found[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
 
         return hook
 
@@ -58,7 +59,7 @@ def teacher_states(body, layers, ids: Tensor, layer_map: list[int]) -> dict[int,
 
 def local_backward(
     layers,
-    kwargs: list[dict],
+    kwargs: list[tuple[tuple, dict]],
     states: dict[int, Tensor],
     layer_map: list[int],
     kind: str,
@@ -75,7 +76,9 @@ def local_backward(
         source, target = states[start], states[end]
         if channels is not None:
             source, target = source[..., channels], target[..., channels]
-        out = layer_output(layers[i](source.detach(), **kwargs[i])).flatten(0, 1)
+        args, kw = kwargs[i]
+        dtype = next(layers[i].parameters()).dtype  # a teacher stored in another dtype than the student
+        out = layer_output(layers[i](source.detach().to(dtype), *args, **kw)).flatten(0, 1)
         target = target.flatten(0, 1)
         if mask is not None:
             out, target = out[mask], target[mask]

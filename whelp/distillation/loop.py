@@ -7,13 +7,14 @@ in the whole optimizer step (all micro-batches, all ranks), which makes gradient
 exact. Then clipping, AdamW, warmup + cosine. Minitron (Muralidharan et al. 2024) and Llama 3.2 distil pruned
 students exactly so.
 
-``distill(student, teachers, data, spec)`` runs it in memory and returns the student; ``whelp.distillation.api`` wraps
-the same loop with checkpoints, resume, signals and logs for ``whelp distill``, on one process or FSDP2 under
-torchrun. Everything a step reads is a function of ``(seed, step)``, so resuming needs only the step; with
-``--mixture dynamic`` also of the mixture's weights and streams, which checkpoints keep (``whelp.distillation.dynamic``).
+``whelp.distillation.inprocess.distill`` runs it in memory; ``whelp.distillation.api`` wraps it with checkpoints,
+resume, signals and logs for ``whelp distill``, on one process or FSDP2 under torchrun. Everything a step reads is a
+function of ``(seed, step)``, so resuming needs only the step; with ``--mixture dynamic`` also of the mixture's
+weights and streams, which checkpoints keep (``whelp.distillation.dynamic``). Hidden-state losses and the block-local
+stage (``whelp.distillation.hidden``, ``whelp.distillation.local``) enter through ``loss_step`` and ``local_step``.
 
-One module though near 400 lines: setup, loss_step and train share the Training state and one invariant (a step's
-loss is divided by the tokens of the whole step), which a split would scatter.
+One module though over 400 lines: setup, the micro-batch steps and train share the Training state and one invariant
+(a step's loss is divided by the tokens of the whole step), which a split would scatter.
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from whelp.distillation.head import check_logits
 from whelp.distillation.losses import LiveTarget, backbone, kd_loss, model_transform
 from whelp.errors import WhelpError
 from whelp.evals.perplexity import perplexity
-from whelp.specs import DistillSpec, LossSpec, OptimSpec, check_mixture, check_on_policy, check_teacher_weights
+from whelp.specs import (
+    DistillSpec,
+    LossSpec,
+    OptimSpec,
+    check_local,
+    check_mixture,
+    check_on_policy,
+    check_teacher_weights,
+)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -124,8 +133,10 @@ def optimiser(model, spec: OptimSpec, steps: int):
     0 at ``steps`` (a warmup not below ``steps`` is refused)."""
 
     spec.check_steps(steps)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=spec.weight_decay)
+    proj = getattr(model, "hidden_proj", None)  # starts as the pruning's exact slice: no decay towards zero
+    trained = [p for p in model.parameters() if p.requires_grad and p is not proj]
+    groups = [{"params": trained}] + ([{"params": [proj], "weight_decay": 0.0}] if proj is not None else [])
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, spec.warmup, steps)
 
 
@@ -158,6 +169,7 @@ def setup(
     loss = vocab_spec(spec.kd, widths, tokenizer_size)
     check_teacher_weights(list(weights), spec)
     check_on_policy(list(weights)[: len(teachers)], spec)
+    check_local(len(teachers), len(caches), spec)
     probe = blocks[torch.arange(1)][:, :16].to(world.device)
     for model, what in [(lm, "student")] + [(m, "teacher") for m in teachers]:
         check_head(model, probe, what)
@@ -273,7 +285,7 @@ def local_step(t: Training, ids: torch.Tensor, data_mask: torch.Tensor | None, t
             t.hidden.layer_map,
             t.spec.hidden.loss,
             1 / max(tokens, 1),
-            mask.flatten(),
+            mask,
             channels,
         )
     zeros = torch.zeros(len(t.weights) + 1 + len(t.teachers), dtype=torch.float64)
@@ -309,7 +321,9 @@ def dev_ce(t: Training, model) -> torch.Tensor:
                 ce = t.model(ids, kd=kd)[2]
             else:
                 target = live_target(model, ids)
-                ce = kd_loss(target.hidden, target.weight, transform=target.transform, **kd).ce
+                with torch.autocast(ids.device.type, enabled=False):  # as KDStudent runs the student's
+                    weight = target.weight.to(target.hidden.dtype)
+                    ce = kd_loss(target.hidden, weight, transform=target.transform, **kd).ce
         return float(ce), int(kd["mask"].sum())
 
     t.model.eval()
@@ -372,11 +386,12 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
 
 def _means(t: Training, sums: torch.Tensor, off_tokens: int, on_tokens: int) -> dict:
     """The log row's means: CE and each teacher's divergence over the data's tokens (``kl/NAME``, the chosen
-    loss) and, in steps with on-policy micro-batches, each live teacher's over the sampled ones (``on/NAME``)."""
+    loss) and, in steps with on-policy micro-batches, each live teacher's over the sampled ones (``on/NAME``); the
+    hidden-state loss (``hidden``) over the data's tokens, alone in a block-local run."""
     n = len(t.weights)
-    row = {}
     if t.spec.hidden.local:
         return {"hidden": sums[-1].item() / max(off_tokens, 1)}
+    row = {}
     if off_tokens:
         row["ce"] = sums[1 + n].item() / off_tokens
         row.update({f"kl/{name}": v.item() / off_tokens for name, v in zip(t.names, sums[1 : 1 + n])})

@@ -138,7 +138,7 @@ class KDStudent(torch.nn.Module):
     ``kd=None`` the forward returns the plain HF output (logits), used by held-out perplexity; with
     ``rollout=(new_tokens, vocab, generator, stop_ids)`` the prompts ``input_ids`` continued by the student's
     samples (``whelp.distillation.onpolicy.sample``). ``attention`` [B, L]: left-padded rows (chat prompts).
-    ``kd["hidden"]`` (optional): ``(teacher states, per student layer [B * L, Ht], hidden loss, weight)``, which adds
+    ``kd["hidden"]`` (optional): ``(teacher states [B * L, Ht] per student layer, hidden loss, weight)``, which adds
     ``weight`` times the hidden-state loss (whelp.distillation.hidden) to the KD sum.
     """
 

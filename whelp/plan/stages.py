@@ -137,7 +137,7 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) ->
             "live_teachers": sum(p["bytes"] for p in memory if "teacher" in p),
         },
         "flops": (per_token["student_train"] + per_token["student_sampling"] + per_token["live_teachers"]) * tokens,
-        "parallel": True,
+        "parallel": not spec.hidden.local,  # the block-local stage runs on one process
         "device": "gpu",
         "memory": memory,
         "disk_bytes": {
@@ -254,8 +254,9 @@ def plan_recipe(recipe: Recipe) -> dict:
             stages.append(entry)
             continue
         if ref.step.local is not None:  # its block-local stage first: the first teacher, no caches
-            local = replace(ref.step, options=ref.step.local.options(ref.step.options), teachers=ref.step.teachers[:1])
-            stages.append(_distill_stage(replace(local, caches=()), current, teacher, ref.index, tokenizer)[0])
+            options = ref.step.local.options(ref.step.options)
+            local = replace(ref.step, options=options, teachers=ref.step.teachers[:1], caches=(), local=None)
+            stages.append(_distill_stage(local, current, teacher, ref.index, tokenizer)[0])
         entry, cached = _distill_stage(ref.step, current, teacher, ref.index, tokenizer)
         tokens = _capture_tokens(ref.step.options, entry["data"])
         for j, (cache, model) in enumerate(cached):

@@ -30,7 +30,7 @@ from whelp.specs.base import (
     parse_weighted,
 )
 from whelp.specs.data import Mixture, Source, as_mixtures, record
-from whelp.specs.distill import DistillSpec, check_mixture, check_on_policy, check_teacher_weights
+from whelp.specs.distill import DistillSpec, check_local, check_mixture, check_on_policy, check_teacher_weights
 from whelp.specs.evals import CHAT_SETS, EvalSpec, SpeedSpec
 from whelp.specs.prune import SEARCH_AXES, PruneSpec, SearchSpec
 from whelp.specs.teacher import CacheSpec, GenerateSpec
@@ -81,6 +81,7 @@ __all__ = [
     "Source",
     "SpeedSpec",
     "as_mixtures",
+    "check_local",
     "check_mixture",
     "check_on_policy",
     "check_teacher_weights",

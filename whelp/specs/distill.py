@@ -142,7 +142,17 @@ class DistillSpec:
         )
 
     def _check_local(self) -> None:
-        """The block-local stage trains blocks on hidden states alone: a logit term in the same run is a mistake."""
+        """The block-local stage trains blocks on hidden states alone: a logit term in the same run is a mistake;
+        a hidden-state term needs micro-batches of the data (it does not run on the student's samples)."""
+        _require(
+            [
+                (
+                    not (self.hidden.weight and self.gkd.fraction == 1),
+                    f"hidden_weight={self.hidden.weight} matches hidden states on the data's micro-batches, and "
+                    "on_policy=1 leaves none; lower --on-policy or drop --hidden-weight",
+                )
+            ]
+        )
         if not self.hidden.local:
             return
         given = [
@@ -206,6 +216,16 @@ def check_mixture(live: int, caches: int, sources: int, spec: DistillSpec) -> No
             ),
         ]
     )
+
+
+def check_local(n_live: int, n_caches: int, spec: DistillSpec) -> None:
+    """The block-local stage learns from one live teacher's hidden states: more teachers or caches would be loaded
+    and ignored."""
+    if spec.hidden.local and (n_live != 1 or n_caches):
+        raise WhelpError(
+            f"--local learns from one live teacher's hidden states; this run has {n_live} live teacher(s) and "
+            f"{n_caches} cache(s): pass exactly one --teacher (the one the student was pruned from) and no --cache"
+        )
 
 
 def check_teacher_weights(weights: list[float], spec: DistillSpec) -> None:
