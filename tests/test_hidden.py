@@ -360,3 +360,24 @@ def test_plan_prices_the_local_stage_on_one_process_without_the_heads(tmp_path):
     head = 512 * 48  # the student's lm_head: vocabulary x hidden
     assert glob["flops_per_token"]["student_train"] - local["flops_per_token"]["student_train"] == 6 * head
     assert any("hidden-state loss" in p["what"] for p in glob["memory"])  # hidden_weight 0.5 in the recipe
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_the_projection_as_one_process_does(pruned_dirs, tmp_path):
+    """Under torchrun (gloo, FSDP2 student) the hidden-state projection lives in the sharded root: two processes
+    match one with the same global batch (losses, hidden term, saved student)."""
+    from test_loop_dist import losses_of, torchrun
+
+    teacher, student = pruned_dirs
+    spec = replace(LOOP_SPEC, hidden_weight=0.5, save_every=0)  # 2 x 2 x 2 rows a step
+    torchrun(tmp_path, student, [[teacher, 1.0]], tmp_path / "two", spec)
+    distill_run(student, tmp_path / "one", replace(spec, grad_accum=4), teachers=((teacher, 1.0),), progress=False)
+    assert losses_of(tmp_path / "two") == pytest.approx(losses_of(tmp_path / "one"), abs=1e-5)
+    rows = {
+        name: [
+            json.loads(r)["hidden"] for r in (tmp_path / f"{name}.distill" / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("two", "one")
+    }
+    assert rows["two"] == pytest.approx(rows["one"], abs=1e-5) and rows["one"][-1] != rows["one"][0]
+    assert max_diff(load_weights(tmp_path / "two"), load_weights(tmp_path / "one")) <= 1e-4
