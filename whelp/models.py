@@ -324,6 +324,12 @@ def save_model(
 SHAPE_ALIASES = {"intermediate_size": ("ffn_dim", "n_inner"), "num_key_value_heads": ("num_kv_heads",)}
 
 
+def layer_output(out):
+    """A decoder layer's output hidden states [B, T, H]: families return a tensor or a tuple led by one (attention
+    weights, router logits, a cache after it)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def shape(config) -> dict:
     """The shape of a decoder config under the HF key names of SHAPE_KEYS: the one shape vocabulary of whelp.
 

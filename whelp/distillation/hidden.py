@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from whelp.errors import WhelpError
+from whelp.models import layer_output
 from whelp.specs import HIDDEN_LOSSES
 
 EPS = 1e-6  # guards the norms of all-zero states (padding) in both terms
@@ -98,11 +99,6 @@ def _layer_sum(s: Tensor, t: Tensor, kind: str, proj: Tensor | None, mask: Tenso
     if mask is not None:
         s, t = s[mask], t[mask]
     return term(s if proj is None else s @ proj.to(s.dtype).T, t, kind).sum()
-
-
-def layer_output(out) -> Tensor:
-    """A decoder layer's output hidden states [B, T, H], whether it returns a tensor or a tuple led by one."""
-    return out[0] if isinstance(out, tuple) else out
 
 
 @contextmanager

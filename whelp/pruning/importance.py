@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from whelp.errors import WhelpError
+from whelp.models import layer_output
 from whelp.pruning import moe
 from whelp.pruning.arch import Family, axes_of
 from whelp.pruning.keep import Keep, head_dim_of, rope_exact_dims, text_config, top_indices
@@ -87,7 +88,7 @@ def attach(layer, family: Family, head_dim: int, stats: dict, index: int) -> lis
 
     def on_layer(module, args, kwargs, out):
         x_in = args[0] if args else kwargs["hidden_states"]
-        x_out = out[0] if isinstance(out, tuple) else out
+        x_out = layer_output(out)
         _add(stats, f"influence.{index}", block_influence(x_in, x_out))
         _add(stats, f"tokens.{index}", torch.tensor(float(x_in.shape[0] * x_in.shape[1])))
 

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from whelp.errors import WhelpError
+from whelp.models import layer_output
 from whelp.pruning.arch import Family, split_name
 from whelp.pruning.keep import Keep, head_dim_of, text_config
 from whelp.pruning.layerwise import assign_layer, layer_types, rope_and_mask, skeleton
@@ -144,7 +145,7 @@ def _span_stats(student_layer, down, batches, kwargs, span_end) -> Moments:
                 out = student_layer(hidden, **kw)
         finally:
             handle.remove()
-        out = out[0] if isinstance(out, tuple) else out
+        out = layer_output(out)
         moments.add(end - out + xs[0] @ down.weight.detach().T, xs[0], None)
     return moments
 
@@ -183,7 +184,7 @@ def reconstruct_layer(
     with torch.no_grad():
         for i, (hidden, kw) in enumerate(zip(batches, kwargs)):
             out = student_layer(hidden, **kw)
-            batches[i] = out[0] if isinstance(out, tuple) else out
+            batches[i] = layer_output(out)
     return report
 
 
@@ -267,7 +268,7 @@ def _advance(layers, batches: list[Tensor], kwargs: list[list[dict]], start: int
         for j in range(start, stop):
             for b, hidden in enumerate(batches):
                 out = layers[j](hidden, **kwargs[j][b])
-                batches[b] = out[0] if isinstance(out, tuple) else out
+                batches[b] = layer_output(out)
 
 
 def reconstruct_model(

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from whelp.models import layer_output
 from whelp.pruning.arch import Family
 from whelp.pruning.keep import Keep, text_config
 from whelp.pruning.layerwise import assign_layer, embedded, layer_types, load_layer, n_experts, rope_and_mask, skeleton
@@ -111,7 +112,7 @@ def _advance_teacher(model, family: Family, shards, j: int, batches: list[Tensor
     with torch.no_grad():
         for b, (hidden, (rope, mask)) in enumerate(zip(batches, rope_mask)):
             out = layer(hidden, position_embeddings=rope, attention_mask=mask)
-            batches[b] = out[0] if isinstance(out, tuple) else out
+            batches[b] = layer_output(out)
     layer.to("meta")
 
 

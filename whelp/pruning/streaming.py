@@ -33,7 +33,7 @@ from torch import Tensor
 from whelp.assistant import carry_assistant
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
-from whelp.models import load_config
+from whelp.models import layer_output, load_config
 from whelp.pruning import moe_layout
 from whelp.pruning.arch import family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
@@ -181,7 +181,7 @@ def calibrate_streaming(
             finally:
                 for handle in handles:
                     handle.remove()
-            hidden[b] = out[0] if isinstance(out, tuple) else out
+            hidden[b] = layer_output(out)
         unload_layer(layer)
         if progress is not None:
             progress(1)
