@@ -363,7 +363,7 @@ def test_tokenize_chat_rows_and_bad_inputs_are_one_line_before_any_model_loads(t
             "chat.jsonl:1 has no 'text' column .* need --chat",
         ),
         (
-            ["generate", str(plain), "--out", out, "--max-tokens", "9", "--chat"],
+            ["generate", str(plain), "--out", out, "--max-tokens", "400", "--chat"],
             "teacher .* has no chat template .*; --chat needs an instruct model",
         ),
         (
@@ -373,7 +373,7 @@ def test_tokenize_chat_rows_and_bad_inputs_are_one_line_before_any_model_loads(t
                 "--out",
                 out,
                 "--max-tokens",
-                "9",
+                "400",
                 "--chat",
                 "--prompts",
                 str(tmp_path / "bad.jsonl"),
@@ -381,7 +381,7 @@ def test_tokenize_chat_rows_and_bad_inputs_are_one_line_before_any_model_loads(t
             "bad.jsonl:1 has no 'messages' .* or 'prompt'",
         ),
         (
-            ["generate", str(path), "--out", out, "--max-tokens", "9", "--chat", "--prompts", "pydoc:train"],
+            ["generate", str(path), "--out", out, "--max-tokens", "400", "--chat", "--prompts", "pydoc:train"],
             "pydoc:train holds plain text, not rows",
         ),
         (

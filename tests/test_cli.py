@@ -5,10 +5,14 @@ interpreter (warnings shown once per process, third-party logging untouched by e
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
-from conftest import run_cli, run_whelp
+from conftest import make_models, run_cli, run_whelp
 
 
 def test_help_lists_the_verbs():
@@ -190,3 +194,39 @@ def test_data_options_take_a_path_with_a_comma_whole(tmp_path):
     assert str(path) in json.loads((tmp_path / "report" / "metrics.json").read_text())["models"][0]["perplexity"]
     bad = run_whelp("eval", str(tmp_path / "tiny"), "--ppl", "a:0.5,b:0.5", "--out", str(tmp_path / "r2"))
     assert bad.exit_code == 2 and bad.stderr.strip().endswith("give 'a:0.5,b:0.5' as separate sources")
+
+
+def test_an_interrupted_distil_exits_130_like_every_interrupt_and_its_resume_reports_no_nan(tmp_path):
+    teacher, _, student = make_models(tmp_path / "models")
+    out = tmp_path / "out"
+    args = ["distill", student, "--teacher", teacher, "--out", str(out), "--steps", "30", "--save-every", "1"]
+    args += ["--seq-len", "16", "--batch-size", "4", "--eval-tokens", "64"]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "whelp", *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out.distill" / "checkpoints").glob("step-*")):
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    said = run.communicate(timeout=120)[1].decode()
+    assert run.returncode == 130 and "interrupted at step" in said, said
+    resumed = run_cli(*args)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "held-out ppl" in resumed.stdout and "nan" not in resumed.stdout, resumed.stdout
+
+
+def test_a_lost_torchrun_peer_is_one_line_on_the_survivor(monkeypatch, tmp_path):
+    from whelp import models
+
+    def lost(*_, **__):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1")
+
+    monkeypatch.setattr(models, "inspect", lost)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    done = run_cli("inspect", str(tmp_path))
+    assert done.exit_code == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "another process of this torchrun job stopped" in done.stderr and "resume" in done.stderr
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: a bug keeps its traceback
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        run_cli("inspect", str(tmp_path))

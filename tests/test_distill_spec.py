@@ -48,6 +48,7 @@ FLAT = {
     "mixture_every": (3, ("mix", "every")),
     "mixture_dev_blocks": (2, ("mix", "dev_blocks")),
 }
+WITH = {"gen_tokens": {"on_policy": 0.5}, "on_policy_loss": {"on_policy": 0.5}}  # refused without on-policy
 
 
 def _at(spec, where):
@@ -59,14 +60,12 @@ def _at(spec, where):
 @pytest.mark.parametrize("key", FLAT)
 def test_flat_keywords_and_recipe_keys_set_their_sub_spec_field(key):
     value, where = FLAT[key]
+    given = {"steps": 2, **WITH.get(key, {})}
     assert flat_keys(DistillSpec)[key] == where
-    for spec in (
-        DistillSpec(steps=2, **{key: value}),
-        from_dict(DistillSpec, {"steps": 2, key: value}, "recipe.distill"),
-    ):
+    for spec in (DistillSpec(**given, **{key: value}), from_dict(DistillSpec, {**given, key: value}, "recipe.distill")):
         assert _at(spec, where) == value
         assert spec.flat()[key] == value and to_dict(spec)[key] == value
-    assert replace(DistillSpec(steps=2), **{key: value}) == DistillSpec(steps=2, **{key: value})
+    assert replace(DistillSpec(**given), **{key: value}) == DistillSpec(**given, **{key: value})
 
 
 def test_sub_specs_given_whole_or_flat_are_the_same_spec():

@@ -123,15 +123,15 @@ def test_an_unsupported_architecture_names_the_families_that_convert(pruned, tmp
 
 
 @pytest.mark.demo
-def test_corrupt_weights_are_one_line_from_the_converter(pruned, tmp_path):
+def test_truncated_weights_are_one_line_before_the_converter_runs(pruned, tmp_path):
     path, _ = pruned
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     with open(broken / "model.safetensors", "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(WhelpError, match=r"llama.cpp's converter failed on .*broken: ValueError: .*--verbose") as exc:
+    with pytest.raises(WhelpError, match=r"broken/model.safetensors is truncated \(1,000 bytes, shorter than") as exc:
         export_gguf(str(broken), str(tmp_path / "broken.gguf"))
-    assert "\n" not in str(exc.value)
+    assert "\n" not in str(exc.value) and not any(p.suffix == ".gguf" for p in tmp_path.iterdir())
 
 
 def test_every_family_whelp_prunes_converts():
@@ -271,3 +271,11 @@ def test_a_pruned_moe_converts_with_its_kept_experts(family, config, tmp_path, d
         for part in ("gate", "up"):
             assert shapes[f"blk.{layer}.ffn_{part}_exps.weight"] == [48, 16, 2]
         assert shapes[f"blk.{layer}.ffn_down_exps.weight"] == [16, 48, 2]
+
+
+def test_a_gguf_is_never_written_inside_the_model_it_exports(tmp_path):
+    save_tiny(tmp_path / "m")
+    before = sorted(p.name for p in (tmp_path / "m").iterdir())
+    with pytest.raises(WhelpError, match=r"--gguf .*/m/m.gguf would overwrite or nest in the input .*; choose a sep"):
+        export_gguf(str(tmp_path / "m"), str(tmp_path / "m" / "m.gguf"))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before

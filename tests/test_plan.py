@@ -340,7 +340,7 @@ def test_chat_generation_is_priced_per_conversation_by_hand():
         "teacher_scoring": 8000,
         "request_writing": 2000 * 18 / 48,
     }
-    assert pricing.generate_flops_per_token(1000, GenerateSpec(max_tokens=100), 8) == {"teacher_sampling": 2000}
+    assert pricing.generate_flops_per_token(1000, GenerateSpec(max_tokens=1000), 8) == {"teacher_sampling": 2000}
 
 
 def test_a_chat_generate_stage_counts_the_teacher_template_and_needs_one(tmp_path):

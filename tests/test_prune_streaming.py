@@ -136,7 +136,7 @@ def test_missing_tensor_is_a_clear_error(sharded, tmp_path):
     index = _index(src)
     del index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
     (src / shards.INDEX).write_text(json.dumps(index))
-    with pytest.raises(WhelpError, match="model.layers.2.mlp.up_proj.weight.*not in the checkpoint"):
+    with pytest.raises(WhelpError, match=r"\(missing: model.layers.2.mlp.up_proj.weight\)"):
         streaming.prune_streaming(src, tmp_path / "out", parse_target(model.config, TARGET), PruneSpec(), tokens)
     assert not (tmp_path / "out").exists()
 
@@ -155,7 +155,7 @@ def test_truncated_or_missing_shard_is_a_clear_error(sharded, tmp_path):
     model, src, tokens = sharded()
     shard = src / _index(src)["weight_map"]["model.layers.3.mlp.down_proj.weight"]
     shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(WhelpError, match="corrupt or truncated"):
+    with pytest.raises(WhelpError, match=rf"{shard.name} is truncated \(1,000 "):
         streaming.prune_streaming(src, tmp_path / "out", parse_target(model.config, TARGET), PruneSpec(), tokens)
     shard.unlink()
     with pytest.raises(WhelpError, match=f"missing.*{shard.name}"):

@@ -297,3 +297,20 @@ def test_a_bad_mixture_in_a_recipe_is_one_line_naming_its_key(tmp_path, value, m
     with pytest.raises(WhelpError, match=message) as info:
         recipe.load(path)
     assert "\n" not in str(info.value)
+
+
+def test_yaml_merge_keys_are_read_and_may_be_overridden(tmp_path):
+    text = """
+name: t
+teacher: {model: llama-3.1-8b}
+prune:
+  - &target {target: llama-3.2-1b}
+  - <<: *target
+distill:
+  - &first {steps: 2, lr: 0.001, warmup: 1}
+  - <<: *first
+    lr: 0.0002
+"""
+    first, second = recipe.load(_write(tmp_path, text)).distill
+    assert (first.options.steps, first.options.optim.lr) == (2, 0.001)
+    assert (second.options.steps, second.options.optim.warmup, second.options.optim.lr) == (2, 1, 0.0002)

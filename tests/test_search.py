@@ -181,3 +181,42 @@ def test_a_latency_budget_is_measured_per_shape_and_cached(teacher, tmp_path, mo
         search_run(
             str(teacher), replace(spec, budget="non_embedding=60%,latency=0.000001ms"), tmp_path / "c", progress=False
         )
+
+
+def test_a_dry_run_refuses_what_the_real_run_refuses(teacher, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's directory")
+    base = ["search", str(teacher), "--budget", "non_embedding=60%", "--multiple", "16", "--pool", "3"]
+    base += ["--candidates", "2", "--tolerance", "0.2"]
+    for extra, message in [
+        (["--out", str(tmp_path / "o"), "--calib", "no-such-source"], "no-such-source"),
+        (["--out", str(tmp_path / "o"), "--eval-data", str(tmp_path / "missing.txt")], "missing.txt"),
+        (["--out", str(tmp_path / "file")], "is a file"),
+        (["--out", str(tmp_path / "mine")], "not made by whelp"),
+    ]:
+        for dry in (["--dry-run"], []):
+            result = run_cli(*base, *extra, *dry)
+            assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+            assert message in result.stderr, (dry, result.stderr)
+    assert not (tmp_path / "o").exists() and not search_mod.work_dir(tmp_path / "o").exists()
+
+
+def test_an_impossible_latency_fails_before_the_teacher_loads_and_does_not_block_the_fix(
+    teacher, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WHELP_HOME", str(tmp_path / "home"))
+    real = models.load_model
+
+    def no(*a, **k):
+        raise AssertionError("the teacher's weights were loaded for an impossible budget")
+
+    monkeypatch.setattr(models, "load_model", no)
+    spec = replace(SPEC, budget="non_embedding=60%,latency=0.000001ms", candidates=1, score_steps=1)
+    with pytest.raises(WhelpError, match="no pool shape decodes within 1e-06 ms/token"):
+        search_run(str(teacher), spec, tmp_path / "o", progress=False)
+    monkeypatch.setattr(models, "load_model", real)
+    fixed = search_run(
+        str(teacher), replace(spec, budget="non_embedding=60%,latency=10s"), tmp_path / "o", progress=False
+    )
+    assert fixed["leaderboard"] and all(row["latency_ms"] > 0 for row in fixed["pool"])

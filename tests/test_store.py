@@ -69,6 +69,7 @@ def test_atomic_dir_keeps_the_old_output_until_the_new_one_is_complete(tmp_path)
             (tmp / "a.txt").write_text("new, half written")
             raise KeyboardInterrupt
     assert (out / "a.txt").read_text() == "old"
+    store.release(out)  # the lock file beside it goes with the claim
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~store._umask())  # the user's umask, not 0700
 
@@ -83,6 +84,7 @@ def test_stale_temporaries_of_dead_writers_are_cleaned_and_a_half_commit_is_undo
     (tmp_path / f".out.old-{dead}" / "a.txt").write_text("the committed output")
     store.write_marker(tmp_path / f".out.old-{dead}", "model")
     store.check_writable(out, True, "model")
+    store.release(out)
     assert (out / "a.txt").read_text() == "the committed output"
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["out", f".out.tmp-{live}-x2", f".other.tmp-{dead}-x3", f".out.json.tmp-{dead}"])
@@ -112,6 +114,7 @@ def test_a_directory_that_appears_during_a_write_is_never_replaced(tmp_path):
             (tmp / "model.safetensors").write_text("new")
             out.mkdir()  # the user made it while whelp was writing (a prune can take hours)
             (out / "thesis.tex").write_text("mine")
+    store.release(out)
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -138,3 +141,11 @@ def test_path_identity_changes_with_any_data_file_it_reads(tmp_path):
     assert len({json.dumps(x) for x in (before, added, store.path_identity(tmp_path))}) == 3
     (tmp_path / ".hidden.txt").write_text("neither read as data nor counted")
     assert store.path_identity(tmp_path) == store.path_identity(tmp_path)
+
+
+def test_a_changed_record_is_named_by_its_first_differing_leaf():
+    old = {"seed": 3, "top_p": 1.0, "nested": {"a": [1, 2]}}
+    assert store.first_change(old, {**old, "seed": 4}, "generation") == "generation.seed: 3 there, 4 now"
+    assert store.first_change(old, {**old, "nested": {"a": [1]}}, "g") == "g.nested.a: [1, 2] there, [1] now"
+    assert store.first_change("ab" * 32, "cd" * 32, "source") == "source: the files it was made from changed since"
+    assert store.first_change(2, 3, "seq_len") == "seq_len: 2 there, 3 now"

@@ -18,6 +18,8 @@ Decided once, here, for every output made from a teacher (``whelp prune`` in mem
   reads), and the model's own generation config is never the teacher's: a pruned or distilled model is built
   afresh from its config (``from_config``), and transformers derives that one from ``config.json``: one eos id, no
   sampling defaults, a pad only if ``config.json`` names one.
+* **Its licence files** (``LICENSE_FILES``): a student is a derivative of the teacher's weights, so it carries the
+  terms and notices the teacher's licence attaches to copies.
 * **A teacher without a generation_config.json** generates with one derived from its ``config.json``; the output
   then keeps the one derived from its own ``config.json``, whose token ids a pruned model copies from the teacher's.
 * Transformers 4.x reads what these files say through ``whelp.hf_compat``, which then adds its fields to the copied
@@ -41,7 +43,10 @@ TOKENIZER_FILES = (
     "chat_template.*",  # .jinja (transformers >= 4.50 writes it), .json
     "additional_chat_templates/*.jinja",  # named templates beside the default one (tool use, ...)
 )
-CARRIED = (*TOKENIZER_FILES, "generation_config.json")
+# the teacher's licence terms and the notices its licence asks every copy to carry (Gemma's terms, section 3.1; a
+# registered teacher's are written beside its weights by whelp.models.registered_dir)
+LICENSE_FILES = ("LICENSE*", "NOTICE*", "USE_POLICY*", "*_TERMS.*")
+CARRIED = (*TOKENIZER_FILES, *LICENSE_FILES, "generation_config.json")
 
 
 def local_dir(source: str) -> Path:

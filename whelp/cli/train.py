@@ -51,8 +51,6 @@ def distill(
         resume=resume,
         policy=load_policy(),
     )
-    start = report["eval_start"]["eval_ppl"] if report["eval_start"] else float("nan")
-    say(
-        f"distilled {report['tokens']:,} tokens in {report['steps']} steps -> {out} "
-        f"(held-out ppl {start:.2f} -> {report['eval_end']['eval_ppl']:.2f})"
-    )
+    end = f"{report['eval_end']['eval_ppl']:.2f}"
+    ppl = f"{report['eval_start']['eval_ppl']:.2f} -> {end}" if report["eval_start"] else end  # none on a resume
+    say(f"distilled {report['tokens']:,} tokens in {report['steps']} steps -> {out} (held-out ppl {ppl})")

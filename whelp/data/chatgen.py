@@ -210,8 +210,9 @@ def _batch(t: Teacher, index: int, rows, prefix, seen, counts: collections.Count
     return [(np.append(ids, t.tokenizer.eos_token_id), np.append(mask, False)) for ids, mask in kept]
 
 
-def fill(out: Path, manifest: dict, t: Teacher, progress: bool) -> None:
-    """Generate conversations after the recorded shards into new shards, then seal the store complete."""
+def fill(out: Path, manifest: dict, t: Teacher, bar: Progress) -> None:
+    """Generate conversations after the recorded shards into new shards, shown on ``bar``, then seal the store
+    complete."""
     spec, shards = t.spec, manifest["shards"]
     done = sum(s["batches"] for s in shards)
     total = first = sum(s["tokens"] for s in shards)
@@ -219,29 +220,29 @@ def fill(out: Path, manifest: dict, t: Teacher, progress: bool) -> None:
     seen = None if spec.prompts else _seen(t, out, manifest, prefix)
     rows = itertools.islice(requests_of(spec), done * spec.batch_size, None) if spec.prompts else None
     docs, counts, batches, idle, t0 = [], collections.Counter(), 0, 0, time.perf_counter()
-    with Progress("generating conversations (tokens)", spec.max_tokens, total, enabled=progress) as bar:
-        for index in itertools.count(done):
-            if (kept := _batch(t, index, rows, prefix, seen, counts)) is None:
-                break  # every prompt answered
-            idle = 0 if kept else idle + 1
-            if idle == IDLE_BATCHES:
-                raise WhelpError(
-                    f"the teacher kept no conversation in {idle} batches in a row ({_said(counts)}); raise "
-                    "--new-tokens or --request-tokens, lower --temperature, or give other --prompts"
-                )
-            docs += kept
-            held, batches = sum(len(d) for d, _ in docs), batches + 1
-            last = total + held >= spec.max_tokens
-            if last:  # the conversations past the cut were never kept
-                whole, docs = len(docs), _cut(docs, spec.max_tokens - total)
-                counts["kept"] -= whole - len(docs)
-            if held >= manifest["shard_tokens"] or last:
-                total += _flush(out, manifest, docs, batches, counts, t.end_of_turn)
-                docs, counts, batches = [], collections.Counter(), 0
-            rate = (total + held - first) / max(time.perf_counter() - t0, 1e-9)
-            bar.update(completed=min(total + held, spec.max_tokens), info=f"{rate:,.0f} tok/s")
-            if last:
-                break
+    bar.update(info="sampling the first batch")
+    for index in itertools.count(done):
+        if (kept := _batch(t, index, rows, prefix, seen, counts)) is None:
+            break  # every prompt answered
+        idle = 0 if kept else idle + 1
+        if idle == IDLE_BATCHES:
+            raise WhelpError(
+                f"the teacher kept no conversation in {idle} batches in a row ({_said(counts)}); raise "
+                "--new-tokens or --request-tokens, lower --temperature, or give other --prompts"
+            )
+        docs += kept
+        held, batches = sum(len(d) for d, _ in docs), batches + 1
+        last = total + held >= spec.max_tokens
+        if last:  # the conversations past the cut were never kept
+            whole, docs = len(docs), _cut(docs, spec.max_tokens - total)
+            counts["kept"] -= whole - len(docs)
+        if held >= manifest["shard_tokens"] or last:
+            total += _flush(out, manifest, docs, batches, counts, t.end_of_turn)
+            docs, counts, batches = [], collections.Counter(), 0
+        rate = (total + held - first) / max(time.perf_counter() - t0, 1e-9)
+        bar.update(completed=min(total + held, spec.max_tokens), info=f"{rate:,.0f} tok/s")
+        if last:
+            break
     if docs:
         total, counts = total + _flush(out, manifest, docs, batches, counts, t.end_of_turn), collections.Counter()
     if total == 0:

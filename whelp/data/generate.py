@@ -78,6 +78,22 @@ def generation_config(spec: GenerateSpec, tokenizer):
     )
 
 
+def check_teacher(spec: GenerateSpec, config, tokenizer=None, template: int = 0) -> None:
+    """Refuse what the teacher cannot sample, from its config (before minutes of loading, and in ``whelp plan``): a
+    prompt and its new tokens past its positions (its RoPE and masks end there; ``template``: the tokens of its chat
+    template), and a top-k above its vocabulary (the ids of ``tokenizer`` that have logits, when it is known)."""
+    prompt = spec.frame(template) - 1  # the store's EOS is never fed to the teacher
+    models.check_positions(
+        config, prompt + spec.new_tokens, f"prompt tokens (up to {prompt:,}) + --new-tokens {spec.new_tokens:,} ="
+    )
+    vocab = config.vocab_size if tokenizer is None else min(config.vocab_size, len(tokenizer))
+    if spec.top_k > vocab:
+        raise WhelpError(
+            f"--top-k {spec.top_k:,} is more than the teacher's {vocab:,}-token vocabulary; use --top-k from 0 (all) "
+            f"to {vocab:,}"
+        )
+
+
 def sample(model, prompts: list[list[int]], config, seed: int) -> list[np.ndarray]:
     """One batch: the prompts continued by ``generate`` (``chatgen.continuations``, left padding) with the RNG
     seeded by ``seed``; each sequence is prompt + continuation up to (without) its first EOS + one EOS."""
@@ -119,30 +135,39 @@ def generate(
     force: bool = False,
     progress: bool = True,
     shard_tokens: int = SHARD_TOKENS,
+    teacher_config=None,
 ) -> Path:
     """Write ``spec.max_tokens`` tokens sampled from ``model`` (the teacher ``teacher_name``, files at
-    ``teacher_dir``; or a function that loads it, called only once ``out`` is known to need work) to the token store
-    ``out``; resumes an interrupted run of the same call. With ``spec.chat`` the teacher's chat template and the
-    prompts' first row are checked before it loads."""
-    end_of_turn = None
+    ``teacher_dir``; or a function that loads it, called only once ``out`` is known to need work, with its HF config
+    ``teacher_config``) to the token store ``out``; resumes an interrupted run of the same call. The sizes of
+    ``spec`` (``check_teacher``) and with ``spec.chat`` the teacher's chat template and the prompts' first row are
+    checked before it loads; the progress display opens before it loads too."""
+    end_of_turn, template = None, 0
     if spec.chat:
         chat.check_chat_template(tokenizer, f"teacher {teacher_name}")
         end_of_turn = chat.saved_end_of_turn(tokenizer, teacher_dir)
+        template = chat.template_tokens(tokenizer)
         if spec.prompts is not None:
             chatgen.check_prompts(spec)
+    check_teacher(spec, model.config if isinstance(model, torch.nn.Module) else teacher_config, tokenizer, template)
     identity = _identity(spec, tokenizer, teacher_name, Path(teacher_dir), shard_tokens, end_of_turn)
     config = generation_config(spec, tokenizer)
 
     def fill(work: Path, manifest: dict) -> None:
-        loaded = (model if isinstance(model, torch.nn.Module) else model()).eval()
-        if spec.chat:
-            chatgen.fill(work, manifest, chatgen.Teacher(loaded, tokenizer, spec, end_of_turn, config), progress)
-        else:
-            _fill(work, manifest, loaded, tokenizer, spec, config, progress)
+        what = "generating conversations (tokens)" if spec.chat else "generating (tokens)"
+        done = sum(s["tokens"] for s in manifest["shards"])
+        with Progress(what, spec.max_tokens, done, enabled=progress, start=True) as bar:
+            bar.update(info=f"loading {teacher_name}")
+            loaded = (model if isinstance(model, torch.nn.Module) else model()).eval()
+            if spec.chat:
+                chatgen.fill(work, manifest, chatgen.Teacher(loaded, tokenizer, spec, end_of_turn, config), bar)
+            else:
+                _fill(work, manifest, loaded, tokenizer, spec, config, bar)
 
     return tokenstore.write(Path(out).expanduser(), identity, force, fill)
 
 
+@store.writer
 def generate_store(
     teacher: str, out: str | Path, spec: GenerateSpec, force: bool = False, policy: LoadPolicy = LoadPolicy()
 ) -> Path:
@@ -153,32 +178,32 @@ def generate_store(
         check_source(spec.prompts.name)
     check_device(spec.device)
     loader = lambda: models.load_model(teacher, dtype=spec.dtype, device=spec.device, policy=policy)[0]  # noqa: E731
-    return generate(loader, load_tokenizer(teacher, policy), out, spec, teacher, Path(locate(teacher)), force)
+    tokenizer, config = load_tokenizer(teacher, policy), models.load_config(teacher, policy)
+    return generate(loader, tokenizer, out, spec, teacher, Path(locate(teacher)), force, teacher_config=config)
 
 
-def _fill(out: Path, manifest: dict, model, tokenizer, spec: GenerateSpec, config, progress: bool) -> None:
+def _fill(out: Path, manifest: dict, model, tokenizer, spec: GenerateSpec, config, bar: Progress) -> None:
+    """Sample batches after the recorded shards into new shards, shown on ``bar``, then seal the store."""
     done = sum(s["batches"] for s in manifest["shards"])
     total = first = sum(s["tokens"] for s in manifest["shards"])
     prompts = itertools.islice(prompt_ids(spec, tokenizer), done * spec.batch_size, None)
     parts, held, batches, t0 = [], 0, 0, time.perf_counter()
-    with Progress("generating (tokens)", spec.max_tokens, total, enabled=progress) as bar:
-        for index in itertools.count(done):
-            seqs = sample(
-                model, list(itertools.islice(prompts, spec.batch_size)), config, spec.seed * 1_000_003 + index
-            )
-            parts.extend(seqs)
-            held, batches = held + sum(map(len, seqs)), batches + 1
-            last = total + held >= spec.max_tokens
-            if last:  # the stream ends at exactly max_tokens, inside the sequence that crosses it
-                keep = spec.max_tokens - total
-                ends = np.cumsum([len(p) for p in parts])
-                crossing = int(np.searchsorted(ends, keep))  # the first sequence that ends at or past the cut
-                parts = parts[:crossing] + [parts[crossing][: keep - (int(ends[crossing - 1]) if crossing else 0)]]
-            if held >= manifest["shard_tokens"] or last:
-                total += tokenstore.flush(out, manifest, parts, len(parts), batches=batches)
-                parts, held, batches = [], 0, 0
-            rate = (total + held - first) / max(time.perf_counter() - t0, 1e-9)
-            bar.update(completed=total + held, info=f"{rate:,.0f} tok/s")
-            if last:
-                break
+    bar.update(info="sampling the first batch")
+    for index in itertools.count(done):
+        seqs = sample(model, list(itertools.islice(prompts, spec.batch_size)), config, spec.seed * 1_000_003 + index)
+        parts.extend(seqs)
+        held, batches = held + sum(map(len, seqs)), batches + 1
+        last = total + held >= spec.max_tokens
+        if last:  # the stream ends at exactly max_tokens, inside the sequence that crosses it
+            keep = spec.max_tokens - total
+            ends = np.cumsum([len(p) for p in parts])
+            crossing = int(np.searchsorted(ends, keep))  # the first sequence that ends at or past the cut
+            parts = parts[:crossing] + [parts[crossing][: keep - (int(ends[crossing - 1]) if crossing else 0)]]
+        if held >= manifest["shard_tokens"] or last:
+            total += tokenstore.flush(out, manifest, parts, len(parts), batches=batches)
+            parts, held, batches = [], 0, 0
+        rate = (total + held - first) / max(time.perf_counter() - t0, 1e-9)
+        bar.update(completed=total + held, info=f"{rate:,.0f} tok/s")
+        if last:
+            break
     tokenstore.seal(out, manifest, total)

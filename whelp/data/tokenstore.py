@@ -119,6 +119,7 @@ def _write_shard(out: Path, index: int, tokens: np.ndarray, n_docs: int, dtype: 
     }
 
 
+@store.writer
 def tokenize(
     source: str,
     tokenizer,

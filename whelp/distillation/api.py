@@ -6,9 +6,9 @@ It validates every input before loading a model (data sources, tokenizers of eve
 student's, each cache's temperature and blocks), then loads the models, resumes from the newest checkpoint in
 ``OUT.distill/checkpoints`` (run state: ``whelp.distillation.run``), trains, and writes the final student atomically to
 ``OUT`` as a vanilla HF checkpoint with ``distill_report.json``. SIGINT/SIGTERM checkpoint at the end of the current
-step; a NaN/inf loss stops before the update, keeping the last good checkpoint; re-running with a lower ``lr`` (or
-another ``run.ADJUSTABLE`` setting) resumes from it. One module: both verbs share the input checks, the teacher
-loading and the atomic write of their output.
+step; a NaN/inf loss or a divergence (``whelp.distillation.guard``) stops before the update, keeping the last good
+checkpoint; re-running with a lower ``lr`` (or another ``run.ADJUSTABLE`` setting) resumes from it. One module: both
+verbs share the input checks, the teacher loading and the atomic write of their output.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from transformers import AutoModelForCausalLM
 from whelp import models, store
 from whelp.data import check_data, data_identity, open_blocks, source_identity, stream_tokens
 from whelp.data.tokenstore import tokenizer_hash
-from whelp.distillation import checkpoint, loop, parallel
+from whelp.distillation import checkpoint, guard, loop, parallel
 from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
 from whelp.distillation.cache import claim, open_cache
-from whelp.distillation.capture import Teacher, write_cache
+from whelp.distillation.capture import Teacher, check_k, write_cache
 from whelp.errors import WhelpError
 from whelp.models import check_positions, load_config, load_tokenizer, save_model
 from whelp.output import Progress
@@ -62,7 +62,8 @@ def _inputs(student: str, teachers, caches, spec: DistillSpec) -> str:
 
 def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: LoadPolicy):
     """Everything that needs no model, before any is loaded: data sources, that every teacher shares the student's
-    tokenizer (same ids, not only the same size), and each cache's tokenizer, vocabulary and temperature.
+    tokenizer (same ids, not only the same size), that no checkpoint contradicts itself, and each cache's tokenizer,
+    vocabulary and temperature.
     Returns ``(tokenizer, opened caches)``."""
     check_teacher_weights([w for _, w in teachers] + [w for _, w in caches], spec)
     check_on_policy([w for _, w in teachers], spec)
@@ -80,6 +81,8 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
                 f"{len(tokenizer):,} tokens{', other ids' if len(theirs) == len(tokenizer) else ''}): "
                 "token-level distillation needs the same token ids; use a teacher of the student's family"
             )
+    for name in [student, *(name for name, _ in teachers)]:
+        models.check_checkpoint(name, policy)
     config = load_config(student, policy)
     check_positions(config, spec.seq_len, "--seq-len")
     vocab = config.get_text_config().vocab_size
@@ -100,6 +103,7 @@ def check_inputs(student: str, teachers, caches, spec: DistillSpec, policy: Load
     return tokenizer, opened
 
 
+@store.writer
 def distill_run(
     student: str,
     out: Path,
@@ -227,6 +231,8 @@ def _resume(t: loop.Training, rdir: Path, changed: dict) -> tuple[int, Path | No
     t.tokens_seen = meta["tokens_seen"]
     if t.mixing is not None:  # --mixture dynamic: the weights and streams where the checkpoint left them
         t.mixing.restore(meta["mixture"])
+    if "guard" in meta:  # what the divergence guard had seen (a checkpoint from before the guard: it starts here)
+        t.seen = guard.History.of(meta["guard"])
     t.scheduler = run_state.adjusted_scheduler(t.optimizer, t.spec.optim, t.steps, meta["step"])  # same lr as unbroken
     if changed:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
@@ -261,6 +267,7 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
             {
                 "tokens_seen": t.tokens_seen,
                 "data_position": step * t.per_step,
+                "guard": t.seen.state(),
                 **({} if t.mixing is None else {"mixture": t.mixing.state()}),
             },
             t.spec.save.keep_last,
@@ -276,6 +283,8 @@ def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, pro
     try:
         with bar:
             last = loop.train(t, start, save=save, on_step=on_step, last_good=last_good)
+    except guard.Diverged as stop:  # a checkpoint saved from the weights the guard condemned is not the last good
+        raise stop.resuming_from(checkpoint.discard_from(rdir / "checkpoints", stop.bad_from)) from None
     finally:
         if writer is not None:
             writer.close()
@@ -318,6 +327,7 @@ def _save_student(
         torch.distributed.barrier()
 
 
+@store.writer
 def cache_teacher(
     teacher: str,
     data: str | Mixture,
@@ -332,10 +342,13 @@ def cache_teacher(
     ``spec.tp_size`` T > 1, groups of T processes share one tensor-parallel teacher. ``data`` given as text (the
     Python API's, ``a:0.7,b:0.3``) is parsed here, once."""
 
-    def early() -> None:  # before minutes of loading: a user's directory or a bad source, at once
+    def early() -> None:  # before minutes of loading: a user's directory, a bad source or size, at once
         claim(out, force)
         _apart(out, [teacher])
         check_data(data)
+        config = load_config(teacher, policy)
+        check_positions(config, spec.seq_len, "--seq-len")
+        check_k(spec, min(config.vocab_size, len(load_tokenizer(teacher, policy))))
 
     data = Mixture.of(data)
     out = Path(out).expanduser()

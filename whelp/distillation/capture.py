@@ -144,6 +144,16 @@ def _intact(path: Path, shards: list[dict]) -> list[dict]:
     return [s for s in shards if store.shard_problem(path, s) is None]
 
 
+def check_k(spec: CacheSpec, vocab: int) -> None:
+    """Refuse a top-k above the teacher's ``vocab`` (its ids with logits): that is the whole distribution."""
+    if spec.mode == "topk" and spec.k > vocab:
+        raise WhelpError(
+            f"--topk {spec.k} exceeds the teacher's {vocab}-token vocabulary; use at most {vocab} (that is the "
+            "whole distribution)"
+        )
+
+
+@store.writer
 def write_cache(
     teacher: Teacher,
     blocks,
@@ -170,11 +180,7 @@ def write_cache(
     out = Path(out).expanduser()
     per_shard = max(1, spec.shard_tokens // blocks.seq_len)
     identity = _identity(teacher, blocks, spec, seed, per_shard)
-    if spec.mode == "topk" and spec.k > identity["vocab_size"]:
-        raise WhelpError(
-            f"--topk {spec.k} exceeds the teacher's {identity['vocab_size']}-token vocabulary; use at most "
-            f"{identity['vocab_size']} (that is the whole distribution)"
-        )
+    check_k(spec, identity["vocab_size"])
     if world.size % spec.tp_size:
         raise WhelpError(f"--tp-size {spec.tp_size} does not divide the {world.size} processes; use a divisor")
     work, manifest = parallel.from_main(

@@ -85,6 +85,18 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if p.name.startswith(PREFIX) and p.is_dir())
 
 
+def discard_from(ckpt_dir: Path, step: int) -> Path | None:
+    """Remove the checkpoints of ``step`` optimizer steps or more (rank 0; every rank may call it alike) and return
+    the newest left, or None: the divergence guard condemned the weights from ``step`` on, and a re-run resumes
+    from the newest checkpoint, which must be a good one."""
+    found = list_checkpoints(ckpt_dir)
+    kept = [path for path in found if int(path.name.removeprefix(PREFIX)) < step]
+    if _world()[0] == 0:
+        for path in found[len(kept) :]:
+            shutil.rmtree(path)
+    return kept[-1] if kept else None
+
+
 def _state(module, optimizer) -> tuple[dict, dict, dict]:
     """``(flat, model, optim)``: the sharded model and optimizer state dicts (DTensors under FSDP2, plain tensors on
     one process) and the one flat dict of their tensors that DCP writes or loads into, in place."""

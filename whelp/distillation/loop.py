@@ -4,8 +4,9 @@ Per optimizer step (torchtune's KD recipe is the model): for each micro-batch, f
 states under ``no_grad`` (or a cache gives sparse targets), the student gives its final hidden states, and the fused
 chunked loss of ``whelp.distillation.losses`` returns a SUM over tokens; that sum is divided by the number of loss tokens
 in the whole optimizer step (all micro-batches, all ranks), which makes gradient accumulation and data parallelism
-exact. Then clipping, AdamW, warmup + cosine. Minitron (Muralidharan et al. 2024) and Llama 3.2 distil pruned
-students exactly so.
+exact. Then clipping, the divergence guard (``whelp.distillation.guard``: it stops the run before the update on
+non-finite numbers, a loss spike, a vanished gradient or exploding weights), AdamW, warmup + cosine. Minitron
+(Muralidharan et al. 2024) and Llama 3.2 distil pruned students exactly so.
 
 ``whelp.distillation.inprocess.distill`` runs it in memory; ``whelp.distillation.api`` wraps it with checkpoints,
 resume, signals and logs for ``whelp distill``, on one process or FSDP2 under torchrun. Everything a step reads is a
@@ -28,11 +29,11 @@ from pathlib import Path
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from whelp.distillation import dynamic, local, onpolicy, parallel, schedule
+from whelp.distillation import dynamic, guard, local, metrics, onpolicy, parallel, schedule
 from whelp.distillation import hidden as hidden_states
 from whelp.distillation.head import check_logits
 from whelp.distillation.losses import LiveTarget, backbone, kd_loss, model_transform
-from whelp.errors import WhelpError
+from whelp.errors import Interrupted, WhelpError
 from whelp.evals.perplexity import perplexity
 from whelp.specs import (
     DistillSpec,
@@ -104,10 +105,17 @@ class Training:
     mixing: dynamic.Mixing | None = None  # --mixture dynamic: the sources' weights, reference losses and streams
     tokens_seen: int = 0
     log: list = field(default_factory=list)  # one row per step
+    seen: guard.History = field(default_factory=guard.History)  # what the divergence guard has seen of the run
 
     @property
     def per_step(self) -> int:
         return self.spec.batch_size * self.spec.grad_accum * self.world.size
+
+    @property
+    def uniform_loss(self) -> float:
+        """A uniform student's loss, the divergence guard's band: over the student's vocabulary, which ``on_loss``
+        always names (the tokenizer's where the lm_head is padded)."""
+        return guard.uniform_loss(self.on_loss.vocab_size, self.loss.temperature, self.loss.t2_scale)
 
     def autocast(self):
         return torch.autocast(self.world.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -170,6 +178,9 @@ def setup(
     check_teacher_weights(list(weights), spec)
     check_on_policy(list(weights)[: len(teachers)], spec)
     check_local(len(teachers), len(caches), spec)
+    unusual = guard.unusual_lr(spec.optim.lr)
+    if unusual and world.main:
+        metrics.note(unusual)
     probe = blocks[torch.arange(1)][:, :16].to(world.device)
     for model, what in [(lm, "student")] + [(m, "teacher") for m in teachers]:
         check_head(model, probe, what)
@@ -332,9 +343,34 @@ def dev_ce(t: Training, model) -> torch.Tensor:
     return parallel.all_sum(t.world, losses) / t.world.size
 
 
+@torch.no_grad()
+def param_norm(model) -> float:
+    """The global L2 norm of ``model``'s trained parameters, every shard's (FSDP2: a DTensor, made whole as the
+    gradient norm is): one pass over the weights, cheap beside a step's forward and backward."""
+    norm = torch.nn.utils.get_total_norm([p for p in model.parameters() if p.requires_grad])
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def check_step(
+    t: Training, step: int, sums: torch.Tensor, grad_norm: torch.Tensor, kind: int, tokens: int, last_good
+) -> float:
+    """The divergence guard's verdict, before the update of 0-based ``step``, on the step's mean loss over its
+    ``tokens`` (``sums`` all-reduced), of ``kind`` (its on-policy tokens), its whole gradient norm and the weights'
+    norm: every rank decides alike. Raises ``guard.Diverged``, naming the checkpoint ``last_good`` to resume from;
+    returns the loss it judged, the one the step's row logs."""
+    loss = sums[0].item() / max(tokens, 1)
+    norm = param_norm(t.model)
+    seen, verdict = guard.judge(t.seen, step, kind, loss, float(grad_norm), norm, t.uniform_loss)
+    if verdict is not None:
+        what = f"training diverged at step {step + 1}: {verdict.what}"
+        raise guard.Diverged(what, step, verdict.bad_from, last_good, t.spec.optim.lr)
+    t.seen = seen
+    return loss
+
+
 def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
-    """One optimizer step (0-based ``step``): every micro-batch of this rank, clip, a finiteness check, AdamW.
-    Returns the step's log row (means over loss tokens of all ranks)."""
+    """One optimizer step (0-based ``step``): every micro-batch of this rank, clip, the checks of ``check_step``,
+    AdamW. Returns the step's log row (means over loss tokens of all ranks)."""
     t_step = time.perf_counter()
     weights = schedule.teacher_weights(t.spec.schedule, t.weights, step)
     if t.mixing is None:
@@ -357,23 +393,14 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.spec.optim.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     sums = parallel.all_sum(t.world, sums)
-    if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
-        where = (
-            f"re-run with a lower --lr to resume from the last good checkpoint, {last_good}"
-            if last_good
-            else "lower the learning rate and start again"
-        )
-        raise WhelpError(
-            f"non-finite loss ({sums[0].item()}) or gradient norm at step {step + 1}; stopped without "
-            f"updating; {where} (or check the data)"
-        )
+    loss = check_step(t, step, sums, grad_norm, on_tokens, off_tokens + on_tokens, last_good)
     t.optimizer.step()
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.tokens_seen += t.per_step * t.spec.seq_len
     return {
         "step": step + 1,
-        "loss": sums[0].item() / max(off_tokens + on_tokens, 1),
+        "loss": loss,
         **_means(t, sums, off_tokens, on_tokens),
         "teacher_weights": list(weights),
         **mixed,
@@ -424,7 +451,8 @@ def train(t: Training, start: int = 0, save=None, on_step=None, last_good: Path 
 
     ``save(step) -> Path`` (checkpointing runs) is called every ``save_every`` steps, at the end and when SIGINT /
     SIGTERM asked to stop (the signal is honoured at the end of the current step, on every rank); without ``save``
-    a Ctrl-C raises at once. ``on_step(row)`` sees every row (logs, progress).
+    a Ctrl-C raises at once. ``on_step(row)`` sees every row (logs, progress). A step the divergence guard condemns
+    raises ``guard.Diverged`` before its update, its save and its row.
     """
     stop = {"requested": False}
     handlers = {sig: signal.signal(sig, lambda *_: stop.update(requested=True)) for sig in STOP_SIGNALS} if save else {}
@@ -446,7 +474,7 @@ def train(t: Training, start: int = 0, save=None, on_step=None, last_good: Path 
             if on_step is not None:
                 on_step(last)
             if interrupted:
-                raise WhelpError(
+                raise Interrupted(
                     f"interrupted at step {step + 1}/{t.steps}; checkpoint saved to {last_good}. "
                     "Re-run the same command to resume"
                 )

@@ -55,4 +55,4 @@ def show(bar, row: dict) -> None:
 
 def note(message: str) -> None:
     """One line for the user on stderr (a resumed run's changed settings), apart from the progress bar."""
-    Console(stderr=True).print(f"[yellow]whelp[/]: {message}", markup=True, highlight=False)
+    Console(stderr=True).print(f"[yellow]whelp[/]: {message}", markup=True, highlight=False, soft_wrap=True)

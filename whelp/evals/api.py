@@ -181,11 +181,21 @@ def _reference(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy, l
     return model, tokenizer
 
 
+def check_lengths(config, spec: EvalSpec) -> None:
+    """The perplexity window, lm-eval context and speed prompt fit the positions of a model, from its config: before
+    any data is read or weights load, and in ``whelp plan`` for a build's eval (which runs last, after hours)."""
+    if spec.ppl:  # the window of perplexity alone
+        check_positions(config, spec.seq_len, "--seq-len")
+    if spec.max_length is not None:
+        check_positions(config, spec.max_length, "--max-length")
+    check_positions(config, spec.speed.prompt_len + spec.speed.new_tokens, "--speed-prompt-len + new tokens")
+
+
 def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
-    """Labels, model names, tasks, chat prompts and templates, positions and perplexity sources, before any model is
-    loaded: returns the task manager, each model's perplexity tokens ({label: {source: [T]}}, read once here) and
-    tokenizer hash (perplexities of different tokenizers count different tokens: the report compares them by bits
-    per byte only), and the chat plan (None without ``spec.chat``)."""
+    """Labels, model names and their files, tasks, chat prompts and templates, positions and perplexity sources, before
+    any model is loaded: returns the task manager, each model's perplexity tokens ({label: {source: [T]}}, read once
+    here) and tokenizer hash (perplexities of different tokenizers count different tokens: the report compares them by
+    bits per byte only), and the chat plan (None without ``spec.chat``)."""
     if not models:
         raise WhelpError("give at least one model to evaluate")
     check_device(spec.device)
@@ -193,9 +203,10 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
         check_data(source)
     check_include_paths(spec.include_paths)
     manager = task_manager(spec.tasks, spec.include_paths) if spec.tasks else None
-    configs, owns = {}, {}
+    owns, configs = {}, {}
     for label, model in models.items():
         if isinstance(model, (str, Path)):
+            whelp.models.check_checkpoint(str(model), policy)
             configs[label], owns[label] = load_config(str(model), policy), load_tokenizer(str(model), policy)
         elif tokenizer is None:
             raise WhelpError(f"model '{label}' is given in memory: pass its tokenizer")
@@ -205,13 +216,10 @@ def _check(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy):
             why = "--apply-chat-template formats lm-eval requests with each model's template; drop it for this model"
             chat_data.check_chat_template(owns[label], f"model '{label}'", why)
     chat = behaviour.plan(spec, models, owns) if spec.chat else None
+    for config in configs.values():
+        check_lengths(config, spec)
     shared = _ppl_tokens(tokenizer, spec) if tokenizer is not None else None  # the in-memory models' tokenizer
     tokens = {label: shared if owns[label] is tokenizer else _ppl_tokens(owns[label], spec) for label in models}
-    for config in configs.values():
-        check_positions(config, spec.seq_len, "--seq-len")
-        if spec.max_length is not None:
-            check_positions(config, spec.max_length, "--max-length")
-        check_positions(config, spec.speed.prompt_len + spec.speed.new_tokens, "--speed-prompt-len + new tokens")
     return manager, tokens, {label: tokenizer_hash(own) for label, own in owns.items()}, chat
 
 
@@ -268,6 +276,7 @@ def evaluate(
     )
 
 
+@store.writer
 def evaluate_to(
     out: str | Path,
     models: Mapping[str, str],

@@ -12,6 +12,7 @@ from whelp.data.chat import check_chat_template
 from whelp.data.tokenstore import token_dtype, tokenizer_hash
 from whelp.distillation.cache import MAG_BITS, id_bits
 from whelp.errors import WhelpError
+from whelp.evals.api import check_lengths
 from whelp.evals.behaviour import read_prompts
 from whelp.evals.harness import check_include_paths, check_task_names
 from whelp.pruning import moe
@@ -149,10 +150,12 @@ def _capture_tokens(spec, data: dict) -> int:
     return available if spec.max_tokens is None else min(spec.max_tokens, available)
 
 
-def _check_eval(recipe: Recipe) -> None:
-    """The eval section's sources, lm-eval task names and chat prompts (and the teacher's chat template, which the
-    prompts are answered through, when the teacher is on this machine), so a build never fails on them after
-    pruning."""
+def _check_eval(recipe: Recipe, configs) -> None:
+    """The eval section's sizes against the positions of the models it measures (``configs``: the teacher's and the
+    student's), its sources, lm-eval task names and chat prompts (and the teacher's chat template, which the prompts
+    are answered through, when the teacher is on this machine), so a build never fails on them after pruning."""
+    for config in configs:
+        _at("recipe.eval", check_lengths, config, recipe.eval)
     for i, source in enumerate(recipe.eval.ppl):
         _at(f"recipe.eval.ppl[{i}]", check_data, source)
     _at("recipe.eval.include_paths", lambda: check_include_paths(recipe.eval.include_paths))

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from whelp import models, pricing
 from whelp.data import chat, check_data, check_source
+from whelp.data.generate import check_teacher
 from whelp.data.tokenstore import token_dtype
+from whelp.distillation.capture import check_k
 from whelp.plan.inputs import (
     _at,
     _calib_plan,
@@ -65,6 +67,7 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
 
 def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, where: str, number: int) -> dict:
     """A teacher-logit capture that runs before its distil step: one forward (2 N per token) over the step's tokens."""
+    _at(f"recipe.{where}.k", lambda: check_k(ref.spec(step.options), vocab))
     per_token = cache_bytes_per_token(ref.mode, ref.k, vocab)
     positions = ref.spec(step.options).batch_size * step.options.seq_len
     return {
@@ -205,6 +208,8 @@ def _generate_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     if spec.chat and tokenizer is not None and step.model == TEACHER:
         _at("recipe.generate.chat", lambda: chat.check_chat_template(tokenizer, "the teacher"))
         template = chat.template_tokens(tokenizer)
+    own = tokenizer if step.model == TEACHER else None  # another model's vocabulary: its config's
+    _at("recipe.generate", lambda: check_teacher(spec, model["config"], own, template or 0))
     per_token = pricing.generate_flops_per_token(model["active"], spec, template or 0)
     sequence = (template or 0) + spec.request_tokens if spec.chat else spec.prompt_tokens
     tokens = spec.max_tokens
@@ -274,7 +279,7 @@ def plan_recipe(recipe: Recipe) -> dict:
                 )
             )
         stages.append(entry)
-    _check_eval(recipe)
+    _check_eval(recipe, [teacher["config"], current["config"]])
     for stage in stages[searched[1] if searched else len(stages) :]:
         if stage["kind"] in ("prune", "distill"):  # the student's stages; a capture runs the teacher alone
             stage["estimate"] = ESTIMATE

@@ -170,6 +170,7 @@ def prune(model, target: str | Target, calib, spec: PruneSpec = PruneSpec(), sco
     return pruned
 
 
+@store.writer
 def prune_checkpoint(
     source: str,
     target: str,
@@ -194,6 +195,7 @@ def prune_checkpoint(
             f"(huggingface-cli download {source} --local-dir DIR) and pass DIR"
         )
     check_safe_weights(str(source_dir), policy)
+    models.check_checkpoint(str(source_dir), policy)  # before the scores' key or the streaming choice reads its files
     source_cfg = models.load_config(str(source_dir), policy)
     parsed = parse_target(source_cfg, target)
     target_rope(parsed, spec.rope)

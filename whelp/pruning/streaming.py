@@ -33,7 +33,7 @@ from torch import Tensor
 from whelp.assistant import carry_assistant
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
-from whelp.models import layer_output, load_config
+from whelp.models import check_checkpoint, check_written, layer_output, load_config
 from whelp.pruning import moe_layout
 from whelp.pruning.arch import family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
@@ -108,6 +108,7 @@ def write_pruned(
         write_legacy_fields(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+        check_written(tmp)
     return Path(out_dir).expanduser()
 
 
@@ -282,6 +283,7 @@ def prune_streaming(
             f"layer importance '{spec.layer_importance}' runs the whole model once per layer and cannot stream; "
             "use --layer-importance block, or drop --stream"
         )
+    check_checkpoint(str(source_dir))
     config = load_config(str(source_dir))
     family = streamable_family(config)
     if scores is None:

@@ -279,7 +279,7 @@ def target_rope(target: Target, policy: str) -> dict | None:
     if target.rope_parameters is None:
         raise WhelpError(
             f"--rope target takes the RoPE of a preset or config.json target, and '{target.name}' has "
-            "none; use --rope teacher (the default)"
+            "none; use --rope auto (the default) or --rope teacher"
         )
     return target.rope_parameters
 

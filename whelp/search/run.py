@@ -108,7 +108,7 @@ def _work(out: Path, key: str, force: bool) -> Path:
     work = work_dir(out)
     mark = store.marker(work) if work.exists() else None
     if mark is not None and mark.get("stage_key") != key:
-        if not force:
+        if not force and _worth_keeping(work):
             raise WhelpError(
                 f"{work} holds a search with other settings or inputs; pass --force to start over, "
                 "or choose another --out"
@@ -121,10 +121,37 @@ def _work(out: Path, key: str, force: bool) -> Path:
     return work
 
 
+def _worth_keeping(work: Path) -> bool:
+    """Whether a search's work holds what took long (one-shot scores, trained candidates): a start that failed
+    before them (an impossible budget, a typo) leaves nothing that should make the corrected command ask for
+    ``--force``."""
+    return (work / PROXY).exists() or any((work / "candidates").glob("*/result.json"))
+
+
 def _latency(config, shape: dict, device: str) -> float:
     """Decode milliseconds per token of ``shape`` (random weights), measured once per shape and device."""
     speed = shape_speed(surgery.target_config(config, first_keep(config, shape)), device, SpeedSpec())
     return 1000.0 / speed["decode_tokens_per_s"]
+
+
+def _fitting(config, pool: list[dict], budget: Budget, device: str, progress: bool) -> dict[int, float]:
+    """Decode ms/token of each pool shape (by index) that meets ``budget.latency_ms``, measured on random weights
+    before the teacher's are loaded, so an impossible budget fails in seconds, not after calibration; WhelpError
+    if none does."""
+    if budget.latency_ms is None:
+        return {i: None for i in range(len(pool))}
+    times = []
+    with Progress("search: decode speed of the pool", len(pool), enabled=progress) as bar:
+        for shape in pool:
+            times.append(_latency(config, shape, device))
+            bar.update(advance=1)
+    fitting = {i: ms for i, ms in enumerate(times) if ms <= budget.latency_ms}
+    if not fitting:
+        raise WhelpError(
+            f"no pool shape decodes within {budget.latency_ms:g} ms/token on this device (the fastest "
+            f"takes {min(times):.2f} ms); raise latency= or lower the size budget"
+        )
+    return fitting
 
 
 @dataclass
@@ -154,16 +181,17 @@ class Trial:
         return kl_to_teacher(self.teacher_logp, model, self.held, self.spec.batch_size)
 
 
-def _one_shot(t: Trial, pool: list[dict], budget: Budget) -> list[dict]:
-    """Each pool shape pruned and scored one-shot (and timed, for a latency budget); recorded as each finishes."""
+def _one_shot(t: Trial, pool: list[dict], latency: dict[int, float]) -> list[dict]:
+    """Each pool shape that meets the latency budget (``_fitting``) pruned and scored one-shot; recorded as each
+    finishes."""
     path = t.work / PROXY
     done = store.read_record(path, f"delete {path} to score the pool again")["rows"] if path.exists() else []
-    device = str(t.held.device)
-    with Progress("search: one-shot KL of the pool", len(pool), completed=len(done), enabled=t.progress) as bar:
-        for shape in pool[len(done) :]:
+    todo = [(pool[i], ms) for i, ms in latency.items()]
+    with Progress("search: one-shot KL of the pool", len(todo), completed=len(done), enabled=t.progress) as bar:
+        for shape, ms in todo[len(done) :]:
             row = {"shape": shape, "params": list(t.counter.params(shape)), "one_shot": t.score(t.prune(shape))}
-            if budget.latency_ms is not None:
-                row["latency_ms"] = _latency(t.teacher.config, shape, device)
+            if ms is not None:
+                row["latency_ms"] = ms
             done.append(row)
             store.write_record(path, {"rows": done})
             bar.update(advance=1)
@@ -209,6 +237,7 @@ def _scores(teacher, teacher_dir: Path, tokenizer, spec: SearchSpec):
     return scores
 
 
+@store.writer
 def search_run(
     teacher: str,
     spec: SearchSpec,
@@ -227,18 +256,19 @@ def search_run(
     if arch.family_of(config) is None:
         raise WhelpError(f"whelp search prunes the families {', '.join(arch.FAMILIES)}, not '{config.model_type}'")
     shapes, pool, budget, counter = _space(config, spec)
+    out = store.check_writable(out, force, "search")  # every check of the real run, --dry-run included
+    store.check_apart(out, [teacher_dir])
+    for source in (spec.calib, spec.data, spec.eval_data):
+        data.check_data(source)
     if dry_run:
         return {
             "candidates": shapes,
             "pool": [{"shape": s, "params": list(counter.params(s))} for s in pool],
             "cost": cost(config, spec, pool, counter),
         }
-    out = store.check_writable(out, force, "search")
-    store.check_apart(out, [teacher_dir])
-    for source in (spec.calib, spec.data, spec.eval_data):
-        data.check_data(source)
     work = _work(out, _identity(teacher_dir, spec), force)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    latency = _fitting(config, pool, budget, device, progress)
     model, tokenizer = models.load_model(str(teacher_dir), device=device, policy=policy)
     model.requires_grad_(False)
     held = data.open_blocks(spec.eval_data, tokenizer, spec.seq_len, seed=spec.seed).head(spec.eval_blocks)
@@ -266,16 +296,9 @@ def search_run(
         progress,
     )
     start = time.perf_counter()
-    rows = _one_shot(t, pool, budget)
+    rows = _one_shot(t, pool, latency)
     timings["one_shot_s"] = time.perf_counter() - start
-    fitting = [r for r in rows if budget.latency_ms is None or r["latency_ms"] <= budget.latency_ms]
-    if not fitting:
-        fastest = min(r["latency_ms"] for r in rows)
-        raise WhelpError(
-            f"no pool shape decodes within {budget.latency_ms:g} ms/token on this device (the fastest "
-            f"takes {fastest:.2f} ms); raise latency= or lower the size budget"
-        )
-    best = sorted(fitting, key=lambda r: r["one_shot"]["kl"])[: spec.candidates]
+    best = sorted(rows, key=lambda r: r["one_shot"]["kl"])[: spec.candidates]
     trained = []
     with Progress("search: distilling candidates", len(best), enabled=progress) as bar:
         for i, row in enumerate(best):

@@ -21,6 +21,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 HIDDEN_LOSSES = ("nmse", "cosine")  # per-token distances of hidden states (whelp.distillation.hidden)
 HIDDEN_MAPS = ("auto", "kept", "uniform")
 TEACHER = "teacher"  # in a recipe's distill.teachers / distill.caches: the recipe's teacher
+MAX_STEPS = 10**9  # optimizer steps: decades of training at any speed; more is a typo (steps: 1e23)
+MAX_TOKENS = 10**15  # tokens: 25 times the largest pretraining runs (~4e13); more is a typo
 
 
 def opt(default, help: str, **meta):
@@ -45,6 +47,18 @@ def _device(device: str) -> tuple[bool, str]:
 def _positive(spec, names) -> list:
     return [
         (getattr(spec, n) is None or getattr(spec, n) >= 1, f"{n} must be positive, got {getattr(spec, n)}")
+        for n in names
+    ]
+
+
+def _at_most(spec, names, limit: int) -> list:
+    """Counts past any real run (a typo such as 1e23) refused with the valid range, before they overflow a
+    tensor's int64 or a schedule runs for ever; None (not given) passes."""
+    return [
+        (
+            getattr(spec, n) is None or getattr(spec, n) <= limit,
+            f"{n} must be from 1 to {limit:,}, got {getattr(spec, n)}",
+        )
         for n in names
     ]
 

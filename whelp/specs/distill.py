@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from whelp.errors import WhelpError
 from whelp.schema import check_types, flatten, unflatten
-from whelp.specs.base import _positive, _require, opt
+from whelp.specs.base import MAX_STEPS, MAX_TOKENS, _at_most, _positive, _require, opt
 from whelp.specs.data import Mixture, _plain, as_mixtures
 from whelp.specs.training import (
     ComputeSpec,
@@ -121,6 +121,8 @@ class DistillSpec:
                     "give exactly one training budget: --steps N or --max-tokens N (recipe: steps or max_tokens)",
                 ),
                 *_positive(self, ("steps", "max_tokens", "batch_size", "grad_accum")),
+                *_at_most(self, ("steps",), MAX_STEPS),
+                *_at_most(self, ("max_tokens",), MAX_TOKENS),
                 (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
             ]
         )
@@ -130,14 +132,26 @@ class DistillSpec:
             self.optim.check_steps(self.steps)
 
     def _check_on_policy(self) -> None:
-        on, prompt = self.gkd, self.gkd.prompt_len(self.seq_len)
+        """On-policy rows fit a block; the options that shape them (gen_tokens, ...) do nothing with on_policy 0, so
+        one given then is a run meant to be on-policy (or a stale flag): refused rather than ignored."""
+        on, prompt, default = self.gkd, self.gkd.prompt_len(self.seq_len), OnPolicySpec()
+        given = [
+            f"{key}={getattr(on, where[1])}"
+            for key, where in self.KEYS.items()
+            if where[0] == "gkd" and getattr(on, where[1]) != getattr(default, where[1])
+        ]
         _require(
             [
+                (
+                    bool(on.fraction) or not given,
+                    f"on-policy options given with on_policy 0 (no on-policy micro-batches): {', '.join(given)}; "
+                    "give --on-policy F in (0, 1] (recipe: on_policy) or drop them",
+                ),
                 (
                     not on.fraction or (prompt >= 1 and prompt + on.gen_tokens <= self.seq_len),
                     f"on-policy rows are prompt_tokens + gen_tokens = {prompt} + {on.gen_tokens} tokens, which must "
                     f"fit in seq_len={self.seq_len} with a prompt of at least 1; lower --gen-tokens or --prompt-tokens",
-                )
+                ),
             ]
         )
 

@@ -9,10 +9,12 @@ from whelp.schema import check_types
 from whelp.specs.base import (
     IMPORTANCE,
     LAYER_IMPORTANCE,
+    MAX_STEPS,
     RECONSTRUCT,
     ROPE,
     SAVE_DTYPES,
     TIE,
+    _at_most,
     _choice,
     _positive,
     _require,
@@ -141,6 +143,7 @@ class SearchSpec:
                         "batch_size",
                     ),
                 ),
+                *_at_most(self, ("score_steps",), MAX_STEPS),
                 (
                     self.candidates <= self.pool,
                     f"candidates ({self.candidates}) are the best of the pool, so at most --pool ({self.pool})",

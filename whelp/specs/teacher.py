@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from whelp.schema import check_types
-from whelp.specs.base import _choice, _device, _non_negative, _positive, _require, opt
+from whelp.specs.base import MAX_TOKENS, _at_most, _choice, _device, _non_negative, _positive, _require, opt
 from whelp.specs.data import Mixture, as_mixtures
 
 
@@ -38,6 +38,7 @@ class CacheSpec:
                 (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
                 (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
                 *_positive(self, ("max_tokens", "batch_size", "shard_tokens", "tp_size")),
+                *_at_most(self, ("max_tokens",), MAX_TOKENS),
                 _choice("dtype", self.dtype, ("float32", "bfloat16")),
             ]
         )
@@ -91,6 +92,7 @@ class GenerateSpec:
                     self,
                     ("max_tokens", "prompt_tokens", "new_tokens", "batch_size", "samples_per_prompt", "request_tokens"),
                 ),
+                *_at_most(self, ("max_tokens",), MAX_TOKENS),
                 (
                     self.chat or self.samples_per_prompt == 1,
                     "--samples-per-prompt needs --chat (it picks the best answer to a request)",
@@ -105,5 +107,31 @@ class GenerateSpec:
                     "--prompts takes one source (its documents' first tokens, or with --chat its requests, prompt "
                     "the teacher)",
                 ),
+            ]
+        )
+        self._check_store()
+
+    def frame(self, template: int = 0) -> int:
+        """Tokens of a sequence besides its ``new_tokens`` sampled ones, at most: its prompt (``prompt_tokens`` of a
+        document, or the one BOS; with ``chat`` the template's ``template`` tokens and a self-written request of
+        ``request_tokens``, or a request of ``prompts``, whose length only reading it tells) and the EOS that ends
+        it in the store."""
+        if self.chat:
+            return template + (0 if self.prompts else self.request_tokens) + 1
+        return (self.prompt_tokens if self.prompts else 1) + 1
+
+    def _check_store(self) -> None:
+        """One sequence longer than the whole store would be cut inside its first batch, after sampling all of
+        it (for minutes, at 100,000 new tokens): refused with the range of ``new_tokens`` that fits."""
+        longest, room = self.frame() + self.new_tokens, self.max_tokens - self.frame()
+        fix = f"--max-tokens of at least {longest:,}"
+        _require(
+            [
+                (
+                    self.new_tokens <= room,
+                    f"--new-tokens {self.new_tokens:,} makes a sequence of up to {longest:,} tokens (with its prompt "
+                    f"and EOS), more than --max-tokens {self.max_tokens:,}, the whole store; "
+                    + (f"use --new-tokens from 1 to {room:,} or {fix}" if room >= 1 else f"give {fix}"),
+                )
             ]
         )

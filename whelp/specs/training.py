@@ -139,7 +139,12 @@ class OptimSpec:
 
     def __post_init__(self):
         check_types(self)
-        _require(_non_negative(self, ("lr", "warmup", "weight_decay", "max_grad_norm")))
+        _require(
+            [
+                (self.lr > 0, f"lr must be > 0 (0 trains nothing), got {self.lr}"),
+                *_non_negative(self, ("warmup", "weight_decay", "max_grad_norm")),
+            ]
+        )
 
     def check_steps(self, steps: int) -> None:
         """Refuse a warmup not below the run's ``steps`` (for a --max-tokens budget known once the processes are)."""
