@@ -52,6 +52,15 @@ COMMON = ["--batch-size", "2", "--seq-len", "256", "--eval-tokens", "2048", "--f
 DISTILLS = {  # directory -> (label, distill arguments after the student and --out)
     "distilled": ("live teacher, 4 steps", ["--teacher", GEMMA, "--steps", "4", *COMMON]),
     "distilled-cache": ("top-64 cache, 8 steps", ["--cache", "cache", "--max-tokens", "4096", *COMMON]),
+    "distilled-chunk": (
+        "live teacher, 4 steps, --chunk-size 128",
+        ["--teacher", GEMMA, "--steps", "4", "--chunk-size", "128", *COMMON],
+    ),
+}
+EXPORTS = {  # directory -> label
+    "hidden": "hidden 640 -> 512 (width only)",
+    "all": "all five axes (layers and head_dim: whelp/gguf_fix.py)",
+    "distilled": "the live-distilled all-axes student",
 }
 
 
@@ -227,9 +236,7 @@ def measure(work: Path, llama_python: str | None) -> dict:
     out["cache"] = memo(work, "cache", cache_row, work)
     out["distill"] = [memo(work, name, distill_row, work, name, tokenizer) for name in DISTILLS]
     out["eval"] = memo(work, "eval", eval_row, work)
-    out["export"] = [
-        memo(work, f"export-{n}", export_row, work, n, llama_python) for n in ("hidden", "all", "distilled")
-    ]
+    out["export"] = [memo(work, f"export-{n}", export_row, work, n, llama_python) for n in EXPORTS]
     return out
 
 
@@ -286,7 +293,7 @@ def section(m: dict) -> str:
         "| `whelp export` (auto = f16) of | wall | peak RSS | transformers' GGUF reader | llama.cpp |",
         "|---|---|---|---|---|",
         *(
-            f"| {r['label']} | {r['wall_s']:.0f} s | {r['peak_gib']:.2f} GiB | {r['transformers']:.1e} | "
+            f"| {EXPORTS[r['label']]} | {r['wall_s']:.0f} s | {r['peak_gib']:.2f} GiB | {r['transformers']:.1e} | "
             f"{'-' if r['llama'] is None else format(r['llama'], '.1e')} |"
             for r in m["export"]
         ),
