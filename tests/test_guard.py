@@ -205,6 +205,19 @@ def test_an_absurd_lr_stops_with_one_line_and_keeps_the_last_good_checkpoint(tin
     assert report["history"] == [{"from_step": 2, "changed": {"lr": [1.0, 1e-4]}}] and report["final"]["step"] == 6
 
 
+def test_a_run_ruined_by_its_last_update_is_not_written(tiny_dirs, tmp_path):
+    """At lr 1 step 4 measures the blow-up of step 3's update (above); a 3-step run has no step 4 to measure it."""
+    teacher, _, student = tiny_dirs
+    spec = replace(LOOP_SPEC, lr=1.0, save_every=1, keep_last=10, steps=3)
+    with pytest.raises(WhelpError, match=r"^training diverged at its last update \(step 3\): the weights blew up"):
+        distill(student, tmp_path / "out", spec, teachers=((teacher, 1.0),), progress=False)
+    ckpts = tmp_path / "out.distill" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000001", "step-00000002"]
+    assert not (tmp_path / "out").exists()
+    assert guard.last_update(guard.History(start_norm=2.0), 3, float("nan")).what.startswith("the weights are not")
+    assert guard.last_update(guard.History(start_norm=2.0), 3, 19.9) is None
+
+
 def in_memory_run(spec):
     """The tiny student distilled in this process for ``spec``: its final weights."""
     teacher, student = tiny_model(seed=1), tiny_model(seed=2, intermediate_size=64, num_hidden_layers=1)

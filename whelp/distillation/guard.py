@@ -113,6 +113,15 @@ def judge(
     return replace(h, first=first, recent={**h.recent, kind: recent}, flat=flat, start_norm=start), verdict
 
 
+def last_update(h: History, steps: int, norm: float) -> Verdict | None:
+    """The verdict on the weights after the run's last update (``steps`` done): blown up or not finite. The
+    checkpoint of ``steps`` steps would hold them."""
+    start = h.start_norm if h.start_norm is not None else norm
+    if not math.isfinite(norm):
+        return Verdict(f"the weights are not finite (norm {norm})", steps)
+    return _blowup(steps, norm, start)
+
+
 def _blowup(step: int, norm: float, start: float) -> Verdict | None:
     if norm <= BLOWUP * start:  # False for a NaN norm too
         return None

@@ -368,6 +368,15 @@ def check_step(
     return loss
 
 
+def check_last_update(t: Training, step: int, last_good) -> None:
+    """The guard on the weights the last update (of 0-based ``step``) wrote, before they are saved or shipped: no
+    later step measures them, so a run ruined by its last update would otherwise be written out."""
+    verdict = guard.last_update(t.seen, step + 1, param_norm(t.model))
+    if verdict is not None:
+        what = f"training diverged at its last update (step {step + 1}): {verdict.what}"
+        raise guard.Diverged(what, step, verdict.bad_from, last_good, t.spec.optim.lr)
+
+
 def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     """One optimizer step (0-based ``step``): every micro-batch of this rank, clip, the checks of ``check_step``,
     AdamW. Returns the step's log row (means over loss tokens of all ranks)."""
@@ -463,6 +472,8 @@ def train(t: Training, start: int = 0, save=None, on_step=None, last_good: Path 
             last["tokens_per_s"] = (step + 1 - start) * t.per_step * t.spec.seq_len / (time.perf_counter() - t0)
             if t.spec.monitor.eval_every and (step + 1) % t.spec.monitor.eval_every == 0 and step + 1 < t.steps:
                 last.update(held_out(t) or {})
+            if step + 1 == t.steps:
+                check_last_update(t, step, last_good)
             interrupted = save is not None and _stop_flag(t.world, stop)
             if save is not None and (
                 (t.spec.save.save_every and (step + 1) % t.spec.save.save_every == 0)
