@@ -369,7 +369,7 @@ def test_streaming_equals_in_memory(family, method, tmp_path):
         tmp_path / "src",
         tmp_path / "stream",
         target,
-        PruneSpec(importance=method, tie="mean", batch_size=8),
+        PruneSpec(importance=method, tie="mean", batch_size=8, reconstruct="none"),  # the slicing alone
         TOKENS,
         shard_bytes=20_000,
     )

@@ -134,7 +134,8 @@ def test_streaming_reconstruction_equals_in_memory(tmp_path, family, mode):
 
 
 @pytest.mark.parametrize(
-    "family,mode", [("llama", "span"), ("gemma2", "lsq"), ("granite", "lsq"), ("qwen2_moe", "none")]
+    "family,mode",
+    [("llama", "span"), ("gemma2", "lsq"), ("granite", "lsq"), ("qwen2_moe", "span"), ("mixtral", "span")],
 )
 def test_auto_picks_what_the_family_allows(family, mode):
     assert reconstruct.resolve("auto", arch.family_of(tiny_model(family).config)) == mode
@@ -147,7 +148,7 @@ def test_auto_picks_what_the_family_allows(family, mode):
         ("llama", "bias", "config.json", "published shape"),
         ("gemma2", "span", "intermediate_size=64", "normalises or scales it; use --reconstruct lsq"),
         ("qwen3", "bias", "intermediate_size=64", "no such keys; use --reconstruct lsq"),
-        ("qwen2_moe", "lsq", "intermediate_size=64", "has experts; use --reconstruct none"),
+        ("qwen2_moe", "bias", "num_experts=4", "experts of qwen2_moe have none in transformers; use --reconstruct lsq"),
     ],
 )
 def test_misuse_is_one_line_before_any_weight_is_read(tmp_path, monkeypatch, family, mode, target, message):

@@ -12,8 +12,9 @@ The modes (``specs.RECONSTRUCT``):
   removed layers' work and the drift accumulated before it are compensated too. The teacher runs beside the student
   on the same calibration tokens. Needs an MLP that joins the residual stream as it is (``Family.mlp_residual``).
 - ``bias``: FLAP's bias compensation (An et al., AAAI 2024) on both maps; the kept weights stay.
-- ``auto`` (the default): ``span`` where the family allows it, else ``lsq``; ``none`` for MoE teachers and the
-  generic path. On the demo shape ``span`` cut one-shot perplexity on general English to 0.6x of the sliced
+- Mixture-of-experts layers: o_proj as above; the block's experts (and shared expert) refit together towards the
+  wide block (``lsq``) or the span's end (``span``), so removed experts are compensated too (moe_refit.py).
+- ``auto`` (the default): ``span`` where the family allows it, else ``lsq``; ``none`` for the generic path. On the demo shape ``span`` cut one-shot perplexity on general English to 0.6x of the sliced
   weights', ``lsq`` to 0.8x, ``bias`` not at all (bench/RESULTS.md, "Reconstruction and one-shot baselines").
 
 Memory beyond the prune: the calibration hidden states of the student [N, T, H'] (and of the teacher [N, T, H] for
@@ -37,13 +38,21 @@ from whelp.pruning.arch import Family, split_name
 from whelp.pruning.keep import Keep, head_dim_of, text_config
 from whelp.pruning.layerwise import assign_layer, layer_types, rope_and_mask, skeleton
 from whelp.pruning.lsq import DAMP, Moments, refit
+from whelp.pruning.moe import ExpertKeep, moe_family_of
+from whelp.pruning.moe_refit import block_targets, is_moe, refit_block
 from whelp.pruning.surgery import slice_tensor, target_config
 
 
 def wide_keep(keep: Keep, source_cfg) -> Keep:
-    """The Keep of the wide model: the student's layers and hidden channels, every neuron, head and head dim."""
+    """The Keep of the wide model: the student's layers and hidden channels, every neuron, head and head dim (and
+    of an MoE teacher every expert and expert neuron, routed as the teacher routes)."""
     cfg = text_config(source_cfg)
     kv, n_rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    experts = keep.experts
+    if experts is not None:
+        family = moe_family_of(source_cfg)
+        n, width = getattr(cfg, family.experts_key), getattr(cfg, family.ffn_key)
+        experts = ExpertKeep({layer: torch.arange(n) for layer in experts.experts}, count=n, width=width)
     return replace(
         keep,
         mlp=tuple(torch.arange(cfg.intermediate_size) for _ in keep.layers),
@@ -51,15 +60,16 @@ def wide_keep(keep: Keep, source_cfg) -> Keep:
         q_heads=tuple(torch.arange(n_rep).repeat(kv, 1) for _ in keep.layers),
         head_dims=torch.arange(head_dim_of(cfg)),
         tie=None,
+        experts=experts,
     )
 
 
 def resolve(mode: str, family: Family | None) -> str:
     """The mode ``auto`` stands for: ``span`` where the family's MLP joins the residual stream as it is, else
-    ``lsq``; ``none`` for MoE teachers and the generic path (neither is refit). Other modes are themselves."""
+    ``lsq``; ``none`` for the generic path (not refit). Other modes are themselves."""
     if mode != "auto":
         return mode
-    if family is None or family.experts_key:
+    if family is None:
         return "none"
     return "span" if family.mlp_residual else "lsq"
 
@@ -74,10 +84,10 @@ def check_mode(mode: str, source_cfg, family: Family | None, published: bool) ->
             f"--reconstruct {mode} walks the layers of the families in whelp/pruning/arch.py and {cfg.model_type} "
             "is pruned by the generic path; use --reconstruct none"
         )
-    if family.experts_key:
+    if family.experts_key and mode == "bias":
         raise WhelpError(
-            f"--reconstruct {mode} refits dense layers and this {cfg.model_type} teacher has experts; "
-            "use --reconstruct none"
+            f"--reconstruct bias adds biases and the experts of {cfg.model_type} have none in transformers; "
+            "use --reconstruct lsq or span"
         )
     if mode == "span" and not family.mlp_residual:
         raise WhelpError(
@@ -169,6 +179,10 @@ def reconstruct_layer(
     map before and after."""
     report = {}
     for which in (family.o_proj, family.down_proj):
+        if which == family.down_proj and is_moe(student_layer):
+            inputs, targets = block_targets(student_layer, wide_layer, batches, kwargs, span_end)
+            report["experts"] = refit_block(student_layer.mlp, inputs, targets, damp)
+            continue
         s_map = student_layer.get_submodule(which)
         if mode == "span" and which == family.down_proj:
             weight, moments = None, _span_stats(student_layer, s_map, batches, kwargs, span_end)
@@ -309,15 +323,14 @@ def summary(mode: str, errors: list[dict]) -> dict:
     """The report's record of a reconstruction: the mode, the damping, and per map the relative calibration error
     averaged over layers before and after (and the per-layer values)."""
     maps = sorted({name for layer in errors for name in layer})
+
+    def mean(name: str, when: str) -> float:
+        values = [layer[name][when] for layer in errors if name in layer]  # an MoE's dense layers have no experts
+        return sum(values) / len(values)
+
     return {
         "mode": mode,
         "damp": DAMP,
-        **{
-            name: {
-                "before": sum(layer[name]["before"] for layer in errors) / len(errors),
-                "after": sum(layer[name]["after"] for layer in errors) / len(errors),
-            }
-            for name in maps
-        },
+        **{name: {"before": mean(name, "before"), "after": mean(name, "after")} for name in maps},
         "layers": errors,
     }

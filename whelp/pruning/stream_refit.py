@@ -24,7 +24,7 @@ from whelp.models import layer_output
 from whelp.pruning.arch import Family
 from whelp.pruning.keep import Keep, text_config
 from whelp.pruning.layerwise import assign_layer, embedded, layer_types, load_layer, n_experts, rope_and_mask, skeleton
-from whelp.pruning.moe_layout import read
+from whelp.pruning.moe_layout import memory_names, read, to_disk
 from whelp.pruning.reconstruct import (
     layer_states,
     reconstruct_layer,
@@ -88,7 +88,8 @@ def refit_streaming(
                 _advance_teacher(teacher_sk, family, shards, jj, t_batches, t_rope[t_types[jj]])
             done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
         prefix = f"{family.layers}.{j}."
-        named = ((name, read(shards, name, family, n, torch.float32)) for name in shards if name.startswith(prefix))
+        names = memory_names([name for name in shards if name.startswith(prefix)], family)  # MoE: fused experts
+        named = ((name, read(shards, name, family, n, torch.float32)) for name in names)
         s_state, w_state = layer_states(named, [(keep, target_cfg), (wkeep, wide_cfg)], family, config)
         layer = student_sk.get_submodule(family.layers)[i]
         student = assign_layer(student_sk, family, i, with_zero_biases(layer, s_state))
@@ -96,7 +97,11 @@ def refit_streaming(
         kwargs = [{"position_embeddings": rope, "attention_mask": mask} for rope, mask in s_rope[s_types[i]]]
         rope = None if wide_ropes is None else wide_ropes[s_types[i]]
         report.append(reconstruct_layer(student, wide, family, batches, kwargs, mode, rope, span_end))
-        state = {f"{family.layers}.{i}.{k}": v.contiguous() for k, v in student.state_dict().items()}
+        state = {  # under the names on disk (an MoE's experts one by one), as the shard writer meets them
+            disk: t.contiguous()
+            for k, v in student.state_dict().items()
+            for disk, t in to_disk(f"{family.layers}.{i}.{k}", v, family)
+        }
         save_file(state, spill / f"{i}.safetensors")
         student.to("meta")
         wide.to("meta")

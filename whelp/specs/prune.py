@@ -48,9 +48,9 @@ class PruneSpec:
     reconstruct: Literal["auto", "none", "lsq", "span", "bias"] = opt(
         "auto",
         "Refit the kept weights on the calibration data, layer by layer on the student's own inputs: auto (span "
-        "where the family allows, else lsq; none for MoE) | none | lsq (o_proj, down_proj match the unpruned "
-        "layer) | span (as lsq; down_proj matches the teacher's state after the layers it replaces) | bias "
-        "(FLAP's bias compensation)",
+        "where the family allows, else lsq) | none | lsq (o_proj, down_proj match the unpruned layer) | span (as "
+        "lsq; down_proj matches the teacher's state after the layers it replaces) | bias (FLAP's bias "
+        "compensation); an MoE's experts are refit together towards their block's target",
     )
     stream: bool | None = opt(
         None, "Prune from the shards layer by layer (default: only when the teacher does not fit in memory)"
