@@ -156,6 +156,22 @@ def test_a_mixture_draws_each_source_by_weight_deterministically(tok, corpus, tm
         data.open_blocks(f"{a}:0.7,{b}:0", tok, 8)
 
 
+def test_an_epoch_of_a_mixture_reads_all_of_its_longest_source_and_repeats_the_shorter(tok, corpus, tmp_path):
+    """50/50 of two stores of different sizes: one epoch holds every block of the larger once (rows = max n_i / w_i);
+    the smaller source's blocks all come, repeated. (With rows = min, the larger was read only as far as the smaller
+    lasted, every epoch.)"""
+    large = tokenstore.tokenize(str(corpus), tok, tmp_path / "a", num_proc=1, progress=False)
+    small = tokenstore.tokenize("pydoc:eval", tok, tmp_path / "b", num_proc=1, progress=False)
+    rows = data.open_blocks(f"{small}:0.5,{large}:0.5", tok, 64, seed=0)
+    n_small, n_large = rows.n_blocks
+    assert 2 * n_small < n_large and len(rows) == 2 * n_large
+    located = rows.locate(torch.arange(len(rows)))
+    large_blocks = [b for i, b in located if i == 1]
+    assert sorted(large_blocks) == list(range(n_large))
+    small_blocks = collections.Counter(b for i, b in located if i == 0)
+    assert set(small_blocks) == set(range(n_small)) and max(small_blocks.values()) > 1
+
+
 def test_ranks_read_disjoint_slices_that_cover_each_global_batch_and_epochs_differ():
     n_blocks, batch, accum, world = 37, 3, 2, 2
     per_step = batch * accum * world

@@ -5,12 +5,14 @@ fill a block is dropped), read from memory maps; nothing per token is ever held 
 *rows*: for one source, row r is block ``perm[r]`` with ``perm = randperm(n_blocks, seed)`` (8 bytes per block),
 exactly the order of the in-memory ``pack`` + shuffle path, so results stay comparable. For a weighted mixture
 ``a:0.7,b:0.3`` (Llama pretraining is a mix of sources) rows come in windows of ``WINDOW`` rows (or all rows, if
-fewer): each window holds
-each source's share of rows by largest remainder, in a seeded order, and the k-th row of source i is its block
-``perm_i[k]``; so the share of every source is exact to one row per window, the order is a function of the seed,
-and any row is computed from its index alone (resume state is the step). ``max_tokens`` bounds the tokens read
-from each source (its weight's share of them for a mixture). The training loop visits rows in a fresh seeded
-permutation per epoch (``schedule.step_blocks``).
+fewer): each window holds each source's share of rows by largest remainder, in a seeded order, and the k-th row of
+source i is its block ``perm_i[k mod n_i]``; so the share of every source is exact to one row per window, the order
+is a function of the seed, and any row is computed from its index alone (resume state is the step). An epoch of a
+mixture reads every block of the source that lasts longest at its weight once (``rows = max_i ceil(n_i / w_i)``) and
+repeats the others in their order: with ``min_i`` instead, a 50/50 mix of a 24-block and a 300-block source trained
+on the same 24 blocks of the larger one every epoch, and a 20B-token source beside a small one would never be read
+past a sliver. ``max_tokens`` bounds the tokens read from each source (its weight's share of them for a mixture).
+The training loop visits rows in a fresh seeded permutation per epoch (``schedule.step_blocks``).
 
 A raw source (a file, a directory, ``pydoc:``, ``hf:``) is tokenized once into ``$WHELP_HOME/stores``, keyed by the
 source's identity, the tokenizer and the options, and reused afterwards, so small runs stay one command.
@@ -82,12 +84,15 @@ class Blocks:
             for i, n in enumerate(self.n_blocks)
         ]
         weights = [w for _, w in sources]
+        # an epoch reads every block of the source that lasts longest at its share; smaller ones repeat (upsampled)
         self.rows = (
-            self.n_blocks[0] if len(sources) == 1 else min(math.floor(n / w) for n, w in zip(self.n_blocks, weights))
+            self.n_blocks[0] if len(sources) == 1 else max(math.ceil(n / w) for n, w in zip(self.n_blocks, weights))
         )
-        self.window = min(WINDOW, self.rows)  # one window when the rows are fewer: exact shares, no repeats
+        self.window = min(WINDOW, self.rows)  # one window when the rows are fewer: exact shares
         self.window_counts = _allocation(weights, self.window)
-        self.fingerprint = store.content_id([[st.fingerprint, w] for st, w in sources] + [seq_len, seed, max_tokens])
+        self.fingerprint = store.content_id(
+            [[st.fingerprint, w] for st, w in sources] + [seq_len, seed, max_tokens, "epoch=largest"]
+        )
 
     def __len__(self) -> int:
         return self.rows
