@@ -7,12 +7,14 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from conftest import LOOP_SPEC, killed_and_resumed, naive_divergence, tiny_model, tiny_tokenizer
 
 from whelp.data import Blocks, TensorBlocks, tokenstore
-from whelp.distillation import loop, onpolicy, parallel
+from whelp.distillation import dynamic, loop, onpolicy, parallel
 from whelp.distillation.api import distill_run
+from whelp.errors import WhelpError
 from whelp.specs import Mixture
 
 SPEC = replace(LOOP_SPEC, loss="forward_kl", ce_weight=0.5, save_every=0, batch_size=3, grad_accum=1, steps=1, warmup=0)
@@ -215,3 +217,55 @@ def test_on_policy_on_chat_data_killed_and_resumed_equals_uninterrupted(tiny_dir
     )
     log = [json.loads(r) for r in (tmp_path / "ref.distill" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["on_policy_tokens"] == 2 * 8 and f"on/{teacher}" in r for r in log)
+
+
+def naive_sequence_kd_loss(student, teacher, ids, mask, chat, spec) -> torch.Tensor:
+    """fp32 reference of ``chat_loss`` "ce": CE alone summed over the target positions of the ``chat`` rows, and
+    forward KL + ce_weight x CE over those of the other rows."""
+    ce_spec = replace(spec, ce_weight=1.0)
+    return naive_masked_loss(student, teacher, ids[chat], mask[chat], ce_spec) + naive_masked_loss(
+        student, teacher, ids[~chat], mask[~chat], spec
+    )
+
+
+def test_chat_loss_ce_trains_chat_rows_by_ce_alone_and_text_rows_by_kd(tmp_path):
+    """A mixture of a chat store and text under chat_loss=ce: the step's loss and gradients equal the naive
+    reference (CE alone on the chat rows' answers, KD + CE on the text rows), and its logged divergence counts the
+    text rows only."""
+    tok = tiny_tokenizer()
+    g = np.random.default_rng(0)
+    parts = [g.integers(1, 512, 40) for _ in range(6)]
+    masks = [np.arange(40) % 7 < 3 for _ in range(6)]
+    chat_store = write_store(tmp_path / "chat", tok, parts, masks)
+    text_store = write_store(tmp_path / "text", tok, [g.integers(1, 512, 200)])
+    rows = Blocks([(chat_store, 0.5), (text_store, 0.5)], 16, 0, None, Mixture.parse("chat:0.5,text:0.5"))
+    spec = replace(SPEC, seq_len=16, chat_loss="ce")
+    teacher, student = models()
+    ref_student = tiny_model(seed=2, intermediate_size=64, num_hidden_layers=1)
+    t = loop.setup(student, [teacher], [], [1.0], ["t"], rows, spec, WORLD)
+    micro = torch.arange(6)
+    chat = rows.chat_rows(micro)
+    assert torch.equal(chat, torch.tensor([s == 0 for s, _ in rows.locate(micro)])) and 0 < int(chat.sum()) < 6
+    view = dynamic.Reweighted(rows, 1, 0)  # a dynamic mixture's rows are flat ids: chat ids come first
+    n_chat = rows.n_blocks[0]
+    assert torch.equal(view.chat_rows(torch.tensor([0, n_chat - 1, n_chat])), torch.tensor([True, True, False]))
+    ids, mask = rows[micro], rows.mask(micro)
+    tokens = int(mask[:, 1:].sum())
+    sums = loop.loss_step(t, micro, (1.0,), None, tokens)
+    ref = naive_sequence_kd_loss(ref_student, teacher, ids, mask, chat, spec)
+    (ref / tokens).backward()
+    ref = float(ref.detach())
+    assert abs(float(sums[0]) - ref) <= 1e-5 * abs(ref)
+    for (name, p), q in zip(student.named_parameters(), ref_student.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+    text_kd = naive_masked_loss(ref_student, teacher, ids[~chat], mask[~chat], replace(spec, ce_weight=0.0))
+    assert abs(float(sums[1]) - float(text_kd)) <= 1e-4 * float(text_kd)  # the teacher's KL: text rows only
+
+
+def test_chat_loss_ce_needs_chat_data():
+    teacher, student = models()
+    text = TensorBlocks(torch.randint(3, 512, (6, 32), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(WhelpError, match="chat_loss=ce .* no source of the data has a loss mask"):
+        loop.setup(student, [teacher], [], [1.0], ["t"], text, replace(SPEC, chat_loss="ce"), WORLD)
+    with pytest.raises(WhelpError, match="--local .* drop chat_loss=ce"):
+        replace(SPEC, chat_loss="ce", ce_weight=0.0, local=True)

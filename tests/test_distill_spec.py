@@ -22,6 +22,7 @@ DISTILL_OPTIONS = set(
 )
 DISTILL_OPTIONS |= {"--hidden-weight", "--hidden-loss", "--hidden-map", "--local", "--no-local"}  # added since
 DISTILL_OPTIONS |= {"--mixture", "--mixture-every", "--mixture-dev-blocks"}  # added since: the dynamic data mixture
+DISTILL_OPTIONS |= {"--chat-loss"}  # added since: sequence-level KD on chat data
 
 FLAT = {
     "lr": (2e-3, ("optim", "lr")),

@@ -155,7 +155,7 @@ class LocalStep:
             steps=None,
             max_tokens=self.max_tokens or self.steps * per_step,
             optim=replace(step.optim, lr=self.lr, warmup=self.warmup),
-            kd=replace(step.kd, ce_weight=0.0),
+            kd=replace(step.kd, ce_weight=0.0, chat_loss="kd"),
             gkd=OnPolicySpec(),  # none: its options without on-policy micro-batches would be refused
             hidden=replace(step.hidden, local=True, weight=0.0),
         )

@@ -149,6 +149,13 @@ class Blocks:
         a mask. 1 bit per token on disk, read like the tokens (a conversation cut at a block edge keeps its mask)."""
         return self.read_mask(self._rows(rows)) if self.has_mask else None
 
+    def chat_rows(self, rows) -> torch.Tensor:
+        """BoolTensor [len(rows)]: whether each row comes from a source with a loss mask (chat data)."""
+        return self.located_chat(self._rows(rows))
+
+    def located_chat(self, located: list[tuple[int, int]]) -> torch.Tensor:
+        return torch.tensor([self.sources[i][0].has_mask for i, _ in located], dtype=torch.bool)
+
     def read_mask(self, located: list[tuple[int, int]]) -> torch.Tensor:
         """The loss mask of ``(source, block)`` pairs (``mask``): BoolTensor [len(located), seq_len]."""
         L = self.seq_len
@@ -194,6 +201,10 @@ class TensorBlocks:
 
     def mask(self, rows) -> torch.Tensor | None:
         return None if self._mask is None else self._mask[torch.as_tensor(rows, dtype=torch.long)]
+
+    def chat_rows(self, rows) -> torch.Tensor:
+        """BoolTensor [len(rows)]: every row is chat data when the tensor came with a loss mask."""
+        return torch.full((len(torch.as_tensor(rows).reshape(-1)),), self._mask is not None)
 
     def head(self, n: int | None = None) -> torch.Tensor:
         return self.tokens[:n]

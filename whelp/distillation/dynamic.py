@@ -79,6 +79,9 @@ class Reweighted:
     def mask(self, ids) -> torch.Tensor | None:
         return self.blocks.read_mask(self._located(ids)) if self.has_mask else None
 
+    def chat_rows(self, ids) -> torch.Tensor:
+        return self.blocks.located_chat(self._located(ids))
+
     def dev(self, i: int) -> torch.Tensor:
         """Flat ids of source ``i``'s dev blocks: LongTensor [dev_blocks]."""
         return self.offsets[i] + self.blocks.perms[i][: self.dev_blocks]

@@ -178,6 +178,11 @@ def setup(
     check_teacher_weights(list(weights), spec)
     check_on_policy(list(weights)[: len(teachers)], spec)
     check_local(len(teachers), len(caches), spec)
+    if spec.kd.chat_loss == "ce" and not blocks.has_mask:
+        raise WhelpError(
+            "chat_loss=ce trains the answers of chat data by CE alone, and no source of the data has a loss mask "
+            "(written by whelp generate --chat or whelp tokenize --chat); add chat data or drop --chat-loss"
+        )
     unusual = guard.unusual_lr(spec.optim.lr)
     if unusual and world.main:
         metrics.note(unusual)
@@ -260,6 +265,8 @@ def loss_step(
     else:
         labels = next_token_labels(ids, data_mask)
         kd = dict(labels=labels, mask=labels != -100, spec=t.loss, weights=weights)
+        if t.loss.chat_loss == "ce":  # chat rows: CE alone on the teacher's answers (sequence-level KD)
+            kd["ce_only"] = t.blocks.chat_rows(micro).to(ids.device)[:, None].expand_as(ids).flatten()
     matched = t.hidden is not None and t.spec.hidden.weight > 0 and not on
     layers = parallel.decoder_layers(t.teachers[0], "teacher") if matched else []
     with torch.no_grad(), t.autocast(), hidden_states.capture(layers, t.hidden.layer_map if matched else []) as found:

@@ -238,6 +238,19 @@ def _through_transform(dz: Tensor, logits: Tensor | None, h: Tensor, w: Tensor, 
     return dz
 
 
+def _split(hidden, weight, targets, weights, spec, labels, mask, transform, ce_only: Tensor) -> KDResult:
+    """``kd_loss`` of the ``ce_only`` positions by CE alone plus that of the others by ``spec``, summed."""
+    counted = torch.ones_like(ce_only) if mask is None else mask
+    ce = kd_loss(hidden, weight, [], [], dataclasses.replace(spec, ce_weight=1.0), labels, counted & ce_only, transform)
+    rest = counted & ~ce_only
+    if not rest.any():
+        per = tuple(torch.zeros((), dtype=ce.loss.dtype) for _ in targets)
+        return KDResult(loss=ce.loss, per_teacher=per, ce=ce.ce, tokens=ce.tokens)
+    kd = kd_loss(hidden, weight, targets, weights, spec, labels, rest, transform)
+    both = None if kd.ce is None else kd.ce + ce.ce
+    return KDResult(loss=kd.loss + ce.loss, per_teacher=kd.per_teacher, ce=both, tokens=kd.tokens + ce.tokens)
+
+
 def kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -247,6 +260,7 @@ def kd_loss(
     labels: Tensor | None = None,
     mask: Tensor | None = None,
     transform: models.LogitTransform | None = None,
+    ce_only: Tensor | None = None,
 ) -> KDResult:
     """Weighted multi-teacher KD (+ optional CE) summed over unmasked tokens, without [N, V] tensors.
 
@@ -256,8 +270,12 @@ def kd_loss(
     labels [N] next-token ids (-100 = ignore); mask [N] bool, True = the position counts. Masked positions
     never enter the computation, so their gradient is exactly zero. ``transform``: the student family's logit
     transform (``model_transform``), applied to every chunk's ``hidden @ weight^T`` as its forward does; live
-    teachers carry their own (``LiveTarget.transform``), caches hold transformed logits already.
+    teachers carry their own (``LiveTarget.transform``), caches hold transformed logits already. ``ce_only`` [N]
+    bool: positions trained by CE alone (chat answers under ``chat_loss`` "ce"), the others as ``spec`` says;
+    ``per_teacher`` then sums over the others only.
     """
+    if ce_only is not None and bool(ce_only.any()):
+        return _split(student_hidden, student_weight, targets, weights, spec, labels, mask, transform, ce_only)
     if len(targets) != len(weights):
         raise WhelpError(f"{len(targets)} teachers but {len(weights)} weights; give one weight per teacher")
     if spec.ce_weight and labels is None:

@@ -52,6 +52,7 @@ class DistillSpec:
         "beta": ("kd", "beta"),
         "alpha": ("kd", "alpha"),
         "ce_weight": ("kd", "ce_weight"),
+        "chat_loss": ("kd", "chat_loss"),
         "on_policy": ("gkd", "fraction"),
         "gen_tokens": ("gkd", "gen_tokens"),
         "prompt_tokens": ("gkd", "prompt_tokens"),
@@ -173,6 +174,7 @@ class DistillSpec:
             f"{key}={value}"
             for key, value in (
                 ("ce_weight", self.kd.ce_weight),
+                ("chat_loss", self.kd.chat_loss if self.kd.chat_loss != "kd" else 0),
                 ("on_policy", self.gkd.fraction),
                 ("hidden_weight", self.hidden.weight),
             )

@@ -70,6 +70,9 @@ class LossSpec:
     2015: keeps gradient magnitudes comparable across temperatures) else 1. CE uses the untempered student.
     ``vocab_size``: the tokenizer's vocabulary when an lm_head is padded (e.g. 49152 real ids in 49216 rows);
     ids at or above it are excluded from every softmax, which is exactly masking their logits to -inf.
+    ``chat_loss`` "ce": the rows of chat data (a source with a loss mask) train with loss = CE alone, the teacher's
+    sampled answers as targets (sequence-level KD, Kim & Rush 2016), while text rows keep the loss above: on the
+    demo it cut greedy looping on held-out requests from 53% to 36% for +3% licence perplexity (bench/RESULTS.md).
     """
 
     name: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = opt(
@@ -80,6 +83,11 @@ class LossSpec:
     beta: float = opt(0.5, "jsd: mixture weight of the teacher, in (0, 1)")
     alpha: float = opt(0.1, "skew_kl: skew toward the teacher, in [0, 1)")
     ce_weight: float = opt(0.0, "Weight of the next-token CE in [0, 1]")
+    chat_loss: Literal["kd", "ce"] = opt(
+        "kd",
+        "The loss of chat data's answers (a store with a loss mask): kd (as text: KD + ce_weight CE) | ce (CE alone "
+        "on the teacher's sampled answers: sequence-level KD, which loops less; text rows keep KD)",
+    )
     chunk_size: int = opt(1024, "Tokens per loss chunk: loss memory ~ 3 x chunk x vocab x 4 bytes")
     vocab_size: int | None = None
 
@@ -92,6 +100,7 @@ class LossSpec:
                 (0 < self.beta < 1, f"jsd beta must be in (0, 1), got {self.beta}"),
                 (0 <= self.alpha < 1, f"skew_kl alpha must be in [0, 1), got {self.alpha}"),
                 (0 <= self.ce_weight <= 1, f"ce_weight must be in [0, 1], got {self.ce_weight}"),
+                _choice("chat_loss", self.chat_loss, ("kd", "ce")),
                 *_positive(self, ("chunk_size", "vocab_size")),
             ]
         )
