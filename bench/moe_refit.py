@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from prune_quality import _bpe
+from prune_quality import _bpe, toy_moe
 from publish import publish
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from whelp.data import read_documents, token_stream
 from whelp.evals.perplexity import perplexity
@@ -38,48 +37,6 @@ TARGETS = {
 MODES = ("none", "lsq", "span")
 
 
-def teacher(steps: int, train_ids: torch.Tensor, vocab: int):
-    """The toy Qwen3-MoE, trained ``steps`` steps of 16 x SEQ tokens (AdamW, one-cycle, load balancing 0.01)."""
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        "qwen3_moe",
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        num_experts=16,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-        vocab_size=vocab,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        output_router_logits=True,
-        router_aux_loss_coef=0.01,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    blocks = train_ids[: len(train_ids) // SEQ * SEQ].view(-1, SEQ)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for step in range(steps):
-        batch = blocks[torch.randint(0, len(blocks), (16,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0:
-            print(f"train step {step} loss {loss.item():.3f}", file=sys.stderr, flush=True)
-    model.eval()
-    model.config.output_router_logits = False
-    return model, blocks
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -92,7 +49,7 @@ def main() -> None:
     start = time.time()
     docs = read_documents("pydoc:train")
     tokenizer = _bpe(docs, 1024)
-    model, blocks = teacher(args.steps, token_stream(docs, tokenizer), len(tokenizer))
+    model, blocks, _ = toy_moe(token_stream(docs, tokenizer), len(tokenizer), args.steps, SEQ)
     eval_ids = token_stream(read_documents("pydoc:eval"), tokenizer, args.eval_tokens)
 
     def ppl(m) -> float:

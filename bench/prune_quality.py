@@ -135,18 +135,14 @@ def _bpe(docs: list[str], vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-def moe_main(args) -> None:
-    """Train a small MoE briefly, prune it to half its experts per method, report held-out ppl."""
+def toy_moe(train_ids: torch.Tensor, vocab: int, steps: int, seq_len: int):
+    """``(model, blocks, generator)``: a Qwen3-MoE of 4 layers, hidden 128, 16 experts of FFN 128, top-2
+    (renormalised), trained from random init for ``steps`` steps of 16 x ``seq_len`` tokens of ``train_ids``
+    (AdamW, one-cycle lr 3e-3, load balancing 0.01); the training blocks [n, seq_len] and the batch generator after
+    training (the calibration draw continues it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from whelp.pruning import moe
-
-    start = time.time()
     torch.manual_seed(0)
-    train_docs = read_documents("pydoc:train")
-    tokenizer = _bpe(train_docs, 1024)
-    train_ids = token_stream(train_docs, tokenizer)
-    eval_ids = token_stream(read_documents("pydoc:eval"), tokenizer, args.eval_tokens)
     cfg = AutoConfig.for_model(
         "qwen3_moe",
         hidden_size=128,
@@ -159,7 +155,7 @@ def moe_main(args) -> None:
         num_experts=16,
         num_experts_per_tok=2,
         norm_topk_prob=True,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         output_router_logits=True,
@@ -167,11 +163,11 @@ def moe_main(args) -> None:
     )
     model = AutoModelForCausalLM.from_config(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.moe_steps, pct_start=0.1)
-    blocks = train_ids[: len(train_ids) // args.seq_len * args.seq_len].view(-1, args.seq_len)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    blocks = train_ids[: len(train_ids) // seq_len * seq_len].view(-1, seq_len)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for step in range(args.moe_steps):
+    for step in range(steps):
         batch = blocks[torch.randint(0, len(blocks), (16,), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -183,6 +179,19 @@ def moe_main(args) -> None:
             print(f"moe train step {step} loss {loss.item():.3f}", file=sys.stderr)
     model.eval()
     model.config.output_router_logits = False
+    return model, blocks, gen
+
+
+def moe_main(args) -> None:
+    """Train a small MoE briefly, prune it to half its experts per method, report held-out ppl."""
+    from whelp.pruning import moe
+
+    start = time.time()
+    train_docs = read_documents("pydoc:train")
+    tokenizer = _bpe(train_docs, 1024)
+    train_ids = token_stream(train_docs, tokenizer)
+    eval_ids = token_stream(read_documents("pydoc:eval"), tokenizer, args.eval_tokens)
+    model, blocks, gen = toy_moe(train_ids, len(tokenizer), args.moe_steps, args.seq_len)
     calib = blocks[torch.randperm(len(blocks), generator=gen)[: args.calib_blocks]]
 
     def ppl(m) -> float:

@@ -57,6 +57,22 @@ def tiny_config(family: str = "llama", **overrides):
     return AutoConfig.for_model(family, **base)
 
 
+# tiny_config overrides of the MoE families: 8 experts, top-2; Qwen2-MoE with a shared expert and one dense layer,
+# Qwen3-MoE with renormalized top-k
+MOE = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "qwen2_moe": dict(
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=3,
+        mlp_only_layers=[1],
+    ),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+}
+
+
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     """A tiny random causal LM in fp32 eval mode, deterministic for ``seed``."""
     from transformers import AutoModelForCausalLM

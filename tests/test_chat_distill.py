@@ -183,14 +183,24 @@ def write_store(path, tok, parts, masks=None):
     return tokenstore.open_store(tokenstore.write(path, identity, False, fill))
 
 
-def test_a_mixture_of_a_chat_store_and_text_reads_the_chat_mask_and_trains_every_text_token(tmp_path):
+def chat_and_text(tmp_path):
+    """``(rows, masks, text_store)``: 16-token rows of a 50/50 mixture of a chat store (six 40-token conversations,
+    three targets in every seven tokens) and a 200-token text store."""
     tok = tiny_tokenizer()
     g = np.random.default_rng(0)
     parts = [g.integers(1, 512, 40) for _ in range(6)]
     masks = [np.arange(40) % 7 < 3 for _ in range(6)]
     chat_store = write_store(tmp_path / "chat", tok, parts, masks)
     text_store = write_store(tmp_path / "text", tok, [g.integers(1, 512, 200)])
-    rows = Blocks([(chat_store, 0.5), (text_store, 0.5)], 16, 0, None, Mixture.parse("chat:0.5,text:0.5"))
+    return (
+        Blocks([(chat_store, 0.5), (text_store, 0.5)], 16, 0, None, Mixture.parse("chat:0.5,text:0.5")),
+        masks,
+        text_store,
+    )
+
+
+def test_a_mixture_of_a_chat_store_and_text_reads_the_chat_mask_and_trains_every_text_token(tmp_path):
+    rows, masks, text_store = chat_and_text(tmp_path)
     assert rows.has_mask
     everything = torch.arange(len(rows))
     got = rows.mask(everything)
@@ -232,13 +242,7 @@ def test_chat_loss_ce_trains_chat_rows_by_ce_alone_and_text_rows_by_kd(tmp_path)
     """A mixture of a chat store and text under chat_loss=ce: the step's loss and gradients equal the naive
     reference (CE alone on the chat rows' answers, KD + CE on the text rows), and its logged divergence counts the
     text rows only."""
-    tok = tiny_tokenizer()
-    g = np.random.default_rng(0)
-    parts = [g.integers(1, 512, 40) for _ in range(6)]
-    masks = [np.arange(40) % 7 < 3 for _ in range(6)]
-    chat_store = write_store(tmp_path / "chat", tok, parts, masks)
-    text_store = write_store(tmp_path / "text", tok, [g.integers(1, 512, 200)])
-    rows = Blocks([(chat_store, 0.5), (text_store, 0.5)], 16, 0, None, Mixture.parse("chat:0.5,text:0.5"))
+    rows, _, _ = chat_and_text(tmp_path)
     spec = replace(SPEC, seq_len=16, chat_loss="ce")
     teacher, student = models()
     ref_student = tiny_model(seed=2, intermediate_size=64, num_hidden_layers=1)

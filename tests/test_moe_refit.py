@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import MOE, tiny_model
 from transformers import AutoModelForCausalLM
 
 from whelp.pruning import api, arch, moe_refit, reconstruct, streaming
@@ -15,18 +15,6 @@ from whelp.pruning.keep import identity_keep
 from whelp.pruning.targets import parse_target
 from whelp.specs import PruneSpec
 
-MOE = {  # Qwen2-MoE with a shared expert and one dense layer, Qwen3-MoE with renormalised top-k
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
-    "qwen2_moe": dict(
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        num_hidden_layers=3,
-        mlp_only_layers=[1],
-    ),
-    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
-}
 TARGETS = {
     "mixtral": "num_local_experts=5,intermediate_size=24,hidden_size=48",
     "qwen2_moe": "num_experts=5,moe_intermediate_size=24,hidden_size=48,intermediate_size=96",

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import logits, run_cli, save_tiny, tiny_model, tiny_tokenizer, zeroed_equivalents
+from conftest import MOE, logits, run_cli, save_tiny, tiny_model, tiny_tokenizer, zeroed_equivalents
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -23,18 +23,6 @@ from whelp.pruning.targets import moe_config, parse_target
 from whelp.specs import PruneSpec
 
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-MOE = {  # 8 experts, top-2; Qwen2-MoE with a shared expert and one dense layer, Qwen3-MoE with renormalized top-k
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
-    "qwen2_moe": dict(
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        num_hidden_layers=3,
-        mlp_only_layers=[1],
-    ),
-    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
-}
 FAMILIES = tuple(MOE)
 
 
