@@ -264,6 +264,10 @@ def test_chat_loss_ce_trains_chat_rows_by_ce_alone_and_text_rows_by_kd(tmp_path)
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
     text_kd = naive_masked_loss(ref_student, teacher, ids[~chat], mask[~chat], replace(spec, ce_weight=0.0))
     assert abs(float(sums[1]) - float(text_kd)) <= 1e-4 * float(text_kd)  # the teacher's KL: text rows only
+    text_tokens = loop.kd_tokens(t, 0, micro.view(1, 1, -1), tokens)
+    assert text_tokens == int(mask[~chat][:, 1:].sum()) < tokens
+    logged = loop._means(t, sums, tokens, 0, text_tokens)
+    assert logged["kl/t"] == pytest.approx(float(text_kd) / text_tokens, rel=1e-4)  # a mean over its own tokens
 
 
 def test_chat_loss_ce_needs_chat_data():

@@ -322,6 +322,16 @@ def step_tokens(t: Training, step: int, idx: torch.Tensor) -> tuple[int, int]:
     return counted, on
 
 
+def kd_tokens(t: Training, step: int, idx: torch.Tensor, off: int) -> int:
+    """The off-policy loss tokens the KD terms sum over: all ``off`` of them, but under ``chat_loss`` "ce" only the
+    text rows' (the chat rows train by CE alone), so the logged divergence is a mean over the tokens it counts."""
+    if t.loss.chat_loss != "ce":
+        return off
+    slots = [a for a in range(t.spec.grad_accum) if not onpolicy.on_policy(step, a, t.spec)]
+    rows = [idx[a].flatten() for a in slots]
+    return sum(int((t.blocks.mask(r)[:, 1:] & ~t.blocks.chat_rows(r)[:, None]).sum()) for r in rows)
+
+
 @torch.no_grad()
 def dev_ce(t: Training, model) -> torch.Tensor:
     """Mean next-token CE (nats per target token) of ``model``, the student ``t.model`` or a live teacher, on each
@@ -395,6 +405,7 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
         idx, mixed = t.mixing.step(step, t.per_step, lambda: dev_ce(t, t.model))
     idx = idx.view(t.spec.grad_accum, t.world.size, t.spec.batch_size)
     off_tokens, on_tokens = step_tokens(t, step, idx)
+    divergence_tokens = kd_tokens(t, step, idx, off_tokens)
     idx = idx[:, t.world.rank]
     sums = sum(
         loss_step(
@@ -417,7 +428,7 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     return {
         "step": step + 1,
         "loss": loss,
-        **_means(t, sums, off_tokens, on_tokens),
+        **_means(t, sums, off_tokens, on_tokens, divergence_tokens),
         "teacher_weights": list(weights),
         **mixed,
         "lr": t.scheduler.get_last_lr()[0],
@@ -427,7 +438,7 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     }
 
 
-def _means(t: Training, sums: torch.Tensor, off_tokens: int, on_tokens: int) -> dict:
+def _means(t: Training, sums: torch.Tensor, off_tokens: int, on_tokens: int, divergence_tokens: int) -> dict:
     """The log row's means: CE and each teacher's divergence over the data's tokens (``kl/NAME``, the chosen
     loss) and, in steps with on-policy micro-batches, each live teacher's over the sampled ones (``on/NAME``); the
     hidden-state loss (``hidden``) over the data's tokens, alone in a block-local run."""
@@ -437,7 +448,7 @@ def _means(t: Training, sums: torch.Tensor, off_tokens: int, on_tokens: int) -> 
     row = {}
     if off_tokens:
         row["ce"] = sums[1 + n].item() / off_tokens
-        row.update({f"kl/{name}": v.item() / off_tokens for name, v in zip(t.names, sums[1 : 1 + n])})
+        row.update({f"kl/{name}": v.item() / max(divergence_tokens, 1) for name, v in zip(t.names, sums[1 : 1 + n])})
     if on_tokens:
         row["on_policy_tokens"] = on_tokens
         row.update({f"on/{name}": v.item() / on_tokens for name, v in zip(t.names, sums[2 + n : -1])})
