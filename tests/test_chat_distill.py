@@ -60,8 +60,10 @@ def test_masked_kd_equals_a_naive_reference_and_masked_tokens_get_no_gradient():
     t = loop.setup(student, [teacher], [], [1.0], ["t"], blocks, SPEC, WORLD)
     micro = torch.tensor([0, 3, 5])
     idx = micro.view(1, 1, 3)
-    tokens, on = loop.step_tokens(t, 0, idx)
-    assert on == 0 and tokens == int(mask[micro][:, 1:].sum())  # the step divides by its target tokens only
+    tokens, on, divergence = loop.step_tokens(t, 0, idx)
+    assert on == 0 and tokens == divergence == int(
+        mask[micro][:, 1:].sum()
+    )  # the step divides by its target tokens only
     sums = loop.loss_step(t, micro, (1.0,), None, tokens)
     ref = naive_masked_loss(ref_student, teacher, ids[micro], mask[micro], SPEC)
     (ref / tokens).backward()
@@ -264,8 +266,8 @@ def test_chat_loss_ce_trains_chat_rows_by_ce_alone_and_text_rows_by_kd(tmp_path)
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
     text_kd = naive_masked_loss(ref_student, teacher, ids[~chat], mask[~chat], replace(spec, ce_weight=0.0))
     assert abs(float(sums[1]) - float(text_kd)) <= 1e-4 * float(text_kd)  # the teacher's KL: text rows only
-    text_tokens = loop.kd_tokens(t, 0, micro.view(1, 1, -1), tokens)
-    assert text_tokens == int(mask[~chat][:, 1:].sum()) < tokens
+    counted, _, text_tokens = loop.step_tokens(t, 0, micro.view(1, 1, -1))
+    assert counted == tokens and text_tokens == int(mask[~chat][:, 1:].sum()) < tokens
     logged = loop._means(t, sums, tokens, 0, text_tokens)
     assert logged["kl/t"] == pytest.approx(float(text_kd) / text_tokens, rel=1e-4)  # a mean over its own tokens
 

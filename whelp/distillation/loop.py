@@ -310,26 +310,21 @@ def local_step(t: Training, ids: torch.Tensor, data_mask: torch.Tensor | None, t
     return torch.cat([loss.view(1), zeros, loss.view(1)])
 
 
-def step_tokens(t: Training, step: int, idx: torch.Tensor) -> tuple[int, int]:
-    """(off-policy, on-policy) loss tokens of optimizer ``step`` over all ranks, ``idx`` [grad_accum, ranks,
-    batch_size] its rows (``onpolicy.step_tokens``); on chat data the off-policy count is the target tokens of the
-    off-policy micro-batches, read from the mask on every rank alike (1 bit a token, no communication)."""
+def step_tokens(t: Training, step: int, idx: torch.Tensor) -> tuple[int, int, int]:
+    """(off-policy, on-policy, divergence) loss tokens of optimizer ``step`` over all ranks, ``idx`` [grad_accum,
+    ranks, batch_size] its rows (``onpolicy.step_tokens``); on chat data the off-policy count is the target tokens of
+    the off-policy micro-batches, read from the mask on every rank alike (1 bit a token, no communication). The
+    divergence count is the off-policy tokens the KD terms sum over: all of them, but under ``chat_loss`` "ce" only
+    the text rows' (the chat rows train by CE alone), so the logged divergence is a mean over its own tokens."""
     off, on = onpolicy.step_tokens(step, t.spec, t.world.size)
     if not t.blocks.has_mask:
-        return off, on
-    slots = [a for a in range(t.spec.grad_accum) if not onpolicy.on_policy(step, a, t.spec)]
-    counted = sum(int(t.blocks.mask(idx[a].flatten())[:, 1:].sum()) for a in slots)
-    return counted, on
-
-
-def kd_tokens(t: Training, step: int, idx: torch.Tensor, off: int) -> int:
-    """The off-policy loss tokens the KD terms sum over: all ``off`` of them, but under ``chat_loss`` "ce" only the
-    text rows' (the chat rows train by CE alone), so the logged divergence is a mean over the tokens it counts."""
+        return off, on, off
+    rows = [idx[a].flatten() for a in range(t.spec.grad_accum) if not onpolicy.on_policy(step, a, t.spec)]
+    targets = [(r, t.blocks.mask(r)[:, 1:]) for r in rows]
+    counted = sum(int(m.sum()) for _, m in targets)
     if t.loss.chat_loss != "ce":
-        return off
-    slots = [a for a in range(t.spec.grad_accum) if not onpolicy.on_policy(step, a, t.spec)]
-    rows = [idx[a].flatten() for a in slots]
-    return sum(int((t.blocks.mask(r)[:, 1:] & ~t.blocks.chat_rows(r)[:, None]).sum()) for r in rows)
+        return counted, on, counted
+    return counted, on, sum(int((m & ~t.blocks.chat_rows(r)[:, None]).sum()) for r, m in targets)
 
 
 @torch.no_grad()
@@ -404,8 +399,7 @@ def optimizer_step(t: Training, step: int, last_good: Path | None) -> dict:
     else:
         idx, mixed = t.mixing.step(step, t.per_step, lambda: dev_ce(t, t.model))
     idx = idx.view(t.spec.grad_accum, t.world.size, t.spec.batch_size)
-    off_tokens, on_tokens = step_tokens(t, step, idx)
-    divergence_tokens = kd_tokens(t, step, idx, off_tokens)
+    off_tokens, on_tokens, divergence_tokens = step_tokens(t, step, idx)
     idx = idx[:, t.world.rank]
     sums = sum(
         loss_step(
