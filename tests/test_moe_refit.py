@@ -10,7 +10,7 @@ import torch
 from conftest import MOE, tiny_model
 from transformers import AutoModelForCausalLM
 
-from whelp.pruning import api, arch, moe_refit, reconstruct, streaming
+from whelp.pruning import api, arch, moe, moe_refit, reconstruct, streaming
 from whelp.pruning.keep import identity_keep
 from whelp.pruning.targets import parse_target
 from whelp.specs import PruneSpec
@@ -25,7 +25,7 @@ TOKENS = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(
 
 def block_of(family: str, **overrides):
     model = tiny_model(family, **{**MOE[family], **overrides})
-    return next(layer.mlp for layer in model.model.layers if moe_refit.is_moe(layer))
+    return next(layer.mlp for layer in model.model.layers if moe.is_moe(layer))
 
 
 def inputs(n_batches: int = 3, n: int = 40, hidden: int = 64) -> list[torch.Tensor]:

@@ -79,7 +79,7 @@ def attach(layer, family: Family, head_dim: int, stats: dict, index: int) -> lis
                 lambda m, args: _add(stats, f"mlp.{index}", minitron_sq(args[0]))
             )
         )
-    if family.experts_key and hasattr(layer.mlp, "experts"):
+    if moe.is_moe(layer):
         handles += moe.attach_experts({index: layer.mlp}, stats)
     for norm in family.norms:
         handles.append(

@@ -76,18 +76,36 @@ def moe_blocks(model) -> dict[int, torch.nn.Module]:
     """Decoder layer index -> its sparse MoE block (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step`` layers are
     dense and absent)."""
     family = moe_family_of(model.config)
-    return {i: layer.mlp for i, layer in enumerate(model.get_submodule(family.layers)) if hasattr(layer.mlp, "experts")}
+    return {i: layer.mlp for i, layer in enumerate(model.get_submodule(family.layers)) if is_moe(layer)}
 
 
 # ---------------------------------------------------------------- saliency
 
 
+def expert_activations(experts, x: Tensor, expert: int) -> Tensor:
+    """The FFN neurons' activations of expert ``j`` for tokens ``x`` [N, H], in fp32: the input of its down
+    projection [N, I]."""
+    gate, up = F.linear(x.float(), experts.gate_up_proj[expert].float()).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
 def expert_outputs(experts, x: Tensor, expert: int) -> tuple[Tensor, Tensor]:
     """``(f_j(x), a)`` of expert ``j`` for tokens ``x`` [N, H] in fp32: its output [N, H] and the input of its
     down projection [N, I] (the FFN neurons' activations)."""
-    gate, up = F.linear(x.float(), experts.gate_up_proj[expert].float()).chunk(2, dim=-1)
-    act = experts.act_fn(gate) * up
+    act = expert_activations(experts, x, expert)
     return F.linear(act, experts.down_proj[expert].float()), act
+
+
+def expert_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """``(hidden_states [N, H], top_k_index [N, k], top_k_weights [N, k])``: what an MoE block hands its experts,
+    from a forward pre-hook's arguments (the signature every family's experts module shares)."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    return tuple(args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+
+
+def is_moe(layer) -> bool:
+    """Whether a decoder layer's MLP is a sparse MoE block (Qwen's dense ``mlp_only_layers`` are not)."""
+    return hasattr(getattr(layer, "mlp", None), "experts")
 
 
 def reap_sums(experts, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> dict[str, Tensor]:
@@ -140,8 +158,7 @@ def attach_experts(blocks: dict[int, torch.nn.Module], stats: dict) -> list:
             stats.setdefault(f"moe.{key}.{index}", value)
 
         def hook(module, args, kwargs, index=index):
-            names = ("hidden_states", "top_k_index", "top_k_weights")
-            x, top_k_index, top_k_weights = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+            x, top_k_index, top_k_weights = expert_inputs(args, kwargs)
             for key, value in reap_sums(module, x, top_k_index, top_k_weights).items():
                 _add(stats, f"moe.{key}.{index}", value)
 

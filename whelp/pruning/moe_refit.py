@@ -29,38 +29,29 @@ from torch import Tensor
 
 from whelp.models import layer_output
 from whelp.pruning.lsq import DAMP, Moments, refit
-
-
-def is_moe(layer) -> bool:
-    """Whether a decoder layer's MLP is a sparse MoE block (Qwen's dense ``mlp_only_layers`` are not)."""
-    return hasattr(getattr(layer, "mlp", None), "experts")
+from whelp.pruning.moe import expert_activations, expert_inputs
 
 
 def _routed(block, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, top_k_index, top_k_weights)`` of ``block`` on tokens ``x`` [N, H]: its output [N, H] and the routing
     its router chose (read where the block hands them to its experts, the signature every family shares)."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        seen.update({n: args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names)})
-
-    handle = block.experts.register_forward_pre_hook(grab, with_kwargs=True)
+    seen = []
+    handle = block.experts.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(expert_inputs(args, kwargs)), with_kwargs=True
+    )
     try:
         with torch.no_grad():
             y = block(x[None]).reshape(x.shape)
     finally:
         handle.remove()
-    return y, seen["top_k_index"], seen["top_k_weights"]
+    return y, seen[0][1], seen[0][2]
 
 
 def _expert_features(experts, x: Tensor, index: Tensor, weights: Tensor, e: int) -> tuple[Tensor, Tensor]:
     """``(tokens, g a_e)``: the tokens routed to expert ``e`` and its FFN activations [n, I'] times their routing
     weight, in float32."""
     token, slot = torch.where(index == e)
-    gate, up = torch.nn.functional.linear(x[token].float(), experts.gate_up_proj[e].float()).chunk(2, dim=-1)
-    g = weights[token, slot].float()[:, None]
-    return token, g * experts.act_fn(gate) * up
+    return token, weights[token, slot].float()[:, None] * expert_activations(experts, x[token], e)
 
 
 def _shared_features(block, x: Tensor) -> tuple[Tensor, Tensor]:

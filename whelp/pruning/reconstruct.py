@@ -38,8 +38,8 @@ from whelp.pruning.arch import Family, split_name
 from whelp.pruning.keep import Keep, head_dim_of, text_config
 from whelp.pruning.layerwise import assign_layer, layer_types, rope_and_mask, skeleton
 from whelp.pruning.lsq import DAMP, Moments, refit
-from whelp.pruning.moe import ExpertKeep, moe_family_of
-from whelp.pruning.moe_refit import block_targets, is_moe, refit_block
+from whelp.pruning.moe import ExpertKeep, is_moe, moe_family_of
+from whelp.pruning.moe_refit import block_targets, refit_block
 from whelp.pruning.surgery import slice_tensor, target_config
 
 

@@ -39,7 +39,7 @@ from whelp.pruning.arch import family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores
 from whelp.pruning.keep import head_dim_of, text_config
 from whelp.pruning.layerwise import embedded, layer_types, load_layer, n_experts, rope_and_mask, skeleton, unload_layer
-from whelp.pruning.moe import expert_magnitudes, expert_scores
+from whelp.pruning.moe import expert_magnitudes, expert_scores, is_moe
 from whelp.pruning.reconstruct import resolve, summary
 from whelp.pruning.shards import read_tensor, weight_map, write_shards
 from whelp.pruning.stream_refit import refit_streaming, spilled
@@ -172,7 +172,7 @@ def calibrate_streaming(
     magnitudes: dict = {}  # the experts' weight magnitudes, read once per layer (not per batch)
     for index in range(cfg.num_hidden_layers):
         layer = load_layer(model, family, index, shards, dtype)
-        if family.experts_key and hasattr(layer.mlp, "experts"):
+        if is_moe(layer):
             magnitudes.update(expert_magnitudes({index: layer.mlp}))
         for b, per_type, stats in zip(batches, rope_mask, per_batch):
             rope, mask = per_type[types[index]]
