@@ -5,6 +5,8 @@ non-embedding parameters), calibrated on the same blocks of pydoc:calib, without
 
   activation + none | lsq | span | bias   whelp's Minitron importance, then each reconstruction (whelp prune
                                           --reconstruct; "none" is the sliced weights)
+  OBS-selected + lsq | span               the MLP neurons chosen layer by layer for the refit by structured OBS
+                                          (whelp prune --select obs; ZipLM), then the same refit
   magnitude + none, taylor + none         weight magnitude; first-order Taylor (LLM-Pruner's element-wise criterion)
                                           on whelp's family path at the same shape
   depth only (ShortGPT) + none | span     the same parameter count by layers alone (18 layers, block influence)
@@ -51,6 +53,8 @@ ROWS = {  # name -> (target, PruneSpec changes); None target: torch-pruning's ge
     "activation + lsq": (DEMO, dict(reconstruct="lsq")),
     "activation + span": (DEMO, dict(reconstruct="span")),
     "activation + bias (FLAP)": (DEMO, dict(reconstruct="bias")),
+    "activation, OBS-selected + lsq": (DEMO, dict(reconstruct="lsq", select="obs")),
+    "activation, OBS-selected + span": (DEMO, dict(reconstruct="span", select="obs")),
     "magnitude + none": (DEMO, dict(importance="magnitude", reconstruct="none")),
     "taylor + none": (DEMO, dict(importance="taylor", reconstruct="none")),
     "depth only (ShortGPT) + none": (DEPTH, dict(reconstruct="none")),
@@ -86,7 +90,7 @@ def main() -> None:
     parser.add_argument("--calib-blocks", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--only", default="", help="run only the rows whose name contains this")
+    parser.add_argument("--only", nargs="+", default=[""], help="run only the rows whose name contains one of these")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
@@ -102,7 +106,7 @@ def main() -> None:
     for seed in args.seeds:
         calib = blocks("pydoc:calib", tokenizer, 256, n=args.calib_blocks, seed=seed).head(args.calib_blocks)
         for name, (target, changes) in ROWS.items():
-            if args.only not in name:
+            if not any(part in name for part in args.only):
                 continue
             student, seconds = run_row(teacher, target, changes, calib, args.calib_blocks, seed)
             row = results.setdefault(name, {"seeds": {}, "params": sum(p.numel() for p in student.parameters())})

@@ -228,8 +228,9 @@ def test_tiny_recipe_prices_every_stage_in_fp32():
     assert [s["stage"] for s in planned["stages"]] == ["prune[0]", "capture[0]", "distill[0]"]
     teacher, student = planned["teacher"]["shape"]["params"], planned["student"]["params"]
     prune, capture, distill = planned["stages"]
-    # calibration and the default reconstruction's refit passes
-    assert prune["flops"] == 2 * teacher * 4 * 64 * (1 + pricing.REFIT_PASSES) and prune["device"] == "cpu"
+    # calibration, the default reconstruction's refit passes and its OBS selection (30 -> 4 layers, MLP 1536 -> 256)
+    selection = pricing.select_flops(4 * 64, 4, 1536, 256)
+    assert prune["flops"] == 2 * teacher * 4 * 64 * (1 + pricing.REFIT_PASSES) + selection and prune["device"] == "cpu"
     assert prune["fits"] is None
     assert capture["tokens"] == 1024 and capture["flops"] == 2 * teacher * 1024
     assert distill["flops"] == (6 * student + 2 * teacher) * 1024
@@ -314,7 +315,7 @@ def test_the_llama_plan_reads_in_hours_and_bytes(monkeypatch):
         "  disk          cache 800 GB"
     )
     prune = next(b for b in blocks if b.startswith("prune[0]\n"))
-    assert "  GPU time      28 min\n" in prune and "  disk          store 33.6 MB, model 4.94 GB" in prune
+    assert "  GPU time      31 min\n" in prune and "  disk          store 33.6 MB, model 4.94 GB" in prune
     assert next(b for b in blocks if b.startswith("total\n")) == (
         "total\n"
         "  FLOPs         3.29e+21\n"
@@ -375,3 +376,16 @@ def test_a_chat_generate_stage_counts_the_teacher_template_and_needs_one(tmp_pat
 
 def stage_params(stage: dict) -> int:
     return stage["memory"][0]["bytes"] // 4  # fp32 weights
+
+
+def test_the_prune_stage_prices_obs_selection_on_top_of_the_refit():
+    """``prune.select: obs`` (what ``auto`` is for a Llama refit) adds pricing.select_flops for the 8B -> 1B MLP
+    widths to the stage's FLOPs; ``importance`` adds nothing."""
+    stages = {
+        how: _stage(plan.plan_recipe(recipe.load("llama-3.2-1b", (f"prune.select={how}",))), "prune[0]")
+        for how in ("importance", "obs", "auto")
+    }
+    spec = recipe.load("llama-3.2-1b").prune[0].options
+    added = pricing.select_flops(spec.calib_samples * spec.seq_len, 16, 14336, 8192)
+    assert stages["obs"]["flops"] - stages["importance"]["flops"] == added > 0
+    assert stages["auto"]["flops"] == stages["obs"]["flops"]

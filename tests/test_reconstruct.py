@@ -81,14 +81,17 @@ def test_refit_never_raises_the_calibration_error(damp):
 
 
 @pytest.mark.parametrize("mode", ["lsq", "span"])
-def test_a_student_identical_to_its_teacher_is_left_unchanged(mode):
+@pytest.mark.parametrize("select", [False, True])
+def test_a_student_identical_to_its_teacher_is_left_unchanged(mode, select):
+    """With OBS selection too: keeping every neuron, it keeps them in their order."""
     teacher = tiny_model("llama", num_hidden_layers=3)
     student = tiny_model("llama", num_hidden_layers=3)
     tokens = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(3))
     keep = identity_keep(teacher.config)
-    refit, report = reconstruct.reconstruct_model(
-        teacher, student, keep, arch.family_of(teacher.config), tokens, 2, mode
+    refit, report, kept = reconstruct.reconstruct_model(
+        teacher, student, keep, arch.family_of(teacher.config), tokens, 2, mode, select=select
     )
+    assert all(torch.equal(a, b) for a, b in zip(kept.mlp, keep.mlp))
     for name, value in teacher.state_dict().items():
         torch.testing.assert_close(refit.state_dict()[name], value, atol=1e-5, rtol=1e-4)
     assert all(r[m]["before"] < 1e-10 for r in report for m in ("o_proj", "down_proj"))
@@ -112,7 +115,7 @@ def test_streaming_reconstruction_equals_in_memory(tmp_path, family, mode):
     tiny_model(family, num_hidden_layers=4).save_pretrained(tmp_path / "src", max_shard_size="60KB")
     tokens = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
     teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
-    spec = PruneSpec(tie="mean", batch_size=4, reconstruct=mode)
+    spec = PruneSpec(tie="mean", batch_size=4, reconstruct=mode, select="importance")  # the refit alone (test_obs)
     in_memory = api.prune(teacher, TARGET, tokens, spec)
     plain = api.prune(teacher, TARGET, tokens, PruneSpec(tie="mean", batch_size=4, reconstruct="none"))
     got, report = streamed(tmp_path / "src", tmp_path / "out", spec, tokens)
@@ -170,7 +173,8 @@ def test_unknown_mode_names_the_choices():
 @pytest.mark.demo
 def test_reconstruction_lowers_the_demo_students_held_out_perplexity(demo, tmp_path):
     """On the real demo teacher at the demo's shape: lsq and span each give a lower one-shot perplexity than the
-    sliced weights on held-out text that calibration never saw (the licences), span the lowest."""
+    sliced weights on held-out text that calibration never saw (the licences), span the lowest (the same importance-
+    ranked neurons in each: OBS selection is measured in test_obs.py and bench/RESULTS.md)."""
     from whelp.data.blocks import blocks
     from whelp.evals.perplexity import perplexity
 
@@ -181,7 +185,9 @@ def test_reconstruction_lowers_the_demo_students_held_out_perplexity(demo, tmp_p
     target = "num_hidden_layers=24,intermediate_size=1024"
     ppl = {}
     for mode in ("none", "lsq", "span"):
-        student = api.prune(teacher, target, calib, PruneSpec(reconstruct=mode, calib_samples=16, seq_len=128))
+        student = api.prune(
+            teacher, target, calib, PruneSpec(reconstruct=mode, select="importance", calib_samples=16, seq_len=128)
+        )
         ppl[mode] = perplexity(student, ids, 256, batch_size=8).ppl
     assert ppl["span"] < ppl["lsq"] < ppl["none"], ppl
 
@@ -198,3 +204,11 @@ def test_prune_report_records_the_reconstruction(tmp_path, monkeypatch, demo_tok
     assert report["spec"]["reconstruct"] == "auto" and report["reconstruct"]["mode"] == "span"
     assert len(report["reconstruct"]["layers"]) == 1 and (tmp_path / "out" / SCORES_FILE).is_file()
     assert report["reconstruct"]["down_proj"]["after"] <= report["reconstruct"]["down_proj"]["before"]
+    # auto chose the MLP neurons by OBS; the record names the teacher neurons the written weights hold
+    assert report["spec"]["select"] == "auto" and report["select"] == "obs"
+    layer, kept = report["kept"]["layers"][0], report["kept"]["mlp"][0]
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(
+        student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[layer].mlp.up_proj.weight[kept]
+    )

@@ -149,6 +149,14 @@ def prune_flops(spec, params: int, layers: int) -> int:
     return 2 * params * spec.calib_samples * spec.seq_len * passes
 
 
+def select_flops(tokens: int, layers: int, width: int, kept: int) -> int:
+    """``--select obs`` on top of the refit (whelp.pruning.obs): per student layer, the float64 Gram of the
+    ``width`` MLP neurons over the calibration tokens (2 T n^2) and the greedy removal of ``width - kept`` of them
+    by block updates of the n x n inverse (about 4 n^2 per neuron removed): at 8B (n = 14,336 -> 4,096) the removal
+    is ~8 TFLOP per layer, beside a 16 x 256-token calibration's gram of ~1.7 TFLOP (``tokens``)."""
+    return layers * (2 * tokens * width * width + 4 * width * width * (width - kept))
+
+
 def prune_memory(params: int) -> list[dict]:
     """Prune runs in one host process in fp32: in memory it holds MEMORY_FACTOR x the weights (teacher, pruned copy,
     calibration activations), else it streams the shards layer by layer (whelp.pruning.streaming)."""

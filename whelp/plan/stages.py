@@ -26,7 +26,11 @@ from whelp.plan.inputs import (
     data_plan,
     teacher_config,
 )
+from whelp.pruning.arch import family_of
+from whelp.pruning.keep import text_config
 from whelp.pruning.moe import shape_of
+from whelp.pruning.obs import resolve_select
+from whelp.pruning.reconstruct import resolve
 from whelp.pruning.scores import check_scores_file
 from whelp.pruning.surgery import target_config
 from whelp.pruning.targets import first_keep, parse_target, rope_summary, target_rope
@@ -57,12 +61,23 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         "shape": _params(target),
         "rope": {"source": rope_summary(source_cfg), "target": rope_summary(target["config"])},
         "tokens": spec.calib_samples * spec.seq_len,
-        "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers),
+        "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers)
+        + _select_flops(spec, source_cfg, target["config"]),
         "parallel": False,
         "device": "cpu",
         "memory": pricing.prune_memory(source["params"]),
         "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]},
     }, target
+
+
+def _select_flops(spec, source_cfg, target_cfg) -> int:
+    """The neuron selection's cost (pricing.select_flops) where it runs (``--select`` resolved), else 0."""
+    family = family_of(source_cfg)
+    if resolve_select(spec.select, resolve(spec.reconstruct, family), family) != "obs":
+        return 0
+    source, target = text_config(source_cfg), text_config(target_cfg)
+    tokens = spec.calib_samples * spec.seq_len
+    return pricing.select_flops(tokens, target.num_hidden_layers, source.intermediate_size, target.intermediate_size)
 
 
 def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, where: str, number: int) -> dict:

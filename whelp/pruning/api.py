@@ -24,6 +24,7 @@ from whelp.pruning import arch, generic, importance, moe, streaming, surgery
 from whelp.pruning import reconstruct as reconstruction
 from whelp.pruning import scores as saved
 from whelp.pruning.keep import Keep, text_config
+from whelp.pruning.obs import resolve_select
 from whelp.pruning.targets import Target, parse_target, target_rope
 from whelp.specs import TIE, LoadPolicy, Mixture, PruneSpec, record
 from whelp.weights import check_safe_weights, save_dtype
@@ -140,12 +141,14 @@ def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores:
         timings["tie_kl_s"] = time.perf_counter() - t
     details = {"path": "in-memory", "tie": tie, "rope": spec.rope, "timings": timings}
     mode = reconstruction.resolve(spec.reconstruct, family)
+    select = resolve_select(spec.select, mode, family)
     if mode != "none":
         t = time.perf_counter()
         with Progress(f"reconstructing ({mode})", len(keep.layers)) as bar:
-            pruned, errors = reconstruction.reconstruct_model(
-                model, pruned, keep, family, tokens, spec.batch_size, mode, bar.advance
+            pruned, errors, keep = reconstruction.reconstruct_model(
+                model, pruned, keep, family, tokens, spec.batch_size, mode, bar.advance, select == "obs"
             )
+        details["select"] = select
         timings["reconstruct_s"] = time.perf_counter() - t
         details["reconstruct"] = reconstruction.summary(mode, errors)
     return pruned, scores, kept_report(keep), details
@@ -163,7 +166,8 @@ def prune(model, target: str | Target, calib, spec: PruneSpec = PruneSpec(), sco
         raise WhelpError(f"target is a preset name, a config.json path or key=value overrides, got {target!r}")
     parsed = target if isinstance(target, Target) else parse_target(model.config, target)
     family = arch.family_of(model.config)
-    reconstruction.check_mode(reconstruction.resolve(spec.reconstruct, family), model.config, family, parsed.published)
+    mode = reconstruction.resolve(spec.reconstruct, family)
+    reconstruction.check_mode(mode, model.config, family, parsed.published, spec.select)
     vocab = model.get_input_embeddings().num_embeddings
     pruned, scores, kept, _ = _prune(model, parsed, calibration_tokens(calib, spec.calib_samples, vocab), spec, scores)
     pruned.whelp_kept, pruned.whelp_scores = kept, scores
@@ -200,7 +204,8 @@ def prune_checkpoint(
     parsed = parse_target(source_cfg, target)
     target_rope(parsed, spec.rope)
     family = arch.family_of(source_cfg)
-    reconstruction.check_mode(reconstruction.resolve(spec.reconstruct, family), source_cfg, family, parsed.published)
+    mode = reconstruction.resolve(spec.reconstruct, family)
+    reconstruction.check_mode(mode, source_cfg, family, parsed.published, spec.select)
     store.check_apart(out, [source_dir])
     models.check_positions(source_cfg, spec.seq_len, "--seq-len")
     family = arch.family_of(source_cfg)
@@ -292,4 +297,6 @@ def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timi
     timings["stream_s"] = time.perf_counter() - t
     tie = {"init": keep.tie, "kl": None} if keep.tie else None  # KL needs the whole teacher in memory
     details = {"path": "streaming", "tie": tie, "rope": spec.rope}
+    if mode != "none":
+        details["select"] = resolve_select(spec.select, mode, arch.family_of(config))
     return scores, kept_report(keep), details if rebuilt is None else {**details, "reconstruct": rebuilt}

@@ -14,6 +14,8 @@ The modes (``specs.RECONSTRUCT``):
 - ``bias``: FLAP's bias compensation (An et al., AAAI 2024) on both maps; the kept weights stay.
 - Mixture-of-experts layers: o_proj as above; the block's experts (and shared expert) refit together towards the
   wide block (``lsq``) or the span's end (``span``), so removed experts are compensated too (moe_refit.py).
+- ``select`` (``--select obs``): before down_proj is refit, the layer's MLP neurons are chosen anew for that refit by
+  structured OBS on the same inputs and target (obs.py), in place of the importance ranking's top.
 - ``auto`` (the default): ``span`` where the family allows it, else ``lsq``; ``none`` for the generic path. On the demo shape ``span`` cut one-shot perplexity on general English to 0.6x of the sliced
   weights', ``lsq`` to 0.8x, ``bias`` not at all (bench/RESULTS.md, "Reconstruction and one-shot baselines").
 
@@ -40,6 +42,7 @@ from whelp.pruning.layerwise import assign_layer, layer_types, rope_and_mask, sk
 from whelp.pruning.lsq import DAMP, Moments, refit
 from whelp.pruning.moe import ExpertKeep, is_moe, moe_family_of
 from whelp.pruning.moe_refit import block_targets, refit_block
+from whelp.pruning.obs import check_select, select_mlp
 from whelp.pruning.surgery import slice_tensor, target_config
 
 
@@ -74,9 +77,12 @@ def resolve(mode: str, family: Family | None) -> str:
     return "span" if family.mlp_residual else "lsq"
 
 
-def check_mode(mode: str, source_cfg, family: Family | None, published: bool) -> None:
-    """Refuse what a reconstruction cannot do, before any weight is read (``family`` None: the generic path)."""
+def check_mode(mode: str, source_cfg, family: Family | None, published: bool, select: str = "importance") -> None:
+    """Refuse what a reconstruction (and ``--select obs``, which chooses neurons for it) cannot do, before any
+    weight is read (``family`` None: the generic path)."""
     cfg = text_config(source_cfg)
+    if select == "obs":
+        check_select(mode, cfg, family)
     if mode == "none":
         return
     if family is None:
@@ -170,15 +176,19 @@ def reconstruct_layer(
     wide_rope: list | None = None,
     span_end: list[Tensor] | None = None,
     damp: float = DAMP,
-) -> dict:
+    select: bool = False,
+) -> tuple[dict, Tensor | None]:
     """Refit one student layer in place (o_proj, then down_proj on the refit attention's output) and advance
     ``batches`` (hidden states [B, T, H'] entering the layer, one per batch; ``kwargs`` the layer's keyword
     arguments per batch: mask, rotary embeddings) to the layer's output. ``wide_rope``: the wide layer's rotary
     embeddings per batch where its head_dim differs; ``span_end`` (mode ``span``): the teacher's hidden states at
-    the end of the span, sliced to the kept channels, per batch. Returns the relative calibration error of each
-    map before and after."""
-    report = {}
+    the end of the span, sliced to the kept channels, per batch; ``select``: the MLP's neurons are first chosen
+    anew by structured OBS (obs.py) for the refit that follows. Returns the relative calibration error of each map
+    before and after, and the teacher neuron ids the MLP keeps when ``select`` chose them (else None)."""
+    report, kept = {}, None
     for which in (family.o_proj, family.down_proj):
+        if which == family.down_proj and select and not is_moe(student_layer):
+            kept = select_mlp(student_layer, wide_layer, family, batches, kwargs, span_end, damp)
         if which == family.down_proj and is_moe(student_layer):
             inputs, targets = block_targets(student_layer, wide_layer, batches, kwargs, span_end)
             report["experts"] = refit_block(student_layer.mlp, inputs, targets, damp)
@@ -199,7 +209,7 @@ def reconstruct_layer(
         for i, (hidden, kw) in enumerate(zip(batches, kwargs)):
             out = student_layer(hidden, **kw)
             batches[i] = layer_output(out)
-    return report
+    return report, kept
 
 
 def layer_inputs(model, family: Family, tokens: Tensor, batch_size: int) -> tuple[list[Tensor], list[list[dict]]]:
@@ -286,11 +296,20 @@ def _advance(layers, batches: list[Tensor], kwargs: list[list[dict]], start: int
 
 
 def reconstruct_model(
-    teacher, student, keep: Keep, family: Family, tokens: Tensor, batch_size: int, mode: str, progress=None
+    teacher,
+    student,
+    keep: Keep,
+    family: Family,
+    tokens: Tensor,
+    batch_size: int,
+    mode: str,
+    progress=None,
+    select: bool = False,
 ):
-    """``(student, report)``: ``student`` (pruned from ``teacher`` as ``keep`` says) refit layer by layer on the
-    calibration ``tokens`` [N, T]; ``bias`` returns a new model with biases. ``report``: per layer, the relative
-    calibration error of o_proj and down_proj before and after. ``progress(1)`` after each layer."""
+    """``(student, report, keep)``: ``student`` (pruned from ``teacher`` as ``keep`` says) refit layer by layer on
+    the calibration ``tokens`` [N, T]; ``bias`` returns a new model with biases. ``report``: per layer, the relative
+    calibration error of o_proj and down_proj before and after. ``select``: each layer's MLP neurons chosen anew by
+    structured OBS, and ``keep`` says which. ``progress(1)`` after each layer."""
     if mode == "bias":
         student = with_biases(student)
     wkeep = wide_keep(keep, teacher.config)
@@ -302,7 +321,7 @@ def reconstruct_model(
     if mode == "span":
         t_batches, t_kwargs = layer_inputs(teacher, family, tokens, batch_size)
         t_layers, ends, done = teacher.get_submodule(family.layers), span_ends(keep, len(t_kwargs)), 0
-    report = []
+    report, chosen = [], []
     for i, layer in enumerate(student.get_submodule(family.layers)):
         prefix = f"{family.layers}.{keep.layers[i]}."
         named = ((name, tensor) for name, tensor in state.items() if name.startswith(prefix))
@@ -312,11 +331,20 @@ def reconstruct_model(
         if mode == "span":
             _advance(t_layers, t_batches, t_kwargs, done, ends[i] + 1)
             done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
-        report.append(reconstruct_layer(layer, wide_layer, family, batches, kwargs[i], mode, rope, span_end))
+        errors, kept = reconstruct_layer(
+            layer, wide_layer, family, batches, kwargs[i], mode, rope, span_end, select=select
+        )
+        report.append(errors)
+        chosen.append(kept)
         wide_layer.to("meta")
         if progress is not None:
             progress(1)
-    return student, report
+    return student, report, with_mlp(keep, chosen)
+
+
+def with_mlp(keep: Keep, chosen: list) -> Keep:
+    """``keep`` with each layer's MLP neurons replaced by those ``chosen`` for it (None: kept as they were)."""
+    return replace(keep, mlp=tuple(old if new is None else new for old, new in zip(keep.mlp, chosen)))
 
 
 def summary(mode: str, errors: list[dict]) -> dict:

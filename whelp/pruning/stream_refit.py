@@ -31,6 +31,7 @@ from whelp.pruning.reconstruct import (
     span_ends,
     wide_keep,
     wide_rotary,
+    with_mlp,
     with_zero_biases,
 )
 from whelp.pruning.shards import weight_map
@@ -59,9 +60,11 @@ def refit_streaming(
     batch_size: int,
     spill: Path,
     progress=None,
-) -> list[dict]:
+    select: bool = False,
+) -> tuple[list[dict], Keep]:
     """Refit every student layer from the shards of ``source_dir`` and spill each layer's state to ``spill``;
-    returns the per-layer relative calibration errors (reconstruct.summary makes the report of them)."""
+    returns the per-layer relative calibration errors (reconstruct.summary makes the report of them) and ``keep``
+    with the MLP neurons ``select`` chose (structured OBS, reconstruct.reconstruct_layer)."""
     shards = weight_map(Path(source_dir))
     wkeep = wide_keep(keep, config)
     wide_cfg = target_config(config, wkeep, getattr(text_config(target_cfg), "rope_parameters", None))
@@ -78,7 +81,7 @@ def refit_streaming(
         for t in (set(t_types) if mode == "span" else ())
     }
     wide_ropes = wide_rotary(wide_sk, family, wide_cfg, target_cfg, batches, s_types)
-    ends, done, report = span_ends(keep, text_config(config).num_hidden_layers), 0, []
+    ends, done, report, chosen = span_ends(keep, text_config(config).num_hidden_layers), 0, [], []
     n = n_experts(config, family)
     spill.mkdir(parents=True, exist_ok=True)
     for i, j in enumerate(keep.layers):
@@ -96,7 +99,9 @@ def refit_streaming(
         wide = assign_layer(wide_sk, family, i, w_state)
         kwargs = [{"position_embeddings": rope, "attention_mask": mask} for rope, mask in s_rope[s_types[i]]]
         rope = None if wide_ropes is None else wide_ropes[s_types[i]]
-        report.append(reconstruct_layer(student, wide, family, batches, kwargs, mode, rope, span_end))
+        errors, kept = reconstruct_layer(student, wide, family, batches, kwargs, mode, rope, span_end, select=select)
+        report.append(errors)
+        chosen.append(kept)
         state = {  # under the names on disk (an MoE's experts one by one), as the shard writer meets them
             disk: t.contiguous()
             for k, v in student.state_dict().items()
@@ -107,7 +112,7 @@ def refit_streaming(
         wide.to("meta")
         if progress is not None:
             progress(1)
-    return report
+    return report, with_mlp(keep, chosen)
 
 
 def _advance_teacher(model, family: Family, shards, j: int, batches: list[Tensor], rope_mask: list) -> None:

@@ -14,6 +14,7 @@ LAYER_IMPORTANCE = ("block", "loss")
 TIE = ("embedding", "lm_head", "mean")
 ROPE = ("auto", "teacher", "target")
 RECONSTRUCT = ("auto", "none", "lsq", "span", "bias")
+SELECT = ("auto", "importance", "obs")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 ON_POLICY_LOSSES = ("reverse_kl", "jsd", "forward_kl")  # GKD's divergences

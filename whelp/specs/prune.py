@@ -13,6 +13,7 @@ from whelp.specs.base import (
     RECONSTRUCT,
     ROPE,
     SAVE_DTYPES,
+    SELECT,
     TIE,
     _at_most,
     _choice,
@@ -52,6 +53,12 @@ class PruneSpec:
         "lsq; down_proj matches the teacher's state after the layers it replaces) | bias (FLAP's bias "
         "compensation); an MoE's experts are refit together towards their block's target",
     )
+    select: Literal["auto", "importance", "obs"] = opt(
+        "auto",
+        "How each layer's MLP neurons are chosen: auto (obs where a refit, lsq or span, follows on a plain gated MLP, "
+        "else importance) | importance (the top by --importance) | obs (layer by layer, the neurons whose refit "
+        "leaves the least calibration error: structured OBS, ZipLM; needs --reconstruct lsq or span)",
+    )
     stream: bool | None = opt(
         None, "Prune from the shards layer by layer (default: only when the teacher does not fit in memory)"
     )
@@ -71,6 +78,7 @@ class PruneSpec:
                 _choice("tie", self.tie, TIE),
                 _choice("rope", self.rope, ROPE),
                 _choice("reconstruct", self.reconstruct, RECONSTRUCT),
+                _choice("select", self.select, SELECT),
                 _choice("save_dtype", self.save_dtype, SAVE_DTYPES),
                 *_positive(self, ("calib_samples", "batch_size")),
                 (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),

@@ -1,0 +1,145 @@
+"""Which units to keep when their map is refit afterwards: structured Optimal Brain Surgeon selection (pure math).
+
+Pruning by importance ranks units (MLP neurons) by how much they carry and keeps the top; the refit that follows
+(lsq.py) then compensates what was removed. Units that the others can stand in for are the cheap ones to remove,
+and importance cannot see that. Structured OBS (ZipLM, Kurtic et al. NeurIPS 2023; SlimGPT, Ling et al. NeurIPS 2024;
+the group form of Hassibi & Stork 1993) chooses the kept set for the refit itself: for the least-squares map
+``min_W ||T - A W||^2 + lam ||W||^2`` over unit activations ``A`` [N, n] and target ``T`` [N, out], with
+``G = A^T A + lam I`` and the optimum ``W = G^-1 A^T T`` [n, out], removing unit ``j`` and refitting the rest
+optimally raises the error by exactly
+
+    cost_j = ||W_j||^2 / [G^-1]_jj
+
+and the optimum of the remaining units and the inverse of their Gram matrix follow in closed form
+(``W -= G^-1[:, j] W_j / [G^-1]_jj``, the same rank-one update of ``G^-1``). Units are removed greedily, cheapest
+first; ``group`` > 1 removes that many of the cheapest at once with the exact block update (Schur complement), which
+turns ``n - k`` rank-one steps into ``(n - k) / group`` matrix products for wide layers (8B: n = 14,336).
+
+Inputs are the moments only (``gram`` = A^T A [n, n], ``cross`` = A^T T [n, out], float64), so the statistics
+accumulate over any number of calibration tokens in O(n^2) memory; a step costs O(n^2 group + n out).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from whelp.errors import WhelpError
+from whelp.models import layer_output
+from whelp.pruning.arch import Family
+
+STEPS = 64  # removal steps per layer: the group size is ceil(removed / STEPS) (1 at or below 64 removed)
+
+
+def obs_keep(gram: Tensor, cross: Tensor, keep: int, damp: float, group: int | None = None) -> Tensor:
+    """The ``keep`` units [keep] (ascending) whose optimal refit leaves the least error, by greedy structured OBS.
+
+    ``gram`` [n, n] = sum a a^T and ``cross`` [n, out] = sum a t^T over calibration tokens (float64);
+    ``damp``: the ridge lam as a fraction of mean(diag gram) (it keeps G invertible for dead or collinear units);
+    ``group``: units removed per step (1 is exact greedy; None: ceil((n - keep) / STEPS))."""
+    n = len(gram)
+    group = max(1, -(-(n - keep) // STEPS)) if group is None else group
+    if not 0 < keep <= n or group < 1:
+        raise WhelpError(f"OBS selection needs 0 < keep <= {n} and group >= 1 (got keep={keep}, group={group})")
+    g = gram.double() + damp * gram.diagonal().double().mean().clamp_min(1e-30) * torch.eye(n, dtype=torch.float64)
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    w = inv @ cross.double()
+    alive = torch.ones(n, dtype=torch.bool)
+    while int(alive.sum()) > keep:
+        cost = w.square().sum(1) / inv.diagonal().clamp_min(1e-300)
+        cost[~alive] = float("inf")
+        drop = torch.topk(cost, min(group, int(alive.sum()) - keep), largest=False).indices
+        w, inv = _remove(w, inv, drop)
+        alive[drop] = False
+    return alive.nonzero().flatten()
+
+
+def _remove(w: Tensor, inv: Tensor, drop: Tensor) -> tuple[Tensor, Tensor]:
+    """The optimum and inverse Gram of the units left after removing ``drop`` (exact block update): removed rows
+    and columns become zero."""
+    block = torch.linalg.inv(inv[drop][:, drop])  # [g, g]
+    left = inv[:, drop] @ block  # [n, g]
+    w = w - left @ w[drop]
+    inv = inv - left @ inv[drop]
+    w[drop] = 0
+    inv[drop] = 0
+    inv[:, drop] = 0
+    return w, inv
+
+
+def plain_mlp(family: Family | None) -> bool:
+    """Whether the family's MLP neurons are rows of gate/up and columns of down_proj alone (no experts, no fused
+    gate_up), which is what ``select_mlp`` moves."""
+    return (
+        family is not None and not family.experts_key and all("gate_up" not in a for a in family.layer_tensors.values())
+    )
+
+
+def resolve_select(select: str, mode: str, family: Family | None) -> str:
+    """The choice ``auto`` stands for: ``obs`` where a refit (``mode``: the resolved reconstruction, lsq or span)
+    follows on a plain gated MLP, else ``importance``; other choices are themselves."""
+    if select != "auto":
+        return select
+    return "obs" if mode in ("lsq", "span") and plain_mlp(family) else "importance"
+
+
+def check_select(mode: str, cfg, family: Family | None) -> None:
+    """Refuse ``--select obs`` where no refit follows (``mode``: the resolved reconstruction) or the MLP is not a
+    plain gated one (experts, a fused gate_up), before any weight is read."""
+    if mode not in ("lsq", "span"):
+        raise WhelpError(
+            f"--select obs chooses MLP neurons for the refit and --reconstruct is {mode}; "
+            "use --reconstruct lsq or span (or auto), or --select importance"
+        )
+    if family is not None and not plain_mlp(family):
+        raise WhelpError(
+            f"--select obs chooses the neurons of a plain gated MLP and {cfg.model_type} has "
+            f"{'experts' if family.experts_key else 'a fused gate_up projection'}; use --select importance"
+        )
+
+
+def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span_end) -> tuple[Tensor, Tensor]:
+    """``(gram [n, n], cross [n, out])`` float64 of the wide layer's MLP neurons, fed the *student's* input to its
+    MLP (after the student's own, already refit, attention), against the MLP's target: the teacher's residual
+    stream at the span's end minus the student's attention output (``span_end`` given, one [B, T, H'] per batch), else
+    the wide MLP's own output (``lsq``). One student layer forward and one wide MLP forward per batch."""
+    block = family.down_proj.rsplit(".", 1)[0]
+    mlp, wide_mlp = student_layer.get_submodule(block), wide_layer.get_submodule(block)
+    down = wide_layer.get_submodule(family.down_proj)
+    n, out_dim = down.in_features, down.out_features
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    cross = torch.zeros(n, out_dim, dtype=torch.float64)
+    seen: dict = {}
+    handles = [
+        mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out)),
+        down.register_forward_pre_hook(lambda m, args: seen.update(a=args[0])),
+    ]
+    try:
+        for b, (hidden, kw) in enumerate(zip(batches, kwargs)):
+            with torch.no_grad():
+                layer_out = layer_output(student_layer(hidden, **kw))
+                wide_out = wide_mlp(seen["x"])
+            target = wide_out if span_end is None else span_end[b] - layer_out + seen["y"]
+            if down.bias is not None:  # in both outputs: what the neurons must supply is the rest
+                target = target - down.bias
+            a = seen["a"].reshape(-1, n).double()
+            gram += a.T @ a
+            cross += a.T @ target.reshape(-1, out_dim).double()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gram, cross
+
+
+def select_mlp(student_layer, wide_layer, family: Family, batches, kwargs, span_end, damp: float) -> Tensor:
+    """Choose the student layer's MLP neurons by structured OBS and load them from the wide layer (every teacher
+    neuron, on the student's hidden channels) in place: gate/up rows and down_proj columns, biases too. Returns the
+    kept teacher neuron ids [I'] (ascending). The refit of down_proj follows (reconstruct.py)."""
+    gram, cross = mlp_moments(student_layer, wide_layer, family, batches, kwargs, span_end)
+    kept = obs_keep(gram, cross, student_layer.get_submodule(family.down_proj).in_features, damp)
+    params = dict(wide_layer.named_parameters())
+    with torch.no_grad():
+        for name, axes in family.layer_tensors.items():
+            if "mlp" in axes and name in params:
+                student_layer.get_parameter(name).copy_(params[name].index_select(axes.index("mlp"), kept))
+    return kept
