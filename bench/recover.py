@@ -4,7 +4,7 @@ The demo teacher (SmolLM2-135M-Instruct) pruned to the demo shape (24 of 30 laye
 non-embedding parameters), calibrated on the same blocks of pydoc:calib, without training:
 
   activation + none | lsq | span | bias   whelp's Minitron importance, then each reconstruction (whelp prune
-                                          --reconstruct; "none" is the sliced weights)
+                                          --reconstruct --select importance; "none" is the sliced weights)
   OBS-selected + lsq | span               the MLP neurons chosen layer by layer for the refit by structured OBS
                                           (whelp prune --select obs; ZipLM), then the same refit
   magnitude + none, taylor + none         weight magnitude; first-order Taylor (LLM-Pruner's element-wise criterion)
@@ -50,8 +50,8 @@ DEPTH = "num_hidden_layers=18"
 WIDTH = {"intermediate_size": 704}
 ROWS = {  # name -> (target, PruneSpec changes); None target: torch-pruning's generic path
     "activation + none": (DEMO, dict(reconstruct="none")),
-    "activation + lsq": (DEMO, dict(reconstruct="lsq")),
-    "activation + span": (DEMO, dict(reconstruct="span")),
+    "activation + lsq": (DEMO, dict(reconstruct="lsq", select="importance")),
+    "activation + span": (DEMO, dict(reconstruct="span", select="importance")),
     "activation + bias (FLAP)": (DEMO, dict(reconstruct="bias")),
     "activation, OBS-selected + lsq": (DEMO, dict(reconstruct="lsq", select="obs")),
     "activation, OBS-selected + span": (DEMO, dict(reconstruct="span", select="obs")),
