@@ -144,7 +144,7 @@ def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores:
     select = resolve_select(spec.select, mode, family)
     if mode != "none":
         t = time.perf_counter()
-        with Progress(f"reconstructing ({mode})", len(keep.layers)) as bar:
+        with Progress(f"reconstructing ({mode}, {select} selection)", len(keep.layers)) as bar:
             pruned, errors, keep = reconstruction.reconstruct_model(
                 model, pruned, keep, family, tokens, spec.batch_size, mode, bar.advance, select == "obs"
             )
@@ -286,10 +286,15 @@ def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timi
     t = time.perf_counter()
     config = models.load_config(str(source_dir), policy)
     steps = text_config(config).num_hidden_layers
-    mode = reconstruction.resolve(spec.reconstruct, arch.family_of(config))
+    family = arch.family_of(config)
+    mode = reconstruction.resolve(spec.reconstruct, family)
+    select = resolve_select(spec.select, mode, family)
     what = f"streaming calibration ({spec.importance})"
     if mode != "none":
-        steps, what = steps + parsed.shape["num_hidden_layers"], f"{what} and reconstruction ({mode})"
+        steps, what = (
+            steps + parsed.shape["num_hidden_layers"],
+            f"{what} and reconstruction ({mode}, {select} selection)",
+        )
     with Progress(what, steps) as bar:
         keep, _, scores, rebuilt = streaming.prune_streaming(
             source_dir, out, parsed, spec, tokens, scores=scores, progress=bar.advance, refit_progress=bar.advance
@@ -298,5 +303,5 @@ def _stream_to(source_dir, parsed: Target, tokens, spec, scores, out: Path, timi
     tie = {"init": keep.tie, "kl": None} if keep.tie else None  # KL needs the whole teacher in memory
     details = {"path": "streaming", "tie": tie, "rope": spec.rope}
     if mode != "none":
-        details["select"] = resolve_select(spec.select, mode, arch.family_of(config))
+        details["select"] = select
     return scores, kept_report(keep), details if rebuilt is None else {**details, "reconstruct": rebuilt}
