@@ -169,3 +169,15 @@ def test_auto_selects_by_obs_where_a_refit_follows_on_a_plain_mlp(family, recons
     assert obs.resolve_select("auto", reconstruct_mode(reconstruct, found), found) == want
     assert obs.resolve_select("auto", "none", None) == "importance"  # the generic path
     assert obs.resolve_select("importance", "span", found) == "importance"
+
+
+def test_a_layer_that_keeps_every_neuron_gathers_no_moments(monkeypatch):
+    """Depth only: each student layer keeps all the teacher's neurons, in the teacher's order, with no Gram built."""
+    teacher = tiny_model("llama", num_hidden_layers=3)
+    monkeypatch.setattr(obs, "mlp_moments", lambda *a: pytest.fail("gathered moments for a layer that keeps all"))
+    tokens = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    student = api.prune(teacher, "num_hidden_layers=2", tokens, PruneSpec(reconstruct="span", select="obs"))
+    width = teacher.config.intermediate_size
+    assert student.whelp_kept["mlp"] == [list(range(width))] * 2
+    for i, layer in zip(student.whelp_kept["layers"], student.model.layers):
+        torch.testing.assert_close(layer.mlp.up_proj.weight, teacher.model.layers[i].mlp.up_proj.weight)

@@ -134,9 +134,13 @@ def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span
 def select_mlp(student_layer, wide_layer, family: Family, batches, kwargs, span_end, damp: float) -> Tensor:
     """Choose the student layer's MLP neurons by structured OBS and load them from the wide layer (every teacher
     neuron, on the student's hidden channels) in place: gate/up rows and down_proj columns, biases too. Returns the
-    kept teacher neuron ids [I'] (ascending). The refit of down_proj follows (reconstruct.py)."""
-    gram, cross = mlp_moments(student_layer, wide_layer, family, batches, kwargs, span_end)
-    kept = obs_keep(gram, cross, student_layer.get_submodule(family.down_proj).in_features, damp)
+    kept teacher neuron ids [I'] (ascending). The refit of down_proj follows (reconstruct.py). A layer that keeps
+    every neuron (a depth-only prune) has nothing to choose: its moments are not gathered."""
+    width, keep = (layer.get_submodule(family.down_proj).in_features for layer in (wide_layer, student_layer))
+    if keep == width:
+        kept = torch.arange(width)
+    else:
+        kept = obs_keep(*mlp_moments(student_layer, wide_layer, family, batches, kwargs, span_end), keep, damp)
     params = dict(wide_layer.named_parameters())
     with torch.no_grad():
         for name, axes in family.layer_tensors.items():
