@@ -35,6 +35,8 @@ def naive_greedy(a, t, keep: int, damp: float) -> list[int]:
 
 
 def problem(seed: int, n: int = 10, out: int = 3):
+    """Activations [300, n] of graded scale with unit 4 nearly a combination of units 1 and 2, and a noisy linear
+    target [300, out] of them (float64)."""
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(300, n, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, n, dtype=torch.float64)
     a[:, 4] = a[:, 1] - 0.5 * a[:, 2] + 0.01 * torch.randn(300, generator=g, dtype=torch.float64)  # near-redundant
@@ -148,9 +150,24 @@ def test_misuse_is_one_line_before_any_weight_is_read(tmp_path, monkeypatch, fam
         PruneSpec(select="zip")
 
 
-def test_the_plan_prices_the_selection():
-    """Per student layer: the Gram over the calibration tokens (2 T n^2) and the removal (4 n^2 per neuron)."""
+def test_the_generic_path_refuses_obs_with_its_own_reason(tmp_path, monkeypatch):
+    """Outside the family table there is no refit at all, so the advice is importance, not another --reconstruct."""
+    save_tiny(tmp_path / "teacher", family="ministral")
+    monkeypatch.setattr("whelp.models.load_model", lambda *a, **k: pytest.fail("loaded the teacher"))
+    with pytest.raises(
+        WhelpError, match="ministral is pruned by the generic path, which has none; use --select importance"
+    ):
+        api.prune_checkpoint(
+            str(tmp_path / "teacher"), "intermediate_size=32", tmp_path / "out", PruneSpec(select="obs")
+        )
+
+
+def test_the_plan_prices_the_selection_only_where_it_chooses():
+    """Per student layer: the Gram over the calibration tokens (2 T n^2) and the removal (4 n^2 per neuron), four
+    float64 n x n matrices of host memory; a layer that keeps every neuron gathers nothing (select_mlp)."""
     assert pricing.select_flops(256, 2, 128, 96) == 2 * (2 * 256 * 128**2 + 4 * 128**2 * 32)
+    assert pricing.select_memory(128, 96)[0]["bytes"] == 4 * 128 * 128 * 8
+    assert pricing.select_flops(256, 2, 128, 128) == 0 and pricing.select_memory(128, 128) == []
 
 
 @pytest.mark.parametrize(

@@ -389,3 +389,13 @@ def test_the_prune_stage_prices_obs_selection_on_top_of_the_refit():
     added = pricing.select_flops(spec.calib_samples * spec.seq_len, 16, 14336, 8192)
     assert stages["obs"]["flops"] - stages["importance"]["flops"] == added > 0
     assert stages["auto"]["flops"] == stages["obs"]["flops"]
+    extra = [p for p in stages["obs"]["memory"] if p not in stages["importance"]["memory"]]
+    assert [p["bytes"] for p in extra] == [32 * 14336**2]  # 6.6 GB of float64 n x n matrices
+    # no refit to choose for: nothing priced (the prune refuses --select obs there before any weight is read)
+    unrefit = {
+        how: _stage(
+            plan.plan_recipe(recipe.load("llama-3.2-1b", (f"prune.select={how}", "prune.reconstruct=none"))), "prune[0]"
+        )
+        for how in ("importance", "obs")
+    }
+    assert unrefit["obs"] == unrefit["importance"]

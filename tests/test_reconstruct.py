@@ -83,7 +83,8 @@ def test_refit_never_raises_the_calibration_error(damp):
 @pytest.mark.parametrize("mode", ["lsq", "span"])
 @pytest.mark.parametrize("select", [False, True])
 def test_a_student_identical_to_its_teacher_is_left_unchanged(mode, select):
-    """With OBS selection too: keeping every neuron, it keeps them in their order."""
+    """With OBS selection too: keeping every neuron there is nothing to choose, and the layer keeps the teacher's
+    neurons in their order (a wrong copy or order would change the weights)."""
     teacher = tiny_model("llama", num_hidden_layers=3)
     student = tiny_model("llama", num_hidden_layers=3)
     tokens = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(3))

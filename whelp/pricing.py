@@ -154,7 +154,17 @@ def select_flops(tokens: int, layers: int, width: int, kept: int) -> int:
     ``width`` MLP neurons over the calibration tokens (2 T n^2) and the greedy removal of ``width - kept`` of them
     by block updates of the n x n inverse (about 4 n^2 per neuron removed): at 8B (n = 14,336 -> 4,096) the removal
     is ~8 TFLOP per layer, beside a 16 x 256-token calibration's gram of ~1.7 TFLOP (``tokens``)."""
+    if width == kept:  # nothing to choose (a depth-only prune): no moments are gathered
+        return 0
     return layers * (2 * tokens * width * width + 4 * width * width * (width - kept))
+
+
+def select_memory(width: int, kept: int) -> list[dict]:
+    """``--select obs``'s host memory beside the prune's: about four float64 n x n matrices of the ``width`` MLP
+    neurons alive at once (the Gram, the damped system, its Cholesky factor, the inverse); 6.6 GB at n = 14,336."""
+    return (
+        [] if width == kept else [part("OBS selection: 4 x n^2 float64 (Gram, system, factor, inverse)", 32 * width**2)]
+    )
 
 
 def prune_memory(params: int) -> list[dict]:

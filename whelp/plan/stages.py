@@ -54,6 +54,7 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         _at(f"{where}.scores", lambda: check_scores_file(Path(step.options.scores).expanduser()))
     spec = step.options
     target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope), str(step.target))
+    select = _selection(spec, source_cfg, target["config"])
     return {
         "stage": f"prune[{index}]",
         "kind": "prune",
@@ -61,23 +62,24 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         "shape": _params(target),
         "rope": {"source": rope_summary(source_cfg), "target": rope_summary(target["config"])},
         "tokens": spec.calib_samples * spec.seq_len,
-        "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers)
-        + _select_flops(spec, source_cfg, target["config"]),
+        "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers) + select["flops"],
         "parallel": False,
         "device": "cpu",
-        "memory": pricing.prune_memory(source["params"]),
+        "memory": pricing.prune_memory(source["params"]) + select["memory"],
         "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]},
     }, target
 
 
-def _select_flops(spec, source_cfg, target_cfg) -> int:
-    """The neuron selection's cost (pricing.select_flops) where it runs (``--select`` resolved), else 0."""
+def _selection(spec, source_cfg, target_cfg) -> dict:
+    """The neuron selection's FLOPs and host memory (pricing.select_flops, select_memory) where it runs: ``--select``
+    resolved to obs and a refit (lsq, span) to choose for; else nothing."""
     family = family_of(source_cfg)
-    if resolve_select(spec.select, resolve(spec.reconstruct, family), family) != "obs":
-        return 0
-    source, target = text_config(source_cfg), text_config(target_cfg)
-    tokens = spec.calib_samples * spec.seq_len
-    return pricing.select_flops(tokens, target.num_hidden_layers, source.intermediate_size, target.intermediate_size)
+    mode = resolve(spec.reconstruct, family)
+    if mode not in ("lsq", "span") or resolve_select(spec.select, mode, family) != "obs":
+        return {"flops": 0, "memory": []}
+    width, kept = text_config(source_cfg).intermediate_size, text_config(target_cfg).intermediate_size
+    layers, tokens = text_config(target_cfg).num_hidden_layers, spec.calib_samples * spec.seq_len
+    return {"flops": pricing.select_flops(tokens, layers, width, kept), "memory": pricing.select_memory(width, kept)}
 
 
 def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, where: str, number: int) -> dict:

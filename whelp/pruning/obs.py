@@ -15,6 +15,10 @@ and the optimum of the remaining units and the inverse of their Gram matrix foll
 first; ``group`` > 1 removes that many of the cheapest at once with the exact block update (Schur complement), which
 turns ``n - k`` rank-one steps into ``(n - k) / group`` matrix products for wide layers (8B: n = 14,336).
 
+The selection solves that ridge towards zero with ``lam`` from the full Gram's diagonal; the refit that follows
+(lsq.py) pulls towards the sliced weights instead, with ``lam`` from the kept units' Gram. So the cost ranks the
+removals by a proxy of the refit's own error, not by that error exactly (exact at ``damp`` -> 0, where the two agree).
+
 Inputs are the moments only (``gram`` = A^T A [n, n], ``cross`` = A^T T [n, out], float64), so the statistics
 accumulate over any number of calibration tokens in O(n^2) memory; a step costs O(n^2 group + n out).
 """
@@ -86,12 +90,17 @@ def resolve_select(select: str, mode: str, family: Family | None) -> str:
 def check_select(mode: str, cfg, family: Family | None) -> None:
     """Refuse ``--select obs`` where no refit follows (``mode``: the resolved reconstruction) or the MLP is not a
     plain gated one (experts, a fused gate_up), before any weight is read."""
+    if family is None:
+        raise WhelpError(
+            f"--select obs chooses MLP neurons for a refit, and {cfg.model_type} is pruned by the generic path, which "
+            "has none; use --select importance"
+        )
     if mode not in ("lsq", "span"):
         raise WhelpError(
             f"--select obs chooses MLP neurons for the refit and --reconstruct is {mode}; "
             "use --reconstruct lsq or span (or auto), or --select importance"
         )
-    if family is not None and not plain_mlp(family):
+    if not plain_mlp(family):
         raise WhelpError(
             f"--select obs chooses the neurons of a plain gated MLP and {cfg.model_type} has "
             f"{'experts' if family.experts_key else 'a fused gate_up projection'}; use --select importance"
