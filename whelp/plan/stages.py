@@ -29,7 +29,7 @@ from whelp.plan.inputs import (
 from whelp.pruning.arch import family_of
 from whelp.pruning.keep import text_config
 from whelp.pruning.moe import shape_of
-from whelp.pruning.obs import resolve_select
+from whelp.pruning.obs import selects
 from whelp.pruning.reconstruct import resolve
 from whelp.pruning.scores import check_scores_file
 from whelp.pruning.surgery import target_config
@@ -74,8 +74,7 @@ def _selection(spec, source_cfg, target_cfg) -> dict:
     """The neuron selection's FLOPs and host memory (pricing.select_flops, select_memory) where it runs: ``--select``
     resolved to obs and a refit (lsq, span) to choose for; else nothing."""
     family = family_of(source_cfg)
-    mode = resolve(spec.reconstruct, family)
-    if mode not in ("lsq", "span") or resolve_select(spec.select, mode, family) != "obs":
+    if not selects(spec.select, resolve(spec.reconstruct, family), family):
         return {"flops": 0, "memory": []}
     width, kept = text_config(source_cfg).intermediate_size, text_config(target_cfg).intermediate_size
     layers, tokens = text_config(target_cfg).num_hidden_layers, spec.calib_samples * spec.seq_len

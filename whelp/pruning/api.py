@@ -208,7 +208,6 @@ def prune_checkpoint(
     reconstruction.check_mode(mode, source_cfg, family, parsed.published, spec.select)
     store.check_apart(out, [source_dir])
     models.check_positions(source_cfg, spec.seq_len, "--seq-len")
-    family = arch.family_of(source_cfg)
     if moe.moe_family_of(source_cfg) is not None:
         moe.check_spec(source_cfg, spec)
     if family is None and spec.stream:

@@ -33,6 +33,7 @@ from whelp.models import layer_output
 from whelp.pruning.arch import Family
 
 STEPS = 64  # removal steps per layer: the group size is ceil(removed / STEPS) (1 at or below 64 removed)
+REFITS = ("lsq", "span")  # the reconstructions whose down_proj refit a selection chooses the neurons for
 
 
 def obs_keep(gram: Tensor, cross: Tensor, keep: int, damp: float, group: int | None = None) -> Tensor:
@@ -84,7 +85,13 @@ def resolve_select(select: str, mode: str, family: Family | None) -> str:
     follows on a plain gated MLP, else ``importance``; other choices are themselves."""
     if select != "auto":
         return select
-    return "obs" if mode in ("lsq", "span") and plain_mlp(family) else "importance"
+    return "obs" if mode in REFITS and plain_mlp(family) else "importance"
+
+
+def selects(select: str, mode: str, family: Family | None) -> bool:
+    """Whether the OBS selection runs: ``select`` resolves to obs and a refit (``mode``) follows. An explicit obs
+    without a refit never runs: ``check_select`` refuses it first."""
+    return mode in REFITS and resolve_select(select, mode, family) == "obs"
 
 
 def check_select(mode: str, cfg, family: Family | None) -> None:
@@ -95,7 +102,7 @@ def check_select(mode: str, cfg, family: Family | None) -> None:
             f"--select obs chooses MLP neurons for a refit, and {cfg.model_type} is pruned by the generic path, which "
             "has none; use --select importance"
         )
-    if mode not in ("lsq", "span"):
+    if mode not in REFITS:
         raise WhelpError(
             f"--select obs chooses MLP neurons for the refit and --reconstruct is {mode}; "
             "use --reconstruct lsq or span (or auto), or --select importance"

@@ -40,7 +40,7 @@ from whelp.pruning.importance import attach, finish, minitron_sq, select, weight
 from whelp.pruning.keep import head_dim_of, text_config
 from whelp.pruning.layerwise import embedded, layer_types, load_layer, n_experts, rope_and_mask, skeleton, unload_layer
 from whelp.pruning.moe import expert_magnitudes, expert_scores, is_moe
-from whelp.pruning.obs import resolve_select
+from whelp.pruning.obs import selects
 from whelp.pruning.reconstruct import resolve, summary
 from whelp.pruning.shards import read_tensor, weight_map, write_shards
 from whelp.pruning.stream_refit import refit_streaming, spilled
@@ -318,7 +318,7 @@ def prune_streaming(
             spec.batch_size,
             Path(spill),
             refit_progress,
-            resolve_select(spec.select, mode, family) == "obs",
+            selects(spec.select, mode, family),
         )
         write_pruned(*write, getattr(torch, dtype), Path(spill))
     return keep, target_cfg, scores, summary(mode, errors)
