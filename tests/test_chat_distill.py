@@ -257,7 +257,11 @@ def test_chat_loss_ce_trains_chat_rows_by_ce_alone_and_text_rows_by_kd(tmp_path)
     assert torch.equal(view.chat_rows(torch.tensor([0, n_chat - 1, n_chat])), torch.tensor([True, True, False]))
     ids, mask = rows[micro], rows.mask(micro)
     tokens = int(mask[:, 1:].sum())
+    seen = []  # the teacher runs on the text rows alone: the chat rows' targets are never read
+    hook = teacher.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
     sums = loop.loss_step(t, micro, (1.0,), None, tokens)
+    hook.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], ids[~chat])
     ref = naive_sequence_kd_loss(ref_student, teacher, ids, mask, chat, spec)
     (ref / tokens).backward()
     ref = float(ref.detach())
@@ -270,6 +274,12 @@ def test_chat_loss_ce_trains_chat_rows_by_ce_alone_and_text_rows_by_kd(tmp_path)
     assert counted == tokens and text_tokens == int(mask[~chat][:, 1:].sum()) < tokens
     logged = loop._means(t, sums, tokens, 0, text_tokens)
     assert logged["kl/t"] == pytest.approx(float(text_kd) / text_tokens, rel=1e-4)  # a mean over its own tokens
+    only_chat = micro[chat]  # a micro-batch of chat rows alone calls no teacher, and trains by CE alone
+    hook = teacher.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    sums = loop.loss_step(t, only_chat, (1.0,), None, 1)
+    hook.remove()
+    ce = naive_masked_loss(ref_student, teacher, rows[only_chat], rows.mask(only_chat), replace(spec, ce_weight=1.0))
+    assert len(seen) == 1 and float(sums[0]) == pytest.approx(float(ce), rel=1e-5) and float(sums[1]) == 0
 
 
 def test_chat_loss_ce_needs_chat_data():

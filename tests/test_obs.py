@@ -198,3 +198,23 @@ def test_a_layer_that_keeps_every_neuron_gathers_no_moments(monkeypatch):
     assert student.whelp_kept["mlp"] == [list(range(width))] * 2
     for i, layer in zip(student.whelp_kept["layers"], student.model.layers):
         torch.testing.assert_close(layer.mlp.up_proj.weight, teacher.model.layers[i].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("mode", ["lsq", "span"])
+def test_the_refit_reads_the_selections_moments_as_a_pass_over_the_kept_neurons_would(monkeypatch, mode):
+    """The down_proj refit after a selection uses the sub-block of the selection's moments (kept_moments) instead of
+    running the layer again over the kept neurons: the same student to float precision as the fresh pass (forced
+    here by dropping those moments)."""
+    from whelp.pruning import reconstruct
+
+    teacher = tiny_model("llama", num_hidden_layers=3)
+    tokens = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(2))
+    spec = PruneSpec(batch_size=4, reconstruct=mode, select="obs")
+    target = "num_hidden_layers=2,intermediate_size=40"
+    shared = api.prune(teacher, target, tokens, spec)
+    chosen = reconstruct.select_mlp
+    monkeypatch.setattr(reconstruct, "select_mlp", lambda *a, **k: (chosen(*a, **k)[0], None))
+    fresh = api.prune(teacher, target, tokens, spec)
+    assert shared.whelp_kept["mlp"] == fresh.whelp_kept["mlp"]
+    for name, value in fresh.state_dict().items():
+        torch.testing.assert_close(shared.state_dict()[name], value, atol=1e-6, rtol=1e-5)

@@ -56,15 +56,22 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def live_target(teacher, ids: torch.Tensor, attention: torch.Tensor | None = None):
+def live_target(teacher, ids: torch.Tensor, attention: torch.Tensor | None = None, rows: torch.Tensor | None = None):
     """A live teacher's targets for ``ids`` [B, L] (left-padded where ``attention`` [B, L] is given): its final
     hidden states [B * L, H] (final norm included, as its backbone returns them), its lm_head weight and its
-    family's logit transform."""
-    return LiveTarget(
-        hidden=backbone(teacher)(input_ids=ids, **onpolicy.positions(attention)).last_hidden_state.flatten(0, 1),
-        weight=teacher.get_output_embeddings().weight,
-        transform=model_transform(teacher),
-    )
+    family's logit transform. ``rows`` [B] bool: the rows whose targets the loss reads; the teacher runs on those
+    alone (rows are independent under a causal mask) and the others' states are zeros the loss never reads: under
+    ``chat_loss`` "ce" the chat rows, which train by CE alone, cost no teacher forward (about a quarter of a step's
+    FLOPs on those rows: the teacher's backbone against the student's forward and backward)."""
+    weight = teacher.get_output_embeddings().weight
+    if rows is None or bool(rows.all()):
+        hidden = backbone(teacher)(input_ids=ids, **onpolicy.positions(attention)).last_hidden_state.flatten(0, 1)
+    else:
+        hidden = torch.zeros(*ids.shape, weight.shape[1], dtype=weight.dtype, device=ids.device)
+        if bool(rows.any()):
+            hidden[rows] = backbone(teacher)(input_ids=ids[rows]).last_hidden_state.to(weight.dtype)
+        hidden = hidden.flatten(0, 1)
+    return LiveTarget(hidden=hidden, weight=weight, transform=model_transform(teacher))
 
 
 @torch.no_grad()
@@ -235,6 +242,15 @@ def next_token_labels(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     return labels.flatten()
 
 
+def teacher_rows(t: Training, micro: torch.Tensor, matched: bool) -> torch.Tensor | None:
+    """BoolTensor [batch_size]: the rows of off-policy micro-batch ``micro`` whose live-teacher targets are read, or
+    None for all: under ``chat_loss`` "ce" the text rows alone, unless hidden-state losses read the teacher on every
+    row, or sharded teachers make each forward collective (every rank must call it alike)."""
+    if t.loss.chat_loss != "ce" or matched or t.spec.compute.shard_teachers or not t.blocks.has_mask:
+        return None
+    return ~t.blocks.chat_rows(micro)
+
+
 def loss_step(
     t: Training, micro: torch.Tensor, weights: tuple[float, ...], rng: torch.Generator | None, tokens: int
 ) -> torch.Tensor:
@@ -269,8 +285,10 @@ def loss_step(
             kd["ce_only"] = t.blocks.chat_rows(micro).to(ids.device)[:, None].expand_as(ids).flatten()
     matched = t.hidden is not None and t.spec.hidden.weight > 0 and not on
     layers = parallel.decoder_layers(t.teachers[0], "teacher") if matched else []
+    rows = None if on else teacher_rows(t, micro, matched)
+    rows = None if rows is None else rows.to(ids.device)
     with torch.no_grad(), t.autocast(), hidden_states.capture(layers, t.hidden.layer_map if matched else []) as found:
-        live = [live_target(m, ids, attention) for m in t.teachers]
+        live = [live_target(m, ids, attention, rows) for m in t.teachers]
     kd["targets"] = live if on else live + [cache.targets(micro) for cache in t.caches]
     if matched:
         states = [found[j].flatten(0, 1) for j in t.hidden.layer_map]

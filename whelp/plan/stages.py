@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from whelp import models, pricing
-from whelp.data import chat, check_data, check_source
+from whelp.data import chat, check_data, check_source, tokenstore
 from whelp.data.generate import check_teacher
 from whelp.data.tokenstore import token_dtype
 from whelp.distillation.capture import check_k
@@ -105,8 +105,28 @@ def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, 
     }
 
 
-def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) -> tuple[dict, list]:
-    """A distil step's tokens, data, FLOPs, memory parts and disk, and the (CacheRef, sized config) it caches."""
+def _teacher_share(spec, chat: frozenset[str]) -> float:
+    """The share of off-policy rows the live teachers run on: 1, but under ``chat_loss`` "ce" the text sources'
+    weight alone (the rows of the ``chat`` sources train by CE alone and cost no teacher forward, as
+    ``whelp.distillation.loop.teacher_rows`` does), unless hidden-state losses or sharded teachers need every row."""
+    if spec.kd.chat_loss != "ce" or spec.hidden.weight > 0 or spec.compute.shard_teachers:
+        return 1.0
+    return sum(s.weight for s in spec.data.sources if s.name not in chat)
+
+
+def _chat_sources(recipe: Recipe) -> frozenset[str]:
+    """The data sources that carry a loss mask (chat): the build's generated chat, and token stores written with
+    masks (``whelp tokenize`` of chat jsonl)."""
+    names = {s.name for step in recipe.distill for s in step.options.data.sources}
+    chat = {n for n in names if n != GENERATED and tokenstore.is_store(n) and tokenstore.open_store(n).has_mask}
+    if recipe.generate is not None and recipe.generate.options.chat:
+        chat.add(GENERATED)
+    return frozenset(chat)
+
+
+def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer, chat=frozenset()) -> tuple[dict, list]:
+    """A distil step's tokens, data, FLOPs, memory parts and disk, and the (CacheRef, sized config) it caches;
+    ``chat``: the sources that carry a loss mask (``_chat_sources``)."""
     spec, student_cfg, n_student = step.options, student["config"], student["params"]
     tokens_per_step = spec.batch_size * spec.grad_accum * spec.seq_len
     tokens = spec.max_tokens if spec.max_tokens is not None else spec.steps * tokens_per_step
@@ -127,7 +147,7 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer) ->
     per_token = {
         "student_train": 6 * (n_active - head(student)),
         "student_sampling": round(spec.gkd.fraction * 2 * n_active),
-        "live_teachers": sum(2 * (m["active"] - head(m)) for _, m in live),
+        "live_teachers": round(_teacher_share(spec, chat) * sum(2 * (m["active"] - head(m)) for _, m in live)),
         "cache_teachers_once": sum(2 * m["active"] for _, m in cached),
     }
     memory = pricing.distill_memory(spec, student, [m for _, m in live])
@@ -260,6 +280,7 @@ def plan_recipe(recipe: Recipe) -> dict:
     teacher = _sized(teacher_config(recipe), recipe.teacher.model)
     tokenizer = _local_tokenizer(recipe)
     stages, current, vocab = [], teacher, teacher["config"].vocab_size
+    chat = _chat_sources(recipe)
     if recipe.generate is not None:
         stages.append(_generate_stage(recipe, teacher, tokenizer))
     searched = None
@@ -278,7 +299,7 @@ def plan_recipe(recipe: Recipe) -> dict:
             options = ref.step.local.options(ref.step.options)
             local = replace(ref.step, options=options, teachers=ref.step.teachers[:1], caches=(), local=None)
             stages.append(_distill_stage(local, current, teacher, ref.index, tokenizer)[0])
-        entry, cached = _distill_stage(ref.step, current, teacher, ref.index, tokenizer)
+        entry, cached = _distill_stage(ref.step, current, teacher, ref.index, tokenizer, chat)
         tokens = _capture_tokens(ref.step.options, entry["data"])
         for j, (cache, model) in enumerate(cached):
             number = sum(s["kind"] == "capture" for s in stages)

@@ -31,6 +31,7 @@ from torch import Tensor
 from whelp.errors import WhelpError
 from whelp.models import layer_output
 from whelp.pruning.arch import Family
+from whelp.pruning.lsq import Moments
 
 STEPS = 64  # removal steps per layer: the group size is ceil(removed / STEPS) (1 at or below 64 removed)
 REFITS = ("lsq", "span")  # the reconstructions whose down_proj refit a selection chooses the neurons for
@@ -114,17 +115,18 @@ def check_select(mode: str, cfg, family: Family | None) -> None:
         )
 
 
-def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span_end) -> tuple[Tensor, Tensor]:
-    """``(gram [n, n], cross [n, out])`` float64 of the wide layer's MLP neurons, fed the *student's* input to its
-    MLP (after the student's own, already refit, attention), against the MLP's target: the teacher's residual
-    stream at the span's end minus the student's attention output (``span_end`` given, one [B, T, H'] per batch), else
-    the wide MLP's own output (``lsq``). One student layer forward and one wide MLP forward per batch."""
+def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span_end) -> Moments:
+    """The moments (lsq.Moments, float64) of the down_proj refit over *every* wide (teacher) MLP neuron, fed the
+    student's input to its MLP (after the student's own, already refit, attention): ``x`` the neurons' activations
+    [n], ``h`` the refit's target itself [out] (identity weight): the teacher's residual stream at the span's end
+    minus the student's attention output (``span_end`` given, one [B, T, H'] per batch), else the wide MLP's own
+    output (``lsq``), a down_proj bias taken out of both. The selection reads ``gram`` and ``cross``; the refit of
+    the neurons it keeps reads their sub-block (``kept_moments``), the same sums a pass over the kept neurons alone
+    would give, so the layer is not run again for them. One student layer forward and one wide MLP forward per batch."""
     block = family.down_proj.rsplit(".", 1)[0]
     mlp, wide_mlp = student_layer.get_submodule(block), wide_layer.get_submodule(block)
     down = wide_layer.get_submodule(family.down_proj)
-    n, out_dim = down.in_features, down.out_features
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    cross = torch.zeros(n, out_dim, dtype=torch.float64)
+    moments = Moments.empty(down.out_features, down.in_features)
     seen: dict = {}
     handles = [
         mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out)),
@@ -138,28 +140,43 @@ def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span
             target = wide_out if span_end is None else span_end[b] - layer_out + seen["y"]
             if down.bias is not None:  # in both outputs: what the neurons must supply is the rest
                 target = target - down.bias
-            a = seen["a"].reshape(-1, n).double()
-            gram += a.T @ a
-            cross += a.T @ target.reshape(-1, out_dim).double()
+            moments.add(target, seen["a"], None)
     finally:
         for handle in handles:
             handle.remove()
-    return gram, cross
+    return moments
 
 
-def select_mlp(student_layer, wide_layer, family: Family, batches, kwargs, span_end, damp: float) -> Tensor:
+def kept_moments(m: Moments, kept: Tensor) -> Moments:
+    """The moments of the refit over the ``kept`` neurons [k] alone: sub-blocks of ``m`` over every neuron."""
+    return Moments(
+        cross=m.cross[:, kept],
+        gram=m.gram[kept][:, kept],
+        h_sum=m.h_sum,
+        x_sum=m.x_sum[kept],
+        target_sq=m.target_sq,
+        count=m.count,
+    )
+
+
+def select_mlp(
+    student_layer, wide_layer, family: Family, batches, kwargs, span_end, damp: float
+) -> tuple[Tensor, Moments | None]:
     """Choose the student layer's MLP neurons by structured OBS and load them from the wide layer (every teacher
     neuron, on the student's hidden channels) in place: gate/up rows and down_proj columns, biases too. Returns the
-    kept teacher neuron ids [I'] (ascending). The refit of down_proj follows (reconstruct.py). A layer that keeps
-    every neuron (a depth-only prune) has nothing to choose: its moments are not gathered."""
+    kept teacher neuron ids [I'] (ascending) and the down_proj refit's moments over them (``kept_moments``; the
+    refit follows in reconstruct.py). A layer that keeps every neuron (a depth-only prune) has nothing to choose:
+    its moments are not gathered (None)."""
     width, keep = (layer.get_submodule(family.down_proj).in_features for layer in (wide_layer, student_layer))
     if keep == width:
-        kept = torch.arange(width)
+        kept, moments = torch.arange(width), None
     else:
-        kept = obs_keep(*mlp_moments(student_layer, wide_layer, family, batches, kwargs, span_end), keep, damp)
+        full = mlp_moments(student_layer, wide_layer, family, batches, kwargs, span_end)
+        kept = obs_keep(full.gram, full.cross.T, keep, damp)
+        moments = kept_moments(full, kept)
     params = dict(wide_layer.named_parameters())
     with torch.no_grad():
         for name, axes in family.layer_tensors.items():
             if "mlp" in axes and name in params:
                 student_layer.get_parameter(name).copy_(params[name].index_select(axes.index("mlp"), kept))
-    return kept
+    return kept, moments

@@ -185,16 +185,18 @@ def reconstruct_layer(
     the end of the span, sliced to the kept channels, per batch; ``select``: the MLP's neurons are first chosen
     anew by structured OBS (obs.py) for the refit that follows. Returns the relative calibration error of each map
     before and after, and the teacher neuron ids the MLP keeps when ``select`` chose them (else None)."""
-    report, kept = {}, None
+    report, kept, chosen = {}, None, None
     for which in (family.o_proj, family.down_proj):
         if which == family.down_proj and select and not is_moe(student_layer):
-            kept = select_mlp(student_layer, wide_layer, family, batches, kwargs, span_end, damp)
+            kept, chosen = select_mlp(student_layer, wide_layer, family, batches, kwargs, span_end, damp)
         if which == family.down_proj and is_moe(student_layer):
             inputs, targets = block_targets(student_layer, wide_layer, batches, kwargs, span_end)
             report["experts"] = refit_block(student_layer.mlp, inputs, targets, damp)
             continue
         s_map = student_layer.get_submodule(which)
-        if mode == "span" and which == family.down_proj:
+        if chosen is not None and which == family.down_proj:  # the selection's moments, towards the same target
+            weight, moments = None, chosen
+        elif mode == "span" and which == family.down_proj:
             weight, moments = None, _span_stats(student_layer, s_map, batches, kwargs, span_end)
         else:
             weight = wide_layer.get_submodule(which).weight.detach()
