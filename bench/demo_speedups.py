@@ -2,7 +2,7 @@
 
 ``--stage distill``: its distillation (its pruned student, its chat store and pydoc:train, 75% / 25%, ``chat_loss``
 "ce", forward KL + 0.5 CE on text) for ``--steps`` steps with the live teacher on every row (as before) against the
-text rows only (``whelp.distillation.loop.teacher_rows``), with the held-out perplexity at the end (the two must train
+text rows only (``DistillSpec.teacher_skips_chat_rows``), with the held-out perplexity at the end (the two must train
 the same model). The saving grows with the chat share of the mixture and the teacher's size against the student's:
 the teacher's backbone forward (2 N_teacher FLOPs a token) is skipped on every chat row.
 
@@ -33,7 +33,8 @@ from pathlib import Path
 
 APP = "from whelp.cli import app; sys.argv[0] = 'whelp'; app(prog_name='whelp')"
 BEFORE = {  # the code as it ran before, patched in for one process
-    "distill": "import sys, whelp.distillation.loop as L; L.teacher_rows = lambda *a: None; " + APP,
+    "distill": "import sys; from whelp.specs import DistillSpec; "
+    "DistillSpec.teacher_skips_chat_rows = property(lambda self: False); " + APP,
     "prune": "import sys, whelp.pruning.reconstruct as R; c = R.select_mlp; "
     "R.select_mlp = lambda *a, **k: (c(*a, **k)[0], None); " + APP,
 }

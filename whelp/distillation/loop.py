@@ -69,7 +69,8 @@ def live_target(teacher, ids: torch.Tensor, attention: torch.Tensor | None = Non
     else:
         hidden = torch.zeros(*ids.shape, weight.shape[1], dtype=weight.dtype, device=ids.device)
         if bool(rows.any()):
-            hidden[rows] = backbone(teacher)(input_ids=ids[rows]).last_hidden_state.to(weight.dtype)
+            positions = onpolicy.positions(None if attention is None else attention[rows])
+            hidden[rows] = backbone(teacher)(input_ids=ids[rows], **positions).last_hidden_state.to(weight.dtype)
         hidden = hidden.flatten(0, 1)
     return LiveTarget(hidden=hidden, weight=weight, transform=model_transform(teacher))
 
@@ -242,15 +243,6 @@ def next_token_labels(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     return labels.flatten()
 
 
-def teacher_rows(t: Training, micro: torch.Tensor, matched: bool) -> torch.Tensor | None:
-    """BoolTensor [batch_size]: the rows of off-policy micro-batch ``micro`` whose live-teacher targets are read, or
-    None for all: under ``chat_loss`` "ce" the text rows alone, unless hidden-state losses read the teacher on every
-    row, or sharded teachers make each forward collective (every rank must call it alike)."""
-    if t.loss.chat_loss != "ce" or matched or t.spec.compute.shard_teachers or not t.blocks.has_mask:
-        return None
-    return ~t.blocks.chat_rows(micro)
-
-
 def loss_step(
     t: Training, micro: torch.Tensor, weights: tuple[float, ...], rng: torch.Generator | None, tokens: int
 ) -> torch.Tensor:
@@ -264,7 +256,7 @@ def loss_step(
     data_mask = None if data_mask is None else data_mask.to(t.world.device)
     if t.spec.hidden.local:
         return local_step(t, ids, data_mask, tokens)
-    on, attention = rng is not None, None
+    on, attention, rows = rng is not None, None, None
     if on:  # the student continues each block's prompt; the teachers score its samples
         gen = t.spec.gkd.gen_tokens
         prompts = onpolicy.chat_prompts(ids, data_mask, t.spec.gkd.prompt_len(t.spec.seq_len))
@@ -282,11 +274,11 @@ def loss_step(
         labels = next_token_labels(ids, data_mask)
         kd = dict(labels=labels, mask=labels != -100, spec=t.loss, weights=weights)
         if t.loss.chat_loss == "ce":  # chat rows: CE alone on the teacher's answers (sequence-level KD)
-            kd["ce_only"] = t.blocks.chat_rows(micro).to(ids.device)[:, None].expand_as(ids).flatten()
+            chat = t.blocks.chat_rows(micro).to(ids.device)
+            kd["ce_only"] = chat[:, None].expand_as(ids).flatten()
+            rows = ~chat if t.spec.teacher_skips_chat_rows else None  # nothing reads the teacher on chat rows
     matched = t.hidden is not None and t.spec.hidden.weight > 0 and not on
     layers = parallel.decoder_layers(t.teachers[0], "teacher") if matched else []
-    rows = None if on else teacher_rows(t, micro, matched)
-    rows = None if rows is None else rows.to(ids.device)
     with torch.no_grad(), t.autocast(), hidden_states.capture(layers, t.hidden.layer_map if matched else []) as found:
         live = [live_target(m, ids, attention, rows) for m in t.teachers]
     kd["targets"] = live if on else live + [cache.targets(micro) for cache in t.caches]

@@ -106,10 +106,10 @@ def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, 
 
 
 def _teacher_share(spec, chat: frozenset[str]) -> float:
-    """The share of off-policy rows the live teachers run on: 1, but under ``chat_loss`` "ce" the text sources'
-    weight alone (the rows of the ``chat`` sources train by CE alone and cost no teacher forward, as
-    ``whelp.distillation.loop.teacher_rows`` does), unless hidden-state losses or sharded teachers need every row."""
-    if spec.kd.chat_loss != "ce" or spec.hidden.weight > 0 or spec.compute.shard_teachers:
+    """The share of off-policy rows the live teachers run on: 1, but the text sources' weight alone where the spec
+    lets them skip the chat rows (``DistillSpec.teacher_skips_chat_rows``: the ``chat`` sources' rows cost no
+    teacher forward)."""
+    if not spec.teacher_skips_chat_rows:
         return 1.0
     return sum(s.weight for s in spec.data.sources if s.name not in chat)
 

@@ -190,6 +190,13 @@ class DistillSpec:
             ]
         )
 
+    @property
+    def teacher_skips_chat_rows(self) -> bool:
+        """Whether live teachers run on the text rows alone: under ``chat_loss`` "ce" the chat rows train by CE
+        alone and nothing reads the teacher there, unless hidden-state losses read it on every row or sharded
+        teachers make each forward collective (every rank must call it alike). The loop and the plan ask this."""
+        return self.kd.chat_loss == "ce" and not self.hidden.weight and not self.compute.shard_teachers
+
     def flat(self) -> dict:
         """``{key: value}`` by the flat keys of ``KEYS`` (a sub-spec-valued key as ``asdict``): what a run's
         identity (``run.json``) and report record, as they did before the sub-specs."""
