@@ -97,6 +97,27 @@ def test_accuracy_matches_words_on_boundaries_and_numbers_by_value():
     assert chat.correct("It is fifty-six.", ["56", "fifty-six"]) and not chat.correct("It is 57.", ["56", "fifty-six"])
 
 
+def test_the_answer_span_is_where_the_accepted_answer_is_written():
+    assert chat.answer_span("The capital of France is Paris.", ["Paris"]) == (25, 30)
+    assert chat.answer_span("it is paris, then Paris", ["Paris"]) == (6, 11)  # the first, case-insensitive
+    assert chat.answer_span("560 or 56.0 people", ["56"]) == (7, 11)  # by value, not the 56 of 560
+    assert chat.answer_span("About 1,000", ["1000"]) == (6, 11)
+    assert chat.answer_span("fifty-six or 56", ["56", "fifty-six"]) == (13, 15)  # accepted answers in order
+    assert chat.answer_span("Parisian", ["Paris"]) is None
+
+
+def test_kept_counts_the_references_right_answers_the_model_also_gets():
+    def row(correct):
+        return {"correct": correct}
+
+    refs = [row(True), row(True), row(False), row(None), row(True)]
+    answers = [row(True), row(False), row(True), row(None), row(True)]
+    assert chat.kept(answers, refs) == 2 / 3  # its right answer where the reference was wrong does not count
+    assert chat.kept(answers, [row(False)] * 5) is None
+    with pytest.raises(ValueError):
+        chat.kept(answers[:4], refs)
+
+
 def test_summary_of_judged_answers():
     rows = chat.parse_prompts([json.dumps(r) for r in PROMPTS], "p")
     answers = [
@@ -160,6 +181,8 @@ def test_report_directions_of_the_behaviour_rows():
         "ended": "higher",
         "empty": "share_lower",
         "accuracy": "higher",
+        "kept": "higher",
+        "fact_nll": "lower",
         "format": "higher",
         "ref_nll": "lower",
         "rouge_l": "higher",
@@ -266,6 +289,45 @@ def test_ref_nll_is_the_references_mean_nll_per_answer_token(chat_models, demo_t
     assert behaviour.scored(ref, tok, plan, own, own, spec)[name]["metrics"]["rouge_l"] == 1.0
 
 
+@pytest.mark.demo
+def test_fact_nll_is_the_models_nll_of_the_answer_the_reference_got_right(chat_models, demo_tokenizer, tmp_path):
+    tok, (ref, student) = demo_tokenizer, chat_models
+    rows = [
+        *PROMPTS,
+        {"prompt": "What is 7 times 8?", "answer": ["56"]},
+        {"prompt": "Capital of Peru?", "answer": ["Lima"]},
+    ]
+    spec = EvalSpec(chat=(write_prompts(tmp_path / "p.jsonl", rows),), chat_new_tokens=4, batch_size=2)
+    plan = behaviour.plan(spec, {"ref": ref, "student": student}, {"ref": tok, "student": tok})
+    name = "chat:p.jsonl"
+    said = ["The capital of France is Paris, of course.", "- a", "Waves", "It is 56.0 in all.", "It is Quito."]
+    crafted = [chat.judged(p, text, [0], True) for p, text in zip(plan.prompts[name], said)]
+    assert [a["correct"] for a in crafted] == [True, None, None, True, False]
+    got = behaviour.answer(student, tok, plan, "student", spec, {name: {"answers": crafted}})[name]
+    nlls = []
+    for text, (head, fact) in zip(
+        (plan.texts[name][0], plan.texts[name][3]), (("The capital of France is", " Paris"), ("It is ", "56.0"))
+    ):
+        context = tok(text + head, add_special_tokens=False).input_ids
+        target = tok(fact, add_special_tokens=False).input_ids
+        assert tok(text + head + fact, add_special_tokens=False).input_ids == context + target
+        ids = torch.tensor([context + target])
+        with torch.no_grad():
+            nlls.append(
+                float(student(input_ids=ids, labels=torch.tensor([[-100] * len(context) + target])).loss) * len(target)
+            )
+    assert got["metrics"]["fact_nll"] == pytest.approx(sum(nlls) / 2, rel=1e-5)
+    assert got["metrics"]["kept"] == chat.kept(got["answers"], crafted)
+    contexts, facts = behaviour.fact_rows(tok, plan.texts[name], plan.prompts[name], crafted)
+    # a token joining the space to the answer is the answer's; SmolLM2's lone space before digits is the context's
+    assert [tok.decode(f) for f in facts] == [" Paris", "56.0"]
+    wrong = [{**a, "correct": False} for a in crafted]
+    assert (
+        behaviour.answer(student, tok, plan, "student", spec, {name: {"answers": wrong}})[name]["metrics"]["fact_nll"]
+        is None
+    )
+
+
 class NoSpeed:
     """In place of ``SpeedProcess`` where speed is not the point: its subprocess costs most of an eval's time."""
 
@@ -321,6 +383,8 @@ def test_eval_chat_end_to_end(tmp_path, demo_tokenizer, monkeypatch):
     assert {f"{name}/{m}" for m in ("loop", "ended", "empty", "accuracy", "format", "ref_nll", "rouge_l")} <= set(
         flats[1]
     )
+    for model in metrics["models"]:  # the random teacher answers nothing right: nothing to keep
+        assert {"kept": None, "fact_nll": None}.items() <= model["behaviour"][name]["metrics"].items()
     assert flats[0][f"{name}/rouge_l"] == 1.0 and flats[1][f"{name}/ref_nll"] > 0
     assert "answers" not in json.dumps(metrics)  # the answers are in answers.jsonl
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]

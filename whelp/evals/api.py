@@ -40,7 +40,7 @@ from whelp.output import Progress
 from whelp.specs import EvalSpec, LoadPolicy, record
 from whelp.store import check_apart, check_writable, content_id
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,13 @@ def _perplexity(model, ids, spec: EvalSpec, tokenizer, source: str) -> dict:
         return asdict(perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size, tokenizer, bar.advance))
 
 
-def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict, chat=None, label: str = "") -> dict:
+def measure(
+    model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict, chat=None, label: str = "", reference=None
+) -> dict:
     """Size, perplexity on the tokens ``ppl_ids`` ({source: [T]}), lm-eval scores and, given a ``chat`` plan, the
-    answers of one in-memory model named ``label`` (its speed is measured apart: ``whelp.evals.speed``; the
-    reference's scores of its answers by ``behaviour.score_all``)."""
+    answers of one in-memory model named ``label`` with what it keeps of the ``reference``'s right answers (the
+    reference's behaviour; None for the reference itself). Its speed is measured apart (``whelp.evals.speed``), the
+    reference's scores of its answers by ``behaviour.score_all``."""
     start = time.perf_counter()
     total, non_embedding = count_params(model.config)
     ppl = {source: _perplexity(model, ids, spec, tokenizer, source) for source, ids in ppl_ids.items()}
@@ -138,19 +141,19 @@ def measure(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict, chat=None,
             spec.apply_chat_template,
         )
     if chat is not None:
-        result["behaviour"] = behaviour.answer(model, tokenizer, chat, label, spec)
+        result["behaviour"] = behaviour.answer(model, tokenizer, chat, label, spec, reference)
     result["seconds"] = time.perf_counter() - start
     return result
 
 
-def _in_memory(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict, chat, label: str) -> dict:
+def _in_memory(model, tokenizer, spec: EvalSpec, manager, ppl_ids: dict, chat, label: str, reference) -> dict:
     """``measure`` plus speed measured in this process (peak memory is not: this process holds other things)."""
     speed = {
         **measure_speed(model, spec.speed),
         "peak_memory_bytes": None,
         "peak_memory_method": "not measured: the model was given in memory (evaluate its directory)",
     }
-    return {**measure(model, tokenizer, spec, manager, ppl_ids, chat, label), "speed": speed}
+    return {**measure(model, tokenizer, spec, manager, ppl_ids, chat, label, reference), "speed": speed}
 
 
 def _cache_path(name: str, spec: EvalSpec, chat: object) -> Path:
@@ -167,10 +170,12 @@ def _cached(name: str, spec: EvalSpec, chat: object) -> dict | None:
         return None
 
 
-def _loaded_and_measured(name: str, spec: EvalSpec, manager, policy: LoadPolicy, ppl_ids: dict, chat, label) -> dict:
+def _loaded_and_measured(
+    name: str, spec: EvalSpec, manager, policy: LoadPolicy, ppl_ids: dict, chat, label, reference
+) -> dict:
     """``measure`` of a model directory, loaded here and released on return (before its speed is measured)."""
     model, tokenizer = whelp.models.load_model(name, dtype=spec.dtype, device=spec.device, policy=policy)
-    return measure(model, tokenizer, spec, manager, ppl_ids, chat, label)
+    return measure(model, tokenizer, spec, manager, ppl_ids, chat, label, reference)
 
 
 def _reference(models: Mapping, tokenizer, spec: EvalSpec, policy: LoadPolicy, label: str):
@@ -240,11 +245,14 @@ def evaluate(
     missing = [label for label, hit in results.items() if hit is None]
     with contextlib.ExitStack() as stack:
         speed = stack.enter_context(SpeedProcess(policy)) if missing else None
-        for label, model in models.items():
+        for label, model in models.items():  # the reference first: the others' answers are judged against its
+            ref = None if chat is None or label == chat.reference else results[chat.reference]["behaviour"]
             if label in missing:
-                results[label] = _loaded_and_measured(on_disk[label], spec, manager, policy, tokens[label], chat, label)
+                results[label] = _loaded_and_measured(
+                    on_disk[label], spec, manager, policy, tokens[label], chat, label, ref
+                )
             elif label not in on_disk:
-                own = _in_memory(model.eval(), tokenizer, spec, manager, tokens[label], chat, label)
+                own = _in_memory(model.eval(), tokenizer, spec, manager, tokens[label], chat, label, ref)
                 results[label] = {"reused": False, **own}
         if chat is not None:
             fresh = [label for label in models if label in missing or label not in on_disk]

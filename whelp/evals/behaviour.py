@@ -1,6 +1,6 @@
 """What an instruct model says: every model answers prompt sets greedily through the reference's chat template, and
 ``whelp.evals.chat`` scores the answers (loops, endings, accuracy, format), with the reference's NLL of them and
-their ROUGE-L agreement with its own answers.
+their ROUGE-L agreement with its own answers, and each model's NLL of the facts in the reference's right answers.
 
 Each prompt is rendered as text by the reference tokenizer's ``apply_chat_template(..., add_generation_prompt=True)``
 and tokenized by each model's own tokenizer (no special tokens added: the template writes them); a model stops at the
@@ -166,8 +166,10 @@ def greedy(model, prompts: list[list[int]], stops: list[int], new_tokens: int, b
     return out
 
 
-def answer(model, tokenizer, plan: ChatPlan, label: str, spec: EvalSpec) -> dict:
-    """Model ``label``'s answers to every set: ``{set: {"answers": [chat.judged], "metrics": chat.summary}}``."""
+def answer(model, tokenizer, plan: ChatPlan, label: str, spec: EvalSpec, reference: dict | None = None) -> dict:
+    """Model ``label``'s answers to every set: ``{set: {"answers": [chat.judged], "metrics": chat.summary + kept,
+    fact_nll}}``, ``kept`` and ``fact_nll`` against ``reference`` (the reference's own result of this function; None
+    for the reference itself, measured against its own answers)."""
     out = {}
     for name, texts in plan.texts.items():
         prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
@@ -177,15 +179,46 @@ def answer(model, tokenizer, plan: ChatPlan, label: str, spec: EvalSpec) -> dict
             chat.judged(p, tokenizer.decode(ids, skip_special_tokens=True), ids, ended)
             for p, (ids, ended) in zip(plan.prompts[name], got)
         ]
-        out[name] = {"answers": answers, "metrics": chat.summary(answers)}
+        refs = answers if reference is None else reference[name]["answers"]
+        contexts, facts = fact_rows(tokenizer, texts, plan.prompts[name], refs)
+        sums, _ = row_nll(model, contexts, facts, spec.batch_size)
+        metrics = {
+            **chat.summary(answers),
+            "kept": chat.kept(answers, refs),
+            "fact_nll": sum(sums) / len(sums) if sums else None,
+        }
+        out[name] = {"answers": answers, "metrics": metrics}
     return out
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def fact_rows(tokenizer, texts: list[str], prompts: list[chat.Prompt], references: list[dict]):
+    """``(contexts, facts)``: for each row the ``references`` answer correctly, the token ids of the rendered prompt
+    and the reference's answer up to the accepted answer in it (``chat.answer_span``), and those of the answer; the
+    text up to the answer's end is tokenized whole and split where it leaves the context's tokens, so a token that
+    joins the space before the answer to it (`` Paris``) is scored as the answer's."""
+    contexts, facts = [], []
+    for text, prompt, ref in zip(texts, prompts, references, strict=True):
+        if not ref["correct"]:
+            continue
+        start, end = chat.answer_span(ref["answer"], prompt.answers)
+        head = tokenizer(text + ref["answer"][:start], add_special_tokens=False).input_ids
+        full = tokenizer(text + ref["answer"][:end], add_special_tokens=False).input_ids
+        cut = min(common_prefix(head, full), len(full) - 1)
+        contexts.append(full[:cut])
+        facts.append(full[cut:])
+    return contexts, facts
+
+
 @torch.no_grad()
-def answer_nll(model, prompts: list[list[int]], answers: list[list[int]], batch_size: int) -> tuple[float, int]:
-    """Summed NLL (nats, fp32) of every answer's tokens given its prompt, teacher-forced, and their count; each
-    ``prompt + answer`` row right-padded into ``[B, L]`` with its attention mask."""
-    total, count = 0.0, 0
+def row_nll(model, prompts: list[list[int]], answers: list[list[int]], batch_size: int):
+    """``(sums, counts)``: each answer's summed NLL (nats, fp32) of its tokens given its prompt, teacher-forced, and
+    its token count; each ``prompt + answer`` row right-padded into ``[B, L]`` with its attention mask."""
+    sums, counts = [], []
     for start in range(0, len(prompts), batch_size):
         rows = [p + a for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size])]
         width = max(map(len, rows))
@@ -197,9 +230,9 @@ def answer_nll(model, prompts: list[list[int]], answers: list[list[int]], batch_
         mask = (torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]).long()
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none").cpu()
-        total += float(nll[scored[:, 1:]].sum())
-        count += int(scored.sum())
-    return total, count
+        sums += (nll * scored[:, 1:]).sum(1).tolist()
+        counts += scored[:, 1:].sum(1).tolist()
+    return sums, counts
 
 
 def scored(reference, tokenizer, plan: ChatPlan, behaviour: dict, own: dict, spec: EvalSpec) -> dict:
@@ -212,7 +245,8 @@ def scored(reference, tokenizer, plan: ChatPlan, behaviour: dict, own: dict, spe
         answers = [
             tokenizer(a["answer"], add_special_tokens=False).input_ids + [end] * a["ended"] for a in result["answers"]
         ]
-        total, count = answer_nll(reference, prompts, answers, spec.batch_size)
+        sums, counts = row_nll(reference, prompts, answers, spec.batch_size)
+        total, count = sum(sums), sum(counts)
         rouge = chat.mean_rouge_l([a["answer"] for a in result["answers"]], [a["answer"] for a in own[name]["answers"]])
         metrics = {**result["metrics"], "ref_nll": total / count if count else None, "rouge_l": rouge}
         out[name] = {**result, "metrics": metrics}

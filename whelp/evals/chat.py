@@ -9,6 +9,11 @@ instruction checked by code, ``FORMATS``). Per model and prompt set (``summary``
 - ``ended``: share that ended with an end-of-turn token within the budget; ``empty``: share with no visible text;
 - ``accuracy``: on rows with ``answer``, share correct (``correct``); ``format``: on rows with ``format``, share that
   follow it (``follows``), IFEval-style verifiable instructions (Zhou et al. 2023, arXiv 2311.07911);
+- ``kept``: of the rows the reference answers correctly, the share this model also answers correctly (``kept``);
+- ``fact_nll``: on those rows, the model's NLL (nats, summed over the answer's tokens, mean over rows) of the
+  accepted answer the reference wrote, teacher-forced after the reference's own answer up to it (computed in
+  ``whelp.evals.behaviour``): whether a model still knows the fact, even where its greedy answer drifts elsewhere.
+  On 26 rows a greedy right/wrong moves a share by 4%; the NLL tells apart students that answer equally few;
 - ``rouge_l``: mean ROUGE-L F1 (Lin 2004) against the reference's answer to the same prompt (``rouge_l``);
 - ``ref_nll``: the reference model's mean NLL per answer token (computed in ``whelp.evals.behaviour``).
 """
@@ -23,9 +28,9 @@ from dataclasses import dataclass
 from whelp.data import chat
 from whelp.errors import WhelpError
 
-METRICS = ("loop", "ended", "empty", "accuracy", "format", "ref_nll", "rouge_l")
-LOWER_IS_BETTER = ("loop", "empty", "ref_nll")
-SHARES = ("loop", "ended", "empty", "accuracy", "format")  # fractions in [0, 1]
+METRICS = ("loop", "ended", "empty", "accuracy", "kept", "fact_nll", "format", "ref_nll", "rouge_l")
+LOWER_IS_BETTER = ("loop", "empty", "fact_nll", "ref_nll")
+SHARES = ("loop", "ended", "empty", "accuracy", "kept", "format")  # fractions in [0, 1]
 LOOP_N, LOOP_TIMES = 6, 3
 # Each format kind with its parameters and their types; ``follows`` holds the exact rule of each.
 FORMATS = {
@@ -122,21 +127,26 @@ def empty(text: str) -> bool:
     return not text.strip()
 
 
-def _numbers(text: str) -> list[float]:
-    return [float(m.group().replace(",", "")) for m in NUMBER.finditer(text)]
+def answer_span(text: str, answers: Sequence[str]) -> tuple[int, int] | None:
+    """Where the first accepted answer appears in ``text`` as ``(start, end)`` character offsets, or None: a number
+    (``56``, ``-3``, ``1,000``, ``2.5``) as any number written in the text with the same value (``56.0``, ``1000``;
+    not the ``56`` of ``560`` or ``5.6``), anything else as a case-insensitive substring on word boundaries
+    (``Paris`` in "It is paris.", not in "Parisian")."""
+    for answer in answers:
+        answer = answer.strip()
+        if NUMBER.fullmatch(answer):
+            value = float(answer.replace(",", ""))
+            found = next((m for m in NUMBER.finditer(text) if float(m.group().replace(",", "")) == value), None)
+        else:
+            found = re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", text, re.IGNORECASE)
+        if found is not None:
+            return found.span()
+    return None
 
 
 def correct(text: str, answers: Sequence[str]) -> bool:
-    """Any accepted answer appears in ``text``: a number (``56``, ``-3``, ``1,000``, ``2.5``) as any number written
-    in the text with the same value (``56.0``, ``1000``; not the ``56`` of ``560`` or ``5.6``), anything else as a
-    case-insensitive substring on word boundaries (``Paris`` in "It is paris.", not in "Parisian")."""
-    for answer in answers:
-        if NUMBER.fullmatch(answer.strip()):
-            if float(answer.strip().replace(",", "")) in _numbers(text):
-                return True
-        elif re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", text, re.IGNORECASE):
-            return True
-    return False
+    """Any accepted answer appears in ``text`` (``answer_span``)."""
+    return answer_span(text, answers) is not None
 
 
 def _words(text: str) -> list[str]:
@@ -206,6 +216,12 @@ def judged(prompt: Prompt, text: str, tokens: Sequence[Hashable], ended: bool) -
         "correct": correct(text, prompt.answers) if prompt.answers else None,
         "followed": follows(text, prompt.format) if prompt.format else None,
     }
+
+
+def kept(answers: Sequence[dict], references: Sequence[dict]) -> float | None:
+    """Of the rows whose ``references`` answer (the reference model's ``judged``) is correct, the share whose
+    ``answers`` entry is correct too; None when the reference answers none correctly."""
+    return share(a["correct"] for a, ref in zip(answers, references, strict=True) if ref["correct"])
 
 
 def summary(answers: Sequence[dict]) -> dict:
