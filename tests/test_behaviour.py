@@ -328,6 +328,39 @@ def test_fact_nll_is_the_models_nll_of_the_answer_the_reference_got_right(chat_m
     )
 
 
+@pytest.mark.demo
+def test_evaluate_judges_each_model_against_the_references_answers(chat_models, demo_tokenizer, tmp_path):
+    from whelp.specs import SpeedSpec
+
+    tok, (ref, student) = demo_tokenizer, chat_models
+    spec = EvalSpec(chat=(write_prompts(tmp_path / "p.jsonl"),), chat_new_tokens=8, batch_size=2)
+    plan = behaviour.plan(spec, {"ref": ref}, {"ref": tok})
+    first = behaviour.answer(ref, tok, plan, "ref", spec)["chat:p.jsonl"]["answers"][0]["answer"]
+    word = next(w for w in chat.WORD.findall(first) if w.isalpha())  # the reference "knows" this word
+    rows = [{**PROMPTS[0], "answer": [word]}, *PROMPTS[1:]]
+    spec = EvalSpec(
+        ppl=(),
+        chat=(write_prompts(tmp_path / "p.jsonl", rows),),
+        chat_new_tokens=8,
+        batch_size=2,
+        speed=SpeedSpec(prompt_len=4, new_tokens=1, repeats=1),
+    )
+    models = {"ref": ref, "student": student}
+    got = {m["label"]: m["behaviour"]["chat:p.jsonl"] for m in api.evaluate(models, tok, spec).metrics["models"]}
+    plan = behaviour.plan(spec, models, {"ref": tok, "student": tok})
+    own = behaviour.answer(ref, tok, plan, "ref", spec)
+    theirs = behaviour.answer(student, tok, plan, "student", spec, own)["chat:p.jsonl"]["metrics"]
+    assert (
+        got["ref"]["metrics"]["kept"] == 1.0
+        and got["ref"]["metrics"]["fact_nll"] < got["student"]["metrics"]["fact_nll"]
+    )
+    assert {k: got["student"]["metrics"][k] for k in ("kept", "fact_nll")} == pytest.approx(
+        {k: theirs[k] for k in ("kept", "fact_nll")}
+    )
+    alone = behaviour.answer(student, tok, plan, "student", spec)["chat:p.jsonl"]["metrics"]
+    assert alone["fact_nll"] != pytest.approx(theirs["fact_nll"]) or alone["kept"] != theirs["kept"]
+
+
 class NoSpeed:
     """In place of ``SpeedProcess`` where speed is not the point: its subprocess costs most of an eval's time."""
 
