@@ -6,8 +6,9 @@ linear in what a model learns: ``ref NLL / model NLL`` for perplexity-type metri
 = the bits-per-byte ratio on the same text), ``ref / model`` for bits per byte, ``model / ref`` for accuracy-type
 metrics (higher is better). 100% means as good as the reference; above 100% means better. Size and speed rows show
 ``model / ref`` as a plain % of the reference. Chat behaviour rows (``chat:SET/METRIC``, ``whelp.evals.chat``):
-``ref_nll`` and ``fact_nll`` are NLLs (``ref / model``); ``loop`` and ``empty``, shares where lower is better, compare the shares of
-good answers, ``(1 - model) / (1 - ref)``; the other shares and ``rouge_l`` are ``model / ref``.
+``ref_nll`` and ``fact_nll`` are NLLs (``ref / model``); ``loop`` and ``empty``, shares where lower is better,
+compare the shares of good answers, ``(1 - model) / (1 - ref)``; the other shares (``kept`` among them) and
+``rouge_l`` are ``model / ref``.
 """
 
 from __future__ import annotations
