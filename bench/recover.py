@@ -1,7 +1,8 @@
 """Recover more per token, part one: one-shot perplexity of the demo shape by reconstruction and by published baselines.
 
-The demo teacher (SmolLM2-135M-Instruct) pruned to the demo shape (24 of 30 layers, MLP 1536 -> 1024: 60% of the
-non-embedding parameters), calibrated on the same blocks of pydoc:calib, without training:
+The demo teacher (SmolLM2-135M-Instruct) pruned to the demo shape (the shipped demo recipe's prune target: 27 of 30
+layers, MLP 1536 -> 854, 60% of the non-embedding parameters; before 2026-12-06 24 layers, MLP 1024, the same count),
+calibrated on the same blocks of ``--calib`` (pydoc:calib), without training:
 
   activation + none | lsq | span | bias   whelp's Minitron importance, then each reconstruction (whelp prune
                                           --reconstruct --select importance; "none" is the sliced weights)
@@ -34,9 +35,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from generalize import vim_manual
 from publish import publish
 
+from whelp import recipe as recipes
 from whelp.data.blocks import blocks
 from whelp.evals.perplexity import perplexity
 from whelp.models import count_params, load_model
@@ -45,7 +48,7 @@ from whelp.pruning.generic import prune_generic
 from whelp.specs import PruneSpec
 
 WORK = Path(__file__).resolve().parent / "results" / "recover"
-DEMO = "num_hidden_layers=24,intermediate_size=1024"
+DEMO = yaml.safe_load(recipes.find("smollm2-demo").read_text())["prune"]["target"]
 DEPTH = "num_hidden_layers=18"
 WIDTH = {"intermediate_size": 704}
 ROWS = {  # name -> (target, PruneSpec changes); None target: torch-pruning's generic path
@@ -98,6 +101,12 @@ def main() -> None:
         "parameter count and run only there); num_hidden_layers=24,intermediate_size=768 is smollm2-half, the demo "
         "shape issue 30 was filed at",
     )
+    parser.add_argument(
+        "--calib",
+        default="pydoc:calib",
+        help="calibration data: a source, store or mixture (a:0.5,b:0.5), e.g. text the teacher sampled itself "
+        "(whelp generate TEACHER --out STORE: self-calibration)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
@@ -111,7 +120,7 @@ def main() -> None:
 
     results = {"teacher": {"ppl": ppl(teacher), "params": count_params(teacher.config)[0]}}
     for seed in args.seeds:
-        calib = blocks("pydoc:calib", tokenizer, 256, n=args.calib_blocks, seed=seed).head(args.calib_blocks)
+        calib = blocks(args.calib, tokenizer, 256, n=args.calib_blocks, seed=seed).head(args.calib_blocks)
         for name, (target, changes) in ROWS.items():
             if not any(part in name for part in args.only) or (args.target != DEMO and target != DEMO):
                 continue
@@ -131,7 +140,7 @@ def report(results: dict, args) -> str:
         f"\n## Reconstruction and one-shot baselines at {'the demo shape' if args.target == DEMO else args.target} "
         f"(bench/recover.py, {date}, {platform.machine()}, {torch.get_num_threads()} threads)\n",
         f"SmolLM2-135M-Instruct -> {args.target}, {args.calib_blocks} blocks x 256 tokens of "
-        f"pydoc:calib, seeds {' and '.join(map(str, args.seeds))} (calibration draws); perplexity on the first "
+        f"{args.calib}, seeds {' and '.join(map(str, args.seeds))} (calibration draws); perplexity on the first "
         f"{args.eval_tokens:,} tokens of each text (median over seeds, the lower of two; x: multiple of the "
         "teacher's); wall time "
         "of calibration + surgery + reconstruction.\n",
