@@ -18,7 +18,8 @@ Perplexity on pydoc:eval (the calibration domain, held out) and on general Engli
 built-in licences and vim's user manual (Debian's vim runtime), the first ``--eval-tokens`` of each; each row's wall
 time (calibration + surgery + reconstruction). ``--seeds 0 1`` calibrates on two different draws of blocks.
 
-    python bench/recover.py [--calib-blocks 32] [--eval-tokens 16384] [--seeds 0 1] [--json FILE] [--dry]
+    python bench/recover.py [--calib pydoc:calib] [--calib-blocks 32] [--eval-tokens 16384] [--seeds 0 1]
+        [--json FILE] [--dry]
 
 Cost: calibration and reconstruction are O(blocks x layers) forwards (span: the teacher's layers too) plus one
 k x k solve per map and layer (k = kept MLP width or head outputs), so they grow with the calibration set and the
@@ -35,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from generalize import vim_manual
 from publish import publish
 
@@ -48,7 +48,7 @@ from whelp.pruning.generic import prune_generic
 from whelp.specs import PruneSpec
 
 WORK = Path(__file__).resolve().parent / "results" / "recover"
-DEMO = yaml.safe_load(recipes.find("smollm2-demo").read_text())["prune"]["target"]
+DEMO = recipes.load("smollm2-demo").prune[0].target
 DEPTH = "num_hidden_layers=18"
 WIDTH = {"intermediate_size": 704}
 ROWS = {  # name -> (target, PruneSpec changes); None target: torch-pruning's generic path
