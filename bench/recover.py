@@ -40,7 +40,9 @@ from generalize import vim_manual
 from publish import publish
 
 from whelp import recipe as recipes
+from whelp.data import Mixture, check_data
 from whelp.data.blocks import blocks
+from whelp.errors import WhelpError
 from whelp.evals.perplexity import perplexity
 from whelp.models import count_params, load_model
 from whelp.pruning import api
@@ -110,6 +112,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
+    try:
+        check_data(Mixture.of(args.calib))
+    except WhelpError as error:
+        parser.error(f"--calib: {error}")
     WORK.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     teacher, tokenizer = load_model("smollm2-135m")
