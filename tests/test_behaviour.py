@@ -246,7 +246,7 @@ def chat_models(demo_tokenizer):
 @pytest.mark.demo
 def test_greedy_answers_equal_stock_generate_through_the_template(chat_models, demo_tokenizer, tmp_path):
     tok, model = demo_tokenizer, chat_models[0]
-    spec = EvalSpec(chat=(write_prompts(tmp_path / "p.jsonl"),), chat_new_tokens=12, batch_size=2)
+    spec = EvalSpec(chat=(write_prompts(tmp_path / "p.jsonl"),), chat_new_tokens=12, chat_batch_size=2)
     plan = behaviour.plan(spec, {"ref": model}, {"ref": tok})
     got = behaviour.answer(model, tok, plan, "ref", spec)["chat:p.jsonl"]["answers"]
     ended = []
@@ -502,13 +502,17 @@ def test_a_recipe_eval_section_takes_the_chat_keys(tmp_path):
     path = tmp_path / "r.yaml"
     text = (
         "name: t\nteacher: {model: llama-3.1-8b}\ndata: {seq_len: 64}\nprune: {target: llama-3.2-1b}\n"
-        "eval: {chat: [%s], chat_new_tokens: 32}\n"
+        "eval: {chat: [%s], chat_new_tokens: 32, chat_batch_size: 8}\n"
     )
     path.write_text(text % "chat:general")
     loaded = recipe.load(str(path))
     assert loaded.eval.chat == ("chat:general",) and loaded.eval.chat_new_tokens == 32
+    assert loaded.eval.chat_batch_size == 8 and loaded.eval.batch_size == 4
     shown = run_cli("show", str(path))
     assert shown.exit_code == 0 and "chat:\n  - chat:general\n  chat_new_tokens: 32\n" in shown.stdout
+    path.write_text(text.replace("chat_batch_size: 8", "chat_batch_size: 0") % "chat:general")
+    bad = run_cli("validate", str(path))
+    assert bad.exit_code == 2 and "chat_batch_size must be positive" in bad.stderr
     path.write_text(text % str(tmp_path / "none.jsonl"))
     bad = run_cli("validate", str(path))
     assert (

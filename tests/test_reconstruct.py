@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_model
+from conftest import MOE, save_tiny, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -135,6 +135,47 @@ def test_streaming_reconstruction_equals_in_memory(tmp_path, family, mode):
         torch.testing.assert_close(
             loaded(input_ids=tokens).logits, in_memory(input_ids=tokens).logits, atol=1e-4, rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "granite", "qwen2_moe"])
+def test_layer_inputs_are_what_the_models_own_forward_gives_its_layers(family):
+    """The stand-ins that replace the layers while inputs are taken record exactly the first layer's hidden states
+    and every layer's keyword arguments of a real forward (sliding and full attention layers, Granite's embedding
+    multiplier, an MoE), and leave the model as it was."""
+    overrides = MOE.get(family, {})
+    model = tiny_model(family, **{"num_hidden_layers": 4, **overrides})
+    fam = arch.family_of(model.config)
+    tokens = torch.randint(0, 512, (5, 12), generator=torch.Generator().manual_seed(3))
+    layers = model.get_submodule(fam.layers)
+    seen = [[] for _ in layers]
+
+    def record(i):
+        return lambda m, args, kw: seen[i].append((args[0] if args else kw["hidden_states"], kw))
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        want = [model(input_ids=tokens[s : s + 2], use_cache=False).logits for s in range(0, 5, 2)]
+    for handle in handles:
+        handle.remove()
+    batches, kwargs = reconstruct.layer_inputs(model, fam, tokens, 2)
+    assert [b.shape[0] for b in batches] == [2, 2, 1]
+    for b, batch in enumerate(batches):
+        assert torch.equal(batch, seen[0][b][0])
+        for i in range(len(layers)):
+            real = {k: v for k, v in seen[i][b][1].items() if k != "hidden_states"}
+            assert kwargs[i][b].keys() == real.keys()
+            for key, value in real.items():
+                got = kwargs[i][b][key]
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(got, value), key
+                elif isinstance(value, tuple):
+                    assert all(torch.equal(x, y) for x, y in zip(got, value, strict=True)), key
+                else:
+                    assert got == value, key
+    assert all("forward" not in vars(layer) for layer in layers)  # the stand-ins are gone
+    with torch.no_grad():
+        again = [model(input_ids=tokens[s : s + 2], use_cache=False).logits for s in range(0, 5, 2)]
+    assert all(torch.equal(x, y) for x, y in zip(again, want))
 
 
 @pytest.mark.parametrize(

@@ -135,15 +135,16 @@ def gathered_bytes(model: dict, dtype_bytes: int) -> int:
     return (model["params"] - layers * layer + 2 * layer) * dtype_bytes
 
 
-REFIT_PASSES = 4  # a reconstruction, in teacher forwards per calibration token (whelp.pruning.reconstruct)
+# A reconstruction, in teacher forwards per calibration token (whelp.pruning.reconstruct): per layer the student's
+# attention three times and its MLP once, the wide attention and MLP once, the teacher's span once; 3.2 on the demo.
+REFIT_PASSES = 3
 
 
 def prune_flops(spec, params: int, layers: int) -> int:
     """A prune's calibration: a forward (2 N per token) over calib_samples x seq_len tokens, 3 x that for Taylor
     importance (the backward too: 6 N), plus L + 1 forwards (the base and each layer skipped) for
     ``layer_importance: loss`` (none of these when saved ``scores`` are reused), plus REFIT_PASSES forwards for a
-    reconstruction (``auto`` counted as one): three passes of each student layer, the wide sub-blocks and, for
-    ``span``, the teacher beside the student; its k x k solves are small beside them."""
+    reconstruction (``auto`` counted as one); its k x k solves are small beside them."""
     scoring = (3 if spec.importance == "taylor" else 1) + (layers + 1 if spec.layer_importance == "loss" else 0)
     passes = (0 if spec.scores else scoring) + (0 if spec.reconstruct == "none" else REFIT_PASSES)
     return 2 * params * spec.calib_samples * spec.seq_len * passes

@@ -5,8 +5,8 @@ their ROUGE-L agreement with its own answers, and each model's NLL of the facts 
 Each prompt is rendered as text by the reference tokenizer's ``apply_chat_template(..., add_generation_prompt=True)``
 and tokenized by each model's own tokenizer (no special tokens added: the template writes them); a model stops at the
 reference's end-of-turn tokens (its generation config's eos ids and its tokenizer's eos, taken by their text into
-each model's vocabulary) or after ``chat_new_tokens``. Decoding is greedy (argmax) in batches of ``batch_size`` with
-left padding; a checkpoint's own generation settings (sampling, penalties) do not apply. The reference then scores
+each model's vocabulary) or after ``chat_new_tokens``. Decoding is greedy (argmax) in batches of ``chat_batch_size``
+with left padding; a checkpoint's own generation settings (sampling, penalties) do not apply. The reference then scores
 each answer teacher-forced: the prompt in its tokens, the answer's text in its tokens, and its first end-of-turn
 token when the answer ended.
 """
@@ -174,7 +174,7 @@ def answer(model, tokenizer, plan: ChatPlan, label: str, spec: EvalSpec, referen
     for name, texts in plan.texts.items():
         prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         with Progress(f"{label} answers {name}", len(prompts)) as bar:
-            got = greedy(model, prompts, plan.stops[label], spec.chat_new_tokens, spec.batch_size, bar.advance)
+            got = greedy(model, prompts, plan.stops[label], spec.chat_new_tokens, spec.chat_batch_size, bar.advance)
         answers = [
             chat.judged(p, tokenizer.decode(ids, skip_special_tokens=True), ids, ended)
             for p, (ids, ended) in zip(plan.prompts[name], got)

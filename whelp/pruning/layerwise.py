@@ -20,6 +20,11 @@ from whelp.pruning.keep import text_config
 from whelp.pruning.shards import embed_rows
 
 
+class Stop(Exception):
+    """Raised inside a model's or layer's forward to end it early, once what was needed of it is taken
+    (reconstruct.py, obs.py)."""
+
+
 def skeleton(config):
     """The full model on the meta device: module structure and names, no memory."""
     with torch.device("meta"):

@@ -25,12 +25,15 @@ accumulate over any number of calibration tokens in O(n^2) memory; a step costs 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from whelp.errors import WhelpError
 from whelp.models import layer_output
 from whelp.pruning.arch import Family
+from whelp.pruning.layerwise import Stop
 from whelp.pruning.lsq import Moments
 
 STEPS = 64  # removal steps per layer: the group size is ceil(removed / STEPS) (1 at or below 64 removed)
@@ -119,31 +122,40 @@ def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span
     """The moments (lsq.Moments, float64) of the down_proj refit over *every* wide (teacher) MLP neuron, fed the
     student's input to its MLP (after the student's own, already refit, attention): ``x`` the neurons' activations
     [n], ``h`` the refit's target itself [out] (identity weight): the teacher's residual stream at the span's end
-    minus the student's attention output (``span_end`` given, one [B, T, H'] per batch), else the wide MLP's own
-    output (``lsq``), a down_proj bias taken out of both. The selection reads ``gram`` and ``cross``; the refit of
-    the neurons it keeps reads their sub-block (``kept_moments``), the same sums a pass over the kept neurons alone
-    would give, so the layer is not run again for them. One student layer forward and one wide MLP forward per batch."""
+    minus the student's residual stream before its MLP (``span_end`` given, one [B, T, H'] per batch), else the wide
+    MLP's own output (``lsq``), a down_proj bias taken out of both. The student's MLP does not run: a stand-in takes
+    its input and adds nothing to the residual stream (``span``: the layer's output is then that stream, as
+    ``Family.mlp_residual`` promises) or ends the layer there (``lsq``). The selection reads ``gram`` and ``cross``;
+    the refit of the neurons it keeps reads their sub-block (``kept_moments``), the same sums a pass over the kept
+    neurons alone would give, so the layer is not run again for them. Per batch: the student's attention and one
+    wide MLP forward."""
     block = family.down_proj.rsplit(".", 1)[0]
     mlp, wide_mlp = student_layer.get_submodule(block), wide_layer.get_submodule(block)
     down = wide_layer.get_submodule(family.down_proj)
     moments = Moments.empty(down.out_features, down.in_features)
     seen: dict = {}
-    handles = [
-        mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out)),
-        down.register_forward_pre_hook(lambda m, args: seen.update(a=args[0])),
-    ]
+
+    def stand_in(x, *args, **kw):
+        seen["x"] = x
+        if span_end is None:
+            raise Stop
+        return torch.zeros_like(x)
+
+    handle = down.register_forward_pre_hook(lambda m, args: seen.update(a=args[0]))
+    mlp.forward = stand_in
     try:
         for b, (hidden, kw) in enumerate(zip(batches, kwargs)):
             with torch.no_grad():
-                layer_out = layer_output(student_layer(hidden, **kw))
+                with contextlib.suppress(Stop):
+                    residual = layer_output(student_layer(hidden, **kw))
                 wide_out = wide_mlp(seen["x"])
-            target = wide_out if span_end is None else span_end[b] - layer_out + seen["y"]
+            target = wide_out if span_end is None else span_end[b] - residual
             if down.bias is not None:  # in both outputs: what the neurons must supply is the rest
                 target = target - down.bias
             moments.add(target, seen["a"], None)
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
+        del mlp.forward
     return moments
 
 

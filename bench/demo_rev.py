@@ -1,0 +1,139 @@
+"""The demo's prune and its chat evaluation as an earlier commit ran them and as this tree runs them, side by side.
+
+``--stage prune``: the demo recipe's prune (its target, importance, calibration mixture and size, span refit with
+OBS selection), read from the recipe through whelp's own loader, over the chat store of a demo build. ``--stage
+eval``: one pruned student answering the recipe's chat requests (greedy, 64 new tokens) with perplexity on pydoc:eval,
+the student its own reference, in a fresh ``$WHELP_HOME`` so that nothing is read from the eval cache; this tree
+decodes ``eval.chat_batch_size`` requests together, the commit before it had no such setting and decoded ``--batch-size``.
+
+The earlier commit (``--before``, default ``HEAD``) is exported with ``git archive`` and put first on ``PYTHONPATH``,
+so each configuration is one ``whelp`` process of its own code; ``--rounds`` rounds, interleaved (the machine is
+shared), the ratio taken within a round and the median reported. The check column must agree: the prune's largest
+weight difference and whether it kept the same MLP neurons; the eval's answers, which must be the same text.
+
+Cost: the prune grows linearly with calibration tokens and layers (a fixed number of layer passes each, plus one
+float64 Gram of the layer's MLP width per calibration batch); greedy decoding costs a fixed overhead per step, so its
+time falls with the batch until the batch's compute dominates.
+
+    python bench/demo_rev.py --stage prune|eval [--build runs/smollm2-demo] [--before REV] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from whelp import recipe, store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage(build: Path, kind: str) -> Path:
+    found = sorted(build.glob(f"stages/*-{kind}-*[0-9a-f]"))
+    if not found:
+        sys.exit(f"{build} has no {kind} stage: run `bash scripts/demo.sh {build}` first")
+    return found[0]
+
+
+def arguments(args, out: Path, new: bool) -> list[str]:
+    demo = recipe.load("smollm2-demo")
+    if args.stage == "prune":
+        step, chat = demo.prune[0], str(stage(args.build, "generate"))
+        p = step.options
+        mix = ",".join(f"{chat if s.name == 'generated' else s.name}:{s.weight}" for s in p.calib.sources)
+        cli = ["prune", "smollm2-135m", "--target", step.target, "--importance", p.importance]
+        cli += ["--layer-importance", p.layer_importance, "--calib", mix, "--calib-samples", str(p.calib_samples)]
+        cli += ["--seq-len", str(p.seq_len), "--reconstruct", p.reconstruct, "--select", p.select]
+        return [*cli, "--force", "--out", str(out)]
+    e = demo.eval
+    cli = ["eval", f"pruned={stage(args.build, 'prune')}", "--ppl", "pydoc:eval", "--seq-len", str(demo.data.seq_len)]
+    cli += ["--chat", e.chat[0], "--chat-limit", str(e.chat_limit), "--batch-size", str(e.batch_size)]
+    cli += ["--chat-batch-size", str(e.chat_batch_size)] if new else []
+    return [*cli, "--out", str(out)]
+
+
+def check(args, out: Path, reference: Path | None) -> str:
+    """What must agree between the two codes: the weights and kept neurons, or the answers."""
+    if args.stage == "eval":
+        answers = [json.loads(line)["answer"] for line in (out / "answers.jsonl").read_text().splitlines()]
+        if reference is None:
+            return f"{len(answers)} answers"
+        theirs = [json.loads(line)["answer"] for line in (reference / "answers.jsonl").read_text().splitlines()]
+        return f"{sum(a == b for a, b in zip(answers, theirs))}/{len(answers)} answers equal"
+    if reference is None:
+        return "-"
+    mine, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    diff = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
+    kept = [json.loads((d / "prune_report.json").read_text())["kept"]["mlp"] for d in (out, reference)]
+    return f"max |diff| {diff:.1e}, kept neurons {'equal' if kept[0] == kept[1] else 'differ'}"
+
+
+def run(code: Path | None, args, out: Path, home: Path) -> float:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["WHELP_HOME"] = str(home)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "whelp", *arguments(args, out, code is None)], check=True, capture_output=True, env=env
+    )
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", choices=("prune", "eval"), required=True)
+    parser.add_argument("--build", type=Path, default=Path("runs/smollm2-demo"))
+    parser.add_argument("--before", default="HEAD", help="the commit to compare with (git rev)")
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    rev = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, capture_output=True, text=True)
+    rev = rev.stdout.strip() or sys.exit(f"--before {args.before}: not a commit of {ROOT}")
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "before"
+        old.mkdir()
+        archive = subprocess.run(["git", "archive", rev, "whelp"], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+        homes = {}
+        for name in ("before", "after"):  # the teacher from the cache, no eval results
+            homes[name] = Path(tmp) / f"home-{name}"
+            homes[name].mkdir()
+            (homes[name] / "models").symlink_to(store.whelp_home() / "models")
+        for r in range(args.rounds):
+            outs = {name: Path(tmp) / f"{r}-{name}" for name in ("before", "after")}
+            walls = {name: run(old if name == "before" else None, args, outs[name], homes[name]) for name in outs}
+            for home in homes.values():
+                subprocess.run(["rm", "-rf", str(home / "eval-cache")], check=True)
+            rounds.append((walls["before"], walls["after"], check(args, outs["after"], outs["before"])))
+    ratio = statistics.median(a / b for a, b, _ in rounds)
+    lines = [
+        f"\n## The demo's {args.stage}: {rev} against this tree (bench/demo_rev.py, "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}, {platform.machine()}, {torch.get_num_threads()} threads)\n",
+        f"`python bench/demo_rev.py --stage {args.stage} --before {args.before} --rounds {args.rounds}`: wall time of "
+        "one `whelp` process each (loading and saving included; the docstring says what each runs).\n",
+        f"| round | {rev}: s | this tree: s | check |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {i} | {a:.1f} | {b:.1f} | {c} |" for i, (a, b, c) in enumerate(rounds)]
+    lines.append(f"\nMedian speed-up {ratio:.2f}x.\n")
+    text = "\n".join(lines)
+    print(text)
+    with open(Path(__file__).parent / "RESULTS.md", "a") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
