@@ -6,8 +6,8 @@ eval``: one pruned student answering the recipe's chat requests (greedy, 64 new 
 the student its own reference, in a fresh ``$WHELP_HOME`` so that nothing is read from the eval cache; this tree
 decodes ``eval.chat_batch_size`` requests together, the commit before it had no such setting and decoded ``--batch-size``.
 
-The earlier commit (``--before``, default ``HEAD``) is exported with ``git archive`` and put first on ``PYTHONPATH``,
-so each configuration is one ``whelp`` process of its own code; ``--rounds`` rounds, interleaved (the machine is
+The earlier commit (``--before``, default ``HEAD``) is exported with ``git archive`` and put first on ``PYTHONPATH``
+(each process starts outside the checkout), so each configuration is one ``whelp`` process of its own code; ``--rounds`` rounds, interleaved (the machine is
 shared), the ratio taken within a round and the median reported. The check column must agree: the prune's largest
 weight difference and whether it kept the same MLP neurons; the eval's answers, which must be the same text.
 
@@ -64,16 +64,14 @@ def arguments(args, out: Path, new: bool) -> list[str]:
     return [*cli, "--out", str(out)]
 
 
-def check(args, out: Path, reference: Path | None) -> str:
+def check(args, out: Path, reference: Path) -> str:
     """What must agree between the two codes: the weights and kept neurons, or the answers."""
     if args.stage == "eval":
-        answers = [json.loads(line)["answer"] for line in (out / "answers.jsonl").read_text().splitlines()]
-        if reference is None:
-            return f"{len(answers)} answers"
-        theirs = [json.loads(line)["answer"] for line in (reference / "answers.jsonl").read_text().splitlines()]
+        answers, theirs = (
+            [json.loads(line)["answers"]["pruned"]["answer"] for line in (d / "answers.jsonl").read_text().splitlines()]
+            for d in (out, reference)
+        )
         return f"{sum(a == b for a, b in zip(answers, theirs))}/{len(answers)} answers equal"
-    if reference is None:
-        return "-"
     mine, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     diff = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
     kept = [json.loads((d / "prune_report.json").read_text())["kept"]["mlp"] for d in (out, reference)]
@@ -86,8 +84,12 @@ def run(code: Path | None, args, out: Path, home: Path) -> float:
     if code is not None:
         env["PYTHONPATH"] = str(code)
     t = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "whelp", *arguments(args, out, code is None)], check=True, capture_output=True, env=env
+    subprocess.run(  # run outside the checkout: ``-m`` puts the working directory first on the path
+        [sys.executable, "-m", "whelp", *arguments(args, out, code is None)],
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd=home,
     )
     return time.perf_counter() - t
 
@@ -112,6 +114,15 @@ def main() -> None:
             homes[name] = Path(tmp) / f"home-{name}"
             homes[name].mkdir()
             (homes[name] / "models").symlink_to(store.whelp_home() / "models")
+        env = {**os.environ, "PYTHONPATH": str(old)}
+        where = subprocess.run(
+            [sys.executable, "-c", "import whelp; print(whelp.__file__)"],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert where.startswith(str(old)), f"the earlier commit's code is not the one imported: {where}"
         for r in range(args.rounds):
             outs = {name: Path(tmp) / f"{r}-{name}" for name in ("before", "after")}
             walls = {name: run(old if name == "before" else None, args, outs[name], homes[name]) for name in outs}
