@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from publish import publish
 from safetensors.torch import load_file
 
 from whelp import recipe, store
@@ -75,7 +76,7 @@ def check(args, out: Path, reference: Path) -> str:
     mine, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     diff = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
     kept = [json.loads((d / "prune_report.json").read_text())["kept"]["mlp"] for d in (out, reference)]
-    return f"max |diff| {diff:.1e}, kept neurons {'equal' if kept[0] == kept[1] else 'differ'}"
+    return f"largest weight difference {diff:.1e}, kept neurons {'equal' if kept[0] == kept[1] else 'differ'}"
 
 
 def run(code: Path | None, args, out: Path, home: Path) -> float:
@@ -140,10 +141,7 @@ def main() -> None:
     ]
     lines += [f"| {i} | {a:.1f} | {b:.1f} | {c} |" for i, (a, b, c) in enumerate(rounds)]
     lines.append(f"\nMedian speed-up {ratio:.2f}x.\n")
-    text = "\n".join(lines)
-    print(text)
-    with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-        f.write(text)
+    publish("\n".join(lines), {"rounds": [list(r) for r in rounds], "ratio": ratio}, None, dry=False)
 
 
 if __name__ == "__main__":

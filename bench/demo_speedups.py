@@ -31,6 +31,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from publish import publish
+
 APP = "from whelp.cli import app; sys.argv[0] = 'whelp'; app(prog_name='whelp')"
 BEFORE = {  # the code as it ran before, patched in for one process
     "distill": "import sys; from whelp.specs import DistillSpec; "
@@ -102,10 +104,7 @@ def main() -> None:
         for i, (a, b) in enumerate(rounds)
     ]
     lines.append(f"\nMedian speed-up {ratio:.2f}x.\n")
-    text = "\n".join(lines)
-    print(text)
-    with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-        f.write(text)
+    publish("\n".join(lines), {"rounds": rounds, "ratio": ratio}, None, dry=False)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class EvalSpec:
     chat_limit: int | None = opt(None, "Chat: only the first N prompts of each set")
     batch_size: int = opt(4, "Windows / lm-eval requests / teacher-forced chat rows per forward")
     # Greedy decoding costs a fixed overhead per step whatever the batch, so it takes more rows than a forward does:
-    # the demo pruned student's 48 answers took 65 s at 4, 25 s at 16, 16 s at 48 on 2 cores (same answers).
+    # the demo's students answer 48 requests in 65 s at 4, 20-26 s at 16, 13-16 s at 48 on 2 cores (same answers).
     chat_batch_size: int = opt(16, "Chat: prompts decoded together")
     speed: SpeedSpec = SpeedSpec()
     device: str = opt("cpu", "cpu, cuda or cuda:N")
