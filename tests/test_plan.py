@@ -315,12 +315,12 @@ def test_the_llama_plan_reads_in_hours_and_bytes(monkeypatch):
         "  disk          cache 800 GB"
     )
     prune = next(b for b in blocks if b.startswith("prune[0]\n"))
-    assert "  GPU time      31 min\n" in prune and "  disk          store 33.6 MB, model 4.94 GB" in prune
+    assert "  GPU time      25 min\n" in prune and "  disk          store 33.6 MB, model 4.94 GB" in prune
     assert next(b for b in blocks if b.startswith("total\n")) == (
         "total\n"
         "  FLOPs         3.29e+21\n"
-        "  GPU time      2,311.8 h\n"
-        "  wall time     289.4 h\n"
+        "  GPU time      2,311.7 h\n"
+        "  wall time     289.3 h\n"
         "  memory        46.0 GB per GPU at the peak\n"
         "  disk          920 GB"
     )
