@@ -33,19 +33,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from demo_speedups import stage
 from publish import publish
 from safetensors.torch import load_file
 
 from whelp import recipe, store
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def stage(build: Path, kind: str) -> Path:
-    found = sorted(build.glob(f"stages/*-{kind}-*[0-9a-f]"))
-    if not found:
-        sys.exit(f"{build} has no {kind} stage: run `bash scripts/demo.sh {build}` first")
-    return found[0]
 
 
 def arguments(args, out: Path, new: bool) -> list[str]:
