@@ -1,21 +1,26 @@
-"""The demo's prune and its chat evaluation as an earlier commit ran them and as this tree runs them, side by side.
+"""A stage of the demo as an earlier commit ran it and as this tree runs it, side by side.
 
+``--stage generate``: the demo recipe's chat generation (Magpie self-instruct, its sampling settings) by the teacher.
 ``--stage prune``: the demo recipe's prune (its target, importance, calibration mixture and size, span refit with
 OBS selection), read from the recipe through whelp's own loader, over the chat store of a demo build. ``--stage
-eval``: one pruned student answering the recipe's chat requests (greedy, 64 new tokens) with perplexity on pydoc:eval,
-the student its own reference, in a fresh ``$WHELP_HOME`` so that nothing is read from the eval cache; this tree
-decodes ``eval.chat_batch_size`` requests together, the commit before it had no such setting and decoded ``--batch-size``.
+eval``: one pruned student evaluated as the recipe's eval stage evaluates each model (perplexity on its texts, its
+lm-eval task, its chat requests answered greedily, speed), the student its own reference, in a fresh
+``$WHELP_HOME`` so that nothing is read from the eval cache; ``--chat-batch-size`` is passed to a code that has it
+(commits before da41089 decoded ``--batch-size`` requests together).
 
 The earlier commit (``--before``, default ``HEAD``) is exported with ``git archive`` and put first on ``PYTHONPATH``
-(each process starts outside the checkout), so each configuration is one ``whelp`` process of its own code; ``--rounds`` rounds, interleaved (the machine is
-shared), the ratio taken within a round and the median reported. The check column must agree: the prune's largest
-weight difference and whether it kept the same MLP neurons; the eval's answers, which must be the same text.
+(each process starts outside the checkout), so each configuration is one ``whelp`` process of its own code; ``--rounds``
+rounds, interleaved (the machine is shared), the ratio taken within a round and the median reported. The check column
+must agree: the generated stores' bytes; the prune's largest weight difference and whether it kept the same MLP
+neurons; the eval's answers, which must be the same text, and its perplexities.
 
-Cost: the prune grows linearly with calibration tokens and layers (a fixed number of layer passes each, plus one
-float64 Gram of the layer's MLP width per calibration batch); greedy decoding costs a fixed overhead per step, so its
-time falls with the batch until the batch's compute dominates.
+Cost: generation grows with the tokens asked for (a step per new token of each batch; each step a forward of the
+batch and the sampling over the vocabulary); the prune grows linearly with calibration tokens and layers (a fixed
+number of layer passes each, plus one float64 Gram of the layer's MLP width per calibration batch); the eval grows
+with its texts' tokens and requests, greedy decoding paying a fixed overhead per step, so its time falls with the
+batch until the batch's compute dominates.
 
-    python bench/demo_rev.py --stage prune|eval [--build runs/smollm2-demo] [--before REV] [--rounds 1]
+    python bench/demo_rev.py --stage generate|prune|eval [--build runs/smollm2-demo] [--before REV] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -42,8 +47,22 @@ from whelp import recipe, store
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def arguments(args, out: Path, new: bool) -> list[str]:
+def arguments(args, out: Path, chat_batch: bool) -> list[str]:
     demo = recipe.load("smollm2-demo")
+    if args.stage == "generate":
+        g = demo.generate
+        cli = [
+            "generate",
+            "smollm2-135m",
+            "--chat",
+            "--max-tokens",
+            str(g.max_tokens),
+            "--batch-size",
+            str(g.batch_size),
+        ]
+        cli += ["--new-tokens", str(g.new_tokens), "--request-tokens", str(g.request_tokens), "--seed", str(demo.seed)]
+        cli += ["--temperature", str(g.temperature), "--top-p", str(g.top_p)]
+        return [*cli, "--out", str(out)]
     if args.stage == "prune":
         step, chat = demo.prune[0], str(stage(args.build, "generate"))
         p = step.options
@@ -53,20 +72,28 @@ def arguments(args, out: Path, new: bool) -> list[str]:
         cli += ["--seq-len", str(p.seq_len), "--reconstruct", p.reconstruct, "--select", p.select]
         return [*cli, "--force", "--out", str(out)]
     e = demo.eval
-    cli = ["eval", f"pruned={stage(args.build, 'prune')}", "--ppl", "pydoc:eval", "--seq-len", str(demo.data.seq_len)]
+    cli = ["eval", f"pruned={stage(args.build, 'prune')}", "--seq-len", str(demo.data.seq_len)]
+    cli += [arg for source in e.ppl for arg in ("--ppl", str(source))]
+    cli += ["--tasks", ",".join(e.tasks), "--limit", str(e.limit)]
     cli += ["--chat", e.chat[0], "--chat-limit", str(e.chat_limit), "--batch-size", str(e.batch_size)]
-    cli += ["--chat-batch-size", str(e.chat_batch_size)] if new else []
+    cli += ["--chat-batch-size", str(e.chat_batch_size)] if chat_batch else []
     return [*cli, "--out", str(out)]
 
 
 def check(args, out: Path, reference: Path) -> str:
-    """What must agree between the two codes: the weights and kept neurons, or the answers."""
+    """What must agree between the two codes: the stores, the weights and kept neurons, or the answers and
+    perplexities."""
+    if args.stage == "generate":
+        same = all((out / f.name).read_bytes() == f.read_bytes() for f in sorted(reference.glob("*.bin")))
+        return "the same store" if same else "the stores differ"
     if args.stage == "eval":
         answers, theirs = (
             [json.loads(line)["answers"]["pruned"]["answer"] for line in (d / "answers.jsonl").read_text().splitlines()]
             for d in (out, reference)
         )
-        return f"{sum(a == b for a, b in zip(answers, theirs))}/{len(answers)} answers equal"
+        ppl = [json.loads((d / "metrics.json").read_text())["models"][0]["perplexity"] for d in (out, reference)]
+        ppls = ", ".join(f"{k} {ppl[1][k]['ppl']:.4f} / {ppl[0][k]['ppl']:.4f}" for k in ppl[0])
+        return f"{sum(a == b for a, b in zip(answers, theirs))}/{len(answers)} answers equal; ppl {ppls}"
     mine, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     diff = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
     kept = [json.loads((d / "prune_report.json").read_text())["kept"]["mlp"] for d in (out, reference)]
@@ -74,13 +101,14 @@ def check(args, out: Path, reference: Path) -> str:
 
 
 def run(code: Path | None, args, out: Path, home: Path) -> float:
+    chat_batch = code is None or "chat_batch_size" in (code / "whelp" / "specs" / "evals.py").read_text()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["WHELP_HOME"] = str(home)
     if code is not None:
         env["PYTHONPATH"] = str(code)
     t = time.perf_counter()
     subprocess.run(  # run outside the checkout: ``-m`` puts the working directory first on the path
-        [sys.executable, "-m", "whelp", *arguments(args, out, code is None)],
+        [sys.executable, "-m", "whelp", *arguments(args, out, chat_batch)],
         check=True,
         capture_output=True,
         env=env,
@@ -91,7 +119,7 @@ def run(code: Path | None, args, out: Path, home: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--stage", choices=("prune", "eval"), required=True)
+    parser.add_argument("--stage", choices=("generate", "prune", "eval"), required=True)
     parser.add_argument("--build", type=Path, default=Path("runs/smollm2-demo"))
     parser.add_argument("--before", default="HEAD", help="the commit to compare with (git rev)")
     parser.add_argument("--rounds", type=int, default=1)

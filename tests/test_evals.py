@@ -11,7 +11,7 @@ from conftest import naive_multiple_choice, run_cli, save_tiny, tiny_model
 
 from whelp.errors import WhelpError
 from whelp.evals import api, harness, report
-from whelp.evals.perplexity import perplexity, windows
+from whelp.evals.perplexity import perplexity, token_nll, windows
 from whelp.evals.tasks import whelp_data
 from whelp.schema import from_dict
 
@@ -63,6 +63,17 @@ def test_sliding_stride_matches_the_hf_guide_definition(stream):
     got = perplexity(model, stream, seq_len=seq_len, stride=stride, batch_size=3)
     assert got.tokens == count == len(stream) - 1
     assert got.nll == pytest.approx(total / count, rel=1e-5)
+
+
+def test_token_nll_is_minus_the_log_softmax_of_each_target_on_a_sliced_batch():
+    """The row-layout cross-entropy the perplexity and the chat scores read equals a naive fp64 log-softmax and
+    gather, on logits sliced as both slice them (not contiguous)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 50, generator=g) * 4
+    targets = torch.randint(0, 50, (3, 8), generator=g)
+    naive = -torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, targets[..., None])[..., 0]
+    got = token_nll(logits[:, :-1], targets)
+    assert got.shape == (3, 8) and torch.allclose(got.double(), naive, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("n,seq_len,stride", [(101, 32, 8), (64, 16, 16), (50, 50, 7), (10, 32, 5), (33, 8, 1)])
@@ -229,11 +240,42 @@ def test_eval_cli_writes_report_and_reuses_results(tmp_path, demo_tokenizer, mon
         raise AssertionError("re-measured a model whose results are cached")
 
     monkeypatch.setattr(api, "measure", fail)
+    timed = []
+    measure_speed = api.SpeedProcess.measure
+    monkeypatch.setattr(
+        api.SpeedProcess, "measure", lambda self, name, spec: timed.append(name) or measure_speed(self, name, spec)
+    )
     spec = from_dict(api.EvalSpec, metrics["settings"], "settings")
     again = api.evaluate_to(tmp_path / "out", {"teacher": str(dirs[0]), "student": str(dirs[1])}, spec, force=True)
     assert all(m["reused"] for m in again["models"])
-    assert [report.flat_metrics(m) for m in again["models"]] == flats
-    assert "Reused from the cache: teacher, student." in (tmp_path / "out" / "report.md").read_text()
+    # speed is not cached: both are timed again, side by side, and the cache holds every other number as it was
+    assert timed == [str(dirs[0]), str(dirs[1])]
+    assert not any(
+        "speed" in json.loads(path.read_text()) for path in (tmp_path / "home" / "eval-cache").glob("*.json")
+    )
+    quality = [{k: v for k, v in f.items() if k not in report.SIZE_SPEED[3:]} for f in flats]
+    again_flats = [report.flat_metrics(m) for m in again["models"]]
+    assert [{k: v for k, v in f.items() if k not in report.SIZE_SPEED[3:]} for f in again_flats] == quality
+    assert all(f["prefill_tokens_per_s"] > 0 and f["peak_memory_bytes"] > 0 for f in again_flats)
+    assert "Reused from the cache: teacher, student (speed" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_speed_is_measured_once_per_architecture_and_stored_dtype(tmp_path, monkeypatch):
+    """Two checkpoints of one shape (a pruned student, then distilled) share one speed measurement; another depth
+    or another stored dtype is measured apart."""
+    from whelp.evals.speed import SpeedProcess
+    from whelp.models import save_model
+
+    dirs = {label: str(tmp_path / label) for label in "abcd"}
+    for label, (seed, layers) in {"a": (0, 2), "b": (1, 1), "c": (2, 1)}.items():
+        save_tiny(dirs[label], seed=seed, num_hidden_layers=layers)
+    save_model(tiny_model(seed=3, num_hidden_layers=1).to(torch.bfloat16), None, dirs["d"])
+    calls = []
+    monkeypatch.setattr(SpeedProcess, "measure", lambda self, name, spec: calls.append(name) or {"n": len(calls)})
+    with SpeedProcess() as speed:
+        got = speed.measure_each(dirs, api.EvalSpec())
+    assert calls == [dirs["a"], dirs["b"], dirs["d"]]
+    assert got == {"a": {"n": 1}, "b": {"n": 2}, "c": {"n": 2, "same_as": "b"}, "d": {"n": 3}}
 
 
 def test_eval_cache_key_follows_the_content_of_perplexity_files(tmp_path):

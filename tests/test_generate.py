@@ -121,6 +121,52 @@ def test_temperature_zero_is_stock_greedy_generate_of_each_prompt_alone(teacher,
         assert got == (want[: want.index(eos) + 1] if eos in want else want + [eos])
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_by_topk_masks_what_transformers_warper_masks(top_p, monkeypatch):
+    """``sampling.TopP`` keeps exactly the ids ``TopPLogitsWarper`` keeps, on peaked rows (the nucleus within the
+    top K) and flat ones (past it: the sorted fallback, forced here with a small K too); on a row of ties, as many
+    (which of the tied ids is the sort's arbitrary choice in both)."""
+    from transformers import TopPLogitsWarper
+
+    from whelp.data import sampling
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.1, 1.0, 4.0, 12.0]).repeat_interleave(8)[:, None]
+    scores = torch.randn(32, 3000, generator=g) * scale
+    scores[3] = 0.0  # every id equally likely
+    ids = torch.zeros(32, 1, dtype=torch.long)
+    want = TopPLogitsWarper(top_p)(ids, scores.clone())
+    rows = torch.arange(32) != 3
+    for k in (sampling.TOP_K, 7):
+        monkeypatch.setattr(sampling, "TOP_K", k)
+        got = sampling.TopP(top_p)(ids, scores.clone())
+        assert torch.equal(got[rows].isinf(), want[rows].isinf())
+        assert torch.equal(got[~got.isinf()], scores[~got.isinf()])  # the kept scores as they were
+        assert (~got[3].isinf()).sum() == (~want[3].isinf()).sum()
+
+
+def test_sampling_with_the_topk_nucleus_is_stock_top_p_generate(teacher):
+    """The same seed samples the same tokens through ``chatgen.continuations`` (``sampling.nucleus``) as stock
+    ``generate`` with transformers' own top-p warper after its temperature."""
+    from whelp.data import chatgen
+
+    model, tok = teacher[0], tiny_tokenizer()
+    spec = replace(SPEC, temperature=0.8, top_p=0.6, new_tokens=16)
+    config = gen.generation_config(spec, tok)
+    prompts = [next(gen.prompt_ids(spec, tok))[:5] for _ in range(1)] * 3
+    torch.manual_seed(11)
+    got = chatgen.continuations(model, prompts, config)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        stock = model.generate(
+            torch.tensor(prompts), attention_mask=torch.ones(3, 5, dtype=torch.long), generation_config=config
+        )
+    for (ids, ended), row in zip(got, stock[:, 5:].tolist()):
+        cut = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
+        assert ids.tolist() == row[:cut] and ended == (cut < len(row))
+    assert len({tuple(ids.tolist()) for ids, _ in got}) > 1  # the rows sampled apart: the test sees sampling
+
+
 def test_cli_generates_from_bos_and_refuses_bad_settings_before_loading(teacher, tmp_path):
     _, path = teacher
     done = run_cli(

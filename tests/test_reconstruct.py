@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from whelp.errors import WhelpError
-from whelp.pruning import api, arch, lsq, reconstruct, shards, streaming
+from whelp.pruning import api, arch, layerwise, lsq, reconstruct, shards, streaming
 from whelp.pruning.keep import identity_keep
 from whelp.pruning.scores import SCORES_FILE
 from whelp.pruning.targets import parse_target
@@ -176,6 +176,27 @@ def test_layer_inputs_are_what_the_models_own_forward_gives_its_layers(family):
     with torch.no_grad():
         again = [model(input_ids=tokens[s : s + 2], use_cache=False).logits for s in range(0, 5, 2)]
     assert all(torch.equal(x, y) for x, y in zip(again, want))
+
+
+def test_stand_ins_leave_the_modules_own_forward_back_even_when_the_block_fails():
+    """``layerwise.standing_in`` swaps each module's forward for its stand-in inside the block only: a Stop or any
+    other error raised there still gives the modules their own forward back, and their outputs are what they were."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    layers = model.get_submodule(arch.family_of(model.config).layers)
+    tokens = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=tokens).logits
+    calls = []
+
+    def stand_in(*args, **kw):
+        calls.append(1)
+        raise ValueError("inside")
+
+    with pytest.raises(ValueError, match="inside"), layerwise.standing_in((layer, stand_in) for layer in layers):
+        model(input_ids=tokens)
+    assert calls == [1] and all("forward" not in vars(layer) for layer in layers)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, want)
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import whelp.data.tokenstore as tokenstore
-from whelp.data import chat
+from whelp.data import chat, sampling
 from whelp.data.sources import iter_records
 from whelp.errors import WhelpError
 from whelp.output import Progress
@@ -49,17 +49,21 @@ IDLE_BATCHES = 64  # self-instruct stops with an error after this many batches i
 
 @torch.no_grad()
 def continuations(model, prompts: list[list[int]], config) -> list[tuple[np.ndarray, bool]]:
-    """One ``generate`` call (the RNG as it is) on the prompts left-padded into ``[B, P]`` with their attention
-    mask: per prompt, its continuation up to (without) the first stop id (``config.eos_token_id``, one or a list)
-    and whether it stopped there (else it ran out of ``max_new_tokens``)."""
+    """One ``generate`` call (the RNG as it is; top-p by ``sampling.nucleus``) on the prompts left-padded into
+    ``[B, P]`` with their attention mask: per prompt, its continuation up to (without) the first stop id
+    (``config.eos_token_id``, one or a list) and whether it stopped there (else it ran out of ``max_new_tokens``)."""
     width, pad = max(map(len, prompts)), config.pad_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
+    plain, processors = sampling.nucleus(config)
     out = model.generate(
-        input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        generation_config=plain,
+        logits_processor=processors,
     ).cpu()[:, width:]
     stops = torch.tensor(config.eos_token_id).reshape(-1)
     ended = torch.isin(out, stops)

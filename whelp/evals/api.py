@@ -4,10 +4,13 @@ Each model gets size (parameters, bytes), speed (prefill / decode tokens per sec
 bits per byte on every ``spec.ppl`` source, lm-eval scores on ``spec.tasks``, and its answers to the chat prompt sets
 ``spec.chat`` with their behaviour metrics (``whelp.evals.behaviour``; the reference, loaded once after every model
 has answered, scores them all). A model given as a directory or name is measured with its speed and peak memory in a
-fresh process, and its results are cached under ``$WHELP_HOME/eval-cache`` keyed by the identity of its files and
-every setting that changes a number (with ``spec.chat``, the prompt files' and the reference's too), so a teacher
-scored once is not scored again by the next build. A model given in memory is measured in this process (its peak
-memory is not, since this process holds other things) and not cached.
+fresh process, and its other results are cached under ``$WHELP_HOME/eval-cache`` keyed by the identity of its files
+and every setting that changes a number (with ``spec.chat``, the prompt files' and the reference's too), so a teacher
+scored once is not scored again by the next build. Speed is never cached: on a shared machine a speed measured at
+another moment is not comparable, so every directory's speed is measured in each run, one after another, and the
+report's speed ratios compare numbers taken side by side (a cached teacher's once read 197% prefill for a student
+running at the teacher's own speed). A model given in memory is measured in this process (its peak memory is not,
+since this process holds other things) and not cached.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from whelp.output import Progress
 from whelp.specs import EvalSpec, LoadPolicy, record
 from whelp.store import check_apart, check_writable, content_id
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5  # 5: records hold no speed
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def cache_key(name: str, spec: EvalSpec, chat: object = None) -> str:
         {
             "v": CACHE_VERSION,
             "model": source_identity(locate(name)),
-            "spec": record(spec),
+            "spec": {key: value for key, value in record(spec).items() if key != "speed"},  # speed is not cached
             "inputs": inputs,
             "chat": chat,
             "versions": versions(),
@@ -234,8 +237,9 @@ def evaluate(
     """Evaluate ``{label: model}`` (in-memory models with ``tokenizer``, or directories / registered names); the first
     is the reference every other model is compared with.
 
-    Directories not in the cache are loaded and measured one at a time while a speed process imports torch; their
-    speed is measured after all of them, each by a child of that process, and then they are cached."""
+    Directories not in the cache are loaded and measured one at a time while a speed process imports torch, and then
+    cached; every directory's speed, cached or not, is measured after all of them, one after another, each by a child
+    of that process (see the module docstring), once per architecture (``SpeedProcess.measure_each``)."""
     models = {str(label): model for label, model in models.items()}
     manager, tokens, tokenizers, chat = _check(models, tokenizer, spec, policy)
     ident = None if chat is None else chat.identity
@@ -244,7 +248,7 @@ def evaluate(
     results = {label: _cached(name, spec, ident) if cached else None for label, name in on_disk.items()}
     missing = [label for label, hit in results.items() if hit is None]
     with contextlib.ExitStack() as stack:
-        speed = stack.enter_context(SpeedProcess(policy)) if missing else None
+        speed = stack.enter_context(SpeedProcess(policy)) if on_disk else None
         for label, model in models.items():  # the reference first: the others' answers are judged against its
             ref = None if chat is None or label == chat.reference else results[chat.reference]["behaviour"]
             if label in missing:
@@ -259,11 +263,12 @@ def evaluate(
             reference = functools.partial(_reference, models, tokenizer, spec, policy, chat.reference)
             results = behaviour.score_all(chat, results, fresh, reference, spec)
         for label in missing:
-            results[label]["speed"] = speed.measure(on_disk[label], spec)
             path = _cache_path(on_disk[label], spec, ident)
             if cached:
                 store.write_record(path, results[label])
             results[label] = {**results[label], "cache_key": path.stem if cached else None, "reused": False}
+        for label, timed in (speed.measure_each(on_disk, spec) if on_disk else {}).items():
+            results[label]["speed"] = timed
     rows = [
         {
             "label": label,

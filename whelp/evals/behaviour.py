@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from whelp.data import chat as chat_data
 from whelp.data import source_identity
 from whelp.errors import WhelpError
 from whelp.evals import chat
+from whelp.evals.perplexity import token_nll
 from whelp.models import locate
 from whelp.output import Progress
 from whelp.specs import CHAT_SETS, EvalSpec
@@ -229,7 +229,7 @@ def row_nll(model, prompts: list[list[int]], answers: list[list[int]], batch_siz
             scored[i, len(prompt) : len(row)] = True
         mask = (torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]).long()
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none").cpu()
+        nll = token_nll(logits, ids[:, 1:].to(logits.device)).cpu()
         sums += (nll * scored[:, 1:]).sum(1).tolist()
         counts += scored[:, 1:].sum(1).tolist()
     return sums, counts

@@ -149,7 +149,11 @@ def markdown(metrics: dict) -> str:
             f"{', '.join(other)} tokenize differently from {labels[0]}: their perplexities count other tokens "
             "and get no %; compare them by bits per byte (bpb rows)."
         )
-    lines.append(f"Reused from the cache: {', '.join(reused) or 'none'}.")
+    shared = [f"{m['label']}'s are {m['speed']['same_as']}'s" for m in metrics["models"] if "same_as" in m["speed"]]
+    timed = "; " + ", ".join(shared) + ", the same architecture" if shared else ""
+    lines.append(
+        f"Reused from the cache: {', '.join(reused) or 'none'} (speed and peak memory: measured in this run{timed})."
+    )
     return "\n".join(lines + _samples(metrics)) + "\n"
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 
 import torch
@@ -140,6 +141,7 @@ class SpeedProcess:
     by then (its work would slow the timed runs)."""
 
     def __init__(self, policy: LoadPolicy = LoadPolicy()):
+        self._policy = policy
         self._errors = tempfile.TemporaryFile("w+")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "whelp.evals.speed", json.dumps(asdict(policy))],
@@ -162,6 +164,21 @@ class SpeedProcess:
             tail = reply.get("error") or (self._errors.read().strip().splitlines() or ["no output"])[-1]
             raise WhelpError(f"speed measurement of {model_name} failed in its subprocess: {tail}")
         return reply["speed"]
+
+    def measure_each(self, models: Mapping[str, str], spec: EvalSpec) -> dict[str, dict]:
+        """``measure`` of each ``{label: model}``, one after another. A model of the same architecture and stored
+        dtype as one measured before it (a pruned student and the same student distilled) gets that one's numbers,
+        which do not depend on the weights' values (as ``shape_speed``'s), marked ``same_as`` its label."""
+        first: dict[tuple, str] = {}
+        out: dict[str, dict] = {}
+        for label, name in models.items():
+            config = load_config(name, self._policy)
+            key = (config_hash(config), str(getattr(config, "dtype", None)))
+            if key in first:
+                out[label] = {**out[first[key]], "same_as": first[key]}
+            else:
+                first[key], out[label] = label, self.measure(name, spec)
+        return out
 
     def __enter__(self) -> SpeedProcess:
         return self

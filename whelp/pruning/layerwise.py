@@ -4,7 +4,9 @@ reconstruction, streaming.py and reconstruct.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -23,6 +25,21 @@ from whelp.pruning.shards import embed_rows
 class Stop(Exception):
     """Raised inside a model's or layer's forward to end it early, once what was needed of it is taken
     (reconstruct.py, obs.py)."""
+
+
+@contextlib.contextmanager
+def standing_in(pairs: Iterable[tuple[torch.nn.Module, Callable]]):
+    """Each module's forward replaced by its stand-in inside the block (a recorder, or one that raises ``Stop``), and
+    the module's own forward back after it, an error included: the stand-in is an instance attribute that hides the
+    class's method, and deleting it restores the method."""
+    pairs = list(pairs)
+    for module, forward in pairs:
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, _ in pairs:
+            del module.forward
 
 
 def skeleton(config):

@@ -33,7 +33,7 @@ from torch import Tensor
 from whelp.errors import WhelpError
 from whelp.models import layer_output
 from whelp.pruning.arch import Family
-from whelp.pruning.layerwise import Stop
+from whelp.pruning.layerwise import Stop, standing_in
 from whelp.pruning.lsq import Moments
 
 STEPS = 64  # removal steps per layer: the group size is ceil(removed / STEPS) (1 at or below 64 removed)
@@ -53,27 +53,28 @@ def obs_keep(gram: Tensor, cross: Tensor, keep: int, damp: float, group: int | N
     g = gram.double() + damp * gram.diagonal().double().mean().clamp_min(1e-30) * torch.eye(n, dtype=torch.float64)
     inv = torch.cholesky_inverse(torch.linalg.cholesky(g))
     w = inv @ cross.double()
-    alive = torch.ones(n, dtype=torch.bool)
-    while int(alive.sum()) > keep:
+    units = torch.arange(n)  # the units left, in the order of w's rows and inv's rows and columns
+    while len(units) > keep:
         cost = w.square().sum(1) / inv.diagonal().clamp_min(1e-300)
-        cost[~alive] = float("inf")
-        drop = torch.topk(cost, min(group, int(alive.sum()) - keep), largest=False).indices
-        w, inv = _remove(w, inv, drop)
-        alive[drop] = False
-    return alive.nonzero().flatten()
+        drop = torch.topk(cost, min(group, len(units) - keep), largest=False).indices
+        w, inv, left = _remove(w, inv, drop)
+        units = units[left]
+    return units.sort().values
 
 
-def _remove(w: Tensor, inv: Tensor, drop: Tensor) -> tuple[Tensor, Tensor]:
-    """The optimum and inverse Gram of the units left after removing ``drop`` (exact block update): removed rows
-    and columns become zero."""
+def _remove(w: Tensor, inv: Tensor, drop: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w, inv, left)``: the optimum and inverse Gram of the units left after removing the rows ``drop`` (exact
+    block update), and the positions ``left`` of those units. Both shrink to the units left, so a step reads and
+    writes only what is still alive (the last steps of a layer that keeps 854 of 1,536 neurons touch a third of the
+    first one's inverse), in one gather and one in-place product."""
+    left = torch.ones(len(inv), dtype=torch.bool)
+    left[drop] = False
+    left = left.nonzero().flatten()
     block = torch.linalg.inv(inv[drop][:, drop])  # [g, g]
-    left = inv[:, drop] @ block  # [n, g]
-    w = w - left @ w[drop]
-    inv = inv - left @ inv[drop]
-    w[drop] = 0
-    inv[drop] = 0
-    inv[:, drop] = 0
-    return w, inv
+    coef = inv[left][:, drop] @ block  # [m - g, g]
+    w = w[left].addmm_(coef, w[drop], alpha=-1)
+    inv = inv[left][:, left].addmm_(coef, inv[drop][:, left], alpha=-1)
+    return w, inv, left
 
 
 def plain_mlp(family: Family | None) -> bool:
@@ -142,20 +143,19 @@ def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span
         return torch.zeros_like(x)
 
     handle = down.register_forward_pre_hook(lambda m, args: seen.update(a=args[0]))
-    mlp.forward = stand_in
     try:
-        for b, (hidden, kw) in enumerate(zip(batches, kwargs)):
-            with torch.no_grad():
-                with contextlib.suppress(Stop):
-                    residual = layer_output(student_layer(hidden, **kw))
-                wide_out = wide_mlp(seen["x"])
-            target = wide_out if span_end is None else span_end[b] - residual
-            if down.bias is not None:  # in both outputs: what the neurons must supply is the rest
-                target = target - down.bias
-            moments.add(target, seen["a"], None)
+        with standing_in([(mlp, stand_in)]):
+            for b, (hidden, kw) in enumerate(zip(batches, kwargs)):
+                with torch.no_grad():
+                    with contextlib.suppress(Stop):
+                        residual = layer_output(student_layer(hidden, **kw))
+                    wide_out = wide_mlp(seen["x"])
+                target = wide_out if span_end is None else span_end[b] - residual
+                if down.bias is not None:  # in both outputs: what the neurons must supply is the rest
+                    target = target - down.bias
+                moments.add(target, seen["a"], None)
     finally:
         handle.remove()
-        del mlp.forward
     return moments
 
 

@@ -42,7 +42,7 @@ from whelp.errors import WhelpError
 from whelp.models import layer_output
 from whelp.pruning.arch import Family, split_name
 from whelp.pruning.keep import Keep, head_dim_of, text_config
-from whelp.pruning.layerwise import Stop, assign_layer, layer_types, rope_and_mask, skeleton
+from whelp.pruning.layerwise import Stop, assign_layer, layer_types, rope_and_mask, skeleton, standing_in
 from whelp.pruning.lsq import DAMP, Moments, refit
 from whelp.pruning.moe import ExpertKeep, is_moe, moe_family_of
 from whelp.pruning.moe_refit import block_targets, refit_block
@@ -246,16 +246,10 @@ def layer_inputs(model, family: Family, tokens: Tensor, batch_size: int) -> tupl
 
         return forward
 
-    for i, layer in enumerate(layers):
-        layer.forward = stand_in(i)
-    try:
-        with torch.no_grad():
-            for start in range(0, len(tokens), batch_size):
-                with contextlib.suppress(Stop):
-                    model(input_ids=tokens[start : start + batch_size], use_cache=False)
-    finally:
-        for layer in layers:
-            del layer.forward
+    with standing_in((layer, stand_in(i)) for i, layer in enumerate(layers)), torch.no_grad():
+        for start in range(0, len(tokens), batch_size):
+            with contextlib.suppress(Stop):
+                model(input_ids=tokens[start : start + batch_size], use_cache=False)
     return batches, kwargs
 
 
