@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def arguments(args, out: Path, chat_batch: bool) -> list[str]:
     demo = recipe.load("smollm2-demo")
     if args.stage == "generate":
-        g = demo.generate
+        g = demo.generate.options
         cli = [
             "generate",
             "smollm2-135m",
@@ -60,7 +60,7 @@ def arguments(args, out: Path, chat_batch: bool) -> list[str]:
             "--batch-size",
             str(g.batch_size),
         ]
-        cli += ["--new-tokens", str(g.new_tokens), "--request-tokens", str(g.request_tokens), "--seed", str(demo.seed)]
+        cli += ["--new-tokens", str(g.new_tokens), "--request-tokens", str(g.request_tokens), "--seed", str(g.seed)]
         cli += ["--temperature", str(g.temperature), "--top-p", str(g.top_p)]
         return [*cli, "--out", str(out)]
     if args.stage == "prune":

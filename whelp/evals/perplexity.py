@@ -41,7 +41,8 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, in
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """NLL (nats) of each token ``targets`` [B, L] under ``logits`` [B, L, V]: [B, L]. Taken over rows of the
     vocabulary as they lie in memory: cross-entropy over ``logits.transpose(1, 2)``, the [B, V, L] layout it is
-    usually given, strides across the vocabulary and took 4.7x as long on the demo's [4, 256, 49152] (CPU)."""
+    usually given, strides across the vocabulary, took 4.7x as long on the demo's [4, 256, 49152] (CPU) and was
+    17x further from a float64 log-softmax (1.6e-4 against 9e-6 nats a token, bench/RESULTS.md)."""
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return nll.view(targets.shape)
 
