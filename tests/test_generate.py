@@ -145,13 +145,14 @@ def test_top_p_by_topk_masks_what_transformers_warper_masks(top_p, monkeypatch):
         assert (~got[3].isinf()).sum() == (~want[3].isinf()).sum()
 
 
-def test_sampling_with_the_topk_nucleus_is_stock_top_p_generate(teacher):
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampling_with_the_topk_nucleus_is_stock_top_p_generate(teacher, top_k):
     """The same seed samples the same tokens through ``chatgen.continuations`` (``sampling.nucleus``) as stock
-    ``generate`` with transformers' own top-p warper after its temperature."""
+    ``generate`` with transformers' own warpers: temperature, top-k when set, then top-p on what top-k left."""
     from whelp.data import chatgen
 
     model, tok = teacher[0], tiny_tokenizer()
-    spec = replace(SPEC, temperature=0.8, top_p=0.6, new_tokens=16)
+    spec = replace(SPEC, temperature=0.8, top_p=0.6, top_k=top_k, new_tokens=16)
     config = gen.generation_config(spec, tok)
     prompts = [next(gen.prompt_ids(spec, tok))[:5] for _ in range(1)] * 3
     torch.manual_seed(11)

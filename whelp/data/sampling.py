@@ -15,7 +15,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 TOP_K = 256  # ids searched for the nucleus before a row falls back to the full sort
 
@@ -41,13 +47,15 @@ class TopP(LogitsProcessor):
 
 
 def nucleus(config) -> tuple[object, LogitsProcessorList]:
-    """``(config, processors)`` for ``generate``: a sampling config's temperature and top-p moved out of transformers'
-    warpers into the processors given to ``generate``, the temperature's own warper and then ``TopP``: the order
-    transformers applies them in, which ``generate`` would not keep by itself (it runs the processors it is given
-    before its warpers), so it samples from the same distribution. Any other config as it is, with no processor."""
+    """``(config, processors)`` for ``generate``: a sampling config's temperature, top-k and top-p moved out of
+    transformers' warpers into the processors given to ``generate``, in the order transformers applies them
+    (temperature, top-k, then ``TopP`` on what top-k left), which ``generate`` would not keep by itself: it runs the
+    processors it is given before its own warpers. So it samples from the stock distribution (the nucleus's edge up
+    to rounding, as the module docstring says). Any other config as it is, with no processor."""
     if not config.do_sample or config.top_p is None or config.top_p >= 1:
         return config, LogitsProcessorList()
     plain = copy.deepcopy(config)
-    plain.temperature, plain.top_p = 1.0, 1.0
+    plain.temperature, plain.top_k, plain.top_p = 1.0, 0, 1.0
     temperature = [] if config.temperature in (None, 1.0) else [TemperatureLogitsWarper(config.temperature)]
-    return plain, LogitsProcessorList([*temperature, TopP(config.top_p)])
+    top_k = [TopKLogitsWarper(config.top_k)] if config.top_k else []
+    return plain, LogitsProcessorList([*temperature, *top_k, TopP(config.top_p)])
