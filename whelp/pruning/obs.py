@@ -53,13 +53,13 @@ def obs_keep(gram: Tensor, cross: Tensor, keep: int, damp: float, group: int | N
     g = gram.double() + damp * gram.diagonal().double().mean().clamp_min(1e-30) * torch.eye(n, dtype=torch.float64)
     inv = torch.cholesky_inverse(torch.linalg.cholesky(g))
     w = inv @ cross.double()
-    units = torch.arange(n)  # the units left, in the order of w's rows and inv's rows and columns
+    units = torch.arange(n)  # the units left (ascending), in the order of w's rows and inv's rows and columns
     while len(units) > keep:
         cost = w.square().sum(1) / inv.diagonal().clamp_min(1e-300)
         drop = torch.topk(cost, min(group, len(units) - keep), largest=False).indices
         w, inv, left = _remove(w, inv, drop)
-        units = units[left]
-    return units.sort().values
+        units = units[left]  # ``left`` ascends, so the units stay in order
+    return units
 
 
 def _remove(w: Tensor, inv: Tensor, drop: Tensor) -> tuple[Tensor, Tensor, Tensor]:
