@@ -200,10 +200,12 @@ def test_a_layer_that_keeps_every_neuron_gathers_no_moments(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["lsq", "span"])
-def test_the_refit_reads_the_selections_moments_as_a_pass_over_the_kept_neurons_would(monkeypatch, mode):
+@pytest.mark.parametrize("dropped", ["moments", "parts", "both"])
+def test_the_refit_reads_the_selections_moments_as_a_pass_over_the_kept_neurons_would(monkeypatch, mode, dropped):
     """The down_proj refit after a selection uses the sub-block of the selection's moments (kept_moments) instead of
-    running the layer again over the kept neurons: the same student to float precision as the fresh pass (forced
-    here by dropping those moments)."""
+    running the layer again over the kept neurons, and (``span``) the layer's output is made from the selection's
+    pass instead of running the refit layer: the same student to float precision as the fresh passes (forced here
+    by dropping the moments, the parts, or both)."""
     from whelp.pruning import reconstruct
 
     teacher = tiny_model("llama", num_hidden_layers=3)
@@ -212,7 +214,14 @@ def test_the_refit_reads_the_selections_moments_as_a_pass_over_the_kept_neurons_
     target = "num_hidden_layers=2,intermediate_size=40"
     shared = api.prune(teacher, target, tokens, spec)
     chosen = reconstruct.select_mlp
-    monkeypatch.setattr(reconstruct, "select_mlp", lambda *a, **k: (chosen(*a, **k)[0], None))
+
+    def dropping(*args, **kw):
+        kept, moments, parts = chosen(*args, **kw)
+        if mode == "span":
+            assert parts is not None and len(parts) == 2  # two batches of 4 and 2 rows
+        return kept, None if dropped in ("moments", "both") else moments, None if dropped != "moments" else parts
+
+    monkeypatch.setattr(reconstruct, "select_mlp", dropping)
     fresh = api.prune(teacher, target, tokens, spec)
     assert shared.whelp_kept["mlp"] == fresh.whelp_kept["mlp"]
     for name, value in fresh.state_dict().items():

@@ -98,6 +98,26 @@ def test_a_student_identical_to_its_teacher_is_left_unchanged(mode, select):
     assert all(r[m]["before"] < 1e-10 for r in report for m in ("o_proj", "down_proj"))
 
 
+@pytest.mark.parametrize("mode", ["lsq", "span"])
+def test_an_attention_that_keeps_every_head_is_not_refit(monkeypatch, mode):
+    """Every head kept on every channel: the student's attention is the wide one, so its o_proj refit towards the
+    wide output on the same input is the identity; it is skipped (the teacher's o_proj exactly, error 0 reported)
+    and the student equals the one the computed refit gives, to float precision."""
+    teacher = tiny_model("llama", num_hidden_layers=4)
+    tokens = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(4))
+    spec = PruneSpec(batch_size=4, reconstruct=mode, select="importance")
+    target = parse_target(teacher.config, "num_hidden_layers=3,intermediate_size=96")
+    skipped, _, kept, details = api._prune(teacher, target, tokens, spec, None)
+    for i, layer in zip(kept["layers"], skipped.model.layers):
+        assert torch.equal(layer.self_attn.o_proj.weight, teacher.model.layers[i].self_attn.o_proj.weight)
+    assert all(r["o_proj"] == {"before": 0.0, "after": 0.0} for r in details["reconstruct"]["layers"])
+    monkeypatch.setattr(reconstruct, "_unchanged", lambda *_: False)
+    computed, _, _, details = api._prune(teacher, target, tokens, spec, None)
+    assert all(r["o_proj"]["before"] < 1e-10 for r in details["reconstruct"]["layers"])
+    for name, value in computed.state_dict().items():
+        torch.testing.assert_close(skipped.state_dict()[name], value, atol=1e-6, rtol=1e-5)
+
+
 def streamed(src, out, spec, tokens):
     target = parse_target(AutoModelForCausalLM.from_pretrained(src).config, TARGET)
     _, _, _, report = streaming.prune_streaming(src, out, target, spec, tokens, shard_bytes=20_000)

@@ -136,7 +136,9 @@ def gathered_bytes(model: dict, dtype_bytes: int) -> int:
 
 
 # A reconstruction, in teacher forwards per calibration token (whelp.pruning.reconstruct): per layer the student's
-# attention three times and its MLP once, the wide attention and MLP once, the teacher's span once; 3.2 on the demo.
+# attention three times and its MLP once, the wide attention and MLP once, the teacher's span once (3.2); less where
+# the attention keeps every head (its refit is skipped) and an OBS selection's pass gives the layer's output (2.0 on
+# the demo). The larger count stands for both: a plan must not promise less than the prune takes.
 REFIT_PASSES = 3
 
 

@@ -119,7 +119,7 @@ def check_select(mode: str, cfg, family: Family | None) -> None:
         )
 
 
-def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span_end) -> Moments:
+def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span_end) -> tuple[Moments, list | None]:
     """The moments (lsq.Moments, float64) of the down_proj refit over *every* wide (teacher) MLP neuron, fed the
     student's input to its MLP (after the student's own, already refit, attention): ``x`` the neurons' activations
     [n], ``h`` the refit's target itself [out] (identity weight): the teacher's residual stream at the span's end
@@ -129,12 +129,15 @@ def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span
     ``Family.mlp_residual`` promises) or ends the layer there (``lsq``). The selection reads ``gram`` and ``cross``;
     the refit of the neurons it keeps reads their sub-block (``kept_moments``), the same sums a pass over the kept
     neurons alone would give, so the layer is not run again for them. Per batch: the student's attention and one
-    wide MLP forward."""
+    wide MLP forward. Returns the moments and, with ``span_end``, per batch the residual stream before the MLP
+    [B, T, H'] and every wide neuron's activation [B, T, n]: the refit layer's output is that stream plus its
+    down_proj of the kept neurons' activations, so it is not run again either (reconstruct.py)."""
     block = family.down_proj.rsplit(".", 1)[0]
     mlp, wide_mlp = student_layer.get_submodule(block), wide_layer.get_submodule(block)
     down = wide_layer.get_submodule(family.down_proj)
     moments = Moments.empty(down.out_features, down.in_features)
     seen: dict = {}
+    parts = None if span_end is None else []
 
     def stand_in(x, *args, **kw):
         seen["x"] = x
@@ -154,9 +157,11 @@ def mlp_moments(student_layer, wide_layer, family: Family, batches, kwargs, span
                 if down.bias is not None:  # in both outputs: what the neurons must supply is the rest
                     target = target - down.bias
                 moments.add(target, seen["a"], None)
+                if parts is not None:
+                    parts.append((residual, seen["a"]))
     finally:
         handle.remove()
-    return moments
+    return moments, parts
 
 
 def kept_moments(m: Moments, kept: Tensor) -> Moments:
@@ -173,17 +178,18 @@ def kept_moments(m: Moments, kept: Tensor) -> Moments:
 
 def select_mlp(
     student_layer, wide_layer, family: Family, batches, kwargs, span_end, damp: float
-) -> tuple[Tensor, Moments | None]:
+) -> tuple[Tensor, Moments | None, list | None]:
     """Choose the student layer's MLP neurons by structured OBS and load them from the wide layer (every teacher
     neuron, on the student's hidden channels) in place: gate/up rows and down_proj columns, biases too. Returns the
-    kept teacher neuron ids [I'] (ascending) and the down_proj refit's moments over them (``kept_moments``; the
-    refit follows in reconstruct.py). A layer that keeps every neuron (a depth-only prune) has nothing to choose:
-    its moments are not gathered (None)."""
+    kept teacher neuron ids [I'] (ascending), the down_proj refit's moments over them (``kept_moments``; the
+    refit follows in reconstruct.py) and ``mlp_moments``' parts of the layer's output (None without ``span_end``).
+    A layer that keeps every neuron (a depth-only prune) has nothing to choose: its moments are not gathered
+    (None, None)."""
     width, keep = (layer.get_submodule(family.down_proj).in_features for layer in (wide_layer, student_layer))
     if keep == width:
-        kept, moments = torch.arange(width), None
+        kept, moments, parts = torch.arange(width), None, None
     else:
-        full = mlp_moments(student_layer, wide_layer, family, batches, kwargs, span_end)
+        full, parts = mlp_moments(student_layer, wide_layer, family, batches, kwargs, span_end)
         kept = obs_keep(full.gram, full.cross.T, keep, damp)
         moments = kept_moments(full, kept)
     params = dict(wide_layer.named_parameters())
@@ -191,4 +197,4 @@ def select_mlp(
         for name, axes in family.layer_tensors.items():
             if "mlp" in axes and name in params:
                 student_layer.get_parameter(name).copy_(params[name].index_select(axes.index("mlp"), kept))
-    return kept, moments
+    return kept, moments, parts

@@ -20,11 +20,15 @@ The modes (``specs.RECONSTRUCT``):
   weights', ``lsq`` to 0.8x, ``bias`` not at all (bench/RESULTS.md, "Reconstruction and one-shot baselines").
 
 Memory beyond the prune: the calibration hidden states of the student [N, T, H'] (and of the teacher [N, T, H] for
-``span``), one wide layer, and per map the float64 moments ([n, k] + [k, k]). Time, per calibration token and layer:
-the student's attention three times and its MLP once, the wide attention and MLP once each, the teacher's layers of
-the span once (``span``), plus one k x k solve per map. The layers' inputs are taken without running the layers
-(``layer_inputs``), and each pass stops where what it needs is taken (``layerwise.Stop``): on the demo that took the
-refit from 266 s to 174 s, to the same kept neurons and weights within 2e-5 (bench/RESULTS.md, "The demo's time").
+``span``), one wide layer, and per map the float64 moments ([n, k] + [k, k]); with ``select`` and ``span``, one
+layer's wide MLP activations [N, T, n] too. Time, per calibration token and layer: the student's attention three
+times and its MLP once, the wide attention and MLP once each, the teacher's layers of the span once (``span``), plus
+one k x k solve per map. The layers' inputs are taken without running the layers (``layer_inputs``), and each pass
+stops where what it needs is taken (``layerwise.Stop``): on the demo that took the refit from 266 s to 174 s, to the
+same kept neurons and weights within 2e-5 (bench/RESULTS.md, "The demo's time"). An attention that keeps every head
+is the wide one: its o_proj refit is the identity and is skipped; with ``select`` and ``span`` the layer's output
+is made from the selection's pass (the stream before the MLP plus the refit down_proj of the kept activations), so
+the demo's layer runs the student's attention once and the wide MLP once.
 """
 
 from __future__ import annotations
@@ -195,10 +199,13 @@ def reconstruct_layer(
     the end of the span, sliced to the kept channels, per batch; ``select``: the MLP's neurons are first chosen
     anew by structured OBS (obs.py) for the refit that follows. Returns the relative calibration error of each map
     before and after, and the teacher neuron ids the MLP keeps when ``select`` chose them (else None)."""
-    report, kept, chosen = {}, None, None
+    report, kept, chosen, parts = {}, None, None, None
     for which in (family.o_proj, family.down_proj):
+        if which == family.o_proj and _unchanged(student_layer, wide_layer, which.split(".")[0]):
+            report[which.rsplit(".", 1)[-1]] = {"before": 0.0, "after": 0.0}  # the wide map on the same input
+            continue
         if which == family.down_proj and select and not is_moe(student_layer):
-            kept, chosen = select_mlp(student_layer, wide_layer, family, batches, kwargs, span_end, damp)
+            kept, chosen, parts = select_mlp(student_layer, wide_layer, family, batches, kwargs, span_end, damp)
         if which == family.down_proj and is_moe(student_layer):
             inputs, targets = block_targets(student_layer, wide_layer, batches, kwargs, span_end)
             report["experts"] = refit_block(student_layer.mlp, inputs, targets, damp)
@@ -217,11 +224,25 @@ def reconstruct_layer(
         s_map.weight.data.copy_(v)
         if b is not None:
             s_map.bias.data.add_(b)
+    down = None if parts is None else student_layer.get_submodule(family.down_proj)
     with torch.no_grad():
         for i, (hidden, kw) in enumerate(zip(batches, kwargs)):
-            out = student_layer(hidden, **kw)
-            batches[i] = layer_output(out)
+            if parts is None:
+                batches[i] = layer_output(student_layer(hidden, **kw))
+            else:  # the stream before the MLP and the neurons' activations, from the selection's pass
+                residual, acts = parts[i]
+                batches[i] = residual + torch.nn.functional.linear(acts[..., kept], down.weight, down.bias)
+                parts[i] = None
     return report, kept
+
+
+def _unchanged(student_layer, wide_layer, block: str) -> bool:
+    """Whether the student's ``block`` is the wide one as it is (every head kept, on the same channels): its refit
+    towards the wide block's output on the same input is then the identity, and is not computed."""
+    mine, wide = (dict(layer.get_submodule(block).named_parameters()) for layer in (student_layer, wide_layer))
+    return mine.keys() == wide.keys() and all(
+        p.shape == wide[n].shape and torch.equal(p, wide[n]) for n, p in mine.items()
+    )
 
 
 def layer_inputs(model, family: Family, tokens: Tensor, batch_size: int) -> tuple[list[Tensor], list[list[dict]]]:
