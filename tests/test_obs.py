@@ -163,10 +163,12 @@ def test_the_generic_path_refuses_obs_with_its_own_reason(tmp_path, monkeypatch)
 
 def test_the_plan_prices_the_selection_only_where_it_chooses():
     """Per student layer: the Gram over the calibration tokens (2 T n^2) and the removal (4 n^2 per neuron), four
-    float64 n x n matrices of host memory; a layer that keeps every neuron gathers nothing (select_mlp)."""
+    float64 n x n matrices of host memory and, under span, one layer's fp32 activations of every neuron over the
+    calibration tokens; a layer that keeps every neuron gathers nothing (select_mlp)."""
     assert pricing.select_flops(256, 2, 128, 96) == 2 * (2 * 256 * 128**2 + 4 * 128**2 * 32)
-    assert pricing.select_memory(128, 96)[0]["bytes"] == 4 * 128 * 128 * 8
-    assert pricing.select_flops(256, 2, 128, 128) == 0 and pricing.select_memory(128, 128) == []
+    assert [p["bytes"] for p in pricing.select_memory(128, 96)] == [4 * 128 * 128 * 8]
+    assert [p["bytes"] for p in pricing.select_memory(128, 96, tokens=256)] == [4 * 128 * 128 * 8, 4 * 256 * 128]
+    assert pricing.select_flops(256, 2, 128, 128) == 0 and pricing.select_memory(128, 128, tokens=256) == []
 
 
 @pytest.mark.parametrize(

@@ -378,9 +378,18 @@ def stage_params(stage: dict) -> int:
     return stage["memory"][0]["bytes"] // 4  # fp32 weights
 
 
+@pytest.mark.parametrize("mode,copies", [("auto", 2), ("span", 2), ("lsq", 1), ("bias", 1), ("none", 0)])
+def test_the_prune_stage_prices_the_refits_calibration_states(mode, copies):
+    """The reconstruction holds fp32 [tokens, H] states of the student's layer inputs (and the teacher's for span,
+    what auto is for a Llama): the llama-3.2-1b recipe's 1,024 x 8,192 calibration tokens at H = 4,096 are 275 GB."""
+    prune = _stage(plan.plan_recipe(recipe.load("llama-3.2-1b", (f"prune.reconstruct={mode}",))), "prune[0]")
+    states = [p["bytes"] for p in prune["memory"] if p["what"].startswith("reconstruction:")]
+    assert states == ([4 * 1024 * 8192 * 4096 * copies] if copies else [])
+
+
 def test_the_prune_stage_prices_obs_selection_on_top_of_the_refit():
     """``prune.select: obs`` (what ``auto`` is for a Llama refit) adds pricing.select_flops for the 8B -> 1B MLP
-    widths to the stage's FLOPs; ``importance`` adds nothing."""
+    widths to the stage's FLOPs and pricing.select_memory to its memory; ``importance`` adds nothing."""
     stages = {
         how: _stage(plan.plan_recipe(recipe.load("llama-3.2-1b", (f"prune.select={how}",))), "prune[0]")
         for how in ("importance", "obs", "auto")
@@ -390,7 +399,8 @@ def test_the_prune_stage_prices_obs_selection_on_top_of_the_refit():
     assert stages["obs"]["flops"] - stages["importance"]["flops"] == added > 0
     assert stages["auto"]["flops"] == stages["obs"]["flops"]
     extra = [p for p in stages["obs"]["memory"] if p not in stages["importance"]["memory"]]
-    assert [p["bytes"] for p in extra] == [32 * 14336**2]  # 6.6 GB of float64 n x n matrices
+    tokens = spec.calib_samples * spec.seq_len  # a span refit (auto for Llama) keeps one layer's activations
+    assert [p["bytes"] for p in extra] == [32 * 14336**2, 4 * tokens * 14336]  # 6.6 GB of float64 n x n matrices
     # no refit to choose for: nothing priced (the prune refuses --select obs there before any weight is read)
     unrefit = {
         how: _stage(

@@ -152,6 +152,17 @@ def prune_flops(spec, params: int, layers: int) -> int:
     return 2 * params * spec.calib_samples * spec.seq_len * passes
 
 
+def refit_memory(tokens: int, hidden: int, mode: str) -> list[dict]:
+    """A reconstruction's calibration hidden states beside the prune's weights (whelp.pruning.reconstruct): fp32
+    [tokens, hidden] of the student's layer inputs, and the teacher's beside them for ``span``; none for ``none``.
+    They grow with the calibration, not the data: 275 GB for 1,024 x 8,192 tokens at H = 4,096 (an 8B teacher)."""
+    copies = {"none": 0, "span": 2}.get(mode, 1)
+    what = "the student's" + (" and the teacher's" if copies == 2 else "")
+    if not copies:
+        return []
+    return [part(f"reconstruction: {what} calibration hidden states, tokens x H fp32", 4 * tokens * hidden * copies)]
+
+
 def select_flops(tokens: int, layers: int, width: int, kept: int) -> int:
     """``--select obs`` on top of the refit (whelp.pruning.obs): per student layer, the float64 Gram of the
     ``width`` MLP neurons over the calibration tokens (2 T n^2) and the greedy removal of ``width - kept`` of them
@@ -162,12 +173,15 @@ def select_flops(tokens: int, layers: int, width: int, kept: int) -> int:
     return layers * (2 * tokens * width * width + 4 * width * width * (width - kept))
 
 
-def select_memory(width: int, kept: int) -> list[dict]:
+def select_memory(width: int, kept: int, tokens: int = 0) -> list[dict]:
     """``--select obs``'s host memory beside the prune's: about four float64 n x n matrices of the ``width`` MLP
-    neurons alive at once (the Gram, the damped system, its Cholesky factor, the inverse); 6.6 GB at n = 14,336."""
-    return (
-        [] if width == kept else [part("OBS selection: 4 x n^2 float64 (Gram, system, factor, inverse)", 32 * width**2)]
-    )
+    neurons alive at once (the Gram, the damped system, its Cholesky factor, the inverse); 6.6 GB at n = 14,336.
+    ``tokens``: calibration tokens whose fp32 activations of every neuron one layer keeps for its output (a ``span``
+    refit: whelp.pruning.obs.mlp_moments); 0.9 GB for 16K tokens at n = 14,336."""
+    if width == kept:
+        return []
+    held = [part("OBS selection: one layer's activations, tokens x n fp32", 4 * tokens * width)] if tokens else []
+    return [part("OBS selection: 4 x n^2 float64 (Gram, system, factor, inverse)", 32 * width**2), *held]
 
 
 def prune_memory(params: int) -> list[dict]:

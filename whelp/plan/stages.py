@@ -65,20 +65,33 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers) + select["flops"],
         "parallel": False,
         "device": "cpu",
-        "memory": pricing.prune_memory(source["params"]) + select["memory"],
+        "memory": pricing.prune_memory(source["params"])
+        + pricing.refit_memory(
+            spec.calib_samples * spec.seq_len, text_config(source_cfg).hidden_size, _mode(spec, source_cfg)
+        )
+        + select["memory"],
         "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]},
     }, target
+
+
+def _mode(spec, source_cfg) -> str:
+    """The reconstruction the prune runs (``auto`` resolved for the teacher's family)."""
+    return resolve(spec.reconstruct, family_of(source_cfg))
 
 
 def _selection(spec, source_cfg, target_cfg) -> dict:
     """The neuron selection's FLOPs and host memory (pricing.select_flops, select_memory) where it runs: ``--select``
     resolved to obs and a refit (lsq, span) to choose for; else nothing."""
-    family = family_of(source_cfg)
-    if not selects(spec.select, resolve(spec.reconstruct, family), family):
+    family, mode = family_of(source_cfg), _mode(spec, source_cfg)
+    if not selects(spec.select, mode, family):
         return {"flops": 0, "memory": []}
     width, kept = text_config(source_cfg).intermediate_size, text_config(target_cfg).intermediate_size
     layers, tokens = text_config(target_cfg).num_hidden_layers, spec.calib_samples * spec.seq_len
-    return {"flops": pricing.select_flops(tokens, layers, width, kept), "memory": pricing.select_memory(width, kept)}
+    held = tokens if mode == "span" else 0  # the layer's output from the selection's pass
+    return {
+        "flops": pricing.select_flops(tokens, layers, width, kept),
+        "memory": pricing.select_memory(width, kept, held),
+    }
 
 
 def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, where: str, number: int) -> dict:
