@@ -13,7 +13,7 @@ from conftest import make_chat_teacher, run_cli, save_tiny, tiny_tokenizer
 
 from whelp import models, plan, pricing, recipe
 from whelp.errors import WhelpError
-from whelp.specs import GenerateSpec
+from whelp.specs import GenerateSpec, PruneSpec
 
 N_70B, N_8B = 70_553_706_496, 8_030_261_248
 H100 = 989e12
@@ -315,12 +315,12 @@ def test_the_llama_plan_reads_in_hours_and_bytes(monkeypatch):
         "  disk          cache 800 GB"
     )
     prune = next(b for b in blocks if b.startswith("prune[0]\n"))
-    assert "  GPU time      25 min\n" in prune and "  disk          store 33.6 MB, model 4.94 GB" in prune
+    assert "  GPU time      6.3 min\n" in prune and "  disk          store 33.6 MB, model 4.94 GB" in prune
     assert next(b for b in blocks if b.startswith("total\n")) == (
         "total\n"
         "  FLOPs         3.29e+21\n"
-        "  GPU time      2,311.7 h\n"
-        "  wall time     289.3 h\n"
+        "  GPU time      2,311.4 h\n"
+        "  wall time     289.0 h\n"
         "  memory        46.0 GB per GPU at the peak\n"
         "  disk          920 GB"
     )
@@ -381,10 +381,17 @@ def stage_params(stage: dict) -> int:
 @pytest.mark.parametrize("mode,copies", [("auto", 2), ("span", 2), ("lsq", 1), ("bias", 1), ("none", 0)])
 def test_the_prune_stage_prices_the_refits_calibration_states(mode, copies):
     """The reconstruction holds fp32 [tokens, H] states of the student's layer inputs (and the teacher's for span,
-    what auto is for a Llama): the llama-3.2-1b recipe's 1,024 x 8,192 calibration tokens at H = 4,096 are 275 GB."""
-    prune = _stage(plan.plan_recipe(recipe.load("llama-3.2-1b", (f"prune.reconstruct={mode}",))), "prune[0]")
-    states = [p["bytes"] for p in prune["memory"] if p["what"].startswith("reconstruction:")]
-    assert states == ([4 * 1024 * 8192 * 4096 * copies] if copies else [])
+    what auto is for a Llama) over the refit's blocks: the llama-3.2-1b recipe's first 32 of its 1,024 x 8,192
+    calibration blocks at H = 4,096 (8.6 GB for span), 275 GB on all of them; the refit's passes are priced on the
+    same blocks, importance's forward on all."""
+    for refit, blocks in (("32", 32), ("null", 1024)):
+        load = recipe.load("llama-3.2-1b", (f"prune.reconstruct={mode}", f"prune.refit_samples={refit}"))
+        prune = _stage(plan.plan_recipe(load), "prune[0]")
+        states = [p["bytes"] for p in prune["memory"] if p["what"].startswith("reconstruction:")]
+        assert states == ([4 * blocks * 8192 * 4096 * copies] if copies else [])
+    passes = 0 if mode == "none" else pricing.REFIT_PASSES
+    refit = PruneSpec(calib_samples=8, refit_samples=2, seq_len=16, reconstruct=mode)
+    assert pricing.prune_flops(refit, 100, 4) == 2 * 100 * 16 * (8 + passes * 2)
 
 
 def test_the_prune_stage_prices_obs_selection_on_top_of_the_refit():
@@ -395,11 +402,11 @@ def test_the_prune_stage_prices_obs_selection_on_top_of_the_refit():
         for how in ("importance", "obs", "auto")
     }
     spec = recipe.load("llama-3.2-1b").prune[0].options
-    added = pricing.select_flops(spec.calib_samples * spec.seq_len, 16, 14336, 8192)
+    added = pricing.select_flops(spec.refit_blocks * spec.seq_len, 16, 14336, 8192)  # on the refit's blocks
     assert stages["obs"]["flops"] - stages["importance"]["flops"] == added > 0
     assert stages["auto"]["flops"] == stages["obs"]["flops"]
     extra = [p for p in stages["obs"]["memory"] if p not in stages["importance"]["memory"]]
-    tokens = spec.calib_samples * spec.seq_len  # a span refit (auto for Llama) keeps one layer's activations
+    tokens = spec.refit_blocks * spec.seq_len  # a span refit (auto for Llama) keeps one layer's activations
     assert [p["bytes"] for p in extra] == [32 * 14336**2, 4 * tokens * 14336]  # 6.6 GB of float64 n x n matrices
     # no refit to choose for: nothing priced (the prune refuses --select obs there before any weight is read)
     unrefit = {

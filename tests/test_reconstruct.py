@@ -118,6 +118,46 @@ def test_an_attention_that_keeps_every_head_is_not_refit(monkeypatch, mode):
         torch.testing.assert_close(skipped.state_dict()[name], value, atol=1e-6, rtol=1e-5)
 
 
+def test_the_refit_reads_the_first_refit_samples_blocks_in_memory_and_streamed(tmp_path, monkeypatch):
+    """``refit_samples``: importance reads every calibration block, the refit the first K of them; the streamed
+    prune equals the in-memory one, and both differ from a refit on every block (the scores being the same)."""
+    tiny_model("llama", num_hidden_layers=4).save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    tokens = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(5))
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    spec = PruneSpec(batch_size=2, calib_samples=6, refit_samples=4, reconstruct="span", select="obs")
+    seen = []
+    real = reconstruct.reconstruct_model
+    monkeypatch.setattr(
+        reconstruct,
+        "reconstruct_model",
+        lambda t, s, k, f, tok, *a, **kw: seen.append(tok) or real(t, s, k, f, tok, *a, **kw),
+    )
+    first = api.prune(teacher, TARGET, tokens, spec)
+    assert len(seen) == 1 and torch.equal(seen[0], tokens[:4])
+    got, _ = streamed(tmp_path / "src", tmp_path / "out", spec, tokens)
+    for name, value in first.state_dict().items():
+        if name in got:
+            torch.testing.assert_close(got[name], value, atol=1e-6, rtol=1e-5)
+    every = api.prune(
+        teacher, TARGET, tokens, PruneSpec(batch_size=2, calib_samples=6, reconstruct="span", select="obs")
+    )
+    assert torch.equal(seen[-1], tokens) and not torch.equal(
+        every.model.layers[0].mlp.down_proj.weight, first.model.layers[0].mlp.down_proj.weight
+    )
+
+
+@pytest.mark.parametrize(
+    "given,message",
+    [
+        ({"calib_samples": 4, "refit_samples": 8}, r"refit_samples=8 is more than calib_samples=4"),
+        ({"refit_samples": 0}, r"refit_samples"),
+    ],
+)
+def test_refit_samples_that_cannot_be_honoured_are_one_line(given, message):
+    with pytest.raises(WhelpError, match=message):
+        PruneSpec(**given)
+
+
 def streamed(src, out, spec, tokens):
     target = parse_target(AutoModelForCausalLM.from_pretrained(src).config, TARGET)
     _, _, _, report = streaming.prune_streaming(src, out, target, spec, tokens, shard_bytes=20_000)

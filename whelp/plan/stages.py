@@ -67,7 +67,7 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         "device": "cpu",
         "memory": pricing.prune_memory(source["params"])
         + pricing.refit_memory(
-            spec.calib_samples * spec.seq_len, text_config(source_cfg).hidden_size, _mode(spec, source_cfg)
+            spec.refit_blocks * spec.seq_len, text_config(source_cfg).hidden_size, _mode(spec, source_cfg)
         )
         + select["memory"],
         "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]},
@@ -86,7 +86,7 @@ def _selection(spec, source_cfg, target_cfg) -> dict:
     if not selects(spec.select, mode, family):
         return {"flops": 0, "memory": []}
     width, kept = text_config(source_cfg).intermediate_size, text_config(target_cfg).intermediate_size
-    layers, tokens = text_config(target_cfg).num_hidden_layers, spec.calib_samples * spec.seq_len
+    layers, tokens = text_config(target_cfg).num_hidden_layers, spec.refit_blocks * spec.seq_len
     held = tokens if mode == "span" else 0  # the layer's output from the selection's pass
     return {
         "flops": pricing.select_flops(tokens, layers, width, kept),

@@ -145,8 +145,9 @@ def _prune(model, target: Target, tokens: torch.Tensor, spec: PruneSpec, scores:
     if mode != "none":
         t = time.perf_counter()
         with Progress(f"reconstructing ({mode}, {select} selection)", len(keep.layers)) as bar:
+            refit = tokens[: spec.refit_blocks]
             pruned, errors, keep = reconstruction.reconstruct_model(
-                model, pruned, keep, family, tokens, spec.batch_size, mode, bar.advance, select == "obs"
+                model, pruned, keep, family, refit, spec.batch_size, mode, bar.advance, select == "obs"
             )
         details["select"] = select
         timings["reconstruct_s"] = time.perf_counter() - t

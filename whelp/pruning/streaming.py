@@ -313,7 +313,7 @@ def prune_streaming(
             target_cfg,
             keep,
             family,
-            tokens,
+            tokens[: spec.refit_blocks],
             mode,
             spec.batch_size,
             Path(spill),

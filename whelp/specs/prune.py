@@ -36,6 +36,11 @@ class PruneSpec:
         Mixture.parse("pydoc:calib"), "Calibration data (store, file, dir, pydoc:calib, hf:..., a:0.7,b:0.3)"
     )
     calib_samples: int = opt(16, "Calibration blocks")
+    refit_samples: int | None = opt(
+        None,
+        "Calibration blocks the reconstruction refits on, the first of them (default: all): its host memory "
+        "grows with them (whelp plan prices it), importance needs more",
+    )
     seq_len: int = opt(256, "Tokens per calibration block")
     batch_size: int = opt(4, "Calibration blocks per forward")
     tie: Literal["embedding", "lm_head", "mean"] = opt(
@@ -80,10 +85,20 @@ class PruneSpec:
                 _choice("reconstruct", self.reconstruct, RECONSTRUCT),
                 _choice("select", self.select, SELECT),
                 _choice("save_dtype", self.save_dtype, SAVE_DTYPES),
-                *_positive(self, ("calib_samples", "batch_size")),
+                *_positive(self, ("calib_samples", "batch_size", "refit_samples")),
                 (self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}"),
+                (
+                    self.refit_samples is None or self.refit_samples <= self.calib_samples,
+                    f"refit_samples={self.refit_samples} is more than calib_samples={self.calib_samples}: the refit "
+                    "reads the first of the calibration blocks; lower it or raise calib_samples",
+                ),
             ]
         )
+
+    @property
+    def refit_blocks(self) -> int:
+        """How many of the calibration blocks the reconstruction reads (the first ones)."""
+        return self.calib_samples if self.refit_samples is None else self.refit_samples
 
 
 SEARCH_AXES = ("layers", "hidden", "mlp", "heads", "kv_heads", "head_dim", "experts")  # experts: MoE teachers
