@@ -157,10 +157,9 @@ def refit_memory(tokens: int, hidden: int, mode: str) -> list[dict]:
     """A reconstruction's calibration hidden states beside the prune's weights (whelp.pruning.reconstruct): fp32
     [tokens, hidden] of the student's layer inputs, and the teacher's beside them for ``span``; none for ``none``.
     They grow with the calibration, not the data: 275 GB for 1,024 x 8,192 tokens at H = 4,096 (an 8B teacher)."""
-    copies = {"none": 0, "span": 2}.get(mode, 1)
-    what = "the student's" + (" and the teacher's" if copies == 2 else "")
-    if not copies:
+    if mode == "none":
         return []
+    copies, what = (2, "the student's and the teacher's") if mode == "span" else (1, "the student's")
     return [part(f"reconstruction: {what} calibration hidden states, tokens x H fp32", 4 * tokens * hidden * copies)]
 
 

@@ -54,7 +54,8 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         _at(f"{where}.scores", lambda: check_scores_file(Path(step.options.scores).expanduser()))
     spec = step.options
     target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope), str(step.target))
-    select = _selection(spec, source_cfg, target["config"])
+    mode = resolve(spec.reconstruct, family_of(source_cfg))
+    select = _selection(spec, source_cfg, target["config"], mode)
     return {
         "stage": f"prune[{index}]",
         "kind": "prune",
@@ -66,24 +67,16 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         "parallel": False,
         "device": "cpu",
         "memory": pricing.prune_memory(source["params"])
-        + pricing.refit_memory(
-            spec.refit_blocks * spec.seq_len, text_config(source_cfg).hidden_size, _mode(spec, source_cfg)
-        )
+        + pricing.refit_memory(spec.refit_blocks * spec.seq_len, text_config(source_cfg).hidden_size, mode)
         + select["memory"],
         "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]},
     }, target
 
 
-def _mode(spec, source_cfg) -> str:
-    """The reconstruction the prune runs (``auto`` resolved for the teacher's family)."""
-    return resolve(spec.reconstruct, family_of(source_cfg))
-
-
-def _selection(spec, source_cfg, target_cfg) -> dict:
+def _selection(spec, source_cfg, target_cfg, mode: str) -> dict:
     """The neuron selection's FLOPs and host memory (pricing.select_flops, select_memory) where it runs: ``--select``
-    resolved to obs and a refit (lsq, span) to choose for; else nothing."""
-    family, mode = family_of(source_cfg), _mode(spec, source_cfg)
-    if not selects(spec.select, mode, family):
+    resolved to obs and a refit (``mode``: the resolved reconstruction, lsq or span) to choose for; else nothing."""
+    if not selects(spec.select, mode, family_of(source_cfg)):
         return {"flops": 0, "memory": []}
     width, kept = text_config(source_cfg).intermediate_size, text_config(target_cfg).intermediate_size
     layers, tokens = text_config(target_cfg).num_hidden_layers, spec.refit_blocks * spec.seq_len
