@@ -208,3 +208,42 @@ def test_the_shipped_llama_recipes_state_the_llama_licence(tmp_path):
 def test_recipe_licence_and_language_are_validated(tmp_path, top, match):
     with pytest.raises(WhelpError, match=match):
         _recipe(tmp_path, **top)
+
+
+def test_lineage_says_what_each_stage_ran(tmp_path, dirs):
+    """The chat generate stage, the prune's refit (from its report) and the distillation's loss, in words."""
+    recipe = _recipe(
+        tmp_path,
+        generate={"chat": True, "max_tokens": 6144, "temperature": 0.7, "top_p": 0.9, "new_tokens": 128},
+        prune={"target": "num_hidden_layers=1", "calib_samples": 8, "refit_samples": 4, "reconstruct": "span"},
+        distill={"steps": 2, "lr": 4e-4, "ce_weight": 0.5, "chat_loss": "ce", "hidden_weight": 1.0},
+    )
+    teacher, final = dirs
+    report = {"select": "obs", "reconstruct": {"mode": "span", "damp": 0.1}}
+    lineage = [
+        {"label": "teacher", "path": str(teacher)},
+        {"label": "pruned", "path": str(final), "report": report},
+        {"label": "distilled", "path": str(final), "report": None},
+    ]
+    text = model_card(recipe, METRICS, lineage, final)
+    assert (
+        "6,144 tokens of conversations: `smollm2-135m` answered requests of up to 48 tokens it wrote itself "
+        "(Magpie self-instruct) through its chat template, T=0.7, top-p 0.9, up to 128 tokens an answer, "
+        "the loss on the answers only, seed 0"
+    ) in text
+    assert "BOS alone" not in text
+    assert (
+        "(8 x 512 tokens); kept weights refit (span, MLP neurons chosen by obs) on the first 4 of those blocks" in text
+    )
+    assert (
+        "for 2 steps (lr 0.0004) with forward_kl (T=1) + 0.5 CE; chat answers by CE alone; hidden states (nmse, "
+        "weight 1) from `teacher` (w=1)"
+    ) in text
+    step = recipe.prune[0]
+    step = dataclasses.replace(step, options=dataclasses.replace(step.options, refit_samples=None))
+    everything = dataclasses.replace(recipe, prune=type(recipe.prune)([step]))
+    assert "(8 x 512 tokens); kept weights refit (span, MLP neurons chosen by obs) on those blocks\n" in model_card(
+        everything, METRICS, lineage, final
+    )
+    lineage[1]["report"] = {"reconstruct": {"mode": "none"}}  # a prune without a refit says nothing of one
+    assert "refit" not in model_card(recipe, METRICS, lineage, final)
