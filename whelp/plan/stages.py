@@ -54,8 +54,9 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         _at(f"{where}.scores", lambda: check_scores_file(Path(step.options.scores).expanduser()))
     spec = step.options
     target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope), str(step.target))
-    mode = resolve(spec.reconstruct, family_of(source_cfg))
-    select = _selection(spec, source_cfg, target["config"], mode)
+    family = family_of(source_cfg)
+    mode = resolve(spec.reconstruct, family)
+    select = _selection(spec, source_cfg, target["config"], family, mode)
     return {
         "stage": f"prune[{index}]",
         "kind": "prune",
@@ -73,10 +74,11 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
     }, target
 
 
-def _selection(spec, source_cfg, target_cfg, mode: str) -> dict:
+def _selection(spec, source_cfg, target_cfg, family, mode: str) -> dict:
     """The neuron selection's FLOPs and host memory (pricing.select_flops, select_memory) where it runs: ``--select``
-    resolved to obs and a refit (``mode``: the resolved reconstruction, lsq or span) to choose for; else nothing."""
-    if not selects(spec.select, mode, family_of(source_cfg)):
+    resolved to obs for the teacher's ``family`` and a refit (``mode``: the resolved reconstruction, lsq or span) to
+    choose for; else nothing."""
+    if not selects(spec.select, mode, family):
         return {"flops": 0, "memory": []}
     width, kept = text_config(source_cfg).intermediate_size, text_config(target_cfg).intermediate_size
     layers, tokens = text_config(target_cfg).num_hidden_layers, spec.refit_blocks * spec.seq_len
