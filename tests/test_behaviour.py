@@ -124,14 +124,17 @@ def test_summary_of_judged_answers():
         chat.judged(rows[0], "Paris.", [1, 2], True),
         chat.judged(rows[1], "- a\n- b\n- c", [3, 4] * 5, False),  # (3, 4, 3, 4, 3, 4) x3: loops
         chat.judged(rows[2], " ", [9], True),
+        chat.judged(rows[2], "I'm sorry, I can't count.", [7, 8], True),
     ]
+    assert [a["refusal"] for a in answers] == [False, False, False, True]
     assert chat.summary(answers) == {
-        "loop": 1 / 3,
-        "ended": 2 / 3,
-        "empty": 1 / 3,
+        "loop": 1 / 4,
+        "ended": 3 / 4,
+        "empty": 1 / 4,
+        "refusal": 1 / 4,
         "accuracy": 1.0,
         "format": 1.0,
-        "prompts": 3,
+        "prompts": 4,
         "checked": 1,
         "formatted": 1,
     }
@@ -180,6 +183,7 @@ def test_report_directions_of_the_behaviour_rows():
         "loop": "share_lower",
         "ended": "higher",
         "empty": "share_lower",
+        "refusal": "share_lower",
         "accuracy": "higher",
         "kept": "higher",
         "fact_nll": "lower",
@@ -413,9 +417,9 @@ def test_eval_chat_end_to_end(tmp_path, demo_tokenizer, monkeypatch):
     metrics = json.loads((out / "metrics.json").read_text())
     name = "chat:p.jsonl"
     flats = [report.flat_metrics(m) for m in metrics["models"]]
-    assert {f"{name}/{m}" for m in ("loop", "ended", "empty", "accuracy", "format", "ref_nll", "rouge_l")} <= set(
-        flats[1]
-    )
+    assert {
+        f"{name}/{m}" for m in ("loop", "ended", "empty", "refusal", "accuracy", "format", "ref_nll", "rouge_l")
+    } <= set(flats[1])
     for model in metrics["models"]:  # the random teacher answers nothing right: nothing to keep
         assert {"kept": None, "fact_nll": None}.items() <= model["behaviour"][name]["metrics"].items()
     assert flats[0][f"{name}/rouge_l"] == 1.0 and flats[1][f"{name}/ref_nll"] > 0

@@ -214,7 +214,14 @@ def test_lineage_says_what_each_stage_ran(tmp_path, dirs):
     """The chat generate stage, the prune's refit (from its report) and the distillation's loss, in words."""
     recipe = _recipe(
         tmp_path,
-        generate={"chat": True, "max_tokens": 6144, "temperature": 0.7, "top_p": 0.9, "new_tokens": 128},
+        generate={
+            "chat": True,
+            "max_tokens": 6144,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "new_tokens": 128,
+            "drop_refusals": True,
+        },
         prune={"target": "num_hidden_layers=1", "calib_samples": 8, "refit_samples": 4, "reconstruct": "span"},
         distill={"steps": 2, "lr": 4e-4, "ce_weight": 0.5, "chat_loss": "ce", "hidden_weight": 1.0},
     )
@@ -229,7 +236,7 @@ def test_lineage_says_what_each_stage_ran(tmp_path, dirs):
     assert (
         "6,144 tokens of conversations: `smollm2-135m` answered requests of up to 48 tokens it wrote itself "
         "(Magpie self-instruct) through its chat template, T=0.7, top-p 0.9, up to 128 tokens an answer, "
-        "the loss on the answers only, seed 0"
+        "answers that loop or refuse dropped, the loss on the answers only, seed 0"
     ) in text
     assert "BOS alone" not in text
     assert (

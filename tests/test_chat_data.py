@@ -221,6 +221,25 @@ def test_loops_catches_repetition_and_passes_ordinary_answers():
     assert seen.duplicate("How do I bake sourdough bread at home quickly?")  # Jaccard 6/7 of word 3-grams
 
 
+def test_refuses_catches_refusals_and_passes_ordinary_answers():
+    refusals = [
+        "I'm sorry, but I can't help with that.",
+        "Sure! However, as a chatbot, I don't have the ability to browse the web.",
+        "As an AI language model, I do not have personal opinions.",
+        "I apologize for the confusion.",
+        "While I’m here to help, I’m not capable of listing every album of 2023.",
+        "I cannot provide medical advice.",
+        "I am unable to open links.",
+    ]
+    fine = [
+        "The capital of France is Paris.",
+        "You can't go wrong with a walk after dinner; I can recommend three routes.",
+        "Sorry to hear that! Here are three tips: sleep, water, and a short walk.",
+        "An AI is a program; as a rule, it learns from data.",
+    ]
+    assert all(map(chat.refuses, refusals)) and not any(map(chat.refuses, fine))
+
+
 # ---- whelp generate --chat
 
 
@@ -292,14 +311,14 @@ def test_answers_to_prompts_keep_the_teachers_best_of_n(teacher, tmp_path, monke
     monkeypatch.setattr(chatgen, "continuations", lambda m, p, c: sampled.extend(out := real(m, p, c)) or out)
     s = run(teacher, tmp_path / "s", spec)
     assert len(sampled) == 3 * len(rows) and s.manifest["total_tokens"] < spec.max_tokens  # every prompt answered once
-    want, dropped, later = [], {"loop": 0, "no_end": 0, "duplicate": 0, "empty": 0}, 0
+    want, dropped, later = [], dict.fromkeys(chatgen.REASONS, 0), 0
     for i, row in enumerate(rows):
         messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
         start = len(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
         scored = []
         for ids, ended in sampled[3 * i : 3 * i + 3]:
             answer = tok.decode(ids, skip_special_tokens=True).strip()
-            why = "no_end" if not ended else "empty" if not answer else "loop" if chat.loops(answer) else None
+            why = "empty" if not answer else "loop" if chat.loops(answer) else None if ended else "no_end"
             if why:
                 dropped[why] += 1
                 continue
@@ -317,6 +336,38 @@ def test_answers_to_prompts_keep_the_teachers_best_of_n(teacher, tmp_path, monke
     assert [list(d) for d in documents(s)] == want and len(want) >= 3 and later >= 1  # not merely the first
     assert np.array_equal(s.read_mask(0, len(s)), assistant_spans(tok, s.read(0, len(s))))
     assert s.manifest["chat"] == {"kept": len(want), "unfinished": 0, "dropped": dropped}
+
+
+def test_answers_that_loop_or_refuse_are_dropped_finished_or_not(teacher, tmp_path, monkeypatch):
+    """One answer per request (``samples_per_prompt`` 1, where an unfinished answer is kept as far as it went): a
+    looping one is dropped whether it ended or not, a refusal only with ``drop_refusals``; each counted by reason."""
+    tok, prompts = chatml(), tmp_path / "prompts.jsonl"
+    said = {
+        "Name a fruit.": ("An apple is a fruit.", True),
+        "Name a tree.": ("The oak is a tall tree with", False),  # unfinished: kept as far as it went
+        "Name a river.": ("I'm sorry, but I cannot name rivers.", True),
+        "Name a city.": ("Rome is a city. " * 4, False),  # loops, unfinished
+        "Name a colour.": ("Red and blue. " * 4, True),  # loops, finished
+    }
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in said))
+    ids = {p: tok(text, add_special_tokens=False).input_ids for p, (text, _) in said.items()}
+
+    def scripted(model, batch, config):  # each prompt's scripted answer, by the request it ends with
+        asked = [
+            next(p for p in said if tok.decode(b).rstrip().endswith(f"{p}<|im_end|>\n{HEADER.strip()}")) for b in batch
+        ]
+        return [(np.array(ids[p]), said[p][1]) for p in asked]
+
+    monkeypatch.setattr(chatgen, "continuations", scripted)
+    kept = {}
+    for drop in (False, True):
+        spec = replace(SPEC, prompts=str(prompts), max_tokens=10_000, drop_refusals=drop)
+        s = run(teacher, tmp_path / f"s{drop}", spec)
+        kept[drop] = [parsed(tok, d)[1]["content"] for d in documents(s)]
+        counts = s.manifest["chat"]
+        assert counts["dropped"] == {**dict.fromkeys(chatgen.REASONS, 0), "loop": 2, "refusal": int(drop)}
+        assert counts["unfinished"] == 1 and counts["kept"] == len(kept[drop])
+    assert kept == {False: ["Name a fruit.", "Name a tree.", "Name a river."], True: ["Name a fruit.", "Name a tree."]}
 
 
 # ---- the command line
@@ -388,6 +439,7 @@ def test_tokenize_chat_rows_and_bad_inputs_are_one_line_before_any_model_loads(t
             ["generate", str(path), "--out", out, "--max-tokens", "9", "--samples-per-prompt", "2"],
             "--samples-per-prompt needs --chat",
         ),
+        (["generate", str(path), "--out", out, "--max-tokens", "9", "--drop-refusals"], "--drop-refusals needs --chat"),
     ):
         bad = run_cli(*args)
         assert bad.exit_code == 2 and re.search(message, bad.stderr) and len(bad.stderr.splitlines()) == 1, bad.stderr

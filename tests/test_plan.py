@@ -378,7 +378,7 @@ def stage_params(stage: dict) -> int:
     return stage["memory"][0]["bytes"] // 4  # fp32 weights
 
 
-@pytest.mark.parametrize("mode,copies", [("auto", 2), ("span", 2), ("lsq", 1), ("bias", 1), ("none", 0)])
+@pytest.mark.parametrize("mode,copies", [("auto", 2), ("span", 2), ("lsq", 1), ("none", 0)])
 def test_the_prune_stage_prices_the_refits_calibration_states(mode, copies):
     """The reconstruction holds fp32 [tokens, H] states of the student's layer inputs (and the teacher's for span,
     what auto is for a Llama) over the refit's blocks: the llama-3.2-1b recipe's first 32 of its 1,024 x 8,192
@@ -391,7 +391,36 @@ def test_the_prune_stage_prices_the_refits_calibration_states(mode, copies):
         assert states == ([4 * blocks * 8192 * 4096 * copies] if copies else [])
     passes = 0 if mode == "none" else pricing.REFIT_PASSES
     refit = PruneSpec(calib_samples=8, refit_samples=2, seq_len=16, reconstruct=mode)
-    assert pricing.prune_flops(refit, 100, 4) == 2 * 100 * 16 * (8 + passes * 2)
+    assert pricing.prune_flops(refit, 100, 4, "span" if mode == "auto" else mode) == 2 * 100 * 16 * (8 + passes * 2)
+    assert [p["bytes"] for p in pricing.refit_memory(10, 4, "bias")] == [160]  # the student's states alone
+
+
+def test_a_refit_the_prune_would_refuse_is_refused_by_the_plan():
+    """bias on llama-3.2-1b's published shape (which has no biases) fails the plan, not a build after its capture."""
+    with pytest.raises(WhelpError, match=r"^recipe.prune\[0\].reconstruct: --reconstruct bias adds biases"):
+        plan.plan_recipe(recipe.load("llama-3.2-1b", ("prune.reconstruct=bias",)))
+
+
+def test_a_generic_path_teacher_is_priced_without_the_refit_auto_does_not_run(tmp_path):
+    """``auto`` is no reconstruction on the generic path (a Llama-like decoder outside the family table): the plan
+    prices neither its passes nor its states, the same stage as ``none``; ``lsq`` there is refused."""
+    path = tmp_path / "teacher"
+    save_tiny(path, tiny_tokenizer(), "ministral", tie_word_embeddings=True)
+    text = (
+        f"name: g\nteacher: {{model: {path}}}\ndata: {{seq_len: 16, calib: pydoc:calib, train: pydoc:train}}\n"
+        "prune: {target: intermediate_size=64, calib_samples: 4, reconstruct: MODE}\ndistill: {steps: 1}\n"
+    )
+    stages = {}
+    for mode in ("auto", "none", "lsq"):
+        (tmp_path / f"{mode}.yaml").write_text(text.replace("MODE", mode))
+        load = recipe.load(str(tmp_path / f"{mode}.yaml"))
+        if mode == "lsq":
+            with pytest.raises(WhelpError, match=r"^recipe.prune\[0\].reconstruct: --reconstruct lsq .* generic path"):
+                plan.plan_recipe(load)
+            continue
+        stages[mode] = _stage(plan.plan_recipe(load), "prune[0]")
+    assert stages["auto"] == stages["none"]  # before: auto priced 3 refit passes over the 4 blocks that never ran
+    assert not [p for p in stages["auto"]["memory"] if p["what"].startswith("reconstruction:")]
 
 
 def test_the_prune_stage_prices_obs_selection_on_top_of_the_refit():
@@ -408,14 +437,12 @@ def test_the_prune_stage_prices_obs_selection_on_top_of_the_refit():
     extra = [p for p in stages["obs"]["memory"] if p not in stages["importance"]["memory"]]
     tokens = spec.refit_blocks * spec.seq_len  # a span refit (auto for Llama) keeps one layer's activations
     assert [p["bytes"] for p in extra] == [32 * 14336**2, 4 * tokens * 14336]  # 6.6 GB of float64 n x n matrices
-    # no refit to choose for: nothing priced (the prune refuses --select obs there before any weight is read)
-    unrefit = {
-        how: _stage(
-            plan.plan_recipe(recipe.load("llama-3.2-1b", (f"prune.select={how}", "prune.reconstruct=none"))), "prune[0]"
-        )
-        for how in ("importance", "obs")
-    }
-    assert unrefit["obs"] == unrefit["importance"]
+    # no refit to choose for: the plan refuses --select obs, as the prune would before any weight is read
+    with pytest.raises(WhelpError, match=r"^recipe.prune\[0\].reconstruct: --select obs"):
+        plan.plan_recipe(recipe.load("llama-3.2-1b", ("prune.select=obs", "prune.reconstruct=none")))
+    unrefit = _stage(plan.plan_recipe(recipe.load("llama-3.2-1b", ("prune.reconstruct=none",))), "prune[0]")
+    refit = stages["importance"]["flops"] - unrefit["flops"]  # REFIT_PASSES forwards over the refit's blocks
+    assert refit * spec.calib_samples == unrefit["flops"] * pricing.REFIT_PASSES * spec.refit_blocks > 0
 
 
 def test_chat_rows_trained_by_ce_alone_are_priced_without_a_teacher_forward():

@@ -142,14 +142,14 @@ def gathered_bytes(model: dict, dtype_bytes: int) -> int:
 REFIT_PASSES = 3
 
 
-def prune_flops(spec, params: int, layers: int) -> int:
+def prune_flops(spec, params: int, layers: int, mode: str) -> int:
     """A prune's calibration: a forward (2 N per token) over calib_samples x seq_len tokens, 3 x that for Taylor
     importance (the backward too: 6 N), plus L + 1 forwards (the base and each layer skipped) for
     ``layer_importance: loss`` (none of these when saved ``scores`` are reused), plus REFIT_PASSES forwards over
-    the refit's blocks (``refit_samples``, default all) for a reconstruction (``auto`` counted as one); its k x k
-    solves are small beside them."""
+    the refit's blocks (``refit_samples``, default all) for a reconstruction (``mode``: the one ``auto`` resolved to
+    for the teacher, none on the generic path); its k x k solves are small beside them."""
     scoring = (3 if spec.importance == "taylor" else 1) + (layers + 1 if spec.layer_importance == "loss" else 0)
-    refit = 0 if spec.reconstruct == "none" else REFIT_PASSES * spec.refit_blocks
+    refit = 0 if mode == "none" else REFIT_PASSES * spec.refit_blocks
     return 2 * params * spec.seq_len * ((0 if spec.scores else scoring * spec.calib_samples) + refit)
 
 

@@ -29,6 +29,14 @@ from whelp.errors import WhelpError
 SENTINEL = "\u2063whelp\u2063"  # user content the template copies verbatim: where the user's words start
 LOOP_N, LOOP_TIMES = 4, 3  # an n-gram of 4 words (or ids) occurring 3 times is a loop
 JACCARD, WINDOW = 0.7, 4096  # near-duplicate requests: word 3-gram Jaccard, against the last WINDOW kept
+# The phrases of an English refusal: the refusal prefixes of Zou et al. 2023 (arXiv 2307.15043, their attack's
+# success test), with the wordings a small instruct model uses ("as a chatbot", "I don't have the ability"); either
+# apostrophe, case as written (``I`` is a capital anywhere; "as an AI" starts a sentence or not).
+REFUSAL = re.compile(
+    r"\b(?:I['’]m sorry|I am sorry|I apologi[sz]e|[Aa]s an AI|[Aa]s a chatbot|I cannot|"
+    r"I can['’]t|I can not|I['’]m (?:not able|unable) to|I am (?:not able|unable) to|I do(?:n['’]t| not) have the "
+    r"(?:ability|capability)|I['’]m not capable)"
+)
 
 
 def check_chat_template(tokenizer, what: str, why: str = "--chat needs an instruct model (e.g. smollm2-135m)") -> None:
@@ -151,6 +159,15 @@ def loops(text_or_ids: str | Sequence[int], n: int = LOOP_N, times: int = LOOP_T
     units = text_or_ids.split() if isinstance(text_or_ids, str) else list(text_or_ids)
     counts = collections.Counter(tuple(units[i : i + n]) for i in range(len(units) - n + 1))
     return bool(counts) and max(counts.values()) >= times
+
+
+def refuses(text: str) -> bool:
+    """Whether an answer refuses (or apologises for what it cannot do), by ``REFUSAL`` anywhere in it, as Zou et al.
+    test a reply. A small teacher refuses harmless requests it wrote itself now and then; a student trained on those
+    answers by CE may learn to refuse far more often than the teacher does (bench/RESULTS.md, "Refusals and loops in
+    the demo's chat store": 13-24 of 115 held-out requests at two of three seeds, its teacher 2), so ``whelp
+    generate --chat --drop-refusals`` drops them and ``whelp eval --chat`` counts them."""
+    return REFUSAL.search(text) is not None
 
 
 def _words(text: str) -> list[str]:

@@ -11,9 +11,10 @@ of the whole rendered conversation per answer.
 
 Dropped (and counted in the manifest's ``chat``, by reason): self-written requests that are empty, loop
 (``chat.loops``), hit ``request_tokens`` without end of turn, or nearly repeat a kept one (``chat.Seen``); answers
-that are empty, loop, or (when there is a choice, ``samples_per_prompt`` > 1) hit ``new_tokens`` without end of
-turn (a request none of whose answers survives is lost). A single answer that hits ``new_tokens`` is kept as far as
-it went, without an end of turn (counted ``unfinished``): forward KL on each of its tokens still teaches the
+that are empty, loop (finished or not), refuse (``drop_refusals``: ``chat.refuses``), or (when there is a choice,
+``samples_per_prompt`` > 1) hit ``new_tokens`` without end of turn (a request none of whose answers survives is
+lost). A single answer that hits ``new_tokens`` is kept as far as it went, without an end of turn (counted
+``unfinished``) unless it loops or refuses: forward KL on each of its tokens still teaches the
 teacher's whole next-token distribution, its probability of ending the turn there included, and a small teacher's
 answers often run past a CPU budget (SmolLM2-135M-Instruct ends 28% of its answers within 160 tokens), so dropping
 them would throw away most of the sampling.
@@ -43,7 +44,7 @@ from whelp.errors import WhelpError
 from whelp.output import Progress
 from whelp.specs import GenerateSpec
 
-REASONS = ("loop", "no_end", "duplicate", "empty")
+REASONS = ("loop", "no_end", "duplicate", "empty", "refusal")
 IDLE_BATCHES = 64  # self-instruct stops with an error after this many batches in a row keep nothing
 
 
@@ -119,10 +120,15 @@ class Teacher:
         ]
 
 
-def _drop(t: Teacher, ids: np.ndarray, ended: bool) -> str | None:
-    """Why a sampled request or answer is dropped, or None."""
+def _drop(t: Teacher, ids: np.ndarray, ended: bool, answer: bool = False) -> str | None:
+    """Why a sampled request or ``answer`` is dropped, or None: ``no_end`` last, so that an unfinished single answer
+    (kept as far as it went) is still dropped when it loops; only an answer is tested for a refusal (a request may
+    well say "I can't ..."), and only with ``drop_refusals``."""
     text = t.text(ids)
-    return "no_end" if not ended else "empty" if not text else "loop" if chat.loops(text) else None
+    refusal = answer and t.spec.drop_refusals and chat.refuses(text)
+    return (
+        "empty" if not text else "loop" if chat.loops(text) else "refusal" if refusal else None if ended else "no_end"
+    )
 
 
 def self_instruct(t: Teacher, prefix: list[int], seen: chat.Seen, counts: collections.Counter) -> list[list[dict]]:
@@ -151,7 +157,7 @@ def answer(t: Teacher, requests: list[list[dict]], counts: collections.Counter) 
     for i, messages in enumerate(requests):
         best, score = None, -float("inf")
         for ids, ended in outs[i * n : (i + 1) * n]:
-            if (why := _drop(t, ids, ended)) and not (why == "no_end" and n == 1):
+            if (why := _drop(t, ids, ended, answer=True)) and not (why == "no_end" and n == 1):
                 counts[why] += 1
                 continue
             conv = t.render([*messages, {"role": "assistant", "content": t.text(ids)}])
@@ -287,7 +293,7 @@ def _summed(records: list[dict], counts: collections.Counter) -> dict:
     return {
         "kept": sum(r["kept"] for r in records) + counts["kept"],
         "unfinished": sum(r["unfinished"] for r in records) + counts["unfinished"],
-        "dropped": {why: sum(r["dropped"][why] for r in records) + counts[why] for why in REASONS},
+        "dropped": {why: sum(r["dropped"].get(why, 0) for r in records) + counts[why] for why in REASONS},
     }
 
 

@@ -43,7 +43,7 @@ from whelp.output import Progress
 from whelp.specs import EvalSpec, LoadPolicy, record
 from whelp.store import check_apart, check_writable, content_id
 
-CACHE_VERSION = 5  # 5: records hold no speed
+CACHE_VERSION = 6  # 5: records hold no speed; 6: answers flag refusals
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ instruction checked by code, ``FORMATS``). Per model and prompt set (``summary``
 
 - ``loop``: share of answers that loop (``loops``: some token 6-gram occurs at least 3 times);
 - ``ended``: share that ended with an end-of-turn token within the budget; ``empty``: share with no visible text;
+- ``refusal``: share that refuse or apologise for what they cannot do (``whelp.data.chat.refuses``: English phrases);
 - ``accuracy``: on rows with ``answer``, share correct (``correct``); ``format``: on rows with ``format``, share that
   follow it (``follows``), IFEval-style verifiable instructions (Zhou et al. 2023, arXiv 2311.07911);
 - ``kept``: of the rows the reference answers correctly, the share this model also answers correctly (``kept``);
@@ -28,9 +29,9 @@ from dataclasses import dataclass
 from whelp.data import chat
 from whelp.errors import WhelpError
 
-METRICS = ("loop", "ended", "empty", "accuracy", "kept", "fact_nll", "format", "ref_nll", "rouge_l")
-LOWER_IS_BETTER = ("loop", "empty", "fact_nll", "ref_nll")
-SHARES = ("loop", "ended", "empty", "accuracy", "kept", "format")  # fractions in [0, 1]
+METRICS = ("loop", "ended", "empty", "refusal", "accuracy", "kept", "fact_nll", "format", "ref_nll", "rouge_l")
+LOWER_IS_BETTER = ("loop", "empty", "refusal", "fact_nll", "ref_nll")
+SHARES = ("loop", "ended", "empty", "refusal", "accuracy", "kept", "format")  # fractions in [0, 1]
 LOOP_N, LOOP_TIMES = 6, 3
 # Each format kind with its parameters and their types; ``follows`` holds the exact rule of each.
 FORMATS = {
@@ -204,14 +205,15 @@ def share(flags: Iterable[bool]) -> float | None:
 
 
 def judged(prompt: Prompt, text: str, tokens: Sequence[Hashable], ended: bool) -> dict:
-    """One answer with its flags: ``loop``, ``ended``, ``empty`` and, where the row checks them, ``correct`` and
-    ``followed`` (None where it does not)."""
+    """One answer with its flags: ``loop``, ``ended``, ``empty``, ``refusal`` and, where the row checks them,
+    ``correct`` and ``followed`` (None where it does not)."""
     return {
         "prompt": prompt.text,
         "answer": text,
         "tokens": len(tokens),
         "ended": ended,
         "empty": empty(text),
+        "refusal": chat.refuses(text),
         "loop": loops(tokens),
         "correct": correct(text, prompt.answers) if prompt.answers else None,
         "followed": follows(text, prompt.format) if prompt.format else None,
@@ -233,6 +235,7 @@ def summary(answers: Sequence[dict]) -> dict:
         "loop": share(a["loop"] for a in answers),
         "ended": share(a["ended"] for a in answers),
         "empty": share(a["empty"] for a in answers),
+        "refusal": share(a["refusal"] for a in answers),
         "accuracy": share(checked),
         "format": share(formatted),
         "prompts": len(answers),

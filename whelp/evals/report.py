@@ -163,7 +163,15 @@ def _cell(answer: dict) -> str:
     text = "\n".join(" ".join(line.split()) for line in answer["answer"].strip().splitlines() if line.strip())
     text = (text[:SAMPLE_CHARS].rstrip() + " ...") if len(text) > SAMPLE_CHARS else text
     text = html.escape(text, quote=False).replace("\n", "<br>")
-    flags = [f for f, bad in (("loops", answer["loop"]), ("no end of turn", not answer["ended"])) if bad]
+    flags = [
+        f
+        for f, bad in (
+            ("loops", answer["loop"]),
+            ("refuses", answer["refusal"]),
+            ("no end of turn", not answer["ended"]),
+        )
+        if bad
+    ]
     flags += [
         f"{'right' if ok else 'wrong'} {what}"
         for what, ok in (("answer", answer["correct"]), ("format", answer["followed"]))

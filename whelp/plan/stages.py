@@ -30,7 +30,7 @@ from whelp.pruning.arch import family_of
 from whelp.pruning.keep import text_config
 from whelp.pruning.moe import shape_of
 from whelp.pruning.obs import selects
-from whelp.pruning.reconstruct import resolve
+from whelp.pruning.reconstruct import check_mode, resolve
 from whelp.pruning.scores import check_scores_file
 from whelp.pruning.surgery import target_config
 from whelp.pruning.targets import first_keep, parse_target, rope_summary, target_rope
@@ -56,6 +56,7 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
     target = _sized(target_config(source_cfg, first_keep(source_cfg, parsed.shape, spec.tie), rope), str(step.target))
     family = family_of(source_cfg)
     mode = resolve(spec.reconstruct, family)
+    _at(f"{where}.reconstruct", lambda: check_mode(mode, source_cfg, family, parsed.published, spec.select))
     select = _selection(spec, source_cfg, target["config"], family, mode)
     return {
         "stage": f"prune[{index}]",
@@ -64,7 +65,7 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         "shape": _params(target),
         "rope": {"source": rope_summary(source_cfg), "target": rope_summary(target["config"])},
         "tokens": spec.calib_samples * spec.seq_len,
-        "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers) + select["flops"],
+        "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers, mode) + select["flops"],
         "parallel": False,
         "device": "cpu",
         "memory": pricing.prune_memory(source["params"])

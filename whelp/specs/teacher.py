@@ -81,6 +81,9 @@ class GenerateSpec:
     request_tokens: int = opt(
         48, "--chat without --prompts: tokens of a self-written request at most (a longer one is dropped)"
     )
+    drop_refusals: bool = opt(
+        False, "--chat: drop answers that refuse or apologise (English phrases); a request none answers is lost"
+    )
 
     def __post_init__(self):
         as_mixtures(self, ("prompts",))
@@ -97,6 +100,7 @@ class GenerateSpec:
                     self.chat or self.samples_per_prompt == 1,
                     "--samples-per-prompt needs --chat (it picks the best answer to a request)",
                 ),
+                (self.chat or not self.drop_refusals, "--drop-refusals needs --chat (it drops answers)"),
                 (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
                 (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
                 *_non_negative(self, ("top_k",)),
