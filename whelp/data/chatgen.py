@@ -125,10 +125,13 @@ def _drop(t: Teacher, ids: np.ndarray, ended: bool, answer: bool = False) -> str
     (kept as far as it went) is still dropped when it loops; only an answer is tested for a refusal (a request may
     well say "I can't ..."), and only with ``drop_refusals``."""
     text = t.text(ids)
-    refusal = answer and t.spec.drop_refusals and chat.refuses(text)
-    return (
-        "empty" if not text else "loop" if chat.loops(text) else "refusal" if refusal else None if ended else "no_end"
-    )
+    if not text:
+        return "empty"
+    if chat.loops(text):
+        return "loop"
+    if answer and t.spec.drop_refusals and chat.refuses(text):
+        return "refusal"
+    return None if ended else "no_end"
 
 
 def self_instruct(t: Teacher, prefix: list[int], seen: chat.Seen, counts: collections.Counter) -> list[list[dict]]:
