@@ -254,3 +254,9 @@ def test_lineage_says_what_each_stage_ran(tmp_path, dirs):
     )
     lineage[1]["report"] = {"reconstruct": {"mode": "none"}}  # a prune without a refit says nothing of one
     assert "refit" not in model_card(recipe, METRICS, lineage, final)
+    options = dataclasses.replace(recipe.generate.options, system="Be brief.")
+    briefed = dataclasses.replace(recipe, generate=dataclasses.replace(recipe.generate, options=options))
+    assert (
+        'through its chat template under the system turn "Be brief." (not stored: context distillation), T=0.7'
+        in model_card(briefed, METRICS, lineage, final)
+    )

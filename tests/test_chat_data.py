@@ -8,6 +8,7 @@ against the spans found independently, from ``<|im_start|>assistant\\n`` to the 
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -370,6 +371,57 @@ def test_answers_that_loop_or_refuse_are_dropped_finished_or_not(teacher, tmp_pa
     assert kept == {False: ["Name a fruit.", "Name a tree.", "Name a river."], True: ["Name a fruit.", "Name a tree."]}
 
 
+def test_system_turn_is_shown_to_the_teacher_and_left_out_of_the_store(teacher, tmp_path, monkeypatch):
+    """Context distillation: every prompt the teacher samples from (and every conversation it scores) starts with
+    the ``system`` turn in place of the template's default; the stored conversations are the plain ones."""
+    model, path = teacher
+    tok, prompts = chatml(), tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Name thing {i}."} for i in range(3)]
+    rows.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
+    rows[-1]["messages"].append({"role": "user", "content": "Why?"})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    system = "<|im_start|>system\nAnswer in one word.<|im_end|>\n"
+    sampled, scored, real_sample, real_score = [], [], chatgen.continuations, chatgen.mean_logprob
+    monkeypatch.setattr(chatgen, "continuations", lambda m, p, c: sampled.extend(p) or real_sample(m, p, c))
+    monkeypatch.setattr(chatgen, "mean_logprob", lambda m, ids, t: scored.append(ids) or real_score(m, ids, t))
+    spec = replace(SPEC, prompts=str(prompts), max_tokens=10_000, samples_per_prompt=2, system="Answer in one word.")
+    s = run(teacher, tmp_path / "s", spec)
+    assert len(sampled) == 2 * len(rows) and scored
+    assert all(tok.decode(ids).startswith(system) for ids in sampled + scored)
+    docs = [parsed(tok, d) for d in documents(s)]
+    assert docs and all(
+        d[0]["content"] == "You are a helpful AI assistant named SmolLM, trained by Hugging Face" for d in docs
+    )
+    for doc in documents(s):  # each stored conversation is the template's rendering of its plain turns
+        want = tok.apply_chat_template(parsed(tok, doc)[1:], tokenize=True, return_dict=False)
+        assert list(doc) == want + [tok.eos_token_id]
+    assert np.array_equal(s.read_mask(0, len(s)), assistant_spans(tok, s.read(0, len(s))))
+    assert s.manifest["generation"]["system"] == "Answer in one word."
+    assert "system" not in run(teacher, tmp_path / "plain", replace(spec, system=None)).manifest["generation"]
+
+    monkeypatch.setattr(chatgen, "continuations", lambda *a: pytest.fail("the teacher sampled"))
+    own = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    (tmp_path / "own.jsonl").write_text(json.dumps({"messages": own}) + "\n")
+    strict = copy.deepcopy(chatml())  # chatml() is shared
+    strict.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    for tokenizer, source, message in (
+        (tok, tmp_path / "own.jsonl", "own.jsonl:1 has a system turn of its own and --system adds one"),
+        (strict, prompts, "--system: the chat template refuses the conversation: no system role"),
+    ):
+        with pytest.raises(WhelpError, match=message):
+            gen.generate(
+                lambda: pytest.fail("a model was loaded"),
+                tokenizer,
+                tmp_path / "x",
+                replace(spec, prompts=str(source)),
+                "teacher",
+                path,
+                progress=False,
+                teacher_config=model.config,
+            )
+    assert not (tmp_path / "x").exists()
+
+
 # ---- the command line
 
 
@@ -440,6 +492,8 @@ def test_tokenize_chat_rows_and_bad_inputs_are_one_line_before_any_model_loads(t
             "--samples-per-prompt needs --chat",
         ),
         (["generate", str(path), "--out", out, "--max-tokens", "9", "--drop-refusals"], "--drop-refusals needs --chat"),
+        (["generate", str(path), "--out", out, "--max-tokens", "9", "--system", "Be brief."], "--system needs --chat"),
+        (["generate", str(path), "--out", out, "--max-tokens", "400", "--chat", "--system", " "], "--system is empty"),
     ):
         bad = run_cli(*args)
         assert bad.exit_code == 2 and re.search(message, bad.stderr) and len(bad.stderr.splitlines()) == 1, bad.stderr

@@ -342,6 +342,8 @@ def test_chat_generation_is_priced_per_conversation_by_hand():
         "request_writing": 2000 * 18 / 48,
     }
     assert pricing.generate_flops_per_token(1000, GenerateSpec(max_tokens=1000), 8) == {"teacher_sampling": 2000}
+    briefed = pricing.generate_flops_per_token(1000, spec, 8, system=12)  # a system turn shown, not stored
+    assert briefed == {"teacher_sampling": 10_000, "teacher_scoring": 10_000, "request_writing": 2000 * 18 / 48}
 
 
 def test_a_chat_generate_stage_counts_the_teacher_template_and_needs_one(tmp_path):
@@ -365,6 +367,18 @@ def test_a_chat_generate_stage_counts_the_teacher_template_and_needs_one(tmp_pat
     assert stage["flops"] == round(800 * (sampling + writing))
     assert stage["memory"][1]["what"] == f"KV cache, {4 * (template + 32):,} positions"
     assert stage["store_bytes"] == 800 * 2 + 100  # uint16 ids and one mask bit a token
+    system, tok = "Answer briefly.", AutoTokenizer.from_pretrained(path)  # shown to the teacher, not stored
+    briefed = plan.plan_recipe(recipe.load(str(tmp_path / "c.yaml"), (f"generate.system={system}",)))["stages"][0]
+    shown, plain = (
+        tok.apply_chat_template(turns, add_generation_prompt=True, return_dict=False)
+        for turns in ([{"role": "system", "content": system}, *exchange[:1]], exchange[:1])
+    )
+    conversation, extra = template + 32, len(shown) - len(plain)
+    assert (
+        extra > 0 and briefed["flops_per_token"]["teacher_sampling"] == sampling * (conversation + extra) / conversation
+    )
+    assert briefed["memory"][1]["what"] == f"KV cache, {4 * (conversation + extra):,} positions"
+    assert briefed["chat"]["system_tokens"] == extra and stage["chat"]["system_tokens"] == 0
     (path / "tokenizer_config.json").write_text(
         json.dumps(
             {k: v for k, v in json.loads((path / "tokenizer_config.json").read_text()).items() if k != "chat_template"}

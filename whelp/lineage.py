@@ -50,9 +50,11 @@ def _generated(recipe: Recipe) -> str:
     )
     best = f", the best of {g.samples_per_prompt} by its own score" if g.samples_per_prompt > 1 else ""
     drop = "answers that loop or refuse dropped" if g.drop_refusals else "answers that loop dropped"
+    system = f' under the system turn "{g.system}" (not stored: context distillation)' if g.system else ""
     return (
-        f"{g.max_tokens:,} tokens of conversations: {teacher} answered {requests} through its chat template, "
-        f"{sampling}, up to {g.new_tokens} tokens an answer{best}, {drop}, the loss on the answers only, seed {g.seed}"
+        f"{g.max_tokens:,} tokens of conversations: {teacher} answered {requests} through its chat template"
+        f"{system}, {sampling}, up to {g.new_tokens} tokens an answer{best}, {drop}, the loss on the answers only, "
+        f"seed {g.seed}"
     )
 
 

@@ -223,21 +223,22 @@ def capture_memory(
     ]
 
 
-def generate_flops_per_token(params: int, spec, template: int) -> dict[str, float]:
+def generate_flops_per_token(params: int, spec, template: int, system: int = 0) -> dict[str, float]:
     """FLOPs per stored token of ``whelp generate`` (2 x ``params`` a token through the teacher, prompts included).
     Text: each stored token is sampled or prefilled once. Chat (``spec.chat``): a conversation of ``template`` +
     ``request_tokens`` + ``new_tokens`` tokens at most goes through the teacher ``samples_per_prompt`` (n) times
     (each answer prefills the request and samples its own answer; n - 1 are thrown away), n more when n > 1 (each
     answer scored by one forward), and a self-written request (Magpie, no ``prompts``) is sampled once more before
-    it is answered. Priced at full lengths, before drops: a store whose manifest drops a share d of its samples
-    costs 1 / (1 - d) times this."""
+    it is answered; ``system`` tokens more per answer (``--system``: shown to the teacher, not stored). Priced at
+    full lengths, before drops: a store whose manifest drops a share d of its samples costs 1 / (1 - d) times this."""
     if not spec.chat:
         return {"teacher_sampling": 2 * params}
     n = spec.samples_per_prompt
     conversation = template + spec.request_tokens + spec.new_tokens
-    parts = {"teacher_sampling": 2 * params * n}
+    shown = (conversation + system) / conversation
+    parts = {"teacher_sampling": 2 * params * n * shown}
     if n > 1:
-        parts["teacher_scoring"] = 2 * params * n
+        parts["teacher_scoring"] = 2 * params * n * shown
     if not spec.prompts:
         parts["request_writing"] = 2 * params * (template + spec.request_tokens) / conversation
     return parts

@@ -105,6 +105,25 @@ def render(tokenizer, messages: list[dict], end_of_turn: Sequence[int] | None = 
     return ids, mask
 
 
+def with_system(messages: list[dict], system: str, where: str = "a request of --prompts") -> list[dict]:
+    """``messages`` under the system turn ``system`` (``whelp generate --system``, context distillation); a request
+    with a system turn of its own is refused."""
+    if messages[0]["role"] == "system":
+        raise WhelpError(f"{where} has a system turn of its own and --system adds one; drop one of them")
+    return [{"role": "system", "content": system}, *messages]
+
+
+def system_tokens(tokenizer, system: str) -> int:
+    """Tokens the system turn ``system`` adds to a request as the teacher sees it, against the template's default
+    (what the teacher prefills besides the stored conversation); the template refusing one is one clear error."""
+    request = [{"role": "user", "content": ""}]
+    try:
+        shown = template_ids(tokenizer, with_system(request, system), add_generation_prompt=True)
+    except WhelpError as exc:
+        raise WhelpError(f"--system: {exc}; this teacher answers without one") from None
+    return len(shown) - len(template_ids(tokenizer, request, add_generation_prompt=True))
+
+
 def template_tokens(tokenizer) -> int:
     """Tokens a one-exchange conversation spends on its template alone: the default system turn, both headers and
     end-of-turn ids (an empty request answered by an empty answer); what a planned chat store pays per conversation."""

@@ -19,6 +19,11 @@ teacher's whole next-token distribution, its probability of ending the turn ther
 answers often run past a CPU budget (SmolLM2-135M-Instruct ends 28% of its answers within 160 tokens), so dropping
 them would throw away most of the sampling.
 
+With ``system`` (``--system``), each request is answered under that system turn in place of the template's default
+(or first, for a template without one), and stored without it: context distillation (Askell et al. 2021; Snell et
+al. 2022), the student learns to answer as the instructed teacher does with no instruction given; the rejection
+sampling's score is read under it too, as the teacher answered.
+
 Determinism and resume as in ``whelp.data.generate``: batch ``b`` (``batch_size`` requests) runs with the RNG seeded
 from ``(seed, b)``; shards end at batch boundaries, recording their batches and their documents' lengths. The kept
 requests, the one state carried from batch to batch, are read back from the stored conversations when a run
@@ -110,6 +115,15 @@ class Teacher:
     def prompt(self, messages: list[dict]) -> list[int]:
         return chat.template_ids(self.tokenizer, messages, add_generation_prompt=True)
 
+    def shown(self, messages: list[dict]) -> list[dict]:
+        """The request as the teacher answers it: under the spec's system turn when it has one."""
+        return messages if self.spec.system is None else chat.with_system(messages, self.spec.system)
+
+    def score(self, messages: list[dict]) -> float:
+        """The teacher's mean log-probability of the last (assistant) turn of ``messages``, end of turn included."""
+        ids, mask = self.render(messages)
+        return mean_logprob(self.model, ids, mask & (np.arange(len(ids)) >= len(self.prompt(messages[:-1]))))
+
     def generated(self, prompts: list[list[int]], config) -> list[tuple[np.ndarray, bool]]:
         """``continuations`` of the prompts, ``batch_size`` at a time."""
         step = self.spec.batch_size
@@ -154,21 +168,20 @@ def answer(t: Teacher, requests: list[list[dict]], counts: collections.Counter) 
     """Each request's conversation with its best surviving answer, rendered (ids, mask): ``samples_per_prompt``
     answers per request, the dropped ones counted, the rest scored by the teacher when there is a choice."""
     n = t.spec.samples_per_prompt
-    prompts = [t.prompt(messages) for messages in requests]
-    outs = t.generated([p for p in prompts for _ in range(n)], t.answers)
+    outs = t.generated([t.prompt(t.shown(messages)) for messages in requests for _ in range(n)], t.answers)
     done = []
     for i, messages in enumerate(requests):
-        best, score = None, -float("inf")
+        best, score, start = None, -float("inf"), len(t.prompt(messages))  # start: the stored answer's first token
         for ids, ended in outs[i * n : (i + 1) * n]:
             if (why := _drop(t, ids, ended, answer=True)) and not (why == "no_end" and n == 1):
                 counts[why] += 1
                 continue
-            conv = t.render([*messages, {"role": "assistant", "content": t.text(ids)}])
+            reply = {"role": "assistant", "content": t.text(ids)}
+            conv = t.render([*messages, reply])
             if not ended:  # an unfinished single answer: kept as far as it went, no end of turn to learn
-                close = len(prompts[i]) + int(np.flatnonzero(np.isin(conv[0][len(prompts[i]) :], t.end_of_turn))[0])
+                close = start + int(np.flatnonzero(np.isin(conv[0][start:], t.end_of_turn))[0])
                 conv = (conv[0][:close], conv[1][:close])
-            mine = conv[1] & (np.arange(len(conv[0])) >= len(prompts[i]))  # this answer's tokens
-            value = mean_logprob(t.model, conv[0], mine) if n > 1 else 0.0
+            value = t.score([*t.shown(messages), reply]) if n > 1 else 0.0  # judged as the teacher answered it
             if best is None or value > score:
                 best, score = conv, value
         if best is not None:
@@ -200,11 +213,14 @@ def requests_of(spec: GenerateSpec):
 
 
 def check_prompts(spec: GenerateSpec) -> None:
-    """Refuse a prompts source whose first row is not a request (before any model loads)."""
+    """Refuse a prompts source whose first row is not a request, or has a system turn of its own beside ``--system``
+    (before any model loads)."""
     first = next(iter_records(spec.prompts.name), None)
     if first is None:
         raise WhelpError(f"--prompts {spec.prompts} holds no rows to answer")
-    chat.messages_of(first[1], first[0], prompt=True)
+    messages = chat.messages_of(first[1], first[0], prompt=True)
+    if spec.system is not None:
+        chat.with_system(messages, spec.system, first[0])
 
 
 def _batch(t: Teacher, index: int, rows, prefix, seen, counts: collections.Counter) -> list | None:

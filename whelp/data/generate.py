@@ -34,7 +34,7 @@ from whelp.errors import WhelpError
 from whelp.models import check_device, load_tokenizer, locate
 from whelp.output import Progress
 from whelp.specs import GenerateSpec, LoadPolicy, record
-from whelp.specs.teacher import CHAT_FIELDS
+from whelp.specs.teacher import CHAT_FIELDS, OPTIONAL_FIELDS
 
 SHARD_TOKENS = 1 << 18  # 256K tokens a shard: a resumed run loses at most this much sampling
 
@@ -107,8 +107,13 @@ def _identity(
 ) -> dict:
     """A token store's identity whose source is the teacher's files, with every sampling setting (the chat ones
     only with ``chat``, so that a text store's identity is what it was before chat); a chat store's also holds
-    its mask format, end-of-turn ids and chat template (``tokenstore.chat_identity``)."""
-    settings = {k: v for k, v in record(spec).items() if k != "max_tokens" and (spec.chat or k not in CHAT_FIELDS)}
+    its mask format, end-of-turn ids and chat template (``tokenstore.chat_identity``); the system turn only when
+    given."""
+    settings = {
+        k: v
+        for k, v in record(spec).items()
+        if k != "max_tokens" and (spec.chat or k not in CHAT_FIELDS) and (v is not None or k not in OPTIONAL_FIELDS)
+    }
     generation = {
         **settings,
         "teacher": teacher_name,
@@ -149,6 +154,8 @@ def generate(
         template = chat.template_tokens(tokenizer)
         if spec.prompts is not None:
             chatgen.check_prompts(spec)
+        if spec.system is not None:
+            chat.system_tokens(tokenizer, spec.system)  # refuses a template that refuses a system turn
     check_teacher(spec, model.config if isinstance(model, torch.nn.Module) else teacher_config, tokenizer, template)
     identity = _identity(spec, tokenizer, teacher_name, Path(teacher_dir), shard_tokens, end_of_turn)
     config = generation_config(spec, tokenizer)

@@ -249,14 +249,16 @@ def _generate_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     spec, model = step.options, _model(step, teacher, "recipe.generate.model")
     if spec.prompts:
         _at("recipe.generate.prompts", lambda: check_data(spec.prompts))
-    template = None
+    template, system = None, 0
     if spec.chat and tokenizer is not None and step.model == TEACHER:
         _at("recipe.generate.chat", lambda: chat.check_chat_template(tokenizer, "the teacher"))
         template = chat.template_tokens(tokenizer)
+        if spec.system is not None:
+            system = _at("recipe.generate.system", lambda: chat.system_tokens(tokenizer, spec.system))
     own = tokenizer if step.model == TEACHER else None  # another model's vocabulary: its config's
     _at("recipe.generate", lambda: check_teacher(spec, model["config"], own, template or 0))
-    per_token = pricing.generate_flops_per_token(model["active"], spec, template or 0)
-    sequence = (template or 0) + spec.request_tokens if spec.chat else spec.prompt_tokens
+    per_token = pricing.generate_flops_per_token(model["active"], spec, template or 0, system)
+    sequence = (template or 0) + system + spec.request_tokens if spec.chat else spec.prompt_tokens
     tokens = spec.max_tokens
     store = token_dtype(teacher["config"].vocab_size).itemsize * tokens + (-(-tokens // 8) if spec.chat else 0)
     return {
@@ -265,6 +267,7 @@ def _generate_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
         "tokens": tokens,
         "chat": {
             "template_tokens": template,
+            "system_tokens": system,  # shown to the teacher with each request, not stored
             "request_tokens": spec.request_tokens,
             "new_tokens": spec.new_tokens,
             "samples_per_prompt": spec.samples_per_prompt,

@@ -45,6 +45,7 @@ class CacheSpec:
 
 
 CHAT_FIELDS = ("chat", "samples_per_prompt", "request_tokens")  # recorded in a store's identity with --chat only
+OPTIONAL_FIELDS = ("system",)  # recorded in a store's identity only when given, so a store without one keeps its own
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,10 @@ class GenerateSpec:
     With ``chat``: conversations through the teacher's chat template, one document each with a loss mask on the
     answer (``whelp.data.chatgen``): answers to the requests of ``prompts`` (rows with ``messages`` ending in a user
     turn, or a ``prompt``; each answered once) or to requests of up to ``request_tokens`` tokens the teacher writes
-    itself (Magpie); the best of ``samples_per_prompt`` answers by the teacher's own score is kept. ``max_tokens``
-    still bounds the store (the prompts' end may come first)."""
+    itself (Magpie); the best of ``samples_per_prompt`` answers by the teacher's own score is kept. With ``system``
+    the teacher answers under that system turn and the store keeps the conversation without it: context
+    distillation (Askell et al. 2021, arXiv 2112.00861; Snell et al. 2022, arXiv 2209.15189). ``max_tokens`` still
+    bounds the store (the prompts' end may come first)."""
 
     max_tokens: int | None = opt(None, "Tokens to write (prompts, samples and one EOS per sequence)")
     prompts: Mixture | None = opt(None, "DATA whose documents' first tokens prompt the teacher (default: BOS alone)")
@@ -84,6 +87,11 @@ class GenerateSpec:
     drop_refusals: bool = opt(
         False, "--chat: drop answers that refuse or apologise (English phrases); a request none answers is lost"
     )
+    system: str | None = opt(
+        None,
+        "--chat: a system turn the teacher answers under, left out of the stored conversations, so the student "
+        "learns the answers without the instruction (context distillation)",
+    )
 
     def __post_init__(self):
         as_mixtures(self, ("prompts",))
@@ -101,6 +109,11 @@ class GenerateSpec:
                     "--samples-per-prompt needs --chat (it picks the best answer to a request)",
                 ),
                 (self.chat or not self.drop_refusals, "--drop-refusals needs --chat (it drops answers)"),
+                (self.chat or self.system is None, "--system needs --chat (the teacher answers under it)"),
+                (
+                    self.system is None or bool(self.system.strip()),
+                    "--system is empty; give the instruction or omit it",
+                ),
                 (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
                 (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
                 *_non_negative(self, ("top_k",)),
