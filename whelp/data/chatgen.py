@@ -119,10 +119,11 @@ class Teacher:
         """The request as the teacher answers it: under the spec's system turn when it has one."""
         return messages if self.spec.system is None else chat.with_system(messages, self.spec.system)
 
-    def score(self, messages: list[dict]) -> float:
-        """The teacher's mean log-probability of the last (assistant) turn of ``messages``, end of turn included."""
+    def score(self, messages: list[dict], start: int) -> float:
+        """The teacher's mean log-probability of the last (assistant) turn of ``messages``, end of turn included;
+        ``start``: the length of the prompt before it (``prompt(messages[:-1])``, already rendered to sample it)."""
         ids, mask = self.render(messages)
-        return mean_logprob(self.model, ids, mask & (np.arange(len(ids)) >= len(self.prompt(messages[:-1]))))
+        return mean_logprob(self.model, ids, mask & (np.arange(len(ids)) >= start))
 
     def generated(self, prompts: list[list[int]], config) -> list[tuple[np.ndarray, bool]]:
         """``continuations`` of the prompts, ``batch_size`` at a time."""
@@ -168,7 +169,8 @@ def answer(t: Teacher, requests: list[list[dict]], counts: collections.Counter) 
     """Each request's conversation with its best surviving answer, rendered (ids, mask): ``samples_per_prompt``
     answers per request, the dropped ones counted, the rest scored by the teacher when there is a choice."""
     n = t.spec.samples_per_prompt
-    outs = t.generated([t.prompt(t.shown(messages)) for messages in requests for _ in range(n)], t.answers)
+    shown = [t.prompt(t.shown(messages)) for messages in requests]
+    outs = t.generated([p for p in shown for _ in range(n)], t.answers)
     done = []
     for i, messages in enumerate(requests):
         best, score, start = None, -float("inf"), len(t.prompt(messages))  # start: the stored answer's first token
@@ -181,7 +183,7 @@ def answer(t: Teacher, requests: list[list[dict]], counts: collections.Counter) 
             if not ended:  # an unfinished single answer: kept as far as it went, no end of turn to learn
                 close = start + int(np.flatnonzero(np.isin(conv[0][start:], t.end_of_turn))[0])
                 conv = (conv[0][:close], conv[1][:close])
-            value = t.score([*t.shown(messages), reply]) if n > 1 else 0.0  # judged as the teacher answered it
+            value = t.score([*t.shown(messages), reply], len(shown[i])) if n > 1 else 0.0  # as the teacher answered
             if best is None or value > score:
                 best, score = conv, value
         if best is not None:
