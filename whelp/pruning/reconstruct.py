@@ -7,28 +7,36 @@ The modes (``specs.RECONSTRUCT``):
   layer sliced to the student's hidden channels only (every neuron, head and head dim), fed the *student's* own input.
   Errors do not compound: layer ``i`` is refit on what the refit layers before it produce, attention before MLP
   (SlimGPT, Ling et al. NeurIPS 2024; ZipLM).
-- ``span``: o_proj as ``lsq``; down_proj refit so the layer's output matches the teacher's residual stream at the end
-  of the span of teacher layers the student layer replaces (from its kept layer up to the next kept one), so the
-  removed layers' work and the drift accumulated before it are compensated too. The teacher runs beside the student
-  on the same calibration tokens. Needs an MLP that joins the residual stream as it is (``Family.mlp_residual``).
+- ``span``: the teacher runs beside the student on the same calibration tokens, and each map is refit towards the
+  teacher's residual stream rather than towards its own layer: o_proj so that the stream after the student's
+  attention matches the teacher's after the attention of the kept layer (the drift accumulated before it is
+  compensated, where ``lsq`` leaves an attention that keeps every head as it is), then down_proj so that the
+  layer's output matches the teacher's stream at the end of the span of teacher layers the student layer replaces
+  (from its kept layer up to the next kept one), so the removed layers' work is compensated too. Needs blocks that
+  join the residual stream as they are (``Family.mlp_residual``: no post-norm, no multiplier, attention and MLP
+  alike in every family).
 - ``bias``: FLAP's bias compensation (An et al., AAAI 2024) on both maps; the kept weights stay.
 - Mixture-of-experts layers: o_proj as above; the block's experts (and shared expert) refit together towards the
   wide block (``lsq``) or the span's end (``span``), so removed experts are compensated too (moe_refit.py).
 - ``select`` (``--select obs``): before down_proj is refit, the layer's MLP neurons are chosen anew for that refit by
   structured OBS on the same inputs and target (obs.py), in place of the importance ranking's top.
 - ``auto`` (the default): ``span`` where the family allows it, else ``lsq``; ``none`` for the generic path. On the demo shape ``span`` cut one-shot perplexity on general English to 0.6x of the sliced
-  weights', ``lsq`` to 0.8x, ``bias`` not at all (bench/RESULTS.md, "Reconstruction and one-shot baselines").
+  weights', ``lsq`` to 0.8x, ``bias`` not at all (bench/RESULTS.md, "Reconstruction and one-shot baselines");
+  its o_proj towards the teacher's stream cut vim's manual by another 6% at issue 30's filed shape ("o_proj
+  towards the teacher's stream").
 
-Memory beyond the prune: the calibration hidden states of the student [N, T, H'] (and of the teacher [N, T, H] for
-``span``), one wide layer, and per map the float64 moments ([n, k] + [k, k]); with ``select`` and ``span``, one
-layer's wide MLP activations [N, T, n] too. Time, per calibration token and layer: the student's attention three
-times and its MLP once, the wide attention and MLP once each, the teacher's layers of the span once (``span``), plus
-one k x k solve per map. The layers' inputs are taken without running the layers (``layer_inputs``), and each pass
+Memory beyond the prune: the calibration hidden states of the student [N, T, H'] (for ``span`` the teacher's
+[N, T, H] too, and its stream at the span's end and after the kept layer's attention on the kept channels, [N, T, H']
+each), one wide layer, and per map the float64 moments ([n, k] + [k, k]); with ``select`` and ``span``, one layer's
+wide MLP activations [N, T, n] too. Time, per calibration token and layer: the student's attention three times
+(``span``: four) and its MLP once, the wide attention and MLP once each, the teacher's layers of the span once
+(``span``; the stream after the attention is taken on the way), plus one k x k solve per map. The layers' inputs are taken without running the layers (``layer_inputs``), and each pass
 stops where what it needs is taken (``layerwise.Stop``): on the demo that took the refit from 266 s to 174 s, to the
-same kept neurons and weights within 2e-5 (bench/RESULTS.md, "The demo's time"). An attention that keeps every head
-is the wide one: its o_proj refit is the identity and is skipped; with ``select`` and ``span`` the layer's output
-is made from the selection's pass (the stream before the MLP plus the refit down_proj of the kept activations), so
-the demo's layer runs the student's attention once and the wide MLP once.
+same kept neurons and weights within 2e-5 (bench/RESULTS.md, "The demo's time"). Under ``lsq`` an attention that
+keeps every head is the wide one: its o_proj refit is the identity and is skipped (``span`` refits it towards the
+teacher's stream, one more pass of the student's attention); with ``select`` and ``span`` the layer's output is made
+from the selection's pass (the stream before the MLP plus the refit down_proj of the kept activations), so the
+demo's layer runs the student's attention twice and the wide MLP once.
 """
 
 from __future__ import annotations
@@ -47,10 +55,11 @@ from whelp.models import layer_output
 from whelp.pruning.arch import Family, split_name
 from whelp.pruning.keep import Keep, head_dim_of, text_config
 from whelp.pruning.layerwise import Stop, assign_layer, layer_types, rope_and_mask, skeleton, standing_in
-from whelp.pruning.lsq import DAMP, Moments, refit
+from whelp.pruning.lsq import DAMP, refit
 from whelp.pruning.moe import ExpertKeep, is_moe, moe_family_of
 from whelp.pruning.moe_refit import block_targets, refit_block
 from whelp.pruning.obs import check_select, select_mlp
+from whelp.pruning.refit_stats import mid_stats, span_stats, teacher_layer, wide_stats
 from whelp.pruning.surgery import slice_tensor, target_config
 
 
@@ -120,66 +129,6 @@ def check_mode(mode: str, source_cfg, family: Family | None, published: bool, se
         )
 
 
-def _capture(module, store: list):
-    """A forward pre-hook handle appending the module's first input to ``store``."""
-    return module.register_forward_pre_hook(lambda m, args: store.append(args[0]))
-
-
-def _stop(module, args, out):
-    raise Stop
-
-
-def _stats(student_layer, wide_layer, family: Family, which: str, batches, kwargs, wide_rope) -> Moments:
-    """Moments of one map (``which`` = family.o_proj or family.down_proj) over every batch: the student layer runs
-    on each batch's hidden states; the wide sub-block (attention or MLP) runs on the same input beside it."""
-    block = which.split(".")[0]  # self_attn | mlp
-    s_map, w_map = student_layer.get_submodule(which), wide_layer.get_submodule(which)
-    moments = Moments.empty(w_map.in_features, s_map.in_features)
-
-    wide_block = wide_layer.get_submodule(block)
-    for b, (hidden, kw) in enumerate(zip(batches, kwargs)):
-        xs, hs = [], []
-        rope = None if wide_rope is None else wide_rope[b]
-
-        def run_wide(module, args, kw, rope=rope):
-            if rope is not None and "position_embeddings" in kw:
-                kw = {**kw, "position_embeddings": rope}
-            wide_block(*args, **kw)
-
-        student_block = student_layer.get_submodule(block)
-        handles = [
-            _capture(s_map, xs),
-            _capture(w_map, hs),
-            student_block.register_forward_pre_hook(run_wide, with_kwargs=True),
-            student_block.register_forward_hook(_stop),  # the rest of the layer is not needed (o_proj: its MLP)
-        ]
-        try:
-            with torch.no_grad(), contextlib.suppress(Stop):
-                student_layer(hidden, **kw)
-        finally:
-            for handle in handles:
-                handle.remove()
-        moments.add(hs[0], xs[0], w_map.weight)
-    return moments
-
-
-def _span_stats(student_layer, down, batches, kwargs, span_end) -> Moments:
-    """Moments of ``down`` (the student's down_proj) towards the teacher's residual stream at the span's end:
-    the target of ``V x`` is ``end - (out - V0 x)``, what the MLP must add to the layer's attention output."""
-    moments = Moments.empty(down.out_features, down.in_features)
-    for hidden, kw, end in zip(batches, kwargs, span_end):
-        xs: list = []
-        handle = _capture(down, xs)
-        try:
-            with torch.no_grad():
-                out = student_layer(hidden, **kw)
-        finally:
-            handle.remove()
-        out = layer_output(out)
-        moments.add(end - out + xs[0] @ down.weight.detach().T, xs[0], None)
-    return moments
-
-
 def reconstruct_layer(
     student_layer,
     wide_layer,
@@ -191,17 +140,22 @@ def reconstruct_layer(
     span_end: list[Tensor] | None = None,
     damp: float = DAMP,
     select: bool = False,
+    span_mid: list[Tensor] | None = None,
 ) -> tuple[dict, Tensor | None]:
     """Refit one student layer in place (o_proj, then down_proj on the refit attention's output) and advance
     ``batches`` (hidden states [B, T, H'] entering the layer, one per batch; ``kwargs`` the layer's keyword
     arguments per batch: mask, rotary embeddings) to the layer's output. ``wide_rope``: the wide layer's rotary
-    embeddings per batch where its head_dim differs; ``span_end`` (mode ``span``): the teacher's hidden states at
-    the end of the span, sliced to the kept channels, per batch; ``select``: the MLP's neurons are first chosen
-    anew by structured OBS (obs.py) for the refit that follows. Returns the relative calibration error of each map
-    before and after, and the teacher neuron ids the MLP keeps when ``select`` chose them (else None)."""
+    embeddings per batch where its head_dim differs; ``span_end`` and ``span_mid`` (mode ``span``): the teacher's
+    hidden states at the end of the span and after the kept layer's attention, sliced to the kept channels, per
+    batch; ``select``: the MLP's neurons are first chosen anew by structured OBS (obs.py) for the refit that
+    follows. Returns the relative calibration error of each map before and after, and the teacher neuron ids the
+    MLP keeps when ``select`` chose them (else None)."""
     report, kept, chosen, parts = {}, None, None, None
+    if mode == "span" and (span_end is None or span_mid is None):
+        raise ValueError("span refits towards the teacher's stream: give span_end and span_mid")
     for which in (family.o_proj, family.down_proj):
-        if which == family.o_proj and _unchanged(student_layer, wide_layer, which.split(".")[0]):
+        skip = mode != "span" and _unchanged(student_layer, wide_layer, which.split(".")[0])
+        if which == family.o_proj and skip:
             report[which.rsplit(".", 1)[-1]] = {"before": 0.0, "after": 0.0}  # the wide map on the same input
             continue
         if which == family.down_proj and select and not is_moe(student_layer):
@@ -214,10 +168,12 @@ def reconstruct_layer(
         if chosen is not None and which == family.down_proj:  # the selection's moments, towards the same target
             weight, moments = None, chosen
         elif mode == "span" and which == family.down_proj:
-            weight, moments = None, _span_stats(student_layer, s_map, batches, kwargs, span_end)
+            weight, moments = None, span_stats(student_layer, s_map, batches, kwargs, span_end)
+        elif mode == "span":
+            weight, moments = None, mid_stats(student_layer, s_map, family, batches, kwargs, span_mid)
         else:
             weight = wide_layer.get_submodule(which).weight.detach()
-            moments = _stats(student_layer, wide_layer, family, which, batches, kwargs, wide_rope)
+            moments = wide_stats(student_layer, wide_layer, family, which, batches, kwargs, wide_rope)
         # a teacher's own bias is in both outputs (sliced to the kept channels) and cancels in their difference
         how = "bias" if mode == "bias" else "lsq"
         v, b, report[which.rsplit(".", 1)[-1]] = refit(weight, s_map.weight.detach(), moments, how, damp)
@@ -321,15 +277,6 @@ def span_ends(keep: Keep, n_layers: int) -> list[int]:
     return [nxt - 1 for nxt in keep.layers[1:]] + [n_layers - 1]
 
 
-def _advance(layers, batches: list[Tensor], kwargs: list[list[dict]], start: int, stop: int) -> None:
-    """Run ``batches`` through ``layers[start:stop]`` in place (the teacher beside the student)."""
-    with torch.no_grad():
-        for j in range(start, stop):
-            for b, hidden in enumerate(batches):
-                out = layers[j](hidden, **kwargs[j][b])
-                batches[b] = layer_output(out)
-
-
 def reconstruct_model(
     teacher,
     student,
@@ -362,12 +309,15 @@ def reconstruct_model(
         named = ((name, tensor) for name, tensor in state.items() if name.startswith(prefix))
         wide_layer = assign_layer(wide, family, i, layer_states(named, [(wkeep, wide_cfg)], family, teacher.config)[0])
         rope = None if wide_ropes is None else wide_ropes[types[i]]
-        span_end = None
+        span_end, mid = None, []
         if mode == "span":
-            _advance(t_layers, t_batches, t_kwargs, done, ends[i] + 1)
+            for j in range(done, ends[i] + 1):
+                at = mid if j == keep.layers[i] else None
+                teacher_layer(t_layers[j], family, t_batches, t_kwargs[j], at, keep.hidden)
             done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
+        span_mid = mid or None
         errors, kept = reconstruct_layer(
-            layer, wide_layer, family, batches, kwargs[i], mode, rope, span_end, select=select
+            layer, wide_layer, family, batches, kwargs[i], mode, rope, span_end, select=select, span_mid=span_mid
         )
         report.append(errors)
         chosen.append(kept)

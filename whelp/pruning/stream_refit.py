@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from whelp.models import layer_output
 from whelp.pruning.arch import Family
 from whelp.pruning.keep import Keep, text_config
 from whelp.pruning.layerwise import assign_layer, embedded, layer_types, load_layer, n_experts, rope_and_mask, skeleton
@@ -34,6 +33,7 @@ from whelp.pruning.reconstruct import (
     with_mlp,
     with_zero_biases,
 )
+from whelp.pruning.refit_stats import teacher_layer
 from whelp.pruning.shards import weight_map
 from whelp.pruning.surgery import target_config, tie_embeddings
 
@@ -85,11 +85,13 @@ def refit_streaming(
     n = n_experts(config, family)
     spill.mkdir(parents=True, exist_ok=True)
     for i, j in enumerate(keep.layers):
-        span_end = None
+        span_end, mid = None, []
         if mode == "span":
             for jj in range(done, ends[i] + 1):
-                _advance_teacher(teacher_sk, family, shards, jj, t_batches, t_rope[t_types[jj]])
+                at = mid if jj == j else None
+                _advance_teacher(teacher_sk, family, shards, jj, t_batches, t_rope[t_types[jj]], at, keep.hidden)
             done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
+        span_mid = mid or None
         prefix = f"{family.layers}.{j}."
         names = memory_names([name for name in shards if name.startswith(prefix)], family)  # MoE: fused experts
         named = ((name, read(shards, name, family, n, torch.float32)) for name in names)
@@ -99,7 +101,9 @@ def refit_streaming(
         wide = assign_layer(wide_sk, family, i, w_state)
         kwargs = [{"position_embeddings": rope, "attention_mask": mask} for rope, mask in s_rope[s_types[i]]]
         rope = None if wide_ropes is None else wide_ropes[s_types[i]]
-        errors, kept = reconstruct_layer(student, wide, family, batches, kwargs, mode, rope, span_end, select=select)
+        errors, kept = reconstruct_layer(
+            student, wide, family, batches, kwargs, mode, rope, span_end, select=select, span_mid=span_mid
+        )
         report.append(errors)
         chosen.append(kept)
         state = {  # under the names on disk (an MoE's experts one by one), as the shard writer meets them
@@ -115,14 +119,14 @@ def refit_streaming(
     return report, with_mlp(keep, chosen)
 
 
-def _advance_teacher(model, family: Family, shards, j: int, batches: list[Tensor], rope_mask: list) -> None:
+def _advance_teacher(
+    model, family: Family, shards, j: int, batches: list[Tensor], rope_mask: list, mid=None, channels=None
+) -> None:
     """Teacher layer ``j`` loaded from the shards, ``batches`` run through it in place (``rope_mask``: its rotary
-    embeddings and mask per batch), the layer freed."""
+    embeddings and mask per batch; ``mid``, ``channels``: refit_stats.teacher_layer's), the layer freed."""
     layer = load_layer(model, family, j, shards, torch.float32)
-    with torch.no_grad():
-        for b, (hidden, (rope, mask)) in enumerate(zip(batches, rope_mask)):
-            out = layer(hidden, position_embeddings=rope, attention_mask=mask)
-            batches[b] = layer_output(out)
+    kwargs = [{"position_embeddings": rope, "attention_mask": mask} for rope, mask in rope_mask]
+    teacher_layer(layer, family, batches, kwargs, mid, channels)
     layer.to("meta")
 
 
