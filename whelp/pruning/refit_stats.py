@@ -27,6 +27,17 @@ def _stop(module, args, out):
     raise Stop
 
 
+def _run_hooked(layer, hidden: Tensor, kw: dict, handles: list) -> None:
+    """Run ``layer`` on ``hidden`` until a hook stops it, then remove ``handles`` (the hooks that take what the
+    caller needs)."""
+    try:
+        with torch.no_grad(), contextlib.suppress(Stop):
+            layer(hidden, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def wide_stats(student_layer, wide_layer, family: Family, which: str, batches, kwargs, wide_rope) -> Moments:
     """Moments of one map (``which`` = family.o_proj or family.down_proj) over every batch: the student layer runs
     on each batch's hidden states; the wide sub-block (attention or MLP) runs on the same input beside it."""
@@ -51,12 +62,7 @@ def wide_stats(student_layer, wide_layer, family: Family, which: str, batches, k
             student_block.register_forward_pre_hook(run_wide, with_kwargs=True),
             student_block.register_forward_hook(_stop),  # the rest of the layer is not needed (o_proj: its MLP)
         ]
-        try:
-            with torch.no_grad(), contextlib.suppress(Stop):
-                student_layer(hidden, **kw)
-        finally:
-            for handle in handles:
-                handle.remove()
+        _run_hooked(student_layer, hidden, kw, handles)
         moments.add(hs[0], xs[0], w_map.weight)
     return moments
 
@@ -69,13 +75,7 @@ def mid_stats(student_layer, o_map, family: Family, batches, kwargs, span_mid) -
     attention = student_layer.get_submodule(family.o_proj.split(".")[0])
     for hidden, kw, mid in zip(batches, kwargs, span_mid):
         xs: list = []
-        handles = [_capture(o_map, xs), attention.register_forward_hook(_stop)]
-        try:
-            with torch.no_grad(), contextlib.suppress(Stop):
-                student_layer(hidden, **kw)
-        finally:
-            for handle in handles:
-                handle.remove()
+        _run_hooked(student_layer, hidden, kw, [_capture(o_map, xs), attention.register_forward_hook(_stop)])
         target = mid - hidden if o_map.bias is None else mid - hidden - o_map.bias.detach()
         moments.add(target, xs[0], None)
     return moments
