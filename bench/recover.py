@@ -6,7 +6,7 @@ calibrated on the same blocks of ``--calib`` (pydoc:calib), without training:
 
   activation + none | lsq | span | bias   whelp's Minitron importance, then each reconstruction (whelp prune
                                           --reconstruct --select importance; "none" is the sliced weights)
-  OBS-selected + lsq | span               the MLP neurons chosen layer by layer for the refit by structured OBS
+  OBS-selected + lsq | span | span_attn   the MLP neurons chosen layer by layer for the refit by structured OBS
                                           (whelp prune --select obs; ZipLM), then the same refit
   magnitude + none, taylor + none         weight magnitude; first-order Taylor (LLM-Pruner's element-wise criterion)
                                           on whelp's family path at the same shape
@@ -60,6 +60,7 @@ ROWS = {  # name -> (target, PruneSpec changes); None target: torch-pruning's ge
     "activation + bias (FLAP)": (DEMO, dict(reconstruct="bias")),
     "activation, OBS-selected + lsq": (DEMO, dict(reconstruct="lsq", select="obs")),
     "activation, OBS-selected + span": (DEMO, dict(reconstruct="span", select="obs")),
+    "activation, OBS-selected + span_attn": (DEMO, dict(reconstruct="span_attn", select="obs")),
     "magnitude + none": (DEMO, dict(importance="magnitude", reconstruct="none")),
     "taylor + none": (DEMO, dict(importance="taylor", reconstruct="none")),
     "depth only (ShortGPT) + none": (DEPTH, dict(reconstruct="none")),

@@ -85,7 +85,7 @@ def test_an_expert_no_token_reaches_keeps_its_weights():
 
 
 @pytest.mark.parametrize("family", list(MOE))
-@pytest.mark.parametrize("mode", ["lsq", "span"])
+@pytest.mark.parametrize("mode", ["lsq", "span", "span_attn"])
 def test_a_student_identical_to_its_moe_teacher_is_left_unchanged(family, mode):
     teacher, student = tiny_model(family, **MOE[family]), tiny_model(family, **MOE[family])
     refit, report, _ = reconstruct.reconstruct_model(
@@ -98,7 +98,7 @@ def test_a_student_identical_to_its_moe_teacher_is_left_unchanged(family, mode):
 
 
 @pytest.mark.parametrize("family", list(MOE))
-@pytest.mark.parametrize("mode", ["lsq", "span"])
+@pytest.mark.parametrize("mode", ["lsq", "span", "span_attn"])
 def test_moe_streaming_reconstruction_equals_in_memory(tmp_path, family, mode):
     """Experts, expert FFN and hidden channels pruned (and Qwen2-MoE's dense layer's MLP): the streamed refit equals
     the in-memory one, the experts' and shared expert's down projections are what changed, and it loads."""

@@ -392,11 +392,11 @@ def stage_params(stage: dict) -> int:
     return stage["memory"][0]["bytes"] // 4  # fp32 weights
 
 
-@pytest.mark.parametrize("mode,copies", [("auto", 4), ("span", 4), ("lsq", 1), ("none", 0)])
+@pytest.mark.parametrize("mode,copies", [("auto", 4), ("span", 3), ("span_attn", 4), ("lsq", 1), ("none", 0)])
 def test_the_prune_stage_prices_the_refits_calibration_states(mode, copies):
     """The reconstruction holds fp32 [tokens, H] states of the student's layer inputs (and the teacher's for span,
     what auto is for a Llama) over the refit's blocks: the llama-3.2-1b recipe's first 32 of its 1,024 x 8,192
-    calibration blocks at H = 4,096 (8.6 GB for span), 275 GB on all of them; the refit's passes are priced on the
+    calibration blocks at H = 4,096 (17.2 GB for span_attn, 12.9 GB for span), 550 / 412 GB on all of them; the refit's passes are priced on the
     same blocks, importance's forward on all."""
     for refit, blocks in (("32", 32), ("null", 1024)):
         load = recipe.load("llama-3.2-1b", (f"prune.reconstruct={mode}", f"prune.refit_samples={refit}"))
@@ -405,7 +405,9 @@ def test_the_prune_stage_prices_the_refits_calibration_states(mode, copies):
         assert states == ([4 * blocks * 8192 * 4096 * copies] if copies else [])
     passes = 0 if mode == "none" else pricing.REFIT_PASSES
     refit = PruneSpec(calib_samples=8, refit_samples=2, seq_len=16, reconstruct=mode)
-    assert pricing.prune_flops(refit, 100, 4, "span" if mode == "auto" else mode) == 2 * 100 * 16 * (8 + passes * 2)
+    assert pricing.prune_flops(refit, 100, 4, "span_attn" if mode == "auto" else mode) == 2 * 100 * 16 * (
+        8 + passes * 2
+    )
     assert [p["bytes"] for p in pricing.refit_memory(10, 4, "bias")] == [160]  # the student's states alone
 
 

@@ -80,7 +80,7 @@ def test_refit_never_raises_the_calibration_error(damp):
         torch.testing.assert_close(v, current, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["lsq", "span"])
+@pytest.mark.parametrize("mode", ["lsq", "span", "span_attn"])
 @pytest.mark.parametrize("select", [False, True])
 def test_a_student_identical_to_its_teacher_is_left_unchanged(mode, select):
     """With OBS selection too: keeping every neuron there is nothing to choose, and the layer keeps the teacher's
@@ -98,13 +98,14 @@ def test_a_student_identical_to_its_teacher_is_left_unchanged(mode, select):
     assert all(r[m]["before"] < 1e-10 for r in report for m in ("o_proj", "down_proj"))
 
 
-def test_an_attention_that_keeps_every_head_is_not_refit_by_lsq(monkeypatch):
-    """Every head kept on every channel: the student's attention is the wide one, so its ``lsq`` o_proj refit
-    towards the wide output on the same input is the identity; it is skipped (the teacher's o_proj exactly, error 0
-    reported) and the student equals the one the computed refit gives, to float precision."""
+@pytest.mark.parametrize("mode", ["lsq", "span"])
+def test_an_attention_that_keeps_every_head_is_not_refit(monkeypatch, mode):
+    """Every head kept on every channel: the student's attention is the wide one, so its o_proj refit towards the
+    wide output on the same input (``lsq``, ``span``) is the identity; it is skipped (the teacher's o_proj exactly,
+    error 0 reported) and the student equals the one the computed refit gives, to float precision."""
     teacher = tiny_model("llama", num_hidden_layers=4)
     tokens = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(4))
-    spec = PruneSpec(batch_size=4, reconstruct="lsq", select="importance")
+    spec = PruneSpec(batch_size=4, reconstruct=mode, select="importance")
     target = parse_target(teacher.config, "num_hidden_layers=3,intermediate_size=96")
     skipped, _, kept, details = api._prune(teacher, target, tokens, spec, None)
     for i, layer in zip(kept["layers"], skipped.model.layers):
@@ -117,8 +118,8 @@ def test_an_attention_that_keeps_every_head_is_not_refit_by_lsq(monkeypatch):
         torch.testing.assert_close(skipped.state_dict()[name], value, atol=1e-6, rtol=1e-5)
 
 
-def test_span_refits_o_proj_towards_the_teachers_stream_after_its_attention():
-    """``span``, every head kept and a layer removed: each student layer's o_proj equals the naive float64 ridge
+def test_span_attn_refits_o_proj_towards_the_teachers_stream_after_its_attention():
+    """``span_attn``, every head kept and a layer removed: each student layer's o_proj equals the naive float64 ridge
     towards the teacher's residual stream after the kept teacher layer's attention, minus the student's own stream
     entering the layer (its drift), fed the student's attention: ``V = (C + lam V0)(S + lam I)^-1``, ``C = sum
     (mid - h) x^T``, ``S = sum x x^T``, ``lam = 0.1 mean(diag S)``, ``V0`` the teacher's o_proj. The refit model's
@@ -127,7 +128,7 @@ def test_span_refits_o_proj_towards_the_teachers_stream_after_its_attention():
     elsewhere the refit lowers it."""
     teacher = tiny_model("llama", num_hidden_layers=4)
     tokens = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(6))
-    spec = PruneSpec(batch_size=4, reconstruct="span", select="importance")
+    spec = PruneSpec(batch_size=4, reconstruct="span_attn", select="importance")
     target = parse_target(teacher.config, "num_hidden_layers=3,intermediate_size=96")
     student, _, kept, details = api._prune(teacher, target, tokens, spec, None)
     layers = kept["layers"]
@@ -218,7 +219,15 @@ def streamed(src, out, spec, tokens):
 
 
 @pytest.mark.parametrize(
-    "family,mode", [("llama", "lsq"), ("llama", "span"), ("llama", "bias"), ("qwen3", "span"), ("gemma2", "lsq")]
+    "family,mode",
+    [
+        ("llama", "lsq"),
+        ("llama", "span"),
+        ("llama", "span_attn"),
+        ("llama", "bias"),
+        ("qwen3", "span"),
+        ("gemma2", "lsq"),
+    ],
 )
 def test_streaming_reconstruction_equals_in_memory(tmp_path, family, mode):
     """Every axis pruned (head_dim too, so the wide layer has its own RoPE) and an untied teacher tied by the mean:
@@ -311,7 +320,13 @@ def test_stand_ins_leave_the_modules_own_forward_back_even_when_the_block_fails(
 
 @pytest.mark.parametrize(
     "family,mode",
-    [("llama", "span"), ("gemma2", "lsq"), ("granite", "lsq"), ("qwen2_moe", "span"), ("mixtral", "span")],
+    [
+        ("llama", "span_attn"),
+        ("gemma2", "lsq"),
+        ("granite", "lsq"),
+        ("qwen2_moe", "span_attn"),
+        ("mixtral", "span_attn"),
+    ],
 )
 def test_auto_picks_what_the_family_allows(family, mode):
     assert reconstruct.resolve("auto", arch.family_of(tiny_model(family).config)) == mode
@@ -323,6 +338,7 @@ def test_auto_picks_what_the_family_allows(family, mode):
     [
         ("llama", "bias", "config.json", "published shape"),
         ("gemma2", "span", "intermediate_size=64", "normalises or scales it; use --reconstruct lsq"),
+        ("olmo2", "span_attn", "intermediate_size=64", "span_attn needs an MLP whose output joins the residual"),
         ("qwen3", "bias", "intermediate_size=64", "no such keys; use --reconstruct lsq"),
         ("qwen2_moe", "bias", "num_experts=4", "experts of qwen2_moe have none in transformers; use --reconstruct lsq"),
     ],
@@ -339,7 +355,7 @@ def test_misuse_is_one_line_before_any_weight_is_read(tmp_path, monkeypatch, fam
 
 
 def test_unknown_mode_names_the_choices():
-    with pytest.raises(WhelpError, match="reconstruct.*auto, none, lsq, span, bias"):
+    with pytest.raises(WhelpError, match="reconstruct.*auto, none, lsq, span, span_attn, bias"):
         PruneSpec(reconstruct="ols")
 
 
@@ -374,7 +390,7 @@ def test_prune_report_records_the_reconstruction(tmp_path, monkeypatch, demo_tok
     spec = PruneSpec(calib_samples=2, seq_len=16, calib="pydoc:calib")
     api.prune_checkpoint(str(tmp_path / "teacher"), "num_hidden_layers=1,intermediate_size=64", tmp_path / "out", spec)
     report = json.loads((tmp_path / "out" / api.REPORT_FILE).read_text())
-    assert report["spec"]["reconstruct"] == "auto" and report["reconstruct"]["mode"] == "span"
+    assert report["spec"]["reconstruct"] == "auto" and report["reconstruct"]["mode"] == "span_attn"
     assert len(report["reconstruct"]["layers"]) == 1 and (tmp_path / "out" / SCORES_FILE).is_file()
     assert report["reconstruct"]["down_proj"]["after"] <= report["reconstruct"]["down_proj"]["before"]
     # auto chose the MLP neurons by OBS; the record names the teacher neurons the written weights hold

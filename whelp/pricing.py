@@ -136,7 +136,7 @@ def gathered_bytes(model: dict, dtype_bytes: int) -> int:
 
 
 # A reconstruction, in teacher forwards per calibration token (whelp.pruning.reconstruct): per layer the student's
-# attention four times (span: once more for its o_proj towards the teacher's stream) and its MLP once, the wide
+# attention four times (span_attn: once more for its o_proj towards the teacher's stream) and its MLP once, the wide
 # attention and MLP once, the teacher's span once (3.45 on SmolLM2's layers, attention a quarter of a layer); less
 # where an OBS selection's pass gives the layer's output (2.25 on the demo). The larger count, rounded up, stands for
 # both: a plan must not promise less than the prune takes.
@@ -157,12 +157,15 @@ def prune_flops(spec, params: int, layers: int, mode: str) -> int:
 def refit_memory(tokens: int, hidden: int, mode: str) -> list[dict]:
     """A reconstruction's calibration hidden states beside the prune's weights (whelp.pruning.reconstruct): fp32
     [tokens, hidden] of the student's layer inputs; for ``span`` the teacher's beside them and, for the layer being
-    refit, the teacher's at the span's end and after the kept layer's attention (on the student's channels, priced
-    at the teacher's width: an upper bound); none for ``none``. They grow with the calibration, not the data: 550 GB
-    for span on 1,024 x 8,192 tokens at H = 4,096 (an 8B teacher)."""
+    refit, the teacher's at the span's end (``span_attn``: and after the kept layer's attention), on the student's
+    channels but priced at the teacher's width (an upper bound); none for ``none``. They grow with the calibration,
+    not the data: 550 GB for span_attn on 1,024 x 8,192 tokens at H = 4,096 (an 8B teacher)."""
     if mode == "none":
         return []
-    copies, what = (4, "the student's and 3 of the teacher's") if mode == "span" else (1, "the student's")
+    copies, what = {
+        "span": (3, "the student's and 2 of the teacher's"),
+        "span_attn": (4, "the student's and 3 of the teacher's"),
+    }.get(mode, (1, "the student's"))
     return [part(f"reconstruction: {what} calibration hidden states, tokens x H fp32", 4 * tokens * hidden * copies)]
 
 

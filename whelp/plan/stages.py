@@ -36,7 +36,7 @@ from whelp.pruning.surgery import target_config
 from whelp.pruning.targets import first_keep, parse_target, rope_summary, target_rope
 from whelp.recipe import GENERATED, Recipe, SearchTarget
 from whelp.search.run import plan_search
-from whelp.specs import TEACHER, DistillSpec
+from whelp.specs import SPAN_MODES, TEACHER, DistillSpec
 
 ESTIMATE = "planned at the largest shape the search may pick; the build uses its winner"
 
@@ -77,13 +77,13 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
 
 def _selection(spec, source_cfg, target_cfg, family, mode: str) -> dict:
     """The neuron selection's FLOPs and host memory (pricing.select_flops, select_memory) where it runs: ``--select``
-    resolved to obs for the teacher's ``family`` and a refit (``mode``: the resolved reconstruction, lsq or span) to
+    resolved to obs for the teacher's ``family`` and a refit (``mode``: the resolved reconstruction, lsq, span or span_attn) to
     choose for; else nothing."""
     if not selects(spec.select, mode, family):
         return {"flops": 0, "memory": []}
     width, kept = text_config(source_cfg).intermediate_size, text_config(target_cfg).intermediate_size
     layers, tokens = text_config(target_cfg).num_hidden_layers, spec.refit_blocks * spec.seq_len
-    held = tokens if mode == "span" else 0  # the layer's output from the selection's pass
+    held = tokens if mode in SPAN_MODES else 0  # the layer's output from the selection's pass
     return {
         "flops": pricing.select_flops(tokens, layers, width, kept),
         "memory": pricing.select_memory(width, kept, held),

@@ -37,7 +37,7 @@ from whelp.pruning.layerwise import Stop, standing_in
 from whelp.pruning.lsq import Moments
 
 STEPS = 64  # removal steps per layer: the group size is ceil(removed / STEPS) (1 at or below 64 removed)
-REFITS = ("lsq", "span")  # the reconstructions whose down_proj refit a selection chooses the neurons for
+REFITS = ("lsq", "span", "span_attn")  # the reconstructions whose down_proj refit a selection chooses the neurons for
 
 
 def obs_keep(gram: Tensor, cross: Tensor, keep: int, damp: float, group: int | None = None) -> Tensor:

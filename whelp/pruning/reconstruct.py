@@ -7,36 +7,38 @@ The modes (``specs.RECONSTRUCT``):
   layer sliced to the student's hidden channels only (every neuron, head and head dim), fed the *student's* own input.
   Errors do not compound: layer ``i`` is refit on what the refit layers before it produce, attention before MLP
   (SlimGPT, Ling et al. NeurIPS 2024; ZipLM).
-- ``span``: the teacher runs beside the student on the same calibration tokens, and each map is refit towards the
-  teacher's residual stream rather than towards its own layer: o_proj so that the stream after the student's
-  attention matches the teacher's after the attention of the kept layer (the drift accumulated before it is
-  compensated, where ``lsq`` leaves an attention that keeps every head as it is), then down_proj so that the
-  layer's output matches the teacher's stream at the end of the span of teacher layers the student layer replaces
-  (from its kept layer up to the next kept one), so the removed layers' work is compensated too. Needs blocks that
-  join the residual stream as they are (``Family.mlp_residual``: no post-norm, no multiplier, attention and MLP
-  alike in every family).
+- ``span``: o_proj as ``lsq``; down_proj refit so the layer's output matches the teacher's residual stream at the end
+  of the span of teacher layers the student layer replaces (from its kept layer up to the next kept one), so the
+  removed layers' work and the drift accumulated before it are compensated too. The teacher runs beside the student
+  on the same calibration tokens. Needs blocks that join the residual stream as they are (``Family.mlp_residual``:
+  no post-norm, no multiplier, attention and MLP alike in every family).
+- ``span_attn``: ``span``, and o_proj refit towards the teacher's residual stream too: the stream after the
+  student's attention matches the teacher's after the attention of the kept layer, so the attention compensates
+  the drift accumulated before it (where ``span`` leaves an attention that keeps every head as it is).
 - ``bias``: FLAP's bias compensation (An et al., AAAI 2024) on both maps; the kept weights stay.
 - Mixture-of-experts layers: o_proj as above; the block's experts (and shared expert) refit together towards the
   wide block (``lsq``) or the span's end (``span``), so removed experts are compensated too (moe_refit.py).
 - ``select`` (``--select obs``): before down_proj is refit, the layer's MLP neurons are chosen anew for that refit by
   structured OBS on the same inputs and target (obs.py), in place of the importance ranking's top.
-- ``auto`` (the default): ``span`` where the family allows it, else ``lsq``; ``none`` for the generic path. On the demo shape ``span`` cut one-shot perplexity on general English to 0.6x of the sliced
-  weights', ``lsq`` to 0.8x, ``bias`` not at all (bench/RESULTS.md, "Reconstruction and one-shot baselines");
-  its o_proj towards the teacher's stream cut vim's manual by another 6% at issue 30's filed shape ("o_proj
-  towards the teacher's stream").
+- ``auto`` (the default): ``span_attn`` where the family allows it, else ``lsq``; ``none`` for the generic path.
+  On the demo shape ``span`` cut one-shot perplexity on general English to 0.6x of the sliced weights', ``lsq`` to
+  0.8x, ``bias`` not at all (bench/RESULTS.md, "Reconstruction and one-shot baselines"); ``span_attn`` cut vim's
+  manual by another 6-9% at issue 30's filed shape, two seeds ("o_proj towards the teacher's stream"). The demo
+  recipe keeps ``span``: after its distillation ``span_attn``'s student followed fewer format instructions and kept
+  fewer facts at all three seeds measured.
 
 Memory beyond the prune: the calibration hidden states of the student [N, T, H'] (for ``span`` the teacher's
-[N, T, H] too, and its stream at the span's end and after the kept layer's attention on the kept channels, [N, T, H']
-each), one wide layer, and per map the float64 moments ([n, k] + [k, k]); with ``select`` and ``span``, one layer's
+[N, T, H] too, and its stream at the span's end on the kept channels [N, T, H']; ``span_attn``: after the kept
+layer's attention too), one wide layer, and per map the float64 moments ([n, k] + [k, k]); with ``select`` and ``span``, one layer's
 wide MLP activations [N, T, n] too. Time, per calibration token and layer: the student's attention three times
-(``span``: four) and its MLP once, the wide attention and MLP once each, the teacher's layers of the span once
+(``span_attn``: four) and its MLP once, the wide attention and MLP once each, the teacher's layers of the span once
 (``span``; the stream after the attention is taken on the way), plus one k x k solve per map. The layers' inputs are taken without running the layers (``layer_inputs``), and each pass
 stops where what it needs is taken (``layerwise.Stop``): on the demo that took the refit from 266 s to 174 s, to the
 same kept neurons and weights within 2e-5 (bench/RESULTS.md, "The demo's time"). Under ``lsq`` an attention that
-keeps every head is the wide one: its o_proj refit is the identity and is skipped (``span`` refits it towards the
-teacher's stream, one more pass of the student's attention); with ``select`` and ``span`` the layer's output is made
-from the selection's pass (the stream before the MLP plus the refit down_proj of the kept activations), so the
-demo's layer runs the student's attention twice and the wide MLP once.
+keeps every head is the wide one: its o_proj refit is the identity and is skipped (``span_attn`` refits it towards
+the teacher's stream, one more pass of the student's attention); with ``select`` and ``span`` the layer's output is
+made from the selection's pass (the stream before the MLP plus the refit down_proj of the kept activations), so the
+demo's layer runs the student's attention once and the wide MLP once.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from whelp.pruning.moe_refit import block_targets, refit_block
 from whelp.pruning.obs import check_select, select_mlp
 from whelp.pruning.refit_stats import mid_stats, span_stats, teacher_layer, wide_stats
 from whelp.pruning.surgery import slice_tensor, target_config
+from whelp.specs import SPAN_MODES
 
 
 def wide_keep(keep: Keep, source_cfg) -> Keep:
@@ -85,13 +88,13 @@ def wide_keep(keep: Keep, source_cfg) -> Keep:
 
 
 def resolve(mode: str, family: Family | None) -> str:
-    """The mode ``auto`` stands for: ``span`` where the family's MLP joins the residual stream as it is, else
-    ``lsq``; ``none`` for the generic path (not refit). Other modes are themselves."""
+    """The mode ``auto`` stands for: ``span_attn`` where the family's blocks join the residual stream as they are,
+    else ``lsq``; ``none`` for the generic path (not refit). Other modes are themselves."""
     if mode != "auto":
         return mode
     if family is None:
         return "none"
-    return "span" if family.mlp_residual else "lsq"
+    return "span_attn" if family.mlp_residual else "lsq"
 
 
 def check_mode(mode: str, source_cfg, family: Family | None, published: bool, select: str = "importance") -> None:
@@ -112,9 +115,9 @@ def check_mode(mode: str, source_cfg, family: Family | None, published: bool, se
             f"--reconstruct bias adds biases and the experts of {cfg.model_type} have none in transformers; "
             "use --reconstruct lsq or span"
         )
-    if mode == "span" and not family.mlp_residual:
+    if mode in SPAN_MODES and not family.mlp_residual:
         raise WhelpError(
-            f"--reconstruct span needs an MLP whose output joins the residual stream as it is, and {family.name} "
+            f"--reconstruct {mode} needs an MLP whose output joins the residual stream as it is, and {family.name} "
             "normalises or scales it; use --reconstruct lsq"
         )
     if mode == "bias" and published:
@@ -145,16 +148,16 @@ def reconstruct_layer(
     """Refit one student layer in place (o_proj, then down_proj on the refit attention's output) and advance
     ``batches`` (hidden states [B, T, H'] entering the layer, one per batch; ``kwargs`` the layer's keyword
     arguments per batch: mask, rotary embeddings) to the layer's output. ``wide_rope``: the wide layer's rotary
-    embeddings per batch where its head_dim differs; ``span_end`` and ``span_mid`` (mode ``span``): the teacher's
-    hidden states at the end of the span and after the kept layer's attention, sliced to the kept channels, per
-    batch; ``select``: the MLP's neurons are first chosen anew by structured OBS (obs.py) for the refit that
+    embeddings per batch where its head_dim differs; ``span_end`` (modes ``span``, ``span_attn``) and ``span_mid``
+    (``span_attn``): the teacher's hidden states at the end of the span and after the kept layer's attention, sliced
+    to the kept channels, per batch; ``select``: the MLP's neurons are first chosen anew by structured OBS (obs.py) for the refit that
     follows. Returns the relative calibration error of each map before and after, and the teacher neuron ids the
     MLP keeps when ``select`` chose them (else None)."""
     report, kept, chosen, parts = {}, None, None, None
-    if mode == "span" and (span_end is None or span_mid is None):
-        raise ValueError("span refits towards the teacher's stream: give span_end and span_mid")
+    if (mode in SPAN_MODES and span_end is None) or (mode == "span_attn" and span_mid is None):
+        raise ValueError(f"{mode} refits towards the teacher's stream: give span_end (and span_mid for span_attn)")
     for which in (family.o_proj, family.down_proj):
-        skip = mode != "span" and _unchanged(student_layer, wide_layer, which.split(".")[0])
+        skip = mode != "span_attn" and _unchanged(student_layer, wide_layer, which.split(".")[0])
         if which == family.o_proj and skip:
             report[which.rsplit(".", 1)[-1]] = {"before": 0.0, "after": 0.0}  # the wide map on the same input
             continue
@@ -167,9 +170,9 @@ def reconstruct_layer(
         s_map = student_layer.get_submodule(which)
         if chosen is not None and which == family.down_proj:  # the selection's moments, towards the same target
             weight, moments = None, chosen
-        elif mode == "span" and which == family.down_proj:
+        elif mode in SPAN_MODES and which == family.down_proj:
             weight, moments = None, span_stats(student_layer, s_map, batches, kwargs, span_end)
-        elif mode == "span":
+        elif mode == "span_attn":
             weight, moments = None, mid_stats(student_layer, s_map, family, batches, kwargs, span_mid)
         else:
             weight = wide_layer.get_submodule(which).weight.detach()
@@ -300,7 +303,7 @@ def reconstruct_model(
     state, types = teacher.state_dict(), layer_types(text_config(wide_cfg))
     batches, kwargs = layer_inputs(student, family, tokens, batch_size)
     wide_ropes = wide_rotary(wide, family, wide_cfg, student.config, batches, types)
-    if mode == "span":
+    if mode in SPAN_MODES:
         t_batches, t_kwargs = layer_inputs(teacher, family, tokens, batch_size)
         t_layers, ends, done = teacher.get_submodule(family.layers), span_ends(keep, len(t_kwargs)), 0
     report, chosen = [], []
@@ -310,9 +313,9 @@ def reconstruct_model(
         wide_layer = assign_layer(wide, family, i, layer_states(named, [(wkeep, wide_cfg)], family, teacher.config)[0])
         rope = None if wide_ropes is None else wide_ropes[types[i]]
         span_end, mid = None, []
-        if mode == "span":
+        if mode in SPAN_MODES:
             for j in range(done, ends[i] + 1):
-                at = mid if j == keep.layers[i] else None
+                at = mid if j == keep.layers[i] and mode == "span_attn" else None
                 teacher_layer(t_layers[j], family, t_batches, t_kwargs[j], at, keep.hidden)
             done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
         span_mid = mid or None

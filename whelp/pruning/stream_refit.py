@@ -36,6 +36,7 @@ from whelp.pruning.reconstruct import (
 from whelp.pruning.refit_stats import teacher_layer
 from whelp.pruning.shards import weight_map
 from whelp.pruning.surgery import target_config, tie_embeddings
+from whelp.specs import SPAN_MODES
 
 
 def _student_inputs(shards, family: Family, config, keep: Keep, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,7 +79,7 @@ def refit_streaming(
     s_rope = {t: [rope_and_mask(student_sk, family, target_cfg, h, t) for h in batches] for t in set(s_types)}
     t_rope = {  # the teacher walks beside the student only for span
         t: [rope_and_mask(teacher_sk, family, text_config(config), h, t) for h in t_batches]
-        for t in (set(t_types) if mode == "span" else ())
+        for t in (set(t_types) if mode in SPAN_MODES else ())
     }
     wide_ropes = wide_rotary(wide_sk, family, wide_cfg, target_cfg, batches, s_types)
     ends, done, report, chosen = span_ends(keep, text_config(config).num_hidden_layers), 0, [], []
@@ -86,9 +87,9 @@ def refit_streaming(
     spill.mkdir(parents=True, exist_ok=True)
     for i, j in enumerate(keep.layers):
         span_end, mid = None, []
-        if mode == "span":
+        if mode in SPAN_MODES:
             for jj in range(done, ends[i] + 1):
-                at = mid if jj == j else None
+                at = mid if jj == j and mode == "span_attn" else None
                 _advance_teacher(teacher_sk, family, shards, jj, t_batches, t_rope[t_types[jj]], at, keep.hidden)
             done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
         span_mid = mid or None

@@ -51,18 +51,19 @@ class PruneSpec:
         "RoPE of the pruned model: auto (a preset's or config.json target's own, else the teacher's) | "
         "teacher | target",
     )
-    reconstruct: Literal["auto", "none", "lsq", "span", "bias"] = opt(
+    reconstruct: Literal["auto", "none", "lsq", "span", "span_attn", "bias"] = opt(
         "auto",
-        "Refit the kept weights on the calibration data, layer by layer on the student's own inputs: auto (span "
-        "where the family allows, else lsq) | none | lsq (o_proj, down_proj match the unpruned layer) | span (as "
-        "lsq; down_proj matches the teacher's state after the layers it replaces) | bias (FLAP's bias "
-        "compensation); an MoE's experts are refit together towards their block's target",
+        "Refit the kept weights on the calibration data, layer by layer on the student's own inputs: auto "
+        "(span_attn where the family allows, else lsq) | none | lsq (o_proj, down_proj match the unpruned layer) | "
+        "span (as lsq; down_proj matches the teacher's state after the layers it replaces) | span_attn (as span; "
+        "o_proj matches the teacher's state after its attention) | bias (FLAP's bias compensation); an MoE's "
+        "experts are refit together towards their block's target",
     )
     select: Literal["auto", "importance", "obs"] = opt(
         "auto",
         "How each layer's MLP neurons are chosen: auto (obs where a refit, lsq or span, follows on a plain gated MLP, "
         "else importance) | importance (the top by --importance) | obs (layer by layer, the neurons whose refit "
-        "leaves the least calibration error: structured OBS, ZipLM; needs --reconstruct lsq or span)",
+        "leaves the least calibration error: structured OBS, ZipLM; needs --reconstruct lsq, span or span_attn)",
     )
     stream: bool | None = opt(
         None, "Prune from the shards layer by layer (default: only when the teacher does not fit in memory)"
