@@ -77,8 +77,8 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
 
 def _selection(spec, source_cfg, target_cfg, family, mode: str) -> dict:
     """The neuron selection's FLOPs and host memory (pricing.select_flops, select_memory) where it runs: ``--select``
-    resolved to obs for the teacher's ``family`` and a refit (``mode``: the resolved reconstruction, lsq, span or span_attn) to
-    choose for; else nothing."""
+    resolved to obs for the teacher's ``family`` and a refit (``mode``: the resolved reconstruction, lsq, span or
+    span_attn) to choose for; else nothing."""
     if not selects(spec.select, mode, family):
         return {"flops": 0, "memory": []}
     width, kept = text_config(source_cfg).intermediate_size, text_config(target_cfg).intermediate_size

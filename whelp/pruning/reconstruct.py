@@ -29,10 +29,11 @@ The modes (``specs.RECONSTRUCT``):
 
 Memory beyond the prune: the calibration hidden states of the student [N, T, H'] (for ``span`` the teacher's
 [N, T, H] too, and its stream at the span's end on the kept channels [N, T, H']; ``span_attn``: after the kept
-layer's attention too), one wide layer, and per map the float64 moments ([n, k] + [k, k]); with ``select`` and ``span``, one layer's
-wide MLP activations [N, T, n] too. Time, per calibration token and layer: the student's attention three times
-(``span_attn``: four) and its MLP once, the wide attention and MLP once each, the teacher's layers of the span once
-(``span``; the stream after the attention is taken on the way), plus one k x k solve per map. The layers' inputs are taken without running the layers (``layer_inputs``), and each pass
+layer's attention too), one wide layer, and per map the float64 moments ([n, k] + [k, k]); with ``select`` and
+``span``, one layer's wide MLP activations [N, T, n] too. Time, per calibration token and layer: the student's
+attention three times (``span_attn``: four) and its MLP once, the wide attention and MLP once each, the teacher's
+layers of the span once (``span``; the stream after the attention is taken on the way), plus one k x k solve per
+map. The layers' inputs are taken without running the layers (``layer_inputs``), and each pass
 stops where what it needs is taken (``layerwise.Stop``): on the demo that took the refit from 266 s to 174 s, to the
 same kept neurons and weights within 2e-5 (bench/RESULTS.md, "The demo's time"). Under ``lsq`` an attention that
 keeps every head is the wide one: its o_proj refit is the identity and is skipped (``span_attn`` refits it towards
@@ -150,15 +151,15 @@ def reconstruct_layer(
     arguments per batch: mask, rotary embeddings) to the layer's output. ``wide_rope``: the wide layer's rotary
     embeddings per batch where its head_dim differs; ``span_end`` (modes ``span``, ``span_attn``) and ``span_mid``
     (``span_attn``): the teacher's hidden states at the end of the span and after the kept layer's attention, sliced
-    to the kept channels, per batch; ``select``: the MLP's neurons are first chosen anew by structured OBS (obs.py) for the refit that
-    follows. Returns the relative calibration error of each map before and after, and the teacher neuron ids the
-    MLP keeps when ``select`` chose them (else None)."""
+    to the kept channels, per batch; ``select``: the MLP's neurons are first chosen anew by structured OBS (obs.py)
+    for the refit that follows. Returns the relative calibration error of each map before and after, and the teacher
+    neuron ids the MLP keeps when ``select`` chose them (else None)."""
     report, kept, chosen, parts = {}, None, None, None
     if (mode in SPAN_MODES and span_end is None) or (mode == "span_attn" and span_mid is None):
         raise ValueError(f"{mode} refits towards the teacher's stream: give span_end (and span_mid for span_attn)")
     for which in (family.o_proj, family.down_proj):
-        skip = mode != "span_attn" and _unchanged(student_layer, wide_layer, which.split(".")[0])
-        if which == family.o_proj and skip:
+        block = which.split(".")[0]
+        if which == family.o_proj and mode != "span_attn" and _unchanged(student_layer, wide_layer, block):
             report[which.rsplit(".", 1)[-1]] = {"before": 0.0, "after": 0.0}  # the wide map on the same input
             continue
         if which == family.down_proj and select and not is_moe(student_layer):
@@ -312,15 +313,14 @@ def reconstruct_model(
         named = ((name, tensor) for name, tensor in state.items() if name.startswith(prefix))
         wide_layer = assign_layer(wide, family, i, layer_states(named, [(wkeep, wide_cfg)], family, teacher.config)[0])
         rope = None if wide_ropes is None else wide_ropes[types[i]]
-        span_end, mid = None, []
+        span_end, mid = None, [] if mode == "span_attn" else None
         if mode in SPAN_MODES:
             for j in range(done, ends[i] + 1):
-                at = mid if j == keep.layers[i] and mode == "span_attn" else None
+                at = mid if j == keep.layers[i] else None
                 teacher_layer(t_layers[j], family, t_batches, t_kwargs[j], at, keep.hidden)
             done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
-        span_mid = mid or None
         errors, kept = reconstruct_layer(
-            layer, wide_layer, family, batches, kwargs[i], mode, rope, span_end, select=select, span_mid=span_mid
+            layer, wide_layer, family, batches, kwargs[i], mode, rope, span_end, select=select, span_mid=mid
         )
         report.append(errors)
         chosen.append(kept)

@@ -77,7 +77,7 @@ def refit_streaming(
     s_types, t_types = layer_types(text_config(target_cfg)), layer_types(text_config(config))
     # rotary embeddings and masks depend on the batches' length only: made once per layer type, used by every layer
     s_rope = {t: [rope_and_mask(student_sk, family, target_cfg, h, t) for h in batches] for t in set(s_types)}
-    t_rope = {  # the teacher walks beside the student only for span
+    t_rope = {  # the teacher walks beside the student only for span and span_attn
         t: [rope_and_mask(teacher_sk, family, text_config(config), h, t) for h in t_batches]
         for t in (set(t_types) if mode in SPAN_MODES else ())
     }
@@ -86,13 +86,12 @@ def refit_streaming(
     n = n_experts(config, family)
     spill.mkdir(parents=True, exist_ok=True)
     for i, j in enumerate(keep.layers):
-        span_end, mid = None, []
+        span_end, mid = None, [] if mode == "span_attn" else None
         if mode in SPAN_MODES:
             for jj in range(done, ends[i] + 1):
-                at = mid if jj == j and mode == "span_attn" else None
+                at = mid if jj == j else None
                 _advance_teacher(teacher_sk, family, shards, jj, t_batches, t_rope[t_types[jj]], at, keep.hidden)
             done, span_end = ends[i] + 1, [h[..., keep.hidden] for h in t_batches]
-        span_mid = mid or None
         prefix = f"{family.layers}.{j}."
         names = memory_names([name for name in shards if name.startswith(prefix)], family)  # MoE: fused experts
         named = ((name, read(shards, name, family, n, torch.float32)) for name in names)
@@ -103,7 +102,7 @@ def refit_streaming(
         kwargs = [{"position_embeddings": rope, "attention_mask": mask} for rope, mask in s_rope[s_types[i]]]
         rope = None if wide_ropes is None else wide_ropes[s_types[i]]
         errors, kept = reconstruct_layer(
-            student, wide, family, batches, kwargs, mode, rope, span_end, select=select, span_mid=span_mid
+            student, wide, family, batches, kwargs, mode, rope, span_end, select=select, span_mid=mid
         )
         report.append(errors)
         chosen.append(kept)
