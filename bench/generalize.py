@@ -77,7 +77,7 @@ def scores(model, texts: dict[str, torch.Tensor], seq_len: int) -> dict[str, flo
 def run(name: str, cfg: dict, student_dir: Path, teacher, texts, spec, offset_s: float) -> dict:
     """One distillation in process, scored every ``eval_every`` steps; wall time excludes the scoring."""
     from whelp.data import open_blocks
-    from whelp.distillation import loop, parallel
+    from whelp.distillation import loop, parallel, state
     from whelp.models import load_model
 
     cfg = dict(cfg)
@@ -89,7 +89,7 @@ def run(name: str, cfg: dict, student_dir: Path, teacher, texts, spec, offset_s:
     world = parallel.World(0, 1, torch.device("cpu"), owns_group=False)
     torch.manual_seed(spec.seed)
     teachers = [teacher] if with_teacher else []
-    t = loop.setup(lm, teachers, [], [1.0] * len(teachers), ["teacher"] * len(teachers), blocks, spec, world)
+    t = state.setup(lm, teachers, [], [1.0] * len(teachers), ["teacher"] * len(teachers), blocks, spec, world)
     curve = [{"step": 0, "wall_s": offset_s, **scores(t.model, texts, spec.seq_len)}]
     t.model.train()
     clock = {"train": 0.0, "mark": time.perf_counter()}

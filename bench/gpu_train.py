@@ -29,7 +29,7 @@ from capture_scale import synthetic
 from publish import publish
 
 from whelp.data import TensorBlocks
-from whelp.distillation import loop, parallel
+from whelp.distillation import loop, parallel, state
 from whelp.distillation.cache import open_cache
 from whelp.distillation.capture import Teacher, write_cache
 from whelp.distillation.divergences import LossSpec, SparseTarget
@@ -90,7 +90,7 @@ def run(config: str, student_cfg, teacher, cache, blocks, args, device) -> dict:
     lm = student_model(student_cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = loop.setup(lm, teachers, caches, weights, ["t"] * len(weights), blocks, spec, world)
+    t = state.setup(lm, teachers, caches, weights, ["t"] * len(weights), blocks, spec, world)
     times = []
     for step in range(args.steps + 1):
         if device.type == "cuda":

@@ -10,7 +10,7 @@ and all loss temporaries count, the inputs do not). One timed run per configurat
     python bench/kd_loss.py --softcap 30             # the student's logits soft-capped (Gemma 2/3's transform path)
 
 The default chunk (128) is the setting that keeps the fused peak within 1/8 of naive's at V = 128,256 (RESULTS.md).
-With ``--softcap CAP`` the student's logits are ``CAP * tanh(z / CAP)`` (``whelp.models.logit_transform`` of a
+With ``--softcap CAP`` the student's logits are ``CAP * tanh(z / CAP)`` (``whelp.architecture.logit_transform`` of a
 config with ``final_logit_softcapping=CAP``) in naive and fused; Liger has no such option and is not run.
 
 Appends a table to bench/RESULTS.md and ends by printing one JSON line for the largest N with one teacher.
@@ -36,7 +36,7 @@ IMPLS = ("naive", "fused", "liger")
 
 def softcap(args):
     """The student's logit transform: Gemma 2/3's final soft-capping at ``--softcap``, or None."""
-    from whelp.models import logit_transform
+    from whelp.architecture import logit_transform
 
     if not args.softcap:
         return None

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from whelp.architecture import count_params, shape
 from whelp.data import open_blocks, read_documents, token_stream
 from whelp.evals.perplexity import perplexity
-from whelp.models import count_params, load_model, shape
+from whelp.models import load_model
 from whelp.pruning.arch import family_of
 from whelp.pruning.generic import apply_generic, generic_scores, select_generic
 from whelp.pruning.importance import calibrate, select

@@ -149,14 +149,14 @@ def check_output(out: Path) -> tuple[str, int]:
     """Parameters the output's config.json describes, checked against the tensors in its shards; shard bytes."""
     from safetensors import safe_open
 
-    from whelp import models
+    from whelp import architecture, models
     from whelp.pruning.shards import weight_map
 
     stored = 0
     for path in set(weight_map(out).values()):
         with safe_open(str(path), framework="pt") as f:
             stored += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
-    total, _ = models.count_params(models.load_config(str(out)))
+    total, _ = architecture.count_params(models.load_config(str(out)))
     if stored != total:
         raise SystemExit(f"{out}: config.json describes {total:,} params but the shards hold {stored:,}")
     return f"{total:,} params (config.json = shards)", sum(p.stat().st_size for p in set(weight_map(out).values()))

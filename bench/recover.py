@@ -40,11 +40,12 @@ from generalize import vim_manual
 from publish import publish
 
 from whelp import recipe as recipes
+from whelp.architecture import count_params
 from whelp.data import Mixture, check_data
 from whelp.data.blocks import blocks
 from whelp.errors import WhelpError
 from whelp.evals.perplexity import perplexity
-from whelp.models import count_params, load_model
+from whelp.models import load_model
 from whelp.pruning import api
 from whelp.pruning.generic import prune_generic
 from whelp.specs import PruneSpec

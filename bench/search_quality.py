@@ -66,10 +66,11 @@ def target_text(shape: dict) -> str:
 
 
 def train_and_score(name: str, shape: dict, teacher, teacher_dir: str, texts: dict, args) -> dict:
+    from whelp.architecture import count_params
     from whelp.data import open_blocks
     from whelp.distillation.inprocess import distill
     from whelp.evals.perplexity import perplexity
-    from whelp.models import count_params, load_model
+    from whelp.models import load_model
     from whelp.pruning.api import prune_checkpoint
     from whelp.specs import DistillSpec, PruneSpec
 

@@ -461,7 +461,7 @@ PLAN_TARGETS = list(AXIS_TARGETS.values()) + [
 def accepted_alike_by_plan_and_prune(model, tmp_path, targets) -> list[str]:
     """The targets ``whelp plan`` accepts for ``model`` (saved to ``tmp_path``), asserting that ``whelp prune``
     accepts the same ones with the same shape and refuses the others with the very message plan prints."""
-    from whelp import models
+    from whelp import architecture
     from whelp.errors import WhelpError
     from whelp.pruning import moe
     from whelp.pruning.api import prune
@@ -480,7 +480,7 @@ def accepted_alike_by_plan_and_prune(model, tmp_path, targets) -> list[str]:
         assert (result.exit_code == 0) == pruned_ok, (target, result.stderr, message)
         if pruned_ok:
             accepted.append(target)
-            shape = moe.moe_shape if moe.moe_family_of(model.config) else models.shape
+            shape = moe.moe_shape if moe.moe_family_of(model.config) else architecture.shape
             assert shape(small.config) == parse_target(model.config, target).shape
         else:
             assert result.stderr == f"error: {message}\n"

@@ -191,7 +191,7 @@ def test_every_output_kind_loads_in_stock_transformers_with_a_config_that_matche
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from whelp import models
+    from whelp import architecture
 
     stages = finished / "stages"
     outputs = {
@@ -203,8 +203,8 @@ def test_every_output_kind_loads_in_stock_transformers_with_a_config_that_matche
         assert {k: v for k, v in info.items() if v} == {}, (kind, info)
         config = AutoConfig.from_pretrained(directory)
         assert (
-            models.shape(model.config)
-            == models.shape(config)
+            architecture.shape(model.config)
+            == architecture.shape(config)
             == {
                 "num_hidden_layers": 4,
                 "hidden_size": 192,

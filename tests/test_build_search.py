@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import CHATML, assistant_of, run_cli, save_tiny, stop_at, tiny_tokenizer
 
-from whelp import build, models, plan, recipe
+from whelp import architecture, build, models, plan, recipe
 from whelp.errors import WhelpError
 
 SEARCH = (
@@ -54,8 +54,8 @@ def test_the_prune_stage_prunes_to_the_search_winner(built):
     winner = json.loads((searched / "search.json").read_text())["winner"]["shape"]
     report = json.loads((stage(root, "02-prune") / "prune_report.json").read_text())
     assert report["target"] == str(searched / "target.json")
-    assert models.shape(models.load_config(str(stage(root, "02-prune")))) == winner == report["shape"]["target"]
-    assert models.shape(models.load_config(str(final))) == winner
+    assert architecture.shape(models.load_config(str(stage(root, "02-prune")))) == winner == report["shape"]["target"]
+    assert architecture.shape(models.load_config(str(final))) == winner
     assert "pruned to `the winner of a shape search (non_embedding=50%" in (final / "README.md").read_text()
 
 
@@ -96,7 +96,7 @@ def test_plan_shows_the_search_row_and_estimates_what_follows(built, monkeypatch
     expected = plan_search(models.load_config(str(root / "teacher")), loaded.search())
     assert search["kind"] == "search" and search["candidates"] == expected["candidates"] >= 2
     assert len(search["pool"]) == 2 and search["flops"] == expected["cost"]["total"] > 0
-    assert all(search["largest"][k] == expected["largest"][k] for k in models.SHAPE_KEYS)
+    assert all(search["largest"][k] == expected["largest"][k] for k in architecture.SHAPE_KEYS)
     assert prune["shape"] == search["largest"] and prune["estimate"] and distill["estimate"]
     assert "estimate" not in search and planned["student"] == prune["shape"]
     monkeypatch.setenv("COLUMNS", "300")

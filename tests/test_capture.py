@@ -43,10 +43,10 @@ def test_chunked_logits_equal_the_models_own(family, extra):
 
 
 def test_a_family_with_an_unknown_logit_transform_is_refused(monkeypatch):
-    import whelp.models
+    import whelp.architecture
 
     model = tiny_model("granite", seed=1, logits_scaling=4.0)
-    monkeypatch.setattr(whelp.models, "logit_transform", lambda config: lambda z: z)
+    monkeypatch.setattr(whelp.architecture, "logit_transform", lambda config: lambda z: z)
     with pytest.raises(WhelpError, match=r"GraniteForCausalLM \(granite\) computes its logits in a way whelp"):
         head.check_logits(model, torch.arange(10).view(1, -1), "teacher", "cached", 512)
 

@@ -12,7 +12,7 @@ import torch
 from conftest import LOOP_SPEC, killed_and_resumed, naive_divergence, tiny_model, tiny_tokenizer
 
 from whelp.data import Blocks, TensorBlocks, tokenstore
-from whelp.distillation import dynamic, loop, onpolicy, parallel
+from whelp.distillation import dynamic, loop, onpolicy, parallel, state
 from whelp.distillation.api import distill_run
 from whelp.errors import WhelpError
 from whelp.specs import Mixture
@@ -57,7 +57,7 @@ def test_masked_kd_equals_a_naive_reference_and_masked_tokens_get_no_gradient():
     ref_student = tiny_model(seed=2, intermediate_size=64, num_hidden_layers=1)
     ids, mask = chat_rows()
     blocks = TensorBlocks(ids, mask=mask)
-    t = loop.setup(student, [teacher], [], [1.0], ["t"], blocks, SPEC, WORLD)
+    t = state.setup(student, [teacher], [], [1.0], ["t"], blocks, SPEC, WORLD)
     micro = torch.tensor([0, 3, 5])
     idx = micro.view(1, 1, 3)
     tokens, on, divergence = loop.step_tokens(t, 0, idx)
@@ -73,7 +73,7 @@ def test_masked_kd_equals_a_naive_reference_and_masked_tokens_get_no_gradient():
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
 
     # position t has a label exactly where token t + 1 is a target; the rest are context only
-    labels = loop.next_token_labels(ids[micro], mask[micro])
+    labels = state.next_token_labels(ids[micro], mask[micro])
     assert torch.equal(labels.view(3, -1)[:, :-1] != -100, mask[micro][:, 1:])
 
 
@@ -149,7 +149,7 @@ def test_an_on_policy_chat_micro_batch_is_scored_over_the_answer_only():
     student.generation_config.eos_token_id = [2, 3]
     ids, mask = chat_rows()
     spec = replace(SPEC, on_policy=1.0, gen_tokens=6, ce_weight=0.0)
-    t = loop.setup(student, [teacher], [], [1.0], ["t"], TensorBlocks(ids, mask=mask), spec, WORLD)
+    t = state.setup(student, [teacher], [], [1.0], ["t"], TensorBlocks(ids, mask=mask), spec, WORLD)
     micro = torch.tensor([1, 2, 4])
     rng = onpolicy.generator(0, 0, 0, spec, 1, WORLD.device)
     sums = loop.loss_step(t, micro, (1.0,), rng, 3 * 6)
@@ -248,7 +248,7 @@ def test_chat_loss_ce_trains_chat_rows_by_ce_alone_and_text_rows_by_kd(tmp_path)
     spec = replace(SPEC, seq_len=16, chat_loss="ce")
     teacher, student = models()
     ref_student = tiny_model(seed=2, intermediate_size=64, num_hidden_layers=1)
-    t = loop.setup(student, [teacher], [], [1.0], ["t"], rows, spec, WORLD)
+    t = state.setup(student, [teacher], [], [1.0], ["t"], rows, spec, WORLD)
     micro = torch.arange(6)
     chat = rows.chat_rows(micro)
     assert torch.equal(chat, torch.tensor([s == 0 for s, _ in rows.locate(micro)])) and 0 < int(chat.sum()) < 6
@@ -286,6 +286,6 @@ def test_chat_loss_ce_needs_chat_data():
     teacher, student = models()
     text = TensorBlocks(torch.randint(3, 512, (6, 32), generator=torch.Generator().manual_seed(0)))
     with pytest.raises(WhelpError, match="chat_loss=ce .* no source of the data has a loss mask"):
-        loop.setup(student, [teacher], [], [1.0], ["t"], text, replace(SPEC, chat_loss="ce"), WORLD)
+        state.setup(student, [teacher], [], [1.0], ["t"], text, replace(SPEC, chat_loss="ce"), WORLD)
     with pytest.raises(WhelpError, match="--local .* drop chat_loss=ce"):
         replace(SPEC, chat_loss="ce", ce_weight=0.0, local=True)

@@ -13,7 +13,7 @@ import torch
 from conftest import LOOP_SPEC, killed_and_resumed, run_cli, tiny_model, tiny_tokenizer
 
 from whelp.data import TensorBlocks, open_blocks, tokenstore
-from whelp.distillation import dynamic, inprocess, loop, parallel
+from whelp.distillation import dynamic, inprocess, loop, parallel, state
 from whelp.distillation.api import distill_run
 from whelp.errors import WhelpError
 from whelp.schema import from_dict
@@ -119,7 +119,7 @@ def test_static_is_the_default_and_leaves_the_data_order_alone(stores):
     )
     teacher, student = tiny_model(seed=1), tiny_model(seed=2, num_hidden_layers=1)
     world = parallel.World(0, 1, torch.device("cpu"), owns_group=False)
-    t = loop.setup(student, [teacher], [], [1.0], ["t"], blocks, LOOP_SPEC, world)
+    t = state.setup(student, [teacher], [], [1.0], ["t"], blocks, LOOP_SPEC, world)
     assert t.blocks is blocks and t.mixing is None
     assert "mixture/" not in json.dumps(loop.optimizer_step(t, 0, None))
 
@@ -180,8 +180,8 @@ def test_a_resumed_dynamic_run_equals_an_uninterrupted_one(stores, teacher, tmp_
         ["excess"] * 2 + ["mixture"] * 2,
     ]
     assert mixed[-1][f"mixture/{stores['lag']}"] != 0.5  # it moved
-    state = json.loads((tmp_path / "ref.distill" / "checkpoints" / "step-00000006" / "state.json").read_text())
-    assert state["mixture"]["weights"] == [mixed[-1][f"mixture/{s}"] for s in (stores["lag"], stores["other"])]
+    saved = json.loads((tmp_path / "ref.distill" / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert saved["mixture"]["weights"] == [mixed[-1][f"mixture/{s}"] for s in (stores["lag"], stores["other"])]
 
 
 def test_the_lagging_source_gains_weight_in_a_tiny_distillation(stores, teacher):

@@ -67,7 +67,7 @@ def rounded(model, dtype):
 @pytest.mark.demo
 @pytest.mark.parametrize("outtype", OUTTYPES)
 def test_gguf_reads_back_with_the_same_shape_and_logits(pruned, tmp_path, outtype):
-    from whelp.models import shape
+    from whelp.architecture import shape
 
     path, source = pruned
     out = export_gguf(str(path), str(tmp_path / f"pruned-{outtype}.gguf"), outtype)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import PLAN_TARGETS, accepted_alike_by_plan_and_prune, run_cli, tiny_config, tiny_tokenizer
 
-from whelp.distillation import inprocess, loop, parallel
+from whelp.distillation import inprocess, losses, parallel, state
 from whelp.distillation.losses import LossSpec, head_logits, model_transform
 from whelp.errors import WhelpError
 from whelp.specs import DistillSpec
@@ -97,7 +97,7 @@ def ids(seed: int = 0, shape=(2, 12)) -> torch.Tensor:
 
 def fused_view(lm, tokens: torch.Tensor) -> torch.Tensor:
     """Logits [B * L, V] exactly as the fused loss makes them: the backbone's hidden states, lm_head, transform."""
-    hidden = loop.backbone(lm)(input_ids=tokens).last_hidden_state.flatten(0, 1)
+    hidden = losses.backbone(lm)(input_ids=tokens).last_hidden_state.flatten(0, 1)
     return head_logits(hidden, lm.get_output_embeddings().weight, model_transform(lm))
 
 
@@ -107,7 +107,7 @@ def test_fused_logits_and_their_gradient_equal_the_models(family):
     ref = lm(input_ids=tokens).logits.flatten(0, 1)
     mine = fused_view(lm, tokens)
     assert (mine - ref).abs().max() <= 1e-5
-    raw = loop.backbone(lm)(input_ids=tokens).last_hidden_state.flatten(0, 1) @ lm.get_output_embeddings().weight.T
+    raw = losses.backbone(lm)(input_ids=tokens).last_hidden_state.flatten(0, 1) @ lm.get_output_embeddings().weight.T
     assert ((raw - ref).abs().max() > 1e-3) == (family in TRANSFORMED)  # the transform matters where it exists
     probe = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
     grads = []
@@ -140,7 +140,7 @@ def test_fused_loss_and_gradient_equal_a_naive_kl_on_the_models_logits(family, s
     mask = labels != -100
     with torch.no_grad():
         t_logits = teacher(input_ids=tokens).logits.flatten(0, 1).float()
-        target = loop.live_target(teacher, tokens)
+        target = state.live_target(teacher, tokens)
     ref = naive_loss(student(input_ids=tokens).logits.flatten(0, 1), t_logits, labels, mask, spec)
     student.zero_grad()
     ref.backward()
@@ -177,7 +177,7 @@ def test_a_head_with_a_bias_is_refused_in_one_line():
     lm = model("llama")
     lm.lm_head.bias = torch.nn.Parameter(torch.zeros(512))
     with pytest.raises(WhelpError, match="lm_head bias") as err:
-        loop.check_head(lm, ids(shape=(1, 8)), "student")
+        state.check_head(lm, ids(shape=(1, 8)), "student")
     assert "\n" not in str(err.value)
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import logits, run_cli
 
-from whelp import models, registry
+from whelp import architecture, models, registry
 from whelp.errors import WhelpError
 from whelp.gguf_fix import PATTERN_KEY, gemma3_fixes
 from whelp.store import whelp_home
@@ -191,8 +191,8 @@ def test_pruning_every_axis_writes_a_stock_checkpoint_with_the_in_memory_logits(
     models.save_model(pruned, None, tmp_path / "pruned", source=str(models.locate(GEMMA)))
     back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", output_loading_info=True)
     assert not any(info.values())
-    assert models.shape(back.config) == {
-        **models.shape(model.config),
+    assert architecture.shape(back.config) == {
+        **architecture.shape(model.config),
         **{"num_hidden_layers": 12, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 2},
         "head_dim": 128,
     }

@@ -13,7 +13,7 @@ from conftest import LOOP_SPEC, Crash, load_weights, max_diff, run_cli, save_tin
 from safetensors.torch import load_file
 
 import whelp
-from whelp.distillation import hidden, inprocess, local, loop, parallel
+from whelp.distillation import hidden, inprocess, local, parallel, state
 from whelp.distillation.api import _pruned_from, distill_run, kept_record
 from whelp.distillation.losses import kd_loss
 from whelp.errors import WhelpError
@@ -87,7 +87,7 @@ def test_student_forward_adds_the_weighted_hidden_term_to_the_kd_sum():
     # teacher layers 1 and 3 (the map [1, 3]): layer j's output is the input of layer j + 1, or the final norm's input
     t_states = [out.hidden_states[2].flatten(0, 1), pre_norm["x"].flatten(0, 1)]
     kd = dict(labels=labels, mask=mask, spec=LossSpec(), weights=(1.0,))
-    live = loop.live_target(teacher, ids)
+    live = state.live_target(teacher, ids)
     model = parallel.KDStudent(student)
     total, _, _, term = model(ids, kd={**kd, "targets": [live], "hidden": (t_states, "nmse", 0.7)})
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from conftest import KD_HS, KD_HT, KD_N, KD_SPECS, KD_V, grads, kd_inputs, naive_divergence, naive_kd_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from whelp.architecture import logit_transform
 from whelp.distillation import losses
 from whelp.distillation.losses import LOSSES, LiveTarget, LossSpec, SparseTarget, kd_loss
 from whelp.errors import WhelpError
-from whelp.models import logit_transform
 
 N, HS, HT, V = KD_N, KD_HS, KD_HT, KD_V
 

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
-from whelp import models, registry, weights
+from whelp import architecture, models, registry, weights
 from whelp.errors import WhelpError
 
 EXACT = {
@@ -33,7 +33,7 @@ REFERENCE_SHA256 = {
 @pytest.mark.parametrize("name", sorted(EXACT))
 def test_count_params_matches_published_llama_sizes(name):
     config = models.load_config(str(models.CONFIGS_DIR / f"{name}.json"))
-    total, non_embedding = models.count_params(config)
+    total, non_embedding = architecture.count_params(config)
     assert total == EXACT[name]
     embed = config.vocab_size * config.hidden_size
     assert non_embedding == total - embed * (1 if config.tie_word_embeddings else 2)
@@ -53,15 +53,15 @@ def test_count_params_equals_instantiated_model_and_counts_tied_once():
         config = tiny_config(tie_word_embeddings=tie)
         model = AutoModelForCausalLM.from_config(config)
         unique = {id(p): p.numel() for p in model.parameters()}
-        assert models.count_params(config)[0] == sum(unique.values())
-    tied, untied = (models.count_params(tiny_config(tie_word_embeddings=t))[0] for t in (True, False))
+        assert architecture.count_params(config)[0] == sum(unique.values())
+    tied, untied = (architecture.count_params(tiny_config(tie_word_embeddings=t))[0] for t in (True, False))
     assert untied - tied == 512 * 64
 
 
 def test_count_params_qwen2_includes_qkv_biases():
     config = tiny_config("qwen2")
-    total, _ = models.count_params(config)
-    llama_total, _ = models.count_params(tiny_config("llama"))
+    total, _ = architecture.count_params(config)
+    llama_total, _ = architecture.count_params(tiny_config("llama"))
     per_layer_bias = 4 * 16 + 2 * 2 * 16  # q bias [heads * head_dim], k and v biases [kv_heads * head_dim]
     assert total - llama_total == 2 * per_layer_bias
 
@@ -154,7 +154,7 @@ def test_inspect_reports_shape_params_dtype_and_bytes(tmp_path):
     info = models.inspect(str(out))
     assert info["dtype"] == "bfloat16"
     assert info["bytes"] == (out / "model.safetensors").stat().st_size
-    assert info["params"] == models.count_params(tiny_config())[0]
+    assert info["params"] == architecture.count_params(tiny_config())[0]
     assert {k: info[k] for k in ("hidden_size", "num_key_value_heads", "head_dim")} == {
         "hidden_size": 64,
         "num_key_value_heads": 2,
@@ -166,7 +166,7 @@ def test_inspect_reports_shape_params_dtype_and_bytes(tmp_path):
 def test_demo_teacher_inspect_numbers(demo_dir):
     info = models.inspect("smollm2-135m")
     assert info["params"] == 134_515_008
-    assert {k: info[k] for k in models.SHAPE_KEYS} == {
+    assert {k: info[k] for k in architecture.SHAPE_KEYS} == {
         "hidden_size": 576,
         "num_hidden_layers": 30,
         "intermediate_size": 1536,

@@ -19,7 +19,7 @@ from conftest import (
 )
 
 from whelp.data import TensorBlocks
-from whelp.distillation import inprocess, loop, onpolicy, parallel
+from whelp.distillation import inprocess, loop, onpolicy, parallel, state
 from whelp.distillation.api import distill_run
 from whelp.errors import WhelpError
 from whelp.recipe import load as load_recipe
@@ -93,7 +93,7 @@ def test_an_on_policy_step_equals_the_naive_reference_without_grad_through_sampl
     rows = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(1))
     spec = replace(ON, on_policy_loss=name, prompt_tokens=10, batch_size=2, grad_accum=1, steps=1, warmup=0)
     world = parallel.World(0, 1, torch.device("cpu"), owns_group=False)
-    t = loop.setup(student, [teacher], [], [1.0], ["t"], TensorBlocks(rows), spec, world)
+    t = state.setup(student, [teacher], [], [1.0], ["t"], TensorBlocks(rows), spec, world)
     grad_modes = []
     student.model.layers[0].register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     micro, tokens = torch.tensor([4, 1]), 2 * spec.gkd.gen_tokens

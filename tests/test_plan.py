@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import make_chat_teacher, run_cli, save_tiny, tiny_tokenizer
 
-from whelp import models, plan, pricing, recipe
+from whelp import architecture, models, plan, pricing, recipe
 from whelp.errors import WhelpError
 from whelp.specs import GenerateSpec, PruneSpec
 
@@ -68,7 +68,7 @@ def test_the_70b_capture_is_priced_at_the_closed_form_on_8_h100():
     assert abs(printed - closed_form) / closed_form < 0.10 and 1900 < closed_form < 2000
 
     planned = _json("llama-3.2-1b", "--gpus", "8", "--gpu", "h100")
-    n_70b = models.count_params(models.load_config("llama-3.1-70b"))[0]
+    n_70b = architecture.count_params(models.load_config("llama-3.1-70b"))[0]
     assert n_70b == N_70B
     capture = _stage(planned, "capture[0]")
     assert capture["teacher"] == "meta-llama/Llama-3.1-70B" and capture["for"] == "distill[0].caches[0]"

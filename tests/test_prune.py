@@ -12,7 +12,7 @@ from conftest import logits, run_cli, save_tiny, tiny_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from whelp import data, models
+from whelp import architecture, data, models
 from whelp.errors import WhelpError
 from whelp.pruning import arch, importance, surgery
 from whelp.pruning import scores as saved
@@ -51,7 +51,7 @@ def complement(n, kept):
 def test_noop_prune_reproduces_logits_exactly(family):
     model = tiny_model(family)
     scores = importance.calibrate(model, arch.family_of(model.config), IDS, "activation")
-    keep = importance.select(scores, model.config, models.shape(model.config))
+    keep = importance.select(scores, model.config, architecture.shape(model.config))
     assert torch.equal(logits(pruned(model, keep), IDS), logits(model, IDS))
 
 
@@ -183,7 +183,7 @@ def test_select_keeps_top_scores_per_group_with_equal_counts():
         "heads.0": torch.tensor([1.0, 2.0, 9.0, 0.0, 5.0, 4.0]),
     }
     shape = {
-        **models.shape(model.config),
+        **architecture.shape(model.config),
         "num_hidden_layers": 1,
         "hidden_size": 3,
         "intermediate_size": 2,
@@ -231,7 +231,7 @@ def test_checkpoint_loads_in_stock_transformers_with_identical_logits(family, tm
     embed, head = teacher.model.embed_tokens.weight, teacher.lm_head.weight
     scale = math.sqrt(64 / 48) if arch.FAMILIES[family].embed_multiplier == arch.SQRT_HIDDEN else 1.0  # surgery.py
     torch.testing.assert_close(loaded.lm_head.weight, ((embed + head) / 2)[:, keep.hidden] * scale)
-    assert report["params"]["after"] == models.count_params(loaded.config)[0]
+    assert report["params"]["after"] == architecture.count_params(loaded.config)[0]
     assert set(report["tie"]["kl"]) == {"embedding", "lm_head", "mean"}
     assert all(math.isfinite(v) and v >= 0 for v in report["tie"]["kl"].values())
     assert json.loads((tmp_path / "out" / "prune_report.json").read_text())["kept"] == kept

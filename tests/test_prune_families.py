@@ -26,7 +26,7 @@ from conftest import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from whelp import models
+from whelp import architecture, models
 from whelp.errors import WhelpError
 from whelp.pruning import arch, importance, shards, streaming, surgery
 from whelp.pruning.api import prune
@@ -70,7 +70,7 @@ def test_rows_are_in_the_table_and_noop_prune_is_exact(family):
     model = teacher(family)
     assert arch.family_of(model.config).name == family
     scores = importance.calibrate(model, arch.family_of(model.config), IDS, "activation")
-    keep = importance.select(scores, model.config, models.shape(model.config))
+    keep = importance.select(scores, model.config, architecture.shape(model.config))
     assert torch.equal(logits(pruned(model, keep), IDS), logits(model, IDS))
 
 
@@ -81,13 +81,13 @@ def test_each_axis_loads_in_stock_transformers_with_a_config_that_matches_its_te
     target = ALL_AXES if axis == "all" else AXIS_TARGETS[axis]
     small = prune(model, target, TOKENS)
     want = parse_target(model.config, target).shape
-    assert models.shape(small.config) == want
+    assert architecture.shape(small.config) == want
     models.write_model(small, None, tmp_path / "out")
     loaded, info = AutoModelForCausalLM.from_pretrained(
         tmp_path / "out", output_loading_info=True, attn_implementation="eager"
     )
     assert {k: v for k, v in info.items() if v} == {}  # no missing, unexpected or mismatched keys, no errors
-    assert models.shape(loaded.config) == want
+    assert architecture.shape(loaded.config) == want
     assert torch.equal(logits(loaded.eval(), IDS), logits(small, IDS))
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(loaded.config).state_dict().items()}

@@ -18,8 +18,8 @@ import torch
 from conftest import logits, run_cli, save_tiny, tiny_config, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from whelp.architecture import count_params, shape
 from whelp.errors import WhelpError
-from whelp.models import count_params, shape
 from whelp.pruning.generic import prune_generic, select_heads
 from whelp.pruning.targets import parse_target, plan_target
 
@@ -157,7 +157,7 @@ def test_tracing_error_restores_rope_and_attention(monkeypatch):
 
 
 def test_targets_of_opt_and_gqa_configs(tmp_path):
-    """key=value and config.json targets use models.shape's vocabulary (OPT's ffn_dim is intermediate_size)."""
+    """key=value and config.json targets use architecture.shape's vocabulary (OPT's ffn_dim is intermediate_size)."""
     opt_cfg, gqa_cfg = tiny_config("opt", **OPT), tiny_config(GQA, **TIED)
     assert parse_target(opt_cfg, "intermediate_size=48").shape == {**shape(opt_cfg), "intermediate_size": 48}
     plan = plan_target(opt_cfg, "intermediate_size=48")["target"]  # counted on a config with ffn_dim=48

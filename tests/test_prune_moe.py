@@ -12,7 +12,7 @@ from conftest import MOE, logits, run_cli, save_tiny, tiny_model, tiny_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from whelp import models
+from whelp import architecture, models
 from whelp.errors import WhelpError
 from whelp.pruning import moe
 from whelp.pruning import scores as saved
@@ -220,13 +220,13 @@ def test_a_recipe_plan_prunes_the_experts_of_an_moe_teacher(tmp_path):
         {**moe.moe_shape(tiny_model("mixtral", **MOE["mixtral"]).config), "num_local_experts": 4},
     )
     assert planned["stages"][0]["shape"]["num_local_experts"] == planned["student"]["num_local_experts"] == 4
-    assert planned["student"]["params"] == models.count_params(target, active=True)[0]
+    assert planned["student"]["params"] == architecture.count_params(target, active=True)[0]
     # FLOPs are priced at the parameters a token runs through: the top-2 of 4 experts, not all of them
-    active = models.count_params(target, active=True)[2]
+    active = architecture.count_params(target, active=True)[2]
     assert planned["student"]["active_params"] == active < planned["student"]["params"]
     distill = next(stage for stage in planned["stages"] if stage["kind"] == "distill")
     assert distill["flops_per_token"]["student_train"] == 6 * active
-    teacher_active = models.count_params(tiny_model("mixtral", **MOE["mixtral"]).config, active=True)[2]
+    teacher_active = architecture.count_params(tiny_model("mixtral", **MOE["mixtral"]).config, active=True)[2]
     assert distill["flops_per_token"]["live_teachers"] == 2 * teacher_active
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from whelp import models
+from whelp import architecture, models
 from whelp.errors import WhelpError
 from whelp.models import CONFIGS_DIR
 from whelp.pruning.keep import rope_exact_dims
@@ -32,8 +32,8 @@ def test_plan_llama_presets_match_published_counts(llama8b, preset, params):
     result = plan_target(llama8b, preset)
     assert result["source"]["params"] == 8_030_261_248
     assert result["target"]["params"] == params
-    published = models.shape(models.load_config(reference(preset)))
-    assert {k: result["target"][k] for k in models.SHAPE_KEYS} == published
+    published = architecture.shape(models.load_config(reference(preset)))
+    assert {k: result["target"][k] for k in architecture.SHAPE_KEYS} == published
 
 
 def test_config_file_target_equals_preset(llama8b):
@@ -52,7 +52,7 @@ def test_rope_policy_teacher_keeps_factor_8_target_takes_32(llama8b):
 @pytest.mark.demo
 def test_demo_presets_halve_and_quarter_non_embedding_params(demo_dir):
     source = models.load_config(str(demo_dir))
-    _, non_embedding = models.count_params(source)
+    _, non_embedding = architecture.count_params(source)
     for preset, fraction in (("smollm2-half", 0.5), ("smollm2-quarter", 0.25)):
         target = plan_target(source, preset)["target"]
         assert abs(target["non_embedding_params"] / non_embedding - fraction) < 0.002
@@ -60,7 +60,12 @@ def test_demo_presets_halve_and_quarter_non_embedding_params(demo_dir):
 
 def test_overrides_change_only_named_axes(llama8b):
     parsed = parse_target(llama8b, "intermediate_size=768, num_hidden_layers=24,tie_word_embeddings=true")
-    expected = {**models.shape(llama8b), "intermediate_size": 768, "num_hidden_layers": 24, "tie_word_embeddings": True}
+    expected = {
+        **architecture.shape(llama8b),
+        "intermediate_size": 768,
+        "num_hidden_layers": 24,
+        "tie_word_embeddings": True,
+    }
     assert parsed.shape == expected and parsed.rope_parameters is None
 
 
@@ -105,7 +110,7 @@ def test_cli_plan_json(tmp_path):
     assert result.exit_code == 0 and result.stderr == "", result.stderr
     data = json.loads(result.stdout)
     assert set(data) == {"source", "target"}
-    assert set(models.SHAPE_KEYS) | {"params"} <= set(data["target"])
+    assert set(architecture.SHAPE_KEYS) | {"params"} <= set(data["target"])
     assert data["target"]["params"] == 1_235_814_400 and data["target"]["head_dim"] == 64
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from conftest import assistant_of, make_chat_teacher, run_cli, save_tiny, tiny_tokenizer
 
-from whelp import models
+from whelp import architecture, models
 from whelp.errors import WhelpError
 from whelp.search import run as search_mod
 from whelp.search.run import search_run
@@ -60,13 +60,13 @@ def test_search_writes_a_leaderboard_a_winner_and_a_target(teacher, searched, tm
     assert sorted(c["one_shot_rank"] for c in board) == [1, 2]
     assert len(result["pool"]) == 3 and json.loads((out / "search.json").read_text()) == result
     assert "| 1 |" in (out / "search.md").read_text()
-    teacher_ne = models.count_params(models.load_config(str(teacher)))[1]
+    teacher_ne = architecture.count_params(models.load_config(str(teacher)))[1]
     for row in result["pool"]:  # every pool shape meets the budget: within 20% below 60% of the teacher
         assert 0.8 * 0.6 * teacher_ne <= row["params"][1] <= 0.6 * teacher_ne
     winner = AutoModelForCausalLM.from_pretrained(out / "winner")
-    total, non_embedding = models.count_params(winner.config)
+    total, non_embedding = architecture.count_params(winner.config)
     assert [total, non_embedding] == board[0]["params"] == [sum(p.numel() for p in winner.parameters()), non_embedding]
-    assert models.shape(winner.config) == board[0]["shape"]
+    assert architecture.shape(winner.config) == board[0]["shape"]
     assert assistant_of(out / "winner") == assistant_of(teacher)  # its chat template and every stop id
     pruned = tmp_path / "pruned"
     result_cli = run_cli(
@@ -82,7 +82,7 @@ def test_search_writes_a_leaderboard_a_winner_and_a_target(teacher, searched, tm
         "16",
     )
     assert result_cli.exit_code == 0, result_cli.stderr
-    assert models.shape(models.load_config(str(pruned))) == board[0]["shape"]
+    assert architecture.shape(models.load_config(str(pruned))) == board[0]["shape"]
 
 
 def test_a_killed_search_resumes_to_the_uninterrupted_result(teacher, searched, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import run_cli, save_tiny, tiny_config, tiny_tokenizer
 
-from whelp import models
+from whelp import architecture
 from whelp.errors import WhelpError
 from whelp.pruning import moe, targets
 from whelp.search import space
@@ -24,14 +24,14 @@ AXES = ("layers", "hidden", "mlp", "experts")
 
 
 def brute_force(cfg, multiple: int) -> dict[tuple, tuple[int, int]]:
-    """Every shape of the grid over AXES, sized by building its pruned config's model (models.count_params)."""
+    """Every shape of the grid over AXES, sized by building its pruned config's model (architecture.count_params)."""
     counter = Counter(cfg)
     teacher, keys = counter.teacher, counter.keys
     values = space.axis_values(teacher, AXES, multiple, keys)
     sizes = {}
     for layers, hidden, mlp, experts in itertools.product(*(values[a] for a in AXES)):
         shape = {**teacher, keys["layers"]: layers, keys["hidden"]: hidden, keys["mlp"]: mlp, keys["experts"]: experts}
-        sizes[(layers, hidden, mlp, experts)] = models.count_params(targets.moe_config(cfg, shape), active=True)
+        sizes[(layers, hidden, mlp, experts)] = architecture.count_params(targets.moe_config(cfg, shape), active=True)
     return sizes
 
 
@@ -90,7 +90,7 @@ def test_experts_axis_and_active_budget_on_a_dense_teacher_are_refused_in_one_li
 def test_an_active_budget_is_a_percentage_of_the_teachers_active_params():
     cfg = tiny_config("mixtral", **MOE["mixtral"])
     counter = Counter(cfg)
-    active = models.count_params(cfg, active=True)[2]
+    active = architecture.count_params(cfg, active=True)[2]
     assert counter.active(counter.teacher) == active < counter.params(counter.teacher)[0]
     assert parse_budget("active=50%", counter.teacher, counter) == Budget(active=active // 2)
 

@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import tiny_config
 
-from whelp import models
+from whelp import architecture, models
 from whelp.errors import WhelpError
 from whelp.pruning import arch, surgery, targets
 from whelp.search import space
@@ -18,12 +18,12 @@ from whelp.specs import SEARCH_AXES
 
 DENSE_AXES = tuple(a for a in SEARCH_AXES if a != "experts")  # experts: tests/test_search_moe.py
 
-KEYS = models.SHAPE_KEYS[:6]
+KEYS = architecture.SHAPE_KEYS[:6]
 
 
 def exact_count(cfg, shape: dict) -> tuple[int, int]:
     """The reference count: a meta-device model of the config pruning ``cfg`` to ``shape`` would produce."""
-    return models.count_params(surgery.target_config(cfg, targets.first_keep(cfg, shape)))
+    return architecture.count_params(surgery.target_config(cfg, targets.first_keep(cfg, shape)))
 
 
 def with_(base: dict, **axes) -> dict:
@@ -43,7 +43,7 @@ def with_(base: dict, **axes) -> dict:
 )
 def test_counter_equals_count_params(family, overrides):
     cfg = tiny_config(family, **overrides)
-    counter, teacher = Counter(cfg), models.shape(cfg)
+    counter, teacher = Counter(cfg), architecture.shape(cfg)
     shapes = [
         with_(teacher, layers=layers, hidden=hidden, mlp=mlp, heads=heads, kv_heads=kv, head_dim=head_dim)
         for (layers, hidden, mlp), (heads, kv), head_dim in itertools.product(
@@ -67,7 +67,7 @@ def test_counter_refuses_family_outside_the_table():
 
 def test_memory_is_bf16_weights_plus_kv_cache():
     cfg = tiny_config()
-    counter, shape = Counter(cfg), models.shape(cfg)
+    counter, shape = Counter(cfg), architecture.shape(cfg)
     assert counter.memory(shape, 100) == 2 * counter.params(shape)[0] + 2 * 2 * 2 * 16 * 100 * 2
 
 
@@ -129,7 +129,7 @@ def test_enumerate_equals_brute_force(brute, fractions):
 
 def test_enumerate_nothing_in_range_says_what_is():
     cfg = tiny_config()
-    counter, teacher = Counter(cfg), models.shape(cfg)
+    counter, teacher = Counter(cfg), architecture.shape(cfg)
     low = counter.params(with_(teacher, layers=1, mlp=32))[1]
     high = counter.params(teacher)[1]
     with pytest.raises(WhelpError) as err:
@@ -143,7 +143,7 @@ def test_enumerate_nothing_in_range_says_what_is():
 
 def test_enumerate_budget_in_a_gap_of_the_grid():
     cfg = tiny_config()
-    counter, teacher = Counter(cfg), models.shape(cfg)
+    counter, teacher = Counter(cfg), architecture.shape(cfg)
     low, high = counter.params(with_(teacher, layers=1))[1], counter.params(teacher)[1]
     budget = (low + high) // 2
     with pytest.raises(WhelpError) as err:
@@ -156,7 +156,7 @@ def test_enumerate_budget_in_a_gap_of_the_grid():
 
 def test_enumerate_contradicting_budgets():
     cfg = tiny_config()
-    counter, teacher = Counter(cfg), models.shape(cfg)
+    counter, teacher = Counter(cfg), architecture.shape(cfg)
     params = counter.params(with_(teacher, layers=1, mlp=32))[0]
     memory = counter.memory(with_(teacher, layers=2, mlp=96), 64)
     with pytest.raises(WhelpError) as err:
@@ -173,7 +173,7 @@ def test_enumerate_8b_against_brute_force_over_depth_and_mlp():
     that keep the teacher's widths (hidden, heads, KV heads, head_dim) are exactly the brute-force list over every
     (layers, intermediate_size) pair, in the same order, and so is an enumeration over those two axes alone."""
     cfg = models.load_config("llama-3.1-8b")
-    counter, teacher = Counter(cfg), models.shape(cfg)
+    counter, teacher = Counter(cfg), architecture.shape(cfg)
     budget = Budget(non_embedding=1_000_000_000)
     mlp_grid = sorted({*range(128, teacher["intermediate_size"] + 1, 128), teacher["intermediate_size"]})
     brute = [
@@ -198,7 +198,7 @@ def test_enumerate_8b_against_brute_force_over_depth_and_mlp():
 
 
 def test_axis_values():
-    teacher = models.shape(tiny_config(**BRUTE))
+    teacher = architecture.shape(tiny_config(**BRUTE))
     assert space.axis_values(teacher, DENSE_AXES, 32) == {
         "layers": [1, 2],
         "hidden": [32, 48],
@@ -234,7 +234,7 @@ def test_parse_axes():
 @pytest.fixture(scope="module")
 def big():
     cfg = models.load_config("llama-3.1-8b")
-    return models.shape(cfg), Counter(cfg)
+    return architecture.shape(cfg), Counter(cfg)
 
 
 @pytest.mark.parametrize(

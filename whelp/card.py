@@ -27,7 +27,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 
-from whelp import models
+from whelp import architecture, models
 from whelp.errors import WhelpError
 from whelp.evals.report import SIZE_SPEED, flat_metrics
 from whelp.lineage import lineage_lines
@@ -235,9 +235,9 @@ def _shapes_table(lineage: list[dict], final_dir: Path) -> list[str]:
     teacher_cfg = models.load_config(lineage[0]["path"])
     student_cfg = models.load_config(str(final_dir / "config.json"))
     rows = ["| | teacher | student |", "|---|---|---|"]
-    for key in models.SHAPE_KEYS:
-        rows.append(f"| {key} | {models.shape(teacher_cfg)[key]} | {models.shape(student_cfg)[key]} |")
-    counts = [models.count_params(c) for c in (teacher_cfg, student_cfg)]
+    for key in architecture.SHAPE_KEYS:
+        rows.append(f"| {key} | {architecture.shape(teacher_cfg)[key]} | {architecture.shape(student_cfg)[key]} |")
+    counts = [architecture.count_params(c) for c in (teacher_cfg, student_cfg)]
     rows.append(f"| params | {counts[0][0]:,} | {counts[1][0]:,} |")
     rows.append(f"| non-embedding params | {counts[0][1]:,} | {counts[1][1]:,} |")
     return rows

@@ -37,8 +37,8 @@ import math
 from dataclasses import dataclass
 
 from whelp import output
+from whelp.architecture import shape
 from whelp.errors import WhelpError
-from whelp.models import shape
 from whelp.pruning.streaming import MEMORY_FACTOR
 from whelp.recipe import GENERATED
 

@@ -27,7 +27,7 @@ import torch
 from transformers import GenerationConfig
 
 import whelp.data.tokenstore as tokenstore
-from whelp import models, store
+from whelp import architecture, models, store
 from whelp.data import chat, chatgen
 from whelp.data.sources import check_source, iter_documents, source_identity
 from whelp.errors import WhelpError
@@ -83,7 +83,7 @@ def check_teacher(spec: GenerateSpec, config, tokenizer=None, template: int = 0)
     prompt and its new tokens past its positions (its RoPE and masks end there; ``template``: the tokens of its chat
     template), and a top-k above its vocabulary (the ids of ``tokenizer`` that have logits, when it is known)."""
     prompt = spec.frame(template) - 1  # the store's EOS is never fed to the teacher
-    models.check_positions(
+    architecture.check_positions(
         config, prompt + spec.new_tokens, f"prompt tokens (up to {prompt:,}) + --new-tokens {spec.new_tokens:,} ="
     )
     vocab = config.vocab_size if tokenizer is None else min(config.vocab_size, len(tokenizer))

@@ -23,15 +23,16 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoModelForCausalLM
 
 from whelp import models, store
+from whelp.architecture import check_positions
 from whelp.data import check_data, data_identity, open_blocks, source_identity, stream_tokens
 from whelp.data.tokenstore import tokenizer_hash
-from whelp.distillation import checkpoint, guard, loop, parallel
+from whelp.distillation import checkpoint, guard, loop, parallel, state
 from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
 from whelp.distillation.cache import claim, open_cache
 from whelp.distillation.capture import Teacher, check_k, write_cache
 from whelp.errors import WhelpError
-from whelp.models import check_positions, load_config, load_tokenizer, save_model
+from whelp.models import load_config, load_tokenizer, save_model
 from whelp.output import Progress
 from whelp.specs import (
     CacheSpec,
@@ -141,11 +142,11 @@ def distill_run(
             world, lambda: stream_tokens(spec.eval_data, tokenizer, spec.monitor.eval_tokens)
         )
         torch.manual_seed(spec.seed)
-        dtype = str(loop.compute_dtype(spec.compute.dtype, world.device)).replace("torch.", "")
+        dtype = str(state.compute_dtype(spec.compute.dtype, world.device)).replace("torch.", "")
         lm = models.load_model(student, device=str(world.device), policy=policy)[0]
         kept = kept_record(student)  # carried on to the report whatever this run's teacher
         live = [_load_teacher(name, dtype, world, spec.compute.shard_teachers, policy) for name, _ in teachers]
-        t = loop.setup(
+        t = state.setup(
             lm,
             live,
             opened,
@@ -222,7 +223,7 @@ def _apart(out: Path, inputs: list[str]) -> None:
         store.check_apart(path, inputs)
 
 
-def _resume(t: loop.Training, rdir: Path, changed: dict) -> tuple[int, Path | None]:
+def _resume(t: state.Training, rdir: Path, changed: dict) -> tuple[int, Path | None]:
     """Restore the newest checkpoint (model, optimizer, scheduler, RNG, counters): ``(start step, its path)``."""
     found = checkpoint.list_checkpoints(rdir / "checkpoints")
     if not found:
@@ -248,7 +249,7 @@ def _resume(t: loop.Training, rdir: Path, changed: dict) -> tuple[int, Path | No
     return meta["step"], found[-1]
 
 
-def _train(t: loop.Training, rdir: Path, start: int, last_good: Path | None, progress: bool) -> dict:
+def _train(t: state.Training, rdir: Path, start: int, last_good: Path | None, progress: bool) -> dict:
     """The loop with checkpoints, metrics.jsonl, TensorBoard and a progress bar (rank 0 logs)."""
     metrics = rdir / "metrics.jsonl"
     main = t.world.main

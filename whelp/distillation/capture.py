@@ -14,7 +14,7 @@ manifest's ``content_sha256`` is the sha256 of all of them in block order, so a 
 processes is identical and shows it in one field.
 
 Extraction: the teacher's backbone gives hidden states [b, L, H]; its lm_head and the family's own logit transform
-(``whelp.models.logit_transform``) run on ``CHUNK`` positions at a time on the teacher's device, in fp32, and only
+(``whelp.architecture.logit_transform``) run on ``CHUNK`` positions at a time on the teacher's device, in fp32, and only
 the sparse targets (k ids and values per position) reach the host, never an [N, V] logits tensor (at V = 128,256 a
 block of 8,192 positions is 4.2 GB in fp32). The chunked logits are checked once against ``model(...).logits``
 on the first block, so a family with a transform whelp does not know fails at once instead of caching wrong targets.
@@ -37,13 +37,13 @@ from safetensors.torch import save
 from torch import Tensor
 
 from whelp import store
+from whelp.architecture import config_hash
 from whelp.data.tokenstore import tokenizer_hash
 from whelp.distillation import parallel
 from whelp.distillation.cache import FORMAT, MANIFEST, encode, read_manifest, sparse_targets
 from whelp.distillation.head import check_logits, chunk_logits
 from whelp.distillation.losses import backbone
 from whelp.errors import WhelpError
-from whelp.models import config_hash
 from whelp.specs import CacheSpec
 
 CHUNK = 1024  # positions per on-device logits chunk: [1024, 128256] fp32 is 0.5 GB

@@ -71,7 +71,7 @@ def combine(per: Tensor, ce: Tensor | None, weights: Tensor, spec: LossSpec) -> 
     return total
 
 
-Transform = Callable[[Tensor], Tensor]  # fp32 [c, V] -> [c, V], elementwise: whelp.models.logit_transform
+Transform = Callable[[Tensor], Tensor]  # fp32 [c, V] -> [c, V], elementwise: whelp.architecture.logit_transform
 
 
 def head_logits(hidden: Tensor, weight: Tensor, transform: Transform | None = None) -> Tensor:

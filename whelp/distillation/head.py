@@ -1,5 +1,5 @@
 """A model's logits as whelp computes them, outside its forward: the lm_head on the backbone's final hidden states,
-then the family's logit transform (``whelp.models.logit_transform``), on a chunk of positions at a time.
+then the family's logit transform (``whelp.architecture.logit_transform``), on a chunk of positions at a time.
 
 Capture (``cache-logits``) and the fused KD loss never run a teacher's or student's full forward to its [N, V]
 logits; ``check_logits`` compares this view with the model's own ``forward(...).logits`` once, so a family whose
@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from whelp import models
+from whelp import architecture
 from whelp.distillation.losses import backbone
 from whelp.errors import WhelpError
 
 
 def chunk_logits(model, hidden: Tensor, vocab: int | None = None) -> Tensor:
     """fp32 logits [c, vocab] of hidden states [c, H]: the lm_head, then the family's logit transform."""
-    return models.logit_transform(model.config)(model.get_output_embeddings()(hidden).float())[..., :vocab]
+    return architecture.logit_transform(model.config)(model.get_output_embeddings()(hidden).float())[..., :vocab]
 
 
 def check_logits(lm, ids: Tensor, what: str, use: str, vocab: int | None = None) -> None:

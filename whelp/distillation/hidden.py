@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from whelp.architecture import layer_output
 from whelp.errors import WhelpError
-from whelp.models import layer_output
 from whelp.specs import HIDDEN_LOSSES
 
 EPS = 1e-6  # guards the norms of all-zero states (padding) in both terms

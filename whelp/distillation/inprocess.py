@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from whelp.data import TensorBlocks
-from whelp.distillation import loop, parallel
+from whelp.distillation import loop, parallel, state
 from whelp.distillation import metrics as metrics_log
 from whelp.errors import WhelpError
 from whelp.output import Progress
@@ -48,7 +48,7 @@ def distill(
     torch.manual_seed(spec.seed)
     trainable = {p: p.requires_grad for p in student.parameters()}  # --local freezes all but the blocks
     try:
-        t = loop.setup(
+        t = state.setup(
             student,
             [m for m, _ in live],
             [c for c, _ in cached],

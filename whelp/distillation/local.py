@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from whelp.architecture import layer_output
 from whelp.distillation.hidden import capture, term
-from whelp.models import layer_output
 
 
 def spans(layer_map: list[int]) -> list[tuple[int, int]]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from whelp import models
+from whelp import architecture
 from whelp.distillation import closed_form
 from whelp.distillation.divergences import LOSSES, NEG_INF, LiveTarget, LossSpec, SparseTarget, combine, head_logits
 from whelp.errors import WhelpError
@@ -59,10 +59,10 @@ def backbone(lm):
     return lm.base_model
 
 
-def model_transform(model) -> models.LogitTransform | None:
-    """The logit transform of ``model``'s family (``whelp.models.logit_transform``: what its forward applies to
+def model_transform(model) -> architecture.LogitTransform | None:
+    """The logit transform of ``model``'s family (``whelp.architecture.logit_transform``: what its forward applies to
     ``lm_head(hidden)``), or None where that is the identity, so plain families pay nothing for it."""
-    transform = models.logit_transform(model.config)
+    transform = architecture.logit_transform(model.config)
     return None if transform.identity else transform
 
 
@@ -222,7 +222,7 @@ class _FusedKD(torch.autograd.Function):
 TRANSFORM_BLOCK = 4096  # lm_head rows per matmul when soft-capped logits are made again for their derivative
 
 
-def _through_transform(dz: Tensor, logits: Tensor | None, h: Tensor, w: Tensor, transform: models.LogitTransform):
+def _through_transform(dz: Tensor, logits: Tensor | None, h: Tensor, w: Tensor, transform: architecture.LogitTransform):
     """d loss / d (h @ w^T) in place in ``dz`` = d loss / d logits [c, V], the transform's derivative in closed form
     from the transformed logits (``LogitTransform.grad_``): a constant for scaling, scale * (1 - (logits / cap)^2)
     for soft-capping, which a gradient taken at the capped logits alone would miss. ``logits``: the chunk's
@@ -259,7 +259,7 @@ def kd_loss(
     spec: LossSpec,
     labels: Tensor | None = None,
     mask: Tensor | None = None,
-    transform: models.LogitTransform | None = None,
+    transform: architecture.LogitTransform | None = None,
     ce_only: Tensor | None = None,
 ) -> KDResult:
     """Weighted multi-teacher KD (+ optional CE) summed over unmasked tokens, without [N, V] tensors.

@@ -37,8 +37,8 @@ import math
 
 import torch
 
+from whelp.architecture import kv_cache_name
 from whelp.distillation.losses import head_logits, model_transform
-from whelp.models import kv_cache_name
 from whelp.specs import DistillSpec
 
 

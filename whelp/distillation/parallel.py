@@ -16,12 +16,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from whelp.architecture import shape
 from whelp.distillation import losses
 from whelp.distillation.hidden import capture, hidden_loss
 from whelp.distillation.losses import backbone, model_transform
 from whelp.distillation.onpolicy import positions, sample
 from whelp.errors import WhelpError
-from whelp.models import shape
 
 
 @dataclass(frozen=True)

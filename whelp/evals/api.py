@@ -29,6 +29,7 @@ import transformers
 import whelp
 import whelp.models
 from whelp import store
+from whelp.architecture import check_positions, count_params
 from whelp.data import chat as chat_data
 from whelp.data import check_data, data_identity, source_identity, stream_tokens
 from whelp.data.tokenstore import tokenizer_hash
@@ -38,7 +39,7 @@ from whelp.evals.harness import SEEDS, check_include_paths, run_tasks, task_mana
 from whelp.evals.perplexity import perplexity, windows
 from whelp.evals.report import markdown, write_report
 from whelp.evals.speed import SpeedProcess, measure_speed
-from whelp.models import check_device, check_positions, count_params, load_config, load_tokenizer, locate
+from whelp.models import check_device, load_config, load_tokenizer, locate
 from whelp.output import Progress
 from whelp.specs import EvalSpec, LoadPolicy, record
 from whelp.store import check_apart, check_writable, content_id

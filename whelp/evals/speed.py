@@ -30,8 +30,9 @@ from transformers import AutoModelForCausalLM
 
 import whelp.models
 from whelp import store
+from whelp.architecture import config_hash, kv_cache_name
 from whelp.errors import WhelpError
-from whelp.models import config_hash, kv_cache_name, load_config
+from whelp.models import load_config
 from whelp.schema import from_dict, to_dict
 from whelp.specs import EvalSpec, LoadPolicy, SpeedSpec
 

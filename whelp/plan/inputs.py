@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from whelp import models
+from whelp import architecture, models
 from whelp.data import available_tokens, check_data, check_source
 from whelp.data.chat import check_chat_template
 from whelp.data.tokenstore import token_dtype, tokenizer_hash
@@ -30,7 +30,7 @@ def teacher_config(recipe: Recipe):
     config = _at(f"recipe.teacher.{'config' if recipe.teacher.config else 'model'}", lambda: models.load_config(source))
     local = _local_teacher(recipe)
     if recipe.teacher.config and local is not None:
-        planned, actual = models.shape(config), models.shape(models.load_config(str(local)))
+        planned, actual = architecture.shape(config), architecture.shape(models.load_config(str(local)))
         if planned != actual:
             diff = ", ".join(f"{k}={planned[k]} vs {actual[k]}" for k in planned if planned[k] != actual.get(k))
             raise WhelpError(
@@ -58,9 +58,9 @@ def _sized(config, name: str) -> dict:
     seconds) and the parameters one token runs through (``active``: an MoE's top-k experts, else the total), which
     FLOPs are priced at (2 N per forward token, 6 N per trained one)."""
     if moe.moe_family_of(config) is not None:  # one meta build counts all three
-        total, non_embedding, active = models.count_params(config, active=True)
+        total, non_embedding, active = architecture.count_params(config, active=True)
     else:
-        (total, non_embedding), active = models.count_params(config), None
+        (total, non_embedding), active = architecture.count_params(config), None
     return {
         "name": name,
         "config": config,

@@ -7,7 +7,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from whelp import models, pricing
+from whelp import architecture, pricing
 from whelp.data import chat, check_data, check_source, tokenstore
 from whelp.data.generate import check_teacher
 from whelp.data.tokenstore import token_dtype
@@ -49,7 +49,7 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
     parsed = _at(f"{where}.target", lambda: parse_target(source_cfg, text))
     # a search's target.json is a pruned teacher config, so either rope policy keeps the teacher's RoPE
     rope = None if shape is not None else _at(f"{where}.target", lambda: target_rope(parsed, step.options.rope))
-    _at(f"{where}.seq_len", lambda: models.check_positions(source_cfg, step.options.seq_len, "seq_len"))
+    _at(f"{where}.seq_len", lambda: architecture.check_positions(source_cfg, step.options.seq_len, "seq_len"))
     if step.options.scores:
         _at(f"{where}.scores", lambda: check_scores_file(Path(step.options.scores).expanduser()))
     spec = step.options
@@ -140,7 +140,7 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer, ch
     tokens_per_step = spec.batch_size * spec.grad_accum * spec.seq_len
     tokens = spec.max_tokens if spec.max_tokens is not None else spec.steps * tokens_per_step
     steps = math.ceil(tokens / tokens_per_step)  # on one process
-    _at(f"recipe.distill[{index}].seq_len", lambda: models.check_positions(student_cfg, spec.seq_len, "seq_len"))
+    _at(f"recipe.distill[{index}].seq_len", lambda: architecture.check_positions(student_cfg, spec.seq_len, "seq_len"))
     _at(f"recipe.distill[{index}].warmup", lambda: spec.optim.check_steps(steps))
     for i, t in enumerate(step.teachers):
         if t.model != TEACHER:
@@ -203,7 +203,7 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     winner, at the largest shape), and the largest shape it may pick."""
     spec, where, config = recipe.search(), "recipe.prune[0].target.search", teacher["config"]
     planned = _at(where, lambda: plan_search(config, spec))
-    _at(f"{where}.seq_len", lambda: models.check_positions(config, spec.seq_len, "seq_len"))
+    _at(f"{where}.seq_len", lambda: architecture.check_positions(config, spec.seq_len, "seq_len"))
     for key in ("calib", "eval_data"):
         for source in getattr(spec, key).names:
             if source != GENERATED:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from whelp import data, models, store
+from whelp import architecture, data, models, store
 from whelp.errors import WhelpError
 from whelp.output import Progress
 from whelp.pruning import arch, generic, importance, moe, streaming, surgery
@@ -208,7 +208,7 @@ def prune_checkpoint(
     mode = reconstruction.resolve(spec.reconstruct, family)
     reconstruction.check_mode(mode, source_cfg, family, parsed.published, spec.select)
     store.check_apart(out, [source_dir])
-    models.check_positions(source_cfg, spec.seq_len, "--seq-len")
+    architecture.check_positions(source_cfg, spec.seq_len, "--seq-len")
     if moe.moe_family_of(source_cfg) is not None:
         moe.check_spec(source_cfg, spec)
     if family is None and spec.stream:
@@ -256,8 +256,8 @@ def prune_checkpoint(
             details,
             kept=kept,
             params={
-                "before": models.count_params(source_cfg, policy)[0],
-                "after": models.count_params(target_cfg, policy)[0],
+                "before": architecture.count_params(source_cfg, policy)[0],
+                "after": architecture.count_params(target_cfg, policy)[0],
             },
             shape={"source": moe.shape_of(source_cfg), "target": moe.shape_of(target_cfg)},
             timings=timings,

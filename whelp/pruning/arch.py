@@ -75,7 +75,7 @@ _SHARED = {
 }
 SQRT_HIDDEN = "sqrt(hidden_size)"  # Family.embed_multiplier of Gemma: its embedding module scales by hidden_size ** 0.5
 
-# the axes of a target (models.SHAPE_KEYS) as the README names them
+# the axes of a target (architecture.SHAPE_KEYS) as the README names them
 AXES = {
     "num_hidden_layers": "layers",
     "hidden_size": "hidden",

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 from transformers.pytorch_utils import Conv1D
 
-from whelp import models
+from whelp import architecture
 from whelp.errors import WhelpError
 from whelp.pruning.importance import batches, head_outputs, minitron_sq
 from whelp.pruning.keep import top_indices
@@ -150,8 +150,8 @@ def find_blocks(model, graph) -> tuple[Block, ...]:
             [d.target.module for d in group if graph.is_in_channel_pruning_fn(d.handler)],
         )
 
-    hidden, n = model.get_input_embeddings().weight.shape[1], models.shape(model.config)["num_hidden_layers"]
-    intermediate = models.shape(model.config)["intermediate_size"]
+    hidden, n = model.get_input_embeddings().weight.shape[1], architecture.shape(model.config)["num_hidden_layers"]
+    intermediate = architecture.shape(model.config)["intermediate_size"]
     layers = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n), None)
     if layers is None:
         raise WhelpError(
@@ -187,7 +187,7 @@ def find_blocks(model, graph) -> tuple[Block, ...]:
 @torch.no_grad()
 def activation_scores(model, blocks, calib_tokens: torch.Tensor, batch_size: int = 4) -> Scores:
     """Minitron activation importance (importance.minitron_sq, .head_outputs) over ``calib_tokens`` [N, T]."""
-    hidden, head_dim = model.get_input_embeddings().weight.shape[1], models.shape(model.config)["head_dim"]
+    hidden, head_dim = model.get_input_embeddings().weight.shape[1], architecture.shape(model.config)["head_dim"]
     sums, batch = {}, []  # sums of minitron_sq per key; the current batch of token ids
 
     def add(key, act, o_weight=None):  # some architectures (OPT) flatten [B, T, C] to [B * T, C] inside a layer
@@ -229,7 +229,7 @@ def weight_scores(model, graph, blocks, method: str, calib_tokens: torch.Tensor 
     magnitude = method == "magnitude"
     imp = tp.importance.GroupMagnitudeImportance(p=2) if magnitude else tp.importance.GroupTaylorImportance()
     term = (lambda w: w.detach().pow(2)) if magnitude else (lambda w: (w.detach() * w.grad).abs())
-    n_heads, embed = models.shape(model.config)["num_attention_heads"], model.get_input_embeddings()
+    n_heads, embed = architecture.shape(model.config)["num_attention_heads"], model.get_input_embeddings()
     hidden = imp(graph.get_pruning_group(embed, tp.prune_embedding_out_channels, list(range(embed.weight.shape[1]))))
     mlp = tuple(
         imp(
@@ -269,7 +269,7 @@ def generic_scores(
         return activation_scores(model, blocks, calib_tokens, batch_size)
     if importance != "random":
         return weight_scores(model, graph, blocks, importance, calib_tokens, batch_size)
-    gen, n_heads = torch.Generator().manual_seed(seed), models.shape(model.config)["num_attention_heads"]
+    gen, n_heads = torch.Generator().manual_seed(seed), architecture.shape(model.config)["num_attention_heads"]
     heads = None if any(b.o is None for b in blocks) else tuple(torch.rand(n_heads, generator=gen) for _ in blocks)
     return Scores(
         hidden=torch.rand(model.get_input_embeddings().weight.shape[1], generator=gen),
@@ -293,7 +293,7 @@ def select_heads(scores: torch.Tensor, n_kv: int, keep: int) -> torch.Tensor:
 
 def select_generic(scores: Scores, config, target: dict) -> GenericKeep:
     """Kept indices of a width target (``check_target``) from the scores of the source (of ``config``)."""
-    source, want = models.shape(config), check_target(config, target)
+    source, want = architecture.shape(config), check_target(config, target)
     if (prune_heads := want["num_attention_heads"] != source["num_attention_heads"]) and scores.heads is None:
         raise WhelpError(
             "this architecture's attention (fused or unrecognised q/k/v) cannot be head-pruned by "
@@ -318,7 +318,7 @@ def _dropped(n: int, kept: torch.Tensor) -> list[int]:
 def apply_generic(model, keep: GenericKeep, graph=None):
     """Prune ``model`` in place to ``keep``; returns a fresh model of the new config holding its weights (strict
     load, re-tied embeddings). ``graph``: ``build_graph(model)`` if already built."""
-    source = models.shape(model.config)
+    source = architecture.shape(model.config)
     n_heads, head_dim = source["num_attention_heads"], source["head_dim"]
     want = check_target(
         model.config,
@@ -358,7 +358,7 @@ def apply_generic(model, keep: GenericKeep, graph=None):
 def prune_generic(
     model, target_shape: dict, importance: str = "activation", calib_tokens: torch.Tensor | None = None, seed: int = 0
 ) -> tuple[object, GenericKeep]:
-    """Width-prune a model torch-pruning can trace to ``target_shape`` (``models.shape`` keys, any subset; only
+    """Width-prune a model torch-pruning can trace to ``target_shape`` (``architecture.shape`` keys, any subset; only
     ``WIDTH_KEYS`` may differ); ``calib_tokens`` [N, T] for ``activation`` and ``taylor``. ``model`` is consumed
     (pruned in place); returns a fresh model built from the updated config and the kept indices."""
     check_target(model.config, target_shape)  # refuse before tracing and calibrating

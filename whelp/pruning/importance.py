@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from whelp.architecture import layer_output
 from whelp.errors import WhelpError
-from whelp.models import layer_output
 from whelp.pruning import moe
 from whelp.pruning.arch import Family, axes_of
 from whelp.pruning.keep import Keep, head_dim_of, rope_exact_dims, text_config, top_indices
@@ -219,7 +219,7 @@ def skip_losses(model, tokens: Tensor, batch_size: int = 4, progress: Callable[[
 def select(
     scores: dict[str, Tensor], source_cfg, shape: dict, layer_method: str = "block", tie: str | None = None
 ) -> Keep:
-    """The Keep of target ``shape`` (``models.SHAPE_KEYS``, and an MoE teacher's expert axes) that retains the
+    """The Keep of target ``shape`` (``architecture.SHAPE_KEYS``, and an MoE teacher's expert axes) that retains the
     highest-scoring structures.
 
     Layers are ranked first; widths are then chosen per kept layer. KV groups rank by the summed

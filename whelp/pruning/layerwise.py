@@ -14,8 +14,8 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from whelp.architecture import kv_cache_name
 from whelp.errors import WhelpError
-from whelp.models import kv_cache_name
 from whelp.pruning import moe_layout
 from whelp.pruning.arch import SQRT_HIDDEN
 from whelp.pruning.keep import text_config

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from whelp import models
+from whelp import architecture
 from whelp.errors import WhelpError
 from whelp.pruning.arch import FAMILIES, Family
 from whelp.pruning.keep import text_config, top_indices
@@ -49,10 +49,10 @@ def moe_family_of(config) -> Family | None:
 
 
 def moe_shape(config) -> dict:
-    """``models.shape`` plus the expert axes under the family's HF names (and ``num_experts_per_tok``)."""
+    """``architecture.shape`` plus the expert axes under the family's HF names (and ``num_experts_per_tok``)."""
     family, cfg = moe_family_of(config), text_config(config)
     return {
-        **models.shape(cfg),
+        **architecture.shape(cfg),
         family.experts_key: getattr(cfg, family.experts_key),
         "num_experts_per_tok": cfg.num_experts_per_tok,
         family.ffn_key: getattr(cfg, family.ffn_key),
@@ -60,8 +60,8 @@ def moe_shape(config) -> dict:
 
 
 def shape_of(config) -> dict:
-    """The shape vocabulary of any teacher: ``moe_shape`` for an MoE family, else ``models.shape``."""
-    return moe_shape(config) if moe_family_of(config) is not None else models.shape(config)
+    """The shape vocabulary of any teacher: ``moe_shape`` for an MoE family, else ``architecture.shape``."""
+    return moe_shape(config) if moe_family_of(config) is not None else architecture.shape(config)
 
 
 def is_sparse(config, layer: int) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from whelp.models import layer_output
+from whelp.architecture import layer_output
 from whelp.pruning.lsq import DAMP, Moments, refit
 from whelp.pruning.moe import expert_activations, expert_inputs
 

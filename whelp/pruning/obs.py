@@ -30,8 +30,8 @@ import contextlib
 import torch
 from torch import Tensor
 
+from whelp.architecture import layer_output
 from whelp.errors import WhelpError
-from whelp.models import layer_output
 from whelp.pruning.arch import Family
 from whelp.pruning.layerwise import Stop, standing_in
 from whelp.pruning.lsq import Moments

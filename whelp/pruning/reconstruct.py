@@ -53,8 +53,8 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
+from whelp.architecture import layer_output
 from whelp.errors import WhelpError
-from whelp.models import layer_output
 from whelp.pruning.arch import Family, split_name
 from whelp.pruning.keep import Keep, head_dim_of, text_config
 from whelp.pruning.layerwise import Stop, assign_layer, layer_types, rope_and_mask, skeleton, standing_in

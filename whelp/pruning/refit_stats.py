@@ -12,7 +12,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from whelp.models import layer_output
+from whelp.architecture import layer_output
 from whelp.pruning.arch import Family
 from whelp.pruning.layerwise import Stop
 from whelp.pruning.lsq import Moments

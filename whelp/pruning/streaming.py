@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from whelp.architecture import layer_output
 from whelp.assistant import carry_assistant
 from whelp.errors import WhelpError
 from whelp.hf_compat import write_legacy_fields
-from whelp.models import check_checkpoint, check_written, layer_output, load_config
+from whelp.models import check_checkpoint, check_written, load_config
 from whelp.pruning import moe_layout
 from whelp.pruning.arch import family_of
 from whelp.pruning.importance import attach, finish, minitron_sq, select, weight_scores

@@ -1,6 +1,6 @@
 """Target shapes: presets, HF config files and ``key=value`` overrides, validated against the teacher.
 
-A target is the teacher's shape (``models.SHAPE_KEYS``) with some axes reduced. Presets hold the
+A target is the teacher's shape (``architecture.SHAPE_KEYS``) with some axes reduced. Presets hold the
 exact Llama 3.2 shapes of docs/design.md section 2 (pruned from Llama 3.1 8B) and two shapes of the demo
 teacher SmolLM2-135M with half and a quarter of its 106.2M non-embedding parameters.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from whelp import models
+from whelp import architecture, models
 from whelp.errors import WhelpError
 from whelp.pruning import arch, moe
 from whelp.pruning.arch import WIDTH_KEYS
@@ -88,12 +88,12 @@ PRESETS = {
         None,
     ),
 }
-_AXES = models.SHAPE_KEYS[:6]  # the widths and counts a target shrinks (not vocab_size or tie_word_embeddings)
+_AXES = architecture.SHAPE_KEYS[:6]  # the widths and counts a target shrinks (not vocab_size or tie_word_embeddings)
 
 
 @dataclass(frozen=True)
 class Target:
-    """A validated target: its shape under ``models.SHAPE_KEYS``, the RoPE it asks for (None: the teacher's) and
+    """A validated target: its shape under ``architecture.SHAPE_KEYS``, the RoPE it asks for (None: the teacher's) and
     whether it names a published model's config (a preset or config.json), whose keys a prune must not add to."""
 
     name: str
@@ -248,7 +248,7 @@ def _check_config(source_cfg, shape: dict, spec: str) -> None:
 
 def first_keep(source_cfg, shape: dict, tie: str | None = "embedding") -> Keep:
     """A Keep of ``shape`` taking the first indices of every axis: for configs and counts without scores."""
-    src = models.shape(source_cfg)
+    src = architecture.shape(source_cfg)
     layers = tuple(range(shape["num_hidden_layers"]))
     kv, per_group = shape["num_key_value_heads"], shape["num_attention_heads"] // shape["num_key_value_heads"]
     untied_to_tied = not src["tie_word_embeddings"] and shape["tie_word_embeddings"]
@@ -321,9 +321,9 @@ def plan_target(source_cfg, target: str, rope: str = "auto") -> dict:
     for side, config in (("source", source_cfg), ("target", cfg)):
         keys = ("params", "non_embedding_params", "active_params")
         if moe.moe_family_of(config) is not None:
-            counts = dict(zip(keys, models.count_params(config, active=True)))
+            counts = dict(zip(keys, architecture.count_params(config, active=True)))
         else:
-            counts = dict(zip(keys[:2], models.count_params(config)))
+            counts = dict(zip(keys[:2], architecture.count_params(config)))
         out[side] = {**moe.shape_of(config), **counts, "rope": rope_summary(config)}
     return out
 
@@ -333,13 +333,13 @@ def plan_target(source_cfg, target: str, rope: str = "auto") -> dict:
 
 def generic_config(config, shape: dict):
     """The HF config of a generic prune of ``config`` to ``shape``; each width goes to the first of its key and its
-    ``models.SHAPE_ALIASES`` the config sets (OPT: ffn_dim); implicit KV heads stay implicit."""
+    ``architecture.SHAPE_ALIASES`` the config sets (OPT: ffn_dim); implicit KV heads stay implicit."""
     new = copy.deepcopy(config)
-    text, old = new.get_text_config(), models.shape(config)
+    text, old = new.get_text_config(), architecture.shape(config)
     if getattr(text, "word_embed_proj_dim", None) == text.hidden_size:  # OPT: no projection when equal
         text.word_embed_proj_dim = shape["hidden_size"]
     for key in WIDTH_KEYS + ("num_key_value_heads",):
-        keys = (key,) + models.SHAPE_ALIASES.get(key, ())
+        keys = (key,) + architecture.SHAPE_ALIASES.get(key, ())
         name = next((k for k in keys if getattr(text, k, None) is not None), None)
         if name is None and key == "intermediate_size":  # GPT-2's n_inner=None (4 x hidden) becomes explicit
             name = next((k for k in keys if k in text.to_dict()), None)
@@ -349,9 +349,9 @@ def generic_config(config, shape: dict):
 
 
 def check_target(config, target: dict) -> dict:
-    """The full shape (``models.shape`` keys) of a generic prune of ``config`` to ``target`` (any subset; under MHA
+    """The full shape (``architecture.shape`` keys) of a generic prune of ``config`` to ``target`` (any subset; under MHA
     KV heads follow query heads); WhelpError for an axis it cannot change or a shape the config cannot express."""
-    source = models.shape(config)
+    source = architecture.shape(config)
     mha = source["num_key_value_heads"] == source["num_attention_heads"]
     want = {**source, **{k: v for k, v in target.items() if v is not None}}
     follow = {"num_key_value_heads": want["num_attention_heads"]} if mha else {}  # MHA: KV heads follow query heads
@@ -366,8 +366,8 @@ def check_target(config, target: dict) -> dict:
     for key in WIDTH_KEYS:
         if not isinstance(want[key], int) or not 1 <= want[key] <= source[key]:
             raise WhelpError(f"{key}={want[key]} must be in [1, {source[key]}] (the source's width)")
-    got = models.shape(new := generic_config(config, want))
-    if bad := [f"{k}={got[k]} (not {want[k]})" for k in models.SHAPE_KEYS if got[k] != want[k]]:
+    got = architecture.shape(new := generic_config(config, want))
+    if bad := [f"{k}={got[k]} (not {want[k]})" for k in architecture.SHAPE_KEYS if got[k] != want[k]]:
         raise WhelpError(
             f"{config.model_type} cannot express this pruned shape: its config would give "
             f"{', '.join(bad)} (it ties that width to others, e.g. head_dim = hidden_size / "

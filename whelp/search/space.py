@@ -40,7 +40,7 @@ class Counter:
     The teacher is built once on the meta device; each of its parameters is mapped to its axes by the family table,
     so a shape's count is sum over tensors of prod(axis sizes), layer tensors times num_hidden_layers, with
     q = heads * head_dim and kv = kv_heads * head_dim. The embedding (and an untied lm_head) are counted from the
-    shape's ``tie_word_embeddings``, as models.count_params does. Every method takes ints or numpy arrays.
+    shape's ``tie_word_embeddings``, as architecture.count_params does. Every method takes ints or numpy arrays.
 
     MoE teachers (moe.py): each expert tensor is one more factor, the expert count; the expert FFN width is the mlp
     axis where the family names it ``intermediate_size`` (Mixtral) and the teacher's otherwise (Qwen, whose mlp is
@@ -85,7 +85,7 @@ class Counter:
         self.keys = {**AXIS_KEYS, "mlp": "intermediate_size" if dense_mlp else family.ffn_key}
         if family.experts_key:
             self.keys["experts"] = family.experts_key
-        actual = sum(p.numel() for p in model.parameters())  # models.count_params' total: tied lm_head once
+        actual = sum(p.numel() for p in model.parameters())  # architecture.count_params' total: tied lm_head once
         if self.params(self.teacher)[0] != actual:  # the closed form must reproduce the teacher, or the table is off
             raise WhelpError(
                 f"closed-form count {self.params(self.teacher)[0]} of the {family.name} teacher differs "
@@ -131,7 +131,7 @@ class Counter:
 
     def idle(self, layers, hidden, mlp, experts):
         """Parameters a token does not run through: the E - k experts its router leaves out, in every layer (the
-        teacher's k, ``num_experts_per_tok``); models.count_params(..., active=True)'s total - active."""
+        teacher's k, ``num_experts_per_tok``); architecture.count_params(..., active=True)'s total - active."""
         if not self.family.experts_key:
             return 0
         return layers * (experts - self.teacher["num_experts_per_tok"]) * self.per_expert(hidden, mlp)
@@ -147,7 +147,7 @@ class Counter:
         return self.teacher["vocab_size"] * hidden * (1 if tied else 2)
 
     def params(self, shape: dict) -> tuple[int, int]:
-        """``(total, non_embedding)`` of ``shape``: equals models.count_params of its pruned config."""
+        """``(total, non_embedding)`` of ``shape``: equals architecture.count_params of its pruned config."""
         per_layer, rest = self.parts(
             *(shape[self.keys[a]] for a in ("hidden", "mlp", "heads", "kv_heads", "head_dim")), self.experts_of(shape)
         )
