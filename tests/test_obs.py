@@ -9,7 +9,7 @@ from conftest import save_tiny, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from whelp import pricing
+from whelp import footprint
 from whelp.errors import WhelpError
 from whelp.pruning import api, arch, obs, shards, streaming
 from whelp.pruning.reconstruct import resolve as reconstruct_mode
@@ -165,10 +165,10 @@ def test_the_plan_prices_the_selection_only_where_it_chooses():
     """Per student layer: the Gram over the calibration tokens (2 T n^2) and the removal (4 n^2 per neuron), four
     float64 n x n matrices of host memory and, under span, one layer's fp32 activations of every neuron over the
     calibration tokens; a layer that keeps every neuron gathers nothing (select_mlp)."""
-    assert pricing.select_flops(256, 2, 128, 96) == 2 * (2 * 256 * 128**2 + 4 * 128**2 * 32)
-    assert [p["bytes"] for p in pricing.select_memory(128, 96)] == [4 * 128 * 128 * 8]
-    assert [p["bytes"] for p in pricing.select_memory(128, 96, tokens=256)] == [4 * 128 * 128 * 8, 4 * 256 * 128]
-    assert pricing.select_flops(256, 2, 128, 128) == 0 and pricing.select_memory(128, 128, tokens=256) == []
+    assert footprint.select_flops(256, 2, 128, 96) == 2 * (2 * 256 * 128**2 + 4 * 128**2 * 32)
+    assert [p["bytes"] for p in footprint.select_memory(128, 96)] == [4 * 128 * 128 * 8]
+    assert [p["bytes"] for p in footprint.select_memory(128, 96, tokens=256)] == [4 * 128 * 128 * 8, 4 * 256 * 128]
+    assert footprint.select_flops(256, 2, 128, 128) == 0 and footprint.select_memory(128, 128, tokens=256) == []
 
 
 @pytest.mark.parametrize(

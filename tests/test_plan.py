@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import make_chat_teacher, run_cli, save_tiny, tiny_tokenizer
 
-from whelp import architecture, models, plan, pricing, recipe
+from whelp import architecture, footprint, models, plan, pricing, recipe
 from whelp.errors import WhelpError
 from whelp.specs import GenerateSpec, PruneSpec
 
@@ -229,8 +229,10 @@ def test_tiny_recipe_prices_every_stage_in_fp32():
     teacher, student = planned["teacher"]["shape"]["params"], planned["student"]["params"]
     prune, capture, distill = planned["stages"]
     # calibration, the default reconstruction's refit passes and its OBS selection (30 -> 4 layers, MLP 1536 -> 256)
-    selection = pricing.select_flops(4 * 64, 4, 1536, 256)
-    assert prune["flops"] == 2 * teacher * 4 * 64 * (1 + pricing.REFIT_PASSES) + selection and prune["device"] == "cpu"
+    selection = footprint.select_flops(4 * 64, 4, 1536, 256)
+    assert (
+        prune["flops"] == 2 * teacher * 4 * 64 * (1 + footprint.REFIT_PASSES) + selection and prune["device"] == "cpu"
+    )
     assert prune["fits"] is None
     assert capture["tokens"] == 1024 and capture["flops"] == 2 * teacher * 1024
     assert distill["flops"] == (6 * student + 2 * teacher) * 1024
@@ -336,13 +338,13 @@ def test_chat_generation_is_priced_per_conversation_by_hand():
     """Best of 4 answers to self-written requests: every conversation token passes the teacher 4 times sampling
     and 4 scoring, and the request (with its template) once more before it is answered."""
     spec = GenerateSpec(max_tokens=100, chat=True, samples_per_prompt=4, request_tokens=10, new_tokens=30)
-    assert pricing.generate_flops_per_token(1000, spec, 8) == {
+    assert footprint.generate_flops_per_token(1000, spec, 8) == {
         "teacher_sampling": 8000,
         "teacher_scoring": 8000,
         "request_writing": 2000 * 18 / 48,
     }
-    assert pricing.generate_flops_per_token(1000, GenerateSpec(max_tokens=1000), 8) == {"teacher_sampling": 2000}
-    briefed = pricing.generate_flops_per_token(1000, spec, 8, system=12)  # a system turn shown, not stored
+    assert footprint.generate_flops_per_token(1000, GenerateSpec(max_tokens=1000), 8) == {"teacher_sampling": 2000}
+    briefed = footprint.generate_flops_per_token(1000, spec, 8, system=12)  # a system turn shown, not stored
     assert briefed == {"teacher_sampling": 10_000, "teacher_scoring": 10_000, "request_writing": 2000 * 18 / 48}
 
 
@@ -403,12 +405,12 @@ def test_the_prune_stage_prices_the_refits_calibration_states(mode, copies):
         prune = _stage(plan.plan_recipe(load), "prune[0]")
         states = [p["bytes"] for p in prune["memory"] if p["what"].startswith("reconstruction:")]
         assert states == ([4 * blocks * 8192 * 4096 * copies] if copies else [])
-    passes = 0 if mode == "none" else pricing.REFIT_PASSES
+    passes = 0 if mode == "none" else footprint.REFIT_PASSES
     refit = PruneSpec(calib_samples=8, refit_samples=2, seq_len=16, reconstruct=mode)
-    assert pricing.prune_flops(refit, 100, 4, "span_attn" if mode == "auto" else mode) == 2 * 100 * 16 * (
+    assert footprint.prune_flops(refit, 100, 4, "span_attn" if mode == "auto" else mode) == 2 * 100 * 16 * (
         8 + passes * 2
     )
-    assert [p["bytes"] for p in pricing.refit_memory(10, 4, "bias")] == [160]  # the student's states alone
+    assert [p["bytes"] for p in footprint.refit_memory(10, 4, "bias")] == [160]  # the student's states alone
 
 
 def test_a_refit_the_prune_would_refuse_is_refused_by_the_plan():
@@ -440,14 +442,14 @@ def test_a_generic_path_teacher_is_priced_without_the_refit_auto_does_not_run(tm
 
 
 def test_the_prune_stage_prices_obs_selection_on_top_of_the_refit():
-    """``prune.select: obs`` (what ``auto`` is for a Llama refit) adds pricing.select_flops for the 8B -> 1B MLP
-    widths to the stage's FLOPs and pricing.select_memory to its memory; ``importance`` adds nothing."""
+    """``prune.select: obs`` (what ``auto`` is for a Llama refit) adds footprint.select_flops for the 8B -> 1B MLP
+    widths to the stage's FLOPs and footprint.select_memory to its memory; ``importance`` adds nothing."""
     stages = {
         how: _stage(plan.plan_recipe(recipe.load("llama-3.2-1b", (f"prune.select={how}",))), "prune[0]")
         for how in ("importance", "obs", "auto")
     }
     spec = recipe.load("llama-3.2-1b").prune[0].options
-    added = pricing.select_flops(spec.refit_blocks * spec.seq_len, 16, 14336, 8192)  # on the refit's blocks
+    added = footprint.select_flops(spec.refit_blocks * spec.seq_len, 16, 14336, 8192)  # on the refit's blocks
     assert stages["obs"]["flops"] - stages["importance"]["flops"] == added > 0
     assert stages["auto"]["flops"] == stages["obs"]["flops"]
     extra = [p for p in stages["obs"]["memory"] if p not in stages["importance"]["memory"]]
@@ -458,7 +460,7 @@ def test_the_prune_stage_prices_obs_selection_on_top_of_the_refit():
         plan.plan_recipe(recipe.load("llama-3.2-1b", ("prune.select=obs", "prune.reconstruct=none")))
     unrefit = _stage(plan.plan_recipe(recipe.load("llama-3.2-1b", ("prune.reconstruct=none",))), "prune[0]")
     refit = stages["importance"]["flops"] - unrefit["flops"]  # REFIT_PASSES forwards over the refit's blocks
-    assert refit * spec.calib_samples == unrefit["flops"] * pricing.REFIT_PASSES * spec.refit_blocks > 0
+    assert refit * spec.calib_samples == unrefit["flops"] * footprint.REFIT_PASSES * spec.refit_blocks > 0
 
 
 def test_chat_rows_trained_by_ce_alone_are_priced_without_a_teacher_forward():

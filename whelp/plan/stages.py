@@ -7,7 +7,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from whelp import architecture, pricing
+from whelp import architecture, footprint
 from whelp.data import chat, check_data, check_source, tokenstore
 from whelp.data.generate import check_teacher
 from whelp.data.tokenstore import token_dtype
@@ -43,7 +43,7 @@ ESTIMATE = "planned at the largest shape the search may pick; the build uses its
 
 def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> tuple[dict, dict]:
     """A prune step's target shape (``shape``: a search's, for its target) and its costs
-    (whelp.pricing.prune_memory), and the target's sized config."""
+    (whelp.footprint.prune_memory), and the target's sized config."""
     where, source_cfg = f"recipe.prune[{index}]", source["config"]
     text = step.target if shape is None else ",".join(f"{k}={str(shape[k]).lower()}" for k in shape_of(source_cfg))
     parsed = _at(f"{where}.target", lambda: parse_target(source_cfg, text))
@@ -65,18 +65,18 @@ def _prune_stage(step, source: dict, index: int, shape: dict | None = None) -> t
         "shape": _params(target),
         "rope": {"source": rope_summary(source_cfg), "target": rope_summary(target["config"])},
         "tokens": spec.calib_samples * spec.seq_len,
-        "flops": pricing.prune_flops(spec, source["active"], source_cfg.num_hidden_layers, mode) + select["flops"],
+        "flops": footprint.prune_flops(spec, source["active"], source_cfg.num_hidden_layers, mode) + select["flops"],
         "parallel": False,
         "device": "cpu",
-        "memory": pricing.prune_memory(source["params"])
-        + pricing.refit_memory(spec.refit_blocks * spec.seq_len, text_config(source_cfg).hidden_size, mode)
+        "memory": footprint.prune_memory(source["params"])
+        + footprint.refit_memory(spec.refit_blocks * spec.seq_len, text_config(source_cfg).hidden_size, mode)
         + select["memory"],
-        "disk_bytes": {"model": pricing.MODEL_BYTES_PER_PARAM * target["params"]},
+        "disk_bytes": {"model": footprint.MODEL_BYTES_PER_PARAM * target["params"]},
     }, target
 
 
 def _selection(spec, source_cfg, target_cfg, family, mode: str) -> dict:
-    """The neuron selection's FLOPs and host memory (pricing.select_flops, select_memory) where it runs: ``--select``
+    """The neuron selection's FLOPs and host memory (footprint.select_flops, select_memory) where it runs: ``--select``
     resolved to obs for the teacher's ``family`` and a refit (``mode``: the resolved reconstruction, lsq, span or
     span_attn) to choose for; else nothing."""
     if not selects(spec.select, mode, family):
@@ -85,8 +85,8 @@ def _selection(spec, source_cfg, target_cfg, family, mode: str) -> dict:
     layers, tokens = text_config(target_cfg).num_hidden_layers, spec.refit_blocks * spec.seq_len
     held = tokens if mode in SPAN_MODES else 0  # the layer's output from the selection's pass
     return {
-        "flops": pricing.select_flops(tokens, layers, width, kept),
-        "memory": pricing.select_memory(width, kept, held),
+        "flops": footprint.select_flops(tokens, layers, width, kept),
+        "memory": footprint.select_memory(width, kept, held),
     }
 
 
@@ -108,7 +108,7 @@ def _capture_stage(ref, model: dict, step, dtype: str, vocab: int, tokens: int, 
         "parallel": True,
         "device": "gpu",
         "bytes_per_token": per_token,
-        "memory": pricing.capture_memory(model, dtype, positions, step.options.kd.chunk_size, vocab, ref.tp_size),
+        "memory": footprint.capture_memory(model, dtype, positions, step.options.kd.chunk_size, vocab, ref.tp_size),
         "tp_size": ref.tp_size,
         "disk_bytes": {"cache": per_token * tokens},
     }
@@ -159,7 +159,7 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer, ch
         "live_teachers": round(_teacher_share(spec, chat) * sum(2 * (m["active"] - head(m)) for _, m in live)),
         "cache_teachers_once": sum(2 * m["active"] for _, m in cached),
     }
-    memory = pricing.distill_memory(spec, student, [m for _, m in live])
+    memory = footprint.distill_memory(spec, student, [m for _, m in live])
     return {
         "stage": f"{'local' if spec.hidden.local else 'distill'}[{index}]",
         "kind": "distill",
@@ -181,7 +181,7 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer, ch
             for c, m in cached
         ],
         "memory_bytes": {
-            "student_training": pricing.TRAIN_BYTES_PER_PARAM * n_student,
+            "student_training": footprint.TRAIN_BYTES_PER_PARAM * n_student,
             "live_teachers": sum(p["bytes"] for p in memory if "teacher" in p),
         },
         "flops": (per_token["student_train"] + per_token["student_sampling"] + per_token["live_teachers"]) * tokens,
@@ -190,8 +190,8 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer, ch
         "memory": memory,
         "disk_bytes": {
             "store": data["store_bytes"],
-            "checkpoints": spec.save.keep_last * pricing.CHECKPOINT_BYTES_PER_PARAM * n_student,
-            "model": pricing.MODEL_BYTES_PER_PARAM * n_student,
+            "checkpoints": spec.save.keep_last * footprint.CHECKPOINT_BYTES_PER_PARAM * n_student,
+            "model": footprint.MODEL_BYTES_PER_PARAM * n_student,
         },
     }, cached
 
@@ -232,16 +232,16 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
         "flops": cost["total"],
         "parallel": False,
         "device": "gpu",
-        "memory": pricing.distill_memory(run, largest, [teacher]),
+        "memory": footprint.distill_memory(run, largest, [teacher]),
         "disk_bytes": {
             "store": data["store_bytes"],
-            "models": (spec.candidates + 1) * pricing.MODEL_BYTES_PER_PARAM * largest["params"],
+            "models": (spec.candidates + 1) * footprint.MODEL_BYTES_PER_PARAM * largest["params"],
         },
     }
 
 
 def _generate_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
-    """Teacher text: its tokens, the FLOPs of sampling them (``pricing.generate_flops_per_token``; decoding is bound
+    """Teacher text: its tokens, the FLOPs of sampling them (``footprint.generate_flops_per_token``; decoding is bound
     by memory bandwidth, so expect an MFU well below training's), one process's memory and the store's bytes (a chat
     store adds one mask bit a token). A chat stage counts the teacher's template tokens when its tokenizer is on
     this machine (``template`` None: not counted)."""
@@ -257,7 +257,7 @@ def _generate_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
             system = _at("recipe.generate.system", lambda: chat.system_tokens(tokenizer, spec.system))
     own = tokenizer if step.model == TEACHER else None  # another model's vocabulary: its config's
     _at("recipe.generate", lambda: check_teacher(spec, model["config"], own, template or 0))
-    per_token = pricing.generate_flops_per_token(model["active"], spec, template or 0, system)
+    per_token = footprint.generate_flops_per_token(model["active"], spec, template or 0, system)
     sequence = (template or 0) + system + spec.request_tokens if spec.chat else spec.prompt_tokens
     tokens = spec.max_tokens
     store = token_dtype(teacher["config"].vocab_size).itemsize * tokens + (-(-tokens // 8) if spec.chat else 0)
@@ -279,7 +279,7 @@ def _generate_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
         "flops": round(sum(per_token.values()) * tokens),
         "parallel": False,
         "device": "gpu" if spec.device.startswith("cuda") else "cpu",
-        "memory": pricing.generate_memory(model, spec, sequence + spec.new_tokens),
+        "memory": footprint.generate_memory(model, spec, sequence + spec.new_tokens),
         "store_bytes": store,
         "disk_bytes": {"store": store},
     }
