@@ -1,4 +1,4 @@
-"""The distillation loop: ``state.setup`` -> ``train`` (one optimizer step at a time, each a sum of ``loss_step``s) -> done.
+"""The distillation loop: ``state.setup`` -> ``train`` (one optimizer step at a time, each a sum of ``loss_step``s).
 
 Per optimizer step (torchtune's KD recipe is the model): for each micro-batch, frozen teachers give final hidden
 states under ``no_grad`` (or a cache gives sparse targets), the student gives its final hidden states, and the fused
