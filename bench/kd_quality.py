@@ -82,9 +82,9 @@ def main() -> None:
 
     from whelp.data import read_documents, token_stream
     from whelp.distillation.inprocess import distill
-    from whelp.distillation.loop import DistillSpec
     from whelp.models import load_tokenizer, registered_dir
     from whelp.pruning.api import PruneSpec, prune_checkpoint
+    from whelp.specs import DistillSpec
 
     t_start = time.perf_counter()
     teacher = str(registered_dir("smollm2-135m"))

@@ -56,8 +56,9 @@ def budget(args) -> int:
 def worker(root: Path, config: str, args) -> dict:
     """One configuration in this process: median seconds per optimizer step (first step excluded)."""
     from whelp.distillation.inprocess import distill
-    from whelp.distillation.loop import DistillSpec, compute_dtype
+    from whelp.distillation.state import compute_dtype
     from whelp.models import registered_dir
+    from whelp.specs import DistillSpec
 
     teacher = str(registered_dir("smollm2-135m"))
     if config == "teacher_forward":
@@ -87,7 +88,7 @@ def worker(root: Path, config: str, args) -> dict:
 
 def teacher_forward(root: Path, teacher: str, args) -> float:
     from whelp.data import open_blocks
-    from whelp.distillation.loop import compute_dtype
+    from whelp.distillation.state import compute_dtype
     from whelp.models import load_model
 
     model, tokenizer = load_model(teacher)

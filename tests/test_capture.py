@@ -16,7 +16,7 @@ from conftest import run_cli, save_tiny, tiny_model, tiny_tokenizer, whelp_env
 from whelp.data import TensorBlocks
 from whelp.distillation import capture, head
 from whelp.distillation.cache import open_cache
-from whelp.distillation.loop import backbone
+from whelp.distillation.losses import backbone
 from whelp.errors import WhelpError
 from whelp.specs import CacheSpec
 

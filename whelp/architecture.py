@@ -128,8 +128,8 @@ def count_params(config, policy: LoadPolicy = LoadPolicy(), active: bool = False
     once. Non-embedding excludes the token embedding and an untied lm_head (Kaplan et al. 2020).
     Experts are found as transformers 5 holds them: a module's ``experts`` with fused ``gate_up_proj`` [E, 2I, H].
     """
-    import torch  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - heavy: locate, shapes and inspect's file reads need no torch
+    import torch  # noqa: PLC0415 - heavy: reading shapes from a config needs no torch
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - heavy: shapes need no transformers models
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=policy.trust_remote_code)

@@ -1,8 +1,10 @@
-"""What a stage computes and holds, before any GPU is chosen: the memory parts of each stage and the FLOPs of the
-prune's calibration passes, from configs and specs alone (``whelp.pricing`` prices them on N GPUs of one kind).
+"""What a stage computes and holds, before any GPU is chosen: the memory parts of each stage, and the FLOPs of the
+prune's calibration passes and of generation, from configs and specs alone (``whelp.pricing`` prices them on N GPUs
+of one kind).
 
 Memory per GPU is a sum of parts, each ``replicated`` (every GPU holds it), ``sharded`` (FSDP2 splits it over the
-stage's GPUs: bytes / N) or ``gathered`` (FSDP2's unsharded working set, held only when N > 1). The formulas,
+stage's GPUs: bytes / N), ``gathered`` (FSDP2's unsharded working set, held only when N > 1) or ``split`` (tensor
+parallel: bytes / its ways). The formulas,
 b sequences of s tokens per GPU, hidden size h, L layers, V vocabulary ids, bytes in the activation dtype d:
   training state   16 B/param: fp32 weights 4 + fp32 grads 4 + AdamW's two fp32 moments 8 (the 16 bytes/param of
                    mixed-precision Adam in Rajbhandari et al. 2020, "ZeRO", section 3.1);

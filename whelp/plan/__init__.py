@@ -3,8 +3,9 @@
 Per stage (generate, search, prune, one capture per cached teacher, distill): shapes and parameters (from configs on the
 meta device; no weights), FLOPs per token and in total, tokens, the parts of its memory and its bytes on disk; the
 formulas (Kaplan et al. 2020's 2 N per token forward and 6 N training, N the total parameters including embeddings,
-as docs/design.md section 8 counts the 70B's 141 GFLOP/token; memory and disk) are in ``whelp.pricing``, which turns
-a plan into GPU-hours, wall-clock hours and bytes per GPU on a chosen kind and number of GPUs.
+as docs/design.md section 8 counts the 70B's 141 GFLOP/token; memory and disk) are in ``whelp.footprint`` (what each
+stage holds, the prune's and generation's FLOPs) and ``whelp.pricing``, which turns a plan into GPU-hours, wall-clock
+hours and bytes per GPU on a chosen kind and number of GPUs.
 And per stage the data: tokens it needs, tokens its sources hold (when their token stores exist: a store
 directory, or the store a raw source was tokenized into) and the resulting epochs, and the store's bytes on disk
 (2 bytes per token at vocab <= 65,536, else 4).

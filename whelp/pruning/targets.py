@@ -349,8 +349,8 @@ def generic_config(config, shape: dict):
 
 
 def check_target(config, target: dict) -> dict:
-    """The full shape (``architecture.shape`` keys) of a generic prune of ``config`` to ``target`` (any subset; under MHA
-    KV heads follow query heads); WhelpError for an axis it cannot change or a shape the config cannot express."""
+    """The full shape (``architecture.shape`` keys) of a generic prune of ``config`` to ``target`` (any subset; under
+    MHA KV heads follow query heads); WhelpError for an axis it cannot change or a shape the config cannot express."""
     source = architecture.shape(config)
     mha = source["num_key_value_heads"] == source["num_attention_heads"]
     want = {**source, **{k: v for k, v in target.items() if v is not None}}
