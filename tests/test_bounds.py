@@ -149,15 +149,15 @@ distill: {steps: 2%s}
         ),
         ("", ("distill.steps=3", "distill.steps=4"), "--set distill.steps is given twice; give each key once"),
         (
-            "}\ngenerate: {max_tokens: 1000000, new_tokens: 200000",
+            "}\ngenerate: {max_tokens: 1000000, new_tokens: 200000}\ndata: {train: generated",
             (),
-            "recipe.generate: prompt tokens (up to 1) + --new-tokens 200,000 = 200001 is longer than the model's "
+            "recipe.generate[0]: prompt tokens (up to 1) + --new-tokens 200,000 = 200001 is longer than the model's "
             "131072 positions",
         ),
         (
-            "}\ngenerate: {max_tokens: 1000, new_tokens: 8, top_k: 200000",
+            "}\ngenerate: {max_tokens: 1000, new_tokens: 8, top_k: 200000}\ndata: {train: generated",
             (),
-            "recipe.generate: --top-k 200,000 is more than the teacher's 128,256-token vocabulary",
+            "recipe.generate[0]: --top-k 200,000 is more than the teacher's 128,256-token vocabulary",
         ),
         (
             ", caches: [{k: 200000}]",

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import save_tiny, tiny_tokenizer
 
-from whelp import build, recipe
+from whelp import build, pricing, recipe
 from whelp.data.generate import generate_store
 from whelp.errors import WhelpError
 from whelp.plan import plan_recipe
@@ -48,7 +48,7 @@ def test_the_generate_stage_is_whelp_generate_and_feeds_calibration_and_training
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["complete"] and manifest["total_tokens"] == 600 and manifest["generation"]["new_tokens"] == 24
     direct = generate_store(
-        str(root / "teacher"), tmp_path / "direct", recipe.load(str(root / "gen.yaml")).generate.options
+        str(root / "teacher"), tmp_path / "direct", recipe.load(str(root / "gen.yaml")).generate[0].options
     )
     assert json.loads((direct / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
     pruned = json.loads((stage(root, "02-prune") / "prune_report.json").read_text())
@@ -76,7 +76,12 @@ def test_plan_prices_the_teacher_text_and_bad_uses_are_refused(built, tmp_path):
     root, _ = built
     planned = plan_recipe(recipe.load(str(root / "gen.yaml")))
     first = planned["stages"][0]
-    assert first["stage"] == "generate" and first["tokens"] == 600 and first["store_bytes"] == 1200
+    assert (
+        first["stage"] == "generate[0]"
+        and first["name"] == "generated"
+        and first["tokens"] == 600
+        and first["store_bytes"] == 1200
+    )
     assert planned["stages"][1]["data"]["tokens_available"] is None  # made by the build
     text = (root / "gen.yaml").read_text()
     cases = [
@@ -86,9 +91,12 @@ def test_plan_prices_the_teacher_text_and_bad_uses_are_refused(built, tmp_path):
         ),
         (
             text.replace("ppl: [pydoc:eval, licenses]", "ppl: [generated]"),
-            r"recipe.eval.ppl\[0\]: 'generated' is the teacher text the build trains on",
+            r"recipe.eval.ppl\[0\]: 'generated' is teacher text the build makes to train on",
         ),
-        (text.replace("batch_size: 8}", "batch_size: 8, temprature: 1}"), r"recipe.generate.temprature: unknown key"),
+        (
+            text.replace("batch_size: 8}", "batch_size: 8, temprature: 1}"),
+            r"recipe.generate\[0\].temprature: unknown key",
+        ),
         (text.replace("max_tokens: 600, ", ""), r"give --max-tokens N"),
     ]
     for i, (bad, message) in enumerate(cases):
@@ -119,7 +127,69 @@ def test_a_one_source_list_is_that_source_and_a_comma_in_the_build_path_is_read_
         recipe.load(str(tmp_path / "none.yaml"))
     stages, _ = build.plan_stages(recipe.load(str(tmp_path / "one.yaml")), tmp_path / "a,b")  # no refusal
     store = str(tmp_path / "a,b" / "stages" / stages[0].dirname)
-    gen = build.Generated(store, stages[0].key)
+    gen = build.Generated({"generated": (store, stages[0].key)})
     mixture = Mixture.parse("generated:0.5,pydoc:train:0.5")
     assert gen.resolve(mixture).names == (store, "pydoc:train")  # the store's directory, whole
     assert gen.identity(mixture)[0] == [stages[0].key, 0.5]  # keyed by the stage, not by where the build is
+
+
+TWO = """
+name: two
+teacher: {model: %s}
+data: {seq_len: 16, calib: [{source: generated, weight: 0.5}, {source: bos, weight: 0.5}]}
+generate:
+  - {max_tokens: 300, new_tokens: 24, batch_size: 8, prompts: pydoc:train, prompt_tokens: 8}
+  - {name: bos, max_tokens: 200, new_tokens: 20, batch_size: 4}
+prune: {target: "num_hidden_layers=1", calib_samples: 4}
+eval: {max_tokens: 128, ppl: [licenses], speed: {prompt_len: 4, new_tokens: 1, repeats: 1}}
+"""
+
+
+def test_two_named_generate_steps_make_two_stores_each_read_as_its_name(tmp_path):
+    """A step per store, numbered in order; the prune reads each by its name, keyed by its own stage; the plan
+    prices each once; the card names both; renaming a step keeps its store (the prune's key reads the new name)."""
+    save_tiny(tmp_path / "teacher", tiny_tokenizer())
+    (tmp_path / "two.yaml").write_text(TWO % (tmp_path / "teacher"))
+    loaded = recipe.load(str(tmp_path / "two.yaml"))
+    assert [s.name for s in loaded.generate] == ["generated", "bos"]
+    final = build.build(loaded, tmp_path / "out")
+    stages = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "out" / "stages").iterdir()}
+    assert sorted(stages) == ["01-generate", "02-generate", "03-prune", "04-eval"]
+    for name, tokens, step in (("01-generate", 300, loaded.generate[0]), ("02-generate", 200, loaded.generate[1])):
+        manifest = json.loads((stages[name] / "manifest.json").read_text())
+        direct = generate_store(str(tmp_path / "teacher"), tmp_path / f"direct-{name}", step.options)
+        assert manifest["total_tokens"] == tokens
+        assert json.loads((direct / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
+    pruned = json.loads((stages["03-prune"] / "prune_report.json").read_text())
+    assert pruned["spec"]["calib"] == f"{stages['01-generate']}:0.5,{stages['02-generate']}:0.5"
+    card = (final / "README.md").read_text()
+    assert "(the data source `generated`): 300 tokens sampled from" in card
+    assert "(the data source `bos`): 200 tokens sampled from" in card and "after BOS alone" in card
+    planned = plan_recipe(loaded)
+    rows = [(s["stage"], s["name"], s["store_bytes"]) for s in planned["stages"][:2]]
+    assert rows == [("generate[0]", "generated", 600), ("generate[1]", "bos", 400)]
+    priced = pricing.price(planned, pricing.GPUS["h100"], 1)
+    others = sum(b for s in planned["stages"] for k, b in s["disk_bytes"].items() if k != "store")
+    calib = planned["stages"][2]["disk_bytes"]["store"]  # the mixture's blocks, priced as a store of their own
+    assert priced["totals"]["disk_bytes"] == 600 + 400 + calib + others  # two stores, not one named 'generated'
+    renamed = (tmp_path / "two.yaml").read_text().replace("bos", "from_bos")
+    (tmp_path / "renamed.yaml").write_text(renamed)
+    again, _ = build.plan_stages(recipe.load(str(tmp_path / "renamed.yaml")), tmp_path / "out")
+    assert [s.dirname for s in again[:2]] == [stages[n].name for n in ("01-generate", "02-generate")]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("name: bos", "name: generated"), r"recipe.generate\[1\].name: 'generated' also names generate\[0\]"),
+        (("name: bos", "name: licenses"), r"recipe.generate\[1\]: name 'licenses' cannot name teacher text"),
+        (("name: bos", "name: 'pydoc:train'"), r"'pydoc:train' cannot name teacher text; use lower-case letters"),
+        (("{source: bos, weight: 0.5}", "{source: pydoc:calib, weight: 0.5}"), r"generate\[1\]: no stage reads its"),
+        (("ppl: [licenses]", "ppl: [bos]"), r"recipe.eval.ppl\[0\]: 'bos' is teacher text the build makes to train"),
+    ],
+)
+def test_a_bad_generate_step_name_is_one_line(tmp_path, change, message):
+    (tmp_path / "bad.yaml").write_text((TWO % (tmp_path / "teacher")).replace(*change))
+    with pytest.raises(WhelpError, match=message) as err:
+        recipe.load(str(tmp_path / "bad.yaml"))
+    assert "\n" not in str(err.value)

@@ -214,6 +214,7 @@ def test_lineage_says_what_each_stage_ran(tmp_path, dirs):
     """The chat generate stage, the prune's refit (from its report) and the distillation's loss, in words."""
     recipe = _recipe(
         tmp_path,
+        data={"calib": "pydoc:calib", "train": "generated:0.5,pydoc:train:0.5", "eval": "pydoc:eval"},
         generate={
             "chat": True,
             "max_tokens": 6144,
@@ -254,8 +255,8 @@ def test_lineage_says_what_each_stage_ran(tmp_path, dirs):
     )
     lineage[1]["report"] = {"reconstruct": {"mode": "none"}}  # a prune without a refit says nothing of one
     assert "refit" not in model_card(recipe, METRICS, lineage, final)
-    options = dataclasses.replace(recipe.generate.options, system="Be brief.")
-    briefed = dataclasses.replace(recipe, generate=dataclasses.replace(recipe.generate, options=options))
+    options = dataclasses.replace(recipe.generate[0].options, system="Be brief.")
+    briefed = dataclasses.replace(recipe, generate=(dataclasses.replace(recipe.generate[0], options=options),))
     assert (
         'through its chat template under the system turn "Be brief." (not stored: context distillation), T=0.7'
         in model_card(briefed, METRICS, lineage, final)

@@ -386,7 +386,7 @@ def test_a_chat_generate_stage_counts_the_teacher_template_and_needs_one(tmp_pat
             {k: v for k, v in json.loads((path / "tokenizer_config.json").read_text()).items() if k != "chat_template"}
         )
     )
-    with pytest.raises(WhelpError, match=r"recipe.generate.chat: the teacher has no chat template"):
+    with pytest.raises(WhelpError, match=r"recipe.generate\[0\].chat: the teacher has no chat template"):
         plan.plan_recipe(recipe.load(str(tmp_path / "c.yaml")))
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -43,7 +43,7 @@ from whelp.evals.api import evaluate_to
 from whelp.evals.behaviour import set_identity
 from whelp.models import check_written
 from whelp.pruning.api import prune_checkpoint
-from whelp.recipe import GENERATED, SEARCH_DATA, Recipe, SearchTarget, dump
+from whelp.recipe import SEARCH_DATA, GenerateStep, Recipe, SearchTarget, dump
 from whelp.schema import to_dict
 from whelp.search.run import search_run
 from whelp.specs import LoadPolicy, Mixture
@@ -71,32 +71,33 @@ def _console():
     return Console(stderr=True)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Generated:
-    """Where the data source ``generated`` of a recipe lives: the generate stage's token store and its key."""
+    """Where the recipe's teacher text lives: ``{data source name: (token store directory, generate stage key)}``."""
 
-    path: str | None = None
-    key: str | None = None
+    stores: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def resolve(self, mixture: Mixture) -> Mixture:
-        """``mixture`` with ``generated`` read from the store's directory (what the verbs read)."""
-        if self.path is None or GENERATED not in mixture.names:
-            return mixture
-        return mixture.with_source(GENERATED, self.path)
+        """``mixture`` with each generated source read from its store's directory (what the verbs read)."""
+        for name in set(mixture.names) & set(self.stores):
+            mixture = mixture.with_source(name, self.stores[name][0])
+        return mixture
 
     def identity(self, mixture: Mixture) -> list:
-        """``data_identity`` in which ``generated`` is the generate stage's key: known before the store exists, and
-        independent of where the build directory is."""
-        return [[self.key if source == GENERATED else source_identity(source), w] for source, w in mixture.sources]
+        """``data_identity`` in which a generated source is its generate stage's key: known before the store exists,
+        and independent of where the build directory is."""
+        return [
+            [self.stores[source][1] if source in self.stores else source_identity(source), w]
+            for source, w in mixture.sources
+        ]
 
 
-def _generate_stage(recipe: Recipe, key_in: str, policy: LoadPolicy) -> Stage:
-    step = recipe.generate
+def _generate_stage(step: GenerateStep, recipe: Recipe, key_in: str, n: int, policy: LoadPolicy) -> Stage:
     teacher = recipe.model_path(step.model)
     prompts = data_identity(step.options.prompts) if step.options.prompts else None
-    key = _key("generate", to_dict(step), source_identity(teacher), prompts, key_in)
+    key = _key("generate", step.identity(), source_identity(teacher), prompts, key_in)
     return Stage(
-        "01-generate",
+        f"{n:02d}-generate",
         "generate",
         key,
         lambda out, force: generate_store(teacher, out, step.options, force=force, policy=policy),
@@ -189,9 +190,9 @@ def plan_stages(recipe: Recipe, out: Path, policy: LoadPolicy = LoadPolicy()) ->
     key = _key("teacher", source_identity(recipe.teacher.model), recipe.teacher.dtype)
     stages: list[Stage] = []
     gen = Generated()
-    if recipe.generate is not None:
-        stages.append(_generate_stage(recipe, key, policy))
-        gen = Generated(str(stages_dir / stages[-1].dirname), stages[-1].key)
+    for step in recipe.generate:
+        stages.append(_generate_stage(step, recipe, key, len(stages) + 1, policy))
+        gen.stores[step.name] = (str(stages_dir / stages[-1].dirname), stages[-1].key)
     for ref in recipe.stages():
         if ref.kind == "prune" and isinstance(ref.step.target, SearchTarget):  # prune[0] only (Recipe checks)
             stages.append(_search_stage(recipe, key, len(stages) + 1, gen, policy))

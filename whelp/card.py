@@ -99,8 +99,8 @@ def _learned_from(recipe: Recipe) -> dict[str, str | None]:
     """``{model: its shipped config name or None}`` of every model whose weights or outputs the student learns
     from: the teacher, the teacher-text model, live teachers and cached ones."""
     out = {recipe.teacher.model: recipe.teacher.config}
-    if recipe.generate is not None:
-        out.setdefault(recipe.model_path(recipe.generate.model), None)
+    for step in recipe.generate:
+        out.setdefault(recipe.model_path(step.model), None)
     for step in recipe.distill:
         for ref in (*step.teachers, *step.caches):
             out.setdefault(recipe.model_path(ref.model), ref.config)
@@ -250,8 +250,8 @@ def _trained(recipe: Recipe) -> set[str]:
         for ref in recipe.stages()
         for source in (ref.step.options.data if ref.kind == "distill" else ref.step.options.calib).names
     }
-    if recipe.generate is not None and recipe.generate.options.prompts:  # the teacher text starts with them
-        trained.add(recipe.generate.options.prompts.name)
+    for step in recipe.generate:  # the teacher text starts with its prompts
+        trained.update(step.options.prompts.names if step.options.prompts else ())
     for ref in recipe.stages():  # a shape search calibrates and distils its candidates too
         search = getattr(ref.step.target, "search", None) if ref.kind == "prune" else None
         if search is not None:

@@ -4,15 +4,14 @@ without reading ``recipe.yaml``. Pure functions of the resolved recipe and the p
 
 from __future__ import annotations
 
-from whelp.recipe import Recipe
+from whelp.recipe import GenerateStep, Recipe
 
 
 def lineage_lines(recipe: Recipe, reports: dict) -> list[str]:
     """The card's lineage, one numbered line per stage: the teacher, its generated text, each prune (with its refit,
     from ``reports``: a stage label's prune_report.json, or None) and each distillation."""
     lines = [f"1. **teacher**: `{recipe.teacher.model}`"]
-    if recipe.generate is not None:
-        lines.append(f"1. **teacher text** (the data source `generated`): {_generated(recipe)}")
+    lines += [f"1. **teacher text** (the data source `{s.name}`): {_generated(recipe, s)}" for s in recipe.generate]
     for ref in recipe.stages():
         step = ref.step
         if ref.kind == "prune":
@@ -33,9 +32,9 @@ def lineage_lines(recipe: Recipe, reports: dict) -> list[str]:
     return lines
 
 
-def _generated(recipe: Recipe) -> str:
-    """What the generate stage sampled: plain text after BOS or document prefixes, or conversations."""
-    g, teacher = recipe.generate.options, f"`{recipe.model_path(recipe.generate.model)}`"
+def _generated(recipe: Recipe, step: GenerateStep) -> str:
+    """What a generate stage sampled: plain text after BOS or document prefixes, or conversations."""
+    g, teacher = step.options, f"`{recipe.model_path(step.model)}`"
     sampling = f"T={g.temperature:g}, top-p {g.top_p:g}" + (f", top-k {g.top_k}" if g.top_k else "")
     if not g.chat:
         prompts = f"the first {g.prompt_tokens} tokens of `{g.prompts}` documents" if g.prompts else "BOS alone"

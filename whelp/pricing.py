@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from whelp import output
 from whelp.errors import WhelpError
-from whelp.recipe import GENERATED
 
 MFU = 0.4
 
@@ -128,7 +127,7 @@ def _totals(stages: list[dict]) -> dict:
     stores: dict[str, int] = {}
     for s in stages:
         if "store" in s["disk_bytes"]:
-            source = s["data"]["source"] if "data" in s else GENERATED
+            source = s["data"]["source"] if "data" in s else s["name"]  # a generate stage's: its source name
             stores[source] = max(stores.get(source, 0), s["disk_bytes"]["store"])
     disk = sum(stores.values()) + sum(b for s in stages for k, b in s["disk_bytes"].items() if k != "store")
     return {

@@ -1,7 +1,7 @@
 """Recipes: one YAML file describing a whole student build, loaded strictly into frozen data.
 
-Sections: ``teacher``, ``data`` (defaults for every stage), ``generate`` (teacher text, read as the data source
-``generated``), ``prune`` and ``distill`` (one mapping each,
+Sections: ``teacher``, ``data`` (defaults for every stage), ``generate`` (teacher text: one step or a list, each
+read as the data source its ``name`` says, ``generated`` by default), ``prune`` and ``distill`` (one mapping each,
 or lists of equal length to chain steps as Minitron's iterative 8B -> ~3B -> 1B: prune[0], distill[0],
 prune[1], distill[1], ...; the first prune step's target may be ``{search: {...}}``, a shape search the build runs
 from the teacher first: ``SearchTarget``), ``eval``, ``seed``, ``out``. Loaded with ``yaml.safe_load``; every
@@ -26,6 +26,7 @@ import yaml
 from whelp.errors import WhelpError
 from whelp.schema import apply_overrides, from_dict, load_yaml, to_dict
 from whelp.specs import (
+    BUILTIN,
     TEACHER,
     CacheSpec,
     DistillSpec,
@@ -43,7 +44,8 @@ from whelp.specs import (
 from whelp.store import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-GENERATED = "generated"  # in a recipe's data: the token store of teacher text its generate section makes
+GENERATED = "generated"  # in a recipe's data: the token store of teacher text a generate step makes (its default name)
+GENERATE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # no ':', '/' or '.': never a built-in source, a hub id or a path
 LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the shape of every Hub licence id: apache-2.0, llama3.1, other
 LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")  # ISO 639-1/3, optionally with a region: en, pt-BR
 
@@ -70,11 +72,26 @@ class DataSection:
 
 @dataclass(frozen=True)
 class GenerateStep:
-    """Teacher text the build samples first (``whelp generate``), read wherever the recipe's data says
-    ``generated``: sequence-level KD data (Kim & Rush 2016) that covers what the teacher knows, not one corpus."""
+    """Teacher text the build samples first (``whelp generate``), read wherever the recipe's data names it
+    (``name``): sequence-level KD data (Kim & Rush 2016) that covers what the teacher knows, not one corpus. Several
+    steps make several stores, e.g. chat answers to train on and text sampled from BOS to calibrate the prune on
+    (self-calibration, Williams et al. 2024, arXiv 2410.17170), each weighted on its own in a mixture."""
 
     options: GenerateSpec = field(metadata={"flatten": True})  # max_tokens is required
     model: str = TEACHER  # the recipe's teacher, or another model directory / registered name
+    name: str = GENERATED  # the data source the recipe's mixtures read it as
+
+    def __post_init__(self):
+        if not GENERATE_NAME.fullmatch(self.name) or self.name in BUILTIN:
+            raise WhelpError(
+                f"name {self.name!r} cannot name teacher text; use lower-case letters, digits and '_' (bos, "
+                f"chat_answers), not a built-in source ({', '.join(sorted(BUILTIN))}) nor a path"
+            )
+
+    def identity(self) -> dict:
+        """Its settings as its stage key reads them: without ``name``, which says only how mixtures refer to it
+        (renaming a step keeps its store)."""
+        return {k: v for k, v in to_dict(self).items() if k != "name"}
 
 
 @dataclass(frozen=True)
@@ -190,7 +207,7 @@ class Recipe:
     name: str
     teacher: TeacherSection
     data: DataSection = DataSection()
-    generate: GenerateStep | None = None
+    generate: tuple[GenerateStep, ...] = ()
     prune: tuple[PruneStep, ...] = ()
     distill: tuple[DistillStep, ...] = ()
     eval: EvalSpec = EvalSpec()
@@ -243,19 +260,39 @@ class Recipe:
             out += [(f"distill[{i}].data", step.options.data), (f"distill[{i}].eval_data", step.options.eval_data)]
         return out + [(f"eval.ppl[{i}]", source) for i, source in enumerate(self.eval.ppl)]
 
+    def generated(self) -> dict[str, GenerateStep]:
+        """``{data source name: generate step}``."""
+        return {step.name: step for step in self.generate}
+
     def _check_generated(self) -> None:
-        for where, mixture in self.data_keys():
-            if GENERATED not in mixture.names:
-                continue
-            if where.startswith("eval."):
+        """Each generate step has its own name and some stage reads it; ``generated`` is read only where a step
+        makes it; no held-out text is teacher text the build trains on."""
+        read: set[str] = set()
+        for i, step in enumerate(self.generate):
+            first = next(j for j, other in enumerate(self.generate) if other.name == step.name)
+            if first != i:
                 raise WhelpError(
-                    f"recipe.{where}: '{GENERATED}' is the teacher text the build trains on, not held-out "
-                    "text; evaluate on sources no stage trains on (pydoc:eval, licenses, a file)"
+                    f"recipe.generate[{i}].name: '{step.name}' also names generate[{first}]; give each step its "
+                    "own name (the data source the mixtures read it as)"
                 )
-            if self.generate is None:
+        for where, mixture in self.data_keys():
+            for name in set(mixture.names) & (set(self.generated()) | {GENERATED}):
+                read.add(name)
+                if where.startswith("eval."):
+                    raise WhelpError(
+                        f"recipe.{where}: '{name}' is teacher text the build makes to train on, not held-out "
+                        "text; evaluate on sources no stage trains on (pydoc:eval, licenses, a file)"
+                    )
+                if name not in self.generated():
+                    raise WhelpError(
+                        f"recipe.{where}: '{name}' reads the teacher text of the recipe's generate section, "
+                        "which is missing; add generate: {max_tokens: N} (whelp generate's options)"
+                    )
+        for i, step in enumerate(self.generate):
+            if step.name not in read:
                 raise WhelpError(
-                    f"recipe.{where}: '{GENERATED}' reads the teacher text of the recipe's generate section, "
-                    "which is missing; add generate: {max_tokens: N} (whelp generate's options)"
+                    f"recipe.generate[{i}]: no stage reads its teacher text '{step.name}'; name it in data (calib, "
+                    "train) or a step's calib / data, or remove the step"
                 )
 
     def stages(self) -> list[StageRef]:
@@ -334,8 +371,7 @@ def _fill_defaults(raw: dict) -> dict:
         )
         for i, s in enumerate(raw["prune"])
     ]
-    if isinstance(raw.get("generate"), dict):
-        raw["generate"] = {"seed": seed, **raw["generate"]}
+    raw["generate"] = [{"seed": seed, **s} for s in raw["generate"]]
     raw["distill"] = [
         {"data": data["train"], "eval_data": data["eval"], "seq_len": data["seq_len"], "seed": seed, **(s or {})}
         for s in raw["distill"]
@@ -372,9 +408,11 @@ def load(name_or_path: str, overrides: tuple[str, ...] = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise WhelpError(f"{path}: a recipe is a mapping with sections teacher, data, prune, distill, eval")
     raw = copy.deepcopy(raw)
-    for key in ("prune", "distill"):  # one step or a list of steps: always a list, so --set indexes it
-        raw[key] = _as_list(raw.get(key), key)
+    for key in ("prune", "distill", "generate"):  # one step or a list of steps: always a list, so --set indexes it
+        if key in raw or key != "generate":  # absent, --set generate.max_tokens=N makes one
+            raw[key] = _as_list(raw.get(key), key)
     apply_overrides(raw, overrides)
+    raw["generate"] = _as_list(raw.get("generate"), "generate")
     return from_dict(Recipe, _fill_defaults(raw), "recipe")
 
 

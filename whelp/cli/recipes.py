@@ -127,7 +127,7 @@ def validate(
     license_of(loaded)  # the card the build ends with needs a licence (a gated teacher's must be set)
     builder.check_out(builder.build_dir(loaded, None))
     searches = sum(ref.kind == "prune" and not isinstance(ref.step.target, str) for ref in loaded.stages())
-    typer.echo(f"ok: {loaded.name} ({len(loaded.stages()) + (loaded.generate is not None) + searches} stages)")
+    typer.echo(f"ok: {loaded.name} ({len(loaded.stages()) + len(loaded.generate) + searches} stages)")
 
 
 def show(

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from whelp.errors import WhelpError
+from whelp.specs.data import BUILTIN
 from whelp.store import path_identity
 
 PYDOC_SPLITS = ("calib", "train", "eval")
 PYDOC_FRACTIONS = {"eval": 0.10, "calib": 0.10}  # the rest is train
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
-BUILTIN = {"licenses": Path(__file__).resolve().parent.parent / "evals" / "tasks" / "licenses.jsonl"}
 
 
 def _local(source: str) -> str:

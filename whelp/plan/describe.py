@@ -96,11 +96,11 @@ def _describe(stage: dict) -> list[tuple[str, str]]:
 def _generated(stage: dict) -> str:
     """The generate stage's work: teacher text, or chat conversations and the lengths they are priced at."""
     if not (c := stage["chat"]):
-        return f"{stage['tokens']:,} tokens of teacher text (the data source 'generated')"
+        return f"{stage['tokens']:,} tokens of teacher text (the data source '{stage['name']}')"
     requests = "requests it writes itself (Magpie)" if c["self_instruct"] else "the prompts' requests"
     template = "unknown (teacher not on this machine)" if c["template_tokens"] is None else c["template_tokens"]
     return (
-        f"{stage['tokens']:,} tokens of chat (the data source 'generated'): {requests}, answered "
+        f"{stage['tokens']:,} tokens of chat (the data source '{stage['name']}'): {requests}, answered "
         f"{c['samples_per_prompt']}x each; priced per conversation at {c['request_tokens']} request + "
         f"{c['new_tokens']} answer + {template} template tokens, before drops"
     )

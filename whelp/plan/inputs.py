@@ -17,7 +17,7 @@ from whelp.evals.behaviour import read_prompts
 from whelp.evals.harness import check_include_paths, check_task_names
 from whelp.pruning import moe
 from whelp.pruning.moe import shape_of
-from whelp.recipe import GENERATED, Recipe
+from whelp.recipe import Recipe
 from whelp.registry import REGISTRY
 from whelp.specs import TEACHER, Mixture
 from whelp.store import whelp_home
@@ -86,14 +86,17 @@ def _local_tokenizer(recipe: Recipe):
     return models.load_tokenizer(str(local)) if local is not None else None
 
 
-def data_plan(mixture: Mixture, needed: int, vocab: int, tokenizer, where: str = "data") -> dict:
+def data_plan(
+    mixture: Mixture, needed: int, vocab: int, tokenizer, where: str = "data", generated: frozenset[str] = frozenset()
+) -> dict:
     """Tokens a stage needs from ``mixture``, tokens available in its stores (None when not tokenized yet), epochs,
-    and the store's bytes on disk. An unreadable source fails here, naming the recipe key ``where``."""
+    and the store's bytes on disk. An unreadable source fails here, naming the recipe key ``where``; ``generated``:
+    the sources a generate stage of the build makes (not on disk before it runs)."""
     sources = mixture.names
     for source in sources:
-        if source != GENERATED:  # the build's generate stage makes that one
+        if source not in generated:
             _at(where, check_source, source)
-    available = None if GENERATED in sources else available_tokens(mixture, tokenizer)
+    available = None if generated & set(sources) else available_tokens(mixture, tokenizer)
     per_token = token_dtype(vocab).itemsize
     return {
         "source": str(mixture),
@@ -124,13 +127,14 @@ def _same_tokenizer(model: str, tokenizer, where: str) -> None:
         )
 
 
-def _calib_plan(step, vocab: int, tokenizer, index: int) -> dict:
+def _calib_plan(step, vocab: int, tokenizer, index: int, generated: frozenset[str]) -> dict:
     return data_plan(
         step.options.calib,
         step.options.calib_samples * step.options.seq_len,
         vocab,
         tokenizer,
         f"recipe.prune[{index}].calib",
+        generated,
     )
 
 

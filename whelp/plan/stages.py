@@ -34,7 +34,7 @@ from whelp.pruning.reconstruct import check_mode, resolve
 from whelp.pruning.scores import check_scores_file
 from whelp.pruning.surgery import target_config
 from whelp.pruning.targets import first_keep, parse_target, rope_summary, target_rope
-from whelp.recipe import GENERATED, Recipe, SearchTarget
+from whelp.recipe import Recipe, SearchTarget
 from whelp.search.run import plan_search
 from whelp.specs import SPAN_MODES, TEACHER, DistillSpec
 
@@ -127,15 +127,17 @@ def _chat_sources(recipe: Recipe) -> frozenset[str]:
     """The data sources that carry a loss mask (chat): the build's generated chat, and token stores written with
     masks (``whelp tokenize`` of chat jsonl)."""
     names = {s.name for step in recipe.distill for s in step.options.data.sources}
-    chat = {n for n in names if n != GENERATED and tokenstore.is_store(n) and tokenstore.open_store(n).has_mask}
-    if recipe.generate is not None and recipe.generate.options.chat:
-        chat.add(GENERATED)
-    return frozenset(chat)
+    generated = recipe.generated()
+    chat = {n for n in names if n not in generated and tokenstore.is_store(n) and tokenstore.open_store(n).has_mask}
+    return frozenset(chat | {name for name, step in generated.items() if step.options.chat})
 
 
-def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer, chat=frozenset()) -> tuple[dict, list]:
+def _distill_stage(
+    step, student: dict, teacher: dict, index: int, tokenizer, generated: frozenset[str], chat=frozenset()
+) -> tuple[dict, list]:
     """A distil step's tokens, data, FLOPs, memory parts and disk, and the (CacheRef, sized config) it caches;
-    ``chat``: the sources that carry a loss mask (``_chat_sources``)."""
+    ``generated``: the sources the build's generate stages make; ``chat``: those that carry a loss mask
+    (``_chat_sources``)."""
     spec, student_cfg, n_student = step.options, student["config"], student["params"]
     tokens_per_step = spec.batch_size * spec.grad_accum * spec.seq_len
     tokens = spec.max_tokens if spec.max_tokens is not None else spec.steps * tokens_per_step
@@ -148,7 +150,7 @@ def _distill_stage(step, student: dict, teacher: dict, index: int, tokenizer, ch
     live = [(t, _model(t, teacher, f"recipe.distill[{index}].teachers[{i}]")) for i, t in enumerate(step.teachers)]
     cached = [(c, _model(c, teacher, f"recipe.distill[{index}].caches[{i}]")) for i, c in enumerate(step.caches)]
     vocab = student_cfg.vocab_size
-    data = data_plan(spec.data, tokens, vocab, tokenizer, f"recipe.distill[{index}].data")
+    data = data_plan(spec.data, tokens, vocab, tokenizer, f"recipe.distill[{index}].data", generated)
     # on-policy rows are also run through the student once more, token by token, to sample them (no grad)
     n_active = student["active"]
     # a block-local stage (whelp.distillation.local) runs no lm_head: the student's blocks and the teacher's body
@@ -206,11 +208,16 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     _at(f"{where}.seq_len", lambda: architecture.check_positions(config, spec.seq_len, "seq_len"))
     for key in ("calib", "eval_data"):
         for source in getattr(spec, key).names:
-            if source != GENERATED:
+            if source not in recipe.generated():
                 _at(f"{where}.{key}", check_source, source)
     cost, shape = planned["cost"], dict(planned["largest"])
     data = data_plan(
-        spec.data, cost["distillation_tokens_per_candidate"], config.vocab_size, tokenizer, f"{where}.data"
+        spec.data,
+        cost["distillation_tokens_per_candidate"],
+        config.vocab_size,
+        tokenizer,
+        f"{where}.data",
+        frozenset(recipe.generated()),
     )
     largest = _sized(target_config(config, first_keep(config, shape)), "the largest searched shape")
     run = DistillSpec(
@@ -240,30 +247,31 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     }
 
 
-def _generate_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
+def _generate_stage(recipe: Recipe, index: int, teacher: dict, tokenizer) -> dict:
     """Teacher text: its tokens, the FLOPs of sampling them (``footprint.generate_flops_per_token``; decoding is bound
     by memory bandwidth, so expect an MFU well below training's), one process's memory and the store's bytes (a chat
     store adds one mask bit a token). A chat stage counts the teacher's template tokens when its tokenizer is on
     this machine (``template`` None: not counted)."""
-    step = recipe.generate
-    spec, model = step.options, _model(step, teacher, "recipe.generate.model")
+    step, where = recipe.generate[index], f"recipe.generate[{index}]"
+    spec, model = step.options, _model(step, teacher, f"{where}.model")
     if spec.prompts:
-        _at("recipe.generate.prompts", lambda: check_data(spec.prompts))
+        _at(f"{where}.prompts", lambda: check_data(spec.prompts))
     template, system = None, 0
     if spec.chat and tokenizer is not None and step.model == TEACHER:
-        _at("recipe.generate.chat", lambda: chat.check_chat_template(tokenizer, "the teacher"))
+        _at(f"{where}.chat", lambda: chat.check_chat_template(tokenizer, "the teacher"))
         template = chat.template_tokens(tokenizer)
         if spec.system is not None:
-            system = _at("recipe.generate.system", lambda: chat.system_tokens(tokenizer, spec.system))
+            system = _at(f"{where}.system", lambda: chat.system_tokens(tokenizer, spec.system))
     own = tokenizer if step.model == TEACHER else None  # another model's vocabulary: its config's
-    _at("recipe.generate", lambda: check_teacher(spec, model["config"], own, template or 0))
+    _at(where, lambda: check_teacher(spec, model["config"], own, template or 0))
     per_token = footprint.generate_flops_per_token(model["active"], spec, template or 0, system)
     sequence = (template or 0) + system + spec.request_tokens if spec.chat else spec.prompt_tokens
     tokens = spec.max_tokens
     store = token_dtype(teacher["config"].vocab_size).itemsize * tokens + (-(-tokens // 8) if spec.chat else 0)
     return {
-        "stage": "generate",
+        "stage": f"generate[{index}]",
         "kind": "generate",
+        "name": step.name,  # the data source it makes
         "tokens": tokens,
         "chat": {
             "template_tokens": template,
@@ -292,9 +300,8 @@ def plan_recipe(recipe: Recipe) -> dict:
     teacher = _sized(teacher_config(recipe), recipe.teacher.model)
     tokenizer = _local_tokenizer(recipe)
     stages, current, vocab = [], teacher, teacher["config"].vocab_size
-    chat = _chat_sources(recipe)
-    if recipe.generate is not None:
-        stages.append(_generate_stage(recipe, teacher, tokenizer))
+    chat, generated = _chat_sources(recipe), frozenset(recipe.generated())
+    stages += [_generate_stage(recipe, i, teacher, tokenizer) for i in range(len(recipe.generate))]
     searched = None
     if recipe.search() is not None:
         stages.append(_search_stage(recipe, teacher, tokenizer))
@@ -303,15 +310,15 @@ def plan_recipe(recipe: Recipe) -> dict:
         if ref.kind == "prune":
             shape = searched[0] if searched and isinstance(ref.step.target, SearchTarget) else None
             entry, current = _prune_stage(ref.step, current, ref.index, shape)
-            entry["data"] = _calib_plan(ref.step, vocab, tokenizer, ref.index)
+            entry["data"] = _calib_plan(ref.step, vocab, tokenizer, ref.index, generated)
             entry["disk_bytes"] = {"store": entry["data"]["store_bytes"], **entry["disk_bytes"]}
             stages.append(entry)
             continue
         if ref.step.local is not None:  # its block-local stage first: the first teacher, no caches
             options = ref.step.local.options(ref.step.options)
             local = replace(ref.step, options=options, teachers=ref.step.teachers[:1], caches=(), local=None)
-            stages.append(_distill_stage(local, current, teacher, ref.index, tokenizer)[0])
-        entry, cached = _distill_stage(ref.step, current, teacher, ref.index, tokenizer, chat)
+            stages.append(_distill_stage(local, current, teacher, ref.index, tokenizer, generated)[0])
+        entry, cached = _distill_stage(ref.step, current, teacher, ref.index, tokenizer, generated, chat)
         tokens = _capture_tokens(ref.step.options, entry["data"])
         for j, (cache, model) in enumerate(cached):
             number = sum(s["kind"] == "capture" for s in stages)

@@ -31,7 +31,7 @@ from whelp.specs.base import (
     opt,
     parse_weighted,
 )
-from whelp.specs.data import Mixture, Source, as_mixtures, record
+from whelp.specs.data import BUILTIN, Mixture, Source, as_mixtures, record
 from whelp.specs.distill import DistillSpec, check_local, check_mixture, check_on_policy, check_teacher_weights
 from whelp.specs.evals import CHAT_SETS, EvalSpec, SpeedSpec
 from whelp.specs.prune import SEARCH_AXES, PruneSpec, SearchSpec
@@ -49,6 +49,7 @@ from whelp.specs.training import (
 )
 
 __all__ = [
+    "BUILTIN",
     "CHAT_SETS",
     "IMPORTANCE",
     "LAYER_IMPORTANCE",

@@ -11,6 +11,8 @@ from typing import NamedTuple
 from whelp.errors import WhelpError
 from whelp.specs.base import parse_weighted
 
+BUILTIN = {"licenses": Path(__file__).resolve().parent.parent / "evals" / "tasks" / "licenses.jsonl"}  # name -> file
+
 
 class Source(NamedTuple):
     """One source of a ``Mixture``: a token store, a file or directory, ``pydoc:SPLIT``, ``licenses``, ``hf:...``,
