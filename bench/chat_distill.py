@@ -58,7 +58,7 @@ def stores(chat_tokens: int) -> dict[str, str]:
     """The two generated stores every variant reads: the demo's teacher text and the self-instructed chat data."""
     demo = yaml.safe_load((ROOT / "recipes" / "smollm2-demo.yaml").read_text())
     text, chat = WORK / "text-store", WORK / "chat-store"
-    gen = demo["generate"]
+    gen = demo["generate"][0]  # the chat step (the second samples from BOS, as the text store below)
     if "chat" not in gen or not gen["chat"]:
         raise SystemExit("the demo recipe's generate stage is expected to be chat data")
     whelp("generate", "smollm2-135m", "--out", str(text), "--max-tokens", "8192", "--batch-size", "64")
@@ -102,7 +102,8 @@ def recipe(name: str, change: dict, data: dict[str, str], ppl: list[str]) -> Pat
     base.pop("generate", None)
     base["name"] = "chat-bench"
     base["data"]["calib"] = [
-        {**part, "source": data["chat"]} if part["source"] == "generated" else part for part in base["data"]["calib"]
+        {**part, "source": {"generated": data["chat"], "bos": data["text"]}.get(part["source"], part["source"])}
+        for part in base["data"]["calib"]
     ]
     base["data"]["train"] = change["train"]
     base["distill"].update(change["distill"])

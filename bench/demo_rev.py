@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def arguments(args, out: Path, chat_batch: bool) -> list[str]:
     demo = recipe.load("smollm2-demo")
     if args.stage == "generate":
-        g = demo.generate.options
+        g = demo.generate[0].options  # the chat store
         cli = [
             "generate",
             "smollm2-135m",
@@ -64,9 +64,9 @@ def arguments(args, out: Path, chat_batch: bool) -> list[str]:
         cli += ["--temperature", str(g.temperature), "--top-p", str(g.top_p)]
         return [*cli, "--out", str(out)]
     if args.stage == "prune":
-        step, chat = demo.prune[0], str(stage(args.build, "generate"))
-        p = step.options
-        mix = ",".join(f"{chat if s.name == 'generated' else s.name}:{s.weight}" for s in p.calib.sources)
+        step, p = demo.prune[0], demo.prune[0].options
+        stores = dict(zip([g.name for g in demo.generate], sorted(args.build.glob("stages/*-generate-*[0-9a-f]"))))
+        mix = ",".join(f"{stores.get(s.name, s.name)}:{s.weight}" for s in p.calib.sources)  # each generate's store
         cli = ["prune", "smollm2-135m", "--target", step.target, "--importance", p.importance]
         cli += ["--layer-importance", p.layer_importance, "--calib", mix, "--calib-samples", str(p.calib_samples)]
         cli += ["--seq-len", str(p.seq_len), "--reconstruct", p.reconstruct, "--select", p.select]
