@@ -186,6 +186,10 @@ def test_two_named_generate_steps_make_two_stores_each_read_as_its_name(tmp_path
         (("name: bos", "name: 'pydoc:train'"), r"'pydoc:train' cannot name teacher text; use lower-case letters"),
         (("{source: bos, weight: 0.5}", "{source: pydoc:calib, weight: 0.5}"), r"generate\[1\]: no stage reads its"),
         (("ppl: [licenses]", "ppl: [bos]"), r"recipe.eval.ppl\[0\]: 'bos' is teacher text the build makes to train"),
+        (
+            ("- {max_tokens: 300", "- {name: chat, max_tokens: 300"),
+            r"recipe.prune\[0\].calib: 'generated' reads .* no step of that name \(its steps are named chat, bos\)",
+        ),
     ],
 )
 def test_a_bad_generate_step_name_is_one_line(tmp_path, change, message):

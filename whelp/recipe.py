@@ -284,9 +284,11 @@ class Recipe:
                         "text; evaluate on sources no stage trains on (pydoc:eval, licenses, a file)"
                     )
                 if name not in self.generated():
+                    named = f" (its steps are named {', '.join(self.generated())})" if self.generate else ""
                     raise WhelpError(
                         f"recipe.{where}: '{name}' reads the teacher text of the recipe's generate section, "
-                        "which is missing; add generate: {max_tokens: N} (whelp generate's options)"
+                        f"which has no step of that name{named}; add generate: {{max_tokens: N}} (whelp generate's "
+                        "options)"
                     )
         for i, step in enumerate(self.generate):
             if step.name not in read:
