@@ -101,7 +101,7 @@ def recipe(name: str, change: dict, data: dict[str, str], ppl: list[str]) -> Pat
     base = yaml.safe_load((ROOT / "recipes" / "smollm2-demo.yaml").read_text())
     base.pop("generate", None)
     base["name"] = "chat-bench"
-    base["data"]["calib"] = [
+    base["data"]["calib"] = [  # the demo's BOS step read as this bench's BOS text (8K tokens sampled at batch 64)
         {**part, "source": {"generated": data["chat"], "bos": data["text"]}.get(part["source"], part["source"])}
         for part in base["data"]["calib"]
     ]

@@ -43,8 +43,18 @@ from publish import publish
 from safetensors.torch import load_file
 
 from whelp import recipe, store
+from whelp.build import plan_stages
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def generated(demo, build_dir: Path) -> dict[str, str]:
+    """``{generate step name: its store}`` in ``build_dir`` (the build's own stage directories, by their keys)."""
+    stages, _ = plan_stages(demo, build_dir)
+    dirs = [build_dir / "stages" / s.dirname for s in stages if s.kind == "generate"]
+    if not all(d.is_dir() for d in dirs):
+        sys.exit(f"{build_dir} lacks the demo's generate stages: run `bash scripts/demo.sh {build_dir}` first")
+    return {step.name: str(d) for step, d in zip(demo.generate, dirs, strict=True)}
 
 
 def arguments(args, out: Path, chat_batch: bool) -> list[str]:
@@ -65,8 +75,7 @@ def arguments(args, out: Path, chat_batch: bool) -> list[str]:
         return [*cli, "--out", str(out)]
     if args.stage == "prune":
         step, p = demo.prune[0], demo.prune[0].options
-        stores = dict(zip([g.name for g in demo.generate], sorted(args.build.glob("stages/*-generate-*[0-9a-f]"))))
-        mix = ",".join(f"{stores.get(s.name, s.name)}:{s.weight}" for s in p.calib.sources)  # each generate's store
+        mix = ",".join(f"{generated(demo, args.build).get(s.name, s.name)}:{s.weight}" for s in p.calib.sources)
         cli = ["prune", "smollm2-135m", "--target", step.target, "--importance", p.importance]
         cli += ["--layer-importance", p.layer_importance, "--calib", mix, "--calib-samples", str(p.calib_samples)]
         cli += ["--seq-len", str(p.seq_len), "--reconstruct", p.reconstruct, "--select", p.select]

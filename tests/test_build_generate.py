@@ -147,7 +147,7 @@ eval: {max_tokens: 128, ppl: [licenses], speed: {prompt_len: 4, new_tokens: 1, r
 
 def test_two_named_generate_steps_make_two_stores_each_read_as_its_name(tmp_path):
     """A step per store, numbered in order; the prune reads each by its name, keyed by its own stage; the plan
-    prices each once; the card names both; renaming a step keeps its store (the prune's key reads the new name)."""
+    prices each once; the card names both; renaming a step keeps its store; the resolved recipe loads back equal."""
     save_tiny(tmp_path / "teacher", tiny_tokenizer())
     (tmp_path / "two.yaml").write_text(TWO % (tmp_path / "teacher"))
     loaded = recipe.load(str(tmp_path / "two.yaml"))
@@ -176,6 +176,8 @@ def test_two_named_generate_steps_make_two_stores_each_read_as_its_name(tmp_path
     (tmp_path / "renamed.yaml").write_text(renamed)
     again, _ = build.plan_stages(recipe.load(str(tmp_path / "renamed.yaml")), tmp_path / "out")
     assert [s.dirname for s in again[:2]] == [stages[n].name for n in ("01-generate", "02-generate")]
+    (tmp_path / "resolved.yaml").write_text(recipe.dump(loaded))
+    assert recipe.load(str(tmp_path / "resolved.yaml")) == loaded
 
 
 @pytest.mark.parametrize(
@@ -186,9 +188,11 @@ def test_two_named_generate_steps_make_two_stores_each_read_as_its_name(tmp_path
         (("name: bos", "name: 'pydoc:train'"), r"'pydoc:train' cannot name teacher text; use lower-case letters"),
         (("{source: bos, weight: 0.5}", "{source: pydoc:calib, weight: 0.5}"), r"generate\[1\]: no stage reads its"),
         (("ppl: [licenses]", "ppl: [bos]"), r"recipe.eval.ppl\[0\]: 'bos' is teacher text the build makes to train"),
+        (("prompts: pydoc:train", "prompts: bos"), r"recipe.generate\[0\].prompts: bos is teacher text this recipe"),
         (
             ("- {max_tokens: 300", "- {name: chat, max_tokens: 300"),
-            r"recipe.prune\[0\].calib: 'generated' reads .* no step of that name \(its steps are named chat, bos\)",
+            r"recipe.prune\[0\].calib: 'generated' names no generate step; read one of chat, bos, or name a step "
+            "'generated'$",
         ),
     ],
 )
@@ -197,3 +201,12 @@ def test_a_bad_generate_step_name_is_one_line(tmp_path, change, message):
     with pytest.raises(WhelpError, match=message) as err:
         recipe.load(str(tmp_path / "bad.yaml"))
     assert "\n" not in str(err.value)
+
+
+def test_set_makes_a_generate_step_where_the_recipe_has_none(tmp_path):
+    text = (RECIPE % (tmp_path / "teacher")).replace("generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}\n", "")
+    (tmp_path / "none.yaml").write_text(text)
+    made = recipe.load(str(tmp_path / "none.yaml"), ("generate.max_tokens=600",))
+    assert [(s.name, s.options.max_tokens) for s in made.generate] == [("generated", 600)]
+    with pytest.raises(WhelpError, match=r"--set generate.0.max_tokens: 'generate.0' is a list of 0"):
+        recipe.load(str(tmp_path / "none.yaml"), ("generate.0.max_tokens=600",))

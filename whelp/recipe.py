@@ -45,7 +45,8 @@ from whelp.store import check_name
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 GENERATED = "generated"  # in a recipe's data: the token store of teacher text a generate step makes (its default name)
-GENERATE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # no ':', '/' or '.': never a built-in source, a hub id or a path
+GENERATE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # no ':', '/' or '.': not pydoc:*, hf:*, a hub id or a nested path
+# (a bare name such as ``bos`` is read as the step's store even where ./bos exists: the recipe's names come first)
 LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the shape of every Hub licence id: apache-2.0, llama3.1, other
 LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")  # ISO 639-1/3, optionally with a region: en, pt-BR
 
@@ -85,7 +86,7 @@ class GenerateStep:
         if not GENERATE_NAME.fullmatch(self.name) or self.name in BUILTIN:
             raise WhelpError(
                 f"name {self.name!r} cannot name teacher text; use lower-case letters, digits and '_' (bos, "
-                f"chat_answers), not a built-in source ({', '.join(sorted(BUILTIN))}) nor a path"
+                f"chat_answers), not a built-in source ({', '.join(sorted(BUILTIN))}) nor a path with ':', '/' or '.'"
             )
 
     def identity(self) -> dict:
@@ -283,14 +284,22 @@ class Recipe:
                         f"recipe.{where}: '{name}' is teacher text the build makes to train on, not held-out "
                         "text; evaluate on sources no stage trains on (pydoc:eval, licenses, a file)"
                     )
+                if name not in self.generated() and self.generate:
+                    raise WhelpError(
+                        f"recipe.{where}: '{name}' names no generate step; read one of "
+                        f"{', '.join(self.generated())}, or name a step '{name}'"
+                    )
                 if name not in self.generated():
-                    named = f" (its steps are named {', '.join(self.generated())})" if self.generate else ""
                     raise WhelpError(
                         f"recipe.{where}: '{name}' reads the teacher text of the recipe's generate section, "
-                        f"which has no step of that name{named}; add generate: {{max_tokens: N}} (whelp generate's "
-                        "options)"
+                        "which is missing; add generate: {max_tokens: N} (whelp generate's options)"
                     )
         for i, step in enumerate(self.generate):
+            if step.options.prompts and set(step.options.prompts.names) & set(self.generated()):
+                raise WhelpError(
+                    f"recipe.generate[{i}].prompts: {step.options.prompts} is teacher text this recipe generates; "
+                    "a generate step prompts from data on disk (a file, a store, pydoc:*), not from another step"
+                )
             if step.name not in read:
                 raise WhelpError(
                     f"recipe.generate[{i}]: no stage reads its teacher text '{step.name}'; name it in data (calib, "
@@ -411,8 +420,8 @@ def load(name_or_path: str, overrides: tuple[str, ...] = ()) -> Recipe:
         raise WhelpError(f"{path}: a recipe is a mapping with sections teacher, data, prune, distill, eval")
     raw = copy.deepcopy(raw)
     for key in ("prune", "distill", "generate"):  # one step or a list of steps: always a list, so --set indexes it
-        if key in raw or key != "generate":  # absent, --set generate.max_tokens=N makes one
-            raw[key] = _as_list(raw.get(key), key)
+        if key in raw or key != "generate" or any(o.startswith("generate.0.") for o in overrides):
+            raw[key] = _as_list(raw.get(key), key)  # absent, --set generate.max_tokens=N makes a mapping
     apply_overrides(raw, overrides)
     raw["generate"] = _as_list(raw.get("generate"), "generate")
     return from_dict(Recipe, _fill_defaults(raw), "recipe")
