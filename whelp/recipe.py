@@ -268,7 +268,7 @@ class Recipe:
     def _check_generated(self) -> None:
         """Each generate step has its own name and some stage reads it; ``generated`` is read only where a step
         makes it; no held-out text is teacher text the build trains on."""
-        read: set[str] = set()
+        read, generated = set(), self.generated()
         for i, step in enumerate(self.generate):
             first = next(j for j, other in enumerate(self.generate) if other.name == step.name)
             if first != i:
@@ -277,25 +277,25 @@ class Recipe:
                     "own name (the data source the mixtures read it as)"
                 )
         for where, mixture in self.data_keys():
-            for name in set(mixture.names) & (set(self.generated()) | {GENERATED}):
+            for name in set(mixture.names) & (set(generated) | {GENERATED}):
                 read.add(name)
                 if where.startswith("eval."):
                     raise WhelpError(
                         f"recipe.{where}: '{name}' is teacher text the build makes to train on, not held-out "
                         "text; evaluate on sources no stage trains on (pydoc:eval, licenses, a file)"
                     )
-                if name not in self.generated() and self.generate:
+                if name not in generated and generated:
                     raise WhelpError(
                         f"recipe.{where}: '{name}' names no generate step; read one of "
-                        f"{', '.join(self.generated())}, or name a step '{name}'"
+                        f"{', '.join(generated)}, or name a step '{name}'"
                     )
-                if name not in self.generated():
+                if name not in generated:
                     raise WhelpError(
                         f"recipe.{where}: '{name}' reads the teacher text of the recipe's generate section, "
                         "which is missing; add generate: {max_tokens: N} (whelp generate's options)"
                     )
         for i, step in enumerate(self.generate):
-            if step.options.prompts and set(step.options.prompts.names) & set(self.generated()):
+            if step.options.prompts and set(step.options.prompts.names) & set(generated):
                 raise WhelpError(
                     f"recipe.generate[{i}].prompts: {step.options.prompts} is teacher text this recipe generates; "
                     "a generate step prompts from data on disk (a file, a store, pydoc:*), not from another step"

@@ -92,11 +92,8 @@ def data_plan(
     """Tokens a stage needs from ``mixture``, tokens available in its stores (None when not tokenized yet), epochs,
     and the store's bytes on disk. An unreadable source fails here, naming the recipe key ``where``; ``generated``:
     the sources a generate stage of the build makes (not on disk before it runs)."""
-    sources = mixture.names
-    for source in sources:
-        if source not in generated:
-            _at(where, check_source, source)
-    available = None if generated & set(sources) else available_tokens(mixture, tokenizer)
+    check_sources(mixture, where, generated)
+    available = None if generated & set(mixture.names) else available_tokens(mixture, tokenizer)
     per_token = token_dtype(vocab).itemsize
     return {
         "source": str(mixture),
@@ -105,6 +102,14 @@ def data_plan(
         "epochs": None if not available else needed / available,
         "store_bytes": per_token * (available if available is not None else needed),
     }
+
+
+def check_sources(mixture: Mixture, where: str, generated: frozenset[str] = frozenset()) -> None:
+    """Every source of ``mixture`` is readable, naming the recipe key ``where``; ``generated`` are left out (a generate
+    stage of the build makes them)."""
+    for source in mixture.names:
+        if source not in generated:
+            _at(where, check_source, source)
 
 
 def _at(where: str, check, *args):

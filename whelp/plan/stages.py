@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from whelp import architecture, footprint
-from whelp.data import chat, check_data, check_source, tokenstore
+from whelp.data import chat, check_data, tokenstore
 from whelp.data.generate import check_teacher
 from whelp.data.tokenstore import token_dtype
 from whelp.distillation.capture import check_k
@@ -23,6 +23,7 @@ from whelp.plan.inputs import (
     _same_tokenizer,
     _sized,
     cache_bytes_per_token,
+    check_sources,
     data_plan,
     teacher_config,
 )
@@ -198,7 +199,7 @@ def _distill_stage(
     }, cached
 
 
-def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
+def _search_stage(recipe: Recipe, teacher: dict, tokenizer, generated: frozenset[str]) -> dict:
     """The shape search before prune[0]: how many shapes meet the budget, its one-shot pool, the FLOPs of its
     calibration, of the pool's one-shot scores and of the short distillations (``plan_search``'s closed forms), the
     memory of distilling its largest shape from the fp32 teacher (an upper bound), its disk (the K candidates and the
@@ -207,17 +208,10 @@ def _search_stage(recipe: Recipe, teacher: dict, tokenizer) -> dict:
     planned = _at(where, lambda: plan_search(config, spec))
     _at(f"{where}.seq_len", lambda: architecture.check_positions(config, spec.seq_len, "seq_len"))
     for key in ("calib", "eval_data"):
-        for source in getattr(spec, key).names:
-            if source not in recipe.generated():
-                _at(f"{where}.{key}", check_source, source)
+        check_sources(getattr(spec, key), f"{where}.{key}", generated)
     cost, shape = planned["cost"], dict(planned["largest"])
     data = data_plan(
-        spec.data,
-        cost["distillation_tokens_per_candidate"],
-        config.vocab_size,
-        tokenizer,
-        f"{where}.data",
-        frozenset(recipe.generated()),
+        spec.data, cost["distillation_tokens_per_candidate"], config.vocab_size, tokenizer, f"{where}.data", generated
     )
     largest = _sized(target_config(config, first_keep(config, shape)), "the largest searched shape")
     run = DistillSpec(
@@ -304,7 +298,7 @@ def plan_recipe(recipe: Recipe) -> dict:
     stages += [_generate_stage(recipe, i, teacher, tokenizer) for i in range(len(recipe.generate))]
     searched = None
     if recipe.search() is not None:
-        stages.append(_search_stage(recipe, teacher, tokenizer))
+        stages.append(_search_stage(recipe, teacher, tokenizer, generated))
         searched = stages[-1]["largest"], len(stages)
     for ref in recipe.stages():
         if ref.kind == "prune":
