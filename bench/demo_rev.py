@@ -75,7 +75,8 @@ def arguments(args, out: Path, chat_batch: bool) -> list[str]:
         return [*cli, "--out", str(out)]
     if args.stage == "prune":
         step, p = demo.prune[0], demo.prune[0].options
-        mix = ",".join(f"{generated(demo, args.build).get(s.name, s.name)}:{s.weight}" for s in p.calib.sources)
+        stores = generated(demo, args.build)
+        mix = ",".join(f"{stores.get(s.name, s.name)}:{s.weight}" for s in p.calib.sources)
         cli = ["prune", "smollm2-135m", "--target", step.target, "--importance", p.importance]
         cli += ["--layer-importance", p.layer_importance, "--calib", mix, "--calib-samples", str(p.calib_samples)]
         cli += ["--seq-len", str(p.seq_len), "--reconstruct", p.reconstruct, "--select", p.select]

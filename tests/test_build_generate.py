@@ -206,6 +206,8 @@ def test_a_bad_generate_step_name_is_one_line(tmp_path, change, message):
 def test_set_makes_a_generate_step_where_the_recipe_has_none(tmp_path):
     text = (RECIPE % (tmp_path / "teacher")).replace("generate: {max_tokens: 600, new_tokens: 24, batch_size: 8}\n", "")
     (tmp_path / "none.yaml").write_text(text)
+    with pytest.raises(WhelpError, match=r"'generated' reads the teacher text of the recipe's generate section, which"):
+        recipe.load(str(tmp_path / "none.yaml"))
     made = recipe.load(str(tmp_path / "none.yaml"), ("generate.max_tokens=600",))
     assert [(s.name, s.options.max_tokens) for s in made.generate] == [("generated", 600)]
     with pytest.raises(WhelpError, match=r"--set generate.0.max_tokens: 'generate.0' is a list of 0"):

@@ -284,14 +284,12 @@ class Recipe:
                         f"recipe.{where}: '{name}' is teacher text the build makes to train on, not held-out "
                         "text; evaluate on sources no stage trains on (pydoc:eval, licenses, a file)"
                     )
-                if name not in generated and generated:
+                if name not in generated:
                     raise WhelpError(
                         f"recipe.{where}: '{name}' names no generate step; read one of "
                         f"{', '.join(generated)}, or name a step '{name}'"
-                    )
-                if name not in generated:
-                    raise WhelpError(
-                        f"recipe.{where}: '{name}' reads the teacher text of the recipe's generate section, "
+                        if generated
+                        else f"recipe.{where}: '{name}' reads the teacher text of the recipe's generate section, "
                         "which is missing; add generate: {max_tokens: N} (whelp generate's options)"
                     )
         for i, step in enumerate(self.generate):
