@@ -23,6 +23,7 @@ DISTILL_OPTIONS = set(
 DISTILL_OPTIONS |= {"--hidden-weight", "--hidden-loss", "--hidden-map", "--local", "--no-local"}  # added since
 DISTILL_OPTIONS |= {"--mixture", "--mixture-every", "--mixture-dev-blocks"}  # added since: the dynamic data mixture
 DISTILL_OPTIONS |= {"--chat-loss"}  # added since: sequence-level KD on chat data
+DISTILL_OPTIONS |= {"--interpolate"}  # added since: WiSE-FT on save
 
 FLAT = {
     "lr": (2e-3, ("optim", "lr")),
@@ -40,6 +41,7 @@ FLAT = {
     "tensorboard": (True, ("monitor", "tensorboard")),
     "keep_last": (3, ("save", "keep_last")),
     "save_dtype": ("bfloat16", ("save", "save_dtype")),
+    "interpolate": (0.5, ("save", "interpolate")),
     "seq_len": (64, ("seq_len",)),
     "hidden_weight": (0.5, ("hidden", "weight")),
     "hidden_loss": ("cosine", ("hidden", "loss")),

@@ -31,6 +31,7 @@ from whelp.distillation import metrics as metrics_log
 from whelp.distillation import run as run_state
 from whelp.distillation.cache import claim, open_cache
 from whelp.distillation.capture import Teacher, check_k, write_cache
+from whelp.distillation.interpolate import average_with_start
 from whelp.errors import WhelpError
 from whelp.models import load_config, load_tokenizer, save_model
 from whelp.output import Progress
@@ -304,14 +305,21 @@ def _save_student(
     model, lm, source: str, out: Path, force: bool, report: dict, world, stage_key, student: str, spec: SaveSpec
 ) -> None:
     """Gather the full fp32 weights and write ``out`` from rank 0 as a plain (unsharded) HF model, in the
-    ``save_dtype`` of ``spec`` (auto: the dtype the ``student`` it started from stores), with the tokenizer files
-    and generation config of ``source``: the first live teacher, else the student (whelp.assistant)."""
+    ``save_dtype`` of ``spec`` (auto: the dtype the ``student`` it started from stores), averaged with the
+    ``student``'s own weights when ``spec.interpolate`` < 1 (WiSE-FT, whelp.distillation.interpolate), with the
+    tokenizer files and generation config of ``source``: the first live teacher, else the student
+    (whelp.assistant)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.main:
         with torch.device("meta"):
             plain = AutoModelForCausalLM.from_config(lm.config)
         # the student alone: a hidden-state projection (KDStudent.hidden_proj) is training state, not the model
-        plain.load_state_dict({k.removeprefix("lm."): v for k, v in full.items() if k.startswith("lm.")}, assign=True)
+        # (popped: an average replaces each tensor, and the gathered one must not outlive it)
+        state = {k.removeprefix("lm."): full.pop(k) for k in list(full) if k.startswith("lm.")}
+        if spec.interpolate < 1:
+            tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+            average_with_start(state, Path(models.locate(student)), spec.interpolate, tied)
+        plain.load_state_dict(state, assign=True)
         plain.tie_weights()
         plain.config.use_cache = True
         dtype = getattr(torch, save_dtype(spec.save_dtype, student, lm.config))

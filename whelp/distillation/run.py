@@ -43,6 +43,7 @@ ADJUSTABLE = (
     "eval_tokens",
     "save_every",
     "keep_last",
+    "interpolate",
     "tensorboard",
     "chunk_size",
     "grad_checkpointing",

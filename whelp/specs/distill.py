@@ -74,6 +74,7 @@ class DistillSpec:
         "mixture_dev_blocks": ("mix", "dev_blocks"),
         "dtype": ("compute", "dtype"),
         "save_dtype": ("save", "save_dtype"),
+        "interpolate": ("save", "interpolate"),
         "grad_checkpointing": ("compute", "grad_checkpointing"),
         "save_every": ("save", "save_every"),
         "keep_last": ("save", "keep_last"),

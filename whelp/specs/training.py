@@ -278,12 +278,16 @@ class MonitorSpec:
 
 @dataclass(frozen=True)
 class SaveSpec:
-    """What the run writes: checkpoints (cadence, how many kept) and the dtype of the final weights."""
+    """What the run writes: checkpoints (cadence, how many kept), the dtype of the final weights, and how far they
+    are from the student the run started from (``interpolate``, WiSE-FT: ``whelp.distillation.interpolate``)."""
 
     save_every: int = opt(0, "Checkpoint every N steps (0: only at the end)")
     keep_last: int = opt(2, "Checkpoints kept")
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "dtype of the written weights: auto (what the source model stores) | float32 | bfloat16 | float16"
+    )
+    interpolate: float = opt(
+        1.0, "Write (1 - A) x the starting student + A x the trained one (WiSE-FT), A in (0, 1]; 1: the trained weights"
     )
 
     def __post_init__(self):
@@ -293,5 +297,9 @@ class SaveSpec:
                 *_positive(self, ("keep_last",)),
                 *_non_negative(self, ("save_every",)),
                 _choice("save_dtype", self.save_dtype, SAVE_DTYPES),
+                (
+                    0 < self.interpolate <= 1,
+                    f"interpolate must be in (0, 1] (1 writes the trained weights), got {self.interpolate}",
+                ),
             ]
         )
