@@ -52,6 +52,17 @@ def test_the_average_is_its_closed_form_and_a_tied_head_is_left_to_the_tie(start
         average_with_start(dict(state), start, 0.25, tied=False)
 
 
+def test_a_sharded_start_is_averaged_file_by_file(tmp_path):
+    model = tiny_model(seed=2, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    begin = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: torch.ones_like(v) for k, v in begin.items()}
+    average_with_start(state, tmp_path, 0.5, tied=True)
+    for name, value in begin.items():
+        torch.testing.assert_close(state[name], (value + 1) / 2, rtol=0, atol=1e-6)
+
+
 def test_a_start_of_another_shape_or_without_safetensors_is_refused(start, tmp_path):
     state = {k: v.clone() for k, v in load_file(start / "model.safetensors").items()}
     name = "model.embed_tokens.weight"

@@ -34,22 +34,20 @@ def average_with_start(state: dict[str, torch.Tensor], start: Path, a: float, ti
             f"--interpolate averages with the student the run started from, and {start} holds no safetensors "
             "weights; convert it to safetensors or omit --interpolate"
         )
-    where = {}
+    done = set()
     for file in files:
         with safe_open(str(file), "pt") as f:
-            where.update(dict.fromkeys(f.keys(), file))
-    for name, trained in state.items():
-        if name not in where:
-            if tied and name == TIED_HEAD:
-                continue
-            raise WhelpError(
-                f"{start} has no tensor {name}: it is not the student this run trained; --interpolate needs it"
-            )
-        with safe_open(str(where[name]), "pt") as f:
-            begin = f.get_tensor(name)
-        if begin.shape != trained.shape:
-            raise WhelpError(
-                f"{start}: {name} is {tuple(begin.shape)}, the trained student's {tuple(trained.shape)}: it is not "
-                "the student this run trained; --interpolate needs it"
-            )
-        state[name] = torch.lerp(begin.to(trained.dtype), trained, a)
+            for name in state.keys() & set(f.keys()):
+                begin, trained = f.get_tensor(name), state[name]
+                if begin.shape != trained.shape:
+                    raise WhelpError(
+                        f"{start}: {name} is {tuple(begin.shape)}, the trained student's {tuple(trained.shape)}: it "
+                        "is not the student this run trained; --interpolate needs it"
+                    )
+                state[name] = torch.lerp(begin.to(trained.dtype), trained, a)
+                done.add(name)
+    missing = sorted(state.keys() - done - ({TIED_HEAD} if tied else set()))
+    if missing:
+        raise WhelpError(
+            f"{start} has no tensor {missing[0]}: it is not the student this run trained; --interpolate needs it"
+        )
