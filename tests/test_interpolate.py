@@ -69,6 +69,12 @@ def test_a_start_of_another_shape_or_without_safetensors_is_refused(start, tmp_p
     state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
     with pytest.raises(WhelpError, match=rf"{name} is \(\d+, \d+\), the trained student's \(\d+, \d+\)"):
         average_with_start(state, start, 0.5, tied=True)
+    state = {k: torch.ones_like(v) for k, v in load_file(start / "model.safetensors").items()}
+    state["model.norm.weight"] = torch.zeros(3)  # the last tensor of the model: every other one comes first
+    before = {k: v.clone() for k, v in state.items()}
+    with pytest.raises(WhelpError, match=r"model.norm.weight is \(\d+,\), the trained student's \(3,\)"):
+        average_with_start(state, start, 0.5, tied=True)
+    assert all(torch.equal(state[k], v) for k, v in before.items())  # refused from the headers, nothing replaced
     with pytest.raises(WhelpError, match="holds no safetensors weights; convert it to safetensors or omit"):
         average_with_start(state, tmp_path, 0.5, tied=True)
 

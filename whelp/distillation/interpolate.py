@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from whelp.errors import WhelpError
-from whelp.weights import weight_files
+from whelp.weights import checkpoint_tensors, weight_files
 
 TIED_HEAD = "lm_head.weight"
 
@@ -29,27 +29,27 @@ def average_with_start(state: dict[str, torch.Tensor], start: Path, a: float, ti
     a * trained`` in the trained tensor's dtype, ``start`` read from the safetensors files of the directory the run
     started from, one tensor at a time (memory: one tensor beyond ``state``). A tied ``lm_head.weight`` that the
     files leave out is left as it is: tying makes it the averaged embedding again. Any other name the files lack,
-    or a shape that differs, is an error: the directory is not the student this run trained."""
-    files = weight_files(start)
-    if not files:
+    or a shape that differs, is an error found from the files' headers before any tensor is read or replaced: the
+    directory is not the student this run trained."""
+    shapes = checkpoint_tensors(start)
+    if shapes is None:
         raise WhelpError(
             f"--interpolate averages with the student the run started from, and {start} holds no safetensors "
             "weights; convert it to safetensors or omit --interpolate"
         )
-    done = set()
-    for file in files:
-        with safe_open(str(file), "pt") as f:
-            for name in state.keys() & set(f.keys()):
-                begin, trained = f.get_tensor(name), state[name]
-                if begin.shape != trained.shape:
-                    raise WhelpError(
-                        f"{start}: {name} is {tuple(begin.shape)}, the trained student's {tuple(trained.shape)}: it "
-                        "is not the student this run trained; --interpolate needs it"
-                    )
-                state[name] = torch.lerp(begin.to(trained.dtype), trained, a)
-                done.add(name)
-    missing = sorted(state.keys() - done - ({TIED_HEAD} if tied else set()))
+    missing = sorted(state.keys() - shapes.keys() - ({TIED_HEAD} if tied else set()))
     if missing:
         raise WhelpError(
             f"{start} has no tensor {missing[0]}: it is not the student this run trained; --interpolate needs it"
         )
+    for name in sorted(state.keys() & shapes.keys()):
+        if shapes[name] != tuple(state[name].shape):
+            raise WhelpError(
+                f"{start}: {name} is {shapes[name]}, the trained student's {tuple(state[name].shape)}: it is not "
+                "the student this run trained; --interpolate needs it"
+            )
+    for file in weight_files(start):
+        with safe_open(str(file), "pt") as f:
+            for name in state.keys() & set(f.keys()):
+                trained = state[name]
+                state[name] = torch.lerp(f.get_tensor(name).to(trained.dtype), trained, a)
