@@ -3,12 +3,12 @@
 WiSE-FT (Wortsman et al. 2022, arXiv 2109.01903): a model fine-tuned on a narrow distribution loses some of what it
 did outside it, and the weight-space average (1 - A) theta_start + A theta_trained of the two ends keeps more of it
 than either end, for part of the fine-tuning's gain in its own domain. A distillation on a narrow mixture (the
-demo's chat and pydoc, before its BOS rows) is such a fine-tuning of the pruned student. On it at three seeds, A = 0.75 read
-news-like text 8% better than the trained weights (134.1 against 145.9), vim's manual 3% and the licences 1% better,
-looped on 41 of 345 requests against 49, for pydoc:eval +1% (bench/RESULTS.md, "Weight interpolation ... at three
-seeds"); A = 0.5 read news-like text better still and looped on 62. The demo recipe ships 0.75; the option's default
-stays 1, since the gain is measured only where the training mixture is narrow. It costs one pass over the weights at
-save time and no training.
+demo's chat and pydoc, before its BOS rows) is such a fine-tuning of the pruned student. On it at three seeds, A =
+0.75 read news-like text 8% better than the trained weights (134.1 against 145.9), vim's manual 3% and the licences
+1% better, looped on 41 of 345 requests against 49, for pydoc:eval +1% (bench/RESULTS.md, "Weight interpolation
+... at three seeds"); A = 0.5 read news-like text better still and looped on 62. The demo recipe ships 0.75; the
+option's default stays 1, since the gain is measured only where the training mixture is narrow. It costs one pass
+over the weights at save time and no training.
 """
 
 from __future__ import annotations
