@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import LOOP_SPEC, tiny_model, tiny_tokenizer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from whelp.distillation.api import distill_run
 from whelp.distillation.interpolate import average_with_start
@@ -50,6 +50,20 @@ def test_the_average_is_its_closed_form_and_a_tied_head_is_left_to_the_tie(start
     assert state["lm_head.weight"] is head  # tie_weights makes it the averaged embedding
     with pytest.raises(WhelpError, match=r"has no tensor lm_head.weight: it is not the student this run trained"):
         average_with_start(dict(state), start, 0.25, tied=False)
+
+
+def test_only_the_checkpoint_files_are_read_not_a_stray_safetensors_beside_them(start, tmp_path):
+    """A second ``*.safetensors`` in the start directory holding the same names is not the checkpoint: the average
+    reads model.safetensors alone (reading both would average each tensor twice)."""
+    begin = load_file(start / "model.safetensors")
+    copy = tmp_path / "start"
+    copy.mkdir()
+    save_file(begin, copy / "model.safetensors")
+    save_file({k: torch.full_like(v, 7.0) for k, v in begin.items()}, copy / "zz-stray.safetensors")
+    state = {k: torch.ones_like(v) for k, v in begin.items()}
+    average_with_start(state, copy, 0.5, tied=True)
+    for name, value in begin.items():
+        torch.testing.assert_close(state[name], 0.5 * value + 0.5, rtol=0, atol=1e-6)
 
 
 def test_a_sharded_start_is_averaged_file_by_file(tmp_path):

@@ -109,12 +109,26 @@ def checkpoint_tensors(model_dir: Path) -> dict[str, tuple[int, ...]] | None:
     return _sharded(index) if index.exists() else None
 
 
-def _sharded(index: Path) -> dict[str, tuple[int, ...]]:
-    """The tensors of a sharded checkpoint: each shard holding exactly the tensors its index places in it."""
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The files of the checkpoint ``checkpoint_tensors`` reads (the single file, or the shards its index names), not
+    every ``*.safetensors`` beside them: a reader of tensor values must read the files whose headers were checked."""
+    single, index = model_dir / SINGLE, model_dir / INDEX
+    if single.exists():
+        return [single]
+    return [model_dir / shard for shard in sorted(set(_placed(index).values()))] if index.exists() else []
+
+
+def _placed(index: Path) -> dict[str, str]:
+    """``{tensor name: shard file name}`` of a sharded checkpoint's index."""
     try:
-        placed = {str(k): str(v) for k, v in json.loads(index.read_text())["weight_map"].items()}
+        return {str(k): str(v) for k, v in json.loads(index.read_text())["weight_map"].items()}
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise WhelpError(f"{index} is not a valid safetensors index ({exc!r}); {REFETCH}") from None
+
+
+def _sharded(index: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors of a sharded checkpoint: each shard holding exactly the tensors its index places in it."""
+    placed = _placed(index)
     absent = sorted(f for f in set(placed.values()) if not (index.parent / f).is_file())
     if absent:
         raise WhelpError(

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from whelp.errors import WhelpError
-from whelp.weights import checkpoint_tensors, weight_files
+from whelp.weights import checkpoint_files, checkpoint_tensors
 
 TIED_HEAD = "lm_head.weight"
 
@@ -48,7 +48,7 @@ def average_with_start(state: dict[str, torch.Tensor], start: Path, a: float, ti
                 f"{start}: {name} is {shapes[name]}, the trained student's {tuple(state[name].shape)}: it is not "
                 "the student this run trained; --interpolate needs it"
             )
-    for file in weight_files(start):
+    for file in checkpoint_files(start):
         with safe_open(str(file), "pt") as f:
             for name in state.keys() & set(f.keys()):
                 trained = state[name]
